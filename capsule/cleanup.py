@@ -1,0 +1,62 @@
+"""
+Expiring sessions: a pure "what has expired" and the timer that acts on it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
+
+from .session import Phase, Session, SessionManager
+
+_log = Logger()
+
+
+def expired_sessions(sessions: Iterable[Session], now: float, grace: float) -> list[Session]:
+    """
+    The sessions whose last client left at least C{grace} seconds before
+    C{now}.
+    """
+    return [
+        s for s in sessions
+        if s.phase is Phase.RUNNING and s.client is None
+        and s.detached_at is not None and now - s.detached_at >= grace
+    ]
+
+
+def expire_due(manager: SessionManager, clock) -> Deferred:
+    """
+    Expire every session that is due.  Each one is handled on its own and
+    every failure is logged, never raised: a raising call would end the
+    timer that calls it.
+    """
+    try:
+        due = expired_sessions(list(manager.sessions.values()), clock.seconds(),
+                               manager.config.grace)
+    except Exception:
+        _log.failure("could not work out which sessions expired")
+        return succeed(None)
+    results = []
+    for session in due:
+        try:
+            d = manager.expire(session)
+        except Exception:
+            _log.failure("expiring session {session_id} failed", session_id=session.id)
+            continue
+        d.addErrback(lambda f, sid=session.id: _log.failure(
+            "expiring session {session_id} failed", f, session_id=sid))
+        results.append(d)
+    return DeferredList(results)
+
+
+class CleanupService(TimerService):
+    """
+    Every C{interval} seconds, expire the sessions that are due.
+    """
+
+    def __init__(self, manager: SessionManager, clock, interval: float) -> None:
+        super().__init__(interval, expire_due, manager, clock)
+        self.clock = clock

@@ -1,0 +1,366 @@
+"""
+The Docker engine behind L{IDockerAPI}.
+
+Every docker-py call runs on a dedicated, bounded L{ThreadPool} (never the
+reactor's own pool, which name resolution and shutdown need), with an
+explicit timeout.  Workspace exports get a pool of their own, so a long
+export cannot starve session starts.  Methods that run on a worker thread
+are named C{_thd_...}.
+
+The one thing not done through docker-py is streaming an exec: that upgrade
+is performed on a Twisted protocol (see L{capsule.exec_process}), so the
+terminal's bytes are read by the reactor with no thread per session.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import urlsplit
+
+import docker
+import docker.errors
+import requests.exceptions
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from .errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
+from .exec_process import ExecStreamProtocol, exec_start_request
+from .interfaces import IDockerAPI
+
+_log = Logger()
+
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+# How long to wait for Docker to report an exec's exit code after its stream
+# closed (the code can lag behind the end of the stream).
+EXIT_CODE_WAIT = 2.0
+EXIT_CODE_POLL = 0.05
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """
+    How a session container is made.
+    """
+
+    image: str
+    memory: str = "4g"
+    cpus: float = 2.0
+    pids: int = 256
+    labels: dict[str, str] = field(default_factory=dict)
+    user: str = "developer"
+    workdir: str = "/workspace"
+    hostname: str = "capsule"
+    environment: dict[str, str] = field(
+        default_factory=lambda: {"TERM": "xterm-256color", "LANG": "en_US.UTF-8"}
+    )
+    command: tuple[str, ...] = ("sleep", "infinity")
+
+
+def docker_host_endpoint(reactor, host: str):
+    """
+    The client endpoint for a Docker host URL, for streaming execs.
+
+    @raise DockerError: for hosts whose connection the reactor cannot own.
+    """
+    url = urlsplit(host)
+    if url.scheme == "unix":
+        return UNIXClientEndpoint(reactor, url.path, timeout=10)
+    if url.scheme in ("tcp", "http"):
+        if os.environ.get("DOCKER_TLS_VERIFY") or url.scheme == "https":
+            raise DockerError(
+                f"capsule cannot stream terminals over a TLS-protected Docker host ({host});"
+                " use the engine's unix socket or a local TCP port"
+            )
+        return HostnameEndpoint(reactor, url.hostname or "localhost", url.port or 2375, timeout=10)
+    raise DockerError(
+        f"capsule needs a unix:// or tcp:// Docker host, got {host!r};"
+        " set DOCKER_HOST accordingly"
+    )
+
+
+@implementer(IDockerAPI)
+class DockerAPI:
+    """
+    @param host: the Docker host URL (default: C{$DOCKER_HOST}, else the
+        local unix socket).
+    @param threads: the size of the pool for Docker calls.
+    @param export_threads: the size of the pool for workspace exports.
+    @param timeout: the timeout of each Docker call, in seconds.
+    """
+
+    def __init__(self, reactor, host: str | None = None, threads: int = 16,
+                 export_threads: int = 4, timeout: float = 60.0) -> None:
+        self._reactor = reactor
+        self.host = host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        self._endpoint = docker_host_endpoint(reactor, self.host)
+        self._timeout = timeout
+        self._max_connections = threads + export_threads
+        self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="capsule-docker")
+        self._export_pool = ThreadPool(minthreads=0, maxthreads=export_threads,
+                                       name="capsule-export")
+        self._client_lock = threading.Lock()
+        self._client: docker.APIClient | None = None
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        self._pool.start()
+        self._export_pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+        self._export_pool.stop()
+
+    # -- the thread side ---------------------------------------------------
+
+    def _thd_client(self) -> docker.APIClient:
+        with self._client_lock:
+            if self._client is None:
+                # version="auto" asks the engine which API it speaks, so
+                # capsule works with old and new engines alike.
+                self._client = docker.APIClient(
+                    base_url=self.host, version="auto", timeout=self._timeout,
+                    max_pool_size=self._max_connections,
+                )
+            return self._client
+
+    def _thd_call(self, function: Callable, *args, **kwargs):
+        try:
+            return function(self._thd_client(), *args, **kwargs)
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+            self._thd_forget_client()
+            raise self._unavailable(e) from None
+        except docker.errors.DockerException as e:
+            if not isinstance(e, docker.errors.APIError):
+                # Raised by version negotiation when the engine is down.
+                self._thd_forget_client()
+                raise self._unavailable(e) from None
+            raise
+
+    def _thd_forget_client(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _unavailable(self, error: Exception) -> DockerUnavailable:
+        return DockerUnavailable(
+            f"cannot reach the Docker engine at {self.host} ({_short(error)}):"
+            " is dockerd running? Start it (for example `sudo systemctl start docker`)"
+            " and make sure capsule's user may use it."
+        )
+
+    def _call(self, function: Callable, *args, **kwargs) -> Deferred:
+        return deferToThreadPool(self._reactor, self._pool, self._thd_call,
+                                 function, *args, **kwargs)
+
+    # -- IDockerAPI ----------------------------------------------------
+
+    def ping(self) -> Deferred:
+        return self._call(lambda client: client.version())
+
+    def image_exists(self, image: str) -> Deferred:
+        def _thd(client):
+            try:
+                client.inspect_image(image)
+            except docker.errors.ImageNotFound:
+                return False
+            return True
+        return self._call(_thd)
+
+    def create_session_container(self, session_id: str, spec: ContainerSpec) -> Deferred:
+        return self._call(self._thd_create_session_container, session_id, spec)
+
+    @staticmethod
+    def _thd_create_session_container(client, session_id: str, spec: ContainerSpec) -> str:
+        host_config = client.create_host_config(
+            mem_limit=spec.memory,
+            memswap_limit=spec.memory,
+            nano_cpus=int(spec.cpus * 1e9),
+            pids_limit=spec.pids,
+            init=True,
+        )
+        try:
+            container = client.create_container(
+                spec.image,
+                command=list(spec.command),
+                name=f"capsule-{session_id}",
+                hostname=spec.hostname,
+                user=spec.user,
+                working_dir=spec.workdir,
+                environment=dict(spec.environment),
+                labels=dict(spec.labels),
+                host_config=host_config,
+                detach=True,
+            )
+        except docker.errors.ImageNotFound:
+            raise ImageMissing(
+                f"the session image {spec.image} is missing: build it with `make image`"
+                f" (or `docker/build-image.sh {spec.image}`), or start capsule with"
+                " --image naming an image that exists"
+            ) from None
+        except docker.errors.APIError as e:
+            raise DockerError(f"Docker could not create the session container: {_short(e)}") from None
+        container_id = container["Id"]
+        try:
+            client.start(container_id)
+        except Exception as e:
+            try:
+                client.remove_container(container_id, force=True, v=True)
+            except docker.errors.DockerException:
+                pass
+            raise DockerError(f"Docker could not start the session container: {_short(e)}") from None
+        return container_id
+
+    def remove_container(self, container_id: str) -> Deferred:
+        def _thd(client):
+            try:
+                client.remove_container(container_id, force=True, v=True)
+            except docker.errors.NotFound:
+                return False
+            except docker.errors.APIError as e:
+                # A removal already under way counts as done.
+                if e.status_code == 409 and "already in progress" in str(e):
+                    return True
+                raise
+            return True
+        return self._call(_thd)
+
+    def list_containers(self, labels: dict[str, str]) -> Deferred:
+        def _thd(client):
+            found = client.containers(
+                all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]}
+            )
+            return [
+                {
+                    "id": c["Id"],
+                    "name": (c.get("Names") or ["?"])[0].lstrip("/"),
+                    "labels": c.get("Labels") or {},
+                    "state": c.get("State"),
+                }
+                for c in found
+            ]
+        return self._call(_thd)
+
+    def container_state(self, container_id: str) -> Deferred:
+        def _thd(client):
+            try:
+                return client.inspect_container(container_id)["State"]
+            except docker.errors.NotFound:
+                return None
+        return self._call(_thd)
+
+    def exec_resize(self, exec_id: str, cols: int, rows: int) -> Deferred:
+        return self._call(lambda client: client.exec_resize(exec_id, height=rows, width=cols))
+
+    def _exec_inspect(self, exec_id: str) -> Deferred:
+        def _thd(client):
+            try:
+                return client.exec_inspect(exec_id)
+            except docker.errors.NotFound:
+                return None
+        return self._call(_thd)
+
+    def spawn_exec(self, process_protocol, container_id: str, argv, user: str,
+                   workdir: str, env: dict[str, str], size: tuple[int, int]) -> Deferred:
+        return Deferred.fromCoroutine(
+            self._spawn_exec(process_protocol, container_id, argv, user, workdir, env, size)
+        )
+
+    async def _spawn_exec(self, process_protocol, container_id, argv, user, workdir, env, size):
+        def _thd_create(client):
+            try:
+                created = client.exec_create(
+                    container_id, list(argv), stdin=True, tty=True, user=user,
+                    workdir=workdir, environment=dict(env),
+                )
+            except docker.errors.NotFound:
+                raise ContainerGone("the session's container no longer exists") from None
+            except docker.errors.APIError as e:
+                if e.status_code == 409:
+                    raise ContainerGone(
+                        f"the session's container is not running: {_short(e)}"
+                    ) from None
+                raise
+            return created["Id"], client.api_version
+
+        exec_id, api_version = await self._call(_thd_create)
+        stream = ExecStreamProtocol(
+            exec_id,
+            exec_start_request(api_version, exec_id),
+            process_protocol,
+            on_closed=self._exec_stream_closed,
+            resize=self.exec_resize,
+        )
+        try:
+            await connectProtocol(self._endpoint, stream)
+        except Exception as e:
+            raise self._unavailable(e) from None
+        stream.upgraded.addTimeout(self._timeout, self._reactor)
+        await stream.upgraded
+        cols, rows = size
+        stream.resize(cols, rows)
+        return stream
+
+    def _exec_stream_closed(self, stream: ExecStreamProtocol, reason: Failure) -> None:
+        d = Deferred.fromCoroutine(self._exit_status(stream.exec_id))
+        d.addErrback(lambda f: (
+            _log.warn("could not learn how exec {exec_id} ended: {error}",
+                      exec_id=stream.exec_id, error=f.getErrorMessage()),
+            None)[1])
+        d.addCallback(lambda code: stream.process_protocol.processEnded(
+            Failure(ProcessDone(0)) if code == 0 else Failure(ProcessTerminated(exitCode=code))
+        ))
+
+    async def _exit_status(self, exec_id: str) -> int | None:
+        """
+        The exit code of a finished exec; C{None} if it cannot be known
+        (its container is gone, or it is still running after
+        L{EXIT_CODE_WAIT} seconds).
+        """
+        waited = 0.0
+        while True:
+            info = await self._exec_inspect(exec_id)
+            if info is None:
+                return None
+            if not info.get("Running"):
+                return info.get("ExitCode")
+            if waited >= EXIT_CODE_WAIT:
+                return None
+            await task.deferLater(self._reactor, EXIT_CODE_POLL, lambda: None)
+            waited += EXIT_CODE_POLL
+
+    def export_workspace(self, container_id: str, path: str,
+                         write: Callable[[bytes], None]) -> Deferred:
+        def _thd_export():
+            try:
+                stream, _ = self._thd_call(lambda client: client.get_archive(
+                    container_id, path, chunk_size=256 * 1024))
+            except docker.errors.NotFound:
+                raise ContainerGone(
+                    f"{path} cannot be exported: the session's container is gone"
+                ) from None
+            try:
+                for chunk in stream:
+                    write(chunk)
+            finally:
+                stream.close()
+        return deferToThreadPool(self._reactor, self._export_pool, _thd_export)
+
+
+def _short(error: Exception) -> str:
+    if isinstance(error, docker.errors.APIError) and error.explanation:
+        text = str(error.explanation)
+    else:
+        text = str(error) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,217 @@
+"""
+A Docker exec with a TTY, as a process transport for a ProcessProtocol.
+
+Docker starts an exec's stream by upgrading an HTTP request
+(C{POST /exec/{id}/start}) to a raw bidirectional byte stream.  Doing that
+upgrade on a Twisted protocol, over a connection the reactor owns from the
+start, means no bytes are lost in a client library's response buffer (the
+first prompt arrives right after the upgrade), no file descriptor has to be
+duplicated and closed, and no thread is needed per session.  With C{Tty} set
+the stream is not multiplexed: it is the terminal's bytes as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .errors import DockerError
+from .interfaces import IExecProcess
+
+_log = Logger()
+
+_MAX_HEADER = 64 * 1024
+
+
+def exec_start_request(api_version: str, exec_id: str) -> bytes:
+    body = json.dumps({"Detach": False, "Tty": True}).encode("ascii")
+    return (
+        f"POST /v{api_version}/exec/{exec_id}/start HTTP/1.1\r\n"
+        "Host: docker\r\n"
+        "User-Agent: capsule\r\n"
+        "Content-Type: application/json\r\n"
+        "Connection: Upgrade\r\n"
+        "Upgrade: tcp\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "\r\n"
+    ).encode("ascii") + body
+
+
+@implementer(IExecProcess, IPushProducer)
+class ExecStreamProtocol(Protocol):
+    """
+    Speaks the exec-start upgrade to Docker, then relays the raw stream.
+
+    @ivar upgraded: a Deferred that fires with this object once Docker has
+        switched the connection to the exec's stream, or fails with a
+        L{DockerError} if Docker refused.
+    @ivar process_protocol: the L{IProcessProtocol} fed with the output;
+        its C{processEnded} is called by whoever owns this stream (the exit
+        code has to be asked of Docker after the stream closes).
+    """
+
+    def __init__(
+        self,
+        exec_id: str,
+        request: bytes,
+        process_protocol,
+        on_closed: Callable[["ExecStreamProtocol", Failure], None],
+        resize: Callable[[str, int, int], Deferred],
+    ) -> None:
+        self.exec_id = exec_id
+        self.pid = None
+        self.process_protocol = process_protocol
+        self.upgraded: Deferred = Deferred()
+        self._request = request
+        self._on_closed = on_closed
+        self._resize_call = resize
+        self._header = b""
+        self._phase = "header"  # then "stream", or "refused"
+        self._pending_size: tuple[int, int] | None = None
+        self._resizing = False
+        self._closed = False
+
+    # -- the Docker side ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+        self.transport.write(self._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._phase == "stream":
+            self.process_protocol.childDataReceived(1, data)
+            return
+        self._header += data
+        if self._phase == "refused":
+            self._check_refusal_complete()
+            return
+        end = self._header.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._header) > _MAX_HEADER:
+                self._fail_upgrade(DockerError("Docker sent an oversized exec-start response"))
+            return
+        head, rest = self._header[:end], self._header[end + 4 :]
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        if status not in (101, 200):
+            # Docker answers with a JSON body (with a "message") and keeps
+            # the connection open: read the body, then hang up.
+            self._refused_status = status
+            self._body_length = None
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length" and value.strip().isdigit():
+                    self._body_length = int(value.strip())
+            self._header = rest
+            self._phase = "refused"
+            self._check_refusal_complete()
+            return
+        self._header = b""
+        self._phase = "stream"
+        self.process_protocol.makeConnection(self)
+        upgraded, self.upgraded = self.upgraded, None
+        upgraded.callback(self)
+        if rest and not self._closed:
+            self.process_protocol.childDataReceived(1, rest)
+
+    def _check_refusal_complete(self) -> None:
+        body = self._header
+        if self._body_length is not None:
+            complete = len(body) >= self._body_length
+        else:
+            complete = body.endswith(b"0\r\n\r\n") or len(body) > _MAX_HEADER
+        if complete:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._closed = True
+        if self._phase == "refused":
+            self._fail_upgrade(self._refusal())
+            return
+        if self._phase == "header":
+            self._fail_upgrade(
+                DockerError(f"Docker closed the exec stream before it started: {reason.getErrorMessage()}")
+            )
+            return
+        self._on_closed(self, reason)
+
+    def _refusal(self) -> DockerError:
+        text = self._header.decode("utf-8", "replace")
+        # The body may be chunked; the JSON object is what matters.
+        start, end = text.find("{"), text.rfind("}")
+        message = text.strip()
+        if 0 <= start < end:
+            try:
+                message = json.loads(text[start : end + 1]).get("message", message)
+            except ValueError:
+                pass
+        return DockerError(
+            f"Docker refused to start the shell (HTTP {self._refused_status}): {message}"
+        )
+
+    def _fail_upgrade(self, error: Exception) -> None:
+        if self.upgraded is not None:
+            upgraded, self.upgraded = self.upgraded, None
+            upgraded.errback(error)
+        if not self._closed:
+            self.transport.abortConnection()
+
+    # -- IExecProcess: what the process protocol may do ------------------
+
+    def write(self, data: bytes) -> None:
+        if not self._closed:
+            self.transport.write(data)
+
+    def writeToChild(self, childFD: int, data: bytes) -> None:
+        self.write(data)
+
+    def closeStdin(self) -> None:
+        self.loseConnection()
+
+    def loseConnection(self) -> None:
+        if not self._closed:
+            self.transport.loseConnection()
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._pending_size = (cols, rows)
+        if not self._resizing:
+            self._next_resize()
+
+    def _next_resize(self) -> None:
+        if self._pending_size is None or self._closed:
+            self._resizing = False
+            return
+        cols, rows = self._pending_size
+        self._pending_size = None
+        self._resizing = True
+        d = self._resize_call(self.exec_id, cols, rows)
+        d.addErrback(
+            lambda f: _log.warn(
+                "resize of exec {exec_id} to {cols}x{rows} failed: {error}",
+                exec_id=self.exec_id, cols=cols, rows=rows, error=f.getErrorMessage(),
+            )
+        )
+        d.addBoth(lambda _: self._next_resize())
+
+    # -- IPushProducer -------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        if not self._closed:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self._closed:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.loseConnection()

@@ -1,0 +1,136 @@
+"""
+The interfaces capsule's parts meet at.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IDockerAPI(Interface):
+    """
+    The Docker engine, as Deferreds.  Every method returns a Deferred and
+    never blocks the reactor.  Failures are L{capsule.errors.DockerError}s.
+    """
+
+    def ping():
+        """
+        Fire with the engine's version information.
+        """
+
+    def image_exists(image):
+        """
+        Fire with whether C{image} is present in the engine.
+        """
+
+    def create_session_container(session_id, spec):
+        """
+        Create and start a session container for C{session_id} from the
+        L{capsule.docker_api.ContainerSpec} C{spec}; fire with its id.
+        """
+
+    def remove_container(container_id):
+        """
+        Remove a container and its anonymous volumes, whether running or
+        not; fire with C{True} if it existed.
+        """
+
+    def list_containers(labels):
+        """
+        Fire with a list of C{{"id", "name", "labels", "state"}} dicts of
+        every container (running or not) that carries all of C{labels}.
+        """
+
+    def container_state(container_id):
+        """
+        Fire with the container's C{State} dict, or C{None} if it is gone.
+        """
+
+    def spawn_exec(process_protocol, container_id, argv, user, workdir, env, size):
+        """
+        Run C{argv} with a TTY inside a running container, connected to
+        C{process_protocol} the way L{IReactorProcess.spawnProcess} connects
+        a L{twisted.internet.interfaces.IProcessProtocol}; fire with the
+        L{IExecProcess} once its output is flowing.
+        """
+
+    def export_workspace(container_id, path, write):
+        """
+        Stream C{path} of the container as a tar archive, calling
+        C{write(chunk)} on a worker thread for each chunk; C{write} may block
+        to apply backpressure.  Fire when done.
+        """
+
+
+class IExecProcess(Interface):
+    """
+    A process started with L{IDockerAPI.spawn_exec}: the transport its
+    process protocol writes to.  It is also an
+    L{twisted.internet.interfaces.IPushProducer} of the output.
+    """
+
+    exec_id = Attribute("Docker's id of the exec.")
+
+    def write(data):
+        """
+        Write bytes to the process's terminal.
+        """
+
+    def resize(cols, rows):
+        """
+        Set the terminal size.  Resizes that arrive faster than Docker applies
+        them are coalesced; the last one always wins.
+        """
+
+    def loseConnection():
+        """
+        Detach from the process (its terminal sees a hang-up once Docker
+        notices).
+        """
+
+    def pauseProducing():
+        """
+        Stop reading output until L{resumeProducing}.
+        """
+
+    def resumeProducing():
+        """
+        Read output again.
+        """
+
+
+class ISessionClient(Interface):
+    """
+    What a session may do to the client attached to it.
+    """
+
+    def session_started(session, resumed):
+        """
+        The session is running and this client is attached to it.
+        """
+
+    def session_output(data):
+        """
+        Terminal output bytes for the client.
+        """
+
+    def session_failed(message, code):
+        """
+        The session could not be started or resumed; the client should be
+        told C{message} and let go.
+        """
+
+    def session_ended(exit_code, message):
+        """
+        The session is over: its shell exited with C{exit_code} (C{None} if
+        not known); C{message} says what happened.
+        """
+
+    def session_taken_over():
+        """
+        Another client attached to this session; this one is let go.
+        """
+
+    def pause_output_producer(producer):
+        """
+        Register C{producer} (an L{IPushProducer}) so that it is paused while
+        the client cannot keep up; C{None} unregisters.
+        """

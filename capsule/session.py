@@ -1,0 +1,389 @@
+"""
+Sessions: one container and one shell in it, outliving any one client.
+
+A session is in one of three phases: C{STARTING} (its container and shell
+are being made), C{RUNNING}, and C{ENDED}.  Independently of the phase, at
+most one client is attached to it; while none is, its output keeps flowing
+into its replay buffer and the time it was left is remembered, so that the
+cleanup loop can expire it after the grace period.
+
+The manager owns the sessions.  It speaks to Docker only through an
+L{IDockerAPI}, to clients only through L{ISessionClient}, and takes time
+from the clock it is given.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field, replace
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .docker_api import ContainerSpec
+from .errors import CapsuleError, SessionNotFound
+from .protocol import ProtocolError
+from .replay import ReplayBuffer
+
+_log = Logger()
+
+LABEL_MANAGED = "io.capsule.managed"
+LABEL_INSTANCE = "io.capsule.instance"
+LABEL_SESSION = "io.capsule.session"
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """
+    @ivar spec: how containers are made (labels are added per session).
+    @ivar instance: the name of this server; its containers carry it.
+    @ivar grace: seconds a session is kept after its last client left.
+    """
+
+    spec: ContainerSpec
+    instance: str = "default"
+    grace: float = 60.0
+    shell: tuple[str, ...] = ("bash", "-l")
+    replay_bytes: int = 1024 * 1024
+    max_pending_input: int = 64 * 1024
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    size: tuple[int, int]
+    replay: ReplayBuffer
+    created_at: float
+    phase: Phase = Phase.STARTING
+    client: object | None = None
+    # When the last client left; None while one is attached.
+    detached_at: float | None = None
+    container_id: str | None = None
+    process: object | None = None
+    exit_code: int | None = None
+    # Whether any client has been told the session id (sent "connected").
+    announced: bool = False
+    # The replay offset up to which output has been sent to a client.
+    sent_offset: int = 0
+    pending_input: list[bytes] = field(default_factory=list)
+
+    @property
+    def attached(self) -> bool:
+        return self.client is not None
+
+
+class _ShellProtocol(ProcessProtocol):
+    """
+    Feeds what the shell's exec does into the manager.
+    """
+
+    def __init__(self, manager: "SessionManager", session: Session) -> None:
+        self._manager = manager
+        self._session = session
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self._manager._output(self._session, data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self._manager._process_ended(self._session, reason)
+
+
+@implementer(IPushProducer)
+class _OutputThrottle:
+    """
+    Stands between a client's connection and a session's exec: the client's
+    transport pauses the exec when it is full.  When the client's connection
+    closes it calls C{stopProducing}, which must not end the shell, so this
+    proxy only lets the exec resume.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def pauseProducing(self) -> None:
+        if self._session.process is not None and self._session.phase is Phase.RUNNING:
+            self._session.process.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._session.process is not None and self._session.phase is Phase.RUNNING:
+            self._session.process.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
+class SessionManager:
+    """
+    Creates, reconnects, ends and expires sessions.
+
+    @ivar sessions: the live sessions by id.
+    """
+
+    def __init__(self, docker, clock, config: SessionConfig) -> None:
+        self._docker = docker
+        self._clock = clock
+        self.config = config
+        self.sessions: dict[str, Session] = {}
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """
+        The labels every container of this server carries.
+        """
+        return {LABEL_MANAGED: "true", LABEL_INSTANCE: self.config.instance}
+
+    # -- what clients ask for --------------------------------------------
+
+    def create(self, client, cols: int, rows: int) -> Session:
+        """
+        Start a new session for C{client}, which is told through
+        C{session_started} or C{session_failed}.
+        """
+        session = Session(
+            id=str(uuid.uuid4()),
+            size=(cols, rows),
+            replay=ReplayBuffer(self.config.replay_bytes),
+            created_at=self._clock.seconds(),
+            client=client,
+        )
+        self.sessions[session.id] = session
+        d = Deferred.fromCoroutine(self._start(session))
+        d.addErrback(self._start_failed, session)
+        return session
+
+    def reconnect(self, session_id: str, client) -> Session:
+        """
+        Attach C{client} to an existing session.  A client already attached
+        is let go (told C{session_taken_over}): the newest connection wins,
+        since the older one is most often a dead socket from before a
+        network change.
+
+        @raise SessionNotFound: if there is no such live session.
+        """
+        session = self.sessions.get(session_id)
+        if session is None or session.phase is Phase.ENDED:
+            raise SessionNotFound(
+                f"session {session_id} does not exist: it ended, or expired"
+                f" {self.config.grace:g} s after its last client left"
+            )
+        previous, session.client = session.client, client
+        session.detached_at = None
+        if previous is not None:
+            _log.info("session {session_id} taken over by a new connection",
+                      session_id=session_id)
+            previous.pause_output_producer(None)
+            previous.session_taken_over()
+        else:
+            _log.info("session {session_id} reconnected", session_id=session_id)
+        if session.phase is Phase.RUNNING:
+            self._announce(session, resumed=True)
+        return session
+
+    def detach(self, session: Session, client) -> None:
+        """
+        C{client} has gone away.  The session lives on for the grace period.
+        """
+        if session.client is not client:
+            return
+        session.client = None
+        if session.phase is Phase.ENDED:
+            return
+        session.detached_at = self._clock.seconds()
+        if session.process is not None:
+            # Nobody is watching, but the work must not stall.
+            session.process.resumeProducing()
+        if session.announced:
+            _log.info("client left session {session_id}; it is kept for {grace:g} s",
+                      session_id=session.id, grace=self.config.grace)
+
+    def write(self, session: Session, data: bytes) -> None:
+        if session.phase is Phase.RUNNING:
+            session.process.write(data)
+        elif session.phase is Phase.STARTING:
+            pending = sum(map(len, session.pending_input))
+            if pending + len(data) > self.config.max_pending_input:
+                raise ProtocolError(
+                    "the session is still starting and its input buffer is full:"
+                    " input was dropped", "input_dropped")
+            session.pending_input.append(data)
+
+    def resize(self, session: Session, cols: int, rows: int) -> None:
+        session.size = (cols, rows)
+        if session.phase is Phase.RUNNING:
+            session.process.resize(cols, rows)
+
+    # -- starting --------------------------------------------------------
+
+    async def _start(self, session: Session) -> None:
+        started = self._clock.seconds()
+        spec = replace(self.config.spec, labels={
+            **self.config.spec.labels, **self.labels, LABEL_SESSION: session.id})
+        session.container_id = await self._docker.create_session_container(session.id, spec)
+        if session.phase is Phase.ENDED:
+            # Ended (server stopping) while the container was being made.
+            await self._remove_container(session)
+            return
+        session.process = await self._docker.spawn_exec(
+            _ShellProtocol(self, session), session.container_id, self.config.shell,
+            spec.user, spec.workdir, spec.environment, session.size)
+        if session.phase is Phase.ENDED:
+            session.process.loseConnection()
+            return
+        session.phase = Phase.RUNNING
+        elapsed_ms = (self._clock.seconds() - started) * 1000
+        if session.client is None:
+            _log.info("session {session_id} started in {ms:.0f} ms, but its client had"
+                      " left: removing it", session_id=session.id, ms=elapsed_ms)
+            await self._end(session, None, "the client left before the session started")
+            return
+        _log.info("session {session_id} started in {ms:.0f} ms (container {container})",
+                  session_id=session.id, ms=elapsed_ms, container=session.container_id[:12])
+        pending, session.pending_input = session.pending_input, []
+        for data in pending:
+            session.process.write(data)
+        self._announce(session, resumed=False)
+
+    def _start_failed(self, failure: Failure, session: Session) -> None:
+        if failure.check(CapsuleError):
+            message, code = failure.value.message, failure.value.code
+            _log.error("session {session_id} failed to start: {message}",
+                       session_id=session.id, message=message)
+        else:
+            message, code = f"the session could not be started: {failure.getErrorMessage()}", "start_failed"
+            _log.failure("session {session_id} failed to start", failure, session_id=session.id)
+        client = session.client
+        ended = session.phase is Phase.ENDED
+        self._forget(session)
+        if client is not None and not ended:
+            client.session_failed(message, code)
+        d = self._remove_container(session)
+        d.addErrback(lambda f: None)
+
+    def _announce(self, session: Session, resumed: bool) -> None:
+        client = session.client
+        session.announced = True
+        client.session_started(session, resumed)
+        if session.client is not client:
+            return
+        client.pause_output_producer(_OutputThrottle(session))
+        data, dropped = session.replay.since(session.sent_offset)
+        if dropped:
+            client.session_output(
+                f"\r\n[capsule: {dropped} bytes of older output were dropped]\r\n".encode())
+        if data:
+            client.session_output(data)
+        session.sent_offset = session.replay.end
+
+    # -- the shell's side ----------------------------------------------
+
+    def _output(self, session: Session, data: bytes) -> None:
+        session.replay.append(data)
+        if session.client is not None and session.announced and session.phase is Phase.RUNNING:
+            session.client.session_output(data)
+            session.sent_offset = session.replay.end
+
+    def _process_ended(self, session: Session, reason: Failure) -> None:
+        if session.phase is not Phase.RUNNING:
+            return
+        d = Deferred.fromCoroutine(self._shell_ended(session, reason))
+        d.addErrback(lambda f: _log.failure("ending session {session_id} failed", f,
+                                            session_id=session.id))
+
+    async def _shell_ended(self, session: Session, reason: Failure) -> None:
+        code = 0 if reason.check(ProcessDone) else getattr(reason.value, "exitCode", None)
+        if code is not None:
+            message = f"the shell exited with code {code}"
+        else:
+            message = await self._why_gone(session)
+        await self._end(session, code, message)
+
+    async def _why_gone(self, session: Session) -> str:
+        try:
+            state = await self._docker.container_state(session.container_id)
+        except CapsuleError as e:
+            return f"the connection to the shell was lost ({e.message})"
+        if state is None:
+            return "the session's container was removed"
+        if state.get("OOMKilled"):
+            return ("the session's container ran out of memory (limit "
+                    f"{self.config.spec.memory}) and was stopped")
+        if not state.get("Running"):
+            return f"the session's container stopped (exit code {state.get('ExitCode')})"
+        return "the connection to the shell was lost"
+
+    # -- ending ----------------------------------------------------------
+
+    async def _end(self, session: Session, exit_code: int | None, message: str) -> None:
+        if session.phase is Phase.ENDED and session.id not in self.sessions:
+            return
+        session.phase = Phase.ENDED
+        session.exit_code = exit_code
+        client = session.client
+        self._forget(session)
+        _log.info("session {session_id} ended: {message}", session_id=session.id, message=message)
+        if session.process is not None:
+            session.process.loseConnection()
+        if client is not None:
+            client.pause_output_producer(None)
+            client.session_ended(exit_code, message)
+        await self._remove_container(session)
+
+    def _forget(self, session: Session) -> None:
+        session.phase = Phase.ENDED
+        self.sessions.pop(session.id, None)
+
+    def _remove_container(self, session: Session) -> Deferred:
+        if session.container_id is None:
+            return succeed(None)
+        d = self._docker.remove_container(session.container_id)
+        d.addErrback(lambda f: _log.error(
+            "could not remove container {container} of session {session_id}: {error}",
+            container=session.container_id[:12], session_id=session.id,
+            error=f.getErrorMessage()))
+        return d
+
+    def expire(self, session: Session) -> Deferred:
+        """
+        End a session whose grace period is over, and remove its container.
+        """
+        _log.info("session {session_id} expired after {grace:g} s without a client",
+                  session_id=session.id, grace=self.config.grace)
+        return Deferred.fromCoroutine(self._end(session, None, "the session expired"))
+
+    def shutdown(self) -> Deferred:
+        """
+        End every session and remove its container: the server is stopping.
+        """
+        ends = [Deferred.fromCoroutine(self._end(s, None, "the capsule server shut down"))
+                for s in list(self.sessions.values())]
+        if ends:
+            _log.info("shutting down: removing {count} session container(s)", count=len(ends))
+        return DeferredList(ends, consumeErrors=True)
+
+    async def remove_leftovers(self) -> int:
+        """
+        Remove this server's containers that no live session owns: those
+        left by an earlier run.
+        """
+        found = await self._docker.list_containers(self.labels)
+        live = {s.container_id for s in self.sessions.values()}
+        stale = [c for c in found if c["id"] not in live
+                 and c["labels"].get(LABEL_SESSION) not in self.sessions]
+        for container in stale:
+            await self._docker.remove_container(container["id"])
+        if stale:
+            _log.info("removed {count} leftover container(s) of an earlier run: {names}",
+                      count=len(stale), names=", ".join(c["name"] for c in stale))
+        return len(stale)

@@ -1,0 +1,170 @@
+"""
+C{twistd capsule}: options, and the service tree they describe.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+from docker.utils import parse_bytes
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python import usage
+
+from .cleanup import CleanupService
+from .docker_api import ContainerSpec, DockerAPI
+from .errors import CapsuleError
+from .session import SessionConfig, SessionManager
+from .web import default_www, make_site
+
+_log = Logger()
+
+
+def _positive(kind):
+    def convert(value):
+        number = kind(value)
+        if number <= 0:
+            raise ValueError(f"must be more than 0, got {value}")
+        return number
+    return convert
+
+
+def _non_negative_int(value):
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return number
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve browser terminals, each in a fresh, isolated, resource-limited Docker"
+        " container. One process serves the page (/), the WebSocket (/ws), /health and"
+        " /api/export/{session_id}."
+    )
+
+    optParameters = [
+        ["image", None, "capsule-runtime:latest", "Docker image of session containers."],
+        ["memory", None, "4g", "Memory limit of each container (Docker syntax: 512m, 4g)."],
+        ["cpus", None, 2.0, "CPU limit of each container.", _positive(float)],
+        ["pids", None, 256, "Process limit of each container.", _positive(int)],
+        ["grace", None, 60.0,
+         "Seconds a session (and its container) is kept after its last client left.",
+         _positive(float)],
+        ["cleanup-interval", None, 5.0, "Seconds between sweeps for expired sessions.",
+         _positive(float)],
+        ["www", None, None, "Directory of the web page [default: the installed one]."],
+        ["instance", None, "default",
+         "Name of this server. Its containers are labelled with it; at start-up it"
+         " removes the leftovers of its own name only."],
+        ["shell", None, "bash -l", "The command run in each session's terminal."],
+        ["max-message-size", None, 256 * 1024,
+         "Largest WebSocket message accepted, in bytes (larger: close 1009).",
+         _positive(int)],
+        ["replay-buffer", None, 1024 * 1024,
+         "Bytes of recent output each session keeps for reconnecting clients.",
+         _non_negative_int],
+        ["ping-interval", None, 20.0, "Seconds between WebSocket pings to each client.",
+         _positive(float)],
+        ["ping-timeout", None, 20.0,
+         "Seconds without a pong after which a client is considered gone.",
+         _positive(float)],
+        ["docker-threads", None, 16, "Threads for Docker calls.", _positive(int)],
+        ["export-threads", None, 4, "Threads for workspace exports.", _positive(int)],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["allowed-origin"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Where to listen, as a strports description; repeatable (tcp:3001, tcp:3001:interface=127.0.0.1, ssl:3443:privateKey=key.pem:certKey=cert.pem) [default: tcp:3001]"""
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def opt_allowed_origin(self, origin: str) -> None:
+        """A browser origin (scheme://host[:port]) allowed to open terminals besides the page's own; repeatable; * allows any"""
+        self["allowed-origin"].append(origin)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = ["tcp:3001"]
+        try:
+            parse_bytes(self["memory"])
+        except Exception:
+            raise usage.UsageError(f"--memory: not a size: {self['memory']!r} (try 512m or 4g)")
+        if self["www"] is None:
+            self["www"] = default_www()
+        if not os.path.isfile(os.path.join(self["www"], "index.html")):
+            raise usage.UsageError(
+                f"--www: no index.html in {self['www']!r}: point --www at capsule's www/"
+                " directory (with its node_modules installed by `make setup`)")
+        if not shlex.split(self["shell"]):
+            raise usage.UsageError("--shell must not be empty")
+
+
+class CapsuleService(MultiService):
+    """
+    The whole server: listeners and the cleanup timer as children; the
+    Docker pools and the sessions as its own business.  On stop, the
+    listeners close first, then the sessions end, then the pools stop.
+    """
+
+    def __init__(self, docker: DockerAPI, manager: SessionManager) -> None:
+        super().__init__()
+        self.docker = docker
+        self.manager = manager
+
+    def startService(self) -> None:
+        self.docker.start()
+        super().startService()
+        d = Deferred.fromCoroutine(self.manager.remove_leftovers())
+        d.addErrback(self._leftovers_failed)
+
+    @staticmethod
+    def _leftovers_failed(failure) -> None:
+        if failure.check(CapsuleError):
+            _log.warn("could not look for leftover containers: {message}",
+                      message=failure.value.message)
+        else:
+            _log.failure("could not look for leftover containers", failure)
+
+    def stopService(self) -> Deferred:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        await self.manager.shutdown()
+        self.docker.stop()
+
+
+def makeService(config: Options, reactor=None) -> CapsuleService:
+    if reactor is None:
+        from twisted.internet import reactor
+    docker = DockerAPI(reactor, threads=config["docker-threads"],
+                       export_threads=config["export-threads"])
+    spec = ContainerSpec(image=config["image"], memory=config["memory"],
+                         cpus=config["cpus"], pids=config["pids"])
+    manager = SessionManager(docker, reactor, SessionConfig(
+        spec=spec, instance=config["instance"], grace=config["grace"],
+        shell=tuple(shlex.split(config["shell"])), replay_bytes=config["replay-buffer"]))
+    service = CapsuleService(docker, manager)
+    site = make_site(manager, docker, reactor, config["www"],
+                     max_message_size=config["max-message-size"],
+                     allowed_origins=tuple(config["allowed-origin"]),
+                     ping_interval=config["ping-interval"],
+                     ping_timeout=config["ping-timeout"])
+    for description in config["listen"]:
+        strports.service(description, site).setServiceParent(service)
+    CleanupService(manager, reactor, config["cleanup-interval"]).setServiceParent(service)
+    _log.info("capsule will run sessions in {image} (memory {memory}, {cpus:g} CPUs,"
+              " {pids} processes), grace {grace:g} s, Docker at {host}",
+              image=spec.image, memory=spec.memory, cpus=spec.cpus, pids=spec.pids,
+              grace=config["grace"], host=docker.host)
+    return service

@@ -1,0 +1,212 @@
+"""
+The WebSocket endpoint: frames in, calls on the session manager; session
+events out, frames.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from . import protocol as wire
+from .errors import SessionNotFound
+from .interfaces import ISessionClient
+from .session import SessionManager
+
+# Autobahn's protocols own a .log of their own: capsule logs through this one.
+_log = Logger()
+
+# Close codes (4000-4999 are the application's); README documents them.
+CLOSE_INVALID_SESSION = 4400
+CLOSE_SESSION_NOT_FOUND = 4404
+CLOSE_TAKEN_OVER = 4409
+CLOSE_UNAVAILABLE = 4503
+
+
+def _reason(text: str) -> str:
+    # A close reason is at most 123 bytes of UTF-8.
+    encoded = text.encode("utf-8")[:120]
+    return encoded.decode("utf-8", "ignore")
+
+
+@implementer(ISessionClient)
+class CapsuleServerProtocol(WebSocketServerProtocol):
+    """
+    One browser connection.  Its C{_phase} is C{"new"} until the
+    handshake, then C{"awaiting_resize"} (a new session needs the terminal
+    size first), C{"session"} (attached to, or starting, a session), and
+    C{"done"}.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._phase = "new"
+        self._requested_session: str | None = None
+        self._session = None
+        self._producer = None
+
+    @property
+    def _manager(self) -> SessionManager:
+        return self.factory.manager
+
+    # -- Autobahn hooks ----------------------------------------------------
+
+    def onConnect(self, request):
+        origin = request.headers.get("origin")
+        if not self.factory.origin_allowed(origin, request.headers.get("host")):
+            _log.warn("refused a WebSocket from origin {origin} (peer {peer})",
+                      origin=origin, peer=request.peer)
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN,
+                                 f"origin {origin} is not allowed")
+        values = request.params.get("session_id")
+        self._requested_session = values[0] if values else None
+        return None
+
+    def onOpen(self) -> None:
+        # The HTTP channel that carried the upgrade is still registered as
+        # the transport's producer: let it go, so the session can register.
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+        if self._requested_session is None:
+            self._phase = "awaiting_resize"
+            return
+        self._phase = "session"
+        try:
+            session_id = wire.parse_session_id(self._requested_session)
+            self._session = self._manager.reconnect(session_id, self)
+        except wire.ProtocolError as e:
+            self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
+        except SessionNotFound as e:
+            self._refuse(e.message, e.code, CLOSE_SESSION_NOT_FOUND)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        # Any exception escaping here would drop the connection: every
+        # failure becomes an error frame instead.
+        try:
+            self._handle(wire.parse_client_message(payload, isBinary))
+        except wire.ProtocolError as e:
+            self._send(wire.encode_error(e.message, e.code))
+        except Exception:
+            _log.failure("unexpected error handling a message from {peer}", peer=self.peer)
+            self._send(wire.encode_error("internal error: the message was not handled",
+                                         "internal_error"))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        session, self._session = self._session, None
+        self._phase = "done"
+        self.pause_output_producer(None)
+        if session is not None:
+            self._manager.detach(session, self)
+
+    # -- messages --------------------------------------------------------
+
+    def _handle(self, message) -> None:
+        if isinstance(message, wire.Ping):
+            self._send(wire.encode_pong())
+        elif isinstance(message, wire.Resize):
+            if self._phase == "awaiting_resize":
+                self._phase = "session"
+                self._session = self._manager.create(self, message.cols, message.rows)
+            elif self._session is not None:
+                self._manager.resize(self._session, message.cols, message.rows)
+        elif isinstance(message, wire.Input):
+            if self._session is None:
+                raise wire.ProtocolError(
+                    'send {"type": "resize", "cols": C, "rows": R} first: the session'
+                    " starts once the terminal size is known", "not_started")
+            self._manager.write(self._session, message.data)
+
+    def _send(self, payload: bytes) -> None:
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendMessage(payload, isBinary=False)
+
+    def _refuse(self, message: str, code: str, close_code: int) -> None:
+        _log.info("refused {peer}: {message}", peer=self.peer, message=message)
+        self._session = None
+        self._send(wire.encode_error(message, code))
+        self._close(close_code, message)
+
+    def _close(self, code: int, reason: str) -> None:
+        self._phase = "done"
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendClose(code, _reason(reason))
+
+    # -- ISessionClient ----------------------------------------------------
+
+    def session_started(self, session, resumed: bool) -> None:
+        self._send(wire.encode_connected(session.id, resumed))
+
+    def session_output(self, data: bytes) -> None:
+        self._send(wire.encode_output(data))
+
+    def session_failed(self, message: str, code: str) -> None:
+        self._session = None
+        self._send(wire.encode_error(message, code))
+        self._close(CLOSE_UNAVAILABLE, message)
+
+    def session_ended(self, exit_code: int | None, message: str) -> None:
+        self._session = None
+        self._send(wire.encode_exit(exit_code))
+        self._close(1000, message)
+
+    def session_taken_over(self) -> None:
+        self._refuse("this session was opened in another window", "taken_over",
+                     CLOSE_TAKEN_OVER)
+
+    def pause_output_producer(self, producer) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self._producer is not None:
+            if getattr(transport, "producer", None) is self._producer:
+                transport.unregisterProducer()
+            self._producer = None
+        if producer is not None and self.state == WebSocketProtocol.STATE_OPEN:
+            if getattr(transport, "producer", None) is not None:
+                transport.unregisterProducer()
+            transport.registerProducer(producer, True)
+            self._producer = producer
+
+
+class CapsuleServerFactory(WebSocketServerFactory):
+    """
+    @param allowed_origins: origins (C{scheme://host[:port]}) allowed besides
+        the page's own; C{"*"} allows any.
+    """
+
+    protocol = CapsuleServerProtocol
+
+    def __init__(self, manager: SessionManager, max_message_size: int = 256 * 1024,
+                 allowed_origins: tuple[str, ...] = (), ping_interval: float = 20.0,
+                 ping_timeout: float = 20.0) -> None:
+        super().__init__()
+        self.manager = manager
+        self.allowed_origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
+        self.setProtocolOptions(
+            maxMessagePayloadSize=max_message_size,
+            maxFramePayloadSize=max_message_size,
+            # Close with 1009 on an oversized message instead of dropping TCP.
+            failByDrop=False,
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_timeout,
+            openHandshakeTimeout=15,
+            closeHandshakeTimeout=5,
+        )
+
+    def origin_allowed(self, origin: str | None, host: str | None) -> bool:
+        """
+        Browsers send an Origin; a page from another site must not open
+        terminals here (cross-site WebSocket hijacking).  Clients that are
+        not browsers send none and are allowed.
+        """
+        if origin is None:
+            return True
+        origin = origin.rstrip("/").lower()
+        if "*" in self.allowed_origins or origin in self.allowed_origins:
+            return True
+        return host is not None and urlsplit(origin).netloc == host.lower()

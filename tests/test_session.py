@@ -1,0 +1,235 @@
+"""
+The session state machine, against the in-memory Docker engine and a Clock.
+"""
+
+import pytest
+from twisted.internet.task import Clock
+
+from capsule.cleanup import CleanupService, expire_due, expired_sessions
+from capsule.docker_api import ContainerSpec
+from capsule.errors import SessionNotFound
+from capsule.protocol import ProtocolError
+from capsule.session import LABEL_INSTANCE, LABEL_SESSION, Phase, SessionConfig, SessionManager
+from capsule.testing import FakeDockerAPI, RecordingClient
+
+
+@pytest.fixture
+def docker():
+    return FakeDockerAPI()
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def manager(docker, clock):
+    spec = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
+    return SessionManager(docker, clock, SessionConfig(spec=spec, instance="t", grace=60,
+                                                       replay_bytes=16))
+
+
+def test_create_starts_container_and_shell(manager, docker):
+    client = RecordingClient()
+    session = manager.create(client, 100, 30)
+    assert session.phase is Phase.RUNNING
+    assert client.events == [("started", session.id, False)]
+    container = docker.containers[session.container_id]
+    assert container["name"] == f"capsule-{session.id}"
+    assert container["labels"][LABEL_SESSION] == session.id
+    assert container["labels"][LABEL_INSTANCE] == "t"
+    assert container["spec"].memory == "1g" and container["spec"].pids == 64
+    process = docker.processes[0]
+    assert process.argv == ("bash", "-l") and process.size == (100, 30)
+    assert client.producer is not None
+
+
+def test_output_input_resize(manager, docker):
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    process = docker.processes[0]
+    process.emit(b"$ ")
+    manager.write(session, b"ls\r")
+    manager.resize(session, 120, 40)
+    assert client.output == b"$ "
+    assert process.written == [b"ls\r"]
+    assert process.resizes == [(120, 40)]
+
+
+def test_input_while_starting_is_delivered_once_running(manager, docker):
+    docker.hold_create = True
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    manager.write(session, b"echo hi\r")
+    manager.resize(session, 90, 30)
+    assert session.phase is Phase.STARTING and client.events == []
+    docker.release_create()
+    assert docker.processes[0].written == [b"echo hi\r"]
+    assert docker.processes[0].size == (90, 30)
+    assert client.kinds() == ["started"]
+
+
+def test_input_while_starting_is_bounded(manager, docker):
+    docker.hold_create = True
+    session = manager.create(RecordingClient(), 80, 24)
+    with pytest.raises(ProtocolError):
+        manager.write(session, b"x" * (manager.config.max_pending_input + 1))
+
+
+def test_client_leaving_while_starting_leaks_nothing(manager, docker):
+    docker.hold_create = True
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    manager.detach(session, client)
+    docker.release_create()
+    assert docker.containers == {}
+    assert session.id not in manager.sessions
+    assert client.events == []
+
+
+def test_detach_keeps_output_and_reconnect_replays_what_was_missed(manager, docker, clock):
+    first = RecordingClient()
+    session = manager.create(first, 80, 24)
+    process = docker.processes[0]
+    process.emit(b"one ")
+    process.pauseProducing()
+    manager.detach(session, first)
+    assert not process.paused, "a detached session must keep reading"
+    process.emit(b"two ")
+    second = RecordingClient()
+    assert manager.reconnect(session.id, second) is session
+    assert second.events[0] == ("started", session.id, True)
+    assert second.output == b"two "
+    assert first.output == b"one "
+
+
+def test_reconnect_after_too_much_output_says_what_was_dropped(manager, docker):
+    first = RecordingClient()
+    session = manager.create(first, 80, 24)
+    manager.detach(session, first)
+    docker.processes[0].emit(b"0123456789" * 3)
+    second = RecordingClient()
+    manager.reconnect(session.id, second)
+    assert b"14 bytes of older output were dropped" in second.output
+    assert second.output.endswith(b"4567890123456789")
+
+
+def test_second_client_takes_over(manager, docker):
+    first, second = RecordingClient(), RecordingClient()
+    session = manager.create(first, 80, 24)
+    manager.reconnect(session.id, second)
+    assert first.kinds()[-1] == "taken_over"
+    assert session.client is second
+    manager.detach(session, first)  # the old connection closing changes nothing
+    assert session.client is second and session.detached_at is None
+    docker.processes[0].emit(b"x")
+    assert second.output == b"x" and first.output == b""
+
+
+def test_unknown_session(manager):
+    with pytest.raises(SessionNotFound):
+        manager.reconnect("00000000-0000-0000-0000-000000000000", RecordingClient())
+
+
+def test_exit_ends_session_and_removes_container(manager, docker):
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    docker.processes[0].exit(3)
+    assert client.events[-1] == ("ended", 3, "the shell exited with code 3")
+    assert session.phase is Phase.ENDED and session.id not in manager.sessions
+    assert session.container_id in docker.removed
+    with pytest.raises(SessionNotFound):
+        manager.reconnect(session.id, RecordingClient())
+
+
+def test_oom_is_explained(manager, docker):
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    docker.containers[session.container_id].update(state="exited", oom=True, exit_code=137)
+    docker.processes[0].exit(None)
+    assert client.events[-1][0] == "ended"
+    assert "ran out of memory" in client.events[-1][2]
+
+
+def test_start_failure_tells_client(manager, docker):
+    docker.reachable = False
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    assert client.events[0][0] == "failed"
+    assert "cannot reach the Docker engine" in client.events[0][1]
+    assert client.events[0][2] == "docker_unavailable"
+    assert session.id not in manager.sessions
+
+
+def test_missing_image_tells_client(manager, docker):
+    docker.images.clear()
+    client = RecordingClient()
+    manager.create(client, 80, 24)
+    assert client.events[0][2] == "image_missing"
+
+
+def test_expiry_after_grace(manager, docker, clock):
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    manager.detach(session, client)
+    clock.advance(59)
+    expire_due(manager, clock)
+    assert session.id in manager.sessions
+    clock.advance(1)
+    expire_due(manager, clock)
+    assert session.id not in manager.sessions
+    assert session.container_id in docker.removed
+
+
+def test_expired_sessions_is_pure(manager, clock):
+    attached = manager.create(RecordingClient(), 80, 24)
+    left = manager.create(client := RecordingClient(), 80, 24)
+    manager.detach(left, client)
+    sessions = list(manager.sessions.values())
+    assert expired_sessions(sessions, clock.seconds() + 61, 60) == [left]
+    assert expired_sessions(sessions, clock.seconds() + 1, 60) == []
+    assert attached.phase is Phase.RUNNING
+
+
+def test_cleanup_service_survives_errors(manager, docker, clock):
+    service = CleanupService(manager, clock, 5)
+    service.startService()
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    manager.detach(session, client)
+    broken = []
+
+    def expire(s):
+        broken.append(s)
+        raise RuntimeError("boom")
+
+    manager.expire, original = expire, manager.expire
+    clock.advance(61)
+    assert broken == [session]
+    manager.expire = original
+    clock.advance(5)
+    assert session.id not in manager.sessions
+    service.stopService()
+
+
+def test_shutdown_removes_every_container(manager, docker):
+    clients = [RecordingClient() for _ in range(3)]
+    for c in clients:
+        manager.create(c, 80, 24)
+    manager.shutdown()
+    assert docker.containers == {} and manager.sessions == {}
+    assert all(c.kinds()[-1] == "ended" for c in clients)
+
+
+def test_leftovers_of_this_instance_only(manager, docker):
+    from twisted.internet.defer import Deferred
+    live = manager.create(RecordingClient(), 80, 24)
+    docker.add_container("old", {**manager.labels, LABEL_SESSION: "gone"})
+    docker.add_container("other", {"io.capsule.managed": "true", LABEL_INSTANCE: "other"})
+    docker.add_container("stranger", {})
+    results = []
+    Deferred.fromCoroutine(manager.remove_leftovers()).addCallback(results.append)
+    assert results == [1]
+    assert "old" in docker.removed
+    assert {"other", "stranger", live.container_id} <= set(docker.containers)
