@@ -38,17 +38,26 @@ def docker_client() -> docker.DockerClient:
     return docker.from_env(timeout=60)
 
 
-def instance_containers(instance: str):
-    return docker_client().containers.list(all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"})
+def instance_containers(instance: str) -> list[dict]:
+    """
+    The containers (running or not) of a capsule instance, as Docker's
+    summaries: listing does not race with removals, unlike inspecting.
+    """
+    return docker_client().api.containers(
+        all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"})
 
 
 def remove_instance_containers(instance: str) -> int:
     found = instance_containers(instance)
+    api = docker_client().api
     for c in found:
         try:
-            c.remove(force=True, v=True)
+            api.remove_container(c["Id"], force=True, v=True)
         except docker.errors.NotFound:
             pass
+        except docker.errors.APIError as e:
+            if "already in progress" not in str(e):
+                raise
     return len(found)
 
 
