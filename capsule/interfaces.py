@@ -102,14 +102,25 @@ class ISessionClient(Interface):
     What a session may do to the client attached to it.
     """
 
-    def session_started(session, resumed):
+    sent_offset = Attribute(
+        "The offset of the next output byte the client will be sent: what it"
+        " was sent so far, for a reconnect that does not say.")
+
+    def session_started(session, resumed, offset):
         """
-        The session is running and this client is attached to it.
+        The session is running and this client is attached to it; the next
+        output byte it gets has offset C{offset}.
         """
 
     def session_output(data):
         """
         Terminal output bytes for the client.
+        """
+
+    def session_dropped(count, offset):
+        """
+        C{count} bytes the client missed are no longer held; what follows
+        starts at C{offset}.
         """
 
     def session_failed(message, code):

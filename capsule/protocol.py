@@ -17,6 +17,13 @@ server -> client::
     {"type": "error", "message": "...", "code": "..."}
     {"type": "pong"}
     {"type": "exit", "exit_code": N}
+
+The binary protocol, negotiated with the WebSocket subprotocol
+L{BINARY_SUBPROTOCOL}, carries output as raw binary frames whose byte
+offsets are implicit (the first byte after C{connected} has offset
+C{connected.offset}, and each frame's bytes follow on), takes input as binary
+frames (or JSON C{input}), and adds C{{"type": "ack", "offset": N}} from the
+client for flow control.  Control messages stay small JSON text frames.
 """
 
 from __future__ import annotations
@@ -63,7 +70,17 @@ class Ping:
     pass
 
 
-ClientMessage = Resize | Input | Ping
+@dataclass(frozen=True)
+class Ack:
+    offset: int
+
+
+ClientMessage = Resize | Input | Ping | Ack
+
+BINARY_SUBPROTOCOL = "capsule.binary.v1"
+# Offsets are byte counts of a session's output: 2**53 keeps them exact in
+# a browser's numbers.
+MAX_OFFSET = 2**53
 
 _INPUT_TYPES = frozenset({"input", "terminal_input"})
 
@@ -95,14 +112,19 @@ def _size(message: dict, field: str) -> int:
     return value
 
 
-def parse_client_message(payload: bytes, is_binary: bool) -> ClientMessage:
+def parse_client_message(payload: bytes, is_binary: bool,
+                         binary_protocol: bool = False) -> ClientMessage:
     """
     Turn one WebSocket message from a client into an event.
 
+    @param binary_protocol: whether the connection speaks the binary
+        protocol, where binary frames are input and C{ack} exists.
     @raise ProtocolError: for anything that is not a valid message; its
         C{message} says what was wrong.
     """
     if is_binary:
+        if binary_protocol:
+            return Input(bytes(payload))
         raise ProtocolError(
             "binary frames are not part of the JSON protocol: send JSON text frames",
             "binary_frame",
@@ -143,10 +165,30 @@ def parse_client_message(payload: bytes, is_binary: bool) -> ClientMessage:
             ) from None
     if kind == "ping":
         return Ping()
+    if kind == "ack" and binary_protocol:
+        offset = message.get("offset")
+        if type(offset) is not int or not 0 <= offset <= MAX_OFFSET:
+            raise ProtocolError(
+                f'ack needs "offset": a byte offset (an integer from 0), got {_describe(offset)}',
+                "bad_ack")
+        return Ack(offset)
+    expected = '"resize", "input", "ping" or "ack"' if binary_protocol else '"resize", "input" or "ping"'
     raise ProtocolError(
-        f'unknown message type {_describe(kind)}: expected "resize", "input" or "ping"',
+        f"unknown message type {_describe(kind)}: expected {expected}",
         "unknown_type",
     )
+
+
+def parse_offset(value: str) -> int:
+    """
+    Validate a resume offset from a URL.
+
+    @raise ProtocolError: if C{value} is not a byte offset.
+    """
+    if not value.isdigit() or int(value) > MAX_OFFSET:
+        raise ProtocolError(f"invalid offset {_describe(value)}: an offset is an integer"
+                            " from 0", "invalid_offset")
+    return int(value)
 
 
 def parse_session_id(value: str) -> str:
@@ -173,8 +215,18 @@ def encode_output(data: bytes) -> bytes:
     return b'{"type":"output","data":"' + base64.b64encode(data) + b'"}'
 
 
-def encode_connected(session_id: str, resumed: bool) -> bytes:
-    return _encode({"type": "connected", "session_id": session_id, "resumed": resumed})
+def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
+                     window: int | None = None) -> bytes:
+    message = {"type": "connected", "session_id": session_id, "resumed": resumed}
+    if offset is not None:
+        message["offset"] = offset
+    if window is not None:
+        message["window"] = window
+    return _encode(message)
+
+
+def encode_dropped(count: int, offset: int) -> bytes:
+    return _encode({"type": "dropped", "bytes": count, "offset": offset})
 
 
 def encode_error(message: str, code: str = "error") -> bytes:

@@ -27,7 +27,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .docker_api import ContainerSpec
-from .errors import CapsuleError, SessionNotFound
+from .errors import CapsuleError, ContainerGone, SessionNotFound
+from .pool import WarmPool
 from .protocol import ProtocolError
 from .replay import ReplayBuffer
 
@@ -58,6 +59,8 @@ class SessionConfig:
     shell: tuple[str, ...] = ("bash", "-l")
     replay_bytes: int = 1024 * 1024
     max_pending_input: int = 64 * 1024
+    pool_size: int = 0
+    pool_max_age: float = 3600.0
 
 
 @dataclass(eq=False)
@@ -75,8 +78,10 @@ class Session:
     exit_code: int | None = None
     # Whether any client has been told the session id (sent "connected").
     announced: bool = False
-    # The replay offset up to which output has been sent to a client.
+    # The offset up to which the last client that left had been sent output.
     sent_offset: int = 0
+    # Whether the container came from the warm pool.
+    warm: bool = False
     pending_input: list[bytes] = field(default_factory=list)
 
     @property
@@ -136,6 +141,8 @@ class SessionManager:
         self._clock = clock
         self.config = config
         self.sessions: dict[str, Session] = {}
+        self.pool = WarmPool(docker, clock, config.pool_size, self._container_spec,
+                             max_age=config.pool_max_age)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -151,24 +158,30 @@ class SessionManager:
         Start a new session for C{client}, which is told through
         C{session_started} or C{session_failed}.
         """
+        warm = self.pool.take()
         session = Session(
-            id=str(uuid.uuid4()),
+            id=warm.session_id if warm else str(uuid.uuid4()),
             size=(cols, rows),
             replay=ReplayBuffer(self.config.replay_bytes),
             created_at=self._clock.seconds(),
             client=client,
+            container_id=warm.container_id if warm else None,
+            warm=warm is not None,
         )
         self.sessions[session.id] = session
         d = Deferred.fromCoroutine(self._start(session))
         d.addErrback(self._start_failed, session)
         return session
 
-    def reconnect(self, session_id: str, client) -> Session:
+    def reconnect(self, session_id: str, client, offset: int | None = None) -> Session:
         """
         Attach C{client} to an existing session.  A client already attached
         is let go (told C{session_taken_over}): the newest connection wins,
         since the older one is most often a dead socket from before a
         network change.
+
+        @param offset: the offset up to which the client has the output; if
+            C{None}, what was sent to the previous client counts.
 
         @raise SessionNotFound: if there is no such live session.
         """
@@ -181,6 +194,7 @@ class SessionManager:
         previous, session.client = session.client, client
         session.detached_at = None
         if previous is not None:
+            session.sent_offset = previous.sent_offset
             _log.info("session {session_id} taken over by a new connection",
                       session_id=session_id)
             previous.pause_output_producer(None)
@@ -188,7 +202,7 @@ class SessionManager:
         else:
             _log.info("session {session_id} reconnected", session_id=session_id)
         if session.phase is Phase.RUNNING:
-            self._announce(session, resumed=True)
+            self._announce(session, resumed=True, offset=offset)
         return session
 
     def detach(self, session: Session, client) -> None:
@@ -200,6 +214,8 @@ class SessionManager:
         session.client = None
         if session.phase is Phase.ENDED:
             return
+        if session.announced:
+            session.sent_offset = client.sent_offset
         session.detached_at = self._clock.seconds()
         if session.process is not None:
             # Nobody is watching, but the work must not stall.
@@ -226,18 +242,37 @@ class SessionManager:
 
     # -- starting --------------------------------------------------------
 
+    def _container_spec(self, session_id: str) -> ContainerSpec:
+        return replace(self.config.spec, labels={
+            **self.config.spec.labels, **self.labels, LABEL_SESSION: session_id})
+
     async def _start(self, session: Session) -> None:
         started = self._clock.seconds()
-        spec = replace(self.config.spec, labels={
-            **self.config.spec.labels, **self.labels, LABEL_SESSION: session.id})
-        session.container_id = await self._docker.create_session_container(session.id, spec)
-        if session.phase is Phase.ENDED:
-            # Ended (server stopping) while the container was being made.
-            await self._remove_container(session)
-            return
-        session.process = await self._docker.spawn_exec(
-            _ShellProtocol(self, session), session.container_id, self.config.shell,
-            spec.user, spec.workdir, spec.environment, session.size)
+        spec = self._container_spec(session.id)
+        while True:
+            if session.container_id is None:
+                session.warm = False
+                session.container_id = await self._docker.create_session_container(
+                    session.id, spec)
+            if session.phase is Phase.ENDED:
+                # Ended (server stopping) while the container was being made.
+                await self._remove_container(session)
+                return
+            try:
+                session.process = await self._docker.spawn_exec(
+                    _ShellProtocol(self, session), session.container_id, self.config.shell,
+                    spec.user, spec.workdir, spec.environment, session.size)
+            except ContainerGone as e:
+                if not session.warm:
+                    raise
+                # A warm container died while it waited: never hand it out.
+                _log.warn("warm container {container} was broken ({message}): starting"
+                          " session {session_id} cold", container=session.container_id[:12],
+                          message=e.message, session_id=session.id)
+                await self._remove_container(session)
+                session.container_id = None
+                continue
+            break
         if session.phase is Phase.ENDED:
             session.process.loseConnection()
             return
@@ -248,8 +283,9 @@ class SessionManager:
                       " left: removing it", session_id=session.id, ms=elapsed_ms)
             await self._end(session, None, "the client left before the session started")
             return
-        _log.info("session {session_id} started in {ms:.0f} ms (container {container})",
-                  session_id=session.id, ms=elapsed_ms, container=session.container_id[:12])
+        _log.info("session {session_id} started in {ms:.0f} ms ({how}, container {container})",
+                  session_id=session.id, ms=elapsed_ms, how="warm" if session.warm else "cold",
+                  container=session.container_id[:12])
         pending, session.pending_input = session.pending_input, []
         for data in pending:
             session.process.write(data)
@@ -271,20 +307,25 @@ class SessionManager:
         d = self._remove_container(session)
         d.addErrback(lambda f: None)
 
-    def _announce(self, session: Session, resumed: bool) -> None:
+    def _announce(self, session: Session, resumed: bool, offset: int | None = None) -> None:
+        """
+        Tell the session's client it is attached, then send it the output
+        it has not had: from C{offset}, or from what the last client was
+        sent.
+        """
         client = session.client
         session.announced = True
-        client.session_started(session, resumed)
+        data, dropped = session.replay.since(
+            session.sent_offset if offset is None else offset)
+        first = session.replay.end - len(data)
+        client.session_started(session, resumed, first)
         if session.client is not client:
             return
         client.pause_output_producer(_OutputThrottle(session))
-        data, dropped = session.replay.since(session.sent_offset)
         if dropped:
-            client.session_output(
-                f"\r\n[capsule: {dropped} bytes of older output were dropped]\r\n".encode())
+            client.session_dropped(dropped, first)
         if data:
             client.session_output(data)
-        session.sent_offset = session.replay.end
 
     # -- the shell's side ----------------------------------------------
 
@@ -292,7 +333,6 @@ class SessionManager:
         session.replay.append(data)
         if session.client is not None and session.announced and session.phase is Phase.RUNNING:
             session.client.session_output(data)
-            session.sent_offset = session.replay.end
 
     def _process_ended(self, session: Session, reason: Failure) -> None:
         if session.phase is not Phase.RUNNING:
@@ -366,11 +406,13 @@ class SessionManager:
         """
         End every session and remove its container: the server is stopping.
         """
+        sessions = list(self.sessions.values())
+        if sessions:
+            _log.info("shutting down: removing {count} session container(s)",
+                      count=len(sessions))
         ends = [Deferred.fromCoroutine(self._end(s, None, "the capsule server shut down"))
-                for s in list(self.sessions.values())]
-        if ends:
-            _log.info("shutting down: removing {count} session container(s)", count=len(ends))
-        return DeferredList(ends, consumeErrors=True)
+                for s in sessions]
+        return DeferredList([self.pool.stop(), *ends], consumeErrors=True)
 
     async def remove_leftovers(self) -> int:
         """
@@ -378,7 +420,7 @@ class SessionManager:
         left by an earlier run.
         """
         found = await self._docker.list_containers(self.labels)
-        live = {s.container_id for s in self.sessions.values()}
+        live = {s.container_id for s in self.sessions.values()} | self.pool.container_ids
         stale = [c for c in found if c["id"] not in live
                  and c["labels"].get(LABEL_SESSION) not in self.sessions]
         for container in stale:

@@ -73,6 +73,18 @@ class Options(usage.Options):
         ["ping-timeout", None, 20.0,
          "Seconds without a pong after which a client is considered gone.",
          _positive(float)],
+        ["pool-size", None, 2,
+         "Started containers kept ready for new sessions (0 disables the warm pool).",
+         _non_negative_int],
+        ["pool-max-age", None, 3600.0,
+         "Seconds after which a warm container is replaced instead of handed out.",
+         _positive(float)],
+        ["flow-window", None, 1024 * 1024,
+         "Bytes a binary-protocol client may have unacknowledged before its output pauses.",
+         _positive(int)],
+        ["coalesce-ms", None, 2.0,
+         "Milliseconds during which output following a send is gathered into one frame.",
+         float],
         ["docker-threads", None, 16, "Threads for Docker calls.", _positive(int)],
         ["export-threads", None, 4, "Threads for workspace exports.", _positive(int)],
     ]
@@ -105,6 +117,8 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--www: no index.html in {self['www']!r}: point --www at capsule's www/"
                 " directory (with its node_modules installed by `make setup`)")
+        if self["coalesce-ms"] < 0:
+            raise usage.UsageError("--coalesce-ms must be 0 or more")
         if not shlex.split(self["shell"]):
             raise usage.UsageError("--shell must not be empty")
 
@@ -126,6 +140,8 @@ class CapsuleService(MultiService):
         super().startService()
         d = Deferred.fromCoroutine(self.manager.remove_leftovers())
         d.addErrback(self._leftovers_failed)
+        # Fill the warm pool only once the leftovers are gone.
+        d.addBoth(lambda _: self.manager.pool.start())
 
     @staticmethod
     def _leftovers_failed(failure) -> None:
@@ -153,13 +169,16 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
                          cpus=config["cpus"], pids=config["pids"])
     manager = SessionManager(docker, reactor, SessionConfig(
         spec=spec, instance=config["instance"], grace=config["grace"],
-        shell=tuple(shlex.split(config["shell"])), replay_bytes=config["replay-buffer"]))
+        shell=tuple(shlex.split(config["shell"])), replay_bytes=config["replay-buffer"],
+        pool_size=config["pool-size"], pool_max_age=config["pool-max-age"]))
     service = CapsuleService(docker, manager)
     site = make_site(manager, docker, reactor, config["www"],
                      max_message_size=config["max-message-size"],
                      allowed_origins=tuple(config["allowed-origin"]),
                      ping_interval=config["ping-interval"],
-                     ping_timeout=config["ping-timeout"])
+                     ping_timeout=config["ping-timeout"],
+                     flow_window=config["flow-window"],
+                     coalesce_delay=config["coalesce-ms"] / 1000)
     for description in config["listen"]:
         strports.service(description, site).setServiceParent(service)
     CleanupService(manager, reactor, config["cleanup-interval"]).setServiceParent(service)

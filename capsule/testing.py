@@ -159,6 +159,7 @@ class RecordingClient:
     def __init__(self) -> None:
         self.events: list[tuple] = []
         self.producer = None
+        self.sent_offset = 0
 
     @property
     def output(self) -> bytes:
@@ -167,11 +168,16 @@ class RecordingClient:
     def kinds(self) -> list[str]:
         return [e[0] for e in self.events]
 
-    def session_started(self, session, resumed):
+    def session_started(self, session, resumed, offset):
+        self.sent_offset = offset
         self.events.append(("started", session.id, resumed))
 
     def session_output(self, data):
+        self.sent_offset += len(data)
         self.events.append(("output", data))
+
+    def session_dropped(self, count, offset):
+        self.events.append(("dropped", count, offset))
 
     def session_failed(self, message, code):
         self.events.append(("failed", message, code))

@@ -11,7 +11,8 @@ from pathlib import Path
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.resource import ForbiddenResource, Resource
+from twisted.web.pages import forbidden
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.static import File
 
@@ -44,7 +45,7 @@ class StaticFiles(File):
     """
 
     def directoryListing(self):
-        return ForbiddenResource("directory listings are off")
+        return forbidden("Forbidden", "Directory listings are off.")
 
 
 class HealthResource(Resource):
@@ -87,6 +88,7 @@ class HealthResource(Resource):
             "image": False,
             "image_name": image,
             "sessions": len(self._manager.sessions),
+            "pool": {"size": self._manager.pool.size, "ready": len(self._manager.pool.ready)},
             "instance": self._manager.config.instance,
         }
         try:
@@ -112,14 +114,13 @@ class HealthResource(Resource):
         return 200, body
 
 
-def make_site(manager: SessionManager, docker, reactor, www: str,
-              max_message_size: int, allowed_origins=(), ping_interval: float = 20.0,
-              ping_timeout: float = 20.0) -> Site:
+def make_site(manager: SessionManager, docker, reactor, www: str, **websocket_options) -> Site:
+    """
+    @param websocket_options: passed on to L{CapsuleServerFactory}.
+    """
     root = StaticFiles(www)
     root.indexNames = ["index.html"]
-    factory = CapsuleServerFactory(manager, max_message_size=max_message_size,
-                                   allowed_origins=allowed_origins,
-                                   ping_interval=ping_interval, ping_timeout=ping_timeout)
+    factory = CapsuleServerFactory(manager, reactor, **websocket_options)
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"health", HealthResource(manager, docker, reactor))
     api = Resource()

@@ -10,10 +10,12 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import protocol as wire
+from .coalesce import Coalescer
 from .errors import SessionNotFound
 from .interfaces import ISessionClient
 from .session import SessionManager
@@ -34,6 +36,42 @@ def _reason(text: str) -> str:
     return encoded.decode("utf-8", "ignore")
 
 
+@implementer(IPushProducer)
+class _FlowGate:
+    """
+    Pauses a session's exec while the client's connection is full (the
+    transport pauses its producer) or while the client has not acknowledged
+    C{window} bytes (binary protocol), and resumes it when neither holds.
+    """
+
+    def __init__(self, throttle) -> None:
+        self._throttle = throttle
+        self._reasons: set[str] = set()
+
+    def hold(self, reason: str, on: bool) -> None:
+        before = bool(self._reasons)
+        if on:
+            self._reasons.add(reason)
+        else:
+            self._reasons.discard(reason)
+        if before and not self._reasons:
+            self._throttle.resumeProducing()
+        elif self._reasons and not before:
+            self._throttle.pauseProducing()
+
+    def pauseProducing(self) -> None:
+        self.hold("transport", True)
+
+    def resumeProducing(self) -> None:
+        self.hold("transport", False)
+
+    def stopProducing(self) -> None:
+        # The connection is closing: the shell must go on (the throttle
+        # only ever resumes on stop).
+        self._reasons.clear()
+        self._throttle.stopProducing()
+
+
 @implementer(ISessionClient)
 class CapsuleServerProtocol(WebSocketServerProtocol):
     """
@@ -47,8 +85,15 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         super().__init__()
         self._phase = "new"
         self._requested_session: str | None = None
+        self._requested_offset: str | None = None
         self._session = None
         self._producer = None
+        self._binary = False
+        # The offset of the next output byte this client will be sent, and
+        # the offset it has acknowledged (binary protocol).
+        self.sent_offset = 0
+        self._acked = 0
+        self._coalescer: Coalescer | None = None
 
     @property
     def _manager(self) -> SessionManager:
@@ -65,6 +110,14 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                                  f"origin {origin} is not allowed")
         values = request.params.get("session_id")
         self._requested_session = values[0] if values else None
+        values = request.params.get("offset")
+        self._requested_offset = values[0] if values else None
+        self._coalescer = Coalescer(self.factory.clock, self._emit,
+                                    delay=self.factory.coalesce_delay,
+                                    limit=self.factory.coalesce_bytes)
+        if wire.BINARY_SUBPROTOCOL in request.protocols:
+            self._binary = True
+            return wire.BINARY_SUBPROTOCOL
         return None
 
     def onOpen(self) -> None:
@@ -78,7 +131,10 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._phase = "session"
         try:
             session_id = wire.parse_session_id(self._requested_session)
-            self._session = self._manager.reconnect(session_id, self)
+            offset = None
+            if self._binary and self._requested_offset is not None:
+                offset = wire.parse_offset(self._requested_offset)
+            self._session = self._manager.reconnect(session_id, self, offset)
         except wire.ProtocolError as e:
             self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
         except SessionNotFound as e:
@@ -88,7 +144,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         # Any exception escaping here would drop the connection: every
         # failure becomes an error frame instead.
         try:
-            self._handle(wire.parse_client_message(payload, isBinary))
+            self._handle(wire.parse_client_message(payload, isBinary, self._binary))
         except wire.ProtocolError as e:
             self._send(wire.encode_error(e.message, e.code))
         except Exception:
@@ -99,6 +155,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         session, self._session = self._session, None
         self._phase = "done"
+        if self._coalescer is not None:
+            self._coalescer.discard()
         self.pause_output_producer(None)
         if session is not None:
             self._manager.detach(session, self)
@@ -120,6 +178,33 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                     'send {"type": "resize", "cols": C, "rows": R} first: the session'
                     " starts once the terminal size is known", "not_started")
             self._manager.write(self._session, message.data)
+        elif isinstance(message, wire.Ack):
+            if message.offset > self.sent_offset:
+                raise wire.ProtocolError(
+                    f"ack of offset {message.offset}, beyond the {self.sent_offset} bytes sent",
+                    "bad_ack")
+            self._acked = max(self._acked, message.offset)
+            self._check_window()
+
+    def _check_window(self) -> None:
+        if self._producer is not None:
+            self._producer.hold(
+                "window", self.sent_offset - self._acked >= self.factory.flow_window)
+
+    def _emit(self, data: bytes) -> None:
+        # Called by the coalescer with a batch of output.
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        self.sent_offset += len(data)
+        if self._binary:
+            self.sendMessage(data, isBinary=True)
+            self._check_window()
+        else:
+            self.sendMessage(wire.encode_output(data), isBinary=False)
+
+    def _flush(self) -> None:
+        if self._coalescer is not None:
+            self._coalescer.flush()
 
     def _send(self, payload: bytes) -> None:
         if self.state == WebSocketProtocol.STATE_OPEN:
@@ -138,11 +223,24 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
 
     # -- ISessionClient ----------------------------------------------------
 
-    def session_started(self, session, resumed: bool) -> None:
-        self._send(wire.encode_connected(session.id, resumed))
+    def session_started(self, session, resumed: bool, offset: int) -> None:
+        self.sent_offset = self._acked = offset
+        if self._binary:
+            self._send(wire.encode_connected(session.id, resumed, offset,
+                                             self.factory.flow_window))
+        else:
+            self._send(wire.encode_connected(session.id, resumed))
 
     def session_output(self, data: bytes) -> None:
-        self._send(wire.encode_output(data))
+        self._coalescer.push(data)
+
+    def session_dropped(self, count: int, offset: int) -> None:
+        self._flush()
+        if self._binary:
+            self._send(wire.encode_dropped(count, offset))
+        else:
+            self._send(wire.encode_output(
+                f"\r\n[capsule: {count} bytes of older output were dropped]\r\n".encode()))
 
     def session_failed(self, message: str, code: str) -> None:
         self._session = None
@@ -151,10 +249,12 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
 
     def session_ended(self, exit_code: int | None, message: str) -> None:
         self._session = None
+        self._flush()
         self._send(wire.encode_exit(exit_code))
         self._close(1000, message)
 
     def session_taken_over(self) -> None:
+        self._flush()
         self._refuse("this session was opened in another window", "taken_over",
                      CLOSE_TAKEN_OVER)
 
@@ -169,8 +269,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         if producer is not None and self.state == WebSocketProtocol.STATE_OPEN:
             if getattr(transport, "producer", None) is not None:
                 transport.unregisterProducer()
-            transport.registerProducer(producer, True)
-            self._producer = producer
+            self._producer = _FlowGate(producer)
+            transport.registerProducer(self._producer, True)
 
 
 class CapsuleServerFactory(WebSocketServerFactory):
@@ -181,11 +281,16 @@ class CapsuleServerFactory(WebSocketServerFactory):
 
     protocol = CapsuleServerProtocol
 
-    def __init__(self, manager: SessionManager, max_message_size: int = 256 * 1024,
+    def __init__(self, manager: SessionManager, clock, max_message_size: int = 256 * 1024,
                  allowed_origins: tuple[str, ...] = (), ping_interval: float = 20.0,
-                 ping_timeout: float = 20.0) -> None:
+                 ping_timeout: float = 20.0, flow_window: int = 1024 * 1024,
+                 coalesce_delay: float = 0.002, coalesce_bytes: int = 256 * 1024) -> None:
         super().__init__()
         self.manager = manager
+        self.clock = clock
+        self.flow_window = flow_window
+        self.coalesce_delay = coalesce_delay
+        self.coalesce_bytes = coalesce_bytes
         self.allowed_origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
         self.setProtocolOptions(
             maxMessagePayloadSize=max_message_size,

@@ -141,7 +141,10 @@ async def test_image_missing(make_server):
 
 
 @pytest_twisted.ensureDeferred
-async def test_client_leaving_while_starting_leaks_nothing(server):
+async def test_client_leaving_while_starting_leaks_nothing(make_server):
+    # No warm pool: the container is made after the client asked, and the
+    # client is gone before it is ready.
+    server = make_server("--pool-size", "0")
     for delay in (0.02, 0.05, 0.1):
         client = await WSClient.connect(server.ws_url)
         client.send({"type": "resize", "cols": 80, "rows": 24})
