@@ -210,6 +210,19 @@ def _encode(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode("utf-8")
 
 
+_OUTPUT_OVERHEAD = len(b'{"type":"output","data":""}')
+
+
+def max_output_chunk(max_message_size: int, binary: bool) -> int:
+    """
+    The most output bytes one frame may carry when messages are limited to
+    C{max_message_size} bytes (base64 makes 3 bytes 4 in the JSON protocol).
+    """
+    if binary:
+        return max_message_size
+    return max(3, (max_message_size - _OUTPUT_OVERHEAD) // 4 * 3)
+
+
 def encode_output(data: bytes) -> bytes:
     # The hot path: build the frame by hand instead of going through json.
     return b'{"type":"output","data":"' + base64.b64encode(data) + b'"}'

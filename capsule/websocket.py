@@ -112,13 +112,14 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._requested_session = values[0] if values else None
         values = request.params.get("offset")
         self._requested_offset = values[0] if values else None
+        self._binary = wire.BINARY_SUBPROTOCOL in request.protocols
+        self._max_output_frame = wire.max_output_chunk(self.factory.max_message_size,
+                                                       self._binary)
         self._coalescer = Coalescer(self.factory.clock, self._emit,
                                     delay=self.factory.coalesce_delay,
-                                    limit=self.factory.coalesce_bytes)
-        if wire.BINARY_SUBPROTOCOL in request.protocols:
-            self._binary = True
-            return wire.BINARY_SUBPROTOCOL
-        return None
+                                    limit=min(self.factory.coalesce_bytes,
+                                              self._max_output_frame))
+        return wire.BINARY_SUBPROTOCOL if self._binary else None
 
     def onOpen(self) -> None:
         # The HTTP channel that carried the upgrade is still registered as
@@ -192,15 +193,22 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                 "window", self.sent_offset - self._acked >= self.factory.flow_window)
 
     def _emit(self, data: bytes) -> None:
-        # Called by the coalescer with a batch of output.
+        # Called by the coalescer with a batch of output.  Autobahn refuses
+        # to send messages over the size limit, so a large batch (a replay)
+        # goes out in several frames.
         if self.state != WebSocketProtocol.STATE_OPEN:
             return
-        self.sent_offset += len(data)
+        piece = self._max_output_frame
+        view = memoryview(data)
+        for start in range(0, len(data), piece):
+            chunk = bytes(view[start : start + piece])
+            self.sent_offset += len(chunk)
+            if self._binary:
+                self.sendMessage(chunk, isBinary=True)
+            else:
+                self.sendMessage(wire.encode_output(chunk), isBinary=False)
         if self._binary:
-            self.sendMessage(data, isBinary=True)
             self._check_window()
-        else:
-            self.sendMessage(wire.encode_output(data), isBinary=False)
 
     def _flush(self) -> None:
         if self._coalescer is not None:
@@ -288,6 +296,7 @@ class CapsuleServerFactory(WebSocketServerFactory):
         super().__init__()
         self.manager = manager
         self.clock = clock
+        self.max_message_size = max_message_size
         self.flow_window = flow_window
         self.coalesce_delay = coalesce_delay
         self.coalesce_bytes = coalesce_bytes

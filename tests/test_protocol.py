@@ -122,3 +122,11 @@ def test_encode_others():
         "type": "error", "message": "oops", "code": "bad"}
     assert json.loads(wire.encode_pong()) == {"type": "pong"}
     assert json.loads(wire.encode_exit(3)) == {"type": "exit", "exit_code": 3}
+
+
+@pytest.mark.parametrize("limit", [100, 1024, 262144, 262145])
+def test_output_chunks_fit_the_message_limit(limit):
+    assert wire.max_output_chunk(limit, True) == limit
+    chunk = wire.max_output_chunk(limit, False)
+    assert len(wire.encode_output(b"x" * chunk)) <= limit
+    assert len(wire.encode_output(b"x" * (chunk + 3))) > limit

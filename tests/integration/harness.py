@@ -140,6 +140,7 @@ class CapsuleServer:
 class ClientProtocol(WebSocketClientProtocol):
     def onConnect(self, response):
         self.factory.client._protocol = self
+        self.factory.client.binary = response.protocol == "capsule.binary.v1"
 
     def onOpen(self):
         self.factory.client._opened.callback(self.factory.client)
@@ -160,8 +161,12 @@ class WSClient:
     A real WebSocket client speaking capsule's JSON protocol.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, auto_ack: bool = True) -> None:
         self._protocol = None
+        self.auto_ack = auto_ack
+        self.binary = False
+        # Binary protocol: the offset just past the last output byte.
+        self.received = 0
         self._opened = defer.Deferred()
         self.closed = defer.Deferred()
         self.close_code = self.close_reason = None
@@ -171,11 +176,18 @@ class WSClient:
 
     @classmethod
     async def connect(cls, url: str, session_id: str | None = None, origin=None,
-                      max_size: int | None = None) -> "WSClient":
-        client = cls()
+                      binary: bool = False, offset: int | None = None,
+                      auto_ack: bool = True) -> "WSClient":
+        client = cls(auto_ack)
+        query = []
         if session_id is not None:
-            url = f"{url}?session_id={session_id}"
-        factory = WebSocketClientFactory(url, origin=origin)
+            query.append(f"session_id={session_id}")
+        if offset is not None:
+            query.append(f"offset={offset}")
+        if query:
+            url = f"{url}?{'&'.join(query)}"
+        factory = WebSocketClientFactory(
+            url, origin=origin, protocols=["capsule.binary.v1"] if binary else None)
         factory.protocol = ClientProtocol
         factory.client = client
         factory.setProtocolOptions(autoPingInterval=None)
@@ -187,9 +199,19 @@ class WSClient:
     def _received(self, payload, is_binary):
         message = payload if is_binary else json.loads(payload)
         self.all_messages.append(message)
-        if isinstance(message, dict) and message.get("type") == "output":
+        if is_binary:
+            self.output += payload
+            self.received += len(payload)
+            if self.auto_ack:
+                self.ack()
+        elif message.get("type") == "output":
             self.output += base64.b64decode(message["data"])
+        elif message.get("type") == "connected" and "offset" in message:
+            self.received = message["offset"]
         self.messages.put(message)
+
+    def ack(self, offset: int | None = None) -> None:
+        self.send({"type": "ack", "offset": self.received if offset is None else offset})
 
     def send(self, message) -> None:
         self.send_raw(json.dumps(message).encode())
@@ -207,6 +229,8 @@ class WSClient:
         while True:
             message = await with_timeout(self.messages.get(), timeout)
             if kind is None or (isinstance(message, dict) and message.get("type") == kind):
+                return message
+            if kind == "binary" and isinstance(message, bytes):
                 return message
 
     async def start(self, cols=80, rows=24, timeout: float = 30) -> str:
