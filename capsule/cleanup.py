@@ -54,9 +54,29 @@ def expire_due(manager: SessionManager, clock) -> Deferred:
 
 class CleanupService(TimerService):
     """
-    Every C{interval} seconds, expire the sessions that are due.
+    Every C{interval} seconds, expire the sessions that are due; every
+    C{orphan_interval} seconds, also remove containers of this server that
+    nothing owns any more (their removal failed while Docker was away).
     """
 
-    def __init__(self, manager: SessionManager, clock, interval: float) -> None:
-        super().__init__(interval, expire_due, manager, clock)
+    def __init__(self, manager: SessionManager, clock, interval: float,
+                 orphan_interval: float = 30.0) -> None:
+        super().__init__(interval, self._sweep)
         self.clock = clock
+        self._manager = manager
+        self._orphan_interval = orphan_interval
+        self._next_orphan_sweep = None
+
+    def _sweep(self) -> Deferred:
+        d = expire_due(self._manager, self.clock)
+        now = self.clock.seconds()
+        if self._next_orphan_sweep is None:
+            self._next_orphan_sweep = now + self._orphan_interval
+        elif now >= self._next_orphan_sweep:
+            self._next_orphan_sweep = now + self._orphan_interval
+            orphans = Deferred.fromCoroutine(
+                self._manager.remove_leftovers("whose session had ended"))
+            # Docker being away is already reported elsewhere: stay quiet.
+            orphans.addErrback(lambda f: _log.debug("orphan sweep failed: {e}",
+                                                    e=f.getErrorMessage()))
+        return d

@@ -45,7 +45,8 @@ class WarmPool:
         self.max_age = max_age
         self.retry_delay = retry_delay
         self.ready: deque[WarmContainer] = deque()
-        self.filling = 0
+        # Session ids of warm containers being made.
+        self.pending: set[str] = set()
         self._running = False
         self._retry = None
         self._failing = False
@@ -84,14 +85,19 @@ class WarmPool:
 
     def refill(self) -> None:
         while self._running and self._retry is None and len(self.ready) + self.filling < self.size:
-            self.filling += 1
             session_id = str(uuid.uuid4())
+            self.pending.add(session_id)
             started = self._clock.seconds()
             d = self._docker.create_session_container(session_id, self._make_spec(session_id))
-            d.addCallbacks(self._made, self._failed, callbackArgs=(session_id, started))
+            d.addCallbacks(self._made, self._failed, callbackArgs=(session_id, started),
+                           errbackArgs=(session_id,))
+
+    @property
+    def filling(self) -> int:
+        return len(self.pending)
 
     def _made(self, container_id: str, session_id: str, started: float) -> None:
-        self.filling -= 1
+        self.pending.discard(session_id)
         warm = WarmContainer(session_id, container_id, self._clock.seconds())
         if not self._running:
             self.discard(warm, "the pool is stopped")
@@ -104,8 +110,8 @@ class WarmPool:
                    container=container_id[:12], ms=(self._clock.seconds() - started) * 1000)
         self.refill()
 
-    def _failed(self, failure) -> None:
-        self.filling -= 1
+    def _failed(self, failure, session_id: str) -> None:
+        self.pending.discard(session_id)
         if not self._running:
             return
         if not self._failing:

@@ -16,7 +16,7 @@ server -> client::
     {"type": "output", "data": "<base64 of the raw bytes>"}
     {"type": "error", "message": "...", "code": "..."}
     {"type": "pong"}
-    {"type": "exit", "exit_code": N}
+    {"type": "exit", "exit_code": N, "message": "..."}
 
 The binary protocol, negotiated with the WebSocket subprotocol
 L{BINARY_SUBPROTOCOL}, carries output as raw binary frames whose byte
@@ -250,5 +250,5 @@ def encode_pong() -> bytes:
     return b'{"type":"pong"}'
 
 
-def encode_exit(exit_code: int | None) -> bytes:
-    return _encode({"type": "exit", "exit_code": exit_code})
+def encode_exit(exit_code: int | None, message: str) -> bytes:
+    return _encode({"type": "exit", "exit_code": exit_code, "message": message})

@@ -343,7 +343,10 @@ class SessionManager:
 
     async def _shell_ended(self, session: Session, reason: Failure) -> None:
         code = 0 if reason.check(ProcessDone) else getattr(reason.value, "exitCode", None)
-        if code is not None:
+        if code == 137:
+            message = ("the shell was killed (signal 9; most often it ran out of memory"
+                       f" under the {self.config.spec.memory} limit)")
+        elif code is not None:
             message = f"the shell exited with code {code}"
         else:
             message = await self._why_gone(session)
@@ -414,18 +417,20 @@ class SessionManager:
                 for s in sessions]
         return DeferredList([self.pool.stop(), *ends], consumeErrors=True)
 
-    async def remove_leftovers(self) -> int:
+    async def remove_leftovers(self, why: str = "left by an earlier run") -> int:
         """
-        Remove this server's containers that no live session owns: those
-        left by an earlier run.
+        Remove this server's containers that no live session or warm slot
+        owns: those left by an earlier run, or whose removal failed (Docker
+        was unreachable when their session ended).
         """
         found = await self._docker.list_containers(self.labels)
         live = {s.container_id for s in self.sessions.values()} | self.pool.container_ids
+        owners = self.sessions.keys() | self.pool.pending
         stale = [c for c in found if c["id"] not in live
-                 and c["labels"].get(LABEL_SESSION) not in self.sessions]
+                 and c["labels"].get(LABEL_SESSION) not in owners]
         for container in stale:
             await self._docker.remove_container(container["id"])
         if stale:
-            _log.info("removed {count} leftover container(s) of an earlier run: {names}",
-                      count=len(stale), names=", ".join(c["name"] for c in stale))
+            _log.info("removed {count} leftover container(s) {why}: {names}",
+                      count=len(stale), why=why, names=", ".join(c["name"] for c in stale))
         return len(stale)

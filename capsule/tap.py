@@ -57,6 +57,9 @@ class Options(usage.Options):
          _positive(float)],
         ["cleanup-interval", None, 5.0, "Seconds between sweeps for expired sessions.",
          _positive(float)],
+        ["orphan-sweep", None, 30.0,
+         "Seconds between sweeps for containers of this server that no session owns.",
+         _positive(float)],
         ["www", None, None, "Directory of the web page [default: the installed one]."],
         ["instance", None, "default",
          "Name of this server. Its containers are labelled with it; at start-up it"
@@ -181,7 +184,8 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
                      coalesce_delay=config["coalesce-ms"] / 1000)
     for description in config["listen"]:
         strports.service(description, site).setServiceParent(service)
-    CleanupService(manager, reactor, config["cleanup-interval"]).setServiceParent(service)
+    CleanupService(manager, reactor, config["cleanup-interval"],
+                   config["orphan-sweep"]).setServiceParent(service)
     _log.info("capsule will run sessions in {image} (memory {memory}, {cpus:g} CPUs,"
               " {pids} processes), grace {grace:g} s, Docker at {host}",
               image=spec.image, memory=spec.memory, cpus=spec.cpus, pids=spec.pids,

@@ -258,7 +258,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
     def session_ended(self, exit_code: int | None, message: str) -> None:
         self._session = None
         self._flush()
-        self._send(wire.encode_exit(exit_code))
+        self._send(wire.encode_exit(exit_code, message))
         self._close(1000, message)
 
     def session_taken_over(self) -> None:

@@ -121,7 +121,8 @@ def test_encode_others():
     assert json.loads(wire.encode_error("oops", "bad")) == {
         "type": "error", "message": "oops", "code": "bad"}
     assert json.loads(wire.encode_pong()) == {"type": "pong"}
-    assert json.loads(wire.encode_exit(3)) == {"type": "exit", "exit_code": 3}
+    assert json.loads(wire.encode_exit(3, "the shell exited with code 3")) == {
+        "type": "exit", "exit_code": 3, "message": "the shell exited with code 3"}
 
 
 @pytest.mark.parametrize("limit", [100, 1024, 262144, 262145])

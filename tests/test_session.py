@@ -233,3 +233,17 @@ def test_leftovers_of_this_instance_only(manager, docker):
     assert results == [1]
     assert "old" in docker.removed
     assert {"other", "stranger", live.container_id} <= set(docker.containers)
+
+
+def test_orphan_sweep_removes_unowned_containers_only(manager, docker, clock):
+    from capsule.session import LABEL_SESSION
+    service = CleanupService(manager, clock, 1, orphan_interval=10)
+    service.startService()
+    live = manager.create(RecordingClient(), 80, 24)
+    docker.add_container("orphan", {**manager.labels, LABEL_SESSION: "ended-long-ago"})
+    clock.advance(5)
+    assert "orphan" in docker.containers
+    clock.advance(6)
+    assert "orphan" not in docker.containers
+    assert live.container_id in docker.containers
+    service.stopService()

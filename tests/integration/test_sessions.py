@@ -127,7 +127,8 @@ async def test_exit_ends_the_session_and_removes_its_container(server):
     session_id = await client.start()
     assert container_of(session_id) is not None
     client.type("exit 3\r")
-    assert await client.next("exit") == {"type": "exit", "exit_code": 3}
+    assert await client.next("exit") == {
+        "type": "exit", "exit_code": 3, "message": "the shell exited with code 3"}
     code, _ = await client.closed
     assert code == 1000
     await eventually(lambda: container_of(session_id) is None)
