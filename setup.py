@@ -33,6 +33,7 @@ setup(
         "zope.interface>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "playwright>=1.40"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "playwright>=1.40",
+                 "websockets>=13"],
     },
 )
