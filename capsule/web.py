@@ -62,10 +62,12 @@ class HealthResource(Resource):
 
     def render_GET(self, request):
         d = Deferred.fromCoroutine(self._check())
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
 
         def respond(result):
             status, body = result
-            if request._disconnected or request.finished:
+            if gone:
                 return
             request.setResponseCode(status)
             request.setHeader(b"content-type", b"application/json")
