@@ -99,7 +99,13 @@ class _ShellProtocol(ProcessProtocol):
         self._session = session
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self._manager._output(self._session, data)
+        # An error in passing output on (a client's fault) must not break the
+        # connection to the shell: log it and keep the shell.
+        try:
+            self._manager._output(self._session, data)
+        except Exception:
+            _log.failure("passing output of session {session_id} on failed",
+                         session_id=self._session.id)
 
     def processEnded(self, reason: Failure) -> None:
         self._manager._process_ended(self._session, reason)

@@ -3,6 +3,8 @@ The session state machine, against the in-memory Docker engine and a Clock.
 """
 
 import pytest
+from twisted.logger import globalLogPublisher
+
 from twisted.internet.task import Clock
 
 from capsule.cleanup import CleanupService, expire_due, expired_sessions
@@ -247,3 +249,23 @@ def test_orphan_sweep_removes_unowned_containers_only(manager, docker, clock):
     assert "orphan" not in docker.containers
     assert live.container_id in docker.containers
     service.stopService()
+
+
+def test_a_failing_client_does_not_kill_the_shell(manager, docker):
+    class Broken(RecordingClient):
+        def session_output(self, data):
+            raise RuntimeError("client blew up")
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = Broken()
+        session = manager.create(client, 80, 24)
+        process = docker.processes[0]
+        process.emit(b"still here")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert process.connected and session.phase is Phase.RUNNING
+    assert session.replay.since(0) == (b"still here", 0)
+    assert [e["log_failure"].value.args for e in events if "log_failure" in e] == [
+        ("client blew up",)]
