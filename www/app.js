@@ -1,4 +1,6 @@
-// capsule terminal page: xterm.js <-> the /ws JSON protocol (see PROTOCOL.md).
+// capsule terminal page: xterm.js <-> the /ws protocol (see PROTOCOL.md). It asks for the
+// binary protocol (raw output bytes with offsets, acknowledged for flow control, and resumed
+// without duplicates or gaps) and speaks the JSON one if the server does not select it.
 // A classic script with no build step; Terminal and FitAddon come from the UMD builds
 // that index.html loads from node_modules/.
 "use strict";
@@ -9,9 +11,16 @@
   const SILENCE_LIMIT_MS = 45000;
   const RESIZE_DEBOUNCE_MS = 50;
   const MAX_ATTEMPTS = 20;
+  const BINARY_PROTOCOL = "capsule.binary.v1";
   // At most 3 UTF-8 bytes per UTF-16 unit, so a piece stays under 32 KiB on the wire, and
   // under the server's 256 KiB message limit even when JSON escapes every character.
   const INPUT_PIECE_CHARS = 10 * 1024;
+  // onBinary data is one byte per character.
+  const INPUT_PIECE_BYTES = 32 * 1024;
+  // Acknowledge processed output once this much (or window/8, if smaller) is unacknowledged,
+  // and anything left unacknowledged at most ACK_DELAY_MS after it was processed.
+  const ACK_BYTES = 64 * 1024;
+  const ACK_DELAY_MS = 50;
 
   // Each state: its label in the status bar and the button it offers, if any.
   const STATES = {
@@ -56,6 +65,16 @@
   let retryTimer = null;
   let pingTimer = null;
   let silenceTimer = null;
+
+  // Binary protocol. Every output byte has an offset in all the session ever produced.
+  let binary = false; // whether the current socket speaks the binary protocol
+  let link = 0; // counts sockets, so xterm callbacks for an old socket's output are ignored
+  let received = 0; // offset just past the last output byte received
+  let offsetKnown = true; // whether `received` says what this terminal holds (false after JSON)
+  let processed = 0; // offset just past the last byte xterm has finished processing
+  let acked = 0; // offset last acknowledged to the server
+  let ackBytes = ACK_BYTES;
+  let ackTimer = null;
 
   // --- status bar -------------------------------------------------------
 
@@ -122,17 +141,36 @@
     exitCode = null;
     lastError = "";
     sentSize = "";
+    binary = false;
+    link += 1;
+    stopAcks();
     const url = new URL("ws", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-    url.search = sessionId ? "?session_id=" + encodeURIComponent(sessionId) : "";
+    const params = new URLSearchParams();
+    if (sessionId) {
+      params.set("session_id", sessionId);
+      // Resume just past the last byte this page has: after a dropped socket the server sends
+      // exactly what was missed; after a reload (received 0) the recent screen again. The
+      // server only reads it with the binary protocol.
+      if (offsetKnown) params.set("offset", String(received));
+    }
+    const query = params.toString();
+    url.search = query ? "?" + query : "";
     url.hash = "";
-    const ws = new WebSocket(url);
+    const ws = new WebSocket(url, [BINARY_PROTOCOL]);
+    ws.binaryType = "arraybuffer";
     socket = ws;
     ws.onopen = () => {
-      if (ws === socket) sendResize(true); // before anything else: a new session needs the size
+      if (ws !== socket) return;
+      binary = ws.protocol === BINARY_PROTOCOL;
+      // A JSON socket carries no offsets: the next resume leaves it to the server.
+      if (!binary) offsetKnown = false;
+      sendResize(true); // before anything else: a new session needs the size
     };
     ws.onmessage = (event) => {
-      if (ws === socket) onFrame(event.data);
+      if (ws !== socket) return;
+      if (typeof event.data === "string") onFrame(event.data);
+      else onOutput(event.data);
     };
     ws.onclose = (event) => {
       if (ws === socket) onClose(event.code);
@@ -141,6 +179,10 @@
 
   function send(message) {
     if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(message));
+  }
+
+  function sendBytes(bytes) {
+    if (socket && socket.readyState === WebSocket.OPEN) socket.send(bytes);
   }
 
   function onFrame(text) {
@@ -157,6 +199,7 @@
         sessionId = frame.session_id;
         storeSessionId(sessionId);
         attempt = 0;
+        if (binary) startAcks(frame.offset, frame.window);
         if (frame.resumed) notice("reconnected");
         setState("connected", frame.resumed ? "resumed session" : "new session");
         startKeepalive();
@@ -171,6 +214,9 @@
       case "exit":
         exitCode = frame.exit_code;
         break;
+      case "dropped":
+        if (binary) onDropped(frame.bytes, frame.offset);
+        break;
       case "pong":
         break;
     }
@@ -179,6 +225,7 @@
   function onClose(code) {
     socket = null;
     stopKeepalive();
+    stopAcks();
     switch (code) {
       case 1000: {
         // The shell ended. Keep the id in memory so Export still works, but a reload starts fresh.
@@ -192,6 +239,7 @@
       case 4404:
         sessionId = null;
         storeSessionId(null);
+        forgetOffsets();
         notice("session expired");
         setState("expired", "session expired");
         break;
@@ -245,8 +293,67 @@
       ws.onopen = ws.onmessage = ws.onclose = null;
       ws.close();
       stopKeepalive();
+      stopAcks();
       retry("no reply from the server");
     }, SILENCE_LIMIT_MS);
+  }
+
+  // --- output and acknowledgements (binary protocol) -----------------------------
+
+  function startAcks(offset, windowBytes) {
+    received = processed = acked = Number.isSafeInteger(offset) && offset >= 0 ? offset : 0;
+    offsetKnown = true;
+    ackBytes = windowBytes > 0 ? Math.min(ACK_BYTES, Math.max(1, Math.floor(windowBytes / 8))) : ACK_BYTES;
+  }
+
+  function stopAcks() {
+    clearTimeout(ackTimer);
+    ackTimer = null;
+  }
+
+  // The terminal is empty again (or its session is gone): a resume starts from the beginning.
+  function forgetOffsets() {
+    received = processed = acked = 0;
+    offsetKnown = true;
+  }
+
+  function onOutput(buffer) {
+    if (state === "connected") armSilenceTimer();
+    if (!binary) return; // binary frames are not part of the JSON protocol
+    received += buffer.byteLength;
+    const end = received;
+    const current = link;
+    term.write(new Uint8Array(buffer), () => onProcessed(current, end));
+  }
+
+  function onDropped(bytes, offset) {
+    // Output before `offset` is gone for good: continue from there.
+    if (typeof offset === "number" && offset > received) received = offset;
+    const end = received;
+    const current = link;
+    term.write(`\x1b[2m[capsule: ${bytes} bytes of older output were dropped]\x1b[0m\r\n`,
+      () => onProcessed(current, end));
+  }
+
+  function onProcessed(from, end) {
+    if (from !== link || !binary) return; // an older socket's output
+    processed = Math.max(processed, Math.min(end, received));
+    if (processed - acked >= ackBytes) sendAck();
+    else if (processed > acked && ackTimer === null) {
+      ackTimer = setTimeout(() => {
+        ackTimer = null;
+        if (from === link) sendAck();
+      }, ACK_DELAY_MS);
+    }
+  }
+
+  function sendAck() {
+    clearTimeout(ackTimer);
+    ackTimer = null;
+    const offset = Math.min(processed, received);
+    if (offset <= acked || !socket || socket.readyState !== WebSocket.OPEN) return;
+    acked = offset;
+    send({ type: "ack", offset });
   }
 
   // --- terminal <-> socket --------------------------------------------------
@@ -258,14 +365,31 @@
     return bytes; // term.write() decodes UTF-8, also across chunk boundaries
   }
 
+  const encoder = new TextEncoder();
+
   function sendInput(data) {
     if (state !== "connected") return;
     for (let start = 0; start < data.length; ) {
       let end = Math.min(start + INPUT_PIECE_CHARS, data.length);
       const last = data.charCodeAt(end - 1);
       if (end < data.length && last >= 0xd800 && last <= 0xdbff) end -= 1; // keep surrogate pairs whole
-      send({ type: "input", data: data.slice(start, end) });
+      const piece = data.slice(start, end);
+      if (binary) sendBytes(encoder.encode(piece));
+      else send({ type: "input", data: piece });
       start = end;
+    }
+  }
+
+  // Raw bytes (one per character, 0-255), such as some mouse reports.
+  function sendBinaryInput(data) {
+    if (!binary) {
+      sendInput(data);
+      return;
+    }
+    if (state !== "connected") return;
+    for (let start = 0; start < data.length; start += INPUT_PIECE_BYTES) {
+      const piece = data.slice(start, start + INPUT_PIECE_BYTES);
+      sendBytes(Uint8Array.from(piece, (c) => c.charCodeAt(0) & 0xff));
     }
   }
 
@@ -287,7 +411,7 @@
   }
 
   term.onData(sendInput);
-  term.onBinary(sendInput);
+  term.onBinary(sendBinaryInput);
   window.addEventListener("resize", scheduleFit);
 
   // --- buttons ----------------------------------------------------------------
@@ -306,6 +430,7 @@
       sessionId = null;
       storeSessionId(null);
       term.reset();
+      forgetOffsets();
     }
     attempt = 0;
     setState("connecting");
