@@ -37,5 +37,9 @@ test: setup image
 unit: setup
 	$(BIN)/python -m pytest tests --ignore=tests/integration $(ARGS)
 
+# ARGS=--quick for a reduced run; bench/bench.py --help lists the options.
+bench: setup image
+	$(BIN)/python bench/bench.py --image $(IMAGE) $(ARGS)
+
 clean:
 	rm -rf $(VENV) www/node_modules twisted/plugins/dropin.cache
