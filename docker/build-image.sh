@@ -40,7 +40,8 @@ if ! docker version --format '{{.Server.APIVersion}}' >/dev/null 2>&1; then
 fi
 [ -f "$dockerfile" ] || die "missing $dockerfile"
 
-dockerfile_sha="$(sha256sum "$dockerfile" | cut -d' ' -f1)"
+# The image is rebuilt when the Dockerfile or anything it copies changes.
+dockerfile_sha="$(cat "$dockerfile" "$here/keeper/capsule-keeper.c" | sha256sum | cut -d' ' -f1)"
 
 image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 

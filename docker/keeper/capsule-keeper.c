@@ -1,0 +1,641 @@
+/*
+ * capsule-keeper: keeps a session's shell alive between `docker exec`
+ * connections, and keeps what it prints while nobody is attached, addressed
+ * by exact byte offsets, so that a client coming back gets exactly the bytes
+ * it missed.
+ *
+ *   capsule-keeper [-r] [-b BYTES] [-o OFFSET] SOCKET -- COMMAND [ARG...]
+ *
+ * If a keeper server listens on the UNIX socket SOCKET, this attaches to it;
+ * otherwise it starts one (under the lock SOCKET.lock, so that only one
+ * starts) and then attaches.  The server is double-forked into its own
+ * session with its stdio on /dev/null, and runs COMMAND (with this first
+ * invocation's environment and directory) on a new pty.  Every byte COMMAND
+ * prints has an offset (0, 1, 2, ...); the server keeps the newest BYTES
+ * (default 1 MiB) of them in a ring buffer.
+ *
+ * The attach puts its terminal in raw mode and relays stdin to COMMAND and
+ * COMMAND's output to stdout.  The first bytes it writes are a preamble,
+ *
+ *   ESC _ capsule-keeper;offset=S;dropped=D ESC \
+ *
+ * where S = min(max(OFFSET, first offset held), end) is the offset of the
+ * byte that follows and D = S - OFFSET the bytes lost if OFFSET was no longer
+ * held (else 0).  Terminal size changes (SIGWINCH) are passed on to the pty.
+ *
+ * The server has one attachment at a time: a new attach replaces the old one.
+ * Nobody attached, it reads the pty into the ring regardless (the oldest bytes
+ * go); attached, it never overwrites bytes not yet sent and stops reading the
+ * pty while 64 KiB are unsent, so a slow client slows COMMAND down instead of
+ * losing output.  When COMMAND has ended and its output is all sent, the
+ * attachment gets COMMAND's status.
+ *
+ * Both directions are framed: 1-byte type, 4-byte big-endian length, payload.
+ *   attach -> server:  'a' OFFSET(8) COLS(2) ROWS(2): first, once
+ *                      'i' bytes for COMMAND      'w' COLS(2) ROWS(2)
+ *   server -> attach:  'o' output bytes (the preamble is the first)
+ *                      'x' STATUS(4): COMMAND ended, everything was sent
+ *                      'k': another attach replaced this one
+ *
+ * With -r (relay), the attach does not touch its terminal: it sends 'a' with
+ * OFFSET and a 0x0 size, then copies its stdin to the server and the server's
+ * frames to its stdout, both verbatim, so that its caller speaks the framing
+ * itself (input 'i', size 'w'; output 'o', status 'x', 'k').  capsule runs it
+ * in an exec without a TTY: one pty (the server's) instead of two, and none of
+ * Docker's detach-key handling, which only applies to TTY streams.  A relay
+ * exits 253 when its stdin ends, 0 when the server closes, 255 on errors.
+ *
+ * Exit status of an attach: COMMAND's (128+N if killed by signal N) after
+ * all its output was written; 253 when its own terminal went away (stdin at
+ * EOF or hung up, stdout failing, SIGHUP; the server and COMMAND live on);
+ * 254 when replaced by another attach; 255 with a message on stderr when the
+ * server is gone or unreachable.
+ *
+ * Docker does not tell a TTY exec that its client went away (no EOF, no
+ * SIGHUP; the output is drained and dropped), so an attach whose connection
+ * was lost stays attached until the next attach replaces it.  If COMMAND ends
+ * meanwhile, that stale attach gets the status: so an ended session keeps
+ * answering attaches (the missing output, then the status) until nobody has
+ * been attached for LINGER_MS, and only then removes SOCKET and exits.
+ */
+#define _DEFAULT_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pty.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAXMSG 65536        /* largest frame payload */
+#define HIGH_WATER 65536    /* unsent bytes at which the pty is no longer read */
+#define MAX_INPUT (1 << 20) /* input waiting for the pty */
+#define QUIET_MS 250        /* COMMAND gone, pty still open: output ends after this quiet */
+#define DRAIN_MAX_MS 3000   /* ... or this long after COMMAND ended */
+#define LEAVE_MS 5000       /* time a replaced attach has to take its last bytes */
+#define DETACHED 253        /* exit status of an attach whose terminal went away */
+#ifndef LINGER_MS
+#define LINGER_MS 600000    /* an ended session waits this long for an attach */
+#endif
+
+typedef unsigned long long u64;
+
+static int sigfd[2] = {-1, -1}; /* self-pipe: handlers write the signal number */
+
+static void on_signal(int sig)
+{
+    int e = errno;
+    char c = (char)sig;
+    (void)!write(sigfd[1], &c, 1);
+    errno = e;
+}
+
+static void catch(int sig, void (*fn)(int))
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = fn;
+    sigemptyset(&sa.sa_mask);
+    sigaction(sig, &sa, NULL);
+}
+
+static void setfl(int fd, int cloexec, int nonblock)
+{
+    if (cloexec) fcntl(fd, F_SETFD, FD_CLOEXEC);
+    if (nonblock) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+static int make_sigpipe(void)
+{
+    if (pipe(sigfd) < 0) return -1;
+    for (int i = 0; i < 2; i++) setfl(sigfd[i], 1, 1);
+    return 0;
+}
+
+static long long now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000LL + t.tv_nsec / 1000000;
+}
+
+static u64 get_be(const unsigned char *p, int n)
+{
+    u64 v = 0;
+    while (n--) v = v << 8 | *p++;
+    return v;
+}
+
+static void put_be(unsigned char *p, u64 v, int n)
+{
+    while (n--) { p[n] = (unsigned char)v; v >>= 8; }
+}
+
+/* Writes a frame at p; returns its size. */
+static size_t frame(unsigned char *p, char type, const void *data, size_t len)
+{
+    p[0] = (unsigned char)type;
+    put_be(p + 1, len, 4);
+    if (len) memcpy(p + 5, data, len);
+    return 5 + len;
+}
+
+/* ---- server -------------------------------------------------------------- */
+
+struct conn {
+    int fd;           /* -1: none */
+    int hello;        /* its 'a' arrived: pos is valid */
+    int ending;       /* nothing more after out: close once it is sent */
+    u64 pos;          /* next offset to send */
+    long long leave;  /* a replaced one is closed at this time */
+    size_t olen, ooff, rlen;
+    unsigned char out[5 + MAXMSG + 16];
+    unsigned char in[5 + MAXMSG];
+};
+
+static struct conn conns[2], *cur = &conns[0], *old = &conns[1];
+static unsigned char *ring, *inbuf;
+static u64 cap, rstart, rend;  /* the ring holds offsets [rstart, rend) */
+static size_t inlen;
+static int mfd = -1, done, status;
+
+static void conn_close(struct conn *c)
+{
+    if (c->fd < 0) return;
+    close(c->fd);
+    c->fd = -1;
+    c->hello = c->ending = 0;
+    c->olen = c->ooff = c->rlen = 0;
+}
+
+static void set_size(u64 cols, u64 rows)
+{
+    struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+    if (cols && rows && mfd >= 0) ioctl(mfd, TIOCSWINSZ, &ws);
+}
+
+/* Queues the next frame for c; returns whether there was one. */
+static int fill(struct conn *c)
+{
+    if (!c->hello) return 0;
+    if (c->pos < rend) {
+        size_t at = c->pos % cap, n = rend - c->pos;
+        if (n > cap - at) n = cap - at;
+        if (n > MAXMSG) n = MAXMSG;
+        c->olen = frame(c->out, 'o', ring + at, n);
+        c->pos += n;
+    } else if (done) {
+        unsigned char st[4];
+        put_be(st, (u64)status, 4);
+        c->olen = frame(c->out, 'x', st, 4);
+        c->ending = 1;
+    } else {
+        return 0;
+    }
+    c->ooff = 0;
+    return 1;
+}
+
+/* Sends what c has to send until the socket is full. */
+static void pump(struct conn *c)
+{
+    while (c->fd >= 0) {
+        if (c->ooff == c->olen) {
+            c->olen = c->ooff = 0;
+            if (c->ending) { conn_close(c); return; }
+            if (!fill(c)) return;
+        }
+        ssize_t n = send(c->fd, c->out + c->ooff, c->olen - c->ooff, MSG_NOSIGNAL);
+        if (n > 0) c->ooff += (size_t)n;
+        else if (n < 0 && errno == EINTR) continue;
+        else if (n < 0 && errno == EAGAIN) return;
+        else { conn_close(c); return; }
+    }
+}
+
+/* Reads and handles what the attachment sent. */
+static void receive(struct conn *c)
+{
+    ssize_t n = read(c->fd, c->in + c->rlen, sizeof c->in - c->rlen);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
+    if (n <= 0) { conn_close(c); return; }
+    c->rlen += (size_t)n;
+    size_t off = 0;
+    while (c->rlen - off >= 5) {
+        unsigned char *p = c->in + off, *d = p + 5;
+        size_t len = get_be(p + 1, 4);
+        if (len > MAXMSG) { conn_close(c); return; }
+        if (c->rlen - off < 5 + len) break;
+        off += 5 + len;
+        if (p[0] == 'i' && mfd >= 0) {
+            memcpy(inbuf + inlen, d, len);  /* room: read only with MAXMSG free */
+            inlen += len;
+        } else if (p[0] == 'w' && len == 4) {
+            set_size(get_be(d, 2), get_be(d + 2, 2));
+        } else if (p[0] == 'a' && len == 12 && !c->hello) {
+            u64 want = get_be(d, 8), s = want < rstart ? rstart : want;
+            if (s > rend) s = rend;
+            char pre[128];
+            int k = snprintf(pre, sizeof pre, "\033_capsule-keeper;offset=%llu;dropped=%llu\033\\",
+                             s, want < rstart ? s - want : 0);
+            c->olen = frame(c->out, 'o', pre, (size_t)k);
+            c->ooff = 0;
+            c->pos = s;
+            c->hello = 1;
+            set_size(get_be(d + 8, 2), get_be(d + 10, 2));
+        }
+    }
+    memmove(c->in, c->in + off, c->rlen - off);
+    c->rlen -= off;
+}
+
+static void accept_one(int lfd, long long now)
+{
+    int fd = accept(lfd, NULL, NULL);
+    if (fd < 0) return;
+    setfl(fd, 1, 1);
+    conn_close(old);
+    if (cur->fd >= 0) {  /* replace it: it gets 'k' after what it was sent */
+        struct conn *t = old;
+        old = cur;
+        cur = t;
+        if (!old->ending) old->olen += frame(old->out + old->olen, 'k', NULL, 0);
+        old->ending = 1;
+        old->leave = now + LEAVE_MS;
+        pump(old);
+    }
+    cur->fd = fd;
+}
+
+_Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, struct winsize *ws)
+{
+    pid_t pid = forkpty(&mfd, NULL, NULL, ws->ws_col && ws->ws_row ? ws : NULL);
+    if (pid < 0) _exit(1);
+    if (pid == 0) {
+        signal(SIGPIPE, SIG_DFL);
+        signal(SIGHUP, SIG_DFL);
+        execvp(cmd[0], cmd);
+        fprintf(stderr, "capsule-keeper: %s: %s\n", cmd[0], strerror(errno));
+        _exit(127);
+    }
+    setfl(mfd, 1, 1);
+    int reaped = 0;
+    long long reaped_at = 0, last_out = 0, idle_since = -1;
+    for (;;) {
+        long long now = now_ms(), wake = -1;
+        int attached = cur->fd >= 0 && cur->hello;
+        u64 unsent = attached ? rend - cur->pos : 0;
+        int room = cur->fd >= 0 && !cur->ending && MAX_INPUT - inlen >= MAXMSG;
+        int want_pty = mfd >= 0 && (!attached || unsent < (cap < HIGH_WATER ? cap : HIGH_WATER));
+        long long quiet = (reaped_at > last_out ? reaped_at : last_out) + QUIET_MS;
+        if (quiet > reaped_at + DRAIN_MAX_MS) quiet = reaped_at + DRAIN_MAX_MS;
+
+        struct pollfd p[5] = {{sigfd[0], POLLIN, 0}, {lfd, POLLIN, 0}, {-1, 0, 0}, {-1, 0, 0}, {-1, 0, 0}};
+        if (mfd >= 0 && (want_pty || inlen)) {
+            p[2].fd = mfd;
+            p[2].events = (short)((want_pty ? POLLIN : 0) | (inlen ? POLLOUT : 0));
+        }
+        if (cur->fd >= 0) {
+            p[3].fd = room || cur->olen ? cur->fd : -1;
+            p[3].events = (short)((room ? POLLIN : 0) | (cur->olen ? POLLOUT : 0));
+        }
+        if (old->fd >= 0) {
+            p[4].fd = old->fd;
+            p[4].events = POLLOUT;
+            wake = old->leave;
+        }
+        if (reaped && mfd >= 0 && want_pty && (wake < 0 || quiet < wake)) wake = quiet;
+        if (done && idle_since >= 0 && (wake < 0 || idle_since + LINGER_MS < wake))
+            wake = idle_since + LINGER_MS;
+        int timeout = wake < 0 ? -1 : wake <= now ? 0 : wake - now > 60000 ? 60000 : (int)(wake - now);
+        if (poll(p, 5, timeout) < 0 && errno != EINTR) _exit(1);
+        now = now_ms();
+
+        char sigs[64];
+        int st, signalled = 0;
+        while (read(sigfd[0], sigs, sizeof sigs) > 0) signalled = 1;
+        if (signalled && !reaped && waitpid(pid, &st, WNOHANG) == pid) {
+            reaped = 1;
+            reaped_at = now;
+            status = WIFSIGNALED(st) ? 128 + WTERMSIG(st) : WEXITSTATUS(st);
+        }
+        if (p[2].revents & POLLOUT || (inlen && p[2].revents & (POLLHUP | POLLERR))) {
+            ssize_t n = write(mfd, inbuf, inlen);
+            if (n > 0) memmove(inbuf, inbuf + n, inlen -= (size_t)n);
+            else if (n < 0 && errno != EINTR && errno != EAGAIN) inlen = 0;
+        }
+        if (want_pty && p[2].revents & (POLLIN | POLLHUP | POLLERR)) {
+            size_t at = rend % cap, len = cap - at;
+            u64 free = attached ? cap - unsent : cap;  /* never overwrite unsent bytes */
+            if (len > free) len = free;
+            if (len > MAXMSG) len = MAXMSG;
+            ssize_t n = read(mfd, ring + at, len);
+            if (n > 0) {
+                rend += (u64)n;
+                if (rend - rstart > cap) rstart = rend - cap;
+                last_out = now;
+            } else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
+                close(mfd);  /* EIO: nothing has the pty open any more */
+                mfd = -1;
+            }
+        }
+        if (mfd >= 0 && want_pty && reaped && now >= quiet
+            && (!(p[2].revents & POLLIN) || now >= reaped_at + DRAIN_MAX_MS)) {
+            close(mfd);  /* COMMAND is gone; what it left behind is quiet */
+            mfd = -1;
+        }
+        if (mfd < 0) inlen = 0;
+        done = reaped && mfd < 0;
+        if (old->fd >= 0 && (p[4].revents || now >= old->leave)) {
+            pump(old);
+            if (now >= old->leave) conn_close(old);
+        }
+        if (room && p[3].revents & (POLLIN | POLLHUP | POLLERR)) receive(cur);
+        pump(cur);
+        if (p[1].revents & POLLIN) accept_one(lfd, now);
+
+        if (!done || cur->fd >= 0 || old->fd >= 0) idle_since = -1;
+        else if (idle_since < 0) idle_since = now;
+        else if (now - idle_since >= LINGER_MS) break;
+    }
+    struct stat sb;
+    if (stat(sock, &sb) == 0 && sb.st_ino == ino) unlink(sock);
+    _exit(0);
+}
+
+/* Starts a server listening on sock; lk is the start lock, held by the caller. */
+static int start_server(const char *sock, int lk, u64 bytes, char **cmd)
+{
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    struct winsize ws = {0};
+    struct stat sb;
+    strcpy(a.sun_path, sock);
+    ioctl(0, TIOCGWINSZ, &ws);
+    unlink(sock);  /* stale: nothing listens on it */
+    int l = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) < 0 || listen(l, 16) < 0 || stat(sock, &sb) < 0)
+        return -1;
+    setfl(l, 1, 1);
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        setsid();
+        pid = fork();
+        if (pid != 0) _exit(pid < 0);
+        close(lk);
+        int null = open("/dev/null", O_RDWR);
+        for (int fd = 0; fd < 3; fd++) dup2(null, fd);
+        if (null > 2) close(null);
+        cap = bytes;
+        ring = malloc(cap);
+        inbuf = malloc(MAX_INPUT);
+        if (!ring || !inbuf || make_sigpipe() < 0) _exit(1);
+        conns[0].fd = conns[1].fd = -1;
+        signal(SIGPIPE, SIG_IGN);
+        signal(SIGHUP, SIG_IGN);
+        catch(SIGCHLD, on_signal);
+        serve(l, sock, sb.st_ino, cmd, &ws);
+    }
+    close(l);
+    int st;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {}
+    return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
+}
+
+/* ---- attach -------------------------------------------------------------- */
+
+static struct termios saved;
+static int raw;
+
+_Noreturn static void leave(int code, const char *fmt, ...)
+{
+    if (raw) tcsetattr(0, TCSANOW, &saved);
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        fputs("capsule-keeper: ", stderr);
+        vfprintf(stderr, fmt, ap);
+        fputc('\n', stderr);
+        va_end(ap);
+    }
+    exit(code);
+}
+
+static int write_all(int fd, const unsigned char *p, size_t n)
+{
+    while (n) {
+        ssize_t k = write(fd, p, n);
+        if (k > 0) { p += k; n -= (size_t)k; continue; }
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0 && errno == EAGAIN) { struct pollfd w = {fd, POLLOUT, 0}; poll(&w, 1, -1); continue; }
+        return -1;
+    }
+    return 0;
+}
+
+_Noreturn static void attach(int fd, u64 offset)
+{
+    static unsigned char sbuf[4 * MAXMSG], rbuf[5 + MAXMSG], tmp[16384];
+    size_t slen = 0, rlen = 0;
+    struct winsize ws = {0};
+    int winch = 0;
+    if (make_sigpipe() < 0) leave(255, "pipe: %s", strerror(errno));
+    catch(SIGWINCH, on_signal);  /* before reading the size: no change is missed */
+    catch(SIGHUP, on_signal);
+    catch(SIGTERM, on_signal);
+    signal(SIGPIPE, SIG_IGN);
+    ioctl(0, TIOCGWINSZ, &ws);
+    if (isatty(0) && tcgetattr(0, &saved) == 0) {
+        struct termios t = saved;
+        cfmakeraw(&t);
+        raw = tcsetattr(0, TCSANOW, &t) == 0;
+    }
+    setfl(fd, 1, 1);
+    unsigned char hello[12];
+    put_be(hello, offset, 8);
+    put_be(hello + 8, ws.ws_col, 2);
+    put_be(hello + 10, ws.ws_row, 2);
+    slen = frame(sbuf, 'a', hello, 12);
+    for (;;) {
+        int room = sizeof sbuf - slen >= 5 + sizeof tmp + 16;
+        struct pollfd p[3] = {{sigfd[0], POLLIN, 0}, {room ? 0 : -1, POLLIN, 0},
+                              {fd, (short)(POLLIN | (slen ? POLLOUT : 0)), 0}};
+        if (poll(p, 3, -1) < 0 && errno != EINTR) leave(255, "poll: %s", strerror(errno));
+        char sigs[64];
+        ssize_t n = read(sigfd[0], sigs, sizeof sigs);
+        for (ssize_t i = 0; i < n; i++) {
+            if (sigs[i] == SIGWINCH) winch = 1;
+            else leave(sigs[i] == SIGTERM ? 128 + SIGTERM : DETACHED, NULL);
+        }
+        if (winch && sizeof sbuf - slen >= 9 && ioctl(0, TIOCGWINSZ, &ws) == 0) {
+            unsigned char d[4];
+            put_be(d, ws.ws_col, 2);
+            put_be(d + 2, ws.ws_row, 2);
+            slen += frame(sbuf + slen, 'w', d, 4);
+            winch = 0;
+        }
+        if (p[1].revents) {
+            n = read(0, tmp, sizeof tmp);
+            if (n > 0) slen += frame(sbuf + slen, 'i', tmp, (size_t)n);
+            else if (n == 0 || (errno != EINTR && errno != EAGAIN)) leave(DETACHED, NULL);
+        }
+        if (p[2].revents & (POLLIN | POLLHUP | POLLERR)) {
+            n = read(fd, rbuf + rlen, sizeof rbuf - rlen);
+            if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN))
+                leave(255, "the keeper server went away");
+            rlen += n > 0 ? (size_t)n : 0;
+            size_t off = 0;
+            while (rlen - off >= 5) {
+                unsigned char *f = rbuf + off;
+                size_t len = get_be(f + 1, 4);
+                if (len > MAXMSG) leave(255, "bad message from the keeper server");
+                if (rlen - off < 5 + len) break;
+                off += 5 + len;
+                if (f[0] == 'o' && write_all(1, f + 5, len) < 0) leave(DETACHED, NULL);
+                if (f[0] == 'x' && len == 4) leave((int)(get_be(f + 5, 4) & 255), NULL);
+                if (f[0] == 'k') leave(254, NULL);
+            }
+            memmove(rbuf, rbuf + off, rlen - off);
+            rlen -= off;
+        }
+        if (slen && p[2].revents & POLLOUT) {
+            n = send(fd, sbuf, slen, MSG_NOSIGNAL);
+            if (n > 0) memmove(sbuf, sbuf + n, slen -= (size_t)n);
+            else if (n < 0 && errno != EINTR && errno != EAGAIN) leave(255, "the keeper server went away");
+        }
+    }
+}
+
+/* ---- relay (-r) ---------------------------------------------------------- */
+
+_Noreturn static void relay(int fd, u64 offset)
+{
+    /* up: stdin -> server; down: server -> stdout.  Each stops being read
+     * while its buffer is full, so backpressure flows both ways. */
+    static unsigned char up[4 * MAXMSG], down[4 * MAXMSG];
+    size_t ulen, dlen = 0;
+    signal(SIGPIPE, SIG_IGN);
+    setfl(fd, 1, 1);
+    setfl(0, 1, 1);
+    setfl(1, 1, 1);
+    unsigned char hello[12] = {0};
+    put_be(hello, offset, 8);
+    ulen = frame(up, 'a', hello, 12);
+    for (;;) {
+        struct pollfd p[3] = {
+            {ulen < sizeof up ? 0 : -1, POLLIN, 0},
+            {fd, (short)((dlen < sizeof down ? POLLIN : 0) | (ulen ? POLLOUT : 0)), 0},
+            {dlen ? 1 : -1, POLLOUT, 0}};
+        if (poll(p, 3, -1) < 0) {
+            if (errno == EINTR) continue;
+            leave(255, "poll: %s", strerror(errno));
+        }
+        ssize_t n;
+        if (p[0].revents) {
+            n = read(0, up + ulen, sizeof up - ulen);
+            if (n > 0) ulen += (size_t)n;
+            else if (n == 0 || (errno != EINTR && errno != EAGAIN)) leave(DETACHED, NULL);
+        }
+        if (p[1].revents & (POLLIN | POLLHUP | POLLERR) && dlen < sizeof down) {
+            n = read(fd, down + dlen, sizeof down - dlen);
+            if (n > 0) dlen += (size_t)n;
+            else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
+                if (write_all(1, down, dlen) < 0) leave(DETACHED, NULL);
+                leave(0, NULL);
+            }
+        }
+        if (ulen && p[1].revents & POLLOUT) {
+            n = send(fd, up, ulen, MSG_NOSIGNAL);
+            if (n > 0) memmove(up, up + n, ulen -= (size_t)n);
+            else if (n < 0 && errno != EINTR && errno != EAGAIN) leave(255, "the keeper server went away");
+        }
+        if (dlen && p[2].revents) {
+            n = write(1, down, dlen);
+            if (n > 0) memmove(down, down + n, dlen -= (size_t)n);
+            else if (n < 0 && errno != EINTR && errno != EAGAIN) leave(DETACHED, NULL);
+        }
+    }
+}
+
+/* ---- main ---------------------------------------------------------------- */
+
+static int connect_to(const char *sock)
+{
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strcpy(a.sun_path, sock);
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (fd < 0) return -1;
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) return fd;
+    int e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+}
+
+static u64 number(const char *s)
+{
+    char *end;
+    errno = 0;
+    u64 v = strtoull(s, &end, 10);
+    if (!*s || *s == '-' || *end || errno) leave(255, "not a number: %s", s);
+    return v;
+}
+
+_Noreturn static void usage(void)
+{
+    leave(255, "usage: capsule-keeper [-r] [-b BYTES] [-o OFFSET] SOCKET -- COMMAND [ARG...]");
+}
+
+int main(int argc, char **argv)
+{
+    u64 bytes = 1 << 20, offset = 0;
+    int i = 1, relaying = 0;
+    for (; i + 1 < argc && argv[i][0] == '-' && strcmp(argv[i], "--"); i += 2) {
+        if (!strcmp(argv[i], "-r")) { relaying = 1; i--; }
+        else if (!strcmp(argv[i], "-b")) bytes = number(argv[i + 1]);
+        else if (!strcmp(argv[i], "-o")) offset = number(argv[i + 1]);
+        else usage();
+    }
+    if (argc - i < 3 || strcmp(argv[i + 1], "--")) usage();
+    const char *sock = argv[i];
+    char **cmd = argv + i + 2;
+    if (bytes < 1 || bytes > (1ULL << 32)) leave(255, "-b: BYTES must be 1 to 4294967296");
+    if (strlen(sock) >= sizeof ((struct sockaddr_un *)0)->sun_path) leave(255, "socket path too long: %s", sock);
+
+    int fd = connect_to(sock);
+    if (fd < 0 && (errno == ENOENT || errno == ECONNREFUSED)) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s", sock);
+        for (char *s = strchr(path + 1, '/'); s; s = strchr(s + 1, '/')) {
+            *s = 0;
+            mkdir(path, 0700);  /* SOCKET's directory, if missing */
+            *s = '/';
+        }
+        snprintf(path, sizeof path, "%s.lock", sock);
+        int lk = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        if (lk < 0) leave(255, "%s: %s", path, strerror(errno));
+        while (flock(lk, LOCK_EX) < 0 && errno == EINTR) {}
+        fd = connect_to(sock);  /* another one may have started it meanwhile */
+        if (fd < 0 && (errno == ENOENT || errno == ECONNREFUSED)) {
+            if (start_server(sock, lk, bytes, cmd) < 0)
+                leave(255, "cannot start a keeper on %s: %s", sock, strerror(errno));
+            fd = connect_to(sock);
+        }
+        close(lk);
+    }
+    if (fd < 0) leave(255, "cannot reach the keeper on %s: %s", sock, strerror(errno));
+    if (relaying) relay(fd, offset);
+    attach(fd, offset);
+}
