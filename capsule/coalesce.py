@@ -1,11 +1,12 @@
 """
 Coalescing small output chunks into fewer, larger frames.
 
-The first chunk after a quiet spell goes out at once, so a single keystroke's
-echo is never delayed; chunks that follow within C{delay} seconds of the last
-send are gathered and sent together when the delay is up, or as soon as
-C{limit} bytes are waiting.  A flood is thus sent as frames of up to
-C{limit} bytes, a few milliseconds apart.
+Output goes out at once until more than C{burst} bytes have been sent
+within C{delay} seconds: a keystroke's echo, or an interactive program's
+quick replies, are never held.  Past that the output is a flood, and what
+follows is gathered and sent when C{delay} is up, or as soon as C{limit}
+bytes are waiting: a flood goes out as frames of up to C{limit} bytes, a few
+milliseconds apart.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ from typing import Callable
 
 class Coalescer:
     def __init__(self, clock, emit: Callable[[bytes], None], delay: float = 0.002,
-                 limit: int = 256 * 1024) -> None:
+                 limit: int = 256 * 1024, burst: int = 16 * 1024) -> None:
         self._clock = clock
         self._emit = emit
         self.delay = delay
         self.limit = limit
+        self.burst = burst
         self._chunks: list[bytes] = []
         self._size = 0
         self._timer = None
-        self._last_send = float("-inf")
+        # Bytes sent since the current window of `delay` seconds opened.
+        self._window_start = float("-inf")
+        self._window_sent = 0
 
     @property
     def pending(self) -> int:
@@ -37,11 +41,20 @@ class Coalescer:
         if self._size >= self.limit:
             self.flush()
         elif self._timer is None:
-            quiet = self._clock.seconds() - self._last_send
-            if quiet >= self.delay:
+            now = self._clock.seconds()
+            elapsed = now - self._window_start
+            if elapsed >= self.delay:
+                self._window_start, self._window_sent = now, 0
+                self.flush()
+            elif self._window_sent + self._size <= self.burst:
                 self.flush()
             else:
-                self._timer = self._clock.callLater(self.delay - quiet, self.flush)
+                self._timer = self._clock.callLater(self.delay - elapsed, self._flush_window)
+
+    def _flush_window(self) -> None:
+        self._timer = None
+        self._window_start, self._window_sent = self._clock.seconds(), 0
+        self.flush()
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -53,7 +66,7 @@ class Coalescer:
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._size = 0
-        self._last_send = self._clock.seconds()
+        self._window_sent += len(data)
         self._emit(data)
 
     def discard(self) -> None:

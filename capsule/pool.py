@@ -62,6 +62,8 @@ class WarmPool:
     def take(self) -> WarmContainer | None:
         """
         A started container for a new session, or C{None} if none is ready.
+        The caller calls L{refill} once the session's shell runs, so that
+        making the replacement does not compete with starting that shell.
         """
         now = self._clock.seconds()
         found = None
@@ -71,7 +73,6 @@ class WarmPool:
                 self.discard(warm, "it is too old")
             else:
                 found = warm
-        self.refill()
         return found
 
     def discard(self, warm: WarmContainer, why: str) -> Deferred:
