@@ -22,7 +22,7 @@ def expired_sessions(sessions: Iterable[Session], now: float, grace: float) -> l
     """
     return [
         s for s in sessions
-        if s.phase is Phase.RUNNING and s.client is None
+        if s.phase in (Phase.RUNNING, Phase.RECOVERED) and s.client is None
         and s.detached_at is not None and now - s.detached_at >= grace
     ]
 

@@ -43,6 +43,8 @@ DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 # How long to wait for Docker to report an exec's exit code after its stream
 # closed (the code can lag behind the end of the stream).
 EXIT_CODE_WAIT = 2.0
+# Docker's detach keys for execs with a TTY: made unlikely to be typed.
+DETACH_KEYS = "ctrl-],ctrl-@,ctrl-],ctrl-@"
 EXIT_CODE_POLL = 0.05
 
 
@@ -272,17 +274,23 @@ class DockerAPI:
         return self._call(_thd)
 
     def spawn_exec(self, process_protocol, container_id: str, argv, user: str,
-                   workdir: str, env: dict[str, str], size: tuple[int, int]) -> Deferred:
-        return Deferred.fromCoroutine(
-            self._spawn_exec(process_protocol, container_id, argv, user, workdir, env, size)
-        )
+                   workdir: str, env: dict[str, str], size: tuple[int, int] | None,
+                   tty: bool = True) -> Deferred:
+        return Deferred.fromCoroutine(self._spawn_exec(
+            process_protocol, container_id, argv, user, workdir, env, size, tty))
 
-    async def _spawn_exec(self, process_protocol, container_id, argv, user, workdir, env, size):
+    async def _spawn_exec(self, process_protocol, container_id, argv, user, workdir, env,
+                          size, tty):
         def _thd_create(client):
             try:
                 created = client.exec_create(
-                    container_id, list(argv), stdin=True, tty=True, user=user,
+                    container_id, list(argv), stdin=True, tty=tty, user=user,
                     workdir=workdir, environment=dict(env),
+                    # Docker holds back input that starts its detach keys
+                    # (ctrl-p, ctrl-q by default: a bare ctrl-p, bash's
+                    # previous-history, would wait for the next key). Make
+                    # them a sequence no one types.
+                    detach_keys=DETACH_KEYS,
                 )
             except docker.errors.NotFound:
                 raise ContainerGone("the session's container no longer exists") from None
@@ -297,10 +305,11 @@ class DockerAPI:
         exec_id, api_version = await self._call(_thd_create)
         stream = ExecStreamProtocol(
             exec_id,
-            exec_start_request(api_version, exec_id),
+            exec_start_request(api_version, exec_id, tty),
             process_protocol,
             on_closed=self._exec_stream_closed,
             resize=self.exec_resize,
+            tty=tty,
         )
         try:
             await connectProtocol(self._endpoint, stream)
@@ -308,8 +317,9 @@ class DockerAPI:
             raise self._unavailable(e) from None
         stream.upgraded.addTimeout(self._timeout, self._reactor)
         await stream.upgraded
-        cols, rows = size
-        stream.resize(cols, rows)
+        if tty and size is not None:
+            cols, rows = size
+            stream.resize(cols, rows)
         return stream
 
     def _exec_stream_closed(self, stream: ExecStreamProtocol, reason: Failure) -> None:

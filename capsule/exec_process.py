@@ -13,6 +13,7 @@ the stream is not multiplexed: it is the terminal's bytes as they are.
 from __future__ import annotations
 
 import json
+import struct
 from typing import Callable
 
 from twisted.internet.defer import Deferred
@@ -31,8 +32,32 @@ _log = Logger()
 _MAX_HEADER = 64 * 1024
 
 
-def exec_start_request(api_version: str, exec_id: str) -> bytes:
-    body = json.dumps({"Detach": False, "Tty": True}).encode("ascii")
+class Demultiplexer:
+    """
+    Splits the stream of an exec without a TTY, where Docker wraps each
+    piece of output in an 8-byte header (stream number, 3 zero bytes, 4-byte
+    big-endian length), into C{(fd, payload)} pieces.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._buffer += data
+        pieces, at = [], 0
+        buffer = self._buffer
+        while len(buffer) - at >= 8:
+            (length,) = struct.unpack_from(">I", buffer, at + 4)
+            if len(buffer) - at < 8 + length:
+                break
+            pieces.append((buffer[at], bytes(buffer[at + 8 : at + 8 + length])))
+            at += 8 + length
+        del buffer[:at]
+        return pieces
+
+
+def exec_start_request(api_version: str, exec_id: str, tty: bool = True) -> bytes:
+    body = json.dumps({"Detach": False, "Tty": tty}).encode("ascii")
     return (
         f"POST /v{api_version}/exec/{exec_id}/start HTTP/1.1\r\n"
         "Host: docker\r\n"
@@ -65,8 +90,11 @@ class ExecStreamProtocol(Protocol):
         process_protocol,
         on_closed: Callable[["ExecStreamProtocol", Failure], None],
         resize: Callable[[str, int, int], Deferred],
+        tty: bool = True,
     ) -> None:
         self.exec_id = exec_id
+        # Without a TTY, Docker multiplexes stdout and stderr.
+        self._demux = None if tty else Demultiplexer()
         self.pid = None
         self.process_protocol = process_protocol
         self.upgraded: Deferred = Deferred()
@@ -88,7 +116,7 @@ class ExecStreamProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._phase == "stream":
-            self.process_protocol.childDataReceived(1, data)
+            self._deliver(data)
             return
         self._header += data
         if self._phase == "refused":
@@ -122,7 +150,14 @@ class ExecStreamProtocol(Protocol):
         upgraded, self.upgraded = self.upgraded, None
         upgraded.callback(self)
         if rest and not self._closed:
-            self.process_protocol.childDataReceived(1, rest)
+            self._deliver(rest)
+
+    def _deliver(self, data: bytes) -> None:
+        if self._demux is None:
+            self.process_protocol.childDataReceived(1, data)
+            return
+        for fd, payload in self._demux.feed(data):
+            self.process_protocol.childDataReceived(fd, payload)
 
     def _check_refusal_complete(self) -> None:
         body = self._header

@@ -135,6 +135,12 @@ class ISessionClient(Interface):
         not known); C{message} says what happened.
         """
 
+    def session_interrupted(message):
+        """
+        The server is stopping but the session lives on: the client should
+        reconnect to resume it.
+        """
+
     def session_taken_over():
         """
         Another client attached to this session; this one is let go.

@@ -54,6 +54,15 @@ class ReplayBuffer:
                 self._chunks[0] = oldest[excess:]
                 self._held -= excess
 
+    def restart_at(self, offset: int) -> None:
+        """
+        Forget what is held: the output continues at C{offset} (the offsets
+        of a stream picked up again after a restart).
+        """
+        self._chunks.clear()
+        self._held = 0
+        self.end = offset
+
     def since(self, offset: int) -> tuple[bytes, int]:
         """
         Everything held after C{offset}.

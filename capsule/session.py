@@ -1,8 +1,10 @@
 """
 Sessions: one container and one shell in it, outliving any one client.
 
-A session is in one of three phases: C{STARTING} (its container and shell
-are being made), C{RUNNING}, and C{ENDED}.  Independently of the phase, at
+A session is in one of four phases: C{STARTING} (its container and shell
+are being made, or its shell is being attached to again), C{RUNNING},
+C{RECOVERED} (found again after capsule restarted: its container and shell
+run, and it waits for its client to come back) and C{ENDED}.  Independently of the phase, at
 most one client is attached to it; while none is, its output keeps flowing
 into its replay buffer and the time it was left is remembered, so that the
 cleanup loop can expire it after the grace period.
@@ -15,10 +17,12 @@ from the clock it is given.
 from __future__ import annotations
 
 import enum
+import struct
 import uuid
 from dataclasses import dataclass, field, replace
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ProcessProtocol
@@ -27,6 +31,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .docker_api import ContainerSpec
+from .interfaces import IExecProcess
+from .keeper import (DEFAULT_SOCKET, FrameReader, PreambleReader, encode_input, encode_window,
+                     keeper_argv)
 from .errors import CapsuleError, ContainerGone, SessionNotFound
 from .pool import WarmPool
 from .protocol import ProtocolError
@@ -42,6 +49,7 @@ LABEL_SESSION = "io.capsule.session"
 class Phase(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
+    RECOVERED = "recovered"
     ENDED = "ended"
 
 
@@ -61,6 +69,9 @@ class SessionConfig:
     max_pending_input: int = 64 * 1024
     pool_size: int = 0
     pool_max_age: float = 3600.0
+    # Run the shell under capsule-keeper, so that it outlives capsule.
+    keeper: bool = True
+    keeper_socket: str = DEFAULT_SOCKET
 
 
 @dataclass(eq=False)
@@ -82,6 +93,10 @@ class Session:
     sent_offset: int = 0
     # Whether the container came from the warm pool.
     warm: bool = False
+    # While a recovered session's shell is being attached to again, and the
+    # offset its client asked for (None: from what the keeper holds).
+    reattaching: bool = False
+    resume_from: int | None = None
     pending_input: list[bytes] = field(default_factory=list)
 
     @property
@@ -89,26 +104,91 @@ class Session:
         return self.client is not None
 
 
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 class _ShellProtocol(ProcessProtocol):
     """
-    Feeds what the shell's exec does into the manager.
+    Feeds what the shell's exec does into the manager.  Under the keeper,
+    the exec's stdout carries the keeper's frames (output, whose first piece
+    is the preamble; the exit status) and its stderr any error the keeper or
+    Docker reports.
     """
 
-    def __init__(self, manager: "SessionManager", session: Session) -> None:
+    def __init__(self, manager: "SessionManager", session: Session, keeper: bool) -> None:
         self._manager = manager
         self._session = session
+        self._frames = FrameReader() if keeper else None
+        self._preamble = PreambleReader() if keeper else None
+        self.exit_status: int | None = None
+        self.stderr = b""
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         # An error in passing output on (a client's fault) must not break the
         # connection to the shell: log it and keep the shell.
         try:
-            self._manager._output(self._session, data)
+            if self._frames is None:
+                self._manager._output(self._session, data)
+            elif childFD == 2:
+                self.stderr = (self.stderr + data)[-2000:]
+            else:
+                for kind, payload in self._frames.feed(data):
+                    if kind == b"o":
+                        self._output(payload)
+                    elif kind == b"x" and len(payload) == 4:
+                        self.exit_status = struct.unpack(">I", payload)[0]
         except Exception:
-            _log.failure("passing output of session {session_id} on failed",
+            _log.failure("handling output of session {session_id} failed",
                          session_id=self._session.id)
 
+    def _output(self, data: bytes) -> None:
+        if not self._preamble.done:
+            preamble, data = self._preamble.feed(data)
+            if preamble is not None:
+                self._manager._stream_started(self._session, preamble.offset,
+                                              preamble.dropped)
+            elif self._preamble.missing:
+                self._manager._stream_started(self._session, 0, 0)
+            if not data:
+                return
+        self._manager._output(self._session, data)
+
     def processEnded(self, reason: Failure) -> None:
-        self._manager._process_ended(self._session, reason)
+        self._manager._process_ended(self._session, reason, self)
+
+
+@implementer(IExecProcess, IPushProducer)
+class KeeperProcess:
+    """
+    The shell under capsule-keeper, through a relay exec: input and terminal
+    sizes go to the keeper as its frames; the rest is the exec's.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.exec_id = stream.exec_id
+
+    def write(self, data: bytes) -> None:
+        self._stream.write(encode_input(data))
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._stream.write(encode_window(cols, rows))
+
+    def loseConnection(self) -> None:
+        self._stream.loseConnection()
+
+    def pauseProducing(self) -> None:
+        self._stream.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._stream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._stream.stopProducing()
 
 
 @implementer(IPushProducer)
@@ -147,6 +227,7 @@ class SessionManager:
         self._clock = clock
         self.config = config
         self.sessions: dict[str, Session] = {}
+        self._stopping = False
         self.pool = WarmPool(docker, clock, config.pool_size, self._container_spec,
                              max_age=config.pool_max_age)
 
@@ -209,6 +290,12 @@ class SessionManager:
             _log.info("session {session_id} reconnected", session_id=session_id)
         if session.phase is Phase.RUNNING:
             self._announce(session, resumed=True, offset=offset)
+        elif session.phase is Phase.RECOVERED:
+            session.phase = Phase.STARTING
+            session.reattaching = True
+            session.resume_from = offset
+            d = Deferred.fromCoroutine(self._reattach(session, 0 if offset is None else offset))
+            d.addErrback(self._reattach_failed, session)
         return session
 
     def detach(self, session: Session, client) -> None:
@@ -229,6 +316,25 @@ class SessionManager:
         if session.announced:
             _log.info("client left session {session_id}; it is kept for {grace:g} s",
                       session_id=session.id, grace=self.config.grace)
+
+    async def _spawn_shell(self, session: Session, offset: int):
+        """
+        Start (or, under the keeper, attach to) the session's shell.
+        """
+        spec = self.config.spec
+        protocol = _ShellProtocol(self, session, self.config.keeper)
+        if not self.config.keeper:
+            return await self._docker.spawn_exec(
+                protocol, session.container_id, list(self.config.shell), spec.user,
+                spec.workdir, spec.environment, session.size)
+        argv = keeper_argv(self.config.shell, offset, self.config.replay_bytes,
+                           self.config.keeper_socket)
+        stream = await self._docker.spawn_exec(
+            protocol, session.container_id, argv, spec.user, spec.workdir,
+            spec.environment, None, tty=False)
+        process = KeeperProcess(stream)
+        process.resize(*session.size)
+        return process
 
     def write(self, session: Session, data: bytes) -> None:
         if session.phase is Phase.RUNNING:
@@ -265,9 +371,7 @@ class SessionManager:
                 await self._remove_container(session)
                 return
             try:
-                session.process = await self._docker.spawn_exec(
-                    _ShellProtocol(self, session), session.container_id, self.config.shell,
-                    spec.user, spec.workdir, spec.environment, session.size)
+                session.process = await self._spawn_shell(session, 0)
             except ContainerGone as e:
                 if not session.warm:
                     raise
@@ -288,6 +392,7 @@ class SessionManager:
             _log.info("session {session_id} started in {ms:.0f} ms, but its client had"
                       " left: removing it", session_id=session.id, ms=elapsed_ms)
             await self._end(session, None, "the client left before the session started")
+            self.pool.refill()
             return
         _log.info("session {session_id} started in {ms:.0f} ms ({how}, container {container})",
                   session_id=session.id, ms=elapsed_ms, how="warm" if session.warm else "cold",
@@ -296,8 +401,68 @@ class SessionManager:
         for data in pending:
             session.process.write(data)
         self._announce(session, resumed=False)
+        self.pool.refill()
+
+    async def _reattach(self, session: Session, offset: int) -> None:
+        """
+        Attach to the keeper of a session found again after a restart; the
+        client is told once the keeper says where its output resumes.
+        """
+        try:
+            process = await self._spawn_shell(session, offset)
+        except ContainerGone:
+            await self._end(session, None, "the session's container is gone: it stopped"
+                                           " while capsule was down")
+            return
+        if session.phase is Phase.ENDED:
+            process.loseConnection()
+            return
+        session.process = process
+        _log.info("session {session_id} attached to again after a restart",
+                  session_id=session.id)
+
+    def _reattach_failed(self, failure: Failure, session: Session) -> None:
+        message = failure.value.message if failure.check(CapsuleError) else failure.getErrorMessage()
+        code = failure.value.code if failure.check(CapsuleError) else "start_failed"
+        _log.error("session {session_id} could not be attached to again: {message}",
+                   session_id=session.id, message=message)
+        if session.phase is Phase.ENDED:
+            return
+        # It stays recoverable: the client may try again (Docker may be back).
+        session.phase = Phase.RECOVERED
+        session.reattaching = False
+        client, session.client = session.client, None
+        session.detached_at = self._clock.seconds()
+        if client is not None:
+            client.session_failed(message, code)
+
+    def _stream_started(self, session: Session, offset: int, dropped: int) -> None:
+        """
+        The keeper said the output that follows begins at C{offset}.
+        """
+        if session.replay.end != offset:
+            session.replay.restart_at(offset)
+        if not session.reattaching or session.phase is not Phase.STARTING:
+            return
+        # A recovered session: its client learns where the output resumes.
+        wanted, session.resume_from = session.resume_from, None
+        session.reattaching = False
+        session.phase = Phase.RUNNING
+        client = session.client
+        if client is None:
+            session.detached_at = self._clock.seconds()
+            return
+        client.session_started(session, True, offset)
+        if session.client is not client:
+            return
+        client.pause_output_producer(_OutputThrottle(session))
+        if dropped:
+            client.session_dropped(dropped, offset)
+        elif wanted is not None and wanted > offset:
+            client.session_output(b"\r\n[capsule: the session's shell was restarted]\r\n")
 
     def _start_failed(self, failure: Failure, session: Session) -> None:
+        self.pool.refill()
         if failure.check(CapsuleError):
             message, code = failure.value.message, failure.value.code
             _log.error("session {session_id} failed to start: {message}",
@@ -340,15 +505,31 @@ class SessionManager:
         if session.client is not None and session.announced and session.phase is Phase.RUNNING:
             session.client.session_output(data)
 
-    def _process_ended(self, session: Session, reason: Failure) -> None:
-        if session.phase is not Phase.RUNNING:
+    def _process_ended(self, session: Session, reason: Failure, shell: _ShellProtocol) -> None:
+        if session.phase is not Phase.RUNNING or self._stopping:
             return
-        d = Deferred.fromCoroutine(self._shell_ended(session, reason))
+        d = Deferred.fromCoroutine(self._shell_ended(session, reason, shell))
         d.addErrback(lambda f: _log.failure("ending session {session_id} failed", f,
                                             session_id=session.id))
 
-    async def _shell_ended(self, session: Session, reason: Failure) -> None:
+    async def _shell_ended(self, session: Session, reason: Failure, shell: _ShellProtocol) -> None:
         code = 0 if reason.check(ProcessDone) else getattr(reason.value, "exitCode", None)
+        stderr = shell.stderr.decode("utf-8", "replace").strip()
+        if self.config.keeper:
+            if shell.exit_status is not None:
+                code = shell.exit_status
+            elif "capsule-keeper" in stderr and ("not found" in stderr or "no such" in stderr.lower()):
+                await self._end(session, None, (
+                    f"the image {self.config.spec.image} has no capsule-keeper: build it from"
+                    " capsule's docker/Dockerfile, or start capsule with --no-keeper"))
+                return
+            else:
+                # The relay ended without the shell's status: find out why.
+                message = await self._why_gone(session)
+                if stderr:
+                    message = f"{message}: {stderr.splitlines()[-1]}"
+                await self._end(session, None, message)
+                return
         if code == 137:
             message = ("the shell was killed (signal 9; most often it ran out of memory"
                        f" under the {self.config.spec.memory} limit)")
@@ -359,10 +540,15 @@ class SessionManager:
         await self._end(session, code, message)
 
     async def _why_gone(self, session: Session) -> str:
-        try:
-            state = await self._docker.container_state(session.container_id)
-        except CapsuleError as e:
-            return f"the connection to the shell was lost ({e.message})"
+        # A container being killed may still say it runs for a moment.
+        for attempt in range(6):
+            try:
+                state = await self._docker.container_state(session.container_id)
+            except CapsuleError as e:
+                return f"the connection to the shell was lost ({e.message})"
+            if state is None or not state.get("Running") or attempt == 5:
+                break
+            await deferLater(self._clock, 0.2, lambda: None)
         if state is None:
             return "the session's container was removed"
         if state.get("OOMKilled"):
@@ -413,15 +599,69 @@ class SessionManager:
 
     def shutdown(self) -> Deferred:
         """
-        End every session and remove its container: the server is stopping.
+        The server is stopping.  With the keeper, sessions live on in their
+        containers: clients are told to come back, connections to the shells
+        are closed, and only sessions still being made are removed.  Without
+        it, every session ends and its container is removed.
         """
+        self._stopping = self.config.keeper
         sessions = list(self.sessions.values())
-        if sessions:
-            _log.info("shutting down: removing {count} session container(s)",
-                      count=len(sessions))
-        ends = [Deferred.fromCoroutine(self._end(s, None, "the capsule server shut down"))
-                for s in sessions]
+        ends = []
+        kept = 0
+        for session in sessions:
+            if self.config.keeper and session.announced:
+                kept += 1
+                client, session.client = session.client, None
+                try:
+                    if client is not None:
+                        client.pause_output_producer(None)
+                        client.session_interrupted("capsule is restarting: reconnect to resume")
+                    if session.process is not None:
+                        session.process.loseConnection()
+                except Exception:
+                    _log.failure("letting session {session_id} go failed",
+                                 session_id=session.id)
+            else:
+                ends.append(Deferred.fromCoroutine(
+                    self._end(session, None, "the capsule server shut down")))
+        if kept:
+            _log.info("shutting down: {count} session(s) keep running in their containers"
+                      " and can be resumed after a restart", count=kept)
+        if ends:
+            _log.info("shutting down: removing {count} session container(s)", count=len(ends))
         return DeferredList([self.pool.stop(), *ends], consumeErrors=True)
+
+    async def recover(self) -> int:
+        """
+        At start-up: find the sessions of an earlier run whose containers
+        still run (with the keeper, their shells do too) and keep them for
+        the grace period, waiting for their clients; remove every other
+        container of this server.
+        """
+        found = await self._docker.list_containers(self.labels)
+        now = self._clock.seconds()
+        recovered, stale = [], []
+        for container in found:
+            session_id = container["labels"].get(LABEL_SESSION)
+            if (self.config.keeper and container["state"] == "running" and session_id
+                    and session_id not in self.sessions and _is_uuid(session_id)):
+                self.sessions[session_id] = Session(
+                    id=session_id, size=(80, 24), replay=ReplayBuffer(self.config.replay_bytes),
+                    created_at=now, phase=Phase.RECOVERED, detached_at=now,
+                    container_id=container["id"], announced=True)
+                recovered.append(session_id)
+            elif session_id not in self.sessions:
+                stale.append(container)
+        for container in stale:
+            await self._docker.remove_container(container["id"])
+        if recovered:
+            _log.info("found {count} session(s) of an earlier run; each waits {grace:g} s"
+                      " for its client: {ids}", count=len(recovered), grace=self.config.grace,
+                      ids=", ".join(recovered))
+        if stale:
+            _log.info("removed {count} leftover container(s) of an earlier run: {names}",
+                      count=len(stale), names=", ".join(c["name"] for c in stale))
+        return len(recovered)
 
     async def remove_leftovers(self, why: str = "left by an earlier run") -> int:
         """

@@ -92,6 +92,12 @@ class Options(usage.Options):
         ["export-threads", None, 4, "Threads for workspace exports.", _positive(int)],
     ]
 
+    optFlags = [
+        ["no-keeper", None,
+         "Run the shell directly instead of under capsule-keeper: sessions then end"
+         " when capsule stops (for images without capsule-keeper)."],
+    ]
+
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
@@ -133,15 +139,16 @@ class CapsuleService(MultiService):
     listeners close first, then the sessions end, then the pools stop.
     """
 
-    def __init__(self, docker: DockerAPI, manager: SessionManager) -> None:
+    def __init__(self, docker: DockerAPI, manager: SessionManager, websocket_factory=None) -> None:
         super().__init__()
         self.docker = docker
         self.manager = manager
+        self.websocket_factory = websocket_factory
 
     def startService(self) -> None:
         self.docker.start()
         super().startService()
-        d = Deferred.fromCoroutine(self.manager.remove_leftovers())
+        d = Deferred.fromCoroutine(self.manager.recover())
         d.addErrback(self._leftovers_failed)
         # Fill the warm pool only once the leftovers are gone.
         d.addBoth(lambda _: self.manager.pool.start())
@@ -149,17 +156,24 @@ class CapsuleService(MultiService):
     @staticmethod
     def _leftovers_failed(failure) -> None:
         if failure.check(CapsuleError):
-            _log.warn("could not look for leftover containers: {message}",
+            _log.warn("could not look for the containers of an earlier run: {message}",
                       message=failure.value.message)
         else:
-            _log.failure("could not look for leftover containers", failure)
+            _log.failure("could not look for the containers of an earlier run", failure)
 
     def stopService(self) -> Deferred:
-        return Deferred.fromCoroutine(self._stop())
+        d = Deferred.fromCoroutine(self._stop())
+        # The reactor drops errors of shutdown triggers without a word.
+        d.addErrback(lambda f: _log.failure("stopping capsule failed", f))
+        return d
 
     async def _stop(self) -> None:
         await super().stopService()
         await self.manager.shutdown()
+        if self.websocket_factory is not None:
+            # Let the clients' close handshakes finish (they were told to
+            # come back), but not for long.
+            await self.websocket_factory.wait_closed(3.0)
         self.docker.stop()
 
 
@@ -173,8 +187,8 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
     manager = SessionManager(docker, reactor, SessionConfig(
         spec=spec, instance=config["instance"], grace=config["grace"],
         shell=tuple(shlex.split(config["shell"])), replay_bytes=config["replay-buffer"],
-        pool_size=config["pool-size"], pool_max_age=config["pool-max-age"]))
-    service = CapsuleService(docker, manager)
+        pool_size=config["pool-size"], pool_max_age=config["pool-max-age"],
+        keeper=not config["no-keeper"]))
     site = make_site(manager, docker, reactor, config["www"],
                      max_message_size=config["max-message-size"],
                      allowed_origins=tuple(config["allowed-origin"]),
@@ -182,6 +196,7 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
                      ping_timeout=config["ping-timeout"],
                      flow_window=config["flow-window"],
                      coalesce_delay=config["coalesce-ms"] / 1000)
+    service = CapsuleService(docker, manager, site.websocket_factory)
     for description in config["listen"]:
         strports.service(description, site).setServiceParent(service)
     CleanupService(manager, reactor, config["cleanup-interval"],

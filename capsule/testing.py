@@ -5,6 +5,8 @@ that records what a session tells it.
 
 from __future__ import annotations
 
+import struct
+
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
@@ -12,25 +14,45 @@ from zope.interface import implementer
 
 from .errors import ContainerGone, DockerUnavailable, ImageMissing
 from .interfaces import IDockerAPI, IExecProcess, ISessionClient
+from .keeper import FrameReader
 
 
 @implementer(IExecProcess)
 class FakeExecProcess:
-    def __init__(self, process_protocol, container_id: str, argv, size) -> None:
+    """
+    An exec.  With C{keeper}, it behaves as capsule-keeper's relay: output
+    goes out in C{o} frames, the exit status in an C{x} frame, and the
+    C{i}/C{w} frames written to it are decoded into C{written} and
+    C{resizes}.
+    """
+
+    def __init__(self, process_protocol, container_id: str, argv, size,
+                 keeper: bool = False) -> None:
         self.exec_id = f"exec-{container_id}"
         self.process_protocol = process_protocol
         self.argv = tuple(argv)
         self.size = size
+        self.keeper = keeper
         self.written: list[bytes] = []
         self.resizes: list[tuple[int, int]] = []
         self.paused = False
         self.connected = True
+        self._frames = FrameReader()
 
     def emit(self, data: bytes) -> None:
+        if self.keeper:
+            data = b"o" + struct.pack(">I", len(data)) + data
         self.process_protocol.childDataReceived(1, data)
 
     def exit(self, code: int | None) -> None:
+        """
+        The shell ended with C{code}; C{None}: the exec died without a word
+        (its container was killed).
+        """
         self.connected = False
+        if self.keeper and code is not None:
+            self.process_protocol.childDataReceived(1, b"x" + struct.pack(">II", 4, code))
+            code = 0
         if code == 0:
             reason = Failure(ProcessDone(0))
         else:
@@ -38,7 +60,14 @@ class FakeExecProcess:
         self.process_protocol.processEnded(reason)
 
     def write(self, data: bytes) -> None:
-        self.written.append(data)
+        if not self.keeper:
+            self.written.append(data)
+            return
+        for kind, payload in self._frames.feed(data):
+            if kind == b"i":
+                self.written.append(payload)
+            elif kind == b"w":
+                self.resizes.append(struct.unpack(">HH", payload))
 
     def resize(self, cols: int, rows: int) -> None:
         self.resizes.append((cols, rows))
@@ -73,6 +102,8 @@ class FakeDockerAPI:
         self.reachable = True
         self.hold_create = False
         self._held: list[tuple[Deferred, str]] = []
+        # Per container: the (first held, end) output offsets its keeper reports.
+        self.keeper_output: dict[str, tuple[int, int]] = {}
         self._next = 0
 
     def _check(self):
@@ -138,12 +169,21 @@ class FakeDockerAPI:
                                                "OOMKilled": c.get("oom", False),
                                                "ExitCode": c.get("exit_code", 0)})
 
-    def spawn_exec(self, process_protocol, container_id, argv, user, workdir, env, size):
+    def spawn_exec(self, process_protocol, container_id, argv, user, workdir, env, size,
+                   tty=True):
         if container_id not in self.containers:
             return fail(ContainerGone("the session's container no longer exists"))
-        process = FakeExecProcess(process_protocol, container_id, argv, size)
+        keeper = argv[0] == "capsule-keeper"
+        process = FakeExecProcess(process_protocol, container_id, argv, size, keeper)
         self.processes.append(process)
         process_protocol.makeConnection(process)
+        if keeper:
+            # As the keeper does: say where the output resumes.
+            wanted = int(argv[argv.index("-o") + 1])
+            held_from, end = self.keeper_output.get(container_id, (0, 0))
+            start = min(max(wanted, held_from), end)
+            dropped = start - wanted if wanted < held_from else 0
+            process.emit(f"\x1b_capsule-keeper;offset={start};dropped={dropped}\x1b\\".encode())
         return succeed(process)
 
     def export_workspace(self, container_id, path, write):
@@ -187,6 +227,9 @@ class RecordingClient:
 
     def session_taken_over(self):
         self.events.append(("taken_over",))
+
+    def session_interrupted(self, message):
+        self.events.append(("interrupted", message))
 
     def pause_output_producer(self, producer):
         self.producer = producer

@@ -130,4 +130,5 @@ def make_site(manager: SessionManager, docker, reactor, www: str, **websocket_op
     root.putChild(b"api", api)
     site = Site(root)
     site.displayTracebacks = False
+    site.websocket_factory = factory
     return site

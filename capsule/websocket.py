@@ -10,7 +10,8 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -24,6 +25,9 @@ from .session import SessionManager
 _log = Logger()
 
 # Close codes (4000-4999 are the application's); README documents them.
+# The server restarts; the session lives on: reconnect (1001 itself cannot be
+# sent by an application through Autobahn).
+CLOSE_RESTARTING = 4001
 CLOSE_INVALID_SESSION = 4400
 CLOSE_SESSION_NOT_FOUND = 4404
 CLOSE_TAKEN_OVER = 4409
@@ -122,10 +126,16 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         return wire.BINARY_SUBPROTOCOL if self._binary else None
 
     def onOpen(self) -> None:
+        self.factory.connections.add(self)
         # The HTTP channel that carried the upgrade is still registered as
         # the transport's producer: let it go, so the session can register.
         if getattr(self.transport, "producer", None) is not None:
             self.transport.unregisterProducer()
+        # Autobahn's own attempt at this fails silently (its options are not
+        # set yet when it tries): without it, Nagle holds small frames such
+        # as keystroke echoes back for up to 40 ms behind an unacked frame.
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
         if self._requested_session is None:
             self._phase = "awaiting_resize"
             return
@@ -154,6 +164,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                                          "internal_error"))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.connection_closed(self)
         session, self._session = self._session, None
         self._phase = "done"
         if self._coalescer is not None:
@@ -261,6 +272,12 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._send(wire.encode_exit(exit_code, message))
         self._close(1000, message)
 
+    def session_interrupted(self, message: str) -> None:
+        self._session = None
+        self._flush()
+        self._send(wire.encode_error(message, "restarting"))
+        self._close(CLOSE_RESTARTING, message)
+
     def session_taken_over(self) -> None:
         self._flush()
         self._refuse("this session was opened in another window", "taken_over",
@@ -300,6 +317,8 @@ class CapsuleServerFactory(WebSocketServerFactory):
         self.flow_window = flow_window
         self.coalesce_delay = coalesce_delay
         self.coalesce_bytes = coalesce_bytes
+        self.connections: set[CapsuleServerProtocol] = set()
+        self._all_closed: list[Deferred] = []
         self.allowed_origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
         self.setProtocolOptions(
             maxMessagePayloadSize=max_message_size,
@@ -311,6 +330,24 @@ class CapsuleServerFactory(WebSocketServerFactory):
             openHandshakeTimeout=15,
             closeHandshakeTimeout=5,
         )
+
+    def connection_closed(self, protocol: CapsuleServerProtocol) -> None:
+        self.connections.discard(protocol)
+        if not self.connections:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
+
+    def wait_closed(self, timeout: float) -> Deferred:
+        """
+        Fire when every connection has closed, or after C{timeout} seconds.
+        """
+        if not self.connections:
+            return succeed(None)
+        d = Deferred()
+        self._all_closed.append(d)
+        d.addTimeout(timeout, self.clock, onTimeoutCancel=lambda *_: None)
+        return d
 
     def origin_allowed(self, origin: str | None, host: str | None) -> bool:
         """

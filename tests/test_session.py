@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from capsule.cleanup import CleanupService, expire_due, expired_sessions
 from capsule.docker_api import ContainerSpec
 from capsule.errors import SessionNotFound
+from capsule.keeper import keeper_argv
 from capsule.protocol import ProtocolError
 from capsule.session import LABEL_INSTANCE, LABEL_SESSION, Phase, SessionConfig, SessionManager
 from capsule.testing import FakeDockerAPI, RecordingClient
@@ -43,7 +44,8 @@ def test_create_starts_container_and_shell(manager, docker):
     assert container["labels"][LABEL_INSTANCE] == "t"
     assert container["spec"].memory == "1g" and container["spec"].pids == 64
     process = docker.processes[0]
-    assert process.argv == ("bash", "-l") and process.size == (100, 30)
+    assert process.argv == tuple(keeper_argv(("bash", "-l"), 0, 16))
+    assert process.resizes == [(100, 30)]
     assert client.producer is not None
 
 
@@ -56,7 +58,7 @@ def test_output_input_resize(manager, docker):
     manager.resize(session, 120, 40)
     assert client.output == b"$ "
     assert process.written == [b"ls\r"]
-    assert process.resizes == [(120, 40)]
+    assert process.resizes == [(80, 24), (120, 40)]
 
 
 def test_input_while_starting_is_delivered_once_running(manager, docker):
@@ -68,7 +70,7 @@ def test_input_while_starting_is_delivered_once_running(manager, docker):
     assert session.phase is Phase.STARTING and client.events == []
     docker.release_create()
     assert docker.processes[0].written == [b"echo hi\r"]
-    assert docker.processes[0].size == (90, 30)
+    assert docker.processes[0].resizes == [(90, 30)]
     assert client.kinds() == ["started"]
 
 
@@ -215,13 +217,97 @@ def test_cleanup_service_survives_errors(manager, docker, clock):
     service.stopService()
 
 
-def test_shutdown_removes_every_container(manager, docker):
+def test_shutdown_keeps_sessions_for_a_restart(manager, docker):
+    clients = [RecordingClient() for _ in range(3)]
+    sessions = [manager.create(c, 80, 24) for c in clients]
+    manager.shutdown()
+    assert {s.container_id for s in sessions} <= set(docker.containers)
+    assert all(c.kinds()[-1] == "interrupted" for c in clients)
+    assert not any(p.connected for p in docker.processes)
+    # The shells' connections closing during shutdown ends nothing.
+    docker.processes[0].exit(None)
+    assert sessions[0].container_id in docker.containers
+
+
+def test_shutdown_without_keeper_removes_every_container(docker, clock):
+    spec = ContainerSpec(image="capsule-runtime:latest")
+    manager = SessionManager(docker, clock, SessionConfig(spec=spec, keeper=False))
     clients = [RecordingClient() for _ in range(3)]
     for c in clients:
         manager.create(c, 80, 24)
+    assert docker.processes[0].argv == ("bash", "-l")
     manager.shutdown()
     assert docker.containers == {} and manager.sessions == {}
     assert all(c.kinds()[-1] == "ended" for c in clients)
+
+
+def recovered_manager(docker, clock):
+    spec = ContainerSpec(image="capsule-runtime:latest")
+    manager = SessionManager(docker, clock, SessionConfig(spec=spec, instance="t", grace=60))
+    from twisted.internet.defer import Deferred
+    Deferred.fromCoroutine(manager.recover())
+    return manager
+
+
+SID = "6f9619ff-8b86-4011-b42d-00c04fc964ff"
+
+
+def test_recover_finds_running_sessions_and_removes_the_rest(docker, clock):
+    labels = {"io.capsule.managed": "true", LABEL_INSTANCE: "t"}
+    docker.add_container("alive", {**labels, LABEL_SESSION: SID})
+    docker.add_container("stopped", {**labels, LABEL_SESSION: "7f9619ff-8b86-4011-b42d-00c04fc964ff"})
+    docker.containers["stopped"]["state"] = "exited"
+    docker.add_container("other", {"io.capsule.managed": "true", LABEL_INSTANCE: "x"})
+    manager = recovered_manager(docker, clock)
+    assert manager.sessions[SID].phase is Phase.RECOVERED
+    assert "stopped" in docker.removed and "alive" in docker.containers
+    assert "other" in docker.containers
+
+
+def test_reconnect_to_a_recovered_session_resumes_at_the_offset(docker, clock):
+    docker.add_container("alive", {"io.capsule.managed": "true", LABEL_INSTANCE: "t",
+                                   LABEL_SESSION: SID})
+    docker.keeper_output["alive"] = (100, 500)
+    manager = recovered_manager(docker, clock)
+    client = RecordingClient()
+    manager.reconnect(SID, client, offset=300)
+    assert client.events == [("started", SID, True)]
+    assert client.sent_offset == 300
+    process = docker.processes[0]
+    assert process.argv[:6] == ("capsule-keeper", "-r", "-b", str(1024 * 1024), "-o", "300")
+    process.emit(b"missed bytes")
+    assert client.output == b"missed bytes" and manager.sessions[SID].replay.end == 312
+
+
+def test_recovered_session_reports_what_was_dropped(docker, clock):
+    docker.add_container("alive", {"io.capsule.managed": "true", LABEL_INSTANCE: "t",
+                                   LABEL_SESSION: SID})
+    docker.keeper_output["alive"] = (100, 500)
+    manager = recovered_manager(docker, clock)
+    client = RecordingClient()
+    manager.reconnect(SID, client, offset=40)
+    assert client.events == [("started", SID, True), ("dropped", 60, 100)]
+
+
+def test_recovered_session_expires_without_its_client(docker, clock):
+    docker.add_container("alive", {"io.capsule.managed": "true", LABEL_INSTANCE: "t",
+                                   LABEL_SESSION: SID})
+    manager = recovered_manager(docker, clock)
+    clock.advance(61)
+    expire_due(manager, clock)
+    assert SID not in manager.sessions and "alive" in docker.removed
+
+
+def test_recovered_session_whose_container_vanished_ends(docker, clock):
+    docker.add_container("alive", {"io.capsule.managed": "true", LABEL_INSTANCE: "t",
+                                   LABEL_SESSION: SID})
+    manager = recovered_manager(docker, clock)
+    del docker.containers["alive"]
+    client = RecordingClient()
+    manager.reconnect(SID, client)
+    assert client.kinds() == ["ended"]
+    assert "gone" in client.events[0][2]
+    assert SID not in manager.sessions
 
 
 def test_leftovers_of_this_instance_only(manager, docker):

@@ -41,3 +41,17 @@ def test_service_tree():
     children = list(service)
     assert sum(isinstance(c, StreamServerEndpointService) for c in children) == 2
     assert sum(isinstance(c, TimerService) for c in children) == 1
+
+
+def test_websocket_limits_reach_autobahn():
+    reactor = MemoryReactorClock()
+    service = makeService(parse("-l", "tcp:0", "--max-message-size", "1234",
+                                "--ping-interval", "7", "--allowed-origin", "https://a.example"),
+                          reactor)
+    factory = service.websocket_factory
+    assert factory.maxMessagePayloadSize == 1234 and factory.maxFramePayloadSize == 1234
+    assert factory.failByDrop is False
+    assert factory.autoPingInterval == 7
+    assert factory.origin_allowed("https://a.example", "capsule.example")
+    assert not factory.origin_allowed("https://b.example", "capsule.example")
+    assert factory.origin_allowed("http://capsule.example", "capsule.example")

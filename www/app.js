@@ -254,6 +254,7 @@
         retry(lastError || "server cannot start sessions");
         break;
       case 1001:
+      case 4001: // capsule restarts; the session lives on in its container
         retry("server restarting");
         break;
       default: // 1006 and anything unexpected

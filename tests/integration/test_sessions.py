@@ -152,25 +152,6 @@ async def test_expiry_removes_the_container(make_server):
 
 
 @pytest_twisted.ensureDeferred
-async def test_leftovers_are_removed_at_start_and_sessions_at_stop(make_server):
-    first = make_server("--grace", "30")
-    client = await WSClient.connect(first.ws_url)
-    session_id = await client.start()
-    # SIGKILL: nothing is cleaned up; the container is left over.
-    await deferToThread(first.stop, sig=9)
-    assert container_of(session_id) is not None
-    second = make_server("--grace", "30", instance=first.instance)
-    await eventually(lambda: container_of(session_id) is None)
-    await eventually(lambda: "leftover" in second.log())
-    # A clean stop (SIGTERM) removes the containers of live sessions.
-    client = await WSClient.connect(second.ws_url)
-    session_id = await client.start()
-    await deferToThread(second.stop)
-    assert container_of(session_id) is None
-    assert instance_containers(second.instance) == []
-
-
-@pytest_twisted.ensureDeferred
 async def test_health(server):
     status, headers, body = await deferToThread(server.get, "/health")
     health = json.loads(body)

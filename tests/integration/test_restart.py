@@ -1,0 +1,95 @@
+"""
+Sessions survive a restart of capsule (clean or not): same container, same
+shell and its jobs, and the output produced meanwhile replayed exactly.
+"""
+
+import re
+import signal
+
+import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from .harness import WSClient, docker_client, eventually, instance_containers, sleep
+
+
+def session_container(session_id):
+    return docker_client().api.inspect_container(f"capsule-{session_id}")
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+@pytest_twisted.ensureDeferred
+async def test_session_survives_a_restart(make_server, how):
+    first = make_server("--grace", "60", "--pool-size", "0")
+    client = await WSClient.connect(first.ws_url, binary=True)
+    session_id = await client.start()
+    container_id = session_container(session_id)["Id"]
+    await client.run("export KEPT=yes; cd /tmp; sleep 600 & true")
+    # Output that is produced while capsule is down.
+    client.type("sleep 2; for i in $(seq 1 3000); do echo down$i; done; echo DOWN$((1+1))\r")
+    await sleep(0.5)
+    await deferToThread(first.stop, sig=how)
+    code, _ = await client.closed
+    assert code == (4001 if how == signal.SIGTERM else 1006)
+    before, offset = client.output, client.received
+
+    second = make_server("--grace", "60", "--pool-size", "0", instance=first.instance)
+    await eventually(lambda: "found 1 session(s) of an earlier run" in second.log())
+    await sleep(3)
+    again = await WSClient.connect(second.ws_url, session_id, binary=True, offset=offset)
+    connected = await again.next("connected")
+    assert connected["resumed"] is True and connected["offset"] == offset
+    await again.until(r"DOWN2")
+    whole = before + again.output
+    numbers = [int(n) for n in re.findall(rb"down(\d+)\r\n", whole)]
+    assert numbers == list(range(1, 3001)), "duplicates or gaps across the restart"
+    again.send({"type": "resize", "cols": 100, "rows": 30})
+    out = await again.run("echo $KEPT $PWD; jobs; stty size")
+    assert "yes /tmp" in out and "sleep 600" in out and "30 100" in out
+    assert session_container(session_id)["Id"] == container_id
+    await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_client_resumes_after_a_restart(make_server):
+    first = make_server("--pool-size", "0")
+    client = await WSClient.connect(first.ws_url)
+    session_id = await client.start()
+    await client.run("export KEPT=json")
+    await deferToThread(first.stop)
+    second = make_server("--pool-size", "0", instance=first.instance)
+    await eventually(lambda: "found 1 session(s)" in second.log())
+    again = await WSClient.connect(second.ws_url, session_id)
+    assert (await again.next("connected"))["resumed"] is True
+    assert "json" in await again.run("echo $KEPT")
+    await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_recovered_sessions_expire_and_stopped_leftovers_go(make_server):
+    first = make_server("--pool-size", "0")
+    client = await WSClient.connect(first.ws_url)
+    session_id = await client.start()
+    await deferToThread(first.stop, sig=signal.SIGKILL)
+    # A stopped container of this instance: nothing can resume it.
+    stopped = await deferToThread(lambda: docker_client().api.create_container(
+        "capsule-runtime:latest", command=["true"],
+        labels={"io.capsule.managed": "true", "io.capsule.instance": first.instance}))
+    second = make_server("--pool-size", "0", "--grace", "2", "--cleanup-interval", "0.2",
+                         instance=first.instance)
+    await eventually(lambda: "leftover" in second.log())
+    assert stopped["Id"] not in {c["Id"] for c in instance_containers(first.instance)}
+    await eventually(lambda: instance_containers(first.instance) == [], timeout=20)
+    assert "expired" in second.log()
+    gone = await WSClient.connect(second.ws_url, session_id)
+    assert (await gone.next("error"))["code"] == "session_not_found"
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_keeper_a_clean_stop_removes_sessions(make_server):
+    server = make_server("--no-keeper", "--pool-size", "0")
+    client = await WSClient.connect(server.ws_url)
+    session_id = await client.start()
+    assert "developer" in await client.run("whoami")
+    await deferToThread(server.stop)
+    assert instance_containers(server.instance) == []
