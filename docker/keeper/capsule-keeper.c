@@ -58,7 +58,7 @@
  * answering attaches (the missing output, then the status) until nobody has
  * been attached for LINGER_MS, and only then removes SOCKET and exits.
  */
-#define _DEFAULT_SOURCE
+#define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -337,18 +337,29 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
             else if (n < 0 && errno != EINTR && errno != EAGAIN) inlen = 0;
         }
         if (want_pty && p[2].revents & (POLLIN | POLLHUP | POLLERR)) {
-            size_t at = rend % cap, len = cap - at;
-            u64 free = attached ? cap - unsent : cap;  /* never overwrite unsent bytes */
-            if (len > free) len = free;
-            if (len > MAXMSG) len = MAXMSG;
-            ssize_t n = read(mfd, ring + at, len);
-            if (n > 0) {
-                rend += (u64)n;
-                if (rend - rstart > cap) rstart = rend - cap;
-                last_out = now;
-            } else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
-                close(mfd);  /* EIO: nothing has the pty open any more */
-                mfd = -1;
+            /* Drain what the pty has (a read gives a few KiB at most), up to
+             * a budget: fewer, larger frames downstream. */
+            for (size_t budget = 4 * MAXMSG; budget > 0;) {
+                size_t at = rend % cap, len = cap - at;
+                u64 used = attached ? rend - cur->pos : 0;
+                u64 free = cap - used;  /* never overwrite unsent bytes */
+                if (attached && used >= (cap < 4 * HIGH_WATER ? cap : 4 * HIGH_WATER)) break;
+                if (len > free) len = free;
+                if (len > budget) len = budget;
+                if (len == 0) break;
+                ssize_t n = read(mfd, ring + at, len);
+                if (n > 0) {
+                    rend += (u64)n;
+                    if (rend - rstart > cap) rstart = rend - cap;
+                    last_out = now;
+                    budget -= (size_t)n;
+                } else {
+                    if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
+                        close(mfd);  /* EIO: nothing has the pty open any more */
+                        mfd = -1;
+                    }
+                    break;
+                }
             }
         }
         if (mfd >= 0 && want_pty && reaped && now >= quiet
@@ -530,6 +541,11 @@ _Noreturn static void relay(int fd, u64 offset)
     setfl(fd, 1, 1);
     setfl(0, 1, 1);
     setfl(1, 1, 1);
+    /* Larger buffers: fewer, larger reads for Docker and for the server.
+     * Best effort: a pipe may refuse, the default then stands. */
+    int big = 1 << 20;
+    fcntl(1, F_SETPIPE_SZ, big);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
     unsigned char hello[12] = {0};
     put_be(hello, offset, 8);
     ulen = frame(up, 'a', hello, 12);
