@@ -44,12 +44,14 @@ class IDockerAPI(Interface):
         Fire with the container's C{State} dict, or C{None} if it is gone.
         """
 
-    def spawn_exec(process_protocol, container_id, argv, user, workdir, env, size):
+    def spawn_exec(process_protocol, container_id, argv, user, workdir, env, size, tty=True):
         """
-        Run C{argv} with a TTY inside a running container, connected to
+        Run C{argv} inside a running container, connected to
         C{process_protocol} the way L{IReactorProcess.spawnProcess} connects
         a L{twisted.internet.interfaces.IProcessProtocol}; fire with the
-        L{IExecProcess} once its output is flowing.
+        L{IExecProcess} once its output is flowing.  With C{tty}, the exec
+        gets a terminal of C{size} (cols, rows) and its output arrives on fd
+        1; without, stdout and stderr arrive on fds 1 and 2.
         """
 
     def export_workspace(container_id, path, write):

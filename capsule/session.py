@@ -452,14 +452,9 @@ class SessionManager:
         if client is None:
             session.detached_at = self._clock.seconds()
             return
-        client.session_started(session, True, offset)
-        if session.client is not client:
-            return
-        client.pause_output_producer(_OutputThrottle(session))
-        if dropped:
-            client.session_dropped(dropped, offset)
-        elif wanted is not None and wanted > offset:
-            client.session_output(b"\r\n[capsule: the session's shell was restarted]\r\n")
+        restarted = not dropped and wanted is not None and wanted > offset
+        self._hand_over(session, client, True, offset, dropped,
+                        b"\r\n[capsule: the session's shell was restarted]\r\n" if restarted else b"")
 
     def _start_failed(self, failure: Failure, session: Session) -> None:
         self.pool.refill()
@@ -489,6 +484,14 @@ class SessionManager:
         data, dropped = session.replay.since(
             session.sent_offset if offset is None else offset)
         first = session.replay.end - len(data)
+        self._hand_over(session, client, resumed, first, dropped, data)
+
+    def _hand_over(self, session: Session, client, resumed: bool, first: int, dropped: int,
+                   data: bytes) -> None:
+        """
+        Attach C{client}: tell it where the output it gets begins, let its
+        connection pause the shell's output, then send it what it missed.
+        """
         client.session_started(session, resumed, first)
         if session.client is not client:
             return
