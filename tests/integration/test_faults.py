@@ -149,3 +149,18 @@ async def test_docker_outage_and_recovery(make_server, tmp_path):
     finally:
         if proxy.port is not None:
             await proxy.down()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_attached_session_is_never_expired(make_server):
+    # Grace 1 s, sweeps every 0.2 s: a silent agent with the tab open stays.
+    server = make_server("--grace", "1", "--cleanup-interval", "0.2", "--pool-size", "0")
+    client = await WSClient.connect(server.ws_url)
+    session_id = await client.start()
+    client.type("sleep 4; echo still$((1+1))\r")
+    await sleep(5)
+    await client.until("still2")
+    assert "expired" not in server.log()
+    assert [c for c in instance_containers(server.instance)
+            if c["Labels"].get("io.capsule.session") == session_id]
+    await client.close()
