@@ -79,7 +79,8 @@ class CapsuleServer:
             "--instance", self.instance, "--image", IMAGE, "--memory", "512m",
             "--cpus", "1", *extra,
         ]
-        self.env = {**os.environ, **(env or {})}
+        # A server that hangs can then be made to show every thread's stack.
+        self.env = {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
         self.process: subprocess.Popen | None = None
 
     @property
@@ -112,9 +113,15 @@ class CapsuleServer:
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-            raise
+            # faulthandler dumps the stacks on SIGABRT: say where it hung.
+            self.process.send_signal(signal.SIGABRT)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+            raise RuntimeError(f"capsule did not stop within {timeout} s of {sig!r}:\n"
+                               f"{self.log()[-6000:]}") from None
 
     def log(self) -> str:
         text = ""
