@@ -20,6 +20,7 @@ from pathlib import Path
 
 import docker
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
@@ -218,6 +219,10 @@ class WSClient:
         self.messages.put(message)
 
     def ack(self, offset: int | None = None) -> None:
+        # Not once closing: raising inside dataReceived would make Twisted
+        # abort the connection and drop frames still being written.
+        if self._protocol.state != WebSocketProtocol.STATE_OPEN:
+            return
         self.send({"type": "ack", "offset": self.received if offset is None else offset})
 
     def send(self, message) -> None:
