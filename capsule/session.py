@@ -643,7 +643,7 @@ class SessionManager:
         """
         found = await self._docker.list_containers(self.labels)
         now = self._clock.seconds()
-        recovered, stale = [], []
+        recovered = []
         for container in found:
             session_id = container["labels"].get(LABEL_SESSION)
             if (self.config.keeper and container["state"] == "running" and session_id
@@ -653,17 +653,12 @@ class SessionManager:
                     created_at=now, phase=Phase.RECOVERED, detached_at=now,
                     container_id=container["id"], announced=True)
                 recovered.append(session_id)
-            elif session_id not in self.sessions:
-                stale.append(container)
-        for container in stale:
-            await self._docker.remove_container(container["id"])
         if recovered:
             _log.info("found {count} session(s) of an earlier run; each waits {grace:g} s"
                       " for its client: {ids}", count=len(recovered), grace=self.config.grace,
                       ids=", ".join(recovered))
-        if stale:
-            _log.info("removed {count} leftover container(s) of an earlier run: {names}",
-                      count=len(stale), names=", ".join(c["name"] for c in stale))
+        # Everything else of this server's is a leftover.
+        await self.remove_leftovers()
         return len(recovered)
 
     async def remove_leftovers(self, why: str = "left by an earlier run") -> int:

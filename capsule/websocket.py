@@ -210,9 +210,9 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         if self.state != WebSocketProtocol.STATE_OPEN:
             return
         piece = self._max_output_frame
-        view = memoryview(data)
-        for start in range(0, len(data), piece):
-            chunk = bytes(view[start : start + piece])
+        chunks = [data] if len(data) <= piece else [
+            data[start : start + piece] for start in range(0, len(data), piece)]
+        for chunk in chunks:
             self.sent_offset += len(chunk)
             if self._binary:
                 self.sendMessage(chunk, isBinary=True)
