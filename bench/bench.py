@@ -72,6 +72,9 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from capsule.docker_api import docker_host_endpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpuwatch import CpuWatch, describe as describe_cpu  # noqa: E402
 from capsule.exec_process import ExecStreamProtocol, exec_start_request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +118,9 @@ FULL = dict(sessions=10, keystrokes=500, throughput_bytes=100_000_000, repeats=5
             concurrent=50, flood_seconds=20.0)
 QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
              concurrent=10, flood_seconds=5.0)
+
+# What --only may select: the measurements whose phase names start so.
+ONLY = ("connect", "echo", "throughput", "concurrent", "flood")
 
 _reactor = None  # the running reactor, set by amain()
 
@@ -709,6 +715,8 @@ class Bench:
         Run one measurement; a failure is recorded (and shown in the table),
         and the bench goes on with the next one.
         """
+        if self.args.only and not any(name.startswith(kind) for kind in self.args.only):
+            return None
         say(f"--- {name}")
         try:
             return await coroutine_function(*args)
@@ -768,7 +776,7 @@ class Bench:
         try:
             await self.phase("connect, warm", self.connect_warm, server, floor_container)
             await self.phase("echo", self.echo, server, floor_container)
-            await self.phase("generator alone", self.generator, floor_container)
+            await self.phase("throughput: generator alone", self.generator, floor_container)
             await self.phase("throughput", self.throughput_rounds, server, floor_container)
         finally:
             await self.remove(floor_container)
@@ -974,20 +982,30 @@ class Bench:
         chunks0 = term.out.chunks
         cpu0 = own_cpu_seconds()
         server_cpu0 = server.cpu_seconds() if server else 0.0
+        names = {os.getpid(): "bench client"}
+        if server:
+            names[server.pid] = "capsule"
+        watch = CpuWatch(_reactor, names)
+        watch.start()
         t0 = time.perf_counter()
         term.send_input(command)
-        await term.out.wait_for(END_MARK, max(120, n / 1e6), since)
+        try:
+            await term.out.wait_for(END_MARK, max(120, n / 1e6), since)
+        finally:
+            cpu = watch.stop()
         elapsed = time.perf_counter() - t0
         received = term.out.total - since
         chunks = term.out.chunks - chunks0
         result = {"bytes": received, "seconds": elapsed, "mbps": received / elapsed / 1e6,
                   "chunk": received / max(1, chunks),
                   "client_cpu": own_cpu_seconds() - cpu0,
-                  "server_cpu": (server.cpu_seconds() - server_cpu0) if server else None}
+                  "server_cpu": (server.cpu_seconds() - server_cpu0) if server else None,
+                  "cpu": cpu}
         say(f"{label} throughput: {received / 1e6:.1f} MB in {elapsed:.2f} s ="
             f" {result['mbps']:.1f} MB/s in {chunks} pieces of {result['chunk'] / 1024:.0f} KiB"
             f" on average (bench client CPU {result['client_cpu']:.2f} s"
             + (f", capsule CPU {result['server_cpu']:.2f} s" if server else "") + ")")
+        say(f"  {label}: {describe_cpu(cpu, received / 1e6)}")
         await sleep(0.3)
         return result
 
@@ -1319,6 +1337,8 @@ class Bench:
                 if value.get("server_cpu") is not None:
                     text += (f", capsule CPU {value['server_cpu']:.2f} s"
                              f" ({value['server_cpu'] / value['seconds']:.0%} of one core)")
+                if value.get("cpu"):
+                    text += "; " + describe_cpu(value["cpu"], value["bytes"] / 1e6)
                 notes.append(text + ".")
         b2b, floor_b2b = r.get("echo_b2b"), r.get("floor_echo_b2b")
         if b2b and floor_b2b:
@@ -1417,6 +1437,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, help="interleaved throughput runs (medians compared)")
     parser.add_argument("--concurrent", type=int, help="concurrent sessions")
     parser.add_argument("--flood-seconds", type=float, help="seconds of flood")
+    parser.add_argument("--only", action="append", choices=ONLY, metavar="PHASE",
+                        help="run only this kind of measurement (repeatable): "
+                             + ", ".join(ONLY))
     args = parser.parse_args(argv)
     for name in ("sessions", "keystrokes", "throughput_bytes", "repeats", "concurrent"):
         value = getattr(args, name)
