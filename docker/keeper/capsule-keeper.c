@@ -30,6 +30,13 @@
  * losing output.  When COMMAND has ended and its output is all sent, the
  * attachment gets COMMAND's status.
  *
+ * Output is sent as soon as it is read, unless it is a flood (more than
+ * FLOOD_BYTES in about WINDOW_US): then it is gathered into frames of up to
+ * MAXMSG bytes, none held longer than HOLD_US, so that each process after the
+ * keeper (the relay, Docker, capsule, the browser) handles a flood in a few
+ * large pieces rather than a pty read's worth at a time.  A keystroke's echo
+ * is never held.
+ *
  * Both directions are framed: 1-byte type, 4-byte big-endian length, payload.
  *   attach -> server:  'a' OFFSET(8) COLS(2) ROWS(2): first, once
  *                      'i' bytes for COMMAND      'w' COLS(2) ROWS(2)
@@ -86,6 +93,9 @@
 #define DRAIN_MAX_MS 3000   /* ... or this long after COMMAND ended */
 #define LEAVE_MS 5000       /* time a replaced attach has to take its last bytes */
 #define DETACHED 253        /* exit status of an attach whose terminal went away */
+#define FLOOD_BYTES 16384   /* more output than this within WINDOW_US is a flood, */
+#define WINDOW_US 10000
+#define HOLD_US 2000        /* ... which is sent in frames of MAXMSG or after this wait */
 #ifndef LINGER_MS
 #define LINGER_MS 600000    /* an ended session waits this long for an attach */
 #endif
@@ -124,11 +134,11 @@ static int make_sigpipe(void)
     return 0;
 }
 
-static long long now_ms(void)
+static long long now_us(void)
 {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1000LL + t.tv_nsec / 1000000;
+    return t.tv_sec * 1000000LL + t.tv_nsec / 1000;
 }
 
 static u64 get_be(const unsigned char *p, int n)
@@ -171,6 +181,33 @@ static u64 cap, rstart, rend;  /* the ring holds offsets [rstart, rend) */
 static size_t inlen;
 static int mfd = -1, done, status;
 
+/* Flood batching for the current attachment: output goes out at once (a
+ * keystroke's echo, a program's replies) until more than FLOOD_BYTES went out
+ * within the last one or two WINDOW_US; then it is held until MAXMSG bytes
+ * are waiting or the oldest has waited HOLD_US.  Every process downstream
+ * (the relay, Docker, capsule, the browser) then handles a flood in a few
+ * large pieces instead of a pty read's worth at a time. */
+static long long win_start, pending_since = -1, clock_us;
+static u64 win_sent, prev_sent;
+
+static int flooding(void)
+{
+    if (clock_us - win_start >= WINDOW_US) {
+        prev_sent = clock_us - win_start < 2 * WINDOW_US ? win_sent : 0;
+        win_sent = 0;
+        win_start = clock_us;
+    }
+    return win_sent + prev_sent > FLOOD_BYTES;
+}
+
+/* Whether c's next output should wait for more. */
+static int holding(struct conn *c)
+{
+    if (c != cur || done || c->pos >= rend || rend - c->pos >= MAXMSG) return 0;
+    if (pending_since < 0) pending_since = clock_us;
+    return flooding() && clock_us - pending_since < HOLD_US;
+}
+
 static void conn_close(struct conn *c)
 {
     if (c->fd < 0) return;
@@ -191,11 +228,16 @@ static int fill(struct conn *c)
 {
     if (!c->hello) return 0;
     if (c->pos < rend) {
+        if (holding(c)) return 0;
         size_t at = c->pos % cap, n = rend - c->pos;
         if (n > cap - at) n = cap - at;
         if (n > MAXMSG) n = MAXMSG;
         c->olen = frame(c->out, 'o', ring + at, n);
         c->pos += n;
+        if (c == cur) {
+            win_sent += n;
+            pending_since = c->pos < rend ? clock_us : -1;
+        }
     } else if (done) {
         unsigned char st[4];
         put_be(st, (u64)status, 4);
@@ -277,6 +319,7 @@ static void accept_one(int lfd, long long now)
         pump(old);
     }
     cur->fd = fd;
+    pending_since = -1;
 }
 
 _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, struct winsize *ws)
@@ -294,7 +337,10 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
     int reaped = 0;
     long long reaped_at = 0, last_out = 0, idle_since = -1;
     for (;;) {
-        long long now = now_ms(), wake = -1;
+        clock_us = now_us();
+        /* output held back by an earlier turn may be due now */
+        if (cur->fd >= 0 && cur->hello) pump(cur);
+        long long now = clock_us / 1000, wake = -1;
         int attached = cur->fd >= 0 && cur->hello;
         u64 unsent = attached ? rend - cur->pos : 0;
         int room = cur->fd >= 0 && !cur->ending && MAX_INPUT - inlen >= MAXMSG;
@@ -319,9 +365,19 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
         if (reaped && mfd >= 0 && want_pty && (wake < 0 || quiet < wake)) wake = quiet;
         if (done && idle_since >= 0 && (wake < 0 || idle_since + LINGER_MS < wake))
             wake = idle_since + LINGER_MS;
-        int timeout = wake < 0 ? -1 : wake <= now ? 0 : wake - now > 60000 ? 60000 : (int)(wake - now);
-        if (poll(p, 5, timeout) < 0 && errno != EINTR) _exit(1);
-        now = now_ms();
+        long long timeout_us = wake < 0 ? -1 : wake <= now ? 0
+                               : (wake - now > 60000 ? 60000 : wake - now) * 1000;
+        if (attached && !cur->olen && cur->pos < rend && pending_since >= 0) {
+            /* output held back (pump would have sent it otherwise): send
+             * it once it has waited HOLD_US */
+            long long left = pending_since + HOLD_US - clock_us;
+            if (left < 0) left = 0;
+            if (timeout_us < 0 || left < timeout_us) timeout_us = left;
+        }
+        struct timespec ts = {timeout_us / 1000000, timeout_us % 1000000 * 1000};
+        if (ppoll(p, 5, timeout_us < 0 ? NULL : &ts, NULL) < 0 && errno != EINTR) _exit(1);
+        clock_us = now_us();
+        now = clock_us / 1000;
 
         char sigs[64];
         int st, signalled = 0;
