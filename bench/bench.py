@@ -511,6 +511,183 @@ class RawExecTerm:
             self.stream.loseConnection()
 
 
+# -- lean terminals for the echo measurement ------------------------------------
+#
+# A keystroke's round trip is a fraction of a millisecond, and a Python
+# event-loop client adds its own overhead to each one (Autobahn's frame
+# handling, the reactor's turns): more than a browser's native WebSocket
+# does.  So the echo table figures use the leanest client that can be had
+# for each side alike: a blocking socket read and written on a thread of its
+# own, with websocket-client for capsule and the exec-start upgrade for the
+# floor.  The same measurement through the Twisted clients is kept in the
+# notes.
+
+
+class LeanExecTerm:
+    """
+    A tty exec on a blocking socket (the floor).
+    """
+
+    def __init__(self, host: str, api, container_id: str) -> None:
+        exec_id = api.exec_create(container_id, ["bash", "-l"], stdin=True, tty=True, user=USER,
+                                  workdir=WORKDIR, environment=dict(ENVIRONMENT))["Id"]
+        if host.startswith("unix://"):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(host[len("unix://"):])
+        else:
+            address = host.split("://", 1)[-1].rsplit(":", 1)
+            self.sock = socket.create_connection((address[0], int(address[1])), timeout=30)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(30)
+        self.sock.sendall(exec_start_request(api.api_version, exec_id))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = self.sock.recv(65536)
+            if not data:
+                raise BenchError("Docker closed the exec stream before it started")
+            head += data
+        status, self.pending = head.split(b"\r\n\r\n", 1)
+        if b" 101 " not in status.split(b"\r\n", 1)[0] + b" ":
+            raise BenchError(f"exec start refused: {status[:200]!r}")
+        api.exec_resize(exec_id, height=SIZE[1], width=SIZE[0])
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self) -> bytes:
+        if self.pending:
+            data, self.pending = self.pending, b""
+            return data
+        data = self.sock.recv(65536)
+        if not data:
+            raise BenchError("the exec stream closed")
+        return data
+
+    def drain(self) -> None:
+        self.pending = b""
+        self.sock.settimeout(0.2)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except TimeoutError:
+            pass
+        self.sock.settimeout(30)
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"exit\r")
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class LeanWSTerm:
+    """
+    A capsule session through websocket-client on a blocking socket.
+    """
+
+    def __init__(self, port: int, binary: bool) -> None:
+        import websocket  # websocket-client
+
+        self.binary = binary
+        self.ws = websocket.create_connection(
+            f"ws://127.0.0.1:{port}/ws", timeout=30,
+            subprotocols=[BINARY_PROTOCOL] if binary else None,
+            sockopt=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        if binary and self.ws.subprotocol != BINARY_PROTOCOL:
+            raise BenchError("capsule did not accept the binary subprotocol")
+        self.received = self.acked = 0
+        self.ws.send(json.dumps({"type": "resize", "cols": SIZE[0], "rows": SIZE[1]}))
+        while True:
+            opcode, payload = self.ws.recv_data()
+            if opcode == 1 and json.loads(payload).get("type") == "connected":
+                self.received = self.acked = json.loads(payload).get("offset", 0)
+                break
+
+    def send(self, data: bytes) -> None:
+        if self.binary:
+            self.ws.send_binary(data)
+        else:
+            self.ws.send(json.dumps({"type": "input", "data": data.decode()}))
+
+    def recv(self) -> bytes:
+        while True:
+            opcode, payload = self.ws.recv_data()
+            if opcode == 2:
+                self.received += len(payload)
+                if self.received - self.acked >= WSTerm.ACK_BYTES:
+                    self.acked = self.received
+                    self.ws.send(json.dumps({"type": "ack", "offset": self.received}))
+                return payload
+            if opcode == 1:
+                message = json.loads(payload)
+                if message.get("type") == "output":
+                    return base64.b64decode(message["data"])
+                if message.get("type") == "exit":
+                    raise BenchError(f"the session ended: {message}")
+            if opcode == 8:
+                raise BenchError("capsule closed the WebSocket")
+
+    def drain(self) -> None:
+        import websocket
+
+        self.ws.settimeout(0.2)
+        try:
+            while True:
+                self.recv()
+        except websocket.WebSocketTimeoutException:
+            pass
+        self.ws.settimeout(30)
+
+    def close(self) -> None:
+        try:
+            self.send(b"exit\r")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                self.ws.recv_data()
+        except Exception:
+            pass
+        self.ws.close()
+
+
+def lean_keystrokes(make_term, count: int, gap: float = KEY_GAP) -> list[float]:
+    """
+    In a thread: open a terminal, wait until the shell is ready, then time
+    C{count} keystrokes as L{Bench.keystrokes} does.
+    """
+    term = make_term()
+    try:
+        seen = b""
+
+        def until(marker: bytes) -> None:
+            nonlocal seen
+            deadline = time.monotonic() + 30
+            while marker not in seen:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"no {marker!r}; output ended with {seen[-300:]!r}")
+                seen = seen[-4096:] + term.recv()
+            seen = seen[seen.index(marker) + len(marker):]
+
+        term.send(READY_INPUT)
+        until(READY_MARK)
+        time.sleep(0.3)  # the prompt after the marker, as readline redraws it
+        term.drain()
+        seen = b""
+        keys = ((b"x", b"x"), (b"\x7f", b"\x08"))
+        times = []
+        for i in range(count + count % 2):
+            key, echo = keys[i % 2]
+            t0 = time.perf_counter()
+            term.send(key)
+            until(echo)
+            times.append(ms(time.perf_counter() - t0))
+            if gap:
+                time.sleep(gap)
+        return times
+    finally:
+        term.close()
+
+
 # -- a capsule server -----------------------------------------------------------
 
 
@@ -858,10 +1035,31 @@ class Bench:
     # -- keystroke echo --
 
     async def echo(self, server: Server, container_id: str) -> None:
+        """
+        The lean clients first (the table's figures), then the Twisted ones
+        (the notes'), each floor just before its capsule figures.
+        """
+        count = self.p["keystrokes"]
+
+        async def lean(key: str, label: str, make_term) -> None:
+            times = await deferToThread(lean_keystrokes, make_term, count)
+            self.results[key] = result = summary(times)
+            say(f"{label} echo, lean client: p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f}"
+                f" ms, max {result['max']:.2f} ms over {result['n']} keystrokes"
+                f" {KEY_GAP * 1000:g} ms apart")
+
+        await lean("floor_echo", "floor (raw exec)",
+                   lambda: LeanExecTerm(self.host, self.api, container_id))
+        for binary in (True, False):
+            name = "binary" if binary else "json"
+            await server.settle()
+            await lean(f"echo_{name}", f"capsule ({name})",
+                       lambda: LeanWSTerm(server.port, binary))
+
         term = await RawExecTerm.open(self, container_id)
         try:
             await self.ready(term)
-            self.results["floor_echo"] = await self.keystrokes(term, "floor (raw exec)")
+            self.results["floor_echo_twisted"] = await self.keystrokes(term, "floor (raw exec)")
             self.results["floor_echo_b2b"] = await self.keystrokes(
                 term, "floor (raw exec), back to back", count=100, gap=0)
         finally:
@@ -872,7 +1070,8 @@ class Bench:
             term, _ = await ws_session(server.port, binary)
             try:
                 await self.ready(term)
-                self.results[f"echo_{name}"] = await self.keystrokes(term, f"capsule ({name})")
+                self.results[f"echo_{name}_twisted"] = await self.keystrokes(
+                    term, f"capsule ({name})")
                 if binary:
                     self.results["echo_b2b"] = await self.keystrokes(
                         term, f"capsule ({name}), back to back", count=100, gap=0)
@@ -1340,10 +1539,21 @@ class Bench:
                 if value.get("cpu"):
                     text += "; " + describe_cpu(value["cpu"], value["bytes"] / 1e6)
                 notes.append(text + ".")
+        twisted = [(name, r.get(key)) for name, key in (
+            ("raw exec", "floor_echo_twisted"), ("capsule binary", "echo_binary_twisted"),
+            ("capsule JSON", "echo_json_twisted"))]
+        if all(value for _, value in twisted):
+            notes.append("Echo as the table measures it (a blocking socket per client: the"
+                         " exec-start upgrade for the floor, websocket-client for capsule),"
+                         " and through the bench's Twisted clients (Autobahn for capsule),"
+                         " whose own event-loop work adds to each round trip: "
+                         + ", ".join(f"{name} p50 {value['p50']:.2f} / p99 {value['p99']:.2f} ms"
+                                     for name, value in twisted) + ".")
         b2b, floor_b2b = r.get("echo_b2b"), r.get("floor_echo_b2b")
         if b2b and floor_b2b:
-            notes.append(f"Echo with keys {KEY_GAP * 1000:g} ms apart (table) vs. back to back"
-                         f" (next key as soon as the echo came; 100 keys, binary): capsule p50"
+            notes.append(f"Echo with keys {KEY_GAP * 1000:g} ms apart vs. back to back"
+                         f" (next key as soon as the echo came; 100 keys, binary, Twisted"
+                         f" clients): capsule p50"
                          f" {b2b['p50']:.2f} / p99 {b2b['p99']:.2f} ms, raw exec p50"
                          f" {floor_b2b['p50']:.2f} / p99 {floor_b2b['p99']:.2f} ms.")
         if self.load_before:
