@@ -26,7 +26,7 @@
  * The server has one attachment at a time: a new attach replaces the old one.
  * Nobody attached, it reads the pty into the ring regardless (the oldest bytes
  * go); attached, it never overwrites bytes not yet sent and stops reading the
- * pty while 64 KiB are unsent, so a slow client slows COMMAND down instead of
+ * pty while 256 KiB are unsent, so a slow client slows COMMAND down instead of
  * losing output.  When COMMAND has ended and its output is all sent, the
  * attachment gets COMMAND's status.
  *
@@ -87,7 +87,7 @@
 #include <unistd.h>
 
 #define MAXMSG 65536        /* largest frame payload */
-#define HIGH_WATER 65536    /* unsent bytes at which the pty is no longer read */
+#define HIGH_WATER 262144   /* unsent bytes at which the pty is no longer read */
 #define MAX_INPUT (1 << 20) /* input waiting for the pty */
 #define QUIET_MS 250        /* COMMAND gone, pty still open: output ends after this quiet */
 #define DRAIN_MAX_MS 3000   /* ... or this long after COMMAND ended */
