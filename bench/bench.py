@@ -14,9 +14,12 @@ measures, in one run:
    ``echo $((6*7))__RDY`` until ``42__RDY`` comes back): cold (``--pool-size
    0``) and warm (``--pool-size 2``, the pool full before each session);
 2. keystroke echo round trip at bash's prompt (``x``, then a backspace, keys
-   10 ms apart), binary and JSON protocols;
+   10 ms apart), binary and JSON protocols, timed with a blocking client on
+   each side (websocket-client for capsule; the Twisted clients' figures go
+   in the notes);
 3. output throughput of ``head -c N /dev/zero | base64`` until a final marker,
-   binary and JSON (medians of several runs: the PTY's rate wanders);
+   binary and JSON (medians of several runs: the PTY's rate wanders), with
+   where the machine's CPU went meanwhile (``bench/cpuwatch.py``);
 4. many concurrent sessions: time until all are usable, and capsule's RSS
    before, during and after;
 5. a flood to a slow reader (binary with slow acks, JSON with TCP
