@@ -182,11 +182,6 @@ def summary(values) -> dict:
             "p99": percentile(values, 99), "max": max(values)}
 
 
-def own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 # -- terminal output: counted, with a short tail to look for markers ---------
 
 
@@ -603,8 +598,9 @@ class LeanWSTerm:
         self.ws.send(json.dumps({"type": "resize", "cols": SIZE[0], "rows": SIZE[1]}))
         while True:
             opcode, payload = self.ws.recv_data()
-            if opcode == 1 and json.loads(payload).get("type") == "connected":
-                self.received = self.acked = json.loads(payload).get("offset", 0)
+            message = json.loads(payload) if opcode == 1 else {}
+            if message.get("type") == "connected":
+                self.received = self.acked = message.get("offset", 0)
                 break
 
     def send(self, data: bytes) -> None:
@@ -772,11 +768,6 @@ class Server:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
         raise BenchError("no VmRSS")
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def log_text(self) -> str:
         text = ""
@@ -1182,8 +1173,6 @@ class Bench:
         command = f"head -c {n} /dev/zero | base64; echo T$((1+1))END\r".encode()
         since = term.out.total
         chunks0 = term.out.chunks
-        cpu0 = own_cpu_seconds()
-        server_cpu0 = server.cpu_seconds() if server else 0.0
         names = {os.getpid(): "bench client"}
         if server:
             names[server.pid] = "capsule"
@@ -1200,8 +1189,8 @@ class Bench:
         chunks = term.out.chunks - chunks0
         result = {"bytes": received, "seconds": elapsed, "mbps": received / elapsed / 1e6,
                   "chunk": received / max(1, chunks),
-                  "client_cpu": own_cpu_seconds() - cpu0,
-                  "server_cpu": (server.cpu_seconds() - server_cpu0) if server else None,
+                  "client_cpu": cpu["groups"].get("bench client", 0.0),
+                  "server_cpu": cpu["groups"].get("capsule", 0.0) if server else None,
                   "cpu": cpu}
         say(f"{label} throughput: {received / 1e6:.1f} MB in {elapsed:.2f} s ="
             f" {result['mbps']:.1f} MB/s in {chunks} pieces of {result['chunk'] / 1024:.0f} KiB"

@@ -13,7 +13,8 @@ client) are counted to within one interval.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+from twisted.internet.task import LoopingCall
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -53,8 +54,6 @@ class CpuWatch:
     """
 
     def __init__(self, clock, names: dict[int, str], interval: float = 0.2) -> None:
-        from twisted.internet.task import LoopingCall
-
         self._names = names
         self._start: dict[int, float] = {}
         self._last: dict[int, tuple[str, float]] = {}
@@ -73,8 +72,9 @@ class CpuWatch:
 
     def stop(self) -> dict:
         """
-        Stop, and return C{{"busy": cores busy on average, "cores": n,
-        "groups": {name: cpu seconds}}} for the time since L{start}.
+        Stop, and return C{{"busy": share of all cores busy, "cores": n,
+        "machine": busy CPU seconds in all, "groups": {name: CPU seconds}}}
+        for the time since L{start}.
         """
         if self._loop.running:
             self._loop.stop()
@@ -91,7 +91,7 @@ class CpuWatch:
             groups[name] = groups.get(name, 0.0) + used
         wall = (total1 - total0) / cores
         return {"busy": (busy1 - busy0) / wall if wall else 0.0, "cores": cores,
-                "wall": wall, "machine": busy1 - busy0, "groups": groups}
+                "machine": busy1 - busy0, "groups": groups}
 
 
 def _group(comm: str) -> str:

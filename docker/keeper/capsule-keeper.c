@@ -181,12 +181,8 @@ static u64 cap, rstart, rend;  /* the ring holds offsets [rstart, rend) */
 static size_t inlen;
 static int mfd = -1, done, status;
 
-/* Flood batching for the current attachment: output goes out at once (a
- * keystroke's echo, a program's replies) until more than FLOOD_BYTES went out
- * within the last one or two WINDOW_US; then it is held until MAXMSG bytes
- * are waiting or the oldest has waited HOLD_US.  Every process downstream
- * (the relay, Docker, capsule, the browser) then handles a flood in a few
- * large pieces instead of a pty read's worth at a time. */
+/* Flood batching for the current attachment (see the top): the bytes sent
+ * in this WINDOW_US and the one before, and since when output has waited. */
 static long long win_start, pending_since = -1, clock_us;
 static u64 win_sent, prev_sent;
 
