@@ -7,49 +7,48 @@ from __future__ import annotations
 from typing import Iterable
 
 from twisted.application.internet import TimerService
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .session import Phase, Session, SessionManager
+from .session import Session, SessionManager
 
 _log = Logger()
 
 
 def expired_sessions(sessions: Iterable[Session], now: float, grace: float) -> list[Session]:
     """
-    The sessions whose last client left at least C{grace} seconds before
-    C{now}.
+    The sessions that have been without a client for at least C{grace}
+    seconds before C{now}: those detached from a running shell, and those
+    found after a restart whose client never came back.  A session waiting
+    for the Docker engine is never among them.
     """
     return [
         s for s in sessions
-        if s.phase in (Phase.RUNNING, Phase.RECOVERED) and s.client is None
-        and s.detached_at is not None and now - s.detached_at >= grace
+        if s.status() in ("detached", "recovered") and s.core.left_at is not None
+        and now - s.core.left_at >= grace
     ]
 
 
-def expire_due(manager: SessionManager, clock) -> Deferred:
+def expire_due(manager: SessionManager, clock) -> list[Session]:
     """
-    Expire every session that is due.  Each one is handled on its own and
-    every failure is logged, never raised: a raising call would end the
-    timer that calls it.
+    Expire every session that is due, and return those that ended.  Each
+    one is handled on its own and every failure is logged, never raised: a
+    raising call would end the timer that calls it.
     """
     try:
         due = expired_sessions(list(manager.sessions.values()), clock.seconds(),
                                manager.config.grace)
     except Exception:
         _log.failure("could not work out which sessions expired")
-        return succeed(None)
-    results = []
+        return []
+    ended = []
     for session in due:
         try:
-            d = manager.expire(session)
+            if manager.expire(session):
+                ended.append(session)
         except Exception:
             _log.failure("expiring session {session_id} failed", session_id=session.id)
-            continue
-        d.addErrback(lambda f, sid=session.id: _log.failure(
-            "expiring session {session_id} failed", f, session_id=sid))
-        results.append(d)
-    return DeferredList(results)
+    return ended
 
 
 class CleanupService(TimerService):
@@ -67,8 +66,8 @@ class CleanupService(TimerService):
         self._orphan_interval = orphan_interval
         self._next_orphan_sweep = None
 
-    def _sweep(self) -> Deferred:
-        d = expire_due(self._manager, self.clock)
+    def _sweep(self) -> None:
+        expire_due(self._manager, self.clock)
         now = self.clock.seconds()
         if self._next_orphan_sweep is None:
             self._next_orphan_sweep = now + self._orphan_interval
@@ -79,4 +78,3 @@ class CleanupService(TimerService):
             # Docker being away is already reported elsewhere: stay quiet.
             orphans.addErrback(lambda f: _log.debug("orphan sweep failed: {e}",
                                                     e=f.getErrorMessage()))
-        return d

@@ -8,23 +8,31 @@ from zope.interface import Attribute, Interface
 class IDockerAPI(Interface):
     """
     The Docker engine, as Deferreds.  Every method returns a Deferred and
-    never blocks the reactor.  Failures are L{capsule.errors.DockerError}s.
+    never blocks the reactor.  Failures are L{capsule.errors.DockerError}s:
+    every method fails with L{capsule.errors.DockerUnavailable} when the
+    engine cannot be reached.  C{tests/docker_contract.py} is the executable
+    form of this description; it runs against the fake and the real engine.
     """
 
     def ping():
         """
-        Fire with the engine's version information.
+        Fire with the engine's version information.  Health checks call it:
+        it is never queued behind the other calls, so it measures the
+        engine, not how busy capsule is.
         """
 
     def image_exists(image):
         """
-        Fire with whether C{image} is present in the engine.
+        Fire with whether C{image} is present in the engine; like L{ping},
+        never queued behind the other calls.
         """
 
     def create_session_container(session_id, spec):
         """
-        Create and start a session container for C{session_id} from the
-        L{capsule.docker_api.ContainerSpec} C{spec}; fire with its id.
+        Create and start a session container named C{capsule-{session_id}}
+        from the L{capsule.docker_api.ContainerSpec} C{spec}; fire with its
+        id.  Fail with L{capsule.errors.ImageMissing} if the image is not
+        there.
         """
 
     def remove_container(container_id):
@@ -41,7 +49,8 @@ class IDockerAPI(Interface):
 
     def container_state(container_id):
         """
-        Fire with the container's C{State} dict, or C{None} if it is gone.
+        Fire with the container's C{State} dict (C{Running}, C{OOMKilled},
+        C{ExitCode}, ...), or C{None} if it is gone.
         """
 
     def spawn_exec(process_protocol, container_id, argv, user, workdir, env, size, tty=True):
@@ -52,13 +61,22 @@ class IDockerAPI(Interface):
         L{IExecProcess} once its output is flowing.  With C{tty}, the exec
         gets a terminal of C{size} (cols, rows) and its output arrives on fd
         1; without, stdout and stderr arrive on fds 1 and 2.
+
+        The order is: C{makeConnection}, then the returned Deferred fires,
+        then the output (C{childDataReceived}), however early the program
+        writes; its end reaches C{processEnded} (C{ProcessDone} for exit
+        code 0, else C{ProcessTerminated} with the code, when known).  Fail
+        with L{capsule.errors.ContainerGone} if the container is gone or
+        not running.
         """
 
     def export_workspace(container_id, path, write):
         """
-        Stream C{path} of the container as a tar archive, calling
+        Stream C{path} of the container as a tar archive (its entries named
+        after C{path}'s last component, as C{docker cp} does), calling
         C{write(chunk)} on a worker thread for each chunk; C{write} may block
-        to apply backpressure.  Fire when done.
+        to apply backpressure.  Fire when done; fail with
+        L{capsule.errors.ContainerGone} if the container is gone.
         """
 
 
@@ -104,14 +122,11 @@ class ISessionClient(Interface):
     What a session may do to the client attached to it.
     """
 
-    sent_offset = Attribute(
-        "The offset of the next output byte the client will be sent: what it"
-        " was sent so far, for a reconnect that does not say.")
-
-    def session_started(session, resumed, offset):
+    def session_started(session, resumed, offset, replay):
         """
         The session is running and this client is attached to it; the next
-        output byte it gets has offset C{offset}.
+        output byte it gets has offset C{offset}, and the first C{replay}
+        bytes it gets were produced before it attached.
         """
 
     def session_output(data):
@@ -123,6 +138,12 @@ class ISessionClient(Interface):
         """
         C{count} bytes the client missed are no longer held; what follows
         starts at C{offset}.
+        """
+
+    def session_notice(code, message):
+        """
+        Something the person should know that is not output (the shell was
+        restarted, the engine went away or came back).
         """
 
     def session_failed(message, code):
@@ -146,10 +167,4 @@ class ISessionClient(Interface):
     def session_taken_over():
         """
         Another client attached to this session; this one is let go.
-        """
-
-    def pause_output_producer(producer):
-        """
-        Register C{producer} (an L{IPushProducer}) so that it is paused while
-        the client cannot keep up; C{None} unregisters.
         """

@@ -18,6 +18,11 @@ server -> client::
     {"type": "pong"}
     {"type": "exit", "exit_code": N, "message": "..."}
 
+capsule adds, and clients that do not know them ignore: C{resumed} and
+C{replay} (bytes of earlier output that follow) in C{connected}, and::
+
+    {"type": "notice", "code": "...", "message": "..."}
+
 The binary protocol, negotiated with the WebSocket subprotocol
 L{BINARY_SUBPROTOCOL}, carries output as raw binary frames whose byte
 offsets are implicit (the first byte after C{connected} has offset
@@ -229,13 +234,28 @@ def encode_output(data: bytes) -> bytes:
 
 
 def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
-                     window: int | None = None) -> bytes:
+                     window: int | None = None, replay: int | None = None) -> bytes:
+    """
+    @param replay: how many of the output bytes that follow were produced
+        before this connection (replayed output): a terminal must not answer
+        the queries it finds in them.
+    """
     message = {"type": "connected", "session_id": session_id, "resumed": resumed}
     if offset is not None:
         message["offset"] = offset
     if window is not None:
         message["window"] = window
+    if replay is not None:
+        message["replay"] = replay
     return _encode(message)
+
+
+def encode_notice(code: str, message: str) -> bytes:
+    """
+    Something the person at the terminal should know that is not the
+    shell's output (it is never counted in output offsets).
+    """
+    return _encode({"type": "notice", "code": code, "message": message})
 
 
 def encode_dropped(count: int, offset: int) -> bytes:

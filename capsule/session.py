@@ -1,42 +1,35 @@
 """
 Sessions: one container and one shell in it, outliving any one client.
 
-A session is in one of four phases: C{STARTING} (its container and shell
-are being made, or its shell is being attached to again), C{RUNNING},
-C{RECOVERED} (found again after capsule restarted: its container and shell
-run, and it waits for its client to come back) and C{ENDED}.  Independently of the phase, at
-most one client is attached to it; while none is, its output keeps flowing
-into its replay buffer and the time it was left is remembered, so that the
-cleanup loop can expire it after the grace period.
-
-The manager owns the sessions.  It speaks to Docker only through an
-L{IDockerAPI}, to clients only through L{ISessionClient}, and takes time
-from the clock it is given.
+Each session's state and its transitions belong to its lifecycle
+(L{capsule.lifecycle}): a pure state machine.  The manager here is what that
+machine acts through: it owns the table of live sessions, speaks to Docker
+only through an L{IDockerAPI} (every outcome fed back to the machine as an
+input), and takes time from the clock it is given.
 """
 
 from __future__ import annotations
 
-import enum
 import struct
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.task import deferLater
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .docker_api import ContainerSpec
+from .errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
 from .interfaces import IExecProcess
 from .keeper import (DEFAULT_SOCKET, FrameReader, PreambleReader, encode_input, encode_window,
                      keeper_argv)
-from .errors import CapsuleError, ContainerGone, SessionNotFound
+from .lifecycle import ISessionEffects, SessionCore, make_lifecycle
 from .pool import WarmPool
-from .protocol import ProtocolError
 from .replay import ReplayBuffer
 
 _log = Logger()
@@ -45,12 +38,10 @@ LABEL_MANAGED = "io.capsule.managed"
 LABEL_INSTANCE = "io.capsule.instance"
 LABEL_SESSION = "io.capsule.session"
 
-
-class Phase(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    RECOVERED = "recovered"
-    ENDED = "ended"
+# How often a session whose engine went away asks for it again: from the
+# first delay, doubling up to the last.
+ENGINE_RETRY_FIRST = 0.5
+ENGINE_RETRY_MAX = 5.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +49,8 @@ class SessionConfig:
     """
     @ivar spec: how containers are made (labels are added per session).
     @ivar instance: the name of this server; its containers carry it.
-    @ivar grace: seconds a session is kept after its last client left.
+    @ivar grace: seconds a session is kept after its last client left (and
+        how long a session waits for an engine that went away).
     """
 
     spec: ContainerSpec
@@ -74,34 +66,51 @@ class SessionConfig:
     keeper_socket: str = DEFAULT_SOCKET
 
 
-@dataclass(eq=False)
 class Session:
-    id: str
-    size: tuple[int, int]
-    replay: ReplayBuffer
-    created_at: float
-    phase: Phase = Phase.STARTING
-    client: object | None = None
-    # When the last client left; None while one is attached.
-    detached_at: float | None = None
-    container_id: str | None = None
-    process: object | None = None
-    exit_code: int | None = None
-    # Whether any client has been told the session id (sent "connected").
-    announced: bool = False
-    # The offset up to which the last client that left had been sent output.
-    sent_offset: int = 0
-    # Whether the container came from the warm pool.
-    warm: bool = False
-    # While a recovered session's shell is being attached to again, and the
-    # offset its client asked for (None: from what the keeper holds).
-    reattaching: bool = False
-    resume_from: int | None = None
-    pending_input: list[bytes] = field(default_factory=list)
+    """
+    A session: its data (C{core}) and its lifecycle (C{events}, the inputs
+    of its state machine).
+    """
+
+    def __init__(self, core: SessionCore) -> None:
+        self.core = core
+        core.owner = self
+        self.events = make_lifecycle(core)
+        # The exec of the shell now in use: output and ends of any older one
+        # are not heard.
+        self.shell: _ShellProtocol | None = None
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id[:8]} {self.status()}>"
 
     @property
-    def attached(self) -> bool:
-        return self.client is not None
+    def id(self) -> str:
+        return self.core.id
+
+    @property
+    def container_id(self) -> str | None:
+        return self.core.container_id
+
+    @property
+    def client(self):
+        return self.core.client
+
+    @property
+    def warm(self) -> bool:
+        return self.core.warm
+
+    @property
+    def replay(self) -> ReplayBuffer:
+        return self.core.replay
+
+    def status(self) -> str:
+        return self.events.status()
+
+    def output_producer(self) -> IPushProducer:
+        """
+        The producer a client's connection pauses while it is full.
+        """
+        return _OutputThrottle(self.core)
 
 
 def _is_uuid(value: str) -> bool:
@@ -111,36 +120,63 @@ def _is_uuid(value: str) -> bool:
         return False
 
 
-class _ShellProtocol(ProcessProtocol):
+@dataclass
+class ShellFacts:
     """
-    Feeds what the shell's exec does into the manager.  Under the keeper,
-    the exec's stdout carries the keeper's frames (output, whose first piece
-    is the preamble; the exit status) and its stderr any error the keeper or
-    Docker reports.
+    What a shell's stream said before it closed: the exit status the keeper
+    reported, the end of its stderr, and the reason the stream gave.
     """
 
-    def __init__(self, manager: "SessionManager", session: Session, keeper: bool) -> None:
-        self._manager = manager
+    exit_status: int | None = None
+    stderr: bytes = b""
+    reason: Failure | None = None
+
+
+class _ShellProtocol(ProcessProtocol):
+    """
+    Feeds what one exec of the shell does into its session's lifecycle.
+    Under the keeper, the exec's stdout carries the keeper's frames (output,
+    whose first piece is the preamble; the exit status) and its stderr any
+    error the keeper or Docker reports.  An exec the session no longer uses
+    (it was replaced, or the session let it go) is not heard.
+    """
+
+    def __init__(self, session: Session, keeper: bool) -> None:
         self._session = session
         self._frames = FrameReader() if keeper else None
         self._preamble = PreambleReader() if keeper else None
-        self.exit_status: int | None = None
-        self.stderr = b""
+        self.facts = ShellFacts()
+        self.process = None
+
+    def makeConnection(self, transport) -> None:
+        self.process = KeeperProcess(transport) if self._frames is not None else transport
+        super().makeConnection(transport)
+        if not self._current():
+            transport.loseConnection()
+            return
+        self._session.events.stream_up(self.process)
+        if self._frames is None:
+            self._session.events.stream_started(self._session.replay.end, 0)
+
+    def _current(self) -> bool:
+        return self._session.shell is self
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if not self._current():
+            return
         # An error in passing output on (a client's fault) must not break the
         # connection to the shell: log it and keep the shell.
         try:
             if self._frames is None:
-                self._manager._output(self._session, data)
+                self._session.events.output(data)
             elif childFD == 2:
-                self.stderr = (self.stderr + data)[-2000:]
+                self.facts.stderr = (self.facts.stderr + data)[-2000:]
             else:
                 for kind, payload in self._frames.feed(data):
                     if kind == b"o":
                         self._output(payload)
                     elif kind == b"x" and len(payload) == 4:
-                        self.exit_status = struct.unpack(">I", payload)[0]
+                        self.facts.exit_status = struct.unpack(">I", payload)[0]
         except Exception:
             _log.failure("handling output of session {session_id} failed",
                          session_id=self._session.id)
@@ -149,16 +185,18 @@ class _ShellProtocol(ProcessProtocol):
         if not self._preamble.done:
             preamble, data = self._preamble.feed(data)
             if preamble is not None:
-                self._manager._stream_started(self._session, preamble.offset,
-                                              preamble.dropped)
+                self._session.events.stream_started(preamble.offset, preamble.dropped)
             elif self._preamble.missing:
-                self._manager._stream_started(self._session, 0, 0)
+                self._session.events.stream_started(self._session.replay.end, 0)
             if not data:
                 return
-        self._manager._output(self._session, data)
+        self._session.events.output(data)
 
     def processEnded(self, reason: Failure) -> None:
-        self._manager._process_ended(self._session, reason, self)
+        if self._current():
+            self._session.shell = None
+            self.facts.reason = reason
+            self._session.events.stream_closed(self.facts)
 
 
 @implementer(IExecProcess, IPushProducer)
@@ -215,9 +253,41 @@ class _OutputThrottle:
         self.resumeProducing()
 
 
+@implementer(IPushProducer)
+class _OutputThrottle:
+    """
+    Stands between a client's connection and a session's exec: the client's
+    transport pauses the exec when it is full.  When the client's connection
+    closes it calls C{stopProducing}, which must not end the shell, so this
+    proxy only lets the exec resume.
+    """
+
+    def __init__(self, core: SessionCore) -> None:
+        self._core = core
+
+    def pauseProducing(self) -> None:
+        if self._core.stream is not None:
+            self._core.stream.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._core.stream is not None:
+            self._core.stream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
+def _message(failure: Failure) -> tuple[str, str]:
+    if failure.check(CapsuleError):
+        return failure.value.message, failure.value.code
+    return f"the session could not be started: {failure.getErrorMessage()}", "start_failed"
+
+
+@implementer(ISessionEffects)
 class SessionManager:
     """
-    Creates, reconnects, ends and expires sessions.
+    Creates, reconnects, ends and expires sessions; does the work their
+    lifecycles ask for.
 
     @ivar sessions: the live sessions by id.
     """
@@ -227,7 +297,12 @@ class SessionManager:
         self._clock = clock
         self.config = config
         self.sessions: dict[str, Session] = {}
-        self._stopping = False
+        # While the sessions of an earlier run are not known yet (the engine
+        # did not answer at start), a reconnect cannot be told "no such
+        # session".
+        self.recovery_pending = False
+        # Container removals under way, which a stopping server waits for.
+        self._removals: set[Deferred] = set()
         self.pool = WarmPool(docker, clock, config.pool_size, self._container_spec,
                              max_age=config.pool_max_age)
 
@@ -238,6 +313,16 @@ class SessionManager:
         """
         return {LABEL_MANAGED: "true", LABEL_INSTANCE: self.config.instance}
 
+    def _new_session(self, session_id: str, size: tuple[int, int], **fields) -> Session:
+        now = self._clock.seconds()
+        session = Session(SessionCore(
+            id=session_id, clock=self._clock, effects=self,
+            replay=ReplayBuffer(self.config.replay_bytes), size=size,
+            max_pending_input=self.config.max_pending_input, created_at=now, active_at=now,
+            **fields))
+        self.sessions[session_id] = session
+        return session
+
     # -- what clients ask for --------------------------------------------
 
     def create(self, client, cols: int, rows: int) -> Session:
@@ -246,359 +331,284 @@ class SessionManager:
         C{session_started} or C{session_failed}.
         """
         warm = self.pool.take()
-        session = Session(
-            id=warm.session_id if warm else str(uuid.uuid4()),
-            size=(cols, rows),
-            replay=ReplayBuffer(self.config.replay_bytes),
-            created_at=self._clock.seconds(),
-            client=client,
-            container_id=warm.container_id if warm else None,
-            warm=warm is not None,
-        )
-        self.sessions[session.id] = session
-        d = Deferred.fromCoroutine(self._start(session))
-        d.addErrback(self._start_failed, session)
+        session = self._new_session(
+            warm.session_id if warm else str(uuid.uuid4()), (cols, rows), client=client,
+            container_id=warm.container_id if warm else None, warm=warm is not None)
+        session.events.start()
         return session
 
     def reconnect(self, session_id: str, client, offset: int | None = None) -> Session:
         """
         Attach C{client} to an existing session.  A client already attached
-        is let go (told C{session_taken_over}): the newest connection wins,
-        since the older one is most often a dead socket from before a
-        network change.
+        is let go (told C{session_taken_over}).
 
         @param offset: the offset up to which the client has the output; if
-            C{None}, what was sent to the previous client counts.
+            C{None}, what was handed to the previous client counts.
 
         @raise SessionNotFound: if there is no such live session.
         """
         session = self.sessions.get(session_id)
-        if session is None or session.phase is Phase.ENDED:
+        if session is None and self.recovery_pending:
+            raise DockerUnavailable(
+                "capsule has not found the sessions of its earlier run yet (the Docker engine"
+                " does not answer): try again shortly")
+        if session is None:
             raise SessionNotFound(
                 f"session {session_id} does not exist: it ended, or expired"
                 f" {self.config.grace:g} s after its last client left"
             )
-        previous, session.client = session.client, client
-        session.detached_at = None
-        if previous is not None:
-            session.sent_offset = previous.sent_offset
+        if session.client is not None:
             _log.info("session {session_id} taken over by a new connection",
                       session_id=session_id)
-            previous.pause_output_producer(None)
-            previous.session_taken_over()
         else:
             _log.info("session {session_id} reconnected", session_id=session_id)
-        if session.phase is Phase.RUNNING:
-            self._announce(session, resumed=True, offset=offset)
-        elif session.phase is Phase.RECOVERED:
-            session.phase = Phase.STARTING
-            session.reattaching = True
-            session.resume_from = offset
-            d = Deferred.fromCoroutine(self._reattach(session, 0 if offset is None else offset))
-            d.addErrback(self._reattach_failed, session)
+        session.events.attach(client, offset)
         return session
 
-    def detach(self, session: Session, client) -> None:
+    def detach(self, session: Session, client, unsent: int = 0) -> None:
         """
-        C{client} has gone away.  The session lives on for the grace period.
+        C{client} has gone away, and the last C{unsent} bytes of output
+        handed to it never went out.  The session lives on for the grace
+        period.
         """
         if session.client is not client:
             return
-        session.client = None
-        if session.phase is Phase.ENDED:
-            return
-        if session.announced:
-            session.sent_offset = client.sent_offset
-        session.detached_at = self._clock.seconds()
-        if session.process is not None:
-            # Nobody is watching, but the work must not stall.
-            session.process.resumeProducing()
-        if session.announced:
+        session.events.detach(client, unsent)
+        if session.status() in ("detached", "interrupted", "reattaching"):
             _log.info("client left session {session_id}; it is kept for {grace:g} s",
                       session_id=session.id, grace=self.config.grace)
 
-    async def _spawn_shell(self, session: Session, offset: int):
-        """
-        Start (or, under the keeper, attach to) the session's shell.
-        """
-        spec = self.config.spec
-        protocol = _ShellProtocol(self, session, self.config.keeper)
-        if not self.config.keeper:
-            return await self._docker.spawn_exec(
-                protocol, session.container_id, list(self.config.shell), spec.user,
-                spec.workdir, spec.environment, session.size)
-        argv = keeper_argv(self.config.shell, offset, self.config.replay_bytes,
-                           self.config.keeper_socket)
-        stream = await self._docker.spawn_exec(
-            protocol, session.container_id, argv, spec.user, spec.workdir,
-            spec.environment, None, tty=False)
-        process = KeeperProcess(stream)
-        process.resize(*session.size)
-        return process
-
     def write(self, session: Session, data: bytes) -> None:
-        if session.phase is Phase.RUNNING:
-            session.process.write(data)
-        elif session.phase is Phase.STARTING:
-            pending = sum(map(len, session.pending_input))
-            if pending + len(data) > self.config.max_pending_input:
-                raise ProtocolError(
-                    "the session is still starting and its input buffer is full:"
-                    " input was dropped", "input_dropped")
-            session.pending_input.append(data)
+        session.events.write(data)
 
     def resize(self, session: Session, cols: int, rows: int) -> None:
-        session.size = (cols, rows)
-        if session.phase is Phase.RUNNING:
-            session.process.resize(cols, rows)
+        session.events.resize(cols, rows)
 
-    # -- starting --------------------------------------------------------
+    def expire(self, session: Session) -> bool:
+        """
+        End a session whose grace period is over; return whether it ended.
+        """
+        expired = session.events.expire()
+        if expired:
+            _log.info("session {session_id} expired after {grace:g} s without a client",
+                      session_id=session.id, grace=self.config.grace)
+        return expired
 
-    def _container_spec(self, session_id: str) -> ContainerSpec:
-        return replace(self.config.spec, labels={
-            **self.config.spec.labels, **self.labels, LABEL_SESSION: session_id})
+    def end(self, session: Session, message: str, exit_code: int | None = None) -> None:
+        session.events.end(exit_code, message)
 
-    async def _start(self, session: Session) -> None:
-        started = self._clock.seconds()
+    # -- ISessionEffects: the work lifecycles ask for ------------------------
+
+    def make(self, session: Session) -> None:
+        d = Deferred.fromCoroutine(self._make(session))
+        d.addErrback(self._make_failed, session)
+
+    async def _make(self, session: Session) -> None:
+        core = session.core
         spec = self._container_spec(session.id)
         while True:
-            if session.container_id is None:
-                session.warm = False
-                session.container_id = await self._docker.create_session_container(
+            if core.container_id is None:
+                core.warm = False
+                core.container_id = await self._docker.create_session_container(
                     session.id, spec)
-            if session.phase is Phase.ENDED:
-                # Ended (server stopping) while the container was being made.
-                await self._remove_container(session)
-                return
             try:
-                session.process = await self._spawn_shell(session, 0)
+                await self._spawn_shell(session, 0)
             except ContainerGone as e:
-                if not session.warm:
+                if not core.warm:
                     raise
                 # A warm container died while it waited: never hand it out.
                 _log.warn("warm container {container} was broken ({message}): starting"
-                          " session {session_id} cold", container=session.container_id[:12],
+                          " session {session_id} cold", container=core.container_id[:12],
                           message=e.message, session_id=session.id)
                 await self._remove_container(session)
-                session.container_id = None
+                core.container_id = None
                 continue
-            break
-        if session.phase is Phase.ENDED:
-            session.process.loseConnection()
             return
-        session.phase = Phase.RUNNING
-        elapsed_ms = (self._clock.seconds() - started) * 1000
-        if session.client is None:
-            _log.info("session {session_id} started in {ms:.0f} ms, but its client had"
-                      " left: removing it", session_id=session.id, ms=elapsed_ms)
-            await self._end(session, None, "the client left before the session started")
-            self.pool.refill()
-            return
-        _log.info("session {session_id} started in {ms:.0f} ms ({how}, container {container})",
-                  session_id=session.id, ms=elapsed_ms, how="warm" if session.warm else "cold",
-                  container=session.container_id[:12])
-        pending, session.pending_input = session.pending_input, []
-        for data in pending:
-            session.process.write(data)
-        self._announce(session, resumed=False)
+
+    def _make_failed(self, failure: Failure, session: Session) -> None:
         self.pool.refill()
-
-    async def _reattach(self, session: Session, offset: int) -> None:
-        """
-        Attach to the keeper of a session found again after a restart; the
-        client is told once the keeper says where its output resumes.
-        """
-        try:
-            process = await self._spawn_shell(session, offset)
-        except ContainerGone:
-            await self._end(session, None, "the session's container is gone: it stopped"
-                                           " while capsule was down")
-            return
-        if session.phase is Phase.ENDED:
-            process.loseConnection()
-            return
-        session.process = process
-        _log.info("session {session_id} attached to again after a restart",
-                  session_id=session.id)
-
-    def _reattach_failed(self, failure: Failure, session: Session) -> None:
-        message = failure.value.message if failure.check(CapsuleError) else failure.getErrorMessage()
-        code = failure.value.code if failure.check(CapsuleError) else "start_failed"
-        _log.error("session {session_id} could not be attached to again: {message}",
-                   session_id=session.id, message=message)
-        if session.phase is Phase.ENDED:
-            return
-        # It stays recoverable: the client may try again (Docker may be back).
-        session.phase = Phase.RECOVERED
-        session.reattaching = False
-        client, session.client = session.client, None
-        session.detached_at = self._clock.seconds()
-        if client is not None:
-            client.session_failed(message, code)
-
-    def _stream_started(self, session: Session, offset: int, dropped: int) -> None:
-        """
-        The keeper said the output that follows begins at C{offset}.
-        """
-        if session.replay.end != offset:
-            session.replay.restart_at(offset)
-        if not session.reattaching or session.phase is not Phase.STARTING:
-            return
-        # A recovered session: its client learns where the output resumes.
-        wanted, session.resume_from = session.resume_from, None
-        session.reattaching = False
-        session.phase = Phase.RUNNING
-        client = session.client
-        if client is None:
-            session.detached_at = self._clock.seconds()
-            return
-        restarted = not dropped and wanted is not None and wanted > offset
-        self._hand_over(session, client, True, offset, dropped,
-                        b"\r\n[capsule: the session's shell was restarted]\r\n" if restarted else b"")
-
-    def _start_failed(self, failure: Failure, session: Session) -> None:
-        self.pool.refill()
+        message, code = _message(failure)
         if failure.check(CapsuleError):
-            message, code = failure.value.message, failure.value.code
             _log.error("session {session_id} failed to start: {message}",
                        session_id=session.id, message=message)
         else:
-            message, code = f"the session could not be started: {failure.getErrorMessage()}", "start_failed"
-            _log.failure("session {session_id} failed to start", failure, session_id=session.id)
-        client = session.client
-        ended = session.phase is Phase.ENDED
-        self._forget(session)
-        if client is not None and not ended:
-            client.session_failed(message, code)
-        d = self._remove_container(session)
-        d.addErrback(lambda f: None)
+            _log.failure("session {session_id} failed to start", failure,
+                         session_id=session.id)
+        session.events.stream_failed(message, code)
 
-    def _announce(self, session: Session, resumed: bool, offset: int | None = None) -> None:
+    async def _spawn_shell(self, session: Session, offset: int) -> None:
         """
-        Tell the session's client it is attached, then send it the output
-        it has not had: from C{offset}, or from what the last client was
-        sent.
+        Start (or, under the keeper, attach to) the session's shell: its
+        protocol feeds the lifecycle.
         """
-        client = session.client
-        session.announced = True
-        data, dropped = session.replay.since(
-            session.sent_offset if offset is None else offset)
-        first = session.replay.end - len(data)
-        self._hand_over(session, client, resumed, first, dropped, data)
-
-    def _hand_over(self, session: Session, client, resumed: bool, first: int, dropped: int,
-                   data: bytes) -> None:
-        """
-        Attach C{client}: tell it where the output it gets begins, let its
-        connection pause the shell's output, then send it what it missed.
-        """
-        client.session_started(session, resumed, first)
-        if session.client is not client:
+        spec = self.config.spec
+        protocol = session.shell = _ShellProtocol(session, self.config.keeper)
+        if not self.config.keeper:
+            await self._docker.spawn_exec(
+                protocol, session.container_id, list(self.config.shell), spec.user,
+                spec.workdir, spec.environment, None)
             return
-        client.pause_output_producer(_OutputThrottle(session))
-        if dropped:
-            client.session_dropped(dropped, first)
-        if data:
-            client.session_output(data)
+        argv = keeper_argv(self.config.shell, offset, self.config.replay_bytes,
+                           self.config.keeper_socket)
+        await self._docker.spawn_exec(
+            protocol, session.container_id, argv, spec.user, spec.workdir,
+            spec.environment, None, tty=False)
 
-    # -- the shell's side ----------------------------------------------
+    def reattach(self, session: Session, offset: int) -> None:
+        d = Deferred.fromCoroutine(self._spawn_shell(session, offset))
+        d.addErrback(self._reattach_failed, session)
 
-    def _output(self, session: Session, data: bytes) -> None:
-        session.replay.append(data)
-        if session.client is not None and session.announced and session.phase is Phase.RUNNING:
-            session.client.session_output(data)
-
-    def _process_ended(self, session: Session, reason: Failure, shell: _ShellProtocol) -> None:
-        if session.phase is not Phase.RUNNING or self._stopping:
+    def _reattach_failed(self, failure: Failure, session: Session) -> None:
+        message, _ = _message(failure)
+        if failure.check(ContainerGone):
+            session.events.end(None, "the session's container is gone: it stopped while"
+                                     " capsule was away from it")
             return
-        d = Deferred.fromCoroutine(self._shell_ended(session, reason, shell))
+        _log.error("session {session_id} could not be attached to again: {message}",
+                   session_id=session.id, message=message)
+        session.events.engine_lost(message)
+
+    def diagnose(self, session: Session, facts: ShellFacts) -> None:
+        d = Deferred.fromCoroutine(self._diagnose(session, facts))
         d.addErrback(lambda f: _log.failure("ending session {session_id} failed", f,
                                             session_id=session.id))
 
-    async def _shell_ended(self, session: Session, reason: Failure, shell: _ShellProtocol) -> None:
-        code = 0 if reason.check(ProcessDone) else getattr(reason.value, "exitCode", None)
-        stderr = shell.stderr.decode("utf-8", "replace").strip()
-        if self.config.keeper:
-            if shell.exit_status is not None:
-                code = shell.exit_status
-            elif "capsule-keeper" in stderr and ("not found" in stderr or "no such" in stderr.lower()):
-                await self._end(session, None, (
-                    f"the image {self.config.spec.image} has no capsule-keeper: build it from"
-                    " capsule's docker/Dockerfile, or start capsule with --no-keeper"))
-                return
-            else:
-                # The relay ended without the shell's status: find out why.
-                message = await self._why_gone(session)
-                if stderr:
-                    message = f"{message}: {stderr.splitlines()[-1]}"
-                await self._end(session, None, message)
-                return
+    async def _diagnose(self, session: Session, facts: ShellFacts) -> None:
+        reason = facts.reason
+        code = 0 if reason is None or reason.check(ProcessDone) else getattr(
+            reason.value, "exitCode", None)
+        stderr = facts.stderr.decode("utf-8", "replace").strip()
+        away = None
+        if self.config.keeper and facts.exit_status is not None:
+            code = facts.exit_status
+        elif self.config.keeper and "capsule-keeper" in stderr and (
+                "not found" in stderr or "no such" in stderr.lower()):
+            code, message = None, (
+                f"the image {self.config.spec.image} has no capsule-keeper: build it from"
+                " capsule's docker/Dockerfile, or start capsule with --no-keeper")
+        elif self.config.keeper or code is None:
+            # The stream ended without the shell's status: find out why.
+            code = None
+            message, away = await self._why_gone(session)
+            if stderr and not away:
+                message = f"{message}: {stderr.splitlines()[-1]}"
         if code == 137:
             message = ("the shell was killed (signal 9; most often it ran out of memory"
                        f" under the {self.config.spec.memory} limit)")
         elif code is not None:
             message = f"the shell exited with code {code}"
+        if away:
+            _log.warn("session {session_id} lost its shell's stream: {message}; waiting"
+                      " up to {grace:g} s for the engine", session_id=session.id,
+                      message=message, grace=self.config.grace)
+            session.events.engine_lost(message)
         else:
-            message = await self._why_gone(session)
-        await self._end(session, code, message)
+            session.events.end(code, message)
 
-    async def _why_gone(self, session: Session) -> str:
+    async def _why_gone(self, session: Session) -> tuple[str, bool]:
+        """
+        Why a session's stream closed: a sentence, and whether the cause is
+        that the engine cannot be reached (the container may well run on).
+        """
         # A container being killed may still say it runs for a moment.
         for attempt in range(6):
             try:
                 state = await self._docker.container_state(session.container_id)
+            except DockerUnavailable as e:
+                return f"the connection to the shell was lost ({e.message})", True
             except CapsuleError as e:
-                return f"the connection to the shell was lost ({e.message})"
+                return f"the connection to the shell was lost ({e.message})", False
             if state is None or not state.get("Running") or attempt == 5:
                 break
             await deferLater(self._clock, 0.2, lambda: None)
         if state is None:
-            return "the session's container was removed"
+            return "the session's container was removed", False
         if state.get("OOMKilled"):
             return ("the session's container ran out of memory (limit "
-                    f"{self.config.spec.memory}) and was stopped")
+                    f"{self.config.spec.memory}) and was stopped"), False
         if not state.get("Running"):
-            return f"the session's container stopped (exit code {state.get('ExitCode')})"
-        return "the connection to the shell was lost"
+            return f"the session's container stopped (exit code {state.get('ExitCode')})", False
+        return "the connection to the shell was lost", False
 
-    # -- ending ----------------------------------------------------------
+    def await_engine(self, session: Session) -> None:
+        d = Deferred.fromCoroutine(self._await_engine(session))
+        d.addErrback(lambda f: _log.failure("waiting for the engine for session {session_id}"
+                                            " failed", f, session_id=session.id))
 
-    async def _end(self, session: Session, exit_code: int | None, message: str) -> None:
-        if session.phase is Phase.ENDED and session.id not in self.sessions:
+    async def _await_engine(self, session: Session) -> None:
+        deadline = self._clock.seconds() + self.config.grace
+        delay = ENGINE_RETRY_FIRST
+        while True:
+            try:
+                state = await self._docker.container_state(session.container_id)
+            except CapsuleError:
+                if self._clock.seconds() >= deadline:
+                    session.events.end(None, "the Docker engine did not come back within"
+                                             f" {self.config.grace:g} s")
+                    return
+                await deferLater(self._clock, delay, lambda: None)
+                delay = min(delay * 2, ENGINE_RETRY_MAX)
+                # Ended, or let go, meanwhile: nothing to wait for.
+                if session.status() != "interrupted":
+                    return
+                continue
+            if state is None:
+                session.events.end(None, "the session's container is gone: it was removed"
+                                         " while the Docker engine was away")
+            elif not state.get("Running"):
+                session.events.end(None, "the session's container stopped while the Docker"
+                                         f" engine was away (exit code {state.get('ExitCode')})")
+            else:
+                _log.info("the engine answers again: attaching to session {session_id}",
+                          session_id=session.id)
+                session.events.engine_back()
             return
-        session.phase = Phase.ENDED
-        session.exit_code = exit_code
-        client = session.client
-        self._forget(session)
-        _log.info("session {session_id} ended: {message}", session_id=session.id, message=message)
-        if session.process is not None:
-            session.process.loseConnection()
-        if client is not None:
-            client.pause_output_producer(None)
-            client.session_ended(exit_code, message)
-        await self._remove_container(session)
 
-    def _forget(self, session: Session) -> None:
-        session.phase = Phase.ENDED
-        self.sessions.pop(session.id, None)
+    def remove(self, session: Session) -> None:
+        d = self._remove_container(session)
+        self._removals.add(d)
+
+        def done(_):
+            self._removals.discard(d)
+            session.events.removed()
+        d.addBoth(done)
+
+    def forget(self, session: Session) -> None:
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+        if session.core.message is not None:
+            _log.info("session {session_id} ended: {message}", session_id=session.id,
+                      message=session.core.message)
+
+    def went_live(self, session: Session, resumed: bool) -> None:
+        core = session.core
+        elapsed_ms = (self._clock.seconds() - core.created_at) * 1000
+        if resumed:
+            _log.info("session {session_id} attached to its shell again",
+                      session_id=session.id)
+            return
+        _log.info("session {session_id} started in {ms:.0f} ms ({how}, container {container})",
+                  session_id=session.id, ms=elapsed_ms, how="warm" if core.warm else "cold",
+                  container=core.container_id[:12])
+        self.pool.refill()
+
+    # -- containers ----------------------------------------------------
+
+    def _container_spec(self, session_id: str) -> ContainerSpec:
+        return replace(self.config.spec, labels={
+            **self.config.spec.labels, **self.labels, LABEL_SESSION: session_id})
 
     def _remove_container(self, session: Session) -> Deferred:
-        if session.container_id is None:
+        container_id = session.container_id
+        if container_id is None:
             return succeed(None)
-        d = self._docker.remove_container(session.container_id)
+        d = self._docker.remove_container(container_id)
         d.addErrback(lambda f: _log.error(
             "could not remove container {container} of session {session_id}: {error}",
-            container=session.container_id[:12], session_id=session.id,
-            error=f.getErrorMessage()))
+            container=container_id[:12], session_id=session.id, error=f.getErrorMessage()))
         return d
 
-    def expire(self, session: Session) -> Deferred:
-        """
-        End a session whose grace period is over, and remove its container.
-        """
-        _log.info("session {session_id} expired after {grace:g} s without a client",
-                  session_id=session.id, grace=self.config.grace)
-        return Deferred.fromCoroutine(self._end(session, None, "the session expired"))
+    # -- the server's start and stop -------------------------------------
 
     def shutdown(self) -> Deferred:
         """
@@ -607,32 +617,23 @@ class SessionManager:
         are closed, and only sessions still being made are removed.  Without
         it, every session ends and its container is removed.
         """
-        self._stopping = self.config.keeper
-        sessions = list(self.sessions.values())
-        ends = []
         kept = 0
-        for session in sessions:
-            if self.config.keeper and session.announced:
-                kept += 1
-                client, session.client = session.client, None
-                try:
-                    if client is not None:
-                        client.pause_output_producer(None)
-                        client.session_interrupted("capsule is restarting: reconnect to resume")
-                    if session.process is not None:
-                        session.process.loseConnection()
-                except Exception:
-                    _log.failure("letting session {session_id} go failed",
-                                 session_id=session.id)
-            else:
-                ends.append(Deferred.fromCoroutine(
-                    self._end(session, None, "the capsule server shut down")))
+        for session in list(self.sessions.values()):
+            try:
+                if self.config.keeper:
+                    kept += session.events.let_go("capsule is restarting: reconnect to resume")
+                else:
+                    session.events.end(None, "the capsule server shut down")
+            except Exception:
+                _log.failure("letting session {session_id} go failed", session_id=session.id)
+        self.sessions.clear()
         if kept:
             _log.info("shutting down: {count} session(s) keep running in their containers"
                       " and can be resumed after a restart", count=kept)
-        if ends:
-            _log.info("shutting down: removing {count} session container(s)", count=len(ends))
-        return DeferredList([self.pool.stop(), *ends], consumeErrors=True)
+        if self._removals:
+            _log.info("shutting down: removing {count} session container(s)",
+                      count=len(self._removals))
+        return DeferredList([self.pool.stop(), *self._removals], consumeErrors=True)
 
     async def recover(self) -> int:
         """
@@ -642,16 +643,14 @@ class SessionManager:
         container of this server.
         """
         found = await self._docker.list_containers(self.labels)
-        now = self._clock.seconds()
         recovered = []
         for container in found:
             session_id = container["labels"].get(LABEL_SESSION)
             if (self.config.keeper and container["state"] == "running" and session_id
                     and session_id not in self.sessions and _is_uuid(session_id)):
-                self.sessions[session_id] = Session(
-                    id=session_id, size=(80, 24), replay=ReplayBuffer(self.config.replay_bytes),
-                    created_at=now, phase=Phase.RECOVERED, detached_at=now,
-                    container_id=container["id"], announced=True)
+                session = self._new_session(session_id, (80, 24),
+                                            container_id=container["id"])
+                session.events.recover()
                 recovered.append(session_id)
         if recovered:
             _log.info("found {count} session(s) of an earlier run; each waits {grace:g} s"

@@ -5,7 +5,10 @@ that records what a session tells it.
 
 from __future__ import annotations
 
+import io
+import posixpath
 import struct
+import tarfile
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -23,43 +26,67 @@ class FakeExecProcess:
     An exec.  With C{keeper}, it behaves as capsule-keeper's relay: output
     goes out in C{o} frames, the exit status in an C{x} frame, and the
     C{i}/C{w} frames written to it are decoded into C{written} and
-    C{resizes}.
+    C{resizes}.  With a C{program} (see L{FakeDockerAPI.programs}), what is
+    written to it is also handed to the program, which answers through
+    L{emit} and L{exit}.
     """
 
     def __init__(self, process_protocol, container_id: str, argv, size,
-                 keeper: bool = False) -> None:
+                 keeper: bool = False, tty: bool = True, program=None) -> None:
         self.exec_id = f"exec-{container_id}"
+        self.container_id = container_id
         self.process_protocol = process_protocol
         self.argv = tuple(argv)
         self.size = size
         self.keeper = keeper
+        self.tty = tty
+        self.program = program
         self.written: list[bytes] = []
         self.resizes: list[tuple[int, int]] = []
         self.paused = False
         self.connected = True
         self._frames = FrameReader()
 
-    def emit(self, data: bytes) -> None:
-        if self.keeper:
+    def emit(self, data: bytes, fd: int = 1) -> None:
+        """
+        The program writes C{data} to C{fd} (1 or 2); with a TTY, both end
+        up on fd 1, as they do on a terminal.
+        """
+        if self.keeper and fd == 1:
             data = b"o" + struct.pack(">I", len(data)) + data
-        self.process_protocol.childDataReceived(1, data)
+        self.process_protocol.childDataReceived(1 if self.tty else fd, data)
 
     def exit(self, code: int | None) -> None:
         """
         The shell ended with C{code}; C{None}: the exec died without a word
         (its container was killed).
         """
-        self.connected = False
         if self.keeper and code is not None:
             self.process_protocol.childDataReceived(1, b"x" + struct.pack(">II", 4, code))
             code = 0
+        self.end(code)
+
+    def end(self, code: int | None) -> None:
+        """
+        The exec itself ended with C{code} (C{None}: Docker could not say),
+        as the engine reports it: C{processEnded}, once.
+        """
+        if not self.connected:
+            return
+        self.connected = False
         if code == 0:
             reason = Failure(ProcessDone(0))
         else:
             reason = Failure(ProcessTerminated(exitCode=code))
         self.process_protocol.processEnded(reason)
 
+    def _start(self) -> None:
+        if self.program is not None:
+            self.program.started(self)
+
     def write(self, data: bytes) -> None:
+        if self.program is not None and self.connected:
+            self.program.received(self, data)
         if not self.keeper:
             self.written.append(data)
             return
@@ -73,7 +100,20 @@ class FakeExecProcess:
         self.resizes.append((cols, rows))
 
     def loseConnection(self) -> None:
-        self.connected = False
+        """
+        As with the engine, the exec's end follows: a keeper's relay exits
+        253 when its input ends; a program decides (C{closed(process)});
+        an exec of neither is reported ended without a code, as the engine
+        does for a program that is still running.
+        """
+        if not self.connected:
+            return
+        if self.keeper:
+            self.end(253)
+        elif self.program is not None and hasattr(self.program, "closed"):
+            self.program.closed(self)
+        else:
+            self.end(None)
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -89,7 +129,14 @@ class FakeExecProcess:
 class FakeDockerAPI:
     """
     Containers are dicts; every call answers at once unless C{hold_create}
-    is set, in which case creates wait until C{release_create()}.
+    is set, in which case creates wait until C{release_create()}.  While
+    C{reachable} is false, every call fails with L{DockerUnavailable}, as
+    the engine's calls do.
+
+    @ivar programs: what an exec runs, by its argv (a tuple): a callable
+        making an object with C{started(process)} and C{received(process,
+        data)}.  An exec of any other argv does nothing by itself; tests
+        drive it through its L{FakeExecProcess}.
     """
 
     host = "fake://docker"
@@ -99,8 +146,15 @@ class FakeDockerAPI:
         self.containers: dict[str, dict] = {}
         self.removed: list[str] = []
         self.processes: list[FakeExecProcess] = []
+        self.programs: dict[tuple[str, ...], object] = {}
         self.reachable = True
         self.hold_create = False
+        # While set, execs connect only at release_exec().
+        self.hold_exec = False
+        self._held_execs: list[tuple[FakeExecProcess, Deferred]] = []
+        # While set, listings wait until release_list().
+        self.hold_list = False
+        self._held_lists: list[tuple[Deferred, dict]] = []
         self._held: list[tuple[Deferred, str]] = []
         # Per container: the (first held, end) output offsets its keeper reports.
         self.keeper_output: dict[str, tuple[int, int]] = {}
@@ -128,6 +182,7 @@ class FakeDockerAPI:
         self.containers[container_id] = {
             "id": container_id, "name": f"capsule-{session_id}",
             "labels": dict(spec.labels), "state": "running", "spec": spec,
+            "files": {},
         }
         if self.hold_create:
             d = Deferred()
@@ -142,7 +197,26 @@ class FakeDockerAPI:
 
     def add_container(self, container_id: str, labels: dict) -> None:
         self.containers[container_id] = {"id": container_id, "name": container_id,
-                                         "labels": dict(labels), "state": "running"}
+                                         "labels": dict(labels), "state": "running",
+                                         "files": {}}
+
+    def add_file(self, container_id: str, path: str, data: bytes) -> None:
+        """
+        Put a file (an absolute path) into a container, as a program in it would.
+        """
+        self.containers[container_id].setdefault("files", {})[path] = data
+
+    def kill_container(self, container_id: str, oom: bool = False) -> None:
+        """
+        The container dies (killed, or out of memory with C{oom}), as
+        C{docker kill} does: it stays, exited with 137, and its execs end
+        with 137.
+        """
+        container = self.containers[container_id]
+        container.update(state="exited", exit_code=137, oom=oom)
+        for process in self.processes:
+            if process.exec_id == f"exec-{container_id}":
+                process.end(137)
 
     def remove_container(self, container_id):
         failed = self._check()
@@ -157,6 +231,22 @@ class FakeDockerAPI:
         failed = self._check()
         if failed:
             return failed
+        if self.hold_list:
+            d = Deferred()
+            self._held_lists.append((d, labels))
+            return d
+        return self._listing(labels)
+
+    def release_list(self) -> None:
+        """
+        Answer the listings held while C{hold_list} was set (and hold no more).
+        """
+        self.hold_list = False
+        held, self._held_lists = self._held_lists, []
+        for d, labels in held:
+            self._listing(labels).chainDeferred(d)
+
+    def _listing(self, labels):
         return succeed([
             {k: c[k] for k in ("id", "name", "labels", "state")}
             for c in self.containers.values()
@@ -164,6 +254,9 @@ class FakeDockerAPI:
         ])
 
     def container_state(self, container_id):
+        failed = self._check()
+        if failed:
+            return failed
         c = self.containers.get(container_id)
         return succeed(None if c is None else {"Running": c["state"] == "running",
                                                "OOMKilled": c.get("oom", False),
@@ -171,35 +264,100 @@ class FakeDockerAPI:
 
     def spawn_exec(self, process_protocol, container_id, argv, user, workdir, env, size,
                    tty=True):
-        if container_id not in self.containers:
+        failed = self._check()
+        if failed:
+            return failed
+        container = self.containers.get(container_id)
+        if container is None:
             return fail(ContainerGone("the session's container no longer exists"))
+        if container["state"] != "running":
+            return fail(ContainerGone("the session's container is not running"))
         keeper = argv[0] == "capsule-keeper"
-        process = FakeExecProcess(process_protocol, container_id, argv, size, keeper)
+        program = self.programs.get(tuple(argv))
+        process = FakeExecProcess(process_protocol, container_id, argv, size, keeper,
+                                  tty=tty, program=program() if program else None)
         self.processes.append(process)
-        process_protocol.makeConnection(process)
-        if keeper:
+        d = Deferred()
+        if self.hold_exec:
+            self._held_execs.append((process, d))
+        else:
+            self._connect(process, d)
+        return d
+
+    def _connect(self, process: FakeExecProcess, d: Deferred) -> None:
+        """
+        As the engine does once its exec-start upgrade is done: the process
+        protocol is connected, the Deferred fires, then the first bytes come.
+        """
+        process.process_protocol.makeConnection(process)
+        d.callback(process)
+        if process.keeper:
             # As the keeper does: say where the output resumes.
+            argv = process.argv
             wanted = int(argv[argv.index("-o") + 1])
-            held_from, end = self.keeper_output.get(container_id, (0, 0))
+            held_from, end = self.keeper_output.get(process.container_id, (0, 0))
             start = min(max(wanted, held_from), end)
             dropped = start - wanted if wanted < held_from else 0
             process.emit(f"\x1b_capsule-keeper;offset={start};dropped={dropped}\x1b\\".encode())
-        return succeed(process)
+        process._start()
+
+    def release_exec(self) -> None:
+        """
+        Connect the execs held while C{hold_exec} was set (and hold no more).
+        """
+        self.hold_exec = False
+        held, self._held_execs = self._held_execs, []
+        for process, d in held:
+            self._connect(process, d)
 
     def export_workspace(self, container_id, path, write):
-        return fail(ContainerGone("not supported by the fake"))
+        """
+        As the engine does, but C{write} is called on the calling thread.
+        """
+        failed = self._check()
+        if failed:
+            return failed
+        container = self.containers.get(container_id)
+        if container is None:
+            return fail(ContainerGone(
+                f"{path} cannot be exported: the session's container is gone"))
+        top = posixpath.basename(path.rstrip("/"))
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            tar.addfile(_tar_entry(top, tarfile.DIRTYPE))
+            for name, data in sorted(container.get("files", {}).items()):
+                relative = posixpath.relpath(name, path)
+                if relative.startswith(".."):
+                    continue
+                entry = _tar_entry(f"{top}/{relative}", tarfile.REGTYPE, len(data))
+                tar.addfile(entry, io.BytesIO(data))
+        data = archive.getvalue()
+        try:
+            for at in range(0, len(data), 64 * 1024):
+                write(data[at : at + 64 * 1024])
+        except Exception:
+            return fail()
+        return succeed(None)
+
+
+def _tar_entry(name: str, kind: bytes, size: int = 0) -> tarfile.TarInfo:
+    entry = tarfile.TarInfo(name)
+    entry.type = kind
+    entry.size = size
+    entry.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    return entry
 
 
 @implementer(ISessionClient)
 class RecordingClient:
     """
-    Records every call a session makes on its client, in order.
+    Records every call a session makes on its client, in order, and the
+    offset of the next output byte it would get.
     """
 
     def __init__(self) -> None:
         self.events: list[tuple] = []
-        self.producer = None
-        self.sent_offset = 0
+        self.offset = None
 
     @property
     def output(self) -> bytes:
@@ -208,16 +366,19 @@ class RecordingClient:
     def kinds(self) -> list[str]:
         return [e[0] for e in self.events]
 
-    def session_started(self, session, resumed, offset):
-        self.sent_offset = offset
+    def session_started(self, session, resumed, offset, replay):
+        self.offset = offset
         self.events.append(("started", session.id, resumed))
 
     def session_output(self, data):
-        self.sent_offset += len(data)
+        self.offset += len(data)
         self.events.append(("output", data))
 
     def session_dropped(self, count, offset):
         self.events.append(("dropped", count, offset))
+
+    def session_notice(self, code, message):
+        self.events.append(("notice", code))
 
     def session_failed(self, message, code):
         self.events.append(("failed", message, code))
@@ -230,6 +391,3 @@ class RecordingClient:
 
     def session_interrupted(self, message):
         self.events.append(("interrupted", message))
-
-    def pause_output_producer(self, producer):
-        self.producer = producer

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from . import protocol as wire
 from .coalesce import Coalescer
-from .errors import SessionNotFound
+from .errors import CapsuleError, SessionNotFound
 from .interfaces import ISessionClient
 from .session import SessionManager
 
@@ -76,13 +76,68 @@ class _FlowGate:
         self._throttle.stopProducing()
 
 
+class JsonWire:
+    """
+    The original design's protocol: JSON text frames, output as base64, no
+    offsets and no acknowledgements.
+    """
+
+    subprotocol = None
+    acks = False
+
+    def __init__(self, max_message_size: int) -> None:
+        self.max_chunk = wire.max_output_chunk(max_message_size, False)
+
+    def parse(self, payload: bytes, is_binary: bool) -> wire.ClientMessage:
+        return wire.parse_client_message(payload, is_binary, False)
+
+    def connected(self, session_id: str, resumed: bool, offset: int, replay: int,
+                  window: int) -> tuple[bytes, bool]:
+        return wire.encode_connected(session_id, resumed, replay=replay), False
+
+    def output(self, chunk: bytes) -> tuple[bytes, bool]:
+        return wire.encode_output(chunk), False
+
+    def dropped(self, count: int, offset: int) -> tuple[bytes, bool]:
+        # No offsets here: the client reads it in its terminal.
+        return wire.encode_output(
+            f"\r\n[capsule: {count} bytes of older output were dropped]\r\n".encode()), False
+
+
+class BinaryWire:
+    """
+    The binary protocol: raw output bytes in binary frames at implicit
+    offsets, acknowledged by the client for flow control.
+    """
+
+    subprotocol = wire.BINARY_SUBPROTOCOL
+    acks = True
+
+    def __init__(self, max_message_size: int) -> None:
+        self.max_chunk = wire.max_output_chunk(max_message_size, True)
+
+    def parse(self, payload: bytes, is_binary: bool) -> wire.ClientMessage:
+        return wire.parse_client_message(payload, is_binary, True)
+
+    def connected(self, session_id: str, resumed: bool, offset: int, replay: int,
+                  window: int) -> tuple[bytes, bool]:
+        return wire.encode_connected(session_id, resumed, offset, window, replay), False
+
+    def output(self, chunk: bytes) -> tuple[bytes, bool]:
+        return chunk, True
+
+    def dropped(self, count: int, offset: int) -> tuple[bytes, bool]:
+        return wire.encode_dropped(count, offset), False
+
+
 @implementer(ISessionClient)
 class CapsuleServerProtocol(WebSocketServerProtocol):
     """
     One browser connection.  Its C{_phase} is C{"new"} until the
     handshake, then C{"awaiting_resize"} (a new session needs the terminal
     size first), C{"session"} (attached to, or starting, a session), and
-    C{"done"}.
+    C{"done"}.  What goes on the wire is its C{_wire}'s business: the JSON
+    or the binary protocol, chosen at the handshake.
     """
 
     def __init__(self) -> None:
@@ -92,10 +147,11 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._requested_offset: str | None = None
         self._session = None
         self._producer = None
-        self._binary = False
+        self._wire: JsonWire | BinaryWire | None = None
         # The offset of the next output byte this client will be sent, and
-        # the offset it has acknowledged (binary protocol).
-        self.sent_offset = 0
+        # the offset it has acknowledged (binary protocol): the wire's
+        # accounting for flow control; the session owns where output is.
+        self._sent = 0
         self._acked = 0
         self._coalescer: Coalescer | None = None
 
@@ -116,14 +172,12 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._requested_session = values[0] if values else None
         values = request.params.get("offset")
         self._requested_offset = values[0] if values else None
-        self._binary = wire.BINARY_SUBPROTOCOL in request.protocols
-        self._max_output_frame = wire.max_output_chunk(self.factory.max_message_size,
-                                                       self._binary)
+        kind = BinaryWire if wire.BINARY_SUBPROTOCOL in request.protocols else JsonWire
+        self._wire = kind(self.factory.max_message_size)
         self._coalescer = Coalescer(self.factory.clock, self._emit,
                                     delay=self.factory.coalesce_delay,
-                                    limit=min(self.factory.coalesce_bytes,
-                                              self._max_output_frame))
-        return wire.BINARY_SUBPROTOCOL if self._binary else None
+                                    limit=min(self.factory.coalesce_bytes, self._wire.max_chunk))
+        return self._wire.subprotocol
 
     def onOpen(self) -> None:
         self.factory.connections.add(self)
@@ -143,19 +197,21 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         try:
             session_id = wire.parse_session_id(self._requested_session)
             offset = None
-            if self._binary and self._requested_offset is not None:
+            if self._wire.acks and self._requested_offset is not None:
                 offset = wire.parse_offset(self._requested_offset)
             self._session = self._manager.reconnect(session_id, self, offset)
         except wire.ProtocolError as e:
             self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
         except SessionNotFound as e:
             self._refuse(e.message, e.code, CLOSE_SESSION_NOT_FOUND)
+        except CapsuleError as e:
+            self._refuse(e.message, e.code, CLOSE_UNAVAILABLE)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # Any exception escaping here would drop the connection: every
         # failure becomes an error frame instead.
         try:
-            self._handle(wire.parse_client_message(payload, isBinary, self._binary))
+            self._handle(self._wire.parse(payload, isBinary))
         except wire.ProtocolError as e:
             self._send(wire.encode_error(e.message, e.code))
         except Exception:
@@ -167,11 +223,13 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self.factory.connection_closed(self)
         session, self._session = self._session, None
         self._phase = "done"
+        unsent = 0
         if self._coalescer is not None:
+            unsent = self._coalescer.pending
             self._coalescer.discard()
         self.pause_output_producer(None)
         if session is not None:
-            self._manager.detach(session, self)
+            self._manager.detach(session, self, unsent)
 
     # -- messages --------------------------------------------------------
 
@@ -191,17 +249,17 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                     " starts once the terminal size is known", "not_started")
             self._manager.write(self._session, message.data)
         elif isinstance(message, wire.Ack):
-            if message.offset > self.sent_offset:
+            if message.offset > self._sent:
                 raise wire.ProtocolError(
-                    f"ack of offset {message.offset}, beyond the {self.sent_offset} bytes sent",
+                    f"ack of offset {message.offset}, beyond the {self._sent} bytes sent",
                     "bad_ack")
             self._acked = max(self._acked, message.offset)
             self._check_window()
 
     def _check_window(self) -> None:
-        if self._producer is not None:
+        if self._producer is not None and self._wire.acks:
             self._producer.hold(
-                "window", self.sent_offset - self._acked >= self.factory.flow_window)
+                "window", self._sent - self._acked >= self.factory.flow_window)
 
     def _emit(self, data: bytes) -> None:
         # Called by the coalescer with a batch of output.  Autobahn refuses
@@ -209,25 +267,21 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         # goes out in several frames.
         if self.state != WebSocketProtocol.STATE_OPEN:
             return
-        piece = self._max_output_frame
+        piece = self._wire.max_chunk
         chunks = [data] if len(data) <= piece else [
             data[start : start + piece] for start in range(0, len(data), piece)]
         for chunk in chunks:
-            self.sent_offset += len(chunk)
-            if self._binary:
-                self.sendMessage(chunk, isBinary=True)
-            else:
-                self.sendMessage(wire.encode_output(chunk), isBinary=False)
-        if self._binary:
-            self._check_window()
+            self._sent += len(chunk)
+            self.sendMessage(*self._wire.output(chunk))
+        self._check_window()
 
     def _flush(self) -> None:
         if self._coalescer is not None:
             self._coalescer.flush()
 
-    def _send(self, payload: bytes) -> None:
+    def _send(self, payload: bytes, is_binary: bool = False) -> None:
         if self.state == WebSocketProtocol.STATE_OPEN:
-            self.sendMessage(payload, isBinary=False)
+            self.sendMessage(payload, isBinary=is_binary)
 
     def _refuse(self, message: str, code: str, close_code: int) -> None:
         _log.info("refused {peer}: {message}", peer=self.peer, message=message)
@@ -240,46 +294,49 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         if self.state == WebSocketProtocol.STATE_OPEN:
             self.sendClose(code, _reason(reason))
 
+    def _let_go(self) -> None:
+        self._session = None
+        self._flush()
+        self.pause_output_producer(None)
+
     # -- ISessionClient ----------------------------------------------------
 
-    def session_started(self, session, resumed: bool, offset: int) -> None:
-        self.sent_offset = self._acked = offset
-        if self._binary:
-            self._send(wire.encode_connected(session.id, resumed, offset,
-                                             self.factory.flow_window))
-        else:
-            self._send(wire.encode_connected(session.id, resumed))
+    def session_started(self, session, resumed: bool, offset: int, replay: int) -> None:
+        self._flush()
+        self._sent = self._acked = offset
+        self._send(*self._wire.connected(session.id, resumed, offset, replay,
+                                         self.factory.flow_window))
+        self.pause_output_producer(session.output_producer())
 
     def session_output(self, data: bytes) -> None:
         self._coalescer.push(data)
 
     def session_dropped(self, count: int, offset: int) -> None:
         self._flush()
-        if self._binary:
-            self._send(wire.encode_dropped(count, offset))
-        else:
-            self._send(wire.encode_output(
-                f"\r\n[capsule: {count} bytes of older output were dropped]\r\n".encode()))
+        self._send(*self._wire.dropped(count, offset))
+
+    def session_notice(self, code: str, message: str) -> None:
+        self._flush()
+        self._send(wire.encode_notice(code, message))
 
     def session_failed(self, message: str, code: str) -> None:
-        self._session = None
+        self._let_go()
         self._send(wire.encode_error(message, code))
-        self._close(CLOSE_UNAVAILABLE, message)
+        self._close(CLOSE_SESSION_NOT_FOUND if code == "session_not_found"
+                    else CLOSE_UNAVAILABLE, message)
 
     def session_ended(self, exit_code: int | None, message: str) -> None:
-        self._session = None
-        self._flush()
+        self._let_go()
         self._send(wire.encode_exit(exit_code, message))
         self._close(1000, message)
 
     def session_interrupted(self, message: str) -> None:
-        self._session = None
-        self._flush()
+        self._let_go()
         self._send(wire.encode_error(message, "restarting"))
         self._close(CLOSE_RESTARTING, message)
 
     def session_taken_over(self) -> None:
-        self._flush()
+        self._let_go()
         self._refuse("this session was opened in another window", "taken_over",
                      CLOSE_TAKEN_OVER)
 

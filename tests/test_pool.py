@@ -2,7 +2,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from capsule.docker_api import ContainerSpec
-from capsule.session import Phase, SessionConfig, SessionManager
+from capsule.session import SessionConfig, SessionManager
 from capsule.testing import FakeDockerAPI, RecordingClient
 
 
@@ -41,7 +41,7 @@ def test_session_takes_a_warm_container_and_pool_refills(docker, clock):
     client = RecordingClient()
     session = manager.create(client, 80, 24)
     assert session.id == warm.session_id and session.container_id == warm.container_id
-    assert session.warm and session.phase is Phase.RUNNING
+    assert session.warm and session.status() == "running"
     assert len(manager.pool.ready) == 2
     assert len(docker.containers) == 3
 
@@ -52,7 +52,7 @@ def test_broken_warm_container_is_replaced_by_a_cold_start(docker, clock):
     del docker.containers[warm.container_id]  # died while waiting
     client = RecordingClient()
     session = manager.create(client, 80, 24)
-    assert session.phase is Phase.RUNNING
+    assert session.status() == "running"
     assert session.container_id != warm.container_id and not session.warm
     assert client.kinds() == ["started"]
 

@@ -71,7 +71,8 @@ async def test_reconnect_keeps_shell_state(server):
     await client.closed
     again = await WSClient.connect(server.ws_url, session_id)
     connected = await again.next("connected")
-    assert connected == {"type": "connected", "session_id": session_id, "resumed": True}
+    assert connected == {"type": "connected", "session_id": session_id, "resumed": True,
+                         "replay": 0}
     again.send({"type": "resize", "cols": 80, "rows": 24})
     out = await again.run("echo $CAPSULE_T $PWD; jobs")
     assert "kept /tmp" in out

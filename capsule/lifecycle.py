@@ -1,0 +1,681 @@
+"""
+A session's lifecycle, as one state machine: no I/O, the clock injected.
+
+Everything that happens to a session arrives here as an input: what its
+client does (attach, detach, write, resize), what its shell's stream does
+(up, started at an offset, output, closed), what capsule learns about it
+(the engine went away or came back, the shell is over) and what capsule
+decides (end it, expire it, let it go because capsule stops).  Each state
+says what each input means in it, so that no input can land in a state that
+has no answer for it: an input with no transition is a bug and raises.
+
+The states (a state and its C{...Alone}/C{...Orphaned} twin differ only in
+whether a client is attached)::
+
+    New -start-> Starting --stream_started--> Attached <-attach/detach-> Detached
+                 (client left: StartingOrphaned, which ends once started)
+    New -recover-> Recovered -attach-> Resuming --stream_started--> Attached
+    Attached/Detached --stream_closed--> Interrupted(Alone)   (cause being found)
+    Interrupted(Alone) --engine_lost--> itself, waiting for the engine
+                       --engine_back--> Reattaching(Alone) --stream_started--> Attached/Detached
+    any live state --end--> Ending --removed--> Ended;  Detached/Recovered --expire--> Ending
+    any kept state --let_go (capsule stops; the shell lives on)--> Ended
+
+Input typed while there is no stream (starting, resuming, interrupted,
+reattaching) is held, bounded, and written to the shell once, in order, by
+whichever transition brings a stream up.
+
+Work that needs the outside world (make a container, attach to its keeper,
+find out why a stream closed, wait for the engine, remove a container) is
+asked of an L{ISessionEffects}; its outcome comes back as an input.  Output
+offsets have one owner: the session's replay buffer says where output is,
+and C{handed} how far it went to clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from automat import TypeMachineBuilder
+from zope.interface import Interface
+
+from .protocol import ProtocolError
+from .replay import ReplayBuffer
+
+RESTARTED_NOTICE = ("the session's shell was restarted (its container restarted while"
+                    " capsule was away): what it printed before is gone")
+
+
+class ISessionEffects(Interface):
+    """
+    What a session's lifecycle asks of the world.  Each method starts the
+    work and returns at once; its outcome is fed back as an input.
+    """
+
+    def make(session):
+        """
+        Create the session's container unless it has one, and start its
+        shell: feed C{stream_up}, then C{stream_started}; or
+        C{stream_failed}.
+        """
+
+    def reattach(session, offset):
+        """
+        Attach to the running shell again, asking for its output from
+        C{offset}: feed C{stream_up}, then C{stream_started}; or C{end}
+        (its container is gone) or C{engine_lost}.
+        """
+
+    def diagnose(session, facts):
+        """
+        The shell's stream closed, leaving C{facts}: find out why and feed C{end} (the shell
+        or its container is over), C{stream_failed} (while starting), or
+        C{engine_lost} (the engine cannot be reached).
+        """
+
+    def await_engine(session):
+        """
+        Retry until the engine answers, then feed C{engine_back} if the
+        container still runs, or C{end} if it is gone.
+        """
+
+    def remove(session):
+        """
+        Remove the session's container (if any), then feed C{removed}.
+        """
+
+    def forget(session):
+        """
+        The session is over: no client can find it any more.
+        """
+
+    def went_live(session, resumed):
+        """
+        The session's shell runs and its stream is read (logging, pool).
+        """
+
+
+@dataclass(eq=False)
+class SessionCore:
+    """
+    The session's data.  Only the lifecycle's transitions change it.
+
+    @ivar handed: the offset up to which output was handed to clients: where
+        a client that reconnects without saying what it has resumes.
+    @ivar left_at: when the last client left (C{None} while one is attached).
+    @ivar want: the offset the client that is waiting for a reattach asked
+        for (C{None}: what was handed).
+    """
+
+    id: str
+    clock: object
+    effects: ISessionEffects
+    replay: ReplayBuffer
+    size: tuple[int, int]
+    max_pending_input: int
+    created_at: float
+    container_id: str | None = None
+    warm: bool = False
+    client: object | None = None
+    stream: object | None = None
+    handed: int = 0
+    left_at: float | None = None
+    want: int | None = None
+    pending: list[bytes] = field(default_factory=list)
+    exit_code: int | None = None
+    message: str | None = None
+    # The last input or output, for --idle-timeout.
+    active_at: float = 0.0
+    # What the world knows this session as (its effects and clients get it).
+    owner: object = None
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+
+class SessionEvents(Protocol):
+    """
+    The inputs of a session's lifecycle.
+    """
+
+    def status(self) -> str:
+        "The state's name, for /health, logs and the cleanup loop."
+
+    def start(self) -> None:
+        "A new session: make its container and shell."
+
+    def recover(self) -> None:
+        "A session of an earlier run whose container still runs: attach again."
+
+    def stream_up(self, stream: object) -> None:
+        "The shell's exec is connected; C{stream} is its L{IExecProcess}."
+
+    def stream_started(self, offset: int, dropped: int) -> None:
+        "The output that follows begins at C{offset}; C{dropped} bytes before it are lost."
+
+    def stream_failed(self, message: str, code: str) -> None:
+        "The container or the shell could not be made."
+
+    def stream_closed(self, facts: object) -> None:
+        "The shell's exec ended; C{facts} (what it said as it went) tell why."
+
+    def engine_lost(self, message: str) -> None:
+        "The engine cannot be reached; the container may well still run."
+
+    def engine_back(self) -> None:
+        "The engine answers again and the container still runs."
+
+    def output(self, data: bytes) -> None:
+        "Output of the shell."
+
+    def attach(self, client: object, offset: int | None) -> None:
+        "A client (re)connects, having the output up to C{offset}."
+
+    def detach(self, client: object, unsent: int) -> None:
+        "The client left; the last C{unsent} bytes handed to it never went out."
+
+    def write(self, data: bytes) -> None:
+        "Input from the client."
+
+    def resize(self, cols: int, rows: int) -> None:
+        "The client's terminal size."
+
+    def end(self, exit_code: int | None, message: str) -> None:
+        "The session is over (its shell exited, or capsule ends it)."
+
+    def expire(self) -> bool:
+        "The grace period is over; return whether that ended the session."
+
+    def let_go(self, message: str) -> bool:
+        "capsule stops; return whether the session lives on in its container."
+
+    def removed(self) -> None:
+        "Its container is removed."
+
+
+builder = TypeMachineBuilder(SessionEvents, SessionCore)
+
+New = builder.state("New")
+Starting = builder.state("Starting")
+StartingOrphaned = builder.state("StartingOrphaned")
+Attached = builder.state("Attached")
+Detached = builder.state("Detached")
+Recovered = builder.state("Recovered")
+Resuming = builder.state("Resuming")
+Interrupted = builder.state("Interrupted")
+InterruptedAlone = builder.state("InterruptedAlone")
+Reattaching = builder.state("Reattaching")
+ReattachingAlone = builder.state("ReattachingAlone")
+Ending = builder.state("Ending")
+Ended = builder.state("Ended")
+
+_LIVE = [Starting, StartingOrphaned, Attached, Detached, Recovered, Resuming, Interrupted,
+         InterruptedAlone, Reattaching, ReattachingAlone]
+_NAMES = {New: "new", Starting: "starting", StartingOrphaned: "starting", Attached: "running",
+          Detached: "detached", Recovered: "recovered", Resuming: "resuming",
+          Interrupted: "interrupted", InterruptedAlone: "interrupted",
+          Reattaching: "reattaching", ReattachingAlone: "reattaching", Ending: "ending",
+          Ended: "ended"}
+for _state, _name in _NAMES.items():
+    _state.upon(SessionEvents.status).loop().returns(_name)
+
+
+# -- what the transitions share ---------------------------------------------------
+
+def _buffer(session: SessionEvents, core: SessionCore, data: bytes) -> None:
+    """
+    Hold input while there is no stream to write it to; it goes to the
+    shell, in order and once, as soon as a stream is up (L{_go_live}).
+    """
+    held = sum(map(len, core.pending))
+    if held + len(data) > core.max_pending_input:
+        raise ProtocolError(
+            "the session is not connected to its shell right now and its input buffer"
+            f" ({core.max_pending_input} bytes) is full: input was dropped", "input_dropped")
+    core.pending.append(data)
+    core.active_at = core.now()
+
+
+def _go_live(core: SessionCore, offset: int) -> bool:
+    """
+    The stream is up and its output begins at C{offset}: write what was
+    typed meanwhile.  Return whether the output continues where it was
+    (C{False}: the shell's output restarted, and what was held is gone).
+    """
+    continuous = core.replay.end == offset
+    if not continuous:
+        core.replay.restart_at(offset)
+    pending, core.pending = core.pending, []
+    for data in pending:
+        core.stream.write(data)
+    core.active_at = core.now()
+    return continuous
+
+
+def _hand_over(session: SessionEvents, core: SessionCore, resumed: bool,
+               offset: int | None) -> None:
+    """
+    Tell C{core.client} where the output it gets begins, then send it what
+    it has not had, from C{offset} (C{None}: from what was handed).
+    """
+    client = core.client
+    wanted = core.handed if offset is None else offset
+    restarted = wanted > core.replay.end
+    data, dropped = core.replay.since(core.replay.start if restarted else wanted)
+    first = core.replay.end - len(data)
+    client.session_started(core.owner, resumed, first, len(data))
+    if core.client is not client:
+        return
+    if restarted:
+        client.session_notice("shell_restarted", RESTARTED_NOTICE)
+    elif dropped:
+        client.session_dropped(dropped, first)
+    if data:
+        client.session_output(data)
+    core.handed = core.replay.end
+
+
+def _take_over(core: SessionCore, client: object) -> None:
+    """
+    C{client} replaces the attached one: the newest connection wins (the
+    older one is most often a dead socket from before a network change).
+    """
+    previous, core.client = core.client, client
+    core.left_at = None
+    if previous is not None and previous is not client:
+        previous.session_taken_over()
+
+
+def _leave(core: SessionCore, unsent: int) -> None:
+    core.client = None
+    core.left_at = core.now()
+    core.handed = max(core.replay.start, core.handed - unsent)
+
+
+def _finish(session: SessionEvents, core: SessionCore, exit_code: int | None,
+            message: str) -> None:
+    """
+    The session is over: its client hears why, nobody finds it any more,
+    its stream is closed and its container removed.
+    """
+    core.exit_code, core.message = exit_code, message
+    client, core.client = core.client, None
+    core.effects.forget(core.owner)
+    if core.stream is not None:
+        core.stream.loseConnection()
+    if client is not None:
+        client.session_ended(exit_code, message)
+    core.effects.remove(core.owner)
+
+
+# -- New ---------------------------------------------------------------------------
+
+@New.upon(SessionEvents.start).to(Starting)
+def _start(session: SessionEvents, core: SessionCore) -> None:
+    core.effects.make(core.owner)
+
+
+@New.upon(SessionEvents.recover).to(Recovered)
+def _recover(session: SessionEvents, core: SessionCore) -> None:
+    core.left_at = core.now()
+
+
+# -- a stream coming up --------------------------------------------------------------
+
+for _state in (Starting, StartingOrphaned, Resuming, Reattaching, ReattachingAlone):
+    @_state.upon(SessionEvents.stream_up).loop()
+    def _stream_up(session: SessionEvents, core: SessionCore, stream: object) -> None:
+        core.stream = stream
+        stream.resize(*core.size)
+
+
+# -- starting --------------------------------------------------------------------------
+
+@Starting.upon(SessionEvents.stream_started).to(Attached)
+def _started(session: SessionEvents, core: SessionCore, offset: int, dropped: int) -> None:
+    _go_live(core, offset)
+    core.effects.went_live(core.owner, False)
+    _hand_over(session, core, False, None)
+
+
+@StartingOrphaned.upon(SessionEvents.stream_started).to(Ending)
+def _started_without_client(session: SessionEvents, core: SessionCore, offset: int,
+                            dropped: int) -> None:
+    _finish(session, core, None, "the client left before the session started")
+
+
+@Starting.upon(SessionEvents.stream_failed).to(Ended)
+@StartingOrphaned.upon(SessionEvents.stream_failed).to(Ended)
+def _start_failed(session: SessionEvents, core: SessionCore, message: str, code: str) -> None:
+    """
+    The session never ran: its client hears that it could not be started.
+    """
+    core.message = message
+    client, core.client = core.client, None
+    core.effects.forget(core.owner)
+    if core.stream is not None:
+        core.stream.loseConnection()
+    if client is not None:
+        client.session_failed(message, code)
+    core.effects.remove(core.owner)
+
+
+@Starting.upon(SessionEvents.stream_closed).loop()
+@StartingOrphaned.upon(SessionEvents.stream_closed).loop()
+def _closed_while_starting(session: SessionEvents, core: SessionCore, facts: object) -> None:
+    core.stream = None
+    core.effects.diagnose(core.owner, facts)
+
+
+@Starting.upon(SessionEvents.attach).loop()
+@StartingOrphaned.upon(SessionEvents.attach).to(Starting)
+def _attach_while_starting(session: SessionEvents, core: SessionCore, client: object,
+                           offset: int | None) -> None:
+    _take_over(core, client)
+
+
+@Starting.upon(SessionEvents.detach).to(StartingOrphaned)
+def _left_starting(session: SessionEvents, core: SessionCore, client: object,
+                   unsent: int) -> None:
+    core.client = None
+    core.left_at = core.now()
+
+
+@Starting.upon(SessionEvents.end).to(Ended)
+@StartingOrphaned.upon(SessionEvents.end).to(Ended)
+def _over_before_start(session: SessionEvents, core: SessionCore, exit_code: int | None,
+                       message: str) -> None:
+    _start_failed(session, core, message, "start_failed")
+
+
+@Starting.upon(SessionEvents.engine_lost).to(Ended)
+@StartingOrphaned.upon(SessionEvents.engine_lost).to(Ended)
+def _engine_lost_starting(session: SessionEvents, core: SessionCore, message: str) -> None:
+    _start_failed(session, core, message, "docker_unavailable")
+
+
+# -- running -------------------------------------------------------------------------
+
+@Attached.upon(SessionEvents.output).loop()
+def _output_to_client(session: SessionEvents, core: SessionCore, data: bytes) -> None:
+    core.replay.append(data)
+    core.active_at = core.now()
+    core.handed = core.replay.end
+    core.client.session_output(data)
+
+
+for _state in (Starting, StartingOrphaned, Detached, Resuming, Interrupted, InterruptedAlone,
+               Reattaching, ReattachingAlone):
+    @_state.upon(SessionEvents.output).loop()
+    def _output_kept(session: SessionEvents, core: SessionCore, data: bytes) -> None:
+        core.replay.append(data)
+        core.active_at = core.now()
+
+
+@Attached.upon(SessionEvents.write).loop()
+def _write(session: SessionEvents, core: SessionCore, data: bytes) -> None:
+    core.active_at = core.now()
+    core.stream.write(data)
+
+
+for _state in (Starting, Resuming, Interrupted, Reattaching):
+    _state.upon(SessionEvents.write).loop()(_buffer)
+
+
+@Attached.upon(SessionEvents.resize).loop()
+@Detached.upon(SessionEvents.resize).loop()
+def _resize(session: SessionEvents, core: SessionCore, cols: int, rows: int) -> None:
+    core.size = (cols, rows)
+    core.stream.resize(cols, rows)
+
+
+for _state in (Starting, StartingOrphaned, Recovered, Resuming, Interrupted, InterruptedAlone,
+               Reattaching, ReattachingAlone, Ending, Ended):
+    @_state.upon(SessionEvents.resize).loop()
+    def _remember_size(session: SessionEvents, core: SessionCore, cols: int, rows: int) -> None:
+        # Applied when the next stream comes up.
+        core.size = (cols, rows)
+
+
+@Attached.upon(SessionEvents.attach).loop()
+def _taken_over(session: SessionEvents, core: SessionCore, client: object,
+                offset: int | None) -> None:
+    _take_over(core, client)
+    _hand_over(session, core, True, offset)
+
+
+@Detached.upon(SessionEvents.attach).to(Attached)
+def _reconnected(session: SessionEvents, core: SessionCore, client: object,
+                 offset: int | None) -> None:
+    _take_over(core, client)
+    _hand_over(session, core, True, offset)
+
+
+@Attached.upon(SessionEvents.detach).to(Detached)
+def _left(session: SessionEvents, core: SessionCore, client: object, unsent: int) -> None:
+    _leave(core, unsent)
+    # Nobody is watching, but the work must not stall.
+    core.stream.resumeProducing()
+
+
+@Attached.upon(SessionEvents.stream_closed).to(Interrupted)
+@Detached.upon(SessionEvents.stream_closed).to(InterruptedAlone)
+@Reattaching.upon(SessionEvents.stream_closed).to(Interrupted)
+@ReattachingAlone.upon(SessionEvents.stream_closed).to(InterruptedAlone)
+def _interrupted(session: SessionEvents, core: SessionCore, facts: object) -> None:
+    core.stream = None
+    core.effects.diagnose(core.owner, facts)
+
+
+# -- found again after capsule restarted ------------------------------------------------
+
+@Recovered.upon(SessionEvents.attach).to(Resuming)
+@Resuming.upon(SessionEvents.attach).loop()
+def _resume(session: SessionEvents, core: SessionCore, client: object,
+            offset: int | None) -> None:
+    """
+    Its client is back: attach to the keeper, asking for what the client
+    lacks.  (A second client while that is under way replaces the first.)
+    """
+    first = core.client is None
+    _take_over(core, client)
+    core.want = offset
+    if first:
+        core.effects.reattach(core.owner, 0 if offset is None else offset)
+
+
+@Resuming.upon(SessionEvents.stream_started).to(Attached)
+def _resumed(session: SessionEvents, core: SessionCore, offset: int, dropped: int) -> None:
+    _go_live(core, offset)
+    core.effects.went_live(core.owner, True)
+    want, core.want = core.want, None
+    _hand_over(session, core, True, offset if want is None else want)
+
+
+@Resuming.upon(SessionEvents.detach).to(ReattachingAlone)
+def _left_resuming(session: SessionEvents, core: SessionCore, client: object,
+                   unsent: int) -> None:
+    core.client = None
+    core.left_at = core.now()
+    core.want = None
+
+
+@Resuming.upon(SessionEvents.engine_lost).to(Recovered)
+def _resume_failed(session: SessionEvents, core: SessionCore, message: str) -> None:
+    # It stays recoverable: its client may try again once the engine is back.
+    if core.stream is not None:
+        core.stream.loseConnection()
+        core.stream = None
+    client, core.client = core.client, None
+    core.left_at = core.now()
+    core.want = None
+    client.session_failed(message, "docker_unavailable")
+
+
+@Resuming.upon(SessionEvents.stream_closed).to(Recovered)
+def _resume_closed(session: SessionEvents, core: SessionCore, facts: object) -> None:
+    core.stream = None
+    _resume_failed(session, core, "the connection to the session's shell closed while it"
+                                  " was being resumed: try again")
+
+
+# -- away from the shell: the stream closed, or is being attached again --------------------
+
+@Interrupted.upon(SessionEvents.engine_lost).loop()
+@InterruptedAlone.upon(SessionEvents.engine_lost).loop()
+def _engine_lost(session: SessionEvents, core: SessionCore, message: str) -> None:
+    if core.client is not None:
+        core.client.session_notice("engine_away", message)
+    core.effects.await_engine(core.owner)
+
+
+@Reattaching.upon(SessionEvents.engine_lost).to(Interrupted)
+@ReattachingAlone.upon(SessionEvents.engine_lost).to(InterruptedAlone)
+def _reattach_lost(session: SessionEvents, core: SessionCore, message: str) -> None:
+    if core.stream is not None:
+        core.stream.loseConnection()
+        core.stream = None
+    _engine_lost(session, core, message)
+
+
+@Interrupted.upon(SessionEvents.engine_back).to(Reattaching)
+@InterruptedAlone.upon(SessionEvents.engine_back).to(ReattachingAlone)
+def _engine_back(session: SessionEvents, core: SessionCore) -> None:
+    core.effects.reattach(core.owner, core.replay.end)
+
+
+@Reattaching.upon(SessionEvents.stream_started).to(Attached)
+def _reattached(session: SessionEvents, core: SessionCore, offset: int, dropped: int) -> None:
+    client = core.client
+    if _go_live(core, offset):
+        client.session_notice("engine_back", "the Docker engine answers again: the session"
+                                             " goes on")
+    else:
+        # The output restarted: the client's offsets start again too.
+        core.handed = core.replay.end + 1
+        _hand_over(session, core, True, None)
+    core.effects.went_live(core.owner, True)
+
+
+@ReattachingAlone.upon(SessionEvents.stream_started).to(Detached)
+def _reattached_alone(session: SessionEvents, core: SessionCore, offset: int,
+                      dropped: int) -> None:
+    _go_live(core, offset)
+    core.effects.went_live(core.owner, True)
+
+
+@Interrupted.upon(SessionEvents.attach).loop()
+@InterruptedAlone.upon(SessionEvents.attach).to(Interrupted)
+@Reattaching.upon(SessionEvents.attach).loop()
+@ReattachingAlone.upon(SessionEvents.attach).to(Reattaching)
+def _attach_while_away(session: SessionEvents, core: SessionCore, client: object,
+                       offset: int | None) -> None:
+    """
+    What the shell printed is all here: the client gets it at once, and
+    hears that the shell itself is out of reach for now.
+    """
+    _take_over(core, client)
+    _hand_over(session, core, True, offset)
+    if core.client is client:
+        client.session_notice("engine_away", "capsule is reconnecting to the session's shell")
+
+
+@Interrupted.upon(SessionEvents.detach).to(InterruptedAlone)
+@Reattaching.upon(SessionEvents.detach).to(ReattachingAlone)
+def _left_away(session: SessionEvents, core: SessionCore, client: object, unsent: int) -> None:
+    _leave(core, unsent)
+
+
+# -- ending ----------------------------------------------------------------------------
+
+for _state in _LIVE:
+    if _state not in (Starting, StartingOrphaned):
+        _state.upon(SessionEvents.end).to(Ending)(_finish)
+    if _state not in (Detached, Recovered):
+        _state.upon(SessionEvents.expire).loop().returns(False)
+
+
+@Detached.upon(SessionEvents.expire).to(Ending)
+@Recovered.upon(SessionEvents.expire).to(Ending)
+def _expired(session: SessionEvents, core: SessionCore) -> bool:
+    _finish(session, core, None, "the session expired")
+    return True
+
+
+for _state in (Attached, Detached, Recovered, Resuming, Interrupted, InterruptedAlone,
+               Reattaching, ReattachingAlone):
+    @_state.upon(SessionEvents.let_go).to(Ended)
+    def _let_go(session: SessionEvents, core: SessionCore, message: str) -> bool:
+        """
+        capsule stops; the shell lives on under its keeper, in its container.
+        """
+        client, core.client = core.client, None
+        if client is not None:
+            client.session_interrupted(message)
+        if core.stream is not None:
+            core.stream.loseConnection()
+        return True
+
+
+for _state in (Starting, StartingOrphaned):
+    @_state.upon(SessionEvents.let_go).to(Ended)
+    def _stop_starting(session: SessionEvents, core: SessionCore, message: str) -> bool:
+        _start_failed(session, core, "the capsule server shut down", "restarting")
+        return False
+
+
+@Ending.upon(SessionEvents.removed).to(Ended)
+def _removed(session: SessionEvents, core: SessionCore) -> None:
+    pass
+
+
+# Late news for a session that is over: a stream that comes up is closed; the
+# rest changes nothing.
+for _state in (Ending, Ended):
+    @_state.upon(SessionEvents.stream_up).loop()
+    def _late_stream(session: SessionEvents, core: SessionCore, stream: object) -> None:
+        stream.loseConnection()
+
+    @_state.upon(SessionEvents.attach).loop()
+    def _too_late(session: SessionEvents, core: SessionCore, client: object,
+                  offset: int | None) -> None:
+        client.session_failed(core.message or "the session has ended", "session_not_found")
+
+    for _input in (SessionEvents.stream_started, SessionEvents.stream_failed,
+                   SessionEvents.stream_closed, SessionEvents.engine_lost,
+                   SessionEvents.engine_back, SessionEvents.end, SessionEvents.detach,
+                   SessionEvents.write, SessionEvents.output):
+        _state.upon(_input).loop().returns(None)
+    _state.upon(SessionEvents.expire).loop().returns(False)
+    _state.upon(SessionEvents.let_go).loop().returns(False)
+
+Ended.upon(SessionEvents.removed).loop().returns(None)
+
+# News that a live state can meet late (from a stream or a client that was
+# replaced), and that changes nothing there.
+for _state, _inputs in {
+    Starting: (SessionEvents.engine_back,),
+    StartingOrphaned: (SessionEvents.engine_back, SessionEvents.detach, SessionEvents.write),
+    Attached: (SessionEvents.engine_lost, SessionEvents.engine_back,
+               SessionEvents.stream_started, SessionEvents.stream_failed),
+    Detached: (SessionEvents.detach, SessionEvents.write, SessionEvents.engine_lost,
+               SessionEvents.engine_back, SessionEvents.stream_started,
+               SessionEvents.stream_failed),
+    Recovered: (SessionEvents.detach, SessionEvents.write, SessionEvents.engine_lost,
+                SessionEvents.engine_back, SessionEvents.stream_failed,
+                SessionEvents.stream_closed),
+    Resuming: (SessionEvents.engine_back, SessionEvents.stream_failed),
+    Interrupted: (SessionEvents.stream_failed, SessionEvents.stream_closed),
+    InterruptedAlone: (SessionEvents.detach, SessionEvents.write, SessionEvents.stream_failed,
+                       SessionEvents.stream_closed),
+    Reattaching: (SessionEvents.engine_back, SessionEvents.stream_failed),
+    ReattachingAlone: (SessionEvents.detach, SessionEvents.write, SessionEvents.engine_back,
+                       SessionEvents.stream_failed),
+}.items():
+    for _input in _inputs:
+        _state.upon(_input).loop().returns(None)
+
+del _state, _input, _inputs, _name
+
+make_lifecycle = builder.build()
