@@ -9,8 +9,9 @@ import shlex
 
 from docker.utils import parse_bytes
 from twisted.application import strports
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -132,49 +133,136 @@ class Options(usage.Options):
             raise usage.UsageError("--shell must not be empty")
 
 
-class CapsuleService(MultiService):
+class DockerService(Service):
     """
-    The whole server: listeners and the cleanup timer as children; the
-    Docker pools and the sessions as its own business.  On stop, the
-    listeners close first, then the sessions end, then the pools stop.
+    The Docker API's thread pools: started first, stopped last.
     """
 
-    def __init__(self, docker: DockerAPI, manager: SessionManager, websocket_factory=None) -> None:
-        super().__init__()
+    def __init__(self, docker: DockerAPI) -> None:
         self.docker = docker
-        self.manager = manager
-        self.websocket_factory = websocket_factory
 
     def startService(self) -> None:
-        self.docker.start()
         super().startService()
-        d = Deferred.fromCoroutine(self.manager.recover())
-        d.addErrback(self._leftovers_failed)
-        # Fill the warm pool only once the leftovers are gone.
-        d.addBoth(lambda _: self.manager.pool.start())
+        self.docker.start()
 
-    @staticmethod
-    def _leftovers_failed(failure) -> None:
-        if failure.check(CapsuleError):
-            _log.warn("could not look for the containers of an earlier run: {message}",
-                      message=failure.value.message)
-        else:
-            _log.failure("could not look for the containers of an earlier run", failure)
+    def stopService(self) -> None:
+        super().stopService()
+        self.docker.stop()
+
+
+class SessionService(Service):
+    """
+    The sessions.  On start, finds the sessions of an earlier run (and
+    retries while the engine does not answer); C{ready} fires once that is
+    done or has failed once, so that the listeners open only when a
+    reconnecting client can be answered.  The warm pool starts filling once
+    the leftovers of the earlier run are gone.  On stop, lets the sessions
+    go (they live on in their containers) and waits briefly for their
+    clients to hear it.
+    """
+
+    RECOVERY_RETRY = 5.0
+
+    def __init__(self, manager: SessionManager, clock, websocket_factory=None) -> None:
+        self.manager = manager
+        self.clock = clock
+        self.websocket_factory = websocket_factory
+        self.ready: Deferred = Deferred()
+        self._recovery: Deferred | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._recovery = Deferred.fromCoroutine(self._recover())
+        self._recovery.addErrback(
+            lambda f: None if f.check(CancelledError) else _log.failure(
+                "looking for the sessions of an earlier run failed", f))
+
+    async def _recover(self) -> None:
+        warned = False
+        self.manager.recovery_pending = True
+        while True:
+            try:
+                count = await self.manager.recover()
+            except CapsuleError as e:
+                if not warned:
+                    _log.warn("could not look for the sessions of an earlier run (retrying"
+                              " every {delay:g} s): {message}", delay=self.RECOVERY_RETRY,
+                              message=e.message)
+                    warned = True
+                self._open()
+                await deferLater(self.clock, self.RECOVERY_RETRY, lambda: None)
+                continue
+            break
+        self.manager.recovery_pending = False
+        if warned:
+            _log.info("found the sessions of the earlier run: {count}", count=count)
+        self._open()
+        self.manager.pool.start()
+
+    def _open(self) -> None:
+        if not self.ready.called:
+            self.ready.callback(None)
 
     def stopService(self) -> Deferred:
+        super().stopService()
+        if self._recovery is not None and not self._recovery.called:
+            # A stop during start-up: no recovery and no pool after it.
+            self._recovery.cancel()
         d = Deferred.fromCoroutine(self._stop())
         # The reactor drops errors of shutdown triggers without a word.
-        d.addErrback(lambda f: _log.failure("stopping capsule failed", f))
+        d.addErrback(lambda f: _log.failure("stopping the sessions failed", f))
         return d
 
     async def _stop(self) -> None:
-        await super().stopService()
         await self.manager.shutdown()
         if self.websocket_factory is not None:
             # Let the clients' close handshakes finish (they were told to
             # come back), but not for long.
             await self.websocket_factory.wait_closed(3.0)
-        self.docker.stop()
+
+
+class ListenerService(MultiService):
+    """
+    The listening ports, as children: opened once C{ready} fires (the
+    sessions of an earlier run are known), closed first on stop.
+    """
+
+    def __init__(self, ready: Deferred) -> None:
+        super().__init__()
+        self._ready = ready
+
+    def startService(self) -> None:
+        # Not MultiService's: the children start later.
+        Service.startService(self)
+        self._ready.addCallback(self._open)
+
+    def _open(self, _=None) -> None:
+        if self.running:
+            for service in self:
+                service.startService()
+
+    def stopService(self) -> Deferred:
+        if not self._ready.called:
+            Service.stopService(self)
+            return succeed(None)
+        return super().stopService()
+
+
+class CapsuleService(MultiService):
+    """
+    The whole server.  Its children start in this order and stop in the
+    reverse one: the Docker pools, the sessions, the cleanup timer, the
+    listeners.
+    """
+
+    def __init__(self, docker: DockerAPI, sessions: SessionService, listeners: ListenerService,
+                 websocket_factory=None) -> None:
+        super().__init__()
+        self.docker = docker
+        self.manager = sessions.manager
+        self.sessions = sessions
+        self.listeners = listeners
+        self.websocket_factory = websocket_factory
 
 
 def makeService(config: Options, reactor=None) -> CapsuleService:
@@ -196,11 +284,16 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
                      ping_timeout=config["ping-timeout"],
                      flow_window=config["flow-window"],
                      coalesce_delay=config["coalesce-ms"] / 1000)
-    service = CapsuleService(docker, manager, site.websocket_factory)
+    sessions = SessionService(manager, reactor, site.websocket_factory)
+    listeners = ListenerService(sessions.ready)
     for description in config["listen"]:
-        strports.service(description, site).setServiceParent(service)
+        strports.service(description, site).setServiceParent(listeners)
+    service = CapsuleService(docker, sessions, listeners, site.websocket_factory)
+    DockerService(docker).setServiceParent(service)
+    sessions.setServiceParent(service)
     CleanupService(manager, reactor, config["cleanup-interval"],
                    config["orphan-sweep"]).setServiceParent(service)
+    listeners.setServiceParent(service)
     _log.info("capsule will run sessions in {image} (memory {memory}, {cpus:g} CPUs,"
               " {pids} processes), grace {grace:g} s, Docker at {host}",
               image=spec.image, memory=spec.memory, cpus=spec.cpus, pids=spec.pids,

@@ -3,7 +3,16 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
-from capsule.tap import CapsuleService, Options, makeService
+from twisted.application.service import Service
+from twisted.internet.task import Clock
+
+from capsule.cleanup import CleanupService
+from capsule.docker_api import ContainerSpec
+from capsule.errors import DockerUnavailable, SessionNotFound
+from capsule.session import SessionConfig, SessionManager
+from capsule.tap import (CapsuleService, DockerService, ListenerService, Options, SessionService,
+                         makeService)
+from capsule.testing import FakeDockerAPI, RecordingClient
 
 
 def parse(*args):
@@ -35,12 +44,82 @@ def test_bad_options(args):
 
 
 def test_service_tree():
+    """
+    The tree says the order: pools, sessions, cleanup, then the listeners
+    (which therefore close first on stop).
+    """
     reactor = MemoryReactorClock()
     service = makeService(parse("-l", "tcp:0", "-l", "tcp:0:interface=127.0.0.1"), reactor)
     assert isinstance(service, CapsuleService)
     children = list(service)
-    assert sum(isinstance(c, StreamServerEndpointService) for c in children) == 2
-    assert sum(isinstance(c, TimerService) for c in children) == 1
+    assert [type(c) for c in children] == [DockerService, SessionService, CleanupService,
+                                           ListenerService]
+    assert [type(c) for c in children[-1]] == [StreamServerEndpointService] * 2
+
+
+def _sessions(docker, clock):
+    spec = ContainerSpec(image="capsule-runtime:latest")
+    manager = SessionManager(docker, clock, SessionConfig(spec=spec, instance="t",
+                                                          pool_size=1))
+    return SessionService(manager, clock)
+
+
+class _Port(Service):
+    pass
+
+
+SID = "6f9619ff-8b86-4011-b42d-00c04fc964ff"
+LABELS = {"io.capsule.managed": "true", "io.capsule.instance": "t",
+          "io.capsule.session": SID}
+
+
+def test_listeners_open_only_after_recovery():
+    docker, clock = FakeDockerAPI(), Clock()
+    docker.add_container("alive", LABELS)
+    docker.hold_list = True
+    sessions = _sessions(docker, clock)
+    listeners = ListenerService(sessions.ready)
+    port = _Port()
+    port.setServiceParent(listeners)
+    sessions.startService()
+    listeners.startService()
+    assert not port.running, "a port opened before the earlier run's sessions were known"
+    docker.release_list()
+    assert port.running
+    assert sessions.manager.sessions[SID].status() == "recovered"
+    assert len(docker.containers) == 2, "the warm pool fills after recovery"
+
+
+def test_engine_down_at_start_opens_the_port_and_keeps_looking():
+    docker, clock = FakeDockerAPI(), Clock()
+    docker.add_container("alive", LABELS)
+    docker.reachable = False
+    sessions = _sessions(docker, clock)
+    listeners = ListenerService(sessions.ready)
+    port = _Port()
+    port.setServiceParent(listeners)
+    sessions.startService()
+    listeners.startService()
+    assert port.running
+    # A reconnect meanwhile is not told that its session does not exist.
+    with pytest.raises(DockerUnavailable):
+        sessions.manager.reconnect(SID, RecordingClient())
+    docker.reachable = True
+    clock.advance(SessionService.RECOVERY_RETRY)
+    assert sessions.manager.sessions[SID].status() == "recovered"
+    with pytest.raises(SessionNotFound):
+        sessions.manager.reconnect("00000000-0000-0000-0000-000000000000", RecordingClient())
+
+
+def test_a_stop_during_start_up_starts_no_pool():
+    docker, clock = FakeDockerAPI(), Clock()
+    docker.hold_list = True
+    sessions = _sessions(docker, clock)
+    sessions.startService()
+    sessions.stopService()
+    docker.release_list()
+    clock.advance(60)
+    assert docker.containers == {}
 
 
 def test_websocket_limits_reach_autobahn():
