@@ -52,6 +52,9 @@
  * Docker's detach-key handling, which only applies to TTY streams.  A relay
  * exits 253 when its stdin ends, 0 when the server closes, 255 on errors.
  *
+ * Bad or missing arguments: the usage on stderr, exit status 2 (-h: on
+ * stdout, 0).  BYTES is 1 to 2^32, OFFSET 0 to 2^64-1, both plain decimal.
+ *
  * Exit status of an attach: COMMAND's (128+N if killed by signal N) after
  * all its output was written; 253 when its own terminal went away (stdin at
  * EOF or hung up, stdout failing, SIGHUP; the server and COMMAND live on);
@@ -652,35 +655,70 @@ static int connect_to(const char *sock)
     return -1;
 }
 
-static u64 number(const char *s)
+#define USAGE "usage: capsule-keeper [-r] [-b BYTES] [-o OFFSET] SOCKET -- COMMAND [ARG...]"
+
+/* The usage line: on stdout and exit 0 when asked for (-h), else on stderr. */
+_Noreturn static void usage(int code)
 {
-    char *end;
-    errno = 0;
-    u64 v = strtoull(s, &end, 10);
-    if (!*s || *s == '-' || *end || errno) leave(255, "not a number: %s", s);
-    return v;
+    fputs(USAGE "\n", code ? stderr : stdout);
+    exit(code);
 }
 
-_Noreturn static void usage(void)
+/* The value of option -opt: digits only (no sign, space or suffix), at most max. */
+static u64 number(int opt, const char *s, u64 min, u64 max)
 {
-    leave(255, "usage: capsule-keeper [-r] [-b BYTES] [-o OFFSET] SOCKET -- COMMAND [ARG...]");
+    char *end;
+    const char *c = s;
+    while (*c >= '0' && *c <= '9') c++;
+    errno = 0;
+    u64 v = strtoull(s, &end, 10);
+    if (!*s || *c || *end || errno == ERANGE || v < min || v > max) {
+        fprintf(stderr, "capsule-keeper: -%c takes a whole number from %llu to %llu, not '%s'\n",
+                opt, min, max, s);
+        usage(2);
+    }
+    return v;
 }
 
 int main(int argc, char **argv)
 {
     u64 bytes = 1 << 20, offset = 0;
-    int i = 1, relaying = 0;
-    for (; i + 1 < argc && argv[i][0] == '-' && strcmp(argv[i], "--"); i += 2) {
-        if (!strcmp(argv[i], "-r")) { relaying = 1; i--; }
-        else if (!strcmp(argv[i], "-b")) bytes = number(argv[i + 1]);
-        else if (!strcmp(argv[i], "-o")) offset = number(argv[i + 1]);
-        else usage();
+    int relaying = 0, opt;
+    opterr = 0;  /* its messages are ours */
+    /* '+': options end at SOCKET, so that COMMAND's own are left alone */
+    while ((opt = getopt(argc, argv, "+:rb:o:h")) != -1) {
+        switch (opt) {
+        case 'r': relaying = 1; break;
+        case 'b': bytes = number(opt, optarg, 1, 1ULL << 32); break;
+        case 'o': offset = number(opt, optarg, 0, ~0ULL); break;
+        case 'h': usage(0);
+        case ':':
+            fprintf(stderr, "capsule-keeper: -%c needs a value\n", optopt);
+            usage(2);
+        default:
+            fprintf(stderr, "capsule-keeper: unknown option -%c\n", optopt);
+            usage(2);
+        }
     }
-    if (argc - i < 3 || strcmp(argv[i + 1], "--")) usage();
-    const char *sock = argv[i];
-    char **cmd = argv + i + 2;
-    if (bytes < 1 || bytes > (1ULL << 32)) leave(255, "-b: BYTES must be 1 to 4294967296");
-    if (strlen(sock) >= sizeof ((struct sockaddr_un *)0)->sun_path) leave(255, "socket path too long: %s", sock);
+    if (argc - optind < 1) {
+        fputs("capsule-keeper: no SOCKET\n", stderr);
+        usage(2);
+    }
+    if (argc - optind < 2 || strcmp(argv[optind + 1], "--")) {
+        fputs("capsule-keeper: SOCKET must be followed by -- and COMMAND\n", stderr);
+        usage(2);
+    }
+    if (argc - optind < 3) {
+        fputs("capsule-keeper: no COMMAND after --\n", stderr);
+        usage(2);
+    }
+    const char *sock = argv[optind];
+    char **cmd = argv + optind + 2;
+    if (!*sock || strlen(sock) >= sizeof ((struct sockaddr_un *)0)->sun_path) {
+        fprintf(stderr, "capsule-keeper: SOCKET must be a path of 1 to %zu bytes: '%s'\n",
+                sizeof ((struct sockaddr_un *)0)->sun_path - 1, sock);
+        usage(2);
+    }
 
     int fd = connect_to(sock);
     if (fd < 0 && (errno == ENOENT || errno == ECONNREFUSED)) {
