@@ -44,13 +44,23 @@
  *                      'x' STATUS(4): COMMAND ended, everything was sent
  *                      'k': another attach replaced this one
  *
+ * The server fails closed: an attachment that sends anything but 'a' first,
+ * or then anything but 'i' of at most MAXMSG bytes and 'w' of exactly 4, is
+ * disconnected at that frame's header (nothing of it or after it is used,
+ * and nothing waits for a length it announced).  COMMAND lives on.
+ *
  * With -r (relay), the attach does not touch its terminal: it sends 'a' with
  * OFFSET and a 0x0 size, then copies its stdin to the server and the server's
  * frames to its stdout, both verbatim, so that its caller speaks the framing
  * itself (input 'i', size 'w'; output 'o', status 'x', 'k').  capsule runs it
  * in an exec without a TTY: one pty (the server's) instead of two, and none of
- * Docker's detach-key handling, which only applies to TTY streams.  A relay
- * exits 253 when its stdin ends, 0 when the server closes, 255 on errors.
+ * Docker's detach-key handling, which only applies to TTY streams.  The relay
+ * passes on whole frames only, and checks each header as it comes: at a frame
+ * of any other kind or size it passes on the frames before it, says which it
+ * refused on stderr and exits 255, as it does when its stdin ends inside a
+ * frame (that frame is dropped).  A relay exits 253 when its stdin ends (after
+ * passing on the frames it has, waiting for the server at most a second), 0
+ * when the server closes, 255 on errors.
  *
  * Bad or missing arguments: the usage on stderr, exit status 2 (-h: on
  * stdout, 0).  BYTES is 1 to 2^32, OFFSET 0 to 2^64-1, both plain decimal.
@@ -266,7 +276,17 @@ static void pump(struct conn *c)
     }
 }
 
-/* Reads and handles what the attachment sent. */
+/* Whether a frame of this type and length may come from an attachment that
+ * has (hello) or has not yet sent its 'a': its frames are 'a' first, once,
+ * then 'i' and 'w' only. */
+static int frame_ok(int hello, unsigned char type, u64 len)
+{
+    if (!hello) return type == 'a' && len == 12;
+    return (type == 'i' && len <= MAXMSG) || (type == 'w' && len == 4);
+}
+
+/* Reads and handles what the attachment sent.  A frame it may not send ends
+ * it (fail closed): nothing of that frame or after it reaches COMMAND. */
 static void receive(struct conn *c)
 {
     ssize_t n = read(c->fd, c->in + c->rlen, sizeof c->in - c->rlen);
@@ -277,15 +297,15 @@ static void receive(struct conn *c)
     while (c->rlen - off >= 5) {
         unsigned char *p = c->in + off, *d = p + 5;
         size_t len = get_be(p + 1, 4);
-        if (len > MAXMSG) { conn_close(c); return; }
+        if (!frame_ok(c->hello, p[0], len)) { conn_close(c); return; }
         if (c->rlen - off < 5 + len) break;
         off += 5 + len;
         if (p[0] == 'i' && mfd >= 0) {
             memcpy(inbuf + inlen, d, len);  /* room: read only with MAXMSG free */
             inlen += len;
-        } else if (p[0] == 'w' && len == 4) {
+        } else if (p[0] == 'w') {
             set_size(get_be(d, 2), get_be(d + 2, 2));
-        } else if (p[0] == 'a' && len == 12 && !c->hello) {
+        } else if (p[0] == 'a') {
             u64 want = get_be(d, 8), s = want < rstart ? rstart : want;
             if (s > rend) s = rend;
             char pre[128];
@@ -586,12 +606,29 @@ _Noreturn static void attach(int fd, u64 offset)
 
 /* ---- relay (-r) ---------------------------------------------------------- */
 
+/* Sends p[0..n) on the nonblocking fd, waiting at most ms for room. */
+static void send_for(int fd, const unsigned char *p, size_t n, int ms)
+{
+    long long end = now_us() + ms * 1000LL;
+    while (n) {
+        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
+        if (k > 0) { p += k; n -= (size_t)k; continue; }
+        if (k < 0 && errno == EINTR) continue;
+        long long left = end - now_us();
+        if (k == 0 || errno != EAGAIN || left <= 0) return;
+        struct pollfd w = {fd, POLLOUT, 0};
+        poll(&w, 1, (int)(left / 1000) + 1);
+    }
+}
+
 _Noreturn static void relay(int fd, u64 offset)
 {
     /* up: stdin -> server; down: server -> stdout.  Each stops being read
-     * while its buffer is full, so backpressure flows both ways. */
+     * while its buffer is full, so backpressure flows both ways.  Upward,
+     * only whole frames of the kinds a caller may send ('i', 'w') go on:
+     * up[0..uok) are such frames, up[uok..ulen) the start of the next. */
     static unsigned char up[4 * MAXMSG], down[4 * MAXMSG];
-    size_t ulen, dlen = 0;
+    size_t ulen, uok, dlen = 0;
     signal(SIGPIPE, SIG_IGN);
     setfl(fd, 1, 1);
     setfl(0, 1, 1);
@@ -603,11 +640,11 @@ _Noreturn static void relay(int fd, u64 offset)
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
     unsigned char hello[12] = {0};
     put_be(hello, offset, 8);
-    ulen = frame(up, 'a', hello, 12);
+    ulen = uok = frame(up, 'a', hello, 12);
     for (;;) {
         struct pollfd p[3] = {
             {ulen < sizeof up ? 0 : -1, POLLIN, 0},
-            {fd, (short)((dlen < sizeof down ? POLLIN : 0) | (ulen ? POLLOUT : 0)), 0},
+            {fd, (short)((dlen < sizeof down ? POLLIN : 0) | (uok ? POLLOUT : 0)), 0},
             {dlen ? 1 : -1, POLLOUT, 0}};
         if (poll(p, 3, -1) < 0) {
             if (errno == EINTR) continue;
@@ -616,8 +653,29 @@ _Noreturn static void relay(int fd, u64 offset)
         ssize_t n;
         if (p[0].revents) {
             n = read(0, up + ulen, sizeof up - ulen);
-            if (n > 0) ulen += (size_t)n;
-            else if (n == 0 || (errno != EINTR && errno != EAGAIN)) leave(DETACHED, NULL);
+            if (n > 0) {
+                ulen += (size_t)n;
+                /* A frame fits: 5 + MAXMSG < sizeof up. */
+                while (ulen - uok >= 5) {
+                    unsigned char type = up[uok];
+                    u64 len = get_be(up + uok + 1, 4);
+                    if (!frame_ok(1, type, len)) {
+                        /* What came before it still goes; it and what follows do not. */
+                        send_for(fd, up, uok, 1000);
+                        leave(255, "refused a frame on stdin: type 0x%02x ('%c'), %llu bytes;"
+                              " only 'i' of at most %d bytes and 'w' of 4 may come",
+                              type, type > 32 && type < 127 ? type : '?', len, MAXMSG);
+                    }
+                    if (ulen - uok < 5 + len) break;
+                    uok += 5 + len;
+                }
+            } else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
+                send_for(fd, up, uok, 1000);
+                if (ulen > uok)
+                    leave(255, "stdin ended inside a frame (%zu bytes of it came); it was dropped",
+                          ulen - uok);
+                leave(DETACHED, NULL);
+            }
         }
         if (p[1].revents & (POLLIN | POLLHUP | POLLERR) && dlen < sizeof down) {
             n = read(fd, down + dlen, sizeof down - dlen);
@@ -627,10 +685,15 @@ _Noreturn static void relay(int fd, u64 offset)
                 leave(0, NULL);
             }
         }
-        if (ulen && p[1].revents & POLLOUT) {
-            n = send(fd, up, ulen, MSG_NOSIGNAL);
-            if (n > 0) memmove(up, up + n, ulen -= (size_t)n);
-            else if (n < 0 && errno != EINTR && errno != EAGAIN) leave(255, "the keeper server went away");
+        if (uok && p[1].revents & POLLOUT) {
+            n = send(fd, up, uok, MSG_NOSIGNAL);
+            if (n > 0) {
+                memmove(up, up + n, ulen - (size_t)n);
+                ulen -= (size_t)n;
+                uok -= (size_t)n;
+            } else if (n < 0 && errno != EINTR && errno != EAGAIN) {
+                leave(255, "the keeper server went away");
+            }
         }
         if (dlen && p[2].revents) {
             n = write(1, down, dlen);
