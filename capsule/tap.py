@@ -231,6 +231,14 @@ class ListenerService(MultiService):
         super().__init__()
         self._ready = ready
 
+    def privilegedStartService(self) -> None:
+        # twistd asks services to bind their ports before startService: the
+        # ports would accept connections before the sessions are known.
+        # They are bound in _open instead (a port below 1024 then needs the
+        # right to bind it, e.g. CAP_NET_BIND_SERVICE, rather than twistd's
+        # --uid dropping root after binding).
+        Service.privilegedStartService(self)
+
     def startService(self) -> None:
         # Not MultiService's: the children start later.
         Service.startService(self)
@@ -239,6 +247,7 @@ class ListenerService(MultiService):
     def _open(self, _=None) -> None:
         if self.running:
             for service in self:
+                service.privilegedStartService()
                 service.startService()
 
     def stopService(self) -> Deferred:

@@ -65,7 +65,11 @@ def _sessions(docker, clock):
 
 
 class _Port(Service):
-    pass
+    bound = False
+
+    def privilegedStartService(self):
+        self.bound = True
+        super().privilegedStartService()
 
 
 SID = "6f9619ff-8b86-4011-b42d-00c04fc964ff"
@@ -82,10 +86,13 @@ def test_listeners_open_only_after_recovery():
     port = _Port()
     port.setServiceParent(listeners)
     sessions.startService()
+    # twistd binds ports in privilegedStartService, before startService.
+    listeners.privilegedStartService()
     listeners.startService()
-    assert not port.running, "a port opened before the earlier run's sessions were known"
+    assert not port.bound and not port.running, (
+        "a port opened before the earlier run's sessions were known")
     docker.release_list()
-    assert port.running
+    assert port.bound and port.running
     assert sessions.manager.sessions[SID].status() == "recovered"
     assert len(docker.containers) == 2, "the warm pool fills after recovery"
 

@@ -93,3 +93,88 @@ async def test_without_keeper_a_clean_stop_removes_sessions(make_server):
     assert "developer" in await client.run("whoami")
     await deferToThread(server.stop)
     assert instance_containers(server.instance) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_at_once_after_a_restart_finds_every_session(make_server):
+    """
+    The page retries as soon as the port accepts connections: no reconnect
+    may be told its session does not exist while capsule is still finding
+    the sessions of its earlier run.
+    """
+    first = make_server("--grace", "60", "--pool-size", "0")
+    clients = [await WSClient.connect(first.ws_url, binary=True) for _ in range(8)]
+    ids = [await c.start() for c in clients]
+    for client in clients:
+        await client.run("export SURVIVED=yes")
+    offsets = [c.received for c in clients]
+    await deferToThread(first.stop, sig=signal.SIGKILL)
+    # start() returns as soon as the port accepts a connection.
+    second = make_server("--grace", "60", "--pool-size", "0", instance=first.instance)
+    again = [await WSClient.connect(second.ws_url, session_id, binary=True, offset=offset)
+             for session_id, offset in zip(ids, offsets)]
+    for client, session_id in zip(again, ids):
+        connected = await client.next()
+        assert connected["type"] == "connected", connected
+        assert connected["session_id"] == session_id and connected["resumed"] is True
+    for client in again:
+        assert "yes" in await client.run("echo $SURVIVED")
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_input_typed_while_a_session_resumes_reaches_the_shell_once(make_server):
+    first = make_server("--pool-size", "0")
+    client = await WSClient.connect(first.ws_url, binary=True)
+    session_id = await client.start()
+    await client.run("stty -echo")
+    offset = client.received
+    await deferToThread(first.stop)
+    second = make_server("--pool-size", "0", instance=first.instance)
+    again = await WSClient.connect(second.ws_url, session_id, binary=True, offset=offset)
+    # Typed before capsule has attached to the shell again.
+    again.type("echo typed-$((20+1))\r")
+    again.type("echo typed-$((20+2))\r")
+    assert (await again.next("connected"))["resumed"] is True
+    await again.until("typed-22")
+    assert re.findall(rb"typed-\d+", again.output) == [b"typed-21", b"typed-22"]
+    await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_shell_is_a_notice_and_offsets_stay_exact(make_server):
+    """
+    The container restarted while capsule was down, so its shell started
+    again from nothing: the client hears a notice (not output) and its
+    offsets start again, exactly, from what the new shell printed.
+    """
+    first = make_server("--pool-size", "0", "--grace", "60")
+    client = await WSClient.connect(first.ws_url, binary=True)
+    session_id = await client.start()
+    await client.run("echo before")
+    offset = client.received
+    await deferToThread(first.stop)
+    await deferToThread(lambda: docker_client().api.restart(f"capsule-{session_id}", timeout=1))
+    second = make_server("--pool-size", "0", "--grace", "60", instance=first.instance)
+    again = await WSClient.connect(second.ws_url, session_id, binary=True, offset=offset)
+    connected = await again.next("connected")
+    assert connected["offset"] == 0 and connected["resumed"] is True
+    notice = await again.next("notice")
+    assert notice["code"] == "shell_restarted"
+    await again.run("echo after")
+    # Nothing but the new shell's bytes was counted: a resume from the
+    # offset the client reached gets exactly what came after it.
+    assert b"[capsule:" not in again.output
+    reached = again.received
+    assert reached == len(again.output)
+    again.type("stty -echo; sleep 1; echo LATER-$((1+1))\r")
+    await sleep(0.3)
+    again.drop()
+    await again.closed
+    last = await WSClient.connect(second.ws_url, session_id, binary=True, offset=reached)
+    assert (await last.next("connected"))["offset"] == reached
+    await last.until("LATER-2")
+    whole = again.output[:reached] + last.output
+    assert whole.count(b"echo LATER-$((1+1))") == 1, "a gap or a duplicate at the resume"
+    assert len(whole) == last.received
+    await last.close()
