@@ -8,6 +8,7 @@ import signal
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
 from .harness import WSClient, docker_client, eventually, instance_containers, sleep
@@ -111,8 +112,10 @@ async def test_reconnecting_at_once_after_a_restart_finds_every_session(make_ser
     await deferToThread(first.stop, sig=signal.SIGKILL)
     # start() returns as soon as the port accepts a connection.
     second = make_server("--grace", "60", "--pool-size", "0", instance=first.instance)
-    again = [await WSClient.connect(second.ws_url, session_id, binary=True, offset=offset)
-             for session_id, offset in zip(ids, offsets)]
+    again = await defer.gatherResults([
+        defer.ensureDeferred(WSClient.connect(second.ws_url, session_id, binary=True,
+                                              offset=offset))
+        for session_id, offset in zip(ids, offsets)])
     for client, session_id in zip(again, ids):
         connected = await client.next()
         assert connected["type"] == "connected", connected
