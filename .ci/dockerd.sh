@@ -88,8 +88,10 @@ cmd_start() {
       command -v sudo >/dev/null 2>&1 || die "need root to start dockerd"
       sudo=(sudo -n)
     fi
+    # --live-restore: containers (and so sessions) keep running while dockerd
+    # restarts, as capsule expects of a production engine.
     # shellcheck disable=SC2086  # CAPSULE_DOCKERD_ARGS is meant to be split
-    "${sudo[@]}" nohup "$dockerd" ${CAPSULE_DOCKERD_ARGS:-} </dev/null >"$logfile" 2>&1 &
+    "${sudo[@]}" nohup "$dockerd" --live-restore ${CAPSULE_DOCKERD_ARGS:-} </dev/null >"$logfile" 2>&1 &
     pid=$!
     # through sudo, $! is sudo; record dockerd itself
     if [ "${#sudo[@]}" -gt 0 ]; then

@@ -4,8 +4,10 @@ The Docker engine behind L{IDockerAPI}.
 Every docker-py call runs on a dedicated, bounded L{ThreadPool} (never the
 reactor's own pool, which name resolution and shutdown need), with an
 explicit timeout.  Workspace exports get a pool of their own, so a long
-export cannot starve session starts.  Methods that run on a worker thread
-are named C{_thd_...}.
+export cannot starve session starts, and so does the health check (C{ping},
+C{image_exists}), so a burst of session starts queued on the main pool
+cannot make C{/health} report Docker as down.  Methods that run on a worker
+thread are named C{_thd_...}.
 
 The one thing not done through docker-py is streaming an exec: that upgrade
 is performed on a Twisted protocol (see L{capsule.exec_process}), so the
@@ -46,6 +48,9 @@ EXIT_CODE_WAIT = 2.0
 # Docker's detach keys for execs with a TTY: made unlikely to be typed.
 DETACH_KEYS = "ctrl-],ctrl-@,ctrl-],ctrl-@"
 EXIT_CODE_POLL = 0.05
+# Workers for ping and image_exists: /health runs one probe at a time (see
+# capsule.web.HealthResource); the second serves any other caller at once.
+HEALTH_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class DockerAPI:
         local unix socket).
     @param threads: the size of the pool for Docker calls.
     @param export_threads: the size of the pool for workspace exports.
+        The health check has a pool of its own of L{HEALTH_THREADS}.
     @param timeout: the timeout of each Docker call, in seconds.
     """
 
@@ -106,10 +112,12 @@ class DockerAPI:
         self.host = host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
         self._endpoint = docker_host_endpoint(reactor, self.host)
         self._timeout = timeout
-        self._max_connections = threads + export_threads
+        self._max_connections = threads + export_threads + HEALTH_THREADS
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="capsule-docker")
         self._export_pool = ThreadPool(minthreads=0, maxthreads=export_threads,
                                        name="capsule-export")
+        self._health_pool = ThreadPool(minthreads=0, maxthreads=HEALTH_THREADS,
+                                       name="capsule-health")
         self._client_lock = threading.Lock()
         self._client: docker.APIClient | None = None
 
@@ -118,10 +126,12 @@ class DockerAPI:
     def start(self) -> None:
         self._pool.start()
         self._export_pool.start()
+        self._health_pool.start()
 
     def stop(self) -> None:
         self._pool.stop()
         self._export_pool.stop()
+        self._health_pool.stop()
 
     # -- the thread side ---------------------------------------------------
 
@@ -166,10 +176,16 @@ class DockerAPI:
         return deferToThreadPool(self._reactor, self._pool, self._thd_call,
                                  function, *args, **kwargs)
 
+    def _health_call(self, function: Callable) -> Deferred:
+        return deferToThreadPool(self._reactor, self._health_pool, self._thd_call, function)
+
     # -- IDockerAPI ----------------------------------------------------
 
     def ping(self) -> Deferred:
-        return self._call(lambda client: client.version())
+        return self._health_call(lambda client: client.version())
+
+    def info(self) -> Deferred:
+        return self._call(lambda client: client.info())
 
     def image_exists(self, image: str) -> Deferred:
         def _thd(client):
@@ -178,7 +194,7 @@ class DockerAPI:
             except docker.errors.ImageNotFound:
                 return False
             return True
-        return self._call(_thd)
+        return self._health_call(_thd)
 
     def create_session_container(self, session_id: str, spec: ContainerSpec) -> Deferred:
         return self._call(self._thd_create_session_container, session_id, spec)

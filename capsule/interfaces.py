@@ -21,6 +21,11 @@ class IDockerAPI(Interface):
         engine, not how busy capsule is.
         """
 
+    def info():
+        """
+        Fire with the engine's system information (C{docker info}).
+        """
+
     def image_exists(image):
         """
         Fire with whether C{image} is present in the engine; like L{ping},

@@ -635,6 +635,27 @@ class SessionManager:
                       count=len(self._removals))
         return DeferredList([self.pool.stop(), *self._removals], consumeErrors=True)
 
+    async def check_live_restore(self) -> bool | None:
+        """
+        Warn when the engine runs without live-restore, which no server can
+        make up for: restarting dockerd then stops every container.  Return
+        the engine's setting (C{None}: it did not say).
+        """
+        try:
+            info = await self._docker.info()
+        except CapsuleError as e:
+            _log.warn("could not ask the Docker engine whether live-restore is on: {message}",
+                      message=e.message)
+            return None
+        enabled = info.get("LiveRestoreEnabled")
+        if enabled is False:
+            _log.warn(
+                "the Docker engine runs without live-restore: restarting or upgrading dockerd"
+                " stops every container, and so ends every session. Turn it on with"
+                " {{\"live-restore\": true}} in /etc/docker/daemon.json, then"
+                " `sudo systemctl reload docker` (no container is stopped by that).")
+        return enabled
+
     async def recover(self) -> int:
         """
         At start-up: find the sessions of an earlier run whose containers

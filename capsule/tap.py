@@ -198,6 +198,7 @@ class SessionService(Service):
             _log.info("found the sessions of the earlier run: {count}", count=count)
         self._open()
         self.manager.pool.start()
+        await self.manager.check_live_restore()
 
     def _open(self) -> None:
         if not self.ready.called:

@@ -149,6 +149,7 @@ class FakeDockerAPI:
         self.programs: dict[tuple[str, ...], object] = {}
         self.reachable = True
         self.hold_create = False
+        self.live_restore = True
         # While set, execs connect only at release_exec().
         self.hold_exec = False
         self._held_execs: list[tuple[FakeExecProcess, Deferred]] = []
@@ -167,6 +168,9 @@ class FakeDockerAPI:
 
     def ping(self):
         return self._check() or succeed({"Version": "fake"})
+
+    def info(self):
+        return self._check() or succeed({"LiveRestoreEnabled": self.live_restore})
 
     def image_exists(self, image):
         return self._check() or succeed(image in self.images)

@@ -141,3 +141,18 @@ def test_websocket_limits_reach_autobahn():
     assert factory.origin_allowed("https://a.example", "capsule.example")
     assert not factory.origin_allowed("https://b.example", "capsule.example")
     assert factory.origin_allowed("http://capsule.example", "capsule.example")
+
+
+def test_an_engine_without_live_restore_is_warned_about():
+    from twisted.logger import globalLogPublisher
+    docker, clock = FakeDockerAPI(), Clock()
+    docker.live_restore = False
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        _sessions(docker, clock).startService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [e["log_format"] for e in events if e.get("log_level").name == "warn"]
+    assert len(warnings) == 1 and "live-restore" in warnings[0]
+    assert '"live-restore": true' in warnings[0].format()
