@@ -6,7 +6,7 @@ the usage and status 2, before anything is started or created.
 
 import pytest
 
-from tests.keeper_harness import keeper, relay  # noqa: F401 (fixtures)
+from tests.keeper_harness import keeper, kill_keepers, relay  # noqa: F401 (fixtures)
 
 USAGE = b"usage: capsule-keeper [-r] [-b BYTES] [-o OFFSET] SOCKET -- COMMAND [ARG...]\n"
 MAX_PATH = 107  # sun_path holds 108 bytes, the last a NUL
@@ -41,10 +41,13 @@ REFUSED = [
 @pytest.mark.parametrize("args, message", REFUSED, ids=[" ".join(a) or "none" for a, _ in REFUSED])
 def test_bad_arguments_are_refused_with_the_usage(keeper, tmp_path, args, message):
     socket = str(tmp_path / "missing" / "s")
-    done = keeper.run(*[socket if a == "S" else a for a in args])
-    assert (done.returncode, done.stdout) == (2, b"")
-    assert done.stderr == f"capsule-keeper: {message}\n".encode() + USAGE
-    assert not (tmp_path / "missing").exists()
+    try:
+        done = keeper.run(*[socket if a == "S" else a for a in args])
+        assert (done.returncode, done.stdout) == (2, b"")
+        assert done.stderr == f"capsule-keeper: {message}\n".encode() + USAGE
+        assert not (tmp_path / "missing").exists()
+    finally:
+        kill_keepers(socket)  # one that took the arguments and started
 
 
 def test_a_socket_path_too_long_is_refused(keeper, tmp_path):
