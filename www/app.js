@@ -1,6 +1,6 @@
-// capsule terminal page: xterm.js <-> the /ws protocol (see PROTOCOL.md). It asks for the
-// binary protocol (raw output bytes with offsets, acknowledged for flow control, and resumed
-// without duplicates or gaps) and speaks the JSON one if the server does not select it.
+// capsule terminal page: xterm.js <-> the /ws protocol (see the README's Protocol section). It
+// asks for the binary protocol (raw output bytes with offsets, acknowledged for flow control, and
+// resumed without duplicates or gaps) and speaks the JSON one if the server does not select it.
 // A classic script with no build step; Terminal and FitAddon come from the UMD builds
 // that index.html loads from node_modules/.
 "use strict";
@@ -10,8 +10,13 @@
   const PING_INTERVAL_MS = 20000;
   const SILENCE_LIMIT_MS = 45000;
   const RESIZE_DEBOUNCE_MS = 50;
-  const MAX_ATTEMPTS = 20;
   const BINARY_PROTOCOL = "capsule.binary.v1";
+  // Reconnecting: the first retry after RETRY_FIRST_MS, doubling up to RETRY_MAX_MS, for
+  // RETRY_FOR_MS after the connection was lost. That outlasts a restart of capsule within the
+  // session's grace period (60 s by default; the page cannot know it).
+  const RETRY_FIRST_MS = 500;
+  const RETRY_MAX_MS = 3000;
+  const RETRY_FOR_MS = 120000;
   // At most 3 UTF-8 bytes per UTF-16 unit, so a piece stays under 32 KiB on the wire, and
   // under the server's 256 KiB message limit even when JSON escapes every character.
   const INPUT_PIECE_CHARS = 10 * 1024;
@@ -21,16 +26,28 @@
   // and anything left unacknowledged at most ACK_DELAY_MS after it was processed.
   const ACK_BYTES = 64 * 1024;
   const ACK_DELAY_MS = 50;
+  // A server that does not say how much of its output is replayed (no `replay` in `connected`)
+  // sends the replay at once: output that follows a resumed `connected` without a pause of
+  // REPLAY_QUIET_MS, within REPLAY_LIMIT_MS and before any input, is taken for replay.
+  const REPLAY_QUIET_MS = 150;
+  const REPLAY_LIMIT_MS = 1500;
 
   // Each state: its label in the status bar and the button it offers, if any.
   const STATES = {
     connecting: { label: "connecting" },
     connected: { label: "connected" },
     reconnecting: { label: "reconnecting" },
-    ended: { label: "ended", action: "New session" },
-    expired: { label: "ended", action: "New session" },
+    ended: { label: "ended", action: "New session", gone: true },
+    expired: { label: "ended", action: "New session", gone: true },
     taken: { label: "disconnected", action: "Reconnect here" },
     failed: { label: "error", action: "Reconnect" },
+  };
+
+  // What the status bar says for a server notice (a control message, never terminal output).
+  const NOTICES = {
+    shell_restarted: { text: "the session's shell was restarted", line: true },
+    engine_away: { text: "capsule is waiting for the Docker engine", engine: "away" },
+    engine_back: { text: "the Docker engine is back", engine: "" },
   };
 
   const $ = (id) => document.getElementById(id);
@@ -38,6 +55,7 @@
     status: $("status"),
     label: $("status-label"),
     message: $("status-message"),
+    countdown: $("status-countdown"),
     session: $("session"),
     exportButton: $("export"),
     actionButton: $("action"),
@@ -58,13 +76,19 @@
   let state = null;
   let sessionId = loadSessionId();
   let socket = null;
-  let attempt = 0; // reconnect attempts since the last `connected`
   let exitCode = null; // from the `exit` frame that precedes a 1000 close
   let lastError = ""; // message of the latest `error` frame
   let sentSize = ""; // "COLSxROWS" last sent on this socket
-  let retryTimer = null;
   let pingTimer = null;
   let silenceTimer = null;
+
+  // Reconnecting. An outage runs from losing the connection to the next `connected`.
+  let attempt = 0; // reconnect attempts in this outage
+  let outage = null; // { since, restarting, failing } or null while connected
+  let retryAt = 0; // when the next attempt starts (Date.now() time)
+  let retryTimer = null;
+  let countdownTimer = null;
+  let opened = false; // whether the current socket reached `connected`
 
   // Binary protocol. Every output byte has an offset in all the session ever produced.
   let binary = false; // whether the current socket speaks the binary protocol
@@ -76,17 +100,32 @@
   let ackBytes = ACK_BYTES;
   let ackTimer = null;
 
+  // Replayed output: what the shell printed before this connection, written again. xterm answers
+  // the terminal queries it finds in what it parses (device attributes, cursor position, colours,
+  // focus reports when focus reporting is switched on); answers to replayed queries are stale
+  // and would reach the shell as typed input, so they are dropped (see fromTerminal).
+  let replayLeft = 0; // bytes of replay still to come on this socket
+  let replayGuess = false; // an older server: the replay ends at a pause in the output
+  let replayGuessTimer = null;
+  let replayGuessUntil = 0;
+  let blank = true; // whether the terminal shows no output yet (a new page, or after reset)
+  let replayWritten = false; // whether the last chunk given to xterm is replay
+  let parsingReplay = false; // whether xterm is parsing replayed output (set by write callbacks)
+  let held = []; // what xterm sent while it was parsing replay, until the end of the task
+
   // --- status bar -------------------------------------------------------
 
   function setState(name, message) {
     state = name;
     const spec = STATES[name];
     ui.status.dataset.state = name;
-    ui.label.textContent = name === "reconnecting" ? `reconnecting (attempt ${attempt})` : spec.label;
+    ui.label.textContent = spec.label;
     ui.message.textContent = message || "";
     ui.message.classList.toggle("is-error", name === "failed");
     ui.actionButton.hidden = !spec.action;
     ui.actionButton.textContent = spec.action || "";
+    if (name !== "connected") delete ui.status.dataset.engine;
+    if (name !== "reconnecting") stopCountdown();
     renderSession();
   }
 
@@ -95,12 +134,22 @@
     ui.message.classList.add("is-error");
   }
 
+  function showNotice(message) {
+    ui.message.textContent = message;
+    ui.message.classList.remove("is-error");
+  }
+
   function renderSession() {
     ui.session.textContent = sessionId ? sessionId.slice(0, 8) : "";
     ui.session.title = sessionId || "";
-    ui.exportButton.disabled = !sessionId;
+    const gone = !sessionId || STATES[state].gone;
+    ui.exportButton.disabled = gone;
+    ui.exportButton.title = gone
+      ? "Export is not available: the session has ended"
+      : "Download /workspace as .tar.gz";
   }
 
+  // A line of capsule's own in the terminal: not session output, so not counted in offsets.
   function notice(text) {
     term.write(`\r\n\x1b[2m[capsule] ${text}\x1b[0m\r\n`);
   }
@@ -134,16 +183,26 @@
     }
   }
 
+  function forgetSession() {
+    sessionId = null;
+    storeSessionId(null);
+    forgetOffsets();
+  }
+
   // --- the socket --------------------------------------------------------
 
   function connect() {
     clearTimeout(retryTimer);
+    retryTimer = null;
     exitCode = null;
     lastError = "";
     sentSize = "";
     binary = false;
+    opened = false;
     link += 1;
     stopAcks();
+    endReplay();
+    if (state === "reconnecting") renderCountdown();
     const url = new URL("ws", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     const params = new URLSearchParams();
@@ -196,16 +255,13 @@
     if (state === "connected") armSilenceTimer();
     switch (frame.type) {
       case "connected":
-        sessionId = frame.session_id;
-        storeSessionId(sessionId);
-        attempt = 0;
-        if (binary) startAcks(frame.offset, frame.window);
-        if (frame.resumed) notice("reconnected");
-        setState("connected", frame.resumed ? "resumed session" : "new session");
-        startKeepalive();
+        onConnected(frame);
         break;
       case "output":
-        term.write(decodeBase64(frame.data));
+        onJsonOutput(decodeBase64(frame.data));
+        break;
+      case "notice":
+        onNotice(frame.code, frame.message);
         break;
       case "error":
         lastError = frame.message || frame.code || "error";
@@ -222,13 +278,42 @@
     }
   }
 
+  function onConnected(frame) {
+    sessionId = frame.session_id;
+    storeSessionId(sessionId);
+    opened = true;
+    outage = null;
+    attempt = 0;
+    if (binary) startAcks(frame.offset, frame.window);
+    startReplay(frame);
+    // Said in the terminal only when it is blank (a reload): a line in the middle of what it
+    // shows would break the shell's prompt or a full-screen program's screen.
+    if (frame.resumed && blank) notice("reconnected");
+    setState("connected", frame.resumed ? "resumed session" : "new session");
+    startKeepalive();
+  }
+
+  function onNotice(code, message) {
+    const known = NOTICES[code] || { text: message || code || "notice" };
+    if ("engine" in known) {
+      if (known.engine) ui.status.dataset.engine = known.engine;
+      else delete ui.status.dataset.engine;
+    }
+    showNotice(known.text);
+    if (known.line) notice(known.text);
+  }
+
   function onClose(code) {
     socket = null;
     stopKeepalive();
     stopAcks();
+    endReplay();
+    // A connection that never got as far as `connected`: capsule is down or not ready yet.
+    const failedAttempt = !opened;
+    opened = false;
     switch (code) {
       case 1000: {
-        // The shell ended. Keep the id in memory so Export still works, but a reload starts fresh.
+        // The shell ended and its container is gone: a reload starts fresh, Export has nothing.
         storeSessionId(null);
         const ended = exitCode === null ? "session ended" : `session ended (exit code ${exitCode})`;
         notice(ended);
@@ -236,15 +321,22 @@
         break;
       }
       case 4400:
-      case 4404:
-        sessionId = null;
-        storeSessionId(null);
-        forgetOffsets();
+        forgetSession();
         notice("session expired");
         setState("expired", "session expired");
         break;
+      case 4404:
+        // Right after a restart of capsule (a 4001, or connections that failed), the session may
+        // not be known yet: keep trying for as long as it could come back. Otherwise it is gone.
+        if (outage && (outage.restarting || outage.failing) && !retryExhausted()) {
+          retry("capsule is restarting");
+        } else {
+          expire();
+        }
+        break;
       case 4409:
         // Another tab took the session over; reconnecting on our own would start a tug of war.
+        outage = null;
         setState("taken", "session taken over by another tab or window");
         break;
       case 1009:
@@ -255,21 +347,65 @@
         break;
       case 1001:
       case 4001: // capsule restarts; the session lives on in its container
-        retry("server restarting");
+        beginOutage().restarting = true;
+        retry("capsule is restarting");
         break;
       default: // 1006 and anything unexpected
+        if (failedAttempt) beginOutage().failing = true;
         retry("connection lost");
     }
   }
 
+  function expire() {
+    outage = null;
+    forgetSession();
+    notice("session expired");
+    setState("expired", "session expired");
+  }
+
+  function beginOutage() {
+    if (!outage) outage = { since: Date.now(), restarting: false, failing: false };
+    return outage;
+  }
+
+  function retryExhausted() {
+    return outage !== null && Date.now() - outage.since >= RETRY_FOR_MS;
+  }
+
   function retry(reason) {
-    if (attempt >= MAX_ATTEMPTS) {
-      setState("failed", `${reason}; gave up after ${attempt} attempts`);
+    beginOutage();
+    if (retryExhausted()) {
+      const seconds = Math.round((Date.now() - outage.since) / 1000);
+      outage = null;
+      setState("failed", `${reason}; gave up after ${attempt} attempts in ${seconds} s`);
       return;
     }
     attempt += 1;
-    setState("reconnecting", reason);
-    retryTimer = setTimeout(connect, Math.min(500 * 2 ** (attempt - 1), 10000));
+    const delay = Math.min(RETRY_FIRST_MS * 2 ** (attempt - 1), RETRY_MAX_MS);
+    retryAt = Date.now() + delay;
+    // While capsule restarts, every failed attempt looks like a lost connection: say why.
+    setState("reconnecting", outage.restarting && reason === "connection lost" ? "capsule is restarting" : reason);
+    retryTimer = setTimeout(connect, delay);
+    startCountdown();
+  }
+
+  function startCountdown() {
+    renderCountdown();
+    if (countdownTimer === null) countdownTimer = setInterval(renderCountdown, 250);
+  }
+
+  function stopCountdown() {
+    clearInterval(countdownTimer);
+    countdownTimer = null;
+    ui.countdown.textContent = "";
+  }
+
+  function renderCountdown() {
+    const seconds = Math.ceil((retryAt - Date.now()) / 1000);
+    const text = retryTimer !== null && seconds > 0
+      ? `next try in ${seconds} s (attempt ${attempt})`
+      : `trying now (attempt ${attempt})`;
+    if (ui.countdown.textContent !== text) ui.countdown.textContent = text;
   }
 
   // --- keepalive ------------------------------------------------------------
@@ -295,9 +431,99 @@
       ws.close();
       stopKeepalive();
       stopAcks();
+      endReplay();
+      opened = false;
       retry("no reply from the server");
     }, SILENCE_LIMIT_MS);
   }
+
+  // --- replayed output ---------------------------------------------------------
+
+  function startReplay(frame) {
+    endReplay();
+    if (Number.isSafeInteger(frame.replay) && frame.replay >= 0) {
+      replayLeft = frame.replay;
+    } else if (frame.resumed) {
+      replayGuess = true;
+      replayGuessUntil = Date.now() + REPLAY_LIMIT_MS;
+      armReplayGuess();
+    }
+  }
+
+  function armReplayGuess() {
+    clearTimeout(replayGuessTimer);
+    const wait = Math.min(REPLAY_QUIET_MS, replayGuessUntil - Date.now());
+    replayGuessTimer = setTimeout(endReplay, Math.max(0, wait));
+  }
+
+  // How many of the next `length` output bytes are replay; they are taken off what is left.
+  function takeReplay(length) {
+    if (replayGuess) {
+      armReplayGuess();
+      return length;
+    }
+    const count = Math.min(length, replayLeft);
+    replayLeft -= count;
+    return count;
+  }
+
+  // Output from here on is live. xterm learns it in order: a marker write after the replay.
+  function endReplay() {
+    replayLeft = 0;
+    replayGuess = false;
+    clearTimeout(replayGuessTimer);
+    replayGuessTimer = null;
+    if (replayWritten) {
+      replayWritten = false;
+      term.write("", () => {
+        parsingReplay = false;
+      });
+    }
+  }
+
+  // Writes output, its first `replayCount` bytes replayed; `done(bytesParsed)` after each part.
+  function writeOutput(bytes, replayCount, done) {
+    blank = false;
+    if (replayCount > 0) {
+      if (!replayWritten) {
+        replayWritten = true;
+        term.write("", () => {
+          parsingReplay = true;
+        });
+      }
+      term.write(bytes.subarray(0, replayCount), () => done(replayCount));
+      if (replayLeft === 0 && !replayGuess) endReplay();
+    }
+    if (replayCount < bytes.length) {
+      endReplay();
+      term.write(bytes.subarray(replayCount), () => done(bytes.length));
+    }
+  }
+
+  // Everything xterm sends to the shell passes here: keys, pastes, mouse reports, and xterm's
+  // own answers to queries in what it parses. Answers to replayed queries are produced while
+  // xterm parses replay, in the task that parses it; what comes while parsingReplay is set is
+  // held, and dropped if that task turns out to be a parse (onWriteParsed fires at its end).
+  // What is held in another task (a key pressed while a long replay is parsed piece by piece)
+  // is sent at the end of that task, in order with what came after it.
+  function fromTerminal(sendFn, data) {
+    if (!parsingReplay && held.length === 0) {
+      sendFn(data);
+      return;
+    }
+    if (held.length === 0) queueMicrotask(releaseHeld);
+    held.push({ sendFn, data, replay: parsingReplay });
+  }
+
+  function releaseHeld() {
+    const items = held;
+    held = [];
+    for (const item of items) item.sendFn(item.data);
+  }
+
+  term.onWriteParsed(() => {
+    if (held.length > 0) held = held.filter((item) => !item.replay);
+  });
 
   // --- output and acknowledgements (binary protocol) -----------------------------
 
@@ -321,10 +547,15 @@
   function onOutput(buffer) {
     if (state === "connected") armSilenceTimer();
     if (!binary) return; // binary frames are not part of the JSON protocol
+    const start = received;
     received += buffer.byteLength;
-    const end = received;
     const current = link;
-    term.write(new Uint8Array(buffer), () => onProcessed(current, end));
+    const bytes = new Uint8Array(buffer);
+    writeOutput(bytes, takeReplay(bytes.length), (count) => onProcessed(current, start + count));
+  }
+
+  function onJsonOutput(bytes) {
+    writeOutput(bytes, takeReplay(bytes.length), () => {});
   }
 
   function onDropped(bytes, offset) {
@@ -368,8 +599,14 @@
 
   const encoder = new TextEncoder();
 
+  // Input, as the shell will see it: output that follows is an answer to it, not replay.
+  function inputSent() {
+    if (replayGuess) endReplay();
+  }
+
   function sendInput(data) {
     if (state !== "connected") return;
+    inputSent();
     for (let start = 0; start < data.length; ) {
       let end = Math.min(start + INPUT_PIECE_CHARS, data.length);
       const last = data.charCodeAt(end - 1);
@@ -388,6 +625,7 @@
       return;
     }
     if (state !== "connected") return;
+    inputSent();
     for (let start = 0; start < data.length; start += INPUT_PIECE_BYTES) {
       const piece = data.slice(start, start + INPUT_PIECE_BYTES);
       sendBytes(Uint8Array.from(piece, (c) => c.charCodeAt(0) & 0xff));
@@ -411,29 +649,65 @@
     }, RESIZE_DEBOUNCE_MS);
   }
 
-  term.onData(sendInput);
-  term.onBinary(sendBinaryInput);
+  term.onData((data) => fromTerminal(sendInput, data));
+  term.onBinary((data) => fromTerminal(sendBinaryInput, data));
   window.addEventListener("resize", scheduleFit);
+
+  // --- export -------------------------------------------------------------------
+
+  // The archive downloads through a hidden frame, so the browser streams it to disk however
+  // large it is. A download leaves the frame empty; a document in it is the server's error.
+  function startExport() {
+    const frame = document.createElement("iframe");
+    frame.hidden = true;
+    frame.tabIndex = -1;
+    frame.title = "workspace export";
+    frame.setAttribute("aria-hidden", "true");
+    frame.addEventListener("load", () => {
+      let text;
+      try {
+        const doc = frame.contentDocument;
+        if (doc && doc.URL === "about:blank") return;
+        text = doc ? (doc.querySelector("pre") || doc.body || doc.documentElement).textContent : null;
+      } catch (e) {
+        text = null; // the browser's own error page: capsule did not answer
+      }
+      frame.remove();
+      showError(exportError(text));
+    });
+    frame.src = "api/export/" + encodeURIComponent(sessionId);
+    document.body.appendChild(frame);
+  }
+
+  function exportError(text) {
+    if (text === null) return "export failed: capsule did not answer";
+    try {
+      const body = JSON.parse(text);
+      const message = body.message || body.error;
+      if (message) return message.startsWith("export failed") ? message : `export failed: ${message}`;
+    } catch (e) {
+      // not capsule's JSON
+    }
+    const brief = text.trim().replace(/\s+/g, " ").slice(0, 200);
+    return brief ? `export failed: ${brief}` : "export failed";
+  }
 
   // --- buttons ----------------------------------------------------------------
 
   ui.exportButton.addEventListener("click", () => {
-    if (!sessionId) return;
-    const link = document.createElement("a");
-    link.href = "api/export/" + encodeURIComponent(sessionId);
-    link.download = "";
-    link.click();
+    if (!sessionId || ui.exportButton.disabled) return;
+    startExport();
     term.focus();
   });
 
   ui.actionButton.addEventListener("click", () => {
     if (state === "ended" || state === "expired") {
-      sessionId = null;
-      storeSessionId(null);
+      forgetSession();
       term.reset();
-      forgetOffsets();
+      blank = true;
     }
     attempt = 0;
+    outage = null;
     setState("connecting");
     connect();
     term.focus();
