@@ -1,22 +1,41 @@
 """
 The terminal page in a real headless Chromium against a real capsule.
+
+C{CAPSULE_TEST_WWW} serves another copy of the page (to check that a test
+fails against an older one); C{CAPSULE_SCREENSHOTS} names a directory that
+receives a screenshot of each state the tests reach.
 """
 
+import json
 import os
 import re
 import shutil
+import tarfile
+import uuid
+from pathlib import Path
 
 import pytest
 
 from .harness import docker_client
 
 CHROMIUM = os.environ.get("CAPSULE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+WWW = os.environ.get("CAPSULE_TEST_WWW")
+SCREENSHOTS = os.environ.get("CAPSULE_SCREENSHOTS")
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")
 
 
+def page_args(*args: str) -> tuple[str, ...]:
+    return (*args, "--www", WWW) if WWW else args
+
+
 @pytest.fixture
-def page(server):
+def server(make_server):
+    return make_server(*page_args("--grace", "30", "--cleanup-interval", "0.5"))
+
+
+@pytest.fixture
+def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -25,15 +44,27 @@ def page(server):
                   "--disable-background-networking", "--disable-component-update",
                   "--disable-sync"])
         try:
-            context = browser.new_context(viewport={"width": 1000, "height": 600},
-                                          accept_downloads=True)
-            page = context.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.errors = errors
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture
+def new_page(browser):
+    def make():
+        context = browser.new_context(viewport={"width": 1000, "height": 600},
+                                      accept_downloads=True)
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.errors = errors
+        return page
+    return make
+
+
+@pytest.fixture
+def page(server, new_page):
+    return new_page()
 
 
 def screen(page) -> str:
@@ -44,6 +75,12 @@ def wait_screen(page, pattern: str, timeout: float = 15000) -> None:
     page.wait_for_function(
         "p => new RegExp(p).test(document.querySelector('.xterm-rows').innerText)",
         arg=pattern, timeout=timeout)
+
+
+def wait_text(page, selector: str, pattern: str, timeout: float = 15000) -> None:
+    page.wait_for_function(
+        "([s, p]) => new RegExp(p).test(document.querySelector(s).textContent)",
+        arg=[selector, pattern], timeout=timeout)
 
 
 def type_line(page, text: str) -> None:
@@ -60,10 +97,46 @@ def stty_size(page, tag: str) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
-def test_page_terminal_reload_export_and_exit(server, page, tmp_path):
-    page.goto(server.url + "/")
+def open_session(page, url: str) -> str:
+    page.goto(url + "/")
     page.wait_for_selector('#status[data-state="connected"]', timeout=20000)
     wait_screen(page, r"developer@capsule")
+    return page.get_attribute("#session", "title")
+
+
+def status(page) -> str:
+    return page.inner_text("#status-label") + " | " + page.inner_text("#status-message") \
+        + " | " + page.inner_text("#status-countdown")
+
+
+def shot(page, name: str) -> None:
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"))
+
+
+def read_file(session_id: str, path: str) -> bytes | None:
+    result = docker_client().containers.get(f"capsule-{session_id}").exec_run(["cat", path])
+    return result.output if result.exit_code == 0 else None
+
+
+def wait_file(session_id: str, path: str, pattern: bytes, page, timeout_ms: float = 15000) -> bytes:
+    """
+    The file's content once it matches C{pattern} (polled with a deadline).
+    """
+    deadline = timeout_ms
+    while True:
+        content = read_file(session_id, path)
+        if content is not None and re.search(pattern, content):
+            return content
+        if deadline <= 0:
+            raise AssertionError(f"{path} never matched {pattern!r}: {content!r}")
+        page.wait_for_timeout(200)
+        deadline -= 200
+
+
+def test_page_terminal_reload_export_and_exit(server, page, tmp_path):
+    session_id = open_session(page, server.url)
     type_line(page, "echo $((6*7))__RDY")
     wait_screen(page, r"42__RDY")
 
@@ -75,7 +148,6 @@ def test_page_terminal_reload_export_and_exit(server, page, tmp_path):
     assert second[1] < first[1] and second[0] < first[0]
 
     # A reload comes back to the same shell.
-    session_id = page.get_attribute("#session", "title")
     type_line(page, "export KEPT=yes-it-is; touch /workspace/from-browser.txt")
     page.reload()
     page.wait_for_selector('#status[data-state="connected"]', timeout=20000)
@@ -88,8 +160,170 @@ def test_page_terminal_reload_export_and_exit(server, page, tmp_path):
     download = info.value
     assert download.suggested_filename.endswith(".tar.gz")
     assert download.suggested_filename.startswith("capsule-")
+    archive = tmp_path / "export.tar.gz"
+    download.save_as(archive)
+    with tarfile.open(archive) as tar:
+        assert any(name.endswith("from-browser.txt") for name in tar.getnames())
+    assert page.inner_text("#status-message") == "resumed session"
 
     type_line(page, "exit 7")
     page.wait_for_selector('#status[data-state="ended"]', timeout=20000)
     assert "7" in page.inner_text("#status-message") + page.inner_text("#status")
+    assert page.errors == []
+
+
+# --- replayed output is not answered (issue 8, defect 4) ---------------------------
+
+QUERIES = (r"\e[?1004h\e[c\e[>c\e[6n\e[?6n\e[5n\e]10;?\a\e]11;?\e\\"
+           r"\e]4;1;?\a\e[?2004\$p\e[18t\eP\$qm\e\\\e[?1004l")
+
+
+def test_page_does_not_answer_replayed_queries(server, page):
+    """
+    Terminal queries in replayed output are not answered again: after a
+    reload, nothing but what is typed reaches a program reading the
+    terminal. Queries made after the replay are answered.
+    """
+    session_id = open_session(page, server.url)
+    # The page answers the queries live; read swallows the answers.
+    type_line(page, f"printf '{QUERIES}'; read -rs -t 2 -N 100000 live; echo ANSWERED${{#live}}BYTES")
+    wait_screen(page, r"ANSWERED\d+BYTES")
+    answered = int(re.search(r"ANSWERED(\d+)BYTES", screen(page)).group(1))
+    assert answered > 0, "the page did not answer live queries"
+    type_line(page, "stty -echo; cat -v > /workspace/replayed.txt")
+    wait_file(session_id, "/workspace/replayed.txt", rb"^$", page)
+
+    page.reload()
+    page.wait_for_selector('#status[data-state="connected"]', timeout=20000)
+    # The replay is on screen: xterm has parsed the queries in it.
+    wait_screen(page, r"ANSWERED\d+BYTES")
+    type_line(page, "MARK")
+    page.keyboard.press("Control+D")
+    content = wait_file(session_id, "/workspace/replayed.txt", rb"MARK", page)
+    assert content == b"MARK\n"
+
+    # A query made now is answered.
+    type_line(page, r"stty echo; printf '\e[6n'; read -rs -d R -t 5 cpr; echo CPR${cpr#*[}RPC")
+    wait_screen(page, r"CPR\d+;\d+RPC")
+    assert page.errors == []
+
+
+# --- a restart of capsule (issue 8, defects 5 and 1) ----------------------------------
+
+def on_port(server, port: int):
+    """
+    C{server}, set to listen on C{port} (before it starts).
+    """
+    server.port = port
+    server.args = [f"tcp:{port}:interface=127.0.0.1" if a.startswith("tcp:") else a
+                   for a in server.args]
+    return server
+
+
+def test_page_waits_for_a_restarting_capsule(make_server, new_page):
+    """
+    A clean stop of capsule (close 4001): the page says capsule is restarting
+    and when it tries again, keeps trying, and resumes the same shell once
+    capsule is back on its port.
+    """
+    first = make_server(*page_args("--grace", "60", "--pool-size", "0"))
+    page = new_page()
+    session_id = open_session(page, first.url)
+    type_line(page, "export KEPT=restart-ok; cd /tmp")
+
+    first.stop()
+    page.wait_for_selector('#status[data-state="reconnecting"]', timeout=10000)
+    wait_text(page, "#status-message", r"^capsule is restarting$")
+    wait_text(page, "#status-countdown", r"^(next try in \d+ s|trying now) \(attempt \d+\)$")
+    # Attempts keep failing while capsule is down; the page still knows why.
+    wait_text(page, "#status-countdown", r"\(attempt [4-9]\)$", timeout=20000)
+    assert page.inner_text("#status-message") == "capsule is restarting", status(page)
+    assert page.get_attribute("#status", "data-state") == "reconnecting"
+    assert not page.is_disabled("#export")
+    shot(page, "restarting")
+
+    # The same instance on the same port: the page's URL.
+    on_port(make_server(*page_args("--grace", "60", "--pool-size", "0"),
+                        instance=first.instance, start=False), first.port).start()
+    page.wait_for_selector('#status[data-state="connected"]', timeout=30000)
+    assert page.get_attribute("#session", "title") == session_id
+    assert page.inner_text("#status-countdown") == ""
+    type_line(page, "echo $KEPT:$PWD")
+    wait_screen(page, r"restart-ok:/tmp")
+    shot(page, "resumed")
+    assert page.errors == []
+
+
+def test_page_keeps_its_session_through_refusals_during_a_restart(server, new_page):
+    """
+    A restarting capsule may refuse a session it has not recovered yet
+    (4404): within the restart window the page keeps its session id and
+    tries again.
+    """
+    page = new_page()
+    plan: list[str] = []
+    live = []
+
+    def route(ws):
+        if plan and plan.pop(0) == "refuse":
+            ws.send('{"type": "error", "code": "session_not_found", "message": "no such session"}')
+            ws.close(code=4404, reason="session_not_found")
+            return
+        ws.connect_to_server()
+        live.append(ws)
+
+    page.route_web_socket(re.compile(r"/ws(\?|$)"), route)
+    session_id = open_session(page, server.url)
+    type_line(page, "export KEPT=still-here")
+    plan.extend(["refuse", "refuse"])
+    live[-1].close(code=4001, reason="capsule is restarting")
+    page.wait_for_selector('#status[data-state="connected"]', timeout=30000)
+    assert plan == []
+    assert page.get_attribute("#session", "title") == session_id
+    type_line(page, "echo $KEPT")
+    wait_screen(page, r"still-here")
+    assert page.errors == []
+
+
+# --- sessions that are gone, and exports that fail (issue 8, defects 1 and 6) ---------
+
+def test_page_forgets_an_unknown_session_and_disables_export(server, page):
+    """
+    Outside a restart, a refusal (4404) means the session is gone: the page
+    forgets it and offers a new one; Export is disabled.
+    """
+    page.goto(f"{server.url}/?session_id={uuid.uuid4()}")
+    page.wait_for_selector('#status[data-state="expired"]', timeout=20000)
+    assert page.is_disabled("#export")
+    assert page.get_attribute("#export", "title").startswith("Export is not available")
+    assert page.evaluate("sessionStorage.getItem('capsule.session_id')") is None
+    page.click("#action")
+    page.wait_for_selector('#status[data-state="connected"]', timeout=20000)
+    assert not page.is_disabled("#export")
+    assert page.errors == []
+
+
+def test_page_export_error_and_ended_session(server, page):
+    """
+    A failed export says why (the server's message); an ended session has
+    Export disabled.
+    """
+    session_id = open_session(page, server.url)
+    type_line(page, "cd / && sudo mv /workspace /tmp/moved && echo MOVED")
+    wait_screen(page, r"MOVED")
+    page.click("#export")
+    wait_text(page, "#status-message", r"^export failed: ")
+    message = page.inner_text("#status-message")
+    assert "is-error" in page.get_attribute("#status-message", "class")
+    assert page.get_attribute("#status", "data-state") == "connected"
+    shot(page, "export-error")
+    # The message is the server's own.
+    code, _, body = server.get(f"/api/export/{session_id}")
+    assert code == 404 or code >= 500
+    assert message == json.loads(body)["error"]
+
+    type_line(page, "exit")
+    page.wait_for_selector('#status[data-state="ended"]', timeout=20000)
+    assert page.is_disabled("#export")
+    shot(page, "ended")
     assert page.errors == []
