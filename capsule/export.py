@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from .errors import CapsuleError, ContainerGone, DockerUnavailable
 from .protocol import ProtocolError, parse_session_id
-from .session import Phase, SessionManager
+from .session import SessionManager
 
 _log = Logger()
 
@@ -62,9 +62,9 @@ class ExportResource(Resource):
         except ProtocolError as e:
             return ErrorResource(404, e.message, e.code)
         session = self._manager.sessions.get(session_id)
-        if session is None or session.phase is Phase.ENDED:
+        if session is None or session.status() in ("ending", "ended"):
             return ErrorResource(404, f"no live session {session_id}", "session_not_found")
-        if session.phase is Phase.STARTING or session.container_id is None:
+        if session.container_id is None:
             return ErrorResource(409, f"session {session_id} is still starting", "starting")
         return WorkspaceExportResource(session.id, session.container_id, self._docker,
                                        self._reactor, self._path)
