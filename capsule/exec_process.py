@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Callable
+from typing import Callable, Iterator
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
@@ -30,30 +30,51 @@ from .interfaces import IExecProcess
 _log = Logger()
 
 _MAX_HEADER = 64 * 1024
+# Docker frames each write of the exec's output (at most 32 KiB in practice).
+MAX_FRAME = 1024 * 1024
+# Docker's stream numbers: its own error messages come on SYSTEM_ERROR.
+STDOUT, STDERR, SYSTEM_ERROR = 1, 2, 3
+
+
+class DemultiplexError(Exception):
+    pass
 
 
 class Demultiplexer:
     """
     Splits the stream of an exec without a TTY, where Docker wraps each
     piece of output in an 8-byte header (stream number, 3 zero bytes, 4-byte
-    big-endian length), into C{(fd, payload)} pieces.
+    big-endian length), into C{(stream, payload)} pieces.
+
+    @raise DemultiplexError: from L{feed}, at the first header that is not
+        one of Docker's (an unknown stream, padding that is not zero, a
+        frame longer than L{MAX_FRAME}); nothing is buffered past that.
     """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+        """
+        Add C{data}; yield the pieces it completes, in order (those before
+        a bad header, then the error).
+        """
         self._buffer += data
-        pieces, at = [], 0
-        buffer = self._buffer
-        while len(buffer) - at >= 8:
-            (length,) = struct.unpack_from(">I", buffer, at + 4)
-            if len(buffer) - at < 8 + length:
-                break
-            pieces.append((buffer[at], bytes(buffer[at + 8 : at + 8 + length])))
-            at += 8 + length
-        del buffer[:at]
-        return pieces
+        buffer, at = self._buffer, 0
+        try:
+            while len(buffer) - at >= 8:
+                stream, padding, length = struct.unpack_from(">B3sI", buffer, at)
+                if (stream not in (STDOUT, STDERR, SYSTEM_ERROR) or padding != b"\0\0\0"
+                        or length > MAX_FRAME):
+                    header = bytes(buffer[at : at + 8]).hex()
+                    at = len(buffer)
+                    raise DemultiplexError(f"a header that is not Docker's: {header}")
+                if len(buffer) - at < 8 + length:
+                    break
+                at += 8 + length
+                yield stream, bytes(buffer[at - length : at])
+        finally:
+            del buffer[:at]
 
 
 def exec_start_request(api_version: str, exec_id: str, tty: bool = True) -> bytes:
@@ -97,12 +118,14 @@ class ExecStreamProtocol(Protocol):
         self._demux = None if tty else Demultiplexer()
         self.pid = None
         self.process_protocol = process_protocol
-        self.upgraded: Deferred = Deferred()
+        # Cancelling it (a timeout) hangs up.
+        self.upgraded: Deferred = Deferred(self._cancel_upgrade)
+        self._started = False
         self._request = request
         self._on_closed = on_closed
         self._resize_call = resize
         self._header = b""
-        self._phase = "header"  # then "stream", or "refused"
+        self._phase = "header"  # then "stream"; or "refused", or "broken"
         self._pending_size: tuple[int, int] | None = None
         self._resizing = False
         self._closed = False
@@ -117,6 +140,8 @@ class ExecStreamProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._phase == "stream":
             self._deliver(data)
+            return
+        if self._phase == "broken":
             return
         self._header += data
         if self._phase == "refused":
@@ -146,6 +171,7 @@ class ExecStreamProtocol(Protocol):
             return
         self._header = b""
         self._phase = "stream"
+        self._started = True
         self.process_protocol.makeConnection(self)
         upgraded, self.upgraded = self.upgraded, None
         upgraded.callback(self)
@@ -156,29 +182,45 @@ class ExecStreamProtocol(Protocol):
         if self._demux is None:
             self.process_protocol.childDataReceived(1, data)
             return
-        for fd, payload in self._demux.feed(data):
-            self.process_protocol.childDataReceived(fd, payload)
+        try:
+            for stream, payload in self._demux.feed(data):
+                if stream == SYSTEM_ERROR:
+                    _log.warn("Docker says about exec {exec_id}: {message}", exec_id=self.exec_id,
+                              message=payload[:500].decode("utf-8", "replace").strip())
+                elif not self._closed:
+                    self.process_protocol.childDataReceived(stream, payload)
+        except DemultiplexError as e:
+            # Nothing after a bad header can be trusted to be the output.
+            _log.error("the stream of exec {exec_id} is broken ({error}): closing it",
+                       exec_id=self.exec_id, error=str(e))
+            self._phase = "broken"
+            self.transport.abortConnection()
 
     def _check_refusal_complete(self) -> None:
         body = self._header
         if self._body_length is not None:
             complete = len(body) >= self._body_length
         else:
-            complete = body.endswith(b"0\r\n\r\n") or len(body) > _MAX_HEADER
-        if complete:
+            complete = body.endswith(b"0\r\n\r\n")
+        if complete or len(body) > _MAX_HEADER:
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._closed = True
-        if self._phase == "refused":
+        if self._started:
+            self._on_closed(self, reason)
+        elif self._phase == "refused":
             self._fail_upgrade(self._refusal())
-            return
-        if self._phase == "header":
-            self._fail_upgrade(
-                DockerError(f"Docker closed the exec stream before it started: {reason.getErrorMessage()}")
-            )
-            return
-        self._on_closed(self, reason)
+        else:
+            self._fail_upgrade(DockerError(
+                f"Docker closed the exec stream before it started: {reason.getErrorMessage()}"))
+
+    def _cancel_upgrade(self, upgraded: Deferred) -> None:
+        # No one waits for this stream any more: it must not start later.
+        self.upgraded = None
+        self._phase = "broken"
+        if self.transport is not None and not self._closed:
+            self.transport.abortConnection()
 
     def _refusal(self) -> DockerError:
         text = self._header.decode("utf-8", "replace")
