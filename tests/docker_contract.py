@@ -1,0 +1,327 @@
+"""
+What capsule relies on from the Docker engine, as one suite of tests of
+L{IDockerAPI}: it runs against the fake (tests/test_docker_contract.py) and
+against the real engine (tests/integration/test_docker_contract.py), so that
+the fake cannot show behaviour the engine never does.
+
+A backend is a subclass of L{DockerContract} providing these fixtures:
+
+  - C{api}: a started L{IDockerAPI} talking to a reachable engine;
+  - C{unreachable_api}: one whose engine cannot be reached;
+  - C{spec}: a L{ContainerSpec} of the session image, whose labels carry an
+    C{io.capsule.instance} of the test's own (the backend removes every
+    container with it afterwards, whether the test passed or not);
+  - C{put_file}: C{put_file(container_id, path, data)} puts a file into a
+    running container by other means than the API (a Deferred);
+  - C{kill_container}: C{kill_container(container_id)} kills a container as
+    C{docker kill} does (a Deferred).
+
+The scripts run in execs are in L{SCRIPT} and L{SCRIPT_TTY}; a fake backend
+has to emulate them.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import uuid
+from dataclasses import replace
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from zope.interface.verify import verifyObject
+
+from capsule.errors import ContainerGone, DockerUnavailable, ImageMissing
+from capsule.interfaces import IDockerAPI, IExecProcess
+
+LABEL_INSTANCE = "io.capsule.instance"
+LABEL_ROLE = "io.capsule.contract"
+# Generous: the real engine is shared with other tests on a small machine.
+DEADLINE = 30.0
+
+# Says it is ready, reads a line, answers it, writes to stderr and exits 3.
+SCRIPT = ("sh", "-c", 'printf ready; read line; printf "got %s" "$line"; printf oops >&2; exit 3')
+# Runs on, whatever it is given.
+SCRIPT_SLEEP = ("sh", "-c", "printf ready; exec sleep 1000")
+SCRIPT_TTY = ("sh", "-c", 'printf ready; read line; printf "got %s" "$line"; exit 0')
+
+
+class ExecRecorder(ProcessProtocol):
+    """
+    Records, in order, what an exec does to its process protocol.
+    """
+
+    def __init__(self) -> None:
+        self.events: list = []
+        self.output = {1: b"", 2: b""}
+        self.reason = None
+        self._ended: list[Deferred] = []
+        self._waiting: list[tuple[int, bytes, Deferred]] = []
+
+    def makeConnection(self, transport) -> None:
+        self.events.append("connected")
+        super().makeConnection(transport)
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self.events.append(("data", fd, data))
+        self.output[fd] = self.output.get(fd, b"") + data
+        waiting, self._waiting = self._waiting, []
+        for wanted in waiting:
+            self._check(*wanted)
+
+    def processEnded(self, reason) -> None:
+        self.events.append(("ended", reason))
+        self.reason = reason
+        ended, self._ended = self._ended, []
+        for d in ended:
+            if not d.called:
+                d.callback(None)
+
+    def kinds(self) -> list[str]:
+        return [e if isinstance(e, str) else e[0] for e in self.events]
+
+    def wait_for(self, text: bytes, fd: int = 1) -> Deferred:
+        """
+        Fire once the output on C{fd} contains C{text}; fail after
+        L{DEADLINE}.
+        """
+        d: Deferred = Deferred()
+        d.addTimeout(DEADLINE, reactor)
+        self._check(fd, text, d)
+        return d
+
+    def _check(self, fd: int, text: bytes, d: Deferred) -> None:
+        if d.called:
+            return
+        if text in self.output.get(fd, b""):
+            d.callback(None)
+        else:
+            self._waiting.append((fd, text, d))
+
+    def wait_ended(self) -> Deferred:
+        """
+        Fire once C{processEnded} was called (its reason is C{reason});
+        fail after L{DEADLINE}.
+        """
+        d: Deferred = Deferred()
+        d.addTimeout(DEADLINE, reactor)
+        if self.reason is not None:
+            d.callback(None)
+        else:
+            self._ended.append(d)
+        return d
+
+
+def _labelled(spec, role: str):
+    return replace(spec, labels={**spec.labels, LABEL_ROLE: role})
+
+
+class DockerContract:
+    """
+    The behaviour of L{IDockerAPI} that capsule relies on.
+    """
+
+    async def create(self, api, spec, role: str = "any") -> str:
+        return await api.create_session_container(str(uuid.uuid4()), _labelled(spec, role))
+
+    async def spawn(self, api, container_id: str, argv, tty: bool = False):
+        """
+        Start C{argv} in the container; the recorder notes C{"fired"} when
+        the Deferred of C{spawn_exec} fires.
+        """
+        recorder = ExecRecorder()
+        d = api.spawn_exec(recorder, container_id, list(argv), "developer", "/workspace",
+                           {"LANG": "C.UTF-8"}, (100, 30) if tty else None, tty=tty)
+        d.addCallback(lambda process: (recorder.events.append("fired"), process)[1])
+        d.addTimeout(DEADLINE, reactor)
+        process = await d
+        return recorder, process
+
+    def test_provides_the_interface(self, api):
+        assert verifyObject(IDockerAPI, api)
+
+    @pytest_twisted.ensureDeferred
+    async def test_ping_image_exists_and_info(self, api, spec):
+        version = await api.ping()
+        assert isinstance(version.get("Version"), str)
+        assert await api.image_exists(spec.image) is True
+        assert await api.image_exists("capsule-contract-no-such-image:missing") is False
+        info = await api.info()
+        assert isinstance(info["LiveRestoreEnabled"], bool)
+
+    @pytest_twisted.ensureDeferred
+    async def test_create_then_list_by_labels(self, api, spec):
+        session_id = str(uuid.uuid4())
+        first = await api.create_session_container(session_id, _labelled(spec, "first"))
+        second = await self.create(api, spec, "second")
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        listed = await api.list_containers(instance)
+        assert sorted(c["id"] for c in listed) == sorted([first, second])
+        only = await api.list_containers({**instance, LABEL_ROLE: "first"})
+        assert [(c["id"], c["name"], c["state"]) for c in only] == [
+            (first, f"capsule-{session_id}", "running")]
+        # The image's own labels come along on the real engine.
+        labels = only[0]["labels"]
+        assert {k: labels.get(k) for k in spec.labels} == spec.labels
+        assert labels[LABEL_ROLE] == "first"
+        assert await api.list_containers({**instance, LABEL_ROLE: "none"}) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_create_with_a_missing_image(self, api, spec):
+        missing = replace(spec, image="capsule-contract-no-such-image:missing")
+        with pytest.raises(ImageMissing):
+            await self.create(api, missing)
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        assert await api.list_containers(instance) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_container_state_running_then_none_after_removal(self, api, spec):
+        container_id = await self.create(api, spec)
+        state = await api.container_state(container_id)
+        assert state["Running"] is True and state["OOMKilled"] is False
+        await api.remove_container(container_id)
+        assert await api.container_state(container_id) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_remove_says_whether_it_existed(self, api, spec):
+        container_id = await self.create(api, spec)
+        assert await api.remove_container(container_id) is True
+        assert await api.remove_container(container_id) is False
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        assert await api.list_containers(instance) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_spawn_exec_fires_before_the_first_output(self, api, spec):
+        container_id = await self.create(api, spec)
+        recorder, _ = await self.spawn(api, container_id, SCRIPT)
+        await recorder.wait_for(b"ready")
+        assert recorder.events[:2] == ["connected", "fired"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_spawn_exec_output_input_and_exit(self, api, spec):
+        container_id = await self.create(api, spec)
+        recorder, process = await self.spawn(api, container_id, SCRIPT)
+        assert IExecProcess.providedBy(process)
+        assert recorder.transport is process
+        await recorder.wait_for(b"ready")
+        process.write(b"hello\n")
+        await recorder.wait_ended()
+        reason = recorder.reason
+        assert reason.check(ProcessTerminated) and reason.value.exitCode == 3
+        assert recorder.output == {1: b"readygot hello", 2: b"oops"}
+        assert recorder.kinds().count("ended") == 1 and recorder.kinds()[-1] == "ended"
+
+    @pytest_twisted.ensureDeferred
+    async def test_spawn_exec_with_a_tty(self, api, spec):
+        container_id = await self.create(api, spec)
+        recorder, process = await self.spawn(api, container_id, SCRIPT_TTY, tty=True)
+        await recorder.wait_for(b"ready")
+        process.write(b"hello\r")
+        await recorder.wait_for(b"got hello")
+        await recorder.wait_ended()
+        assert recorder.reason.check(ProcessDone)
+        assert recorder.output[1].startswith(b"ready")
+        assert recorder.output[2] == b""
+
+    @pytest_twisted.ensureDeferred
+    async def test_lose_connection_closes_the_input_and_the_end_follows(self, api, spec):
+        container_id = await self.create(api, spec)
+        recorder, process = await self.spawn(api, container_id, SCRIPT)
+        await recorder.wait_for(b"ready")
+        process.loseConnection()
+        await recorder.wait_ended()
+        # The script's read saw the end of its input and it failed: how (its
+        # exit code) is the engine's business; what it wrote after that is
+        # not read any more.
+        assert recorder.reason.check(ProcessTerminated)
+        assert recorder.reason.value.exitCode not in (0, None)
+        assert recorder.output == {1: b"ready", 2: b""}
+        kinds = recorder.kinds()
+        assert kinds[0] == "connected" and kinds[-1] == "ended" and kinds.count("ended") == 1
+
+    @pytest_twisted.ensureDeferred
+    async def test_lose_connection_of_a_program_that_runs_on(self, api, spec):
+        container_id = await self.create(api, spec)
+        recorder, process = await self.spawn(api, container_id, SCRIPT_SLEEP)
+        await recorder.wait_for(b"ready")
+        process.loseConnection()
+        await recorder.wait_ended()
+        # Still running: the engine has no exit code to tell.
+        assert recorder.reason.check(ProcessTerminated)
+        assert recorder.reason.value.exitCode is None
+        assert recorder.kinds().count("ended") == 1 and recorder.kinds()[-1] == "ended"
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_killed_container(self, api, spec, kill_container):
+        container_id = await self.create(api, spec)
+        recorder, _ = await self.spawn(api, container_id, SCRIPT)
+        await recorder.wait_for(b"ready")
+        await kill_container(container_id)
+        await recorder.wait_ended()
+        assert recorder.reason.check(ProcessTerminated)
+        assert recorder.reason.value.exitCode == 137
+        state = await api.container_state(container_id)
+        assert (state["Running"], state["OOMKilled"], state["ExitCode"]) == (False, False, 137)
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        assert [c["state"] for c in await api.list_containers(instance)] == ["exited"]
+        with pytest.raises(ContainerGone):
+            await self.spawn(api, container_id, SCRIPT)
+        chunks: list[bytes] = []
+        await api.export_workspace(container_id, "/workspace", chunks.append)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+            assert tar.getmember("workspace").isdir()
+
+    @pytest_twisted.ensureDeferred
+    async def test_spawn_exec_in_a_removed_container(self, api, spec):
+        container_id = await self.create(api, spec)
+        await api.remove_container(container_id)
+        recorder = ExecRecorder()
+        with pytest.raises(ContainerGone):
+            await api.spawn_exec(recorder, container_id, list(SCRIPT), "developer",
+                                 "/workspace", {}, None, tty=False)
+        assert recorder.events == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_export_streams_a_tar_of_the_path(self, api, spec, put_file):
+        container_id = await self.create(api, spec)
+        await put_file(container_id, "/workspace/notes.txt", b"written in the container\n")
+        chunks: list[bytes] = []
+        await api.export_workspace(container_id, "/workspace", chunks.append)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+            assert tar.getmember("workspace").isdir()
+            notes = tar.getmember("workspace/notes.txt")
+            assert notes.isfile()
+            assert tar.extractfile(notes).read() == b"written in the container\n"
+
+    @pytest_twisted.ensureDeferred
+    async def test_export_of_a_removed_container(self, api, spec):
+        container_id = await self.create(api, spec)
+        await api.remove_container(container_id)
+        chunks: list[bytes] = []
+        with pytest.raises(ContainerGone):
+            await api.export_workspace(container_id, "/workspace", chunks.append)
+        assert chunks == []
+
+    @pytest.mark.parametrize("call", [
+        lambda api, spec: api.ping(),
+        lambda api, spec: api.info(),
+        lambda api, spec: api.image_exists(spec.image),
+        lambda api, spec: api.create_session_container(str(uuid.uuid4()), spec),
+        lambda api, spec: api.remove_container("0" * 64),
+        lambda api, spec: api.list_containers(spec.labels),
+        lambda api, spec: api.container_state("0" * 64),
+        lambda api, spec: api.spawn_exec(ExecRecorder(), "0" * 64, list(SCRIPT), "developer",
+                                         "/workspace", {}, None, tty=False),
+        lambda api, spec: api.export_workspace("0" * 64, "/workspace", lambda chunk: None),
+    ], ids=["ping", "info", "image_exists", "create", "remove", "list", "state", "spawn_exec",
+            "export"])
+    @pytest_twisted.ensureDeferred
+    async def test_an_unreachable_engine(self, unreachable_api, spec, call):
+        d = call(unreachable_api, spec)
+        d.addTimeout(DEADLINE, reactor)
+        with pytest.raises(DockerUnavailable):
+            await d
