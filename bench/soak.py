@@ -18,132 +18,45 @@ container of its instance however it ends.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-import warnings
 from pathlib import Path
 
-import docker
-from websockets.sync.client import connect
-
-ROOT = Path(__file__).resolve().parent.parent
-
-# Sessions keep their connections across calls rather than in a with block.
-warnings.filterwarnings("ignore", "connect\\(\\) must be used", DeprecationWarning)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-class Session:
-    def __init__(self, url: str, session_id: str | None = None) -> None:
-        target = url if session_id is None else f"{url}?session_id={session_id}"
-        self.ws = connect(target, open_timeout=10, close_timeout=2)
-        self.output = b""
-
-    def start(self) -> str:
-        self.ws.send(json.dumps({"type": "resize", "cols": 80, "rows": 24}))
-        return self.wait("connected")["session_id"]
-
-    def wait(self, kind: str, timeout: float = 20) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            message = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-            if message["type"] == "output":
-                self.output += base64.b64decode(message["data"])
-            if message["type"] == kind:
-                return message
-            if message["type"] == "error":
-                raise RuntimeError(f"error frame: {message}")
-
-    def run(self, command: str, expect: str, timeout: float = 20) -> None:
-        self.ws.send(json.dumps({"type": "input", "data": command + "\r"}))
-        deadline = time.monotonic() + timeout
-        while expect.encode() not in self.output:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no {expect!r} within {timeout} s: {self.output[-300:]!r}")
-            message = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-            if message["type"] == "output":
-                self.output += base64.b64decode(message["data"])
-            elif message["type"] in ("error", "exit"):
-                raise RuntimeError(f"unexpected {message}")
-
-    def drop(self) -> None:
-        # No close handshake: as a network drop.
-        self.ws.socket.shutdown(socket.SHUT_RDWR)
-        self.ws.socket.close()
-
-    def close(self) -> None:
-        self.ws.close()
-
-
-def health(base: str) -> dict:
-    with urllib.request.urlopen(base + "/health", timeout=10) as response:
-        return json.loads(response.read())
+from capsule.testing_clients import BlockingTerminal
+from capsule.testing_live import CapsuleServer, wait_for
 
 
 def soak(cycles: int, max_seconds: float, pool: int, image: str) -> dict:
-    instance = f"soak-{uuid.uuid4().hex[:8]}"
-    port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="capsule-soak-"))
-    twistd = Path(sys.executable).with_name("twistd")
-    args = [str(twistd), "-n", "--pidfile=", f"--logfile={workdir / 'capsule.log'}", "capsule",
-            "--listen", f"tcp:{port}:interface=127.0.0.1", "--instance", instance,
-            "--image", image, "--grace", "1", "--cleanup-interval", "0.2",
-            "--pool-size", str(pool), "--memory", "512m", "--cpus", "1"]
-    server = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    base, url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws"
-    api = docker.from_env(timeout=60).api
-    labels = {"label": f"io.capsule.instance={instance}"}
-    result = {"cycles_requested": cycles, "instance": instance}
+    server = CapsuleServer(workdir, "--grace", "1", "--cleanup-interval", "0.2",
+                           "--pool-size", str(pool), "--memory", "512m", "--cpus", "1",
+                           image=image, instance=f"soak-{uuid.uuid4().hex[:8]}")
+    result = {"cycles_requested": cycles, "instance": server.instance}
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if health(base)["pool"]["ready"] >= pool:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("capsule did not start: see " + str(workdir / "capsule.log"))
-            time.sleep(0.2)
-        rss_start = rss_kib(server.pid)
+        server.start()
+        wait_for(lambda: server.health()[1].get("pool", {}).get("ready", 0) >= pool, 30,
+                 f"capsule's warm pool to fill (log: {server.log_path})", interval=0.2)
+        rss_start = server.rss_kib()
         started, done, failures = time.monotonic(), 0, []
         for cycle in range(cycles):
             if time.monotonic() - started > max_seconds:
                 break
             try:
-                first = Session(url)
+                first = BlockingTerminal(server.ws_url, timeout=10)
                 session_id = first.start()
                 first.run(f"export SOAK={cycle}; echo typed$((1+{cycle}))", f"typed{cycle + 1}")
                 first.drop() if cycle % 2 else first.close()
-                again = Session(url, session_id)
-                if not again.wait("connected")["resumed"]:
+                again = BlockingTerminal(server.ws_url, session_id, timeout=10)
+                if not again.next("connected")["resumed"]:
                     raise RuntimeError("not resumed")
                 again.run("echo kept-$SOAK-$((2*1))", f"kept-{cycle}-2")
                 if cycle % 2:
-                    again.ws.send(json.dumps({"type": "input", "data": "exit\r"}))
-                    again.wait("exit")
+                    again.exit(timeout=20)
                 else:
                     again.drop()  # left to expire
                 done += 1
@@ -152,38 +65,30 @@ def soak(cycles: int, max_seconds: float, pool: int, image: str) -> dict:
             if len(failures) > 10:
                 break
         elapsed = time.monotonic() - started
-        # Let every left session expire (grace 1 s, sweep 0.2 s).
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and health(base)["sessions"] > 0:
-            time.sleep(0.2)
-        time.sleep(1)
-        state = health(base)
-        containers = api.containers(all=True, filters=labels)
+        # Every session left expires (grace 1 s, sweep 0.2 s) and its
+        # container is removed: what remains is the warm pool.
+        try:
+            wait_for(server.settled, 30, "the sessions left to expire", interval=0.2)
+        except AssertionError:
+            pass  # what is left is reported as leaked
+        _, state = server.health()
         result.update(
             cycles_done=done,
             failures=failures,
             seconds=round(elapsed, 1),
-            containers_leaked=max(0, len(containers) - state["pool"]["ready"]),
+            containers_leaked=max(0, len(server.containers()) - state["pool"]["ready"]),
             sessions_leaked=state["sessions"],
             rss_start_kib=rss_start,
-            rss_end_kib=rss_kib(server.pid),
-            unhandled_errors=sum(line.count("Unhandled") + line.count("Traceback")
-                                 for line in (workdir / "capsule.log").read_text().splitlines()),
+            rss_end_kib=server.rss_kib(),
+            unhandled_errors=len(server.unhandled_errors()),
         )
         return result
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-        for c in api.containers(all=True, filters=labels):
-            try:
-                api.remove_container(c["Id"], force=True, v=True)
-            except docker.errors.APIError:
-                pass
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            server.stop()
+        finally:
+            server.remove_containers()
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> int:

@@ -1,0 +1,233 @@
+"""
+The bench's report: one Markdown table (each capsule figure, its floor, the
+ratio, the target, the verdict) and the notes under it.  Pure: it formats
+the results a run gathered, and measures nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cpuwatch import describe as describe_cpu
+from floors import CPUS, MEMORY, PIDS, THREADS
+from measures import KEY_GAP, ms
+
+# Targets (see the table).
+TARGET_WARM = 1.5
+TARGET_COLD = 1.15
+TARGET_BINARY = 0.85
+TARGET_JSON = 0.50
+TARGET_ECHO_P50_MS = 1.0
+TARGET_ECHO_P99_MS = 2.0
+TARGET_RSS_PER_SESSION_MB = 1.0
+TARGET_FLOOD_MB = 20.0
+TARGET_GONE_AFTER_GRACE_S = 2.0
+
+
+def table(r: dict, f: dict, p: dict) -> str:
+    """
+    The Markdown table: each figure, its floor, the ratio, the target and
+    the verdict; a figure that failed says why.
+
+    @param r: the results; @param f: the failures (phase -> message);
+    @param p: the run's sizes.
+    """
+    rows = []
+
+    def verdict(ok: bool | None) -> str:
+        return "—" if ok is None else ("ok" if ok else "**missed**")
+
+    def failed(*names: str) -> str | None:
+        for name in names:
+            if name in f:
+                return f"failed: {f[name][:120]}"
+        return None
+
+    def connect_fmt(s):
+        return (f"median {s['median']:.0f} (min {s['min']:.0f}, p90 {s['p90']:.0f};"
+                f" n={s['n']})")
+
+    def connect_row(title, key, floor_key, floor_name, target, phases):
+        value, floor = r.get(key), r.get(floor_key)
+        if value and floor:
+            ratio = value["median"] / floor["median"]
+            rows.append([title, connect_fmt(value), f"{floor_name}: {connect_fmt(floor)}",
+                         f"{ratio:.2f}x", f"≤ {target}x", verdict(ratio <= target)])
+        else:
+            rows.append([title, connect_fmt(value) if value else (failed(*phases) or "n/a"),
+                         connect_fmt(floor) if floor else (failed(*phases) or "n/a"),
+                         "—", f"≤ {target}x", "—"])
+
+    connect_row("connect → usable shell, warm (pool 2), ms", "warm", "floor_exec",
+                "plain exec", TARGET_WARM,
+                ("connect, warm", "capsule (warm)"))
+    connect_row("connect → usable shell, cold (pool 0), ms", "cold", "floor_cold",
+                "create+start+exec", TARGET_COLD,
+                ("connect, cold", "capsule (cold)"))
+
+    floor_echo = r.get("floor_echo")
+    for name in ("binary", "json"):
+        value = r.get(f"echo_{name}")
+        title = f"keystroke echo, {name.upper() if name == 'json' else name} protocol, ms"
+        floor_text = (f"raw exec: p50 {floor_echo['p50']:.2f} / p99 {floor_echo['p99']:.2f}"
+                      if floor_echo else (failed("echo", "capsule (warm)") or "n/a"))
+        if value:
+            ratio = (f"{value['p50'] / floor_echo['p50']:.1f}x / "
+                     f"{value['p99'] / floor_echo['p99']:.1f}x" if floor_echo else "—")
+            ok = value["p50"] <= TARGET_ECHO_P50_MS and value["p99"] <= TARGET_ECHO_P99_MS
+            rows.append([title, f"p50 {value['p50']:.2f} / p99 {value['p99']:.2f}"
+                         f" (max {value['max']:.1f}; n={value['n']})", floor_text, ratio,
+                         f"p50 ≤ {TARGET_ECHO_P50_MS:g}, p99 ≤ {TARGET_ECHO_P99_MS:g} ms",
+                         verdict(ok)])
+        else:
+            rows.append([title, failed("echo", "capsule (warm)") or "n/a",
+                         floor_text, "—", "p50 ≤ 1, p99 ≤ 2 ms", "—"])
+
+    def tp_fmt(value):
+        return (f"median {value['median']:.1f}, best {value['best']:.1f}"
+                f" (n={len(value['all'])}, {value['bytes'] / 1e6:.0f} MB each)")
+
+    floor_tp = r.get("floor_throughput")
+    floor_tp_text = (f"raw exec stream: {tp_fmt(floor_tp)}"
+                     if floor_tp else (failed("throughput", "capsule (warm)") or "n/a"))
+    for name, target in (("binary", TARGET_BINARY), ("json", TARGET_JSON)):
+        value = r.get(f"throughput_{name}")
+        title = f"output throughput, {name.upper() if name == 'json' else name} protocol, MB/s"
+        if value:
+            ratio = value["median"] / floor_tp["median"] if floor_tp else None
+            ratio_text = (f"{ratio:.0%} (best/best {value['best'] / floor_tp['best']:.0%})"
+                          if floor_tp else "—")
+            rows.append([title, tp_fmt(value), floor_tp_text, ratio_text,
+                         f"≥ {target:.0%}",
+                         verdict(None if ratio is None else ratio >= target)])
+        else:
+            rows.append([title, failed("throughput", "capsule (warm)")
+                         or "n/a", floor_tp_text, "—", f"≥ {target:.0%}", "—"])
+
+    c = r.get("concurrent")
+    n = p["concurrent"]
+    if c:
+        times = c["times"]
+        extra = (f"; per session median {times['median'] / 1000:.2f} s, max"
+                 f" {times['max'] / 1000:.2f} s" if times else "")
+        fc = r.get("floor_concurrent")
+        if fc:
+            floor_text = (f"{n} create+start+exec at once ({THREADS} threads):"
+                          f" {fc['all_usable_s']:.2f}")
+            ratio = f"{c['all_usable_s'] / fc['all_usable_s']:.2f}x"
+        else:
+            floor_text = failed("concurrent floor") or "n/a"
+            ratio = "—"
+        rows.append([f"{n} concurrent sessions (pool 2): all usable after, s",
+                     f"{c['all_usable_s']:.2f} ({c['ok']}/{c['n']} ok{extra})",
+                     floor_text, ratio, "—", verdict(None if not c["failed"] else False)])
+        rows.append([f"capsule RSS with {n} sessions, MB",
+                     f"before {c['before']:.1f}, during {c['during']:.1f}, after"
+                     f" {c['after']:.1f} (peak {c['peak']:.1f})", "—",
+                     f"{c['per_session']:.2f} MB/session",
+                     f"≤ {TARGET_RSS_PER_SESSION_MB:g} MB/session",
+                     verdict(c["per_session"] <= TARGET_RSS_PER_SESSION_MB)])
+    else:
+        text = failed("concurrent sessions", "capsule (warm)") or "n/a"
+        rows.append([f"{n} concurrent sessions (pool 2): all usable after, s", text,
+                     "—", "—", "—", "—"])
+        rows.append([f"capsule RSS with {n} sessions, MB", text, "—", "—",
+                     f"≤ {TARGET_RSS_PER_SESSION_MB:g} MB/session", "—"])
+
+    seconds = p["flood_seconds"]
+    for name in ("binary", "json"):
+        value = r.get(f"flood_{name}")
+        how = "slow acks" if name == "binary" else "TCP backpressure only"
+        label = name.upper() if name == "json" else name
+        if value:
+            rows.append([f"flood to a slow reader ({label}, {how}, {seconds:g} s): RSS, MB",
+                         f"idle {value['idle']:.1f}, peak {value['peak']:.1f}, after"
+                         f" {value['after']:.1f} (client read {value['client_mb']:.1f} MB)",
+                         "—", f"+{value['delta']:.1f} MB", f"≤ +{TARGET_FLOOD_MB:g} MB",
+                         verdict(value["delta"] <= TARGET_FLOOD_MB)])
+            rows.append([f"flood ({label}): client dropped → capsule logs it left, ms",
+                         f"{ms(value['left_s']):.0f}", "—", "—", "promptly",
+                         verdict(value["left_s"] <= 1.0)])
+            after_grace = value["gone_s"] - value["grace"]
+            rows.append([f"flood ({label}): client dropped → container gone, s"
+                         f" (grace {value['grace']:g} s, sweep 0.2 s)",
+                         f"{value['gone_s']:.2f} ({after_grace:.2f} after grace)", "—", "—",
+                         f"≤ {TARGET_GONE_AFTER_GRACE_S:g} s after grace",
+                         verdict(after_grace <= TARGET_GONE_AFTER_GRACE_S)])
+        else:
+            text = failed(f"flood ({name})", "capsule (flood)") or "n/a"
+            rows.append([f"flood to a slow reader ({label}, {how}, {seconds:g} s)", text,
+                         "—", "—", f"≤ +{TARGET_FLOOD_MB:g} MB", "—"])
+
+    header = ["measure", "capsule", "floor", "ratio", "target", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell).replace("|", "/") for cell in row) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def report(run: dict) -> str:
+    """
+    The table and the notes under it.
+
+    @param run: C{results}, C{failures}, C{p} (the sizes), C{quick}, C{image},
+        C{instance}, C{engine_version}, C{load_before}, C{load_after},
+        C{other_containers} and C{notes} (what the run itself noted).
+    """
+    r = run["results"]
+    notes = [
+        f"Machine: {os.cpu_count()} CPU(s), loopback only; Docker engine"
+        f" {run['engine_version']}; image {run['image']}; containers {MEMORY},"
+        f" {CPUS:g} CPUs, {PIDS} pids. {'Quick' if run['quick'] else 'Full'} run"
+        f" (instance {run['instance']}).",
+        "The bench client (Twisted + Autobahn, one process) shares the CPUs with capsule,"
+        " dockerd and the container: its CPU time below is taken from the same cores.",
+        "Floors use docker-py for create/start/exec_create and capsule's own exec-start"
+        " upgrade (ExecStreamProtocol on the reactor) for the stream. Each capsule figure is"
+        " measured in turn with its floor; throughput compares the medians of"
+        f" {run['p']['repeats']} interleaved runs (the PTY's rate varies from run to run).",
+    ]
+    if "generator" in r:
+        notes.append(f"`head -c N /dev/zero | base64` alone, to /dev/null in the container:"
+                     f" {r['generator']:.0f} MB/s of output, so generation is not the"
+                     " bottleneck.")
+    for name in ("floor_throughput", "throughput_binary", "throughput_json"):
+        value = r.get(name)
+        if value:
+            runs = ", ".join(f"{mbps:.1f}" for mbps in value["all"])
+            text = (f"{name.replace('_', ' ')}: runs {runs} MB/s; in the median run,"
+                    f" {value['chunk'] / 1024:.0f} KiB per read or frame, bench client CPU"
+                    f" {value['client_cpu']:.2f} s over {value['seconds']:.2f} s")
+            if value.get("server_cpu") is not None:
+                text += (f", capsule CPU {value['server_cpu']:.2f} s"
+                         f" ({value['server_cpu'] / value['seconds']:.0%} of one core)")
+            if value.get("cpu"):
+                text += "; " + describe_cpu(value["cpu"], value["bytes"] / 1e6)
+            notes.append(text + ".")
+    twisted = [(name, r.get(key)) for name, key in (
+        ("raw exec", "floor_echo_twisted"), ("capsule binary", "echo_binary_twisted"),
+        ("capsule JSON", "echo_json_twisted"))]
+    if all(value for _, value in twisted):
+        notes.append("Echo as the table measures it (a blocking socket per client: the"
+                     " exec-start upgrade for the floor, websocket-client for capsule),"
+                     " and through the bench's Twisted clients (Autobahn for capsule),"
+                     " whose own event-loop work adds to each round trip: "
+                     + ", ".join(f"{name} p50 {value['p50']:.2f} / p99 {value['p99']:.2f} ms"
+                                 for name, value in twisted) + ".")
+    b2b, floor_b2b = r.get("echo_b2b"), r.get("floor_echo_b2b")
+    if b2b and floor_b2b:
+        notes.append(f"Echo with keys {KEY_GAP * 1000:g} ms apart vs. back to back"
+                     f" (next key as soon as the echo came; 100 keys, binary, Twisted"
+                     f" clients): capsule p50"
+                     f" {b2b['p50']:.2f} / p99 {b2b['p99']:.2f} ms, raw exec p50"
+                     f" {floor_b2b['p50']:.2f} / p99 {floor_b2b['p99']:.2f} ms.")
+    before, after, others = run["load_before"], run["load_after"], run["other_containers"]
+    if before:
+        after = f", after {after[0]:.1f}" if after else ""
+        notes.append(f"Load average (1 min) before the run {before[0]:.1f}{after}"
+                     f" on {os.cpu_count()} CPUs.")
+    if others:
+        notes.append(f"{others} other container(s) were running on the"
+                     " engine when the bench started; they compete for the same CPUs.")
+    notes += run["notes"]
+    return table(r, run["failures"], run["p"]) + "\n\n" + "\n".join(f"- {n}" for n in notes)
