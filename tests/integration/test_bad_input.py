@@ -4,12 +4,13 @@ makes sense, and nothing else breaks.
 """
 
 import json
+import time
 
 import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from .harness import WSClient, eventually, instance_containers, sleep
+from .harness import WSClient, docker_client, eventually, instance_containers, sleep
 
 
 async def assert_still_usable(client):
@@ -145,12 +146,30 @@ async def test_client_leaving_while_starting_leaks_nothing(make_server):
     # No warm pool: the container is made after the client asked, and the
     # client is gone before it is ready.
     server = make_server("--pool-size", "0")
+    since = int(time.time()) - 1
     for delay in (0.02, 0.05, 0.1):
         client = await WSClient.connect(server.ws_url)
         client.send({"type": "resize", "cols": 80, "rows": 24})
         # Let the frame leave (an abort discards unsent data), then vanish
         # while the container is still being made.
         await sleep(delay)
+        assert [m for m in client.all_messages if m.get("type") == "connected"] == []
         client.drop()
-    await eventually(lambda: "client had left" in server.log()
-                     and instance_containers(server.instance) == [], timeout=20)
+
+    def created_and_removed() -> tuple[set, set]:
+        events = docker_client().api.events(
+            since=since, until=int(time.time()) + 1, decode=True,
+            filters={"type": "container", "label": f"io.capsule.instance={server.instance}"})
+        ids = {"create": set(), "destroy": set()}
+        for event in events:
+            if event.get("Action") in ids:
+                ids[event["Action"]].add(event["id"])
+        return ids["create"], ids["destroy"]
+
+    def all_removed() -> bool:
+        created, removed = created_and_removed()
+        return len(created) == 3 and removed == created and not instance_containers(
+            server.instance)
+
+    # Each session's container was made, then removed: none is left.
+    await eventually(all_removed, what="the three containers to be made and removed")

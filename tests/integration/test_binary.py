@@ -3,10 +3,28 @@ The binary protocol: raw output frames, exact resume by offset, flow control.
 """
 
 import re
+import time
 
 import pytest_twisted
 
-from .harness import WSClient, sleep
+from .harness import WSClient, docker_client, eventually, poll, sleep
+
+
+def stalled_for(client, seconds: float):
+    """
+    A check for L{poll}: the offset received once it has not moved for
+    C{seconds} (None before).
+    """
+    last = [None, 0.0]
+
+    def check():
+        now = time.monotonic()
+        if client.received != last[0]:
+            last[:] = [client.received, now]
+            return None
+        return client.received if now - last[1] >= seconds else None
+
+    return check
 
 
 @pytest_twisted.ensureDeferred
@@ -15,7 +33,7 @@ async def test_binary_round_trip(server):
     assert client.binary
     client.send({"type": "resize", "cols": 90, "rows": 30})
     connected = await client.next("connected")
-    assert connected["offset"] == 0 and connected["window"] > 0
+    assert connected["offset"] == 0 and connected["window"] == 1024 * 1024  # --flow-window
     client.send_raw("echo $((6*7))__RDY; stty size\r".encode(), binary=True)
     await client.until(r"42__RDY\r\n30 90")
     assert any(isinstance(m, bytes) for m in client.all_messages)
@@ -33,7 +51,10 @@ async def test_resume_from_offset_is_exact(server):
     client.drop()
     await client.closed
     got_before, offset = client.output, client.received
-    await sleep(1)
+    # Reconnect once capsule knows the client left: the loop runs on
+    # meanwhile, and what it printed must come back exactly once.
+    await eventually(lambda: f"client left session {session_id}" in server.log(),
+                     what="capsule to log that the client left")
     again = await WSClient.connect(server.ws_url, session_id, binary=True, offset=offset)
     connected = await again.next("connected")
     assert connected["resumed"] and connected["offset"] == offset
@@ -53,12 +74,11 @@ async def test_output_stops_at_the_window_until_acked(make_server):
     await client.next("connected")
     client.ack()
     client.send_raw(b"yes capsule | head -c 20000000; echo FLOOD-$((1+1))END\r", binary=True)
-    await sleep(2)
-    stalled = client.received
+    stalled = await poll(stalled_for(client, 0.5), 20, "the output to stop at the window")
+    # Nothing more comes without acks: the exec is paused.
     await sleep(1)
-    # Nothing more came without acks: the exec was paused.
     assert client.received == stalled
-    assert stalled < window + 2 * 256 * 1024
+    assert window <= stalled < window + 2 * 256 * 1024
     # Acking lets it flow to the end.
     client.auto_ack = True
     client.ack()
@@ -95,9 +115,12 @@ async def test_large_replays_fit_small_message_limits(make_server):
         client = await WSClient.connect(server.ws_url, binary=binary)
         session_id = await client.start()
         await client.run("true")
-        client.type("sleep 0.5; seq 1 20000; echo END$((1+1))\r")
+        client.type("sleep 0.5; seq 1 20000; echo END$((1+1)); touch /tmp/done-$((1+1))\r")
         await client.close()
-        await sleep(2)
+        # The output is made while nobody is attached, and replayed whole.
+        await eventually(lambda: docker_client().containers.get(f"capsule-{session_id}")
+                         .exec_run(["test", "-e", "/tmp/done-2"]).exit_code == 0,
+                         what="the command to finish while the client is away")
         again = await WSClient.connect(server.ws_url, session_id, binary=binary)
         await again.until(r"\r\n20000\r\nEND2")
         await again.close()

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from .harness import BlockingTerminal, CapsuleServer, remove_instance_containers, wait_for
+
 MAX_MESSAGE = 16 * 1024
 
 # The fuzzer keeps its connection across examples instead of in a with block.
@@ -43,35 +45,72 @@ frames = st.one_of(
 
 
 class Fuzzer:
+    """
+    Sends frames on one connection at a time (the JSON and the binary
+    protocol in turn), and opens a new one when capsule closed the last.
+    Every close is recorded with its cause as the client saw it: C{"exit"}
+    (an C{exit} message came first), C{"oversize"} (the last frame sent was
+    larger than the limit), or C{None}.
+    """
+
     def __init__(self, url):
         self.url = url
         self.ws = None
         self.closes = []
         self.sent = 0
+        self.oversize = 0
+        self._exited = self._oversize = False
+
+    def _connect(self):
+        protocols = ["capsule.binary.v1"] if len(self.closes) % 2 else None
+        self.ws = connect(self.url, subprotocols=protocols, max_size=None,
+                          open_timeout=10, close_timeout=2)
+        self._exited = self._oversize = False
+
+    def _closed(self, e):
+        cause = "exit" if self._exited else "oversize" if self._oversize else None
+        self.closes.append((e.rcvd.code if e.rcvd else None, cause))
+        self.ws = None
+
+    def _read(self, timeout):
+        message = self.ws.recv(timeout=timeout)
+        if isinstance(message, str) and json.loads(message).get("type") == "exit":
+            self._exited = True
 
     def send(self, kind, payload):
-        for _ in range(2):
-            if self.ws is None:
-                protocols = ["capsule.binary.v1"] if len(self.closes) % 2 else None
-                self.ws = connect(self.url, subprotocols=protocols, max_size=None,
-                                  open_timeout=10, close_timeout=2)
+        if self.ws is None:
+            self._connect()
+        try:
+            self.ws.send(payload if kind == "text" else bytes(payload))
+        except ConnectionClosed as e:  # closed for an earlier frame or message
+            self._closed(e)
+            self._connect()
+            self.ws.send(payload if kind == "text" else bytes(payload))
+        self.sent += 1
+        self._oversize = len(payload) > MAX_MESSAGE
+        if self._oversize:
+            # capsule closes at once: wait for it.
+            self.oversize += 1
+            deadline = time.monotonic() + 10
             try:
-                self.ws.send(payload if kind == "text" else bytes(payload))
-                self.sent += 1
-                return
+                while time.monotonic() < deadline:
+                    self._read(timeout=max(0.01, deadline - time.monotonic()))
             except ConnectionClosed as e:
-                self.closes.append(e.rcvd.code if e.rcvd else None)
-                self.ws = None
+                self._closed(e)
+                return
+            except TimeoutError:
+                pass
+            raise AssertionError("capsule did not close the connection within 10 s of an"
+                                 " oversize message")
 
     def drain(self):
         while self.ws is not None:
             try:
-                self.ws.recv(timeout=0)
+                self._read(timeout=0)
             except TimeoutError:
                 return
             except ConnectionClosed as e:
-                self.closes.append(e.rcvd.code if e.rcvd else None)
-                self.ws = None
+                self._closed(e)
 
 
 class Bystander(threading.Thread):
@@ -87,30 +126,21 @@ class Bystander(threading.Thread):
         self.failures = []
 
     def run(self):
-        import base64
-        with connect(self.url, open_timeout=10) as ws:
-            ws.send(json.dumps({"type": "resize", "cols": 80, "rows": 24}))
+        try:
+            terminal = BlockingTerminal(self.url, timeout=15)
+            terminal.start()
             while not self.stop.is_set():
                 marker = f"ok{self.rounds}"
-                ws.send(json.dumps({"type": "input", "data": f"echo {marker}$((1+1))\r"}))
-                out, deadline = b"", time.monotonic() + 15
-                while (marker + "2").encode() not in out:
-                    if time.monotonic() > deadline:
-                        self.failures.append(f"round {self.rounds}: no echo in 15 s")
-                        return
-                    message = json.loads(ws.recv(timeout=15))
-                    if message["type"] == "output":
-                        out += base64.b64decode(message["data"])
-                    elif message["type"] in ("error", "exit"):
-                        self.failures.append(f"round {self.rounds}: {message}")
-                        return
+                terminal.run(f"echo {marker}$((1+1))", f"{marker}2", timeout=15)
                 self.rounds += 1
-                time.sleep(0.2)
+                self.stop.wait(0.2)
+            terminal.close()
+        except Exception as e:
+            self.failures.append(f"round {self.rounds}: {e!r}")
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    from .harness import CapsuleServer, remove_instance_containers
     server = CapsuleServer(tmp_path_factory.mktemp("fuzz"), "--max-message-size",
                            str(MAX_MESSAGE), "--pool-size", "1", "--grace", "5",
                            "--cleanup-interval", "0.5")
@@ -140,13 +170,21 @@ def test_random_frames(fuzz_server, batch):
 
 def test_after_fuzzing_nothing_went_wrong(fuzz_server):
     server, fuzzer, bystander = fuzz_server
-    # Runs after test_random_frames (file order).
-    time.sleep(1)
+    # Runs after test_random_frames (file order).  The bystander still works:
+    rounds = bystander.rounds
+    wait_for(lambda: bystander.rounds >= rounds + 2 or bystander.failures, 30,
+             "the bystander to run two more commands")
     assert bystander.is_alive() and bystander.failures == []
+    # And an oversize message still closes its connection with 1009.
+    fuzzer.drain()
+    fuzzer.send("text", "x" * (MAX_MESSAGE + 1))
+    assert fuzzer.closes[-1] == (1009, "oversize")
+    print(f"fuzz: {fuzzer.sent} frames ({fuzzer.oversize} oversize), {len(fuzzer.closes)}"
+          f" closes by the server, {bystander.rounds} bystander rounds")
     assert fuzzer.sent > 1000, fuzzer.sent
-    assert bystander.rounds > 0
-    print(f"fuzz: {fuzzer.sent} frames, {len(fuzzer.closes)} closes by the server,"
-          f" {bystander.rounds} bystander rounds")
+    # capsule closed connections only for oversize messages (1009) and after
+    # a shell exited (1000, the input fuzzed may well have been an exit).
+    assert [close for close in fuzzer.closes
+            if close not in ((1009, "oversize"), (1000, "exit"))] == []
     assert server.unhandled_errors() == []
     assert server.process.poll() is None
-    assert 1009 in fuzzer.closes or fuzzer.closes == []
