@@ -14,7 +14,7 @@ whether a client is attached)::
 
     New -start-> Starting --stream_started--> Attached <-attach/detach-> Detached
                  (client left: StartingOrphaned, which ends once started)
-    New -recover-> Recovered -attach-> Resuming --stream_started--> Attached
+    New -recover-> Recovered -attach-> Resuming(Alone) --stream_started--> Attached/Detached
     Attached/Detached --stream_closed--> Interrupted(Alone)   (cause being found)
     Interrupted(Alone) --engine_lost--> itself, waiting for the engine
                        --engine_back--> Reattaching(Alone) --stream_started--> Attached/Detached
@@ -203,6 +203,7 @@ Attached = builder.state("Attached")
 Detached = builder.state("Detached")
 Recovered = builder.state("Recovered")
 Resuming = builder.state("Resuming")
+ResumingAlone = builder.state("ResumingAlone")
 Interrupted = builder.state("Interrupted")
 InterruptedAlone = builder.state("InterruptedAlone")
 Reattaching = builder.state("Reattaching")
@@ -210,10 +211,11 @@ ReattachingAlone = builder.state("ReattachingAlone")
 Ending = builder.state("Ending")
 Ended = builder.state("Ended")
 
-_LIVE = [Starting, StartingOrphaned, Attached, Detached, Recovered, Resuming, Interrupted,
-         InterruptedAlone, Reattaching, ReattachingAlone]
+_LIVE = [Starting, StartingOrphaned, Attached, Detached, Recovered, Resuming, ResumingAlone,
+         Interrupted, InterruptedAlone, Reattaching, ReattachingAlone]
 _NAMES = {New: "new", Starting: "starting", StartingOrphaned: "starting", Attached: "running",
           Detached: "detached", Recovered: "recovered", Resuming: "resuming",
+          ResumingAlone: "resuming",
           Interrupted: "interrupted", InterruptedAlone: "interrupted",
           Reattaching: "reattaching", ReattachingAlone: "reattaching", Ending: "ending",
           Ended: "ended"}
@@ -290,7 +292,9 @@ def _take_over(core: SessionCore, client: object) -> None:
 def _leave(core: SessionCore, unsent: int) -> None:
     core.client = None
     core.left_at = core.now()
-    core.handed = max(core.replay.start, core.handed - unsent)
+    # Not clamped to what is held: bytes that never went out and are gone
+    # by the next attach are reported to it as dropped.
+    core.handed -= unsent
 
 
 def _finish(session: SessionEvents, core: SessionCore, exit_code: int | None,
@@ -323,7 +327,8 @@ def _recover(session: SessionEvents, core: SessionCore) -> None:
 
 # -- a stream coming up --------------------------------------------------------------
 
-for _state in (Starting, StartingOrphaned, Resuming, Reattaching, ReattachingAlone):
+for _state in (Starting, StartingOrphaned, Resuming, ResumingAlone, Reattaching,
+               ReattachingAlone):
     @_state.upon(SessionEvents.stream_up).loop()
     def _stream_up(session: SessionEvents, core: SessionCore, stream: object) -> None:
         core.stream = stream
@@ -405,8 +410,8 @@ def _output_to_client(session: SessionEvents, core: SessionCore, data: bytes) ->
     core.client.session_output(data)
 
 
-for _state in (Starting, StartingOrphaned, Detached, Resuming, Interrupted, InterruptedAlone,
-               Reattaching, ReattachingAlone):
+for _state in (Starting, StartingOrphaned, Detached, Resuming, ResumingAlone, Interrupted,
+               InterruptedAlone, Reattaching, ReattachingAlone):
     @_state.upon(SessionEvents.output).loop()
     def _output_kept(session: SessionEvents, core: SessionCore, data: bytes) -> None:
         core.replay.append(data)
@@ -430,12 +435,23 @@ def _resize(session: SessionEvents, core: SessionCore, cols: int, rows: int) -> 
     core.stream.resize(cols, rows)
 
 
-for _state in (Starting, StartingOrphaned, Recovered, Resuming, Interrupted, InterruptedAlone,
-               Reattaching, ReattachingAlone, Ending, Ended):
+for _state in (Recovered, Interrupted, InterruptedAlone, Ending, Ended):
     @_state.upon(SessionEvents.resize).loop()
     def _remember_size(session: SessionEvents, core: SessionCore, cols: int, rows: int) -> None:
         # Applied when the next stream comes up.
         core.size = (cols, rows)
+
+
+for _state in (Starting, StartingOrphaned, Resuming, ResumingAlone, Reattaching,
+               ReattachingAlone):
+    @_state.upon(SessionEvents.resize).loop()
+    def _size_while_coming_up(session: SessionEvents, core: SessionCore, cols: int,
+                              rows: int) -> None:
+        # A stream that is up but whose output has not started yet gets it
+        # now; otherwise it is applied when the stream comes up.
+        core.size = (cols, rows)
+        if core.stream is not None:
+            core.stream.resize(cols, rows)
 
 
 @Attached.upon(SessionEvents.attach).loop()
@@ -493,11 +509,41 @@ def _resumed(session: SessionEvents, core: SessionCore, offset: int, dropped: in
     _hand_over(session, core, True, offset if want is None else want)
 
 
-@Resuming.upon(SessionEvents.detach).to(ReattachingAlone)
+@Resuming.upon(SessionEvents.detach).to(ResumingAlone)
 def _left_resuming(session: SessionEvents, core: SessionCore, client: object,
                    unsent: int) -> None:
+    # The attach under way goes on (from the offset it asked for), and a
+    # client that comes back meanwhile is handed over from there.
     core.client = None
     core.left_at = core.now()
+
+
+@ResumingAlone.upon(SessionEvents.attach).to(Resuming)
+def _back_while_resuming(session: SessionEvents, core: SessionCore, client: object,
+                         offset: int | None) -> None:
+    _take_over(core, client)
+    core.want = offset
+
+
+@ResumingAlone.upon(SessionEvents.stream_started).to(Detached)
+def _resumed_alone(session: SessionEvents, core: SessionCore, offset: int,
+                   dropped: int) -> None:
+    core.want = None
+    _go_live(core, offset)
+    core.effects.went_live(core.owner, True)
+
+
+@ResumingAlone.upon(SessionEvents.engine_lost).to(Recovered)
+def _resume_alone_failed(session: SessionEvents, core: SessionCore, message: str) -> None:
+    if core.stream is not None:
+        core.stream.loseConnection()
+        core.stream = None
+    core.want = None
+
+
+@ResumingAlone.upon(SessionEvents.stream_closed).to(Recovered)
+def _resume_alone_closed(session: SessionEvents, core: SessionCore, facts: object) -> None:
+    core.stream = None
     core.want = None
 
 
@@ -548,12 +594,15 @@ def _engine_back(session: SessionEvents, core: SessionCore) -> None:
 @Reattaching.upon(SessionEvents.stream_started).to(Attached)
 def _reattached(session: SessionEvents, core: SessionCore, offset: int, dropped: int) -> None:
     client = core.client
+    previous = core.replay.end
     if _go_live(core, offset):
         client.session_notice("engine_back", "the Docker engine answers again: the session"
                                              " goes on")
     else:
-        # The output restarted: the client's offsets start again too.
-        core.handed = core.replay.end + 1
+        # Output was lost meanwhile (the keeper's buffer overflowed: the
+        # client hears how much), or the shell restarted (its offsets start
+        # again): either way, the client is handed over again.
+        core.handed = previous if offset > previous else core.replay.end + 1
         _hand_over(session, core, True, None)
     core.effects.went_live(core.owner, True)
 
@@ -603,8 +652,8 @@ def _expired(session: SessionEvents, core: SessionCore) -> bool:
     return True
 
 
-for _state in (Attached, Detached, Recovered, Resuming, Interrupted, InterruptedAlone,
-               Reattaching, ReattachingAlone):
+for _state in (Attached, Detached, Recovered, Resuming, ResumingAlone, Interrupted,
+               InterruptedAlone, Reattaching, ReattachingAlone):
     @_state.upon(SessionEvents.let_go).to(Ended)
     def _let_go(session: SessionEvents, core: SessionCore, message: str) -> bool:
         """
@@ -666,6 +715,8 @@ for _state, _inputs in {
                 SessionEvents.engine_back, SessionEvents.stream_failed,
                 SessionEvents.stream_closed),
     Resuming: (SessionEvents.engine_back, SessionEvents.stream_failed),
+    ResumingAlone: (SessionEvents.detach, SessionEvents.write, SessionEvents.engine_back,
+                    SessionEvents.stream_failed),
     Interrupted: (SessionEvents.stream_failed, SessionEvents.stream_closed),
     InterruptedAlone: (SessionEvents.detach, SessionEvents.write, SessionEvents.stream_failed,
                        SessionEvents.stream_closed),

@@ -238,30 +238,6 @@ class _OutputThrottle:
     proxy only lets the exec resume.
     """
 
-    def __init__(self, session: Session) -> None:
-        self._session = session
-
-    def pauseProducing(self) -> None:
-        if self._session.process is not None and self._session.phase is Phase.RUNNING:
-            self._session.process.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        if self._session.process is not None and self._session.phase is Phase.RUNNING:
-            self._session.process.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
-
-
-@implementer(IPushProducer)
-class _OutputThrottle:
-    """
-    Stands between a client's connection and a session's exec: the client's
-    transport pauses the exec when it is full.  When the client's connection
-    closes it calls C{stopProducing}, which must not end the shell, so this
-    proxy only lets the exec resume.
-    """
-
     def __init__(self, core: SessionCore) -> None:
         self._core = core
 

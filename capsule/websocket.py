@@ -63,6 +63,15 @@ class _FlowGate:
         elif self._reasons and not before:
             self._throttle.pauseProducing()
 
+    def release(self) -> None:
+        """
+        This connection lets the session go (taken over, ended): whatever it
+        paused must not stay paused for the next one.
+        """
+        if self._reasons:
+            self._reasons.clear()
+            self._throttle.resumeProducing()
+
     def pauseProducing(self) -> None:
         self.hold("transport", True)
 
@@ -347,6 +356,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         if self._producer is not None:
             if getattr(transport, "producer", None) is self._producer:
                 transport.unregisterProducer()
+            self._producer.release()
             self._producer = None
         if producer is not None and self.state == WebSocketProtocol.STATE_OPEN:
             if getattr(transport, "producer", None) is not None:

@@ -394,9 +394,6 @@ def test_a_new_connection_takes_the_session_over(connect, manager, docker):
     second.still_open()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a takeover drops the old connection's flow gate without resuming the exec it paused:"
-    " the new client's terminal stays frozen"))
 @pytest.mark.parametrize("held_by", ["window", "transport"])
 def test_a_takeover_resumes_an_exec_the_old_connection_paused(connect, docker, held_by):
     first = connect(binary=True)
