@@ -63,6 +63,14 @@ class ContainerSpec:
     memory: str = "4g"
     cpus: float = 2.0
     pids: int = 256
+    # CPU weight against other cgroups when the CPUs are busy (Docker's
+    # default, and the server's and engine's weight, is 1024): sessions
+    # yield to capsule and to each other's keystrokes.
+    cpu_shares: int = 256
+    # Size of the writable layer (Docker syntax), or None for no limit.  It
+    # is asked of the storage driver (storage_opt size=) where the driver
+    # can enforce it; see DockerAPI.storage_quota.
+    disk: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     user: str = "developer"
     workdir: str = "/workspace"
@@ -104,6 +112,10 @@ class DockerAPI:
     @param export_threads: the size of the pool for workspace exports.
         The health check has a pool of its own of L{HEALTH_THREADS}.
     @param timeout: the timeout of each Docker call, in seconds.
+
+    @ivar storage_quota: whether the storage driver limits a container's
+        size when asked (C{storage_opt} C{size}): C{None} until a container
+        with a disk limit was created, then what the engine answered.
     """
 
     def __init__(self, reactor, host: str | None = None, threads: int = 16,
@@ -120,6 +132,7 @@ class DockerAPI:
                                        name="capsule-health")
         self._client_lock = threading.Lock()
         self._client: docker.APIClient | None = None
+        self.storage_quota: bool | None = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -199,17 +212,54 @@ class DockerAPI:
     def create_session_container(self, session_id: str, spec: ContainerSpec) -> Deferred:
         return self._call(self._thd_create_session_container, session_id, spec)
 
+    def _thd_create_session_container(self, client, session_id: str,
+                                      spec: ContainerSpec) -> str:
+        quota = spec.disk is not None and self.storage_quota is not False
+        try:
+            container = self._thd_create(client, session_id, spec, quota)
+        except docker.errors.APIError as e:
+            if not (quota and _refuses_storage_opt(e)):
+                raise DockerError(
+                    f"Docker could not create the session container: {_short(e)}") from None
+            # The storage driver cannot limit a container's size (overlay2
+            # needs xfs mounted with pquota): the disk watcher does instead.
+            if self.storage_quota is None:
+                _log.info("the storage driver cannot limit container sizes ({reason});"
+                          " --disk is enforced by watching each session's size",
+                          reason=_short(e))
+            self.storage_quota = False
+            try:
+                container = self._thd_create(client, session_id, spec, False)
+            except docker.errors.APIError as e:
+                raise DockerError(
+                    f"Docker could not create the session container: {_short(e)}") from None
+        else:
+            if quota:
+                self.storage_quota = True
+        container_id = container["Id"]
+        try:
+            client.start(container_id)
+        except Exception as e:
+            try:
+                client.remove_container(container_id, force=True, v=True)
+            except docker.errors.DockerException:
+                pass
+            raise DockerError(f"Docker could not start the session container: {_short(e)}") from None
+        return container_id
+
     @staticmethod
-    def _thd_create_session_container(client, session_id: str, spec: ContainerSpec) -> str:
+    def _thd_create(client, session_id: str, spec: ContainerSpec, quota: bool) -> dict:
         host_config = client.create_host_config(
             mem_limit=spec.memory,
             memswap_limit=spec.memory,
             nano_cpus=int(spec.cpus * 1e9),
+            cpu_shares=spec.cpu_shares,
             pids_limit=spec.pids,
+            storage_opt={"size": spec.disk} if quota else None,
             init=True,
         )
         try:
-            container = client.create_container(
+            return client.create_container(
                 spec.image,
                 command=list(spec.command),
                 name=f"capsule-{session_id}",
@@ -227,18 +277,6 @@ class DockerAPI:
                 f" (or `docker/build-image.sh {spec.image}`), or start capsule with"
                 " --image naming an image that exists"
             ) from None
-        except docker.errors.APIError as e:
-            raise DockerError(f"Docker could not create the session container: {_short(e)}") from None
-        container_id = container["Id"]
-        try:
-            client.start(container_id)
-        except Exception as e:
-            try:
-                client.remove_container(container_id, force=True, v=True)
-            except docker.errors.DockerException:
-                pass
-            raise DockerError(f"Docker could not start the session container: {_short(e)}") from None
-        return container_id
 
     def remove_container(self, container_id: str) -> Deferred:
         def _thd(client):
@@ -382,6 +420,16 @@ class DockerAPI:
             finally:
                 stream.close()
         return deferToThreadPool(self._reactor, self._export_pool, _thd_export)
+
+
+def _refuses_storage_opt(error: docker.errors.APIError) -> bool:
+    """
+    Whether the engine refused a create because its storage driver cannot
+    limit a container's size ("--storage-opt is supported only for overlay
+    over xfs with 'pquota' mount option", "Storage Opt is not supported").
+    """
+    text = str(error.explanation or error).lower()
+    return error.status_code in (400, 500) and ("storage-opt" in text or "storage opt" in text)
 
 
 def _short(error: Exception) -> str:

@@ -15,7 +15,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 
+from .admission import AdmissionControl, AdmissionPolicy, parse_network, parse_rate
 from .cleanup import CleanupService
+from .disk import DiskWatchService, container_sizes
 from .docker_api import ContainerSpec, DockerAPI
 from .errors import CapsuleError
 from .session import SessionConfig, SessionManager
@@ -53,6 +55,17 @@ class Options(usage.Options):
         ["memory", None, "4g", "Memory limit of each container (Docker syntax: 512m, 4g)."],
         ["cpus", None, 2.0, "CPU limit of each container.", _positive(float)],
         ["pids", None, 256, "Process limit of each container.", _positive(int)],
+        ["cpu-shares", None, 256,
+         "CPU weight of each container when the CPUs are busy (the server's and the"
+         " engine's is 1024): sessions yield to capsule and to interactive work.",
+         _positive(int)],
+        ["disk", None, None,
+         "Size each container may write (Docker syntax: 2g); a session past it ends"
+         " [default: no limit]. Enforced by the storage driver where it can, else"
+         " checked every --disk-check-interval."],
+        ["disk-check-interval", None, 30.0,
+         "Seconds between checks of the sessions' disk use (where --disk is not"
+         " enforced by the storage driver).", _positive(float)],
         ["grace", None, 60.0,
          "Seconds a session (and its container) is kept after its last client left.",
          _positive(float)],
@@ -90,6 +103,18 @@ class Options(usage.Options):
          "Milliseconds during which output following a send is gathered into one frame.",
          float],
         ["docker-threads", None, 16, "Threads for Docker calls.", _positive(int)],
+        ["max-sessions", None, 32, "Sessions at once, in all (more: server_full, close 4503).",
+         _positive(int)],
+        ["max-sessions-per-client", None, 8,
+         "Sessions at once created from one client address (more: quota_exceeded, close"
+         " 4429).", _positive(int)],
+        ["session-rate", None, "10/60",
+         "New sessions one client address may create, as COUNT/SECONDS (a token bucket:"
+         " bursts of COUNT); more: quota_exceeded, close 4429."],
+        ["memory-budget", None, None,
+         "Memory the sessions' and warm containers' --memory limits may add up to"
+         " (Docker syntax: 16g); past it a new session is refused with server_full;"
+         " off disables [default: the engine's total memory]."],
         ["export-threads", None, 4, "Threads for workspace exports.", _positive(int)],
     ]
 
@@ -103,6 +128,7 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["allowed-origin"] = []
+        self["trusted-proxy"] = []
 
     def opt_listen(self, description: str) -> None:
         """Where to listen, as a strports description; repeatable (tcp:3001, tcp:3001:interface=127.0.0.1, ssl:3443:privateKey=key.pem:certKey=cert.pem) [default: tcp:3001]"""
@@ -114,6 +140,13 @@ class Options(usage.Options):
         """A browser origin (scheme://host[:port]) allowed to open terminals besides the page's own; repeatable; * allows any"""
         self["allowed-origin"].append(origin)
 
+    def opt_trusted_proxy(self, cidr: str) -> None:
+        """A proxy (CIDR, e.g. 10.0.0.0/8 or 127.0.0.1/32) whose X-Forwarded-For names the client; repeatable [default: none: the client is the socket's peer]"""
+        try:
+            self["trusted-proxy"].append(parse_network(cidr))
+        except ValueError:
+            raise usage.UsageError(f"--trusted-proxy: not a CIDR: {cidr!r} (try 10.0.0.0/8)")
+
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = ["tcp:3001"]
@@ -121,6 +154,24 @@ class Options(usage.Options):
             parse_bytes(self["memory"])
         except Exception:
             raise usage.UsageError(f"--memory: not a size: {self['memory']!r} (try 512m or 4g)")
+        if self["disk"] is not None:
+            try:
+                if parse_bytes(self["disk"]) <= 0:
+                    raise ValueError(self["disk"])
+            except Exception:
+                raise usage.UsageError(f"--disk: not a size: {self['disk']!r} (try 500m or 10g)")
+        try:
+            self["session-rate"] = parse_rate(self["session-rate"])
+        except ValueError:
+            raise usage.UsageError(
+                f"--session-rate: not COUNT/SECONDS: {self['session-rate']!r} (try 10/60)")
+        if self["memory-budget"] is not None and self["memory-budget"] != "off":
+            try:
+                if parse_bytes(self["memory-budget"]) <= 0:
+                    raise ValueError(self["memory-budget"])
+            except Exception:
+                raise usage.UsageError(
+                    f"--memory-budget: not a size: {self['memory-budget']!r} (try 16g or off)")
         if self["www"] is None:
             self["www"] = default_www()
         if not os.path.isfile(os.path.join(self["www"], "index.html")):
@@ -163,12 +214,17 @@ class SessionService(Service):
 
     RECOVERY_RETRY = 5.0
 
-    def __init__(self, manager: SessionManager, clock, websocket_factory=None) -> None:
+    def __init__(self, manager: SessionManager, clock, websocket_factory=None,
+                 admission: AdmissionControl | None = None, docker=None) -> None:
         self.manager = manager
         self.clock = clock
         self.websocket_factory = websocket_factory
         self.ready: Deferred = Deferred()
         self._recovery: Deferred | None = None
+        # Given both, the memory budget is the engine's memory, once known.
+        self._admission = admission
+        self._docker = docker
+        self._budget: Deferred | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -176,6 +232,26 @@ class SessionService(Service):
         self._recovery.addErrback(
             lambda f: None if f.check(CancelledError) else _log.failure(
                 "looking for the sessions of an earlier run failed", f))
+        if self._admission is not None and self._docker is not None:
+            self._budget = Deferred.fromCoroutine(self._learn_memory_budget())
+            self._budget.addErrback(
+                lambda f: None if f.check(CancelledError) else _log.failure(
+                    "learning the engine's memory failed", f))
+
+    async def _learn_memory_budget(self) -> None:
+        # docker info runs on the Docker pool; until it answers, no budget.
+        while True:
+            try:
+                info = await self._docker.info()
+                total = int(info["MemTotal"])
+            except (CapsuleError, KeyError, TypeError, ValueError) as e:
+                _log.warn("could not learn the engine's memory (retrying every {delay:g} s):"
+                          " {error}", delay=self.RECOVERY_RETRY, error=e)
+                await deferLater(self.clock, self.RECOVERY_RETRY, lambda: None)
+                continue
+            break
+        self._admission.policy.memory_budget = total
+        _log.info("memory budget: {budget} bytes (the engine's memory)", budget=total)
 
     async def _recover(self) -> None:
         warned = False
@@ -209,6 +285,8 @@ class SessionService(Service):
         if self._recovery is not None and not self._recovery.called:
             # A stop during start-up: no recovery and no pool after it.
             self._recovery.cancel()
+        if self._budget is not None and not self._budget.called:
+            self._budget.cancel()
         d = Deferred.fromCoroutine(self._stop())
         # The reactor drops errors of shutdown triggers without a word.
         d.addErrback(lambda f: _log.failure("stopping the sessions failed", f))
@@ -281,7 +359,8 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
     docker = DockerAPI(reactor, threads=config["docker-threads"],
                        export_threads=config["export-threads"])
     spec = ContainerSpec(image=config["image"], memory=config["memory"],
-                         cpus=config["cpus"], pids=config["pids"])
+                         cpus=config["cpus"], pids=config["pids"],
+                         cpu_shares=config["cpu-shares"], disk=config["disk"])
     manager = SessionManager(docker, reactor, SessionConfig(
         spec=spec, instance=config["instance"], grace=config["grace"],
         shell=tuple(shlex.split(config["shell"])), replay_bytes=config["replay-buffer"],
@@ -294,7 +373,15 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
                      ping_timeout=config["ping-timeout"],
                      flow_window=config["flow-window"],
                      coalesce_delay=config["coalesce-ms"] / 1000)
-    sessions = SessionService(manager, reactor, site.websocket_factory)
+    budget = config["memory-budget"]
+    admission = AdmissionControl(manager, reactor, AdmissionPolicy(
+        max_sessions=config["max-sessions"], max_per_client=config["max-sessions-per-client"],
+        rate=config["session-rate"], session_memory=parse_bytes(config["memory"]),
+        memory_budget=None if budget in (None, "off") else parse_bytes(budget)),
+        trusted_proxies=config["trusted-proxy"])
+    site.websocket_factory.admission = admission
+    sessions = SessionService(manager, reactor, site.websocket_factory, admission,
+                              docker if budget is None else None)
     listeners = ListenerService(sessions.ready)
     for description in config["listen"]:
         strports.service(description, site).setServiceParent(listeners)
@@ -303,6 +390,11 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
     sessions.setServiceParent(service)
     CleanupService(manager, reactor, config["cleanup-interval"],
                    config["orphan-sweep"]).setServiceParent(service)
+    if config["disk"] is not None:
+        DiskWatchService(
+            manager, reactor, parse_bytes(config["disk"]), config["disk-check-interval"],
+            lambda: container_sizes(docker, manager.labels),
+            enforced=lambda: docker.storage_quota is True).setServiceParent(service)
     listeners.setServiceParent(service)
     _log.info("capsule will run sessions in {image} (memory {memory}, {cpus:g} CPUs,"
               " {pids} processes), grace {grace:g} s, Docker at {host}",

@@ -1,0 +1,105 @@
+"""
+The disk watcher: warns a session nearing --disk and ends one past it.
+"""
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+
+from capsule.disk import DiskWatchService, disk_verdicts
+from capsule.docker_api import ContainerSpec
+from capsule.errors import DockerUnavailable
+from capsule.session import SessionConfig, SessionManager
+from capsule.testing import FakeDockerAPI, RecordingClient
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def manager(clock):
+    spec = ContainerSpec(image="capsule-runtime:latest")
+    return SessionManager(FakeDockerAPI(), clock, SessionConfig(spec=spec, instance="t"))
+
+
+def _watcher(manager, clock, sizes, enforced=lambda: False):
+    calls = []
+
+    def read():
+        calls.append(1)
+        return sizes() if callable(sizes) else succeed(sizes)
+    service = DiskWatchService(manager, clock, 100 * MIB, 30.0, read, enforced=enforced)
+    return service, calls
+
+
+def notices(client):
+    return [e for e in client.events if e[0] == "notice"]
+
+
+def test_verdicts(manager):
+    a, b, c = (manager.create(RecordingClient(), 80, 24) for _ in range(3))
+    sizes = {a.container_id: 79 * MIB, b.container_id: 80 * MIB, c.container_id: 100 * MIB + 1}
+    warn, end = disk_verdicts([a, b, c], sizes, 100 * MIB, 80 * MIB)
+    assert warn == [(b, 80 * MIB)] and end == [(c, 100 * MIB + 1)]
+    # A session without a size (its container is not running) is neither.
+    assert disk_verdicts([a], {}, 100 * MIB, 80 * MIB) == ([], [])
+
+
+def test_warns_once_then_ends(manager, clock):
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    sizes = {session.container_id: 90 * MIB}
+    service, calls = _watcher(manager, clock, lambda: succeed(dict(sizes)))
+    service.startService()
+    assert notices(client) == [("notice", "disk_limit")]
+    clock.advance(30)
+    assert notices(client) == [("notice", "disk_limit")]
+    assert session.status() == "running"
+    sizes[session.container_id] = 100 * MIB + 1
+    clock.advance(30)
+    assert notices(client) == [("notice", "disk_limit"), ("notice", "disk_limit")]
+    (ended,) = [e for e in client.events if e[0] == "ended"]
+    assert ended[2] == "the session wrote 100 MiB, more than its disk limit of 100 MiB"
+    assert session.status() in ("ending", "ended")
+    assert len(calls) == 3
+    service.stopService()
+
+
+def test_a_detached_session_past_the_limit_ends(manager, clock):
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    manager.detach(session, client)
+    service, _ = _watcher(manager, clock, lambda: succeed({session.container_id: 200 * MIB}))
+    service.startService()
+    assert session.status() in ("ending", "ended")
+    service.stopService()
+
+
+def test_nothing_is_read_where_the_driver_enforces_it_or_without_sessions(manager, clock):
+    service, calls = _watcher(manager, clock, {}, enforced=lambda: True)
+    manager.create(RecordingClient(), 80, 24)
+    service.startService()
+    clock.advance(60)
+    assert calls == []
+    service.stopService()
+    idle = SessionManager(FakeDockerAPI(), clock, manager.config)
+    service, calls = _watcher(idle, clock, {})
+    service.startService()
+    clock.advance(60)
+    assert calls == []
+    service.stopService()
+
+
+def test_a_failed_or_slow_read_keeps_the_timer(manager, clock):
+    session = manager.create(RecordingClient(), 80, 24)
+    answers = [fail(DockerUnavailable("away")), Deferred()]
+    service, calls = _watcher(manager, clock, lambda: answers.pop(0))
+    service.startService()          # fails: logged
+    clock.advance(30)               # hangs
+    clock.advance(30)               # still under way: not asked again
+    assert len(calls) == 2 and service.running
+    service.stopService()
