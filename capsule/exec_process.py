@@ -255,6 +255,16 @@ class ExecStreamProtocol(Protocol):
     def closeStdin(self) -> None:
         self.loseConnection()
 
+    def throttle_input(self, producer) -> None:
+        """
+        Pause C{producer} (the source of what is written here) while
+        Docker's side of this stream is not taking the bytes in.
+        """
+        if not self._closed and self.transport is not None:
+            if getattr(self.transport, "producer", None) is not None:
+                self.transport.unregisterProducer()
+            self.transport.registerProducer(producer, True)
+
     def loseConnection(self) -> None:
         if not self._closed:
             self.transport.loseConnection()

@@ -105,6 +105,12 @@ class IExecProcess(Interface):
         them are coalesced; the last one always wins.
         """
 
+    def throttle_input(producer):
+        """
+        Register C{producer} (an L{IPushProducer}: what feeds this process's
+        input) to be paused while the process's input is not taken in.
+        """
+
     def loseConnection():
         """
         Detach from the process (its terminal sees a hang-up once Docker
@@ -167,6 +173,12 @@ class ISessionClient(Interface):
         """
         The server is stopping but the session lives on: the client should
         reconnect to resume it.
+        """
+
+    def pause_input(paused):
+        """
+        Stop (C{True}) or start again (C{False}) reading the client's input:
+        the shell is not taking it in.
         """
 
     def session_taken_over():

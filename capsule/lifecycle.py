@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from automat import TypeMachineBuilder
-from zope.interface import Interface
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import Interface, implementer
 
 from .protocol import ProtocolError
 from .replay import ReplayBuffer
@@ -96,6 +97,61 @@ class ISessionEffects(Interface):
         """
 
 
+class InputOverrun(ProtocolError):
+    """
+    A client went on sending input long after it was asked to wait.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "input_overrun")
+
+
+@implementer(IPushProducer)
+class InputGate:
+    """
+    Registered with the shell's stream as the producer of its input: while
+    the stream does not take input in (the shell is not reading), the
+    attached client's connection is not read either, so input waits in the
+    client's socket, not in capsule's memory.  What arrives anyway (already
+    read before the pause) is counted: past C{limit}, the client is
+    overrunning.
+    """
+
+    def __init__(self, core: "SessionCore") -> None:
+        self._core = core
+        self.paused = False
+        self.overrun = 0
+
+    def _tell(self) -> None:
+        if self._core.client is not None:
+            self._core.client.pause_input(self.paused)
+
+    def pauseProducing(self) -> None:
+        changed = not self.paused
+        self.paused, self.overrun = True, 0
+        if changed:
+            self._tell()
+
+    def resumeProducing(self) -> None:
+        changed = self.paused
+        self.paused, self.overrun = False, 0
+        if changed:
+            self._tell()
+
+    def stopProducing(self) -> None:
+        # The stream is closing: nothing to wait for any more.
+        self.resumeProducing()
+
+    def count(self, data: bytes) -> None:
+        if not self.paused:
+            return
+        self.overrun += len(data)
+        if self.overrun > self._core.max_input_overrun:
+            raise InputOverrun(
+                f"more than {self._core.max_input_overrun} bytes of input arrived while the"
+                " shell was not reading its input: the connection is closed")
+
+
 @dataclass(eq=False)
 class SessionCore:
     """
@@ -129,6 +185,11 @@ class SessionCore:
     active_at: float = 0.0
     # What the world knows this session as (its effects and clients get it).
     owner: object = None
+    # Input a client may send after it was asked to wait (see InputGate).
+    max_input_overrun: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        self.input = InputGate(self)
 
     def now(self) -> float:
         return self.clock.seconds()
@@ -287,6 +348,8 @@ def _take_over(core: SessionCore, client: object) -> None:
     core.left_at = None
     if previous is not None and previous is not client:
         previous.session_taken_over()
+    if core.input.paused:
+        client.pause_input(True)
 
 
 def _leave(core: SessionCore, unsent: int) -> None:
@@ -332,6 +395,8 @@ for _state in (Starting, StartingOrphaned, Resuming, ResumingAlone, Reattaching,
     @_state.upon(SessionEvents.stream_up).loop()
     def _stream_up(session: SessionEvents, core: SessionCore, stream: object) -> None:
         core.stream = stream
+        core.input.resumeProducing()
+        stream.throttle_input(core.input)
         stream.resize(*core.size)
 
 
@@ -420,6 +485,7 @@ for _state in (Starting, StartingOrphaned, Detached, Resuming, ResumingAlone, In
 
 @Attached.upon(SessionEvents.write).loop()
 def _write(session: SessionEvents, core: SessionCore, data: bytes) -> None:
+    core.input.count(data)
     core.active_at = core.now()
     core.stream.write(data)
 

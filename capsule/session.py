@@ -26,10 +26,11 @@ from zope.interface import implementer
 from .docker_api import ContainerSpec
 from .errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
 from .interfaces import IExecProcess
-from .keeper import (DEFAULT_SOCKET, FrameReader, PreambleReader, encode_input, encode_window,
-                     keeper_argv)
+from .keeper import (DEFAULT_SOCKET, RELAY_FRAMES, FrameError, FrameReader, PreambleReader,
+                     check_preamble, encode_input, encode_window, exit_status, keeper_argv)
 from .lifecycle import ISessionEffects, SessionCore, make_lifecycle
 from .pool import WarmPool
+from .ratelog import RateLimitedLog
 from .replay import ReplayBuffer
 
 _log = Logger()
@@ -59,6 +60,9 @@ class SessionConfig:
     shell: tuple[str, ...] = ("bash", "-l")
     replay_bytes: int = 1024 * 1024
     max_pending_input: int = 64 * 1024
+    # Input a client may send after it was asked to wait (its socket is no
+    # longer read) before it is closed with 1008.
+    max_input_overrun: int = 1024 * 1024
     pool_size: int = 0
     pool_max_age: float = 3600.0
     # Run the shell under capsule-keeper, so that it outlives capsule.
@@ -139,12 +143,31 @@ class _ShellProtocol(ProcessProtocol):
     whose first piece is the preamble; the exit status) and its stderr any
     error the keeper or Docker reports.  An exec the session no longer uses
     (it was replaced, or the session let it go) is not heard.
+
+    Every byte of the relay's stdout is the session user's to choose: a
+    frame of a kind or size the relay does not send, a preamble that does
+    not parse or says what cannot be, or an exit status no shell has ends
+    the session at once (L{MALFORMED}), with one line in the log, and
+    nothing more of that stream is read or held.
+
+    @param wanted: the offset the exec asks the keeper for (C{None}: not
+        known), against which its preamble is checked.
     """
 
-    def __init__(self, session: Session, keeper: bool) -> None:
+    MALFORMED = "the session's relay sent malformed data"
+
+    # Errors a session's user can cause at will: logged once per kind per
+    # session per minute, with a count.
+    _errors = RateLimitedLog(_log)
+
+    class _Malformed(Exception):
+        "What the relay sent is impossible (the sentence says why)."
+
+    def __init__(self, session: Session, keeper: bool, wanted: int | None = None) -> None:
         self._session = session
-        self._frames = FrameReader() if keeper else None
+        self._frames = FrameReader(RELAY_FRAMES) if keeper else None
         self._preamble = PreambleReader() if keeper else None
+        self._wanted = wanted
         self.facts = ShellFacts()
         self.process = None
 
@@ -164,33 +187,71 @@ class _ShellProtocol(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if not self._current():
             return
+        if self._frames is not None and childFD == 2:
+            self.facts.stderr = (self.facts.stderr + data)[-2000:]
+            return
         # An error in passing output on (a client's fault) must not break the
         # connection to the shell: log it and keep the shell.
         try:
             if self._frames is None:
                 self._session.events.output(data)
-            elif childFD == 2:
-                self.facts.stderr = (self.facts.stderr + data)[-2000:]
             else:
-                for kind, payload in self._frames.feed(data):
-                    if kind == b"o":
-                        self._output(payload)
-                    elif kind == b"x" and len(payload) == 4:
-                        self.facts.exit_status = struct.unpack(">I", payload)[0]
+                self._relayed(data)
+        except self._Malformed as e:
+            self._malformed(e.args[0])
         except Exception:
-            _log.failure("handling output of session {session_id} failed",
-                         session_id=self._session.id)
+            self._errors.failure(self._session.core.now(), self._session.id, "output",
+                                 "handling output of session {session_id} failed")
+
+    def _relayed(self, data: bytes) -> None:
+        try:
+            frames = self._frames.feed(data)
+            problem = None
+        except FrameError as e:
+            frames, problem = e.frames, e.message
+        for kind, payload in frames:
+            if not self._current():
+                return
+            if kind == b"o":
+                self._output(payload)
+            elif kind == b"x":
+                try:
+                    self.facts.exit_status = exit_status(payload)
+                except ValueError as e:
+                    raise self._Malformed(str(e)) from None
+        if problem is not None and self._current():
+            raise self._Malformed(problem)
 
     def _output(self, data: bytes) -> None:
         if not self._preamble.done:
             preamble, data = self._preamble.feed(data)
-            if preamble is not None:
-                self._session.events.stream_started(preamble.offset, preamble.dropped)
-            elif self._preamble.missing:
-                self._session.events.stream_started(self._session.replay.end, 0)
+            if self._preamble.missing:
+                raise self._Malformed("output without the keeper's preamble first")
+            if preamble is None:
+                return
+            problem = check_preamble(preamble, self._wanted)
+            if problem is not None:
+                raise self._Malformed(f"a preamble with {problem}")
+            self._session.events.stream_started(preamble.offset, preamble.dropped)
             if not data:
                 return
         self._session.events.output(data)
+
+    def _malformed(self, problem: str) -> None:
+        """
+        The relay broke its framing or said what cannot be: stop reading
+        it and end the session.  Its exec's end, which follows, is not
+        heard.
+        """
+        session = self._session
+        if not self._current():
+            return
+        session.shell = None
+        self._errors.error(session.core.now(), session.id, "malformed",
+                           "session {session_id} ended: its relay sent malformed data"
+                           " ({problem})", problem=problem)
+        self.process.loseConnection()
+        session.events.end(None, self.MALFORMED)
 
     def processEnded(self, reason: Failure) -> None:
         if self._current():
@@ -215,6 +276,9 @@ class KeeperProcess:
 
     def resize(self, cols: int, rows: int) -> None:
         self._stream.write(encode_window(cols, rows))
+
+    def throttle_input(self, producer) -> None:
+        self._stream.throttle_input(producer)
 
     def loseConnection(self) -> None:
         self._stream.loseConnection()
@@ -294,7 +358,8 @@ class SessionManager:
         session = Session(SessionCore(
             id=session_id, clock=self._clock, effects=self,
             replay=ReplayBuffer(self.config.replay_bytes), size=size,
-            max_pending_input=self.config.max_pending_input, created_at=now, active_at=now,
+            max_pending_input=self.config.max_pending_input,
+            max_input_overrun=self.config.max_input_overrun, created_at=now, active_at=now,
             **fields))
         self.sessions[session_id] = session
         return session

@@ -44,6 +44,7 @@ class FakeExecProcess:
         self.written: list[bytes] = []
         self.resizes: list[tuple[int, int]] = []
         self.paused = False
+        self.input_producer = None
         self.connected = True
         self._frames = FrameReader()
 
@@ -98,6 +99,9 @@ class FakeExecProcess:
 
     def resize(self, cols: int, rows: int) -> None:
         self.resizes.append((cols, rows))
+
+    def throttle_input(self, producer) -> None:
+        self.input_producer = producer
 
     def loseConnection(self) -> None:
         """
@@ -392,6 +396,9 @@ class RecordingClient:
 
     def session_taken_over(self):
         self.events.append(("taken_over",))
+
+    def pause_input(self, paused):
+        self.events.append(("pause_input", paused))
 
     def session_interrupted(self, message):
         self.events.append(("interrupted", message))

@@ -16,9 +16,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import protocol as wire
+from .admission import QUOTA_EXCEEDED, AdmissionRefused
 from .coalesce import Coalescer
 from .errors import CapsuleError, SessionNotFound
 from .interfaces import ISessionClient
+from .lifecycle import InputOverrun
 from .session import SessionManager
 
 # Autobahn's protocols own a .log of their own: capsule logs through this one.
@@ -27,10 +29,13 @@ _log = Logger()
 # Close codes (4000-4999 are the application's); README documents them.
 # The server restarts; the session lives on: reconnect (1001 itself cannot be
 # sent by an application through Autobahn).
+CLOSE_POLICY = 1008
 CLOSE_RESTARTING = 4001
 CLOSE_INVALID_SESSION = 4400
 CLOSE_SESSION_NOT_FOUND = 4404
 CLOSE_TAKEN_OVER = 4409
+# Refused a new session: this client has too many, or makes them too fast.
+CLOSE_QUOTA_EXCEEDED = 4429
 CLOSE_UNAVAILABLE = 4503
 
 
@@ -163,6 +168,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._sent = 0
         self._acked = 0
         self._coalescer: Coalescer | None = None
+        # Who asks, as admission control counts it (set at the handshake).
+        self._client_address: str | None = None
 
     @property
     def _manager(self) -> SessionManager:
@@ -177,6 +184,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                       origin=origin, peer=request.peer)
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN,
                                  f"origin {origin} is not allowed")
+        if self.factory.admission is not None:
+            self._client_address = self.factory.admission.client_address(request)
         values = request.params.get("session_id")
         self._requested_session = values[0] if values else None
         values = request.params.get("offset")
@@ -221,6 +230,9 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         # failure becomes an error frame instead.
         try:
             self._handle(self._wire.parse(payload, isBinary))
+        except InputOverrun as e:
+            _log.warn("closed {peer}: {message}", peer=self.peer, message=e.message)
+            self._refuse(e.message, e.code, CLOSE_POLICY)
         except wire.ProtocolError as e:
             self._send(wire.encode_error(e.message, e.code))
         except Exception:
@@ -247,8 +259,19 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             self._send(wire.encode_pong())
         elif isinstance(message, wire.Resize):
             if self._phase == "awaiting_resize":
+                admission = self.factory.admission
+                if admission is not None:
+                    # Refused before anything is made: no session, no container.
+                    try:
+                        admission.admit(self._client_address)
+                    except AdmissionRefused as e:
+                        self._refuse(e.message, e.code, CLOSE_QUOTA_EXCEEDED
+                                     if e.code == QUOTA_EXCEEDED else CLOSE_UNAVAILABLE)
+                        return
                 self._phase = "session"
                 self._session = self._manager.create(self, message.cols, message.rows)
+                if admission is not None:
+                    admission.created(self._session.id, self._client_address)
             elif self._session is not None:
                 self._manager.resize(self._session, message.cols, message.rows)
         elif isinstance(message, wire.Input):
@@ -344,6 +367,15 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._send(wire.encode_error(message, "restarting"))
         self._close(CLOSE_RESTARTING, message)
 
+    def pause_input(self, paused: bool) -> None:
+        transport = self.transport
+        if transport is None or self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        if paused:
+            transport.pauseProducing()
+        else:
+            transport.resumeProducing()
+
     def session_taken_over(self) -> None:
         self._let_go()
         self._refuse("this session was opened in another window", "taken_over",
@@ -372,6 +404,8 @@ class CapsuleServerFactory(WebSocketServerFactory):
     """
 
     protocol = CapsuleServerProtocol
+    # An AdmissionControl deciding on new sessions, or None for no limits.
+    admission = None
 
     def __init__(self, manager: SessionManager, clock, max_message_size: int = 256 * 1024,
                  allowed_origins: tuple[str, ...] = (), ping_interval: float = 20.0,

@@ -86,6 +86,9 @@ class RecordingStream:
     def write(self, data):
         self.calls.append(("write", data))
 
+    def throttle_input(self, producer):
+        self.input_producer = producer
+
     def resize(self, cols, rows):
         self.calls.append(("resize", cols, rows))
 

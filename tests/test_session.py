@@ -482,3 +482,28 @@ def test_stale_output_of_a_replaced_stream_is_not_heard(manager, docker, clock):
     old.emit(b"ghost")
     old.exit(0)
     assert session.status() == "running" and b"ghost" not in client.output
+
+
+# -- input backpressure ------------------------------------------------------------------
+
+def test_a_shell_not_reading_its_input_pauses_the_client(manager, docker):
+    from capsule.lifecycle import InputOverrun
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    process = docker.processes[0]
+    gate = process.input_producer
+    assert gate is session.core.input
+    gate.pauseProducing()
+    assert client.events[-1] == ("pause_input", True)
+    # What was already read still goes to the shell, up to the cap.
+    manager.write(session, b"x" * manager.config.max_input_overrun)
+    with pytest.raises(InputOverrun):
+        manager.write(session, b"y")
+    # A takeover while paused: the new client is not read either.
+    second = RecordingClient()
+    manager.reconnect(session.id, second)
+    assert ("pause_input", True) in second.events
+    gate.resumeProducing()
+    assert second.events[-1] == ("pause_input", False)
+    manager.write(session, b"z")
+    assert process.written[-1] == b"z"
