@@ -50,28 +50,97 @@ def encode_window(cols: int, rows: int) -> bytes:
     return b"w" + struct.pack(">IHH", 4, cols, rows)
 
 
+# What a relay may send capsule: each kind with the sizes its payload may
+# have.  Anything else is malformed: the relay is inside the container, and
+# the session's user controls every byte of it.
+RELAY_FRAMES = {b"o": (0, MAX_FRAME), b"x": (4, 4), b"k": (0, 0)}
+
+# The largest offset capsule believes (the protocol's, JavaScript's safe
+# integers) and the largest exit status a shell has.
+MAX_OFFSET = 2**53
+MAX_STATUS = 255
+
+
+class FrameError(ValueError):
+    """
+    A stream of frames broke: a header of a kind or size not allowed.
+
+    @ivar frames: the whole frames that came before the bad header (they are
+        good, and the caller may still use them).
+    """
+
+    def __init__(self, message: str, frames: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.frames = frames
+
+
 class FrameReader:
     """
-    Splits the keeper's byte stream into C{(type, payload)} frames.
+    Splits a keeper's byte stream into C{(type, payload)} frames.
+
+    It fails closed: each header is checked as soon as its 5 bytes are in
+    (never waiting for a length it announces), and at the first bad one
+    C{feed} raises L{FrameError} and the reader is broken for good: it holds
+    nothing more and every later C{feed} raises at once.  What it holds is
+    at most one frame: 5 + L{MAX_FRAME} bytes.
+
+    @param kinds: the kinds allowed, each with the smallest and largest
+        payload it may have (C{None}: any kind up to L{MAX_FRAME}).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, kinds: dict[bytes, tuple[int, int]] | None = None) -> None:
         self._buffer = bytearray()
+        self._kinds = kinds
+        self.error: str | None = None
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        if self.error is not None:
+            raise FrameError(self.error, [])
         self._buffer += data
         frames, at = [], 0
         buffer = self._buffer
         while len(buffer) - at >= 5:
+            kind = bytes(buffer[at : at + 1])
             (length,) = struct.unpack_from(">I", buffer, at + 1)
-            if length > MAX_FRAME:
-                raise ValueError(f"keeper frame of {length} bytes")
+            problem = self._check(kind, length)
+            if problem is not None:
+                self.error = problem
+                self._buffer = bytearray()
+                raise FrameError(problem, frames)
             if len(buffer) - at < 5 + length:
                 break
-            frames.append((bytes(buffer[at : at + 1]), bytes(buffer[at + 5 : at + 5 + length])))
+            frames.append((kind, bytes(buffer[at + 5 : at + 5 + length])))
             at += 5 + length
         del buffer[:at]
         return frames
+
+    def _check(self, kind: bytes, length: int) -> str | None:
+        if self._kinds is None:
+            if length > MAX_FRAME:
+                return f"a frame of {length} bytes (at most {MAX_FRAME})"
+            return None
+        sizes = self._kinds.get(kind)
+        if sizes is None:
+            return f"a frame of unknown type {kind!r}"
+        low, high = sizes
+        if not low <= length <= high:
+            return (f"a {kind.decode('latin-1')!r} frame of {length} bytes"
+                    f" ({low}..{high} allowed)")
+        return None
+
+
+def exit_status(payload: bytes) -> int:
+    """
+    The shell's exit status from an C{x} frame's payload (4 bytes), which
+    must be one a shell can have.
+
+    @raise ValueError: it is not.
+    """
+    (status,) = struct.unpack(">I", payload)
+    if status > MAX_STATUS:
+        raise ValueError(f"an exit status of {status} (0..{MAX_STATUS} allowed)")
+    return status
 
 
 @dataclass(frozen=True)
@@ -115,3 +184,30 @@ class PreambleReader:
         self.done = self.missing = True
         rest, self._buffer = self._buffer, b""
         return None, rest
+
+
+def check_preamble(preamble: Preamble, wanted: int | None) -> str | None:
+    """
+    What is impossible about a preamble (C{None}: nothing), judged against
+    what capsule counted itself: the offset it asked for (C{wanted}; C{None}
+    when not known).
+
+    The keeper starts at C{min(max(wanted, held_from), end)}, and says the
+    bytes between C{wanted} and that start were dropped when C{wanted} is
+    older than what it holds: so with nothing dropped the start is at most
+    C{wanted} (less: the shell restarted and its offsets began again), and
+    with bytes dropped it is C{wanted} plus exactly those.
+    """
+    offset, dropped = preamble.offset, preamble.dropped
+    if offset > MAX_OFFSET:
+        return f"an offset of {offset} (at most {MAX_OFFSET})"
+    if dropped > offset:
+        return f"{dropped} bytes dropped before offset {offset}"
+    if wanted is None:
+        return None
+    if dropped == 0 and offset > wanted:
+        return f"output from offset {offset}, past the {wanted} asked for, with none dropped"
+    if dropped and offset != wanted + dropped:
+        return (f"output from offset {offset} with {dropped} bytes dropped, when {wanted}"
+                " was asked for")
+    return None
