@@ -4,6 +4,7 @@ The HTTP side: the terminal page, C{/ws}, C{/health} and the export.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.pages import forbidden, notFound
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
 from . import __version__
@@ -38,6 +39,111 @@ def default_www() -> str:
         return str(here)
     import sys
     return os.path.join(sys.prefix, "share", "capsule", "www")
+
+
+# Bytes of request body a path accepts unless its site says otherwise:
+# none, since every resource of capsule answers GET only.
+MAX_BODY = 0
+
+# Seconds a refused client may go on sending (discarded) before its
+# connection is cut, so that it can read the 413 rather than a reset.
+REFUSED_LINGER = 2.0
+
+_TOO_LARGE = b"HTTP/1.1 413 Content Too Large\r\n"
+
+
+class LimitedRequest(Request):
+    """
+    A request whose body is refused with 413, before it is read, when it is
+    larger than its path accepts (L{CapsuleSite.body_limit}): a declared
+    C{Content-Length} over the limit at once, a chunked body as soon as it
+    passes the limit.  Nothing of a refused body is kept, in memory or in a
+    temporary file, and the request never reaches a resource.
+    """
+
+    refused = False
+
+    def gotLength(self, length):
+        site = getattr(self.channel, "site", None)
+        # The path is known to the channel only, until the body is in.
+        path = getattr(self.channel, "_path", b"")
+        self._body_limit = site.body_limit(path) if site is not None else MAX_BODY
+        self._body_size = 0
+        if length is not None and length > self._body_limit:
+            self._refuse(length)
+            return
+        if length is None or self._body_limit <= 100_000:
+            self.content = io.BytesIO()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self.refused:
+            return
+        self._body_size += len(data)
+        if self._body_size > self._body_limit:
+            self._refuse(None)
+            return
+        self.content.write(data)
+
+    def requestReceived(self, command, path, version):
+        if self.refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self, length) -> None:
+        self.refused = True
+        self.content = io.BytesIO()
+        # No "100 Continue" after the refusal.
+        self.requestHeaders.removeHeader(b"expect")
+        limit = self._body_limit
+        said = "a body" if length is None else f"a body of {length} bytes"
+        _log.info("refused {said} for {path} (limit {limit} bytes) from {peer}", said=said,
+                  path=getattr(self.channel, "_path", b"").decode("ascii", "replace")[:200],
+                  limit=limit, peer=_peer(self.channel))
+        body = json.dumps({
+            "error": f"this request may have a body of at most {limit} bytes",
+            "code": "body_too_large", "limit": limit}).encode("utf-8")
+        transport = self.channel.transport
+        transport.write(_TOO_LARGE + b"Content-Type: application/json\r\n"
+                        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                        + body)
+        self.channel.persistent = False
+        half_close = getattr(transport, "loseWriteConnection", None)
+        reactor = getattr(getattr(self.channel, "site", None), "reactor", None)
+        if half_close is None or reactor is None:
+            transport.loseConnection()
+            return
+        # Answer, then read and drop what the client still sends for a
+        # moment: closing with its data unread would reset the connection,
+        # and the client could lose the answer.
+        half_close()
+        reactor.callLater(REFUSED_LINGER, transport.abortConnection)
+
+
+def _peer(channel) -> str:
+    try:
+        return channel.transport.getPeer().host
+    except Exception:
+        return "?"
+
+
+class CapsuleSite(Site):
+    """
+    capsule's L{Site}: its requests are L{LimitedRequest}s.
+
+    @ivar body_limits: bytes of body accepted by path (an upload resource
+        adds its own); any other path accepts L{MAX_BODY}.
+    """
+
+    requestFactory = LimitedRequest
+
+    def __init__(self, resource, *args, **kwargs) -> None:
+        super().__init__(resource, *args, **kwargs)
+        self.body_limits: dict[bytes, int] = {}
+
+    def body_limit(self, path: bytes) -> int:
+        return self.body_limits.get(path.split(b"?", 1)[0], MAX_BODY)
 
 
 # The longest file name capsule serves (Linux's NAME_MAX).
@@ -188,7 +294,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, **websocket_op
     api = Resource()
     api.putChild(b"export", ExportResource(manager, docker, reactor))
     root.putChild(b"api", api)
-    site = Site(root)
+    site = CapsuleSite(root, reactor=reactor)
     site.displayTracebacks = False
     site.websocket_factory = factory
     return site
