@@ -1,0 +1,358 @@
+"""
+Admission control: the pure logic with a Clock, then the WebSocket endpoint
+in memory refusing new sessions with the right frame and close code while
+nothing is made.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from types import SimpleNamespace
+
+import pytest
+import txaio
+from autobahn.twisted.websocket import WebSocketClientFactory
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.web.test.requesthelper import DummyRequest
+
+from capsule.admission import (QUOTA_EXCEEDED, SERVER_FULL, AdmissionControl, AdmissionPolicy,
+                               AdmissionRefused, TokenBucket, client_address, parse_network,
+                               parse_rate)
+from capsule.docker_api import ContainerSpec
+from capsule.session import SessionConfig, SessionManager
+from capsule.testing import FakeDockerAPI
+from capsule.websocket import CapsuleServerFactory
+
+from .test_websocket import HOST, SERVER_ADDRESS, RecordingClientProtocol
+
+GIB = 1024 ** 3
+
+
+# -- parsing -----------------------------------------------------------------------------
+
+def test_parse_rate():
+    assert parse_rate("10/60") == (10, 60.0)
+    assert parse_rate("1/0.5") == (1, 0.5)
+
+
+@pytest.mark.parametrize("text", ["10", "0/60", "10/0", "-1/60", "x/60", "10/inf", "10/nan",
+                                  "/60", ""])
+def test_parse_rate_refuses(text):
+    with pytest.raises(ValueError):
+        parse_rate(text)
+
+
+# -- the token bucket --------------------------------------------------------------------
+
+def test_a_bucket_allows_a_burst_then_refills_at_its_rate():
+    bucket = TokenBucket(3, 60.0, now=100.0)
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.retry_after(100.0) == pytest.approx(20.0)
+    assert bucket.take(119.0) is False
+    assert bucket.take(120.0) is True
+    assert bucket.take(120.0) is False
+    # Never more than its capacity, however long it waited.
+    assert bucket.tokens(10_000.0) == 3.0 and bucket.full(10_000.0)
+
+
+def test_a_bucket_ignores_a_clock_going_back():
+    bucket = TokenBucket(1, 10.0, now=50.0)
+    assert bucket.take(50.0)
+    assert not bucket.take(40.0)
+    assert bucket.tokens(55.0) == pytest.approx(0.5)
+
+
+# -- client addresses --------------------------------------------------------------------
+
+def ws_request(peer: str, forwarded: str | None = None):
+    # What Autobahn hands onConnect: a peer descriptor and lower-case headers.
+    headers = {} if forwarded is None else {"x-forwarded-for": forwarded}
+    return SimpleNamespace(peer=peer, headers=headers)
+
+
+LOCAL = [parse_network("127.0.0.1/32")]
+PROXIES = [parse_network("10.0.0.0/8"), parse_network("::1")]
+
+
+@pytest.mark.parametrize("peer, forwarded, trusted, expected", [
+    # No trusted proxy: the header is the client's word, ignored.
+    ("tcp4:203.0.113.9:5555", "198.51.100.1", [], "203.0.113.9"),
+    ("tcp4:127.0.0.1:5555", "198.51.100.1", [], "127.0.0.1"),
+    # A peer that is not a trusted proxy: ignored too.
+    ("tcp4:203.0.113.9:5555", "198.51.100.1", LOCAL, "203.0.113.9"),
+    # A trusted peer: the rightmost address that is not a trusted proxy.
+    ("tcp4:127.0.0.1:5555", "198.51.100.1", LOCAL, "198.51.100.1"),
+    ("tcp4:10.1.2.3:5555", "1.1.1.1, 198.51.100.7, 10.9.9.9", PROXIES, "198.51.100.7"),
+    # Garbage left of the trusted chain is not believed.
+    ("tcp4:10.1.2.3:5555", "nonsense, 10.9.9.9", PROXIES, "10.9.9.9"),
+    ("tcp4:10.1.2.3:5555", "nonsense", PROXIES, "10.1.2.3"),
+    # All trusted: the leftmost.
+    ("tcp4:10.1.2.3:5555", "10.0.0.5, 10.9.9.9", PROXIES, "10.0.0.5"),
+    # No header from a trusted peer: the peer.
+    ("tcp4:127.0.0.1:5555", None, LOCAL, "127.0.0.1"),
+    # IPv6 peers and chains.
+    ("tcp6:::1:5555", "2001:db8::7", PROXIES, "2001:db8::7"),
+    ("tcp6:2001:db8::1:5555", None, PROXIES, "2001:db8::1"),
+    # An IPv4 network does not hold IPv6 addresses.
+    ("tcp6:::1:5555", "2001:db8::7", LOCAL, "::1"),
+])
+def test_client_address_of_a_websocket_request(peer, forwarded, trusted, expected):
+    assert client_address(ws_request(peer, forwarded), trusted) == expected
+
+
+def test_client_address_of_a_web_request():
+    request = DummyRequest([b"api"])
+    request.client = IPv4Address("TCP", "127.0.0.1", 4000)
+    assert client_address(request, LOCAL) == "127.0.0.1"
+    request.requestHeaders.addRawHeader(b"X-Forwarded-For", b"192.0.2.1, 198.51.100.2")
+    request.requestHeaders.addRawHeader(b"X-Forwarded-For", b"198.51.100.3")
+    assert client_address(request, LOCAL) == "198.51.100.3"
+    assert client_address(request, []) == "127.0.0.1"
+
+
+# -- the decisions ------------------------------------------------------------------------
+
+class Counted:
+    """
+    What admission control reads of a session manager.
+    """
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, object] = {}
+        self.pool = SimpleNamespace(ready=[], pending=set())
+        self._next = 0
+
+    def make(self, admission: AdmissionControl, address: str) -> str:
+        admission.admit(address)
+        if self.pool.ready:
+            self.pool.ready.pop()
+        self._next += 1
+        session_id = f"s{self._next}"
+        self.sessions[session_id] = object()
+        admission.created(session_id, address)
+        return session_id
+
+
+def control(clock=None, **policy):
+    manager = Counted()
+    policy.setdefault("rate", None)
+    return manager, AdmissionControl(manager, clock or Clock(), AdmissionPolicy(**policy))
+
+
+def refused(admission, address) -> tuple[str, str]:
+    with pytest.raises(AdmissionRefused) as caught:
+        admission.admit(address)
+    return caught.value.code, caught.value.message
+
+
+def test_the_per_client_limit_counts_live_sessions_by_creator():
+    manager, admission = control(max_sessions=10, max_per_client=2)
+    first = manager.make(admission, "a")
+    manager.make(admission, "a")
+    code, message = refused(admission, "a")
+    assert code == QUOTA_EXCEEDED and "at most 2 at once" in message
+    # Another client is not affected.
+    manager.make(admission, "b")
+    # A session that ended frees its creator's place.
+    del manager.sessions[first]
+    manager.make(admission, "a")
+    assert admission.sessions_of("a") == 2 and admission.sessions_of("b") == 1
+
+
+def test_sessions_not_created_here_count_only_globally():
+    manager, admission = control(max_sessions=3, max_per_client=1)
+    manager.sessions["recovered-1"] = manager.sessions["recovered-2"] = object()
+    manager.make(admission, "a")
+    code, message = refused(admission, "b")
+    assert code == SERVER_FULL and "3 sessions" in message
+
+
+def test_the_global_limit_is_server_full():
+    manager, admission = control(max_sessions=2, max_per_client=5)
+    manager.make(admission, "a")
+    manager.make(admission, "b")
+    assert refused(admission, "c")[0] == SERVER_FULL
+
+
+def test_the_creators_of_ended_sessions_are_forgotten():
+    manager, admission = control(max_sessions=100, max_per_client=100)
+    for _ in range(50):
+        session_id = manager.make(admission, "a")
+        del manager.sessions[session_id]
+    manager.make(admission, "a")
+    assert len(admission._creators) == 1
+
+
+def test_the_rate_refuses_a_burst_and_recovers_with_time():
+    clock = Clock()
+    manager, admission = control(clock, max_sessions=100, max_per_client=100, rate=(3, 30.0))
+    for _ in range(3):
+        manager.make(admission, "a")
+    code, message = refused(admission, "a")
+    assert code == QUOTA_EXCEEDED
+    assert message == ("too many new sessions from a (at most 3 per 30 s): try again in 10 s")
+    # Refusals cost nothing; other clients have their own buckets.
+    manager.make(admission, "b")
+    clock.advance(9.9)
+    assert refused(admission, "a")[0] == QUOTA_EXCEEDED
+    clock.advance(0.1)
+    manager.make(admission, "a")
+    assert refused(admission, "a")[0] == QUOTA_EXCEEDED
+
+
+def test_a_refusal_for_another_reason_costs_no_token():
+    clock = Clock()
+    manager, admission = control(clock, max_sessions=1, max_per_client=5, rate=(1, 60.0))
+    manager.sessions["other"] = object()
+    assert refused(admission, "a")[0] == SERVER_FULL
+    del manager.sessions["other"]
+    manager.make(admission, "a")
+
+
+def test_full_buckets_are_dropped():
+    clock = Clock()
+    manager, admission = control(clock, max_sessions=1000, max_per_client=1000, rate=(5, 10.0))
+    for n in range(100):
+        sid = manager.make(admission, f"10.0.0.{n}")
+        del manager.sessions[sid]
+    assert len(admission._buckets) == 100
+    clock.advance(2.0)
+    manager.make(admission, "x")
+    assert set(admission._buckets) == {"x"}
+
+
+def test_the_memory_budget_counts_sessions_and_warm_containers():
+    manager, admission = control(max_sessions=100, max_per_client=100,
+                                 session_memory=4 * GIB, memory_budget=24 * GIB)
+    manager.pool.pending = {"w1"}
+    manager.pool.ready = ["w2"]
+    assert admission.committed_memory() == 8 * GIB
+    # Taking the ready warm container adds nothing; then each cold start 4 GiB.
+    for _ in range(5):
+        manager.make(admission, "a")
+    assert manager.pool.ready == []
+    assert admission.committed_memory() == 24 * GIB
+    code, message = refused(admission, "b")
+    assert code == SERVER_FULL and "memory" in message
+    # A session that ends gives its memory back.
+    del manager.sessions["s1"]
+    manager.make(admission, "b")
+    assert refused(admission, "b")[0] == SERVER_FULL
+
+
+def test_no_budget_no_memory_check():
+    manager, admission = control(max_sessions=100, max_per_client=100,
+                                 session_memory=64 * GIB, memory_budget=None)
+    for _ in range(10):
+        manager.make(admission, "a")
+
+
+# -- the WebSocket endpoint, in memory ----------------------------------------------------
+
+@pytest.fixture
+def clock():
+    clock = Clock()
+    previous, txaio.config.loop = txaio.config.loop, clock
+    yield clock
+    txaio.config.loop = previous
+
+
+@pytest.fixture
+def docker():
+    return FakeDockerAPI()
+
+
+@pytest.fixture
+def manager(docker, clock):
+    spec = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
+    return SessionManager(docker, clock, SessionConfig(spec=spec, instance="t", grace=60,
+                                                       replay_bytes=64 * 1024))
+
+
+@pytest.fixture
+def factory(manager, clock):
+    factory = CapsuleServerFactory(manager, clock, max_message_size=1024)
+    factory.admission = AdmissionControl(
+        manager, clock, AdmissionPolicy(max_sessions=3, max_per_client=2, rate=None,
+                                        session_memory=GIB, memory_budget=None),
+        trusted_proxies=LOCAL)
+    return factory
+
+
+class Client:
+    """
+    Autobahn's client from 127.0.0.1, speaking for C{forwarded} through
+    X-Forwarded-For.
+    """
+
+    def __init__(self, clock, factory, forwarded: str | None = None, query: str = "") -> None:
+        url = f"ws://{HOST}/ws" + (f"?{query}" if query else "")
+        client_factory = WebSocketClientFactory(
+            url, headers={"X-Forwarded-For": forwarded} if forwarded else None)
+        client_factory.protocol = RecordingClientProtocol
+        self.client = client_factory.buildProtocol(SERVER_ADDRESS)
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        self.server = factory.buildProtocol(address)
+        self.pump = iosim.connect(
+            self.server, iosim.FakeTransport(self.server, True, SERVER_ADDRESS, address),
+            self.client, iosim.FakeTransport(self.client, False, address, SERVER_ADDRESS),
+            clock=clock)
+
+    def start(self) -> dict:
+        self.client.sendMessage(json.dumps({"type": "resize", "cols": 80, "rows": 24}).encode())
+        self.pump.flush()
+        [message] = [json.loads(p) for p, _ in self.client.raw]
+        return message
+
+
+def test_the_third_session_of_a_client_is_refused_with_4429(clock, factory, manager, docker):
+    first = Client(clock, factory, "198.51.100.1")
+    assert first.start()["type"] == "connected"
+    assert Client(clock, factory, "198.51.100.1").start()["type"] == "connected"
+    made = (set(manager.sessions), len(docker.processes))
+    third = Client(clock, factory, "198.51.100.1")
+    message = third.start()
+    assert message["type"] == "error" and message["code"] == "quota_exceeded"
+    assert "198.51.100.1" in message["message"]
+    assert third.client.closed[:2] == (True, 4429)
+    assert (set(manager.sessions), len(docker.processes)) == made
+    # Another client still gets one; then the server is full for everyone.
+    assert Client(clock, factory, "198.51.100.2").start()["type"] == "connected"
+    fourth = Client(clock, factory, "198.51.100.3")
+    message = fourth.start()
+    assert message["type"] == "error" and message["code"] == "server_full"
+    assert fourth.client.closed[:2] == (True, 4503)
+    assert len(manager.sessions) == 3
+
+
+def test_a_reconnect_is_not_a_new_session(clock, factory, manager):
+    first = Client(clock, factory, "198.51.100.1")
+    session_id = first.start()["session_id"]
+    Client(clock, factory, "198.51.100.1").start()
+    # The creator's third connection, to a session it has: allowed.
+    again = Client(clock, factory, "198.51.100.1", query=f"session_id={session_id}")
+    again.pump.flush()
+    [message] = [json.loads(p) for p, _ in again.client.raw]
+    assert message["type"] == "connected" and message["resumed"] is True
+    assert len(manager.sessions) == 2
+
+
+def test_an_ended_session_frees_its_creators_place(clock, factory, manager, docker):
+    first = Client(clock, factory, "198.51.100.1")
+    session_id = first.start()["session_id"]
+    Client(clock, factory, "198.51.100.1").start()
+    docker.processes[0].exit(0)
+    first.pump.flush()
+    assert session_id not in manager.sessions
+    assert Client(clock, factory, "198.51.100.1").start()["type"] == "connected"
+
+
+def test_without_a_trusted_proxy_the_header_is_ignored(clock, factory, manager):
+    factory.admission.trusted_proxies = ()
+    for forwarded in ("198.51.100.1", "198.51.100.2"):
+        assert Client(clock, factory, forwarded).start()["type"] == "connected"
+    message = Client(clock, factory, "198.51.100.3").start()
+    assert message["code"] == "quota_exceeded" and "127.0.0.1" in message["message"]
