@@ -29,6 +29,53 @@ def expired_sessions(sessions: Iterable[Session], now: float, grace: float) -> l
     ]
 
 
+def overdue_sessions(sessions: Iterable[Session], now: float, max_lifetime: float,
+                     idle_timeout: float) -> list[tuple[Session, str]]:
+    """
+    The sessions past C{max_lifetime} seconds of age, or without input or
+    output for C{idle_timeout} seconds (client attached or not), each with
+    the sentence its client is told; 0 turns a limit off.  A session that
+    is starting or waiting for the engine is left alone.
+    """
+    due = []
+    for s in sessions:
+        if s.status() not in ("running", "detached", "recovered"):
+            continue
+        if max_lifetime and now - s.core.created_at >= max_lifetime:
+            due.append((s, f"the session reached its maximum lifetime ({max_lifetime:g} s,"
+                            " --max-lifetime)"))
+        elif idle_timeout and now - s.core.active_at >= idle_timeout:
+            due.append((s, f"the session was idle (no input and no output) for"
+                           f" {idle_timeout:g} s (--idle-timeout)"))
+    return due
+
+
+def end_overdue(manager: SessionManager, clock) -> list[Session]:
+    """
+    End every session past its lifetime or idle limit; like L{expire_due},
+    never raises.
+    """
+    config = manager.config
+    if not (config.max_lifetime or config.idle_timeout):
+        return []
+    try:
+        due = overdue_sessions(list(manager.sessions.values()), clock.seconds(),
+                               config.max_lifetime, config.idle_timeout)
+    except Exception:
+        _log.failure("could not work out which sessions are over their limits")
+        return []
+    ended = []
+    for session, message in due:
+        try:
+            _log.info("ending session {session_id}: {message}", session_id=session.id,
+                      message=message)
+            manager.end(session, message)
+            ended.append(session)
+        except Exception:
+            _log.failure("ending session {session_id} failed", session_id=session.id)
+    return ended
+
+
 def expire_due(manager: SessionManager, clock) -> list[Session]:
     """
     Expire every session that is due, and return those that ended.  Each
@@ -68,6 +115,7 @@ class CleanupService(TimerService):
 
     def _sweep(self) -> None:
         expire_due(self._manager, self.clock)
+        end_overdue(self._manager, self.clock)
         now = self.clock.seconds()
         if self._next_orphan_sweep is None:
             self._next_orphan_sweep = now + self._orphan_interval

@@ -63,6 +63,10 @@ class SessionConfig:
     # Input a client may send after it was asked to wait (its socket is no
     # longer read) before it is closed with 1008.
     max_input_overrun: int = 1024 * 1024
+    # Seconds after which a session ends however busy (0: never), and after
+    # which one with no input and no output ends, client or not (0: never).
+    max_lifetime: float = 0.0
+    idle_timeout: float = 0.0
     pool_size: int = 0
     pool_max_age: float = 3600.0
     # Run the shell under capsule-keeper, so that it outlives capsule.

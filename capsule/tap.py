@@ -35,6 +35,13 @@ def _positive(kind):
     return convert
 
 
+def _non_negative_float(value):
+    number = float(value)
+    if not number >= 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return number
+
+
 def _non_negative_int(value):
     number = int(value)
     if number < 0:
@@ -90,6 +97,12 @@ class Options(usage.Options):
         ["ping-timeout", None, 20.0,
          "Seconds without a pong after which a client is considered gone.",
          _positive(float)],
+        ["max-lifetime", None, 0.0,
+         "Seconds after which a session ends however busy it is (0: no limit).",
+         _non_negative_float],
+        ["idle-timeout", None, 86400.0,
+         "Seconds without input and without output after which a session ends, client"
+         " attached or not (0: no limit).", _non_negative_float],
         ["pool-size", None, 2,
          "Started containers kept ready for new sessions (0 disables the warm pool).",
          _non_negative_int],
@@ -240,16 +253,24 @@ class SessionService(Service):
 
     async def _learn_memory_budget(self) -> None:
         # docker info runs on the Docker pool; until it answers, no budget.
+        warned = False
         while True:
             try:
                 info = await self._docker.info()
-                total = int(info["MemTotal"])
-            except (CapsuleError, KeyError, TypeError, ValueError) as e:
-                _log.warn("could not learn the engine's memory (retrying every {delay:g} s):"
-                          " {error}", delay=self.RECOVERY_RETRY, error=e)
+            except CapsuleError as e:
+                if not warned:
+                    _log.warn("could not learn the engine's memory (retrying every"
+                              " {delay:g} s): {message}", delay=self.RECOVERY_RETRY,
+                              message=e.message)
+                    warned = True
                 await deferLater(self.clock, self.RECOVERY_RETRY, lambda: None)
                 continue
             break
+        try:
+            total = int(info["MemTotal"])
+        except (KeyError, TypeError, ValueError):
+            _log.warn("the engine did not say its memory: no --memory-budget check")
+            return
         self._admission.policy.memory_budget = total
         _log.info("memory budget: {budget} bytes (the engine's memory)", budget=total)
 
@@ -365,6 +386,7 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
         spec=spec, instance=config["instance"], grace=config["grace"],
         shell=tuple(shlex.split(config["shell"])), replay_bytes=config["replay-buffer"],
         pool_size=config["pool-size"], pool_max_age=config["pool-max-age"],
+        max_lifetime=config["max-lifetime"], idle_timeout=config["idle-timeout"],
         keeper=not config["no-keeper"]))
     site = make_site(manager, docker, reactor, config["www"],
                      max_message_size=config["max-message-size"],
