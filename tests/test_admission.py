@@ -356,3 +356,94 @@ def test_without_a_trusted_proxy_the_header_is_ignored(clock, factory, manager):
         assert Client(clock, factory, forwarded).start()["type"] == "connected"
     message = Client(clock, factory, "198.51.100.3").start()
     assert message["code"] == "quota_exceeded" and "127.0.0.1" in message["message"]
+
+
+# -- options and wiring ------------------------------------------------------------------
+
+def parse(*args):
+    from capsule.tap import Options
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_the_defaults_are_for_a_small_host():
+    from twisted.internet.testing import MemoryReactorClock
+
+    from capsule.tap import makeService
+    options = parse()
+    assert (options["max-sessions"], options["max-sessions-per-client"],
+            options["session-rate"], options["memory-budget"],
+            options["trusted-proxy"]) == (32, 8, (10, 60.0), None, [])
+    admission = makeService(options, MemoryReactorClock()).websocket_factory.admission
+    assert admission.policy == AdmissionPolicy(
+        max_sessions=32, max_per_client=8, rate=(10, 60.0), session_memory=4 * GIB,
+        memory_budget=None)
+    assert admission.trusted_proxies == ()
+
+
+def test_the_options_reach_admission_control():
+    from twisted.internet.testing import MemoryReactorClock
+
+    from capsule.tap import makeService
+    options = parse("--max-sessions", "5", "--max-sessions-per-client", "2",
+                    "--session-rate", "3/30", "--memory", "1g", "--memory-budget", "3g",
+                    "--trusted-proxy", "127.0.0.1/32", "--trusted-proxy", "fd00::/8")
+    service = makeService(options, MemoryReactorClock())
+    admission = service.websocket_factory.admission
+    assert admission.policy == AdmissionPolicy(
+        max_sessions=5, max_per_client=2, rate=(3, 30.0), session_memory=GIB,
+        memory_budget=3 * GIB)
+    assert admission.trusted_proxies == (ipaddress.ip_network("127.0.0.1/32"),
+                                         ipaddress.ip_network("fd00::/8"))
+    # An explicit budget: the engine is not asked.
+    assert service.sessions._docker is None
+    assert makeService(parse("--memory-budget", "off"),
+                       MemoryReactorClock()).websocket_factory.admission.policy.memory_budget \
+        is None
+
+
+@pytest.mark.parametrize("args", [
+    ["--max-sessions", "0"], ["--max-sessions-per-client", "-1"], ["--session-rate", "10"],
+    ["--session-rate", "0/60"], ["--memory-budget", "lots"], ["--memory-budget", "0"],
+    ["--trusted-proxy", "10.0.0.0/33"], ["--trusted-proxy", "proxy.example"],
+])
+def test_bad_admission_options(args):
+    from twisted.python import usage
+    with pytest.raises(usage.UsageError):
+        parse(*args)
+
+
+def test_the_budget_is_the_engines_memory_once_it_answers():
+    from twisted.internet.defer import succeed
+
+    from capsule.tap import SessionService
+    clock = Clock()
+    docker = FakeDockerAPI()
+    docker.info = lambda: docker._check() or succeed({"MemTotal": 24 * GIB})
+    docker.reachable = False
+    manager = Counted()
+    admission = AdmissionControl(manager, clock, AdmissionPolicy(session_memory=4 * GIB))
+    service = SessionService(SimpleNamespace(), clock, None, admission, docker)
+    service._recover = lambda: _nothing()
+    service.startService()
+    assert admission.policy.memory_budget is None
+    docker.reachable = True
+    clock.advance(SessionService.RECOVERY_RETRY)
+    assert admission.policy.memory_budget == 24 * GIB
+
+
+def test_an_engine_that_does_not_say_its_memory_means_no_budget():
+    from capsule.tap import SessionService
+    clock = Clock()
+    docker = FakeDockerAPI()
+    admission = AdmissionControl(Counted(), clock, AdmissionPolicy())
+    service = SessionService(SimpleNamespace(), clock, None, admission, docker)
+    service._recover = lambda: _nothing()
+    service.startService()
+    assert admission.policy.memory_budget is None
+    assert clock.getDelayedCalls() == []
+
+
+async def _nothing():
+    return None
