@@ -6,6 +6,13 @@ chunk and hands each piece to the reactor, waiting while the client's
 connection is full, so memory use does not depend on the workspace's size.
 An error after the first byte aborts the connection: a truncated archive is
 never passed off as a complete one.
+
+Exports share a few workers (C{--export-threads}).  L{ExportQueue} hands them
+out round-robin between client addresses, so that one client's many exports
+cannot make another's wait behind all of them, and refuses a client more
+than C{--exports-per-client} exports at a time (429).  One export's cost is
+bounded: fast compression (level 1), at most C{--export-max-bytes} of
+archive and C{--export-timeout} seconds of work, after which it is cut off.
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ from __future__ import annotations
 import datetime
 import json
 import zlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
@@ -27,6 +36,107 @@ from .protocol import ProtocolError, parse_session_id
 from .session import SessionManager
 
 _log = Logger()
+
+# zlib's fastest level: exports are bound by CPU, and a workspace's archive
+# is downloaded once.
+COMPRESSION_LEVEL = 1
+EXPORTS_PER_CLIENT = 2
+EXPORT_MAX_BYTES = 2 * 1024 ** 3
+EXPORT_TIMEOUT = 600.0
+# What a client refused for having too many exports is told to wait.
+RETRY_AFTER = 10
+
+
+def peer_address(request) -> str:
+    """
+    The address of the socket's peer.
+    """
+    address = request.getClientAddress()
+    return getattr(address, "host", None) or "unknown"
+
+
+class TooManyExports(Exception):
+    pass
+
+
+class ExportTicket:
+    """
+    One export's place in an L{ExportQueue}: C{ready} fires when a worker
+    is free for it; C{done} gives the place up, whether it ran or waited.
+    """
+
+    def __init__(self, queue: "ExportQueue", client: str) -> None:
+        self._queue, self.client = queue, client
+        self.ready: Deferred = Deferred(lambda d: self.done())
+        self.running = self.finished = False
+
+    def done(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._queue._leave(self)
+
+
+class ExportQueue:
+    """
+    At most C{workers} exports run at once; the others wait, one queue per
+    client address, and a freed worker goes to the next client in turn
+    (round-robin), not to the export that asked first.  A client may have
+    at most C{per_client} exports running or waiting.
+    """
+
+    def __init__(self, workers: int, per_client: int) -> None:
+        self.workers, self.per_client = workers, per_client
+        self.running = 0
+        self._waiting: OrderedDict[str, deque[ExportTicket]] = OrderedDict()
+        self._counts: dict[str, int] = {}
+
+    def of(self, client: str) -> int:
+        """
+        The exports of C{client}, running or waiting.
+        """
+        return self._counts.get(client, 0)
+
+    def waiting(self) -> int:
+        return sum(map(len, self._waiting.values()))
+
+    def join(self, client: str) -> ExportTicket:
+        """
+        @raise TooManyExports: C{client} has C{per_client} exports already.
+        """
+        if self.of(client) >= self.per_client:
+            raise TooManyExports(client)
+        self._counts[client] = self.of(client) + 1
+        ticket = ExportTicket(self, client)
+        self._waiting.setdefault(client, deque()).append(ticket)
+        self._next()
+        return ticket
+
+    def _leave(self, ticket: ExportTicket) -> None:
+        left = self._counts[ticket.client] - 1
+        if left:
+            self._counts[ticket.client] = left
+        else:
+            del self._counts[ticket.client]
+        if ticket.running:
+            self.running -= 1
+        else:
+            queue = self._waiting.get(ticket.client)
+            if queue is not None and ticket in queue:
+                queue.remove(ticket)
+                if not queue:
+                    del self._waiting[ticket.client]
+        self._next()
+
+    def _next(self) -> None:
+        while self.running < self.workers and self._waiting:
+            client, queue = self._waiting.popitem(last=False)
+            ticket = queue.popleft()
+            if queue:
+                # To the back of the line.
+                self._waiting[client] = queue
+            ticket.running = True
+            self.running += 1
+            ticket.ready.callback(None)
 
 
 def json_error(request, status: int, message: str, code: str) -> bytes:
@@ -47,14 +157,36 @@ class ErrorResource(Resource):
         return json_error(request, *self._error)
 
 
+@dataclass(frozen=True)
+class ExportLimits:
+    """
+    @ivar workers: exports that run at once (the export pool's threads).
+    @ivar per_client: exports one client address may have running or waiting.
+    @ivar max_bytes: bytes of archive after which an export is cut off.
+    @ivar timeout: seconds of work after which an export is cut off.
+    """
+
+    workers: int = 4
+    per_client: int = EXPORTS_PER_CLIENT
+    max_bytes: int = EXPORT_MAX_BYTES
+    timeout: float = EXPORT_TIMEOUT
+
+
 class ExportResource(Resource):
     """
     C{/api/export}: its children are sessions.
+
+    @param client_address: the address a request counts against (by
+        default the socket's peer).
     """
 
-    def __init__(self, manager: SessionManager, docker, reactor, path: str = "/workspace") -> None:
+    def __init__(self, manager: SessionManager, docker, reactor, path: str = "/workspace",
+                 limits: ExportLimits = ExportLimits(), client_address=peer_address) -> None:
         super().__init__()
         self._manager, self._docker, self._reactor, self._path = manager, docker, reactor, path
+        self.limits = limits
+        self.queue = ExportQueue(limits.workers, limits.per_client)
+        self.client_address = client_address
 
     def getChild(self, name: bytes, request):
         try:
@@ -66,8 +198,7 @@ class ExportResource(Resource):
             return ErrorResource(404, f"no live session {session_id}", "session_not_found")
         if session.container_id is None:
             return ErrorResource(409, f"session {session_id} is still starting", "starting")
-        return WorkspaceExportResource(session.id, session.container_id, self._docker,
-                                       self._reactor, self._path)
+        return WorkspaceExportResource(session.id, session.container_id, self)
 
     def render(self, request):
         return json_error(request, 404, "GET /api/export/{session_id}", "not_found")
@@ -77,25 +208,40 @@ class ExportAborted(Exception):
     pass
 
 
+class ExportCutOff(ExportAborted):
+    """
+    The export passed one of its limits.
+    """
+
+
 @implementer(IPushProducer)
 class _GzipStream:
     """
     Compresses on the export thread; writes and waits on the reactor.
+
+    @ivar cut: why the export was cut off, once it has been.
     """
 
-    def __init__(self, reactor, request, filename: str) -> None:
+    def __init__(self, reactor, request, filename: str, session_id: str,
+                 max_bytes: int) -> None:
         self._reactor = reactor
         self._request = request
         self._filename = filename
-        self._gzip = zlib.compressobj(6, zlib.DEFLATED, 31)
+        self._session_id = session_id
+        self._max_bytes = max_bytes
+        self._gzip = zlib.compressobj(COMPRESSION_LEVEL, zlib.DEFLATED, 31)
         self._resumed: Deferred | None = None
         self._paused = False
         self.gone = False
         self.started = False
+        self.sent = 0
+        self.cut: str | None = None
         request.notifyFinish().addErrback(lambda _: self.stopProducing())
 
     # thread side
     def thd_write(self, chunk: bytes) -> None:
+        if self.gone:
+            raise ExportAborted(self.cut or "the client went away")
         data = self._gzip.compress(chunk)
         if data:
             blockingCallFromThread(self._reactor, self._write, data)
@@ -104,9 +250,7 @@ class _GzipStream:
         return self._gzip.flush()
 
     # reactor side
-    def _write(self, data: bytes):
-        if self.gone:
-            raise ExportAborted("the client went away")
+    def _start(self) -> None:
         if not self.started:
             self.started = True
             request = self._request
@@ -115,11 +259,55 @@ class _GzipStream:
                               f'attachment; filename="{self._filename}"'.encode("ascii"))
             request.setHeader(b"cache-control", b"no-store")
             request.registerProducer(self, True)
+
+    def _write(self, data: bytes):
+        if self.gone:
+            raise ExportAborted(self.cut or "the client went away")
+        if self.sent + len(data) > self._max_bytes:
+            self.cut_off(f"the archive passed {self._max_bytes} bytes")
+            raise ExportCutOff(self.cut)
+        self._start()
+        self.sent += len(data)
         self._request.write(data)
         if self._paused:
             self._resumed = Deferred()
             return self._resumed
         return None
+
+    def finish(self) -> None:
+        """
+        Send the end of the archive, unless that would pass the size cap.
+        """
+        tail = self.flush()
+        if self.sent + len(tail) > self._max_bytes:
+            self.cut_off(f"the archive passed {self._max_bytes} bytes")
+            return
+        self._start()
+        self.sent += len(tail)
+        self._request.write(tail)
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def cut_off(self, why: str) -> None:
+        """
+        End the export for passing a limit: abort the connection if part of
+        the archive is out (the download then fails rather than looking
+        complete), else answer with an error.
+        """
+        if self.gone:
+            return
+        self.cut = why
+        _log.warn("export of session {session_id} cut off after {sent} bytes: {why}",
+                  session_id=self._session_id, sent=self.sent, why=why)
+        request = self._request
+        if self.started:
+            request.unregisterProducer()
+            self.stopProducing()
+            request.channel.transport.abortConnection()
+            return
+        self.stopProducing()
+        request.write(json_error(request, 503, f"export cut off: {why}", "export_limit"))
+        request.finish()
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -134,39 +322,70 @@ class _GzipStream:
         self.gone = True
         resumed, self._resumed = self._resumed, None
         if resumed is not None:
-            resumed.errback(ExportAborted("the client went away"))
+            resumed.errback(ExportAborted(self.cut or "the client went away"))
 
 
 class WorkspaceExportResource(Resource):
     isLeaf = True
 
-    def __init__(self, session_id, container_id, docker, reactor, path) -> None:
+    def __init__(self, session_id, container_id, exports: ExportResource) -> None:
         super().__init__()
         self._session_id, self._container_id = session_id, container_id
-        self._docker, self._reactor, self._path = docker, reactor, path
+        self._exports = exports
 
     def render_GET(self, request):
-        stamp = datetime.datetime.fromtimestamp(self._reactor.seconds(), datetime.timezone.utc)
+        exports = self._exports
+        client = exports.client_address(request)
+        try:
+            ticket = exports.queue.join(client)
+        except TooManyExports:
+            limit = exports.limits.per_client
+            _log.info("refused an export of session {session_id} to {client}: it has"
+                      " {limit} exports already", session_id=self._session_id,
+                      client=client, limit=limit)
+            request.setHeader(b"retry-after", b"%d" % RETRY_AFTER)
+            return json_error(request, 429,
+                              f"too many exports at once from {client} (at most {limit})",
+                              "too_many_exports")
+        request.notifyFinish().addErrback(lambda _: ticket.ready.cancel())
+        ticket.ready.addCallback(lambda _: self._export(request, ticket))
+        ticket.ready.addErrback(lambda f: f.trap(CancelledError))
+        ticket.ready.addErrback(lambda f: _log.failure("export bookkeeping failed", f))
+        return NOT_DONE_YET
+
+    def _export(self, request, ticket: ExportTicket) -> None:
+        exports = self._exports
+        reactor = exports._reactor
+        stamp = datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc)
         filename = f"capsule-{self._session_id[:8]}-workspace-{stamp:%Y%m%d-%H%M%S}.tar.gz"
-        stream = _GzipStream(self._reactor, request, filename)
+        stream = _GzipStream(reactor, request, filename, self._session_id,
+                             exports.limits.max_bytes)
+        timeout = exports.limits.timeout
+        timer = reactor.callLater(
+            timeout, lambda: stream.cut_off(f"it took longer than {timeout:g} s"))
 
         def _thd_write(chunk: bytes) -> None:
             stream.thd_write(chunk)
 
-        d = self._docker.export_workspace(self._container_id, self._path, _thd_write)
+        d = exports._docker.export_workspace(self._container_id, exports._path, _thd_write)
+
+        def ended(result):
+            ticket.done()
+            if timer.active():
+                timer.cancel()
+            return result
 
         def done(_):
             if stream.gone:
                 return
-            tail = stream.flush()
-            if not stream.started:
-                stream._write(b"")
-            request.write(tail)
-            request.unregisterProducer()
-            request.finish()
-            _log.info("exported the workspace of session {session_id}", session_id=self._session_id)
+            stream.finish()
+            if stream.cut is None:
+                _log.info("exported the workspace of session {session_id} ({sent} bytes)",
+                          session_id=self._session_id, sent=stream.sent)
 
         def failed(failure):
+            if stream.cut is not None:
+                return
             if failure.check(ExportAborted) or stream.gone:
                 _log.info("export of session {session_id} abandoned by the client",
                           session_id=self._session_id)
@@ -184,6 +403,6 @@ class WorkspaceExportResource(Resource):
             request.write(json_error(request, status, f"export failed: {message}", "export_failed"))
             request.finish()
 
+        d.addBoth(ended)
         d.addCallbacks(done, failed)
         d.addErrback(lambda f: _log.failure("export bookkeeping failed", f))
-        return NOT_DONE_YET

@@ -20,6 +20,7 @@ from .cleanup import CleanupService
 from .disk import DiskWatchService, container_sizes
 from .docker_api import ContainerSpec, DockerAPI
 from .errors import CapsuleError
+from .export import ExportLimits
 from .session import SessionConfig, SessionManager
 from .web import default_www, make_site
 
@@ -129,6 +130,14 @@ class Options(usage.Options):
          " (Docker syntax: 16g); past it a new session is refused with server_full;"
          " off disables [default: the engine's total memory]."],
         ["export-threads", None, 4, "Threads for workspace exports.", _positive(int)],
+        ["exports-per-client", None, 2,
+         "Exports one client address may have running or waiting (more: 429).",
+         _positive(int)],
+        ["export-max-bytes", None, 2 * 1024 ** 3,
+         "Bytes of archive after which an export is cut off (Docker syntax: 512m, 2g).",
+         _positive(parse_bytes)],
+        ["export-timeout", None, 600.0, "Seconds after which an export is cut off.",
+         _positive(float)],
     ]
 
     optFlags = [
@@ -394,7 +403,12 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
                      ping_interval=config["ping-interval"],
                      ping_timeout=config["ping-timeout"],
                      flow_window=config["flow-window"],
-                     coalesce_delay=config["coalesce-ms"] / 1000)
+                     coalesce_delay=config["coalesce-ms"] / 1000,
+                     export_limits=ExportLimits(
+                         workers=config["export-threads"],
+                         per_client=config["exports-per-client"],
+                         max_bytes=config["export-max-bytes"],
+                         timeout=config["export-timeout"]))
     budget = config["memory-budget"]
     admission = AdmissionControl(manager, reactor, AdmissionPolicy(
         max_sessions=config["max-sessions"], max_per_client=config["max-sessions-per-client"],
@@ -402,6 +416,7 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
         memory_budget=None if budget in (None, "off") else parse_bytes(budget)),
         trusted_proxies=config["trusted-proxy"])
     site.websocket_factory.admission = admission
+    site.exports.client_address = admission.client_address
     sessions = SessionService(manager, reactor, site.websocket_factory, admission,
                               docker if budget is None else None)
     listeners = ListenerService(sessions.ready)

@@ -20,7 +20,7 @@ from twisted.web.static import File
 
 from . import __version__
 from .errors import CapsuleError
-from .export import ExportResource, json_error
+from .export import ExportLimits, ExportResource, json_error, peer_address
 from .session import SessionManager
 from .websocket import CapsuleServerFactory
 
@@ -282,8 +282,13 @@ class HealthResource(Resource):
         return 200, body
 
 
-def make_site(manager: SessionManager, docker, reactor, www: str, **websocket_options) -> Site:
+def make_site(manager: SessionManager, docker, reactor, www: str, *,
+              export_limits: ExportLimits = ExportLimits(), client_address=peer_address,
+              **websocket_options) -> Site:
     """
+    @param export_limits: how many exports run, and what one may cost.
+    @param client_address: the address a request counts against, for the
+        per-client limits (by default the socket's peer).
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -292,9 +297,12 @@ def make_site(manager: SessionManager, docker, reactor, www: str, **websocket_op
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"health", HealthResource(manager, docker, reactor))
     api = Resource()
-    api.putChild(b"export", ExportResource(manager, docker, reactor))
+    exports = ExportResource(manager, docker, reactor, limits=export_limits,
+                             client_address=client_address)
+    api.putChild(b"export", exports)
     root.putChild(b"api", api)
     site = CapsuleSite(root, reactor=reactor)
     site.displayTracebacks = False
     site.websocket_factory = factory
+    site.exports = exports
     return site
