@@ -1,0 +1,127 @@
+"""
+Admission control against the real engine: a client past its limit or its
+rate, and a full server, are refused with an error frame and a close code,
+and no container is made for them.
+
+Every test connects from 127.0.0.1: capsule trusts that as a proxy, so that
+X-Forwarded-For makes the connections different clients.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import websocket  # websocket-client
+
+from .harness import instance_containers
+
+
+def open_session(server, client: str) -> tuple[websocket.WebSocket, dict]:
+    """
+    Ask for a new session as C{client}: the connection and the first
+    message (C{connected} or C{error}).
+    """
+    ws = websocket.create_connection(server.ws_url, timeout=30,
+                                     header=[f"X-Forwarded-For: {client}"])
+    ws.send(json.dumps({"type": "resize", "cols": 80, "rows": 24}))
+    return ws, json.loads(ws.recv())
+
+
+def close_code(ws: websocket.WebSocket) -> int:
+    """
+    The close code capsule sends next.
+    """
+    opcode, data = ws.recv_data(control_frame=True)
+    assert opcode == websocket.ABNF.OPCODE_CLOSE, (opcode, data)
+    return struct.unpack("!H", data[:2])[0]
+
+
+def refused(server, client: str) -> tuple[dict, int]:
+    ws, message = open_session(server, client)
+    try:
+        return message, close_code(ws)
+    finally:
+        ws.close()
+
+
+def containers(server) -> int:
+    return len(instance_containers(server.instance))
+
+
+def test_the_third_session_of_a_client_is_refused_another_client_is_not(make_server):
+    server = make_server("--trusted-proxy", "127.0.0.1/32", "--max-sessions-per-client", "2",
+                         "--pool-size", "0", "--memory", "256m")
+    kept = []
+    try:
+        for _ in range(2):
+            ws, message = open_session(server, "198.51.100.1")
+            assert message["type"] == "connected"
+            kept.append(ws)
+        assert containers(server) == 2
+        message, code = refused(server, "198.51.100.1")
+        assert message == {
+            "type": "error", "code": "quota_exceeded",
+            "message": "too many sessions from 198.51.100.1 (at most 2 at once): end one first"}
+        assert code == 4429
+        # Another client behind the same proxy gets its session; by the time
+        # it runs, a container made for the refused one would be there too.
+        ws, message = open_session(server, "198.51.100.2")
+        assert message["type"] == "connected"
+        kept.append(ws)
+        assert containers(server) == 3
+    finally:
+        for ws in kept:
+            ws.close()
+    assert server.unhandled_errors() == []
+
+
+def test_a_burst_past_the_session_rate_is_refused(make_server):
+    server = make_server("--trusted-proxy", "127.0.0.1/32", "--session-rate", "3/600",
+                         "--pool-size", "0", "--memory", "256m")
+    kept = []
+    try:
+        for _ in range(3):
+            ws, message = open_session(server, "198.51.100.1")
+            assert message["type"] == "connected"
+            kept.append(ws)
+        message, code = refused(server, "198.51.100.1")
+        assert (message["type"], message["code"], code) == ("error", "quota_exceeded", 4429)
+        assert message["message"].startswith(
+            "too many new sessions from 198.51.100.1 (at most 3 per 600 s): try again in ")
+        ws, message = open_session(server, "198.51.100.2")
+        assert message["type"] == "connected"
+        kept.append(ws)
+        assert containers(server) == 4
+    finally:
+        for ws in kept:
+            ws.close()
+    assert server.unhandled_errors() == []
+
+
+def test_a_full_server_and_a_spent_memory_budget_are_server_full(make_server):
+    server = make_server("--trusted-proxy", "127.0.0.1/32", "--max-sessions", "2",
+                         "--memory", "256m", "--memory-budget", "256m", "--pool-size", "0")
+    ws, message = open_session(server, "198.51.100.1")
+    try:
+        assert message["type"] == "connected"
+        # Memory: a second 256m container would exceed the 256m budget.
+        message, code = refused(server, "198.51.100.2")
+        assert (message["type"], message["code"], code) == ("error", "server_full", 4503)
+        assert "memory" in message["message"]
+        assert containers(server) == 1
+    finally:
+        ws.close()
+    server2 = make_server("--trusted-proxy", "127.0.0.1/32", "--max-sessions", "1",
+                          "--memory", "256m", "--pool-size", "0")
+    ws, message = open_session(server2, "198.51.100.1")
+    try:
+        assert message["type"] == "connected"
+        message, code = refused(server2, "198.51.100.2")
+        assert message == {"type": "error", "code": "server_full",
+                           "message": "the server is full (1 sessions): try again later"}
+        assert code == 4503
+        assert containers(server2) == 1
+    finally:
+        ws.close()
+    assert server.unhandled_errors() == [] and server2.unhandled_errors() == []
