@@ -255,6 +255,11 @@ class _ShellProtocol(ProcessProtocol):
                            "session {session_id} ended: its relay sent malformed data"
                            " ({problem})", problem=problem)
         self.process.loseConnection()
+        # A relay that does not read either must not keep what was written
+        # to it waiting in capsule: drop the exec's connection.
+        connection = getattr(self.transport, "transport", None)
+        if connection is not None and hasattr(connection, "abortConnection"):
+            connection.abortConnection()
         session.events.end(None, self.MALFORMED)
 
     def processEnded(self, reason: Failure) -> None:
