@@ -96,6 +96,9 @@ PROXIES = [parse_network("10.0.0.0/8"), parse_network("::1")]
     # IPv6 peers and chains.
     ("tcp6:::1:5555", "2001:db8::7", PROXIES, "2001:db8::7"),
     ("tcp6:2001:db8::1:5555", None, PROXIES, "2001:db8::1"),
+    # A dual-stack listener's view of an IPv4 peer is that IPv4 peer.
+    ("tcp6:::ffff:127.0.0.1:5555", "198.51.100.1", LOCAL, "198.51.100.1"),
+    ("tcp6:::ffff:203.0.113.9:5555", None, [], "203.0.113.9"),
     # An IPv4 network does not hold IPv6 addresses.
     ("tcp6:::1:5555", "2001:db8::7", LOCAL, "::1"),
 ])
