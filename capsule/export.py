@@ -79,7 +79,8 @@ class ExportTicket:
 class ExportQueue:
     """
     At most C{workers} exports run at once; the others wait, one queue per
-    client address, and a freed worker goes to the next client in turn
+    client address.  A freed worker goes to the waiting client with the
+    fewest exports running, and among those to the one served longest ago
     (round-robin), not to the export that asked first.  A client may have
     at most C{per_client} exports running or waiting.
     """
@@ -89,6 +90,10 @@ class ExportQueue:
         self.running = 0
         self._waiting: OrderedDict[str, deque[ExportTicket]] = OrderedDict()
         self._counts: dict[str, int] = {}
+        self._running_of: dict[str, int] = {}
+        # When each client with exports was last given a worker.
+        self._served: dict[str, int] = {}
+        self._turn = 0
 
     def of(self, client: str) -> int:
         """
@@ -117,8 +122,14 @@ class ExportQueue:
             self._counts[ticket.client] = left
         else:
             del self._counts[ticket.client]
+            self._served.pop(ticket.client, None)
         if ticket.running:
             self.running -= 1
+            left = self._running_of[ticket.client] - 1
+            if left:
+                self._running_of[ticket.client] = left
+            else:
+                del self._running_of[ticket.client]
         else:
             queue = self._waiting.get(ticket.client)
             if queue is not None and ticket in queue:
@@ -129,13 +140,17 @@ class ExportQueue:
 
     def _next(self) -> None:
         while self.running < self.workers and self._waiting:
-            client, queue = self._waiting.popitem(last=False)
+            client = min(self._waiting, key=lambda c: (self._running_of.get(c, 0),
+                                                       self._served.get(c, -1)))
+            queue = self._waiting[client]
             ticket = queue.popleft()
-            if queue:
-                # To the back of the line.
-                self._waiting[client] = queue
+            if not queue:
+                del self._waiting[client]
+            self._served[client] = self._turn
+            self._turn += 1
             ticket.running = True
             self.running += 1
+            self._running_of[client] = self._running_of.get(client, 0) + 1
             ticket.ready.callback(None)
 
 
@@ -187,6 +202,14 @@ class ExportResource(Resource):
         self.limits = limits
         self.queue = ExportQueue(limits.workers, limits.per_client)
         self.client_address = client_address
+        self.streams: set[_GzipStream] = set()
+        # An export thread waiting on its client would block the export
+        # pool's stop, and with it the reactor's.
+        reactor.addSystemEventTrigger("before", "shutdown", self._stop_exports)
+
+    def _stop_exports(self) -> None:
+        for stream in list(self.streams):
+            stream.cut_off("capsule is stopping")
 
     def getChild(self, name: bytes, request):
         try:
@@ -360,6 +383,7 @@ class WorkspaceExportResource(Resource):
         filename = f"capsule-{self._session_id[:8]}-workspace-{stamp:%Y%m%d-%H%M%S}.tar.gz"
         stream = _GzipStream(reactor, request, filename, self._session_id,
                              exports.limits.max_bytes)
+        exports.streams.add(stream)
         timeout = exports.limits.timeout
         timer = reactor.callLater(
             timeout, lambda: stream.cut_off(f"it took longer than {timeout:g} s"))
@@ -370,6 +394,7 @@ class WorkspaceExportResource(Resource):
         d = exports._docker.export_workspace(self._container_id, exports._path, _thd_write)
 
         def ended(result):
+            exports.streams.discard(stream)
             ticket.done()
             if timer.active():
                 timer.cancel()
