@@ -492,7 +492,7 @@ class SessionManager:
         protocol feeds the lifecycle.
         """
         spec = self.config.spec
-        protocol = session.shell = _ShellProtocol(session, self.config.keeper)
+        protocol = session.shell = _ShellProtocol(session, self.config.keeper, offset)
         if not self.config.keeper:
             await self._docker.spawn_exec(
                 protocol, session.container_id, list(self.config.shell), spec.user,
