@@ -51,7 +51,7 @@ def disk_verdicts(sessions: Iterable[Session], sizes: dict[str, int], limit: int
 
 
 def _mib(size: int) -> str:
-    return f"{size / (1024 * 1024):.0f} MiB"
+    return f"{size / (1024 * 1024):.1f} MiB"
 
 
 def container_sizes(docker_api, labels: dict[str, str]) -> Deferred:

@@ -2,14 +2,20 @@
 The disk watcher: warns a session nearing --disk and ends one past it.
 """
 
+import docker.errors
 import pytest
+import requests
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
 
 from capsule.disk import DiskWatchService, disk_verdicts
-from capsule.docker_api import ContainerSpec
+from capsule.cleanup import CleanupService
+from capsule.docker_api import ContainerSpec, DockerAPI
 from capsule.errors import DockerUnavailable
 from capsule.session import SessionConfig, SessionManager
+from capsule.tap import ListenerService, Options, makeService
 from capsule.testing import FakeDockerAPI, RecordingClient
 
 MIB = 1024 * 1024
@@ -63,7 +69,7 @@ def test_warns_once_then_ends(manager, clock):
     clock.advance(30)
     assert notices(client) == [("notice", "disk_limit"), ("notice", "disk_limit")]
     (ended,) = [e for e in client.events if e[0] == "ended"]
-    assert ended[2] == "the session wrote 100 MiB, more than its disk limit of 100 MiB"
+    assert ended[2] == "the session wrote 100.0 MiB, more than its disk limit of 100.0 MiB"
     assert session.status() in ("ending", "ended")
     assert len(calls) == 3
     service.stopService()
@@ -103,3 +109,70 @@ def test_a_failed_or_slow_read_keeps_the_timer(manager, clock):
     clock.advance(30)               # still under way: not asked again
     assert len(calls) == 2 and service.running
     service.stopService()
+
+
+def _options(*args):
+    options = Options()
+    options.parseOptions(["-l", "tcp:0", *args])
+    return options
+
+
+def test_the_watcher_runs_after_the_cleanup_only_with_disk():
+    service = makeService(_options("--disk", "2g", "--disk-check-interval", "5"),
+                          MemoryReactorClock())
+    types = [type(c) for c in service]
+    assert types[types.index(CleanupService) + 1:] == [DiskWatchService, ListenerService]
+    (watcher,) = [c for c in service if isinstance(c, DiskWatchService)]
+    assert (watcher.step, watcher._limit) == (5.0, 2 * 1024 ** 3)
+    assert not any(isinstance(c, DiskWatchService)
+                   for c in makeService(_options(), MemoryReactorClock()))
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5m"])
+def test_a_bad_disk_size_is_refused(value):
+    with pytest.raises(usage.UsageError, match="--disk: not a size"):
+        _options("--disk", value)
+
+
+class _Engine:
+    """
+    docker-py's APIClient as far as creating a container goes, with a
+    storage driver that can or cannot limit sizes.
+    """
+
+    def __init__(self, quota: bool) -> None:
+        self.quota = quota
+        self.creates = []
+
+    def create_host_config(self, **kwargs):
+        return kwargs
+
+    def create_container(self, image, host_config, **kwargs):
+        self.creates.append(host_config)
+        if host_config["storage_opt"] and not self.quota:
+            response = requests.Response()
+            response.status_code = 500
+            raise docker.errors.APIError(
+                "500 Server Error", response,
+                explanation="--storage-opt is supported only for overlay over xfs with"
+                            " 'pquota' mount option")
+        return {"Id": f"c{len(self.creates)}"}
+
+    def start(self, container_id):
+        pass
+
+
+@pytest.mark.parametrize("quota", [True, False])
+def test_the_size_is_asked_of_the_driver_until_it_refuses(quota):
+    api = DockerAPI(MemoryReactorClock())
+    engine = _Engine(quota)
+    spec = ContainerSpec(image="i", disk="50m", cpu_shares=128)
+    for _ in range(2):
+        api._thd_create_session_container(engine, "s", spec)
+    assert api.storage_quota is quota
+    asked = [c["storage_opt"] for c in engine.creates]
+    assert asked == ([{"size": "50m"}] * 2 if quota else [{"size": "50m"}, None, None])
+    assert {c["cpu_shares"] for c in engine.creates} == {128}
+    # Without --disk, no size is asked.
+    api._thd_create_session_container(engine, "s", ContainerSpec(image="i"))
+    assert engine.creates[-1]["storage_opt"] is None

@@ -62,7 +62,7 @@ async def test_a_session_writing_past_its_disk_limit(make_server):
     assert notice["code"] == "disk_limit"
     exit_message = await client.next("exit", timeout=30)
     assert exit_message["message"].startswith("the session wrote ")
-    assert exit_message["message"].endswith(", more than its disk limit of 50 MiB")
+    assert exit_message["message"].endswith(", more than its disk limit of 50.0 MiB")
     assert "the storage driver cannot limit container sizes" in server.log()
     assert f"ending session {session_id}: the session wrote" in server.log()
 
