@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-import docker
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -52,19 +51,6 @@ def disk_verdicts(sessions: Iterable[Session], sizes: dict[str, int], limit: int
 
 def _mib(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MiB"
-
-
-def container_sizes(docker_api, labels: dict[str, str]) -> Deferred:
-    """
-    The writable layer size of each running container carrying C{labels},
-    by container id: one (slow: Docker walks each layer) call on the Docker
-    API's thread pool.
-    """
-    def _thd(client: docker.APIClient) -> dict[str, int]:
-        found = client.containers(
-            size=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
-        return {c["Id"]: int(c.get("SizeRw") or 0) for c in found}
-    return docker_api._call(_thd)
 
 
 class DiskWatchService(TimerService):

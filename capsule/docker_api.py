@@ -197,6 +197,13 @@ class DockerAPI:
     def ping(self) -> Deferred:
         return self._health_call(lambda client: client.version())
 
+    def container_sizes(self, labels: dict[str, str]) -> Deferred:
+        def _thd(client) -> dict[str, int]:
+            found = client.containers(
+                size=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
+            return {c["Id"]: int(c.get("SizeRw") or 0) for c in found}
+        return self._call(_thd)
+
     def info(self) -> Deferred:
         return self._call(lambda client: client.info())
 

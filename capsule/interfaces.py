@@ -21,6 +21,13 @@ class IDockerAPI(Interface):
         engine, not how busy capsule is.
         """
 
+    def container_sizes(labels):
+        """
+        Fire with the writable layer size, in bytes, of each running
+        container carrying all of C{labels}, by container id (slow: the
+        engine walks each layer).
+        """
+
     def info():
         """
         Fire with the engine's system information (C{docker info}).

@@ -17,7 +17,7 @@ from twisted.python import usage
 
 from .admission import AdmissionControl, AdmissionPolicy, parse_network, parse_rate
 from .cleanup import CleanupService
-from .disk import DiskWatchService, container_sizes
+from .disk import DiskWatchService
 from .docker_api import ContainerSpec, DockerAPI
 from .errors import CapsuleError
 from .export import ExportLimits
@@ -430,7 +430,7 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
     if config["disk"] is not None:
         DiskWatchService(
             manager, reactor, parse_bytes(config["disk"]), config["disk-check-interval"],
-            lambda: container_sizes(docker, manager.labels),
+            lambda: docker.container_sizes(manager.labels),
             enforced=lambda: docker.storage_quota is True).setServiceParent(service)
     listeners.setServiceParent(service)
     _log.info("capsule will run sessions in {image} (memory {memory}, {cpus:g} CPUs,"

@@ -173,6 +173,12 @@ class FakeDockerAPI:
     def ping(self):
         return self._check() or succeed({"Version": "fake"})
 
+    def container_sizes(self, labels):
+        return self._check() or succeed({
+            c["id"]: c.get("size_rw", 0) for c in self.containers.values()
+            if c["state"] == "running" and all(c["labels"].get(k) == v
+                                               for k, v in labels.items())})
+
     def info(self):
         return self._check() or succeed({"LiveRestoreEnabled": self.live_restore})
 

@@ -171,6 +171,15 @@ class DockerContract:
         assert await api.list_containers({**instance, LABEL_ROLE: "none"}) == []
 
     @pytest_twisted.ensureDeferred
+    async def test_container_sizes_of_running_containers_by_labels(self, api, spec):
+        first = await self.create(api, spec, "sized")
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        sizes = await api.container_sizes({**instance, LABEL_ROLE: "sized"})
+        assert list(sizes) == [first]
+        assert isinstance(sizes[first], int) and sizes[first] >= 0
+        assert await api.container_sizes({**instance, LABEL_ROLE: "none"}) == {}
+
+    @pytest_twisted.ensureDeferred
     async def test_create_with_a_missing_image(self, api, spec):
         missing = replace(spec, image="capsule-contract-no-such-image:missing")
         with pytest.raises(ImageMissing):
