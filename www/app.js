@@ -48,6 +48,8 @@
     shell_restarted: { text: "the session's shell was restarted", line: true },
     engine_away: { text: "capsule is waiting for the Docker engine", engine: "away" },
     engine_back: { text: "the Docker engine is back", engine: "" },
+    // The server's own sentence says how near the session is to its --disk limit.
+    disk_limit: { line: true },
   };
 
   const $ = (id) => document.getElementById(id);
@@ -294,13 +296,14 @@
   }
 
   function onNotice(code, message) {
-    const known = NOTICES[code] || { text: message || code || "notice" };
+    const known = NOTICES[code] || {};
+    const text = known.text || message || code || "notice";
     if ("engine" in known) {
       if (known.engine) ui.status.dataset.engine = known.engine;
       else delete ui.status.dataset.engine;
     }
-    showNotice(known.text);
-    if (known.line) notice(known.text);
+    showNotice(text);
+    if (known.line) notice(text);
   }
 
   function onClose(code) {

@@ -228,6 +228,10 @@ def test_page_shows_notices_without_counting_them_as_output(page_url, new_page):
     wait_screen(page, r"\[capsule\] the session's shell was restarted")
     ws.send(json.dumps({"type": "notice", "code": "something_new", "message": "a new notice"}))
     wait_text(page, "#status-message", r"^a new notice$")
+    ws.send(json.dumps({"type": "notice", "code": "disk_limit",
+                        "message": "the session has written 45.0 MiB of its 50.0 MiB"}))
+    wait_text(page, "#status-message", r"^the session has written 45\.0 MiB of its 50\.0 MiB$")
+    wait_screen(page, r"\[capsule\] the session has written 45\.0 MiB")
 
     ws.send(b"after")
     wait_screen(page, r"after")
