@@ -144,6 +144,9 @@ class Bench:
     async def with_server(self, label: str, extra, suite) -> None:
         server = CapsuleServer(
             self.tmp, "--memory", MEMORY, "--cpus", f"{CPUS:g}", "--pids", str(PIDS),
+            # The benchmark is one client opening up to 50 sessions at once.
+            "--max-sessions", "100", "--max-sessions-per-client", "100",
+            "--session-rate", "1000/1", "--memory-budget", "off",
             *self.args.capsule_arg, *extra,
             image=self.image, instance=self.instance, label=label, own_session=True)
         self.servers.append(server)

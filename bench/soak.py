@@ -35,6 +35,8 @@ def soak(cycles: int, max_seconds: float, pool: int, image: str) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="capsule-soak-"))
     server = CapsuleServer(workdir, "--grace", "1", "--cleanup-interval", "0.2",
                            "--pool-size", str(pool), "--memory", "512m", "--cpus", "1",
+                           # one client opening sessions in a loop, on purpose
+                           "--session-rate", "1000/1", "--max-sessions-per-client", "256",
                            image=image, instance=f"soak-{uuid.uuid4().hex[:8]}")
     result = {"cycles_requested": cycles, "instance": server.instance}
     try:
