@@ -202,6 +202,7 @@ class Bench:
         for binary in (True, False):
             name = "binary" if binary else "json"
             await self.phase(f"flood ({name})", self.phases.flood, server, binary)
+        await self.phase("flood (input)", self.phases.input_flood, server)
 
     def report(self) -> str:
         return report({

@@ -257,6 +257,49 @@ class Phases:
             raise BenchError(f"{len(failed)} session(s) did not start, {len(exit_failures)}"
                              f" did not exit cleanly: {(failed + exit_failures)[0]}")
 
+    # -- input flooding a shell that does not read it --
+
+    async def input_flood(self, server: CapsuleServer) -> None:
+        """
+        Binary frames of 256 KiB, as fast as the socket takes them, to a
+        shell that does not read its input: capsule's RSS must stay flat
+        (the client's socket is not read while the shell's input is full).
+        """
+        seconds = min(self.p["flood_seconds"], 6.0)
+        await settle(server)
+        term, _ = await open_session(server.ws_url, True)
+        await ready(term)
+        term.send_input(b"stty -icanon -echo; sleep 600\r")
+        await sleep(0.5)
+        idle = max([rss_mb(server) for _ in range(3)])
+        samples = []
+        sampler = task.LoopingCall(lambda: samples.append(rss_mb(server)))
+        sampler.start(0.2)
+        frame = b"x" * (256 * 1024)
+        sent = 0
+        try:
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end and not term.is_closed:
+                # What the socket does not take waits in this client's memory.
+                for _ in range(4):
+                    term.send_input(frame)
+                    sent += len(frame)
+                await sleep(0.02)
+        finally:
+            sampler.stop()
+        peak = max(samples) if samples else idle
+        closed = term.close_code
+        term.drop()
+        await settle(server)
+        await sleep(1)
+        after = rss_mb(server)
+        self.results["input_flood"] = {
+            "seconds": seconds, "idle": idle, "peak": peak, "delta": peak - idle,
+            "after": after, "offered_mb": sent / 1e6, "closed": closed}
+        say(f"input flood: RSS idle {idle:.1f} MB, peak {peak:.1f} MB (+{peak - idle:.1f}),"
+            f" after {after:.1f} MB; the client queued {sent / 1e6:.0f} MB in {seconds:g} s"
+            f"{'' if closed is None else f'; closed {closed}'}")
+
     # -- a flood to a slow reader --
 
     async def flood(self, server: CapsuleServer, binary: bool) -> None:

@@ -134,6 +134,18 @@ def table(r: dict, f: dict, p: dict) -> str:
         rows.append([f"capsule RSS with {n} sessions, MB", text, "—", "—",
                      f"≤ {TARGET_RSS_PER_SESSION_MB:g} MB/session", "—"])
 
+    value = r.get("input_flood")
+    if value:
+        rows.append([f"input flood to a shell that does not read ({value['seconds']:g} s,"
+                     f" {value['offered_mb']:.0f} MB offered): RSS, MB",
+                     f"idle {value['idle']:.1f}, peak {value['peak']:.1f}, after"
+                     f" {value['after']:.1f}", "—", f"+{value['delta']:.1f} MB",
+                     "≤ +20 MB", verdict(value["delta"] <= 20)])
+    else:
+        text = failed("flood (input)", "capsule (flood)") or "n/a"
+        rows.append(["input flood to a shell that does not read", text, "—", "—",
+                     "≤ +20 MB", "—"])
+
     seconds = p["flood_seconds"]
     for name in ("binary", "json"):
         value = r.get(f"flood_{name}")
