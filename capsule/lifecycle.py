@@ -187,6 +187,9 @@ class SessionCore:
     owner: object = None
     # Input a client may send after it was asked to wait (see InputGate).
     max_input_overrun: int = 1024 * 1024
+    # The user who created the session (None: no authentication); only
+    # that user may reconnect to it, replay it or export it.
+    user: str | None = None
 
     def __post_init__(self) -> None:
         self.input = InputGate(self)

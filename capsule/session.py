@@ -375,19 +375,37 @@ class SessionManager:
 
     # -- what clients ask for --------------------------------------------
 
-    def create(self, client, cols: int, rows: int) -> Session:
+    def create(self, client, cols: int, rows: int, user: str | None = None) -> Session:
         """
-        Start a new session for C{client}, which is told through
-        C{session_started} or C{session_failed}.
+        Start a new session for C{client} (acting for C{user}), which is told
+        through C{session_started} or C{session_failed}.
         """
         warm = self.pool.take()
         session = self._new_session(
             warm.session_id if warm else str(uuid.uuid4()), (cols, rows), client=client,
-            container_id=warm.container_id if warm else None, warm=warm is not None)
+            container_id=warm.container_id if warm else None, warm=warm is not None,
+            user=user)
         session.events.start()
         return session
 
-    def reconnect(self, session_id: str, client, offset: int | None = None) -> Session:
+    def find(self, session_id: str, user: str | None = None) -> Session | None:
+        """
+        The live session C{session_id} if C{user} may use it: a session of
+        another user is, to that user, a session that does not exist.
+        """
+        session = self.sessions.get(session_id)
+        if session is None or session.core.user != user:
+            return None
+        return session
+
+    def of_user(self, user: str | None) -> list[Session]:
+        """
+        The live sessions C{user} created.
+        """
+        return [s for s in self.sessions.values() if s.core.user == user]
+
+    def reconnect(self, session_id: str, client, offset: int | None = None,
+                  user: str | None = None) -> Session:
         """
         Attach C{client} to an existing session.  A client already attached
         is let go (told C{session_taken_over}).
@@ -397,7 +415,7 @@ class SessionManager:
 
         @raise SessionNotFound: if there is no such live session.
         """
-        session = self.sessions.get(session_id)
+        session = self.find(session_id, user)
         if session is None and self.recovery_pending:
             raise DockerUnavailable(
                 "capsule has not found the sessions of its earlier run yet (the Docker engine"
