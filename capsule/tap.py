@@ -21,6 +21,7 @@ from .disk import DiskWatchService
 from .docker_api import ContainerSpec, DockerAPI
 from .errors import CapsuleError
 from .export import ExportLimits
+from .headers import HostPolicy
 from .session import SessionConfig, SessionManager
 from .web import default_www, make_site
 
@@ -150,6 +151,7 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["allowed-origin"] = []
+        self["allowed-host"] = []
         self["trusted-proxy"] = []
 
     def opt_listen(self, description: str) -> None:
@@ -161,6 +163,12 @@ class Options(usage.Options):
     def opt_allowed_origin(self, origin: str) -> None:
         """A browser origin (scheme://host[:port]) allowed to open terminals besides the page's own; repeatable; * allows any"""
         self["allowed-origin"].append(origin)
+
+    def opt_allowed_host(self, name: str) -> None:
+        """A name (as in the Host header, without port) that reaches capsule besides its listening addresses and host name, e.g. a DNS name of this machine; repeatable"""
+        if not name.strip():
+            raise usage.UsageError("--allowed-host must be a host name")
+        self["allowed-host"].append(name)
 
     def opt_trusted_proxy(self, cidr: str) -> None:
         """A proxy (CIDR, e.g. 10.0.0.0/8 or 127.0.0.1/32) whose X-Forwarded-For names the client; repeatable [default: none: the client is the socket's peer]"""
@@ -400,6 +408,9 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
     site = make_site(manager, docker, reactor, config["www"],
                      max_message_size=config["max-message-size"],
                      allowed_origins=tuple(config["allowed-origin"]),
+                     host_policy=HostPolicy(public_url=config.get("public-url"),
+                                            allowed_hosts=config["allowed-host"],
+                                            allowed_origins=config["allowed-origin"]),
                      ping_interval=config["ping-interval"],
                      ping_timeout=config["ping-timeout"],
                      flow_window=config["flow-window"],

@@ -21,6 +21,7 @@ from twisted.web.static import File
 from . import __version__
 from .errors import CapsuleError
 from .export import ExportLimits, ExportResource, json_error, peer_address
+from .headers import GuardResource, HostPolicy
 from .session import SessionManager
 from .websocket import CapsuleServerFactory
 
@@ -284,16 +285,23 @@ class HealthResource(Resource):
 
 def make_site(manager: SessionManager, docker, reactor, www: str, *,
               export_limits: ExportLimits = ExportLimits(), client_address=peer_address,
+              host_policy: HostPolicy | None = None,
               **websocket_options) -> Site:
     """
     @param export_limits: how many exports run, and what one may cost.
     @param client_address: the address a request counts against, for the
         per-client limits (by default the socket's peer).
+    @param host_policy: the names and origins capsule answers to; without
+        one, C{Host} is not checked (a site built bare, in tests).
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
     root.indexNames = ["index.html"]
-    factory = CapsuleServerFactory(manager, reactor, **websocket_options)
+    if host_policy is None:
+        host_policy = HostPolicy(allowed_origins=websocket_options.get("allowed_origins", ()),
+                                 check_hosts=False)
+    factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
+                                   **websocket_options)
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"health", HealthResource(manager, docker, reactor))
     api = Resource()
@@ -301,7 +309,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                              client_address=client_address)
     api.putChild(b"export", exports)
     root.putChild(b"api", api)
-    site = CapsuleSite(root, reactor=reactor)
+    site = CapsuleSite(GuardResource(root, host_policy), reactor=reactor)
     site.displayTracebacks = False
     site.websocket_factory = factory
     site.exports = exports

@@ -19,6 +19,7 @@ from . import protocol as wire
 from .admission import QUOTA_EXCEEDED, AdmissionRefused
 from .coalesce import Coalescer
 from .errors import CapsuleError, SessionNotFound
+from .headers import HostPolicy, is_secure
 from .interfaces import ISessionClient
 from .lifecycle import InputOverrun
 from .session import SessionManager
@@ -179,11 +180,12 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request):
         origin = request.headers.get("origin")
-        if not self.factory.origin_allowed(origin, request.headers.get("host")):
-            _log.warn("refused a WebSocket from origin {origin} (peer {peer})",
-                      origin=origin, peer=request.peer)
-            raise ConnectionDeny(ConnectionDeny.FORBIDDEN,
-                                 f"origin {origin} is not allowed")
+        refused = self.factory.handshake_refusal(origin, request.headers.get("host"),
+                                                 self.transport)
+        if refused is not None:
+            _log.warn("refused a WebSocket: {why} (peer {peer})", why=refused,
+                      peer=request.peer)
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, refused)
         if self.factory.admission is not None:
             self._client_address = self.factory.admission.client_address(request)
         values = request.params.get("session_id")
@@ -401,6 +403,8 @@ class CapsuleServerFactory(WebSocketServerFactory):
     """
     @param allowed_origins: origins (C{scheme://host[:port]}) allowed besides
         the page's own; C{"*"} allows any.
+    @param host_policy: the names and origins capsule answers to
+        (L{capsule.headers}); the site gives its own.
     """
 
     protocol = CapsuleServerProtocol
@@ -410,8 +414,10 @@ class CapsuleServerFactory(WebSocketServerFactory):
     def __init__(self, manager: SessionManager, clock, max_message_size: int = 256 * 1024,
                  allowed_origins: tuple[str, ...] = (), ping_interval: float = 20.0,
                  ping_timeout: float = 20.0, flow_window: int = 1024 * 1024,
-                 coalesce_delay: float = 0.002, coalesce_bytes: int = 256 * 1024) -> None:
+                 coalesce_delay: float = 0.002, coalesce_bytes: int = 256 * 1024,
+                 host_policy: HostPolicy | None = None) -> None:
         super().__init__()
+        self.host_policy = host_policy
         self.manager = manager
         self.clock = clock
         self.max_message_size = max_message_size
@@ -450,12 +456,32 @@ class CapsuleServerFactory(WebSocketServerFactory):
         d.addTimeout(timeout, self.clock, onTimeoutCancel=lambda *_: None)
         return d
 
-    def origin_allowed(self, origin: str | None, host: str | None) -> bool:
+    def handshake_refusal(self, origin: str | None, host: str | None,
+                          transport=None) -> str | None:
+        """
+        Why a handshake with these C{Origin} and C{Host} headers, over
+        C{transport}, is refused; C{None} when it is not.
+        """
+        if self.host_policy is not None and transport is not None and \
+                not self.host_policy.host_allowed(host, transport.getHost(),
+                                                  is_secure(transport)):
+            return f"host {host[:200]} is not allowed"
+        if not self.origin_allowed(origin, host, transport):
+            return f"origin {origin[:200]} is not allowed"
+        return None
+
+    def origin_allowed(self, origin: str | None, host: str | None, transport=None) -> bool:
         """
         Browsers send an Origin; a page from another site must not open
-        terminals here (cross-site WebSocket hijacking).  Clients that are
-        not browsers send none and are allowed.
+        terminals here (cross-site WebSocket hijacking): only the page's own
+        origin (scheme, host and port) and those allowed may.  Clients that
+        are not browsers send none and are allowed.
+
+        Without a L{HostPolicy} (a factory built bare, in tests) the Origin's
+        host and port are compared with C{Host} alone.
         """
+        if self.host_policy is not None:
+            return self.host_policy.origin_allowed(origin, host, is_secure(transport))
         if origin is None:
             return True
         origin = origin.rstrip("/").lower()
