@@ -1,0 +1,223 @@
+"""
+Browser-side attacks against a real twistd capsule: a foreign Origin, a
+rebinding Host (a name the attacker's DNS points at 127.0.0.1), an origin of
+the wrong scheme, and the security headers; then the page itself in a real
+headless Chromium, which must still work under its Content-Security-Policy,
+and must not load for a rebinding name nor inside another site's frame.
+
+C{CAPSULE_SCREENSHOTS} names a directory that receives screenshots.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = (os.environ.get("CAPSULE_CHROMIUM") or shutil.which("chromium")
+            or shutil.which("chromium-browser"))
+SCREENSHOTS = os.environ.get("CAPSULE_SCREENSHOTS")
+
+
+def request(server, path: str, host: str, method: str = "GET",
+            headers: dict | None = None) -> tuple[int, dict, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.putrequest(method, path, skip_host=True)
+        connection.putheader("Host", host)
+        for name, value in (headers or {}).items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                response.read())
+    finally:
+        connection.close()
+
+
+def upgrade(server, host: str, origin: str | None) -> str:
+    """
+    The status line the server answers a WebSocket upgrade with.
+    """
+    lines = ["GET /ws HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = b""
+        while b"\r\n" not in answer:
+            data = sock.recv(4096)
+            if not data:
+                break
+            answer += data
+    return answer.split(b"\r\n", 1)[0].decode()
+
+
+def test_origins_and_hosts_at_the_websocket_upgrade(server):
+    here = f"127.0.0.1:{server.port}"
+    switching = "HTTP/1.1 101 Switching Protocols"
+    assert upgrade(server, here, f"http://{here}") == switching
+    assert upgrade(server, f"localhost:{server.port}", f"http://localhost:{server.port}") \
+        == switching
+    # Not a browser: no Origin.
+    assert upgrade(server, here, None) == switching
+    # Another site's page.
+    assert upgrade(server, here, "https://evil.example") \
+        == "HTTP/1.1 403 origin https://evil.example is not allowed"
+    # DNS rebinding: evil.example resolved to 127.0.0.1, so the browser
+    # sends the attacker's name as both Origin and Host.
+    evil = f"evil.example:{server.port}"
+    assert upgrade(server, evil, f"http://{evil}").startswith("HTTP/1.1 403 ")
+    assert upgrade(server, evil, None).startswith("HTTP/1.1 403 ")
+    # The right host and port, the wrong scheme.
+    assert upgrade(server, here, f"https://{here}") \
+        == f"HTTP/1.1 403 origin https://{here} is not allowed"
+    # The right host, the wrong port.
+    assert upgrade(server, here, f"http://127.0.0.1:{server.port + 1}").startswith(
+        "HTTP/1.1 403 ")
+    log = server.log()
+    assert f"refused a request for host {evil} (peer 127.0.0.1)" in log
+    assert "refused a WebSocket: origin https://evil.example is not allowed" in log
+    assert server.health()[1]["sessions"] == 0
+
+
+def test_a_rebinding_host_gets_421_on_every_path(server):
+    evil = f"evil.example:{server.port}"
+    for path in ("/", "/app.js", "/health", f"/api/export/{uuid.uuid4()}"):
+        status, headers, body = request(server, path, evil)
+        assert status == 421, path
+        assert headers["content-type"] == "application/json"
+        assert json.loads(body)["code"] == "host_not_allowed"
+    status, _, _ = request(server, "/health", f"127.0.0.1:{server.port}")
+    assert status == 200
+
+
+def test_a_state_changing_request_from_another_origin_is_refused(server):
+    here = f"127.0.0.1:{server.port}"
+    status, _, body = request(server, "/health", here, "POST",
+                              {"Origin": "https://evil.example", "Content-Length": "0"})
+    assert status == 403
+    assert json.loads(body) == {"error": "origin https://evil.example is not allowed",
+                                "code": "origin_not_allowed"}
+    # The page's own origin goes on to the resource (which answers GET only).
+    status, _, _ = request(server, "/health", here, "POST",
+                           {"Origin": f"http://{here}", "Content-Length": "0"})
+    assert status == 405
+
+
+def test_every_answer_has_the_security_headers(server):
+    here = f"127.0.0.1:{server.port}"
+    for path, expected in (("/", 200), ("/app.js", 200), ("/health", 200),
+                           (f"/api/export/{uuid.uuid4()}", 404), ("/nothing", 404)):
+        status, headers, _ = request(server, path, here)
+        assert status == expected, path
+        csp = headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "script-src 'self';" in csp, path
+        assert headers["x-content-type-options"] == "nosniff", path
+        assert headers["referrer-policy"] == "no-referrer", path
+        # Plain HTTP: no HSTS.
+        assert "strict-transport-security" not in headers, path
+
+
+# -- the page in Chromium --------------------------------------------------------------
+
+
+def shot(page, name: str) -> None:
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"))
+
+
+@pytest.fixture
+def chromium(server):
+    if CHROMIUM is None:
+        pytest.skip("no chromium on this machine")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync",
+                  # The attacker's DNS, answering with the victim's loopback.
+                  "--host-resolver-rules=MAP evil.example 127.0.0.1"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def new_page(browser):
+    context = browser.new_context(viewport={"width": 1000, "height": 600})
+    page = context.new_page()
+    page.errors = []
+    page.violations = []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.on("console", lambda m: page.violations.append(m.text)
+            if "Content Security Policy" in m.text else None)
+    return page
+
+
+def test_the_page_works_under_its_policy(server, chromium):
+    page = new_page(chromium)
+    page.add_init_script("""
+        window.__violations = [];
+        document.addEventListener('securitypolicyviolation',
+            e => window.__violations.push(e.violatedDirective + ' ' + e.blockedURI));
+    """)
+    page.goto(server.url + "/")
+    page.wait_for_selector('#status[data-state="connected"]', timeout=20000)
+    page.wait_for_function(
+        "() => /developer@capsule/.test(document.querySelector('.xterm-rows').innerText)",
+        timeout=15000)
+    page.locator(".xterm-helper-textarea").focus()
+    page.keyboard.type("echo $((6*7))__CSP")
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        "() => /42__CSP/.test(document.querySelector('.xterm-rows').innerText)",
+        timeout=15000)
+    shot(page, "security-page-under-csp")
+    assert page.evaluate("window.__violations") == []
+    assert page.violations == []
+    assert page.errors == []
+
+
+def test_a_rebinding_name_gets_no_page_and_no_terminal(server, chromium):
+    page = new_page(chromium)
+    evil = f"http://evil.example:{server.port}"
+    response = page.goto(evil + "/")
+    assert response.status == 421
+    assert json.loads(page.inner_text("body"))["code"] == "host_not_allowed"
+    shot(page, "security-rebinding-refused")
+    # The attacker's page, served before the name was rebound to 127.0.0.1,
+    # opens the terminal's WebSocket at its own name.
+    page.route(evil + "/attack", lambda route: route.fulfill(
+        status=200, content_type="text/html", body="<!doctype html><title>attack</title>"))
+    page.goto(evil + "/attack")
+    closed = page.evaluate("""url => new Promise(resolve => {
+        const ws = new WebSocket(url);
+        ws.onopen = () => resolve('open');
+        ws.onclose = e => resolve('closed ' + e.code);
+    })""", f"ws://evil.example:{server.port}/ws")
+    assert closed == "closed 1006"
+    assert f"refused a request for host evil.example:{server.port}" in server.log()
+    assert server.health()[1]["sessions"] == 0
+
+
+def test_the_page_does_not_load_in_another_sites_frame(server, chromium):
+    page = new_page(chromium)
+    page.route("http://attacker.example/", lambda route: route.fulfill(
+        status=200, content_type="text/html",
+        body=f'<!doctype html><iframe id="f" src="{server.url}/"></iframe>'))
+    # The main frame's load waits for its iframe's.
+    page.goto("http://attacker.example/")
+    assert [frame.url for frame in page.frames] == [
+        "http://attacker.example/", "chrome-error://chromewebdata/"]
+    shot(page, "security-frame-refused")
