@@ -12,7 +12,8 @@ def _version():
 
 def _www_files():
     www = Path(__file__).parent / "www"
-    return [f"www/{name}" for name in ("index.html", "app.js", "style.css") if (www / name).exists()]
+    return [f"www/{name}" for name in ("index.html", "app.js", "style.css", "login.html", "login.css",
+                                         "favicon.svg") if (www / name).exists()]
 
 
 setup(
@@ -27,6 +28,8 @@ setup(
     data_files=[("share/capsule/www", _www_files())],
     install_requires=[
         "twisted[tls]>=24.7",
+        # --auth: htpasswd files of bcrypt hashes (what `htpasswd -B` writes).
+        "bcrypt>=4",
         "autobahn>=24.4",
         "docker>=7.1",
         "pyOpenSSL>=24",

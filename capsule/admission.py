@@ -166,6 +166,7 @@ class AdmissionPolicy:
     @ivar session_memory: the memory limit of each container, in bytes.
     @ivar memory_budget: bytes the sum of the containers' memory limits may
         reach; C{None}: not known (yet), no check.
+    @ivar max_per_user: sessions at once of one user; C{None}: no limit.
     """
 
     max_sessions: int = 32
@@ -173,6 +174,7 @@ class AdmissionPolicy:
     rate: tuple[int, float] | None = (10, 60.0)
     session_memory: int = 0
     memory_budget: int | None = None
+    max_per_user: int | None = None
 
 
 class AdmissionControl:
@@ -220,10 +222,10 @@ class AdmissionControl:
         warm = len(pool.ready) + len(pool.pending) if pool is not None else 0
         return (len(self._manager.sessions) + warm) * self.policy.session_memory
 
-    def admit(self, address: str) -> None:
+    def admit(self, address: str, user: str | None = None) -> None:
         """
-        Check whether C{address} may create a session now, and if so, count
-        it against its rate.
+        Check whether C{address} (acting for C{user}, if known) may create a
+        session now, and if so, count it against its rate.
 
         @raise AdmissionRefused: if not.
         """
@@ -238,6 +240,11 @@ class AdmissionControl:
             raise AdmissionRefused(
                 QUOTA_EXCEEDED, f"too many sessions from {address} (at most"
                 f" {policy.max_per_client} at once): end one first")
+        if (user is not None and policy.max_per_user is not None
+                and len(self._manager.of_user(user)) >= policy.max_per_user):
+            raise AdmissionRefused(
+                QUOTA_EXCEEDED, f"{user} has too many sessions (at most"
+                f" {policy.max_per_user} at once): end one first")
         if policy.memory_budget is not None:
             pool = getattr(self._manager, "pool", None)
             # A warm container is already counted; a cold start adds one.

@@ -216,7 +216,8 @@ class ExportResource(Resource):
             session_id = parse_session_id(name.decode("utf-8", "replace"))
         except ProtocolError as e:
             return ErrorResource(404, e.message, e.code)
-        session = self._manager.sessions.get(session_id)
+        # Another user's session is, to this one, a session that does not exist.
+        session = self._manager.find(session_id, getattr(request, "capsule_user", None))
         if session is None or session.status() in ("ending", "ended"):
             return ErrorResource(404, f"no live session {session_id}", "session_not_found")
         if session.container_id is None:
@@ -321,7 +322,7 @@ class _GzipStream:
             return
         self.cut = why
         _log.warn("export of session {session_id} cut off after {sent} bytes: {why}",
-                  session_id=self._session_id, sent=self.sent, why=why)
+                  session_id=self._session_id[:8], sent=self.sent, why=why)
         request = self._request
         if self.started:
             request.unregisterProducer()
@@ -364,7 +365,7 @@ class WorkspaceExportResource(Resource):
         except TooManyExports:
             limit = exports.limits.per_client
             _log.info("refused an export of session {session_id} to {client}: it has"
-                      " {limit} exports already", session_id=self._session_id,
+                      " {limit} exports already", session_id=self._session_id[:8],
                       client=client, limit=limit)
             request.setHeader(b"retry-after", b"%d" % RETRY_AFTER)
             return json_error(request, 429,
@@ -406,18 +407,18 @@ class WorkspaceExportResource(Resource):
             stream.finish()
             if stream.cut is None:
                 _log.info("exported the workspace of session {session_id} ({sent} bytes)",
-                          session_id=self._session_id, sent=stream.sent)
+                          session_id=self._session_id[:8], sent=stream.sent)
 
         def failed(failure):
             if stream.cut is not None:
                 return
             if failure.check(ExportAborted) or stream.gone:
                 _log.info("export of session {session_id} abandoned by the client",
-                          session_id=self._session_id)
+                          session_id=self._session_id[:8])
                 return
             message = failure.value.message if failure.check(CapsuleError) else failure.getErrorMessage()
             _log.error("export of session {session_id} failed: {message}",
-                       session_id=self._session_id, message=message)
+                       session_id=self._session_id[:8], message=message)
             if stream.started:
                 # Part of the archive is out: break the connection so the
                 # download fails instead of ending as if complete.

@@ -339,7 +339,11 @@ class SessionManager:
     lifecycles ask for.
 
     @ivar sessions: the live sessions by id.
+    @ivar owners: the users of an earlier run's sessions, by id (see
+        L{capsule.owners}).
     """
+
+    owners: dict = {}
 
     def __init__(self, docker, clock, config: SessionConfig) -> None:
         self._docker = docker
@@ -427,9 +431,9 @@ class SessionManager:
             )
         if session.client is not None:
             _log.info("session {session_id} taken over by a new connection",
-                      session_id=session_id)
+                      session_id=session_id[:8])
         else:
-            _log.info("session {session_id} reconnected", session_id=session_id)
+            _log.info("session {session_id} reconnected", session_id=session_id[:8])
         session.events.attach(client, offset)
         return session
 
@@ -444,7 +448,7 @@ class SessionManager:
         session.events.detach(client, unsent)
         if session.status() in ("detached", "interrupted", "reattaching"):
             _log.info("client left session {session_id}; it is kept for {grace:g} s",
-                      session_id=session.id, grace=self.config.grace)
+                      session_id=session.id[:8], grace=self.config.grace)
 
     def write(self, session: Session, data: bytes) -> None:
         session.events.write(data)
@@ -459,7 +463,7 @@ class SessionManager:
         expired = session.events.expire()
         if expired:
             _log.info("session {session_id} expired after {grace:g} s without a client",
-                      session_id=session.id, grace=self.config.grace)
+                      session_id=session.id[:8], grace=self.config.grace)
         return expired
 
     def end(self, session: Session, message: str, exit_code: int | None = None) -> None:
@@ -487,7 +491,7 @@ class SessionManager:
                 # A warm container died while it waited: never hand it out.
                 _log.warn("warm container {container} was broken ({message}): starting"
                           " session {session_id} cold", container=core.container_id[:12],
-                          message=e.message, session_id=session.id)
+                          message=e.message, session_id=session.id[:8])
                 await self._remove_container(session)
                 core.container_id = None
                 continue
@@ -498,10 +502,10 @@ class SessionManager:
         message, code = _message(failure)
         if failure.check(CapsuleError):
             _log.error("session {session_id} failed to start: {message}",
-                       session_id=session.id, message=message)
+                       session_id=session.id[:8], message=message)
         else:
             _log.failure("session {session_id} failed to start", failure,
-                         session_id=session.id)
+                         session_id=session.id[:8])
         session.events.stream_failed(message, code)
 
     async def _spawn_shell(self, session: Session, offset: int) -> None:
@@ -533,13 +537,13 @@ class SessionManager:
                                      " capsule was away from it")
             return
         _log.error("session {session_id} could not be attached to again: {message}",
-                   session_id=session.id, message=message)
+                   session_id=session.id[:8], message=message)
         session.events.engine_lost(message)
 
     def diagnose(self, session: Session, facts: ShellFacts) -> None:
         d = Deferred.fromCoroutine(self._diagnose(session, facts))
         d.addErrback(lambda f: _log.failure("ending session {session_id} failed", f,
-                                            session_id=session.id))
+                                            session_id=session.id[:8]))
 
     async def _diagnose(self, session: Session, facts: ShellFacts) -> None:
         reason = facts.reason
@@ -567,7 +571,7 @@ class SessionManager:
             message = f"the shell exited with code {code}"
         if away:
             _log.warn("session {session_id} lost its shell's stream: {message}; waiting"
-                      " up to {grace:g} s for the engine", session_id=session.id,
+                      " up to {grace:g} s for the engine", session_id=session.id[:8],
                       message=message, grace=self.config.grace)
             session.events.engine_lost(message)
         else:
@@ -601,7 +605,7 @@ class SessionManager:
     def await_engine(self, session: Session) -> None:
         d = Deferred.fromCoroutine(self._await_engine(session))
         d.addErrback(lambda f: _log.failure("waiting for the engine for session {session_id}"
-                                            " failed", f, session_id=session.id))
+                                            " failed", f, session_id=session.id[:8]))
 
     async def _await_engine(self, session: Session) -> None:
         deadline = self._clock.seconds() + self.config.grace
@@ -628,7 +632,7 @@ class SessionManager:
                                          f" engine was away (exit code {state.get('ExitCode')})")
             else:
                 _log.info("the engine answers again: attaching to session {session_id}",
-                          session_id=session.id)
+                          session_id=session.id[:8])
                 session.events.engine_back()
             return
 
@@ -645,7 +649,7 @@ class SessionManager:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
         if session.core.message is not None:
-            _log.info("session {session_id} ended: {message}", session_id=session.id,
+            _log.info("session {session_id} ended: {message}", session_id=session.id[:8],
                       message=session.core.message)
 
     def went_live(self, session: Session, resumed: bool) -> None:
@@ -653,10 +657,10 @@ class SessionManager:
         elapsed_ms = (self._clock.seconds() - core.created_at) * 1000
         if resumed:
             _log.info("session {session_id} attached to its shell again",
-                      session_id=session.id)
+                      session_id=session.id[:8])
             return
         _log.info("session {session_id} started in {ms:.0f} ms ({how}, container {container})",
-                  session_id=session.id, ms=elapsed_ms, how="warm" if core.warm else "cold",
+                  session_id=session.id[:8], ms=elapsed_ms, how="warm" if core.warm else "cold",
                   container=core.container_id[:12])
         self.pool.refill()
 
@@ -673,7 +677,7 @@ class SessionManager:
         d = self._docker.remove_container(container_id)
         d.addErrback(lambda f: _log.error(
             "could not remove container {container} of session {session_id}: {error}",
-            container=container_id[:12], session_id=session.id, error=f.getErrorMessage()))
+            container=container_id[:12], session_id=session.id[:8], error=f.getErrorMessage()))
         return d
 
     # -- the server's start and stop -------------------------------------
@@ -693,7 +697,7 @@ class SessionManager:
                 else:
                     session.events.end(None, "the capsule server shut down")
             except Exception:
-                _log.failure("letting session {session_id} go failed", session_id=session.id)
+                _log.failure("letting session {session_id} go failed", session_id=session.id[:8])
         self.sessions.clear()
         if kept:
             _log.info("shutting down: {count} session(s) keep running in their containers"
@@ -738,13 +742,14 @@ class SessionManager:
             if (self.config.keeper and container["state"] == "running" and session_id
                     and session_id not in self.sessions and _is_uuid(session_id)):
                 session = self._new_session(session_id, (80, 24),
-                                            container_id=container["id"])
+                                            container_id=container["id"],
+                                            user=self.owners.get(session_id))
                 session.events.recover()
                 recovered.append(session_id)
         if recovered:
             _log.info("found {count} session(s) of an earlier run; each waits {grace:g} s"
                       " for its client: {ids}", count=len(recovered), grace=self.config.grace,
-                      ids=", ".join(recovered))
+                      ids=", ".join(i[:8] for i in recovered))
         # Everything else of this server's is a leftover.
         await self.remove_leftovers()
         return len(recovered)

@@ -4,24 +4,29 @@ C{twistd capsule}: options, and the service tree they describe.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shlex
+from urllib.parse import urlsplit
 
 from docker.utils import parse_bytes
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import _parse as _parse_endpoint
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 
 from .admission import AdmissionControl, AdmissionPolicy, parse_network, parse_rate
+from .auth import AuthThreadPool, Authenticator
 from .cleanup import CleanupService
 from .disk import DiskWatchService
 from .docker_api import ContainerSpec, DockerAPI
 from .errors import CapsuleError
 from .export import ExportLimits
 from .headers import HostPolicy
+from .owners import OwnerFile, default_state_dir
 from .session import SessionConfig, SessionManager
 from .web import default_www, make_site
 
@@ -139,9 +144,30 @@ class Options(usage.Options):
          _positive(parse_bytes)],
         ["export-timeout", None, 600.0, "Seconds after which an export is cut off.",
          _positive(float)],
+        ["auth", None, None,
+         "An htpasswd file of bcrypt hashes (htpasswd -B): its users log in (a login page"
+         " and a session cookie for browsers, HTTP Basic for programs). Read again when"
+         " it changes."],
+        ["tokens", None, None,
+         "A file of user:token lines: API tokens sent as 'Authorization: Bearer TOKEN'."
+         " Read again when it changes."],
+        ["user-header", None, None,
+         "A header naming the user, set by an authenticating proxy (e.g."
+         " X-Forwarded-User); believed only from --trusted-proxy addresses."],
+        ["public-url", None, None,
+         "capsule's address as its users reach it (https://capsule.example.com): checks"
+         " Host and Origin, and https makes cookies Secure."],
+        ["max-sessions-per-user", None, None,
+         "Sessions at once of one user (more: quota_exceeded, close 4429) [default: no"
+         " limit but --max-sessions].", _positive(int)],
+        ["state-dir", None, None,
+         "Where capsule keeps who owns which session across restarts [default:"
+         " /var/lib/capsule for root, else $XDG_STATE_HOME/capsule]."],
     ]
 
     optFlags = [
+        ["insecure-no-auth", None,
+         "Let anyone who reaches a non-loopback --listen use capsule, without users."],
         ["no-keeper", None,
          "Run the shell directly instead of under capsule-keeper: sessions then end"
          " when capsule stops (for images without capsule-keeper)."],
@@ -155,7 +181,7 @@ class Options(usage.Options):
         self["trusted-proxy"] = []
 
     def opt_listen(self, description: str) -> None:
-        """Where to listen, as a strports description; repeatable (tcp:3001, tcp:3001:interface=127.0.0.1, ssl:3443:privateKey=key.pem:certKey=cert.pem) [default: tcp:3001]"""
+        """Where to listen, as a strports description; repeatable (tcp:3001, tcp:3001:interface=127.0.0.1, ssl:3443:privateKey=key.pem:certKey=cert.pem) [default: tcp:3001 with users or --insecure-no-auth, else tcp:3001:interface=127.0.0.1]"""
         self["listen"].append(description)
 
     opt_l = opt_listen
@@ -177,9 +203,38 @@ class Options(usage.Options):
         except ValueError:
             raise usage.UsageError(f"--trusted-proxy: not a CIDR: {cidr!r} (try 10.0.0.0/8)")
 
-    def postOptions(self) -> None:
+    def _check_users(self) -> None:
+        """
+        Who may use capsule: without users it listens on loopback only.
+        """
+        for name in ("auth", "tokens"):
+            if self[name] is not None and not os.path.isfile(self[name]):
+                raise usage.UsageError(f"--{name}: no such file: {self[name]}")
+        if self["user-header"] is not None and not self["trusted-proxy"]:
+            raise usage.UsageError(
+                "--user-header needs --trusted-proxy CIDR: the addresses of the proxy"
+                " whose header names the user (any other client could set it)")
+        if self["public-url"] is not None:
+            parts = urlsplit(self["public-url"])
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise usage.UsageError(
+                    f"--public-url: not an http(s) URL: {self['public-url']!r}"
+                    " (try https://capsule.example.com)")
+        self["users"] = any(self[name] is not None for name in ("auth", "tokens", "user-header"))
         if not self["listen"]:
-            self["listen"] = ["tcp:3001"]
+            self["listen"] = ["tcp:3001" if self["users"] or self["insecure-no-auth"]
+                              else LOOPBACK_LISTEN]
+        elif not (self["users"] or self["insecure-no-auth"]):
+            exposed = [d for d in self["listen"] if not loopback_only(d)]
+            if exposed:
+                raise usage.UsageError(
+                    f"--listen {exposed[0]} can be reached from other machines, and capsule"
+                    " has no users: add --auth FILE (an htpasswd file of bcrypt hashes),"
+                    " --tokens FILE, or --user-header HEADER with --trusted-proxy CIDR behind"
+                    " an authenticating proxy; or --insecure-no-auth to let anyone in; or"
+                    f" listen on loopback only ({LOOPBACK_LISTEN})")
+
+    def postOptions(self) -> None:
         try:
             parse_bytes(self["memory"])
         except Exception:
@@ -212,6 +267,30 @@ class Options(usage.Options):
             raise usage.UsageError("--coalesce-ms must be 0 or more")
         if not shlex.split(self["shell"]):
             raise usage.UsageError("--shell must not be empty")
+        self._check_users()
+
+
+def loopback_only(description: str) -> bool:
+    """
+    Whether a strports description listens where only this machine can
+    connect: a TCP or TLS port on a loopback interface, or a UNIX socket.
+    """
+    try:
+        args, kwargs = _parse_endpoint(description)
+    except Exception:
+        return False
+    kind = str(args[0]).lower() if args else ""
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "ssl", "tcp6"):
+        return False
+    try:
+        return ipaddress.ip_address(kwargs.get("interface", "").strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+LOOPBACK_LISTEN = "tcp:3001:interface=127.0.0.1"
 
 
 class DockerService(Service):
@@ -405,7 +484,16 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
         pool_size=config["pool-size"], pool_max_age=config["pool-max-age"],
         max_lifetime=config["max-lifetime"], idle_timeout=config["idle-timeout"],
         keeper=not config["no-keeper"]))
-    site = make_site(manager, docker, reactor, config["www"],
+    authenticator = auth_threads = None
+    if config["users"]:
+        auth_threads = AuthThreadPool(reactor)
+        authenticator = Authenticator(
+            reactor, htpasswd=config["auth"], tokens=config["tokens"],
+            user_header=config["user-header"], trusted_proxies=config["trusted-proxy"],
+            public_url=config["public-url"], run_blocking=auth_threads.run)
+        manager.owners = OwnerFile(config["state-dir"] or default_state_dir(),
+                                   config["instance"])
+    site = make_site(manager, docker, reactor, config["www"], authenticator=authenticator,
                      max_message_size=config["max-message-size"],
                      allowed_origins=tuple(config["allowed-origin"]),
                      host_policy=HostPolicy(public_url=config.get("public-url"),
@@ -424,9 +512,12 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
     admission = AdmissionControl(manager, reactor, AdmissionPolicy(
         max_sessions=config["max-sessions"], max_per_client=config["max-sessions-per-client"],
         rate=config["session-rate"], session_memory=parse_bytes(config["memory"]),
-        memory_budget=None if budget in (None, "off") else parse_bytes(budget)),
+        memory_budget=None if budget in (None, "off") else parse_bytes(budget),
+        max_per_user=config["max-sessions-per-user"]),
         trusted_proxies=config["trusted-proxy"])
     site.websocket_factory.admission = admission
+    if authenticator is not None:
+        site.websocket_factory.owners = manager.owners
     site.exports.client_address = admission.client_address
     sessions = SessionService(manager, reactor, site.websocket_factory, admission,
                               docker if budget is None else None)
@@ -435,6 +526,8 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
         strports.service(description, site).setServiceParent(listeners)
     service = CapsuleService(docker, sessions, listeners, site.websocket_factory)
     DockerService(docker).setServiceParent(service)
+    if auth_threads is not None:
+        auth_threads.setServiceParent(service)
     sessions.setServiceParent(service)
     CleanupService(manager, reactor, config["cleanup-interval"],
                    config["orphan-sweep"]).setServiceParent(service)
@@ -448,4 +541,10 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
               " {pids} processes), grace {grace:g} s, Docker at {host}",
               image=spec.image, memory=spec.memory, cpus=spec.cpus, pids=spec.pids,
               grace=config["grace"], host=docker.host)
+    if authenticator is None and not config["insecure-no-auth"]:
+        _log.info("capsule has no users (no --auth, --tokens or --user-header): it listens"
+                  " on loopback only, and anyone who can reach that port gets a terminal")
+    elif authenticator is None:
+        _log.warn("--insecure-no-auth: anyone who reaches {listen} gets a terminal",
+                  listen=", ".join(config["listen"]))
     return service

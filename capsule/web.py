@@ -19,6 +19,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
 from . import __version__
+from .auth import AuthGate, Authenticator, LoginResource, LogoutResource, SessionsResource
 from .errors import CapsuleError
 from .export import ExportLimits, ExportResource, json_error, peer_address
 from .headers import GuardResource, HostPolicy
@@ -283,12 +284,21 @@ class HealthResource(Resource):
         return 200, body
 
 
+# Paths served to anyone: the health check, the login page and its assets.
+# /ws checks its user itself, at the upgrade.
+OPEN_PATHS = {b"health", b"login", b"login.css", b"favicon.svg", b"ws"}
+# Bytes of body the login form may have.
+LOGIN_MAX_BODY = 8192
+
+
 def make_site(manager: SessionManager, docker, reactor, www: str, *,
               export_limits: ExportLimits = ExportLimits(), client_address=peer_address,
-              host_policy: HostPolicy | None = None,
+              authenticator: Authenticator | None = None, host_policy: HostPolicy | None = None,
               **websocket_options) -> Site:
     """
     @param export_limits: how many exports run, and what one may cost.
+    @param authenticator: who may use what (L{capsule.auth}); C{None}: anyone
+        who reaches the port (loopback only, or C{--insecure-no-auth}).
     @param client_address: the address a request counts against, for the
         per-client limits (by default the socket's peer).
     @param host_policy: the names and origins capsule answers to; without
@@ -308,8 +318,17 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     exports = ExportResource(manager, docker, reactor, limits=export_limits,
                              client_address=client_address)
     api.putChild(b"export", exports)
+    api.putChild(b"sessions", SessionsResource(manager))
     root.putChild(b"api", api)
-    site = CapsuleSite(GuardResource(root, host_policy), reactor=reactor)
+    top = root
+    factory.authenticator = authenticator
+    if authenticator is not None:
+        root.putChild(b"login", LoginResource(authenticator, os.path.join(www, "login.html")))
+        root.putChild(b"logout", LogoutResource(authenticator))
+        top = AuthGate(root, authenticator, OPEN_PATHS)
+    site = CapsuleSite(GuardResource(top, host_policy), reactor=reactor)
+    if authenticator is not None:
+        site.body_limits[b"/login"] = LOGIN_MAX_BODY
     site.displayTracebacks = False
     site.websocket_factory = factory
     site.exports = exports

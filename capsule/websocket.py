@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from . import protocol as wire
 from .admission import QUOTA_EXCEEDED, AdmissionRefused
+from .auth import AuthRefused
 from .coalesce import Coalescer
 from .errors import CapsuleError, SessionNotFound
 from .headers import HostPolicy, is_secure
@@ -171,6 +172,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._coalescer: Coalescer | None = None
         # Who asks, as admission control counts it (set at the handshake).
         self._client_address: str | None = None
+        # Who this connection acts for (None: capsule runs without users).
+        self._user: str | None = None
 
     @property
     def _manager(self) -> SessionManager:
@@ -197,7 +200,29 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._coalescer = Coalescer(self.factory.clock, self._emit,
                                     delay=self.factory.coalesce_delay,
                                     limit=min(self.factory.coalesce_bytes, self._wire.max_chunk))
-        return self._wire.subprotocol
+        return self._authenticated(request, self._wire.subprotocol)
+
+    def _authenticated(self, request, subprotocol):
+        """
+        Accept the upgrade once its user is known (C{self._user}); refuse it
+        before, with 401 (no or wrong credentials) or 429 (too many failed
+        logins), when there is none.
+        """
+        auth = self.factory.authenticator
+        if auth is None:
+            return subprotocol
+        d = auth.user_of(request)
+
+        def known(user):
+            self._user = user
+            return subprotocol
+
+        def refused(failure):
+            failure.trap(AuthRefused)
+            _log.info("refused a WebSocket from {peer}: {message}", peer=request.peer,
+                      message=failure.value.message)
+            raise ConnectionDeny(failure.value.status, failure.value.message)
+        return d.addCallbacks(known, refused)
 
     def onOpen(self) -> None:
         self.factory.connections.add(self)
@@ -219,7 +244,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             offset = None
             if self._wire.acks and self._requested_offset is not None:
                 offset = wire.parse_offset(self._requested_offset)
-            self._session = self._manager.reconnect(session_id, self, offset)
+            self._session = self._manager.reconnect(session_id, self, offset, user=self._user)
         except wire.ProtocolError as e:
             self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
         except SessionNotFound as e:
@@ -265,13 +290,19 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                 if admission is not None:
                     # Refused before anything is made: no session, no container.
                     try:
-                        admission.admit(self._client_address)
+                        admission.admit(self._client_address, self._user)
                     except AdmissionRefused as e:
                         self._refuse(e.message, e.code, CLOSE_QUOTA_EXCEEDED
                                      if e.code == QUOTA_EXCEEDED else CLOSE_UNAVAILABLE)
                         return
                 self._phase = "session"
-                self._session = self._manager.create(self, message.cols, message.rows)
+                self._session = self._manager.create(self, message.cols, message.rows,
+                                                     user=self._user)
+                if self._user is not None:
+                    _log.info("{user} opened session {short}", user=self._user,
+                              short=self._session.id[:8])
+                    if self.factory.owners is not None:
+                        self.factory.owners.save(self._manager.sessions)
                 if admission is not None:
                     admission.created(self._session.id, self._client_address)
             elif self._session is not None:
@@ -410,6 +441,10 @@ class CapsuleServerFactory(WebSocketServerFactory):
     protocol = CapsuleServerProtocol
     # An AdmissionControl deciding on new sessions, or None for no limits.
     admission = None
+    # Who connections act for (capsule.auth.Authenticator), or None: anyone.
+    authenticator = None
+    # Where sessions' owners are kept across restarts (capsule.owners), or None.
+    owners = None
 
     def __init__(self, manager: SessionManager, clock, max_message_size: int = 256 * 1024,
                  allowed_origins: tuple[str, ...] = (), ping_interval: float = 20.0,

@@ -113,7 +113,7 @@ def test_a_failed_or_slow_read_keeps_the_timer(manager, clock):
 
 def _options(*args):
     options = Options()
-    options.parseOptions(["-l", "tcp:0", *args])
+    options.parseOptions(["-l", "tcp:0:interface=127.0.0.1", *args])
     return options
 
 

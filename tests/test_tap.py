@@ -23,14 +23,15 @@ def parse(*args):
 
 def test_defaults():
     options = parse()
-    assert options["listen"] == ["tcp:3001"]
+    assert options["listen"] == ["tcp:3001:interface=127.0.0.1"]
     assert options["image"] == "capsule-runtime:latest"
     assert (options["memory"], options["cpus"], options["pids"]) == ("4g", 2.0, 256)
     assert options["grace"] == 60.0
 
 
 def test_listen_is_repeatable():
-    options = parse("--listen", "tcp:3001", "-l", "tcp:3002:interface=127.0.0.1")
+    options = parse("--insecure-no-auth", "--listen", "tcp:3001",
+                    "-l", "tcp:3002:interface=127.0.0.1")
     assert options["listen"] == ["tcp:3001", "tcp:3002:interface=127.0.0.1"]
 
 
@@ -49,7 +50,8 @@ def test_service_tree():
     (which therefore close first on stop).
     """
     reactor = MemoryReactorClock()
-    service = makeService(parse("-l", "tcp:0", "-l", "tcp:0:interface=127.0.0.1"), reactor)
+    service = makeService(parse("--insecure-no-auth", "-l", "tcp:0", "-l", "tcp:0:interface=127.0.0.1"),
+                          reactor)
     assert isinstance(service, CapsuleService)
     children = list(service)
     assert [type(c) for c in children] == [DockerService, SessionService, CleanupService,
@@ -131,7 +133,7 @@ def test_a_stop_during_start_up_starts_no_pool():
 
 def test_websocket_limits_reach_autobahn():
     reactor = MemoryReactorClock()
-    service = makeService(parse("-l", "tcp:0", "--max-message-size", "1234",
+    service = makeService(parse("-l", "tcp:0:interface=127.0.0.1", "--max-message-size", "1234",
                                 "--ping-interval", "7", "--allowed-origin", "https://a.example"),
                           reactor)
     factory = service.websocket_factory

@@ -1,0 +1,286 @@
+"""
+capsule.auth: checkers, the login store, the failed-login buckets, who a
+request is; the owners file; the options that choose users and where to
+listen.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import bcrypt
+import pytest
+from twisted.internet.task import Clock
+from twisted.python import usage
+
+from capsule.admission import QUOTA_EXCEEDED, AdmissionControl, AdmissionPolicy, \
+    AdmissionRefused, parse_network
+from capsule.auth import COOKIE_NAME, Authenticator, AuthRefused, LoginLimiter, \
+    LoginSessions, parse_htpasswd, parse_tokens, safe_next
+from capsule.owners import OwnerFile
+from capsule.tap import LOOPBACK_LISTEN, Options, loopback_only
+
+
+def htpasswd_line(user: str, password: str) -> str:
+    # What `htpasswd -B` writes: a $2y$ bcrypt hash (cost 4 keeps tests fast).
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+    return f"{user}:$2y${hashed[4:]}\n"
+
+
+class Request:
+    """
+    What Authenticator reads of an Autobahn ConnectionRequest.
+    """
+
+    def __init__(self, peer: str = "tcp4:127.0.0.1:5555", **headers: str) -> None:
+        self.peer = peer
+        self.headers = {k.replace("_", "-").lower(): v for k, v in headers.items()}
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred did not fire"
+    if hasattr(out[0], "value"):
+        raise out[0].value
+    return out[0]
+
+
+@pytest.fixture
+def files(tmp_path):
+    passwords = tmp_path / "htpasswd"
+    passwords.write_text(htpasswd_line("alice", "wonderland") + htpasswd_line("bob", "builder"))
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:" + "a" * 32 + "\n")
+    return passwords, tokens
+
+
+@pytest.fixture
+def auth(files):
+    passwords, tokens = files
+    return Authenticator(Clock(), htpasswd=str(passwords), tokens=str(tokens))
+
+
+def test_htpasswd_takes_bcrypt_hashes_only():
+    users = parse_htpasswd("alice:$2y$05$" + "x" * 53 + "\nbob:{SHA}abc\n# c\n\nbad name:$2y$x\n")
+    assert list(users) == ["alice"]
+
+
+def test_tokens_shorter_than_16_are_skipped():
+    assert parse_tokens("alice:short\nbob:" + "b" * 16 + "\n") == {"b" * 16: "bob"}
+
+
+def test_basic_with_the_right_password_is_the_user(auth):
+    assert result(auth.user_of(Request(authorization=basic("alice", "wonderland")))) == "alice"
+
+
+def test_a_wrong_password_and_an_unknown_user_are_refused_alike(auth):
+    for user, password in [("alice", "nope"), ("mallory", "wonderland")]:
+        with pytest.raises(AuthRefused) as e:
+            result(auth.user_of(Request(authorization=basic(user, password))))
+        assert (e.value.status, e.value.message) == (401, "wrong user name, password or token")
+
+
+def test_no_credentials_is_401(auth):
+    with pytest.raises(AuthRefused) as e:
+        result(auth.user_of(Request()))
+    assert e.value.status == 401
+
+
+def test_bearer_token(auth):
+    assert result(auth.user_of(Request(authorization="Bearer " + "a" * 32))) == "alice"
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request(authorization="Bearer " + "b" * 32)))
+
+
+def test_the_htpasswd_file_is_read_again_when_it_changes(files, auth):
+    passwords, _ = files
+    passwords.write_text(htpasswd_line("alice", "changed"))
+    # A different size: seen even within the file system's time resolution.
+    assert result(auth.user_of(Request(authorization=basic("alice", "changed")))) == "alice"
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request(authorization=basic("alice", "wonderland"))))
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request(authorization=basic("bob", "builder"))))
+
+
+def test_a_file_that_goes_away_keeps_its_last_users(files, auth):
+    passwords, _ = files
+    passwords.unlink()
+    assert result(auth.user_of(Request(authorization=basic("bob", "builder")))) == "bob"
+
+
+def test_failed_logins_are_limited_per_address_and_per_user(files):
+    passwords, _ = files
+    clock = Clock()
+    auth = Authenticator(clock, htpasswd=str(passwords),
+                         limiter=LoginLimiter(clock, per_address=(3, 60.0), per_user=(2, 60.0)))
+    wrong = Request(authorization=basic("alice", "nope"))
+    for _ in range(2):
+        with pytest.raises(AuthRefused) as e:
+            result(auth.user_of(wrong))
+        assert e.value.status == 401
+    # alice's bucket is empty: even her right password is not tried.
+    with pytest.raises(AuthRefused) as e:
+        result(auth.user_of(Request(authorization=basic("alice", "wonderland"))))
+    assert (e.value.status, e.value.retry_after) == (429, 30)
+    # bob from the same address still may, once more (the address's third).
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request(authorization=basic("bob", "nope"))))
+    with pytest.raises(AuthRefused) as e:
+        result(auth.user_of(Request(authorization=basic("bob", "builder"))))
+    assert e.value.status == 429
+    # Another address, another user: allowed.
+    assert result(auth.user_of(Request("tcp4:192.0.2.7:1", authorization=basic(
+        "bob", "builder")))) == "bob"
+    clock.advance(30)
+    assert result(auth.user_of(Request(authorization=basic("alice", "wonderland")))) == "alice"
+
+
+def test_login_sessions_expire_and_end():
+    clock = Clock()
+    logins = LoginSessions(clock, ttl=100)
+    value = logins.new("alice")
+    assert len(value) >= 40 and logins.user(value) == "alice"
+    logins.end(value)
+    assert logins.user(value) is None
+    value = logins.new("alice")
+    clock.advance(100)
+    assert logins.user(value) is None and len(logins) == 0
+
+
+def test_the_cookie_names_its_user(auth):
+    value = auth.logins.new("bob")
+    assert result(auth.user_of(Request(cookie=f"x=1; {COOKIE_NAME}={value}"))) == "bob"
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request(cookie=f"{COOKIE_NAME}=forged")))
+
+
+def test_a_login_rotates_the_cookie(auth):
+    old = auth.logins.new("alice")
+    request = Request(cookie=f"{COOKIE_NAME}={old}")
+    new = result(auth.log_in(request, "alice", "wonderland"))
+    assert new != old and auth.logins.user(old) is None and auth.logins.user(new) == "alice"
+
+
+def test_cookie_flags(files):
+    passwords, _ = files
+    plain = Authenticator(Clock(), htpasswd=str(passwords))
+    header = plain.cookie_header(Request(), "v").decode()
+    assert header == f"{COOKIE_NAME}=v; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200"
+    behind_tls = Authenticator(Clock(), htpasswd=str(passwords),
+                               public_url="https://capsule.example")
+    assert behind_tls.cookie_header(Request(), "v").decode().endswith("; Secure")
+
+
+def test_the_proxy_header_counts_from_a_trusted_proxy_only(files):
+    auth = Authenticator(Clock(), user_header="X-Forwarded-User",
+                         trusted_proxies=(parse_network("10.0.0.0/8"),))
+    assert result(auth.user_of(Request("tcp4:10.1.2.3:80", x_forwarded_user="carol"))) == "carol"
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request("tcp4:192.0.2.1:80", x_forwarded_user="carol")))
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request("tcp4:10.1.2.3:80", x_forwarded_user="not a name")))
+
+
+def test_same_origin(auth):
+    assert auth.same_origin(Request(host="c.example:3001"))
+    assert auth.same_origin(Request(host="c.example:3001", origin="http://c.example:3001"))
+    assert not auth.same_origin(Request(host="c.example:3001", origin="http://evil.example"))
+    assert not auth.same_origin(Request(host="c.example:3001", sec_fetch_site="cross-site"))
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("/", "/"), ("/?session_id=x", "/?session_id=x"), ("//evil.example/", "/"),
+    ("https://evil.example/", "/"), ("/\\evil.example", "/"), (None, "/"),
+])
+def test_next_is_a_local_path(value, expected):
+    assert safe_next(value) == expected
+
+
+class Session:
+    def __init__(self, user):
+        self.core = type("Core", (), {"user": user})()
+
+
+def test_the_owners_file_keeps_live_owned_sessions(tmp_path):
+    owners = OwnerFile(str(tmp_path / "state"), "one")
+    owners.save({"s1": Session("alice"), "s2": Session(None), "s3": Session("bob")})
+    assert json.loads(owners.path.read_text()) == {"s1": "alice", "s3": "bob"}
+    assert os.listdir(tmp_path / "state") == ["owners-one.json"]
+    again = OwnerFile(str(tmp_path / "state"), "one")
+    assert (again.get("s1"), again.get("s2"), again.get("s3")) == ("alice", None, "bob")
+    again.save({"s3": Session("bob")})
+    assert OwnerFile(str(tmp_path / "state"), "one").get("s1") is None
+    assert OwnerFile(str(tmp_path / "state"), "other").get("s3") is None
+
+
+def test_a_user_past_max_sessions_per_user_is_refused():
+    class Manager:
+        sessions = {"a": Session("alice"), "b": Session("alice"), "c": Session("bob")}
+
+        def of_user(self, user):
+            return [s for s in self.sessions.values() if s.core.user == user]
+
+    admission = AdmissionControl(Manager(), Clock(), AdmissionPolicy(max_per_user=2))
+    with pytest.raises(AdmissionRefused) as e:
+        admission.admit("192.0.2.1", "alice")
+    assert e.value.code == QUOTA_EXCEEDED and "alice" in e.value.message
+    admission.admit("192.0.2.1", "bob")
+    admission.admit("192.0.2.1")
+
+
+@pytest.mark.parametrize("description, loopback", [
+    ("tcp:3001", False), (LOOPBACK_LISTEN, True), ("tcp:3001:interface=0.0.0.0", False),
+    ("tcp6:3001:interface=\\:\\:1", True), ("ssl:3443:privateKey=k:certKey=c", False),
+    ("unix:/run/capsule.sock", True), ("systemd:domain=INET:index=0", False),
+])
+def test_loopback_only(description, loopback):
+    assert loopback_only(description) is loopback
+
+
+def parse(*args):
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_without_users_the_default_listen_is_loopback():
+    assert parse()["listen"] == [LOOPBACK_LISTEN]
+    assert parse("--insecure-no-auth")["listen"] == ["tcp:3001"]
+
+
+def test_with_users_the_default_listen_is_every_interface(files):
+    passwords, _ = files
+    assert parse("--auth", str(passwords))["listen"] == ["tcp:3001"]
+
+
+def test_a_listen_others_can_reach_without_users_is_a_usage_error():
+    with pytest.raises(usage.UsageError) as e:
+        parse("--listen", "tcp:3001")
+    message = str(e.value)
+    for advice in ("--auth FILE", "--user-header", "--insecure-no-auth", LOOPBACK_LISTEN):
+        assert advice in message
+
+
+def test_user_header_needs_a_trusted_proxy():
+    with pytest.raises(usage.UsageError, match="--trusted-proxy"):
+        parse("--user-header", "X-Forwarded-User")
+    assert parse("--user-header", "X-Forwarded-User", "--trusted-proxy", "10.0.0.0/8",
+                 "-l", "tcp:3001")["users"]
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--auth", "/nonexistent"], "--auth: no such file"),
+    (["--public-url", "capsule.example"], "--public-url: not an http"),
+    (["--max-sessions-per-user", "0"], ""),
+])
+def test_bad_user_options(args, problem):
+    with pytest.raises(usage.UsageError, match=problem):
+        parse(*args)
