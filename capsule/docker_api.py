@@ -79,6 +79,42 @@ class ContainerSpec:
         default_factory=lambda: {"TERM": "xterm-256color", "LANG": "en_US.UTF-8"}
     )
     command: tuple[str, ...] = ("sleep", "infinity")
+    # The network the container joins: a name, "none", or None for the
+    # engine's default bridge.
+    network: str | None = None
+    # Capabilities on top of none: the session user is not root, so bash,
+    # the keeper and a developer's work need none (see the README).
+    cap_add: tuple[str, ...] = ()
+    # Passwordless sudo (the image's capsule-sudo group): the capabilities a
+    # root user needs come back (SUDO_CAPABILITIES) and no-new-privileges is
+    # off, since sudo is a set-uid program.
+    allow_sudo: bool = False
+    # A read-only root filesystem, with /workspace and the home directory on
+    # anonymous volumes (removed with the container) and tmpfs /tmp and /run.
+    read_only_root: bool = False
+    # The OCI runtime (runsc for gVisor), or None for the engine's default.
+    runtime: str | None = None
+
+    def capabilities(self) -> list[str]:
+        """
+        The capabilities the container keeps (all others are dropped).
+        """
+        kept = list(SUDO_CAPABILITIES) if self.allow_sudo else []
+        return kept + [c for c in self.cap_add if c not in kept]
+
+
+# What root needs for sudo and for apt, dpkg, chown or kill under
+# --allow-sudo: Docker's defaults without NET_RAW (raw sockets: spoofing on
+# the bridge), MKNOD and SYS_CHROOT.
+SUDO_CAPABILITIES = ("AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL",
+                     "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID")
+# The image's group whose members may sudo without a password.
+SUDO_GROUP = "capsule-sudo"
+# Writable places of a --read-only-root container: volumes live as long as
+# the container (and are exported from it), tmpfs is memory.
+READ_ONLY_VOLUMES = ("/workspace", "/home/developer")
+READ_ONLY_TMPFS = {"/tmp": "rw,exec,nosuid,nodev,size=512m",
+                   "/run": "rw,noexec,nosuid,nodev,size=16m"}
 
 
 def docker_host_endpoint(reactor, host: str):
@@ -264,6 +300,14 @@ class DockerAPI:
             pids_limit=spec.pids,
             storage_opt={"size": spec.disk} if quota else None,
             init=True,
+            cap_drop=["ALL"],
+            cap_add=spec.capabilities() or None,
+            security_opt=None if spec.allow_sudo else ["no-new-privileges:true"],
+            group_add=[SUDO_GROUP] if spec.allow_sudo else None,
+            network_mode=spec.network,
+            read_only=spec.read_only_root or None,
+            tmpfs=dict(READ_ONLY_TMPFS) if spec.read_only_root else None,
+            runtime=spec.runtime,
         )
         try:
             return client.create_container(
@@ -276,6 +320,7 @@ class DockerAPI:
                 environment=dict(spec.environment),
                 labels=dict(spec.labels),
                 host_config=host_config,
+                volumes=list(READ_ONLY_VOLUMES) if spec.read_only_root else None,
                 detach=True,
             )
         except docker.errors.ImageNotFound:
@@ -284,6 +329,33 @@ class DockerAPI:
                 f" (or `docker/build-image.sh {spec.image}`), or start capsule with"
                 " --image naming an image that exists"
             ) from None
+
+    def inspect_network(self, name: str) -> Deferred:
+        def _thd(client):
+            try:
+                return _network(client.inspect_network(name))
+            except docker.errors.NotFound:
+                return None
+        return self._call(_thd)
+
+    def ensure_network(self, name: str, options: dict[str, str],
+                       labels: dict[str, str]) -> Deferred:
+        def _thd(client):
+            try:
+                return _network(client.inspect_network(name)), False
+            except docker.errors.NotFound:
+                pass
+            try:
+                client.create_network(name, driver="bridge", options=dict(options),
+                                      labels=dict(labels), check_duplicate=True)
+            except docker.errors.APIError as e:
+                # Another capsule made it first: use theirs.
+                if e.status_code != 409:
+                    raise DockerError(
+                        f"Docker could not create the network {name}: {_short(e)}") from None
+                return _network(client.inspect_network(name)), False
+            return _network(client.inspect_network(name)), True
+        return self._call(_thd)
 
     def remove_container(self, container_id: str) -> Deferred:
         def _thd(client):
@@ -427,6 +499,22 @@ class DockerAPI:
             finally:
                 stream.close()
         return deferToThreadPool(self._reactor, self._export_pool, _thd_export)
+
+
+def _network(found: dict) -> dict:
+    """
+    What capsule needs of a network's C{docker network inspect}.
+    """
+    ipam = (found.get("IPAM") or {}).get("Config") or []
+    return {
+        "id": found["Id"],
+        "name": found["Name"],
+        "driver": found.get("Driver"),
+        "options": dict(found.get("Options") or {}),
+        "labels": dict(found.get("Labels") or {}),
+        "subnets": [c["Subnet"] for c in ipam if c.get("Subnet")],
+        "gateways": [c["Gateway"] for c in ipam if c.get("Gateway")],
+    }
 
 
 def _refuses_storage_opt(error: docker.errors.APIError) -> bool:

@@ -47,6 +47,22 @@ class IDockerAPI(Interface):
         there.
         """
 
+    def inspect_network(name):
+        """
+        Fire with what capsule needs of the network C{name} (a dict of
+        C{id}, C{name}, C{driver}, C{options}, C{labels}, C{subnets},
+        C{gateways}), or C{None} if there is none.
+        """
+
+    def ensure_network(name, options, labels):
+        """
+        Make sure a bridge network C{name} exists, creating it with the
+        driver C{options} and C{labels} if it does not; fire with
+        C{(network, created)}: the network as L{inspect_network} describes
+        it, and whether this call created it.  A network of that name made
+        by someone else is used as it is.
+        """
+
     def remove_container(container_id):
         """
         Remove a container and its anonymous volumes, whether running or

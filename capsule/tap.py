@@ -26,6 +26,7 @@ from .docker_api import ContainerSpec, DockerAPI
 from .errors import CapsuleError
 from .export import ExportLimits
 from .headers import HostPolicy
+from .network import CAPSULE_NETWORK, SessionNetwork
 from .owners import OwnerFile, default_state_dir
 from .session import SessionConfig, SessionManager
 from .web import default_www, make_site
@@ -163,6 +164,11 @@ class Options(usage.Options):
         ["state-dir", None, None,
          "Where capsule keeps who owns which session across restarts [default:"
          " /var/lib/capsule for root, else $XDG_STATE_HOME/capsule]."],
+        ["network", None, CAPSULE_NETWORK,
+         "The network of session containers: capsule (its own bridge, created if missing,"
+         " no traffic between sessions), none, or the name of an existing Docker network."],
+        ["runtime", None, None,
+         "The OCI runtime of session containers, e.g. runsc (gVisor) [default: the engine's]."],
     ]
 
     optFlags = [
@@ -171,6 +177,12 @@ class Options(usage.Options):
         ["no-keeper", None,
          "Run the shell directly instead of under capsule-keeper: sessions then end"
          " when capsule stops (for images without capsule-keeper)."],
+        ["allow-sudo", None,
+         "Give the session user passwordless sudo: root's usual capabilities come back and"
+         " no-new-privileges is off (see the README, 'Container hardening')."],
+        ["read-only-root", None,
+         "Make the containers' root filesystem read-only (/workspace and the home directory"
+         " stay writable, /tmp is a tmpfs)."],
     ]
 
     def __init__(self) -> None:
@@ -179,6 +191,15 @@ class Options(usage.Options):
         self["allowed-origin"] = []
         self["allowed-host"] = []
         self["trusted-proxy"] = []
+        self["cap-add"] = []
+
+    def opt_cap_add(self, capability: str) -> None:
+        """A Linux capability session containers keep (e.g. NET_BIND_SERVICE); repeatable [default: none, or sudo's with --allow-sudo]"""
+        name = capability.strip().upper().removeprefix("CAP_")
+        if not name or not name.replace("_", "").isalnum():
+            raise usage.UsageError(
+                f"--cap-add: not a capability: {capability!r} (try NET_BIND_SERVICE)")
+        self["cap-add"].append(name)
 
     def opt_listen(self, description: str) -> None:
         """Where to listen, as a strports description; repeatable (tcp:3001, tcp:3001:interface=127.0.0.1, ssl:3443:privateKey=key.pem:certKey=cert.pem) [default: tcp:3001 with users or --insecure-no-auth, else tcp:3001:interface=127.0.0.1]"""
@@ -267,6 +288,8 @@ class Options(usage.Options):
             raise usage.UsageError("--coalesce-ms must be 0 or more")
         if not shlex.split(self["shell"]):
             raise usage.UsageError("--shell must not be empty")
+        if not self["network"].strip():
+            raise usage.UsageError("--network must be capsule, none or a network's name")
         self._check_users()
 
 
@@ -324,8 +347,11 @@ class SessionService(Service):
     RECOVERY_RETRY = 5.0
 
     def __init__(self, manager: SessionManager, clock, websocket_factory=None,
-                 admission: AdmissionControl | None = None, docker=None) -> None:
+                 admission: AdmissionControl | None = None, docker=None,
+                 network: SessionNetwork | None = None) -> None:
         self.manager = manager
+        # Made ready before the sessions of an earlier run are looked for.
+        self.network = network
         self.clock = clock
         self.websocket_factory = websocket_factory
         self.ready: Deferred = Deferred()
@@ -375,6 +401,8 @@ class SessionService(Service):
         self.manager.recovery_pending = True
         while True:
             try:
+                if self.network is not None:
+                    await self.network.ensure()
                 count = await self.manager.recover()
             except CapsuleError as e:
                 if not warned:
@@ -477,7 +505,11 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
                        export_threads=config["export-threads"])
     spec = ContainerSpec(image=config["image"], memory=config["memory"],
                          cpus=config["cpus"], pids=config["pids"],
-                         cpu_shares=config["cpu-shares"], disk=config["disk"])
+                         cpu_shares=config["cpu-shares"], disk=config["disk"],
+                         network=config["network"], cap_add=tuple(config["cap-add"]),
+                         allow_sudo=bool(config["allow-sudo"]),
+                         read_only_root=bool(config["read-only-root"]),
+                         runtime=config["runtime"])
     manager = SessionManager(docker, reactor, SessionConfig(
         spec=spec, instance=config["instance"], grace=config["grace"],
         shell=tuple(shlex.split(config["shell"])), replay_bytes=config["replay-buffer"],
@@ -520,7 +552,8 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
         site.websocket_factory.owners = manager.owners
     site.exports.client_address = admission.client_address
     sessions = SessionService(manager, reactor, site.websocket_factory, admission,
-                              docker if budget is None else None)
+                              docker if budget is None else None,
+                              SessionNetwork(docker, reactor, config["network"]))
     listeners = ListenerService(sessions.ready)
     for description in config["listen"]:
         strports.service(description, site).setServiceParent(listeners)

@@ -163,6 +163,8 @@ class FakeDockerAPI:
         self._held: list[tuple[Deferred, str]] = []
         # Per container: the (first held, end) output offsets its keeper reports.
         self.keeper_output: dict[str, tuple[int, int]] = {}
+        # Networks by name, as inspect_network describes them.
+        self.networks: dict[str, dict] = {}
         self._next = 0
 
     def _check(self):
@@ -203,6 +205,27 @@ class FakeDockerAPI:
             self._held.append((d, container_id))
             return d
         return succeed(container_id)
+
+    def inspect_network(self, name):
+        failed = self._check()
+        if failed:
+            return failed
+        network = self.networks.get(name)
+        return succeed(None if network is None else dict(network))
+
+    def ensure_network(self, name, options, labels):
+        failed = self._check()
+        if failed:
+            return failed
+        if name in self.networks:
+            return succeed((dict(self.networks[name]), False))
+        number = len(self.networks) + 20
+        self.networks[name] = {
+            "id": f"network{len(self.networks) + 1:04d}", "name": name, "driver": "bridge",
+            "options": dict(options), "labels": dict(labels),
+            "subnets": [f"172.{number}.0.0/16"], "gateways": [f"172.{number}.0.1"],
+        }
+        return succeed((dict(self.networks[name]), True))
 
     def release_create(self) -> None:
         held, self._held = self._held, []

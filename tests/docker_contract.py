@@ -14,7 +14,9 @@ A backend is a subclass of L{DockerContract} providing these fixtures:
   - C{put_file}: C{put_file(container_id, path, data)} puts a file into a
     running container by other means than the API (a Deferred);
   - C{kill_container}: C{kill_container(container_id)} kills a container as
-    C{docker kill} does (a Deferred).
+    C{docker kill} does (a Deferred);
+  - C{network_name}: the name of a network no one has, removed afterwards
+    if a test made it.
 
 The scripts run in execs are in L{SCRIPT} and L{SCRIPT_TTY}; a fake backend
 has to emulate them.
@@ -315,6 +317,22 @@ class DockerContract:
             await api.export_workspace(container_id, "/workspace", chunks.append)
         assert chunks == []
 
+    @pytest_twisted.ensureDeferred
+    async def test_ensure_network_creates_it_once(self, api, network_name):
+        assert await api.inspect_network(network_name) is None
+        options = {"com.docker.network.bridge.enable_icc": "false"}
+        labels = {"io.capsule.network": "contract"}
+        network, created = await api.ensure_network(network_name, options, labels)
+        assert created is True
+        assert network["name"] == network_name and network["driver"] == "bridge"
+        assert network["options"]["com.docker.network.bridge.enable_icc"] == "false"
+        assert network["labels"] == labels
+        assert len(network["subnets"]) == 1 and len(network["gateways"]) == 1
+        again, created = await api.ensure_network(network_name, {}, {})
+        assert created is False
+        assert again == network
+        assert await api.inspect_network(network_name) == network
+
     @pytest.mark.parametrize("call", [
         lambda api, spec: api.ping(),
         lambda api, spec: api.info(),
@@ -326,8 +344,10 @@ class DockerContract:
         lambda api, spec: api.spawn_exec(ExecRecorder(), "0" * 64, list(SCRIPT), "developer",
                                          "/workspace", {}, None, tty=False),
         lambda api, spec: api.export_workspace("0" * 64, "/workspace", lambda chunk: None),
+        lambda api, spec: api.inspect_network("capsule"),
+        lambda api, spec: api.ensure_network("capsule", {}, {}),
     ], ids=["ping", "info", "image_exists", "create", "remove", "list", "state", "spawn_exec",
-            "export"])
+            "export", "inspect_network", "ensure_network"])
     @pytest_twisted.ensureDeferred
     async def test_an_unreachable_engine(self, unreachable_api, spec, call):
         d = call(unreachable_api, spec)

@@ -85,6 +85,10 @@ class TestFakeDocker(DockerContract):
         return kill
 
     @pytest.fixture
+    def network_name(self):
+        return f"capsule-contract-{uuid.uuid4().hex[:10]}"
+
+    @pytest.fixture
     def put_file(self, api):
         def put(container_id, path, data):
             api.add_file(container_id, path, data)

@@ -6,6 +6,7 @@ through L{DockerAPI}.
 import threading
 import uuid
 
+import docker.errors
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
@@ -23,7 +24,8 @@ class TestRealDocker(DockerContract):
     @pytest.fixture
     def spec(self):
         instance = f"contract-{uuid.uuid4().hex[:10]}"
-        yield ContainerSpec(image=IMAGE, memory="256m", cpus=0.5, pids=64,
+        # No network: the contract needs none, nor an engine's default bridge.
+        yield ContainerSpec(image=IMAGE, memory="256m", cpus=0.5, pids=64, network="none",
                             labels={"io.capsule.managed": "true", LABEL_INSTANCE: instance})
         remove_instance_containers(instance)
 
@@ -47,6 +49,15 @@ class TestRealDocker(DockerContract):
         def kill(container_id):
             return deferToThread(lambda: docker_client().api.kill(container_id))
         return kill
+
+    @pytest.fixture
+    def network_name(self):
+        name = f"capsule-contract-{uuid.uuid4().hex[:10]}"
+        yield name
+        try:
+            docker_client().api.remove_network(name)
+        except docker.errors.NotFound:
+            pass
 
     @pytest.fixture
     def put_file(self):
