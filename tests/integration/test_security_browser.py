@@ -15,10 +15,14 @@ import json
 import os
 import shutil
 import socket
+import ssl
+import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
+
+from .harness import free_port, wait_for
 
 CHROMIUM = (os.environ.get("CAPSULE_CHROMIUM") or shutil.which("chromium")
             or shutil.which("chromium-browser"))
@@ -221,3 +225,69 @@ def test_the_page_does_not_load_in_another_sites_frame(server, chromium):
     assert [frame.url for frame in page.frames] == [
         "http://attacker.example/", "chrome-error://chromewebdata/"]
     shot(page, "security-frame-refused")
+
+
+# -- under TLS ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_server(make_server, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    port = free_port()
+    server = make_server("--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={key}"
+                         f":certKey={cert}")
+    server.tls_port = port
+    return server
+
+
+def tls_upgrade(port: int, host: str, origin: str | None) -> str:
+    lines = ["GET /ws HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    context = ssl._create_unverified_context()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        with context.wrap_socket(raw) as sock:
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            answer = b""
+            while b"\r\n" not in answer:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                answer += data
+    return answer.split(b"\r\n", 1)[0].decode()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_under_tls_hsts_and_https_origins(tls_server):
+    port = tls_server.tls_port
+    context = ssl._create_unverified_context()
+    # The listeners open together; the TLS one may follow the plain one.
+    wait_for(lambda: _accepts(port), 30, f"the TLS listener on {port}")
+    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+    connection.request("GET", "/")
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.getheader("strict-transport-security") == "max-age=31536000"
+    assert f"connect-src 'self' wss://127.0.0.1:{port};" in response.getheader(
+        "content-security-policy")
+    connection.close()
+    here = f"127.0.0.1:{port}"
+    assert tls_upgrade(port, here, f"https://{here}") == "HTTP/1.1 101 Switching Protocols"
+    assert tls_upgrade(port, here, f"http://{here}") \
+        == f"HTTP/1.1 403 origin http://{here} is not allowed"
+    assert tls_upgrade(port, f"evil.example:{port}", f"https://evil.example:{port}") \
+        .startswith("HTTP/1.1 403 ")
+    # The plain listener of the same server: no HSTS.
+    status, headers, _ = request(tls_server, "/", f"127.0.0.1:{tls_server.port}")
+    assert status == 200 and "strict-transport-security" not in headers
