@@ -192,6 +192,11 @@ class SessionNetwork:
         self.network = network
         self.ready = True
         bridge = bridge_of(network)
+        if network["driver"] == "host":
+            _log.warn("sessions share the host's network (--network {name}): they can reach"
+                      " capsule and every service of the host, on loopback too",
+                      name=self.name)
+            return
         if bridge is None:
             _log.info("sessions run on the {driver} network {name}", driver=network["driver"],
                       name=self.name)

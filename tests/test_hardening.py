@@ -304,6 +304,19 @@ async def test_a_missing_network_of_the_operators_is_not_created(logged):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_hosts_network_is_warned_about(logged):
+    docker = FakeDockerAPI()
+    docker.networks["host"] = {"id": "h" * 64, "name": "host", "driver": "host", "options": {},
+                               "labels": {}, "subnets": [], "gateways": []}
+    net = network(docker, "host")
+    await net.ensure()
+    assert net.reads == []
+    assert texts(logged, "warn") == [
+        "sessions share the host's network (--network host): they can reach capsule and every"
+        " service of the host, on loopback too"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_no_network_asks_nothing():
     docker = FakeDockerAPI()
     docker.reachable = False
