@@ -66,6 +66,17 @@ def valid_user_name(name: str) -> bool:
     return bool(_USER_NAME.match(name))
 
 
+_UUID = re.compile(r"\b([0-9a-f]{8})-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
+
+
+def short_ids(text: str) -> str:
+    """
+    C{text} with each session id cut to its first 8 characters: a full id
+    lets whoever reads it into the session, so logs carry the prefix only.
+    """
+    return _UUID.sub(r"\1", text)
+
+
 # -- the realm ---------------------------------------------------------------------
 
 

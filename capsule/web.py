@@ -15,11 +15,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.pages import forbidden, notFound
 from twisted.web.resource import Resource
+from twisted.web.http import combinedLogFormatter
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
 from . import __version__
-from .auth import AuthGate, Authenticator, LoginResource, LogoutResource, SessionsResource
+from .auth import (AuthGate, Authenticator, LoginResource, LogoutResource, SessionsResource,
+                   short_ids)
 from .errors import CapsuleError
 from .export import ExportLimits, ExportResource, json_error, peer_address
 from .headers import GuardResource, HostPolicy
@@ -284,6 +286,14 @@ class HealthResource(Resource):
         return 200, body
 
 
+def access_log_line(timestamp, request) -> str:
+    """
+    The access log's line of C{request} (the combined log format), with
+    session ids in paths and referrers cut to their first 8 characters.
+    """
+    return short_ids(combinedLogFormatter(timestamp, request))
+
+
 # Paths served to anyone: the health check, the login page and its assets.
 # /ws checks its user itself, at the upgrade.
 OPEN_PATHS = {b"health", b"login", b"login.css", b"favicon.svg", b"ws"}
@@ -326,7 +336,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         root.putChild(b"login", LoginResource(authenticator, os.path.join(www, "login.html")))
         root.putChild(b"logout", LogoutResource(authenticator))
         top = AuthGate(root, authenticator, OPEN_PATHS)
-    site = CapsuleSite(GuardResource(top, host_policy), reactor=reactor)
+    site = CapsuleSite(GuardResource(top, host_policy), reactor=reactor,
+                       logFormatter=access_log_line)
     if authenticator is not None:
         site.body_limits[b"/login"] = LOGIN_MAX_BODY
     site.displayTracebacks = False

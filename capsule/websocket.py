@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from . import protocol as wire
 from .admission import QUOTA_EXCEEDED, AdmissionRefused
-from .auth import AuthRefused
+from .auth import AuthRefused, short_ids
 from .coalesce import Coalescer
 from .errors import CapsuleError, SessionNotFound
 from .headers import HostPolicy, is_secure
@@ -349,7 +349,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             self.sendMessage(payload, isBinary=is_binary)
 
     def _refuse(self, message: str, code: str, close_code: int) -> None:
-        _log.info("refused {peer}: {message}", peer=self.peer, message=message)
+        _log.info("refused {peer}: {message}", peer=self.peer, message=short_ids(message))
         self._session = None
         self._send(wire.encode_error(message, code))
         self._close(close_code, message)
