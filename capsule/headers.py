@@ -87,6 +87,14 @@ def parse_host(value: str | None, default_port: int) -> tuple[str, int] | None:
     return host.rstrip("."), port if port is not None else default_port
 
 
+def _without_path(url: str) -> str:
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return url
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def _ip(value: str):
     try:
         address = ipaddress.ip_address(value)
@@ -120,7 +128,8 @@ class HostPolicy:
 
     def __init__(self, public_url: str | None = None, allowed_hosts=(), allowed_origins=(),
                  hostnames=None, check_hosts: bool = True) -> None:
-        self.public_origin = parse_origin(public_url) if public_url else None
+        # The page may be under a path (a proxy's /capsule/): its origin has none.
+        self.public_origin = parse_origin(_without_path(public_url)) if public_url else None
         if public_url and self.public_origin is None:
             raise ValueError(f"not a URL of a page (scheme://host[:port]): {public_url}")
         self.allowed_hosts = frozenset(h.strip().lower().rstrip(".") for h in allowed_hosts)

@@ -134,6 +134,11 @@ def test_host_against_the_public_url():
 def test_a_public_url_must_be_an_origin():
     with pytest.raises(ValueError):
         HostPolicy(public_url="capsule.example")
+    with pytest.raises(ValueError):
+        HostPolicy(public_url="ftp://capsule.example")
+    # Under a path, behind a proxy: the origin has none.
+    assert HostPolicy(public_url="https://capsule.example:8443/capsule/").public_origin \
+        == ("https", "capsule.example", 8443)
 
 
 # -- Origin ------------------------------------------------------------------------
