@@ -759,7 +759,8 @@ class LoginResource(Resource):
         self._auth = authenticator
         self._page = page
 
-    def _form(self, request, status: int, error: str | None, next_path: str) -> bytes:
+    def _form(self, request, status: int, error: str | None, next_path: str,
+              username: str = "") -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
@@ -767,11 +768,16 @@ class LoginResource(Resource):
         alert = "" if error is None else (
             f'<p class="error" id="login-error" role="alert">{html.escape(error)}</p>')
         text = (text.replace("<!-- capsule:error -->", alert)
-                .replace("{{next}}", html.escape(next_path, quote=True)))
-        if error is not None:
+                .replace("{{next}}", html.escape(next_path, quote=True))
+                .replace("{{username}}", html.escape(username, quote=True)))
+        # The first empty field has the focus: the user name, or after an
+        # error, the password (the user name stays filled in).
+        if error is None:
+            text = text.replace('autocomplete="username"', 'autocomplete="username" autofocus')
+        else:
             text = text.replace('autocomplete="current-password"',
                                 'autocomplete="current-password" aria-invalid="true"'
-                                ' aria-describedby="login-error"')
+                                ' aria-describedby="login-error" autofocus')
         return text.encode("utf-8")
 
     def render_GET(self, request):
@@ -804,7 +810,7 @@ class LoginResource(Resource):
                 request.setHeader(b"retry-after", str(e.retry_after).encode("ascii"))
             message = ("Wrong user name or password." if e.status == 401 else
                        f"Too many failed logins: try again in {e.retry_after} s.")
-            request.write(self._form(request, e.status, message, next_path))
+            request.write(self._form(request, e.status, message, next_path, name[:64]))
             request.finish()
 
         gone = []
