@@ -379,3 +379,24 @@ def test_a_listen_others_can_reach_without_users_is_a_usage_error(tmp_path):
     assert done.returncode != 0
     assert "can be reached from other machines, and capsule has no users: add --auth FILE" \
         in done.stdout + done.stderr
+
+
+def test_the_proxy_header_counts_from_a_trusted_proxy_only(make_server, tmp_path):
+    trusted = make_server("--user-header", "X-Forwarded-User", "--trusted-proxy", "127.0.0.1/32",
+                          "--state-dir", str(tmp_path / "a"), "--pool-size", "0")
+    status, _, body = http(trusted.url + "/api/sessions", headers={"X-Forwarded-User": "dora"})
+    assert (status, json.loads(body)["user"]) == (200, "dora")
+    ws = connect(trusted.ws_url, "X-Forwarded-User: dora")
+    try:
+        session_id = start(ws)
+    finally:
+        ws.close()
+    message, code = refusal(trusted.ws_url, "X-Forwarded-User: eve", session_id=session_id)
+    assert (message["code"], code) == ("session_not_found", 4404)
+    # The same header from an address that is not a trusted proxy counts for nothing.
+    untrusted = make_server("--user-header", "X-Forwarded-User", "--trusted-proxy",
+                            "10.0.0.0/8", "--state-dir", str(tmp_path / "b"), "--pool-size", "0")
+    assert http(untrusted.url + "/api/sessions", headers={"X-Forwarded-User": "dora"})[0] == 401
+    assert refused_upgrade(untrusted.ws_url, "X-Forwarded-User: dora") == 401
+    assert "ignored x-forwarded-user from 127.0.0.1, which is not a --trusted-proxy" \
+        in untrusted.log()
