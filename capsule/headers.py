@@ -228,6 +228,10 @@ def _header(request, name: bytes) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
+# Twisted knows no phrase for 421.
+_PHRASES = {421: b"Misdirected Request"}
+
+
 class _Refusal(Resource):
     isLeaf = True
 
@@ -236,7 +240,7 @@ class _Refusal(Resource):
         self._status, self._code, self._message = status, code, message
 
     def render(self, request):
-        request.setResponseCode(self._status)
+        request.setResponseCode(self._status, _PHRASES.get(self._status))
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps({"error": self._message, "code": self._code}).encode("utf-8")
