@@ -161,7 +161,11 @@ class HostPolicy:
         """
         if not self.check_hosts or host is None or local is None:
             return True
-        parsed = parse_host(host.lower(), 443 if secure else 80)
+        # A browser leaves out the default port of the URL it opened: the
+        # public URL's scheme's (behind a proxy ending TLS, 443 reaches a
+        # plain listener), else the listener's.
+        scheme = self.public_origin[0] if self.public_origin else "https" if secure else "http"
+        parsed = parse_host(host.lower(), _DEFAULT_PORTS[scheme])
         if parsed is None:
             return False
         name, port = parsed

@@ -119,8 +119,9 @@ def test_host_against_the_public_url():
     assert p.host_allowed("capsule.example", LAN, True)
     assert p.host_allowed("capsule.example:443", LAN, True)
     # Behind a proxy ending TLS, the listener is plain: the port is the URL's.
-    assert p.host_allowed("capsule.example", LAN, False) is False
+    assert p.host_allowed("capsule.example", LAN, False)
     assert p.host_allowed("capsule.example:443", LAN, False)
+    assert not p.host_allowed("capsule.example:80", LAN, False)
     assert not p.host_allowed("capsule.example:3001", LAN, True)
     assert not p.host_allowed("evil.example", LAN, True)
     # The listener's own address and name are not the public URL's.
@@ -279,8 +280,11 @@ def test_hsts_under_tls(www):
     assert headers["strict-transport-security"] == "max-age=31536000"
     assert "connect-src 'self' wss://127.0.0.1:3443;" in headers["content-security-policy"]
     site = Site(www, policy(public_url="https://capsule.example"))
-    _, headers, _ = site.request(b"/nothing", host=b"capsule.example:443")
+    # Behind a proxy ending TLS: a plain listener, the public URL's Host.
+    status, headers, _ = site.request(b"/nothing", host=b"capsule.example", local=LAN)
+    assert status == 404
     assert headers["strict-transport-security"] == "max-age=31536000"
+    assert "connect-src 'self' wss://capsule.example:443;" in headers["content-security-policy"]
 
 
 def test_a_rebinding_host_is_refused(www, logged):
