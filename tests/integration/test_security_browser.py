@@ -291,3 +291,26 @@ def test_under_tls_hsts_and_https_origins(tls_server):
     # The plain listener of the same server: no HSTS.
     status, headers, _ = request(tls_server, "/", f"127.0.0.1:{tls_server.port}")
     assert status == 200 and "strict-transport-security" not in headers
+
+
+def test_behind_a_proxy_the_public_url_is_the_name_and_the_origin(make_server):
+    # A proxy ending TLS for https://capsule.example passes Host on to a
+    # plain loopback listener.
+    server = make_server("--public-url", "https://capsule.example")
+    status, headers, _ = request(server, "/", "capsule.example")
+    assert status == 200
+    assert headers["strict-transport-security"] == "max-age=31536000"
+    assert "connect-src 'self' wss://capsule.example:443;" in headers["content-security-policy"]
+    assert request(server, "/", "other.example")[0] == 421
+    assert request(server, "/", "capsule.example:3001")[0] == 421
+    assert upgrade(server, "capsule.example", "https://capsule.example") \
+        == "HTTP/1.1 101 Switching Protocols"
+    assert upgrade(server, "capsule.example", "http://capsule.example") \
+        == "HTTP/1.1 403 origin http://capsule.example is not allowed"
+    # On loopback, the machine itself may still ask by a loopback name,
+    # but a page there is not the public URL's.
+    here = f"127.0.0.1:{server.port}"
+    assert request(server, "/health", here)[0] == 200
+    assert upgrade(server, here, None) == "HTTP/1.1 101 Switching Protocols"
+    assert upgrade(server, here, f"http://{here}") \
+        == f"HTTP/1.1 403 origin http://{here} is not allowed"
