@@ -343,7 +343,7 @@ class Phases:
         term.transport.pauseProducing()
         t_drop = time.perf_counter()
         term.drop()
-        needle = f"client left session {session_id}"
+        needle = f"client left session {session_id[:8]}"
         seen = []
 
         def logged():

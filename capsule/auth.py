@@ -31,6 +31,7 @@ import math
 import os
 import re
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
@@ -255,10 +256,16 @@ class HtpasswdChecker:
     """
 
     credentialInterfaces = (IUsernamePassword,)
+    # Passwords found right lately, so that a program sending Basic with
+    # every request does not pay bcrypt each time: (user, HMAC of the
+    # password under a key of this process) to the hash it matched.
+    CACHE_SIZE = 256
 
     def __init__(self, path: str, run_blocking=None) -> None:
         self.file = WatchedFile(path, parse_htpasswd)
         self._run = run_blocking or (lambda f, *a: succeed(f(*a)))
+        self._key = secrets.token_bytes(32)
+        self._verified: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
 
     def requestAvatarId(self, credentials) -> Deferred:
         users = self.file.reload()
@@ -269,10 +276,17 @@ class HtpasswdChecker:
         if isinstance(password, str):
             password = password.encode("utf-8")
         hashed = users.get(name)
+        key = (name, hmac.digest(self._key, password, "sha256"))
+        if hashed is not None and self._verified.get(key) == hashed:
+            self._verified.move_to_end(key)
+            return succeed(name)
         d = self._run(_bcrypt_check, password, hashed or _DUMMY_HASH)
 
         def checked(ok):
             if ok and hashed is not None:
+                self._verified[key] = hashed
+                while len(self._verified) > self.CACHE_SIZE:
+                    self._verified.popitem(last=False)
                 return name
             raise UnauthorizedLogin("wrong user name or password")
         return d.addCallback(checked)

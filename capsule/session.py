@@ -430,10 +430,12 @@ class SessionManager:
                 f" {self.config.grace:g} s after its last client left"
             )
         if session.client is not None:
-            _log.info("session {session_id} taken over by a new connection",
-                      session_id=session_id[:8])
+            _log.info("session {session_id}{who} taken over by a new connection",
+                      session_id=session_id[:8],
+                      who=f" of {session.core.user}" if session.core.user else "")
         else:
-            _log.info("session {session_id} reconnected", session_id=session_id[:8])
+            _log.info("session {session_id}{who} reconnected", session_id=session_id[:8],
+                      who=f" of {session.core.user}" if session.core.user else "")
         session.events.attach(client, offset)
         return session
 
@@ -447,8 +449,9 @@ class SessionManager:
             return
         session.events.detach(client, unsent)
         if session.status() in ("detached", "interrupted", "reattaching"):
-            _log.info("client left session {session_id}; it is kept for {grace:g} s",
-                      session_id=session.id[:8], grace=self.config.grace)
+            _log.info("client left session {session_id}{who}; it is kept for {grace:g} s",
+                      session_id=session.id[:8], grace=self.config.grace,
+                      who=f" of {session.core.user}" if session.core.user else "")
 
     def write(self, session: Session, data: bytes) -> None:
         session.events.write(data)
@@ -462,8 +465,9 @@ class SessionManager:
         """
         expired = session.events.expire()
         if expired:
-            _log.info("session {session_id} expired after {grace:g} s without a client",
-                      session_id=session.id[:8], grace=self.config.grace)
+            _log.info("session {session_id}{who} expired after {grace:g} s without a client",
+                      session_id=session.id[:8], grace=self.config.grace,
+                      who=f" of {session.core.user}" if session.core.user else "")
         return expired
 
     def end(self, session: Session, message: str, exit_code: int | None = None) -> None:
@@ -649,8 +653,9 @@ class SessionManager:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
         if session.core.message is not None:
-            _log.info("session {session_id} ended: {message}", session_id=session.id[:8],
-                      message=session.core.message)
+            _log.info("session {session_id}{who} ended: {message}", session_id=session.id[:8],
+                      message=session.core.message,
+                      who=f" of {session.core.user}" if session.core.user else "")
 
     def went_live(self, session: Session, resumed: bool) -> None:
         core = session.core
@@ -659,9 +664,10 @@ class SessionManager:
             _log.info("session {session_id} attached to its shell again",
                       session_id=session.id[:8])
             return
-        _log.info("session {session_id} started in {ms:.0f} ms ({how}, container {container})",
-                  session_id=session.id[:8], ms=elapsed_ms, how="warm" if core.warm else "cold",
-                  container=core.container_id[:12])
+        _log.info("session {session_id}{who} started in {ms:.0f} ms ({how}, container"
+                  " {container})", session_id=session.id[:8], ms=elapsed_ms,
+                  how="warm" if core.warm else "cold", container=core.container_id[:12],
+                  who=f" of {session.core.user}" if session.core.user else "")
         self.pool.refill()
 
     # -- containers ----------------------------------------------------

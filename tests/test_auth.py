@@ -12,6 +12,7 @@ import os
 
 import bcrypt
 import pytest
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.python import usage
 
@@ -284,3 +285,25 @@ def test_user_header_needs_a_trusted_proxy():
 def test_bad_user_options(args, problem):
     with pytest.raises(usage.UsageError, match=problem):
         parse(*args)
+
+
+def test_a_right_password_is_hashed_once_until_the_file_changes(files):
+    passwords, _ = files
+    calls = []
+
+    def run(f, *args):
+        calls.append(args[0])
+        return succeed(f(*args))
+
+    auth = Authenticator(Clock(), htpasswd=str(passwords), run_blocking=run)
+    alice = Request(authorization=basic("alice", "wonderland"))
+    assert [result(auth.user_of(alice)) for _ in range(3)] == ["alice"] * 3
+    assert len(calls) == 1
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request(authorization=basic("alice", "wonderland!"))))
+    assert len(calls) == 2
+    passwords.write_text(htpasswd_line("alice", "wonderland") + "\n")
+    assert result(auth.user_of(alice)) == "alice" and len(calls) == 3
+    passwords.write_text(htpasswd_line("alice", "other"))
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(alice))
