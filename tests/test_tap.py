@@ -50,8 +50,8 @@ def test_service_tree():
     (which therefore close first on stop).
     """
     reactor = MemoryReactorClock()
-    service = makeService(parse("--insecure-no-auth", "-l", "tcp:0", "-l", "tcp:0:interface=127.0.0.1"),
-                          reactor)
+    service = makeService(parse("--insecure-no-auth", "-l", "tcp:0",
+                                "-l", "tcp:0:interface=127.0.0.1"), reactor)
     assert isinstance(service, CapsuleService)
     children = list(service)
     assert [type(c) for c in children] == [DockerService, SessionService, CleanupService,
