@@ -240,11 +240,6 @@ def _bcrypt_check(password: bytes, hashed: bytes) -> bool:
         return False
 
 
-# A hash to check unknown users' passwords against, so that they take as
-# long as known users'.
-_DUMMY_HASH = b"$2b$10$" + b"C" * 53
-
-
 # -- checkers --------------------------------------------------------------------
 
 
@@ -280,7 +275,13 @@ class HtpasswdChecker:
         if hashed is not None and self._verified.get(key) == hashed:
             self._verified.move_to_end(key)
             return succeed(name)
-        d = self._run(_bcrypt_check, password, hashed or _DUMMY_HASH)
+        # An unknown user's password is checked against a known user's hash
+        # (it cannot match: the user is unknown), so that it takes as long
+        # and the answer's time does not tell which names exist.
+        against = hashed or next(iter(users.values()), None)
+        if against is None:
+            return fail(UnauthorizedLogin("wrong user name or password"))
+        d = self._run(_bcrypt_check, password, against)
 
         def checked(ok):
             if ok and hashed is not None:

@@ -294,9 +294,10 @@ def access_log_line(timestamp, request) -> str:
     return short_ids(combinedLogFormatter(timestamp, request))
 
 
-# Paths served to anyone: the health check, the login page and its assets.
-# /ws checks its user itself, at the upgrade.
-OPEN_PATHS = {b"health", b"login", b"login.css", b"favicon.svg", b"ws"}
+# Paths served to anyone: the health check, the login page and its assets,
+# and logout (whose cookie may have expired already). /ws checks its user
+# itself, at the upgrade.
+OPEN_PATHS = {b"health", b"login", b"logout", b"login.css", b"favicon.svg", b"ws"}
 # Bytes of body the login form may have.
 LOGIN_MAX_BODY = 8192
 

@@ -307,3 +307,17 @@ def test_a_right_password_is_hashed_once_until_the_file_changes(files):
     passwords.write_text(htpasswd_line("alice", "other"))
     with pytest.raises(AuthRefused):
         result(auth.user_of(alice))
+
+
+def test_an_unknown_users_password_costs_a_bcrypt_check_too(files):
+    passwords, _ = files
+    hashes = []
+
+    def run(f, password, hashed):
+        hashes.append(hashed)
+        return succeed(f(password, hashed))
+
+    auth = Authenticator(Clock(), htpasswd=str(passwords), run_blocking=run)
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request(authorization=basic("mallory", "wonderland"))))
+    assert hashes == [parse_htpasswd(passwords.read_text())["alice"]]
