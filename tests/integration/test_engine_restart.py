@@ -23,7 +23,7 @@ from .harness import IMAGE, WSClient, wait_for
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not (shutil.which("dockerd") or os.path.exists("/usr/sbin/dockerd"))
-    or not shutil.which("containerd"),
+    or not shutil.which("containerd") or not shutil.which("ip"),
     reason="needs root, dockerd and containerd to run an engine of the test's own")
 
 LOOP = "i=0; while true; do i=$((i+1)); echo T$i; sleep 0.05; done\r"
@@ -37,6 +37,9 @@ class PrivateEngine:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # A bridge of its own: an engine started with --bridge none removes
+        # the host's docker0, which the engine the other tests use needs.
+        self.bridge = f"cpst{os.getpid() % 100000}"
         self.socket = root / "docker.sock"
         self.containerd_socket = root / "ctd" / "containerd.sock"
         self.containerd = self.dockerd = None
@@ -51,6 +54,9 @@ class PrivateEngine:
 
     def start(self) -> "PrivateEngine":
         (self.root / "ctd").mkdir(parents=True)
+        subprocess.run(["ip", "link", "add", self.bridge, "type", "bridge"], check=True)
+        subprocess.run(["ip", "addr", "add", "10.231.77.1/24", "dev", self.bridge], check=True)
+        subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
         config = self.root / "containerd.toml"
         config.write_text(
             'version = 2\n'
@@ -72,7 +78,7 @@ class PrivateEngine:
             [dockerd, "--data-root", str(self.root / "data"), "--exec-root",
              str(self.root / "exec"), "--pidfile", str(self.root / "dockerd.pid"),
              "-H", self.host, "--containerd", str(self.containerd_socket),
-             "--live-restore", "--bridge", "none", "--iptables=false", "--ip-masq=false"],
+             "--live-restore", "--bridge", self.bridge, "--iptables=false", "--ip-masq=false"],
             stdout=open(self.root / "dockerd.log", "ab"), stderr=subprocess.STDOUT)
 
         def answers():
@@ -105,6 +111,7 @@ class PrivateEngine:
         for point in sorted(points, reverse=True):
             subprocess.run(["umount", "-l", point], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
 
 @pytest.fixture
