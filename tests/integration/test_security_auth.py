@@ -400,3 +400,31 @@ def test_the_proxy_header_counts_from_a_trusted_proxy_only(make_server, tmp_path
     assert refused_upgrade(untrusted.ws_url, "X-Forwarded-User: dora") == 401
     assert "ignored x-forwarded-user from 127.0.0.1, which is not a --trusted-proxy" \
         in untrusted.log()
+
+
+def test_a_user_past_max_sessions_per_user_is_refused(make_server, users, tmp_path):
+    passwords, tokens = users
+    server = make_server("--auth", str(passwords), "--tokens", str(tokens),
+                         "--state-dir", str(tmp_path / "state"), "--pool-size", "0",
+                         "--max-sessions-per-user", "1")
+    alice = connect(server.ws_url, f"Authorization: {basic('alice')}")
+    try:
+        start(alice)
+        again = connect(server.ws_url, f"Authorization: {basic('alice')}")
+        try:
+            again.send(json.dumps({"type": "resize", "cols": 80, "rows": 24}))
+            message = next_json(again)
+            assert (message["type"], message["code"]) == ("error", "quota_exceeded")
+            assert message["message"] == ("alice has too many sessions (at most 1 at once):"
+                                          " end one first")
+            assert close_code(again) == 4429
+        finally:
+            again.close()
+        # Another user is not alice.
+        bob = connect(server.ws_url, f"Authorization: {bearer('bob')}")
+        try:
+            start(bob)
+        finally:
+            bob.close()
+    finally:
+        alice.close()
