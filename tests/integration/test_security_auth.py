@@ -428,3 +428,29 @@ def test_a_user_past_max_sessions_per_user_is_refused(make_server, users, tmp_pa
             bob.close()
     finally:
         alice.close()
+
+
+def test_the_owner_takes_her_session_over_and_replays_it(server):
+    alice = f"Authorization: {basic('alice')}"
+    first = connect(server.ws_url, alice)
+    try:
+        session_id = start(first)
+        run(first, "echo the-secret-$((6*7))", "the-secret-42")
+        second = connect(server.ws_url, alice, session_id=session_id, offset=0, binary=True)
+        try:
+            message = next_json(second)
+            assert (message["type"], message["session_id"]) == ("connected", session_id)
+            replayed = b""
+            while b"the-secret-42" not in replayed:
+                opcode, data = second.recv_data()
+                if opcode == websocket.ABNF.OPCODE_BINARY:
+                    replayed += data
+            message = next_json(first)
+            while message["type"] == "output":  # the prompt after the echo
+                message = next_json(first)
+            assert (message["type"], message["code"]) == ("error", "taken_over")
+            assert close_code(first) == 4409
+        finally:
+            second.close()
+    finally:
+        first.close()
