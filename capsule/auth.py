@@ -605,12 +605,11 @@ class Authenticator:
 
     def own_origin(self, request) -> str | None:
         if self.public_url:
-            parts = urlsplit(self.public_url)
-            return f"{parts.scheme}://{parts.netloc}".lower()
+            return _origin(self.public_url)
         host = _headers(request).get("host")
         if not host:
             return None
-        return f"{'https' if self.secure(request) else 'http'}://{host}".lower()
+        return _origin(f"{'https' if self.secure(request) else 'http'}://{host}")
 
     def same_origin(self, request) -> bool:
         """
@@ -621,9 +620,21 @@ class Authenticator:
         """
         headers = _headers(request)
         origin = headers.get("origin")
-        if origin is not None and origin.rstrip("/").lower() != self.own_origin(request):
+        if origin is not None and _origin(origin) != self.own_origin(request):
             return False
         return headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+
+
+def _origin(url: str) -> str:
+    """
+    C{scheme://host[:port]} of C{url}, lower case, without a default port.
+    """
+    parts = urlsplit(url.strip().lower())
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    default = {"http": ":80", "https": ":443"}.get(parts.scheme)
+    if default and netloc.endswith(default):
+        netloc = netloc[: -len(default)]
+    return f"{parts.scheme}://{netloc}"
 
 
 def _printable(text: str) -> str:

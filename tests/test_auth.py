@@ -190,6 +190,16 @@ def test_the_proxy_header_counts_from_a_trusted_proxy_only(files):
         result(auth.user_of(Request("tcp4:10.1.2.3:80", x_forwarded_user="not a name")))
 
 
+def test_same_origin_with_a_public_url_and_its_default_port(files):
+    passwords, _ = files
+    auth = Authenticator(Clock(), htpasswd=str(passwords),
+                         public_url="https://capsule.example:443/terminal/")
+    assert auth.same_origin(Request(origin="https://capsule.example"))
+    assert auth.same_origin(Request(origin="https://Capsule.example:443"))
+    assert not auth.same_origin(Request(origin="http://capsule.example"))
+    assert not auth.same_origin(Request(origin="null"))
+
+
 def test_same_origin(auth):
     assert auth.same_origin(Request(host="c.example:3001"))
     assert auth.same_origin(Request(host="c.example:3001", origin="http://c.example:3001"))
