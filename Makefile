@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 IMAGE ?= capsule-runtime:latest
-LISTEN ?= tcp:3001
+LISTEN ?= tcp:3001:interface=127.0.0.1
 ARGS ?=
 
 BIN := $(VENV)/bin

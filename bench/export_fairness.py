@@ -30,7 +30,7 @@ def export(port: int, session_id: str, source: str, result: dict) -> None:
     started = time.monotonic()
     sock = socket.create_connection(("127.0.0.1", port), timeout=900,
                                     source_address=(source, 0))
-    sock.sendall(f"GET /api/export/{session_id} HTTP/1.1\r\nHost: b\r\n"
+    sock.sendall(f"GET /api/export/{session_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                  f"Connection: close\r\n\r\n".encode())
     size, head = 0, b""
     try:

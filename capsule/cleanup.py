@@ -67,12 +67,12 @@ def end_overdue(manager: SessionManager, clock) -> list[Session]:
     ended = []
     for session, message in due:
         try:
-            _log.info("ending session {session_id}: {message}", session_id=session.id,
+            _log.info("ending session {session_id}: {message}", session_id=session.id[:8],
                       message=message)
             manager.end(session, message)
             ended.append(session)
         except Exception:
-            _log.failure("ending session {session_id} failed", session_id=session.id)
+            _log.failure("ending session {session_id} failed", session_id=session.id[:8])
     return ended
 
 
@@ -94,7 +94,7 @@ def expire_due(manager: SessionManager, clock) -> list[Session]:
             if manager.expire(session):
                 ended.append(session)
         except Exception:
-            _log.failure("expiring session {session_id} failed", session_id=session.id)
+            _log.failure("expiring session {session_id} failed", session_id=session.id[:8])
     return ended
 
 

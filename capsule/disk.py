@@ -102,13 +102,13 @@ class DiskWatchService(TimerService):
         for session, size in end:
             message = (f"the session wrote {_mib(size)}, more than its disk limit of"
                        f" {_mib(self._limit)}")
-            _log.info("ending session {session_id}: {message}", session_id=session.id,
+            _log.info("ending session {session_id}: {message}", session_id=session.id[:8],
                       message=message)
             self._notify(session, message)
             try:
                 self._manager.end(session, message)
             except Exception:
-                _log.failure("ending session {session_id} failed", session_id=session.id)
+                _log.failure("ending session {session_id} failed", session_id=session.id[:8])
 
     @staticmethod
     def _notify(session: Session, message: str) -> None:
@@ -119,4 +119,4 @@ class DiskWatchService(TimerService):
             client.session_notice("disk_limit", message)
         except Exception:
             _log.failure("telling session {session_id} of its disk use failed",
-                         session_id=session.id)
+                         session_id=session.id[:8])

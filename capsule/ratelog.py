@@ -56,7 +56,8 @@ class RateLimitedLog:
         if len(self._seen) >= _PRUNE_AT:
             self._prune(now)
         self._seen[key] = [now, 0]
-        method(format, session_id=session_id, **fields)
+        # Log lines name a session by a short prefix of its id.
+        method(format, session_id=session_id[:8], **fields)
         return True
 
     def _prune(self, now: float) -> None:
@@ -65,7 +66,7 @@ class RateLimitedLog:
                 del self._seen[key]
                 if more:
                     self._log.error("session {session_id}: {more} more errors of kind"
-                                    " {kind} were not logged", session_id=key[0],
+                                    " {kind} were not logged", session_id=key[0][:8],
                                     more=more, kind=key[1])
 
     def forget(self, session_id: str) -> None:
@@ -76,5 +77,5 @@ class RateLimitedLog:
             at, more = self._seen.pop(key)
             if more:
                 self._log.error("session {session_id}: {more} more errors of kind {kind}"
-                                " were not logged", session_id=session_id, more=more,
+                                " were not logged", session_id=session_id[:8], more=more,
                                 kind=key[1])

@@ -303,11 +303,15 @@ def test_page_forgets_an_unknown_session_and_disables_export(server, page):
     assert page.errors == []
 
 
-def test_page_export_error_and_ended_session(server, page):
+def test_page_export_error_and_ended_session(make_server, new_page):
     """
     A failed export says why (the server's message); an ended session has
-    Export disabled.
+    Export disabled.  (The session moves its workspace away with sudo,
+    which only --allow-sudo gives.)
     """
+    server = make_server(*page_args("--grace", "30", "--cleanup-interval", "0.5",
+                                    "--allow-sudo"))
+    page = new_page()
     session_id = open_session(page, server.url)
     type_line(page, "cd / && sudo mv /workspace /tmp/moved && echo MOVED")
     wait_screen(page, r"MOVED")

@@ -77,7 +77,7 @@ def _expect_413(response: bytes) -> dict:
 
 def test_a_huge_declared_body_is_refused_before_it_is_read(http_server):
     with socket.create_connection(("127.0.0.1", http_server.port), timeout=5) as sock:
-        sock.sendall(b"POST /health HTTP/1.1\r\nHost: capsule\r\n"
+        sock.sendall(b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Length: 10000000000\r\n\r\n" + b"x" * 300_000)
         response = _read_response(sock, 10)
         assert _expect_413(response) == {
@@ -93,7 +93,7 @@ def test_a_huge_declared_body_is_refused_before_it_is_read(http_server):
 
 def test_a_chunked_body_is_cut_off(http_server):
     with socket.create_connection(("127.0.0.1", http_server.port), timeout=5) as sock:
-        sock.sendall(b"POST /health HTTP/1.1\r\nHost: capsule\r\n"
+        sock.sendall(b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n"
                      + b"10000\r\n" + b"y" * 0x10000 + b"\r\n")
         response = _read_response(sock, 10)
@@ -123,7 +123,7 @@ def _export(server, session_id: str, source: str) -> socket.socket:
     """
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30,
                                     source_address=(source, 0))
-    sock.sendall(f"GET /api/export/{session_id} HTTP/1.1\r\nHost: capsule\r\n"
+    sock.sendall(f"GET /api/export/{session_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                  f"Connection: close\r\n\r\n".encode())
     return sock
 
