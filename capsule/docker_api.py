@@ -357,6 +357,15 @@ class DockerAPI:
             return _network(client.inspect_network(name)), True
         return self._call(_thd)
 
+    def set_cpu_shares(self, container_id: str, shares: int) -> Deferred:
+        def _thd(client):
+            try:
+                client.update_container(container_id, cpu_shares=shares)
+            except docker.errors.NotFound:
+                return False
+            return True
+        return self._call(_thd)
+
     def remove_container(self, container_id: str) -> Deferred:
         def _thd(client):
             try:

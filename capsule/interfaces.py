@@ -63,6 +63,12 @@ class IDockerAPI(Interface):
         by someone else is used as it is.
         """
 
+    def set_cpu_shares(container_id, shares):
+        """
+        Change a running container's CPU weight; fire with C{True} if it
+        existed.
+        """
+
     def remove_container(container_id):
         """
         Remove a container and its anonymous volumes, whether running or

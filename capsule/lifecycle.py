@@ -190,6 +190,8 @@ class SessionCore:
     # The user who created the session (None: no authentication); only
     # that user may reconnect to it, replay it or export it.
     user: str | None = None
+    # The CPU weight its container has now (see SessionManager._share_cpu).
+    cpu_shares: int | None = None
 
     def __post_init__(self) -> None:
         self.input = InputGate(self)

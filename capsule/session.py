@@ -649,9 +649,41 @@ class SessionManager:
             session.events.removed()
         d.addBoth(done)
 
+    def user_cpu_shares(self, user: str | None) -> int:
+        """
+        The CPU weight of each of C{user}'s sessions: the sessions of one
+        user share one weight (C{--cpu-shares}), split equally, so that ten
+        sessions of one user cannot take ten times the CPU of one user's
+        single session.  Without users, each session has the full weight.
+        """
+        base = self.config.spec.cpu_shares
+        if user is None:
+            return base
+        count = sum(1 for s in self.sessions.values()
+                    if s.core.user == user and s.container_id is not None)
+        # Docker's smallest weight is 2.
+        return max(2, base // max(1, count))
+
+    def _share_cpu(self, user: str | None) -> None:
+        """
+        Give each live session of C{user} its share of the user's weight.
+        """
+        if user is None:
+            return
+        shares = self.user_cpu_shares(user)
+        for session in self.of_user(user):
+            if session.container_id is None or session.core.cpu_shares == shares:
+                continue
+            session.core.cpu_shares = shares
+            d = self._docker.set_cpu_shares(session.container_id, shares)
+            d.addErrback(lambda f, sid=session.id: _log.warn(
+                "could not set the CPU weight of session {session_id}: {error}",
+                session_id=sid[:8], error=f.getErrorMessage()))
+
     def forget(self, session: Session) -> None:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+            self._share_cpu(session.core.user)
         if session.core.message is not None:
             _log.info("session {session_id}{who} ended: {message}", session_id=session.id[:8],
                       message=session.core.message,
@@ -668,6 +700,8 @@ class SessionManager:
                   " {container})", session_id=session.id[:8], ms=elapsed_ms,
                   how="warm" if core.warm else "cold", container=core.container_id[:12],
                   who=f" of {session.core.user}" if session.core.user else "")
+        session.core.cpu_shares = self.config.spec.cpu_shares
+        self._share_cpu(session.core.user)
         self.pool.refill()
 
     # -- containers ----------------------------------------------------

@@ -255,6 +255,16 @@ class FakeDockerAPI:
             if process.exec_id == f"exec-{container_id}":
                 process.end(137)
 
+    def set_cpu_shares(self, container_id, shares):
+        failed = self._check()
+        if failed:
+            return failed
+        container = self.containers.get(container_id)
+        if container is None:
+            return succeed(False)
+        container["cpu_shares"] = shares
+        return succeed(True)
+
     def remove_container(self, container_id):
         failed = self._check()
         if failed:

@@ -182,6 +182,13 @@ class DockerContract:
         assert await api.container_sizes({**instance, LABEL_ROLE: "none"}) == {}
 
     @pytest_twisted.ensureDeferred
+    async def test_set_cpu_shares_of_a_container(self, api, spec):
+        container_id = await self.create(api, spec, "weighed")
+        assert await api.set_cpu_shares(container_id, 100) is True
+        await api.remove_container(container_id)
+        assert await api.set_cpu_shares(container_id, 100) is False
+
+    @pytest_twisted.ensureDeferred
     async def test_create_with_a_missing_image(self, api, spec):
         missing = replace(spec, image="capsule-contract-no-such-image:missing")
         with pytest.raises(ImageMissing):

@@ -553,3 +553,19 @@ def test_limits_leave_a_session_waiting_for_the_engine_alone(docker, clock):
     session = engine_goes_away(manager, docker, RecordingClient())
     clock.advance(30)
     assert overdue_sessions([session], clock.seconds(), 10, 10) == []
+
+
+# -- per-user CPU weight -------------------------------------------------------------------
+
+def test_a_users_sessions_share_one_cpu_weight(docker, clock):
+    spec = ContainerSpec(image="capsule-runtime:latest", cpu_shares=256)
+    manager = SessionManager(docker, clock, SessionConfig(spec=spec, instance="t"))
+    ann = [manager.create(RecordingClient(), 80, 24, user="ann") for _ in range(2)]
+    bob = manager.create(RecordingClient(), 80, 24, user="bob")
+    shares = lambda s: docker.containers[s.container_id].get("cpu_shares", 256)  # noqa: E731
+    assert [shares(s) for s in ann] == [128, 128] and shares(bob) == 256
+    ann.append(manager.create(RecordingClient(), 80, 24, user="ann"))
+    assert [shares(s) for s in ann] == [85, 85, 85]
+    docker.processes[0].exit(0)
+    assert [shares(s) for s in ann[1:]] == [128, 128] and shares(bob) == 256
+    assert manager.user_cpu_shares(None) == 256
