@@ -41,6 +41,8 @@
     expired: { label: "ended", action: "New session", gone: true },
     taken: { label: "disconnected", action: "Reconnect here" },
     failed: { label: "error", action: "Reconnect" },
+    // The login expired (or ended elsewhere): the page goes to the login page.
+    login: { label: "logged out" },
   };
 
   // What the status bar says for a server notice (a control message, never terminal output).
@@ -61,6 +63,7 @@
     session: $("session"),
     exportButton: $("export"),
     actionButton: $("action"),
+    logoutButton: $("logout"),
     terminal: $("terminal"),
   };
 
@@ -114,6 +117,11 @@
   let replayWritten = false; // whether the last chunk given to xterm is replay
   let parsingReplay = false; // whether xterm is parsing replayed output (set by write callbacks)
   let held = []; // what xterm sent while it was parsing replay, until the end of the task
+
+  // Users: whether capsule has them (null: not known yet), and whether the page is leaving for
+  // the login page (nothing it does with sockets matters any more).
+  let hasUsers = null;
+  let leaving = false;
 
   // --- status bar -------------------------------------------------------
 
@@ -308,6 +316,7 @@
 
   function onClose(code) {
     socket = null;
+    if (leaving) return;
     stopKeepalive();
     stopAcks();
     endReplay();
@@ -354,7 +363,11 @@
         retry("capsule is restarting");
         break;
       default: // 1006 and anything unexpected
-        if (failedAttempt) beginOutage().failing = true;
+        if (failedAttempt) {
+          beginOutage().failing = true;
+          // A refused upgrade looks the same as capsule being down; its API tells them apart.
+          if (hasUsers !== false) checkLogin();
+        }
         retry("connection lost");
     }
   }
@@ -409,6 +422,75 @@
       ? `next try in ${seconds} s (attempt ${attempt})`
       : `trying now (attempt ${attempt})`;
     if (ui.countdown.textContent !== text) ui.countdown.textContent = text;
+  }
+
+  // --- users: the login and logging out ------------------------------------------
+
+  // GET api/sessions: 200 with the user ({"user": null} when capsule has no users), 401 without
+  // a login. Resolves to the response, or null when capsule did not answer.
+  function askSessions() {
+    return fetch("api/sessions", {
+      credentials: "same-origin",
+      cache: "no-store",
+      headers: { Accept: "application/json" },
+    }).catch(() => null);
+  }
+
+  function checkLogin() {
+    askSessions().then((response) => {
+      if (response && response.status === 401 && !leaving) toLogin("login expired");
+    });
+  }
+
+  // To the login page, which comes back here afterwards: this tab's sessionStorage keeps the
+  // session id, so the same session resumes.
+  function toLogin(reason) {
+    leaving = true;
+    clearTimeout(retryTimer);
+    retryTimer = null;
+    stopKeepalive();
+    stopAcks();
+    if (socket) {
+      socket.onopen = socket.onmessage = socket.onclose = null;
+      socket.close();
+      socket = null;
+    }
+    outage = null;
+    if (sessionId) storeSessionId(sessionId);
+    setState("login", `${reason}: going to the login page`);
+    const next = location.pathname + location.search;
+    location.assign("login?next=" + encodeURIComponent(next));
+  }
+
+  function showLogout() {
+    askSessions().then((response) => {
+      if (!response || !response.ok) return;
+      return response.json().then((body) => {
+        hasUsers = typeof body.user === "string";
+        ui.logoutButton.hidden = !hasUsers;
+      });
+    }).catch(() => {});
+  }
+
+  function logOut() {
+    ui.logoutButton.disabled = true;
+    // The page's referrer policy (no-referrer) would send "Origin: null", which capsule refuses
+    // as cross-site: this request keeps its origin.
+    fetch("logout", {
+      method: "POST",
+      credentials: "same-origin",
+      cache: "no-store",
+      referrerPolicy: "same-origin",
+    }).then((response) => {
+      if (!response.ok) throw new Error(`capsule answered ${response.status}`);
+      // Logged out on purpose: the next login here starts afresh.
+      leaving = true;
+      forgetSession();
+      location.assign(response.redirected ? response.url : "login");
+    }).catch((e) => {
+      ui.logoutButton.disabled = false;
+      showError(`log out failed: ${e.message}`);
+    });
   }
 
   // --- keepalive ------------------------------------------------------------
@@ -703,6 +785,8 @@
     term.focus();
   });
 
+  ui.logoutButton.addEventListener("click", logOut);
+
   ui.actionButton.addEventListener("click", () => {
     if (state === "ended" || state === "expired") {
       forgetSession();
@@ -721,5 +805,6 @@
   fitAddon.fit();
   setState("connecting");
   connect();
+  showLogout();
   term.focus();
 })();
