@@ -522,6 +522,17 @@ class Authenticator:
         d = self.portal.login(credentials, None, IUser)
         return d.addCallback(lambda result: result[1].name)
 
+    def _still_a_user(self, cookie: str, user: str) -> bool:
+        """
+        A user removed from the htpasswd file loses the logins it had.
+        """
+        if self.passwords is None or user in self.passwords.file.reload():
+            return True
+        self.logins.end(cookie)
+        _log.info("ended a login of {user}: the user is no longer in {path}",
+                  user=user, path=self.passwords.file.path)
+        return False
+
     def user_of(self, request) -> Deferred:
         """
         Fire with the user C{request} is, or fail with L{AuthRefused}.
@@ -537,7 +548,7 @@ class Authenticator:
         cookie = _cookie(headers, COOKIE_NAME)
         if cookie:
             user = self.logins.user(cookie)
-            if user is not None:
+            if user is not None and self._still_a_user(cookie, user):
                 return succeed(user)
         scheme, _, value = headers.get("authorization", "").strip().partition(" ")
         scheme = scheme.lower()

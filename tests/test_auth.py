@@ -163,6 +163,17 @@ def test_the_cookie_names_its_user(auth):
         result(auth.user_of(Request(cookie=f"{COOKIE_NAME}=forged")))
 
 
+def test_a_user_removed_from_the_file_loses_its_logins(auth, files):
+    passwords, _ = files
+    value = auth.logins.new("bob")
+    assert result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={value}"))) == "bob"
+    passwords.write_text(htpasswd_line("alice", "wonderland"))
+    os.utime(passwords, ns=(1, 1))
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={value}")))
+    assert auth.logins.user(value) is None
+
+
 def test_a_login_rotates_the_cookie(auth):
     old = auth.logins.new("alice")
     request = Request(cookie=f"{COOKIE_NAME}={old}")
