@@ -183,21 +183,30 @@ class WatchedFile:
         return value
 
 
+def _entries(text: str, path: str, what: str):
+    """
+    The C{user:value} lines of a file (blank lines and C{#} comments
+    skipped; a line without a valid user name skipped with a warning).
+    """
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not valid_user_name(name):
+            _log.warn("{path} line {number}: not user:{what} with a valid user name; skipped",
+                      path=path, number=number, what=what)
+            continue
+        yield name, value
+
+
 def parse_htpasswd(text: str, path: str = "htpasswd") -> dict[str, bytes]:
     """
     C{user:hash} lines (bcrypt hashes only: C{$2y$}, C{$2b$}, C{$2a$}).
     Other hashes are skipped with a warning: they are too cheap to guess.
     """
     users = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, hashed = line.partition(":")
-        if not sep or not valid_user_name(name):
-            _log.warn("{path} line {number}: not user:hash with a valid user name; skipped",
-                      path=path, number=number)
-            continue
+    for name, hashed in _entries(text, path, "hash"):
         if not hashed.startswith(("$2y$", "$2b$", "$2a$")):
             _log.warn("{path}: the password of {user} is not a bcrypt hash (make it with"
                       " htpasswd -B); skipped", path=path, user=name)
@@ -212,15 +221,7 @@ def parse_tokens(text: str, path: str = "tokens") -> dict[str, str]:
     characters is skipped with a warning.
     """
     tokens = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, token = line.partition(":")
-        if not sep or not valid_user_name(name):
-            _log.warn("{path} line {number}: not user:token with a valid user name; skipped",
-                      path=path, number=number)
-            continue
+    for name, token in _entries(text, path, "token"):
         if len(token) < 16:
             _log.warn("{path}: a token of {user} is shorter than 16 characters; skipped",
                       path=path, user=name)

@@ -453,8 +453,8 @@ def _attach_while_starting(session: SessionEvents, core: SessionCore, client: ob
 @Starting.upon(SessionEvents.detach).to(StartingOrphaned)
 def _left_starting(session: SessionEvents, core: SessionCore, client: object,
                    unsent: int) -> None:
-    core.client = None
-    core.left_at = core.now()
+    # Nothing was handed to it yet: there is nothing to account for.
+    _leave(core, 0)
 
 
 @Starting.upon(SessionEvents.end).to(Ended)
@@ -585,8 +585,7 @@ def _left_resuming(session: SessionEvents, core: SessionCore, client: object,
                    unsent: int) -> None:
     # The attach under way goes on (from the offset it asked for), and a
     # client that comes back meanwhile is handed over from there.
-    core.client = None
-    core.left_at = core.now()
+    _leave(core, 0)
 
 
 @ResumingAlone.upon(SessionEvents.attach).to(Resuming)
