@@ -34,6 +34,8 @@ setup(
         "docker>=7.1",
         "pyOpenSSL>=24",
         "zope.interface>=6",
+        # /metrics: the Prometheus text format.
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "playwright>=1.40",

@@ -15,7 +15,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import _parse as _parse_endpoint
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from .admission import AdmissionControl, AdmissionPolicy, parse_network, parse_rate
@@ -26,8 +26,10 @@ from .docker_api import ContainerSpec, DockerAPI
 from .errors import CapsuleError
 from .export import ExportLimits
 from .headers import HostPolicy
+from .logformat import FORMATS, check_server_options, json_observer
 from .network import CAPSULE_NETWORK, SessionNetwork
 from .owners import OwnerFile, default_state_dir
+from .recording import DEFAULT_MAX_BYTES, SessionRecorder
 from .session import SessionConfig, SessionManager
 from .web import default_www, make_site
 
@@ -152,6 +154,9 @@ class Options(usage.Options):
         ["tokens", None, None,
          "A file of user:token lines: API tokens sent as 'Authorization: Bearer TOKEN'."
          " Read again when it changes."],
+        ["metrics-token", None, None,
+         "A token that reads /metrics from anywhere, sent as 'Authorization: Bearer TOKEN'"
+         " (without it, only loopback peers may read /metrics)."],
         ["user-header", None, None,
          "A header naming the user, set by an authenticating proxy (e.g."
          " X-Forwarded-User); believed only from --trusted-proxy addresses."],
@@ -169,6 +174,15 @@ class Options(usage.Options):
          " no traffic between sessions), none, or the name of an existing Docker network."],
         ["runtime", None, None,
          "The OCI runtime of session containers, e.g. runsc (gVisor) [default: the engine's]."],
+        ["log-format", None, "text",
+         "text (twistd's lines) or json (one JSON object per event and line, to the same"
+         " place)."],
+        ["record", None, None,
+         "A directory where each session's output is recorded as asciicast v2"
+         " (asciinema play FILE) [default: not recorded]."],
+        ["record-max-bytes", None, DEFAULT_MAX_BYTES,
+         "Bytes after which a session's recording is cut (Docker syntax: 50m).",
+         _positive(parse_bytes)],
     ]
 
     optFlags = [
@@ -290,6 +304,11 @@ class Options(usage.Options):
             raise usage.UsageError("--shell must not be empty")
         if not self["network"].strip():
             raise usage.UsageError("--network must be capsule, none or a network's name")
+        if self["log-format"] not in FORMATS:
+            raise usage.UsageError(
+                f"--log-format must be text or json, not {self['log-format']!r}")
+        if self["log-format"] == "json":
+            check_server_options(getattr(self, "parent", None))
         self._check_users()
 
 
@@ -496,6 +515,13 @@ class CapsuleService(MultiService):
         self.sessions = sessions
         self.listeners = listeners
         self.websocket_factory = websocket_factory
+        self.log_observer = None
+
+    def setServiceParent(self, parent) -> None:
+        # twistd's application: twistd logs to the observer it carries.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
 
 def makeService(config: Options, reactor=None) -> CapsuleService:
@@ -526,6 +552,7 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
         manager.owners = OwnerFile(config["state-dir"] or default_state_dir(),
                                    config["instance"])
     site = make_site(manager, docker, reactor, config["www"], authenticator=authenticator,
+                     metrics_token=config["metrics-token"],
                      max_message_size=config["max-message-size"],
                      allowed_origins=tuple(config["allowed-origin"]),
                      host_policy=HostPolicy(public_url=config.get("public-url"),
@@ -558,7 +585,13 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
     for description in config["listen"]:
         strports.service(description, site).setServiceParent(listeners)
     service = CapsuleService(docker, sessions, listeners, site.websocket_factory)
+    if config["log-format"] == "json":
+        service.log_observer = json_observer(getattr(config, "parent", None))
     DockerService(docker).setServiceParent(service)
+    if config["record"] is not None:
+        # Before the sessions: it stops after them, and writes what they said.
+        manager.recorder = SessionRecorder(config["record"], reactor, config["record-max-bytes"])
+        manager.recorder.setServiceParent(service)
     if auth_threads is not None:
         auth_threads.setServiceParent(service)
     sessions.setServiceParent(service)

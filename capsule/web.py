@@ -25,6 +25,7 @@ from .auth import (AuthGate, Authenticator, LoginResource, LogoutResource, Sessi
 from .errors import CapsuleError
 from .export import ExportLimits, ExportResource, json_error, peer_address
 from .headers import GuardResource, HostPolicy
+from .metrics import Metrics, MetricsResource
 from .session import SessionManager
 from .websocket import CapsuleServerFactory
 
@@ -296,8 +297,9 @@ def access_log_line(timestamp, request) -> str:
 
 # Paths served to anyone: the health check, the login page and its assets,
 # and logout (whose cookie may have expired already). /ws checks its user
-# itself, at the upgrade.
-OPEN_PATHS = {b"health", b"login", b"logout", b"login.css", b"favicon.svg", b"ws"}
+# itself, at the upgrade; /metrics its peer or token.
+OPEN_PATHS = {b"health", b"login", b"logout", b"login.css", b"favicon.svg", b"ws",
+              b"metrics"}
 # Bytes of body the login form may have.
 LOGIN_MAX_BODY = 8192
 
@@ -305,6 +307,7 @@ LOGIN_MAX_BODY = 8192
 def make_site(manager: SessionManager, docker, reactor, www: str, *,
               export_limits: ExportLimits = ExportLimits(), client_address=peer_address,
               authenticator: Authenticator | None = None, host_policy: HostPolicy | None = None,
+              metrics: Metrics | None = None, metrics_token: str | None = None,
               **websocket_options) -> Site:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -314,6 +317,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         per-client limits (by default the socket's peer).
     @param host_policy: the names and origins capsule answers to; without
         one, C{Host} is not checked (a site built bare, in tests).
+    @param metrics: what C{/metrics} serves (by default new ones).
+    @param metrics_token: the bearer token that reads C{/metrics} from
+        anywhere (C{--metrics-token}); loopback peers need none.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -325,6 +331,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                                    **websocket_options)
     root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"health", HealthResource(manager, docker, reactor))
+    metrics = metrics if metrics is not None else Metrics()
+    metrics.watch(manager, docker)
+    root.putChild(b"metrics", MetricsResource(metrics, metrics_token))
     api = Resource()
     exports = ExportResource(manager, docker, reactor, limits=export_limits,
                              client_address=client_address)
@@ -344,4 +353,5 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     site.displayTracebacks = False
     site.websocket_factory = factory
     site.exports = exports
+    site.metrics = metrics
     return site

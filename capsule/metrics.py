@@ -1,0 +1,281 @@
+"""
+C{/metrics}: what capsule does, in the Prometheus text format.
+
+The metrics live in a L{prometheus_client.CollectorRegistry} of capsule's
+own (L{Metrics}), never the process-wide default one, so that one process
+(a test run) may hold several servers.  Labels take values from small fixed
+sets only (end reasons, quota codes, WebSocket close codes, names of Docker
+API calls): never a session id, a user, terminal content or a secret.
+
+Who may read them: a peer on loopback that came straight to capsule (no
+proxy's C{X-Forwarded-For} or C{Forwarded}), or anyone presenting
+C{Authorization: Bearer <token>} when capsule runs with C{--metrics-token}.
+Everyone else gets 403.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import sys
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+
+# Why sessions end: the label values of capsule_sessions_ended_total.
+END_REASONS = ("exited", "expired", "killed", "engine", "limit", "malformed", "shutdown",
+               "other")
+
+# Close codes counted by their number; any other is "other".
+_CLOSE_CODES = frozenset(range(1000, 1016)) | frozenset(range(4000, 4010))
+
+# Seconds from a session's creation to its running shell.
+_START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# Seconds of one Docker API call.
+_DOCKER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def end_reason(exit_code: int | None, message: str | None) -> str:
+    """
+    The reason label of a session that ended with C{exit_code} and
+    C{message} (the sentence its client was told): one of L{END_REASONS}.
+    """
+    text = (message or "").lower()
+    if text == "the session expired":
+        return "expired"
+    if text == "the session's relay sent malformed data":
+        return "malformed"
+    if "shut down" in text or "restarting" in text:
+        return "shutdown"
+    if exit_code == 137 or "killed" in text or "out of memory" in text:
+        return "killed"
+    if "limit" in text or "maximum lifetime" in text or "was idle" in text:
+        return "limit"
+    if exit_code is not None:
+        return "exited"
+    if "engine" in text:
+        return "engine"
+    return "other"
+
+
+class _Live:
+    """
+    The gauges read from the manager at each scrape.
+    """
+
+    def __init__(self) -> None:
+        self.manager = None
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        manager = self.manager
+        live = GaugeMetricFamily("capsule_sessions_live", "Sessions that exist now.")
+        size = GaugeMetricFamily("capsule_pool_size", "Warm containers wanted in the pool.")
+        ready = GaugeMetricFamily("capsule_pool_ready", "Warm containers ready to be taken.")
+        if manager is not None:
+            live.add_metric([], len(manager.sessions))
+            size.add_metric([], manager.pool.size)
+            ready.add_metric([], len(manager.pool.ready))
+        return [live, size, ready]
+
+
+class Metrics:
+    """
+    capsule's metrics, in a registry of their own (C{registry}).  The
+    methods are what the rest of capsule calls when something happens.
+    """
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self._live = _Live()
+        registry.register(self._live)
+        self.started = Counter(
+            "capsule_sessions_started", "Sessions whose shell started.", ["how"],
+            registry=registry)
+        self.ended = Counter(
+            "capsule_sessions_ended", "Sessions that ended, by reason.", ["reason"],
+            registry=registry)
+        self.start_seconds = Histogram(
+            "capsule_session_start_seconds",
+            "Seconds from a session's creation to its running shell.", ["how"],
+            buckets=_START_BUCKETS, registry=registry)
+        self.bytes_to_clients = Counter(
+            "capsule_websocket_sent_bytes", "Bytes of WebSocket messages sent to clients.",
+            registry=registry)
+        self.bytes_from_clients = Counter(
+            "capsule_websocket_received_bytes",
+            "Bytes of WebSocket messages received from clients.", registry=registry)
+        self.reconnects = Counter(
+            "capsule_reconnects", "Clients that attached to an existing session.",
+            registry=registry)
+        self.replayed = Counter(
+            "capsule_replayed_bytes", "Bytes of output replayed to clients that reconnected.",
+            registry=registry)
+        self.ws_errors = Counter(
+            "capsule_websocket_errors", "Error messages sent to clients, by error code.",
+            ["code"], registry=registry)
+        self.ws_closes = Counter(
+            "capsule_websocket_closes", "WebSocket connections closed, by close code.",
+            ["code"], registry=registry)
+        self.refusals = Counter(
+            "capsule_refusals", "New sessions refused by admission control, by code.",
+            ["code"], registry=registry)
+        self.docker_seconds = Histogram(
+            "capsule_docker_call_seconds", "Seconds of Docker API calls, by call.", ["call"],
+            buckets=_DOCKER_BUCKETS, registry=registry)
+        self.docker_failures = Counter(
+            "capsule_docker_call_failures", "Docker API calls that failed, by call.",
+            ["call"], registry=registry)
+        self.pool_misses = Counter(
+            "capsule_pool_misses", "New sessions that found no warm container ready.",
+            registry=registry)
+        self.exports_started = Counter(
+            "capsule_exports_started", "Workspace exports started.", registry=registry)
+        self.exports_finished = Counter(
+            "capsule_exports_finished", "Workspace exports sent in full.", registry=registry)
+        self.exports_failed = Counter(
+            "capsule_exports_failed",
+            "Workspace exports that failed, were cut off or abandoned.", registry=registry)
+        # Every reason and kind shows from the start, at 0.
+        for reason in END_REASONS:
+            self.ended.labels(reason)
+        for how in ("warm", "cold"):
+            self.started.labels(how)
+            self.start_seconds.labels(how)
+
+    def watch(self, manager, docker=None) -> None:
+        """
+        Count what C{manager}, its pool and C{docker} do.
+        """
+        self._live.manager = manager
+        manager.metrics = self
+        manager.pool.metrics = self
+        if docker is not None:
+            try:
+                docker.metrics = self
+            except AttributeError:
+                pass
+
+    def text(self) -> bytes:
+        """
+        The metrics in the Prometheus text format.
+        """
+        return generate_latest(self.registry)
+
+    # -- what happens --------------------------------------------------
+
+    def session_started(self, warm: bool, seconds: float) -> None:
+        how = "warm" if warm else "cold"
+        self.started.labels(how).inc()
+        self.start_seconds.labels(how).observe(max(0.0, seconds))
+
+    def session_ended(self, exit_code: int | None, message: str | None) -> None:
+        self.ended.labels(end_reason(exit_code, message)).inc()
+
+    def reconnected(self) -> None:
+        self.reconnects.inc()
+
+    def sent(self, count: int) -> None:
+        self.bytes_to_clients.inc(count)
+
+    def received(self, count: int) -> None:
+        self.bytes_from_clients.inc(count)
+
+    def resumed(self, replayed: int) -> None:
+        self.replayed.inc(replayed)
+
+    def error_sent(self, code: str) -> None:
+        # Codes are capsule's own constants, never what a client sent.
+        self.ws_errors.labels(str(code)[:40]).inc()
+
+    def closed(self, code: int | None) -> None:
+        self.ws_closes.labels(
+            "none" if code is None else str(code) if code in _CLOSE_CODES else "other").inc()
+
+    def refused(self, code: str) -> None:
+        self.refusals.labels(str(code)[:40]).inc()
+
+    def pool_taken(self, pool, found) -> None:
+        if found is None and pool.size > 0:
+            self.pool_misses.inc()
+
+    def export_started(self) -> None:
+        self.exports_started.inc()
+
+    def export_ended(self, result, stream) -> None:
+        if isinstance(result, Failure) or stream.cut is not None or stream.gone:
+            self.exports_failed.inc()
+        else:
+            self.exports_finished.inc()
+
+    def docker_call(self, d, depth: int = 2):
+        """
+        Time the Docker API call whose result C{d} is, named after the
+        function C{depth} frames up (the L{DockerAPI} method that called
+        C{_call}); return C{d}.
+        """
+        name = sys._getframe(depth).f_code.co_name
+        began = time.monotonic()
+
+        def done(result):
+            self.docker_seconds.labels(name).observe(time.monotonic() - began)
+            if isinstance(result, Failure):
+                self.docker_failures.labels(name).inc()
+            return result
+        return d.addBoth(done)
+
+
+# What objects count into until a server watches them.
+UNCOUNTED = Metrics()
+
+
+def _loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+class MetricsResource(Resource):
+    """
+    C{GET /metrics}: L{Metrics.text} to loopback peers that came straight
+    here, and to anyone with the bearer token C{token}; 403 to others.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics, token: str | None = None) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._token = token.encode("utf-8") if token else None
+
+    def allowed(self, request) -> bool:
+        if self._token is not None:
+            given = request.getHeader(b"authorization") or b""
+            scheme, _, value = given.partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(),
+                                                                   self._token):
+                return True
+        if request.getHeader(b"x-forwarded-for") or request.getHeader(b"forwarded"):
+            # Through a proxy: the socket's peer is the proxy, not the client.
+            return False
+        peer = request.getClientAddress()
+        return _loopback(getattr(peer, "host", ""))
+
+    def render_GET(self, request):
+        request.setHeader(b"cache-control", b"no-store")
+        if not self.allowed(request):
+            request.setResponseCode(403)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return (b"metrics are served to loopback, or with the token of"
+                    b" --metrics-token\n")
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self._metrics.text()
