@@ -38,6 +38,7 @@ from zope.interface import implementer
 from .errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
 from .exec_process import ExecStreamProtocol, exec_start_request
 from .interfaces import IDockerAPI
+from .metrics import UNCOUNTED
 
 _log = Logger()
 
@@ -154,6 +155,9 @@ class DockerAPI:
         with a disk limit was created, then what the engine answered.
     """
 
+    # What it counts into (capsule.metrics): a server's metrics watch it.
+    metrics = UNCOUNTED
+
     def __init__(self, reactor, host: str | None = None, threads: int = 16,
                  export_threads: int = 4, timeout: float = 60.0) -> None:
         self._reactor = reactor
@@ -222,11 +226,12 @@ class DockerAPI:
         )
 
     def _call(self, function: Callable, *args, **kwargs) -> Deferred:
-        return deferToThreadPool(self._reactor, self._pool, self._thd_call,
-                                 function, *args, **kwargs)
+        return self.metrics.docker_call(deferToThreadPool(
+            self._reactor, self._pool, self._thd_call, function, *args, **kwargs))
 
     def _health_call(self, function: Callable) -> Deferred:
-        return deferToThreadPool(self._reactor, self._health_pool, self._thd_call, function)
+        return self.metrics.docker_call(deferToThreadPool(
+            self._reactor, self._health_pool, self._thd_call, function))
 
     # -- IDockerAPI ----------------------------------------------------
 

@@ -385,6 +385,7 @@ class WorkspaceExportResource(Resource):
         stream = _GzipStream(reactor, request, filename, self._session_id,
                              exports.limits.max_bytes)
         exports.streams.add(stream)
+        exports._manager.metrics.export_started()
         timeout = exports.limits.timeout
         timer = reactor.callLater(
             timeout, lambda: stream.cut_off(f"it took longer than {timeout:g} s"))
@@ -395,6 +396,7 @@ class WorkspaceExportResource(Resource):
         d = exports._docker.export_workspace(self._container_id, exports._path, _thd_write)
 
         def ended(result):
+            exports._manager.metrics.export_ended(result, stream)
             exports.streams.discard(stream)
             ticket.done()
             if timer.active():

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from .errors import CapsuleError
+from .metrics import UNCOUNTED
 
 _log = Logger()
 
@@ -35,6 +36,9 @@ class WarmPool:
     """
     @param make_spec: the L{ContainerSpec} for a given session id.
     """
+
+    # What it counts into (capsule.metrics): a server's metrics watch it.
+    metrics = UNCOUNTED
 
     def __init__(self, docker, clock, size: int, make_spec: Callable, max_age: float = 3600.0,
                  retry_delay: float = 5.0) -> None:
@@ -73,6 +77,7 @@ class WarmPool:
                 self.discard(warm, "it is too old")
             else:
                 found = warm
+        self.metrics.pool_taken(self, found)
         return found
 
     def discard(self, warm: WarmContainer, why: str) -> Deferred:

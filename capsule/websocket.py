@@ -255,20 +255,24 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # Any exception escaping here would drop the connection: every
         # failure becomes an error frame instead.
+        self._manager.metrics.received(len(payload))
         try:
             self._handle(self._wire.parse(payload, isBinary))
         except InputOverrun as e:
             _log.warn("closed {peer}: {message}", peer=self.peer, message=e.message)
             self._refuse(e.message, e.code, CLOSE_POLICY)
         except wire.ProtocolError as e:
+            self._manager.metrics.error_sent(e.code)
             self._send(wire.encode_error(e.message, e.code))
         except Exception:
             _log.failure("unexpected error handling a message from {peer}", peer=self.peer)
+            self._manager.metrics.error_sent("internal_error")
             self._send(wire.encode_error("internal error: the message was not handled",
                                          "internal_error"))
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.connection_closed(self)
+        self._manager.metrics.closed(code)
         session, self._session = self._session, None
         self._phase = "done"
         unsent = 0
@@ -292,6 +296,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                     try:
                         admission.admit(self._client_address, self._user)
                     except AdmissionRefused as e:
+                        self._manager.metrics.refused(e.code)
                         self._refuse(e.message, e.code, CLOSE_QUOTA_EXCEEDED
                                      if e.code == QUOTA_EXCEEDED else CLOSE_UNAVAILABLE)
                         return
@@ -335,6 +340,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         piece = self._wire.max_chunk
         chunks = [data] if len(data) <= piece else [
             data[start : start + piece] for start in range(0, len(data), piece)]
+        self._manager.metrics.sent(len(data))
         for chunk in chunks:
             self._sent += len(chunk)
             self.sendMessage(*self._wire.output(chunk))
@@ -346,11 +352,13 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
 
     def _send(self, payload: bytes, is_binary: bool = False) -> None:
         if self.state == WebSocketProtocol.STATE_OPEN:
+            self._manager.metrics.sent(len(payload))
             self.sendMessage(payload, isBinary=is_binary)
 
     def _refuse(self, message: str, code: str, close_code: int) -> None:
         _log.info("refused {peer}: {message}", peer=self.peer, message=short_ids(message))
         self._session = None
+        self._manager.metrics.error_sent(code)
         self._send(wire.encode_error(message, code))
         self._close(close_code, message)
 
@@ -369,6 +377,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
     def session_started(self, session, resumed: bool, offset: int, replay: int) -> None:
         self._flush()
         self._sent = self._acked = offset
+        if resumed:
+            self._manager.metrics.resumed(replay)
         self._send(*self._wire.connected(session.id, resumed, offset, replay,
                                          self.factory.flow_window))
         self.pause_output_producer(session.output_producer())
@@ -386,6 +396,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
 
     def session_failed(self, message: str, code: str) -> None:
         self._let_go()
+        self._manager.metrics.error_sent(code)
         self._send(wire.encode_error(message, code))
         self._close(CLOSE_SESSION_NOT_FOUND if code == "session_not_found"
                     else CLOSE_UNAVAILABLE, message)
