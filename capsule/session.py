@@ -29,6 +29,7 @@ from .interfaces import IExecProcess
 from .keeper import (DEFAULT_SOCKET, RELAY_FRAMES, FrameError, FrameReader, PreambleReader,
                      check_preamble, encode_input, encode_window, exit_status, keeper_argv)
 from .lifecycle import ISessionEffects, SessionCore, make_lifecycle
+from .metrics import UNCOUNTED
 from .pool import WarmPool
 from .ratelog import RateLimitedLog
 from .replay import ReplayBuffer
@@ -344,6 +345,8 @@ class SessionManager:
     """
 
     owners: dict = {}
+    # What it counts into (capsule.metrics): a server's metrics watch it.
+    metrics = UNCOUNTED
 
     def __init__(self, docker, clock, config: SessionConfig) -> None:
         self._docker = docker
@@ -436,6 +439,7 @@ class SessionManager:
         else:
             _log.info("session {session_id}{who} reconnected", session_id=session_id[:8],
                       who=f" of {session.core.user}" if session.core.user else "")
+        self.metrics.reconnected()
         session.events.attach(client, offset)
         return session
 
@@ -683,6 +687,7 @@ class SessionManager:
     def forget(self, session: Session) -> None:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+            self.metrics.session_ended(session.core.exit_code, session.core.message)
             self._share_cpu(session.core.user)
         if session.core.message is not None:
             _log.info("session {session_id}{who} ended: {message}", session_id=session.id[:8],
@@ -696,6 +701,7 @@ class SessionManager:
             _log.info("session {session_id} attached to its shell again",
                       session_id=session.id[:8])
             return
+        self.metrics.session_started(core.warm, elapsed_ms / 1000)
         _log.info("session {session_id}{who} started in {ms:.0f} ms ({how}, container"
                   " {container})", session_id=session.id[:8], ms=elapsed_ms,
                   how="warm" if core.warm else "cold", container=core.container_id[:12],
