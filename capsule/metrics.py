@@ -20,11 +20,19 @@ import ipaddress
 import sys
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import exposition
+from prometheus_client.exposition import generate_latest
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
+
+# The classic text format (version 0.0.4), which every Prometheus reads.
+CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
+
+# No *_created series beside each counter and histogram: they double what a
+# scrape carries and say only when the process started.
+disable_created_metrics()
 
 # Why sessions end: the label values of capsule_sessions_ended_total.
 END_REASONS = ("exited", "expired", "killed", "engine", "limit", "malformed", "shutdown",
@@ -277,5 +285,5 @@ class MetricsResource(Resource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return (b"metrics are served to loopback, or with the token of"
                     b" --metrics-token\n")
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
         return self._metrics.text()
