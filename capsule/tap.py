@@ -13,7 +13,7 @@ from docker.utils import parse_bytes
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import _parse as _parse_endpoint
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -157,6 +157,12 @@ class Options(usage.Options):
         ["metrics-token", None, None,
          "A token that reads /metrics from anywhere, sent as 'Authorization: Bearer TOKEN'"
          " (without it, only loopback peers may read /metrics)."],
+        ["admin-token", None, None,
+         "A token (16 characters or more) that opens the admin API (/api/admin/) from"
+         " anywhere, sent as 'Authorization: Bearer TOKEN' (loopback needs none)."],
+        ["admin-token-file", None, None,
+         "A file holding the admin token (not seen in the process list, unlike"
+         " --admin-token)."],
         ["user-header", None, None,
          "A header naming the user, set by an authenticating proxy (e.g."
          " X-Forwarded-User); believed only from --trusted-proxy addresses."],
@@ -206,6 +212,11 @@ class Options(usage.Options):
         self["allowed-host"] = []
         self["trusted-proxy"] = []
         self["cap-add"] = []
+        self["admin-user"] = []
+
+    def opt_admin_user(self, name: str) -> None:
+        """A user (of --auth, --tokens or --user-header) who may use the admin API; repeatable"""
+        self["admin-user"].append(name)
 
     def opt_cap_add(self, capability: str) -> None:
         """A Linux capability session containers keep (e.g. NET_BIND_SERVICE); repeatable [default: none, or sudo's with --allow-sudo]"""
@@ -268,6 +279,22 @@ class Options(usage.Options):
                     " --tokens FILE, or --user-header HEADER with --trusted-proxy CIDR behind"
                     " an authenticating proxy; or --insecure-no-auth to let anyone in; or"
                     f" listen on loopback only ({LOOPBACK_LISTEN})")
+        self._check_admin()
+
+    def _check_admin(self) -> None:
+        if self["admin-user"] and not self["users"]:
+            raise usage.UsageError("--admin-user needs users: --auth, --tokens or --user-header")
+        if self["admin-token-file"] is not None:
+            try:
+                with open(self["admin-token-file"], encoding="utf-8") as f:
+                    self["admin-token"] = f.read().strip()
+            except OSError as e:
+                raise usage.UsageError(f"--admin-token-file: {e.strerror}: "
+                                       f"{self['admin-token-file']}")
+        token = self["admin-token"]
+        if token is not None and (len(token) < 16 or any(c.isspace() for c in token)):
+            raise usage.UsageError("--admin-token: 16 characters or more, no spaces (try"
+                                   " `openssl rand -hex 32`)")
 
     def postOptions(self) -> None:
         try:
@@ -374,6 +401,8 @@ class SessionService(Service):
         self.clock = clock
         self.websocket_factory = websocket_factory
         self.ready: Deferred = Deferred()
+        # Sessions of the earlier run found (None: not known yet).
+        self.recovered: int | None = None
         self._recovery: Deferred | None = None
         # Given both, the memory budget is the engine's memory, once known.
         self._admission = admission
@@ -436,6 +465,7 @@ class SessionService(Service):
         self.manager.recovery_pending = False
         if warned:
             _log.info("found the sessions of the earlier run: {count}", count=count)
+        self.recovered = count
         self._open()
         self.manager.pool.start()
         await self.manager.check_live_restore()
@@ -467,12 +497,19 @@ class SessionService(Service):
 class ListenerService(MultiService):
     """
     The listening ports, as children: opened once C{ready} fires (the
-    sessions of an earlier run are known), closed first on stop.
+    sessions of an earlier run are known), closed first on stop.  Once they
+    are open, says where to go: C{capsule is ready: URL (N sessions recovered)}.
+
+    @param recovered: how many sessions of an earlier run were found (C{None}:
+        not known yet).
     """
 
-    def __init__(self, ready: Deferred) -> None:
+    def __init__(self, ready: Deferred, recovered=lambda: None,
+                 public_url: str | None = None) -> None:
         super().__init__()
         self._ready = ready
+        self._recovered = recovered
+        self._public_url = public_url
 
     def privilegedStartService(self) -> None:
         # twistd asks services to bind their ports before startService: the
@@ -492,12 +529,54 @@ class ListenerService(MultiService):
             for service in self:
                 service.privilegedStartService()
                 service.startService()
+            self._announce()
+
+    def _announce(self) -> None:
+        ports: list = []
+        waiting = []
+        for service in self:
+            d = getattr(service, "_waitingForPort", None)
+            if d is not None:
+                tls = type(getattr(service, "endpoint", None)).__name__.startswith("SSL")
+                waiting.append(Deferred())
+                d.addCallback(lambda port, w=waiting[-1], tls=tls: (
+                    w.callback((port, tls)), port)[1])
+        gathered = DeferredList(waiting)
+
+        def say(results) -> None:
+            urls = [listening_url(port, tls) for _, (port, tls) in results if port is not None]
+            if not urls:
+                _log.error("capsule could not open any of its --listen ports")
+                return
+            count = self._recovered()
+            recovered = ("the sessions of an earlier run are not known yet" if count is None
+                         else f"{count} session{'' if count == 1 else 's'} recovered")
+            _log.info("capsule is ready: {urls} ({recovered})", recovered=recovered,
+                      urls=", ".join([self._public_url.rstrip("/") + "/"] if self._public_url
+                                     else urls))
+        gathered.addCallback(say)
+        gathered.addErrback(lambda f: _log.failure("saying where capsule listens failed", f))
 
     def stopService(self) -> Deferred:
         if not self._ready.called:
             Service.stopService(self)
             return succeed(None)
         return super().stopService()
+
+
+def listening_url(port, tls: bool) -> str:
+    """
+    The URL of a listening port, as this machine reaches it.
+    """
+    address = port.getHost()
+    host = getattr(address, "host", None)
+    if host is None:
+        return f"unix:{getattr(address, 'name', address)}"
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{address.port}/"
 
 
 class CapsuleService(MultiService):
@@ -553,6 +632,7 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
                                    config["instance"])
     site = make_site(manager, docker, reactor, config["www"], authenticator=authenticator,
                      metrics_token=config["metrics-token"],
+                     admin_token=config["admin-token"], admin_users=config["admin-user"],
                      max_message_size=config["max-message-size"],
                      allowed_origins=tuple(config["allowed-origin"]),
                      host_policy=HostPolicy(public_url=config.get("public-url"),
@@ -581,7 +661,8 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
     sessions = SessionService(manager, reactor, site.websocket_factory, admission,
                               docker if budget is None else None,
                               SessionNetwork(docker, reactor, config["network"]))
-    listeners = ListenerService(sessions.ready)
+    listeners = ListenerService(sessions.ready, lambda: sessions.recovered,
+                                config["public-url"])
     for description in config["listen"]:
         strports.service(description, site).setServiceParent(listeners)
     service = CapsuleService(docker, sessions, listeners, site.websocket_factory)

@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from twisted.web.static import File
 
 from . import __version__
+from .admin_api import AdminAccess, AdminMount, AdminResource, Drain
 from .auth import (AuthGate, Authenticator, LoginResource, LogoutResource, SessionsResource,
                    short_ids)
 from .errors import CapsuleError
@@ -184,7 +185,9 @@ class StaticFiles(File):
 class HealthResource(Resource):
     """
     C{GET /health}: JSON with C{status}, C{docker}, C{image}, C{sessions}
-    and C{version}; 503 when Docker does not answer.
+    and C{version}; 503 when Docker does not answer, and while capsule drains
+    (C{status} C{draining}, and C{draining} says how: a load balancer then
+    sends no new users).
 
     One probe of the engine runs at a time: requests that arrive while it
     runs share its answer, each waiting at most L{HEALTH_TIMEOUT}, so that
@@ -193,9 +196,10 @@ class HealthResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, manager: SessionManager, docker, reactor) -> None:
+    def __init__(self, manager: SessionManager, docker, reactor, drain=None) -> None:
         super().__init__()
         self._manager, self._docker, self._reactor = manager, docker, reactor
+        self._drain = drain
         self._waiting: list[Deferred] = []
 
     def render_GET(self, request):
@@ -261,6 +265,8 @@ class HealthResource(Resource):
             "pool": {"size": self._manager.pool.size, "ready": len(self._manager.pool.ready)},
             "instance": self._manager.config.instance,
         }
+        if self._drain is not None and self._drain.active:
+            body["draining"] = self._drain.state()
         d = self._probe(image)
         d.addTimeout(HEALTH_TIMEOUT, self._reactor)
         try:
@@ -284,6 +290,9 @@ class HealthResource(Resource):
             body["status"] = "degraded"
             body["error"] = (f"the session image {image} is missing: build it with"
                              " `make image`")
+        if "draining" in body:
+            body["status"] = "draining"
+            return 503, body
         return 200, body
 
 
@@ -308,7 +317,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               export_limits: ExportLimits = ExportLimits(), client_address=peer_address,
               authenticator: Authenticator | None = None, host_policy: HostPolicy | None = None,
               metrics: Metrics | None = None, metrics_token: str | None = None,
-              **websocket_options) -> Site:
+              admin_token: str | None = None, admin_users=(), **websocket_options) -> Site:
     """
     @param export_limits: how many exports run, and what one may cost.
     @param authenticator: who may use what (L{capsule.auth}); C{None}: anyone
@@ -320,6 +329,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     @param metrics: what C{/metrics} serves (by default new ones).
     @param metrics_token: the bearer token that reads C{/metrics} from
         anywhere (C{--metrics-token}); loopback peers need none.
+    @param admin_token, admin_users: who may use C{/api/admin/} besides
+        loopback (L{capsule.admin_api}).
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -330,7 +341,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
                                    **websocket_options)
     root.putChild(b"ws", WebSocketResource(factory))
-    root.putChild(b"health", HealthResource(manager, docker, reactor))
+    drain = Drain(manager, reactor)
+    factory.drain = drain
+    root.putChild(b"health", HealthResource(manager, docker, reactor, drain))
     metrics = metrics if metrics is not None else Metrics()
     metrics.watch(manager, docker)
     root.putChild(b"metrics", MetricsResource(metrics, metrics_token))
@@ -346,6 +359,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         root.putChild(b"login", LoginResource(authenticator, os.path.join(www, "login.html")))
         root.putChild(b"logout", LogoutResource(authenticator))
         top = AuthGate(root, authenticator, OPEN_PATHS)
+    top = AdminMount(top, AdminResource(manager, drain, AdminAccess(
+        admin_token, admin_users, authenticator), reactor))
     site = CapsuleSite(GuardResource(top, host_policy), reactor=reactor,
                        logFormatter=access_log_line)
     if authenticator is not None:
@@ -353,5 +368,6 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     site.displayTracebacks = False
     site.websocket_factory = factory
     site.exports = exports
+    site.drain = drain
     site.metrics = metrics
     return site

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import protocol as wire
+from .admin_api import DRAIN_REFUSAL, DRAINING
 from .admission import QUOTA_EXCEEDED, AdmissionRefused
 from .auth import AuthRefused, short_ids
 from .coalesce import Coalescer
@@ -290,6 +291,9 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             self._send(wire.encode_pong())
         elif isinstance(message, wire.Resize):
             if self._phase == "awaiting_resize":
+                if self.factory.drain is not None and self.factory.drain.active:
+                    self._refuse(DRAIN_REFUSAL, DRAINING, CLOSE_UNAVAILABLE)
+                    return
                 admission = self.factory.admission
                 if admission is not None:
                     # Refused before anything is made: no session, no container.
@@ -452,6 +456,8 @@ class CapsuleServerFactory(WebSocketServerFactory):
     protocol = CapsuleServerProtocol
     # An AdmissionControl deciding on new sessions, or None for no limits.
     admission = None
+    # A capsule.admin_api.Drain: while it drains, no new sessions.
+    drain = None
     # Who connections act for (capsule.auth.Authenticator), or None: anyone.
     authenticator = None
     # Where sessions' owners are kept across restarts (capsule.owners), or None.

@@ -1,0 +1,347 @@
+"""
+The admin API under C{/api/admin/}: list the sessions, end one or all, and
+drain the server.  What C{python -m capsule.admin} speaks to.
+
+    GET    /api/admin/sessions        the live sessions
+    DELETE /api/admin/sessions/ID     end one (ID: the id or a unique prefix)
+    DELETE /api/admin/sessions        end every session
+    GET    /api/admin/drain           whether capsule drains
+    POST   /api/admin/drain?deadline=S  drain: no new sessions; after S s end the rest
+    DELETE /api/admin/drain           take new sessions again
+
+Allowed from loopback (a request without forwarding headers), with the
+admin token (C{Authorization: Bearer}), or to a user named by
+C{--admin-user}.  A browser's request from another origin is refused.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import time
+
+from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+_log = Logger()
+
+DRAINING = "draining"
+ENDED_BY_ADMIN = "an administrator ended this session"
+DRAIN_REFUSAL = ("capsule is draining for maintenance and takes no new sessions: try again"
+                 " later")
+DEADLINE_ENDED = "capsule was drained for maintenance: the session ended at the drain's deadline"
+
+# Headers a proxy adds: a request carrying one came through a proxy, even
+# from loopback, and is not the operator at the machine.
+FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+
+
+class Drain:
+    """
+    Whether capsule takes new sessions.  While it drains, a new session is
+    refused (C{draining}, close 4503); the sessions it has go on until they
+    end or, given a deadline, until it passes: then they are ended.  Not
+    kept across a restart.
+    """
+
+    def __init__(self, manager, clock) -> None:
+        self._manager = manager
+        self._clock = clock
+        self.active = False
+        self.since: float | None = None
+        self.deadline: float | None = None
+        self._timer = None
+
+    def start(self, deadline: float | None = None) -> None:
+        """
+        Drain, ending what is left after C{deadline} seconds (C{None}:
+        never).  Again while draining: the new deadline replaces the old.
+        """
+        now = self._clock.seconds()
+        first = not self.active
+        self.active = True
+        if first:
+            self.since = now
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.deadline = None if deadline is None else now + deadline
+        if deadline is not None:
+            self._timer = self._clock.callLater(deadline, self._deadline_passed)
+        self._tell(self.notice())
+
+    def stop(self) -> None:
+        """
+        Take new sessions again.
+        """
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.active, self.since, self.deadline = False, None, None
+
+    def notice(self) -> str:
+        if self.deadline is None:
+            return ("capsule is draining for maintenance: it takes no new sessions; this one"
+                    " goes on until it ends")
+        when = time.strftime("%H:%M:%S UTC", time.gmtime(self.deadline))
+        return ("capsule is draining for maintenance: it takes no new sessions; this one"
+                f" ends at {when}, in {self.deadline - self._clock.seconds():.0f} s: save"
+                " your work")
+
+    def _tell(self, message: str) -> None:
+        for session in list(self._manager.sessions.values()):
+            client = session.client
+            if client is not None:
+                try:
+                    client.session_notice(DRAINING, message)
+                except Exception:
+                    _log.failure("telling session {session_id} of the drain failed",
+                                 session_id=session.id[:8])
+
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        ended = end_all(self._manager, DEADLINE_ENDED)
+        _log.info("the drain's deadline passed: ended {count} session(s)", count=ended)
+
+    def state(self) -> dict:
+        now = self._clock.seconds()
+        return {"draining": self.active, "since": self.since,
+                "deadline_in": None if self.deadline is None else max(0.0, self.deadline - now),
+                "sessions": len(self._manager.sessions)}
+
+
+def end_all(manager, message: str) -> int:
+    count = 0
+    for session in list(manager.sessions.values()):
+        try:
+            manager.end(session, message)
+            count += 1
+        except Exception:
+            _log.failure("ending session {session_id} failed", session_id=session.id[:8])
+    return count
+
+
+def describe(session, now: float) -> dict:
+    """
+    What the admin API says of a session.
+    """
+    core = session.core
+    return {"id": session.id, "owner": core.user, "state": session.status(),
+            "created": core.created_at, "age": round(now - core.created_at, 1),
+            "idle": round(now - core.active_at, 1),
+            "container": core.container_id, "client_attached": session.client is not None,
+            "bytes_out": core.replay.end}
+
+
+class AdminRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class AdminAccess:
+    """
+    Who may use the admin API: loopback, the admin token, or an admin user.
+
+    @param token: the admin token (C{None}: none).
+    @param users: users allowed (with an L{capsule.auth.Authenticator}).
+    """
+
+    def __init__(self, token: str | None = None, users=(), authenticator=None) -> None:
+        self.token = token
+        self.users = frozenset(users)
+        self.authenticator = authenticator
+
+    def check(self, request) -> Deferred:
+        """
+        Fire with who asks (for the log), or fail with L{AdminRefused}.
+        """
+        if not _same_origin(request):
+            return fail(AdminRefused(403, "the admin API does not answer other sites' pages"))
+        scheme, _, value = (request.getHeader(b"authorization") or "").strip().partition(" ")
+        if self.token and scheme.lower() == "bearer" and hmac.compare_digest(
+                value.strip().encode("utf-8"), self.token.encode("utf-8")):
+            return succeed("admin token")
+        if _from_loopback(request):
+            return succeed("loopback")
+        if self.authenticator is not None and self.users:
+            d = self.authenticator.user_of(request)
+
+            def known(user):
+                if user in self.users:
+                    return f"user {user}"
+                raise AdminRefused(403, f"{user} is not an administrator (--admin-user)")
+
+            def refused(failure):
+                from .auth import AuthRefused
+                failure.trap(AuthRefused)
+                raise AdminRefused(failure.value.status, failure.value.message)
+            return d.addCallbacks(known, refused)
+        return fail(AdminRefused(
+            401 if self.token else 403,
+            "the admin API answers loopback"
+            + (", the admin token" if self.token else "")
+            + (" and --admin-user users" if self.users else "")))
+
+
+def _same_origin(request) -> bool:
+    """
+    A browser's request from another site's page is refused: its C{Origin}
+    must name the host it asks, and C{Sec-Fetch-Site} must not say
+    cross-site.
+    """
+    site = (request.getHeader(b"sec-fetch-site") or "same-origin").lower()
+    if site not in ("same-origin", "none"):
+        return False
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return True
+    host = (request.getHeader(b"host") or "").lower()
+    netloc = origin.lower().split("://", 1)[-1].rstrip("/")
+    return bool(host) and netloc == host
+
+
+def _from_loopback(request) -> bool:
+    if any(request.requestHeaders.hasHeader(h) for h in FORWARDING_HEADERS):
+        return False
+    peer = request.getClientAddress()
+    if isinstance(peer, UNIXAddress):
+        return True
+    try:
+        return ipaddress.ip_address(getattr(peer, "host", "")).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminResource(Resource):
+    """
+    C{/api/admin/}: see the module's docstring.
+    """
+
+    isLeaf = True
+
+    def __init__(self, manager, drain: Drain, access: AdminAccess, clock) -> None:
+        super().__init__()
+        self._manager, self._drain, self._access, self._clock = manager, drain, access, clock
+
+    def render(self, request):
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def answer(result):
+            status, body = result
+            if gone:
+                return
+            request.setResponseCode(status)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(json.dumps(body).encode("utf-8"))
+            request.finish()
+
+        def refused(failure):
+            failure.trap(AdminRefused)
+            e = failure.value
+            _log.info("refused an admin request from {peer}: {message}",
+                      peer=str(getattr(request.getClientAddress(), "host", "?")),
+                      message=e.message)
+            if e.status == 401:
+                request.setHeader(b"www-authenticate", b'Bearer realm="capsule admin"')
+            return e.status, {"error": e.message, "code": "forbidden"
+                              if e.status == 403 else "unauthenticated"}
+
+        d = self._access.check(request)
+        d.addCallback(lambda who: self._dispatch(request, who))
+        d.addErrback(refused)
+        d.addCallback(answer)
+        d.addErrback(lambda f: _log.failure("an admin request failed", f))
+        return NOT_DONE_YET
+
+    def _dispatch(self, request, who: str) -> tuple[int, dict]:
+        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        method = request.method
+        if path == ["sessions"]:
+            if method in (b"GET", b"HEAD"):
+                return 200, self._list()
+            if method == b"DELETE":
+                count = end_all(self._manager, ENDED_BY_ADMIN)
+                _log.info("admin ({who}) ended every session: {count}", who=who, count=count)
+                return 200, {"ended": count}
+        elif len(path) == 2 and path[0] == "sessions":
+            if method == b"DELETE":
+                return self._end(path[1], who)
+        elif path == ["drain"]:
+            if method in (b"GET", b"HEAD"):
+                return 200, self._drain.state()
+            if method == b"POST":
+                return self._start_drain(request, who)
+            if method == b"DELETE":
+                self._drain.stop()
+                _log.info("admin ({who}) stopped the drain: capsule takes new sessions again",
+                          who=who)
+                return 200, self._drain.state()
+        else:
+            return 404, {"error": "no such admin path", "code": "not_found"}
+        return 405, {"error": f"{method.decode('ascii', 'replace')} is not allowed here",
+                     "code": "method_not_allowed"}
+
+    def _list(self) -> dict:
+        now = self._clock.seconds()
+        sessions = sorted(self._manager.sessions.values(), key=lambda s: s.core.created_at)
+        return {"instance": self._manager.config.instance, "draining": self._drain.active,
+                "sessions": [describe(s, now) for s in sessions]}
+
+    def _end(self, wanted: str, who: str) -> tuple[int, dict]:
+        wanted = wanted.lower()
+        matches = [s for i, s in self._manager.sessions.items() if i.startswith(wanted)]
+        if len(wanted) < 4 or not matches:
+            return 404, {"error": f"no live session {wanted[:40]}", "code": "session_not_found"}
+        if len(matches) > 1:
+            return 409, {"error": f"{wanted} names {len(matches)} sessions: give more of its id",
+                         "code": "ambiguous"}
+        session = matches[0]
+        self._manager.end(session, ENDED_BY_ADMIN)
+        _log.info("admin ({who}) ended session {session_id}", who=who,
+                  session_id=session.id[:8])
+        return 200, {"ended": session.id}
+
+    def _start_drain(self, request, who: str) -> tuple[int, dict]:
+        values = request.args.get(b"deadline")
+        deadline = None
+        if values:
+            try:
+                deadline = float(values[0])
+                if not 0 <= deadline < 10 ** 7:
+                    raise ValueError(deadline)
+            except ValueError:
+                return 400, {"error": "deadline: seconds, 0 or more", "code": "bad_request"}
+        self._drain.start(deadline)
+        _log.info("admin ({who}) began draining: no new sessions; {left} session(s) go on"
+                  " {until}", who=who, left=len(self._manager.sessions),
+                  until="until they end" if deadline is None
+                  else f"for at most {deadline:g} s")
+        return 200, self._drain.state()
+
+
+class AdminMount(Resource):
+    """
+    Wraps the site's root (and its login gate): C{/api/admin} goes to the
+    admin API, which checks its callers itself; every other path to
+    C{inner}.
+    """
+
+    def __init__(self, inner: Resource, admin: AdminResource) -> None:
+        super().__init__()
+        self._inner, self._admin = inner, admin
+
+    def getChildWithDefault(self, path: bytes, request):
+        if path == b"api" and request.postpath[:1] == [b"admin"]:
+            request.prepath.append(request.postpath.pop(0))
+            return self._admin
+        return self._inner.getChildWithDefault(path, request)
+
+    def render(self, request):
+        return self._inner.render(request)
