@@ -199,7 +199,7 @@ class _ShellProtocol(ProcessProtocol):
         # connection to the shell: log it and keep the shell.
         try:
             if self._frames is None:
-                self._session.events.output(data)
+                self._deliver(data)
             else:
                 self._relayed(data)
         except self._Malformed as e:
@@ -240,6 +240,12 @@ class _ShellProtocol(ProcessProtocol):
             self._session.events.stream_started(preamble.offset, preamble.dropped)
             if not data:
                 return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        recorder = self._session.core.effects.recorder
+        if recorder is not None:
+            recorder.output(self._session, data)
         self._session.events.output(data)
 
     def _malformed(self, problem: str) -> None:
@@ -345,6 +351,8 @@ class SessionManager:
     """
 
     owners: dict = {}
+    # Where sessions' output is recorded (capsule.recording), if anywhere.
+    recorder = None
     # What it counts into (capsule.metrics): a server's metrics watch it.
     metrics = UNCOUNTED
 
@@ -462,6 +470,8 @@ class SessionManager:
 
     def resize(self, session: Session, cols: int, rows: int) -> None:
         session.events.resize(cols, rows)
+        if self.recorder is not None:
+            self.recorder.resize(session, cols, rows)
 
     def expire(self, session: Session) -> bool:
         """
@@ -685,6 +695,8 @@ class SessionManager:
                 session_id=sid[:8], error=f.getErrorMessage()))
 
     def forget(self, session: Session) -> None:
+        if self.recorder is not None:
+            self.recorder.end(session)
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
             self.metrics.session_ended(session.core.exit_code, session.core.message)

@@ -1,0 +1,240 @@
+"""
+Recordings of sessions' output (capsule.recording): asciicast v2, cut at a
+size, resizes, UTF-8 across chunks.
+"""
+
+import json
+import os
+import stat
+from types import SimpleNamespace
+
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+from capsule.recording import FLUSH_DELAY, FLUSH_SIZE, SessionRecorder
+
+SID = "0b5e2c9a-6a0e-4e4a-9d2a-3f1d2c3b4a5e"
+START = 1_790_000_000.25  # 2026-09-21T14:13:20Z
+
+
+def make_session(cols=80, rows=24, sid=SID):
+    return SimpleNamespace(id=sid, core=SimpleNamespace(size=(cols, rows)))
+
+
+def make_recorder(tmp_path, max_bytes=50 * 1024 * 1024):
+    clock = Clock()
+    clock.advance(START)
+    recorder = SessionRecorder(str(tmp_path / "rec"), clock, max_bytes,
+                               run_in_thread=lambda f, *a: maybeDeferred(f, *a))
+    recorder.startService()
+    return recorder, clock
+
+
+def read_cast(tmp_path):
+    (name,) = os.listdir(tmp_path / "rec")
+    with open(tmp_path / "rec" / name, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f.read().splitlines()]
+    return name, lines[0], lines[1:]
+
+
+def test_format(tmp_path):
+    """
+    A header with version, size, start and TERM; output events with the
+    seconds since the start; the file named by session id and start time.
+    """
+    recorder, clock = make_recorder(tmp_path)
+    session = make_session(100, 30)
+    recorder.output(session, b"$ ")
+    clock.advance(1.5)
+    recorder.output(session, b"ls\r\n")
+    recorder.end(session)
+    name, head, events = read_cast(tmp_path)
+    assert name == f"{SID}-20260921T141320Z.cast"
+    assert head == {"version": 2, "width": 100, "height": 30, "timestamp": 1790000000,
+                    "env": {"TERM": "xterm-256color"}}
+    assert events == [[0.0, "o", "$ "], [1.5, "o", "ls\r\n"]]
+    mode = os.stat(tmp_path / "rec" / name).st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "rec").st_mode) == 0o700
+
+
+def test_written_later_or_when_large(tmp_path):
+    """
+    Small output waits for the flush delay; output past the flush size is
+    written at once.
+    """
+    recorder, clock = make_recorder(tmp_path)
+    session = make_session()
+    recorder.output(session, b"hello")
+    assert os.listdir(tmp_path / "rec") == []
+    clock.advance(FLUSH_DELAY)
+    assert [e[2] for e in read_cast(tmp_path)[2]] == ["hello"]
+    recorder.output(session, b"x" * FLUSH_SIZE)
+    assert [len(e[2]) for e in read_cast(tmp_path)[2]] == [5, FLUSH_SIZE]
+    assert clock.getDelayedCalls() == []
+
+
+def test_resize(tmp_path):
+    """
+    A resize is an "r" event; one before any output is in the header.
+    """
+    recorder, clock = make_recorder(tmp_path)
+    session = make_session(80, 24)
+    recorder.resize(session, 90, 25)  # not begun: nothing written
+    session.core.size = (90, 25)
+    recorder.output(session, b"a")
+    clock.advance(2)
+    session.core.size = (120, 40)
+    recorder.resize(session, 120, 40)
+    recorder.end(session)
+    _, head, events = read_cast(tmp_path)
+    assert (head["width"], head["height"]) == (90, 25)
+    assert events == [[0.0, "o", "a"], [2.0, "r", "120x40"]]
+
+
+def test_utf8_across_chunks(tmp_path):
+    """
+    A character split between chunks is written whole, with the second
+    chunk; bytes that are not UTF-8, and a character cut by the end, are
+    U+FFFD.
+    """
+    recorder, clock = make_recorder(tmp_path)
+    session = make_session()
+    euro = "€".encode()  # three bytes
+    recorder.output(session, b"a" + euro[:1])
+    recorder.output(session, euro[1:2])
+    recorder.output(session, euro[2:] + b"b\xff")
+    recorder.output(session, euro[:2])
+    recorder.end(session)
+    _, _, events = read_cast(tmp_path)
+    assert events == [[0.0, "o", "a"], [0.0, "o", "€b\ufffd"], [0.0, "o", "\ufffd"]]
+
+
+def test_cut_at_max_bytes(tmp_path):
+    """
+    Past --record-max-bytes, a marker is the last line and nothing more
+    is recorded of the session; the file is at most the cap plus that line.
+    """
+    recorder, clock = make_recorder(tmp_path, max_bytes=1000)
+    session = make_session()
+    for _ in range(30):
+        recorder.output(session, b"y" * 40)
+        clock.advance(0.1)
+    recorder.resize(session, 100, 30)
+    recorder.end(session)
+    name, _, events = read_cast(tmp_path)
+    assert events[-1][1:] == ["m", "recording cut: it reached --record-max-bytes (1000)"]
+    assert all(e[1:] == ["o", "y" * 40] for e in events[:-1])
+    with open(tmp_path / "rec" / name, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    assert sum(map(len, lines[:-1])) <= 1000
+    assert sum(map(len, lines[:-1])) + len(lines[1]) > 1000
+
+
+def test_sessions_apart_and_stop(tmp_path):
+    """
+    Each session has a file of its own; stopping writes what waits, and a
+    session's end before any output writes nothing.
+    """
+    recorder, clock = make_recorder(tmp_path)
+    one, two = make_session(sid="a" * 36), make_session(sid="b" * 36)
+    recorder.output(one, b"1")
+    recorder.output(two, b"2")
+    recorder.end(make_session(sid="c" * 36))
+    d = recorder.stopService()
+    assert d.called
+    names = sorted(os.listdir(tmp_path / "rec"))
+    assert [n[:36] for n in names] == ["a" * 36, "b" * 36]
+    for name, text in zip(names, "12"):
+        with open(tmp_path / "rec" / name, encoding="utf-8") as f:
+            assert json.loads(f.read().splitlines()[1]) == [0.0, "o", text]
+
+
+def test_write_failure_stops_recording(tmp_path):
+    """
+    A file that cannot be written ends that session's recording with one
+    error logged; the session's output still goes on being accepted.
+    """
+    recorder, clock = make_recorder(tmp_path)
+    os.chmod(tmp_path / "rec", 0o500)
+    try:
+        if os.access(tmp_path / "rec", os.W_OK):  # root writes anyway
+            os.rmdir(tmp_path / "rec")
+            (tmp_path / "rec").write_text("not a directory")
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            session = make_session()
+            recorder.output(session, b"x")
+            clock.advance(FLUSH_DELAY)
+            recorder.output(session, b"y")
+            clock.advance(FLUSH_DELAY)
+            recorder.end(session)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        errors = [e for e in events if e.get("log_namespace") == "capsule.recording"]
+        assert [e["log_level"] for e in errors] == [LogLevel.error]
+        assert "no longer recorded" in formatEvent(errors[0])
+        assert clock.getDelayedCalls() == []
+    finally:
+        if (tmp_path / "rec").is_dir():
+            os.chmod(tmp_path / "rec", 0o700)
+
+
+def test_options_and_wiring(tmp_path):
+    """
+    --record DIR gives the session manager a recorder, a child of the
+    server that stops after the sessions; --record-max-bytes takes sizes.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from capsule.tap import Options, SessionService, makeService
+
+    options = Options()
+    options.parseOptions(["-l", "tcp:0:interface=127.0.0.1", "--record", str(tmp_path),
+                          "--record-max-bytes", "2m"])
+    assert options["record-max-bytes"] == 2 * 1024 * 1024
+    service = makeService(options, MemoryReactorClock())
+    recorder = service.manager.recorder
+    assert isinstance(recorder, SessionRecorder)
+    assert (recorder.directory, recorder.max_bytes) == (str(tmp_path), 2 * 1024 * 1024)
+    children = list(service)
+    assert children.index(recorder) < children.index(service.sessions)
+    assert isinstance(service.sessions, SessionService)
+    plain = Options()
+    plain.parseOptions(["-l", "tcp:0:interface=127.0.0.1"])
+    assert makeService(plain, MemoryReactorClock()).manager.recorder is None
+    assert plain["record-max-bytes"] == 50 * 1024 * 1024
+
+
+def test_manager_tells_the_recorder():
+    """
+    The session manager passes each session's output, resizes and end to
+    its recorder.
+    """
+    from capsule.docker_api import ContainerSpec
+    from capsule.session import SessionConfig, SessionManager
+    from capsule.testing import FakeDockerAPI, RecordingClient
+
+    told = []
+
+    class Recorder:
+        def output(self, session, data):
+            told.append(("o", session.id, data))
+
+        def resize(self, session, cols, rows):
+            told.append(("r", session.id, cols, rows))
+
+        def end(self, session):
+            told.append(("end", session.id))
+
+    clock, docker = Clock(), FakeDockerAPI()
+    manager = SessionManager(docker, clock, SessionConfig(
+        spec=ContainerSpec(image="capsule-runtime:latest")))
+    manager.recorder = Recorder()
+    session = manager.create(RecordingClient(), 80, 24)
+    docker.processes[0].emit(b"hi")
+    manager.resize(session, 100, 30)
+    manager.end(session, "bye")
+    assert told == [("o", session.id, b"hi"), ("r", session.id, 100, 30), ("end", session.id)]
