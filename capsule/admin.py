@@ -1,0 +1,258 @@
+"""
+C{python -m capsule.admin}: steer a running capsule through its admin API
+(C{list}, C{end}, C{drain}), and remove the containers of one that is not
+running (C{cleanup}, through Docker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+LABEL_MANAGED = "io.capsule.managed"
+LABEL_INSTANCE = "io.capsule.instance"
+LABEL_SESSION = "io.capsule.session"
+DEFAULT_URL = "http://127.0.0.1:3001"
+TOKEN_ENV = "CAPSULE_ADMIN_TOKEN"
+
+
+class AdminError(Exception):
+    """
+    What went wrong, as a sentence for the operator.
+    """
+
+
+class AdminClient:
+    """
+    The admin API of the capsule at C{url}.
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, admin: bool = True) -> tuple[int, dict]:
+        url = f"{self.url}{'/api/admin/' if admin else '/'}{path}"
+        request = urllib.request.Request(url, method=method)
+        if self.token and admin:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.status, _json(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, _json(e.read())
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise AdminError(f"no capsule answers at {self.url} ({reason})") from None
+
+    def ask(self, method: str, path: str) -> dict:
+        """
+        The answer of a successful call; else raise L{AdminError} with the
+        server's sentence.
+        """
+        status, body = self.call(method, path)
+        if status == 200:
+            return body
+        message = body.get("error") or f"HTTP {status}"
+        if status in (401, 403) and not self.token:
+            message += f" (set {TOKEN_ENV} to the admin token, or run this on capsule's host)"
+        raise AdminError(f"{self.url}: {message}")
+
+    def health(self) -> dict | None:
+        """
+        C{/health}, or C{None} when nothing answers there.
+        """
+        try:
+            _, body = self.call("GET", "health", admin=False)
+        except AdminError:
+            return None
+        return body
+
+
+def _json(data: bytes) -> dict:
+    try:
+        value = json.loads(data or b"{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_sessions(answer: dict) -> str:
+    """
+    The sessions of C{GET /api/admin/sessions} as a table.
+    """
+    rows = [("SESSION", "OWNER", "STATE", "AGE", "IDLE", "CONTAINER", "CLIENT", "BYTES OUT")]
+    for s in answer.get("sessions", []):
+        rows.append((s["id"][:8], s.get("owner") or "-", s["state"], _duration(s["age"]),
+                     _duration(s["idle"]), (s.get("container") or "-")[:12],
+                     "attached" if s["client_attached"] else "-", str(s["bytes_out"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in rows]
+    count = len(rows) - 1
+    lines.append(f"{count} session{'' if count == 1 else 's'} of instance"
+                 f" {answer.get('instance')}" + (" (draining)" if answer.get("draining") else ""))
+    return "\n".join(lines)
+
+
+def do_list(client: AdminClient, args, out) -> int:
+    answer = client.ask("GET", "sessions")
+    print(json.dumps(answer, indent=2) if args.json else format_sessions(answer), file=out)
+    return 0
+
+
+def do_end(client: AdminClient, args, out) -> int:
+    if args.all == bool(args.session_id):
+        raise AdminError("end: give a session id, or --all")
+    if args.all:
+        answer = client.ask("DELETE", "sessions")
+        print(f"ended {answer['ended']} session(s)", file=out)
+    else:
+        answer = client.ask("DELETE", f"sessions/{urllib.request.quote(args.session_id)}")
+        print(f"ended session {answer['ended']}", file=out)
+    return 0
+
+
+def do_drain(client: AdminClient, args, out) -> int:
+    if args.cancel:
+        client.ask("DELETE", "drain")
+        print("capsule takes new sessions again", file=out)
+        return 0
+    query = "" if args.deadline is None else f"?deadline={args.deadline:g}"
+    state = client.ask("POST", f"drain{query}")
+    until = ("until they end" if state["deadline_in"] is None
+             else f"for at most {state['deadline_in']:.0f} s")
+    print(f"draining: no new sessions; {state['sessions']} session(s) go on {until}", file=out)
+    if not args.wait:
+        return 0
+    while state["sessions"]:
+        time.sleep(args.interval)
+        state = client.ask("GET", "drain")
+    print("drained: no session left", file=out)
+    return 0
+
+
+def do_cleanup(client: AdminClient, args, out, docker_client=None) -> int:
+    """
+    Remove the containers of an instance that does not run.  Refused while
+    a capsule of that instance answers at C{--url}, or while one is attached
+    to its sessions' shells (a running exec in a container).
+    """
+    health = client.health()
+    if health is not None and health.get("instance") == args.instance:
+        raise AdminError(
+            f"capsule instance {args.instance} is running at {client.url}: its containers are"
+            " its sessions. End them with `end --all`, or stop capsule first (its sessions"
+            " then live on, and a restart recovers them)")
+    import docker.errors
+    try:
+        if docker_client is None:
+            docker_client = docker.from_env(timeout=60)
+        api = docker_client.api
+        found = api.containers(all=True, filters={"label": [
+            f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={args.instance}"]})
+    except docker.errors.DockerException as e:
+        raise AdminError(f"cannot reach the Docker engine: {e}") from None
+    if not args.force:
+        for container in found:
+            if container.get("State") != "running":
+                continue
+            attached = [e for e in api.inspect_container(container["Id"]).get("ExecIDs") or ()
+                        if _exec_running(api, e)]
+            if attached:
+                raise AdminError(
+                    f"{_name(container)} has a running exec: a capsule of instance"
+                    f" {args.instance} seems attached to it (on another address than"
+                    f" {client.url}?). Stop it first, or give --force")
+    for container in found:
+        name = _name(container)
+        if args.dry_run:
+            print(f"would remove {name} ({container.get('State')})", file=out)
+            continue
+        try:
+            api.remove_container(container["Id"], force=True, v=True)
+        except Exception as e:
+            if "No such container" in str(e) or "already in progress" in str(e):
+                continue
+            raise
+        print(f"removed {name}", file=out)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(found)} container(s) of instance {args.instance}", file=out)
+    return 0
+
+
+def _exec_running(api, exec_id: str) -> bool:
+    try:
+        return bool(api.exec_inspect(exec_id).get("Running"))
+    except Exception:
+        return False
+
+
+def _name(container: dict) -> str:
+    names = container.get("Names") or [container["Id"][:12]]
+    return names[0].lstrip("/")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m capsule.admin",
+        description="Steer a running capsule through its admin API, and remove the"
+                    " containers of one that is not running.")
+    p.add_argument("--url", default=os.environ.get("CAPSULE_URL", DEFAULT_URL),
+                   help=f"the capsule to steer [default: $CAPSULE_URL, else {DEFAULT_URL}];"
+                        f" the admin token is read from ${TOKEN_ENV} (loopback needs none)")
+    sub = p.add_subparsers(dest="command", required=True)
+    listing = sub.add_parser("list", help="the live sessions: owner, state, age, container,"
+                                          " client, bytes")
+    listing.add_argument("--json", action="store_true", help="as the API's JSON")
+    end = sub.add_parser("end", help="end a session (its client is told), or every session")
+    end.add_argument("session_id", nargs="?", help="its id, or a unique prefix (8 characters)")
+    end.add_argument("--all", action="store_true", help="end every session")
+    drain = sub.add_parser("drain", help="take no new sessions; keep the others until they"
+                                         " end or the deadline passes")
+    drain.add_argument("--deadline", type=float, metavar="S",
+                       help="end the sessions still live after S seconds [default: never]")
+    drain.add_argument("--wait", action="store_true", help="return once no session is left")
+    drain.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    drain.add_argument("--cancel", action="store_true", help="take new sessions again")
+    cleanup = sub.add_parser("cleanup", help="remove the containers of an instance that is not"
+                                             " running (through Docker)")
+    cleanup.add_argument("--instance", default="default", help="[default: default]")
+    cleanup.add_argument("--dry-run", action="store_true", help="say what would be removed")
+    cleanup.add_argument("--force", action="store_true",
+                         help="remove even containers a capsule seems attached to")
+    return p
+
+
+COMMANDS = {"list": do_list, "end": do_end, "drain": do_drain, "cleanup": do_cleanup}
+
+
+def main(argv=None, out=sys.stdout, err=sys.stderr) -> int:
+    args = parser().parse_args(argv)
+    client = AdminClient(args.url, os.environ.get(TOKEN_ENV) or None)
+    try:
+        return COMMANDS[args.command](client, args, out)
+    except AdminError as e:
+        print(f"capsule.admin: {e}", file=err)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
