@@ -38,8 +38,10 @@ disable_created_metrics()
 END_REASONS = ("exited", "expired", "killed", "engine", "limit", "malformed", "shutdown",
                "other")
 
-# Close codes counted by their number; any other is "other".
-_CLOSE_CODES = frozenset(range(1000, 1016)) | frozenset(range(4000, 4010))
+# Close codes counted by their number (the standard ones, and those
+# capsule sends); any other a client sends is "other".
+_CLOSE_CODES = frozenset(range(1000, 1016)) | frozenset(range(4000, 4010)) | frozenset(
+    (4400, 4401, 4403, 4404, 4409, 4429, 4503))
 
 # Seconds from a session's creation to its running shell.
 _START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)

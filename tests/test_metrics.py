@@ -268,3 +268,12 @@ def test_no_login_needed_when_capsule_has_users(tmp_path):
     assert _get(site, REMOTE)[0] == 403
     # A user's API token is not the metrics token.
     assert _get(site, REMOTE, b"Authorization: Bearer " + b"a" * 32 + b"\r\n")[0] == 403
+
+
+@pytest.mark.parametrize("code, label", [
+    (1000, "1000"), (1009, "1009"), (4429, "4429"), (4503, "4503"), (4777, "other"),
+    (3000, "other"), (None, "none")])
+def test_close_codes_are_a_small_set(code, label):
+    metrics = Metrics()
+    metrics.closed(code)
+    assert value(metrics, "capsule_websocket_closes_total", code=label) == 1
