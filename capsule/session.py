@@ -443,10 +443,12 @@ class SessionManager:
         if session.client is not None:
             _log.info("session {session_id}{who} taken over by a new connection",
                       session_id=session_id[:8],
-                      who=f" of {session.core.user}" if session.core.user else "")
+                      who=f" of {session.core.user}" if session.core.user else "",
+                      user=session.core.user)
         else:
             _log.info("session {session_id}{who} reconnected", session_id=session_id[:8],
-                      who=f" of {session.core.user}" if session.core.user else "")
+                      who=f" of {session.core.user}" if session.core.user else "",
+                      user=session.core.user)
         self.metrics.reconnected()
         session.events.attach(client, offset)
         return session
@@ -463,7 +465,8 @@ class SessionManager:
         if session.status() in ("detached", "interrupted", "reattaching"):
             _log.info("client left session {session_id}{who}; it is kept for {grace:g} s",
                       session_id=session.id[:8], grace=self.config.grace,
-                      who=f" of {session.core.user}" if session.core.user else "")
+                      who=f" of {session.core.user}" if session.core.user else "",
+                      user=session.core.user)
 
     def write(self, session: Session, data: bytes) -> None:
         session.events.write(data)
@@ -481,7 +484,8 @@ class SessionManager:
         if expired:
             _log.info("session {session_id}{who} expired after {grace:g} s without a client",
                       session_id=session.id[:8], grace=self.config.grace,
-                      who=f" of {session.core.user}" if session.core.user else "")
+                      who=f" of {session.core.user}" if session.core.user else "",
+                      user=session.core.user)
         return expired
 
     def end(self, session: Session, message: str, exit_code: int | None = None) -> None:
@@ -704,7 +708,9 @@ class SessionManager:
         if session.core.message is not None:
             _log.info("session {session_id}{who} ended: {message}", session_id=session.id[:8],
                       message=session.core.message,
-                      who=f" of {session.core.user}" if session.core.user else "")
+                      duration=round(self._clock.seconds() - session.core.created_at, 3),
+                      who=f" of {session.core.user}" if session.core.user else "",
+                      user=session.core.user)
 
     def went_live(self, session: Session, resumed: bool) -> None:
         core = session.core
@@ -717,7 +723,8 @@ class SessionManager:
         _log.info("session {session_id}{who} started in {ms:.0f} ms ({how}, container"
                   " {container})", session_id=session.id[:8], ms=elapsed_ms,
                   how="warm" if core.warm else "cold", container=core.container_id[:12],
-                  who=f" of {session.core.user}" if session.core.user else "")
+                  who=f" of {session.core.user}" if session.core.user else "",
+                  user=session.core.user)
         session.core.cpu_shares = self.config.spec.cpu_shares
         self._share_cpu(session.core.user)
         self.pool.refill()

@@ -156,3 +156,34 @@ def test_options():
     assert makeService(parse(), MemoryReactorClock()).log_observer is None
     observer = makeService(parse("--log-format", "json"), MemoryReactorClock()).log_observer
     assert isinstance(observer, JSONLinesObserver)
+
+
+def test_session_events_carry_user_and_duration():
+    """
+    A session's start and end events have the fields the JSON log gives:
+    session id prefix, user, container id prefix, and the duration.
+    """
+    from twisted.internet.task import Clock
+    from twisted.logger import globalLogPublisher
+
+    from capsule.docker_api import ContainerSpec
+    from capsule.session import SessionConfig, SessionManager
+    from capsule.testing import FakeDockerAPI, RecordingClient
+
+    clock = Clock()
+    manager = SessionManager(FakeDockerAPI(), clock, SessionConfig(
+        spec=ContainerSpec(image="capsule-runtime:latest")))
+    stream = io.StringIO()
+    observer = JSONLinesObserver(stream)
+    globalLogPublisher.addObserver(observer)
+    try:
+        session = manager.create(RecordingClient(), 80, 24, user="alice")
+        clock.advance(90.5)
+        manager.end(session, "bye")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    records = [r for r in lines(stream) if r.get("session_id") == session.id[:8]]
+    started = next(r for r in records if " started in " in r["message"])
+    ended = next(r for r in records if " ended: " in r["message"])
+    assert (started["user"], started["container"]) == ("alice", session.container_id[:12])
+    assert (ended["user"], ended["duration"], ended["event_message"]) == ("alice", 90.5, "bye")
