@@ -6,6 +6,8 @@ VENV ?= .venv
 IMAGE ?= capsule-runtime:latest
 LISTEN ?= tcp:3001:interface=127.0.0.1
 ARGS ?=
+# Where `make run` writes the session image build's full output.
+BUILD_LOG ?= .capsule-build.log
 
 BIN := $(VENV)/bin
 
@@ -13,23 +15,42 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed www/node_modules/.installed
 
+# compat mode puts the checkout on sys.path, where twistd finds
+# twisted/plugins/capsule_plugin.py
 $(VENV)/.installed: setup.py
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# compat mode puts the checkout on sys.path, where twistd finds
-	# twisted/plugins/capsule_plugin.py
-	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
-	touch $@
+	@echo "capsule: installing capsule and its Python packages into $(VENV) (pip)..."
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install --quiet --upgrade pip
+	@$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	@touch $@
 
 www/node_modules/.installed: www/package.json www/package-lock.json
-	cd www && npm ci --no-audit --no-fund --loglevel=error
-	touch $@
+	@echo "capsule: installing the page's packages into www/node_modules (npm ci)..."
+	@cd www && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
 
 image:
 	bash docker/build-image.sh $(IMAGE)
 
-run: setup image
-	$(BIN)/twistd -n capsule --listen $(LISTEN) --image $(IMAGE) $(ARGS)
+# Each set-up step says one line; the image build's own output goes to
+# $(BUILD_LOG). Ctrl-C (or SIGTERM to twistd or to this shell) stops capsule
+# without make calling it an error: the shell passes the signal on as
+# SIGTERM, waits for capsule to stop, and reports success (bash: dash would
+# still print "Terminated").
+run: SHELL := /bin/bash
+run: setup
+	@echo "capsule: Python packages in $(VENV), the page's in www/node_modules: ready"
+	@echo "capsule: session image $(IMAGE) (full build log: $(BUILD_LOG))"
+	@bash -c 'set -o pipefail; bash docker/build-image.sh "$$1" 2>&1 | tee "$$2" \
+	  | grep --line-buffered "^build-image:" | sed -u "s/^build-image:/capsule: image:/"' \
+	  _ $(IMAGE) $(BUILD_LOG) \
+	  || { echo "capsule: the image build failed; the end of $(BUILD_LOG):"; \
+	       tail -n 25 $(BUILD_LOG); exit 1; }
+	@echo "capsule: starting: twistd -n capsule --listen $(LISTEN) --image $(IMAGE) $(ARGS)"
+	@$(BIN)/twistd -n capsule --listen $(LISTEN) --image $(IMAGE) $(ARGS) & pid=$$!; \
+	  trap 'kill -TERM $$pid 2>/dev/null' INT TERM; \
+	  while :; do wait $$pid; status=$$?; kill -0 $$pid 2>/dev/null || break; done; \
+	  case $$status in 0|130|143) exit 0;; *) exit $$status;; esac
 
 test: setup image
 	CAPSULE_TEST_IMAGE=$(IMAGE) $(BIN)/python -m pytest tests $(ARGS)
