@@ -58,6 +58,20 @@ def file_name(session_id: str, started: float) -> str:
     return f"{session_id}-{stamp}.cast"
 
 
+def check_directory(path: str) -> str | None:
+    """
+    Make the recordings' directory (C{0700}) if it is missing; say what is
+    wrong with it (C{None}: nothing).
+    """
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        return f"cannot make {path}: {e.strerror}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable by capsule"
+    return None
+
+
 def _write(path: str, data: bytes, create: bool) -> None:
     "On the recorder's thread: append C{data} to C{path}."
     flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if create else 0)

@@ -29,7 +29,7 @@ from .headers import HostPolicy
 from .logformat import FORMATS, check_server_options, json_observer
 from .network import CAPSULE_NETWORK, SessionNetwork
 from .owners import OwnerFile, default_state_dir
-from .recording import DEFAULT_MAX_BYTES, SessionRecorder
+from .recording import DEFAULT_MAX_BYTES, SessionRecorder, check_directory
 from .session import SessionConfig, SessionManager
 from .web import default_www, make_site
 
@@ -336,6 +336,8 @@ class Options(usage.Options):
                 f"--log-format must be text or json, not {self['log-format']!r}")
         if self["log-format"] == "json":
             check_server_options(getattr(self, "parent", None))
+        if self["record"] is not None and (problem := check_directory(self["record"])):
+            raise usage.UsageError(f"--record: {problem}")
         self._check_users()
 
 

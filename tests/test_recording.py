@@ -8,6 +8,8 @@ import os
 import stat
 from types import SimpleNamespace
 
+import pytest
+
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -238,3 +240,16 @@ def test_manager_tells_the_recorder():
     manager.resize(session, 100, 30)
     manager.end(session, "bye")
     assert told == [("o", session.id, b"hi"), ("r", session.id, 100, 30), ("end", session.id)]
+
+
+def test_a_directory_that_cannot_be_one_is_a_usage_error(tmp_path):
+    from twisted.python import usage
+
+    from capsule.tap import Options
+
+    (tmp_path / "file").write_text("")
+    options = Options()
+    with pytest.raises(usage.UsageError, match="--record: cannot make"):
+        options.parseOptions(["--record", str(tmp_path / "file" / "rec")])
+    Options().parseOptions(["--record", str(tmp_path / "new" / "rec")])
+    assert stat.S_IMODE(os.stat(tmp_path / "new" / "rec").st_mode) == 0o700
