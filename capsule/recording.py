@@ -155,6 +155,9 @@ class SessionRecorder(Service):
     # -- what the session manager tells ----------------------------------
 
     def output(self, session, data: bytes) -> None:
+        if not self.running:
+            # Stopped (capsule is stopping): what follows is not recorded.
+            return
         recording = self._recordings.get(session.id)
         if recording is None:
             recording = self._begin(session)
@@ -213,7 +216,7 @@ class SessionRecorder(Service):
             if recording.timer.active():
                 recording.timer.cancel()
             recording.timer = None
-        if not recording.pending or recording.failed:
+        if not recording.pending or recording.failed or self._run is None:
             return
         data = b"".join(recording.pending)
         recording.pending, recording.pending_bytes = [], 0

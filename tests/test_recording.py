@@ -253,3 +253,21 @@ def test_a_directory_that_cannot_be_one_is_a_usage_error(tmp_path):
         options.parseOptions(["--record", str(tmp_path / "file" / "rec")])
     Options().parseOptions(["--record", str(tmp_path / "new" / "rec")])
     assert stat.S_IMODE(os.stat(tmp_path / "new" / "rec").st_mode) == 0o700
+
+
+def test_output_after_stop_is_not_recorded(tmp_path):
+    """
+    Sessions may still speak while capsule stops: once the recorder has
+    stopped, their output is let through unrecorded.
+    """
+    recorder, clock = make_recorder(tmp_path)
+    session = make_session()
+    recorder.output(session, b"before")
+    recorder.stopService()
+    recorder.output(session, b"after" * FLUSH_SIZE)
+    recorder.resize(session, 1, 1)
+    recorder.end(session)
+    clock.advance(FLUSH_DELAY)
+    _, _, events = read_cast(tmp_path)
+    assert events == [[0.0, "o", "before"]]
+    assert clock.getDelayedCalls() == []
