@@ -273,7 +273,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.connection_closed(self)
-        self._manager.metrics.closed(code)
+        self._manager.metrics.closed(self.localCloseCode if self.closedByMe else code)
         session, self._session = self._session, None
         self._phase = "done"
         unsent = 0
