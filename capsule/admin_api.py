@@ -162,7 +162,7 @@ class AdminAccess:
         """
         if not _same_origin(request):
             return fail(AdminRefused(403, "the admin API does not answer other sites' pages"))
-        scheme, _, value = (request.getHeader(b"authorization") or "").strip().partition(" ")
+        scheme, _, value = _header(request, b"authorization").strip().partition(" ")
         if self.token and scheme.lower() == "bearer" and hmac.compare_digest(
                 value.strip().encode("utf-8"), self.token.encode("utf-8")):
             return succeed("admin token")
@@ -194,15 +194,20 @@ def _same_origin(request) -> bool:
     must name the host it asks, and C{Sec-Fetch-Site} must not say
     cross-site.
     """
-    site = (request.getHeader(b"sec-fetch-site") or "same-origin").lower()
+    site = _header(request, b"sec-fetch-site", "same-origin").lower()
     if site not in ("same-origin", "none"):
         return False
-    origin = request.getHeader(b"origin")
+    origin = _header(request, b"origin", None)
     if origin is None:
         return True
-    host = (request.getHeader(b"host") or "").lower()
+    host = _header(request, b"host").lower()
     netloc = origin.lower().split("://", 1)[-1].rstrip("/")
     return bool(host) and netloc == host
+
+
+def _header(request, name: bytes, default: str | None = "") -> str | None:
+    value = request.getHeader(name)
+    return default if value is None else value.decode("latin-1")
 
 
 def _from_loopback(request) -> bool:
