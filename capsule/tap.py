@@ -157,6 +157,9 @@ class Options(usage.Options):
         ["metrics-token", None, None,
          "A token that reads /metrics from anywhere, sent as 'Authorization: Bearer TOKEN'"
          " (without it, only loopback peers may read /metrics)."],
+        ["metrics-token-file", None, None,
+         "A file holding the metrics token (not seen in the process list, unlike"
+         " --metrics-token)."],
         ["admin-token", None, None,
          "A token (16 characters or more) that opens the admin API (/api/admin/) from"
          " anywhere, sent as 'Authorization: Bearer TOKEN' (loopback needs none)."],
@@ -296,6 +299,19 @@ class Options(usage.Options):
             raise usage.UsageError("--admin-token: 16 characters or more, no spaces (try"
                                    " `openssl rand -hex 32`)")
 
+    def _check_metrics(self) -> None:
+        if self["metrics-token-file"] is not None:
+            try:
+                with open(self["metrics-token-file"], encoding="utf-8") as f:
+                    self["metrics-token"] = f.read().strip()
+            except OSError as e:
+                raise usage.UsageError(f"--metrics-token-file: {e.strerror}: "
+                                       f"{self['metrics-token-file']}")
+        token = self["metrics-token"]
+        if token is not None and (len(token) < 16 or any(c.isspace() for c in token)):
+            raise usage.UsageError("--metrics-token: 16 characters or more, no spaces (try"
+                                   " `openssl rand -hex 32`)")
+
     def postOptions(self) -> None:
         try:
             parse_bytes(self["memory"])
@@ -339,6 +355,7 @@ class Options(usage.Options):
         if self["record"] is not None and (problem := check_directory(self["record"])):
             raise usage.UsageError(f"--record: {problem}")
         self._check_users()
+        self._check_metrics()
 
 
 def loopback_only(description: str) -> bool:

@@ -277,3 +277,37 @@ def test_close_codes_are_a_small_set(code, label):
     metrics = Metrics()
     metrics.closed(code)
     assert value(metrics, "capsule_websocket_closes_total", code=label) == 1
+
+
+# -- --metrics-token ------------------------------------------------------------
+
+
+def _options(*args):
+    from capsule.tap import Options
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_metrics_token_option():
+    assert _options()["metrics-token"] is None
+    assert _options("--metrics-token", TOKEN)["metrics-token"] == TOKEN
+
+
+def test_metrics_token_from_a_file(tmp_path):
+    path = tmp_path / "metrics-token"
+    path.write_text(TOKEN + "\n")
+    assert _options("--metrics-token-file", str(path))["metrics-token"] == TOKEN
+
+
+@pytest.mark.parametrize("token", ["short", "has a space in it 0123456789"])
+def test_weak_metrics_tokens_are_refused(token):
+    from twisted.python import usage
+    with pytest.raises(usage.UsageError, match="--metrics-token"):
+        _options("--metrics-token", token)
+
+
+def test_missing_metrics_token_file_is_a_usage_error(tmp_path):
+    from twisted.python import usage
+    with pytest.raises(usage.UsageError, match="--metrics-token-file"):
+        _options("--metrics-token-file", str(tmp_path / "absent"))
