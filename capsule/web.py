@@ -1,5 +1,6 @@
 """
-The HTTP side: the terminal page, C{/ws}, C{/health} and the export.
+The HTTP side: the terminal page, C{/ws}, C{/health}, C{/metrics} and the
+export.
 """
 
 from __future__ import annotations
