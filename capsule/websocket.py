@@ -292,6 +292,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         elif isinstance(message, wire.Resize):
             if self._phase == "awaiting_resize":
                 if self.factory.drain is not None and self.factory.drain.active:
+                    self._manager.metrics.refused(DRAINING)
                     self._refuse(DRAIN_REFUSAL, DRAINING, CLOSE_UNAVAILABLE)
                     return
                 admission = self.factory.admission
@@ -385,6 +386,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             self._manager.metrics.resumed(replay)
         self._send(*self._wire.connected(session.id, resumed, offset, replay,
                                          self.factory.flow_window))
+        if self.factory.drain is not None and self.factory.drain.active:
+            self._send(wire.encode_notice(DRAINING, self.factory.drain.notice()))
         self.pause_output_producer(session.output_producer())
 
     def session_output(self, data: bytes) -> None:

@@ -81,7 +81,7 @@ def test_list_shows_the_owner_and_end_tells_the_client(make_server, tmp_path):
 
 def test_drain_refuses_new_sessions_keeps_the_others_until_the_deadline(server):
     kept = BlockingTerminal(server.ws_url)
-    kept.start()
+    session_id = kept.start()
     started = time.monotonic()
     drained = admin(server, "drain", "--deadline", "15")
     assert drained.returncode == 0, drained.stderr
@@ -97,6 +97,11 @@ def test_drain_refuses_new_sessions_keeps_the_others_until_the_deadline(server):
     status, health = server.health()
     assert (status, health["status"], health["draining"]["draining"]) == (503, "draining", True)
     kept.run("echo still-$((40+2))", "still-42")
+    # A client coming back while capsule drains is told too.
+    kept.drop()
+    kept = BlockingTerminal(server.ws_url, session_id)
+    assert kept.next("notice")["code"] == "draining"
+    kept.run("echo back-$((40+3))", "back-43")
     assert time.monotonic() - started < 15, "the checks took longer than the deadline"
 
     message = kept.next("exit", timeout=40)
