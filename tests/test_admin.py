@@ -9,15 +9,21 @@ import io
 import json
 
 import pytest
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import (MemoryReactor, MemoryReactorClock, RaisingMemoryReactor,
+                                      StringTransport)
+from twisted.logger import formatEvent, globalLogPublisher
 
 from capsule.admin import AdminClient, AdminError, do_cleanup, format_sessions, main
 from capsule.admin_api import DEADLINE_ENDED, DRAINING, ENDED_BY_ADMIN
 from capsule.auth import Authenticator
 from capsule.docker_api import ContainerSpec
 from capsule.session import SessionConfig, SessionManager
-from capsule.tap import Options, listening_url
+from capsule.tap import ListenerService, Options, listening_url
 from capsule.testing import FakeDockerAPI, RecordingClient
 from capsule.web import make_site
 
@@ -303,3 +309,37 @@ def test_cleanup_refused_while_a_capsule_is_attached():
     forced.force = True
     do_cleanup(Health(None), forced, io.StringIO(), docker)
     assert docker.removed == ["c1", "c2"]
+
+
+# -- the ready line -------------------------------------------------------------------
+
+
+def ready_lines(recovered, public_url=None, fail_listen=False):
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        ready = Deferred()
+        listeners = ListenerService(ready, lambda: recovered, public_url)
+        reactor = RaisingMemoryReactor(OSError("in use")) if fail_listen else MemoryReactor()
+        StreamServerEndpointService(TCP4ServerEndpoint(reactor, 3001), Factory()
+                                    ).setServiceParent(listeners)
+        listeners.startService()
+        before = [e for e in events if "ready" in e.get("log_format", "")]
+        ready.callback(None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert before == []
+    return [formatEvent(e) for e in events if e.get("log_namespace") == "capsule.tap"]
+
+
+def test_the_ready_line_once_the_ports_are_open():
+    assert ready_lines(0) == ["capsule is ready: http://127.0.0.1:3001/ (0 sessions recovered)"]
+    assert ready_lines(1, "https://capsule.example") == [
+        "capsule is ready: https://capsule.example/ (1 session recovered)"]
+    assert ready_lines(None) == ["capsule is ready: http://127.0.0.1:3001/ (the sessions of"
+                                 " an earlier run are not known yet)"]
+
+
+def test_no_ready_line_when_no_port_opens():
+    assert ready_lines(0, fail_listen=True) == [
+        "capsule could not open any of its --listen ports"]
