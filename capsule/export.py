@@ -363,6 +363,7 @@ class WorkspaceExportResource(Resource):
         try:
             ticket = exports.queue.join(client)
         except TooManyExports:
+            exports._manager.metrics.refused("too_many_exports")
             limit = exports.limits.per_client
             _log.info("refused an export of session {session_id} to {client}: it has"
                       " {limit} exports already", session_id=self._session_id[:8],

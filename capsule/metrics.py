@@ -134,7 +134,8 @@ class Metrics:
             "capsule_websocket_closes", "WebSocket connections closed, by close code.",
             ["code"], registry=registry)
         self.refusals = Counter(
-            "capsule_refusals", "New sessions refused by admission control, by code.",
+            "capsule_refusals",
+            "New sessions (admission control) and exports refused by a quota, by code.",
             ["code"], registry=registry)
         self.docker_seconds = Histogram(
             "capsule_docker_call_seconds", "Seconds of Docker API calls, by call.", ["call"],

@@ -311,3 +311,19 @@ def test_missing_metrics_token_file_is_a_usage_error(tmp_path):
     from twisted.python import usage
     with pytest.raises(usage.UsageError, match="--metrics-token-file"):
         _options("--metrics-token-file", str(tmp_path / "absent"))
+
+
+def test_an_export_over_the_client_limit_is_a_counted_refusal(tmp_path):
+    site = _site(tmp_path)
+    manager = site.exports._manager
+    session = manager.create(RecordingClient(), 80, 24)
+    for _ in range(site.exports.limits.per_client):
+        site.exports.queue.join("127.0.0.1")
+    channel = site.buildProtocol(None)
+    transport = StringTransport(peerAddress=LOOPBACK)
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /api/export/" + session.id.encode() + b" HTTP/1.1\r\n"
+                         b"Host: capsule\r\nConnection: close\r\n\r\n")
+    assert _parse(transport.value())[0] == 429
+    assert value(site.metrics, "capsule_refusals_total", code="too_many_exports") == 1
+    assert value(site.metrics, "capsule_exports_started_total") == 0
