@@ -37,6 +37,7 @@ setup(
         # /metrics: the Prometheus text format.
         "prometheus_client>=0.17",
     ],
+    entry_points={"console_scripts": ["capsule-admin = capsule.admin:main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "playwright>=1.40",
                  "websockets>=13", "websocket-client>=1.6",

@@ -52,6 +52,8 @@
     engine_back: { text: "the Docker engine is back", engine: "" },
     // The server's own sentence says how near the session is to its --disk limit.
     disk_limit: { line: true },
+    // capsule is draining: this session goes on (until a deadline the message gives).
+    draining: { line: true },
   };
 
   const $ = (id) => document.getElementById(id);
