@@ -171,8 +171,8 @@ stop_container() {
     docker logs --tail 30 "$container" >&2 2>&1 || true
     return 1
   fi
-  if docker logs "$container" 2>&1 | grep -E 'Unhandled|Traceback' >&2; then
-    say "capsule logged an unhandled error"
+  if docker logs "$container" 2>&1 | grep -E 'Unhandled|Traceback|Unable to write' >&2; then
+    say "capsule logged an error it should not have"
     return 1
   fi
 }
