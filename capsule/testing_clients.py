@@ -542,9 +542,14 @@ class BlockingTerminal:
 
     def _frame(self):
         """
-        The next frame: output bytes, or a message (a dict).
+        The next frame: output bytes, a message (a dict), or C{None} for a
+        ping or pong (answered by websocket-client; returned so that a
+        caller's deadline is checked after each, which a ping would
+        otherwise push back).
         """
-        opcode, payload = self.ws.recv_data()
+        opcode, payload = self.ws.recv_data(control_frame=True)
+        if opcode in (9, 10):
+            return None
         if opcode == 2:
             self.received += len(payload)
             if self.received - self.acked >= self.ACK_BYTES:
@@ -569,6 +574,8 @@ class BlockingTerminal:
         """
         while True:
             frame = self._frame()
+            if frame is None:
+                continue
             if isinstance(frame, bytes):
                 return frame
             if frame.get("type") == "exit":
@@ -584,6 +591,8 @@ class BlockingTerminal:
             while True:
                 self.ws.settimeout(max(0.01, deadline - time.monotonic()))
                 frame = self._frame()
+                if frame is None:
+                    continue
                 if isinstance(frame, bytes):
                     self.output += frame
                 found = check(frame)
