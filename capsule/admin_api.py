@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import time
 
 from twisted.internet.address import UNIXAddress
@@ -26,6 +25,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+
+from .export import json_body
 
 _log = Logger()
 
@@ -241,10 +242,7 @@ class AdminResource(Resource):
             status, body = result
             if gone:
                 return
-            request.setResponseCode(status)
-            request.setHeader(b"content-type", b"application/json")
-            request.setHeader(b"cache-control", b"no-store")
-            request.write(json.dumps(body).encode("utf-8"))
+            request.write(json_body(request, status, body))
             request.finish()
 
         def refused(failure):

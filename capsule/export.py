@@ -154,11 +154,18 @@ class ExportQueue:
             ticket.ready.callback(None)
 
 
-def json_error(request, status: int, message: str, code: str) -> bytes:
+def json_body(request, status: int, body) -> bytes:
+    """
+    Set C{request}'s status and JSON headers; return C{body} as JSON bytes.
+    """
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
-    return json.dumps({"error": message, "code": code}).encode("utf-8")
+    return json.dumps(body).encode("utf-8")
+
+
+def json_error(request, status: int, message: str, code: str) -> bytes:
+    return json_body(request, status, {"error": message, "code": code})
 
 
 class ErrorResource(Resource):

@@ -10,7 +10,6 @@ input), and takes time from the clock it is given.
 
 from __future__ import annotations
 
-import struct
 import uuid
 from dataclasses import dataclass, replace
 

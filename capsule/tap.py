@@ -287,29 +287,25 @@ class Options(usage.Options):
     def _check_admin(self) -> None:
         if self["admin-user"] and not self["users"]:
             raise usage.UsageError("--admin-user needs users: --auth, --tokens or --user-header")
-        if self["admin-token-file"] is not None:
-            try:
-                with open(self["admin-token-file"], encoding="utf-8") as f:
-                    self["admin-token"] = f.read().strip()
-            except OSError as e:
-                raise usage.UsageError(f"--admin-token-file: {e.strerror}: "
-                                       f"{self['admin-token-file']}")
-        token = self["admin-token"]
-        if token is not None and (len(token) < 16 or any(c.isspace() for c in token)):
-            raise usage.UsageError("--admin-token: 16 characters or more, no spaces (try"
-                                   " `openssl rand -hex 32`)")
+        self._check_token("admin-token")
 
     def _check_metrics(self) -> None:
-        if self["metrics-token-file"] is not None:
+        self._check_token("metrics-token")
+
+    def _check_token(self, name: str) -> None:
+        """
+        Read --NAME-file into --NAME if given, and check the token: 16
+        characters or more, no spaces.
+        """
+        if self[f"{name}-file"] is not None:
             try:
-                with open(self["metrics-token-file"], encoding="utf-8") as f:
-                    self["metrics-token"] = f.read().strip()
+                with open(self[f"{name}-file"], encoding="utf-8") as f:
+                    self[name] = f.read().strip()
             except OSError as e:
-                raise usage.UsageError(f"--metrics-token-file: {e.strerror}: "
-                                       f"{self['metrics-token-file']}")
-        token = self["metrics-token"]
+                raise usage.UsageError(f"--{name}-file: {e.strerror}: {self[f'{name}-file']}")
+        token = self[name]
         if token is not None and (len(token) < 16 or any(c.isspace() for c in token)):
-            raise usage.UsageError("--metrics-token: 16 characters or more, no spaces (try"
+            raise usage.UsageError(f"--{name}: 16 characters or more, no spaces (try"
                                    " `openssl rand -hex 32`)")
 
     def postOptions(self) -> None:
@@ -551,7 +547,6 @@ class ListenerService(MultiService):
             self._announce()
 
     def _announce(self) -> None:
-        ports: list = []
         waiting = []
         for service in self:
             d = getattr(service, "_waitingForPort", None)

@@ -25,7 +25,7 @@ from .admin_api import AdminAccess, AdminMount, AdminResource, Drain
 from .auth import (AuthGate, Authenticator, LoginResource, LogoutResource, SessionsResource,
                    short_ids)
 from .errors import CapsuleError
-from .export import ExportLimits, ExportResource, json_error, peer_address
+from .export import ExportLimits, ExportResource, json_body, peer_address
 from .headers import GuardResource, HostPolicy
 from .metrics import Metrics, MetricsResource
 from .session import SessionManager
@@ -212,10 +212,7 @@ class HealthResource(Resource):
             status, body = result
             if gone:
                 return
-            request.setResponseCode(status)
-            request.setHeader(b"content-type", b"application/json")
-            request.setHeader(b"cache-control", b"no-store")
-            request.write(json.dumps(body).encode("utf-8"))
+            request.write(json_body(request, status, body))
             request.finish()
 
         d.addCallback(respond)
