@@ -24,9 +24,8 @@ from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
-from .export import json_body
+from .export import answer_json
 
 _log = Logger()
 
@@ -235,16 +234,6 @@ class AdminResource(Resource):
         self._manager, self._drain, self._access, self._clock = manager, drain, access, clock
 
     def render(self, request):
-        gone = []
-        request.notifyFinish().addErrback(gone.append)
-
-        def answer(result):
-            status, body = result
-            if gone:
-                return
-            request.write(json_body(request, status, body))
-            request.finish()
-
         def refused(failure):
             failure.trap(AdminRefused)
             e = failure.value
@@ -259,9 +248,7 @@ class AdminResource(Resource):
         d = self._access.check(request)
         d.addCallback(lambda who: self._dispatch(request, who))
         d.addErrback(refused)
-        d.addCallback(answer)
-        d.addErrback(lambda f: _log.failure("an admin request failed", f))
-        return NOT_DONE_YET
+        return answer_json(request, d, "an admin request")
 
     def _dispatch(self, request, who: str) -> tuple[int, dict]:
         path = [p.decode("utf-8", "replace") for p in request.postpath if p]

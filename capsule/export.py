@@ -164,6 +164,26 @@ def json_body(request, status: int, body) -> bytes:
     return json.dumps(body).encode("utf-8")
 
 
+def answer_json(request, d: Deferred, what: str):
+    """
+    Answer C{request} with the C{(status, body)} that C{d} fires with, as
+    JSON, unless the client left meanwhile; a failure is logged as C{what}
+    failed.  Returns L{NOT_DONE_YET}, for a C{render} method to return.
+    """
+    gone = []
+    request.notifyFinish().addErrback(gone.append)
+
+    def answer(result):
+        status, body = result
+        if not gone:
+            request.write(json_body(request, status, body))
+            request.finish()
+
+    d.addCallback(answer)
+    d.addErrback(lambda f: _log.failure("{what} failed", f, what=what))
+    return NOT_DONE_YET
+
+
 def json_error(request, status: int, message: str, code: str) -> bytes:
     return json_body(request, status, {"error": message, "code": code})
 

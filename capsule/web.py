@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.pages import forbidden, notFound
 from twisted.web.resource import Resource
 from twisted.web.http import combinedLogFormatter
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from . import __version__
@@ -25,7 +25,7 @@ from .admin_api import AdminAccess, AdminMount, AdminResource, Drain
 from .auth import (AuthGate, Authenticator, LoginResource, LogoutResource, SessionsResource,
                    short_ids)
 from .errors import CapsuleError
-from .export import ExportLimits, ExportResource, json_body, peer_address
+from .export import ExportLimits, ExportResource, answer_json, peer_address
 from .headers import GuardResource, HostPolicy
 from .metrics import Metrics, MetricsResource
 from .session import SessionManager
@@ -204,20 +204,7 @@ class HealthResource(Resource):
         self._waiting: list[Deferred] = []
 
     def render_GET(self, request):
-        d = Deferred.fromCoroutine(self._check())
-        gone = []
-        request.notifyFinish().addErrback(gone.append)
-
-        def respond(result):
-            status, body = result
-            if gone:
-                return
-            request.write(json_body(request, status, body))
-            request.finish()
-
-        d.addCallback(respond)
-        d.addErrback(lambda f: _log.failure("health check failed", f))
-        return NOT_DONE_YET
+        return answer_json(request, Deferred.fromCoroutine(self._check()), "a health check")
 
     def _probe(self, image: str) -> Deferred:
         """
