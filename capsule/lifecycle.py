@@ -14,6 +14,8 @@ whether a client is attached)::
 
     New -start-> Starting --stream_started--> Attached <-attach/detach-> Detached
                  (client left: StartingOrphaned, which ends once started)
+    New -prepare-> PreparingAlone --stream_started--> Detached   (no client: kept)
+                   (a client attached meanwhile: Preparing --stream_started--> Attached)
     New -recover-> Recovered -attach-> Resuming(Alone) --stream_started--> Attached/Detached
     Attached/Detached --stream_closed--> Interrupted(Alone)   (cause being found)
     Interrupted(Alone) --engine_lost--> itself, waiting for the engine
@@ -214,6 +216,9 @@ class SessionEvents(Protocol):
     def recover(self) -> None:
         "A session of an earlier run whose container still runs: attach again."
 
+    def prepare(self) -> None:
+        "A new session without a client: make its container and shell, and keep it."
+
     def stream_up(self, stream: object) -> None:
         "The shell's exec is connected; C{stream} is its L{IExecProcess}."
 
@@ -265,6 +270,8 @@ builder = TypeMachineBuilder(SessionEvents, SessionCore)
 New = builder.state("New")
 Starting = builder.state("Starting")
 StartingOrphaned = builder.state("StartingOrphaned")
+Preparing = builder.state("Preparing")
+PreparingAlone = builder.state("PreparingAlone")
 Attached = builder.state("Attached")
 Detached = builder.state("Detached")
 Recovered = builder.state("Recovered")
@@ -277,9 +284,11 @@ ReattachingAlone = builder.state("ReattachingAlone")
 Ending = builder.state("Ending")
 Ended = builder.state("Ended")
 
-_LIVE = [Starting, StartingOrphaned, Attached, Detached, Recovered, Resuming, ResumingAlone,
+_LIVE = [Starting, StartingOrphaned, Preparing, PreparingAlone, Attached, Detached, Recovered,
+         Resuming, ResumingAlone,
          Interrupted, InterruptedAlone, Reattaching, ReattachingAlone]
-_NAMES = {New: "new", Starting: "starting", StartingOrphaned: "starting", Attached: "running",
+_NAMES = {New: "new", Starting: "starting", StartingOrphaned: "starting", Preparing: "starting",
+          PreparingAlone: "starting", Attached: "running",
           Detached: "detached", Recovered: "recovered", Resuming: "resuming",
           ResumingAlone: "resuming",
           Interrupted: "interrupted", InterruptedAlone: "interrupted",
@@ -388,6 +397,11 @@ def _start(session: SessionEvents, core: SessionCore) -> None:
     core.effects.make(core.owner)
 
 
+@New.upon(SessionEvents.prepare).to(PreparingAlone)
+def _prepare(session: SessionEvents, core: SessionCore) -> None:
+    core.effects.make(core.owner)
+
+
 @New.upon(SessionEvents.recover).to(Recovered)
 def _recover(session: SessionEvents, core: SessionCore) -> None:
     core.left_at = core.now()
@@ -395,8 +409,8 @@ def _recover(session: SessionEvents, core: SessionCore) -> None:
 
 # -- a stream coming up --------------------------------------------------------------
 
-for _state in (Starting, StartingOrphaned, Resuming, ResumingAlone, Reattaching,
-               ReattachingAlone):
+for _state in (Starting, StartingOrphaned, Preparing, PreparingAlone, Resuming, ResumingAlone,
+               Reattaching, ReattachingAlone):
     @_state.upon(SessionEvents.stream_up).loop()
     def _stream_up(session: SessionEvents, core: SessionCore, stream: object) -> None:
         core.stream = stream
@@ -422,6 +436,8 @@ def _started_without_client(session: SessionEvents, core: SessionCore, offset: i
 
 @Starting.upon(SessionEvents.stream_failed).to(Ended)
 @StartingOrphaned.upon(SessionEvents.stream_failed).to(Ended)
+@Preparing.upon(SessionEvents.stream_failed).to(Ended)
+@PreparingAlone.upon(SessionEvents.stream_failed).to(Ended)
 def _start_failed(session: SessionEvents, core: SessionCore, message: str, code: str) -> None:
     """
     The session never ran: its client hears that it could not be started.
@@ -438,6 +454,8 @@ def _start_failed(session: SessionEvents, core: SessionCore, message: str, code:
 
 @Starting.upon(SessionEvents.stream_closed).loop()
 @StartingOrphaned.upon(SessionEvents.stream_closed).loop()
+@Preparing.upon(SessionEvents.stream_closed).loop()
+@PreparingAlone.upon(SessionEvents.stream_closed).loop()
 def _closed_while_starting(session: SessionEvents, core: SessionCore, facts: object) -> None:
     core.stream = None
     core.effects.diagnose(core.owner, facts)
@@ -459,6 +477,8 @@ def _left_starting(session: SessionEvents, core: SessionCore, client: object,
 
 @Starting.upon(SessionEvents.end).to(Ended)
 @StartingOrphaned.upon(SessionEvents.end).to(Ended)
+@Preparing.upon(SessionEvents.end).to(Ended)
+@PreparingAlone.upon(SessionEvents.end).to(Ended)
 def _over_before_start(session: SessionEvents, core: SessionCore, exit_code: int | None,
                        message: str) -> None:
     _start_failed(session, core, message, "start_failed")
@@ -466,8 +486,50 @@ def _over_before_start(session: SessionEvents, core: SessionCore, exit_code: int
 
 @Starting.upon(SessionEvents.engine_lost).to(Ended)
 @StartingOrphaned.upon(SessionEvents.engine_lost).to(Ended)
+@Preparing.upon(SessionEvents.engine_lost).to(Ended)
+@PreparingAlone.upon(SessionEvents.engine_lost).to(Ended)
 def _engine_lost_starting(session: SessionEvents, core: SessionCore, message: str) -> None:
     _start_failed(session, core, message, "docker_unavailable")
+
+
+# -- preparing: a session made without a client, kept once it runs ------------------------
+
+@PreparingAlone.upon(SessionEvents.stream_started).to(Detached)
+def _prepared(session: SessionEvents, core: SessionCore, offset: int, dropped: int) -> None:
+    """
+    Its shell runs and nobody watches yet: it is kept for the grace period,
+    from now, like a session whose client left.
+    """
+    _go_live(core, offset)
+    core.left_at = core.now()
+    core.want = None
+    core.effects.went_live(core.owner, False)
+
+
+@Preparing.upon(SessionEvents.stream_started).to(Attached)
+def _prepared_for_client(session: SessionEvents, core: SessionCore, offset: int,
+                         dropped: int) -> None:
+    _go_live(core, offset)
+    core.effects.went_live(core.owner, False)
+    want, core.want = core.want, None
+    _hand_over(session, core, True, want)
+
+
+@PreparingAlone.upon(SessionEvents.attach).to(Preparing)
+@Preparing.upon(SessionEvents.attach).loop()
+def _attach_while_preparing(session: SessionEvents, core: SessionCore, client: object,
+                            offset: int | None) -> None:
+    # It is handed over, from the offset it asked for, once the shell runs.
+    _take_over(core, client)
+    core.want = offset
+
+
+@Preparing.upon(SessionEvents.detach).to(PreparingAlone)
+def _left_preparing(session: SessionEvents, core: SessionCore, client: object,
+                    unsent: int) -> None:
+    # Nothing was handed to it yet; the session is kept all the same.
+    _leave(core, 0)
+    core.want = None
 
 
 # -- running -------------------------------------------------------------------------
@@ -480,8 +542,8 @@ def _output_to_client(session: SessionEvents, core: SessionCore, data: bytes) ->
     core.client.session_output(data)
 
 
-for _state in (Starting, StartingOrphaned, Detached, Resuming, ResumingAlone, Interrupted,
-               InterruptedAlone, Reattaching, ReattachingAlone):
+for _state in (Starting, StartingOrphaned, Preparing, PreparingAlone, Detached, Resuming,
+               ResumingAlone, Interrupted, InterruptedAlone, Reattaching, ReattachingAlone):
     @_state.upon(SessionEvents.output).loop()
     def _output_kept(session: SessionEvents, core: SessionCore, data: bytes) -> None:
         core.replay.append(data)
@@ -495,7 +557,7 @@ def _write(session: SessionEvents, core: SessionCore, data: bytes) -> None:
     core.stream.write(data)
 
 
-for _state in (Starting, Resuming, Interrupted, Reattaching):
+for _state in (Starting, Preparing, Resuming, Interrupted, Reattaching):
     _state.upon(SessionEvents.write).loop()(_buffer)
 
 
@@ -513,8 +575,8 @@ for _state in (Recovered, Interrupted, InterruptedAlone, Ending, Ended):
         core.size = (cols, rows)
 
 
-for _state in (Starting, StartingOrphaned, Resuming, ResumingAlone, Reattaching,
-               ReattachingAlone):
+for _state in (Starting, StartingOrphaned, Preparing, PreparingAlone, Resuming, ResumingAlone,
+               Reattaching, ReattachingAlone):
     @_state.upon(SessionEvents.resize).loop()
     def _size_while_coming_up(session: SessionEvents, core: SessionCore, cols: int,
                               rows: int) -> None:
@@ -709,7 +771,7 @@ def _left_away(session: SessionEvents, core: SessionCore, client: object, unsent
 # -- ending ----------------------------------------------------------------------------
 
 for _state in _LIVE:
-    if _state not in (Starting, StartingOrphaned):
+    if _state not in (Starting, StartingOrphaned, Preparing, PreparingAlone):
         _state.upon(SessionEvents.end).to(Ending)(_finish)
     if _state not in (Detached, Recovered):
         _state.upon(SessionEvents.expire).loop().returns(False)
@@ -737,7 +799,7 @@ for _state in (Attached, Detached, Recovered, Resuming, ResumingAlone, Interrupt
         return True
 
 
-for _state in (Starting, StartingOrphaned):
+for _state in (Starting, StartingOrphaned, Preparing, PreparingAlone):
     @_state.upon(SessionEvents.let_go).to(Ended)
     def _stop_starting(session: SessionEvents, core: SessionCore, message: str) -> bool:
         _start_failed(session, core, "the capsule server shut down", "restarting")
@@ -776,6 +838,8 @@ Ended.upon(SessionEvents.removed).loop().returns(None)
 for _state, _inputs in {
     Starting: (SessionEvents.engine_back,),
     StartingOrphaned: (SessionEvents.engine_back, SessionEvents.detach, SessionEvents.write),
+    Preparing: (SessionEvents.engine_back,),
+    PreparingAlone: (SessionEvents.engine_back, SessionEvents.detach, SessionEvents.write),
     Attached: (SessionEvents.engine_lost, SessionEvents.engine_back,
                SessionEvents.stream_started, SessionEvents.stream_failed),
     Detached: (SessionEvents.detach, SessionEvents.write, SessionEvents.engine_lost,

@@ -393,13 +393,22 @@ class SessionManager:
         """
         Start a new session for C{client} (acting for C{user}), which is told
         through C{session_started} or C{session_failed}.
+
+        Without a client (C{client} is C{None}), the session is made all the
+        same and, once its shell runs, kept for the grace period like one
+        whose client left: a client attaches with L{reconnect} (from offset
+        0 it gets all the output so far).  One that could not be made is
+        forgotten, its C{core.message} saying why.
         """
         warm = self.pool.take()
         session = self._new_session(
             warm.session_id if warm else str(uuid.uuid4()), (cols, rows), client=client,
             container_id=warm.container_id if warm else None, warm=warm is not None,
             user=user)
-        session.events.start()
+        if client is None:
+            session.events.prepare()
+        else:
+            session.events.start()
         return session
 
     def find(self, session_id: str, user: str | None = None) -> Session | None:

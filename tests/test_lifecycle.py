@@ -202,6 +202,18 @@ def starting_orphaned(**kw) -> Rig:
     return rig.settled("StartingOrphaned")
 
 
+def preparing_alone(**kw) -> Rig:
+    rig = Rig(client=False, **kw)
+    rig.lc.prepare()
+    return rig.settled("PreparingAlone")
+
+
+def preparing(**kw) -> Rig:
+    rig = preparing_alone(**kw)
+    rig.attach(0)
+    return rig.settled("Preparing")
+
+
 def attached(output: bytes = b"", **kw) -> Rig:
     rig = starting(**kw)
     rig.stream_up()
@@ -274,6 +286,7 @@ def ended(**kw) -> Rig:
 
 
 REACH = {"New": new, "Starting": starting, "StartingOrphaned": starting_orphaned,
+         "Preparing": preparing, "PreparingAlone": preparing_alone,
          "Attached": attached, "Detached": detached, "Recovered": recovered,
          "Resuming": resuming, "ResumingAlone": resuming_alone, "Interrupted": interrupted,
          "InterruptedAlone": interrupted_alone, "Reattaching": reattaching,
@@ -283,12 +296,13 @@ REACH = {"New": new, "Starting": starting, "StartingOrphaned": starting_orphaned
 # -- the table: every state and every input ----------------------------------------------
 
 STATUS = {"New": "new", "Starting": "starting", "StartingOrphaned": "starting",
+          "Preparing": "starting", "PreparingAlone": "starting",
           "Attached": "running", "Detached": "detached", "Recovered": "recovered",
           "Resuming": "resuming", "ResumingAlone": "resuming", "Interrupted": "interrupted",
           "InterruptedAlone": "interrupted", "Reattaching": "reattaching",
           "ReattachingAlone": "reattaching", "Ending": "ending", "Ended": "ended"}
 
-INPUTS = {"status", "start", "recover", "stream_up", "stream_started", "stream_failed",
+INPUTS = {"status", "start", "recover", "prepare", "stream_up", "stream_started", "stream_failed",
           "stream_closed", "engine_lost", "engine_back", "output", "attach", "detach",
           "write", "resize", "end", "expire", "let_go", "removed"}
 
@@ -305,9 +319,16 @@ _S, _SO, _A, _D = "Starting", "StartingOrphaned", "Attached", "Detached"
 _RC, _RS, _I, _IA = "Recovered", "Resuming", "Interrupted", "InterruptedAlone"
 _R, _RA, _EG, _ED = "Reattaching", "ReattachingAlone", "Ending", "Ended"
 _RSA = "ResumingAlone"
+_P, _PA = "Preparing", "PreparingAlone"
 
 TRANSITIONS = {
-    "New": _row("New", start=_S, recover=_RC),
+    "New": _row("New", start=_S, recover=_RC, prepare=_PA),
+    _P: _row(_P, stream_up=_P, stream_started=_A, stream_failed=_ED, stream_closed=_P,
+             engine_lost=_ED, engine_back=_P, output=_P, attach=_P, detach=_PA, write=_P,
+             resize=_P, end=_ED, expire=_P, let_go=_ED),
+    _PA: _row(_PA, stream_up=_PA, stream_started=_D, stream_failed=_ED, stream_closed=_PA,
+              engine_lost=_ED, engine_back=_PA, output=_PA, attach=_P, detach=_PA, write=_PA,
+              resize=_PA, end=_ED, expire=_PA, let_go=_ED),
     _S: _row(_S, stream_up=_S, stream_started=_A, stream_failed=_ED, stream_closed=_S,
              engine_lost=_ED, engine_back=_S, output=_S, attach=_S, detach=_SO, write=_S,
              resize=_S, end=_ED, expire=_S, let_go=_ED),
@@ -342,24 +363,25 @@ TRANSITIONS = {
     _RA: _row(_RA, stream_up=_RA, stream_started=_D, stream_failed=_RA, stream_closed=_IA,
               engine_lost=_IA, engine_back=_RA, output=_RA, attach=_R, detach=_RA,
               write=_RA, resize=_RA, end=_EG, expire=_RA, let_go=_ED),
-    _EG: _row(_EG, **{i: _EG for i in INPUTS - {"status", "start", "recover", "removed"}},
+    _EG: _row(_EG, **{i: _EG for i in INPUTS - {"status", "start", "recover", "prepare",
+                                                 "removed"}},
               removed=_ED),
-    _ED: _row(_ED, **{i: _ED for i in INPUTS - {"status", "start", "recover"}}),
+    _ED: _row(_ED, **{i: _ED for i in INPUTS - {"status", "start", "recover", "prepare"}}),
 }
 
 # Pairs with no transition, and why they cannot happen.  Feeding one raises.
 IMPOSSIBLE = {
     # The manager starts or recovers a session right after making it, and
     # does nothing else with it before.
-    **{("New", i): "made, then started or recovered at once"
-       for i in INPUTS - {"status", "start", "recover"}},
-    # A session is started or recovered once.
-    **{(s, i): "started or recovered once" for s in STATUS if s != "New"
-       for i in ("start", "recover")},
+    **{("New", i): "made, then started, prepared or recovered at once"
+       for i in INPUTS - {"status", "start", "recover", "prepare"}},
+    # A session is started, prepared or recovered once.
+    **{(s, i): "started, prepared or recovered once" for s in STATUS if s != "New"
+       for i in ("start", "recover", "prepare")},
     # Its container's removal is asked for only on the way to Ending (or in
     # a start that failed, which ends in Ended).
     **{(s, "removed"): "no removal was asked for"
-       for s in (_S, _SO, _A, _D, _RC, _RS, _RSA, _I, _IA, _R, _RA)},
+       for s in (_S, _SO, _P, _PA, _A, _D, _RC, _RS, _RSA, _I, _IA, _R, _RA)},
     # A stream comes up only after make or reattach was asked for, and the
     # manager hears only the stream in use: in these states none is asked for.
     **{(s, "stream_up"): "no stream is being brought up" for s in (_A, _D, _RC, _I, _IA)},
@@ -443,7 +465,7 @@ def test_each_transition_lands_where_the_table_says(state, name):
     assert rig.lc.status() == STATUS[target]
     if state != "New":
         # A state and its twin differ in whether a client is attached.
-        assert (rig.core.client is not None) == (target in (_S, _A, _RS, _I, _R))
+        assert (rig.core.client is not None) == (target in (_S, _P, _A, _RS, _I, _R))
 
 
 @pytest.mark.parametrize("state, name", sorted(IMPOSSIBLE),
@@ -460,6 +482,8 @@ def test_impossible_inputs_raise(state, name):
 NOOPS = {
     _S: ("engine_back", "expire"),
     _SO: ("engine_back", "detach", "write", "expire"),
+    _P: ("engine_back", "expire"),
+    _PA: ("engine_back", "detach", "write", "expire"),
     _A: ("engine_lost", "engine_back", "stream_started", "stream_failed", "expire"),
     _D: ("detach", "write", "engine_lost", "engine_back", "stream_started", "stream_failed"),
     _RC: ("detach", "write", "engine_lost", "engine_back", "stream_failed", "stream_closed"),
@@ -614,6 +638,121 @@ def test_a_client_back_before_the_start_gets_the_session():
     rig.lc.stream_started(0, 0)
     assert stream.written == [b"a", b"b"]
     assert new.events == [("started", SID, False)] and old.events == []
+
+
+# -- Preparing, PreparingAlone: a session made without a client ----------------------------
+
+def test_new_prepare_asks_for_a_container_and_shell_with_nobody_to_tell():
+    rig = Rig(client=False)
+    rig.lc.prepare()
+    assert rig.state == "PreparingAlone" and rig.lc.status() == "starting"
+    assert rig.effects.calls == [("make", rig.owner)]
+    assert rig.core.client is None and rig.core.left_at is None
+
+
+def test_prepared_alone_is_kept_detached_from_when_its_shell_runs():
+    rig = preparing_alone()
+    rig.lc.resize(120, 40)
+    stream = rig.stream_up()
+    rig.clock.advance(4)
+    rig.lc.stream_started(0, 0)
+    assert rig.state == "Detached"
+    assert rig.effects.calls == [("went_live", rig.owner, False)]
+    assert stream.calls == [("resize", 120, 40)]
+    assert rig.core.left_at == START + 4 and rig.core.handed == 0
+    rig.lc.output(b"banner $ ")
+    assert rig.core.replay.since(0) == (b"banner $ ", 0)
+    # Expiry is a detached session's: from when the shell was up.
+    assert rig.lc.expire() is True and rig.state == "Ending"
+
+
+def test_a_prepared_session_replays_everything_to_its_first_client():
+    rig = preparing_alone()
+    rig.stream_up()
+    rig.lc.stream_started(0, 0)
+    rig.lc.output(b"banner\r\n$ ")
+    client = rig.attach(0)
+    assert rig.state == "Attached" and rig.core.left_at is None
+    assert client.events == [("started", SID, True), ("output", b"banner\r\n$ ")]
+    assert client.offset == rig.core.handed == 10
+
+
+def test_a_client_attached_while_preparing_gets_it_once_the_shell_runs():
+    rig = preparing_alone()
+    client = rig.attach(0)
+    assert rig.state == "Preparing" and rig.core.want == 0
+    assert rig.quiet(), "nothing to hand over yet, and nobody was attached before"
+    rig.lc.write(b"ls\r")
+    stream = rig.stream_up()
+    rig.lc.stream_started(0, 0)
+    assert rig.state == "Attached" and rig.core.want is None
+    assert stream.calls == [("resize", 80, 24), ("write", b"ls\r")]
+    assert rig.effects.calls == [("went_live", rig.owner, False)]
+    rig.lc.output(b"$ ")
+    assert client.events == [("started", SID, True), ("output", b"$ ")]
+
+
+def test_a_client_that_leaves_while_preparing_leaves_it_kept():
+    rig = preparing()
+    client = rig.client
+    rig.lc.write(b"typed")
+    rig.clock.advance(2)
+    rig.lc.detach(client, 0)
+    assert rig.state == "PreparingAlone"
+    assert rig.core.client is None and rig.core.want is None
+    assert rig.core.pending == [b"typed"]
+    assert rig.quiet()
+    stream = rig.stream_up()
+    rig.lc.stream_started(0, 0)
+    assert rig.state == "Detached", "unlike an orphan of a client's own start, it is kept"
+    assert stream.written == [b"typed"]
+    assert client.events == []
+
+
+def test_a_second_client_while_preparing_takes_over():
+    rig = preparing()
+    old = rig.client
+    new = rig.attach(0)
+    assert rig.state == "Preparing"
+    assert old.events == [("taken_over",)] and new.events == []
+    rig.stream_up()
+    rig.lc.stream_started(0, 0)
+    assert new.events == [("started", SID, True)]
+
+
+@pytest.mark.parametrize("reach", [preparing, preparing_alone])
+@pytest.mark.parametrize("name, args, message, code", [
+    ("stream_failed", ("no such image", "image_missing"), "no such image", "image_missing"),
+    ("end", (1, "the shell exited with code 1"), "the shell exited with code 1",
+     "start_failed"),
+    ("engine_lost", ("the engine does not answer",), "the engine does not answer",
+     "docker_unavailable"),
+    ("let_go", ("capsule is restarting",), "the capsule server shut down", "restarting"),
+])
+def test_a_prepared_session_that_never_ran_fails(reach, name, args, message, code):
+    rig = reach()
+    stream = rig.stream_up()
+    result = getattr(rig.lc, name)(*args)
+    assert result is (False if name == "let_go" else None)
+    assert rig.state == "Ended"
+    assert rig.effects.calls == [("forget", rig.owner), ("remove", rig.owner)]
+    assert stream.calls == [("resize", 80, 24), ("lose",)]
+    assert rig.core.client is None
+    assert (rig.core.message, rig.core.exit_code) == (message, None)
+    assert (rig.client.events if rig.client else []) == (
+        [("failed", message, code)] if reach is preparing else [])
+
+
+@pytest.mark.parametrize("reach", [preparing, preparing_alone])
+def test_a_stream_closed_while_preparing_is_diagnosed(reach):
+    rig = reach()
+    state = rig.state
+    stream = rig.stream_up()
+    rig.lc.stream_closed(FACTS)
+    assert rig.state == state and rig.core.stream is None
+    assert rig.effects.calls == [("diagnose", rig.owner, FACTS)]
+    assert stream.calls == [("resize", 80, 24)]
+    assert (rig.client.events if rig.client else []) == []
 
 
 # -- Attached ---------------------------------------------------------------------------
@@ -1228,6 +1367,8 @@ LET_GO = [
     # reach, what let_go returns, where it leads, what the attached client hears
     (starting, False, "Ended", [("failed", "the capsule server shut down", "restarting")]),
     (starting_orphaned, False, "Ended", []),
+    (preparing, False, "Ended", [("failed", "the capsule server shut down", "restarting")]),
+    (preparing_alone, False, "Ended", []),
     (attached, True, "Ended", [("interrupted", "capsule is restarting")]),
     (detached, True, "Ended", []),
     (recovered, True, "Ended", []),

@@ -569,3 +569,54 @@ def test_a_users_sessions_share_one_cpu_weight(docker, clock):
     docker.processes[0].exit(0)
     assert [shares(s) for s in ann[1:]] == [128, 128] and shares(bob) == 256
     assert manager.user_cpu_shares(None) == 256
+
+
+# -- sessions made without a client --------------------------------------------------------
+
+def test_a_session_without_a_client_is_kept_detached_and_replays_all_to_its_first(
+        manager, docker, clock):
+    session = manager.create(None, 100, 30, user="ann")
+    assert session.status() == "detached" and session.client is None
+    assert manager.find(session.id, "ann") is session and manager.find(session.id) is None
+    process = docker.processes[0]
+    assert process.resizes == [(100, 30)]
+    process.emit(b"banner\r\n$ ")
+    clock.advance(30)
+    client = RecordingClient()
+    assert manager.reconnect(session.id, client, 0, user="ann") is session
+    assert session.status() == "running"
+    assert client.events == [("started", session.id, True), ("output", b"banner\r\n$ ")]
+
+
+def test_a_session_without_a_client_expires_after_the_grace(manager, docker, clock):
+    docker.hold_create = True
+    session = manager.create(None, 80, 24)
+    assert session.status() == "starting"
+    clock.advance(100)
+    assert expire_due(manager, clock) == [], "the grace runs from when its shell is up"
+    docker.release_create()
+    assert session.status() == "detached"
+    clock.advance(59)
+    assert expire_due(manager, clock) == []
+    clock.advance(1)
+    assert expire_due(manager, clock) == [session]
+    assert docker.containers == {} and session.id not in manager.sessions
+
+
+def test_a_client_attached_while_a_clientless_session_starts_is_handed_it(manager, docker):
+    docker.hold_create = True
+    session = manager.create(None, 80, 24)
+    client = RecordingClient()
+    manager.reconnect(session.id, client, 0)
+    manager.write(session, b"ls\r")
+    docker.release_create()
+    assert session.status() == "running"
+    assert client.kinds() == ["started"]
+    assert docker.processes[0].written == [b"ls\r"]
+
+
+def test_a_session_without_a_client_that_cannot_start_is_forgotten(manager, docker):
+    docker.images.clear()
+    session = manager.create(None, 80, 24)
+    assert session.status() == "ended" and session.id not in manager.sessions
+    assert session.core.message == "the session image capsule-runtime:latest is missing"
