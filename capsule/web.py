@@ -14,11 +14,9 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.pages import forbidden, notFound
 from twisted.web.resource import Resource
 from twisted.web.http import combinedLogFormatter
 from twisted.web.server import Request, Site
-from twisted.web.static import File
 
 from . import __version__
 from .admin_api import AdminAccess, AdminMount, AdminResource, Drain
@@ -29,6 +27,7 @@ from .export import ExportLimits, ExportResource, answer_json, peer_address
 from .headers import GuardResource, HostPolicy
 from .metrics import Metrics, MetricsResource
 from .session import SessionManager
+from .static import StaticFiles
 from .websocket import CapsuleServerFactory
 
 _log = Logger()
@@ -151,36 +150,6 @@ class CapsuleSite(Site):
 
     def body_limit(self, path: bytes) -> int:
         return self.body_limits.get(path.split(b"?", 1)[0], MAX_BODY)
-
-
-# The longest file name capsule serves (Linux's NAME_MAX).
-_MAX_NAME = 255
-
-
-class StaticFiles(File):
-    """
-    The static page, without directory listings.  A path segment that cannot
-    name a file in the directory (not UTF-8, a NUL or a slash in it, too
-    long, C{..}) is a 404, like a missing file: never an error.
-    """
-
-    childNotFound = notFound("Not Found", "No such file.")
-
-    def directoryListing(self):
-        return forbidden("Forbidden", "Directory listings are off.")
-
-    def getChild(self, path: bytes, request):
-        try:
-            name = path.decode("utf-8")
-        except UnicodeDecodeError:
-            return self.childNotFound
-        if len(path) > _MAX_NAME or "\0" in name or "/" in name:
-            return self.childNotFound
-        try:
-            return super().getChild(path, request)
-        except (OSError, ValueError):
-            # What the file system says about a name no file can have.
-            return self.childNotFound
 
 
 class HealthResource(Resource):

@@ -1,0 +1,414 @@
+"""
+The page's static files in memory: compression, cache validators, the
+versioned node_modules URLs, ranges and the cache's bound, through capsule's
+whole site (so the security headers are checked too).
+"""
+
+import gzip
+import hashlib
+import http.client
+import io
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.filepath import FilePath
+from twisted.web.http import datetimeToString
+
+from capsule import static
+from capsule.docker_api import ContainerSpec
+from capsule.session import SessionConfig, SessionManager
+from capsule.static import StaticCache
+from capsule.testing import FakeDockerAPI
+from capsule.web import make_site
+
+APP = b"// capsule's app\n" + b"".join(b"console.log('line %d');\n" % i for i in range(200))
+LIB = b"/* lib */\n" + b"function f(x) { return x + 1; }\n" * 100
+CSS = b".xterm { color: red; }\n" * 40
+PNG = bytes(range(256)) * 8
+INDEX = (b'<!doctype html><title>capsule</title>\n'
+         b'<link rel="stylesheet" href="node_modules/pkg/css/lib.css">\n'
+         b'<script src="node_modules/pkg/lib.js" defer></script>\n'
+         b'<script src="/node_modules/pkg/lib.js" defer></script>\n'
+         b'<script src="node_modules/pkg/missing.js" defer></script>\n'
+         b'<script src="node_modules/../app.js" defer></script>\n'
+         b'<script src="node_modules/pkg/lib.js?v=old" defer></script>\n'
+         b"<script>var s = 'node_modules/pkg/lib.js';</script>\n"
+         b'<script src="app.js" defer></script>\n' + b"<!-- padding -->\n" * 20)
+MTIME = 1_700_000_000
+SECURITY = ("content-security-policy", "x-content-type-options", "x-frame-options",
+            "referrer-policy")
+
+
+def version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+class _Socket:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def makefile(self, mode):
+        return io.BytesIO(self._data)
+
+
+class Answer:
+    def __init__(self, raw: bytes, method: str) -> None:
+        response = http.client.HTTPResponse(_Socket(raw), method=method)
+        response.begin()
+        self.status = response.status
+        self.headers = {k.lower(): v for k, v in response.getheaders()}
+        self.body = response.read()
+
+    def __getitem__(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+
+@pytest.fixture
+def www(tmp_path):
+    www = tmp_path / "www"
+    (www / "node_modules" / "pkg" / "css").mkdir(parents=True)
+    files = {"index.html": INDEX, "app.js": APP, "tiny.js": b"x=1", "logo.png": PNG,
+             "node_modules/pkg/lib.js": LIB, "node_modules/pkg/css/lib.css": CSS,
+             "node_modules/pkg/packed.js.gz": gzip.compress(LIB, mtime=0)}
+    for name, data in files.items():
+        (www / name).write_bytes(data)
+        os.utime(www / name, (MTIME, MTIME))
+    (tmp_path / "secret.txt").write_bytes(b"not for the web")
+    return www
+
+
+class Site:
+    def __init__(self, www) -> None:
+        docker = FakeDockerAPI()
+        manager = SessionManager(docker, MemoryReactorClock(), SessionConfig(
+            spec=ContainerSpec(image="capsule-runtime:latest"), instance="static-test"))
+        self.site = make_site(manager, docker, MemoryReactorClock(), str(www))
+
+    async def ask(self, path: bytes, method: bytes = b"GET", **headers: str) -> Answer:
+        """
+        The whole answer: Twisted sends a file through the global
+        cooperator, so this waits (up to a deadline) for the global reactor.
+        """
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        lines = b"".join(b"%s: %s\r\n" % (name.replace("_", "-").encode(), value.encode())
+                         for name, value in headers.items())
+        channel.dataReceived(method + b" " + path + b" HTTP/1.1\r\nHost: capsule\r\n"
+                             + lines + b"Connection: close\r\n\r\n")
+        deadline = reactor.seconds() + 10
+        while not transport.disconnecting and reactor.seconds() < deadline:
+            await task.deferLater(reactor, 0.001, lambda: None)
+        assert transport.disconnecting, f"no complete answer to {path!r}"
+        return Answer(transport.value(), method.decode())
+
+
+@pytest.fixture
+def site(www):
+    return Site(www)
+
+
+def secured(answer: Answer) -> None:
+    missing = [name for name in SECURITY if answer[name] is None]
+    assert missing == []
+
+
+# -- compression --
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_is_gzipped_for_a_client_that_accepts_it(site):
+    answer = await site.ask(b"/app.js", accept_encoding="gzip, deflate, br")
+    assert answer.status == 200
+    assert answer["content-encoding"] == "gzip"
+    assert answer["vary"] == "Accept-Encoding"
+    assert gzip.decompress(answer.body) == APP
+    assert int(answer["content-length"]) == len(answer.body) < len(APP)
+    assert answer["content-type"] == "text/javascript"
+    assert answer["etag"] == '"%s"' % hashlib.sha256(answer.body).hexdigest()[:32]
+    assert answer["last-modified"] == datetimeToString(MTIME).decode()
+    assert answer["cache-control"] == "no-cache"
+    secured(answer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_for_a_client_that_does_not(site):
+    answer = await site.ask(b"/app.js")
+    assert (answer.status, answer.body, answer["content-encoding"]) == (200, APP, None)
+    assert answer["vary"] == "Accept-Encoding"
+    assert answer["etag"] == '"%s"' % hashlib.sha256(APP).hexdigest()[:32]
+    assert answer["content-length"] == str(len(APP))
+    assert answer["accept-ranges"] == "bytes"
+
+
+@pytest.mark.parametrize("accept, compressed", [
+    ("gzip", True),
+    ("GZIP;q=0.5", True),
+    ("x-gzip", True),
+    ("*", True),
+    ("br, *;q=0.1", True),
+    ("gzip;q=0", False),
+    ("*, gzip;q=0", False),
+    ("*;q=0", False),
+    ("identity", False),
+    ("deflate, br", False),
+    ("gzip;q=nonsense", False),
+    (";;;,,,", False),
+    ("gzip, " + "x" * 5000, False),
+])
+@pytest_twisted.ensureDeferred
+async def test_accept_encoding(site, accept, compressed):
+    answer = await site.ask(b"/app.js", accept_encoding=accept)
+    assert answer.status == 200
+    assert (answer["content-encoding"] == "gzip") is compressed
+    assert (gzip.decompress(answer.body) if compressed else answer.body) == APP
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_files_and_binary_types_are_sent_as_they_are(site):
+    for path, data in ((b"/tiny.js", b"x=1"), (b"/logo.png", PNG)):
+        answer = await site.ask(path, accept_encoding="gzip")
+        assert (answer.status, answer.body) == (200, data)
+        assert answer["content-encoding"] is None and answer["vary"] is None
+        assert answer["etag"] == '"%s"' % hashlib.sha256(data).hexdigest()[:32]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gz_file_is_sent_as_it_is(site):
+    answer = await site.ask(b"/node_modules/pkg/packed.js.gz", accept_encoding="gzip")
+    assert answer.status == 200
+    assert answer["content-encoding"] == "gzip"
+    assert gzip.decompress(answer.body) == LIB
+    assert answer["etag"] is None and answer["cache-control"] == "no-cache"
+
+
+# -- validators --
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "identity"])
+@pytest_twisted.ensureDeferred
+async def test_if_none_match_is_a_304_without_a_body(site, encoding):
+    first = await site.ask(b"/app.js", accept_encoding=encoding)
+    etag = first["etag"]
+    for condition in (etag, "W/" + etag, f'"other", {etag}', "*"):
+        answer = await site.ask(b"/app.js", accept_encoding=encoding, if_none_match=condition)
+        assert (answer.status, answer.body) == (304, b"")
+        assert answer["content-length"] is None and answer["content-type"] is None
+        assert answer["etag"] == etag
+        assert answer["cache-control"] == "no-cache"
+        assert answer["vary"] == "Accept-Encoding"
+        assert answer["last-modified"] == first["last-modified"]
+        secured(answer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_etag_is_per_encoding(site):
+    packed = await site.ask(b"/app.js", accept_encoding="gzip")
+    plain = await site.ask(b"/app.js")
+    assert packed["etag"] != plain["etag"]
+    answer = await site.ask(b"/app.js", if_none_match=packed["etag"])
+    assert (answer.status, answer.body) == (200, APP)
+    answer = await site.ask(b"/app.js", accept_encoding="gzip", if_none_match=plain["etag"])
+    assert answer.status == 200 and gzip.decompress(answer.body) == APP
+
+
+@pytest_twisted.ensureDeferred
+async def test_if_modified_since(site):
+    same = datetimeToString(MTIME).decode()
+    answer = await site.ask(b"/app.js", if_modified_since=same)
+    assert (answer.status, answer.body) == (304, b"")
+    answer = await site.ask(b"/app.js", if_modified_since=datetimeToString(MTIME - 1).decode())
+    assert (answer.status, answer.body) == (200, APP)
+    answer = await site.ask(b"/app.js", if_modified_since="yesterday, maybe")
+    assert (answer.status, answer.body) == (200, APP)
+    # If-None-Match wins when both are sent.
+    answer = await site.ask(b"/app.js", if_modified_since=same, if_none_match='"stale"')
+    assert (answer.status, answer.body) == (200, APP)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_overlong_condition_is_ignored(site):
+    etag = (await site.ask(b"/app.js"))["etag"]
+    answer = await site.ask(b"/app.js", if_none_match=etag + ", " + '"x", ' * 1000)
+    assert (answer.status, answer.body) == (200, APP)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_changed_file_has_new_validators(site, www):
+    before = await site.ask(b"/app.js", accept_encoding="gzip")
+    (www / "app.js").write_bytes(APP + b"// more\n")
+    os.utime(www / "app.js", (MTIME + 10, MTIME + 10))
+    answer = await site.ask(b"/app.js", accept_encoding="gzip", if_none_match=before["etag"])
+    assert answer.status == 200
+    assert gzip.decompress(answer.body) == APP + b"// more\n"
+    assert answer["etag"] != before["etag"]
+    assert answer["last-modified"] == datetimeToString(MTIME + 10).decode()
+
+
+# -- HEAD --
+
+
+@pytest.mark.parametrize("path, encoding", [
+    (b"/app.js", "gzip"), (b"/app.js", "identity"), (b"/", "gzip"), (b"/", "identity"),
+    (b"/logo.png", "gzip")])
+@pytest_twisted.ensureDeferred
+async def test_head_says_what_get_would_send(site, path, encoding):
+    get = await site.ask(path, accept_encoding=encoding)
+    head = await site.ask(path, b"HEAD", accept_encoding=encoding)
+    assert (head.status, head.body) == (200, b"")
+    for name in ("content-length", "content-type", "content-encoding", "etag",
+                 "last-modified", "cache-control", "vary"):
+        assert head[name] == get[name], name
+    assert int(head["content-length"]) == len(get.body)
+    secured(head)
+
+
+# -- ranges --
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_range_is_of_the_plain_file(site):
+    plain = await site.ask(b"/app.js")
+    answer = await site.ask(b"/app.js", accept_encoding="gzip", range="bytes=3-9")
+    assert (answer.status, answer.body) == (206, APP[3:10])
+    assert answer["content-range"] == f"bytes 3-9/{len(APP)}"
+    assert answer["content-encoding"] is None
+    assert answer["etag"] == plain["etag"]
+    secured(answer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_if_range(site):
+    plain = await site.ask(b"/app.js")
+    packed = await site.ask(b"/app.js", accept_encoding="gzip")
+    for current in (plain["etag"], plain["last-modified"]):
+        answer = await site.ask(b"/app.js", accept_encoding="gzip", range="bytes=0-4",
+                                if_range=current)
+        assert (answer.status, answer.body) == (206, APP[:5])
+    for stale in (packed["etag"], "W/" + plain["etag"], datetimeToString(MTIME - 60).decode()):
+        answer = await site.ask(b"/app.js", accept_encoding="gzip", range="bytes=0-4",
+                                if_range=stale)
+        assert answer.status == 200
+        assert gzip.decompress(answer.body) == APP
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_range_is_the_whole_file(site):
+    answer = await site.ask(b"/app.js", range="bytes=banana")
+    assert (answer.status, answer.body) == (200, APP)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unsatisfiable_range_is_a_416(site):
+    answer = await site.ask(b"/app.js", range=f"bytes={len(APP) + 10}-")
+    assert answer.status == 416
+    secured(answer)
+
+
+# -- versioned node_modules --
+
+
+def rewritten_index() -> bytes:
+    lib, css = version(LIB).encode(), version(CSS).encode()
+    return (INDEX
+            .replace(b'"node_modules/pkg/css/lib.css"', b'"node_modules/pkg/css/lib.css?v=' + css + b'"')
+            .replace(b'"node_modules/pkg/lib.js"', b'"node_modules/pkg/lib.js?v=' + lib + b'"')
+            .replace(b'"/node_modules/pkg/lib.js"', b'"/node_modules/pkg/lib.js?v=' + lib + b'"')
+            .replace(b"'node_modules/pkg/lib.js'", b"'node_modules/pkg/lib.js?v=" + lib + b"'"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_page_names_node_modules_files_by_version(site):
+    answer = await site.ask(b"/")
+    assert answer.status == 200
+    assert answer.body == rewritten_index()
+    # What is not a file under node_modules is left alone.
+    for kept in (b'"node_modules/pkg/missing.js"', b'"node_modules/../app.js"',
+                 b'"node_modules/pkg/lib.js?v=old"', b'"app.js"'):
+        assert kept in answer.body
+    assert answer["cache-control"] == "no-cache"
+    assert answer["accept-ranges"] is None
+    assert answer["etag"] == '"%s"' % hashlib.sha256(answer.body).hexdigest()[:32]
+    packed = await site.ask(b"/index.html", accept_encoding="gzip")
+    assert gzip.decompress(packed.body) == rewritten_index()
+    again = await site.ask(b"/", accept_encoding="gzip", if_none_match=packed["etag"])
+    assert (again.status, again.body) == (304, b"")
+    # A range of the page is answered with the whole page.
+    ranged = await site.ask(b"/", range="bytes=0-9")
+    assert (ranged.status, ranged.body) == (200, rewritten_index())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_versioned_file_is_immutable_under_its_version(site):
+    path = b"/node_modules/pkg/lib.js"
+    current = path + b"?v=" + version(LIB).encode()
+    answer = await site.ask(current, accept_encoding="gzip")
+    assert answer.status == 200 and gzip.decompress(answer.body) == LIB
+    assert answer["cache-control"] == "max-age=31536000, immutable"
+    answer = await site.ask(current, accept_encoding="gzip", if_none_match=answer["etag"])
+    assert (answer.status, answer["cache-control"]) == (304, "max-age=31536000, immutable")
+    for other in (path, path + b"?v=0123456789abcdef", current + b"&v=" + version(LIB).encode()):
+        assert (await site.ask(other))["cache-control"] == "no-cache", other
+    # The page's own files are never immutable, whatever the query says.
+    answer = await site.ask(b"/app.js?v=" + version(APP).encode())
+    assert answer["cache-control"] == "no-cache"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_node_modules_file_changes_the_page(site, www):
+    before = await site.ask(b"/")
+    new = LIB + b"// 1.0.1\n"
+    (www / "node_modules/pkg/lib.js").write_bytes(new)
+    os.utime(www / "node_modules/pkg/lib.js", (MTIME + 100, MTIME + 100))
+    answer = await site.ask(b"/", if_none_match=before["etag"])
+    assert answer.status == 200
+    assert b'"node_modules/pkg/lib.js?v=' + version(new).encode() + b'"' in answer.body
+    assert version(LIB).encode() not in answer.body
+    assert answer["etag"] != before["etag"]
+    # The page changed when the file did.
+    assert answer["last-modified"] == datetimeToString(MTIME + 100).decode()
+    assert (await site.ask(b"/", if_modified_since=before["last-modified"])).status == 200
+
+
+# -- the cache --
+
+
+def test_the_cache_keeps_one_entry_per_file_and_reuses_it(www):
+    cache = StaticCache(FilePath(str(www)))
+    app = FilePath(str(www / "app.js"))
+    first = cache.entry(app, "text/javascript")
+    assert cache.entry(app, "text/javascript") is first
+    assert (len(cache), cache.held) == (1, first.gzip.length)
+    (www / "app.js").write_bytes(APP[:-1])
+    second = cache.entry(app, "text/javascript")
+    assert second is not first and second.version == version(APP[:-1])
+    assert (len(cache), cache.held) == (1, second.gzip.length)
+
+
+def test_the_cache_is_bounded(www):
+    files = [FilePath(str(www / name)) for name in
+             ("app.js", "node_modules/pkg/lib.js", "node_modules/pkg/css/lib.css")]
+    cache = StaticCache(FilePath(str(www)), max_files=2)
+    entries = [cache.entry(f, "text/javascript") for f in files]
+    assert len(cache) == 2
+    assert cache.held == entries[1].gzip.length + entries[2].gzip.length
+    # The least recently used went first.
+    assert cache.entry(files[0], "text/javascript") is not entries[0]
+    by_bytes = StaticCache(FilePath(str(www)), max_bytes=entries[0].gzip.length - 1)
+    entry = by_bytes.entry(files[0], "text/javascript")
+    assert entry.gzip is not None and (len(by_bytes), by_bytes.held) == (0, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_file_is_served_as_twisted_serves_it(site, www, monkeypatch):
+    monkeypatch.setattr(static, "MAX_CACHED_FILE", len(APP) - 1)
+    answer = await site.ask(b"/app.js", accept_encoding="gzip")
+    assert (answer.status, answer.body) == (200, APP)
+    assert answer["etag"] is None and answer["content-encoding"] is None
+    assert answer["cache-control"] == "no-cache"
+    assert answer["last-modified"] == datetimeToString(MTIME).decode()
+    ranged = await site.ask(b"/app.js", range="bytes=0-1")
+    assert (ranged.status, ranged.body) == (206, APP[:2])
