@@ -95,6 +95,13 @@ class ContainerSpec:
     read_only_root: bool = False
     # The OCI runtime (runsc for gVisor), or None for the engine's default.
     runtime: str | None = None
+    # Environment from secrets (capsule.profiles): set at creation only,
+    # never shown (not in repr) and not given to execs.
+    secrets: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # Named volumes: (volume name, mount path); Docker creates a missing one
+    # with volume_labels (and fills it from the image's directory there).
+    volumes: tuple[tuple[str, str], ...] = ()
+    volume_labels: dict[str, str] = field(default_factory=dict)
 
     def capabilities(self) -> list[str]:
         """
@@ -313,6 +320,9 @@ class DockerAPI:
             read_only=spec.read_only_root or None,
             tmpfs=dict(READ_ONLY_TMPFS) if spec.read_only_root else None,
             runtime=spec.runtime,
+            mounts=[docker.types.Mount(target, name, type="volume",
+                                       labels=dict(spec.volume_labels))
+                    for name, target in spec.volumes] or None,
         )
         try:
             return client.create_container(
@@ -322,7 +332,7 @@ class DockerAPI:
                 hostname=spec.hostname,
                 user=spec.user,
                 working_dir=spec.workdir,
-                environment=dict(spec.environment),
+                environment={**spec.environment, **spec.secrets},
                 labels=dict(spec.labels),
                 host_config=host_config,
                 volumes=list(READ_ONLY_VOLUMES) if spec.read_only_root else None,

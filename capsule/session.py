@@ -30,6 +30,9 @@ from .keeper import (DEFAULT_SOCKET, RELAY_FRAMES, FrameError, FrameReader, Prea
 from .lifecycle import ISessionEffects, SessionCore, make_lifecycle
 from .metrics import UNCOUNTED
 from .pool import WarmPool
+from .profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME, BadRepository,
+                       Profile, Secrets, agent_volume_name, check_repository, parse_profile_name,
+                       start_command)
 from .ratelog import RateLimitedLog
 from .replay import ReplayBuffer
 
@@ -72,6 +75,19 @@ class SessionConfig:
     # Run the shell under capsule-keeper, so that it outlives capsule.
     keeper: bool = True
     keeper_socket: str = DEFAULT_SOCKET
+    # The profiles by name (capsule.profiles); None: only "shell", made of
+    # the fields above.  The values of their secrets.
+    profiles: dict | None = None
+    secrets: Secrets = Secrets()
+
+
+def shell_profile(config: SessionConfig) -> Profile:
+    """
+    The C{shell} profile a config's own fields describe.
+    """
+    return Profile(name=DEFAULT_PROFILE, spec=config.spec, command=tuple(config.shell),
+                   idle_timeout=config.idle_timeout, max_lifetime=config.max_lifetime,
+                   pool=config.pool_size, description="a login shell")
 
 
 class Session:
@@ -87,6 +103,11 @@ class Session:
         # The exec of the shell now in use: output and ends of any older one
         # are not heard.
         self.shell: _ShellProtocol | None = None
+        # Its profile's name, the profile itself (capsule.profiles), and the
+        # git repository cloned into its /workspace at start, if any.
+        self.profile: str = DEFAULT_PROFILE
+        self.settings: Profile | None = None
+        self.repository: str | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.id[:8]} {self.status()}>"
@@ -368,6 +389,11 @@ class SessionManager:
         self._removals: set[Deferred] = set()
         self.pool = WarmPool(docker, clock, config.pool_size, self._container_spec,
                              max_age=config.pool_max_age)
+        self.profiles: dict[str, Profile] = dict(config.profiles or {
+            DEFAULT_PROFILE: shell_profile(config)})
+        # Profiles with an agent volume whose sessions had none (no users):
+        # said once each.
+        self._volume_refused: set[str] = set()
 
     @property
     def labels(self) -> dict[str, str]:
@@ -389,10 +415,17 @@ class SessionManager:
 
     # -- what clients ask for --------------------------------------------
 
-    def create(self, client, cols: int, rows: int, user: str | None = None) -> Session:
+    def create(self, client, cols: int, rows: int, user: str | None = None,
+               profile: str | None = None, repository: str | None = None) -> Session:
         """
         Start a new session for C{client} (acting for C{user}), which is told
         through C{session_started} or C{session_failed}.
+
+        @param profile: the name of its profile (default: C{shell}).
+        @param repository: an https git URL cloned into its /workspace at
+            start (default: its profile's, if any).
+        @raise UnknownProfile: naming the profiles there are (nothing made).
+        @raise BadRepository: for a repository capsule refuses.
 
         Without a client (C{client} is C{None}), the session is made all the
         same and, once its shell runs, kept for the grace period like one
@@ -400,11 +433,24 @@ class SessionManager:
         0 it gets all the output so far).  One that could not be made is
         forgotten, its C{core.message} saying why.
         """
-        warm = self.pool.take()
+        settings = parse_profile_name(
+            DEFAULT_PROFILE if profile is None else profile, self.profiles)
+        if repository is not None:
+            try:
+                check_repository(repository)
+            except (TypeError, ValueError) as e:
+                raise BadRepository(f"repository: {e}") from None
+        # The pool holds containers of the default profile only, and none
+        # has a user's volume.
+        pooled = settings.name == DEFAULT_PROFILE and not (
+            settings.agent_volume and user is not None)
+        warm = self.pool.take() if pooled else None
         session = self._new_session(
             warm.session_id if warm else str(uuid.uuid4()), (cols, rows), client=client,
             container_id=warm.container_id if warm else None, warm=warm is not None,
             user=user)
+        session.profile, session.settings = settings.name, settings
+        session.repository = repository or settings.repository
         if client is None:
             session.events.prepare()
         else:
@@ -507,7 +553,7 @@ class SessionManager:
 
     async def _make(self, session: Session) -> None:
         core = session.core
-        spec = self._container_spec(session.id)
+        spec = self._container_spec(session.id, session.settings, core.user)
         while True:
             if core.container_id is None:
                 core.warm = False
@@ -543,18 +589,20 @@ class SessionManager:
         Start (or, under the keeper, attach to) the session's shell: its
         protocol feeds the lifecycle.
         """
-        spec = self.config.spec
+        settings = session.settings or self.profiles[DEFAULT_PROFILE]
+        spec = settings.spec
+        command, environment = start_command(settings, session.repository)
         protocol = session.shell = _ShellProtocol(session, self.config.keeper, offset)
         if not self.config.keeper:
             await self._docker.spawn_exec(
-                protocol, session.container_id, list(self.config.shell), spec.user,
-                spec.workdir, spec.environment, None)
+                protocol, session.container_id, list(command), spec.user,
+                spec.workdir, environment, None)
             return
-        argv = keeper_argv(self.config.shell, offset, self.config.replay_bytes,
+        argv = keeper_argv(command, offset, self.config.replay_bytes,
                            self.config.keeper_socket)
         await self._docker.spawn_exec(
             protocol, session.container_id, argv, spec.user, spec.workdir,
-            spec.environment, None, tty=False)
+            environment, None, tty=False)
 
     def reattach(self, session: Session, offset: int) -> None:
         d = Deferred.fromCoroutine(self._spawn_shell(session, offset))
@@ -739,9 +787,30 @@ class SessionManager:
 
     # -- containers ----------------------------------------------------
 
-    def _container_spec(self, session_id: str) -> ContainerSpec:
-        return replace(self.config.spec, labels={
-            **self.config.spec.labels, **self.labels, LABEL_SESSION: session_id})
+    def _container_spec(self, session_id: str, settings: Profile | None = None,
+                        user: str | None = None) -> ContainerSpec:
+        """
+        How the container of session C{session_id}, of profile C{settings}
+        (default: C{shell}) for C{user}, is made: its labels, its secrets,
+        the user's agent volume.
+        """
+        settings = settings or self.profiles[DEFAULT_PROFILE]
+        spec = settings.spec
+        volumes, volume_labels = (), {}
+        if settings.agent_volume and user is None:
+            if settings.name not in self._volume_refused:
+                self._volume_refused.add(settings.name)
+                _log.info("sessions of profile {profile} get no agent volume: capsule has no"
+                          " users, and a volume is never shared", profile=settings.name)
+        elif settings.agent_volume:
+            volumes = ((agent_volume_name(self.config.instance, settings.name, user),
+                        settings.agent_volume),)
+            volume_labels = {**self.labels, LABEL_USER: user, LABEL_PROFILE: settings.name,
+                             LABEL_VOLUME: "agent"}
+        return replace(spec, labels={**spec.labels, **self.labels, LABEL_SESSION: session_id,
+                                     LABEL_PROFILE: settings.name},
+                       secrets=self.config.secrets.for_profile(settings), volumes=volumes,
+                       volume_labels=volume_labels)
 
     def _remove_container(self, session: Session) -> Deferred:
         container_id = session.container_id
@@ -817,6 +886,7 @@ class SessionManager:
                 session = self._new_session(session_id, (80, 24),
                                             container_id=container["id"],
                                             user=self.owners.get(session_id))
+                self._recovered_profile(session, container["labels"].get(LABEL_PROFILE))
                 session.events.recover()
                 recovered.append(session_id)
         if recovered:
@@ -826,6 +896,21 @@ class SessionManager:
         # Everything else of this server's is a leftover.
         await self.remove_leftovers()
         return len(recovered)
+
+    def _recovered_profile(self, session: Session, name: str | None) -> None:
+        """
+        A session of an earlier run keeps its profile (its container's
+        label); one whose profile is no longer configured gets the default
+        profile's limits, under its own name.
+        """
+        name = name or DEFAULT_PROFILE
+        settings = self.profiles.get(name)
+        if settings is None:
+            _log.warn("session {session_id} of an earlier run has profile {profile}, which is"
+                      " no longer configured: the limits of {default} apply to it",
+                      session_id=session.id[:8], profile=name[:64], default=DEFAULT_PROFILE)
+            settings = self.profiles[DEFAULT_PROFILE]
+        session.profile, session.settings = name[:64], settings
 
     async def remove_leftovers(self, why: str = "left by an earlier run") -> int:
         """

@@ -323,6 +323,7 @@ class FakeDockerAPI:
         program = self.programs.get(tuple(argv))
         process = FakeExecProcess(process_protocol, container_id, argv, size, keeper,
                                   tty=tty, program=program() if program else None)
+        process.user, process.workdir, process.env = user, workdir, dict(env)
         self.processes.append(process)
         d = Deferred()
         if self.hold_exec:

@@ -1,0 +1,533 @@
+"""
+Session profiles: what a session is made of (image, command, environment,
+limits, network, idle and lifetime limits, secrets, an agent volume, a git
+repository), chosen by name when a session is opened.
+
+Two profiles are built in: C{shell} (the server's own options: --image,
+--shell, --memory...) and C{claude} (the agent image, Claude Code in
+/workspace, then a login shell).  A TOML file (C{--profiles FILE}, read with
+C{tomllib}) may change them and add others; each of its tables
+C{[profiles.NAME]} starts from the built-in profile of that name, or from the
+one it C{extends}, or from C{shell}.  Everything in it is checked when
+capsule starts: an unknown key, a wrong type, a repository that is not
+https, an odd path is refused with the file, the profile and the key named.
+
+Clients only ever pick a profile's name: never an image, a mount or a
+privilege.
+
+Secrets are named by a profile (environment variable names); their values
+come from the server's environment or from C{--secrets-file}, and enter a
+container's environment when it is created (through the Docker API, never a
+command line).  Nothing here logs a value.
+
+Pure: no reactor, no Docker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass, field, replace
+from posixpath import normpath
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from docker.utils import parse_bytes
+
+from .docker_api import ContainerSpec
+from .errors import CapsuleError
+
+DEFAULT_PROFILE = "shell"
+AGENT_PROFILE = "claude"
+DEFAULT_AGENT_IMAGE = "capsule-agent:latest"
+DEFAULT_CLONE_TIMEOUT = 300.0
+
+# Claude Code in /workspace; when it exits, a login shell, so that the
+# session stays useful.
+CLAUDE_COMMAND = ("bash", "-lc", "cd /workspace && claude; exec bash -l")
+
+# What a profile's name, an environment variable's name and a repository
+# may be.
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+_PATH = re.compile(r"/[A-Za-z0-9._/-]{1,255}\Z")
+MAX_REPOSITORY = 2048
+MAX_PROFILE_PARAMETER = 64
+# Variables capsule sets itself: a profile may not.
+_RESERVED_ENV = frozenset({"CAPSULE_REPOSITORY", "CAPSULE_CLONE_TIMEOUT"})
+
+LABEL_USER = "io.capsule.user"
+LABEL_PROFILE = "io.capsule.profile"
+LABEL_VOLUME = "io.capsule.volume"
+
+
+class ProfileError(ValueError):
+    """
+    A profiles file (or a secrets file) capsule refuses: the sentence names
+    the file, the profile and the key.
+    """
+
+
+class UnknownProfile(CapsuleError):
+    code = "unknown_profile"
+
+
+class BadRepository(CapsuleError):
+    code = "bad_repository"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """
+    @ivar spec: how its containers are made (environment without secrets;
+        labels are added per session).
+    @ivar command: the argv run in the session's terminal.
+    @ivar idle_timeout: seconds without input and output after which a
+        session ends (0: never).
+    @ivar max_lifetime: seconds after which a session ends (0: never).
+    @ivar secrets: names of environment variables whose values come from the
+        server's environment or its secrets file.
+    @ivar agent_volume: where a per-user named volume is mounted (C{None}:
+        none).
+    @ivar repository: an https git URL cloned into /workspace at start.
+    @ivar clone_timeout: seconds the clone may take.
+    @ivar pool: warm containers kept for this profile.
+    """
+
+    name: str
+    spec: ContainerSpec
+    command: tuple[str, ...] = ("bash", "-l")
+    idle_timeout: float = 0.0
+    max_lifetime: float = 0.0
+    secrets: tuple[str, ...] = ()
+    agent_volume: str | None = None
+    repository: str | None = None
+    clone_timeout: float = DEFAULT_CLONE_TIMEOUT
+    pool: int = 0
+    description: str = ""
+
+    @property
+    def memory(self) -> int:
+        """
+        Its containers' memory limit, in bytes.
+        """
+        return parse_bytes(self.spec.memory)
+
+    def describe(self) -> dict:
+        """
+        What a client may know of it: its name, its description, its image.
+        """
+        return {"name": self.name, "description": self.description}
+
+
+def builtin_profiles(shell: Profile, agent_image: str = DEFAULT_AGENT_IMAGE) -> dict[str, Profile]:
+    """
+    The built-in profiles: C{shell} as given (the server's options), and
+    C{claude}, which differs from it in image and command and keeps no warm
+    containers.
+    """
+    shell = replace(shell, name=DEFAULT_PROFILE,
+                    description=shell.description or "a login shell")
+    claude = replace(shell, name=AGENT_PROFILE, spec=replace(shell.spec, image=agent_image),
+                     command=CLAUDE_COMMAND, pool=0,
+                     description="Claude Code in /workspace, then a login shell")
+    return {DEFAULT_PROFILE: shell, AGENT_PROFILE: claude}
+
+
+# -- the file -----------------------------------------------------------------
+
+def load_profiles(path: str | None, builtins: Mapping[str, Profile]) -> dict[str, Profile]:
+    """
+    The profiles: C{builtins} changed and added to by the TOML file at
+    C{path} (if any).
+
+    @raise ProfileError: naming the file, the profile and the key.
+    """
+    profiles = dict(builtins)
+    if path is None:
+        return profiles
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ProfileError(f"{path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ProfileError(f"{path}: not TOML: {e}") from None
+    unknown = set(data) - {"profiles"}
+    if unknown:
+        raise ProfileError(f"{path}: unknown key {sorted(unknown)[0]!r} (profiles are"
+                           " tables [profiles.NAME])")
+    tables = data.get("profiles", {})
+    if not isinstance(tables, dict):
+        raise ProfileError(f"{path}: profiles must be tables [profiles.NAME]")
+    # Those that extend another come after it.
+    pending = dict(tables)
+    while pending:
+        progress = False
+        for name, table in list(pending.items()):
+            where = f"{path}: profile {name!r}"
+            if not _NAME.match(name):
+                raise ProfileError(f"{where}: a name is 1 to 32 of a-z, 0-9, _ and -,"
+                                   " starting with a letter or digit")
+            if not isinstance(table, dict):
+                raise ProfileError(f"{where}: must be a table [profiles.{name}]")
+            parent = table.get("extends", name if name in builtins else DEFAULT_PROFILE)
+            if not isinstance(parent, str):
+                raise ProfileError(f"{where}: key 'extends': must be a profile's name")
+            if parent != name and parent in pending:
+                continue
+            base = profiles.get(parent)
+            if base is None:
+                raise ProfileError(f"{where}: key 'extends': no profile {parent!r}"
+                                   f" (there are: {', '.join(sorted(profiles))})")
+            profiles[name] = _profile(where, name, base, table)
+            del pending[name]
+            progress = True
+        if not progress:
+            raise ProfileError(f"{path}: profiles extend each other in a circle:"
+                               f" {', '.join(sorted(pending))}")
+    return profiles
+
+
+def _profile(where: str, name: str, base: Profile, table: dict) -> Profile:
+    spec = {}
+    fields = {}
+    for key, value in table.items():
+        check = _KEYS.get(key)
+        if check is None:
+            raise ProfileError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(_KEYS))})")
+        try:
+            converted = check(value)
+        except (TypeError, ValueError) as e:
+            raise ProfileError(f"{where}: key {key!r}: {e}") from None
+        if key in _SPEC_KEYS:
+            spec[_SPEC_KEYS[key]] = converted
+        elif key != "extends":
+            fields[key] = converted
+    if "environment" in spec:
+        spec["environment"] = {**base.spec.environment, **spec["environment"]}
+    if fields.get("secrets") and "environment" in spec:
+        both = set(fields["secrets"]) & set(spec["environment"])
+        if both:
+            raise ProfileError(f"{where}: key 'secrets': {sorted(both)[0]} is also in"
+                               " environment")
+    return replace(base, name=name, spec=replace(base.spec, **spec), **fields)
+
+
+def _string(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError("must be a non-empty string")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not hold control characters")
+    return value
+
+
+def _number(minimum: float, strict: bool = False):
+    def convert(value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError("must be a number")
+        if value < minimum or (strict and value == minimum) or value != value:
+            raise ValueError(f"must be {'more than' if strict else 'at least'} {minimum:g},"
+                             f" got {value}")
+        return float(value)
+    return convert
+
+
+def _integer(minimum: int):
+    def convert(value) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError("must be an integer")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        return value
+    return convert
+
+
+def _size(value) -> str:
+    text = _string(value)
+    try:
+        if parse_bytes(text) <= 0:
+            raise ValueError
+    except Exception:
+        raise ValueError(f"not a size: {text!r} (try 512m or 4g)") from None
+    return text
+
+
+def _command(value) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise TypeError('must be a non-empty list of strings (an argv: ["bash", "-l"])')
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError('must be a non-empty list of strings (an argv: ["bash", "-l"])')
+        if "\0" in item:
+            raise ValueError("must not hold NUL")
+    if not value[0]:
+        raise ValueError("its program must not be empty")
+    return tuple(value)
+
+
+def _env_name(value) -> str:
+    if not isinstance(value, str) or not _ENV_NAME.match(value):
+        raise ValueError(f"not an environment variable's name: {value!r}")
+    if value in _RESERVED_ENV:
+        raise ValueError(f"{value} is set by capsule")
+    return value
+
+
+def _environment(value) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise TypeError('must be a table of strings (environment = { NAME = "value" })')
+    result = {}
+    for name, text in value.items():
+        _env_name(name)
+        if not isinstance(text, str):
+            raise TypeError(f"{name}: must be a string")
+        if "\0" in text:
+            raise ValueError(f"{name}: must not hold NUL")
+        result[name] = text
+    return result
+
+
+def _secrets(value) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise TypeError('must be a list of environment variable names (["ANTHROPIC_API_KEY"])')
+    return tuple(dict.fromkeys(_env_name(v) for v in value))
+
+
+def _agent_volume(value) -> str:
+    text = _string(value)
+    if not _PATH.match(text) or normpath(text) != text or text.startswith("//"):
+        raise ValueError(f"must be an absolute, normal path of letters, digits and ._/-,"
+                         f" got {text!r}")
+    if text in ("/", "/workspace") or text.startswith(("/workspace/", "/proc", "/sys", "/dev",
+                                                       "/etc", "/tmp/.capsule-keeper")):
+        raise ValueError(f"cannot be {text} (try /home/developer/.claude)")
+    return text
+
+
+def _network(value) -> str:
+    text = _string(value)
+    if not re.match(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z", text):
+        raise ValueError(f"not a network's name: {text!r}")
+    if text in ("host",) or text.startswith("container:"):
+        raise ValueError(f"{text} would share the host's or another container's network")
+    return text
+
+
+def _image(value) -> str:
+    text = _string(value)
+    if any(c.isspace() for c in text) or len(text) > 255:
+        raise ValueError(f"not an image's name: {text!r}")
+    return text
+
+
+def _disk(value) -> str | None:
+    if value == "off":
+        return None
+    return _size(value)
+
+
+def check_repository(value) -> str:
+    """
+    An https git URL without credentials in it.
+
+    @raise ValueError: saying why not.
+    """
+    if not isinstance(value, str):
+        raise TypeError("must be a string (an https URL)")
+    if len(value) > MAX_REPOSITORY:
+        raise ValueError(f"longer than {MAX_REPOSITORY} characters")
+    if any(ord(c) <= 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not hold spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"not a URL: {value[:100]!r}") from None
+    if parts.scheme != "https":
+        raise ValueError("must be an https:// URL")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise ValueError("must not hold credentials (give a token as a secret instead)")
+    if not parts.hostname or parts.hostname.startswith("-") or port == 0:
+        raise ValueError("must name a host")
+    if parts.fragment or "@" in value:
+        raise ValueError("must not hold a fragment or '@'")
+    return value
+
+
+_KEYS = {
+    "extends": _string,
+    "description": _string,
+    "image": _image,
+    "command": _command,
+    "environment": _environment,
+    "memory": _size,
+    "cpus": _number(0, strict=True),
+    "pids": _integer(1),
+    "disk": _disk,
+    "network": _network,
+    "idle_timeout": _number(0),
+    "max_lifetime": _number(0),
+    "secrets": _secrets,
+    "agent_volume": _agent_volume,
+    "repository": check_repository,
+    "clone_timeout": _number(0, strict=True),
+    "pool": _integer(0),
+}
+# Keys that are the container spec's, by the spec's name for them.
+_SPEC_KEYS = {"image": "image", "environment": "environment", "memory": "memory",
+              "cpus": "cpus", "pids": "pids", "disk": "disk", "network": "network"}
+
+
+def parse_profile_name(value: str, profiles: Mapping[str, Profile]) -> Profile:
+    """
+    The profile a client named.
+
+    @raise UnknownProfile: listing the available ones.
+    """
+    profile = profiles.get(value) if isinstance(value, str) else None
+    if profile is None:
+        shown = value if isinstance(value, str) and len(value) <= MAX_PROFILE_PARAMETER \
+            else "(too long)"
+        shown = "".join(c if c.isprintable() else "?" for c in shown)
+        raise UnknownProfile(f"no profile {shown!r}: the profiles are"
+                             f" {', '.join(sorted(profiles))}")
+    return profile
+
+
+# -- secrets --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Secrets:
+    """
+    Values of secrets by name.  Never shown: its repr names the variables,
+    not their values.
+    """
+
+    values: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        return f"<Secrets {', '.join(sorted(self.values)) or 'none'}>"
+
+    def for_profile(self, profile: Profile) -> dict[str, str]:
+        """
+        The environment a profile's containers get from secrets (those
+        known; a missing one is left out).
+        """
+        return {name: self.values[name] for name in profile.secrets if name in self.values}
+
+    def missing(self, profiles: Mapping[str, Profile]) -> list[tuple[str, str]]:
+        """
+        C{(profile, variable)} for each secret a profile names that has no
+        value.
+        """
+        return [(p.name, name) for p in profiles.values() for name in p.secrets
+                if name not in self.values]
+
+
+def load_secrets(path: str | None, profiles: Mapping[str, Profile],
+                 environ: Mapping[str, str] | None = None) -> Secrets:
+    """
+    The values of the secrets the profiles name: from the secrets file at
+    C{path} (C{NAME=value} lines; C{#} comments, blank lines), else from
+    C{environ} (the server's environment).  The file must not be readable or
+    writable by others than its owner and group.
+
+    @raise ProfileError: for a file that is unsafe or does not parse (no
+        value is ever quoted).
+    """
+    environ = os.environ if environ is None else environ
+    wanted = {name for p in profiles.values() for name in p.secrets}
+    values = {name: environ[name] for name in wanted if environ.get(name)}
+    if path is None:
+        return Secrets(values)
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ProfileError(f"{path}: not a regular file")
+            if mode & (stat.S_IROTH | stat.S_IWOTH):
+                raise ProfileError(
+                    f"{path}: readable or writable by every user (mode {stat.S_IMODE(mode):o}):"
+                    f" chmod 600 {path}")
+            data = f.read(1024 * 1024 + 1)
+    except OSError as e:
+        raise ProfileError(f"{path}: {e.strerror}") from None
+    if len(data) > 1024 * 1024:
+        raise ProfileError(f"{path}: larger than 1 MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path}: not UTF-8") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        name = name.strip()
+        if not sep or not _ENV_NAME.match(name):
+            raise ProfileError(f"{path}, line {number}: not NAME=value")
+        if "\0" in value:
+            raise ProfileError(f"{path}, line {number} ({name}): holds NUL")
+        if name in wanted and value:
+            values[name] = value
+    return Secrets(values)
+
+
+# -- agent volumes ------------------------------------------------------------
+
+def agent_volume_name(instance: str, profile: str, user: str) -> str:
+    """
+    The Docker volume of C{user}'s agent state for C{profile}: a name Docker
+    accepts, unique per instance, profile and user (the user's name is
+    hashed: any string may be a user's name).
+    """
+    digest = hashlib.sha256(f"{instance}\0{profile}\0{user}".encode()).hexdigest()[:24]
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", user)[:32]
+    safe_instance = re.sub(r"[^A-Za-z0-9_.-]", "_", instance)[:32]
+    return f"capsule-{safe_instance}-{profile}-{readable}-{digest}"
+
+
+# -- the command a session runs -------------------------------------------------
+
+# Clones $CAPSULE_REPOSITORY into /workspace as the session's user, with a
+# time limit, in the terminal (progress and errors show there), then runs
+# the profile's command.  The URL is an environment variable, never part of
+# the shell code.
+CLONE_SCRIPT = r"""
+if [ -n "$CAPSULE_REPOSITORY" ]; then
+  printf 'capsule: cloning %s into /workspace\n' "$CAPSULE_REPOSITORY"
+  GIT_TERMINAL_PROMPT=0 GIT_ASKPASS=/bin/false timeout -k 5 "$CAPSULE_CLONE_TIMEOUT" \
+    git -c protocol.allow=never -c protocol.https.allow=always \
+    clone --progress -- "$CAPSULE_REPOSITORY" /workspace
+  status=$?
+  if [ "$status" -eq 0 ]; then
+    printf 'capsule: cloned into /workspace\n'
+  elif [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    printf 'capsule: the clone was stopped after %s s (clone_timeout)\n' "$CAPSULE_CLONE_TIMEOUT"
+  else
+    printf 'capsule: the clone failed (git exited with %s)\n' "$status"
+  fi
+fi
+unset CAPSULE_REPOSITORY CAPSULE_CLONE_TIMEOUT
+exec "$@"
+"""
+
+
+def start_command(profile: Profile, repository: str | None) -> tuple[tuple[str, ...],
+                                                                     dict[str, str]]:
+    """
+    The argv a session of C{profile} runs in its terminal, and the
+    environment of the exec that starts it (the profile's, without secrets:
+    those are the container's).  With a repository, the argv clones it
+    first.
+    """
+    environment = dict(profile.spec.environment)
+    if repository is None:
+        return profile.command, environment
+    environment["CAPSULE_REPOSITORY"] = repository
+    environment["CAPSULE_CLONE_TIMEOUT"] = f"{max(1, round(profile.clone_timeout))}"
+    return ("sh", "-c", CLONE_SCRIPT, "capsule-start", *profile.command), environment

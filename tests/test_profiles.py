@@ -1,0 +1,329 @@
+"""
+Profiles: the file and its refusals, secrets, and what a profile makes of a
+session (its container, its command, its limits), against the in-memory
+Docker engine.
+"""
+
+import os
+
+import pytest
+from twisted.internet.task import Clock
+
+from capsule.docker_api import ContainerSpec
+from capsule.keeper import keeper_argv
+from capsule.profiles import (AGENT_PROFILE, CLAUDE_COMMAND, CLONE_SCRIPT, LABEL_PROFILE,
+                              BadRepository, Profile, ProfileError, Secrets, UnknownProfile,
+                              agent_volume_name, builtin_profiles, check_repository,
+                              load_profiles, load_secrets)
+from capsule.session import LABEL_SESSION, SessionConfig, SessionManager
+from capsule.testing import FakeDockerAPI, RecordingClient
+
+SPEC = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
+
+
+def shell(**fields) -> Profile:
+    return Profile(name="shell", spec=SPEC, command=("bash", "-l"), idle_timeout=600,
+                   max_lifetime=0, pool=2, **fields)
+
+
+def builtins(**fields):
+    return builtin_profiles(shell(**fields), agent_image="capsule-agent:test")
+
+
+def write(tmp_path, text: str, name: str = "profiles.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# -- the built-in profiles -------------------------------------------------------
+
+def test_builtin_profiles():
+    profiles = builtins()
+    assert sorted(profiles) == ["claude", "shell"]
+    assert profiles["shell"].spec is SPEC and profiles["shell"].pool == 2
+    claude = profiles[AGENT_PROFILE]
+    assert claude.spec.image == "capsule-agent:test"
+    assert claude.spec.memory == "1g"
+    assert claude.command == CLAUDE_COMMAND
+    assert claude.pool == 0
+    assert claude.idle_timeout == 600
+
+
+def test_no_file_is_the_builtins():
+    assert load_profiles(None, builtins()) == builtins()
+
+
+# -- the file -----------------------------------------------------------------
+
+def test_a_file_changes_and_adds_profiles(tmp_path):
+    path = write(tmp_path, """
+[profiles.claude]
+secrets = ["ANTHROPIC_API_KEY"]
+agent_volume = "/home/developer/.claude"
+memory = "2g"
+
+[profiles.py]
+description = "Python"
+image = "python-dev:1"
+command = ["python3"]
+environment = { PYTHONDONTWRITEBYTECODE = "1" }
+cpus = 0.5
+pids = 100
+disk = "5g"
+network = "none"
+idle_timeout = 60
+max_lifetime = 3600
+repository = "https://example.com/r.git"
+clone_timeout = 30
+pool = 1
+
+[profiles.review]
+extends = "claude"
+command = ["claude", "--help"]
+""")
+    profiles = load_profiles(path, builtins())
+    assert sorted(profiles) == ["claude", "py", "review", "shell"]
+    claude = profiles["claude"]
+    assert claude.spec.image == "capsule-agent:test" and claude.spec.memory == "2g"
+    assert claude.secrets == ("ANTHROPIC_API_KEY",)
+    assert claude.agent_volume == "/home/developer/.claude"
+    assert claude.command == CLAUDE_COMMAND
+    py = profiles["py"]
+    assert py.spec.image == "python-dev:1" and py.command == ("python3",)
+    assert py.spec.environment == {"TERM": "xterm-256color", "LANG": "en_US.UTF-8",
+                                   "PYTHONDONTWRITEBYTECODE": "1"}
+    assert (py.spec.cpus, py.spec.pids, py.spec.disk, py.spec.network) == (0.5, 100, "5g", "none")
+    assert (py.idle_timeout, py.max_lifetime, py.clone_timeout, py.pool) == (60, 3600, 30, 1)
+    assert py.repository == "https://example.com/r.git"
+    assert py.description == "Python"
+    review = profiles["review"]
+    assert review.spec.image == "capsule-agent:test" and review.spec.memory == "2g"
+    assert review.secrets == ("ANTHROPIC_API_KEY",)
+    assert review.command == ("claude", "--help")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[profiles.a]\nimage = 3\n', "profile 'a': key 'image': must be a non-empty string"),
+    ('[profiles.a]\nmemroy = "1g"\n', "profile 'a': unknown key 'memroy'"),
+    ('[profiles.a]\nmemory = "lots"\n', "profile 'a': key 'memory': not a size"),
+    ('[profiles.a]\ncommand = "bash"\n', "profile 'a': key 'command': must be a non-empty list"),
+    ('[profiles.a]\ncommand = []\n', "profile 'a': key 'command': must be a non-empty list"),
+    ('[profiles.a]\ncpus = 0\n', "profile 'a': key 'cpus': must be more than 0"),
+    ('[profiles.a]\ncpus = true\n', "profile 'a': key 'cpus': must be a number"),
+    ('[profiles.a]\npids = 1.5\n', "profile 'a': key 'pids': must be an integer"),
+    ('[profiles.a]\npool = -1\n', "profile 'a': key 'pool': must be at least 0"),
+    ('[profiles.a]\nidle_timeout = -1\n', "profile 'a': key 'idle_timeout': must be at least 0"),
+    ('[profiles.a]\nrepository = "http://example.com/r.git"\n',
+     "profile 'a': key 'repository': must be an https:// URL"),
+    ('[profiles.a]\nrepository = "git@example.com:r.git"\n',
+     "profile 'a': key 'repository': must be an https:// URL"),
+    ('[profiles.a]\nrepository = "https://user:tok@example.com/r.git"\n',
+     "profile 'a': key 'repository': must not hold credentials"),
+    ('[profiles.a]\nrepository = "https://example.com/r.git; rm -rf /"\n',
+     "profile 'a': key 'repository': must not hold spaces"),
+    ('[profiles.a]\nagent_volume = "relative/.claude"\n',
+     "profile 'a': key 'agent_volume': must be an absolute, normal path"),
+    ('[profiles.a]\nagent_volume = "/home/developer/../../etc"\n',
+     "profile 'a': key 'agent_volume': must be an absolute, normal path"),
+    ('[profiles.a]\nagent_volume = "/workspace"\n',
+     "profile 'a': key 'agent_volume': cannot be /workspace"),
+    ('[profiles.a]\nagent_volume = "/"\n', "profile 'a': key 'agent_volume'"),
+    ('[profiles.a]\nnetwork = "host"\n', "profile 'a': key 'network': host would share"),
+    ('[profiles.a]\nsecrets = ["NOT A NAME"]\n',
+     "profile 'a': key 'secrets': not an environment variable's name"),
+    ('[profiles.a]\nsecrets = "KEY"\n', "profile 'a': key 'secrets': must be a list"),
+    ('[profiles.a]\nenvironment = { A = 1 }\n', "profile 'a': key 'environment': A: must be a string"),
+    ('[profiles.a]\nenvironment = { CAPSULE_REPOSITORY = "x" }\n',
+     "profile 'a': key 'environment': CAPSULE_REPOSITORY is set by capsule"),
+    ('[profiles.a]\nsecrets = ["K"]\nenvironment = { K = "x" }\n',
+     "profile 'a': key 'secrets': K is also in environment"),
+    ('[profiles.a]\nextends = "nope"\n', "profile 'a': key 'extends': no profile 'nope'"),
+    ('[profiles.a]\nextends = "b"\n[profiles.b]\nextends = "a"\n', "extend each other in a circle"),
+    ('[profiles."Bad Name"]\n', "profile 'Bad Name': a name is 1 to 32"),
+    ('[profile.a]\n', "unknown key 'profile'"),
+    ('[profiles]\na = 1\n', "profile 'a': must be a table"),
+    ('not toml = = 1\n', "not TOML"),
+])
+def test_a_bad_file_is_refused_naming_file_profile_and_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ProfileError) as e:
+        load_profiles(path, builtins())
+    assert str(e.value).startswith(f"{path}: ")
+    assert expected in str(e.value)
+
+
+def test_a_missing_file_is_refused(tmp_path):
+    with pytest.raises(ProfileError, match="No such file"):
+        load_profiles(str(tmp_path / "none.toml"), builtins())
+
+
+def test_repository_checks():
+    assert check_repository("https://github.com/a/b.git") == "https://github.com/a/b.git"
+    for bad in ("https://", "https://x@y/", "file:///etc", "ext::sh -c x", "https://a/b#c",
+                "https://a/" + "x" * 3000, 5):
+        with pytest.raises((TypeError, ValueError)):
+            check_repository(bad)
+
+
+# -- secrets -----------------------------------------------------------------------
+
+def test_secrets_from_the_environment_and_the_file(tmp_path):
+    profiles = load_profiles(write(tmp_path, """
+[profiles.claude]
+secrets = ["ANTHROPIC_API_KEY", "GH_TOKEN", "MISSING"]
+"""), builtins())
+    path = tmp_path / "secrets"
+    path.write_text("# tokens\n\nGH_TOKEN = ghp_file=with=equals\nOTHER=not-named\n")
+    os.chmod(path, 0o600)
+    secrets = load_secrets(str(path), profiles,
+                           environ={"ANTHROPIC_API_KEY": "sk-env", "GH_TOKEN": "from-env",
+                                    "HOME": "/root"})
+    assert secrets.values == {"ANTHROPIC_API_KEY": "sk-env", "GH_TOKEN": " ghp_file=with=equals"}
+    assert secrets.for_profile(profiles["claude"]) == secrets.values
+    assert secrets.for_profile(profiles["shell"]) == {}
+    assert secrets.missing(profiles) == [("claude", "MISSING")]
+    assert "sk-env" not in repr(secrets) and "ghp" not in repr(secrets)
+    assert repr(secrets) == "<Secrets ANTHROPIC_API_KEY, GH_TOKEN>"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o602])
+def test_a_secrets_file_others_may_read_is_refused(tmp_path, mode):
+    path = tmp_path / "secrets"
+    path.write_text("KEY=value\n")
+    os.chmod(path, mode)
+    with pytest.raises(ProfileError, match=f"readable or writable by every user.*chmod 600"):
+        load_secrets(str(path), builtins(), environ={})
+
+
+def test_a_secrets_file_that_does_not_parse_is_refused_without_its_values(tmp_path):
+    path = tmp_path / "secrets"
+    path.write_text("KEY=fine\nthis is the-secret-value\n")
+    os.chmod(path, 0o600)
+    with pytest.raises(ProfileError) as e:
+        load_secrets(str(path), builtins(), environ={})
+    assert str(e.value) == f"{path}, line 2: not NAME=value"
+
+
+def test_agent_volume_names_differ_per_user_profile_and_instance():
+    names = {agent_volume_name(i, p, u) for i in ("a", "b") for p in ("claude", "x")
+             for u in ("alice", "bob", "al/ice", "al_ice")}
+    assert len(names) == 16
+    name = agent_volume_name("default", "claude", "al/ice")
+    assert name.startswith("capsule-default-claude-al_ice-")
+    assert all(c.isalnum() or c in "_.-" for c in name)
+
+
+# -- sessions -----------------------------------------------------------------------
+
+@pytest.fixture
+def docker():
+    return FakeDockerAPI(images=("capsule-runtime:latest", "capsule-agent:test"))
+
+
+def make_manager(docker, profiles=None, secrets=Secrets(), **config):
+    return SessionManager(docker, Clock(), SessionConfig(
+        spec=SPEC, instance="t", grace=60, replay_bytes=16, profiles=profiles,
+        secrets=secrets, **config))
+
+
+def test_the_default_profile_is_the_servers_shell(docker):
+    manager = make_manager(docker)
+    session = manager.create(RecordingClient(), 80, 24)
+    assert session.profile == "shell"
+    container = docker.containers[session.container_id]
+    assert container["labels"][LABEL_PROFILE] == "shell"
+    assert container["spec"].image == "capsule-runtime:latest"
+    assert container["spec"].secrets == {} and container["spec"].volumes == ()
+    assert docker.processes[0].argv == tuple(keeper_argv(("bash", "-l"), 0, 16))
+
+
+def test_a_profile_makes_its_container_and_command(docker):
+    manager = make_manager(docker, builtins())
+    client = RecordingClient()
+    session = manager.create(client, 80, 24, profile="claude")
+    assert session.profile == "claude" and session.settings.name == "claude"
+    assert client.events == [("started", session.id, False)]
+    container = docker.containers[session.container_id]
+    assert container["spec"].image == "capsule-agent:test"
+    assert container["labels"][LABEL_PROFILE] == "claude"
+    assert container["labels"][LABEL_SESSION] == session.id
+    assert docker.processes[0].argv == tuple(keeper_argv(CLAUDE_COMMAND, 0, 16))
+
+
+def test_an_unknown_profile_makes_nothing(docker):
+    manager = make_manager(docker, builtins())
+    with pytest.raises(UnknownProfile) as e:
+        manager.create(RecordingClient(), 80, 24, profile="nope")
+    assert e.value.message == "no profile 'nope': the profiles are claude, shell"
+    assert e.value.code == "unknown_profile"
+    assert manager.sessions == {} and docker.containers == {}
+
+
+def test_a_bad_repository_makes_nothing(docker):
+    manager = make_manager(docker, builtins())
+    with pytest.raises(BadRepository, match="must not hold credentials"):
+        manager.create(RecordingClient(), 80, 24, repository="https://u:p@example.com/r")
+    assert manager.sessions == {} and docker.containers == {}
+
+
+def test_secrets_reach_the_container_only(docker, tmp_path):
+    profiles = load_profiles(write(tmp_path, '[profiles.claude]\nsecrets = ["API_KEY"]\n'),
+                             builtins())
+    manager = make_manager(docker, profiles, Secrets({"API_KEY": "s3cret"}))
+    claude = manager.create(RecordingClient(), 80, 24, profile="claude")
+    plain = manager.create(RecordingClient(), 80, 24)
+    assert docker.containers[claude.container_id]["spec"].secrets == {"API_KEY": "s3cret"}
+    assert docker.containers[plain.container_id]["spec"].secrets == {}
+    assert "s3cret" not in repr(docker.containers[claude.container_id]["spec"])
+    for process in docker.processes:
+        assert "s3cret" not in repr(process.argv) and "API_KEY" not in process.env
+
+
+def test_a_repository_is_cloned_by_the_sessions_command(docker):
+    manager = make_manager(docker, builtins())
+    session = manager.create(RecordingClient(), 80, 24, profile="claude",
+                             repository="https://example.com/r.git")
+    assert session.repository == "https://example.com/r.git"
+    process = docker.processes[-1]
+    assert process.argv == tuple(keeper_argv(
+        ("sh", "-c", CLONE_SCRIPT, "capsule-start", *CLAUDE_COMMAND), 0, 16))
+    assert "example.com" not in " ".join(process.argv)
+    assert process.env["CAPSULE_REPOSITORY"] == "https://example.com/r.git"
+    assert process.env["CAPSULE_CLONE_TIMEOUT"] == "300"
+
+
+def test_agent_volume_per_user(docker, tmp_path):
+    profiles = load_profiles(write(tmp_path, """
+[profiles.claude]
+agent_volume = "/home/developer/.claude"
+"""), builtins())
+    manager = make_manager(docker, profiles)
+    alice = manager.create(RecordingClient(), 80, 24, user="alice", profile="claude")
+    bob = manager.create(RecordingClient(), 80, 24, user="bob", profile="claude")
+    anonymous = manager.create(RecordingClient(), 80, 24, profile="claude")
+    spec = docker.containers[alice.container_id]["spec"]
+    assert spec.volumes == ((agent_volume_name("t", "claude", "alice"),
+                             "/home/developer/.claude"),)
+    assert spec.volume_labels == {"io.capsule.managed": "true", "io.capsule.instance": "t",
+                                  "io.capsule.user": "alice", "io.capsule.profile": "claude",
+                                  "io.capsule.volume": "agent"}
+    assert docker.containers[bob.container_id]["spec"].volumes == (
+        (agent_volume_name("t", "claude", "bob"), "/home/developer/.claude"),)
+    assert docker.containers[anonymous.container_id]["spec"].volumes == ()
+
+
+def test_a_recovered_session_keeps_its_profile(docker):
+    manager = make_manager(docker, builtins())
+    docker.add_container("c1", {"io.capsule.managed": "true", "io.capsule.instance": "t",
+                                LABEL_SESSION: "00000000-0000-4000-8000-000000000001",
+                                LABEL_PROFILE: "claude"})
+    docker.add_container("c2", {"io.capsule.managed": "true", "io.capsule.instance": "t",
+                                LABEL_SESSION: "00000000-0000-4000-8000-000000000002",
+                                LABEL_PROFILE: "gone"})
+    from twisted.internet.defer import Deferred
+    Deferred.fromCoroutine(manager.recover())
+    one = manager.sessions["00000000-0000-4000-8000-000000000001"]
+    two = manager.sessions["00000000-0000-4000-8000-000000000002"]
+    assert one.profile == "claude" and one.settings is manager.profiles["claude"]
+    assert two.profile == "gone" and two.settings is manager.profiles["shell"]
