@@ -10,6 +10,7 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from .profiles import DEFAULT_PROFILE
 from .session import Session, SessionManager
 
 _log = Logger()
@@ -34,19 +35,29 @@ def overdue_sessions(sessions: Iterable[Session], now: float, max_lifetime: floa
     """
     The sessions past C{max_lifetime} seconds of age, or without input or
     output for C{idle_timeout} seconds (client attached or not), each with
-    the sentence its client is told; 0 turns a limit off.  A session that
-    is starting or waiting for the engine is left alone.
+    the sentence its client is told; 0 turns a limit off.  A session of a
+    profile other than the default has that profile's limits instead.  A
+    session that is starting or waiting for the engine is left alone.
     """
     due = []
     for s in sessions:
         if s.status() not in ("running", "detached", "recovered"):
             continue
-        if max_lifetime and now - s.core.created_at >= max_lifetime:
-            due.append((s, f"the session reached its maximum lifetime ({max_lifetime:g} s,"
-                            " --max-lifetime)"))
-        elif idle_timeout and now - s.core.active_at >= idle_timeout:
+        lifetime, idle = max_lifetime, idle_timeout
+        lifetime_name, idle_name = "--max-lifetime", "--idle-timeout"
+        settings = getattr(s, "settings", None)
+        if settings is not None and settings.name != DEFAULT_PROFILE or (
+                settings is not None and (settings.max_lifetime, settings.idle_timeout)
+                != (max_lifetime, idle_timeout)):
+            lifetime, idle = settings.max_lifetime, settings.idle_timeout
+            lifetime_name = f"the max_lifetime of profile {settings.name}"
+            idle_name = f"the idle_timeout of profile {settings.name}"
+        if lifetime and now - s.core.created_at >= lifetime:
+            due.append((s, f"the session reached its maximum lifetime ({lifetime:g} s,"
+                            f" {lifetime_name})"))
+        elif idle and now - s.core.active_at >= idle:
             due.append((s, f"the session was idle (no input and no output) for"
-                           f" {idle_timeout:g} s (--idle-timeout)"))
+                           f" {idle:g} s ({idle_name})"))
     return due
 
 
@@ -56,7 +67,9 @@ def end_overdue(manager: SessionManager, clock) -> list[Session]:
     never raises.
     """
     config = manager.config
-    if not (config.max_lifetime or config.idle_timeout):
+    profiles = getattr(manager, "profiles", {}).values()
+    if not (config.max_lifetime or config.idle_timeout
+            or any(p.max_lifetime or p.idle_timeout for p in profiles)):
         return []
     try:
         due = overdue_sessions(list(manager.sessions.values()), clock.seconds(),

@@ -28,6 +28,8 @@ from .export import ExportLimits
 from .headers import HostPolicy
 from .logformat import FORMATS, check_server_options, json_observer
 from .network import CAPSULE_NETWORK, SessionNetwork
+from .profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT, Profile, ProfileError,
+                       builtin_profiles, load_profiles, load_secrets)
 from .owners import OwnerFile, default_state_dir
 from .recording import DEFAULT_MAX_BYTES, SessionRecorder, check_directory
 from .session import SessionConfig, SessionManager
@@ -189,6 +191,17 @@ class Options(usage.Options):
         ["record", None, None,
          "A directory where each session's output is recorded as asciicast v2"
          " (asciinema play FILE) [default: not recorded]."],
+        ["profiles", None, None,
+         "A TOML file of session profiles ([profiles.NAME] tables: image, command,"
+         " environment, limits, secrets, agent_volume, repository...); see the README"
+         " [default: the built-in shell and claude]."],
+        ["agent-image", None, DEFAULT_AGENT_IMAGE, "Docker image of the claude profile."],
+        ["secrets-file", None, None,
+         "A file of NAME=value lines (mode 600 or 640) holding the secrets profiles name"
+         " [default: the secrets come from capsule's environment]."],
+        ["clone-timeout", None, DEFAULT_CLONE_TIMEOUT,
+         "Seconds a session's git clone may take (a profile may say otherwise).",
+         _positive(float)],
         ["record-max-bytes", None, DEFAULT_MAX_BYTES,
          "Bytes after which a session's recording is cut (Docker syntax: 50m).",
          _positive(parse_bytes)],
@@ -352,6 +365,38 @@ class Options(usage.Options):
             raise usage.UsageError(f"--record: {problem}")
         self._check_users()
         self._check_metrics()
+        self._check_profiles()
+
+    def _check_profiles(self) -> None:
+        """
+        Read --profiles and --secrets-file: refused at start, naming the
+        file, the profile and the key.
+        """
+        shell = Profile(name="shell", spec=server_spec(self),
+                        command=tuple(shlex.split(self["shell"])),
+                        idle_timeout=self["idle-timeout"], max_lifetime=self["max-lifetime"],
+                        clone_timeout=self["clone-timeout"], pool=self["pool-size"])
+        try:
+            self["profile-table"] = load_profiles(
+                self["profiles"], builtin_profiles(shell, self["agent-image"]))
+            self["secrets"] = load_secrets(self["secrets-file"], self["profile-table"])
+        except ProfileError as e:
+            raise usage.UsageError(f"--profiles: {e}" if self["secrets-file"] is None
+                                   or not str(e).startswith(self["secrets-file"])
+                                   else f"--secrets-file: {e}")
+
+
+def server_spec(config) -> ContainerSpec:
+    """
+    The container spec the options describe (the shell profile's).
+    """
+    return ContainerSpec(image=config["image"], memory=config["memory"],
+                         cpus=config["cpus"], pids=config["pids"],
+                         cpu_shares=config["cpu-shares"], disk=config["disk"],
+                         network=config["network"], cap_add=tuple(config["cap-add"]),
+                         allow_sudo=bool(config["allow-sudo"]),
+                         read_only_root=bool(config["read-only-root"]),
+                         runtime=config["runtime"])
 
 
 def loopback_only(description: str) -> bool:
@@ -622,19 +667,20 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
         from twisted.internet import reactor
     docker = DockerAPI(reactor, threads=config["docker-threads"],
                        export_threads=config["export-threads"])
-    spec = ContainerSpec(image=config["image"], memory=config["memory"],
-                         cpus=config["cpus"], pids=config["pids"],
-                         cpu_shares=config["cpu-shares"], disk=config["disk"],
-                         network=config["network"], cap_add=tuple(config["cap-add"]),
-                         allow_sudo=bool(config["allow-sudo"]),
-                         read_only_root=bool(config["read-only-root"]),
-                         runtime=config["runtime"])
+    spec = server_spec(config)
+    if "profile-table" not in config:
+        config._check_profiles()
     manager = SessionManager(docker, reactor, SessionConfig(
         spec=spec, instance=config["instance"], grace=config["grace"],
         shell=tuple(shlex.split(config["shell"])), replay_bytes=config["replay-buffer"],
         pool_size=config["pool-size"], pool_max_age=config["pool-max-age"],
         max_lifetime=config["max-lifetime"], idle_timeout=config["idle-timeout"],
-        keeper=not config["no-keeper"]))
+        keeper=not config["no-keeper"], profiles=config["profile-table"],
+        secrets=config["secrets"]))
+    for profile, name in config["secrets"].missing(config["profile-table"]):
+        _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
+                  " capsule's environment nor in --secrets-file): its sessions start without"
+                  " it", profile=profile, name=name)
     authenticator = auth_threads = None
     if config["users"]:
         auth_threads = AuthThreadPool(reactor)

@@ -24,6 +24,7 @@ from .errors import CapsuleError, SessionNotFound
 from .headers import HostPolicy, is_secure
 from .interfaces import ISessionClient
 from .lifecycle import InputOverrun
+from .profiles import UnknownProfile, parse_profile_name
 from .session import SessionManager
 
 # Autobahn's protocols own a .log of their own: capsule logs through this one.
@@ -162,6 +163,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._phase = "new"
         self._requested_session: str | None = None
         self._requested_offset: str | None = None
+        # The profile a new session is asked of (None: the default).
+        self._requested_profile: str | None = None
         self._session = None
         self._producer = None
         self._wire: JsonWire | BinaryWire | None = None
@@ -196,6 +199,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._requested_session = values[0] if values else None
         values = request.params.get("offset")
         self._requested_offset = values[0] if values else None
+        values = request.params.get("profile")
+        self._requested_profile = values[0] if values else None
         kind = BinaryWire if wire.BINARY_SUBPROTOCOL in request.protocols else JsonWire
         self._wire = kind(self.factory.max_message_size)
         self._coalescer = Coalescer(self.factory.clock, self._emit,
@@ -237,6 +242,13 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         if self._requested_session is None:
+            if self._requested_profile is not None:
+                # Refused before anything is made.
+                try:
+                    parse_profile_name(self._requested_profile, self._manager.profiles)
+                except UnknownProfile as e:
+                    self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
+                    return
             self._phase = "awaiting_resize"
             return
         self._phase = "session"
@@ -307,7 +319,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                         return
                 self._phase = "session"
                 self._session = self._manager.create(self, message.cols, message.rows,
-                                                     user=self._user)
+                                                     user=self._user,
+                                                     profile=self._requested_profile)
                 if self._user is not None:
                     _log.info("{user} opened session {short}", user=self._user,
                               short=self._session.id[:8])

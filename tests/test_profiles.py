@@ -327,3 +327,124 @@ def test_a_recovered_session_keeps_its_profile(docker):
     two = manager.sessions["00000000-0000-4000-8000-000000000002"]
     assert one.profile == "claude" and one.settings is manager.profiles["claude"]
     assert two.profile == "gone" and two.settings is manager.profiles["shell"]
+
+
+# -- the WebSocket: ?profile= ---------------------------------------------------------
+
+@pytest.fixture
+def ws_clock():
+    import txaio
+    clock = Clock()
+    previous, txaio.config.loop = txaio.config.loop, clock
+    yield clock
+    txaio.config.loop = previous
+
+
+def _link(ws_clock, docker, query):
+    from capsule.websocket import CapsuleServerFactory
+    from tests.test_websocket import Link
+    manager = SessionManager(docker, ws_clock, SessionConfig(
+        spec=SPEC, instance="t", grace=60, profiles=builtins()))
+    factory = CapsuleServerFactory(manager, ws_clock, max_message_size=1024)
+    link = Link(ws_clock, factory, query)
+    link.flush()
+    return manager, link
+
+
+def test_ws_profile_opens_a_session_of_that_profile(ws_clock, docker):
+    manager, link = _link(ws_clock, docker, "profile=claude")
+    link.send({"type": "resize", "cols": 80, "rows": 24})
+    [connected] = link.new()
+    assert connected["type"] == "connected"
+    session = manager.sessions[connected["session_id"]]
+    assert session.profile == "claude"
+    assert docker.containers[session.container_id]["spec"].image == "capsule-agent:test"
+
+
+@pytest.mark.parametrize("query, shown", [
+    ("profile=nope", "'nope'"),
+    ("profile=" + "x" * 500, "'(too long)'"),
+    ("profile=%1b%5b2J", "'?[2J'"),
+])
+def test_ws_unknown_profile_is_refused_with_the_list(ws_clock, docker, query, shown):
+    manager, link = _link(ws_clock, docker, query)
+    assert link.new() == [{"type": "error", "code": "unknown_profile",
+                           "message": f"no profile {shown}: the profiles are claude, shell"}]
+    assert link.client.closed[1] == 4400
+    assert manager.sessions == {} and docker.containers == {}
+
+
+# -- the options ---------------------------------------------------------------------
+
+def _options(*args):
+    from capsule.tap import Options
+    options = Options()
+    options.parseOptions(["--www", os.path.join(os.path.dirname(__file__), "..", "www"),
+                          *args])
+    return options
+
+
+def test_options_make_the_profiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-from-env")
+    path = write(tmp_path, '[profiles.claude]\nsecrets = ["ANTHROPIC_API_KEY"]\n'
+                           '[profiles.py]\ncommand = ["python3"]\n')
+    options = _options("--profiles", path, "--agent-image", "agent:2", "--memory", "2g",
+                       "--pool-size", "3", "--clone-timeout", "20", "--idle-timeout", "99")
+    profiles = options["profile-table"]
+    assert sorted(profiles) == ["claude", "py", "shell"]
+    assert profiles["claude"].spec.image == "agent:2"
+    assert profiles["shell"].spec.image == "capsule-runtime:latest"
+    assert all(p.spec.memory == "2g" and p.clone_timeout == 20 and p.idle_timeout == 99
+               for p in profiles.values())
+    assert (profiles["shell"].pool, profiles["claude"].pool, profiles["py"].pool) == (3, 0, 3)
+    assert options["secrets"].values == {"ANTHROPIC_API_KEY": "sk-from-env"}
+
+
+def test_options_refuse_a_bad_profiles_file(tmp_path):
+    from twisted.python.usage import UsageError
+    path = write(tmp_path, '[profiles.claude]\nrepository = "http://x/y"\n')
+    with pytest.raises(UsageError) as e:
+        _options("--profiles", path)
+    assert str(e.value) == (f"--profiles: {path}: profile 'claude': key 'repository':"
+                            " must be an https:// URL")
+
+
+def test_options_refuse_a_world_readable_secrets_file(tmp_path):
+    from twisted.python.usage import UsageError
+    path = tmp_path / "secrets"
+    path.write_text("A=b\n")
+    os.chmod(path, 0o644)
+    with pytest.raises(UsageError, match=r"^--secrets-file: .*readable or writable by every"):
+        _options("--secrets-file", str(path))
+
+
+# -- per-profile limits ----------------------------------------------------------------
+
+def test_a_profiles_idle_and_lifetime_limits_are_its_own(docker, tmp_path):
+    from capsule.cleanup import end_overdue
+    profiles = load_profiles(write(tmp_path, """
+[profiles.short]
+idle_timeout = 30
+[profiles.brief]
+max_lifetime = 50
+idle_timeout = 0
+"""), builtins())
+    clock = Clock()
+    manager = SessionManager(docker, clock, SessionConfig(
+        spec=SPEC, instance="t", grace=60, idle_timeout=600, profiles=profiles))
+    clients = {name: RecordingClient() for name in ("shell", "short", "brief")}
+    sessions = {name: manager.create(client, 80, 24, profile=name)
+                for name, client in clients.items()}
+    clock.advance(31)
+    assert end_overdue(manager, clock) == [sessions["short"]]
+    assert clients["short"].events[-1] == (
+        "ended", None, "the session was idle (no input and no output) for 30 s"
+                       " (the idle_timeout of profile short)")
+    clock.advance(20)
+    assert end_overdue(manager, clock) == [sessions["brief"]]
+    assert clients["brief"].events[-1][2] == (
+        "the session reached its maximum lifetime (50 s, the max_lifetime of profile brief)")
+    clock.advance(600)
+    assert end_overdue(manager, clock) == [sessions["shell"]]
+    assert clients["shell"].events[-1][2] == (
+        "the session was idle (no input and no output) for 600 s (--idle-timeout)")
