@@ -890,24 +890,3 @@ class LogoutResource(Resource):
         request.setHeader(b"cache-control", b"no-store")
         return b""
 
-
-class SessionsResource(Resource):
-    """
-    C{GET /api/sessions}: the caller's live sessions, as JSON.
-    """
-
-    isLeaf = True
-
-    def __init__(self, manager) -> None:
-        super().__init__()
-        self._manager = manager
-
-    def render_GET(self, request):
-        user = getattr(request, "capsule_user", None)
-        sessions = sorted(self._manager.of_user(user), key=lambda s: s.core.created_at)
-        body = {"user": user, "sessions": [{
-            "id": s.id, "status": s.status(), "created": s.core.created_at,
-            "client_attached": s.client is not None} for s in sessions]}
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(body).encode("utf-8")

@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from .command import OutputCollector
 from .errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
 from .exec_process import ExecStreamProtocol, exec_start_request
 from .interfaces import IDockerAPI
@@ -506,6 +507,49 @@ class DockerAPI:
                 return None
             await task.deferLater(self._reactor, EXIT_CODE_POLL, lambda: None)
             waited += EXIT_CODE_POLL
+
+    def run_command(self, container_id: str, argv, user: str, workdir: str,
+                    env: dict[str, str], stdin=b"", max_output: int = 1024 * 1024,
+                    timeout: float | None = None) -> Deferred:
+        return Deferred.fromCoroutine(self._run_command(
+            container_id, argv, user, workdir, env, stdin, max_output, timeout))
+
+    async def _run_command(self, container_id, argv, user, workdir, env, stdin, max_output,
+                           timeout):
+        collector = OutputCollector(max_output)
+        stream = await self.spawn_exec(collector, container_id, argv, user, workdir, env,
+                                       None, tty=False)
+        transport = stream.transport
+        timer = None
+
+        def cut() -> None:
+            # Docker cannot kill an exec: stop waiting for it, and let it go.
+            collector.cut = True
+            transport.abortConnection()
+
+        if timeout is not None:
+            timer = self._reactor.callLater(timeout, cut)
+        failed = None
+        try:
+            if callable(stdin):
+                await stdin(transport)
+            elif stdin:
+                stream.write(stdin)
+            # The end of the input: a half-close, which Docker passes on
+            # as the end of the command's stdin.
+            if not transport.disconnected:
+                transport.loseWriteConnection()
+        except Exception:
+            failed = Failure()
+            transport.abortConnection()
+        try:
+            result = await collector.done
+        finally:
+            if timer is not None and timer.active():
+                timer.cancel()
+        if failed is not None:
+            failed.raiseException()
+        return result
 
     def export_workspace(self, container_id: str, path: str,
                          write: Callable[[bytes], None]) -> Deferred:

@@ -113,6 +113,21 @@ class IDockerAPI(Interface):
         L{capsule.errors.ContainerGone} if the container is gone.
         """
 
+    def run_command(container_id, argv, user, workdir, env, stdin=b"", max_output=1048576,
+                    timeout=None):
+        """
+        Run C{argv} in a running container without a TTY, to completion;
+        fire with a L{capsule.command.CommandResult}.  C{stdin} is bytes,
+        written and then closed, or a callable given the exec's input (an
+        L{twisted.internet.interfaces.IConsumer}) that fires a Deferred once
+        it wrote everything.  At most C{max_output} bytes of each of stdout
+        and stderr are kept; the rest is read and dropped.  After
+        C{timeout} seconds capsule stops waiting (C{cut}; the exit code is
+        then C{None}): the engine cannot kill an exec, so the caller bounds
+        the command itself.  Fail with L{capsule.errors.ContainerGone} if
+        the container is gone or not running.
+        """
+
 
 class IExecProcess(Interface):
     """

@@ -10,11 +10,13 @@ import posixpath
 import struct
 import tarfile
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .command import OutputCollector
 from .errors import ContainerGone, DockerUnavailable, ImageMissing
 from .interfaces import IDockerAPI, IExecProcess, ISessionClient
 from .keeper import FrameReader
@@ -165,6 +167,9 @@ class FakeDockerAPI:
         self.keeper_output: dict[str, tuple[int, int]] = {}
         # Networks by name, as inspect_network describes them.
         self.networks: dict[str, dict] = {}
+        # What run_command runs, by argv, and what it ran.
+        self.commands: dict[tuple[str, ...], object] = {}
+        self.commands_run: list[dict] = []
         self._next = 0
 
     def _check(self):
@@ -358,6 +363,42 @@ class FakeDockerAPI:
         for process, d in held:
             self._connect(process, d)
 
+    def run_command(self, container_id, argv, user, workdir, env, stdin=b"",
+                    max_output=1024 * 1024, timeout=None):
+        """
+        As the engine does, with what C{commands} says the command does:
+        C{commands[tuple(argv)](stdin)} gives C{(stdout, stderr, exit_code)}
+        (or a Deferred of it); any other command exits 127.  Each run is
+        recorded in C{commands_run}.
+        """
+        failed = self._check()
+        if failed:
+            return failed
+        container = self.containers.get(container_id)
+        if container is None or container["state"] != "running":
+            return fail(ContainerGone("the session's container is not running"))
+        return Deferred.fromCoroutine(self._run_command(
+            container_id, tuple(argv), user, workdir, dict(env), stdin, max_output))
+
+    async def _run_command(self, container_id, argv, user, workdir, env, stdin, max_output):
+        if callable(stdin):
+            consumer = _Collected()
+            await stdin(consumer)
+            stdin = bytes(consumer.data)
+        self.commands_run.append({"container_id": container_id, "argv": argv, "user": user,
+                                  "workdir": workdir, "env": env, "stdin": stdin})
+        command = self.commands.get(argv)
+        if command is None:
+            stdout, stderr, code = b"", f"{argv[0]}: not found".encode(), 127
+        else:
+            stdout, stderr, code = await maybeDeferred(command, stdin)
+        collector = OutputCollector(max_output)
+        collector.childDataReceived(1, stdout)
+        collector.childDataReceived(2, stderr)
+        collector.processEnded(Failure(ProcessDone(0)) if code == 0
+                               else Failure(ProcessTerminated(exitCode=code)))
+        return await collector.done
+
     def export_workspace(self, container_id, path, write):
         """
         As the engine does, but C{write} is called on the calling thread.
@@ -386,6 +427,26 @@ class FakeDockerAPI:
         except Exception:
             return fail()
         return succeed(None)
+
+
+@implementer(IConsumer)
+class _Collected:
+    """
+    An exec's input, kept.
+    """
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.producer = None
+
+    def registerProducer(self, producer, streaming) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.data += data
 
 
 def _tar_entry(name: str, kind: bytes, size: int = 0) -> tarfile.TarInfo:

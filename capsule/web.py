@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from autobahn.twisted.resource import WebSocketResource
@@ -20,12 +21,13 @@ from twisted.web.server import Request, Site
 
 from . import __version__
 from .admin_api import AdminAccess, AdminMount, AdminResource, Drain
-from .auth import (AuthGate, Authenticator, LoginResource, LogoutResource, SessionsResource,
-                   short_ids)
+from .api import UPLOAD_MAX_BYTES, ApiResource, SessionApi, SessionsResource
+from .auth import AuthGate, Authenticator, LoginResource, LogoutResource, short_ids
 from .errors import CapsuleError
 from .export import ExportLimits, ExportResource, answer_json, peer_address
 from .headers import GuardResource, HostPolicy
 from .metrics import Metrics, MetricsResource
+from .openapi import OpenApiResource
 from .session import SessionManager
 from .static import StaticFiles
 from .websocket import CapsuleServerFactory
@@ -78,7 +80,11 @@ class LimitedRequest(Request):
         if length is not None and length > self._body_limit:
             self._refuse(length)
             return
-        if length is None or self._body_limit <= 100_000:
+        if length is None and self._body_limit > 100_000:
+            # A chunked body that may be large goes to disk, as a large
+            # declared one does.
+            self.content = tempfile.TemporaryFile()
+        elif length is None or self._body_limit <= 100_000:
             self.content = io.BytesIO()
         else:
             super().gotLength(length)
@@ -147,8 +153,14 @@ class CapsuleSite(Site):
     def __init__(self, resource, *args, **kwargs) -> None:
         super().__init__(resource, *args, **kwargs)
         self.body_limits: dict[bytes, int] = {}
+        # Callables giving the limit of a path they know (else None).
+        self.body_rules: list = []
 
     def body_limit(self, path: bytes) -> int:
+        for rule in self.body_rules:
+            limit = rule(path)
+            if limit is not None:
+                return limit
         return self.body_limits.get(path.split(b"?", 1)[0], MAX_BODY)
 
 
@@ -271,7 +283,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               export_limits: ExportLimits = ExportLimits(), client_address=peer_address,
               authenticator: Authenticator | None = None, host_policy: HostPolicy | None = None,
               metrics: Metrics | None = None, metrics_token: str | None = None,
-              admin_token: str | None = None, admin_users=(), **websocket_options) -> Site:
+              admin_token: str | None = None, admin_users=(), public_url: str | None = None,
+              upload_max_bytes: int = UPLOAD_MAX_BYTES, **websocket_options) -> Site:
     """
     @param export_limits: how many exports run, and what one may cost.
     @param authenticator: who may use what (L{capsule.auth}); C{None}: anyone
@@ -285,6 +298,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         anywhere (C{--metrics-token}); loopback peers need none.
     @param admin_token, admin_users: who may use C{/api/admin/} besides
         loopback (L{capsule.admin_api}).
+    @param public_url: the address users open (C{--public-url}): the API's
+        session URLs are absolute under it.
+    @param upload_max_bytes: bytes of archive an upload may send.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -301,11 +317,14 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     metrics = metrics if metrics is not None else Metrics()
     metrics.watch(manager, docker)
     root.putChild(b"metrics", MetricsResource(metrics, metrics_token))
-    api = Resource()
+    api = ApiResource()
     exports = ExportResource(manager, docker, reactor, limits=export_limits,
                              client_address=client_address)
     api.putChild(b"export", exports)
-    api.putChild(b"sessions", SessionsResource(manager))
+    session_api = SessionApi(manager, docker, reactor, factory, public_url=public_url,
+                             upload_max_bytes=upload_max_bytes)
+    api.putChild(b"sessions", SessionsResource(session_api))
+    api.putChild(b"openapi.json", OpenApiResource())
     root.putChild(b"api", api)
     top = root
     factory.authenticator = authenticator
@@ -317,11 +336,13 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         admin_token, admin_users, authenticator), reactor))
     site = CapsuleSite(GuardResource(top, host_policy), reactor=reactor,
                        logFormatter=access_log_line)
+    site.body_rules.append(session_api.body_limit)
     if authenticator is not None:
         site.body_limits[b"/login"] = LOGIN_MAX_BODY
     site.displayTracebacks = False
     site.websocket_factory = factory
     site.exports = exports
+    site.session_api = session_api
     site.drain = drain
     site.metrics = metrics
     return site

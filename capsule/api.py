@@ -1,0 +1,677 @@
+"""
+The session API for programs, under C{/api/sessions}:
+
+  - C{POST /api/sessions}: create a session (no client needed), answer once
+    it runs with its id and the page URL that opens it;
+  - C{GET /api/sessions}: the caller's sessions; C{GET /api/sessions/{id}}
+    one of them; C{DELETE /api/sessions/{id}} ends it;
+  - C{POST /api/sessions/{id}/exec}: run a command to completion beside the
+    terminal, as C{developer}, and answer with its output and exit code;
+  - C{POST /api/sessions/{id}/workspace}: unpack a C{.tar} or C{.tar.gz}
+    into C{/workspace}, as C{developer}, after checking every entry.
+
+Authentication and ownership are the site's (L{capsule.auth}): a session of
+another user is a 404, exactly as one that does not exist.  New sessions pass
+the same admission control as those of C{/ws}.  Every error is JSON:
+C{{"error": sentence, "code": word}}.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from .admission import QUOTA_EXCEEDED, AdmissionRefused
+from .command import utf8_text
+from .errors import CapsuleError, ContainerGone, DockerUnavailable
+from .export import json_body, json_error
+from .protocol import ProtocolError, parse_session_id
+from .tarcheck import ArchiveRefused, check, rewrite
+
+_log = Logger()
+
+# Bytes of JSON a create request may have, and an exec request (its stdin
+# is in it).
+CREATE_MAX_BODY = 64 * 1024
+EXEC_MAX_BODY = 8 * 1024 * 1024
+# --upload-max-bytes: bytes of archive an upload may send.
+UPLOAD_MAX_BYTES = 1024 * 1024 * 1024
+# Bytes of file contents an archive may unpack to, per byte it may send.
+UNPACK_RATIO = 8
+
+EXEC_TIMEOUT = 60.0
+EXEC_MAX_TIMEOUT = 600.0
+EXEC_OUTPUT = 1024 * 1024
+EXEC_MAX_OUTPUT = 16 * 1024 * 1024
+# Commands one session may run at once; uploads one session, and the
+# server, may unpack at once.
+EXECS_PER_SESSION = 4
+UPLOADS_PER_SESSION = 1
+UPLOADS_AT_ONCE = 4
+# Seconds capsule waits for a command past its own timeout (which
+# `timeout -s KILL` enforces in the container) before it lets it go.
+EXEC_SLACK = 10.0
+UPLOAD_TIMEOUT = 1800.0
+# How long a create waits for the session's shell to run.
+CREATE_TIMEOUT = 120.0
+CREATE_POLL = 0.05
+RETRY_AFTER = 5
+
+MAX_ARGV = 1024
+MAX_ARGV_BYTES = 256 * 1024
+MAX_ENV = 256
+MAX_PATH = 4096
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+_SIZE_MIN, _SIZE_MAX = 1, 1000
+
+# The command an upload runs: GNU tar as developer, keeping the modes it
+# is given (set-uid and the like are gone by then), not the owners.
+UNPACK_ARGV = ("tar", "-x", "-p", "--no-same-owner", "--warning=no-timestamp", "-C",
+               "/workspace", "-f", "-")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, **extra) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.extra = status, message, code, extra
+
+
+def _error(request, e: ApiError) -> bytes:
+    if e.status in (429, 503):
+        request.setHeader(b"retry-after", b"%d" % RETRY_AFTER)
+    return json_body(request, e.status, {"error": e.message, "code": e.code, **e.extra})
+
+
+def _user(request):
+    return getattr(request, "capsule_user", None)
+
+
+def _json_request(request, what: str) -> dict:
+    """
+    The JSON object a request's body holds.
+
+    @raise ApiError: for another content type, or a body that is not one.
+    """
+    kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if kind != b"application/json":
+        raise ApiError(415, f"{what} takes a JSON body (Content-Type: application/json)",
+                       "unsupported_media_type")
+    try:
+        body = json.loads(request.content.read() or b"{}")
+    except ValueError as e:
+        raise ApiError(400, f"the body is not JSON: {e}", "bad_request") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", "bad_request")
+    return body
+
+
+def _only(body: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown field(s): {', '.join(map(str, unknown))[:200]}; known:"
+                            f" {', '.join(sorted(allowed))}", "bad_request")
+
+
+def _integer(body: dict, name: str, default, low: int, high: int):
+    value = body.get(name, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(400, f"{name} must be a whole number from {low} to {high}",
+                       "bad_request")
+    return value
+
+
+def _text(body: dict, name: str, limit: int) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit or "\0" in value:
+        raise ApiError(400, f"{name} must be a string of at most {limit} characters"
+                            " without NUL", "bad_request")
+    return value
+
+
+class _JsonResource(Resource):
+    """
+    A resource whose every answer, errors included, is JSON; a method it
+    does not have is a 405 that says which it has.
+    """
+
+    methods: tuple[bytes, ...] = ()
+
+    def render(self, request):
+        if request.method == b"HEAD" and b"GET" in self.methods:
+            request.method = b"GET"
+        if request.method not in self.methods:
+            allowed = b", ".join(self.methods)
+            request.setHeader(b"allow", allowed)
+            return json_error(request, 405, f"{request.method.decode('latin-1')[:20]} is not"
+                              f" allowed here; use {allowed.decode()}", "method_not_allowed")
+        try:
+            return getattr(self, "render_" + request.method.decode("ascii"))(request)
+        except ApiError as e:
+            return _error(request, e)
+
+    def getChild(self, name, request):
+        return _NotFound()
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        path = request.path.decode("utf-8", "replace")[:200]
+        return json_error(request, 404, f"no such API route: {path} (see /api/openapi.json)",
+                          "not_found")
+
+
+def _answer(request, d: Deferred, what: str):
+    """
+    Answer with the C{(status, body)} C{d} fires with, or the L{ApiError}
+    it fails with, unless the client left meanwhile.
+    """
+    gone = []
+    request.notifyFinish().addErrback(gone.append)
+
+    def answer(result):
+        if isinstance(result, ApiError):
+            data = _error(request, result)
+        else:
+            status, body = result
+            data = json_body(request, status, body)
+        if not gone:
+            request.write(data)
+            request.finish()
+
+    def failed(failure):
+        if failure.check(ApiError):
+            return failure.value
+        if failure.check(ContainerGone):
+            return ApiError(404, failure.value.message, "session_not_found")
+        if failure.check(DockerUnavailable):
+            return ApiError(503, failure.value.message, "docker_unavailable")
+        _log.failure("{what} failed", failure, what=what)
+        message = failure.value.message if failure.check(CapsuleError) else "internal error"
+        return ApiError(500, f"{what} failed: {message}", "internal_error")
+
+    d.addErrback(failed)
+    d.addCallback(answer)
+    d.addErrback(lambda f: _log.failure("answering {what} failed", f, what=what))
+    return NOT_DONE_YET
+
+
+class SessionApi:
+    """
+    What the API's resources share: the manager, the server's WebSocket
+    factory (its admission control, drain and owner file), the limits.
+    """
+
+    def __init__(self, manager, docker, reactor, factory, public_url: str | None = None,
+                 upload_max_bytes: int = UPLOAD_MAX_BYTES) -> None:
+        self.manager, self.docker, self.reactor = manager, docker, reactor
+        self.factory = factory
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.upload_max_bytes = upload_max_bytes
+        self.execs: dict[str, int] = {}
+        self.uploads: dict[str, int] = {}
+        self._pool: ThreadPool | None = None
+
+    # -- what a session looks like ---------------------------------------
+
+    def url(self, session_id: str) -> str:
+        path = f"/?session_id={session_id}"
+        return self.public_url + path if self.public_url else path
+
+    def describe(self, session) -> dict:
+        core = session.core
+        return {"id": session.id, "status": session.status(), "state": session.status(),
+                "created": core.created_at, "client_attached": session.client is not None,
+                "profile": getattr(session, "profile", "shell"), "url": self.url(session.id),
+                "user": core.user}
+
+    def find(self, request, session_id: str):
+        """
+        The caller's live session C{session_id}.
+
+        @raise ApiError: 404 if it is not one.
+        """
+        session = self.manager.find(session_id, _user(request))
+        if session is None or session.status() in ("ending", "ended"):
+            raise ApiError(404, f"no live session {session_id}", "session_not_found")
+        return session
+
+    def running(self, request, session_id: str):
+        """
+        The caller's session C{session_id}, with a container to work in.
+        """
+        session = self.find(request, session_id)
+        if session.container_id is None or session.status() == "starting":
+            raise ApiError(409, f"session {session_id} is still starting", "starting")
+        return session
+
+    def touch(self, session) -> None:
+        """
+        A use through the API counts as a visit: a session without a client
+        is kept for the grace period from now.
+        """
+        if session.core.left_at is not None:
+            session.core.left_at = self.reactor.seconds()
+
+    # -- the upload pool ---------------------------------------------------
+
+    def in_thread(self, function, *args) -> Deferred:
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=UPLOADS_AT_ONCE,
+                                    name="capsule-upload")
+            self._pool.start()
+            self.reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        return deferToThreadPool(self.reactor, self._pool, function, *args)
+
+    def body_limit(self, path: bytes) -> int | None:
+        """
+        Bytes of body a path of the API accepts (C{None}: not the API's).
+        An upload's large limit is only for a session that exists: a body
+        sent to any other path is refused before it is read, whoever sends it.
+        """
+        parts = path.split(b"?", 1)[0].split(b"/")
+        if parts[:3] != [b"", b"api", b"sessions"]:
+            return None
+        rest = [p for p in parts[3:]]
+        if rest in ([], [b""]):
+            return CREATE_MAX_BODY
+        if len(rest) == 2 and rest[1] == b"exec":
+            return EXEC_MAX_BODY
+        if len(rest) == 2 and rest[1] == b"workspace":
+            name = rest[0].decode("ascii", "replace")
+            return self.upload_max_bytes if name in self.manager.sessions else 0
+        return None
+
+
+class SessionsResource(_JsonResource):
+    """
+    C{/api/sessions}: list (GET) and create (POST); its children are sessions.
+    """
+
+    methods = (b"GET", b"POST")
+
+    def __init__(self, api: SessionApi) -> None:
+        super().__init__()
+        self.api = api
+
+    def getChild(self, name: bytes, request):
+        if name == b"":
+            return self
+        try:
+            session_id = parse_session_id(name.decode("utf-8", "replace"))
+        except ProtocolError:
+            return _NotFound()
+        return SessionResource(self.api, session_id)
+
+    def render_GET(self, request):
+        user = _user(request)
+        sessions = sorted(self.api.manager.of_user(user), key=lambda s: s.core.created_at)
+        return json_body(request, 200, {"user": user, "sessions": [
+            self.api.describe(s) for s in sessions]})
+
+    def render_POST(self, request):
+        api = self.api
+        body = _json_request(request, "creating a session")
+        _only(body, {"profile", "cols", "rows", "repository"})
+        cols = _integer(body, "cols", 80, _SIZE_MIN, _SIZE_MAX)
+        rows = _integer(body, "rows", 24, _SIZE_MIN, _SIZE_MAX)
+        profile = _text(body, "profile", 64)
+        repository = _text(body, "repository", 2048)
+        factory = api.factory
+        metrics = api.manager.metrics
+        if factory.drain is not None and factory.drain.active:
+            metrics.refused("draining")
+            raise ApiError(503, "capsule is draining: it takes no new sessions", "draining")
+        admission = factory.admission
+        address = admission.client_address(request) if admission is not None else None
+        user = _user(request)
+        if admission is not None:
+            try:
+                admission.admit(address, user)
+            except AdmissionRefused as e:
+                metrics.refused(e.code)
+                raise ApiError(429 if e.code == QUOTA_EXCEEDED else 503, e.message,
+                               e.code) from None
+        extra = {}
+        if profile is not None:
+            extra["profile"] = profile
+        if repository is not None:
+            extra["repository"] = repository
+        try:
+            session = api.manager.create(None, cols, rows, user=user, **extra)
+        except CapsuleError as e:
+            raise ApiError(400, e.message, e.code,
+                           **({"profiles": sorted(api.manager.profiles)}
+                              if e.code == "unknown_profile"
+                              and hasattr(api.manager, "profiles") else {})) from None
+        _log.info("session {short}{who} created through the API", short=session.id[:8],
+                  who=f" of {user}" if user else "", user=user)
+        if admission is not None:
+            admission.created(session.id, address)
+        if user is not None and factory.owners is not None:
+            factory.owners.save(api.manager.sessions)
+        return _answer(request, self._started(session), "creating a session")
+
+    def _started(self, session) -> Deferred:
+        """
+        Fire with the answer once the session runs, or with why not.
+        """
+        api = self.api
+        done: Deferred = Deferred()
+        deadline = api.reactor.seconds() + CREATE_TIMEOUT
+
+        def check():
+            status = session.status()
+            if status in ("new", "starting"):
+                if api.reactor.seconds() < deadline:
+                    return
+                done.callback(ApiError(504, f"session {session.id} did not start within"
+                                            f" {CREATE_TIMEOUT:g} s; it goes on starting",
+                                       "start_timeout", id=session.id))
+            elif status in ("ending", "ended") or session.id not in api.manager.sessions:
+                message = session.core.message or "the session could not be started"
+                done.callback(ApiError(503, message, "start_failed"))
+            else:
+                done.callback((201, api.describe(session)))
+            poll.stop()
+
+        poll = LoopingCall(check)
+        poll.clock = api.reactor
+        poll.start(CREATE_POLL, now=True).addErrback(done.errback)
+        return done
+
+
+class SessionResource(_JsonResource):
+    """
+    C{/api/sessions/{id}}: its state (GET), its end (DELETE).
+    """
+
+    methods = (b"GET", b"DELETE")
+
+    def __init__(self, api: SessionApi, session_id: str) -> None:
+        super().__init__()
+        self.api, self.session_id = api, session_id
+
+    def getChild(self, name: bytes, request):
+        if name == b"exec":
+            return ExecResource(self.api, self.session_id)
+        if name == b"workspace":
+            return UploadResource(self.api, self.session_id)
+        if name == b"":
+            return self
+        return _NotFound()
+
+    def render_GET(self, request):
+        session = self.api.find(request, self.session_id)
+        return json_body(request, 200, self.api.describe(session))
+
+    def render_DELETE(self, request):
+        session = self.api.find(request, self.session_id)
+        user = _user(request)
+        _log.info("session {short}{who} ended through the API", short=session.id[:8],
+                  who=f" by {user}" if user else "", user=user)
+        self.api.manager.end(session, "the session was ended through the API")
+        return json_body(request, 200, {"id": session.id, "ended": True})
+
+
+def exec_request(body: dict, workdir: str) -> dict:
+    """
+    An exec request's fields, checked, with their defaults.
+
+    @raise ApiError: for one that is missing, of the wrong type or too large.
+    """
+    _only(body, {"argv", "stdin", "cwd", "env", "timeout", "max_output"})
+    argv = body.get("argv")
+    if (not isinstance(argv, list) or not argv or len(argv) > MAX_ARGV
+            or not all(isinstance(a, str) and "\0" not in a for a in argv) or not argv[0]):
+        raise ApiError(400, f"argv must be a list of 1 to {MAX_ARGV} strings without NUL, the"
+                            " first not empty", "bad_request")
+    if sum(len(a.encode("utf-8", "surrogatepass")) + 1 for a in argv) > MAX_ARGV_BYTES:
+        raise ApiError(400, f"argv is longer than {MAX_ARGV_BYTES} bytes", "bad_request")
+    stdin = _text(body, "stdin", EXEC_MAX_BODY) or ""
+    cwd = _text(body, "cwd", MAX_PATH) or workdir
+    if not cwd.startswith("/"):
+        raise ApiError(400, "cwd must be an absolute path", "bad_request")
+    env = body.get("env") or {}
+    if (not isinstance(env, dict) or len(env) > MAX_ENV
+            or not all(isinstance(k, str) and _ENV_NAME.match(k) and isinstance(v, str)
+                       and "\0" not in v and len(v) <= 65536 for k, v in env.items())):
+        raise ApiError(400, f"env must be an object of at most {MAX_ENV} names (letters,"
+                            " digits, _) to strings without NUL", "bad_request")
+    timeout = body.get("timeout", EXEC_TIMEOUT)
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not 0 < timeout <= EXEC_MAX_TIMEOUT):
+        raise ApiError(400, f"timeout must be a number of seconds above 0, at most"
+                            f" {EXEC_MAX_TIMEOUT:g}", "bad_request")
+    max_output = _integer(body, "max_output", EXEC_OUTPUT, 0, EXEC_MAX_OUTPUT)
+    return {"argv": [str(a) for a in argv], "stdin": stdin.encode("utf-8", "surrogatepass"),
+            "cwd": cwd, "env": env, "timeout": float(timeout), "max_output": max_output}
+
+
+def timed_argv(argv: list[str], timeout: float) -> list[str]:
+    """
+    C{argv} under coreutils' C{timeout}, which kills it (and what it
+    started) with SIGKILL after C{timeout} seconds.
+    """
+    return ["timeout", "-s", "KILL", "--", f"{timeout:g}", *argv]
+
+
+class ExecResource(_JsonResource):
+    """
+    C{POST /api/sessions/{id}/exec}.
+    """
+
+    isLeaf = True
+    methods = (b"POST",)
+
+    def __init__(self, api: SessionApi, session_id: str) -> None:
+        super().__init__()
+        self.api, self.session_id = api, session_id
+
+    def render_POST(self, request):
+        api = self.api
+        session = api.running(request, self.session_id)
+        spec = _spec(api.manager, session)
+        wanted = exec_request(_json_request(request, "exec"), spec.workdir)
+        running = api.execs.get(session.id, 0)
+        if running >= EXECS_PER_SESSION:
+            raise ApiError(429, f"session {session.id} runs {running} commands already (at"
+                                f" most {EXECS_PER_SESSION} at once)", "too_many_execs")
+        api.execs[session.id] = running + 1
+        api.touch(session)
+        return _answer(request, Deferred.fromCoroutine(self._run(session, spec, wanted)),
+                       "an exec")
+
+    async def _run(self, session, spec, wanted):
+        api = self.api
+        started = time.monotonic()
+        try:
+            result = await api.docker.run_command(
+                session.container_id, timed_argv(wanted["argv"], wanted["timeout"]),
+                spec.user, wanted["cwd"], {**spec.environment, **wanted["env"]},
+                wanted["stdin"], wanted["max_output"], wanted["timeout"] + EXEC_SLACK)
+        finally:
+            left = api.execs.get(session.id, 1) - 1
+            if left:
+                api.execs[session.id] = left
+            else:
+                api.execs.pop(session.id, None)
+            api.touch(session)
+        elapsed = time.monotonic() - started
+        timed_out = result.cut or (result.exit_code == 137 and elapsed >= wanted["timeout"])
+        _log.info("session {short}: {program} exited {code} in {elapsed:.2f} s{how}",
+                  short=session.id[:8], program=wanted["argv"][0][:100],
+                  code=result.exit_code, elapsed=elapsed,
+                  how=" (timed out)" if timed_out else "")
+        return 200, {
+            "stdout": utf8_text(result.stdout, result.truncated_stdout),
+            "stderr": utf8_text(result.stderr, result.truncated_stderr),
+            "exit_code": result.exit_code, "timed_out": timed_out,
+            "truncated": {"stdout": result.truncated_stdout,
+                          "stderr": result.truncated_stderr},
+            "duration": round(elapsed, 3)}
+
+
+def _spec(manager, session):
+    settings = getattr(session, "settings", None)
+    return settings.spec if settings is not None else manager.config.spec
+
+
+ARCHIVE_TYPES = (b"application/x-tar", b"application/gzip", b"application/x-gzip",
+                 b"application/octet-stream", b"application/x-compressed-tar")
+
+
+class UploadResource(_JsonResource):
+    """
+    C{POST /api/sessions/{id}/workspace}: a .tar or .tar.gz body, unpacked
+    into C{/workspace} once every entry was checked (L{capsule.tarcheck}).
+    """
+
+    isLeaf = True
+    methods = (b"POST",)
+
+    def __init__(self, api: SessionApi, session_id: str) -> None:
+        super().__init__()
+        self.api, self.session_id = api, session_id
+
+    def render_POST(self, request):
+        api = self.api
+        session = api.running(request, self.session_id)
+        kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if kind not in ARCHIVE_TYPES:
+            raise ApiError(415, "an upload's body is a .tar or .tar.gz archive (Content-Type:"
+                                " application/x-tar, application/gzip or"
+                                " application/octet-stream)", "unsupported_media_type")
+        if api.uploads.get(session.id, 0) >= UPLOADS_PER_SESSION:
+            raise ApiError(429, f"an upload into session {session.id} is under way",
+                           "upload_in_progress")
+        if sum(api.uploads.values()) >= UPLOADS_AT_ONCE:
+            raise ApiError(429, f"capsule unpacks {UPLOADS_AT_ONCE} uploads already: try"
+                                " again shortly", "too_many_uploads")
+        api.uploads[session.id] = api.uploads.get(session.id, 0) + 1
+        api.touch(session)
+        return _answer(request, Deferred.fromCoroutine(self._upload(request, session)),
+                       "an upload")
+
+    async def _upload(self, request, session):
+        api = self.api
+        body = request.content
+        try:
+            try:
+                summary = await api.in_thread(check, body,
+                                              api.upload_max_bytes * UNPACK_RATIO)
+            except ArchiveRefused as e:
+                _log.info("refused an upload into session {short}: {message}",
+                          short=session.id[:8], message=e.message)
+                raise ApiError(400, e.message, e.code, entry=e.entry) from None
+            spec = _spec(api.manager, session)
+            feeder = _Feeder(api, body)
+            result = await api.docker.run_command(
+                session.container_id, timed_argv(list(UNPACK_ARGV), UPLOAD_TIMEOUT), spec.user,
+                spec.workdir, dict(spec.environment), feeder.feed, 64 * 1024,
+                UPLOAD_TIMEOUT + EXEC_SLACK)
+        finally:
+            left = api.uploads.get(session.id, 1) - 1
+            if left:
+                api.uploads[session.id] = left
+            else:
+                api.uploads.pop(session.id, None)
+            api.touch(session)
+        if result.exit_code != 0:
+            stderr = utf8_text(result.stderr, result.truncated_stderr).strip()
+            _log.warn("an upload into session {short} failed: tar exited {code}: {stderr}",
+                      short=session.id[:8], code=result.exit_code, stderr=stderr[-500:])
+            raise ApiError(422, f"unpacking failed (tar exited {result.exit_code}):"
+                                f" {stderr[-2000:]}", "unpack_failed")
+        _log.info("unpacked {entries} entries ({size} bytes) into session {short}",
+                  entries=summary.entries, size=summary.size, short=session.id[:8])
+        return 200, {"entries": summary.entries, "files": summary.files,
+                     "directories": summary.directories, "links": summary.links,
+                     "bytes": summary.size, "compressed": summary.compressed}
+
+
+class _FeedAborted(Exception):
+    pass
+
+
+@implementer(IPushProducer)
+class _Feeder:
+    """
+    Rewrites a checked archive on a worker thread into an exec's input,
+    waiting while that input is full: one buffer in memory at a time.
+    """
+
+    def __init__(self, api: SessionApi, body) -> None:
+        self._api = api
+        self._body = body
+        self._consumer = None
+        self._paused = False
+        self._resumed: Deferred | None = None
+        self._stopped = False
+
+    def feed(self, consumer) -> Deferred:
+        self._consumer = consumer
+        consumer.registerProducer(self, True)
+        self._body.seek(0)
+        d = self._api.in_thread(rewrite, self._body, self._thd_write)
+
+        def done(result):
+            consumer.unregisterProducer()
+            return result
+        return d.addBoth(done)
+
+    def _thd_write(self, chunk: bytes) -> None:
+        blockingCallFromThread(self._api.reactor, self._write, chunk)
+
+    def _write(self, chunk: bytes):
+        if self._stopped or getattr(self._consumer, "disconnected", False):
+            raise _FeedAborted("the unpacking command went away")
+        self._consumer.write(chunk)
+        if self._paused:
+            self._resumed = Deferred()
+            return self._resumed
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.callback(None)
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.errback(_FeedAborted("the unpacking command went away"))
+
+
+class ApiResource(Resource):
+    """
+    C{/api}: its named children (sessions, export, openapi.json, admin);
+    anything else is a JSON 404.
+    """
+
+    def getChild(self, name, request):
+        return _NotFound()
+
+    def render(self, request):
+        return _NotFound().render(request)

@@ -1,0 +1,230 @@
+"""
+C{GET /api/openapi.json}: capsule's HTTP API as an OpenAPI 3.1 document.
+
+L{ROUTES} lists every path and method capsule serves besides the page's
+files; the document is built from it and a test checks it against the
+resource tree of a live server, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.web.resource import Resource
+
+from . import __version__
+from .api import (CREATE_MAX_BODY, EXEC_MAX_BODY, EXEC_MAX_OUTPUT, EXEC_MAX_TIMEOUT,
+                  EXEC_OUTPUT, EXEC_TIMEOUT, EXECS_PER_SESSION)
+
+_ID = {"name": "id", "in": "path", "required": True,
+       "schema": {"type": "string", "format": "uuid"}, "description": "a session id"}
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema) -> dict:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    said = {400: "a malformed request (the body or its fields)",
+            401: "no user (with --auth, --tokens or --user-header)",
+            403: "a user who may not, or a request from another origin",
+            404: "no such session, or another user's",
+            405: "another method", 409: "the session is still starting",
+            413: "a body over the route's limit, refused before it is read",
+            415: "another Content-Type", 422: "the command failed",
+            429: "over a limit of the caller (Retry-After says when to try again)",
+            503: "the server is full, draining, or the Docker engine does not answer"}
+    return {str(c): {"description": said[c], **_json(_ERROR)} for c in codes}
+
+
+_SESSION = {"$ref": "#/components/schemas/Session"}
+
+# (path, method): the operation.  Every route capsule answers.
+ROUTES: dict[tuple[str, str], dict] = {
+    ("/health", "get"): {
+        "summary": "Health: the engine, the image, the sessions; 503 when unavailable or"
+                   " draining",
+        "security": [],
+        "responses": {"200": {"description": "healthy (or degraded: image missing)",
+                              **_json({"type": "object"})},
+                      "503": {"description": "the engine does not answer, or capsule drains",
+                              **_json({"type": "object"})}}},
+    ("/metrics", "get"): {
+        "summary": "Prometheus metrics (loopback, or the --metrics-token)",
+        "security": [{"metricsToken": []}],
+        "responses": {"200": {"description": "the metrics, in Prometheus' text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}},
+                      "403": {"description": "neither loopback nor the token"}}},
+    ("/ws", "get"): {
+        "summary": "The terminal's WebSocket (an HTTP upgrade): JSON or binary frames, see"
+                   " the README's Protocol",
+        "parameters": [
+            {"name": "session_id", "in": "query", "schema": {"type": "string"},
+             "description": "resume this session"},
+            {"name": "offset", "in": "query", "schema": {"type": "integer"}},
+            {"name": "profile", "in": "query", "schema": {"type": "string"}}],
+        "responses": {"101": {"description": "switching to the WebSocket protocol"},
+                      "400": {"description": "not a WebSocket upgrade"},
+                      "403": {"description": "another origin or host"}}},
+    ("/api/openapi.json", "get"): {
+        "summary": "This document", "security": [],
+        "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}}},
+    ("/api/sessions", "get"): {
+        "summary": "The caller's live sessions",
+        "responses": {"200": {"description": "the sessions, oldest first", **_json({
+            "type": "object", "properties": {
+                "user": {"type": ["string", "null"]},
+                "sessions": {"type": "array", "items": _SESSION}}})},
+            **_errors(401)}},
+    ("/api/sessions", "post"): {
+        "summary": "Create a session; answers once its shell runs. With no client it is"
+                   " kept for the grace period (--grace) from then and from each API call"
+                   " on it; its url opens it in a browser",
+        "requestBody": {"required": False, **_json({
+            "type": "object", "additionalProperties": False,
+            "description": f"at most {CREATE_MAX_BODY} bytes",
+            "properties": {
+                "profile": {"type": "string", "description": "default: shell"},
+                "cols": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 80},
+                "rows": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 24},
+                "repository": {"type": "string", "description": "an https git URL cloned"
+                                                                " into /workspace"}}})},
+        "responses": {"201": {"description": "the session runs", **_json(_SESSION)},
+                      **_errors(400, 401, 413, 415, 429, 503),
+                      "504": {"description": "not started in time (it goes on starting)",
+                              **_json(_ERROR)}}},
+    ("/api/sessions/{id}", "get"): {
+        "summary": "One session of the caller", "parameters": [_ID],
+        "responses": {"200": {"description": "the session", **_json(_SESSION)},
+                      **_errors(401, 404)}},
+    ("/api/sessions/{id}", "delete"): {
+        "summary": "End a session (its container is removed; an attached client is told)",
+        "parameters": [_ID],
+        "responses": {"200": {"description": "ending", **_json({
+            "type": "object", "properties": {"id": {"type": "string"},
+                                             "ended": {"type": "boolean"}}})},
+            **_errors(401, 404)}},
+    ("/api/sessions/{id}/exec", "post"): {
+        "summary": "Run a command to completion beside the terminal, as developer, without"
+                   f" a TTY; at most {EXECS_PER_SESSION} at once per session",
+        "parameters": [_ID],
+        "requestBody": {"required": True, **_json({
+            "type": "object", "required": ["argv"], "additionalProperties": False,
+            "description": f"at most {EXEC_MAX_BODY} bytes",
+            "properties": {
+                "argv": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                "stdin": {"type": "string", "description": "written as UTF-8, then closed"},
+                "cwd": {"type": "string", "description": "absolute; default /workspace"},
+                "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                "timeout": {"type": "number", "exclusiveMinimum": 0,
+                            "maximum": EXEC_MAX_TIMEOUT, "default": EXEC_TIMEOUT,
+                            "description": "seconds, after which the command and what it"
+                                           " started are killed (SIGKILL)"},
+                "max_output": {"type": "integer", "minimum": 0, "maximum": EXEC_MAX_OUTPUT,
+                               "default": EXEC_OUTPUT,
+                               "description": "bytes kept of each of stdout and stderr"}}})},
+        "responses": {"200": {"description": "it ended (whatever its exit code)", **_json({
+            "type": "object", "properties": {
+                "stdout": {"type": "string"}, "stderr": {"type": "string"},
+                "exit_code": {"type": ["integer", "null"]},
+                "timed_out": {"type": "boolean"},
+                "truncated": {"type": "object", "properties": {
+                    "stdout": {"type": "boolean"}, "stderr": {"type": "boolean"}}},
+                "duration": {"type": "number"}},
+            "description": "output past max_output is dropped, never mid-character; bytes"
+                           " that are not UTF-8 are U+FFFD"})},
+            **_errors(400, 401, 404, 409, 413, 415, 429, 503)}},
+    ("/api/sessions/{id}/workspace", "post"): {
+        "summary": "Unpack a .tar or .tar.gz into /workspace as developer; every entry is"
+                   " checked first and nothing is written if one is refused",
+        "parameters": [_ID],
+        "requestBody": {"required": True, "content": {
+            "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
+            "application/gzip": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        "responses": {"200": {"description": "unpacked", **_json({
+            "type": "object", "properties": {
+                "entries": {"type": "integer"}, "files": {"type": "integer"},
+                "directories": {"type": "integer"}, "links": {"type": "integer"},
+                "bytes": {"type": "integer"}, "compressed": {"type": "boolean"}}})},
+            "400": {"description": "not an archive, or an entry refused (its name in"
+                                   " entry)", **_json(_ERROR)},
+            **_errors(401, 404, 409, 413, 415, 422, 429, 503)}},
+    ("/api/export/{id}", "get"): {
+        "summary": "The session's /workspace as a .tar.gz (entries under workspace/)",
+        "parameters": [_ID],
+        "responses": {"200": {"description": "the archive", "content": {
+            "application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
+            **_errors(401, 404, 409, 429, 503)}},
+    ("/api/admin/sessions", "get"): {
+        "summary": "Every session (admin)", "security": [{"adminToken": []}],
+        "responses": {"200": {"description": "the sessions", **_json({"type": "object"})},
+                      **_errors(401, 403)}},
+    ("/api/admin/sessions", "delete"): {
+        "summary": "End every session (admin)", "security": [{"adminToken": []}],
+        "responses": {"200": {"description": "how many", **_json({"type": "object"})},
+                      **_errors(401, 403)}},
+    ("/api/admin/sessions/{id}", "delete"): {
+        "summary": "End one session (admin)", "security": [{"adminToken": []}],
+        "parameters": [_ID],
+        "responses": {"200": {"description": "ended", **_json({"type": "object"})},
+                      **_errors(401, 403, 404)}},
+    ("/api/admin/drain", "get"): {
+        "summary": "The drain's state (admin)", "security": [{"adminToken": []}],
+        "responses": {"200": {"description": "the state", **_json({"type": "object"})},
+                      **_errors(401, 403)}},
+    ("/api/admin/drain", "post"): {
+        "summary": "Start draining: no new sessions (admin)", "security": [{"adminToken": []}],
+        "responses": {"200": {"description": "draining", **_json({"type": "object"})},
+                      **_errors(401, 403)}},
+    ("/api/admin/drain", "delete"): {
+        "summary": "Stop draining (admin)", "security": [{"adminToken": []}],
+        "responses": {"200": {"description": "not draining", **_json({"type": "object"})},
+                      **_errors(401, 403)}},
+}
+
+
+def document() -> dict:
+    paths: dict[str, dict] = {}
+    for (path, method), operation in ROUTES.items():
+        paths.setdefault(path, {})[method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "capsule", "version": __version__,
+                 "description": "Terminals in Docker containers, for people and programs."
+                                " Every error is JSON: {\"error\": sentence, \"code\": word}."},
+        "paths": paths,
+        "security": [{}, {"bearer": []}, {"cookie": []}],
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "a token of --tokens"},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": "capsule_session",
+                           "description": "the page's login (--auth)"},
+                "metricsToken": {"type": "http", "scheme": "bearer"},
+                "adminToken": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "code"], "properties": {
+                    "error": {"type": "string"}, "code": {"type": "string"}}},
+                "Session": {"type": "object", "properties": {
+                    "id": {"type": "string", "format": "uuid"},
+                    "status": {"type": "string"}, "state": {"type": "string"},
+                    "created": {"type": "number"}, "client_attached": {"type": "boolean"},
+                    "profile": {"type": "string"},
+                    "url": {"type": "string", "description": "the page that opens it"},
+                    "user": {"type": ["string", "null"]}}}}},
+    }
+
+
+class OpenApiResource(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._body = json.dumps(document(), indent=1).encode("utf-8")
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-cache")
+        return self._body

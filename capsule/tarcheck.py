@@ -1,0 +1,324 @@
+"""
+Archives uploaded into a session's C{/workspace}: checked whole before any
+byte of them is written, then rewritten in a plain form.
+
+L{check} reads an archive (C{.tar} or C{.tar.gz}, told apart by their first
+bytes) as a stream and refuses it, naming the entry, when an entry would
+land outside C{/workspace}: an absolute name, a C{..} component, a symbolic
+link whose target (followed through the archive's other links) leaves it,
+a hard link to anything but an earlier file of the archive, an entry under
+one of the archive's symbolic links (it would be written wherever the link
+points), a device, a fifo, or a kind of entry tar does not define.  It also
+bounds the number of entries, the length of names and the unpacked size.
+
+L{rewrite} then writes the same entries as a new tar: names relative to
+C{/workspace} without C{./}, owned by C{developer} (1000:1000), modes
+without set-uid, set-gid and sticky bits, and nothing else (no extended
+attributes, no owner names from elsewhere).  Both read at most one entry's
+header and one buffer of data at a time: memory use does not depend on the
+archive's size.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from dataclasses import dataclass
+
+GZIP_MAGIC = b"\x1f\x8b"
+# POSIX tar's magic ("ustar\0" or GNU's "ustar  "), at offset 257 of the
+# first header.
+TAR_MAGIC_AT = 257
+TAR_MAGIC = b"ustar"
+# Bytes to read to tell the kind of an archive.
+HEAD_BYTES = 512
+
+MAX_ENTRIES = 100_000
+MAX_NAME = 4096
+MAX_COMPONENT = 255
+# Bytes of names and link targets, in all: what the check holds in memory.
+MAX_NAMES_BYTES = 16 * 1024 * 1024
+# Links followed through one another before a target is called a loop.
+MAX_LINK_DEPTH = 40
+
+DEVELOPER_UID = DEVELOPER_GID = 1000
+DEVELOPER = "developer"
+ROOT = "/workspace"
+
+
+class ArchiveRefused(Exception):
+    """
+    The archive may not be unpacked: C{message} says why, C{entry} names
+    the entry at fault (C{None}: the archive as a whole).
+    """
+
+    def __init__(self, message: str, entry: str | None = None,
+                 code: str = "bad_archive") -> None:
+        super().__init__(message)
+        self.message = message
+        self.entry = entry
+        self.code = code
+
+
+@dataclass
+class Summary:
+    """
+    @ivar compressed: whether the archive was gzip-compressed.
+    @ivar entries: entries to unpack (the archive's own root left out).
+    @ivar files, directories, links: of those, how many of each.
+    @ivar size: bytes of file contents.
+    """
+
+    compressed: bool = False
+    entries: int = 0
+    files: int = 0
+    directories: int = 0
+    links: int = 0
+    size: int = 0
+
+
+def kind_of(head: bytes) -> str:
+    """
+    C{"gzip"} or C{"tar"}, from an archive's first bytes.
+
+    @raise ArchiveRefused: for anything else.
+    """
+    if not head:
+        raise ArchiveRefused("the body is empty: send a .tar or .tar.gz archive", code="empty")
+    if head[:2] == GZIP_MAGIC:
+        return "gzip"
+    if head[TAR_MAGIC_AT:TAR_MAGIC_AT + len(TAR_MAGIC)] == TAR_MAGIC:
+        return "tar"
+    raise ArchiveRefused("the body is not a .tar or .tar.gz archive (POSIX tar, optionally"
+                         " gzip-compressed)", code="not_an_archive")
+
+
+def _open(fileobj):
+    head = fileobj.read(HEAD_BYTES)
+    kind = kind_of(head)
+    fileobj.seek(0)
+    mode = "r|gz" if kind == "gzip" else "r|"
+    try:
+        return tarfile.open(fileobj=fileobj, mode=mode), kind == "gzip"
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ArchiveRefused(f"the archive cannot be read: {_why(e)}") from None
+
+
+def _why(error: Exception) -> str:
+    return str(error) or type(error).__name__
+
+
+def _members(archive):
+    """
+    The archive's members, in order; an archive that breaks off or does
+    not parse is refused.
+    """
+    try:
+        yield from archive
+    except (tarfile.TarError, EOFError, OSError, UnicodeError) as e:
+        raise ArchiveRefused(f"the archive is truncated or corrupt: {_why(e)}") from None
+
+
+def normalize(name: str) -> str | None:
+    """
+    C{name} relative to C{/workspace}, without C{.} and empty components;
+    C{None} for the root itself.
+
+    @raise ArchiveRefused: for an absolute name, a C{..}, an overlong name.
+    """
+    if "\0" in name:
+        raise ArchiveRefused(f"the entry {name!r} has a NUL in its name", name)
+    if name.startswith("/"):
+        raise ArchiveRefused(f"the entry {name!r} has an absolute name: entries are unpacked"
+                             f" into {ROOT} and must be relative to it", name, "unsafe_entry")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ArchiveRefused(f"the entry {name!r} has a '..' in its name: it would land"
+                             f" outside {ROOT}", name, "unsafe_entry")
+    if len(name) > MAX_NAME or any(len(p) > MAX_COMPONENT for p in parts):
+        raise ArchiveRefused(f"the entry {name[:100]!r}... has a name longer than"
+                             f" {MAX_NAME} bytes or a component longer than {MAX_COMPONENT}",
+                             name[:200])
+    return "/".join(parts) or None
+
+
+def check(fileobj, max_unpacked: int) -> Summary:
+    """
+    Check the archive in C{fileobj} (seekable, at its start) whole.
+
+    @param max_unpacked: bytes of file contents the archive may unpack to.
+    @raise ArchiveRefused: at the first entry that may not be unpacked.
+    """
+    archive, compressed = _open(fileobj)
+    summary = Summary(compressed=compressed)
+    kinds: dict[str, str] = {}
+    symlinks: dict[str, str] = {}
+    names_bytes = 0
+    with archive:
+        for member in _members(archive):
+            raw = member.name
+            name = normalize(raw)
+            if name is None:
+                if not member.isdir():
+                    raise ArchiveRefused(f"the entry {raw!r} names {ROOT} itself but is not a"
+                                         " directory", raw, "unsafe_entry")
+                continue
+            summary.entries += 1
+            if summary.entries > MAX_ENTRIES:
+                raise ArchiveRefused(f"the archive has more than {MAX_ENTRIES} entries",
+                                     code="too_many_entries")
+            names_bytes += len(name) + len(member.linkname)
+            if names_bytes > MAX_NAMES_BYTES:
+                raise ArchiveRefused(f"the archive's names add up to more than"
+                                     f" {MAX_NAMES_BYTES} bytes", code="too_many_entries")
+            if name in kinds:
+                raise ArchiveRefused(f"the entry {raw!r} appears twice in the archive", raw)
+            if member.isreg():
+                kind = "file"
+                summary.files += 1
+                summary.size += member.size
+                if summary.size > max_unpacked:
+                    raise ArchiveRefused(f"the archive unpacks to more than {max_unpacked}"
+                                         " bytes", raw, "too_large")
+            elif member.isdir():
+                kind = "dir"
+                summary.directories += 1
+            elif member.issym():
+                kind = "symlink"
+                summary.links += 1
+                if not member.linkname or "\0" in member.linkname:
+                    raise ArchiveRefused(f"the link {raw!r} has an empty target", raw)
+                symlinks[name] = member.linkname
+            elif member.islnk():
+                kind = "hardlink"
+                summary.links += 1
+                target = _hardlink_target(raw, member.linkname)
+                if kinds.get(target) not in ("file", "hardlink"):
+                    raise ArchiveRefused(
+                        f"the hard link {raw!r} points to {member.linkname!r}, which is not a"
+                        " file earlier in the archive", raw, "unsafe_entry")
+            elif member.ischr() or member.isblk():
+                raise ArchiveRefused(f"the entry {raw!r} is a device: devices are refused",
+                                     raw, "unsafe_entry")
+            elif member.isfifo():
+                raise ArchiveRefused(f"the entry {raw!r} is a fifo: fifos are refused", raw,
+                                     "unsafe_entry")
+            else:
+                raise ArchiveRefused(f"the entry {raw!r} is of a kind tar does not define"
+                                     f" ({member.type!r})", raw, "unsafe_entry")
+            kinds[name] = kind
+    _check_links(kinds, symlinks)
+    return summary
+
+
+def _hardlink_target(raw: str, linkname: str) -> str:
+    try:
+        target = normalize(linkname)
+    except ArchiveRefused:
+        target = None
+    if target is None:
+        raise ArchiveRefused(f"the hard link {raw!r} points to {linkname!r}, outside {ROOT}",
+                             raw, "unsafe_entry")
+    return target
+
+
+def _check_links(kinds: dict[str, str], symlinks: dict[str, str]) -> None:
+    """
+    No entry is under one of the archive's symbolic links, and every
+    symbolic link, followed through the others, stays in C{/workspace}.
+    """
+    if not symlinks:
+        return
+    for name in kinds:
+        parts = name.split("/")
+        for end in range(1, len(parts)):
+            parent = "/".join(parts[:end])
+            if parent in symlinks:
+                raise ArchiveRefused(
+                    f"the entry {name!r} is under the link {parent!r}: it would be written"
+                    " wherever that link points", name, "unsafe_entry")
+    resolved: dict[str, list[str]] = {}
+    for name in symlinks:
+        _resolve(name, symlinks, resolved, set())
+
+
+def _resolve(name: str, symlinks: dict[str, str], resolved: dict[str, list[str]],
+             following: set[str]) -> list[str]:
+    """
+    Where the link C{name} leads, as components under C{/workspace}.
+    """
+    if name in resolved:
+        return resolved[name]
+    if name in following or len(following) >= MAX_LINK_DEPTH:
+        raise ArchiveRefused(f"the link {name!r} is part of a loop of links", name,
+                             "unsafe_entry")
+    following.add(name)
+    target = symlinks[name]
+    outside = ArchiveRefused(f"the link {name!r} points to {target!r}, outside {ROOT}", name,
+                             "unsafe_entry")
+    if target.startswith("/"):
+        if not (target == ROOT or target.startswith(ROOT + "/")):
+            raise outside
+        at: list[str] = []
+        rest = target[len(ROOT):]
+    else:
+        at = name.split("/")[:-1]
+        rest = target
+    for part in rest.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not at:
+                raise outside
+            at.pop()
+            continue
+        at.append(part)
+        joined = "/".join(at)
+        if joined in symlinks:
+            at = list(_resolve(joined, symlinks, resolved, following))
+    following.discard(name)
+    resolved[name] = at
+    return at
+
+
+def rewrite(fileobj, write) -> int:
+    """
+    Write the entries of the (checked) archive in C{fileobj} as a plain tar
+    through C{write(chunk)}; return the entries written.
+    """
+    archive, _ = _open(fileobj)
+    out = tarfile.open(fileobj=_Writer(write), mode="w|", format=tarfile.PAX_FORMAT)
+    count = 0
+    with archive, out:
+        for member in _members(archive):
+            name = normalize(member.name)
+            if name is None:
+                continue
+            info = tarfile.TarInfo(name)
+            info.mode = member.mode & 0o777
+            info.uid, info.gid = DEVELOPER_UID, DEVELOPER_GID
+            info.uname = info.gname = DEVELOPER
+            info.mtime = member.mtime
+            data = None
+            if member.isreg():
+                info.type = tarfile.REGTYPE
+                info.size = member.size
+                data = archive.extractfile(member)
+            elif member.isdir():
+                info.type = tarfile.DIRTYPE
+            elif member.issym():
+                info.type = tarfile.SYMTYPE
+                info.linkname = member.linkname
+            elif member.islnk():
+                info.type = tarfile.LNKTYPE
+                info.linkname = normalize(member.linkname)
+            else:
+                raise ArchiveRefused(f"the entry {member.name!r} was not checked", member.name)
+            out.addfile(info, data)
+            count += 1
+    return count
+
+
+class _Writer:
+    def __init__(self, write) -> None:
+        self.write = write

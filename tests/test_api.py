@@ -1,0 +1,416 @@
+"""
+The session API in memory: requests through the real Site over a
+StringTransport, against the fake engine; and the archive check.
+"""
+
+import http.client
+import io
+import json
+import tarfile
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from capsule.admission import AdmissionControl, AdmissionPolicy
+from capsule.api import (EXECS_PER_SESSION, UPLOAD_MAX_BYTES, exec_request, timed_argv)
+from capsule.auth import Authenticator
+from capsule.command import OutputCollector, utf8_text
+from capsule.docker_api import ContainerSpec
+from capsule.openapi import ROUTES, document
+from capsule.session import SessionConfig, SessionManager
+from capsule.tarcheck import ArchiveRefused, check, kind_of, rewrite
+from capsule.testing import FakeDockerAPI
+
+ALICE, BOB = "a" * 32, "b" * 32
+PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+def parse(raw: bytes):
+    class Socket:
+        def makefile(self, mode):
+            return io.BytesIO(raw)
+    response = http.client.HTTPResponse(Socket(), method="GET")
+    response.begin()
+    body = response.read()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, (
+        json.loads(body) if body else None)
+
+
+class Api:
+    def __init__(self, www, authenticator=None, public_url=None) -> None:
+        from capsule.web import make_site
+        self.reactor = MemoryReactorClock()
+        self.docker = FakeDockerAPI()
+        self.manager = SessionManager(self.docker, self.reactor, SessionConfig(
+            spec=ContainerSpec(image="capsule-runtime:latest"), instance="api-test"))
+        self.site = make_site(self.manager, self.docker, self.reactor, str(www),
+                              authenticator=authenticator, public_url=public_url)
+        self.factory = self.site.websocket_factory
+
+    def send(self, path: str, method: str = "GET", body: bytes | None = None,
+             token: str | None = None, content_type: str = "application/json",
+             length: int | None = None) -> StringTransport:
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport(peerAddress=PEER)
+        channel.makeConnection(transport)
+        lines = [f"{method} {path} HTTP/1.1", "Host: capsule", "Connection: close"]
+        if token is not None:
+            lines.append(f"Authorization: Bearer {token}")
+        if body is not None:
+            lines += [f"Content-Type: {content_type}",
+                      f"Content-Length: {len(body) if length is None else length}"]
+        channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
+        return transport
+
+    def request(self, path: str, method: str = "GET", body=None, **kwargs):
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        transport = self.send(path, method, body, **kwargs)
+        for _ in range(100):
+            if transport.disconnecting:
+                break
+            self.reactor.advance(0.05)
+        assert transport.disconnecting, f"no complete answer to {method} {path}"
+        return parse(transport.value())
+
+    def create(self, **kwargs):
+        status, _, body = self.request("/api/sessions", "POST", {"cols": 100, "rows": 30},
+                                       **kwargs)
+        assert status == 201, body
+        return body
+
+
+@pytest.fixture
+def www(tmp_path):
+    (tmp_path / "index.html").write_text("<html></html>")
+    return tmp_path
+
+
+@pytest.fixture
+def api(www):
+    return Api(www)
+
+
+@pytest.fixture
+def authed(www, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    return Api(www, Authenticator(MemoryReactorClock(), tokens=str(tokens)),
+               public_url="https://capsule.example")
+
+
+def test_create_answers_once_the_session_runs_without_a_client(api):
+    body = api.create()
+    session = api.manager.sessions[body["id"]]
+    assert body == {"id": session.id, "status": "detached", "state": "detached",
+                    "created": session.core.created_at, "client_attached": False,
+                    "profile": "shell", "url": f"/?session_id={session.id}", "user": None}
+    assert session.core.size == (100, 30)
+    assert session.client is None
+
+
+def test_list_get_and_delete(api):
+    first, second = api.create(), api.create()
+    status, _, body = api.request("/api/sessions")
+    assert status == 200
+    assert [s["id"] for s in body["sessions"]] == [first["id"], second["id"]]
+    assert body["user"] is None
+    status, _, body = api.request(f"/api/sessions/{first['id']}")
+    assert (status, body["id"], body["status"]) == (200, first["id"], "detached")
+    status, _, body = api.request(f"/api/sessions/{first['id']}", "DELETE")
+    assert (status, body) == (200, {"id": first["id"], "ended": True})
+    assert list(api.manager.sessions) == [second["id"]]
+    status, _, body = api.request(f"/api/sessions/{first['id']}")
+    assert (status, body["code"]) == (404, "session_not_found")
+
+
+def test_unknown_routes_and_methods_are_json(api):
+    session = api.create()
+    for path in ("/api/nothing", "/api/sessions/not-an-id",
+                 f"/api/sessions/{session['id']}/nothing", "/api/sessions/"
+                 "00000000-0000-4000-8000-000000000000"):
+        status, headers, body = api.request(path)
+        assert (status, headers["content-type"]) == (404, "application/json"), path
+        assert body["code"] in ("not_found", "session_not_found")
+    status, headers, body = api.request("/api/sessions", "PUT", {})
+    assert (status, body["code"], headers["allow"]) == (405, "method_not_allowed", "GET, POST")
+    status, headers, body = api.request(f"/api/sessions/{session['id']}/exec")
+    assert (status, headers["allow"]) == (405, "POST")
+
+
+def test_create_refuses_bad_bodies(api):
+    cases = [({"cols": 0}, 400), ({"cols": "80"}, 400), ({"rows": 1001}, 400),
+             ({"shell": "zsh"}, 400), ([1, 2], 400)]
+    for body, status in cases:
+        assert api.request("/api/sessions", "POST", body)[0] == status, body
+    assert api.request("/api/sessions", "POST", b"{nope")[0] == 400
+    status, _, body = api.request("/api/sessions", "POST", b"{}", content_type="text/plain")
+    assert (status, body["code"]) == (415, "unsupported_media_type")
+    assert api.manager.sessions == {}
+
+
+def test_create_body_over_its_limit_is_refused_before_it_is_read(api):
+    transport = api.send("/api/sessions", "POST", b"{}", length=10 * 1024 * 1024)
+    status, _, body = parse(transport.value())
+    assert (status, body["code"]) == (413, "body_too_large")
+    assert api.manager.sessions == {}
+
+
+def test_admission_and_drain_apply(api):
+    api.factory.admission = AdmissionControl(api.manager, api.reactor, AdmissionPolicy(
+        max_sessions=10, max_per_client=1, rate=None))
+    api.create()
+    status, headers, body = api.request("/api/sessions", "POST", {})
+    assert (status, body["code"], headers["retry-after"]) == (429, "quota_exceeded", "5")
+    api.factory.admission.policy.max_per_client = 5
+    api.factory.admission.policy.max_sessions = 1
+    status, _, body = api.request("/api/sessions", "POST", {})
+    assert (status, body["code"]) == (503, "server_full")
+    api.factory.admission.policy.max_sessions = 5
+    api.factory.drain.active = True
+    status, _, body = api.request("/api/sessions", "POST", {})
+    assert (status, body["code"]) == (503, "draining")
+    assert len(api.manager.sessions) == 1
+
+
+def test_a_failed_start_is_a_503(api):
+    api.docker.images.clear()
+    status, _, body = api.request("/api/sessions", "POST", {})
+    assert (status, body["code"]) == (503, "start_failed")
+    assert "missing" in body["error"]
+
+
+def test_other_users_sessions_are_404_like_missing_ones(authed):
+    mine = authed.create(token=ALICE)
+    assert mine["user"] == "alice"
+    assert mine["url"] == f"https://capsule.example/?session_id={mine['id']}"
+    for method, path, body in [("GET", "", None), ("DELETE", "", None),
+                               ("POST", "/exec", {"argv": ["true"]})]:
+        status, _, answer = authed.request(f"/api/sessions/{mine['id']}{path}", method, body,
+                                           token=BOB)
+        assert (status, answer["code"]) == (404, "session_not_found"), (method, path)
+    assert authed.request("/api/sessions", token=BOB)[2]["sessions"] == []
+    assert authed.request("/api/sessions")[0] == 401
+    assert authed.docker.commands_run == []
+    assert list(authed.manager.sessions) == [mine["id"]]
+
+
+def test_exec_runs_as_developer_under_timeout(api):
+    session = api.create()
+    argv = ("timeout", "-s", "KILL", "--", "5", "sh", "-c", "cat; exit 3")
+    api.docker.commands[argv] = lambda stdin: (b"out:" + stdin, b"err", 3)
+    status, _, body = api.request(f"/api/sessions/{session['id']}/exec", "POST", {
+        "argv": ["sh", "-c", "cat; exit 3"], "stdin": "h\u00e9", "timeout": 5,
+        "env": {"A": "1"}, "cwd": "/tmp"})
+    assert status == 200
+    assert body == {"stdout": "out:h\u00e9", "stderr": "err", "exit_code": 3,
+                    "timed_out": False, "truncated": {"stdout": False, "stderr": False},
+                    "duration": body["duration"]}
+    run, = api.docker.commands_run
+    assert (run["argv"], run["user"], run["workdir"], run["stdin"]) == (
+        argv, "developer", "/tmp", "h\u00e9".encode())
+    assert run["env"]["A"] == "1" and run["env"]["TERM"] == "xterm-256color"
+
+
+def test_exec_output_cap_never_splits_a_character(api):
+    session = api.create()
+    argv = tuple(timed_argv(["emit"], 60))
+    api.docker.commands[argv] = lambda stdin: (("\u00e9" * 3 + "x").encode() + b"\xff", b"", 0)
+    status, _, body = api.request(f"/api/sessions/{session['id']}/exec", "POST", {
+        "argv": ["emit"], "max_output": 5})
+    assert status == 200
+    # 5 bytes: two whole é and the first byte of the third, which is left out.
+    assert (body["stdout"], body["truncated"]) == ("\u00e9\u00e9",
+                                                   {"stdout": True, "stderr": False})
+    status, _, body = api.request(f"/api/sessions/{session['id']}/exec", "POST", {
+        "argv": ["emit"]})
+    assert body["stdout"] == "\u00e9\u00e9\u00e9x\ufffd"
+
+
+def test_exec_bad_requests(api):
+    session = api.create()
+    path = f"/api/sessions/{session['id']}/exec"
+    for body in [{}, {"argv": []}, {"argv": "ls"}, {"argv": [1]}, {"argv": ["a\0"]},
+                 {"argv": ["ls"], "timeout": 601}, {"argv": ["ls"], "timeout": 0},
+                 {"argv": ["ls"], "max_output": 16 * 1024 * 1024 + 1},
+                 {"argv": ["ls"], "env": {"A=B": "c"}}, {"argv": ["ls"], "cwd": "rel"},
+                 {"argv": ["ls"], "user": "root"}]:
+        status, _, answer = api.request(path, "POST", body)
+        assert (status, answer["code"]) == (400, "bad_request"), body
+    assert api.docker.commands_run == []
+
+
+def test_exec_limit_per_session(api):
+    from twisted.internet.defer import Deferred
+    session = api.create()
+    held = []
+    argv = tuple(timed_argv(["slow"], 60))
+
+    def slow(stdin):
+        d = Deferred()
+        held.append(d)
+        return d
+    api.docker.commands[argv] = slow
+    path = f"/api/sessions/{session['id']}/exec"
+    pending = [api.send(path, "POST", b'{"argv": ["slow"]}') for _ in range(EXECS_PER_SESSION)]
+    status, headers, body = api.request(path, "POST", {"argv": ["slow"]})
+    assert (status, body["code"]) == (429, "too_many_execs")
+    for d in held:
+        d.callback((b"done", b"", 0))
+    assert [parse(t.value())[2]["stdout"] for t in pending] == ["done"] * EXECS_PER_SESSION
+    assert api.site.session_api.execs == {}
+
+
+def test_exec_keeps_a_clientless_session_alive(api):
+    session = api.create()
+    core = api.manager.sessions[session["id"]].core
+    left = core.left_at
+    api.reactor.advance(30)
+    api.request(f"/api/sessions/{session['id']}/exec", "POST", {"argv": ["true"]})
+    assert core.left_at >= left + 30
+
+
+def test_upload_needs_an_archive_type_and_a_live_session(api):
+    session = api.create()
+    status, _, body = api.request(f"/api/sessions/{session['id']}/workspace", "POST",
+                                  b"x", content_type="text/plain")
+    assert (status, body["code"]) == (415, "unsupported_media_type")
+    # No live session: its body is refused before it is read.
+    transport = api.send("/api/sessions/00000000-0000-4000-8000-000000000000/workspace",
+                         "POST", b"x" * 10, content_type="application/x-tar")
+    assert parse(transport.value())[0] == 413
+    transport = api.send(f"/api/sessions/{session['id']}/workspace", "POST", b"x",
+                         content_type="application/x-tar", length=UPLOAD_MAX_BYTES + 1)
+    assert parse(transport.value())[0] == 413
+
+
+def test_openapi_documents_every_route(api):
+    status, _, body = api.request("/api/openapi.json")
+    assert status == 200
+    assert body == json.loads(json.dumps(document()))
+    assert body["openapi"] == "3.1.0"
+    documented = {(p, m) for p, ops in body["paths"].items() for m in ops}
+    assert documented == set(ROUTES)
+
+
+# -- exec helpers ---------------------------------------------------------
+
+def test_exec_request_defaults():
+    assert exec_request({"argv": ["ls"]}, "/workspace") == {
+        "argv": ["ls"], "stdin": b"", "cwd": "/workspace", "env": {}, "timeout": 60.0,
+        "max_output": 1024 * 1024}
+    assert timed_argv(["ls", "-l"], 2.5) == ["timeout", "-s", "KILL", "--", "2.5", "ls", "-l"]
+
+
+def test_collector_keeps_the_cap_and_drops_the_rest():
+    collector = OutputCollector(4)
+    for _ in range(1000):
+        collector.childDataReceived(1, b"abc")
+    collector.childDataReceived(2, b"ab")
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+    collector.processEnded(Failure(ProcessTerminated(exitCode=2)))
+    result = collector.done.result
+    assert (result.stdout, result.stderr, result.exit_code) == (b"abca", b"ab", 2)
+    assert (result.truncated_stdout, result.truncated_stderr) == (True, False)
+
+
+@pytest.mark.parametrize("data, text", [
+    (b"ab\xc3", "ab"), (b"ab\xe2\x82", "ab"), (b"ab\xf0\x9f\x98", "ab"),
+    (b"ab\xc3\xa9", "ab\u00e9"), (b"\xff\xfe", "\ufffd\ufffd"), (b"", "")])
+def test_utf8_text_of_a_cut(data, text):
+    assert utf8_text(data, True) == text
+
+
+# -- the archive check ----------------------------------------------------
+
+def archive(entries, gzip=False) -> io.BytesIO:
+    """
+    A tar of C{entries}: (name, kind, extra), kind one of file, dir,
+    symlink (extra: target), hardlink (extra: target), fifo, chr.
+    """
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz" if gzip else "w",
+                      format=tarfile.GNU_FORMAT) as tar:
+        for name, kind, extra in entries:
+            info = tarfile.TarInfo(name)
+            data = None
+            if kind == "file":
+                payload = (extra or "").encode()
+                info.size = len(payload)
+                info.mode = 0o4755
+                data = io.BytesIO(payload)
+            else:
+                info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+                             "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE,
+                             "chr": tarfile.CHRTYPE}[kind]
+                info.linkname = extra or ""
+            tar.addfile(info, data)
+    out.seek(0)
+    return out
+
+
+def refusal(entries) -> ArchiveRefused:
+    with pytest.raises(ArchiveRefused) as e:
+        check(archive(entries), 1 << 30)
+    return e.value
+
+
+def test_check_accepts_and_rewrites_a_plain_archive():
+    entries = [("./", "dir", None), ("./d/", "dir", None), ("./d/a", "file", "hello"),
+               ("l", "symlink", "d/a"), ("d/up", "symlink", "../d"),
+               ("abs", "symlink", "/workspace/d"), ("h", "hardlink", "d/a")]
+    for gzip in (False, True):
+        summary = check(archive(entries, gzip), 1 << 30)
+        assert (summary.compressed, summary.entries, summary.files, summary.directories,
+                summary.links, summary.size) == (gzip, 6, 1, 1, 4, 5)
+    out = io.BytesIO()
+    assert rewrite(archive(entries, True), out.write) == 6
+    out.seek(0)
+    rows = [(m.name, m.type, m.linkname, m.mode, m.uid, m.gid, m.uname)
+            for m in tarfile.open(fileobj=out)]
+    assert rows == [
+        ("d", tarfile.DIRTYPE, "", 0o644, 1000, 1000, "developer"),
+        ("d/a", tarfile.REGTYPE, "", 0o755, 1000, 1000, "developer"),
+        ("l", tarfile.SYMTYPE, "d/a", 0o644, 1000, 1000, "developer"),
+        ("d/up", tarfile.SYMTYPE, "../d", 0o644, 1000, 1000, "developer"),
+        ("abs", tarfile.SYMTYPE, "/workspace/d", 0o644, 1000, 1000, "developer"),
+        ("h", tarfile.LNKTYPE, "d/a", 0o644, 1000, 1000, "developer")]
+
+
+@pytest.mark.parametrize("entries, entry", [
+    ([("../evil", "file", "x")], "../evil"),
+    ([("a/../../evil", "file", "x")], "a/../../evil"),
+    ([("/etc/passwd", "file", "x")], "/etc/passwd"),
+    ([("l", "symlink", "/etc")], "l"),
+    ([("l", "symlink", "../outside")], "l"),
+    ([("d/l", "symlink", "../../x")], "d/l"),
+    ([("a", "symlink", "."), ("b", "symlink", "a/..")], "b"),
+    ([("a", "symlink", "b"), ("b", "symlink", "a")], "a"),
+    ([("l", "symlink", "d"), ("l/x", "file", "y")], "l/x"),
+    ([("h", "hardlink", "/etc/passwd")], "h"),
+    ([("h", "hardlink", "../x")], "h"),
+    ([("h", "hardlink", "later"), ("later", "file", "")], "h"),
+    ([("p", "fifo", None)], "p"),
+    ([("c", "chr", None)], "c"),
+    ([("a", "file", "1"), ("./a", "file", "2")], "./a"),
+])
+def test_check_refuses_entries_outside_the_workspace(entries, entry):
+    assert refusal(entries).entry == entry
+
+
+def test_check_refuses_what_is_not_an_archive_or_too_large():
+    for data, code in [(b"", "empty"), (b"hello" * 200, "not_an_archive"),
+                       (b"BZh91AY&SY" + b"\0" * 600, "not_an_archive")]:
+        with pytest.raises(ArchiveRefused) as e:
+            check(io.BytesIO(data), 1 << 30)
+        assert e.value.code == code
+    truncated = archive([("a", "file", "x" * 5000)]).getvalue()[:1500]
+    with pytest.raises(ArchiveRefused) as e:
+        check(io.BytesIO(truncated), 1 << 30)
+    assert "truncated" in e.value.message
+    with pytest.raises(ArchiveRefused) as e:
+        check(archive([("a", "file", "x" * 100)]), 99)
+    assert e.value.code == "too_large"
+    assert kind_of(b"\x1f\x8b\x08") == "gzip"
