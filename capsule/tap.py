@@ -149,6 +149,9 @@ class Options(usage.Options):
          _positive(parse_bytes)],
         ["export-timeout", None, 600.0, "Seconds after which an export is cut off.",
          _positive(float)],
+        ["upload-max-bytes", None, 1024 ** 3,
+         "Bytes of archive an upload into /workspace may send (Docker syntax: 512m, 1g);"
+         " more: 413.", _positive(parse_bytes)],
         ["auth", None, None,
          "An htpasswd file of bcrypt hashes (htpasswd -B): its users log in (a login page"
          " and a session cookie for browsers, HTTP Basic for programs). Read again when"
@@ -706,7 +709,9 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
                          workers=config["export-threads"],
                          per_client=config["exports-per-client"],
                          max_bytes=config["export-max-bytes"],
-                         timeout=config["export-timeout"]))
+                         timeout=config["export-timeout"]),
+                     public_url=config["public-url"],
+                     upload_max_bytes=config["upload-max-bytes"])
     budget = config["memory-budget"]
     admission = AdmissionControl(manager, reactor, AdmissionPolicy(
         max_sessions=config["max-sessions"], max_per_client=config["max-sessions-per-client"],
