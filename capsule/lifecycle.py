@@ -16,6 +16,7 @@ whether a client is attached)::
                  (client left: StartingOrphaned, which ends once started)
     New -prepare-> PreparingAlone --stream_started--> Detached   (no client: kept)
                    (a client attached meanwhile: Preparing --stream_started--> Attached)
+    Detached -take-> Attached   (a warm session's first client: a new session to it)
     New -recover-> Recovered -attach-> Resuming(Alone) --stream_started--> Attached/Detached
     Attached/Detached --stream_closed--> Interrupted(Alone)   (cause being found)
     Interrupted(Alone) --engine_lost--> itself, waiting for the engine
@@ -245,6 +246,9 @@ class SessionEvents(Protocol):
 
     def detach(self, client: object, unsent: int) -> None:
         "The client left; the last C{unsent} bytes handed to it never went out."
+
+    def take(self, client: object) -> None:
+        "A client takes a warm session (prepared, never attached) as its new session."
 
     def write(self, data: bytes) -> None:
         "Input from the client."
@@ -599,6 +603,16 @@ def _reconnected(session: SessionEvents, core: SessionCore, client: object,
                  offset: int | None) -> None:
     _take_over(core, client)
     _hand_over(session, core, True, offset)
+
+
+@Detached.upon(SessionEvents.take).to(Attached)
+def _taken(session: SessionEvents, core: SessionCore, client: object) -> None:
+    """
+    A new client's session, made before it came: it gets all the output so
+    far, as the start of a new session.
+    """
+    _take_over(core, client)
+    _hand_over(session, core, False, 0)
 
 
 @Attached.upon(SessionEvents.detach).to(Detached)

@@ -1,146 +1,303 @@
 """
-A warm pool: containers created and started ahead of need, so that a new
-session only costs an exec.
+A warm pool: sessions started ahead of need, so that a new client costs no
+Docker call at all.
 
-Each warm container is made exactly like a session container (same image,
-limits, labels, name C{capsule-{uuid}}); the session that takes it gets that
-uuid as its id.  Containers older than C{max_age} are replaced rather than
-handed out, and one that turns out to be dead when its shell is started is
-removed by the session manager, which falls back to a cold start.
+Each warm entry is a whole session made without a client (its lifecycle's
+C{prepare}): its container runs, its keeper runs the shell on its pty, and
+the relay exec is attached and read by the reactor, so that the login
+banner and the first prompt are already in its replay buffer.  Until it is
+taken it belongs to the pool alone: it is not among the manager's sessions,
+so no user sees it, the grace period never expires it and no per-user limit
+counts it.  Taking it (L{WarmPool.take}) hands the session over; the
+manager attaches the client, resizes the terminal to the client's (the
+shell redraws its prompt on SIGWINCH) and replays what it printed.
+
+An entry is handed out only if it is fit: detached from any client, its
+shell's stream up, and not older than C{max_age}.  A warm shell that dies,
+or whose relay closes, is replaced as soon as its session ends, and an
+entry that grows too old is ended and replaced when it does; one found unfit
+at take time is ended there and the next is tried.  The pool refills one
+session at a time, after C{refill_delay} seconds, so that a refill does not
+compete with the session just taken.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from .errors import CapsuleError
 from .metrics import UNCOUNTED
 
 _log = Logger()
 
 
-@dataclass(frozen=True)
-class WarmContainer:
-    session_id: str
-    container_id: str
-    created_at: float
-
-
 class WarmPool:
     """
-    @param make_spec: the L{ContainerSpec} for a given session id.
+    @param make: makes one warm session, not registered with the manager;
+        the pool prepares it, and its outcome comes back through
+        L{went_live} or L{lost}.
+    @param name: what the pool is for (its profile), for the log.
     """
 
     # What it counts into (capsule.metrics): a server's metrics watch it.
     metrics = UNCOUNTED
 
-    def __init__(self, docker, clock, size: int, make_spec: Callable, max_age: float = 3600.0,
-                 retry_delay: float = 5.0) -> None:
-        self._docker = docker
+    def __init__(self, clock, size: int, make: Callable[[], object], max_age: float = 3600.0,
+                 retry_delay: float = 5.0, refill_delay: float = 0.5,
+                 name: str = "shell") -> None:
         self._clock = clock
         self.size = size
-        self._make_spec = make_spec
+        self._make = make
         self.max_age = max_age
         self.retry_delay = retry_delay
-        self.ready: deque[WarmContainer] = deque()
-        # Session ids of warm containers being made.
-        self.pending: set[str] = set()
+        self.refill_delay = refill_delay
+        self.name = name
+        # Sessions whose shells run, oldest first.
+        self.ready: deque = deque()
+        # The one session being made, if any.
+        self.making = None
+        # Sessions the pool ended, until their end is heard.
+        self._ending: set = set()
         self._running = False
-        self._retry = None
+        self._next = None
         self._failing = False
+        self._too_old: dict[object, object] = {}
+
+    # -- what the manager asks -------------------------------------------
 
     @property
     def container_ids(self) -> set[str]:
-        return {w.container_id for w in self.ready}
+        sessions = [*self.ready, *([self.making] if self.making else [])]
+        return {s.container_id for s in sessions if s.container_id is not None}
 
-    def start(self) -> None:
-        self._running = True
-        self.refill()
-
-    def take(self) -> WarmContainer | None:
+    @property
+    def pending(self) -> set[str]:
         """
-        A started container for a new session, or C{None} if none is ready.
-        The caller calls L{refill} once the session's shell runs, so that
-        making the replacement does not compete with starting that shell.
+        The ids of the sessions being made (their containers may not be known yet).
         """
-        now = self._clock.seconds()
-        found = None
-        while self.ready and found is None:
-            warm = self.ready.popleft()
-            if now - warm.created_at > self.max_age:
-                self.discard(warm, "it is too old")
-            else:
-                found = warm
-        self.metrics.pool_taken(self, found)
-        return found
-
-    def discard(self, warm: WarmContainer, why: str) -> Deferred:
-        _log.info("removing warm container {container}: {why}",
-                  container=warm.container_id[:12], why=why)
-        d = self._docker.remove_container(warm.container_id)
-        d.addErrback(lambda f: _log.warn("could not remove warm container {container}: {error}",
-                                         container=warm.container_id[:12],
-                                         error=f.getErrorMessage()))
-        return d
-
-    def refill(self) -> None:
-        while self._running and self._retry is None and len(self.ready) + self.filling < self.size:
-            session_id = str(uuid.uuid4())
-            self.pending.add(session_id)
-            started = self._clock.seconds()
-            d = self._docker.create_session_container(session_id, self._make_spec(session_id))
-            d.addCallbacks(self._made, self._failed, callbackArgs=(session_id, started),
-                           errbackArgs=(session_id,))
+        return {self.making.id} if self.making is not None else set()
 
     @property
     def filling(self) -> int:
-        return len(self.pending)
+        return 1 if self.making is not None else 0
 
-    def _made(self, container_id: str, session_id: str, started: float) -> None:
-        self.pending.discard(session_id)
-        warm = WarmContainer(session_id, container_id, self._clock.seconds())
-        if not self._running:
-            self.discard(warm, "the pool is stopped")
-            return
-        if self._failing:
-            _log.info("warm pool refills again")
-            self._failing = False
-        self.ready.append(warm)
-        _log.debug("warm container {container} ready in {ms:.0f} ms",
-                   container=container_id[:12], ms=(self._clock.seconds() - started) * 1000)
-        self.refill()
+    def holds(self, session) -> bool:
+        return session is self.making or session in self.ready or session in self._ending
 
-    def _failed(self, failure, session_id: str) -> None:
-        self.pending.discard(session_id)
-        if not self._running:
-            return
-        if not self._failing:
-            # Say it once per outage, not once per retry.
-            message = failure.value.message if failure.check(CapsuleError) else failure.getErrorMessage()
-            _log.warn("could not refill the warm pool (retrying every {delay:g} s): {message}",
-                      delay=self.retry_delay, message=message)
-            self._failing = True
-        if self._retry is None:
-            self._retry = self._clock.callLater(self.retry_delay, self._retry_now)
+    def start(self) -> None:
+        self._running = True
+        self._refill()
 
-    def _retry_now(self) -> None:
-        self._retry = None
-        self.refill()
+    def refill(self) -> None:
+        """
+        Make what is missing, after C{refill_delay}.
+        """
+        self._schedule(self.refill_delay)
+
+    def fit(self, session) -> str | None:
+        """
+        Why C{session} must not be handed out, or C{None} if it may be.
+        """
+        if session.status() != "detached" or session.client is not None:
+            return f"its shell is not running ({session.status()})"
+        if session.core.stream is None or session.shell is None:
+            return "its relay is closed"
+        if self._clock.seconds() - session.core.created_at > self.max_age:
+            return f"it is older than {self.max_age:g} s"
+        return None
+
+    def take(self):
+        """
+        A warm session for a new client, or C{None} if none is fit.  It is
+        the caller's from now on; the pool refills in the background.
+        """
+        found = None
+        while self.ready and found is None:
+            session = self.ready.popleft()
+            self._forget_age(session)
+            why = self.fit(session)
+            if why is None:
+                found = session
+            else:
+                self._end(session, why)
+        self.metrics.pool_taken(self, found)
+        self._schedule(self.refill_delay)
+        return found
 
     def stop(self) -> Deferred:
         """
-        Stop refilling and remove the warm containers.
+        Stop refilling and end the warm sessions (the manager removes their
+        containers, and a stopping server waits for that).
         """
         self._running = False
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        ready, self.ready = list(self.ready), deque()
-        return DeferredList([self.discard(w, "capsule is stopping") for w in ready],
-                            consumeErrors=True)
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+        sessions = [*self.ready, *([self.making] if self.making else [])]
+        self.ready, self.making = deque(), None
+        for session in sessions:
+            self._forget_age(session)
+            self._end(session, "capsule is stopping")
+        return succeed(None)
+
+    # -- what the manager tells it about its sessions ------------------------
+
+    def went_live(self, session) -> None:
+        """
+        A warm session's shell runs and its relay is read: it is ready.
+        """
+        if session is not self.making:
+            return
+        self.making = None
+        if not self._running:
+            self._end(session, "the pool is stopped")
+            return
+        if self._failing:
+            _log.info("the warm pool of {name} refills again", name=self.name)
+            self._failing = False
+        self.ready.append(session)
+        self._too_old[session] = self._clock.callLater(self.max_age, self._aged, session)
+        _log.debug("warm session {session_id} ready in {ms:.0f} ms",
+                   session_id=session.id[:8],
+                   ms=(self._clock.seconds() - session.core.created_at) * 1000)
+        self._schedule(0)
+
+    def lost(self, session) -> None:
+        """
+        A warm session ended (it could not be made, or its shell or relay
+        died while it waited, or the pool ended it): replace it.
+        """
+        if session in self._ending:
+            self._ending.discard(session)
+            return
+        if session is self.making:
+            self.making = None
+            if not self._running:
+                return
+            if not self._failing:
+                # Said once per outage, not once per retry.
+                _log.warn("could not refill the warm pool of {name} (retrying every"
+                          " {delay:g} s): {message}", name=self.name, delay=self.retry_delay,
+                          message=session.core.message)
+                self._failing = True
+            self._schedule(self.retry_delay)
+        elif session in self.ready:
+            self.ready.remove(session)
+            self._forget_age(session)
+            _log.info("warm session {session_id} ended while it waited ({message}): replacing"
+                      " it", session_id=session.id[:8], message=session.core.message)
+            self._schedule(0)
+
+    # -- inside --------------------------------------------------------------
+
+    def _schedule(self, delay: float) -> None:
+        """
+        Make the next warm session after C{delay} seconds, if one is missing
+        and none is being made or already due.
+        """
+        if not self._running or self._next is not None or self.making is not None:
+            return
+        if len(self.ready) >= self.size:
+            return
+        self._next = self._clock.callLater(delay, self._refill)
+
+    def _refill(self) -> None:
+        self._next = None
+        if not self._running or self.making is not None or len(self.ready) >= self.size:
+            return
+        try:
+            self.making = self._make()
+            # Its outcome (went_live or lost) may be heard before this returns.
+            self.making.events.prepare()
+        except Exception:
+            self.making = None
+            _log.failure("making a warm session failed")
+            self._schedule(self.retry_delay)
+
+    def _aged(self, session) -> None:
+        self._too_old.pop(session, None)
+        if session in self.ready:
+            self.ready.remove(session)
+            self._end(session, f"it is older than {self.max_age:g} s")
+            self._schedule(0)
+
+    def _forget_age(self, session) -> None:
+        call = self._too_old.pop(session, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _end(self, session, why: str) -> None:
+        _log.info("removing warm session {session_id}: {why}", session_id=session.id[:8],
+                  why=why)
+        self._ending.add(session)
+        try:
+            session.events.end(None, f"the warm session was removed: {why}")
+        except Exception:
+            _log.failure("ending warm session {session_id} failed", session_id=session.id[:8])
+
+
+class WarmPools:
+    """
+    The warm pools of a server, one per profile that wants warm sessions,
+    seen as one by what only counts or starts and stops them.
+    """
+
+    def __init__(self, pools: dict[str, WarmPool]) -> None:
+        self.pools = pools
+
+    def __getitem__(self, profile: str) -> WarmPool:
+        return self.pools[profile]
+
+    @property
+    def metrics(self):
+        return next(iter(self.pools.values())).metrics if self.pools else UNCOUNTED
+
+    @metrics.setter
+    def metrics(self, metrics) -> None:
+        for pool in self.pools.values():
+            pool.metrics = metrics
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.pools.values())
+
+    @property
+    def ready(self) -> list:
+        return [s for p in self.pools.values() for s in p.ready]
+
+    @property
+    def container_ids(self) -> set[str]:
+        return {c for p in self.pools.values() for c in p.container_ids}
+
+    @property
+    def pending(self) -> set[str]:
+        return {i for p in self.pools.values() for i in p.pending}
+
+    def take(self, profile: str):
+        pool = self.pools.get(profile)
+        return None if pool is None else pool.take()
+
+    def holder(self, session):
+        """
+        The pool that holds C{session}, if any.
+        """
+        for pool in self.pools.values():
+            if pool.holds(session):
+                return pool
+        return None
+
+    def refill(self) -> None:
+        for pool in self.pools.values():
+            pool.refill()
+
+    def start(self) -> None:
+        for pool in self.pools.values():
+            pool.start()
+
+    def stop(self) -> Deferred:
+        for pool in self.pools.values():
+            pool.stop()
+        return succeed(None)

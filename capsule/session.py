@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, replace
+from functools import partial
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessDone
@@ -29,7 +30,7 @@ from .keeper import (DEFAULT_SOCKET, RELAY_FRAMES, FrameError, FrameReader, Prea
                      check_preamble, encode_input, encode_window, exit_status, keeper_argv)
 from .lifecycle import ISessionEffects, SessionCore, make_lifecycle
 from .metrics import UNCOUNTED
-from .pool import WarmPool
+from .pool import WarmPool, WarmPools
 from .profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME, BadRepository,
                        Profile, Secrets, agent_volume_name, check_repository, parse_profile_name,
                        start_command)
@@ -46,6 +47,10 @@ LABEL_SESSION = "io.capsule.session"
 # first delay, doubling up to the last.
 ENGINE_RETRY_FIRST = 0.5
 ENGINE_RETRY_MAX = 5.0
+
+# The terminal size a warm session's shell starts at; the client's own is
+# applied when it is taken.
+WARM_SIZE = (80, 24)
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,8 @@ class Session:
         # Its profile's name, the profile itself (capsule.profiles), and the
         # git repository cloned into its /workspace at start, if any.
         self.profile: str = DEFAULT_PROFILE
+        # Whether a warm pool holds it (not recorded until it is taken).
+        self.pooled = False
         self.settings: Profile | None = None
         self.repository: str | None = None
 
@@ -264,7 +271,7 @@ class _ShellProtocol(ProcessProtocol):
 
     def _deliver(self, data: bytes) -> None:
         recorder = self._session.core.effects.recorder
-        if recorder is not None:
+        if recorder is not None and not self._session.pooled:
             recorder.output(self._session, data)
         self._session.events.output(data)
 
@@ -387,10 +394,13 @@ class SessionManager:
         self.recovery_pending = False
         # Container removals under way, which a stopping server waits for.
         self._removals: set[Deferred] = set()
-        self.pool = WarmPool(docker, clock, config.pool_size, self._container_spec,
-                             max_age=config.pool_max_age)
         self.profiles: dict[str, Profile] = dict(config.profiles or {
             DEFAULT_PROFILE: shell_profile(config)})
+        # A warm pool per profile that wants one (see capsule.pool).
+        self.pool = WarmPools({
+            name: WarmPool(clock, settings.pool, partial(self._warm_session, settings),
+                           max_age=config.pool_max_age, name=name)
+            for name, settings in self.profiles.items() if settings.pool > 0})
         # Profiles with an agent volume whose sessions had none (no users):
         # said once each.
         self._volume_refused: set[str] = set()
@@ -440,21 +450,67 @@ class SessionManager:
                 check_repository(repository)
             except (TypeError, ValueError) as e:
                 raise BadRepository(f"repository: {e}") from None
-        # The pool holds containers of the default profile only, and none
-        # has a user's volume.
-        pooled = settings.name == DEFAULT_PROFILE and not (
+        # A warm session has no user's volume and cloned only its profile's
+        # repository.
+        pooled = repository in (None, settings.repository) and not (
             settings.agent_volume and user is not None)
-        warm = self.pool.take() if pooled else None
-        session = self._new_session(
-            warm.session_id if warm else str(uuid.uuid4()), (cols, rows), client=client,
-            container_id=warm.container_id if warm else None, warm=warm is not None,
-            user=user)
+        warm = self.pool.take(settings.name) if pooled else None
+        if warm is not None:
+            return self._hand_warm(warm, client, cols, rows, user)
+        session = self._new_session(str(uuid.uuid4()), (cols, rows), client=client, user=user)
         session.profile, session.settings = settings.name, settings
         session.repository = repository or settings.repository
         if client is None:
             session.events.prepare()
         else:
             session.events.start()
+        return session
+
+    def _warm_session(self, settings: Profile) -> Session:
+        """
+        A session for the warm pool of profile C{settings}: made like any
+        other, at the size most terminals open with, and known to nobody
+        until it is taken.
+        """
+        session = self._new_session(str(uuid.uuid4()), WARM_SIZE, warm=True)
+        del self.sessions[session.id]
+        session.pooled = True
+        session.profile, session.settings = settings.name, settings
+        session.repository = settings.repository
+        return session
+
+    def _hand_warm(self, session: Session, client, cols: int, rows: int,
+                   user: str | None) -> Session:
+        """
+        Give a warm session to C{client} (C{None}: nobody yet) acting for
+        C{user}, without a Docker call: attach the client, which gets all the
+        output so far, and resize the terminal to its size (the shell
+        redraws its prompt on SIGWINCH).
+        """
+        core = session.core
+        now = self._clock.seconds()
+        waited = now - core.created_at
+        core.user, core.warm = user, True
+        # Its lifetime and idleness count from now: it is this client's now.
+        core.created_at = core.active_at = now
+        self.sessions[session.id] = session
+        session.pooled = False
+        if client is None:
+            core.left_at = now
+        else:
+            session.events.take(client)
+        self.resize(session, cols, rows)
+        printed, _ = core.replay.since(core.replay.start)
+        if self.recorder is not None and printed:
+            # Its recording begins with what it printed while it waited.
+            self.recorder.output(session, printed)
+        self.metrics.session_started(True, 0.0)
+        _log.info("session {session_id}{who} started in 0 ms (warm, ready for {waited:.0f} s,"
+                  " container {container})", session_id=session.id[:8], waited=waited,
+                  container=core.container_id[:12],
+                  who=f" of {user}" if user else "", user=user)
+        core.cpu_shares = session.settings.spec.cpu_shares
+        self._share_cpu(user)
         return session
 
     def find(self, session_id: str, user: str | None = None) -> Session | None:
@@ -757,6 +813,11 @@ class SessionManager:
     def forget(self, session: Session) -> None:
         if self.recorder is not None:
             self.recorder.end(session)
+        pool = self.pool.holder(session)
+        if pool is not None:
+            # A warm session, never taken: the pool says what became of it.
+            pool.lost(session)
+            return
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
             self.metrics.session_ended(session.core.exit_code, session.core.message)
@@ -770,6 +831,10 @@ class SessionManager:
 
     def went_live(self, session: Session, resumed: bool) -> None:
         core = session.core
+        pool = self.pool.holder(session)
+        if pool is not None:
+            pool.went_live(session)
+            return
         elapsed_ms = (self._clock.seconds() - core.created_at) * 1000
         if resumed:
             _log.info("session {session_id} attached to its shell again",

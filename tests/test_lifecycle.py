@@ -304,7 +304,7 @@ STATUS = {"New": "new", "Starting": "starting", "StartingOrphaned": "starting",
 
 INPUTS = {"status", "start", "recover", "prepare", "stream_up", "stream_started", "stream_failed",
           "stream_closed", "engine_lost", "engine_back", "output", "attach", "detach",
-          "write", "resize", "end", "expire", "let_go", "removed"}
+          "write", "resize", "end", "expire", "let_go", "removed", "take"}
 
 
 def _row(state: str, **targets: str) -> dict[str, str]:
@@ -338,7 +338,7 @@ TRANSITIONS = {
     _A: _row(_A, stream_started=_A, stream_failed=_A, stream_closed=_I, engine_lost=_A,
              engine_back=_A, output=_A, attach=_A, detach=_D, write=_A, resize=_A, end=_EG,
              expire=_A, let_go=_ED),
-    _D: _row(_D, stream_started=_D, stream_failed=_D, stream_closed=_IA, engine_lost=_D,
+    _D: _row(_D, take=_A, stream_started=_D, stream_failed=_D, stream_closed=_IA, engine_lost=_D,
              engine_back=_D, output=_D, attach=_A, detach=_D, write=_D, resize=_D, end=_EG,
              expire=_EG, let_go=_ED),
     _RC: _row(_RC, stream_failed=_RC, stream_closed=_RC, engine_lost=_RC, engine_back=_RC,
@@ -364,9 +364,10 @@ TRANSITIONS = {
               engine_lost=_IA, engine_back=_RA, output=_RA, attach=_R, detach=_RA,
               write=_RA, resize=_RA, end=_EG, expire=_RA, let_go=_ED),
     _EG: _row(_EG, **{i: _EG for i in INPUTS - {"status", "start", "recover", "prepare",
-                                                 "removed"}},
+                                                 "removed", "take"}},
               removed=_ED),
-    _ED: _row(_ED, **{i: _ED for i in INPUTS - {"status", "start", "recover", "prepare"}}),
+    _ED: _row(_ED, **{i: _ED for i in INPUTS - {"status", "start", "recover", "prepare",
+                                                 "take"}}),
 }
 
 # Pairs with no transition, and why they cannot happen.  Feeding one raises.
@@ -388,6 +389,8 @@ IMPOSSIBLE = {
     # No stream, so none can start or say anything.
     **{(s, "stream_started"): "no stream" for s in (_RC, _I, _IA)},
     (_RC, "output"): "no stream (a resume that failed closed it, and it reads no more)",
+    # The pool hands out only a session it holds detached (WarmPool.fit).
+    **{(s, "take"): "only a warm session, detached, is taken" for s in STATUS if s != _D},
 }
 
 # What an input returns where it is not None.
@@ -412,6 +415,7 @@ def feed(rig: Rig, name: str):
         "output": lambda: (b"out",),
         "attach": lambda: (rig.new_client(), None),
         "detach": lambda: (rig.core.client, 0),
+        "take": lambda: (rig.new_client(),),
         "write": lambda: (b"in",),
         "resize": lambda: (100, 30),
         "end": lambda: (0, "the shell exited with code 0"),
@@ -753,6 +757,22 @@ def test_a_stream_closed_while_preparing_is_diagnosed(reach):
     assert rig.effects.calls == [("diagnose", rig.owner, FACTS)]
     assert stream.calls == [("resize", 80, 24)]
     assert (rig.client.events if rig.client else []) == []
+
+
+def test_a_warm_session_taken_is_a_new_session_to_its_client():
+    rig = preparing_alone()
+    stream = rig.stream_up()
+    rig.lc.stream_started(0, 0)
+    rig.lc.output(b"banner\r\n$ ")
+    rig.settled("Detached")
+    client = rig.new_client()
+    rig.clock.advance(7)
+    rig.lc.take(client)
+    assert rig.state == "Attached"
+    assert rig.core.client is client and rig.core.left_at is None
+    assert client.events == [("started", SID, False), ("output", b"banner\r\n$ ")]
+    assert client.offset == rig.core.handed == 10
+    assert rig.effects.calls == [] and stream.calls == []
 
 
 # -- Attached ---------------------------------------------------------------------------

@@ -1,9 +1,39 @@
+"""
+The warm pool (L{capsule.pool}): sessions started ahead of need, against the
+in-memory Docker engine and a Clock.
+"""
+
 import pytest
 from twisted.internet.task import Clock
 
+from capsule.cleanup import expire_due
 from capsule.docker_api import ContainerSpec
-from capsule.session import SessionConfig, SessionManager
+from capsule.keeper import keeper_argv
+from capsule.profiles import Profile
+from capsule.session import WARM_SIZE, SessionConfig, SessionManager
 from capsule.testing import FakeDockerAPI, RecordingClient
+
+SPEC = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
+
+
+class CountingDocker:
+    """
+    The fake engine, counting every call made through it.
+    """
+
+    def __init__(self, docker: FakeDockerAPI) -> None:
+        self._docker = docker
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        attribute = getattr(self._docker, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return attribute(*args, **kwargs)
+        return call
 
 
 @pytest.fixture
@@ -16,80 +46,242 @@ def docker():
     return FakeDockerAPI()
 
 
-def make_manager(docker, clock, size=2):
-    spec = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
-    manager = SessionManager(docker, clock, SessionConfig(spec=spec, instance="t",
-                                                          pool_size=size, pool_max_age=100))
+def make_manager(docker, clock, size=2, max_age=100.0, **config):
+    manager = SessionManager(docker, clock, SessionConfig(
+        spec=SPEC, instance="t", pool_size=size, pool_max_age=max_age, grace=60, **config))
     manager.pool.start()
     return manager
 
 
-def test_pool_fills_with_session_like_containers(docker, clock):
+def fill(manager, clock, banner=b"banner\r\n$ "):
+    """
+    Let the pool fill, each warm shell printing C{banner} as it starts.
+    """
+    pool = manager.pool["shell"]
+    for _ in range(pool.size * 2):
+        clock.advance(pool.refill_delay)
+        for session in pool.ready:
+            if session.replay.end == 0 and banner:
+                session.shell.process._stream.emit(banner)
+    return pool
+
+
+def test_the_pool_fills_one_at_a_time_with_running_shells(docker, clock):
+    docker.hold_create = True
     manager = make_manager(docker, clock)
-    assert len(manager.pool.ready) == 2
-    for warm in manager.pool.ready:
-        container = docker.containers[warm.container_id]
-        assert container["name"] == f"capsule-{warm.session_id}"
-        assert container["labels"]["io.capsule.session"] == warm.session_id
-        assert container["labels"]["io.capsule.instance"] == "t"
+    pool = manager.pool["shell"]
+    # One at a time: the next is made once the last one's shell runs.
+    assert pool.making is not None and len(docker.containers) == 1
+    clock.advance(10)
+    assert len(docker.containers) == 1
+    docker.hold_create = False
+    docker.release_create()
+    assert len(pool.ready) == 1 and pool.making is None
+    clock.advance(0)
+    assert len(pool.ready) == 2
+    for session in pool.ready:
+        assert session.status() == "detached" and session.client is None
+        container = docker.containers[session.container_id]
+        assert container["name"] == f"capsule-{session.id}"
+        assert container["labels"]["io.capsule.session"] == session.id
         assert container["spec"].memory == "1g" and container["spec"].pids == 64
+        assert session.id not in manager.sessions
+    assert [p.argv for p in docker.processes] == [tuple(keeper_argv(("bash", "-l"), 0,
+                                                                    1024 * 1024))] * 2
+    assert all(p.resizes == [WARM_SIZE] for p in docker.processes)
 
 
-def test_session_takes_a_warm_container_and_pool_refills(docker, clock):
-    manager = make_manager(docker, clock)
-    warm = manager.pool.ready[0]
+def test_taking_a_warm_session_makes_no_docker_call(docker, clock):
+    counting = CountingDocker(docker)
+    manager = make_manager(counting, clock, size=1)
+    pool = fill(manager, clock)
+    warm = pool.ready[0]
+    process = docker.processes[0]
+    counting.calls.clear()
     client = RecordingClient()
-    session = manager.create(client, 80, 24)
-    assert session.id == warm.session_id and session.container_id == warm.container_id
-    assert session.warm and session.status() == "running"
-    assert len(manager.pool.ready) == 2
-    assert len(docker.containers) == 3
+    session = manager.create(client, 120, 40)
+    assert counting.calls == []
+    assert session is warm and session.warm and session.status() == "running"
+    assert manager.sessions[session.id] is session
+    assert client.events == [("started", session.id, False), ("output", b"banner\r\n$ ")]
+    # The client's size reaches the shell's terminal (SIGWINCH: the prompt is redrawn).
+    assert process.resizes == [WARM_SIZE, (120, 40)]
+    manager.write(session, b"ls\r")
+    process.emit(b"ls\r\n")
+    assert process.written == [b"ls\r"]
+    assert client.output == b"banner\r\n$ ls\r\n"
+    # The refill comes after a delay, and is the only work then.
+    assert counting.calls == []
+    clock.advance(pool.refill_delay)
+    assert counting.calls == ["create_session_container", "spawn_exec"]
+    assert len(pool.ready) == 1 and pool.ready[0] is not session
 
 
-def test_broken_warm_container_is_replaced_by_a_cold_start(docker, clock):
+def test_a_warm_session_is_nobodys_never_expires_and_counts_in_no_limit(docker, clock):
+    manager = make_manager(docker, clock, size=1, max_age=10000)
+    fill(manager, clock)
+    warm = manager.pool["shell"].ready[0]
+    mine = manager.create(None, 80, 24, user="ann")
+    assert mine is warm, "a session without a client takes a warm one too"
+    clock.advance(0.5)
+    other = manager.pool["shell"].ready[0]
+    assert manager.of_user("ann") == [mine] and manager.of_user(None) == []
+    assert manager.find(other.id) is None and manager.find(other.id, "ann") is None
+    assert manager.user_cpu_shares("ann") == SPEC.cpu_shares
+    clock.advance(5000)
+    assert expire_due(manager, clock) == [mine], "the one taken, kept from its take"
+    assert other.status() == "detached" and manager.pool["shell"].ready[0] is other
+
+
+def test_a_session_made_without_a_client_from_the_pool_is_kept_from_the_take(docker, clock):
     manager = make_manager(docker, clock, size=1)
-    warm = manager.pool.ready[0]
-    del docker.containers[warm.container_id]  # died while waiting
+    fill(manager, clock)
+    clock.advance(30)
+    session = manager.create(None, 100, 30)
+    assert session.status() == "detached" and session.core.left_at == clock.seconds()
+    client = RecordingClient()
+    manager.reconnect(session.id, client, 0)
+    assert client.events == [("started", session.id, True), ("output", b"banner\r\n$ ")]
+
+
+def test_a_warm_shell_that_died_is_replaced_and_never_handed_out(docker, clock):
+    manager = make_manager(docker, clock, size=1)
+    pool = fill(manager, clock)
+    dead = pool.ready[0]
+    dead.shell.process._stream.exit(137)
+    assert dead.status() in ("ending", "ended") and dead not in pool.ready
+    assert dead.container_id not in docker.containers
+    assert dead.id not in manager.sessions
+    clock.advance(0)
+    assert len(pool.ready) == 1 and pool.ready[0] is not dead
     client = RecordingClient()
     session = manager.create(client, 80, 24)
-    assert session.status() == "running"
-    assert session.container_id != warm.container_id and not session.warm
+    assert session is not dead and session.warm
     assert client.kinds() == ["started"]
 
 
-def test_old_warm_containers_are_not_handed_out(docker, clock):
+def test_a_warm_session_whose_relay_closed_is_not_handed_out(docker, clock):
     manager = make_manager(docker, clock, size=1)
-    old = manager.pool.ready[0]
+    pool = fill(manager, clock)
+    broken = pool.ready[0]
+    # The relay closes without the shell's status; the container still
+    # runs, and the session is being ended (its cause found) when a client comes.
+    docker.hold_exec = True
+    broken.core.stream = None
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    assert session is not broken and not session.warm
+    assert broken.status() in ("ending", "ended")
+    assert broken.container_id not in docker.containers
+    docker.hold_exec = False
+    docker.release_exec()
+    assert client.kinds() == ["started"]
+
+
+def test_warm_sessions_older_than_the_max_age_are_replaced(docker, clock):
+    manager = make_manager(docker, clock, size=1, max_age=100)
+    pool = fill(manager, clock)
+    old = pool.ready[0]
+    clock.advance(old.core.created_at + 99.5 - clock.seconds())
+    assert old in pool.ready
+    clock.advance(0.5)
+    assert old not in pool.ready and old.container_id not in docker.containers
+    clock.advance(0)
+    assert len(pool.ready) == 1 and pool.ready[0] is not old
+
+
+def test_the_max_age_is_checked_at_take_time_too(docker, clock):
+    manager = make_manager(docker, clock, size=1, max_age=100)
+    pool = fill(manager, clock)
+    old = pool.ready[0]
+    pool._forget_age(old)
     clock.advance(101)
+    assert pool.fit(old) == "it is older than 100 s"
     session = manager.create(RecordingClient(), 80, 24)
-    assert session.container_id != old.container_id
-    assert old.container_id in docker.removed
+    assert session is not old and not session.warm
+    assert old.container_id not in docker.containers
 
 
 def test_refill_failures_retry_later_without_a_tight_loop(docker, clock):
     docker.reachable = False
     manager = make_manager(docker, clock, size=2)
-    assert len(manager.pool.ready) == 0 and manager.pool.filling == 0
-    assert len(clock.getDelayedCalls()) == 1
-    session = None
+    pool = manager.pool["shell"]
+    assert len(pool.ready) == 0 and pool.making is None
+    assert pool._next is not None and pool._next.getTime() == pytest.approx(5.0)
+    clock.advance(4.9)
+    assert docker.containers == {}
     docker.reachable = True
-    clock.advance(manager.pool.retry_delay)
-    assert len(manager.pool.ready) == 2
-    session = manager.create(RecordingClient(), 80, 24)
-    assert session.warm
+    clock.advance(5)
+    clock.advance(0)
+    assert len(pool.ready) == 2
 
 
-def test_pool_size_zero_is_cold(docker, clock):
-    manager = make_manager(docker, clock, size=0)
-    session = manager.create(RecordingClient(), 80, 24)
-    assert not session.warm and docker.containers.keys() == {session.container_id}
+def test_a_miss_starts_cold_and_is_counted(docker, clock):
+    docker.reachable = False
+    manager = make_manager(docker, clock, size=1)
+    missed = []
+    manager.pool["shell"].metrics = type("M", (), {
+        "pool_taken": lambda self, pool, found: missed.append(found),
+        "session_started": lambda self, warm, seconds: None})()
+    docker.reachable = True
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    assert not session.warm and missed == [None]
+    assert client.kinds() == ["started"]
 
 
-def test_shutdown_removes_warm_containers(docker, clock):
-    manager = make_manager(docker, clock)
-    session = manager.create(RecordingClient(), 80, 24)
+def test_stopping_removes_the_warm_sessions_and_stops_refilling(docker, clock):
+    manager = make_manager(docker, clock, size=2)
+    pool = fill(manager, clock)
+    warm = list(pool.ready)
+    taken = manager.create(RecordingClient(), 80, 24)
     manager.shutdown()
-    # The session is kept for a restart; the warm containers go.
-    assert set(docker.containers) == {session.container_id}
-    clock.advance(10)
-    assert set(docker.containers) == {session.container_id}, "a stopped pool must not refill"
+    assert all(w.container_id not in docker.containers for w in warm if w is not taken)
+    assert taken.container_id in docker.containers, "a session taken lives on"
+    assert pool.ready == type(pool.ready)() and pool.making is None
+    clock.advance(60)
+    assert pool.making is None and len(pool.ready) == 0
+
+
+def test_a_warm_session_of_an_earlier_run_is_kept_as_a_session_and_expires(docker, clock):
+    manager = make_manager(docker, clock, size=1)
+    pool = fill(manager, clock)
+    warm = pool.ready[0]
+    # capsule was killed: nothing stopped the pool.
+    again = SessionManager(docker, clock, SessionConfig(spec=SPEC, instance="t", grace=60,
+                                                        pool_size=0))
+    from twisted.internet.defer import Deferred
+    Deferred.fromCoroutine(again.recover())
+    recovered = again.sessions[warm.id]
+    assert recovered.status() == "recovered" and recovered.core.user is None
+    clock.advance(60)
+    assert expire_due(again, clock) == [recovered]
+    assert warm.container_id not in docker.containers
+
+
+def test_cpu_shares_are_shared_on_take(docker, clock):
+    manager = make_manager(docker, clock, size=1)
+    fill(manager, clock)
+    first = manager.create(RecordingClient(), 80, 24, user="ann")
+    clock.advance(1)
+    second = manager.create(RecordingClient(), 80, 24, user="ann")
+    assert first.warm and second.warm
+    half = SPEC.cpu_shares // 2
+    assert docker.containers[first.container_id]["cpu_shares"] == half
+    assert docker.containers[second.container_id]["cpu_shares"] == half
+
+
+def test_each_profile_has_a_pool_of_its_own(docker, clock):
+    other = Profile(name="tools", spec=SPEC, command=("sh",), pool=1)
+    shell = Profile(name="shell", spec=SPEC, pool=0)
+    manager = SessionManager(docker, clock, SessionConfig(
+        spec=SPEC, instance="t", profiles={"shell": shell, "tools": other}))
+    manager.pool.start()
+    assert set(manager.pool.pools) == {"tools"}
+    clock.advance(1)
+    warm = manager.pool["tools"].ready[0]
+    assert docker.processes[0].argv[-1:] == ("sh",)
+    assert manager.create(RecordingClient(), 80, 24).warm is False
+    session = manager.create(RecordingClient(), 80, 24, profile="tools")
+    assert session is warm and session.profile == "tools"
+    assert manager.pool.size == 1
