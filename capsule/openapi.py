@@ -68,7 +68,7 @@ ROUTES: dict[tuple[str, str], dict] = {
                       "400": {"description": "not a WebSocket upgrade"},
                       "403": {"description": "another origin or host"}}},
     ("/api/openapi.json", "get"): {
-        "summary": "This document", "security": [],
+        "summary": "This document",
         "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}}},
     ("/api/sessions", "get"): {
         "summary": "The caller's live sessions",

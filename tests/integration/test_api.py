@@ -1,0 +1,267 @@
+"""
+The session API against the real engine: a session created by the API and
+used over the WebSocket; exec's output, exit codes, timeout and cap; an
+upload and an export that round-trip a workspace; malicious archives
+refused with nothing written; ownership with users; every documented route
+answering.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from capsule.openapi import ROUTES
+from capsule.testing_clients import BlockingTerminal
+
+from .harness import instance_containers, wait_for
+
+ALICE, BOB = "alice-token-" + "1" * 30, "bob-token-" + "2" * 30
+
+
+def call(server, path: str, method: str = "GET", body=None, token: str | None = None,
+         content_type: str | None = None, raw: bool = False):
+    """
+    (status, JSON or bytes) of one request to C{server}.
+    """
+    headers = {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers["Content-Type"] = content_type or "application/json"
+    request = urllib.request.Request(server.url + path, data=data, method=method,
+                                     headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, payload = response.status, response.read()
+    except urllib.error.HTTPError as e:
+        status, payload = e.code, e.read()
+    if raw:
+        return status, payload
+    return status, json.loads(payload) if payload else None
+
+
+def create(server, token=None) -> dict:
+    status, body = call(server, "/api/sessions", "POST", {"cols": 100, "rows": 30}, token)
+    assert status == 201, body
+    return body
+
+
+def execute(server, session_id: str, token=None, **request) -> dict:
+    status, body = call(server, f"/api/sessions/{session_id}/exec", "POST", request, token)
+    assert status == 200, body
+    return body
+
+
+def sh(server, session_id: str, script: str, **request) -> dict:
+    return execute(server, session_id, argv=["sh", "-c", script], **request)
+
+
+def tar_of(entries, compress: bool = True) -> bytes:
+    """
+    (name, kind, extra, mode): kind file (extra: contents), dir, symlink or
+    hardlink (extra: target).
+    """
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, extra, mode in entries:
+            info = tarfile.TarInfo(name)
+            info.mode = mode
+            info.mtime = 1_700_000_000
+            info.uid = info.gid = 0
+            data = None
+            if kind == "file":
+                info.size = len(extra)
+                data = io.BytesIO(extra)
+            else:
+                info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+                             "hardlink": tarfile.LNKTYPE}[kind]
+                info.linkname = extra or ""
+            tar.addfile(info, data)
+    return gzip.compress(out.getvalue()) if compress else out.getvalue()
+
+
+def upload(server, session_id: str, data: bytes, token=None):
+    return call(server, f"/api/sessions/{session_id}/workspace", "POST", data, token,
+                content_type="application/gzip" if data[:2] == b"\x1f\x8b"
+                else "application/x-tar")
+
+
+def test_a_session_created_by_the_api_opens_over_the_websocket(server):
+    session = create(server)
+    session_id = session["id"]
+    assert session["url"] == f"/?session_id={session_id}"
+    assert (session["status"], session["client_attached"]) == ("detached", False)
+    sh(server, session_id, "echo made-by-exec > /workspace/note")
+    terminal = BlockingTerminal(server.ws_url, session_id)
+    try:
+        assert terminal.next("connected")["session_id"] == session_id
+        terminal.run("cat note; stty size", "made-by-exec")
+        terminal.run("stty size", "30 100")
+        status, body = call(server, f"/api/sessions/{session_id}")
+        assert (status, body["status"], body["client_attached"]) == (200, "running", True)
+    finally:
+        terminal.close()
+    assert [s["id"] for s in call(server, "/api/sessions")[1]["sessions"]] == [session_id]
+    status, body = call(server, f"/api/sessions/{session_id}", "DELETE")
+    assert (status, body) == (200, {"id": session_id, "ended": True})
+    wait_for(lambda: not [c for c in instance_containers(server.instance)
+                          if c["Labels"].get("io.capsule.session") == session_id],
+             30, "the session's container to be removed")
+    assert call(server, f"/api/sessions/{session_id}")[0] == 404
+
+
+def test_exec_output_exit_codes_stdin_env_and_cwd(server):
+    session_id = create(server)["id"]
+    body = sh(server, session_id, 'cat; echo "$GREETING"; pwd; id -un; echo oops >&2; exit 7',
+              stdin="from stdin\n", env={"GREETING": "h\u00e9llo"}, cwd="/tmp")
+    assert body["stdout"] == "from stdin\nh\u00e9llo\n/tmp\ndeveloper\n"
+    assert (body["stderr"], body["exit_code"], body["timed_out"]) == ("oops\n", 7, False)
+    assert body["truncated"] == {"stdout": False, "stderr": False}
+    assert execute(server, session_id, argv=["true"])["exit_code"] == 0
+    missing = execute(server, session_id, argv=["no-such-program"])
+    assert missing["exit_code"] == 127 and "no-such-program" in missing["stderr"]
+    # Bytes that are not UTF-8 arrive as U+FFFD.
+    assert sh(server, session_id, r"printf 'a\377b'")["stdout"] == "a\ufffdb"
+
+
+def test_exec_timeout_kills_the_command_and_what_it_started(server):
+    session_id = create(server)["id"]
+    started = time.monotonic()
+    body = sh(server, session_id, "sleep 300 & sleep 301; echo never", timeout=1)
+    assert time.monotonic() - started < 30
+    assert (body["timed_out"], body["exit_code"], body["stdout"]) == (True, 137, "")
+    left = sh(server, session_id, "ps -eo args | grep -c '^sleep 30[01]' || true")
+    assert left["stdout"] == "0\n"
+    assert sh(server, session_id, "sleep 0.2", timeout=5)["timed_out"] is False
+
+
+def test_exec_output_cap_drops_the_rest_and_never_splits_a_character(server):
+    session_id = create(server)["id"]
+    body = sh(server, session_id, "head -c 20000000 /dev/zero | tr '\\0' a; echo done >&2",
+              max_output=1000)
+    assert (len(body["stdout"]), body["stdout"][:3]) == (1000, "aaa")
+    assert body["truncated"] == {"stdout": True, "stderr": False}
+    assert (body["stderr"], body["exit_code"]) == ("done\n", 0)
+    body = sh(server, session_id, "printf '\\303\\251\\303\\251\\303\\251'", max_output=5)
+    assert (body["stdout"], body["truncated"]["stdout"]) == ("\u00e9\u00e9", True)
+
+
+def test_upload_then_export_round_trips_the_workspace(server):
+    session_id = create(server)["id"]
+    entries = [("proj", "dir", None, 0o755), ("proj/run.sh", "file", b"#!/bin/sh\necho hi\n",
+                                               0o755),
+               ("proj/secret.txt", "file", b"private\n", 0o600),
+               ("proj/empty", "dir", None, 0o700),
+               ("proj/link", "symlink", "run.sh", 0o777),
+               ("proj/same", "hardlink", "proj/run.sh", 0o755),
+               ("proj/setuid", "file", b"x", 0o4755),
+               ("top.txt", "file", "\u00e9t\u00e9\n".encode(), 0o644)]
+    status, body = upload(server, session_id, tar_of(entries))
+    assert status == 200, body
+    assert body == {"entries": 8, "files": 4, "directories": 2, "links": 2,
+                    "bytes": len(b"#!/bin/sh\necho hi\n") + 8 + 1 + len("\u00e9t\u00e9\n".encode()),
+                    "compressed": True}
+    assert sh(server, session_id, "./proj/run.sh")["stdout"] == "hi\n"
+    owners = sh(server, session_id, "stat -c '%U %a %n' proj/run.sh proj/setuid proj/empty")
+    assert owners["stdout"] == ("developer 755 proj/run.sh\ndeveloper 755 proj/setuid\n"
+                                "developer 700 proj/empty\n")
+    status, exported = call(server, f"/api/export/{session_id}", raw=True)
+    assert status == 200
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(exported))) as tar:
+        found = {m.name: m for m in tar.getmembers()}
+        assert found["workspace/proj/run.sh"].mode & 0o7777 == 0o755
+        assert tar.extractfile("workspace/proj/run.sh").read() == b"#!/bin/sh\necho hi\n"
+        assert found["workspace/proj/secret.txt"].mode & 0o7777 == 0o600
+        assert tar.extractfile("workspace/proj/secret.txt").read() == b"private\n"
+        assert found["workspace/proj/empty"].isdir()
+        assert found["workspace/proj/empty"].mode & 0o7777 == 0o700
+        assert found["workspace/proj/link"].issym()
+        assert found["workspace/proj/link"].linkname == "run.sh"
+        # One of the two names of the same file is a hard link to the other.
+        pair = {found["workspace/proj/same"].type, found["workspace/proj/run.sh"].type}
+        assert pair == {tarfile.LNKTYPE, tarfile.REGTYPE}
+        assert tar.extractfile("workspace/top.txt").read() == "\u00e9t\u00e9\n".encode()
+        assert found["workspace/top.txt"].uid == 1000
+        assert found["workspace/top.txt"].mtime == 1_700_000_000
+
+
+@pytest.mark.parametrize("bad, entry", [
+    (("../escape", "file", b"x", 0o644), "../escape"),
+    (("/tmp/absolute", "file", b"x", 0o644), "/tmp/absolute"),
+    (("out", "symlink", "/tmp", 0o777), "out"),
+    (("up", "symlink", "../../tmp", 0o777), "up"),
+    (("hard", "hardlink", "/etc/passwd", 0o644), "hard"),
+    (("hard", "hardlink", "../../etc/passwd", 0o644), "hard"),
+])
+def test_a_malicious_archive_is_refused_and_nothing_is_written(server, bad, entry):
+    session_id = create(server)["id"]
+    data = tar_of([("canary", "file", b"first\n", 0o644), bad,
+                   ("after", "file", b"last\n", 0o644)], compress=False)
+    status, body = upload(server, session_id, data)
+    assert (status, body["code"], body["entry"]) == (400, "unsafe_entry", entry)
+    listing = sh(server, session_id, "ls -A /workspace; ls /tmp/absolute 2>&1 || true")
+    assert listing["stdout"] == "ls: cannot access '/tmp/absolute': No such file or directory\n"
+
+
+def test_uploads_that_are_not_archives_or_too_large(make_server):
+    server = make_server("--upload-max-bytes", "10k")
+    session_id = create(server)["id"]
+    status, body = upload(server, session_id, b"just text, not a tar" * 40)
+    assert (status, body["code"]) == (400, "not_an_archive")
+    status, body = upload(server, session_id, tar_of([("big", "file", b"x" * 20000, 0o644)],
+                                                     compress=False))
+    assert (status, body["code"]) == (413, "body_too_large")
+    assert sh(server, session_id, "ls -A /workspace")["stdout"] == ""
+
+
+def test_with_users_another_users_session_is_a_404(make_server, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    server = make_server("--tokens", str(tokens), "--state-dir", str(tmp_path / "state"))
+    assert call(server, "/api/sessions", "POST", {})[0] == 401
+    session_id = create(server, ALICE)["id"]
+    for method, path, body in [("GET", "", None), ("DELETE", "", None),
+                               ("POST", "/exec", {"argv": ["true"]})]:
+        status, answer = call(server, f"/api/sessions/{session_id}{path}", method, body, BOB)
+        assert (status, answer["code"]) == (404, "session_not_found"), (method, path)
+    status, answer = upload(server, session_id, tar_of([("a", "file", b"x", 0o644)]), BOB)
+    assert (status, answer["code"]) == (404, "session_not_found")
+    assert call(server, f"/api/export/{session_id}", token=BOB)[0] == 404
+    assert call(server, "/api/sessions", token=BOB)[1]["sessions"] == []
+    mine = call(server, "/api/sessions", token=ALICE)[1]
+    assert (mine["user"], [s["id"] for s in mine["sessions"]]) == ("alice", [session_id])
+    assert execute(server, session_id, ALICE, argv=["ls", "-A"])["stdout"] == ""
+
+
+def test_every_documented_route_answers(server):
+    first, second = create(server)["id"], create(server)["id"]
+    bodies = {"/api/sessions/{id}/exec": {"argv": ["true"]}, "/api/sessions": {}}
+    # Those that end things go last, in this order.
+    last = [("/api/admin/drain", "post"), ("/api/admin/drain", "delete"),
+            ("/api/sessions/{id}", "delete"), ("/api/admin/sessions/{id}", "delete"),
+            ("/api/admin/sessions", "delete")]
+    order = [r for r in ROUTES if r not in last] + last
+    assert set(order) == set(ROUTES)
+    for path, method in order:
+        session_id = second if path.startswith("/api/admin/sessions/") else first
+        url = path.replace("{id}", session_id)
+        body = bodies.get(path)
+        if path.endswith("/workspace"):
+            body = tar_of([("doc.txt", "file", b"x", 0o644)])
+        status, _ = call(server, url, method.upper(), body, raw=True,
+                         content_type="application/gzip" if path.endswith("/workspace")
+                         else None)
+        assert status not in (404, 405), (method, path, status)
+        assert status < 500, (method, path, status)
+    assert call(server, f"/api/nothing/{uuid.uuid4()}")[0] == 404
