@@ -414,3 +414,45 @@ def test_check_refuses_what_is_not_an_archive_or_too_large():
         check(archive([("a", "file", "x" * 100)]), 99)
     assert e.value.code == "too_large"
     assert kind_of(b"\x1f\x8b\x08") == "gzip"
+
+
+def _static_root(resource, depth=0):
+    """
+    The resource under the site's wrappers that holds its named children.
+    """
+    if b"api" in getattr(resource, "children", {}):
+        return resource
+    assert depth < 5, "no root with /api under the site's wrappers"
+    for value in vars(resource).values():
+        if hasattr(value, "getChildWithDefault"):
+            found = _static_root(value, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def test_every_route_of_the_resource_tree_is_documented_and_no_other(www):
+    from capsule.api import ExecResource, SessionResource, SessionsResource, UploadResource
+    site = Api(www).site
+    root = _static_root(site.resource)
+    documented = {}
+    for path, method in ROUTES:
+        documented.setdefault(path, set()).add(method.upper())
+    served = {f"/{name.decode()}" for name in root.children} - {"/api"}
+    served |= {f"/api/{name.decode()}" for name in root.children[b"api"].children}
+    prefixes = {"/" + "/".join(p.split("/")[1:3]) if p.startswith("/api/") else p
+                for p in documented}
+    assert served - {"/api/export", "/api/sessions"} <= set(documented)
+    assert served <= prefixes | set(documented)
+    # The admin API is mounted beside the tree (capsule.admin_api).
+    assert {p for p in documented if not p.startswith("/api/admin")} - served == {
+        "/api/export/{id}", "/api/sessions/{id}", "/api/sessions/{id}/exec",
+        "/api/sessions/{id}/workspace"}
+    sessions = root.children[b"api"].children[b"sessions"]
+    one = sessions.getChild(b"00000000-0000-4000-8000-000000000000", None)
+    assert {name: type(one.getChild(name, None)) for name in (b"exec", b"workspace")} == {
+        b"exec": ExecResource, b"workspace": UploadResource}
+    for path, cls in [("/api/sessions", SessionsResource), ("/api/sessions/{id}", SessionResource),
+                      ("/api/sessions/{id}/exec", ExecResource),
+                      ("/api/sessions/{id}/workspace", UploadResource)]:
+        assert {m.decode() for m in cls.methods} == documented[path], path
