@@ -25,7 +25,13 @@ measures, in one run:
 5. a flood to a slow reader (binary with slow acks, JSON with TCP
    backpressure only): capsule's RSS, then how fast capsule notices the
    client left and removes the container once the grace period is over;
-6. the floors, with docker-py and Twisted and no capsule: container
+6. keystroke echo while other sessions keep taking from the warm pool (so
+   that it refills all the while), against the same client's echo at a
+   quiet capsule;
+7. the page in headless Chromium (``browser.py``, Playwright): navigation
+   to the first prompt drawn, with a warm pool and without one, for a first
+   visit (empty cache) and a returning one (a new tab, cache warm);
+8. the floors, with docker-py and Twisted and no capsule: container
    create+start+exec, plain exec, the same many at once, and the raw exec
    stream's throughput and echo (read through capsule's own exec-start
    upgrade, ``capsule.exec_process.ExecStreamProtocol``).
@@ -46,8 +52,8 @@ competes with theirs, and the notes under the table say how much it used.
 This file is the driver: what runs in which order, and the cleanup.  The
 rest is in ``clients.py`` (the terminals), ``floors.py`` (the measurements
 without capsule), ``measures.py`` (what is timed on any terminal),
-``phases.py`` (each capsule figure next to its floor), ``report.py`` (the
-table and notes) and ``cpuwatch.py``; capsule is started through
+``phases.py`` (each capsule figure next to its floor), ``browser.py`` (the
+page in Chromium), ``report.py`` (the table and notes) and ``cpuwatch.py``; capsule is started through
 ``capsule.testing_live``, as the tests and the soak script start it.
 """
 
@@ -76,12 +82,12 @@ from phases import Phases, health, settle
 from report import report
 
 FULL = dict(sessions=10, keystrokes=500, throughput_bytes=100_000_000, repeats=5,
-            concurrent=50, flood_seconds=20.0)
+            concurrent=50, flood_seconds=20.0, browser_rounds=10)
 QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
-             concurrent=10, flood_seconds=5.0)
+             concurrent=10, flood_seconds=5.0, browser_rounds=3)
 
 # What --only may select: the measurements whose phase names start so.
-ONLY = ("connect", "echo", "throughput", "concurrent", "flood")
+ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser")
 
 
 class Bench:
@@ -114,7 +120,7 @@ class Bench:
         Run one measurement; a failure is recorded (and shown in the table),
         and the bench goes on with the next one.
         """
-        if self.args.only and not any(name.startswith(kind) for kind in self.args.only):
+        if not self.selected(name):
             return None
         say(f"--- {name}")
         try:
@@ -124,6 +130,13 @@ class Bench:
             self.failures[name] = message
             say(f"{name} FAILED: {message}")
             return None
+
+    def selected(self, *names: str) -> bool:
+        """
+        Whether --only lets any of these phases run.
+        """
+        return not self.args.only or any(
+            name.startswith(kind) for name in names for kind in self.args.only)
 
     async def run(self) -> None:
         others = await deferToThread(self.api.containers)
@@ -135,10 +148,22 @@ class Bench:
             say(f"{len(others)} other running container(s) on this engine compete for the CPU")
         # Each capsule figure is measured next to its floor, alternately,
         # so that a change in the machine's load hits both alike.
-        await self.with_server("cold", ["--pool-size", "0"], self.cold_suite)
-        await self.with_server("warm", ["--pool-size", "2"], self.warm_suite)
-        await self.with_server("flood", ["--pool-size", "0", "--grace", "1",
-                                         "--cleanup-interval", "0.2"], self.flood_suite)
+        if self.selected("connect"):
+            await self.with_server("cold", ["--pool-size", "0"], self.cold_suite)
+        if self.selected("connect", "echo", "refill", "throughput", "concurrent"):
+            await self.with_server("warm", ["--pool-size", "2"], self.warm_suite)
+        if self.selected("flood"):
+            await self.with_server("flood", ["--pool-size", "0", "--grace", "1",
+                                             "--cleanup-interval", "0.2"], self.flood_suite)
+        # The page's tabs close without ending their sessions: a short
+        # grace, so that each visit starts at an idle capsule.
+        if self.selected("browser"):
+            for label, pool in (("browser-warm", "2"), ("browser-cold", "0")):
+                await self.with_server(label, ["--pool-size", pool, "--grace", "1",
+                                               "--cleanup-interval", "0.2"],
+                                       lambda server, label=label: self.phase(
+                                           f"browser ({label[8:]})", self.phases.page_visits,
+                                           server, label.replace("-", "_")))
         self.load_after = os.getloadavg()
 
     async def with_server(self, label: str, extra, suite) -> None:
@@ -191,6 +216,7 @@ class Bench:
         try:
             await self.phase("connect, warm", phases.connect_warm, server, floor_container)
             await self.phase("echo", phases.echo, server, floor_container)
+            await self.phase("refill: echo while the pool refills", phases.echo_refill, server)
             await self.phase("throughput: generator alone", phases.generator, floor_container)
             await self.phase("throughput", phases.throughput_rounds, server, floor_container)
         finally:
@@ -290,11 +316,14 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, help="interleaved throughput runs (medians compared)")
     parser.add_argument("--concurrent", type=int, help="concurrent sessions")
     parser.add_argument("--flood-seconds", type=float, help="seconds of flood")
+    parser.add_argument("--browser-rounds", type=int,
+                        help="first and returning visits in Chromium, per capsule (warm, cold)")
     parser.add_argument("--only", action="append", choices=ONLY, metavar="PHASE",
                         help="run only this kind of measurement (repeatable): "
                              + ", ".join(ONLY))
     args = parser.parse_args(argv)
-    for name in ("sessions", "keystrokes", "throughput_bytes", "repeats", "concurrent"):
+    for name in ("sessions", "keystrokes", "throughput_bytes", "repeats", "concurrent",
+                 "browser_rounds"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -14,6 +14,7 @@ from twisted.internet.threads import deferToThread
 
 from capsule.testing_live import LABEL_SESSION, CapsuleServer, poll, sleep
 
+import browser
 from clients import lean_session, open_session
 from floors import Floor
 from measures import (
@@ -150,6 +151,52 @@ class Phases:
                         term, f"capsule ({name}), back to back", 100, gap=0)
             finally:
                 await term.exit()
+
+    async def echo_refill(self, server: CapsuleServer) -> None:
+        """
+        Keystroke echo at a quiet capsule, then while other sessions keep
+        taking from the warm pool, so that it refills all the while: one
+        session opened and left at a time, then until the pool is full
+        again, until the typing ends.
+        """
+        count = self.p["keystrokes"]
+
+        def typing():
+            return deferToThread(lean_keystrokes, lambda: lean_session(server.ws_url, True),
+                                 count)
+
+        await settle(server)
+        quiet = summary(await typing())
+        say(f"echo at a quiet capsule: p50 {quiet['p50']:.2f} ms, p99 {quiet['p99']:.2f} ms")
+        await settle(server)
+        typed = typing()
+        takes, below = 0, 0.0
+        while not typed.called:
+            term, _ = await open_session(server.ws_url, binary=True)
+            takes += 1
+            await term.exit()
+            t0 = time.perf_counter()
+            while not typed.called:
+                _, body = await health(server)
+                pool = body.get("pool", {})
+                if pool.get("ready") == pool.get("size"):
+                    break
+                await sleep(0.05)
+            below += time.perf_counter() - t0
+        busy = summary(await typed)
+        self.results["echo_quiet"] = quiet
+        self.results["echo_refill"] = {**busy, "takes": takes, "below_s": below}
+        say(f"echo while the pool refilled ({takes} sessions taken, the pool below full for"
+            f" {below:.1f} s): p50 {busy['p50']:.2f} ms, p99 {busy['p99']:.2f} ms,"
+            f" max {busy['max']:.2f} ms")
+
+    # -- the page in Chromium --
+
+    async def page_visits(self, server: CapsuleServer, key: str) -> None:
+        visits = await deferToThread(browser.run_visits, server.url + "/",
+                                     self.p["browser_rounds"],
+                                     lambda: browser.wait_settled(server))
+        self.results[key] = {kind: browser.digest(marks) for kind, marks in visits.items()}
 
     # -- throughput --
 

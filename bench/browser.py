@@ -1,0 +1,171 @@
+"""
+The page in headless Chromium (Playwright): time from navigation to the
+first prompt drawn, for a first visit (a fresh browser context: empty HTTP
+cache) and a returning one (a new tab in the same context: the cache warm,
+a new session, since a tab's session id lives in its sessionStorage).
+
+Timed inside the page, from its navigation start (C{performance.now()}),
+by a script Playwright adds before any of the page's own: the moment the
+terminal's rows first show the prompt (a C{MutationObserver}, then the
+next animation frame: the frame that draws it), and, for the notes, when
+the page's first WebSocket was created, when the prompt first arrived on
+it, and C{DOMContentLoaded}.  Nothing in the page has to cooperate.
+
+Playwright's sync API is used from one thread of its own
+(L{run_visits}); the reactor goes on meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from measures import BenchError, say, summary
+
+CHROMIUM = os.environ.get("CAPSULE_CHROMIUM") or shutil.which("chromium") or shutil.which(
+    "chromium-browser")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1000, "height": 600}
+# What the session image's prompt looks like in the terminal's text (the
+# colours stripped): user@capsule:/workspace$
+PROMPT = r"@capsule:\S*[$#]"
+TIMEOUT_MS = 30_000
+
+# Added to every page before its own scripts.
+_PROBE = r"""
+(() => {
+  const prompt = new RegExp(%(prompt)s);
+  const marks = window.__capsuleBench = {};
+  const now = () => performance.now();
+  const seen = text => prompt.test(text.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, ""));
+  const Native = window.WebSocket;
+  window.WebSocket = class extends Native {
+    constructor(...args) {
+      super(...args);
+      if (marks.ws === undefined) marks.ws = now();
+      this.addEventListener("message", event => {
+        const at = now();
+        if (marks.message === undefined) marks.message = at;
+        if (marks.arrived !== undefined) return;
+        const data = event.data;
+        const check = text => { if (marks.arrived === undefined && seen(text)) marks.arrived = at; };
+        if (typeof data === "string") check(data);
+        else if (data instanceof ArrayBuffer) check(new TextDecoder().decode(data));
+        else if (data && data.text) data.text().then(check);
+      });
+    }
+  };
+  const observer = new MutationObserver(() => {
+    if (marks.dom !== undefined) return;
+    const rows = document.querySelector(".xterm-rows");
+    if (rows && prompt.test(rows.textContent)) {
+      marks.dom = now();
+      observer.disconnect();
+      requestAnimationFrame(() => { marks.drawn = now(); });
+    }
+  });
+  observer.observe(document, {subtree: true, childList: true, characterData: true});
+  addEventListener("DOMContentLoaded", () => { marks.dcl = now(); });
+})();
+"""
+
+_TRANSFERS = """() => {
+  const all = [...performance.getEntriesByType("navigation"),
+               ...performance.getEntriesByType("resource")]
+    .filter(e => !e.name.startsWith("ws"));
+  const fetched = all.filter(e => e.transferSize > 0);
+  return {requests: fetched.length,
+          kb: fetched.reduce((n, e) => n + e.transferSize, 0) / 1024,
+          files: all.length};
+}"""
+
+
+def _visit(context, url: str) -> dict:
+    page = context.new_page()
+    try:
+        page.goto(url, wait_until="commit", timeout=TIMEOUT_MS)
+        try:
+            page.wait_for_function("() => window.__capsuleBench"
+                                   " && window.__capsuleBench.drawn !== undefined",
+                                   timeout=TIMEOUT_MS, polling=50)
+        except Exception as e:
+            marks = page.evaluate("() => window.__capsuleBench || {}")
+            raise BenchError(f"no prompt drawn within {TIMEOUT_MS / 1000:g} s"
+                             f" (marks {marks}): {str(e).splitlines()[0]}") from None
+        marks = page.evaluate("() => window.__capsuleBench")
+        # What went over the network: the page and each file not taken
+        # from the cache unasked (a 304 counts, with its headers' bytes).
+        marks.update(page.evaluate(_TRANSFERS))
+        return marks
+    finally:
+        page.close()
+
+
+def run_visits(url: str, rounds: int, settle, prompt: str = PROMPT) -> dict:
+    """
+    In a thread: C{rounds} first visits and returning visits in turn, each
+    after C{settle()} (which blocks until the capsule is idle and its pool
+    full).  Returns C{{"first": [marks...], "returning": [marks...]}}.
+    """
+    if CHROMIUM is None:
+        raise BenchError("no chromium on this machine (CAPSULE_CHROMIUM names one)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise BenchError("playwright is not installed in this Python") from None
+    import json
+    probe = _PROBE % {"prompt": json.dumps(prompt)}
+    visits: dict[str, list] = {"first": [], "returning": []}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            # One visit unmeasured: Chromium's own first-use costs.
+            context = browser.new_context(viewport=VIEWPORT)
+            context.add_init_script(probe)
+            settle()
+            _visit(context, url)
+            context.close()
+            for i in range(rounds):
+                context = browser.new_context(viewport=VIEWPORT)
+                context.add_init_script(probe)
+                try:
+                    for kind in ("first", "returning"):
+                        settle()
+                        visits[kind].append(_visit(context, url))
+                finally:
+                    context.close()
+                first, back = visits["first"][-1], visits["returning"][-1]
+                say(f"browser #{i + 1}: first visit {first['drawn']:.0f} ms"
+                    f" ({first['requests']} of {first['files']} files fetched,"
+                    f" {first['kb']:.0f} KiB), returning {back['drawn']:.0f} ms"
+                    f" ({back['requests']} of {back['files']} fetched, {back['kb']:.0f} KiB)")
+        finally:
+            browser.close()
+    return visits
+
+
+def digest(marks: list[dict]) -> dict:
+    """
+    The drawn times' summary, with the medians of the other marks.
+    """
+    result = summary([m["drawn"] for m in marks])
+    for key in ("dcl", "ws", "message", "arrived"):
+        values = [m[key] for m in marks if m.get(key) is not None]
+        result[f"{key}_median"] = summary(values)["median"] if values else None
+    for key in ("requests", "files", "kb"):
+        result[key] = summary([m[key] for m in marks])["median"]
+    return result
+
+
+def wait_settled(server, timeout: float = 90) -> None:
+    """
+    Blocking: until the capsule has no session and a full pool.
+    """
+    deadline = time.monotonic() + timeout
+    while not server.settled():
+        if time.monotonic() > deadline:
+            raise BenchError(f"capsule ({server.label}) did not settle in {timeout:g} s")
+        time.sleep(0.05)
+    time.sleep(0.2)
