@@ -58,7 +58,9 @@ test: setup image
 unit: setup
 	$(BIN)/python -m pytest tests --ignore=tests/integration $(ARGS)
 
-# ARGS=--quick for a reduced run; bench/bench.py --help lists the options.
+# ARGS=--quick for a reduced run, ARGS="--only browser" for one kind of
+# measurement; bench/bench.py --help lists the options. The page's figures
+# need Chromium (/usr/bin/chromium, or CAPSULE_CHROMIUM) for Playwright.
 bench: setup image
 	$(BIN)/python bench/bench.py --image $(IMAGE) $(ARGS)
 
