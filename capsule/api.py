@@ -269,6 +269,16 @@ class SessionApi:
         if session.core.left_at is not None:
             session.core.left_at = self.reactor.seconds()
 
+    def hold(self, session) -> LoopingCall:
+        """
+        Keep C{session} from expiring while a call works in it (until the
+        returned call is stopped).
+        """
+        keep = LoopingCall(self.touch, session)
+        keep.clock = self.reactor
+        keep.start(max(0.1, min(5.0, self.manager.config.grace / 4)), now=True)
+        return keep
+
     # -- the upload pool ---------------------------------------------------
 
     def in_thread(self, function, *args) -> Deferred:
@@ -501,12 +511,14 @@ class ExecResource(_JsonResource):
     async def _run(self, session, spec, wanted):
         api = self.api
         started = time.monotonic()
+        keep = api.hold(session)
         try:
             result = await api.docker.run_command(
                 session.container_id, timed_argv(wanted["argv"], wanted["timeout"]),
                 spec.user, wanted["cwd"], {**spec.environment, **wanted["env"]},
                 wanted["stdin"], wanted["max_output"], wanted["timeout"] + EXEC_SLACK)
         finally:
+            keep.stop()
             left = api.execs.get(session.id, 1) - 1
             if left:
                 api.execs[session.id] = left
@@ -572,6 +584,7 @@ class UploadResource(_JsonResource):
     async def _upload(self, request, session):
         api = self.api
         body = request.content
+        keep = api.hold(session)
         try:
             try:
                 summary = await api.in_thread(check, body,
@@ -587,6 +600,7 @@ class UploadResource(_JsonResource):
                 spec.workdir, dict(spec.environment), feeder.feed, 64 * 1024,
                 UPLOAD_TIMEOUT + EXEC_SLACK)
         finally:
+            keep.stop()
             left = api.uploads.get(session.id, 1) - 1
             if left:
                 api.uploads[session.id] = left

@@ -271,6 +271,26 @@ def test_exec_keeps_a_clientless_session_alive(api):
     assert core.left_at >= left + 30
 
 
+def test_a_clientless_session_does_not_expire_while_an_exec_runs(api):
+    from twisted.internet.defer import Deferred
+
+    from capsule.cleanup import expire_due
+    session = api.create()
+    held = Deferred()
+    api.docker.commands[tuple(timed_argv(["long"], 600))] = lambda stdin: held
+    transport = api.send(f"/api/sessions/{session['id']}/exec", "POST",
+                         b'{"argv": ["long"], "timeout": 600}')
+    for _ in range(50):
+        api.reactor.advance(5)
+        assert expire_due(api.manager, api.reactor) == []
+    held.callback((b"", b"", 0))
+    assert parse(transport.value())[0] == 200
+    api.reactor.advance(59)
+    assert expire_due(api.manager, api.reactor) == []
+    api.reactor.advance(1)
+    assert [s.id for s in expire_due(api.manager, api.reactor)] == [session["id"]]
+
+
 def test_upload_needs_an_archive_type_and_a_live_session(api):
     session = api.create()
     status, _, body = api.request(f"/api/sessions/{session['id']}/workspace", "POST",
