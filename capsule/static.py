@@ -20,8 +20,9 @@ nothing twice.
    C{v}) is C{no-cache}: the browser revalidates it and gets a 304.
  - C{Range} is answered from the file, as Twisted's L{File} does, plain
    (never a range of the gzip), and only while C{If-Range}, when sent, is
-   the plain representation's C{ETag} or its C{Last-Modified}; otherwise
-   the whole representation is sent.  A rewritten page ignores C{Range}.
+   the plain representation's C{ETag} or its C{Last-Modified}, and at most
+   L{MAX_RANGES} ranges are asked for; otherwise the whole representation
+   is sent.  A rewritten page ignores C{Range}.
 
 Files larger than L{MAX_CACHED_FILE} are served as L{File} serves them
 (C{Last-Modified}, ranges), C{no-cache}, without C{ETag} or compression.
@@ -78,6 +79,9 @@ REVALIDATE = b"no-cache"
 # Longest header value read for content negotiation and conditions (a
 # longer one is treated as absent: the answer is then the plain 200).
 MAX_NEGOTIATION_HEADER = 4096
+# Ranges one request may ask for; more (a way to make a small request cost
+# a large multipart answer) get the whole representation instead.
+MAX_RANGES = 16
 
 # A quoted node_modules URL in a page: an attribute or a script's string.
 _REFERENCE = re.compile(rb"""(["'])(/?node_modules/[A-Za-z0-9@._~+/-]{1,512})\1""")
@@ -392,6 +396,11 @@ class StaticFiles(File):
         self.restat(False)
         if not self.exists() or self.isdir():
             return super().render_GET(request)
+        ranges = request.getHeader(b"range")
+        if ranges is not None and ranges.count(b",") >= MAX_RANGES:
+            _log.info("answered a request for {count} ranges of {path} with the whole file",
+                      count=ranges.count(b",") + 1, path=self.basename())
+            request.requestHeaders.removeHeader(b"range")
         if self.type is None:
             self.type, self.encoding = getTypeAndEncoding(
                 self.basename(), self.contentTypes, self.contentEncodings, self.defaultType)

@@ -302,6 +302,19 @@ async def test_a_malformed_range_is_the_whole_file(site):
 
 
 @pytest_twisted.ensureDeferred
+async def test_many_ranges_are_the_whole_file(site):
+    few = ",".join(f"{i}-{i}" for i in range(static.MAX_RANGES))
+    answer = await site.ask(b"/app.js", range=f"bytes={few}")
+    assert answer.status == 206
+    assert answer["content-type"].startswith("multipart/byteranges")
+    many = ",".join(f"{i}-{i}" for i in range(static.MAX_RANGES + 1))
+    answer = await site.ask(b"/app.js", accept_encoding="gzip", range=f"bytes={many}")
+    assert answer.status == 200 and gzip.decompress(answer.body) == APP
+    answer = await site.ask(b"/node_modules/pkg/packed.js.gz", range=f"bytes={many}")
+    assert answer.status == 200 and gzip.decompress(answer.body) == LIB
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_unsatisfiable_range_is_a_416(site):
     answer = await site.ask(b"/app.js", range=f"bytes={len(APP) + 10}-")
     assert answer.status == 416
