@@ -1,21 +1,174 @@
 """
-The warm pool against the real engine.
+The warm pool against the real engine: warm sessions whose shells already
+run, taken without a Docker call.
 """
+
+import json
+import re
 
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from .harness import WSClient, docker_client, eventually, instance_containers
+from .test_faults import DockerProxy
+
+# Docker API requests that make or start something: a take makes none.
+MAKING = re.compile(rb"^(POST|PUT|DELETE) /[^ ]*(containers/create|/exec|/start|/update|"
+                    rb"/kill|containers/[^/ ]+\?)")
+
+
+class CountingProxy(DockerProxy):
+    """
+    The engine's socket through a proxy that notes each request capsule makes.
+    """
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.requests: list[bytes] = []
+
+    def buildProtocol(self, addr):
+        front = super().buildProtocol(addr)
+        relay = front.dataReceived
+
+        def noted(data):
+            if MAKING.match(data):
+                self.requests.append(data.split(b"\r\n", 1)[0])
+            relay(data)
+        front.dataReceived = noted
+        return front
 
 
 def pool_ready(server) -> int:
-    import json
     status, _, body = server.get("/health")
     return json.loads(body)["pool"]["ready"]
 
 
+def screen(data: bytes, cols: int, rows: int) -> list[str]:
+    """
+    The lines a terminal of C{cols} x C{rows} shows after C{data}: text,
+    carriage return, line feed, backspace, erase to the end of the line;
+    other escape sequences (colours, modes, the title) change no text.
+    """
+    text = data.decode("utf-8", "replace")
+    lines = [[]]
+    row = col = 0
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\x1b":
+            if text.startswith("]", i + 1):
+                end = text.find("\x07", i)
+                i = len(text) if end < 0 else end + 1
+                continue
+            match = re.compile(r"\[[0-9;?]*([@-~])").match(text, i + 1)
+            if match:
+                if match.group(1) == "K":
+                    del lines[row][col:]
+                i = match.end()
+                continue
+            i += 2
+            continue
+        if c == "\r":
+            col = 0
+        elif c == "\n":
+            row += 1
+            while len(lines) <= row:
+                lines.append([])
+        elif c == "\b":
+            col = max(0, col - 1)
+        elif c >= " ":
+            if col >= cols:
+                row, col = row + 1, 0
+                while len(lines) <= row:
+                    lines.append([])
+            line = lines[row]
+            line.extend(" " * (col - len(line)))
+            if col < len(line):
+                line[col] = c
+            else:
+                line.append(c)
+            col += 1
+        i += 1
+    shown = ["".join(line).rstrip() for line in lines]
+    return shown[-rows:]
+
+
 @pytest_twisted.ensureDeferred
-async def test_warm_sessions_have_the_same_limits_and_are_replaced(make_server):
+async def test_a_warm_take_makes_no_docker_call_and_shows_one_prompt_of_the_right_size(
+        make_server, tmp_path):
+    proxy = CountingProxy(str(tmp_path / "docker.sock"))
+    await proxy.up()
+    server = make_server("--pool-size", "1", env={"DOCKER_HOST": f"unix://{proxy.path}"},
+                         start=False)
+    await deferToThread(server.start)
+    await eventually(lambda: pool_ready(server) == 1)
+    (warm,) = instance_containers(server.instance)
+    proxy.requests.clear()
+    client = await WSClient.connect(server.ws_url)
+    session_id = await client.start(120, 40)
+    await client.until(rb"\$ $")
+    client.type("stty size\r")
+    await client.until(rb"stty size\r\n.*40 120\r\n.*\$ $")
+    # Whatever the pool does meanwhile (its refill), nothing is asked about
+    # the session taken.
+    about = [r for r in proxy.requests
+             if warm["Id"].encode() in r or session_id.encode() in r]
+    assert about == [], "taking a warm session asked the engine for something"
+    assert docker_client().containers.get(warm["Id"]).name == f"capsule-{session_id}"
+    shown = [line for line in screen(client.output, 120, 40) if line]
+    assert shown[0].startswith("capsule — capsule, Debian"), shown
+    assert shown[0].endswith(", 1 CPUs, 512MiB memory"), shown
+    assert shown[1].startswith("files in /workspace"), shown
+    # One prompt, then the command and its answer: the size the client has.
+    assert shown[2:] == ["developer@capsule:/workspace$ stty size", "40 120",
+                         "developer@capsule:/workspace$"], shown
+    await client.close()
+    await proxy.down()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_warm_session_whose_shell_was_killed_is_replaced_not_handed_out(make_server):
+    server = make_server("--pool-size", "1")
+    await eventually(lambda: pool_ready(server) == 1)
+    (first,) = instance_containers(server.instance)
+    container = docker_client().containers.get(first["Id"])
+    await eventually(lambda: container.exec_run(["pgrep", "-x", "bash"]).exit_code == 0)
+    # As its own user: the container's root has no capability to signal it.
+    killed = await deferToThread(lambda: container.exec_run(["pkill", "-KILL", "-x", "bash"],
+                                                            user="developer"))
+    assert killed.exit_code == 0
+    await eventually(lambda: first["Id"] not in {c["Id"] for c in
+                                                 instance_containers(server.instance)})
+    await eventually(lambda: pool_ready(server) == 1)
+    client = await WSClient.connect(server.ws_url)
+    session_id = await client.start()
+    assert "developer" in await client.run("whoami")
+    assert docker_client().containers.get(f"capsule-{session_id}").id != first["Id"]
+    assert "ended while it waited" in server.log()
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_warm_sessions_older_than_the_max_age_are_replaced(make_server):
+    server = make_server("--pool-size", "1", "--pool-max-age", "4")
+    await eventually(lambda: pool_ready(server) == 1)
+    (first,) = instance_containers(server.instance)
+    await eventually(lambda: first["Id"] not in {c["Id"] for c in
+                                                 instance_containers(server.instance)},
+                     timeout=20)
+    assert "it is older than 4 s" in server.log()
+    await eventually(lambda: pool_ready(server) == 1)
+    (second,) = instance_containers(server.instance)
+    client = await WSClient.connect(server.ws_url)
+    session_id = await client.start()
+    assert "developer" in await client.run("whoami")
+    assert docker_client().containers.get(f"capsule-{session_id}").id in (
+        second["Id"], *(c["Id"] for c in instance_containers(server.instance)))
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_warm_sessions_have_the_same_limits_and_the_pool_refills(make_server):
     server = make_server("--pool-size", "2")
     await eventually(lambda: pool_ready(server) == 2)
     warm_ids = {c["Id"] for c in instance_containers(server.instance)}
@@ -28,21 +181,6 @@ async def test_warm_sessions_have_the_same_limits_and_are_replaced(make_server):
     assert (host["Memory"], host["NanoCpus"], host["PidsLimit"]) == (
         512 * 1024 * 1024, 1_000_000_000, 256)
     assert "(warm," in server.log()
-    # The pool refills in the background.
     await eventually(lambda: pool_ready(server) == 2)
     assert len(instance_containers(server.instance)) == 3
-    await client.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_dead_warm_container_is_never_handed_out(make_server):
-    server = make_server("--pool-size", "1")
-    await eventually(lambda: pool_ready(server) == 1)
-    (warm,) = instance_containers(server.instance)
-    await deferToThread(lambda: docker_client().api.kill(warm["Id"]))
-    client = await WSClient.connect(server.ws_url)
-    session_id = await client.start()
-    assert "developer" in await client.run("whoami")
-    assert docker_client().containers.get(f"capsule-{session_id}").status == "running"
-    assert "was broken" in server.log()
     await client.close()
