@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 IMAGE ?= capsule-runtime:latest
+# The agent image (Node.js, Claude Code), built FROM $(IMAGE); `none`: not built.
+AGENT_IMAGE ?= capsule-agent:latest
 LISTEN ?= tcp:3001:interface=127.0.0.1
 ARGS ?=
 # Where `make run` writes the session image build's full output.
@@ -30,7 +32,7 @@ www/node_modules/.installed: www/package.json www/package-lock.json
 	@touch $@
 
 image:
-	bash docker/build-image.sh $(IMAGE)
+	bash docker/build-image.sh $(IMAGE) $(AGENT_IMAGE)
 
 # Each set-up step says one line; the image build's own output goes to
 # $(BUILD_LOG). Ctrl-C (or SIGTERM to twistd or to this shell) stops capsule
@@ -53,7 +55,7 @@ run: setup
 	  case $$status in 0|130|143) exit 0;; *) exit $$status;; esac
 
 test: setup image
-	CAPSULE_TEST_IMAGE=$(IMAGE) $(BIN)/python -m pytest tests $(ARGS)
+	CAPSULE_TEST_IMAGE=$(IMAGE) CAPSULE_TEST_AGENT_IMAGE=$(AGENT_IMAGE) $(BIN)/python -m pytest tests $(ARGS)
 
 unit: setup
 	$(BIN)/python -m pytest tests --ignore=tests/integration $(ARGS)
