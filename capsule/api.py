@@ -33,6 +33,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from .admission import QUOTA_EXCEEDED, AdmissionRefused
+from .auth import short_ids
 from .command import utf8_text
 from .errors import CapsuleError, ContainerGone, DockerUnavailable
 from .export import json_body, json_error
@@ -88,6 +89,10 @@ class ApiError(Exception):
 
 
 def _error(request, e: ApiError) -> bytes:
+    _log.info("API: {method} {path} refused with {status} {code}: {message}",
+              method=request.method.decode("latin-1")[:10],
+              path=short_ids(request.path.decode("utf-8", "replace")[:120]), status=e.status,
+              code=e.code, message=short_ids(e.message[:300]))
     if e.status in (429, 503):
         request.setHeader(b"retry-after", b"%d" % RETRY_AFTER)
     return json_body(request, e.status, {"error": e.message, "code": e.code, **e.extra})
@@ -610,7 +615,7 @@ class UploadResource(_JsonResource):
         if result.exit_code != 0:
             stderr = utf8_text(result.stderr, result.truncated_stderr).strip()
             _log.warn("an upload into session {short} failed: tar exited {code}: {stderr}",
-                      short=session.id[:8], code=result.exit_code, stderr=stderr[-500:])
+                      short=session.id[:8], code=result.exit_code, stderr=repr(stderr[-500:]))
             raise ApiError(422, f"unpacking failed (tar exited {result.exit_code}):"
                                 f" {stderr[-2000:]}", "unpack_failed")
         _log.info("unpacked {entries} entries ({size} bytes) into session {short}",

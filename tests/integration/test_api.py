@@ -265,3 +265,29 @@ def test_every_documented_route_answers(server):
         assert status not in (404, 405), (method, path, status)
         assert status < 500, (method, path, status)
     assert call(server, f"/api/nothing/{uuid.uuid4()}")[0] == 404
+
+
+def _chunked(server, path: str, chunks):
+    request = urllib.request.Request(server.url + path, data=iter(chunks), method="POST",
+                                     headers={"Content-Type": "application/x-tar",
+                                              "Transfer-Encoding": "chunked"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_a_chunked_upload_is_counted_as_it_is_read(make_server):
+    server = make_server("--upload-max-bytes", "64k")
+    session_id = create(server)["id"]
+    data = tar_of([("chunked.txt", "file", b"y" * 30000, 0o644)], compress=False)
+    status, body = _chunked(server, f"/api/sessions/{session_id}/workspace",
+                            [data[i:i + 4096] for i in range(0, len(data), 4096)])
+    assert (status, body["files"], body["bytes"]) == (200, 1, 30000)
+    big = tar_of([("big.txt", "file", b"z" * 100000, 0o644)], compress=False)
+    status, body = _chunked(server, f"/api/sessions/{session_id}/workspace",
+                            [big[i:i + 4096] for i in range(0, len(big), 4096)])
+    assert (status, body["code"]) == (413, "body_too_large")
+    assert sh(server, session_id, "ls -A /workspace")["stdout"] == "chunked.txt\n"
+    assert "refused a body for /api/sessions/" in server.log()
