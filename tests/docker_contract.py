@@ -50,6 +50,8 @@ SCRIPT = ("sh", "-c", 'printf ready; read line; printf "got %s" "$line"; printf 
 # Runs on, whatever it is given.
 SCRIPT_SLEEP = ("sh", "-c", "printf ready; exec sleep 1000")
 SCRIPT_TTY = ("sh", "-c", 'printf ready; read line; printf "got %s" "$line"; exit 0')
+# Copies its input to its output, complains and exits 3: run to completion.
+SCRIPT_COMMAND = ("sh", "-c", "cat; printf oops >&2; exit 3")
 
 
 class ExecRecorder(ProcessProtocol):
@@ -304,6 +306,25 @@ class DockerContract:
         assert recorder.events == []
 
     @pytest_twisted.ensureDeferred
+    async def test_run_command_input_output_cap_and_exit(self, api, spec):
+        container_id = await self.create(api, spec)
+        result = await api.run_command(container_id, SCRIPT_COMMAND, "developer", "/tmp", {},
+                                       b"hello", 3, DEADLINE)
+        assert (result.stdout, result.stderr, result.exit_code) == (b"hel", b"oop", 3)
+        assert (result.truncated_stdout, result.truncated_stderr, result.cut) == (
+            True, True, False)
+        result = await api.run_command(container_id, SCRIPT_COMMAND, "developer", "/tmp", {})
+        assert (result.stdout, result.stderr, result.exit_code) == (b"", b"oops", 3)
+        assert (result.truncated_stdout, result.truncated_stderr) == (False, False)
+
+    @pytest_twisted.ensureDeferred
+    async def test_run_command_in_a_removed_container(self, api, spec):
+        container_id = await self.create(api, spec)
+        await api.remove_container(container_id)
+        with pytest.raises(ContainerGone):
+            await api.run_command(container_id, SCRIPT_COMMAND, "developer", "/tmp", {})
+
+    @pytest_twisted.ensureDeferred
     async def test_export_streams_a_tar_of_the_path(self, api, spec, put_file):
         container_id = await self.create(api, spec)
         await put_file(container_id, "/workspace/notes.txt", b"written in the container\n")
@@ -351,10 +372,11 @@ class DockerContract:
         lambda api, spec: api.spawn_exec(ExecRecorder(), "0" * 64, list(SCRIPT), "developer",
                                          "/workspace", {}, None, tty=False),
         lambda api, spec: api.export_workspace("0" * 64, "/workspace", lambda chunk: None),
+        lambda api, spec: api.run_command("0" * 64, SCRIPT_COMMAND, "developer", "/tmp", {}),
         lambda api, spec: api.inspect_network("capsule"),
         lambda api, spec: api.ensure_network("capsule", {}, {}),
     ], ids=["ping", "info", "image_exists", "create", "remove", "list", "state", "spawn_exec",
-            "export", "inspect_network", "ensure_network"])
+            "export", "run_command", "inspect_network", "ensure_network"])
     @pytest_twisted.ensureDeferred
     async def test_an_unreachable_engine(self, unreachable_api, spec, call):
         d = call(unreachable_api, spec)

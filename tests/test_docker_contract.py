@@ -13,7 +13,8 @@ from capsule.testing import FakeDockerAPI
 
 # The suite lives outside a test module: let pytest explain its failures.
 pytest.register_assert_rewrite("tests.docker_contract")
-from .docker_contract import LABEL_INSTANCE, SCRIPT, SCRIPT_SLEEP, SCRIPT_TTY, DockerContract
+from .docker_contract import (LABEL_INSTANCE, SCRIPT, SCRIPT_COMMAND, SCRIPT_SLEEP, SCRIPT_TTY,
+                              DockerContract)
 
 
 class ScriptProgram:
@@ -63,6 +64,7 @@ class TestFakeDocker(DockerContract):
         api.programs[SCRIPT] = lambda: ScriptProgram(3, b"oops")
         api.programs[SCRIPT_TTY] = lambda: ScriptProgram(0, b"")
         api.programs[SCRIPT_SLEEP] = SleepProgram
+        api.commands[SCRIPT_COMMAND] = lambda stdin: (stdin, b"oops", 3)
         return api
 
     @pytest.fixture
