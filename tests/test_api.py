@@ -174,6 +174,14 @@ def test_admission_and_drain_apply(api):
     assert len(api.manager.sessions) == 1
 
 
+def test_an_unknown_profile_is_refused_with_the_known_ones(api):
+    status, _, body = api.request("/api/sessions", "POST", {"profile": "nope"})
+    assert (status, body["code"]) == (400, "unknown_profile")
+    assert body["profiles"] == sorted(api.manager.profiles)
+    assert api.manager.sessions == {}
+    assert api.create()["profile"] == "shell"
+
+
 def test_a_failed_start_is_a_503(api):
     api.docker.images.clear()
     status, _, body = api.request("/api/sessions", "POST", {})
@@ -312,6 +320,11 @@ def test_openapi_documents_every_route(api):
     assert body["openapi"] == "3.1.0"
     documented = {(p, m) for p, ops in body["paths"].items() for m in ops}
     assert documented == set(ROUTES)
+
+
+def test_the_openapi_document_is_valid_openapi_3_1():
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(document())
 
 
 # -- exec helpers ---------------------------------------------------------
