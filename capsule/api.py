@@ -653,7 +653,12 @@ class _Feeder:
         def done(result):
             consumer.unregisterProducer()
             return result
-        return d.addBoth(done)
+
+        def gone(failure):
+            # The command ended before it read everything: its exit code
+            # and its stderr say why.
+            failure.trap(_FeedAborted)
+        return d.addBoth(done).addErrback(gone)
 
     def _thd_write(self, chunk: bytes) -> None:
         blockingCallFromThread(self._api.reactor, self._write, chunk)

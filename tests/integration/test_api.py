@@ -291,3 +291,13 @@ def test_a_chunked_upload_is_counted_as_it_is_read(make_server):
     assert (status, body["code"]) == (413, "body_too_large")
     assert sh(server, session_id, "ls -A /workspace")["stdout"] == "chunked.txt\n"
     assert "refused a body for /api/sessions/" in server.log()
+
+
+def test_an_upload_tar_cannot_write_is_a_422_with_its_words(server):
+    session_id = create(server)["id"]
+    sh(server, session_id, "mkdir locked && chmod 555 locked")
+    status, body = upload(server, session_id, tar_of([("locked/x", "file", b"x" * 300000, 0o644),
+                                                      ("fine", "file", b"ok", 0o644)]))
+    assert (status, body["code"]) == (422, "unpack_failed")
+    assert "locked/x" in body["error"] and "Permission denied" in body["error"]
+    assert sh(server, session_id, "cat fine; ls -A locked")["stdout"] == "ok"
