@@ -268,11 +268,14 @@ class SessionApi:
 
     def touch(self, session) -> None:
         """
-        A use through the API counts as a visit: a session without a client
-        is kept for the grace period from now.
+        A use through the API counts as a visit (a session without a client
+        is kept for the grace period from now) and as activity (for
+        C{--idle-timeout}).
         """
+        now = self.reactor.seconds()
+        session.core.active_at = max(session.core.active_at, now)
         if session.core.left_at is not None:
-            session.core.left_at = self.reactor.seconds()
+            session.core.left_at = now
 
     def hold(self, session) -> LoopingCall:
         """

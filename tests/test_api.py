@@ -277,6 +277,7 @@ def test_exec_keeps_a_clientless_session_alive(api):
     api.reactor.advance(30)
     api.request(f"/api/sessions/{session['id']}/exec", "POST", {"argv": ["true"]})
     assert core.left_at >= left + 30
+    assert core.active_at == core.left_at
 
 
 def test_a_clientless_session_does_not_expire_while_an_exec_runs(api):
