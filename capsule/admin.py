@@ -1,7 +1,8 @@
 """
 C{python -m capsule.admin}: steer a running capsule through its admin API
-(C{list}, C{end}, C{drain}), and remove the containers of one that is not
-running (C{cleanup}, through Docker).
+(C{list}, C{end}, C{drain}), remove the containers of one that is not
+running (C{cleanup}, through Docker), and list or remove users' agent
+volumes (C{volumes}, C{remove-volumes}, through Docker).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import urllib.request
 LABEL_MANAGED = "io.capsule.managed"
 LABEL_INSTANCE = "io.capsule.instance"
 LABEL_SESSION = "io.capsule.session"
+LABEL_USER = "io.capsule.user"
+LABEL_PROFILE = "io.capsule.profile"
+LABEL_VOLUME = "io.capsule.volume"
 DEFAULT_URL = "http://127.0.0.1:3001"
 TOKEN_ENV = "CAPSULE_ADMIN_TOKEN"
 
@@ -196,6 +200,82 @@ def do_cleanup(client: AdminClient, args, out, docker_client=None) -> int:
     return 0
 
 
+def _agent_volumes(args, docker_client=None) -> tuple[object, list[dict]]:
+    """
+    The Docker API and the agent volumes of C{args.instance} (of
+    C{args.user} and C{args.profile}, when given).
+    """
+    import docker.errors
+    labels = [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={args.instance}",
+              f"{LABEL_VOLUME}=agent"]
+    if getattr(args, "user", None) is not None:
+        labels.append(f"{LABEL_USER}={args.user}")
+    if getattr(args, "profile", None) is not None:
+        labels.append(f"{LABEL_PROFILE}={args.profile}")
+    try:
+        if docker_client is None:
+            docker_client = docker.from_env(timeout=60)
+        api = docker_client.api
+        found = api.volumes(filters={"label": labels}).get("Volumes") or []
+    except docker.errors.DockerException as e:
+        raise AdminError(f"cannot reach the Docker engine: {e}") from None
+    # The engine's filter is the first word; each volume's labels the last.
+    wanted = dict(label.split("=", 1) for label in labels)
+    found = [v for v in found
+             if all((v.get("Labels") or {}).get(k) == value for k, value in wanted.items())]
+    return api, sorted(found, key=lambda v: (v["Labels"].get(LABEL_USER, ""),
+                                              v["Labels"].get(LABEL_PROFILE, ""), v["Name"]))
+
+
+def do_volumes(client: AdminClient, args, out, docker_client=None) -> int:
+    """
+    The agent volumes of an instance: whose, of which profile.
+    """
+    _, found = _agent_volumes(args, docker_client)
+    rows = [("USER", "PROFILE", "VOLUME")]
+    for volume in found:
+        labels = volume.get("Labels") or {}
+        rows.append((labels.get(LABEL_USER, "?"), labels.get(LABEL_PROFILE, "?"),
+                     volume["Name"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+    print(f"{len(found)} agent volume(s) of instance {args.instance}", file=out)
+    return 0
+
+
+def do_remove_volumes(client: AdminClient, args, out, docker_client=None) -> int:
+    """
+    Remove a user's agent volumes (what their agents remember: logins,
+    settings).  A volume a live session uses is kept, and said: end that
+    session first.
+    """
+    import docker.errors
+    api, found = _agent_volumes(args, docker_client)
+    kept = 0
+    for volume in found:
+        name = volume["Name"]
+        if args.dry_run:
+            print(f"would remove {name}", file=out)
+            continue
+        try:
+            api.remove_volume(name)
+        except docker.errors.NotFound:
+            continue
+        except docker.errors.APIError as e:
+            if e.status_code == 409:
+                kept += 1
+                print(f"kept {name}: a live session of {args.user} uses it (end it first:"
+                      " `list`, then `end SESSION`)", file=out)
+                continue
+            raise AdminError(f"could not remove {name}: {e.explanation or e}") from None
+        print(f"removed {name}", file=out)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(found) - kept} agent volume(s) of {args.user} (instance"
+          f" {args.instance})", file=out)
+    return 1 if kept else 0
+
+
 def _exec_running(api, exec_id: str) -> bool:
     try:
         return bool(api.exec_inspect(exec_id).get("Running"))
@@ -236,10 +316,21 @@ def parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--dry-run", action="store_true", help="say what would be removed")
     cleanup.add_argument("--force", action="store_true",
                          help="remove even containers a capsule seems attached to")
+    volumes = sub.add_parser("volumes", help="the users' agent volumes (through Docker)")
+    volumes.add_argument("--instance", default="default", help="[default: default]")
+    volumes.add_argument("--user", help="only this user's")
+    volumes.add_argument("--profile", help="only this profile's")
+    remove = sub.add_parser("remove-volumes", help="remove a user's agent volumes (through"
+                                                   " Docker): their agents forget them")
+    remove.add_argument("--user", required=True, help="whose volumes")
+    remove.add_argument("--instance", default="default", help="[default: default]")
+    remove.add_argument("--profile", help="only this profile's [default: every profile's]")
+    remove.add_argument("--dry-run", action="store_true", help="say what would be removed")
     return p
 
 
-COMMANDS = {"list": do_list, "end": do_end, "drain": do_drain, "cleanup": do_cleanup}
+COMMANDS = {"list": do_list, "end": do_end, "drain": do_drain, "cleanup": do_cleanup,
+            "volumes": do_volumes, "remove-volumes": do_remove_volumes}
 
 
 def main(argv=None, out=sys.stdout, err=sys.stderr) -> int:

@@ -57,7 +57,8 @@ _PATH = re.compile(r"/[A-Za-z0-9._/-]{1,255}\Z")
 MAX_REPOSITORY = 2048
 MAX_PROFILE_PARAMETER = 64
 # Variables capsule sets itself: a profile may not.
-_RESERVED_ENV = frozenset({"CAPSULE_REPOSITORY", "CAPSULE_CLONE_TIMEOUT"})
+_RESERVED_ENV = frozenset({"CAPSULE_REPOSITORY", "CAPSULE_CLONE_TIMEOUT",
+                           "CAPSULE_AGENT_VOLUME"})
 
 LABEL_USER = "io.capsule.user"
 LABEL_PROFILE = "io.capsule.profile"
@@ -498,6 +499,12 @@ def agent_volume_name(instance: str, profile: str, user: str) -> str:
 # the profile's command.  The URL is an environment variable, never part of
 # the shell code.
 CLONE_SCRIPT = r"""
+if [ -n "$CAPSULE_AGENT_VOLUME" ] && ! [ -w "$CAPSULE_AGENT_VOLUME" ]; then
+  printf 'capsule: %s (this profile'"'"'s agent volume) is not writable by %s: the image must\n' \
+    "$CAPSULE_AGENT_VOLUME" "$(id -un)"
+  printf 'capsule: have that directory, owned by %s (what the agent saves there is lost)\n' \
+    "$(id -un)"
+fi
 if [ -n "$CAPSULE_REPOSITORY" ]; then
   printf 'capsule: cloning %s into /workspace\n' "$CAPSULE_REPOSITORY"
   GIT_TERMINAL_PROMPT=0 GIT_ASKPASS=/bin/false timeout -k 5 "$CAPSULE_CLONE_TIMEOUT" \
@@ -512,22 +519,26 @@ if [ -n "$CAPSULE_REPOSITORY" ]; then
     printf 'capsule: the clone failed (git exited with %s)\n' "$status"
   fi
 fi
-unset CAPSULE_REPOSITORY CAPSULE_CLONE_TIMEOUT
+unset CAPSULE_REPOSITORY CAPSULE_CLONE_TIMEOUT CAPSULE_AGENT_VOLUME
 exec "$@"
 """
 
 
-def start_command(profile: Profile, repository: str | None) -> tuple[tuple[str, ...],
-                                                                     dict[str, str]]:
+def start_command(profile: Profile, repository: str | None,
+                  volume: bool = False) -> tuple[tuple[str, ...], dict[str, str]]:
     """
     The argv a session of C{profile} runs in its terminal, and the
     environment of the exec that starts it (the profile's, without secrets:
     those are the container's).  With a repository, the argv clones it
-    first.
+    first; with an agent C{volume}, it says so in the terminal when the
+    user cannot write there.
     """
     environment = dict(profile.spec.environment)
-    if repository is None:
+    if repository is None and not volume:
         return profile.command, environment
-    environment["CAPSULE_REPOSITORY"] = repository
-    environment["CAPSULE_CLONE_TIMEOUT"] = f"{max(1, round(profile.clone_timeout))}"
+    if repository is not None:
+        environment["CAPSULE_REPOSITORY"] = repository
+        environment["CAPSULE_CLONE_TIMEOUT"] = f"{max(1, round(profile.clone_timeout))}"
+    if volume:
+        environment["CAPSULE_AGENT_VOLUME"] = profile.agent_volume
     return ("sh", "-c", CLONE_SCRIPT, "capsule-start", *profile.command), environment

@@ -647,7 +647,9 @@ class SessionManager:
         """
         settings = session.settings or self.profiles[DEFAULT_PROFILE]
         spec = settings.spec
-        command, environment = start_command(settings, session.repository)
+        command, environment = start_command(
+            settings, session.repository,
+            volume=bool(settings.agent_volume and session.core.user is not None))
         protocol = session.shell = _ShellProtocol(session, self.config.keeper, offset)
         if not self.config.keeper:
             await self._docker.spawn_exec(

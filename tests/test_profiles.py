@@ -448,3 +448,95 @@ idle_timeout = 0
     assert end_overdue(manager, clock) == [sessions["shell"]]
     assert clients["shell"].events[-1][2] == (
         "the session was idle (no input and no output) for 600 s (--idle-timeout)")
+
+
+def test_a_session_with_an_agent_volume_checks_it_can_write_there(docker, tmp_path):
+    profiles = load_profiles(write(tmp_path, """
+[profiles.claude]
+agent_volume = "/home/developer/.claude"
+"""), builtins())
+    manager = make_manager(docker, profiles)
+    manager.create(RecordingClient(), 80, 24, user="alice", profile="claude")
+    manager.create(RecordingClient(), 80, 24, profile="claude")
+    with_volume, without = docker.processes
+    assert with_volume.argv == tuple(keeper_argv(
+        ("sh", "-c", CLONE_SCRIPT, "capsule-start", *CLAUDE_COMMAND), 0, 16))
+    assert with_volume.env["CAPSULE_AGENT_VOLUME"] == "/home/developer/.claude"
+    assert without.argv == tuple(keeper_argv(CLAUDE_COMMAND, 0, 16))
+    assert "CAPSULE_AGENT_VOLUME" not in without.env
+
+
+# -- the admin command: agent volumes ---------------------------------------------------
+
+class FakeVolumesAPI:
+    def __init__(self, volumes, in_use=()):
+        self._volumes = {v["Name"]: v for v in volumes}
+        self.in_use = set(in_use)
+        self.filters = []
+
+    @property
+    def api(self):
+        return self
+
+    def volumes(self, filters):
+        self.filters.append(filters)
+        wanted = dict(f.split("=", 1) for f in filters["label"])
+        # The engine filters by every label given.
+        return {"Volumes": [v for v in self._volumes.values()
+                            if all(v["Labels"].get(k) == x for k, x in wanted.items())]}
+
+    def remove_volume(self, name):
+        import docker.errors
+        from requests import Response
+        if name in self.in_use:
+            response = Response()
+            response.status_code = 409
+            raise docker.errors.APIError("in use", response, "volume is in use")
+        if name not in self._volumes:
+            raise docker.errors.NotFound("no such volume")
+        del self._volumes[name]
+
+
+def _volume(user, profile="claude", instance="default"):
+    return {"Name": agent_volume_name(instance, profile, user), "Labels": {
+        "io.capsule.managed": "true", "io.capsule.instance": instance,
+        "io.capsule.volume": "agent", "io.capsule.user": user, "io.capsule.profile": profile}}
+
+
+def _admin(command, api):
+    import argparse
+    import io
+    from capsule.admin import COMMANDS, AdminClient, parser
+    args = parser().parse_args(command)
+    out = io.StringIO()
+    code = COMMANDS[args.command](AdminClient("http://127.0.0.1:9"), args, out,
+                                  docker_client=api)
+    return code, out.getvalue().splitlines()
+
+
+def test_admin_lists_and_removes_one_users_volumes():
+    api = FakeVolumesAPI([_volume("alice"), _volume("alice", "py"), _volume("bob"),
+                          _volume("alice", instance="other")])
+    code, lines = _admin(["volumes"], api)
+    assert code == 0
+    assert [line.split()[:2] for line in lines[1:4]] == [
+        ["alice", "claude"], ["alice", "py"], ["bob", "claude"]]
+    assert lines[-1] == "3 agent volume(s) of instance default"
+    code, lines = _admin(["remove-volumes", "--user", "alice", "--dry-run"], api)
+    assert code == 0 and lines[-1] == "would remove 2 agent volume(s) of alice (instance default)"
+    code, lines = _admin(["remove-volumes", "--user", "alice"], api)
+    assert code == 0
+    assert lines == [f"removed {agent_volume_name('default', 'claude', 'alice')}",
+                     f"removed {agent_volume_name('default', 'py', 'alice')}",
+                     "removed 2 agent volume(s) of alice (instance default)"]
+    assert sorted(api._volumes) == sorted([_volume("bob")["Name"],
+                                           _volume("alice", instance="other")["Name"]])
+    assert "io.capsule.user=alice" in api.filters[-1]["label"]
+
+
+def test_admin_keeps_a_volume_in_use_and_says_so():
+    api = FakeVolumesAPI([_volume("alice")], in_use=[_volume("alice")["Name"]])
+    code, lines = _admin(["remove-volumes", "--user", "alice"], api)
+    assert code == 1
+    assert lines[0].startswith(f"kept {_volume('alice')['Name']}: a live session of alice uses it")
+    assert lines[-1] == "removed 0 agent volume(s) of alice (instance default)"
