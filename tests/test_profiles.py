@@ -540,3 +540,12 @@ def test_admin_keeps_a_volume_in_use_and_says_so():
     assert code == 1
     assert lines[0].startswith(f"kept {_volume('alice')['Name']}: a live session of alice uses it")
     assert lines[-1] == "removed 0 agent volume(s) of alice (instance default)"
+
+
+def test_the_example_file_loads():
+    path = os.path.join(os.path.dirname(__file__), "..", "docker", "profiles.example.toml")
+    profiles = load_profiles(path, builtins())
+    assert sorted(profiles) == ["claude", "offline", "review", "shell"]
+    assert profiles["review"].repository == "https://github.com/example/capsule.git"
+    assert profiles["review"].agent_volume == "/home/developer/.claude"
+    assert profiles["offline"].spec.network == "none"
