@@ -93,13 +93,33 @@ def kind_of(head: bytes) -> str:
                          " gzip-compressed)", code="not_an_archive")
 
 
+# Bytes of an extended header (pax, or GNU's long names): tarfile reads one
+# whole into memory.
+MAX_HEADER = 1024 * 1024
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+             tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+
+
+class _BoundedInfo(tarfile.TarInfo):
+    """
+    A header whose extended headers are refused past L{MAX_HEADER}, before
+    they are read.
+    """
+
+    def _proc_member(self, tarfile_):
+        if self.type in _EXTENDED and self.size > MAX_HEADER:
+            raise ArchiveRefused(f"the archive has an extended header of {self.size} bytes"
+                                 f" (at most {MAX_HEADER})", code="bad_archive")
+        return super()._proc_member(tarfile_)
+
+
 def _open(fileobj):
     head = fileobj.read(HEAD_BYTES)
     kind = kind_of(head)
     fileobj.seek(0)
     mode = "r|gz" if kind == "gzip" else "r|"
     try:
-        return tarfile.open(fileobj=fileobj, mode=mode), kind == "gzip"
+        return tarfile.open(fileobj=fileobj, mode=mode, tarinfo=_BoundedInfo), kind == "gzip"
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ArchiveRefused(f"the archive cannot be read: {_why(e)}") from None
 
@@ -115,6 +135,8 @@ def _members(archive):
     """
     try:
         yield from archive
+    except ArchiveRefused:
+        raise
     except (tarfile.TarError, EOFError, OSError, UnicodeError) as e:
         raise ArchiveRefused(f"the archive is truncated or corrupt: {_why(e)}") from None
 

@@ -490,3 +490,19 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(www):
                       ("/api/sessions/{id}/exec", ExecResource),
                       ("/api/sessions/{id}/workspace", UploadResource)]:
         assert {m.decode() for m in cls.methods} == documented[path], path
+
+
+def test_check_refuses_an_extended_header_too_large_to_read():
+    from capsule.tarcheck import MAX_HEADER
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("a")
+        info.pax_headers = {"comment": "x" * (MAX_HEADER + 1)}
+        tar.addfile(info, io.BytesIO(b""))
+    out.seek(0)
+    with pytest.raises(ArchiveRefused) as e:
+        check(out, 1 << 30)
+    assert "extended header" in e.value.message
+    long_name = "d/" * 600 + "f"
+    summary = check(archive([(long_name, "file", "x")]), 1 << 30)
+    assert summary.files == 1
