@@ -89,7 +89,7 @@ class ApiError(Exception):
 
 
 def _error(request, e: ApiError) -> bytes:
-    _log.info("API: {method} {path} refused with {status} {code}: {message}",
+    _log.info("API: {method} {path} refused with {status} {code}: {message!r}",
               method=request.method.decode("latin-1")[:10],
               path=short_ids(request.path.decode("utf-8", "replace")[:120]), status=e.status,
               code=e.code, message=short_ids(e.message[:300]))
@@ -535,7 +535,7 @@ class ExecResource(_JsonResource):
             api.touch(session)
         elapsed = time.monotonic() - started
         timed_out = result.cut or (result.exit_code == 137 and elapsed >= wanted["timeout"])
-        _log.info("session {short}: {program} exited {code} in {elapsed:.2f} s{how}",
+        _log.info("session {short}: {program!r} exited {code} in {elapsed:.2f} s{how}",
                   short=session.id[:8], program=wanted["argv"][0][:100],
                   code=result.exit_code, elapsed=elapsed,
                   how=" (timed out)" if timed_out else "")
