@@ -23,6 +23,7 @@ import re
 import time
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
 from twisted.logger import Logger
@@ -30,7 +31,6 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from .admission import QUOTA_EXCEEDED, AdmissionRefused
 from .auth import short_ids
@@ -306,7 +306,7 @@ class SessionApi:
         parts = path.split(b"?", 1)[0].split(b"/")
         if parts[:3] != [b"", b"api", b"sessions"]:
             return None
-        rest = [p for p in parts[3:]]
+        rest = parts[3:]
         if rest in ([], [b""]):
             return CREATE_MAX_BODY
         if len(rest) == 2 and rest[1] == b"exec":

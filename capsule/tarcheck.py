@@ -21,7 +21,6 @@ archive's size.
 
 from __future__ import annotations
 
-import posixpath
 import tarfile
 from dataclasses import dataclass
 
