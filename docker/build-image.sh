@@ -279,6 +279,8 @@ say "built $agent_image in $((SECONDS - t0)) s ($(image_size "$agent_image"))"
 if [ -n "$previous_id" ] && [ "$previous_id" != "$(docker image inspect --format '{{.Id}}' "$agent_image")" ]; then
   docker rmi "$previous_id" >/dev/null 2>&1 || true
 fi
-# The builder stage (the classic builder keeps it as untagged images: over a
-# GiB, of no use once the image is built).
-docker image prune --force --filter label=io.capsule.stage=agent-builder >/dev/null 2>&1 || true
+# The builder stage stays as untagged images (the layer cache of the next
+# build): the newest, this build's; older ones (over a GiB each) are removed.
+docker image ls --no-trunc --filter dangling=true --filter label=io.capsule.stage=agent-builder \
+    --format '{{.CreatedAt}}\t{{.ID}}' | sort -r | tail -n +2 | cut -f2 \
+  | while read -r old; do docker rmi "$old" >/dev/null 2>&1 || true; done
