@@ -1,8 +1,8 @@
 // capsule terminal page: xterm.js <-> the /ws protocol (see the README's Protocol section). It
 // asks for the binary protocol (raw output bytes with offsets, acknowledged for flow control, and
 // resumed without duplicates or gaps) and speaks the JSON one if the server does not select it.
-// A classic script with no build step; Terminal and FitAddon come from the UMD builds
-// that index.html loads from node_modules/.
+// A classic script with no build step; Terminal and its addons come from the UMD builds
+// that index.html loads from node_modules/, CapsuleTar from tar.js.
 "use strict";
 
 (function () {
@@ -31,6 +31,12 @@
   // REPLAY_QUIET_MS, within REPLAY_LIMIT_MS and before any input, is taken for replay.
   const REPLAY_QUIET_MS = 150;
   const REPLAY_LIMIT_MS = 1500;
+  // "Your agent is waiting": while the tab is hidden, output that stopped this long ago.
+  const WAIT_QUIET_MS = 10000;
+  const NOTIFY_KEY = "capsule.notify";
+  const WAITING_TITLE = "\u25cf capsule \u2014 your agent is waiting";
+  // Files one upload may hold (a dropped folder is walked up to this many entries).
+  const UPLOAD_MAX_ENTRIES = 10000;
 
   // Each state: its label in the status bar and the button it offers, if any.
   const STATES = {
@@ -41,6 +47,8 @@
     expired: { label: "ended", action: "New session", gone: true },
     taken: { label: "disconnected", action: "Reconnect here" },
     failed: { label: "error", action: "Reconnect" },
+    // The server refused what this page asked for (an unknown profile): asking again is no use.
+    refused: { label: "error" },
     // The login expired (or ended elsewhere): the page goes to the login page.
     login: { label: "logged out" },
   };
@@ -56,6 +64,9 @@
     draining: { line: true },
   };
 
+  // Error codes after which the page does not try again: the message says what to change.
+  const REFUSALS = new Set(["unknown_profile"]);
+
   const $ = (id) => document.getElementById(id);
   const ui = {
     status: $("status"),
@@ -64,6 +75,10 @@
     countdown: $("status-countdown"),
     session: $("session"),
     exportButton: $("export"),
+    uploadButton: $("upload"),
+    uploadInput: $("upload-input"),
+    notifyButton: $("notify"),
+    dropZone: $("drop-zone"),
     actionButton: $("action"),
     logoutButton: $("logout"),
     terminal: $("terminal"),
@@ -75,16 +90,36 @@
     fontSize: 14,
     scrollback: 5000,
     theme: { background: "#0d1117", foreground: "#c9d1d9", cursor: "#c9d1d9" },
+    // term.unicode (the Unicode 11 widths) is a "proposed" API of xterm.js.
+    allowProposedApi: true,
   });
   const fitAddon = new FitAddon.FitAddon();
   term.loadAddon(fitAddon);
+  // Unicode 11 character widths: emoji take two cells, as in the programs that print them.
+  term.loadAddon(new Unicode11Addon.Unicode11Addon());
+  term.unicode.activeVersion = "11";
+  ui.terminal.dataset.unicode = term.unicode.activeVersion;
+  term.loadAddon(new WebLinksAddon.WebLinksAddon(openLink));
   term.open(ui.terminal);
+
+  // A link in the terminal opens in a new tab that cannot reach back to this one.
+  function openLink(event, uri) {
+    let url;
+    try {
+      url = new URL(uri);
+    } catch (e) {
+      return;
+    }
+    if (url.protocol !== "http:" && url.protocol !== "https:") return;
+    window.open(url.href, "_blank", "noopener,noreferrer");
+  }
 
   let state = null;
   let sessionId = loadSessionId();
   let socket = null;
   let exitCode = null; // from the `exit` frame that precedes a 1000 close
   let lastError = ""; // message of the latest `error` frame
+  let lastErrorCode = ""; // and its code
   let sentSize = ""; // "COLSxROWS" last sent on this socket
   let pingTimer = null;
   let silenceTimer = null;
@@ -125,6 +160,11 @@
   let hasUsers = null;
   let leaving = false;
 
+  // The profile a new session asks for (/?profile=claude); a resumed session keeps its own.
+  const profile = new URLSearchParams(location.search).get("profile");
+
+  let uploading = false;
+
   // --- status bar -------------------------------------------------------
 
   function setState(name, message) {
@@ -133,7 +173,7 @@
     ui.status.dataset.state = name;
     ui.label.textContent = spec.label;
     ui.message.textContent = message || "";
-    ui.message.classList.toggle("is-error", name === "failed");
+    ui.message.classList.toggle("is-error", name === "failed" || name === "refused");
     ui.actionButton.hidden = !spec.action;
     ui.actionButton.textContent = spec.action || "";
     if (name !== "connected") delete ui.status.dataset.engine;
@@ -159,6 +199,10 @@
     ui.exportButton.title = gone
       ? "Export is not available: the session has ended"
       : "Download /workspace as .tar.gz";
+    ui.uploadButton.disabled = gone || uploading;
+    ui.uploadButton.title = gone
+      ? "Upload is not available: there is no session"
+      : uploading ? "An upload is under way" : "Upload files to /workspace (or drop them on the terminal)";
   }
 
   // A line of capsule's own in the terminal: not session output, so not counted in offsets.
@@ -208,6 +252,7 @@
     retryTimer = null;
     exitCode = null;
     lastError = "";
+    lastErrorCode = "";
     sentSize = "";
     binary = false;
     opened = false;
@@ -224,6 +269,8 @@
       // exactly what was missed; after a reload (received 0) the recent screen again. The
       // server only reads it with the binary protocol.
       if (offsetKnown) params.set("offset", String(received));
+    } else if (profile) {
+      params.set("profile", profile);
     }
     const query = params.toString();
     url.search = query ? "?" + query : "";
@@ -277,6 +324,7 @@
         break;
       case "error":
         lastError = frame.message || frame.code || "error";
+        lastErrorCode = typeof frame.code === "string" ? frame.code : "";
         showError(lastError);
         break;
       case "exit":
@@ -318,6 +366,9 @@
 
   function onClose(code) {
     socket = null;
+    // Output that stops because the connection did is no agent waiting.
+    clearTimeout(waitTimer);
+    waitTimer = null;
     if (leaving) return;
     stopKeepalive();
     stopAcks();
@@ -325,6 +376,11 @@
     // A connection that never got as far as `connected`: capsule is down or not ready yet.
     const failedAttempt = !opened;
     opened = false;
+    if (REFUSALS.has(lastErrorCode)) {
+      outage = null;
+      setState("refused", lastError);
+      return;
+    }
     switch (code) {
       case 1000: {
         // The shell ended and its container is gone: a reload starts fresh, Export has nothing.
@@ -584,6 +640,7 @@
     if (replayCount < bytes.length) {
       endReplay();
       term.write(bytes.subarray(replayCount), () => done(bytes.length));
+      liveOutput();
     }
   }
 
@@ -740,6 +797,299 @@
   term.onBinary((data) => fromTerminal(sendBinaryInput, data));
   window.addEventListener("resize", scheduleFit);
 
+  // --- attention: the bell, and an agent waiting for input ---------------------------
+
+  // While the tab is hidden, the terminal's bell, or live output that stopped WAIT_QUIET_MS ago
+  // (the agent, or the shell, waits for its user), changes the title and, when the user turned
+  // notifications on, shows one. Both are undone when the tab is seen again.
+  const baseTitle = document.title;
+  let waitTimer = null;
+  let notification = null;
+
+  function liveOutput() {
+    if (!document.hidden) return;
+    clearTimeout(waitTimer);
+    waitTimer = setTimeout(() => {
+      waitTimer = null;
+      attention("its output stopped " + WAIT_QUIET_MS / 1000 + " s ago");
+    }, WAIT_QUIET_MS);
+  }
+
+  term.onBell(() => {
+    // A bell in replayed output rang before this page saw it.
+    if (!parsingReplay) attention("the terminal rang its bell");
+  });
+
+  function attention(reason) {
+    if (!document.hidden || leaving) return;
+    document.title = WAITING_TITLE;
+    if (!notificationsOn()) return;
+    try {
+      if (notification) notification.close();
+      const shown = new Notification("your agent is waiting", {
+        body: `capsule ${sessionId ? sessionId.slice(0, 8) : ""}: ${reason}`,
+        tag: "capsule-waiting",
+        icon: "favicon.svg",
+      });
+      shown.onclick = () => {
+        window.focus();
+        shown.close();
+      };
+      notification = shown;
+    } catch (e) {
+      console.warn("capsule: a notification could not be shown", e);
+    }
+  }
+
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) return;
+    clearTimeout(waitTimer);
+    waitTimer = null;
+    document.title = baseTitle;
+    if (notification) {
+      notification.close();
+      notification = null;
+    }
+  });
+
+  function notifyWanted() {
+    try {
+      return localStorage.getItem(NOTIFY_KEY) === "on";
+    } catch (e) {
+      return false;
+    }
+  }
+
+  function setNotifyWanted(on) {
+    try {
+      localStorage.setItem(NOTIFY_KEY, on ? "on" : "off");
+    } catch (e) {
+      // Storage disabled: the choice lasts as long as the page.
+    }
+    notifyChoice = on;
+    renderNotify();
+  }
+
+  let notifyChoice = notifyWanted();
+
+  function notificationsOn() {
+    return notifyChoice && "Notification" in window && Notification.permission === "granted";
+  }
+
+  function renderNotify() {
+    const button = ui.notifyButton;
+    if (!("Notification" in window)) {
+      button.hidden = true;
+      return;
+    }
+    const on = notificationsOn();
+    button.dataset.on = on ? "true" : "false";
+    button.setAttribute("aria-pressed", on ? "true" : "false");
+    button.title = Notification.permission === "denied"
+      ? "Notifications are blocked for this site (the browser's site settings allow them)"
+      : on ? "Notify me when the agent is waiting: on"
+        : "Notify me when the agent is waiting: off";
+  }
+
+  // Permission is asked for here only: on the user's click.
+  ui.notifyButton.addEventListener("click", () => {
+    term.focus();
+    if (notificationsOn()) {
+      setNotifyWanted(false);
+      showNotice("notifications off");
+      return;
+    }
+    if (Notification.permission === "denied") {
+      showError("notifications are blocked for this site in the browser's settings");
+      renderNotify();
+      return;
+    }
+    const asked = Notification.permission === "granted"
+      ? Promise.resolve("granted")
+      : Notification.requestPermission();
+    Promise.resolve(asked).then((permission) => {
+      if (permission === "granted") {
+        setNotifyWanted(true);
+        showNotice("notifications on: you are told when the agent is waiting");
+      } else {
+        renderNotify();
+        showError("notifications were not allowed");
+      }
+    }).catch(() => showError("notifications could not be turned on"));
+  });
+
+  // --- upload: files into /workspace ------------------------------------------------
+
+  function formatBytes(bytes) {
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let value = bytes;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
+  }
+
+  function describeUpload(packed) {
+    const parts = [];
+    if (packed.files > 0) parts.push(packed.files === 1 ? "1 file" : `${packed.files} files`);
+    const folders = packed.directories;
+    if (folders > 0) parts.push(folders === 1 ? "1 folder" : `${folders} folders`);
+    return `${parts.join(" and ") || "nothing"} (${formatBytes(packed.bytes)})`;
+  }
+
+  // Sends entries ([{path, file} | {path, directory: true}]) to the session's /workspace as a tar.
+  function upload(entries) {
+    if (uploading) {
+      showError("an upload is already under way");
+      return;
+    }
+    if (!sessionId || STATES[state].gone) {
+      showError("upload: there is no session to upload to");
+      return;
+    }
+    if (entries.length === 0) {
+      showError("upload: nothing to upload");
+      return;
+    }
+    let packed;
+    try {
+      packed = CapsuleTar.pack(entries);
+    } catch (e) {
+      showError(`upload failed: ${e.message}`);
+      return;
+    }
+    const what = describeUpload(packed);
+    const id = sessionId;
+    uploading = true;
+    renderSession();
+    showNotice(`uploading ${what}\u2026`);
+    // The page's referrer policy (no-referrer) would send "Origin: null", which capsule refuses
+    // as cross-site: this request keeps its origin, as logging out does.
+    fetch(`api/sessions/${encodeURIComponent(id)}/workspace`, {
+      method: "POST",
+      body: packed.blob,
+      headers: { "Content-Type": "application/x-tar", Accept: "application/json" },
+      credentials: "same-origin",
+      cache: "no-store",
+      referrerPolicy: "same-origin",
+    }).then((response) => {
+      if (response.ok) {
+        showNotice(`uploaded ${what} to /workspace`);
+        return null;
+      }
+      if (response.status === 401) checkLogin();
+      return uploadError(response).then((message) => showError(`upload failed: ${message}`));
+    }, () => {
+      showError("upload failed: capsule did not answer");
+    }).finally(() => {
+      uploading = false;
+      renderSession();
+    });
+  }
+
+  // The sentence of capsule's JSON answer ({"error": ..., "code": ...}), or the status.
+  function uploadError(response) {
+    const status = response.status === 413 ? "too large for capsule's upload limit" : `HTTP ${response.status}`;
+    return response.text().then((text) => {
+      let message = null;
+      try {
+        const body = JSON.parse(text);
+        message = typeof body.error === "string" ? body.error : body.message;
+      } catch (e) {
+        // not capsule's JSON
+      }
+      if (typeof message !== "string" || !message) return status;
+      return message.replace(/\s+/g, " ").slice(0, 300);
+    }, () => status);
+  }
+
+  ui.uploadButton.addEventListener("click", () => {
+    if (!ui.uploadButton.disabled) ui.uploadInput.click();
+  });
+
+  ui.uploadInput.addEventListener("change", () => {
+    const files = Array.from(ui.uploadInput.files || []);
+    ui.uploadInput.value = "";
+    term.focus();
+    if (files.length > 0) upload(files.map((file) => ({ path: file.name, file })));
+  });
+
+  // What was dropped, folders walked (FileSystemEntry, where the browser gives one). The entries
+  // must be taken from the DataTransfer during the drop event; they are read afterwards.
+  function droppedEntries(dataTransfer) {
+    const items = Array.from(dataTransfer.items || []).filter((item) => item.kind === "file");
+    const roots = items.map((item) => (item.webkitGetAsEntry ? item.webkitGetAsEntry() : null));
+    if (roots.length === 0 || roots.some((root) => !root)) {
+      const files = Array.from(dataTransfer.files || []);
+      return Promise.resolve(files.map((file) => ({ path: file.name, file })));
+    }
+    const out = [];
+    return roots.reduce((done, root) => done.then(() => walkEntry(root, root.name, out)),
+      Promise.resolve()).then(() => out);
+  }
+
+  function walkEntry(entry, path, out) {
+    if (out.length >= UPLOAD_MAX_ENTRIES) {
+      return Promise.reject(new Error(`more than ${UPLOAD_MAX_ENTRIES} files and folders`));
+    }
+    if (entry.isFile) {
+      return new Promise((resolve, reject) => entry.file(resolve, reject))
+        .then((file) => { out.push({ path, file }); });
+    }
+    if (!entry.isDirectory) return Promise.resolve();
+    const reader = entry.createReader();
+    const children = [];
+    // readEntries answers in batches; an empty batch is the end.
+    const readAll = () => new Promise((resolve, reject) => reader.readEntries(resolve, reject))
+      .then((batch) => {
+        if (batch.length === 0) return null;
+        children.push(...batch);
+        if (children.length > UPLOAD_MAX_ENTRIES) {
+          throw new Error(`more than ${UPLOAD_MAX_ENTRIES} files and folders`);
+        }
+        return readAll();
+      });
+    return readAll().then(() => {
+      out.push({ path, directory: true });
+      return children.reduce((done, child) => done.then(() => walkEntry(child, `${path}/${child.name}`, out)),
+        Promise.resolve());
+    });
+  }
+
+  function carriesFiles(event) {
+    return event.dataTransfer && Array.from(event.dataTransfer.types || []).includes("Files");
+  }
+
+  let dropHideTimer = null;
+  function showDropZone() {
+    ui.dropZone.hidden = false;
+    clearTimeout(dropHideTimer);
+    // dragover repeats while the pointer is over the page: its end hides the zone.
+    dropHideTimer = setTimeout(() => { ui.dropZone.hidden = true; }, 300);
+  }
+
+  // Files dropped anywhere on the page go to /workspace (and never replace the page).
+  window.addEventListener("dragover", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    const gone = !sessionId || STATES[state].gone;
+    event.dataTransfer.dropEffect = gone || uploading ? "none" : "copy";
+    if (!gone && !uploading) showDropZone();
+  });
+
+  window.addEventListener("drop", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    clearTimeout(dropHideTimer);
+    ui.dropZone.hidden = true;
+    droppedEntries(event.dataTransfer).then(upload, (e) => {
+      showError(`upload failed: ${e && e.message ? e.message : "the dropped files could not be read"}`);
+    });
+    term.focus();
+  });
+
   // --- export -------------------------------------------------------------------
 
   // The archive downloads through a hidden frame, so the browser streams it to disk however
@@ -788,6 +1138,7 @@
   });
 
   ui.logoutButton.addEventListener("click", logOut);
+  renderNotify();
 
   ui.actionButton.addEventListener("click", () => {
     if (state === "ended" || state === "expired") {
