@@ -274,7 +274,8 @@ docker build "${no_cache[@]}" \
   --label "io.capsule.dockerfile-sha=$agent_sha" \
   --label "io.capsule.runtime-id=$runtime_id" \
   -t "$agent_image" \
-  "$agent_context"
+  "$agent_context" \
+  || die "building $agent_image failed (above); it needs the npm registry and Debian's mirror from inside docker build. To go on without the agent image: make AGENT_IMAGE=none, or none as this script's second argument"
 say "built $agent_image in $((SECONDS - t0)) s ($(image_size "$agent_image"))"
 if [ -n "$previous_id" ] && [ "$previous_id" != "$(docker image inspect --format '{{.Id}}' "$agent_image")" ]; then
   docker rmi "$previous_id" >/dev/null 2>&1 || true
