@@ -174,7 +174,8 @@ async def test_claude_runs_in_a_claude_session(make_server):
     assert AGENT_IMAGE, "CAPSULE_TEST_AGENT_IMAGE is not set"
     server = make_server("--pool-size", "0", "--agent-image", AGENT_IMAGE)
     client = await WSClient.connect(server.ws_url + "?profile=claude")
-    session_id = await client.start(120, 40)
+    # A large image on a busy engine may take a while to start.
+    session_id = await client.start(120, 40, timeout=90)
     container = container_of(session_id)
     assert container.labels["io.capsule.profile"] == "claude"
     assert container.attrs["Config"]["Image"] == AGENT_IMAGE
@@ -202,6 +203,14 @@ async def test_claude_runs_in_a_claude_session(make_server):
 
 
 # -- helpers ------------------------------------------------------------------------
+
+def _admin(*argv):
+    import io
+    from capsule.admin import main
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["--url", "http://127.0.0.1:9", *argv], out, err)
+    return code, (out.getvalue() + err.getvalue()).splitlines()
+
 
 def _gateway(network: str) -> str:
     return docker_client().networks.get(network).attrs["IPAM"]["Config"][0]["Gateway"]
@@ -241,3 +250,70 @@ async def _tls_file_server(tmp_path, root):
     context = ssl.DefaultOpenSSLContextFactory(str(key), str(cert))
     listener = reactor.listenSSL(0, Site(File(str(root))), context, interface="0.0.0.0")
     return listener.getHost().port, listener
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_volume_is_a_users_own_and_outlives_the_container():
+    # Through capsule's DockerAPI, as the session manager makes containers:
+    # the volume is made on first use with capsule's labels, filled from the
+    # image's directory (owner included), kept after the container goes, and
+    # another user's is another volume.
+    from capsule.docker_api import ContainerSpec, DockerAPI
+    from capsule.profiles import agent_volume_name
+
+    instance = f"volumes-{uuid.uuid4().hex[:10]}"
+    names = {user: agent_volume_name(instance, "agent", user) for user in ("ann", "bob")}
+    api = DockerAPI(reactor, threads=2, export_threads=1, timeout=30)
+    api.start()
+    engine = docker_client().api
+    made = []
+
+    def spec(user):
+        return ContainerSpec(
+            image=IMAGE, memory="256m", cpus=0.5, pids=64, network="none",
+            labels={"io.capsule.managed": "true", "io.capsule.instance": instance},
+            volumes=((names[user], "/home/developer"),),
+            volume_labels={"io.capsule.managed": "true", "io.capsule.instance": instance,
+                           "io.capsule.user": user, "io.capsule.profile": "agent",
+                           "io.capsule.volume": "agent"})
+
+    def run(container_id, command):
+        return engine.exec_start(engine.exec_create(container_id, ["sh", "-c", command],
+                                                    user="developer")).decode()
+    try:
+        first = await api.create_session_container(str(uuid.uuid4()), spec("ann"))
+        made.append(first)
+        out = await deferToThread(run, first, "stat -c %U /home/developer; echo kept >"
+                                              " /home/developer/login")
+        assert out.strip() == "developer"
+        await api.remove_container(first)
+        volume = await deferToThread(engine.inspect_volume, names["ann"])
+        assert volume["Labels"]["io.capsule.user"] == "ann"
+        assert volume["Labels"]["io.capsule.instance"] == instance
+        second = await api.create_session_container(str(uuid.uuid4()), spec("ann"))
+        other = await api.create_session_container(str(uuid.uuid4()), spec("bob"))
+        made += [second, other]
+        assert (await deferToThread(run, second, "cat /home/developer/login")).strip() == "kept"
+        assert (await deferToThread(run, other, "cat /home/developer/login 2>&1")).strip() \
+            .endswith("No such file or directory")
+        # The admin command keeps a volume a live session uses, and removes
+        # it once that session's container is gone; bob's stays.
+        code, out = await deferToThread(_admin, "remove-volumes", "--user", "ann",
+                                        "--instance", instance)
+        assert code == 1 and out[0].startswith(f"kept {names['ann']}: a live session")
+        await api.remove_container(second)
+        code, out = await deferToThread(_admin, "remove-volumes", "--user", "ann",
+                                        "--instance", instance)
+        assert (code, out) == (0, [f"removed {names['ann']}",
+                                   f"removed 1 agent volume(s) of ann (instance {instance})"])
+        code, out = await deferToThread(_admin, "volumes", "--instance", instance)
+        assert out[1].split() == ["bob", "agent", names["bob"]]
+    finally:
+        for container_id in made:
+            await api.remove_container(container_id)
+        for name in names.values():
+            try:
+                await deferToThread(engine.remove_volume, name)
+            except Exception:
+                pass
+        api.stop()
