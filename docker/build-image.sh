@@ -269,7 +269,7 @@ done
 
 say "building $agent_image from $image (Node.js and the Claude Code CLI from the npm registry)…"
 t0=$SECONDS
-docker build "${no_cache[@]}" \
+docker build "${no_cache[@]}" --force-rm \
   --build-arg "RUNTIME=$image" \
   --label "io.capsule.dockerfile-sha=$agent_sha" \
   --label "io.capsule.runtime-id=$runtime_id" \
