@@ -331,3 +331,96 @@ def test_page_export_error_and_ended_session(make_server, new_page):
     assert page.is_disabled("#export")
     shot(page, "ended")
     assert page.errors == []
+
+
+# --- the terminal tuned for agents (issue 11) -------------------------------------------
+
+AGENT_IMAGE = os.environ.get("CAPSULE_TEST_AGENT_IMAGE")
+
+# Where the last "│" of the screen's rows that hold `mark` is drawn, in pixels from the
+# left: a row's cells line up only when xterm gave each character the cells the shell
+# counted.
+BAR_POSITIONS = """(mark) => {
+    const rows = Array.from(document.querySelectorAll(".xterm-rows > div"))
+        .filter((row) => row.textContent.includes(mark));
+    return rows.map((row) => {
+        const walker = document.createTreeWalker(row, NodeFilter.SHOW_TEXT);
+        let last = null;
+        for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+            const at = node.data.lastIndexOf("\\u2502");
+            if (at >= 0) last = [node, at];
+        }
+        const range = document.createRange();
+        range.setStart(last[0], last[1]);
+        range.setEnd(last[0], last[1] + 1);
+        return Math.round(range.getBoundingClientRect().left);
+    });
+}"""
+
+
+def test_page_unicode11_widths(server, page):
+    """
+    Unicode 11 widths: an emoji takes two cells, in xterm as in the shell's
+    count, so box drawing around it lines up.
+    """
+    open_session(page, server.url)
+    assert page.get_attribute("#terminal", "data-unicode") == "11"
+    # The cursor after "┌─😀─┐" at the start of a line: column 1 + 1 + 1 + 2 + 1 + 1.
+    type_line(page, r"clear; printf '\u250c\u2500\U0001F600\u2500\u2510';"
+                    r" IFS='[;' read -rs -d R -t 5 -p $'\e[6n' _ row col; echo; echo COL${col}LOC")
+    wait_screen(page, r"COL\d+LOC")
+    assert re.search(r"COL(\d+)LOC", screen(page)).group(1) == "7"
+    # The same widths when drawn: the closing bars of these two rows are one above the other.
+    type_line(page, r"clear; printf 'W\u2502\U0001F600\u2502\nW\u2502ab\u2502\n'")
+    wait_screen(page, "W\u2502ab\u2502")
+    first, second = page.evaluate(BAR_POSITIONS, "W\u2502")
+    assert first == second
+    shot(page, "unicode11")
+    assert page.errors == []
+
+
+def test_page_dropped_file_lands_in_the_workspace(server, page):
+    """
+    A file dropped onto the terminal is in /workspace: the shell reads it.
+    """
+    session_id = open_session(page, server.url)
+    page.evaluate("""() => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File(["dropped \\u00e9 content\\n"], "dropped file.txt"));
+        transfer.items.add(new File([new Uint8Array([0, 1, 2, 255])], "bytes.bin"));
+        document.querySelector("#terminal .xterm-screen").dispatchEvent(new DragEvent("drop",
+            { dataTransfer: transfer, bubbles: true, cancelable: true }));
+    }""")
+    wait_text(page, "#status-message", "^upload(ed| failed)")
+    assert page.inner_text("#status-message") == "uploaded 2 files (23 B) to /workspace"
+    type_line(page, "cat '/workspace/dropped file.txt'; od -An -tx1 /workspace/bytes.bin;"
+                    " stat -c '%U %a' '/workspace/dropped file.txt'")
+    wait_screen(page, r"developer \d+")
+    text = screen(page)
+    assert "dropped \u00e9 content" in text
+    assert re.search(r"00\s+01\s+02\s+ff", text)
+    assert read_file(session_id, "/workspace/dropped file.txt") == "dropped \u00e9 content\n".encode()
+    shot(page, "dropped")
+    assert page.errors == []
+
+
+@pytest.mark.skipif(not AGENT_IMAGE and not os.environ.get("CAPSULE_REQUIRE_DOCKER"),
+                    reason="set CAPSULE_TEST_AGENT_IMAGE to the agent image (make image)")
+def test_page_profile_claude_shows_the_agent(make_server, new_page):
+    """
+    C{/?profile=claude} opens a session of the claude profile: Claude Code
+    runs in its terminal.
+    """
+    assert AGENT_IMAGE, "CAPSULE_TEST_AGENT_IMAGE is not set"
+    server = make_server(*page_args("--pool-size", "0", "--agent-image", AGENT_IMAGE))
+    page = new_page()
+    page.goto(server.url + "/?profile=claude")
+    page.wait_for_selector('#status[data-state="connected"]', timeout=30000)
+    session_id = page.get_attribute("#session", "title")
+    container = docker_client().containers.get(f"capsule-{session_id}")
+    assert container.labels["io.capsule.profile"] == "claude"
+    assert container.attrs["Config"]["Image"] == AGENT_IMAGE
+    # Claude Code's own screen (its welcome, or its first question).
+    wait_screen(page, r"Claude Code|Welcome to Claude|theme", timeout=60000)
+    shot(page, "claude")
+    assert page.errors == []
