@@ -7,7 +7,9 @@ a new session, since a tab's session id lives in its sessionStorage).
 Timed inside the page, from its navigation start (C{performance.now()}),
 by a script Playwright adds before any of the page's own: the moment the
 terminal's rows first show the prompt (a C{MutationObserver}, then the
-next animation frame: the frame that draws it), and, for the notes, when
+next animation frame: the frame that draws it; a terminal without DOM rows,
+drawn on a canvas, is timed by the page's C{performance.mark("capsule:prompt")}
+instead), and, for the notes, when
 the page's first WebSocket was created, when the prompt first arrived on
 it, and C{DOMContentLoaded}.  Nothing in the page has to cooperate.
 
@@ -67,6 +69,19 @@ _PROBE = r"""
     }
   });
   observer.observe(document, {subtree: true, childList: true, characterData: true});
+  // A terminal drawn on a canvas has no rows to read: the page may then
+  // say when it drew the prompt with performance.mark("capsule:prompt").
+  try {
+    new PerformanceObserver(list => {
+      for (const entry of list.getEntries()) {
+        if (entry.name === "capsule:prompt" && marks.drawn === undefined
+            && !document.querySelector(".xterm-rows")) {
+          marks.drawn = entry.startTime;
+          marks.by = "mark";
+        }
+      }
+    }).observe({type: "mark", buffered: true});
+  } catch (e) {}
   addEventListener("DOMContentLoaded", () => { marks.dcl = now(); });
 })();
 """
@@ -154,6 +169,7 @@ def digest(marks: list[dict]) -> dict:
     for key in ("dcl", "ws", "message", "arrived"):
         values = [m[key] for m in marks if m.get(key) is not None]
         result[f"{key}_median"] = summary(values)["median"] if values else None
+    result["by_mark"] = sum(1 for m in marks if m.get("by") == "mark")
     for key in ("requests", "files", "kb"):
         result[key] = summary([m[key] for m in marks])["median"]
     return result

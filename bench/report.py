@@ -219,7 +219,9 @@ def table(r: dict, f: dict, p: dict) -> str:
             on_the_way = (f"in the page (medians): DOMContentLoaded {mark('dcl')},"
                           f" WebSocket created {mark('ws')}, prompt arrived {mark('arrived')};"
                           f" {v['requests']:g} of {v['files']:g} files fetched,"
-                          f" {v['kb']:.0f} KiB")
+                          f" {v['kb']:.0f} KiB"
+                          + (f"; {v['by_mark']} timed by the page's own mark (no DOM rows)"
+                             if v.get("by_mark") else ""))
             ok = (None if target == "—"
                   else v["median"] <= TARGET_PAGE_WARM_RETURNING_MS)
             rows.append([title, connect_fmt(v), on_the_way, "—", target, verdict(ok)])
