@@ -446,7 +446,8 @@ def load_secrets(path: str | None, profiles: Mapping[str, Profile],
     if path is None:
         return Secrets(values)
     try:
-        with open(path, "rb") as f:
+        # Not blocking on a FIFO: only a regular file is read.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
             if not stat.S_ISREG(mode):
                 raise ProfileError(f"{path}: not a regular file")

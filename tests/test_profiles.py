@@ -549,3 +549,12 @@ def test_the_example_file_loads():
     assert profiles["review"].repository == "https://github.com/example/capsule.git"
     assert profiles["review"].agent_volume == "/home/developer/.claude"
     assert profiles["offline"].spec.network == "none"
+
+
+def test_a_secrets_file_that_is_not_a_regular_file_is_refused(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(ProfileError, match="not a regular file"):
+        load_secrets(str(fifo), builtins(), environ={})
+    with pytest.raises(ProfileError, match="No such file"):
+        load_secrets(str(tmp_path / "none"), builtins(), environ={})
