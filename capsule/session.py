@@ -692,7 +692,7 @@ class SessionManager:
         elif self.config.keeper and "capsule-keeper" in stderr and (
                 "not found" in stderr or "no such" in stderr.lower()):
             code, message = None, (
-                f"the image {self.config.spec.image} has no capsule-keeper: build it from"
+                f"the image {self._spec_of(session).image} has no capsule-keeper: build it from"
                 " capsule's docker/Dockerfile, or start capsule with --no-keeper")
         elif self.config.keeper or code is None:
             # The stream ended without the shell's status: find out why.
@@ -702,7 +702,7 @@ class SessionManager:
                 message = f"{message}: {stderr.splitlines()[-1]}"
         if code == 137:
             message = ("the shell was killed (signal 9; most often it ran out of memory"
-                       f" under the {self.config.spec.memory} limit)")
+                       f" under the {self._spec_of(session).memory} limit)")
         elif code is not None:
             message = f"the shell exited with code {code}"
         if away:
@@ -733,7 +733,7 @@ class SessionManager:
             return "the session's container was removed", False
         if state.get("OOMKilled"):
             return ("the session's container ran out of memory (limit "
-                    f"{self.config.spec.memory}) and was stopped"), False
+                    f"{self._spec_of(session).memory}) and was stopped"), False
         if not state.get("Running"):
             return f"the session's container stopped (exit code {state.get('ExitCode')})", False
         return "the connection to the shell was lost", False
@@ -853,6 +853,12 @@ class SessionManager:
         self.pool.refill()
 
     # -- containers ----------------------------------------------------
+
+    def _spec_of(self, session: Session) -> ContainerSpec:
+        """
+        The spec of a session's profile (its image, its limits).
+        """
+        return (session.settings or self.profiles[DEFAULT_PROFILE]).spec
 
     def _container_spec(self, session_id: str, settings: Profile | None = None,
                         user: str | None = None) -> ContainerSpec:

@@ -558,3 +558,14 @@ def test_a_secrets_file_that_is_not_a_regular_file_is_refused(tmp_path):
         load_secrets(str(fifo), builtins(), environ={})
     with pytest.raises(ProfileError, match="No such file"):
         load_secrets(str(tmp_path / "none"), builtins(), environ={})
+
+
+def test_an_out_of_memory_end_names_the_profiles_limit(docker, tmp_path):
+    profiles = load_profiles(write(tmp_path, '[profiles.big]\nmemory = "3g"\n'), builtins())
+    manager = make_manager(docker, profiles)
+    client = RecordingClient()
+    session = manager.create(client, 80, 24, profile="big")
+    docker.processes[0].exit(137)
+    assert client.events[-1] == ("ended", 137, "the shell was killed (signal 9; most often it"
+                                 " ran out of memory under the 3g limit)")
+    assert session.status() in ("ending", "ended")
