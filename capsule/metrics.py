@@ -86,8 +86,8 @@ class _Live:
     def collect(self):
         manager = self.manager
         live = GaugeMetricFamily("capsule_sessions_live", "Sessions that exist now.")
-        size = GaugeMetricFamily("capsule_pool_size", "Warm containers wanted in the pool.")
-        ready = GaugeMetricFamily("capsule_pool_ready", "Warm containers ready to be taken.")
+        size = GaugeMetricFamily("capsule_pool_size", "Warm sessions wanted in the pools.")
+        ready = GaugeMetricFamily("capsule_pool_ready", "Warm sessions ready to be taken.")
         if manager is not None:
             live.add_metric([], len(manager.sessions))
             size.add_metric([], manager.pool.size)
@@ -144,7 +144,7 @@ class Metrics:
             "capsule_docker_call_failures", "Docker API calls that failed, by call.",
             ["call"], registry=registry)
         self.pool_misses = Counter(
-            "capsule_pool_misses", "New sessions that found no warm container ready.",
+            "capsule_pool_misses", "New sessions that found no warm session ready.",
             registry=registry)
         self.exports_started = Counter(
             "capsule_exports_started", "Workspace exports started.", registry=registry)

@@ -396,11 +396,17 @@ class SessionManager:
         self._removals: set[Deferred] = set()
         self.profiles: dict[str, Profile] = dict(config.profiles or {
             DEFAULT_PROFILE: shell_profile(config)})
-        # A warm pool per profile that wants one (see capsule.pool).
+        # A warm pool per profile that wants one (see capsule.pool); none for
+        # a profile with a user's volume, which cannot be made ahead of its user.
         self.pool = WarmPools({
             name: WarmPool(clock, settings.pool, partial(self._warm_session, settings),
                            max_age=config.pool_max_age, name=name)
-            for name, settings in self.profiles.items() if settings.pool > 0})
+            for name, settings in self.profiles.items()
+            if settings.pool > 0 and not settings.agent_volume})
+        for name, settings in self.profiles.items():
+            if settings.pool > 0 and settings.agent_volume:
+                _log.warn("profile {profile} gets no warm pool: its sessions have a user's"
+                          " volume, which cannot be made before its user comes", profile=name)
         # Profiles with an agent volume whose sessions had none (no users):
         # said once each.
         self._volume_refused: set[str] = set()

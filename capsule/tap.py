@@ -720,6 +720,8 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
         max_per_user=config["max-sessions-per-user"]),
         trusted_proxies=config["trusted-proxy"])
     site.websocket_factory.admission = admission
+    # A new session's container is asked for as its WebSocket opens.
+    site.websocket_factory.start_at_open = True
     if authenticator is not None:
         site.websocket_factory.owners = manager.owners
     site.exports.client_address = admission.client_address

@@ -25,7 +25,7 @@ from .headers import HostPolicy, is_secure
 from .interfaces import ISessionClient
 from .lifecycle import InputOverrun
 from .profiles import UnknownProfile, parse_profile_name
-from .session import SessionManager
+from .session import WARM_SIZE, SessionManager
 
 # Autobahn's protocols own a .log of their own: capsule logs through this one.
 _log = Logger()
@@ -34,6 +34,9 @@ _log = Logger()
 # The server restarts; the session lives on: reconnect (1001 itself cannot be
 # sent by an application through Autobahn).
 CLOSE_POLICY = 1008
+# The size a new session opens with until its client says its own: that of
+# the warm sessions, so that taking one resizes its terminal once at most.
+OPENING_SIZE = WARM_SIZE
 CLOSE_RESTARTING = 4001
 CLOSE_INVALID_SESSION = 4400
 CLOSE_SESSION_NOT_FOUND = 4404
@@ -178,6 +181,15 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._client_address: str | None = None
         # Who this connection acts for (None: capsule runs without users).
         self._user: str | None = None
+        # A new session is made as soon as the connection opens; what it
+        # tells its client before the client's first size is held here (a
+        # call and its arguments each), then delivered in order.
+        self._held: list[tuple] = []
+        self._held_bytes = 0
+        self._first_frame = None
+        # Whether the session was made here and its client has not sent its
+        # first frame yet: if it goes now, nothing is kept.
+        self._unseen = False
 
     @property
     def _manager(self) -> SessionManager:
@@ -250,6 +262,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                     self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
                     return
             self._phase = "awaiting_resize"
+            if self.factory.start_at_open:
+                self._open_session()
             return
         self._phase = "session"
         try:
@@ -288,13 +302,124 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._manager.metrics.closed(self.localCloseCode if self.closedByMe else code)
         session, self._session = self._session, None
         self._phase = "done"
+        before_first_frame, self._unseen = self._unseen, False
+        self._cancel_first_frame()
+        self._held, self._held_bytes = [], 0
         unsent = 0
         if self._coalescer is not None:
             unsent = self._coalescer.pending
             self._coalescer.discard()
         self.pause_output_producer(None)
-        if session is not None:
+        if session is not None and before_first_frame:
+            self._abandon(session)
+        elif session is not None:
             self._manager.detach(session, self, unsent)
+
+    # -- a new session, made as the connection opens -------------------------
+
+    def _open_session(self, size: tuple[int, int] = OPENING_SIZE) -> None:
+        """
+        Make the new session now, at C{size}: as the connection opens (with
+        C{start_at_open}), its container is made while the client sends its
+        first frame, and what the session says is held until that frame
+        (the terminal's size) arrives.  Admission decides first: nothing is
+        made for a client refused.
+        """
+        if self.factory.drain is not None and self.factory.drain.active:
+            self._manager.metrics.refused(DRAINING)
+            self._refuse(DRAIN_REFUSAL, DRAINING, CLOSE_UNAVAILABLE)
+            return
+        admission = self.factory.admission
+        if admission is not None:
+            try:
+                admission.admit(self._client_address, self._user)
+            except AdmissionRefused as e:
+                self._manager.metrics.refused(e.code)
+                self._refuse(e.message, e.code, CLOSE_QUOTA_EXCEEDED
+                             if e.code == QUOTA_EXCEEDED else CLOSE_UNAVAILABLE)
+                return
+        self._first_frame = self.factory.clock.callLater(
+            self.factory.first_frame_timeout, self._no_first_frame)
+        try:
+            session = self._manager.create(self, *size, user=self._user,
+                                           profile=self._requested_profile)
+        except CapsuleError as e:
+            self._cancel_first_frame()
+            self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
+            return
+        if self._phase == "done":
+            # Refused or ended at once (it could not be made): told already.
+            return
+        self._session, self._unseen = session, True
+        if self._user is not None:
+            _log.info("{user} opened session {short}", user=self._user, short=session.id[:8])
+            if self.factory.owners is not None:
+                self.factory.owners.save(self._manager.sessions)
+        if admission is not None:
+            admission.created(session.id, self._client_address)
+
+    def _abandon(self, session) -> None:
+        """
+        The session made for this connection was never seen by its client
+        (it left, or was closed, before its first frame): nothing is kept.
+        One still starting ends as soon as it has started.
+        """
+        self._manager.detach(session, self, 0)
+        if session.status() != "starting":
+            self._manager.end(session, "its client left before it sent its terminal size")
+
+    def _first_size(self, cols: int, rows: int, resize: bool = True) -> None:
+        """
+        The client's first frame: its terminal's size.  The session gets
+        it, and the client what the session said meanwhile.
+        """
+        self._cancel_first_frame()
+        self._phase, self._unseen = "session", False
+        if resize:
+            self._manager.resize(self._session, cols, rows)
+        held, self._held, self._held_bytes = self._held, [], 0
+        for method, args in held:
+            if self._phase != "session":
+                break
+            method(*args)
+
+    def _hold(self, method, *args) -> bool:
+        """
+        Whether the session's news must wait for the client's first frame
+        (and is held), bounded: a client that lets too much wait is closed.
+        """
+        if self._phase != "awaiting_resize":
+            return False
+        if method == self.session_output:
+            self._held_bytes += len(args[0])
+            if self._held_bytes > self.factory.max_held_output:
+                self._silent(f"the terminal size was not sent while the session's output grew"
+                             f" past {self.factory.max_held_output} bytes")
+                return True
+        self._held.append((method, args))
+        return True
+
+    def _no_first_frame(self) -> None:
+        self._first_frame = None
+        if self._phase == "awaiting_resize":
+            self._silent(f"no terminal size within {self.factory.first_frame_timeout:g} s:"
+                         ' send {"type": "resize", "cols": C, "rows": R} first')
+
+    def _silent(self, message: str) -> None:
+        """
+        Close a client that did not send its first frame in time; its
+        session goes with the connection (see L{onClose}).
+        """
+        _log.info("refused {peer}: {message}", peer=self.peer, message=message)
+        self._held, self._held_bytes = [], 0
+        self._manager.metrics.error_sent("not_started")
+        self._send(wire.encode_error(message, "not_started"))
+        self._close(CLOSE_INVALID_SESSION, message)
+
+    def _cancel_first_frame(self) -> None:
+        call, self._first_frame = self._first_frame, None
+        if call is not None and call.active():
+            call.cancel()
 
     # -- messages --------------------------------------------------------
 
@@ -303,35 +428,16 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             self._send(wire.encode_pong())
         elif isinstance(message, wire.Resize):
             if self._phase == "awaiting_resize":
-                if self.factory.drain is not None and self.factory.drain.active:
-                    self._manager.metrics.refused(DRAINING)
-                    self._refuse(DRAIN_REFUSAL, DRAINING, CLOSE_UNAVAILABLE)
-                    return
-                admission = self.factory.admission
-                if admission is not None:
-                    # Refused before anything is made: no session, no container.
-                    try:
-                        admission.admit(self._client_address, self._user)
-                    except AdmissionRefused as e:
-                        self._manager.metrics.refused(e.code)
-                        self._refuse(e.message, e.code, CLOSE_QUOTA_EXCEEDED
-                                     if e.code == QUOTA_EXCEEDED else CLOSE_UNAVAILABLE)
-                        return
-                self._phase = "session"
-                self._session = self._manager.create(self, message.cols, message.rows,
-                                                     user=self._user,
-                                                     profile=self._requested_profile)
-                if self._user is not None:
-                    _log.info("{user} opened session {short}", user=self._user,
-                              short=self._session.id[:8])
-                    if self.factory.owners is not None:
-                        self.factory.owners.save(self._manager.sessions)
-                if admission is not None:
-                    admission.created(self._session.id, self._client_address)
+                # Made now at this size, unless it was made as the connection opened.
+                made_now = self._session is None
+                if made_now:
+                    self._open_session((message.cols, message.rows))
+                if self._phase == "awaiting_resize" and self._session is not None:
+                    self._first_size(message.cols, message.rows, resize=not made_now)
             elif self._session is not None:
                 self._manager.resize(self._session, message.cols, message.rows)
         elif isinstance(message, wire.Input):
-            if self._session is None:
+            if self._session is None or self._phase == "awaiting_resize":
                 raise wire.ProtocolError(
                     'send {"type": "resize", "cols": C, "rows": R} first: the session'
                     " starts once the terminal size is known", "not_started")
@@ -393,6 +499,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
     # -- ISessionClient ----------------------------------------------------
 
     def session_started(self, session, resumed: bool, offset: int, replay: int) -> None:
+        if self._hold(self.session_started, session, resumed, offset, replay):
+            return
         self._flush()
         self._sent = self._acked = offset
         if resumed:
@@ -404,13 +512,19 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self.pause_output_producer(session.output_producer())
 
     def session_output(self, data: bytes) -> None:
+        if self._hold(self.session_output, data):
+            return
         self._coalescer.push(data)
 
     def session_dropped(self, count: int, offset: int) -> None:
+        if self._hold(self.session_dropped, count, offset):
+            return
         self._flush()
         self._send(*self._wire.dropped(count, offset))
 
     def session_notice(self, code: str, message: str) -> None:
+        if self._hold(self.session_notice, code, message):
+            return
         self._flush()
         self._send(wire.encode_notice(code, message))
 
@@ -478,6 +592,14 @@ class CapsuleServerFactory(WebSocketServerFactory):
     authenticator = None
     # Where sessions' owners are kept across restarts (capsule.owners), or None.
     owners = None
+    # Whether a new session is made as the connection opens (its container
+    # made while the client sends its first frame) rather than at that
+    # first frame; capsule's server sets it.
+    start_at_open = False
+    # Seconds a new connection has to send its first frame (the terminal's
+    # size), and the output of its session held for it until then.
+    first_frame_timeout = 30.0
+    max_held_output = 1024 * 1024
 
     def __init__(self, manager: SessionManager, clock, max_message_size: int = 256 * 1024,
                  allowed_origins: tuple[str, ...] = (), ping_interval: float = 20.0,

@@ -285,3 +285,13 @@ def test_each_profile_has_a_pool_of_its_own(docker, clock):
     session = manager.create(RecordingClient(), 80, 24, profile="tools")
     assert session is warm and session.profile == "tools"
     assert manager.pool.size == 1
+
+
+def test_a_profile_with_a_users_volume_gets_no_pool(docker, clock):
+    agent = Profile(name="agent", spec=SPEC, pool=2, agent_volume="/home/developer/.agent")
+    manager = SessionManager(docker, clock, SessionConfig(
+        spec=SPEC, instance="t", profiles={"shell": Profile(name="shell", spec=SPEC, pool=1),
+                                           "agent": agent}))
+    manager.pool.start()
+    assert set(manager.pool.pools) == {"shell"} and manager.pool.size == 1
+    assert len(docker.containers) == 1
