@@ -18,6 +18,10 @@ nothing twice.
    file has a new hash, so a new URL.  Everything else (the page itself,
    C{app.js}, C{style.css}, a C{node_modules} file without its current
    C{v}) is C{no-cache}: the browser revalidates it and gets a 304.
+ - A page's inline scripts are allowed by their hashes in the answer's
+   C{Content-Security-Policy} (its C{script-src} otherwise allows the
+   page's own origin only), so that the page can open its WebSocket before
+   its scripts load.
  - C{Range} is answered from the file, as Twisted's L{File} does, plain
    (never a range of the gzip), and only while C{If-Range}, when sent, is
    the plain representation's C{ETag} or its C{Last-Modified}, and at most
@@ -33,6 +37,7 @@ few milliseconds.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import os
@@ -85,6 +90,10 @@ MAX_RANGES = 16
 
 # A quoted node_modules URL in a page: an attribute or a script's string.
 _REFERENCE = re.compile(rb"""(["'])(/?node_modules/[A-Za-z0-9@._~+/-]{1,512})\1""")
+# An inline script of a page (no src): its text, as CSP hashes it.
+_INLINE_SCRIPT = re.compile(rb"<script\b(?![^>]*\bsrc\s*=)[^>]*>(.*?)</script\s*>",
+                            re.IGNORECASE | re.DOTALL)
+_SCRIPT_SRC = re.compile(rb"((?<![\w-])script-src(?![\w-])[^;]*)")
 
 
 @dataclass
@@ -113,6 +122,8 @@ class Entry:
     @ivar version: a hash of the plain content, for C{?v=}.
     @ivar rewritten: the plain body is the page with versioned URLs (not
         the file's bytes): ranges are not served from the file.
+    @ivar scripts: a page's inline scripts, as CSP source expressions
+        (C{'sha256-...'}).
     """
 
     stamp: tuple
@@ -122,6 +133,7 @@ class Entry:
     gzip: Representation | None = None
     rewritten: bool = False
     held: int = field(default=0)
+    scripts: tuple[bytes, ...] = ()
 
 
 def _stamp(path: FilePath) -> tuple[int, int] | None:
@@ -213,12 +225,14 @@ class StaticCache:
         mtime = stamp[0] / 1e9
         rewritten = False
         body = data
+        scripts: tuple[bytes, ...] = ()
         if content_type == "text/html" and not self.versioned(path):
             body, named = self._rewrite(path, data)
             for other, (other_stamp, other_mtime) in sorted(named.items()):
                 stamps.append((other, other_stamp))
                 mtime = max(mtime, other_mtime)
             rewritten = body != data
+            scripts = inline_script_hashes(body)
         plain = Representation(_etag(body), len(body), None, body if rewritten else None)
         packed = None
         if compressible(content_type) and MIN_COMPRESS <= len(body) <= MAX_COMPRESS:
@@ -227,7 +241,7 @@ class StaticCache:
                 packed = Representation(_etag(compressed), len(compressed), b"gzip", compressed)
         held = (len(plain.body) if plain.body is not None else 0) + (
             packed.length if packed is not None else 0)
-        return Entry(tuple(stamps), mtime, version, plain, packed, rewritten, held)
+        return Entry(tuple(stamps), mtime, version, plain, packed, rewritten, held, scripts)
 
     def _rewrite(self, page: FilePath, data: bytes) -> tuple[bytes, dict]:
         """
@@ -276,6 +290,32 @@ class StaticCache:
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key)
         self.held -= entry.held
+
+
+def inline_script_hashes(page: bytes) -> tuple[bytes, ...]:
+    """
+    The CSP source expressions (C{'sha256-...'}) that allow the page's
+    inline scripts, in their order, without repeats.
+    """
+    found: dict[bytes, None] = {}
+    for match in _INLINE_SCRIPT.finditer(page):
+        digest = base64.b64encode(hashlib.sha256(match.group(1)).digest())
+        found[b"'sha256-" + digest + b"'"] = None
+    return tuple(found)
+
+
+def allow_scripts(request, scripts: tuple[bytes, ...]) -> None:
+    """
+    Add C{scripts} to the C{script-src} of the answer's
+    C{Content-Security-Policy}, when it has one: the page's own inline
+    scripts run, and no other inline script does.
+    """
+    policy = request.responseHeaders.getRawHeaders(b"content-security-policy")
+    if not scripts or not policy:
+        return
+    extra = b" " + b" ".join(scripts)
+    request.setHeader(b"content-security-policy",
+                      _SCRIPT_SRC.sub(lambda m: m.group(1).rstrip() + extra, policy[-1], count=1))
 
 
 # -- what the request asks for --
@@ -412,6 +452,7 @@ class StaticFiles(File):
         version = request.args.get(b"v")
         current = self.cache.versioned(self) and version == [entry.version.encode("ascii")]
         request.setHeader(b"cache-control", IMMUTABLE if current else REVALIDATE)
+        allow_scripts(request, entry.scripts)
         request.setHeader(b"last-modified", datetimeToString(int(entry.mtime)))
         if entry.gzip is not None:
             request.setHeader(b"vary", b"Accept-Encoding")

@@ -4,6 +4,7 @@ versioned node_modules URLs, ranges and the cache's bound, through capsule's
 whole site (so the security headers are checked too).
 """
 
+import base64
 import gzip
 import hashlib
 import http.client
@@ -384,6 +385,43 @@ async def test_a_new_node_modules_file_changes_the_page(site, www):
     # The page changed when the file did.
     assert answer["last-modified"] == datetimeToString(MTIME + 100).decode()
     assert (await site.ask(b"/", if_modified_since=before["last-modified"])).status == 200
+
+
+# -- inline scripts --
+
+
+BOOT = (b"\n  window.boot = new WebSocket('ws://' + location.host + '/ws');"
+        b" window.lib = 'node_modules/pkg/lib.js';\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_pages_inline_scripts_are_allowed_by_hash(site, www):
+    page = (b"<!doctype html><script>" + BOOT + b"</script>"
+            b"<SCRIPT type=module>import('./app.js')</SCRIPT >"
+            b"<script src=\"app.js\"></script><script>" + BOOT + b"</script>")
+    (www / "index.html").write_bytes(page)
+    answer = await site.ask(b"/")
+    served_boot = BOOT.replace(b"lib.js", b"lib.js?v=" + version(LIB).encode())
+    assert answer.body == page.replace(BOOT, served_boot)
+
+    def allowed(script: bytes) -> str:
+        return "'sha256-%s'" % base64.b64encode(hashlib.sha256(script).digest()).decode()
+
+    policy = answer["content-security-policy"]
+    directive = [d.strip() for d in policy.split(";") if d.strip().startswith("script-src")]
+    module = allowed(b"import('./app.js')")
+    assert directive == [f"script-src 'self' {allowed(served_boot)} {module}"]
+    # Only the page's own scripts: the rest of the policy is as it was.
+    plain = await site.ask(b"/app.js")
+    assert policy.replace(" " + directive[0].split(" ", 2)[2], "") == plain["content-security-policy"]
+    assert (await site.ask(b"/", if_none_match=answer["etag"]))["content-security-policy"] == policy
+
+
+def test_inline_script_hashes():
+    assert static.inline_script_hashes(b"<p>no scripts</p><script src=x.js></script>") == ()
+    assert static.inline_script_hashes(b"<script></script><script>\n</script>") == (
+        b"'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='",
+        b"'sha256-AbpHGcgLb+kRsJGnwFEktk7uzpZOCcBY74+YBdrKVGs='")
 
 
 # -- the cache --

@@ -144,3 +144,32 @@ def test_a_returning_visit_loads_nothing_twice(server):
             assert ("/", 304) in second and ("/favicon.svg", 304) in second
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")
+def test_the_pages_inline_script_runs_under_the_policy(make_server, tmp_path):
+    www = tmp_path / "www"
+    shutil.copytree(WWW, www, symlinks=True)
+    page = (www / "index.html").read_text()
+    boot = "<script>document.documentElement.dataset.boot = 'ran';</script>"
+    (www / "index.html").write_text(page.replace("<head>", "<head>\n  " + boot, 1))
+    server = make_server("--pool-size", "0", "--www", str(www))
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            refused = []
+            page.on("console", lambda m: refused.append(m.text)
+                    if "Content Security Policy" in m.text else None)
+            page.goto(server.url + "/", wait_until="load")
+            assert page.evaluate("() => document.documentElement.dataset.boot") == "ran"
+            assert refused == []
+            # Anything else inline is still refused.
+            with page.expect_console_message(lambda m: "Content Security Policy" in m.text):
+                page.evaluate("""() => { const s = document.createElement('script');
+                    s.textContent = "document.documentElement.dataset.other = 'ran'";
+                    document.head.appendChild(s); }""")
+            assert page.evaluate("() => document.documentElement.dataset.other") is None
+        finally:
+            browser.close()
