@@ -22,7 +22,7 @@ import json
 import re
 import time
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
@@ -231,6 +231,10 @@ class SessionApi:
         self.upload_max_bytes = upload_max_bytes
         self.execs: dict[str, int] = {}
         self.uploads: dict[str, int] = {}
+        self.feeders: set[_Feeder] = set()
+        # The pool's work under way; whether capsule stops.
+        self._jobs: set[Deferred] = set()
+        self.stopping = False
         self._pool: ThreadPool | None = None
 
     # -- what a session looks like ---------------------------------------
@@ -290,12 +294,39 @@ class SessionApi:
     # -- the upload pool ---------------------------------------------------
 
     def in_thread(self, function, *args) -> Deferred:
+        """
+        Run C{function(*args)} on the upload pool.
+        """
         if self._pool is None:
             self._pool = ThreadPool(minthreads=0, maxthreads=UPLOADS_AT_ONCE,
                                     name="capsule-upload")
             self._pool.start()
+            self.reactor.addSystemEventTrigger("before", "shutdown", self._stop_uploads)
             self.reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
-        return deferToThreadPool(self.reactor, self._pool, function, *args)
+        d = deferToThreadPool(self.reactor, self._pool, function, *args)
+        self._jobs.add(d)
+
+        def done(result):
+            self._jobs.discard(d)
+            return result
+        return d.addBoth(done)
+
+    def _stop_uploads(self) -> Deferred:
+        """
+        capsule stops: the uploads' threads give up at their next read or
+        write, and the pool's stop (which waits for them, blocking the
+        reactor) comes once they all did, since a thread may need the
+        reactor until then.
+        """
+        self.stopping = True
+        for feeder in list(self.feeders):
+            feeder.stopProducing()
+        waits = []
+        for job in list(self._jobs):
+            wait: Deferred = Deferred()
+            job.addBoth(lambda result, wait=wait: (wait.callback(None), result)[1])
+            waits.append(wait)
+        return DeferredList(waits)
 
     def body_limit(self, path: bytes) -> int | None:
         """
@@ -591,7 +622,7 @@ class UploadResource(_JsonResource):
 
     async def _upload(self, request, session):
         api = self.api
-        body = request.content
+        body = _Stoppable(request.content, api)
         keep = api.hold(session)
         try:
             try:
@@ -601,6 +632,9 @@ class UploadResource(_JsonResource):
                 _log.info("refused an upload into session {short}: {message}",
                           short=session.id[:8], message=e.message)
                 raise ApiError(400, e.message, e.code, entry=e.entry) from None
+            except _FeedAborted:
+                raise ApiError(503, "capsule is stopping: send the upload again once it is"
+                                    " back", "restarting") from None
             spec = _spec(api.manager, session)
             feeder = _Feeder(api, body)
             result = await api.docker.run_command(
@@ -632,6 +666,26 @@ class _FeedAborted(Exception):
     pass
 
 
+class _Stoppable:
+    """
+    An upload's body, whose reads fail once capsule stops.
+    """
+
+    def __init__(self, body, api: SessionApi) -> None:
+        self._body, self._api = body, api
+
+    def read(self, size: int = -1) -> bytes:
+        if self._api.stopping:
+            raise _FeedAborted("capsule is stopping")
+        return self._body.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._body.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._body.tell()
+
+
 @implementer(IPushProducer)
 class _Feeder:
     """
@@ -651,9 +705,11 @@ class _Feeder:
         self._consumer = consumer
         consumer.registerProducer(self, True)
         self._body.seek(0)
+        self._api.feeders.add(self)
         d = self._api.in_thread(rewrite, self._body, self._thd_write)
 
         def done(result):
+            self._api.feeders.discard(self)
             consumer.unregisterProducer()
             return result
 
@@ -664,6 +720,8 @@ class _Feeder:
         return d.addBoth(done).addErrback(gone)
 
     def _thd_write(self, chunk: bytes) -> None:
+        if self._api.stopping:
+            raise _FeedAborted("capsule is stopping")
         blockingCallFromThread(self._api.reactor, self._write, chunk)
 
     def _write(self, chunk: bytes):

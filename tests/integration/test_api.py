@@ -301,3 +301,43 @@ def test_an_upload_tar_cannot_write_is_a_422_with_its_words(server):
     assert (status, body["code"]) == (422, "unpack_failed")
     assert "locked/x" in body["error"] and "Permission denied" in body["error"]
     assert sh(server, session_id, "cat fine; ls -A locked")["stdout"] == "ok"
+
+
+def test_capsule_stops_promptly_while_an_upload_unpacks(make_server, tmp_path):
+    import threading
+
+    from .harness import docker_client
+    server = make_server()
+    session_id = create(server)["id"]
+    big = tmp_path / "big.tar"
+
+    class Zeros:
+        def read(self, size=-1):
+            return bytes(min(size, 1 << 20) if size and size > 0 else 1 << 20)
+    with tarfile.open(big, "w") as tar:
+        for i in range(2):
+            info = tarfile.TarInfo(f"zeros{i}")
+            info.size = 200 * 1024 * 1024
+            tar.addfile(info, Zeros())
+    answers = []
+
+    def send():
+        with big.open("rb") as body:
+            request = urllib.request.Request(
+                f"{server.url}/api/sessions/{session_id}/workspace", data=body, method="POST",
+                headers={"Content-Type": "application/x-tar",
+                         "Content-Length": str(big.stat().st_size)})
+            try:
+                answers.append(urllib.request.urlopen(request, timeout=120).status)
+            except (urllib.error.URLError, ConnectionError) as e:
+                answers.append(e)
+    sender = threading.Thread(target=send)
+    sender.start()
+    container, = [c for c in docker_client().containers.list()
+                  if c.labels.get("io.capsule.session") == session_id]
+    wait_for(lambda: any("tar -x" in " ".join(p) for p in container.top()["Processes"]),
+             60, "tar to unpack the upload")
+    # The harness fails the stop if capsule is not gone within its deadline.
+    server.stop()
+    sender.join(30)
+    assert answers and answers[0] != 200
