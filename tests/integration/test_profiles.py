@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from .harness import IMAGE, WSClient, docker_client, poll
+from .harness import IMAGE, WSClient, docker_client, poll, wait_for
 
 AGENT_IMAGE = os.environ.get("CAPSULE_TEST_AGENT_IMAGE")
 
@@ -317,3 +317,76 @@ async def test_an_agent_volume_is_a_users_own_and_outlives_the_container():
             except Exception:
                 pass
         api.stop()
+
+
+@pytest.mark.skipif(not AGENT_IMAGE and not os.environ.get("CAPSULE_REQUIRE_DOCKER"),
+                    reason="set CAPSULE_TEST_AGENT_IMAGE to the agent image (make image)")
+def test_a_users_agent_state_outlives_the_session_and_is_theirs_alone(make_server, tmp_path):
+    # Two users (API tokens); the claude profile with its agent volume at
+    # ~/.claude in the agent image (a shell instead of claude: the volume is
+    # what is tested). What ann leaves there is there in her next session,
+    # not in bob's; the admin command then removes hers.
+    import base64
+    import json
+
+    import websocket
+
+    assert AGENT_IMAGE, "CAPSULE_TEST_AGENT_IMAGE is not set"
+    tokens = {"ann": "ann-token-" + "1" * 30, "bob": "bob-token-" + "2" * 30}
+    path = tmp_path / "tokens"
+    path.write_text("".join(f"{u}:{t}\n" for u, t in tokens.items()))
+    server = make_server("--pool-size", "0", "--tokens", str(path), "--agent-image",
+                         AGENT_IMAGE, "--profiles", write_profiles(tmp_path, """
+[profiles.claude]
+agent_volume = "/home/developer/.claude"
+environment = { CLAUDE_CONFIG_DIR = "/home/developer/.claude" }
+command = ["bash", "-l"]
+"""))
+
+    def session(user: str, command: str, expect: str) -> str:
+        ws = websocket.create_connection(server.ws_url + "?profile=claude", timeout=60,
+                                         header=[f"Authorization: Bearer {tokens[user]}"])
+        try:
+            ws.send(json.dumps({"type": "resize", "cols": 80, "rows": 24}))
+            seen = b""
+            ws.send(json.dumps({"type": "input", "data": command + "; exit\n"}))
+            while True:
+                message = json.loads(ws.recv())
+                if message["type"] == "output":
+                    seen += base64.b64decode(message["data"])
+                elif message["type"] == "exit":
+                    break
+                else:
+                    assert message["type"] in ("connected", "notice"), message
+            text = seen.decode("utf-8", "replace")
+            assert expect in text, text[-2000:]
+            return text
+        finally:
+            ws.close()
+
+    volume = {u: f"capsule-{server.instance}-claude-{u}-" for u in tokens}
+
+    def volumes() -> list[str]:
+        return sorted(v.name for v in docker_client().volumes.list(
+            filters={"label": f"io.capsule.instance={server.instance}"}))
+    try:
+        session("ann", 'echo "$CLAUDE_CONFIG_DIR" > ~/.claude/where; echo WROTE_$((1+1))',
+                "WROTE_2")
+        text = session("ann", "cat ~/.claude/where; echo READ_$((2+2))", "READ_4")
+        assert "/home/developer/.claude\r\nREAD_4" in text
+        text = session("bob", "ls -A ~/.claude | wc -l; stat -c %U ~/.claude;"
+                              " echo BOB_$((3+3))", "BOB_6")
+        assert "0\r\ndeveloper\r\nBOB_6" in text
+        assert "not writable" not in text
+        assert [n[:len(volume["ann"])] for n in volumes()] == [volume["ann"], volume["bob"]]
+        # Each session's container is removed once its shell exited.
+        wait_for(lambda: server.containers() == [], 30, "the containers removed")
+        code, out = _admin("remove-volumes", "--user", "ann", "--instance", server.instance)
+        assert code == 0, out
+        assert out[-1] == f"removed 1 agent volume(s) of ann (instance {server.instance})"
+        assert [n[:len(volume["bob"])] for n in volumes()] == [volume["bob"]]
+    finally:
+        server.stop()
+        server.remove_containers()
+        for name in volumes():
+            docker_client().volumes.get(name).remove(force=True)
