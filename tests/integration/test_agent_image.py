@@ -119,6 +119,28 @@ def test_node_and_npm_are_the_pinned_ones(agent_image):
         "/home/developer/.local", "1 developer"]
 
 
+def test_claude_state_is_developers_also_in_a_new_volume(agent_image):
+    """
+    ~/.claude (CLAUDE_CONFIG_DIR) is developer's, and so is a new named
+    volume mounted there (what a profile's agent_volume does): Docker fills
+    it from the image. What the CLI keeps there stays in the volume.
+    """
+    status, out, err = run(agent_image, 'echo "$CLAUDE_CONFIG_DIR"; stat -c "%U %a" ~/.claude')
+    assert (status, out, err) == (0, "/home/developer/.claude\ndeveloper 700\n", "")
+    client = docker_client()
+    volume = client.volumes.create(f"capsule-test-agent-{uuid.uuid4().hex[:12]}",
+                                   labels={"io.capsule.test": "agent-image"})
+    try:
+        mounts = {volume.name: {"bind": "/home/developer/.claude", "mode": "rw"}}
+        status, out, err = run(agent_image, 'stat -c "%U %a" ~/.claude; echo kept > ~/.claude/state',
+                               volumes=mounts)
+        assert (status, out, err) == (0, "developer 700\n", "")
+        status, out, err = run(agent_image, "cat ~/.claude/state", volumes=mounts)
+        assert (status, out, err) == (0, "kept\n", "")
+    finally:
+        volume.remove(force=True)
+
+
 def test_nothing_writable_by_the_session_user_outside_its_places(agent_image):
     """
     What docker/Dockerfile checks at build time (files of uid 1000,
