@@ -192,7 +192,7 @@ def test_a_secrets_file_others_may_read_is_refused(tmp_path, mode):
     path = tmp_path / "secrets"
     path.write_text("KEY=value\n")
     os.chmod(path, mode)
-    with pytest.raises(ProfileError, match=f"readable or writable by every user.*chmod 600"):
+    with pytest.raises(ProfileError, match="readable or writable by every user.*chmod 600"):
         load_secrets(str(path), builtins(), environ={})
 
 
@@ -504,7 +504,6 @@ def _volume(user, profile="claude", instance="default"):
 
 
 def _admin(command, api):
-    import argparse
     import io
     from capsule.admin import COMMANDS, AdminClient, parser
     args = parser().parse_args(command)
