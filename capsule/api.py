@@ -102,18 +102,21 @@ def _user(request):
     return getattr(request, "capsule_user", None)
 
 
-def _json_request(request, what: str) -> dict:
+def _json_request(request, what: str, empty_ok: bool = False) -> dict:
     """
-    The JSON object a request's body holds.
+    The JSON object a request's body holds (with C{empty_ok}, none is C{{}}).
 
     @raise ApiError: for another content type, or a body that is not one.
     """
+    data = request.content.read()
+    if empty_ok and not data:
+        return {}
     kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
     if kind != b"application/json":
         raise ApiError(415, f"{what} takes a JSON body (Content-Type: application/json)",
                        "unsupported_media_type")
     try:
-        body = json.loads(request.content.read() or b"{}")
+        body = json.loads(data)
     except ValueError as e:
         raise ApiError(400, f"the body is not JSON: {e}", "bad_request") from None
     if not isinstance(body, dict):
@@ -376,7 +379,7 @@ class SessionsResource(_JsonResource):
 
     def render_POST(self, request):
         api = self.api
-        body = _json_request(request, "creating a session")
+        body = _json_request(request, "creating a session", empty_ok=True)
         _only(body, {"profile", "cols", "rows", "repository"})
         cols = _integer(body, "cols", 80, _SIZE_MIN, _SIZE_MAX)
         rows = _integer(body, "rows", 24, _SIZE_MIN, _SIZE_MAX)

@@ -147,7 +147,14 @@ def test_create_refuses_bad_bodies(api):
     assert api.request("/api/sessions", "POST", b"{nope")[0] == 400
     status, _, body = api.request("/api/sessions", "POST", b"{}", content_type="text/plain")
     assert (status, body["code"]) == (415, "unsupported_media_type")
-    assert api.manager.sessions == {}
+    assert api.request(f"/api/sessions/{api.create()['id']}/exec", "POST", b"")[0] == 400
+    assert len(api.manager.sessions) == 1
+
+
+def test_create_without_a_body_takes_the_defaults(api):
+    status, _, body = api.request("/api/sessions", "POST", b"", content_type="text/plain")
+    assert status == 201
+    assert api.manager.sessions[body["id"]].core.size == (80, 24)
 
 
 def test_create_body_over_its_limit_is_refused_before_it_is_read(api):
