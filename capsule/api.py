@@ -58,6 +58,9 @@ EXEC_MAX_OUTPUT = 16 * 1024 * 1024
 # Commands one session may run at once; uploads one session, and the
 # server, may unpack at once.
 EXECS_PER_SESSION = 4
+# Bytes of output all running commands together may hold (each holds up to
+# twice its max_output until it ends): past it a new one gets 503.
+EXEC_OUTPUT_BUDGET = 256 * 1024 * 1024
 UPLOADS_PER_SESSION = 1
 UPLOADS_AT_ONCE = 4
 # Seconds capsule waits for a command past its own timeout (which
@@ -233,6 +236,8 @@ class SessionApi:
         self.public_url = public_url.rstrip("/") if public_url else None
         self.upload_max_bytes = upload_max_bytes
         self.execs: dict[str, int] = {}
+        # Bytes of output the running commands may hold (2 * max_output each).
+        self.output_reserved = 0
         self.uploads: dict[str, int] = {}
         self.feeders: set[_Feeder] = set()
         # The pool's work under way; whether capsule stops.
@@ -545,10 +550,20 @@ class ExecResource(_JsonResource):
         if running >= EXECS_PER_SESSION:
             raise ApiError(429, f"session {session.id} runs {running} commands already (at"
                                 f" most {EXECS_PER_SESSION} at once)", "too_many_execs")
+        reserve = 2 * wanted["max_output"]
+        if api.output_reserved + reserve > EXEC_OUTPUT_BUDGET:
+            raise ApiError(503, "the commands running now may return as much output as capsule"
+                                " holds at once: try again shortly, or ask for less"
+                                " (max_output)", "busy")
         api.execs[session.id] = running + 1
+        api.output_reserved += reserve
         api.touch(session)
-        return _answer(request, Deferred.fromCoroutine(self._run(session, spec, wanted)),
-                       "an exec")
+        d = Deferred.fromCoroutine(self._run(session, spec, wanted))
+
+        def release(result):
+            api.output_reserved -= reserve
+            return result
+        return _answer(request, d.addBoth(release), "an exec")
 
     async def _run(self, session, spec, wanted):
         api = self.api

@@ -277,6 +277,31 @@ def test_exec_limit_per_session(api):
     assert api.site.session_api.execs == {}
 
 
+def test_exec_output_held_at_once_is_bounded_server_wide(api):
+    from twisted.internet.defer import Deferred
+
+    from capsule.api import EXEC_MAX_OUTPUT, EXEC_OUTPUT_BUDGET
+    held = []
+    argv = tuple(timed_argv(["slow"], 60))
+    api.docker.commands[argv] = lambda stdin: held.append(Deferred()) or held[-1]
+    request = json.dumps({"argv": ["slow"], "max_output": EXEC_MAX_OUTPUT}).encode()
+    fits = EXEC_OUTPUT_BUDGET // (2 * EXEC_MAX_OUTPUT)
+    sessions = [api.create()["id"] for _ in range(fits // EXECS_PER_SESSION + 1)]
+    pending = [api.send(f"/api/sessions/{sessions[i // EXECS_PER_SESSION]}/exec", "POST",
+                        request) for i in range(fits)]
+    status, headers, body = api.request(f"/api/sessions/{sessions[-1]}/exec", "POST",
+                                        {"argv": ["slow"], "max_output": EXEC_MAX_OUTPUT})
+    assert (status, body["code"], headers["retry-after"]) == (503, "busy", "5")
+    held[0].callback((b"", b"", 0))
+    assert parse(pending[0].value())[0] == 200
+    assert api.site.session_api.output_reserved == (fits - 1) * 2 * EXEC_MAX_OUTPUT
+    api.send(f"/api/sessions/{sessions[-1]}/exec", "POST", request)
+    assert len(held) == fits + 1
+    for d in held[1:]:
+        d.callback((b"", b"", 0))
+    assert api.site.session_api.output_reserved == 0
+
+
 def test_exec_keeps_a_clientless_session_alive(api):
     session = api.create()
     core = api.manager.sessions[session["id"]].core
