@@ -125,6 +125,14 @@ def test_list_get_and_delete(api):
     assert (status, body["code"]) == (404, "session_not_found")
 
 
+def test_head_is_get_without_its_body(api):
+    session = api.create()
+    transport = api.send(f"/api/sessions/{session['id']}", "HEAD")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-type: application/json" in head.lower()
+    assert body == b""
+
+
 def test_unknown_routes_and_methods_are_json(api):
     session = api.create()
     for path in ("/api/nothing", "/api/sessions/not-an-id",
