@@ -43,13 +43,13 @@ run: SHELL := /bin/bash
 run: setup
 	@echo "capsule: Python packages in $(VENV), the page's in www/node_modules: ready"
 	@echo "capsule: session image $(IMAGE) (full build log: $(BUILD_LOG))"
-	@bash -c 'set -o pipefail; bash docker/build-image.sh "$$1" 2>&1 | tee "$$2" \
+	@bash -c 'set -o pipefail; bash docker/build-image.sh "$$1" "$$3" 2>&1 | tee "$$2" \
 	  | grep --line-buffered "^build-image:" | sed -u "s/^build-image:/capsule: image:/"' \
-	  _ $(IMAGE) $(BUILD_LOG) \
+	  _ $(IMAGE) $(BUILD_LOG) $(AGENT_IMAGE) \
 	  || { echo "capsule: the image build failed; the end of $(BUILD_LOG):"; \
 	       tail -n 25 $(BUILD_LOG); exit 1; }
-	@echo "capsule: starting: twistd -n capsule --listen $(LISTEN) --image $(IMAGE) $(ARGS)"
-	@$(BIN)/twistd -n capsule --listen $(LISTEN) --image $(IMAGE) $(ARGS) & pid=$$!; \
+	@echo "capsule: starting: twistd -n capsule --listen $(LISTEN) --image $(IMAGE) --agent-image $(AGENT_IMAGE) $(ARGS)"
+	@$(BIN)/twistd -n capsule --listen $(LISTEN) --image $(IMAGE) --agent-image $(AGENT_IMAGE) $(ARGS) & pid=$$!; \
 	  trap 'kill -TERM $$pid 2>/dev/null' INT TERM; \
 	  while :; do wait $$pid; status=$$?; kill -0 $$pid 2>/dev/null || break; done; \
 	  case $$status in 0|130|143) exit 0;; *) exit $$status;; esac

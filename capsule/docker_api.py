@@ -342,8 +342,8 @@ class DockerAPI:
         except docker.errors.ImageNotFound:
             raise ImageMissing(
                 f"the session image {spec.image} is missing: build it with `make image`"
-                f" (or `docker/build-image.sh {spec.image}`), or start capsule with"
-                " --image naming an image that exists"
+                " (docker/build-image.sh SESSION_IMAGE AGENT_IMAGE), or start capsule with"
+                " --image (or --agent-image, or the profile's image) naming an image that exists"
             ) from None
 
     def inspect_network(self, name: str) -> Deferred:
