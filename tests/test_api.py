@@ -546,3 +546,42 @@ def test_check_refuses_an_extended_header_too_large_to_read():
     long_name = "d/" * 600 + "f"
     summary = check(archive([(long_name, "file", "x")]), 1 << 30)
     assert summary.files == 1
+
+
+def _mutated_archives():
+    from hypothesis import strategies as st
+    base = archive([("d/", "dir", None), ("d/a", "file", "hello" * 50), ("l", "symlink", "d/a"),
+                    ("h", "hardlink", "d/a")]).getvalue()
+    return st.builds(
+        lambda edits, cut, gzip_it: _apply(base, edits, cut, gzip_it),
+        st.lists(st.tuples(st.integers(0, len(base) - 1), st.integers(0, 255)), max_size=20),
+        st.integers(0, len(base)), st.booleans())
+
+
+def _apply(base: bytes, edits, cut: int, gzip_it: bool) -> bytes:
+    import gzip
+    data = bytearray(base)
+    for at, value in edits:
+        data[at] = value
+    data = bytes(data[:cut] if cut else data)
+    return gzip.compress(data) if gzip_it else data
+
+
+def test_check_of_any_mutated_archive_refuses_or_accepts_never_raises_else():
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_mutated_archives())
+    def run(data):
+        try:
+            summary = check(io.BytesIO(data), 1 << 20)
+        except ArchiveRefused:
+            return
+        out = io.BytesIO()
+        assert rewrite(io.BytesIO(data), out.write) == summary.entries
+        out.seek(0)
+        with tarfile.open(fileobj=out) as tar:
+            for member in tar:
+                assert not member.name.startswith("/") and ".." not in member.name.split("/")
+                assert member.uid == 1000 and member.mode & 0o7000 == 0
+    run()
