@@ -559,12 +559,15 @@ def _mutated_archives():
 
 
 def _apply(base: bytes, edits, cut: int, gzip_it: bool) -> bytes:
+    """
+    C{base} with bytes changed and cut off; when gzipped, the compressed
+    bytes are the ones changed.
+    """
     import gzip
-    data = bytearray(base)
+    data = bytearray(gzip.compress(base) if gzip_it else base)
     for at, value in edits:
-        data[at] = value
-    data = bytes(data[:cut] if cut else data)
-    return gzip.compress(data) if gzip_it else data
+        data[max(2, at % len(data))] = value
+    return bytes(data[:max(cut, 3)] if cut else data)
 
 
 def test_check_of_any_mutated_archive_refuses_or_accepts_never_raises_else():
