@@ -588,3 +588,33 @@ def test_check_of_any_mutated_archive_refuses_or_accepts_never_raises_else():
                 assert not member.name.startswith("/") and ".." not in member.name.split("/")
                 assert member.uid == 1000 and member.mode & 0o7000 == 0
     run()
+
+
+def test_check_bounds_entries_and_names(monkeypatch):
+    from capsule import tarcheck
+    monkeypatch.setattr(tarcheck, "MAX_ENTRIES", 3)
+    with pytest.raises(ArchiveRefused) as e:
+        check(archive([(f"f{i}", "file", "") for i in range(4)]), 1 << 30)
+    assert e.value.code == "too_many_entries"
+    assert check(archive([(f"f{i}", "file", "") for i in range(3)]), 1 << 30).entries == 3
+    monkeypatch.setattr(tarcheck, "MAX_NAMES_BYTES", 100)
+    with pytest.raises(ArchiveRefused) as e:
+        check(archive([("a" * 60, "file", ""), ("b" * 60, "file", "")]), 1 << 30)
+    assert e.value.code == "too_many_entries"
+    monkeypatch.undo()
+    assert refusal([("x" * 256, "file", "")]).entry == "x" * 200
+    assert refusal([("d/" * 2100, "dir", None)]).entry.startswith("d/d/")
+
+
+def test_uploads_at_once_are_bounded(api):
+    from capsule.api import UPLOADS_AT_ONCE
+    sessions = [api.create()["id"] for _ in range(UPLOADS_AT_ONCE + 1)]
+    uploads = api.site.session_api.uploads
+    uploads[sessions[0]] = 1
+    status, _, body = api.request(f"/api/sessions/{sessions[0]}/workspace", "POST", b"x",
+                                  content_type="application/x-tar")
+    assert (status, body["code"]) == (429, "upload_in_progress")
+    uploads.update({s: 1 for s in sessions[1:UPLOADS_AT_ONCE]})
+    status, _, body = api.request(f"/api/sessions/{sessions[-1]}/workspace", "POST", b"x",
+                                  content_type="application/x-tar")
+    assert (status, body["code"]) == (429, "too_many_uploads")
