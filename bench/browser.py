@@ -11,7 +11,10 @@ next animation frame: the frame that draws it; a terminal without DOM rows,
 drawn on a canvas, is timed by the page's C{performance.mark("capsule:prompt")}
 instead), and, for the notes, when
 the page's first WebSocket was created, when the prompt first arrived on
-it, and C{DOMContentLoaded}.  Nothing in the page has to cooperate.
+it, and C{DOMContentLoaded}; and, from Chromium's network layer (the
+DevTools protocol), counted from the page's request, when the WebSocket's
+handshake went out and was answered, when the page sent its first frame,
+and when the prompt's frame came in.  Nothing in the page has to cooperate.
 
 Playwright's sync API is used from one thread of its own
 (L{run_visits}); the reactor goes on meanwhile.
@@ -19,7 +22,9 @@ Playwright's sync API is used from one thread of its own
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import shutil
 import time
 
@@ -97,9 +102,67 @@ _TRANSFERS = """() => {
 }"""
 
 
-def _visit(context, url: str) -> dict:
+class _Wire:
+    """
+    What Chromium's network layer saw (the DevTools protocol, in its own
+    clock): when the page was asked for, when the WebSocket's handshake
+    went out, and when the first frame holding the prompt came in, before
+    the page's busy main thread could hand it to any script.
+    """
+
+    def __init__(self, page, prompt: str) -> None:
+        self.prompt = re.compile(prompt.encode())
+        self.times: dict[str, float] = {}
+        self.cdp = page.context.new_cdp_session(page)
+        self.cdp.on("Network.requestWillBeSent", self._request)
+        self.cdp.on("Network.webSocketWillSendHandshakeRequest", self._handshake)
+        self.cdp.on("Network.webSocketFrameReceived", self._frame)
+        self.cdp.on("Network.webSocketHandshakeResponseReceived", self._opened)
+        self.cdp.on("Network.webSocketFrameSent", self._sent)
+        self.cdp.send("Network.enable")
+
+    def _request(self, event) -> None:
+        if event.get("type") == "Document":
+            self.times.setdefault("document", event["timestamp"])
+
+    def _handshake(self, event) -> None:
+        self.times.setdefault("handshake", event["timestamp"])
+
+    def _opened(self, event) -> None:
+        self.times.setdefault("opened", event["timestamp"])
+
+    def _sent(self, event) -> None:
+        self.times.setdefault("sent", event["timestamp"])
+
+    def _frame(self, event) -> None:
+        if "frame" in self.times:
+            return
+        response = event.get("response", {})
+        data = response.get("payloadData", "")
+        raw = (base64.b64decode(data) if response.get("opcode") == 2
+               else data.encode("utf-8", "replace"))
+        if self.prompt.search(_ESCAPES.sub(b"", raw)):
+            self.times["frame"] = event["timestamp"]
+
+    def marks(self) -> dict:
+        """
+        Milliseconds from the page's request to the handshake, its answer,
+        the page's first frame sent, and the prompt's frame (C{None} when
+        not seen).
+        """
+        start = self.times.get("document")
+        return {f"wire_{key}": (None if start is None or key not in self.times
+                                else (self.times[key] - start) * 1000)
+                for key in ("handshake", "opened", "sent", "frame")}
+
+
+_ESCAPES = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _visit(context, url: str, prompt: str = PROMPT) -> dict:
     page = context.new_page()
     try:
+        wire = _Wire(page, prompt)
         page.goto(url, wait_until="commit", timeout=TIMEOUT_MS)
         try:
             page.wait_for_function("() => window.__capsuleBench"
@@ -113,6 +176,7 @@ def _visit(context, url: str) -> dict:
         # What went over the network: the page and each file not taken
         # from the cache unasked (a 304 counts, with its headers' bytes).
         marks.update(page.evaluate(_TRANSFERS))
+        marks.update(wire.marks())
         return marks
     finally:
         page.close()
@@ -140,7 +204,7 @@ def run_visits(url: str, rounds: int, settle, prompt: str = PROMPT) -> dict:
             context = browser.new_context(viewport=VIEWPORT)
             context.add_init_script(probe)
             settle()
-            _visit(context, url)
+            _visit(context, url, prompt)
             context.close()
             for i in range(rounds):
                 context = browser.new_context(viewport=VIEWPORT)
@@ -148,7 +212,7 @@ def run_visits(url: str, rounds: int, settle, prompt: str = PROMPT) -> dict:
                 try:
                     for kind in ("first", "returning"):
                         settle()
-                        visits[kind].append(_visit(context, url))
+                        visits[kind].append(_visit(context, url, prompt))
                 finally:
                     context.close()
                 first, back = visits["first"][-1], visits["returning"][-1]
@@ -166,7 +230,8 @@ def digest(marks: list[dict]) -> dict:
     The drawn times' summary, with the medians of the other marks.
     """
     result = summary([m["drawn"] for m in marks])
-    for key in ("dcl", "ws", "message", "arrived"):
+    for key in ("dcl", "ws", "message", "arrived", "wire_handshake", "wire_opened",
+                "wire_sent", "wire_frame"):
         values = [m[key] for m in marks if m.get(key) is not None]
         result[f"{key}_median"] = summary(values)["median"] if values else None
     result["by_mark"] = sum(1 for m in marks if m.get("by") == "mark")
