@@ -341,3 +341,35 @@ def test_capsule_stops_promptly_while_an_upload_unpacks(make_server, tmp_path):
     server.stop()
     sender.join(30)
     assert answers and answers[0] != 200
+
+
+def test_the_url_of_a_session_created_by_the_api_opens_it_in_chromium(server):
+    import os
+    import shutil
+    chromium = (os.environ.get("CAPSULE_CHROMIUM") or shutil.which("chromium")
+                or shutil.which("chromium-browser"))
+    if chromium is None:
+        pytest.skip("no chromium on this machine")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    session = create(server)
+    sh(server, session["id"], "echo api-made-this > /workspace/marker")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium,
+                                             args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + session["url"])
+            page.wait_for_selector('#status[data-state="connected"]', timeout=20000)
+            assert page.get_attribute("#session", "title") == session["id"]
+            page.locator(".xterm-helper-textarea").focus()
+            page.keyboard.type("cat marker | tr a-z A-Z")
+            page.keyboard.press("Enter")
+            page.wait_for_function(
+                "() => /API-MADE-THIS/.test(document.querySelector('.xterm-rows').innerText)",
+                timeout=15000)
+            assert call(server, f"/api/sessions/{session['id']}")[1]["client_attached"] is True
+            assert errors == []
+        finally:
+            browser.close()
