@@ -248,6 +248,15 @@
   // --- the socket --------------------------------------------------------
 
   function connect() {
+    resetLink();
+    if (state === "reconnecting") renderCountdown();
+    const ws = new WebSocket(socketUrl(), [BINARY_PROTOCOL]);
+    ws.binaryType = "arraybuffer";
+    attach(ws);
+  }
+
+  // What a new socket starts from.
+  function resetLink() {
     clearTimeout(retryTimer);
     retryTimer = null;
     exitCode = null;
@@ -259,7 +268,11 @@
     link += 1;
     stopAcks();
     endReplay();
-    if (state === "reconnecting") renderCountdown();
+  }
+
+  // /ws, with the session to resume (or the profile of a new one). index.html's bootstrap
+  // builds the first one the same way; see adoptBoot.
+  function socketUrl() {
     const url = new URL("ws", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     const params = new URLSearchParams();
@@ -275,24 +288,66 @@
     const query = params.toString();
     url.search = query ? "?" + query : "";
     url.hash = "";
-    const ws = new WebSocket(url, [BINARY_PROTOCOL]);
-    ws.binaryType = "arraybuffer";
+    return url.href;
+  }
+
+  function attach(ws) {
     socket = ws;
     ws.onopen = () => {
       if (ws !== socket) return;
-      binary = ws.protocol === BINARY_PROTOCOL;
-      // A JSON socket carries no offsets: the next resume leaves it to the server.
-      if (!binary) offsetKnown = false;
+      opening(ws);
       sendResize(true); // before anything else: a new session needs the size
     };
     ws.onmessage = (event) => {
-      if (ws !== socket) return;
-      if (typeof event.data === "string") onFrame(event.data);
-      else onOutput(event.data);
+      if (ws === socket) receive(event.data);
     };
     ws.onclose = (event) => {
       if (ws === socket) onClose(event.code);
     };
+  }
+
+  function opening(ws) {
+    binary = ws.protocol === BINARY_PROTOCOL;
+    // A JSON socket carries no offsets: the next resume leaves it to the server.
+    if (!binary) offsetKnown = false;
+  }
+
+  function receive(data) {
+    if (typeof data === "string") onFrame(data);
+    else onOutput(data);
+  }
+
+  // The socket index.html's bootstrap opened before the terminal's scripts had loaded, and what
+  // it received meanwhile, taken over as if connect() had opened it: the bootstrap sent the
+  // size it estimated (a resize follows if the terminal came out otherwise). A socket to any
+  // other URL than connect() would open is closed, and connect() opens that one.
+  function adoptBoot() {
+    const boot = window.capsuleBoot;
+    window.capsuleBoot = null;
+    if (!boot || !boot.socket) return false;
+    const ws = boot.socket;
+    ws.onopen = ws.onmessage = ws.onclose = null;
+    resetLink();
+    if (boot.url !== socketUrl()) {
+      console.warn("capsule: the bootstrap's socket is not the one this page would open");
+      ws.close();
+      return false;
+    }
+    attach(ws);
+    if (boot.size !== null) {
+      opening(ws);
+      sentSize = boot.size;
+    }
+    const frames = boot.frames;
+    boot.frames = [];
+    for (const data of frames) {
+      if (ws !== socket) return true;
+      receive(data);
+    }
+    if (ws !== socket) return true;
+    if (boot.closed !== null) onClose(boot.closed);
+    else if (boot.size !== null) sendResize(false);
+    return true;
   }
 
   function send(message) {
@@ -1157,7 +1212,7 @@
 
   fitAddon.fit();
   setState("connecting");
-  connect();
+  if (!adoptBoot()) connect();
   showLogout();
   term.focus();
 })();
