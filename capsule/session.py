@@ -616,24 +616,15 @@ class SessionManager:
     async def _make(self, session: Session) -> None:
         core = session.core
         spec = self._container_spec(session.id, session.settings, core.user)
-        while True:
-            if core.container_id is None:
-                core.warm = False
-                core.container_id = await self._docker.create_session_container(
-                    session.id, spec)
-            try:
-                await self._spawn_shell(session, 0)
-            except ContainerGone as e:
-                if not core.warm:
-                    raise
-                # A warm container died while it waited: never hand it out.
-                _log.warn("warm container {container} was broken ({message}): starting"
-                          " session {session_id} cold", container=core.container_id[:12],
-                          message=e.message, session_id=session.id[:8])
-                await self._remove_container(session)
-                core.container_id = None
-                continue
+        core.container_id = await self._docker.create_session_container(session.id, spec)
+        if core.message is not None:
+            # It ended while its container was being made (it was ended, or
+            # capsule stops): that container is nobody's.
+            d = self._remove_container(session)
+            self._removals.add(d)
+            d.addBoth(lambda _: self._removals.discard(d))
             return
+        await self._spawn_shell(session, 0)
 
     def _make_failed(self, failure: Failure, session: Session) -> None:
         self.pool.refill()

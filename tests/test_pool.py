@@ -295,3 +295,26 @@ def test_a_profile_with_a_users_volume_gets_no_pool(docker, clock):
     manager.pool.start()
     assert set(manager.pool.pools) == {"shell"} and manager.pool.size == 1
     assert len(docker.containers) == 1
+
+
+def test_a_warm_session_being_made_when_capsule_stops_leaves_no_container(docker, clock):
+    docker.hold_create = True
+    manager = make_manager(docker, clock, size=1)
+    making = manager.pool["shell"].making
+    assert making is not None and len(docker.containers) == 1
+    manager.shutdown()
+    assert making.status() == "ended"
+    docker.release_create()
+    assert docker.containers == {} and docker.processes == []
+
+
+def test_a_session_ended_while_its_container_is_made_leaves_no_container(docker, clock):
+    docker.hold_create = True
+    manager = make_manager(docker, clock, size=0)
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    manager.end(session, "ended by an administrator")
+    assert session.status() == "ended"
+    docker.release_create()
+    assert docker.containers == {} and docker.processes == []
+    assert client.kinds() == ["failed"]
