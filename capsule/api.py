@@ -38,7 +38,7 @@ from .command import utf8_text
 from .errors import CapsuleError, ContainerGone, DockerUnavailable
 from .export import json_body, json_error
 from .protocol import ProtocolError, parse_session_id
-from .tarcheck import ArchiveRefused, check, rewrite
+from .tarcheck import ArchiveRefused, Interrupted, check, rewrite
 
 _log = Logger()
 
@@ -680,7 +680,7 @@ class UploadResource(_JsonResource):
                      "bytes": summary.size, "compressed": summary.compressed}
 
 
-class _FeedAborted(Exception):
+class _FeedAborted(Interrupted):
     pass
 
 

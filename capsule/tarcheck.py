@@ -45,6 +45,13 @@ DEVELOPER = "developer"
 ROOT = "/workspace"
 
 
+class Interrupted(Exception):
+    """
+    Raised by the archive's reads or writes to stop a check or a rewrite
+    (capsule stops, the command went away): passed through as it is.
+    """
+
+
 class ArchiveRefused(Exception):
     """
     The archive may not be unpacked: C{message} says why, C{entry} names
@@ -119,7 +126,11 @@ def _open(fileobj):
     mode = "r|gz" if kind == "gzip" else "r|"
     try:
         return tarfile.open(fileobj=fileobj, mode=mode, tarinfo=_BoundedInfo), kind == "gzip"
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (ArchiveRefused, Interrupted):
+        raise
+    except Exception as e:
+        # Whatever the parser trips on (a truncated gzip header raises
+        # TypeError): the bytes are the client's.
         raise ArchiveRefused(f"the archive cannot be read: {_why(e)}") from None
 
 
@@ -134,9 +145,9 @@ def _members(archive):
     """
     try:
         yield from archive
-    except ArchiveRefused:
+    except (ArchiveRefused, Interrupted):
         raise
-    except (tarfile.TarError, EOFError, OSError, UnicodeError) as e:
+    except Exception as e:
         raise ArchiveRefused(f"the archive is truncated or corrupt: {_why(e)}") from None
 
 

@@ -476,7 +476,9 @@ def test_check_refuses_entries_outside_the_workspace(entries, entry):
 
 def test_check_refuses_what_is_not_an_archive_or_too_large():
     for data, code in [(b"", "empty"), (b"hello" * 200, "not_an_archive"),
-                       (b"BZh91AY&SY" + b"\0" * 600, "not_an_archive")]:
+                       (b"BZh91AY&SY" + b"\0" * 600, "not_an_archive"),
+                       (b"\x1f\x8b\x08", "bad_archive"),
+                       (b"\x1f\x8b" + b"\0" * 20, "bad_archive")]:
         with pytest.raises(ArchiveRefused) as e:
             check(io.BytesIO(data), 1 << 30)
         assert e.value.code == code
