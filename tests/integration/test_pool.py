@@ -5,6 +5,7 @@ run, taken without a Docker call.
 
 import json
 import re
+import signal
 
 import pytest_twisted
 from twisted.internet.threads import deferToThread
@@ -209,4 +210,26 @@ async def test_a_cold_start_begins_at_the_upgrade_and_a_client_gone_before_its_f
     client = await WSClient.connect(server.ws_url)
     await client.start(100, 30)
     assert await client.run("stty size") == "30 100\r\n"
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_warm_sessions_of_a_killed_run_are_never_handed_out_and_expire(make_server):
+    first = make_server("--pool-size", "1")
+    await eventually(lambda: pool_ready(first) == 1)
+    (warm,) = instance_containers(first.instance)
+    await deferToThread(first.stop, sig=signal.SIGKILL)
+    second = make_server("--pool-size", "1", "--grace", "3", "--cleanup-interval", "0.2",
+                         instance=first.instance)
+    await eventually(lambda: "found 1 session(s)" in second.log())
+    await eventually(lambda: pool_ready(second) == 1)
+    client = await WSClient.connect(second.ws_url)
+    session_id = await client.start()
+    assert "developer" in await client.run("whoami")
+    assert docker_client().containers.get(f"capsule-{session_id}").id != warm["Id"]
+    # Nobody knows its id: it is kept for the grace period, then removed.
+    await eventually(lambda: warm["Id"] not in {c["Id"] for c in
+                                                instance_containers(first.instance)},
+                     timeout=20)
+    assert "expired" in second.log()
     await client.close()
