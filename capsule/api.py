@@ -122,6 +122,8 @@ def _json_request(request, what: str, empty_ok: bool = False) -> dict:
         body = json.loads(data)
     except ValueError as e:
         raise ApiError(400, f"the body is not JSON: {e}", "bad_request") from None
+    except RecursionError:
+        raise ApiError(400, "the body's JSON nests too deeply", "bad_request") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object", "bad_request")
     return body

@@ -159,6 +159,19 @@ def test_create_refuses_bad_bodies(api):
     assert len(api.manager.sessions) == 1
 
 
+def test_json_nested_too_deeply_is_a_400_not_a_500(api):
+    deep = b"[" * 30000 + b"]" * 30000
+    status, _, body = api.request("/api/sessions", "POST", deep)
+    assert (status, body) == (400, {"error": "the body's JSON nests too deeply",
+                                    "code": "bad_request"})
+    session = api.create()
+    status, _, body = api.request(f"/api/sessions/{session['id']}/exec", "POST",
+                                  b'{"argv": ' + deep + b"}")
+    assert (status, body["code"]) == (400, "bad_request")
+    assert list(api.manager.sessions) == [session["id"]]
+    assert api.docker.commands_run == []
+
+
 def test_create_without_a_body_takes_the_defaults(api):
     status, _, body = api.request("/api/sessions", "POST", b"", content_type="text/plain")
     assert status == 201
