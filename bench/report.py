@@ -218,7 +218,8 @@ def table(r: dict, f: dict, p: dict) -> str:
 
             on_the_way = (f"in the page (medians): DOMContentLoaded {mark('dcl')},"
                           f" WebSocket created {mark('ws')}, prompt arrived {mark('arrived')};"
-                          f" on the wire: WebSocket open {mark('wire_opened')}, first frame sent"
+                          f" on the wire: handshake sent {mark('wire_handshake')}, answered"
+                          f" {mark('wire_opened')}, first frame sent"
                           f" {mark('wire_sent')}, prompt received {mark('wire_frame')};"
                           f" {v['requests']:g} of {v['files']:g} files fetched,"
                           f" {v['kb']:.0f} KiB"
