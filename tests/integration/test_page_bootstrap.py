@@ -117,7 +117,10 @@ def test_a_wrong_estimate_is_corrected_by_a_resize(page_url, new_page):
         ws.send(b"$ ")
 
     server = ScriptedServer(page, on_resize)
-    page.goto(page_url)
+    held = HeldScripts(page)
+    page.goto(page_url, wait_until="commit")
+    until(page, lambda: resizes(server) and held.asked_at, "the bootstrap's resize")
+    held.release()
     page.wait_for_selector('#status[data-state="connected"]')
     until(page, lambda: len(resizes(server)) == 2, "the second resize")
     server.sockets[0].send(("\r\n" + LINE).encode())
