@@ -469,3 +469,38 @@ def test_page_has_no_upload_without_a_session(page_url, new_page):
     wait_text(page, "#status-message", "^upload: there is no session")
     assert catcher.requests == []
     assert page.errors == []
+
+
+# --- links ------------------------------------------------------------------------------
+
+def test_page_opens_a_link_in_a_new_tab_without_an_opener(page_url, new_page):
+    """
+    A URL in the terminal is a link: a click opens it in a new tab, which
+    cannot reach back to the terminal's page.
+    """
+    page = new_page()
+    page.context.route("http://capsule-link.test/**", lambda route: route.fulfill(
+        status=200, content_type="text/html", body="<title>linked</title>"))
+    ScriptedServer(page, started(str(uuid.uuid4()), b"see http://capsule-link.test/path?q=1 ok\r\n$ "))
+    page.goto(page_url)
+    wait_screen(page, "capsule-link")
+    box = page.evaluate("""() => {
+        const row = Array.from(document.querySelectorAll(".xterm-rows > div"))
+            .find((r) => r.textContent.includes("capsule-link"));
+        const text = row.firstChild.nodeType === Node.TEXT_NODE ? row.firstChild : row.querySelector("span").firstChild;
+        const range = document.createRange();
+        const at = text.data.indexOf("capsule-link");
+        range.setStart(text, at);
+        range.setEnd(text, at + 1);
+        const rect = range.getBoundingClientRect();
+        return { x: rect.left + rect.width / 2, y: rect.top + rect.height / 2 };
+    }""")
+    page.mouse.move(box["x"], box["y"])
+    page.mouse.move(box["x"] + 2, box["y"])
+    with page.context.expect_page() as opened:
+        page.mouse.click(box["x"] + 2, box["y"])
+    tab = opened.value
+    tab.wait_for_load_state()
+    assert tab.url == "http://capsule-link.test/path?q=1"
+    assert tab.evaluate("window.opener") is None
+    assert page.errors == []
