@@ -33,8 +33,11 @@ def _errors(*codes: int) -> dict:
             405: "another method", 409: "the session is still starting",
             413: "a body over the route's limit, refused before it is read",
             415: "another Content-Type", 422: "the command failed",
-            429: "over a limit of the caller (Retry-After says when to try again)",
+            429: "over a limit of the caller, or throttled after failed logins"
+                 " (Retry-After says when to try again)",
             503: "the server is full, draining, or the Docker engine does not answer"}
+    # With users, any call may be throttled after failed logins (429).
+    codes = sorted(set(codes) | ({429} if 401 in codes else set()))
     return {str(c): {"description": said[c], **_json(_ERROR)} for c in codes}
 
 
@@ -66,7 +69,39 @@ ROUTES: dict[tuple[str, str], dict] = {
             {"name": "profile", "in": "query", "schema": {"type": "string"}}],
         "responses": {"101": {"description": "switching to the WebSocket protocol"},
                       "400": {"description": "not a WebSocket upgrade"},
-                      "403": {"description": "another origin or host"}}},
+                      "401": {"description": "no user (with --auth, --tokens or"
+                                             " --user-header)"},
+                      "403": {"description": "another origin or host"},
+                      "429": {"description": "throttled after failed logins"}}},
+    ("/login", "get"): {
+        "summary": "With users: the login form (no route without users)",
+        "security": [],
+        "parameters": [{"name": "next", "in": "query", "schema": {"type": "string"},
+                        "description": "the path to go to once logged in"}],
+        "responses": {"200": {"description": "the form",
+                              "content": {"text/html": {"schema": {"type": "string"}}}}}},
+    ("/login", "post"): {
+        "summary": "With users: log in; 303 to next with a new cookie, or the form again",
+        "security": [],
+        "requestBody": {"required": True, "content": {
+            "application/x-www-form-urlencoded": {"schema": {
+                "type": "object", "properties": {
+                    "username": {"type": "string"}, "password": {"type": "string"},
+                    "next": {"type": "string"}}}}}},
+        "responses": {"303": {"description": "logged in: to next, with the cookie"},
+                      "401": {"description": "wrong user name or password: the form again",
+                              "content": {"text/html": {"schema": {"type": "string"}}}},
+                      "403": {"description": "not from capsule's own page", **_json(_ERROR)},
+                      "413": {"description": "a body over the form's limit",
+                              **_json(_ERROR)},
+                      "429": {"description": "throttled (Retry-After): the form again",
+                              "content": {"text/html": {"schema": {"type": "string"}}}}}},
+    ("/logout", "post"): {
+        "summary": "With users: end this browser's login and clear its cookie",
+        "security": [],
+        "responses": {"303": {"description": "to /login"},
+                      "403": {"description": "not from capsule's own page",
+                              **_json(_ERROR)}}},
     ("/api/openapi.json", "get"): {
         "summary": "This document",
         "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}}},
@@ -167,17 +202,24 @@ ROUTES: dict[tuple[str, str], dict] = {
                       **_errors(401, 403)}},
     ("/api/admin/sessions/{id}", "delete"): {
         "summary": "End one session (admin)", "security": [{"adminToken": []}],
-        "parameters": [_ID],
+        "parameters": [{"name": "id", "in": "path", "required": True,
+                        "schema": {"type": "string", "minLength": 4},
+                        "description": "a session id, or its first 4 or more characters"}],
         "responses": {"200": {"description": "ended", **_json({"type": "object"})},
-                      **_errors(401, 403, 404)}},
+                      **_errors(401, 403, 404),
+                      "409": {"description": "the prefix names more than one session",
+                              **_json(_ERROR)}}},
     ("/api/admin/drain", "get"): {
         "summary": "The drain's state (admin)", "security": [{"adminToken": []}],
         "responses": {"200": {"description": "the state", **_json({"type": "object"})},
                       **_errors(401, 403)}},
     ("/api/admin/drain", "post"): {
         "summary": "Start draining: no new sessions (admin)", "security": [{"adminToken": []}],
+        "parameters": [{"name": "deadline", "in": "query",
+                        "schema": {"type": "number", "minimum": 0},
+                        "description": "seconds after which the sessions left are ended"}],
         "responses": {"200": {"description": "draining", **_json({"type": "object"})},
-                      **_errors(401, 403)}},
+                      **_errors(400, 401, 403)}},
     ("/api/admin/drain", "delete"): {
         "summary": "Stop draining (admin)", "security": [{"adminToken": []}],
         "responses": {"200": {"description": "not draining", **_json({"type": "object"})},
@@ -195,18 +237,28 @@ def document() -> dict:
                  "description": "Terminals in Docker containers, for people and programs."
                                 " Every error is JSON: {\"error\": sentence, \"code\": word}."},
         "paths": paths,
-        "security": [{}, {"bearer": []}, {"cookie": []}],
+        "security": [{}, {"bearer": []}, {"basic": []}, {"cookie": []}],
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer",
                            "description": "a token of --tokens"},
+                "basic": {"type": "http", "scheme": "basic",
+                          "description": "a user and password of --auth"},
                 "cookie": {"type": "apiKey", "in": "cookie", "name": "capsule_session",
                            "description": "the page's login (--auth)"},
                 "metricsToken": {"type": "http", "scheme": "bearer"},
                 "adminToken": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error", "code"], "properties": {
-                    "error": {"type": "string"}, "code": {"type": "string"}}},
+                    "error": {"type": "string"}, "code": {"type": "string"},
+                    "entry": {"type": ["string", "null"],
+                              "description": "an upload's refused entry (400)"},
+                    "profiles": {"type": "array", "items": {"type": "string"},
+                                 "description": "the profiles there are (unknown_profile)"},
+                    "limit": {"type": "integer",
+                              "description": "the route's body limit, in bytes (413)"},
+                    "id": {"type": "string",
+                           "description": "the session still starting (504)"}}},
                 "Session": {"type": "object", "properties": {
                     "id": {"type": "string", "format": "uuid"},
                     "status": {"type": "string"}, "state": {"type": "string"},

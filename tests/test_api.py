@@ -520,9 +520,10 @@ def _static_root(resource, depth=0):
     return None
 
 
-def test_every_route_of_the_resource_tree_is_documented_and_no_other(www):
+def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
+    # With users, so that /login and /logout are in the tree.
     from capsule.api import ExecResource, SessionResource, SessionsResource, UploadResource
-    site = Api(www).site
+    site = authed.site
     root = _static_root(site.resource)
     documented = {}
     for path, method in ROUTES:
@@ -541,6 +542,10 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(www):
     one = sessions.getChild(b"00000000-0000-4000-8000-000000000000", None)
     assert {name: type(one.getChild(name, None)) for name in (b"exec", b"workspace")} == {
         b"exec": ExecResource, b"workspace": UploadResource}
+    from capsule.auth import LoginResource, LogoutResource
+    for path, cls in [("/login", LoginResource), ("/logout", LogoutResource)]:
+        assert {m[len("render_"):] for m in vars(cls) if m.startswith("render_")} == (
+            documented[path]), path
     for path, cls in [("/api/sessions", SessionsResource), ("/api/sessions/{id}", SessionResource),
                       ("/api/sessions/{id}/exec", ExecResource),
                       ("/api/sessions/{id}/workspace", UploadResource)]:

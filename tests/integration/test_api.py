@@ -251,8 +251,9 @@ def test_every_documented_route_answers(server):
     last = [("/api/admin/drain", "post"), ("/api/admin/drain", "delete"),
             ("/api/sessions/{id}", "delete"), ("/api/admin/sessions/{id}", "delete"),
             ("/api/admin/sessions", "delete")]
-    order = [r for r in ROUTES if r not in last] + last
-    assert set(order) == set(ROUTES)
+    # /login and /logout are there only with users: see the next test.
+    order = [r for r in ROUTES if r not in last and r[0] not in LOGIN_PATHS] + last
+    assert set(order) | {r for r in ROUTES if r[0] in LOGIN_PATHS} == set(ROUTES)
     for path, method in order:
         session_id = second if path.startswith("/api/admin/sessions/") else first
         url = path.replace("{id}", session_id)
@@ -265,6 +266,23 @@ def test_every_documented_route_answers(server):
         assert status not in (404, 405), (method, path, status)
         assert status < 500, (method, path, status)
     assert call(server, f"/api/nothing/{uuid.uuid4()}")[0] == 404
+
+
+LOGIN_PATHS = ("/login", "/logout")
+
+
+def test_the_documented_login_routes_answer_with_users(make_server, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{ALICE}\n")
+    server = make_server("--tokens", str(tokens), "--state-dir", str(tmp_path / "state"))
+    routes = [r for r in ROUTES if r[0] in LOGIN_PATHS]
+    assert sorted(routes) == [("/login", "get"), ("/login", "post"), ("/logout", "post")]
+    for path, method in routes:
+        status, _ = call(server, path, method.upper(),
+                         b"username=alice&password=wrong" if method == "post" else None,
+                         raw=True, content_type="application/x-www-form-urlencoded")
+        assert status not in (404, 405), (method, path, status)
+        assert status < 500, (method, path, status)
 
 
 def _chunked(server, path: str, chunks):
