@@ -222,6 +222,9 @@ class Options(usage.Options):
         ["read-only-root", None,
          "Make the containers' root filesystem read-only (/workspace and the home directory"
          " stay writable, /tmp is a tmpfs)."],
+        ["start-at-upgrade", None,
+         "Make a new session's container as soon as its WebSocket upgrade is accepted,"
+         " while the client sends its first frame, rather than at that frame."],
     ]
 
     def __init__(self) -> None:
@@ -720,8 +723,9 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
         max_per_user=config["max-sessions-per-user"]),
         trusted_proxies=config["trusted-proxy"])
     site.websocket_factory.admission = admission
-    # A new session's container is asked for as its WebSocket opens.
-    site.websocket_factory.start_at_open = True
+    # With --start-at-upgrade, a new session's container is asked for as its
+    # WebSocket opens.
+    site.websocket_factory.start_at_open = bool(config["start-at-upgrade"])
     if authenticator is not None:
         site.websocket_factory.owners = manager.owners
     site.exports.client_address = admission.client_address

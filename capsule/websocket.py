@@ -361,12 +361,10 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
     def _abandon(self, session) -> None:
         """
         The session made for this connection was never seen by its client
-        (it left, or was closed, before its first frame): nothing is kept.
-        One still starting ends as soon as it has started.
+        (it left, or was closed, before its first frame): it ends now, and
+        its container goes (once made, if it is being made).
         """
-        self._manager.detach(session, self, 0)
-        if session.status() != "starting":
-            self._manager.end(session, "its client left before it sent its terminal size")
+        self._manager.end(session, "its client left before it sent its terminal size")
 
     def _first_size(self, cols: int, rows: int, resize: bool = True) -> None:
         """
@@ -594,7 +592,7 @@ class CapsuleServerFactory(WebSocketServerFactory):
     owners = None
     # Whether a new session is made as the connection opens (its container
     # made while the client sends its first frame) rather than at that
-    # first frame; capsule's server sets it.
+    # first frame (--start-at-upgrade).
     start_at_open = False
     # Seconds a new connection has to send its first frame (the terminal's
     # size), and the output of its session held for it until then.

@@ -105,8 +105,7 @@ def test_a_client_that_leaves_before_its_first_frame_leaves_nothing(docker, cloc
     docker.release_create()
     assert manager.sessions == {} and docker.containers == {}
     assert session.status() == "ended"
-    assert session.core.message == ("the client left before the session started" if not started
-                                    else "its client left before it sent its terminal size")
+    assert session.core.message == "its client left before it sent its terminal size"
 
 
 def test_no_first_frame_in_time_closes_and_ends_the_session(docker, clock):
