@@ -8,7 +8,8 @@ The session API for programs, under C{/api/sessions}:
   - C{POST /api/sessions/{id}/exec}: run a command to completion beside the
     terminal, as C{developer}, and answer with its output and exit code;
   - C{POST /api/sessions/{id}/workspace}: unpack a C{.tar} or C{.tar.gz}
-    into C{/workspace}, as C{developer}, after checking every entry.
+    into C{/workspace}, as C{developer}, after checking every entry;
+  - C{GET /api/profiles}: the profiles a client may name.
 
 Authentication and ownership are the site's (L{capsule.auth}): a session of
 another user is a 404, exactly as one that does not exist.  New sessions pass
@@ -36,6 +37,7 @@ from .admission import QUOTA_EXCEEDED, AdmissionRefused
 from .auth import short_ids
 from .command import utf8_text
 from .errors import CapsuleError, ContainerGone, DockerUnavailable
+from .profiles import DEFAULT_PROFILE
 from .export import json_body, json_error
 from .protocol import ProtocolError, parse_session_id
 from .tarcheck import ArchiveRefused, Interrupted, check, rewrite
@@ -487,6 +489,25 @@ class SessionResource(_JsonResource):
                   who=f" by {user}" if user else "", user=user)
         self.api.manager.end(session, "the session was ended through the API")
         return json_body(request, 200, {"id": session.id, "ended": True})
+
+
+class ProfilesResource(_JsonResource):
+    """
+    C{GET /api/profiles}: the profiles a client may name, with their
+    descriptions (never their images, secrets or limits).
+    """
+
+    methods = (b"GET",)
+
+    def __init__(self, api: SessionApi) -> None:
+        super().__init__()
+        self.api = api
+
+    def render_GET(self, request):
+        profiles = getattr(self.api.manager, "profiles", {})
+        return json_body(request, 200, {"default": DEFAULT_PROFILE, "profiles": [
+            {"name": name, "description": profile.description}
+            for name, profile in sorted(profiles.items())]})
 
 
 def exec_request(body: dict, workdir: str) -> dict:

@@ -105,6 +105,17 @@ ROUTES: dict[tuple[str, str], dict] = {
     ("/api/openapi.json", "get"): {
         "summary": "This document",
         "responses": {"200": {"description": "OpenAPI 3.1", **_json({"type": "object"})}}},
+    ("/api/profiles", "get"): {
+        "summary": "The profiles a client may name (profile in POST /api/sessions,"
+                   " /ws?profile=, /?profile=), with their descriptions",
+        "responses": {"200": {"description": "the profiles, by name", **_json({
+            "type": "object", "properties": {
+                "default": {"type": "string", "description": "the profile of a session that"
+                                                             " names none"},
+                "profiles": {"type": "array", "items": {
+                    "type": "object", "properties": {
+                        "name": {"type": "string"}, "description": {"type": "string"}}}}}})},
+            **_errors(401)}},
     ("/api/sessions", "get"): {
         "summary": "The caller's live sessions",
         "responses": {"200": {"description": "the sessions, oldest first", **_json({

@@ -21,7 +21,7 @@ from twisted.web.server import Request, Site
 
 from . import __version__
 from .admin_api import AdminAccess, AdminMount, AdminResource, Drain
-from .api import UPLOAD_MAX_BYTES, ApiResource, SessionApi, SessionsResource
+from .api import UPLOAD_MAX_BYTES, ApiResource, ProfilesResource, SessionApi, SessionsResource
 from .auth import AuthGate, Authenticator, LoginResource, LogoutResource, short_ids
 from .errors import CapsuleError
 from .export import ExportLimits, ExportResource, answer_json, peer_address
@@ -324,6 +324,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     session_api = SessionApi(manager, docker, reactor, factory, public_url=public_url,
                              upload_max_bytes=upload_max_bytes)
     api.putChild(b"sessions", SessionsResource(session_api))
+    api.putChild(b"profiles", ProfilesResource(session_api))
     api.putChild(b"openapi.json", OpenApiResource())
     root.putChild(b"api", api)
     top = root

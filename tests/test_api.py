@@ -210,6 +210,29 @@ def test_an_unknown_profile_is_refused_with_the_known_ones(api):
     assert api.create()["profile"] == "shell"
 
 
+def test_the_profiles_are_listed_with_their_descriptions_only(www, tmp_path):
+    from capsule.profiles import builtin_profiles, load_profiles
+    path = tmp_path / "profiles.toml"
+    path.write_text('[profiles.offline]\ndescription = "no network"\nnetwork = "none"\n'
+                    'secrets = ["ANTHROPIC_API_KEY"]\n')
+    api = Api(www)
+    api.manager.profiles = load_profiles(str(path), builtin_profiles(
+        api.manager.profiles["shell"]))
+    status, _, body = api.request("/api/profiles")
+    assert (status, body) == (200, {"default": "shell", "profiles": [
+        {"name": "claude", "description": "Claude Code in /workspace, then a login shell"},
+        {"name": "offline", "description": "no network"},
+        {"name": "shell", "description": "a login shell"}]})
+    status, headers, body = api.request("/api/profiles", "DELETE")
+    assert (status, body["code"], headers["allow"]) == (405, "method_not_allowed", "GET")
+    assert api.request("/api/profiles/offline")[0] == 404
+
+
+def test_the_profiles_need_a_user_like_every_endpoint(authed):
+    assert authed.request("/api/profiles")[0] == 401
+    assert authed.request("/api/profiles", token=ALICE)[0] == 200
+
+
 def test_a_failed_start_is_a_503(api):
     api.docker.images.clear()
     status, _, body = api.request("/api/sessions", "POST", {})
@@ -522,7 +545,8 @@ def _static_root(resource, depth=0):
 
 def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
     # With users, so that /login and /logout are in the tree.
-    from capsule.api import ExecResource, SessionResource, SessionsResource, UploadResource
+    from capsule.api import (ExecResource, ProfilesResource, SessionResource,
+                             SessionsResource, UploadResource)
     site = authed.site
     root = _static_root(site.resource)
     documented = {}
@@ -546,7 +570,8 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
     for path, cls in [("/login", LoginResource), ("/logout", LogoutResource)]:
         assert {m[len("render_"):] for m in vars(cls) if m.startswith("render_")} == (
             documented[path]), path
-    for path, cls in [("/api/sessions", SessionsResource), ("/api/sessions/{id}", SessionResource),
+    for path, cls in [("/api/profiles", ProfilesResource),
+                      ("/api/sessions", SessionsResource), ("/api/sessions/{id}", SessionResource),
                       ("/api/sessions/{id}/exec", ExecResource),
                       ("/api/sessions/{id}/workspace", UploadResource)]:
         assert {m.decode() for m in cls.methods} == documented[path], path
