@@ -282,6 +282,15 @@ class SessionApi:
             raise ApiError(409, f"session {session_id} is still starting", "starting")
         return session
 
+    def ended_meanwhile(self, session, what: str) -> None:
+        """
+        @raise ApiError: 404 if C{session} ended while C{what} ran in it
+            (its container went with it, so what it answers says nothing).
+        """
+        if session.status() in ("ending", "ended") or session.id not in self.manager.sessions:
+            raise ApiError(404, f"session {session.id} ended while {what} ran:"
+                                f" {session.core.message or 'it is gone'}", "session_not_found")
+
     def touch(self, session) -> None:
         """
         A use through the API counts as a visit (a session without a client
@@ -605,6 +614,7 @@ class ExecResource(_JsonResource):
             else:
                 api.execs.pop(session.id, None)
             api.touch(session)
+        api.ended_meanwhile(session, "the command")
         elapsed = time.monotonic() - started
         timed_out = result.cut or (result.exit_code == 137 and elapsed >= wanted["timeout"])
         _log.info("session {short}: {program!r} exited {code} in {elapsed:.2f} s{how}",
@@ -690,6 +700,7 @@ class UploadResource(_JsonResource):
             else:
                 api.uploads.pop(session.id, None)
             api.touch(session)
+        api.ended_meanwhile(session, "the upload")
         if result.exit_code != 0:
             stderr = utf8_text(result.stderr, result.truncated_stderr).strip()
             _log.warn("an upload into session {short} failed: tar exited {code}: {stderr}",

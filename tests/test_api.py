@@ -321,6 +321,24 @@ def test_exec_limit_per_session(api):
     assert api.site.session_api.execs == {}
 
 
+def test_an_exec_in_a_session_ended_meanwhile_is_a_404_saying_so(api):
+    from twisted.internet.defer import Deferred
+    session = api.create()
+    held = []
+    api.docker.commands[tuple(timed_argv(["slow"], 60))] = (
+        lambda stdin: held.append(Deferred()) or held[-1])
+    pending = api.send(f"/api/sessions/{session['id']}/exec", "POST", b'{"argv": ["slow"]}')
+    api.request(f"/api/sessions/{session['id']}", "DELETE")
+    held[0].callback((b"", b"", 137))
+    for _ in range(10):
+        api.reactor.advance(0.05)
+    status, _, body = parse(pending.value())
+    assert (status, body) == (404, {
+        "error": f"session {session['id']} ended while the command ran: the session was"
+                 " ended through the API", "code": "session_not_found"})
+    assert api.site.session_api.execs == {}
+
+
 def test_exec_output_held_at_once_is_bounded_server_wide(api):
     from twisted.internet.defer import Deferred
 

@@ -361,6 +361,54 @@ def test_capsule_stops_promptly_while_an_upload_unpacks(make_server, tmp_path):
     assert answers and answers[0] != 200
 
 
+def test_an_exec_or_upload_in_a_session_ended_meanwhile_says_so(server, tmp_path):
+    import threading
+
+    from .harness import docker_client
+
+    def in_thread(function):
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(function()))
+        thread.start()
+        return thread, answers
+
+    session_id = create(server)["id"]
+    thread, answers = in_thread(lambda: call(server, f"/api/sessions/{session_id}/exec", "POST",
+                                             {"argv": ["sleep", "300"], "timeout": 400}))
+    wait_for(lambda: sh(server, session_id, "pgrep -x sleep || true")["stdout"], 30,
+             "the command to run")
+    assert call(server, f"/api/sessions/{session_id}", "DELETE")[0] == 200
+    thread.join(60)
+    status, body = answers[0]
+    assert (status, body["code"]) == (404, "session_not_found")
+    assert body["error"] == (f"session {session_id} ended while the command ran: the session"
+                             " was ended through the API")
+
+    session_id = create(server)["id"]
+    big = tmp_path / "big.tar"
+
+    class Zeros:
+        def read(self, size=-1):
+            return bytes(min(size, 1 << 20) if size and size > 0 else 1 << 20)
+    with tarfile.open(big, "w") as tar:
+        for i in range(2):
+            info = tarfile.TarInfo(f"zeros{i}")
+            info.size = 200 * 1024 * 1024
+            tar.addfile(info, Zeros())
+    thread, answers = in_thread(lambda: call(server, f"/api/sessions/{session_id}/workspace",
+                                             "POST", big.read_bytes(),
+                                             content_type="application/x-tar"))
+    container, = [c for c in docker_client().containers.list()
+                  if c.labels.get("io.capsule.session") == session_id]
+    wait_for(lambda: any("tar -x" in " ".join(p) for p in container.top()["Processes"]),
+             60, "tar to unpack the upload")
+    assert call(server, f"/api/sessions/{session_id}", "DELETE")[0] == 200
+    thread.join(60)
+    status, body = answers[0]
+    assert (status, body["code"]) == (404, "session_not_found")
+    assert body["error"].startswith(f"session {session_id} ended while the upload ran")
+
+
 def test_the_url_of_a_session_created_by_the_api_opens_it_in_chromium(server):
     import os
     import shutil
