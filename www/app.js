@@ -1020,44 +1020,47 @@
     uploading = true;
     renderSession();
     showNotice(`uploading ${what}\u2026`);
-    // The page's referrer policy (no-referrer) would send "Origin: null", which capsule refuses
-    // as cross-site: this request keeps its origin, as logging out does.
-    fetch(`api/sessions/${encodeURIComponent(id)}/workspace`, {
-      method: "POST",
-      body: packed.blob,
-      headers: { "Content-Type": "application/x-tar", Accept: "application/json" },
-      credentials: "same-origin",
-      cache: "no-store",
-      referrerPolicy: "same-origin",
-    }).then((response) => {
-      if (response.ok) {
+    // XMLHttpRequest, as fetch does not report an upload's progress. It carries the page's
+    // Origin (index.html's referrer policy is same-origin: see there) and the login cookie.
+    const request = new XMLHttpRequest();
+    request.open("POST", `api/sessions/${encodeURIComponent(id)}/workspace`);
+    request.setRequestHeader("Content-Type", "application/x-tar");
+    request.setRequestHeader("Accept", "application/json");
+    let shown = -1;
+    request.upload.onprogress = (event) => {
+      if (!event.lengthComputable || event.total <= 0) return;
+      const percent = Math.floor((event.loaded * 100) / event.total);
+      if (percent === shown) return;
+      shown = percent;
+      showNotice(`uploading ${what}: ${percent}%`);
+    };
+    request.onload = () => {
+      if (request.status >= 200 && request.status < 300) {
         showNotice(`uploaded ${what} to /workspace`);
-        return null;
+        return;
       }
-      if (response.status === 401) checkLogin();
-      return uploadError(response).then((message) => showError(`upload failed: ${message}`));
-    }, () => {
-      showError("upload failed: capsule did not answer");
-    }).finally(() => {
+      if (request.status === 401) checkLogin();
+      showError(`upload failed: ${uploadError(request.status, request.responseText)}`);
+    };
+    request.onerror = () => showError("upload failed: capsule did not answer");
+    request.onloadend = () => {
       uploading = false;
       renderSession();
-    });
+    };
+    request.send(packed.blob);
   }
 
   // The sentence of capsule's JSON answer ({"error": ..., "code": ...}), or the status.
-  function uploadError(response) {
-    const status = response.status === 413 ? "too large for capsule's upload limit" : `HTTP ${response.status}`;
-    return response.text().then((text) => {
-      let message = null;
-      try {
-        const body = JSON.parse(text);
-        message = typeof body.error === "string" ? body.error : body.message;
-      } catch (e) {
-        // not capsule's JSON
-      }
-      if (typeof message !== "string" || !message) return status;
-      return message.replace(/\s+/g, " ").slice(0, 300);
-    }, () => status);
+  function uploadError(status, text) {
+    let message = null;
+    try {
+      const body = JSON.parse(text);
+      message = typeof body.error === "string" ? body.error : body.message;
+    } catch (e) {
+      // not capsule's JSON
+    }
+    if (typeof message === "string" && message) return message.replace(/\s+/g, " ").slice(0, 300);
+    return status === 413 ? "too large for capsule's upload limit" : `HTTP ${status}`;
   }
 
   ui.uploadButton.addEventListener("click", () => {
@@ -1068,7 +1071,8 @@
     const files = Array.from(ui.uploadInput.files || []);
     ui.uploadInput.value = "";
     term.focus();
-    if (files.length > 0) upload(files.map((file) => ({ path: file.name, file })));
+    // A folder picked (where a browser offers it) keeps its paths.
+    if (files.length > 0) upload(files.map((file) => ({ path: file.webkitRelativePath || file.name, file })));
   });
 
   // What was dropped, folders walked (FileSystemEntry, where the browser gives one). The entries

@@ -424,3 +424,40 @@ def test_page_profile_claude_shows_the_agent(make_server, new_page):
     wait_screen(page, r"Claude Code|Welcome to Claude|theme", timeout=60000)
     shot(page, "claude")
     assert page.errors == []
+
+
+def test_page_upload_shows_its_progress(server, page):
+    """
+    A large upload (the browser's upload slowed to 4 MB/s) says how far it
+    got, then that it arrived; the file is whole in /workspace.
+    """
+    session_id = open_session(page, server.url)
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 0, "downloadThroughput": -1,
+        "uploadThroughput": 4 * 1024 * 1024})
+    page.evaluate("""() => {
+        window.__said = [];
+        const message = document.querySelector("#status-message");
+        new MutationObserver(() => window.__said.push(message.textContent))
+            .observe(message, { childList: true, characterData: true, subtree: true });
+        const transfer = new DataTransfer();
+        const big = new Uint8Array(6 * 1024 * 1024);
+        for (let i = 0; i < big.length; i += 4096) big[i] = i / 4096 % 251;
+        transfer.items.add(new File([big], "big.bin"));
+        document.querySelector("#terminal .xterm-screen").dispatchEvent(new DragEvent("drop",
+            { dataTransfer: transfer, bubbles: true, cancelable: true }));
+    }""")
+    wait_text(page, "#status-message", "^upload(ed| failed)", timeout=60000)
+    said = page.evaluate("window.__said")
+    assert said[-1] == "uploaded 1 file (6.0 MiB) to /workspace", said
+    percents = [int(m.group(1)) for m in
+                (re.fullmatch(r"uploading 1 file \(6\.0 MiB\): (\d+)%", s) for s in said) if m]
+    assert said[0] == "uploading 1 file (6.0 MiB)\u2026"
+    assert any(0 < p < 100 for p in percents), said
+    assert percents == sorted(percents)
+    result = docker_client().containers.get(f"capsule-{session_id}").exec_run(
+        ["sh", "-c", "stat -c %s /workspace/big.bin && od -An -tu1 -j 4096 -N 1 /workspace/big.bin"])
+    assert result.output.split() == [b"6291456", b"1"]
+    assert page.errors == []

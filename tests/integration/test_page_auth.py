@@ -159,3 +159,27 @@ def test_an_ended_login_sends_the_page_to_log_in_and_the_session_resumes(
     shot(page, "auth-resumed")
     assert "login-again:/tmp" in screen(page)
     assert page.errors == []
+
+
+def test_a_logged_in_upload_reaches_the_workspace(make_server, new_page, htpasswd, tmp_path):
+    """
+    With users, an upload carries the login and the page's own Origin (not
+    "null", which capsule refuses as cross-site): the file arrives.
+    """
+    server = make_server(*auth_args(htpasswd, tmp_path))
+    page = new_page()
+    page.goto(server.url + "/")
+    log_in(page, server.url)
+    page.evaluate("""() => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File(["with a login\\n"], "logged-in.txt"));
+        document.querySelector("#terminal .xterm-screen").dispatchEvent(new DragEvent("drop",
+            { dataTransfer: transfer, bubbles: true, cancelable: true }));
+    }""")
+    page.wait_for_function(
+        "() => /^upload(ed| failed)/.test(document.querySelector('#status-message').textContent)",
+        timeout=20000)
+    assert page.inner_text("#status-message") == "uploaded 1 file (13 B) to /workspace"
+    type_line(page, "cat /workspace/logged-in.txt")
+    wait_screen(page, r"with a login")
+    assert page.errors == []
