@@ -234,3 +234,40 @@ def test_bootstrap_runs_under_capsules_policy(make_server, new_page):
     rows, cols = map(int, re.search(r"SZ\s+(\d+)\s+(\d+)\s+ZS", screen(page)).groups())
     assert (cols, rows) == terminal_size(page)
     assert page.errors == []
+
+
+def test_bootstrap_lets_go_of_a_socket_past_its_buffer(page_url, new_page):
+    """
+    Past 8 MiB held for app.js, the bootstrap closes its socket; app.js
+    shows what it held and resumes just past it.  (capsule's flow window,
+    1 MiB by default, keeps it from getting there.)
+    """
+    page = new_page()
+    session_id = str(uuid.uuid4())
+    mib = 1024 * 1024
+    piece = (b"y" * 1023 + b"\n") * 1024
+    plan = ["flood", "resumed"]
+
+    def on_resize(ws):
+        if plan.pop(0) == "flood":
+            connected(ws, resumed=False, offset=0, replay=0, session_id=session_id)
+            for _ in range(9):
+                ws.send(piece)
+        else:
+            connected(ws, resumed=True, offset=8 * mib, replay=0, session_id=session_id)
+            ws.send(b"\r\nAFTER-THE-FLOOD")
+
+    server = ScriptedServer(page, on_resize)
+    held = HeldScripts(page)
+    page.goto(page_url, wait_until="commit")
+    until(page, lambda: page.evaluate("window.capsuleBoot && window.capsuleBoot.closed"),
+          "the bootstrap's close", 30000)
+    assert page.evaluate("window.capsuleBoot.closed") == 4000
+    # `connected` and the first 8 MiB: what came after the close is not delivered.
+    assert page.evaluate("window.capsuleBoot.frames.length") == 9
+    assert 8 * mib < page.evaluate("window.capsuleBoot.bytes") < 8 * mib + 1024
+    held.release()
+    wait_screen(page, "AFTER-THE-FLOOD", timeout=30000)
+    assert len(server.sockets) == 2
+    assert server.sockets[1].url.endswith(f"/ws?session_id={session_id}&offset={8 * mib}")
+    assert page.errors == []
