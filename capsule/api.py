@@ -80,6 +80,9 @@ MAX_ENV = 256
 MAX_PATH = 4096
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 _SIZE_MIN, _SIZE_MAX = 1, 1000
+# What the runtime (runc) writes, as the exec's output with exit code 126,
+# when it cannot enter the exec's working directory.
+_CWD_FAILED = re.compile(rb"\AOCI runtime exec failed: .*?chdir to cwd .*? failed: ([^:\r\n]{1,200})")
 
 # The command an upload runs: GNU tar as developer, keeping the modes it
 # is given (set-uid and the like are gone by then), not the owners.
@@ -616,6 +619,13 @@ class ExecResource(_JsonResource):
             api.touch(session)
         api.ended_meanwhile(session, "the command")
         elapsed = time.monotonic() - started
+        cwd_failed = (_CWD_FAILED.search(result.stdout[:2000])
+                      if result.exit_code == 126 else None)
+        if cwd_failed:
+            # The runtime could not enter cwd; it says so in the output.
+            raise ApiError(400, f"cwd {wanted['cwd'][:200]}: the command cannot be run there"
+                                f" ({cwd_failed.group(1).decode('utf-8', 'replace')})",
+                           "bad_cwd")
         timed_out = result.cut or (result.exit_code == 137 and elapsed >= wanted["timeout"])
         _log.info("session {short}: {program!r} exited {code} in {elapsed:.2f} s{how}",
                   short=session.id[:8], program=wanted["argv"][0][:100],

@@ -339,6 +339,25 @@ def test_an_exec_in_a_session_ended_meanwhile_is_a_404_saying_so(api):
     assert api.site.session_api.execs == {}
 
 
+def test_an_exec_whose_cwd_cannot_be_entered_is_a_400(api):
+    session = api.create()
+    argv = tuple(timed_argv(["pwd"], 60))
+    api.docker.commands[argv] = lambda stdin: (
+        b'OCI runtime exec failed: exec failed: unable to start container process: chdir to'
+        b' cwd ("/nope") set in config.json failed: no such file or directory: unknown\r\n',
+        b"", 126)
+    status, _, body = api.request(f"/api/sessions/{session['id']}/exec", "POST", {
+        "argv": ["pwd"], "cwd": "/nope"})
+    assert (status, body) == (400, {
+        "error": "cwd /nope: the command cannot be run there (no such file or directory)",
+        "code": "bad_cwd"})
+    # A command of the caller's that exits 126 is only that.
+    api.docker.commands[argv] = lambda stdin: (b"chdir to cwd failed: x", b"", 126)
+    status, _, body = api.request(f"/api/sessions/{session['id']}/exec", "POST", {
+        "argv": ["pwd"]})
+    assert (status, body["exit_code"]) == (200, 126)
+
+
 def test_exec_output_held_at_once_is_bounded_server_wide(api):
     from twisted.internet.defer import Deferred
 

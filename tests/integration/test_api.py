@@ -135,6 +135,19 @@ def test_exec_output_exit_codes_stdin_env_and_cwd(server):
     assert sh(server, session_id, r"printf 'a\377b'")["stdout"] == "a\ufffdb"
 
 
+def test_exec_in_a_cwd_that_cannot_be_entered_is_a_400(server):
+    session_id = create(server)["id"]
+    for cwd, why in [("/nonexistent", "no such file or directory"),
+                     ("/etc/passwd", "not a directory")]:
+        status, body = call(server, f"/api/sessions/{session_id}/exec", "POST",
+                            {"argv": ["pwd"], "cwd": cwd})
+        assert (status, body) == (400, {
+            "error": f"cwd {cwd}: the command cannot be run there ({why})",
+            "code": "bad_cwd"})
+    assert sh(server, session_id, "exit 126")["exit_code"] == 126
+    assert sh(server, session_id, "pwd", cwd="/tmp")["stdout"] == "/tmp\n"
+
+
 def test_exec_timeout_kills_the_command_and_what_it_started(server):
     session_id = create(server)["id"]
     started = time.monotonic()
