@@ -504,3 +504,61 @@ def test_page_opens_a_link_in_a_new_tab_without_an_opener(page_url, new_page):
     assert tab.url == "http://capsule-link.test/path?q=1"
     assert tab.evaluate("window.opener") is None
     assert page.errors == []
+
+
+# A dropped folder, as the browser's FileSystemEntry API gives it (here made up by the test:
+# a synthetic drop has no folders): readEntries answers in batches of 100, then an empty one.
+FOLDER_DROP = """([count, name]) => {
+    const file = (path, text) => ({ isFile: true, isDirectory: false, name: path.split("/").pop(),
+        file: (ok) => ok(new File([text], path.split("/").pop())) });
+    const dir = (dirName, children) => ({ isFile: false, isDirectory: true, name: dirName,
+        createReader() {
+            let at = 0;
+            return { readEntries(ok) {
+                const batch = children.slice(at, at + 100);
+                at += batch.length;
+                setTimeout(() => ok(batch), 0);
+            } };
+        } });
+    const many = Array.from({ length: count }, (_, i) => file("f" + i, "n" + i));
+    const root = dir(name, [file("a.txt", "top"), dir("empty", []), dir("src", many)]);
+    const transfer = new DataTransfer();
+    transfer.items.add(new File(["x"], name));
+    DataTransferItem.prototype.webkitGetAsEntry = function () { return root; };
+    document.querySelector("#terminal .xterm-screen").dispatchEvent(new DragEvent("drop",
+        { dataTransfer: transfer, bubbles: true, cancelable: true }));
+}"""
+
+
+def test_page_uploads_a_dropped_folder_with_its_empty_folders(page_url, new_page):
+    page = new_page()
+    ScriptedServer(page, started(str(uuid.uuid4())))
+    catcher = UploadCatcher(page)
+    page.goto(page_url)
+    page.wait_for_selector('#status[data-state="connected"]')
+    page.evaluate(FOLDER_DROP, [150, "proj"])
+    wait_text(page, "#status-message", "^upload(ed| failed)")
+    [request] = catcher.requests
+    members = read_tar(request["body"])
+    expected = {"proj": ("dir", 0o755, None), "proj/a.txt": ("file", 0o644, b"top"),
+                "proj/empty": ("dir", 0o755, None), "proj/src": ("dir", 0o755, None)}
+    expected.update({f"proj/src/f{i}": ("file", 0o644, f"n{i}".encode()) for i in range(150)})
+    assert members == expected
+    size = 3 + sum(len(f"n{i}") for i in range(150))
+    assert page.inner_text("#status-message") == \
+        f"uploaded 151 files and 3 folders ({size} B) to /workspace"
+    assert page.errors == []
+
+
+def test_page_refuses_a_folder_of_too_many_files(page_url, new_page):
+    page = new_page()
+    ScriptedServer(page, started(str(uuid.uuid4())))
+    catcher = UploadCatcher(page)
+    page.goto(page_url)
+    page.wait_for_selector('#status[data-state="connected"]')
+    page.evaluate(FOLDER_DROP, [10001, "huge"])
+    wait_text(page, "#status-message", "^upload failed", timeout=30000)
+    assert page.inner_text("#status-message") == \
+        "upload failed: more than 10000 files and folders"
+    assert catcher.requests == []
+    assert page.errors == []
