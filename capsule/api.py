@@ -37,7 +37,8 @@ from .admission import QUOTA_EXCEEDED, AdmissionRefused
 from .auth import short_ids
 from .command import utf8_text
 from .errors import CapsuleError, ContainerGone, DockerUnavailable
-from .profiles import DEFAULT_PROFILE
+from .profiles import (DEFAULT_PROFILE, BadRepository, UnknownProfile, check_repository,
+                       parse_profile_name)
 from .export import json_body, json_error
 from .protocol import ProtocolError, parse_session_id
 from .tarcheck import ArchiveRefused, Interrupted, check, rewrite
@@ -406,6 +407,17 @@ class SessionsResource(_JsonResource):
         rows = _integer(body, "rows", 24, _SIZE_MIN, _SIZE_MAX)
         profile = _text(body, "profile", 64)
         repository = _text(body, "repository", 2048)
+        # What the request names is checked before admission counts it.
+        try:
+            parse_profile_name(DEFAULT_PROFILE if profile is None else profile,
+                               api.manager.profiles)
+            if repository is not None:
+                check_repository(repository)
+        except UnknownProfile as e:
+            raise ApiError(400, e.message, e.code,
+                           profiles=sorted(api.manager.profiles)) from None
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, f"repository: {e}", BadRepository.code) from None
         factory = api.factory
         metrics = api.manager.metrics
         if factory.drain is not None and factory.drain.active:

@@ -202,6 +202,20 @@ def test_admission_and_drain_apply(api):
     assert len(api.manager.sessions) == 1
 
 
+def test_a_refused_profile_or_repository_costs_no_admission(api):
+    api.factory.admission = AdmissionControl(api.manager, api.reactor, AdmissionPolicy(
+        max_sessions=10, max_per_client=10, rate=(1, 3600)))
+    for body, code in [({"profile": "nope"}, "unknown_profile"),
+                       ({"repository": "http://example.com/r.git"}, "bad_repository"),
+                       ({"repository": "https://u:p@example.com/r.git"}, "bad_repository")]:
+        status, _, answer = api.request("/api/sessions", "POST", body)
+        assert (status, answer["code"]) == (400, code), body
+    assert api.manager.sessions == {}
+    api.create()
+    status, _, answer = api.request("/api/sessions", "POST", {})
+    assert (status, answer["code"]) == (429, "quota_exceeded")
+
+
 def test_an_unknown_profile_is_refused_with_the_known_ones(api):
     status, _, body = api.request("/api/sessions", "POST", {"profile": "nope"})
     assert (status, body["code"]) == (400, "unknown_profile")
