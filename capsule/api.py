@@ -548,11 +548,17 @@ def exec_request(body: dict, workdir: str) -> dict:
                             " first not empty", "bad_request")
     if sum(len(a.encode("utf-8", "surrogatepass")) + 1 for a in argv) > MAX_ARGV_BYTES:
         raise ApiError(400, f"argv is longer than {MAX_ARGV_BYTES} bytes", "bad_request")
-    stdin = _text(body, "stdin", EXEC_MAX_BODY) or ""
-    cwd = _text(body, "cwd", MAX_PATH) or workdir
+    stdin = body.get("stdin")
+    stdin = "" if stdin is None else stdin
+    if not isinstance(stdin, str):
+        # Any text, NUL included: it goes through a pipe, not a C string.
+        raise ApiError(400, "stdin must be a string", "bad_request")
+    cwd = _text(body, "cwd", MAX_PATH)
+    cwd = workdir if cwd is None else cwd
     if not cwd.startswith("/"):
         raise ApiError(400, "cwd must be an absolute path", "bad_request")
-    env = body.get("env") or {}
+    env = body.get("env")
+    env = {} if env is None else env
     if (not isinstance(env, dict) or len(env) > MAX_ENV
             or not all(isinstance(k, str) and _ENV_NAME.match(k) and isinstance(v, str)
                        and "\0" not in v and len(v) <= 65536 for k, v in env.items())):

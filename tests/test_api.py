@@ -286,6 +286,20 @@ def test_exec_runs_as_developer_under_timeout(api):
     assert run["env"]["A"] == "1" and run["env"]["TERM"] == "xterm-256color"
 
 
+def test_exec_stdin_may_hold_nul_and_must_be_a_string(api):
+    session = api.create()
+    argv = tuple(timed_argv(["cat"], 60))
+    api.docker.commands[argv] = lambda stdin: (stdin, b"", 0)
+    path = f"/api/sessions/{session['id']}/exec"
+    status, _, body = api.request(path, "POST", {"argv": ["cat"], "stdin": "a\u0000b"})
+    assert (status, body["stdout"]) == (200, "a\u0000b")
+    assert api.docker.commands_run[-1]["stdin"] == b"a\0b"
+    for stdin in (5, 0, False, [], ["a"], {"a": "b"}):
+        status, _, body = api.request(path, "POST", {"argv": ["cat"], "stdin": stdin})
+        assert (status, body) == (400, {"error": "stdin must be a string",
+                                        "code": "bad_request"}), stdin
+
+
 def test_exec_output_cap_never_splits_a_character(api):
     session = api.create()
     argv = tuple(timed_argv(["emit"], 60))
@@ -308,7 +322,9 @@ def test_exec_bad_requests(api):
                  {"argv": ["ls"], "timeout": 601}, {"argv": ["ls"], "timeout": 0},
                  {"argv": ["ls"], "max_output": 16 * 1024 * 1024 + 1},
                  {"argv": ["ls"], "env": {"A=B": "c"}}, {"argv": ["ls"], "cwd": "rel"},
-                 {"argv": ["ls"], "user": "root"}]:
+                 {"argv": ["ls"], "user": "root"}, {"argv": ["ls"], "cwd": ""},
+                 {"argv": ["ls"], "env": []}, {"argv": ["ls"], "env": False},
+                 {"argv": ["ls"], "env": ""}]:
         status, _, answer = api.request(path, "POST", body)
         assert (status, answer["code"]) == (400, "bad_request"), body
     assert api.docker.commands_run == []
