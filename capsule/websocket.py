@@ -33,7 +33,10 @@ _log = Logger()
 # Close codes (4000-4999 are the application's); README documents them.
 # The server restarts; the session lives on: reconnect (1001 itself cannot be
 # sent by an application through Autobahn).
-CLOSE_POLICY = 1008
+# Input sent on long after the client was asked to wait.  Not 1008: an
+# application may only close with 1000 or 3000-4999 (RFC 6455 7.4.2, which
+# Autobahn enforces).
+CLOSE_INPUT_OVERRUN = 4008
 # The size a new session opens with until its client says its own: that of
 # the warm sessions, so that taking one resizes its terminal once at most.
 OPENING_SIZE = WARM_SIZE
@@ -287,7 +290,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             self._handle(self._wire.parse(payload, isBinary))
         except InputOverrun as e:
             _log.warn("closed {peer}: {message}", peer=self.peer, message=e.message)
-            self._refuse(e.message, e.code, CLOSE_POLICY)
+            self._refuse(e.message, e.code, CLOSE_INPUT_OVERRUN)
         except wire.ProtocolError as e:
             self._manager.metrics.error_sent(e.code)
             self._send(wire.encode_error(e.message, e.code))

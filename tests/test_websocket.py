@@ -523,6 +523,23 @@ def test_json_clients_have_no_window(connect, docker):
 
 # -- bad frames --------------------------------------------------------------------------
 
+def test_input_sent_on_while_the_shell_does_not_read_closes_with_4008(connect, manager, docker):
+    link = connect(binary=True)
+    start(link)
+    link.new()
+    docker.processes[0].input_producer.pauseProducing()
+    chunk = MAX_MESSAGE
+    for _ in range(manager.config.max_input_overrun // chunk):
+        link.send_raw(b"x" * chunk, binary=True)
+    link.still_open()
+    link.send_raw(b"y", binary=True)
+    errors = [m for m in link.new() if m.get("type") == "error"]
+    assert [e["code"] for e in errors] == ["input_overrun"]
+    assert link.client.closed[:2] == (True, 4008)
+    # The session lives on for its next connection.
+    assert len(manager.sessions) == 1
+
+
 def test_input_before_the_first_resize_is_refused(connect, manager, docker):
     link = connect(binary=True)
     link.send({"type": "input", "data": "ls\r"})
