@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 
-from twisted.web.resource import Resource
-
 from . import __version__
 from .api import (CREATE_MAX_BODY, EXEC_MAX_BODY, EXEC_MAX_OUTPUT, EXEC_MAX_TIMEOUT,
-                  EXEC_OUTPUT, EXEC_TIMEOUT, EXECS_PER_SESSION)
+                  EXEC_OUTPUT, EXEC_TIMEOUT, EXECS_PER_SESSION, _JsonResource)
 
 _ID = {"name": "id", "in": "path", "required": True,
        "schema": {"type": "string", "format": "uuid"}, "description": "a session id"}
@@ -280,8 +278,14 @@ def document() -> dict:
     }
 
 
-class OpenApiResource(Resource):
+class OpenApiResource(_JsonResource):
+    """
+    C{GET /api/openapi.json}; another method is a JSON 405, as everywhere
+    under C{/api}.
+    """
+
     isLeaf = True
+    methods = (b"GET",)
 
     def __init__(self) -> None:
         super().__init__()

@@ -466,6 +466,15 @@ def test_openapi_documents_every_route(api):
     assert documented == set(ROUTES)
 
 
+def test_openapi_document_other_methods_are_a_json_405(api):
+    for method in ("POST", "DELETE"):
+        status, headers, body = api.request("/api/openapi.json", method)
+        assert (status, headers["allow"], body["code"]) == (405, "GET", "method_not_allowed")
+    transport = api.send("/api/openapi.json", "HEAD")
+    head, _, rest = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and rest == b""
+
+
 def test_the_openapi_document_is_valid_openapi_3_1():
     validator = pytest.importorskip("openapi_spec_validator")
     validator.validate(document())
