@@ -222,9 +222,10 @@ class Options(usage.Options):
         ["read-only-root", None,
          "Make the containers' root filesystem read-only (/workspace and the home directory"
          " stay writable, /tmp is a tmpfs)."],
-        ["start-at-upgrade", None,
-         "Make a new session's container as soon as its WebSocket upgrade is accepted,"
-         " while the client sends its first frame, rather than at that frame."],
+        ["start-at-first-frame", None,
+         "Make a new session only when its client's first frame arrives, rather than as soon"
+         " as its WebSocket upgrade is accepted (the default: the container is made while the"
+         " client sends that frame)."],
     ]
 
     def __init__(self) -> None:
@@ -723,9 +724,9 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
         max_per_user=config["max-sessions-per-user"]),
         trusted_proxies=config["trusted-proxy"])
     site.websocket_factory.admission = admission
-    # With --start-at-upgrade, a new session's container is asked for as its
-    # WebSocket opens.
-    site.websocket_factory.start_at_open = bool(config["start-at-upgrade"])
+    # A new session's container is asked for as its WebSocket opens, unless
+    # --start-at-first-frame.
+    site.websocket_factory.start_at_open = not config["start-at-first-frame"]
     if authenticator is not None:
         site.websocket_factory.owners = manager.owners
     site.exports.client_address = admission.client_address

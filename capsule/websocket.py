@@ -33,9 +33,8 @@ _log = Logger()
 # Close codes (4000-4999 are the application's); README documents them.
 # The server restarts; the session lives on: reconnect (1001 itself cannot be
 # sent by an application through Autobahn).
-# Input sent on long after the client was asked to wait.  Not 1008: an
-# application may only close with 1000 or 3000-4999 (RFC 6455 7.4.2, which
-# Autobahn enforces).
+# Input sent on long after the client was asked to wait.  Not 1008: Autobahn
+# lets an application close only with 1000 or 3000-4999.
 CLOSE_INPUT_OVERRUN = 4008
 # The size a new session opens with until its client says its own: that of
 # the warm sessions, so that taking one resizes its terminal once at most.
@@ -595,7 +594,7 @@ class CapsuleServerFactory(WebSocketServerFactory):
     owners = None
     # Whether a new session is made as the connection opens (its container
     # made while the client sends its first frame) rather than at that
-    # first frame (--start-at-upgrade).
+    # first frame (capsule's default; --start-at-first-frame turns it off).
     start_at_open = False
     # Seconds a new connection has to send its first frame (the terminal's
     # size), and the output of its session held for it until then.

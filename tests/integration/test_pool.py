@@ -190,7 +190,7 @@ async def test_warm_sessions_have_the_same_limits_and_the_pool_refills(make_serv
 @pytest_twisted.ensureDeferred
 async def test_a_cold_start_begins_at_the_upgrade_and_a_client_gone_before_its_first_frame_leaks_nothing(  # noqa: E501
         make_server):
-    server = make_server("--pool-size", "0", "--start-at-upgrade")
+    server = make_server("--pool-size", "0")
     client = await WSClient.connect(server.ws_url)
     # No frame sent: the container is asked for all the same.
     await eventually(lambda: len(instance_containers(server.instance)) == 1)
