@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
+from .profiles import DEFAULT_PROFILE
+
 QUOTA_EXCEEDED = "quota_exceeded"
 SERVER_FULL = "server_full"
 
@@ -219,13 +221,22 @@ class AdmissionControl:
         Bytes promised to live sessions and warm containers.
         """
         pool = getattr(self._manager, "pool", None)
-        warm = len(pool.ready) + len(pool.pending) if pool is not None else 0
-        return (len(self._manager.sessions) + warm) * self.policy.session_memory
+        warm = pool.held if pool is not None else []
+        return sum(self._memory_of(s) for s in (*self._manager.sessions.values(), *warm))
 
-    def admit(self, address: str, user: str | None = None) -> None:
+    def _memory_of(self, session) -> int:
+        # A session's profile says its memory limit; --memory for one without.
+        settings = getattr(session, "settings", None)
+        return settings.memory if settings is not None else self.policy.session_memory
+
+    def admit(self, address: str, user: str | None = None, profile=None) -> None:
         """
         Check whether C{address} (acting for C{user}, if known) may create a
         session now, and if so, count it against its rate.
+
+        @param profile: the L{capsule.profiles.Profile} of the session asked
+            for (its memory limit counts against the budget), or C{None} for
+            one of --memory.
 
         @raise AdmissionRefused: if not.
         """
@@ -247,8 +258,15 @@ class AdmissionControl:
                 f" {policy.max_per_user} at once): end one first")
         if policy.memory_budget is not None:
             pool = getattr(self._manager, "pool", None)
-            # A warm container is already counted; a cold start adds one.
-            extra = 0 if pool is not None and pool.ready else policy.session_memory
+            # A warm session of that profile is already counted; a cold start
+            # adds one.
+            if profile is None:
+                profile = getattr(self._manager, "profiles", {}).get(DEFAULT_PROFILE)
+            name = profile.name if profile is not None else None
+            warm = pool is not None and any(
+                getattr(getattr(s, "settings", None), "name", None) == name for s in pool.ready)
+            extra = 0 if warm else (
+                profile.memory if profile is not None else policy.session_memory)
             if self.committed_memory() + extra > policy.memory_budget:
                 raise AdmissionRefused(
                     SERVER_FULL, "the server is full (its memory is promised to other"

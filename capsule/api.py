@@ -409,8 +409,8 @@ class SessionsResource(_JsonResource):
         repository = _text(body, "repository", 2048)
         # What the request names is checked before admission counts it.
         try:
-            parse_profile_name(DEFAULT_PROFILE if profile is None else profile,
-                               api.manager.profiles)
+            settings = parse_profile_name(DEFAULT_PROFILE if profile is None else profile,
+                                          api.manager.profiles)
             if repository is not None:
                 check_repository(repository)
         except UnknownProfile as e:
@@ -428,7 +428,7 @@ class SessionsResource(_JsonResource):
         user = _user(request)
         if admission is not None:
             try:
-                admission.admit(address, user)
+                admission.admit(address, user, settings)
             except AdmissionRefused as e:
                 metrics.refused(e.code)
                 raise ApiError(429 if e.code == QUOTA_EXCEEDED else 503, e.message,

@@ -74,6 +74,13 @@ class WarmPool:
         return {s.container_id for s in sessions if s.container_id is not None}
 
     @property
+    def held(self) -> list:
+        """
+        The warm sessions ready, and the one being made.
+        """
+        return [*self.ready, *([self.making] if self.making is not None else [])]
+
+    @property
     def pending(self) -> set[str]:
         """
         The ids of the sessions being made (their containers may not be known yet).
@@ -275,6 +282,10 @@ class WarmPools:
     @property
     def pending(self) -> set[str]:
         return {i for p in self.pools.values() for i in p.pending}
+
+    @property
+    def held(self) -> list:
+        return [s for p in self.pools.values() for s in p.held]
 
     def take(self, profile: str):
         pool = self.pools.get(profile)

@@ -24,7 +24,7 @@ from .errors import CapsuleError, SessionNotFound
 from .headers import HostPolicy, is_secure
 from .interfaces import ISessionClient
 from .lifecycle import InputOverrun
-from .profiles import UnknownProfile, parse_profile_name
+from .profiles import DEFAULT_PROFILE, UnknownProfile, parse_profile_name
 from .session import WARM_SIZE, SessionManager
 
 # Autobahn's protocols own a .log of their own: capsule logs through this one.
@@ -334,7 +334,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         admission = self.factory.admission
         if admission is not None:
             try:
-                admission.admit(self._client_address, self._user)
+                admission.admit(self._client_address, self._user, self._manager.profiles.get(
+                    self._requested_profile or DEFAULT_PROFILE))
             except AdmissionRefused as e:
                 self._manager.metrics.refused(e.code)
                 self._refuse(e.message, e.code, CLOSE_QUOTA_EXCEEDED

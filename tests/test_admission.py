@@ -125,18 +125,46 @@ class Counted:
 
     def __init__(self) -> None:
         self.sessions: dict[str, object] = {}
-        self.pool = SimpleNamespace(ready=[], pending=set())
+        self.pool = Pool()
+        self.profiles: dict[str, object] = {}
         self._next = 0
 
-    def make(self, admission: AdmissionControl, address: str) -> str:
-        admission.admit(address)
-        if self.pool.ready:
-            self.pool.ready.pop()
+    def make(self, admission: AdmissionControl, address: str, profile=None) -> str:
+        admission.admit(address, profile=profile)
+        # Like the session manager: no profile named is the shell profile.
+        profile = profile or self.profiles.get("shell")
+        name = profile.name if profile is not None else None
+        for warm in self.pool.ready:
+            if getattr(warm.settings, "name", None) == name:
+                self.pool.ready.remove(warm)
+                break
         self._next += 1
         session_id = f"s{self._next}"
-        self.sessions[session_id] = object()
+        self.sessions[session_id] = SimpleNamespace(settings=profile)
         admission.created(session_id, address)
         return session_id
+
+
+class Pool:
+    """
+    What admission control reads of the warm pools: the sessions they hold.
+    """
+
+    def __init__(self) -> None:
+        self.ready: list = []
+        self.making: list = []
+
+    @property
+    def held(self) -> list:
+        return [*self.ready, *self.making]
+
+
+def warm(profile=None):
+    return SimpleNamespace(settings=profile)
+
+
+def profile(name: str, memory: int):
+    return SimpleNamespace(name=name, memory=memory)
 
 
 def control(clock=None, **policy):
@@ -230,8 +258,8 @@ def test_full_buckets_are_dropped():
 def test_the_memory_budget_counts_sessions_and_warm_containers():
     manager, admission = control(max_sessions=100, max_per_client=100,
                                  session_memory=4 * GIB, memory_budget=24 * GIB)
-    manager.pool.pending = {"w1"}
-    manager.pool.ready = ["w2"]
+    manager.pool.making = [warm()]
+    manager.pool.ready = [warm()]
     assert admission.committed_memory() == 8 * GIB
     # Taking the ready warm container adds nothing; then each cold start 4 GiB.
     for _ in range(5):
@@ -244,6 +272,33 @@ def test_the_memory_budget_counts_sessions_and_warm_containers():
     del manager.sessions["s1"]
     manager.make(admission, "b")
     assert refused(admission, "b")[0] == SERVER_FULL
+
+
+def test_the_memory_budget_counts_each_session_at_its_profiles_memory():
+    shell, claude = profile("shell", 2 * GIB), profile("claude", 8 * GIB)
+    manager, admission = control(max_sessions=100, max_per_client=100,
+                                 session_memory=2 * GIB, memory_budget=20 * GIB)
+    manager.profiles = {"shell": shell, "claude": claude}
+    manager.pool.ready = [warm(shell)]
+    assert admission.committed_memory() == 2 * GIB
+    manager.make(admission, "a", claude)
+    manager.make(admission, "a", claude)
+    assert admission.committed_memory() == 18 * GIB
+    # A third agent session would need 8 GiB more; the warm shell session is
+    # already counted, so a shell session still fits (no profile named: shell).
+    code, message = refused_for(admission, "b", claude)
+    assert code == SERVER_FULL and "memory" in message
+    manager.make(admission, "b")
+    assert manager.pool.ready == [] and admission.committed_memory() == 18 * GIB
+    manager.make(admission, "b", shell)
+    assert admission.committed_memory() == 20 * GIB
+    assert refused_for(admission, "b", shell)[0] == SERVER_FULL
+
+
+def refused_for(admission, address, profile) -> tuple[str, str]:
+    with pytest.raises(AdmissionRefused) as caught:
+        admission.admit(address, profile=profile)
+    return caught.value.code, caught.value.message
 
 
 def test_no_budget_no_memory_check():
