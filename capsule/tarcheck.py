@@ -21,7 +21,9 @@ archive's size.
 
 from __future__ import annotations
 
+import gzip
 import tarfile
+import zlib
 from dataclasses import dataclass
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -39,6 +41,9 @@ MAX_COMPONENT = 255
 MAX_NAMES_BYTES = 16 * 1024 * 1024
 # Links followed through one another before a target is called a loop.
 MAX_LINK_DEPTH = 40
+# Bytes a .tar.gz may hold after tar's end-of-archive blocks (GNU tar pads
+# to its 10 KiB records), read to check that the gzip stream is whole.
+MAX_TRAILING = 16 * 1024 * 1024
 
 DEVELOPER_UID = DEVELOPER_GID = 1000
 DEVELOPER = "developer"
@@ -112,6 +117,17 @@ class _BoundedInfo(tarfile.TarInfo):
     they are read.
     """
 
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        # tarfile ends its members at a block of zeros (tar's end of
+        # archive) and, silently, at the end of the data or at a header that
+        # does not parse: only the first is an archive that is whole.
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            tarfile_.capsule_whole = True
+            raise
+
     def _proc_member(self, tarfile_):
         if self.type in _EXTENDED and self.size > MAX_HEADER:
             raise ArchiveRefused(f"the archive has an extended header of {self.size} bytes"
@@ -123,9 +139,15 @@ def _open(fileobj):
     head = fileobj.read(HEAD_BYTES)
     kind = kind_of(head)
     fileobj.seek(0)
-    mode = "r|gz" if kind == "gzip" else "r|"
     try:
-        return tarfile.open(fileobj=fileobj, mode=mode, tarinfo=_BoundedInfo), kind == "gzip"
+        if kind == "gzip":
+            # Python's gzip reader, not tarfile's: it checks the stream's
+            # end, length and CRC.
+            unpacked = gzip.GzipFile(fileobj=fileobj, mode="rb")
+            archive = tarfile.open(fileobj=unpacked, mode="r|", tarinfo=_BoundedInfo)
+            archive.capsule_gzip = unpacked
+            return archive, True
+        return tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_BoundedInfo), False
     except (ArchiveRefused, Interrupted):
         raise
     except Exception as e:
@@ -239,8 +261,36 @@ def check(fileobj, max_unpacked: int) -> Summary:
                 raise ArchiveRefused(f"the entry {raw!r} is of a kind tar does not define"
                                      f" ({member.type!r})", raw, "unsafe_entry")
             kinds[name] = kind
+        _check_whole(archive)
     _check_links(kinds, symlinks)
     return summary
+
+
+def _check_whole(archive) -> None:
+    """
+    @raise ArchiveRefused: if the archive ended without tar's end-of-archive
+        blocks (it was cut off at an entry's end, or what follows does not
+        parse), or its gzip stream is cut off, corrupt or followed by other
+        data.
+    """
+    if not getattr(archive, "capsule_whole", False):
+        raise ArchiveRefused("the archive is truncated or corrupt: it ends without tar's"
+                             " end-of-archive blocks")
+    unpacked = getattr(archive, "capsule_gzip", None)
+    if unpacked is None:
+        return
+    left = MAX_TRAILING
+    try:
+        while left >= 0:
+            data = unpacked.read(min(64 * 1024, left + 1))
+            if not data:
+                return
+            left -= len(data)
+    except (Interrupted, ArchiveRefused):
+        raise
+    except (EOFError, OSError, zlib.error) as e:
+        raise ArchiveRefused(f"the archive is truncated or corrupt: {_why(e)}") from None
+    raise ArchiveRefused(f"the archive has more than {MAX_TRAILING} bytes after its end")
 
 
 def _hardlink_target(raw: str, linkname: str) -> str:

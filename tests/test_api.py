@@ -604,6 +604,33 @@ def test_check_refuses_what_is_not_an_archive_or_too_large():
     assert kind_of(b"\x1f\x8b\x08") == "gzip"
 
 
+def test_check_refuses_every_cut_of_an_archive_and_a_corrupt_gzip():
+    import gzip as gzip_
+    entries = [("d", "dir", None), ("d/a", "file", "a" * 700), ("d/b", "file", "b" * 1500),
+               ("l", "symlink", "d/a")]
+    plain = archive(entries).getvalue()
+    packed = gzip_.compress(plain)
+    assert check(io.BytesIO(plain), 1 << 20).entries == 4
+    assert check(io.BytesIO(packed), 1 << 20).entries == 4
+    # Cut at an entry's end (tarfile alone takes that for a whole archive),
+    # or anywhere in the gzip stream: refused, whatever was whole before.
+    end = plain.index(bytes(1024), 512)  # tar's end-of-archive blocks
+    for data in [plain[:512 * n] for n in range(1, end // 512 + 1)] + [
+            gzip_.compress(plain[:512 * n]) for n in (1, 3, 5, 7)] + [
+            packed[:n] for n in range(3, len(packed))]:
+        with pytest.raises(ArchiveRefused) as e:
+            check(io.BytesIO(data), 1 << 20)
+        assert e.value.code in ("bad_archive", "not_an_archive"), len(data)
+    corrupt = bytearray(packed)
+    corrupt[-8] ^= 0xFF  # the CRC
+    for data, words in [(bytes(corrupt), "CRC check failed"),
+                        (packed + b"junk" * 100, "Not a gzipped file"),
+                        (plain[:2048] + b"x" * 512 + plain[2048:], "end-of-archive")]:
+        with pytest.raises(ArchiveRefused) as e:
+            check(io.BytesIO(data), 1 << 20)
+        assert (e.value.code, words in e.value.message) == ("bad_archive", True), words
+
+
 def _static_root(resource, depth=0):
     """
     The resource under the site's wrappers that holds its named children.

@@ -227,6 +227,23 @@ def test_a_malicious_archive_is_refused_and_nothing_is_written(server, bad, entr
     assert listing["stdout"] == "ls: cannot access '/tmp/absolute': No such file or directory\n"
 
 
+def test_an_archive_cut_short_is_refused_and_nothing_is_written(server):
+    session_id = create(server)["id"]
+    plain = tar_of([("one", "file", b"1" * 3000, 0o644), ("two", "file", b"2" * 3000, 0o644),
+                    ("three", "file", b"3" * 3000, 0o644)], compress=False)
+    at_an_entry_end = plain[:plain.index(b"2" * 3000) + 3072]  # one and two, whole
+    packed = gzip.compress(plain)
+    for data in [at_an_entry_end, gzip.compress(at_an_entry_end), packed[:len(packed) // 2],
+                 packed[:-4]]:
+        status, body = upload(server, session_id, data)
+        assert (status, body["code"]) == (400, "bad_archive"), len(data)
+        assert body["error"].startswith(("the archive is truncated or corrupt: ",
+                                         "the archive cannot be read: ")), body
+    assert sh(server, session_id, "ls -A /workspace")["stdout"] == ""
+    status, body = upload(server, session_id, packed)
+    assert (status, body["files"]) == (200, 3)
+
+
 def test_uploads_that_are_not_archives_or_too_large(make_server):
     server = make_server("--upload-max-bytes", "10k")
     session_id = create(server)["id"]
