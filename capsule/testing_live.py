@@ -153,11 +153,23 @@ def remove_container(api: docker.APIClient, container_id: str) -> None:
 
 
 def remove_instance_containers(instance: str, api: docker.APIClient | None = None) -> int:
+    """
+    Remove every container of C{instance}; return how many there were.
+
+    A server killed while it made containers leaves the engine finishing
+    those requests: while a sweep finds some, another follows a second later.
+    """
     api = api or docker_client().api
-    found = instance_containers(instance, api)
-    for c in found:
-        remove_container(api, c["Id"])
-    return len(found)
+    removed = 0
+    for _ in range(10):
+        found = instance_containers(instance, api)
+        for c in found:
+            remove_container(api, c["Id"])
+        removed += len(found)
+        if not found:
+            break
+        time.sleep(1)
+    return removed
 
 
 # -- the server -----------------------------------------------------------------------

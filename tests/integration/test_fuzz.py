@@ -157,8 +157,10 @@ def fuzz_server(tmp_path_factory):
     finally:
         bystander.stop.set()
         bystander.join(20)
-        server.stop()
-        remove_instance_containers(server.instance)
+        try:
+            server.stop()
+        finally:
+            remove_instance_containers(server.instance)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
