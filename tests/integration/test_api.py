@@ -298,6 +298,62 @@ def test_every_documented_route_answers(server):
     assert call(server, f"/api/nothing/{uuid.uuid4()}")[0] == 404
 
 
+def test_the_answers_match_the_openapi_document(server):
+    """
+    Each answer's status is documented for its route, and its JSON body
+    validates against the documented schema.
+    """
+    jsonschema = pytest.importorskip("jsonschema")
+    from capsule.openapi import document
+    doc = document()
+    seen = []
+
+    def check(template, method, path, body=None, content_type="application/json"):
+        request = urllib.request.Request(server.url + path, data=body, method=method,
+                                         headers={"Content-Type": content_type} if body
+                                         is not None else {})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                status, kind, data = response.status, response.headers["content-type"], (
+                    response.read())
+        except urllib.error.HTTPError as e:
+            status, kind, data = e.code, e.headers["content-type"], e.read()
+        answer = doc["paths"][template][method.lower()]["responses"].get(str(status))
+        assert answer is not None, (method, template, status, data[:200])
+        content = answer.get("content", {})
+        if kind == "application/json" and content:
+            schema = {**content[kind]["schema"], "components": doc["components"]}
+            jsonschema.validate(json.loads(data), schema,
+                                cls=jsonschema.Draft202012Validator)
+        seen.append((method, template, status))
+        return data
+
+    session_id = json.loads(check("/api/sessions", "POST", "/api/sessions", b'{"cols": 100}'))[
+        "id"]
+    for body in (b'{"profile": "nope"}', b'{"cols": "x"}', b"[" * 5000):
+        check("/api/sessions", "POST", "/api/sessions", body)
+    check("/api/sessions", "POST", "/api/sessions", b"{}", "text/plain")
+    check("/api/sessions", "GET", "/api/sessions")
+    check("/api/profiles", "GET", "/api/profiles")
+    check("/api/sessions/{id}", "GET", f"/api/sessions/{session_id}")
+    check("/api/sessions/{id}", "GET", f"/api/sessions/{uuid.uuid4()}")
+    for body in [{"argv": ["echo", "hi"]}, {"argv": []}, {"argv": ["pwd"], "cwd": "/nope"},
+                 {"argv": ["sleep", "5"], "timeout": 0.5}, {"argv": ["true"], "max_output": 0}]:
+        check("/api/sessions/{id}/exec", "POST", f"/api/sessions/{session_id}/exec",
+              json.dumps(body).encode())
+    upload = f"/api/sessions/{session_id}/workspace"
+    check("/api/sessions/{id}/workspace", "POST", upload,
+          tar_of([("f", "file", b"x", 0o644)]), "application/gzip")
+    check("/api/sessions/{id}/workspace", "POST", upload, b"garbage" * 100,
+          "application/x-tar")
+    check("/api/export/{id}", "GET", f"/api/export/{session_id}")
+    check("/api/sessions/{id}", "DELETE", f"/api/sessions/{session_id}")
+    check("/api/sessions/{id}", "DELETE", f"/api/sessions/{session_id}")
+    assert [status for _, _, status in seen] == [
+        201, 400, 400, 400, 415, 200, 200, 200, 404, 200, 400, 400, 200, 200, 200, 400, 200,
+        200, 404]
+
+
 LOGIN_PATHS = ("/login", "/logout")
 
 
