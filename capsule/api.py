@@ -37,9 +37,9 @@ from .admission import QUOTA_EXCEEDED, AdmissionRefused
 from .auth import short_ids
 from .command import utf8_text
 from .errors import CapsuleError, ContainerGone, DockerUnavailable
+from .export import json_body, json_error
 from .profiles import (DEFAULT_PROFILE, BadRepository, UnknownProfile, check_repository,
                        parse_profile_name)
-from .export import json_body, json_error
 from .protocol import ProtocolError, parse_session_id
 from .tarcheck import ArchiveRefused, Interrupted, check, rewrite
 
