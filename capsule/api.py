@@ -48,6 +48,9 @@ _log = Logger()
 # Bytes of JSON a create request may have, and an exec request (its stdin
 # is in it).
 CREATE_MAX_BODY = 64 * 1024
+# Bytes of body read on a route that takes none (GET, DELETE): enough that
+# a method it does not have, sent with a small body, gets its 405.
+NO_BODY = 4096
 EXEC_MAX_BODY = 8 * 1024 * 1024
 # --upload-max-bytes: bytes of archive an upload may send.
 UPLOAD_MAX_BYTES = 1024 * 1024 * 1024
@@ -360,11 +363,15 @@ class SessionApi:
         sent to any other path is refused before it is read, whoever sends it.
         """
         parts = path.split(b"?", 1)[0].split(b"/")
+        if parts in ([b"", b"api", b"profiles"], [b"", b"api", b"openapi.json"]):
+            return NO_BODY
         if parts[:3] != [b"", b"api", b"sessions"]:
             return None
         rest = parts[3:]
         if rest in ([], [b""]):
             return CREATE_MAX_BODY
+        if len(rest) == 1:
+            return NO_BODY
         if len(rest) == 2 and rest[1] == b"exec":
             return EXEC_MAX_BODY
         if len(rest) == 2 and rest[1] == b"workspace":

@@ -147,6 +147,19 @@ def test_unknown_routes_and_methods_are_json(api):
     assert (status, headers["allow"]) == (405, "POST")
 
 
+def test_a_method_a_route_lacks_is_a_405_with_a_small_body_too(api):
+    session = api.create()
+    for path, allow in [(f"/api/sessions/{session['id']}", "GET, DELETE"),
+                        ("/api/profiles", "GET"), ("/api/openapi.json", "GET")]:
+        for method in ("PUT", "PATCH", "POST"):
+            status, headers, body = api.request(path, method, {"a": 1})
+            assert (status, body["code"], headers["allow"]) == (
+                405, "method_not_allowed", allow), (method, path)
+        status, _, body = api.request(path, "PUT", b"x" * 5000)
+        assert (status, body["code"], body["limit"]) == (413, "body_too_large", 4096)
+    assert list(api.manager.sessions) == [session["id"]]
+
+
 def test_create_refuses_bad_bodies(api):
     cases = [({"cols": 0}, 400), ({"cols": "80"}, 400), ({"rows": 1001}, 400),
              ({"shell": "zsh"}, 400), ([1, 2], 400)]
