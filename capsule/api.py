@@ -34,7 +34,9 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from .admission import QUOTA_EXCEEDED, AdmissionRefused
-from .auth import short_ids
+from .auth import COOKIE_NAME, short_ids
+from .auth import _cookie as request_cookie
+from .auth import _headers as request_headers
 from .command import utf8_text
 from .errors import CapsuleError, ContainerGone, DockerUnavailable
 from .export import json_body, json_error
@@ -356,11 +358,12 @@ class SessionApi:
             waits.append(wait)
         return DeferredList(waits)
 
-    def body_limit(self, path: bytes) -> int | None:
+    def body_limit(self, path: bytes, request=None) -> int | None:
         """
         Bytes of body a path of the API accepts (C{None}: not the API's).
-        An upload's large limit is only for a session that exists: a body
-        sent to any other path is refused before it is read, whoever sends it.
+        An upload's large limit is only for a session that exists and, with
+        users, for a C{request} that carries credentials (checked once its
+        body is in): any other body is refused before it is read.
         """
         parts = path.split(b"?", 1)[0].split(b"/")
         if parts in ([b"", b"api", b"profiles"], [b"", b"api", b"openapi.json"]):
@@ -375,9 +378,29 @@ class SessionApi:
         if len(rest) == 2 and rest[1] == b"exec":
             return EXEC_MAX_BODY
         if len(rest) == 2 and rest[1] == b"workspace":
-            name = rest[0].decode("ascii", "replace")
-            return self.upload_max_bytes if name in self.manager.sessions else 0
+            session = self.manager.sessions.get(rest[0].decode("ascii", "replace"))
+            if session is None or (request is not None
+                                   and not self._may_upload(request, session)):
+                return 0
+            return self.upload_max_bytes
         return None
+
+    def _may_upload(self, request, session) -> bool:
+        """
+        Whether C{request}, whose headers are in, may send an upload's body:
+        without users, yes; with users, if it carries credentials (an
+        C{Authorization} header, the proxy's user header, or the cookie of
+        a login of the session's owner), which are checked once it is in.
+        """
+        authenticator = getattr(self.factory, "authenticator", None)
+        if authenticator is None:
+            return True
+        headers = request_headers(request)
+        if "authorization" in headers or (authenticator.user_header is not None
+                                          and authenticator.user_header in headers):
+            return True
+        cookie = request_cookie(headers, COOKIE_NAME)
+        return cookie is not None and authenticator.logins.user(cookie) == session.core.user
 
 
 class SessionsResource(_JsonResource):

@@ -75,7 +75,7 @@ class LimitedRequest(Request):
         site = getattr(self.channel, "site", None)
         # The path is known to the channel only, until the body is in.
         path = getattr(self.channel, "_path", b"")
-        self._body_limit = site.body_limit(path) if site is not None else MAX_BODY
+        self._body_limit = site.body_limit(path, self) if site is not None else MAX_BODY
         self._body_size = 0
         if length is not None and length > self._body_limit:
             self._refuse(length)
@@ -156,9 +156,10 @@ class CapsuleSite(Site):
         # Callables giving the limit of a path they know (else None).
         self.body_rules: list = []
 
-    def body_limit(self, path: bytes) -> int:
+    def body_limit(self, path: bytes, request=None) -> int:
+        # A rule may look at the request's headers (they are in).
         for rule in self.body_rules:
-            limit = rule(path)
+            limit = rule(path, request)
             if limit is not None:
                 return limit
         return self.body_limits.get(path.split(b"?", 1)[0], MAX_BODY)

@@ -767,6 +767,36 @@ def test_check_bounds_entries_and_names(monkeypatch):
     assert refusal([("d/" * 2100, "dir", None)]).entry.startswith("d/d/")
 
 
+def test_with_users_an_upload_body_without_credentials_is_refused_before_it_is_read(authed):
+    session = authed.create(token=ALICE)
+    path = f"/api/sessions/{session['id']}/workspace"
+    big = 10 * 1024 * 1024
+
+    def head_only(cookie=None, token=None):
+        # Headers only: whether capsule answers before the body comes.
+        channel = authed.site.buildProtocol(None)
+        transport = StringTransport(peerAddress=PEER)
+        channel.makeConnection(transport)
+        lines = [f"POST {path} HTTP/1.1", "Host: capsule", "Content-Type: application/x-tar",
+                 f"Content-Length: {big}"]
+        if cookie is not None:
+            lines.append(f"Cookie: capsule_session={cookie}")
+        if token is not None:
+            lines.append(f"Authorization: Bearer {token}")
+        channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return transport.value()
+
+    logins = authed.factory.authenticator.logins
+    refused = [head_only(), head_only(cookie="nonsense"), head_only(cookie=logins.new("bob"))]
+    for answer in refused:
+        status, _, body = parse(answer)
+        assert (status, body["code"], body["limit"]) == (413, "body_too_large", 0)
+    # With credentials (checked once the body is in), the body is awaited.
+    assert head_only(token=ALICE) == b""
+    assert head_only(token="wrong") == b""
+    assert head_only(cookie=logins.new("alice")) == b""
+
+
 def test_uploads_at_once_are_bounded(api):
     from capsule.api import UPLOADS_AT_ONCE
     sessions = [api.create()["id"] for _ in range(UPLOADS_AT_ONCE + 1)]
