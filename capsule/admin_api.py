@@ -275,8 +275,11 @@ class AdminResource(Resource):
                 return 200, self._drain.state()
         else:
             return 404, {"error": "no such admin path", "code": "not_found"}
-        return 405, {"error": f"{method.decode('ascii', 'replace')} is not allowed here",
-                     "code": "method_not_allowed"}
+        allowed = ("GET, HEAD, DELETE" if path == ["sessions"] else "DELETE" if len(path) == 2
+                   else "GET, HEAD, POST, DELETE")
+        request.setHeader(b"allow", allowed.encode("ascii"))
+        return 405, {"error": f"{method.decode('ascii', 'replace')[:20]} is not allowed here;"
+                              f" use {allowed}", "code": "method_not_allowed"}
 
     def _list(self) -> dict:
         now = self._clock.seconds()

@@ -384,6 +384,13 @@ class WorkspaceExportResource(Resource):
         self._session_id, self._container_id = session_id, container_id
         self._exports = exports
 
+    def render(self, request):
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return json_error(request, 405, f"{request.method.decode('latin-1')[:20]} is not"
+                              " allowed here; use GET", "method_not_allowed")
+        return super().render(request)
+
     def render_GET(self, request):
         exports = self._exports
         client = exports.client_address(request)

@@ -166,7 +166,11 @@ def test_another_sites_page_is_refused(admin):
 
 def test_unknown_path_and_method(admin):
     assert admin.request("/api/admin/nothing")[0] == 404
-    assert admin.request("/api/admin/sessions", "PUT")[0] == 405
+    assert admin.request("/api/admin/sessions", "PUT") == (405, {
+        "error": "PUT is not allowed here; use GET, HEAD, DELETE", "code": "method_not_allowed"})
+    assert admin.request("/api/admin/drain", "PATCH") == (405, {
+        "error": "PATCH is not allowed here; use GET, HEAD, POST, DELETE",
+        "code": "method_not_allowed"})
 
 
 def test_admin_users_with_authentication(tmp_path):

@@ -269,6 +269,16 @@ def test_export_of_bad_and_unknown_ids_is_a_json_404(web, logged, path, code):
     assert _problems(logged) == []
 
 
+@pytest.mark.parametrize("method", [b"POST", b"PUT", b"DELETE", b"PATCH"])
+def test_export_of_a_live_session_by_another_method_is_a_json_405(web, method):
+    from capsule.testing import RecordingClient
+    session = web.manager.create(RecordingClient(), 80, 24)
+    status, headers, body = web.get(b"/api/export/" + session.id.encode(), method)
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+    assert json.loads(body) == {"error": f"{method.decode()} is not allowed here; use GET",
+                                "code": "method_not_allowed"}
+
+
 def test_export_without_an_id(web):
     status, headers, body = web.get(b"/api/export")
     assert status == 404 and json.loads(body)["code"] == "not_found"
