@@ -940,6 +940,27 @@ class SessionManager:
                 " `sudo systemctl reload docker` (no container is stopped by that).")
         return enabled
 
+    async def check_profile_images(self) -> list[str]:
+        """
+        Warn, once at start, of each profile whose image the engine does not
+        have (its sessions would fail to start); return those profiles' names.
+        """
+        missing = []
+        for name, settings in sorted(self.profiles.items()):
+            image = settings.spec.image
+            try:
+                present = await self._docker.image_exists(image)
+            except CapsuleError as e:
+                _log.warn("could not check the images of the profiles: {message}",
+                          message=e.message)
+                return missing
+            if not present:
+                missing.append(name)
+                _log.warn("profile {profile}: its image {image} is missing, so its sessions"
+                          " cannot start: build it (`make image`, or docker/build-image.sh)"
+                          " or name another image", profile=name, image=image)
+        return missing
+
     async def recover(self) -> int:
         """
         At start-up: find the sessions of an earlier run whose containers

@@ -536,6 +536,7 @@ class SessionService(Service):
         self._open()
         self.manager.pool.start()
         await self.manager.check_live_restore()
+        await self.manager.check_profile_images()
 
     def _open(self) -> None:
         if not self.ready.called:

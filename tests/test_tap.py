@@ -158,3 +158,25 @@ def test_an_engine_without_live_restore_is_warned_about():
     warnings = [e["log_format"] for e in events if e.get("log_level").name == "warn"]
     assert len(warnings) == 1 and "live-restore" in warnings[0]
     assert '"live-restore": true' in warnings[0].format()
+
+
+def test_a_profile_whose_image_is_missing_is_warned_about_at_start():
+    from dataclasses import replace
+
+    from twisted.logger import globalLogPublisher
+
+    from capsule.profiles import builtin_profiles
+    from capsule.session import shell_profile
+    docker, clock = FakeDockerAPI(), Clock()
+    spec = ContainerSpec(image="capsule-runtime:latest")
+    config = SessionConfig(spec=spec, instance="t")
+    config = replace(config, profiles=builtin_profiles(shell_profile(config), "no-such:agent"))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        SessionService(SessionManager(docker, clock, config), clock).startService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [e for e in events if e.get("log_level").name == "warn"]
+    assert [(e["profile"], e["image"]) for e in warnings] == [("claude", "no-such:agent")]
+    assert "its sessions cannot start" in warnings[0]["log_format"]
