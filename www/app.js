@@ -1217,6 +1217,9 @@
   fitAddon.fit();
   setState("connecting");
   if (!adoptBoot()) connect();
-  showLogout();
   term.focus();
+  // Whether to offer "Log out" (a request, and its answer's handling) is not on the way to the
+  // first prompt: asked when the main thread is next idle (at most a second from now).
+  if (window.requestIdleCallback) requestIdleCallback(showLogout, { timeout: 1000 });
+  else setTimeout(showLogout, 100);
 })();
