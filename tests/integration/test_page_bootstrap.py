@@ -271,3 +271,43 @@ def test_bootstrap_lets_go_of_a_socket_past_its_buffer(page_url, new_page):
     assert len(server.sockets) == 2
     assert server.sockets[1].url.endswith(f"/ws?session_id={session_id}&offset={8 * mib}")
     assert page.errors == []
+
+
+@pytest.mark.parametrize("broken", [
+    # A browser without OffscreenCanvas: the bootstrap opens nothing.
+    "delete window.OffscreenCanvas;",
+    # A font that measures as nothing: the socket the bootstrap opened
+    # first (before measuring) is closed at once, before it sends anything.
+    "OffscreenCanvasRenderingContext2D.prototype.measureText = () => ({width: 0,"
+    " fontBoundingBoxAscent: 0, fontBoundingBoxDescent: 0});",
+])
+def test_a_bootstrap_that_cannot_measure_leaves_the_connection_to_app_js(
+        page_url, new_page, broken):
+    """
+    The bootstrap hands app.js no socket when it cannot tell the terminal's
+    size; app.js connects by itself, and its socket is the only one that
+    says anything.
+    """
+    page = new_page()
+    page.add_init_script(broken)
+    session_id = str(uuid.uuid4())
+
+    def on_resize(ws):
+        connected(ws, resumed=False, offset=0, replay=0, session_id=session_id)
+        ws.send(b"banner\r\n$ ")
+
+    server = ScriptedServer(page, on_resize)
+    held = HeldScripts(page)
+    page.goto(page_url, wait_until="commit")
+    until(page, lambda: held.asked_at, "the request for app.js")
+    assert page.evaluate("window.capsuleBoot") is None
+    held.release()
+    page.wait_for_selector('#status[data-state="connected"]')
+    wait_screen(page, r"banner")
+    assert page.get_attribute("#session", "title") == session_id
+    # One resize in all, from app.js, at the size xterm drew.
+    assert len(resizes(server)) == 1
+    page.locator(".xterm-helper-textarea").focus()
+    page.keyboard.type("k")
+    until(page, lambda: server.inputs() == [b"k"], "the key press")
+    assert page.errors == []
