@@ -48,6 +48,28 @@ CLOSE_QUOTA_EXCEEDED = 4429
 CLOSE_UNAVAILABLE = 4503
 
 
+def url_size(cols: str | None, rows: str | None) -> tuple[int, int] | None:
+    """
+    The terminal size a client gave in the WebSocket's URL (C{?cols=C&rows=R}),
+    or C{None} when it gave neither.
+
+    @raise wire.ProtocolError: for only one of them, or one that is not an
+        integer in the range a C{resize} message allows.
+    """
+    if cols is None and rows is None:
+        return None
+    size = []
+    for name, value in (("cols", cols), ("rows", rows)):
+        if value is None or not (value.isascii() and value.isdigit()) or len(value) > 4 \
+                or not wire.MIN_SIZE <= int(value) <= wire.MAX_SIZE:
+            raise wire.ProtocolError(
+                f"the URL's {name} must be an integer from {wire.MIN_SIZE} to {wire.MAX_SIZE}"
+                f" (with {'rows' if name == 'cols' else 'cols'}), got"
+                f" {'nothing' if value is None else repr(value[:20])}", "bad_resize")
+        size.append(int(value))
+    return size[0], size[1]
+
+
 def _reason(text: str) -> str:
     # A close reason is at most 123 bytes of UTF-8.
     encoded = text.encode("utf-8")[:120]
@@ -170,6 +192,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._requested_offset: str | None = None
         # The profile a new session is asked of (None: the default).
         self._requested_profile: str | None = None
+        # The URL's cols and rows, as given (see url_size).
+        self._requested_size: tuple = (None, None)
         self._session = None
         self._producer = None
         self._wire: JsonWire | BinaryWire | None = None
@@ -215,6 +239,10 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._requested_offset = values[0] if values else None
         values = request.params.get("profile")
         self._requested_profile = values[0] if values else None
+        # The terminal's size, if the URL gives it: then no resize need come
+        # before the session's first output (checked once the connection is open).
+        self._requested_size = (request.params.get("cols", [None])[0],
+                                request.params.get("rows", [None])[0])
         kind = BinaryWire if wire.BINARY_SUBPROTOCOL in request.protocols else JsonWire
         self._wire = kind(self.factory.max_message_size)
         self._coalescer = Coalescer(self.factory.clock, self._emit,
@@ -255,6 +283,11 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         # as keystroke echoes back for up to 40 ms behind an unacked frame.
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
+        try:
+            size = url_size(*self._requested_size)
+        except wire.ProtocolError as e:
+            self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
+            return
         if self._requested_session is None:
             if self._requested_profile is not None:
                 # Refused before anything is made.
@@ -264,7 +297,13 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                     self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
                     return
             self._phase = "awaiting_resize"
-            if self.factory.start_at_open:
+            if size is not None:
+                # The size is known: the session is made at it, and what it
+                # says goes out at once (a warm one's prompt with the 101).
+                self._open_session(size)
+                if self._phase == "awaiting_resize" and self._session is not None:
+                    self._first_size(*size, resize=False)
+            elif self.factory.start_at_open:
                 self._open_session()
             return
         self._phase = "session"
@@ -274,6 +313,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             if self._wire.acks and self._requested_offset is not None:
                 offset = wire.parse_offset(self._requested_offset)
             self._session = self._manager.reconnect(session_id, self, offset, user=self._user)
+            if size is not None and self._session is not None and self._phase == "session":
+                self._manager.resize(self._session, *size)
         except wire.ProtocolError as e:
             self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
         except SessionNotFound as e:
