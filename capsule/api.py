@@ -23,15 +23,13 @@ import json
 import re
 import time
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from zope.interface import implementer
 
 from .admission import QUOTA_EXCEEDED, AdmissionRefused
 from .auth import COOKIE_NAME, short_ids
@@ -39,7 +37,7 @@ from .auth import _cookie as request_cookie
 from .auth import _headers as request_headers
 from .command import utf8_text
 from .errors import CapsuleError, ContainerGone, DockerUnavailable
-from .export import json_body, json_error
+from .export import ThreadFedProducer, json_body, json_error
 from .profiles import (DEFAULT_PROFILE, BadRepository, UnknownProfile, check_repository,
                        parse_profile_name)
 from .protocol import ProtocolError, parse_session_id
@@ -612,9 +610,10 @@ def timed_argv(argv: list[str], timeout: float) -> list[str]:
     return ["timeout", "-s", "KILL", "--", f"{timeout:g}", *argv]
 
 
-class ExecResource(_JsonResource):
+class _SessionPost(_JsonResource):
     """
-    C{POST /api/sessions/{id}/exec}.
+    A session's POST resource (C{/api/sessions/{id}/...}): a leaf, of the
+    session C{session_id}.
     """
 
     isLeaf = True
@@ -623,6 +622,23 @@ class ExecResource(_JsonResource):
     def __init__(self, api: SessionApi, session_id: str) -> None:
         super().__init__()
         self.api, self.session_id = api, session_id
+
+
+def _count_down(counts: dict[str, int], session_id: str) -> None:
+    """
+    One fewer of a session's running requests in C{counts}; none is no key.
+    """
+    left = counts.get(session_id, 1) - 1
+    if left:
+        counts[session_id] = left
+    else:
+        counts.pop(session_id, None)
+
+
+class ExecResource(_SessionPost):
+    """
+    C{POST /api/sessions/{id}/exec}.
+    """
 
     def render_POST(self, request):
         api = self.api
@@ -659,11 +675,7 @@ class ExecResource(_JsonResource):
                 wanted["stdin"], wanted["max_output"], wanted["timeout"] + EXEC_SLACK)
         finally:
             keep.stop()
-            left = api.execs.get(session.id, 1) - 1
-            if left:
-                api.execs[session.id] = left
-            else:
-                api.execs.pop(session.id, None)
+            _count_down(api.execs, session.id)
             api.touch(session)
         api.ended_meanwhile(session, "the command")
         elapsed = time.monotonic() - started
@@ -697,18 +709,11 @@ ARCHIVE_TYPES = (b"application/x-tar", b"application/gzip", b"application/x-gzip
                  b"application/octet-stream", b"application/x-compressed-tar")
 
 
-class UploadResource(_JsonResource):
+class UploadResource(_SessionPost):
     """
     C{POST /api/sessions/{id}/workspace}: a .tar or .tar.gz body, unpacked
     into C{/workspace} once every entry was checked (L{capsule.tarcheck}).
     """
-
-    isLeaf = True
-    methods = (b"POST",)
-
-    def __init__(self, api: SessionApi, session_id: str) -> None:
-        super().__init__()
-        self.api, self.session_id = api, session_id
 
     def render_POST(self, request):
         api = self.api
@@ -752,11 +757,7 @@ class UploadResource(_JsonResource):
                 UPLOAD_TIMEOUT + EXEC_SLACK)
         finally:
             keep.stop()
-            left = api.uploads.get(session.id, 1) - 1
-            if left:
-                api.uploads[session.id] = left
-            else:
-                api.uploads.pop(session.id, None)
+            _count_down(api.uploads, session.id)
             api.touch(session)
         api.ended_meanwhile(session, "the upload")
         if result.exit_code != 0:
@@ -796,19 +797,17 @@ class _Stoppable:
         return self._body.tell()
 
 
-@implementer(IPushProducer)
-class _Feeder:
+class _Feeder(ThreadFedProducer):
     """
     Rewrites a checked archive on a worker thread into an exec's input,
     waiting while that input is full: one buffer in memory at a time.
     """
 
     def __init__(self, api: SessionApi, body) -> None:
+        super().__init__()
         self._api = api
         self._body = body
         self._consumer = None
-        self._paused = False
-        self._resumed: Deferred | None = None
         self._stopped = False
 
     def feed(self, consumer) -> Deferred:
@@ -838,25 +837,11 @@ class _Feeder:
         if self._stopped or getattr(self._consumer, "disconnected", False):
             raise _FeedAborted("the unpacking command went away")
         self._consumer.write(chunk)
-        if self._paused:
-            self._resumed = Deferred()
-            return self._resumed
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        resumed, self._resumed = self._resumed, None
-        if resumed is not None:
-            resumed.callback(None)
+        return self._written()
 
     def stopProducing(self) -> None:
         self._stopped = True
-        resumed, self._resumed = self._resumed, None
-        if resumed is not None:
-            resumed.errback(_FeedAborted("the unpacking command went away"))
+        self._release(_FeedAborted("the unpacking command went away"))
 
 
 class ApiResource(Resource):

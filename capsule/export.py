@@ -266,7 +266,47 @@ class ExportCutOff(ExportAborted):
 
 
 @implementer(IPushProducer)
-class _GzipStream:
+class ThreadFedProducer:
+    """
+    A push producer for what a worker thread writes through the reactor:
+    while the consumer is paused, a write's answer (L{_written}) waits until
+    it resumes, or fails once the producer is stopped (L{_release}).
+    """
+
+    def __init__(self) -> None:
+        self._paused = False
+        self._resumed: Deferred | None = None
+
+    def _written(self) -> Deferred | None:
+        """
+        What a write answers: while the consumer is paused, a Deferred that
+        fires once it resumes; else None.
+        """
+        if self._paused:
+            self._resumed = Deferred()
+            return self._resumed
+        return None
+
+    def _release(self, reason: Exception) -> None:
+        """
+        Fail the write that waits for the consumer, if one does, with
+        C{reason}.
+        """
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.errback(reason)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.callback(None)
+
+
+class _GzipStream(ThreadFedProducer):
     """
     Compresses on the export thread; writes and waits on the reactor.
 
@@ -275,14 +315,13 @@ class _GzipStream:
 
     def __init__(self, reactor, request, filename: str, session_id: str,
                  max_bytes: int) -> None:
+        super().__init__()
         self._reactor = reactor
         self._request = request
         self._filename = filename
         self._session_id = session_id
         self._max_bytes = max_bytes
         self._gzip = zlib.compressobj(COMPRESSION_LEVEL, zlib.DEFLATED, 31)
-        self._resumed: Deferred | None = None
-        self._paused = False
         self.gone = False
         self.started = False
         self.sent = 0
@@ -320,10 +359,7 @@ class _GzipStream:
         self._start()
         self.sent += len(data)
         self._request.write(data)
-        if self._paused:
-            self._resumed = Deferred()
-            return self._resumed
-        return None
+        return self._written()
 
     def finish(self) -> None:
         """
@@ -360,20 +396,9 @@ class _GzipStream:
         request.write(json_error(request, 503, f"export cut off: {why}", "export_limit"))
         request.finish()
 
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        resumed, self._resumed = self._resumed, None
-        if resumed is not None:
-            resumed.callback(None)
-
     def stopProducing(self) -> None:
         self.gone = True
-        resumed, self._resumed = self._resumed, None
-        if resumed is not None:
-            resumed.errback(ExportAborted(self.cut or "the client went away"))
+        self._release(ExportAborted(self.cut or "the client went away"))
 
 
 class WorkspaceExportResource(Resource):
