@@ -521,9 +521,11 @@ def _prepared_for_client(session: SessionEvents, core: SessionCore, offset: int,
 
 @PreparingAlone.upon(SessionEvents.attach).to(Preparing)
 @Preparing.upon(SessionEvents.attach).loop()
-def _attach_while_preparing(session: SessionEvents, core: SessionCore, client: object,
-                            offset: int | None) -> None:
-    # It is handed over, from the offset it asked for, once the shell runs.
+@ResumingAlone.upon(SessionEvents.attach).to(Resuming)
+def _attach_while_starting(session: SessionEvents, core: SessionCore, client: object,
+                           offset: int | None) -> None:
+    # It is handed over, from the offset it asked for, once the shell runs
+    # (a new one, or the one resumed).
     _take_over(core, client)
     core.want = offset
 
@@ -662,13 +664,6 @@ def _left_resuming(session: SessionEvents, core: SessionCore, client: object,
     # The attach under way goes on (from the offset it asked for), and a
     # client that comes back meanwhile is handed over from there.
     _leave(core, 0)
-
-
-@ResumingAlone.upon(SessionEvents.attach).to(Resuming)
-def _back_while_resuming(session: SessionEvents, core: SessionCore, client: object,
-                         offset: int | None) -> None:
-    _take_over(core, client)
-    core.want = offset
 
 
 @ResumingAlone.upon(SessionEvents.stream_started).to(Detached)
