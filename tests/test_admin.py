@@ -4,9 +4,7 @@ engine, a Clock), the drain, and the admin command's parts that need no
 server.
 """
 
-import http.client
 import io
-import json
 
 import pytest
 from twisted.application.internet import StreamServerEndpointService
@@ -27,18 +25,11 @@ from capsule.tap import ListenerService, Options, listening_url
 from capsule.testing import FakeDockerAPI, RecordingClient
 from capsule.web import make_site
 
+from .in_memory import parse_response
+
 TOKEN = "a" * 32
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 40000)
 REMOTE = IPv4Address("TCP", "203.0.113.9", 40000)
-
-
-def parse(raw: bytes):
-    class Socket:
-        def makefile(self, mode):
-            return io.BytesIO(raw)
-    response = http.client.HTTPResponse(Socket(), method="GET")
-    response.begin()
-    return response.status, json.loads(response.read() or b"null")
 
 
 class Admin:
@@ -59,7 +50,8 @@ class Admin:
                  *[f"{k}: {v}" for k, v in headers]]
         channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode())
         assert transport.disconnecting, f"no complete answer to {method} {path}"
-        return parse(transport.value())
+        status, _, body = parse_response(transport.value())
+        return status, body
 
     def session(self, user=None):
         client = RecordingClient()

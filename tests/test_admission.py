@@ -7,26 +7,20 @@ nothing is made.
 from __future__ import annotations
 
 import ipaddress
-import json
 from types import SimpleNamespace
 
 import pytest
-import txaio
-from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.test import iosim
 from twisted.web.test.requesthelper import DummyRequest
 
 from capsule.admission import (QUOTA_EXCEEDED, SERVER_FULL, AdmissionControl, AdmissionPolicy,
                                AdmissionRefused, TokenBucket, client_address, parse_network,
                                parse_rate)
-from capsule.docker_api import ContainerSpec
-from capsule.session import SessionConfig, SessionManager
 from capsule.testing import FakeDockerAPI
 from capsule.websocket import CapsuleServerFactory
 
-from .test_websocket import HOST, SERVER_ADDRESS, RecordingClientProtocol
+from .in_memory import Link, clock, docker, manager  # noqa: F401 (fixtures)
 
 GIB = 1024 ** 3
 
@@ -311,26 +305,6 @@ def test_no_budget_no_memory_check():
 # -- the WebSocket endpoint, in memory ----------------------------------------------------
 
 @pytest.fixture
-def clock():
-    clock = Clock()
-    previous, txaio.config.loop = txaio.config.loop, clock
-    yield clock
-    txaio.config.loop = previous
-
-
-@pytest.fixture
-def docker():
-    return FakeDockerAPI()
-
-
-@pytest.fixture
-def manager(docker, clock):
-    spec = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
-    return SessionManager(docker, clock, SessionConfig(spec=spec, instance="t", grace=60,
-                                                       replay_bytes=64 * 1024))
-
-
-@pytest.fixture
 def factory(manager, clock):
     factory = CapsuleServerFactory(manager, clock, max_message_size=1024)
     factory.admission = AdmissionControl(
@@ -340,29 +314,19 @@ def factory(manager, clock):
     return factory
 
 
-class Client:
+class Client(Link):
     """
     Autobahn's client from 127.0.0.1, speaking for C{forwarded} through
     X-Forwarded-For.
     """
 
     def __init__(self, clock, factory, forwarded: str | None = None, query: str = "") -> None:
-        url = f"ws://{HOST}/ws" + (f"?{query}" if query else "")
-        client_factory = WebSocketClientFactory(
-            url, headers={"X-Forwarded-For": forwarded} if forwarded else None)
-        client_factory.protocol = RecordingClientProtocol
-        self.client = client_factory.buildProtocol(SERVER_ADDRESS)
-        address = IPv4Address("TCP", "127.0.0.1", 40000)
-        self.server = factory.buildProtocol(address)
-        self.pump = iosim.connect(
-            self.server, iosim.FakeTransport(self.server, True, SERVER_ADDRESS, address),
-            self.client, iosim.FakeTransport(self.client, False, address, SERVER_ADDRESS),
-            clock=clock)
+        super().__init__(clock, factory, query,
+                         headers={"X-Forwarded-For": forwarded} if forwarded else None)
 
     def start(self) -> dict:
-        self.client.sendMessage(json.dumps({"type": "resize", "cols": 80, "rows": 24}).encode())
-        self.pump.flush()
-        [message] = [json.loads(p) for p, _ in self.client.raw]
+        self.send({"type": "resize", "cols": 80, "rows": 24})
+        [message] = self.messages
         return message
 
 
@@ -392,8 +356,8 @@ def test_a_reconnect_is_not_a_new_session(clock, factory, manager):
     Client(clock, factory, "198.51.100.1").start()
     # The creator's third connection, to a session it has: allowed.
     again = Client(clock, factory, "198.51.100.1", query=f"session_id={session_id}")
-    again.pump.flush()
-    [message] = [json.loads(p) for p, _ in again.client.raw]
+    again.flush()
+    [message] = again.messages
     assert message["type"] == "connected" and message["resumed"] is True
     assert len(manager.sessions) == 2
 

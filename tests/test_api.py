@@ -3,7 +3,6 @@ The session API in memory: requests through the real Site over a
 StringTransport, against the fake engine; and the archive check.
 """
 
-import http.client
 import io
 import json
 import tarfile
@@ -22,19 +21,10 @@ from capsule.session import SessionConfig, SessionManager
 from capsule.tarcheck import ArchiveRefused, check, kind_of, rewrite
 from capsule.testing import FakeDockerAPI
 
+from .in_memory import parse_response
+
 ALICE, BOB = "a" * 32, "b" * 32
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
-
-
-def parse(raw: bytes):
-    class Socket:
-        def makefile(self, mode):
-            return io.BytesIO(raw)
-    response = http.client.HTTPResponse(Socket(), method="GET")
-    response.begin()
-    body = response.read()
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, (
-        json.loads(body) if body else None)
 
 
 class Api:
@@ -72,7 +62,7 @@ class Api:
                 break
             self.reactor.advance(0.05)
         assert transport.disconnecting, f"no complete answer to {method} {path}"
-        return parse(transport.value())
+        return parse_response(transport.value())
 
     def create(self, **kwargs):
         status, _, body = self.request("/api/sessions", "POST", {"cols": 100, "rows": 30},
@@ -193,7 +183,7 @@ def test_create_without_a_body_takes_the_defaults(api):
 
 def test_create_body_over_its_limit_is_refused_before_it_is_read(api):
     transport = api.send("/api/sessions", "POST", b"{}", length=10 * 1024 * 1024)
-    status, _, body = parse(transport.value())
+    status, _, body = parse_response(transport.value())
     assert (status, body["code"]) == (413, "body_too_large")
     assert api.manager.sessions == {}
 
@@ -360,7 +350,7 @@ def test_exec_limit_per_session(api):
     assert (status, body["code"]) == (429, "too_many_execs")
     for d in held:
         d.callback((b"done", b"", 0))
-    assert [parse(t.value())[2]["stdout"] for t in pending] == ["done"] * EXECS_PER_SESSION
+    assert [parse_response(t.value())[2]["stdout"] for t in pending] == ["done"] * EXECS_PER_SESSION
     assert api.site.session_api.execs == {}
 
 
@@ -375,7 +365,7 @@ def test_an_exec_in_a_session_ended_meanwhile_is_a_404_saying_so(api):
     held[0].callback((b"", b"", 137))
     for _ in range(10):
         api.reactor.advance(0.05)
-    status, _, body = parse(pending.value())
+    status, _, body = parse_response(pending.value())
     assert (status, body) == (404, {
         "error": f"session {session['id']} ended while the command ran: the session was"
                  " ended through the API", "code": "session_not_found"})
@@ -417,7 +407,7 @@ def test_exec_output_held_at_once_is_bounded_server_wide(api):
                                         {"argv": ["slow"], "max_output": EXEC_MAX_OUTPUT})
     assert (status, body["code"], headers["retry-after"]) == (503, "busy", "5")
     held[0].callback((b"", b"", 0))
-    assert parse(pending[0].value())[0] == 200
+    assert parse_response(pending[0].value())[0] == 200
     assert api.site.session_api.output_reserved == (fits - 1) * 2 * EXEC_MAX_OUTPUT
     api.send(f"/api/sessions/{sessions[-1]}/exec", "POST", request)
     assert len(held) == fits + 1
@@ -449,7 +439,7 @@ def test_a_clientless_session_does_not_expire_while_an_exec_runs(api):
         api.reactor.advance(5)
         assert expire_due(api.manager, api.reactor) == []
     held.callback((b"", b"", 0))
-    assert parse(transport.value())[0] == 200
+    assert parse_response(transport.value())[0] == 200
     api.reactor.advance(59)
     assert expire_due(api.manager, api.reactor) == []
     api.reactor.advance(1)
@@ -464,10 +454,10 @@ def test_upload_needs_an_archive_type_and_a_live_session(api):
     # No live session: its body is refused before it is read.
     transport = api.send("/api/sessions/00000000-0000-4000-8000-000000000000/workspace",
                          "POST", b"x" * 10, content_type="application/x-tar")
-    assert parse(transport.value())[0] == 413
+    assert parse_response(transport.value())[0] == 413
     transport = api.send(f"/api/sessions/{session['id']}/workspace", "POST", b"x",
                          content_type="application/x-tar", length=UPLOAD_MAX_BYTES + 1)
-    assert parse(transport.value())[0] == 413
+    assert parse_response(transport.value())[0] == 413
 
 
 def test_openapi_documents_every_route(api):
@@ -789,7 +779,7 @@ def test_with_users_an_upload_body_without_credentials_is_refused_before_it_is_r
     logins = authed.factory.authenticator.logins
     refused = [head_only(), head_only(cookie="nonsense"), head_only(cookie=logins.new("bob"))]
     for answer in refused:
-        status, _, body = parse(answer)
+        status, _, body = parse_response(answer)
         assert (status, body["code"], body["limit"]) == (413, "body_too_large", 0)
     # With credentials (checked once the body is in), the body is awaited.
     assert head_only(token=ALICE) == b""

@@ -7,32 +7,14 @@ and session manager, the fake engine and a Clock (see L{tests.test_websocket}).
 from __future__ import annotations
 
 import pytest
-import txaio
-from twisted.internet.task import Clock
 
 from capsule.admission import AdmissionControl, AdmissionPolicy
-from capsule.docker_api import ContainerSpec
-from capsule.session import WARM_SIZE, SessionConfig, SessionManager
-from capsule.testing import FakeDockerAPI
+from capsule.session import WARM_SIZE, SessionManager
 from capsule.websocket import CLOSE_INVALID_SESSION, CLOSE_UNAVAILABLE, CapsuleServerFactory
 
+from .in_memory import Link, clock, docker, make_manager  # noqa: F401 (fixtures)
 from .test_pool import CountingDocker
-from .test_websocket import MAX_MESSAGE, WINDOW, Link, outputs
-
-SPEC = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
-
-
-@pytest.fixture
-def clock():
-    clock = Clock()
-    previous, txaio.config.loop = txaio.config.loop, clock
-    yield clock
-    txaio.config.loop = previous
-
-
-@pytest.fixture
-def docker():
-    return FakeDockerAPI()
+from .test_websocket import MAX_MESSAGE, WINDOW, outputs
 
 
 def factory_of(manager, clock) -> CapsuleServerFactory:
@@ -43,8 +25,7 @@ def factory_of(manager, clock) -> CapsuleServerFactory:
 
 
 def manager_of(docker, clock, pool_size=0) -> SessionManager:
-    manager = SessionManager(docker, clock, SessionConfig(
-        spec=SPEC, instance="t", grace=60, replay_bytes=64 * 1024, pool_size=pool_size))
+    manager = make_manager(docker, clock, pool_size=pool_size)
     manager.pool.start()
     return manager
 

@@ -18,6 +18,8 @@ from capsule.profiles import (AGENT_PROFILE, CLAUDE_COMMAND, CLONE_SCRIPT, LABEL
 from capsule.session import LABEL_SESSION, SessionConfig, SessionManager
 from capsule.testing import FakeDockerAPI, RecordingClient
 
+from .in_memory import Link, clock  # noqa: F401 (fixture)
+
 SPEC = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
 
 
@@ -331,28 +333,18 @@ def test_a_recovered_session_keeps_its_profile(docker):
 
 # -- the WebSocket: ?profile= ---------------------------------------------------------
 
-@pytest.fixture
-def ws_clock():
-    import txaio
-    clock = Clock()
-    previous, txaio.config.loop = txaio.config.loop, clock
-    yield clock
-    txaio.config.loop = previous
-
-
-def _link(ws_clock, docker, query):
+def _link(clock, docker, query):
     from capsule.websocket import CapsuleServerFactory
-    from tests.test_websocket import Link
-    manager = SessionManager(docker, ws_clock, SessionConfig(
+    manager = SessionManager(docker, clock, SessionConfig(
         spec=SPEC, instance="t", grace=60, profiles=builtins()))
-    factory = CapsuleServerFactory(manager, ws_clock, max_message_size=1024)
-    link = Link(ws_clock, factory, query)
+    factory = CapsuleServerFactory(manager, clock, max_message_size=1024)
+    link = Link(clock, factory, query)
     link.flush()
     return manager, link
 
 
-def test_ws_profile_opens_a_session_of_that_profile(ws_clock, docker):
-    manager, link = _link(ws_clock, docker, "profile=claude")
+def test_ws_profile_opens_a_session_of_that_profile(clock, docker):
+    manager, link = _link(clock, docker, "profile=claude")
     link.send({"type": "resize", "cols": 80, "rows": 24})
     [connected] = link.new()
     assert connected["type"] == "connected"
@@ -366,8 +358,8 @@ def test_ws_profile_opens_a_session_of_that_profile(ws_clock, docker):
     ("profile=" + "x" * 500, "'(too long)'"),
     ("profile=%1b%5b2J", "'?[2J'"),
 ])
-def test_ws_unknown_profile_is_refused_with_the_list(ws_clock, docker, query, shown):
-    manager, link = _link(ws_clock, docker, query)
+def test_ws_unknown_profile_is_refused_with_the_list(clock, docker, query, shown):
+    manager, link = _link(clock, docker, query)
     assert link.new() == [{"type": "error", "code": "unknown_profile",
                            "message": f"no profile {shown}: the profiles are claude, shell"}]
     assert link.client.closed[1] == 4400
