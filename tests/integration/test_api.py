@@ -22,7 +22,7 @@ import pytest
 from capsule.openapi import ROUTES
 from capsule.testing_clients import BlockingTerminal
 
-from .harness import instance_containers, wait_for
+from .harness import docker_client, instance_containers, wait_for
 
 ALICE, BOB = "alice-token-" + "1" * 30, "bob-token-" + "2" * 30
 
@@ -410,22 +410,38 @@ def test_an_upload_tar_cannot_write_is_a_422_with_its_words(server):
     assert sh(server, session_id, "cat fine; ls -A locked")["stdout"] == "ok"
 
 
-def test_capsule_stops_promptly_while_an_upload_unpacks(make_server, tmp_path):
-    import threading
-
-    from .harness import docker_client
-    server = make_server()
-    session_id = create(server)["id"]
-    big = tmp_path / "big.tar"
-
+def zeros_tar(path):
+    """
+    C{path}, written as a .tar of two files of 200 MiB of zeros (one
+    buffer in memory at a time): an upload that takes tar a while.
+    """
     class Zeros:
         def read(self, size=-1):
             return bytes(min(size, 1 << 20) if size and size > 0 else 1 << 20)
-    with tarfile.open(big, "w") as tar:
+    with tarfile.open(path, "w") as tar:
         for i in range(2):
             info = tarfile.TarInfo(f"zeros{i}")
             info.size = 200 * 1024 * 1024
             tar.addfile(info, Zeros())
+    return path
+
+
+def wait_for_unpacking(session_id: str) -> None:
+    """
+    Wait until tar unpacks an upload in the container of C{session_id}.
+    """
+    container, = [c for c in docker_client().containers.list()
+                  if c.labels.get("io.capsule.session") == session_id]
+    wait_for(lambda: any("tar -x" in " ".join(p) for p in container.top()["Processes"]),
+             60, "tar to unpack the upload")
+
+
+def test_capsule_stops_promptly_while_an_upload_unpacks(make_server, tmp_path):
+    import threading
+
+    server = make_server()
+    session_id = create(server)["id"]
+    big = zeros_tar(tmp_path / "big.tar")
     answers = []
 
     def send():
@@ -440,10 +456,7 @@ def test_capsule_stops_promptly_while_an_upload_unpacks(make_server, tmp_path):
                 answers.append(e)
     sender = threading.Thread(target=send)
     sender.start()
-    container, = [c for c in docker_client().containers.list()
-                  if c.labels.get("io.capsule.session") == session_id]
-    wait_for(lambda: any("tar -x" in " ".join(p) for p in container.top()["Processes"]),
-             60, "tar to unpack the upload")
+    wait_for_unpacking(session_id)
     # The harness fails the stop if capsule is not gone within its deadline.
     server.stop()
     sender.join(30)
@@ -452,8 +465,6 @@ def test_capsule_stops_promptly_while_an_upload_unpacks(make_server, tmp_path):
 
 def test_an_exec_or_upload_in_a_session_ended_meanwhile_says_so(server, tmp_path):
     import threading
-
-    from .harness import docker_client
 
     def in_thread(function):
         answers = []
@@ -474,23 +485,11 @@ def test_an_exec_or_upload_in_a_session_ended_meanwhile_says_so(server, tmp_path
                              " was ended through the API")
 
     session_id = create(server)["id"]
-    big = tmp_path / "big.tar"
-
-    class Zeros:
-        def read(self, size=-1):
-            return bytes(min(size, 1 << 20) if size and size > 0 else 1 << 20)
-    with tarfile.open(big, "w") as tar:
-        for i in range(2):
-            info = tarfile.TarInfo(f"zeros{i}")
-            info.size = 200 * 1024 * 1024
-            tar.addfile(info, Zeros())
+    big = zeros_tar(tmp_path / "big.tar")
     thread, answers = in_thread(lambda: call(server, f"/api/sessions/{session_id}/workspace",
                                              "POST", big.read_bytes(),
                                              content_type="application/x-tar"))
-    container, = [c for c in docker_client().containers.list()
-                  if c.labels.get("io.capsule.session") == session_id]
-    wait_for(lambda: any("tar -x" in " ".join(p) for p in container.top()["Processes"]),
-             60, "tar to unpack the upload")
+    wait_for_unpacking(session_id)
     assert call(server, f"/api/sessions/{session_id}", "DELETE")[0] == 200
     thread.join(60)
     status, body = answers[0]
