@@ -379,17 +379,27 @@ def drop(page, files) -> None:
     page.evaluate(DROP, files)
 
 
+def upload_page(page_url, new_page, session_id: str | None = None, **answer):
+    """
+    A page connected to a scripted session (C{session_id}, else a new one)
+    whose uploads an L{UploadCatcher} answers (with C{answer}): the page
+    and the catcher.
+    """
+    page = new_page()
+    ScriptedServer(page, started(session_id or str(uuid.uuid4())))
+    catcher = UploadCatcher(page, **answer)
+    page.goto(page_url)
+    page.wait_for_selector('#status[data-state="connected"]')
+    return page, catcher
+
+
 def test_page_uploads_dropped_files_as_a_tar(page_url, new_page):
     """
     Files dropped onto the terminal are posted, as one tar, to the session's
     C{/workspace}; the status bar says what went.
     """
-    page = new_page()
     session_id = str(uuid.uuid4())
-    ScriptedServer(page, started(session_id))
-    catcher = UploadCatcher(page)
-    page.goto(page_url)
-    page.wait_for_selector('#status[data-state="connected"]')
+    page, catcher = upload_page(page_url, new_page, session_id)
     assert not page.is_disabled("#upload")
     drop(page, [["notes.md", "# notes\n"], ["data.bin", "\x00\x01"]])
     wait_text(page, "#status-message", "^uploaded ")
@@ -408,12 +418,7 @@ def test_page_uploads_dropped_files_as_a_tar(page_url, new_page):
 
 
 def test_page_uploads_picked_files(page_url, new_page, tmp_path):
-    page = new_page()
-    session_id = str(uuid.uuid4())
-    ScriptedServer(page, started(session_id))
-    catcher = UploadCatcher(page)
-    page.goto(page_url)
-    page.wait_for_selector('#status[data-state="connected"]')
+    page, catcher = upload_page(page_url, new_page)
     (tmp_path / "one.txt").write_text("one")
     (tmp_path / "two.txt").write_text("two!")
     with page.expect_file_chooser() as chooser:
@@ -439,11 +444,7 @@ def test_page_uploads_picked_files(page_url, new_page, tmp_path):
     (502, "x" * 5000, "upload failed: HTTP 502"),
 ])
 def test_page_says_why_an_upload_failed(page_url, new_page, status, body, message):
-    page = new_page()
-    ScriptedServer(page, started(str(uuid.uuid4())))
-    UploadCatcher(page, status=status, body=body)
-    page.goto(page_url)
-    page.wait_for_selector('#status[data-state="connected"]')
+    page, _ = upload_page(page_url, new_page, status=status, body=body)
     drop(page, [["big.bin", "0123456789"]])
     wait_text(page, "#status-message", "^upload failed")
     assert page.inner_text("#status-message") == message
@@ -531,11 +532,7 @@ FOLDER_DROP = """([count, name]) => {
 
 
 def test_page_uploads_a_dropped_folder_with_its_empty_folders(page_url, new_page):
-    page = new_page()
-    ScriptedServer(page, started(str(uuid.uuid4())))
-    catcher = UploadCatcher(page)
-    page.goto(page_url)
-    page.wait_for_selector('#status[data-state="connected"]')
+    page, catcher = upload_page(page_url, new_page)
     page.evaluate(FOLDER_DROP, [150, "proj"])
     wait_text(page, "#status-message", "^upload(ed| failed)")
     [request] = catcher.requests
@@ -551,11 +548,7 @@ def test_page_uploads_a_dropped_folder_with_its_empty_folders(page_url, new_page
 
 
 def test_page_refuses_a_folder_of_too_many_files(page_url, new_page):
-    page = new_page()
-    ScriptedServer(page, started(str(uuid.uuid4())))
-    catcher = UploadCatcher(page)
-    page.goto(page_url)
-    page.wait_for_selector('#status[data-state="connected"]')
+    page, catcher = upload_page(page_url, new_page)
     page.evaluate(FOLDER_DROP, [10001, "huge"])
     wait_text(page, "#status-message", "^upload failed", timeout=30000)
     assert page.inner_text("#status-message") == \

@@ -108,6 +108,21 @@ def _files(log: str) -> list[tuple[str, int]]:
             if not path.startswith(("/ws", "/api/"))]
 
 
+def _visit(page, server) -> list[tuple[str, int]]:
+    """
+    Load the page: the files it asked for, up to its icon (asked for after
+    the page's load event).
+    """
+    page.goto(server.url + "/", wait_until="load")
+    files = []
+    deadline = time.monotonic() + 10
+    while not any(path == "/favicon.svg" for path, _ in files):
+        assert time.monotonic() < deadline, f"no icon asked for: {files}"
+        files += _files(server.new_log())
+        time.sleep(0.05)
+    return files
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")
 def test_a_returning_visit_loads_nothing_twice(server):
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -120,25 +135,12 @@ def test_a_returning_visit_loads_nothing_twice(server):
             context = browser.new_context()
             page = context.new_page()
             server.new_log()
-            page.goto(server.url + "/", wait_until="load")
-            first = []
-            # The icon is asked for after the page's load event.
-            deadline = time.monotonic() + 10
-            while not any(path == "/favicon.svg" for path, _ in first):
-                assert time.monotonic() < deadline, f"no icon asked for: {first}"
-                first += _files(server.new_log())
-                time.sleep(0.05)
+            first = _visit(page, server)
             loaded = {path for path, status in first if status == 200}
             assert any(path.startswith("/node_modules/") and "?v=" in path for path in loaded)
             # The returning visit, in the same browser: a new navigation.
             page.goto("about:blank")
-            page.goto(server.url + "/", wait_until="load")
-            second = []
-            deadline = time.monotonic() + 10
-            while not any(path == "/favicon.svg" for path, _ in second):
-                assert time.monotonic() < deadline, f"no icon asked for: {second}"
-                second += _files(server.new_log())
-                time.sleep(0.05)
+            second = _visit(page, server)
             assert [r for r in second if r[0].startswith("/node_modules/")] == []
             assert [r for r in second if r[1] != 304] == []
             assert ("/", 304) in second and ("/favicon.svg", 304) in second
