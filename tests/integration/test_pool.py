@@ -44,6 +44,15 @@ def pool_ready(server) -> int:
     return json.loads(body)["pool"]["ready"]
 
 
+async def the_warm_one(server) -> dict:
+    """
+    The container of C{server}'s pool of one, once it is ready.
+    """
+    await eventually(lambda: pool_ready(server) == 1)
+    (warm,) = instance_containers(server.instance)
+    return warm
+
+
 def screen(data: bytes, cols: int, rows: int) -> list[str]:
     """
     The lines a terminal of C{cols} x C{rows} shows after C{data}: text,
@@ -102,8 +111,7 @@ async def test_a_warm_take_makes_no_docker_call_and_shows_one_prompt_of_the_righ
     server = make_server("--pool-size", "1", env={"DOCKER_HOST": f"unix://{proxy.path}"},
                          start=False)
     await deferToThread(server.start)
-    await eventually(lambda: pool_ready(server) == 1)
-    (warm,) = instance_containers(server.instance)
+    warm = await the_warm_one(server)
     proxy.requests.clear()
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start(120, 40)
@@ -130,8 +138,7 @@ async def test_a_warm_take_makes_no_docker_call_and_shows_one_prompt_of_the_righ
 @pytest_twisted.ensureDeferred
 async def test_a_warm_session_whose_shell_was_killed_is_replaced_not_handed_out(make_server):
     server = make_server("--pool-size", "1")
-    await eventually(lambda: pool_ready(server) == 1)
-    (first,) = instance_containers(server.instance)
+    first = await the_warm_one(server)
     container = docker_client().containers.get(first["Id"])
     await eventually(lambda: container.exec_run(["pgrep", "-x", "bash"]).exit_code == 0)
     # As its own user: the container's root has no capability to signal it.
@@ -152,14 +159,12 @@ async def test_a_warm_session_whose_shell_was_killed_is_replaced_not_handed_out(
 @pytest_twisted.ensureDeferred
 async def test_warm_sessions_older_than_the_max_age_are_replaced(make_server):
     server = make_server("--pool-size", "1", "--pool-max-age", "4")
-    await eventually(lambda: pool_ready(server) == 1)
-    (first,) = instance_containers(server.instance)
+    first = await the_warm_one(server)
     await eventually(lambda: first["Id"] not in {c["Id"] for c in
                                                  instance_containers(server.instance)},
                      timeout=20)
     assert "it is older than 4 s" in server.log()
-    await eventually(lambda: pool_ready(server) == 1)
-    (second,) = instance_containers(server.instance)
+    second = await the_warm_one(server)
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
     assert "developer" in await client.run("whoami")
@@ -215,8 +220,7 @@ async def test_a_cold_start_begins_at_the_upgrade_and_a_client_gone_before_its_f
 @pytest_twisted.ensureDeferred
 async def test_warm_sessions_of_a_killed_run_are_never_handed_out_and_expire(make_server):
     first = make_server("--pool-size", "1")
-    await eventually(lambda: pool_ready(first) == 1)
-    (warm,) = instance_containers(first.instance)
+    warm = await the_warm_one(first)
     await deferToThread(first.stop, sig=signal.SIGKILL)
     second = make_server("--pool-size", "1", "--grace", "3", "--cleanup-interval", "0.2",
                          instance=first.instance)
