@@ -73,7 +73,14 @@ def started(session_id: str, prompt: bytes = b"$ "):
 
 
 def ws_query(ws) -> dict:
-    return dict(re.findall(r"[?&]([^=&]+)=([^&]*)", ws.url))
+    """
+    The query of a socket the page's bootstrap opened, without the terminal
+    size it gives (both C{cols} and C{rows}, as digits: checked here).
+    """
+    query = dict(re.findall(r"[?&]([^=&]+)=([^&]*)", ws.url))
+    cols, rows = query.pop("cols", ""), query.pop("rows", "")
+    assert cols.isdigit() and rows.isdigit(), ws.url
+    return query
 
 
 # --- profiles ---------------------------------------------------------------------------

@@ -100,6 +100,9 @@ def test_bootstrap_sends_the_size_the_terminal_gets(page_url, browser, width, he
     until(page, lambda: server.inputs() == [b"k"], "the key press")
     server.sockets[0].send(("\r\n" + LINE).encode())
     assert resizes(server) == [terminal_size(page)]
+    # The URL carries the same size: capsule needs no resize before the first output.
+    assert re.search(r"/ws\?cols=(\d+)&rows=(\d+)$", server.sockets[0].url).groups() == tuple(
+        str(n) for n in terminal_size(page))
     assert errors == []
     context.close()
 
@@ -195,7 +198,8 @@ def test_bootstrap_resumes_this_tabs_session(page_url, new_page):
     held = HeldScripts(page)
     page.reload(wait_until="commit")
     until(page, lambda: len(server.sockets) == 2 and held.asked_at, "the bootstrap's socket")
-    assert server.sockets[1].url.endswith(f"/ws?session_id={session_id}&offset=0")
+    assert re.search(rf"/ws\?session_id={session_id}&offset=0&cols=\d+&rows=\d+$",
+                     server.sockets[1].url)
     until(page, lambda: page.evaluate("window.capsuleBoot && window.capsuleBoot.closed"),
           "the close")
     held.release()
