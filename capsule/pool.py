@@ -47,8 +47,17 @@ class WarmPool:
 
     def __init__(self, clock, size: int, make: Callable[[], object], max_age: float = 3600.0,
                  retry_delay: float = 5.0, refill_delay: float = 0.5,
-                 name: str = "shell") -> None:
+                 name: str = "shell", typed_at: Callable[[], float] | None = None,
+                 quiet: float = 1.0, max_wait: float = 30.0) -> None:
         self._clock = clock
+        # When someone last typed into a live session: a refill (a container
+        # made and started, its shell started) costs the engine CPU that
+        # keystrokes' round trips go through, so it waits for C{quiet}
+        # seconds without typing, for at most C{max_wait} seconds.
+        self._typed_at = typed_at
+        self.quiet = quiet
+        self.max_wait = max_wait
+        self._waiting_since: float | None = None
         self.size = size
         self._make = make
         self.max_age = max_age
@@ -215,6 +224,17 @@ class WarmPool:
         self._next = None
         if not self._running or self.making is not None or len(self.ready) >= self.size:
             return
+        if self._typed_at is not None:
+            now = self._clock.seconds()
+            since = now - self._typed_at()
+            if self._waiting_since is None:
+                self._waiting_since = now
+            if since < self.quiet and now - self._waiting_since < self.max_wait:
+                self._next = self._clock.callLater(
+                    min(self.quiet - since, self.max_wait - (now - self._waiting_since)),
+                    self._refill)
+                return
+            self._waiting_since = None
         try:
             self.making = self._make()
             # Its outcome (went_live or lost) may be heard before this returns.

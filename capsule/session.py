@@ -378,6 +378,9 @@ class SessionManager:
     """
 
     owners: dict = {}
+    # When a client last sent input to any session (the warm pools refill
+    # between keystrokes, see capsule.pool).
+    typed_at = float("-inf")
     # Where sessions' output is recorded (capsule.recording), if anywhere.
     recorder = None
     # What it counts into (capsule.metrics): a server's metrics watch it.
@@ -400,7 +403,8 @@ class SessionManager:
         # a profile with a user's volume, which cannot be made ahead of its user.
         self.pool = WarmPools({
             name: WarmPool(clock, settings.pool, partial(self._warm_session, settings),
-                           max_age=config.pool_max_age, name=name)
+                           max_age=config.pool_max_age, name=name,
+                           typed_at=lambda: self.typed_at)
             for name, settings in self.profiles.items()
             if settings.pool > 0 and not settings.agent_volume})
         for name, settings in self.profiles.items():
@@ -585,6 +589,7 @@ class SessionManager:
                       user=session.core.user)
 
     def write(self, session: Session, data: bytes) -> None:
+        self.typed_at = self._clock.seconds()
         session.events.write(data)
 
     def resize(self, session: Session, cols: int, rows: int) -> None:

@@ -110,11 +110,44 @@ def test_taking_a_warm_session_makes_no_docker_call(docker, clock):
     process.emit(b"ls\r\n")
     assert process.written == [b"ls\r"]
     assert client.output == b"banner\r\n$ ls\r\n"
-    # The refill comes after a delay, and is the only work then.
+    # The refill comes after a delay, once nobody has typed for a while,
+    # and is the only work then.
     assert counting.calls == []
     clock.advance(pool.refill_delay)
+    assert counting.calls == []
+    clock.advance(pool.quiet - pool.refill_delay)
     assert counting.calls == ["create_session_container", "spawn_exec"]
     assert len(pool.ready) == 1 and pool.ready[0] is not session
+
+
+def test_a_refill_waits_for_a_pause_in_typing_but_not_for_ever(docker, clock):
+    counting = CountingDocker(docker)
+    manager = make_manager(counting, clock, size=1)
+    pool = fill(manager, clock)
+    session = manager.create(RecordingClient(), 80, 24)
+    taken = clock.seconds()
+    counting.calls.clear()
+    # Someone types every 0.3 s: no refill while they do...
+    for _ in range(int(pool.max_wait / 0.3) - 1):
+        manager.write(session, b"x")
+        clock.advance(0.3)
+        assert counting.calls == []
+    # ...until the refill has waited max_wait seconds.
+    while not counting.calls:
+        manager.write(session, b"x")
+        clock.advance(0.3)
+    assert counting.calls == ["create_session_container", "spawn_exec"]
+    due = taken + pool.refill_delay + pool.max_wait
+    assert due <= clock.seconds() < due + 0.3
+    # The next refill waits afresh for a pause.
+    fill(manager, clock)
+    other = manager.create(RecordingClient(), 80, 24)
+    counting.calls.clear()
+    manager.write(other, b"y")
+    clock.advance(pool.refill_delay)
+    assert counting.calls == []
+    clock.advance(pool.quiet)
+    assert counting.calls == ["create_session_container", "spawn_exec"]
 
 
 def test_a_warm_session_is_nobodys_never_expires_and_counts_in_no_limit(docker, clock):
