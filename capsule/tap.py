@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shlex
+import signal
 from urllib.parse import urlsplit
 
 from docker.utils import parse_bytes
@@ -670,9 +671,33 @@ class CapsuleService(MultiService):
         super().setServiceParent(parent)
 
 
+def stop_on_signals(reactor) -> None:
+    """
+    Stop the reactor on SIGTERM and SIGINT, as twistd's own handlers do, but
+    without logging inside the signal handler: twistd's log that the signal
+    came, and a log call of the main thread that the signal interrupted, can
+    wait for one another's lock for ever (seen: a twistd that never stopped
+    on SIGTERM).  The handler only hands the stop to the reactor's thread,
+    which logs it.
+    """
+    def stop(name: str) -> None:
+        _log.info("received {signal}: stopping", signal=name)
+        if reactor.running:
+            reactor.stop()
+
+    def handler(signum, frame) -> None:
+        reactor.callFromThread(stop, signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+
+
 def makeService(config: Options, reactor=None) -> CapsuleService:
     if reactor is None:
         from twisted.internet import reactor
+        # After twistd's own handlers are installed (reactor.run installs
+        # them before it runs these).
+        reactor.callWhenRunning(stop_on_signals, reactor)
     docker = DockerAPI(reactor, threads=config["docker-threads"],
                        export_threads=config["export-threads"])
     spec = server_spec(config)

@@ -180,3 +180,26 @@ def test_a_profile_whose_image_is_missing_is_warned_about_at_start():
     warnings = [e for e in events if e.get("log_level").name == "warn"]
     assert [(e["profile"], e["image"]) for e in warnings] == [("claude", "no-such:agent")]
     assert "its sessions cannot start" in warnings[0]["log_format"]
+
+
+def test_the_signal_handler_only_hands_the_stop_to_the_reactor():
+    import signal
+
+    from capsule.tap import stop_on_signals
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    saved = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop_on_signals(reactor)
+        handler = signal.getsignal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) is handler
+        calls = []
+        reactor.callFromThread = lambda f, *a: calls.append((f, a))
+        handler(signal.SIGTERM, None)
+        # Nothing was done in the handler itself: no log, no stop.
+        assert [a for _, a in calls] == [("SIGTERM",)] and not reactor.hasStopped
+        calls[0][0](*calls[0][1])
+        assert reactor.hasStopped
+    finally:
+        for n, h in saved.items():
+            signal.signal(n, h)
