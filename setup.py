@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _version():
@@ -23,7 +23,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["capsule", "twisted.plugins"],
+    packages=find_packages(include=["capsule", "capsule.*"]) + ["twisted.plugins"],
     include_package_data=False,
     data_files=[("share/capsule/www", _www_files())],
     install_requires=[

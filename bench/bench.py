@@ -34,7 +34,7 @@ measures, in one run:
 8. the floors, with docker-py and Twisted and no capsule: container
    create+start+exec, plain exec, the same many at once, and the raw exec
    stream's throughput and echo (read through capsule's own exec-start
-   upgrade, ``capsule.exec_process.ExecStreamProtocol``).
+   upgrade, ``capsule.engine.exec_process.ExecStreamProtocol``).
 
 Each capsule figure is measured in turn with its floor, so that a change in
 the machine's load hits both alike.  ``--capsule-arg`` passes options to every
@@ -54,7 +54,7 @@ rest is in ``clients.py`` (the terminals), ``floors.py`` (the measurements
 without capsule), ``measures.py`` (what is timed on any terminal),
 ``phases.py`` (each capsule figure next to its floor), ``browser.py`` (the
 page in Chromium), ``report.py`` (the table and notes) and ``cpuwatch.py``; capsule is started through
-``capsule.testing_live``, as the tests and the soak script start it.
+``tests.support.live``, as the tests and the soak script start it.
 """
 
 
@@ -74,7 +74,10 @@ import docker.errors
 from twisted.internet import task
 from twisted.internet.threads import deferToThread
 
-from capsule.testing_live import CapsuleServer, poll, remove_container
+# The tests' helpers (tests/support) are the bench's clients too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.live import CapsuleServer, poll, remove_container
 
 from floors import CPUS, LABEL_BENCH_RUN, MEMORY, PIDS, Floor
 from measures import say

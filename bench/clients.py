@@ -3,7 +3,7 @@ The bench's terminals: a capsule session and the raw Docker exec it is
 compared with, each on the reactor and on a blocking socket.
 
 On the reactor (throughput, connect times, floods): L{open_session} opens a
-capsule session through L{capsule.testing_clients.TerminalClient}, acking as
+capsule session through L{tests.support.clients.TerminalClient}, acking as
 the page does; L{RawExecTerm} reads a TTY exec through capsule's own
 exec-start upgrade (no docker-py socket, no thread).  Both have C{out} (an
 L{Output}), C{send_input} and C{exit}.
@@ -13,7 +13,7 @@ a keystroke's round trip is a fraction of a millisecond, and a Python
 event-loop client adds its own work to each one (Autobahn's frame handling,
 the reactor's turns), which a browser's native WebSocket does not.  So the
 echo is timed with the leanest client to be had for each side alike:
-L{capsule.testing_clients.BlockingTerminal} (websocket-client) for capsule,
+L{tests.support.clients.BlockingTerminal} (websocket-client) for capsule,
 L{LeanExecTerm} (the exec-start upgrade) for the floor.  Both have
 C{send_input}, C{recv}, C{drain} and C{exit}.
 """
@@ -28,9 +28,9 @@ from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread, deferToThreadPool
 
-from capsule.exec_process import ExecStreamProtocol, exec_start_request
-from capsule.testing_clients import BlockingTerminal, Output, TerminalClient
-from capsule.testing_live import with_timeout
+from capsule.engine.exec_process import ExecStreamProtocol, exec_start_request
+from tests.support.clients import BlockingTerminal, Output, TerminalClient
+from tests.support.live import with_timeout
 
 from measures import READY_INPUT, READY_MARK, BenchError, ms
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from capsule.testing_clients import BlockingTerminal  # noqa: E402
-from capsule.testing_live import CapsuleServer, remove_instance_containers  # noqa: E402
+from tests.support.clients import BlockingTerminal  # noqa: E402
+from tests.support.live import CapsuleServer, remove_instance_containers  # noqa: E402
 
 
 def export(port: int, session_id: str, source: str, result: dict) -> None:

@@ -24,8 +24,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from capsule.docker_api import docker_host_endpoint
-from capsule.testing_live import remove_container
+from capsule.engine.docker import docker_host_endpoint
+from tests.support.live import remove_container
 
 from clients import ENVIRONMENT, USER, WORKDIR, LeanExecTerm, RawExecTerm
 from measures import END_MARK, READY_INPUT, READY_MARK, ms, ready, say, summary

@@ -2,7 +2,7 @@
 What the bench measures on any terminal (capsule's or the floor's), and the
 statistics it reports.
 
-A terminal on the reactor has C{out} (an L{capsule.testing_clients.Output}) and
+A terminal on the reactor has C{out} (an L{tests.support.clients.Output}) and
 C{send_input}; one on a blocking socket has C{send_input}, C{recv}, C{drain}
 and C{exit} (see C{clients}).
 """
@@ -17,7 +17,7 @@ import time
 
 from twisted.internet import reactor
 
-from capsule.testing_live import sleep
+from tests.support.live import sleep
 
 from cpuwatch import CpuWatch, describe as describe_cpu
 

@@ -12,7 +12,7 @@ import time
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThread
 
-from capsule.testing_live import LABEL_SESSION, CapsuleServer, poll, sleep
+from tests.support.live import LABEL_SESSION, CapsuleServer, poll, sleep
 
 import browser
 from clients import lean_session, open_session

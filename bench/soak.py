@@ -27,8 +27,11 @@ import time
 import uuid
 from pathlib import Path
 
-from capsule.testing_clients import BlockingTerminal
-from capsule.testing_live import CapsuleServer, wait_for
+# The tests' helpers (tests/support) are the bench's clients too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.clients import BlockingTerminal
+from tests.support.live import CapsuleServer, wait_for
 
 
 def soak(cycles: int, max_seconds: float, pool: int, image: str) -> dict:

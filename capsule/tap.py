@@ -19,22 +19,23 @@ from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from .admission import AdmissionControl, AdmissionPolicy, parse_network, parse_rate
-from .auth import AuthThreadPool, Authenticator
-from .cleanup import CleanupService
-from .disk import DiskWatchService
-from .docker_api import ContainerSpec, DockerAPI
-from .errors import CapsuleError
-from .export import ExportLimits
-from .headers import HostPolicy
-from .logformat import FORMATS, check_server_options, json_observer
-from .network import CAPSULE_NETWORK, SessionNetwork
-from .profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT, Profile, ProfileError,
+from capsule.core.admission import AdmissionControl, AdmissionPolicy, parse_network, parse_rate
+from capsule.auth.gate import AuthThreadPool, Authenticator
+from capsule.sessions.cleanup import CleanupService
+from capsule.sessions.disk import DiskWatchService
+from capsule.core.spec import ContainerSpec
+from capsule.engine.docker import DockerAPI
+from capsule.core.errors import CapsuleError
+from capsule.web.export import ExportLimits
+from capsule.web.headers import HostPolicy
+from capsule.ops.logformat import FORMATS, check_server_options, json_observer
+from capsule.engine.network import CAPSULE_NETWORK, SessionNetwork
+from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT, Profile, ProfileError,
                        builtin_profiles, load_profiles, load_secrets)
-from .owners import OwnerFile, default_state_dir
-from .recording import DEFAULT_MAX_BYTES, SessionRecorder, check_directory
-from .session import SessionConfig, SessionManager
-from .web import default_www, make_site
+from capsule.sessions.owners import OwnerFile, default_state_dir
+from capsule.ops.recording import DEFAULT_MAX_BYTES, SessionRecorder, check_directory
+from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.web.site import default_www, make_site
 
 _log = Logger()
 

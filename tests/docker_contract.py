@@ -37,8 +37,8 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from zope.interface.verify import verifyObject
 
-from capsule.errors import ContainerGone, DockerUnavailable, ImageMissing
-from capsule.interfaces import IDockerAPI, IExecProcess
+from capsule.core.errors import ContainerGone, DockerUnavailable, ImageMissing
+from capsule.core.interfaces import IDockerAPI, IExecProcess
 
 LABEL_INSTANCE = "io.capsule.instance"
 LABEL_ROLE = "io.capsule.contract"

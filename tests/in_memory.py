@@ -23,10 +23,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.test import iosim
 
-from capsule.docker_api import ContainerSpec
-from capsule.protocol import BINARY_SUBPROTOCOL
-from capsule.session import SessionConfig, SessionManager
-from capsule.testing import FakeDockerAPI
+from capsule.core.spec import ContainerSpec
+from capsule.core.protocol import BINARY_SUBPROTOCOL
+from capsule.sessions.session import SessionConfig, SessionManager
+from tests.support.fakes import FakeDockerAPI
 
 HOST = "localhost:3001"
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 3001)

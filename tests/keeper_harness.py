@@ -1,7 +1,7 @@
 """
 capsule-keeper (docker/keeper/capsule-keeper.c) built for this machine and
 driven through pipes, without Docker: a relay is run with the command line
-capsule gives it (L{capsule.keeper.keeper_argv}) and its frames are read from
+capsule gives it (L{capsule.core.keeper.keeper_argv}) and its frames are read from
 its stdout, as capsule reads them from an exec.
 
 Two builds: a plain one, and one with AddressSanitizer and
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from capsule.keeper import FrameReader, encode_input, keeper_argv
+from capsule.core.keeper import FrameReader, encode_input, keeper_argv
 
 SOURCE = Path(__file__).resolve().parents[1] / "docker" / "keeper" / "capsule-keeper.c"
 CC = shutil.which("cc") or shutil.which("gcc")

@@ -17,13 +17,13 @@ from twisted.internet.testing import (MemoryReactor, MemoryReactorClock, Raising
 from twisted.logger import formatEvent, globalLogPublisher
 
 from capsule.admin import AdminClient, AdminError, do_cleanup, format_sessions, main
-from capsule.admin_api import DEADLINE_ENDED, DRAINING, ENDED_BY_ADMIN
-from capsule.auth import Authenticator
-from capsule.docker_api import ContainerSpec
-from capsule.session import SessionConfig, SessionManager
+from capsule.web.admin import DEADLINE_ENDED, DRAINING, ENDED_BY_ADMIN
+from capsule.auth.gate import Authenticator
+from capsule.core.spec import ContainerSpec
+from capsule.sessions.session import SessionConfig, SessionManager
 from capsule.tap import ListenerService, Options, listening_url
-from capsule.testing import FakeDockerAPI, RecordingClient
-from capsule.web import make_site
+from tests.support.fakes import FakeDockerAPI, RecordingClient
+from capsule.web.site import make_site
 
 from .in_memory import parse_response
 

@@ -14,11 +14,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
-from capsule.admission import (QUOTA_EXCEEDED, SERVER_FULL, AdmissionControl, AdmissionPolicy,
+from capsule.core.admission import (QUOTA_EXCEEDED, SERVER_FULL, AdmissionControl, AdmissionPolicy,
                                AdmissionRefused, TokenBucket, client_address, parse_network,
                                parse_rate)
-from capsule.testing import FakeDockerAPI
-from capsule.websocket import CapsuleServerFactory
+from tests.support.fakes import FakeDockerAPI
+from capsule.web.websocket import CapsuleServerFactory
 
 from .in_memory import Link, clock, docker, manager  # noqa: F401 (fixtures)
 

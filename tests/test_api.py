@@ -11,15 +11,15 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from capsule.admission import AdmissionControl, AdmissionPolicy
-from capsule.api import (EXECS_PER_SESSION, UPLOAD_MAX_BYTES, exec_request, timed_argv)
-from capsule.auth import Authenticator
-from capsule.command import OutputCollector, utf8_text
-from capsule.docker_api import ContainerSpec
-from capsule.openapi import ROUTES, document
-from capsule.session import SessionConfig, SessionManager
-from capsule.tarcheck import ArchiveRefused, check, kind_of, rewrite
-from capsule.testing import FakeDockerAPI
+from capsule.core.admission import AdmissionControl, AdmissionPolicy
+from capsule.web.api import (EXECS_PER_SESSION, UPLOAD_MAX_BYTES, exec_request, timed_argv)
+from capsule.auth.gate import Authenticator
+from capsule.engine.command import OutputCollector, utf8_text
+from capsule.core.spec import ContainerSpec
+from capsule.web.openapi import ROUTES, document
+from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.core.tarcheck import ArchiveRefused, check, kind_of, rewrite
+from tests.support.fakes import FakeDockerAPI
 
 from .in_memory import parse_response
 
@@ -29,7 +29,7 @@ PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 
 class Api:
     def __init__(self, www, authenticator=None, public_url=None) -> None:
-        from capsule.web import make_site
+        from capsule.web.site import make_site
         self.reactor = MemoryReactorClock()
         self.docker = FakeDockerAPI()
         self.manager = SessionManager(self.docker, self.reactor, SessionConfig(
@@ -228,7 +228,7 @@ def test_an_unknown_profile_is_refused_with_the_known_ones(api):
 
 
 def test_the_profiles_are_listed_with_their_descriptions_only(www, tmp_path):
-    from capsule.profiles import builtin_profiles, load_profiles
+    from capsule.core.profiles import builtin_profiles, load_profiles
     path = tmp_path / "profiles.toml"
     path.write_text('[profiles.offline]\ndescription = "no network"\nnetwork = "none"\n'
                     'secrets = ["ANTHROPIC_API_KEY"]\n')
@@ -394,7 +394,7 @@ def test_an_exec_whose_cwd_cannot_be_entered_is_a_400(api):
 def test_exec_output_held_at_once_is_bounded_server_wide(api):
     from twisted.internet.defer import Deferred
 
-    from capsule.api import EXEC_MAX_OUTPUT, EXEC_OUTPUT_BUDGET
+    from capsule.web.api import EXEC_MAX_OUTPUT, EXEC_OUTPUT_BUDGET
     held = []
     argv = tuple(timed_argv(["slow"], 60))
     api.docker.commands[argv] = lambda stdin: held.append(Deferred()) or held[-1]
@@ -429,7 +429,7 @@ def test_exec_keeps_a_clientless_session_alive(api):
 def test_a_clientless_session_does_not_expire_while_an_exec_runs(api):
     from twisted.internet.defer import Deferred
 
-    from capsule.cleanup import expire_due
+    from capsule.sessions.cleanup import expire_due
     session = api.create()
     held = Deferred()
     api.docker.commands[tuple(timed_argv(["long"], 600))] = lambda stdin: held
@@ -651,7 +651,7 @@ def _static_root(resource, depth=0):
 
 def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
     # With users, so that /login and /logout are in the tree.
-    from capsule.api import (ExecResource, ProfilesResource, SessionResource,
+    from capsule.web.api import (ExecResource, ProfilesResource, SessionResource,
                              SessionsResource, UploadResource)
     site = authed.site
     root = _static_root(site.resource)
@@ -664,7 +664,7 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
                 for p in documented}
     assert served - {"/api/export", "/api/sessions"} <= set(documented)
     assert served <= prefixes | set(documented)
-    # The admin API is mounted beside the tree (capsule.admin_api).
+    # The admin API is mounted beside the tree (capsule.web.admin).
     assert {p for p in documented if not p.startswith("/api/admin")} - served == {
         "/api/export/{id}", "/api/sessions/{id}", "/api/sessions/{id}/exec",
         "/api/sessions/{id}/workspace"}
@@ -672,7 +672,7 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
     one = sessions.getChild(b"00000000-0000-4000-8000-000000000000", None)
     assert {name: type(one.getChild(name, None)) for name in (b"exec", b"workspace")} == {
         b"exec": ExecResource, b"workspace": UploadResource}
-    from capsule.auth import LoginResource, LogoutResource
+    from capsule.auth.gate import LoginResource, LogoutResource
     for path, cls in [("/login", LoginResource), ("/logout", LogoutResource)]:
         assert {m[len("render_"):] for m in vars(cls) if m.startswith("render_")} == (
             documented[path]), path
@@ -684,7 +684,7 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
 
 
 def test_check_refuses_an_extended_header_too_large_to_read():
-    from capsule.tarcheck import MAX_HEADER
+    from capsule.core.tarcheck import MAX_HEADER
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo("a")
@@ -742,7 +742,7 @@ def test_check_of_any_mutated_archive_refuses_or_accepts_never_raises_else():
 
 
 def test_check_bounds_entries_and_names(monkeypatch):
-    from capsule import tarcheck
+    from capsule.core import tarcheck
     monkeypatch.setattr(tarcheck, "MAX_ENTRIES", 3)
     with pytest.raises(ArchiveRefused) as e:
         check(archive([(f"f{i}", "file", "") for i in range(4)]), 1 << 30)
@@ -788,7 +788,7 @@ def test_with_users_an_upload_body_without_credentials_is_refused_before_it_is_r
 
 
 def test_uploads_at_once_are_bounded(api):
-    from capsule.api import UPLOADS_AT_ONCE
+    from capsule.web.api import UPLOADS_AT_ONCE
     sessions = [api.create()["id"] for _ in range(UPLOADS_AT_ONCE + 1)]
     uploads = api.site.session_api.uploads
     uploads[sessions[0]] = 1

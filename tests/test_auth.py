@@ -1,5 +1,5 @@
 """
-capsule.auth: checkers, the login store, the failed-login buckets, who a
+capsule.auth.gate: checkers, the login store, the failed-login buckets, who a
 request is; the owners file; the options that choose users and where to
 listen.
 """
@@ -16,11 +16,11 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.python import usage
 
-from capsule.admission import QUOTA_EXCEEDED, AdmissionControl, AdmissionPolicy, \
+from capsule.core.admission import QUOTA_EXCEEDED, AdmissionControl, AdmissionPolicy, \
     AdmissionRefused, parse_network
-from capsule.auth import COOKIE_NAME, Authenticator, AuthRefused, LoginLimiter, \
+from capsule.auth.gate import COOKIE_NAME, Authenticator, AuthRefused, LoginLimiter, \
     LoginSessions, parse_htpasswd, parse_tokens, safe_next
-from capsule.owners import OwnerFile
+from capsule.sessions.owners import OwnerFile
 from capsule.tap import LOOPBACK_LISTEN, Options, loopback_only
 
 

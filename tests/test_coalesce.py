@@ -1,6 +1,6 @@
 from twisted.internet.task import Clock
 
-from capsule.coalesce import Coalescer
+from capsule.core.coalesce import Coalescer
 
 
 def make(delay=0.002, limit=100, burst=10):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from capsule.admission import AdmissionControl, AdmissionPolicy
-from capsule.session import WARM_SIZE, SessionManager
-from capsule.websocket import CLOSE_INVALID_SESSION, CLOSE_UNAVAILABLE, CapsuleServerFactory
+from capsule.core.admission import AdmissionControl, AdmissionPolicy
+from capsule.sessions.session import WARM_SIZE, SessionManager
+from capsule.web.websocket import CLOSE_INVALID_SESSION, CLOSE_UNAVAILABLE, CapsuleServerFactory
 
 from .in_memory import Link, clock, docker, make_manager  # noqa: F401 (fixtures)
 from .test_pool import CountingDocker

@@ -10,13 +10,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
-from capsule.disk import DiskWatchService, disk_verdicts
-from capsule.cleanup import CleanupService
-from capsule.docker_api import ContainerSpec, DockerAPI
-from capsule.errors import DockerUnavailable
-from capsule.session import SessionConfig, SessionManager
+from capsule.sessions.disk import DiskWatchService, disk_verdicts
+from capsule.sessions.cleanup import CleanupService
+from capsule.core.spec import ContainerSpec
+from capsule.engine.docker import DockerAPI
+from capsule.core.errors import DockerUnavailable
+from capsule.sessions.session import SessionConfig, SessionManager
 from capsule.tap import ListenerService, Options, makeService
-from capsule.testing import FakeDockerAPI, RecordingClient
+from tests.support.fakes import FakeDockerAPI, RecordingClient
 
 MIB = 1024 * 1024
 

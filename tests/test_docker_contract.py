@@ -8,8 +8,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import succeed
 
-from capsule.docker_api import ContainerSpec
-from capsule.testing import FakeDockerAPI
+from capsule.core.spec import ContainerSpec
+from tests.support.fakes import FakeDockerAPI
 
 # The suite lives outside a test module: let pytest explain its failures.
 pytest.register_assert_rewrite("tests.docker_contract")

@@ -15,11 +15,11 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from capsule.errors import DockerError
-from capsule.exec_process import (
+from capsule.core.errors import DockerError
+from capsule.engine.exec_process import (
     MAX_FRAME, Demultiplexer, DemultiplexError, ExecStreamProtocol, exec_start_request,
 )
-from capsule.interfaces import IExecProcess
+from capsule.core.interfaces import IExecProcess
 
 UPGRADED = (b"HTTP/1.1 101 UPGRADED\r\n"
             b"Content-Type: application/vnd.docker.raw-stream\r\n"

@@ -4,7 +4,7 @@ L{ExportQueue}: the export workers, shared fairly between client addresses.
 
 import pytest
 
-from capsule.export import ExportQueue, TooManyExports
+from capsule.web.export import ExportQueue, TooManyExports
 
 
 def test_a_freed_worker_goes_to_the_client_with_fewest_running():

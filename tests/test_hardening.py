@@ -15,13 +15,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 
-from capsule.docker_api import (READ_ONLY_TMPFS, READ_ONLY_VOLUMES, SUDO_CAPABILITIES,
+from capsule.engine.docker import (READ_ONLY_TMPFS, READ_ONLY_VOLUMES, SUDO_CAPABILITIES,
                                 ContainerSpec, DockerAPI)
-from capsule.network import (CAPSULE_BRIDGE, NETWORK_LABELS, NETWORK_OPTIONS, SessionNetwork,
+from capsule.engine.network import (CAPSULE_BRIDGE, NETWORK_LABELS, NETWORK_OPTIONS, SessionNetwork,
                              missing_blocks, read_docker_user, suggested_rules)
-from capsule.session import SessionConfig, SessionManager
+from capsule.sessions.session import SessionConfig, SessionManager
 from capsule.tap import Options, SessionService, makeService
-from capsule.testing import FakeDockerAPI
+from tests.support.fakes import FakeDockerAPI
 
 ALL_BLOCKED = ["169.254.169.254/32", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
 SUBNETS = ["172.18.0.0/16"]

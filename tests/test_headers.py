@@ -20,13 +20,13 @@ from twisted.logger import globalLogPublisher
 from twisted.test import iosim
 from zope.interface import implementer
 
-from capsule.docker_api import ContainerSpec
-from capsule.headers import GuardResource, HostPolicy, parse_host, parse_origin
-from capsule.session import SessionConfig, SessionManager
+from capsule.core.spec import ContainerSpec
+from capsule.web.headers import GuardResource, HostPolicy, parse_host, parse_origin
+from capsule.sessions.session import SessionConfig, SessionManager
 from capsule.tap import Options, makeService
-from capsule.testing import FakeDockerAPI
-from capsule.web import make_site
-from capsule.websocket import CapsuleServerFactory
+from tests.support.fakes import FakeDockerAPI
+from capsule.web.site import make_site
+from capsule.web.websocket import CapsuleServerFactory
 
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 3001)
 LAN = IPv4Address("TCP", "192.0.2.5", 3001)

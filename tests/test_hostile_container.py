@@ -10,10 +10,10 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from capsule.docker_api import ContainerSpec
-from capsule.keeper import MAX_FRAME
-from capsule.session import LABEL_INSTANCE, LABEL_SESSION, SessionConfig, SessionManager
-from capsule.testing import FakeDockerAPI, RecordingClient
+from capsule.core.spec import ContainerSpec
+from capsule.core.keeper import MAX_FRAME
+from capsule.sessions.session import LABEL_INSTANCE, LABEL_SESSION, SessionConfig, SessionManager
+from tests.support.fakes import FakeDockerAPI, RecordingClient
 
 MALFORMED = "the session's relay sent malformed data"
 

@@ -1,7 +1,7 @@
 import pytest
 
-from capsule.keeper import Preamble, PreambleReader, keeper_argv
-from capsule.replay import ReplayBuffer
+from capsule.core.keeper import Preamble, PreambleReader, keeper_argv
+from capsule.core.replay import ReplayBuffer
 
 PRE = b"\x1b_capsule-keeper;offset=1234;dropped=56\x1b\\"
 
@@ -12,7 +12,7 @@ def test_argv():
 
 
 def test_frames_round_trip():
-    from capsule.keeper import MAX_FRAME, FrameReader, encode_input, encode_window
+    from capsule.core.keeper import MAX_FRAME, FrameReader, encode_input, encode_window
     reader = FrameReader()
     data = encode_input(b"x" * (MAX_FRAME + 10)) + encode_window(132, 40)
     frames = []
@@ -23,7 +23,7 @@ def test_frames_round_trip():
 
 
 def test_demultiplexer():
-    from capsule.exec_process import Demultiplexer
+    from capsule.engine.exec_process import Demultiplexer
     demux = Demultiplexer()
     stream = b"\x01\x00\x00\x00\x00\x00\x00\x03abc" + b"\x02\x00\x00\x00\x00\x00\x00\x02no"
     pieces = []
@@ -73,7 +73,7 @@ def test_replay_restart_at():
 
 def test_frame_reader_fails_closed_at_the_header():
     import struct
-    from capsule.keeper import RELAY_FRAMES, FrameError, FrameReader
+    from capsule.core.keeper import RELAY_FRAMES, FrameError, FrameReader
     reader = FrameReader(RELAY_FRAMES)
     with pytest.raises(FrameError) as e:
         reader.feed(b"o\x00\x00\x00\x02ok" + b"o\xff\xff\xff\xff")
@@ -92,7 +92,7 @@ def test_frame_reader_fails_closed_at_the_header():
     (b"o\x00\x01\x00\x01", "a 'o' frame of 65537 bytes (0..65536 allowed)"),
 ])
 def test_relay_frames_of_other_kinds_or_sizes(header, message):
-    from capsule.keeper import RELAY_FRAMES, FrameError, FrameReader
+    from capsule.core.keeper import RELAY_FRAMES, FrameError, FrameReader
     reader = FrameReader(RELAY_FRAMES)
     with pytest.raises(FrameError, match=message.replace("(", r"\(").replace(")", r"\)")):
         for byte in header:
@@ -100,7 +100,7 @@ def test_relay_frames_of_other_kinds_or_sizes(header, message):
 
 
 def test_exit_status_is_a_shells():
-    from capsule.keeper import exit_status
+    from capsule.core.keeper import exit_status
     assert exit_status(b"\x00\x00\x00\xff") == 255
     with pytest.raises(ValueError):
         exit_status(b"\x00\x00\x01\x00")
@@ -119,13 +119,13 @@ def test_exit_status_is_a_shells():
     (100, 50, 40, False),      # dropped does not explain the start
 ])
 def test_check_preamble(offset, dropped, wanted, ok):
-    from capsule.keeper import check_preamble
+    from capsule.core.keeper import check_preamble
     assert (check_preamble(Preamble(offset, dropped), wanted) is None) is ok
 
 
 def test_rate_limited_log():
     from twisted.logger import Logger
-    from capsule.ratelog import RateLimitedLog
+    from capsule.core.ratelog import RateLimitedLog
     events = []
     log = RateLimitedLog(Logger(observer=events.append), interval=60)
     assert log.error(0, "s1", "k", "one {x}", x=1)

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from capsule.keeper import FrameReader, encode_input, encode_window
+from capsule.core.keeper import FrameReader, encode_input, encode_window
 from tests.keeper_harness import connect, hello, keeper, relay  # noqa: F401 (fixtures)
 
 SHELL = ["sh", "-c", "stty -echo; echo pid:$$.; while read line; do"

@@ -1,5 +1,5 @@
 """
-The session lifecycle (L{capsule.lifecycle}) driven directly, in memory.
+The session lifecycle (L{capsule.core.lifecycle}) driven directly, in memory.
 
 Each state is reached through inputs alone, from a fresh machine whose
 effects, clients and streams record what is done to them, with a Clock for
@@ -17,12 +17,12 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from capsule import lifecycle
-from capsule.interfaces import IExecProcess, ISessionClient
-from capsule.lifecycle import ISessionEffects, SessionCore, SessionEvents, make_lifecycle
-from capsule.protocol import ProtocolError
-from capsule.replay import ReplayBuffer
-from capsule.testing import RecordingClient
+from capsule.core import lifecycle
+from capsule.core.interfaces import IExecProcess, ISessionClient
+from capsule.core.lifecycle import ISessionEffects, SessionCore, SessionEvents, make_lifecycle
+from capsule.core.protocol import ProtocolError
+from capsule.core.replay import ReplayBuffer
+from tests.support.fakes import RecordingClient
 
 SID = "2f1c7a8e-5b7d-4c4e-9f55-0c6d3b9e1a42"
 START = 1000.0

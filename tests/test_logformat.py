@@ -1,5 +1,5 @@
 """
---log-format json (capsule.logformat): one object per event and line.
+--log-format json (capsule.ops.logformat): one object per event and line.
 """
 
 import io
@@ -11,10 +11,10 @@ from twisted.logger import ILogObserver, Logger, LogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from capsule.logformat import JSONLinesObserver, check_server_options, json_observer
+from capsule.ops.logformat import JSONLinesObserver, check_server_options, json_observer
 
 
-def logged(namespace="capsule.session", **kw):
+def logged(namespace="capsule.sessions.session", **kw):
     stream = io.StringIO()
     publisher = LogPublisher(JSONLinesObserver(stream))
     log = Logger(namespace=namespace, observer=publisher)
@@ -38,7 +38,7 @@ def test_capsule_event():
     assert set(record) == {"time", "level", "namespace", "message", "session_id", "user", "ms",
                            "container", "warm", "event_message"}
     assert record["level"] == "info"
-    assert record["namespace"] == "capsule.session"
+    assert record["namespace"] == "capsule.sessions.session"
     assert record["message"] == ("session 0b5e2c9a of alice started in 812 ms"
                                  " (container 3f1d2c3b4a5e)")
     assert (record["session_id"], record["user"], record["ms"], record["container"],
@@ -58,7 +58,7 @@ def test_no_bytes_objects_or_secrets():
     (record,) = lines(stream)
     assert record["level"] == "warn"
     assert {k: v for k, v in record.items() if k not in ("time",)} == {
-        "level": "warn", "namespace": "capsule.session", "message": "odd", "count": 3}
+        "level": "warn", "namespace": "capsule.sessions.session", "message": "odd", "count": 3}
     assert "s3cret" not in stream.getvalue() and "terminal" not in stream.getvalue()
 
 
@@ -166,9 +166,9 @@ def test_session_events_carry_user_and_duration():
     from twisted.internet.task import Clock
     from twisted.logger import globalLogPublisher
 
-    from capsule.docker_api import ContainerSpec
-    from capsule.session import SessionConfig, SessionManager
-    from capsule.testing import FakeDockerAPI, RecordingClient
+    from capsule.core.spec import ContainerSpec
+    from capsule.sessions.session import SessionConfig, SessionManager
+    from tests.support.fakes import FakeDockerAPI, RecordingClient
 
     clock = Clock()
     manager = SessionManager(FakeDockerAPI(), clock, SessionConfig(

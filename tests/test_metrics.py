@@ -13,13 +13,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from capsule.auth import Authenticator
-from capsule.docker_api import ContainerSpec
-from capsule.errors import DockerUnavailable
-from capsule.metrics import END_REASONS, Metrics, end_reason
-from capsule.session import SessionConfig, SessionManager
-from capsule.testing import FakeDockerAPI, RecordingClient
-from capsule.web import make_site
+from capsule.auth.gate import Authenticator
+from capsule.core.spec import ContainerSpec
+from capsule.core.errors import DockerUnavailable
+from capsule.ops.metrics import END_REASONS, Metrics, end_reason
+from capsule.sessions.session import SessionConfig, SessionManager
+from tests.support.fakes import FakeDockerAPI, RecordingClient
+from capsule.web.site import make_site
 
 IMAGE = "capsule-runtime:latest"
 TOKEN = "m" * 40

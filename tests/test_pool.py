@@ -1,17 +1,17 @@
 """
-The warm pool (L{capsule.pool}): sessions started ahead of need, against the
+The warm pool (L{capsule.sessions.pool}): sessions started ahead of need, against the
 in-memory Docker engine and a Clock.
 """
 
 import pytest
 from twisted.internet.task import Clock
 
-from capsule.cleanup import expire_due
-from capsule.docker_api import ContainerSpec
-from capsule.keeper import keeper_argv
-from capsule.profiles import Profile
-from capsule.session import WARM_SIZE, SessionConfig, SessionManager
-from capsule.testing import FakeDockerAPI, RecordingClient
+from capsule.sessions.cleanup import expire_due
+from capsule.core.spec import ContainerSpec
+from capsule.core.keeper import keeper_argv
+from capsule.core.profiles import Profile
+from capsule.sessions.session import WARM_SIZE, SessionConfig, SessionManager
+from tests.support.fakes import FakeDockerAPI, RecordingClient
 
 SPEC = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
 

@@ -9,14 +9,14 @@ import os
 import pytest
 from twisted.internet.task import Clock
 
-from capsule.docker_api import ContainerSpec
-from capsule.keeper import keeper_argv
-from capsule.profiles import (AGENT_PROFILE, CLAUDE_COMMAND, CLONE_SCRIPT, LABEL_PROFILE,
+from capsule.core.spec import ContainerSpec
+from capsule.core.keeper import keeper_argv
+from capsule.core.profiles import (AGENT_PROFILE, CLAUDE_COMMAND, CLONE_SCRIPT, LABEL_PROFILE,
                               BadRepository, Profile, ProfileError, Secrets, UnknownProfile,
                               agent_volume_name, builtin_profiles, check_repository,
                               load_profiles, load_secrets)
-from capsule.session import LABEL_SESSION, SessionConfig, SessionManager
-from capsule.testing import FakeDockerAPI, RecordingClient
+from capsule.sessions.session import LABEL_SESSION, SessionConfig, SessionManager
+from tests.support.fakes import FakeDockerAPI, RecordingClient
 
 from .in_memory import Link, clock  # noqa: F401 (fixture)
 
@@ -334,7 +334,7 @@ def test_a_recovered_session_keeps_its_profile(docker):
 # -- the WebSocket: ?profile= ---------------------------------------------------------
 
 def _link(clock, docker, query):
-    from capsule.websocket import CapsuleServerFactory
+    from capsule.web.websocket import CapsuleServerFactory
     manager = SessionManager(docker, clock, SessionConfig(
         spec=SPEC, instance="t", grace=60, profiles=builtins()))
     factory = CapsuleServerFactory(manager, clock, max_message_size=1024)
@@ -413,7 +413,7 @@ def test_options_refuse_a_world_readable_secrets_file(tmp_path):
 # -- per-profile limits ----------------------------------------------------------------
 
 def test_a_profiles_idle_and_lifetime_limits_are_its_own(docker, tmp_path):
-    from capsule.cleanup import end_overdue
+    from capsule.sessions.cleanup import end_overdue
     profiles = load_profiles(write(tmp_path, """
 [profiles.short]
 idle_timeout = 30

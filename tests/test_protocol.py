@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from capsule import protocol as wire
+from capsule.core import protocol as wire
 
 
 def parse(obj, binary=False):

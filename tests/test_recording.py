@@ -1,5 +1,5 @@
 """
-Recordings of sessions' output (capsule.recording): asciicast v2, cut at a
+Recordings of sessions' output (capsule.ops.recording): asciicast v2, cut at a
 size, resizes, UTF-8 across chunks.
 """
 
@@ -14,7 +14,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from capsule.recording import FLUSH_DELAY, FLUSH_SIZE, SessionRecorder
+from capsule.ops.recording import FLUSH_DELAY, FLUSH_SIZE, SessionRecorder
 
 SID = "0b5e2c9a-6a0e-4e4a-9d2a-3f1d2c3b4a5e"
 START = 1_790_000_000.25  # 2026-09-21T14:13:20Z
@@ -175,7 +175,7 @@ def test_write_failure_stops_recording(tmp_path):
             recorder.end(session)
         finally:
             globalLogPublisher.removeObserver(events.append)
-        errors = [e for e in events if e.get("log_namespace") == "capsule.recording"]
+        errors = [e for e in events if e.get("log_namespace") == "capsule.ops.recording"]
         assert [e["log_level"] for e in errors] == [LogLevel.error]
         assert "no longer recorded" in formatEvent(errors[0])
         assert clock.getDelayedCalls() == []
@@ -215,9 +215,9 @@ def test_manager_tells_the_recorder():
     The session manager passes each session's output, resizes and end to
     its recorder.
     """
-    from capsule.docker_api import ContainerSpec
-    from capsule.session import SessionConfig, SessionManager
-    from capsule.testing import FakeDockerAPI, RecordingClient
+    from capsule.core.spec import ContainerSpec
+    from capsule.sessions.session import SessionConfig, SessionManager
+    from tests.support.fakes import FakeDockerAPI, RecordingClient
 
     told = []
 

@@ -1,4 +1,4 @@
-from capsule.replay import ReplayBuffer
+from capsule.core.replay import ReplayBuffer
 
 
 def test_offsets_and_since():

@@ -7,13 +7,13 @@ from twisted.logger import globalLogPublisher
 
 from twisted.internet.task import Clock
 
-from capsule.cleanup import CleanupService, expire_due, expired_sessions
-from capsule.docker_api import ContainerSpec
-from capsule.errors import SessionNotFound
-from capsule.keeper import keeper_argv
-from capsule.protocol import ProtocolError
-from capsule.session import LABEL_INSTANCE, LABEL_SESSION, SessionConfig, SessionManager
-from capsule.testing import FakeDockerAPI, RecordingClient
+from capsule.sessions.cleanup import CleanupService, expire_due, expired_sessions
+from capsule.core.spec import ContainerSpec
+from capsule.core.errors import SessionNotFound
+from capsule.core.keeper import keeper_argv
+from capsule.core.protocol import ProtocolError
+from capsule.sessions.session import LABEL_INSTANCE, LABEL_SESSION, SessionConfig, SessionManager
+from tests.support.fakes import FakeDockerAPI, RecordingClient
 
 
 @pytest.fixture
@@ -323,7 +323,7 @@ def test_leftovers_of_this_instance_only(manager, docker):
 
 
 def test_orphan_sweep_removes_unowned_containers_only(manager, docker, clock):
-    from capsule.session import LABEL_SESSION
+    from capsule.sessions.session import LABEL_SESSION
     service = CleanupService(manager, clock, 1, orphan_interval=10)
     service.startService()
     live = manager.create(RecordingClient(), 80, 24)
@@ -487,7 +487,7 @@ def test_stale_output_of_a_replaced_stream_is_not_heard(manager, docker, clock):
 # -- input backpressure ------------------------------------------------------------------
 
 def test_a_shell_not_reading_its_input_pauses_the_client(manager, docker):
-    from capsule.lifecycle import InputOverrun
+    from capsule.core.lifecycle import InputOverrun
     client = RecordingClient()
     session = manager.create(client, 80, 24)
     process = docker.processes[0]
@@ -517,7 +517,7 @@ def limited_manager(docker, clock, **limits):
 
 
 def test_max_lifetime_ends_a_busy_attached_session(docker, clock):
-    from capsule.cleanup import end_overdue
+    from capsule.sessions.cleanup import end_overdue
     manager = limited_manager(docker, clock, max_lifetime=100)
     client = RecordingClient()
     session = manager.create(client, 80, 24)
@@ -532,7 +532,7 @@ def test_max_lifetime_ends_a_busy_attached_session(docker, clock):
 
 
 def test_idle_timeout_counts_input_and_output_client_or_not(docker, clock):
-    from capsule.cleanup import end_overdue, overdue_sessions
+    from capsule.sessions.cleanup import end_overdue, overdue_sessions
     manager = limited_manager(docker, clock, idle_timeout=60)
     client = RecordingClient()
     session = manager.create(client, 80, 24)
@@ -548,7 +548,7 @@ def test_idle_timeout_counts_input_and_output_client_or_not(docker, clock):
 
 
 def test_limits_leave_a_session_waiting_for_the_engine_alone(docker, clock):
-    from capsule.cleanup import overdue_sessions
+    from capsule.sessions.cleanup import overdue_sessions
     manager = limited_manager(docker, clock, max_lifetime=10, idle_timeout=10)
     session = engine_goes_away(manager, docker, RecordingClient())
     clock.advance(30)

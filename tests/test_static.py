@@ -18,12 +18,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.filepath import FilePath
 from twisted.web.http import datetimeToString
 
-from capsule import static
-from capsule.docker_api import ContainerSpec
-from capsule.session import SessionConfig, SessionManager
-from capsule.static import StaticCache
-from capsule.testing import FakeDockerAPI
-from capsule.web import make_site
+from capsule.web import static
+from capsule.core.spec import ContainerSpec
+from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.web.static import StaticCache
+from tests.support.fakes import FakeDockerAPI
+from capsule.web.site import make_site
 
 APP = b"// capsule's app\n" + b"".join(b"console.log('line %d');\n" % i for i in range(200))
 LIB = b"/* lib */\n" + b"function f(x) { return x + 1; }\n" * 100

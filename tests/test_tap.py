@@ -6,13 +6,13 @@ from twisted.python import usage
 from twisted.application.service import Service
 from twisted.internet.task import Clock
 
-from capsule.cleanup import CleanupService
-from capsule.docker_api import ContainerSpec
-from capsule.errors import DockerUnavailable, SessionNotFound
-from capsule.session import SessionConfig, SessionManager
+from capsule.sessions.cleanup import CleanupService
+from capsule.core.spec import ContainerSpec
+from capsule.core.errors import DockerUnavailable, SessionNotFound
+from capsule.sessions.session import SessionConfig, SessionManager
 from capsule.tap import (CapsuleService, DockerService, ListenerService, Options, SessionService,
                          makeService)
-from capsule.testing import FakeDockerAPI, RecordingClient
+from tests.support.fakes import FakeDockerAPI, RecordingClient
 
 
 def parse(*args):
@@ -165,8 +165,8 @@ def test_a_profile_whose_image_is_missing_is_warned_about_at_start():
 
     from twisted.logger import globalLogPublisher
 
-    from capsule.profiles import builtin_profiles
-    from capsule.session import shell_profile
+    from capsule.core.profiles import builtin_profiles
+    from capsule.sessions.session import shell_profile
     docker, clock = FakeDockerAPI(), Clock()
     spec = ContainerSpec(image="capsule-runtime:latest")
     config = SessionConfig(spec=spec, instance="t")

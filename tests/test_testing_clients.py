@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from capsule.testing_clients import Output
-from capsule.testing_live import WaitFailed
+from tests.support.clients import Output
+from tests.support.live import WaitFailed
 
 
 def results(d):

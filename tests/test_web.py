@@ -17,11 +17,11 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from capsule import __version__
-from capsule.docker_api import ContainerSpec
-from capsule.errors import DockerUnavailable
-from capsule.session import SessionConfig, SessionManager
-from capsule.testing import FakeDockerAPI
-from capsule.web import HEALTH_TIMEOUT, make_site
+from capsule.core.spec import ContainerSpec
+from capsule.core.errors import DockerUnavailable
+from capsule.sessions.session import SessionConfig, SessionManager
+from tests.support.fakes import FakeDockerAPI
+from capsule.web.site import HEALTH_TIMEOUT, make_site
 
 IMAGE = "capsule-runtime:latest"
 
@@ -271,7 +271,7 @@ def test_export_of_bad_and_unknown_ids_is_a_json_404(web, logged, path, code):
 
 @pytest.mark.parametrize("method", [b"POST", b"PUT", b"DELETE", b"PATCH"])
 def test_export_of_a_live_session_by_another_method_is_a_json_405(web, method):
-    from capsule.testing import RecordingClient
+    from tests.support.fakes import RecordingClient
     session = web.manager.create(RecordingClient(), 80, 24)
     status, headers, body = web.get(b"/api/export/" + session.id.encode(), method)
     assert status == 405 and headers["allow"] == "GET, HEAD"

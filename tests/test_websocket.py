@@ -15,8 +15,8 @@ import uuid
 import pytest
 from twisted.test import iosim
 
-from capsule.protocol import BINARY_SUBPROTOCOL
-from capsule.websocket import CapsuleServerFactory, JsonWire, BinaryWire
+from capsule.core.protocol import BINARY_SUBPROTOCOL
+from capsule.web.websocket import CapsuleServerFactory, JsonWire, BinaryWire
 
 from .in_memory import (  # noqa: F401 (fixtures)
     CLIENT_ADDRESS, HOST, SERVER_ADDRESS, Link, clock, docker, manager)

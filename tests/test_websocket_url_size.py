@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from capsule.websocket import url_size
-from capsule.protocol import ProtocolError
+from capsule.web.websocket import url_size
+from capsule.core.protocol import ProtocolError
 
 from .test_websocket import (  # noqa: F401 (fixtures)
     WINDOW, clock, connect, docker, factory, manager, outputs, start)

@@ -1,6 +1,6 @@
 """
-The integration tests' live capsule: L{capsule.testing_live} and
-L{capsule.testing_clients}, with the test image and small container limits.
+The integration tests' live capsule: L{tests.support.live} and
+L{tests.support.clients}, with the test image and small container limits.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from capsule.testing_clients import BlockingTerminal, TerminalClient
-from capsule.testing_live import CapsuleServer as LiveServer
-from capsule.testing_live import (
+from tests.support.clients import BlockingTerminal, TerminalClient
+from tests.support.live import CapsuleServer as LiveServer
+from tests.support.live import (
     LABEL_INSTANCE,
     WaitFailed,
     docker_client,

@@ -12,8 +12,8 @@ import time
 
 import websocket  # websocket-client
 
-from capsule.admin_api import DEADLINE_ENDED, DRAIN_REFUSAL, ENDED_BY_ADMIN
-from capsule.testing_clients import BlockingTerminal
+from capsule.web.admin import DEADLINE_ENDED, DRAIN_REFUSAL, ENDED_BY_ADMIN
+from tests.support.clients import BlockingTerminal
 
 from .harness import instance_containers, wait_for
 

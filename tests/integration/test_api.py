@@ -19,8 +19,8 @@ import uuid
 
 import pytest
 
-from capsule.openapi import ROUTES
-from capsule.testing_clients import BlockingTerminal
+from capsule.web.openapi import ROUTES
+from tests.support.clients import BlockingTerminal
 
 from .harness import docker_client, instance_containers, wait_for
 
@@ -307,7 +307,7 @@ def test_the_answers_match_the_openapi_document(server):
     validates against the documented schema.
     """
     jsonschema = pytest.importorskip("jsonschema")
-    from capsule.openapi import document
+    from capsule.web.openapi import document
     doc = document()
     seen = []
 

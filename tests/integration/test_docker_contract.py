@@ -12,7 +12,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from capsule.docker_api import ContainerSpec, DockerAPI
+from capsule.core.spec import ContainerSpec
+
+from capsule.engine.docker import DockerAPI
 
 # The suite lives outside a test module: let pytest explain its failures.
 pytest.register_assert_rewrite("tests.docker_contract")

@@ -110,7 +110,7 @@ def _session_with(server, command: str):
     """
     A new session (its terminal kept open) in which C{command} has run.
     """
-    from capsule.testing_clients import BlockingTerminal
+    from tests.support.clients import BlockingTerminal
     terminal = BlockingTerminal(server.ws_url, binary=True)
     session_id = terminal.start()
     terminal.run(command + " && echo MA''DE", "MADE", timeout=60)

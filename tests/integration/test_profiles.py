@@ -258,8 +258,9 @@ async def test_an_agent_volume_is_a_users_own_and_outlives_the_container():
     # the volume is made on first use with capsule's labels, filled from the
     # image's directory (owner included), kept after the container goes, and
     # another user's is another volume.
-    from capsule.docker_api import ContainerSpec, DockerAPI
-    from capsule.profiles import agent_volume_name
+    from capsule.core.spec import ContainerSpec
+    from capsule.engine.docker import DockerAPI
+    from capsule.core.profiles import agent_volume_name
 
     instance = f"volumes-{uuid.uuid4().hex[:10]}"
     names = {user: agent_volume_name(instance, "agent", user) for user in ("ann", "bob")}

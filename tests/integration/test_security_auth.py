@@ -26,7 +26,7 @@ import bcrypt
 import pytest
 import websocket  # websocket-client
 
-from capsule.protocol import BINARY_SUBPROTOCOL
+from capsule.core.protocol import BINARY_SUBPROTOCOL
 
 from .harness import IMAGE, free_port, wait_for
 

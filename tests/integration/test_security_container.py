@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
-from capsule.docker_api import SUDO_CAPABILITIES
+from capsule.core.spec import SUDO_CAPABILITIES
 
 from .harness import WSClient, docker_client, eventually, instance_containers
 

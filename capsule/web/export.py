@@ -31,9 +31,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from .errors import CapsuleError, ContainerGone, DockerUnavailable
-from .protocol import ProtocolError, parse_session_id
-from .session import SessionManager
+from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable
+from capsule.core.protocol import ProtocolError, parse_session_id
+from capsule.sessions.session import SessionManager
 
 _log = Logger()
 

@@ -4,7 +4,7 @@ enforce it.
 
 overlay2 limits a container's writable layer (C{storage_opt} C{size}) only
 on xfs mounted with C{pquota}; on ext4 and most hosts it cannot, and the
-engine refuses the option (L{capsule.docker_api.DockerAPI.storage_quota}).
+engine refuses the option (L{capsule.engine.docker.DockerAPI.storage_quota}).
 There, L{DiskWatchService} reads every session container's writable layer
 size (Docker's C{SizeRw}) on a timer, warns a session nearing its limit and
 ends a session past it.  A session can write for up to one interval (at disk
@@ -19,7 +19,7 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .session import Session, SessionManager
+from capsule.sessions.session import Session, SessionManager
 
 _log = Logger()
 

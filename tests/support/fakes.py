@@ -16,10 +16,10 @@ from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .command import OutputCollector
-from .errors import ContainerGone, DockerUnavailable, ImageMissing
-from .interfaces import IDockerAPI, IExecProcess, ISessionClient
-from .keeper import FrameReader
+from capsule.engine.command import OutputCollector
+from capsule.core.errors import ContainerGone, DockerUnavailable, ImageMissing
+from capsule.core.interfaces import IDockerAPI, IExecProcess, ISessionClient
+from capsule.core.keeper import FrameReader
 
 
 @implementer(IExecProcess)

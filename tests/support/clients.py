@@ -1,6 +1,6 @@
 """
 Real WebSocket clients of capsule, for the integration tests, the benchmark
-and the soak script (with L{capsule.testing_live}, which starts the server).
+and the soak script (with L{tests.support.live}, which starts the server).
 
  - L{TerminalClient}: a session over Autobahn, on the reactor.
  - L{BlockingTerminal}: a session over websocket-client, on a blocking
@@ -23,7 +23,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
 
-from .testing_live import WaitFailed, with_timeout
+from tests.support.live import WaitFailed, with_timeout
 
 BINARY_PROTOCOL = "capsule.binary.v1"
 

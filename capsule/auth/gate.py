@@ -49,7 +49,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import Attribute, Interface, implementer
 
-from .admission import Network, TokenBucket, _ip, _peer_host, _trusted, client_address
+from capsule.core.admission import Network, TokenBucket, _ip, _peer_host, _trusted, client_address
 
 _log = Logger()
 

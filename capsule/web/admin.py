@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
-from .export import answer_json
+from capsule.web.export import answer_json
 
 _log = Logger()
 
@@ -148,7 +148,7 @@ class AdminAccess:
     Who may use the admin API: loopback, the admin token, or an admin user.
 
     @param token: the admin token (C{None}: none).
-    @param users: users allowed (with an L{capsule.auth.Authenticator}).
+    @param users: users allowed (with an L{capsule.auth.gate.Authenticator}).
     """
 
     def __init__(self, token: str | None = None, users=(), authenticator=None) -> None:
@@ -177,7 +177,7 @@ class AdminAccess:
                 raise AdminRefused(403, f"{user} is not an administrator (--admin-user)")
 
             def refused(failure):
-                from .auth import AuthRefused
+                from capsule.auth.gate import AuthRefused
                 failure.trap(AuthRefused)
                 raise AdminRefused(failure.value.status, failure.value.message)
             return d.addCallbacks(known, refused)

@@ -6,7 +6,7 @@ for what it does with a deadline.
 The integration tests (C{tests/integration/harness.py}), the benchmark
 (C{bench/}) and the soak script (C{bench/soak.py}) all start their servers
 through L{CapsuleServer}, and speak to them with the clients of
-L{capsule.testing_clients}.  Neither module knows pytest.
+L{tests.support.clients}.  Neither module knows pytest.
 
  - L{CapsuleServer}: capsule with an instance name of its own, so that it
    only ever sees (and its owner only ever removes) its own containers.

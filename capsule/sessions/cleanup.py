@@ -10,8 +10,8 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .profiles import DEFAULT_PROFILE
-from .session import Session, SessionManager
+from capsule.core.profiles import DEFAULT_PROFILE
+from capsule.sessions.session import Session, SessionManager
 
 _log = Logger()
 

@@ -11,7 +11,7 @@ The session API for programs, under C{/api/sessions}:
     into C{/workspace}, as C{developer}, after checking every entry;
   - C{GET /api/profiles}: the profiles a client may name.
 
-Authentication and ownership are the site's (L{capsule.auth}): a session of
+Authentication and ownership are the site's (L{capsule.auth.gate}): a session of
 another user is a 404, exactly as one that does not exist.  New sessions pass
 the same admission control as those of C{/ws}.  Every error is JSON:
 C{{"error": sentence, "code": word}}.
@@ -31,17 +31,17 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from .admission import QUOTA_EXCEEDED, AdmissionRefused
-from .auth import COOKIE_NAME, short_ids
-from .auth import _cookie as request_cookie
-from .auth import _headers as request_headers
-from .command import utf8_text
-from .errors import CapsuleError, ContainerGone, DockerUnavailable
-from .export import ThreadFedProducer, json_body, json_error
-from .profiles import (DEFAULT_PROFILE, BadRepository, UnknownProfile, check_repository,
+from capsule.core.admission import QUOTA_EXCEEDED, AdmissionRefused
+from capsule.auth.gate import COOKIE_NAME, short_ids
+from capsule.auth.gate import _cookie as request_cookie
+from capsule.auth.gate import _headers as request_headers
+from capsule.engine.command import utf8_text
+from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable
+from capsule.web.export import ThreadFedProducer, json_body, json_error
+from capsule.core.profiles import (DEFAULT_PROFILE, BadRepository, UnknownProfile, check_repository,
                        parse_profile_name)
-from .protocol import ProtocolError, parse_session_id
-from .tarcheck import ArchiveRefused, Interrupted, check, rewrite
+from capsule.core.protocol import ProtocolError, parse_session_id
+from capsule.core.tarcheck import ArchiveRefused, Interrupted, check, rewrite
 
 _log = Logger()
 
@@ -712,7 +712,7 @@ ARCHIVE_TYPES = (b"application/x-tar", b"application/gzip", b"application/x-gzip
 class UploadResource(_SessionPost):
     """
     C{POST /api/sessions/{id}/workspace}: a .tar or .tar.gz body, unpacked
-    into C{/workspace} once every entry was checked (L{capsule.tarcheck}).
+    into C{/workspace} once every entry was checked (L{capsule.core.tarcheck}).
     """
 
     def render_POST(self, request):

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from .profiles import DEFAULT_PROFILE
+from capsule.core.profiles import DEFAULT_PROFILE
 
 QUOTA_EXCEEDED = "quota_exceeded"
 SERVER_FULL = "server_full"
@@ -234,7 +234,7 @@ class AdmissionControl:
         Check whether C{address} (acting for C{user}, if known) may create a
         session now, and if so, count it against its rate.
 
-        @param profile: the L{capsule.profiles.Profile} of the session asked
+        @param profile: the L{capsule.core.profiles.Profile} of the session asked
             for (its memory limit counts against the budget), or C{None} for
             one of --memory.
 

@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 
 from docker.utils import parse_bytes
 
-from .docker_api import ContainerSpec
-from .errors import CapsuleError
+from capsule.core.spec import ContainerSpec
+from capsule.core.errors import CapsuleError
 
 DEFAULT_PROFILE = "shell"
 AGENT_PROFILE = "claude"

@@ -8,8 +8,8 @@ from zope.interface import Attribute, Interface
 class IDockerAPI(Interface):
     """
     The Docker engine, as Deferreds.  Every method returns a Deferred and
-    never blocks the reactor.  Failures are L{capsule.errors.DockerError}s:
-    every method fails with L{capsule.errors.DockerUnavailable} when the
+    never blocks the reactor.  Failures are L{capsule.core.errors.DockerError}s:
+    every method fails with L{capsule.core.errors.DockerUnavailable} when the
     engine cannot be reached.  C{tests/docker_contract.py} is the executable
     form of this description; it runs against the fake and the real engine.
     """
@@ -42,8 +42,8 @@ class IDockerAPI(Interface):
     def create_session_container(session_id, spec):
         """
         Create and start a session container named C{capsule-{session_id}}
-        from the L{capsule.docker_api.ContainerSpec} C{spec}; fire with its
-        id.  Fail with L{capsule.errors.ImageMissing} if the image is not
+        from the L{capsule.engine.docker.ContainerSpec} C{spec}; fire with its
+        id.  Fail with L{capsule.core.errors.ImageMissing} if the image is not
         there.
         """
 
@@ -100,7 +100,7 @@ class IDockerAPI(Interface):
         then the output (C{childDataReceived}), however early the program
         writes; its end reaches C{processEnded} (C{ProcessDone} for exit
         code 0, else C{ProcessTerminated} with the code, when known).  Fail
-        with L{capsule.errors.ContainerGone} if the container is gone or
+        with L{capsule.core.errors.ContainerGone} if the container is gone or
         not running.
         """
 
@@ -110,21 +110,21 @@ class IDockerAPI(Interface):
         after C{path}'s last component, as C{docker cp} does), calling
         C{write(chunk)} on a worker thread for each chunk; C{write} may block
         to apply backpressure.  Fire when done; fail with
-        L{capsule.errors.ContainerGone} if the container is gone.
+        L{capsule.core.errors.ContainerGone} if the container is gone.
         """
 
     def run_command(container_id, argv, user, workdir, env, stdin=b"", max_output=1048576,
                     timeout=None):
         """
         Run C{argv} in a running container without a TTY, to completion;
-        fire with a L{capsule.command.CommandResult}.  C{stdin} is bytes,
+        fire with a L{capsule.engine.command.CommandResult}.  C{stdin} is bytes,
         written and then closed, or a callable given the exec's input (an
         L{twisted.internet.interfaces.IConsumer}) that fires a Deferred once
         it wrote everything.  At most C{max_output} bytes of each of stdout
         and stderr are kept; the rest is read and dropped.  After
         C{timeout} seconds capsule stops waiting (C{cut}; the exit code is
         then C{None}): the engine cannot kill an exec, so the caller bounds
-        the command itself.  Fail with L{capsule.errors.ContainerGone} if
+        the command itself.  Fail with L{capsule.core.errors.ContainerGone} if
         the container is gone or not running.
         """
 

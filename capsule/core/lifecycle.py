@@ -44,8 +44,8 @@ from automat import TypeMachineBuilder
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import Interface, implementer
 
-from .protocol import ProtocolError
-from .replay import ReplayBuffer
+from capsule.core.protocol import ProtocolError
+from capsule.core.replay import ReplayBuffer
 
 RESTARTED_NOTICE = ("the session's shell was restarted (its container restarted while"
                     " capsule was away): what it printed before is gone")

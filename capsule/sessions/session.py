@@ -2,7 +2,7 @@
 Sessions: one container and one shell in it, outliving any one client.
 
 Each session's state and its transitions belong to its lifecycle
-(L{capsule.lifecycle}): a pure state machine.  The manager here is what that
+(L{capsule.core.lifecycle}): a pure state machine.  The manager here is what that
 machine acts through: it owns the table of live sessions, speaks to Docker
 only through an L{IDockerAPI} (every outcome fed back to the machine as an
 input), and takes time from the clock it is given.
@@ -23,19 +23,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .docker_api import ContainerSpec
-from .errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
-from .interfaces import IExecProcess
-from .keeper import (DEFAULT_SOCKET, RELAY_FRAMES, FrameError, FrameReader, PreambleReader,
+from capsule.core.spec import ContainerSpec
+from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
+from capsule.core.interfaces import IExecProcess
+from capsule.core.keeper import (DEFAULT_SOCKET, RELAY_FRAMES, FrameError, FrameReader, PreambleReader,
                      check_preamble, encode_input, encode_window, exit_status, keeper_argv)
-from .lifecycle import ISessionEffects, SessionCore, make_lifecycle
-from .metrics import UNCOUNTED
-from .pool import WarmPool, WarmPools
-from .profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME, BadRepository,
+from capsule.core.lifecycle import ISessionEffects, SessionCore, make_lifecycle
+from capsule.ops.metrics import UNCOUNTED
+from capsule.sessions.pool import WarmPool, WarmPools
+from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME, BadRepository,
                        Profile, Secrets, agent_volume_name, check_repository, parse_profile_name,
                        start_command)
-from .ratelog import RateLimitedLog
-from .replay import ReplayBuffer
+from capsule.core.ratelog import RateLimitedLog
+from capsule.core.replay import ReplayBuffer
 
 _log = Logger()
 
@@ -80,7 +80,7 @@ class SessionConfig:
     # Run the shell under capsule-keeper, so that it outlives capsule.
     keeper: bool = True
     keeper_socket: str = DEFAULT_SOCKET
-    # The profiles by name (capsule.profiles); None: only "shell", made of
+    # The profiles by name (capsule.core.profiles); None: only "shell", made of
     # the fields above.  The values of their secrets.
     profiles: dict | None = None
     secrets: Secrets = Secrets()
@@ -108,7 +108,7 @@ class Session:
         # The exec of the shell now in use: output and ends of any older one
         # are not heard.
         self.shell: _ShellProtocol | None = None
-        # Its profile's name, the profile itself (capsule.profiles), and the
+        # Its profile's name, the profile itself (capsule.core.profiles), and the
         # git repository cloned into its /workspace at start, if any.
         self.profile: str = DEFAULT_PROFILE
         # Whether a warm pool holds it (not recorded until it is taken).
@@ -374,16 +374,16 @@ class SessionManager:
 
     @ivar sessions: the live sessions by id.
     @ivar owners: the users of an earlier run's sessions, by id (see
-        L{capsule.owners}).
+        L{capsule.sessions.owners}).
     """
 
     owners: dict = {}
     # When a client last sent input to any session (the warm pools refill
-    # between keystrokes, see capsule.pool).
+    # between keystrokes, see capsule.sessions.pool).
     typed_at = float("-inf")
-    # Where sessions' output is recorded (capsule.recording), if anywhere.
+    # Where sessions' output is recorded (capsule.ops.recording), if anywhere.
     recorder = None
-    # What it counts into (capsule.metrics): a server's metrics watch it.
+    # What it counts into (capsule.ops.metrics): a server's metrics watch it.
     metrics = UNCOUNTED
 
     def __init__(self, docker, clock, config: SessionConfig) -> None:
@@ -399,7 +399,7 @@ class SessionManager:
         self._removals: set[Deferred] = set()
         self.profiles: dict[str, Profile] = dict(config.profiles or {
             DEFAULT_PROFILE: shell_profile(config)})
-        # A warm pool per profile that wants one (see capsule.pool); none for
+        # A warm pool per profile that wants one (see capsule.sessions.pool); none for
         # a profile with a user's volume, which cannot be made ahead of its user.
         self.pool = WarmPools({
             name: WarmPool(clock, settings.pool, partial(self._warm_session, settings),

@@ -19,18 +19,18 @@ from twisted.web.resource import Resource
 from twisted.web.http import combinedLogFormatter
 from twisted.web.server import Request, Site
 
-from . import __version__
-from .admin_api import AdminAccess, AdminMount, AdminResource, Drain
-from .api import UPLOAD_MAX_BYTES, ApiResource, ProfilesResource, SessionApi, SessionsResource
-from .auth import AuthGate, Authenticator, LoginResource, LogoutResource, short_ids
-from .errors import CapsuleError
-from .export import ExportLimits, ExportResource, answer_json, peer_address
-from .headers import GuardResource, HostPolicy
-from .metrics import Metrics, MetricsResource
-from .openapi import OpenApiResource
-from .session import SessionManager
-from .static import StaticFiles
-from .websocket import CapsuleServerFactory
+from capsule import __version__
+from capsule.web.admin import AdminAccess, AdminMount, AdminResource, Drain
+from capsule.web.api import UPLOAD_MAX_BYTES, ApiResource, ProfilesResource, SessionApi, SessionsResource
+from capsule.auth.gate import AuthGate, Authenticator, LoginResource, LogoutResource, short_ids
+from capsule.core.errors import CapsuleError
+from capsule.web.export import ExportLimits, ExportResource, answer_json, peer_address
+from capsule.web.headers import GuardResource, HostPolicy
+from capsule.ops.metrics import Metrics, MetricsResource
+from capsule.web.openapi import OpenApiResource
+from capsule.sessions.session import SessionManager
+from capsule.web.static import StaticFiles
+from capsule.web.websocket import CapsuleServerFactory
 
 _log = Logger()
 
@@ -42,7 +42,7 @@ def default_www() -> str:
     The web page's directory: the source tree's C{www/} when capsule runs
     from a checkout, else the one installed under C{sys.prefix}.
     """
-    here = Path(__file__).resolve().parent.parent / "www"
+    here = Path(__file__).resolve().parents[2] / "www"
     if (here / "index.html").exists():
         return str(here)
     import sys
@@ -288,7 +288,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               upload_max_bytes: int = UPLOAD_MAX_BYTES, **websocket_options) -> Site:
     """
     @param export_limits: how many exports run, and what one may cost.
-    @param authenticator: who may use what (L{capsule.auth}); C{None}: anyone
+    @param authenticator: who may use what (L{capsule.auth.gate}); C{None}: anyone
         who reaches the port (loopback only, or C{--insecure-no-auth}).
     @param client_address: the address a request counts against, for the
         per-client limits (by default the socket's peer).
@@ -298,7 +298,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     @param metrics_token: the bearer token that reads C{/metrics} from
         anywhere (C{--metrics-token}); loopback peers need none.
     @param admin_token, admin_users: who may use C{/api/admin/} besides
-        loopback (L{capsule.admin_api}).
+        loopback (L{capsule.web.admin}).
     @param public_url: the address users open (C{--public-url}): the API's
         session URLs are absolute under it.
     @param upload_max_bytes: bytes of archive an upload may send.

@@ -165,7 +165,7 @@ class SessionNetwork:
 
     async def ensure(self) -> None:
         """
-        Fail with a L{capsule.errors.DockerError} when the engine cannot be
+        Fail with a L{capsule.core.errors.DockerError} when the engine cannot be
         asked (call again later); warnings go to the log.
         """
         if self.ready:

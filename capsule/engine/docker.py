@@ -10,7 +10,7 @@ cannot make C{/health} report Docker as down.  Methods that run on a worker
 thread are named C{_thd_...}.
 
 The one thing not done through docker-py is streaming an exec: that upgrade
-is performed on a Twisted protocol (see L{capsule.exec_process}), so the
+is performed on a Twisted protocol (see L{capsule.engine.exec_process}), so the
 terminal's bytes are read by the reactor with no thread per session.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -35,11 +34,12 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from .command import OutputCollector
-from .errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
-from .exec_process import ExecStreamProtocol, exec_start_request
-from .interfaces import IDockerAPI
-from .metrics import UNCOUNTED
+from capsule.engine.command import OutputCollector
+from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
+from capsule.engine.exec_process import ExecStreamProtocol, exec_start_request
+from capsule.core.interfaces import IDockerAPI
+from capsule.core.spec import SUDO_CAPABILITIES, ContainerSpec
+from capsule.ops.metrics import UNCOUNTED
 
 _log = Logger()
 
@@ -51,72 +51,10 @@ EXIT_CODE_WAIT = 2.0
 DETACH_KEYS = "ctrl-],ctrl-@,ctrl-],ctrl-@"
 EXIT_CODE_POLL = 0.05
 # Workers for ping and image_exists: /health runs one probe at a time (see
-# capsule.web.HealthResource); the second serves any other caller at once.
+# capsule.web.site.HealthResource); the second serves any other caller at once.
 HEALTH_THREADS = 2
 
 
-@dataclass(frozen=True)
-class ContainerSpec:
-    """
-    How a session container is made.
-    """
-
-    image: str
-    memory: str = "4g"
-    cpus: float = 2.0
-    pids: int = 256
-    # CPU weight against other cgroups when the CPUs are busy (Docker's
-    # default, and the server's and engine's weight, is 1024): sessions
-    # yield to capsule and to each other's keystrokes.
-    cpu_shares: int = 256
-    # Size of the writable layer (Docker syntax), or None for no limit.  It
-    # is asked of the storage driver (storage_opt size=) where the driver
-    # can enforce it; see DockerAPI.storage_quota.
-    disk: str | None = None
-    labels: dict[str, str] = field(default_factory=dict)
-    user: str = "developer"
-    workdir: str = "/workspace"
-    hostname: str = "capsule"
-    environment: dict[str, str] = field(
-        default_factory=lambda: {"TERM": "xterm-256color", "LANG": "en_US.UTF-8"}
-    )
-    command: tuple[str, ...] = ("sleep", "infinity")
-    # The network the container joins: a name, "none", or None for the
-    # engine's default bridge.
-    network: str | None = None
-    # Capabilities on top of none: the session user is not root, so bash,
-    # the keeper and a developer's work need none (see the README).
-    cap_add: tuple[str, ...] = ()
-    # Passwordless sudo (the image's capsule-sudo group): the capabilities a
-    # root user needs come back (SUDO_CAPABILITIES) and no-new-privileges is
-    # off, since sudo is a set-uid program.
-    allow_sudo: bool = False
-    # A read-only root filesystem, with /workspace and the home directory on
-    # anonymous volumes (removed with the container) and tmpfs /tmp and /run.
-    read_only_root: bool = False
-    # The OCI runtime (runsc for gVisor), or None for the engine's default.
-    runtime: str | None = None
-    # Environment from secrets (capsule.profiles): set at creation only,
-    # never shown (not in repr) and not given to execs.
-    secrets: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
-    # Named volumes: (volume name, mount path); Docker creates a missing one
-    # with volume_labels (and fills it from the image's directory there).
-    volumes: tuple[tuple[str, str], ...] = ()
-    volume_labels: dict[str, str] = field(default_factory=dict)
-
-    def capabilities(self) -> list[str]:
-        """
-        The capabilities the container keeps (all others are dropped).
-        """
-        kept = list(SUDO_CAPABILITIES) if self.allow_sudo else []
-        return kept + [c for c in self.cap_add if c not in kept]
-
-
-# What root needs for sudo and for apt, dpkg, chown or kill under
-# --allow-sudo: Docker's defaults without NET_RAW (raw sockets: spoofing on
-# the bridge), MKNOD and SYS_CHROOT.
-SUDO_CAPABILITIES = ("AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL",
-                     "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID")
 # The image's group whose members may sudo without a password.
 SUDO_GROUP = "capsule-sudo"
 # Writable places of a --read-only-root container: volumes live as long as
@@ -163,7 +101,7 @@ class DockerAPI:
         with a disk limit was created, then what the engine answered.
     """
 
-    # What it counts into (capsule.metrics): a server's metrics watch it.
+    # What it counts into (capsule.ops.metrics): a server's metrics watch it.
     metrics = UNCOUNTED
 
     def __init__(self, reactor, host: str | None = None, threads: int = 16,

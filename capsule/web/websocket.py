@@ -15,17 +15,17 @@ from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import protocol as wire
-from .admin_api import DRAIN_REFUSAL, DRAINING
-from .admission import QUOTA_EXCEEDED, AdmissionRefused
-from .auth import AuthRefused, short_ids
-from .coalesce import Coalescer
-from .errors import CapsuleError, SessionNotFound
-from .headers import HostPolicy, is_secure
-from .interfaces import ISessionClient
-from .lifecycle import InputOverrun
-from .profiles import DEFAULT_PROFILE, UnknownProfile, parse_profile_name
-from .session import WARM_SIZE, SessionManager
+from capsule.core import protocol as wire
+from capsule.web.admin import DRAIN_REFUSAL, DRAINING
+from capsule.core.admission import QUOTA_EXCEEDED, AdmissionRefused
+from capsule.auth.gate import AuthRefused, short_ids
+from capsule.core.coalesce import Coalescer
+from capsule.core.errors import CapsuleError, SessionNotFound
+from capsule.web.headers import HostPolicy, is_secure
+from capsule.core.interfaces import ISessionClient
+from capsule.core.lifecycle import InputOverrun
+from capsule.core.profiles import DEFAULT_PROFILE, UnknownProfile, parse_profile_name
+from capsule.sessions.session import WARM_SIZE, SessionManager
 
 # Autobahn's protocols own a .log of their own: capsule logs through this one.
 _log = Logger()
@@ -622,17 +622,17 @@ class CapsuleServerFactory(WebSocketServerFactory):
     @param allowed_origins: origins (C{scheme://host[:port]}) allowed besides
         the page's own; C{"*"} allows any.
     @param host_policy: the names and origins capsule answers to
-        (L{capsule.headers}); the site gives its own.
+        (L{capsule.web.headers}); the site gives its own.
     """
 
     protocol = CapsuleServerProtocol
     # An AdmissionControl deciding on new sessions, or None for no limits.
     admission = None
-    # A capsule.admin_api.Drain: while it drains, no new sessions.
+    # A capsule.web.admin.Drain: while it drains, no new sessions.
     drain = None
-    # Who connections act for (capsule.auth.Authenticator), or None: anyone.
+    # Who connections act for (capsule.auth.gate.Authenticator), or None: anyone.
     authenticator = None
-    # Where sessions' owners are kept across restarts (capsule.owners), or None.
+    # Where sessions' owners are kept across restarts (capsule.sessions.owners), or None.
     owners = None
     # Whether a new session is made as the connection opens (its container
     # made while the client sends its first frame) rather than at that

@@ -24,8 +24,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .errors import DockerError
-from .interfaces import IExecProcess
+from capsule.core.errors import DockerError
+from capsule.core.interfaces import IExecProcess
 
 _log = Logger()
 

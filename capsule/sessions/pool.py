@@ -29,7 +29,7 @@ from typing import Callable
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from .metrics import UNCOUNTED
+from capsule.ops.metrics import UNCOUNTED
 
 _log = Logger()
 
@@ -42,7 +42,7 @@ class WarmPool:
     @param name: what the pool is for (its profile), for the log.
     """
 
-    # What it counts into (capsule.metrics): a server's metrics watch it.
+    # What it counts into (capsule.ops.metrics): a server's metrics watch it.
     metrics = UNCOUNTED
 
     def __init__(self, clock, size: int, make: Callable[[], object], max_age: float = 3600.0,

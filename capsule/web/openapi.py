@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 
-from . import __version__
-from .api import (CREATE_MAX_BODY, EXEC_MAX_BODY, EXEC_MAX_OUTPUT, EXEC_MAX_TIMEOUT,
+from capsule import __version__
+from capsule.web.api import (CREATE_MAX_BODY, EXEC_MAX_BODY, EXEC_MAX_OUTPUT, EXEC_MAX_TIMEOUT,
                   EXEC_OUTPUT, EXEC_TIMEOUT, EXECS_PER_SESSION, _JsonResource)
 
 _ID = {"name": "id", "in": "path", "required": True,

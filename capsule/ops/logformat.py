@@ -90,7 +90,7 @@ class JSONLinesObserver:
             line = json.dumps(event_as_dict(event), ensure_ascii=False, allow_nan=False,
                               default=str)
         except Exception as e:
-            line = json.dumps({"time": None, "level": "error", "namespace": "capsule.logformat",
+            line = json.dumps({"time": None, "level": "error", "namespace": "capsule.ops.logformat",
                                "message": f"an event could not be written as JSON: {e!r}"})
         self._stream.write(line + "\n")
         self._stream.flush()
