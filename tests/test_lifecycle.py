@@ -1482,10 +1482,6 @@ def test_unsent_bytes_no_longer_held_are_reported_dropped():
     assert new.offset == 30
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a client that takes over a resume compares its offset with a stream asked for the"
-    " first client's: an offset past that one looks beyond the keeper's output and the"
-    " client is told the shell restarted"))
 def test_a_takeover_while_resuming_from_further_on_is_not_told_the_shell_restarted():
     rig = resuming(offset=100)
     new = rig.attach(110)

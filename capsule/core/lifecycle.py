@@ -181,6 +181,8 @@ class SessionCore:
     handed: int = 0
     left_at: float | None = None
     want: int | None = None
+    # The offset the keeper was last asked to resume from.
+    asked: int | None = None
     pending: list[bytes] = field(default_factory=list)
     exit_code: int | None = None
     message: str | None = None
@@ -542,10 +544,16 @@ def _left_preparing(session: SessionEvents, core: SessionCore, client: object,
 
 @Attached.upon(SessionEvents.output).loop()
 def _output_to_client(session: SessionEvents, core: SessionCore, data: bytes) -> None:
+    start = core.replay.end
     core.replay.append(data)
     core.active_at = core.now()
-    core.handed = core.replay.end
-    core.client.session_output(data)
+    if core.handed > start:
+        # The client already has the beginning of this (it resumed further on
+        # than the stream began, see _resumed): it gets only what follows.
+        data = data[core.handed - start:]
+    core.handed = max(core.handed, core.replay.end)
+    if data:
+        core.client.session_output(data)
 
 
 for _state in (Starting, StartingOrphaned, Preparing, PreparingAlone, Detached, Resuming,
@@ -647,7 +655,8 @@ def _resume(session: SessionEvents, core: SessionCore, client: object,
     _take_over(core, client)
     core.want = offset
     if first:
-        core.effects.reattach(core.owner, 0 if offset is None else offset)
+        core.asked = 0 if offset is None else offset
+        core.effects.reattach(core.owner, core.asked)
 
 
 @Resuming.upon(SessionEvents.stream_started).to(Attached)
@@ -655,6 +664,15 @@ def _resumed(session: SessionEvents, core: SessionCore, offset: int, dropped: in
     _go_live(core, offset)
     core.effects.went_live(core.owner, True)
     want, core.want = core.want, None
+    if want is not None and want > offset == core.asked:
+        # A client took over while the keeper was asked for an earlier offset
+        # (the first client's): the output it lacks is still to come from the
+        # stream, so it starts where it is and gets only what follows.
+        client = core.client
+        client.session_started(core.owner, True, want, 0)
+        if core.client is client:
+            core.handed = want
+        return
     _hand_over(session, core, True, offset if want is None else want)
 
 
