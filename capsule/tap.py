@@ -29,12 +29,14 @@ from capsule.core.errors import CapsuleError
 from capsule.web.export import ExportLimits
 from capsule.web.headers import HostPolicy
 from capsule.ops.logformat import FORMATS, check_server_options, json_observer
+from capsule.ops.metrics import Metrics
 from capsule.engine.network import CAPSULE_NETWORK, SessionNetwork
 from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT, Profile, ProfileError,
                        builtin_profiles, load_profiles, load_secrets)
 from capsule.sessions.owners import OwnerFile, default_state_dir
 from capsule.ops.recording import DEFAULT_MAX_BYTES, SessionRecorder, check_directory
-from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
 from capsule.web.site import default_www, make_site
 
 _log = Logger()
@@ -515,12 +517,13 @@ class SessionService(Service):
 
     async def _recover(self) -> None:
         warned = False
-        self.manager.recovery_pending = True
+        recovery = self.manager.recovery
+        recovery.pending = True
         while True:
             try:
                 if self.network is not None:
                     await self.network.ensure()
-                count = await self.manager.recover()
+                count = await recovery.recover()
             except CapsuleError as e:
                 if not warned:
                     _log.warn("could not look for the sessions of an earlier run (retrying"
@@ -531,14 +534,14 @@ class SessionService(Service):
                 await deferLater(self.clock, self.RECOVERY_RETRY, lambda: None)
                 continue
             break
-        self.manager.recovery_pending = False
+        recovery.pending = False
         if warned:
             _log.info("found the sessions of the earlier run: {count}", count=count)
         self.recovered = count
         self._open()
         self.manager.pool.start()
-        await self.manager.check_live_restore()
-        await self.manager.check_profile_images()
+        await recovery.check_live_restore()
+        await recovery.check_profile_images()
 
     def _open(self) -> None:
         if not self.ready.called:
@@ -704,13 +707,20 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
     spec = server_spec(config)
     if "profile-table" not in config:
         config._check_profiles()
+    metrics = Metrics()
+    owners = recorder = None
+    if config["users"]:
+        owners = OwnerFile(config["state-dir"] or default_state_dir(), config["instance"])
+    if config["record"] is not None:
+        recorder = SessionRecorder(config["record"], reactor, config["record-max-bytes"])
     manager = SessionManager(docker, reactor, SessionConfig(
         spec=spec, instance=config["instance"], grace=config["grace"],
         shell=tuple(shlex.split(config["shell"])), replay_bytes=config["replay-buffer"],
         pool_size=config["pool-size"], pool_max_age=config["pool-max-age"],
         max_lifetime=config["max-lifetime"], idle_timeout=config["idle-timeout"],
         keeper=not config["no-keeper"], profiles=config["profile-table"],
-        secrets=config["secrets"]))
+        secrets=config["secrets"]), metrics=metrics, owners=owners,
+        observers=[recorder] if recorder is not None else ())
     for profile, name in config["secrets"].missing(config["profile-table"]):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
                   " capsule's environment nor in --secrets-file): its sessions start without"
@@ -722,8 +732,13 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
             reactor, htpasswd=config["auth"], tokens=config["tokens"],
             user_header=config["user-header"], trusted_proxies=config["trusted-proxy"],
             public_url=config["public-url"], run_blocking=auth_threads.run)
-        manager.owners = OwnerFile(config["state-dir"] or default_state_dir(),
-                                   config["instance"])
+    budget = config["memory-budget"]
+    admission = AdmissionControl(manager, reactor, AdmissionPolicy(
+        max_sessions=config["max-sessions"], max_per_client=config["max-sessions-per-client"],
+        rate=config["session-rate"], session_memory=parse_bytes(config["memory"]),
+        memory_budget=None if budget in (None, "off") else parse_bytes(budget),
+        max_per_user=config["max-sessions-per-user"]),
+        trusted_proxies=config["trusted-proxy"])
     site = make_site(manager, docker, reactor, config["www"], authenticator=authenticator,
                      metrics_token=config["metrics-token"],
                      admin_token=config["admin-token"], admin_users=config["admin-user"],
@@ -742,21 +757,12 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
                          max_bytes=config["export-max-bytes"],
                          timeout=config["export-timeout"]),
                      public_url=config["public-url"],
-                     upload_max_bytes=config["upload-max-bytes"])
-    budget = config["memory-budget"]
-    admission = AdmissionControl(manager, reactor, AdmissionPolicy(
-        max_sessions=config["max-sessions"], max_per_client=config["max-sessions-per-client"],
-        rate=config["session-rate"], session_memory=parse_bytes(config["memory"]),
-        memory_budget=None if budget in (None, "off") else parse_bytes(budget),
-        max_per_user=config["max-sessions-per-user"]),
-        trusted_proxies=config["trusted-proxy"])
-    site.websocket_factory.admission = admission
+                     upload_max_bytes=config["upload-max-bytes"],
+                     admission=admission, metrics=metrics,
+                     client_address=admission.client_address)
     # A new session's container is asked for as its WebSocket opens, unless
     # --start-at-first-frame.
     site.websocket_factory.start_at_open = not config["start-at-first-frame"]
-    if authenticator is not None:
-        site.websocket_factory.owners = manager.owners
-    site.exports.client_address = admission.client_address
     sessions = SessionService(manager, reactor, site.websocket_factory, admission,
                               docker if budget is None else None,
                               SessionNetwork(docker, reactor, config["network"]))
@@ -768,10 +774,9 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
     if config["log-format"] == "json":
         service.log_observer = json_observer(getattr(config, "parent", None))
     DockerService(docker).setServiceParent(service)
-    if config["record"] is not None:
+    if recorder is not None:
         # Before the sessions: it stops after them, and writes what they said.
-        manager.recorder = SessionRecorder(config["record"], reactor, config["record-max-bytes"])
-        manager.recorder.setServiceParent(service)
+        recorder.setServiceParent(service)
     if auth_threads is not None:
         auth_threads.setServiceParent(service)
     sessions.setServiceParent(service)

@@ -25,7 +25,8 @@ from twisted.test import iosim
 
 from capsule.core.spec import ContainerSpec
 from capsule.core.protocol import BINARY_SUBPROTOCOL
-from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
 from tests.support.fakes import FakeDockerAPI
 
 HOST = "localhost:3001"

@@ -17,10 +17,11 @@ from twisted.internet.testing import (MemoryReactor, MemoryReactorClock, Raising
 from twisted.logger import formatEvent, globalLogPublisher
 
 from capsule.admin import AdminClient, AdminError, do_cleanup, format_sessions, main
-from capsule.web.admin import DEADLINE_ENDED, DRAINING, ENDED_BY_ADMIN
+from capsule.sessions.drain import DEADLINE_ENDED, DRAINING, ENDED_BY_ADMIN
 from capsule.auth.gate import Authenticator
 from capsule.core.spec import ContainerSpec
-from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
 from capsule.tap import ListenerService, Options, listening_url
 from tests.support.fakes import FakeDockerAPI, RecordingClient
 from capsule.web.site import make_site
@@ -106,7 +107,7 @@ def test_drain_tells_clients_health_says_draining_and_the_deadline_ends_the_rest
     assert (status, body) == (200, {"draining": True, "since": 0.0, "deadline_in": 60.0,
                                     "sessions": 1})
     assert client.events[-1] == ("notice", DRAINING)
-    assert admin.site.drain.active and admin.site.websocket_factory.drain is admin.site.drain
+    assert admin.site.drain.active and admin.site.websocket_factory.sessions.drain is admin.site.drain
     status, health = admin.request("/health")
     assert (status, health["status"], health["draining"]["draining"]) == (503, "draining", True)
     admin.reactor.advance(59)

@@ -18,6 +18,7 @@ from capsule.core.admission import (QUOTA_EXCEEDED, SERVER_FULL, AdmissionContro
                                AdmissionRefused, TokenBucket, client_address, parse_network,
                                parse_rate)
 from tests.support.fakes import FakeDockerAPI
+from capsule.sessions.service import SessionService
 from capsule.web.websocket import CapsuleServerFactory
 
 from .in_memory import Link, clock, docker, manager  # noqa: F401 (fixtures)
@@ -306,12 +307,12 @@ def test_no_budget_no_memory_check():
 
 @pytest.fixture
 def factory(manager, clock):
-    factory = CapsuleServerFactory(manager, clock, max_message_size=1024)
-    factory.admission = AdmissionControl(
+    admission = AdmissionControl(
         manager, clock, AdmissionPolicy(max_sessions=3, max_per_client=2, rate=None,
                                         session_memory=GIB, memory_budget=None),
         trusted_proxies=LOCAL)
-    return factory
+    return CapsuleServerFactory(manager, clock, max_message_size=1024,
+                                sessions=SessionService(manager, admission))
 
 
 class Client(Link):
@@ -373,7 +374,7 @@ def test_an_ended_session_frees_its_creators_place(clock, factory, manager, dock
 
 
 def test_without_a_trusted_proxy_the_header_is_ignored(clock, factory, manager):
-    factory.admission.trusted_proxies = ()
+    factory.sessions.admission.trusted_proxies = ()
     for forwarded in ("198.51.100.1", "198.51.100.2"):
         assert Client(clock, factory, forwarded).start()["type"] == "connected"
     message = Client(clock, factory, "198.51.100.3").start()
@@ -397,7 +398,7 @@ def test_the_defaults_are_for_a_small_host():
     assert (options["max-sessions"], options["max-sessions-per-client"],
             options["session-rate"], options["memory-budget"],
             options["trusted-proxy"]) == (32, 8, (10, 60.0), None, [])
-    admission = makeService(options, MemoryReactorClock()).websocket_factory.admission
+    admission = makeService(options, MemoryReactorClock()).websocket_factory.sessions.admission
     assert admission.policy == AdmissionPolicy(
         max_sessions=32, max_per_client=8, rate=(10, 60.0), session_memory=4 * GIB,
         memory_budget=None)
@@ -412,7 +413,7 @@ def test_the_options_reach_admission_control():
                     "--session-rate", "3/30", "--memory", "1g", "--memory-budget", "3g",
                     "--trusted-proxy", "127.0.0.1/32", "--trusted-proxy", "fd00::/8")
     service = makeService(options, MemoryReactorClock())
-    admission = service.websocket_factory.admission
+    admission = service.websocket_factory.sessions.admission
     assert admission.policy == AdmissionPolicy(
         max_sessions=5, max_per_client=2, rate=(3, 30.0), session_memory=GIB,
         memory_budget=3 * GIB)
@@ -421,7 +422,7 @@ def test_the_options_reach_admission_control():
     # An explicit budget: the engine is not asked.
     assert service.sessions._docker is None
     assert makeService(parse("--memory-budget", "off"),
-                       MemoryReactorClock()).websocket_factory.admission.policy.memory_budget \
+                       MemoryReactorClock()).websocket_factory.sessions.admission.policy.memory_budget \
         is None
 
 

@@ -17,7 +17,8 @@ from capsule.auth.gate import Authenticator
 from capsule.engine.command import OutputCollector, utf8_text
 from capsule.core.spec import ContainerSpec
 from capsule.web.openapi import ROUTES, document
-from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
 from capsule.core.tarcheck import ArchiveRefused, check, kind_of, rewrite
 from tests.support.fakes import FakeDockerAPI
 
@@ -28,14 +29,17 @@ PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 
 
 class Api:
-    def __init__(self, www, authenticator=None, public_url=None) -> None:
+    def __init__(self, www, authenticator=None, public_url=None, policy=None) -> None:
         from capsule.web.site import make_site
         self.reactor = MemoryReactorClock()
         self.docker = FakeDockerAPI()
         self.manager = SessionManager(self.docker, self.reactor, SessionConfig(
             spec=ContainerSpec(image="capsule-runtime:latest"), instance="api-test"))
+        self.admission = None if policy is None else AdmissionControl(
+            self.manager, self.reactor, policy)
         self.site = make_site(self.manager, self.docker, self.reactor, str(www),
-                              authenticator=authenticator, public_url=public_url)
+                              authenticator=authenticator, public_url=public_url,
+                              admission=self.admission)
         self.factory = self.site.websocket_factory
 
     def send(self, path: str, method: str = "GET", body: bytes | None = None,
@@ -188,26 +192,24 @@ def test_create_body_over_its_limit_is_refused_before_it_is_read(api):
     assert api.manager.sessions == {}
 
 
-def test_admission_and_drain_apply(api):
-    api.factory.admission = AdmissionControl(api.manager, api.reactor, AdmissionPolicy(
-        max_sessions=10, max_per_client=1, rate=None))
+def test_admission_and_drain_apply(www):
+    api = Api(www, policy=AdmissionPolicy(max_sessions=10, max_per_client=1, rate=None))
     api.create()
     status, headers, body = api.request("/api/sessions", "POST", {})
     assert (status, body["code"], headers["retry-after"]) == (429, "quota_exceeded", "5")
-    api.factory.admission.policy.max_per_client = 5
-    api.factory.admission.policy.max_sessions = 1
+    api.admission.policy.max_per_client = 5
+    api.admission.policy.max_sessions = 1
     status, _, body = api.request("/api/sessions", "POST", {})
     assert (status, body["code"]) == (503, "server_full")
-    api.factory.admission.policy.max_sessions = 5
-    api.factory.drain.active = True
+    api.admission.policy.max_sessions = 5
+    api.site.drain.active = True
     status, _, body = api.request("/api/sessions", "POST", {})
     assert (status, body["code"]) == (503, "draining")
     assert len(api.manager.sessions) == 1
 
 
-def test_a_refused_profile_or_repository_costs_no_admission(api):
-    api.factory.admission = AdmissionControl(api.manager, api.reactor, AdmissionPolicy(
-        max_sessions=10, max_per_client=10, rate=(1, 3600)))
+def test_a_refused_profile_or_repository_costs_no_admission(www):
+    api = Api(www, policy=AdmissionPolicy(max_sessions=10, max_per_client=10, rate=(1, 3600)))
     for body, code in [({"profile": "nope"}, "unknown_profile"),
                        ({"repository": "http://example.com/r.git"}, "bad_repository"),
                        ({"repository": "https://u:p@example.com/r.git"}, "bad_repository")]:

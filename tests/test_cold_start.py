@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 
 from capsule.core.admission import AdmissionControl, AdmissionPolicy
-from capsule.sessions.session import WARM_SIZE, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.service import SessionService
+from capsule.sessions.session import WARM_SIZE
 from capsule.web.websocket import CLOSE_INVALID_SESSION, CLOSE_UNAVAILABLE, CapsuleServerFactory
 
 from .in_memory import Link, clock, docker, make_manager  # noqa: F401 (fixtures)
@@ -17,9 +19,9 @@ from .test_pool import CountingDocker
 from .test_websocket import MAX_MESSAGE, WINDOW, outputs
 
 
-def factory_of(manager, clock) -> CapsuleServerFactory:
+def factory_of(manager, clock, sessions=None) -> CapsuleServerFactory:
     factory = CapsuleServerFactory(manager, clock, max_message_size=MAX_MESSAGE,
-                                   flow_window=WINDOW)
+                                   flow_window=WINDOW, sessions=sessions)
     factory.start_at_open = True
     return factory
 
@@ -122,9 +124,8 @@ def test_output_held_for_a_silent_client_is_bounded(docker, clock):
 
 def test_admission_decides_before_anything_is_made(docker, clock):
     manager = manager_of(docker, clock)
-    factory = factory_of(manager, clock)
-    factory.admission = AdmissionControl(
-        manager, clock, AdmissionPolicy(max_sessions=1, max_per_client=1, rate=None))
+    factory = factory_of(manager, clock, sessions=SessionService(manager, AdmissionControl(
+        manager, clock, AdmissionPolicy(max_sessions=1, max_per_client=1, rate=None))))
     first = Link(clock, factory)
     assert len(manager.sessions) == 1
     second = Link(clock, factory)

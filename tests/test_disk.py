@@ -15,7 +15,8 @@ from capsule.sessions.cleanup import CleanupService
 from capsule.core.spec import ContainerSpec
 from capsule.engine.docker import DockerAPI
 from capsule.core.errors import DockerUnavailable
-from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
 from capsule.tap import ListenerService, Options, makeService
 from tests.support.fakes import FakeDockerAPI, RecordingClient
 

@@ -19,7 +19,8 @@ from capsule.engine.docker import (READ_ONLY_TMPFS, READ_ONLY_VOLUMES, SUDO_CAPA
                                 ContainerSpec, DockerAPI)
 from capsule.engine.network import (CAPSULE_BRIDGE, NETWORK_LABELS, NETWORK_OPTIONS, SessionNetwork,
                              missing_blocks, read_docker_user, suggested_rules)
-from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
 from capsule.tap import Options, SessionService, makeService
 from tests.support.fakes import FakeDockerAPI
 

@@ -22,7 +22,8 @@ from zope.interface import implementer
 
 from capsule.core.spec import ContainerSpec
 from capsule.web.headers import GuardResource, HostPolicy, parse_host, parse_origin
-from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
 from capsule.tap import Options, makeService
 from tests.support.fakes import FakeDockerAPI
 from capsule.web.site import make_site

@@ -12,7 +12,8 @@ from twisted.logger import globalLogPublisher
 
 from capsule.core.spec import ContainerSpec
 from capsule.core.keeper import MAX_FRAME
-from capsule.sessions.session import LABEL_INSTANCE, LABEL_SESSION, SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import LABEL_INSTANCE, LABEL_SESSION, SessionConfig
 from tests.support.fakes import FakeDockerAPI, RecordingClient
 
 MALFORMED = "the session's relay sent malformed data"
@@ -127,7 +128,7 @@ def resuming(docker, clock, offset):
     spec = ContainerSpec(image="capsule-runtime:latest")
     manager = SessionManager(docker, clock, SessionConfig(spec=spec, instance="t", grace=60))
     from twisted.internet.defer import Deferred
-    Deferred.fromCoroutine(manager.recover())
+    Deferred.fromCoroutine(manager.recovery.recover())
     client = RecordingClient()
     docker.hold_exec = True
     manager.reconnect(sid, client, offset=offset)

@@ -167,7 +167,8 @@ def test_session_events_carry_user_and_duration():
     from twisted.logger import globalLogPublisher
 
     from capsule.core.spec import ContainerSpec
-    from capsule.sessions.session import SessionConfig, SessionManager
+    from capsule.sessions.manager import SessionManager
+    from capsule.sessions.session import SessionConfig
     from tests.support.fakes import FakeDockerAPI, RecordingClient
 
     clock = Clock()

@@ -17,7 +17,8 @@ from capsule.auth.gate import Authenticator
 from capsule.core.spec import ContainerSpec
 from capsule.core.errors import DockerUnavailable
 from capsule.ops.metrics import END_REASONS, Metrics, end_reason
-from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
 from tests.support.fakes import FakeDockerAPI, RecordingClient
 from capsule.web.site import make_site
 
@@ -43,10 +44,10 @@ def value(metrics: Metrics, name: str, **labels) -> float:
 def make_manager(pool_size: int = 0, docker=None, clock=None):
     docker = docker or FakeDockerAPI()
     clock = clock or Clock()
+    metrics = Metrics()
     manager = SessionManager(docker, clock, SessionConfig(
         spec=ContainerSpec(image=IMAGE), instance="metrics-test", grace=60,
-        pool_size=pool_size))
-    metrics = Metrics()
+        pool_size=pool_size), metrics=metrics)
     metrics.watch(manager, docker)
     return manager, docker, clock, metrics
 
@@ -199,10 +200,11 @@ def _site(tmp_path, token=None, authenticator=None):
     (tmp_path / "login.html").write_text("login")
     docker = FakeDockerAPI()
     reactor = MemoryReactorClock()
+    metrics = Metrics()
     manager = SessionManager(docker, reactor, SessionConfig(
-        spec=ContainerSpec(image=IMAGE), instance="metrics-test"))
+        spec=ContainerSpec(image=IMAGE), instance="metrics-test"), metrics=metrics)
     return make_site(manager, docker, reactor, str(tmp_path), metrics_token=token,
-                     authenticator=authenticator)
+                     authenticator=authenticator, metrics=metrics)
 
 
 def _get(site, peer, headers=b""):

@@ -10,7 +10,9 @@ from capsule.sessions.cleanup import expire_due
 from capsule.core.spec import ContainerSpec
 from capsule.core.keeper import keeper_argv
 from capsule.core.profiles import Profile
-from capsule.sessions.session import WARM_SIZE, SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.observers import SessionObserver
+from capsule.sessions.session import WARM_SIZE, SessionConfig
 from tests.support.fakes import FakeDockerAPI, RecordingClient
 
 SPEC = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
@@ -46,9 +48,10 @@ def docker():
     return FakeDockerAPI()
 
 
-def make_manager(docker, clock, size=2, max_age=100.0, **config):
+def make_manager(docker, clock, size=2, max_age=100.0, observers=(), **config):
     manager = SessionManager(docker, clock, SessionConfig(
-        spec=SPEC, instance="t", pool_size=size, pool_max_age=max_age, grace=60, **config))
+        spec=SPEC, instance="t", pool_size=size, pool_max_age=max_age, grace=60, **config),
+        observers=observers)
     manager.pool.start()
     return manager
 
@@ -160,7 +163,7 @@ def test_a_warm_session_is_nobodys_never_expires_and_counts_in_no_limit(docker, 
     other = manager.pool["shell"].ready[0]
     assert manager.of_user("ann") == [mine] and manager.of_user(None) == []
     assert manager.find(other.id) is None and manager.find(other.id, "ann") is None
-    assert manager.user_cpu_shares("ann") == SPEC.cpu_shares
+    assert manager.fair_share.shares_of("ann") == SPEC.cpu_shares
     clock.advance(5000)
     assert expire_due(manager, clock) == [mine], "the one taken, kept from its take"
     assert other.status() == "detached" and manager.pool["shell"].ready[0] is other
@@ -251,11 +254,13 @@ def test_refill_failures_retry_later_without_a_tight_loop(docker, clock):
 
 def test_a_miss_starts_cold_and_is_counted(docker, clock):
     docker.reachable = False
-    manager = make_manager(docker, clock, size=1)
     missed = []
-    manager.pool["shell"].metrics = type("M", (), {
-        "pool_taken": lambda self, pool, found: missed.append(found),
-        "session_started": lambda self, warm, seconds: None})()
+
+    class Misses(SessionObserver):
+        def pool_taken(self, pool, found):
+            missed.append(found)
+
+    manager = make_manager(docker, clock, size=1, observers=[Misses()])
     docker.reachable = True
     client = RecordingClient()
     session = manager.create(client, 80, 24)
@@ -284,7 +289,7 @@ def test_a_warm_session_of_an_earlier_run_is_kept_as_a_session_and_expires(docke
     again = SessionManager(docker, clock, SessionConfig(spec=SPEC, instance="t", grace=60,
                                                         pool_size=0))
     from twisted.internet.defer import Deferred
-    Deferred.fromCoroutine(again.recover())
+    Deferred.fromCoroutine(again.recovery.recover())
     recovered = again.sessions[warm.id]
     assert recovered.status() == "recovered" and recovered.core.user is None
     clock.advance(60)

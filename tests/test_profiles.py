@@ -15,7 +15,8 @@ from capsule.core.profiles import (AGENT_PROFILE, CLAUDE_COMMAND, CLONE_SCRIPT, 
                               BadRepository, Profile, ProfileError, Secrets, UnknownProfile,
                               agent_volume_name, builtin_profiles, check_repository,
                               load_profiles, load_secrets)
-from capsule.sessions.session import LABEL_SESSION, SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import LABEL_SESSION, SessionConfig
 from tests.support.fakes import FakeDockerAPI, RecordingClient
 
 from .in_memory import Link, clock  # noqa: F401 (fixture)
@@ -324,7 +325,7 @@ def test_a_recovered_session_keeps_its_profile(docker):
                                 LABEL_SESSION: "00000000-0000-4000-8000-000000000002",
                                 LABEL_PROFILE: "gone"})
     from twisted.internet.defer import Deferred
-    Deferred.fromCoroutine(manager.recover())
+    Deferred.fromCoroutine(manager.recovery.recover())
     one = manager.sessions["00000000-0000-4000-8000-000000000001"]
     two = manager.sessions["00000000-0000-4000-8000-000000000002"]
     assert one.profile == "claude" and one.settings is manager.profiles["claude"]

@@ -47,10 +47,10 @@ def test_format(tmp_path):
     """
     recorder, clock = make_recorder(tmp_path)
     session = make_session(100, 30)
-    recorder.output(session, b"$ ")
+    recorder.session_output(session, b"$ ")
     clock.advance(1.5)
-    recorder.output(session, b"ls\r\n")
-    recorder.end(session)
+    recorder.session_output(session, b"ls\r\n")
+    recorder.session_ended(session)
     name, head, events = read_cast(tmp_path)
     assert name == f"{SID}-20260921T141320Z.cast"
     assert head == {"version": 2, "width": 100, "height": 30, "timestamp": 1790000000,
@@ -68,11 +68,11 @@ def test_written_later_or_when_large(tmp_path):
     """
     recorder, clock = make_recorder(tmp_path)
     session = make_session()
-    recorder.output(session, b"hello")
+    recorder.session_output(session, b"hello")
     assert os.listdir(tmp_path / "rec") == []
     clock.advance(FLUSH_DELAY)
     assert [e[2] for e in read_cast(tmp_path)[2]] == ["hello"]
-    recorder.output(session, b"x" * FLUSH_SIZE)
+    recorder.session_output(session, b"x" * FLUSH_SIZE)
     assert [len(e[2]) for e in read_cast(tmp_path)[2]] == [5, FLUSH_SIZE]
     assert clock.getDelayedCalls() == []
 
@@ -83,13 +83,13 @@ def test_resize(tmp_path):
     """
     recorder, clock = make_recorder(tmp_path)
     session = make_session(80, 24)
-    recorder.resize(session, 90, 25)  # not begun: nothing written
+    recorder.session_resized(session, 90, 25)  # not begun: nothing written
     session.core.size = (90, 25)
-    recorder.output(session, b"a")
+    recorder.session_output(session, b"a")
     clock.advance(2)
     session.core.size = (120, 40)
-    recorder.resize(session, 120, 40)
-    recorder.end(session)
+    recorder.session_resized(session, 120, 40)
+    recorder.session_ended(session)
     _, head, events = read_cast(tmp_path)
     assert (head["width"], head["height"]) == (90, 25)
     assert events == [[0.0, "o", "a"], [2.0, "r", "120x40"]]
@@ -104,11 +104,11 @@ def test_utf8_across_chunks(tmp_path):
     recorder, clock = make_recorder(tmp_path)
     session = make_session()
     euro = "€".encode()  # three bytes
-    recorder.output(session, b"a" + euro[:1])
-    recorder.output(session, euro[1:2])
-    recorder.output(session, euro[2:] + b"b\xff")
-    recorder.output(session, euro[:2])
-    recorder.end(session)
+    recorder.session_output(session, b"a" + euro[:1])
+    recorder.session_output(session, euro[1:2])
+    recorder.session_output(session, euro[2:] + b"b\xff")
+    recorder.session_output(session, euro[:2])
+    recorder.session_ended(session)
     _, _, events = read_cast(tmp_path)
     assert events == [[0.0, "o", "a"], [0.0, "o", "€b\ufffd"], [0.0, "o", "\ufffd"]]
 
@@ -121,10 +121,10 @@ def test_cut_at_max_bytes(tmp_path):
     recorder, clock = make_recorder(tmp_path, max_bytes=1000)
     session = make_session()
     for _ in range(30):
-        recorder.output(session, b"y" * 40)
+        recorder.session_output(session, b"y" * 40)
         clock.advance(0.1)
-    recorder.resize(session, 100, 30)
-    recorder.end(session)
+    recorder.session_resized(session, 100, 30)
+    recorder.session_ended(session)
     name, _, events = read_cast(tmp_path)
     assert events[-1][1:] == ["m", "recording cut: it reached --record-max-bytes (1000)"]
     assert all(e[1:] == ["o", "y" * 40] for e in events[:-1])
@@ -141,9 +141,9 @@ def test_sessions_apart_and_stop(tmp_path):
     """
     recorder, clock = make_recorder(tmp_path)
     one, two = make_session(sid="a" * 36), make_session(sid="b" * 36)
-    recorder.output(one, b"1")
-    recorder.output(two, b"2")
-    recorder.end(make_session(sid="c" * 36))
+    recorder.session_output(one, b"1")
+    recorder.session_output(two, b"2")
+    recorder.session_ended(make_session(sid="c" * 36))
     d = recorder.stopService()
     assert d.called
     names = sorted(os.listdir(tmp_path / "rec"))
@@ -168,11 +168,11 @@ def test_write_failure_stops_recording(tmp_path):
         globalLogPublisher.addObserver(events.append)
         try:
             session = make_session()
-            recorder.output(session, b"x")
+            recorder.session_output(session, b"x")
             clock.advance(FLUSH_DELAY)
-            recorder.output(session, b"y")
+            recorder.session_output(session, b"y")
             clock.advance(FLUSH_DELAY)
-            recorder.end(session)
+            recorder.session_ended(session)
         finally:
             globalLogPublisher.removeObserver(events.append)
         errors = [e for e in events if e.get("log_namespace") == "capsule.ops.recording"]
@@ -198,15 +198,15 @@ def test_options_and_wiring(tmp_path):
                           "--record-max-bytes", "2m"])
     assert options["record-max-bytes"] == 2 * 1024 * 1024
     service = makeService(options, MemoryReactorClock())
-    recorder = service.manager.recorder
-    assert isinstance(recorder, SessionRecorder)
+    [recorder] = [o for o in service.manager.observers if isinstance(o, SessionRecorder)]
     assert (recorder.directory, recorder.max_bytes) == (str(tmp_path), 2 * 1024 * 1024)
     children = list(service)
     assert children.index(recorder) < children.index(service.sessions)
     assert isinstance(service.sessions, SessionService)
     plain = Options()
     plain.parseOptions(["-l", "tcp:0:interface=127.0.0.1"])
-    assert makeService(plain, MemoryReactorClock()).manager.recorder is None
+    assert not [o for o in makeService(plain, MemoryReactorClock()).manager.observers
+                if isinstance(o, SessionRecorder)]
     assert plain["record-max-bytes"] == 50 * 1024 * 1024
 
 
@@ -216,25 +216,26 @@ def test_manager_tells_the_recorder():
     its recorder.
     """
     from capsule.core.spec import ContainerSpec
-    from capsule.sessions.session import SessionConfig, SessionManager
+    from capsule.sessions.manager import SessionManager
+    from capsule.sessions.observers import SessionObserver
+    from capsule.sessions.session import SessionConfig
     from tests.support.fakes import FakeDockerAPI, RecordingClient
 
     told = []
 
-    class Recorder:
-        def output(self, session, data):
+    class Recorder(SessionObserver):
+        def session_output(self, session, data):
             told.append(("o", session.id, data))
 
-        def resize(self, session, cols, rows):
+        def session_resized(self, session, cols, rows):
             told.append(("r", session.id, cols, rows))
 
-        def end(self, session):
+        def session_ended(self, session):
             told.append(("end", session.id))
 
     clock, docker = Clock(), FakeDockerAPI()
     manager = SessionManager(docker, clock, SessionConfig(
-        spec=ContainerSpec(image="capsule-runtime:latest")))
-    manager.recorder = Recorder()
+        spec=ContainerSpec(image="capsule-runtime:latest")), observers=[Recorder()])
     session = manager.create(RecordingClient(), 80, 24)
     docker.processes[0].emit(b"hi")
     manager.resize(session, 100, 30)
@@ -262,11 +263,11 @@ def test_output_after_stop_is_not_recorded(tmp_path):
     """
     recorder, clock = make_recorder(tmp_path)
     session = make_session()
-    recorder.output(session, b"before")
+    recorder.session_output(session, b"before")
     recorder.stopService()
-    recorder.output(session, b"after" * FLUSH_SIZE)
-    recorder.resize(session, 1, 1)
-    recorder.end(session)
+    recorder.session_output(session, b"after" * FLUSH_SIZE)
+    recorder.session_resized(session, 1, 1)
+    recorder.session_ended(session)
     clock.advance(FLUSH_DELAY)
     _, _, events = read_cast(tmp_path)
     assert events == [[0.0, "o", "before"]]

@@ -12,7 +12,8 @@ from capsule.core.spec import ContainerSpec
 from capsule.core.errors import SessionNotFound
 from capsule.core.keeper import keeper_argv
 from capsule.core.protocol import ProtocolError
-from capsule.sessions.session import LABEL_INSTANCE, LABEL_SESSION, SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import LABEL_INSTANCE, LABEL_SESSION, SessionConfig
 from tests.support.fakes import FakeDockerAPI, RecordingClient
 
 
@@ -244,7 +245,7 @@ def recovered_manager(docker, clock):
     spec = ContainerSpec(image="capsule-runtime:latest")
     manager = SessionManager(docker, clock, SessionConfig(spec=spec, instance="t", grace=60))
     from twisted.internet.defer import Deferred
-    Deferred.fromCoroutine(manager.recover())
+    Deferred.fromCoroutine(manager.recovery.recover())
     return manager
 
 
@@ -316,7 +317,7 @@ def test_leftovers_of_this_instance_only(manager, docker):
     docker.add_container("other", {"io.capsule.managed": "true", LABEL_INSTANCE: "other"})
     docker.add_container("stranger", {})
     results = []
-    Deferred.fromCoroutine(manager.remove_leftovers()).addCallback(results.append)
+    Deferred.fromCoroutine(manager.recovery.remove_leftovers()).addCallback(results.append)
     assert results == [1]
     assert "old" in docker.removed
     assert {"other", "stranger", live.container_id} <= set(docker.containers)
@@ -568,7 +569,7 @@ def test_a_users_sessions_share_one_cpu_weight(docker, clock):
     assert [shares(s) for s in ann] == [85, 85, 85]
     docker.processes[0].exit(0)
     assert [shares(s) for s in ann[1:]] == [128, 128] and shares(bob) == 256
-    assert manager.user_cpu_shares(None) == 256
+    assert manager.fair_share.shares_of(None) == 256
 
 
 # -- sessions made without a client --------------------------------------------------------

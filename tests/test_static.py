@@ -20,7 +20,8 @@ from twisted.web.http import datetimeToString
 
 from capsule.web import static
 from capsule.core.spec import ContainerSpec
-from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
 from capsule.web.static import StaticCache
 from tests.support.fakes import FakeDockerAPI
 from capsule.web.site import make_site

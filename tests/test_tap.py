@@ -9,7 +9,8 @@ from twisted.internet.task import Clock
 from capsule.sessions.cleanup import CleanupService
 from capsule.core.spec import ContainerSpec
 from capsule.core.errors import DockerUnavailable, SessionNotFound
-from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
 from capsule.tap import (CapsuleService, DockerService, ListenerService, Options, SessionService,
                          makeService)
 from tests.support.fakes import FakeDockerAPI, RecordingClient

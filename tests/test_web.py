@@ -19,7 +19,8 @@ from twisted.python.failure import Failure
 from capsule import __version__
 from capsule.core.spec import ContainerSpec
 from capsule.core.errors import DockerUnavailable
-from capsule.sessions.session import SessionConfig, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
 from tests.support.fakes import FakeDockerAPI
 from capsule.web.site import HEALTH_TIMEOUT, make_site
 

@@ -37,6 +37,7 @@ and C{handed} how far it went to clients.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,6 +50,47 @@ from capsule.core.replay import ReplayBuffer
 
 RESTARTED_NOTICE = ("the session's shell was restarted (its container restarted while"
                     " capsule was away): what it printed before is gone")
+
+
+class State(str, enum.Enum):
+    """
+    What a session is doing, as its clients, the API and the log name it:
+    one name for a state and its twin without a client.
+    """
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    DETACHED = "detached"
+    RECOVERED = "recovered"
+    RESUMING = "resuming"
+    INTERRUPTED = "interrupted"
+    REATTACHING = "reattaching"
+    ENDING = "ending"
+    ENDED = "ended"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def starting(self) -> bool:
+        "Its shell has not run yet."
+        return self in (State.NEW, State.STARTING)
+
+    @property
+    def over(self) -> bool:
+        "It ended, or is ending: nobody may use it any more."
+        return self in (State.ENDING, State.ENDED)
+
+    @property
+    def waiting(self) -> bool:
+        "Its shell runs (or ran, before capsule restarted) and no client is attached."
+        return self in (State.DETACHED, State.RECOVERED)
+
+    @property
+    def settled(self) -> bool:
+        "Its shell runs, or waits to be resumed: nothing is under way."
+        return self in (State.RUNNING, State.DETACHED, State.RECOVERED)
 
 
 class ISessionEffects(Interface):
@@ -210,8 +252,8 @@ class SessionEvents(Protocol):
     The inputs of a session's lifecycle.
     """
 
-    def status(self) -> str:
-        "The state's name, for /health, logs and the cleanup loop."
+    def status(self) -> State:
+        "What the session is doing (its state's name)."
 
     def start(self) -> None:
         "A new session: make its container and shell."
@@ -293,13 +335,13 @@ Ended = builder.state("Ended")
 _LIVE = [Starting, StartingOrphaned, Preparing, PreparingAlone, Attached, Detached, Recovered,
          Resuming, ResumingAlone,
          Interrupted, InterruptedAlone, Reattaching, ReattachingAlone]
-_NAMES = {New: "new", Starting: "starting", StartingOrphaned: "starting", Preparing: "starting",
-          PreparingAlone: "starting", Attached: "running",
-          Detached: "detached", Recovered: "recovered", Resuming: "resuming",
-          ResumingAlone: "resuming",
-          Interrupted: "interrupted", InterruptedAlone: "interrupted",
-          Reattaching: "reattaching", ReattachingAlone: "reattaching", Ending: "ending",
-          Ended: "ended"}
+_NAMES = {New: State.NEW, Starting: State.STARTING, StartingOrphaned: State.STARTING,
+          Preparing: State.STARTING, PreparingAlone: State.STARTING, Attached: State.RUNNING,
+          Detached: State.DETACHED, Recovered: State.RECOVERED, Resuming: State.RESUMING,
+          ResumingAlone: State.RESUMING,
+          Interrupted: State.INTERRUPTED, InterruptedAlone: State.INTERRUPTED,
+          Reattaching: State.REATTACHING, ReattachingAlone: State.REATTACHING,
+          Ending: State.ENDING, Ended: State.ENDED}
 for _state, _name in _NAMES.items():
     _state.upon(SessionEvents.status).loop().returns(_name)
 

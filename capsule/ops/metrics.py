@@ -27,6 +27,8 @@ from prometheus_client.exposition import generate_latest
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
+from capsule.sessions.observers import SessionObserver
+
 # The classic text format (version 0.0.4), which every Prometheus reads.
 CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
 
@@ -95,7 +97,7 @@ class _Live:
         return [live, size, ready]
 
 
-class Metrics:
+class Metrics(SessionObserver):
     """
     capsule's metrics, in a registry of their own (C{registry}).  The
     methods are what the rest of capsule calls when something happens.
@@ -162,11 +164,11 @@ class Metrics:
 
     def watch(self, manager, docker=None) -> None:
         """
-        Count what C{manager}, its pool and C{docker} do.
+        Gauge C{manager}'s live sessions and warm pools (what happens to its
+        sessions it is told as their observer, given to the manager as its
+        C{metrics}) and count C{docker}'s calls.
         """
         self._live.manager = manager
-        manager.metrics = self
-        manager.pool.metrics = self
         if docker is not None:
             try:
                 docker.metrics = self
@@ -181,15 +183,17 @@ class Metrics:
 
     # -- what happens --------------------------------------------------
 
-    def session_started(self, warm: bool, seconds: float) -> None:
+    # (ISessionObserver)
+
+    def session_started(self, session, warm: bool, seconds: float) -> None:
         how = "warm" if warm else "cold"
         self.started.labels(how).inc()
         self.start_seconds.labels(how).observe(max(0.0, seconds))
 
-    def session_ended(self, exit_code: int | None, message: str | None) -> None:
-        self.ended.labels(end_reason(exit_code, message)).inc()
+    def session_ended(self, session) -> None:
+        self.ended.labels(end_reason(session.core.exit_code, session.core.message)).inc()
 
-    def reconnected(self) -> None:
+    def session_reconnected(self, session) -> None:
         self.reconnects.inc()
 
     def sent(self, count: int) -> None:

@@ -34,6 +34,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from capsule.sessions.observers import SessionObserver
+
 _log = Logger()
 
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
@@ -103,7 +105,7 @@ class _Recording:
     timer: object = None
 
 
-class SessionRecorder(Service):
+class SessionRecorder(Service, SessionObserver):
     """
     Records sessions' output (see the module's description).  The session
     manager tells it of output, resizes and ends; the clock gives the times
@@ -152,9 +154,9 @@ class SessionRecorder(Service):
 
         return d.addBoth(stop)
 
-    # -- what the session manager tells ----------------------------------
+    # -- what the session manager tells (ISessionObserver) ----------------
 
-    def output(self, session, data: bytes) -> None:
+    def session_output(self, session, data: bytes) -> None:
         if not self.running:
             # Stopped (capsule is stopping): what follows is not recorded.
             return
@@ -167,14 +169,14 @@ class SessionRecorder(Service):
         if text:
             self._add(recording, event(self._elapsed(recording), "o", text))
 
-    def resize(self, session, cols: int, rows: int) -> None:
+    def session_resized(self, session, cols: int, rows: int) -> None:
         recording = self._recordings.get(session.id)
         if recording is None or recording.cut or recording.failed:
             # Not begun: the header will have the size.
             return
         self._add(recording, event(self._elapsed(recording), "r", f"{cols}x{rows}"))
 
-    def end(self, session) -> None:
+    def session_ended(self, session) -> None:
         recording = self._recordings.pop(session.id, None)
         if recording is None:
             return

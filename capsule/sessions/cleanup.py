@@ -11,7 +11,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from capsule.core.profiles import DEFAULT_PROFILE
-from capsule.sessions.session import Session, SessionManager
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import Session
 
 _log = Logger()
 
@@ -25,7 +26,7 @@ def expired_sessions(sessions: Iterable[Session], now: float, grace: float) -> l
     """
     return [
         s for s in sessions
-        if s.status() in ("detached", "recovered") and s.core.left_at is not None
+        if s.state.waiting and s.core.left_at is not None
         and now - s.core.left_at >= grace
     ]
 
@@ -41,7 +42,7 @@ def overdue_sessions(sessions: Iterable[Session], now: float, max_lifetime: floa
     """
     due = []
     for s in sessions:
-        if s.status() not in ("running", "detached", "recovered"):
+        if not s.state.settled:
             continue
         lifetime, idle = max_lifetime, idle_timeout
         lifetime_name, idle_name = "--max-lifetime", "--idle-timeout"
@@ -135,7 +136,7 @@ class CleanupService(TimerService):
         elif now >= self._next_orphan_sweep:
             self._next_orphan_sweep = now + self._orphan_interval
             orphans = Deferred.fromCoroutine(
-                self._manager.remove_leftovers("whose session had ended"))
+                self._manager.recovery.remove_leftovers("whose session had ended"))
             # Docker being away is already reported elsewhere: stay quiet.
             orphans.addErrback(lambda f: _log.debug("orphan sweep failed: {e}",
                                                     e=f.getErrorMessage()))

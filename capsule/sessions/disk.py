@@ -19,14 +19,15 @@ from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from capsule.sessions.session import Session, SessionManager
+from capsule.sessions.manager import SessionManager
+
+from capsule.sessions.session import Session
 
 _log = Logger()
 
 # A session is warned once when its writable layer reaches this part of
 # the limit.
 WARN_FRACTION = 0.8
-_OVER = ("ending", "ended")
 
 
 def disk_verdicts(sessions: Iterable[Session], sizes: dict[str, int], limit: int,
@@ -40,7 +41,7 @@ def disk_verdicts(sessions: Iterable[Session], sizes: dict[str, int], limit: int
     warn, end = [], []
     for session in sessions:
         size = sizes.get(session.container_id) if session.container_id else None
-        if size is None or session.status() in _OVER:
+        if size is None or session.over:
             continue
         if size > limit:
             end.append((session, size))

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from capsule.sessions.observers import SessionObserver
+
 _log = Logger()
 
 
@@ -31,7 +33,7 @@ def default_state_dir() -> str:
     return os.path.join(base, "capsule")
 
 
-class OwnerFile:
+class OwnerFile(SessionObserver):
     """
     The owners of one capsule instance's sessions, in
     C{DIRECTORY/owners-INSTANCE.json}.
@@ -59,8 +61,21 @@ class OwnerFile:
         """
         Keep the owners of C{sessions} (live sessions by id), and only them.
         """
-        owners = {session_id: session.core.user for session_id, session in sessions.items()
-                  if session.core.user is not None}
+        self._write({session_id: session.core.user for session_id, session in sessions.items()
+                     if session.core.user is not None})
+
+    # -- ISessionObserver ------------------------------------------------
+
+    def session_opened(self, session) -> None:
+        user = session.core.user
+        if user is not None and self._owners.get(session.id) != user:
+            self._write({**self._owners, session.id: user})
+
+    def session_ended(self, session) -> None:
+        if session.id in self._owners:
+            self._write({k: v for k, v in self._owners.items() if k != session.id})
+
+    def _write(self, owners: dict[str, str]) -> None:
         if owners == self._owners and self.path.exists():
             return
         try:

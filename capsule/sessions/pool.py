@@ -29,7 +29,8 @@ from typing import Callable
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from capsule.ops.metrics import UNCOUNTED
+from capsule.core.lifecycle import State
+
 
 _log = Logger()
 
@@ -42,14 +43,13 @@ class WarmPool:
     @param name: what the pool is for (its profile), for the log.
     """
 
-    # What it counts into (capsule.ops.metrics): a server's metrics watch it.
-    metrics = UNCOUNTED
-
     def __init__(self, clock, size: int, make: Callable[[], object], max_age: float = 3600.0,
                  retry_delay: float = 5.0, refill_delay: float = 0.5,
                  name: str = "shell", typed_at: Callable[[], float] | None = None,
-                 quiet: float = 1.0, max_wait: float = 30.0) -> None:
+                 quiet: float = 1.0, max_wait: float = 30.0, observer=None) -> None:
         self._clock = clock
+        # Told whether each take found a warm session (ISessionObserver.pool_taken).
+        self._observer = observer
         # When someone last typed into a live session: a refill (a container
         # made and started, its shell started) costs the engine CPU that
         # keystrokes' round trips go through, so it waits for C{quiet}
@@ -117,8 +117,8 @@ class WarmPool:
         """
         Why C{session} must not be handed out, or C{None} if it may be.
         """
-        if session.status() != "detached" or session.client is not None:
-            return f"its shell is not running ({session.status()})"
+        if session.state is not State.DETACHED or session.attached:
+            return f"its shell is not running ({session.state})"
         if session.core.stream is None or session.shell is None:
             return "its relay is closed"
         if self._clock.seconds() - session.core.created_at > self.max_age:
@@ -139,7 +139,8 @@ class WarmPool:
                 found = session
             else:
                 self._end(session, why)
-        self.metrics.pool_taken(self, found)
+        if self._observer is not None:
+            self._observer.pool_taken(self, found)
         self._schedule(self.refill_delay)
         return found
 
@@ -277,15 +278,6 @@ class WarmPools:
 
     def __getitem__(self, profile: str) -> WarmPool:
         return self.pools[profile]
-
-    @property
-    def metrics(self):
-        return next(iter(self.pools.values())).metrics if self.pools else UNCOUNTED
-
-    @metrics.setter
-    def metrics(self, metrics) -> None:
-        for pool in self.pools.values():
-            pool.metrics = metrics
 
     @property
     def size(self) -> int:

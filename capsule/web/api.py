@@ -23,6 +23,7 @@ import json
 import re
 import time
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
@@ -38,8 +39,9 @@ from capsule.auth.gate import _headers as request_headers
 from capsule.engine.command import utf8_text
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable
 from capsule.web.export import ThreadFedProducer, json_body, json_error
-from capsule.core.profiles import (DEFAULT_PROFILE, BadRepository, UnknownProfile, check_repository,
-                       parse_profile_name)
+from capsule.core.profiles import DEFAULT_PROFILE, UnknownProfile
+from capsule.sessions.service import OpenRequest, SessionService
+from capsule.sessions.session import SessionEnded
 from capsule.core.protocol import ProtocolError, parse_session_id
 from capsule.core.tarcheck import ArchiveRefused, Interrupted, check, rewrite
 
@@ -75,7 +77,6 @@ EXEC_SLACK = 10.0
 UPLOAD_TIMEOUT = 1800.0
 # How long a create waits for the session's shell to run.
 CREATE_TIMEOUT = 120.0
-CREATE_POLL = 0.05
 RETRY_AFTER = 5
 
 MAX_ARGV = 1024
@@ -236,14 +237,17 @@ def _answer(request, d: Deferred, what: str):
 
 class SessionApi:
     """
-    What the API's resources share: the manager, the server's WebSocket
-    factory (its admission control, drain and owner file), the limits.
+    What the API's resources share: the manager, the session service that
+    opens sessions (its admission control and drain), the limits.
     """
 
-    def __init__(self, manager, docker, reactor, factory, public_url: str | None = None,
+    def __init__(self, manager, docker, reactor, sessions: SessionService,
+                 authenticator=None, public_url: str | None = None,
                  upload_max_bytes: int = UPLOAD_MAX_BYTES) -> None:
         self.manager, self.docker, self.reactor = manager, docker, reactor
-        self.factory = factory
+        self.sessions = sessions
+        # Who requests act for (capsule.auth), or None: anyone.
+        self.authenticator = authenticator
         self.public_url = public_url.rstrip("/") if public_url else None
         self.upload_max_bytes = upload_max_bytes
         self.execs: dict[str, int] = {}
@@ -276,7 +280,7 @@ class SessionApi:
         @raise ApiError: 404 if it is not one.
         """
         session = self.manager.find(session_id, _user(request))
-        if session is None or session.status() in ("ending", "ended"):
+        if session is None or session.over:
             raise ApiError(404, f"no live session {session_id}", "session_not_found")
         return session
 
@@ -285,7 +289,7 @@ class SessionApi:
         The caller's session C{session_id}, with a container to work in.
         """
         session = self.find(request, session_id)
-        if session.container_id is None or session.status() == "starting":
+        if not session.ready:
             raise ApiError(409, f"session {session_id} is still starting", "starting")
         return session
 
@@ -294,7 +298,7 @@ class SessionApi:
         @raise ApiError: 404 if C{session} ended while C{what} ran in it
             (its container went with it, so what it answers says nothing).
         """
-        if session.status() in ("ending", "ended") or session.id not in self.manager.sessions:
+        if session.over or session.id not in self.manager.sessions:
             raise ApiError(404, f"session {session.id} ended while {what} ran:"
                                 f" {session.core.message or 'it is gone'}", "session_not_found")
 
@@ -390,7 +394,7 @@ class SessionApi:
         C{Authorization} header, the proxy's user header, or the cookie of
         a login of the session's owner), which are checked once it is in.
         """
-        authenticator = getattr(self.factory, "authenticator", None)
+        authenticator = self.authenticator
         if authenticator is None:
             return True
         headers = request_headers(request)
@@ -435,50 +439,22 @@ class SessionsResource(_JsonResource):
         rows = _integer(body, "rows", 24, _SIZE_MIN, _SIZE_MAX)
         profile = _text(body, "profile", 64)
         repository = _text(body, "repository", 2048)
-        # What the request names is checked before admission counts it.
+        user = _user(request)
+        service = api.sessions
+        admission = service.admission
+        open_request = OpenRequest(
+            user=user, address=admission.client_address(request) if admission else None,
+            profile=profile, size=(cols, rows), repository=repository, door="api")
         try:
-            settings = parse_profile_name(DEFAULT_PROFILE if profile is None else profile,
-                                          api.manager.profiles)
-            if repository is not None:
-                check_repository(repository)
+            session = service.open(None, open_request)
+        except AdmissionRefused as e:
+            raise ApiError(429 if e.code == QUOTA_EXCEEDED else 503, e.message,
+                           e.code) from None
         except UnknownProfile as e:
             raise ApiError(400, e.message, e.code,
                            profiles=sorted(api.manager.profiles)) from None
-        except (TypeError, ValueError) as e:
-            raise ApiError(400, f"repository: {e}", BadRepository.code) from None
-        factory = api.factory
-        metrics = api.manager.metrics
-        if factory.drain is not None and factory.drain.active:
-            metrics.refused("draining")
-            raise ApiError(503, "capsule is draining: it takes no new sessions", "draining")
-        admission = factory.admission
-        address = admission.client_address(request) if admission is not None else None
-        user = _user(request)
-        if admission is not None:
-            try:
-                admission.admit(address, user, settings)
-            except AdmissionRefused as e:
-                metrics.refused(e.code)
-                raise ApiError(429 if e.code == QUOTA_EXCEEDED else 503, e.message,
-                               e.code) from None
-        extra = {}
-        if profile is not None:
-            extra["profile"] = profile
-        if repository is not None:
-            extra["repository"] = repository
-        try:
-            session = api.manager.create(None, cols, rows, user=user, **extra)
         except CapsuleError as e:
-            raise ApiError(400, e.message, e.code,
-                           **({"profiles": sorted(api.manager.profiles)}
-                              if e.code == "unknown_profile"
-                              and hasattr(api.manager, "profiles") else {})) from None
-        _log.info("session {short}{who} created through the API", short=session.id[:8],
-                  who=f" of {user}" if user else "", user=user)
-        if admission is not None:
-            admission.created(session.id, address)
-        if user is not None and factory.owners is not None:
-            factory.owners.save(api.manager.sessions)
+            raise ApiError(400, e.message, e.code) from None
         return _answer(request, self._started(session), "creating a session")
 
     def _started(self, session) -> Deferred:
@@ -486,28 +462,20 @@ class SessionsResource(_JsonResource):
         Fire with the answer once the session runs, or with why not.
         """
         api = self.api
-        done: Deferred = Deferred()
-        deadline = api.reactor.seconds() + CREATE_TIMEOUT
+        d = session.started()
+        d.addTimeout(CREATE_TIMEOUT, api.reactor)
 
-        def check():
-            status = session.status()
-            if status in ("new", "starting"):
-                if api.reactor.seconds() < deadline:
-                    return
-                done.callback(ApiError(504, f"session {session.id} did not start within"
-                                            f" {CREATE_TIMEOUT:g} s; it goes on starting",
-                                       "start_timeout", id=session.id))
-            elif status in ("ending", "ended") or session.id not in api.manager.sessions:
-                message = session.core.message or "the session could not be started"
-                done.callback(ApiError(503, message, "start_failed"))
-            else:
-                done.callback((201, api.describe(session)))
-            poll.stop()
+        def started(session):
+            return 201, api.describe(session)
 
-        poll = LoopingCall(check)
-        poll.clock = api.reactor
-        poll.start(CREATE_POLL, now=True).addErrback(done.errback)
-        return done
+        def failed(failure):
+            if failure.check(defer.TimeoutError):
+                return ApiError(504, f"session {session.id} did not start within"
+                                     f" {CREATE_TIMEOUT:g} s; it goes on starting",
+                                "start_timeout", id=session.id)
+            failure.trap(SessionEnded)
+            return ApiError(503, failure.value.message, "start_failed")
+        return d.addCallbacks(started, failed)
 
 
 class SessionResource(_JsonResource):

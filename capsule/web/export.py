@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable
 from capsule.core.protocol import ProtocolError, parse_session_id
-from capsule.sessions.session import SessionManager
+from capsule.sessions.manager import SessionManager
 
 _log = Logger()
 
@@ -245,7 +245,7 @@ class ExportResource(Resource):
             return ErrorResource(404, e.message, e.code)
         # Another user's session is, to this one, a session that does not exist.
         session = self._manager.find(session_id, getattr(request, "capsule_user", None))
-        if session is None or session.status() in ("ending", "ended"):
+        if session is None or session.over:
             return ErrorResource(404, f"no live session {session_id}", "session_not_found")
         if session.container_id is None:
             return ErrorResource(409, f"session {session_id} is still starting", "starting")

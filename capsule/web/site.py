@@ -20,7 +20,9 @@ from twisted.web.http import combinedLogFormatter
 from twisted.web.server import Request, Site
 
 from capsule import __version__
-from capsule.web.admin import AdminAccess, AdminMount, AdminResource, Drain
+from capsule.sessions.drain import Drain
+from capsule.sessions.service import SessionService
+from capsule.web.admin import AdminAccess, AdminMount, AdminResource
 from capsule.web.api import UPLOAD_MAX_BYTES, ApiResource, ProfilesResource, SessionApi, SessionsResource
 from capsule.auth.gate import AuthGate, Authenticator, LoginResource, LogoutResource, short_ids
 from capsule.core.errors import CapsuleError
@@ -28,7 +30,7 @@ from capsule.web.export import ExportLimits, ExportResource, answer_json, peer_a
 from capsule.web.headers import GuardResource, HostPolicy
 from capsule.ops.metrics import Metrics, MetricsResource
 from capsule.web.openapi import OpenApiResource
-from capsule.sessions.session import SessionManager
+from capsule.sessions.manager import SessionManager
 from capsule.web.static import StaticFiles
 from capsule.web.websocket import CapsuleServerFactory
 
@@ -285,8 +287,11 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               authenticator: Authenticator | None = None, host_policy: HostPolicy | None = None,
               metrics: Metrics | None = None, metrics_token: str | None = None,
               admin_token: str | None = None, admin_users=(), public_url: str | None = None,
-              upload_max_bytes: int = UPLOAD_MAX_BYTES, **websocket_options) -> Site:
+              upload_max_bytes: int = UPLOAD_MAX_BYTES, admission=None,
+              **websocket_options) -> Site:
     """
+    @param admission: who may open a session now
+        (L{capsule.core.admission.AdmissionControl}); C{None}: anyone.
     @param export_limits: how many exports run, and what one may cost.
     @param authenticator: who may use what (L{capsule.auth.gate}); C{None}: anyone
         who reaches the port (loopback only, or C{--insecure-no-auth}).
@@ -309,20 +314,24 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     if host_policy is None:
         host_policy = HostPolicy(allowed_origins=websocket_options.get("allowed_origins", ()),
                                  check_hosts=False)
-    factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
-                                   **websocket_options)
-    root.putChild(b"ws", WebSocketResource(factory))
     drain = Drain(manager, reactor)
-    factory.drain = drain
+    sessions = SessionService(manager, admission, drain)
+    factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
+                                   sessions=sessions, **websocket_options)
+    root.putChild(b"ws", WebSocketResource(factory))
     root.putChild(b"health", HealthResource(manager, docker, reactor, drain))
-    metrics = metrics if metrics is not None else Metrics()
+    if metrics is None:
+        # The manager's, which it tells what happens to sessions; a manager
+        # that counts nothing gets metrics of the site's alone.
+        metrics = manager.metrics if isinstance(manager.metrics, Metrics) else Metrics()
     metrics.watch(manager, docker)
     root.putChild(b"metrics", MetricsResource(metrics, metrics_token))
     api = ApiResource()
     exports = ExportResource(manager, docker, reactor, limits=export_limits,
                              client_address=client_address)
     api.putChild(b"export", exports)
-    session_api = SessionApi(manager, docker, reactor, factory, public_url=public_url,
+    session_api = SessionApi(manager, docker, reactor, sessions, authenticator=authenticator,
+                             public_url=public_url,
                              upload_max_bytes=upload_max_bytes)
     api.putChild(b"sessions", SessionsResource(session_api))
     api.putChild(b"profiles", ProfilesResource(session_api))

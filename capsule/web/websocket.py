@@ -5,6 +5,7 @@ events out, frames.
 
 from __future__ import annotations
 
+import enum
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -16,7 +17,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from capsule.core import protocol as wire
-from capsule.web.admin import DRAIN_REFUSAL, DRAINING
+from capsule.sessions.drain import DRAINING
 from capsule.core.admission import QUOTA_EXCEEDED, AdmissionRefused
 from capsule.auth.gate import AuthRefused, short_ids
 from capsule.core.coalesce import Coalescer
@@ -24,8 +25,10 @@ from capsule.core.errors import CapsuleError, SessionNotFound
 from capsule.web.headers import HostPolicy, is_secure
 from capsule.core.interfaces import ISessionClient
 from capsule.core.lifecycle import InputOverrun
-from capsule.core.profiles import DEFAULT_PROFILE, UnknownProfile, parse_profile_name
-from capsule.sessions.session import WARM_SIZE, SessionManager
+from capsule.core.profiles import UnknownProfile, parse_profile_name
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.service import OpenRequest, SessionService
+from capsule.sessions.session import WARM_SIZE
 
 # Autobahn's protocols own a .log of their own: capsule logs through this one.
 _log = Logger()
@@ -175,19 +178,29 @@ class BinaryWire:
         return wire.encode_dropped(count, offset), False
 
 
+class _Phase(enum.Enum):
+    """
+    Where a connection is: C{NEW} until the handshake, then C{AWAITING_SIZE}
+    (a new session needs the terminal's size first), C{SESSION} (attached
+    to, or starting, a session), and C{DONE}.
+    """
+
+    NEW = "new"
+    AWAITING_SIZE = "awaiting_size"
+    SESSION = "session"
+    DONE = "done"
+
+
 @implementer(ISessionClient)
 class CapsuleServerProtocol(WebSocketServerProtocol):
     """
-    One browser connection.  Its C{_phase} is C{"new"} until the
-    handshake, then C{"awaiting_resize"} (a new session needs the terminal
-    size first), C{"session"} (attached to, or starting, a session), and
-    C{"done"}.  What goes on the wire is its C{_wire}'s business: the JSON
+    One browser connection, in one L{_Phase} at a time.  What goes on the wire is its C{_wire}'s business: the JSON
     or the binary protocol, chosen at the handshake.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._phase = "new"
+        self._phase = _Phase.NEW
         self._requested_session: str | None = None
         self._requested_offset: str | None = None
         # The profile a new session is asked of (None: the default).
@@ -231,8 +244,9 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             _log.warn("refused a WebSocket: {why} (peer {peer})", why=refused,
                       peer=request.peer)
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, refused)
-        if self.factory.admission is not None:
-            self._client_address = self.factory.admission.client_address(request)
+        admission = self.factory.sessions.admission
+        if admission is not None:
+            self._client_address = admission.client_address(request)
         values = request.params.get("session_id")
         self._requested_session = values[0] if values else None
         values = request.params.get("offset")
@@ -296,24 +310,24 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                 except UnknownProfile as e:
                     self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
                     return
-            self._phase = "awaiting_resize"
+            self._phase = _Phase.AWAITING_SIZE
             if size is not None:
                 # The size is known: the session is made at it, and what it
                 # says goes out at once (a warm one's prompt with the 101).
                 self._open_session(size)
-                if self._phase == "awaiting_resize" and self._session is not None:
+                if self._phase is _Phase.AWAITING_SIZE and self._session is not None:
                     self._first_size(*size, resize=False)
             elif self.factory.start_at_open:
                 self._open_session()
             return
-        self._phase = "session"
+        self._phase = _Phase.SESSION
         try:
             session_id = wire.parse_session_id(self._requested_session)
             offset = None
             if self._wire.acks and self._requested_offset is not None:
                 offset = wire.parse_offset(self._requested_offset)
             self._session = self._manager.reconnect(session_id, self, offset, user=self._user)
-            if size is not None and self._session is not None and self._phase == "session":
+            if size is not None and self._session is not None and self._phase is _Phase.SESSION:
                 self._manager.resize(self._session, *size)
         except wire.ProtocolError as e:
             self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
@@ -344,7 +358,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self.factory.connection_closed(self)
         self._manager.metrics.closed(self.localCloseCode if self.closedByMe else code)
         session, self._session = self._session, None
-        self._phase = "done"
+        self._phase = _Phase.DONE
         before_first_frame, self._unseen = self._unseen, False
         self._cancel_first_frame()
         self._held, self._held_bytes = [], 0
@@ -368,39 +382,25 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         (the terminal's size) arrives.  Admission decides first: nothing is
         made for a client refused.
         """
-        if self.factory.drain is not None and self.factory.drain.active:
-            self._manager.metrics.refused(DRAINING)
-            self._refuse(DRAIN_REFUSAL, DRAINING, CLOSE_UNAVAILABLE)
-            return
-        admission = self.factory.admission
-        if admission is not None:
-            try:
-                admission.admit(self._client_address, self._user, self._manager.profiles.get(
-                    self._requested_profile or DEFAULT_PROFILE))
-            except AdmissionRefused as e:
-                self._manager.metrics.refused(e.code)
-                self._refuse(e.message, e.code, CLOSE_QUOTA_EXCEEDED
-                             if e.code == QUOTA_EXCEEDED else CLOSE_UNAVAILABLE)
-                return
         self._first_frame = self.factory.clock.callLater(
             self.factory.first_frame_timeout, self._no_first_frame)
         try:
-            session = self._manager.create(self, *size, user=self._user,
-                                           profile=self._requested_profile)
+            session = self.factory.sessions.open(self, OpenRequest(
+                user=self._user, address=self._client_address,
+                profile=self._requested_profile, size=size))
+        except AdmissionRefused as e:
+            self._cancel_first_frame()
+            self._refuse(e.message, e.code, CLOSE_QUOTA_EXCEEDED
+                         if e.code == QUOTA_EXCEEDED else CLOSE_UNAVAILABLE)
+            return
         except CapsuleError as e:
             self._cancel_first_frame()
             self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
             return
-        if self._phase == "done":
+        if self._phase is _Phase.DONE:
             # Refused or ended at once (it could not be made): told already.
             return
         self._session, self._unseen = session, True
-        if self._user is not None:
-            _log.info("{user} opened session {short}", user=self._user, short=session.id[:8])
-            if self.factory.owners is not None:
-                self.factory.owners.save(self._manager.sessions)
-        if admission is not None:
-            admission.created(session.id, self._client_address)
 
     def _abandon(self, session) -> None:
         """
@@ -416,12 +416,12 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         it, and the client what the session said meanwhile.
         """
         self._cancel_first_frame()
-        self._phase, self._unseen = "session", False
+        self._phase, self._unseen = _Phase.SESSION, False
         if resize:
             self._manager.resize(self._session, cols, rows)
         held, self._held, self._held_bytes = self._held, [], 0
         for method, args in held:
-            if self._phase != "session":
+            if self._phase is not _Phase.SESSION:
                 break
             method(*args)
 
@@ -430,7 +430,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         Whether the session's news must wait for the client's first frame
         (and is held), bounded: a client that lets too much wait is closed.
         """
-        if self._phase != "awaiting_resize":
+        if self._phase is not _Phase.AWAITING_SIZE:
             return False
         if method == self.session_output:
             self._held_bytes += len(args[0])
@@ -443,7 +443,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
 
     def _no_first_frame(self) -> None:
         self._first_frame = None
-        if self._phase == "awaiting_resize":
+        if self._phase is _Phase.AWAITING_SIZE:
             self._silent(f"no terminal size within {self.factory.first_frame_timeout:g} s:"
                          ' send {"type": "resize", "cols": C, "rows": R} first')
 
@@ -469,17 +469,17 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         if isinstance(message, wire.Ping):
             self._send(wire.encode_pong())
         elif isinstance(message, wire.Resize):
-            if self._phase == "awaiting_resize":
+            if self._phase is _Phase.AWAITING_SIZE:
                 # Made now at this size, unless it was made as the connection opened.
                 made_now = self._session is None
                 if made_now:
                     self._open_session((message.cols, message.rows))
-                if self._phase == "awaiting_resize" and self._session is not None:
+                if self._phase is _Phase.AWAITING_SIZE and self._session is not None:
                     self._first_size(message.cols, message.rows, resize=not made_now)
             elif self._session is not None:
                 self._manager.resize(self._session, message.cols, message.rows)
         elif isinstance(message, wire.Input):
-            if self._session is None or self._phase == "awaiting_resize":
+            if self._session is None or self._phase is _Phase.AWAITING_SIZE:
                 raise wire.ProtocolError(
                     'send {"type": "resize", "cols": C, "rows": R} first: the session'
                     " starts once the terminal size is known", "not_started")
@@ -529,7 +529,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._close(close_code, message)
 
     def _close(self, code: int, reason: str) -> None:
-        self._phase = "done"
+        self._phase = _Phase.DONE
         if self.state == WebSocketProtocol.STATE_OPEN:
             self.sendClose(code, _reason(reason))
 
@@ -549,8 +549,9 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             self._manager.metrics.resumed(replay)
         self._send(*self._wire.connected(session.id, resumed, offset, replay,
                                          self.factory.flow_window))
-        if self.factory.drain is not None and self.factory.drain.active:
-            self._send(wire.encode_notice(DRAINING, self.factory.drain.notice()))
+        drain = self.factory.sessions.drain
+        if drain is not None and drain.active:
+            self._send(wire.encode_notice(DRAINING, drain.notice()))
         self.pause_output_producer(session.output_producer())
 
     def session_output(self, data: bytes) -> None:
@@ -623,17 +624,13 @@ class CapsuleServerFactory(WebSocketServerFactory):
         the page's own; C{"*"} allows any.
     @param host_policy: the names and origins capsule answers to
         (L{capsule.web.headers}); the site gives its own.
+    @param sessions: opens new sessions (L{capsule.sessions.service}); by
+        default one with neither admission nor drain.
     """
 
     protocol = CapsuleServerProtocol
-    # An AdmissionControl deciding on new sessions, or None for no limits.
-    admission = None
-    # A capsule.web.admin.Drain: while it drains, no new sessions.
-    drain = None
     # Who connections act for (capsule.auth.gate.Authenticator), or None: anyone.
     authenticator = None
-    # Where sessions' owners are kept across restarts (capsule.sessions.owners), or None.
-    owners = None
     # Whether a new session is made as the connection opens (its container
     # made while the client sends its first frame) rather than at that
     # first frame (capsule's default; --start-at-first-frame turns it off).
@@ -647,10 +644,14 @@ class CapsuleServerFactory(WebSocketServerFactory):
                  allowed_origins: tuple[str, ...] = (), ping_interval: float = 20.0,
                  ping_timeout: float = 20.0, flow_window: int = 1024 * 1024,
                  coalesce_delay: float = 0.002, coalesce_bytes: int = 256 * 1024,
-                 host_policy: HostPolicy | None = None) -> None:
+                 host_policy: HostPolicy | None = None,
+                 sessions: SessionService | None = None) -> None:
         super().__init__()
         self.host_policy = host_policy
         self.manager = manager
+        # How new sessions are opened (drain, admission): the server's one
+        # session service.
+        self.sessions = sessions if sessions is not None else SessionService(manager)
         self.clock = clock
         self.max_message_size = max_message_size
         self.flow_window = flow_window

@@ -12,7 +12,7 @@ import time
 
 import websocket  # websocket-client
 
-from capsule.web.admin import DEADLINE_ENDED, DRAIN_REFUSAL, ENDED_BY_ADMIN
+from capsule.sessions.drain import DEADLINE_ENDED, DRAIN_REFUSAL, ENDED_BY_ADMIN
 from tests.support.clients import BlockingTerminal
 
 from .harness import instance_containers, wait_for

@@ -1,0 +1,152 @@
+"""
+What a server finds when it starts: the sessions of its earlier run whose
+containers still run (with the keeper, so do their shells), kept for their
+clients; everything else of this server's is a leftover and goes.  And the
+engine's settings and images that would make sessions fail later, said once
+at start.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from twisted.logger import Logger
+
+from capsule.core.errors import CapsuleError
+from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE
+
+_log = Logger()
+
+LABEL_SESSION = "io.capsule.session"
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+class Recovery:
+    """
+    Finds a server's sessions again after a restart, and its leftovers.
+
+    @param manager: the sessions' registry (L{capsule.sessions.manager}).
+    @param owners: the users of the earlier run's sessions by id (C{get}),
+        e.g. L{capsule.sessions.owners.OwnerFile}; C{None}: no users.
+    @ivar pending: whether the earlier run's sessions are still to be found
+        (the engine did not answer yet): a reconnect cannot be told "no such
+        session" meanwhile.
+    """
+
+    def __init__(self, manager, docker, owners=None) -> None:
+        self._manager = manager
+        self._docker = docker
+        self._owners = owners
+        self.pending = False
+
+    async def recover(self) -> int:
+        """
+        Find the sessions of an earlier run whose containers still run and
+        keep them for the grace period, waiting for their clients; remove
+        every other container of this server.  Return how many were found.
+        """
+        manager = self._manager
+        found = await self._docker.list_containers(manager.labels)
+        recovered = []
+        for container in found:
+            session_id = container["labels"].get(LABEL_SESSION)
+            if (manager.config.keeper and container["state"] == "running" and session_id
+                    and session_id not in manager.sessions and _is_uuid(session_id)):
+                user = self._owners.get(session_id) if self._owners is not None else None
+                session = manager.recovered_session(session_id, container["id"], user)
+                self._profile(session, container["labels"].get(LABEL_PROFILE))
+                session.events.recover()
+                recovered.append(session_id)
+        if self._owners is not None:
+            # Only the owners of sessions found again are kept.
+            self._owners.save(manager.sessions)
+        if recovered:
+            _log.info("found {count} session(s) of an earlier run; each waits {grace:g} s"
+                      " for its client: {ids}", count=len(recovered),
+                      grace=manager.config.grace, ids=", ".join(i[:8] for i in recovered))
+        # Everything else of this server's is a leftover.
+        await self.remove_leftovers()
+        return len(recovered)
+
+    def _profile(self, session, name: str | None) -> None:
+        """
+        A session of an earlier run keeps its profile (its container's
+        label); one whose profile is no longer configured gets the default
+        profile's limits, under its own name.
+        """
+        profiles = self._manager.profiles
+        name = name or DEFAULT_PROFILE
+        settings = profiles.get(name)
+        if settings is None:
+            _log.warn("session {session_id} of an earlier run has profile {profile}, which is"
+                      " no longer configured: the limits of {default} apply to it",
+                      session_id=session.id[:8], profile=name[:64], default=DEFAULT_PROFILE)
+            settings = profiles[DEFAULT_PROFILE]
+        session.profile, session.settings = name[:64], settings
+
+    async def remove_leftovers(self, why: str = "left by an earlier run") -> int:
+        """
+        Remove this server's containers that no live session or warm slot
+        owns: those left by an earlier run, or whose removal failed (Docker
+        was unreachable when their session ended).
+        """
+        manager = self._manager
+        found = await self._docker.list_containers(manager.labels)
+        live = {s.container_id for s in manager.sessions.values()} | manager.pool.container_ids
+        owners = manager.sessions.keys() | manager.pool.pending
+        stale = [c for c in found if c["id"] not in live
+                 and c["labels"].get(LABEL_SESSION) not in owners]
+        for container in stale:
+            await self._docker.remove_container(container["id"])
+        if stale:
+            _log.info("removed {count} leftover container(s) {why}: {names}",
+                      count=len(stale), why=why, names=", ".join(c["name"] for c in stale))
+        return len(stale)
+
+    async def check_live_restore(self) -> bool | None:
+        """
+        Warn when the engine runs without live-restore, which no server can
+        make up for: restarting dockerd then stops every container.  Return
+        the engine's setting (C{None}: it did not say).
+        """
+        try:
+            info = await self._docker.info()
+        except CapsuleError as e:
+            _log.warn("could not ask the Docker engine whether live-restore is on: {message}",
+                      message=e.message)
+            return None
+        enabled = info.get("LiveRestoreEnabled")
+        if enabled is False:
+            _log.warn(
+                "the Docker engine runs without live-restore: restarting or upgrading dockerd"
+                " stops every container, and so ends every session. Turn it on with"
+                " {{\"live-restore\": true}} in /etc/docker/daemon.json, then"
+                " `sudo systemctl reload docker` (no container is stopped by that).")
+        return enabled
+
+    async def check_profile_images(self) -> list[str]:
+        """
+        Warn, once at start, of each profile whose image the engine does not
+        have (its sessions would fail to start); return those profiles' names.
+        """
+        missing = []
+        for name, settings in sorted(self._manager.profiles.items()):
+            image = settings.spec.image
+            try:
+                present = await self._docker.image_exists(image)
+            except CapsuleError as e:
+                _log.warn("could not check the images of the profiles: {message}",
+                          message=e.message)
+                return missing
+            if not present:
+                missing.append(name)
+                _log.warn("profile {profile}: its image {image} is missing, so its sessions"
+                          " cannot start: build it (`make image`, or docker/build-image.sh)"
+                          " or name another image", profile=name, image=image)
+        return missing

@@ -1,0 +1,109 @@
+"""
+The one way a session is opened for a client, whatever door it came in by
+(the WebSocket, the API, and what comes next): drain, then admission, then
+a new session or a warm one, then its creator counted and its owner kept.
+Each door turns the refusals into its own answer (a close code, an HTTP
+status) and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.logger import Logger
+
+from capsule.core.admission import AdmissionRefused
+from capsule.core.profiles import (DEFAULT_PROFILE, BadRepository, Profile, check_repository,
+                                   parse_profile_name)
+from capsule.sessions.drain import DRAIN_REFUSAL, DRAINING
+from capsule.sessions.session import WARM_SIZE, Session
+
+_log = Logger()
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    """
+    Who asks for a session, from where, of which profile, at what size.
+
+    @ivar user: the authenticated user (C{None}: capsule has no users).
+    @ivar address: the client's address, as admission counts it.
+    @ivar door: how it came (C{"websocket"}, C{"api"}), for the log.
+    """
+
+    user: str | None
+    address: str | None
+    profile: str | None = None
+    size: tuple[int, int] = WARM_SIZE
+    repository: str | None = None
+    door: str = "websocket"
+
+
+class SessionService:
+    """
+    Opens sessions for clients, once, for every door.
+
+    @param manager: the registry (L{capsule.sessions.manager.SessionManager}).
+    @param admission: who may open a session now
+        (L{capsule.core.admission.AdmissionControl}), or C{None}: anyone.
+    @param drain: whether capsule drains (L{capsule.sessions.drain.Drain}),
+        or C{None}: it never does.
+    """
+
+    def __init__(self, manager, admission=None, drain=None) -> None:
+        self.manager = manager
+        self.admission = admission
+        self.drain = drain
+
+    def profile(self, name: str | None, repository: str | None = None) -> Profile:
+        """
+        The profile a client names (C{None}: the default), having checked
+        the repository it asks for, before anything is counted.
+
+        @raise UnknownProfile: naming the profiles there are.
+        @raise BadRepository: for a repository capsule refuses.
+        """
+        settings = parse_profile_name(DEFAULT_PROFILE if name is None else name,
+                                      self.manager.profiles)
+        if repository is not None:
+            try:
+                check_repository(repository)
+            except (TypeError, ValueError) as e:
+                raise BadRepository(f"repository: {e}") from None
+        return settings
+
+    def open(self, client, request: OpenRequest) -> Session:
+        """
+        Open a new session for C{client} (C{None}: nobody yet, the API's),
+        which hears of it through L{ISessionClient}.
+
+        @raise UnknownProfile, BadRepository: what it names is refused
+            (nothing was counted).
+        @raise AdmissionRefused: capsule drains (C{draining}), the client is
+            over a quota (C{quota_exceeded}) or the server is full
+            (C{server_full}); nothing was made.
+        """
+        settings = self.profile(request.profile, request.repository)
+        metrics = self.manager.metrics
+        if self.drain is not None and self.drain.active:
+            metrics.refused(DRAINING)
+            raise AdmissionRefused(DRAINING, DRAIN_REFUSAL)
+        if self.admission is not None:
+            try:
+                self.admission.admit(request.address, request.user, settings)
+            except AdmissionRefused as e:
+                metrics.refused(e.code)
+                raise
+        session = self.manager.create(client, *request.size, user=request.user,
+                                      profile=request.profile,
+                                      repository=request.repository)
+        if self.admission is not None:
+            self.admission.created(session.id, request.address)
+        if request.user is not None:
+            _log.info("{user} opened session {short} ({door})", user=request.user,
+                      short=session.id[:8], door=request.door)
+        elif request.door != "websocket":
+            _log.info("session {short} opened ({door})", short=session.id[:8],
+                      door=request.door)
+        self.manager.observers.session_opened(session)
+        return session
