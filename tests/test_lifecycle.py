@@ -19,7 +19,8 @@ from zope.interface.verify import verifyObject
 
 from capsule.core import lifecycle
 from capsule.core.interfaces import IExecProcess, ISessionClient
-from capsule.core.lifecycle import ISessionEffects, SessionCore, SessionEvents, make_lifecycle
+from capsule.core.lifecycle import make_lifecycle
+from capsule.core.session_core import ISessionEffects, SessionCore, SessionEvents
 from capsule.core.protocol import ProtocolError
 from capsule.core.replay import ReplayBuffer
 from tests.support.fakes import RecordingClient

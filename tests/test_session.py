@@ -488,7 +488,7 @@ def test_stale_output_of_a_replaced_stream_is_not_heard(manager, docker, clock):
 # -- input backpressure ------------------------------------------------------------------
 
 def test_a_shell_not_reading_its_input_pauses_the_client(manager, docker):
-    from capsule.core.lifecycle import InputOverrun
+    from capsule.core.session_core import InputOverrun
     client = RecordingClient()
     session = manager.create(client, 80, 24)
     process = docker.processes[0]

@@ -37,280 +37,11 @@ and C{handed} how far it went to clients.
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
-from typing import Protocol
-
 from automat import TypeMachineBuilder
-from twisted.internet.interfaces import IPushProducer
-from zope.interface import Interface, implementer
 
 from capsule.core.protocol import ProtocolError
-from capsule.core.replay import ReplayBuffer
+from capsule.core.session_core import SessionCore, SessionEvents, State
 
-RESTARTED_NOTICE = ("the session's shell was restarted (its container restarted while"
-                    " capsule was away): what it printed before is gone")
-
-
-class State(str, enum.Enum):
-    """
-    What a session is doing, as its clients, the API and the log name it:
-    one name for a state and its twin without a client.
-    """
-
-    NEW = "new"
-    STARTING = "starting"
-    RUNNING = "running"
-    DETACHED = "detached"
-    RECOVERED = "recovered"
-    RESUMING = "resuming"
-    INTERRUPTED = "interrupted"
-    REATTACHING = "reattaching"
-    ENDING = "ending"
-    ENDED = "ended"
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def starting(self) -> bool:
-        "Its shell has not run yet."
-        return self in (State.NEW, State.STARTING)
-
-    @property
-    def over(self) -> bool:
-        "It ended, or is ending: nobody may use it any more."
-        return self in (State.ENDING, State.ENDED)
-
-    @property
-    def waiting(self) -> bool:
-        "Its shell runs (or ran, before capsule restarted) and no client is attached."
-        return self in (State.DETACHED, State.RECOVERED)
-
-    @property
-    def settled(self) -> bool:
-        "Its shell runs, or waits to be resumed: nothing is under way."
-        return self in (State.RUNNING, State.DETACHED, State.RECOVERED)
-
-
-class ISessionEffects(Interface):
-    """
-    What a session's lifecycle asks of the world.  Each method starts the
-    work and returns at once; its outcome is fed back as an input.
-    """
-
-    def make(session):
-        """
-        Create the session's container unless it has one, and start its
-        shell: feed C{stream_up}, then C{stream_started}; or
-        C{stream_failed}.
-        """
-
-    def reattach(session, offset):
-        """
-        Attach to the running shell again, asking for its output from
-        C{offset}: feed C{stream_up}, then C{stream_started}; or C{end}
-        (its container is gone) or C{engine_lost}.
-        """
-
-    def diagnose(session, facts):
-        """
-        The shell's stream closed, leaving C{facts}: find out why and feed C{end} (the shell
-        or its container is over), C{stream_failed} (while starting), or
-        C{engine_lost} (the engine cannot be reached).
-        """
-
-    def await_engine(session):
-        """
-        Retry until the engine answers, then feed C{engine_back} if the
-        container still runs, or C{end} if it is gone.
-        """
-
-    def remove(session):
-        """
-        Remove the session's container (if any), then feed C{removed}.
-        """
-
-    def forget(session):
-        """
-        The session is over: no client can find it any more.
-        """
-
-    def went_live(session, resumed):
-        """
-        The session's shell runs and its stream is read (logging, pool).
-        """
-
-
-class InputOverrun(ProtocolError):
-    """
-    A client went on sending input long after it was asked to wait.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "input_overrun")
-
-
-@implementer(IPushProducer)
-class InputGate:
-    """
-    Registered with the shell's stream as the producer of its input: while
-    the stream does not take input in (the shell is not reading), the
-    attached client's connection is not read either, so input waits in the
-    client's socket, not in capsule's memory.  What arrives anyway (already
-    read before the pause) is counted: past C{limit}, the client is
-    overrunning.
-    """
-
-    def __init__(self, core: "SessionCore") -> None:
-        self._core = core
-        self.paused = False
-        self.overrun = 0
-
-    def _tell(self) -> None:
-        if self._core.client is not None:
-            self._core.client.pause_input(self.paused)
-
-    def pauseProducing(self) -> None:
-        changed = not self.paused
-        self.paused, self.overrun = True, 0
-        if changed:
-            self._tell()
-
-    def resumeProducing(self) -> None:
-        changed = self.paused
-        self.paused, self.overrun = False, 0
-        if changed:
-            self._tell()
-
-    def stopProducing(self) -> None:
-        # The stream is closing: nothing to wait for any more.
-        self.resumeProducing()
-
-    def count(self, data: bytes) -> None:
-        if not self.paused:
-            return
-        self.overrun += len(data)
-        if self.overrun > self._core.max_input_overrun:
-            raise InputOverrun(
-                f"more than {self._core.max_input_overrun} bytes of input arrived while the"
-                " shell was not reading its input: the connection is closed")
-
-
-@dataclass(eq=False)
-class SessionCore:
-    """
-    The session's data.  Only the lifecycle's transitions change it.
-
-    @ivar handed: the offset up to which output was handed to clients: where
-        a client that reconnects without saying what it has resumes.
-    @ivar left_at: when the last client left (C{None} while one is attached).
-    @ivar want: the offset the client that is waiting for a reattach asked
-        for (C{None}: what was handed).
-    """
-
-    id: str
-    clock: object
-    effects: ISessionEffects
-    replay: ReplayBuffer
-    size: tuple[int, int]
-    max_pending_input: int
-    created_at: float
-    container_id: str | None = None
-    warm: bool = False
-    client: object | None = None
-    stream: object | None = None
-    handed: int = 0
-    left_at: float | None = None
-    want: int | None = None
-    # The offset the keeper was last asked to resume from.
-    asked: int | None = None
-    pending: list[bytes] = field(default_factory=list)
-    exit_code: int | None = None
-    message: str | None = None
-    # The last input or output, for --idle-timeout.
-    active_at: float = 0.0
-    # What the world knows this session as (its effects and clients get it).
-    owner: object = None
-    # Input a client may send after it was asked to wait (see InputGate).
-    max_input_overrun: int = 1024 * 1024
-    # The user who created the session (None: no authentication); only
-    # that user may reconnect to it, replay it or export it.
-    user: str | None = None
-    # The CPU weight its container has now (see SessionManager._share_cpu).
-    cpu_shares: int | None = None
-
-    def __post_init__(self) -> None:
-        self.input = InputGate(self)
-
-    def now(self) -> float:
-        return self.clock.seconds()
-
-
-class SessionEvents(Protocol):
-    """
-    The inputs of a session's lifecycle.
-    """
-
-    def status(self) -> State:
-        "What the session is doing (its state's name)."
-
-    def start(self) -> None:
-        "A new session: make its container and shell."
-
-    def recover(self) -> None:
-        "A session of an earlier run whose container still runs: attach again."
-
-    def prepare(self) -> None:
-        "A new session without a client: make its container and shell, and keep it."
-
-    def stream_up(self, stream: object) -> None:
-        "The shell's exec is connected; C{stream} is its L{IExecProcess}."
-
-    def stream_started(self, offset: int, dropped: int) -> None:
-        "The output that follows begins at C{offset}; C{dropped} bytes before it are lost."
-
-    def stream_failed(self, message: str, code: str) -> None:
-        "The container or the shell could not be made."
-
-    def stream_closed(self, facts: object) -> None:
-        "The shell's exec ended; C{facts} (what it said as it went) tell why."
-
-    def engine_lost(self, message: str) -> None:
-        "The engine cannot be reached; the container may well still run."
-
-    def engine_back(self) -> None:
-        "The engine answers again and the container still runs."
-
-    def output(self, data: bytes) -> None:
-        "Output of the shell."
-
-    def attach(self, client: object, offset: int | None) -> None:
-        "A client (re)connects, having the output up to C{offset}."
-
-    def detach(self, client: object, unsent: int) -> None:
-        "The client left; the last C{unsent} bytes handed to it never went out."
-
-    def take(self, client: object) -> None:
-        "A client takes a warm session (prepared, never attached) as its new session."
-
-    def write(self, data: bytes) -> None:
-        "Input from the client."
-
-    def resize(self, cols: int, rows: int) -> None:
-        "The client's terminal size."
-
-    def end(self, exit_code: int | None, message: str) -> None:
-        "The session is over (its shell exited, or capsule ends it)."
-
-    def expire(self) -> bool:
-        "The grace period is over; return whether that ended the session."
-
-    def let_go(self, message: str) -> bool:
-        "capsule stops; return whether the session lives on in its container."
-
-    def removed(self) -> None:
-        "Its container is removed."
 
 
 builder = TypeMachineBuilder(SessionEvents, SessionCore)
@@ -362,66 +93,6 @@ def _buffer(session: SessionEvents, core: SessionCore, data: bytes) -> None:
     core.active_at = core.now()
 
 
-def _go_live(core: SessionCore, offset: int) -> bool:
-    """
-    The stream is up and its output begins at C{offset}: write what was
-    typed meanwhile.  Return whether the output continues where it was
-    (C{False}: the shell's output restarted, and what was held is gone).
-    """
-    continuous = core.replay.end == offset
-    if not continuous:
-        core.replay.restart_at(offset)
-    pending, core.pending = core.pending, []
-    for data in pending:
-        core.stream.write(data)
-    core.active_at = core.now()
-    return continuous
-
-
-def _hand_over(session: SessionEvents, core: SessionCore, resumed: bool,
-               offset: int | None) -> None:
-    """
-    Tell C{core.client} where the output it gets begins, then send it what
-    it has not had, from C{offset} (C{None}: from what was handed).
-    """
-    client = core.client
-    wanted = core.handed if offset is None else offset
-    restarted = wanted > core.replay.end
-    data, dropped = core.replay.since(core.replay.start if restarted else wanted)
-    first = core.replay.end - len(data)
-    client.session_started(core.owner, resumed, first, len(data))
-    if core.client is not client:
-        return
-    if restarted:
-        client.session_notice("shell_restarted", RESTARTED_NOTICE)
-    elif dropped:
-        client.session_dropped(dropped, first)
-    if data:
-        client.session_output(data)
-    core.handed = core.replay.end
-
-
-def _take_over(core: SessionCore, client: object) -> None:
-    """
-    C{client} replaces the attached one: the newest connection wins (the
-    older one is most often a dead socket from before a network change).
-    """
-    previous, core.client = core.client, client
-    core.left_at = None
-    if previous is not None and previous is not client:
-        previous.session_taken_over()
-    if core.input.paused:
-        client.pause_input(True)
-
-
-def _leave(core: SessionCore, unsent: int) -> None:
-    core.client = None
-    core.left_at = core.now()
-    # Not clamped to what is held: bytes that never went out and are gone
-    # by the next attach are reported to it as dropped.
-    core.handed -= unsent
-
-
 def _finish(session: SessionEvents, core: SessionCore, exit_code: int | None,
             message: str) -> None:
     """
@@ -471,9 +142,9 @@ for _state in (Starting, StartingOrphaned, Preparing, PreparingAlone, Resuming, 
 
 @Starting.upon(SessionEvents.stream_started).to(Attached)
 def _started(session: SessionEvents, core: SessionCore, offset: int, dropped: int) -> None:
-    _go_live(core, offset)
+    core.go_live(offset)
     core.effects.went_live(core.owner, False)
-    _hand_over(session, core, False, None)
+    core.hand_over(False, None)
 
 
 @StartingOrphaned.upon(SessionEvents.stream_started).to(Ending)
@@ -513,14 +184,14 @@ def _closed_while_starting(session: SessionEvents, core: SessionCore, facts: obj
 @StartingOrphaned.upon(SessionEvents.attach).to(Starting)
 def _attach_while_starting(session: SessionEvents, core: SessionCore, client: object,
                            offset: int | None) -> None:
-    _take_over(core, client)
+    core.take_over(client)
 
 
 @Starting.upon(SessionEvents.detach).to(StartingOrphaned)
 def _left_starting(session: SessionEvents, core: SessionCore, client: object,
                    unsent: int) -> None:
     # Nothing was handed to it yet: there is nothing to account for.
-    _leave(core, 0)
+    core.leave(0)
 
 
 @Starting.upon(SessionEvents.end).to(Ended)
@@ -548,7 +219,7 @@ def _prepared(session: SessionEvents, core: SessionCore, offset: int, dropped: i
     Its shell runs and nobody watches yet: it is kept for the grace period,
     from now, like a session whose client left.
     """
-    _go_live(core, offset)
+    core.go_live(offset)
     core.left_at = core.now()
     core.want = None
     core.effects.went_live(core.owner, False)
@@ -557,20 +228,20 @@ def _prepared(session: SessionEvents, core: SessionCore, offset: int, dropped: i
 @Preparing.upon(SessionEvents.stream_started).to(Attached)
 def _prepared_for_client(session: SessionEvents, core: SessionCore, offset: int,
                          dropped: int) -> None:
-    _go_live(core, offset)
+    core.go_live(offset)
     core.effects.went_live(core.owner, False)
     want, core.want = core.want, None
-    _hand_over(session, core, True, want)
+    core.hand_over(True, want)
 
 
 @PreparingAlone.upon(SessionEvents.attach).to(Preparing)
 @Preparing.upon(SessionEvents.attach).loop()
 @ResumingAlone.upon(SessionEvents.attach).to(Resuming)
-def _attach_while_starting(session: SessionEvents, core: SessionCore, client: object,
+def _attach_while_coming_up(session: SessionEvents, core: SessionCore, client: object,
                            offset: int | None) -> None:
     # It is handed over, from the offset it asked for, once the shell runs
     # (a new one, or the one resumed).
-    _take_over(core, client)
+    core.take_over(client)
     core.want = offset
 
 
@@ -578,7 +249,7 @@ def _attach_while_starting(session: SessionEvents, core: SessionCore, client: ob
 def _left_preparing(session: SessionEvents, core: SessionCore, client: object,
                     unsent: int) -> None:
     # Nothing was handed to it yet; the session is kept all the same.
-    _leave(core, 0)
+    core.leave(0)
     core.want = None
 
 
@@ -646,15 +317,15 @@ for _state in (Starting, StartingOrphaned, Preparing, PreparingAlone, Resuming, 
 @Attached.upon(SessionEvents.attach).loop()
 def _taken_over(session: SessionEvents, core: SessionCore, client: object,
                 offset: int | None) -> None:
-    _take_over(core, client)
-    _hand_over(session, core, True, offset)
+    core.take_over(client)
+    core.hand_over(True, offset)
 
 
 @Detached.upon(SessionEvents.attach).to(Attached)
 def _reconnected(session: SessionEvents, core: SessionCore, client: object,
                  offset: int | None) -> None:
-    _take_over(core, client)
-    _hand_over(session, core, True, offset)
+    core.take_over(client)
+    core.hand_over(True, offset)
 
 
 @Detached.upon(SessionEvents.take).to(Attached)
@@ -663,13 +334,13 @@ def _taken(session: SessionEvents, core: SessionCore, client: object) -> None:
     A new client's session, made before it came: it gets all the output so
     far, as the start of a new session.
     """
-    _take_over(core, client)
-    _hand_over(session, core, False, 0)
+    core.take_over(client)
+    core.hand_over(False, 0)
 
 
 @Attached.upon(SessionEvents.detach).to(Detached)
 def _left(session: SessionEvents, core: SessionCore, client: object, unsent: int) -> None:
-    _leave(core, unsent)
+    core.leave(unsent)
     # Nobody is watching, but the work must not stall.
     core.stream.resumeProducing()
 
@@ -694,7 +365,7 @@ def _resume(session: SessionEvents, core: SessionCore, client: object,
     lacks.  (A second client while that is under way replaces the first.)
     """
     first = core.client is None
-    _take_over(core, client)
+    core.take_over(client)
     core.want = offset
     if first:
         core.asked = 0 if offset is None else offset
@@ -703,7 +374,7 @@ def _resume(session: SessionEvents, core: SessionCore, client: object,
 
 @Resuming.upon(SessionEvents.stream_started).to(Attached)
 def _resumed(session: SessionEvents, core: SessionCore, offset: int, dropped: int) -> None:
-    _go_live(core, offset)
+    core.go_live(offset)
     core.effects.went_live(core.owner, True)
     want, core.want = core.want, None
     if want is not None and want > offset == core.asked:
@@ -715,7 +386,7 @@ def _resumed(session: SessionEvents, core: SessionCore, offset: int, dropped: in
         if core.client is client:
             core.handed = want
         return
-    _hand_over(session, core, True, offset if want is None else want)
+    core.hand_over(True, offset if want is None else want)
 
 
 @Resuming.upon(SessionEvents.detach).to(ResumingAlone)
@@ -723,14 +394,14 @@ def _left_resuming(session: SessionEvents, core: SessionCore, client: object,
                    unsent: int) -> None:
     # The attach under way goes on (from the offset it asked for), and a
     # client that comes back meanwhile is handed over from there.
-    _leave(core, 0)
+    core.leave(0)
 
 
 @ResumingAlone.upon(SessionEvents.stream_started).to(Detached)
 def _resumed_alone(session: SessionEvents, core: SessionCore, offset: int,
                    dropped: int) -> None:
     core.want = None
-    _go_live(core, offset)
+    core.go_live(offset)
     core.effects.went_live(core.owner, True)
 
 
@@ -796,7 +467,7 @@ def _engine_back(session: SessionEvents, core: SessionCore) -> None:
 def _reattached(session: SessionEvents, core: SessionCore, offset: int, dropped: int) -> None:
     client = core.client
     previous = core.replay.end
-    if _go_live(core, offset):
+    if core.go_live(offset):
         client.session_notice("engine_back", "the Docker engine answers again: the session"
                                              " goes on")
     else:
@@ -804,14 +475,14 @@ def _reattached(session: SessionEvents, core: SessionCore, offset: int, dropped:
         # client hears how much), or the shell restarted (its offsets start
         # again): either way, the client is handed over again.
         core.handed = previous if offset > previous else core.replay.end + 1
-        _hand_over(session, core, True, None)
+        core.hand_over(True, None)
     core.effects.went_live(core.owner, True)
 
 
 @ReattachingAlone.upon(SessionEvents.stream_started).to(Detached)
 def _reattached_alone(session: SessionEvents, core: SessionCore, offset: int,
                       dropped: int) -> None:
-    _go_live(core, offset)
+    core.go_live(offset)
     core.effects.went_live(core.owner, True)
 
 
@@ -825,8 +496,8 @@ def _attach_while_away(session: SessionEvents, core: SessionCore, client: object
     What the shell printed is all here: the client gets it at once, and
     hears that the shell itself is out of reach for now.
     """
-    _take_over(core, client)
-    _hand_over(session, core, True, offset)
+    core.take_over(client)
+    core.hand_over(True, offset)
     if core.client is client:
         client.session_notice("engine_away", "capsule is reconnecting to the session's shell")
 
@@ -834,7 +505,7 @@ def _attach_while_away(session: SessionEvents, core: SessionCore, client: object
 @Interrupted.upon(SessionEvents.detach).to(InterruptedAlone)
 @Reattaching.upon(SessionEvents.detach).to(ReattachingAlone)
 def _left_away(session: SessionEvents, core: SessionCore, client: object, unsent: int) -> None:
-    _leave(core, unsent)
+    core.leave(unsent)
 
 
 # -- ending ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from capsule.core.errors import CapsuleError, DockerUnavailable
-from capsule.core.lifecycle import State
+from capsule.core.session_core import State
 
 _log = Logger()
 

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
 from capsule.core.keeper import keeper_argv
-from capsule.core.lifecycle import ISessionEffects, SessionCore, State
+from capsule.core.session_core import ISessionEffects, SessionCore, State
 from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME,
                                    BadRepository, Profile, agent_volume_name, check_repository,
                                    parse_profile_name, start_command)

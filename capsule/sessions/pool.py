@@ -29,7 +29,7 @@ from typing import Callable
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from capsule.core.lifecycle import State
+from capsule.core.session_core import State
 
 
 _log = Logger()

@@ -17,7 +17,8 @@ from twisted.internet.interfaces import IPushProducer
 
 from capsule.core.errors import CapsuleError
 from capsule.core.keeper import DEFAULT_SOCKET
-from capsule.core.lifecycle import SessionCore, State, make_lifecycle
+from capsule.core.lifecycle import make_lifecycle
+from capsule.core.session_core import SessionCore, State
 from capsule.core.profiles import DEFAULT_PROFILE, Profile, Secrets
 from capsule.core.replay import ReplayBuffer
 from capsule.core.spec import ContainerSpec

@@ -24,7 +24,7 @@ from capsule.core.coalesce import Coalescer
 from capsule.core.errors import CapsuleError, SessionNotFound
 from capsule.web.headers import HostPolicy, is_secure
 from capsule.core.interfaces import ISessionClient
-from capsule.core.lifecycle import InputOverrun
+from capsule.core.session_core import InputOverrun
 from capsule.core.profiles import UnknownProfile, parse_profile_name
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.service import OpenRequest, SessionService
