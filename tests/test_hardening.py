@@ -15,8 +15,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 
-from capsule.engine.docker import (READ_ONLY_TMPFS, READ_ONLY_VOLUMES, SUDO_CAPABILITIES,
-                                ContainerSpec, DockerAPI)
+from capsule.core.spec import SUDO_CAPABILITIES, ContainerSpec
+from capsule.engine.docker import READ_ONLY_TMPFS, READ_ONLY_VOLUMES, DockerAPI
 from capsule.engine.network import (CAPSULE_BRIDGE, NETWORK_LABELS, NETWORK_OPTIONS, SessionNetwork,
                              missing_blocks, read_docker_user, suggested_rules)
 from capsule.sessions.manager import SessionManager

@@ -38,8 +38,8 @@ from capsule.engine.command import OutputCollector
 from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
 from capsule.engine.exec_process import ExecStreamProtocol, exec_start_request
 from capsule.core.interfaces import IDockerAPI
-from capsule.core.spec import SUDO_CAPABILITIES, ContainerSpec
-from capsule.ops.metrics import UNCOUNTED
+from capsule.core.spec import ContainerSpec
+from capsule.core.counting import Uncounted
 
 _log = Logger()
 
@@ -102,7 +102,7 @@ class DockerAPI:
     """
 
     # What it counts into (capsule.ops.metrics): a server's metrics watch it.
-    metrics = UNCOUNTED
+    metrics = Uncounted()
 
     def __init__(self, reactor, host: str | None = None, threads: int = 16,
                  export_threads: int = 4, timeout: float = 60.0) -> None:

@@ -35,7 +35,8 @@ from capsule.core.spec import ContainerSpec
 from capsule.engine.keeper_stream import ShellProtocol
 from capsule.sessions.engine_watch import EngineWatch
 from capsule.sessions.fair_share import FairShare
-from capsule.sessions.observers import SessionObservers, Uncounted
+from capsule.core.counting import Uncounted
+from capsule.sessions.observers import SessionObservers
 from capsule.sessions.pool import WarmPool, WarmPools
 from capsule.sessions.recovery import Recovery
 from capsule.sessions.session import (LABEL_INSTANCE, LABEL_MANAGED, LABEL_SESSION, WARM_SIZE,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+
 _log = Logger()
 
 
@@ -118,20 +119,3 @@ class SessionObservers:
     session_resized = _tell("session_resized")
     session_ended = _tell("session_ended")
     pool_taken = _tell("pool_taken")
-
-
-def _nothing(*args, **kwargs):
-    return args[0] if args else None
-
-
-class Uncounted(SessionObserver):
-    """
-    Counts nothing: the metrics of a manager that no server's metrics
-    (L{capsule.ops.metrics}) watch.  Any count asked of it is a no-op (one
-    that is handed a Deferred hands it back).
-    """
-
-    def __getattr__(self, name: str):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return _nothing

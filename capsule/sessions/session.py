@@ -185,13 +185,24 @@ class Session:
         return d
 
     def went_live(self) -> None:
-        "Its shell runs: those waiting for it hear so."
+        """
+        Its shell runs: those waiting for it hear so, once the transition
+        that says so is over (what they do may ask the session anything).
+        """
+        if self._started:
+            self.core.clock.callLater(0, self._tell_started)
+
+    def went_away(self) -> None:
+        "It is over: those waiting for its start or its end hear so, likewise."
+        if self._started or self._ended:
+            self.core.clock.callLater(0, self._tell_ended)
+
+    def _tell_started(self) -> None:
         waiting, self._started = self._started, []
         for d in waiting:
             d.callback(self)
 
-    def went_away(self) -> None:
-        "It is over: those waiting for its start or its end hear so."
+    def _tell_ended(self) -> None:
         waiting, self._started = self._started, []
         for d in waiting:
             d.errback(SessionEnded(self.core.message or "the session could not be started"))
