@@ -20,7 +20,8 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from capsule.core.admission import AdmissionControl, AdmissionPolicy, parse_network, parse_rate
-from capsule.auth.gate import AuthThreadPool, Authenticator
+from capsule.auth.checkers import AuthThreadPool
+from capsule.auth.gate import Authenticator
 from capsule.sessions.cleanup import CleanupService
 from capsule.sessions.disk import DiskWatchService
 from capsule.core.spec import ContainerSpec
@@ -28,6 +29,7 @@ from capsule.engine.docker import DockerAPI
 from capsule.core.errors import CapsuleError
 from capsule.web.export import ExportLimits
 from capsule.web.headers import HostPolicy
+from capsule.web.http import ClientAddresses
 from capsule.ops.logformat import FORMATS, check_server_options, json_observer
 from capsule.engine.network import CAPSULE_NETWORK, SessionNetwork
 from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT, Profile, ProfileError,
@@ -720,7 +722,8 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
         auth_threads = AuthThreadPool(reactor)
         authenticator = Authenticator(
             reactor, htpasswd=config["auth"], tokens=config["tokens"],
-            user_header=config["user-header"], trusted_proxies=config["trusted-proxy"],
+            user_header=config["user-header"],
+            addresses=ClientAddresses(config["trusted-proxy"]),
             public_url=config["public-url"], run_blocking=auth_threads.run)
         manager.owners = OwnerFile(config["state-dir"] or default_state_dir(),
                                    config["instance"])
@@ -756,7 +759,7 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
     site.websocket_factory.start_at_open = not config["start-at-first-frame"]
     if authenticator is not None:
         site.websocket_factory.owners = manager.owners
-    site.exports.client_address = admission.client_address
+    site.exports.client_address = ClientAddresses(config["trusted-proxy"])
     sessions = SessionService(manager, reactor, site.websocket_factory, admission,
                               docker if budget is None else None,
                               SessionNetwork(docker, reactor, config["network"]))

@@ -18,10 +18,12 @@ from zope.interface import implementer
 from capsule.core import protocol as wire
 from capsule.web.admin import DRAIN_REFUSAL, DRAINING
 from capsule.core.admission import QUOTA_EXCEEDED, AdmissionRefused
-from capsule.auth.gate import AuthRefused, short_ids
+from capsule.auth.gate import AuthRefused
+from capsule.ops.logformat import short_ids
 from capsule.core.coalesce import Coalescer
 from capsule.core.errors import CapsuleError, SessionNotFound
 from capsule.web.headers import HostPolicy, is_secure
+from capsule.web.http import client_address
 from capsule.core.interfaces import ISessionClient
 from capsule.core.lifecycle import InputOverrun
 from capsule.core.profiles import DEFAULT_PROFILE, UnknownProfile, parse_profile_name
@@ -232,7 +234,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                       peer=request.peer)
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, refused)
         if self.factory.admission is not None:
-            self._client_address = self.factory.admission.client_address(request)
+            self._client_address = client_address(request,
+                                                  self.factory.admission.trusted_proxies)
         values = request.params.get("session_id")
         self._requested_session = values[0] if values else None
         values = request.params.get("offset")
