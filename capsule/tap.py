@@ -20,7 +20,8 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from capsule.core.admission import AdmissionControl, AdmissionPolicy, parse_network, parse_rate
-from capsule.auth.gate import AuthThreadPool, Authenticator
+from capsule.auth.checkers import AuthThreadPool
+from capsule.auth.gate import Authenticator
 from capsule.sessions.cleanup import CleanupService
 from capsule.sessions.disk import DiskWatchService
 from capsule.core.spec import ContainerSpec
@@ -28,6 +29,7 @@ from capsule.engine.docker import DockerAPI
 from capsule.core.errors import CapsuleError
 from capsule.web.export import ExportLimits
 from capsule.web.headers import HostPolicy
+from capsule.web.http import ClientAddresses
 from capsule.ops.logformat import FORMATS, check_server_options, json_observer
 from capsule.ops.metrics import Metrics
 from capsule.engine.network import CAPSULE_NETWORK, SessionNetwork
@@ -730,7 +732,8 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
         auth_threads = AuthThreadPool(reactor)
         authenticator = Authenticator(
             reactor, htpasswd=config["auth"], tokens=config["tokens"],
-            user_header=config["user-header"], trusted_proxies=config["trusted-proxy"],
+            user_header=config["user-header"],
+            addresses=ClientAddresses(config["trusted-proxy"]),
             public_url=config["public-url"], run_blocking=auth_threads.run)
     budget = config["memory-budget"]
     admission = AdmissionControl(manager, reactor, AdmissionPolicy(
@@ -759,7 +762,7 @@ def makeService(config: Options, reactor=None) -> CapsuleService:
                      public_url=config["public-url"],
                      upload_max_bytes=config["upload-max-bytes"],
                      admission=admission, metrics=metrics,
-                     client_address=admission.client_address)
+                     client_address=ClientAddresses(config["trusted-proxy"]))
     # A new session's container is asked for as its WebSocket opens, unless
     # --start-at-first-frame.
     site.websocket_factory.start_at_open = not config["start-at-first-frame"]

@@ -19,6 +19,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from capsule.admin import AdminClient, AdminError, do_cleanup, format_sessions, main
 from capsule.sessions.drain import DEADLINE_ENDED, DRAINING, ENDED_BY_ADMIN
 from capsule.auth.gate import Authenticator
+from capsule.web.http import ClientAddresses
 from capsule.core.spec import ContainerSpec
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
@@ -171,7 +172,8 @@ def test_admin_users_with_authentication(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"ops:{'o' * 32}\nann:{'n' * 32}\n")
     reactor = MemoryReactorClock()
-    admin = Admin(tmp_path, Authenticator(reactor, tokens=str(tokens)), users=["ops"])
+    admin = Admin(tmp_path, Authenticator(reactor, addresses=ClientAddresses(),
+                                             tokens=str(tokens)), users=["ops"])
     session, _ = admin.session(user="ann")
     status, body = admin.request("/api/admin/sessions", peer=REMOTE,
                                  headers=[("Authorization", "Bearer " + "o" * 32)])

@@ -10,13 +10,10 @@ import ipaddress
 from types import SimpleNamespace
 
 import pytest
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.web.test.requesthelper import DummyRequest
 
 from capsule.core.admission import (QUOTA_EXCEEDED, SERVER_FULL, AdmissionControl, AdmissionPolicy,
-                               AdmissionRefused, TokenBucket, client_address, parse_network,
-                               parse_rate)
+                               AdmissionRefused, TokenBucket, parse_network, parse_rate)
 from tests.support.fakes import FakeDockerAPI
 from capsule.sessions.service import SessionService
 from capsule.web.websocket import CapsuleServerFactory
@@ -58,57 +55,6 @@ def test_a_bucket_ignores_a_clock_going_back():
     assert bucket.take(50.0)
     assert not bucket.take(40.0)
     assert bucket.tokens(55.0) == pytest.approx(0.5)
-
-
-# -- client addresses --------------------------------------------------------------------
-
-def ws_request(peer: str, forwarded: str | None = None):
-    # What Autobahn hands onConnect: a peer descriptor and lower-case headers.
-    headers = {} if forwarded is None else {"x-forwarded-for": forwarded}
-    return SimpleNamespace(peer=peer, headers=headers)
-
-
-LOCAL = [parse_network("127.0.0.1/32")]
-PROXIES = [parse_network("10.0.0.0/8"), parse_network("::1")]
-
-
-@pytest.mark.parametrize("peer, forwarded, trusted, expected", [
-    # No trusted proxy: the header is the client's word, ignored.
-    ("tcp4:203.0.113.9:5555", "198.51.100.1", [], "203.0.113.9"),
-    ("tcp4:127.0.0.1:5555", "198.51.100.1", [], "127.0.0.1"),
-    # A peer that is not a trusted proxy: ignored too.
-    ("tcp4:203.0.113.9:5555", "198.51.100.1", LOCAL, "203.0.113.9"),
-    # A trusted peer: the rightmost address that is not a trusted proxy.
-    ("tcp4:127.0.0.1:5555", "198.51.100.1", LOCAL, "198.51.100.1"),
-    ("tcp4:10.1.2.3:5555", "1.1.1.1, 198.51.100.7, 10.9.9.9", PROXIES, "198.51.100.7"),
-    # Garbage left of the trusted chain is not believed.
-    ("tcp4:10.1.2.3:5555", "nonsense, 10.9.9.9", PROXIES, "10.9.9.9"),
-    ("tcp4:10.1.2.3:5555", "nonsense", PROXIES, "10.1.2.3"),
-    # All trusted: the leftmost.
-    ("tcp4:10.1.2.3:5555", "10.0.0.5, 10.9.9.9", PROXIES, "10.0.0.5"),
-    # No header from a trusted peer: the peer.
-    ("tcp4:127.0.0.1:5555", None, LOCAL, "127.0.0.1"),
-    # IPv6 peers and chains.
-    ("tcp6:::1:5555", "2001:db8::7", PROXIES, "2001:db8::7"),
-    ("tcp6:2001:db8::1:5555", None, PROXIES, "2001:db8::1"),
-    # A dual-stack listener's view of an IPv4 peer is that IPv4 peer.
-    ("tcp6:::ffff:127.0.0.1:5555", "198.51.100.1", LOCAL, "198.51.100.1"),
-    ("tcp6:::ffff:203.0.113.9:5555", None, [], "203.0.113.9"),
-    # An IPv4 network does not hold IPv6 addresses.
-    ("tcp6:::1:5555", "2001:db8::7", LOCAL, "::1"),
-])
-def test_client_address_of_a_websocket_request(peer, forwarded, trusted, expected):
-    assert client_address(ws_request(peer, forwarded), trusted) == expected
-
-
-def test_client_address_of_a_web_request():
-    request = DummyRequest([b"api"])
-    request.client = IPv4Address("TCP", "127.0.0.1", 4000)
-    assert client_address(request, LOCAL) == "127.0.0.1"
-    request.requestHeaders.addRawHeader(b"X-Forwarded-For", b"192.0.2.1, 198.51.100.2")
-    request.requestHeaders.addRawHeader(b"X-Forwarded-For", b"198.51.100.3")
-    assert client_address(request, LOCAL) == "198.51.100.3"
-    assert client_address(request, []) == "127.0.0.1"
 
 
 # -- the decisions ------------------------------------------------------------------------
@@ -304,6 +250,9 @@ def test_no_budget_no_memory_check():
 
 
 # -- the WebSocket endpoint, in memory ----------------------------------------------------
+
+LOCAL = [parse_network("127.0.0.1/32")]
+
 
 @pytest.fixture
 def factory(manager, clock):

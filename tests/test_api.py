@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from capsule.core.admission import AdmissionControl, AdmissionPolicy
 from capsule.web.api import (EXECS_PER_SESSION, UPLOAD_MAX_BYTES, exec_request, timed_argv)
 from capsule.auth.gate import Authenticator
+from capsule.web.http import ClientAddresses
 from capsule.engine.command import OutputCollector, utf8_text
 from capsule.core.spec import ContainerSpec
 from capsule.web.openapi import ROUTES, document
@@ -90,7 +91,8 @@ def api(www):
 def authed(www, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
-    return Api(www, Authenticator(MemoryReactorClock(), tokens=str(tokens)),
+    return Api(www, Authenticator(MemoryReactorClock(), addresses=ClientAddresses(),
+                             tokens=str(tokens)),
                public_url="https://capsule.example")
 
 
@@ -674,7 +676,7 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
     one = sessions.getChild(b"00000000-0000-4000-8000-000000000000", None)
     assert {name: type(one.getChild(name, None)) for name in (b"exec", b"workspace")} == {
         b"exec": ExecResource, b"workspace": UploadResource}
-    from capsule.auth.gate import LoginResource, LogoutResource
+    from capsule.web.login import LoginResource, LogoutResource
     for path, cls in [("/login", LoginResource), ("/logout", LogoutResource)]:
         assert {m[len("render_"):] for m in vars(cls) if m.startswith("render_")} == (
             documented[path]), path

@@ -1,6 +1,6 @@
 """
-capsule.auth.gate: checkers, the login store, the failed-login buckets, who a
-request is; the owners file; the options that choose users and where to
+capsule.auth: checkers, the login store, the failed-login buckets, who a
+request is (and capsule.web.login's safe next page); the owners file; the options that choose users and where to
 listen.
 """
 
@@ -18,8 +18,12 @@ from twisted.python import usage
 
 from capsule.core.admission import QUOTA_EXCEEDED, AdmissionControl, AdmissionPolicy, \
     AdmissionRefused, parse_network
-from capsule.auth.gate import COOKIE_NAME, Authenticator, AuthRefused, LoginLimiter, \
-    LoginSessions, parse_htpasswd, parse_tokens, safe_next
+from capsule.auth.gate import Authenticator, AuthRefused
+from capsule.auth.logins import COOKIE_NAME, LoginSessions
+from capsule.auth.stores import parse_htpasswd, parse_tokens
+from capsule.auth.throttle import LoginLimiter
+from capsule.web.http import ClientAddresses
+from capsule.web.login import safe_next
 from capsule.sessions.owners import OwnerFile
 from capsule.tap import LOOPBACK_LISTEN, Options, loopback_only
 
@@ -65,7 +69,8 @@ def files(tmp_path):
 @pytest.fixture
 def auth(files):
     passwords, tokens = files
-    return Authenticator(Clock(), htpasswd=str(passwords), tokens=str(tokens))
+    return Authenticator(Clock(), addresses=ClientAddresses(), htpasswd=str(passwords),
+                         tokens=str(tokens))
 
 
 def test_htpasswd_takes_bcrypt_hashes_only():
@@ -120,7 +125,7 @@ def test_a_file_that_goes_away_keeps_its_last_users(files, auth):
 def test_failed_logins_are_limited_per_address_and_per_user(files):
     passwords, _ = files
     clock = Clock()
-    auth = Authenticator(clock, htpasswd=str(passwords),
+    auth = Authenticator(clock, addresses=ClientAddresses(), htpasswd=str(passwords),
                          limiter=LoginLimiter(clock, per_address=(3, 60.0), per_user=(2, 60.0)))
     wrong = Request(authorization=basic("alice", "nope"))
     for _ in range(2):
@@ -181,19 +186,39 @@ def test_a_login_rotates_the_cookie(auth):
     assert new != old and auth.logins.user(old) is None and auth.logins.user(new) == "alice"
 
 
+def test_a_logout_ends_the_login_its_cookie_names(auth):
+    value = auth.logins.new("alice")
+    other = auth.logins.new("alice")
+    auth.log_out(Request(cookie=f"{COOKIE_NAME}={value}"))
+    auth.log_out(Request())
+    assert auth.logins.user(value) is None and auth.logins.user(other) == "alice"
+
+
+def test_which_requests_carry_credentials_a_user_may_have(auth):
+    value = auth.logins.new("alice")
+    assert auth.has_credentials_for(Request(cookie=f"{COOKIE_NAME}={value}"), "alice")
+    assert not auth.has_credentials_for(Request(cookie=f"{COOKIE_NAME}={value}"), "bob")
+    # Checked later, once the request is in: any Authorization may be anyone.
+    assert auth.has_credentials_for(Request(authorization="Bearer x"), "bob")
+    assert not auth.has_credentials_for(Request(), "alice")
+    assert not auth.has_credentials_for(Request(x_forwarded_user="alice"), "alice")
+    proxied = Authenticator(Clock(), addresses=ClientAddresses(), user_header="X-Forwarded-User")
+    assert proxied.has_credentials_for(Request(x_forwarded_user="alice"), "bob")
+
+
 def test_cookie_flags(files):
     passwords, _ = files
-    plain = Authenticator(Clock(), htpasswd=str(passwords))
+    plain = Authenticator(Clock(), addresses=ClientAddresses(), htpasswd=str(passwords))
     header = plain.cookie_header(Request(), "v").decode()
     assert header == f"{COOKIE_NAME}=v; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200"
-    behind_tls = Authenticator(Clock(), htpasswd=str(passwords),
+    behind_tls = Authenticator(Clock(), addresses=ClientAddresses(), htpasswd=str(passwords),
                                public_url="https://capsule.example")
     assert behind_tls.cookie_header(Request(), "v").decode().endswith("; Secure")
 
 
 def test_the_proxy_header_counts_from_a_trusted_proxy_only(files):
     auth = Authenticator(Clock(), user_header="X-Forwarded-User",
-                         trusted_proxies=(parse_network("10.0.0.0/8"),))
+                         addresses=ClientAddresses((parse_network("10.0.0.0/8"),)))
     assert result(auth.user_of(Request("tcp4:10.1.2.3:80", x_forwarded_user="carol"))) == "carol"
     with pytest.raises(AuthRefused):
         result(auth.user_of(Request("tcp4:192.0.2.1:80", x_forwarded_user="carol")))
@@ -203,7 +228,7 @@ def test_the_proxy_header_counts_from_a_trusted_proxy_only(files):
 
 def test_same_origin_with_a_public_url_and_its_default_port(files):
     passwords, _ = files
-    auth = Authenticator(Clock(), htpasswd=str(passwords),
+    auth = Authenticator(Clock(), addresses=ClientAddresses(), htpasswd=str(passwords),
                          public_url="https://capsule.example:443/terminal/")
     assert auth.same_origin(Request(origin="https://capsule.example"))
     assert auth.same_origin(Request(origin="https://Capsule.example:443"))
@@ -316,7 +341,8 @@ def test_a_right_password_is_hashed_once_until_the_file_changes(files):
         calls.append(args[0])
         return succeed(f(*args))
 
-    auth = Authenticator(Clock(), htpasswd=str(passwords), run_blocking=run)
+    auth = Authenticator(Clock(), addresses=ClientAddresses(), htpasswd=str(passwords),
+                         run_blocking=run)
     alice = Request(authorization=basic("alice", "wonderland"))
     assert [result(auth.user_of(alice)) for _ in range(3)] == ["alice"] * 3
     assert len(calls) == 1
@@ -338,7 +364,8 @@ def test_an_unknown_users_password_costs_a_bcrypt_check_too(files):
         hashes.append(hashed)
         return succeed(f(password, hashed))
 
-    auth = Authenticator(Clock(), htpasswd=str(passwords), run_blocking=run)
+    auth = Authenticator(Clock(), addresses=ClientAddresses(), htpasswd=str(passwords),
+                         run_blocking=run)
     with pytest.raises(AuthRefused):
         result(auth.user_of(Request(authorization=basic("mallory", "wonderland"))))
     assert hashes == [parse_htpasswd(passwords.read_text())["alice"]]

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from capsule.auth.gate import Authenticator
+from capsule.web.http import ClientAddresses
 from capsule.core.spec import ContainerSpec
 from capsule.core.errors import DockerUnavailable
 from capsule.ops.metrics import END_REASONS, Metrics, end_reason
@@ -263,7 +264,7 @@ def test_a_proxied_loopback_peer_needs_the_token(tmp_path):
 def test_no_login_needed_when_capsule_has_users(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("alice:" + "a" * 32 + "\n")
-    auth = Authenticator(Clock(), tokens=str(tokens))
+    auth = Authenticator(Clock(), addresses=ClientAddresses(), tokens=str(tokens))
     site = _site(tmp_path, token=TOKEN, authenticator=auth)
     assert _get(site, LOOPBACK)[0] == 200
     assert _get(site, REMOTE, b"Authorization: Bearer " + TOKEN.encode() + b"\r\n")[0] == 200

@@ -16,12 +16,12 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
+from capsule.core.addresses import Network
 from capsule.core.profiles import DEFAULT_PROFILE
 
 QUOTA_EXCEEDED = "quota_exceeded"
 SERVER_FULL = "server_full"
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class AdmissionRefused(Exception):
@@ -95,69 +95,6 @@ class TokenBucket:
         return True
 
 
-def _ip(text: str):
-    try:
-        address = ipaddress.ip_address(text.strip().strip("[]"))
-    except ValueError:
-        return None
-    # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
-    mapped = getattr(address, "ipv4_mapped", None)
-    return mapped if mapped is not None else address
-
-
-def _trusted(address, trusted: Iterable[Network]) -> bool:
-    return address is not None and any(
-        address.version == net.version and address in net for net in trusted)
-
-
-def _peer_host(request) -> str | None:
-    # A twisted.web request; then an Autobahn ConnectionRequest, whose peer
-    # is "tcp4:1.2.3.4:5678" or "tcp6:::1:5678".
-    get_address = getattr(request, "getClientAddress", None)
-    if get_address is not None:
-        return getattr(get_address(), "host", None)
-    peer = getattr(request, "peer", None) or ""
-    kind, _, rest = peer.partition(":")
-    if kind in ("tcp4", "tcp6", "tcp"):
-        return rest.rpartition(":")[0]
-    return peer or None
-
-
-def _forwarded_for(request) -> list[str]:
-    headers = getattr(request, "requestHeaders", None)
-    if headers is not None:
-        values = [v.decode("latin-1") for v in
-                  headers.getRawHeaders(b"x-forwarded-for", [])]
-    else:
-        value = (getattr(request, "headers", None) or {}).get("x-forwarded-for")
-        values = [value] if value else []
-    return [item.strip() for value in values for item in value.split(",")]
-
-
-def client_address(request, trusted: Iterable[Network] = ()) -> str:
-    """
-    The address of the client behind C{request} (an Autobahn
-    C{ConnectionRequest} or a C{twisted.web} request): the socket's peer,
-    or, when that peer is one of the C{trusted} proxies, the rightmost
-    address of its C{X-Forwarded-For} chain that is not a trusted proxy
-    (the leftmost, if all are).  Entries to the left of one that is not an
-    address are ignored: only a trusted proxy's word counts.
-    """
-    trusted = tuple(trusted)
-    host = _peer_host(request) or "unknown"
-    current = _ip(host)
-    if not _trusted(current, trusted):
-        return str(current) if current is not None else host
-    for item in reversed(_forwarded_for(request)):
-        address = _ip(item)
-        if address is None:
-            break
-        current = address
-        if not _trusted(address, trusted):
-            break
-    return str(current)
-
-
 @dataclass
 class AdmissionPolicy:
     """
@@ -188,6 +125,9 @@ class AdmissionControl:
 
     @param manager: has C{sessions} (a dict by id) and C{pool} (with
         C{ready} and C{pending}: warm containers, which hold memory too).
+    @param trusted_proxies: the proxies whose C{X-Forwarded-For} names the
+        client a session is counted against (read from a request by
+        L{capsule.web.http.client_address}).
     """
 
     def __init__(self, manager, clock, policy: AdmissionPolicy,
@@ -198,9 +138,6 @@ class AdmissionControl:
         self.trusted_proxies = tuple(trusted_proxies)
         self._creators: dict[str, str] = {}
         self._buckets: dict[str, TokenBucket] = {}
-
-    def client_address(self, request) -> str:
-        return client_address(request, self.trusted_proxies)
 
     def _prune(self, now: float) -> None:
         live = self._manager.sessions

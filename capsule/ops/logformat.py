@@ -21,6 +21,7 @@ default).  twistd's C{--logger}, when given, still takes precedence.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import datetime, timezone
 from typing import IO, Callable
@@ -125,3 +126,14 @@ def json_observer(server_options, stdout: IO[str] | None = None,
     if name == "-" or (not name and server_options.get("nodaemon")):
         return JSONLinesObserver(stdout)
     return JSONLinesObserver(open_file(name or "twistd.log"))
+
+
+_UUID = re.compile(r"\b([0-9a-f]{8})-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
+
+
+def short_ids(text: str) -> str:
+    """
+    C{text} with each session id cut to its first 8 characters: a full id
+    lets whoever reads it into the session, so logs carry the prefix only.
+    """
+    return _UUID.sub(r"\1", text)

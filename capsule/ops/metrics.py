@@ -16,7 +16,6 @@ Everyone else gets 403.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import sys
 import time
 
@@ -28,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from capsule.sessions.observers import SessionObserver
+from capsule.core.addresses import is_loopback
 
 # The classic text format (version 0.0.4), which every Prometheus reads.
 CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
@@ -250,15 +250,6 @@ class Metrics(SessionObserver):
 UNCOUNTED = Metrics()
 
 
-def _loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return (mapped or ip).is_loopback
-
-
 class MetricsResource(Resource):
     """
     C{GET /metrics}: L{Metrics.text} to loopback peers that came straight
@@ -283,7 +274,7 @@ class MetricsResource(Resource):
             # Through a proxy: the socket's peer is the proxy, not the client.
             return False
         peer = request.getClientAddress()
-        return _loopback(getattr(peer, "host", ""))
+        return is_loopback(getattr(peer, "host", ""))
 
     def render_GET(self, request):
         request.setHeader(b"cache-control", b"no-store")

@@ -24,8 +24,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
+from capsule.auth.gate import AuthRefused
 from capsule.sessions.drain import ENDED_BY_ADMIN, Drain, end_all
-from capsule.web.export import answer_json
+from capsule.web.http import answer_json, header, peer_address
 
 _log = Logger()
 
@@ -72,7 +73,7 @@ class AdminAccess:
         """
         if not _same_origin(request):
             return fail(AdminRefused(403, "the admin API does not answer other sites' pages"))
-        scheme, _, value = _header(request, b"authorization").strip().partition(" ")
+        scheme, _, value = header(request, b"authorization", "").strip().partition(" ")
         if self.token and scheme.lower() == "bearer" and hmac.compare_digest(
                 value.strip().encode("utf-8"), self.token.encode("utf-8")):
             return succeed("admin token")
@@ -87,7 +88,6 @@ class AdminAccess:
                 raise AdminRefused(403, f"{user} is not an administrator (--admin-user)")
 
             def refused(failure):
-                from capsule.auth.gate import AuthRefused
                 failure.trap(AuthRefused)
                 raise AdminRefused(failure.value.status, failure.value.message)
             return d.addCallbacks(known, refused)
@@ -104,20 +104,15 @@ def _same_origin(request) -> bool:
     must name the host it asks, and C{Sec-Fetch-Site} must not say
     cross-site.
     """
-    site = _header(request, b"sec-fetch-site", "same-origin").lower()
+    site = header(request, b"sec-fetch-site", "same-origin").lower()
     if site not in ("same-origin", "none"):
         return False
-    origin = _header(request, b"origin", None)
+    origin = header(request, b"origin")
     if origin is None:
         return True
-    host = _header(request, b"host").lower()
+    host = header(request, b"host", "").lower()
     netloc = origin.lower().split("://", 1)[-1].rstrip("/")
     return bool(host) and netloc == host
-
-
-def _header(request, name: bytes, default: str | None = "") -> str | None:
-    value = request.getHeader(name)
-    return default if value is None else value.decode("latin-1")
 
 
 def _from_loopback(request) -> bool:
@@ -148,7 +143,7 @@ class AdminResource(Resource):
             failure.trap(AdminRefused)
             e = failure.value
             _log.info("refused an admin request from {peer}: {message}",
-                      peer=str(getattr(request.getClientAddress(), "host", "?")),
+                      peer=peer_address(request),
                       message=e.message)
             if e.status == 401:
                 request.setHeader(b"www-authenticate", b'Bearer realm="capsule admin"')

@@ -33,12 +33,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from capsule.core.admission import QUOTA_EXCEEDED, AdmissionRefused
-from capsule.auth.gate import COOKIE_NAME, short_ids
-from capsule.auth.gate import _cookie as request_cookie
-from capsule.auth.gate import _headers as request_headers
 from capsule.engine.command import utf8_text
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable
-from capsule.web.export import ThreadFedProducer, json_body, json_error
+from capsule.ops.logformat import short_ids
+from capsule.web.http import client_address, json_body, json_error
+from capsule.web.streams import ThreadFedProducer
 from capsule.core.profiles import DEFAULT_PROFILE, UnknownProfile
 from capsule.sessions.service import OpenRequest, SessionService
 from capsule.sessions.session import SessionEnded
@@ -106,9 +105,8 @@ def _error(request, e: ApiError) -> bytes:
               method=request.method.decode("latin-1")[:10],
               path=short_ids(request.path.decode("utf-8", "replace")[:120]), status=e.status,
               code=e.code, message=short_ids(e.message[:300]))
-    if e.status in (429, 503):
-        request.setHeader(b"retry-after", b"%d" % RETRY_AFTER)
-    return json_body(request, e.status, {"error": e.message, "code": e.code, **e.extra})
+    return json_error(request, e.status, e.message, e.code,
+                      RETRY_AFTER if e.status in (429, 503) else None, **e.extra)
 
 
 def _user(request):
@@ -397,12 +395,7 @@ class SessionApi:
         authenticator = self.authenticator
         if authenticator is None:
             return True
-        headers = request_headers(request)
-        if "authorization" in headers or (authenticator.user_header is not None
-                                          and authenticator.user_header in headers):
-            return True
-        cookie = request_cookie(headers, COOKIE_NAME)
-        return cookie is not None and authenticator.logins.user(cookie) == session.core.user
+        return authenticator.has_credentials_for(request, session.core.user)
 
 
 class SessionsResource(_JsonResource):
@@ -443,7 +436,8 @@ class SessionsResource(_JsonResource):
         service = api.sessions
         admission = service.admission
         open_request = OpenRequest(
-            user=user, address=admission.client_address(request) if admission else None,
+            user=user, address=(client_address(request, admission.trusted_proxies)
+                                if admission is not None else None),
             profile=profile, size=(cols, rows), repository=repository, door="api")
         try:
             session = service.open(None, open_request)

@@ -18,22 +18,21 @@ archive and C{--export-timeout} seconds of work, after which it is cut off.
 from __future__ import annotations
 
 import datetime
-import json
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
-from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable
 from capsule.core.protocol import ProtocolError, parse_session_id
 from capsule.sessions.manager import SessionManager
+from capsule.web.http import Refusal, json_error, peer_address
+from capsule.web.streams import ThreadFedProducer
 
 _log = Logger()
 
@@ -45,14 +44,6 @@ EXPORT_MAX_BYTES = 2 * 1024 ** 3
 EXPORT_TIMEOUT = 600.0
 # What a client refused for having too many exports is told to wait.
 RETRY_AFTER = 10
-
-
-def peer_address(request) -> str:
-    """
-    The address of the socket's peer.
-    """
-    address = request.getClientAddress()
-    return getattr(address, "host", None) or "unknown"
 
 
 class TooManyExports(Exception):
@@ -154,51 +145,6 @@ class ExportQueue:
             ticket.ready.callback(None)
 
 
-def json_body(request, status: int, body) -> bytes:
-    """
-    Set C{request}'s status and JSON headers; return C{body} as JSON bytes.
-    """
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body).encode("utf-8")
-
-
-def answer_json(request, d: Deferred, what: str):
-    """
-    Answer C{request} with the C{(status, body)} that C{d} fires with, as
-    JSON, unless the client left meanwhile; a failure is logged as C{what}
-    failed.  Returns L{NOT_DONE_YET}, for a C{render} method to return.
-    """
-    gone = []
-    request.notifyFinish().addErrback(gone.append)
-
-    def answer(result):
-        status, body = result
-        if not gone:
-            request.write(json_body(request, status, body))
-            request.finish()
-
-    d.addCallback(answer)
-    d.addErrback(lambda f: _log.failure("{what} failed", f, what=what))
-    return NOT_DONE_YET
-
-
-def json_error(request, status: int, message: str, code: str) -> bytes:
-    return json_body(request, status, {"error": message, "code": code})
-
-
-class ErrorResource(Resource):
-    isLeaf = True
-
-    def __init__(self, status: int, message: str, code: str) -> None:
-        super().__init__()
-        self._error = (status, message, code)
-
-    def render(self, request):
-        return json_error(request, *self._error)
-
-
 @dataclass(frozen=True)
 class ExportLimits:
     """
@@ -242,13 +188,13 @@ class ExportResource(Resource):
         try:
             session_id = parse_session_id(name.decode("utf-8", "replace"))
         except ProtocolError as e:
-            return ErrorResource(404, e.message, e.code)
+            return Refusal(404, e.message, e.code)
         # Another user's session is, to this one, a session that does not exist.
         session = self._manager.find(session_id, getattr(request, "capsule_user", None))
         if session is None or session.over:
-            return ErrorResource(404, f"no live session {session_id}", "session_not_found")
+            return Refusal(404, f"no live session {session_id}", "session_not_found")
         if session.container_id is None:
-            return ErrorResource(409, f"session {session_id} is still starting", "starting")
+            return Refusal(409, f"session {session_id} is still starting", "starting")
         return WorkspaceExportResource(session.id, session.container_id, self)
 
     def render(self, request):
@@ -263,47 +209,6 @@ class ExportCutOff(ExportAborted):
     """
     The export passed one of its limits.
     """
-
-
-@implementer(IPushProducer)
-class ThreadFedProducer:
-    """
-    A push producer for what a worker thread writes through the reactor:
-    while the consumer is paused, a write's answer (L{_written}) waits until
-    it resumes, or fails once the producer is stopped (L{_release}).
-    """
-
-    def __init__(self) -> None:
-        self._paused = False
-        self._resumed: Deferred | None = None
-
-    def _written(self) -> Deferred | None:
-        """
-        What a write answers: while the consumer is paused, a Deferred that
-        fires once it resumes; else None.
-        """
-        if self._paused:
-            self._resumed = Deferred()
-            return self._resumed
-        return None
-
-    def _release(self, reason: Exception) -> None:
-        """
-        Fail the write that waits for the consumer, if one does, with
-        C{reason}.
-        """
-        resumed, self._resumed = self._resumed, None
-        if resumed is not None:
-            resumed.errback(reason)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        resumed, self._resumed = self._resumed, None
-        if resumed is not None:
-            resumed.callback(None)
 
 
 class _GzipStream(ThreadFedProducer):

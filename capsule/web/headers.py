@@ -9,8 +9,6 @@ HTTP request, and the WebSocket factory asks it at the handshake.
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import re
 import socket
 from urllib.parse import urlsplit
@@ -19,6 +17,9 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+
+from capsule.core.addresses import parse_ip
+from capsule.web.http import Refusal, header, peer_address
 
 _log = Logger()
 
@@ -95,15 +96,6 @@ def _without_path(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _ip(value: str):
-    try:
-        address = ipaddress.ip_address(value)
-    except ValueError:
-        return None
-    mapped = getattr(address, "ipv4_mapped", None)
-    return mapped if mapped is not None else address
-
-
 def is_secure(transport) -> bool:
     """
     Whether C{transport} is TLS (an C{ssl:} listener).
@@ -174,7 +166,7 @@ class HostPolicy:
         if name in self.allowed_hosts:
             return True
         if isinstance(local, (IPv4Address, IPv6Address)):
-            here = _ip(local.host)
+            here = parse_ip(local.host)
             loopback = here is not None and here.is_loopback
         else:
             # A UNIX socket: a proxy on this machine.
@@ -186,7 +178,7 @@ class HostPolicy:
             return False
         if name in self.hostnames:
             return True
-        asked = _ip(name)
+        asked = parse_ip(name)
         return asked is not None and here is not None and (
             asked == here or (asked.is_loopback and here.is_loopback))
 
@@ -227,29 +219,6 @@ class HostPolicy:
         return _CSP.format(websocket=websocket).encode("ascii")
 
 
-def _header(request, name: bytes) -> str | None:
-    value = request.getHeader(name)
-    return None if value is None else value.decode("latin-1")
-
-
-# Twisted knows no phrase for 421.
-_PHRASES = {421: b"Misdirected Request"}
-
-
-class _Refusal(Resource):
-    isLeaf = True
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__()
-        self._status, self._code, self._message = status, code, message
-
-    def render(self, request):
-        request.setResponseCode(self._status, _PHRASES.get(self._status))
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return json.dumps({"error": self._message, "code": self._code}).encode("utf-8")
-
-
 class GuardResource(Resource):
     """
     The root of the site, in front of C{wrapped}: every response gets the
@@ -278,7 +247,7 @@ class GuardResource(Resource):
 
     def _check(self, request) -> Resource | None:
         secure = request.isSecure()
-        host = _header(request, b"host")
+        host = header(request, b"host")
         policy = self.policy
         csp = policy.csp(host, secure)
         # An export's answer (a download, or a JSON error) is fetched by the
@@ -293,26 +262,21 @@ class GuardResource(Resource):
         request.setHeader(b"referrer-policy", b"no-referrer")
         if policy.hsts(secure):
             request.setHeader(b"strict-transport-security", HSTS)
-        peer = _peer(request)
+        peer = peer_address(request)
         if not policy.host_allowed(host, request.getHost(), secure):
             _log.warn("refused a request for host {host} (peer {peer})",
                       host=host[:200], peer=peer)
-            upgrade = (_header(request, b"upgrade") or "").lower() == "websocket"
-            return _Refusal(403 if upgrade else 421, "host_not_allowed",
-                            f"this server does not answer to the name {host[:200]}")
+            upgrade = (header(request, b"upgrade") or "").lower() == "websocket"
+            return Refusal(403 if upgrade else 421,
+                           f"this server does not answer to the name {host[:200]}",
+                           "host_not_allowed")
         if request.method not in SAFE_METHODS:
-            origin = _header(request, b"origin")
+            origin = header(request, b"origin")
             if not policy.origin_allowed(origin, host, secure):
                 _log.warn("refused a {method} from origin {origin} (peer {peer})",
                           method=request.method.decode("latin-1")[:20],
                           origin=origin[:200], peer=peer)
-                return _Refusal(403, "origin_not_allowed",
-                                f"origin {origin[:200]} is not allowed")
+                return Refusal(403, f"origin {origin[:200]} is not allowed",
+                               "origin_not_allowed")
         return None
 
-
-def _peer(request) -> str:
-    try:
-        return request.getClientAddress().host
-    except Exception:
-        return "?"

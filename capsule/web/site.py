@@ -24,10 +24,13 @@ from capsule.sessions.drain import Drain
 from capsule.sessions.service import SessionService
 from capsule.web.admin import AdminAccess, AdminMount, AdminResource
 from capsule.web.api import UPLOAD_MAX_BYTES, ApiResource, ProfilesResource, SessionApi, SessionsResource
-from capsule.auth.gate import AuthGate, Authenticator, LoginResource, LogoutResource, short_ids
+from capsule.auth.gate import Authenticator
 from capsule.core.errors import CapsuleError
-from capsule.web.export import ExportLimits, ExportResource, answer_json, peer_address
+from capsule.web.export import ExportLimits, ExportResource
 from capsule.web.headers import GuardResource, HostPolicy
+from capsule.web.http import answer_json, peer_address
+from capsule.web.login import AuthGate, LoginResource, LogoutResource
+from capsule.ops.logformat import short_ids
 from capsule.ops.metrics import Metrics, MetricsResource
 from capsule.web.openapi import OpenApiResource
 from capsule.sessions.manager import SessionManager
@@ -114,7 +117,7 @@ class LimitedRequest(Request):
         said = "a body" if length is None else f"a body of {length} bytes"
         _log.info("refused {said} for {path} (limit {limit} bytes) from {peer}", said=said,
                   path=getattr(self.channel, "_path", b"").decode("ascii", "replace")[:200],
-                  limit=limit, peer=_peer(self.channel))
+                  limit=limit, peer=peer_address(self))
         body = json.dumps({
             "error": f"this request may have a body of at most {limit} bytes",
             "code": "body_too_large", "limit": limit}).encode("utf-8")
@@ -133,13 +136,6 @@ class LimitedRequest(Request):
         # and the client could lose the answer.
         half_close()
         reactor.callLater(REFUSED_LINGER, transport.abortConnection)
-
-
-def _peer(channel) -> str:
-    try:
-        return channel.transport.getPeer().host
-    except Exception:
-        return "?"
 
 
 class CapsuleSite(Site):

@@ -19,10 +19,12 @@ from zope.interface import implementer
 from capsule.core import protocol as wire
 from capsule.sessions.drain import DRAINING
 from capsule.core.admission import QUOTA_EXCEEDED, AdmissionRefused
-from capsule.auth.gate import AuthRefused, short_ids
+from capsule.auth.gate import AuthRefused
+from capsule.ops.logformat import short_ids
 from capsule.core.coalesce import Coalescer
 from capsule.core.errors import CapsuleError, SessionNotFound
 from capsule.web.headers import HostPolicy, is_secure
+from capsule.web.http import client_address
 from capsule.core.interfaces import ISessionClient
 from capsule.core.session_core import InputOverrun
 from capsule.core.profiles import UnknownProfile, parse_profile_name
@@ -246,7 +248,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, refused)
         admission = self.factory.sessions.admission
         if admission is not None:
-            self._client_address = admission.client_address(request)
+            self._client_address = client_address(request, admission.trusted_proxies)
         values = request.params.get("session_id")
         self._requested_session = values[0] if values else None
         values = request.params.get("offset")

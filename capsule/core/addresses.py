@@ -1,0 +1,79 @@
+"""
+Client addresses, without a request: parsing an address, whether it is one
+of the trusted proxies, and which address of an C{X-Forwarded-For} chain
+is the client's.
+
+Reading those from a request (the socket's peer, the header's values) is
+L{capsule.web.http}'s.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_ip(text: str) -> Address | None:
+    """
+    The address C{text} names (an IPv6 one may be in brackets), or C{None}.
+    A dual-stack listener sees IPv4 clients as C{::ffff:a.b.c.d}: that is
+    the IPv4 address.
+    """
+    try:
+        address = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+def is_loopback(text: str) -> bool:
+    """
+    Whether C{text} is a loopback address (C{::ffff:127.0.0.1} too).
+    """
+    address = parse_ip(text)
+    return address is not None and address.is_loopback
+
+
+def is_trusted(address: Address | None, trusted: Iterable[Network]) -> bool:
+    """
+    Whether C{address} is in one of the C{trusted} networks.
+    """
+    return address is not None and any(
+        address.version == net.version and address in net for net in trusted)
+
+
+def split_forwarded_for(values: Iterable[str]) -> list[str]:
+    """
+    The entries of C{X-Forwarded-For} headers (each a comma-separated
+    list), in order.
+    """
+    return [item.strip() for value in values for item in value.split(",")]
+
+
+def client_behind(peer: str | None, forwarded_for: Iterable[str],
+                  trusted: Iterable[Network] = ()) -> str:
+    """
+    The address of the client: the socket's C{peer}, or, when that peer is
+    one of the C{trusted} proxies, the rightmost address of its
+    C{forwarded_for} chain (the entries of its C{X-Forwarded-For}) that is
+    not a trusted proxy (the leftmost, if all are).  Entries to the left of
+    one that is not an address are ignored: only a trusted proxy's word
+    counts.
+    """
+    trusted = tuple(trusted)
+    host = peer or "unknown"
+    current = parse_ip(host)
+    if not is_trusted(current, trusted):
+        return str(current) if current is not None else host
+    for item in reversed(list(forwarded_for)):
+        address = parse_ip(item)
+        if address is None:
+            break
+        current = address
+        if not is_trusted(address, trusted):
+            break
+    return str(current)
