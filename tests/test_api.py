@@ -12,7 +12,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from capsule.core.admission import AdmissionControl, AdmissionPolicy
-from capsule.web.api import (EXECS_PER_SESSION, UPLOAD_MAX_BYTES, exec_request, timed_argv)
+from capsule.web.exec import EXECS_PER_SESSION, exec_request, timed_argv
+from capsule.web.upload import UPLOAD_MAX_BYTES
 from capsule.auth.gate import Authenticator
 from capsule.web.http import ClientAddresses
 from capsule.engine.command import OutputCollector, utf8_text
@@ -398,7 +399,7 @@ def test_an_exec_whose_cwd_cannot_be_entered_is_a_400(api):
 def test_exec_output_held_at_once_is_bounded_server_wide(api):
     from twisted.internet.defer import Deferred
 
-    from capsule.web.api import EXEC_MAX_OUTPUT, EXEC_OUTPUT_BUDGET
+    from capsule.web.exec import EXEC_MAX_OUTPUT, EXEC_OUTPUT_BUDGET
     held = []
     argv = tuple(timed_argv(["slow"], 60))
     api.docker.commands[argv] = lambda stdin: held.append(Deferred()) or held[-1]
@@ -655,8 +656,9 @@ def _static_root(resource, depth=0):
 
 def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
     # With users, so that /login and /logout are in the tree.
-    from capsule.web.api import (ExecResource, ProfilesResource, SessionResource,
-                             SessionsResource, UploadResource)
+    from capsule.web.api import ProfilesResource, SessionResource, SessionsResource
+    from capsule.web.exec import ExecResource
+    from capsule.web.upload import UploadResource
     site = authed.site
     root = _static_root(site.resource)
     documented = {}
@@ -792,7 +794,7 @@ def test_with_users_an_upload_body_without_credentials_is_refused_before_it_is_r
 
 
 def test_uploads_at_once_are_bounded(api):
-    from capsule.web.api import UPLOADS_AT_ONCE
+    from capsule.web.upload import UPLOADS_AT_ONCE
     sessions = [api.create()["id"] for _ in range(UPLOADS_AT_ONCE + 1)]
     uploads = api.site.session_api.uploads
     uploads[sessions[0]] = 1

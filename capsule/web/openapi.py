@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 
 from capsule import __version__
-from capsule.web.api import (CREATE_MAX_BODY, EXEC_MAX_BODY, EXEC_MAX_OUTPUT, EXEC_MAX_TIMEOUT,
-                  EXEC_OUTPUT, EXEC_TIMEOUT, EXECS_PER_SESSION, _JsonResource)
+from capsule.web.api import CREATE_MAX_BODY
+from capsule.web.api_base import JsonResource
+from capsule.web.exec import (EXEC_MAX_BODY, EXEC_MAX_OUTPUT, EXEC_MAX_TIMEOUT, EXEC_OUTPUT,
+                              EXEC_TIMEOUT, EXECS_PER_SESSION)
 
 _ID = {"name": "id", "in": "path", "required": True,
        "schema": {"type": "string", "format": "uuid"}, "description": "a session id"}
@@ -278,7 +280,7 @@ def document() -> dict:
     }
 
 
-class OpenApiResource(_JsonResource):
+class OpenApiResource(JsonResource):
     """
     C{GET /api/openapi.json}; another method is a JSON 405, as everywhere
     under C{/api}.

@@ -23,7 +23,8 @@ from capsule import __version__
 from capsule.sessions.drain import Drain
 from capsule.sessions.service import SessionService
 from capsule.web.admin import AdminAccess, AdminMount, AdminResource
-from capsule.web.api import UPLOAD_MAX_BYTES, ApiResource, ProfilesResource, SessionApi, SessionsResource
+from capsule.web.api import ApiResource, ProfilesResource, SessionApi, SessionsResource
+from capsule.web.upload import UPLOAD_MAX_BYTES
 from capsule.auth.gate import Authenticator
 from capsule.core.errors import CapsuleError
 from capsule.web.export import ExportLimits, ExportResource

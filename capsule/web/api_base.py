@@ -1,0 +1,196 @@
+"""
+What the session API's resources share: its JSON requests (bounded, checked
+field by field), its errors (L{ApiError}, answered as
+C{{"error": sentence, "code": word}}), answers that come later
+(L{answer_when}), and the base of a session's POST resources with their
+per-session counts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable
+from capsule.ops.logformat import short_ids
+from capsule.web.http import json_body, json_error
+
+
+if TYPE_CHECKING:
+    from capsule.web.api import SessionApi
+
+_log = Logger()
+
+# Bytes of body read on a route that takes none (GET, DELETE): enough that
+# a method it does not have, sent with a small body, gets its 405.
+NO_BODY = 4096
+RETRY_AFTER = 5
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, **extra) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.extra = status, message, code, extra
+
+
+def error_body(request, e: ApiError) -> bytes:
+    _log.info("API: {method} {path} refused with {status} {code}: {message!r}",
+              method=request.method.decode("latin-1")[:10],
+              path=short_ids(request.path.decode("utf-8", "replace")[:120]), status=e.status,
+              code=e.code, message=short_ids(e.message[:300]))
+    return json_error(request, e.status, e.message, e.code,
+                      RETRY_AFTER if e.status in (429, 503) else None, **e.extra)
+
+
+def user_of(request):
+    return getattr(request, "capsule_user", None)
+
+
+def json_request(request, what: str, empty_ok: bool = False) -> dict:
+    """
+    The JSON object a request's body holds (with C{empty_ok}, none is C{{}}).
+
+    @raise ApiError: for another content type, or a body that is not one.
+    """
+    data = request.content.read()
+    if empty_ok and not data:
+        return {}
+    kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if kind != b"application/json":
+        raise ApiError(415, f"{what} takes a JSON body (Content-Type: application/json)",
+                       "unsupported_media_type")
+    try:
+        body = json.loads(data)
+    except ValueError as e:
+        raise ApiError(400, f"the body is not JSON: {e}", "bad_request") from None
+    except RecursionError:
+        raise ApiError(400, "the body's JSON nests too deeply", "bad_request") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", "bad_request")
+    return body
+
+
+def only_keys(body: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown field(s): {', '.join(map(str, unknown))[:200]}; known:"
+                            f" {', '.join(sorted(allowed))}", "bad_request")
+
+
+def integer_field(body: dict, name: str, default, low: int, high: int):
+    value = body.get(name, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(400, f"{name} must be a whole number from {low} to {high}",
+                       "bad_request")
+    return value
+
+
+def text_field(body: dict, name: str, limit: int) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit or "\0" in value:
+        raise ApiError(400, f"{name} must be a string of at most {limit} characters"
+                            " without NUL", "bad_request")
+    return value
+
+
+class JsonResource(Resource):
+    """
+    A resource whose every answer, errors included, is JSON; a method it
+    does not have is a 405 that says which it has.
+    """
+
+    methods: tuple[bytes, ...] = ()
+
+    def render(self, request):
+        # HEAD is GET without the body, which twisted.web leaves out.
+        method = b"GET" if request.method == b"HEAD" else request.method
+        if method not in self.methods:
+            allowed = b", ".join(self.methods)
+            request.setHeader(b"allow", allowed)
+            return json_error(request, 405, f"{request.method.decode('latin-1')[:20]} is not"
+                              f" allowed here; use {allowed.decode()}", "method_not_allowed")
+        try:
+            return getattr(self, "render_" + method.decode("ascii"))(request)
+        except ApiError as e:
+            return error_body(request, e)
+
+    def getChild(self, name, request):
+        return NotFound()
+
+
+class NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        path = request.path.decode("utf-8", "replace")[:200]
+        return json_error(request, 404, f"no such API route: {path} (see /api/openapi.json)",
+                          "not_found")
+
+
+def answer_when(request, d: Deferred, what: str):
+    """
+    Answer with the C{(status, body)} C{d} fires with, or the L{ApiError}
+    it fails with, unless the client left meanwhile.
+    """
+    gone = []
+    request.notifyFinish().addErrback(gone.append)
+
+    def answer(result):
+        if isinstance(result, ApiError):
+            data = error_body(request, result)
+        else:
+            status, body = result
+            data = json_body(request, status, body)
+        if not gone:
+            request.write(data)
+            request.finish()
+
+    def failed(failure):
+        if failure.check(ApiError):
+            return failure.value
+        if failure.check(ContainerGone):
+            return ApiError(404, failure.value.message, "session_not_found")
+        if failure.check(DockerUnavailable):
+            return ApiError(503, failure.value.message, "docker_unavailable")
+        _log.failure("{what} failed", failure, what=what)
+        message = failure.value.message if failure.check(CapsuleError) else "internal error"
+        return ApiError(500, f"{what} failed: {message}", "internal_error")
+
+    d.addErrback(failed)
+    d.addCallback(answer)
+    d.addErrback(lambda f: _log.failure("answering {what} failed", f, what=what))
+    return NOT_DONE_YET
+
+
+class SessionPost(JsonResource):
+    """
+    A session's POST resource (C{/api/sessions/{id}/...}): a leaf, of the
+    session C{session_id}.
+    """
+
+    isLeaf = True
+    methods = (b"POST",)
+
+    def __init__(self, api: SessionApi, session_id: str) -> None:
+        super().__init__()
+        self.api, self.session_id = api, session_id
+
+
+def count_down(counts: dict[str, int], session_id: str) -> None:
+    """
+    One fewer of a session's running requests in C{counts}; none is no key.
+    """
+    left = counts.get(session_id, 1) - 1
+    if left:
+        counts[session_id] = left
+    else:
+        counts.pop(session_id, None)
