@@ -16,7 +16,8 @@ import pytest
 from twisted.test import iosim
 
 from capsule.core.protocol import BINARY_SUBPROTOCOL
-from capsule.web.websocket import CapsuleServerFactory, JsonWire, BinaryWire
+from capsule.web.websocket import CapsuleServerFactory
+from capsule.web.wire import BinaryWire, JsonWire
 
 from .in_memory import (  # noqa: F401 (fixtures)
     CLIENT_ADDRESS, HOST, SERVER_ADDRESS, Link, clock, docker, manager)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from capsule.web.websocket import url_size
+from capsule.web.wire import url_size
 from capsule.core.protocol import ProtocolError
 
 from .test_websocket import (  # noqa: F401 (fixtures)
