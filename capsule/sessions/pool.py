@@ -96,10 +96,6 @@ class WarmPool:
         """
         return {self.making.id} if self.making is not None else set()
 
-    @property
-    def filling(self) -> int:
-        return 1 if self.making is not None else 0
-
     def holds(self, session) -> bool:
         return session is self.making or session in self.ready or session in self._ending
 
