@@ -23,7 +23,7 @@ from capsule.web.headers import GuardResource, HostPolicy, parse_host, parse_ori
 from capsule.sessions.session import SessionConfig, SessionManager
 from capsule.tap import Options, makeService
 from tests.support.fakes import FakeDockerAPI
-from tests.support.httpclient import Response, parse, send
+from tests.support.httpclient import Response, parse, request_bytes, send, upgrade_headers
 from capsule.web.site import make_site
 from capsule.web.websocket import CapsuleServerFactory
 
@@ -341,11 +341,8 @@ def handshake(factory, host: str, origin: str | None, local=LOOPBACK):
     server = factory.buildProtocol(CLIENT)
     transport = iosim.FakeTransport(server, True, local, CLIENT)
     server.makeConnection(transport)
-    lines = ["GET /ws HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
-             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
-    if origin is not None:
-        lines.append(f"Origin: {origin}")
-    server.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode())
+    server.dataReceived(request_bytes("GET", "/ws", upgrade_headers(origin), host=host,
+                                      close=False))
     answer = transport.getOutBuffer()
     return answer.split(b"\r\n", 1)[0].decode()
 

@@ -8,7 +8,8 @@ live capsule over a socket or of capsule's Site in memory.
    (several on one kept-alive connection): a live server, through the
    standard library's C{http.client}.  Redirects are not followed; a
    C{Host} header given replaces the one from the URL; an iterable body is
-   sent chunked; C{https} URLs take an C{ssl.SSLContext}.
+   sent chunked; C{https} URLs take an C{ssl.SSLContext}.  L{status_line}:
+   the first line of an answer that does not end (a WebSocket upgrade).
  - L{send}, L{ask} and L{ask_later}: capsule's Site in memory, a request's
    bytes written into one of its channels over a C{StringTransport} (of
    the peer and local addresses asked for), and L{parse} of what it wrote.
@@ -22,6 +23,8 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import socket
+import ssl
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
@@ -156,6 +159,43 @@ def request(url: str, method: str = "GET", headers: HeadersIn = None, body=None,
         pairs.append(("Connection", "close"))
     with Connection(url, timeout, context) as connection:
         return connection.request(method, target, pairs, body)
+
+
+def status_line(url: str, headers: HeadersIn = None, *, host=None, context=None,
+                timeout: float = 30) -> str:
+    """
+    The status line of the answer to a GET of C{url} (C{Host}: C{host}, or
+    the URL's), read as it comes: for an answer that has no end, such as a
+    WebSocket upgrade's 101.
+    """
+    parts = urllib.parse.urlsplit(url)
+    target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    head = request_bytes("GET", target, headers, host=host or parts.netloc, close=False)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as raw:
+        sock = raw
+        if parts.scheme in ("https", "wss"):
+            sock = (context or ssl.create_default_context()).wrap_socket(
+                raw, server_hostname=parts.hostname)
+        with sock:
+            sock.sendall(head)
+            answer = b""
+            while b"\r\n" not in answer:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                answer += data
+    return answer.split(b"\r\n", 1)[0].decode()
+
+
+def upgrade_headers(origin: str | None = None) -> list[str]:
+    """
+    A browser's WebSocket upgrade request's headers (RFC 6455's example
+    key, whose accept is C{s3pPLMBiTxaQ9kYGzzhZRbK+xOo=}), with C{Origin}
+    unless C{origin} is C{None}.
+    """
+    headers = ["Upgrade: websocket", "Connection: Upgrade",
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+    return headers + ([f"Origin: {origin}"] if origin is not None else [])
 
 
 # -- capsule's Site in memory --------------------------------------------------------
