@@ -13,6 +13,10 @@ live capsule over a socket or of capsule's Site in memory.
  - L{send}, L{ask} and L{ask_later}: capsule's Site in memory, a request's
    bytes written into one of its channels over a C{StringTransport} (of
    the peer and local addresses asked for), and L{parse} of what it wrote.
+   (Not treq's C{StubTreq}: it serves a resource from a plain Site of its
+   own, to one fixed peer, where these tests need capsule's Site, with its
+   body limits and request class, and a peer, a local address or a TLS
+   transport of their choosing.)
 
 The tests that attack the wire itself (a body cut off, a declared length
 that is a lie, a slow reader) write their own bytes, and do not use this.
