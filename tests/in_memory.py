@@ -1,7 +1,8 @@
 """
 Clients of capsule in memory, shared by the unit tests: an HTTP response
-parsed from the bytes a Site wrote, and Autobahn's own WebSocket client
-linked to the real server protocol over Twisted's in-memory transports
+parsed from the bytes a Site wrote (as L{tests.support.httpclient} parses
+it, with its body as JSON), and Autobahn's own WebSocket client linked to
+the real server protocol over Twisted's in-memory transports
 (twisted.test.iosim), with the fake engine and a Clock that is also txaio's
 loop, where Autobahn schedules its timers (handshake, close, keepalive).
 
@@ -11,8 +12,6 @@ that use them.
 
 from __future__ import annotations
 
-import http.client
-import io
 import json
 
 import pytest
@@ -28,6 +27,7 @@ from capsule.core.protocol import BINARY_SUBPROTOCOL
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from tests.support.fakes import FakeDockerAPI
+from tests.support.httpclient import Headers, parse
 
 HOST = "localhost:3001"
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 3001)
@@ -35,19 +35,13 @@ CLIENT_ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
 SPEC = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
 
 
-def parse_response(raw: bytes) -> tuple[int, dict[str, str], object]:
+def parse_response(raw: bytes) -> tuple[int, Headers, object]:
     """
-    The status, headers (names in lower case) and JSON body (None for an
-    empty one) of the HTTP response C{raw}.
+    The status, headers and JSON body (None for an empty one) of the HTTP
+    response C{raw}.
     """
-    class Socket:
-        def makefile(self, mode):
-            return io.BytesIO(raw)
-    response = http.client.HTTPResponse(Socket(), method="GET")
-    response.begin()
-    body = response.read()
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, (
-        json.loads(body) if body else None)
+    response = parse(raw)
+    return response.status, response.headers, response.json()
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.testing import (MemoryReactor, MemoryReactorClock, RaisingMemoryReactor,
-                                      StringTransport)
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, RaisingMemoryReactor
 from twisted.logger import formatEvent, globalLogPublisher
 
 from capsule.admin import AdminClient, AdminError, do_cleanup, format_sessions, main
@@ -25,9 +24,9 @@ from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from capsule.tap import ListenerService, Options, listening_url
 from tests.support.fakes import FakeDockerAPI, RecordingClient
+from tests.support.httpclient import ask
 from capsule.web.site import make_site
 
-from .in_memory import parse_response
 
 TOKEN = "a" * 32
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -45,15 +44,8 @@ class Admin:
                               admin_users=users)
 
     def request(self, path: str, method: str = "GET", peer=LOOPBACK, headers=()):
-        channel = self.site.buildProtocol(None)
-        transport = StringTransport(peerAddress=peer)
-        channel.makeConnection(transport)
-        lines = [f"{method} {path} HTTP/1.1", "Host: capsule", "Connection: close",
-                 *[f"{k}: {v}" for k, v in headers]]
-        channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode())
-        assert transport.disconnecting, f"no complete answer to {method} {path}"
-        status, _, body = parse_response(transport.value())
-        return status, body
+        response = ask(self.site, method, path, headers, peer=peer)
+        return response.status, response.json()
 
     def session(self, user=None):
         client = RecordingClient()

@@ -23,6 +23,7 @@ from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from capsule.core.tarcheck import ArchiveRefused, check, kind_of, rewrite
 from tests.support.fakes import FakeDockerAPI
+from tests.support.httpclient import answered, send
 
 from .in_memory import parse_response
 
@@ -47,28 +48,20 @@ class Api:
     def send(self, path: str, method: str = "GET", body: bytes | None = None,
              token: str | None = None, content_type: str = "application/json",
              length: int | None = None) -> StringTransport:
-        channel = self.site.buildProtocol(None)
-        transport = StringTransport(peerAddress=PEER)
-        channel.makeConnection(transport)
-        lines = [f"{method} {path} HTTP/1.1", "Host: capsule", "Connection: close"]
+        headers = []
         if token is not None:
-            lines.append(f"Authorization: Bearer {token}")
+            headers.append(("Authorization", f"Bearer {token}"))
         if body is not None:
-            lines += [f"Content-Type: {content_type}",
-                      f"Content-Length: {len(body) if length is None else length}"]
-        channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
-        return transport
+            headers += [("Content-Type", content_type),
+                        ("Content-Length", len(body) if length is None else length)]
+        return send(self.site, method, path, headers, body, peer=PEER)
 
     def request(self, path: str, method: str = "GET", body=None, **kwargs):
         if body is not None and not isinstance(body, bytes):
             body = json.dumps(body).encode()
-        transport = self.send(path, method, body, **kwargs)
-        for _ in range(100):
-            if transport.disconnecting:
-                break
-            self.reactor.advance(0.05)
-        assert transport.disconnecting, f"no complete answer to {method} {path}"
-        return parse_response(transport.value())
+        response = answered(self.send(path, method, body, **kwargs), method,
+                            f"{method} {path}", clock=self.reactor)
+        return response.status, response.headers, response.json()
 
     def create(self, **kwargs):
         status, _, body = self.request("/api/sessions", "POST", {"cols": 100, "rows": 30},

@@ -5,7 +5,6 @@ The Docker contract (tests/docker_contract.py), against the fake engine.
 import uuid
 
 import pytest
-import pytest_twisted
 from twisted.internet.defer import succeed
 
 from capsule.core.spec import ContainerSpec
@@ -96,8 +95,3 @@ class TestFakeDocker(DockerContract):
             api.add_file(container_id, path, data)
             return succeed(None)
         return put
-
-    @pytest.mark.xfail(strict=True, reason="fake emits before the Deferred fires")
-    @pytest_twisted.ensureDeferred
-    async def test_spawn_exec_fires_before_the_first_output(self, api, spec):
-        await super().test_spawn_exec_fires_before_the_first_output(api, spec)

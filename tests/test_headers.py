@@ -7,8 +7,6 @@ Twisted's in-memory transports, and the options that configure them.
 
 from __future__ import annotations
 
-import http.client
-import io
 import json
 
 import pytest
@@ -26,6 +24,7 @@ from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from capsule.tap import Options, makeService
 from tests.support.fakes import FakeDockerAPI
+from tests.support.httpclient import Response, parse, request_bytes, send, upgrade_headers
 from capsule.web.site import make_site
 from capsule.web.websocket import CapsuleServerFactory
 
@@ -192,15 +191,6 @@ def test_hsts_under_tls_or_an_https_public_url():
 # -- the site, in memory -------------------------------------------------------------
 
 
-def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    class _Socket:
-        def makefile(self, mode):
-            return io.BytesIO(raw)
-    response = http.client.HTTPResponse(_Socket(), method="GET")
-    response.begin()
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-
-
 @pytest.fixture
 def www(tmp_path):
     www = tmp_path / "www"
@@ -233,16 +223,10 @@ class Site:
 
     def request(self, path: bytes = b"/health", *, host: bytes | None = b"127.0.0.1:3001",
                 method: bytes = b"GET", headers: tuple[bytes, ...] = (), local=LOOPBACK,
-                secure: bool = False) -> tuple[int, dict[str, str], bytes]:
-        channel = self.site.buildProtocol(None)
-        kind = TLSStringTransport if secure else StringTransport
-        transport = kind(hostAddress=local, peerAddress=CLIENT)
-        channel.makeConnection(transport)
-        lines = [method + b" " + path + b" HTTP/1.1", b"Connection: close", *headers]
-        if host is not None:
-            lines.append(b"Host: " + host)
-        channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n")
-        return parse(transport.value())
+                secure: bool = False) -> Response:
+        transport = send(self.site, method, path, headers, host=host, peer=CLIENT, local=local,
+                         transport_class=TLSStringTransport if secure else StringTransport)
+        return parse(transport.value(), method)
 
 
 @pytest.fixture
@@ -358,11 +342,8 @@ def handshake(factory, host: str, origin: str | None, local=LOOPBACK):
     server = factory.buildProtocol(CLIENT)
     transport = iosim.FakeTransport(server, True, local, CLIENT)
     server.makeConnection(transport)
-    lines = ["GET /ws HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
-             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
-    if origin is not None:
-        lines.append(f"Origin: {origin}")
-    server.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode())
+    server.dataReceived(request_bytes("GET", "/ws", upgrade_headers(origin), host=host,
+                                      close=False))
     answer = transport.getOutBuffer()
     return answer.split(b"\r\n", 1)[0].decode()
 

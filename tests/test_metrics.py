@@ -3,15 +3,13 @@
 format through prometheus_client's own parser, and who may read it.
 """
 
-import http.client
-import io
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 
 from capsule.auth.gate import Authenticator
 from capsule.web.http import ClientAddresses
@@ -21,6 +19,7 @@ from capsule.ops.metrics import END_REASONS, Metrics, end_reason
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from tests.support.fakes import FakeDockerAPI, RecordingClient
+from tests.support.httpclient import ask, parse, send
 from capsule.web.site import make_site
 
 IMAGE = "capsule-runtime:latest"
@@ -187,15 +186,6 @@ def test_docker_call_latency_and_failures():
 # -- who may read /metrics ---------------------------------------------------
 
 
-def _parse(raw: bytes):
-    class _Socket:
-        def makefile(self, mode):
-            return io.BytesIO(raw)
-    response = http.client.HTTPResponse(_Socket(), method="GET")
-    response.begin()
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-
-
 def _site(tmp_path, token=None, authenticator=None):
     (tmp_path / "index.html").write_text("page")
     (tmp_path / "login.html").write_text("login")
@@ -209,13 +199,8 @@ def _site(tmp_path, token=None, authenticator=None):
 
 
 def _get(site, peer, headers=b""):
-    channel = site.buildProtocol(None)
-    transport = StringTransport(peerAddress=peer)
-    channel.makeConnection(transport)
-    channel.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: capsule\r\nConnection: close\r\n"
-                         + headers + b"\r\n")
-    assert transport.disconnecting
-    return _parse(transport.value())
+    return ask(site, "GET", "/metrics", [line for line in headers.split(b"\r\n") if line],
+               peer=peer)
 
 
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -322,11 +307,7 @@ def test_an_export_over_the_client_limit_is_a_counted_refusal(tmp_path):
     session = manager.create(RecordingClient(), 80, 24)
     for _ in range(site.exports.limits.per_client):
         site.exports.queue.join("127.0.0.1")
-    channel = site.buildProtocol(None)
-    transport = StringTransport(peerAddress=LOOPBACK)
-    channel.makeConnection(transport)
-    channel.dataReceived(b"GET /api/export/" + session.id.encode() + b" HTTP/1.1\r\n"
-                         b"Host: capsule\r\nConnection: close\r\n\r\n")
-    assert _parse(transport.value())[0] == 429
+    transport = send(site, "GET", "/api/export/" + session.id, peer=LOOPBACK)
+    assert parse(transport.value()).status == 429
     assert value(site.metrics, "capsule_refusals_total", code="too_many_exports") == 1
     assert value(site.metrics, "capsule_exports_started_total") == 0

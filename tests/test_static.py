@@ -7,14 +7,11 @@ whole site (so the security headers are checked too).
 import base64
 import gzip
 import hashlib
-import http.client
-import io
 import os
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.filepath import FilePath
 from twisted.web.http import datetimeToString
 
@@ -24,6 +21,7 @@ from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from capsule.web.static import StaticCache
 from tests.support.fakes import FakeDockerAPI
+from tests.support.httpclient import Response, ask_later
 from capsule.web.site import make_site
 
 APP = b"// capsule's app\n" + b"".join(b"console.log('line %d');\n" % i for i in range(200))
@@ -48,26 +46,6 @@ def version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-class _Socket:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def makefile(self, mode):
-        return io.BytesIO(self._data)
-
-
-class Answer:
-    def __init__(self, raw: bytes, method: str) -> None:
-        response = http.client.HTTPResponse(_Socket(raw), method=method)
-        response.begin()
-        self.status = response.status
-        self.headers = {k.lower(): v for k, v in response.getheaders()}
-        self.body = response.read()
-
-    def __getitem__(self, name: str) -> str | None:
-        return self.headers.get(name)
-
-
 @pytest.fixture
 def www(tmp_path):
     www = tmp_path / "www"
@@ -89,23 +67,13 @@ class Site:
             spec=ContainerSpec(image="capsule-runtime:latest"), instance="static-test"))
         self.site = make_site(manager, docker, MemoryReactorClock(), str(www))
 
-    async def ask(self, path: bytes, method: bytes = b"GET", **headers: str) -> Answer:
+    async def ask(self, path: bytes, method: bytes = b"GET", **headers: str) -> Response:
         """
         The whole answer: Twisted sends a file through the global
         cooperator, so this waits (up to a deadline) for the global reactor.
         """
-        channel = self.site.buildProtocol(None)
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        lines = b"".join(b"%s: %s\r\n" % (name.replace("_", "-").encode(), value.encode())
-                         for name, value in headers.items())
-        channel.dataReceived(method + b" " + path + b" HTTP/1.1\r\nHost: capsule\r\n"
-                             + lines + b"Connection: close\r\n\r\n")
-        deadline = reactor.seconds() + 10
-        while not transport.disconnecting and reactor.seconds() < deadline:
-            await task.deferLater(reactor, 0.001, lambda: None)
-        assert transport.disconnecting, f"no complete answer to {path!r}"
-        return Answer(transport.value(), method.decode())
+        return await ask_later(self.site, method, path,
+                               [(name.replace("_", "-"), value) for name, value in headers.items()])
 
 
 @pytest.fixture
@@ -113,7 +81,7 @@ def site(www):
     return Site(www)
 
 
-def secured(answer: Answer) -> None:
+def secured(answer: Response) -> None:
     missing = [name for name in SECURITY if answer[name] is None]
     assert missing == []
 

@@ -3,13 +3,10 @@ The HTTP side in memory: requests go through the real Site (URL parsing,
 the resource tree) over a StringTransport, against the fake engine.
 """
 
-import http.client
-import io
 import json
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.error import ConnectionDone
@@ -22,23 +19,10 @@ from capsule.core.errors import DockerUnavailable
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from tests.support.fakes import FakeDockerAPI
+from tests.support.httpclient import Response, ask, ask_later, parse, send
 from capsule.web.site import HEALTH_TIMEOUT, make_site
 
 IMAGE = "capsule-runtime:latest"
-
-
-class _Socket:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def makefile(self, mode):
-        return io.BytesIO(self._data)
-
-
-def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
-    response = http.client.HTTPResponse(_Socket(raw), method="GET")
-    response.begin()
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
 
 
 class Web:
@@ -55,32 +39,20 @@ class Web:
         self.site = make_site(self.manager, self.docker, self.reactor, str(www))
 
     def send(self, path: bytes, method: bytes = b"GET") -> StringTransport:
-        channel = self.site.buildProtocol(None)
-        transport = StringTransport()
-        transport.channel = channel
-        channel.makeConnection(transport)
-        channel.dataReceived(method + b" " + path
-                             + b" HTTP/1.1\r\nHost: capsule\r\nConnection: close\r\n\r\n")
-        return transport
+        return send(self.site, method, path)
 
-    def get(self, path: bytes, method: bytes = b"GET") -> tuple[int, dict[str, str], bytes]:
+    def get(self, path: bytes, method: bytes = b"GET") -> Response:
         """
         The answer, which must be complete at once.
         """
-        transport = self.send(path, method)
-        assert transport.disconnecting, f"no complete answer to {path!r}"
-        return parse(transport.value())
+        return ask(self.site, method, path)
 
-    async def get_file(self, path: bytes) -> tuple[int, dict[str, str], bytes]:
+    async def get_file(self, path: bytes) -> Response:
         """
         The answer of a static file: Twisted sends files through the global
         cooperator, so this waits (up to a deadline) for the global reactor.
         """
-        transport = self.send(path)
-        deadline = reactor.seconds() + 10
-        while not transport.disconnecting and reactor.seconds() < deadline:
-            await task.deferLater(reactor, 0.001, lambda: None)
-        return parse(transport.value())
+        return await ask_later(self.site, "GET", path)
 
 
 @pytest.fixture

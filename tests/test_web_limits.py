@@ -8,7 +8,8 @@ import json
 import pytest
 from twisted.internet.testing import StringTransport
 
-from tests.test_web import Web, parse, www  # noqa: F401  (the fixture)
+from tests.support.httpclient import parse
+from tests.test_web import Web, www  # noqa: F401  (the fixture)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from twisted.test import iosim
 from capsule.core.protocol import BINARY_SUBPROTOCOL
 from capsule.web.websocket import CapsuleServerFactory
 from capsule.web.wire import BinaryWire, JsonWire
+from tests.support.httpclient import request_bytes, upgrade_headers
 
 from .in_memory import (  # noqa: F401 (fixtures)
     CLIENT_ADDRESS, HOST, SERVER_ADDRESS, Link, clock, docker, manager)
@@ -548,14 +549,9 @@ def handshake(factory, origin: str | None) -> tuple[int, bytes, iosim.FakeTransp
     server = factory.buildProtocol(CLIENT_ADDRESS)
     transport = iosim.FakeTransport(server, True, SERVER_ADDRESS, CLIENT_ADDRESS)
     server.makeConnection(transport)
-    lines = [
-        "GET /ws HTTP/1.1", f"Host: {HOST}", "Upgrade: websocket", "Connection: Upgrade",
-        # RFC 6455's example key; its accept is s3pPLMBiTxaQ9kYGzzhZRbK+xOo=.
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13",
-    ]
-    if origin is not None:
-        lines.append(f"Origin: {origin}")
-    server.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode())
+    # RFC 6455's example key; its accept is s3pPLMBiTxaQ9kYGzzhZRbK+xOo=.
+    server.dataReceived(request_bytes("GET", "/ws", upgrade_headers(origin), host=HOST,
+                                      close=False))
     answer = transport.getOutBuffer()
     return int(answer.split(b" ", 2)[1]), answer, transport, server
 

@@ -9,18 +9,18 @@ answering.
 from __future__ import annotations
 
 import gzip
+import http.client
 import io
 import json
 import tarfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
 
 from capsule.web.openapi import ROUTES
 from tests.support.clients import BlockingTerminal
+from tests.support.httpclient import request
 
 from .harness import docker_client, instance_containers, wait_for
 
@@ -39,13 +39,7 @@ def call(server, path: str, method: str = "GET", body=None, token: str | None = 
     if body is not None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         headers["Content-Type"] = content_type or "application/json"
-    request = urllib.request.Request(server.url + path, data=data, method=method,
-                                     headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            status, payload = response.status, response.read()
-    except urllib.error.HTTPError as e:
-        status, payload = e.code, e.read()
+    status, _, payload = request(server.url + path, method, headers, data, timeout=120)
     if raw:
         return status, payload
     return status, json.loads(payload) if payload else None
@@ -312,15 +306,10 @@ def test_the_answers_match_the_openapi_document(server):
     seen = []
 
     def check(template, method, path, body=None, content_type="application/json"):
-        request = urllib.request.Request(server.url + path, data=body, method=method,
-                                         headers={"Content-Type": content_type} if body
-                                         is not None else {})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                status, kind, data = response.status, response.headers["content-type"], (
-                    response.read())
-        except urllib.error.HTTPError as e:
-            status, kind, data = e.code, e.headers["content-type"], e.read()
+        status, headers, data = request(server.url + path, method,
+                                        {"Content-Type": content_type} if body is not None
+                                        else {}, body, timeout=120)
+        kind = headers.get("content-type")
         answer = doc["paths"][template][method.lower()]["responses"].get(str(status))
         assert answer is not None, (method, template, status, data[:200])
         content = answer.get("content", {})
@@ -375,14 +364,10 @@ def test_the_documented_login_routes_answer_with_users(make_server, tmp_path):
 
 
 def _chunked(server, path: str, chunks):
-    request = urllib.request.Request(server.url + path, data=iter(chunks), method="POST",
-                                     headers={"Content-Type": "application/x-tar",
-                                              "Transfer-Encoding": "chunked"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    status, _, body = request(server.url + path, "POST",
+                              {"Content-Type": "application/x-tar",
+                               "Transfer-Encoding": "chunked"}, iter(chunks), timeout=60)
+    return status, json.loads(body)
 
 
 def test_a_chunked_upload_is_counted_as_it_is_read(make_server):
@@ -446,13 +431,12 @@ def test_capsule_stops_promptly_while_an_upload_unpacks(make_server, tmp_path):
 
     def send():
         with big.open("rb") as body:
-            request = urllib.request.Request(
-                f"{server.url}/api/sessions/{session_id}/workspace", data=body, method="POST",
-                headers={"Content-Type": "application/x-tar",
-                         "Content-Length": str(big.stat().st_size)})
             try:
-                answers.append(urllib.request.urlopen(request, timeout=120).status)
-            except (urllib.error.URLError, ConnectionError) as e:
+                answers.append(request(
+                    f"{server.url}/api/sessions/{session_id}/workspace", "POST",
+                    {"Content-Type": "application/x-tar",
+                     "Content-Length": str(big.stat().st_size)}, body, timeout=120).status)
+            except (http.client.HTTPException, ConnectionError) as e:
                 answers.append(e)
     sender = threading.Thread(target=send)
     sender.start()

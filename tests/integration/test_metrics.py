@@ -2,12 +2,11 @@
 /metrics of a real twistd capsule, after a session on the real engine.
 """
 
-import urllib.error
-import urllib.request
-
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.threads import deferToThread
+
+from tests.support.httpclient import request
 
 from .harness import WSClient, eventually
 
@@ -15,12 +14,8 @@ TOKEN = "metrics-" + "t" * 32
 
 
 def _get(url: str, headers: dict) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    response = request(url, headers=headers)
+    return response.status, response.body
 
 
 async def scrape(server, **headers) -> tuple[int, bytes]:

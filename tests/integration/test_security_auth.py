@@ -16,9 +16,7 @@ import ssl
 import struct
 import subprocess
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import pytest
 import websocket  # websocket-client
 
 from capsule.core.protocol import BINARY_SUBPROTOCOL
+from tests.support.httpclient import request
 
 from .harness import IMAGE, free_port, wait_for
 
@@ -65,23 +64,12 @@ def bearer(user: str) -> str:
     return f"Bearer {TOKENS[user]}"
 
 
-class NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None
-
-
 def http(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None,
          context: ssl.SSLContext | None = None):
     """
     (status, headers, body) of one request; redirects are not followed.
     """
-    opener = urllib.request.build_opener(NoRedirect, urllib.request.HTTPSHandler(context=context))
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with opener.open(request, timeout=30) as response:
-            return response.status, response.headers, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read()
+    return request(url, method, headers, body, context=context)
 
 
 def login(base: str, user: str, password: str, context=None, origin: str | None = None):

@@ -10,7 +10,6 @@ C{CAPSULE_SCREENSHOTS} names a directory that receives screenshots.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -24,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import httpclient
+from tests.support.httpclient import Response
+
 from .harness import free_port, wait_for
 
 CHROMIUM = (os.environ.get("CAPSULE_CHROMIUM") or shutil.which("chromium")
@@ -32,38 +34,15 @@ SCREENSHOTS = os.environ.get("CAPSULE_SCREENSHOTS")
 
 
 def request(server, path: str, host: str, method: str = "GET",
-            headers: dict | None = None) -> tuple[int, dict, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    try:
-        connection.putrequest(method, path, skip_host=True)
-        connection.putheader("Host", host)
-        for name, value in (headers or {}).items():
-            connection.putheader(name, value)
-        connection.endheaders()
-        response = connection.getresponse()
-        return (response.status, {k.lower(): v for k, v in response.getheaders()},
-                response.read())
-    finally:
-        connection.close()
+            headers: dict | None = None) -> Response:
+    return httpclient.request(server.url + path, method, {"Host": host, **(headers or {})})
 
 
 def upgrade(server, host: str, origin: str | None) -> str:
     """
     The status line the server answers a WebSocket upgrade with.
     """
-    lines = ["GET /ws HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
-             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
-    if origin is not None:
-        lines.append(f"Origin: {origin}")
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        answer = b""
-        while b"\r\n" not in answer:
-            data = sock.recv(4096)
-            if not data:
-                break
-            answer += data
-    return answer.split(b"\r\n", 1)[0].decode()
+    return httpclient.status_line(server.ws_url, httpclient.upgrade_headers(origin), host=host)
 
 
 def test_origins_and_hosts_at_the_websocket_upgrade(server):
@@ -257,21 +236,8 @@ def tls_server(make_server, tmp_path):
 
 
 def tls_upgrade(port: int, host: str, origin: str | None) -> str:
-    lines = ["GET /ws HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
-             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
-    if origin is not None:
-        lines.append(f"Origin: {origin}")
-    context = ssl._create_unverified_context()
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
-        with context.wrap_socket(raw) as sock:
-            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-            answer = b""
-            while b"\r\n" not in answer:
-                data = sock.recv(4096)
-                if not data:
-                    break
-                answer += data
-    return answer.split(b"\r\n", 1)[0].decode()
+    return httpclient.status_line(f"wss://127.0.0.1:{port}/ws", httpclient.upgrade_headers(origin),
+                                  host=host, context=ssl._create_unverified_context())
 
 
 def _accepts(port: int) -> bool:
@@ -287,14 +253,11 @@ def test_under_tls_hsts_and_https_origins(tls_server):
     context = ssl._create_unverified_context()
     # The listeners open together; the TLS one may follow the plain one.
     wait_for(lambda: _accepts(port), 30, f"the TLS listener on {port}")
-    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
-    connection.request("GET", "/")
-    response = connection.getresponse()
+    response = httpclient.request(f"https://127.0.0.1:{port}/", context=context)
     assert response.status == 200
-    assert response.getheader("strict-transport-security") == "max-age=31536000"
-    assert f"connect-src 'self' wss://127.0.0.1:{port};" in response.getheader(
-        "content-security-policy")
-    connection.close()
+    assert response.headers["strict-transport-security"] == "max-age=31536000"
+    assert f"connect-src 'self' wss://127.0.0.1:{port};" in response.headers[
+        "content-security-policy"]
     here = f"127.0.0.1:{port}"
     assert tls_upgrade(port, here, f"https://{here}") == "HTTP/1.1 101 Switching Protocols"
     assert tls_upgrade(port, here, f"http://{here}") \

@@ -6,12 +6,13 @@ in headless Chromium, a returning visit that loads nothing twice.
 
 import gzip
 import hashlib
-import http.client
 import re
 import shutil
 import time
 
 import pytest
+
+from tests.support.httpclient import Connection
 
 from .harness import ROOT
 
@@ -29,15 +30,11 @@ def server(make_server):
 
 
 def ask(connection, path: str, method: str = "GET", **headers: str):
-    connection.request(method, path, headers={k.replace("_", "-"): v
-                                              for k, v in headers.items()})
-    response = connection.getresponse()
-    body = response.read()
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    return connection.request(method, path, {k.replace("_", "-"): v for k, v in headers.items()})
 
 
 def test_static_files_over_http(server):
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection = Connection(server.url)
     try:
         status, headers, packed = ask(connection, "/", accept_encoding="gzip")
         assert status == 200

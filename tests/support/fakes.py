@@ -135,7 +135,9 @@ class FakeExecProcess:
 class FakeDockerAPI:
     """
     Containers are dicts; every call answers at once unless C{hold_create}
-    is set, in which case creates wait until C{release_create()}.  While
+    is set, in which case creates wait until C{release_create()}; an exec
+    connects when its caller waits on it (or, while C{hold_exec} is set, at
+    C{release_exec()}), and its first bytes follow its Deferred.  While
     C{reachable} is false, every call fails with L{DockerUnavailable}, as
     the engine's calls do.
 
@@ -330,12 +332,11 @@ class FakeDockerAPI:
                                   tty=tty, program=program() if program else None)
         process.user, process.workdir, process.env = user, workdir, dict(env)
         self.processes.append(process)
-        d = Deferred()
         if self.hold_exec:
+            d = Deferred()
             self._held_execs.append((process, d))
-        else:
-            self._connect(process, d)
-        return d
+            return d
+        return _StartedWhenAwaited(lambda d: self._connect(process, d))
 
     def _connect(self, process: FakeExecProcess, d: Deferred) -> None:
         """
@@ -427,6 +428,49 @@ class FakeDockerAPI:
         except Exception:
             return fail()
         return succeed(None)
+
+
+class _StartedWhenAwaited(Deferred):
+    """
+    The Deferred of an exec that is not held.  The engine fires an exec's
+    Deferred when its exec-start upgrade is done, a turn of the reactor
+    after the call, so the callbacks its caller added have run before the
+    first bytes come.  The fake has no reactor: it connects the exec when
+    its caller first adds a callback (or awaits it), so that callback runs
+    before the exec's first bytes, as it would with the engine.
+
+    Twisted chains a Deferred returned by a callback without adding a
+    callback to it: return this one from a callback and it never fires.
+    """
+
+    def __init__(self, start) -> None:
+        super().__init__()
+        self._start = start
+
+    def _started(self) -> None:
+        start, self._start = self._start, None
+        if start is not None:
+            start(self)
+
+    def addCallbacks(self, *args, **kwargs):
+        super().addCallbacks(*args, **kwargs)
+        self._started()
+        return self
+
+    def addCallback(self, *args, **kwargs):
+        super().addCallback(*args, **kwargs)
+        self._started()
+        return self
+
+    def addErrback(self, *args, **kwargs):
+        super().addErrback(*args, **kwargs)
+        self._started()
+        return self
+
+    def addBoth(self, *args, **kwargs):
+        super().addBoth(*args, **kwargs)
+        self._started()
+        return self
 
 
 @implementer(IConsumer)

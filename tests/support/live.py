@@ -24,8 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -33,6 +31,8 @@ import docker
 import docker.errors
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
+
+from tests.support.httpclient import Response, request
 
 LABEL_INSTANCE = "io.capsule.instance"
 LABEL_SESSION = "io.capsule.session"
@@ -322,12 +322,8 @@ class CapsuleServer:
 
     # -- HTTP and the process --
 
-    def get(self, path: str) -> tuple[int, dict, bytes]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=30) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, dict(e.headers), e.read()
+    def get(self, path: str) -> Response:
+        return request(self.url + path)
 
     def health(self) -> tuple[int, dict]:
         status, _, body = self.get("/health")
