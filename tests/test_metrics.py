@@ -47,7 +47,7 @@ def make_manager(pool_size: int = 0, docker=None, clock=None):
         spec=ContainerSpec(image=IMAGE), instance="metrics-test", grace=60,
         pool_size=pool_size))
     metrics = Metrics()
-    metrics.watch(manager, docker)
+    metrics.watch(manager)
     return manager, docker, clock, metrics
 
 

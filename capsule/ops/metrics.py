@@ -160,18 +160,14 @@ class Metrics:
             self.started.labels(how)
             self.start_seconds.labels(how)
 
-    def watch(self, manager, docker=None) -> None:
+    def watch(self, manager) -> None:
         """
-        Count what C{manager}, its pool and C{docker} do.
+        Count what C{manager} and its pools do.  (The engine is given its
+        metrics as it is made: C{DockerAPI(metrics=...)}.)
         """
         self._live.manager = manager
         manager.metrics = self
         manager.pool.metrics = self
-        if docker is not None:
-            try:
-                docker.metrics = self
-            except AttributeError:
-                pass
 
     def text(self) -> bytes:
         """

@@ -623,21 +623,13 @@ class CapsuleServerFactory(WebSocketServerFactory):
         the page's own; C{"*"} allows any.
     @param host_policy: the names and origins capsule answers to
         (L{capsule.web.headers}); the site gives its own.
+    @param admission, drain, authenticator, owners: what decides on new
+        sessions, stops them while capsule drains, says who a connection
+        acts for, and keeps sessions' owners; each C{None}: none.
+    @param start_at_open: make a new session as its connection opens.
     """
 
     protocol = CapsuleServerProtocol
-    # An AdmissionControl deciding on new sessions, or None for no limits.
-    admission = None
-    # A capsule.web.admin.Drain: while it drains, no new sessions.
-    drain = None
-    # Who connections act for (capsule.auth.gate.Authenticator), or None: anyone.
-    authenticator = None
-    # Where sessions' owners are kept across restarts (capsule.sessions.owners), or None.
-    owners = None
-    # Whether a new session is made as the connection opens (its container
-    # made while the client sends its first frame) rather than at that
-    # first frame (capsule's default; --start-at-first-frame turns it off).
-    start_at_open = False
     # Seconds a new connection has to send its first frame (the terminal's
     # size), and the output of its session held for it until then.
     first_frame_timeout = 30.0
@@ -647,9 +639,22 @@ class CapsuleServerFactory(WebSocketServerFactory):
                  allowed_origins: tuple[str, ...] = (), ping_interval: float = 20.0,
                  ping_timeout: float = 20.0, flow_window: int = 1024 * 1024,
                  coalesce_delay: float = 0.002, coalesce_bytes: int = 256 * 1024,
-                 host_policy: HostPolicy | None = None) -> None:
+                 host_policy: HostPolicy | None = None, admission=None, drain=None,
+                 authenticator=None, owners=None, start_at_open: bool = False) -> None:
         super().__init__()
         self.host_policy = host_policy
+        # An AdmissionControl deciding on new sessions, or None for no limits.
+        self.admission = admission
+        # A capsule.web.admin.Drain: while it drains, no new sessions.
+        self.drain = drain
+        # Who connections act for (capsule.auth.gate.Authenticator), or None: anyone.
+        self.authenticator = authenticator
+        # Where sessions' owners are kept across restarts (capsule.sessions.owners), or None.
+        self.owners = owners
+        # Whether a new session is made as the connection opens (its container
+        # made while the client sends its first frame) rather than at that
+        # first frame (the start-at-first-frame tuning knob).
+        self.start_at_open = start_at_open
         self.manager = manager
         self.clock = clock
         self.max_message_size = max_message_size
