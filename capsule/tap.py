@@ -76,7 +76,7 @@ class Options(usage.Options):
         ["disk", None, None,
          "Size each container may write (Docker syntax: 2g); a session past it ends"
          " [default: no limit]. Enforced by the storage driver where it can, else"
-         " checked every disk-check-interval seconds (a tuning knob)."],
+         " checked every 30 s (the disk-check-interval tuning knob)."],
         ["grace", None, 60.0,
          "Seconds a session (and its container) is kept after its last client left.",
          _positive(float)],
@@ -369,9 +369,14 @@ class Options(usage.Options):
         if self["tuning"] is not None and not os.path.isfile(self["tuning"]):
             raise usage.UsageError(f"--tuning: no such file: {self['tuning']}")
         try:
-            tuning = tune(load_tuning(self["tuning"]), self.knob_options, "options")
+            tuning = load_tuning(self["tuning"])
         except TuningError as e:
-            raise usage.UsageError(f"tuning: {e}")
+            raise usage.UsageError(str(e))
+        for name, value in self.knob_options.items():
+            try:
+                tuning = tune(tuning, {name: value}, "")
+            except TuningError as e:
+                raise usage.UsageError(f"--{e}")
         self.config = self._config(tuning)
 
     def _config(self, tuning: Tuning) -> CapsuleConfig:

@@ -33,7 +33,13 @@ def _number(kind, minimum: float, inclusive: bool):
     def convert(value):
         if isinstance(value, bool):
             raise ValueError(f"not a number: {value!r}")
-        number = kind(value)
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"not {'a whole number' if kind is int else 'a number'}:"
+                             f" {value!r}") from None
+        if kind is int and isinstance(value, float) and number != value:
+            raise ValueError(f"not a whole number: {value!r}")
         if not (number >= minimum if inclusive else number > minimum):
             raise ValueError(f"must be {minimum:g} or more, got {value}" if inclusive
                              else f"must be more than {minimum:g}, got {value}")
@@ -135,20 +141,22 @@ def tune(base: Tuning, values: dict, source: str) -> Tuning:
     """
     C{base} with C{values} (by knob name, as text or TOML values) set.
 
-    @param source: where the values come from, for the error message.
+    @param source: where the values come from, for the error message
+        (C{""}: nowhere said).
     @raise TuningError: naming the first unknown knob or bad value.
     """
+    where = f"{source}: " if source else ""
     changes = {}
     for name, value in values.items():
         name = name.strip()
         f = KNOBS.get(name) or KNOBS.get(knob_name(name))
         if f is None:
-            raise TuningError(f"{source}: no tuning knob {name!r} (there are:"
+            raise TuningError(f"{where}no tuning knob {name!r} (there are:"
                               f" {', '.join(sorted(KNOBS))})")
         try:
             changes[f.name] = f.metadata["parse"](value)
         except (TypeError, ValueError) as e:
-            raise TuningError(f"{source}: {knob_name(f.name)}: {e}") from None
+            raise TuningError(f"{where}{knob_name(f.name)}: {e}") from None
     return replace(base, **changes)
 
 

@@ -306,12 +306,11 @@ def test_no_budget_no_memory_check():
 
 @pytest.fixture
 def factory(manager, clock):
-    factory = CapsuleServerFactory(manager, clock, max_message_size=1024)
-    factory.admission = AdmissionControl(
+    admission = AdmissionControl(
         manager, clock, AdmissionPolicy(max_sessions=3, max_per_client=2, rate=None,
                                         session_memory=GIB, memory_budget=None),
         trusted_proxies=LOCAL)
-    return factory
+    return CapsuleServerFactory(manager, clock, max_message_size=1024, admission=admission)
 
 
 class Client(Link):

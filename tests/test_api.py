@@ -28,14 +28,16 @@ PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 
 
 class Api:
-    def __init__(self, www, authenticator=None, public_url=None) -> None:
+    def __init__(self, www, authenticator=None, public_url=None, admission=None) -> None:
         from capsule.web.site import make_site
         self.reactor = MemoryReactorClock()
         self.docker = FakeDockerAPI()
         self.manager = SessionManager(self.docker, self.reactor, SessionConfig(
             spec=ContainerSpec(image="capsule-runtime:latest"), instance="api-test"))
         self.site = make_site(self.manager, self.docker, self.reactor, str(www),
-                              authenticator=authenticator, public_url=public_url)
+                              authenticator=authenticator, public_url=public_url,
+                              admission=None if admission is None else AdmissionControl(
+                                  self.manager, self.reactor, admission))
         self.factory = self.site.websocket_factory
 
     def send(self, path: str, method: str = "GET", body: bytes | None = None,
@@ -188,9 +190,8 @@ def test_create_body_over_its_limit_is_refused_before_it_is_read(api):
     assert api.manager.sessions == {}
 
 
-def test_admission_and_drain_apply(api):
-    api.factory.admission = AdmissionControl(api.manager, api.reactor, AdmissionPolicy(
-        max_sessions=10, max_per_client=1, rate=None))
+def test_admission_and_drain_apply(www):
+    api = Api(www, admission=AdmissionPolicy(max_sessions=10, max_per_client=1, rate=None))
     api.create()
     status, headers, body = api.request("/api/sessions", "POST", {})
     assert (status, body["code"], headers["retry-after"]) == (429, "quota_exceeded", "5")
@@ -205,9 +206,9 @@ def test_admission_and_drain_apply(api):
     assert len(api.manager.sessions) == 1
 
 
-def test_a_refused_profile_or_repository_costs_no_admission(api):
-    api.factory.admission = AdmissionControl(api.manager, api.reactor, AdmissionPolicy(
-        max_sessions=10, max_per_client=10, rate=(1, 3600)))
+def test_a_refused_profile_or_repository_costs_no_admission(www):
+    api = Api(www, admission=AdmissionPolicy(max_sessions=10, max_per_client=10,
+                                             rate=(1, 3600)))
     for body, code in [({"profile": "nope"}, "unknown_profile"),
                        ({"repository": "http://example.com/r.git"}, "bad_repository"),
                        ({"repository": "https://u:p@example.com/r.git"}, "bad_repository")]:

@@ -17,11 +17,9 @@ from .test_pool import CountingDocker
 from .test_websocket import MAX_MESSAGE, WINDOW, outputs
 
 
-def factory_of(manager, clock) -> CapsuleServerFactory:
-    factory = CapsuleServerFactory(manager, clock, max_message_size=MAX_MESSAGE,
-                                   flow_window=WINDOW)
-    factory.start_at_open = True
-    return factory
+def factory_of(manager, clock, admission=None) -> CapsuleServerFactory:
+    return CapsuleServerFactory(manager, clock, max_message_size=MAX_MESSAGE,
+                                flow_window=WINDOW, admission=admission, start_at_open=True)
 
 
 def manager_of(docker, clock, pool_size=0) -> SessionManager:
@@ -122,9 +120,8 @@ def test_output_held_for_a_silent_client_is_bounded(docker, clock):
 
 def test_admission_decides_before_anything_is_made(docker, clock):
     manager = manager_of(docker, clock)
-    factory = factory_of(manager, clock)
-    factory.admission = AdmissionControl(
-        manager, clock, AdmissionPolicy(max_sessions=1, max_per_client=1, rate=None))
+    factory = factory_of(manager, clock, AdmissionControl(
+        manager, clock, AdmissionPolicy(max_sessions=1, max_per_client=1, rate=None)))
     first = Link(clock, factory)
     assert len(manager.sessions) == 1
     second = Link(clock, factory)

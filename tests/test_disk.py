@@ -118,9 +118,9 @@ def _options(*args):
     return options
 
 
-def test_the_watcher_runs_after_the_cleanup_only_with_disk():
-    service = makeService(_options("--disk", "2g", "--disk-check-interval", "5"),
-                          MemoryReactorClock())
+def test_the_watcher_runs_after_the_cleanup_only_with_disk(monkeypatch):
+    monkeypatch.setenv("CAPSULE_TUNING", "disk-check-interval=5")
+    service = makeService(_options("--disk", "2g"), MemoryReactorClock())
     types = [type(c) for c in service]
     assert types[types.index(CleanupService) + 1:] == [DiskWatchService, ListenerService]
     (watcher,) = [c for c in service if isinstance(c, DiskWatchService)]

@@ -118,8 +118,8 @@ def test_application_carries_the_observer(tmp_path):
     """
     from capsule.tap import CapsuleService
 
-    service = CapsuleService(None, _Sessions(), None)
-    service.log_observer = JSONLinesObserver(io.StringIO())
+    service = CapsuleService(None, _Sessions(), None,
+                             log_observer=JSONLinesObserver(io.StringIO()))
     application = Application("capsule")
     service.setServiceParent(application)
     assert application.getComponent(ILogObserver) is service.log_observer

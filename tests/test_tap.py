@@ -131,11 +131,11 @@ def test_a_stop_during_start_up_starts_no_pool():
     assert docker.containers == {}
 
 
-def test_websocket_limits_reach_autobahn():
+def test_websocket_limits_reach_autobahn(monkeypatch):
     reactor = MemoryReactorClock()
-    service = makeService(parse("-l", "tcp:0:interface=127.0.0.1", "--max-message-size", "1234",
-                                "--ping-interval", "7", "--allowed-origin", "https://a.example"),
-                          reactor)
+    monkeypatch.setenv("CAPSULE_TUNING", "max-message-size=1234,ping-interval=7")
+    service = makeService(parse("-l", "tcp:0:interface=127.0.0.1",
+                                "--allowed-origin", "https://a.example"), reactor)
     factory = service.websocket_factory
     assert factory.maxMessagePayloadSize == 1234 and factory.maxFramePayloadSize == 1234
     assert factory.failByDrop is False
