@@ -10,7 +10,7 @@ the rare deployment that needs one set them here, by name:
 
 An unknown name or a bad value stops capsule at start, naming the knob.
 The table below is the only place a knob is described; C{docs/tuning.md}
-is generated from it (C{python -m capsule.config --write-docs}).
+is generated from it (C{python -m capsule.docs --write}).
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def tuning_markdown() -> str:
     lines = [
         "# Tuning",
         "",
-        "<!-- Generated from capsule/tuning.py by `python -m capsule.config --write-docs`;"
+        "<!-- Generated from capsule/tuning.py by `python -m capsule.docs --write`;"
         " do not edit. -->",
         "",
         "capsule's internal knobs: thread pools, timers and protocol windows that an operator"

@@ -14,7 +14,8 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
-from capsule.config import DOCS_COMMAND, CapsuleConfig, generated_docs
+from capsule.config import CapsuleConfig
+from capsule.docs import DOCS_COMMAND, generated_docs
 from capsule.services import make_service
 from capsule.tap import Options
 from capsule.tuning import KNOBS, Tuning, TuningError, load_tuning, parse_pairs, tune
