@@ -192,3 +192,20 @@ def test_the_options_table_has_every_option_and_no_knob():
         assert f"`--{name}`" not in text
         assert f"`{name}`" in generated_docs()["tuning.md"]
     assert "| `--memory` | `4g` |" in text
+
+
+def test_an_old_option_is_told_to_become_a_knob():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from capsule.tap import makeService
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        makeService(parse("--cleanup-interval", "0.2", "--start-at-first-frame"),
+                    MemoryReactorClock())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [formatEvent(e) for e in events if "tuning knobs now" in e.get("log_format", "")]
+    assert said == ["--cleanup-interval, --start-at-first-frame: tuning knobs now, not options"
+                    " (see docs/tuning.md); say"
+                    ' CAPSULE_TUNING="cleanup-interval=0.2,start-at-first-frame=true"']
