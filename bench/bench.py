@@ -38,7 +38,8 @@ measures, in one run:
 
 Each capsule figure is measured in turn with its floor, so that a change in
 the machine's load hits both alike.  ``--capsule-arg`` passes options to every
-capsule started (``--capsule-arg=--coalesce-ms=0``).
+capsule started (``--capsule-arg=--pool-size=4``), ``--capsule-tuning`` tuning
+knobs (``--capsule-tuning=coalesce-ms=0``, see docs/tuning.md).
 
 It prints one Markdown table (each figure, its floor, the ratio, the target)
 on stdout; progress goes to stderr.  Whatever happens (failure, Ctrl-C), it
@@ -156,30 +157,34 @@ class Bench:
         if self.selected("connect", "echo", "refill", "throughput", "concurrent"):
             await self.with_server("warm", ["--pool-size", "2"], self.warm_suite)
         if self.selected("flood"):
-            await self.with_server("flood", ["--pool-size", "0", "--grace", "1",
-                                             "--cleanup-interval", "0.2"], self.flood_suite)
+            await self.with_server("flood", ["--pool-size", "0", "--grace", "1"],
+                                   self.flood_suite, {"cleanup-interval": 0.2})
         # The page's tabs close without ending their sessions: a short
         # grace, so that each visit starts at an idle capsule.
         if self.selected("browser"):
             for label, pool in (("browser-warm", "2"), ("browser-cold", "0")):
-                await self.with_server(label, ["--pool-size", pool, "--grace", "1",
-                                               "--cleanup-interval", "0.2"],
+                await self.with_server(label, ["--pool-size", pool, "--grace", "1"],
                                        lambda server, label=label: self.phase(
                                            f"browser ({label[8:]})", self.phases.page_visits,
-                                           server, label.replace("-", "_")))
+                                           server, label.replace("-", "_")),
+                                       {"cleanup-interval": 0.2})
         self.load_after = os.getloadavg()
 
-    async def with_server(self, label: str, extra, suite) -> None:
+    async def with_server(self, label: str, extra, suite, tuning=None) -> None:
+        tuning = {**(tuning or {}), **dict(
+            item.split("=", 1) for item in self.args.capsule_tuning)}
         server = CapsuleServer(
             self.tmp, "--memory", MEMORY, "--cpus", f"{CPUS:g}", "--pids", str(PIDS),
             # The benchmark is one client opening up to 50 sessions at once.
             "--max-sessions", "100", "--max-sessions-per-client", "100",
             "--session-rate", "1000/1", "--memory-budget", "off",
             *self.args.capsule_arg, *extra,
-            image=self.image, instance=self.instance, label=label, own_session=True)
+            image=self.image, instance=self.instance, label=label, own_session=True,
+            tuning=tuning)
         self.servers.append(server)
         try:
-            say(f"starting capsule ({label}): {' '.join(server.args[4:])}")
+            say(f"starting capsule ({label}): {' '.join(server.args[4:])}"
+                + (f" (tuning: {server.env['CAPSULE_TUNING']})" if tuning else ""))
             server.start(timeout=60)
 
             async def healthy():
@@ -301,6 +306,12 @@ async def amain(reactor, bench: Bench):
         raise SystemExit(1)
 
 
+def _knob(text: str) -> str:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"not NAME=VALUE: {text!r}")
+    return text
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description="Benchmark capsule against the physical floor (docker-py + Twisted)"
@@ -312,7 +323,11 @@ def main(argv=None) -> None:
                         help="session image [default: %(default)s]")
     parser.add_argument("--capsule-arg", action="append", default=[], metavar="ARG",
                         help="an extra argument for every capsule started (repeatable),"
-                             " e.g. --capsule-arg=--coalesce-ms=0")
+                             " e.g. --capsule-arg=--pool-size=4")
+    parser.add_argument("--capsule-tuning", action="append", default=[], metavar="NAME=VALUE",
+                        type=_knob,
+                        help="a tuning knob for every capsule started (repeatable, see"
+                             " docs/tuning.md), e.g. --capsule-tuning=coalesce-ms=0")
     parser.add_argument("--sessions", type=int, help="connects measured per kind (≥1)")
     parser.add_argument("--keystrokes", type=int, help="keystrokes per echo test")
     parser.add_argument("--throughput-bytes", type=int, help="bytes fed to base64")

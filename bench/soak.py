@@ -36,11 +36,12 @@ from tests.support.live import CapsuleServer, wait_for
 
 def soak(cycles: int, max_seconds: float, pool: int, image: str) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="capsule-soak-"))
-    server = CapsuleServer(workdir, "--grace", "1", "--cleanup-interval", "0.2",
+    server = CapsuleServer(workdir, "--grace", "1",
                            "--pool-size", str(pool), "--memory", "512m", "--cpus", "1",
                            # one client opening sessions in a loop, on purpose
                            "--session-rate", "1000/1", "--max-sessions-per-client", "256",
-                           image=image, instance=f"soak-{uuid.uuid4().hex[:8]}")
+                           image=image, instance=f"soak-{uuid.uuid4().hex[:8]}",
+                           tuning={"cleanup-interval": 0.2})
     result = {"cycles_requested": cycles, "instance": server.instance}
     try:
         server.start()

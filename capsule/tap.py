@@ -7,39 +7,26 @@ from __future__ import annotations
 import ipaddress
 import os
 import shlex
-import signal
+from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from docker.utils import parse_bytes
-from twisted.application import strports
-from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import _parse as _parse_endpoint
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.task import deferLater
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import Logger
 from twisted.python import usage
 
-from capsule.core.admission import AdmissionControl, AdmissionPolicy, parse_network, parse_rate
-from capsule.auth.checkers import AuthThreadPool
-from capsule.auth.gate import Authenticator
-from capsule.sessions.cleanup import CleanupService
-from capsule.sessions.disk import DiskWatchService
+from capsule.config import CapsuleConfig
+from capsule.core.admission import parse_network, parse_rate
+from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT, Profile,
+                                   ProfileError, builtin_profiles, load_profiles, load_secrets)
 from capsule.core.spec import ContainerSpec
-from capsule.engine.docker import DockerAPI
-from capsule.core.errors import CapsuleError
-from capsule.web.export import ExportLimits
-from capsule.web.headers import HostPolicy
-from capsule.web.http import ClientAddresses
-from capsule.ops.logformat import FORMATS, check_server_options, json_observer
-from capsule.ops.metrics import Metrics
-from capsule.engine.network import CAPSULE_NETWORK, SessionNetwork
-from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT, Profile, ProfileError,
-                       builtin_profiles, load_profiles, load_secrets)
-from capsule.sessions.owners import OwnerFile, default_state_dir
-from capsule.ops.recording import DEFAULT_MAX_BYTES, SessionRecorder, check_directory
-from capsule.sessions.manager import SessionManager
-from capsule.sessions.session import SessionConfig
-from capsule.web.site import default_www, make_site
+from capsule.engine.network import CAPSULE_NETWORK
+from capsule.ops.logformat import FORMATS, check_server_options
+from capsule.ops.recording import DEFAULT_MAX_BYTES, check_directory
+from capsule.services import CapsuleService, make_service, stop_on_signals
+from capsule.tuning import ENVIRONMENT as TUNING_ENVIRONMENT
+from capsule.tuning import KNOBS, Tuning, TuningError, load_tuning, tune
+from capsule.web.site import default_www
 
 _log = Logger()
 
@@ -87,34 +74,18 @@ class Options(usage.Options):
         ["disk", None, None,
          "Size each container may write (Docker syntax: 2g); a session past it ends"
          " [default: no limit]. Enforced by the storage driver where it can, else"
-         " checked every --disk-check-interval."],
-        ["disk-check-interval", None, 30.0,
-         "Seconds between checks of the sessions' disk use (where --disk is not"
-         " enforced by the storage driver).", _positive(float)],
+         " checked every 30 s (the disk-check-interval tuning knob)."],
         ["grace", None, 60.0,
          "Seconds a session (and its container) is kept after its last client left.",
-         _positive(float)],
-        ["cleanup-interval", None, 5.0, "Seconds between sweeps for expired sessions.",
-         _positive(float)],
-        ["orphan-sweep", None, 30.0,
-         "Seconds between sweeps for containers of this server that no session owns.",
          _positive(float)],
         ["www", None, None, "Directory of the web page [default: the installed one]."],
         ["instance", None, "default",
          "Name of this server. Its containers are labelled with it; at start-up it"
          " removes the leftovers of its own name only."],
         ["shell", None, "bash -l", "The command run in each session's terminal."],
-        ["max-message-size", None, 256 * 1024,
-         "Largest WebSocket message accepted, in bytes (larger: close 1009).",
-         _positive(int)],
         ["replay-buffer", None, 1024 * 1024,
          "Bytes of recent output each session keeps for reconnecting clients.",
          _non_negative_int],
-        ["ping-interval", None, 20.0, "Seconds between WebSocket pings to each client.",
-         _positive(float)],
-        ["ping-timeout", None, 20.0,
-         "Seconds without a pong after which a client is considered gone.",
-         _positive(float)],
         ["max-lifetime", None, 0.0,
          "Seconds after which a session ends however busy it is (0: no limit).",
          _non_negative_float],
@@ -124,16 +95,6 @@ class Options(usage.Options):
         ["pool-size", None, 2,
          "Started containers kept ready for new sessions (0 disables the warm pool).",
          _non_negative_int],
-        ["pool-max-age", None, 3600.0,
-         "Seconds after which a warm container is replaced instead of handed out.",
-         _positive(float)],
-        ["flow-window", None, 1024 * 1024,
-         "Bytes a binary-protocol client may have unacknowledged before its output pauses.",
-         _positive(int)],
-        ["coalesce-ms", None, 2.0,
-         "Milliseconds during which output following a send is gathered into one frame.",
-         float],
-        ["docker-threads", None, 16, "Threads for Docker calls.", _positive(int)],
         ["max-sessions", None, 32, "Sessions at once, in all (more: server_full, close 4503).",
          _positive(int)],
         ["max-sessions-per-client", None, 8,
@@ -146,7 +107,6 @@ class Options(usage.Options):
          "Memory the sessions' and warm containers' --memory limits may add up to"
          " (Docker syntax: 16g); past it a new session is refused with server_full;"
          " off disables [default: the engine's total memory]."],
-        ["export-threads", None, 4, "Threads for workspace exports.", _positive(int)],
         ["exports-per-client", None, 2,
          "Exports one client address may have running or waiting (more: 429).",
          _positive(int)],
@@ -214,6 +174,10 @@ class Options(usage.Options):
         ["record-max-bytes", None, DEFAULT_MAX_BYTES,
          "Bytes after which a session's recording is cut (Docker syntax: 50m).",
          _positive(parse_bytes)],
+        ["tuning", None, None,
+         "A TOML file of internal knobs (name = value: thread pools, timers, protocol"
+         f" windows; see docs/tuning.md); ${TUNING_ENVIRONMENT}=\"name=value,...\" wins"
+         " over it [default: none]."],
     ]
 
     optFlags = [
@@ -228,14 +192,15 @@ class Options(usage.Options):
         ["read-only-root", None,
          "Make the containers' root filesystem read-only (/workspace and the home directory"
          " stay writable, /tmp is a tmpfs)."],
-        ["start-at-first-frame", None,
-         "Make a new session only when its client's first frame arrives, rather than as soon"
-         " as its WebSocket upgrade is accepted (the default: the container is made while the"
-         " client sends that frame)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
+        # Tuning knobs given as options (as they were before they became
+        # knobs): accepted, not shown, and they win over the file and the
+        # environment.
+        self.knob_options: dict[str, str] = {}
+        self.config: CapsuleConfig | None = None
         self["listen"] = []
         self["allowed-origin"] = []
         self["allowed-host"] = []
@@ -334,6 +299,28 @@ class Options(usage.Options):
             raise usage.UsageError(f"--{name}: 16 characters or more, no spaces (try"
                                    " `openssl rand -hex 32`)")
 
+    def getUsage(self, width: int | None = None) -> str:
+        # The tuning knobs' options are not shown: --help is what an
+        # operator decides.
+        every = self.longOpt
+        self.longOpt = [o for o in every if o.rstrip("=") not in KNOBS]
+        try:
+            return super().getUsage(width)
+        finally:
+            self.longOpt = every
+
+    def describe(self) -> list[dict]:
+        """
+        The options --help shows, in its order: C{long}, C{short}, C{kind}
+        (parameter or flag), C{default} and C{doc} of each.
+        """
+        shorts = {long: short for short, long in self.synonyms.items()
+                  if short != long and len(short) == 1}
+        return [{"long": o.rstrip("="), "short": shorts.get(o.rstrip("=")),
+                 "kind": "parameter" if o.endswith("=") else "flag",
+                 "default": self.defaults.get(o.rstrip("=")), "doc": self.docs[o.rstrip("=")]}
+                for o in self.longOpt if o.rstrip("=") not in KNOBS]
+
     def postOptions(self) -> None:
         try:
             parse_bytes(self["memory"])
@@ -363,8 +350,6 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--www: no index.html in {self['www']!r}: point --www at capsule's www/"
                 " directory (with its node_modules installed by `make setup`)")
-        if self["coalesce-ms"] < 0:
-            raise usage.UsageError("--coalesce-ms must be 0 or more")
         if not shlex.split(self["shell"]):
             raise usage.UsageError("--shell must not be empty")
         if not self["network"].strip():
@@ -379,6 +364,49 @@ class Options(usage.Options):
         self._check_users()
         self._check_metrics()
         self._check_profiles()
+        if self["tuning"] is not None and not os.path.isfile(self["tuning"]):
+            raise usage.UsageError(f"--tuning: no such file: {self['tuning']}")
+        try:
+            tuning = load_tuning(self["tuning"])
+        except TuningError as e:
+            raise usage.UsageError(str(e))
+        for name, value in self.knob_options.items():
+            try:
+                tuning = tune(tuning, {name: value}, "")
+            except TuningError as e:
+                raise usage.UsageError(f"--{e}")
+        self.config = self._config(tuning)
+
+    def _config(self, tuning: Tuning) -> CapsuleConfig:
+        budget = self["memory-budget"]
+        parent = getattr(self, "parent", None)
+        return CapsuleConfig(
+            listen=tuple(self["listen"]), insecure_no_auth=bool(self["insecure-no-auth"]),
+            auth=self["auth"], tokens=self["tokens"], user_header=self["user-header"],
+            trusted_proxies=tuple(self["trusted-proxy"]), public_url=self["public-url"],
+            allowed_origins=tuple(self["allowed-origin"]),
+            allowed_hosts=tuple(self["allowed-host"]), metrics_token=self["metrics-token"],
+            admin_token=self["admin-token"], admin_users=tuple(self["admin-user"]),
+            spec=server_spec(self), memory_bytes=parse_bytes(self["memory"]),
+            disk_bytes=None if self["disk"] is None else parse_bytes(self["disk"]),
+            instance=self["instance"], shell=tuple(shlex.split(self["shell"])),
+            keeper=not self["no-keeper"], grace=self["grace"],
+            max_lifetime=self["max-lifetime"], idle_timeout=self["idle-timeout"],
+            replay_bytes=self["replay-buffer"], pool_size=self["pool-size"],
+            profiles=MappingProxyType(dict(self["profile-table"])), secrets=self["secrets"],
+            max_sessions=self["max-sessions"],
+            max_sessions_per_client=self["max-sessions-per-client"],
+            max_sessions_per_user=self["max-sessions-per-user"],
+            session_rate=self["session-rate"],
+            memory_budget=None if budget in (None, "off") else parse_bytes(budget),
+            memory_budget_from_engine=budget is None,
+            exports_per_client=self["exports-per-client"],
+            export_max_bytes=self["export-max-bytes"], export_timeout=self["export-timeout"],
+            upload_max_bytes=self["upload-max-bytes"], www=self["www"],
+            state_dir=self["state-dir"], log_format=self["log-format"],
+            server_options=None if parent is None else MappingProxyType(
+                {k: parent.get(k) for k in ("logfile", "nodaemon")}),
+            record=self["record"], record_max_bytes=self["record-max-bytes"], tuning=tuning)
 
     def _check_profiles(self) -> None:
         """
@@ -435,370 +463,38 @@ def loopback_only(description: str) -> bool:
 LOOPBACK_LISTEN = "tcp:3001:interface=127.0.0.1"
 
 
-class DockerService(Service):
+
+
+def _knob_option(name: str, flag: bool):
+    if flag:
+        def opt(self) -> None:
+            self.knob_options[name] = "true"
+    else:
+        def opt(self, value: str) -> None:
+            self.knob_options[name] = value
+    opt.__doc__ = f"The tuning knob {name} (not shown: see docs/tuning.md)"
+    return opt
+
+
+# The tuning knobs were options once: their options still set them.
+for _name, _field in KNOBS.items():
+    setattr(Options, "opt_" + _name.replace("-", "_"),
+            _knob_option(_name, _field.type in (bool, "bool")))
+
+
+def makeService(options: Options, reactor=None) -> CapsuleService:
     """
-    The Docker API's thread pools: started first, stopped last.
+    twistd's entry: the server C{options} describe (L{make_service} of
+    their L{CapsuleConfig}).
     """
-
-    def __init__(self, docker: DockerAPI) -> None:
-        self.docker = docker
-
-    def startService(self) -> None:
-        super().startService()
-        self.docker.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.docker.stop()
-
-
-class SessionService(Service):
-    """
-    The sessions.  On start, finds the sessions of an earlier run (and
-    retries while the engine does not answer); C{ready} fires once that is
-    done or has failed once, so that the listeners open only when a
-    reconnecting client can be answered.  The warm pool starts filling once
-    the leftovers of the earlier run are gone.  On stop, lets the sessions
-    go (they live on in their containers) and waits briefly for their
-    clients to hear it.
-    """
-
-    RECOVERY_RETRY = 5.0
-
-    def __init__(self, manager: SessionManager, clock, websocket_factory=None,
-                 admission: AdmissionControl | None = None, docker=None,
-                 network: SessionNetwork | None = None) -> None:
-        self.manager = manager
-        # Made ready before the sessions of an earlier run are looked for.
-        self.network = network
-        self.clock = clock
-        self.websocket_factory = websocket_factory
-        self.ready: Deferred = Deferred()
-        # Sessions of the earlier run found (None: not known yet).
-        self.recovered: int | None = None
-        self._recovery: Deferred | None = None
-        # Given both, the memory budget is the engine's memory, once known.
-        self._admission = admission
-        self._docker = docker
-        self._budget: Deferred | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._recovery = Deferred.fromCoroutine(self._recover())
-        self._recovery.addErrback(
-            lambda f: None if f.check(CancelledError) else _log.failure(
-                "looking for the sessions of an earlier run failed", f))
-        if self._admission is not None and self._docker is not None:
-            self._budget = Deferred.fromCoroutine(self._learn_memory_budget())
-            self._budget.addErrback(
-                lambda f: None if f.check(CancelledError) else _log.failure(
-                    "learning the engine's memory failed", f))
-
-    async def _learn_memory_budget(self) -> None:
-        # docker info runs on the Docker pool; until it answers, no budget.
-        warned = False
-        while True:
-            try:
-                info = await self._docker.info()
-            except CapsuleError as e:
-                if not warned:
-                    _log.warn("could not learn the engine's memory (retrying every"
-                              " {delay:g} s): {message}", delay=self.RECOVERY_RETRY,
-                              message=e.message)
-                    warned = True
-                await deferLater(self.clock, self.RECOVERY_RETRY, lambda: None)
-                continue
-            break
-        try:
-            total = int(info["MemTotal"])
-        except (KeyError, TypeError, ValueError):
-            _log.warn("the engine did not say its memory: no --memory-budget check")
-            return
-        self._admission.policy.memory_budget = total
-        _log.info("memory budget: {budget} bytes (the engine's memory)", budget=total)
-
-    async def _recover(self) -> None:
-        warned = False
-        recovery = self.manager.recovery
-        recovery.pending = True
-        while True:
-            try:
-                if self.network is not None:
-                    await self.network.ensure()
-                count = await recovery.recover()
-            except CapsuleError as e:
-                if not warned:
-                    _log.warn("could not look for the sessions of an earlier run (retrying"
-                              " every {delay:g} s): {message}", delay=self.RECOVERY_RETRY,
-                              message=e.message)
-                    warned = True
-                self._open()
-                await deferLater(self.clock, self.RECOVERY_RETRY, lambda: None)
-                continue
-            break
-        recovery.pending = False
-        if warned:
-            _log.info("found the sessions of the earlier run: {count}", count=count)
-        self.recovered = count
-        self._open()
-        self.manager.pool.start()
-        await recovery.check_live_restore()
-        await recovery.check_profile_images()
-
-    def _open(self) -> None:
-        if not self.ready.called:
-            self.ready.callback(None)
-
-    def stopService(self) -> Deferred:
-        super().stopService()
-        if self._recovery is not None and not self._recovery.called:
-            # A stop during start-up: no recovery and no pool after it.
-            self._recovery.cancel()
-        if self._budget is not None and not self._budget.called:
-            self._budget.cancel()
-        d = Deferred.fromCoroutine(self._stop())
-        # The reactor drops errors of shutdown triggers without a word.
-        d.addErrback(lambda f: _log.failure("stopping the sessions failed", f))
-        return d
-
-    async def _stop(self) -> None:
-        await self.manager.shutdown()
-        if self.websocket_factory is not None:
-            # Let the clients' close handshakes finish (they were told to
-            # come back), but not for long.
-            await self.websocket_factory.wait_closed(3.0)
-
-
-class ListenerService(MultiService):
-    """
-    The listening ports, as children: opened once C{ready} fires (the
-    sessions of an earlier run are known), closed first on stop.  Once they
-    are open, says where to go: C{capsule is ready: URL (N sessions recovered)}.
-
-    @param recovered: how many sessions of an earlier run were found (C{None}:
-        not known yet).
-    """
-
-    def __init__(self, ready: Deferred, recovered=lambda: None,
-                 public_url: str | None = None) -> None:
-        super().__init__()
-        self._ready = ready
-        self._recovered = recovered
-        self._public_url = public_url
-
-    def privilegedStartService(self) -> None:
-        # twistd asks services to bind their ports before startService: the
-        # ports would accept connections before the sessions are known.
-        # They are bound in _open instead (a port below 1024 then needs the
-        # right to bind it, e.g. CAP_NET_BIND_SERVICE, rather than twistd's
-        # --uid dropping root after binding).
-        Service.privilegedStartService(self)
-
-    def startService(self) -> None:
-        # Not MultiService's: the children start later.
-        Service.startService(self)
-        self._ready.addCallback(self._open)
-
-    def _open(self, _=None) -> None:
-        if self.running:
-            for service in self:
-                service.privilegedStartService()
-                service.startService()
-            self._announce()
-
-    def _announce(self) -> None:
-        waiting = []
-        for service in self:
-            d = getattr(service, "_waitingForPort", None)
-            if d is not None:
-                tls = type(getattr(service, "endpoint", None)).__name__.startswith("SSL")
-                waiting.append(Deferred())
-                d.addCallback(lambda port, w=waiting[-1], tls=tls: (
-                    w.callback((port, tls)), port)[1])
-        gathered = DeferredList(waiting)
-
-        def say(results) -> None:
-            urls = [listening_url(port, tls) for _, (port, tls) in results if port is not None]
-            if not urls:
-                _log.error("capsule could not open any of its --listen ports")
-                return
-            count = self._recovered()
-            recovered = ("the sessions of an earlier run are not known yet" if count is None
-                         else f"{count} session{'' if count == 1 else 's'} recovered")
-            _log.info("capsule is ready: {urls} ({recovered})", recovered=recovered,
-                      urls=", ".join([self._public_url.rstrip("/") + "/"] if self._public_url
-                                     else urls))
-        gathered.addCallback(say)
-        gathered.addErrback(lambda f: _log.failure("saying where capsule listens failed", f))
-
-    def stopService(self) -> Deferred:
-        if not self._ready.called:
-            Service.stopService(self)
-            return succeed(None)
-        return super().stopService()
-
-
-def listening_url(port, tls: bool) -> str:
-    """
-    The URL of a listening port, as this machine reaches it.
-    """
-    address = port.getHost()
-    host = getattr(address, "host", None)
-    if host is None:
-        return f"unix:{getattr(address, 'name', address)}"
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    elif ":" in host:
-        host = f"[{host}]"
-    return f"{'https' if tls else 'http'}://{host}:{address.port}/"
-
-
-class CapsuleService(MultiService):
-    """
-    The whole server.  Its children start in this order and stop in the
-    reverse one: the Docker pools, the sessions, the cleanup timer, the
-    listeners.
-    """
-
-    def __init__(self, docker: DockerAPI, sessions: SessionService, listeners: ListenerService,
-                 websocket_factory=None) -> None:
-        super().__init__()
-        self.docker = docker
-        self.manager = sessions.manager
-        self.sessions = sessions
-        self.listeners = listeners
-        self.websocket_factory = websocket_factory
-        self.log_observer = None
-
-    def setServiceParent(self, parent) -> None:
-        # twistd's application: twistd logs to the observer it carries.
-        if self.log_observer is not None and hasattr(parent, "setComponent"):
-            parent.setComponent(ILogObserver, self.log_observer)
-        super().setServiceParent(parent)
-
-
-def stop_on_signals(reactor) -> None:
-    """
-    Stop the reactor on SIGTERM and SIGINT, as twistd's own handlers do, but
-    without logging inside the signal handler: twistd's log that the signal
-    came, and a log call of the main thread that the signal interrupted, can
-    wait for one another's lock for ever (seen: a twistd that never stopped
-    on SIGTERM).  The handler only hands the stop to the reactor's thread,
-    which logs it.
-    """
-    def stop(name: str) -> None:
-        _log.info("received {signal}: stopping", signal=name)
-        if reactor.running:
-            reactor.stop()
-
-    def handler(signum, frame) -> None:
-        reactor.callFromThread(stop, signal.Signals(signum).name)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handler)
-
-
-def makeService(config: Options, reactor=None) -> CapsuleService:
     if reactor is None:
         from twisted.internet import reactor
         # After twistd's own handlers are installed (reactor.run installs
         # them before it runs these).
         reactor.callWhenRunning(stop_on_signals, reactor)
-    docker = DockerAPI(reactor, threads=config["docker-threads"],
-                       export_threads=config["export-threads"])
-    spec = server_spec(config)
-    if "profile-table" not in config:
-        config._check_profiles()
-    metrics = Metrics()
-    owners = recorder = None
-    if config["users"]:
-        owners = OwnerFile(config["state-dir"] or default_state_dir(), config["instance"])
-    if config["record"] is not None:
-        recorder = SessionRecorder(config["record"], reactor, config["record-max-bytes"])
-    manager = SessionManager(docker, reactor, SessionConfig(
-        spec=spec, instance=config["instance"], grace=config["grace"],
-        shell=tuple(shlex.split(config["shell"])), replay_bytes=config["replay-buffer"],
-        pool_size=config["pool-size"], pool_max_age=config["pool-max-age"],
-        max_lifetime=config["max-lifetime"], idle_timeout=config["idle-timeout"],
-        keeper=not config["no-keeper"], profiles=config["profile-table"],
-        secrets=config["secrets"]), metrics=metrics, owners=owners,
-        observers=[recorder] if recorder is not None else ())
-    for profile, name in config["secrets"].missing(config["profile-table"]):
-        _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
-                  " capsule's environment nor in --secrets-file): its sessions start without"
-                  " it", profile=profile, name=name)
-    authenticator = auth_threads = None
-    if config["users"]:
-        auth_threads = AuthThreadPool(reactor)
-        authenticator = Authenticator(
-            reactor, htpasswd=config["auth"], tokens=config["tokens"],
-            user_header=config["user-header"],
-            addresses=ClientAddresses(config["trusted-proxy"]),
-            public_url=config["public-url"], run_blocking=auth_threads.run)
-    budget = config["memory-budget"]
-    admission = AdmissionControl(manager, reactor, AdmissionPolicy(
-        max_sessions=config["max-sessions"], max_per_client=config["max-sessions-per-client"],
-        rate=config["session-rate"], session_memory=parse_bytes(config["memory"]),
-        memory_budget=None if budget in (None, "off") else parse_bytes(budget),
-        max_per_user=config["max-sessions-per-user"]),
-        trusted_proxies=config["trusted-proxy"])
-    site = make_site(manager, docker, reactor, config["www"], authenticator=authenticator,
-                     metrics_token=config["metrics-token"],
-                     admin_token=config["admin-token"], admin_users=config["admin-user"],
-                     max_message_size=config["max-message-size"],
-                     allowed_origins=tuple(config["allowed-origin"]),
-                     host_policy=HostPolicy(public_url=config.get("public-url"),
-                                            allowed_hosts=config["allowed-host"],
-                                            allowed_origins=config["allowed-origin"]),
-                     ping_interval=config["ping-interval"],
-                     ping_timeout=config["ping-timeout"],
-                     flow_window=config["flow-window"],
-                     coalesce_delay=config["coalesce-ms"] / 1000,
-                     export_limits=ExportLimits(
-                         workers=config["export-threads"],
-                         per_client=config["exports-per-client"],
-                         max_bytes=config["export-max-bytes"],
-                         timeout=config["export-timeout"]),
-                     public_url=config["public-url"],
-                     upload_max_bytes=config["upload-max-bytes"],
-                     admission=admission, metrics=metrics,
-                     client_address=ClientAddresses(config["trusted-proxy"]))
-    # A new session's container is asked for as its WebSocket opens, unless
-    # --start-at-first-frame.
-    site.websocket_factory.start_at_open = not config["start-at-first-frame"]
-    sessions = SessionService(manager, reactor, site.websocket_factory, admission,
-                              docker if budget is None else None,
-                              SessionNetwork(docker, reactor, config["network"]))
-    listeners = ListenerService(sessions.ready, lambda: sessions.recovered,
-                                config["public-url"])
-    for description in config["listen"]:
-        strports.service(description, site).setServiceParent(listeners)
-    service = CapsuleService(docker, sessions, listeners, site.websocket_factory)
-    if config["log-format"] == "json":
-        service.log_observer = json_observer(getattr(config, "parent", None))
-    DockerService(docker).setServiceParent(service)
-    if recorder is not None:
-        # Before the sessions: it stops after them, and writes what they said.
-        recorder.setServiceParent(service)
-    if auth_threads is not None:
-        auth_threads.setServiceParent(service)
-    sessions.setServiceParent(service)
-    CleanupService(manager, reactor, config["cleanup-interval"],
-                   config["orphan-sweep"]).setServiceParent(service)
-    if config["disk"] is not None:
-        DiskWatchService(
-            manager, reactor, parse_bytes(config["disk"]), config["disk-check-interval"],
-            lambda: docker.container_sizes(manager.labels),
-            enforced=lambda: docker.storage_quota is True).setServiceParent(service)
-    listeners.setServiceParent(service)
-    _log.info("capsule will run sessions in {image} (memory {memory}, {cpus:g} CPUs,"
-              " {pids} processes), grace {grace:g} s, Docker at {host}",
-              image=spec.image, memory=spec.memory, cpus=spec.cpus, pids=spec.pids,
-              grace=config["grace"], host=docker.host)
-    if authenticator is None and not config["insecure-no-auth"]:
-        _log.info("capsule has no users (no --auth, --tokens or --user-header): it listens"
-                  " on loopback only, and anyone who can reach that port gets a terminal")
-    elif authenticator is None:
-        _log.warn("--insecure-no-auth: anyone who reaches {listen} gets a terminal",
-                  listen=", ".join(config["listen"]))
-    return service
+    if options.knob_options:
+        _log.warn("{options}: tuning knobs now, not options (see docs/tuning.md); say"
+                  " {environment}=\"{pairs}\"", environment=TUNING_ENVIRONMENT,
+                  options=", ".join(f"--{name}" for name in options.knob_options),
+                  pairs=",".join(f"{k}={v}" for k, v in options.knob_options.items()))
+    return make_service(options.config, reactor)

@@ -22,7 +22,8 @@ from capsule.web.http import ClientAddresses
 from capsule.core.spec import ContainerSpec
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
-from capsule.tap import ListenerService, Options, listening_url
+from capsule.tap import Options
+from capsule.services import ListenerService, listening_url
 from tests.support.fakes import FakeDockerAPI, RecordingClient
 from tests.support.httpclient import ask
 from capsule.web.site import make_site

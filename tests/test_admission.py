@@ -389,7 +389,7 @@ def test_bad_admission_options(args):
 def test_the_budget_is_the_engines_memory_once_it_answers():
     from twisted.internet.defer import succeed
 
-    from capsule.tap import SessionService
+    from capsule.services import SessionService
     clock = Clock()
     docker = FakeDockerAPI()
     docker.info = lambda: docker._check() or succeed({"MemTotal": 24 * GIB})
@@ -406,7 +406,7 @@ def test_the_budget_is_the_engines_memory_once_it_answers():
 
 
 def test_an_engine_that_does_not_say_its_memory_means_no_budget():
-    from capsule.tap import SessionService
+    from capsule.services import SessionService
     clock = Clock()
     docker = FakeDockerAPI()
     admission = AdmissionControl(Counted(), clock, AdmissionPolicy())

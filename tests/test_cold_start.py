@@ -20,10 +20,8 @@ from .test_websocket import MAX_MESSAGE, WINDOW, outputs
 
 
 def factory_of(manager, clock, sessions=None) -> CapsuleServerFactory:
-    factory = CapsuleServerFactory(manager, clock, max_message_size=MAX_MESSAGE,
-                                   flow_window=WINDOW, sessions=sessions)
-    factory.start_at_open = True
-    return factory
+    return CapsuleServerFactory(manager, clock, max_message_size=MAX_MESSAGE,
+                                flow_window=WINDOW, sessions=sessions, start_at_open=True)
 
 
 def manager_of(docker, clock, pool_size=0) -> SessionManager:

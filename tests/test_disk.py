@@ -17,7 +17,8 @@ from capsule.engine.docker import DockerAPI
 from capsule.core.errors import DockerUnavailable
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
-from capsule.tap import ListenerService, Options, makeService
+from capsule.tap import Options, makeService
+from capsule.services import ListenerService
 from tests.support.fakes import FakeDockerAPI, RecordingClient
 
 MIB = 1024 * 1024
@@ -119,9 +120,9 @@ def _options(*args):
     return options
 
 
-def test_the_watcher_runs_after_the_cleanup_only_with_disk():
-    service = makeService(_options("--disk", "2g", "--disk-check-interval", "5"),
-                          MemoryReactorClock())
+def test_the_watcher_runs_after_the_cleanup_only_with_disk(monkeypatch):
+    monkeypatch.setenv("CAPSULE_TUNING", "disk-check-interval=5")
+    service = makeService(_options("--disk", "2g"), MemoryReactorClock())
     types = [type(c) for c in service]
     assert types[types.index(CleanupService) + 1:] == [DiskWatchService, ListenerService]
     (watcher,) = [c for c in service if isinstance(c, DiskWatchService)]

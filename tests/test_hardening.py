@@ -21,7 +21,8 @@ from capsule.engine.network import (CAPSULE_BRIDGE, NETWORK_LABELS, NETWORK_OPTI
                              missing_blocks, read_docker_user, suggested_rules)
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
-from capsule.tap import Options, SessionService, makeService
+from capsule.services import SessionService
+from capsule.tap import Options, makeService
 from tests.support.fakes import FakeDockerAPI
 
 ALL_BLOCKED = ["169.254.169.254/32", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]

@@ -116,10 +116,10 @@ def test_application_carries_the_observer(tmp_path):
     The service makeService builds gives twistd's application the observer
     twistd then logs to.
     """
-    from capsule.tap import CapsuleService
+    from capsule.services import CapsuleService
 
-    service = CapsuleService(None, _Sessions(), None)
-    service.log_observer = JSONLinesObserver(io.StringIO())
+    service = CapsuleService(None, _Sessions(), None,
+                             log_observer=JSONLinesObserver(io.StringIO()))
     application = Application("capsule")
     service.setServiceParent(application)
     assert application.getComponent(ILogObserver) is service.log_observer

@@ -48,7 +48,7 @@ def make_manager(pool_size: int = 0, docker=None, clock=None):
     manager = SessionManager(docker, clock, SessionConfig(
         spec=ContainerSpec(image=IMAGE), instance="metrics-test", grace=60,
         pool_size=pool_size), metrics=metrics)
-    metrics.watch(manager, docker)
+    metrics.watch(manager)
     return manager, docker, clock, metrics
 
 

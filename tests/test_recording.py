@@ -191,7 +191,8 @@ def test_options_and_wiring(tmp_path):
     """
     from twisted.internet.testing import MemoryReactorClock
 
-    from capsule.tap import Options, SessionService, makeService
+    from capsule.tap import Options, makeService
+    from capsule.services import SessionService
 
     options = Options()
     options.parseOptions(["-l", "tcp:0:interface=127.0.0.1", "--record", str(tmp_path),

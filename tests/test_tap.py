@@ -11,8 +11,8 @@ from capsule.core.spec import ContainerSpec
 from capsule.core.errors import DockerUnavailable, SessionNotFound
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
-from capsule.tap import (CapsuleService, DockerService, ListenerService, Options, SessionService,
-                         makeService)
+from capsule.tap import Options, makeService
+from capsule.services import CapsuleService, DockerService, ListenerService, SessionService
 from tests.support.fakes import FakeDockerAPI, RecordingClient
 
 
@@ -132,11 +132,11 @@ def test_a_stop_during_start_up_starts_no_pool():
     assert docker.containers == {}
 
 
-def test_websocket_limits_reach_autobahn():
+def test_websocket_limits_reach_autobahn(monkeypatch):
     reactor = MemoryReactorClock()
-    service = makeService(parse("-l", "tcp:0:interface=127.0.0.1", "--max-message-size", "1234",
-                                "--ping-interval", "7", "--allowed-origin", "https://a.example"),
-                          reactor)
+    monkeypatch.setenv("CAPSULE_TUNING", "max-message-size=1234,ping-interval=7")
+    service = makeService(parse("-l", "tcp:0:interface=127.0.0.1",
+                                "--allowed-origin", "https://a.example"), reactor)
     factory = service.websocket_factory
     assert factory.maxMessagePayloadSize == 1234 and factory.maxFramePayloadSize == 1234
     assert factory.failByDrop is False
@@ -186,7 +186,7 @@ def test_a_profile_whose_image_is_missing_is_warned_about_at_start():
 def test_the_signal_handler_only_hands_the_stop_to_the_reactor():
     import signal
 
-    from capsule.tap import stop_on_signals
+    from capsule.services import stop_on_signals
     reactor = MemoryReactorClock()
     reactor.running = True
     saved = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT)}

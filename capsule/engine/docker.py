@@ -95,18 +95,18 @@ class DockerAPI:
     @param export_threads: the size of the pool for workspace exports.
         The health check has a pool of its own of L{HEALTH_THREADS}.
     @param timeout: the timeout of each Docker call, in seconds.
+    @param metrics: what its calls are counted into (L{capsule.ops.metrics});
+        by default nothing.
 
     @ivar storage_quota: whether the storage driver limits a container's
         size when asked (C{storage_opt} C{size}): C{None} until a container
         with a disk limit was created, then what the engine answered.
     """
 
-    # What it counts into (capsule.ops.metrics): a server's metrics watch it.
-    metrics = Uncounted()
-
     def __init__(self, reactor, host: str | None = None, threads: int = 16,
-                 export_threads: int = 4, timeout: float = 60.0) -> None:
+                 export_threads: int = 4, timeout: float = 60.0, metrics=None) -> None:
         self._reactor = reactor
+        self.metrics = metrics if metrics is not None else Uncounted()
         self.host = host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
         self._endpoint = docker_host_endpoint(reactor, self.host)
         self._timeout = timeout

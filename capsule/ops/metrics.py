@@ -162,18 +162,13 @@ class Metrics(SessionObserver):
             self.started.labels(how)
             self.start_seconds.labels(how)
 
-    def watch(self, manager, docker=None) -> None:
+    def watch(self, manager) -> None:
         """
-        Gauge C{manager}'s live sessions and warm pools (what happens to its
-        sessions it is told as their observer, given to the manager as its
-        C{metrics}) and count C{docker}'s calls.
+        Gauge C{manager}'s live sessions and warm pools.  What happens to its
+        sessions it is told as their observer (the manager's C{metrics}), and
+        the engine's calls as the engine's (C{DockerAPI(metrics=...)}).
         """
         self._live.manager = manager
-        if docker is not None:
-            try:
-                docker.metrics = self
-            except AttributeError:
-                pass
 
     def text(self) -> bytes:
         """
@@ -244,10 +239,6 @@ class Metrics(SessionObserver):
                 self.docker_failures.labels(name).inc()
             return result
         return d.addBoth(done)
-
-
-# What objects count into until a server watches them.
-UNCOUNTED = Metrics()
 
 
 class MetricsResource(Resource):

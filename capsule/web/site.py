@@ -143,17 +143,28 @@ class CapsuleSite(Site):
     """
     capsule's L{Site}: its requests are L{LimitedRequest}s.
 
-    @ivar body_limits: bytes of body accepted by path (an upload resource
-        adds its own); any other path accepts L{MAX_BODY}.
+    @ivar body_limits: bytes of body accepted by path; any other path
+        accepts L{MAX_BODY}.
+    @ivar body_rules: callables C{(path, request)} giving the limit of a
+        path they know, else C{None} (the uploads' is one), asked first.
     """
 
     requestFactory = LimitedRequest
+    displayTracebacks = False
 
-    def __init__(self, resource, *args, **kwargs) -> None:
+    def __init__(self, resource, *args, body_limits: dict[bytes, int] | None = None,
+                 body_rules=(), websocket_factory=None, exports=None, session_api=None,
+                 drain=None, metrics=None, **kwargs) -> None:
         super().__init__(resource, *args, **kwargs)
-        self.body_limits: dict[bytes, int] = {}
+        self.body_limits: dict[bytes, int] = dict(body_limits or {})
         # Callables giving the limit of a path they know (else None).
-        self.body_rules: list = []
+        self.body_rules: list = list(body_rules)
+        # The parts of the site that its server (and tests) reach.
+        self.websocket_factory = websocket_factory
+        self.exports = exports
+        self.session_api = session_api
+        self.drain = drain
+        self.metrics = metrics
 
     def body_limit(self, path: bytes, request=None) -> int:
         # A rule may look at the request's headers (they are in).
@@ -282,13 +293,11 @@ LOGIN_MAX_BODY = 8192
 def make_site(manager: SessionManager, docker, reactor, www: str, *,
               export_limits: ExportLimits = ExportLimits(), client_address=peer_address,
               authenticator: Authenticator | None = None, host_policy: HostPolicy | None = None,
+              admission=None, drain: Drain | None = None, start_at_open: bool = False,
               metrics: Metrics | None = None, metrics_token: str | None = None,
               admin_token: str | None = None, admin_users=(), public_url: str | None = None,
-              upload_max_bytes: int = UPLOAD_MAX_BYTES, admission=None,
-              **websocket_options) -> Site:
+              upload_max_bytes: int = UPLOAD_MAX_BYTES, **websocket_options) -> CapsuleSite:
     """
-    @param admission: who may open a session now
-        (L{capsule.core.admission.AdmissionControl}); C{None}: anyone.
     @param export_limits: how many exports run, and what one may cost.
     @param authenticator: who may use what (L{capsule.auth.gate}); C{None}: anyone
         who reaches the port (loopback only, or C{--insecure-no-auth}).
@@ -296,7 +305,13 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         per-client limits (by default the socket's peer).
     @param host_policy: the names and origins capsule answers to; without
         one, C{Host} is not checked (a site built bare, in tests).
-    @param metrics: what C{/metrics} serves (by default new ones).
+    @param admission: what decides on new sessions
+        (L{capsule.core.admission.AdmissionControl}); C{None}: no limits.
+    @param drain: the server's L{Drain} (by default a new one).
+    @param start_at_open: make a new session as its WebSocket opens, rather
+        than at its first frame.
+    @param metrics: what C{/metrics} serves, already watching C{manager}
+        (by default new ones, made to watch it).
     @param metrics_token: the bearer token that reads C{/metrics} from
         anywhere (C{--metrics-token}); loopback peers need none.
     @param admin_token, admin_users: who may use C{/api/admin/} besides
@@ -311,17 +326,19 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     if host_policy is None:
         host_policy = HostPolicy(allowed_origins=websocket_options.get("allowed_origins", ()),
                                  check_hosts=False)
-    drain = Drain(manager, reactor)
-    sessions = SessionService(manager, admission, drain)
-    factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
-                                   sessions=sessions, **websocket_options)
-    root.putChild(b"ws", WebSocketResource(factory))
-    root.putChild(b"health", HealthResource(manager, docker, reactor, drain))
+    if drain is None:
+        drain = Drain(manager, reactor)
     if metrics is None:
         # The manager's, which it tells what happens to sessions; a manager
         # that counts nothing gets metrics of the site's alone.
         metrics = manager.metrics if isinstance(manager.metrics, Metrics) else Metrics()
-    metrics.watch(manager, docker)
+        metrics.watch(manager)
+    sessions = SessionService(manager, admission, drain)
+    factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
+                                   sessions=sessions, authenticator=authenticator,
+                                   start_at_open=start_at_open, **websocket_options)
+    root.putChild(b"ws", WebSocketResource(factory))
+    root.putChild(b"health", HealthResource(manager, docker, reactor, drain))
     root.putChild(b"metrics", MetricsResource(metrics, metrics_token))
     api = ApiResource()
     exports = ExportResource(manager, docker, reactor, limits=export_limits,
@@ -335,22 +352,16 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     api.putChild(b"openapi.json", OpenApiResource())
     root.putChild(b"api", api)
     top = root
-    factory.authenticator = authenticator
+    body_limits = {}
     if authenticator is not None:
         root.putChild(b"login", LoginResource(authenticator, os.path.join(www, "login.html")))
         root.putChild(b"logout", LogoutResource(authenticator))
         top = AuthGate(root, authenticator, OPEN_PATHS)
+        body_limits[b"/login"] = LOGIN_MAX_BODY
     top = AdminMount(top, AdminResource(manager, drain, AdminAccess(
         admin_token, admin_users, authenticator), reactor))
-    site = CapsuleSite(GuardResource(top, host_policy), reactor=reactor,
-                       logFormatter=access_log_line)
-    site.body_rules.append(session_api.body_limit)
-    if authenticator is not None:
-        site.body_limits[b"/login"] = LOGIN_MAX_BODY
-    site.displayTracebacks = False
-    site.websocket_factory = factory
-    site.exports = exports
-    site.session_api = session_api
-    site.drain = drain
-    site.metrics = metrics
-    return site
+    return CapsuleSite(GuardResource(top, host_policy), reactor=reactor,
+                       logFormatter=access_log_line, body_limits=body_limits,
+                       body_rules=[session_api.body_limit], websocket_factory=factory,
+                       exports=exports, session_api=session_api, drain=drain,
+                       metrics=metrics)

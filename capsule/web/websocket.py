@@ -500,17 +500,16 @@ class CapsuleServerFactory(WebSocketServerFactory):
         the page's own; C{"*"} allows any.
     @param host_policy: the names and origins capsule answers to
         (L{capsule.web.headers}); the site gives its own.
-    @param sessions: opens new sessions (L{capsule.sessions.service}); by
-        default one with neither admission nor drain.
+    @param sessions: opens new sessions (L{capsule.sessions.service}): its
+        admission control and drain; by default one with neither.
+    @param authenticator: says who a connection acts for
+        (L{capsule.auth.gate.Authenticator}); C{None}: anyone.
+    @param start_at_open: make a new session as its connection opens (its
+        container made while the client sends its first frame) rather than
+        at that first frame.
     """
 
     protocol = CapsuleServerProtocol
-    # Who connections act for (capsule.auth.gate.Authenticator), or None: anyone.
-    authenticator = None
-    # Whether a new session is made as the connection opens (its container
-    # made while the client sends its first frame) rather than at that
-    # first frame (capsule's default; --start-at-first-frame turns it off).
-    start_at_open = False
     # Seconds a new connection has to send its first frame (the terminal's
     # size), and the output of its session held for it until then.
     first_frame_timeout = 30.0
@@ -521,9 +520,12 @@ class CapsuleServerFactory(WebSocketServerFactory):
                  ping_timeout: float = 20.0, flow_window: int = 1024 * 1024,
                  coalesce_delay: float = 0.002, coalesce_bytes: int = 256 * 1024,
                  host_policy: HostPolicy | None = None,
-                 sessions: SessionService | None = None) -> None:
+                 sessions: SessionService | None = None, authenticator=None,
+                 start_at_open: bool = False) -> None:
         super().__init__()
         self.host_policy = host_policy
+        self.authenticator = authenticator
+        self.start_at_open = start_at_open
         self.manager = manager
         # How new sessions are opened (drain, admission): the server's one
         # session service.

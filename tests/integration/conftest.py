@@ -53,4 +53,4 @@ def make_server(tmp_path):
 
 @pytest.fixture
 def server(make_server):
-    return make_server("--grace", "30", "--cleanup-interval", "0.5")
+    return make_server("--grace", "30", tuning={"cleanup-interval": 0.5})

@@ -47,10 +47,10 @@ class CapsuleServer(LiveServer):
     """
 
     def __init__(self, tmp_path: Path, *extra: str, env: dict | None = None,
-                 instance: str | None = None) -> None:
+                 instance: str | None = None, tuning: dict | None = None) -> None:
         # Every test client comes from 127.0.0.1: admission limits are off
         # unless a test sets them (its options come after these, and win).
         super().__init__(tmp_path, "--memory", "512m", "--cpus", "1", "--max-sessions", "256",
                          "--max-sessions-per-client", "256", "--session-rate", "1000/1",
                          "--memory-budget", "off", *extra,
-                         image=IMAGE, env=env, instance=instance)
+                         image=IMAGE, env=env, instance=instance, tuning=tuning)

@@ -74,7 +74,7 @@ async def test_bad_session_ids_are_refused(server, session_id, close_code, code)
 
 @pytest_twisted.ensureDeferred
 async def test_oversized_message_closes_with_1009(make_server):
-    server = make_server("--max-message-size", "1024")
+    server = make_server(tuning={"max-message-size": 1024})
     client = await WSClient.connect(server.ws_url)
     client.type("x" * 5000)
     code, _ = await client.closed

@@ -33,7 +33,7 @@ async def test_binary_round_trip(server):
     assert client.binary
     client.send({"type": "resize", "cols": 90, "rows": 30})
     connected = await client.next("connected")
-    assert connected["offset"] == 0 and connected["window"] == 1024 * 1024  # --flow-window
+    assert connected["offset"] == 0 and connected["window"] == 1024 * 1024  # the flow-window knob
     client.send_raw("echo $((6*7))__RDY; stty size\r".encode(), binary=True)
     await client.until(r"42__RDY\r\n30 90")
     assert any(isinstance(m, bytes) for m in client.all_messages)
@@ -68,7 +68,7 @@ async def test_resume_from_offset_is_exact(server):
 @pytest_twisted.ensureDeferred
 async def test_output_stops_at_the_window_until_acked(make_server):
     window = 64 * 1024
-    server = make_server("--flow-window", str(window))
+    server = make_server(tuning={"flow-window": window})
     client = await WSClient.connect(server.ws_url, binary=True, auto_ack=False)
     client.send({"type": "resize", "cols": 80, "rows": 24})
     await client.next("connected")
@@ -110,7 +110,7 @@ async def test_json_clients_cannot_ack_or_send_binary(server):
 
 @pytest_twisted.ensureDeferred
 async def test_large_replays_fit_small_message_limits(make_server):
-    server = make_server("--max-message-size", "4096")
+    server = make_server(tuning={"max-message-size": 4096})
     for binary in (True, False):
         client = await WSClient.connect(server.ws_url, binary=binary)
         session_id = await client.start()

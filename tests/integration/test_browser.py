@@ -31,7 +31,7 @@ def page_args(*args: str) -> tuple[str, ...]:
 
 @pytest.fixture
 def server(make_server):
-    return make_server(*page_args("--grace", "30", "--cleanup-interval", "0.5"))
+    return make_server(*page_args("--grace", "30"), tuning={"cleanup-interval": 0.5})
 
 
 @pytest.fixture
@@ -309,8 +309,8 @@ def test_page_export_error_and_ended_session(make_server, new_page):
     Export disabled.  (The session moves its workspace away with sudo,
     which only --allow-sudo gives.)
     """
-    server = make_server(*page_args("--grace", "30", "--cleanup-interval", "0.5",
-                                    "--allow-sudo"))
+    server = make_server(*page_args("--grace", "30", "--allow-sudo"),
+                         tuning={"cleanup-interval": 0.5})
     page = new_page()
     session_id = open_session(page, server.url)
     type_line(page, "cd / && sudo mv /workspace /tmp/moved && echo MOVED")

@@ -42,7 +42,7 @@ async def test_the_default_cpu_weight_is_a_quarter_of_the_servers(make_server):
 
 @pytest_twisted.ensureDeferred
 async def test_a_session_writing_past_its_disk_limit(make_server):
-    server = make_server("--disk", "50m", "--disk-check-interval", "0.5")
+    server = make_server("--disk", "50m", tuning={"disk-check-interval": 0.5})
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
     assert "developer" in await client.run("whoami")
@@ -75,7 +75,7 @@ async def test_a_session_writing_past_its_disk_limit(make_server):
 
 @pytest_twisted.ensureDeferred
 async def test_a_session_within_its_disk_limit_lives_on(make_server):
-    server = make_server("--disk", "50m", "--disk-check-interval", "0.5")
+    server = make_server("--disk", "50m", tuning={"disk-check-interval": 0.5})
     client = await WSClient.connect(server.ws_url)
     await client.start()
     assert "status=0" in await client.run("head -c 10M /dev/zero > small; echo status=$?")

@@ -42,7 +42,7 @@ async def test_export_of_a_session_whose_container_is_gone(server):
 
 @pytest_twisted.ensureDeferred
 async def test_half_open_client_is_noticed_and_the_session_stays_reconnectable(make_server):
-    server = make_server("--ping-interval", "1", "--ping-timeout", "1")
+    server = make_server(tuning={"ping-interval": 1, "ping-timeout": 1})
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
     await client.run("export HALF=open")
@@ -120,7 +120,7 @@ class DockerProxy(protocol.Factory):
 async def test_docker_outage_and_recovery(make_server, tmp_path):
     proxy = DockerProxy(str(tmp_path / "docker.sock"))
     await proxy.up()
-    server = make_server("--pool-size", "0", "--orphan-sweep", "1", "--cleanup-interval", "0.5",
+    server = make_server("--pool-size", "0", tuning={"orphan-sweep": 1, "cleanup-interval": 0.5},
                          env={"DOCKER_HOST": f"unix://{proxy.path}"}, start=False)
     # Started on a thread: capsule reaches Docker through this reactor's proxy
     # before it listens.
@@ -165,7 +165,7 @@ async def test_docker_outage_and_recovery(make_server, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_a_silent_attached_session_is_never_expired(make_server):
     # Grace 1 s, sweeps every 0.2 s: a silent agent with the tab open stays.
-    server = make_server("--grace", "1", "--cleanup-interval", "0.2", "--pool-size", "0")
+    server = make_server("--grace", "1", "--pool-size", "0", tuning={"cleanup-interval": 0.2})
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
     client.type("sleep 4; echo still$((1+1))\r")

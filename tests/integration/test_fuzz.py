@@ -141,13 +141,12 @@ class Bystander(threading.Thread):
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    server = CapsuleServer(tmp_path_factory.mktemp("fuzz"), "--max-message-size",
-                           str(MAX_MESSAGE), "--pool-size", "1", "--grace", "5",
-                           "--cleanup-interval", "0.5",
-                           # Thousands of connections, most closed by a bad frame: each would
-                           # otherwise make a container at its upgrade (tests/integration/
-                           # test_pool.py covers that path).
-                           "--start-at-first-frame")
+    server = CapsuleServer(tmp_path_factory.mktemp("fuzz"), "--pool-size", "1", "--grace", "5",
+                           tuning={"max-message-size": MAX_MESSAGE, "cleanup-interval": 0.5,
+                                   # Thousands of connections, most closed by a bad frame:
+                                   # each would otherwise make a container at its upgrade
+                                   # (tests/integration/test_pool.py covers that path).
+                                   "start-at-first-frame": True})
     server.start()
     bystander = Bystander(server.ws_url)
     bystander.start()

@@ -167,7 +167,7 @@ def big_workspace(make_server):
     A server with one worker for exports, and a session whose workspace
     (16 MiB of random bytes) does not fit in the sockets' buffers.
     """
-    server = make_server("--pool-size", "0", "--export-threads", "1")
+    server = make_server("--pool-size", "0", tuning={"export-threads": 1})
     terminal, session_id = _session_with(
         server, "head -c 16M /dev/urandom > /workspace/big")
     yield server, session_id
@@ -193,7 +193,7 @@ def test_a_client_over_its_export_limit_gets_429(big_workspace):
 
 
 def test_a_freed_worker_goes_to_another_client_first(make_server):
-    server = make_server("--pool-size", "0", "--export-threads", "1")
+    server = make_server("--pool-size", "0", tuning={"export-threads": 1})
     terminal, big = _session_with(server, "head -c 16M /dev/urandom > /workspace/big")
     small_terminal, small = _session_with(server, "printf %156s x > /workspace/small")
     first = _export(server, big, "127.0.0.2")

@@ -10,7 +10,8 @@ from .harness import WSClient, eventually
 
 @pytest_twisted.ensureDeferred
 async def test_max_lifetime_ends_a_busy_session_with_a_reason(make_server):
-    server = make_server("--pool-size", "0", "--max-lifetime", "4", "--cleanup-interval", "0.2")
+    server = make_server("--pool-size", "0", "--max-lifetime", "4",
+                         tuning={"cleanup-interval": 0.2})
     client = await WSClient.connect(server.ws_url)
     await client.start()
     client.type("while true; do echo busy; sleep 0.2; done\r")
@@ -23,7 +24,8 @@ async def test_max_lifetime_ends_a_busy_session_with_a_reason(make_server):
 
 @pytest_twisted.ensureDeferred
 async def test_idle_timeout_ends_a_silent_attached_session(make_server):
-    server = make_server("--pool-size", "0", "--idle-timeout", "2", "--cleanup-interval", "0.2")
+    server = make_server("--pool-size", "0", "--idle-timeout", "2",
+                         tuning={"cleanup-interval": 0.2})
     client = await WSClient.connect(server.ws_url)
     await client.start()
     await client.run("true")

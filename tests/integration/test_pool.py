@@ -158,7 +158,7 @@ async def test_a_warm_session_whose_shell_was_killed_is_replaced_not_handed_out(
 
 @pytest_twisted.ensureDeferred
 async def test_warm_sessions_older_than_the_max_age_are_replaced(make_server):
-    server = make_server("--pool-size", "1", "--pool-max-age", "4")
+    server = make_server("--pool-size", "1", tuning={"pool-max-age": 4})
     first = await the_warm_one(server)
     await eventually(lambda: first["Id"] not in {c["Id"] for c in
                                                  instance_containers(server.instance)},
@@ -222,7 +222,7 @@ async def test_warm_sessions_of_a_killed_run_are_never_handed_out_and_expire(mak
     first = make_server("--pool-size", "1")
     warm = await the_warm_one(first)
     await deferToThread(first.stop, sig=signal.SIGKILL)
-    second = make_server("--pool-size", "1", "--grace", "3", "--cleanup-interval", "0.2",
+    second = make_server("--pool-size", "1", "--grace", "3", tuning={"cleanup-interval": 0.2},
                          instance=first.instance)
     await eventually(lambda: "found 1 session(s)" in second.log())
     await eventually(lambda: pool_ready(second) == 1)

@@ -33,6 +33,7 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
 from tests.support.httpclient import Response, request
+from capsule.tuning import ENVIRONMENT as TUNING_ENVIRONMENT
 
 LABEL_INSTANCE = "io.capsule.instance"
 LABEL_SESSION = "io.capsule.session"
@@ -182,6 +183,8 @@ class CapsuleServer:
 
     @param workdir: where its log files go.
     @param extra: capsule's options (limits, pool size, grace...).
+    @param tuning: capsule's tuning knobs by name (C{{"cleanup-interval":
+        0.2}}, see L{capsule.tuning}), given in C{$CAPSULE_TUNING}.
     @param label: names its log files (default: the instance).
     @param own_session: start it in a process session of its own, so that
         a Ctrl-C at the terminal reaches only its owner, who then stops it.
@@ -189,7 +192,8 @@ class CapsuleServer:
 
     def __init__(self, workdir: Path, *extra: str, image: str = DEFAULT_IMAGE,
                  instance: str | None = None, label: str | None = None,
-                 env: dict | None = None, own_session: bool = False) -> None:
+                 env: dict | None = None, own_session: bool = False,
+                 tuning: dict | None = None) -> None:
         self.port = free_port()
         self.instance = instance or f"test-{uuid.uuid4().hex[:10]}"
         self.label = label or self.instance
@@ -203,6 +207,10 @@ class CapsuleServer:
         ]
         # A server that hangs can then be made to show every thread's stack.
         self.env = {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
+        if tuning:
+            self.env[TUNING_ENVIRONMENT] = ",".join(
+                f"{name}={str(value).lower() if isinstance(value, bool) else value}"
+                for name, value in tuning.items())
         self.own_session = own_session
         self.process: subprocess.Popen | None = None
         self._log_offset = 0

@@ -1,0 +1,95 @@
+"""
+capsule's configuration as one frozen value: what C{twistd capsule}'s
+options (L{capsule.tap.Options}) and the tuning knobs (L{capsule.tuning})
+say, parsed and checked.  L{capsule.services.make_service} builds the
+server from it.
+
+C{docs/options.md} is generated from the options (L{capsule.docs}).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from capsule.core.profiles import Profile, Secrets
+from capsule.core.spec import ContainerSpec
+from capsule.tuning import Tuning
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class CapsuleConfig:
+    """
+    Everything the server is built from.  Sizes are bytes, durations
+    seconds; C{None} means the option was not given (its meaning is said
+    where it matters).  L{capsule.tap.Options} makes one (its defaults are
+    the options').
+    """
+
+    # -- where it listens, and who may use it ----------------------------------
+    listen: tuple[str, ...]
+    insecure_no_auth: bool
+    auth: str | None
+    tokens: str | None
+    user_header: str | None
+    trusted_proxies: tuple[Network, ...]
+    public_url: str | None
+    allowed_origins: tuple[str, ...]
+    allowed_hosts: tuple[str, ...]
+    metrics_token: str | None
+    admin_token: str | None
+    admin_users: tuple[str, ...]
+
+    # -- the sessions ----------------------------------------------------------
+    # The shell profile's container (--image, --memory, --cpus, ...).
+    spec: ContainerSpec
+    memory_bytes: int
+    disk_bytes: int | None
+    instance: str
+    shell: tuple[str, ...]
+    keeper: bool
+    grace: float
+    max_lifetime: float
+    idle_timeout: float
+    replay_bytes: int
+    pool_size: int
+    profiles: Mapping[str, Profile]
+    secrets: Secrets
+
+    # -- admission -------------------------------------------------------------
+    max_sessions: int
+    max_sessions_per_client: int
+    max_sessions_per_user: int | None
+    session_rate: tuple[int, float]
+    # None: no budget (--memory-budget off, or the engine's memory until it
+    # is known, see memory_budget_from_engine).
+    memory_budget: int | None
+    memory_budget_from_engine: bool
+
+    # -- exports and uploads ---------------------------------------------------
+    exports_per_client: int
+    export_max_bytes: int
+    export_timeout: float
+    upload_max_bytes: int
+
+    # -- operations ------------------------------------------------------------
+    www: str
+    # None: the default (capsule.sessions.owners.default_state_dir).
+    state_dir: str | None
+    log_format: str
+    record: str | None
+    record_max_bytes: int
+
+    tuning: Tuning = Tuning()
+    # twistd's own logfile and nodaemon options (where a JSON log goes).
+    server_options: Mapping | None = None
+
+    @property
+    def users(self) -> bool:
+        """
+        Whether capsule has users (--auth, --tokens or --user-header).
+        """
+        return any(v is not None for v in (self.auth, self.tokens, self.user_header))

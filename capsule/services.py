@@ -1,0 +1,411 @@
+"""
+The service tree of a capsule server, and L{make_service}, which builds it
+from a L{CapsuleConfig}: every object is given what it needs as it is made.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.task import deferLater
+from twisted.logger import ILogObserver, Logger
+
+from capsule.auth.checkers import AuthThreadPool
+from capsule.auth.gate import Authenticator
+from capsule.config import CapsuleConfig
+from capsule.core.admission import AdmissionControl, AdmissionPolicy
+from capsule.core.errors import CapsuleError
+from capsule.engine.docker import DockerAPI
+from capsule.engine.network import SessionNetwork
+from capsule.ops.logformat import json_observer
+from capsule.ops.metrics import Metrics
+from capsule.ops.recording import SessionRecorder
+from capsule.sessions.cleanup import CleanupService
+from capsule.sessions.disk import DiskWatchService
+from capsule.sessions.owners import OwnerFile, default_state_dir
+from capsule.sessions.drain import Drain
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
+from capsule.web.export import ExportLimits
+from capsule.web.headers import HostPolicy
+from capsule.web.http import ClientAddresses
+from capsule.web.site import make_site
+
+# The namespace these lines always had (capsule is ready, recovery, the
+# memory budget): operators' log filters name it.
+_log = Logger(namespace="capsule.tap")
+
+
+class DockerService(Service):
+    """
+    The Docker API's thread pools: started first, stopped last.
+    """
+
+    def __init__(self, docker: DockerAPI) -> None:
+        self.docker = docker
+
+    def startService(self) -> None:
+        super().startService()
+        self.docker.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.docker.stop()
+
+
+class SessionService(Service):
+    """
+    The sessions.  On start, finds the sessions of an earlier run (and
+    retries while the engine does not answer); C{ready} fires once that is
+    done or has failed once, so that the listeners open only when a
+    reconnecting client can be answered.  The warm pool starts filling once
+    the leftovers of the earlier run are gone.  On stop, lets the sessions
+    go (they live on in their containers) and waits briefly for their
+    clients to hear it.
+    """
+
+    RECOVERY_RETRY = 5.0
+
+    def __init__(self, manager: SessionManager, clock, websocket_factory=None,
+                 admission: AdmissionControl | None = None, docker=None,
+                 network: SessionNetwork | None = None) -> None:
+        self.manager = manager
+        # Made ready before the sessions of an earlier run are looked for.
+        self.network = network
+        self.clock = clock
+        self.websocket_factory = websocket_factory
+        self.ready: Deferred = Deferred()
+        # Sessions of the earlier run found (None: not known yet).
+        self.recovered: int | None = None
+        self._recovery: Deferred | None = None
+        # Given both, the memory budget is the engine's memory, once known.
+        self._admission = admission
+        self._docker = docker
+        self._budget: Deferred | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._recovery = Deferred.fromCoroutine(self._recover())
+        self._recovery.addErrback(
+            lambda f: None if f.check(CancelledError) else _log.failure(
+                "looking for the sessions of an earlier run failed", f))
+        if self._admission is not None and self._docker is not None:
+            self._budget = Deferred.fromCoroutine(self._learn_memory_budget())
+            self._budget.addErrback(
+                lambda f: None if f.check(CancelledError) else _log.failure(
+                    "learning the engine's memory failed", f))
+
+    async def _learn_memory_budget(self) -> None:
+        # docker info runs on the Docker pool; until it answers, no budget.
+        warned = False
+        while True:
+            try:
+                info = await self._docker.info()
+            except CapsuleError as e:
+                if not warned:
+                    _log.warn("could not learn the engine's memory (retrying every"
+                              " {delay:g} s): {message}", delay=self.RECOVERY_RETRY,
+                              message=e.message)
+                    warned = True
+                await deferLater(self.clock, self.RECOVERY_RETRY, lambda: None)
+                continue
+            break
+        try:
+            total = int(info["MemTotal"])
+        except (KeyError, TypeError, ValueError):
+            _log.warn("the engine did not say its memory: no --memory-budget check")
+            return
+        self._admission.policy.memory_budget = total
+        _log.info("memory budget: {budget} bytes (the engine's memory)", budget=total)
+
+    async def _recover(self) -> None:
+        warned = False
+        recovery = self.manager.recovery
+        recovery.pending = True
+        while True:
+            try:
+                if self.network is not None:
+                    await self.network.ensure()
+                count = await recovery.recover()
+            except CapsuleError as e:
+                if not warned:
+                    _log.warn("could not look for the sessions of an earlier run (retrying"
+                              " every {delay:g} s): {message}", delay=self.RECOVERY_RETRY,
+                              message=e.message)
+                    warned = True
+                self._open()
+                await deferLater(self.clock, self.RECOVERY_RETRY, lambda: None)
+                continue
+            break
+        recovery.pending = False
+        if warned:
+            _log.info("found the sessions of the earlier run: {count}", count=count)
+        self.recovered = count
+        self._open()
+        self.manager.pool.start()
+        await recovery.check_live_restore()
+        await recovery.check_profile_images()
+
+    def _open(self) -> None:
+        if not self.ready.called:
+            self.ready.callback(None)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        if self._recovery is not None and not self._recovery.called:
+            # A stop during start-up: no recovery and no pool after it.
+            self._recovery.cancel()
+        if self._budget is not None and not self._budget.called:
+            self._budget.cancel()
+        d = Deferred.fromCoroutine(self._stop())
+        # The reactor drops errors of shutdown triggers without a word.
+        d.addErrback(lambda f: _log.failure("stopping the sessions failed", f))
+        return d
+
+    async def _stop(self) -> None:
+        await self.manager.shutdown()
+        if self.websocket_factory is not None:
+            # Let the clients' close handshakes finish (they were told to
+            # come back), but not for long.
+            await self.websocket_factory.wait_closed(3.0)
+
+
+class ListenerService(MultiService):
+    """
+    The listening ports, as children: opened once C{ready} fires (the
+    sessions of an earlier run are known), closed first on stop.  Once they
+    are open, says where to go: C{capsule is ready: URL (N sessions recovered)}.
+
+    @param recovered: how many sessions of an earlier run were found (C{None}:
+        not known yet).
+    """
+
+    def __init__(self, ready: Deferred, recovered=lambda: None,
+                 public_url: str | None = None) -> None:
+        super().__init__()
+        self._ready = ready
+        self._recovered = recovered
+        self._public_url = public_url
+
+    def privilegedStartService(self) -> None:
+        # twistd asks services to bind their ports before startService: the
+        # ports would accept connections before the sessions are known.
+        # They are bound in _open instead (a port below 1024 then needs the
+        # right to bind it, e.g. CAP_NET_BIND_SERVICE, rather than twistd's
+        # --uid dropping root after binding).
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        # Not MultiService's: the children start later.
+        Service.startService(self)
+        self._ready.addCallback(self._open)
+
+    def _open(self, _=None) -> None:
+        if self.running:
+            for service in self:
+                service.privilegedStartService()
+                service.startService()
+            self._announce()
+
+    def _announce(self) -> None:
+        waiting = []
+        for service in self:
+            d = getattr(service, "_waitingForPort", None)
+            if d is not None:
+                tls = type(getattr(service, "endpoint", None)).__name__.startswith("SSL")
+                waiting.append(Deferred())
+                d.addCallback(lambda port, w=waiting[-1], tls=tls: (
+                    w.callback((port, tls)), port)[1])
+        gathered = DeferredList(waiting)
+
+        def say(results) -> None:
+            urls = [listening_url(port, tls) for _, (port, tls) in results if port is not None]
+            if not urls:
+                _log.error("capsule could not open any of its --listen ports")
+                return
+            count = self._recovered()
+            recovered = ("the sessions of an earlier run are not known yet" if count is None
+                         else f"{count} session{'' if count == 1 else 's'} recovered")
+            _log.info("capsule is ready: {urls} ({recovered})", recovered=recovered,
+                      urls=", ".join([self._public_url.rstrip("/") + "/"] if self._public_url
+                                     else urls))
+        gathered.addCallback(say)
+        gathered.addErrback(lambda f: _log.failure("saying where capsule listens failed", f))
+
+    def stopService(self) -> Deferred:
+        if not self._ready.called:
+            Service.stopService(self)
+            return succeed(None)
+        return super().stopService()
+
+
+def listening_url(port, tls: bool) -> str:
+    """
+    The URL of a listening port, as this machine reaches it.
+    """
+    address = port.getHost()
+    host = getattr(address, "host", None)
+    if host is None:
+        return f"unix:{getattr(address, 'name', address)}"
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{address.port}/"
+
+
+class CapsuleService(MultiService):
+    """
+    The whole server.  Its children start in this order and stop in the
+    reverse one: the Docker pools, the sessions, the cleanup timer, the
+    listeners.
+    """
+
+    def __init__(self, docker: DockerAPI, sessions: SessionService, listeners: ListenerService,
+                 websocket_factory=None, log_observer=None) -> None:
+        super().__init__()
+        self.docker = docker
+        self.manager = sessions.manager
+        self.sessions = sessions
+        self.listeners = listeners
+        self.websocket_factory = websocket_factory
+        # What twistd logs to (--log-format json), or None: twistd's own.
+        self.log_observer = log_observer
+
+    def setServiceParent(self, parent) -> None:
+        # twistd's application: twistd logs to the observer it carries.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+
+def stop_on_signals(reactor) -> None:
+    """
+    Stop the reactor on SIGTERM and SIGINT, as twistd's own handlers do, but
+    without logging inside the signal handler: twistd's log that the signal
+    came, and a log call of the main thread that the signal interrupted, can
+    wait for one another's lock for ever (seen: a twistd that never stopped
+    on SIGTERM).  The handler only hands the stop to the reactor's thread,
+    which logs it.
+    """
+    def stop(name: str) -> None:
+        _log.info("received {signal}: stopping", signal=name)
+        if reactor.running:
+            reactor.stop()
+
+    def handler(signum, frame) -> None:
+        reactor.callFromThread(stop, signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+
+
+
+def session_config(config: CapsuleConfig) -> SessionConfig:
+    """
+    What the session manager is told.
+    """
+    return SessionConfig(
+        spec=config.spec, instance=config.instance, grace=config.grace, shell=config.shell,
+        replay_bytes=config.replay_bytes, pool_size=config.pool_size,
+        pool_max_age=config.tuning.pool_max_age, max_lifetime=config.max_lifetime,
+        idle_timeout=config.idle_timeout, keeper=config.keeper,
+        profiles=dict(config.profiles), secrets=config.secrets)
+
+
+def make_service(config: CapsuleConfig, reactor) -> CapsuleService:
+    """
+    The server C{config} describes, its objects made in the order they need
+    one another: the metrics, the engine, the sessions, who may use them,
+    admission, the site, and the services that start and stop them.
+    """
+    tuning = config.tuning
+    metrics = Metrics()
+    docker = DockerAPI(reactor, threads=tuning.docker_threads,
+                       export_threads=tuning.export_threads, metrics=metrics)
+    owners = recorder = None
+    if config.users:
+        owners = OwnerFile(config.state_dir or default_state_dir(), config.instance)
+    if config.record is not None:
+        recorder = SessionRecorder(config.record, reactor, config.record_max_bytes)
+    # The metrics, the owners' file and the recorder observe the sessions.
+    manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
+                             owners=owners, observers=[recorder] if recorder else ())
+    metrics.watch(manager)
+    for profile, name in config.secrets.missing(config.profiles):
+        _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
+                  " capsule's environment nor in --secrets-file): its sessions start without"
+                  " it", profile=profile, name=name)
+    addresses = ClientAddresses(list(config.trusted_proxies))
+    authenticator = auth_threads = None
+    if config.users:
+        auth_threads = AuthThreadPool(reactor)
+        authenticator = Authenticator(
+            reactor, htpasswd=config.auth, tokens=config.tokens,
+            user_header=config.user_header, addresses=addresses,
+            public_url=config.public_url, run_blocking=auth_threads.run)
+    admission = AdmissionControl(manager, reactor, AdmissionPolicy(
+        max_sessions=config.max_sessions, max_per_client=config.max_sessions_per_client,
+        rate=config.session_rate, session_memory=config.memory_bytes,
+        memory_budget=config.memory_budget, max_per_user=config.max_sessions_per_user),
+        trusted_proxies=list(config.trusted_proxies))
+    site = make_site(
+        manager, docker, reactor, config.www, admission=admission,
+        drain=Drain(manager, reactor), metrics=metrics, authenticator=authenticator,
+        client_address=addresses,
+        # A new session's container is asked for as its WebSocket opens,
+        # unless start-at-first-frame.
+        start_at_open=not tuning.start_at_first_frame,
+        metrics_token=config.metrics_token, admin_token=config.admin_token,
+        admin_users=list(config.admin_users), max_message_size=tuning.max_message_size,
+        allowed_origins=config.allowed_origins,
+        host_policy=HostPolicy(public_url=config.public_url,
+                               allowed_hosts=list(config.allowed_hosts),
+                               allowed_origins=list(config.allowed_origins)),
+        ping_interval=tuning.ping_interval, ping_timeout=tuning.ping_timeout,
+        flow_window=tuning.flow_window, coalesce_delay=tuning.coalesce_delay,
+        export_limits=ExportLimits(
+            workers=tuning.export_threads, per_client=config.exports_per_client,
+            max_bytes=config.export_max_bytes, timeout=config.export_timeout),
+        public_url=config.public_url, upload_max_bytes=config.upload_max_bytes)
+    sessions = SessionService(manager, reactor, site.websocket_factory, admission,
+                              docker if config.memory_budget_from_engine else None,
+                              SessionNetwork(docker, reactor, config.spec.network))
+    listeners = ListenerService(sessions.ready, lambda: sessions.recovered,
+                                config.public_url)
+    for description in config.listen:
+        strports.service(description, site).setServiceParent(listeners)
+    service = CapsuleService(
+        docker, sessions, listeners, site.websocket_factory,
+        log_observer=(json_observer(config.server_options)
+                      if config.log_format == "json" else None))
+    DockerService(docker).setServiceParent(service)
+    if recorder is not None:
+        # Before the sessions: it stops after them, and writes what they said.
+        recorder.setServiceParent(service)
+    if auth_threads is not None:
+        auth_threads.setServiceParent(service)
+    sessions.setServiceParent(service)
+    CleanupService(manager, reactor, tuning.cleanup_interval,
+                   tuning.orphan_sweep).setServiceParent(service)
+    if config.disk_bytes is not None:
+        DiskWatchService(
+            manager, reactor, config.disk_bytes, tuning.disk_check_interval,
+            lambda: docker.container_sizes(manager.labels),
+            enforced=lambda: docker.storage_quota is True).setServiceParent(service)
+    listeners.setServiceParent(service)
+    spec = config.spec
+    _log.info("capsule will run sessions in {image} (memory {memory}, {cpus:g} CPUs,"
+              " {pids} processes), grace {grace:g} s, Docker at {host}",
+              image=spec.image, memory=spec.memory, cpus=spec.cpus, pids=spec.pids,
+              grace=config.grace, host=docker.host)
+    if authenticator is None and not config.insecure_no_auth:
+        _log.info("capsule has no users (no --auth, --tokens or --user-header): it listens"
+                  " on loopback only, and anyone who can reach that port gets a terminal")
+    elif authenticator is None:
+        _log.warn("--insecure-no-auth: anyone who reaches {listen} gets a terminal",
+                  listen=", ".join(config.listen))
+    return service

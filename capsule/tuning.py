@@ -1,0 +1,252 @@
+"""
+Tuning: capsule's internal knobs, which an operator has no reason to set
+(thread pools, timers, protocol windows).  They are not options, so that
+C{--help} shows only what an operator decides; the tests, the bench and
+the rare deployment that needs one set them here, by name:
+
+  - C{--tuning FILE}: a TOML file of C{name = value} lines;
+  - C{CAPSULE_TUNING="name=value,name=value"} in capsule's environment,
+    which wins over the file.
+
+An unknown name or a bad value stops capsule at start, naming the knob.
+The table below is the only place a knob is described; C{docs/tuning.md}
+is generated from it (C{python -m capsule.docs --write}).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+
+ENVIRONMENT = "CAPSULE_TUNING"
+
+
+class TuningError(ValueError):
+    """
+    A tuning knob that does not exist, or a value it does not take; the
+    message names the knob.
+    """
+
+
+def _number(kind, minimum: float, inclusive: bool):
+    def convert(value):
+        if isinstance(value, bool):
+            raise ValueError(f"not a number: {value!r}")
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"not {'a whole number' if kind is int else 'a number'}:"
+                             f" {value!r}") from None
+        if kind is int and isinstance(value, float) and number != value:
+            raise ValueError(f"not a whole number: {value!r}")
+        if not (number >= minimum if inclusive else number > minimum):
+            raise ValueError(f"must be {minimum:g} or more, got {value}" if inclusive
+                             else f"must be more than {minimum:g}, got {value}")
+        return number
+    convert.kind = kind.__name__
+    return convert
+
+
+def _flag(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not true or false: {value!r}")
+
+
+_flag.kind = "bool"
+
+
+def knob(default, parse, meaning: str):
+    """
+    A field of L{Tuning}: its default, how a value given as text (or as a
+    TOML value) is read, and what it means.
+    """
+    return field(default=default, metadata={"parse": parse, "meaning": meaning})
+
+
+_POSITIVE_FLOAT = _number(float, 0, False)
+_POSITIVE_INT = _number(int, 0, False)
+_NON_NEGATIVE_FLOAT = _number(float, 0, True)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """
+    The internal knobs, by name (C{cleanup_interval} is set as
+    C{cleanup-interval}).
+    """
+
+    cleanup_interval: float = knob(
+        5.0, _POSITIVE_FLOAT, "Seconds between sweeps for expired sessions.")
+    orphan_sweep: float = knob(
+        30.0, _POSITIVE_FLOAT,
+        "Seconds between sweeps for containers of this server that no session owns (their"
+        " removal failed while the engine was away).")
+    disk_check_interval: float = knob(
+        30.0, _POSITIVE_FLOAT,
+        "Seconds between checks of the sessions' disk use, where --disk is not enforced by"
+        " the storage driver.")
+    pool_max_age: float = knob(
+        3600.0, _POSITIVE_FLOAT,
+        "Seconds after which a warm container is replaced instead of handed out.")
+    start_at_first_frame: bool = knob(
+        False, _flag,
+        "Make a new session only when its client's first frame arrives, rather than as soon"
+        " as its WebSocket upgrade is accepted (the default: the container is made while"
+        " the client sends that frame).")
+    max_message_size: int = knob(
+        256 * 1024, _POSITIVE_INT,
+        "Largest WebSocket message accepted, in bytes (larger: close 1009).")
+    ping_interval: float = knob(
+        20.0, _POSITIVE_FLOAT, "Seconds between WebSocket pings to each client.")
+    ping_timeout: float = knob(
+        20.0, _POSITIVE_FLOAT,
+        "Seconds without a pong after which a client is considered gone (its session stays"
+        " for --grace).")
+    flow_window: int = knob(
+        1024 * 1024, _POSITIVE_INT,
+        "Bytes a binary-protocol client may have unacknowledged before its output pauses.")
+    coalesce_ms: float = knob(
+        2.0, _NON_NEGATIVE_FLOAT,
+        "Milliseconds during which output following a send is gathered into one frame"
+        " (once more than 16 KiB went out within them: a flood).")
+    docker_threads: int = knob(16, _POSITIVE_INT, "Threads for Docker calls.")
+    export_threads: int = knob(
+        4, _POSITIVE_INT,
+        "Threads for workspace exports (waiting exports go to the client with the fewest"
+        " running).")
+
+    @property
+    def coalesce_delay(self) -> float:
+        """
+        C{coalesce-ms} in seconds.
+        """
+        return self.coalesce_ms / 1000
+
+
+def knob_name(attribute: str) -> str:
+    return attribute.replace("_", "-")
+
+
+KNOBS = {knob_name(f.name): f for f in fields(Tuning)}
+
+
+def tune(base: Tuning, values: dict, source: str) -> Tuning:
+    """
+    C{base} with C{values} (by knob name, as text or TOML values) set.
+
+    @param source: where the values come from, for the error message
+        (C{""}: nowhere said).
+    @raise TuningError: naming the first unknown knob or bad value.
+    """
+    where = f"{source}: " if source else ""
+    changes = {}
+    for name, value in values.items():
+        name = name.strip()
+        f = KNOBS.get(name) or KNOBS.get(knob_name(name))
+        if f is None:
+            raise TuningError(f"{where}no tuning knob {name!r} (there are:"
+                              f" {', '.join(sorted(KNOBS))})")
+        try:
+            changes[f.name] = f.metadata["parse"](value)
+        except (TypeError, ValueError) as e:
+            raise TuningError(f"{where}{knob_name(f.name)}: {e}") from None
+    return replace(base, **changes)
+
+
+def parse_pairs(text: str, source: str = ENVIRONMENT) -> dict[str, str]:
+    """
+    C{"name=value,name=value"} as a dict (spaces around either are
+    ignored, and so are empty items).
+    """
+    values = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise TuningError(f"{source}: not name=value: {item.strip()!r}")
+        values[name.strip()] = value.strip()
+    return values
+
+
+def read_file(path: str) -> dict:
+    """
+    The knobs of a TOML file: C{name = value} lines at the top, or in a
+    C{[tuning]} table.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise TuningError(f"{path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise TuningError(f"{path}: not TOML: {e}") from None
+    if set(data) == {"tuning"} and isinstance(data["tuning"], dict):
+        data = data["tuning"]
+    for name, value in data.items():
+        if isinstance(value, (dict, list)):
+            raise TuningError(f"{path}: {name}: not a single value")
+    return data
+
+
+def load_tuning(path: str | None = None, environ=None) -> Tuning:
+    """
+    The defaults, then the file C{path} (if any), then C{$CAPSULE_TUNING}.
+
+    @raise TuningError: naming the knob.
+    """
+    environ = os.environ if environ is None else environ
+    tuning = Tuning()
+    if path is not None:
+        tuning = tune(tuning, read_file(path), path)
+    text = environ.get(ENVIRONMENT, "")
+    if text.strip():
+        tuning = tune(tuning, parse_pairs(text), ENVIRONMENT)
+    return tuning
+
+
+def tuning_markdown() -> str:
+    """
+    docs/tuning.md: the knobs, their defaults and meanings, as Markdown.
+    """
+    lines = [
+        "# Tuning",
+        "",
+        "<!-- Generated from capsule/tuning.py by `python -m capsule.docs --write`;"
+        " do not edit. -->",
+        "",
+        "capsule's internal knobs: thread pools, timers and protocol windows that an operator"
+        " has no reason to change. They are not command-line options (`twistd capsule --help`"
+        " lists only what an operator decides); the tests, the bench and the rare deployment"
+        " that needs one set them by name:",
+        "",
+        "- `--tuning FILE`: a TOML file of `name = value` lines (at the top, or in a"
+        " `[tuning]` table);",
+        f"- `{ENVIRONMENT}=\"name=value,name=value\"` in capsule's environment, which wins"
+        " over the file.",
+        "",
+        "An unknown name or a bad value stops capsule at start (exit status 1) with a message"
+        " naming the knob. Flags take `true` or `false`.",
+        "",
+        "```sh",
+        f"{ENVIRONMENT}=\"cleanup-interval=0.5,ping-interval=5\" twistd -n capsule",
+        "```",
+        "",
+        "| knob | type | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    defaults = Tuning()
+    for name, f in KNOBS.items():
+        default = getattr(defaults, f.name)
+        shown = str(default).lower() if isinstance(default, bool) else f"{default:g}" \
+            if isinstance(default, float) else str(default)
+        meaning = f.metadata["meaning"].replace("|", "\\|")
+        lines.append(f"| `{name}` | {f.metadata['parse'].kind} | `{shown}` | {meaning} |")
+    return "\n".join(lines) + "\n"
