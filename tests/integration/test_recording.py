@@ -54,6 +54,6 @@ async def test_a_session_is_recorded_and_logged_as_json(make_server, tmp_path):
     started = [r for r in records if r.get("session_id") == session_id[:8]
                and r["message"].startswith(f"session {session_id[:8]} started")]
     assert len(started) == 1
-    assert started[0]["level"] == "info" and started[0]["namespace"] == "capsule.sessions.session"
+    assert started[0]["level"] == "info" and started[0]["namespace"] == "capsule.sessions.manager"
     assert started[0]["container"] and isinstance(started[0]["ms"], float)
     assert not any("rec42" in json.dumps(r) for r in records)
