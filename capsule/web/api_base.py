@@ -9,7 +9,6 @@ per-session counts.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -21,8 +20,6 @@ from capsule.ops.logformat import short_ids
 from capsule.web.http import json_body, json_error
 
 
-if TYPE_CHECKING:
-    from capsule.web.api import SessionApi
 
 _log = Logger()
 
@@ -174,13 +171,13 @@ def answer_when(request, d: Deferred, what: str):
 class SessionPost(JsonResource):
     """
     A session's POST resource (C{/api/sessions/{id}/...}): a leaf, of the
-    session C{session_id}.
+    session C{session_id}, sharing the API's state (L{capsule.web.api.SessionApi}).
     """
 
     isLeaf = True
     methods = (b"POST",)
 
-    def __init__(self, api: SessionApi, session_id: str) -> None:
+    def __init__(self, api, session_id: str) -> None:
         super().__init__()
         self.api, self.session_id = api, session_id
 

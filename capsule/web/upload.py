@@ -6,7 +6,6 @@ into C{/workspace} as C{developer} through an exec's stdin.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import blockingCallFromThread
@@ -19,8 +18,6 @@ from capsule.core.tarcheck import ArchiveRefused, Interrupted, check, rewrite
 from capsule.web.api_base import ApiError, SessionPost, answer_when, count_down
 from capsule.web.exec import EXEC_SLACK, session_spec, timed_argv
 
-if TYPE_CHECKING:
-    from capsule.web.api import SessionApi
 
 _log = Logger()
 
@@ -112,7 +109,7 @@ class _Stoppable:
     An upload's body, whose reads fail once capsule stops.
     """
 
-    def __init__(self, body, api: SessionApi) -> None:
+    def __init__(self, body, api) -> None:
         self._body, self._api = body, api
 
     def read(self, size: int = -1) -> bytes:
@@ -133,7 +130,7 @@ class _Feeder(ThreadFedProducer):
     waiting while that input is full: one buffer in memory at a time.
     """
 
-    def __init__(self, api: SessionApi, body) -> None:
+    def __init__(self, api, body) -> None:
         super().__init__()
         self._api = api
         self._body = body
