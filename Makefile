@@ -54,7 +54,9 @@ run: setup
 	  while :; do wait $$pid; status=$$?; kill -0 $$pid 2>/dev/null || break; done; \
 	  case $$status in 0|130|143) exit 0;; *) exit $$status;; esac
 
+# The page's pure modules under Node's own test runner first, then pytest.
 test: setup image
+	node --test www/test/*.test.mjs
 	CAPSULE_TEST_IMAGE=$(IMAGE) CAPSULE_TEST_AGENT_IMAGE=$(AGENT_IMAGE) $(BIN)/python -m pytest tests $(ARGS)
 
 unit: setup

@@ -1,4 +1,5 @@
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 
 from setuptools import find_packages, setup
 
@@ -10,10 +11,30 @@ def _version():
     raise RuntimeError("no __version__")
 
 
-def _www_files():
-    www = Path(__file__).parent / "www"
-    return [f"www/{name}" for name in ("index.html", "app.js", "style.css", "login.html", "login.css",
-                                         "favicon.svg") if (www / name).exists()]
+# What www/ holds that the page does not serve: npm's packages (installed by npm where capsule
+# runs), the page's tests and its package manifests. Everything else is installed.
+WWW_SKIPPED_DIRS = {"node_modules", "test"}
+WWW_SKIPPED_FILES = {"package.json", "package-lock.json"}
+
+
+def www_files(root=None):
+    """
+    The page's files as setup()'s data_files: (folder under share/capsule/www, [paths]) for
+    each folder of www/, in order; hidden files and folders are left out.
+    """
+    root = Path(root) if root is not None else Path(__file__).resolve().parent / "www"
+    folders = {}
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder).relative_to(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and not (here == Path(".") and d in WWW_SKIPPED_DIRS))
+        for name in sorted(files):
+            if name.startswith(".") or (here == Path(".") and name in WWW_SKIPPED_FILES):
+                continue
+            target = PurePosixPath("share/capsule/www", *here.parts)
+            folders.setdefault(str(target), []).append(
+                str(PurePosixPath("www", *here.parts, name)))
+    return sorted(folders.items())
 
 
 setup(
@@ -25,7 +46,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["capsule", "capsule.*"]) + ["twisted.plugins"],
     include_package_data=False,
-    data_files=[("share/capsule/www", _www_files())],
+    data_files=www_files(),
     install_requires=[
         "twisted[tls]>=24.7",
         # --auth: htpasswd files of bcrypt hashes (what `htpasswd -B` writes).

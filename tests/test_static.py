@@ -105,6 +105,27 @@ async def test_text_is_gzipped_for_a_client_that_accepts_it(site):
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("name", ["js/module.js", "js/module.mjs"])
+async def test_the_pages_modules_are_javascript_and_revalidated(www, name):
+    """
+    A browser runs a module script only when it comes with a JavaScript
+    type; the page's modules are its own files, revalidated like app.js.
+    """
+    (www / "js").mkdir()
+    (www / name).write_bytes(APP)
+    site = Site(www)
+    answer = await site.ask(b"/" + name.encode(), accept_encoding="gzip")
+    assert answer.status == 200
+    assert answer["content-type"] in ("text/javascript", "application/javascript")
+    assert answer["content-encoding"] == "gzip"
+    assert gzip.decompress(answer.body) == APP
+    assert answer["cache-control"] == "no-cache"
+    secured(answer)
+    again = await site.ask(b"/" + name.encode(), accept_encoding="gzip", if_none_match=answer["etag"])
+    assert (again.status, again.body) == (304, b"")
+
+
+@pytest_twisted.ensureDeferred
 async def test_plain_for_a_client_that_does_not(site):
     answer = await site.ask(b"/app.js")
     assert (answer.status, answer.body, answer["content-encoding"]) == (200, APP, None)

@@ -72,8 +72,10 @@ def screen(page) -> str:
 
 
 def wait_screen(page, pattern: str, timeout: float = 15000) -> None:
+    # The terminal's rows may not be there yet: the page's modules run after it loaded.
     page.wait_for_function(
-        "p => new RegExp(p).test(document.querySelector('.xterm-rows').innerText)",
+        "p => { const rows = document.querySelector('.xterm-rows');"
+        " return rows !== null && new RegExp(p).test(rows.innerText); }",
         arg=pattern, timeout=timeout)
 
 

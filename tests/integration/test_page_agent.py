@@ -267,8 +267,12 @@ def read_tar(data: bytes) -> dict:
     return members
 
 
+# The page's tar writer (www/js/tar.js), imported by the page.
+TAR = "const { pack } = await import(new URL('js/tar.js', location.href).href);"
+
 PACK = """async (entries) => {
-    const packed = CapsuleTar.pack(entries.map(([path, text]) => text === null
+    """ + TAR + """
+    const packed = pack(entries.map(([path, text]) => text === null
         ? { path, directory: true }
         : { path, file: new File([text], path.split("/").pop()) }));
     const bytes = new Uint8Array(await packed.blob.arrayBuffer());
@@ -287,7 +291,6 @@ def test_page_tar_writer(page_url, new_page):
     """
     page = new_page()
     page.goto(page_url)
-    page.wait_for_function("window.CapsuleTar !== undefined")
     long_dir = "d" * 120
     split_name = f"{long_dir}/{'f' * 90}.txt"          # 215 bytes: ustar prefix + name
     pax_name = "p" * 300 + ".txt"                         # no slash to split at: pax
@@ -342,9 +345,9 @@ def test_page_tar_writer_refuses_names_that_leave_the_directory(page_url, new_pa
                                                                 message):
     page = new_page()
     page.goto(page_url)
-    page.wait_for_function("window.CapsuleTar !== undefined")
-    error = page.evaluate("""p => {
-        try { CapsuleTar.pack([{ path: p, file: new File(["x"], "x") }]); return null; }
+    error = page.evaluate("""async p => {
+        """ + TAR + """
+        try { pack([{ path: p, file: new File(["x"], "x") }]); return null; }
         catch (e) { return e.message; }
     }""", path)
     assert error == message
