@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -42,6 +43,16 @@ from capsule.core.spec import ContainerSpec
 from capsule.core.counting import Uncounted
 
 _log = Logger()
+
+
+def container_name() -> str:
+    """
+    A new session container's name: random, unrelated to its session's id
+    (which lets whoever knows it into the session, and which the
+    container's label C{io.capsule.session} holds).
+    """
+    return f"capsule-{uuid.uuid4().hex}"
+
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 # How long to wait for Docker to report an exec's exit code after its stream
@@ -243,6 +254,10 @@ class DockerAPI:
 
     @staticmethod
     def _thd_create(client, session_id: str, spec: ContainerSpec, quota: bool) -> dict:
+        # Docker's DNS gives every container on a user-defined network its
+        # name (a reverse lookup of its address answers it), so that other
+        # sessions can read it: the name says nothing of the session, whose
+        # id is in its label only.
         host_config = client.create_host_config(
             mem_limit=spec.memory,
             memswap_limit=spec.memory,
@@ -267,7 +282,7 @@ class DockerAPI:
             return client.create_container(
                 spec.image,
                 command=list(spec.command),
-                name=f"capsule-{session_id}",
+                name=container_name(),
                 hostname=spec.hostname,
                 user=spec.user,
                 working_dir=spec.workdir,

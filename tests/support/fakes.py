@@ -9,6 +9,7 @@ import io
 import posixpath
 import struct
 import tarfile
+import uuid
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -203,7 +204,7 @@ class FakeDockerAPI:
         self._next += 1
         container_id = f"container{self._next:04d}"
         self.containers[container_id] = {
-            "id": container_id, "name": f"capsule-{session_id}",
+            "id": container_id, "name": f"capsule-{uuid.uuid4().hex}",
             "labels": dict(spec.labels), "state": "running", "spec": spec,
             "files": {},
         }
