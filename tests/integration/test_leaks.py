@@ -8,6 +8,7 @@ log may carry one.
 from __future__ import annotations
 
 import json
+import pwd
 import re
 import shutil
 import signal
@@ -126,3 +127,31 @@ async def test_the_log_prints_no_full_session_id(make_server, tmp_path):
         assert session_id[:8] in log, session_id
         assert session_id not in log, [line for line in log.splitlines() if session_id in line]
     assert UUID.findall(log) == [], [line for line in log.splitlines() if UUID.search(line)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_account_of_the_sessions_uid_is_said_at_start(make_server):
+    """
+    On the real engine: the warning is there exactly when this host has an
+    account of uid 1000 and the engine does not remap users.
+    """
+    server = make_server("--pool-size", "0")
+    remapped = any(option in ("name=userns", "name=rootless") or
+                   option.startswith(("name=userns,", "name=rootless,"))
+                   for option in docker_client().info().get("SecurityOptions") or ())
+    try:
+        pwd.getpwuid(1000)
+        account = True
+    except KeyError:
+        account = False
+    warning = "the sessions' processes run as uid 1000"
+    if account and not remapped:
+        await eventually(lambda: warning in server.log())
+        assert '{"userns-remap": "default"} in /etc/docker/daemon.json' in server.log()
+    else:
+        # The check runs once recovery is done, before the first session.
+        await eventually(lambda: "capsule is ready" in server.log())
+        client = await WSClient.connect(server.ws_url)
+        await client.start()
+        await client.close()
+        assert warning not in server.log()
