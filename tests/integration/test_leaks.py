@@ -7,11 +7,13 @@ log may carry one.
 
 from __future__ import annotations
 
+import io
 import json
 import pwd
 import re
 import shutil
 import signal
+import tarfile
 
 import pytest_twisted
 from twisted.internet.threads import deferToThread
@@ -62,9 +64,10 @@ def call(server, path, method="GET", body=None):
 async def test_the_log_prints_no_full_session_id(make_server, tmp_path):
     """
     A session's whole life, through every door (created warm and cold,
-    reconnected, taken over, exported, exec'd into, asked for by a wrong
-    id, deleted, expired, its recording failing, its container a leftover
-    at the next start), leaves no full session id in the log.
+    reconnected, taken over, exported, exec'd into, uploaded into, asked
+    for by a wrong id, deleted, ended by the admin API, expired, its
+    recording failing, its container a leftover at the next start), leaves
+    no full session id in the log.
     """
     records = tmp_path / "records"
     server = make_server("--pool-size", "1", "--grace", "1", "--record", str(records),
@@ -91,8 +94,25 @@ async def test_the_log_prints_no_full_session_id(make_server, tmp_path):
     status, body = await deferToThread(call, server, f"/api/sessions/{ids[2]}/exec", "POST",
                                        {"argv": ["true"]})
     assert status == 200, body
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        member = tarfile.TarInfo("note.txt")
+        member.size = 5
+        tar.addfile(member, io.BytesIO(b"hello"))
+    status, body = await deferToThread(
+        lambda: request(server.url + f"/api/sessions/{ids[2]}/workspace", "POST",
+                        {"Content-Type": "application/gzip"}, archive.getvalue(), timeout=60)[::2])
+    assert status == 200, body
     status, body = await deferToThread(call, server, f"/api/sessions/{ids[2]}", "DELETE")
     assert status in (200, 204), body
+    # One more, ended by the admin API (loopback).
+    status, body = await deferToThread(call, server, "/api/sessions", "POST",
+                                       {"cols": 80, "rows": 24})
+    assert status == 201, body
+    ids.append(json.loads(body)["id"])
+    status, body = await deferToThread(call, server, f"/api/admin/sessions/{ids[-1]}",
+                                       "DELETE")
+    assert status == 200, body
     # Ids that are no session's, through each door.
     wrong = "0123abcd-0000-4000-8000-000000000000"
     for method, path in (("GET", f"/api/sessions/{wrong}"),
