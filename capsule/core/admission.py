@@ -102,7 +102,8 @@ class AdmissionPolicy:
     @ivar max_per_client: sessions at once created by one client address
         (an IPv6 client's /64: one client).
     @ivar rate: C{(count, seconds)}: sessions one client address (or IPv6
-        /64) may create per C{seconds}, in bursts of up to C{count}; C{None}: no limit.
+        /64) may create per C{seconds}, in bursts of up to C{count}; C{None}:
+        no limit.
     @ivar session_memory: the memory limit of each container, in bytes.
     @ivar memory_budget: bytes the sum of the containers' memory limits may
         reach; C{None}: not known (yet), no check.

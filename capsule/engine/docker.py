@@ -254,10 +254,6 @@ class DockerAPI:
 
     @staticmethod
     def _thd_create(client, session_id: str, spec: ContainerSpec, quota: bool) -> dict:
-        # Docker's DNS gives every container on a user-defined network its
-        # name (a reverse lookup of its address answers it), so that other
-        # sessions can read it: the name says nothing of the session, whose
-        # id is in its label only.
         host_config = client.create_host_config(
             mem_limit=spec.memory,
             memswap_limit=spec.memory,
@@ -282,6 +278,7 @@ class DockerAPI:
             return client.create_container(
                 spec.image,
                 command=list(spec.command),
+                # Docker's DNS tells the name to the network's other sessions.
                 name=container_name(),
                 hostname=spec.hostname,
                 user=spec.user,
