@@ -146,7 +146,7 @@ class SessionService(Service):
         self.recovered = count
         self._open()
         self.manager.pool.start()
-        await recovery.check_live_restore()
+        await recovery.check_engine()
         await recovery.check_profile_images()
 
     def _open(self) -> None:

@@ -54,6 +54,22 @@ def _non_negative_int(value):
     return number
 
 
+def _per_user_limit(value):
+    if value.strip().lower() == "off":
+        return "off"
+    return _positive(int)(value)
+
+
+def per_user_default(max_sessions: int, users: bool) -> int | None:
+    """
+    The sessions one user may have at once when --max-sessions-per-user is
+    not given: with users, a share of the server (a quarter, at least one),
+    so that one user, from however many addresses, cannot take every slot;
+    without users there is nobody to count (C{None}).
+    """
+    return max(1, max_sessions // 4) if users else None
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -144,8 +160,9 @@ class Options(usage.Options):
          "capsule's address as its users reach it (https://capsule.example.com): checks"
          " Host and Origin, and https makes cookies Secure."],
         ["max-sessions-per-user", None, None,
-         "Sessions at once of one user (more: quota_exceeded, close 4429) [default: no"
-         " limit but --max-sessions].", _positive(int)],
+         "Sessions at once of one user (more: quota_exceeded, close 4429); off: no limit"
+         " but --max-sessions [default: with users, a quarter of --max-sessions (at least"
+         " 1)].", _per_user_limit],
         ["state-dir", None, None,
          "Where capsule keeps who owns which session across restarts [default:"
          " /var/lib/capsule for root, else $XDG_STATE_HOME/capsule]."],
@@ -396,7 +413,7 @@ class Options(usage.Options):
             profiles=MappingProxyType(dict(self["profile-table"])), secrets=self["secrets"],
             max_sessions=self["max-sessions"],
             max_sessions_per_client=self["max-sessions-per-client"],
-            max_sessions_per_user=self["max-sessions-per-user"],
+            max_sessions_per_user=self._max_sessions_per_user(),
             session_rate=self["session-rate"],
             memory_budget=None if budget in (None, "off") else parse_bytes(budget),
             memory_budget_from_engine=budget is None,
@@ -407,6 +424,14 @@ class Options(usage.Options):
             server_options=None if parent is None else MappingProxyType(
                 {k: parent.get(k) for k in ("logfile", "nodaemon")}),
             record=self["record"], record_max_bytes=self["record-max-bytes"], tuning=tuning)
+
+    def _max_sessions_per_user(self) -> int | None:
+        value = self["max-sessions-per-user"]
+        if value == "off":
+            return None
+        if value is None:
+            return per_user_default(self["max-sessions"], self["users"])
+        return value
 
     def _check_profiles(self) -> None:
         """

@@ -196,6 +196,82 @@ def test_full_buckets_are_dropped():
     assert set(admission._buckets) == {"x"}
 
 
+def test_an_ipv6_64_is_one_client():
+    """
+    An IPv6 client picks addresses from its /64 at will: its sessions and
+    its rate are counted for the /64, whatever the address; another /64,
+    and IPv4 clients, are others.
+    """
+    clock = Clock()
+    manager, admission = control(clock, max_sessions=100, max_per_client=2, rate=(3, 60.0))
+    manager.make(admission, "2001:db8:1:2::1")
+    manager.make(admission, "[2001:db8:1:2:ffff:ffff:ffff:fffe]")
+    code, message = refused(admission, "2001:db8:1:2:abcd::9")
+    assert code == QUOTA_EXCEEDED
+    assert message == ("too many sessions from 2001:db8:1:2::/64 (at most 2 at once):"
+                       " end one first")
+    assert admission.sessions_of("2001:db8:1:2::77") == 2
+    manager.make(admission, "2001:db8:1:3::1")
+    manager.make(admission, "192.0.2.1")
+    manager.make(admission, "::ffff:192.0.2.1")
+    assert admission.sessions_of("192.0.2.1") == 2
+    # The rate too: a third new session of the /64, once the first two ended.
+    for session_id in list(manager.sessions):
+        del manager.sessions[session_id]
+    manager.make(admission, "2001:db8:1:2::5")
+    code, message = refused(admission, "2001:db8:1:2::6")
+    assert code == QUOTA_EXCEEDED and "from 2001:db8:1:2::/64 (at most 3 per 60 s)" in message
+    assert set(admission._buckets) == {"2001:db8:1:2::/64", "2001:db8:1:3::/64", "192.0.2.1"}
+
+
+def test_one_user_from_many_addresses_gets_a_share_by_default(tmp_path):
+    """
+    With users and no --max-sessions-per-user, a user has a quarter of
+    --max-sessions (at least one): from five addresses, one user no longer
+    takes every slot; C{off} lifts it, without users there is nothing to
+    count.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from capsule.tap import makeService, per_user_default
+
+    assert [per_user_default(n, True) for n in (1, 3, 4, 16, 32)] == [1, 1, 1, 4, 8]
+    assert per_user_default(16, False) is None
+
+    def policy(*args):
+        service = makeService(parse(*args), MemoryReactorClock())
+        return service.websocket_factory.sessions.admission.policy
+
+    (tmp_path / "tokens").write_text("mallory:" + "m" * 32 + "\n")
+    tokens = ["--tokens", str(tmp_path / "tokens"), "-l", "tcp:0"]
+    assert policy("--max-sessions", "16", *tokens).max_per_user == 4
+    assert policy("--max-sessions", "16", "--max-sessions-per-user", "10",
+                  *tokens).max_per_user == 10
+    assert policy("--max-sessions", "16", "--max-sessions-per-user", "off",
+                  *tokens).max_per_user is None
+    assert policy("--max-sessions", "16").max_per_user is None
+
+    class Users(Counted):
+        def of_user(self, user):
+            return [s for s in self.sessions.values() if s.user == user]
+
+    manager = Users()
+    admission = AdmissionControl(manager, Clock(), policy("--max-sessions", "16", *tokens))
+    made = 0
+    for n in range(16):
+        address = f"192.0.2.{n % 5}"
+        try:
+            admission.admit(address, "mallory")
+        except AdmissionRefused as e:
+            assert e.code == QUOTA_EXCEEDED and "mallory has too many sessions" in e.message
+            continue
+        made += 1
+        manager.sessions[f"s{n}"] = SimpleNamespace(user="mallory", settings=None)
+        admission.created(f"s{n}", address)
+    assert made == 4
+    admission.admit("192.0.2.9", "alice")
+
+
 def test_the_memory_budget_counts_sessions_and_warm_containers():
     manager, admission = control(max_sessions=100, max_per_client=100,
                                  session_memory=4 * GIB, memory_budget=24 * GIB)
@@ -379,6 +455,7 @@ def test_the_options_reach_admission_control():
     ["--max-sessions", "0"], ["--max-sessions-per-client", "-1"], ["--session-rate", "10"],
     ["--session-rate", "0/60"], ["--memory-budget", "lots"], ["--memory-budget", "0"],
     ["--trusted-proxy", "10.0.0.0/33"], ["--trusted-proxy", "proxy.example"],
+    ["--max-sessions-per-user", "0"], ["--max-sessions-per-user", "none"],
 ])
 def test_bad_admission_options(args):
     from twisted.python import usage

@@ -3,6 +3,8 @@ The warm pool (L{capsule.sessions.pool}): sessions started ahead of need, agains
 in-memory Docker engine and a Clock.
 """
 
+import re
+
 import pytest
 from twisted.internet.task import Clock
 
@@ -85,7 +87,8 @@ def test_the_pool_fills_one_at_a_time_with_running_shells(docker, clock):
     for session in pool.ready:
         assert session.status() == "detached" and session.client is None
         container = docker.containers[session.container_id]
-        assert container["name"] == f"capsule-{session.id}"
+        assert re.fullmatch(r"capsule-[0-9a-f]{32}", container["name"])
+        assert session.id[:8] not in container["name"]
         assert container["labels"]["io.capsule.session"] == session.id
         assert container["spec"].memory == "1g" and container["spec"].pids == 64
         assert session.id not in manager.sessions

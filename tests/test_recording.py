@@ -178,10 +178,42 @@ def test_write_failure_stops_recording(tmp_path):
         errors = [e for e in events if e.get("log_namespace") == "capsule.ops.recording"]
         assert [e["log_level"] for e in errors] == [LogLevel.error]
         assert "no longer recorded" in formatEvent(errors[0])
+        # The session by its id's prefix, as every log line names one.
+        assert f"session {SID[:8]} " in formatEvent(errors[0])
+        assert SID not in formatEvent(errors[0])
+        assert not [v for v in errors[0].values() if isinstance(v, str) and SID in v]
         assert clock.getDelayedCalls() == []
     finally:
         if (tmp_path / "rec").is_dir():
             os.chmod(tmp_path / "rec", 0o700)
+
+
+def test_a_loose_directory_is_tightened_at_start(tmp_path):
+    """
+    A recordings' directory made beforehand with a looser mode is made
+    readable by capsule only when recording starts (its file names are full
+    session ids), and the log says so; one that is tight already is left
+    alone, without a word.
+    """
+    os.makedirs(tmp_path / "rec", mode=0o755)
+    os.chmod(tmp_path / "rec", 0o755)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        recorder, _ = make_recorder(tmp_path)
+        recorder.stopService()
+        said = [formatEvent(e) for e in events
+                if e.get("log_namespace") == "capsule.ops.recording"]
+        assert stat.S_IMODE(os.stat(tmp_path / "rec").st_mode) == 0o700
+        assert said == [f"the recordings' directory {tmp_path / 'rec'} was mode 0755: made it"
+                        " 0700 (its file names are session ids)"]
+        del events[:]
+        recorder, _ = make_recorder(tmp_path)
+        recorder.stopService()
+        assert [e for e in events if e.get("log_namespace") == "capsule.ops.recording"] == []
+        assert stat.S_IMODE(os.stat(tmp_path / "rec").st_mode) == 0o700
+    finally:
+        globalLogPublisher.removeObserver(events.append)
 
 
 def test_options_and_wiring(tmp_path):

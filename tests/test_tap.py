@@ -4,7 +4,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent
 
 from capsule.sessions.cleanup import CleanupService
 from capsule.core.spec import ContainerSpec
@@ -159,6 +161,65 @@ def test_an_engine_without_live_restore_is_warned_about():
     warnings = [e["log_format"] for e in events if e.get("log_level").name == "warn"]
     assert len(warnings) == 1 and "live-restore" in warnings[0]
     assert '"live-restore": true' in warnings[0].format()
+
+
+@pytest.mark.parametrize("options, account, warned", [
+    (["name=seccomp,profile=default"], "dev", True),
+    (["name=seccomp,profile=default"], None, False),
+    (["name=seccomp,profile=default", "name=userns"], "dev", False),
+    (["name=rootless", "name=seccomp,profile=default"], "dev", False),
+])
+def test_a_host_account_of_the_sessions_uid_is_warned_about(monkeypatch, options, account,
+                                                            warned):
+    """
+    Without user namespaces, a session's processes are uid 1000 on the host
+    too: an account of that uid there reads their environment (the
+    profiles' secrets). Said once at start, with how to remap.
+    """
+    from twisted.logger import globalLogPublisher
+
+    from capsule.sessions import recovery
+    asked = []
+    monkeypatch.setattr(recovery, "host_account", lambda uid: asked.append(uid) or account)
+    docker, clock = FakeDockerAPI(), Clock()
+    docker.security_options = options
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        _sessions(docker, clock).startService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [formatEvent(e) for e in events if e.get("log_level").name == "warn"]
+    if not warned:
+        assert warnings == []
+        return
+    assert asked == [1000]
+    (warning,) = warnings
+    assert "uid 1000" in warning and "account dev's" in warning
+    assert '{"userns-remap": "default"} in /etc/docker/daemon.json' in warning
+
+
+def test_an_engine_that_does_not_answer_its_settings_is_said_once():
+    from twisted.logger import globalLogPublisher
+
+    from capsule.sessions.recovery import remaps_users
+    assert remaps_users({}) is None and remaps_users({"SecurityOptions": None}) is None
+    assert remaps_users({"SecurityOptions": ["name=apparmor", "name=userns"]}) is True
+    assert remaps_users({"SecurityOptions": ["name=apparmor"]}) is False
+    docker, clock = FakeDockerAPI(), Clock()
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        sessions = _sessions(docker, clock)
+        recovery = sessions.manager.recovery
+        docker.reachable = False
+        said = []
+        Deferred.fromCoroutine(recovery.check_engine()).addCallback(said.append)
+        assert said == [None]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [formatEvent(e) for e in events if e.get("log_level").name == "warn"]
+    assert len(warnings) == 1 and "settings" in warnings[0], warnings
 
 
 def test_a_profile_whose_image_is_missing_is_warned_about_at_start():

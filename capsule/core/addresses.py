@@ -38,6 +38,25 @@ def is_loopback(text: str) -> bool:
     return address is not None and address.is_loopback
 
 
+# One IPv6 client (a home, a phone, a cloud machine) is given a /64 to pick
+# addresses from as it likes: its limits count the /64, not an address.
+IPV6_CLIENT_PREFIX = 64
+
+
+def client_key(address: str) -> str:
+    """
+    The client an C{address} counts as in per-client limits and rates: an
+    IPv4 address itself, the /64 of an IPv6 one (C{2001:db8::/64}), as text.
+    What is not an address counts as itself.
+    """
+    ip = parse_ip(address)
+    if ip is None:
+        return address
+    if ip.version == 4:
+        return str(ip)
+    return str(ipaddress.ip_network((ip, IPV6_CLIENT_PREFIX), strict=False))
+
+
 def is_trusted(address: Address | None, trusted: Iterable[Network]) -> bool:
     """
     Whether C{address} is in one of the C{trusted} networks.

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from capsule.core.addresses import Network
+from capsule.core.addresses import Network, client_key
 from capsule.core.profiles import DEFAULT_PROFILE
 
 QUOTA_EXCEEDED = "quota_exceeded"
@@ -99,9 +99,11 @@ class TokenBucket:
 class AdmissionPolicy:
     """
     @ivar max_sessions: sessions at once, in all.
-    @ivar max_per_client: sessions at once created by one client address.
-    @ivar rate: C{(count, seconds)}: sessions one client address may
-        create per C{seconds}, in bursts of up to C{count}; C{None}: no limit.
+    @ivar max_per_client: sessions at once created by one client address
+        (an IPv6 client's /64: one client).
+    @ivar rate: C{(count, seconds)}: sessions one client address (or IPv6
+        /64) may create per C{seconds}, in bursts of up to C{count}; C{None}:
+        no limit.
     @ivar session_memory: the memory limit of each container, in bytes.
     @ivar memory_budget: bytes the sum of the containers' memory limits may
         reach; C{None}: not known (yet), no check.
@@ -149,9 +151,14 @@ class AdmissionControl:
             del self._buckets[address]
 
     def sessions_of(self, address: str) -> int:
+        """
+        The live sessions created by the client C{address} counts as (the
+        /64 of an IPv6 address, see L{client_key}).
+        """
         live = self._manager.sessions
+        client = client_key(address)
         return sum(1 for session_id, creator in self._creators.items()
-                   if creator == address and session_id in live)
+                   if creator == client and session_id in live)
 
     def committed_memory(self) -> int:
         """
@@ -180,6 +187,8 @@ class AdmissionControl:
         policy = self.policy
         now = self._clock.seconds()
         self._prune(now)
+        # An IPv6 client picks its addresses from a /64: that is one client.
+        address = client_key(address)
         if len(self._manager.sessions) >= policy.max_sessions:
             raise AdmissionRefused(
                 SERVER_FULL, f"the server is full ({policy.max_sessions} sessions):"
@@ -223,4 +232,4 @@ class AdmissionControl:
         """
         The session C{session_id} was made for C{address}.
         """
-        self._creators[session_id] = address
+        self._creators[session_id] = client_key(address)

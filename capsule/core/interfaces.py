@@ -41,10 +41,11 @@ class IDockerAPI(Interface):
 
     def create_session_container(session_id, spec):
         """
-        Create and start a session container named C{capsule-{session_id}}
-        from the L{capsule.engine.docker.ContainerSpec} C{spec}; fire with its
-        id.  Fail with L{capsule.core.errors.ImageMissing} if the image is not
-        there.
+        Create and start a container for session C{session_id} from the
+        L{capsule.engine.docker.ContainerSpec} C{spec} (whose labels name the
+        session; the container's name is random and says nothing of it);
+        fire with its id.  Fail with L{capsule.core.errors.ImageMissing} if
+        the image is not there.
         """
 
     def inspect_network(name):

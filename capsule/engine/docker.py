@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -42,6 +43,16 @@ from capsule.core.spec import ContainerSpec
 from capsule.core.counting import Uncounted
 
 _log = Logger()
+
+
+def container_name() -> str:
+    """
+    A new session container's name: random, unrelated to its session's id
+    (which lets whoever knows it into the session, and which the
+    container's label C{io.capsule.session} holds).
+    """
+    return f"capsule-{uuid.uuid4().hex}"
+
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 # How long to wait for Docker to report an exec's exit code after its stream
@@ -267,7 +278,8 @@ class DockerAPI:
             return client.create_container(
                 spec.image,
                 command=list(spec.command),
-                name=f"capsule-{session_id}",
+                # Docker's DNS tells the name to the network's other sessions.
+                name=container_name(),
                 hostname=spec.hostname,
                 user=spec.user,
                 working_dir=spec.workdir,

@@ -34,6 +34,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from capsule.ops.logformat import short_ids
 from capsule.sessions.observers import SessionObserver
 
 _log = Logger()
@@ -74,6 +75,23 @@ def check_directory(path: str) -> str | None:
     return None
 
 
+def tighten_directory(path: str) -> int | None:
+    """
+    Make the recordings' directory C{path} (made if missing) readable by
+    its owner only: its file names are full session ids, and each lets
+    whoever reads it into its session.  Return the mode it had when that
+    was looser (C{None}: it was tight already, or made now).
+
+    @raise OSError: it cannot be made, or its mode cannot be changed.
+    """
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    mode = os.stat(path).st_mode & 0o7777
+    if not mode & 0o077:
+        return None
+    os.chmod(path, mode & ~0o077)
+    return mode
+
+
 def _write(path: str, data: bytes, create: bool) -> None:
     "On the recorder's thread: append C{data} to C{path}."
     flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if create else 0)
@@ -94,6 +112,7 @@ class _Recording:
 
     path: str
     started: float
+    session_id: str
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     pending: list[bytes] = field(default_factory=list)
@@ -128,7 +147,17 @@ class SessionRecorder(Service, SessionObserver):
     # -- the service ---------------------------------------------------
 
     def startService(self) -> None:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        try:
+            loose = tighten_directory(self.directory)
+        except OSError as e:
+            _log.warn("cannot make the recordings' directory {path} readable by capsule only"
+                      " ({error}): whoever can list it reads full session ids",
+                      path=self.directory, error=e.strerror)
+        else:
+            if loose is not None:
+                _log.info("the recordings' directory {path} was mode {old:04o}: made it {new:04o}"
+                          " (its file names are session ids)", path=self.directory, old=loose,
+                          new=loose & ~0o077)
         if self._run is None:
             self._pool = ThreadPool(1, 1, name="capsule-recorder")
             self._pool.start()
@@ -191,7 +220,8 @@ class SessionRecorder(Service, SessionObserver):
     def _begin(self, session) -> _Recording:
         now = self._clock.seconds()
         cols, rows = session.core.size
-        recording = _Recording(os.path.join(self.directory, file_name(session.id, now)), now)
+        recording = _Recording(os.path.join(self.directory, file_name(session.id, now)), now,
+                               session.id)
         self._recordings[session.id] = recording
         self._add(recording, header(cols, rows, now))
         return recording
@@ -230,9 +260,12 @@ class SessionRecorder(Service, SessionObserver):
         def failed(f):
             if not recording.failed:
                 recording.failed = True
-                _log.error("cannot write the recording {path}: {error}; this session is"
-                           " no longer recorded", path=recording.path,
-                           error=f.getErrorMessage())
+                # The file's name is the session's full id: the log names
+                # the session by its prefix, as every line does.
+                _log.error("cannot write the recording of session {session_id} in {path}:"
+                           " {error}; this session is no longer recorded",
+                           session_id=recording.session_id[:8], path=self.directory,
+                           error=short_ids(f.getErrorMessage()))
 
         d.addErrback(failed)
         d.addBoth(lambda _: self._writes.discard(d))

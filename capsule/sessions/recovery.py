@@ -8,6 +8,7 @@ at start.
 
 from __future__ import annotations
 
+import pwd
 import uuid
 
 from twisted.logger import Logger
@@ -18,6 +19,34 @@ from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE
 _log = Logger()
 
 LABEL_SESSION = "io.capsule.session"
+
+# The uid of the session image's user (developer, docker/Dockerfile): without
+# user namespaces, the sessions' processes run as this uid on the host too.
+SESSION_UID = 1000
+
+
+def host_account(uid: int) -> str | None:
+    """
+    The name of the account with C{uid} where capsule runs, or C{None}.
+    """
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def remaps_users(info: dict) -> bool | None:
+    """
+    Whether the engine (its C{docker info}) maps containers' uids to others
+    on the host: C{userns-remap}, or a rootless engine.  C{None}: it did not
+    say.
+    """
+    options = info.get("SecurityOptions")
+    if not isinstance(options, list):
+        return None
+    names = {part.partition("=")[2] for option in options if isinstance(option, str)
+             for part in option.split(",") if part.startswith("name=")}
+    return bool(names & {"userns", "rootless"})
 
 
 def _is_uuid(value: str) -> bool:
@@ -109,18 +138,50 @@ class Recovery:
                       count=len(stale), why=why, names=", ".join(c["name"] for c in stale))
         return len(stale)
 
-    async def check_live_restore(self) -> bool | None:
+    async def check_engine(self) -> dict | None:
+        """
+        Warn, once at start, of the engine's settings that no server can
+        make up for (L{check_live_restore}, L{check_session_uid}); return
+        what the engine said of itself (C{None}: it did not answer).
+        """
+        try:
+            info = await self._docker.info()
+        except CapsuleError as e:
+            _log.warn("could not ask the Docker engine for its settings (live-restore, user"
+                      " namespaces): {message}", message=e.message)
+            return None
+        self.check_live_restore(info)
+        self.check_session_uid(info)
+        return info
+
+    def check_session_uid(self, info: dict) -> str | None:
+        """
+        Warn when a host account has the sessions' uid and the engine does
+        not remap containers' uids: that account can read the sessions'
+        environment (the profiles' secrets) and signal their processes.
+        Return that account's name (C{None}: no such account, or remapped).
+        """
+        if remaps_users(info) is not False:
+            return None
+        account = host_account(SESSION_UID)
+        if account is None:
+            return None
+        _log.warn(
+            "the sessions' processes run as uid {uid} on this host, which is the account"
+            " {account}'s: it can read their environment (the profiles' secrets, in"
+            " /proc/PID/environ) and signal them. Run the Docker engine with user namespaces:"
+            " {{\"userns-remap\": \"default\"}} in /etc/docker/daemon.json, then"
+            " `sudo systemctl restart docker` (the engine then keeps its images and"
+            " containers apart: build the images again); or give that account another uid."
+            " See docs/security.md.", uid=SESSION_UID, account=account)
+        return account
+
+    def check_live_restore(self, info: dict) -> bool | None:
         """
         Warn when the engine runs without live-restore, which no server can
         make up for: restarting dockerd then stops every container.  Return
         the engine's setting (C{None}: it did not say).
         """
-        try:
-            info = await self._docker.info()
-        except CapsuleError as e:
-            _log.warn("could not ask the Docker engine whether live-restore is on: {message}",
-                      message=e.message)
-            return None
         enabled = info.get("LiveRestoreEnabled")
         if enabled is False:
             _log.warn(

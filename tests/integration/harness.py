@@ -19,6 +19,7 @@ from tests.support.live import (
     instance_containers,
     poll,
     remove_instance_containers,
+    session_container,
     sleep,
     wait_for,
     with_timeout,
@@ -28,8 +29,8 @@ from tests.support.live import (
 __all__ = [
     "IMAGE", "LABEL_INSTANCE", "ROOT", "BlockingTerminal", "CapsuleServer", "TerminalClient",
     "WSClient", "WaitFailed", "docker_client", "eventually", "free_port",
-    "instance_containers", "poll", "remove_instance_containers", "sleep", "wait_for",
-    "with_timeout",
+    "instance_containers", "poll", "remove_instance_containers", "session_container", "sleep",
+    "wait_for", "with_timeout",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import time
 
 import pytest_twisted
 
-from .harness import WSClient, docker_client, eventually, poll, sleep
+from .harness import WSClient, docker_client, eventually, poll, session_container, sleep
 
 
 def stalled_for(client, seconds: float):
@@ -118,7 +118,7 @@ async def test_large_replays_fit_small_message_limits(make_server):
         client.type("sleep 0.5; seq 1 20000; echo END$((1+1)); touch /tmp/done-$((1+1))\r")
         await client.close()
         # The output is made while nobody is attached, and replayed whole.
-        await eventually(lambda: docker_client().containers.get(f"capsule-{session_id}")
+        await eventually(lambda: docker_client().containers.get(session_container(session_id))
                          .exec_run(["test", "-e", "/tmp/done-2"]).exit_code == 0,
                          what="the command to finish while the client is away")
         again = await WSClient.connect(server.ws_url, session_id, binary=binary)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import docker_client
+from .harness import docker_client, session_container
 
 CHROMIUM = os.environ.get("CAPSULE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 WWW = os.environ.get("CAPSULE_TEST_WWW")
@@ -118,7 +118,8 @@ def shot(page, name: str) -> None:
 
 
 def read_file(session_id: str, path: str) -> bytes | None:
-    result = docker_client().containers.get(f"capsule-{session_id}").exec_run(["cat", path])
+    container = docker_client().containers.get(session_container(session_id))
+    result = container.exec_run(["cat", path])
     return result.output if result.exit_code == 0 else None
 
 
@@ -419,7 +420,7 @@ def test_page_profile_claude_shows_the_agent(make_server, new_page):
     page.goto(server.url + "/?profile=claude")
     page.wait_for_selector('#status[data-state="connected"]', timeout=30000)
     session_id = page.get_attribute("#session", "title")
-    container = docker_client().containers.get(f"capsule-{session_id}")
+    container = docker_client().containers.get(session_container(session_id))
     assert container.labels["io.capsule.profile"] == "claude"
     assert container.attrs["Config"]["Image"] == AGENT_IMAGE
     # Claude Code's own screen (its welcome, or its first question).
@@ -459,7 +460,7 @@ def test_page_upload_shows_its_progress(server, page):
     assert said[0] == "uploading 1 file (6.0 MiB)\u2026"
     assert any(0 < p < 100 for p in percents), said
     assert percents == sorted(percents)
-    result = docker_client().containers.get(f"capsule-{session_id}").exec_run(
+    result = docker_client().containers.get(session_container(session_id)).exec_run(
         ["sh", "-c", "stat -c %s /workspace/big.bin && od -An -tu1 -j 4096 -N 1 /workspace/big.bin"])
     assert result.output.split() == [b"6291456", b"1"]
     assert page.errors == []

@@ -9,7 +9,7 @@ import re
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from .harness import WSClient, docker_client, eventually, sleep, wait_for
+from .harness import WSClient, docker_client, eventually, session_container, sleep, wait_for
 from .test_faults import DockerProxy
 
 LOOP = "i=0; while true; do i=$((i+1)); echo T$i; sleep 0.05; done\r"
@@ -94,7 +94,7 @@ async def test_a_container_removed_during_the_outage_ends_with_that_reason(make_
         assert (await client.next("notice", timeout=30))["code"] == "engine_away"
         # Removed behind capsule's back, through the engine itself.
         await deferToThread(lambda: docker_client().api.remove_container(
-            f"capsule-{session_id}", force=True))
+            session_container(session_id), force=True))
         await proxy.up()
         ended = await client.next("exit", timeout=30)
         assert "removed while the Docker engine was away" in ended["message"], ended

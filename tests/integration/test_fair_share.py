@@ -5,7 +5,7 @@ write to the host's disk (--disk).
 
 import pytest_twisted
 
-from .harness import WSClient, docker_client, eventually
+from .harness import WSClient, docker_client, eventually, session_container
 
 
 def _storage_quota_possible() -> bool:
@@ -23,7 +23,7 @@ async def test_session_containers_have_the_cpu_weight(make_server):
     server = make_server("--cpu-shares", "128")
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
-    host = docker_client().containers.get(f"capsule-{session_id}").attrs["HostConfig"]
+    host = docker_client().containers.get(session_container(session_id)).attrs["HostConfig"]
     assert host["CpuShares"] == 128
     # Without --disk, no size is asked of the storage driver.
     assert host.get("StorageOpt") is None
@@ -35,7 +35,7 @@ async def test_the_default_cpu_weight_is_a_quarter_of_the_servers(make_server):
     server = make_server()
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
-    host = docker_client().containers.get(f"capsule-{session_id}").attrs["HostConfig"]
+    host = docker_client().containers.get(session_container(session_id)).attrs["HostConfig"]
     assert host["CpuShares"] == 256
     await client.close()
 
@@ -46,7 +46,7 @@ async def test_a_session_writing_past_its_disk_limit(make_server):
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
     assert "developer" in await client.run("whoami")
-    container = docker_client().containers.get(f"capsule-{session_id}")
+    container = docker_client().containers.get(session_container(session_id))
     if _storage_quota_possible() and container.attrs["HostConfig"].get("StorageOpt"):
         # The storage driver enforces it: the write itself fails.
         assert container.attrs["HostConfig"].get("StorageOpt") == {"size": "50m"}

@@ -11,7 +11,7 @@ from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
 from twisted.internet.threads import deferToThread
 
-from .harness import WSClient, docker_client, eventually, instance_containers
+from .harness import WSClient, docker_client, eventually, instance_containers, session_container
 
 
 @pytest_twisted.ensureDeferred
@@ -19,7 +19,7 @@ async def test_killed_container_ends_the_session_with_a_reason(server):
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
     await client.run("true")
-    await deferToThread(lambda: docker_client().api.kill(f"capsule-{session_id}"))
+    await deferToThread(lambda: docker_client().api.kill(session_container(session_id)))
     ended = await client.next("exit")
     assert ended == {"type": "exit", "exit_code": None,
                      "message": "the session's container stopped (exit code 137)"}
@@ -33,7 +33,7 @@ async def test_export_of_a_session_whose_container_is_gone(server):
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
     await deferToThread(lambda: docker_client().api.remove_container(
-        f"capsule-{session_id}", force=True))
+        session_container(session_id), force=True))
     await client.next("exit")
     status, headers, body = await deferToThread(server.get, f"/api/export/{session_id}")
     assert status == 404 and headers["Content-Type"] == "application/json"

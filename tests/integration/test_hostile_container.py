@@ -9,7 +9,7 @@ import subprocess
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from .harness import WSClient, sleep, with_timeout
+from .harness import WSClient, session_container, sleep, with_timeout
 
 MALFORMED = "the session's relay sent malformed data"
 
@@ -58,7 +58,7 @@ async def test_a_forged_frame_header_ends_that_session_only(make_server):
     victim.type("yes capsule\r")
     await sleep(1)
     before = await _rss_mib(server)
-    container = f"capsule-{session_id}"
+    container = await deferToThread(session_container, session_id)
     await deferToThread(_forge, container, await deferToThread(_relay_pid, container))
     exited = await with_timeout(victim.exited, 20, "the exit message")
     assert exited == {"type": "exit", "exit_code": None, "message": MALFORMED}

@@ -10,7 +10,7 @@ import signal
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from .harness import WSClient, docker_client, eventually, instance_containers
+from .harness import WSClient, docker_client, eventually, instance_containers, session_container
 from .test_faults import DockerProxy
 
 # Docker API requests that make or start something: a take makes none.
@@ -123,7 +123,7 @@ async def test_a_warm_take_makes_no_docker_call_and_shows_one_prompt_of_the_righ
     about = [r for r in proxy.requests
              if warm["Id"].encode() in r or session_id.encode() in r]
     assert about == [], "taking a warm session asked the engine for something"
-    assert docker_client().containers.get(warm["Id"]).name == f"capsule-{session_id}"
+    assert session_container(session_id) == warm["Id"]
     shown = [line for line in screen(client.output, 120, 40) if line]
     assert shown[0].startswith("capsule — capsule, Debian"), shown
     assert shown[0].endswith(", 1 CPUs, 512MiB memory"), shown
@@ -151,7 +151,7 @@ async def test_a_warm_session_whose_shell_was_killed_is_replaced_not_handed_out(
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
     assert "developer" in await client.run("whoami")
-    assert docker_client().containers.get(f"capsule-{session_id}").id != first["Id"]
+    assert docker_client().containers.get(session_container(session_id)).id != first["Id"]
     assert "ended while it waited" in server.log()
     await client.close()
 
@@ -168,7 +168,7 @@ async def test_warm_sessions_older_than_the_max_age_are_replaced(make_server):
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
     assert "developer" in await client.run("whoami")
-    assert docker_client().containers.get(f"capsule-{session_id}").id in (
+    assert docker_client().containers.get(session_container(session_id)).id in (
         second["Id"], *(c["Id"] for c in instance_containers(server.instance)))
     await client.close()
 
@@ -181,7 +181,7 @@ async def test_warm_sessions_have_the_same_limits_and_the_pool_refills(make_serv
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
     assert "developer /workspace" in await client.run("echo $(whoami) $PWD")
-    container = docker_client().containers.get(f"capsule-{session_id}")
+    container = docker_client().containers.get(session_container(session_id))
     assert container.id in warm_ids
     host = container.attrs["HostConfig"]
     assert (host["Memory"], host["NanoCpus"], host["PidsLimit"]) == (
@@ -229,7 +229,7 @@ async def test_warm_sessions_of_a_killed_run_are_never_handed_out_and_expire(mak
     client = await WSClient.connect(second.ws_url)
     session_id = await client.start()
     assert "developer" in await client.run("whoami")
-    assert docker_client().containers.get(f"capsule-{session_id}").id != warm["Id"]
+    assert docker_client().containers.get(session_container(session_id)).id != warm["Id"]
     # Nobody knows its id: it is kept for the grace period, then removed.
     await eventually(lambda: warm["Id"] not in {c["Id"] for c in
                                                 instance_containers(first.instance)},

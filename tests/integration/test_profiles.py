@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from .harness import IMAGE, WSClient, docker_client, poll, wait_for
+from .harness import IMAGE, WSClient, docker_client, poll, session_container, wait_for
 
 AGENT_IMAGE = os.environ.get("CAPSULE_TEST_AGENT_IMAGE")
 
@@ -30,7 +30,7 @@ def write_profiles(tmp_path, text: str) -> str:
 
 
 def container_of(session_id):
-    return docker_client().containers.get(f"capsule-{session_id}")
+    return docker_client().containers.get(session_container(session_id))
 
 
 @pytest_twisted.ensureDeferred

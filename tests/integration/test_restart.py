@@ -11,11 +11,12 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
-from .harness import WSClient, docker_client, eventually, instance_containers, sleep
+from .harness import (WSClient, docker_client, eventually, instance_containers,
+                      session_container, sleep)
 
 
-def session_container(session_id):
-    return docker_client().api.inspect_container(f"capsule-{session_id}")
+def inspect_session(session_id):
+    return docker_client().api.inspect_container(session_container(session_id))
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
@@ -24,7 +25,7 @@ async def test_session_survives_a_restart(make_server, how):
     first = make_server("--grace", "60", "--pool-size", "0")
     client = await WSClient.connect(first.ws_url, binary=True)
     session_id = await client.start()
-    container_id = session_container(session_id)["Id"]
+    container_id = inspect_session(session_id)["Id"]
     await client.run("export KEPT=yes; cd /tmp; sleep 600 & true")
     # Output that is produced while capsule is down.
     client.type("sleep 2; for i in $(seq 1 3000); do echo down$i; done; echo DOWN$((1+1))\r")
@@ -47,7 +48,7 @@ async def test_session_survives_a_restart(make_server, how):
     again.send({"type": "resize", "cols": 100, "rows": 30})
     out = await again.run("echo $KEPT $PWD; jobs; stty size")
     assert "yes /tmp" in out and "sleep 600" in out and "30 100" in out
-    assert session_container(session_id)["Id"] == container_id
+    assert inspect_session(session_id)["Id"] == container_id
     await again.close()
 
 
@@ -157,7 +158,8 @@ async def test_a_restarted_shell_is_a_notice_and_offsets_stay_exact(make_server)
     await client.run("echo before")
     offset = client.received
     await deferToThread(first.stop)
-    await deferToThread(lambda: docker_client().api.restart(f"capsule-{session_id}", timeout=1))
+    await deferToThread(lambda: docker_client().api.restart(session_container(session_id),
+                                                            timeout=1))
     second = make_server("--pool-size", "0", "--grace", "60", instance=first.instance)
     again = await WSClient.connect(second.ws_url, session_id, binary=True, offset=offset)
     connected = await again.next("connected")

@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 
 from capsule.core.spec import SUDO_CAPABILITIES
 
-from .harness import WSClient, docker_client, eventually, instance_containers
+from .harness import WSClient, docker_client, eventually, instance_containers, session_container
 
 # Bits of /proc/self/status capability masks (linux/capability.h).
 CAP_BITS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "KILL": 5, "SETGID": 6, "SETUID": 7,
@@ -32,7 +32,7 @@ CONNECT = "timeout 5 bash -c 'exec 3<>/dev/tcp/{host}/{port}; cat <&3'; echo rc=
 
 
 def inspect(session_id):
-    return docker_client().api.inspect_container(f"capsule-{session_id}")
+    return docker_client().api.inspect_container(session_container(session_id))
 
 
 def status_masks(text):

@@ -11,12 +11,13 @@ import docker
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from .harness import WSClient, docker_client, eventually, instance_containers, sleep
+from .harness import (WSClient, docker_client, eventually, instance_containers,
+                      session_container, sleep)
 
 
 def container_of(session_id):
     try:
-        return docker_client().containers.get(f"capsule-{session_id}")
+        return docker_client().containers.get(session_container(session_id))
     except docker.errors.NotFound:
         return None
 

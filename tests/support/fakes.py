@@ -9,6 +9,7 @@ import io
 import posixpath
 import struct
 import tarfile
+import uuid
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -158,6 +159,10 @@ class FakeDockerAPI:
         self.reachable = True
         self.hold_create = False
         self.live_restore = True
+        # docker info's SecurityOptions: user namespaces on, so that whether
+        # this host has an account of the sessions' uid matters to no test
+        # but those that set them off.
+        self.security_options = ["name=seccomp,profile=default", "name=userns"]
         # While set, execs connect only at release_exec().
         self.hold_exec = False
         self._held_execs: list[tuple[FakeExecProcess, Deferred]] = []
@@ -189,7 +194,8 @@ class FakeDockerAPI:
                                                for k, v in labels.items())})
 
     def info(self):
-        return self._check() or succeed({"LiveRestoreEnabled": self.live_restore})
+        return self._check() or succeed({"LiveRestoreEnabled": self.live_restore,
+                                         "SecurityOptions": list(self.security_options)})
 
     def image_exists(self, image):
         return self._check() or succeed(image in self.images)
@@ -203,7 +209,7 @@ class FakeDockerAPI:
         self._next += 1
         container_id = f"container{self._next:04d}"
         self.containers[container_id] = {
-            "id": container_id, "name": f"capsule-{session_id}",
+            "id": container_id, "name": f"capsule-{uuid.uuid4().hex}",
             "labels": dict(spec.labels), "state": "running", "spec": spec,
             "files": {},
         }

@@ -139,6 +139,20 @@ def instance_containers(instance: str, api: docker.APIClient | None = None) -> l
     return api.containers(all=True, filters={"label": f"{LABEL_INSTANCE}={instance}"})
 
 
+def session_container(session_id: str, api: docker.APIClient | None = None) -> str:
+    """
+    The id of session C{session_id}'s container, found by its label (its
+    name says nothing of the session).
+
+    @raise docker.errors.NotFound: no container has that label.
+    """
+    api = api or docker_client().api
+    found = api.containers(all=True, filters={"label": f"{LABEL_SESSION}={session_id}"})
+    if not found:
+        raise docker.errors.NotFound(f"no container of session {session_id}")
+    return found[0]["Id"]
+
+
 def remove_container(api: docker.APIClient, container_id: str) -> None:
     """
     Remove a container and its volumes; one already gone or being removed
