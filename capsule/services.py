@@ -24,7 +24,7 @@ from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
 from capsule.ops.recording import SessionRecorder
 from capsule.sessions.cleanup import CleanupService
-from capsule.sessions.disk import DiskWatchService
+from capsule.sessions.disk import DiskWatchService, scan_held
 from capsule.sessions.owners import OwnerFile, default_state_dir
 from capsule.sessions.drain import Drain
 from capsule.sessions.manager import SessionManager
@@ -391,11 +391,16 @@ def make_service(config: CapsuleConfig, reactor) -> CapsuleService:
     sessions.setServiceParent(service)
     CleanupService(manager, reactor, tuning.cleanup_interval,
                    tuning.orphan_sweep).setServiceParent(service)
-    if config.disk_bytes is not None:
+    if config.disk_bytes is not None or any(
+            p.spec.disk or (p.agent_volume and p.agent_volume_limit is not None)
+            for p in config.profiles.values()):
         DiskWatchService(
             manager, reactor, config.disk_bytes, tuning.disk_check_interval,
-            lambda: docker.container_sizes(manager.labels),
-            enforced=lambda: docker.storage_quota is True).setServiceParent(service)
+            lambda volumes: docker.disk_usage(manager.labels, volumes),
+            enforced=lambda: docker.storage_quota is True,
+            scan=lambda container_id, user: scan_held(docker, container_id, user),
+            scans=tuning.disk_scans_per_check,
+            volume_grace=tuning.agent_volume_grace).setServiceParent(service)
     listeners.setServiceParent(service)
     spec = config.spec
     _log.info("capsule will run sessions in {image} (memory {memory}, {cpus:g} CPUs,"

@@ -91,7 +91,15 @@ class Tuning:
     disk_check_interval: float = knob(
         30.0, _POSITIVE_FLOAT,
         "Seconds between checks of the sessions' disk use, where --disk is not enforced by"
-        " the storage driver.")
+        " the storage driver, and of agent volumes' sizes.")
+    disk_scans_per_check: int = knob(
+        2, _POSITIVE_INT,
+        "Sessions scanned, at most, at each disk check for deleted files their processes"
+        " still hold open (one exec each, taken in turn).")
+    agent_volume_grace: float = knob(
+        120.0, _POSITIVE_FLOAT,
+        "Seconds a session whose agent volume holds more than its profile's"
+        " agent_volume_limit has to bring it back under, before it is ended.")
     pool_max_age: float = knob(
         3600.0, _POSITIVE_FLOAT,
         "Seconds after which a warm container is replaced instead of handed out.")

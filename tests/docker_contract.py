@@ -188,6 +188,22 @@ class DockerContract:
         assert await api.container_sizes({**instance, LABEL_ROLE: "none"}) == {}
 
     @pytest_twisted.ensureDeferred
+    async def test_disk_usage_of_running_containers_and_their_volumes(self, api, spec):
+        plain = await self.create(api, spec, "used")
+        private = await self.create(api, replace(spec, read_only_root=True), "used")
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        usage = await api.disk_usage({**instance, LABEL_ROLE: "used"})
+        assert sorted(usage.layers) == sorted([plain, private]) and usage.volumes == {}
+        assert all(isinstance(size, int) and size >= 0 for size in usage.layers.values())
+        assert usage.mounts[plain] == ()
+        assert sorted(m.destination for m in usage.mounts[private]) == [
+            "/home/developer", "/workspace"]
+        usage = await api.disk_usage({**instance, LABEL_ROLE: "used"}, volumes=True)
+        for mount in usage.mounts[private]:
+            assert isinstance(usage.volumes[mount.name], int)
+        assert (await api.disk_usage({**instance, LABEL_ROLE: "none"}, True)).layers == {}
+
+    @pytest_twisted.ensureDeferred
     async def test_set_cpu_shares_of_a_container(self, api, spec):
         container_id = await self.create(api, spec, "weighed")
         assert await api.set_cpu_shares(container_id, 100) is True

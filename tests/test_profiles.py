@@ -462,10 +462,11 @@ agent_volume = "/home/developer/.claude"
 # -- the admin command: agent volumes ---------------------------------------------------
 
 class FakeVolumesAPI:
-    def __init__(self, volumes, in_use=()):
+    def __init__(self, volumes, in_use=(), sizes=None):
         self._volumes = {v["Name"]: v for v in volumes}
         self.in_use = set(in_use)
         self.filters = []
+        self.sizes = dict(sizes or {})
 
     @property
     def api(self):
@@ -477,6 +478,11 @@ class FakeVolumesAPI:
         # The engine filters by every label given.
         return {"Volumes": [v for v in self._volumes.values()
                             if all(v["Labels"].get(k) == x for k, x in wanted.items())]}
+
+    def df(self):
+        return {"Volumes": [{**v, "UsageData": {"Size": self.sizes.get(v["Name"], -1),
+                                                "RefCount": 0}}
+                            for v in self._volumes.values()]}
 
     def remove_volume(self, name):
         import docker.errors
@@ -524,6 +530,17 @@ def test_admin_lists_and_removes_one_users_volumes():
     assert sorted(api._volumes) == sorted([_volume("bob")["Name"],
                                            _volume("alice", instance="other")["Name"]])
     assert "io.capsule.user=alice" in api.filters[-1]["label"]
+
+
+def test_admin_lists_each_volumes_size():
+    api = FakeVolumesAPI([_volume("alice"), _volume("bob")],
+                         sizes={_volume("alice")["Name"]: 300 * 1024 * 1024})
+    code, lines = _admin(["volumes"], api)
+    assert code == 0
+    assert [line.split() for line in lines[:3]] == [
+        ["USER", "PROFILE", "SIZE", "VOLUME"],
+        ["alice", "claude", "300.0MiB", _volume("alice")["Name"]],
+        ["bob", "claude", "?", _volume("bob")["Name"]]]
 
 
 def test_admin_keeps_a_volume_in_use_and_says_so():

@@ -28,6 +28,14 @@ class IDockerAPI(Interface):
         engine walks each layer).
         """
 
+    def disk_usage(labels, volumes=False):
+        """
+        Fire with a L{capsule.core.diskuse.DiskUsage}: the writable layer
+        size and the mounted volumes of each running container carrying all
+        of C{labels}, and with C{volumes}, every volume's size (one more
+        call, and slower still: the engine walks each volume).
+        """
+
     def info():
         """
         Fire with the engine's system information (C{docker info}).

@@ -44,6 +44,10 @@ DEFAULT_PROFILE = "shell"
 AGENT_PROFILE = "claude"
 DEFAULT_AGENT_IMAGE = "capsule-agent:latest"
 DEFAULT_CLONE_TIMEOUT = 300.0
+# The most an agent volume may hold, where a profile does not say
+# (agent_volume_limit): what an agent remembers (logins, settings, history)
+# is far smaller.
+DEFAULT_AGENT_VOLUME_LIMIT = 1024 ** 3
 
 # Claude Code in /workspace; when it exits, a login shell, so that the
 # session stays useful.
@@ -93,6 +97,9 @@ class Profile:
         server's environment or its secrets file.
     @ivar agent_volume: where a per-user named volume is mounted (C{None}:
         none).
+    @ivar agent_volume_limit: the most that volume may hold, in bytes
+        (C{None}: no limit); a session whose volume holds more is warned,
+        then ended (L{capsule.sessions.disk}).
     @ivar repository: an https git URL cloned into /workspace at start.
     @ivar clone_timeout: seconds the clone may take.
     @ivar pool: warm containers kept for this profile.
@@ -105,6 +112,7 @@ class Profile:
     max_lifetime: float = 0.0
     secrets: tuple[str, ...] = ()
     agent_volume: str | None = None
+    agent_volume_limit: int | None = DEFAULT_AGENT_VOLUME_LIMIT
     repository: str | None = None
     clone_timeout: float = DEFAULT_CLONE_TIMEOUT
     pool: int = 0
@@ -331,6 +339,12 @@ def _disk(value) -> str | None:
     return _size(value)
 
 
+def _volume_limit(value) -> int | None:
+    if value == "off":
+        return None
+    return parse_bytes(_size(value))
+
+
 def check_repository(value) -> str:
     """
     An https git URL without credentials in it.
@@ -374,6 +388,7 @@ _KEYS = {
     "max_lifetime": _number(0),
     "secrets": _secrets,
     "agent_volume": _agent_volume,
+    "agent_volume_limit": _volume_limit,
     "repository": check_repository,
     "clone_timeout": _number(0, strict=True),
     "pool": _integer(0),

@@ -41,6 +41,7 @@ from capsule.engine.exec_process import ExecStreamProtocol, exec_start_request
 from capsule.core.interfaces import IDockerAPI
 from capsule.core.spec import ContainerSpec
 from capsule.core.counting import Uncounted
+from capsule.core.diskuse import DiskUsage, Mount
 
 _log = Logger()
 
@@ -200,6 +201,30 @@ class DockerAPI:
             found = client.containers(
                 size=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
             return {c["Id"]: int(c.get("SizeRw") or 0) for c in found}
+        return self._call(_thd)
+
+    def disk_usage(self, labels: dict[str, str], volumes: bool = False) -> Deferred:
+        def _thd(client) -> DiskUsage:
+            wanted = {"label": [f"{k}={v}" for k, v in labels.items()]}
+            found = client.containers(size=True, filters=wanted)
+            sizes = {}
+            if volumes:
+                # Only the engine's /system/df knows volumes' sizes; "type"
+                # spares engines of API 1.42 and later the images' and the
+                # build cache's (older ones ignore it, and do all).
+                df = client._result(client._get(client._url("/system/df"), params={
+                    "type": ["volume"]}), True)
+                for volume in df.get("Volumes") or []:
+                    size = (volume.get("UsageData") or {}).get("Size", -1)
+                    if isinstance(size, int) and size >= 0:
+                        sizes[volume["Name"]] = size
+            return DiskUsage(
+                layers={c["Id"]: int(c.get("SizeRw") or 0) for c in found},
+                mounts={c["Id"]: tuple(Mount(m["Name"], m.get("Destination") or "")
+                                       for m in c.get("Mounts") or []
+                                       if m.get("Type") == "volume" and m.get("Name"))
+                        for c in found},
+                volumes=sizes)
         return self._call(_thd)
 
     def info(self) -> Deferred:

@@ -231,9 +231,11 @@ class TerminalClient:
     async def connect(cls, url: str, session_id: str | None = None, origin=None,
                       binary: bool = False, offset: int | None = None,
                       auto_ack: bool = True, *, ack_bytes: int = 0, ack_delay: float = 0.05,
-                      record: bool = True, timeout: float = 10) -> "TerminalClient":
+                      record: bool = True, timeout: float = 10, profile: str | None = None,
+                      headers: dict | None = None) -> "TerminalClient":
         """
-        Open a WebSocket to C{url} (C{ws://host:port/ws}); fail with
+        Open a WebSocket to C{url} (C{ws://host:port/ws}), for a session of
+        C{profile}, with C{headers} (credentials); fail with
         C{ConnectionError} when capsule refuses it.
         """
         client = cls(auto_ack, ack_bytes=ack_bytes, ack_delay=ack_delay, record=record)
@@ -242,10 +244,13 @@ class TerminalClient:
             query.append(f"session_id={session_id}")
         if offset is not None:
             query.append(f"offset={offset}")
+        if profile is not None:
+            query.append(f"profile={profile}")
         if query:
             url = f"{url}?{'&'.join(query)}"
         factory = WebSocketClientFactory(
-            url, origin=origin, protocols=[BINARY_PROTOCOL] if binary else None)
+            url, origin=origin, protocols=[BINARY_PROTOCOL] if binary else None,
+            headers=headers)
         factory.protocol = _TerminalProtocol
         factory.terminal = client
         factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=timeout,

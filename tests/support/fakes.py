@@ -18,6 +18,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from capsule.engine.command import OutputCollector
+from capsule.core.diskuse import DiskUsage, Mount
+from capsule.engine.docker import READ_ONLY_VOLUMES
 from capsule.core.errors import ContainerGone, DockerUnavailable, ImageMissing
 from capsule.core.interfaces import IDockerAPI, IExecProcess, ISessionClient
 from capsule.core.keeper import FrameReader
@@ -177,6 +179,10 @@ class FakeDockerAPI:
         # What run_command runs, by argv, and what it ran.
         self.commands: dict[tuple[str, ...], object] = {}
         self.commands_run: list[dict] = []
+        # Volumes' sizes disk_usage() gives, by name, and what it was asked
+        # (whether volumes' sizes were).
+        self.volume_sizes: dict[str, int] = {}
+        self.disk_usage_calls: list[bool] = []
         self._next = 0
 
     def _check(self):
@@ -192,6 +198,27 @@ class FakeDockerAPI:
             c["id"]: c.get("size_rw", 0) for c in self.containers.values()
             if c["state"] == "running" and all(c["labels"].get(k) == v
                                                for k, v in labels.items())})
+
+    def disk_usage(self, labels, volumes=False):
+        """
+        As the engine does: a container's C{size_rw} and C{spec}'s volumes;
+        volumes' sizes from C{volume_sizes} (a volume a container mounts
+        and nobody sized is empty).
+        """
+        failed = self._check()
+        if failed:
+            return failed
+        found = [c for c in self.containers.values()
+                 if c["state"] == "running" and all(c["labels"].get(k) == v
+                                                    for k, v in labels.items())]
+        mounts = {c["id"]: _mounts(c) for c in found}
+        sizes = {}
+        if volumes:
+            sizes = {m.name: 0 for ms in mounts.values() for m in ms}
+            sizes.update(self.volume_sizes)
+        self.disk_usage_calls.append(volumes)
+        return succeed(DiskUsage(layers={c["id"]: c.get("size_rw", 0) for c in found},
+                                 mounts=mounts, volumes=sizes))
 
     def info(self):
         return self._check() or succeed({"LiveRestoreEnabled": self.live_restore,
@@ -434,6 +461,20 @@ class FakeDockerAPI:
         except Exception:
             return fail()
         return succeed(None)
+
+
+def _mounts(container: dict) -> tuple[Mount, ...]:
+    """
+    The volumes a fake container mounts: its spec's named ones, and a
+    --read-only-root one's anonymous ones (named after the container).
+    """
+    spec = container.get("spec")
+    if spec is None:
+        return ()
+    anonymous = READ_ONLY_VOLUMES if spec.read_only_root else ()
+    return (tuple(Mount(name, target) for name, target in spec.volumes)
+            + tuple(Mount(f"{container['id']}-{target.strip('/').replace('/', '-')}", target)
+                    for target in anonymous))
 
 
 class _StartedWhenAwaited(Deferred):
