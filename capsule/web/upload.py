@@ -16,7 +16,7 @@ from capsule.engine.command import utf8_text
 from capsule.web.streams import ThreadFedProducer
 from capsule.core.tarcheck import ArchiveRefused, Interrupted, check, rewrite
 
-from capsule.web.api_base import ApiError, SessionPost, answer_when, count_down
+from capsule.web.api_base import ApiError, SessionPost, answer_when
 from capsule.web.exec import EXEC_SLACK, session_spec, timed_argv
 
 if TYPE_CHECKING:
@@ -39,6 +39,17 @@ ARCHIVE_TYPES = (b"application/x-tar", b"application/gzip", b"application/x-gzip
                  b"application/octet-stream", b"application/x-compressed-tar")
 
 
+def check_archive_type(request) -> None:
+    """
+    @raise ApiError: 415 unless C{request}'s C{Content-Type} is an archive's.
+    """
+    kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if kind not in ARCHIVE_TYPES:
+        raise ApiError(415, "an upload's body is a .tar or .tar.gz archive (Content-Type:"
+                            " application/x-tar, application/gzip or"
+                            " application/octet-stream)", "unsupported_media_type")
+
+
 class UploadResource(SessionPost):
     """
     C{POST /api/sessions/{id}/workspace}: a .tar or .tar.gz body, unpacked
@@ -48,23 +59,14 @@ class UploadResource(SessionPost):
     def render_POST(self, request):
         api = self.api
         session = api.running(request, self.session_id)
-        kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if kind not in ARCHIVE_TYPES:
-            raise ApiError(415, "an upload's body is a .tar or .tar.gz archive (Content-Type:"
-                                " application/x-tar, application/gzip or"
-                                " application/octet-stream)", "unsupported_media_type")
-        if api.uploads.get(session.id, 0) >= UPLOADS_PER_SESSION:
-            raise ApiError(429, f"an upload into session {session.id} is under way",
-                           "upload_in_progress")
-        if sum(api.uploads.values()) >= UPLOADS_AT_ONCE:
-            raise ApiError(429, f"capsule unpacks {UPLOADS_AT_ONCE} uploads already: try"
-                                " again shortly", "too_many_uploads")
-        api.uploads[session.id] = api.uploads.get(session.id, 0) + 1
+        check_archive_type(request)
+        # Taken when the headers came (capsule.web.api), or now.
+        slot = api.upload_slot(request, session)
         api.touch(session)
-        return answer_when(request, Deferred.fromCoroutine(self._upload(request, session)),
+        return answer_when(request, Deferred.fromCoroutine(self._upload(request, session, slot)),
                            "an upload")
 
-    async def _upload(self, request, session):
+    async def _upload(self, request, session, slot):
         api = self.api
         body = _Stoppable(request.content, api)
         keep = api.hold(session)
@@ -87,7 +89,7 @@ class UploadResource(SessionPost):
                 UPLOAD_TIMEOUT + EXEC_SLACK)
         finally:
             keep.stop()
-            count_down(api.uploads, session.id)
+            slot.release()
             api.touch(session)
         api.ended_meanwhile(session, "the upload")
         if result.exit_code != 0:
