@@ -820,3 +820,41 @@ def test_uploads_at_once_are_bounded(api):
     status, _, body = api.request(f"/api/sessions/{sessions[-1]}/workspace", "POST", b"x",
                                   content_type="application/x-tar")
     assert (status, body["code"]) == (429, "too_many_uploads")
+
+
+def _zeros_tar_gz(size: int) -> io.BytesIO:
+    import gzip as gz
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = size
+        tar.addfile(info, io.BytesIO(bytes(size)))
+    return io.BytesIO(gz.compress(plain.getvalue(), 9))
+
+
+def test_check_refuses_a_gzip_that_expands_too_much_while_it_reads():
+    from capsule.core import tarcheck
+    bomb = _zeros_tar_gz(64 * 1024 * 1024)
+    assert len(bomb.getvalue()) < 100_000
+    read = []
+
+    class Counting(io.BytesIO):
+        def read(self, size=-1):
+            data = super().read(size)
+            read.append(len(data))
+            return data
+    with pytest.raises(ArchiveRefused) as e:
+        check(Counting(bomb.getvalue()), 1 << 40)
+    assert e.value.code == "expands_too_much"
+    assert str(tarcheck.MAX_EXPANSION) in e.value.message
+    # Refused while it read: long before the end of what it unpacks to.
+    assert e.value.entry == "zeros"
+    # A plain tar, and a gzip that compresses as archives do, are fine.
+    assert check(_zeros_tar_gz(256 * 1024), 1 << 30).size == 256 * 1024
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = 8 * 1024 * 1024
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    plain.seek(0)
+    assert check(plain, 1 << 30).size == 8 * 1024 * 1024
