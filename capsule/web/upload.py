@@ -31,10 +31,30 @@ UNPACK_RATIO = 8
 UPLOADS_PER_SESSION = 1
 UPLOADS_AT_ONCE = 4
 UPLOAD_TIMEOUT = 1800.0
-# The command an upload runs: GNU tar as developer, keeping the modes it
-# is given (set-uid and the like are gone by then), not the owners.
-UNPACK_ARGV = ("tar", "-x", "-p", "--no-same-owner", "--warning=no-timestamp", "-C",
-               "/workspace", "-f", "-")
+# Where an upload is unpacked first: a hidden directory of /workspace (the
+# same file system, so that its files can be linked into place).
+STAGING = "/workspace/.capsule-upload"
+# The command an upload runs, as developer: GNU tar unpacks the archive
+# into STAGING, keeping the modes it is given (set-uid and the like are
+# gone by then), not the owners; only once tar has read the whole archive
+# is each entry linked into /workspace (cp -l: a file appears whole, or not
+# at all, never cut short, even when capsule is killed in the middle of an
+# upload), and STAGING removed.  A STAGING left over by an upload that was
+# killed goes with the next upload.
+UNPACK_SCRIPT = f"""
+s={STAGING}
+rm -rf "$s" && mkdir -m 700 "$s" || exit 1
+if tar -x -p --no-same-owner --warning=no-timestamp -C "$s" -f -; then
+  cd "$s" && find . -mindepth 1 -maxdepth 1 -exec \\
+    cp -R -P -l --remove-destination -t /workspace -- {{}} +
+  r=$?
+else
+  r=$?
+fi
+cd / && rm -rf "$s"
+exit $r
+"""
+UNPACK_ARGV = ("sh", "-c", UNPACK_SCRIPT)
 ARCHIVE_TYPES = (b"application/x-tar", b"application/gzip", b"application/x-gzip",
                  b"application/octet-stream", b"application/x-compressed-tar")
 
@@ -94,9 +114,10 @@ class UploadResource(SessionPost):
         api.ended_meanwhile(session, "the upload")
         if result.exit_code != 0:
             stderr = utf8_text(result.stderr, result.truncated_stderr).strip()
-            _log.warn("an upload into session {short} failed: tar exited {code}: {stderr}",
+            _log.warn("an upload into session {short} failed: unpacking exited {code}:"
+                      " {stderr}",
                       short=session.id[:8], code=result.exit_code, stderr=repr(stderr[-500:]))
-            raise ApiError(422, f"unpacking failed (tar exited {result.exit_code}):"
+            raise ApiError(422, f"unpacking failed (exit code {result.exit_code}):"
                                 f" {stderr[-2000:]}", "unpack_failed")
         _log.info("unpacked {entries} entries ({size} bytes) into session {short}",
                   entries=summary.entries, size=summary.size, short=session.id[:8])

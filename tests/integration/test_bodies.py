@@ -150,3 +150,84 @@ def test_bodies_in_flight_per_address_and_the_spool_budget(make_server, tmp_path
         command.close()
     log = server.log()
     assert "too_many_bodies" in log and "spool_full" in log
+
+
+def _one_big_file_tar(path, size: int):
+    """
+    C{path}, written as a .tar of one file C{big.bin} of C{size} zero bytes
+    (one buffer in memory at a time).
+    """
+    class Zeros:
+        def read(self, n=-1):
+            return bytes(min(n, 1 << 20) if n and n > 0 else 1 << 20)
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("big.bin")
+        info.size = size
+        info.mode = 0o644
+        tar.addfile(info, Zeros())
+    return path
+
+
+def _container_of(session_id: str):
+    container, = [c for c in docker_client().containers.list()
+                  if c.labels.get("io.capsule.session") == session_id]
+    return container
+
+
+def _run(container, script: str) -> str:
+    return container.exec_run(["sh", "-c", script]).output.decode()
+
+
+def test_a_kill_during_an_upload_leaves_no_partial_file(make_server, tmp_path):
+    size = 600 * 1024 * 1024
+    server = make_server()
+    session_id = create(server)["id"]
+    big = _one_big_file_tar(tmp_path / "big.tar", size)
+    container = _container_of(session_id)
+    answers = []
+
+    def send():
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=120)
+        try:
+            sock.sendall((f"POST /api/sessions/{session_id}/workspace HTTP/1.1\r\n"
+                          "Host: 127.0.0.1\r\nContent-Type: application/x-tar\r\n"
+                          f"Content-Length: {big.stat().st_size}\r\n\r\n").encode())
+            with big.open("rb") as body:
+                sock.sendfile(body)
+            answers.append(sock.recv(65536))
+        except OSError as e:
+            answers.append(e)
+        finally:
+            sock.close()
+    sender = threading.Thread(target=send)
+    sender.start()
+    # Once tar has written part of the file, wherever it writes it: kill -9.
+    sizes = "find /workspace -name big.bin -type f -exec stat -c %s {} + 2>/dev/null"
+    wait_for(lambda: any(0 < int(n) < size for n in _run(container, sizes).split()), 120,
+             "tar to write part of the file")
+    os.kill(server.pid, signal.SIGKILL)
+    server.process.wait(30)
+    sender.join(60)
+    # The upload did not end (no 200): the kill came in its middle.
+    assert answers and not (isinstance(answers[0], bytes)
+                            and answers[0].startswith(b"HTTP/1.1 200"))
+    # tar sees its input end (or is left to its timeout); either way, no
+    # file in /workspace is partial: big.bin is absent, or whole.
+    wait_for(lambda: "tar" not in _run(container, "ps -eo comm"), 60,
+             "tar to end in the container")
+    listing = _run(container, "ls -A /workspace; stat -c %s /workspace/big.bin 2>/dev/null")
+    names = [n for n in listing.split() if not n.isdigit()]
+    assert names in ([], ["big.bin"]) or set(names) <= {".capsule-upload", "big.bin"}
+    if "big.bin" in names:
+        assert str(size) in listing.split()
+    assert _run(container, "find /workspace -path /workspace/.capsule-upload -prune -o"
+                           " -type f -print") in ("", "/workspace/big.bin\n")
+
+
+def test_a_staging_directory_left_over_is_removed_by_the_next_upload(server):
+    session_id = create(server)["id"]
+    sh(server, session_id, "mkdir -p .capsule-upload/d && head -c 1000 /dev/zero"
+                           " > .capsule-upload/d/partial")
+    status, body = upload(server, session_id, tar_of([("d/whole", "file", b"ok", 0o644)]))
+    assert status == 200, body
+    assert sh(server, session_id, "ls -A; ls -A d")["stdout"] == "d\nwhole\n"
