@@ -74,6 +74,8 @@ class CapsuleConfig:
     export_max_bytes: int
     export_timeout: float
     upload_max_bytes: int
+    # None: the default (capsule.web.bodies.default_spool).
+    spool_max_bytes: int | None
 
     # -- operations ------------------------------------------------------------
     www: str

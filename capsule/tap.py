@@ -134,6 +134,11 @@ class Options(usage.Options):
         ["upload-max-bytes", None, 1024 ** 3,
          "Bytes of archive an upload into /workspace may send (Docker syntax: 512m, 1g);"
          " more: 413.", _positive(parse_bytes)],
+        ["spool-max-bytes", None, None,
+         "Bytes of request bodies (uploads, exec requests) capsule holds at once, in memory"
+         " and in temporary files (Docker syntax: 2g); a body past it is refused from its"
+         " headers with 503 spool_full. At least --upload-max-bytes"
+         " [default: twice --upload-max-bytes, at least 256m].", _positive(parse_bytes)],
         ["auth", None, None,
          "An htpasswd file of bcrypt hashes (htpasswd -B): its users log in (a login page"
          " and a session cookie for browsers, HTTP Basic for programs). Read again when"
@@ -339,6 +344,12 @@ class Options(usage.Options):
                 for o in self.longOpt if o.rstrip("=") not in KNOBS]
 
     def postOptions(self) -> None:
+        if self["spool-max-bytes"] is not None \
+                and self["spool-max-bytes"] < self["upload-max-bytes"]:
+            raise usage.UsageError(
+                f"--spool-max-bytes ({self['spool-max-bytes']}) is less than"
+                f" --upload-max-bytes ({self['upload-max-bytes']}): no upload of the largest"
+                " size could ever be held")
         try:
             parse_bytes(self["memory"])
         except Exception:
@@ -419,7 +430,8 @@ class Options(usage.Options):
             memory_budget_from_engine=budget is None,
             exports_per_client=self["exports-per-client"],
             export_max_bytes=self["export-max-bytes"], export_timeout=self["export-timeout"],
-            upload_max_bytes=self["upload-max-bytes"], www=self["www"],
+            upload_max_bytes=self["upload-max-bytes"],
+            spool_max_bytes=self["spool-max-bytes"], www=self["www"],
             state_dir=self["state-dir"], log_format=self["log-format"],
             server_options=None if parent is None else MappingProxyType(
                 {k: parent.get(k) for k in ("logfile", "nodaemon")}),

@@ -129,6 +129,10 @@ class Tuning:
         4, _POSITIVE_INT,
         "Threads for workspace exports (waiting exports go to the client with the fewest"
         " running).")
+    bodies_per_address: int = knob(
+        8, _POSITIVE_INT,
+        "Request bodies one client address may be sending at once (more: 429"
+        " too_many_bodies, from the headers).")
 
     @property
     def coalesce_delay(self) -> float:

@@ -449,10 +449,13 @@ def test_upload_needs_an_archive_type_and_a_live_session(api):
     status, _, body = api.request(f"/api/sessions/{session['id']}/workspace", "POST",
                                   b"x", content_type="text/plain")
     assert (status, body["code"]) == (415, "unsupported_media_type")
-    # No live session: its body is refused before it is read.
+    # No live session: its body is refused from the headers, before it is
+    # read (a 404, as for a session of another user).
     transport = api.send("/api/sessions/00000000-0000-4000-8000-000000000000/workspace",
                          "POST", b"x" * 10, content_type="application/x-tar")
-    assert parse_response(transport.value())[0] == 413
+    status, _, body = parse_response(transport.value())
+    assert (status, body["code"]) == (404, "session_not_found")
+    assert transport.channel._channel.requests[0].content.getvalue() == b""
     transport = api.send(f"/api/sessions/{session['id']}/workspace", "POST", b"x",
                          content_type="application/x-tar", length=UPLOAD_MAX_BYTES + 1)
     assert parse_response(transport.value())[0] == 413
@@ -773,16 +776,35 @@ def test_with_users_an_upload_body_without_credentials_is_refused_before_it_is_r
         if token is not None:
             lines.append(f"Authorization: Bearer {token}")
         channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode())
+        opened.append(channel)
         return transport.value()
 
+    opened = []
+
     logins = authed.factory.authenticator.logins
-    refused = [head_only(), head_only(cookie="nonsense"), head_only(cookie=logins.new("bob"))]
-    for answer in refused:
-        status, _, body = parse_response(answer)
-        assert (status, body["code"], body["limit"]) == (413, "body_too_large", 0)
-    # With credentials (checked once the body is in), the body is awaited.
+    # The credentials are checked, and the session's owner, from the
+    # headers: no body is read for a caller who may not send it.
+    refused = [(head_only(), 401, "unauthenticated"),
+               (head_only(cookie="nonsense"), 401, "unauthenticated"),
+               (head_only(token="wrong"), 401, "unauthenticated"),
+               (head_only(cookie=logins.new("bob")), 404, "session_not_found"),
+               (head_only(token=BOB), 404, "session_not_found")]
+    for answer, status, code in refused:
+        got, headers, body = parse_response(answer)
+        assert (got, body["code"]) == (status, code)
+        assert headers["connection"] == "close"
+    # The owner's credentials: the body is awaited, in the session's one
+    # upload slot, taken then; until it is free, another upload's headers
+    # get a 429.
     assert head_only(token=ALICE) == b""
-    assert head_only(token="wrong") == b""
+    assert authed.site.session_api.uploads == {session["id"]: 1}
+    status, _, body = parse_response(head_only(cookie=logins.new("alice")))
+    assert (status, body["code"]) == (429, "upload_in_progress")
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+    for channel in opened:
+        channel.connectionLost(Failure(ConnectionLost()))
+    assert authed.site.session_api.uploads == {}
     assert head_only(cookie=logins.new("alice")) == b""
 
 
@@ -798,3 +820,41 @@ def test_uploads_at_once_are_bounded(api):
     status, _, body = api.request(f"/api/sessions/{sessions[-1]}/workspace", "POST", b"x",
                                   content_type="application/x-tar")
     assert (status, body["code"]) == (429, "too_many_uploads")
+
+
+def _zeros_tar_gz(size: int) -> io.BytesIO:
+    import gzip as gz
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = size
+        tar.addfile(info, io.BytesIO(bytes(size)))
+    return io.BytesIO(gz.compress(plain.getvalue(), 9))
+
+
+def test_check_refuses_a_gzip_that_expands_too_much_while_it_reads():
+    from capsule.core import tarcheck
+    bomb = _zeros_tar_gz(64 * 1024 * 1024)
+    assert len(bomb.getvalue()) < 100_000
+    read = []
+
+    class Counting(io.BytesIO):
+        def read(self, size=-1):
+            data = super().read(size)
+            read.append(len(data))
+            return data
+    with pytest.raises(ArchiveRefused) as e:
+        check(Counting(bomb.getvalue()), 1 << 40)
+    assert e.value.code == "expands_too_much"
+    assert str(tarcheck.MAX_EXPANSION) in e.value.message
+    # Refused while it read: long before the end of what it unpacks to.
+    assert e.value.entry == "zeros"
+    # A plain tar, and a gzip that compresses as archives do, are fine.
+    assert check(_zeros_tar_gz(256 * 1024), 1 << 30).size == 256 * 1024
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = 8 * 1024 * 1024
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    plain.seek(0)
+    assert check(plain, 1 << 30).size == 8 * 1024 * 1024

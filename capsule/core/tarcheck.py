@@ -104,6 +104,13 @@ def kind_of(head: bytes) -> str:
                          " gzip-compressed)", code="not_an_archive")
 
 
+# Bytes of tar a .tar.gz may unpack to per compressed byte read, past the
+# first EXPANSION_SLACK: source trees compress 3 to 10 times, a run of
+# zeros 1000 times (a small upload that would take a long while to check
+# and to unpack).  Checked as the archive is read.
+MAX_EXPANSION = 100
+EXPANSION_SLACK = 1024 * 1024
+
 # Bytes of an extended header (pax, or GNU's long names): tarfile reads one
 # whole into memory.
 MAX_HEADER = 1024 * 1024
@@ -143,7 +150,8 @@ def _open(fileobj):
         if kind == "gzip":
             # Python's gzip reader, not tarfile's: it checks the stream's
             # end, length and CRC.
-            unpacked = gzip.GzipFile(fileobj=fileobj, mode="rb")
+            packed = _Counted(fileobj)
+            unpacked = _Expansion(gzip.GzipFile(fileobj=packed, mode="rb"), packed)
             archive = tarfile.open(fileobj=unpacked, mode="r|", tarinfo=_BoundedInfo)
             archive.capsule_gzip = unpacked
             return archive, True
@@ -154,6 +162,54 @@ def _open(fileobj):
         # Whatever the parser trips on (a truncated gzip header raises
         # TypeError): the bytes are the client's.
         raise ArchiveRefused(f"the archive cannot be read: {_why(e)}") from None
+
+
+class _Counted:
+    """
+    A compressed archive, counting the bytes read from it.
+    """
+
+    def __init__(self, fileobj) -> None:
+        self._fileobj = fileobj
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._fileobj.read(size)
+        self.count += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fileobj.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fileobj.tell()
+
+
+class _Expansion:
+    """
+    What a gzip stream unpacks to, refused once it is more than
+    L{MAX_EXPANSION} times what was read of the stream (past
+    L{EXPANSION_SLACK}).
+    """
+
+    def __init__(self, unpacked, packed: _Counted) -> None:
+        self._unpacked, self._packed = unpacked, packed
+        self.count = 0
+        # The entry being read, to name it in a refusal.
+        self.entry: str | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._unpacked.read(size)
+        self.count += len(data)
+        if self.count > MAX_EXPANSION * self._packed.count + EXPANSION_SLACK:
+            raise ArchiveRefused(
+                f"the archive unpacks to more than {MAX_EXPANSION} times its compressed size"
+                f" ({self.count} bytes of tar from {self._packed.count} bytes read): send it"
+                " less compressed, or uncompressed", self.entry, "expands_too_much")
+        return data
+
+    def close(self) -> None:
+        self._unpacked.close()
 
 
 def _why(error: Exception) -> str:
@@ -208,9 +264,12 @@ def check(fileobj, max_unpacked: int) -> Summary:
     kinds: dict[str, str] = {}
     symlinks: dict[str, str] = {}
     names_bytes = 0
+    expansion = getattr(archive, "capsule_gzip", None)
     with archive:
         for member in _members(archive):
             raw = member.name
+            if expansion is not None:
+                expansion.entry = raw
             name = normalize(raw)
             if name is None:
                 if not member.isdir():

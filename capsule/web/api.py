@@ -36,10 +36,14 @@ from capsule.sessions.service import OpenRequest, SessionService
 from capsule.sessions.session import SessionEnded
 from capsule.core.protocol import ProtocolError, parse_session_id
 
-from capsule.web.api_base import (NO_BODY, ApiError, JsonResource, NotFound, answer_when,
-                                   integer_field, json_request, only_keys, text_field, user_of)
-from capsule.web.exec import EXEC_MAX_BODY, ExecResource
-from capsule.web.upload import UPLOAD_MAX_BYTES, UPLOADS_AT_ONCE, UploadResource
+from capsule.auth.gate import AuthRefused
+from capsule.web.api_base import (NO_BODY, RETRY_AFTER, ApiError, JsonResource, NotFound, Slot,
+                                   answer_when, integer_field, json_request, only_keys,
+                                   text_field, user_of)
+from capsule.web.bodies import BodyRefused
+from capsule.web.exec import EXEC_MAX_BODY, EXECS_PER_SESSION, ExecResource
+from capsule.web.upload import (UPLOAD_MAX_BYTES, UPLOADS_AT_ONCE, UPLOADS_PER_SESSION,
+                                UploadResource, check_archive_type)
 
 _log = Logger()
 
@@ -177,12 +181,15 @@ class SessionApi:
             waits.append(wait)
         return DeferredList(waits)
 
-    def body_limit(self, path: bytes, request=None) -> int | None:
+    def body_limit(self, path: bytes, request=None):
         """
         Bytes of body a path of the API accepts (C{None}: not the API's).
-        An upload's large limit is only for a session that exists and, with
-        users, for a C{request} that carries credentials (checked once its
-        body is in): any other body is refused before it is read.
+
+        An exec's or an upload's body, from C{request} whose headers are in,
+        is decided before it is read (a L{Deferred} of its limit, or
+        L{BodyRefused}): the caller is authenticated, the session must be
+        theirs and running, and the request takes its exec or upload slot
+        then (L{exec_slot}, L{upload_slot}).
         """
         parts = path.split(b"?", 1)[0].split(b"/")
         if parts in ([b"", b"api", b"profiles"], [b"", b"api", b"openapi.json"]):
@@ -194,27 +201,97 @@ class SessionApi:
             return CREATE_MAX_BODY
         if len(rest) == 1:
             return NO_BODY
-        if len(rest) == 2 and rest[1] == b"exec":
-            return EXEC_MAX_BODY
-        if len(rest) == 2 and rest[1] == b"workspace":
-            session = self.manager.sessions.get(rest[0].decode("ascii", "replace"))
-            if session is None or (request is not None
-                                   and not self._may_upload(request, session)):
-                return 0
-            return self.upload_max_bytes
+        if len(rest) == 2 and rest[1] in (b"exec", b"workspace"):
+            limit = EXEC_MAX_BODY if rest[1] == b"exec" else self.upload_max_bytes
+            method = getattr(request, "declared_method", b"POST")
+            if request is None or method not in (b"POST", b""):
+                return NO_BODY if request is not None else limit
+            length = getattr(request, "declared_length", None)
+            if length == 0 or (length is not None and length > limit):
+                # No body to keep out, or one refused for its size alone.
+                return limit
+            try:
+                session_id = parse_session_id(rest[0].decode("utf-8", "replace"))
+            except ProtocolError:
+                return NO_BODY
+            return Deferred.fromCoroutine(self._admit(request, session_id, rest[1], limit))
         return None
 
-    def _may_upload(self, request, session) -> bool:
+    async def _admit(self, request, session_id: str, what: bytes, limit: int) -> int:
         """
-        Whether C{request}, whose headers are in, may send an upload's body:
-        without users, yes; with users, if it carries credentials (an
-        C{Authorization} header, the proxy's user header, or the cookie of
-        a login of the session's owner), which are checked once it is in.
+        Decide on the body of an exec or an upload (C{what}) into
+        C{session_id} from C{request}'s headers: return its limit, or
+        raise L{BodyRefused}.
         """
-        authenticator = self.authenticator
-        if authenticator is None:
-            return True
-        return authenticator.has_credentials_for(request, session.core.user)
+        user = None
+        if self.authenticator is not None:
+            try:
+                user = await self.authenticator.user_of(request)
+            except AuthRefused as e:
+                raise BodyRefused(
+                    e.status, e.message, "throttled" if e.status == 429 else "unauthenticated",
+                    e.retry_after, {b"WWW-Authenticate": b'Bearer realm="capsule"'}
+                    if e.status == 401 else None) from None
+            request.capsule_authenticated = user
+        request.capsule_user = user
+        try:
+            session = self.running(request, session_id)
+            if what == b"exec":
+                self.exec_slot(request, session)
+            else:
+                check_archive_type(request)
+                self.upload_slot(request, session)
+        except ApiError as e:
+            raise BodyRefused(e.status, e.message, e.code,
+                              RETRY_AFTER if e.status in (429, 503) else None,
+                              **e.extra) from None
+        return limit
+
+    def _slot(self, request, counts: dict[str, int], session) -> Slot:
+        slot = getattr(request, "capsule_slot", None)
+        if slot is not None and slot.counts is counts and slot.session_id == session.id:
+            return slot
+        slot = Slot(counts, session.id)
+        request.capsule_slot = slot
+        on_done = getattr(request, "on_done", None)
+        if on_done is not None:
+            on_done(slot.release)
+        else:
+            request.notifyFinish().addBoth(lambda _: slot.release())
+        return slot
+
+    def exec_slot(self, request, session) -> Slot:
+        """
+        The exec slot C{request} took in C{session} (when its headers
+        came), or a new one.
+
+        @raise ApiError: 429 when the session runs as many commands as it may.
+        """
+        slot = getattr(request, "capsule_slot", None)
+        if slot is None or slot.counts is not self.execs:
+            running = self.execs.get(session.id, 0)
+            if running >= EXECS_PER_SESSION:
+                raise ApiError(429, f"session {session.id} runs {running} commands already"
+                                    f" (at most {EXECS_PER_SESSION} at once)", "too_many_execs")
+        return self._slot(request, self.execs, session)
+
+    def upload_slot(self, request, session) -> Slot:
+        """
+        The upload slot C{request} took in C{session} (when its headers
+        came), or a new one.
+
+        @raise ApiError: 429 when an upload into the session is under way, or
+            capsule unpacks as many as it may.
+        """
+        slot = getattr(request, "capsule_slot", None)
+        if slot is None or slot.counts is not self.uploads:
+            if self.uploads.get(session.id, 0) >= UPLOADS_PER_SESSION:
+                raise ApiError(429, f"an upload into session {session.id} is under way",
+                               "upload_in_progress")
+            if sum(self.uploads.values()) >= UPLOADS_AT_ONCE:
+                raise ApiError(429, f"capsule unpacks {UPLOADS_AT_ONCE} uploads already: try"
+                                    " again shortly", "too_many_uploads")
+        return self._slot(request, self.uploads, session)
 
 
 class SessionsResource(JsonResource):

@@ -191,3 +191,20 @@ def count_down(counts: dict[str, int], session_id: str) -> None:
         counts[session_id] = left
     else:
         counts.pop(session_id, None)
+
+
+class Slot:
+    """
+    One of a session's running requests in C{counts} (its execs, its
+    uploads), taken when its headers came, released once.
+    """
+
+    def __init__(self, counts: dict[str, int], session_id: str) -> None:
+        self.counts, self.session_id = counts, session_id
+        counts[session_id] = counts.get(session_id, 0) + 1
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            count_down(self.counts, self.session_id)

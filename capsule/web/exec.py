@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from capsule.engine.command import utf8_text
 
-from capsule.web.api_base import (ApiError, SessionPost, answer_when, count_down, integer_field,
+from capsule.web.api_base import (ApiError, SessionPost, answer_when, integer_field,
                                   json_request, only_keys, text_field)
 
 _log = Logger()
@@ -101,26 +101,23 @@ class ExecResource(SessionPost):
         session = api.running(request, self.session_id)
         spec = session_spec(api.manager, session)
         wanted = exec_request(json_request(request, "exec"), spec.workdir)
-        running = api.execs.get(session.id, 0)
-        if running >= EXECS_PER_SESSION:
-            raise ApiError(429, f"session {session.id} runs {running} commands already (at"
-                                f" most {EXECS_PER_SESSION} at once)", "too_many_execs")
+        # Taken when the headers came (capsule.web.api), or now.
+        slot = api.exec_slot(request, session)
         reserve = 2 * wanted["max_output"]
         if api.output_reserved + reserve > EXEC_OUTPUT_BUDGET:
             raise ApiError(503, "the commands running now may return as much output as capsule"
                                 " holds at once: try again shortly, or ask for less"
                                 " (max_output)", "busy")
-        api.execs[session.id] = running + 1
         api.output_reserved += reserve
         api.touch(session)
-        d = Deferred.fromCoroutine(self._run(session, spec, wanted))
+        d = Deferred.fromCoroutine(self._run(session, spec, wanted, slot))
 
         def release(result):
             api.output_reserved -= reserve
             return result
         return answer_when(request, d.addBoth(release), "an exec")
 
-    async def _run(self, session, spec, wanted):
+    async def _run(self, session, spec, wanted, slot):
         api = self.api
         started = time.monotonic()
         keep = api.hold(session)
@@ -131,7 +128,7 @@ class ExecResource(SessionPost):
                 wanted["stdin"], wanted["max_output"], wanted["timeout"] + EXEC_SLACK)
         finally:
             keep.stop()
-            count_down(api.execs, session.id)
+            slot.release()
             api.touch(session)
         api.ended_meanwhile(session, "the command")
         elapsed = time.monotonic() - started

@@ -13,7 +13,7 @@ import html
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET
@@ -117,7 +117,11 @@ class AuthGate(Resource):
     def getChildWithDefault(self, path: bytes, request):
         if path in self._open:
             return self._inner.getChildWithDefault(path, request)
-        return _Authenticated(self._auth.user_of(request), self._inner, path)
+        # A request whose body was decided from its headers was
+        # authenticated then (capsule.web.api): not twice.
+        known = getattr(request, "capsule_authenticated", None)
+        return _Authenticated(succeed(known) if known is not None
+                              else self._auth.user_of(request), self._inner, path)
 
     def render(self, request):
         return self._inner.render(request)

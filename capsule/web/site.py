@@ -16,13 +16,15 @@ from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.http import combinedLogFormatter
+from twisted.web.http import RESPONSES, combinedLogFormatter
 from twisted.web.server import Request, Site
 
 from capsule import __version__
 from capsule.sessions.drain import Drain
 from capsule.sessions.service import SessionService
 from capsule.web.admin import AdminAccess, AdminMount, AdminResource
+from capsule.web.bodies import BodyBudget, BodyRefused, RefusalLog, default_spool, \
+    BODIES_PER_ADDRESS
 from capsule.web.api import ApiResource, ProfilesResource, SessionApi, SessionsResource
 from capsule.web.upload import UPLOAD_MAX_BYTES
 from capsule.auth.gate import Authenticator
@@ -63,72 +65,248 @@ MAX_BODY = 0
 # connection is cut, so that it can read the 413 rather than a reset.
 REFUSED_LINGER = 2.0
 
-_TOO_LARGE = b"HTTP/1.1 413 Content Too Large\r\n"
+# Bodies up to this size are held in memory, larger ones in a temporary file.
+IN_MEMORY_BODY = 100_000
+
+_PHRASES = {413: b"Content Too Large"}
 
 
 class LimitedRequest(Request):
     """
-    A request whose body is refused with 413, before it is read, when it is
-    larger than its path accepts (L{CapsuleSite.body_limit}): a declared
-    C{Content-Length} over the limit at once, a chunked body as soon as it
-    passes the limit.  Nothing of a refused body is kept, in memory or in a
-    temporary file, and the request never reaches a resource.
+    A request whose body is decided from its headers, before any of it is
+    read (L{CapsuleSite.body_decision}): how large it may be, and whether
+    it may come at all.  The decision may take a while (a password checked
+    on a thread): reading stops meanwhile, and C{Expect: 100-continue}
+    waits for it.  A refused body (413 for one over its path's limit, as
+    soon as a chunked one passes it; or whatever the decision said: 401,
+    404, 429, 503...) is answered at once, nothing of it is kept, in memory
+    or in a temporary file, and the request never reaches a resource.
+
+    @ivar declared_method, declared_length: the method and the body's
+        length (C{None}: chunked) as the headers say, for the decision.
     """
 
     refused = False
+    declared_method = b""
+    declared_length: int | None = 0
+    _deciding = None
+    _stashed = None
+    _expected = None
+    _reserved = 0
+    _body_size = 0
+    _body_limit = MAX_BODY
+
+    def on_done(self, release) -> None:
+        """
+        Call C{release()} once, when the request ends: answered, refused,
+        or its connection lost.
+        """
+        releases = self.__dict__.setdefault("_releases", [])
+        if not releases:
+            self.notifyFinish().addBoth(lambda _: self._release())
+        releases.append(release)
+
+    def _release(self) -> None:
+        releases = self.__dict__.get("_releases", [])
+        while releases:
+            try:
+                releases.pop()()
+            except Exception:
+                _log.failure("releasing what a request held failed")
 
     def gotLength(self, length):
         site = getattr(self.channel, "site", None)
+        self.declared_method = getattr(self.channel, "_command", b"")
+        self.declared_length = length
+        self._body_size = 0
+        if site is None:
+            self._accept(MAX_BODY, ())
+            return
         # The path is known to the channel only, until the body is in.
         path = getattr(self.channel, "_path", b"")
-        self._body_limit = site.body_limit(path, self) if site is not None else MAX_BODY
-        self._body_size = 0
-        if length is not None and length > self._body_limit:
-            self._refuse(length)
+        try:
+            decision = site.body_decision(path, self, length)
+        except BodyRefused as e:
+            self._refuse(e)
             return
-        if length is None and self._body_limit > 100_000:
+        if not isinstance(decision, Deferred):
+            self._accept(decision, ())
+            return
+        box: list = []
+        decision.addBoth(box.append)
+        if box:
+            self._decided(box[0], ())
+            return
+        # Not decided yet: read nothing more until it is, keeping what was
+        # read already, and say "100 Continue" (if asked) only then.
+        self._deciding = []
+        self._expected = self.requestHeaders.getRawHeaders(b"expect")
+        self.requestHeaders.removeHeader(b"expect")
+        self.channel.transport.pauseProducing()
+
+        def decided(_):
+            held, self._deciding = self._deciding, None
+            channel = self.channel
+            if channel is not None and not getattr(channel, "_waitingForTransport", False):
+                channel.transport.resumeProducing()
+            self._decided(box[0], held)
+        decision.addCallback(decided)
+
+    def _decided(self, result, held) -> None:
+        if self.channel is None or getattr(self, "_disconnected", False):
+            # The client went away meanwhile.
+            self._release()
+            return
+        if isinstance(result, Failure):
+            if result.check(BodyRefused):
+                self._refuse(result.value)
+                return
+            _log.failure("deciding on a request's body failed", result)
+            self._refuse(BodyRefused(500, "capsule could not decide on this request: see its"
+                                          " log", "internal_error"))
+            return
+        self._accept(result, held)
+
+    def _accept(self, limit: int, held) -> None:
+        self._body_limit = limit
+        length = self.declared_length
+        if length is not None and length > limit:
+            self._refuse(self._too_large(length))
+            return
+        site = getattr(self.channel, "site", None)
+        budget = getattr(site, "bodies", None)
+        if length and budget is not None:
+            try:
+                budget.reserve(length)
+            except BodyRefused as e:
+                self._refuse(e)
+                return
+            self._held_by(budget, length)
+        if length is None and limit > IN_MEMORY_BODY:
             # A chunked body that may be large goes to disk, as a large
             # declared one does.
             self.content = tempfile.TemporaryFile()
-        elif length is None or self._body_limit <= 100_000:
+        elif length is None or limit <= IN_MEMORY_BODY:
             self.content = io.BytesIO()
         else:
             super().gotLength(length)
+        if self._expected and self._expected[0].lower() == b"100-continue" \
+                and getattr(self.channel, "_version", None) == b"HTTP/1.1":
+            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        for data in held:
+            self._take(data)
+            if self.refused:
+                return
+        stashed, self._stashed = self._stashed, None
+        if stashed is not None:
+            self._received()
+            super().requestReceived(*stashed)
+
+    def _held_by(self, budget: BodyBudget, size: int) -> None:
+        """
+        C{size} more bytes of this body are held in C{budget}, until the
+        request ends.
+        """
+        if not self._reserved:
+            def unreserve():
+                reserved, self._reserved = self._reserved, 0
+                budget.release(reserved)
+            self.on_done(unreserve)
+        self._reserved += size
 
     def handleContentChunk(self, data):
         if self.refused:
             return
+        if self._deciding is not None:
+            self._deciding.append(data)
+            return
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
         self._body_size += len(data)
         if self._body_size > self._body_limit:
-            self._refuse(None)
+            self._refuse(self._too_large(None))
             return
+        if self.declared_length is None:
+            budget = getattr(getattr(self.channel, "site", None), "bodies", None)
+            if budget is not None:
+                try:
+                    budget.reserve(len(data))
+                except BodyRefused as e:
+                    self._refuse(e)
+                    return
+                self._held_by(budget, len(data))
         self.content.write(data)
 
     def requestReceived(self, command, path, version):
         if self.refused:
             return
+        if self._deciding is not None:
+            self._stashed = (command, path, version)
+            return
+        self._received()
         super().requestReceived(command, path, version)
 
-    def _refuse(self, length) -> None:
+    def _received(self) -> None:
+        """
+        The body is in: it is no longer one being received.
+        """
+        done = self.__dict__.pop("_receiving_done", None)
+        if done is not None:
+            done()
+
+    def receiving(self, done) -> None:
+        """
+        Call C{done()} once, when the body is in or the request ends.
+        """
+        once = []
+
+        def call():
+            if not once:
+                once.append(True)
+                done()
+        self._receiving_done = call
+        self.on_done(call)
+
+    def _too_large(self, length) -> BodyRefused:
+        limit = self._body_limit
+        return BodyRefused(413, f"this request may have a body of at most {limit} bytes",
+                           "body_too_large", limit=limit)
+
+    def _refuse(self, refusal: BodyRefused) -> None:
         self.refused = True
+        self._deciding = None
         self.content = io.BytesIO()
         # No "100 Continue" after the refusal.
         self.requestHeaders.removeHeader(b"expect")
-        limit = self._body_limit
-        said = "a body" if length is None else f"a body of {length} bytes"
-        _log.info("refused {said} for {path} (limit {limit} bytes) from {peer}", said=said,
-                  path=getattr(self.channel, "_path", b"").decode("ascii", "replace")[:200],
-                  limit=limit, peer=peer_address(self))
-        body = json.dumps({
-            "error": f"this request may have a body of at most {limit} bytes",
-            "code": "body_too_large", "limit": limit}).encode("utf-8")
-        transport = self.channel.transport
-        transport.write(_TOO_LARGE + b"Content-Type: application/json\r\n"
-                        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
-                        + body)
-        self.channel.persistent = False
+        channel = self.channel
+        site = getattr(channel, "site", None)
+        path = getattr(channel, "_path", b"").decode("ascii", "replace")[:200]
+        log = getattr(site, "refusal_log", None) or RefusalLog(log=_log)
+        length = self.declared_length
+        if refusal.code == "body_too_large":
+            said = "a body" if length is None else f"a body of {length} bytes"
+            log("refused {said} for {path} (limit {limit} bytes) from {peer}", said=said,
+                path=short_ids(path), limit=self._body_limit, peer=peer_address(self))
+        else:
+            log("refused a body for {path} from {peer}: {status} {code}: {message}",
+                path=short_ids(path), peer=peer_address(self), status=refusal.status,
+                code=refusal.code, message=short_ids(refusal.message[:200]))
+        self._release()
+        body = json.dumps({"error": refusal.message, "code": refusal.code,
+                           **refusal.extra}).encode("utf-8")
+        head = [b"HTTP/1.1 %d %s" % (refusal.status, _PHRASES.get(refusal.status)
+                                     or RESPONSES.get(refusal.status, b"Error")),
+                b"Content-Type: application/json", b"Cache-Control: no-store",
+                b"Content-Length: %d" % len(body), b"Connection: close"]
+        if refusal.retry_after is not None:
+            head.append(b"Retry-After: %d" % refusal.retry_after)
+        head += [name + b": " + value for name, value in refusal.headers.items()]
+        transport = channel.transport
+        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        channel.persistent = False
         half_close = getattr(transport, "loseWriteConnection", None)
-        reactor = getattr(getattr(self.channel, "site", None), "reactor", None)
+        reactor = getattr(site, "reactor", None)
         if half_close is None or reactor is None:
             transport.loseConnection()
             return
@@ -146,7 +324,13 @@ class CapsuleSite(Site):
     @ivar body_limits: bytes of body accepted by path; any other path
         accepts L{MAX_BODY}.
     @ivar body_rules: callables C{(path, request)} giving the limit of a
-        path they know, else C{None} (the uploads' is one), asked first.
+        path they know, else C{None} (the API's is one), asked first; a
+        rule may answer with a L{Deferred} of the limit, or fail with
+        L{BodyRefused} (the headers are in: C{request.declared_method},
+        C{request.declared_length}; the body is not).
+    @ivar bodies: what request bodies may hold at once (L{BodyBudget}), or
+        C{None}: no bounds but the paths' limits.
+    @ivar client_address: the address a request's body counts against.
     """
 
     requestFactory = LimitedRequest
@@ -154,11 +338,15 @@ class CapsuleSite(Site):
 
     def __init__(self, resource, *args, body_limits: dict[bytes, int] | None = None,
                  body_rules=(), websocket_factory=None, exports=None, session_api=None,
-                 drain=None, metrics=None, **kwargs) -> None:
+                 drain=None, metrics=None, bodies: BodyBudget | None = None,
+                 client_address=peer_address, **kwargs) -> None:
         super().__init__(resource, *args, **kwargs)
         self.body_limits: dict[bytes, int] = dict(body_limits or {})
         # Callables giving the limit of a path they know (else None).
         self.body_rules: list = list(body_rules)
+        self.bodies = bodies
+        self.client_address = client_address
+        self.refusal_log = RefusalLog(self.reactor, _log)
         # The parts of the site that its server (and tests) reach.
         self.websocket_factory = websocket_factory
         self.exports = exports
@@ -166,13 +354,30 @@ class CapsuleSite(Site):
         self.drain = drain
         self.metrics = metrics
 
-    def body_limit(self, path: bytes, request=None) -> int:
+    def body_limit(self, path: bytes, request=None):
+        """
+        The limit of C{path}'s body: bytes, or a L{Deferred} of them.
+        """
         # A rule may look at the request's headers (they are in).
         for rule in self.body_rules:
             limit = rule(path, request)
             if limit is not None:
                 return limit
         return self.body_limits.get(path.split(b"?", 1)[0], MAX_BODY)
+
+    def body_decision(self, path: bytes, request, length: int | None):
+        """
+        Whether C{request}, whose headers are in, may send its body of
+        C{length} bytes (C{None}: chunked), and how large it may be: its
+        limit, or a L{Deferred} of it.
+
+        @raise BodyRefused: when its client sends too many bodies already.
+        """
+        if length != 0 and self.bodies is not None:
+            address = self.client_address(request)
+            self.bodies.enter(address)
+            request.receiving(lambda: self.bodies.leave(address))
+        return self.body_limit(path, request)
 
 
 class HealthResource(Resource):
@@ -296,7 +501,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               admission=None, drain: Drain | None = None, start_at_open: bool = False,
               metrics: Metrics | None = None, metrics_token: str | None = None,
               admin_token: str | None = None, admin_users=(), public_url: str | None = None,
-              upload_max_bytes: int = UPLOAD_MAX_BYTES, **websocket_options) -> CapsuleSite:
+              upload_max_bytes: int = UPLOAD_MAX_BYTES, spool_max_bytes: int | None = None,
+              bodies_per_address: int = BODIES_PER_ADDRESS,
+              **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
     @param authenticator: who may use what (L{capsule.auth.gate}); C{None}: anyone
@@ -319,6 +526,10 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     @param public_url: the address users open (C{--public-url}): the API's
         session URLs are absolute under it.
     @param upload_max_bytes: bytes of archive an upload may send.
+    @param spool_max_bytes: bytes of request bodies capsule holds at once
+        (by default L{default_spool} of C{upload_max_bytes}).
+    @param bodies_per_address: bodies one client address may be sending at
+        once.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -364,4 +575,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                        logFormatter=access_log_line, body_limits=body_limits,
                        body_rules=[session_api.body_limit], websocket_factory=factory,
                        exports=exports, session_api=session_api, drain=drain,
-                       metrics=metrics)
+                       metrics=metrics, client_address=client_address,
+                       bodies=BodyBudget(default_spool(upload_max_bytes)
+                                         if spool_max_bytes is None else spool_max_bytes,
+                                         bodies_per_address))

@@ -15,7 +15,7 @@ from capsule.engine.command import utf8_text
 from capsule.web.streams import ThreadFedProducer
 from capsule.core.tarcheck import ArchiveRefused, Interrupted, check, rewrite
 
-from capsule.web.api_base import ApiError, SessionPost, answer_when, count_down
+from capsule.web.api_base import ApiError, SessionPost, answer_when
 from capsule.web.exec import EXEC_SLACK, session_spec, timed_argv
 
 
@@ -28,12 +28,43 @@ UNPACK_RATIO = 8
 UPLOADS_PER_SESSION = 1
 UPLOADS_AT_ONCE = 4
 UPLOAD_TIMEOUT = 1800.0
-# The command an upload runs: GNU tar as developer, keeping the modes it
-# is given (set-uid and the like are gone by then), not the owners.
-UNPACK_ARGV = ("tar", "-x", "-p", "--no-same-owner", "--warning=no-timestamp", "-C",
-               "/workspace", "-f", "-")
+# Where an upload is unpacked first: a hidden directory of /workspace (the
+# same file system, so that its files can be linked into place).
+STAGING = "/workspace/.capsule-upload"
+# The command an upload runs, as developer: GNU tar unpacks the archive
+# into STAGING, keeping the modes it is given (set-uid and the like are
+# gone by then), not the owners; only once tar has read the whole archive
+# is each entry linked into /workspace (cp -l: a file appears whole, or not
+# at all, never cut short, even when capsule is killed in the middle of an
+# upload), and STAGING removed.  A STAGING left over by an upload that was
+# killed goes with the next upload.
+UNPACK_SCRIPT = f"""
+s={STAGING}
+rm -rf "$s" && mkdir -m 700 "$s" || exit 1
+if tar -x -p --no-same-owner --warning=no-timestamp -C "$s" -f -; then
+  cd "$s" && find . -mindepth 1 -maxdepth 1 -exec \\
+    cp -R -P -l --remove-destination -t /workspace -- {{}} +
+  r=$?
+else
+  r=$?
+fi
+cd / && rm -rf "$s"
+exit $r
+"""
+UNPACK_ARGV = ("sh", "-c", UNPACK_SCRIPT)
 ARCHIVE_TYPES = (b"application/x-tar", b"application/gzip", b"application/x-gzip",
                  b"application/octet-stream", b"application/x-compressed-tar")
+
+
+def check_archive_type(request) -> None:
+    """
+    @raise ApiError: 415 unless C{request}'s C{Content-Type} is an archive's.
+    """
+    kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if kind not in ARCHIVE_TYPES:
+        raise ApiError(415, "an upload's body is a .tar or .tar.gz archive (Content-Type:"
+                            " application/x-tar, application/gzip or"
+                            " application/octet-stream)", "unsupported_media_type")
 
 
 class UploadResource(SessionPost):
@@ -45,23 +76,14 @@ class UploadResource(SessionPost):
     def render_POST(self, request):
         api = self.api
         session = api.running(request, self.session_id)
-        kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if kind not in ARCHIVE_TYPES:
-            raise ApiError(415, "an upload's body is a .tar or .tar.gz archive (Content-Type:"
-                                " application/x-tar, application/gzip or"
-                                " application/octet-stream)", "unsupported_media_type")
-        if api.uploads.get(session.id, 0) >= UPLOADS_PER_SESSION:
-            raise ApiError(429, f"an upload into session {session.id} is under way",
-                           "upload_in_progress")
-        if sum(api.uploads.values()) >= UPLOADS_AT_ONCE:
-            raise ApiError(429, f"capsule unpacks {UPLOADS_AT_ONCE} uploads already: try"
-                                " again shortly", "too_many_uploads")
-        api.uploads[session.id] = api.uploads.get(session.id, 0) + 1
+        check_archive_type(request)
+        # Taken when the headers came (capsule.web.api), or now.
+        slot = api.upload_slot(request, session)
         api.touch(session)
-        return answer_when(request, Deferred.fromCoroutine(self._upload(request, session)),
+        return answer_when(request, Deferred.fromCoroutine(self._upload(request, session, slot)),
                            "an upload")
 
-    async def _upload(self, request, session):
+    async def _upload(self, request, session, slot):
         api = self.api
         body = _Stoppable(request.content, api)
         keep = api.hold(session)
@@ -84,14 +106,15 @@ class UploadResource(SessionPost):
                 UPLOAD_TIMEOUT + EXEC_SLACK)
         finally:
             keep.stop()
-            count_down(api.uploads, session.id)
+            slot.release()
             api.touch(session)
         api.ended_meanwhile(session, "the upload")
         if result.exit_code != 0:
             stderr = utf8_text(result.stderr, result.truncated_stderr).strip()
-            _log.warn("an upload into session {short} failed: tar exited {code}: {stderr}",
+            _log.warn("an upload into session {short} failed: unpacking exited {code}:"
+                      " {stderr}",
                       short=session.id[:8], code=result.exit_code, stderr=repr(stderr[-500:]))
-            raise ApiError(422, f"unpacking failed (tar exited {result.exit_code}):"
+            raise ApiError(422, f"unpacking failed (exit code {result.exit_code}):"
                                 f" {stderr[-2000:]}", "unpack_failed")
         _log.info("unpacked {entries} entries ({size} bytes) into session {short}",
                   entries=summary.entries, size=summary.size, short=session.id[:8])
