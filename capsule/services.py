@@ -124,7 +124,7 @@ class SessionService(Service):
     async def _recover(self) -> None:
         warned = False
         recovery = self.manager.recovery
-        recovery.pending = True
+        recovery.expect()
         while True:
             try:
                 if self.network is not None:
@@ -140,7 +140,6 @@ class SessionService(Service):
                 await deferLater(self.clock, self.RECOVERY_RETRY, lambda: None)
                 continue
             break
-        recovery.pending = False
         if warned:
             _log.info("found the sessions of the earlier run: {count}", count=count)
         self.recovered = count

@@ -285,6 +285,18 @@ class SessionManager:
                       who=f" of {session.core.user}" if session.core.user else "",
                       user=session.core.user)
 
+    def visited(self, session: Session) -> None:
+        """
+        Someone used C{session} without a client (the API): that counts as a
+        visit (one without a client is kept for the grace period from now)
+        and as activity (for the idle timeout).
+        """
+        now = self._clock.seconds()
+        core = session.core
+        core.active_at = max(core.active_at, now)
+        if core.left_at is not None:
+            core.left_at = now
+
     def write(self, session: Session, data: bytes) -> None:
         self.typed_at = self._clock.seconds()
         session.events.write(data)

@@ -74,6 +74,14 @@ class Recovery:
         self._owners = owners
         self.pending = False
 
+    def expect(self) -> None:
+        """
+        The earlier run's sessions are to be looked for: until L{recover}
+        succeeds, a reconnect is told to try again, not that its session
+        does not exist.
+        """
+        self.pending = True
+
     async def recover(self) -> int:
         """
         Find the sessions of an earlier run whose containers still run and
@@ -101,6 +109,7 @@ class Recovery:
                       grace=manager.config.grace, ids=", ".join(i[:8] for i in recovered))
         # Everything else of this server's is a leftover.
         await self.remove_leftovers()
+        self.pending = False
         return len(recovered)
 
     def _profile(self, session, name: str | None) -> None:

@@ -129,10 +129,7 @@ class SessionApi:
         is kept for the grace period from now) and as activity (for
         C{--idle-timeout}).
         """
-        now = self.reactor.seconds()
-        session.core.active_at = max(session.core.active_at, now)
-        if session.core.left_at is not None:
-            session.core.left_at = now
+        self.manager.visited(session)
 
     def hold(self, session) -> LoopingCall:
         """
