@@ -118,7 +118,7 @@ class SessionService(Service):
         except (KeyError, TypeError, ValueError):
             _log.warn("the engine did not say its memory: no --memory-budget check")
             return
-        self._admission.policy.memory_budget = total
+        self._admission.budget_is(total)
         _log.info("memory budget: {budget} bytes (the engine's memory)", budget=total)
 
     async def _recover(self) -> None:

@@ -141,6 +141,13 @@ class AdmissionControl:
         self._creators: dict[str, str] = {}
         self._buckets: dict[str, TokenBucket] = {}
 
+    def budget_is(self, memory: int) -> None:
+        """
+        The memory budget is C{memory} bytes from now on (the engine's
+        memory, once it said it).
+        """
+        self.policy.memory_budget = memory
+
     def _prune(self, now: float) -> None:
         live = self._manager.sessions
         for session_id in [i for i in self._creators if i not in live]:
