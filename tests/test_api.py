@@ -3,6 +3,7 @@ The session API in memory: requests through the real Site over a
 StringTransport, against the fake engine; and the archive check.
 """
 
+import base64
 import io
 import json
 import tarfile
@@ -280,7 +281,8 @@ def test_exec_runs_as_developer_under_timeout(api):
     assert status == 200
     assert body == {"stdout": "out:h\u00e9", "stderr": "err", "exit_code": 3,
                     "timed_out": False, "truncated": {"stdout": False, "stderr": False},
-                    "duration": body["duration"]}
+                    "duration": body["duration"], "stdout_encoding": "utf-8",
+                    "stderr_encoding": "utf-8"}
     run, = api.docker.commands_run
     assert (run["argv"], run["user"], run["workdir"], run["stdin"]) == (
         argv, "developer", "/tmp", "h\u00e9".encode())
@@ -313,7 +315,9 @@ def test_exec_output_cap_never_splits_a_character(api):
                                                    {"stdout": True, "stderr": False})
     status, _, body = api.request(f"/api/sessions/{session['id']}/exec", "POST", {
         "argv": ["emit"]})
-    assert body["stdout"] == "\u00e9\u00e9\u00e9x\ufffd"
+    # Whole, it is not UTF-8: it comes as base64, every byte of it.
+    assert (body["stdout"], body["stdout_encoding"]) == (
+        base64.b64encode(("\u00e9" * 3 + "x").encode() + b"\xff").decode(), "base64")
 
 
 def test_exec_bad_requests(api):
@@ -392,12 +396,12 @@ def test_an_exec_whose_cwd_cannot_be_entered_is_a_400(api):
 def test_exec_output_held_at_once_is_bounded_server_wide(api):
     from twisted.internet.defer import Deferred
 
-    from capsule.web.exec import EXEC_MAX_OUTPUT, EXEC_OUTPUT_BUDGET
+    from capsule.web.exec import EXEC_MAX_OUTPUT, EXEC_OUTPUT_BUDGET, answer_bound
     held = []
     argv = tuple(timed_argv(["slow"], 60))
     api.docker.commands[argv] = lambda stdin: held.append(Deferred()) or held[-1]
     request = json.dumps({"argv": ["slow"], "max_output": EXEC_MAX_OUTPUT}).encode()
-    fits = EXEC_OUTPUT_BUDGET // (2 * EXEC_MAX_OUTPUT)
+    fits = EXEC_OUTPUT_BUDGET // answer_bound(EXEC_MAX_OUTPUT)
     sessions = [api.create()["id"] for _ in range(fits // EXECS_PER_SESSION + 1)]
     pending = [api.send(f"/api/sessions/{sessions[i // EXECS_PER_SESSION]}/exec", "POST",
                         request) for i in range(fits)]
@@ -406,7 +410,7 @@ def test_exec_output_held_at_once_is_bounded_server_wide(api):
     assert (status, body["code"], headers["retry-after"]) == (503, "busy", "5")
     held[0].callback((b"", b"", 0))
     assert parse_response(pending[0].value())[0] == 200
-    assert api.site.session_api.output_reserved == (fits - 1) * 2 * EXEC_MAX_OUTPUT
+    assert api.site.session_api.output_reserved == (fits - 1) * answer_bound(EXEC_MAX_OUTPUT)
     api.send(f"/api/sessions/{sessions[-1]}/exec", "POST", request)
     assert len(held) == fits + 1
     for d in held[1:]:
@@ -486,7 +490,7 @@ def test_the_openapi_document_is_valid_openapi_3_1():
 def test_exec_request_defaults():
     assert exec_request({"argv": ["ls"]}, "/workspace") == {
         "argv": ["ls"], "stdin": b"", "cwd": "/workspace", "env": {}, "timeout": 60.0,
-        "max_output": 1024 * 1024}
+        "max_output": 1024 * 1024, "output_encoding": "auto"}
     assert timed_argv(["ls", "-l"], 2.5) == ["timeout", "-s", "KILL", "--", "2.5", "ls", "-l"]
 
 

@@ -24,6 +24,7 @@ from capsule.sessions.drain import Drain
 from capsule.sessions.service import SessionService
 from capsule.web.admin import AdminAccess, AdminMount, AdminResource
 from capsule.web.api import ApiResource, ProfilesResource, SessionApi, SessionsResource
+from capsule.web.exec import EXEC_WRITE_TIMEOUT
 from capsule.web.upload import UPLOAD_MAX_BYTES
 from capsule.auth.gate import Authenticator
 from capsule.core.errors import CapsuleError
@@ -296,7 +297,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               admission=None, drain: Drain | None = None, start_at_open: bool = False,
               metrics: Metrics | None = None, metrics_token: str | None = None,
               admin_token: str | None = None, admin_users=(), public_url: str | None = None,
-              upload_max_bytes: int = UPLOAD_MAX_BYTES, **websocket_options) -> CapsuleSite:
+              upload_max_bytes: int = UPLOAD_MAX_BYTES,
+              answer_write_timeout: float = EXEC_WRITE_TIMEOUT,
+              **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
     @param authenticator: who may use what (L{capsule.auth.gate}); C{None}: anyone
@@ -319,6 +322,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     @param public_url: the address users open (C{--public-url}): the API's
         session URLs are absolute under it.
     @param upload_max_bytes: bytes of archive an upload may send.
+    @param answer_write_timeout: seconds an exec's answer waits for a client
+        that reads none of it, before it is dropped.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -346,7 +351,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     api.putChild(b"export", exports)
     session_api = SessionApi(manager, docker, reactor, sessions, authenticator=authenticator,
                              public_url=public_url,
-                             upload_max_bytes=upload_max_bytes)
+                             upload_max_bytes=upload_max_bytes,
+                             answer_timeout=answer_write_timeout)
     api.putChild(b"sessions", SessionsResource(session_api))
     api.putChild(b"profiles", ProfilesResource(session_api))
     api.putChild(b"openapi.json", OpenApiResource())
