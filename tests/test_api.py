@@ -418,6 +418,186 @@ def test_exec_output_held_at_once_is_bounded_server_wide(api):
     assert api.site.session_api.output_reserved == 0
 
 
+def _held_exec(api, stdout: bytes, stderr: bytes = b"", token=None, **fields):
+    """
+    An exec whose command, once its Deferred (returned) fires, printed
+    C{stdout} and C{stderr}; its transport.
+    """
+    from twisted.internet.defer import Deferred
+    held = Deferred()
+    api.docker.commands[tuple(timed_argv(["emit"], 60))] = lambda stdin: held
+    session = api.create(token=token) if token else api.create()
+    transport = api.send(f"/api/sessions/{session['id']}/exec", "POST",
+                         json.dumps({"argv": ["emit"], **fields}).encode(), token=token)
+    return transport, lambda: held.callback((stdout, stderr, 0))
+
+
+def test_exec_output_that_escaping_would_bloat_comes_as_base64(api):
+    from capsule.web.exec import TEXT_SLACK, answer_bound
+    session = api.create()
+    control = b"\x01" * (TEXT_SLACK + 10)
+    outputs = {"binary": (b"\xff" * 3000, control), "text": (b"caf\xc3\xa9\n\t\x1b[0m", b"")}
+    for name, (stdout, stderr) in outputs.items():
+        api.docker.commands[tuple(timed_argv([name], 60))] = (
+            lambda stdin, out=(stdout, stderr): (*out, 0))
+    path = f"/api/sessions/{session['id']}/exec"
+    response = answered(api.send(path, "POST", b'{"argv": ["binary"], "max_output": 100000}'),
+                        "POST", clock=api.reactor)
+    body = response.json()
+    # Sent at its exact length; 0xff is not UTF-8, and 0x01 escaped is six bytes.
+    assert int(response["content-length"]) == len(response.body)
+    assert len(response.body) <= answer_bound(100000)
+    assert (body["stdout_encoding"], body["stderr_encoding"]) == ("base64", "base64")
+    assert base64.b64decode(body["stdout"]) == b"\xff" * 3000
+    assert base64.b64decode(body["stderr"]) == control
+    assert len(response.body) < 1.34 * (3000 + len(control)) + 300
+    # Text stays text, written as UTF-8, control characters escaped.
+    response = answered(api.send(path, "POST", b'{"argv": ["text"]}'), "POST",
+                        clock=api.reactor)
+    assert b"caf\xc3\xa9\\n\\t\\u001b[0m" in response.body
+    body = response.json()
+    assert (body["stdout"], body["stdout_encoding"], body["stderr_encoding"]) == (
+        "caf\u00e9\n\t\x1b[0m", "utf-8", "utf-8")
+    # Unless base64 is asked for.
+    status, _, body = api.request(path, "POST", {"argv": ["text"], "output_encoding": "base64"})
+    assert (body["stdout"], body["stdout_encoding"], body["stderr"], body["stderr_encoding"]) == (
+        base64.b64encode(b"caf\xc3\xa9\n\t\x1b[0m").decode(), "base64", "", "base64")
+    status, _, body = api.request(path, "POST", {"argv": ["text"], "output_encoding": "hex"})
+    assert (status, body["code"]) == (400, "bad_request")
+    assert api.site.session_api.output_reserved == 0
+
+
+@pytest.mark.parametrize("data, truncated", [
+    (b"", False), (b"a" * 200000, False), ("\u00e9\u4e2d\U0001f600\"\\".encode() * 30000, False),
+    (b"ab\xc3", True), (b"\n" * 100000, False), (b"\x00" * 100, False),
+    (b"x\xc3(" * 1000, False), (b"\xe2\x82" * 40000, True)],
+    ids=["empty", "ascii", "unicode", "cut", "newlines", "nul", "not-utf8", "cut-not-utf8"])
+def test_encoded_output_is_its_bytes_at_the_length_said(data, truncated):
+    from capsule.web.exec import encode_output, stream_bound
+    encoded = encode_output(data, truncated)
+    made = b"".join(encoded.pieces())
+    assert len(made) == encoded.length <= stream_bound(len(data))
+    if encoded.encoding == "base64":
+        assert base64.b64decode(made) == data
+    else:
+        text = json.loads(b'"' + made + b'"')
+        assert text.encode() == (data[:-1] if data == b"ab\xc3" else data)
+
+
+def test_an_answer_is_written_as_its_client_reads(api):
+    transport, end = _held_exec(api, b"\xff" * 500000, b"x" * 500000, max_output=500000)
+    # The connection takes nothing in: nothing is written.
+    transport.producer.pauseProducing()
+    end()
+    api.reactor.advance(1)
+    assert transport.value() == b""
+    assert api.site.session_api.output_reserved > 1000000
+    transport.producer.resumeProducing()
+    response = answered(transport, "POST", clock=api.reactor)
+    body = response.json()
+    assert base64.b64decode(body["stdout"]) == b"\xff" * 500000
+    assert body["stderr"] == "x" * 500000
+    assert api.site.session_api.output_reserved == 0
+
+
+def test_an_answer_its_client_does_not_read_is_dropped(api):
+    from twisted.logger import globalLogPublisher
+
+    from capsule.web.exec import EXEC_WRITE_TIMEOUT
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        transport, end = _held_exec(api, b"\xff" * 500000, max_output=500000)
+        transport.producer.pauseProducing()
+        end()
+        api.reactor.advance(EXEC_WRITE_TIMEOUT - 1)
+        assert not transport.disconnecting
+        api.reactor.advance(2)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    # Dropped: the connection closed, its bytes given back, one line said.
+    assert transport.disconnecting
+    assert api.site.session_api.output_reserved == 0
+    said = [e for e in events if "read none of it" in e.get("log_format", "")]
+    assert len(said) == 1 and said[0]["log_level"].name == "warn"
+    api.reactor.advance(EXEC_WRITE_TIMEOUT * 2)
+    assert api.site.session_api.output_reserved == 0
+
+
+def test_an_answer_whose_client_left_is_let_go(api):
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+    transport, end = _held_exec(api, b"\xff" * 500000, max_output=500000)
+    transport.producer.pauseProducing()
+    end()
+    assert api.site.session_api.output_reserved > 0
+    transport.channel.connectionLost(Failure(ConnectionLost()))
+    assert api.site.session_api.output_reserved == 0
+    # Gone before the command ended: the same.
+    transport, end = _held_exec(api, b"\xff" * 500000, max_output=500000)
+    transport.channel.connectionLost(Failure(ConnectionLost()))
+    end()
+    assert api.site.session_api.output_reserved == 0
+
+
+def test_a_users_answers_not_yet_written_are_capped(authed):
+    from capsule.web.exec import EXEC_MAX_OUTPUT, EXEC_OUTPUT_PER_USER, answer_bound
+    api = authed
+    fits = EXEC_OUTPUT_PER_USER // answer_bound(EXEC_MAX_OUTPUT)
+    pending = []
+    for _ in range(fits):
+        transport, end = _held_exec(api, b"\xff" * 1000, token=ALICE,
+                                    max_output=EXEC_MAX_OUTPUT)
+        transport.producer.pauseProducing()
+        pending.append((transport, end))
+    session = api.create(token=ALICE)
+    status, headers, body = api.request(f"/api/sessions/{session['id']}/exec", "POST", {
+        "argv": ["true"], "max_output": EXEC_MAX_OUTPUT}, token=ALICE)
+    assert (status, body["code"], headers["retry-after"]) == (429, "answers_pending", "5")
+    # Another user is not held back by her.
+    theirs = api.create(token=BOB)
+    assert api.request(f"/api/sessions/{theirs['id']}/exec", "POST", {
+        "argv": ["true"], "max_output": EXEC_MAX_OUTPUT}, token=BOB)[0] == 200
+    # Once ended, her answers hold their own size, and there is room again.
+    for _, end in pending:
+        end()
+    assert api.request(f"/api/sessions/{session['id']}/exec", "POST", {
+        "argv": ["true"], "max_output": EXEC_MAX_OUTPUT}, token=ALICE)[0] == 200
+    for transport, _ in pending:
+        transport.producer.resumeProducing()
+        assert answered(transport, "POST", clock=api.reactor).status == 200
+    assert api.site.session_api.output_reserved == 0
+
+
+def test_an_exec_past_its_timeout_has_what_it_started_killed(api):
+    from twisted.internet.defer import Deferred
+
+    from capsule.web.exec import EXEC_MARK, KILL_AFTER, kill_marked_argv
+    session = api.create()
+    held = Deferred()
+    api.docker.commands[tuple(timed_argv(["long"], 2))] = lambda stdin: held
+    transport = api.send(f"/api/sessions/{session['id']}/exec", "POST",
+                         b'{"argv": ["long"], "timeout": 2}')
+    run, = api.docker.commands_run
+    mark = run["env"][EXEC_MARK]
+    assert len(mark) == 32
+    api.reactor.advance(2 + KILL_AFTER - 0.1)
+    assert len(api.docker.commands_run) == 1
+    api.reactor.advance(0.2)
+    kill = api.docker.commands_run[1]
+    assert (kill["argv"], kill["user"]) == (tuple(kill_marked_argv(mark)), "developer")
+    held.callback((b"", b"", 137))
+    body = answered(transport, "POST", clock=api.reactor).json()
+    assert (body["timed_out"], body["exit_code"]) == (True, 137)
+    assert len(api.docker.commands_run) == 2
+    # Each exec has its own mark, which the caller's env cannot replace.
+    api.docker.commands[tuple(timed_argv(["true"], 60))] = lambda stdin: (b"", b"", 0)
+    api.request(f"/api/sessions/{session['id']}/exec", "POST", {
+        "argv": ["true"], "env": {EXEC_MARK: mark}})
+    assert api.docker.commands_run[-1]["env"][EXEC_MARK] not in (mark, "")
+    assert len(api.docker.commands_run) == 3
+
+
 def test_exec_keeps_a_clientless_session_alive(api):
     session = api.create()
     core = api.manager.sessions[session["id"]].core
