@@ -484,6 +484,36 @@ def test_encoded_output_is_its_bytes_at_the_length_said(data, truncated):
         assert text.encode() == (data[:-1] if data == b"ab\xc3" else data)
 
 
+def test_any_output_comes_back_whole_at_the_length_said():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from capsule.web.exec import answer_pieces, encode_output, stream_bound
+    from capsule.engine.command import whole_characters
+
+    pieces = st.one_of(st.binary(max_size=40), st.text(max_size=20).map(str.encode),
+                       st.sampled_from([b"\x01" * 50, b"\n", b'"\\', b"\xff"]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(pieces, max_size=12), st.lists(pieces, max_size=3), st.booleans(),
+           st.booleans())
+    def check(out, err, truncated, always_base64):
+        stdout, stderr = b"".join(out), b"".join(err)
+        encoded = [encode_output(data, truncated, always_base64) for data in (stdout, stderr)]
+        assert all(e.length <= stream_bound(len(d)) for e, d in zip(encoded, (stdout, stderr)))
+        length, made = answer_pieces(*encoded, {"exit_code": 0})
+        answer = b"".join(made)
+        assert len(answer) == length
+        body = json.loads(answer)
+        for name, data in (("stdout", stdout), ("stderr", stderr)):
+            if body[f"{name}_encoding"] == "base64":
+                assert base64.b64decode(body[name]) == data
+            else:
+                assert not always_base64
+                assert body[name].encode() == (whole_characters(data) if truncated else data)
+    check()
+
+
 def test_an_answer_is_written_as_its_client_reads(api):
     transport, end = _held_exec(api, b"\xff" * 500000, b"x" * 500000, max_output=500000)
     # The connection takes nothing in: nothing is written.
@@ -685,6 +715,8 @@ def test_collector_keeps_the_cap_and_drops_the_rest():
     result = collector.done.result
     assert (result.stdout, result.stderr, result.exit_code) == (b"abca", b"ab", 2)
     assert (result.truncated_stdout, result.truncated_stderr) == (True, False)
+    # The result holds the only copy of the output.
+    assert collector._kept == {1: bytearray(), 2: bytearray()}
 
 
 @pytest.mark.parametrize("data, text", [

@@ -9,6 +9,8 @@ even what it started in a session of its own (C{setsid}).
 from __future__ import annotations
 
 import base64
+import json
+import random
 import re
 
 from tests.support.exec_flood import (MIB, flood_request, peak_rss_kib, read_all,
@@ -91,3 +93,24 @@ def test_an_exec_past_its_timeout_leaves_nothing_it_started(server):
     assert sh(server, session_id, "setsid sleep 302 >/dev/null 2>&1 &",
               timeout=5)["timed_out"] is False
     assert sh(server, session_id, "ps -eo args | grep -c '^sleep 302'")["stdout"] == "1\n"
+
+
+def test_any_output_comes_back_byte_for_byte(server):
+    """
+    Random bytes, control characters and text, printed by a real command,
+    come back exactly (as text or base64), each answer at most about twice
+    its output.
+    """
+    rng = random.Random(19)
+    session_id = create(server)["id"]
+    samples = [b"", b"\xff", "h\u00e9llo \u4e16\u754c\n".encode() * 5000,
+               b"\x01" * 300000, b"\x1b[31mred\x1b[0m\t\n" * 10000]
+    samples += [bytes(rng.getrandbits(8) for _ in range(size)) for size in (1, 2, 3, 65537)]
+    for data in samples:
+        body = sh(server, session_id, "base64 -d", stdin=base64.b64encode(data).decode())
+        for name, output in (("stdout", data), ("stderr", b"")):
+            if body[f"{name}_encoding"] == "base64":
+                assert base64.b64decode(body[name]) == output
+            else:
+                assert body[name].encode() == output
+        assert len(json.dumps(body, ensure_ascii=False).encode()) < 2 * len(data) + 70000
