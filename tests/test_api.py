@@ -570,6 +570,27 @@ def test_an_answer_whose_client_left_is_let_go(api):
     assert api.site.session_api.output_reserved == 0
 
 
+def test_an_answer_that_cannot_be_made_closes_its_connection_and_is_let_go(api, monkeypatch):
+    from capsule.web import exec as exec_module
+    from twisted.logger import globalLogPublisher
+
+    def broken(self):
+        yield b"AAAA"
+        raise RuntimeError("broken")
+    monkeypatch.setattr(exec_module.EncodedOutput, "pieces", broken)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        transport, end = _held_exec(api, b"x")
+        end()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert transport.disconnecting
+    assert api.site.session_api.output_reserved == 0
+    failed, = [e for e in events if "log_failure" in e]
+    assert "exec of 'emit'" in failed["what"]
+
+
 def test_a_users_answers_not_yet_written_are_capped(authed):
     from capsule.web.exec import EXEC_MAX_OUTPUT, EXEC_OUTPUT_PER_USER, answer_bound
     api = authed

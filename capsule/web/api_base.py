@@ -261,6 +261,11 @@ class _AnswerWriter:
                     return
                 self._written += len(piece)
                 self._request.write(piece)
+        except Exception:
+            _log.failure("writing {what} failed", what=self._answer.what)
+            self._answer.drop()
+            self._cancel_stall()
+            self._close()
         finally:
             self._writing = False
 
@@ -285,8 +290,18 @@ class _AnswerWriter:
                   what=answer.what, seconds=answer._stall_timeout, written=self._written,
                   length=answer.length)
         answer.drop()
+        self._close()
+
+    def _close(self) -> None:
+        """
+        Close the connection at once: what the answer left unwritten is
+        let go.
+        """
+        channel = self._request.channel
+        if channel is None:
+            return
         self._request.unregisterProducer()
-        transport = self._request.channel.transport if self._request.channel else None
+        transport = channel.transport
         if transport is not None:
             abort = getattr(transport, "abortConnection", None) or transport.loseConnection
             abort()
