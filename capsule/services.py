@@ -370,7 +370,8 @@ def make_service(config: CapsuleConfig, reactor) -> CapsuleService:
             workers=tuning.export_threads, per_client=config.exports_per_client,
             max_bytes=config.export_max_bytes, timeout=config.export_timeout),
         public_url=config.public_url, upload_max_bytes=config.upload_max_bytes,
-        spool_max_bytes=config.spool_max_bytes, bodies_per_address=tuning.bodies_per_address)
+        spool_max_bytes=config.spool_max_bytes, bodies_per_address=tuning.bodies_per_address,
+        answer_write_timeout=tuning.answer_write_timeout)
     sessions = SessionService(manager, reactor, site.websocket_factory, admission,
                               docker if config.memory_budget_from_engine else None,
                               SessionNetwork(docker, reactor, config.spec.network))

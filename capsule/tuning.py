@@ -124,6 +124,10 @@ class Tuning:
         2.0, _NON_NEGATIVE_FLOAT,
         "Milliseconds during which output following a send is gathered into one frame"
         " (once more than 16 KiB went out within them: a flood).")
+    answer_write_timeout: float = knob(
+        30.0, _POSITIVE_FLOAT,
+        "Seconds an exec's answer waits for a client that reads none of it (its connection"
+        " takes nothing in) before the answer is dropped and the connection closed.")
     docker_threads: int = knob(16, _POSITIVE_INT, "Threads for Docker calls.")
     export_threads: int = knob(
         4, _POSITIVE_INT,

@@ -3,6 +3,7 @@ The session API in memory: requests through the real Site over a
 StringTransport, against the fake engine; and the archive check.
 """
 
+import base64
 import io
 import json
 import tarfile
@@ -280,7 +281,8 @@ def test_exec_runs_as_developer_under_timeout(api):
     assert status == 200
     assert body == {"stdout": "out:h\u00e9", "stderr": "err", "exit_code": 3,
                     "timed_out": False, "truncated": {"stdout": False, "stderr": False},
-                    "duration": body["duration"]}
+                    "duration": body["duration"], "stdout_encoding": "utf-8",
+                    "stderr_encoding": "utf-8"}
     run, = api.docker.commands_run
     assert (run["argv"], run["user"], run["workdir"], run["stdin"]) == (
         argv, "developer", "/tmp", "h\u00e9".encode())
@@ -313,7 +315,9 @@ def test_exec_output_cap_never_splits_a_character(api):
                                                    {"stdout": True, "stderr": False})
     status, _, body = api.request(f"/api/sessions/{session['id']}/exec", "POST", {
         "argv": ["emit"]})
-    assert body["stdout"] == "\u00e9\u00e9\u00e9x\ufffd"
+    # Whole, it is not UTF-8: it comes as base64, every byte of it.
+    assert (body["stdout"], body["stdout_encoding"]) == (
+        base64.b64encode(("\u00e9" * 3 + "x").encode() + b"\xff").decode(), "base64")
 
 
 def test_exec_bad_requests(api):
@@ -392,12 +396,12 @@ def test_an_exec_whose_cwd_cannot_be_entered_is_a_400(api):
 def test_exec_output_held_at_once_is_bounded_server_wide(api):
     from twisted.internet.defer import Deferred
 
-    from capsule.web.exec import EXEC_MAX_OUTPUT, EXEC_OUTPUT_BUDGET
+    from capsule.web.exec import EXEC_MAX_OUTPUT, EXEC_OUTPUT_BUDGET, answer_bound
     held = []
     argv = tuple(timed_argv(["slow"], 60))
     api.docker.commands[argv] = lambda stdin: held.append(Deferred()) or held[-1]
     request = json.dumps({"argv": ["slow"], "max_output": EXEC_MAX_OUTPUT}).encode()
-    fits = EXEC_OUTPUT_BUDGET // (2 * EXEC_MAX_OUTPUT)
+    fits = EXEC_OUTPUT_BUDGET // answer_bound(EXEC_MAX_OUTPUT)
     sessions = [api.create()["id"] for _ in range(fits // EXECS_PER_SESSION + 1)]
     pending = [api.send(f"/api/sessions/{sessions[i // EXECS_PER_SESSION]}/exec", "POST",
                         request) for i in range(fits)]
@@ -406,12 +410,243 @@ def test_exec_output_held_at_once_is_bounded_server_wide(api):
     assert (status, body["code"], headers["retry-after"]) == (503, "busy", "5")
     held[0].callback((b"", b"", 0))
     assert parse_response(pending[0].value())[0] == 200
-    assert api.site.session_api.output_reserved == (fits - 1) * 2 * EXEC_MAX_OUTPUT
+    assert api.site.session_api.output_reserved == (fits - 1) * answer_bound(EXEC_MAX_OUTPUT)
     api.send(f"/api/sessions/{sessions[-1]}/exec", "POST", request)
     assert len(held) == fits + 1
     for d in held[1:]:
         d.callback((b"", b"", 0))
     assert api.site.session_api.output_reserved == 0
+
+
+def _held_exec(api, stdout: bytes, stderr: bytes = b"", token=None, **fields):
+    """
+    An exec whose command, once its Deferred (returned) fires, printed
+    C{stdout} and C{stderr}; its transport.
+    """
+    from twisted.internet.defer import Deferred
+    held = Deferred()
+    api.docker.commands[tuple(timed_argv(["emit"], 60))] = lambda stdin: held
+    session = api.create(token=token) if token else api.create()
+    transport = api.send(f"/api/sessions/{session['id']}/exec", "POST",
+                         json.dumps({"argv": ["emit"], **fields}).encode(), token=token)
+    return transport, lambda: held.callback((stdout, stderr, 0))
+
+
+def test_exec_output_that_escaping_would_bloat_comes_as_base64(api):
+    from capsule.web.exec import TEXT_SLACK, answer_bound
+    session = api.create()
+    control = b"\x01" * (TEXT_SLACK + 10)
+    outputs = {"binary": (b"\xff" * 3000, control), "text": (b"caf\xc3\xa9\n\t\x1b[0m", b"")}
+    for name, (stdout, stderr) in outputs.items():
+        api.docker.commands[tuple(timed_argv([name], 60))] = (
+            lambda stdin, out=(stdout, stderr): (*out, 0))
+    path = f"/api/sessions/{session['id']}/exec"
+    response = answered(api.send(path, "POST", b'{"argv": ["binary"], "max_output": 100000}'),
+                        "POST", clock=api.reactor)
+    body = response.json()
+    # Sent at its exact length; 0xff is not UTF-8, and 0x01 escaped is six bytes.
+    assert int(response["content-length"]) == len(response.body)
+    assert len(response.body) <= answer_bound(100000)
+    assert (body["stdout_encoding"], body["stderr_encoding"]) == ("base64", "base64")
+    assert base64.b64decode(body["stdout"]) == b"\xff" * 3000
+    assert base64.b64decode(body["stderr"]) == control
+    assert len(response.body) < 1.34 * (3000 + len(control)) + 300
+    # Text stays text, written as UTF-8, control characters escaped.
+    response = answered(api.send(path, "POST", b'{"argv": ["text"]}'), "POST",
+                        clock=api.reactor)
+    assert b"caf\xc3\xa9\\n\\t\\u001b[0m" in response.body
+    body = response.json()
+    assert (body["stdout"], body["stdout_encoding"], body["stderr_encoding"]) == (
+        "caf\u00e9\n\t\x1b[0m", "utf-8", "utf-8")
+    # Unless base64 is asked for.
+    status, _, body = api.request(path, "POST", {"argv": ["text"], "output_encoding": "base64"})
+    assert (body["stdout"], body["stdout_encoding"], body["stderr"], body["stderr_encoding"]) == (
+        base64.b64encode(b"caf\xc3\xa9\n\t\x1b[0m").decode(), "base64", "", "base64")
+    status, _, body = api.request(path, "POST", {"argv": ["text"], "output_encoding": "hex"})
+    assert (status, body["code"]) == (400, "bad_request")
+    assert api.site.session_api.output_reserved == 0
+
+
+@pytest.mark.parametrize("data, truncated", [
+    (b"", False), (b"a" * 200000, False), ("\u00e9\u4e2d\U0001f600\"\\".encode() * 30000, False),
+    (b"ab\xc3", True), (b"\n" * 100000, False), (b"\x00" * 100, False),
+    (b"x\xc3(" * 1000, False), (b"\xe2\x82" * 40000, True)],
+    ids=["empty", "ascii", "unicode", "cut", "newlines", "nul", "not-utf8", "cut-not-utf8"])
+def test_encoded_output_is_its_bytes_at_the_length_said(data, truncated):
+    from capsule.web.exec import encode_output, stream_bound
+    encoded = encode_output(data, truncated)
+    made = b"".join(encoded.pieces())
+    assert len(made) == encoded.length <= stream_bound(len(data))
+    if encoded.encoding == "base64":
+        assert base64.b64decode(made) == data
+    else:
+        text = json.loads(b'"' + made + b'"')
+        assert text.encode() == (data[:-1] if data == b"ab\xc3" else data)
+
+
+def test_any_output_comes_back_whole_at_the_length_said():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from capsule.web.exec import answer_pieces, encode_output, stream_bound
+    from capsule.engine.command import whole_characters
+
+    pieces = st.one_of(st.binary(max_size=40), st.text(max_size=20).map(str.encode),
+                       st.sampled_from([b"\x01" * 50, b"\n", b'"\\', b"\xff"]))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(pieces, max_size=12), st.lists(pieces, max_size=3), st.booleans(),
+           st.booleans())
+    def check(out, err, truncated, always_base64):
+        stdout, stderr = b"".join(out), b"".join(err)
+        encoded = [encode_output(data, truncated, always_base64) for data in (stdout, stderr)]
+        assert all(e.length <= stream_bound(len(d)) for e, d in zip(encoded, (stdout, stderr)))
+        length, made = answer_pieces(*encoded, {"exit_code": 0})
+        answer = b"".join(made)
+        assert len(answer) == length
+        body = json.loads(answer)
+        for name, data in (("stdout", stdout), ("stderr", stderr)):
+            if body[f"{name}_encoding"] == "base64":
+                assert base64.b64decode(body[name]) == data
+            else:
+                assert not always_base64
+                assert body[name].encode() == (whole_characters(data) if truncated else data)
+    check()
+
+
+def test_an_answer_is_written_as_its_client_reads(api):
+    transport, end = _held_exec(api, b"\xff" * 500000, b"x" * 500000, max_output=500000)
+    # The connection takes nothing in: nothing is written.
+    transport.producer.pauseProducing()
+    end()
+    api.reactor.advance(1)
+    assert transport.value() == b""
+    assert api.site.session_api.output_reserved > 1000000
+    transport.producer.resumeProducing()
+    response = answered(transport, "POST", clock=api.reactor)
+    body = response.json()
+    assert base64.b64decode(body["stdout"]) == b"\xff" * 500000
+    assert body["stderr"] == "x" * 500000
+    assert api.site.session_api.output_reserved == 0
+
+
+def test_an_answer_its_client_does_not_read_is_dropped(api):
+    from twisted.logger import globalLogPublisher
+
+    from capsule.web.exec import EXEC_WRITE_TIMEOUT
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        transport, end = _held_exec(api, b"\xff" * 500000, max_output=500000)
+        transport.producer.pauseProducing()
+        end()
+        api.reactor.advance(EXEC_WRITE_TIMEOUT - 1)
+        assert not transport.disconnecting
+        api.reactor.advance(2)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    # Dropped: the connection closed, its bytes given back, one line said.
+    assert transport.disconnecting
+    assert api.site.session_api.output_reserved == 0
+    said = [e for e in events if "read none of it" in e.get("log_format", "")]
+    assert len(said) == 1 and said[0]["log_level"].name == "warn"
+    api.reactor.advance(EXEC_WRITE_TIMEOUT * 2)
+    assert api.site.session_api.output_reserved == 0
+
+
+def test_an_answer_whose_client_left_is_let_go(api):
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+    transport, end = _held_exec(api, b"\xff" * 500000, max_output=500000)
+    transport.producer.pauseProducing()
+    end()
+    assert api.site.session_api.output_reserved > 0
+    transport.channel.connectionLost(Failure(ConnectionLost()))
+    assert api.site.session_api.output_reserved == 0
+    # Gone before the command ended: the same.
+    transport, end = _held_exec(api, b"\xff" * 500000, max_output=500000)
+    transport.channel.connectionLost(Failure(ConnectionLost()))
+    end()
+    assert api.site.session_api.output_reserved == 0
+
+
+def test_an_answer_that_cannot_be_made_closes_its_connection_and_is_let_go(api, monkeypatch):
+    from capsule.web import exec as exec_module
+    from twisted.logger import globalLogPublisher
+
+    def broken(self):
+        yield b"AAAA"
+        raise RuntimeError("broken")
+    monkeypatch.setattr(exec_module.EncodedOutput, "pieces", broken)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        transport, end = _held_exec(api, b"x")
+        end()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert transport.disconnecting
+    assert api.site.session_api.output_reserved == 0
+    failed, = [e for e in events if "log_failure" in e]
+    assert "exec of 'emit'" in failed["what"]
+
+
+def test_a_users_answers_not_yet_written_are_capped(authed):
+    from capsule.web.exec import EXEC_MAX_OUTPUT, EXEC_OUTPUT_PER_USER, answer_bound
+    api = authed
+    fits = EXEC_OUTPUT_PER_USER // answer_bound(EXEC_MAX_OUTPUT)
+    pending = []
+    for _ in range(fits):
+        transport, end = _held_exec(api, b"\xff" * 1000, token=ALICE,
+                                    max_output=EXEC_MAX_OUTPUT)
+        transport.producer.pauseProducing()
+        pending.append((transport, end))
+    session = api.create(token=ALICE)
+    status, headers, body = api.request(f"/api/sessions/{session['id']}/exec", "POST", {
+        "argv": ["true"], "max_output": EXEC_MAX_OUTPUT}, token=ALICE)
+    assert (status, body["code"], headers["retry-after"]) == (429, "answers_pending", "5")
+    # Another user is not held back by her.
+    theirs = api.create(token=BOB)
+    assert api.request(f"/api/sessions/{theirs['id']}/exec", "POST", {
+        "argv": ["true"], "max_output": EXEC_MAX_OUTPUT}, token=BOB)[0] == 200
+    # Once ended, her answers hold their own size, and there is room again.
+    for _, end in pending:
+        end()
+    assert api.request(f"/api/sessions/{session['id']}/exec", "POST", {
+        "argv": ["true"], "max_output": EXEC_MAX_OUTPUT}, token=ALICE)[0] == 200
+    for transport, _ in pending:
+        transport.producer.resumeProducing()
+        assert answered(transport, "POST", clock=api.reactor).status == 200
+    assert api.site.session_api.output_reserved == 0
+
+
+def test_an_exec_past_its_timeout_has_what_it_started_killed(api):
+    from twisted.internet.defer import Deferred
+
+    from capsule.web.exec import EXEC_MARK, KILL_AFTER, kill_marked_argv
+    session = api.create()
+    held = Deferred()
+    api.docker.commands[tuple(timed_argv(["long"], 2))] = lambda stdin: held
+    transport = api.send(f"/api/sessions/{session['id']}/exec", "POST",
+                         b'{"argv": ["long"], "timeout": 2}')
+    run, = api.docker.commands_run
+    mark = run["env"][EXEC_MARK]
+    assert len(mark) == 32
+    api.reactor.advance(2 + KILL_AFTER - 0.1)
+    assert len(api.docker.commands_run) == 1
+    api.reactor.advance(0.2)
+    kill = api.docker.commands_run[1]
+    assert (kill["argv"], kill["user"]) == (tuple(kill_marked_argv(mark)), "developer")
+    held.callback((b"", b"", 137))
+    body = answered(transport, "POST", clock=api.reactor).json()
+    assert (body["timed_out"], body["exit_code"]) == (True, 137)
+    assert len(api.docker.commands_run) == 2
+    # Each exec has its own mark, which the caller's env cannot replace.
+    api.docker.commands[tuple(timed_argv(["true"], 60))] = lambda stdin: (b"", b"", 0)
+    api.request(f"/api/sessions/{session['id']}/exec", "POST", {
+        "argv": ["true"], "env": {EXEC_MARK: mark}})
+    assert api.docker.commands_run[-1]["env"][EXEC_MARK] not in (mark, "")
+    assert len(api.docker.commands_run) == 3
 
 
 def test_exec_keeps_a_clientless_session_alive(api):
@@ -489,7 +724,7 @@ def test_the_openapi_document_is_valid_openapi_3_1():
 def test_exec_request_defaults():
     assert exec_request({"argv": ["ls"]}, "/workspace") == {
         "argv": ["ls"], "stdin": b"", "cwd": "/workspace", "env": {}, "timeout": 60.0,
-        "max_output": 1024 * 1024}
+        "max_output": 1024 * 1024, "output_encoding": "auto"}
     assert timed_argv(["ls", "-l"], 2.5) == ["timeout", "-s", "KILL", "--", "2.5", "ls", "-l"]
 
 
@@ -504,6 +739,8 @@ def test_collector_keeps_the_cap_and_drops_the_rest():
     result = collector.done.result
     assert (result.stdout, result.stderr, result.exit_code) == (b"abca", b"ab", 2)
     assert (result.truncated_stdout, result.truncated_stderr) == (True, False)
+    # The result holds the only copy of the output.
+    assert collector._kept == {1: bytearray(), 2: bytearray()}
 
 
 @pytest.mark.parametrize("data, text", [

@@ -59,10 +59,20 @@ class OutputCollector(ProcessProtocol):
         if room > 0:
             kept += data[:room]
 
+    def _take(self, fd: int) -> bytes:
+        """
+        What was kept of C{fd}, which the collector then lets go of (the
+        result holds the only copy).
+        """
+        kept = self._kept[fd]
+        data = bytes(kept)
+        kept.clear()
+        return data
+
     def processEnded(self, reason: Failure) -> None:
         code = getattr(reason.value, "exitCode", None)
         result = CommandResult(
-            stdout=bytes(self._kept[1]), stderr=bytes(self._kept[2]), exit_code=code,
+            stdout=self._take(1), stderr=self._take(2), exit_code=code,
             truncated_stdout=self._seen[1] > self._max,
             truncated_stderr=self._seen[2] > self._max, cut=self.cut)
         if not self.done.called:
@@ -76,8 +86,16 @@ def utf8_text(data: bytes, truncated: bool) -> str:
     than shown as a replacement.
     """
     if truncated:
-        data = data[: len(data) - _split_tail(data)]
+        data = whole_characters(data)
     return data.decode("utf-8", "replace")
+
+
+def whole_characters(data: bytes) -> bytes:
+    """
+    C{data} without the start of a UTF-8 character that a cut split at its
+    end, if it has one.
+    """
+    return data[: len(data) - _split_tail(data)]
 
 
 def _split_tail(data: bytes) -> int:

@@ -41,7 +41,8 @@ from capsule.web.api_base import (NO_BODY, RETRY_AFTER, ApiError, JsonResource, 
                                    answer_when, integer_field, json_request, only_keys,
                                    text_field, user_of)
 from capsule.web.bodies import BodyRefused
-from capsule.web.exec import EXEC_MAX_BODY, EXECS_PER_SESSION, ExecResource
+from capsule.web.exec import (EXEC_MAX_BODY, EXEC_WRITE_TIMEOUT, EXECS_PER_SESSION, ExecResource,
+                              OutputBudget)
 from capsule.web.upload import (UPLOAD_MAX_BYTES, UPLOADS_AT_ONCE, UPLOADS_PER_SESSION,
                                 UploadResource, check_archive_type)
 
@@ -63,7 +64,8 @@ class SessionApi:
 
     def __init__(self, manager, docker, reactor, sessions: SessionService,
                  authenticator=None, public_url: str | None = None,
-                 upload_max_bytes: int = UPLOAD_MAX_BYTES) -> None:
+                 upload_max_bytes: int = UPLOAD_MAX_BYTES,
+                 answer_timeout: float = EXEC_WRITE_TIMEOUT) -> None:
         self.manager, self.docker, self.reactor = manager, docker, reactor
         self.sessions = sessions
         # Who requests act for (capsule.auth), or None: anyone.
@@ -71,8 +73,10 @@ class SessionApi:
         self.public_url = public_url.rstrip("/") if public_url else None
         self.upload_max_bytes = upload_max_bytes
         self.execs: dict[str, int] = {}
-        # Bytes of output the running commands may hold (2 * max_output each).
-        self.output_reserved = 0
+        # Bytes of exec answers held or owed, counted as JSON (capsule.web.exec).
+        self.output = OutputBudget()
+        # Seconds an exec's answer waits for a client that reads none of it.
+        self.answer_timeout = answer_timeout
         self.uploads: dict[str, int] = {}
         # The upload feeders at work (capsule.web.upload), stopped when capsule stops.
         self.feeders: set = set()
@@ -80,6 +84,13 @@ class SessionApi:
         self._jobs: set[Deferred] = set()
         self.stopping = False
         self._pool: ThreadPool | None = None
+
+    @property
+    def output_reserved(self) -> int:
+        """
+        Bytes of exec answers held or owed now, all users together.
+        """
+        return self.output.held
 
     # -- what a session looks like ---------------------------------------
 

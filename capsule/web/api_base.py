@@ -2,18 +2,22 @@
 What the session API's resources share: its JSON requests (bounded, checked
 field by field), its errors (L{ApiError}, answered as
 C{{"error": sentence, "code": word}}), answers that come later
-(L{answer_when}), and the base of a session's POST resources with their
-per-session counts.
+(L{answer_when}), answers too large to hold whole, written piece by piece
+at the pace of their client (L{StreamedAnswer}), and the base of a
+session's POST resources with their per-session counts.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Callable, Iterable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable
 from capsule.ops.logformat import short_ids
@@ -146,6 +150,12 @@ def answer_when(request, d: Deferred, what: str):
             data = error_body(request, result)
         else:
             status, body = result
+            if isinstance(body, StreamedAnswer):
+                if gone:
+                    body.drop()
+                else:
+                    body.write_to(request, status)
+                return
             data = json_body(request, status, body)
         if not gone:
             request.write(data)
@@ -166,6 +176,151 @@ def answer_when(request, d: Deferred, what: str):
     d.addCallback(answer)
     d.addErrback(lambda f: _log.failure("answering {what} failed", f, what=what))
     return NOT_DONE_YET
+
+
+class StreamedAnswer:
+    """
+    A JSON answer of C{length} bytes, too large to hold whole: its C{pieces}
+    (an iterable of bytes) are made one at a time, as the client's
+    connection takes them in, so that what capsule holds of it is what the
+    pieces are made from, plus one piece and the transport's buffer.  A
+    client that takes nothing in for C{stall_timeout} seconds loses it: the
+    answer is dropped, its connection closed, and one line logged.
+    C{on_end(written)} is called once, when it was written whole
+    (C{True}) or dropped (C{False}).
+    """
+
+    def __init__(self, length: int, pieces: Iterable[bytes], reactor, stall_timeout: float,
+                 what: str, on_end: Callable[[bool], None] = lambda written: None) -> None:
+        self.length, self.what = length, what
+        self._pieces = iter(pieces)
+        self._reactor, self._stall_timeout = reactor, stall_timeout
+        self._on_end = on_end
+        self.ended = False
+
+    def write_to(self, request, status: int) -> None:
+        """
+        Answer C{request} with C{status} and this answer's pieces.
+        """
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", b"%d" % self.length)
+        _AnswerWriter(request, self).start()
+
+    def next_piece(self) -> bytes | None:
+        return next(self._pieces, None)
+
+    def end(self, written: bool) -> None:
+        """
+        Let go of what the answer is made from; tell C{on_end}, once.
+        """
+        if not self.ended:
+            self.ended = True
+            self._pieces = iter(())
+            self._on_end(written)
+
+    def drop(self) -> None:
+        self.end(False)
+
+
+@implementer(IPushProducer)
+class _AnswerWriter:
+    """
+    Writes a L{StreamedAnswer} as its request's connection takes it in (a
+    push producer of the request): paused, it writes nothing, and drops
+    the answer once paused for the answer's C{stall_timeout}.
+    """
+
+    def __init__(self, request, answer: StreamedAnswer) -> None:
+        self._request, self._answer = request, answer
+        self._paused = self._writing = False
+        self._written = 0
+        self._stall = None
+
+    def start(self) -> None:
+        # A client that leaves: its answer is let go at once.
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._request.registerProducer(self, True)
+        if getattr(self._request.channel, "_waitingForTransport", False):
+            # The connection was full already: it tells a new producer nothing.
+            self.pauseProducing()
+        self._write()
+
+    def _write(self) -> None:
+        if self._writing:
+            return
+        self._writing = True
+        try:
+            while not self._paused and not self._answer.ended:
+                piece = self._answer.next_piece()
+                if piece is None:
+                    self._finish()
+                    return
+                self._written += len(piece)
+                self._request.write(piece)
+        except Exception:
+            _log.failure("writing {what} failed", what=self._answer.what)
+            self._answer.drop()
+            self._cancel_stall()
+            self._close()
+        finally:
+            self._writing = False
+
+    def _finish(self) -> None:
+        self._answer.end(True)
+        self._cancel_stall()
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self._answer.ended:
+            return
+        answer = self._answer
+        _log.warn("API: the client of {what} read none of it for {seconds:g} s: dropped, with"
+                  " {written} of {length} bytes written, and its connection closed",
+                  what=answer.what, seconds=answer._stall_timeout, written=self._written,
+                  length=answer.length)
+        answer.drop()
+        self._close()
+
+    def _close(self) -> None:
+        """
+        Close the connection at once: what the answer left unwritten is
+        let go.
+        """
+        channel = self._request.channel
+        if channel is None:
+            return
+        self._request.unregisterProducer()
+        transport = channel.transport
+        if transport is not None:
+            abort = getattr(transport, "abortConnection", None) or transport.loseConnection
+            abort()
+
+    # -- IPushProducer ---------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._stall is None and not self._answer.ended:
+            answer = self._answer
+            self._stall = answer._reactor.callLater(answer._stall_timeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._cancel_stall()
+        self._write()
+
+    def stopProducing(self) -> None:
+        # The connection is lost: nothing more is written.
+        self._cancel_stall()
+        self._answer.drop()
 
 
 class SessionPost(JsonResource):

@@ -13,8 +13,8 @@ import json
 from capsule import __version__
 from capsule.web.api import CREATE_MAX_BODY
 from capsule.web.api_base import JsonResource
-from capsule.web.exec import (EXEC_MAX_BODY, EXEC_MAX_OUTPUT, EXEC_MAX_TIMEOUT, EXEC_OUTPUT,
-                              EXEC_TIMEOUT, EXECS_PER_SESSION)
+from capsule.web.exec import (ENCODINGS, EXEC_MAX_BODY, EXEC_MAX_OUTPUT, EXEC_MAX_TIMEOUT,
+                              EXEC_OUTPUT, EXEC_TIMEOUT, EXECS_PER_SESSION)
 
 _ID = {"name": "id", "in": "path", "required": True,
        "schema": {"type": "string", "format": "uuid"}, "description": "a session id"}
@@ -169,17 +169,26 @@ ROUTES: dict[tuple[str, str], dict] = {
                                            " started are killed (SIGKILL)"},
                 "max_output": {"type": "integer", "minimum": 0, "maximum": EXEC_MAX_OUTPUT,
                                "default": EXEC_OUTPUT,
-                               "description": "bytes kept of each of stdout and stderr"}}})},
+                               "description": "bytes kept of each of stdout and stderr"},
+                "output_encoding": {"type": "string", "enum": list(ENCODINGS),
+                                    "default": "auto",
+                                    "description": "auto: each stream as text when it is"
+                                                   " UTF-8 that JSON's escapes at most"
+                                                   " double, else base64; base64: always"
+                                                   " base64"}}})},
         "responses": {"200": {"description": "it ended (whatever its exit code)", **_json({
             "type": "object", "properties": {
                 "stdout": {"type": "string"}, "stderr": {"type": "string"},
+                "stdout_encoding": {"type": "string", "enum": ["utf-8", "base64"]},
+                "stderr_encoding": {"type": "string", "enum": ["utf-8", "base64"]},
                 "exit_code": {"type": ["integer", "null"]},
                 "timed_out": {"type": "boolean"},
                 "truncated": {"type": "object", "properties": {
                     "stdout": {"type": "boolean"}, "stderr": {"type": "boolean"}}},
                 "duration": {"type": "number"}},
-            "description": "output past max_output is dropped, never mid-character; bytes"
-                           " that are not UTF-8 are U+FFFD"})},
+            "description": "output past max_output is dropped (never mid-character in"
+                           " text); a stream that is not UTF-8, or that escaping would more"
+                           " than double, is base64 (its _encoding says which)"})},
             **_errors(400, 401, 404, 409, 413, 415, 429, 503)}},
     ("/api/sessions/{id}/workspace", "post"): {
         "summary": "Unpack a .tar or .tar.gz into /workspace as developer; every entry is"

@@ -26,6 +26,7 @@ from capsule.web.admin import AdminAccess, AdminMount, AdminResource
 from capsule.web.bodies import BodyBudget, BodyRefused, RefusalLog, default_spool, \
     BODIES_PER_ADDRESS
 from capsule.web.api import ApiResource, ProfilesResource, SessionApi, SessionsResource
+from capsule.web.exec import EXEC_WRITE_TIMEOUT
 from capsule.web.upload import UPLOAD_MAX_BYTES
 from capsule.auth.gate import Authenticator
 from capsule.core.errors import CapsuleError
@@ -503,6 +504,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               admin_token: str | None = None, admin_users=(), public_url: str | None = None,
               upload_max_bytes: int = UPLOAD_MAX_BYTES, spool_max_bytes: int | None = None,
               bodies_per_address: int = BODIES_PER_ADDRESS,
+              answer_write_timeout: float = EXEC_WRITE_TIMEOUT,
               **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -530,6 +532,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         (by default L{default_spool} of C{upload_max_bytes}).
     @param bodies_per_address: bodies one client address may be sending at
         once.
+    @param answer_write_timeout: seconds an exec's answer waits for a client
+        that reads none of it, before it is dropped.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -557,7 +561,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     api.putChild(b"export", exports)
     session_api = SessionApi(manager, docker, reactor, sessions, authenticator=authenticator,
                              public_url=public_url,
-                             upload_max_bytes=upload_max_bytes)
+                             upload_max_bytes=upload_max_bytes,
+                             answer_timeout=answer_write_timeout)
     api.putChild(b"sessions", SessionsResource(session_api))
     api.putChild(b"profiles", ProfilesResource(session_api))
     api.putChild(b"openapi.json", OpenApiResource())

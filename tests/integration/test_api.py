@@ -125,8 +125,10 @@ def test_exec_output_exit_codes_stdin_env_and_cwd(server):
     assert execute(server, session_id, argv=["true"])["exit_code"] == 0
     missing = execute(server, session_id, argv=["no-such-program"])
     assert missing["exit_code"] == 127 and "no-such-program" in missing["stderr"]
-    # Bytes that are not UTF-8 arrive as U+FFFD.
-    assert sh(server, session_id, r"printf 'a\377b'")["stdout"] == "a\ufffdb"
+    # Output that is not UTF-8 arrives as base64, every byte of it.
+    body = sh(server, session_id, r"printf 'a\377b'")
+    assert (body["stdout"], body["stdout_encoding"], body["stderr_encoding"]) == (
+        "Yf9i", "base64", "utf-8")
 
 
 def test_exec_in_a_cwd_that_cannot_be_entered_is_a_400(server):
