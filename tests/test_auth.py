@@ -12,7 +12,7 @@ import os
 
 import bcrypt
 import pytest
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python import usage
 
@@ -369,3 +369,117 @@ def test_an_unknown_users_password_costs_a_bcrypt_check_too(files):
     with pytest.raises(AuthRefused):
         result(auth.user_of(Request(authorization=basic("mallory", "wonderland"))))
     assert hashes == [parse_htpasswd(passwords.read_text())["alice"]]
+
+
+class Checks:
+    """
+    The bcrypt threads, held: each check waits until the test lets it go.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list = []
+
+    def __call__(self, f, *args):
+        d = Deferred()
+        self.waiting.append((d, f, args))
+        return d
+
+    def finish(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for d, f, args in waiting:
+            d.callback(f(*args))
+
+
+def outcome(d) -> list:
+    """
+    What C{d} fires with, once it does: [] until then, then [user] or
+    [status] of the refusal.
+    """
+    out: list = []
+
+    def refused(failure):
+        failure.trap(AuthRefused)
+        out.append(failure.value.status)
+    d.addCallbacks(out.append, refused)
+    return out
+
+
+def test_guesses_sent_at_once_take_their_tokens_as_they_start(files):
+    # Issue 19: 60 guesses at once all passed the bucket before the first
+    # was checked and charged.
+    passwords, _ = files
+    clock, checks = Clock(), Checks()
+    auth = Authenticator(clock, addresses=ClientAddresses(), htpasswd=str(passwords),
+                         run_blocking=checks)
+    answers = []
+    for burst in range(3):
+        outcomes = [outcome(auth.user_of(Request(authorization=basic("alice", f"guess{i}"))))
+                    for i in range(60)]
+        # At most two of alice's are checked at once; the others are refused
+        # at once, without a check.
+        assert len(checks.waiting) <= 2
+        checks.finish()
+        answers += [o[0] for o in outcomes]
+    assert answers.count(401) == 5 and answers.count(429) == 175
+    # Her bucket is empty: her own password is not tried.
+    assert outcome(auth.user_of(Request(authorization=basic("alice", "wonderland")))) == [429]
+    assert checks.waiting == []
+
+
+def test_attempts_in_flight_are_capped_per_address_per_user_and_in_all(files):
+    passwords, _ = files
+    checks = Checks()
+    auth = Authenticator(Clock(), addresses=ClientAddresses(), htpasswd=str(passwords),
+                         run_blocking=checks)
+
+    def attempt(address, user, password="nope"):
+        return outcome(auth.user_of(Request(f"tcp4:{address}:1",
+                                            authorization=basic(user, password))))
+
+    # One address: two at once.
+    first = [attempt("192.0.2.1", f"user{i}") for i in range(3)]
+    assert len(checks.waiting) == 2 and first[2] == [429]
+    # Every address and user its own: eight at once in all.
+    many = [attempt(f"192.0.2.{10 + i}", f"other{i}") for i in range(10)]
+    assert len(checks.waiting) == 8 and many[6:] == [[429]] * 4 and many[5] == []
+    checks.finish()
+    assert [o[0] for o in first[:2] + many[:6]] == [401] * 8
+    # Done: room again, for bob's right password from an address of his own.
+    bob = attempt("198.51.100.4", "bob", "builder")
+    checks.finish()
+    assert bob == ["bob"]
+
+
+def test_one_password_sent_on_many_requests_at_once_is_checked_once(files):
+    passwords, _ = files
+    checks = Checks()
+    auth = Authenticator(Clock(), addresses=ClientAddresses(), htpasswd=str(passwords),
+                         run_blocking=checks)
+    outcomes = [outcome(auth.user_of(Request(authorization=basic("bob", "builder"))))
+                for _ in range(10)]
+    assert len(checks.waiting) == 1
+    checks.finish()
+    assert outcomes == [["bob"]] * 10
+    # The same wrong password too: one check, one failure counted.
+    outcomes = [outcome(auth.user_of(Request(authorization=basic("bob", "nope"))))
+                for _ in range(10)]
+    assert len(checks.waiting) == 1
+    checks.finish()
+    assert outcomes == [[401]] * 10
+    assert auth.limiter.retry_after("127.0.0.1", "bob") == 0
+
+
+def test_a_right_password_gives_its_token_back(files):
+    passwords, _ = files
+    clock = Clock()
+    auth = Authenticator(clock, addresses=ClientAddresses(), htpasswd=str(passwords),
+                         limiter=LoginLimiter(clock, per_address=(3, 60.0), per_user=(2, 60.0)))
+    for _ in range(10):
+        assert result(auth.log_in(Request(), "bob", "builder"))
+    for _ in range(2):
+        with pytest.raises(AuthRefused) as e:
+            result(auth.user_of(Request(authorization=basic("bob", "nope"))))
+        assert e.value.status == 401
+    with pytest.raises(AuthRefused) as e:
+        result(auth.user_of(Request(authorization=basic("bob", "builder"))))
+    assert e.value.status == 429

@@ -6,8 +6,10 @@ credentials and asks Twisted's L{Portal}, whose realm's avatars are users
 passwords, API tokens and a trusted proxy's word.  A browser's session
 cookie names a login of L{capsule.auth.logins.LoginSessions}.
 
-Failed logins cost a token of two buckets, one per client address and one
-per user name (L{capsule.auth.throttle.LoginLimiter}); an empty bucket
+Logins cost a token of two buckets, one per client address and one per
+user name, taken as the attempt starts and given back if it was right; and
+only a few attempts of an address, a user, or in all are checked at once
+(L{capsule.auth.throttle.LoginLimiter}).  An empty bucket or a full cap
 refuses before any password is checked.  Nothing here logs a password, a
 token or a cookie.
 
@@ -19,6 +21,8 @@ given: the web front's L{capsule.web.http.ClientAddresses}.
 from __future__ import annotations
 
 import base64
+import hmac
+import secrets
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -27,6 +31,7 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from capsule.auth.checkers import HtpasswdChecker, ProxyUserChecker, TokenChecker
 from capsule.auth.logins import COOKIE_NAME, LOGIN_TTL, LoginSessions
@@ -104,6 +109,10 @@ class Authenticator:
                  limiter: LoginLimiter | None = None, login_ttl: float = LOGIN_TTL) -> None:
         self.logins = LoginSessions(clock, login_ttl)
         self.limiter = limiter or LoginLimiter(clock)
+        # Passwords being checked (see _counted): what names them -> the
+        # Deferreds of the attempts waiting for the same answer.
+        self._checking: dict[tuple, list[Deferred]] = {}
+        self._key = secrets.token_bytes(32)
         self.addresses = addresses
         self.user_header = user_header.lower() if user_header else None
         self.public_url = public_url
@@ -193,39 +202,82 @@ class Authenticator:
                 return fail(AuthRefused(401, "malformed Basic credentials"))
             if not sep:
                 return fail(AuthRefused(401, "malformed Basic credentials"))
-            return self._counted(UsernamePassword(name, password), address, name)
+            return self._password(name, password, address)
         return fail(AuthRefused(401, "log in first"))
 
     def _refused(self, failure, message: str):
         failure.trap(UnauthorizedLogin, UnhandledCredentials)
         raise AuthRefused(401, message)
 
-    def _counted(self, credentials, address: str, user: str | None) -> Deferred:
+    def _counted(self, credentials, address: str, user: str | None,
+                 same: tuple | None = None) -> Deferred:
         """
-        Log in with C{credentials}, which failed attempts are counted for.
+        Log in with C{credentials}, which attempts are counted for: a token
+        of the buckets of C{address} and C{user} is taken as the attempt
+        starts (L{LoginLimiter.begin}), and given back if it was right.
+
+        @param same: what names these very credentials (the user and a keyed
+            hash of the password): an attempt with the same ones while one
+            is being checked waits for its answer rather than checking (and
+            counting) them again, as a browser sending Basic on several
+            requests at once does.
         """
-        wait = self.limiter.retry_after(address, user)
-        if wait > 0:
-            _log.info("refused a login of {user} from {address}: too many failed logins",
-                      user=user or "(token)", address=address)
-            e = LoginThrottled(wait)
+        if same is not None and same in self._checking:
+            waiting: Deferred = Deferred()
+            self._checking[same].append(waiting)
+            return waiting
+        try:
+            attempt = self.limiter.begin(address, user)
+        except LoginThrottled as e:
             return fail(AuthRefused(429, str(e), e.retry_after))
+        if same is not None:
+            self._checking[same] = []
         d = self._login(credentials)
 
-        def failed(failure):
+        def right(name):
+            self.limiter.done(attempt, right=True)
+            return name
+
+        def wrong(failure):
             failure.trap(UnauthorizedLogin, UnhandledCredentials)
-            self.limiter.failed(address, user)
+            self.limiter.done(attempt, right=False)
             _log.info("failed login of {user} from {address}", user=printable(user)
                       if user else "(token)", address=address)
             raise AuthRefused(401, "wrong user name, password or token")
-        return d.addErrback(failed)
+
+        def broken(failure):
+            # Not an answer about the credentials (a checker failed): the
+            # attempt is over all the same.
+            self.limiter.done(attempt, right=False)
+            return failure
+
+        d.addCallbacks(right, wrong).addErrback(broken)
+        if same is not None:
+            def answer(result):
+                for waiting in self._checking.pop(same, ()):
+                    if isinstance(result, Failure):
+                        waiting.errback(result.value if result.check(AuthRefused)
+                                        else result)
+                    else:
+                        waiting.callback(result)
+                return result
+            d.addBoth(answer)
+        return d
+
+    def _password(self, name: str, password: str, address: str) -> Deferred:
+        """
+        Check a user name and password (Basic, or the login form).
+        """
+        same = ("password", name, hmac.digest(self._key, password.encode("utf-8", "replace"),
+                                              "sha256"))
+        return self._counted(UsernamePassword(name, password), address, name, same)
 
     def log_in(self, request, name: str, password: str) -> Deferred:
         """
         Check a login form's user name and password: fire with the new
         login's cookie value, or fail with L{AuthRefused}.
         """
-        d = self._counted(UsernamePassword(name, password), self.address(request), name)
+        d = self._password(name, password, self.address(request))
 
         def made(user):
             old = self.login_cookie(request)
