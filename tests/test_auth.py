@@ -246,6 +246,12 @@ def test_same_origin(auth):
 @pytest.mark.parametrize("value, expected", [
     ("/", "/"), ("/?session_id=x", "/?session_id=x"), ("//evil.example/", "/"),
     ("https://evil.example/", "/"), ("/\\evil.example", "/"), (None, "/"),
+    # Issue 19: browsers drop tabs and newlines, and read a backslash as a slash.
+    ("/\t/evil.example/phish", "/"), ("/\n/evil.example", "/"), ("/\r/evil.example", "/"),
+    ("/ /evil.example", "/"), ("/%09/evil.example", "/"), ("/%2F/evil.example", "/"),
+    ("/%2f%2fevil.example", "/"), ("/%5Cevil.example", "/"), ("/\x7f/evil.example", "/"),
+    ("/\u2028/evil.example", "/"), ("javascript:alert(1)", "/"), ("", "/"),
+    ("/sessions/a%20b?x=%C3%A9", "/sessions/a%20b?x=%C3%A9"), ("/a/b/", "/a/b/"),
 ])
 def test_next_is_a_local_path(value, expected):
     assert safe_next(value) == expected
