@@ -489,3 +489,44 @@ def test_a_right_password_gives_its_token_back(files):
     with pytest.raises(AuthRefused) as e:
         result(auth.user_of(Request(authorization=basic("bob", "builder"))))
     assert e.value.status == 429
+
+
+def test_a_password_change_ends_the_logins_made_with_the_old_one(auth, files):
+    passwords, _ = files
+    alice = result(auth.log_in(Request(), "alice", "wonderland"))
+    bob = result(auth.log_in(Request(), "bob", "builder"))
+    for value, user in ((alice, "alice"), (bob, "bob")):
+        assert result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={value}"))) == user
+    # Another user added, alice's line as it was: her login holds.
+    lines = passwords.read_text().splitlines(True)
+    passwords.write_text("".join(lines) + htpasswd_line("carol", "c"))
+    os.utime(passwords, ns=(1, 1))
+    assert result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={alice}"))) == "alice"
+    # Her password changes: the login made with the old one ends at once.
+    passwords.write_text(htpasswd_line("alice", "looking glass") + lines[1])
+    os.utime(passwords, ns=(2, 2))
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={alice}")))
+    assert auth.logins.user(alice) is None
+    assert result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={bob}"))) == "bob"
+    # The new password makes a login that holds.
+    again = result(auth.log_in(Request(), "alice", "looking glass"))
+    assert result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={again}"))) == "alice"
+
+
+def test_a_login_checked_against_a_password_that_changed_meanwhile_is_not_shared(files):
+    # Two attempts share one check only against the same hash of the user's.
+    passwords, _ = files
+    checks = Checks()
+    auth = Authenticator(Clock(), addresses=ClientAddresses(), htpasswd=str(passwords),
+                         run_blocking=checks)
+    first = outcome(auth.log_in(Request(), "alice", "wonderland"))
+    passwords.write_text(htpasswd_line("alice", "wonderland") + htpasswd_line("bob", "b"))
+    os.utime(passwords, ns=(3, 3))
+    second = outcome(auth.log_in(Request(), "alice", "wonderland"))
+    assert len(checks.waiting) == 2
+    checks.finish()
+    first_value, second_value = first[0], second[0]
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={first_value}")))
+    assert result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={second_value}"))) == "alice"

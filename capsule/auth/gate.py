@@ -162,15 +162,30 @@ class Authenticator:
         d = self.portal.login(credentials, None, IUser)
         return d.addCallback(lambda result: result[1].name)
 
-    def _still_a_user(self, cookie: str, user: str) -> bool:
+    def _credential(self, user: str) -> bytes | None:
         """
-        A user removed from the htpasswd file loses the logins it had.
+        What names C{user}'s password as the htpasswd file says it now (a
+        keyed hash of its hash), or C{None}: no such user.
         """
-        if self.passwords is None or user in self.passwords.file.reload():
+        hashed = self.passwords.file.reload().get(user) if self.passwords else None
+        return None if hashed is None else hmac.digest(self._key, hashed, "sha256")
+
+    def _login_holds(self, cookie: str, login) -> bool:
+        """
+        A login lasts while the credential it was made with does: a user
+        removed from the htpasswd file, or whose password changed there,
+        loses the logins made before.
+        """
+        if self.passwords is None:
+            return True
+        now = self._credential(login.user)
+        if now is not None and login.credential in (None, now):
             return True
         self.logins.end(cookie)
-        _log.info("ended a login of {user}: the user is no longer in {path}",
-                  user=user, path=self.passwords.file.path)
+        _log.info("ended a login of {user}: {why} {path}", user=login.user,
+                  why="the user is no longer in" if now is None
+                  else "the password it was made with changed in",
+                  path=self.passwords.file.path)
         return False
 
     def user_of(self, request) -> Deferred:
@@ -186,9 +201,9 @@ class Authenticator:
                       header=self.user_header, peer=self.addresses.peer(request))
         cookie = _cookie(headers, COOKIE_NAME)
         if cookie:
-            user = self.logins.user(cookie)
-            if user is not None and self._still_a_user(cookie, user):
-                return succeed(user)
+            login = self.logins.get(cookie)
+            if login is not None and self._login_holds(cookie, login):
+                return succeed(login.user)
         scheme, _, value = headers.get("authorization", "").strip().partition(" ")
         scheme = scheme.lower()
         address = self.address(request)
@@ -268,15 +283,24 @@ class Authenticator:
         """
         Check a user name and password (Basic, or the login form).
         """
-        same = ("password", name, hmac.digest(self._key, password.encode("utf-8", "replace"),
-                                              "sha256"))
-        return self._counted(UsernamePassword(name, password), address, name, same)
+        return self._counted(UsernamePassword(name, password), address, name,
+                             self._same(name, password))
+
+    def _same(self, name: str, password: str) -> tuple:
+        """
+        What names a check of C{password} for C{name} against the user's
+        password as it is now (see L{_counted}).
+        """
+        return ("password", name, hmac.digest(self._key, password.encode("utf-8", "replace"),
+                                              "sha256"), self._credential(name))
 
     def log_in(self, request, name: str, password: str) -> Deferred:
         """
         Check a login form's user name and password: fire with the new
         login's cookie value, or fail with L{AuthRefused}.
         """
+        # The password the check is against: the login is tied to it.
+        credential = self._credential(name)
         d = self._password(name, password, self.address(request))
 
         def made(user):
@@ -286,7 +310,7 @@ class Authenticator:
                 self.logins.end(old)
             _log.info("{user} logged in from {address}", user=user,
                       address=self.address(request))
-            return self.logins.new(user)
+            return self.logins.new(user, credential)
         return d.addCallback(made)
 
     def log_out(self, request) -> None:
