@@ -360,7 +360,10 @@ def make_service(config: CapsuleConfig, reactor) -> CapsuleService:
         # unless start-at-first-frame.
         start_at_open=not tuning.start_at_first_frame,
         metrics_token=config.metrics_token, admin_token=config.admin_token,
-        admin_users=list(config.admin_users), max_message_size=tuning.max_message_size,
+        admin_users=list(config.admin_users),
+        # With users, loopback is everyone on the machine: not admin unless said.
+        admin_loopback=config.admin_loopback or not config.users,
+        max_message_size=tuning.max_message_size,
         allowed_origins=config.allowed_origins,
         host_policy=HostPolicy(public_url=config.public_url,
                                allowed_hosts=list(config.allowed_hosts),

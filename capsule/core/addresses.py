@@ -4,13 +4,16 @@ of the trusted proxies, and which address of an C{X-Forwarded-For} chain
 is the client's.
 
 Reading those from a request (the socket's peer, the header's values) is
-L{capsule.web.http}'s.
+L{capsule.web.http}'s; L{straight_from_loopback} is the one rule of what
+came from this machine itself (the admin API and C{/metrics} ask it).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from typing import Iterable
+
+from twisted.internet.address import UNIXAddress
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -36,6 +39,25 @@ def is_loopback(text: str) -> bool:
     """
     address = parse_ip(text)
     return address is not None and address.is_loopback
+
+
+# Headers a proxy adds: a request that carries one came through a proxy, even
+# from loopback (a proxy on this machine), and is not someone at the machine.
+FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+
+
+def straight_from_loopback(request) -> bool:
+    """
+    Whether a C{twisted.web} request came straight from this machine: its
+    socket's peer is a loopback address or a UNIX socket, and it carries
+    none of the L{FORWARDING_HEADERS}.
+    """
+    if any(request.requestHeaders.hasHeader(name) for name in FORWARDING_HEADERS):
+        return False
+    peer = request.getClientAddress()
+    if isinstance(peer, UNIXAddress):
+        return True
+    return is_loopback(getattr(peer, "host", "") or "")
 
 
 def is_trusted(address: Address | None, trusted: Iterable[Network]) -> bool:

@@ -295,7 +295,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               authenticator: Authenticator | None = None, host_policy: HostPolicy | None = None,
               admission=None, drain: Drain | None = None, start_at_open: bool = False,
               metrics: Metrics | None = None, metrics_token: str | None = None,
-              admin_token: str | None = None, admin_users=(), public_url: str | None = None,
+              admin_token: str | None = None, admin_users=(), admin_loopback: bool | None = None,
+              public_url: str | None = None,
               upload_max_bytes: int = UPLOAD_MAX_BYTES, **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -316,6 +317,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         anywhere (C{--metrics-token}); loopback peers need none.
     @param admin_token, admin_users: who may use C{/api/admin/} besides
         loopback (L{capsule.web.admin}).
+    @param admin_loopback: whether loopback may use C{/api/admin/} without
+        the token (by default: without users only).
     @param public_url: the address users open (C{--public-url}): the API's
         session URLs are absolute under it.
     @param upload_max_bytes: bytes of archive an upload may send.
@@ -359,7 +362,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         top = AuthGate(root, authenticator, OPEN_PATHS)
         body_limits[b"/login"] = LOGIN_MAX_BODY
     top = AdminMount(top, AdminResource(manager, drain, AdminAccess(
-        admin_token, admin_users, authenticator), reactor))
+        admin_token, admin_users, authenticator, admin_loopback), reactor))
     return CapsuleSite(GuardResource(top, host_policy), reactor=reactor,
                        logFormatter=access_log_line, body_limits=body_limits,
                        body_rules=[session_api.body_limit], websocket_factory=factory,
