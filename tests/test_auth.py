@@ -530,3 +530,74 @@ def test_a_login_checked_against_a_password_that_changed_meanwhile_is_not_shared
     with pytest.raises(AuthRefused):
         result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={first_value}")))
     assert result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={second_value}"))) == "alice"
+
+
+# -- a --trusted-proxy range that holds the sessions (issue 19) --------------------------
+
+
+def session_service(trusted, user_header="X-Forwarded-User"):
+    from capsule.core.spec import ContainerSpec
+    from capsule.engine.network import SessionNetwork
+    from capsule.services import SessionService
+    from capsule.sessions.manager import SessionManager
+    from capsule.sessions.session import SessionConfig
+    from tests.support.fakes import FakeDockerAPI
+
+    docker, clock = FakeDockerAPI(), Clock()
+    manager = SessionManager(docker, clock, SessionConfig(
+        spec=ContainerSpec(image="capsule-runtime:latest"), instance="t", pool_size=1))
+    net = SessionNetwork(docker, clock, "capsule",
+                         read_rules=lambda: succeed((None, "not read in tests")))
+    refusals = []
+    sessions = SessionService(manager, clock, network=net, user_header=user_header,
+                              trusted_proxies=[parse_network(t) for t in trusted],
+                              refuse=refusals.append)
+    return sessions, docker, refusals
+
+
+@pytest.mark.parametrize("trusted", [["172.16.0.0/12"], ["10.0.0.5/32", "172.20.9.9/32"],
+                                     ["0.0.0.0/0"]])
+def test_a_trusted_proxy_range_holding_the_sessions_stops_the_start(trusted):
+    sessions, docker, refusals = session_service(trusted)
+    sessions.startService()
+    # The fake engine's capsule network is 172.20.0.0/16.
+    assert docker.networks["capsule"]["subnets"] == ["172.20.0.0/16"]
+    [message] = refusals
+    assert message.startswith(
+        f"--trusted-proxy {trusted[-1]} holds addresses of the sessions' network capsule"
+        " (172.20.0.0/16): any session could name any user in X-Forwarded-User.")
+    # Never ready: the listeners do not open, no warm container is made.
+    assert not sessions.ready.called and docker.containers == {}
+    sessions.stopService()
+
+
+def test_a_trusted_proxy_range_elsewhere_starts():
+    sessions, docker, refusals = session_service(["10.0.0.5/32", "127.0.0.1/32"])
+    sessions.startService()
+    assert refusals == [] and sessions.ready.called and len(docker.containers) == 1
+    sessions.stopService()
+
+
+def test_without_a_user_header_the_range_is_refused_too():
+    sessions, _, refusals = session_service(["172.20.0.0/16"], user_header=None)
+    sessions.startService()
+    assert refusals and "any session could claim any client address in X-Forwarded-For" \
+        in refusals[0]
+    sessions.stopService()
+
+
+def test_proxy_headers_from_a_sessions_address_are_never_believed(files):
+    sessions = [parse_network("172.20.0.0/16")]
+    addresses = ClientAddresses((parse_network("172.16.0.0/12"),), lambda: sessions)
+    auth = Authenticator(Clock(), user_header="X-Forwarded-User", addresses=addresses)
+    from_session = Request("tcp4:172.20.0.7:80", x_forwarded_user="carol",
+                           x_forwarded_for="192.0.2.99")
+    from_proxy = Request("tcp4:172.17.0.2:80", x_forwarded_user="carol",
+                         x_forwarded_for="192.0.2.99")
+    assert not addresses.from_trusted_proxy(from_session)
+    assert addresses(from_session) == "172.20.0.7"
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(from_session))
+    assert addresses.from_trusted_proxy(from_proxy)
+    assert addresses(from_proxy) == "192.0.2.99"
+    assert result(auth.user_of(from_proxy)) == "carol"

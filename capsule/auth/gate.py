@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from capsule.auth.checkers import HtpasswdChecker, ProxyUserChecker, TokenChecker
 from capsule.auth.logins import COOKIE_NAME, LOGIN_TTL, LoginSessions
-from capsule.auth.throttle import LoginLimiter, LoginThrottled
+from capsule.auth.throttle import LoginLimiter, LoginThrottled, Quiet
 from capsule.auth.users import BearerToken, CapsuleRealm, IUser, ProxyUser, printable
 
 _log = Logger()
@@ -59,7 +59,12 @@ class Addresses(Protocol):
 
     def from_trusted_proxy(self, request) -> bool:
         """
-        Whether the socket's peer is a trusted proxy.
+        Whether the socket's peer is a trusted proxy (never a session).
+        """
+
+    def from_session(self, request) -> bool:
+        """
+        Whether the socket's peer is on the sessions' network.
         """
 
 
@@ -113,6 +118,7 @@ class Authenticator:
         # Deferreds of the attempts waiting for the same answer.
         self._checking: dict[tuple, list[Deferred]] = {}
         self._key = secrets.token_bytes(32)
+        self._quiet = Quiet(clock)
         self.addresses = addresses
         self.user_header = user_header.lower() if user_header else None
         self.public_url = public_url
@@ -197,8 +203,12 @@ class Authenticator:
             if self.addresses.from_trusted_proxy(request):
                 d = self._login(ProxyUser(headers[self.user_header].strip()))
                 return d.addErrback(self._refused, "the proxy named no valid user")
-            _log.warn("ignored {header} from {peer}, which is not a --trusted-proxy",
-                      header=self.user_header, peer=self.addresses.peer(request))
+            peer = self.addresses.peer(request)
+            self._quiet.warn(peer, "ignored {header} from {peer}, which is {what}",
+                             header=self.user_header, peer=peer,
+                             what="on the sessions' network" if
+                             self.addresses.from_session(request)
+                             else "not a --trusted-proxy")
         cookie = _cookie(headers, COOKIE_NAME)
         if cookie:
             login = self.logins.get(cookie)

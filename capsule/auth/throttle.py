@@ -92,8 +92,7 @@ class LoginLimiter:
         self._total_cap = in_flight[2]
         self._in_flight: dict[tuple[str, str], int] = {}
         self.in_flight = 0
-        # address -> [when last logged, refusals not logged since]
-        self._told: dict[str, list] = {}
+        self._quiet = Quiet(clock)
 
     def _prune(self, now: float) -> None:
         for key in [k for k, b in self._buckets.items() if b.full(now)]:
@@ -159,22 +158,46 @@ class LoginLimiter:
                 bucket.give_back(now)
 
     def _refused(self, address: str, user: str | None, why: str) -> None:
-        now = self._clock.seconds()
-        told = self._told.get(address)
-        if told is not None and now - told[0] < LOG_INTERVAL:
-            told[1] += 1
-            return
-        more = told[1] if told is not None else 0
-        if len(self._told) > 4096:
-            self._told = {a: t for a, t in self._told.items() if now - t[0] < LOG_INTERVAL}
-        self._told[address] = [now, 0]
-        _log.info("refused a login of {user} from {address}: {why}{more}",
-                  user=printable(user) if user else "(token)", address=address, why=why,
-                  more=f" (and {more} more refusals of that address in the last"
-                       f" {now - told[0]:.0f} s)" if more else "")
+        self._quiet.info(address, "refused a login of {user} from {address}: {why}",
+                         user=printable(user) if user else "(token)", address=address, why=why)
 
     def _keys(self, address, user):
         keys = [("address", address)]
         if user:
             keys.append(("user", user[:64]))
         return keys
+
+
+class Quiet:
+    """
+    Log lines an attacker can repeat at will, at most one per key (say, a
+    client address) per C{interval} seconds; the next line after that says
+    how many were not written.
+    """
+
+    def __init__(self, clock, interval: float = LOG_INTERVAL, keys: int = 4096) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._keys = keys
+        # key -> [when last logged, lines not logged since]
+        self._seen: dict[str, list] = {}
+
+    def info(self, key: str, format: str, **fields) -> None:
+        self._emit(_log.info, key, format, fields)
+
+    def warn(self, key: str, format: str, **fields) -> None:
+        self._emit(_log.warn, key, format, fields)
+
+    def _emit(self, method, key: str, format: str, fields: dict) -> None:
+        now = self._clock.seconds()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self._interval:
+            seen[1] += 1
+            return
+        if seen is not None and seen[1]:
+            format += " ({more} more like it in the last {seconds:.0f} s)"
+            fields = dict(fields, more=seen[1], seconds=now - seen[0])
+        if len(self._seen) >= self._keys:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._interval}
+        self._seen[key] = [now, 0]
+        method(format, **fields)

@@ -68,6 +68,17 @@ def is_trusted(address: Address | None, trusted: Iterable[Network]) -> bool:
         address.version == net.version and address in net for net in trusted)
 
 
+def overlapping(ranges: Iterable[Network], networks: Iterable[Network]
+                ) -> list[tuple[Network, Network]]:
+    """
+    The pairs of a range of C{ranges} and a network of C{networks} that
+    share addresses.
+    """
+    networks = tuple(networks)
+    return [(r, n) for r in ranges for n in networks
+            if r.version == n.version and r.overlaps(n)]
+
+
 def split_forwarded_for(values: Iterable[str]) -> list[str]:
     """
     The entries of C{X-Forwarded-For} headers (each a comma-separated

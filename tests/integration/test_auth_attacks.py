@@ -161,7 +161,8 @@ def test_a_trusted_proxy_range_holding_the_sessions_is_refused_at_start(make_ser
          "--user-header", "X-Forwarded-User", "--trusted-proxy", "127.0.0.1/32",
          "--trusted-proxy", str(wider)], capture_output=True, text=True, timeout=120)
     text = log.read_text()
-    assert (f"--trusted-proxy {wider} holds the sessions' network capsule ({subnet}): any"
+    assert (f"--trusted-proxy {wider} holds addresses of the sessions' network capsule"
+            f" ({subnet}): any"
             " session could name any user in X-Forwarded-User" in text), text
     assert "capsule is ready" not in text
     assert done.returncode != 0, text
