@@ -197,8 +197,9 @@ class LoginResource(Resource):
             e = failure.value
             if e.retry_after is not None:
                 request.setHeader(b"retry-after", str(e.retry_after).encode("ascii"))
+            # 429: too many failed logins, or too many at once; each says when.
             message = ("Wrong user name or password." if e.status == 401 else
-                       f"Too many failed logins: try again in {e.retry_after} s.")
+                       e.message[:1].upper() + e.message[1:] + ".")
             request.write(self._form(request, e.status, message, next_path, name[:64]))
             request.finish()
 
