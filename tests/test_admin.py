@@ -248,6 +248,10 @@ def test_admin_options(tmp_path):
         options("--admin-token", "short")
     with pytest.raises(UsageError, match="--admin-user needs users"):
         options("--admin-user", "ops")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"ops:{'o' * 32}\n")
+    assert options("--tokens", str(tokens), "--admin-loopback").config.admin_loopback
+    assert not options("--tokens", str(tokens)).config.admin_loopback
 
 
 def test_listening_url():
