@@ -26,14 +26,11 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from capsule.auth.gate import AuthRefused
-from capsule.core.addresses import FORWARDING_HEADERS, straight_from_loopback
+from capsule.core.addresses import straight_from_loopback
 from capsule.sessions.drain import ENDED_BY_ADMIN, Drain, end_all
 from capsule.web.http import answer_json, header, peer_address
 
 _log = Logger()
-
-
-__all__ = ["AdminAccess", "AdminMount", "AdminResource", "FORWARDING_HEADERS"]
 
 
 def describe(session, now: float) -> dict:
