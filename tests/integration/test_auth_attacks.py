@@ -22,7 +22,6 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from tests.support.httpclient import request
 
 from .harness import IMAGE, docker_client, free_port, wait_for
 
