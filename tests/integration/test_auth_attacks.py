@@ -22,7 +22,6 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-
 from .harness import IMAGE, docker_client, free_port, wait_for
 
 PASSWORDS = {"alice": "correct horse battery", "bob": "tr0ub4dor&3", "carol": "carol's own"}
