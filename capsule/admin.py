@@ -65,7 +65,8 @@ class AdminClient:
             return body
         message = body.get("error") or f"HTTP {status}"
         if status in (401, 403) and not self.token:
-            message += f" (set {TOKEN_ENV} to the admin token, or run this on capsule's host)"
+            message += (f" (set {TOKEN_ENV} to the admin token; on capsule's host, loopback"
+                        " needs none when capsule has no users or runs with --admin-loopback)")
         raise AdminError(f"{self.url}: {message}")
 
     def health(self) -> dict | None:
@@ -316,7 +317,8 @@ def parser() -> argparse.ArgumentParser:
                     " containers of one that is not running.")
     p.add_argument("--url", default=os.environ.get("CAPSULE_URL", DEFAULT_URL),
                    help=f"the capsule to steer [default: $CAPSULE_URL, else {DEFAULT_URL}];"
-                        f" the admin token is read from ${TOKEN_ENV} (loopback needs none)")
+                        f" the admin token is read from ${TOKEN_ENV} (loopback needs none when"
+                        " capsule has no users or runs with --admin-loopback)")
     sub = p.add_subparsers(dest="command", required=True)
     listing = sub.add_parser("list", help="the live sessions: owner, state, age, container,"
                                           " client, bytes")

@@ -42,6 +42,8 @@ class CapsuleConfig:
     metrics_token: str | None
     admin_token: str | None
     admin_users: tuple[str, ...]
+    # Loopback opens the admin API even with users (--admin-loopback).
+    admin_loopback: bool
 
     # -- the sessions ----------------------------------------------------------
     # The shell profile's container (--image, --memory, --cpus, ...).

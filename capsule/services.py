@@ -5,6 +5,8 @@ from a L{CapsuleConfig}: every object is given what it needs as it is made.
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
 
 from twisted.application import strports
@@ -16,6 +18,7 @@ from twisted.logger import ILogObserver, Logger
 from capsule.auth.checkers import AuthThreadPool
 from capsule.auth.gate import Authenticator
 from capsule.config import CapsuleConfig
+from capsule.core.addresses import overlapping
 from capsule.core.admission import AdmissionControl, AdmissionPolicy
 from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
@@ -71,10 +74,16 @@ class SessionService(Service):
 
     def __init__(self, manager: SessionManager, clock, websocket_factory=None,
                  admission: AdmissionControl | None = None, docker=None,
-                 network: SessionNetwork | None = None) -> None:
+                 network: SessionNetwork | None = None, trusted_proxies=(),
+                 user_header: str | None = None, refuse=None) -> None:
         self.manager = manager
         # Made ready before the sessions of an earlier run are looked for.
         self.network = network
+        # A --trusted-proxy range must not hold the sessions' own addresses:
+        # once the network is known, refuse(sentence) stops capsule.
+        self._trusted_proxies = tuple(trusted_proxies)
+        self._user_header = user_header
+        self._refuse = refuse
         self.clock = clock
         self.websocket_factory = websocket_factory
         self.ready: Deferred = Deferred()
@@ -129,6 +138,11 @@ class SessionService(Service):
             try:
                 if self.network is not None:
                     await self.network.ensure()
+                    problem = self._proxies_hold_sessions()
+                    if problem is not None:
+                        if self._refuse is not None:
+                            self._refuse(problem)
+                        return
                 count = await recovery.recover()
             except CapsuleError as e:
                 if not warned:
@@ -147,6 +161,23 @@ class SessionService(Service):
         self.manager.pool.start()
         await recovery.check_engine()
         await recovery.check_profile_images()
+
+    def _proxies_hold_sessions(self) -> str | None:
+        """
+        What is wrong when a --trusted-proxy range holds addresses of the
+        sessions' network: a session could then say who it is.
+        """
+        found = overlapping(self._trusted_proxies, self.network.subnets())
+        if not found:
+            return None
+        trusted, subnet = found[0]
+        claim = (f"any session could name any user in {self._user_header}"
+                 if self._user_header else
+                 "any session could claim any client address in X-Forwarded-For")
+        return (f"--trusted-proxy {trusted} holds addresses of the sessions' network"
+                f" {self.network.name} ({subnet}): {claim}. Give the proxy's own addresses"
+                f" only (e.g. --trusted-proxy 10.0.0.5/32), or put the sessions on another"
+                f" network (--network)")
 
     def _open(self) -> None:
         if not self.ready.called:
@@ -303,6 +334,18 @@ def stop_on_signals(reactor) -> None:
 
 
 
+def refuse_to_start(reactor, message: str) -> None:
+    """
+    Stop capsule during its start for a reason its operator must fix: the
+    log says why, and the process exits with status 1 (twistd itself would
+    say 0).
+    """
+    _log.critical("capsule cannot start: {message}", message=message)
+    atexit.register(os._exit, 1)
+    if reactor.running:
+        reactor.stop()
+
+
 def session_config(config: CapsuleConfig) -> SessionConfig:
     """
     What the session manager is told.
@@ -338,7 +381,10 @@ def make_service(config: CapsuleConfig, reactor) -> CapsuleService:
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
                   " capsule's environment nor in --secrets-file): its sessions start without"
                   " it", profile=profile, name=name)
-    addresses = ClientAddresses(list(config.trusted_proxies))
+    network = SessionNetwork(docker, reactor, config.spec.network)
+    # A request from a session's address never has its proxy headers
+    # believed, whatever --trusted-proxy says.
+    addresses = ClientAddresses(list(config.trusted_proxies), network.subnets)
     authenticator = auth_threads = None
     if config.users:
         auth_threads = AuthThreadPool(reactor)
@@ -359,7 +405,10 @@ def make_service(config: CapsuleConfig, reactor) -> CapsuleService:
         # unless start-at-first-frame.
         start_at_open=not tuning.start_at_first_frame,
         metrics_token=config.metrics_token, admin_token=config.admin_token,
-        admin_users=list(config.admin_users), max_message_size=tuning.max_message_size,
+        admin_users=list(config.admin_users),
+        # With users, loopback is everyone on the machine: not admin unless said.
+        admin_loopback=config.admin_loopback or not config.users,
+        max_message_size=tuning.max_message_size,
         allowed_origins=config.allowed_origins,
         host_policy=HostPolicy(public_url=config.public_url,
                                allowed_hosts=list(config.allowed_hosts),
@@ -374,7 +423,9 @@ def make_service(config: CapsuleConfig, reactor) -> CapsuleService:
         answer_write_timeout=tuning.answer_write_timeout)
     sessions = SessionService(manager, reactor, site.websocket_factory, admission,
                               docker if config.memory_budget_from_engine else None,
-                              SessionNetwork(docker, reactor, config.spec.network))
+                              network, trusted_proxies=config.trusted_proxies,
+                              user_header=config.user_header,
+                              refuse=lambda message: refuse_to_start(reactor, message))
     listeners = ListenerService(sessions.ready, lambda: sessions.recovered,
                                 config.public_url)
     for description in config.listen:

@@ -154,7 +154,8 @@ class Options(usage.Options):
          " --metrics-token)."],
         ["admin-token", None, None,
          "A token (16 characters or more) that opens the admin API (/api/admin/) from"
-         " anywhere, sent as 'Authorization: Bearer TOKEN' (loopback needs none)."],
+         " anywhere, sent as 'Authorization: Bearer TOKEN' (loopback needs none without"
+         " users, or with --admin-loopback)."],
         ["admin-token-file", None, None,
          "A file holding the admin token (not seen in the process list, unlike"
          " --admin-token)."],
@@ -205,6 +206,9 @@ class Options(usage.Options):
     optFlags = [
         ["insecure-no-auth", None,
          "Let anyone who reaches a non-loopback --listen use capsule, without users."],
+        ["admin-loopback", None,
+         "With users, let requests straight from loopback use the admin API without"
+         " --admin-token (everyone on this machine, and any tunnel to it, then may)."],
         ["no-keeper", None,
          "Run the shell directly instead of under capsule-keeper: sessions then end"
          " when capsule stops (for images without capsule-keeper)."],
@@ -415,6 +419,7 @@ class Options(usage.Options):
             allowed_origins=tuple(self["allowed-origin"]),
             allowed_hosts=tuple(self["allowed-host"]), metrics_token=self["metrics-token"],
             admin_token=self["admin-token"], admin_users=tuple(self["admin-user"]),
+            admin_loopback=bool(self["admin-loopback"]),
             spec=server_spec(self), memory_bytes=parse_bytes(self["memory"]),
             disk_bytes=None if self["disk"] is None else parse_bytes(self["disk"]),
             instance=self["instance"], shell=tuple(shlex.split(self["shell"])),

@@ -35,14 +35,14 @@ REMOTE = IPv4Address("TCP", "203.0.113.9", 40000)
 
 
 class Admin:
-    def __init__(self, www, authenticator=None, users=()) -> None:
+    def __init__(self, www, authenticator=None, users=(), **site_options) -> None:
         self.reactor = MemoryReactorClock()
         self.docker = FakeDockerAPI()
         self.manager = SessionManager(self.docker, self.reactor, SessionConfig(
             spec=ContainerSpec(image="capsule-runtime:latest"), instance="admin-test"))
         self.site = make_site(self.manager, self.docker, self.reactor, str(www),
                               authenticator=authenticator, admin_token=TOKEN,
-                              admin_users=users)
+                              admin_users=users, **site_options)
 
     def request(self, path: str, method: str = "GET", peer=LOOPBACK, headers=()):
         response = ask(self.site, method, path, headers, peer=peer)
@@ -144,6 +144,55 @@ def test_loopback_through_a_proxy_is_not_loopback(admin):
     assert status == 401
 
 
+def test_loopback_through_any_proxy_header_is_not_loopback(admin):
+    for name in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+        assert admin.request("/api/admin/sessions", headers=[(name, "203.0.113.9")])[0] == 401
+
+
+@pytest.mark.parametrize("site_options, users, status", [
+    ({}, (), 401), ({}, ["ops"], 401), ({"admin_loopback": True}, (), 200),
+])
+def test_with_users_loopback_is_not_admin_unless_the_operator_says(
+        tmp_path, site_options, users, status):
+    # Issue 19: with users, anyone on the machine listed every user's full
+    # session ids and ended any session through loopback.
+    (tmp_path / "index.html").write_text("<html></html>")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"ops:{'o' * 32}\nann:{'n' * 32}\n")
+    admin = Admin(tmp_path, Authenticator(MemoryReactorClock(), addresses=ClientAddresses(),
+                                          tokens=str(tokens)), users=users, **site_options)
+    session, _ = admin.session(user="ann")
+    answer = admin.request("/api/admin/sessions", "DELETE")
+    assert answer[0] == status, answer
+    if status != 200:
+        assert answer[1]["code"] == "unauthenticated"
+        assert list(admin.manager.sessions) == [session.id]
+        # The admin token, or an admin user, from loopback as from anywhere.
+        assert admin.request("/api/admin/sessions",
+                             headers=[("Authorization", "Bearer " + TOKEN)])[0] == 200
+    if users:
+        assert admin.request("/api/admin/sessions",
+                             headers=[("Authorization", "Bearer " + "o" * 32)])[0] == 200
+        assert admin.request("/api/admin/sessions",
+                             headers=[("Authorization", "Bearer " + "n" * 32)])[0] == 403
+
+
+def test_with_users_and_no_token_the_admin_api_says_how_to_open_it(tmp_path):
+    (tmp_path / "index.html").write_text("<html></html>")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"ann:{'n' * 32}\n")
+    reactor = MemoryReactorClock()
+    manager = SessionManager(FakeDockerAPI(), reactor, SessionConfig(
+        spec=ContainerSpec(image="capsule-runtime:latest"), instance="admin-test"))
+    site = make_site(manager, FakeDockerAPI(), reactor, str(tmp_path),
+                     authenticator=Authenticator(reactor, addresses=ClientAddresses(),
+                                                 tokens=str(tokens)))
+    response = ask(site, "GET", "/api/admin/sessions", peer=LOOPBACK)
+    assert (response.status, response.json()) == (403, {
+        "error": "the admin API is closed: with users it needs --admin-token, --admin-user"
+                 " or --admin-loopback", "code": "forbidden"})
+
+
 def test_another_sites_page_is_refused(admin):
     session, _ = admin.session()
     status, _ = admin.request("/api/admin/sessions", headers=[("Sec-Fetch-Site", "cross-site")])
@@ -199,6 +248,10 @@ def test_admin_options(tmp_path):
         options("--admin-token", "short")
     with pytest.raises(UsageError, match="--admin-user needs users"):
         options("--admin-user", "ops")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"ops:{'o' * 32}\n")
+    assert options("--tokens", str(tokens), "--admin-loopback").config.admin_loopback
+    assert not options("--tokens", str(tokens)).config.admin_loopback
 
 
 def test_listening_url():

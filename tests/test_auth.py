@@ -12,7 +12,7 @@ import os
 
 import bcrypt
 import pytest
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.python import usage
 
@@ -246,6 +246,12 @@ def test_same_origin(auth):
 @pytest.mark.parametrize("value, expected", [
     ("/", "/"), ("/?session_id=x", "/?session_id=x"), ("//evil.example/", "/"),
     ("https://evil.example/", "/"), ("/\\evil.example", "/"), (None, "/"),
+    # Issue 19: browsers drop tabs and newlines, and read a backslash as a slash.
+    ("/\t/evil.example/phish", "/"), ("/\n/evil.example", "/"), ("/\r/evil.example", "/"),
+    ("/ /evil.example", "/"), ("/%09/evil.example", "/"), ("/%2F/evil.example", "/"),
+    ("/%2f%2fevil.example", "/"), ("/%5Cevil.example", "/"), ("/\x7f/evil.example", "/"),
+    ("/\u2028/evil.example", "/"), ("javascript:alert(1)", "/"), ("", "/"),
+    ("/sessions/a%20b?x=%C3%A9", "/sessions/a%20b?x=%C3%A9"), ("/a/b/", "/a/b/"),
 ])
 def test_next_is_a_local_path(value, expected):
     assert safe_next(value) == expected
@@ -369,3 +375,229 @@ def test_an_unknown_users_password_costs_a_bcrypt_check_too(files):
     with pytest.raises(AuthRefused):
         result(auth.user_of(Request(authorization=basic("mallory", "wonderland"))))
     assert hashes == [parse_htpasswd(passwords.read_text())["alice"]]
+
+
+class Checks:
+    """
+    The bcrypt threads, held: each check waits until the test lets it go.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list = []
+
+    def __call__(self, f, *args):
+        d = Deferred()
+        self.waiting.append((d, f, args))
+        return d
+
+    def finish(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for d, f, args in waiting:
+            d.callback(f(*args))
+
+
+def outcome(d) -> list:
+    """
+    What C{d} fires with, once it does: [] until then, then [user] or
+    [status] of the refusal.
+    """
+    out: list = []
+
+    def refused(failure):
+        failure.trap(AuthRefused)
+        out.append(failure.value.status)
+    d.addCallbacks(out.append, refused)
+    return out
+
+
+def test_guesses_sent_at_once_take_their_tokens_as_they_start(files):
+    # Issue 19: 60 guesses at once all passed the bucket before the first
+    # was checked and charged.
+    passwords, _ = files
+    clock, checks = Clock(), Checks()
+    auth = Authenticator(clock, addresses=ClientAddresses(), htpasswd=str(passwords),
+                         run_blocking=checks)
+    answers = []
+    for burst in range(3):
+        outcomes = [outcome(auth.user_of(Request(authorization=basic("alice", f"guess{i}"))))
+                    for i in range(60)]
+        # At most two of alice's are checked at once; the others are refused
+        # at once, without a check.
+        assert len(checks.waiting) <= 2
+        checks.finish()
+        answers += [o[0] for o in outcomes]
+    assert answers.count(401) == 5 and answers.count(429) == 175
+    # Her bucket is empty: her own password is not tried.
+    assert outcome(auth.user_of(Request(authorization=basic("alice", "wonderland")))) == [429]
+    assert checks.waiting == []
+
+
+def test_attempts_in_flight_are_capped_per_address_per_user_and_in_all(files):
+    passwords, _ = files
+    checks = Checks()
+    auth = Authenticator(Clock(), addresses=ClientAddresses(), htpasswd=str(passwords),
+                         run_blocking=checks)
+
+    def attempt(address, user, password="nope"):
+        return outcome(auth.user_of(Request(f"tcp4:{address}:1",
+                                            authorization=basic(user, password))))
+
+    # One address: two at once.
+    first = [attempt("192.0.2.1", f"user{i}") for i in range(3)]
+    assert len(checks.waiting) == 2 and first[2] == [429]
+    # Every address and user its own: eight at once in all.
+    many = [attempt(f"192.0.2.{10 + i}", f"other{i}") for i in range(10)]
+    assert len(checks.waiting) == 8 and many[6:] == [[429]] * 4 and many[5] == []
+    checks.finish()
+    assert [o[0] for o in first[:2] + many[:6]] == [401] * 8
+    # Done: room again, for bob's right password from an address of his own.
+    bob = attempt("198.51.100.4", "bob", "builder")
+    checks.finish()
+    assert bob == ["bob"]
+
+
+def test_one_password_sent_on_many_requests_at_once_is_checked_once(files):
+    passwords, _ = files
+    checks = Checks()
+    auth = Authenticator(Clock(), addresses=ClientAddresses(), htpasswd=str(passwords),
+                         run_blocking=checks)
+    outcomes = [outcome(auth.user_of(Request(authorization=basic("bob", "builder"))))
+                for _ in range(10)]
+    assert len(checks.waiting) == 1
+    checks.finish()
+    assert outcomes == [["bob"]] * 10
+    # The same wrong password too: one check, one failure counted.
+    outcomes = [outcome(auth.user_of(Request(authorization=basic("bob", "nope"))))
+                for _ in range(10)]
+    assert len(checks.waiting) == 1
+    checks.finish()
+    assert outcomes == [[401]] * 10
+    assert auth.limiter.retry_after("127.0.0.1", "bob") == 0
+
+
+def test_a_right_password_gives_its_token_back(files):
+    passwords, _ = files
+    clock = Clock()
+    auth = Authenticator(clock, addresses=ClientAddresses(), htpasswd=str(passwords),
+                         limiter=LoginLimiter(clock, per_address=(3, 60.0), per_user=(2, 60.0)))
+    for _ in range(10):
+        assert result(auth.log_in(Request(), "bob", "builder"))
+    for _ in range(2):
+        with pytest.raises(AuthRefused) as e:
+            result(auth.user_of(Request(authorization=basic("bob", "nope"))))
+        assert e.value.status == 401
+    with pytest.raises(AuthRefused) as e:
+        result(auth.user_of(Request(authorization=basic("bob", "builder"))))
+    assert e.value.status == 429
+
+
+def test_a_password_change_ends_the_logins_made_with_the_old_one(auth, files):
+    passwords, _ = files
+    alice = result(auth.log_in(Request(), "alice", "wonderland"))
+    bob = result(auth.log_in(Request(), "bob", "builder"))
+    for value, user in ((alice, "alice"), (bob, "bob")):
+        assert result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={value}"))) == user
+    # Another user added, alice's line as it was: her login holds.
+    lines = passwords.read_text().splitlines(True)
+    passwords.write_text("".join(lines) + htpasswd_line("carol", "c"))
+    os.utime(passwords, ns=(1, 1))
+    assert result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={alice}"))) == "alice"
+    # Her password changes: the login made with the old one ends at once.
+    passwords.write_text(htpasswd_line("alice", "looking glass") + lines[1])
+    os.utime(passwords, ns=(2, 2))
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={alice}")))
+    assert auth.logins.user(alice) is None
+    assert result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={bob}"))) == "bob"
+    # The new password makes a login that holds.
+    again = result(auth.log_in(Request(), "alice", "looking glass"))
+    assert result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={again}"))) == "alice"
+
+
+def test_a_login_checked_against_a_password_that_changed_meanwhile_is_not_shared(files):
+    # Two attempts share one check only against the same hash of the user's.
+    passwords, _ = files
+    checks = Checks()
+    auth = Authenticator(Clock(), addresses=ClientAddresses(), htpasswd=str(passwords),
+                         run_blocking=checks)
+    first = outcome(auth.log_in(Request(), "alice", "wonderland"))
+    passwords.write_text(htpasswd_line("alice", "wonderland") + htpasswd_line("bob", "b"))
+    os.utime(passwords, ns=(3, 3))
+    second = outcome(auth.log_in(Request(), "alice", "wonderland"))
+    assert len(checks.waiting) == 2
+    checks.finish()
+    first_value, second_value = first[0], second[0]
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={first_value}")))
+    assert result(auth.user_of(Request(cookie=f"{COOKIE_NAME}={second_value}"))) == "alice"
+
+
+# -- a --trusted-proxy range that holds the sessions (issue 19) --------------------------
+
+
+def session_service(trusted, user_header="X-Forwarded-User"):
+    from capsule.core.spec import ContainerSpec
+    from capsule.engine.network import SessionNetwork
+    from capsule.services import SessionService
+    from capsule.sessions.manager import SessionManager
+    from capsule.sessions.session import SessionConfig
+    from tests.support.fakes import FakeDockerAPI
+
+    docker, clock = FakeDockerAPI(), Clock()
+    manager = SessionManager(docker, clock, SessionConfig(
+        spec=ContainerSpec(image="capsule-runtime:latest"), instance="t", pool_size=1))
+    net = SessionNetwork(docker, clock, "capsule",
+                         read_rules=lambda: succeed((None, "not read in tests")))
+    refusals = []
+    sessions = SessionService(manager, clock, network=net, user_header=user_header,
+                              trusted_proxies=[parse_network(t) for t in trusted],
+                              refuse=refusals.append)
+    return sessions, docker, refusals
+
+
+@pytest.mark.parametrize("trusted", [["172.16.0.0/12"], ["10.0.0.5/32", "172.20.9.9/32"],
+                                     ["0.0.0.0/0"]])
+def test_a_trusted_proxy_range_holding_the_sessions_stops_the_start(trusted):
+    sessions, docker, refusals = session_service(trusted)
+    sessions.startService()
+    # The fake engine's capsule network is 172.20.0.0/16.
+    assert docker.networks["capsule"]["subnets"] == ["172.20.0.0/16"]
+    [message] = refusals
+    assert message.startswith(
+        f"--trusted-proxy {trusted[-1]} holds addresses of the sessions' network capsule"
+        " (172.20.0.0/16): any session could name any user in X-Forwarded-User.")
+    # Never ready: the listeners do not open, no warm container is made.
+    assert not sessions.ready.called and docker.containers == {}
+    sessions.stopService()
+
+
+def test_a_trusted_proxy_range_elsewhere_starts():
+    sessions, docker, refusals = session_service(["10.0.0.5/32", "127.0.0.1/32"])
+    sessions.startService()
+    assert refusals == [] and sessions.ready.called and len(docker.containers) == 1
+    sessions.stopService()
+
+
+def test_without_a_user_header_the_range_is_refused_too():
+    sessions, _, refusals = session_service(["172.20.0.0/16"], user_header=None)
+    sessions.startService()
+    assert refusals and "any session could claim any client address in X-Forwarded-For" \
+        in refusals[0]
+    sessions.stopService()
+
+
+def test_proxy_headers_from_a_sessions_address_are_never_believed(files):
+    sessions = [parse_network("172.20.0.0/16")]
+    addresses = ClientAddresses((parse_network("172.16.0.0/12"),), lambda: sessions)
+    auth = Authenticator(Clock(), user_header="X-Forwarded-User", addresses=addresses)
+    from_session = Request("tcp4:172.20.0.7:80", x_forwarded_user="carol",
+                           x_forwarded_for="192.0.2.99")
+    from_proxy = Request("tcp4:172.17.0.2:80", x_forwarded_user="carol",
+                         x_forwarded_for="192.0.2.99")
+    assert not addresses.from_trusted_proxy(from_session)
+    assert addresses(from_session) == "172.20.0.7"
+    with pytest.raises(AuthRefused):
+        result(auth.user_of(from_session))
+    assert addresses.from_trusted_proxy(from_proxy)
+    assert addresses(from_proxy) == "192.0.2.99"
+    assert result(auth.user_of(from_proxy)) == "carol"

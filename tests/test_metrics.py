@@ -241,6 +241,10 @@ def test_a_proxied_loopback_peer_needs_the_token(tmp_path):
     assert status == 403
     status, _, _ = _get(site, LOOPBACK, b"Forwarded: for=192.0.2.7\r\n")
     assert status == 403
+    # Issue 19: a proxy that sets X-Real-IP only is a proxy too (the admin
+    # API's rule).
+    status, _, _ = _get(site, LOOPBACK, b"X-Real-IP: 192.0.2.7\r\n")
+    assert status == 403
     status, _, _ = _get(site, LOOPBACK, b"X-Forwarded-For: 192.0.2.7\r\n"
                         b"Authorization: Bearer " + TOKEN.encode() + b"\r\n")
     assert status == 200

@@ -6,8 +6,10 @@ credentials and asks Twisted's L{Portal}, whose realm's avatars are users
 passwords, API tokens and a trusted proxy's word.  A browser's session
 cookie names a login of L{capsule.auth.logins.LoginSessions}.
 
-Failed logins cost a token of two buckets, one per client address and one
-per user name (L{capsule.auth.throttle.LoginLimiter}); an empty bucket
+Logins cost a token of two buckets, one per client address and one per
+user name, taken as the attempt starts and given back if it was right; and
+only a few attempts of an address, a user, or in all are checked at once
+(L{capsule.auth.throttle.LoginLimiter}).  An empty bucket or a full cap
 refuses before any password is checked.  Nothing here logs a password, a
 token or a cookie.
 
@@ -19,6 +21,8 @@ given: the web front's L{capsule.web.http.ClientAddresses}.
 from __future__ import annotations
 
 import base64
+import hmac
+import secrets
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -27,10 +31,11 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from capsule.auth.checkers import HtpasswdChecker, ProxyUserChecker, TokenChecker
 from capsule.auth.logins import COOKIE_NAME, LOGIN_TTL, LoginSessions
-from capsule.auth.throttle import LoginLimiter, LoginThrottled
+from capsule.auth.throttle import LoginLimiter, LoginThrottled, Quiet
 from capsule.auth.users import BearerToken, CapsuleRealm, IUser, ProxyUser, printable
 
 _log = Logger()
@@ -54,7 +59,12 @@ class Addresses(Protocol):
 
     def from_trusted_proxy(self, request) -> bool:
         """
-        Whether the socket's peer is a trusted proxy.
+        Whether the socket's peer is a trusted proxy (never a session).
+        """
+
+    def from_session(self, request) -> bool:
+        """
+        Whether the socket's peer is on the sessions' network.
         """
 
 
@@ -104,6 +114,11 @@ class Authenticator:
                  limiter: LoginLimiter | None = None, login_ttl: float = LOGIN_TTL) -> None:
         self.logins = LoginSessions(clock, login_ttl)
         self.limiter = limiter or LoginLimiter(clock)
+        # Passwords being checked (see _counted): what names them -> the
+        # Deferreds of the attempts waiting for the same answer.
+        self._checking: dict[tuple, list[Deferred]] = {}
+        self._key = secrets.token_bytes(32)
+        self._quiet = Quiet(clock)
         self.addresses = addresses
         self.user_header = user_header.lower() if user_header else None
         self.public_url = public_url
@@ -153,15 +168,30 @@ class Authenticator:
         d = self.portal.login(credentials, None, IUser)
         return d.addCallback(lambda result: result[1].name)
 
-    def _still_a_user(self, cookie: str, user: str) -> bool:
+    def _credential(self, user: str) -> bytes | None:
         """
-        A user removed from the htpasswd file loses the logins it had.
+        What names C{user}'s password as the htpasswd file says it now (a
+        keyed hash of its hash), or C{None}: no such user.
         """
-        if self.passwords is None or user in self.passwords.file.reload():
+        hashed = self.passwords.file.reload().get(user) if self.passwords else None
+        return None if hashed is None else hmac.digest(self._key, hashed, "sha256")
+
+    def _login_holds(self, cookie: str, login) -> bool:
+        """
+        A login lasts while the credential it was made with does: a user
+        removed from the htpasswd file, or whose password changed there,
+        loses the logins made before.
+        """
+        if self.passwords is None:
+            return True
+        now = self._credential(login.user)
+        if now is not None and login.credential in (None, now):
             return True
         self.logins.end(cookie)
-        _log.info("ended a login of {user}: the user is no longer in {path}",
-                  user=user, path=self.passwords.file.path)
+        _log.info("ended a login of {user}: {why} {path}", user=login.user,
+                  why="the user is no longer in" if now is None
+                  else "the password it was made with changed in",
+                  path=self.passwords.file.path)
         return False
 
     def user_of(self, request) -> Deferred:
@@ -173,13 +203,17 @@ class Authenticator:
             if self.addresses.from_trusted_proxy(request):
                 d = self._login(ProxyUser(headers[self.user_header].strip()))
                 return d.addErrback(self._refused, "the proxy named no valid user")
-            _log.warn("ignored {header} from {peer}, which is not a --trusted-proxy",
-                      header=self.user_header, peer=self.addresses.peer(request))
+            peer = self.addresses.peer(request)
+            self._quiet.warn(peer, "ignored {header} from {peer}, which is {what}",
+                             header=self.user_header, peer=peer,
+                             what="on the sessions' network" if
+                             self.addresses.from_session(request)
+                             else "not a --trusted-proxy")
         cookie = _cookie(headers, COOKIE_NAME)
         if cookie:
-            user = self.logins.user(cookie)
-            if user is not None and self._still_a_user(cookie, user):
-                return succeed(user)
+            login = self.logins.get(cookie)
+            if login is not None and self._login_holds(cookie, login):
+                return succeed(login.user)
         scheme, _, value = headers.get("authorization", "").strip().partition(" ")
         scheme = scheme.lower()
         address = self.address(request)
@@ -193,39 +227,91 @@ class Authenticator:
                 return fail(AuthRefused(401, "malformed Basic credentials"))
             if not sep:
                 return fail(AuthRefused(401, "malformed Basic credentials"))
-            return self._counted(UsernamePassword(name, password), address, name)
+            return self._password(name, password, address)
         return fail(AuthRefused(401, "log in first"))
 
     def _refused(self, failure, message: str):
         failure.trap(UnauthorizedLogin, UnhandledCredentials)
         raise AuthRefused(401, message)
 
-    def _counted(self, credentials, address: str, user: str | None) -> Deferred:
+    def _counted(self, credentials, address: str, user: str | None,
+                 same: tuple | None = None) -> Deferred:
         """
-        Log in with C{credentials}, which failed attempts are counted for.
+        Log in with C{credentials}, which attempts are counted for: a token
+        of the buckets of C{address} and C{user} is taken as the attempt
+        starts (L{LoginLimiter.begin}), and given back if it was right.
+
+        @param same: what names these very credentials (the user and a keyed
+            hash of the password): an attempt with the same ones while one
+            is being checked waits for its answer rather than checking (and
+            counting) them again, as a browser sending Basic on several
+            requests at once does.
         """
-        wait = self.limiter.retry_after(address, user)
-        if wait > 0:
-            _log.info("refused a login of {user} from {address}: too many failed logins",
-                      user=user or "(token)", address=address)
-            e = LoginThrottled(wait)
+        if same is not None and same in self._checking:
+            waiting: Deferred = Deferred()
+            self._checking[same].append(waiting)
+            return waiting
+        try:
+            attempt = self.limiter.begin(address, user)
+        except LoginThrottled as e:
             return fail(AuthRefused(429, str(e), e.retry_after))
+        if same is not None:
+            self._checking[same] = []
         d = self._login(credentials)
 
-        def failed(failure):
+        def right(name):
+            self.limiter.done(attempt, right=True)
+            return name
+
+        def wrong(failure):
             failure.trap(UnauthorizedLogin, UnhandledCredentials)
-            self.limiter.failed(address, user)
+            self.limiter.done(attempt, right=False)
             _log.info("failed login of {user} from {address}", user=printable(user)
                       if user else "(token)", address=address)
             raise AuthRefused(401, "wrong user name, password or token")
-        return d.addErrback(failed)
+
+        def broken(failure):
+            # Not an answer about the credentials (a checker failed): the
+            # attempt is over all the same.
+            self.limiter.done(attempt, right=False)
+            return failure
+
+        d.addCallbacks(right, wrong).addErrback(broken)
+        if same is not None:
+            def answer(result):
+                for waiting in self._checking.pop(same, ()):
+                    if isinstance(result, Failure):
+                        waiting.errback(result.value if result.check(AuthRefused)
+                                        else result)
+                    else:
+                        waiting.callback(result)
+                return result
+            d.addBoth(answer)
+        return d
+
+    def _password(self, name: str, password: str, address: str) -> Deferred:
+        """
+        Check a user name and password (Basic, or the login form).
+        """
+        return self._counted(UsernamePassword(name, password), address, name,
+                             self._same(name, password))
+
+    def _same(self, name: str, password: str) -> tuple:
+        """
+        What names a check of C{password} for C{name} against the user's
+        password as it is now (see L{_counted}).
+        """
+        return ("password", name, hmac.digest(self._key, password.encode("utf-8", "replace"),
+                                              "sha256"), self._credential(name))
 
     def log_in(self, request, name: str, password: str) -> Deferred:
         """
         Check a login form's user name and password: fire with the new
         login's cookie value, or fail with L{AuthRefused}.
         """
-        d = self._counted(UsernamePassword(name, password), self.address(request), name)
+        # The password the check is against: the login is tied to it.
+        credential = self._credential(name)
+        d = self._password(name, password, self.address(request))
 
         def made(user):
             old = self.login_cookie(request)
@@ -234,7 +320,7 @@ class Authenticator:
                 self.logins.end(old)
             _log.info("{user} logged in from {address}", user=user,
                       address=self.address(request))
-            return self.logins.new(user)
+            return self.logins.new(user, credential)
         return d.addCallback(made)
 
     def log_out(self, request) -> None:

@@ -17,6 +17,10 @@ LOGIN_TTL = 12 * 3600.0
 class LoginSession:
     user: str
     expires: float
+    # What names the credential the login was made with (a keyed hash of
+    # the user's password hash): when it changes, the login ends.  None:
+    # not tied to one.
+    credential: bytes | None = None
 
 
 class LoginSessions:
@@ -34,22 +38,33 @@ class LoginSessions:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def new(self, user: str) -> str:
+    def new(self, user: str, credential: bytes | None = None) -> str:
+        """
+        A new login of C{user}, made with the credential C{credential}
+        names: the cookie's value.
+        """
         now = self._clock.seconds()
         for key in [k for k, s in self._sessions.items() if s.expires <= now]:
             del self._sessions[key]
         value = secrets.token_urlsafe(32)
-        self._sessions[value] = LoginSession(user, now + self.ttl)
+        self._sessions[value] = LoginSession(user, now + self.ttl, credential)
         return value
 
-    def user(self, value: str) -> str | None:
+    def get(self, value: str) -> LoginSession | None:
+        """
+        The live login C{value} names, if any.
+        """
         session = self._sessions.get(value)
         if session is None:
             return None
         if session.expires <= self._clock.seconds():
             del self._sessions[value]
             return None
-        return session.user
+        return session
+
+    def user(self, value: str) -> str | None:
+        session = self.get(value)
+        return None if session is None else session.user
 
     def end(self, value: str) -> None:
         self._sessions.pop(value, None)

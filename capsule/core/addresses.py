@@ -4,13 +4,16 @@ of the trusted proxies, and which address of an C{X-Forwarded-For} chain
 is the client's.
 
 Reading those from a request (the socket's peer, the header's values) is
-L{capsule.web.http}'s.
+L{capsule.web.http}'s; L{straight_from_loopback} is the one rule of what
+came from this machine itself (the admin API and C{/metrics} ask it).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from typing import Iterable
+
+from twisted.internet.address import UNIXAddress
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -55,6 +58,23 @@ def client_key(address: str) -> str:
     if ip.version == 4:
         return str(ip)
     return str(ipaddress.ip_network((ip, IPV6_CLIENT_PREFIX), strict=False))
+# Headers a proxy adds: a request that carries one came through a proxy, even
+# from loopback (a proxy on this machine), and is not someone at the machine.
+FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+
+
+def straight_from_loopback(request) -> bool:
+    """
+    Whether a C{twisted.web} request came straight from this machine: its
+    socket's peer is a loopback address or a UNIX socket, and it carries
+    none of the L{FORWARDING_HEADERS}.
+    """
+    if any(request.requestHeaders.hasHeader(name) for name in FORWARDING_HEADERS):
+        return False
+    peer = request.getClientAddress()
+    if isinstance(peer, UNIXAddress):
+        return True
+    return is_loopback(getattr(peer, "host", "") or "")
 
 
 def is_trusted(address: Address | None, trusted: Iterable[Network]) -> bool:
@@ -63,6 +83,17 @@ def is_trusted(address: Address | None, trusted: Iterable[Network]) -> bool:
     """
     return address is not None and any(
         address.version == net.version and address in net for net in trusted)
+
+
+def overlapping(ranges: Iterable[Network], networks: Iterable[Network]
+                ) -> list[tuple[Network, Network]]:
+    """
+    The pairs of a range of C{ranges} and a network of C{networks} that
+    share addresses.
+    """
+    networks = tuple(networks)
+    return [(r, n) for r in ranges for n in networks
+            if r.version == n.version and r.overlaps(n)]
 
 
 def split_forwarded_for(values: Iterable[str]) -> list[str]:

@@ -94,6 +94,13 @@ class TokenBucket:
         self._tokens = tokens - 1.0
         return True
 
+    def give_back(self, now: float) -> None:
+        """
+        Return a token taken (never past C{capacity}).
+        """
+        self._tokens = min(float(self.capacity), self.tokens(now) + 1.0)
+        self._at = max(self._at, now)
+
 
 @dataclass
 class AdmissionPolicy:

@@ -163,6 +163,19 @@ class SessionNetwork:
         self.network: dict | None = None
         self.ready = False
 
+    def subnets(self) -> list:
+        """
+        The subnets of the sessions' network, as C{ipaddress} networks, once
+        L{ensure} has found it (none before, nor for C{none}).
+        """
+        found = []
+        for text in (self.network or {}).get("subnets", ()):
+            try:
+                found.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                continue
+        return found
+
     async def ensure(self) -> None:
         """
         Fail with a L{capsule.core.errors.DockerError} when the engine cannot be

@@ -8,7 +8,9 @@ sets only (end reasons, quota codes, WebSocket close codes, names of Docker
 API calls): never a session id, a user, terminal content or a secret.
 
 Who may read them: a peer on loopback that came straight to capsule (no
-proxy's C{X-Forwarded-For} or C{Forwarded}), or anyone presenting
+proxy's C{X-Forwarded-For}, C{Forwarded} or C{X-Real-IP}:
+L{capsule.core.addresses.straight_from_loopback}, the admin API's rule), or
+anyone presenting
 C{Authorization: Bearer <token>} when capsule runs with C{--metrics-token}.
 Everyone else gets 403.
 """
@@ -27,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from capsule.sessions.observers import SessionObserver
-from capsule.core.addresses import is_loopback
+from capsule.core.addresses import straight_from_loopback
 
 # The classic text format (version 0.0.4), which every Prometheus reads.
 CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
@@ -261,11 +263,9 @@ class MetricsResource(Resource):
             if scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(),
                                                                    self._token):
                 return True
-        if request.getHeader(b"x-forwarded-for") or request.getHeader(b"forwarded"):
-            # Through a proxy: the socket's peer is the proxy, not the client.
-            return False
-        peer = request.getClientAddress()
-        return is_loopback(getattr(peer, "host", ""))
+        # Through a proxy (any forwarding header): the socket's peer is the
+        # proxy, not the client.  The admin API's rule.
+        return straight_from_loopback(request)
 
     def render_GET(self, request):
         request.setHeader(b"cache-control", b"no-store")

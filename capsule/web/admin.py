@@ -9,31 +9,28 @@ drain the server.  What C{python -m capsule.admin} speaks to.
     POST   /api/admin/drain?deadline=S  drain: no new sessions; after S s end the rest
     DELETE /api/admin/drain           take new sessions again
 
-Allowed from loopback (a request without forwarding headers), with the
-admin token (C{Authorization: Bearer}), or to a user named by
-C{--admin-user}.  A browser's request from another origin is refused.
+Allowed with the admin token (C{Authorization: Bearer}), to a user named by
+C{--admin-user}, and from loopback (a request without forwarding headers,
+L{capsule.core.addresses.straight_from_loopback}) when capsule has no users
+or runs with C{--admin-loopback}: with users, everyone on the machine
+reaches loopback, so it is not enough by itself.  A browser's request from
+another origin is refused.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 
-from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from capsule.auth.gate import AuthRefused
+from capsule.core.addresses import straight_from_loopback
 from capsule.sessions.drain import ENDED_BY_ADMIN, Drain, end_all
 from capsule.web.http import answer_json, header, peer_address
 
 _log = Logger()
-
-
-# Headers a proxy adds: a request carrying one came through a proxy, even
-# from loopback, and is not the operator at the machine.
-FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
 
 
 def describe(session, now: float) -> dict:
@@ -56,16 +53,20 @@ class AdminRefused(Exception):
 
 class AdminAccess:
     """
-    Who may use the admin API: loopback, the admin token, or an admin user.
+    Who may use the admin API: the admin token, an admin user, or loopback.
 
     @param token: the admin token (C{None}: none).
     @param users: users allowed (with an L{capsule.auth.gate.Authenticator}).
+    @param loopback: whether a request straight from loopback is allowed
+        (by default: when there is no authenticator, i.e. no users).
     """
 
-    def __init__(self, token: str | None = None, users=(), authenticator=None) -> None:
+    def __init__(self, token: str | None = None, users=(), authenticator=None,
+                 loopback: bool | None = None) -> None:
         self.token = token
         self.users = frozenset(users)
         self.authenticator = authenticator
+        self.loopback = authenticator is None if loopback is None else loopback
 
     def check(self, request) -> Deferred:
         """
@@ -77,7 +78,7 @@ class AdminAccess:
         if self.token and scheme.lower() == "bearer" and hmac.compare_digest(
                 value.strip().encode("utf-8"), self.token.encode("utf-8")):
             return succeed("admin token")
-        if _from_loopback(request):
+        if self.loopback and straight_from_loopback(request):
             return succeed("loopback")
         if self.authenticator is not None and self.users:
             d = self.authenticator.user_of(request)
@@ -91,11 +92,16 @@ class AdminAccess:
                 failure.trap(AuthRefused)
                 raise AdminRefused(failure.value.status, failure.value.message)
             return d.addCallbacks(known, refused)
-        return fail(AdminRefused(
-            401 if self.token else 403,
-            "the admin API answers loopback"
-            + (", the admin token" if self.token else "")
-            + (" and --admin-user users" if self.users else "")))
+        if self.loopback:
+            message = "the admin API answers loopback" + (
+                " and the admin token" if self.token else "")
+        elif self.token:
+            message = ("the admin API needs the admin token (with users, loopback is not"
+                       " enough unless capsule runs with --admin-loopback)")
+        else:
+            message = ("the admin API is closed: with users it needs --admin-token,"
+                       " --admin-user or --admin-loopback")
+        return fail(AdminRefused(401 if self.token else 403, message))
 
 
 def _same_origin(request) -> bool:
@@ -113,18 +119,6 @@ def _same_origin(request) -> bool:
     host = header(request, b"host", "").lower()
     netloc = origin.lower().split("://", 1)[-1].rstrip("/")
     return bool(host) and netloc == host
-
-
-def _from_loopback(request) -> bool:
-    if any(request.requestHeaders.hasHeader(h) for h in FORWARDING_HEADERS):
-        return False
-    peer = request.getClientAddress()
-    if isinstance(peer, UNIXAddress):
-        return True
-    try:
-        return ipaddress.ip_address(getattr(peer, "host", "")).is_loopback
-    except ValueError:
-        return False
 
 
 class AdminResource(Resource):

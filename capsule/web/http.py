@@ -12,7 +12,7 @@ The web front's HTTP toolkit: who a request comes from, and answers in JSON.
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from typing import Callable, Iterable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -84,13 +84,19 @@ def client_address(request, trusted: Iterable[Network] = ()) -> str:
 class ClientAddresses:
     """
     The client addresses of requests, believing C{X-Forwarded-For} from the
-    C{trusted_proxies} only: called with a request, the client's address.
+    C{trusted_proxies} only, and never from a peer on the sessions' network
+    (C{sessions}: a callable, as that network is known only once the engine
+    has answered): called with a request, the client's address.
     """
 
-    def __init__(self, trusted_proxies: Iterable[Network] = ()) -> None:
+    def __init__(self, trusted_proxies: Iterable[Network] = (),
+                 sessions: Callable[[], Iterable[Network]] = tuple) -> None:
         self.trusted_proxies = tuple(trusted_proxies)
+        self._sessions = sessions
 
     def __call__(self, request) -> str:
+        if self.from_session(request):
+            return self.peer(request)
         return client_address(request, self.trusted_proxies)
 
     def peer(self, request) -> str:
@@ -103,9 +109,18 @@ class ClientAddresses:
 
     def from_trusted_proxy(self, request) -> bool:
         """
-        Whether the socket's peer is one of the trusted proxies.
+        Whether the socket's peer is one of the trusted proxies, and not on
+        the sessions' network.
         """
-        return is_trusted(parse_ip(peer_host(request) or ""), self.trusted_proxies)
+        return (is_trusted(parse_ip(peer_host(request) or ""), self.trusted_proxies)
+                and not self.from_session(request))
+
+    def from_session(self, request) -> bool:
+        """
+        Whether the socket's peer is on the sessions' network: its proxy
+        headers are never believed.
+        """
+        return is_trusted(parse_ip(peer_host(request) or ""), self._sessions())
 
 
 # -- JSON answers -------------------------------------------------------------------------

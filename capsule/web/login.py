@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, unquote
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -26,9 +26,20 @@ _log = Logger()
 
 def safe_next(value: str | None) -> str:
     """
-    A path on this server to go to after the login, never another site.
+    A path on this server to go to after the login, never another site: a
+    plain absolute path (and query) of printable ASCII, without a space or
+    a backslash, that does not start with C{//}; decoded (its C{%}
+    escapes), it must not start with C{//} either, nor hold a control
+    character or a backslash.  Anything else is C{/}.  (Browsers drop tabs
+    and newlines from a URL and read a backslash as a slash: C{/%09/evil}
+    would be C{//evil}, another site.)
     """
-    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+    if not value or not value.startswith("/") or value.startswith("//") or any(
+            not 0x21 <= ord(c) <= 0x7e or c == "\\" for c in value):
+        return "/"
+    decoded = unquote(value)
+    if decoded.startswith("//") or any(ord(c) < 0x20 or ord(c) == 0x7f or c == "\\"
+                                       for c in decoded):
         return "/"
     return value
 
@@ -190,8 +201,9 @@ class LoginResource(Resource):
             e = failure.value
             if e.retry_after is not None:
                 request.setHeader(b"retry-after", str(e.retry_after).encode("ascii"))
+            # 429: too many failed logins, or too many at once; each says when.
             message = ("Wrong user name or password." if e.status == 401 else
-                       f"Too many failed logins: try again in {e.retry_after} s.")
+                       e.message[:1].upper() + e.message[1:] + ".")
             request.write(self._form(request, e.status, message, next_path, name[:64]))
             request.finish()
 

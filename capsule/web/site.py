@@ -501,7 +501,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               authenticator: Authenticator | None = None, host_policy: HostPolicy | None = None,
               admission=None, drain: Drain | None = None, start_at_open: bool = False,
               metrics: Metrics | None = None, metrics_token: str | None = None,
-              admin_token: str | None = None, admin_users=(), public_url: str | None = None,
+              admin_token: str | None = None, admin_users=(), admin_loopback: bool | None = None,
+              public_url: str | None = None,
               upload_max_bytes: int = UPLOAD_MAX_BYTES, spool_max_bytes: int | None = None,
               bodies_per_address: int = BODIES_PER_ADDRESS,
               answer_write_timeout: float = EXEC_WRITE_TIMEOUT,
@@ -525,6 +526,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         anywhere (C{--metrics-token}); loopback peers need none.
     @param admin_token, admin_users: who may use C{/api/admin/} besides
         loopback (L{capsule.web.admin}).
+    @param admin_loopback: whether loopback may use C{/api/admin/} without
+        the token (by default: without users only).
     @param public_url: the address users open (C{--public-url}): the API's
         session URLs are absolute under it.
     @param upload_max_bytes: bytes of archive an upload may send.
@@ -575,7 +578,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         top = AuthGate(root, authenticator, OPEN_PATHS)
         body_limits[b"/login"] = LOGIN_MAX_BODY
     top = AdminMount(top, AdminResource(manager, drain, AdminAccess(
-        admin_token, admin_users, authenticator), reactor))
+        admin_token, admin_users, authenticator, admin_loopback), reactor))
     return CapsuleSite(GuardResource(top, host_policy), reactor=reactor,
                        logFormatter=access_log_line, body_limits=body_limits,
                        body_rules=[session_api.body_limit], websocket_factory=factory,

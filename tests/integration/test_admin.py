@@ -52,8 +52,9 @@ def close_code(ws) -> int:
 def test_list_shows_the_owner_and_end_tells_the_client(make_server, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"ann:{TOKEN}\n")
+    # With users, loopback is admin only when the operator says so.
     server = make_server("--tokens", str(tokens), "--state-dir", str(tmp_path / "state"),
-                         "--pool-size", "0")
+                         "--pool-size", "0", "--admin-loopback")
     ws = websocket.create_connection(server.ws_url, timeout=30,
                                      header=[f"Authorization: Bearer {TOKEN}"])
     ws.send(json.dumps({"type": "resize", "cols": 80, "rows": 24}))
