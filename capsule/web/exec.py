@@ -99,6 +99,7 @@ class ExecResource(SessionPost):
     def render_POST(self, request):
         api = self.api
         session = api.running(request, self.session_id)
+        api.not_exporting(session)
         spec = session_spec(api.manager, session)
         wanted = exec_request(json_request(request, "exec"), spec.workdir)
         running = api.execs.get(session.id, 0)
@@ -110,26 +111,40 @@ class ExecResource(SessionPost):
             raise ApiError(503, "the commands running now may return as much output as capsule"
                                 " holds at once: try again shortly, or ask for less"
                                 " (max_output)", "busy")
+        turn = api.enter_docker(request)
         api.execs[session.id] = running + 1
         api.output_reserved += reserve
         api.touch(session)
-        d = Deferred.fromCoroutine(self._run(session, spec, wanted))
+        d = Deferred.fromCoroutine(self._run(session, spec, wanted, turn))
 
         def release(result):
             api.output_reserved -= reserve
             return result
         return answer_when(request, d.addBoth(release), "an exec")
 
-    async def _run(self, session, spec, wanted):
+    async def _run(self, session, spec, wanted, turn):
         api = self.api
-        started = time.monotonic()
         keep = api.hold(session)
+        slot = None
         try:
+            slot = await turn
+            # Its turn may have come after the session ended.
+            api.ended_meanwhile(session, "the command waited")
+            started = time.monotonic()
+
+            async def stdin(transport) -> None:
+                # The exec is made and its stream open: no Docker thread is
+                # held while the command runs.
+                slot.release()
+                if wanted["stdin"]:
+                    transport.write(wanted["stdin"])
             result = await api.docker.run_command(
                 session.container_id, timed_argv(wanted["argv"], wanted["timeout"]),
                 spec.user, wanted["cwd"], {**spec.environment, **wanted["env"]},
-                wanted["stdin"], wanted["max_output"], wanted["timeout"] + EXEC_SLACK)
+                stdin, wanted["max_output"], wanted["timeout"] + EXEC_SLACK)
         finally:
+            if slot is not None:
+                slot.release()
             keep.stop()
             count_down(api.execs, session.id)
             api.touch(session)

@@ -20,10 +20,12 @@ from twisted.web.http import combinedLogFormatter
 from twisted.web.server import Request, Site
 
 from capsule import __version__
+from capsule.sessions.call_gate import CallGate
 from capsule.sessions.drain import Drain
 from capsule.sessions.service import SessionService
 from capsule.web.admin import AdminAccess, AdminMount, AdminResource
-from capsule.web.api import ApiResource, ProfilesResource, SessionApi, SessionsResource
+from capsule.web.api import (DOCKER_CALLS_PER_CALLER, ApiResource, ProfilesResource, SessionApi,
+                             SessionsResource)
 from capsule.web.upload import UPLOAD_MAX_BYTES
 from capsule.auth.gate import Authenticator
 from capsule.core.errors import CapsuleError
@@ -296,7 +298,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               admission=None, drain: Drain | None = None, start_at_open: bool = False,
               metrics: Metrics | None = None, metrics_token: str | None = None,
               admin_token: str | None = None, admin_users=(), public_url: str | None = None,
-              upload_max_bytes: int = UPLOAD_MAX_BYTES, **websocket_options) -> CapsuleSite:
+              upload_max_bytes: int = UPLOAD_MAX_BYTES,
+              docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER,
+              **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
     @param authenticator: who may use what (L{capsule.auth.gate}); C{None}: anyone
@@ -319,6 +323,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     @param public_url: the address users open (C{--public-url}): the API's
         session URLs are absolute under it.
     @param upload_max_bytes: bytes of archive an upload may send.
+    @param docker_calls_per_caller: Docker calls one user (without users: one
+        client address) may have under way at once for its execs and
+        uploads; four times as many more wait, the rest get 429.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -346,7 +353,10 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     api.putChild(b"export", exports)
     session_api = SessionApi(manager, docker, reactor, sessions, authenticator=authenticator,
                              public_url=public_url,
-                             upload_max_bytes=upload_max_bytes)
+                             upload_max_bytes=upload_max_bytes,
+                             exporting=exports.exporting, client_address=client_address,
+                             docker_calls=CallGate(docker_calls_per_caller,
+                                                   4 * docker_calls_per_caller))
     api.putChild(b"sessions", SessionsResource(session_api))
     api.putChild(b"profiles", ProfilesResource(session_api))
     api.putChild(b"openapi.json", OpenApiResource())

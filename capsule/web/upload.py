@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
@@ -48,6 +48,7 @@ class UploadResource(SessionPost):
     def render_POST(self, request):
         api = self.api
         session = api.running(request, self.session_id)
+        api.not_exporting(session)
         kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
         if kind not in ARCHIVE_TYPES:
             raise ApiError(415, "an upload's body is a .tar or .tar.gz archive (Content-Type:"
@@ -59,15 +60,17 @@ class UploadResource(SessionPost):
         if sum(api.uploads.values()) >= UPLOADS_AT_ONCE:
             raise ApiError(429, f"capsule unpacks {UPLOADS_AT_ONCE} uploads already: try"
                                 " again shortly", "too_many_uploads")
+        turn = api.enter_docker(request)
         api.uploads[session.id] = api.uploads.get(session.id, 0) + 1
         api.touch(session)
-        return answer_when(request, Deferred.fromCoroutine(self._upload(request, session)),
+        return answer_when(request, Deferred.fromCoroutine(self._upload(request, session, turn)),
                            "an upload")
 
-    async def _upload(self, request, session):
+    async def _upload(self, request, session, turn):
         api = self.api
         body = _Stoppable(request.content, api)
         keep = api.hold(session)
+        slot = None
         try:
             try:
                 summary = await api.in_thread(check, body,
@@ -81,11 +84,26 @@ class UploadResource(SessionPost):
                                     " back", "restarting") from None
             spec = session_spec(api.manager, session)
             feeder = _Feeder(api, body)
+            slot = await turn
+            api.ended_meanwhile(session, "the upload waited")
+
+            def feed(consumer) -> Deferred:
+                # The exec is made and its stream open: no Docker thread is
+                # held while it unpacks.
+                slot.release()
+                return feeder.feed(consumer)
             result = await api.docker.run_command(
                 session.container_id, timed_argv(list(UNPACK_ARGV), UPLOAD_TIMEOUT), spec.user,
-                spec.workdir, dict(spec.environment), feeder.feed, 64 * 1024,
+                spec.workdir, dict(spec.environment), feed, 64 * 1024,
                 UPLOAD_TIMEOUT + EXEC_SLACK)
         finally:
+            if slot is not None:
+                slot.release()
+            else:
+                # Refused before its turn was used: given back, or given up.
+                turn.addCallbacks(lambda slot: slot.release(),
+                                  lambda failure: failure.trap(CancelledError))
+                turn.cancel()
             keep.stop()
             count_down(api.uploads, session.id)
             api.touch(session)
