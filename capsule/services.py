@@ -417,10 +417,15 @@ def make_service(config: CapsuleConfig, reactor) -> CapsuleService:
         flow_window=tuning.flow_window, coalesce_delay=tuning.coalesce_delay,
         export_limits=ExportLimits(
             workers=tuning.export_threads, per_client=config.exports_per_client,
-            max_bytes=config.export_max_bytes, timeout=config.export_timeout),
+            max_bytes=config.export_max_bytes, timeout=config.export_timeout,
+            spool=tuning.export_spool_bytes, spool_budget=tuning.export_spool_budget,
+            stall=tuning.export_stall),
         public_url=config.public_url, upload_max_bytes=config.upload_max_bytes,
         spool_max_bytes=config.spool_max_bytes, bodies_per_address=tuning.bodies_per_address,
-        answer_write_timeout=tuning.answer_write_timeout)
+        answer_write_timeout=tuning.answer_write_timeout,
+        # No one user (or client) may hold more than a quarter of the
+        # Docker threads with its execs and uploads.
+        docker_calls_per_caller=max(1, tuning.docker_threads // 4))
     sessions = SessionService(manager, reactor, site.websocket_factory, admission,
                               docker if config.memory_budget_from_engine else None,
                               network, trusted_proxies=config.trusted_proxies,

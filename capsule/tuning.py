@@ -137,6 +137,20 @@ class Tuning:
         8, _POSITIVE_INT,
         "Request bodies one client address may be sending at once (more: 429"
         " too_many_bodies, from the headers).")
+    export_spool_bytes: int = knob(
+        256 * 1024 * 1024, _POSITIVE_INT,
+        "Bytes of archive one export may hold that its client has not taken yet (the first"
+        " MiB in memory, the rest in a temporary file under $TMPDIR).")
+    export_spool_budget: int = knob(
+        1024 ** 3, _POSITIVE_INT,
+        "Bytes of archive all exports together may hold that their clients have not taken"
+        " yet (at most 16 MiB of it in memory); while it is full, new exports get 503"
+        " exports_busy.")
+    export_stall: float = knob(
+        20.0, _POSITIVE_FLOAT,
+        "Seconds an export's reading of Docker's stream may wait for room in its spool (its"
+        " client taking nothing) before the export is cut off; Docker holds the session's"
+        " container meanwhile.")
 
     @property
     def coalesce_delay(self) -> float:

@@ -1095,3 +1095,66 @@ def test_check_refuses_a_gzip_that_expands_too_much_while_it_reads():
         tar.addfile(info, io.BytesIO(bytes(info.size)))
     plain.seek(0)
     assert check(plain, 1 << 30).size == 8 * 1024 * 1024
+# -- exports and the Docker call gate (issue 19, item 4) ----------------------------
+
+
+def test_execs_and_uploads_are_refused_while_an_export_reads_the_session(api):
+    session = api.create()
+    exports = api.site.exports
+    exports._reading[session["id"]] = 1
+    assert exports.exporting(session["id"])
+    status, _, body = api.request(f"/api/sessions/{session['id']}/exec", "POST",
+                                  {"argv": ["true"]})
+    assert (status, body["code"]) == (409, "export_in_progress")
+    assert body["error"] == (f"the workspace of session {session['id']} is being exported:"
+                             " Docker holds its container until the export has read it; try"
+                             " again once the export is done")
+    status, _, body = api.request(f"/api/sessions/{session['id']}/workspace", "POST",
+                                  b"", content_type="application/x-tar")
+    assert (status, body["code"]) == (409, "export_in_progress")
+    assert api.docker.commands_run == []
+    del exports._reading[session["id"]]
+    status, _, body = api.request(f"/api/sessions/{session['id']}/exec", "POST",
+                                  {"argv": ["true"]})
+    assert status == 200
+
+
+def test_a_caller_over_its_docker_calls_waits_then_is_refused(api):
+    from capsule.sessions.call_gate import CallGate
+    session_api = api.site.session_api
+    session_api.docker_calls = gate = CallGate(limit=1, waiting=1)
+    # Another place holds the caller's one call (a call Docker keeps waiting).
+    held = []
+    gate.enter("127.0.0.1").addCallback(held.append)
+    session = api.create()
+    path = f"/api/sessions/{session['id']}/exec"
+    waiting = api.send(path, "POST", b'{"argv": ["true"]}')
+    assert gate.queued("127.0.0.1") == 1 and waiting.value() == b""
+    status, headers, body = api.request(path, "POST", {"argv": ["true"]})
+    assert (status, body["code"]) == (429, "too_many_docker_calls")
+    assert body["error"] == ("127.0.0.1 has 1 Docker calls under way and 1 waiting (the most"
+                             " it may): try again shortly")
+    assert headers["Retry-After"] == "5"
+    # Another caller is not held.
+    assert gate.enter("127.0.0.9").called
+    held[0].release()
+    assert parse_response(waiting.value())[0] == 200
+    assert (gate.under_way("127.0.0.1"), gate.queued("127.0.0.1")) == (0, 0)
+
+
+def test_a_running_command_holds_no_docker_call(api):
+    from twisted.internet.defer import Deferred
+    from capsule.sessions.call_gate import CallGate
+    session_api = api.site.session_api
+    session_api.docker_calls = gate = CallGate(limit=1, waiting=0)
+    session = api.create()
+    held = []
+    api.docker.commands[tuple(timed_argv(["slow"], 60))] = (
+        lambda stdin: held.append(Deferred()) or held[-1])
+    path = f"/api/sessions/{session['id']}/exec"
+    pending = [api.send(path, "POST", b'{"argv": ["slow"]}') for _ in range(2)]
+    # Both run: each gave its place up once its exec was made.
+    assert len(held) == 2 and gate.under_way("127.0.0.1") == 0
+    for d in held:
+        d.callback((b"done", b"", 0))
+    assert [parse_response(t.value())[2]["stdout"] for t in pending] == ["done", "done"]

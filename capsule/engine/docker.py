@@ -65,6 +65,8 @@ EXIT_CODE_POLL = 0.05
 # Workers for ping and image_exists: /health runs one probe at a time (see
 # capsule.web.site.HealthResource); the second serves any other caller at once.
 HEALTH_THREADS = 2
+# Bytes of a workspace's archive read from Docker at a time.
+EXPORT_CHUNK = 256 * 1024
 
 
 # The image's group whose members may sudo without a password.
@@ -528,19 +530,37 @@ class DockerAPI:
 
     def export_workspace(self, container_id: str, path: str,
                          write: Callable[[bytes], None]) -> Deferred:
+        """
+        Stream C{path}'s tar from the container to C{write}, called on an
+        export thread with each chunk (it may raise to stop the export).
+        Docker holds the container's lock while the stream is open, so the
+        stream's connection is closed as soon as the export ends, whether it
+        read everything or not: never left for the garbage collector.
+        """
         def _thd_export():
+            def _thd_open(client):
+                response = client._get(client._url("/containers/{0}/archive", container_id),
+                                       params={"path": path}, stream=True)
+                try:
+                    client._raise_for_status(response)
+                except BaseException:
+                    response.close()
+                    raise
+                return response
             try:
-                stream, _ = self._thd_call(lambda client: client.get_archive(
-                    container_id, path, chunk_size=256 * 1024))
+                response = self._thd_call(_thd_open)
             except docker.errors.NotFound:
                 raise ContainerGone(
                     f"{path} cannot be exported: the session's container is gone"
                 ) from None
             try:
-                for chunk in stream:
+                for chunk in response.iter_content(EXPORT_CHUNK):
                     write(chunk)
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                    requests.exceptions.ChunkedEncodingError) as e:
+                raise self._unavailable(e) from None
             finally:
-                stream.close()
+                response.close()
         return deferToThreadPool(self._reactor, self._export_pool, _thd_export)
 
 

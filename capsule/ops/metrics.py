@@ -157,6 +157,10 @@ class Metrics(SessionObserver):
         self.exports_failed = Counter(
             "capsule_exports_failed",
             "Workspace exports that failed, were cut off or abandoned.", registry=registry)
+        self.exports_stalled = Counter(
+            "capsule_exports_stalled",
+            "Workspace exports cut off because Docker's stream waited too long for room in"
+            " their spool (their client took nothing while it was full).", registry=registry)
         # Every reason and kind shows from the start, at 0.
         for reason in END_REASONS:
             self.ended.labels(reason)
@@ -219,6 +223,9 @@ class Metrics(SessionObserver):
 
     def export_started(self) -> None:
         self.exports_started.inc()
+
+    def export_stalled(self) -> None:
+        self.exports_stalled.inc()
 
     def export_ended(self, result, stream) -> None:
         if isinstance(result, Failure) or stream.cut is not None or stream.gone:

@@ -32,6 +32,7 @@ from capsule.core.admission import QUOTA_EXCEEDED, AdmissionRefused
 from capsule.core.errors import CapsuleError
 from capsule.web.http import client_address, json_body
 from capsule.core.profiles import DEFAULT_PROFILE, UnknownProfile
+from capsule.sessions.call_gate import CallGate, TooManyCalls
 from capsule.sessions.service import OpenRequest, SessionService
 from capsule.sessions.session import SessionEnded
 from capsule.core.protocol import ProtocolError, parse_session_id
@@ -54,6 +55,10 @@ CREATE_MAX_BODY = 64 * 1024
 # How long a create waits for the session's shell to run.
 CREATE_TIMEOUT = 120.0
 _SIZE_MIN, _SIZE_MAX = 1, 1000
+# Docker calls one caller may have under way at once, and waiting past
+# those (make_site sets them from the Docker threads).
+DOCKER_CALLS_PER_CALLER = 4
+DOCKER_CALLS_WAITING = 16
 
 
 class SessionApi:
@@ -65,8 +70,16 @@ class SessionApi:
     def __init__(self, manager, docker, reactor, sessions: SessionService,
                  authenticator=None, public_url: str | None = None,
                  upload_max_bytes: int = UPLOAD_MAX_BYTES,
-                 answer_timeout: float = EXEC_WRITE_TIMEOUT) -> None:
+                 answer_timeout: float = EXEC_WRITE_TIMEOUT, exporting=None,
+                 docker_calls: CallGate | None = None, client_address=client_address) -> None:
         self.manager, self.docker, self.reactor = manager, docker, reactor
+        # Whether an export streams a session's workspace now (by id):
+        # Docker holds its container meanwhile (capsule.web.export).
+        self.exporting = exporting if exporting is not None else (lambda session_id: False)
+        # The Docker calls each caller has under way (capsule.sessions.call_gate).
+        self.docker_calls = (docker_calls if docker_calls is not None
+                             else CallGate(DOCKER_CALLS_PER_CALLER, DOCKER_CALLS_WAITING))
+        self.client_address = client_address
         self.sessions = sessions
         # Who requests act for (capsule.auth), or None: anyone.
         self.authenticator = authenticator
@@ -124,6 +137,36 @@ class SessionApi:
         if not session.ready:
             raise ApiError(409, f"session {session_id} is still starting", "starting")
         return session
+
+    def not_exporting(self, session) -> None:
+        """
+        @raise ApiError: 409 while an export streams C{session}'s workspace:
+            Docker holds the container until it is read, and a call into it
+            would wait that long.
+        """
+        if self.exporting(session.id):
+            raise ApiError(409, f"the workspace of session {session.id} is being exported:"
+                                " Docker holds its container until the export has read it;"
+                                " try again once the export is done", "export_in_progress")
+
+    def enter_docker(self, request) -> Deferred:
+        """
+        A place among the Docker calls of the request's caller (its user,
+        or without users its client address): a Deferred that fires with a
+        L{Slot} once it is its turn.
+
+        @raise ApiError: 429 if the caller has as many calls waiting as it may.
+        """
+        user = user_of(request)
+        caller = user if user is not None else self.client_address(request)
+        try:
+            return self.docker_calls.enter(caller)
+        except TooManyCalls as e:
+            self.manager.metrics.refused("too_many_docker_calls")
+            who = f"user {user}" if user is not None else caller
+            raise ApiError(429, f"{who} has {e.limit} Docker calls under way and {e.waiting}"
+                                " waiting (the most it may): try again shortly",
+                           "too_many_docker_calls") from None
 
     def ended_meanwhile(self, session, what: str) -> None:
         """

@@ -343,43 +343,64 @@ class ExecResource(SessionPost):
     def render_POST(self, request):
         api = self.api
         session = api.running(request, self.session_id)
+        api.not_exporting(session)
         spec = session_spec(api.manager, session)
         wanted = exec_request(json_request(request, "exec"), spec.workdir)
         # Taken when the headers came (capsule.web.api), or now.
         slot = api.exec_slot(request, session)
         try:
             hold = api.output.take(session.core.user, answer_bound(wanted["max_output"]))
+            try:
+                turn = api.enter_docker(request)
+            except BaseException:
+                hold.release()
+                raise
         except BaseException:
             slot.release()
             raise
         api.touch(session)
-        d = Deferred.fromCoroutine(self._run(session, spec, wanted, slot, hold))
+        d = Deferred.fromCoroutine(self._run(session, spec, wanted, slot, hold, turn))
 
         def failed(failure):
             hold.release()
             return failure
         return answer_when(request, d.addErrback(failed), "an exec")
 
-    async def _run(self, session, spec, wanted, slot, hold: OutputHold):
+    async def _run(self, session, spec, wanted, slot, hold: OutputHold, turn):
         api = self.api
-        started = time.monotonic()
         keep = api.hold(session)
+        docker_slot = None
+        timer = None
         mark = secrets.token_hex(16)
         killer = []
 
         def overdue():
             killer.append(Deferred.fromCoroutine(self._kill(session, spec, mark)))
-        # What it started is killed should it outlive its timeout.
-        timer = api.reactor.callLater(wanted["timeout"] + KILL_AFTER, overdue)
         try:
+            # A place among its caller's Docker calls (see capsule.sessions.call_gate).
+            docker_slot = await turn
+            # Its turn may have come after the session ended.
+            api.ended_meanwhile(session, "the command waited")
+            started = time.monotonic()
+            # What it started is killed should it outlive its timeout.
+            timer = api.reactor.callLater(wanted["timeout"] + KILL_AFTER, overdue)
+
+            async def stdin(transport) -> None:
+                # The exec is made and its stream open: no Docker thread is
+                # held while the command runs.
+                docker_slot.release()
+                if wanted["stdin"]:
+                    transport.write(wanted["stdin"])
             result = await api.docker.run_command(
                 session.container_id, timed_argv(wanted["argv"], wanted["timeout"]),
                 spec.user, wanted["cwd"],
                 {**spec.environment, **wanted["env"], EXEC_MARK: mark},
-                wanted["stdin"], wanted["max_output"], wanted["timeout"] + EXEC_SLACK)
+                stdin, wanted["max_output"], wanted["timeout"] + EXEC_SLACK)
         finally:
-            if timer.active():
+            if timer is not None and timer.active():
                 timer.cancel()
+            if docker_slot is not None:
+                docker_slot.release()
             keep.stop()
             slot.release()
             api.touch(session)

@@ -2,10 +2,18 @@
 C{/api/export/{session_id}}: a session's C{/workspace}, streamed as .tar.gz.
 
 Docker sends the tar; a worker of the export pool compresses it chunk by
-chunk and hands each piece to the reactor, waiting while the client's
-connection is full, so memory use does not depend on the workspace's size.
-An error after the first byte aborts the connection: a truncated archive is
-never passed off as a complete one.
+chunk into the export's spool (L{capsule.web.streams.Spool}: memory, then a
+temporary file), at Docker's pace, and the reactor sends the spool to the
+client at the client's.  Docker holds the container's lock while its stream
+is open, so that stream must not wait on a client: a spool holds at most
+C{spool} bytes, all spools together C{spool_budget}, and a client that takes
+nothing while its spool is full is cut off after C{stall} seconds (so is an
+export that finds the shared budget full that long), which closes Docker's
+stream.  While it is open, the session's execs and uploads are refused
+(409 C{export_in_progress}, L{ExportResource.exporting}) rather than left
+waiting on the container.  Memory use does not depend on the workspace's
+size.  An error after the first byte aborts the connection: a truncated
+archive is never passed off as a complete one.
 
 Exports share a few workers (C{--export-threads}).  L{ExportQueue} hands them
 out round-robin between client addresses, so that one client's many exports
@@ -23,16 +31,17 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.threads import blockingCallFromThread
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable
 from capsule.core.protocol import ProtocolError, parse_session_id
 from capsule.sessions.manager import SessionManager
 from capsule.web.http import Refusal, json_error, peer_address
-from capsule.web.streams import ThreadFedProducer
+from capsule.web.streams import Spool, SpoolBudget, SpoolClosed, SpoolStalled
 
 _log = Logger()
 
@@ -42,6 +51,15 @@ COMPRESSION_LEVEL = 1
 EXPORTS_PER_CLIENT = 2
 EXPORT_MAX_BYTES = 2 * 1024 ** 3
 EXPORT_TIMEOUT = 600.0
+# Bytes of archive one export may hold for its client, and all together
+# (memory, then temporary files: capsule.web.streams.Spool).
+EXPORT_SPOOL = 256 * 1024 * 1024
+EXPORT_SPOOL_BUDGET = 1024 ** 3
+# Seconds Docker's stream may wait for room in a spool whose client takes
+# nothing; the container is locked meanwhile.
+EXPORT_STALL = 20.0
+# Bytes handed to the client's connection at a time.
+SEND_CHUNK = 64 * 1024
 # What a client refused for having too many exports is told to wait.
 RETRY_AFTER = 10
 
@@ -53,13 +71,21 @@ class TooManyExports(Exception):
 class ExportTicket:
     """
     One export's place in an L{ExportQueue}: C{ready} fires when a worker
-    is free for it; C{done} gives the place up, whether it ran or waited.
+    is free for it; C{release} gives the worker back once the export no
+    longer needs it (Docker's stream is read: what is left is the client's
+    download, from the spool); C{done} gives the place up, whether it ran or
+    waited.
     """
 
     def __init__(self, queue: "ExportQueue", client: str) -> None:
         self._queue, self.client = queue, client
         self.ready: Deferred = Deferred(lambda d: self.done())
         self.running = self.finished = False
+
+    def release(self) -> None:
+        if self.running:
+            self.running = False
+            self._queue._free(self)
 
     def done(self) -> None:
         if not self.finished:
@@ -69,11 +95,12 @@ class ExportTicket:
 
 class ExportQueue:
     """
-    At most C{workers} exports run at once; the others wait, one queue per
-    client address.  A freed worker goes to the waiting client with the
-    fewest exports running, and among those to the one served longest ago
-    (round-robin), not to the export that asked first.  A client may have
-    at most C{per_client} exports running or waiting.
+    At most C{workers} exports read from Docker at once; the others wait,
+    one queue per client address.  A freed worker goes to the waiting client
+    with the fewest exports reading, and among those to the one served
+    longest ago (round-robin), not to the export that asked first.  A client
+    may have at most C{per_client} exports reading, waiting, or still being
+    downloaded.
     """
 
     def __init__(self, workers: int, per_client: int) -> None:
@@ -107,6 +134,15 @@ class ExportQueue:
         self._next()
         return ticket
 
+    def _free(self, ticket: ExportTicket) -> None:
+        self.running -= 1
+        left = self._running_of[ticket.client] - 1
+        if left:
+            self._running_of[ticket.client] = left
+        else:
+            del self._running_of[ticket.client]
+        self._next()
+
     def _leave(self, ticket: ExportTicket) -> None:
         left = self._counts[ticket.client] - 1
         if left:
@@ -115,18 +151,13 @@ class ExportQueue:
             del self._counts[ticket.client]
             self._served.pop(ticket.client, None)
         if ticket.running:
-            self.running -= 1
-            left = self._running_of[ticket.client] - 1
-            if left:
-                self._running_of[ticket.client] = left
-            else:
-                del self._running_of[ticket.client]
-        else:
-            queue = self._waiting.get(ticket.client)
-            if queue is not None and ticket in queue:
-                queue.remove(ticket)
-                if not queue:
-                    del self._waiting[ticket.client]
+            ticket.release()
+            return
+        queue = self._waiting.get(ticket.client)
+        if queue is not None and ticket in queue:
+            queue.remove(ticket)
+            if not queue:
+                del self._waiting[ticket.client]
         self._next()
 
     def _next(self) -> None:
@@ -148,16 +179,26 @@ class ExportQueue:
 @dataclass(frozen=True)
 class ExportLimits:
     """
-    @ivar workers: exports that run at once (the export pool's threads).
+    @ivar workers: exports that read from Docker at once (the export pool's
+        threads).
     @ivar per_client: exports one client address may have running or waiting.
     @ivar max_bytes: bytes of archive after which an export is cut off.
     @ivar timeout: seconds of work after which an export is cut off.
+    @ivar spool: bytes of archive one export may hold that its client has
+        not taken yet.
+    @ivar spool_budget: bytes all exports together may hold so.
+    @ivar stall: seconds an export's reading of Docker's stream may wait for
+        room in its spool (its client taking nothing meanwhile) before the
+        export is cut off.
     """
 
     workers: int = 4
     per_client: int = EXPORTS_PER_CLIENT
     max_bytes: int = EXPORT_MAX_BYTES
     timeout: float = EXPORT_TIMEOUT
+    spool: int = EXPORT_SPOOL
+    spool_budget: int = EXPORT_SPOOL_BUDGET
+    stall: float = EXPORT_STALL
 
 
 class ExportResource(Resource):
@@ -166,19 +207,35 @@ class ExportResource(Resource):
 
     @param client_address: the address a request counts against (by
         default the socket's peer).
+    @param spool_directory: where spools' temporary files are made (by
+        default C{$TMPDIR}).
     """
 
     def __init__(self, manager: SessionManager, docker, reactor, path: str = "/workspace",
-                 limits: ExportLimits = ExportLimits(), client_address=peer_address) -> None:
+                 limits: ExportLimits = ExportLimits(), client_address=peer_address,
+                 spool_directory: str | None = None) -> None:
         super().__init__()
         self._manager, self._docker, self._reactor, self._path = manager, docker, reactor, path
         self.limits = limits
         self.queue = ExportQueue(limits.workers, limits.per_client)
+        self.budget = SpoolBudget(limits.spool_budget)
+        self.spool_directory = spool_directory
         self.client_address = client_address
-        self.streams: set[_GzipStream] = set()
-        # An export thread waiting on its client would block the export
-        # pool's stop, and with it the reactor's.
+        self.streams: set[_SpooledExport] = set()
+        # The sessions whose archive Docker streams now, by id: Docker holds
+        # their container's lock meanwhile.
+        self._reading: dict[str, int] = {}
+        # An export thread waiting for room in its spool would block the
+        # export pool's stop, and with it the reactor's.
         reactor.addSystemEventTrigger("before", "shutdown", self._stop_exports)
+
+    def exporting(self, session_id: str) -> bool:
+        """
+        Whether Docker streams the workspace of session C{session_id} for an
+        export now (and so holds its container: a Docker call into it would
+        wait until the stream ends).
+        """
+        return session_id in self._reading
 
     def _stop_exports(self) -> None:
         for stream in list(self.streams):
@@ -211,40 +268,65 @@ class ExportCutOff(ExportAborted):
     """
 
 
-class _GzipStream(ThreadFedProducer):
+@implementer(IPushProducer)
+class _SpooledExport:
     """
-    Compresses on the export thread; writes and waits on the reactor.
+    One export: a worker thread reads Docker's stream, compresses it and puts
+    it into a L{Spool} (L{thd_write}), at Docker's pace while the spool has
+    room; the reactor sends the spool to the client at the client's pace
+    (L{pump}).  A client that takes nothing while the spool is full gets
+    L{ExportLimits.stall} seconds, then the export is cut off: Docker's
+    stream, and with it the container's lock, is never held longer on a
+    client's account.
 
     @ivar cut: why the export was cut off, once it has been.
+    @ivar ended: fires once the export is over, however it ended.
     """
 
     def __init__(self, reactor, request, filename: str, session_id: str,
-                 max_bytes: int) -> None:
-        super().__init__()
+                 limits: ExportLimits, spool: Spool, metrics) -> None:
         self._reactor = reactor
         self._request = request
         self._filename = filename
         self._session_id = session_id
-        self._max_bytes = max_bytes
+        self._max_bytes, self._stall = limits.max_bytes, limits.stall
+        self._spool = spool
+        self._metrics = metrics
         self._gzip = zlib.compressobj(COMPRESSION_LEVEL, zlib.DEFLATED, 31)
+        self._paused = self._pumping = False
+        self._tail: bytes | None = None
         self.gone = False
         self.started = False
+        self.produced = 0
         self.sent = 0
         self.cut: str | None = None
-        request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self.ended: Deferred = Deferred()
+        request.notifyFinish().addErrback(lambda _: self._client_gone())
 
-    # thread side
+    # -- the export thread -------------------------------------------------
+
     def thd_write(self, chunk: bytes) -> None:
         if self.gone:
             raise ExportAborted(self.cut or "the client went away")
         data = self._gzip.compress(chunk)
-        if data:
-            blockingCallFromThread(self._reactor, self._write, data)
+        if not data:
+            return
+        if self.produced + len(data) > self._max_bytes:
+            why = f"the archive passed {self._max_bytes} bytes"
+            self._reactor.callFromThread(self.cut_off, why)
+            raise ExportCutOff(why)
+        try:
+            self._spool.thd_put(data, self._stall)
+        except SpoolStalled as e:
+            self._reactor.callFromThread(self._stalled, e)
+            raise ExportCutOff(e.message) from None
+        except SpoolClosed:
+            raise ExportAborted(self.cut or "the client went away") from None
+        self.produced += len(data)
+        self._reactor.callFromThread(self.pump)
 
-    def flush(self) -> bytes:
-        return self._gzip.flush()
+    # -- the reactor -------------------------------------------------------
 
-    # reactor side
     def _start(self) -> None:
         if not self.started:
             self.started = True
@@ -255,30 +337,56 @@ class _GzipStream(ThreadFedProducer):
             request.setHeader(b"cache-control", b"no-store")
             request.registerProducer(self, True)
 
-    def _write(self, data: bytes):
-        if self.gone:
-            raise ExportAborted(self.cut or "the client went away")
-        if self.sent + len(data) > self._max_bytes:
-            self.cut_off(f"the archive passed {self._max_bytes} bytes")
-            raise ExportCutOff(self.cut)
-        self._start()
-        self.sent += len(data)
-        self._request.write(data)
-        return self._written()
+    def pump(self) -> None:
+        """
+        Send what the spool holds while the client's connection takes it;
+        once Docker's stream is read and the spool sent, the archive's end.
+        """
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while not self._paused and not self.gone and not self.ended.called:
+                data = self._spool.take(SEND_CHUNK)
+                if not data:
+                    if self._tail is not None:
+                        self._finish()
+                    return
+                self._start()
+                self.sent += len(data)
+                self._request.write(data)
+        finally:
+            self._pumping = False
 
-    def finish(self) -> None:
+    def reading_done(self) -> None:
         """
-        Send the end of the archive, unless that would pass the size cap.
+        Docker's stream is read: the archive's end follows what the spool
+        holds, unless that would pass the size cap.
         """
-        tail = self.flush()
-        if self.sent + len(tail) > self._max_bytes:
+        if self.gone or self.ended.called:
+            return
+        tail = self._gzip.flush()
+        if self.produced + len(tail) > self._max_bytes:
             self.cut_off(f"the archive passed {self._max_bytes} bytes")
             return
+        self.produced += len(tail)
+        self._tail = tail
+        self.pump()
+
+    def _finish(self) -> None:
         self._start()
-        self.sent += len(tail)
-        self._request.write(tail)
+        self.sent += len(self._tail)
+        self._request.write(self._tail)
         self._request.unregisterProducer()
         self._request.finish()
+        _log.info("exported the workspace of session {session_id} ({sent} bytes)",
+                  session_id=self._session_id[:8], sent=self.sent)
+        self._end(None)
+
+    def _stalled(self, stalled: SpoolStalled) -> None:
+        if not (self.gone or self.ended.called):
+            self._metrics.export_stalled()
+        self.cut_off(stalled.message)
 
     def cut_off(self, why: str) -> None:
         """
@@ -286,24 +394,65 @@ class _GzipStream(ThreadFedProducer):
         the archive is out (the download then fails rather than looking
         complete), else answer with an error.
         """
-        if self.gone:
+        if self.gone or self.ended.called:
             return
         self.cut = why
         _log.warn("export of session {session_id} cut off after {sent} bytes: {why}",
                   session_id=self._session_id[:8], sent=self.sent, why=why)
+        self.gone = True
+        self._spool.close()
         request = self._request
         if self.started:
             request.unregisterProducer()
-            self.stopProducing()
             request.channel.transport.abortConnection()
+        else:
+            request.write(json_error(request, 503, f"export cut off: {why}", "export_limit"))
+            request.finish()
+        self._end(None)
+
+    def failed(self, status: int, message: str) -> None:
+        """
+        Reading Docker's stream failed: answer with an error, or, if part of
+        the archive is out, break the connection so that the download fails
+        instead of ending as if complete.
+        """
+        if self.gone or self.ended.called:
             return
-        self.stopProducing()
-        request.write(json_error(request, 503, f"export cut off: {why}", "export_limit"))
-        request.finish()
+        self.gone = True
+        self._spool.close()
+        request = self._request
+        if self.started:
+            request.unregisterProducer()
+            request.channel.transport.abortConnection()
+        else:
+            request.write(json_error(request, status, f"export failed: {message}",
+                                     "export_failed"))
+            request.finish()
+        self._end(None)
+
+    def _client_gone(self) -> None:
+        if self.gone or self.ended.called:
+            return
+        self.gone = True
+        self._spool.close()
+        _log.info("export of session {session_id} abandoned by the client",
+                  session_id=self._session_id[:8])
+        self._end(None)
+
+    def _end(self, result) -> None:
+        if not self.ended.called:
+            self.ended.callback(result)
+
+    # IPushProducer
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self.pump()
 
     def stopProducing(self) -> None:
-        self.gone = True
-        self._release(ExportAborted(self.cut or "the client went away"))
+        self._client_gone()
 
 
 class WorkspaceExportResource(Resource):
@@ -345,57 +494,67 @@ class WorkspaceExportResource(Resource):
     def _export(self, request, ticket: ExportTicket) -> None:
         exports = self._exports
         reactor = exports._reactor
+        metrics = exports._manager.metrics
+        if exports.budget.full():
+            # What the spools hold already is their clients' to take first.
+            ticket.done()
+            metrics.refused("exports_busy")
+            _log.warn("refused an export of session {session_id}: the exports' spool is full"
+                      " ({budget} bytes)", session_id=self._session_id[:8],
+                      budget=exports.budget.total)
+            request.setHeader(b"retry-after", b"%d" % RETRY_AFTER)
+            request.write(json_error(request, 503, "capsule holds as much of other exports as"
+                                     " it may: try again shortly", "exports_busy"))
+            request.finish()
+            return
         stamp = datetime.datetime.fromtimestamp(reactor.seconds(), datetime.timezone.utc)
         filename = f"capsule-{self._session_id[:8]}-workspace-{stamp:%Y%m%d-%H%M%S}.tar.gz"
-        stream = _GzipStream(reactor, request, filename, self._session_id,
-                             exports.limits.max_bytes)
+        spool = Spool(exports.budget, exports.limits.spool, directory=exports.spool_directory)
+        stream = _SpooledExport(reactor, request, filename, self._session_id, exports.limits,
+                                spool, metrics)
         exports.streams.add(stream)
-        exports._manager.metrics.export_started()
+        metrics.export_started()
         timeout = exports.limits.timeout
         timer = reactor.callLater(
             timeout, lambda: stream.cut_off(f"it took longer than {timeout:g} s"))
+        session_id = self._session_id
+        exports._reading[session_id] = exports._reading.get(session_id, 0) + 1
 
-        def _thd_write(chunk: bytes) -> None:
-            stream.thd_write(chunk)
+        d = exports._docker.export_workspace(self._container_id, exports._path,
+                                             stream.thd_write)
 
-        d = exports._docker.export_workspace(self._container_id, exports._path, _thd_write)
-
-        def ended(result):
-            exports._manager.metrics.export_ended(result, stream)
-            exports.streams.discard(stream)
-            ticket.done()
-            if timer.active():
-                timer.cancel()
+        def read(result):
+            # Docker's stream is closed: the container is free again, and
+            # the worker too; the client may still be taking the spool.
+            left = exports._reading.get(session_id, 1) - 1
+            if left:
+                exports._reading[session_id] = left
+            else:
+                exports._reading.pop(session_id, None)
+            ticket.release()
             return result
 
-        def done(_):
-            if stream.gone:
-                return
-            stream.finish()
-            if stream.cut is None:
-                _log.info("exported the workspace of session {session_id} ({sent} bytes)",
-                          session_id=self._session_id[:8], sent=stream.sent)
-
         def failed(failure):
-            if stream.cut is not None:
-                return
             if failure.check(ExportAborted) or stream.gone:
-                _log.info("export of session {session_id} abandoned by the client",
-                          session_id=self._session_id[:8])
                 return
-            message = failure.value.message if failure.check(CapsuleError) else failure.getErrorMessage()
+            message = (failure.value.message if failure.check(CapsuleError)
+                       else failure.getErrorMessage())
             _log.error("export of session {session_id} failed: {message}",
-                       session_id=self._session_id[:8], message=message)
-            if stream.started:
-                # Part of the archive is out: break the connection so the
-                # download fails instead of ending as if complete.
-                request.unregisterProducer()
-                request.channel.transport.abortConnection()
-                return
-            status = 404 if failure.check(ContainerGone) else 503 if failure.check(DockerUnavailable) else 500
-            request.write(json_error(request, status, f"export failed: {message}", "export_failed"))
-            request.finish()
+                       session_id=session_id[:8], message=message)
+            status = (404 if failure.check(ContainerGone)
+                      else 503 if failure.check(DockerUnavailable) else 500)
+            stream.failed(status, message)
 
-        d.addBoth(ended)
-        d.addCallbacks(done, failed)
+        def ended(_):
+            exports.streams.discard(stream)
+            ticket.done()
+            spool.close()
+            if timer.active():
+                timer.cancel()
+            metrics.export_ended(None, stream)
+
+        d.addBoth(read)
+        d.addCallbacks(lambda _: stream.reading_done(), failed)
         d.addErrback(lambda f: _log.failure("export bookkeeping failed", f))
+        stream.ended.addCallback(ended)
+        stream.ended.addErrback(lambda f: _log.failure("export bookkeeping failed", f))

@@ -25,6 +25,22 @@ def _json(schema) -> dict:
     return {"content": {"application/json": {"schema": schema}}}
 
 
+def _busy_container() -> dict:
+    """
+    The 409 and 429 of a route that runs a command in the session.
+    """
+    return {"409": {"description": "the session is still starting (code starting), or its"
+                                   " workspace is being exported (code export_in_progress:"
+                                   " Docker holds the container until the export has read"
+                                   " it; try again once the export is done)",
+                    **_json(_ERROR)},
+            "429": {"description": "over a limit of the caller (Retry-After says when to try"
+                                   " again): the session's commands or uploads at once, or"
+                                   " the caller's Docker calls under way and waiting (code"
+                                   " too_many_docker_calls), or throttled after failed logins",
+                    **_json(_ERROR)}}
+
+
 def _errors(*codes: int) -> dict:
     said = {400: "a malformed request (the body or its fields)",
             401: "no user (with --auth, --tokens or --user-header)",
@@ -39,6 +55,9 @@ def _errors(*codes: int) -> dict:
     # With users, any call may be throttled after failed logins (429).
     codes = sorted(set(codes) | ({429} if 401 in codes else set()))
     return {str(c): {"description": said[c], **_json(_ERROR)} for c in codes}
+
+
+_BUSY_CONTAINER = _busy_container()
 
 
 _SESSION = {"$ref": "#/components/schemas/Session"}
@@ -189,7 +208,7 @@ ROUTES: dict[tuple[str, str], dict] = {
             "description": "output past max_output is dropped (never mid-character in"
                            " text); a stream that is not UTF-8, or that escaping would more"
                            " than double, is base64 (its _encoding says which)"})},
-            **_errors(400, 401, 404, 409, 413, 415, 429, 503)}},
+            **_errors(400, 401, 404, 409, 413, 415, 429, 503), **_BUSY_CONTAINER}},
     ("/api/sessions/{id}/workspace", "post"): {
         "summary": "Unpack a .tar or .tar.gz into /workspace as developer; every entry is"
                    " checked first and nothing is written if one is refused",
@@ -205,13 +224,17 @@ ROUTES: dict[tuple[str, str], dict] = {
                 "bytes": {"type": "integer"}, "compressed": {"type": "boolean"}}})},
             "400": {"description": "not an archive, or an entry refused (its name in"
                                    " entry)", **_json(_ERROR)},
-            **_errors(401, 404, 409, 413, 415, 422, 429, 503)}},
+            **_errors(401, 404, 413, 415, 422, 429, 503), **_BUSY_CONTAINER}},
     ("/api/export/{id}", "get"): {
         "summary": "The session's /workspace as a .tar.gz (entries under workspace/)",
         "parameters": [_ID],
         "responses": {"200": {"description": "the archive", "content": {
             "application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
-            **_errors(401, 404, 409, 429, 503)}},
+            **_errors(401, 404, 409, 429),
+            "503": {"description": "the Docker engine does not answer, an export cut off"
+                                   " before its first byte (code export_limit), or the"
+                                   " exports' spool is full (code exports_busy, Retry-After)",
+                    **_json(_ERROR)}}},
     ("/api/admin/sessions", "get"): {
         "summary": "Every session (admin)", "security": [{"adminToken": []}],
         "responses": {"200": {"description": "the sessions", **_json({"type": "object"})},

@@ -20,12 +20,14 @@ from twisted.web.http import RESPONSES, combinedLogFormatter
 from twisted.web.server import Request, Site
 
 from capsule import __version__
+from capsule.sessions.call_gate import CallGate
 from capsule.sessions.drain import Drain
 from capsule.sessions.service import SessionService
 from capsule.web.admin import AdminAccess, AdminMount, AdminResource
 from capsule.web.bodies import BodyBudget, BodyRefused, RefusalLog, default_spool, \
     BODIES_PER_ADDRESS
-from capsule.web.api import ApiResource, ProfilesResource, SessionApi, SessionsResource
+from capsule.web.api import (DOCKER_CALLS_PER_CALLER, ApiResource, ProfilesResource, SessionApi,
+                             SessionsResource)
 from capsule.web.exec import EXEC_WRITE_TIMEOUT
 from capsule.web.upload import UPLOAD_MAX_BYTES
 from capsule.auth.gate import Authenticator
@@ -506,6 +508,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               upload_max_bytes: int = UPLOAD_MAX_BYTES, spool_max_bytes: int | None = None,
               bodies_per_address: int = BODIES_PER_ADDRESS,
               answer_write_timeout: float = EXEC_WRITE_TIMEOUT,
+              docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER,
               **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -537,6 +540,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         once.
     @param answer_write_timeout: seconds an exec's answer waits for a client
         that reads none of it, before it is dropped.
+    @param docker_calls_per_caller: Docker calls one user (without users: one
+        client address) may have under way at once for its execs and
+        uploads; four times as many more wait, the rest get 429.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -565,7 +571,10 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     session_api = SessionApi(manager, docker, reactor, sessions, authenticator=authenticator,
                              public_url=public_url,
                              upload_max_bytes=upload_max_bytes,
-                             answer_timeout=answer_write_timeout)
+                             answer_timeout=answer_write_timeout,
+                             exporting=exports.exporting, client_address=client_address,
+                             docker_calls=CallGate(docker_calls_per_caller,
+                                                   4 * docker_calls_per_caller))
     api.putChild(b"sessions", SessionsResource(session_api))
     api.putChild(b"profiles", ProfilesResource(session_api))
     api.putChild(b"openapi.json", OpenApiResource())

@@ -7,7 +7,7 @@ into C{/workspace} as C{developer} through an exec's stdin.
 from __future__ import annotations
 
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
@@ -76,17 +76,25 @@ class UploadResource(SessionPost):
     def render_POST(self, request):
         api = self.api
         session = api.running(request, self.session_id)
+        api.not_exporting(session)
         check_archive_type(request)
         # Taken when the headers came (capsule.web.api), or now.
         slot = api.upload_slot(request, session)
+        try:
+            turn = api.enter_docker(request)
+        except BaseException:
+            slot.release()
+            raise
         api.touch(session)
-        return answer_when(request, Deferred.fromCoroutine(self._upload(request, session, slot)),
-                           "an upload")
+        return answer_when(
+            request, Deferred.fromCoroutine(self._upload(request, session, slot, turn)),
+            "an upload")
 
-    async def _upload(self, request, session, slot):
+    async def _upload(self, request, session, slot, turn):
         api = self.api
         body = _Stoppable(request.content, api)
         keep = api.hold(session)
+        docker_slot = None
         try:
             try:
                 summary = await api.in_thread(check, body,
@@ -100,11 +108,27 @@ class UploadResource(SessionPost):
                                     " back", "restarting") from None
             spec = session_spec(api.manager, session)
             feeder = _Feeder(api, body)
+            # A place among its caller's Docker calls (see capsule.sessions.call_gate).
+            docker_slot = await turn
+            api.ended_meanwhile(session, "the upload waited")
+
+            def feed(consumer) -> Deferred:
+                # The exec is made and its stream open: no Docker thread is
+                # held while it unpacks.
+                docker_slot.release()
+                return feeder.feed(consumer)
             result = await api.docker.run_command(
                 session.container_id, timed_argv(list(UNPACK_ARGV), UPLOAD_TIMEOUT), spec.user,
-                spec.workdir, dict(spec.environment), feeder.feed, 64 * 1024,
+                spec.workdir, dict(spec.environment), feed, 64 * 1024,
                 UPLOAD_TIMEOUT + EXEC_SLACK)
         finally:
+            if docker_slot is not None:
+                docker_slot.release()
+            else:
+                # Refused before its turn was used: given back, or given up.
+                turn.addCallbacks(lambda given: given.release(),
+                                  lambda failure: failure.trap(CancelledError))
+                turn.cancel()
             keep.stop()
             slot.release()
             api.touch(session)
