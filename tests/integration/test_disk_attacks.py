@@ -18,7 +18,9 @@ import re
 import pytest
 import pytest_twisted
 
-from .harness import WSClient, docker_client, eventually, sleep
+from tests.support.live import LABEL_SESSION
+
+from .harness import WSClient, docker_client, eventually, session_container, sleep
 
 AGENT_IMAGE = os.environ.get("CAPSULE_TEST_AGENT_IMAGE")
 
@@ -28,14 +30,14 @@ def _quota_enforced(session_id: str) -> bool:
     Whether the storage driver limits this session's writable layer (overlay2
     on xfs with pquota): writes past the size then fail by themselves.
     """
-    container = docker_client().containers.get(f"capsule-{session_id}")
+    container = docker_client().containers.get(session_container(session_id))
     return bool(container.attrs["HostConfig"].get("StorageOpt"))
 
 
 def _gone(session_id: str):
     def gone():
         return not docker_client().api.containers(
-            all=True, filters={"name": f"capsule-{session_id}"})
+            all=True, filters={"label": f"{LABEL_SESSION}={session_id}"})
     return gone
 
 

@@ -308,7 +308,9 @@ async def test_an_agent_volume_is_a_users_own_and_outlives_the_container():
         assert (code, out) == (0, [f"removed {names['ann']}",
                                    f"removed 1 agent volume(s) of ann (instance {instance})"])
         code, out = await deferToThread(_admin, "volumes", "--instance", instance)
-        assert out[1].split() == ["bob", "agent", names["bob"]]
+        user, profile, size, volume = out[1].split()
+        assert (user, profile, volume) == ("bob", "agent", names["bob"])
+        assert re.fullmatch(r"\d+\.\dMiB", size), size
     finally:
         for container_id in made:
             await api.remove_container(container_id)
