@@ -62,9 +62,11 @@ page in Chromium), ``report.py`` (the table and notes) and ``cpuwatch.py``; caps
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -91,7 +93,16 @@ QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
              concurrent=10, flood_seconds=5.0, browser_rounds=3)
 
 # What --only may select: the measurements whose phase names start so.
-ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser")
+ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors")
+
+# The doors (issue 19's caps): each script starts capsules of its own and
+# prints JSON; (label, script, full run's arguments, quick run's).
+DOORS = (
+    ("exec answer", "doors.py", ["--clients", "4"], ["--clients", "2", "--users", "no"]),
+    ("export", "door_export.py", ["--exports", "8", "--clients", "4", "--workspace", "32"],
+     ["--exports", "4", "--clients", "2", "--workspace", "16"]),
+    ("websocket", "door_websocket.py", [], []),
+)
 
 
 class Bench:
@@ -168,7 +179,32 @@ class Bench:
                                            f"browser ({label[8:]})", self.phases.page_visits,
                                            server, label.replace("-", "_")),
                                        {"cleanup-interval": 0.2})
+        if self.selected("doors"):
+            for label, script, full, quick in DOORS:
+                await self.phase(f"doors ({label})", self.door, script,
+                                 quick if self.args.quick else full)
         self.load_after = os.getloadavg()
+
+    async def door(self, script: str, arguments: list[str]) -> None:
+        """
+        What a client can make capsule hold through one door, with the caps
+        on: the door's own script, whose JSON goes into the report.
+        """
+        command = [sys.executable, str(Path(__file__).with_name(script)),
+                   "--image", self.image, *arguments]
+        done = await deferToThread(subprocess.run, command, capture_output=True, text=True,
+                                   timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"{script} exited {done.returncode}: {done.stderr[-500:]}")
+        decoder, text, found = json.JSONDecoder(), done.stdout, []
+        index = text.find("{")
+        while index != -1:
+            value, end = decoder.raw_decode(text, index)
+            found.append(value)
+            index = text.find("{", end)
+        self.results.setdefault("doors", []).extend(found)
+        for value in found:
+            say(json.dumps(value))
 
     async def with_server(self, label: str, extra, suite, tuning=None) -> None:
         tuning = {**(tuning or {}), **dict(

@@ -6,6 +6,7 @@ the results a run gathered, and measures nothing.
 
 from __future__ import annotations
 
+import json
 import os
 
 from cpuwatch import describe as describe_cpu
@@ -300,4 +301,10 @@ def report(run: dict) -> str:
         notes.append(f"{others} other container(s) were running on the"
                      " engine when the bench started; they compete for the same CPUs.")
     notes += run["notes"]
-    return table(r, run["failures"], run["p"]) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    text = table(r, run["failures"], run["p"]) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    if r.get("doors"):
+        text += ("\n\nWhat a client can make capsule hold through each door, with the caps"
+                 " on (each line is the door's script's own JSON: the attack, capsule's"
+                 " memory before, at its peak and after, and the caps that bound it):\n\n"
+                 + "\n".join(f"- `{json.dumps(door, sort_keys=True)}`" for door in r["doors"]))
+    return text
