@@ -16,13 +16,14 @@ from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.http import combinedLogFormatter
+from twisted.web.http import _GenericHTTPChannelProtocol, combinedLogFormatter
 from twisted.web.server import Request, Site
 
 from capsule import __version__
 from capsule.sessions.drain import Drain
 from capsule.sessions.service import SessionService
 from capsule.web.admin import AdminAccess, AdminMount, AdminResource
+from capsule.web.connections import ConnectionLimits, Connection, Connections, CountedChannel
 from capsule.web.api import ApiResource, ProfilesResource, SessionApi, SessionsResource
 from capsule.web.upload import UPLOAD_MAX_BYTES
 from capsule.auth.gate import Authenticator
@@ -139,9 +140,16 @@ class LimitedRequest(Request):
         reactor.callLater(REFUSED_LINGER, transport.abortConnection)
 
 
+def _counted_channel(site):
+    # As Twisted's own factory of channels, with a channel that tells its
+    # Connection where its requests are.
+    return _GenericHTTPChannelProtocol(CountedChannel())
+
+
 class CapsuleSite(Site):
     """
-    capsule's L{Site}: its requests are L{LimitedRequest}s.
+    capsule's L{Site}: its requests are L{LimitedRequest}s, and its
+    connections are counted and timed (L{capsule.web.connections}).
 
     @ivar body_limits: bytes of body accepted by path; any other path
         accepts L{MAX_BODY}.
@@ -150,12 +158,17 @@ class CapsuleSite(Site):
     """
 
     requestFactory = LimitedRequest
+    protocol = _counted_channel
     displayTracebacks = False
 
     def __init__(self, resource, *args, body_limits: dict[bytes, int] | None = None,
                  body_rules=(), websocket_factory=None, exports=None, session_api=None,
-                 drain=None, metrics=None, **kwargs) -> None:
+                 drain=None, metrics=None,
+                 connection_limits: ConnectionLimits = ConnectionLimits(),
+                 **kwargs) -> None:
         super().__init__(resource, *args, **kwargs)
+        # The open connections, by client address.
+        self.connections = Connections(connection_limits, self.reactor)
         self.body_limits: dict[bytes, int] = dict(body_limits or {})
         # Callables giving the limit of a path they know (else None).
         self.body_rules: list = list(body_rules)
@@ -165,6 +178,13 @@ class CapsuleSite(Site):
         self.session_api = session_api
         self.drain = drain
         self.metrics = metrics
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        if channel is None or addr is None:
+            # A channel made by hand (no address: in tests) is not counted.
+            return channel
+        return Connection(self.connections, channel)
 
     def body_limit(self, path: bytes, request=None) -> int:
         # A rule may look at the request's headers (they are in).
@@ -296,7 +316,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               admission=None, drain: Drain | None = None, start_at_open: bool = False,
               metrics: Metrics | None = None, metrics_token: str | None = None,
               admin_token: str | None = None, admin_users=(), public_url: str | None = None,
-              upload_max_bytes: int = UPLOAD_MAX_BYTES, **websocket_options) -> CapsuleSite:
+              upload_max_bytes: int = UPLOAD_MAX_BYTES,
+              connection_limits: ConnectionLimits = ConnectionLimits(),
+              **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
     @param authenticator: who may use what (L{capsule.auth.gate}); C{None}: anyone
@@ -319,6 +341,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     @param public_url: the address users open (C{--public-url}): the API's
         session URLs are absolute under it.
     @param upload_max_bytes: bytes of archive an upload may send.
+    @param connection_limits: connections per client address and in all,
+        and how long a request's headers may take.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -364,4 +388,4 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                        logFormatter=access_log_line, body_limits=body_limits,
                        body_rules=[session_api.body_limit], websocket_factory=factory,
                        exports=exports, session_api=session_api, drain=drain,
-                       metrics=metrics)
+                       metrics=metrics, connection_limits=connection_limits)
