@@ -35,6 +35,7 @@ import json
 from dataclasses import dataclass
 from typing import Iterable
 
+from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -395,3 +396,30 @@ class CountedChannel(HTTPChannel):
         if connection is not None and self.persistent and self.requests:
             # The next request (pipelined) has begun.
             connection.request_started()
+
+
+class CountedWebSocketResource(WebSocketResource):
+    """
+    Autobahn's C{/ws} resource, for a site whose connections are
+    L{Connection}s: the WebSocket gets the connection's own transport
+    (Autobahn reads TLS details from a TLS transport only), and the
+    L{Connection} stays between the transport and the WebSocket, so that it
+    is counted until it closes.
+    """
+
+    def render(self, request):
+        connection = request.channel.transport
+        if not isinstance(connection, Connection) or connection.transport is None:
+            return super().render(request)
+        request.channel.transport = real = connection.transport
+        try:
+            return super().render(request)
+        finally:
+            if request.channel.transport is real:
+                # Not taken over (refused before): the channel answers.
+                request.channel.transport = connection
+            elif isinstance(real, ProtocolWrapper) and real.wrappedProtocol is not connection:
+                # A TLS transport (a ProtocolWrapper) was given the WebSocket
+                # in the Connection's place: put the Connection back.
+                connection.wrappedProtocol = real.wrappedProtocol
+                real.wrappedProtocol = connection

@@ -11,7 +11,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,7 +22,8 @@ from capsule import __version__
 from capsule.sessions.drain import Drain
 from capsule.sessions.service import SessionService
 from capsule.web.admin import AdminAccess, AdminMount, AdminResource
-from capsule.web.connections import ConnectionLimits, Connection, Connections, CountedChannel
+from capsule.web.connections import (Connection, ConnectionLimits, Connections, CountedChannel,
+                                     CountedWebSocketResource)
 from capsule.web.api import ApiResource, ProfilesResource, SessionApi, SessionsResource
 from capsule.web.upload import UPLOAD_MAX_BYTES
 from capsule.auth.gate import Authenticator
@@ -361,7 +361,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
                                    sessions=sessions, authenticator=authenticator,
                                    start_at_open=start_at_open, **websocket_options)
-    root.putChild(b"ws", WebSocketResource(factory))
+    root.putChild(b"ws", CountedWebSocketResource(factory))
     root.putChild(b"health", HealthResource(manager, docker, reactor, drain))
     root.putChild(b"metrics", MetricsResource(metrics, metrics_token))
     api = ApiResource()
