@@ -66,6 +66,8 @@ class CapsuleConfig:
     max_sessions_per_client: int
     max_sessions_per_user: int | None
     session_rate: tuple[int, float]
+    # Connections at once from one client address (HTTP and WebSocket).
+    max_connections_per_client: int
     # None: no budget (--memory-budget off, or the engine's memory until it
     # is known, see memory_budget_from_engine).
     memory_budget: int | None

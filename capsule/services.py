@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import resource
 import signal
 
 from twisted.application import strports
@@ -32,6 +33,8 @@ from capsule.sessions.owners import OwnerFile, default_state_dir
 from capsule.sessions.drain import Drain
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
+from capsule.web.connections import (ConnectionLimits, connection_budget,
+                                     recommended_descriptors)
 from capsule.web.export import ExportLimits
 from capsule.web.headers import HostPolicy
 from capsule.web.http import ClientAddresses
@@ -358,13 +361,66 @@ def session_config(config: CapsuleConfig) -> SessionConfig:
         profiles=dict(config.profiles), secrets=config.secrets)
 
 
-def make_service(config: CapsuleConfig, reactor) -> CapsuleService:
+# The soft limit capsule raises its own to, when the hard one is unlimited.
+DESCRIPTORS_WANTED = 65536
+
+
+def descriptor_limit(limits=resource) -> int:
+    """
+    capsule's file descriptor limit (C{RLIMIT_NOFILE}), its soft limit
+    raised to the hard one first when lower (systemd's default soft limit
+    is 1024 under a hard one of 524288).
+    """
+    soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
+    target = DESCRIPTORS_WANTED if hard == limits.RLIM_INFINITY else hard
+    if soft != limits.RLIM_INFINITY and soft < target:
+        try:
+            limits.setrlimit(limits.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            _log.warn("could not raise the file descriptor limit from {soft} to {target}:"
+                      " {error}", soft=soft, target=target, error=e)
+            return soft
+        _log.info("raised the file descriptor limit from {soft} to {target}", soft=soft,
+                  target=target)
+        return target
+    return DESCRIPTORS_WANTED if soft == limits.RLIM_INFINITY else soft
+
+
+def connection_limits(config: CapsuleConfig, descriptors: int) -> ConnectionLimits:
+    """
+    The site's connection limits under C{descriptors} file descriptors;
+    a warning when they are few for C{--max-sessions}.
+    """
+    tuning = config.tuning
+    threads = tuning.docker_threads + tuning.export_threads
+    total = connection_budget(descriptors, config.max_sessions, threads)
+    wanted = recommended_descriptors(config.max_sessions, threads,
+                                     config.max_connections_per_client)
+    if descriptors < wanted:
+        _log.warn("capsule may open {descriptors} files (RLIMIT_NOFILE), few for"
+                  " --max-sessions {sessions}: it holds {total} client connections at most;"
+                  " raise LimitNOFILE (systemd) or ulimits: nofile (Compose) to {wanted} or"
+                  " more", descriptors=descriptors, sessions=config.max_sessions,
+                  total=total, wanted=wanted)
+    return ConnectionLimits(
+        per_client=config.max_connections_per_client, total=total,
+        header_timeout=tuning.http_header_timeout, idle_timeout=tuning.http_idle_timeout,
+        exempt=tuple(config.trusted_proxies))
+
+
+def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
+                 ) -> CapsuleService:
     """
     The server C{config} describes, its objects made in the order they need
     one another: the metrics, the engine, the sessions, who may use them,
     admission, the site, and the services that start and stop them.
+
+    @param descriptors: the file descriptors capsule may open (by default
+        its C{RLIMIT_NOFILE}, raised to the hard limit).
     """
     tuning = config.tuning
+    if descriptors is None:
+        descriptors = descriptor_limit()
     metrics = Metrics()
     docker = DockerAPI(reactor, threads=tuning.docker_threads,
                        export_threads=tuning.export_threads, metrics=metrics)
@@ -414,6 +470,8 @@ def make_service(config: CapsuleConfig, reactor) -> CapsuleService:
                                allowed_hosts=list(config.allowed_hosts),
                                allowed_origins=list(config.allowed_origins)),
         ping_interval=tuning.ping_interval, ping_timeout=tuning.ping_timeout,
+        stall_timeout=tuning.ws_stall_timeout,
+        connection_limits=connection_limits(config, descriptors),
         flow_window=tuning.flow_window, coalesce_delay=tuning.coalesce_delay,
         export_limits=ExportLimits(
             workers=tuning.export_threads, per_client=config.exports_per_client,

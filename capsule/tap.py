@@ -119,6 +119,10 @@ class Options(usage.Options):
         ["session-rate", None, "10/60",
          "New sessions one client address may create, as COUNT/SECONDS (a token bucket:"
          " bursts of COUNT); more: quota_exceeded, close 4429."],
+        ["max-connections-per-client", None, 64,
+         "Connections (HTTP and WebSocket) one client address may hold at once; past it,"
+         " its oldest idle connection is closed, or the new one refused with 429 when all"
+         " are busy. --trusted-proxy addresses are not capped.", _positive(int)],
         ["memory-budget", None, None,
          "Memory the sessions' and warm containers' --memory limits may add up to"
          " (Docker syntax: 16g); past it a new session is refused with server_full;"
@@ -431,6 +435,7 @@ class Options(usage.Options):
             max_sessions_per_client=self["max-sessions-per-client"],
             max_sessions_per_user=self._max_sessions_per_user(),
             session_rate=self["session-rate"],
+            max_connections_per_client=self["max-connections-per-client"],
             memory_budget=None if budget in (None, "off") else parse_bytes(budget),
             memory_budget_from_engine=budget is None,
             exports_per_client=self["exports-per-client"],

@@ -128,6 +128,18 @@ class Tuning:
         30.0, _POSITIVE_FLOAT,
         "Seconds an exec's answer waits for a client that reads none of it (its connection"
         " takes nothing in) before the answer is dropped and the connection closed.")
+    http_header_timeout: float = knob(
+        10.0, _POSITIVE_FLOAT,
+        "Seconds a request has to send its headers, from its first byte (from the"
+        " connection's opening, for its first request), however often bytes trickle in;"
+        " past it the connection is closed (408).")
+    http_idle_timeout: float = knob(
+        30.0, _POSITIVE_FLOAT,
+        "Seconds a keep-alive connection is kept between two requests.")
+    ws_stall_timeout: float = knob(
+        30.0, _POSITIVE_FLOAT,
+        "Seconds a WebSocket client may leave its connection's outgoing buffer full (it"
+        " reads nothing; capsule reads nothing from it meanwhile) before it is dropped.")
     docker_threads: int = knob(16, _POSITIVE_INT, "Threads for Docker calls.")
     export_threads: int = knob(
         4, _POSITIVE_INT,

@@ -11,12 +11,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.http import RESPONSES, combinedLogFormatter
+from twisted.web.http import RESPONSES, _GenericHTTPChannelProtocol, combinedLogFormatter
 from twisted.web.server import Request, Site
 
 from capsule import __version__
@@ -26,6 +25,8 @@ from capsule.sessions.service import SessionService
 from capsule.web.admin import AdminAccess, AdminMount, AdminResource
 from capsule.web.bodies import BodyBudget, BodyRefused, RefusalLog, default_spool, \
     BODIES_PER_ADDRESS
+from capsule.web.connections import (Connection, ConnectionLimits, Connections, CountedChannel,
+                                     CountedWebSocketResource)
 from capsule.web.api import (DOCKER_CALLS_PER_CALLER, ApiResource, ProfilesResource, SessionApi,
                              SessionsResource)
 from capsule.web.exec import EXEC_WRITE_TIMEOUT
@@ -320,9 +321,16 @@ class LimitedRequest(Request):
         reactor.callLater(REFUSED_LINGER, transport.abortConnection)
 
 
+def _counted_channel(site):
+    # As Twisted's own factory of channels, with a channel that tells its
+    # Connection where its requests are.
+    return _GenericHTTPChannelProtocol(CountedChannel())
+
+
 class CapsuleSite(Site):
     """
-    capsule's L{Site}: its requests are L{LimitedRequest}s.
+    capsule's L{Site}: its requests are L{LimitedRequest}s, and its
+    connections are counted and timed (L{capsule.web.connections}).
 
     @ivar body_limits: bytes of body accepted by path; any other path
         accepts L{MAX_BODY}.
@@ -337,13 +345,18 @@ class CapsuleSite(Site):
     """
 
     requestFactory = LimitedRequest
+    protocol = _counted_channel
     displayTracebacks = False
 
     def __init__(self, resource, *args, body_limits: dict[bytes, int] | None = None,
                  body_rules=(), websocket_factory=None, exports=None, session_api=None,
                  drain=None, metrics=None, bodies: BodyBudget | None = None,
-                 client_address=peer_address, **kwargs) -> None:
+                 client_address=peer_address,
+                 connection_limits: ConnectionLimits = ConnectionLimits(),
+                 **kwargs) -> None:
         super().__init__(resource, *args, **kwargs)
+        # The open connections, by client address.
+        self.connections = Connections(connection_limits, self.reactor)
         self.body_limits: dict[bytes, int] = dict(body_limits or {})
         # Callables giving the limit of a path they know (else None).
         self.body_rules: list = list(body_rules)
@@ -356,6 +369,13 @@ class CapsuleSite(Site):
         self.session_api = session_api
         self.drain = drain
         self.metrics = metrics
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        if channel is None or addr is None:
+            # A channel made by hand (no address: in tests) is not counted.
+            return channel
+        return Connection(self.connections, channel)
 
     def body_limit(self, path: bytes, request=None):
         """
@@ -509,6 +529,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               bodies_per_address: int = BODIES_PER_ADDRESS,
               answer_write_timeout: float = EXEC_WRITE_TIMEOUT,
               docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER,
+              connection_limits: ConnectionLimits = ConnectionLimits(),
               **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -543,6 +564,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     @param docker_calls_per_caller: Docker calls one user (without users: one
         client address) may have under way at once for its execs and
         uploads; four times as many more wait, the rest get 429.
+    @param connection_limits: connections per client address and in all,
+        and how long a request's headers may take.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -561,7 +584,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
                                    sessions=sessions, authenticator=authenticator,
                                    start_at_open=start_at_open, **websocket_options)
-    root.putChild(b"ws", WebSocketResource(factory))
+    root.putChild(b"ws", CountedWebSocketResource(factory))
     root.putChild(b"health", HealthResource(manager, docker, reactor, drain))
     root.putChild(b"metrics", MetricsResource(metrics, metrics_token))
     api = ApiResource()
@@ -595,4 +618,5 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                        metrics=metrics, client_address=client_address,
                        bodies=BodyBudget(default_spool(upload_max_bytes)
                                          if spool_max_bytes is None else spool_max_bytes,
-                                         bodies_per_address))
+                                         bodies_per_address),
+                       connection_limits=connection_limits)

@@ -12,7 +12,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -105,6 +105,14 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         # Whether the session was made here and its client has not sent its
         # first frame yet: if it goes now, nothing is kept.
         self._unseen = False
+        # Why reading from the client is paused: "input" (its session's
+        # shell does not read), "outgoing" (it does not read what it is
+        # sent: its transport's buffer is full).
+        self._not_reading: set[str] = set()
+        self._reading_paused = False
+        # The transport's producer for the connection's life (see onOpen).
+        self._outgoing: _Outgoing | None = None
+        self._stalled = None
 
     @property
     def _manager(self) -> SessionManager:
@@ -168,6 +176,10 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         # the transport's producer: let it go, so the session can register.
         if getattr(self.transport, "producer", None) is not None:
             self.transport.unregisterProducer()
+        # Told by the transport when its outgoing buffer is full, and when
+        # it has drained, for as long as the connection lasts.
+        self._outgoing = _Outgoing(self)
+        self.transport.registerProducer(self._outgoing, True)
         # Autobahn's own attempt at this fails silently (its options are not
         # set yet when it tries): without it, Nagle holds small frames such
         # as keystroke echoes back for up to 40 ms behind an unacked frame.
@@ -243,6 +255,7 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             unsent = self._coalescer.pending
             self._coalescer.discard()
         self.pause_output_producer(None)
+        self._cancel_stall()
         if session is not None and before_first_frame:
             self._abandon(session)
         elif session is not None:
@@ -465,13 +478,58 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._close(CLOSE_RESTARTING, message)
 
     def pause_input(self, paused: bool) -> None:
-        transport = self.transport
-        if transport is None or self.state != WebSocketProtocol.STATE_OPEN:
-            return
-        if paused:
-            transport.pauseProducing()
+        self._hold_reading("input", paused)
+
+    def _hold_reading(self, reason: str, on: bool) -> None:
+        """
+        Read nothing from the client while any reason holds.
+        """
+        if on:
+            self._not_reading.add(reason)
         else:
+            self._not_reading.discard(reason)
+        transport = self.transport
+        if transport is None:
+            return
+        if self._not_reading and not self._reading_paused:
+            if self.state == WebSocketProtocol.STATE_OPEN:
+                self._reading_paused = True
+                transport.pauseProducing()
+        elif self._reading_paused and not self._not_reading:
+            self._reading_paused = False
             transport.resumeProducing()
+
+    def _outgoing_full(self, full: bool) -> None:
+        """
+        The transport's outgoing buffer is over its mark (C{full}), or has
+        drained: the session's output waits, and so does everything the
+        client sends (a ping is answered with a pong: a client that sends
+        pings and reads nothing would otherwise grow the buffer without
+        end).  A client that leaves it full for C{stall_timeout} is dropped.
+        """
+        if self._producer is not None:
+            self._producer.hold("transport", full)
+        self._hold_reading("outgoing", full)
+        if not full:
+            self._cancel_stall()
+        elif self._stalled is None and self.state == WebSocketProtocol.STATE_OPEN:
+            self._stalled = self.factory.clock.callLater(
+                self.factory.stall_timeout, self._stall_expired)
+
+    def _cancel_stall(self) -> None:
+        call, self._stalled = self._stalled, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _stall_expired(self) -> None:
+        self._stalled = None
+        if self.transport is None or self.state == WebSocketProtocol.STATE_CLOSED:
+            return
+        _log.warn("dropped {peer}: it did not read what it was sent for {timeout:g} s",
+                  peer=self.peer, timeout=self.factory.stall_timeout)
+        self._manager.metrics.error_sent("not_reading")
+        # Nothing sent to it would be read: no close handshake.
+        self.transport.abortConnection()
 
     def session_taken_over(self) -> None:
         self._let_go()
@@ -479,19 +537,42 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                      CLOSE_TAKEN_OVER)
 
     def pause_output_producer(self, producer) -> None:
-        transport = self.transport
-        if transport is None:
+        # The session's output producer pauses while the transport's buffer
+        # is full (told by _Outgoing, the transport's producer) or while the
+        # client's window is (binary protocol).
+        if self.transport is None:
             return
         if self._producer is not None:
-            if getattr(transport, "producer", None) is self._producer:
-                transport.unregisterProducer()
             self._producer.release()
             self._producer = None
         if producer is not None and self.state == WebSocketProtocol.STATE_OPEN:
-            if getattr(transport, "producer", None) is not None:
-                transport.unregisterProducer()
             self._producer = FlowGate(producer)
-            transport.registerProducer(self._producer, True)
+            if "outgoing" in self._not_reading:
+                self._producer.hold("transport", True)
+
+
+@implementer(IPushProducer)
+class _Outgoing:
+    """
+    The producer a WebSocket's transport pauses when its outgoing buffer is
+    full and resumes when it has drained: it tells its connection.
+    """
+
+    def __init__(self, protocol: CapsuleServerProtocol) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self._protocol._outgoing_full(True)
+
+    def resumeProducing(self) -> None:
+        self._protocol._outgoing_full(False)
+
+    def stopProducing(self) -> None:
+        # The connection is closing: the shell must go on (see FlowGate).
+        protocol = self._protocol
+        protocol._cancel_stall()
+        if protocol._producer is not None:
+            protocol._producer.stopProducing()
 
 
 class CapsuleServerFactory(WebSocketServerFactory):
@@ -507,6 +588,9 @@ class CapsuleServerFactory(WebSocketServerFactory):
     @param start_at_open: make a new session as its connection opens (its
         container made while the client sends its first frame) rather than
         at that first frame.
+    @param stall_timeout: seconds a client may read nothing while its
+        outgoing buffer is full (it is read from no more meanwhile) before
+        it is dropped.
     """
 
     protocol = CapsuleServerProtocol
@@ -521,8 +605,11 @@ class CapsuleServerFactory(WebSocketServerFactory):
                  coalesce_delay: float = 0.002, coalesce_bytes: int = 256 * 1024,
                  host_policy: HostPolicy | None = None,
                  sessions: SessionService | None = None, authenticator=None,
-                 start_at_open: bool = False) -> None:
+                 start_at_open: bool = False, stall_timeout: float = 30.0) -> None:
         super().__init__()
+        # Seconds a client may leave its outgoing buffer full before it is
+        # dropped.
+        self.stall_timeout = stall_timeout
         self.host_policy = host_policy
         self.authenticator = authenticator
         self.start_at_open = start_at_open
