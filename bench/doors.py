@@ -1,7 +1,8 @@
 """
 Doors: the memory a client can make capsule hold through a door, with the
-caps on, next to the caps.  This file measures the exec answer's door,
-against a capsule it starts itself, on loopback:
+caps on, next to the caps.  This file measures the upload door (bodies sent
+and never finished: what capsule spools, against --spool-max-bytes) and the
+exec answer's door, against capsules it starts itself, on loopback:
 
     .venv/bin/python bench/doors.py [--clients 4] [--image capsule-runtime:latest]
 
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -35,6 +38,7 @@ from capsule.web.exec import (EXEC_MAX_OUTPUT, EXEC_OUTPUT_BUDGET, EXEC_OUTPUT_P
                               answer_bound)
 from tests.support.exec_flood import (MIB, flood_request, peak_rss_kib, read_status,
                                       stalled_exec)
+from capsule.tuning import Tuning
 from tests.support.httpclient import request
 from tests.support.live import CapsuleServer, wait_for
 
@@ -101,13 +105,110 @@ def exec_door(clients: int, write_timeout: float, image: str, users: bool) -> di
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def spooled_bytes(pid: int) -> int:
+    """
+    Bytes of the files capsule holds open and has deleted: its request
+    bodies' temporary files.
+    """
+    total = 0
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir():
+        try:
+            if os.readlink(fd).endswith(" (deleted)"):
+                total += os.stat(fd).st_size
+        except OSError:
+            continue
+    return total
+
+
+def upload_door(clients: int, image: str, send_mib: int = 96, spool_mib: int = 256,
+                upload_mib: int = 128) -> dict:
+    """
+    C{clients} uploads, each into a session of its own, each declaring C{upload_mib} MiB and
+    sending C{send_mib} MiB of it, then stalling: capsule holds their bodies
+    (in temporary files) until the spool budget says no to the next.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="capsule-doors-"))
+    server = CapsuleServer(workdir, "--grace", "300", "--pool-size", "0",
+                           "--upload-max-bytes", f"{upload_mib}m",
+                           "--spool-max-bytes", f"{spool_mib}m", image=image,
+                           instance=f"doors-{uuid.uuid4().hex[:8]}")
+    result = {"door": "upload", "clients": clients,
+              "attack": f"uploads declaring {upload_mib} MiB, sending {send_mib} MiB, then"
+                        " nothing (the client neither finishes nor leaves)",
+              "caps": {"spool_max_mib": spool_mib, "upload_max_mib": upload_mib,
+                       "bodies_per_address": Tuning().bodies_per_address}}
+    sockets = []
+    try:
+        server.start()
+        # A session each: one upload per session runs at once.
+        session_ids = []
+        for _ in range(clients):
+            status, _, body = request(server.url + "/api/sessions", "POST",
+                                      {"Content-Type": "application/json"}, b"{}", timeout=120)
+            assert status == 201, body
+            session_ids.append(json.loads(body)["id"])
+        before = server.rss_kib()
+        statuses = []
+        peak_spool = 0
+        chunk = b"\0" * MIB
+        for session_id in session_ids:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            sockets.append(sock)
+            sock.sendall((f"POST /api/sessions/{session_id}/workspace HTTP/1.1\r\n"
+                          f"Host: 127.0.0.1\r\nContent-Type: application/x-tar\r\n"
+                          f"Content-Length: {upload_mib * MIB}\r\n\r\n").encode())
+            sock.settimeout(0.5)
+            refused = None
+            for _ in range(send_mib):
+                try:
+                    sock.sendall(chunk)
+                except OSError:
+                    break
+                try:
+                    head = sock.recv(200)
+                    if head:
+                        refused = int(head.split(b" ", 2)[1])
+                        break
+                except (TimeoutError, socket.timeout, BlockingIOError):
+                    pass
+            statuses.append(refused or "held")
+            peak_spool = max(peak_spool, spooled_bytes(server.pid))
+        time.sleep(2)
+        peak_spool = max(peak_spool, spooled_bytes(server.pid))
+        during = server.rss_kib()
+        for sock in sockets:
+            sock.close()
+        sockets = []
+        time.sleep(2)
+        result.update({"statuses": statuses,
+                       "rss_mib": {"before": round(before / 1024), "held": round(during / 1024),
+                                   "after": round(server.rss_kib() / 1024)},
+                       "spooled_on_disk_mib": round(peak_spool / MIB),
+                       "spooled_after_mib": round(spooled_bytes(server.pid) / MIB)})
+        return result
+    finally:
+        for sock in sockets:
+            sock.close()
+        try:
+            server.stop()
+        finally:
+            server.remove_containers()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--write-timeout", type=float, default=10.0)
     parser.add_argument("--image", default="capsule-runtime:latest")
     parser.add_argument("--users", choices=("both", "no", "yes"), default="both")
+    parser.add_argument("--door", choices=("exec", "upload", "both"), default="both")
     args = parser.parse_args()
+    if args.door in ("upload", "both"):
+        print(json.dumps(upload_door(args.clients, args.image)), flush=True)
+    if args.door == "upload":
+        return
     for users in {"both": (False, True), "no": (False,), "yes": (True,)}[args.users]:
         print(json.dumps(exec_door(args.clients, args.write_timeout, args.image, users)),
               flush=True)
