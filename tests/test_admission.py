@@ -16,7 +16,7 @@ from capsule.core.admission import (QUOTA_EXCEEDED, SERVER_FULL, AdmissionContro
                                AdmissionRefused, TokenBucket, parse_network, parse_rate)
 from tests.support.fakes import FakeDockerAPI
 from capsule.sessions.service import SessionService
-from capsule.web.websocket import CapsuleServerFactory
+from capsule.web.websocket_factory import CapsuleServerFactory
 
 from .in_memory import Link, clock, docker, manager  # noqa: F401 (fixtures)
 

@@ -12,7 +12,8 @@ from capsule.core.admission import AdmissionControl, AdmissionPolicy
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.service import SessionService
 from capsule.sessions.session import WARM_SIZE
-from capsule.web.websocket import CLOSE_INVALID_SESSION, CLOSE_UNAVAILABLE, CapsuleServerFactory
+from capsule.web.websocket import CLOSE_INVALID_SESSION, CLOSE_UNAVAILABLE
+from capsule.web.websocket_factory import CapsuleServerFactory
 
 from .in_memory import Link, clock, docker, make_manager  # noqa: F401 (fixtures)
 from .test_pool import CountingDocker

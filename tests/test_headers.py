@@ -26,7 +26,7 @@ from capsule.tap import Options, makeService
 from tests.support.fakes import FakeDockerAPI
 from tests.support.httpclient import Response, parse, request_bytes, send, upgrade_headers
 from capsule.web.site import make_site
-from capsule.web.websocket import CapsuleServerFactory
+from capsule.web.websocket_factory import CapsuleServerFactory
 
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 3001)
 LAN = IPv4Address("TCP", "192.0.2.5", 3001)

@@ -335,7 +335,7 @@ def test_a_recovered_session_keeps_its_profile(docker):
 # -- the WebSocket: ?profile= ---------------------------------------------------------
 
 def _link(clock, docker, query):
-    from capsule.web.websocket import CapsuleServerFactory
+    from capsule.web.websocket_factory import CapsuleServerFactory
     manager = SessionManager(docker, clock, SessionConfig(
         spec=SPEC, instance="t", grace=60, profiles=builtins()))
     factory = CapsuleServerFactory(manager, clock, max_message_size=1024)

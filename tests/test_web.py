@@ -20,7 +20,8 @@ from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from tests.support.fakes import FakeDockerAPI
 from tests.support.httpclient import Response, ask, ask_later, parse, send
-from capsule.web.site import HEALTH_TIMEOUT, make_site
+from capsule.web.health import HEALTH_TIMEOUT
+from capsule.web.site import make_site
 
 IMAGE = "capsule-runtime:latest"
 

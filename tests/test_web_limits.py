@@ -387,7 +387,7 @@ def test_a_connection_that_goes_is_no_longer_counted(capped):
 
 # -- a WebSocket client that does not read (issue 19, item 6) ---------------------------
 
-from capsule.web.websocket import CapsuleServerFactory  # noqa: E402
+from capsule.web.websocket_factory import CapsuleServerFactory  # noqa: E402
 from tests.in_memory import Link, clock, docker, manager  # noqa: E402,F401 (fixtures)
 
 

@@ -16,7 +16,7 @@ import pytest
 from twisted.test import iosim
 
 from capsule.core.protocol import BINARY_SUBPROTOCOL
-from capsule.web.websocket import CapsuleServerFactory
+from capsule.web.websocket_factory import CapsuleServerFactory
 from capsule.web.wire import BinaryWire, JsonWire
 from tests.support.httpclient import request_bytes, upgrade_headers
 
