@@ -5,7 +5,6 @@ Against the in-memory engine and a Clock.
 """
 
 import pytest
-from twisted.internet.task import Clock
 
 from capsule.core.admission import (QUOTA_EXCEEDED, SERVER_FULL, AdmissionControl,
                                     AdmissionPolicy, AdmissionRefused)
@@ -17,7 +16,9 @@ from capsule.sessions.manager import SessionManager
 from capsule.sessions.observers import SessionObserver
 from capsule.sessions.service import OpenRequest, SessionService
 from capsule.sessions.session import SessionConfig, SessionEnded
-from tests.support.fakes import FakeDockerAPI, RecordingClient
+from tests.support.fakes import RecordingClient
+
+from .in_memory import clock, docker  # noqa: F401 (fixtures)
 
 
 class Opened(SessionObserver):
@@ -29,16 +30,6 @@ class Opened(SessionObserver):
 
     def session_ended(self, session):
         self.ended.append(session.id)
-
-
-@pytest.fixture
-def docker():
-    return FakeDockerAPI()
-
-
-@pytest.fixture
-def clock():
-    return Clock()
 
 
 @pytest.fixture
