@@ -143,7 +143,7 @@ PY
 session() {
   .venv/bin/python - "$port" <<'PY'
 import sys
-from capsule.testing_clients import BlockingTerminal, SessionEnded
+from tests.support.clients import BlockingTerminal, SessionEnded
 
 # Waits under capsule's ping interval (20 s): a ping restarts the client's
 # socket timeout, so a longer wait could outlast its deadline.
