@@ -22,7 +22,6 @@ how it ended, next to the caps that bound it.  Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import select
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from capsule.sessions.session import SessionConfig  # noqa: E402
 from capsule.tuning import Tuning  # noqa: E402
 from tests.support.clients import BlockingTerminal  # noqa: E402
+from tests.support.httpclient import raw_websocket  # noqa: E402
 from tests.support.live import CapsuleServer, remove_instance_containers  # noqa: E402
 
 MIB = 1024 * 1024
@@ -89,26 +89,11 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
-def upgrade(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        if not chunk:
-            raise RuntimeError(f"capsule closed the upgrade: {head!r}")
-        head += chunk
-    return sock
-
-
 def ping_flood(server, seconds: float, limit: int) -> dict:
     before = rss_kib(server.pid)
     peak = Peak(server.pid)
     peak.start()
-    sock = upgrade(server.port)
+    sock = raw_websocket(server.port)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(0.5)
     frames = (struct.pack("!BB", 0x89, 0x80 | 125) + b"\0\0\0\0" + b"p" * 125) * 512

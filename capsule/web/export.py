@@ -399,16 +399,7 @@ class _SpooledExport:
         self.cut = why
         _log.warn("export of session {session_id} cut off after {sent} bytes: {why}",
                   session_id=self._session_id[:8], sent=self.sent, why=why)
-        self.gone = True
-        self._spool.close()
-        request = self._request
-        if self.started:
-            request.unregisterProducer()
-            request.channel.transport.abortConnection()
-        else:
-            request.write(json_error(request, 503, f"export cut off: {why}", "export_limit"))
-            request.finish()
-        self._end(None)
+        self._break(503, f"export cut off: {why}", "export_limit")
 
     def failed(self, status: int, message: str) -> None:
         """
@@ -418,6 +409,14 @@ class _SpooledExport:
         """
         if self.gone or self.ended.called:
             return
+        self._break(status, f"export failed: {message}", "export_failed")
+
+    def _break(self, status: int, message: str, code: str) -> None:
+        """
+        End the export unfinished: a JSON error if nothing of the archive
+        went out yet, else a broken connection, so that the download fails
+        instead of ending as if complete.
+        """
         self.gone = True
         self._spool.close()
         request = self._request
@@ -425,8 +424,7 @@ class _SpooledExport:
             request.unregisterProducer()
             request.channel.transport.abortConnection()
         else:
-            request.write(json_error(request, status, f"export failed: {message}",
-                                     "export_failed"))
+            request.write(json_error(request, status, message, code))
             request.finish()
         self._end(None)
 

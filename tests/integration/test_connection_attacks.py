@@ -7,13 +7,13 @@ nothing.
 
 from __future__ import annotations
 
-import base64
-import os
 import select
 import socket
 import struct
 import threading
 import time
+
+from tests.support.httpclient import raw_websocket
 
 from .harness import BlockingTerminal, wait_for
 
@@ -135,24 +135,6 @@ def test_idle_sockets_and_a_trickler_leave_health_and_new_sessions_working(make_
 # -- the ping flood ------------------------------------------------------------------
 
 
-def _ws_handshake(port: int) -> socket.socket:
-    """
-    A raw WebSocket to capsule's /ws: the upgrade done, nothing read after.
-    """
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        assert chunk, f"capsule closed the upgrade: {head!r}"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
 def _ping(payload: bytes) -> bytes:
     # A client's frame: FIN, opcode 9, masked (a zero mask keeps it cheap).
     return struct.pack("!BB", 0x89, 0x80 | len(payload)) + b"\0\0\0\0" + payload
@@ -173,7 +155,7 @@ def test_a_ping_flood_that_never_reads_is_paused_and_dropped(make_server):
     other.start()
     other.run("echo be''fore", "before", timeout=60)
     before = _rss_mib(server.pid)
-    flood = _ws_handshake(server.port)
+    flood = raw_websocket(server.port)
     flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     flood.settimeout(0.5)
     frames = _ping(b"p" * 125) * 512

@@ -295,3 +295,27 @@ def parse(raw: bytes, method="GET") -> Response:
     response = http.client.HTTPResponse(Socket(), method=_text(method))
     response.begin()
     return _read(response)
+
+
+def raw_websocket(port: int, timeout: float = 10) -> "socket.socket":
+    """
+    A raw WebSocket to capsule's /ws on loopback: the upgrade done (its 101
+    read), nothing read after; for clients that misbehave on purpose.
+    """
+    import base64
+    import os
+    import socket
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError(f"capsule closed the upgrade: {head!r}")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(f"capsule refused the upgrade: {head[:200]!r}")
+    return sock
