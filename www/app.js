@@ -31,10 +31,13 @@ const ui = {
 // Users: whether capsule has them (null: not known yet).
 let hasUsers = null;
 let connection = null;
+// The add-ons loaded after the first prompt (js/extras.js): the terminal's input passes
+// through them (the key bar's sticky Ctrl) once they are there.
+let extras = null;
 
 const status = createStatusBar(ui);
 const term = createTerminal(ui.terminal, {
-  onInput: (data) => connection.input(data),
+  onInput: (data) => connection.input(extras ? extras.input(data) : data),
   onBinaryInput: (data) => connection.binaryInput(data),
   onResize: () => connection.resized(),
   onBell: () => attention.bell(),
@@ -126,3 +129,19 @@ term.focus();
 // first prompt: asked when the main thread is next idle (at most a second from now).
 if (window.requestIdleCallback) requestIdleCallback(showLogout, { timeout: 1000 });
 else setTimeout(showLogout, 100);
+
+// The key bar, the clipboard, search and the WebGL renderer are not on the way to the first
+// prompt either: loaded when the main thread is next idle.
+function loadExtras() {
+  import("./js/extras.js").then(({ setupExtras }) => {
+    extras = setupExtras(term, {
+      send: (data) => connection.input(data),
+      refit: () => {
+        term.fit();
+        connection.resized();
+      },
+    });
+  }).catch((e) => console.error("capsule: the page's add-ons did not load", e));
+}
+if (window.requestIdleCallback) requestIdleCallback(loadExtras, { timeout: 1000 });
+else setTimeout(loadExtras, 100);

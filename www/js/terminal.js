@@ -93,6 +93,14 @@ export function createTerminal(element, { onInput, onBinaryInput, onResize, onBe
     get blank() {
       return blank;
     },
+    // xterm.js's Terminal itself, for the add-ons loaded after the first prompt (js/extras.js).
+    get xterm() {
+      return term;
+    },
+    // Whether xterm is parsing replayed output (what a program did before this page saw it).
+    get replaying() {
+      return parsingReplay;
+    },
     size() {
       return { cols: term.cols, rows: term.rows };
     },
