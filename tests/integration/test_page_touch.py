@@ -386,6 +386,10 @@ def test_renderer_falls_back_to_the_dom(server, new_context):
     """
     page, _ = open_page(new_context(**DESKTOP), server.url)
     assert page.get_attribute("#terminal", "data-renderer") == "dom"
+    # The fonts for CJK and emoji are in the terminal's font stack.
+    family = page.evaluate("() => getComputedStyle(document.querySelector('.xterm-rows')).fontFamily")
+    assert "DejaVu Sans Mono" in family and "Noto Sans Mono CJK SC" in family
+    assert "Noto Color Emoji" in family
     page.evaluate("localStorage.setItem('capsule.renderer', 'webgl')")
     page.reload()
     page.wait_for_function("() => document.getElementById('terminal').dataset.renderer === 'webgl'",

@@ -1,6 +1,7 @@
 // The key bar's bytes, the sticky Ctrl, the shortcuts of each platform and OSC 52 writes.
 
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { test } from "node:test";
 
 import {
@@ -181,4 +182,16 @@ test("a finger drawn over the terminal scrolls it a row at a time", () => {
   assert.deepEqual(swipeLines(35, 17), { lines: -2, rest: 1 });
   assert.deepEqual(swipeLines(-35, 17), { lines: 2, rest: -1 });
   assert.deepEqual(swipeLines(40, 0), { lines: 0, rest: 0 });
+});
+
+test("the terminal's fonts cover CJK and emoji, in an order that keeps digits monospace", () => {
+  const css = readFileSync(new URL("../style.css", import.meta.url), "utf8");
+  const stack = /--mono:\s*([^;]+);/.exec(css)[1].split(",").map((f) => f.trim().replace(/^"|"$/g, ""));
+  const at = (name) => stack.indexOf(name);
+  for (const name of ["DejaVu Sans Mono", "Noto Sans Mono CJK SC", "Noto Color Emoji", "monospace"]) {
+    assert.ok(at(name) >= 0, name);
+  }
+  assert.ok(at("DejaVu Sans Mono") < at("Noto Sans Mono CJK SC"));
+  assert.ok(at("Noto Sans Mono CJK SC") < at("Noto Color Emoji"));
+  assert.equal(stack.at(-1), "monospace");
 });
