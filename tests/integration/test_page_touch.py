@@ -378,6 +378,26 @@ def test_search_finds_a_word_in_the_scrollback(server, new_context):
     wait_screen(page, r"back-10")
 
 
+def text_pixels(page) -> int:
+    """
+    How many pixels of the terminal's top rows are lit (text on its dark
+    background), read from a screenshot decoded in the page itself.
+    """
+    box = page.locator("#terminal").bounding_box()
+    png = page.screenshot(clip={"x": box["x"], "y": box["y"], "width": box["width"], "height": 60})
+    return page.evaluate("""async (data) => {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const image = await createImageBitmap(new Blob([bytes], { type: "image/png" }));
+        const canvas = new OffscreenCanvas(image.width, image.height);
+        const context = canvas.getContext("2d");
+        context.drawImage(image, 0, 0);
+        const pixels = context.getImageData(0, 0, image.width, image.height).data;
+        let lit = 0;
+        for (let i = 0; i < pixels.length; i += 4) if (pixels[i] + pixels[i + 1] + pixels[i + 2] > 300) lit++;
+        return lit;
+    }""", base64.b64encode(png).decode())
+
+
 def test_renderer_falls_back_to_the_dom(server, new_context):
     """
     The headless browser's WebGL is SwiftShader, a software one: "auto"
@@ -395,9 +415,11 @@ def test_renderer_falls_back_to_the_dom(server, new_context):
     page.wait_for_function("() => document.getElementById('terminal').dataset.renderer === 'webgl'",
                            timeout=15000)
     assert page.locator("#terminal canvas").count() >= 1
-    type_line(page, "echo drawn-$((8*8))")
-    page.wait_for_timeout(300)
+    type_line(page, "clear; echo drawn-$((8*8))")
+    page.wait_for_timeout(500)
     shot(page, "webgl")
+    # WebGL drew the text: the terminal's pixels (not its DOM, which WebGL leaves empty).
+    assert text_pixels(page) > 200
     # The context goes away (as on a GPU reset): the DOM renderer takes over.
     page.evaluate("""() => {
         for (const canvas of document.querySelectorAll('#terminal canvas')) {
@@ -407,6 +429,7 @@ def test_renderer_falls_back_to_the_dom(server, new_context):
     }""")
     page.wait_for_function("() => document.getElementById('terminal').dataset.renderer === 'dom'")
     assert page.get_attribute("#terminal", "data-renderer-lost") == "true"
-    type_line(page, "echo after-loss-$((9*9))")
+    type_line(page, "clear; echo after-loss-$((9*9))")
     wait_screen(page, r"after-loss-81")
+    assert text_pixels(page) > 200
     assert page.errors == []
