@@ -116,6 +116,25 @@ def test_key_bar_in_vim(server, new_context):
     assert read_file(session_id, "/tmp/note") == b"abc\n"
 
 
+def test_key_bar_paste_and_a_tap_on_the_terminal(server, new_context):
+    """
+    A tap on the terminal gives it the keys (the on-screen keyboard opens);
+    the key bar's Paste reads the clipboard into the terminal.
+    """
+    context = new_context(**PHONE)
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page, _ = open_page(context, server.url)
+    page.evaluate("() => document.activeElement.blur()")
+    page.locator("#terminal").tap()
+    assert page.evaluate("document.activeElement.classList.contains('xterm-helper-textarea')")
+    page.evaluate("navigator.clipboard.writeText('echo c$((6+6))b')")
+    tap(page, "paste")
+    wait_screen(page, r"echo c\$\(\(6")
+    page.keyboard.press("Enter")
+    wait_screen(page, r"\nc12b")
+    assert page.errors == []
+
+
 def swipe(page, x: float, y0: float, y1: float, steps: int = 12) -> None:
     cdp = page.context.new_cdp_session(page)
     cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y0}]})
