@@ -234,11 +234,15 @@ def encode_output(data: bytes) -> bytes:
 
 
 def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
-                     window: int | None = None, replay: int | None = None) -> bytes:
+                     window: int | None = None, replay: int | None = None,
+                     grace: float | None = None, kept: bool | None = None) -> bytes:
     """
     @param replay: how many of the output bytes that follow were produced
         before this connection (replayed output): a terminal must not answer
         the queries it finds in them.
+    @param grace: seconds the session lives on once its last client has
+        left; C{kept}: whether anything keeps it (and its /workspace) past
+        that.  A page says so before its tab is closed.
     """
     message = {"type": "connected", "session_id": session_id, "resumed": resumed}
     if offset is not None:
@@ -247,6 +251,10 @@ def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
         message["window"] = window
     if replay is not None:
         message["replay"] = replay
+    if grace is not None:
+        message["grace"] = grace
+    if kept is not None:
+        message["kept"] = kept
     return _encode(message)
 
 

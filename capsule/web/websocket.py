@@ -433,8 +433,9 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._sent = self._acked = offset
         if resumed:
             self._manager.metrics.resumed(replay)
+        grace, kept = self._manager.after_last_client(session)
         self._send(*self._wire.connected(session.id, resumed, offset, replay,
-                                         self.factory.flow_window))
+                                         self.factory.flow_window, grace, kept))
         drain = self.factory.sessions.drain
         if drain is not None and drain.active:
             self._send(wire.encode_notice(DRAINING, drain.notice()))
