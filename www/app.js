@@ -7,6 +7,7 @@
 
 import { createAttention } from "./js/attention.js";
 import { createConnection } from "./js/connection.js";
+import { createLeaving } from "./js/leaving.js";
 import { createStatusBar } from "./js/status.js";
 import { createTerminal } from "./js/terminal.js";
 import { setupTransfer } from "./js/transfer.js";
@@ -25,16 +26,34 @@ const ui = {
   dropZone: $("drop-zone"),
   actionButton: $("action"),
   logoutButton: $("logout"),
+  user: $("user"),
   terminal: $("terminal"),
+  banner: $("banner"),
+  bannerTitle: $("banner-title"),
+  bannerMessage: $("banner-message"),
+  bannerHint: $("banner-hint"),
+  bannerCountdown: $("banner-countdown"),
+  bannerRetry: $("banner-retry"),
+  bannerAction: $("banner-action"),
 };
 
 // Users: whether capsule has them (null: not known yet).
 let hasUsers = null;
 let connection = null;
 
-const status = createStatusBar(ui);
+const status = createStatusBar(ui, {
+  onState: (name) => leaving.state(name),
+  onAgain: () => {
+    connection.again();
+    term.focus();
+  },
+});
+const leaving = createLeaving({ status });
 const term = createTerminal(ui.terminal, {
-  onInput: (data) => connection.input(data),
+  onInput: (data) => {
+    connection.input(data);
+    leaving.worked();
+  },
   onBinaryInput: (data) => connection.binaryInput(data),
   onResize: () => connection.resized(),
   onBell: () => attention.bell(),
@@ -51,6 +70,7 @@ connection = createConnection({
   status,
   attention,
   profile: new URLSearchParams(location.search).get("profile"),
+  onAttached: (frame) => leaving.attached(frame),
   // A refused upgrade looks the same as capsule being down; its API tells them apart.
   checkLogin: () => {
     if (hasUsers !== false) checkLogin();
@@ -61,6 +81,7 @@ setupTransfer(ui, {
   sessionId: () => connection.sessionId,
   checkLogin,
   focus: () => term.focus(),
+  worked: () => leaving.worked(),
 });
 
 // --- users: the login and logging out ---------------------------------------------
@@ -82,12 +103,14 @@ function checkLogin() {
   });
 }
 
+// Who is logged in, and "Log out" where capsule has users.
 function showLogout() {
   askSessions().then((response) => {
     if (!response || !response.ok) return;
     return response.json().then((body) => {
       hasUsers = typeof body.user === "string";
       ui.logoutButton.hidden = !hasUsers;
+      status.user(hasUsers ? body.user : null);
     });
   }).catch(() => {});
 }
@@ -111,6 +134,17 @@ function logOut() {
 }
 
 ui.logoutButton.addEventListener("click", logOut);
+
+// The session's id, whole (the API takes it): a click copies it.
+ui.session.addEventListener("click", () => {
+  const id = connection.sessionId;
+  if (!id) return;
+  const selection = getSelection();
+  selection.selectAllChildren(ui.session);
+  const copied = navigator.clipboard ? navigator.clipboard.writeText(id) : Promise.reject(new Error());
+  copied.then(() => status.flash("session id copied"),
+    () => status.flash("session id selected: copy it with your keyboard"));
+});
 
 ui.actionButton.addEventListener("click", () => {
   connection.again();
