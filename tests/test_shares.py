@@ -147,7 +147,7 @@ def test_a_spectator_gets_the_replay_then_live_output(connect, manager, docker, 
     [connected, replay] = watcher.new()
     assert connected == {"type": "connected", "session_id": None, "resumed": False,
                          "read_only": True, "expires_in": 60, "replay": 11,
-                         "offset": 0, "window": WINDOW}
+                         "cols": 80, "rows": 24, "offset": 0, "window": WINDOW}
     assert replay == b"welcome\r\n$ "
     # The owner is still attached, and hears that one watches.
     assert session.client is owner.server
@@ -157,6 +157,10 @@ def test_a_spectator_gets_the_replay_then_live_output(connect, manager, docker, 
     watcher.flush()
     owner.flush()
     assert output(watcher) == b"ls\r\n" and output(owner) == b"ls\r\n"
+    # The owner's size is the spectator's.
+    owner.send({"type": "resize", "cols": 132, "rows": 43})
+    watcher.flush()
+    assert watcher.new() == [{"type": "size", "cols": 132, "rows": 43}]
     assert spectators.shares(session)[0]["watchers"] == 1
 
 

@@ -38,8 +38,9 @@ class Spectators(SessionObserver):
     """
     The share links of a server's sessions and their spectators.
 
-    A spectator client has C{watch_started(offset, replay, share)},
-    C{watch_output(data)} and C{watch_ended(code, message)}.
+    A spectator client has C{watch_started(offset, replay, share, size)},
+    C{watch_output(data)}, C{watch_resized(cols, rows)} and
+    C{watch_ended(code, message)}.
 
     @param store: the shares (L{ShareStore}).
     @param per_session: spectators of one session at once.
@@ -131,7 +132,7 @@ class Spectators(SessionObserver):
         watching[client] = share
         replay = session.replay
         data, _ = replay.since(replay.start)
-        client.watch_started(replay.end - len(data), len(data), share)
+        client.watch_started(replay.end - len(data), len(data), share, session.core.size)
         if data and watching.get(client) is share:
             client.watch_output(data)
         self._tell_owner(session)
@@ -157,6 +158,10 @@ class Spectators(SessionObserver):
         for client in list(watching):
             if client in watching:
                 client.watch_output(data)
+
+    def session_resized(self, session, cols: int, rows: int) -> None:
+        for client in list(self._watching.get(session.id, ())):
+            client.watch_resized(cols, rows)
 
     def session_reconnected(self, session) -> None:
         # The owner's new connection is attached once this returns.

@@ -453,12 +453,17 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             self._manager.metrics.error_sent(READ_ONLY)
             self._send(wire.encode_error(READ_ONLY_MESSAGE, READ_ONLY))
 
-    def watch_started(self, offset: int, replay: int, share) -> None:
+    def watch_started(self, offset: int, replay: int, share, size: tuple[int, int]) -> None:
         self._sent = self._acked = offset
         acks = self._wire.acks
         self._send(wire.encode_watching(
             offset if acks else None, self.factory.flow_window if acks else None, replay,
-            share.expires_at - self.factory.clock.seconds()))
+            share.expires_at - self.factory.clock.seconds(), size))
+
+    def watch_resized(self, cols: int, rows: int) -> None:
+        if self._phase is _Phase.WATCHING:
+            self._flush()
+            self._send(wire.encode_size(cols, rows))
 
     def watch_output(self, data: bytes) -> None:
         """

@@ -46,8 +46,8 @@ function storeSessionId(id) {
 // `term`: the terminal (terminal.js); `status`: the status bar (status.js); `attention`:
 // attention.js; `profile`: what a new session asks for (/?profile=claude; a resumed session
 // keeps its own); `checkLogin()`: asks capsule whether the login expired, after a connection
-// that failed.
-export function createConnection({ term, status, attention, profile, checkLogin }) {
+// that failed; `onWatchers(count)`: how many watch the session through read-only links.
+export function createConnection({ term, status, attention, profile, checkLogin, onWatchers = () => {} }) {
   let model = initial();
   let sessionId = loadSessionId();
   const offsets = new Offsets();
@@ -280,6 +280,9 @@ export function createConnection({ term, status, attention, profile, checkLogin 
         if (binary) onDropped(frame.bytes, frame.offset);
         break;
       case "pong":
+        break;
+      case "watchers":
+        onWatchers(frame.count);
         break;
     }
   }
