@@ -84,6 +84,11 @@ if (watching === null) {
     action: ui.actionButton,
     token: watching,
     onExpiry: showExpiry,
+    onEnd: () => {
+      clearInterval(expiryTimer);
+      ui.watchBadge.hidden = false;
+      ui.watchBadge.textContent = "read-only · not watching";
+    },
   });
   // What the owner's page offers is not a spectator's to use.
   for (const button of [ui.uploadButton, ui.exportButton, ui.notifyButton, ui.shareButton]) {
@@ -101,7 +106,7 @@ let expiryTimer = null;
 function showExpiry(at) {
   clearInterval(expiryTimer);
   const render = () => {
-    const text = `read-only · link ${expiryText((at - Date.now()) / 1000)}`;
+    const text = `read-only · ${expiryText((at - Date.now()) / 1000)}`;
     if (ui.watchBadge.textContent !== text) ui.watchBadge.textContent = text;
   };
   ui.watchBadge.hidden = false;

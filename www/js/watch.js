@@ -13,8 +13,8 @@ const READ_ONLY_HINT = "read-only: what you type is not sent (this is a watch li
 
 // `term`: the terminal (terminal.js, read-only); `status`: the status bar (status.js);
 // `action`: the state's button; `token`: the link's; `onExpiry(at)`: the link's expiry
-// (Date.now() time), once known.
-export function createWatch({ term, status, action, token, onExpiry }) {
+// (Date.now() time), once known; `onEnd()`: watching is over (the link or the session).
+export function createWatch({ term, status, action, token, onExpiry, onEnd = () => {} }) {
   const offsets = new Offsets();
   let socket = null;
   let link = 0;
@@ -72,7 +72,7 @@ export function createWatch({ term, status, action, token, onExpiry }) {
         replayLeft = Number.isSafeInteger(frame.replay) && frame.replay >= 0 ? frame.replay : 0;
         resize(frame.cols, frame.rows);
         if (typeof frame.expires_in === "number") onExpiry(Date.now() + frame.expires_in * 1000);
-        show("connected", "watching, read-only");
+        show("connected", "");
         break;
       case "size":
         resize(frame.cols, frame.rows);
@@ -153,6 +153,9 @@ export function createWatch({ term, status, action, token, onExpiry }) {
   function finish(end) {
     ended = true;
     show(end.retry ? "failed" : end.state, end.message);
+    // Said whole in the terminal too: the bar cuts a long reason on a narrow screen.
+    term.notice(end.message);
+    onEnd();
     if (end.again || end.retry) {
       action.textContent = "Watch again";
       action.hidden = false;
