@@ -314,3 +314,30 @@ def test_the_access_log_leaves_the_token_out():
     line = '127.0.0.1 - - [x] "GET /ws?watch=abc-DEF_123&x=1 HTTP/1.1" 101 0 "-" "-"'
     assert "abc-DEF_123" not in _WATCH_TOKEN.sub(r"\1...", line)
     assert "watch=...&x=1" in _WATCH_TOKEN.sub(r"\1...", line)
+
+
+def test_an_owner_that_comes_back_hears_how_many_watch(connect, manager, docker, spectators,
+                                                       clock):
+    owner, session = owned(connect, manager, docker)
+    _, token = spectators.share(session)
+    watcher = connect(f"watch={token}")
+    watcher.new()
+    owner.close()
+    back = connect(f"session_id={session.id}")
+    clock.advance(0)
+    back.flush()
+    assert {"type": "watchers", "count": 1} in back.new()
+    # The spectator watched on meanwhile.
+    docker.processes[-1].emit(b"still here\r\n")
+    watcher.flush()
+    assert b"still here" in output(watcher)
+
+
+def test_a_json_spectator_gets_base64_output_and_no_offsets(connect, manager, docker,
+                                                            spectators):
+    _, session = owned(connect, manager, docker)
+    _, token = spectators.share(session)
+    watcher = connect(f"watch={token}", binary=False)
+    connected, replay = watcher.new()
+    assert connected["read_only"] is True and "offset" not in connected
+    assert replay["type"] == "output"

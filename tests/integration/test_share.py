@@ -164,3 +164,32 @@ def test_only_the_owner_shares_and_a_spectator_needs_no_login(make_server, tmp_p
     # The token never reaches the log.
     log = server.log()
     assert [line for line in log.splitlines() if link["token"] in line] == []
+
+
+def test_a_spectator_counts_as_a_connection_of_its_address(make_server):
+    import websocket  # websocket-client, as BlockingTerminal
+
+    server = make_server("--grace", "30", "--max-connections-per-client", "3",
+                         tuning={"cleanup-interval": 0.5})
+    owner = owner_session(server)
+    link = share(server, owner.session_id)
+    watchers = [spectator(server, link["token"]) for _ in range(2)]
+    for w in watchers:
+        w.next("connected")
+    # The owner's and two spectators' WebSockets: this address's three.
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        spectator(server, link["token"])
+    assert refused.value.status_code == 429
+    assert b"too_many_connections" in (refused.value.resp_body or b"")
+    watchers[0].close()
+    wait_for(lambda: _watching(server, owner.session_id) == 1, 10, "a spectator gone")
+    third = spectator(server, link["token"])
+    assert third.next("connected")["read_only"] is True
+    owner.run("echo OWNER-OK", "OWNER-OK")
+
+
+def _watching(server, session_id: str) -> int | None:
+    try:
+        return call(server, f"/api/sessions/{session_id}/shares")[1]["watchers"]
+    except Exception:
+        return None

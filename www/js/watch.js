@@ -8,6 +8,10 @@ import { BINARY_PROTOCOL, Offsets, ACK_DELAY_MS, encodeFrame, parseFrame, splitR
 import { watchEnd, watchSocketUrl } from "./sharing.js";
 
 const RETRY_DELAYS_MS = [500, 1000, 2000, 3000];
+// As the owner's page: a ping now and then, and a connection that says nothing for the silence
+// limit is taken for lost (and opened again).
+const PING_INTERVAL_MS = 20000;
+const SILENCE_LIMIT_MS = 45000;
 const RETRIES = 40; // about two minutes of a lost connection (a restart of capsule)
 const READ_ONLY_HINT = "read-only: what you type is not sent (this is a watch link)";
 
@@ -26,6 +30,22 @@ export function createWatch({ term, status, action, token, onExpiry, onEnd = () 
   let ackTimer = null;
   let ended = false;
   let hinted = false;
+  let pingTimer = null;
+  let silenceTimer = null;
+
+  function heard() {
+    clearTimeout(silenceTimer);
+    const ws = socket;
+    silenceTimer = setTimeout(() => {
+      if (ws === socket && ws !== null) ws.close();
+    }, SILENCE_LIMIT_MS);
+  }
+
+  function stopKeepalive() {
+    clearInterval(pingTimer);
+    clearTimeout(silenceTimer);
+    pingTimer = silenceTimer = null;
+  }
 
   function show(state, message) {
     status.show(state, message);
@@ -58,6 +78,7 @@ export function createWatch({ term, status, action, token, onExpiry, onEnd = () 
   }
 
   function receive(data, mine) {
+    if (pingTimer !== null) heard();
     if (typeof data !== "string") {
       output(new Uint8Array(data), mine);
       return;
@@ -73,6 +94,13 @@ export function createWatch({ term, status, action, token, onExpiry, onEnd = () 
         resize(frame.cols, frame.rows);
         if (typeof frame.expires_in === "number") onExpiry(Date.now() + frame.expires_in * 1000);
         show("connected", "");
+        stopKeepalive();
+        pingTimer = setInterval(() => {
+          if (socket !== null && socket.readyState === WebSocket.OPEN) {
+            socket.send(encodeFrame({ type: "ping" }));
+          }
+        }, PING_INTERVAL_MS);
+        heard();
         break;
       case "size":
         resize(frame.cols, frame.rows);
@@ -137,6 +165,7 @@ export function createWatch({ term, status, action, token, onExpiry, onEnd = () 
   function closed(code) {
     socket = null;
     stopAcks();
+    stopKeepalive();
     term.endReplay();
     const end = watchEnd(code, lastCode, lastError);
     if (end.retry && attempts < RETRIES) {
