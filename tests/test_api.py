@@ -1184,6 +1184,8 @@ def test_the_owner_makes_lists_and_revokes_share_links(authed):
     assert [s["id"] for s in listed["shares"]] == [made["id"], default["id"]]
     assert all("token" not in s for s in listed["shares"])
     assert made["token"] not in json.dumps(listed)
+    status, _, body = authed.request(f"{path}/{made['id']}/more", "DELETE", token=ALICE)
+    assert (status, body["code"]) == (404, "not_found")
     status, _, body = authed.request(f"{path}/{made['id']}", "DELETE", token=ALICE)
     assert (status, body) == (200, {"id": made["id"], "revoked": True})
     assert authed.spectators.store.find(made["token"]) is None

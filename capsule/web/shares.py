@@ -95,6 +95,8 @@ class ShareResource(JsonResource):
         self.api, self.session_id, self.share_id = api, session_id, share_id
 
     def render_DELETE(self, request):
+        if [p for p in request.postpath if p]:
+            raise ApiError(404, "no such API route: a share link has no children", "not_found")
         spectators = self.api.spectators
         session = self.api.find(request, self.session_id)
         if spectators is None or not spectators.revoke(session, self.share_id):
