@@ -47,9 +47,10 @@ function storeSessionId(id) {
 // attention.js; `profile`: what a new session asks for (/?profile=claude; a resumed session
 // keeps its own); `checkLogin()`: asks capsule whether the login expired, after a connection
 // that failed; `onAttached(frame)`: capsule's `connected` frame (what becomes of the session
-// once the page is gone: its `grace` and `kept`).
+// once the page is gone: its `grace` and `kept`); `onWatchers(count)`: how many watch the
+// session through read-only links.
 export function createConnection({ term, status, attention, profile, checkLogin,
-  onAttached = () => {} }) {
+  onAttached = () => {}, onWatchers = () => {} }) {
   let model = initial();
   let sessionId = loadSessionId();
   const offsets = new Offsets();
@@ -283,6 +284,9 @@ export function createConnection({ term, status, attention, profile, checkLogin,
         if (binary) onDropped(frame.bytes, frame.offset);
         break;
       case "pong":
+        break;
+      case "watchers":
+        onWatchers(frame.count);
         break;
     }
   }

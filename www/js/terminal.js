@@ -28,10 +28,12 @@ export function linkTarget(uri) {
 
 // The terminal in `element`. `onInput(data)` and `onBinaryInput(data)` get what xterm sends to
 // the shell (keys, pastes, mouse reports, xterm's answers), replayed answers left out;
-// `onResize()` follows a change of size; `onBell()` a bell in live output.
-export function createTerminal(element, { onInput, onBinaryInput, onResize, onBell }) {
+// `onResize()` follows a change of size; `onBell()` a bell in live output. A `readOnly` terminal
+// (a spectator's) takes no input and keeps the session's size (resizeTo), not the window's.
+export function createTerminal(element, { onInput, onBinaryInput, onResize, onBell, readOnly = false }) {
   const term = new Terminal({
-    cursorBlink: true,
+    cursorBlink: !readOnly,
+    disableStdin: readOnly,
     fontFamily: getComputedStyle(document.body).getPropertyValue("--mono"),
     fontSize: FONT_SIZE,
     lineHeight: LINE_HEIGHT,
@@ -90,6 +92,7 @@ export function createTerminal(element, { onInput, onBinaryInput, onResize, onBe
 
   let fitTimer = null;
   window.addEventListener("resize", () => {
+    if (readOnly) return;
     clearTimeout(fitTimer);
     fitTimer = setTimeout(() => {
       fitAddon.fit();
@@ -106,6 +109,10 @@ export function createTerminal(element, { onInput, onBinaryInput, onResize, onBe
     },
     fit() {
       fitAddon.fit();
+    },
+    // The session's size (a spectator's terminal shows the owner's screen as it is).
+    resizeTo(cols, rows) {
+      if (cols !== term.cols || rows !== term.rows) term.resize(cols, rows);
     },
     focus() {
       term.focus();
