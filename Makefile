@@ -17,18 +17,19 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed www/node_modules/.installed
 
-# compat mode puts the checkout on sys.path, where twistd finds
-# twisted/plugins/capsule_plugin.py
+# An editable install: a .pth names the checkout (setup.py's package_dir),
+# so that code edits take effect at the next start and twistd finds
+# twisted/plugins/capsule_plugin.py on sys.path.
 $(VENV)/.installed: setup.py
 	@echo "capsule: installing capsule and its Python packages into $(VENV) (pip)..."
 	@$(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install --quiet --upgrade pip
-	@$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	@$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
 
 www/node_modules/.installed: www/package.json www/package-lock.json
 	@echo "capsule: installing the page's packages into www/node_modules (npm ci)..."
-	@cd www && npm ci --no-audit --no-fund --loglevel=error
+	@cd www && npm ci --no-audit --no-fund --loglevel=error >/dev/null
 	@touch $@
 
 image:
