@@ -13,6 +13,7 @@ import signal
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 
@@ -326,8 +327,12 @@ def stop_on_signals(reactor) -> None:
     """
     def stop(name: str) -> None:
         _log.info("received {signal}: stopping", signal=name)
-        if reactor.running:
+        try:
             reactor.stop()
+        except ReactorNotRunning:
+            # A second signal while stopping (Ctrl-C under `make run` reaches
+            # twistd and the shell, which passes it on): stopping already.
+            pass
 
     def handler(signum, frame) -> None:
         reactor.callFromThread(stop, signal.Signals(signum).name)
