@@ -12,7 +12,8 @@ import signal
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList, maybeDeferred,
+                                    succeed)
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
@@ -308,6 +309,24 @@ class CapsuleService(MultiService):
         self.websocket_factory = websocket_factory
         # What twistd logs to (--log-format json), or None: twistd's own.
         self.log_observer = log_observer
+
+    def stopService(self) -> Deferred:
+        """
+        Stop the children one after the other, in the reverse order of their
+        start, each once the one before it has stopped (MultiService stops
+        them all at once): the Docker pools stop only after the sessions'
+        containers are removed, since a call handed to a stopped pool is
+        dropped and never answers.
+        """
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                _log.failure("stopping {service} failed", service=child)
 
     def setServiceParent(self, parent) -> None:
         # twistd's application: twistd logs to the observer it carries.
