@@ -144,7 +144,8 @@ class Options(usage.Options):
          " headers with 503 spool_full. At least --upload-max-bytes"
          " [default: twice --upload-max-bytes, at least 256m].", _positive(parse_bytes)],
         ["auth", None, None,
-         "An htpasswd file of bcrypt hashes (htpasswd -B): its users log in (a login page"
+         "An htpasswd file of bcrypt hashes (capsule-admin user add NAME --htpasswd FILE):"
+         " its users log in (a login page"
          " and a session cookie for browsers, HTTP Basic for programs). Read again when"
          " it changes."],
         ["tokens", None, None,
