@@ -503,6 +503,7 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
             spool=tuning.export_spool_bytes, spool_budget=tuning.export_spool_budget,
             stall=tuning.export_stall),
         public_url=config.public_url, upload_max_bytes=config.upload_max_bytes,
+        access_log=config.access_log,
         spool_max_bytes=config.spool_max_bytes, bodies_per_address=tuning.bodies_per_address,
         answer_write_timeout=tuning.answer_write_timeout,
         # No one user (or client) may hold more than a quarter of the

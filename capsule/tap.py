@@ -220,6 +220,9 @@ class Options(usage.Options):
         ["allow-sudo", None,
          "Give the session user passwordless sudo: root's usual capabilities come back and"
          " no-new-privileges is off (see the README, 'Container hardening')."],
+        ["access-log", None,
+         "Log an access line for every request (by default the page's files, /health and"
+         " /metrics get none unless they fail)."],
         ["read-only-root", None,
          "Make the containers' root filesystem read-only (/workspace and the home directory"
          " stay writable, /tmp is a tmpfs)."],
@@ -444,6 +447,7 @@ class Options(usage.Options):
             upload_max_bytes=self["upload-max-bytes"],
             spool_max_bytes=self["spool-max-bytes"], www=self["www"],
             state_dir=self["state-dir"], log_format=self["log-format"],
+            access_log=bool(self["access-log"]),
             server_options=None if parent is None else MappingProxyType(
                 {k: parent.get(k) for k in ("logfile", "nodaemon")}),
             record=self["record"], record_max_bytes=self["record-max-bytes"], tuning=tuning)
