@@ -27,6 +27,7 @@ from capsule.services import CapsuleService, make_service, stop_on_signals
 from capsule.tuning import ENVIRONMENT as TUNING_ENVIRONMENT
 from capsule.tuning import KNOBS, Tuning, TuningError, load_tuning, tune
 from capsule.web.site import default_www
+from capsule.web.static import missing_packages
 
 _log = Logger()
 
@@ -390,6 +391,13 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--www: no index.html in {self['www']!r}: point --www at capsule's www/"
                 " directory (with its node_modules installed by `make setup`)")
+        if missing := missing_packages(self["www"]):
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise usage.UsageError(
+                f"--www: the page's npm packages are missing from {self['www']}"
+                f" ({missing[0]}{more}): run `npm ci` in capsule's www/ and copy its"
+                f" node_modules to {os.path.join(self['www'], 'node_modules')}"
+                " (see docs/deploy.md), or point --www at a www/ that has them")
         if not shlex.split(self["shell"]):
             raise usage.UsageError("--shell must not be empty")
         if not self["network"].strip():
