@@ -86,6 +86,9 @@ class CapsuleConfig:
     # None: the default (capsule.sessions.owners.default_state_dir).
     state_dir: str | None
     log_format: str
+    # Every request's access line (else none for the page's files, /health
+    # and /metrics answered without an error).
+    access_log: bool
     record: str | None
     record_max_bytes: int
 

@@ -12,7 +12,9 @@ import signal
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList, maybeDeferred,
+                                    succeed)
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 
@@ -310,6 +312,24 @@ class CapsuleService(MultiService):
         # What twistd logs to (--log-format json), or None: twistd's own.
         self.log_observer = log_observer
 
+    def stopService(self) -> Deferred:
+        """
+        Stop the children one after the other, in the reverse order of their
+        start, each once the one before it has stopped (MultiService stops
+        them all at once): the Docker pools stop only after the sessions'
+        containers are removed, since a call handed to a stopped pool is
+        dropped and never answers.
+        """
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                _log.failure("stopping {service} failed", service=child)
+
     def setServiceParent(self, parent) -> None:
         # twistd's application: twistd logs to the observer it carries.
         if self.log_observer is not None and hasattr(parent, "setComponent"):
@@ -328,8 +348,12 @@ def stop_on_signals(reactor) -> None:
     """
     def stop(name: str) -> None:
         _log.info("received {signal}: stopping", signal=name)
-        if reactor.running:
+        try:
             reactor.stop()
+        except ReactorNotRunning:
+            # A second signal while stopping (Ctrl-C under `make run` reaches
+            # twistd and the shell, which passes it on): stopping already.
+            pass
 
     def handler(signum, frame) -> None:
         reactor.callFromThread(stop, signal.Signals(signum).name)
@@ -488,6 +512,7 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
             spool=tuning.export_spool_bytes, spool_budget=tuning.export_spool_budget,
             stall=tuning.export_stall),
         public_url=config.public_url, upload_max_bytes=config.upload_max_bytes,
+        access_log=config.access_log,
         spool_max_bytes=config.spool_max_bytes, bodies_per_address=tuning.bodies_per_address,
         answer_write_timeout=tuning.answer_write_timeout,
         # No one user (or client) may hold more than a quarter of the

@@ -27,6 +27,7 @@ from capsule.services import CapsuleService, make_service, stop_on_signals
 from capsule.tuning import ENVIRONMENT as TUNING_ENVIRONMENT
 from capsule.tuning import KNOBS, Tuning, TuningError, load_tuning, tune
 from capsule.web.site import default_www
+from capsule.web.static import missing_packages
 
 _log = Logger()
 
@@ -144,7 +145,8 @@ class Options(usage.Options):
          " headers with 503 spool_full. At least --upload-max-bytes"
          " [default: twice --upload-max-bytes, at least 256m].", _positive(parse_bytes)],
         ["auth", None, None,
-         "An htpasswd file of bcrypt hashes (htpasswd -B): its users log in (a login page"
+         "An htpasswd file of bcrypt hashes (capsule-admin user add NAME --htpasswd FILE):"
+         " its users log in (a login page"
          " and a session cookie for browsers, HTTP Basic for programs). Read again when"
          " it changes."],
         ["tokens", None, None,
@@ -219,6 +221,9 @@ class Options(usage.Options):
         ["allow-sudo", None,
          "Give the session user passwordless sudo: root's usual capabilities come back and"
          " no-new-privileges is off (see the README, 'Container hardening')."],
+        ["access-log", None,
+         "Log an access line for every request (by default the page's files, /health and"
+         " /metrics get none unless they fail)."],
         ["read-only-root", None,
          "Make the containers' root filesystem read-only (/workspace and the home directory"
          " stay writable, /tmp is a tmpfs)."],
@@ -386,6 +391,13 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--www: no index.html in {self['www']!r}: point --www at capsule's www/"
                 " directory (with its node_modules installed by `make setup`)")
+        if missing := missing_packages(self["www"]):
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise usage.UsageError(
+                f"--www: the page's npm packages are missing from {self['www']}"
+                f" ({missing[0]}{more}): run `npm ci` in capsule's www/ and copy its"
+                f" node_modules to {os.path.join(self['www'], 'node_modules')}"
+                " (see docs/deploy.md), or point --www at a www/ that has them")
         if not shlex.split(self["shell"]):
             raise usage.UsageError("--shell must not be empty")
         if not self["network"].strip():
@@ -443,6 +455,7 @@ class Options(usage.Options):
             upload_max_bytes=self["upload-max-bytes"],
             spool_max_bytes=self["spool-max-bytes"], www=self["www"],
             state_dir=self["state-dir"], log_format=self["log-format"],
+            access_log=bool(self["access-log"]),
             server_options=None if parent is None else MappingProxyType(
                 {k: parent.get(k) for k in ("logfile", "nodaemon")}),
             record=self["record"], record_max_bytes=self["record-max-bytes"], tuning=tuning)

@@ -349,6 +349,52 @@ def test_a_warm_session_being_made_when_capsule_stops_leaves_no_container(docker
     assert docker.containers == {} and docker.processes == []
 
 
+def test_a_stopping_capsule_waits_for_a_warm_container_still_being_created(docker, clock):
+    """
+    The stop is not over (twistd would exit, and the Docker threads stop)
+    until the container that was being created is created and removed.
+    """
+    docker.hold_create = True
+    manager = make_manager(docker, clock, size=1)
+    stopped = manager.shutdown()
+    assert not stopped.called and len(docker.containers) == 1
+    docker.release_create()
+    assert docker.containers == {}
+    assert stopped.called
+
+
+def test_capsule_stops_its_services_one_after_the_other():
+    """
+    The Docker pools (started first) stop only once the sessions' stop is
+    over, not at the same time.
+    """
+    from types import SimpleNamespace
+
+    from twisted.application.service import Service
+    from twisted.internet.defer import Deferred
+
+    from capsule.services import CapsuleService
+
+    said, waiting = [], Deferred()
+
+    class Child(Service):
+        def __init__(self, name, wait=None):
+            self.name, self.wait = name, wait
+
+        def stopService(self):
+            super().stopService()
+            said.append(self.name)
+            return self.wait
+    service = CapsuleService(None, SimpleNamespace(manager=None), None)
+    for child in (Child("docker"), Child("sessions", waiting), Child("listeners")):
+        child.setServiceParent(service)
+    service.startService()
+    stopped = service.stopService()
+    assert said == ["listeners", "sessions"] and not stopped.called
+    waiting.callback(None)
+    assert said == ["listeners", "sessions", "docker"] and stopped.called
+
+
 def test_a_session_ended_while_its_container_is_made_leaves_no_container(docker, clock):
     docker.hold_create = True
     manager = make_manager(docker, clock, size=0)

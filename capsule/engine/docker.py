@@ -27,8 +27,9 @@ import docker.errors
 import requests.exceptions
 from twisted.internet import task
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -98,6 +99,21 @@ def docker_host_endpoint(reactor, host: str):
         f"capsule needs a unix:// or tcp:// Docker host, got {host!r};"
         " set DOCKER_HOST accordingly"
     )
+
+
+class _OneStream(Factory):
+    """
+    The factory of one exec stream's connection to the engine: quiet, so
+    that each exec does not log "Starting factory" and "Stopping factory".
+    """
+
+    noisy = False
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def buildProtocol(self, addr):
+        return self._stream
 
 
 @implementer(IDockerAPI)
@@ -447,7 +463,7 @@ class DockerAPI:
             tty=tty,
         )
         try:
-            await connectProtocol(self._endpoint, stream)
+            await self._endpoint.connect(_OneStream(stream))
         except Exception as e:
             raise self._unavailable(e) from None
         stream.upgraded.addTimeout(self._timeout, self._reactor)

@@ -84,8 +84,11 @@ class SessionManager:
         self.fair_share = FairShare(docker, self.sessions, config.spec.cpu_shares)
         self.engine_watch = EngineWatch(docker, clock, self._spec_of, config.keeper,
                                         config.grace)
-        # Container removals under way, which a stopping server waits for.
+        # Container removals under way, and containers being made (created
+        # and started: one ended meanwhile is removed once its id is known),
+        # which a stopping server waits for.
         self._removals: set[Deferred] = set()
+        self._creating: set[Deferred] = set()
         self.profiles: dict[str, Profile] = dict(config.profiles or {
             DEFAULT_PROFILE: shell_profile(config)})
         # A warm pool per profile that wants one (see capsule.sessions.pool); none for
@@ -339,7 +342,17 @@ class SessionManager:
     async def _make(self, session: Session) -> None:
         core = session.core
         spec = self._container_spec(session.id, session.settings, core.user)
-        core.container_id = await self._docker.create_session_container(session.id, spec)
+        creating = self._docker.create_session_container(session.id, spec)
+        self._creating.add(creating)
+
+        def created(result):
+            self._creating.discard(creating)
+            return result
+        # Before this coroutine goes on: what it does next (the removal of a
+        # container whose session ended meanwhile) is then among the
+        # removals by the time a stopping server looks again.
+        creating.addBoth(created)
+        core.container_id = await creating
         if core.message is not None:
             # It ended while its container was being made (it was ended, or
             # capsule stops): that container is nobody's.
@@ -526,7 +539,19 @@ class SessionManager:
         if kept:
             _log.info("shutting down: {count} session(s) keep running in their containers"
                       " and can be resumed after a restart", count=kept)
-        if self._removals:
+        pool_stopped = self.pool.stop()
+        if self._removals or self._creating:
             _log.info("shutting down: removing {count} session container(s)",
-                      count=len(self._removals))
-        return DeferredList([self.pool.stop(), *self._removals], consumeErrors=True)
+                      count=len(self._removals) + len(self._creating))
+        return Deferred.fromCoroutine(self._settle(pool_stopped))
+
+    async def _settle(self, pool_stopped: Deferred) -> None:
+        """
+        Wait for the pool's stop, the removals under way and the containers
+        being made, then for the removals these lead to (a warm container
+        still being created when capsule stops is removed once it exists),
+        until none is left.
+        """
+        await pool_stopped
+        while self._removals or self._creating:
+            await DeferredList([*self._removals, *self._creating], consumeErrors=True)

@@ -345,14 +345,18 @@ class CapsuleSite(Site):
     requestFactory = LimitedRequest
     protocol = _counted_channel
     displayTracebacks = False
+    # No "Starting factory" / "Stopping factory" lines.
+    noisy = False
 
     def __init__(self, resource, *args, body_limits: dict[bytes, int] | None = None,
                  body_rules=(), websocket_factory=None, exports=None, session_api=None,
                  drain=None, metrics=None, bodies: BodyBudget | None = None,
                  client_address=peer_address,
                  connection_limits: ConnectionLimits = ConnectionLimits(),
-                 **kwargs) -> None:
+                 access_log: bool = False, **kwargs) -> None:
         super().__init__(resource, *args, **kwargs)
+        # Every request's access line, else only L{logged_by_default}'s.
+        self.access_log = access_log
         # The open connections, by client address.
         self.connections = Connections(connection_limits, self.reactor)
         self.body_limits: dict[bytes, int] = dict(body_limits or {})
@@ -374,6 +378,10 @@ class CapsuleSite(Site):
             # A channel made by hand (no address: in tests) is not counted.
             return channel
         return Connection(self.connections, channel)
+
+    def log(self, request) -> None:
+        if self.access_log or logged_by_default(request):
+            super().log(request)
 
     def body_limit(self, path: bytes, request=None):
         """
@@ -399,6 +407,24 @@ class CapsuleSite(Site):
             self.bodies.enter(address)
             request.receiving(lambda: self.bodies.leave(address))
         return self.body_limit(path, request)
+
+
+# The first path segments of what the access log tells by default: the
+# session API, the WebSocket, logins. Other paths (the page's files,
+# /health, /metrics) get a line only when they fail, or with --access-log.
+LOGGED_PATHS = {b"api", b"ws", b"login", b"logout"}
+
+
+def logged_by_default(request) -> bool:
+    """
+    Whether C{request} gets an access line without C{--access-log}: one
+    that is not a C{GET} or C{HEAD}, failed (4xx, 5xx), or is about
+    sessions, users or the admin API rather than a file of the page.
+    """
+    if request.method not in (b"GET", b"HEAD") or (request.code or 200) >= 400:
+        return True
+    first = (request.path or b"/").lstrip(b"/").split(b"/", 1)[0].split(b"?", 1)[0]
+    return first in LOGGED_PATHS
 
 
 def access_log_line(timestamp, request) -> str:
@@ -434,7 +460,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               upload_max_bytes: int = UPLOAD_MAX_BYTES, spool_max_bytes: int | None = None,
               bodies_per_address: int = BODIES_PER_ADDRESS,
               answer_write_timeout: float = EXEC_WRITE_TIMEOUT,
-              docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER,
+              docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER, access_log: bool = False,
               connection_limits: ConnectionLimits = ConnectionLimits(),
               spectators=None,
               **websocket_options) -> CapsuleSite:
@@ -476,6 +502,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     @param spectators: the share links and who watches through them
         (L{capsule.sessions.spectators}, an observer of C{manager});
         C{None}: sessions cannot be shared.
+    @param access_log: an access line for every request (C{--access-log});
+        else only for those L{logged_by_default}.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -535,4 +563,4 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                        bodies=BodyBudget(default_spool(upload_max_bytes)
                                          if spool_max_bytes is None else spool_max_bytes,
                                          bodies_per_address),
-                       connection_limits=connection_limits)
+                       connection_limits=connection_limits, access_log=access_log)
