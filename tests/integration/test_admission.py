@@ -17,7 +17,7 @@ import time
 
 import websocket  # websocket-client
 
-from .harness import docker_client, instance_containers
+from .harness import BlockingTerminal, docker_client, instance_containers
 
 
 def open_session(server, client: str) -> tuple[websocket.WebSocket, dict]:
@@ -177,3 +177,19 @@ def test_every_process_of_a_session_is_killed_before_capsule(make_server):
         assert own == -900 or "OOMScoreAdjust=-900" in server.log()
     finally:
         ws.close()
+
+
+def test_a_process_past_its_sessions_memory_limit_is_killed_the_session_lives_on(make_server):
+    # The kernel picks the biggest process of the session's cgroup: the one
+    # that filled it, not the keeper, the shell or capsule.
+    server = make_server("--memory", "128m", "--pool-size", "0")
+    terminal = BlockingTerminal(server.ws_url)
+    try:
+        terminal.start()
+        terminal.run("perl -e '$x = \"a\"; $x x= 300 * 1024 * 1024'; echo status-$?",
+                     "status-137", timeout=60)
+        terminal.run("echo still-$((40+2))", "still-42")
+        assert server.health()[1]["sessions"] == 1
+    finally:
+        terminal.close()
+    assert server.unhandled_errors() == []
