@@ -173,6 +173,14 @@ def test_a_users_session_takes_a_warm_sessions_place(opened):
     assert (len(manager.sessions), len(pool.ready), pool.making) == (3, 0, None)
 
 
+def test_room_for_a_warm_session_can_keep_a_users_place_besides():
+    memory = MemoryBudget(100 * MIB, budget=300 * MIB)
+    live = [type("S", (), {"settings": None, "container_id": None})()]
+    assert memory.room_for_warm(live, [], None)
+    assert memory.room_for_warm(live, [], None, beside=100 * MIB)
+    assert not memory.room_for_warm(live, [], None, beside=101 * MIB)
+
+
 def test_the_refill_waits_while_the_host_is_under_its_reserve(opened):
     manager, memory, settle, open_one = opened
     memory.reading.available = GIB - 1

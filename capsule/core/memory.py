@@ -172,16 +172,18 @@ class MemoryBudget:
                     f" ({mib(live)} of {mib(self.budget)} MiB): try again later")
         return None
 
-    def room_for_warm(self, sessions: Iterable, held: Iterable, profile) -> bool:
+    def room_for_warm(self, sessions: Iterable, held: Iterable, profile,
+                      beside: int = 0) -> bool:
         """
         Whether one more warm session of C{profile} fits beside the live
-        C{sessions} and the warm ones C{held}: the pool waits while not.
+        C{sessions} and the warm ones C{held} (and C{beside} bytes more,
+        kept for a user's session): the pool waits while not.
         """
         if self.under_reserve() is not None:
             return False
         if self.budget is None:
             return True
-        return (self.live(sessions) + self.warm(held) + self.request_of(profile)
+        return (self.live(sessions) + self.warm(held) + self.request_of(profile) + beside
                 <= self.budget)
 
     def excess(self, sessions: Iterable, held: Iterable) -> int:

@@ -97,7 +97,7 @@ class SessionManager:
             name: WarmPool(clock, settings.pool, partial(self._warm_session, settings),
                            max_age=config.pool_max_age, name=name,
                            typed_at=lambda: self.typed_at, observer=self.observers,
-                           room=None if memory is None else partial(self._warm_room, settings))
+                           fits=None if memory is None else partial(self._warm_fits, settings))
             for name, settings in self.profiles.items()
             if settings.pool > 0 and not settings.agent_volume})
         for name, settings in self.profiles.items():
@@ -108,7 +108,7 @@ class SessionManager:
         # said once each.
         self._volume_refused: set[str] = set()
 
-    def _warm_room(self, settings: Profile) -> bool:
+    def _warm_fits(self, settings: Profile) -> bool:
         return self.memory.room_for_warm(self.sessions.values(), self.pool.held, settings)
 
     def give_up_warm(self) -> int:

@@ -47,12 +47,12 @@ class WarmPool:
                  retry_delay: float = 5.0, refill_delay: float = 0.5,
                  name: str = "shell", typed_at: Callable[[], float] | None = None,
                  quiet: float = 1.0, max_wait: float = 30.0, observer=None,
-                 room: Callable[[], bool] | None = None) -> None:
+                 fits: Callable[[], bool] | None = None) -> None:
         self._clock = clock
         # Whether one more warm session fits in the memory budget
         # (capsule.core.memory): while not, the refill waits (a user's
         # session never does).
-        self._room = room
+        self._fits = fits
         self._full = False
         # Told whether each take found a warm session (ISessionObserver.pool_taken).
         self._observer = observer
@@ -251,7 +251,7 @@ class WarmPool:
                     self._refill)
                 return
             self._waiting_since = None
-        if self._room is not None and not self._room():
+        if self._fits is not None and not self._fits():
             if not self._full:
                 _log.info("the warm pool of {name} waits: no room in the memory budget",
                           name=self.name)
