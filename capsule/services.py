@@ -487,7 +487,7 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     # memory is counted against the budget and the reserve.
     host = HostMemory(reactor, lambda: [s.container_id for s in manager.sessions.values()
                                         if s.container_id is not None],
-                      interval=tuning.host_memory_interval)
+                      interval=tuning.host_memory_interval, reserve=lambda: memory.reserve)
     memory = MemoryBudget(config.memory_request, budget=config.memory_budget,
                           reserve=config.memory_reserve, reading=host,
                           budget_from_host=config.memory_budget_from_engine,

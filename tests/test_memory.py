@@ -73,6 +73,29 @@ def test_the_reading_takes_available_memory_and_each_containers_working_set():
     assert clock.getDelayedCalls() == []
 
 
+def test_the_log_says_when_the_host_goes_under_its_reserve_and_back():
+    files = Files({"/proc/meminfo": MEMINFO})
+    host = HostMemory(Clock(), lambda: [], read=files, reserve=lambda: 19000000 * 1024)
+    said = []
+    globalLogPublisher.addObserver(said.append)
+    try:
+        host.read()
+        for _ in range(3):
+            files.files["/proc/meminfo"] = MEMINFO.replace("20000000", "18000000")
+            host.read()
+        files.files["/proc/meminfo"] = MEMINFO
+        host.read()
+        host.read()
+    finally:
+        globalLogPublisher.removeObserver(said.append)
+    lines = [e["log_format"].format(**e) for e in said if "reserve" in e.get("log_format", "")]
+    assert lines == [
+        "the host has 17578 MiB of memory available, under the reserve of 18554 MiB"
+        " (--memory-reserve): new sessions are refused until it has more",
+        "the host has 19531 MiB of memory available again (reserve 18554 MiB): new sessions"
+        " are admitted"]
+
+
 def test_cgroup_v2_under_systemd_is_read_too():
     scope = f"{CGROUP_ROOT}/system.slice/docker-ccc.scope"
     files = Files({"/proc/meminfo": MEMINFO, f"{scope}/memory.current": f"{200 * MIB}\n",

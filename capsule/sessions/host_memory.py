@@ -37,7 +37,8 @@ CGROUP_LAYOUTS = (
 )
 # Under this use a container's statistics are not read (its cache is
 # counted too: a little more than it holds, never less).
-STAT_ABOVE = 32 * 1024 ** 2
+MIB = 1024 ** 2
+STAT_ABOVE = 32 * MIB
 # The engine's total memory and /proc/meminfo's may differ this much on the
 # same host (the engine rounds, a balloon driver moves).
 SAME_TOTAL = 0.02
@@ -87,6 +88,8 @@ class HostMemory:
     @param containers: the ids of the live sessions' containers.
     @param read: reads a small file (C{None} if it cannot): tests give a
         fake host.
+    @param reserve: the reserve now (C{None}: none): the log says when the
+        host goes under it (new sessions are refused) and when it is back.
     @ivar available: bytes available on the host, as last read; C{None}:
         not read (the engine is elsewhere, or not known yet).
     @ivar total: the host's memory, as /proc/meminfo says it.
@@ -94,8 +97,11 @@ class HostMemory:
 
     def __init__(self, clock, containers: Callable[[], Iterable[str]], interval: float = 5.0,
                  read: Callable[[str], str | None] = read_small,
-                 cgroup_root: str = CGROUP_ROOT) -> None:
+                 cgroup_root: str = CGROUP_ROOT,
+                 reserve: Callable[[], int | None] | None = None) -> None:
         self._clock = clock
+        self._reserve = reserve
+        self._under = False
         self._containers = containers
         self.interval = interval
         self._read = read
@@ -153,6 +159,7 @@ class HostMemory:
         """
         text = self._read(MEMINFO)
         self.available = None if text is None else meminfo_field(text, "MemAvailable")
+        self._say_reserve()
         used = {}
         if self._layout != ():
             tried = False
@@ -168,6 +175,20 @@ class HostMemory:
                 _log.info("the sessions' memory use is not measured (no cgroup of theirs"
                           " under {root}): they count at their requests", root=self._root)
         self._used = used
+
+    def _say_reserve(self) -> None:
+        reserve = self._reserve() if self._reserve is not None else None
+        under = None not in (reserve, self.available) and self.available < reserve
+        if under and not self._under:
+            _log.warn("the host has {available} MiB of memory available, under the reserve of"
+                      " {reserve} MiB (--memory-reserve): new sessions are refused until it has"
+                      " more", available=self.available // MIB, reserve=reserve // MIB)
+        elif self._under and not under:
+            _log.info("the host has {available} MiB of memory available again (reserve"
+                      " {reserve} MiB): new sessions are admitted",
+                      available=None if self.available is None else self.available // MIB,
+                      reserve=None if reserve is None else reserve // MIB)
+        self._under = under
 
     def _container(self, container_id: str) -> int | None:
         layouts = (self._layout,) if self._layout is not None else CGROUP_LAYOUTS
