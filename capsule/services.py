@@ -28,6 +28,8 @@ from capsule.engine.network import SessionNetwork
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
 from capsule.ops.recording import SessionRecorder
+from capsule.core.shares import ShareStore
+from capsule.sessions.spectators import Spectators
 from capsule.sessions.cleanup import CleanupService
 from capsule.sessions.disk import DiskWatchService, scan_held
 from capsule.sessions.owners import OwnerFile, default_state_dir
@@ -483,6 +485,10 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         owners = OwnerFile(config.state_dir or default_state_dir(), config.instance)
     if config.record is not None:
         recorder = SessionRecorder(config.record, reactor, config.record_max_bytes)
+    # Read-only share links: their spectators hear the sessions' output.
+    spectators = Spectators(reactor, ShareStore(reactor, tuning.share_ttl,
+                                                max(tuning.share_ttl, tuning.share_max_ttl)),
+                            tuning.watchers_per_session)
     # What the engine's host has, read when it is this host; the sessions'
     # memory is counted against the budget and the reserve.
     host = HostMemory(reactor, lambda: [s.container_id for s in manager.sessions.values()
@@ -492,9 +498,11 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                           reserve=config.memory_reserve, reading=host,
                           budget_from_host=config.memory_budget_from_engine,
                           reserve_from_host=config.memory_reserve_from_engine)
-    # The metrics, the owners' file and the recorder observe the sessions.
+    # The metrics, the owners' file, the recorder and the spectators observe
+    # the sessions.
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
-                             owners=owners, observers=[recorder] if recorder else (),
+                             owners=owners,
+                             observers=[o for o in (recorder, spectators) if o is not None],
                              memory=memory)
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
@@ -517,7 +525,8 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         rate=config.session_rate, max_per_user=config.max_sessions_per_user),
         trusted_proxies=list(config.trusted_proxies), memory=memory)
     site = make_site(
-        manager, docker, reactor, config.www, admission=admission,
+        manager, docker, reactor, config.www, admission=admission, spectators=spectators,
+        watch_backlog=tuning.watch_backlog,
         drain=Drain(manager, reactor), metrics=metrics, authenticator=authenticator,
         client_address=addresses,
         # A new session's container is asked for as its WebSocket opens,

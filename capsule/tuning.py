@@ -144,6 +144,21 @@ class Tuning:
         30.0, _POSITIVE_FLOAT,
         "Seconds a WebSocket client may leave its connection's outgoing buffer full (it"
         " reads nothing; capsule reads nothing from it meanwhile) before it is dropped.")
+    share_ttl: float = knob(
+        3600.0, _POSITIVE_FLOAT,
+        "Seconds a read-only share link lives when its owner asks for no other lifetime.")
+    share_max_ttl: float = knob(
+        86400.0, _POSITIVE_FLOAT,
+        "The most seconds an owner may ask a read-only share link to live (400 bad_request"
+        " past it).")
+    watchers_per_session: int = knob(
+        10, _POSITIVE_INT,
+        "Spectators watching one session at once through its share links (more: close"
+        " 4429 too_many_watchers).")
+    watch_backlog: int = knob(
+        1024 * 1024, _POSITIVE_INT,
+        "Bytes of output a spectator that does not keep up may have waiting before it is"
+        " closed (4411 too_slow); a spectator never slows its session.")
     docker_threads: int = knob(16, _POSITIVE_INT, "Threads for Docker calls.")
     export_threads: int = knob(
         4, _POSITIVE_INT,

@@ -302,6 +302,16 @@ class SessionManager:
                       who=f" of {session.core.user}" if session.core.user else "",
                       user=session.core.user)
 
+    def after_last_client(self, session: Session) -> tuple[float, bool]:
+        """
+        What becomes of C{session} once its last client has left: the
+        seconds it lives on (the grace period), and whether anything keeps
+        it past them (nothing does yet: it ends, and its container with its
+        /workspace goes).  Its client is told, so that a page can say so
+        before its tab is closed.
+        """
+        return self.config.grace, False
+
     def visited(self, session: Session) -> None:
         """
         Someone used C{session} without a client (the API): that counts as a

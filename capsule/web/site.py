@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -403,16 +404,22 @@ class CapsuleSite(Site):
 def access_log_line(timestamp, request) -> str:
     """
     The access log's line of C{request} (the combined log format), with
-    session ids in paths and referrers cut to their first 8 characters.
+    session ids in paths and referrers cut to their first 8 characters and
+    watch tokens left out.
     """
-    return short_ids(combinedLogFormatter(timestamp, request))
+    return _WATCH_TOKEN.sub(r"\1...", short_ids(combinedLogFormatter(timestamp, request)))
+
+
+# A watch link's token in a URL (/ws?watch=...): it is a credential, never logged.
+_WATCH_TOKEN = re.compile(r"([?&]watch=)[^&\s\"]+")
 
 
 # Paths served to anyone: the health check, the login page and its assets,
 # and logout (whose cookie may have expired already). /ws checks its user
-# itself, at the upgrade; /metrics its peer or token.
+# itself, at the upgrade (a spectator's token instead); /metrics its peer or
+# token; /watch/ is the page for spectators, whose token is its credential.
 OPEN_PATHS = {b"health", b"login", b"logout", b"login.css", b"favicon.svg", b"ws",
-              b"metrics"}
+              b"metrics", b"watch"}
 # Bytes of body the login form may have.
 LOGIN_MAX_BODY = 8192
 
@@ -429,6 +436,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               answer_write_timeout: float = EXEC_WRITE_TIMEOUT,
               docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER,
               connection_limits: ConnectionLimits = ConnectionLimits(),
+              spectators=None,
               **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -465,6 +473,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         uploads; four times as many more wait, the rest get 429.
     @param connection_limits: connections per client address and in all,
         and how long a request's headers may take.
+    @param spectators: the share links and who watches through them
+        (L{capsule.sessions.spectators}, an observer of C{manager});
+        C{None}: sessions cannot be shared.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -482,7 +493,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     sessions = SessionService(manager, admission, drain)
     factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
                                    sessions=sessions, authenticator=authenticator,
-                                   start_at_open=start_at_open, **websocket_options)
+                                   start_at_open=start_at_open, spectators=spectators,
+                                   **websocket_options)
     root.putChild(b"ws", CountedWebSocketResource(factory))
     root.putChild(b"health", HealthResource(manager, docker, reactor, drain))
     root.putChild(b"metrics", MetricsResource(metrics, metrics_token))
@@ -496,11 +508,16 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                              answer_timeout=answer_write_timeout,
                              exporting=exports.exporting, client_address=client_address,
                              docker_calls=CallGate(docker_calls_per_caller,
-                                                   4 * docker_calls_per_caller))
+                                                   4 * docker_calls_per_caller),
+                             spectators=spectators)
     api.putChild(b"sessions", SessionsResource(session_api))
     api.putChild(b"profiles", ProfilesResource(session_api))
     api.putChild(b"openapi.json", OpenApiResource())
     root.putChild(b"api", api)
+    if spectators is not None:
+        # The page again, for spectators, who need no login: its files hold
+        # no secret (the token is in the URL's fragment, read by the page).
+        root.putChild(b"watch", StaticFiles(www, cache=root.cache))
     top = root
     body_limits = {}
     if authenticator is not None:

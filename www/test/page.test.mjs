@@ -29,21 +29,31 @@ test("the countdown to the next attempt", () => {
   assert.equal(countdownText(null, 0, 4), "trying now (attempt 4)");
 });
 
-test("Upload and Export need a session that is not gone", () => {
-  assert.deepEqual(transferButtons("abc", false, false), {
+test("Upload and Export need a session that is not gone, and the page connected to it", () => {
+  assert.deepEqual(transferButtons("abc", "connected", false), {
     exportDisabled: false, exportTitle: "Download /workspace as .tar.gz",
     uploadDisabled: false, uploadTitle: "Upload files to /workspace (or drop them on the terminal)",
   });
-  assert.deepEqual(transferButtons("abc", false, true).uploadDisabled, true);
-  assert.deepEqual(transferButtons("abc", false, true).uploadTitle, "An upload is under way");
-  assert.deepEqual(transferButtons("abc", false, true).exportDisabled, false);
-  for (const [id, gone] of [[null, false], ["abc", true]]) {
-    const buttons = transferButtons(id, gone, false);
+  assert.deepEqual(transferButtons("abc", "connected", true).uploadDisabled, true);
+  assert.deepEqual(transferButtons("abc", "connected", true).uploadTitle, "An upload is under way");
+  assert.deepEqual(transferButtons("abc", "connected", true).exportDisabled, false);
+  for (const [id, state] of [[null, "connected"], ["abc", "ended"], ["abc", "expired"]]) {
+    const buttons = transferButtons(id, state, false);
     assert.equal(buttons.exportDisabled, true);
     assert.equal(buttons.uploadDisabled, true);
     assert.equal(buttons.exportTitle, "Export is not available: the session has ended");
     assert.equal(buttons.uploadTitle, "Upload is not available: there is no session");
   }
+  // Disconnected: the session may live, but the page cannot reach it; the title says why.
+  for (const state of ["connecting", "reconnecting", "taken", "failed", "refused", "login"]) {
+    const buttons = transferButtons("abc", state, false);
+    assert.equal(buttons.exportDisabled, true, state);
+    assert.equal(buttons.uploadDisabled, true, state);
+    assert.match(buttons.exportTitle, /^Export is not available: .*(connected|another tab|logged out)/);
+    assert.match(buttons.uploadTitle, /^Upload is not available: /);
+  }
+  assert.equal(transferButtons("abc", "reconnecting", false).uploadTitle,
+    "Upload is not available: the page is disconnected from the session (reconnecting)");
 });
 
 test("sizes and what an upload holds", () => {
