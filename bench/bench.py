@@ -31,7 +31,11 @@ measures, in one run:
 7. the page in headless Chromium (``browser.py``, Playwright): navigation
    to the first prompt drawn, with a warm pool and without one, for a first
    visit (empty cache) and a returning one (a new tab, cache warm);
-8. the floors, with docker-py and Twisted and no capsule: container
+8. memory pressure (``pressure.py``): sessions that each really hold 300 MB,
+   opened until admission refuses (the reserve set so that it refuses after
+   about 4 GiB of real use), then capsule, dockerd and every session
+   checked, and the kernel's out-of-memory kills counted;
+9. the floors, with docker-py and Twisted and no capsule: container
    create+start+exec, plain exec, the same many at once, and the raw exec
    stream's throughput and echo (read through capsule's own exec-start
    upgrade, ``capsule.engine.exec_process.ExecStreamProtocol``).
@@ -93,7 +97,8 @@ QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
              concurrent=10, flood_seconds=5.0, browser_rounds=3)
 
 # What --only may select: the measurements whose phase names start so.
-ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors")
+ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors",
+        "pressure")
 
 # The doors (issue 19's caps): each script starts capsules of its own and
 # prints JSON; (label, script, full run's arguments, quick run's).
@@ -183,7 +188,26 @@ class Bench:
             for label, script, full, quick in DOORS:
                 await self.phase(f"doors ({label})", self.door, script,
                                  quick if self.args.quick else full)
+        if self.selected("pressure"):
+            await self.phase("pressure", self.pressure)
         self.load_after = os.getloadavg()
+
+    async def pressure(self) -> None:
+        """
+        Sessions that really hold memory until admission refuses
+        (``pressure.py``, which starts a capsule of its own): its figures
+        go into the report.
+        """
+        command = [sys.executable, str(Path(__file__).with_name("pressure.py")),
+                   "--image", self.image, "--real-gib", "1" if self.args.quick else "4"]
+        done = await deferToThread(subprocess.run, command, capture_output=True, text=True,
+                                   timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"pressure.py exited {done.returncode}: {done.stderr[-500:]}")
+        *lines, last = done.stdout.strip().splitlines()
+        self.results["pressure"] = json.loads(last)
+        for line in lines:
+            say(line)
 
     async def door(self, script: str, arguments: list[str]) -> None:
         """

@@ -302,6 +302,18 @@ def report(run: dict) -> str:
                      " engine when the bench started; they compete for the same CPUs.")
     notes += run["notes"]
     text = table(r, run["failures"], run["p"]) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    if r.get("pressure"):
+        p = r["pressure"]
+        refusal = p.get("refusal") or {}
+        text += (f"\n\nMemory pressure (`pressure.py`): with {p['available_at_start_mib']} MiB"
+                 f" available and --memory-reserve {p['reserve_mib']} MiB, capsule admitted"
+                 f" {p['sessions_admitted']} sessions holding {p['per_session_mib']} MiB each"
+                 f" ({p['real_use_mib']} MiB), then refused: {refusal.get('code')}"
+                 f" ({refusal.get('error')}). Afterwards: capsule /health"
+                 f" {p['capsule_health']}, dockerd answers {p['dockerd_answers']}, sessions"
+                 f" answering {p['sessions_answering']}/{p['sessions_admitted']}, processes"
+                 f" killed by the kernel {p['kernel_oom_kills']}, containers OOMKilled"
+                 f" {p['containers_oom_killed']}.")
     if r.get("doors"):
         text += ("\n\nWhat a client can make capsule hold through each door, with the caps"
                  " on (each line is the door's script's own JSON: the attack, capsule's"

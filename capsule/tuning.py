@@ -88,6 +88,10 @@ class Tuning:
         30.0, _POSITIVE_FLOAT,
         "Seconds between sweeps for containers of this server that no session owns (their"
         " removal failed while the engine was away).")
+    host_memory_interval: float = knob(
+        5.0, _POSITIVE_FLOAT,
+        "Seconds between readings of the host's available memory and the sessions' memory"
+        " use (files of /proc and the cgroups, when the engine runs on this host).")
     disk_check_interval: float = knob(
         30.0, _POSITIVE_FLOAT,
         "Seconds between checks of the sessions' disk use, where --disk is not enforced by"

@@ -303,6 +303,7 @@ class DockerAPI:
             nano_cpus=int(spec.cpus * 1e9),
             cpu_shares=spec.cpu_shares,
             pids_limit=spec.pids,
+            oom_score_adj=spec.oom_score_adj,
             storage_opt={"size": spec.disk} if quota else None,
             init=True,
             cap_drop=["ALL"],

@@ -73,8 +73,11 @@ class SessionManager:
     typed_at = float("-inf")
 
     def __init__(self, docker, clock, config: SessionConfig, *, metrics=None, owners=None,
-                 observers=()) -> None:
+                 observers=(), memory=None) -> None:
         self._docker = docker
+        # The memory accounting (capsule.core.memory.MemoryBudget): a warm
+        # pool refills only while its next session fits.
+        self.memory = memory
         self._clock = clock
         self.config = config
         self.sessions: dict[str, Session] = {}
@@ -96,7 +99,8 @@ class SessionManager:
         self.pool = WarmPools({
             name: WarmPool(clock, settings.pool, partial(self._warm_session, settings),
                            max_age=config.pool_max_age, name=name,
-                           typed_at=lambda: self.typed_at, observer=self.observers)
+                           typed_at=lambda: self.typed_at, observer=self.observers,
+                           fits=None if memory is None else partial(self._warm_fits, settings))
             for name, settings in self.profiles.items()
             if settings.pool > 0 and not settings.agent_volume})
         for name, settings in self.profiles.items():
@@ -106,6 +110,19 @@ class SessionManager:
         # Profiles with an agent volume whose sessions had none (no users):
         # said once each.
         self._volume_refused: set[str] = set()
+
+    def _warm_fits(self, settings: Profile) -> bool:
+        return self.memory.room_for_warm(self.sessions.values(), self.pool.held, settings)
+
+    def give_up_warm(self) -> int:
+        """
+        End warm sessions while the live and warm ones together are over
+        the memory budget (a user's session took their place); how many.
+        """
+        if self.memory is None:
+            return 0
+        return self.pool.give_up(
+            lambda: self.memory.excess(self.sessions.values(), self.pool.held))
 
     @property
     def labels(self) -> dict[str, str]:

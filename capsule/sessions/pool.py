@@ -46,8 +46,14 @@ class WarmPool:
     def __init__(self, clock, size: int, make: Callable[[], object], max_age: float = 3600.0,
                  retry_delay: float = 5.0, refill_delay: float = 0.5,
                  name: str = "shell", typed_at: Callable[[], float] | None = None,
-                 quiet: float = 1.0, max_wait: float = 30.0, observer=None) -> None:
+                 quiet: float = 1.0, max_wait: float = 30.0, observer=None,
+                 fits: Callable[[], bool] | None = None) -> None:
         self._clock = clock
+        # Whether one more warm session fits in the memory budget
+        # (capsule.core.memory): while not, the refill waits (a user's
+        # session never does).
+        self._fits = fits
+        self._full = False
         # Told whether each take found a warm session (ISessionObserver.pool_taken).
         self._observer = observer
         # When someone last typed into a live session: a refill (a container
@@ -139,6 +145,19 @@ class WarmPool:
             self._observer.pool_taken(self, found)
         self._schedule(self.refill_delay)
         return found
+
+    def give_up(self) -> bool:
+        """
+        End the newest ready warm session, to make room in the memory
+        budget for a user's session; whether there was one.
+        """
+        if not self.ready:
+            return False
+        session = self.ready.pop()
+        self._forget_age(session)
+        self._end(session, "its memory is wanted by a user's session")
+        self._schedule(self.retry_delay)
+        return True
 
     def stop(self) -> Deferred:
         """
@@ -232,6 +251,14 @@ class WarmPool:
                     self._refill)
                 return
             self._waiting_since = None
+        if self._fits is not None and not self._fits():
+            if not self._full:
+                _log.info("the warm pool of {name} waits: no room in the memory budget",
+                          name=self.name)
+                self._full = True
+            self._schedule(self.retry_delay)
+            return
+        self._full = False
         try:
             self.making = self._make()
             # Its outcome (went_live or lost) may be heard before this returns.
@@ -311,6 +338,17 @@ class WarmPools:
     def refill(self) -> None:
         for pool in self.pools.values():
             pool.refill()
+
+    def give_up(self, excess: Callable[[], int]) -> int:
+        """
+        End ready warm sessions, of any pool, while C{excess()} (the bytes
+        the live and warm sessions are over the memory budget) is more
+        than 0; how many were ended.
+        """
+        ended = 0
+        while excess() > 0 and any(p.give_up() for p in self.pools.values()):
+            ended += 1
+        return ended
 
     def start(self) -> None:
         for pool in self.pools.values():
