@@ -195,8 +195,12 @@ class Phases:
     async def page_visits(self, server: CapsuleServer, key: str) -> None:
         visits = await deferToThread(browser.run_visits, server.url + "/",
                                      self.p["browser_rounds"],
-                                     lambda: browser.wait_settled(server))
+                                     lambda: browser.wait_settled(server),
+                                     trace_dir=str(server.log_path.parent))
+        traced = visits.pop("traced", None)
         self.results[key] = {kind: browser.digest(marks) for kind, marks in visits.items()}
+        if traced:
+            self.results[key]["traced"] = traced
 
     # -- throughput --
 

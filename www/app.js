@@ -2,8 +2,9 @@
 // page's entry module, loaded without a build step: it finds the page's elements and wires
 // the terminal (js/terminal.js), the connection (js/connection.js, whose states are
 // js/machine.js), the status bar (js/status.js), uploads and exports (js/transfer.js) and
-// attention (js/attention.js). Terminal and its addons are the UMD globals that index.html
-// loads from node_modules/ before this module runs; index.html preloads the modules.
+// attention (js/attention.js). Terminal and its addons are the UMD globals that index.html's
+// bootstrap runs from node_modules/ before it runs this module (after the first screen is
+// drawn); index.html preloads them and the modules.
 
 import { createAttention } from "./js/attention.js";
 import { createConnection } from "./js/connection.js";
@@ -209,6 +210,13 @@ ui.actionButton.addEventListener("click", () => {
 term.fit();
 connection.start();
 term.focus();
+// The bootstrap's first screen (index.html) gives way once xterm has drawn the same output,
+// in the same frame.
+term.whenDrawn(() => {
+  const first = document.getElementById("first-screen");
+  if (first) first.remove();
+  performance.mark("capsule:terminal");
+});
 // Whether to offer "Log out" (a request, and its answer's handling) is not on the way to the
 // first prompt: asked when the main thread is next idle (at most a second from now). A
 // spectator has no login to end.

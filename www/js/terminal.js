@@ -117,6 +117,12 @@ export function createTerminal(element, { onInput, onBinaryInput, onResize, onBe
     focus() {
       term.focus();
     },
+    // `done()` in the animation frame in which xterm draws what was written so far (its
+    // renderer draws in the first frame after parsing; this frame callback is asked for after
+    // that one).
+    whenDrawn(done) {
+      term.write("", () => requestAnimationFrame(done));
+    },
     // Empty again, for a new session.
     clear() {
       term.reset();

@@ -109,8 +109,9 @@ test("every module loads without a DOM", async () => {
   }
 });
 
-// The modules app.js imports, and theirs: paths under www/.
-function moduleGraph(entry) {
+// The modules app.js imports, and theirs: paths under www/. With `dynamic`, those loaded later
+// with import("...") too (add-ons loaded after the first prompt, not preloaded).
+function moduleGraph(entry, dynamic = false) {
   const seen = new Set();
   const visit = (path) => {
     if (seen.has(path)) return;
@@ -121,6 +122,11 @@ function moduleGraph(entry) {
     }
     for (const [, spec] of text.matchAll(/^\s*import\s*["']([^"']+)["']/gm)) {
       visit(new URL(spec, `http://page/${path}`).pathname.slice(1));
+    }
+    if (dynamic) {
+      for (const [, spec] of text.matchAll(/\bimport\(\s*["']([^"']+)["']\s*\)/g)) {
+        visit(new URL(spec, `http://page/${path}`).pathname.slice(1));
+      }
     }
   };
   visit(entry);
@@ -133,8 +139,17 @@ test("index.html preloads the whole module graph, and nothing else", () => {
   const graph = moduleGraph("app.js");
   assert.deepEqual([...preloaded].sort(), [...graph].sort());
   assert.equal(new Set(preloaded).size, preloaded.length);
-  assert.match(page, /<script type="module" src="app\.js"><\/script>/);
-  // Every module of js/ is in the graph: none is left unused.
+  // No script element loads anything: the bootstrap runs xterm.js's scripts, then app.js, once
+  // the first screen is drawn; each of them is preloaded, in the same order.
+  assert.doesNotMatch(page, /<script[^>]*\bsrc=/);
+  assert.match(page, /var ENTRY = "app\.js";/);
+  const scripts = [...page.match(/var SCRIPTS = \[([^\]]*)\]/)[1].matchAll(/"([^"]+)"/g)].map((m) => m[1]);
+  const preloadedScripts = [...page.matchAll(/<link rel="preload" as="script" href="([^"]+)">/g)]
+    .map((m) => m[1]);
+  assert.deepEqual(preloadedScripts, scripts);
+  assert.equal(scripts.length, 4);
+  // Every module of js/ is in the graph, or loaded later with import(): none is left unused.
   const modules = readdirSync(new URL("../js/", import.meta.url)).map((n) => `js/${n}`);
-  assert.deepEqual(modules.filter((m) => !graph.has(m)), []);
+  const reached = moduleGraph("app.js", true);
+  assert.deepEqual(modules.filter((m) => !reached.has(m)), []);
 });
