@@ -23,6 +23,7 @@ from capsule.core.addresses import overlapping
 from capsule.core.admission import AdmissionControl, AdmissionPolicy
 from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
+from capsule.engine.keeper_direct import DirectKeeper
 from capsule.engine.network import SessionNetwork
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
@@ -430,8 +431,10 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     if config.record is not None:
         recorder = SessionRecorder(config.record, reactor, config.record_max_bytes)
     # The metrics, the owners' file and the recorder observe the sessions.
+    direct = DirectKeeper(reactor, docker) if config.keeper and tuning.keeper_direct else None
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
-                             owners=owners, observers=[recorder] if recorder else ())
+                             owners=owners, observers=[recorder] if recorder else (),
+                             direct=direct)
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"

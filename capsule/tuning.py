@@ -140,6 +140,12 @@ class Tuning:
         30.0, _POSITIVE_FLOAT,
         "Seconds a WebSocket client may leave its connection's outgoing buffer full (it"
         " reads nothing; capsule reads nothing from it meanwhile) before it is dropped.")
+    keeper_direct: bool = knob(
+        True, _flag,
+        "Reach the keeper of a session that has a network over TCP at its container's address"
+        " (authenticated by a per-session secret), instead of through a relay exec that"
+        " dockerd and containerd-shim carry; the relay exec stays the way for sessions"
+        " without a network and whenever the direct connection fails.")
     docker_threads: int = knob(16, _POSITIVE_INT, "Threads for Docker calls.")
     export_threads: int = knob(
         4, _POSITIVE_INT,

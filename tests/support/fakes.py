@@ -22,7 +22,7 @@ from capsule.core.diskuse import DiskUsage, Mount
 from capsule.engine.docker import READ_ONLY_VOLUMES
 from capsule.core.errors import ContainerGone, DockerUnavailable, ImageMissing
 from capsule.core.interfaces import IDockerAPI, IExecProcess, ISessionClient
-from capsule.core.keeper import FrameReader
+from capsule.core.keeper import SECRET_LABEL, FrameReader, parse_secret
 
 
 @implementer(IExecProcess)
@@ -155,6 +155,8 @@ class FakeDockerAPI:
     def __init__(self, images=("capsule-runtime:latest",)) -> None:
         self.images = set(images)
         self.containers: dict[str, dict] = {}
+        # container id -> the address its keeper is reached at (none: the relay exec)
+        self.addresses: dict[str, str] = {}
         self.removed: list[str] = []
         self.processes: list[FakeExecProcess] = []
         self.programs: dict[tuple[str, ...], object] = {}
@@ -348,6 +350,20 @@ class FakeDockerAPI:
         return succeed(None if c is None else {"Running": c["state"] == "running",
                                                "OOMKilled": c.get("oom", False),
                                                "ExitCode": c.get("exit_code", 0)})
+
+    def keeper_address(self, container_id):
+        """
+        C{(None, None)}, unless C{addresses} gives the container's: the
+        in-memory engine has no network, so sessions take the relay exec.
+        """
+        failed = self._check()
+        if failed:
+            return failed
+        c = self.containers.get(container_id)
+        if c is None:
+            return fail(ContainerGone("the session's container no longer exists"))
+        return succeed((self.addresses.get(container_id),
+                        parse_secret(c["labels"].get(SECRET_LABEL))))
 
     def spawn_exec(self, process_protocol, container_id, argv, user, workdir, env, size,
                    tty=True):
