@@ -26,7 +26,7 @@ from __future__ import annotations
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ProcessDone, ProcessTerminated
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -64,7 +64,9 @@ class DirectStream(Protocol):
         self._closed = False
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)
+        if ITCPTransport.providedBy(self.transport):
+            # A keystroke's echo must not wait for the previous one's ack.
+            self.transport.setTcpNoDelay(True)
         self.transport.write(self._greeting)
 
     def dataReceived(self, data: bytes) -> None:

@@ -157,6 +157,8 @@ class FakeDockerAPI:
         self.containers: dict[str, dict] = {}
         # container id -> the address its keeper is reached at (none: the relay exec)
         self.addresses: dict[str, str] = {}
+        # ... and of every other container (None: they have none)
+        self.default_address: str | None = None
         self.removed: list[str] = []
         self.processes: list[FakeExecProcess] = []
         self.programs: dict[tuple[str, ...], object] = {}
@@ -353,8 +355,9 @@ class FakeDockerAPI:
 
     def keeper_address(self, container_id):
         """
-        C{(None, None)}, unless C{addresses} gives the container's: the
-        in-memory engine has no network, so sessions take the relay exec.
+        The container's address (C{addresses}, else C{default_address}:
+        none unless a test gives one, so that sessions take the relay exec)
+        and its keeper's secret (its label).
         """
         failed = self._check()
         if failed:
@@ -362,7 +365,7 @@ class FakeDockerAPI:
         c = self.containers.get(container_id)
         if c is None:
             return fail(ContainerGone("the session's container no longer exists"))
-        return succeed((self.addresses.get(container_id),
+        return succeed((self.addresses.get(container_id, self.default_address),
                         parse_secret(c["labels"].get(SECRET_LABEL))))
 
     def spawn_exec(self, process_protocol, container_id, argv, user, workdir, env, size,
