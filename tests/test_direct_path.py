@@ -131,8 +131,9 @@ def test_backpressure_pauses_the_connection(docker, clock, network):
     assert session.status() == "running"
 
 
-def test_no_network_takes_the_relay_exec(docker, clock, network):
-    manager = make_manager(docker, clock, network, network_mode="none")
+@pytest.mark.parametrize("mode", ["none", "host", "container:other"])
+def test_no_address_of_its_own_takes_the_relay_exec(docker, clock, network, mode):
+    manager = make_manager(docker, clock, network, network_mode=mode)
     session = manager.create(RecordingClient(), 80, 24)
     assert SECRET_LABEL not in docker.containers[session.container_id]["labels"]
     assert network.addresses == [] and docker.commands_run == []
@@ -140,11 +141,13 @@ def test_no_network_takes_the_relay_exec(docker, clock, network):
 
 
 def test_no_address_takes_the_relay_exec(docker, clock, network):
+    start_ok(docker)
     docker.default_address = None
     manager = make_manager(docker, clock, network)
-    manager.create(RecordingClient(), 80, 24)
-    assert network.addresses == [] and docker.commands_run == []
-    assert docker.processes[0].argv[:2] == ("capsule-keeper", "-r")
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    assert network.addresses == []
+    relayed(docker, client, session)
 
 
 def relayed(docker, client, session) -> None:

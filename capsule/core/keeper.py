@@ -50,6 +50,15 @@ SECRET_BYTES = 32
 SECRET_LABEL = "io.capsule.keeper-secret"
 
 
+def has_own_address(network: str | None) -> bool:
+    """
+    Whether a container on C{network} (C{--network}'s value) has an address
+    of its own, where its keeper may listen: not without a network, nor in
+    the host's or another container's namespace.
+    """
+    return network not in ("none", "host") and not (network or "").startswith("container:")
+
+
 def keeper_start_argv(shell: tuple[str, ...], buffer: int = 1024 * 1024,
                       socket: str = DEFAULT_SOCKET, port: int = DIRECT_PORT,
                       program: str = "capsule-keeper") -> list[str]:

@@ -23,7 +23,7 @@ caller falls back to the relay exec.
 
 from __future__ import annotations
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone, ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IPushProducer, ITCPTransport
@@ -155,6 +155,23 @@ class DirectKeeper:
                                       timeout=max(1, int(self._timeout)))
         return connectProtocol(endpoint, stream)
 
+    def _start(self, container_id: str, start: dict) -> Deferred:
+        """
+        Start the keeper; fires with C{None}, or what went wrong.
+        """
+        argv = keeper_start_argv(tuple(start["shell"]), start["buffer"], start["socket"],
+                                 self.port)
+        d = self._docker.run_command(
+            container_id, argv, start["user"], start["workdir"], start["env"],
+            stdin=encode_secret(start["secret"]), max_output=4096, timeout=self._timeout)
+
+        def ended(result):
+            if result.exit_code == 0:
+                return None
+            said = result.stderr.decode("utf-8", "replace").strip()[-300:]
+            return f"the keeper's start exec ended with {result.exit_code}: {said or 'nothing said'}"
+        return d.addCallback(ended)
+
     async def attach(self, protocol, container_id: str, offset: int,
                      start: dict | None = None) -> DirectStream:
         """
@@ -163,24 +180,23 @@ class DirectKeeper:
 
         @param start: to start the keeper first (a new container): the
             C{shell}, C{buffer}, C{socket}, C{user}, C{workdir} and C{env}
-            of the start exec.
+            of the start exec, and the C{secret} put in its label.
         @raise KeeperUnreachable: the direct path cannot be had.
         """
-        address, secret = await self._docker.keeper_address(container_id)
+        if start is None:
+            address, secret = await self._docker.keeper_address(container_id)
+        else:
+            # A new container: its address is asked while its keeper starts.
+            found, started = await gatherResults(
+                [self._docker.keeper_address(container_id), self._start(container_id, start)],
+                consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+            (address, secret), problem = found, started
+            if address is not None and problem is not None:
+                raise KeeperUnreachable(problem)
         if address is None:
             raise KeeperUnreachable("the container has no address capsule can reach")
         if secret is None:
             raise KeeperUnreachable("the container has no keeper secret")
-        if start is not None:
-            argv = keeper_start_argv(tuple(start["shell"]), start["buffer"], start["socket"],
-                                     self.port)
-            result = await self._docker.run_command(
-                container_id, argv, start["user"], start["workdir"], start["env"],
-                stdin=encode_secret(secret), max_output=4096, timeout=self._timeout)
-            if result.exit_code != 0:
-                said = result.stderr.decode("utf-8", "replace").strip()[-300:]
-                raise KeeperUnreachable(f"the keeper's start exec ended with"
-                                        f" {result.exit_code}: {said or 'nothing said'}")
         stream = DirectStream(protocol, secret, offset)
         try:
             await self._connect(address, stream)

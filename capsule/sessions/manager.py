@@ -26,7 +26,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
-from capsule.core.keeper import SECRET_BYTES, SECRET_LABEL, keeper_argv
+from capsule.core.keeper import (SECRET_BYTES, SECRET_LABEL, has_own_address, keeper_argv,
+                                 parse_secret)
 from capsule.core.session_core import ISessionEffects, SessionCore, State
 from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME,
                                    BadRepository, Profile, agent_volume_name, check_repository,
@@ -343,7 +344,7 @@ class SessionManager:
             self._removals.add(d)
             d.addBoth(lambda _: self._removals.discard(d))
             return
-        await self._spawn_shell(session, 0, fresh=True)
+        await self._spawn_shell(session, 0, secret=parse_secret(spec.labels.get(SECRET_LABEL)))
 
     def _make_failed(self, failure: Failure, session: Session) -> None:
         self.pool.refill()
@@ -356,25 +357,27 @@ class SessionManager:
                          session_id=session.id[:8])
         session.events.stream_failed(message, code)
 
-    async def _spawn_shell(self, session: Session, offset: int, fresh: bool = False) -> None:
+    async def _spawn_shell(self, session: Session, offset: int,
+                           secret: bytes | None = None) -> None:
         """
         Start (or, under the keeper, attach to) the session's shell: its
         protocol feeds the lifecycle.  Under the keeper, over the direct
-        path where the container has one (C{fresh}: a new container, whose
-        keeper is started first), else (or when that fails) through a relay
-        exec.
+        path where the container has one (C{secret}: a new container's,
+        whose keeper is started first), else (or when that fails) through a
+        relay exec.
         """
         settings = session.settings or self.profiles[DEFAULT_PROFILE]
         spec = settings.spec
         command, environment = start_command(
             settings, session.repository,
             volume=bool(settings.agent_volume and session.core.user is not None))
-        if self._direct is not None and spec.network != "none":
+        if self._direct is not None and has_own_address(spec.network):
             protocol = session.shell = ShellProtocol(session, True, offset,
                                                      partial(self._heard, session))
             start = dict(shell=tuple(command), buffer=self.config.replay_bytes,
                          socket=self.config.keeper_socket, user=spec.user,
-                         workdir=spec.workdir, env=environment) if fresh else None
+                         workdir=spec.workdir, env=environment,
+                         secret=secret) if secret is not None else None
             try:
                 await self._direct.attach(protocol, session.container_id, offset, start)
                 return
@@ -506,7 +509,7 @@ class SessionManager:
             volume_labels = {**self.labels, LABEL_USER: user, LABEL_PROFILE: settings.name,
                              LABEL_VOLUME: "agent"}
         secret = ({SECRET_LABEL: os.urandom(SECRET_BYTES).hex()}
-                  if self._direct is not None and spec.network != "none" else {})
+                  if self._direct is not None and has_own_address(spec.network) else {})
         return replace(spec, labels={**spec.labels, **self.labels, LABEL_SESSION: session_id,
                                      LABEL_PROFILE: settings.name, **secret},
                        secrets=self.config.secrets.for_profile(settings), volumes=volumes,
