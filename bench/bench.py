@@ -19,7 +19,9 @@ measures, in one run:
    in the notes);
 3. output throughput of ``head -c N /dev/zero | base64`` until a final marker,
    binary and JSON (medians of several runs: the PTY's rate wanders), with
-   where the machine's CPU went meanwhile (``bench/cpuwatch.py``);
+   where the machine's CPU went meanwhile (``bench/cpuwatch.py``), and binary
+   through a second capsule whose keepers are reached through relay execs
+   (``keeper-direct = false``) rather than over TCP;
 4. many concurrent sessions: time until all are usable, and capsule's RSS
    before, during and after;
 5. a flood to a slow reader (binary with slow acks, JSON with TCP
