@@ -70,10 +70,10 @@ def network():
     return Network()
 
 
-def make_manager(docker, clock, network, network_mode=None):
+def make_manager(docker, clock, network, network_mode=None, connect=None):
     spec = SPEC if network_mode is None else ContainerSpec(
         image=SPEC.image, memory="1g", cpus=1, pids=64, network=network_mode)
-    direct = DirectKeeper(clock, docker, connect=network.connect)
+    direct = DirectKeeper(clock, docker, connect=connect or network.connect)
     return SessionManager(docker, clock, SessionConfig(spec=spec, instance="t", grace=60,
                                                        replay_bytes=1024), direct=direct)
 
@@ -215,3 +215,39 @@ def test_garbage_from_the_keepers_port_ends_the_session(docker, clock, network):
     assert session.status() == "ended"
     assert client.events[-1][0] in ("ended", "failed")
     assert "malformed" in str(client.events[-1])
+
+
+def test_addresses_that_never_answer_pause_the_direct_path(docker, clock, network):
+    """
+    capsule in a container on another network cannot reach its sessions:
+    after three connections that got no answer in a row, sessions take the
+    relay exec at once, for ten minutes, and then the direct path is tried
+    again.
+    """
+    from twisted.internet.error import TimeoutError as NoAnswer
+    start_ok(docker)
+
+    def unanswered(address, stream):
+        network.addresses.append(address)
+        return fail(NoAnswer())
+
+    manager = make_manager(docker, clock, network, connect=unanswered)
+    for _ in range(3):
+        manager.create(RecordingClient(), 80, 24)
+    assert len(network.addresses) == 3 and len(docker.processes) == 3
+    manager.create(RecordingClient(), 80, 24)
+    assert len(network.addresses) == 3 and len(docker.processes) == 4
+    assert len(docker.commands_run) == 3  # no keeper started for TCP either
+    clock.advance(601)
+    manager.create(RecordingClient(), 80, 24)
+    assert len(network.addresses) == 4
+
+
+def test_a_refused_connection_does_not_pause_the_direct_path(docker, clock, network):
+    "A container whose keeper does not listen (restarted) says nothing of the others."
+    start_ok(docker)
+    network.refuse = True
+    manager = make_manager(docker, clock, network)
+    for _ in range(4):
+        manager.create(RecordingClient(), 80, 24)
+    assert len(network.addresses) == 4

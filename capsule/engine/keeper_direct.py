@@ -25,9 +25,12 @@ from __future__ import annotations
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone, ProcessDone, ProcessTerminated
+from twisted.internet.error import ConnectionDone, NoRouteError, ProcessDone, ProcessTerminated
+from twisted.internet.error import TCPTimedOutError
+from twisted.internet.error import TimeoutError as ConnectingTimeoutError
 from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -36,6 +39,8 @@ from capsule.core.keeper import (DIRECT_PORT, SECRET_LABEL, encode_hello, encode
                                  keeper_start_argv)
 
 __all__ = ["DirectKeeper", "DirectStream", "KeeperUnreachable", "SECRET_LABEL"]
+
+_log = Logger()
 
 
 class KeeperUnreachable(Exception):
@@ -132,28 +137,63 @@ class DirectStream(Protocol):
         self.loseConnection()
 
 
+# Connections to containers' addresses that did not even complete (no
+# answer: a firewall, or capsule in a container of its own on another
+# network) this many times in a row, with none that did in between, mean
+# capsule cannot reach the sessions' addresses from where it runs: the
+# direct path is not tried again for RETRY_AFTER seconds.
+UNREACHABLE_IN_A_ROW = 3
+RETRY_AFTER = 600.0
+
+
 class DirectKeeper:
     """
     Reaches sessions' keepers over TCP.
 
     @param docker: the engine (L{IDockerAPI<capsule.core.interfaces.IDockerAPI>}):
         the container's address and secret, and the exec that starts a keeper.
-    @param timeout: seconds for the start exec, the connection and the
-        keeper's first bytes, each.
+    @param timeout: seconds for the start exec and the keeper's first bytes,
+        each.
+    @param connect_timeout: seconds for a TCP connection to a container's
+        address (on the host's own bridge it takes well under a millisecond).
     """
 
     def __init__(self, reactor, docker, port: int = DIRECT_PORT, timeout: float = 5.0,
-                 connect=None) -> None:
+                 connect_timeout: int = 2, connect=None) -> None:
         self._reactor = reactor
         self._docker = docker
         self.port = port
         self._timeout = timeout
+        self._connect_timeout = connect_timeout
         self._connect = connect or self._tcp
+        self._unreachable = 0
+        self._paused_until = float("-inf")
 
     def _tcp(self, address: str, stream: DirectStream) -> Deferred:
         endpoint = TCP4ClientEndpoint(self._reactor, address, self.port,
-                                      timeout=max(1, int(self._timeout)))
+                                      timeout=self._connect_timeout)
         return connectProtocol(endpoint, stream)
+
+    @property
+    def available(self) -> bool:
+        """
+        Whether the direct path is worth trying now (it is not while capsule
+        has found it cannot reach the sessions' addresses).
+        """
+        return self._reactor.seconds() >= self._paused_until
+
+    def _no_answer(self, address: str, error: Exception) -> None:
+        self._unreachable += 1
+        if self._unreachable >= UNREACHABLE_IN_A_ROW:
+            self._unreachable = 0
+            self._paused_until = self._reactor.seconds() + RETRY_AFTER
+            _log.warn("capsule cannot reach its sessions' addresses ({address}:{port}: {error},"
+                      " {n} times in a row): their streams go through relay execs, and the"
+                      " direct path is tried again in {after:g} s. Where capsule runs on"
+                      " another network than its sessions (in a container of its own), set"
+                      " the tuning knob keeper-direct=false",
+                      address=address, port=self.port, error=error, n=UNREACHABLE_IN_A_ROW,
+                      after=RETRY_AFTER)
 
     def _start(self, container_id: str, start: dict) -> Deferred:
         """
@@ -201,7 +241,10 @@ class DirectKeeper:
         try:
             await self._connect(address, stream)
         except Exception as e:
+            if isinstance(e, (TCPTimedOutError, ConnectingTimeoutError, NoRouteError)):
+                self._no_answer(address, e)
             raise KeeperUnreachable(f"no connection to {address}:{self.port} ({e})") from None
+        self._unreachable = 0
         ready = stream.ready
         if ready is None:
             return stream

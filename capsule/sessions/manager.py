@@ -371,7 +371,8 @@ class SessionManager:
         command, environment = start_command(
             settings, session.repository,
             volume=bool(settings.agent_volume and session.core.user is not None))
-        if self._direct is not None and has_own_address(spec.network):
+        if (self._direct is not None and has_own_address(spec.network)
+                and self._direct.available):
             protocol = session.shell = ShellProtocol(session, True, offset,
                                                      partial(self._heard, session))
             start = dict(shell=tuple(command), buffer=self.config.replay_bytes,
