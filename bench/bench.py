@@ -19,7 +19,9 @@ measures, in one run:
    in the notes);
 3. output throughput of ``head -c N /dev/zero | base64`` until a final marker,
    binary and JSON (medians of several runs: the PTY's rate wanders), with
-   where the machine's CPU went meanwhile (``bench/cpuwatch.py``);
+   where the machine's CPU went meanwhile (``bench/cpuwatch.py``), and binary
+   through a second capsule whose keepers are reached through relay execs
+   (``keeper-direct = false``) rather than over TCP;
 4. many concurrent sessions: time until all are usable, and capsule's RSS
    before, during and after;
 5. a flood to a slow reader (binary with slow acks, JSON with TCP
@@ -120,6 +122,10 @@ class Bench:
                 self.p[key] = value
         self.run_id = uuid.uuid4().hex[:10]
         self.instance = f"bench-{self.run_id}"
+        # The capsule whose keepers are reached through relay execs, beside
+        # the warm one: an instance of its own (each finds the other's
+        # containers none of its business).
+        self.relay_instance = f"bench-{self.run_id}-relay"
         self.image = args.image
         self.host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         self.floor = Floor(self.host, self.image, self.run_id)
@@ -230,16 +236,17 @@ class Bench:
         for value in found:
             say(json.dumps(value))
 
-    async def with_server(self, label: str, extra, suite, tuning=None) -> None:
-        tuning = {**(tuning or {}), **dict(
-            item.split("=", 1) for item in self.args.capsule_tuning)}
+    async def with_server(self, label: str, extra, suite, tuning=None,
+                          instance: str | None = None) -> None:
+        tuning = {**dict(item.split("=", 1) for item in self.args.capsule_tuning),
+                  **(tuning or {})}
         server = CapsuleServer(
             self.tmp, "--memory", MEMORY, "--cpus", f"{CPUS:g}", "--pids", str(PIDS),
             # The benchmark is one client opening up to 50 sessions at once.
             "--max-sessions", "100", "--max-sessions-per-client", "100",
             "--session-rate", "1000/1", "--memory-budget", "off",
             *self.args.capsule_arg, *extra,
-            image=self.image, instance=self.instance, label=label, own_session=True,
+            image=self.image, instance=instance or self.instance, label=label, own_session=True,
             tuning=tuning)
         self.servers.append(server)
         try:
@@ -286,7 +293,14 @@ class Bench:
             await self.phase("echo", phases.echo, server, floor_container)
             await self.phase("refill: echo while the pool refills", phases.echo_refill, server)
             await self.phase("throughput: generator alone", phases.generator, floor_container)
-            await self.phase("throughput", phases.throughput_rounds, server, floor_container)
+            if self.selected("throughput"):
+                # The same capsule with its keepers reached through relay
+                # execs (dockerd, containerd-shim), beside the direct path.
+                await self.with_server(
+                    "relay", ["--pool-size", "1"],
+                    lambda relay: self.phase("throughput", phases.throughput_rounds, server,
+                                             floor_container, relay),
+                    {"keeper-direct": "false"}, instance=self.relay_instance)
         finally:
             await self.floor.remove(floor_container)
         await self.phase("concurrent floor", phases.floor_concurrent, server)
@@ -324,7 +338,8 @@ def cleanup(bench: Bench) -> None:
             except RuntimeError as e:
                 say(str(e))
     removed = 0
-    for label in (f"io.capsule.instance={bench.instance}", f"{LABEL_BENCH_RUN}={bench.run_id}"):
+    for label in (f"io.capsule.instance={bench.instance}",
+                  f"io.capsule.instance={bench.relay_instance}", f"{LABEL_BENCH_RUN}={bench.run_id}"):
         try:
             found = bench.api.containers(all=True, filters={"label": label})
         except Exception as e:

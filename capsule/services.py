@@ -26,6 +26,7 @@ from capsule.core.admission import AdmissionControl, AdmissionPolicy
 from capsule.core.memory import MemoryBudget
 from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
+from capsule.engine.keeper_direct import DirectKeeper
 from capsule.engine.network import SessionNetwork
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
@@ -524,10 +525,11 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                           reserve_from_host=config.memory_reserve_from_engine)
     # The metrics, the owners' file, the recorder and the spectators observe
     # the sessions.
+    direct = DirectKeeper(reactor, docker) if config.keeper and tuning.keeper_direct else None
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
                              owners=owners,
                              observers=[o for o in (recorder, spectators) if o is not None],
-                             memory=memory)
+                             memory=memory, direct=direct)
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"

@@ -159,6 +159,12 @@ class Tuning:
         1024 * 1024, _POSITIVE_INT,
         "Bytes of output a spectator that does not keep up may have waiting before it is"
         " closed (4411 too_slow); a spectator never slows its session.")
+    keeper_direct: bool = knob(
+        True, _flag,
+        "Reach the keeper of a session that has a network over TCP at its container's address"
+        " (authenticated by a per-session secret), instead of through a relay exec that"
+        " dockerd and containerd-shim carry; the relay exec stays the way for sessions"
+        " without a network and whenever the direct connection fails.")
     docker_threads: int = knob(16, _POSITIVE_INT, "Threads for Docker calls.")
     export_threads: int = knob(
         4, _POSITIVE_INT,

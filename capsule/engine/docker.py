@@ -40,6 +40,7 @@ from capsule.engine.command import OutputCollector
 from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
 from capsule.engine.exec_process import ExecStreamProtocol, exec_start_request
 from capsule.core.interfaces import IDockerAPI
+from capsule.core.keeper import SECRET_LABEL, parse_secret
 from capsule.core.spec import ContainerSpec
 from capsule.core.counting import Uncounted
 from capsule.core.diskuse import DiskUsage, Mount
@@ -414,6 +415,14 @@ class DockerAPI:
                 return None
         return self._call(_thd)
 
+    def keeper_address(self, container_id: str) -> Deferred:
+        def _thd(client):
+            try:
+                return keeper_address(client.inspect_container(container_id))
+            except docker.errors.NotFound:
+                raise ContainerGone("the session's container no longer exists") from None
+        return self._call(_thd)
+
     def exec_resize(self, exec_id: str, cols: int, rows: int) -> Deferred:
         return self._call(lambda client: client.exec_resize(exec_id, height=rows, width=cols))
 
@@ -579,6 +588,22 @@ class DockerAPI:
             finally:
                 response.close()
         return deferToThreadPool(self._reactor, self._export_pool, _thd_export)
+
+
+def keeper_address(info: dict) -> tuple[str | None, bytes | None]:
+    """
+    From a container's C{docker inspect}: its address on a network of its
+    own (none when it shares the host's or another container's namespace,
+    or has no network) and its keeper's secret.
+    """
+    mode = (info.get("HostConfig") or {}).get("NetworkMode") or ""
+    networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+    address = None
+    if mode not in ("host", "none") and not mode.startswith("container:"):
+        address = next((n.get("IPAddress") for n in networks.values() if n.get("IPAddress")),
+                       None)
+    labels = (info.get("Config") or {}).get("Labels") or {}
+    return address, parse_secret(labels.get(SECRET_LABEL))
 
 
 def _network(found: dict) -> dict:

@@ -15,6 +15,7 @@ L{capsule.sessions.observers}'.
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import replace
 from functools import partial
@@ -25,13 +26,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
-from capsule.core.keeper import keeper_argv
+from capsule.core.keeper import (SECRET_BYTES, SECRET_LABEL, has_own_address, keeper_argv,
+                                 parse_secret)
 from capsule.core.session_core import ISessionEffects, SessionCore, State
 from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME,
                                    BadRepository, Profile, agent_volume_name, check_repository,
                                    parse_profile_name, start_command)
 from capsule.core.replay import ReplayBuffer
 from capsule.core.spec import ContainerSpec
+from capsule.engine.keeper_direct import KeeperUnreachable
 from capsule.engine.keeper_stream import ShellProtocol
 from capsule.sessions.engine_watch import EngineWatch
 from capsule.sessions.fair_share import FairShare
@@ -73,11 +76,15 @@ class SessionManager:
     typed_at = float("-inf")
 
     def __init__(self, docker, clock, config: SessionConfig, *, metrics=None, owners=None,
-                 observers=(), memory=None) -> None:
+                 observers=(), memory=None, direct=None) -> None:
         self._docker = docker
         # The memory accounting (capsule.core.memory.MemoryBudget): a warm
         # pool refills only while its next session fits.
         self.memory = memory
+        # The direct path to keepers (capsule.engine.keeper_direct), or None:
+        # relay execs only.
+        self._direct = direct if config.keeper else None
+        self._direct_failed_logged = False
         self._clock = clock
         self.config = config
         self.sessions: dict[str, Session] = {}
@@ -377,7 +384,7 @@ class SessionManager:
             self._removals.add(d)
             d.addBoth(lambda _: self._removals.discard(d))
             return
-        await self._spawn_shell(session, 0)
+        await self._spawn_shell(session, 0, secret=parse_secret(spec.labels.get(SECRET_LABEL)))
 
     def _make_failed(self, failure: Failure, session: Session) -> None:
         self.pool.refill()
@@ -390,16 +397,39 @@ class SessionManager:
                          session_id=session.id[:8])
         session.events.stream_failed(message, code)
 
-    async def _spawn_shell(self, session: Session, offset: int) -> None:
+    async def _spawn_shell(self, session: Session, offset: int,
+                           secret: bytes | None = None) -> None:
         """
         Start (or, under the keeper, attach to) the session's shell: its
-        protocol feeds the lifecycle.
+        protocol feeds the lifecycle.  Under the keeper, over the direct
+        path where the container has one (C{secret}: a new container's,
+        whose keeper is started first), else (or when that fails) through a
+        relay exec.
         """
         settings = session.settings or self.profiles[DEFAULT_PROFILE]
         spec = settings.spec
         command, environment = start_command(
             settings, session.repository,
             volume=bool(settings.agent_volume and session.core.user is not None))
+        if (self._direct is not None and has_own_address(spec.network)
+                and self._direct.available):
+            protocol = session.shell = ShellProtocol(session, True, offset,
+                                                     partial(self._heard, session))
+            start = dict(shell=tuple(command), buffer=self.config.replay_bytes,
+                         socket=self.config.keeper_socket, user=spec.user,
+                         workdir=spec.workdir, env=environment,
+                         secret=secret) if secret is not None else None
+            try:
+                await self._direct.attach(protocol, session.container_id, offset, start)
+                return
+            except KeeperUnreachable as e:
+                if session.shell is not protocol:
+                    return  # let go meanwhile
+                if not self._direct_failed_logged:
+                    self._direct_failed_logged = True
+                    _log.info("session {session_id}'s keeper cannot be reached directly"
+                              " ({reason}): its stream goes through a relay exec (said once)",
+                              session_id=session.id[:8], reason=str(e))
         protocol = session.shell = ShellProtocol(session, self.config.keeper, offset,
                                                  partial(self._heard, session))
         if not self.config.keeper:
@@ -519,8 +549,10 @@ class SessionManager:
                         settings.agent_volume),)
             volume_labels = {**self.labels, LABEL_USER: user, LABEL_PROFILE: settings.name,
                              LABEL_VOLUME: "agent"}
+        secret = ({SECRET_LABEL: os.urandom(SECRET_BYTES).hex()}
+                  if self._direct is not None and has_own_address(spec.network) else {})
         return replace(spec, labels={**spec.labels, **self.labels, LABEL_SESSION: session_id,
-                                     LABEL_PROFILE: settings.name},
+                                     LABEL_PROFILE: settings.name, **secret},
                        secrets=self.config.secrets.for_profile(settings), volumes=volumes,
                        volume_labels=volume_labels)
 
