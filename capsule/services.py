@@ -356,7 +356,8 @@ def session_config(config: CapsuleConfig) -> SessionConfig:
     return SessionConfig(
         spec=config.spec, instance=config.instance, grace=config.grace, shell=config.shell,
         replay_bytes=config.replay_bytes, pool_size=config.pool_size,
-        pool_max_age=config.tuning.pool_max_age, max_lifetime=config.max_lifetime,
+        pool_max_age=config.tuning.pool_max_age, pool_grow_by=config.tuning.pool_grow_by,
+        pool_window=config.tuning.pool_window, max_lifetime=config.max_lifetime,
         idle_timeout=config.idle_timeout, keeper=config.keeper,
         profiles=dict(config.profiles), secrets=config.secrets)
 

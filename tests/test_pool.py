@@ -7,6 +7,7 @@ import re
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
 from capsule.sessions.cleanup import expire_due
 from capsule.core.spec import ContainerSpec
@@ -359,3 +360,124 @@ def test_a_session_ended_while_its_container_is_made_leaves_no_container(docker,
     docker.release_create()
     assert docker.containers == {} and docker.processes == []
     assert client.kinds() == ["failed"]
+
+
+# -- users first, and the pool following demand ----------------------------------------
+
+
+def settle(clock, seconds=10.0, step=0.25):
+    for _ in range(int(seconds / step)):
+        clock.advance(step)
+
+
+def test_a_refill_waits_while_clients_sessions_are_being_made(docker, clock):
+    manager = make_manager(docker, clock, size=1)
+    pool = fill(manager, clock)
+    docker.hold_create = True
+    # A burst: the warm session goes to the first, the others start cold.
+    first = manager.create(RecordingClient(), 80, 24)
+    cold = [manager.create(RecordingClient(), 80, 24) for _ in range(3)]
+    assert first.status() == "running" and all(s.starting for s in cold)
+    held = len(docker._held)
+    # The refill is due, but the clients' containers are still being made:
+    # no warm container competes with them.
+    settle(clock, pool.refill_delay + 5)
+    assert len(docker._held) == held == 3 and pool.making is None
+    # Once they run, the pool refills.
+    docker.hold_create = False
+    docker.release_create()
+    assert not any(s.starting for s in cold)
+    settle(clock, 1)
+    assert len(pool.ready) == 1
+
+
+def test_a_refill_waits_for_clients_sessions_but_not_for_ever(docker, clock):
+    manager = make_manager(docker, clock, size=1)
+    pool = fill(manager, clock)
+    docker.hold_create = True
+    manager.create(RecordingClient(), 80, 24)
+    stuck = manager.create(RecordingClient(), 80, 24)
+    assert stuck.starting and len(docker._held) == 1
+    settle(clock, pool.refill_delay + pool.max_wait + 1, step=0.5)
+    # Its container still hangs: after max_wait, the refill is made anyway.
+    assert len(docker._held) == 2
+
+
+def grown_manager(docker, clock, room=None, **config):
+    manager = SessionManager(docker, clock, SessionConfig(
+        spec=SPEC, instance="t", pool_size=2, pool_max_age=1000.0, grace=60,
+        pool_grow_by=3, pool_window=30.0, **config), pool_room=room)
+    manager.pool.start()
+    settle(clock, 5)
+    return manager, manager.pool["shell"]
+
+
+def test_the_pool_grows_while_takes_come_fast_up_to_its_cap():
+    clock, docker = MemoryReactorClock(), FakeDockerAPI()
+    manager, pool = grown_manager(docker, clock)
+    assert len(pool.ready) == 2 and pool.target == 2
+    # Two takes within the window: what the pool holds anyway.
+    for _ in range(2):
+        manager.create(RecordingClient(), 80, 24)
+    settle(clock, 5)
+    assert pool.target == 2 and len(pool.ready) == 2
+    # Each take beyond its size wants one more warm session.
+    manager.create(RecordingClient(), 80, 24)
+    assert pool.target == 3
+    settle(clock, 5)
+    assert len(pool.ready) == 3
+    # Many more: never beyond size + grow_by.
+    for _ in range(10):
+        manager.create(RecordingClient(), 80, 24)
+        clock.advance(0.5)
+    assert pool.target == 5
+    settle(clock, 10)
+    assert len(pool.ready) == 5 and len(pool.held) == 5
+
+
+def test_the_pool_shrinks_back_to_its_size_once_takes_stop():
+    clock, docker = MemoryReactorClock(), FakeDockerAPI()
+    manager, pool = grown_manager(docker, clock)
+    for _ in range(6):
+        manager.create(RecordingClient(), 80, 24)
+        clock.advance(0.5)
+    settle(clock, 10)
+    assert len(pool.ready) == 5
+    users = set(manager.sessions)
+    # No more takes: a window after the last, the pool is back at its size,
+    # the oldest warm sessions ended and their containers removed.
+    settle(clock, 30)
+    assert pool.target == 2 and len(pool.ready) == 2 and pool.making is None
+    assert set(manager.sessions) == users
+    warm = {s.container_id for s in pool.ready}
+    mine = {s.container_id for s in manager.sessions.values()}
+    assert set(docker.containers) == warm | mine
+    # And it stays there.
+    settle(clock, 60, step=1)
+    assert len(pool.ready) == 2 and set(docker.containers) == warm | mine
+
+
+def test_the_pool_grows_only_while_the_server_has_room():
+    clock, docker = MemoryReactorClock(), FakeDockerAPI()
+    room = [False]
+    manager, pool = grown_manager(docker, clock, room=lambda: room[0])
+    for _ in range(6):
+        manager.create(RecordingClient(), 80, 24)
+        clock.advance(0.5)
+    settle(clock, 10)
+    # It wants more, but only refills to its size.
+    assert pool.target == 5 and len(pool.ready) == 2
+    room[0] = True
+    manager.create(RecordingClient(), 80, 24)
+    settle(clock, 10)
+    assert len(pool.ready) == 5
+
+
+def test_a_pool_that_does_not_grow_keeps_its_size_however_fast_the_takes(docker, clock):
+    manager = make_manager(docker, clock, size=2)
+    pool = fill(manager, clock)
+    for _ in range(10):
+        manager.create(RecordingClient(), 80, 24)
+        clock.advance(0.2)
+    settle(clock, 10)
+    assert pool.target == 2 and len(pool.ready) == 2

@@ -63,6 +63,8 @@ class SessionManager:
         (L{capsule.sessions.owners}); told what happens to sessions, and
         asked whose an earlier run's session is.
     @param observers: others told what happens to sessions (recordings).
+    @param pool_room: whether the server has room for one more warm session
+        beyond a pool's size (see L{WarmPool}); default: always.
 
     @ivar sessions: the live sessions by id.
     @ivar recovery: finds the sessions of an earlier run (L{Recovery}).
@@ -73,7 +75,7 @@ class SessionManager:
     typed_at = float("-inf")
 
     def __init__(self, docker, clock, config: SessionConfig, *, metrics=None, owners=None,
-                 observers=()) -> None:
+                 observers=(), pool_room=None) -> None:
         self._docker = docker
         self._clock = clock
         self.config = config
@@ -93,7 +95,9 @@ class SessionManager:
         self.pool = WarmPools({
             name: WarmPool(clock, settings.pool, partial(self._warm_session, settings),
                            max_age=config.pool_max_age, name=name,
-                           typed_at=lambda: self.typed_at, observer=self.observers)
+                           typed_at=lambda: self.typed_at, observer=self.observers,
+                           busy=self._clients_starting, grow_by=config.pool_grow_by,
+                           window=config.pool_window, room=pool_room)
             for name, settings in self.profiles.items()
             if settings.pool > 0 and not settings.agent_volume})
         for name, settings in self.profiles.items():
@@ -103,6 +107,13 @@ class SessionManager:
         # Profiles with an agent volume whose sessions had none (no users):
         # said once each.
         self._volume_refused: set[str] = set()
+
+    def _clients_starting(self) -> bool:
+        """
+        Whether a client's session is being made (the warm pools' refills
+        wait for them: users first).
+        """
+        return any(s.starting for s in self.sessions.values())
 
     @property
     def labels(self) -> dict[str, str]:
