@@ -10,6 +10,7 @@ import json
 import os
 
 from cpuwatch import describe as describe_cpu
+from density import density_table
 from floors import CPUS, MEMORY, PIDS, THREADS
 from measures import KEY_GAP, ms
 
@@ -301,7 +302,17 @@ def report(run: dict) -> str:
         notes.append(f"{others} other container(s) were running on the"
                      " engine when the bench started; they compete for the same CPUs.")
     notes += run["notes"]
-    text = table(r, run["failures"], run["p"]) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    text = "\n".join(f"- {n}" for n in notes)
+    if set(r) - {"density"} or set(run["failures"]) - {"density", "capsule (density)"}:
+        text = table(r, run["failures"], run["p"]) + "\n\n" + text
+    for name in ("capsule (density)", "density"):
+        if name in run["failures"]:
+            text += f"\n\nDensity FAILED ({name}): {run['failures'][name][:300]}"
+    if r.get("density"):
+        d = r["density"]
+        text += (f"\n\nDensity: {d['n']} idle shell sessions asked for through the API, on"
+                 " capsule's default options (per-client and rate limits raised; grace"
+                 " outlasting the run):\n\n" + density_table(d))
     if r.get("doors"):
         text += ("\n\nWhat a client can make capsule hold through each door, with the caps"
                  " on (each line is the door's script's own JSON: the attack, capsule's"
