@@ -409,6 +409,20 @@ def connection_limits(config: CapsuleConfig, descriptors: int) -> ConnectionLimi
         exempt=tuple(config.trusted_proxies))
 
 
+def warm_room(admission, profiles) -> bool:
+    """
+    Whether a warm pool may hold one more session beyond its size: while
+    admission's memory budget (if any) has room for it and for one more
+    session of the largest profile besides, so that a pool grown for a burst
+    is not why the next user is refused.
+    """
+    budget = admission.policy.memory_budget
+    if budget is None:
+        return True
+    largest = max((p.memory for p in profiles.values()), default=0)
+    return admission.committed_memory() + 2 * largest <= budget
+
+
 def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                  ) -> CapsuleService:
     """
@@ -432,7 +446,9 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         recorder = SessionRecorder(config.record, reactor, config.record_max_bytes)
     # The metrics, the owners' file and the recorder observe the sessions.
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
-                             owners=owners, observers=[recorder] if recorder else ())
+                             owners=owners, observers=[recorder] if recorder else (),
+                             # admission is made below, before any pool starts.
+                             pool_room=lambda: warm_room(admission, manager.profiles))
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"

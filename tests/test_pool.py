@@ -481,3 +481,30 @@ def test_a_pool_that_does_not_grow_keeps_its_size_however_fast_the_takes(docker,
         clock.advance(0.2)
     settle(clock, 10)
     assert pool.target == 2 and len(pool.ready) == 2
+
+
+def test_a_pool_grows_only_while_the_budget_keeps_room_for_a_user():
+    from capsule.core.admission import AdmissionControl, AdmissionPolicy
+    from capsule.services import warm_room
+    clock, docker = MemoryReactorClock(), FakeDockerAPI()
+    gib = 1024 ** 3
+    policy = AdmissionPolicy(max_sessions=100, max_per_client=100, rate=None,
+                             session_memory=gib, memory_budget=None)
+    holder = {}
+    manager, pool = grown_manager(docker, clock,
+                                  room=lambda: warm_room(holder["admission"], manager.profiles))
+    admission = holder["admission"] = AdmissionControl(manager, clock, policy)
+    # Without a budget, only the cap bounds it.
+    assert warm_room(admission, manager.profiles)
+    # 2 warm sessions of 1 GiB held; a budget of 5 GiB leaves room for one
+    # more warm and one user's; 3 GiB does not.
+    policy.memory_budget = 5 * gib
+    assert admission.committed_memory() == 2 * gib
+    assert warm_room(admission, manager.profiles)
+    policy.memory_budget = 3 * gib
+    assert not warm_room(admission, manager.profiles)
+    for _ in range(6):
+        manager.create(RecordingClient(), 80, 24)
+        clock.advance(0.5)
+    settle(clock, 10)
+    assert pool.target == 5 and len(pool.ready) == 2
