@@ -13,7 +13,9 @@ from capsule.sessions.cleanup import expire_due
 from capsule.core.spec import ContainerSpec
 from capsule.core.keeper import keeper_argv
 from capsule.core.profiles import Profile
+from capsule.core.session_core import State
 from capsule.sessions.manager import SessionManager
+from capsule.sessions.pool import WarmPool
 from capsule.sessions.observers import SessionObserver
 from capsule.sessions.session import WARM_SIZE, SessionConfig
 from tests.support.fakes import FakeDockerAPI, RecordingClient
@@ -508,3 +510,70 @@ def test_a_pool_grows_only_while_the_budget_keeps_room_for_a_user():
         clock.advance(0.5)
     settle(clock, 10)
     assert pool.target == 5 and len(pool.ready) == 2
+
+
+class _SlowEnds:
+    """
+    Warm sessions for a L{WarmPool} alone, whose ending takes C{cost}
+    seconds of the clock (as a real engine's work does while it runs).
+    """
+
+    def __init__(self, clock, cost: float) -> None:
+        self.clock, self.cost = clock, cost
+        self.pool = None
+        self.ended = []
+
+    def make(self):
+        maker = self
+
+        class Events:
+            def prepare(self):
+                pass
+
+            def end(self, code, message):
+                maker.ended.append(session)
+                maker.clock.advance(maker.cost)
+                maker.pool.lost(session)
+
+        class Core:
+            created_at = self.clock.seconds()
+            stream = object()
+
+        class Warm:
+            id = f"warm-{len(self.ended)}-{self.clock.seconds()}"
+            container_id = id
+            state = State.DETACHED
+            attached = False
+            shell = object()
+            core = Core()
+            events = Events()
+
+        session = Warm()
+        return session
+
+
+def test_the_pool_shrinks_to_its_size_even_when_ending_sessions_takes_time():
+    clock = MemoryReactorClock()
+    slow = _SlowEnds(clock, cost=0.4)
+    pool = slow.pool = WarmPool(clock, 2, slow.make, max_age=1000.0, grow_by=6, window=30.0)
+    pool.start()
+
+    def fill_up():
+        for _ in range(40):
+            clock.advance(0.5)
+            if pool.making is not None:
+                pool.went_live(pool.making)
+
+    fill_up()
+    assert len(pool.ready) == 2
+    # Four takes, then four more at once.
+    for gap in (0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0):
+        pool.take()
+        clock.advance(gap)
+    fill_up()
+    assert len(pool.ready) == 8
+    # The takes leave the window one by one while the extra sessions are
+    # being ended: the pool must still come back to its size.
+    for _ in range(100):
+        clock.advance(0.1)
+    assert pool.target == 2 and len(pool.ready) == 2

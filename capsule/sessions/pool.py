@@ -335,9 +335,14 @@ class WarmPool:
         if self._shrink_call is not None and self._shrink_call.active():
             return
         self._forget_old_takes()
-        if not self._takes:
+        if self._takes:
+            delay = max(0.0, self._takes[0] + self.window - self._clock.seconds())
+        elif len(self.ready) > self.size:
+            # The last takes left the window while the extra sessions were
+            # being ended: what is left over goes now.
+            delay = 0.0
+        else:
             return
-        delay = max(0.0, self._takes[0] + self.window - self._clock.seconds())
         self._shrink_call = self._clock.callLater(delay, self._shrink)
 
     def _shrink(self) -> None:
@@ -345,6 +350,8 @@ class WarmPool:
         End the warm sessions beyond what the pool wants now, the oldest
         first.
         """
+        if self._shrink_call is not None and self._shrink_call.active():
+            self._shrink_call.cancel()
         self._shrink_call = None
         target = self.target
         if len(self.ready) > target:
