@@ -290,7 +290,7 @@ class Bench:
         await self.phase("flood (input)", self.phases.input_flood, server)
 
     async def density_suite(self, server: CapsuleServer) -> None:
-        density = Density(server, self.image, self.run_id, self.args.density_sessions,
+        density = Density(server, self.floor, self.image, self.run_id, self.args.density_sessions,
                           self.args.density_cpu_seconds, self.results)
         await self.phase("density", density.run)
 
