@@ -291,7 +291,8 @@ class Bench:
 
     async def density_suite(self, server: CapsuleServer) -> None:
         density = Density(server, self.floor, self.image, self.run_id, self.args.density_sessions,
-                          self.args.density_cpu_seconds, self.results)
+                          self.args.density_cpu_seconds, self.results,
+                          extra=self.args.capsule_arg)
         await self.phase("density", density.run)
 
     def report(self) -> str:

@@ -274,7 +274,7 @@ class Density:
     """
 
     def __init__(self, server: CapsuleServer, floor: Floor, image: str, run_id: str, n: int,
-                 cpu_seconds: float, results: dict) -> None:
+                 cpu_seconds: float, results: dict, extra: list[str] = ()) -> None:
         self.server = server
         self.floor = floor
         self.floor_container: str | None = None
@@ -282,7 +282,8 @@ class Density:
         self.run_id = run_id
         self.n = n
         self.cpu_window = cpu_seconds
-        self.results = results.setdefault("density", {"n": n, "cpu": {}})
+        # What was added to capsule's defaults besides capsule_options.
+        self.results = results.setdefault("density", {"n": n, "cpu": {}, "extra": list(extra)})
         self.ids: list[str] = []
 
     # -- capsule through its API --

@@ -310,9 +310,11 @@ def report(run: dict) -> str:
             text += f"\n\nDensity FAILED ({name}): {run['failures'][name][:300]}"
     if r.get("density"):
         d = r["density"]
+        extra = " ".join(d.get("extra") or [])
         text += (f"\n\nDensity: {d['n']} idle shell sessions asked for through the API, on"
                  " capsule's default options (per-client and rate limits raised; grace"
-                 " outlasting the run):\n\n" + density_table(d))
+                 " outlasting the run" + (f"; and, from --capsule-arg: `{extra}`" if extra
+                                          else "") + "):\n\n" + density_table(d))
     if r.get("doors"):
         text += ("\n\nWhat a client can make capsule hold through each door, with the caps"
                  " on (each line is the door's script's own JSON: the attack, capsule's"
