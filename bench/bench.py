@@ -88,6 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.live import CapsuleServer, poll, remove_container
 
+from density import Density, capsule_options
 from floors import CPUS, LABEL_BENCH_RUN, MEMORY, PIDS, Floor
 from measures import say
 from phases import Phases, health, settle
@@ -100,7 +101,10 @@ QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
 
 # What --only may select: the measurements whose phase names start so.
 ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors",
-        "pressure")
+        "pressure", "density")
+
+# The density run's sessions live without a client for its whole length.
+DENSITY_GRACE = 3600.0
 
 # The doors (issue 19's caps): each script starts capsules of its own and
 # prints JSON; (label, script, full run's arguments, quick run's).
@@ -190,6 +194,11 @@ class Bench:
                                            f"browser ({label[8:]})", self.phases.page_visits,
                                            server, label.replace("-", "_")),
                                        {"cleanup-interval": 0.2})
+        if self.selected("density"):
+            # capsule's defaults: what one host holds as shipped.
+            n = self.args.density_sessions
+            await self.with_server("density", [], self.density_suite,
+                                   base=capsule_options(n, DENSITY_GRACE))
         if self.selected("doors"):
             for label, script, full, quick in DOORS:
                 await self.phase(f"doors ({label})", self.door, script,
@@ -236,16 +245,21 @@ class Bench:
         for value in found:
             say(json.dumps(value))
 
-    async def with_server(self, label: str, extra, suite, tuning=None,
+    async def with_server(self, label: str, extra, suite, tuning=None, base=None,
                           instance: str | None = None) -> None:
-        tuning = {**dict(item.split("=", 1) for item in self.args.capsule_tuning),
-                  **(tuning or {})}
+        """
+        @param base: capsule's options before C{--capsule-arg} and C{extra}
+            (default: the limits of L{floors} and admission opened for one
+            client opening up to 50 sessions at once).
+        """
+        tuning = {**(tuning or {}), **dict(
+            item.split("=", 1) for item in self.args.capsule_tuning)}
+        if base is None:
+            base = ["--memory", MEMORY, "--cpus", f"{CPUS:g}", "--pids", str(PIDS),
+                    "--max-sessions", "100", "--max-sessions-per-client", "100",
+                    "--session-rate", "1000/1", "--memory-budget", "off"]
         server = CapsuleServer(
-            self.tmp, "--memory", MEMORY, "--cpus", f"{CPUS:g}", "--pids", str(PIDS),
-            # The benchmark is one client opening up to 50 sessions at once.
-            "--max-sessions", "100", "--max-sessions-per-client", "100",
-            "--session-rate", "1000/1", "--memory-budget", "off",
-            *self.args.capsule_arg, *extra,
+            self.tmp, *base, *self.args.capsule_arg, *extra,
             image=self.image, instance=instance or self.instance, label=label, own_session=True,
             tuning=tuning)
         self.servers.append(server)
@@ -311,6 +325,12 @@ class Bench:
             name = "binary" if binary else "json"
             await self.phase(f"flood ({name})", self.phases.flood, server, binary)
         await self.phase("flood (input)", self.phases.input_flood, server)
+
+    async def density_suite(self, server: CapsuleServer) -> None:
+        density = Density(server, self.floor, self.image, self.run_id, self.args.density_sessions,
+                          self.args.density_cpu_seconds, self.results,
+                          extra=self.args.capsule_arg)
+        await self.phase("density", density.run)
 
     def report(self) -> str:
         return report({
@@ -414,12 +434,22 @@ def main(argv=None) -> None:
     parser.add_argument("--only", action="append", choices=ONLY, metavar="PHASE",
                         help="run only this kind of measurement (repeatable): "
                              + ", ".join(ONLY))
+    parser.add_argument("--density-sessions", type=int, default=300, metavar="N",
+                        help="idle sessions the density measurement creates [default:"
+                             " %(default)s]")
+    parser.add_argument("--density-cpu-seconds", type=float, default=60.0, metavar="S",
+                        help="how long capsule's idle CPU is measured at each count"
+                             " [default: %(default)s]")
     args = parser.parse_args(argv)
     for name in ("sessions", "keystrokes", "throughput_bytes", "repeats", "concurrent",
                  "browser_rounds"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.density_sessions < 1:
+        parser.error("--density-sessions must be at least 1")
+    if not 0 < args.density_cpu_seconds <= 600:
+        parser.error("--density-cpu-seconds must be in (0, 600]")
     if args.flood_seconds is not None and not 0 < args.flood_seconds <= 600:
         parser.error("--flood-seconds must be in (0, 600]")
 

@@ -10,6 +10,7 @@ import json
 import os
 
 from cpuwatch import describe as describe_cpu, path_ms_per_mb
+from density import density_table
 from floors import CPUS, MEMORY, PIDS, THREADS
 from measures import KEY_GAP, ms
 from pagetrace import describe as describe_trace
@@ -339,7 +340,19 @@ def report(run: dict) -> str:
         notes.append(f"{others} other container(s) were running on the"
                      " engine when the bench started; they compete for the same CPUs.")
     notes += run["notes"]
-    text = table(r, run["failures"], run["p"]) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    text = "\n".join(f"- {n}" for n in notes)
+    if set(r) - {"density", "pressure"} or set(run["failures"]) - {"density", "capsule (density)"}:
+        text = table(r, run["failures"], run["p"]) + "\n\n" + text
+    for name in ("capsule (density)", "density"):
+        if name in run["failures"]:
+            text += f"\n\nDensity FAILED ({name}): {run['failures'][name][:300]}"
+    if r.get("density"):
+        d = r["density"]
+        extra = " ".join(d.get("extra") or [])
+        text += (f"\n\nDensity: {d['n']} idle shell sessions asked for through the API, on"
+                 " capsule's default options (per-client and rate limits raised; grace"
+                 " outlasting the run" + (f"; and, from --capsule-arg: `{extra}`" if extra
+                                          else "") + "):\n\n" + density_table(d))
     if r.get("pressure"):
         p = r["pressure"]
         refusal = p.get("refusal") or {}

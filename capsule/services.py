@@ -437,7 +437,8 @@ def session_config(config: CapsuleConfig) -> SessionConfig:
     return SessionConfig(
         spec=config.spec, instance=config.instance, grace=config.grace, shell=config.shell,
         replay_bytes=config.replay_bytes, pool_size=config.pool_size,
-        pool_max_age=config.tuning.pool_max_age, max_lifetime=config.max_lifetime,
+        pool_max_age=config.tuning.pool_max_age, pool_grow_by=config.tuning.pool_grow_by,
+        pool_window=config.tuning.pool_window, max_lifetime=config.max_lifetime,
         idle_timeout=config.idle_timeout, keeper=config.keeper,
         profiles=dict(config.profiles), secrets=config.secrets)
 
@@ -489,6 +490,18 @@ def connection_limits(config: CapsuleConfig, descriptors: int) -> ConnectionLimi
         exempt=tuple(config.trusted_proxies))
 
 
+def warm_room(memory: MemoryBudget, manager) -> bool:
+    """
+    Whether a warm pool may hold one more session beyond its size: while
+    the memory budget has room for it and for one more session of the
+    largest request besides, so that a pool grown for a burst is not why the
+    next user is refused.
+    """
+    largest = max((memory.request_of(p) for p in manager.profiles.values()), default=0)
+    return memory.room_for_warm(manager.sessions.values(), manager.pool.held, None,
+                                beside=largest)
+
+
 def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                  ) -> CapsuleService:
     """
@@ -529,7 +542,8 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
                              owners=owners,
                              observers=[o for o in (recorder, spectators) if o is not None],
-                             memory=memory, direct=direct)
+                             memory=memory, direct=direct,
+                             pool_room=lambda: warm_room(memory, manager))
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"

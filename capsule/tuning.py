@@ -73,6 +73,7 @@ def knob(default, parse, meaning: str):
 _POSITIVE_FLOAT = _number(float, 0, False)
 _POSITIVE_INT = _number(int, 0, False)
 _NON_NEGATIVE_FLOAT = _number(float, 0, True)
+_NON_NEGATIVE_INT = _number(int, 0, True)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,15 @@ class Tuning:
     pool_max_age: float = knob(
         3600.0, _POSITIVE_FLOAT,
         "Seconds after which a warm container is replaced instead of handed out.")
+    pool_grow_by: int = knob(
+        6, _NON_NEGATIVE_INT,
+        "Warm containers a pool may hold beyond its size while sessions are taken from it"
+        " faster than it holds (0: it never grows); it is back at its size pool-window"
+        " seconds after the last take.")
+    pool_window: float = knob(
+        30.0, _POSITIVE_FLOAT,
+        "Seconds over which takes from a warm pool are counted: each take beyond the pool's"
+        " size within them wants one more warm container (up to pool-grow-by).")
     start_at_first_frame: bool = knob(
         False, _flag,
         "Make a new session only when its client's first frame arrives, rather than as soon"

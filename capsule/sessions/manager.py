@@ -66,6 +66,8 @@ class SessionManager:
         (L{capsule.sessions.owners}); told what happens to sessions, and
         asked whose an earlier run's session is.
     @param observers: others told what happens to sessions (recordings).
+    @param pool_room: whether the server has room for one more warm session
+        beyond a pool's size (see L{WarmPool}); default: always.
 
     @ivar sessions: the live sessions by id.
     @ivar recovery: finds the sessions of an earlier run (L{Recovery}).
@@ -76,7 +78,7 @@ class SessionManager:
     typed_at = float("-inf")
 
     def __init__(self, docker, clock, config: SessionConfig, *, metrics=None, owners=None,
-                 observers=(), memory=None, direct=None) -> None:
+                 observers=(), memory=None, direct=None, pool_room=None) -> None:
         self._docker = docker
         # The memory accounting (capsule.core.memory.MemoryBudget): a warm
         # pool refills only while its next session fits.
@@ -107,6 +109,8 @@ class SessionManager:
             name: WarmPool(clock, settings.pool, partial(self._warm_session, settings),
                            max_age=config.pool_max_age, name=name,
                            typed_at=lambda: self.typed_at, observer=self.observers,
+                           busy=self._clients_starting, grow_by=config.pool_grow_by,
+                           window=config.pool_window, room=pool_room,
                            fits=None if memory is None else partial(self._warm_fits, settings))
             for name, settings in self.profiles.items()
             if settings.pool > 0 and not settings.agent_volume})
@@ -130,6 +134,13 @@ class SessionManager:
             return 0
         return self.pool.give_up(
             lambda: self.memory.excess(self.sessions.values(), self.pool.held))
+
+    def _clients_starting(self) -> bool:
+        """
+        Whether a client's session is being made (the warm pools' refills
+        wait for them: users first).
+        """
+        return any(s.starting for s in self.sessions.values())
 
     @property
     def labels(self) -> dict[str, str]:
