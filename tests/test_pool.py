@@ -532,25 +532,21 @@ def test_a_pool_that_does_not_grow_keeps_its_size_however_fast_the_takes(docker,
 
 
 def test_a_pool_grows_only_while_the_budget_keeps_room_for_a_user():
-    from capsule.core.admission import AdmissionControl, AdmissionPolicy
+    from capsule.core.memory import MemoryBudget
     from capsule.services import warm_room
     clock, docker = MemoryReactorClock(), FakeDockerAPI()
-    gib = 1024 ** 3
-    policy = AdmissionPolicy(max_sessions=100, max_per_client=100, rate=None,
-                             session_memory=gib, memory_budget=None)
-    holder = {}
-    manager, pool = grown_manager(docker, clock,
-                                  room=lambda: warm_room(holder["admission"], manager.profiles))
-    admission = holder["admission"] = AdmissionControl(manager, clock, policy)
+    request = 64 * 1024 ** 2
+    memory = MemoryBudget(request)
+    manager, pool = grown_manager(docker, clock, room=lambda: warm_room(memory, manager))
     # Without a budget, only the cap bounds it.
-    assert warm_room(admission, manager.profiles)
-    # 2 warm sessions of 1 GiB held; a budget of 5 GiB leaves room for one
-    # more warm and one user's; 3 GiB does not.
-    policy.memory_budget = 5 * gib
-    assert admission.committed_memory() == 2 * gib
-    assert warm_room(admission, manager.profiles)
-    policy.memory_budget = 3 * gib
-    assert not warm_room(admission, manager.profiles)
+    assert warm_room(memory, manager)
+    # 2 warm sessions at their 64 MiB requests; a budget of five requests
+    # leaves room for one more warm and one user's; three do not.
+    memory.budget = 5 * request
+    assert memory.warm(manager.pool.held) == 2 * request
+    assert warm_room(memory, manager)
+    memory.budget = 3 * request
+    assert not warm_room(memory, manager)
     for _ in range(6):
         manager.create(RecordingClient(), 80, 24)
         clock.advance(0.5)
