@@ -7,7 +7,12 @@ IMAGE ?= capsule-runtime:latest
 # The agent image (Node.js, Claude Code), built FROM $(IMAGE); `none`: not built.
 AGENT_IMAGE ?= capsule-agent:latest
 LISTEN ?= tcp:3001:interface=127.0.0.1
+# The server's name (--instance): its containers carry it, and a second
+# `make run` in the same checkout needs its own (and its own LISTEN).
+INSTANCE ?= default
 ARGS ?=
+# twistd's pid files, one per instance, out of the tree's tracked files.
+RUN_DIR ?= .run
 # Where `make run` writes the session image build's full output.
 BUILD_LOG ?= .capsule-build.log
 
@@ -17,18 +22,19 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed www/node_modules/.installed
 
-# compat mode puts the checkout on sys.path, where twistd finds
-# twisted/plugins/capsule_plugin.py
+# An editable install: a .pth names the checkout (setup.py's package_dir),
+# so that code edits take effect at the next start and twistd finds
+# twisted/plugins/capsule_plugin.py on sys.path.
 $(VENV)/.installed: setup.py
 	@echo "capsule: installing capsule and its Python packages into $(VENV) (pip)..."
 	@$(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install --quiet --upgrade pip
-	@$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	@$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
 
 www/node_modules/.installed: www/package.json www/package-lock.json
 	@echo "capsule: installing the page's packages into www/node_modules (npm ci)..."
-	@cd www && npm ci --no-audit --no-fund --loglevel=error
+	@cd www && npm ci --no-audit --no-fund --loglevel=error >/dev/null
 	@touch $@
 
 image:
@@ -41,6 +47,12 @@ image:
 # still print "Terminated").
 run: SHELL := /bin/bash
 run: setup
+	@mkdir -p $(RUN_DIR)
+	@if pid=$$(cat $(RUN_DIR)/$(INSTANCE).pid 2>/dev/null) && kill -0 "$$pid" 2>/dev/null; then \
+	  echo "capsule: a capsule of instance $(INSTANCE) already runs from this checkout (PID $$pid, $(RUN_DIR)/$(INSTANCE).pid)."; \
+	  echo "capsule: stop it, or start another one with a name and a port of its own:"; \
+	  echo "capsule:   make run INSTANCE=second LISTEN=tcp:3002:interface=127.0.0.1"; \
+	  exit 1; fi
 	@echo "capsule: Python packages in $(VENV), the page's in www/node_modules: ready"
 	@echo "capsule: session image $(IMAGE) (full build log: $(BUILD_LOG))"
 	@bash -c 'set -o pipefail; bash docker/build-image.sh "$$1" "$$3" 2>&1 | tee "$$2" \
@@ -48,8 +60,9 @@ run: setup
 	  _ $(IMAGE) $(BUILD_LOG) $(AGENT_IMAGE) \
 	  || { echo "capsule: the image build failed; the end of $(BUILD_LOG):"; \
 	       tail -n 25 $(BUILD_LOG); exit 1; }
-	@echo "capsule: starting: twistd -n capsule --listen $(LISTEN) --image $(IMAGE) --agent-image $(AGENT_IMAGE) $(ARGS)"
-	@$(BIN)/twistd -n capsule --listen $(LISTEN) --image $(IMAGE) --agent-image $(AGENT_IMAGE) $(ARGS) & pid=$$!; \
+	@echo "capsule: starting: twistd -n --pidfile $(RUN_DIR)/$(INSTANCE).pid capsule --instance $(INSTANCE) --listen $(LISTEN) --image $(IMAGE) --agent-image $(AGENT_IMAGE) $(ARGS)"
+	@$(BIN)/twistd -n --pidfile $(RUN_DIR)/$(INSTANCE).pid capsule --instance $(INSTANCE) --listen $(LISTEN) \
+	  --image $(IMAGE) --agent-image $(AGENT_IMAGE) $(ARGS) & pid=$$!; \
 	  trap 'kill -TERM $$pid 2>/dev/null' INT TERM; \
 	  while :; do wait $$pid; status=$$?; kill -0 $$pid 2>/dev/null || break; done; \
 	  case $$status in 0|130|143) exit 0;; *) exit $$status;; esac
@@ -69,4 +82,4 @@ bench: setup image
 	$(BIN)/python bench/bench.py --image $(IMAGE) $(ARGS)
 
 clean:
-	rm -rf $(VENV) www/node_modules twisted/plugins/dropin.cache
+	rm -rf $(VENV) www/node_modules twisted/plugins/dropin.cache $(RUN_DIR)

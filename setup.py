@@ -44,6 +44,11 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
+    # The packages sit at the top of the checkout ("" -> "."): an editable
+    # install (`make setup`) is then a plain .pth naming the checkout, where
+    # twistd also finds twisted/plugins/capsule_plugin.py (a finder mapping
+    # twisted.plugins would hide it from twistd's search of sys.path).
+    package_dir={"": "."},
     packages=find_packages(include=["capsule", "capsule.*"]) + ["twisted.plugins"],
     include_package_data=False,
     data_files=www_files(),

@@ -19,7 +19,9 @@ measures, in one run:
    in the notes);
 3. output throughput of ``head -c N /dev/zero | base64`` until a final marker,
    binary and JSON (medians of several runs: the PTY's rate wanders), with
-   where the machine's CPU went meanwhile (``bench/cpuwatch.py``);
+   where the machine's CPU went meanwhile (``bench/cpuwatch.py``), and binary
+   through a second capsule whose keepers are reached through relay execs
+   (``keeper-direct = false``) rather than over TCP;
 4. many concurrent sessions: time until all are usable, and capsule's RSS
    before, during and after;
 5. a flood to a slow reader (binary with slow acks, JSON with TCP
@@ -31,7 +33,11 @@ measures, in one run:
 7. the page in headless Chromium (``browser.py``, Playwright): navigation
    to the first prompt drawn, with a warm pool and without one, for a first
    visit (empty cache) and a returning one (a new tab, cache warm);
-8. the floors, with docker-py and Twisted and no capsule: container
+8. memory pressure (``pressure.py``): sessions that each really hold 300 MB,
+   opened until admission refuses (the reserve set so that it refuses after
+   about 4 GiB of real use), then capsule, dockerd and every session
+   checked, and the kernel's out-of-memory kills counted;
+9. the floors, with docker-py and Twisted and no capsule: container
    create+start+exec, plain exec, the same many at once, and the raw exec
    stream's throughput and echo (read through capsule's own exec-start
    upgrade, ``capsule.engine.exec_process.ExecStreamProtocol``).
@@ -82,6 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.live import CapsuleServer, poll, remove_container
 
+from density import Density, capsule_options
 from floors import CPUS, LABEL_BENCH_RUN, MEMORY, PIDS, Floor
 from measures import say
 from phases import Phases, health, settle
@@ -93,7 +100,11 @@ QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
              concurrent=10, flood_seconds=5.0, browser_rounds=3)
 
 # What --only may select: the measurements whose phase names start so.
-ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors")
+ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors",
+        "pressure", "density")
+
+# The density run's sessions live without a client for its whole length.
+DENSITY_GRACE = 3600.0
 
 # The doors (issue 19's caps): each script starts capsules of its own and
 # prints JSON; (label, script, full run's arguments, quick run's).
@@ -115,6 +126,10 @@ class Bench:
                 self.p[key] = value
         self.run_id = uuid.uuid4().hex[:10]
         self.instance = f"bench-{self.run_id}"
+        # The capsule whose keepers are reached through relay execs, beside
+        # the warm one: an instance of its own (each finds the other's
+        # containers none of its business).
+        self.relay_instance = f"bench-{self.run_id}-relay"
         self.image = args.image
         self.host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         self.floor = Floor(self.host, self.image, self.run_id)
@@ -179,11 +194,35 @@ class Bench:
                                            f"browser ({label[8:]})", self.phases.page_visits,
                                            server, label.replace("-", "_")),
                                        {"cleanup-interval": 0.2})
+        if self.selected("density"):
+            # capsule's defaults: what one host holds as shipped.
+            n = self.args.density_sessions
+            await self.with_server("density", [], self.density_suite,
+                                   base=capsule_options(n, DENSITY_GRACE))
         if self.selected("doors"):
             for label, script, full, quick in DOORS:
                 await self.phase(f"doors ({label})", self.door, script,
                                  quick if self.args.quick else full)
+        if self.selected("pressure"):
+            await self.phase("pressure", self.pressure)
         self.load_after = os.getloadavg()
+
+    async def pressure(self) -> None:
+        """
+        Sessions that really hold memory until admission refuses
+        (``pressure.py``, which starts a capsule of its own): its figures
+        go into the report.
+        """
+        command = [sys.executable, str(Path(__file__).with_name("pressure.py")),
+                   "--image", self.image, "--real-gib", "1" if self.args.quick else "4"]
+        done = await deferToThread(subprocess.run, command, capture_output=True, text=True,
+                                   timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"pressure.py exited {done.returncode}: {done.stderr[-500:]}")
+        *lines, last = done.stdout.strip().splitlines()
+        self.results["pressure"] = json.loads(last)
+        for line in lines:
+            say(line)
 
     async def door(self, script: str, arguments: list[str]) -> None:
         """
@@ -206,16 +245,22 @@ class Bench:
         for value in found:
             say(json.dumps(value))
 
-    async def with_server(self, label: str, extra, suite, tuning=None) -> None:
+    async def with_server(self, label: str, extra, suite, tuning=None, base=None,
+                          instance: str | None = None) -> None:
+        """
+        @param base: capsule's options before C{--capsule-arg} and C{extra}
+            (default: the limits of L{floors} and admission opened for one
+            client opening up to 50 sessions at once).
+        """
         tuning = {**(tuning or {}), **dict(
             item.split("=", 1) for item in self.args.capsule_tuning)}
+        if base is None:
+            base = ["--memory", MEMORY, "--cpus", f"{CPUS:g}", "--pids", str(PIDS),
+                    "--max-sessions", "100", "--max-sessions-per-client", "100",
+                    "--session-rate", "1000/1", "--memory-budget", "off"]
         server = CapsuleServer(
-            self.tmp, "--memory", MEMORY, "--cpus", f"{CPUS:g}", "--pids", str(PIDS),
-            # The benchmark is one client opening up to 50 sessions at once.
-            "--max-sessions", "100", "--max-sessions-per-client", "100",
-            "--session-rate", "1000/1", "--memory-budget", "off",
-            *self.args.capsule_arg, *extra,
-            image=self.image, instance=self.instance, label=label, own_session=True,
+            self.tmp, *base, *self.args.capsule_arg, *extra,
+            image=self.image, instance=instance or self.instance, label=label, own_session=True,
             tuning=tuning)
         self.servers.append(server)
         try:
@@ -262,7 +307,14 @@ class Bench:
             await self.phase("echo", phases.echo, server, floor_container)
             await self.phase("refill: echo while the pool refills", phases.echo_refill, server)
             await self.phase("throughput: generator alone", phases.generator, floor_container)
-            await self.phase("throughput", phases.throughput_rounds, server, floor_container)
+            if self.selected("throughput"):
+                # The same capsule with its keepers reached through relay
+                # execs (dockerd, containerd-shim), beside the direct path.
+                await self.with_server(
+                    "relay", ["--pool-size", "1"],
+                    lambda relay: self.phase("throughput", phases.throughput_rounds, server,
+                                             floor_container, relay),
+                    {"keeper-direct": "false"}, instance=self.relay_instance)
         finally:
             await self.floor.remove(floor_container)
         await self.phase("concurrent floor", phases.floor_concurrent, server)
@@ -273,6 +325,12 @@ class Bench:
             name = "binary" if binary else "json"
             await self.phase(f"flood ({name})", self.phases.flood, server, binary)
         await self.phase("flood (input)", self.phases.input_flood, server)
+
+    async def density_suite(self, server: CapsuleServer) -> None:
+        density = Density(server, self.floor, self.image, self.run_id, self.args.density_sessions,
+                          self.args.density_cpu_seconds, self.results,
+                          extra=self.args.capsule_arg)
+        await self.phase("density", density.run)
 
     def report(self) -> str:
         return report({
@@ -300,7 +358,8 @@ def cleanup(bench: Bench) -> None:
             except RuntimeError as e:
                 say(str(e))
     removed = 0
-    for label in (f"io.capsule.instance={bench.instance}", f"{LABEL_BENCH_RUN}={bench.run_id}"):
+    for label in (f"io.capsule.instance={bench.instance}",
+                  f"io.capsule.instance={bench.relay_instance}", f"{LABEL_BENCH_RUN}={bench.run_id}"):
         try:
             found = bench.api.containers(all=True, filters={"label": label})
         except Exception as e:
@@ -375,12 +434,22 @@ def main(argv=None) -> None:
     parser.add_argument("--only", action="append", choices=ONLY, metavar="PHASE",
                         help="run only this kind of measurement (repeatable): "
                              + ", ".join(ONLY))
+    parser.add_argument("--density-sessions", type=int, default=300, metavar="N",
+                        help="idle sessions the density measurement creates [default:"
+                             " %(default)s]")
+    parser.add_argument("--density-cpu-seconds", type=float, default=60.0, metavar="S",
+                        help="how long capsule's idle CPU is measured at each count"
+                             " [default: %(default)s]")
     args = parser.parse_args(argv)
     for name in ("sessions", "keystrokes", "throughput_bytes", "repeats", "concurrent",
                  "browser_rounds"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.density_sessions < 1:
+        parser.error("--density-sessions must be at least 1")
+    if not 0 < args.density_cpu_seconds <= 600:
+        parser.error("--density-cpu-seconds must be in (0, 600]")
     if args.flood_seconds is not None and not 0 < args.flood_seconds <= 600:
         parser.error("--flood-seconds must be in (0, 600]")
 

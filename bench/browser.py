@@ -6,8 +6,10 @@ a new session, since a tab's session id lives in its sessionStorage).
 
 Timed inside the page, from its navigation start (C{performance.now()}),
 by a script Playwright adds before any of the page's own: the moment the
-terminal's rows first show the prompt (a C{MutationObserver}, then the
-next animation frame: the frame that draws it; a terminal without DOM rows,
+prompt is first shown, by the page's first screen (index.html's C{<pre>},
+drawn before xterm.js runs) or by the terminal's rows (a
+C{MutationObserver}, then the next animation frame: the frame that draws
+it), and when xterm.js's own rows show it; a terminal without DOM rows,
 drawn on a canvas, is timed by the page's C{performance.mark("capsule:prompt")}
 instead), and, for the notes, when
 the page's first WebSocket was created, when the prompt first arrived on
@@ -64,16 +66,44 @@ _PROBE = r"""
       });
     }
   };
+  // The prompt drawn: in the page's first screen (index.html's <pre>, before xterm.js ran) or
+  // in xterm.js's rows, whichever shows it first; and when xterm.js's rows show it.
+  const shows = el => prompt.test(el.textContent)
+    && (!el.checkVisibility || el.checkVisibility());
   const observer = new MutationObserver(() => {
-    if (marks.dom !== undefined) return;
-    const rows = document.querySelector(".xterm-rows");
-    if (rows && prompt.test(rows.textContent)) {
-      marks.dom = now();
-      observer.disconnect();
-      requestAnimationFrame(() => { marks.drawn = now(); });
+    if (marks.dom === undefined) {
+      for (const el of document.querySelectorAll(".first-screen, .xterm-rows")) {
+        if (shows(el)) {
+          marks.dom = now();
+          marks.by = el.classList.contains("first-screen") ? "first-screen" : "xterm";
+          requestAnimationFrame(() => { marks.drawn = now(); });
+          break;
+        }
+      }
     }
+    if (marks.xterm === undefined) {
+      const rows = document.querySelector(".xterm-rows");
+      if (rows && shows(rows)) {
+        marks.xterm = now();
+        requestAnimationFrame(() => { marks.xterm_drawn = now(); });
+      }
+    }
+    if (marks.dom !== undefined && marks.xterm !== undefined) observer.disconnect();
+    done();
   });
-  observer.observe(document, {subtree: true, childList: true, characterData: true});
+  // The bench waits for this console message: polling the page from Playwright would inject
+  // its own scripts into the page and take the page's main thread while it loads.
+  let said = false;
+  const done = () => {
+    if (said || marks.drawn === undefined) return;
+    if (marks.xterm_drawn === undefined && marks.by !== "mark"
+        && !performance.getEntriesByName("capsule:terminal").length) return;
+    said = true;
+    console.debug("capsule-bench: drawn");
+  };
+  setInterval(done, 20);
+  observer.observe(document, {subtree: true, childList: true, characterData: true,
+                             attributes: true, attributeFilter: ["hidden"]});
   // A terminal drawn on a canvas has no rows to read: the page may then
   // say when it drew the prompt with performance.mark("capsule:prompt").
   try {
@@ -163,11 +193,10 @@ def _visit(context, url: str, prompt: str = PROMPT) -> dict:
     page = context.new_page()
     try:
         wire = _Wire(page, prompt)
-        page.goto(url, wait_until="commit", timeout=TIMEOUT_MS)
         try:
-            page.wait_for_function("() => window.__capsuleBench"
-                                   " && window.__capsuleBench.drawn !== undefined",
-                                   timeout=TIMEOUT_MS, polling=50)
+            with page.expect_console_message(lambda m: m.text == "capsule-bench: drawn",
+                                             timeout=TIMEOUT_MS):
+                page.goto(url, wait_until="commit", timeout=TIMEOUT_MS)
         except Exception as e:
             marks = page.evaluate("() => window.__capsuleBench || {}")
             raise BenchError(f"no prompt drawn within {TIMEOUT_MS / 1000:g} s"
@@ -177,16 +206,54 @@ def _visit(context, url: str, prompt: str = PROMPT) -> dict:
         # from the cache unasked (a 304 counts, with its headers' bytes).
         marks.update(page.evaluate(_TRANSFERS))
         marks.update(wire.marks())
+        # The page's own performance.mark()s (capsule:...), by name.
+        marks["page_marks"] = page.evaluate(
+            "() => Object.fromEntries(performance.getEntriesByType('mark')"
+            ".filter(m => m.name.startsWith('capsule:')).map(m => [m.name, m.startTime]))")
         return marks
     finally:
         page.close()
 
 
-def run_visits(url: str, rounds: int, settle, prompt: str = PROMPT) -> dict:
+# What a traced visit records (see pagetrace.py).
+TRACE_CATEGORIES = ["devtools.timeline", "disabled-by-default-devtools.timeline", "v8",
+                    "blink", "blink.user_timing", "loading", "toplevel"]
+
+
+def _traced_visit(browser, context, url: str, prompt: str, kind: str, trace_dir) -> dict:
+    """
+    One visit under Chromium's tracing; its marks with the trace's
+    breakdown (C{"trace"}), the raw trace written to C{trace_dir} if given.
+    """
+    import json
+
+    from pagetrace import breakdown
+    browser.start_tracing(categories=TRACE_CATEGORIES)
+    try:
+        marks = _visit(context, url, prompt)
+    finally:
+        raw = browser.stop_tracing()
+    if trace_dir is not None:
+        path = os.path.join(trace_dir, f"trace-{kind}-{int(time.time())}.json")
+        with open(path, "wb") as f:
+            f.write(raw)
+        marks["trace_file"] = path
+    events = json.loads(raw)
+    events = events.get("traceEvents", []) if isinstance(events, dict) else events
+    marks["trace"] = breakdown(events, url, marks.get("drawn"))
+    return marks
+
+
+def run_visits(url: str, rounds: int, settle, prompt: str = PROMPT, trace: bool = True,
+               trace_dir=None) -> dict:
     """
     In a thread: C{rounds} first visits and returning visits in turn, each
     after C{settle()} (which blocks until the capsule is idle and its pool
-    full).  Returns C{{"first": [marks...], "returning": [marks...]}}.
+    full).  Returns C{{"first": [marks...], "returning": [marks...]}}, and,
+    with C{trace}, C{"traced"}: one more first and returning visit, not
+    counted in the others, each recorded in a Chromium trace
+    (C{{"first": marks, "returning": marks}}, each with its C{"trace"}
+    breakdown).
     """
     if CHROMIUM is None:
         raise BenchError("no chromium on this machine (CAPSULE_CHROMIUM names one)")
@@ -220,6 +287,21 @@ def run_visits(url: str, rounds: int, settle, prompt: str = PROMPT) -> dict:
                     f" ({first['requests']} of {first['files']} files fetched,"
                     f" {first['kb']:.0f} KiB), returning {back['drawn']:.0f} ms"
                     f" ({back['requests']} of {back['files']} fetched, {back['kb']:.0f} KiB)")
+            if trace:
+                from pagetrace import describe
+                context = browser.new_context(viewport=VIEWPORT)
+                context.add_init_script(probe)
+                traced = {}
+                try:
+                    for kind in ("first", "returning"):
+                        settle()
+                        traced[kind] = _traced_visit(browser, context, url, prompt, kind,
+                                                     trace_dir)
+                        say(f"browser, traced {kind} visit: prompt drawn at"
+                            f" {traced[kind]['drawn']:.0f} ms; {describe(traced[kind]['trace'])}")
+                finally:
+                    context.close()
+                visits["traced"] = traced
         finally:
             browser.close()
     return visits
@@ -231,10 +313,11 @@ def digest(marks: list[dict]) -> dict:
     """
     result = summary([m["drawn"] for m in marks])
     for key in ("dcl", "ws", "message", "arrived", "wire_handshake", "wire_opened",
-                "wire_sent", "wire_frame"):
+                "wire_sent", "wire_frame", "xterm_drawn"):
         values = [m[key] for m in marks if m.get(key) is not None]
         result[f"{key}_median"] = summary(values)["median"] if values else None
     result["by_mark"] = sum(1 for m in marks if m.get("by") == "mark")
+    result["by_first_screen"] = sum(1 for m in marks if m.get("by") == "first-screen")
     for key in ("requests", "files", "kb"):
         result[key] = summary([m[key] for m in marks])["median"]
     return result

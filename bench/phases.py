@@ -195,8 +195,12 @@ class Phases:
     async def page_visits(self, server: CapsuleServer, key: str) -> None:
         visits = await deferToThread(browser.run_visits, server.url + "/",
                                      self.p["browser_rounds"],
-                                     lambda: browser.wait_settled(server))
+                                     lambda: browser.wait_settled(server),
+                                     trace_dir=str(server.log_path.parent))
+        traced = visits.pop("traced", None)
         self.results[key] = {kind: browser.digest(marks) for kind, marks in visits.items()}
+        if traced:
+            self.results[key]["traced"] = traced
 
     # -- throughput --
 
@@ -205,11 +209,14 @@ class Phases:
             container_id, self.p["throughput_bytes"])
         say(f"generator alone (to /dev/null in the container): {mbps:.0f} MB/s")
 
-    async def throughput_rounds(self, server: CapsuleServer, container_id: str) -> None:
+    async def throughput_rounds(self, server: CapsuleServer, container_id: str,
+                                relay: CapsuleServer | None = None) -> None:
         """
-        Rounds of floor, binary, JSON in turn: the PTY's rate wanders by
-        tens of percent from one run to the next on a busy machine, so the
-        median of several interleaved runs is what is compared.
+        Rounds of floor, binary, JSON (and binary through C{relay}, a
+        capsule whose keepers are reached through relay execs) in turn: the
+        PTY's rate wanders by tens of percent from one run to the next on a
+        busy machine, so the median of several interleaved runs is what is
+        compared.
         """
         n = self.p["throughput_bytes"]
         runs: dict[str, list] = {}
@@ -224,14 +231,16 @@ class Phases:
                 keep("floor_throughput", await throughput(term, "floor (raw exec stream)", n))
             finally:
                 await term.exit(timeout=60)
-            for binary in (True, False):
-                name = "binary" if binary else "json"
-                await settle(server)
-                term, _ = await open_session(server.ws_url, binary)
+            rounds = [("binary", server, True), ("json", server, False)]
+            if relay is not None:
+                rounds.append(("relay", relay, True))
+            for name, capsule, binary in rounds:
+                await settle(capsule)
+                term, _ = await open_session(capsule.ws_url, binary)
                 try:
                     await ready(term)
                     keep(f"throughput_{name}",
-                         await throughput(term, f"capsule ({name})", n, server.pid))
+                         await throughput(term, f"capsule ({name})", n, capsule.pid))
                 finally:
                     await term.exit(timeout=60)
         for key, results in runs.items():

@@ -1,13 +1,15 @@
 """
-C{python -m capsule.admin}: steer a running capsule through its admin API
-(C{list}, C{end}, C{drain}), remove the containers of one that is not
-running (C{cleanup}, through Docker), and list or remove users' agent
-volumes (C{volumes}, C{remove-volumes}, through Docker).
+C{python -m capsule.admin} (or C{capsule-admin}): steer a running capsule
+through its admin API (C{list}, C{end}, C{drain}), remove the containers of
+one that is not running (C{cleanup}, through Docker), list or remove users'
+agent volumes (C{volumes}, C{remove-volumes}, through Docker), and add,
+change or remove a user of an C{--auth} file (C{user add}, C{user remove}).
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
@@ -310,6 +312,48 @@ def _name(container: dict) -> str:
     return names[0].lstrip("/")
 
 
+def _read_password(args, stdin, err) -> str:
+    """
+    The new password: one line of standard input with C{--password-stdin},
+    else typed twice at the terminal, without echo.
+    """
+    if args.password_stdin:
+        line = stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+        return password[:-1] if password.endswith("\r") else password
+    if not stdin.isatty():
+        raise AdminError("no terminal to read the password from: give it on standard input"
+                         " with --password-stdin")
+    first = getpass.getpass(f"New password for {args.name}: ", stream=err)
+    if getpass.getpass("Type it again: ", stream=err) != first:
+        raise AdminError("the two passwords differ; nothing was changed")
+    return first
+
+
+def do_user(client: AdminClient, args, out, stdin=None, err=None) -> int:
+    from capsule.auth.stores import BCRYPT_COST, hash_password, set_htpasswd_user
+    from capsule.auth.users import valid_user_name
+    if not valid_user_name(args.name):
+        raise AdminError(f"{args.name!r} is not a valid user name (up to 64 characters of"
+                         " A-Z a-z 0-9 . _ @ + -)")
+    try:
+        if args.action == "remove":
+            done = set_htpasswd_user(args.htpasswd, args.name, None)
+        else:
+            password = _read_password(args, stdin or sys.stdin, err or sys.stderr)
+            hashed = hash_password(password, args.cost or BCRYPT_COST)
+            done = set_htpasswd_user(args.htpasswd, args.name, hashed)
+    except (ValueError, LookupError) as e:
+        raise AdminError(str(e).strip("'\"")) from None
+    except OSError as e:
+        raise AdminError(f"cannot write {args.htpasswd}: {e.strerror or e}") from None
+    what = {"added": f"added {args.name} to", "changed": f"changed the password of {args.name} in",
+            "removed": f"removed {args.name} from"}[done]
+    print(f"{what} {args.htpasswd} (a capsule with --auth {args.htpasswd} reads it again at its"
+          " next login: no restart)", file=out)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m capsule.admin",
@@ -349,6 +393,19 @@ def parser() -> argparse.ArgumentParser:
     remove.add_argument("--instance", default="default", help="[default: default]")
     remove.add_argument("--profile", help="only this profile's [default: every profile's]")
     remove.add_argument("--dry-run", action="store_true", help="say what would be removed")
+    user = sub.add_parser("user", help="add a user to an --auth file or change their password"
+                                       " (bcrypt), or remove them")
+    user.add_argument("action", choices=("add", "remove"),
+                      help="add: add the user, or give them a new password; remove: remove them")
+    user.add_argument("name", help="the user's name (up to 64 characters of"
+                                   " A-Z a-z 0-9 . _ @ + -)")
+    user.add_argument("--htpasswd", required=True, metavar="FILE",
+                      help="the file capsule's --auth reads (made, mode 0600, if missing)")
+    user.add_argument("--password-stdin", action="store_true",
+                      help="read the password from the first line of standard input (for"
+                           " scripts) rather than asking twice at the terminal")
+    user.add_argument("--cost", type=int, metavar="N",
+                      help="bcrypt's cost, 10 to 16 [default: 12]")
     return p
 
 
@@ -356,10 +413,12 @@ COMMANDS = {"list": do_list, "end": do_end, "drain": do_drain, "cleanup": do_cle
             "volumes": do_volumes, "remove-volumes": do_remove_volumes}
 
 
-def main(argv=None, out=sys.stdout, err=sys.stderr) -> int:
+def main(argv=None, out=sys.stdout, err=sys.stderr, stdin=None) -> int:
     args = parser().parse_args(argv)
     client = AdminClient(args.url, os.environ.get(TOKEN_ENV) or None)
     try:
+        if args.command == "user":
+            return do_user(client, args, out, stdin, err)
         return COMMANDS[args.command](client, args, out)
     except AdminError as e:
         print(f"capsule.admin: {e}", file=err)

@@ -72,6 +72,13 @@ class CapsuleConfig:
     # is known, see memory_budget_from_engine).
     memory_budget: int | None
     memory_budget_from_engine: bool
+    # What a session of the shell profile is counted at (--memory-request).
+    memory_request: int
+    # Memory the engine's host keeps available (--memory-reserve); None:
+    # not watched (off, or a tenth of the host's memory once known, see
+    # memory_reserve_from_engine).
+    memory_reserve: int | None
+    memory_reserve_from_engine: bool
 
     # -- exports and uploads ---------------------------------------------------
     exports_per_client: int
@@ -86,6 +93,9 @@ class CapsuleConfig:
     # None: the default (capsule.sessions.owners.default_state_dir).
     state_dir: str | None
     log_format: str
+    # Every request's access line (else none for the page's files, /health
+    # and /metrics answered without an error).
+    access_log: bool
     record: str | None
     record_max_bytes: int
 

@@ -12,7 +12,9 @@ import signal
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList, maybeDeferred,
+                                    succeed)
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 
@@ -21,16 +23,21 @@ from capsule.auth.gate import Authenticator
 from capsule.config import CapsuleConfig
 from capsule.core.addresses import overlapping
 from capsule.core.admission import AdmissionControl, AdmissionPolicy
+from capsule.core.memory import MemoryBudget
 from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
+from capsule.engine.keeper_direct import DirectKeeper
 from capsule.engine.network import SessionNetwork
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
 from capsule.ops.recording import SessionRecorder
+from capsule.core.shares import ShareStore
+from capsule.sessions.spectators import Spectators
 from capsule.sessions.cleanup import CleanupService
 from capsule.sessions.disk import DiskWatchService, scan_held
 from capsule.sessions.owners import OwnerFile, default_state_dir
 from capsule.sessions.drain import Drain
+from capsule.sessions.host_memory import HostMemory
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from capsule.web.connections import (ConnectionLimits, connection_budget,
@@ -78,8 +85,11 @@ class SessionService(Service):
     def __init__(self, manager: SessionManager, clock, websocket_factory=None,
                  admission: AdmissionControl | None = None, docker=None,
                  network: SessionNetwork | None = None, trusted_proxies=(),
-                 user_header: str | None = None, refuse=None) -> None:
+                 user_header: str | None = None, refuse=None, host=None) -> None:
         self.manager = manager
+        # The engine host's reading (capsule.sessions.host_memory), started
+        # once the engine says its memory and is found to be this host.
+        self._host = host
         # Made ready before the sessions of an earlier run are looked for.
         self.network = network
         # A --trusted-proxy range must not hold the sessions' own addresses:
@@ -93,7 +103,8 @@ class SessionService(Service):
         # Sessions of the earlier run found (None: not known yet).
         self.recovered: int | None = None
         self._recovery: Deferred | None = None
-        # Given both, the memory budget is the engine's memory, once known.
+        # Given both, the memory budget and reserve follow the engine's
+        # memory, once known.
         self._admission = admission
         self._docker = docker
         self._budget: Deferred | None = None
@@ -104,7 +115,8 @@ class SessionService(Service):
         self._recovery.addErrback(
             lambda f: None if f.check(CancelledError) else _log.failure(
                 "looking for the sessions of an earlier run failed", f))
-        if self._admission is not None and self._docker is not None:
+        if (self._admission is not None and self._admission.memory is not None
+                and self._docker is not None):
             self._budget = Deferred.fromCoroutine(self._learn_memory_budget())
             self._budget.addErrback(
                 lambda f: None if f.check(CancelledError) else _log.failure(
@@ -130,8 +142,14 @@ class SessionService(Service):
         except (KeyError, TypeError, ValueError):
             _log.warn("the engine did not say its memory: no --memory-budget check")
             return
-        self._admission.budget_is(total)
-        _log.info("memory budget: {budget} bytes (the engine's memory)", budget=total)
+        watched = self._host is not None and self._host.engine_is(total, self._docker.host)
+        memory = self._admission.memory
+        memory.host_is(total, watched)
+        _log.info("memory budget: {budget}, reserve {reserve} (the engine's host has"
+                  " {total} bytes)", total=total,
+                  budget="off" if memory.budget is None else f"{memory.budget} bytes",
+                  reserve="not watched" if memory.reserve is None or not watched
+                  else f"{memory.reserve} bytes")
 
     async def _recover(self) -> None:
         warned = False
@@ -193,6 +211,8 @@ class SessionService(Service):
             self._recovery.cancel()
         if self._budget is not None and not self._budget.called:
             self._budget.cancel()
+        if self._host is not None:
+            self._host.stop()
         d = Deferred.fromCoroutine(self._stop())
         # The reactor drops errors of shutdown triggers without a word.
         d.addErrback(lambda f: _log.failure("stopping the sessions failed", f))
@@ -308,6 +328,24 @@ class CapsuleService(MultiService):
         # What twistd logs to (--log-format json), or None: twistd's own.
         self.log_observer = log_observer
 
+    def stopService(self) -> Deferred:
+        """
+        Stop the children one after the other, in the reverse order of their
+        start, each once the one before it has stopped (MultiService stops
+        them all at once): the Docker pools stop only after the sessions'
+        containers are removed, since a call handed to a stopped pool is
+        dropped and never answers.
+        """
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                _log.failure("stopping {service} failed", service=child)
+
     def setServiceParent(self, parent) -> None:
         # twistd's application: twistd logs to the observer it carries.
         if self.log_observer is not None and hasattr(parent, "setComponent"):
@@ -326,8 +364,12 @@ def stop_on_signals(reactor) -> None:
     """
     def stop(name: str) -> None:
         _log.info("received {signal}: stopping", signal=name)
-        if reactor.running:
+        try:
             reactor.stop()
+        except ReactorNotRunning:
+            # A second signal while stopping (Ctrl-C under `make run` reaches
+            # twistd and the shell, which passes it on): stopping already.
+            pass
 
     def handler(signum, frame) -> None:
         reactor.callFromThread(stop, signal.Signals(signum).name)
@@ -335,6 +377,45 @@ def stop_on_signals(reactor) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
 
+
+
+# capsule's own out-of-memory score adjustment: under dockerd's (-500),
+# over containerd's (-999); sessions' processes have 1000
+# (capsule.core.spec.SESSION_OOM_SCORE_ADJ).
+CAPSULE_OOM_SCORE_ADJ = -900
+
+
+def protect_from_oom(path: str = "/proc/self/oom_score_adj",
+                     value: int = CAPSULE_OOM_SCORE_ADJ) -> bool:
+    """
+    Lower capsule's out-of-memory score adjustment to C{value}, unless it
+    is already that low: when the host runs out of memory the kernel kills
+    a session's process, not capsule.  Lowering it takes CAP_SYS_RESOURCE
+    (root): without it, the log says what the service manager must set.
+    Whether capsule's is C{value} or lower now.
+    """
+    try:
+        with open(path) as f:
+            current = int(f.read().strip())
+    except (OSError, ValueError) as e:
+        _log.warn("could not read capsule's out-of-memory score ({path}: {error})",
+                  path=path, error=e)
+        return False
+    if current <= value:
+        return True
+    try:
+        with open(path, "w") as f:
+            f.write(f"{value}\n")
+    except OSError as e:
+        _log.warn("could not lower capsule's out-of-memory score adjustment from {current} to"
+                  " {value} ({error}): when the host runs out of memory the kernel may kill"
+                  " capsule rather than a session; set OOMScoreAdjust={value} in its systemd"
+                  " unit (or oom_score_adj in Compose)", current=current, value=value,
+                  error=e.strerror or e)
+        return False
+    _log.info("capsule's out-of-memory score adjustment is {value} (was {current})",
+              value=value, current=current)
+    return True
 
 
 def refuse_to_start(reactor, message: str) -> None:
@@ -356,7 +437,8 @@ def session_config(config: CapsuleConfig) -> SessionConfig:
     return SessionConfig(
         spec=config.spec, instance=config.instance, grace=config.grace, shell=config.shell,
         replay_bytes=config.replay_bytes, pool_size=config.pool_size,
-        pool_max_age=config.tuning.pool_max_age, max_lifetime=config.max_lifetime,
+        pool_max_age=config.tuning.pool_max_age, pool_grow_by=config.tuning.pool_grow_by,
+        pool_window=config.tuning.pool_window, max_lifetime=config.max_lifetime,
         idle_timeout=config.idle_timeout, keeper=config.keeper,
         profiles=dict(config.profiles), secrets=config.secrets)
 
@@ -408,6 +490,18 @@ def connection_limits(config: CapsuleConfig, descriptors: int) -> ConnectionLimi
         exempt=tuple(config.trusted_proxies))
 
 
+def warm_room(memory: MemoryBudget, manager) -> bool:
+    """
+    Whether a warm pool may hold one more session beyond its size: while
+    the memory budget has room for it and for one more session of the
+    largest request besides, so that a pool grown for a burst is not why the
+    next user is refused.
+    """
+    largest = max((memory.request_of(p) for p in manager.profiles.values()), default=0)
+    return memory.room_for_warm(manager.sessions.values(), manager.pool.held, None,
+                                beside=largest)
+
+
 def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                  ) -> CapsuleService:
     """
@@ -429,9 +523,27 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         owners = OwnerFile(config.state_dir or default_state_dir(), config.instance)
     if config.record is not None:
         recorder = SessionRecorder(config.record, reactor, config.record_max_bytes)
-    # The metrics, the owners' file and the recorder observe the sessions.
+    # Read-only share links: their spectators hear the sessions' output.
+    spectators = Spectators(reactor, ShareStore(reactor, tuning.share_ttl,
+                                                max(tuning.share_ttl, tuning.share_max_ttl)),
+                            tuning.watchers_per_session)
+    # What the engine's host has, read when it is this host; the sessions'
+    # memory is counted against the budget and the reserve.
+    host = HostMemory(reactor, lambda: [s.container_id for s in manager.sessions.values()
+                                        if s.container_id is not None],
+                      interval=tuning.host_memory_interval, reserve=lambda: memory.reserve)
+    memory = MemoryBudget(config.memory_request, budget=config.memory_budget,
+                          reserve=config.memory_reserve, reading=host,
+                          budget_from_host=config.memory_budget_from_engine,
+                          reserve_from_host=config.memory_reserve_from_engine)
+    # The metrics, the owners' file, the recorder and the spectators observe
+    # the sessions.
+    direct = DirectKeeper(reactor, docker) if config.keeper and tuning.keeper_direct else None
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
-                             owners=owners, observers=[recorder] if recorder else ())
+                             owners=owners,
+                             observers=[o for o in (recorder, spectators) if o is not None],
+                             memory=memory, direct=direct,
+                             pool_room=lambda: warm_room(memory, manager))
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
@@ -450,11 +562,11 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
             public_url=config.public_url, run_blocking=auth_threads.run)
     admission = AdmissionControl(manager, reactor, AdmissionPolicy(
         max_sessions=config.max_sessions, max_per_client=config.max_sessions_per_client,
-        rate=config.session_rate, session_memory=config.memory_bytes,
-        memory_budget=config.memory_budget, max_per_user=config.max_sessions_per_user),
-        trusted_proxies=list(config.trusted_proxies))
+        rate=config.session_rate, max_per_user=config.max_sessions_per_user),
+        trusted_proxies=list(config.trusted_proxies), memory=memory)
     site = make_site(
-        manager, docker, reactor, config.www, admission=admission,
+        manager, docker, reactor, config.www, admission=admission, spectators=spectators,
+        watch_backlog=tuning.watch_backlog,
         drain=Drain(manager, reactor), metrics=metrics, authenticator=authenticator,
         client_address=addresses,
         # A new session's container is asked for as its WebSocket opens,
@@ -479,16 +591,17 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
             spool=tuning.export_spool_bytes, spool_budget=tuning.export_spool_budget,
             stall=tuning.export_stall),
         public_url=config.public_url, upload_max_bytes=config.upload_max_bytes,
+        access_log=config.access_log,
         spool_max_bytes=config.spool_max_bytes, bodies_per_address=tuning.bodies_per_address,
         answer_write_timeout=tuning.answer_write_timeout,
         # No one user (or client) may hold more than a quarter of the
         # Docker threads with its execs and uploads.
         docker_calls_per_caller=max(1, tuning.docker_threads // 4))
-    sessions = SessionService(manager, reactor, site.websocket_factory, admission,
-                              docker if config.memory_budget_from_engine else None,
+    sessions = SessionService(manager, reactor, site.websocket_factory, admission, docker,
                               network, trusted_proxies=config.trusted_proxies,
                               user_header=config.user_header,
-                              refuse=lambda message: refuse_to_start(reactor, message))
+                              refuse=lambda message: refuse_to_start(reactor, message),
+                              host=host)
     listeners = ListenerService(sessions.ready, lambda: sessions.recovered,
                                 config.public_url)
     for description in config.listen:

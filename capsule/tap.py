@@ -17,16 +17,19 @@ from twisted.python import usage
 
 from capsule.config import CapsuleConfig
 from capsule.core.admission import parse_network, parse_rate
-from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT, Profile,
+from capsule.core.memory import host_capacity
+from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT,
+                                   DEFAULT_MEMORY_REQUEST, Profile,
                                    ProfileError, builtin_profiles, load_profiles, load_secrets)
 from capsule.core.spec import ContainerSpec
 from capsule.engine.network import CAPSULE_NETWORK
 from capsule.ops.logformat import FORMATS, check_server_options
 from capsule.ops.recording import DEFAULT_MAX_BYTES, check_directory
-from capsule.services import CapsuleService, make_service, stop_on_signals
+from capsule.services import CapsuleService, make_service, protect_from_oom, stop_on_signals
 from capsule.tuning import ENVIRONMENT as TUNING_ENVIRONMENT
 from capsule.tuning import KNOBS, Tuning, TuningError, load_tuning, tune
 from capsule.web.site import default_www
+from capsule.web.static import missing_packages
 
 _log = Logger()
 
@@ -60,6 +63,20 @@ def _per_user_limit(value):
     return _positive(int)(value)
 
 
+def host_facts() -> tuple[int, int | None, int | None]:
+    """
+    This machine's memory in bytes, CPUs and C{kernel.pid_max} (C{None}
+    where not known), for the default --max-sessions.
+    """
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read().strip())
+    except (OSError, ValueError):
+        pid_max = None
+    return total, os.cpu_count(), pid_max
+
+
 def per_user_default(max_sessions: int, users: bool) -> int | None:
     """
     The sessions one user may have at once when --max-sessions-per-user is
@@ -81,6 +98,15 @@ class Options(usage.Options):
     optParameters = [
         ["image", None, "capsule-runtime:latest", "Docker image of session containers."],
         ["memory", None, "4g", "Memory limit of each container (Docker syntax: 512m, 4g)."],
+        ["memory-request", None, DEFAULT_MEMORY_REQUEST,
+         "Memory admission counts each session of the shell profile at until its measured"
+         " use is more (Docker syntax; at most --memory). The budget adds up requests, not"
+         " limits."],
+        ["memory-reserve", None, None,
+         "Memory the engine's host keeps available: while its MemAvailable is under it, new"
+         " sessions are refused with server_full (Docker syntax: 2g); off disables [default:"
+         " a tenth of the host's memory, at least 1g; watched when the engine runs on this"
+         " host]."],
         ["cpus", None, 2.0, "CPU limit of each container.", _positive(float)],
         ["pids", None, 256, "Process limit of each container.", _positive(int)],
         ["cpu-shares", None, 256,
@@ -111,8 +137,10 @@ class Options(usage.Options):
         ["pool-size", None, 2,
          "Started containers kept ready for new sessions (0 disables the warm pool).",
          _non_negative_int],
-        ["max-sessions", None, 32, "Sessions at once, in all (more: server_full, close 4503).",
-         _positive(int)],
+        ["max-sessions", None, None,
+         "Sessions at once, in all (more: server_full, close 4503) [default: what this host"
+         " holds: its memory less the reserve divided by --memory-request, at most"
+         " pid_max/16 and 256 per CPU].", _positive(int)],
         ["max-sessions-per-client", None, 8,
          "Sessions at once created from one client address (more: quota_exceeded, close"
          " 4429).", _positive(int)],
@@ -124,9 +152,10 @@ class Options(usage.Options):
          " its oldest idle connection is closed, or the new one refused with 429 when all"
          " are busy. --trusted-proxy addresses are not capped.", _positive(int)],
         ["memory-budget", None, None,
-         "Memory the sessions' and warm containers' --memory limits may add up to"
-         " (Docker syntax: 16g); past it a new session is refused with server_full;"
-         " off disables [default: the engine's total memory]."],
+         "Memory the sessions' requests (or measured use, where more) and the warm"
+         " sessions' requests may add up to (Docker syntax: 16g); past it a new session is"
+         " refused with server_full; off disables [default: the engine's memory less the"
+         " reserve]."],
         ["exports-per-client", None, 2,
          "Exports one client address may have running or waiting (more: 429).",
          _positive(int)],
@@ -144,7 +173,8 @@ class Options(usage.Options):
          " headers with 503 spool_full. At least --upload-max-bytes"
          " [default: twice --upload-max-bytes, at least 256m].", _positive(parse_bytes)],
         ["auth", None, None,
-         "An htpasswd file of bcrypt hashes (htpasswd -B): its users log in (a login page"
+         "An htpasswd file of bcrypt hashes (capsule-admin user add NAME --htpasswd FILE):"
+         " its users log in (a login page"
          " and a session cookie for browsers, HTTP Basic for programs). Read again when"
          " it changes."],
         ["tokens", None, None,
@@ -219,6 +249,9 @@ class Options(usage.Options):
         ["allow-sudo", None,
          "Give the session user passwordless sudo: root's usual capabilities come back and"
          " no-new-privileges is off (see the README, 'Container hardening')."],
+        ["access-log", None,
+         "Log an access line for every request (by default the page's files, /health and"
+         " /metrics get none unless they fail)."],
         ["read-only-root", None,
          "Make the containers' root filesystem read-only (/workspace and the home directory"
          " stay writable, /tmp is a tmpfs)."],
@@ -362,6 +395,16 @@ class Options(usage.Options):
             parse_bytes(self["memory"])
         except Exception:
             raise usage.UsageError(f"--memory: not a size: {self['memory']!r} (try 512m or 4g)")
+        self._check_memory_request()
+        if self["memory-reserve"] is not None and self["memory-reserve"] != "off":
+            try:
+                if parse_bytes(self["memory-reserve"]) <= 0:
+                    raise ValueError(self["memory-reserve"])
+            except Exception:
+                raise usage.UsageError(
+                    f"--memory-reserve: not a size: {self['memory-reserve']!r} (try 2g or off)")
+        if self["max-sessions"] is None:
+            self["max-sessions"] = self._host_capacity()
         if self["disk"] is not None:
             try:
                 if parse_bytes(self["disk"]) <= 0:
@@ -386,6 +429,13 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--www: no index.html in {self['www']!r}: point --www at capsule's www/"
                 " directory (with its node_modules installed by `make setup`)")
+        if missing := missing_packages(self["www"]):
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise usage.UsageError(
+                f"--www: the page's npm packages are missing from {self['www']}"
+                f" ({missing[0]}{more}): run `npm ci` in capsule's www/ and copy its"
+                f" node_modules to {os.path.join(self['www'], 'node_modules')}"
+                " (see docs/deploy.md), or point --www at a www/ that has them")
         if not shlex.split(self["shell"]):
             raise usage.UsageError("--shell must not be empty")
         if not self["network"].strip():
@@ -438,14 +488,44 @@ class Options(usage.Options):
             max_connections_per_client=self["max-connections-per-client"],
             memory_budget=None if budget in (None, "off") else parse_bytes(budget),
             memory_budget_from_engine=budget is None,
+            memory_request=parse_bytes(self["memory-request"]),
+            memory_reserve=self._reserve(),
+            memory_reserve_from_engine=self["memory-reserve"] is None,
             exports_per_client=self["exports-per-client"],
             export_max_bytes=self["export-max-bytes"], export_timeout=self["export-timeout"],
             upload_max_bytes=self["upload-max-bytes"],
             spool_max_bytes=self["spool-max-bytes"], www=self["www"],
             state_dir=self["state-dir"], log_format=self["log-format"],
+            access_log=bool(self["access-log"]),
             server_options=None if parent is None else MappingProxyType(
                 {k: parent.get(k) for k in ("logfile", "nodaemon")}),
             record=self["record"], record_max_bytes=self["record-max-bytes"], tuning=tuning)
+
+    def _check_memory_request(self) -> None:
+        try:
+            request = parse_bytes(self["memory-request"])
+            if request <= 0:
+                raise ValueError(request)
+        except Exception:
+            raise usage.UsageError(f"--memory-request: not a size: {self['memory-request']!r}"
+                                   " (try 64m or 512m)")
+        if request > parse_bytes(self["memory"]):
+            raise usage.UsageError(f"--memory-request {self['memory-request']} is more than"
+                                   f" --memory {self['memory']} (a request is at most the"
+                                   " limit)")
+
+    def _reserve(self) -> int | None:
+        value = self["memory-reserve"]
+        return None if value in (None, "off") else parse_bytes(value)
+
+    def _host_capacity(self) -> int:
+        """
+        The default --max-sessions: what this host holds (see
+        L{capsule.core.memory.host_capacity}).
+        """
+        total, cpus, pid_max = host_facts()
+        return host_capacity(total, parse_bytes(self["memory-request"]), self._reserve(),
+                             cpus=cpus, pid_max=pid_max)
 
     def _max_sessions_per_user(self) -> int | None:
         value = self["max-sessions-per-user"]
@@ -463,7 +543,8 @@ class Options(usage.Options):
         shell = Profile(name="shell", spec=server_spec(self),
                         command=tuple(shlex.split(self["shell"])),
                         idle_timeout=self["idle-timeout"], max_lifetime=self["max-lifetime"],
-                        clone_timeout=self["clone-timeout"], pool=self["pool-size"])
+                        clone_timeout=self["clone-timeout"], pool=self["pool-size"],
+                        memory_request=self["memory-request"])
         try:
             self["profile-table"] = load_profiles(
                 self["profiles"], builtin_profiles(shell, self["agent-image"]))
@@ -539,6 +620,7 @@ def makeService(options: Options, reactor=None) -> CapsuleService:
         # After twistd's own handlers are installed (reactor.run installs
         # them before it runs these).
         reactor.callWhenRunning(stop_on_signals, reactor)
+        protect_from_oom()
     if options.knob_options:
         _log.warn("{options}: tuning knobs now, not options (see docs/tuning.md); say"
                   " {environment}=\"{pairs}\"", environment=TUNING_ENVIRONMENT,

@@ -73,6 +73,7 @@ def knob(default, parse, meaning: str):
 _POSITIVE_FLOAT = _number(float, 0, False)
 _POSITIVE_INT = _number(int, 0, False)
 _NON_NEGATIVE_FLOAT = _number(float, 0, True)
+_NON_NEGATIVE_INT = _number(int, 0, True)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,10 @@ class Tuning:
         30.0, _POSITIVE_FLOAT,
         "Seconds between sweeps for containers of this server that no session owns (their"
         " removal failed while the engine was away).")
+    host_memory_interval: float = knob(
+        5.0, _POSITIVE_FLOAT,
+        "Seconds between readings of the host's available memory and the sessions' memory"
+        " use (files of /proc and the cgroups, when the engine runs on this host).")
     disk_check_interval: float = knob(
         30.0, _POSITIVE_FLOAT,
         "Seconds between checks of the sessions' disk use, where --disk is not enforced by"
@@ -103,6 +108,15 @@ class Tuning:
     pool_max_age: float = knob(
         3600.0, _POSITIVE_FLOAT,
         "Seconds after which a warm container is replaced instead of handed out.")
+    pool_grow_by: int = knob(
+        6, _NON_NEGATIVE_INT,
+        "Warm containers a pool may hold beyond its size while sessions are taken from it"
+        " faster than it holds (0: it never grows); it is back at its size pool-window"
+        " seconds after the last take.")
+    pool_window: float = knob(
+        30.0, _POSITIVE_FLOAT,
+        "Seconds over which takes from a warm pool are counted: each take beyond the pool's"
+        " size within them wants one more warm container (up to pool-grow-by).")
     start_at_first_frame: bool = knob(
         False, _flag,
         "Make a new session only when its client's first frame arrives, rather than as soon"
@@ -140,6 +154,27 @@ class Tuning:
         30.0, _POSITIVE_FLOAT,
         "Seconds a WebSocket client may leave its connection's outgoing buffer full (it"
         " reads nothing; capsule reads nothing from it meanwhile) before it is dropped.")
+    share_ttl: float = knob(
+        3600.0, _POSITIVE_FLOAT,
+        "Seconds a read-only share link lives when its owner asks for no other lifetime.")
+    share_max_ttl: float = knob(
+        86400.0, _POSITIVE_FLOAT,
+        "The most seconds an owner may ask a read-only share link to live (400 bad_request"
+        " past it).")
+    watchers_per_session: int = knob(
+        10, _POSITIVE_INT,
+        "Spectators watching one session at once through its share links (more: close"
+        " 4429 too_many_watchers).")
+    watch_backlog: int = knob(
+        1024 * 1024, _POSITIVE_INT,
+        "Bytes of output a spectator that does not keep up may have waiting before it is"
+        " closed (4411 too_slow); a spectator never slows its session.")
+    keeper_direct: bool = knob(
+        True, _flag,
+        "Reach the keeper of a session that has a network over TCP at its container's address"
+        " (authenticated by a per-session secret), instead of through a relay exec that"
+        " dockerd and containerd-shim carry; the relay exec stays the way for sessions"
+        " without a network and whenever the direct connection fails.")
     docker_threads: int = knob(16, _POSITIVE_INT, "Threads for Docker calls.")
     export_threads: int = knob(
         4, _POSITIVE_INT,

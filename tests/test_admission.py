@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet.task import Clock
 
+from capsule.core.memory import MemoryBudget, default_reserve, host_capacity
 from capsule.core.admission import (QUOTA_EXCEEDED, SERVER_FULL, AdmissionControl, AdmissionPolicy,
                                AdmissionRefused, TokenBucket, parse_network, parse_rate)
 from tests.support.fakes import FakeDockerAPI
@@ -21,6 +22,7 @@ from capsule.web.websocket_factory import CapsuleServerFactory
 from .in_memory import Link, clock, docker, manager  # noqa: F401 (fixtures)
 
 GIB = 1024 ** 3
+MIB = 1024 ** 2
 
 
 # -- parsing -----------------------------------------------------------------------------
@@ -104,14 +106,33 @@ def warm(profile=None):
     return SimpleNamespace(settings=profile)
 
 
-def profile(name: str, memory: int):
-    return SimpleNamespace(name=name, memory=memory)
+def profile(name: str, request: int):
+    return SimpleNamespace(name=name, request=request)
 
 
-def control(clock=None, **policy):
+class Host:
+    """
+    A fake reading of the engine host's memory (capsule.core.memory.HostReading).
+    """
+
+    def __init__(self, available: int | None = None, used=None) -> None:
+        self.available = available
+        self.measured = dict(used or {})
+
+    def used(self, container_id):
+        return self.measured.get(container_id)
+
+
+def control(clock=None, session_request=None, memory_budget=None, reserve=None, host=None,
+            **policy):
     manager = Counted()
     policy.setdefault("rate", None)
-    return manager, AdmissionControl(manager, clock or Clock(), AdmissionPolicy(**policy))
+    memory = None
+    if session_request is not None:
+        memory = MemoryBudget(session_request, budget=memory_budget, reserve=reserve,
+                              reading=host)
+    return manager, AdmissionControl(manager, clock or Clock(), AdmissionPolicy(**policy),
+                                     memory=memory)
 
 
 def refused(admission, address) -> tuple[str, str]:
@@ -272,57 +293,124 @@ def test_one_user_from_many_addresses_gets_a_share_by_default(tmp_path):
     admission.admit("192.0.2.9", "alice")
 
 
-def test_the_memory_budget_counts_sessions_and_warm_containers():
-    manager, admission = control(max_sessions=100, max_per_client=100,
-                                 session_memory=4 * GIB, memory_budget=24 * GIB)
-    manager.pool.making = [warm()]
-    manager.pool.ready = [warm()]
-    assert admission.committed_memory() == 8 * GIB
-    # Taking the ready warm container adds nothing; then each cold start 4 GiB.
-    for _ in range(5):
+def test_the_memory_budget_counts_requests_not_limits():
+    # The issue's host: 24 GiB, sessions limited to 4 GiB each; they were
+    # counted at their limits, and a fifth was refused.  Counted at a 64 MiB
+    # request, 24 GiB holds 384 of them.
+    shell = SimpleNamespace(name="shell", request=64 * MIB, memory=4 * GIB)
+    manager, admission = control(max_sessions=1000, max_per_client=1000,
+                                 session_request=64 * MIB, memory_budget=24 * GIB)
+    manager.profiles = {"shell": shell}
+    for _ in range(384):
         manager.make(admission, "a")
-    assert manager.pool.ready == []
     assert admission.committed_memory() == 24 * GIB
     code, message = refused(admission, "b")
-    assert code == SERVER_FULL and "memory" in message
-    # A session that ends gives its memory back.
+    assert code == SERVER_FULL
+    assert message == ("the server is full: its memory is promised to other sessions"
+                       " (24576 of 24576 MiB): try again later")
+    # A session that ends gives its request back.
     del manager.sessions["s1"]
     manager.make(admission, "b")
     assert refused(admission, "b")[0] == SERVER_FULL
 
 
-def test_the_memory_budget_counts_each_session_at_its_profiles_memory():
-    shell, claude = profile("shell", 2 * GIB), profile("claude", 8 * GIB)
+def test_a_session_counts_at_its_measured_use_when_that_is_more():
+    host = Host()
     manager, admission = control(max_sessions=100, max_per_client=100,
-                                 session_memory=2 * GIB, memory_budget=20 * GIB)
+                                 session_request=100 * MIB, memory_budget=1000 * MIB, host=host)
+    for n in range(5):
+        manager.sessions[manager.make(admission, "a")].container_id = f"c{n}"
+    assert admission.committed_memory() == 500 * MIB
+    # One measured under its request still counts at its request; one over
+    # it, at its use.
+    host.measured = {"c0": 10 * MIB, "c1": 450 * MIB}
+    assert admission.committed_memory() == 850 * MIB
+    manager.make(admission, "a")
+    assert refused(admission, "a")[0] == SERVER_FULL
+    host.measured = {}
+    manager.make(admission, "a")
+
+
+def test_each_session_counts_at_its_profiles_request():
+    shell, claude = profile("shell", 64 * MIB), profile("claude", 512 * MIB)
+    manager, admission = control(max_sessions=100, max_per_client=100,
+                                 session_request=64 * MIB, memory_budget=1200 * MIB)
     manager.profiles = {"shell": shell, "claude": claude}
-    manager.pool.ready = [warm(shell)]
-    assert admission.committed_memory() == 2 * GIB
     manager.make(admission, "a", claude)
     manager.make(admission, "a", claude)
-    assert admission.committed_memory() == 18 * GIB
-    # A third agent session would need 8 GiB more; the warm shell session is
-    # already counted, so a shell session still fits (no profile named: shell).
+    assert admission.committed_memory() == 1024 * MIB
     code, message = refused_for(admission, "b", claude)
     assert code == SERVER_FULL and "memory" in message
+    # A shell session still fits (no profile named: shell), twice, not three times.
     manager.make(admission, "b")
-    assert manager.pool.ready == [] and admission.committed_memory() == 18 * GIB
     manager.make(admission, "b", shell)
-    assert admission.committed_memory() == 20 * GIB
+    assert admission.committed_memory() == 1152 * MIB
     assert refused_for(admission, "b", shell)[0] == SERVER_FULL
+
+
+def test_the_host_under_its_reserve_refuses_new_sessions_and_says_why():
+    host = Host(available=8 * GIB)
+    manager, admission = control(max_sessions=100, max_per_client=100,
+                                 session_request=64 * MIB, memory_budget=None,
+                                 reserve=2 * GIB, host=host)
+    manager.make(admission, "a")
+    host.available = 2 * GIB - 1
+    code, message = refused(admission, "a")
+    assert code == SERVER_FULL
+    assert message == ("the server is full: the host has 2047 MiB of memory available, under"
+                       " its reserve of 2048 MiB: try again later")
+    assert len(manager.sessions) == 1
+    # Not read (yet): no refusal on that account.
+    host.available = None
+    manager.make(admission, "a")
+    host.available = 2 * GIB
+    manager.make(admission, "a")
+
+
+def test_the_reserve_refusal_comes_before_the_rate_is_spent():
+    host = Host(available=GIB)
+    clock = Clock()
+    manager, admission = control(clock, max_sessions=100, max_per_client=100, rate=(2, 60.0),
+                                 session_request=64 * MIB, reserve=2 * GIB, host=host)
+    for _ in range(5):
+        assert refused(admission, "a")[0] == SERVER_FULL
+    host.available = 4 * GIB
+    manager.make(admission, "a")
+    manager.make(admission, "a")
+
+
+def test_warm_sessions_count_at_their_request_and_never_refuse_a_user():
+    shell = profile("shell", 100 * MIB)
+    manager, admission = control(max_sessions=100, max_per_client=100,
+                                 session_request=100 * MIB, memory_budget=500 * MIB)
+    manager.profiles = {"shell": shell}
+    manager.pool.ready = [warm(shell), warm(shell)]
+    manager.pool.making = [warm(shell)]
+    for _ in range(2):
+        manager.make(admission, "a")
+    # Two live (warm ones taken), one warm being made: 300 MiB of 500.
+    assert admission.committed_memory() == 300 * MIB
+    # The budget is full with warm ones; users still get theirs.
+    manager.pool.ready = [warm(shell), warm(shell)]
+    assert admission.committed_memory() == 500 * MIB
+    manager.make(admission, "b")
+    manager.make(admission, "b")
+    manager.make(admission, "b")
+    # Five live sessions: now the budget is full of users' sessions.
+    assert refused(admission, "b")[0] == SERVER_FULL
+
+
+def test_no_budget_no_memory_check():
+    manager, admission = control(max_sessions=100, max_per_client=100,
+                                 session_request=64 * GIB, memory_budget=None)
+    for _ in range(10):
+        manager.make(admission, "a")
 
 
 def refused_for(admission, address, profile) -> tuple[str, str]:
     with pytest.raises(AdmissionRefused) as caught:
         admission.admit(address, profile=profile)
     return caught.value.code, caught.value.message
-
-
-def test_no_budget_no_memory_check():
-    manager, admission = control(max_sessions=100, max_per_client=100,
-                                 session_memory=64 * GIB, memory_budget=None)
-    for _ in range(10):
-        manager.make(admission, "a")
 
 
 # -- the WebSocket endpoint, in memory ----------------------------------------------------
@@ -333,8 +421,7 @@ LOCAL = [parse_network("127.0.0.1/32")]
 @pytest.fixture
 def factory(manager, clock):
     admission = AdmissionControl(
-        manager, clock, AdmissionPolicy(max_sessions=3, max_per_client=2, rate=None,
-                                        session_memory=GIB, memory_budget=None),
+        manager, clock, AdmissionPolicy(max_sessions=3, max_per_client=2, rate=None),
         trusted_proxies=LOCAL)
     return CapsuleServerFactory(manager, clock, max_message_size=1024,
                                 sessions=SessionService(manager, admission))
@@ -415,19 +502,49 @@ def parse(*args):
     return options
 
 
-def test_the_defaults_are_for_a_small_host():
+def test_the_defaults_are_what_the_host_holds(monkeypatch):
     from twisted.internet.testing import MemoryReactorClock
 
+    from capsule import tap
     from capsule.tap import makeService
+    # The issue's host: 24 GiB, 2 CPUs, pid_max 32768.
+    monkeypatch.setattr(tap, "host_facts", lambda: (24 * GIB, 2, 32768))
     options = parse()
+    # (24 GiB - 2.4 GiB reserve) / 64 MiB; pid_max / 16 = 2048; 2 * 256 = 512.
     assert (options["max-sessions"], options["max-sessions-per-client"],
             options["session-rate"], options["memory-budget"],
-            options["trusted-proxy"]) == (32, 8, (10, 60.0), None, [])
-    admission = makeService(options, MemoryReactorClock()).websocket_factory.sessions.admission
-    assert admission.policy == AdmissionPolicy(
-        max_sessions=32, max_per_client=8, rate=(10, 60.0), session_memory=4 * GIB,
-        memory_budget=None)
+            options["trusted-proxy"]) == (345, 8, (10, 60.0), None, [])
+    service = makeService(options, MemoryReactorClock())
+    admission = service.websocket_factory.sessions.admission
+    assert admission.policy == AdmissionPolicy(max_sessions=345, max_per_client=8,
+                                               rate=(10, 60.0))
     assert admission.trusted_proxies == ()
+    memory = admission.memory
+    # Until the engine says its memory: no budget, no reserve.
+    assert (memory.default_request, memory.budget, memory.reserve) == (64 * MIB, None, None)
+    assert service.manager.profiles["shell"].request == 64 * MIB
+    assert service.manager.profiles["claude"].request == 512 * MIB
+    # A smaller host: a little memory, or few processes, or one CPU.
+    monkeypatch.setattr(tap, "host_facts", lambda: (4 * GIB, 8, None))
+    assert parse()["max-sessions"] == 48
+    monkeypatch.setattr(tap, "host_facts", lambda: (64 * GIB, 8, 4096))
+    assert parse()["max-sessions"] == 256
+    monkeypatch.setattr(tap, "host_facts", lambda: (64 * GIB, 1, None))
+    assert parse()["max-sessions"] == 256
+    monkeypatch.setattr(tap, "host_facts", lambda: (24 * GIB, 2, 32768))
+    assert parse("--memory-request", "256m")["max-sessions"] == 86
+    assert parse("--memory-reserve", "8g")["max-sessions"] == 256
+
+
+def test_the_default_max_sessions_formula():
+    assert default_reserve(24 * GIB) == int(2.4 * GIB)
+    assert default_reserve(4 * GIB) == GIB
+    assert host_capacity(24 * GIB, 64 * MIB) == 345
+    assert host_capacity(24 * GIB, 64 * MIB, reserve=0) == 384
+    assert host_capacity(24 * GIB, 64 * MIB, cpus=1) == 256
+    assert host_capacity(24 * GIB, 64 * MIB, pid_max=1600) == 100
+    # A host too small for one session still has one.
+    assert host_capacity(GIB, 64 * MIB) == 1
 
 
 def test_the_options_reach_admission_control():
@@ -436,25 +553,30 @@ def test_the_options_reach_admission_control():
     from capsule.tap import makeService
     options = parse("--max-sessions", "5", "--max-sessions-per-client", "2",
                     "--session-rate", "3/30", "--memory", "1g", "--memory-budget", "3g",
+                    "--memory-request", "100m", "--memory-reserve", "2g",
                     "--trusted-proxy", "127.0.0.1/32", "--trusted-proxy", "fd00::/8")
     service = makeService(options, MemoryReactorClock())
     admission = service.websocket_factory.sessions.admission
-    assert admission.policy == AdmissionPolicy(
-        max_sessions=5, max_per_client=2, rate=(3, 30.0), session_memory=GIB,
-        memory_budget=3 * GIB)
+    assert admission.policy == AdmissionPolicy(max_sessions=5, max_per_client=2, rate=(3, 30.0))
+    assert (admission.memory.default_request, admission.memory.budget,
+            admission.memory.reserve) == (100 * MIB, 3 * GIB, 2 * GIB)
     assert admission.trusted_proxies == (ipaddress.ip_network("127.0.0.1/32"),
                                          ipaddress.ip_network("fd00::/8"))
-    # An explicit budget: the engine is not asked.
-    assert service.sessions._docker is None
-    assert makeService(parse("--memory-budget", "off"),
-                       MemoryReactorClock()).websocket_factory.sessions.admission.policy.memory_budget \
-        is None
+    off = makeService(parse("--memory-budget", "off", "--memory-reserve", "off"),
+                      MemoryReactorClock()).websocket_factory.sessions.admission.memory
+    assert (off.budget, off.reserve) == (None, None)
+    # Given explicitly, neither follows the engine's memory.
+    off.host_is(24 * GIB)
+    assert (off.budget, off.reserve) == (None, None)
 
 
 @pytest.mark.parametrize("args", [
     ["--max-sessions", "0"], ["--max-sessions-per-client", "-1"], ["--session-rate", "10"],
     ["--session-rate", "0/60"], ["--memory-budget", "lots"], ["--memory-budget", "0"],
     ["--trusted-proxy", "10.0.0.0/33"], ["--trusted-proxy", "proxy.example"],
+    ["--memory-request", "lots"], ["--memory-request", "0"],
+    ["--memory", "1g", "--memory-request", "2g"], ["--memory-reserve", "some"],
+    ["--memory-reserve", "0"],
     ["--max-sessions-per-user", "0"], ["--max-sessions-per-user", "none"],
 ])
 def test_bad_admission_options(args):
@@ -463,34 +585,87 @@ def test_bad_admission_options(args):
         parse(*args)
 
 
-def test_the_budget_is_the_engines_memory_once_it_answers():
+def engine_service(clock, docker, admission, host=None):
+    from capsule.services import SessionService
+    service = SessionService(SimpleNamespace(), clock, None, admission, docker, host=host)
+    service._recover = lambda: _nothing()
+    return service
+
+
+def fake_meminfo(total: int, available: int):
+    def read(path):
+        if path == "/proc/meminfo":
+            return (f"MemTotal: {total // 1024} kB\nMemFree: 1 kB\n"
+                    f"MemAvailable: {available // 1024} kB\n")
+        return None
+    return read
+
+
+def test_the_budget_and_reserve_follow_the_engines_memory_once_it_answers():
     from twisted.internet.defer import succeed
 
     from capsule.services import SessionService
+    from capsule.sessions.host_memory import HostMemory
     clock = Clock()
     docker = FakeDockerAPI()
+    docker.host = "unix:///var/run/docker.sock"
     docker.info = lambda: docker._check() or succeed({"MemTotal": 24 * GIB})
     docker.reachable = False
-    manager = Counted()
-    admission = AdmissionControl(manager, clock, AdmissionPolicy(session_memory=4 * GIB))
-    service = SessionService(SimpleNamespace(), clock, None, admission, docker)
-    service._recover = lambda: _nothing()
+    host = HostMemory(clock, lambda: [], interval=5.0, read=fake_meminfo(24 * GIB, 20 * GIB))
+    memory = MemoryBudget(64 * MIB, reading=host, budget_from_host=True,
+                          reserve_from_host=True)
+    admission = AdmissionControl(Counted(), clock, AdmissionPolicy(rate=None), memory=memory)
+    service = engine_service(clock, docker, admission, host)
     service.startService()
-    assert admission.policy.memory_budget is None
+    assert (memory.budget, memory.reserve, host.available) == (None, None, None)
     docker.reachable = True
     clock.advance(SessionService.RECOVERY_RETRY)
-    assert admission.policy.memory_budget == 24 * GIB
+    reserve = int(2.4 * GIB)
+    assert (memory.reserve, memory.budget) == (reserve, 24 * GIB - reserve)
+    # The engine is this host: its available memory is read, now and every 5 s.
+    assert host.available == 20 * GIB
+    host._read = fake_meminfo(24 * GIB, 2 * GIB)
+    admission.admit("a")
+    clock.advance(5.0)
+    assert host.available == 2 * GIB
+    with pytest.raises(AdmissionRefused) as caught:
+        admission.admit("a")
+    assert caught.value.code == SERVER_FULL and "under its reserve of 2457 MiB" in str(
+        caught.value)
+    service.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_engine_on_another_host_has_no_reserve_watched():
+    from twisted.internet.defer import succeed
+
+    from capsule.sessions.host_memory import HostMemory
+    clock = Clock()
+    for docker_host, total in [("tcp://10.0.0.5:2375", 24 * GIB),
+                               ("unix:///var/run/docker.sock", 64 * GIB)]:
+        docker = FakeDockerAPI()
+        docker.host = docker_host
+        docker.info = lambda: succeed({"MemTotal": total})
+        host = HostMemory(clock, lambda: [], read=fake_meminfo(24 * GIB, GIB))
+        memory = MemoryBudget(64 * MIB, reading=host, budget_from_host=True,
+                              reserve_from_host=True)
+        admission = AdmissionControl(Counted(), clock, AdmissionPolicy(rate=None),
+                                     memory=memory)
+        engine_service(clock, docker, admission, host).startService()
+        assert memory.reserve is None and host.available is None
+        # The budget is the engine's memory less the reserve it would have.
+        assert memory.budget == total - default_reserve(total)
+        admission.admit("a")
+        assert clock.getDelayedCalls() == []
 
 
 def test_an_engine_that_does_not_say_its_memory_means_no_budget():
-    from capsule.services import SessionService
     clock = Clock()
     docker = FakeDockerAPI()
-    admission = AdmissionControl(Counted(), clock, AdmissionPolicy())
-    service = SessionService(SimpleNamespace(), clock, None, admission, docker)
-    service._recover = lambda: _nothing()
-    service.startService()
-    assert admission.policy.memory_budget is None
+    admission = AdmissionControl(Counted(), clock, AdmissionPolicy(),
+                                 memory=MemoryBudget(64 * MIB, budget_from_host=True))
+    engine_service(clock, docker, admission).startService()
+    assert admission.memory.budget is None
     assert clock.getDelayedCalls() == []
 
 

@@ -20,7 +20,9 @@ from capsule.web.http import ClientAddresses
 from capsule.engine.command import OutputCollector, utf8_text
 from capsule.core.spec import ContainerSpec
 from capsule.web.openapi import ROUTES, document
+from capsule.core.shares import ShareStore
 from capsule.sessions.manager import SessionManager
+from capsule.sessions.spectators import Spectators
 from capsule.sessions.session import SessionConfig
 from capsule.core.tarcheck import ArchiveRefused, check, kind_of, rewrite
 from tests.support.fakes import FakeDockerAPI
@@ -37,13 +39,15 @@ class Api:
         from capsule.web.site import make_site
         self.reactor = MemoryReactorClock()
         self.docker = FakeDockerAPI()
+        self.spectators = Spectators(self.reactor, ShareStore(self.reactor, 3600, 7200))
         self.manager = SessionManager(self.docker, self.reactor, SessionConfig(
-            spec=ContainerSpec(image="capsule-runtime:latest"), instance="api-test"))
+            spec=ContainerSpec(image="capsule-runtime:latest"), instance="api-test"),
+            observers=[self.spectators])
         self.admission = None if policy is None else AdmissionControl(
             self.manager, self.reactor, policy)
         self.site = make_site(self.manager, self.docker, self.reactor, str(www),
                               authenticator=authenticator, public_url=public_url,
-                              admission=self.admission)
+                              admission=self.admission, spectators=self.spectators)
         self.factory = self.site.websocket_factory
 
     def send(self, path: str, method: str = "GET", body: bytes | None = None,
@@ -906,11 +910,14 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
     # The admin API is mounted beside the tree (capsule.web.admin).
     assert {p for p in documented if not p.startswith("/api/admin")} - served == {
         "/api/export/{id}", "/api/sessions/{id}", "/api/sessions/{id}/exec",
-        "/api/sessions/{id}/workspace"}
+        "/api/sessions/{id}/workspace", "/api/sessions/{id}/shares",
+        "/api/sessions/{id}/shares/{share_id}"}
     sessions = root.children[b"api"].children[b"sessions"]
     one = sessions.getChild(b"00000000-0000-4000-8000-000000000000", None)
-    assert {name: type(one.getChild(name, None)) for name in (b"exec", b"workspace")} == {
-        b"exec": ExecResource, b"workspace": UploadResource}
+    from capsule.web.shares import ShareResource, SharesResource
+    assert {name: type(one.getChild(name, None))
+            for name in (b"exec", b"workspace", b"shares")} == {
+        b"exec": ExecResource, b"workspace": UploadResource, b"shares": SharesResource}
     from capsule.web.login import LoginResource, LogoutResource
     for path, cls in [("/login", LoginResource), ("/logout", LogoutResource)]:
         assert {m[len("render_"):] for m in vars(cls) if m.startswith("render_")} == (
@@ -918,7 +925,9 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
     for path, cls in [("/api/profiles", ProfilesResource),
                       ("/api/sessions", SessionsResource), ("/api/sessions/{id}", SessionResource),
                       ("/api/sessions/{id}/exec", ExecResource),
-                      ("/api/sessions/{id}/workspace", UploadResource)]:
+                      ("/api/sessions/{id}/workspace", UploadResource),
+                      ("/api/sessions/{id}/shares", SharesResource),
+                      ("/api/sessions/{id}/shares/{share_id}", ShareResource)]:
         assert {m.decode() for m in cls.methods} == documented[path], path
 
 
@@ -1158,3 +1167,71 @@ def test_a_running_command_holds_no_docker_call(api):
     for d in held:
         d.callback((b"done", b"", 0))
     assert [parse_response(t.value())[2]["stdout"] for t in pending] == ["done", "done"]
+
+
+# -- share links --------------------------------------------------------------------------
+
+def test_the_owner_makes_lists_and_revokes_share_links(authed):
+    session = authed.create(token=ALICE)
+    path = f"/api/sessions/{session['id']}/shares"
+    status, _, made = authed.request(path, "POST", {"ttl": 600}, token=ALICE)
+    assert status == 201 and made["expires_in"] == 600 and made["read_only"] is True
+    assert made["url"] == "https://capsule.example/watch/#" + made["token"]
+    status, _, default = authed.request(path, "POST", token=ALICE)
+    assert status == 201 and default["expires_in"] == 3600
+    status, _, listed = authed.request(path, token=ALICE)
+    assert status == 200 and listed["watchers"] == 0
+    assert [s["id"] for s in listed["shares"]] == [made["id"], default["id"]]
+    assert all("token" not in s for s in listed["shares"])
+    assert made["token"] not in json.dumps(listed)
+    status, _, body = authed.request(f"{path}/{made['id']}/more", "DELETE", token=ALICE)
+    assert (status, body["code"]) == (404, "not_found")
+    status, _, body = authed.request(f"{path}/{made['id']}", "DELETE", token=ALICE)
+    assert (status, body) == (200, {"id": made["id"], "revoked": True})
+    assert authed.spectators.store.find(made["token"]) is None
+    status, _, body = authed.request(f"{path}/{made['id']}", "DELETE", token=ALICE)
+    assert (status, body["code"]) == (404, "share_not_found")
+
+
+def test_only_the_owner_reaches_a_session_s_share_links(authed):
+    session = authed.create(token=ALICE)
+    path = f"/api/sessions/{session['id']}/shares"
+    _, _, made = authed.request(path, "POST", token=ALICE)
+    for method, where in [("POST", path), ("GET", path), ("DELETE", f"{path}/{made['id']}")]:
+        status, _, body = authed.request(where, method, token=BOB)
+        assert (status, body["code"]) == (404, "session_not_found"), (method, where)
+        status, _, body = authed.request(where, method)
+        assert status == 401, (method, where)
+    assert authed.spectators.store.find(made["token"]) is not None
+
+
+def test_a_share_link_s_lifetime_is_bounded_and_checked(authed):
+    session = authed.create(token=ALICE)
+    path = f"/api/sessions/{session['id']}/shares"
+    for body in ({"ttl": 7201}, {"ttl": 0}, {"ttl": "1h"}, {"ttl": True}, {"other": 1}):
+        status, _, answer = authed.request(path, "POST", body, token=ALICE)
+        assert (status, answer["code"]) == (400, "bad_request"), body
+
+
+def test_share_links_die_with_their_session(authed):
+    session = authed.create(token=ALICE)
+    path = f"/api/sessions/{session['id']}/shares"
+    _, _, made = authed.request(path, "POST", token=ALICE)
+    authed.request(f"/api/sessions/{session['id']}", "DELETE", token=ALICE)
+    assert authed.spectators.store.find(made["token"]) is None
+    status, _, _ = authed.request(path, token=ALICE)
+    assert status == 404
+
+
+def test_the_spectators_page_needs_no_login_and_reaches_nothing_else(authed):
+    # Files are sent by the global cooperator (see test_web); what is not a
+    # file of the page is answered at once: a 404, never a 401, never the API.
+    def get(path):
+        return answered(authed.send(path), "GET", f"GET {path}", clock=authed.reactor)
+    assert get("/missing.js").status == 401
+    assert get("/watch/missing.js").status == 404
+    session = authed.create(token=ALICE)
+    for path in ("/watch/api/sessions", f"/watch/api/sessions/{session['id']}",
+                 "/watch/ws", "/watch/watch/x"):
+        response = get(path)
+        assert response.status == 404 and session["id"].encode() not in response.body, path

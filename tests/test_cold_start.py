@@ -42,7 +42,8 @@ def test_the_container_is_asked_for_as_the_connection_opens(docker, clock):
     assert link.new() == []
     docker.release_create()
     link.flush()
-    assert link.new() == [{"type": "connected", "session_id": session.id, "resumed": False,
+    assert link.new() == [{"type": "connected", "grace": 60, "kept": False,
+                           "session_id": session.id, "resumed": False,
                            "replay": 0}]
     [process] = docker.processes
     assert process.resizes == [(100, 30)], "the first size, applied as the shell starts"
@@ -61,7 +62,8 @@ def test_what_the_session_says_before_the_first_frame_waits_for_it(docker, clock
     clock.advance(0.01)
     link.flush()
     messages = link.new()
-    assert messages[0] == {"type": "connected", "session_id": session.id, "resumed": False,
+    assert messages[0] == {"type": "connected", "grace": 60, "kept": False,
+                           "session_id": session.id, "resumed": False,
                            "replay": 0}
     assert outputs(messages) == b"banner\r\n$ "
     assert process.resizes == [WARM_SIZE, (120, 40)]
@@ -148,7 +150,8 @@ def test_a_warm_session_is_taken_as_the_connection_opens_without_a_docker_call(d
     clock.advance(0.01)
     link.flush()
     messages = link.new()
-    assert messages[0] == {"type": "connected", "session_id": warm.id, "resumed": False,
+    assert messages[0] == {"type": "connected", "grace": 60, "kept": False,
+                           "session_id": warm.id, "resumed": False,
                            "replay": 10}
     assert outputs(messages) == b"banner\r\n$ "
     assert docker.processes[0].resizes == [WARM_SIZE, WARM_SIZE, (120, 40)]

@@ -61,6 +61,20 @@ def test_the_memory_budget_default_is_the_engines_and_off_is_none():
     assert off.memory_budget is None and not off.memory_budget_from_engine
 
 
+def test_the_memory_request_and_reserve():
+    config = parse().config
+    assert (config.memory_request, config.memory_reserve,
+            config.memory_reserve_from_engine) == (64 * 1024 ** 2, None, True)
+    config = parse("--memory-request", "256m", "--memory-reserve", "2g").config
+    assert (config.memory_request, config.memory_reserve,
+            config.memory_reserve_from_engine) == (256 * 1024 ** 2, 2 * GIB, False)
+    assert config.profiles["shell"].request == 256 * 1024 ** 2
+    # The agent's request is its own.
+    assert config.profiles["claude"].request == 512 * 1024 ** 2
+    off = parse("--memory-reserve", "off").config
+    assert off.memory_reserve is None and not off.memory_reserve_from_engine
+
+
 def test_make_service_builds_from_a_config_alone():
     config = parse("--record-max-bytes", "2m").config
     config = dataclasses.replace(config, tuning=tune(config.tuning, {

@@ -8,7 +8,7 @@ import pytest
 
 from tests.keeper_harness import keeper, kill_keepers, relay  # noqa: F401 (fixtures)
 
-USAGE = b"usage: capsule-keeper [-r] [-b BYTES] [-o OFFSET] SOCKET -- COMMAND [ARG...]\n"
+USAGE = b"usage: capsule-keeper [-r | -d] [-t PORT] [-b BYTES] [-o OFFSET] SOCKET -- COMMAND [ARG...]\n"
 MAX_PATH = 107  # sun_path holds 108 bytes, the last a NUL
 
 BYTES = "a whole number from 1 to 4294967296"

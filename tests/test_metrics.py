@@ -316,3 +316,29 @@ def test_an_export_over_the_client_limit_is_a_counted_refusal(tmp_path):
     assert parse(transport.value()).status == 429
     assert value(site.metrics, "capsule_refusals_total", code="too_many_exports") == 1
     assert value(site.metrics, "capsule_exports_started_total") == 0
+
+
+def test_the_memory_accounting_is_gauged():
+    from types import SimpleNamespace
+
+    from capsule.core.memory import MemoryBudget
+    host = SimpleNamespace(available=5 * 1024 ** 3, used=lambda container_id: None)
+    memory = MemoryBudget(64 * 1024 ** 2, budget=10 * 1024 ** 3, reserve=1024 ** 3,
+                          reading=host)
+    metrics, clock = Metrics(), Clock()
+    manager = SessionManager(FakeDockerAPI(), clock, SessionConfig(
+        spec=ContainerSpec(image=IMAGE), instance="metrics-test", grace=60, pool_size=1),
+        metrics=metrics, memory=memory)
+    metrics.watch(manager)
+    manager.pool.start()
+    manager.create(RecordingClient(), 80, 24)
+    manager.create(RecordingClient(), 80, 24)
+    clock.advance(1)
+    # Two live sessions and the warm one refilled, at 64 MiB each.
+    assert value(metrics, "capsule_memory_counted_bytes") == 3 * 64 * 1024 ** 2
+    assert value(metrics, "capsule_memory_budget_bytes") == 10 * 1024 ** 3
+    assert value(metrics, "capsule_memory_reserve_bytes") == 1024 ** 3
+    assert value(metrics, "capsule_host_memory_available_bytes") == 5 * 1024 ** 3
+    # Not known: not shown.
+    memory.budget = host.available = None
+    assert ("capsule_memory_budget_bytes", frozenset()) not in samples(metrics)

@@ -7,12 +7,15 @@ import re
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
 from capsule.sessions.cleanup import expire_due
 from capsule.core.spec import ContainerSpec
 from capsule.core.keeper import keeper_argv
 from capsule.core.profiles import Profile
+from capsule.core.session_core import State
 from capsule.sessions.manager import SessionManager
+from capsule.sessions.pool import WarmPool
 from capsule.sessions.observers import SessionObserver
 from capsule.sessions.session import WARM_SIZE, SessionConfig
 from tests.support.fakes import FakeDockerAPI, RecordingClient
@@ -349,6 +352,52 @@ def test_a_warm_session_being_made_when_capsule_stops_leaves_no_container(docker
     assert docker.containers == {} and docker.processes == []
 
 
+def test_a_stopping_capsule_waits_for_a_warm_container_still_being_created(docker, clock):
+    """
+    The stop is not over (twistd would exit, and the Docker threads stop)
+    until the container that was being created is created and removed.
+    """
+    docker.hold_create = True
+    manager = make_manager(docker, clock, size=1)
+    stopped = manager.shutdown()
+    assert not stopped.called and len(docker.containers) == 1
+    docker.release_create()
+    assert docker.containers == {}
+    assert stopped.called
+
+
+def test_capsule_stops_its_services_one_after_the_other():
+    """
+    The Docker pools (started first) stop only once the sessions' stop is
+    over, not at the same time.
+    """
+    from types import SimpleNamespace
+
+    from twisted.application.service import Service
+    from twisted.internet.defer import Deferred
+
+    from capsule.services import CapsuleService
+
+    said, waiting = [], Deferred()
+
+    class Child(Service):
+        def __init__(self, name, wait=None):
+            self.name, self.wait = name, wait
+
+        def stopService(self):
+            super().stopService()
+            said.append(self.name)
+            return self.wait
+    service = CapsuleService(None, SimpleNamespace(manager=None), None)
+    for child in (Child("docker"), Child("sessions", waiting), Child("listeners")):
+        child.setServiceParent(service)
+    service.startService()
+    stopped = service.stopService()
+    assert said == ["listeners", "sessions"] and not stopped.called
+    waiting.callback(None)
+    assert said == ["listeners", "sessions", "docker"] and stopped.called
+
+
 def test_a_session_ended_while_its_container_is_made_leaves_no_container(docker, clock):
     docker.hold_create = True
     manager = make_manager(docker, clock, size=0)
@@ -359,3 +408,214 @@ def test_a_session_ended_while_its_container_is_made_leaves_no_container(docker,
     docker.release_create()
     assert docker.containers == {} and docker.processes == []
     assert client.kinds() == ["failed"]
+
+
+# -- users first, and the pool following demand ----------------------------------------
+
+
+def settle(clock, seconds=10.0, step=0.25):
+    for _ in range(int(seconds / step)):
+        clock.advance(step)
+
+
+def test_a_refill_waits_while_clients_sessions_are_being_made(docker, clock):
+    manager = make_manager(docker, clock, size=1)
+    pool = fill(manager, clock)
+    docker.hold_create = True
+    # A burst: the warm session goes to the first, the others start cold.
+    first = manager.create(RecordingClient(), 80, 24)
+    cold = [manager.create(RecordingClient(), 80, 24) for _ in range(3)]
+    assert first.status() == "running" and all(s.starting for s in cold)
+    held = len(docker._held)
+    # The refill is due, but the clients' containers are still being made:
+    # no warm container competes with them.
+    settle(clock, pool.refill_delay + 5)
+    assert len(docker._held) == held == 3 and pool.making is None
+    # Once they run, the pool refills.
+    docker.hold_create = False
+    docker.release_create()
+    assert not any(s.starting for s in cold)
+    settle(clock, 1)
+    assert len(pool.ready) == 1
+
+
+def test_a_refill_waits_for_clients_sessions_but_not_for_ever(docker, clock):
+    manager = make_manager(docker, clock, size=1)
+    pool = fill(manager, clock)
+    docker.hold_create = True
+    manager.create(RecordingClient(), 80, 24)
+    stuck = manager.create(RecordingClient(), 80, 24)
+    assert stuck.starting and len(docker._held) == 1
+    settle(clock, pool.refill_delay + pool.max_wait + 1, step=0.5)
+    # Its container still hangs: after max_wait, the refill is made anyway.
+    assert len(docker._held) == 2
+
+
+def grown_manager(docker, clock, room=None, **config):
+    manager = SessionManager(docker, clock, SessionConfig(
+        spec=SPEC, instance="t", pool_size=2, pool_max_age=1000.0, grace=60,
+        pool_grow_by=3, pool_window=30.0, **config), pool_room=room)
+    manager.pool.start()
+    settle(clock, 5)
+    return manager, manager.pool["shell"]
+
+
+def test_the_pool_grows_while_takes_come_fast_up_to_its_cap():
+    clock, docker = MemoryReactorClock(), FakeDockerAPI()
+    manager, pool = grown_manager(docker, clock)
+    assert len(pool.ready) == 2 and pool.target == 2
+    # Two takes within the window: what the pool holds anyway.
+    for _ in range(2):
+        manager.create(RecordingClient(), 80, 24)
+    settle(clock, 5)
+    assert pool.target == 2 and len(pool.ready) == 2
+    # Each take beyond its size wants one more warm session.
+    manager.create(RecordingClient(), 80, 24)
+    assert pool.target == 3
+    settle(clock, 5)
+    assert len(pool.ready) == 3
+    # Many more: never beyond size + grow_by.
+    for _ in range(10):
+        manager.create(RecordingClient(), 80, 24)
+        clock.advance(0.5)
+    assert pool.target == 5
+    settle(clock, 10)
+    assert len(pool.ready) == 5 and len(pool.held) == 5
+
+
+def test_the_pool_shrinks_back_to_its_size_once_takes_stop():
+    clock, docker = MemoryReactorClock(), FakeDockerAPI()
+    manager, pool = grown_manager(docker, clock)
+    for _ in range(6):
+        manager.create(RecordingClient(), 80, 24)
+        clock.advance(0.5)
+    settle(clock, 10)
+    assert len(pool.ready) == 5
+    users = set(manager.sessions)
+    # No more takes: a window after the last, the pool is back at its size,
+    # the oldest warm sessions ended and their containers removed.
+    settle(clock, 30)
+    assert pool.target == 2 and len(pool.ready) == 2 and pool.making is None
+    assert set(manager.sessions) == users
+    warm = {s.container_id for s in pool.ready}
+    mine = {s.container_id for s in manager.sessions.values()}
+    assert set(docker.containers) == warm | mine
+    # And it stays there.
+    settle(clock, 60, step=1)
+    assert len(pool.ready) == 2 and set(docker.containers) == warm | mine
+
+
+def test_the_pool_grows_only_while_the_server_has_room():
+    clock, docker = MemoryReactorClock(), FakeDockerAPI()
+    room = [False]
+    manager, pool = grown_manager(docker, clock, room=lambda: room[0])
+    for _ in range(6):
+        manager.create(RecordingClient(), 80, 24)
+        clock.advance(0.5)
+    settle(clock, 10)
+    # It wants more, but only refills to its size.
+    assert pool.target == 5 and len(pool.ready) == 2
+    room[0] = True
+    manager.create(RecordingClient(), 80, 24)
+    settle(clock, 10)
+    assert len(pool.ready) == 5
+
+
+def test_a_pool_that_does_not_grow_keeps_its_size_however_fast_the_takes(docker, clock):
+    manager = make_manager(docker, clock, size=2)
+    pool = fill(manager, clock)
+    for _ in range(10):
+        manager.create(RecordingClient(), 80, 24)
+        clock.advance(0.2)
+    settle(clock, 10)
+    assert pool.target == 2 and len(pool.ready) == 2
+
+
+def test_a_pool_grows_only_while_the_budget_keeps_room_for_a_user():
+    from capsule.core.memory import MemoryBudget
+    from capsule.services import warm_room
+    clock, docker = MemoryReactorClock(), FakeDockerAPI()
+    request = 64 * 1024 ** 2
+    memory = MemoryBudget(request)
+    manager, pool = grown_manager(docker, clock, room=lambda: warm_room(memory, manager))
+    # Without a budget, only the cap bounds it.
+    assert warm_room(memory, manager)
+    # 2 warm sessions at their 64 MiB requests; a budget of five requests
+    # leaves room for one more warm and one user's; three do not.
+    memory.budget = 5 * request
+    assert memory.warm(manager.pool.held) == 2 * request
+    assert warm_room(memory, manager)
+    memory.budget = 3 * request
+    assert not warm_room(memory, manager)
+    for _ in range(6):
+        manager.create(RecordingClient(), 80, 24)
+        clock.advance(0.5)
+    settle(clock, 10)
+    assert pool.target == 5 and len(pool.ready) == 2
+
+
+class _SlowEnds:
+    """
+    Warm sessions for a L{WarmPool} alone, whose ending takes C{cost}
+    seconds of the clock (as a real engine's work does while it runs).
+    """
+
+    def __init__(self, clock, cost: float) -> None:
+        self.clock, self.cost = clock, cost
+        self.pool = None
+        self.ended = []
+
+    def make(self):
+        maker = self
+
+        class Events:
+            def prepare(self):
+                pass
+
+            def end(self, code, message):
+                maker.ended.append(session)
+                maker.clock.advance(maker.cost)
+                maker.pool.lost(session)
+
+        class Core:
+            created_at = self.clock.seconds()
+            stream = object()
+
+        class Warm:
+            id = f"warm-{len(self.ended)}-{self.clock.seconds()}"
+            container_id = id
+            state = State.DETACHED
+            attached = False
+            shell = object()
+            core = Core()
+            events = Events()
+
+        session = Warm()
+        return session
+
+
+def test_the_pool_shrinks_to_its_size_even_when_ending_sessions_takes_time():
+    clock = MemoryReactorClock()
+    slow = _SlowEnds(clock, cost=0.4)
+    pool = slow.pool = WarmPool(clock, 2, slow.make, max_age=1000.0, grow_by=6, window=30.0)
+    pool.start()
+
+    def fill_up():
+        for _ in range(40):
+            clock.advance(0.5)
+            if pool.making is not None:
+                pool.went_live(pool.making)
+
+    fill_up()
+    assert len(pool.ready) == 2
+    # Four takes, then four more at once.
+    for gap in (0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0):
+        pool.take()
+        clock.advance(gap)
+    fill_up()
+    assert len(pool.ready) == 8
+    # The takes leave the window one by one while the extra sessions are
+    # being ended: the pool must still come back to its size.
+    for _ in range(100):
+        clock.advance(0.1)
+    assert pool.target == 2 and len(pool.ready) == 2

@@ -53,6 +53,18 @@ def test_builtin_profiles():
     assert claude.idle_timeout == 600
 
 
+def test_memory_requests_are_small_for_a_shell_and_larger_for_an_agent(tmp_path):
+    profiles = builtins()
+    assert profiles["shell"].request == 64 * 1024 ** 2
+    assert profiles["claude"].request == 512 * 1024 ** 2
+    path = write(tmp_path, '[profiles.big]\nmemory = "8g"\nmemory_request = "1g"\n'
+                           '[profiles.tiny]\nextends = "claude"\nmemory = "256m"\n')
+    loaded = load_profiles(path, builtins())
+    assert loaded["big"].request == 1024 ** 3 and loaded["big"].memory == 8 * 1024 ** 3
+    # An inherited request past its own limit counts at its limit.
+    assert loaded["tiny"].request == 256 * 1024 ** 2
+
+
 def test_no_file_is_the_builtins():
     assert load_profiles(None, builtins()) == builtins()
 
@@ -113,6 +125,9 @@ command = ["claude", "--help"]
     ('[profiles.a]\ncommand = "bash"\n', "profile 'a': key 'command': must be a non-empty list"),
     ('[profiles.a]\ncommand = []\n', "profile 'a': key 'command': must be a non-empty list"),
     ('[profiles.a]\ncpus = 0\n', "profile 'a': key 'cpus': must be more than 0"),
+    ('[profiles.a]\nmemory_request = "some"\n', "profile 'a': key 'memory_request': not a size"),
+    ('[profiles.a]\nmemory = "256m"\nmemory_request = "512m"\n',
+     "profile 'a': key 'memory_request': 512m is more than its memory limit 256m"),
     ('[profiles.a]\ncpus = true\n', "profile 'a': key 'cpus': must be a number"),
     ('[profiles.a]\npids = 1.5\n', "profile 'a': key 'pids': must be an integer"),
     ('[profiles.a]\npool = -1\n', "profile 'a': key 'pool': must be at least 0"),

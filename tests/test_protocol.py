@@ -118,6 +118,9 @@ def test_encode_output_is_json_with_base64():
 def test_encode_others():
     assert json.loads(wire.encode_connected("abc", True)) == {
         "type": "connected", "session_id": "abc", "resumed": True}
+    assert json.loads(wire.encode_connected("abc", False, 5, 1024, 3, 60.0, False)) == {
+        "type": "connected", "session_id": "abc", "resumed": False, "offset": 5,
+        "window": 1024, "replay": 3, "grace": 60.0, "kept": False}
     assert json.loads(wire.encode_error("oops", "bad")) == {
         "type": "error", "message": "oops", "code": "bad"}
     assert json.loads(wire.encode_pong()) == {"type": "pong"}

@@ -453,3 +453,35 @@ async def test_a_large_file_is_served_as_twisted_serves_it(site, www, monkeypatc
     assert answer["last-modified"] == datetimeToString(MTIME).decode()
     ranged = await site.ask(b"/app.js", range="bytes=0-1")
     assert (ranged.status, ranged.body) == (206, APP[:2])
+
+
+def test_the_pages_files_get_no_access_line_unless_they_fail_or_asked():
+    from types import SimpleNamespace
+
+    from capsule.web.site import CapsuleSite, logged_by_default
+    from twisted.web.resource import Resource
+
+    def ask(method, path, code):
+        return SimpleNamespace(method=method, path=path, code=code)
+    for quiet in (ask(b"GET", b"/", 200), ask(b"GET", b"/js/tar.js", 304),
+                  ask(b"HEAD", b"/node_modules/@xterm/xterm/lib/xterm.js", 200),
+                  ask(b"GET", b"/health", 200), ask(b"GET", b"/metrics", 200)):
+        assert not logged_by_default(quiet), quiet
+    for told in (ask(b"GET", b"/nope.js", 404), ask(b"GET", b"/health", 503),
+                 ask(b"POST", b"/api/sessions", 201), ask(b"GET", b"/api/sessions", 200),
+                 ask(b"GET", b"/ws", 101), ask(b"POST", b"/login", 303),
+                 ask(b"GET", b"/login", 200), ask(b"PUT", b"/", 405)):
+        assert logged_by_default(told), told
+
+    written = []
+    for access_log, expected in ((False, 1), (True, 3)):
+        written.clear()
+        site = CapsuleSite(Resource(), access_log=access_log,
+                           logFormatter=lambda _, request: request.path.decode())
+        site._logFile = SimpleNamespace(write=written.append)
+        site._logDateTime = "-"
+        for request in (ask(b"GET", b"/app.js", 200), ask(b"GET", b"/style.css", 304),
+                        ask(b"POST", b"/api/sessions", 201)):
+            site.log(request)
+        assert len(written) == expected, written
+    assert CapsuleSite.noisy is False

@@ -47,6 +47,27 @@ def test_bad_options(args):
         parse(*args)
 
 
+def test_a_www_without_the_packages_its_page_names_is_refused(tmp_path):
+    """
+    An installed capsule whose www/ lacks npm's packages would serve a page
+    without xterm.js: it says what to do instead of starting.
+    """
+    (tmp_path / "index.html").write_text(
+        '<link rel="stylesheet" href="node_modules/@xterm/xterm/css/xterm.css">'
+        '<script defer src="/node_modules/@xterm/xterm/lib/xterm.js"></script>'
+        '<script type="module" src="app.js"></script>')
+    with pytest.raises(usage.UsageError) as refused:
+        parse("--www", str(tmp_path))
+    said = str(refused.value)
+    assert f"the page's npm packages are missing from {tmp_path}" in said
+    assert "(node_modules/@xterm/xterm/css/xterm.css and 1 more)" in said
+    assert "npm ci" in said and "docs/deploy.md" in said
+    for name in ("css/xterm.css", "lib/xterm.js"):
+        (tmp_path / "node_modules/@xterm/xterm" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "node_modules/@xterm/xterm" / name).write_text("x")
+    assert parse("--www", str(tmp_path))["www"] == str(tmp_path)
+
+
 def test_service_tree():
     """
     The tree says the order: pools, sessions, cleanup, then the listeners

@@ -148,7 +148,7 @@ def test_health_ok(web):
     assert json.loads(body) == {
         "status": "ok", "version": __version__, "docker": True,
         "docker_host": "fake://docker", "docker_version": "fake", "image": True,
-        "image_name": IMAGE, "sessions": 0, "pool": {"size": 0, "ready": 0},
+        "image_name": IMAGE, "sessions": 0, "pool": {"size": 0, "target": 0, "ready": 0},
         "instance": "web-test"}
 
 

@@ -20,8 +20,10 @@ from capsule.web.websocket_factory import CapsuleServerFactory
 from capsule.web.wire import BinaryWire, JsonWire
 from tests.support.httpclient import request_bytes, upgrade_headers
 
+from capsule.sessions.manager import SessionManager
+from capsule.sessions.session import SessionConfig
 from .in_memory import (  # noqa: F401 (fixtures)
-    CLIENT_ADDRESS, HOST, SERVER_ADDRESS, Link, clock, docker, manager)
+    CLIENT_ADDRESS, HOST, SERVER_ADDRESS, SPEC, Link, clock, docker, manager)
 
 MAX_MESSAGE = 1024
 WINDOW = 2048
@@ -66,7 +68,8 @@ def test_a_new_json_session_starts_at_the_first_resize(connect, manager, docker)
 
     link.send({"type": "resize", "cols": 100, "rows": 30})
     [session] = manager.sessions.values()
-    assert link.new() == [{"type": "connected", "session_id": session.id, "resumed": False,
+    assert link.new() == [{"type": "connected", "grace": 60, "kept": False,
+                           "session_id": session.id, "resumed": False,
                            "replay": 0}]
     assert session.status() == "running" and session.client is link.server
     [process] = docker.processes
@@ -80,6 +83,24 @@ def test_a_new_json_session_starts_at_the_first_resize(connect, manager, docker)
     assert link.new() == []
 
 
+@pytest.mark.parametrize("binary", [False, True])
+def test_connected_says_the_grace_period_and_that_nothing_keeps_the_session(
+        docker, clock, binary):
+    """
+    A page says before its tab is closed what becomes of the session: the
+    grace period is the server's (--grace), and nothing keeps the session
+    past it.
+    """
+    manager = SessionManager(docker, clock, SessionConfig(spec=SPEC, instance="t", grace=7.5))
+    factory = CapsuleServerFactory(manager, clock, max_message_size=MAX_MESSAGE,
+                                   flow_window=WINDOW)
+    link = Link(clock, factory, "", binary)
+    link.send({"type": "resize", "cols": 80, "rows": 24})
+    [connected] = link.new()
+    assert connected["type"] == "connected"
+    assert (connected["grace"], connected["kept"]) == (7.5, False)
+
+
 def test_a_new_binary_session_says_offset_and_window(connect, manager, docker):
     link = connect(binary=True)
     assert isinstance(link.server._wire, BinaryWire)
@@ -87,7 +108,8 @@ def test_a_new_binary_session_says_offset_and_window(connect, manager, docker):
 
     link.send({"type": "resize", "cols": 80, "rows": 24})
     [session] = manager.sessions.values()
-    assert link.new() == [{"type": "connected", "session_id": session.id, "resumed": False,
+    assert link.new() == [{"type": "connected", "grace": 60, "kept": False,
+                           "session_id": session.id, "resumed": False,
                            "offset": 0, "window": WINDOW, "replay": 0}]
     [process] = docker.processes
     link.send_raw(b"\x03\xff\x00raw", binary=True)
@@ -190,7 +212,8 @@ def test_reconnect_with_session_id_replays_what_was_missed(connect, manager, doc
 
     second = connect(f"session_id={session_id}")
     messages = second.new()
-    assert messages[0] == {"type": "connected", "session_id": session_id, "resumed": True,
+    assert messages[0] == {"type": "connected", "grace": 60, "kept": False,
+                           "session_id": session_id, "resumed": True,
                            "replay": 4}
     assert outputs(messages[1:]) == b"two " and len(messages) == 2
     session = manager.sessions[session_id]
@@ -216,7 +239,8 @@ def test_reconnect_with_an_offset_resumes_exactly_there(connect, manager, docker
     # The client had drawn only "hello " when it went.
     second = connect(f"session_id={session_id}&offset=6", binary=True)
     assert second.new() == [
-        {"type": "connected", "session_id": session_id, "resumed": True, "offset": 6,
+        {"type": "connected", "grace": 60, "kept": False,
+         "session_id": session_id, "resumed": True, "offset": 6,
          "window": WINDOW, "replay": 6},
         b"world!"]
     process.emit(b"?")
@@ -239,7 +263,8 @@ def test_reconnect_without_an_offset_resumes_after_what_was_sent(connect, docker
     process.emit(b"!")
     second = connect(f"session_id={session_id}", binary=True)
     assert second.new() == [
-        {"type": "connected", "session_id": session_id, "resumed": True, "offset": 11,
+        {"type": "connected", "grace": 60, "kept": False,
+         "session_id": session_id, "resumed": True, "offset": 11,
          "window": WINDOW, "replay": 1},
         b"!"]
 
@@ -258,7 +283,8 @@ def test_output_still_gathered_when_the_client_left_is_replayed(connect, docker)
     first.close()
     second = connect(f"session_id={session_id}", binary=True)
     assert second.new() == [
-        {"type": "connected", "session_id": session_id, "resumed": True, "offset": 16 * 1024,
+        {"type": "connected", "grace": 60, "kept": False,
+         "session_id": session_id, "resumed": True, "offset": 16 * 1024,
          "window": WINDOW, "replay": 100},
         b"b" * 100]
 
@@ -273,7 +299,8 @@ def test_a_new_connection_takes_the_session_over(connect, manager, docker):
     assert first.new() == [{"type": "error", "code": "taken_over",
                             "message": "this session was opened in another window"}]
     assert first.client.closed == (True, 4409, "this session was opened in another window")
-    assert second.new() == [{"type": "connected", "session_id": session_id, "resumed": True,
+    assert second.new() == [{"type": "connected", "grace": 60, "kept": False,
+                             "session_id": session_id, "resumed": True,
                              "replay": 0}]
     session = manager.sessions[session_id]
     # The old connection's close did not detach the new one.
@@ -302,7 +329,8 @@ def test_a_takeover_resumes_an_exec_the_old_connection_paused(connect, docker, h
     first.flush()
     assert first.client.closed[1] == 4409
     # The new client has been sent nothing it has not acknowledged.
-    assert second.new() == [{"type": "connected", "session_id": session_id, "resumed": True,
+    assert second.new() == [{"type": "connected", "grace": 60, "kept": False,
+                             "session_id": session_id, "resumed": True,
                              "offset": WINDOW if held_by == "window" else 0,
                              "window": WINDOW, "replay": 0}]
     assert not process.paused
@@ -519,7 +547,8 @@ def test_a_notice_is_a_text_frame_outside_the_offsets(connect, manager, docker, 
     link.close()
     again = connect(f"session_id={session_id}&offset=3", binary=True)
     assert again.new() == [
-        {"type": "connected", "session_id": session_id, "resumed": True, "offset": 3,
+        {"type": "connected", "grace": 60, "kept": False,
+         "session_id": session_id, "resumed": True, "offset": 3,
          "window": WINDOW, "replay": 3},
         b"def"]
 

@@ -20,7 +20,8 @@ from .test_websocket import (  # noqa: F401 (fixtures)
 def test_a_new_session_starts_at_the_urls_size_without_a_resize(connect, manager, docker):
     link = connect("cols=100&rows=30", binary=True)
     [session] = manager.sessions.values()
-    assert link.new() == [{"type": "connected", "session_id": session.id, "resumed": False,
+    assert link.new() == [{"type": "connected", "grace": 60, "kept": False,
+                           "session_id": session.id, "resumed": False,
                            "offset": 0, "window": WINDOW, "replay": 0}]
     [process] = docker.processes
     assert process.resizes == [(100, 30)]
@@ -39,7 +40,8 @@ def test_a_new_session_starts_at_the_urls_size_without_a_resize(connect, manager
 def test_a_json_client_gets_it_too(connect, manager, docker):
     link = connect("cols=2&rows=1")
     [session] = manager.sessions.values()
-    assert link.new() == [{"type": "connected", "session_id": session.id, "resumed": False,
+    assert link.new() == [{"type": "connected", "grace": 60, "kept": False,
+                           "session_id": session.id, "resumed": False,
                            "replay": 0}]
     assert docker.processes[0].resizes == [(2, 1)]
 

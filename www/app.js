@@ -2,14 +2,19 @@
 // page's entry module, loaded without a build step: it finds the page's elements and wires
 // the terminal (js/terminal.js), the connection (js/connection.js, whose states are
 // js/machine.js), the status bar (js/status.js), uploads and exports (js/transfer.js) and
-// attention (js/attention.js). Terminal and its addons are the UMD globals that index.html
-// loads from node_modules/ before this module runs; index.html preloads the modules.
+// attention (js/attention.js). Terminal and its addons are the UMD globals that index.html's
+// bootstrap runs from node_modules/ before it runs this module (after the first screen is
+// drawn); index.html preloads them and the modules.
 
 import { createAttention } from "./js/attention.js";
 import { createConnection } from "./js/connection.js";
+import { createLeaving } from "./js/leaving.js";
+import { setupShare } from "./js/share.js";
+import { expiryText, watchToken } from "./js/sharing.js";
 import { createStatusBar } from "./js/status.js";
 import { createTerminal } from "./js/terminal.js";
 import { setupTransfer } from "./js/transfer.js";
+import { createWatch } from "./js/watch.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -25,8 +30,23 @@ const ui = {
   dropZone: $("drop-zone"),
   actionButton: $("action"),
   logoutButton: $("logout"),
+  user: $("user"),
+  shareButton: $("share"),
+  shareCount: $("share-count"),
+  shareMenu: $("share-menu"),
+  watchBadge: $("watch-badge"),
   terminal: $("terminal"),
+  banner: $("banner"),
+  bannerTitle: $("banner-title"),
+  bannerMessage: $("banner-message"),
+  bannerHint: $("banner-hint"),
+  bannerCountdown: $("banner-countdown"),
+  bannerRetry: $("banner-retry"),
+  bannerAction: $("banner-action"),
 };
+
+// A spectator's page (/watch/#TOKEN: a read-only share link), else null.
+const watching = watchToken(location);
 
 // Users: whether capsule has them (null: not known yet).
 let hasUsers = null;
@@ -35,12 +55,23 @@ let connection = null;
 // through them (the key bar's sticky Ctrl) once they are there.
 let extras = null;
 
-const status = createStatusBar(ui);
+const status = createStatusBar(ui, {
+  onState: (name) => leaving.state(name),
+  onAgain: () => {
+    connection.again();
+    term.focus();
+  },
+});
+const leaving = createLeaving({ status });
 const term = createTerminal(ui.terminal, {
-  onInput: (data) => connection.input(extras ? extras.input(data) : data),
+  onInput: (data) => {
+    connection.input(extras ? extras.input(data) : data);
+    leaving.worked();
+  },
   onBinaryInput: (data) => connection.binaryInput(data),
   onResize: () => connection.resized(),
   onBell: () => attention.bell(),
+  readOnly: watching !== null,
 });
 const attention = createAttention({
   button: ui.notifyButton,
@@ -49,22 +80,66 @@ const attention = createAttention({
   active: () => !connection.leaving,
   focus: () => term.focus(),
 });
-connection = createConnection({
-  term,
-  status,
-  attention,
-  profile: new URLSearchParams(location.search).get("profile"),
-  // A refused upgrade looks the same as capsule being down; its API tells them apart.
-  checkLogin: () => {
-    if (hasUsers !== false) checkLogin();
-  },
-});
-setupTransfer(ui, {
-  status,
-  sessionId: () => connection.sessionId,
-  checkLogin,
-  focus: () => term.focus(),
-});
+let share = null;
+if (watching === null) {
+  connection = createConnection({
+    term,
+    status,
+    attention,
+    profile: new URLSearchParams(location.search).get("profile"),
+    onAttached: (frame) => leaving.attached(frame),
+    // A refused upgrade looks the same as capsule being down; its API tells them apart.
+    checkLogin: () => {
+      if (hasUsers !== false) checkLogin();
+    },
+    onWatchers: (count) => share && share.setWatchers(count),
+  });
+  setupTransfer(ui, {
+    status,
+    sessionId: () => connection.sessionId,
+    checkLogin,
+    focus: () => term.focus(),
+    worked: () => leaving.worked(),
+  });
+  share = setupShare(ui, { sessionId: () => connection.sessionId, status });
+} else {
+  connection = createWatch({
+    term,
+    status,
+    action: ui.actionButton,
+    token: watching,
+    onExpiry: showExpiry,
+    onEnd: () => {
+      clearInterval(expiryTimer);
+      ui.watchBadge.hidden = false;
+      ui.watchBadge.textContent = "read-only · not watching";
+    },
+  });
+  // What the owner's page offers is not a spectator's to use.
+  for (const button of [ui.uploadButton, ui.exportButton, ui.notifyButton, ui.shareButton]) {
+    button.hidden = true;
+  }
+  document.body.classList.add("watching");
+  document.title = "capsule (watching, read-only)";
+  ui.terminal.addEventListener("keydown", () => connection.typed(), true);
+  ui.terminal.addEventListener("paste", () => connection.typed(), true);
+}
+
+// --- a spectator's badge: read-only, and when the link expires ----------------------
+
+let expiryTimer = null;
+function showExpiry(at) {
+  clearInterval(expiryTimer);
+  const render = () => {
+    const text = `read-only · ${expiryText((at - Date.now()) / 1000)}`;
+    if (ui.watchBadge.textContent !== text) ui.watchBadge.textContent = text;
+  };
+  ui.watchBadge.hidden = false;
+  ui.watchBadge.title = "You watch someone's terminal through a read-only link: you cannot" +
+    " type, and the link stops working when it expires or its owner revokes it.";
+  render();
+  expiryTimer = setInterval(render, 1000);
+}
 
 // --- users: the login and logging out ---------------------------------------------
 
@@ -85,12 +160,14 @@ function checkLogin() {
   });
 }
 
+// Who is logged in, and "Log out" where capsule has users.
 function showLogout() {
   askSessions().then((response) => {
     if (!response || !response.ok) return;
     return response.json().then((body) => {
       hasUsers = typeof body.user === "string";
       ui.logoutButton.hidden = !hasUsers;
+      status.user(hasUsers ? body.user : null);
     });
   }).catch(() => {});
 }
@@ -115,9 +192,20 @@ function logOut() {
 
 ui.logoutButton.addEventListener("click", logOut);
 
+// The session's id, whole (the API takes it): a click copies it.
+ui.session.addEventListener("click", () => {
+  const id = connection.sessionId;
+  if (!id) return;
+  const selection = getSelection();
+  selection.selectAllChildren(ui.session);
+  const copied = navigator.clipboard ? navigator.clipboard.writeText(id) : Promise.reject(new Error());
+  copied.then(() => status.flash("session id copied"),
+    () => status.flash("session id selected: copy it with your keyboard"));
+});
+
 ui.actionButton.addEventListener("click", () => {
   connection.again();
-  term.focus();
+  if (watching === null) term.focus();
 });
 
 // --- start ----------------------------------------------------------------------------
@@ -125,9 +213,19 @@ ui.actionButton.addEventListener("click", () => {
 term.fit();
 connection.start();
 term.focus();
+// The bootstrap's first screen (index.html) gives way once xterm has drawn the same output,
+// in the same frame.
+term.whenDrawn(() => {
+  const first = document.getElementById("first-screen");
+  if (first) first.remove();
+  performance.mark("capsule:terminal");
+});
 // Whether to offer "Log out" (a request, and its answer's handling) is not on the way to the
-// first prompt: asked when the main thread is next idle (at most a second from now).
-if (window.requestIdleCallback) requestIdleCallback(showLogout, { timeout: 1000 });
+// first prompt: asked when the main thread is next idle (at most a second from now). A
+// spectator has no login to end.
+if (watching !== null) {
+  // nothing: the token is its credential
+} else if (window.requestIdleCallback) requestIdleCallback(showLogout, { timeout: 1000 });
 else setTimeout(showLogout, 100);
 
 // The key bar, the clipboard, search and the WebGL renderer are not on the way to the first
@@ -135,6 +233,8 @@ else setTimeout(showLogout, 100);
 function loadExtras() {
   import("./js/extras.js").then(({ setupExtras }) => {
     extras = setupExtras(term, {
+      // A spectator types nothing: no key bar, no pastes, no copies by programs.
+      readOnly: watching !== null,
       send: (data) => connection.input(data),
       refit: () => {
         term.fit();

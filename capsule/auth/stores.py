@@ -6,7 +6,10 @@ file (C{user:token} lines).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -104,3 +107,83 @@ def parse_tokens(text: str, path: str = "tokens") -> dict[str, str]:
             continue
         tokens[token] = name
     return tokens
+
+
+# bcrypt's cost for the passwords capsule writes (2**12 rounds: about a
+# quarter of a second per check, on the password threads); what it accepts.
+BCRYPT_COST = 12
+BCRYPT_COSTS = range(10, 17)
+# bcrypt reads the first 72 bytes of a password and ignores the rest.
+MAX_PASSWORD_BYTES = 72
+
+
+def hash_password(password: str, cost: int = BCRYPT_COST) -> str:
+    """
+    A bcrypt hash of C{password}, as an htpasswd line holds it.
+    """
+    import bcrypt
+    data = password.encode("utf-8")
+    if not data:
+        raise ValueError("the password is empty")
+    if len(data) > MAX_PASSWORD_BYTES:
+        raise ValueError(f"the password is longer than {MAX_PASSWORD_BYTES} bytes"
+                         " (bcrypt would ignore the rest)")
+    if cost not in BCRYPT_COSTS:
+        raise ValueError(f"the cost must be {BCRYPT_COSTS[0]} to {BCRYPT_COSTS[-1]}, not {cost}")
+    return bcrypt.hashpw(data, bcrypt.gensalt(cost)).decode("ascii")
+
+
+def set_htpasswd_user(path: str, name: str, hashed: str | None) -> str:
+    """
+    Give C{name} the hash C{hashed} in the htpasswd file C{path} (made if
+    missing), or remove them (C{hashed=None}); every other line is kept as it
+    was.  The file is replaced at once (written beside it, then renamed),
+    so that a capsule reading it sees the old file or the new one, never a
+    part.  A new file is made with mode 0600; an existing one keeps its
+    mode, owner and group (capsule may read it through its group).
+    Returns what was done: C{"added"}, C{"changed"} or C{"removed"}.
+    """
+    if not valid_user_name(name):
+        raise ValueError(f"{name!r} is not a valid user name (up to 64 characters of"
+                         " A-Z a-z 0-9 . _ @ + -)")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        st = os.stat(path)
+    except FileNotFoundError:
+        text, st = "", None
+    lines, found = [], False
+    for line in text.splitlines():
+        if line.strip().partition(":")[0] == name and ":" in line:
+            if hashed is not None and not found:
+                lines.append(f"{name}:{hashed}")
+            found = True
+            continue
+        lines.append(line)
+    if hashed is None and not found:
+        raise LookupError(f"{path} has no user {name}")
+    if hashed is not None and not found:
+        lines.append(f"{name}:{hashed}")
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".htpasswd-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        if st is None:
+            os.chmod(temporary, 0o600)
+        else:
+            os.chmod(temporary, stat.S_IMODE(st.st_mode))
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                try:
+                    os.chown(temporary, st.st_uid, st.st_gid)
+                except PermissionError:
+                    raise PermissionError(
+                        f"cannot give the new {path} its owner and group"
+                        f" ({st.st_uid}:{st.st_gid}): run this as root or as its owner") from None
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return "removed" if hashed is None else "changed" if found else "added"

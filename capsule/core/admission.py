@@ -6,7 +6,8 @@ bucket per client address against an injected clock; it knows nothing of
 Docker, the reactor or Autobahn.  A refusal is an L{AdmissionRefused} that
 names the wire error code (C{quota_exceeded} when one client asks for more
 than its share, C{server_full} when the server as a whole cannot take
-another session).
+another session: its count, its memory budget, or the host's memory under
+its reserve, see L{capsule.core.memory}).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from capsule.core.addresses import Network, client_key
+from capsule.core.memory import MemoryBudget
 from capsule.core.profiles import DEFAULT_PROFILE
 
 QUOTA_EXCEEDED = "quota_exceeded"
@@ -111,17 +113,12 @@ class AdmissionPolicy:
     @ivar rate: C{(count, seconds)}: sessions one client address (or IPv6
         /64) may create per C{seconds}, in bursts of up to C{count}; C{None}:
         no limit.
-    @ivar session_memory: the memory limit of each container, in bytes.
-    @ivar memory_budget: bytes the sum of the containers' memory limits may
-        reach; C{None}: not known (yet), no check.
     @ivar max_per_user: sessions at once of one user; C{None}: no limit.
     """
 
     max_sessions: int = 32
     max_per_client: int = 8
     rate: tuple[int, float] | None = (10, 60.0)
-    session_memory: int = 0
-    memory_budget: int | None = None
     max_per_user: int | None = None
 
 
@@ -133,27 +130,25 @@ class AdmissionControl:
     count is derived from it.
 
     @param manager: has C{sessions} (a dict by id) and C{pool} (with
-        C{ready} and C{pending}: warm containers, which hold memory too).
+        C{ready}: warm sessions, which a new session of their profile takes).
+    @param memory: the memory accounting (L{MemoryBudget}): what sessions
+        are counted at, against the budget and the host's reserve;
+        C{None}: memory is not checked.
     @param trusted_proxies: the proxies whose C{X-Forwarded-For} names the
         client a session is counted against (read from a request by
         L{capsule.web.http.client_address}).
     """
 
     def __init__(self, manager, clock, policy: AdmissionPolicy,
-                 trusted_proxies: Iterable[Network] = ()) -> None:
+                 trusted_proxies: Iterable[Network] = (),
+                 memory: MemoryBudget | None = None) -> None:
         self._manager = manager
         self._clock = clock
         self.policy = policy
+        self.memory = memory
         self.trusted_proxies = tuple(trusted_proxies)
         self._creators: dict[str, str] = {}
         self._buckets: dict[str, TokenBucket] = {}
-
-    def budget_is(self, memory: int) -> None:
-        """
-        The memory budget is C{memory} bytes from now on (the engine's
-        memory, once it said it).
-        """
-        self.policy.memory_budget = memory
 
     def _prune(self, now: float) -> None:
         live = self._manager.sessions
@@ -176,16 +171,14 @@ class AdmissionControl:
 
     def committed_memory(self) -> int:
         """
-        Bytes promised to live sessions and warm containers.
+        Bytes counted for live sessions (at their requests or measured use)
+        and warm ones (at their requests).
         """
+        if self.memory is None:
+            return 0
         pool = getattr(self._manager, "pool", None)
-        warm = pool.held if pool is not None else []
-        return sum(self._memory_of(s) for s in (*self._manager.sessions.values(), *warm))
-
-    def _memory_of(self, session) -> int:
-        # A session's profile says its memory limit; --memory for one without.
-        settings = getattr(session, "settings", None)
-        return settings.memory if settings is not None else self.policy.session_memory
+        return (self.memory.live(self._manager.sessions.values())
+                + self.memory.warm(pool.held if pool is not None else []))
 
     def admit(self, address: str, user: str | None = None, profile=None) -> None:
         """
@@ -193,8 +186,8 @@ class AdmissionControl:
         session now, and if so, count it against its rate.
 
         @param profile: the L{capsule.core.profiles.Profile} of the session asked
-            for (its memory limit counts against the budget), or C{None} for
-            one of --memory.
+            for (its memory request counts against the budget), or C{None}
+            for the default profile's.
 
         @raise AdmissionRefused: if not.
         """
@@ -216,21 +209,15 @@ class AdmissionControl:
             raise AdmissionRefused(
                 QUOTA_EXCEEDED, f"{user} has too many sessions (at most"
                 f" {policy.max_per_user} at once): end one first")
-        if policy.memory_budget is not None:
-            pool = getattr(self._manager, "pool", None)
-            # A warm session of that profile is already counted; a cold start
-            # adds one.
+        if self.memory is not None:
             if profile is None:
                 profile = getattr(self._manager, "profiles", {}).get(DEFAULT_PROFILE)
-            name = profile.name if profile is not None else None
-            warm = pool is not None and any(
-                getattr(getattr(s, "settings", None), "name", None) == name for s in pool.ready)
-            extra = 0 if warm else (
-                profile.memory if profile is not None else policy.session_memory)
-            if self.committed_memory() + extra > policy.memory_budget:
-                raise AdmissionRefused(
-                    SERVER_FULL, "the server is full (its memory is promised to other"
-                    " sessions): try again later")
+            # Against the live sessions only: warm ones give way to it
+            # (taken, or given up, see MemoryBudget.excess).
+            why = self.memory.refusal(self._manager.sessions.values(),
+                                      self.memory.request_of(profile))
+            if why is not None:
+                raise AdmissionRefused(SERVER_FULL, why)
         if policy.rate is not None:
             bucket = self._buckets.get(address)
             if bucket is None:

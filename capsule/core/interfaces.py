@@ -96,6 +96,14 @@ class IDockerAPI(Interface):
         C{ExitCode}, ...), or C{None} if it is gone.
         """
 
+    def keeper_address(container_id):
+        """
+        Fire with C{(address, secret)}: the container's IPv4 address on a
+        network of its own namespace (C{None}: none, as with C{--network
+        none} or C{host}) and its keeper's secret (its label's; C{None}:
+        none), for the direct path to its keeper.
+        """
+
     def spawn_exec(process_protocol, container_id, argv, user, workdir, env, size, tty=True):
         """
         Run C{argv} inside a running container, connected to

@@ -40,6 +40,63 @@ def keeper_argv(shell: tuple[str, ...], offset: int = 0, buffer: int = 1024 * 10
             *shell]
 
 
+# The direct path (see docker/keeper/capsule-keeper.c, -t): where a session
+# has a network, its keeper also listens on this TCP port, for attachments
+# whose first frame is C{s} with the session's secret of SECRET_BYTES bytes;
+# the secret is kept in the container's label SECRET_LABEL (the Docker API's,
+# which no process in the container can read).
+DIRECT_PORT = 7422
+SECRET_BYTES = 32
+SECRET_LABEL = "io.capsule.keeper-secret"
+
+
+def has_own_address(network: str | None) -> bool:
+    """
+    Whether a container on C{network} (C{--network}'s value) has an address
+    of its own, where its keeper may listen: not without a network, nor in
+    the host's or another container's namespace.
+    """
+    return network not in ("none", "host") and not (network or "").startswith("container:")
+
+
+def keeper_start_argv(shell: tuple[str, ...], buffer: int = 1024 * 1024,
+                      socket: str = DEFAULT_SOCKET, port: int = DIRECT_PORT,
+                      program: str = "capsule-keeper") -> list[str]:
+    """
+    The exec that starts a session's keeper (reading the secret as an C{s}
+    frame on its stdin: L{encode_secret}) with a TCP listener on C{port},
+    and exits without attaching.
+    """
+    return [program, "-d", "-t", str(port), "-b", str(max(buffer, 4096)), socket, "--",
+            *shell]
+
+
+def encode_secret(secret: bytes) -> bytes:
+    if len(secret) != SECRET_BYTES:
+        raise ValueError(f"a secret of {len(secret)} bytes ({SECRET_BYTES} needed)")
+    return b"s" + struct.pack(">I", SECRET_BYTES) + secret
+
+
+def encode_hello(offset: int, cols: int = 0, rows: int = 0) -> bytes:
+    """
+    An attachment's first frame after its secret: from which offset it wants
+    the output (and a terminal size; 0x0: leave it).
+    """
+    return b"a" + struct.pack(">IQHH", 12, offset, cols, rows)
+
+
+def parse_secret(text: str | None) -> bytes | None:
+    """
+    A secret as kept in its label (hex), or C{None} if it is not one.
+    """
+    if not text or len(text) != 2 * SECRET_BYTES:
+        return None
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        return None
+
+
 def encode_input(data: bytes) -> bytes:
     return b"".join(b"i" + struct.pack(">I", len(piece)) + piece
                     for piece in (data[i : i + MAX_FRAME]

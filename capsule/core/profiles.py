@@ -48,6 +48,11 @@ DEFAULT_CLONE_TIMEOUT = 300.0
 # (agent_volume_limit): what an agent remembers (logins, settings, history)
 # is far smaller.
 DEFAULT_AGENT_VOLUME_LIMIT = 1024 ** 3
+# What admission counts a session at before it is measured (its memory
+# request, beside its limit): an idle shell holds a few MB, an agent a few
+# hundred (see docs/operate.md, Sizing a host).
+DEFAULT_MEMORY_REQUEST = "64m"
+DEFAULT_AGENT_MEMORY_REQUEST = "512m"
 
 # Claude Code in /workspace; when it exits, a login shell, so that the
 # session stays useful.
@@ -103,6 +108,9 @@ class Profile:
     @ivar repository: an https git URL cloned into /workspace at start.
     @ivar clone_timeout: seconds the clone may take.
     @ivar pool: warm containers kept for this profile.
+    @ivar memory_request: what admission counts one of its sessions at
+        until its measured use is more (Docker syntax; never more than its
+        memory limit: see L{request}).
     """
 
     name: str
@@ -117,6 +125,7 @@ class Profile:
     clone_timeout: float = DEFAULT_CLONE_TIMEOUT
     pool: int = 0
     description: str = ""
+    memory_request: str = DEFAULT_MEMORY_REQUEST
 
     @property
     def memory(self) -> int:
@@ -124,6 +133,14 @@ class Profile:
         Its containers' memory limit, in bytes.
         """
         return parse_bytes(self.spec.memory)
+
+    @property
+    def request(self) -> int:
+        """
+        Its memory request, in bytes: what admission counts a session of
+        it at before measuring it (at most its limit).
+        """
+        return min(parse_bytes(self.memory_request), self.memory)
 
     def describe(self) -> dict:
         """
@@ -142,6 +159,7 @@ def builtin_profiles(shell: Profile, agent_image: str = DEFAULT_AGENT_IMAGE) -> 
                     description=shell.description or "a login shell")
     claude = replace(shell, name=AGENT_PROFILE, spec=replace(shell.spec, image=agent_image),
                      command=CLAUDE_COMMAND, pool=0,
+                     memory_request=DEFAULT_AGENT_MEMORY_REQUEST,
                      description="Claude Code in /workspace, then a login shell")
     return {DEFAULT_PROFILE: shell, AGENT_PROFILE: claude}
 
@@ -223,6 +241,10 @@ def _profile(where: str, name: str, base: Profile, table: dict) -> Profile:
         if both:
             raise ProfileError(f"{where}: key 'secrets': {sorted(both)[0]} is also in"
                                " environment")
+    if "memory_request" in fields and parse_bytes(fields["memory_request"]) > parse_bytes(
+            spec.get("memory", base.spec.memory)):
+        raise ProfileError(f"{where}: key 'memory_request': {fields['memory_request']} is more"
+                           f" than its memory limit {spec.get('memory', base.spec.memory)}")
     return replace(base, name=name, spec=replace(base.spec, **spec), **fields)
 
 
@@ -380,6 +402,7 @@ _KEYS = {
     "command": _command,
     "environment": _environment,
     "memory": _size,
+    "memory_request": _size,
     "cpus": _number(0, strict=True),
     "pids": _integer(1),
     "disk": _disk,

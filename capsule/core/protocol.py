@@ -234,11 +234,15 @@ def encode_output(data: bytes) -> bytes:
 
 
 def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
-                     window: int | None = None, replay: int | None = None) -> bytes:
+                     window: int | None = None, replay: int | None = None,
+                     grace: float | None = None, kept: bool | None = None) -> bytes:
     """
     @param replay: how many of the output bytes that follow were produced
         before this connection (replayed output): a terminal must not answer
         the queries it finds in them.
+    @param grace: seconds the session lives on once its last client has
+        left; C{kept}: whether anything keeps it (and its /workspace) past
+        that.  A page says so before its tab is closed.
     """
     message = {"type": "connected", "session_id": session_id, "resumed": resumed}
     if offset is not None:
@@ -247,6 +251,10 @@ def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
         message["window"] = window
     if replay is not None:
         message["replay"] = replay
+    if grace is not None:
+        message["grace"] = grace
+    if kept is not None:
+        message["kept"] = kept
     return _encode(message)
 
 
@@ -272,3 +280,34 @@ def encode_pong() -> bytes:
 
 def encode_exit(exit_code: int | None, message: str) -> bytes:
     return _encode({"type": "exit", "exit_code": exit_code, "message": message})
+
+
+def encode_watching(offset: int | None, window: int | None, replay: int,
+                    expires_in: float, size: tuple[int, int]) -> bytes:
+    """
+    A spectator's C{connected}: read-only, with no session id (a share link
+    never tells the session's id, which is its owner's credential), the
+    seconds its link has left, and the session's terminal size.
+    """
+    message = {"type": "connected", "session_id": None, "resumed": False, "read_only": True,
+               "expires_in": max(0, round(expires_in)), "replay": replay,
+               "cols": size[0], "rows": size[1]}
+    if offset is not None:
+        message["offset"] = offset
+    if window is not None:
+        message["window"] = window
+    return _encode(message)
+
+
+def encode_size(cols: int, rows: int) -> bytes:
+    """
+    (To a spectator.)  The session's terminal is C{cols} x C{rows} now.
+    """
+    return _encode({"type": "size", "cols": cols, "rows": rows})
+
+
+def encode_watchers(count: int) -> bytes:
+    """
+    How many spectators watch the owner's session now.
+    """
+    return _encode({"type": "watchers", "count": count})

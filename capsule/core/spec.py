@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# The most a process's oom_score_adj may be: killed first.
+SESSION_OOM_SCORE_ADJ = 1000
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """
@@ -22,6 +26,11 @@ class ContainerSpec:
     # default, and the server's and engine's weight, is 1024): sessions
     # yield to capsule and to each other's keystrokes.
     cpu_shares: int = 256
+    # The kernel's out-of-memory score adjustment of the container's
+    # processes (inherited by every exec: the keeper, the shell): when the
+    # host runs out of memory, a session's process is killed first, never
+    # capsule (which lowers its own), dockerd or containerd.
+    oom_score_adj: int = SESSION_OOM_SCORE_ADJ
     # Size of the writable layer (Docker syntax), or None for no limit.  It
     # is asked of the storage driver (storage_opt size=) where the driver
     # can enforce it; see DockerAPI.storage_quota.

@@ -27,8 +27,9 @@ import docker.errors
 import requests.exceptions
 from twisted.internet import task
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,6 +40,7 @@ from capsule.engine.command import OutputCollector
 from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
 from capsule.engine.exec_process import ExecStreamProtocol, exec_start_request
 from capsule.core.interfaces import IDockerAPI
+from capsule.core.keeper import SECRET_LABEL, parse_secret
 from capsule.core.spec import ContainerSpec
 from capsule.core.counting import Uncounted
 from capsule.core.diskuse import DiskUsage, Mount
@@ -98,6 +100,21 @@ def docker_host_endpoint(reactor, host: str):
         f"capsule needs a unix:// or tcp:// Docker host, got {host!r};"
         " set DOCKER_HOST accordingly"
     )
+
+
+class _OneStream(Factory):
+    """
+    The factory of one exec stream's connection to the engine: quiet, so
+    that each exec does not log "Starting factory" and "Stopping factory".
+    """
+
+    noisy = False
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def buildProtocol(self, addr):
+        return self._stream
 
 
 @implementer(IDockerAPI)
@@ -287,6 +304,7 @@ class DockerAPI:
             nano_cpus=int(spec.cpus * 1e9),
             cpu_shares=spec.cpu_shares,
             pids_limit=spec.pids,
+            oom_score_adj=spec.oom_score_adj,
             storage_opt={"size": spec.disk} if quota else None,
             init=True,
             cap_drop=["ALL"],
@@ -397,6 +415,14 @@ class DockerAPI:
                 return None
         return self._call(_thd)
 
+    def keeper_address(self, container_id: str) -> Deferred:
+        def _thd(client):
+            try:
+                return keeper_address(client.inspect_container(container_id))
+            except docker.errors.NotFound:
+                raise ContainerGone("the session's container no longer exists") from None
+        return self._call(_thd)
+
     def exec_resize(self, exec_id: str, cols: int, rows: int) -> Deferred:
         return self._call(lambda client: client.exec_resize(exec_id, height=rows, width=cols))
 
@@ -447,7 +473,7 @@ class DockerAPI:
             tty=tty,
         )
         try:
-            await connectProtocol(self._endpoint, stream)
+            await self._endpoint.connect(_OneStream(stream))
         except Exception as e:
             raise self._unavailable(e) from None
         stream.upgraded.addTimeout(self._timeout, self._reactor)
@@ -562,6 +588,22 @@ class DockerAPI:
             finally:
                 response.close()
         return deferToThreadPool(self._reactor, self._export_pool, _thd_export)
+
+
+def keeper_address(info: dict) -> tuple[str | None, bytes | None]:
+    """
+    From a container's C{docker inspect}: its address on a network of its
+    own (none when it shares the host's or another container's namespace,
+    or has no network) and its keeper's secret.
+    """
+    mode = (info.get("HostConfig") or {}).get("NetworkMode") or ""
+    networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
+    address = None
+    if mode not in ("host", "none") and not mode.startswith("container:"):
+        address = next((n.get("IPAddress") for n in networks.values() if n.get("IPAddress")),
+                       None)
+    labels = (info.get("Config") or {}).get("Labels") or {}
+    return address, parse_secret(labels.get(SECRET_LABEL))
 
 
 def _network(found: dict) -> dict:

@@ -92,11 +92,39 @@ class _Live:
         live = GaugeMetricFamily("capsule_sessions_live", "Sessions that exist now.")
         size = GaugeMetricFamily("capsule_pool_size", "Warm sessions wanted in the pools.")
         ready = GaugeMetricFamily("capsule_pool_ready", "Warm sessions ready to be taken.")
+        found = [live, size, ready]
         if manager is not None:
             live.add_metric([], len(manager.sessions))
             size.add_metric([], manager.pool.size)
             ready.add_metric([], len(manager.pool.ready))
-        return [live, size, ready]
+            found += _memory(getattr(manager, "memory", None), manager)
+        return found
+
+
+def _memory(memory, manager) -> list:
+    """
+    The memory accounting's gauges (capsule.core.memory), those known.
+    """
+    if memory is None:
+        return []
+    gauges = []
+
+    def gauge(name, text, value):
+        if value is not None:
+            family = GaugeMetricFamily(name, text)
+            family.add_metric([], value)
+            gauges.append(family)
+    gauge("capsule_memory_counted_bytes", "Memory the live sessions are counted at (each its"
+          " request, or its measured use where more) and the warm ones (their requests).",
+          memory.live(manager.sessions.values()) + memory.warm(manager.pool.held))
+    gauge("capsule_memory_budget_bytes", "What the counted memory may reach (--memory-budget).",
+          memory.budget)
+    gauge("capsule_memory_reserve_bytes", "Memory the host keeps available (--memory-reserve).",
+          memory.reserve)
+    reading = memory.reading
+    gauge("capsule_host_memory_available_bytes", "The engine host's available memory"
+          " (MemAvailable), as last read.", getattr(reading, "available", None))
+    return gauges
 
 
 class Metrics(SessionObserver):

@@ -15,6 +15,7 @@ L{capsule.sessions.observers}'.
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import replace
 from functools import partial
@@ -25,13 +26,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
-from capsule.core.keeper import keeper_argv
+from capsule.core.keeper import (SECRET_BYTES, SECRET_LABEL, has_own_address, keeper_argv,
+                                 parse_secret)
 from capsule.core.session_core import ISessionEffects, SessionCore, State
 from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME,
                                    BadRepository, Profile, agent_volume_name, check_repository,
                                    parse_profile_name, start_command)
 from capsule.core.replay import ReplayBuffer
 from capsule.core.spec import ContainerSpec
+from capsule.engine.keeper_direct import KeeperUnreachable
 from capsule.engine.keeper_stream import ShellProtocol
 from capsule.sessions.engine_watch import EngineWatch
 from capsule.sessions.fair_share import FairShare
@@ -63,6 +66,8 @@ class SessionManager:
         (L{capsule.sessions.owners}); told what happens to sessions, and
         asked whose an earlier run's session is.
     @param observers: others told what happens to sessions (recordings).
+    @param pool_room: whether the server has room for one more warm session
+        beyond a pool's size (see L{WarmPool}); default: always.
 
     @ivar sessions: the live sessions by id.
     @ivar recovery: finds the sessions of an earlier run (L{Recovery}).
@@ -73,8 +78,15 @@ class SessionManager:
     typed_at = float("-inf")
 
     def __init__(self, docker, clock, config: SessionConfig, *, metrics=None, owners=None,
-                 observers=()) -> None:
+                 observers=(), memory=None, direct=None, pool_room=None) -> None:
         self._docker = docker
+        # The memory accounting (capsule.core.memory.MemoryBudget): a warm
+        # pool refills only while its next session fits.
+        self.memory = memory
+        # The direct path to keepers (capsule.engine.keeper_direct), or None:
+        # relay execs only.
+        self._direct = direct if config.keeper else None
+        self._direct_failed_logged = False
         self._clock = clock
         self.config = config
         self.sessions: dict[str, Session] = {}
@@ -84,8 +96,11 @@ class SessionManager:
         self.fair_share = FairShare(docker, self.sessions, config.spec.cpu_shares)
         self.engine_watch = EngineWatch(docker, clock, self._spec_of, config.keeper,
                                         config.grace)
-        # Container removals under way, which a stopping server waits for.
+        # Container removals under way, and containers being made (created
+        # and started: one ended meanwhile is removed once its id is known),
+        # which a stopping server waits for.
         self._removals: set[Deferred] = set()
+        self._creating: set[Deferred] = set()
         self.profiles: dict[str, Profile] = dict(config.profiles or {
             DEFAULT_PROFILE: shell_profile(config)})
         # A warm pool per profile that wants one (see capsule.sessions.pool); none for
@@ -93,7 +108,10 @@ class SessionManager:
         self.pool = WarmPools({
             name: WarmPool(clock, settings.pool, partial(self._warm_session, settings),
                            max_age=config.pool_max_age, name=name,
-                           typed_at=lambda: self.typed_at, observer=self.observers)
+                           typed_at=lambda: self.typed_at, observer=self.observers,
+                           busy=self._clients_starting, grow_by=config.pool_grow_by,
+                           window=config.pool_window, room=pool_room,
+                           fits=None if memory is None else partial(self._warm_fits, settings))
             for name, settings in self.profiles.items()
             if settings.pool > 0 and not settings.agent_volume})
         for name, settings in self.profiles.items():
@@ -103,6 +121,26 @@ class SessionManager:
         # Profiles with an agent volume whose sessions had none (no users):
         # said once each.
         self._volume_refused: set[str] = set()
+
+    def _warm_fits(self, settings: Profile) -> bool:
+        return self.memory.room_for_warm(self.sessions.values(), self.pool.held, settings)
+
+    def give_up_warm(self) -> int:
+        """
+        End warm sessions while the live and warm ones together are over
+        the memory budget (a user's session took their place); how many.
+        """
+        if self.memory is None:
+            return 0
+        return self.pool.give_up(
+            lambda: self.memory.excess(self.sessions.values(), self.pool.held))
+
+    def _clients_starting(self) -> bool:
+        """
+        Whether a client's session is being made (the warm pools' refills
+        wait for them: users first).
+        """
+        return any(s.starting for s in self.sessions.values())
 
     @property
     def labels(self) -> dict[str, str]:
@@ -285,6 +323,16 @@ class SessionManager:
                       who=f" of {session.core.user}" if session.core.user else "",
                       user=session.core.user)
 
+    def after_last_client(self, session: Session) -> tuple[float, bool]:
+        """
+        What becomes of C{session} once its last client has left: the
+        seconds it lives on (the grace period), and whether anything keeps
+        it past them (nothing does yet: it ends, and its container with its
+        /workspace goes).  Its client is told, so that a page can say so
+        before its tab is closed.
+        """
+        return self.config.grace, False
+
     def visited(self, session: Session) -> None:
         """
         Someone used C{session} without a client (the API): that counts as a
@@ -329,7 +377,17 @@ class SessionManager:
     async def _make(self, session: Session) -> None:
         core = session.core
         spec = self._container_spec(session.id, session.settings, core.user)
-        core.container_id = await self._docker.create_session_container(session.id, spec)
+        creating = self._docker.create_session_container(session.id, spec)
+        self._creating.add(creating)
+
+        def created(result):
+            self._creating.discard(creating)
+            return result
+        # Before this coroutine goes on: what it does next (the removal of a
+        # container whose session ended meanwhile) is then among the
+        # removals by the time a stopping server looks again.
+        creating.addBoth(created)
+        core.container_id = await creating
         if core.message is not None:
             # It ended while its container was being made (it was ended, or
             # capsule stops): that container is nobody's.
@@ -337,7 +395,7 @@ class SessionManager:
             self._removals.add(d)
             d.addBoth(lambda _: self._removals.discard(d))
             return
-        await self._spawn_shell(session, 0)
+        await self._spawn_shell(session, 0, secret=parse_secret(spec.labels.get(SECRET_LABEL)))
 
     def _make_failed(self, failure: Failure, session: Session) -> None:
         self.pool.refill()
@@ -350,16 +408,39 @@ class SessionManager:
                          session_id=session.id[:8])
         session.events.stream_failed(message, code)
 
-    async def _spawn_shell(self, session: Session, offset: int) -> None:
+    async def _spawn_shell(self, session: Session, offset: int,
+                           secret: bytes | None = None) -> None:
         """
         Start (or, under the keeper, attach to) the session's shell: its
-        protocol feeds the lifecycle.
+        protocol feeds the lifecycle.  Under the keeper, over the direct
+        path where the container has one (C{secret}: a new container's,
+        whose keeper is started first), else (or when that fails) through a
+        relay exec.
         """
         settings = session.settings or self.profiles[DEFAULT_PROFILE]
         spec = settings.spec
         command, environment = start_command(
             settings, session.repository,
             volume=bool(settings.agent_volume and session.core.user is not None))
+        if (self._direct is not None and has_own_address(spec.network)
+                and self._direct.available):
+            protocol = session.shell = ShellProtocol(session, True, offset,
+                                                     partial(self._heard, session))
+            start = dict(shell=tuple(command), buffer=self.config.replay_bytes,
+                         socket=self.config.keeper_socket, user=spec.user,
+                         workdir=spec.workdir, env=environment,
+                         secret=secret) if secret is not None else None
+            try:
+                await self._direct.attach(protocol, session.container_id, offset, start)
+                return
+            except KeeperUnreachable as e:
+                if session.shell is not protocol:
+                    return  # let go meanwhile
+                if not self._direct_failed_logged:
+                    self._direct_failed_logged = True
+                    _log.info("session {session_id}'s keeper cannot be reached directly"
+                              " ({reason}): its stream goes through a relay exec (said once)",
+                              session_id=session.id[:8], reason=str(e))
         protocol = session.shell = ShellProtocol(session, self.config.keeper, offset,
                                                  partial(self._heard, session))
         if not self.config.keeper:
@@ -479,8 +560,10 @@ class SessionManager:
                         settings.agent_volume),)
             volume_labels = {**self.labels, LABEL_USER: user, LABEL_PROFILE: settings.name,
                              LABEL_VOLUME: "agent"}
+        secret = ({SECRET_LABEL: os.urandom(SECRET_BYTES).hex()}
+                  if self._direct is not None and has_own_address(spec.network) else {})
         return replace(spec, labels={**spec.labels, **self.labels, LABEL_SESSION: session_id,
-                                     LABEL_PROFILE: settings.name},
+                                     LABEL_PROFILE: settings.name, **secret},
                        secrets=self.config.secrets.for_profile(settings), volumes=volumes,
                        volume_labels=volume_labels)
 
@@ -516,7 +599,19 @@ class SessionManager:
         if kept:
             _log.info("shutting down: {count} session(s) keep running in their containers"
                       " and can be resumed after a restart", count=kept)
-        if self._removals:
+        pool_stopped = self.pool.stop()
+        if self._removals or self._creating:
             _log.info("shutting down: removing {count} session container(s)",
-                      count=len(self._removals))
-        return DeferredList([self.pool.stop(), *self._removals], consumeErrors=True)
+                      count=len(self._removals) + len(self._creating))
+        return Deferred.fromCoroutine(self._settle(pool_stopped))
+
+    async def _settle(self, pool_stopped: Deferred) -> None:
+        """
+        Wait for the pool's stop, the removals under way and the containers
+        being made, then for the removals these lead to (a warm container
+        still being created when capsule stops is removed once it exists),
+        until none is left.
+        """
+        await pool_stopped
+        while self._removals or self._creating:
+            await DeferredList([*self._removals, *self._creating], consumeErrors=True)

@@ -99,6 +99,9 @@ class SessionService:
                                       repository=request.repository)
         if self.admission is not None:
             self.admission.created(session.id, request.address)
+        # A user's session never waits for the warm pool: warm ones give up
+        # their place in the memory budget.
+        self.manager.give_up_warm()
         if request.user is not None:
             _log.info("{user} opened session {short} ({door})", user=request.user,
                       short=session.id[:8], door=request.door)

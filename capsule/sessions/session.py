@@ -65,6 +65,10 @@ class SessionConfig:
     idle_timeout: float = 0.0
     pool_size: int = 0
     pool_max_age: float = 3600.0
+    # Warm sessions a pool may hold beyond its size while takes come fast,
+    # and the seconds over which takes are counted (capsule.sessions.pool).
+    pool_grow_by: int = 0
+    pool_window: float = 30.0
     # Run the shell under capsule-keeper, so that it outlives capsule.
     keeper: bool = True
     keeper_socket: str = DEFAULT_SOCKET

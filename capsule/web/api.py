@@ -9,6 +9,8 @@ The session API for programs, under C{/api/sessions}:
     terminal, as C{developer}, and answer with its output and exit code;
   - C{POST /api/sessions/{id}/workspace}: unpack a C{.tar} or C{.tar.gz}
     into C{/workspace}, as C{developer}, after checking every entry;
+  - C{/api/sessions/{id}/shares}: read-only links to watch the session
+    (L{capsule.web.shares});
   - C{GET /api/profiles}: the profiles a client may name.
 
 Authentication and ownership are the site's (L{capsule.auth.gate}): a session of
@@ -42,6 +44,7 @@ from capsule.web.api_base import (NO_BODY, RETRY_AFTER, ApiError, JsonResource, 
                                    answer_when, integer_field, json_request, only_keys,
                                    text_field, user_of)
 from capsule.web.bodies import BodyRefused
+from capsule.web.shares import SharesResource
 from capsule.web.exec import (EXEC_MAX_BODY, EXEC_WRITE_TIMEOUT, EXECS_PER_SESSION, ExecResource,
                               OutputBudget)
 from capsule.web.upload import (UPLOAD_MAX_BYTES, UPLOADS_AT_ONCE, UPLOADS_PER_SESSION,
@@ -71,7 +74,11 @@ class SessionApi:
                  authenticator=None, public_url: str | None = None,
                  upload_max_bytes: int = UPLOAD_MAX_BYTES,
                  answer_timeout: float = EXEC_WRITE_TIMEOUT, exporting=None,
-                 docker_calls: CallGate | None = None, client_address=client_address) -> None:
+                 docker_calls: CallGate | None = None, client_address=client_address,
+                 spectators=None) -> None:
+        # The share links and their spectators (capsule.sessions.spectators),
+        # or None: sessions cannot be shared.
+        self.spectators = spectators
         self.manager, self.docker, self.reactor = manager, docker, reactor
         # Whether an export streams a session's workspace now (by id):
         # Docker holds its container meanwhile (capsule.web.export).
@@ -250,7 +257,7 @@ class SessionApi:
         rest = parts[3:]
         if rest in ([], [b""]):
             return CREATE_MAX_BODY
-        if len(rest) == 1:
+        if len(rest) == 1 or (len(rest) in (2, 3) and rest[1] == b"shares"):
             return NO_BODY
         if len(rest) == 2 and rest[1] in (b"exec", b"workspace"):
             limit = EXEC_MAX_BODY if rest[1] == b"exec" else self.upload_max_bytes
@@ -435,6 +442,8 @@ class SessionResource(JsonResource):
             return ExecResource(self.api, self.session_id)
         if name == b"workspace":
             return UploadResource(self.api, self.session_id)
+        if name == b"shares":
+            return SharesResource(self.api, self.session_id)
         if name == b"":
             return self
         return NotFound()

@@ -85,7 +85,8 @@ class HealthResource(Resource):
             "image": False,
             "image_name": image,
             "sessions": len(self._manager.sessions),
-            "pool": {"size": self._manager.pool.size, "ready": len(self._manager.pool.ready)},
+            "pool": {"size": self._manager.pool.size, "target": self._manager.pool.target,
+                     "ready": len(self._manager.pool.ready)},
             "instance": self._manager.config.instance,
         }
         if self._drain is not None and self._drain.active:

@@ -61,6 +61,11 @@ _BUSY_CONTAINER = _busy_container()
 
 
 _SESSION = {"$ref": "#/components/schemas/Session"}
+_SHARE = {"type": "object", "properties": {
+    "id": {"type": "string", "description": "the link's handle, to revoke it"},
+    "created_at": {"type": "number"}, "expires_at": {"type": "number"},
+    "expires_in": {"type": "integer", "description": "seconds left"},
+    "watchers": {"type": "integer"}}}
 
 # (path, method): the operation.  Every route capsule answers.
 ROUTES: dict[tuple[str, str], dict] = {
@@ -85,7 +90,10 @@ ROUTES: dict[tuple[str, str], dict] = {
             {"name": "session_id", "in": "query", "schema": {"type": "string"},
              "description": "resume this session"},
             {"name": "offset", "in": "query", "schema": {"type": "integer"}},
-            {"name": "profile", "in": "query", "schema": {"type": "string"}}],
+            {"name": "profile", "in": "query", "schema": {"type": "string"}},
+            {"name": "watch", "in": "query", "schema": {"type": "string"},
+             "description": "a share link's token: watch its session, read-only, without a"
+                            " login"}],
         "responses": {"101": {"description": "switching to the WebSocket protocol"},
                       "400": {"description": "not a WebSocket upgrade"},
                       "401": {"description": "no user (with --auth, --tokens or"
@@ -170,6 +178,47 @@ ROUTES: dict[tuple[str, str], dict] = {
             "type": "object", "properties": {"id": {"type": "string"},
                                              "ended": {"type": "boolean"}}})},
             **_errors(401, 404)}},
+    ("/api/sessions/{id}/shares", "get"): {
+        "summary": "The session's live read-only share links (never their tokens), each with"
+                   " how many watch through it; the owner's only",
+        "parameters": [_ID],
+        "responses": {"200": {"description": "the links, oldest first", **_json({
+            "type": "object", "properties": {
+                "session": {"type": "string"},
+                "watchers": {"type": "integer", "description": "spectators now, in all"},
+                "shares": {"type": "array", "items": _SHARE}}})},
+            **_errors(401, 404)}},
+    ("/api/sessions/{id}/shares", "post"): {
+        "summary": "Make a read-only link to watch the session live, without a login (the"
+                   " token is the credential); it expires, and dies with the session",
+        "parameters": [_ID],
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": False, "properties": {
+                "ttl": {"type": "number", "description": "seconds it lives (default one"
+                        " hour; at most the share-max-ttl tuning knob, one day)"}}}}}},
+        "responses": {"201": {"description": "the link: its token is told this once",
+                              **_json({"allOf": [_SHARE, {"type": "object", "properties": {
+                                  "token": {"type": "string"},
+                                  "url": {"type": "string", "description":
+                                          "the page that watches: /watch/#TOKEN"},
+                                  "read_only": {"type": "boolean"}}}]})},
+                      "409": {"description": "the session has as many links as it may",
+                              **_json(_ERROR)},
+                      **_errors(400, 401, 404)}},
+    ("/api/sessions/{id}/shares/{share_id}", "delete"): {
+        "summary": "Revoke a share link: whoever watches through it is disconnected",
+        "parameters": [_ID, {"name": "share_id", "in": "path", "required": True,
+                             "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "revoked", **_json({
+            "type": "object", "properties": {"id": {"type": "string"},
+                                             "revoked": {"type": "boolean"}}})},
+            **_errors(401, 404)}},
+    ("/watch", "get"): {
+        "summary": "The page for spectators (/watch/#TOKEN): a session, read-only, without a"
+                   " login",
+        "security": [],
+        "responses": {"200": {"description": "the page",
+                              "content": {"text/html": {"schema": {"type": "string"}}}}}},
     ("/api/sessions/{id}/exec", "post"): {
         "summary": "Run a command to completion beside the terminal, as developer, without"
                    f" a TTY; at most {EXECS_PER_SESSION} at once per session",

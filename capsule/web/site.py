@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -344,14 +345,18 @@ class CapsuleSite(Site):
     requestFactory = LimitedRequest
     protocol = _counted_channel
     displayTracebacks = False
+    # No "Starting factory" / "Stopping factory" lines.
+    noisy = False
 
     def __init__(self, resource, *args, body_limits: dict[bytes, int] | None = None,
                  body_rules=(), websocket_factory=None, exports=None, session_api=None,
                  drain=None, metrics=None, bodies: BodyBudget | None = None,
                  client_address=peer_address,
                  connection_limits: ConnectionLimits = ConnectionLimits(),
-                 **kwargs) -> None:
+                 access_log: bool = False, **kwargs) -> None:
         super().__init__(resource, *args, **kwargs)
+        # Every request's access line, else only L{logged_by_default}'s.
+        self.access_log = access_log
         # The open connections, by client address.
         self.connections = Connections(connection_limits, self.reactor)
         self.body_limits: dict[bytes, int] = dict(body_limits or {})
@@ -373,6 +378,10 @@ class CapsuleSite(Site):
             # A channel made by hand (no address: in tests) is not counted.
             return channel
         return Connection(self.connections, channel)
+
+    def log(self, request) -> None:
+        if self.access_log or logged_by_default(request):
+            super().log(request)
 
     def body_limit(self, path: bytes, request=None):
         """
@@ -400,19 +409,43 @@ class CapsuleSite(Site):
         return self.body_limit(path, request)
 
 
+# The first path segments of what the access log tells by default: the
+# session API, the WebSocket, logins. Other paths (the page's files,
+# /health, /metrics) get a line only when they fail, or with --access-log.
+LOGGED_PATHS = {b"api", b"ws", b"login", b"logout"}
+
+
+def logged_by_default(request) -> bool:
+    """
+    Whether C{request} gets an access line without C{--access-log}: one
+    that is not a C{GET} or C{HEAD}, failed (4xx, 5xx), or is about
+    sessions, users or the admin API rather than a file of the page.
+    """
+    if request.method not in (b"GET", b"HEAD") or (request.code or 200) >= 400:
+        return True
+    first = (request.path or b"/").lstrip(b"/").split(b"/", 1)[0].split(b"?", 1)[0]
+    return first in LOGGED_PATHS
+
+
 def access_log_line(timestamp, request) -> str:
     """
     The access log's line of C{request} (the combined log format), with
-    session ids in paths and referrers cut to their first 8 characters.
+    session ids in paths and referrers cut to their first 8 characters and
+    watch tokens left out.
     """
-    return short_ids(combinedLogFormatter(timestamp, request))
+    return _WATCH_TOKEN.sub(r"\1...", short_ids(combinedLogFormatter(timestamp, request)))
+
+
+# A watch link's token in a URL (/ws?watch=...): it is a credential, never logged.
+_WATCH_TOKEN = re.compile(r"([?&]watch=)[^&\s\"]+")
 
 
 # Paths served to anyone: the health check, the login page and its assets,
 # and logout (whose cookie may have expired already). /ws checks its user
-# itself, at the upgrade; /metrics its peer or token.
+# itself, at the upgrade (a spectator's token instead); /metrics its peer or
+# token; /watch/ is the page for spectators, whose token is its credential.
 OPEN_PATHS = {b"health", b"login", b"logout", b"login.css", b"favicon.svg", b"ws",
-              b"metrics"}
+              b"metrics", b"watch"}
 # Bytes of body the login form may have.
 LOGIN_MAX_BODY = 8192
 
@@ -427,8 +460,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               upload_max_bytes: int = UPLOAD_MAX_BYTES, spool_max_bytes: int | None = None,
               bodies_per_address: int = BODIES_PER_ADDRESS,
               answer_write_timeout: float = EXEC_WRITE_TIMEOUT,
-              docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER,
+              docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER, access_log: bool = False,
               connection_limits: ConnectionLimits = ConnectionLimits(),
+              spectators=None,
               **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -465,6 +499,11 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         uploads; four times as many more wait, the rest get 429.
     @param connection_limits: connections per client address and in all,
         and how long a request's headers may take.
+    @param spectators: the share links and who watches through them
+        (L{capsule.sessions.spectators}, an observer of C{manager});
+        C{None}: sessions cannot be shared.
+    @param access_log: an access line for every request (C{--access-log});
+        else only for those L{logged_by_default}.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
     """
     root = StaticFiles(www)
@@ -482,7 +521,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     sessions = SessionService(manager, admission, drain)
     factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
                                    sessions=sessions, authenticator=authenticator,
-                                   start_at_open=start_at_open, **websocket_options)
+                                   start_at_open=start_at_open, spectators=spectators,
+                                   **websocket_options)
     root.putChild(b"ws", CountedWebSocketResource(factory))
     root.putChild(b"health", HealthResource(manager, docker, reactor, drain))
     root.putChild(b"metrics", MetricsResource(metrics, metrics_token))
@@ -496,11 +536,16 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                              answer_timeout=answer_write_timeout,
                              exporting=exports.exporting, client_address=client_address,
                              docker_calls=CallGate(docker_calls_per_caller,
-                                                   4 * docker_calls_per_caller))
+                                                   4 * docker_calls_per_caller),
+                             spectators=spectators)
     api.putChild(b"sessions", SessionsResource(session_api))
     api.putChild(b"profiles", ProfilesResource(session_api))
     api.putChild(b"openapi.json", OpenApiResource())
     root.putChild(b"api", api)
+    if spectators is not None:
+        # The page again, for spectators, who need no login: its files hold
+        # no secret (the token is in the URL's fragment, read by the page).
+        root.putChild(b"watch", StaticFiles(www, cache=root.cache))
     top = root
     body_limits = {}
     if authenticator is not None:
@@ -518,4 +563,4 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                        bodies=BodyBudget(default_spool(upload_max_bytes)
                                          if spool_max_bytes is None else spool_max_bytes,
                                          bodies_per_address),
-                       connection_limits=connection_limits)
+                       connection_limits=connection_limits, access_log=access_log)

@@ -88,6 +88,8 @@ MAX_NEGOTIATION_HEADER = 4096
 # a large multipart answer) get the whole representation instead.
 MAX_RANGES = 16
 
+# Bytes of a page read for the packages it names.
+_MAX_PAGE_SCAN = 1024 * 1024
 # A quoted node_modules URL in a page: an attribute or a script's string.
 _REFERENCE = re.compile(rb"""(["'])(/?node_modules/[A-Za-z0-9@._~+/-]{1,512})\1""")
 # An inline script of a page (no src): its text, as CSP hashes it.
@@ -95,6 +97,26 @@ _INLINE_SCRIPT = re.compile(rb"<script\b(?![^>]*\bsrc\s*=)[^>]*>(.*?)</script\s*
                             re.IGNORECASE | re.DOTALL)
 _SCRIPT_SRC = re.compile(rb"((?<![\w-])script-src(?![\w-])[^;]*)")
 
+
+
+def missing_packages(root: str, pages=("index.html", "login.html")) -> list[str]:
+    """
+    The C{node_modules/} files that the pages of C{root} name but C{root}
+    does not hold (npm's packages, which an installed capsule gets apart
+    from its own files), in the order named.
+    """
+    missing = []
+    for page in pages:
+        try:
+            with open(os.path.join(root, page), "rb") as f:
+                data = f.read(_MAX_PAGE_SCAN)
+        except OSError:
+            continue
+        for match in _REFERENCE.finditer(data):
+            name = match.group(2).decode("ascii").lstrip("/")
+            if name not in missing and not os.path.isfile(os.path.join(root, name)):
+                missing.append(name)
+    return missing
 
 @dataclass
 class Representation:

@@ -25,6 +25,8 @@ from capsule.web.http import client_address
 from capsule.web.wire import BinaryWire, FlowGate, JsonWire, close_reason, url_size
 from capsule.core.interfaces import ISessionClient
 from capsule.core.session_core import InputOverrun
+from capsule.core.shares import ShareRefused
+from capsule.sessions.spectators import TOO_MANY_WATCHERS
 from capsule.core.profiles import UnknownProfile, parse_profile_name
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.service import OpenRequest
@@ -48,6 +50,14 @@ CLOSE_SESSION_NOT_FOUND = 4404
 CLOSE_TAKEN_OVER = 4409
 # Refused a new session: this client has too many, or makes them too fast.
 CLOSE_QUOTA_EXCEEDED = 4429
+# A spectator's watch ended: its link was revoked or expired, or its session
+# ended (or the link never worked).
+CLOSE_WATCH_ENDED = 4410
+# A spectator fell too far behind the session's output.
+CLOSE_TOO_SLOW = 4411
+READ_ONLY = "read_only"
+READ_ONLY_MESSAGE = ("this is a read-only watch link: what you type and your terminal's size"
+                     " are not sent to the session")
 CLOSE_UNAVAILABLE = 4503
 
 
@@ -61,6 +71,7 @@ class _Phase(enum.Enum):
     NEW = "new"
     AWAITING_SIZE = "awaiting_size"
     SESSION = "session"
+    WATCHING = "watching"
     DONE = "done"
 
 
@@ -110,6 +121,13 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         # The transport's producer for the connection's life (see onOpen).
         self._outgoing: _Outgoing | None = None
         self._stalled = None
+        # A spectator's (the URL's watch=): its token, the output it could
+        # not be sent yet (its window or its transport full), and whether it
+        # was told once that it cannot type.
+        self._watch_token: str | None = None
+        self._backlog: list[bytes] = []
+        self._backlog_bytes = 0
+        self._told_read_only = False
 
     @property
     def _manager(self) -> SessionManager:
@@ -128,6 +146,17 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         admission = self.factory.sessions.admission
         if admission is not None:
             self._client_address = client_address(request, admission.trusted_proxies)
+        values = request.params.get("watch")
+        if values:
+            # A spectator: the token is its credential, whoever it is.
+            self._watch_token = values[0]
+            kind = BinaryWire if wire.BINARY_SUBPROTOCOL in request.protocols else JsonWire
+            self._wire = kind(self.factory.max_message_size)
+            self._coalescer = Coalescer(self.factory.clock, self._emit,
+                                        delay=self.factory.coalesce_delay,
+                                        limit=min(self.factory.coalesce_bytes,
+                                                  self._wire.max_chunk))
+            return self._wire.subprotocol
         values = request.params.get("session_id")
         self._requested_session = values[0] if values else None
         values = request.params.get("offset")
@@ -182,6 +211,9 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         # as keystroke echoes back for up to 40 ms behind an unacked frame.
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
+        if self._watch_token is not None:
+            self._start_watching()
+            return
         try:
             size = url_size(*self._requested_size)
         except wire.ProtocolError as e:
@@ -253,7 +285,11 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
             self._coalescer.discard()
         self.pause_output_producer(None)
         self._cancel_stall()
-        if session is not None and before_first_frame:
+        self._backlog, self._backlog_bytes = [], 0
+        if self._watch_token is not None:
+            if session is not None:
+                self.factory.spectators.leave(session, self)
+        elif session is not None and before_first_frame:
             self._abandon(session)
         elif session is not None:
             self._manager.detach(session, self, unsent)
@@ -354,6 +390,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
     def _handle(self, message) -> None:
         if isinstance(message, wire.Ping):
             self._send(wire.encode_pong())
+        elif self._watch_token is not None:
+            self._handle_watching(message)
         elif isinstance(message, wire.Resize):
             if self._phase is _Phase.AWAITING_SIZE:
                 # Made now at this size, unless it was made as the connection opened.
@@ -377,6 +415,106 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                     "bad_ack")
             self._acked = max(self._acked, message.offset)
             self._check_window()
+
+    # -- a spectator: watches through a share link, never types ----------------
+
+    def _start_watching(self) -> None:
+        spectators = self.factory.spectators
+        if spectators is None:
+            self._refuse("capsule has no watch links here", "share_not_found",
+                         CLOSE_WATCH_ENDED)
+            return
+        self._phase = _Phase.WATCHING
+        try:
+            session = spectators.watch(self._watch_token, self)
+        except ShareRefused as e:
+            self._refuse(e.message, e.code, CLOSE_QUOTA_EXCEEDED
+                         if e.code == TOO_MANY_WATCHERS else CLOSE_WATCH_ENDED)
+            return
+        if self._phase is _Phase.WATCHING:
+            self._session = session
+
+    def _handle_watching(self, message) -> None:
+        """
+        A spectator's message: acknowledgements count, input and sizes are
+        never passed on (it is told so once, then they are dropped).
+        """
+        if isinstance(message, wire.Ack):
+            if message.offset > self._sent:
+                raise wire.ProtocolError(
+                    f"ack of offset {message.offset}, beyond the {self._sent} bytes sent",
+                    "bad_ack")
+            self._acked = max(self._acked, message.offset)
+            self._send_backlog()
+        elif isinstance(message, (wire.Input, wire.Resize)) and not self._told_read_only:
+            self._told_read_only = True
+            _log.info("spectator {peer} sent input or a size: dropped (read-only)",
+                      peer=self.peer)
+            self._manager.metrics.error_sent(READ_ONLY)
+            self._send(wire.encode_error(READ_ONLY_MESSAGE, READ_ONLY))
+
+    def watch_started(self, offset: int, replay: int, share, size: tuple[int, int]) -> None:
+        self._sent = self._acked = offset
+        acks = self._wire.acks
+        self._send(wire.encode_watching(
+            offset if acks else None, self.factory.flow_window if acks else None, replay,
+            share.expires_at - self.factory.clock.seconds(), size))
+
+    def watch_resized(self, cols: int, rows: int) -> None:
+        if self._phase is _Phase.WATCHING:
+            self._flush()
+            self._send(wire.encode_size(cols, rows))
+
+    def watch_output(self, data: bytes) -> None:
+        """
+        Output for a spectator: sent while it keeps up; held while its
+        window or its transport is full, up to C{watch_backlog} bytes, past
+        which it is closed.  It never holds the session back.
+        """
+        if self._phase is not _Phase.WATCHING:
+            return
+        if self._backlog or self._watch_blocked():
+            self._backlog.append(data)
+            self._backlog_bytes += len(data)
+            if self._backlog_bytes > self.factory.watch_backlog:
+                message = (f"this page fell more than {self.factory.watch_backlog} bytes"
+                           " behind the session's output: reload it to watch again")
+                _log.info("closed spectator {peer}: {message}", peer=self.peer,
+                          message=message)
+                session, self._session = self._session, None
+                if session is not None:
+                    self.factory.spectators.leave(session, self)
+                self.watch_ended("too_slow", message, CLOSE_TOO_SLOW)
+            return
+        self._coalescer.push(data)
+
+    def _watch_blocked(self) -> bool:
+        if "outgoing" in self._not_reading:
+            return True
+        return self._wire.acks and (
+            self._sent + self._coalescer.pending - self._acked >= self.factory.flow_window)
+
+    def _send_backlog(self) -> None:
+        while self._backlog and not self._watch_blocked() and self._phase is _Phase.WATCHING:
+            data = self._backlog.pop(0)
+            self._backlog_bytes -= len(data)
+            self._coalescer.push(data)
+
+    def watch_ended(self, code: str, message: str, close_code: int = CLOSE_WATCH_ENDED) -> None:
+        self._session = None
+        self._backlog, self._backlog_bytes = [], 0
+        self._flush()
+        self._manager.metrics.error_sent(code)
+        self._send(wire.encode_error(message, code))
+        self._close(close_code, message)
+
+    def session_watchers(self, count: int) -> None:
+        """
+        (The owner's connection.)  How many watch its session now.
+        """
+        if self._phase is _Phase.SESSION and self._watch_token is None:
+            self._flush()
+            self._send(wire.encode_watchers(count))
 
     def _check_window(self) -> None:
         if self._producer is not None and self._wire.acks:
@@ -433,8 +571,9 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         self._sent = self._acked = offset
         if resumed:
             self._manager.metrics.resumed(replay)
+        grace, kept = self._manager.after_last_client(session)
         self._send(*self._wire.connected(session.id, resumed, offset, replay,
-                                         self.factory.flow_window))
+                                         self.factory.flow_window, grace, kept))
         drain = self.factory.sessions.drain
         if drain is not None and drain.active:
             self._send(wire.encode_notice(DRAINING, drain.notice()))
@@ -507,6 +646,8 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
         if self._producer is not None:
             self._producer.hold("transport", full)
         self._hold_reading("outgoing", full)
+        if not full and self._backlog:
+            self._send_backlog()
         if not full:
             self._cancel_stall()
         elif self._stalled is None and self.state == WebSocketProtocol.STATE_OPEN:

@@ -35,6 +35,10 @@ class CapsuleServerFactory(WebSocketServerFactory):
     @param stall_timeout: seconds a client may read nothing while its
         outgoing buffer is full (it is read from no more meanwhile) before
         it is dropped.
+    @param spectators: the share links and who watches through them
+        (L{capsule.sessions.spectators}); C{None}: nobody may watch.
+    @param watch_backlog: bytes of output a spectator that does not keep up
+        may have waiting before it is closed.
     """
 
     protocol = CapsuleServerProtocol
@@ -49,8 +53,11 @@ class CapsuleServerFactory(WebSocketServerFactory):
                  coalesce_delay: float = 0.002, coalesce_bytes: int = 256 * 1024,
                  host_policy: HostPolicy | None = None,
                  sessions: SessionService | None = None, authenticator=None,
-                 start_at_open: bool = False, stall_timeout: float = 30.0) -> None:
+                 start_at_open: bool = False, stall_timeout: float = 30.0,
+                 spectators=None, watch_backlog: int = 1024 * 1024) -> None:
         super().__init__()
+        self.spectators = spectators
+        self.watch_backlog = watch_backlog
         # Seconds a client may leave its outgoing buffer full before it is
         # dropped.
         self.stall_timeout = stall_timeout

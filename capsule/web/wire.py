@@ -103,8 +103,9 @@ class JsonWire:
         return wire.parse_client_message(payload, is_binary, False)
 
     def connected(self, session_id: str, resumed: bool, offset: int, replay: int,
-                  window: int) -> tuple[bytes, bool]:
-        return wire.encode_connected(session_id, resumed, replay=replay), False
+                  window: int, grace: float, kept: bool) -> tuple[bytes, bool]:
+        return wire.encode_connected(session_id, resumed, replay=replay, grace=grace,
+                                     kept=kept), False
 
     def output(self, chunk: bytes) -> tuple[bytes, bool]:
         return wire.encode_output(chunk), False
@@ -131,8 +132,9 @@ class BinaryWire:
         return wire.parse_client_message(payload, is_binary, True)
 
     def connected(self, session_id: str, resumed: bool, offset: int, replay: int,
-                  window: int) -> tuple[bytes, bool]:
-        return wire.encode_connected(session_id, resumed, offset, window, replay), False
+                  window: int, grace: float, kept: bool) -> tuple[bytes, bool]:
+        return wire.encode_connected(session_id, resumed, offset, window, replay, grace,
+                                     kept), False
 
     def output(self, chunk: bytes) -> tuple[bytes, bool]:
         return chunk, True

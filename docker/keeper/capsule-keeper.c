@@ -4,7 +4,7 @@
  * by exact byte offsets, so that a client coming back gets exactly the bytes
  * it missed.
  *
- *   capsule-keeper [-r] [-b BYTES] [-o OFFSET] SOCKET -- COMMAND [ARG...]
+ *   capsule-keeper [-r | -d] [-t PORT] [-b BYTES] [-o OFFSET] SOCKET -- COMMAND [ARG...]
  *
  * If a keeper server listens on the UNIX socket SOCKET, this attaches to it;
  * otherwise it starts one (under the lock SOCKET.lock, so that only one
@@ -62,6 +62,23 @@
  * passing on the frames it has, waiting for the server at most a second), 0
  * when the server closes, 255 on errors.
  *
+ * With -t PORT, a server this invocation starts also listens on TCP PORT
+ * (all of the container's addresses), so that capsule can reach it without a
+ * relay exec (no dockerd, no containerd-shim on the way).  A TCP attachment
+ * must first prove it is capsule's: its first frame is 's' with the session's
+ * 32-byte secret, which this invocation reads as the same 's' frame from its
+ * stdin before anything else (never from its arguments or environment, which
+ * the session's processes can read).  A TCP connection is nobody's until its
+ * secret matches (a wrong one, another first frame, or none within PENDING_MS
+ * closes it, and the attachment in place is not disturbed); then it is an
+ * attachment as any other ('a' first, ...), replacing the one in place.  At
+ * most PENDING connections wait at once (more are closed at once).  With -t
+ * the keeper makes itself non-dumpable, so that the session's processes,
+ * which run as the same user, cannot read the secret from its memory.
+ *
+ * With -d (start), the invocation only makes sure a server runs (starting it
+ * as above), then exits 0 without attaching: capsule then attaches over TCP.
+ *
  * Bad or missing arguments: the usage on stderr, exit status 2 (-h: on
  * stdout, 0).  BYTES is 1 to 2^32, OFFSET 0 to 2^64-1, both plain decimal.
  *
@@ -94,6 +111,9 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/prctl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <time.h>
@@ -109,6 +129,9 @@
 #define FLOOD_BYTES 16384   /* more output than this within WINDOW_US is a flood, */
 #define WINDOW_US 10000
 #define HOLD_US 2000        /* ... which is sent in frames of MAXMSG or after this wait */
+#define SECRET 32          /* bytes of a TCP attachment's secret */
+#define PENDING 4          /* TCP connections waiting to prove it at once */
+#define PENDING_MS 5000    /* ... each for at most this long */
 #ifndef LINGER_MS
 #define LINGER_MS 600000    /* an ended session waits this long for an attach */
 #endif
@@ -193,6 +216,18 @@ static unsigned char *ring, *inbuf;
 static u64 cap, rstart, rend;  /* the ring holds offsets [rstart, rend) */
 static size_t inlen;
 static int mfd = -1, done, status;
+
+/* TCP attachments (-t): the listener, the secret they must send first, and
+ * the connections that have not yet sent it. */
+static int tcp_fd = -1;
+static unsigned char secret[SECRET];
+struct pending {
+    int fd;           /* -1: free */
+    long long until;  /* closed at this time if it has not proved itself */
+    size_t len;
+    unsigned char in[5 + SECRET];
+};
+static struct pending pend[PENDING];
 
 /* Flood batching for the current attachment (see the top): the bytes sent
  * in this WINDOW_US and the one before, and since when output has waited. */
@@ -322,11 +357,9 @@ static void receive(struct conn *c)
     c->rlen -= off;
 }
 
-static void accept_one(int lfd, long long now)
+/* Makes fd the current attachment, replacing the one in place. */
+static void adopt(int fd, long long now)
 {
-    int fd = accept(lfd, NULL, NULL);
-    if (fd < 0) return;
-    setfl(fd, 1, 1);
     conn_close(old);
     if (cur->fd >= 0) {  /* replace it: it gets 'k' after what it was sent */
         struct conn *t = old;
@@ -339,6 +372,59 @@ static void accept_one(int lfd, long long now)
     }
     cur->fd = fd;
     pending_since = -1;
+}
+
+static void accept_one(int lfd, long long now)
+{
+    int fd = accept(lfd, NULL, NULL);
+    if (fd < 0) return;
+    setfl(fd, 1, 1);
+    adopt(fd, now);
+}
+
+/* A TCP connection: it waits, apart from the attachments, for its secret. */
+static void accept_tcp(long long now)
+{
+    int fd = accept(tcp_fd, NULL, NULL);
+    if (fd < 0) return;
+    setfl(fd, 1, 1);
+    for (int i = 0; i < PENDING; i++) {
+        if (pend[i].fd >= 0) continue;
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        pend[i].fd = fd;
+        pend[i].until = now + PENDING_MS;
+        pend[i].len = 0;
+        return;
+    }
+    close(fd);  /* too many waiting */
+}
+
+static void pending_close(struct pending *q)
+{
+    close(q->fd);
+    q->fd = -1;
+}
+
+/* Reads what a waiting TCP connection sent (never more than its 's' frame):
+ * the right secret makes it the attachment, anything else closes it. */
+static void prove(struct pending *q, long long now)
+{
+    ssize_t n = read(q->fd, q->in + q->len, sizeof q->in - q->len);
+    if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
+    if (n <= 0) { pending_close(q); return; }
+    q->len += (size_t)n;
+    if (q->len >= 5 && (q->in[0] != 's' || get_be(q->in + 1, 4) != SECRET)) {
+        pending_close(q);
+        return;
+    }
+    if (q->len < sizeof q->in) return;
+    unsigned char diff = 0;  /* the same time whatever the bytes */
+    for (int i = 0; i < SECRET; i++) diff |= (unsigned char)(q->in[5 + i] ^ secret[i]);
+    if (diff) { pending_close(q); return; }
+    int fd = q->fd;
+    q->fd = -1;
+    adopt(fd, now);
 }
 
 _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, struct winsize *ws)
@@ -367,7 +453,12 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
         long long quiet = (reaped_at > last_out ? reaped_at : last_out) + QUIET_MS;
         if (quiet > reaped_at + DRAIN_MAX_MS) quiet = reaped_at + DRAIN_MAX_MS;
 
-        struct pollfd p[5] = {{sigfd[0], POLLIN, 0}, {lfd, POLLIN, 0}, {-1, 0, 0}, {-1, 0, 0}, {-1, 0, 0}};
+        struct pollfd p[6 + PENDING] = {{sigfd[0], POLLIN, 0}, {lfd, POLLIN, 0}, {-1, 0, 0}, {-1, 0, 0},
+                                        {-1, 0, 0}, {tcp_fd, POLLIN, 0}};
+        for (int i = 0; i < PENDING; i++) {
+            p[6 + i].fd = pend[i].fd;
+            p[6 + i].events = POLLIN;
+        }
         if (mfd >= 0 && (want_pty || inlen)) {
             p[2].fd = mfd;
             p[2].events = (short)((want_pty ? POLLIN : 0) | (inlen ? POLLOUT : 0));
@@ -384,6 +475,8 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
         if (reaped && mfd >= 0 && want_pty && (wake < 0 || quiet < wake)) wake = quiet;
         if (done && idle_since >= 0 && (wake < 0 || idle_since + LINGER_MS < wake))
             wake = idle_since + LINGER_MS;
+        for (int i = 0; i < PENDING; i++)
+            if (pend[i].fd >= 0 && (wake < 0 || pend[i].until < wake)) wake = pend[i].until;
         long long timeout_us = wake < 0 ? -1 : wake <= now ? 0
                                : (wake - now > 60000 ? 60000 : wake - now) * 1000;
         if (attached && !cur->olen && cur->pos < rend && pending_since >= 0) {
@@ -394,7 +487,7 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
             if (timeout_us < 0 || left < timeout_us) timeout_us = left;
         }
         struct timespec ts = {timeout_us / 1000000, timeout_us % 1000000 * 1000};
-        if (ppoll(p, 5, timeout_us < 0 ? NULL : &ts, NULL) < 0 && errno != EINTR) _exit(1);
+        if (ppoll(p, 6 + PENDING, timeout_us < 0 ? NULL : &ts, NULL) < 0 && errno != EINTR) _exit(1);
         clock_us = now_us();
         now = clock_us / 1000;
 
@@ -451,6 +544,12 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
         if (room && p[3].revents & (POLLIN | POLLHUP | POLLERR)) receive(cur);
         pump(cur);
         if (p[1].revents & POLLIN) accept_one(lfd, now);
+        for (int i = 0; i < PENDING; i++) {
+            if (pend[i].fd < 0) continue;
+            if (p[6 + i].revents && p[6 + i].fd == pend[i].fd) prove(&pend[i], now);
+            if (pend[i].fd >= 0 && now >= pend[i].until) pending_close(&pend[i]);
+        }
+        if (tcp_fd >= 0 && p[5].revents & POLLIN) accept_tcp(now);
 
         if (!done || cur->fd >= 0 || old->fd >= 0) idle_since = -1;
         else if (idle_since < 0) idle_since = now;
@@ -462,7 +561,24 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
 }
 
 /* Starts a server listening on sock; lk is the start lock, held by the caller. */
-static int start_server(const char *sock, int lk, u64 bytes, char **cmd)
+/* The TCP listener of -t PORT, or -1 (said on stderr) if it cannot be had:
+ * the server then serves its UNIX socket only. */
+static int tcp_listener(u64 port)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                            .sin_addr = {htonl(INADDR_ANY)}};
+    int one = 1, l = socket(AF_INET, SOCK_STREAM, 0);
+    if (l >= 0) setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) < 0 || listen(l, PENDING) < 0) {
+        fprintf(stderr, "capsule-keeper: no TCP listener on port %llu: %s\n", port, strerror(errno));
+        if (l >= 0) close(l);
+        return -1;
+    }
+    setfl(l, 1, 1);
+    return l;
+}
+
+static int start_server(const char *sock, int lk, u64 bytes, char **cmd, u64 port)
 {
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     struct winsize ws = {0};
@@ -474,6 +590,7 @@ static int start_server(const char *sock, int lk, u64 bytes, char **cmd)
     if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) < 0 || listen(l, 16) < 0 || stat(sock, &sb) < 0)
         return -1;
     setfl(l, 1, 1);
+    tcp_fd = port ? tcp_listener(port) : -1;
     pid_t pid = fork();
     if (pid < 0) return -1;
     if (pid == 0) {
@@ -489,12 +606,14 @@ static int start_server(const char *sock, int lk, u64 bytes, char **cmd)
         inbuf = malloc(MAX_INPUT);
         if (!ring || !inbuf || make_sigpipe() < 0) _exit(1);
         conns[0].fd = conns[1].fd = -1;
+        for (int i = 0; i < PENDING; i++) pend[i].fd = -1;
         signal(SIGPIPE, SIG_IGN);
         signal(SIGHUP, SIG_IGN);
         catch(SIGCHLD, on_signal);
         serve(l, sock, sb.st_ino, cmd, &ws);
     }
     close(l);
+    if (tcp_fd >= 0) close(tcp_fd);
     int st;
     while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {}
     return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
@@ -718,7 +837,7 @@ static int connect_to(const char *sock)
     return -1;
 }
 
-#define USAGE "usage: capsule-keeper [-r] [-b BYTES] [-o OFFSET] SOCKET -- COMMAND [ARG...]"
+#define USAGE "usage: capsule-keeper [-r | -d] [-t PORT] [-b BYTES] [-o OFFSET] SOCKET -- COMMAND [ARG...]"
 
 /* The usage line: on stdout and exit 0 when asked for (-h), else on stderr. */
 _Noreturn static void usage(int code)
@@ -746,12 +865,15 @@ static u64 number(int opt, const char *s, u64 min, u64 max)
 int main(int argc, char **argv)
 {
     u64 bytes = 1 << 20, offset = 0;
-    int relaying = 0, opt;
+    u64 port = 0;
+    int relaying = 0, starting = 0, opt;
     opterr = 0;  /* its messages are ours */
     /* '+': options end at SOCKET, so that COMMAND's own are left alone */
-    while ((opt = getopt(argc, argv, "+:rb:o:h")) != -1) {
+    while ((opt = getopt(argc, argv, "+:rdb:o:t:h")) != -1) {
         switch (opt) {
         case 'r': relaying = 1; break;
+        case 'd': starting = 1; break;
+        case 't': port = number(opt, optarg, 1, 65535); break;
         case 'b': bytes = number(opt, optarg, 1, 1ULL << 32); break;
         case 'o': offset = number(opt, optarg, 0, ~0ULL); break;
         case 'h': usage(0);
@@ -783,7 +905,27 @@ int main(int argc, char **argv)
         usage(2);
     }
 
-    int fd = connect_to(sock);
+    if (port) {
+        /* The secret: an 's' frame, first on stdin; no process of the
+         * session (the same user) may read it from this one's memory. */
+        prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+        unsigned char s[5 + SECRET];
+        size_t got = 0;
+        while (got < sizeof s) {
+            ssize_t n = read(0, s + got, sizeof s - got);
+            if (n > 0) got += (size_t)n;
+            else if (n < 0 && errno == EINTR) continue;
+            else leave(255, "-t: stdin ended before the secret");
+        }
+        if (s[0] != 's' || get_be(s + 1, 4) != SECRET)
+            leave(255, "-t: stdin must start with the secret ('s' frame of %d bytes)", SECRET);
+        memcpy(secret, s + 5, SECRET);
+    }
+    struct stat sb;
+    if (starting && stat(sock, &sb) == 0 && S_ISSOCK(sb.st_mode))
+        return 0;  /* running (connecting would replace its attachment) */
+    int fd = starting ? -1 : connect_to(sock);
+    if (starting) errno = ENOENT;
     if (fd < 0 && (errno == ENOENT || errno == ECONNREFUSED)) {
         char path[4096];
         snprintf(path, sizeof path, "%s", sock);
@@ -796,13 +938,16 @@ int main(int argc, char **argv)
         int lk = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
         if (lk < 0) leave(255, "%s: %s", path, strerror(errno));
         while (flock(lk, LOCK_EX) < 0 && errno == EINTR) {}
-        fd = connect_to(sock);  /* another one may have started it meanwhile */
-        if (fd < 0 && (errno == ENOENT || errno == ECONNREFUSED)) {
-            if (start_server(sock, lk, bytes, cmd) < 0)
+        /* another one may have started it meanwhile */
+        int running = starting ? stat(sock, &sb) == 0 && S_ISSOCK(sb.st_mode) : 0;
+        fd = starting ? -1 : connect_to(sock);
+        if (!running && fd < 0 && (starting || errno == ENOENT || errno == ECONNREFUSED)) {
+            if (start_server(sock, lk, bytes, cmd, port) < 0)
                 leave(255, "cannot start a keeper on %s: %s", sock, strerror(errno));
-            fd = connect_to(sock);
+            fd = starting ? -1 : connect_to(sock);
         }
         close(lk);
+        if (starting) return 0;
     }
     if (fd < 0) leave(255, "cannot reach the keeper on %s: %s", sock, strerror(errno));
     if (relaying) relay(fd, offset);

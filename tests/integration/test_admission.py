@@ -10,11 +10,14 @@ X-Forwarded-For makes the connections different clients.
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
+import time
 
 import websocket  # websocket-client
 
-from .harness import instance_containers
+from .harness import BlockingTerminal, docker_client, instance_containers
 
 
 def open_session(server, client: str) -> tuple[websocket.WebSocket, dict]:
@@ -101,11 +104,12 @@ def test_a_burst_past_the_session_rate_is_refused(make_server):
 
 def test_a_full_server_and_a_spent_memory_budget_are_server_full(make_server):
     server = make_server("--trusted-proxy", "127.0.0.1/32", "--max-sessions", "2",
-                         "--memory", "256m", "--memory-budget", "256m", "--pool-size", "0")
+                         "--memory", "256m", "--memory-request", "256m",
+                         "--memory-budget", "256m", "--pool-size", "0")
     ws, message = open_session(server, "198.51.100.1")
     try:
         assert message["type"] == "connected"
-        # Memory: a second 256m container would exceed the 256m budget.
+        # Memory: a second session's 256m request would exceed the 256m budget.
         message, code = refused(server, "198.51.100.2")
         assert (message["type"], message["code"], code) == ("error", "server_full", 4503)
         assert "memory" in message["message"]
@@ -125,3 +129,67 @@ def test_a_full_server_and_a_spent_memory_budget_are_server_full(make_server):
     finally:
         ws.close()
     assert server.unhandled_errors() == [] and server2.unhandled_errors() == []
+
+
+def test_a_host_under_its_reserve_is_server_full_saying_why(make_server):
+    # A reserve no host has: every new session is refused once the host's
+    # memory has been read (just after start), before anything is made.
+    server = make_server("--trusted-proxy", "127.0.0.1/32", "--memory", "256m",
+                         "--memory-reserve", "100000g", "--pool-size", "1")
+    deadline = time.monotonic() + 20
+    while True:
+        ws, message = open_session(server, "198.51.100.1")
+        if message["type"] == "error" or time.monotonic() > deadline:
+            break
+        ws.close()
+    try:
+        assert (message["type"], message["code"]) == ("error", "server_full")
+        assert re.fullmatch(r"the server is full: the host has \d+ MiB of memory available,"
+                            r" under its reserve of 102400000 MiB: try again later",
+                            message["message"]), message
+        assert close_code(ws) == 4503
+    finally:
+        ws.close()
+    # The warm pool waits too: it made at most the one it began with.
+    assert containers(server) <= 2
+    assert "memory budget:" in server.log() and server.unhandled_errors() == []
+
+
+def test_every_process_of_a_session_is_killed_before_capsule(make_server):
+    server = make_server("--trusted-proxy", "127.0.0.1/32", "--memory", "256m",
+                         "--pool-size", "0")
+    ws, message = open_session(server, "198.51.100.1")
+    try:
+        assert message["type"] == "connected"
+        [summary] = instance_containers(server.instance)
+        api = docker_client().api
+        exec_id = api.exec_create(summary["Id"], [
+            "sh", "-c", "for p in /proc/[0-9]*; do"
+            " echo \"$(cat $p/comm 2>/dev/null) $(cat $p/oom_score_adj 2>/dev/null)\"; done"])
+        lines = api.exec_start(exec_id).decode().split("\n")
+        scores = dict(line.rsplit(" ", 1) for line in lines if line.strip())
+        # The keeper, its shell and the exec itself: all 1000.
+        assert "capsule-keeper" in scores and "bash" in scores, scores
+        assert set(scores.values()) == {"1000"}, scores
+        # capsule lowered its own (it runs as root here), or said what to set.
+        with open(f"/proc/{server.process.pid}/oom_score_adj") as f:
+            own = int(f.read())
+        assert own == -900 or "OOMScoreAdjust=-900" in server.log()
+    finally:
+        ws.close()
+
+
+def test_a_process_past_its_sessions_memory_limit_is_killed_the_session_lives_on(make_server):
+    # The kernel picks the biggest process of the session's cgroup: the one
+    # that filled it, not the keeper, the shell or capsule.
+    server = make_server("--memory", "128m", "--pool-size", "0")
+    terminal = BlockingTerminal(server.ws_url)
+    try:
+        terminal.start()
+        terminal.run("perl -e '$x = \"a\"; $x x= 300 * 1024 * 1024'; echo status-$?",
+                     "status-137", timeout=60)
+        terminal.run("echo still-$((40+2))", "still-42")
+        assert server.health()[1]["sessions"] == 1
+    finally:
+        terminal.close()
+    assert server.unhandled_errors() == []

@@ -242,7 +242,10 @@ def test_page_waits_for_a_restarting_capsule(make_server, new_page):
     wait_text(page, "#status-countdown", r"\(attempt [4-9]\)$", timeout=20000)
     assert page.inner_text("#status-message") == "capsule is restarting", status(page)
     assert page.get_attribute("#status", "data-state") == "reconnecting"
-    assert not page.is_disabled("#export")
+    # The page cannot reach the session meanwhile: no export, and its title says why.
+    assert page.is_disabled("#export")
+    assert page.get_attribute("#export", "title") == \
+        "Export is not available: the page is disconnected from the session (reconnecting)"
     shot(page, "restarting")
 
     # The same instance on the same port: the page's URL.

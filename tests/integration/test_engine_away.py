@@ -20,8 +20,11 @@ async def _server_behind(make_server, tmp_path, *args):
     await proxy.up()
     # In a thread: the proxy runs on this reactor, and capsule opens its port
     # only once it has asked the engine (through the proxy) for its sessions.
+    # Through relay execs: a session read over TCP (the direct path) does
+    # not go through the engine, and an outage leaves its stream alone.
     server = await deferToThread(make_server, "--pool-size", "0", "--grace", "30", *args,
-                                 env={"DOCKER_HOST": f"unix://{proxy.path}"})
+                                 env={"DOCKER_HOST": f"unix://{proxy.path}"},
+                                 tuning={"keeper-direct": False})
     return proxy, server
 
 

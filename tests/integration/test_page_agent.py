@@ -477,7 +477,7 @@ def test_page_has_no_upload_without_a_session(page_url, new_page):
     page.wait_for_function("document.querySelector('#upload') !== null")
     assert page.is_disabled("#upload")
     drop(page, [["x.txt", "x"]])
-    wait_text(page, "#status-message", "^upload: there is no session")
+    wait_text(page, "#status-message", "^Upload is not available: there is no session")
     assert catcher.requests == []
     assert page.errors == []
 

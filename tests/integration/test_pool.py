@@ -8,6 +8,7 @@ import re
 import signal
 
 import pytest_twisted
+from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
 from .harness import WSClient, docker_client, eventually, instance_containers, session_container
@@ -236,3 +237,48 @@ async def test_warm_sessions_of_a_killed_run_are_never_handed_out_and_expire(mak
                      timeout=20)
     assert "expired" in second.log()
     await client.close()
+
+
+def pool_of(server) -> dict:
+    status, _, body = server.get("/health")
+    return json.loads(body)["pool"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_of_opens_all_get_usable_shells_and_the_pool_returns_to_its_size(
+        make_server):
+    burst = 8
+    server = make_server("--pool-size", "2", "--max-sessions", "40",
+                         "--max-sessions-per-client", "40", "--session-rate", "1000/1",
+                         "--memory-budget", "off",
+                         tuning={"pool-window": 30, "pool-grow-by": 3})
+    await eventually(lambda: pool_ready(server) == 2, timeout=60)
+
+    async def one(i: int):
+        client = await WSClient.connect(server.ws_url)
+        session_id = await client.start(timeout=120)
+        answer = await client.run(f"echo burst-$((40+{i}))", timeout=120)
+        return client, session_id, answer
+
+    outcomes = await defer.DeferredList([defer.ensureDeferred(one(i)) for i in range(burst)],
+                                        consumeErrors=True)
+    failures = [value for ok, value in outcomes if not ok]
+    assert failures == []
+    clients = [value[0] for _, value in outcomes]
+    assert [value[2].strip() for _, value in outcomes] == [
+        f"burst-{40 + i}" for i in range(burst)]
+    # Each got a shell of its own.
+    assert len({value[1] for _, value in outcomes}) == burst
+    assert len({session_container(value[1]) for _, value in outcomes}) == burst
+    # Takes came fast: the pool wants more than its size, up to its cap,
+    # and grows once the burst's own sessions run.
+    assert 2 < pool_of(server)["target"] <= 5
+    for client in clients:
+        await client.exit(timeout=60)
+    await eventually(lambda: pool_of(server)["ready"] > 2, timeout=30)
+    # A window after the last take, it is back at its size, and the
+    # sessions' containers are gone.
+    await eventually(lambda: pool_of(server) == {"size": 2, "target": 2, "ready": 2}
+                     and len(instance_containers(server.instance)) == 2, timeout=90)
+    assert "shrinks from" in server.log()
+    assert not server.unhandled_errors()

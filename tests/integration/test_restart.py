@@ -19,10 +19,16 @@ def inspect_session(session_id):
     return docker_client().api.inspect_container(session_container(session_id))
 
 
+# The keeper reached over TCP (the default where a session has a network), or
+# through a relay exec: the replay is exact either way.
+PATHS = pytest.mark.parametrize("path", [{}, {"keeper-direct": False}], ids=["direct", "relay"])
+
+
+@PATHS
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 @pytest_twisted.ensureDeferred
-async def test_session_survives_a_restart(make_server, how):
-    first = make_server("--grace", "60", "--pool-size", "0")
+async def test_session_survives_a_restart(make_server, how, path):
+    first = make_server("--grace", "60", "--pool-size", "0", tuning=path)
     client = await WSClient.connect(first.ws_url, binary=True)
     session_id = await client.start()
     container_id = inspect_session(session_id)["Id"]
@@ -35,7 +41,8 @@ async def test_session_survives_a_restart(make_server, how):
     assert code == (4001 if how == signal.SIGTERM else 1006)
     before, offset = client.output, client.received
 
-    second = make_server("--grace", "60", "--pool-size", "0", instance=first.instance)
+    second = make_server("--grace", "60", "--pool-size", "0", instance=first.instance,
+                         tuning=path)
     await eventually(lambda: "found 1 session(s) of an earlier run" in second.log())
     await sleep(3)
     again = await WSClient.connect(second.ws_url, session_id, binary=True, offset=offset)
@@ -126,15 +133,16 @@ async def test_reconnecting_at_once_after_a_restart_finds_every_session(make_ser
         await client.close()
 
 
+@PATHS
 @pytest_twisted.ensureDeferred
-async def test_input_typed_while_a_session_resumes_reaches_the_shell_once(make_server):
-    first = make_server("--pool-size", "0")
+async def test_input_typed_while_a_session_resumes_reaches_the_shell_once(make_server, path):
+    first = make_server("--pool-size", "0", tuning=path)
     client = await WSClient.connect(first.ws_url, binary=True)
     session_id = await client.start()
     await client.run("stty -echo")
     offset = client.received
     await deferToThread(first.stop)
-    second = make_server("--pool-size", "0", instance=first.instance)
+    second = make_server("--pool-size", "0", instance=first.instance, tuning=path)
     again = await WSClient.connect(second.ws_url, session_id, binary=True, offset=offset)
     # Typed before capsule has attached to the shell again.
     again.type("echo typed-$((20+1))\r")
@@ -166,6 +174,9 @@ async def test_a_restarted_shell_is_a_notice_and_offsets_stay_exact(make_server)
     assert connected["offset"] == 0 and connected["resumed"] is True
     notice = await again.next("notice")
     assert notice["code"] == "shell_restarted"
+    # Its keeper, which listened over TCP, went with the restart: capsule
+    # fell back to a relay exec, which started a keeper again.
+    assert "cannot be reached directly" in second.log()
     await again.run("echo after")
     # Nothing but the new shell's bytes was counted: a resume from the
     # offset the client reached gets exactly what came after it.

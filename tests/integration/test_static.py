@@ -26,7 +26,8 @@ SECURITY = ("content-security-policy", "x-content-type-options", "x-frame-option
 
 @pytest.fixture
 def server(make_server):
-    return make_server("--pool-size", "0")
+    # Every request's access line: the tests read which files were asked for.
+    return make_server("--pool-size", "0", "--access-log")
 
 
 def ask(connection, path: str, method: str = "GET", **headers: str):

@@ -22,7 +22,7 @@ from capsule.core.diskuse import DiskUsage, Mount
 from capsule.engine.docker import READ_ONLY_VOLUMES
 from capsule.core.errors import ContainerGone, DockerUnavailable, ImageMissing
 from capsule.core.interfaces import IDockerAPI, IExecProcess, ISessionClient
-from capsule.core.keeper import FrameReader
+from capsule.core.keeper import SECRET_LABEL, FrameReader, parse_secret
 
 
 @implementer(IExecProcess)
@@ -155,6 +155,10 @@ class FakeDockerAPI:
     def __init__(self, images=("capsule-runtime:latest",)) -> None:
         self.images = set(images)
         self.containers: dict[str, dict] = {}
+        # container id -> the address its keeper is reached at (none: the relay exec)
+        self.addresses: dict[str, str] = {}
+        # ... and of every other container (None: they have none)
+        self.default_address: str | None = None
         self.removed: list[str] = []
         self.processes: list[FakeExecProcess] = []
         self.programs: dict[tuple[str, ...], object] = {}
@@ -348,6 +352,21 @@ class FakeDockerAPI:
         return succeed(None if c is None else {"Running": c["state"] == "running",
                                                "OOMKilled": c.get("oom", False),
                                                "ExitCode": c.get("exit_code", 0)})
+
+    def keeper_address(self, container_id):
+        """
+        The container's address (C{addresses}, else C{default_address}:
+        none unless a test gives one, so that sessions take the relay exec)
+        and its keeper's secret (its label).
+        """
+        failed = self._check()
+        if failed:
+            return failed
+        c = self.containers.get(container_id)
+        if c is None:
+            return fail(ContainerGone("the session's container no longer exists"))
+        return succeed((self.addresses.get(container_id, self.default_address),
+                        parse_secret(c["labels"].get(SECRET_LABEL))))
 
     def spawn_exec(self, process_protocol, container_id, argv, user, workdir, env, size,
                    tty=True):

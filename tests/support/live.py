@@ -354,13 +354,15 @@ class CapsuleServer:
     def settled(self) -> bool:
         """
         Whether no session is live, no container is being removed, and the
-        warm pool is full.
+        warm pool holds what it wants (its size, or more just after a burst).
         """
         _, body = self.health()
-        ready = body.get("pool", {}).get("ready", 0)
-        if body.get("sessions") != 0 or ready != self.pool_size:
+        pool = body.get("pool", {})
+        # While sessions are taken fast, the pool holds more than its size.
+        wanted = pool.get("target", self.pool_size)
+        if body.get("sessions") != 0 or pool.get("ready", 0) != wanted:
             return False
-        return len(self.containers()) == self.pool_size
+        return len(self.containers()) == wanted
 
     def rss_kib(self) -> int:
         with open(f"/proc/{self.pid}/status") as f:

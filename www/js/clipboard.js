@@ -36,7 +36,8 @@ export function copiedText(text) {
 }
 
 // `term` is the page's terminal (js/terminal.js); `notice` the notice element's maker (below).
-export function setupClipboard(term, win, notice) {
+// `programs`: whether programs in the session may write the clipboard (not a spectator's).
+export function setupClipboard(term, win, notice, { programs = true } = {}) {
   const xterm = term.xterm;
   const clipboard = win.navigator.clipboard;
   let copyOnSelect = copyOnSelectSaved(win.localStorage);
@@ -56,7 +57,7 @@ export function setupClipboard(term, win, notice) {
   // OSC 52 from the session: writes only, at most OSC52_MAX_BYTES, and not from replayed
   // output (a copy made before this page saw it). Always handled: xterm never answers it.
   xterm.parser.registerOscHandler(52, (payload) => {
-    if (term.replaying) return true;
+    if (term.replaying || !programs) return true;
     const asked = parseOsc52(payload);
     if (asked.write !== undefined) write(asked.write, copiedText(asked.write));
     else if (asked.ignore === "too large") notice.say("a program's copy was too large for the clipboard (over 1 MiB)");

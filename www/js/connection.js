@@ -46,8 +46,11 @@ function storeSessionId(id) {
 // `term`: the terminal (terminal.js); `status`: the status bar (status.js); `attention`:
 // attention.js; `profile`: what a new session asks for (/?profile=claude; a resumed session
 // keeps its own); `checkLogin()`: asks capsule whether the login expired, after a connection
-// that failed.
-export function createConnection({ term, status, attention, profile, checkLogin }) {
+// that failed; `onAttached(frame)`: capsule's `connected` frame (what becomes of the session
+// once the page is gone: its `grace` and `kept`); `onWatchers(count)`: how many watch the
+// session through read-only links.
+export function createConnection({ term, status, attention, profile, checkLogin,
+  onAttached = () => {}, onWatchers = () => {} }) {
   let model = initial();
   let sessionId = loadSessionId();
   const offsets = new Offsets();
@@ -77,7 +80,8 @@ export function createConnection({ term, status, attention, profile, checkLogin 
   function perform(effect) {
     switch (effect.type) {
       case "show":
-        status.show(effect.state, effect.message);
+        // The banner shows a refusal whole: the code of the server's `error`, if any.
+        status.show(effect.state, effect.message, { code: lastErrorCode, blank: term.blank });
         break;
       case "notice":
         term.notice(effect.text);
@@ -281,6 +285,9 @@ export function createConnection({ term, status, attention, profile, checkLogin 
         break;
       case "pong":
         break;
+      case "watchers":
+        onWatchers(frame.count);
+        break;
     }
   }
 
@@ -292,6 +299,7 @@ export function createConnection({ term, status, attention, profile, checkLogin 
     // server says how much of what follows it is.
     endReplay();
     replayLeft = Number.isSafeInteger(frame.replay) && frame.replay >= 0 ? frame.replay : 0;
+    onAttached(frame);
     feed("connected", { resumed: Boolean(frame.resumed), blank: term.blank });
     startKeepalive();
   }

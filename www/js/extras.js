@@ -29,17 +29,23 @@ function loadScript(doc, name, global) {
   });
 }
 
+// A spectator's page has no key bar: it types nothing.
+const NO_KEY_BAR = Object.freeze({ shown: false, input: (data) => data });
+
 // `term`: the page's terminal (js/terminal.js); `send(data)`: input for the session, as is;
-// `refit()`: fit the terminal again and tell the session. Returns `input(data)`, the filter
-// all of the terminal's input goes through (the key bar's sticky Ctrl).
-export function setupExtras(term, { send, refit, win = window }) {
+// `refit()`: fit the terminal again and tell the session; `readOnly`: a spectator's page (no
+// key bar, no pastes, and programs in the session do not write its clipboard). Returns
+// `input(data)`, the filter all of the terminal's input goes through (the key bar's sticky
+// Ctrl).
+export function setupExtras(term, { send, refit, readOnly = false, win = window }) {
   const doc = win.document;
   const xterm = term.xterm;
   const focus = () => term.focus();
   const notice = createNotice(doc, focus);
-  const clipboard = setupClipboard(term, win, notice);
-  const keybar = createKeyBar(term, win, { send, paste: () => clipboard.paste(), refit });
-  setupTouchScroll(xterm, send);
+  const clipboard = setupClipboard(term, win, notice, { programs: !readOnly });
+  const keybar = readOnly ? NO_KEY_BAR
+    : createKeyBar(term, win, { send, paste: () => clipboard.paste(), refit });
+  setupTouchScroll(xterm, readOnly ? () => {} : send);
   const mac = isMac(win.navigator.userAgentData?.platform || win.navigator.platform);
 
   let search = null;
@@ -56,7 +62,7 @@ export function setupExtras(term, { send, refit, win = window }) {
   // takes), search. Everything else is the terminal's.
   xterm.attachCustomKeyEventHandler((event) => {
     const action = shortcut(event, { mac, selection: xterm.hasSelection() });
-    if (!action) return true;
+    if (!action || (readOnly && action === "paste")) return true;
     if (event.type === "keydown") {
       if (action === "copy") {
         event.preventDefault();
@@ -74,7 +80,7 @@ export function setupExtras(term, { send, refit, win = window }) {
     return false;
   });
 
-  createMenu(doc, { keybar, clipboard, openSearch, renderer });
+  createMenu(doc, { keybar, clipboard, openSearch, renderer, readOnly });
 
   return {
     input: (data) => keybar.input(data),
@@ -84,7 +90,7 @@ export function setupExtras(term, { send, refit, win = window }) {
 }
 
 // The options menu: a button at the end of the bar and its panel.
-function createMenu(doc, { keybar, clipboard, openSearch, renderer }) {
+function createMenu(doc, { keybar, clipboard, openSearch, renderer, readOnly }) {
   const bar = doc.querySelector("header.bar");
   if (!bar) return;
   const button = doc.createElement("button");
@@ -110,6 +116,7 @@ function createMenu(doc, { keybar, clipboard, openSearch, renderer }) {
   doc.body.append(panel);
   const copyBox = panel.querySelector('[data-option="copyOnSelect"]');
   const keyBox = panel.querySelector('[data-option="keybar"]');
+  if (readOnly) keyBox.closest("label").hidden = true;
   const rendererBox = panel.querySelector('[data-option="renderer"]');
   const rendererNow = panel.querySelector(".renderer-now");
   const showRenderer = (r) => {
@@ -137,7 +144,7 @@ function createMenu(doc, { keybar, clipboard, openSearch, renderer }) {
     clipboard.copyOnSelect = copyBox.checked;
   });
   keyBox.addEventListener("change", () => {
-    keybar.shown = keyBox.checked;
+    if (!readOnly) keybar.shown = keyBox.checked;
   });
   panel.querySelector('[data-do="search"]').addEventListener("click", () => {
     toggle(false);

@@ -31,13 +31,13 @@ export const INPUTS = Object.freeze([
   "unknown", // closed 4404: the session is not known (yet, right after a restart)
   "takenOver", // closed 4409
   "tooBig", // closed 1009
-  "unavailable", // closed 4503: { message }
+  "unavailable", // closed 4503 (capsule cannot start it now) or 4429 (too many): { message }
   "restarting", // closed 1001 or 4001: capsule restarts, the session lives on
   "lost", // closed otherwise (1006, anything unexpected)
   "refused", // closed after an `error` whose code is a refusal: { message }
   "silent", // no frame for the silence limit while connected
   "retryDue", // the wait before the next attempt is over
-  "again", // the user's button: "New session", "Reconnect here", "Reconnect"
+  "again", // the user's button: "New session", "Reconnect here", "Reconnect", "Try now"
   "loginExpired", // capsule answered 401: the login expired or ended elsewhere
   "loggedOut", // the user logged out: { url } to go to
 ]);
@@ -54,7 +54,8 @@ export function closeInput(code, errorCode) {
     case 4404: return "unknown";
     case 4409: return "takenOver";
     case 1009: return "tooBig";
-    case 4503: return "unavailable";
+    case 4503:
+    case 4429: return "unavailable";
     case 1001:
     case 4001: return "restarting";
     default: return "lost";
@@ -178,6 +179,8 @@ const HANDLERS = {
   },
 
   again(model) {
+    // "Try now": the next attempt at once, not after the wait.
+    if (model.state === "reconnecting") return { model, effects: [{ type: "open" }] };
     const effects = [];
     if (model.state === "ended" || model.state === "expired") {
       effects.push({ type: "forget" }, { type: "clear" });

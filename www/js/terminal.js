@@ -8,6 +8,13 @@
 
 const RESIZE_DEBOUNCE_MS = 50;
 
+// Rows a little taller than the font's box: DejaVu Sans Mono's underscore lies below its
+// descent, and at 14 px with a device pixel ratio of 1 a row of exactly the box (16 px) cut
+// it off (`a_b` showed as `a b`). With 1.125 the row has a pixel to spare below the glyphs at
+// ratios 1 and 2 (18 px, 18.5 px); index.html's bootstrap sizes the rows with the same factor.
+export const FONT_SIZE = 14;
+export const LINE_HEIGHT = 1.125;
+
 // Where a link in the terminal may go: http(s) only, else null.
 export function linkTarget(uri) {
   let url;
@@ -21,12 +28,15 @@ export function linkTarget(uri) {
 
 // The terminal in `element`. `onInput(data)` and `onBinaryInput(data)` get what xterm sends to
 // the shell (keys, pastes, mouse reports, xterm's answers), replayed answers left out;
-// `onResize()` follows a change of size; `onBell()` a bell in live output.
-export function createTerminal(element, { onInput, onBinaryInput, onResize, onBell }) {
+// `onResize()` follows a change of size; `onBell()` a bell in live output. A `readOnly` terminal
+// (a spectator's) takes no input and keeps the session's size (resizeTo), not the window's.
+export function createTerminal(element, { onInput, onBinaryInput, onResize, onBell, readOnly = false }) {
   const term = new Terminal({
-    cursorBlink: true,
+    cursorBlink: !readOnly,
+    disableStdin: readOnly,
     fontFamily: getComputedStyle(document.body).getPropertyValue("--mono"),
-    fontSize: 14,
+    fontSize: FONT_SIZE,
+    lineHeight: LINE_HEIGHT,
     scrollback: 5000,
     theme: { background: "#0d1117", foreground: "#c9d1d9", cursor: "#c9d1d9" },
     // term.unicode (the Unicode 11 widths) is a "proposed" API of xterm.js.
@@ -82,6 +92,7 @@ export function createTerminal(element, { onInput, onBinaryInput, onResize, onBe
 
   let fitTimer = null;
   window.addEventListener("resize", () => {
+    if (readOnly) return;
     clearTimeout(fitTimer);
     fitTimer = setTimeout(() => {
       fitAddon.fit();
@@ -107,8 +118,18 @@ export function createTerminal(element, { onInput, onBinaryInput, onResize, onBe
     fit() {
       fitAddon.fit();
     },
+    // The session's size (a spectator's terminal shows the owner's screen as it is).
+    resizeTo(cols, rows) {
+      if (cols !== term.cols || rows !== term.rows) term.resize(cols, rows);
+    },
     focus() {
       term.focus();
+    },
+    // `done()` in the animation frame in which xterm draws what was written so far (its
+    // renderer draws in the first frame after parsing; this frame callback is asked for after
+    // that one).
+    whenDrawn(done) {
+      term.write("", () => requestAnimationFrame(done));
     },
     // Empty again, for a new session.
     clear() {

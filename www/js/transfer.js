@@ -100,8 +100,9 @@ function carriesFiles(event) {
 }
 
 // The page's uploads and exports. `status`: the status bar; `sessionId()`: the session's id
-// (null: none); `checkLogin()`: after a 401; `focus()`: back to the terminal.
-export function setupTransfer(ui, { status, sessionId, checkLogin, focus }) {
+// (null: none); `checkLogin()`: after a 401; `focus()`: back to the terminal; `worked()`: files
+// go into the session (its work, lost if it ends).
+export function setupTransfer(ui, { status, sessionId, checkLogin, focus, worked = () => {} }) {
   // Sends entries ([{path, file} | {path, directory: true}]) to the session's /workspace as
   // a tar.
   function upload(entries) {
@@ -110,7 +111,7 @@ export function setupTransfer(ui, { status, sessionId, checkLogin, focus }) {
       return;
     }
     if (status.gone) {
-      status.error("upload: there is no session to upload to");
+      status.error(status.whyNoUpload);
       return;
     }
     if (entries.length === 0) {
@@ -127,6 +128,7 @@ export function setupTransfer(ui, { status, sessionId, checkLogin, focus }) {
     const what = describeUpload(packed);
     const id = sessionId();
     status.setUploading(true);
+    worked();
     status.notice(`uploading ${what}\u2026`);
     // XMLHttpRequest, as fetch does not report an upload's progress. It carries the page's
     // Origin (index.html's referrer policy is same-origin: see there) and the login cookie.

@@ -122,7 +122,8 @@ const TABLE = {
     refused: [model("refused", 2), [show("refused", "no such profile: x")]],
     silent: SAME,
     retryDue: [MODELS.reconnecting, [OPEN]],
-    again: SAME,
+    // "Try now".
+    again: [MODELS.reconnecting, [OPEN]],
     loginExpired: [model("login", 2), TO_LOGIN],
     loggedOut: [model("login", 2), LOGGED_OUT],
   },
@@ -244,7 +245,7 @@ test("a connection back ends the outage and counts attempts afresh", () => {
 
 test("close codes, and the error that came before the close", () => {
   const codes = [[1000, "shellEnded"], [4400, "expired"], [4404, "unknown"], [4409, "takenOver"],
-    [1009, "tooBig"], [4503, "unavailable"], [1001, "restarting"], [4001, "restarting"],
+    [1009, "tooBig"], [4503, "unavailable"], [4429, "unavailable"], [1001, "restarting"], [4001, "restarting"],
     [1006, "lost"], [1011, "lost"], [4000, "lost"], [undefined, "lost"]];
   for (const [code, input] of codes) {
     assert.equal(closeInput(code, ""), input, `code ${code}`);

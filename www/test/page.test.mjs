@@ -29,21 +29,31 @@ test("the countdown to the next attempt", () => {
   assert.equal(countdownText(null, 0, 4), "trying now (attempt 4)");
 });
 
-test("Upload and Export need a session that is not gone", () => {
-  assert.deepEqual(transferButtons("abc", false, false), {
+test("Upload and Export need a session that is not gone, and the page connected to it", () => {
+  assert.deepEqual(transferButtons("abc", "connected", false), {
     exportDisabled: false, exportTitle: "Download /workspace as .tar.gz",
     uploadDisabled: false, uploadTitle: "Upload files to /workspace (or drop them on the terminal)",
   });
-  assert.deepEqual(transferButtons("abc", false, true).uploadDisabled, true);
-  assert.deepEqual(transferButtons("abc", false, true).uploadTitle, "An upload is under way");
-  assert.deepEqual(transferButtons("abc", false, true).exportDisabled, false);
-  for (const [id, gone] of [[null, false], ["abc", true]]) {
-    const buttons = transferButtons(id, gone, false);
+  assert.deepEqual(transferButtons("abc", "connected", true).uploadDisabled, true);
+  assert.deepEqual(transferButtons("abc", "connected", true).uploadTitle, "An upload is under way");
+  assert.deepEqual(transferButtons("abc", "connected", true).exportDisabled, false);
+  for (const [id, state] of [[null, "connected"], ["abc", "ended"], ["abc", "expired"]]) {
+    const buttons = transferButtons(id, state, false);
     assert.equal(buttons.exportDisabled, true);
     assert.equal(buttons.uploadDisabled, true);
     assert.equal(buttons.exportTitle, "Export is not available: the session has ended");
     assert.equal(buttons.uploadTitle, "Upload is not available: there is no session");
   }
+  // Disconnected: the session may live, but the page cannot reach it; the title says why.
+  for (const state of ["connecting", "reconnecting", "taken", "failed", "refused", "login"]) {
+    const buttons = transferButtons("abc", state, false);
+    assert.equal(buttons.exportDisabled, true, state);
+    assert.equal(buttons.uploadDisabled, true, state);
+    assert.match(buttons.exportTitle, /^Export is not available: .*(connected|another tab|logged out)/);
+    assert.match(buttons.uploadTitle, /^Upload is not available: /);
+  }
+  assert.equal(transferButtons("abc", "reconnecting", false).uploadTitle,
+    "Upload is not available: the page is disconnected from the session (reconnecting)");
 });
 
 test("sizes and what an upload holds", () => {
@@ -92,16 +102,16 @@ test("the notify button says what it does", () => {
 
 test("every module loads without a DOM", async () => {
   const modules = readdirSync(new URL("../js/", import.meta.url)).filter((n) => n.endsWith(".js"));
-  assert.ok(modules.length >= 14, String(modules));
+  assert.ok(modules.length >= 8, String(modules));
   for (const name of modules) {
     const loaded = await import(new URL(`../js/${name}`, import.meta.url));
     assert.ok(Object.keys(loaded).length > 0, name);
   }
 });
 
-// The modules app.js imports, and theirs: paths under www/. `lazy` collects the entries of
-// the modules imported with import() (loaded after the first prompt).
-function moduleGraph(entry, lazy = new Set()) {
+// The modules app.js imports, and theirs: paths under www/. With `dynamic`, those loaded later
+// with import("...") too (add-ons loaded after the first prompt, not preloaded).
+function moduleGraph(entry, dynamic = false) {
   const seen = new Set();
   const visit = (path) => {
     if (seen.has(path)) return;
@@ -113,8 +123,10 @@ function moduleGraph(entry, lazy = new Set()) {
     for (const [, spec] of text.matchAll(/^\s*import\s*["']([^"']+)["']/gm)) {
       visit(new URL(spec, `http://page/${path}`).pathname.slice(1));
     }
-    for (const [, spec] of text.matchAll(/\bimport\(\s*["']([^"']+)["']\s*\)/g)) {
-      lazy.add(new URL(spec, `http://page/${path}`).pathname.slice(1));
+    if (dynamic) {
+      for (const [, spec] of text.matchAll(/\bimport\(\s*["']([^"']+)["']\s*\)/g)) {
+        visit(new URL(spec, `http://page/${path}`).pathname.slice(1));
+      }
     }
   };
   visit(entry);
@@ -124,16 +136,24 @@ function moduleGraph(entry, lazy = new Set()) {
 test("index.html preloads the whole module graph, and nothing else", () => {
   const page = readFileSync(new URL("../index.html", import.meta.url), "utf8");
   const preloaded = [...page.matchAll(/<link rel="modulepreload" href="([^"]+)">/g)].map((m) => m[1]);
-  const lazy = new Set();
-  const graph = moduleGraph("app.js", lazy);
+  const graph = moduleGraph("app.js");
   assert.deepEqual([...preloaded].sort(), [...graph].sort());
   assert.equal(new Set(preloaded).size, preloaded.length);
-  assert.match(page, /<script type="module" src="app\.js"><\/script>/);
-  // What app.js loads after the first prompt is not asked for before it.
-  assert.deepEqual([...lazy], ["js/extras.js"]);
-  const later = new Set([...lazy].flatMap((entry) => [...moduleGraph(entry)]));
-  assert.deepEqual([...later].filter((m) => graph.has(m)), []);
-  // Every module of js/ is in one graph or the other: none is left unused.
+  // No script element loads anything: the bootstrap runs xterm.js's scripts, then app.js, once
+  // the first screen is drawn; each of them is preloaded, in the same order.
+  assert.doesNotMatch(page, /<script[^>]*\bsrc=/);
+  assert.match(page, /var ENTRY = "app\.js";/);
+  const scripts = [...page.match(/var SCRIPTS = \[([^\]]*)\]/)[1].matchAll(/"([^"]+)"/g)].map((m) => m[1]);
+  const preloadedScripts = [...page.matchAll(/<link rel="preload" as="script" href="([^"]+)">/g)]
+    .map((m) => m[1]);
+  assert.deepEqual(preloadedScripts, scripts);
+  assert.equal(scripts.length, 4);
+  // Every module of js/ is in the graph, or loaded later with import(): none is left unused.
   const modules = readdirSync(new URL("../js/", import.meta.url)).map((n) => `js/${n}`);
-  assert.deepEqual(modules.filter((m) => !graph.has(m) && !later.has(m)), []);
+  const reached = moduleGraph("app.js", true);
+  assert.deepEqual(modules.filter((m) => !reached.has(m)), []);
+  // The add-ons (js/extras.js and what it imports) come after the first prompt: not preloaded.
+  assert.ok(reached.has("js/extras.js") && !graph.has("js/extras.js"));
+  const later = moduleGraph("js/extras.js");
+  assert.deepEqual([...later].filter((m) => graph.has(m)), []);
 });
