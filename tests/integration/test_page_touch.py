@@ -452,3 +452,25 @@ def test_renderer_falls_back_to_the_dom(server, new_context):
     wait_screen(page, r"after-loss-81")
     assert text_pixels(page) > 200
     assert page.errors == []
+
+
+def test_a_spectator_has_no_key_bar_and_programs_do_not_write_its_clipboard(server, new_context):
+    """
+    A read-only link's spectator, on a phone: no key bar (it types nothing),
+    and an OSC 52 copy in the session reaches the owner's clipboard only.
+    """
+    from .test_page_share import make_link
+    owner, _ = open_page(granted(new_context, **DESKTOP), server.url)
+    url = make_link(owner)
+    watcher = granted(new_context, **PHONE).new_page()
+    watcher.goto(url)
+    watcher.wait_for_selector('#status[data-state="connected"]', timeout=20000)
+    watcher.wait_for_selector("#options", state="attached", timeout=15000)
+    assert watcher.locator(".keybar").count() == 0
+    watcher.evaluate("navigator.clipboard.writeText('spectator')")
+    owner.keyboard.press("Escape")
+    type_line(owner, "printf '\\e]52;c;%s\\a' \"$(printf for-the-owner | base64)\"; echo sent-$((2*3))")
+    wait_clipboard(owner, "for-the-owner")
+    wait_screen(watcher, r"sent-6")
+    watcher.wait_for_timeout(500)
+    assert clipboard(watcher) == "spectator"
