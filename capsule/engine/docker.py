@@ -102,7 +102,7 @@ def docker_host_endpoint(reactor, host: str):
     )
 
 
-class _OneStream(Factory):
+class OneStream(Factory):
     """
     The factory of one exec stream's connection to the engine: quiet, so
     that each exec does not log "Starting factory" and "Stopping factory".
@@ -473,7 +473,7 @@ class DockerAPI:
             tty=tty,
         )
         try:
-            await self._endpoint.connect(_OneStream(stream))
+            await self._endpoint.connect(OneStream(stream))
         except Exception as e:
             raise self._unavailable(e) from None
         stream.upgraded.addTimeout(self._timeout, self._reactor)

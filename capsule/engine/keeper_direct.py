@@ -24,7 +24,7 @@ caller falls back to the relay exec.
 from __future__ import annotations
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, NoRouteError, ProcessDone, ProcessTerminated
 from twisted.internet.error import TCPTimedOutError
 from twisted.internet.error import TimeoutError as ConnectingTimeoutError
@@ -32,11 +32,13 @@ from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
 from zope.interface import implementer
 
 from capsule.core.interfaces import IExecProcess
 from capsule.core.keeper import (DIRECT_PORT, SECRET_LABEL, encode_hello, encode_secret,
                                  keeper_start_argv)
+from capsule.engine.docker import OneStream
 
 __all__ = ["DirectKeeper", "DirectStream", "KeeperUnreachable", "SECRET_LABEL"]
 
@@ -172,7 +174,7 @@ class DirectKeeper:
     def _tcp(self, address: str, stream: DirectStream) -> Deferred:
         endpoint = TCP4ClientEndpoint(self._reactor, address, self.port,
                                       timeout=self._connect_timeout)
-        return connectProtocol(endpoint, stream)
+        return endpoint.connect(OneStream(stream))
 
     @property
     def available(self) -> bool:

@@ -474,7 +474,8 @@ def test_page_has_no_upload_without_a_session(page_url, new_page):
     catcher = UploadCatcher(page)
     page.route_web_socket(re.compile(r"/ws(\?|$)"), lambda ws: None)
     page.goto(page_url)
-    page.wait_for_function("document.querySelector('#upload') !== null")
+    # The page's scripts run after its first screen: the terminal says they did.
+    page.wait_for_selector(".xterm")
     assert page.is_disabled("#upload")
     drop(page, [["x.txt", "x"]])
     wait_text(page, "#status-message", "^Upload is not available: there is no session")

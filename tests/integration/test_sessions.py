@@ -73,7 +73,9 @@ async def test_reconnect_keeps_shell_state(server):
     again = await WSClient.connect(server.ws_url, session_id)
     connected = await again.next("connected")
     replay = connected.pop("replay")
-    assert connected == {"type": "connected", "session_id": session_id, "resumed": True}
+    assert connected.pop("grace") > 0
+    assert connected == {"type": "connected", "session_id": session_id, "resumed": True,
+                         "kept": False}
     again.send({"type": "resize", "cols": 80, "rows": 24})
     out = await again.run("echo $CAPSULE_T $PWD; jobs")
     # What the dropped connection had not been sent (the prompt that followed
