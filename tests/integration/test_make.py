@@ -39,7 +39,10 @@ def test_setup_says_one_line_and_twistd_finds_capsule_in_the_venv(tmp_path):
     `twistd --help` in that virtualenv lists capsule.
     """
     venv = tmp_path / "venv"
-    done = subprocess.run(["make", f"VENV={venv}", f"{venv}/.installed"], cwd=ROOT,
+    # --no-print-directory: under `make test` this make is a sub-make, which
+    # would otherwise say the directory it enters and leaves.
+    done = subprocess.run(["make", "--no-print-directory", f"VENV={venv}", f"{venv}/.installed"],
+                          cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
