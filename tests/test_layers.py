@@ -22,6 +22,9 @@ MAY_IMPORT = {
     "sessions": {"core", "engine"},
     "ops": {"core", "sessions"},
     "web": {"core", "engine", "sessions", "auth", "ops"},
+    # What sessions reach from inside (the door, egress, the credential
+    # gateway): beside the web, whose HTTP toolkit it uses.
+    "gateway": {"core", "engine", "sessions", "auth", "ops", "web"},
 }
 # The top: the wiring (tap, services, config, tuning) and the admin command
 # may import anything; nothing below imports them.
