@@ -99,6 +99,10 @@ class CapsuleConfig:
     record: str | None
     record_max_bytes: int
 
+    # The session door's port (capsule.gateway.door) on the host side of
+    # each session network; 0: no door.
+    door_port: int = 3180
+
     tuning: Tuning = Tuning()
     # twistd's own logfile and nodaemon options (where a JSON log goes).
     server_options: Mapping | None = None

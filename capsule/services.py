@@ -17,6 +17,7 @@ from twisted.internet.defer import (CancelledError, Deferred, DeferredList, mayb
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
+from twisted.web.server import Site
 
 from capsule.auth.checkers import AuthThreadPool
 from capsule.auth.gate import Authenticator
@@ -28,6 +29,7 @@ from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
 from capsule.engine.keeper_direct import DirectKeeper
 from capsule.engine.network import SessionNetwork
+from capsule.gateway.door import DoorRoot, SessionDoor
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
 from capsule.ops.recording import SessionRecorder
@@ -85,8 +87,11 @@ class SessionService(Service):
     def __init__(self, manager: SessionManager, clock, websocket_factory=None,
                  admission: AdmissionControl | None = None, docker=None,
                  network: SessionNetwork | None = None, trusted_proxies=(),
-                 user_header: str | None = None, refuse=None, host=None) -> None:
+                 user_header: str | None = None, refuse=None, host=None, door=None) -> None:
         self.manager = manager
+        # The session door (capsule.gateway.door), opened on the network's
+        # host side once the network is known.
+        self._door = door
         # The engine host's reading (capsule.sessions.host_memory), started
         # once the engine says its memory and is found to be this host.
         self._host = host
@@ -159,6 +164,8 @@ class SessionService(Service):
             try:
                 if self.network is not None:
                     await self.network.ensure()
+                    if self._door is not None:
+                        await self._door.listen(self.network.gateways())
                     problem = self._proxies_hold_sessions()
                     if problem is not None:
                         if self._refuse is not None:
@@ -597,11 +604,14 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         # No one user (or client) may hold more than a quarter of the
         # Docker threads with its execs and uploads.
         docker_calls_per_caller=max(1, tuning.docker_threads // 4))
+    door = None
+    if config.door_port:
+        door = SessionDoor(reactor, config.door_port, Site(DoorRoot()))
     sessions = SessionService(manager, reactor, site.websocket_factory, admission, docker,
                               network, trusted_proxies=config.trusted_proxies,
                               user_header=config.user_header,
                               refuse=lambda message: refuse_to_start(reactor, message),
-                              host=host)
+                              host=host, door=door)
     listeners = ListenerService(sessions.ready, lambda: sessions.recovered,
                                 config.public_url)
     for description in config.listen:
@@ -616,6 +626,9 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         recorder.setServiceParent(service)
     if auth_threads is not None:
         auth_threads.setServiceParent(service)
+    if door is not None:
+        # Before the sessions: it stops after them.
+        door.setServiceParent(service)
     sessions.setServiceParent(service)
     CleanupService(manager, reactor, tuning.cleanup_interval,
                    tuning.orphan_sweep).setServiceParent(service)

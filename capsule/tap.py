@@ -34,6 +34,13 @@ from capsule.web.static import missing_packages
 _log = Logger()
 
 
+def _port_or_zero(value):
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"must be a port (1-65535) or 0, got {value}")
+    return number
+
+
 def _positive(kind):
     def convert(value):
         number = kind(value)
@@ -121,6 +128,10 @@ class Options(usage.Options):
          "Seconds a session (and its container) is kept after its last client left.",
          _positive(float)],
         ["www", None, None, "Directory of the web page [default: the installed one]."],
+        ["door-port", None, 3180,
+         "Port of the session door: what sessions reach of capsule from inside (the"
+         " credential gateway, the egress proxy), on the host side of each session network"
+         " only; 0: no door.", _port_or_zero],
         ["instance", None, "default",
          "Name of this server. Its containers are labelled with it; at start-up it"
          " removes the leftovers of its own name only."],
@@ -477,7 +488,7 @@ class Options(usage.Options):
             spec=server_spec(self), memory_bytes=parse_bytes(self["memory"]),
             disk_bytes=None if self["disk"] is None else parse_bytes(self["disk"]),
             instance=self["instance"], shell=tuple(shlex.split(self["shell"])),
-            keeper=not self["no-keeper"], grace=self["grace"],
+            keeper=not self["no-keeper"], grace=self["grace"], door_port=self["door-port"],
             max_lifetime=self["max-lifetime"], idle_timeout=self["idle-timeout"],
             replay_bytes=self["replay-buffer"], pool_size=self["pool-size"],
             profiles=MappingProxyType(dict(self["profile-table"])), secrets=self["secrets"],

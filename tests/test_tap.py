@@ -8,6 +8,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 
+from capsule.gateway.door import SessionDoor
 from capsule.sessions.cleanup import CleanupService
 from capsule.core.spec import ContainerSpec
 from capsule.core.errors import DockerUnavailable, SessionNotFound
@@ -68,18 +69,28 @@ def test_a_www_without_the_packages_its_page_names_is_refused(tmp_path):
     assert parse("--www", str(tmp_path))["www"] == str(tmp_path)
 
 
+def test_no_door_with_door_port_0():
+    service = makeService(parse("--insecure-no-auth", "--door-port", "0"), MemoryReactorClock())
+    assert not [c for c in service if isinstance(c, SessionDoor)]
+
+
+def test_door_port_checked():
+    with pytest.raises(usage.UsageError):
+        parse("--door-port", "70000")
+
+
 def test_service_tree():
     """
-    The tree says the order: pools, sessions, cleanup, then the listeners
-    (which therefore close first on stop).
+    The tree says the order: the session door, pools, sessions, cleanup,
+    then the listeners (which therefore close first on stop).
     """
     reactor = MemoryReactorClock()
     service = makeService(parse("--insecure-no-auth", "-l", "tcp:0",
                                 "-l", "tcp:0:interface=127.0.0.1"), reactor)
     assert isinstance(service, CapsuleService)
     children = list(service)
-    assert [type(c) for c in children] == [DockerService, SessionService, CleanupService,
-                                           ListenerService]
+    assert [type(c) for c in children] == [DockerService, SessionDoor, SessionService,
+                                           CleanupService, ListenerService]
     assert [type(c) for c in children[-1]] == [StreamServerEndpointService] * 2
 
 

@@ -176,6 +176,14 @@ class SessionNetwork:
                 continue
         return found
 
+    def gateways(self) -> list[str]:
+        """
+        The host-side addresses of the sessions' network (its bridge's
+        gateway addresses), once L{ensure} has found it: where sessions reach
+        capsule's session door.
+        """
+        return list((self.network or {}).get("gateways", ()))
+
     async def ensure(self) -> None:
         """
         Fail with a L{capsule.core.errors.DockerError} when the engine cannot be
