@@ -569,7 +569,8 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
             public_url=config.public_url, run_blocking=auth_threads.run)
     admission = AdmissionControl(manager, reactor, AdmissionPolicy(
         max_sessions=config.max_sessions, max_per_client=config.max_sessions_per_client,
-        rate=config.session_rate, max_per_user=config.max_sessions_per_user),
+        rate=config.session_rate, max_per_user=config.max_sessions_per_user,
+        max_removing=tuning.max_removing),
         trusted_proxies=list(config.trusted_proxies), memory=memory)
     site = make_site(
         manager, docker, reactor, config.www, admission=admission, spectators=spectators,

@@ -176,6 +176,11 @@ class Tuning:
         " dockerd and containerd-shim carry; the relay exec stays the way for sessions"
         " without a network and whenever the direct connection fails.")
     docker_threads: int = knob(16, _POSITIVE_INT, "Threads for Docker calls.")
+    max_removing: int = knob(
+        32, _POSITIVE_INT,
+        "Ended sessions' containers the engine may still be removing before new sessions"
+        " are refused (server_full, try again in seconds): a flood of short sessions cannot"
+        " queue unbounded work on the engine, nor a stop that waits for it.")
     export_threads: int = knob(
         4, _POSITIVE_INT,
         "Threads for workspace exports (waiting exports go to the client with the fewest"

@@ -577,6 +577,13 @@ class SessionManager:
             container=container_id[:12], session_id=session.id[:8], error=f.getErrorMessage()))
         return d
 
+    @property
+    def removing(self) -> int:
+        """
+        Containers of ended sessions the engine is still removing.
+        """
+        return len(self._removals)
+
     # -- the server's start and stop -------------------------------------
 
     def shutdown(self) -> Deferred:

@@ -313,10 +313,27 @@ class FakeDockerAPI:
         failed = self._check()
         if failed:
             return failed
+        if getattr(self, "hold_remove", False):
+            # An engine slow to remove: the removal waits for release_removes().
+            d = Deferred()
+            self.__dict__.setdefault("_held_removes", []).append((d, container_id))
+            return d
         existed = self.containers.pop(container_id, None) is not None
         if existed:
             self.removed.append(container_id)
         return succeed(existed)
+
+    def release_removes(self):
+        """
+        Let the removals held by C{hold_remove} finish.
+        """
+        self.hold_remove = False
+        held, self._held_removes = getattr(self, "_held_removes", []), []
+        for d, container_id in held:
+            existed = self.containers.pop(container_id, None) is not None
+            if existed:
+                self.removed.append(container_id)
+            d.callback(existed)
 
     def list_containers(self, labels):
         failed = self._check()
