@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -301,6 +302,18 @@ class CapsuleServer:
         Remove every container of its instance; return how many there were.
         """
         return remove_instance_containers(self.instance)
+
+    def finish(self, workdir: Path | None = None) -> None:
+        """
+        Stop it, then remove its instance's containers and C{workdir},
+        whatever the stop did (a benchmark's or a test's last word).
+        """
+        try:
+            self.stop()
+        finally:
+            self.remove_containers()
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
 
     def containers(self) -> list[dict]:
         if self._api is None:
