@@ -357,6 +357,19 @@ async def test_off_reads_and_warns_and_changes_nothing(logged):
     assert "(--firewall off: the rules are yours). Add: iptables -w -N" in warning
 
 
+@pytest_twisted.ensureDeferred
+async def test_off_does_not_read_a_firewall_the_bridge_is_not_behind(logged):
+    # capsule in a container of its own: its iptables are not the host's.
+    iptables = FakeIptables()
+    fw = firewall("off", iptables=iptables, here=False)
+    await fw.fence("capsule", "capsule0", SUBNETS, ["172.18.0.1"])
+    assert iptables.calls == []
+    assert fw.health()["bridges"] == {"capsule0": "unknown"}
+    [warning] = texts(logged, "warn")
+    assert warning.startswith("could not check the host firewall for the network capsule"
+                              " (this host has no bridge capsule0)")
+
+
 # -- the host's name servers ---------------------------------------------------------------
 
 

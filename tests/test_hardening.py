@@ -163,7 +163,8 @@ def network(docker, name="capsule", answer=(0, DOCKER_ONLY, "")):
     async def run(argv, stdin=None):
         reads.append(argv)
         return answer
-    firewall = Firewall(Clock(), "off", door_port=3180, run=run, nameservers=())
+    firewall = Firewall(Clock(), "off", door_port=3180, run=run, nameservers=(),
+                        bridge_here=lambda name: True)
     net = SessionNetwork(docker, Clock(), name, firewall=firewall)
     net.reads = reads
     return net

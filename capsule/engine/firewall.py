@@ -523,14 +523,18 @@ class Firewall:
         return None
 
     async def _check(self, name: str, fence: Fence) -> None:
-        code, rules, err = await self._run(["iptables", "-w", "-S"])
+        if not self._bridge_here(fence.bridge):
+            code, rules, why = 1, "", f"this host has no bridge {fence.bridge}"
+        else:
+            code, rules, err = await self._run(["iptables", "-w", "-S"])
+            why = _first_line(code, err)
         if code != 0:
             self.bridges[fence.bridge] = "unknown"
-            self.problem = f"could not read the host firewall: {_first_line(code, err)}"
+            self.problem = f"could not read the host firewall: {why}"
             _log.warn("could not check the host firewall for the network {name} ({why}):"
                       " make sure it refuses the link-local and private ranges and the host"
                       " for bridge {bridge} (see docs/security.md, 'The network')",
-                      name=name, why=_first_line(code, err), bridge=fence.bridge)
+                      name=name, why=why, bridge=fence.bridge)
             return
         missing = missing_blocks(rules, fence.bridge, list(fence.subnets))
         if not missing:
