@@ -165,13 +165,13 @@ class SessionService(Service):
             try:
                 if self.network is not None:
                     await self.network.ensure()
-                    if self._door is not None:
-                        await self._door.listen(self.network.gateways())
                     problem = self.network.refusal or self._proxies_hold_sessions()
                     if problem is not None:
                         if self._refuse is not None:
                             self._refuse(problem)
                         return
+                    if self._door is not None:
+                        await self._door.listen(self.network.gateways())
                 count = await recovery.recover()
             except CapsuleError as e:
                 if not warned:

@@ -11,7 +11,9 @@ import stat
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 
@@ -23,7 +25,9 @@ from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from capsule.services import SessionService
 from capsule.tap import Options
+from capsule.web.site import make_site
 from tests.support.fakes import FakeDockerAPI
+from tests.support.httpclient import ask
 
 TAG = ["-m", "comment", "--comment", "capsule"]
 SUBNETS = ["172.18.0.0/16"]
@@ -274,6 +278,22 @@ def test_manage_stops_capsule_before_any_session():
                               " capsule0)")
     assert docker.containers == {}
     sessions.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_says_whether_the_sessions_are_fenced(tmp_path):
+    (tmp_path / "index.html").write_text("<html></html>")
+    docker = FakeDockerAPI()
+    manager = SessionManager(docker, Clock(), SessionConfig(
+        spec=ContainerSpec(image="capsule-runtime:latest"), instance="t"))
+    fw = firewall(iptables=FakeIptables(fail=DENIED))
+    site = make_site(manager, docker, MemoryReactorClock(), str(tmp_path), firewall=fw)
+    await fw.fence("capsule", "capsule0", SUBNETS, ["172.18.0.1"])
+    response = ask(site, "GET", "/health", (), peer=IPv4Address("TCP", "127.0.0.1", 40000))
+    # A warning, not a reason for a balancer to send users elsewhere.
+    assert (response.status, response.json()["status"]) == (200, "ok")
+    assert response.json()["firewall"] == fw.health()
+    assert fw.health()["bridges"] == {"capsule0": "open"}
 
 
 # -- the operator's own rules (--firewall off) ---------------------------------------------
