@@ -142,6 +142,8 @@ def test_the_commands_for_an_operator():
     assert removal_commands("capsule0") == [
         ["iptables", "-w", "-D", "DOCKER-USER", "-i", "capsule0", *TAG, "-j",
          "CAPSULE-OUT-capsule0"],
+        ["iptables", "-w", "-D", "FORWARD", "-i", "capsule0", *TAG, "-j",
+         "CAPSULE-OUT-capsule0"],
         ["iptables", "-w", "-D", "INPUT", "-i", "capsule0", *TAG, "-j", "CAPSULE-IN-capsule0"],
         ["iptables", "-w", "-F", "CAPSULE-OUT-capsule0"],
         ["iptables", "-w", "-X", "CAPSULE-OUT-capsule0"],
@@ -172,6 +174,9 @@ class FakeIptables:
             self.restored.append(stdin.decode())
             return 0, "", ""
         op, chain, rule = argv[2], argv[3], argv[4:]
+        if op == "-S":
+            return (0, "", "") if chain in self.rules else (
+                1, "", "iptables: No chain/target/match by that name.")
         if op == "-C":
             return (0, "", "") if rule in self.rules[chain] else (
                 1, "", "iptables: Bad rule (does a matching rule exist in that chain?).")
@@ -200,6 +205,7 @@ async def test_applying_twice_inserts_the_jumps_once(logged):
     assert iptables.rules == {
         "DOCKER-USER": [["-i", "capsule0", *TAG, "-j", "CAPSULE-OUT-capsule0"], ["-j", "RETURN"]],
         "INPUT": [["-i", "capsule0", *TAG, "-j", "CAPSULE-IN-capsule0"]]}
+    assert iptables.calls[1] == ["iptables", "-w", "-S", "DOCKER-USER"]
     assert [c for c in iptables.calls if c[2] == "-I"] == [
         ["iptables", "-w", "-I", "DOCKER-USER", "1", "-i", "capsule0", *TAG, "-j",
          "CAPSULE-OUT-capsule0"],
@@ -209,6 +215,17 @@ async def test_applying_twice_inserts_the_jumps_once(logged):
     assert fw.refusal is None and texts(logged, "warn") == texts(logged, "critical") == []
     assert any("the firewall fences the sessions on capsule (bridge capsule0)" in t
                for t in texts(logged, "info"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_dockers_chain_the_jump_goes_into_forward():
+    # Docker manages no rules of the family (ip6tables off, iptables=false).
+    iptables = FakeIptables()
+    iptables.rules = {"FORWARD": [], "INPUT": []}
+    fw = firewall(iptables=iptables)
+    await fw.fence("capsule", "capsule0", SUBNETS, ["172.18.0.1"])
+    assert iptables.rules["FORWARD"] == [["-i", "capsule0", *TAG, "-j", "CAPSULE-OUT-capsule0"]]
+    assert fw.health()["bridges"] == {"capsule0": "fenced"}
 
 
 @pytest_twisted.ensureDeferred

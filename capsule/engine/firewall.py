@@ -155,14 +155,16 @@ class Fence:
         into = [replies, *door, *allowed, *dns, *neighbours, refuse_tcp, refuse]
         return out, into
 
-    def jumps(self) -> list[tuple[str, list[str]]]:
+    def jumps(self, forward: str = "DOCKER-USER") -> list[tuple[str, list[str]]]:
         """
         The rules that send the bridge's traffic to capsule's chains, by
-        the chain they are inserted in.
+        the chain they are inserted in: C{forward} (C{DOCKER-USER}, or
+        C{FORWARD} where Docker manages no rules for the family) and
+        C{INPUT}.
         """
         out, into = chain_names(self.bridge)
         tag = ["-m", "comment", "--comment", COMMENT]
-        return [("DOCKER-USER", ["-i", self.bridge, *tag, "-j", out]),
+        return [(forward, ["-i", self.bridge, *tag, "-j", out]),
                 ("INPUT", ["-i", self.bridge, *tag, "-j", into])]
 
     def restore_input(self, family: int = 4) -> str:
@@ -197,11 +199,14 @@ class Fence:
 def removal_commands(bridge: str, family: int = 4) -> list[list[str]]:
     """
     The commands (argument lists) that take capsule's rules for the bridge
-    C{bridge} away: the jumps, then the chains.
+    C{bridge} away: the jumps (from C{DOCKER-USER}, or C{FORWARD} where
+    Docker has no such chain: one of the two fails), then the chains.
     """
     tool = TOOLS[family]
     fence = Fence(bridge)
-    found = [[tool, "-w", "-D", chain, *rule] for chain, rule in fence.jumps()]
+    found = [[tool, "-w", "-D", chain, *rule] for forward in ("DOCKER-USER", "FORWARD")
+             for chain, rule in fence.jumps(forward)[:1]]
+    found += [[tool, "-w", "-D", chain, *rule] for chain, rule in fence.jumps()[1:]]
     for name in chain_names(bridge):
         found += [[tool, "-w", "-F", name], [tool, "-w", "-X", name]]
     return found
@@ -513,7 +518,10 @@ class Firewall:
                 fence.restore_input(family).encode())
             if code != 0:
                 return f"{tool}-restore failed: {_first_line(code, err)}"
-            for chain, rule in fence.jumps():
+            # Docker's chain for its operator, where Docker manages the
+            # family's rules (it then puts its own before any of FORWARD's).
+            code, _, _ = await self._run([tool, "-w", "-S", "DOCKER-USER"])
+            for chain, rule in fence.jumps("DOCKER-USER" if code == 0 else "FORWARD"):
                 code, _, err = await self._run([tool, "-w", "-C", chain, *rule])
                 if code == 0:
                     continue

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
+from docker.types import IPAMConfig, IPAMPool
 
 from capsule.core.keeper import DIRECT_PORT
 from capsule.engine.firewall import chain_names, removal_commands
@@ -39,20 +40,26 @@ def iptables(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["iptables", "-w", *args], capture_output=True, text=True)
 
 
-@pytest.fixture
-def fenced(tmp_path):
+@pytest.fixture(params=[False], ids=["ipv4"])
+def fenced(request, tmp_path):
     """
     A bridge network of the test's own (no traffic between containers, as
-    capsule's), and C{start(*options)}, which starts capsule on it with
-    C{--firewall manage}.  Afterwards the servers stop, their containers go,
-    then capsule's rules for the network, then the network.
+    capsule's; with IPv6 too when the test's parameter says so), and
+    C{start(*options)}, which starts capsule on it with C{--firewall
+    manage}.  Afterwards the servers stop, their containers go, then
+    capsule's rules for the network, then the network.
     """
     tag = uuid.uuid4().hex[:6]
     name, bridge = f"capsule-fwtest-{tag}", f"capfw{tag}"
     client = docker_client()
+    ipv6 = {}
+    if request.param:
+        ipv6 = {"enable_ipv6": True, "ipam": IPAMConfig(pool_configs=[
+            IPAMPool(subnet=f"fd00:{tag[:4]}:{tag[4:]}::/64")])}
     network = client.networks.create(name, driver="bridge", labels={"io.capsule.test": "firewall"},
                                      options={"com.docker.network.bridge.enable_icc": "false",
-                                              "com.docker.network.bridge.name": bridge})
+                                              "com.docker.network.bridge.name": bridge},
+                                     **ipv6)
     servers = []
 
     def start(*options):
@@ -69,7 +76,7 @@ def fenced(tmp_path):
                 server.stop()
             finally:
                 remove_instance_containers(server.instance)
-        for argv in removal_commands(bridge):
+        for argv in removal_commands(bridge, 4) + removal_commands(bridge, 6):
             subprocess.run(argv, capture_output=True)
         network.remove()
 
@@ -209,5 +216,31 @@ def test_the_operators_address_is_reached(fenced):
         # Only that address: the gateway is still refused.
         code, said = curl(server, session_id, f"http://{fenced.gateway}:{listener.port}/")
         assert code == REFUSED, said
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("fenced", [True], ids=["ipv6"], indirect=True)
+def test_ipv6_private_and_host_addresses_are_refused(fenced):
+    server = fenced.start("--door-port", "0")
+    session_id = create(server)["id"]
+    container = docker_client().api.inspect_container(session_container(session_id))
+    settings = container["NetworkSettings"]["Networks"][fenced.name]
+    assert settings["GlobalIPv6Address"], settings
+    gateway6 = settings["IPv6Gateway"]
+    rules = subprocess.run(["ip6tables", "-w", "-S"], capture_output=True, text=True).stdout
+    assert f"-i {fenced.bridge} -m comment --comment capsule -j CAPSULE-IN-{fenced.bridge}" \
+        in rules
+    listener = socket.create_server(("::", 0), family=socket.AF_INET6)
+    try:
+        port = listener.getsockname()[1]
+        # The host's own link-local address on the bridge, too.
+        link_local = subprocess.run(
+            ["ip", "-6", "-o", "addr", "show", "dev", fenced.bridge, "scope", "link"],
+            capture_output=True, text=True).stdout.split()[3].split("/")[0]
+        for url in (f"http://[{gateway6}]:{port}/", "http://[fd12:3456::1]/",
+                    f"http://[{link_local}%25eth0]:{port}/"):
+            code, said = curl(server, session_id, url)
+            assert code == REFUSED, (url, said)
     finally:
         listener.close()
