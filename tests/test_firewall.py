@@ -20,6 +20,7 @@ from twisted.python import usage
 from capsule.core.spec import ContainerSpec
 from capsule.engine.firewall import (BLOCKED, Fence, Firewall, chain_names, missing_blocks,
                                      process_runner, read_nameservers, removal_commands)
+from capsule.engine import firewall as firewall_module
 from capsule.engine.network import SessionNetwork
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
@@ -450,6 +451,17 @@ async def test_the_process_runner(tmp_path, monkeypatch):
         3, "args: --noflush\n*filter\nCOMMIT\n", "oops\n")
     assert await run(["no-such-tool-here"]) == (127, "", "no-such-tool-here is not installed"
                                                           " here")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_iptables_that_hangs_is_killed(tmp_path, monkeypatch):
+    tool = tmp_path / "iptables"
+    tool.write_text("#!/bin/sh\nexec /bin/sleep 30\n")
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(firewall_module, "IPTABLES_TIMEOUT", 0.2)
+    assert await process_runner(reactor)(["iptables", "-S"]) == (
+        124, "", "iptables did not answer within 0.2 s")
 
 
 # -- the options ---------------------------------------------------------------------------

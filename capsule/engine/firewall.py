@@ -47,7 +47,7 @@ import shutil
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
@@ -401,8 +401,18 @@ def process_runner(reactor):
         if path is None:
             return 127, "", f"{argv[0]} is not installed here"
         protocol = _Run(stdin)
-        process = reactor.spawnProcess(protocol, path, [path, *argv[1:]], env=dict(os.environ))
-        call = reactor.callLater(IPTABLES_TIMEOUT, process.signalProcess, "KILL")
+        try:
+            process = reactor.spawnProcess(protocol, path, [path, *argv[1:]],
+                                           env=dict(os.environ))
+        except OSError as e:
+            return 126, "", f"{argv[0]} could not be run: {e}"
+
+        def kill() -> None:
+            try:
+                process.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass
+        call = reactor.callLater(IPTABLES_TIMEOUT, kill)
         code, out, err = await protocol.done
         if not call.active():
             return 124, out, f"{argv[0]} did not answer within {IPTABLES_TIMEOUT:g} s"
