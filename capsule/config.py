@@ -102,6 +102,12 @@ class CapsuleConfig:
     # The session door's port (capsule.gateway.door) on the host side of
     # each session network; 0: no door.
     door_port: int = 3180
+    # Who fences the session networks (capsule.engine.firewall): auto,
+    # manage or off.
+    firewall: str = "auto"
+    # Addresses (CIDRs) sessions may reach although link-local, private or
+    # the host's: let through by the firewall and the egress proxy.
+    egress_allow_addresses: tuple[str, ...] = ()
 
     tuning: Tuning = Tuning()
     # twistd's own logfile and nodaemon options (where a JSON log goes).

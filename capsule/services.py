@@ -28,6 +28,7 @@ from capsule.core.memory import MemoryBudget
 from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
 from capsule.engine.keeper_direct import DirectKeeper
+from capsule.engine.firewall import Firewall
 from capsule.engine.network import SessionNetwork
 from capsule.gateway.door import DoorRoot, SessionDoor
 from capsule.ops.logformat import json_observer
@@ -164,13 +165,13 @@ class SessionService(Service):
             try:
                 if self.network is not None:
                     await self.network.ensure()
-                    if self._door is not None:
-                        await self._door.listen(self.network.gateways())
-                    problem = self._proxies_hold_sessions()
+                    problem = self.network.refusal or self._proxies_hold_sessions()
                     if problem is not None:
                         if self._refuse is not None:
                             self._refuse(problem)
                         return
+                    if self._door is not None:
+                        await self._door.listen(self.network.gateways())
                 count = await recovery.recover()
             except CapsuleError as e:
                 if not warned:
@@ -556,7 +557,9 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
                   " capsule's environment nor in --secrets-file): its sessions start without"
                   " it", profile=profile, name=name)
-    network = SessionNetwork(docker, reactor, config.spec.network)
+    firewall = Firewall(reactor, config.firewall, door_port=config.door_port,
+                        allowed=config.egress_allow_addresses)
+    network = SessionNetwork(docker, reactor, config.spec.network, firewall=firewall)
     # A request from a session's address never has its proxy headers
     # believed, whatever --trusted-proxy says.
     addresses = ClientAddresses(list(config.trusted_proxies), network.subnets)
@@ -576,6 +579,7 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         manager, docker, reactor, config.www, admission=admission, spectators=spectators,
         watch_backlog=tuning.watch_backlog,
         drain=Drain(manager, reactor), metrics=metrics, authenticator=authenticator,
+        firewall=firewall,
         client_address=addresses,
         # A new session's container is asked for as its WebSocket opens,
         # unless start-at-first-frame.

@@ -22,6 +22,7 @@ from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT,
                                    DEFAULT_MEMORY_REQUEST, Profile,
                                    ProfileError, builtin_profiles, load_profiles, load_secrets)
 from capsule.core.spec import ContainerSpec
+from capsule.engine.firewall import MODES as FIREWALL_MODES
 from capsule.engine.network import CAPSULE_NETWORK
 from capsule.ops.logformat import FORMATS, check_server_options
 from capsule.ops.recording import DEFAULT_MAX_BYTES, check_directory
@@ -220,6 +221,11 @@ class Options(usage.Options):
         ["network", None, CAPSULE_NETWORK,
          "The network of session containers: capsule (its own bridge, created if missing,"
          " no traffic between sessions), none, or the name of an existing Docker network."],
+        ["firewall", None, "auto",
+         "Who fences the session networks (no link-local, private or host address from a"
+         " session): auto (capsule applies iptables rules when it may, else warns with the"
+         " commands), manage (capsule applies them or refuses to start), off (your own"
+         " firewall: capsule checks it and warns)."],
         ["runtime", None, None,
          "The OCI runtime of session containers, e.g. runsc (gVisor) [default: the engine's]."],
         ["log-format", None, "text",
@@ -279,6 +285,7 @@ class Options(usage.Options):
         self["allowed-origin"] = []
         self["allowed-host"] = []
         self["trusted-proxy"] = []
+        self["egress-allow-address"] = []
         self["cap-add"] = []
         self["admin-user"] = []
 
@@ -316,6 +323,14 @@ class Options(usage.Options):
             self["trusted-proxy"].append(parse_network(cidr))
         except ValueError:
             raise usage.UsageError(f"--trusted-proxy: not a CIDR: {cidr!r} (try 10.0.0.0/8)")
+
+    def opt_egress_allow_address(self, cidr: str) -> None:
+        """An address (CIDR, e.g. 10.0.0.5/32) sessions may reach although it is link-local, private or the host's; repeatable [default: none]"""
+        try:
+            self["egress-allow-address"].append(str(parse_network(cidr)))
+        except ValueError:
+            raise usage.UsageError(
+                f"--egress-allow-address: not a CIDR: {cidr!r} (try 10.0.0.5/32)")
 
     def _check_users(self) -> None:
         """
@@ -451,6 +466,10 @@ class Options(usage.Options):
             raise usage.UsageError("--shell must not be empty")
         if not self["network"].strip():
             raise usage.UsageError("--network must be capsule, none or a network's name")
+        if self["firewall"] not in FIREWALL_MODES:
+            raise usage.UsageError(
+                f"--firewall must be one of {', '.join(FIREWALL_MODES)},"
+                f" not {self['firewall']!r}")
         if self["log-format"] not in FORMATS:
             raise usage.UsageError(
                 f"--log-format must be text or json, not {self['log-format']!r}")
@@ -489,6 +508,8 @@ class Options(usage.Options):
             disk_bytes=None if self["disk"] is None else parse_bytes(self["disk"]),
             instance=self["instance"], shell=tuple(shlex.split(self["shell"])),
             keeper=not self["no-keeper"], grace=self["grace"], door_port=self["door-port"],
+            firewall=self["firewall"],
+            egress_allow_addresses=tuple(self["egress-allow-address"]),
             max_lifetime=self["max-lifetime"], idle_timeout=self["idle-timeout"],
             replay_bytes=self["replay-buffer"], pool_size=self["pool-size"],
             profiles=MappingProxyType(dict(self["profile-table"])), secrets=self["secrets"],
