@@ -57,6 +57,15 @@ def test_a_reason_from_the_keeper_is_fit_for_a_log_line():
     assert reason_of(b"\0\0\0\x01bad\x1b[31m\nline") == "bad?[31m?line"
 
 
+def test_a_channels_address_names_its_session_and_has_no_host():
+    from twisted.internet.address import IPv4Address
+    from capsule.core.channels import channel_session
+    address = ChannelAddress(SID, 7, 3180)
+    assert channel_session(address) == SID
+    assert channel_session(IPv4Address("TCP", "172.18.0.5", 40000)) is None
+    assert not hasattr(address, "host")  # never taken for an IP address
+
+
 def test_the_preamble_says_how_many_channels():
     reader = PreambleReader()
     preamble, rest = reader.feed(b"\x1b_capsule-keeper;offset=5;dropped=0;channels=32\x1b\\$ ")
@@ -300,6 +309,16 @@ def test_a_failing_protocol_loses_its_channel_not_the_stream(logged):
     mux.received(b"D", struct.pack(">I", channel) + b"x")
     mux.received(b"D", struct.pack(">I", other) + b"y")
     assert broken.lost is not None and fine.received == b"y"
+
+
+def test_a_door_that_fails_to_make_a_protocol_closes_the_keepers_channel(logged):
+    wire = Wire()
+
+    def accept(address):
+        raise RuntimeError("no")
+    mux = ChannelMux(SID, wire, 32, ChannelOptions(3180, accept))
+    mux.received(b"C", struct.pack(">IH", 4, 3180))
+    assert wire.new() == [(b"F", 4, b"capsule's side failed")] and len(mux) == 0
 
 
 def test_the_streams_end_ends_every_channel():

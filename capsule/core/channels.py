@@ -124,3 +124,13 @@ class ChannelAddress:
 
     def __str__(self) -> str:
         return f"session {self.session_id[:8]} channel {self.channel} port {self.port}"
+
+
+def channel_session(address) -> str | None:
+    """
+    The session a connection's peer C{address} is a channel of, or C{None}
+    when it is not a channel's (then its C{host}, a session container's
+    address, says whose it is).  A C{ChannelAddress} has no C{host}: code
+    that looks one up fails rather than mistakes it for an IP address.
+    """
+    return address.session_id if isinstance(address, ChannelAddress) else None

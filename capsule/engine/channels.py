@@ -20,7 +20,9 @@ C{getPeer()} (and C{getHost()}) is a
 L{ChannelAddress<capsule.core.channels.ChannelAddress>} whose C{session_id}
 names the session, where a connection over a session network has the
 container's C{IPv4Address}: a server that identifies sessions by their
-source address checks for a C{ChannelAddress} first.  (A request's
+source address checks for a C{ChannelAddress} first
+(L{channel_session<capsule.core.channels.channel_session>}C{(peer)}: the
+session's id, or C{None} for an address of the network).  (A request's
 C{getClientAddress()} is that address too.)  The transport is an
 C{ITransport}, C{IConsumer} (producers are paused while more than a window
 waits for the keeper's grants) and C{IPushProducer} (paused, it stops
@@ -402,10 +404,14 @@ class ChannelMux:
             self._errors.failure(self._now(), self.session_id, "channel-protocol",
                                  "session {session_id}: a channel's protocol failed; the"
                                  " channel is closed")
+            if channel != 0:
+                self.send(encode_fail(channel, "capsule's side failed"))
             transport = self.channels.get(channel)
             if transport is not None:
-                self.send(encode_fail(channel, "capsule's side failed"))
                 transport._finish(ConnectionLost("its protocol failed"))
+            opening = self._opening.pop(channel, None)
+            if opening is not None and not opening[1].called:
+                opening[1].errback(ConnectError(string="capsule's side failed"))
 
     def _received(self, kind: bytes, channel: int, payload: bytes) -> None:
         if kind == b"C":
