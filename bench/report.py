@@ -341,7 +341,7 @@ def report(run: dict) -> str:
                      " engine when the bench started; they compete for the same CPUs.")
     notes += run["notes"]
     text = "\n".join(f"- {n}" for n in notes)
-    if set(r) - {"density", "pressure"} or set(run["failures"]) - {"density", "capsule (density)"}:
+    if set(r) - {"density", "pressure", "channels"} or set(run["failures"]) - {"density", "capsule (density)"}:
         text = table(r, run["failures"], run["p"]) + "\n\n" + text
     for name in ("capsule (density)", "density"):
         if name in run["failures"]:
@@ -365,6 +365,15 @@ def report(run: dict) -> str:
                  f" answering {p['sessions_answering']}/{p['sessions_admitted']}, processes"
                  f" killed by the kernel {p['kernel_oom_kills']}, containers OOMKilled"
                  f" {p['containers_oom_killed']}.")
+    if r.get("channels"):
+        c = r["channels"]
+        text += (f"\n\nKeeper channels (`channels.py`, {c['megabytes']} MB, medians of"
+                 f" {c['repeats']}): download {c['channel_download_mb_s']} MB/s and echo"
+                 f" {c['channel_echo_mb_s']} MB/s through a session's keeper stream, against"
+                 f" {c['tcp_download_mb_s']} and {c['tcp_echo_mb_s']} MB/s over TCP to a"
+                 f" container's address; the terminal's echo {c['echo_quiet_ms']} ms quiet,"
+                 f" {c['echo_during_bulk_ms']} ms during a bulk channel (which kept"
+                 f" {c['bulk_during_echo_mb_s']} MB/s).")
     if r.get("doors"):
         text += ("\n\nWhat a client can make capsule hold through each door, with the caps"
                  " on (each line is the door's script's own JSON: the attack, capsule's"

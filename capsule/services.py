@@ -547,11 +547,16 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     # The metrics, the owners' file, the recorder and the spectators observe
     # the sessions.
     direct = DirectKeeper(reactor, docker) if config.keeper and tuning.keeper_direct else None
+    # The session door: on the session networks' gateways, and over the
+    # keeper's channels for sessions without a network (the manager's).
+    door = None
+    if config.door_port:
+        door = SessionDoor(reactor, config.door_port, Site(DoorRoot()))
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
                              owners=owners,
                              observers=[o for o in (recorder, spectators) if o is not None],
                              memory=memory, direct=direct,
-                             pool_room=lambda: warm_room(memory, manager))
+                             pool_room=lambda: warm_room(memory, manager), door=door)
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
@@ -609,9 +614,6 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         # No one user (or client) may hold more than a quarter of the
         # Docker threads with its execs and uploads.
         docker_calls_per_caller=max(1, tuning.docker_threads // 4))
-    door = None
-    if config.door_port:
-        door = SessionDoor(reactor, config.door_port, Site(DoorRoot()))
     sessions = SessionService(manager, reactor, site.websocket_factory, admission, docker,
                               network, trusted_proxies=config.trusted_proxies,
                               user_header=config.user_header,

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
+from capsule.core.channels import CHANNEL_ENV
 from capsule.core.keeper import (SECRET_BYTES, SECRET_LABEL, has_own_address, keeper_argv,
                                  parse_secret)
 from capsule.core.session_core import ISessionEffects, SessionCore, State
@@ -34,6 +35,7 @@ from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, L
                                    parse_profile_name, start_command)
 from capsule.core.replay import ReplayBuffer
 from capsule.core.spec import ContainerSpec
+from capsule.engine.channels import ChannelOptions
 from capsule.engine.keeper_direct import KeeperUnreachable
 from capsule.engine.keeper_stream import ShellProtocol
 from capsule.sessions.engine_watch import EngineWatch
@@ -78,8 +80,13 @@ class SessionManager:
     typed_at = float("-inf")
 
     def __init__(self, docker, clock, config: SessionConfig, *, metrics=None, owners=None,
-                 observers=(), memory=None, direct=None, pool_room=None) -> None:
+                 observers=(), memory=None, direct=None, pool_room=None,
+                 door=None) -> None:
         self._docker = docker
+        # The session door (capsule.gateway.door: its port and factory), or
+        # None: a session without a network reaches it over its keeper's
+        # channels (capsule.engine.channels).
+        self._door = door
         # The memory accounting (capsule.core.memory.MemoryBudget): a warm
         # pool refills only while its next session fits.
         self.memory = memory
@@ -441,8 +448,12 @@ class SessionManager:
                     _log.info("session {session_id}'s keeper cannot be reached directly"
                               " ({reason}): its stream goes through a relay exec (said once)",
                               session_id=session.id[:8], reason=str(e))
+        channels = None
+        if self.config.keeper and spec.network == "none":
+            channels, environment = self._channels(session, environment)
         protocol = session.shell = ShellProtocol(session, self.config.keeper, offset,
-                                                 partial(self._heard, session))
+                                                 partial(self._heard, session),
+                                                 channels=channels)
         if not self.config.keeper:
             await self._docker.spawn_exec(
                 protocol, session.container_id, list(command), spec.user,
@@ -453,6 +464,20 @@ class SessionManager:
         await self._docker.spawn_exec(
             protocol, session.container_id, argv, spec.user, spec.workdir,
             environment, None, tty=False)
+
+    def _channels(self, session: Session,
+                  environment: dict[str, str]) -> tuple[ChannelOptions, dict[str, str]]:
+        """
+        The channels a session without a network asks of its keeper: the
+        door's port at 127.0.0.1 in its container (if capsule has a door),
+        and capsule's to ports in it (previews); the keeper's exec is told
+        with its environment (the keeper's own: the shell does not get it).
+        """
+        door = self._door
+        port = door.port if door is not None else 0
+        accept = door.factory.buildProtocol if door is not None else None
+        return (ChannelOptions(port, accept),
+                {**environment, CHANNEL_ENV: str(port)})
 
     def _heard(self, session: Session, data: bytes) -> None:
         """
