@@ -102,6 +102,10 @@ class CapsuleConfig:
     # The session door's port (capsule.gateway.door) on the host side of
     # each session network; 0: no door.
     door_port: int = 3180
+    # The credential gateway's upstream for Anthropic's API, and the tokens
+    # one user may use through it per UTC day (None: no budget).
+    anthropic_upstream: str = "https://api.anthropic.com"
+    anthropic_budget: int | None = None
 
     tuning: Tuning = Tuning()
     # twistd's own logfile and nodaemon options (where a JSON log goes).
