@@ -144,6 +144,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         for number, event in enumerate(stream_events(fake.text, fake.input_tokens,
                                                      fake.output_tokens, fake.pieces)):
+            if number == 1 and fake.gate is not None:
+                # The first event is out: the rest waits for the test.
+                fake.gate.wait(60)
             if number and fake.pause:
                 time.sleep(fake.pause)
             self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
@@ -173,6 +176,8 @@ class FakeAnthropic:
     @param pause: seconds between two events of a stream.
     @param pieces: deltas the text is sent in.
     @param filler: bytes of ping events after the message (throughput).
+    @ivar gate: a C{threading.Event} (or C{None}): a stream sends its first
+        event, then waits for it to be set before the others.
     """
 
     def __init__(self, text: str = "Hello from the fake API.", key: str | None = None,
@@ -181,6 +186,7 @@ class FakeAnthropic:
         self.text, self.key, self.pause, self.pieces = text, key, pause, pieces
         self.input_tokens, self.output_tokens, self.filler = input_tokens, output_tokens, filler
         self.requests: list[Seen] = []
+        self.gate: threading.Event | None = None
         self.lock = threading.Lock()
         self._host = host
         self._server = None
