@@ -341,7 +341,8 @@ def report(run: dict) -> str:
                      " engine when the bench started; they compete for the same CPUs.")
     notes += run["notes"]
     text = "\n".join(f"- {n}" for n in notes)
-    if set(r) - {"density", "pressure"} or set(run["failures"]) - {"density", "capsule (density)"}:
+    if set(r) - {"density", "pressure", "gateway"} or \
+            set(run["failures"]) - {"density", "capsule (density)", "gateway"}:
         text = table(r, run["failures"], run["p"]) + "\n\n" + text
     for name in ("capsule (density)", "density"):
         if name in run["failures"]:
@@ -365,6 +366,19 @@ def report(run: dict) -> str:
                  f" answering {p['sessions_answering']}/{p['sessions_admitted']}, processes"
                  f" killed by the kernel {p['kernel_oom_kills']}, containers OOMKilled"
                  f" {p['containers_oom_killed']}.")
+    if r.get("gateway"):
+        g = r["gateway"]
+        first, stream = g.get("first_event_ms") or {}, g.get("stream_mib_per_s") or {}
+        if first:
+            text += (f"\n\nThe Anthropic gateway (`gateway.py`): the first event of a streamed"
+                     f" answer over {first['requests']} requests, through the gateway p50"
+                     f" {first['gateway_p50']:.2f} ms, p99 {first['gateway_p99']:.2f} ms; the"
+                     f" fake upstream alone p50 {first['direct_p50']:.2f} ms, p99"
+                     f" {first['direct_p99']:.2f} ms: added p50 {first['added_p50']:.2f} ms"
+                     f" (target <= 2 ms).")
+        if stream:
+            text += (f" A streamed answer of {stream['mib']} MiB: {stream['gateway']:.0f} MiB/s"
+                     f" through the gateway, {stream['direct']:.0f} MiB/s from the fake alone.")
     if r.get("doors"):
         text += ("\n\nWhat a client can make capsule hold through each door, with the caps"
                  " on (each line is the door's script's own JSON: the attack, capsule's"

@@ -64,7 +64,9 @@ class FakeAgent:
 
     def request(self, method, url, headers, body):
         d = Deferred(lambda d: None)
-        content = body._inputFile.read() if body is not None else None
+        content = None
+        if body is not None:
+            content = body._data if hasattr(body, "_data") else body._inputFile.read()
         self.asked.append(SimpleNamespace(method=method, url=url, headers=headers,
                                           body=content, answer=d))
         return d

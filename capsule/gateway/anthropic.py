@@ -28,13 +28,17 @@ import json
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import (Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone,
-                                ResponseFailed, PotentialDataLoss)
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.web.client import (Agent, BrowserLikePolicyForHTTPS, FileBodyProducer,
+                                HTTPConnectionPool, PotentialDataLoss, ResponseDone,
+                                ResponseFailed)
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -129,6 +133,78 @@ def placeholder_of(request) -> str | None:
     return None
 
 
+def no_delay(transport) -> None:
+    """
+    Send each write at once (TCP_NODELAY) on C{transport}, or the TCP
+    transport under it (TLS): an event of a stream must not wait for the
+    acknowledgement of the one before.
+    """
+    for _ in range(3):
+        if transport is None:
+            return
+        set_no_delay = getattr(transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
+            return
+        transport = getattr(transport, "transport", None)
+
+
+class _NoDelayEndpoint:
+    def __init__(self, endpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, factory):
+        def connected(protocol):
+            no_delay(protocol.transport)
+            return protocol
+        return self._endpoint.connect(factory).addCallback(connected)
+
+
+class _Endpoints:
+    """
+    The Agent's connections to the upstream: TCP (TLS for https, the
+    certificate verified against the system's roots), without Nagle's delay.
+    """
+
+    def __init__(self, reactor, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri):
+        endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        return _NoDelayEndpoint(endpoint)
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    A small body, written at once.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer):
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
 class _StreamBack(Protocol):
     """
     Passes the upstream's answer to the session's request piece by piece:
@@ -213,7 +289,8 @@ class AnthropicGateway(Resource):
         if agent is None:
             pool = HTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = 16
-            agent = Agent(reactor, connectTimeout=limits.connect_timeout, pool=pool)
+            agent = Agent.usingEndpointFactory(
+                reactor, _Endpoints(reactor, limits.connect_timeout), pool=pool)
         self._agent = agent
         self._under_way: dict[str, int] = {}
         self._refusal_log = RefusalLog(reactor, log=_log)
@@ -306,8 +383,14 @@ class AnthropicGateway(Resource):
         content.seek(0, 2)
         length = content.tell()
         content.seek(0)
-        body = FileBodyProducer(content, readSize=65536) if length or request.method == b"POST" \
-            else None
+        if length <= SMALL_BODY and (length or request.method == b"POST"):
+            # Written with the head, in the same turn: no wait for a
+            # cooperator, and one segment on the wire.
+            body = _BytesProducer(content.read())
+        elif length:
+            body = FileBodyProducer(content, readSize=65536)
+        else:
+            body = None
         d = self._agent.request(request.method, url,
                                 forwarded_headers(request.requestHeaders, key), body)
         timeout = self._reactor.callLater(self.limits.answer_timeout, d.cancel)

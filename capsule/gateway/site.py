@@ -21,8 +21,10 @@ import ipaddress
 
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from capsule.gateway.anthropic import no_delay
 from capsule.gateway.door import DoorRoot, door_url
 from capsule.web.bodies import RefusalLog
 from capsule.web.site import LimitedRequest
@@ -36,6 +38,13 @@ DEFAULT_BODY_LIMIT = 64 * 1024
 LOOPBACK_DOOR = "127.0.0.1"
 
 
+class _Channel(HTTPChannel):
+    def connectionMade(self):
+        super().connectionMade()
+        # Each piece of an answer goes as it is written.
+        no_delay(self.transport)
+
+
 class GatewaySite(Site):
     """
     The site behind the session door: bodies limited per child, refusals
@@ -44,6 +53,7 @@ class GatewaySite(Site):
     """
 
     requestFactory = LimitedRequest
+    protocol = _Channel
     # LimitedRequest asks these.
     bodies = None
 

@@ -88,7 +88,10 @@ class UsageReader:
             start = end + 1
 
     def _line(self, line: bytes) -> None:
-        if not line.startswith(b"data:"):
+        # Only the events that carry usage are parsed (the many deltas are
+        # not).
+        if not line.startswith(b"data:") or (b"message_start" not in line
+                                              and b"message_delta" not in line):
             return
         try:
             event = json.loads(line[5:].strip())

@@ -63,6 +63,9 @@ def stream_events(text: str, input_tokens: int, output_tokens: int, pieces: int)
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Each event goes as it is written (no Nagle wait for the last one's
+    # acknowledgement), as a real API's server sends them.
+    disable_nagle_algorithm = True
     server: "_Server"
 
     def log_message(self, format, *args):
