@@ -26,7 +26,7 @@ from .test_api import call
 
 AGENT_IMAGE = os.environ.get("CAPSULE_TEST_AGENT_IMAGE")
 
-pytestmark = pytest.mark.skipif(
+needs_agent = pytest.mark.skipif(
     not AGENT_IMAGE and not os.environ.get("CAPSULE_REQUIRE_DOCKER"),
     reason="set CAPSULE_TEST_AGENT_IMAGE to the agent image (make image)")
 
@@ -73,6 +73,7 @@ def _door_request(door: str, token: str | None, body: dict, timeout=30):
     return connection, connection.getresponse()
 
 
+@needs_agent
 def test_claude_code_uses_the_gateway_and_never_holds_the_key(gateway):
     server, fake, key, text, door_port = gateway
     session_id = _create(server)
@@ -123,6 +124,7 @@ def test_claude_code_uses_the_gateway_and_never_holds_the_key(gateway):
     assert key not in server.log()
 
 
+@needs_agent
 def test_forged_and_ended_placeholders_are_refused(gateway):
     server, fake, key, text, door_port = gateway
     session_id = _create(server)
@@ -149,6 +151,7 @@ def test_forged_and_ended_placeholders_are_refused(gateway):
     assert len([r for r in fake.requests if r.method == "POST"]) == 1
 
 
+@needs_agent
 def test_an_answer_arrives_in_pieces(gateway):
     server, fake, key, text, door_port = gateway
     session_id = _create(server)
@@ -173,3 +176,31 @@ def test_an_answer_arrives_in_pieces(gateway):
     finally:
         fake.gate.set()
         connection.close()
+
+
+def test_a_session_found_after_a_restart_keeps_its_placeholder(make_server, tmp_path):
+    key = f"sk-ant-test-{uuid.uuid4().hex}"
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('[profiles.brokered]\ncredentials = ["anthropic"]\n')
+    fake = FakeAnthropic(text="after the restart", key=key).start()
+    door_port = free_port()
+    options = ("--pool-size", "0", "--door-port", str(door_port), "--profiles", str(profiles),
+               "--anthropic-upstream", fake.url, "--state-dir", str(tmp_path / "state"),
+               "--grace", "120")
+    try:
+        first = make_server(*options, env={"ANTHROPIC_API_KEY": key})
+        session_id = _create(first, "brokered")
+        placeholder = _sh(first, session_id, "printf %s \"$ANTHROPIC_AUTH_TOKEN\"")["stdout"]
+        first.stop()
+        second = make_server(*options, instance=first.instance, env={"ANTHROPIC_API_KEY": key})
+        wait_for(lambda: "found 1 session(s) of an earlier run" in second.log(), 30,
+                 "the session found again")
+        door = f"http://{_gateway_ip()}:{door_port}"
+        connection, response = _door_request(door, placeholder, {"model": "m"})
+        answer = json.loads(response.read())
+        connection.close()
+        assert response.status == 200, answer
+        assert answer["content"][0]["text"] == "after the restart"
+        assert fake.requests[-1].headers["x-api-key"] == key
+    finally:
+        fake.stop()
