@@ -362,10 +362,12 @@ def test_usage_in_the_metrics_is_by_user_never_by_session():
     assert 'capsule_anthropic_refusals_total{code="budget_spent"} 1.0' in text
     assert 'capsule_anthropic_tokens_today{user="ann"} 7.0' in text
     assert "session-1" not in text
-    # A session that ended leaves the admin's list, not the user's counts.
+    # A session that ended leaves the admin's list, not the user's counts;
+    # an answer that ends after it does not bring it back.
     usage.session_ended(SimpleNamespace(id="session-1"))
+    usage.used("ann", "session-1", {"output_tokens": 1})
     assert "session-1" not in usage.describe()["sessions"]
-    assert usage.describe()["users"]["ann"]["tokens"] == 7
+    assert usage.describe()["users"]["ann"]["tokens"] == 8
 
 
 # -- what a session is told ----------------------------------------------------

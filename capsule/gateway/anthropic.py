@@ -465,8 +465,18 @@ class AnthropicGateway(Resource):
             self._usage.refused(code)
             request.write(anthropic_error(request, status, "api_error", message, code))
             request.finish()
+        def broken(failure):
+            _log.failure("the Anthropic gateway failed", failure)
+            if not state["gone"] and not request.finished:
+                if request.startedWriting:
+                    request.loseConnection()
+                else:
+                    request.write(anthropic_error(
+                        request, 502, "api_error", "capsule's Anthropic gateway failed: see"
+                        " capsule's log", "gateway_failed"))
+                    request.finish()
         d.addCallbacks(answered, failed)
-        d.addErrback(lambda f: _log.failure("the Anthropic gateway failed", f))
+        d.addErrback(broken)
 
 
 def _reason(failure) -> str:

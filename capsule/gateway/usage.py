@@ -204,7 +204,11 @@ class Usage(SessionObserver):
         user = self._user(user)
         self._roll()
         self.users.setdefault(user, Counts()).add(tokens)
-        self.sessions.setdefault(session_id, (user, Counts()))[1].add(tokens)
+        entry = self.sessions.get(session_id)
+        if entry is not None:
+            # (An answer that ends after its session did counts for its
+            # user only: the session is gone from the list.)
+            entry[1].add(tokens)
         self._today[user] = self._today.get(user, 0) + sum(tokens.get(n, 0) for n in TOKEN_KINDS)
 
     def refused(self, code: str) -> None:
