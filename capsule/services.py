@@ -554,8 +554,7 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     # The credential gateway: placeholders in sessions, the keys kept here.
     keys = Keys.from_secrets(config.secrets.values)
     placeholders = PlaceholderStore(
-        load_key((config.state_dir or default_state_dir()) if config.door_port else None,
-                 config.instance),
+        lambda: load_key(config.state_dir or default_state_dir(), config.instance),
         lambda: manager.sessions)
     usage = Usage(reactor, config.anthropic_budget)
     metrics.registry.register(UsageCollector(usage))

@@ -48,6 +48,22 @@ def test_a_session_found_after_a_restart_keeps_its_placeholder():
     assert PlaceholderStore(b"j" * 32, lambda: live).session_for(token) is None
 
 
+def test_the_key_is_read_once_and_only_when_a_placeholder_is_needed():
+    calls = []
+
+    def key():
+        calls.append(1)
+        return b"k" * 32
+    live = {}
+    placeholders = PlaceholderStore(key, lambda: live)
+    assert placeholders.session_for("capsule-x") is None
+    assert calls == []
+    live["s1"] = 1
+    token = placeholders.issue("s1")
+    assert placeholders.session_for(token) == "s1" and calls == [1]
+    assert token == store({"s1": 1}).issue("s1")
+
+
 def test_the_key_is_kept_in_the_state_directory(tmp_path):
     key = load_key(str(tmp_path / "state"), "main")
     path = tmp_path / "state" / "gateway-key-main"

@@ -87,18 +87,23 @@ class PlaceholderStore(SessionObserver):
     """
     The placeholders of the live sessions (see the module's docstring).
 
-    @param key: the secret placeholders are derived with (L{load_key}).
+    @param key: the secret placeholders are derived with (L{load_key}), or
+        a callable that returns it, called once, when a placeholder is first
+        needed (a server none of whose sessions has one writes no key).
     @param live: C{live()} is the ids of the sessions that exist now (the
         manager's C{sessions}): a placeholder answers only for them.
     """
 
-    def __init__(self, key: bytes, live: Callable[[], Iterable[str]]) -> None:
+    def __init__(self, key: bytes | Callable[[], bytes],
+                 live: Callable[[], Iterable[str]]) -> None:
         self._key = key
         self._live = live
         self._by_token: dict[str, str] = {}
         self._by_session: dict[str, str] = {}
 
     def _derive(self, session_id: str) -> str:
+        if callable(self._key):
+            self._key = self._key()
         mac = hmac.new(self._key, session_id.encode("utf-8"), hashlib.sha256).digest()
         return PREFIX + base64.urlsafe_b64encode(mac).decode("ascii").rstrip("=")
 
