@@ -423,3 +423,12 @@ def test_headers_helpers():
     assert placeholder_of(request) == "tok"
     request = SimpleNamespace(requestHeaders=Headers({b"x-api-key": [b"k2"]}))
     assert placeholder_of(request) == "k2"
+
+
+def test_an_idle_kept_alive_connection_is_closed():
+    from capsule.gateway.site import IDLE_TIMEOUT
+    g = Gateway()
+    site = make_gateway_site(None, g.clock)
+    assert site.timeOut == IDLE_TIMEOUT
+    channel = site.buildProtocol(None)
+    assert channel.timeOut == IDLE_TIMEOUT

@@ -33,6 +33,8 @@ _log = Logger()
 
 # What a request to a path with no limit of its own may send.
 DEFAULT_BODY_LIMIT = 64 * 1024
+# Seconds a kept-alive connection to the gateway may stay idle.
+IDLE_TIMEOUT = 300
 # Where a session with no network reaches the door: its keeper forwards
 # this address's door port to capsule.
 LOOPBACK_DOOR = "127.0.0.1"
@@ -58,7 +60,10 @@ class GatewaySite(Site):
     bodies = None
 
     def __init__(self, root: Resource, reactor=None) -> None:
-        super().__init__(root)
+        # A kept-alive connection with no request under way is closed after
+        # IDLE_TIMEOUT (twisted's default is 12 hours); a request's own time
+        # is its gateway's to bound.
+        super().__init__(root, timeout=IDLE_TIMEOUT)
         self.refusal_log = RefusalLog(reactor)
 
     def body_decision(self, path: bytes, request, length: int | None) -> int:
