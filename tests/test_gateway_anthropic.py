@@ -432,3 +432,13 @@ def test_an_idle_kept_alive_connection_is_closed():
     assert site.timeOut == IDLE_TIMEOUT
     channel = site.buildProtocol(None)
     assert channel.timeOut == IDLE_TIMEOUT
+
+
+def test_a_client_that_leaves_before_the_answer_cancels_the_request():
+    cancelled = []
+    g = Gateway()
+    g.agent.request = lambda *a: Deferred(cancelled.append)
+    transport = g.send()
+    transport.channel.connectionLost(Failure(ConnectionRefusedError()))
+    assert len(cancelled) == 1
+    assert g.gateway._under_way == {}

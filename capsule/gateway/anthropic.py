@@ -205,6 +205,15 @@ class _BytesProducer:
         pass
 
 
+class _Discard(Protocol):
+    """
+    An answer nobody takes (its session went away): stop it.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
 class _StreamBack(Protocol):
     """
     Passes the upstream's answer to the session's request piece by piece:
@@ -408,7 +417,7 @@ class AnthropicGateway(Resource):
             if timeout.active():
                 timeout.cancel()
             if state["gone"]:
-                response.deliverBody(Protocol())
+                response.deliverBody(_Discard())
                 return
             request.setResponseCode(response.code, response.phrase)
             for name, values in response.headers.getAllRawHeaders():
