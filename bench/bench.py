@@ -44,6 +44,9 @@ measures, in one run:
 10. keeper channels (``channels.py``): a session's keeper stream carrying a
    TCP connection against TCP to a container's address, and the terminal's
    echo during a bulk channel.
+11. the Anthropic credential gateway (``gateway.py``): the time to the first
+   event of a streamed answer through it against the fake upstream alone,
+   and a large streamed answer's throughput both ways.
 
 Each capsule figure is measured in turn with its floor, so that a change in
 the machine's load hits both alike.  ``--capsule-arg`` passes options to every
@@ -104,7 +107,7 @@ QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
 
 # What --only may select: the measurements whose phase names start so.
 ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors",
-        "pressure", "density", "channels")
+        "pressure", "density", "channels", "gateway")
 
 # The density run's sessions live without a client for its whole length.
 DENSITY_GRACE = 3600.0
@@ -210,6 +213,8 @@ class Bench:
             await self.phase("pressure", self.pressure)
         if self.selected("channels"):
             await self.phase("channels", self.channels)
+        if self.selected("gateway"):
+            await self.phase("gateway", self.gateway)
         self.load_after = os.getloadavg()
 
     async def pressure(self) -> None:
@@ -244,6 +249,22 @@ class Bench:
             raise RuntimeError(f"channels.py exited {done.returncode}: {done.stderr[-500:]}")
         self.results["channels"] = json.loads(done.stdout.strip().splitlines()[-1])
         say(done.stderr.strip())
+    async def gateway(self) -> None:
+        """
+        What the Anthropic credential gateway adds to a streamed answer
+        (``gateway.py``, which starts capsules of its own): its figures go
+        into the report.
+        """
+        command = [sys.executable, str(Path(__file__).with_name("gateway.py")),
+                   "--image", self.image, "--requests", "50" if self.args.quick else "200"]
+        done = await deferToThread(subprocess.run, command, capture_output=True, text=True,
+                                   timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"gateway.py exited {done.returncode}: {done.stderr[-500:]}")
+        *lines, last = done.stdout.strip().splitlines()
+        self.results["gateway"] = json.loads(last)["gateway"]
+        for line in lines:
+            say(line)
 
     async def door(self, script: str, arguments: list[str]) -> None:
         """

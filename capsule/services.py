@@ -17,7 +17,6 @@ from twisted.internet.defer import (CancelledError, Deferred, DeferredList, mayb
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
-from twisted.web.server import Site
 
 from capsule.auth.checkers import AuthThreadPool
 from capsule.auth.gate import Authenticator
@@ -25,12 +24,17 @@ from capsule.config import CapsuleConfig
 from capsule.core.addresses import overlapping
 from capsule.core.admission import AdmissionControl, AdmissionPolicy
 from capsule.core.memory import MemoryBudget
+from capsule.core.profiles import DEFAULT_PROFILE
 from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
 from capsule.engine.keeper_direct import DirectKeeper
 from capsule.engine.firewall import Firewall
 from capsule.engine.network import SessionNetwork
-from capsule.gateway.door import DoorRoot, SessionDoor
+from capsule.gateway.anthropic import AnthropicGateway, GatewayLimits
+from capsule.gateway.credentials import Keys, PlaceholderStore, load_key
+from capsule.gateway.door import SessionDoor
+from capsule.gateway.site import SessionEnvironment, make_gateway_site
+from capsule.gateway.usage import Usage, UsageCollector
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
 from capsule.ops.recording import SessionRecorder
@@ -547,24 +551,35 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     # The metrics, the owners' file, the recorder and the spectators observe
     # the sessions.
     direct = DirectKeeper(reactor, docker) if config.keeper and tuning.keeper_direct else None
+    firewall = Firewall(reactor, config.firewall, door_port=config.door_port,
+                        allowed=config.egress_allow_addresses)
+    network = SessionNetwork(docker, reactor, config.spec.network, firewall=firewall)
+    # The credential gateway: placeholders in sessions, the keys kept here.
+    keys = Keys.from_secrets(config.secrets.values)
+    placeholders = PlaceholderStore(
+        lambda: load_key(config.state_dir or default_state_dir(), config.instance),
+        lambda: manager.sessions)
+    usage = Usage(reactor, config.anthropic_budget)
+    metrics.registry.register(UsageCollector(usage))
     # The session door: on the session networks' gateways, and over the
-    # keeper's channels for sessions without a network (the manager's).
+    # keeper's channels for sessions without a network (the manager's); the
+    # gateway behind it is made once the manager is.
     door = None
     if config.door_port:
-        door = SessionDoor(reactor, config.door_port, Site(DoorRoot()))
+        door = SessionDoor(reactor, config.door_port, factory_of=lambda: gateway_site)
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
                              owners=owners,
-                             observers=[o for o in (recorder, spectators) if o is not None],
+                             observers=[o for o in (recorder, spectators, placeholders, usage)
+                                        if o is not None],
                              memory=memory, direct=direct,
-                             pool_room=lambda: warm_room(memory, manager), door=door)
+                             pool_room=lambda: warm_room(memory, manager), door=door,
+                             session_environment=[SessionEnvironment(
+                                 config.door_port, network, placeholders, keys)])
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
                   " capsule's environment nor in --secrets-file): its sessions start without"
                   " it", profile=profile, name=name)
-    firewall = Firewall(reactor, config.firewall, door_port=config.door_port,
-                        allowed=config.egress_allow_addresses)
-    network = SessionNetwork(docker, reactor, config.spec.network, firewall=firewall)
     # A request from a session's address never has its proxy headers
     # believed, whatever --trusted-proxy says.
     addresses = ClientAddresses(list(config.trusted_proxies), network.subnets)
@@ -590,6 +605,7 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         # unless start-at-first-frame.
         start_at_open=not tuning.start_at_first_frame,
         metrics_token=config.metrics_token, admin_token=config.admin_token,
+        admin_usage=usage.describe,
         admin_users=list(config.admin_users),
         # With users, loopback is everyone on the machine: not admin unless said.
         admin_loopback=config.admin_loopback or not config.users,
@@ -614,6 +630,16 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         # No one user (or client) may hold more than a quarter of the
         # Docker threads with its execs and uploads.
         docker_calls_per_caller=max(1, tuning.docker_threads // 4))
+    anthropic = AnthropicGateway(
+        reactor, placeholders, keys, manager.sessions, usage,
+        upstream=config.anthropic_upstream,
+        limits=GatewayLimits(per_session=tuning.anthropic_requests_per_session,
+                             body_bytes=tuning.anthropic_body_bytes,
+                             connect_timeout=tuning.anthropic_connect_timeout,
+                             answer_timeout=tuning.anthropic_answer_timeout,
+                             idle_timeout=tuning.anthropic_idle_timeout),
+        profile_of=lambda session: session.settings or manager.profiles[DEFAULT_PROFILE])
+    gateway_site = make_gateway_site(anthropic, reactor)
     sessions = SessionService(manager, reactor, site.websocket_factory, admission, docker,
                               network, trusted_proxies=config.trusted_proxies,
                               user_header=config.user_header,

@@ -42,6 +42,23 @@ def _port_or_zero(value):
     return number
 
 
+def _upstream(value):
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query \
+            or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"must be an https URL with a host and nothing else (like"
+                         f" https://api.anthropic.com), got {value!r}")
+    if parts.scheme == "http":
+        try:
+            loopback = ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            loopback = parts.hostname == "localhost"
+        if not loopback:
+            raise ValueError(f"http (not https) only to a loopback address: the key would"
+                             f" cross the network in clear text, got {value!r}")
+    return value.rstrip("/")
+
+
 def _positive(kind):
     def convert(value):
         number = kind(value)
@@ -133,6 +150,14 @@ class Options(usage.Options):
          "Port of the session door: what sessions reach of capsule from inside (the"
          " credential gateway, the egress proxy), on the host side of each session network"
          " only; 0: no door.", _port_or_zero],
+        ["anthropic-upstream", None, "https://api.anthropic.com",
+         "Where the credential gateway forwards sessions' requests to Anthropic's API, with"
+         " the real ANTHROPIC_API_KEY on them (https, certificate verified; http only to a"
+         " loopback address, for tests).", _upstream],
+        ["anthropic-budget", None, None,
+         "Tokens (input, output and cache, from the answers' usage) one user may use through"
+         " the credential gateway per day (UTC); past it, requests are refused (429)"
+         " [default: no budget].", _positive(int)],
         ["instance", None, "default",
          "Name of this server. Its containers are labelled with it; at start-up it"
          " removes the leftovers of its own name only."],
@@ -510,6 +535,8 @@ class Options(usage.Options):
             keeper=not self["no-keeper"], grace=self["grace"], door_port=self["door-port"],
             firewall=self["firewall"],
             egress_allow_addresses=tuple(self["egress-allow-address"]),
+            anthropic_upstream=self["anthropic-upstream"],
+            anthropic_budget=self["anthropic-budget"],
             max_lifetime=self["max-lifetime"], idle_timeout=self["idle-timeout"],
             replay_bytes=self["replay-buffer"], pool_size=self["pool-size"],
             profiles=MappingProxyType(dict(self["profile-table"])), secrets=self["secrets"],

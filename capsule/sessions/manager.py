@@ -70,6 +70,11 @@ class SessionManager:
     @param observers: others told what happens to sessions (recordings).
     @param pool_room: whether the server has room for one more warm session
         beyond a pool's size (see L{WarmPool}); default: always.
+    @param session_environment: callables C{(session_id, profile)} each
+        returning variables for the environment of that session's container
+        (a feature's: the credential gateway's placeholder, git's and the
+        egress proxy's settings), merged in turn over the profile's when the
+        container is made.
 
     @ivar sessions: the live sessions by id.
     @ivar recovery: finds the sessions of an earlier run (L{Recovery}).
@@ -81,12 +86,16 @@ class SessionManager:
 
     def __init__(self, docker, clock, config: SessionConfig, *, metrics=None, owners=None,
                  observers=(), memory=None, direct=None, pool_room=None,
-                 door=None) -> None:
+                 door=None, session_environment=()) -> None:
         self._docker = docker
         # The session door (capsule.gateway.door: its port and factory), or
         # None: a session without a network reaches it over its keeper's
         # channels (capsule.engine.channels).
         self._door = door
+        # What sessions' environments get besides their profile's: each a
+        # callable (session id, profile) -> dict (the gateway's door URL and
+        # placeholders, the egress proxy's variables).
+        self._session_environment = tuple(session_environment)
         # The memory accounting (capsule.core.memory.MemoryBudget): a warm
         # pool refills only while its next session fits.
         self.memory = memory
@@ -570,7 +579,8 @@ class SessionManager:
         """
         How the container of session C{session_id}, of profile C{settings}
         (default: C{shell}) for C{user}, is made: its labels, its secrets,
-        the user's agent volume.
+        the features' environment (C{session_environment}), the user's
+        agent volume.
         """
         settings = settings or self.profiles[DEFAULT_PROFILE]
         spec = settings.spec
@@ -587,8 +597,12 @@ class SessionManager:
                              LABEL_VOLUME: "agent"}
         secret = ({SECRET_LABEL: os.urandom(SECRET_BYTES).hex()}
                   if self._direct is not None and has_own_address(spec.network) else {})
+        environment = dict(spec.environment)
+        for more in self._session_environment:
+            environment.update(more(session_id, settings))
         return replace(spec, labels={**spec.labels, **self.labels, LABEL_SESSION: session_id,
                                      LABEL_PROFILE: settings.name, **secret},
+                       environment=environment,
                        secrets=self.config.secrets.for_profile(settings), volumes=volumes,
                        volume_labels=volume_labels)
 

@@ -462,7 +462,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               answer_write_timeout: float = EXEC_WRITE_TIMEOUT,
               docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER, access_log: bool = False,
               connection_limits: ConnectionLimits = ConnectionLimits(),
-              spectators=None, firewall=None,
+              spectators=None, firewall=None, admin_usage=None,
               **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -557,7 +557,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         top = AuthGate(root, authenticator, OPEN_PATHS)
         body_limits[b"/login"] = LOGIN_MAX_BODY
     top = AdminMount(top, AdminResource(manager, drain, AdminAccess(
-        admin_token, admin_users, authenticator, admin_loopback), reactor))
+        admin_token, admin_users, authenticator, admin_loopback), reactor,
+        usage=admin_usage))
     return CapsuleSite(GuardResource(top, host_policy), reactor=reactor,
                        logFormatter=access_log_line, body_limits=body_limits,
                        body_rules=[session_api.body_limit], websocket_factory=factory,
