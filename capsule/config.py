@@ -102,6 +102,8 @@ class CapsuleConfig:
     # The session door's port (capsule.gateway.door) on the host side of
     # each session network; 0: no door.
     door_port: int = 3180
+    # The profile a session gets when its client names none.
+    default_profile: str = "shell"
 
     tuning: Tuning = Tuning()
     # twistd's own logfile and nodaemon options (where a JSON log goes).
