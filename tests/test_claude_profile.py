@@ -236,7 +236,7 @@ def _run(tmp_path, env=None, config=None, settings=None):
 @needs_node
 def test_without_a_key_or_a_login_it_says_how_to_log_in(tmp_path):
     said, state = _run(tmp_path)
-    assert "capsule: Claude Code has no Anthropic key here, and no login yet." in said
+    assert "capsule: no Anthropic key, no login yet." in said
     assert "type /login in Claude Code" in said and "ANTHROPIC_API_KEY" in said
     assert said.index("no login yet") < said.index("claude ran:")
     config = json.loads((state / ".claude.json").read_text())

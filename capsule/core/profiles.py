@@ -87,9 +87,15 @@ if [ -z "$ANTHROPIC_API_KEY$ANTHROPIC_AUTH_TOKEN$CLAUDE_CODE_OAUTH_TOKEN" ] \
     && ! [ -s "$config_dir/.credentials.json" ] \
     && ! grep -qs '"primaryApiKey"\|"apiKeyHelper"' "$config_file" "$config_dir/settings.json"
 then
-  printf '\ncapsule: Claude Code has no Anthropic key here, and no login yet.\n'
-  printf 'capsule: to log in, type /login in Claude Code (the login is kept for your next sessions),\n'
-  printf 'capsule: or ask the operator to start capsule with ANTHROPIC_API_KEY set.\n\n'
+  # Short lines: a phone's terminal is some 45 columns wide.
+  printf '\ncapsule: no Anthropic key, no login yet.\n'
+  printf 'To log in, type /login in Claude Code\n'
+  # Said only where the config directory is a volume of its own.
+  if grep -qsF " $config_dir " /proc/self/mountinfo; then
+    printf '(the login is kept for your next sessions),\n'
+  fi
+  printf 'or ask the operator to start capsule\n'
+  printf 'with ANTHROPIC_API_KEY set.\n\n'
 fi
 if [ -n "$bypass" ]; then
   claude --dangerously-skip-permissions "$@"
