@@ -217,3 +217,34 @@ def test_the_plain_url_shows_claude_code(make_server, browser, viewport):  # noq
         server.stop()
         server.remove_containers()
         remove_volumes(server.instance)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")
+def test_a_bypass_profile_runs_claude_code_without_asking(make_server, browser,  # noqa: F811
+                                                          tmp_path):
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('[profiles.yolo]\nextends = "claude"\nagent_permissions = "bypass"\n')
+    server = claude_server(make_server, "--profiles", str(profiles))
+    try:
+        context = browser.new_context(viewport={"width": 1000, "height": 600})
+        page = context.new_page()
+        page.goto(server.url + "/?profile=yolo")
+        page.wait_for_selector('#status[data-state="connected"]', timeout=90000)
+        wait_text(page, "#profile", "^yolo$")
+        # As uid 1000, no IS_SANDBOX needed; its warning accepted ahead:
+        # straight to its prompt, in bypass mode.
+        wait_unwrapped(page, "Not logged in", 90000)
+        wait_unwrapped(page, "bypass permissions on", 10000)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "claude-bypass-1000x600.png"))
+        session_id = page.get_attribute("#session", "title")
+        top = container_of(session_id).top(ps_args="-eo pid,args")["Processes"]
+        assert any(p[-1].startswith("claude --dangerously-skip-permissions") for p in top), top
+        settings = json.loads(in_container(session_id, "cat $CLAUDE_CONFIG_DIR/settings.json"))
+        assert settings == {"skipDangerousModePermissionPrompt": True}
+        context.close()
+    finally:
+        server.stop()
+        server.remove_containers()
+        remove_volumes(server.instance)
+
