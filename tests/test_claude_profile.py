@@ -296,3 +296,23 @@ def test_bypass_runs_claude_without_asking_and_accepts_its_warning_once(tmp_path
         "skipDangerousModePermissionPrompt": False}
     said, _ = _run(tmp_path)
     assert "claude ran: \n" in said + "\n" and "dangerously" not in said
+
+
+# -- the admin command ----------------------------------------------------------------------------
+
+def test_admin_names_the_local_users_volume_and_removes_it():
+    from tests.test_profiles import FakeVolumesAPI, _admin
+    local = {"Name": agent_volume_name("default", "claude", None), "Labels": {
+        "io.capsule.managed": "true", "io.capsule.instance": "default",
+        "io.capsule.user": "", "io.capsule.profile": "claude", "io.capsule.volume": "agent"}}
+    alice = {**local, "Name": agent_volume_name("default", "claude", "alice"),
+             "Labels": {**local["Labels"], "io.capsule.user": "alice"}}
+    api = FakeVolumesAPI([local, alice])
+    code, lines = _admin(["volumes"], api)
+    assert code == 0
+    assert [line.split()[:2] for line in lines[1:3]] == [["(local)", "claude"],
+                                                         ["alice", "claude"]]
+    code, lines = _admin(["remove-volumes", "--user", ""], api)
+    assert (code, lines) == (0, [f"removed {local['Name']}",
+                                 "removed 1 agent volume(s) of (local) (instance default)"])
+    assert list(api._volumes) == [alice["Name"]]
