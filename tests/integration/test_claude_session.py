@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ SHOTS = Path(os.environ.get("CAPSULE_SCREENSHOTS") or "/tmp/shots/claude")
 # Every key capsule or Claude Code reads as a credential: none here.
 KEYS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN")
 
-pytestmark = pytest.mark.skipif(
+needs_agent = pytest.mark.skipif(
     not AGENT_IMAGE and not os.environ.get("CAPSULE_REQUIRE_DOCKER"),
     reason="set CAPSULE_TEST_AGENT_IMAGE to the agent image (make image)")
 
@@ -92,6 +93,7 @@ async def open_claude(server, headers=None) -> tuple[WSClient, str]:
     return client, session_id
 
 
+@needs_agent
 @pytest_twisted.ensureDeferred
 async def test_without_users_claude_says_how_to_log_in_and_a_login_survives(make_server):
     server = claude_server(make_server)
@@ -136,6 +138,7 @@ async def test_without_users_claude_says_how_to_log_in_and_a_login_survives(make
         remove_volumes(server.instance)
 
 
+@needs_agent
 @pytest_twisted.ensureDeferred
 async def test_a_users_claude_state_is_in_their_next_session(make_server, tmp_path):
     token = "ann-token-" + "1" * 30
@@ -185,6 +188,7 @@ def wait_unwrapped(page, text: str, timeout: float) -> None:
         ".replace(/\\n/g, '').includes(t); }", arg=text, timeout=timeout)
 
 
+@needs_agent
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")
 @pytest.mark.parametrize("viewport", [(1000, 600), (390, 844)], ids=["desktop", "phone"])
 def test_the_plain_url_shows_claude_code(make_server, browser, viewport):  # noqa: F811
@@ -219,6 +223,7 @@ def test_the_plain_url_shows_claude_code(make_server, browser, viewport):  # noq
         remove_volumes(server.instance)
 
 
+@needs_agent
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")
 def test_a_bypass_profile_runs_claude_code_without_asking(make_server, browser,  # noqa: F811
                                                           tmp_path):
@@ -247,4 +252,40 @@ def test_a_bypass_profile_runs_claude_code_without_asking(make_server, browser, 
         server.stop()
         server.remove_containers()
         remove_volumes(server.instance)
+
+
+# -- the page, against a scripted server ---------------------------------------------------
+
+from . import test_page_agent  # noqa: E402
+from .test_page_protocol import ScriptedServer, page_url, until  # noqa: E402,F401
+
+new_page = test_page_agent.new_page
+watched_page = test_page_agent.watched_page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")
+def test_the_page_names_the_profile_and_keeps_it_in_the_title(page_url, watched_page):  # noqa: F811
+    """
+    The bar and the title name the session's profile (the connected
+    frame's); the title says so again once the tab, having shown "your
+    agent is waiting", is seen again.
+    """
+    page = watched_page(grant=False)
+
+    def on_resize(ws):
+        ws.send(json.dumps({"type": "connected", "session_id": str(uuid.uuid4()),
+                            "resumed": False, "offset": 0, "window": 1 << 20, "replay": 0,
+                            "profile": "claude"}))
+        ws.send(b"$ ")
+    server = ScriptedServer(page, on_resize)
+    page.goto(page_url)
+    page.wait_for_selector('#status[data-state="connected"]')
+    wait_text(page, "#profile", "^claude$")
+    assert page.title() == "capsule \u00b7 claude"
+    test_page_agent.hide(page)
+    server.sockets[0].send(b"\x07")
+    until(page, lambda: page.title() == test_page_agent.WAITING_TITLE, "the waiting title")
+    test_page_agent.hide(page, False)
+    assert page.title() == "capsule \u00b7 claude"
+    assert page.errors == []
 
