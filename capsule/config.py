@@ -102,6 +102,11 @@ class CapsuleConfig:
     # The session door's port (capsule.gateway.door) on the host side of
     # each session network; 0: no door.
     door_port: int = 3180
+    # Previews (capsule.web.preview): their wildcard domain (None: under
+    # /preview/ only), connections per session, bytes per second per port.
+    preview_domain: str | None = None
+    preview_connections_per_session: int = 64
+    preview_bytes_per_second: int | None = None
 
     tuning: Tuning = Tuning()
     # twistd's own logfile and nodaemon options (where a JSON log goes).

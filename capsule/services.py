@@ -30,6 +30,8 @@ from capsule.engine.docker import DockerAPI
 from capsule.engine.keeper_direct import DirectKeeper
 from capsule.engine.network import SessionNetwork
 from capsule.gateway.door import DoorRoot, SessionDoor
+from capsule.web.preview import PreviewLimits
+from capsule.core.preview_access import PreviewAccess
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
 from capsule.ops.recording import SessionRecorder
@@ -598,6 +600,11 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
             spool=tuning.export_spool_bytes, spool_budget=tuning.export_spool_budget,
             stall=tuning.export_stall),
         public_url=config.public_url, upload_max_bytes=config.upload_max_bytes,
+        preview_domain=config.preview_domain, own_ports=(config.door_port,),
+        preview_access=PreviewAccess(reactor, ShareStore(
+            reactor, tuning.share_ttl, max(tuning.share_ttl, tuning.share_max_ttl))),
+        preview_limits=PreviewLimits(per_session=config.preview_connections_per_session,
+                                     bytes_per_second=config.preview_bytes_per_second),
         access_log=config.access_log,
         spool_max_bytes=config.spool_max_bytes, bodies_per_address=tuning.bodies_per_address,
         answer_write_timeout=tuning.answer_write_timeout,
