@@ -119,6 +119,9 @@ def target_of(host: str | None, path: bytes, domain: str | None) -> Target | Pre
     parts = path.split(b"?", 1)[0].split(b"/", 4)
     try:
         session_id = parse_session_id(parts[2].decode("ascii"))
+        if session_id != parts[2].decode("ascii"):
+            # Only the id as capsule writes it: the prefix is the cookie's path.
+            raise ValueError
         port = int(parts[3].decode("ascii"))
         if not valid_port(port) or parts[3] != b"%d" % port:
             raise ValueError
