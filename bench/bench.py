@@ -40,7 +40,10 @@ measures, in one run:
 9. the floors, with docker-py and Twisted and no capsule: container
    create+start+exec, plain exec, the same many at once, and the raw exec
    stream's throughput and echo (read through capsule's own exec-start
-   upgrade, ``capsule.engine.exec_process.ExecStreamProtocol``).
+   upgrade, ``capsule.engine.exec_process.ExecStreamProtocol``);
+10. a preview (``preview.py``): a port's throughput each way, small answers
+    per second and their latency through capsule's preview, next to a direct
+    connection to the container's port, and capsule's memory during 1 GiB.
 
 Each capsule figure is measured in turn with its floor, so that a change in
 the machine's load hits both alike.  ``--capsule-arg`` passes options to every
@@ -101,7 +104,7 @@ QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
 
 # What --only may select: the measurements whose phase names start so.
 ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors",
-        "pressure", "density")
+        "pressure", "density", "preview")
 
 # The density run's sessions live without a client for its whole length.
 DENSITY_GRACE = 3600.0
@@ -205,6 +208,8 @@ class Bench:
                                  quick if self.args.quick else full)
         if self.selected("pressure"):
             await self.phase("pressure", self.pressure)
+        if self.selected("preview"):
+            await self.phase("preview", self.preview)
         self.load_after = os.getloadavg()
 
     async def pressure(self) -> None:
@@ -221,6 +226,24 @@ class Bench:
             raise RuntimeError(f"pressure.py exited {done.returncode}: {done.stderr[-500:]}")
         *lines, last = done.stdout.strip().splitlines()
         self.results["pressure"] = json.loads(last)
+        for line in lines:
+            say(line)
+
+    async def preview(self) -> None:
+        """
+        A preview next to a direct connection to the container's port
+        (``preview.py``, which starts a capsule of its own): its table is
+        printed, its figures go into the report.
+        """
+        command = [sys.executable, str(Path(__file__).with_name("preview.py")),
+                   "--image", self.image, *(["--quick"] if self.args.quick else [])]
+        done = await deferToThread(subprocess.run, command, capture_output=True, text=True,
+                                   timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"preview.py exited {done.returncode}: {done.stderr[-500:]}")
+        *lines, last = done.stdout.strip().splitlines()
+        self.results["preview"] = json.loads(last)["preview"]
+        self.results["preview_table"] = lines
         for line in lines:
             say(line)
 

@@ -365,6 +365,10 @@ def report(run: dict) -> str:
                  f" answering {p['sessions_answering']}/{p['sessions_admitted']}, processes"
                  f" killed by the kernel {p['kernel_oom_kills']}, containers OOMKilled"
                  f" {p['containers_oom_killed']}.")
+    if r.get("preview_table"):
+        text += ("\n\nA preview (issue 23) next to a direct connection from the host to the"
+                 " container's port (`bench/preview.py`; target: 80 % of the direct"
+                 " throughput):\n\n" + "\n".join(r["preview_table"]))
     if r.get("doors"):
         text += ("\n\nWhat a client can make capsule hold through each door, with the caps"
                  " on (each line is the door's script's own JSON: the attack, capsule's"

@@ -303,3 +303,85 @@ def test_a_session_without_a_network_says_so(www):  # noqa: F811
     status, _, body = parse(client.value())
     assert status == 502 and json.loads(body)["code"] == "no_network"
     assert "has no network" in json.loads(body)["error"]
+
+
+def _spliced(web, cookie: str | None = None):
+    """
+    A preview request of port 3000 of the fake session, connected upstream.
+    """
+    connection, client = _open(web)
+    extra = f"Cookie: capsule_preview={cookie}\r\n" if cookie else ""
+    connection.dataReceived(f"GET /preview/{SID}/3000/ HTTP/1.1\r\nHost: x\r\n{extra}"
+                            "\r\n".encode())
+    host, port, factory, _, _ = web.reactor.tcpClients[-1]
+    upstream = StringTransport()
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    protocol.makeConnection(upstream)
+    return client, upstream, protocol
+
+
+def _with_session(www, **limits):  # noqa: F811
+    from capsule.web.preview import PreviewLimits
+    web = Web(www)
+    web.manager.sessions[SID] = _Session(user="alice")
+    router = web.site.previews
+    router.limits = PreviewLimits(**limits)
+
+    async def address(session):
+        return "172.18.0.5"
+    router.address = address
+    return web, router
+
+
+def test_a_sessions_previews_hold_a_bounded_number_of_connections(www):  # noqa: F811
+    web, router = _with_session(www, per_session=2)
+    router.access.set_public(SID, 3000, True)
+    first = _spliced(web)
+    _spliced(web)
+    connection, client = _open(web)
+    connection.dataReceived(f"GET /preview/{SID}/3000/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status, _, body = parse(client.value())
+    assert status == 429 and json.loads(body)["code"] == "too_many_preview_connections"
+    # One ends: room again.
+    first[2].connectionLost(None)
+    assert len(router.open[SID]) == 1
+    _spliced(web)
+    assert len(router.open[SID]) == 2
+
+
+def test_a_revoked_link_closes_what_was_opened_through_it(www):  # noqa: F811
+    web, router = _with_session(www)
+    share, _ = router.access.share(SID, 3000, ttl=100)
+    grant = router.access.grant(SID, 3000, share=share)
+    client, upstream, _ = _spliced(web, cookie=grant)
+    assert upstream.value().startswith(b"GET / HTTP/1.1")
+    owner_grant = router.access.grant(SID, 3000, user="alice")
+    other_client, other_upstream, _ = _spliced(web, cookie=owner_grant)
+    assert router.access.revoke(SID, 3000, share.id)
+    router.revoked(SID, 3000, share.id)
+    assert client.disconnecting or client.disconnected
+    assert not (other_client.disconnecting or getattr(other_client, "disconnected", False))
+
+
+def test_a_preview_carries_at_most_its_bytes_per_second(www):  # noqa: F811
+    web, router = _with_session(www, bytes_per_second=1000)
+    router.access.set_public(SID, 3000, True)
+    client, upstream, protocol = _spliced(web)
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 3000)
+    # Over its second's worth: the session's side pauses, for as long as
+    # the excess takes at the rate.
+    assert upstream.producerState == "paused"
+    web.reactor.advance(1.9)
+    assert upstream.producerState == "paused"
+    web.reactor.advance(0.2)
+    assert upstream.producerState == "producing"
+
+
+def test_a_grant_of_another_user_or_nobody_does_not_open_a_private_port(www):  # noqa: F811
+    web, router = _with_session(www)
+    connection, client = _open(web)
+    connection.dataReceived(f"GET /preview/{SID}/3000/ HTTP/1.1\r\nHost: x\r\n"
+                            "Cookie: capsule_preview=forged\r\n\r\n".encode())
+    # No authenticator in this site: the caller is nobody, the owner alice.
+    status, _, body = parse(client.value())
+    assert status == 404 and json.loads(body)["code"] == "session_not_found"
