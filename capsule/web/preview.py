@@ -22,11 +22,14 @@ a new connection and is routed again.
 
 from __future__ import annotations
 
+import fcntl
 import html
 import json
+import os
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote
 
+from twisted.internet import main, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError, TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IPushProducer
@@ -342,6 +345,99 @@ class _Valve:
             self.transport.loseConnection()
 
 
+# fcntl's F_SETPIPE_SZ (Linux).
+_F_SETPIPE_SZ = 1031
+
+
+def can_splice(transport) -> bool:
+    """
+    Whether C{transport} is a plain TCP socket of this host's kernel
+    (splice(2) moves bytes between two such without copying them through
+    capsule).
+    """
+    return hasattr(os, "splice") and isinstance(transport, tcp.Connection)
+
+
+class _Splicer:
+    """
+    Moves what C{src}'s socket receives to C{dst}'s socket in the kernel
+    (splice(2) through a pipe), in place of Twisted's reading and writing:
+    while C{dst} cannot take more, C{src} is not read (the back-pressure of
+    the splice). Bytes of Twisted's own still queued for C{dst} (a head)
+    go first: until they are out, C{src} is read the ordinary way.
+    """
+
+    def __init__(self, src, dst) -> None:
+        self.src, self.dst = src, dst
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.w, _F_SETPIPE_SZ, SPLICE_BUFFER)
+        except OSError:
+            pass
+        self.pending = 0
+        self.closed = False
+        self._read, self._write = src.doRead, dst.doWrite
+        src.doRead, dst.doWrite = self.doRead, self.doWrite
+
+    def _queued(self) -> bool:
+        dst = self.dst
+        return bool(dst._tempDataLen or len(dst.dataBuffer) - dst.offset)
+
+    def doRead(self):
+        if self.closed or self._queued():
+            return self._read()
+        try:
+            n = os.splice(self.src.fileno(), self.w, SPLICE_BUFFER,
+                          flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if n == 0:
+            return main.CONNECTION_DONE
+        self.pending += n
+        self._flush()
+        return None
+
+    def _flush(self) -> None:
+        while self.pending:
+            try:
+                n = os.splice(self.r, self.dst.fileno(), self.pending,
+                              flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                # dst is full: src waits until it drains.
+                self.src.stopReading()
+                self.dst.startWriting()
+                return
+            except OSError:
+                self.pending = 0
+                self.dst.abortConnection()
+                self.src.loseConnection()
+                return
+            self.pending -= n
+
+    def doWrite(self):
+        if self.pending and not self.closed:
+            self._flush()
+            if self.pending:
+                return None
+            if not self.src.disconnected:
+                self.src.startReading()
+            if not self._queued() and not self.dst.disconnecting:
+                self.dst.stopWriting()
+                return None
+        return self._write()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for fd in (self.r, self.w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
 class PreviewRouter:
     """
     Routes the site's preview requests (see the module), and keeps what
@@ -522,6 +618,7 @@ class _Diversion:
         self._upgrade = False
         self._client_valve = self._upstream_valve = None
         self._buckets = None
+        self._splicers: list[_Splicer] = []
 
     # -- the decision ------------------------------------------------------------
 
@@ -828,6 +925,7 @@ class _Diversion:
         held, self._held = self._held, []
         for data in held:
             self._to_upstream(data)
+        self._splice(connection.transport, upstream.transport)
         connection.resumeProducing()
         self.router.log("preview of {session}:{port}: {method} from {client}",
                         session=self.session_id[:8], port=self.port,
@@ -875,12 +973,26 @@ class _Diversion:
                 self._head_done = True
                 self._answer_head = b""
                 data = answer_head(head, path_form=self.target.form == "path") + rest
+                self._splice(self._upstream.transport, self.connection.transport)
         if data:
             self.connection.write(data)
             if self._buckets is not None:
                 self._throttle(self._buckets[1], len(data), self._upstream_valve)
 
+    def _splice(self, src, dst) -> None:
+        """
+        From now on, what C{src} reads goes to C{dst} in the kernel, when
+        both are TCP sockets and no rate caps the preview.
+        """
+        if self._buckets is None and can_splice(src) and can_splice(dst):
+            self._splicers.append(_Splicer(src, dst))
+
+    def _unsplice(self) -> None:
+        for splicer in self._splicers:
+            splicer.close()
+
     def upstream_lost(self) -> None:
+        self._unsplice()
         self._uncount()
         if not self._ended:
             self._ended = True
@@ -888,6 +1000,7 @@ class _Diversion:
                 self.connection.loseConnection()
 
     def client_lost(self) -> None:
+        self._unsplice()
         self._uncount()
         self._ended = True
         if self._upstream is not None and self._upstream.transport is not None:
