@@ -471,7 +471,10 @@ class PreviewRouter:
         self.limits = limits
         self.own_ports = frozenset(p for p in own_ports if p)
         self.no_network = no_network
+        # Refusals, and (apart, so that they never crowd refusals out) the
+        # previews opened: each at most 20 lines a minute.
         self.log = _QuietLog(reactor)
+        self.opened = _QuietLog(reactor)
         # Open (or opening) proxied connections, by session id.
         self.open: dict[str, set[_Diversion]] = {}
         self._addresses: dict[str, str | None] = {}
@@ -927,7 +930,7 @@ class _Diversion:
             self._to_upstream(data)
         self._splice(connection.transport, upstream.transport)
         connection.resumeProducing()
-        self.router.log("preview of {session}:{port}: {method} from {client}",
+        self.router.opened("preview of {session}:{port}: {method} from {client}",
                         session=self.session_id[:8], port=self.port,
                         method=(self.channel._command or b"").decode("latin-1")[:10],
                         client=self._client())

@@ -380,3 +380,25 @@ def test_in_chromium_the_app_cannot_read_capsules_cookie(make_server, tmp_path):
             assert names["capsule_session"]["domain"] == "127.0.0.1"
         finally:
             browser.close()
+
+
+def test_a_slow_reader_pauses_the_sessions_side(server):
+    session_id = new_session(server)
+    size = 100 * MB
+    before = _rss_kb(server.pid)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(f"GET /preview/{session_id}/3000/big?n={size} HTTP/1.1\r\n"
+                  f"Host: 127.0.0.1:{server.port}\r\nAuthorization: Bearer {ALICE}\r\n\r\n"
+                  .encode())
+        # Nothing read for a while: what the app writes waits in the
+        # sockets' buffers, not in capsule.
+        time.sleep(3)
+        assert (_rss_kb(server.pid) - before) / 1024 < 20
+        got = 0
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+    assert got > size and got - size < 1000, got - size
