@@ -219,7 +219,7 @@ def test_the_rest_of_the_site_is_untouched(www):  # noqa: F811
 class _Session:
     def __init__(self, user=None) -> None:
         from twisted.internet.defer import Deferred
-        self.id, self.over, self.container_id = SID, False, "c1"
+        self.id, self.over, self.container_id, self.ready = SID, False, "c1", True
         self.core = type("Core", (), {"user": user})()
         self._ended = Deferred()
 
@@ -289,6 +289,17 @@ def test_nothing_listening_is_a_clear_502(www):  # noqa: F811
     assert status == 502 and json.loads(body) == {
         "error": "nothing listens on port 3000 in this session", "code": "nothing_listening"}
     assert SID not in web.site.previews.open
+
+
+def test_a_session_still_starting_is_a_503(www):  # noqa: F811
+    web = Web(www)
+    session = web.manager.sessions[SID] = _Session()
+    session.ready = False
+    connection, client = _open(web)
+    connection.dataReceived(f"GET /preview/{SID}/3000/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    status, headers, body = parse(client.value())
+    assert status == 503 and json.loads(body)["code"] == "starting"
+    assert headers["retry-after"] == "2"
 
 
 def test_a_session_without_a_network_says_so(www):  # noqa: F811
@@ -385,3 +396,31 @@ def test_a_grant_of_another_user_or_nobody_does_not_open_a_private_port(www):  #
     # No authenticator in this site: the caller is nobody, the owner alice.
     status, _, body = parse(client.value())
     assert status == 404 and json.loads(body)["code"] == "session_not_found"
+
+
+# -- the operator's options -------------------------------------------------------------
+
+def test_the_preview_options(tmp_path):
+    from twisted.python import usage
+
+    from tests.test_tap import parse
+    config = parse("--preview-domain", "Preview.Example.", "--preview-connections-per-session",
+                   "8", "--preview-bytes-per-second", "1000000").config
+    assert (config.preview_domain, config.preview_connections_per_session,
+            config.preview_bytes_per_second) == ("preview.example", 8, 1_000_000)
+    assert parse().config.preview_domain is None
+    assert parse("--preview-domain", "preview.test:8080").config.preview_domain == (
+        "preview.test:8080")
+    for bad in ("-x.example", "a..b", "preview.example:0", "preview.example:x", "a b"):
+        with pytest.raises(usage.UsageError):
+            parse("--preview-domain", bad)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:" + "a" * 40 + "\n")
+    # With users, a visitor logs in at capsule's own address: it must be known.
+    with pytest.raises(usage.UsageError) as refused:
+        parse("--tokens", str(tokens), "--preview-domain", "preview.example")
+    assert "--public-url" in str(refused.value)
+    assert parse("--tokens", str(tokens), "--preview-domain", "preview.example",
+                 "--public-url", "https://capsule.example").config.preview_domain
+    with pytest.raises(usage.UsageError):
+        parse("--preview-connections-per-session", "0")

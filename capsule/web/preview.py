@@ -41,7 +41,7 @@ from zope.interface import implementer
 from capsule.auth.gate import AuthRefused
 from capsule.auth.logins import COOKIE_NAME
 from capsule.core.keeper import DIRECT_PORT
-from capsule.core.preview import parse_preview_host, preview_host, valid_port
+from capsule.core.preview import parse_preview_host, preview_host, preview_url, valid_port
 from capsule.core.preview_access import PreviewAccess
 from capsule.core.protocol import ProtocolError, parse_session_id
 from capsule.ops.logformat import short_ids
@@ -517,9 +517,8 @@ class PreviewRouter:
         """
         The address of a port's preview.
         """
-        if self.domain:
-            return f"{self.scheme()}://{preview_host(session_id, port, self.domain)}/"
-        return (self.public_url or "") + f"/preview/{session_id}/{port}/"
+        return preview_url(session_id, port, base=self.public_url or "", domain=self.domain,
+                           scheme=self.scheme())
 
     def scheme(self) -> str:
         if self.public_url and self.public_url.lower().startswith("https:"):
@@ -824,12 +823,20 @@ class _Diversion:
             transport.loseConnection()
             return
         half_close()
-        self.router.reactor.callLater(2.0, transport.abortConnection)
+        self.router.reactor.callLater(2.0, self._abort)
+
+    def _abort(self) -> None:
+        connection = self.connection
+        if connection is not None and connection.transport is not None:
+            connection.transport.abortConnection()
 
     # -- the splice -------------------------------------------------------------------
 
     async def _connect(self, session) -> None:
         router, target = self.router, self.target
+        if not session.ready:
+            raise PreviewRefused(503, f"session {session.id} is still starting: try again"
+                                      " shortly", "starting", [(b"Retry-After", b"2")])
         mine = router.open.setdefault(target.session_id, set())
         if len(mine) >= router.limits.per_session:
             raise PreviewRefused(429, f"session {target.session_id}'s previews have"

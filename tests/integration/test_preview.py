@@ -371,6 +371,8 @@ def test_in_chromium_the_app_cannot_read_capsules_cookie(make_server, tmp_path):
                 raise AssertionError(f"at {page.url}: {page.content()[:500]}")
             text = page.text_content("#c")
             page.screenshot(path=str(shots / "preview-app.png"))
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.screenshot(path=str(shots / "preview-app-phone.png"))
             assert text.startswith("cookies:")
             assert "capsule_session" not in text and "capsule_preview" not in text, text
             assert "app_cookie=1" in text
