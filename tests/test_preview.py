@@ -424,3 +424,20 @@ def test_the_preview_options(tmp_path):
                  "--public-url", "https://capsule.example").config.preview_domain
     with pytest.raises(usage.UsageError):
         parse("--preview-connections-per-session", "0")
+
+
+def test_a_client_gone_while_capsule_connects_frees_its_place(www):  # noqa: F811
+    web, router = _with_session(www)
+    router.access.set_public(SID, 3000, True)
+    connection, client = _open(web)
+    connection.dataReceived(f"GET /preview/{SID}/3000/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert len(router.open[SID]) == 1
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    connection.connectionLost(Failure(ConnectionDone()))
+    assert SID not in router.open
+    # The connection made meanwhile is closed at once.
+    host, port, factory, _, _ = web.reactor.tcpClients[-1]
+    upstream = StringTransport()
+    factory.buildProtocol(IPv4Address("TCP", host, port)).makeConnection(upstream)
+    assert upstream.disconnecting and upstream.value() == b""

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, quote
 
 from twisted.internet import main, tcp
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError, TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IPushProducer
@@ -627,9 +628,15 @@ class _Diversion:
     def start(self) -> None:
         self.channel.setTimeout(None)
         self.connection.pauseProducing()
-        from twisted.internet.defer import Deferred
+        # A client that leaves before the splice: its channel hears it.
+        self.request.notifyFinish().addErrback(lambda _: self._client_gone())
         d = Deferred.fromCoroutine(self._decide())
         d.addErrback(self._failed)
+
+    def _client_gone(self) -> None:
+        if self._upstream is None:
+            self._ended = True
+            self._uncount()
 
     def _failed(self, failure) -> None:
         if failure.check(PreviewRefused):
