@@ -22,22 +22,17 @@ a new connection and is routed again.
 
 from __future__ import annotations
 
-import fcntl
 import html
 import json
-import os
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote
 
-from twisted.internet import main, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError, TimeoutError as ConnectTimeout
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.web.http import RESPONSES
-from zope.interface import implementer
 
 from capsule.auth.gate import AuthRefused
 from capsule.auth.logins import COOKIE_NAME
@@ -46,6 +41,7 @@ from capsule.core.preview import parse_preview_host, preview_host, preview_url, 
 from capsule.core.preview_access import PreviewAccess
 from capsule.core.protocol import ProtocolError, parse_session_id
 from capsule.ops.logformat import short_ids
+from capsule.web.splice import SPLICE_BUFFER, Bucket, Splicer, Valve, can_splice
 
 _log = Logger()
 
@@ -66,9 +62,6 @@ _DROPPED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy
 _DROPPED_ANSWER = frozenset({b"connection", b"keep-alive"})
 # Bytes a head (request or answer) may have.
 MAX_HEAD = 64 * 1024
-# Bytes a spliced connection reads at once, and holds unwritten before it
-# pauses the other side.
-SPLICE_BUFFER = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -297,148 +290,6 @@ class _QuietLog:
         _log.info(format, dropped=dropped, **fields)
 
 
-class _Bucket:
-    """
-    What one preview may carry per second, each way (a token bucket of
-    one second's worth).
-    """
-
-    def __init__(self, clock, rate: int) -> None:
-        self.clock, self.rate = clock, rate
-        self.level, self.at = float(rate), clock.seconds()
-
-    def take(self, size: int) -> float:
-        """
-        Take C{size} bytes; the seconds to wait before more may pass.
-        """
-        now = self.clock.seconds()
-        self.level = min(float(self.rate), self.level + (now - self.at) * self.rate)
-        self.at = now
-        self.level -= size
-        return 0.0 if self.level >= 0 else -self.level / self.rate
-
-
-@implementer(IPushProducer)
-class _Valve:
-    """
-    The reading side of one transport, paused while its consumer is full
-    or its preview's rate is spent.
-    """
-
-    def __init__(self, transport) -> None:
-        self.transport = transport
-        self.reasons: set[str] = set()
-
-    def _set(self, reason: str, on: bool) -> None:
-        before = bool(self.reasons)
-        (self.reasons.add if on else self.reasons.discard)(reason)
-        if bool(self.reasons) != before and self.transport is not None:
-            (self.transport.pauseProducing if self.reasons else self.transport.resumeProducing)()
-
-    def pauseProducing(self) -> None:
-        self._set("consumer", True)
-
-    def resumeProducing(self) -> None:
-        self._set("consumer", False)
-
-    def stopProducing(self) -> None:
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-
-# fcntl's F_SETPIPE_SZ (Linux).
-_F_SETPIPE_SZ = 1031
-
-
-def can_splice(transport) -> bool:
-    """
-    Whether C{transport} is a plain TCP socket of this host's kernel
-    (splice(2) moves bytes between two such without copying them through
-    capsule).
-    """
-    return hasattr(os, "splice") and isinstance(transport, tcp.Connection)
-
-
-class _Splicer:
-    """
-    Moves what C{src}'s socket receives to C{dst}'s socket in the kernel
-    (splice(2) through a pipe), in place of Twisted's reading and writing:
-    while C{dst} cannot take more, C{src} is not read (the back-pressure of
-    the splice). Bytes of Twisted's own still queued for C{dst} (a head)
-    go first: until they are out, C{src} is read the ordinary way.
-    """
-
-    def __init__(self, src, dst) -> None:
-        self.src, self.dst = src, dst
-        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.w, _F_SETPIPE_SZ, SPLICE_BUFFER)
-        except OSError:
-            pass
-        self.pending = 0
-        self.closed = False
-        self._read, self._write = src.doRead, dst.doWrite
-        src.doRead, dst.doWrite = self.doRead, self.doWrite
-
-    def _queued(self) -> bool:
-        dst = self.dst
-        return bool(dst._tempDataLen or len(dst.dataBuffer) - dst.offset)
-
-    def doRead(self):
-        if self.closed or self._queued():
-            return self._read()
-        try:
-            n = os.splice(self.src.fileno(), self.w, SPLICE_BUFFER,
-                          flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return main.CONNECTION_LOST
-        if n == 0:
-            return main.CONNECTION_DONE
-        self.pending += n
-        self._flush()
-        return None
-
-    def _flush(self) -> None:
-        while self.pending:
-            try:
-                n = os.splice(self.r, self.dst.fileno(), self.pending,
-                              flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-            except BlockingIOError:
-                # dst is full: src waits until it drains.
-                self.src.stopReading()
-                self.dst.startWriting()
-                return
-            except OSError:
-                self.pending = 0
-                self.dst.abortConnection()
-                self.src.loseConnection()
-                return
-            self.pending -= n
-
-    def doWrite(self):
-        if self.pending and not self.closed:
-            self._flush()
-            if self.pending:
-                return None
-            if not self.src.disconnected:
-                self.src.startReading()
-            if not self._queued() and not self.dst.disconnecting:
-                self.dst.stopWriting()
-                return None
-        return self._write()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            for fd in (self.r, self.w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-
-
 class PreviewRouter:
     """
     Routes the site's preview requests (see the module), and keeps what
@@ -479,7 +330,7 @@ class PreviewRouter:
         # Open (or opening) proxied connections, by session id.
         self.open: dict[str, set[_Diversion]] = {}
         self._addresses: dict[str, str | None] = {}
-        self._buckets: dict[tuple[str, int], tuple[_Bucket, _Bucket]] = {}
+        self._buckets: dict[tuple[str, int], tuple[Bucket, Bucket]] = {}
         # The sessions whose end is awaited (their previews end with them).
         self._watched: set[str] = set()
 
@@ -559,7 +410,7 @@ class PreviewRouter:
             return None
         key = (session_id, port)
         if key not in self._buckets:
-            self._buckets[key] = (_Bucket(self.reactor, rate), _Bucket(self.reactor, rate))
+            self._buckets[key] = (Bucket(self.reactor, rate), Bucket(self.reactor, rate))
         return self._buckets[key]
 
     async def address(self, session) -> str | None:
@@ -621,7 +472,7 @@ class _Diversion:
         self._upgrade = False
         self._client_valve = self._upstream_valve = None
         self._buckets = None
-        self._splicers: list[_Splicer] = []
+        self._splicers: list[Splicer] = []
 
     # -- the decision ------------------------------------------------------------
 
@@ -933,8 +784,8 @@ class _Diversion:
         # The client's connection is the splice's from now on.
         connection.wrappedProtocol = _ClientSide(self)
         connection.unregisterProducer()
-        self._upstream_valve = _Valve(upstream.transport)
-        self._client_valve = _Valve(connection)
+        self._upstream_valve = Valve(upstream.transport)
+        self._client_valve = Valve(connection)
         connection.registerProducer(self._upstream_valve, True)
         upstream.transport.registerProducer(self._client_valve, True)
         self._buckets = self.router.bucket(self.session_id, self.port)
@@ -962,7 +813,7 @@ class _Diversion:
         if self._buckets is not None:
             self._throttle(self._buckets[0], len(data), self._client_valve)
 
-    def _throttle(self, bucket: _Bucket, size: int, valve: _Valve) -> None:
+    def _throttle(self, bucket: Bucket, size: int, valve: Valve) -> None:
         wait = bucket.take(size)
         if wait > 0 and "rate" not in valve.reasons:
             valve._set("rate", True)
@@ -1002,7 +853,7 @@ class _Diversion:
         both are TCP sockets and no rate caps the preview.
         """
         if self._buckets is None and can_splice(src) and can_splice(dst):
-            self._splicers.append(_Splicer(src, dst))
+            self._splicers.append(Splicer(src, dst))
 
     def _unsplice(self) -> None:
         for splicer in self._splicers:

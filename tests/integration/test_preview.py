@@ -10,7 +10,6 @@ the request (no capsule cookie, no Authorization; forwarded headers).
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import re
