@@ -72,6 +72,8 @@ class PreviewAccess:
         self._public: set[tuple[str, int]] = set()
         self._grants: dict[bytes, Grant] = {}
         self._tickets: dict[bytes, tuple[str, int, str | None, float]] = {}
+        # The ports of each session that links were made for.
+        self._ports: dict[str, set[int]] = {}
 
     # -- public ports ---------------------------------------------------------
 
@@ -92,7 +94,10 @@ class PreviewAccess:
 
         @raise ShareRefused: see L{ShareStore.create}.
         """
-        return self.shares.create(share_key(session_id, port), ttl)
+        key = share_key(session_id, port)
+        made = self.shares.create(key, ttl)
+        self._ports.setdefault(session_id, set()).add(port)
+        return made
 
     def links(self, session_id: str, port: int) -> list[Share]:
         return self.shares.of_session(share_key(session_id, port))
@@ -205,10 +210,8 @@ class PreviewAccess:
             del self._grants[key]
         for key in [k for k, t in self._tickets.items() if t[0] == session_id]:
             del self._tickets[key]
-        prefix = session_id + "/"
-        for share in [s for s in self.shares._by_digest.values()
-                      if s.session_id.startswith(prefix)]:
-            self.shares.revoke(share)
+        for port in self._ports.pop(session_id, ()):
+            self.shares.drop_session(share_key(session_id, port))
 
 
 __all__ = ["PreviewAccess", "Grant", "ShareRefused", "share_key"]
