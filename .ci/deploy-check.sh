@@ -212,6 +212,9 @@ nginx_t() {
   nginx="$(command -v nginx || echo /usr/sbin/nginx)"
   openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=capsule.example \
     -keyout "$work/privkey.pem" -out "$work/fullchain.pem" 2>/dev/null
+  # The previews' wildcard certificate (its server block).
+  cp "$work/privkey.pem" "$work/preview-privkey.pem"
+  cp "$work/fullchain.pem" "$work/preview-fullchain.pem"
   sed "s|/etc/ssl/capsule/|$work/|" docker/nginx/capsule.conf >"$work/capsule.conf"
   cat >"$work/nginx.conf" <<NGINX
 pid $work/nginx.pid;

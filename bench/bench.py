@@ -47,6 +47,9 @@ measures, in one run:
 11. the Anthropic credential gateway (``gateway.py``): the time to the first
    event of a streamed answer through it against the fake upstream alone,
    and a large streamed answer's throughput both ways.
+12. a preview (``preview.py``): a port's throughput each way, small answers
+   per second and their latency through capsule's preview, next to a direct
+   connection to the container's port, and capsule's memory during 1 GiB.
 
 Each capsule figure is measured in turn with its floor, so that a change in
 the machine's load hits both alike.  ``--capsule-arg`` passes options to every
@@ -107,7 +110,7 @@ QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
 
 # What --only may select: the measurements whose phase names start so.
 ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors",
-        "pressure", "density", "channels", "gateway")
+        "pressure", "density", "channels", "gateway", "preview")
 
 # The density run's sessions live without a client for its whole length.
 DENSITY_GRACE = 3600.0
@@ -215,6 +218,8 @@ class Bench:
             await self.phase("channels", self.channels)
         if self.selected("gateway"):
             await self.phase("gateway", self.gateway)
+        if self.selected("preview"):
+            await self.phase("preview", self.preview)
         self.load_after = os.getloadavg()
 
     async def pressure(self) -> None:
@@ -234,35 +239,50 @@ class Bench:
         for line in lines:
             say(line)
 
+    async def script(self, name: str, arguments: list[str],
+                     timeout: float = 1800) -> tuple[list[str], dict, str]:
+        """
+        Run C{bench/name} (which starts capsules of its own) in a process of
+        its own: its printed lines, its last line's JSON, and its stderr.
+        """
+        command = [sys.executable, str(Path(__file__).with_name(name)),
+                   "--image", self.image, *arguments]
+        done = await deferToThread(subprocess.run, command, capture_output=True, text=True,
+                                   timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr[-500:]}")
+        *lines, last = done.stdout.strip().splitlines()
+        return lines, json.loads(last), done.stderr.strip()
+
     async def channels(self) -> None:
         """
-        Keeper channels against TCP to a container's address
-        (``channels.py``, in a process of its own): its JSON goes into the
-        report.
+        Keeper channels against TCP to a container's address (``channels.py``).
         """
-        command = [sys.executable, str(Path(__file__).with_name("channels.py")),
-                   "--image", self.image, "--megabytes", "20" if self.args.quick else "50",
-                   "--repeats", "2" if self.args.quick else "3"]
-        done = await deferToThread(subprocess.run, command, capture_output=True, text=True,
-                                   timeout=900)
-        if done.returncode != 0:
-            raise RuntimeError(f"channels.py exited {done.returncode}: {done.stderr[-500:]}")
-        self.results["channels"] = json.loads(done.stdout.strip().splitlines()[-1])
-        say(done.stderr.strip())
+        _, self.results["channels"], said = await self.script(
+            "channels.py", ["--megabytes", "20" if self.args.quick else "50",
+                            "--repeats", "2" if self.args.quick else "3"], timeout=900)
+        say(said)
+
     async def gateway(self) -> None:
         """
         What the Anthropic credential gateway adds to a streamed answer
-        (``gateway.py``, which starts capsules of its own): its figures go
-        into the report.
+        (``gateway.py``).
         """
-        command = [sys.executable, str(Path(__file__).with_name("gateway.py")),
-                   "--image", self.image, "--requests", "50" if self.args.quick else "200"]
-        done = await deferToThread(subprocess.run, command, capture_output=True, text=True,
-                                   timeout=1800)
-        if done.returncode != 0:
-            raise RuntimeError(f"gateway.py exited {done.returncode}: {done.stderr[-500:]}")
-        *lines, last = done.stdout.strip().splitlines()
-        self.results["gateway"] = json.loads(last)["gateway"]
+        lines, found, _ = await self.script(
+            "gateway.py", ["--requests", "50" if self.args.quick else "200"])
+        self.results["gateway"] = found["gateway"]
+        for line in lines:
+            say(line)
+
+    async def preview(self) -> None:
+        """
+        A preview next to a direct connection to the container's port
+        (``preview.py``): its table is printed and goes into the report.
+        """
+        lines, found, _ = await self.script(
+            "preview.py", ["--quick"] if self.args.quick else [])
+        self.results["preview"] = found["preview"]
+        self.results["preview_table"] = lines
         for line in lines:
             say(line)
 

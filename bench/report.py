@@ -341,7 +341,7 @@ def report(run: dict) -> str:
                      " engine when the bench started; they compete for the same CPUs.")
     notes += run["notes"]
     text = "\n".join(f"- {n}" for n in notes)
-    if set(r) - {"density", "pressure", "channels", "gateway"} or \
+    if set(r) - {"density", "pressure", "channels", "gateway", "preview", "preview_table"} or \
             set(run["failures"]) - {"density", "capsule (density)", "gateway"}:
         text = table(r, run["failures"], run["p"]) + "\n\n" + text
     for name in ("capsule (density)", "density"):
@@ -388,6 +388,10 @@ def report(run: dict) -> str:
         if stream:
             text += (f" A streamed answer of {stream['mib']} MiB: {stream['gateway']:.0f} MiB/s"
                      f" through the gateway, {stream['direct']:.0f} MiB/s from the fake alone.")
+    if r.get("preview_table"):
+        text += ("\n\nA preview (issue 23) next to a direct connection from the host to the"
+                 " container's port (`bench/preview.py`; target: 80 % of the direct"
+                 " throughput):\n\n" + "\n".join(r["preview_table"]))
     if r.get("doors"):
         text += ("\n\nWhat a client can make capsule hold through each door, with the caps"
                  " on (each line is the door's script's own JSON: the attack, capsule's"

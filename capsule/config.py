@@ -114,6 +114,11 @@ class CapsuleConfig:
     anthropic_budget: int | None = None
     # The profile a session gets when its client names none.
     default_profile: str = "shell"
+    # Previews (capsule.web.preview): their wildcard domain (None: under
+    # /preview/ only), connections per session, bytes per second per port.
+    preview_domain: str | None = None
+    preview_connections_per_session: int = 64
+    preview_bytes_per_second: int | None = None
 
     tuning: Tuning = Tuning()
     # twistd's own logfile and nodaemon options (where a JSON log goes).

@@ -27,6 +27,7 @@ from capsule.core.memory import MemoryBudget
 from capsule.core.profiles import DEFAULT_PROFILE
 from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
+from capsule.engine.channels import KeeperChannelEndpoint
 from capsule.engine.keeper_direct import DirectKeeper
 from capsule.engine.firewall import Firewall
 from capsule.engine.network import SessionNetwork
@@ -35,6 +36,8 @@ from capsule.gateway.credentials import Keys, PlaceholderStore, load_key
 from capsule.gateway.door import SessionDoor
 from capsule.gateway.site import SessionEnvironment, make_gateway_site
 from capsule.gateway.usage import Usage, UsageCollector
+from capsule.web.preview import PreviewLimits
+from capsule.core.preview_access import PreviewAccess
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
 from capsule.ops.recording import SessionRecorder
@@ -625,6 +628,14 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
             spool=tuning.export_spool_bytes, spool_budget=tuning.export_spool_budget,
             stall=tuning.export_stall),
         public_url=config.public_url, upload_max_bytes=config.upload_max_bytes,
+        preview_domain=config.preview_domain, own_ports=(config.door_port,),
+        preview_access=PreviewAccess(reactor, ShareStore(
+            reactor, tuning.share_ttl, max(tuning.share_ttl, tuning.share_max_ttl))),
+        preview_limits=PreviewLimits(per_session=config.preview_connections_per_session,
+                                     bytes_per_second=config.preview_bytes_per_second),
+        # A session without a network: its ports over its keeper's channels.
+        preview_no_network=lambda session, port: succeed(
+            KeeperChannelEndpoint(reactor, session, port)),
         access_log=config.access_log,
         spool_max_bytes=config.spool_max_bytes, bodies_per_address=tuning.bodies_per_address,
         answer_write_timeout=tuning.answer_write_timeout,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shlex
 from types import MappingProxyType
 from urllib.parse import urlsplit
@@ -158,6 +159,16 @@ class Options(usage.Options):
          "Tokens (input, output and cache, from the answers' usage) one user may use through"
          " the credential gateway per day (UTC); past it, requests are refused (429)"
          " [default: no budget].", _positive(int)],
+        ["preview-domain", None, None,
+         "Wildcard domain of previews: port P of session ID at P-ID.DOMAIN (a DNS wildcard"
+         " and certificate for *.DOMAIN, see docs/previews.md); DOMAIN[:PORT] when browsers"
+         " reach it on a port. Needs --public-url with users [default: previews at"
+         " /preview/ID/P/ on capsule's own site]."],
+        ["preview-connections-per-session", None, 64,
+         "Connections the previews of one session may have open at once.", _positive(int)],
+        ["preview-bytes-per-second", None, None,
+         "Bytes per second one preview (a port of a session) may carry each way, all its"
+         " connections together [default: no cap].", _positive(int)],
         ["instance", None, "default",
          "Name of this server. Its containers are labelled with it; at start-up it"
          " removes the leftovers of its own name only."],
@@ -521,6 +532,21 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{e}")
         self.config = self._config(tuning)
 
+    def _preview_domain(self) -> str | None:
+        domain = self["preview-domain"]
+        if domain is None:
+            return None
+        domain = domain.strip().strip(".").lower()
+        name, _, port = domain.partition(":")
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*",
+                            name) or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+            raise usage.UsageError(f"--preview-domain: not a domain name: {domain!r}")
+        if self["public-url"] is None and (self["auth"] or self["tokens"]
+                                           or self["user-header"]):
+            raise usage.UsageError("--preview-domain needs --public-url: a preview's visitor"
+                                   " logs in at capsule's own address")
+        return domain
+
     def _config(self, tuning: Tuning) -> CapsuleConfig:
         budget = self["memory-budget"]
         parent = getattr(self, "parent", None)
@@ -540,6 +566,9 @@ class Options(usage.Options):
             egress_allow_addresses=tuple(self["egress-allow-address"]),
             anthropic_upstream=self["anthropic-upstream"],
             anthropic_budget=self["anthropic-budget"],
+            preview_domain=self._preview_domain(),
+            preview_connections_per_session=self["preview-connections-per-session"],
+            preview_bytes_per_second=self["preview-bytes-per-second"],
             max_lifetime=self["max-lifetime"], idle_timeout=self["idle-timeout"],
             replay_bytes=self["replay-buffer"], pool_size=self["pool-size"],
             profiles=MappingProxyType(dict(self["profile-table"])), secrets=self["secrets"],

@@ -11,6 +11,8 @@ The session API for programs, under C{/api/sessions}:
     into C{/workspace}, as C{developer}, after checking every entry;
   - C{/api/sessions/{id}/shares}: read-only links to watch the session
     (L{capsule.web.shares});
+  - C{/api/sessions/{id}/ports/{port}}: its preview made public, and links
+    to it (L{capsule.web.preview_api});
   - C{GET /api/profiles}: the profiles a client may name.
 
 Authentication and ownership are the site's (L{capsule.auth.gate}): a session of
@@ -45,6 +47,7 @@ from capsule.web.api_base import (NO_BODY, RETRY_AFTER, ApiError, JsonResource, 
                                    text_field, user_of)
 from capsule.web.bodies import BodyRefused
 from capsule.web.shares import SharesResource
+from capsule.web.preview_api import PortsResource
 from capsule.web.exec import (EXEC_MAX_BODY, EXEC_WRITE_TIMEOUT, EXECS_PER_SESSION, ExecResource,
                               OutputBudget)
 from capsule.web.upload import (UPLOAD_MAX_BYTES, UPLOADS_AT_ONCE, UPLOADS_PER_SESSION,
@@ -75,7 +78,10 @@ class SessionApi:
                  upload_max_bytes: int = UPLOAD_MAX_BYTES,
                  answer_timeout: float = EXEC_WRITE_TIMEOUT, exporting=None,
                  docker_calls: CallGate | None = None, client_address=client_address,
-                 spectators=None) -> None:
+                 spectators=None, previews=None) -> None:
+        # The previews of sessions' ports (capsule.web.preview.PreviewRouter),
+        # or None: no previews.
+        self.previews = previews
         # The share links and their spectators (capsule.sessions.spectators),
         # or None: sessions cannot be shared.
         self.spectators = spectators
@@ -258,6 +264,8 @@ class SessionApi:
         if rest in ([], [b""]):
             return CREATE_MAX_BODY
         if len(rest) == 1 or (len(rest) in (2, 3) and rest[1] == b"shares"):
+            return NO_BODY
+        if len(rest) >= 2 and rest[1] == b"ports":
             return NO_BODY
         if len(rest) == 2 and rest[1] in (b"exec", b"workspace"):
             limit = EXEC_MAX_BODY if rest[1] == b"exec" else self.upload_max_bytes
@@ -444,6 +452,8 @@ class SessionResource(JsonResource):
             return UploadResource(self.api, self.session_id)
         if name == b"shares":
             return SharesResource(self.api, self.session_id)
+        if name == b"ports":
+            return PortsResource(self.api, self.session_id)
         if name == b"":
             return self
         return NotFound()

@@ -382,11 +382,31 @@ class CountedChannel(HTTPChannel):
         transport = self.transport
         return transport if isinstance(transport, Connection) else None
 
+    # Where the bytes of a request taken out of the site go (see divert).
+    _diverted = None
+
     def allHeadersReceived(self) -> None:
         connection = self._connection()
         if connection is not None:
             connection.headers_received()
+            # A site may take a request whose headers are in out of
+            # twisted.web (a preview: capsule.web.preview): its body and
+            # whatever follows are then the diversion's, raw, and the
+            # request never reaches a resource.
+            divert = getattr(getattr(self, "site", None), "divert", None)
+            taken = divert(self, self.requests[-1]) if divert is not None else None
+            if taken is not None:
+                self._diverted = taken
+                # Not a request without a body: the channel goes raw.
+                self.length = None
+                return
         super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._diverted is not None:
+            self._diverted(data)
+            return
+        super().rawDataReceived(data)
 
     def requestDone(self, request) -> None:
         connection = self._connection()

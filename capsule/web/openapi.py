@@ -20,6 +20,10 @@ _ID = {"name": "id", "in": "path", "required": True,
        "schema": {"type": "string", "format": "uuid"}, "description": "a session id"}
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
+_PORT = {"name": "port", "in": "path", "required": True,
+         "schema": {"type": "integer", "minimum": 1, "maximum": 65535},
+         "description": "a TCP port in the session"}
+
 
 def _json(schema) -> dict:
     return {"content": {"application/json": {"schema": schema}}}
@@ -209,6 +213,53 @@ ROUTES: dict[tuple[str, str], dict] = {
         "summary": "Revoke a share link: whoever watches through it is disconnected",
         "parameters": [_ID, {"name": "share_id", "in": "path", "required": True,
                              "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "revoked", **_json({
+            "type": "object", "properties": {"id": {"type": "string"},
+                                             "revoked": {"type": "boolean"}}})},
+            **_errors(401, 404)}},
+    ("/api/sessions/{id}/ports/{port}", "put"): {
+        "summary": "Open a port's preview to anyone who has its URL (public: true), or to"
+                   " the session's owner only again (false); see docs/previews.md",
+        "parameters": [_ID, _PORT],
+        "requestBody": {"required": True, **_json({
+            "type": "object", "additionalProperties": False, "required": ["public"],
+            "properties": {"public": {"type": "boolean"}}})},
+        "responses": {"200": {"description": "the port's preview", **_json({
+            "type": "object", "properties": {
+                "session": {"type": "string"}, "port": {"type": "integer"},
+                "public": {"type": "boolean"}, "url": {"type": "string"}}})},
+            **_errors(400, 401, 404, 415)}},
+    ("/api/sessions/{id}/ports/{port}/shares", "get"): {
+        "summary": "A port's live preview links (never their tokens), whether it is public,"
+                   " its URL; the owner's only",
+        "parameters": [_ID, _PORT],
+        "responses": {"200": {"description": "the links, oldest first", **_json({
+            "type": "object", "properties": {
+                "session": {"type": "string"}, "port": {"type": "integer"},
+                "public": {"type": "boolean"}, "url": {"type": "string"},
+                "shares": {"type": "array", "items": _SHARE}}})},
+            **_errors(401, 404)}},
+    ("/api/sessions/{id}/ports/{port}/shares", "post"): {
+        "summary": "Make a link to a port's preview, without a login (the token is the"
+                   " credential); it expires, and dies with the session",
+        "parameters": [_ID, _PORT],
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": False, "properties": {
+                "ttl": {"type": "number", "description": "seconds it lives (default one"
+                        " hour; at most the share-max-ttl tuning knob, one day)"}}}}}},
+        "responses": {"201": {"description": "the link: its token is told this once",
+                              **_json({"allOf": [_SHARE, {"type": "object", "properties": {
+                                  "token": {"type": "string"}, "port": {"type": "integer"},
+                                  "url": {"type": "string", "description": "opens the"
+                                          " preview: .../__capsule_preview_auth?share=TOKEN"}
+                              }}]})},
+                      "409": {"description": "the port has as many links as it may",
+                              **_json(_ERROR)},
+                      **_errors(400, 401, 404)}},
+    ("/api/sessions/{id}/ports/{port}/shares/{share_id}", "delete"): {
+        "summary": "Revoke a preview link: what was opened through it is closed",
+        "parameters": [_ID, _PORT, {"name": "share_id", "in": "path", "required": True,
+                                    "schema": {"type": "string"}}],
         "responses": {"200": {"description": "revoked", **_json({
             "type": "object", "properties": {"id": {"type": "string"},
                                              "revoked": {"type": "boolean"}}})},

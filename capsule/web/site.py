@@ -40,6 +40,9 @@ from capsule.ops.metrics import Metrics, MetricsResource
 from capsule.web.openapi import OpenApiResource
 from capsule.sessions.manager import SessionManager
 from capsule.web.static import StaticFiles
+from capsule.web.preview import PreviewLimits, PreviewRouter
+from capsule.core.preview_access import PreviewAccess
+from capsule.core.keeper import DIRECT_PORT
 from capsule.web.health import HealthResource
 from capsule.web.websocket_factory import CapsuleServerFactory
 
@@ -353,8 +356,11 @@ class CapsuleSite(Site):
                  drain=None, metrics=None, bodies: BodyBudget | None = None,
                  client_address=peer_address,
                  connection_limits: ConnectionLimits = ConnectionLimits(),
-                 access_log: bool = False, **kwargs) -> None:
+                 access_log: bool = False, previews=None, **kwargs) -> None:
         super().__init__(resource, *args, **kwargs)
+        # What takes preview requests out of the site as their headers come
+        # (capsule.web.preview.PreviewRouter), or None: no previews.
+        self.previews = previews
         # Every request's access line, else only L{logged_by_default}'s.
         self.access_log = access_log
         # The open connections, by client address.
@@ -382,6 +388,16 @@ class CapsuleSite(Site):
     def log(self, request) -> None:
         if self.access_log or logged_by_default(request):
             super().log(request)
+
+    def divert(self, channel, request):
+        """
+        Whether C{request}, whose headers are in, leaves the site (a
+        preview's): the callable its channel's further bytes go to, else
+        C{None}.
+        """
+        if self.previews is None:
+            return None
+        return self.previews.divert(channel, request)
 
     def body_limit(self, path: bytes, request=None):
         """
@@ -463,6 +479,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER, access_log: bool = False,
               connection_limits: ConnectionLimits = ConnectionLimits(),
               spectators=None, firewall=None, admin_usage=None,
+              preview_domain: str | None = None,
+              preview_limits: PreviewLimits = PreviewLimits(), preview_access=None,
+              own_ports=(), preview_no_network=None,
               **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -504,6 +523,15 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         C{None}: sessions cannot be shared.
     @param firewall: what fences the session networks
         (L{capsule.engine.firewall.Firewall}): C{/health} says its state.
+    @param preview_domain: C{--preview-domain} (previews at
+        C{<port>-<id>.<domain>}), or C{None}: previews at C{/preview/<id>/<port>/}.
+    @param preview_limits: what previews may hold (L{PreviewLimits}).
+    @param preview_access: who may open previews (L{PreviewAccess}; by
+        default a new one).
+    @param own_ports: capsule's ports in a session (its door's), which
+        have no preview, besides the keeper's.
+    @param preview_no_network: how a session without a network's ports are
+        reached (L{PreviewRouter}'s C{no_network}), or C{None}.
     @param access_log: an access line for every request (C{--access-log});
         else only for those L{logged_by_default}.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
@@ -521,6 +549,13 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         metrics = manager.metrics if isinstance(manager.metrics, Metrics) else Metrics()
         metrics.watch(manager)
     sessions = SessionService(manager, admission, drain)
+    previews = PreviewRouter(reactor, manager, docker,
+                             preview_access or PreviewAccess(reactor),
+                             authenticator=authenticator, client_address=client_address,
+                             domain=preview_domain, public_url=public_url,
+                             host_policy=host_policy, limits=preview_limits,
+                             own_ports=(DIRECT_PORT, *own_ports),
+                             no_network=preview_no_network)
     factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
                                    sessions=sessions, authenticator=authenticator,
                                    start_at_open=start_at_open, spectators=spectators,
@@ -540,7 +575,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                              exporting=exports.exporting, client_address=client_address,
                              docker_calls=CallGate(docker_calls_per_caller,
                                                    4 * docker_calls_per_caller),
-                             spectators=spectators)
+                             spectators=spectators, previews=previews)
     api.putChild(b"sessions", SessionsResource(session_api))
     api.putChild(b"profiles", ProfilesResource(session_api))
     api.putChild(b"openapi.json", OpenApiResource())
@@ -567,4 +602,5 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                        bodies=BodyBudget(default_spool(upload_max_bytes)
                                          if spool_max_bytes is None else spool_max_bytes,
                                          bodies_per_address),
-                       connection_limits=connection_limits, access_log=access_log)
+                       connection_limits=connection_limits, access_log=access_log,
+                       previews=previews)

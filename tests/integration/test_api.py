@@ -285,9 +285,13 @@ def test_every_documented_route_answers(server):
     order = [r for r in ROUTES if r not in last and r[0] not in LOGIN_PATHS] + last
     assert set(order) | {r for r in ROUTES if r[0] in LOGIN_PATHS} == set(ROUTES)
     share_id = call(server, f"/api/sessions/{first}/shares", "POST", {})[1]["id"]
+    preview_share = call(server, f"/api/sessions/{first}/ports/3000/shares", "POST",
+                         {})[1]["id"]
+    bodies["/api/sessions/{id}/ports/{port}"] = {"public": True}
     for path, method in order:
         session_id = second if path.startswith("/api/admin/sessions/") else first
-        url = path.replace("{id}", session_id).replace("{share_id}", share_id)
+        url = path.replace("{id}", session_id).replace("{port}", "3000").replace(
+            "{share_id}", preview_share if "/ports/" in path else share_id)
         body = bodies.get(path)
         if path.endswith("/workspace"):
             body = tar_of([("doc.txt", "file", b"x", 0o644)])
