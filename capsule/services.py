@@ -25,11 +25,14 @@ from capsule.config import CapsuleConfig
 from capsule.core.addresses import overlapping
 from capsule.core.admission import AdmissionControl, AdmissionPolicy
 from capsule.core.memory import MemoryBudget
+from capsule.core.profiles import GITHUB_TOKEN
 from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
 from capsule.engine.keeper_direct import DirectKeeper
 from capsule.engine.network import SessionNetwork
-from capsule.gateway.door import DoorRoot, SessionDoor
+from capsule.gateway.door import DoorRoot, SessionDoor, door_url
+from capsule.gateway.git import GitGateway, GitTokens, SessionPlaceholders, \
+    git_session_environment
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
 from capsule.ops.recording import SessionRecorder
@@ -509,6 +512,22 @@ def warm_room(memory: MemoryBudget, manager) -> bool:
                                 beside=largest)
 
 
+def session_door(config: CapsuleConfig, network: SessionNetwork, profile) -> str | None:
+    """
+    The session door's URL for a session of C{profile}: on the host side of
+    capsule's session network, or on the session's own loopback (the
+    keeper carries it) for a session with no network; C{None} for a
+    network capsule does not listen on.
+    """
+    if profile.spec.network == "none":
+        return door_url("127.0.0.1", config.door_port)
+    if profile.spec.network != network.name:
+        return None
+    gateways = network.gateways()
+    gateways = [g for g in gateways if ":" not in g] or gateways
+    return door_url(gateways[0], config.door_port) if gateways else None
+
+
 def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                  ) -> CapsuleService:
     """
@@ -546,11 +565,21 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     # The metrics, the owners' file, the recorder and the spectators observe
     # the sessions.
     direct = DirectKeeper(reactor, docker) if config.keeper and tuning.keeper_direct else None
+    # A session's placeholder for the gateway: made with its container,
+    # forgotten when it ends.
+    placeholders = SessionPlaceholders(lambda session_id: manager.sessions.get(session_id))
+    session_environment = []
+    if config.door_port:
+        session_environment.append(git_session_environment(
+            lambda profile: session_door(config, network, profile),
+            placeholders.placeholder_for))
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
                              owners=owners,
-                             observers=[o for o in (recorder, spectators) if o is not None],
+                             observers=[o for o in (recorder, spectators, placeholders)
+                                        if o is not None],
                              memory=memory, direct=direct,
-                             pool_room=lambda: warm_room(memory, manager))
+                             pool_room=lambda: warm_room(memory, manager),
+                             session_environment=session_environment)
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
@@ -607,7 +636,12 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         docker_calls_per_caller=max(1, tuning.docker_threads // 4))
     door = None
     if config.door_port:
-        door = SessionDoor(reactor, config.door_port, Site(DoorRoot()))
+        door_root = DoorRoot()
+        door_root.putChild(b"git", GitGateway(
+            reactor, placeholders.session_for,
+            GitTokens(config.secrets.values.get(GITHUB_TOKEN), config.github_tokens),
+            upstream=config.github_upstream, ca_file=config.gateway_ca))
+        door = SessionDoor(reactor, config.door_port, Site(door_root))
     sessions = SessionService(manager, reactor, site.websocket_factory, admission, docker,
                               network, trusted_proxies=config.trusted_proxies,
                               user_header=config.user_header,

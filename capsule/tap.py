@@ -20,13 +20,15 @@ from capsule.core.admission import parse_network, parse_rate
 from capsule.core.memory import host_capacity
 from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT,
                                    DEFAULT_MEMORY_REQUEST, Profile,
-                                   ProfileError, builtin_profiles, load_profiles, load_secrets)
+                                   GITHUB_TOKEN, ProfileError, builtin_profiles, load_profiles,
+                                   load_secrets)
 from capsule.core.spec import ContainerSpec
 from capsule.engine.network import CAPSULE_NETWORK
 from capsule.ops.logformat import FORMATS, check_server_options
 from capsule.ops.recording import DEFAULT_MAX_BYTES, check_directory
 from capsule.services import CapsuleService, make_service, protect_from_oom, stop_on_signals
 from capsule.tuning import ENVIRONMENT as TUNING_ENVIRONMENT
+from capsule.gateway.git import check_upstream, tls_policy
 from capsule.tuning import KNOBS, Tuning, TuningError, load_tuning, tune
 from capsule.web.site import default_www
 from capsule.web.static import missing_packages
@@ -132,6 +134,15 @@ class Options(usage.Options):
          "Port of the session door: what sessions reach of capsule from inside (the"
          " credential gateway, the egress proxy), on the host side of each session network"
          " only; 0: no door.", _port_or_zero],
+        ["github-upstream", None, "https://github.com",
+         "Where the git gateway forwards sessions' git requests for https://github.com"
+         " (with GITHUB_TOKEN, from capsule's environment or --secrets-file, put on them)."],
+        ["github-tokens", None, None,
+         "A directory of users' own GitHub tokens: a file per user, named by the user's name"
+         " (mode 600), used by the git gateway instead of GITHUB_TOKEN [default: none]."],
+        ["gateway-ca", None, None,
+         "A PEM file of the authorities the gateway trusts for its upstreams' certificates"
+         " [default: the system's]."],
         ["instance", None, "default",
          "Name of this server. Its containers are labelled with it; at start-up it"
          " removes the leftovers of its own name only."],
@@ -407,6 +418,7 @@ class Options(usage.Options):
         except Exception:
             raise usage.UsageError(f"--memory: not a size: {self['memory']!r} (try 512m or 4g)")
         self._check_memory_request()
+        self._check_gateway()
         if self["memory-reserve"] is not None and self["memory-reserve"] != "off":
             try:
                 if parse_bytes(self["memory-reserve"]) <= 0:
@@ -489,6 +501,8 @@ class Options(usage.Options):
             disk_bytes=None if self["disk"] is None else parse_bytes(self["disk"]),
             instance=self["instance"], shell=tuple(shlex.split(self["shell"])),
             keeper=not self["no-keeper"], grace=self["grace"], door_port=self["door-port"],
+            github_upstream=self["github-upstream"], github_tokens=self["github-tokens"],
+            gateway_ca=self["gateway-ca"],
             max_lifetime=self["max-lifetime"], idle_timeout=self["idle-timeout"],
             replay_bytes=self["replay-buffer"], pool_size=self["pool-size"],
             profiles=MappingProxyType(dict(self["profile-table"])), secrets=self["secrets"],
@@ -525,6 +539,23 @@ class Options(usage.Options):
                                    f" --memory {self['memory']} (a request is at most the"
                                    " limit)")
 
+    def _check_gateway(self) -> None:
+        """
+        --github-upstream is a base URL, --gateway-ca holds a certificate,
+        --github-tokens is a directory.
+        """
+        try:
+            check_upstream(self["github-upstream"])
+        except ValueError as e:
+            raise usage.UsageError(f"--github-upstream: {e}")
+        if self["gateway-ca"] is not None:
+            try:
+                tls_policy(self["gateway-ca"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--gateway-ca: {getattr(e, 'strerror', None) or e}")
+        if self["github-tokens"] is not None and not os.path.isdir(self["github-tokens"]):
+            raise usage.UsageError(f"--github-tokens: {self['github-tokens']} is not a directory")
+
     def _reserve(self) -> int | None:
         value = self["memory-reserve"]
         return None if value in (None, "off") else parse_bytes(value)
@@ -559,7 +590,8 @@ class Options(usage.Options):
         try:
             self["profile-table"] = load_profiles(
                 self["profiles"], builtin_profiles(shell, self["agent-image"]))
-            self["secrets"] = load_secrets(self["secrets-file"], self["profile-table"])
+            self["secrets"] = load_secrets(self["secrets-file"], self["profile-table"],
+                                           extra=(GITHUB_TOKEN,))
         except ProfileError as e:
             raise usage.UsageError(f"--profiles: {e}" if self["secrets-file"] is None
                                    or not str(e).startswith(self["secrets-file"])

@@ -69,6 +69,12 @@ MAX_PROFILE_PARAMETER = 64
 _RESERVED_ENV = frozenset({"CAPSULE_REPOSITORY", "CAPSULE_CLONE_TIMEOUT",
                            "CAPSULE_AGENT_VOLUME"})
 
+# The credentials a profile may name: capsule's gateway holds their keys.
+CREDENTIALS = ("anthropic", "github")
+# The variable of the git gateway's token (capsule's environment or the
+# secrets file).
+GITHUB_TOKEN = "GITHUB_TOKEN"
+
 LABEL_USER = "io.capsule.user"
 LABEL_PROFILE = "io.capsule.profile"
 LABEL_VOLUME = "io.capsule.volume"
@@ -108,6 +114,8 @@ class Profile:
     @ivar repository: an https git URL cloned into /workspace at start.
     @ivar clone_timeout: seconds the clone may take.
     @ivar pool: warm containers kept for this profile.
+    @ivar credentials: the credentials its sessions use through capsule's
+        gateway (L{CREDENTIALS}), the keys never entering their containers.
     @ivar memory_request: what admission counts one of its sessions at
         until its measured use is more (Docker syntax; never more than its
         memory limit: see L{request}).
@@ -126,6 +134,7 @@ class Profile:
     pool: int = 0
     description: str = ""
     memory_request: str = DEFAULT_MEMORY_REQUEST
+    credentials: tuple[str, ...] = ()
 
     @property
     def memory(self) -> int:
@@ -159,7 +168,7 @@ def builtin_profiles(shell: Profile, agent_image: str = DEFAULT_AGENT_IMAGE) -> 
                     description=shell.description or "a login shell")
     claude = replace(shell, name=AGENT_PROFILE, spec=replace(shell.spec, image=agent_image),
                      command=CLAUDE_COMMAND, pool=0,
-                     memory_request=DEFAULT_AGENT_MEMORY_REQUEST,
+                     memory_request=DEFAULT_AGENT_MEMORY_REQUEST, credentials=CREDENTIALS,
                      description="Claude Code in /workspace, then a login shell")
     return {DEFAULT_PROFILE: shell, AGENT_PROFILE: claude}
 
@@ -328,6 +337,15 @@ def _secrets(value) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_env_name(v) for v in value))
 
 
+def _credentials(value) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError('must be a list of credentials\' names (["github"])')
+    for name in value:
+        if name not in CREDENTIALS:
+            raise ValueError(f"no credential {name[:40]!r} (there are: {', '.join(CREDENTIALS)})")
+    return tuple(dict.fromkeys(value))
+
+
 def _agent_volume(value) -> str:
     text = _string(value)
     if not _PATH.match(text) or normpath(text) != text or text.startswith("//"):
@@ -410,6 +428,7 @@ _KEYS = {
     "idle_timeout": _number(0),
     "max_lifetime": _number(0),
     "secrets": _secrets,
+    "credentials": _credentials,
     "agent_volume": _agent_volume,
     "agent_volume_limit": _volume_limit,
     "repository": check_repository,
@@ -468,18 +487,19 @@ class Secrets:
 
 
 def load_secrets(path: str | None, profiles: Mapping[str, Profile],
-                 environ: Mapping[str, str] | None = None) -> Secrets:
+                 environ: Mapping[str, str] | None = None, extra=()) -> Secrets:
     """
     The values of the secrets the profiles name: from the secrets file at
     C{path} (C{NAME=value} lines; C{#} comments, blank lines), else from
-    C{environ} (the server's environment).  The file must not be readable or
+    C{environ} (the server's environment); also those named in C{extra}
+    (the keys capsule's gateway uses itself).  The file must not be readable or
     writable by others than its owner and group.
 
     @raise ProfileError: for a file that is unsafe or does not parse (no
         value is ever quoted).
     """
     environ = os.environ if environ is None else environ
-    wanted = {name for p in profiles.values() for name in p.secrets}
+    wanted = {name for p in profiles.values() for name in p.secrets} | set(extra)
     values = {name: environ[name] for name in wanted if environ.get(name)}
     if path is None:
         return Secrets(values)

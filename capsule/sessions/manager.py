@@ -68,6 +68,9 @@ class SessionManager:
     @param observers: others told what happens to sessions (recordings).
     @param pool_room: whether the server has room for one more warm session
         beyond a pool's size (see L{WarmPool}); default: always.
+    @param session_environment: callables C{(session_id, profile) -> dict}
+        whose answers are added to a new container's environment (the
+        gateway's base URLs and placeholders: never a key).
 
     @ivar sessions: the live sessions by id.
     @ivar recovery: finds the sessions of an earlier run (L{Recovery}).
@@ -78,8 +81,10 @@ class SessionManager:
     typed_at = float("-inf")
 
     def __init__(self, docker, clock, config: SessionConfig, *, metrics=None, owners=None,
-                 observers=(), memory=None, direct=None, pool_room=None) -> None:
+                 observers=(), memory=None, direct=None, pool_room=None,
+                 session_environment=()) -> None:
         self._docker = docker
+        self._session_environment = tuple(session_environment)
         # The memory accounting (capsule.core.memory.MemoryBudget): a warm
         # pool refills only while its next session fits.
         self.memory = memory
@@ -562,6 +567,11 @@ class SessionManager:
                              LABEL_VOLUME: "agent"}
         secret = ({SECRET_LABEL: os.urandom(SECRET_BYTES).hex()}
                   if self._direct is not None and has_own_address(spec.network) else {})
+        extra = {}
+        for environment in self._session_environment:
+            extra.update(environment(session_id, settings))
+        if extra:
+            spec = replace(spec, environment={**spec.environment, **extra})
         return replace(spec, labels={**spec.labels, **self.labels, LABEL_SESSION: session_id,
                                      LABEL_PROFILE: settings.name, **secret},
                        secrets=self.config.secrets.for_profile(settings), volumes=volumes,
