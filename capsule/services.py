@@ -31,8 +31,8 @@ from capsule.engine.docker import DockerAPI
 from capsule.engine.keeper_direct import DirectKeeper
 from capsule.engine.network import SessionNetwork
 from capsule.gateway.door import DoorRoot, SessionDoor, door_url
-from capsule.gateway.git import GitGateway, GitTokens, SessionPlaceholders, \
-    git_session_environment
+from capsule.gateway.git import GitGateway, GitStreamingRequest, GitTokens, \
+    SessionPlaceholders, git_session_environment
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
 from capsule.ops.recording import SessionRecorder
@@ -641,7 +641,9 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
             reactor, placeholders.session_for,
             GitTokens(config.secrets.values.get(GITHUB_TOKEN), config.github_tokens),
             upstream=config.github_upstream, ca_file=config.gateway_ca))
-        door = SessionDoor(reactor, config.door_port, Site(door_root))
+        # git's request bodies (pushes) pass through as they come.
+        door = SessionDoor(reactor, config.door_port,
+                           Site(door_root, requestFactory=GitStreamingRequest))
     sessions = SessionService(manager, reactor, site.websocket_factory, admission, docker,
                               network, trusted_proxies=config.trusted_proxies,
                               user_header=config.user_header,

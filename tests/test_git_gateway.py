@@ -22,11 +22,14 @@ from capsule.core.profiles import Profile, ProfileError, builtin_profiles, load_
     load_secrets
 from capsule.core.spec import ContainerSpec
 from capsule.gateway.door import DoorRoot
-from capsule.gateway.git import (GitCaller, GitGateway, GitLimits, GitRefused, GitTokens,
+from capsule.gateway.git import (BODY_HIGH_WATER, GitBodyStream, GitCaller, GitGateway,
+                                 GitLimits, GitRefused, GitStreamingRequest, GitTokens,
                                  SessionPlaceholders, answer_headers, basic_authorization,
                                  check_upstream, git_environment, git_session_environment,
                                  parse_git_request, rewrite_location, upstream_headers)
+from capsule.sessions.observers import ISessionObserver, SessionObservers
 from tests.support.httpclient import ask, send
+from zope.interface.verify import verifyObject
 
 TOKEN = "ghp_operatorsecrettoken0123456789"
 GOOD = "good-placeholder"
@@ -223,6 +226,9 @@ def test_placeholders_die_with_their_session():
             self.core = type("Core", (), {"user": user})()
     live = {"s1": Session("s1", "alice")}
     placeholders = SessionPlaceholders(live.get)
+    # An observer of the sessions: every event, not just their end.
+    verifyObject(ISessionObserver, placeholders)
+    SessionObservers([placeholders]).session_output(live["s1"], b"x")
     p1 = placeholders.placeholder_for("s1")
     assert placeholders.placeholder_for("s1") == p1
     assert placeholders.session_for(p1) == GitCaller("s1", "alice")
@@ -265,13 +271,27 @@ class FakeResponse:
             protocol.connectionLost(Failure(ResponseDone()))
 
 
+class ListConsumer:
+    def __init__(self):
+        self.data = []
+
+    def write(self, data):
+        self.data.append(data)
+
+
 class FakeAgent:
     def __init__(self, answer):
         self.answer = answer
         self.requests = []
 
     def request(self, method, uri, headers=None, body=None):
-        data = None if body is None else body._inputFile.read()
+        if isinstance(body, GitBodyStream):
+            # Streamed: what it passed on so far, as it comes.
+            self.consumer = ListConsumer()
+            self.body_done = body.startProducing(self.consumer)
+            data = self.consumer.data
+        else:
+            data = None if body is None else body._inputFile.read()
         self.requests.append((method, uri, headers, data))
         answer = self.answer
         if isinstance(answer, Deferred):
@@ -281,14 +301,16 @@ class FakeAgent:
         return succeed(answer)
 
 
-def gateway_site(answer, *, tokens=lambda user: TOKEN, limits=GitLimits(), clock=None):
+def gateway_site(answer, *, tokens=lambda user: TOKEN, limits=GitLimits(), clock=None,
+                 streaming=False):
     agent = FakeAgent(answer)
     root = DoorRoot()
     callers = {GOOD: GitCaller("session-1", "alice")}
     gateway = GitGateway(clock or Clock(), callers.get, tokens, upstream="https://upstream.test",
                          limits=limits, agent=agent)
     root.putChild(b"git", gateway)
-    return Site(root), agent, gateway
+    return (Site(root, requestFactory=GitStreamingRequest) if streaming else Site(root)), \
+        agent, gateway
 
 
 REFS = "/git/github.com/owner/private.git/info/refs?service=git-upload-pack"
@@ -444,3 +466,128 @@ def test_the_session_going_away_stops_the_upstream():
     transport.channel.connectionLost(Failure(ConnectionRefusedError("gone")))
     assert answer.transport.stopped
     assert gateway._under_way == {}
+
+
+# -- streamed bodies ------------------------------------------------------------------------
+
+PUSH = "/git/github.com/owner/private.git/git-receive-pack"
+PUSH_HEADERS = {"X-Capsule-Session": GOOD, "Content-Type": "application/x-git-receive-pack-request",
+                "Transfer-Encoding": "chunked"}
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def test_a_push_goes_on_as_it_comes_not_once_it_is_all_in():
+    answer = Deferred()
+    site, agent, gateway = gateway_site(answer, streaming=True)
+    transport = send(site, "POST", PUSH, PUSH_HEADERS, b"", close=False)
+    channel = transport.channel
+    # The upstream is asked as soon as the headers are in.
+    ((method, uri, headers, passed),) = agent.requests
+    assert uri == b"https://upstream.test/owner/private.git/git-receive-pack"
+    assert headers.getRawHeaders(b"authorization") == [basic_authorization(TOKEN)]
+    channel.dataReceived(chunk(b"first piece"))
+    assert passed == [b"first piece"]
+    channel.dataReceived(chunk(b"second"))
+    assert passed == [b"first piece", b"second"]
+    assert not agent.body_done.called
+    channel.dataReceived(b"0\r\n\r\n")
+    assert agent.body_done.called
+    answer.callback(FakeResponse(200, {b"content-type": [
+        b"application/x-git-receive-pack-result"]}, [b"0000"]))
+    response_bytes = transport.value()
+    assert response_bytes.startswith(b"HTTP/1.1 200")
+    assert response_bytes.endswith(b"4\r\n0000\r\n0\r\n\r\n")
+    assert gateway._under_way == {}
+    # The connection goes on: a next request is understood.
+    assert not transport.disconnecting
+
+
+def test_a_slow_upstream_stops_the_push_being_read():
+    site, agent, _ = gateway_site(Deferred(), streaming=True)
+    transport = send(site, "POST", PUSH, PUSH_HEADERS, b"", close=False)
+    channel = transport.channel
+    body = channel._channel.requests[-1].content
+    body.pauseProducing()
+    piece = b"x" * 65536
+    while transport.producerState == "producing":
+        channel.dataReceived(chunk(piece))
+        assert len(agent.consumer.data) == 0
+    # Paused past the high water mark, not before; resumed once it is taken.
+    assert body.received > BODY_HIGH_WATER
+    assert body.received <= BODY_HIGH_WATER + 2 * len(piece)
+    body.resumeProducing()
+    assert transport.producerState == "producing"
+    assert sum(map(len, agent.consumer.data)) == body.received
+
+
+def test_a_chunked_push_past_the_limit_is_refused_and_the_connection_closed():
+    clock = Clock()
+    site, agent, gateway = gateway_site(Deferred(), streaming=True, clock=clock,
+                                        limits=GitLimits(max_body=100))
+    transport = send(site, "POST", PUSH, PUSH_HEADERS, b"", close=False)
+    transport.channel.dataReceived(chunk(b"x" * 60))
+    transport.channel.dataReceived(chunk(b"x" * 60))
+    # The body producer failed, with the refusal; so does the upstream's request.
+    failed = []
+    agent.body_done.addErrback(failed.append)
+    assert failed[0].value.status == 413
+    agent.answer.errback(Failure(RuntimeError("the body failed")))
+    clock.advance(0)
+    out = transport.value()
+    assert out.startswith(b"HTTP/1.1 413")
+    assert b"larger than the git gateway takes (100 bytes)" in out
+    assert transport.disconnecting
+    assert gateway._under_way == {}
+
+
+def test_a_declared_push_past_the_limit_is_refused_before_any_of_it_is_read():
+    clock = Clock()
+    site, agent, _ = gateway_site(Deferred(), streaming=True, clock=clock,
+                                  limits=GitLimits(max_body=100))
+    headers = {**PUSH_HEADERS, "Content-Length": "1000000"}
+    del headers["Transfer-Encoding"]
+    transport = send(site, "POST", PUSH, headers, b"", close=False)
+    clock.advance(0)
+    assert transport.value().startswith(b"HTTP/1.1 413")
+    assert transport.disconnecting
+    assert agent.requests == []
+
+
+def test_a_forged_push_is_refused_before_its_body():
+    clock = Clock()
+    site, agent, _ = gateway_site(Deferred(), streaming=True, clock=clock)
+    transport = send(site, "POST", PUSH, {**PUSH_HEADERS, "X-Capsule-Session": "forged"}, b"",
+                     close=False)
+    transport.channel.dataReceived(chunk(b"x" * 100))
+    clock.advance(0)
+    assert transport.value().startswith(b"HTTP/1.1 403")
+    assert transport.disconnecting
+    assert agent.requests == []
+
+
+def test_a_get_of_the_streaming_site_is_as_ever_and_a_fetch_is_streamed():
+    site, agent, _ = gateway_site(FakeResponse(200, {}, [b"ok"]), streaming=True)
+    response = ask(site, "GET", REFS, {"X-Capsule-Session": GOOD})
+    assert response.status == 200 and response.body == b"ok"
+    answer = agent.answer = Deferred()
+    transport = send(site, "POST", "/git/github.com/owner/private.git/git-upload-pack",
+                     {"X-Capsule-Session": GOOD,
+                      "Content-Type": "application/x-git-upload-pack-request"}, b"0000")
+    assert agent.requests[-1][3] == [b"0000"]
+    answer.callback(FakeResponse(200, {}, [b"pack"]))
+    assert transport.value().startswith(b"HTTP/1.1 200")
+    assert transport.value().endswith(b"4\r\npack\r\n0\r\n\r\n")
+
+
+def test_an_answer_before_the_body_is_in_closes_the_connection_after_it():
+    clock = Clock()
+    site, agent, _ = gateway_site(FakeResponse(200, {}, [b"early"]), streaming=True,
+                                  clock=clock)
+    transport = send(site, "POST", PUSH, PUSH_HEADERS, b"", close=False)
+    transport.channel.dataReceived(chunk(b"x" * 10))
+    clock.advance(0)
+    assert transport.value().startswith(b"HTTP/1.1 200")
+    assert transport.disconnecting

@@ -42,20 +42,21 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, \
     HTTPConnectionPool, ResponseDone, ResponseFailed
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import PotentialDataLoss, Request as HTTPRequest
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from capsule.core.ratelog import RateLimitedLog
+from capsule.sessions.observers import SessionObserver
 
 _log = Logger()
 
@@ -368,6 +369,220 @@ def check_upstream(upstream: str) -> str:
     return upstream
 
 
+# -- request bodies, passed on as they come --------------------------------------------
+
+# Bytes of a body held while the upstream takes none (before it is
+# connected, or while it is slow): past the first, the session's connection
+# is read no more until they are passed on; past the second (the connection
+# was read anyway), the request is given up.
+BODY_HIGH_WATER = 256 * 1024
+BODY_MOST_HELD = 16 * 1024 * 1024
+
+
+def _streamed_path(method: bytes, path: bytes) -> bool:
+    return method == b"POST" and path.startswith(b"/git/") and b"?" not in path and \
+        path.endswith(tuple(b"/" + s.encode() for s in SERVICES))
+
+
+@implementer(IBodyProducer)
+class GitBodyStream:
+    """
+    The body of a git request (a push's pack), from the session's
+    connection to the upstream's as it comes: the request's C{content}
+    (written to) and the forwarded request's body producer.  The session's
+    connection is paused while the upstream takes nothing.
+
+    @ivar limit: the most it may be (set by the gateway); past it,
+        L{refusal} says why, and the rest is dropped.
+    @ivar done: all of it came.
+    """
+
+    def __init__(self, request, length: int | None) -> None:
+        self._request = request
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self.limit: int | None = None
+        self.received = 0
+        self.done = False
+        self.refusal: GitRefused | None = None
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._consumer = None
+        self._paused = False
+        self._stopped = False
+        self._finished: Deferred | None = None
+        self._paused_reading = False
+        self._on_done: list[Callable] = []
+
+    # -- the request's side (a file, for twisted.web)
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+        if self._stopped or self.refusal is not None:
+            return
+        if self.limit is not None and self.received > self.limit:
+            self._refuse(GitRefused(413, "too_large", f"capsule: this request is larger than"
+                                    f" the git gateway takes ({self.limit} bytes)"))
+            return
+        if self._consumer is not None and not self._paused and not self._held:
+            self._consumer.write(data)
+            return
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes > BODY_MOST_HELD:
+            self._refuse(GitRefused(502, "upstream_slow", "capsule: GitHub takes this push"
+                                    " slower than it comes: given up"))
+        elif self._held_bytes > BODY_HIGH_WATER:
+            self._pause_reading()
+
+    def finish(self) -> None:
+        """
+        All of the body came.
+        """
+        self.done = True
+        self._resume_reading()
+        self._flush()
+        on_done, self._on_done = self._on_done, []
+        for call in on_done:
+            call()
+
+    def when_done(self, call: Callable) -> None:
+        if self.done:
+            call()
+        else:
+            self._on_done.append(call)
+
+    def seek(self, *args) -> None:
+        pass
+
+    def tell(self) -> int:
+        # Nothing for twisted.web to parse as a form.
+        return 0
+
+    def read(self, *args) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+    # -- the upstream's side (IBodyProducer)
+
+    def startProducing(self, consumer) -> Deferred:
+        self._consumer = consumer
+        self._finished = Deferred()
+        self._flush()
+        return self._finished
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._flush()
+
+    def stopProducing(self) -> None:
+        """
+        The upstream wants no more: the rest is dropped (and read, so that
+        the connection's next bytes are understood).
+        """
+        self._stopped = True
+        self._held, self._held_bytes = [], 0
+        self._resume_reading()
+
+    # --
+
+    def _flush(self) -> None:
+        while self._held and self._consumer is not None and not self._paused \
+                and not self._stopped:
+            data = self._held.pop(0)
+            self._held_bytes -= len(data)
+            self._consumer.write(data)
+        if not self._held:
+            self._resume_reading()
+            if self.done and self._finished is not None and not self._stopped \
+                    and self.refusal is None:
+                finished, self._finished = self._finished, None
+                finished.callback(None)
+
+    def _refuse(self, refusal: GitRefused) -> None:
+        self.refusal = refusal
+        self._held, self._held_bytes = [], 0
+        self._resume_reading()
+        if self._finished is not None:
+            finished, self._finished = self._finished, None
+            finished.errback(refusal)
+
+    def _pause_reading(self) -> None:
+        channel = getattr(self._request, "channel", None)
+        if not self._paused_reading and channel is not None:
+            self._paused_reading = True
+            channel.transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        channel = getattr(self._request, "channel", None)
+        if self._paused_reading:
+            self._paused_reading = False
+            if channel is not None and not getattr(channel, "_waitingForTransport", False):
+                channel.transport.resumeProducing()
+
+
+class GitStreamingRequest(Request):
+    """
+    A request of the door's site whose body, for git's C{POST}s under
+    C{/git/}, is not read whole first: the request reaches the gateway as
+    soon as its headers are in, its body passed on as it comes
+    (L{GitBodyStream}).  Any other request is twisted.web's as ever.
+    """
+
+    _streamed = False
+
+    def gotLength(self, length):
+        channel = self.channel
+        method = getattr(channel, "_command", b"")
+        path = getattr(channel, "_path", b"")
+        if not _streamed_path(method, path):
+            super().gotLength(length)
+            return
+        self._streamed = True
+        self.content = GitBodyStream(self, length)
+        HTTPRequest.requestReceived(self, method, path, getattr(channel, "_version", b"HTTP/1.1"))
+
+    def requestReceived(self, command, path, version):
+        if self._streamed:
+            self.content.finish()
+            return
+        super().requestReceived(command, path, version)
+
+
+def _close_after(request, reactor) -> None:
+    """
+    Finish a request whose body is still coming: the connection then closes
+    (whatever of the body follows is never read as a next request).
+    """
+    channel = getattr(request, "channel", None)
+    if channel is not None:
+        channel.persistent = False
+    body = getattr(request, "content", None)
+    if isinstance(body, GitBodyStream):
+        body.stopProducing()
+
+    def finish():
+        if not request.finished and getattr(request, "channel", None) is not None:
+            request.finish()
+    reactor.callLater(0, finish)
+
+
+def _finish(request, reactor) -> None:
+    """
+    Finish a request: at once if its body is in, else closing its
+    connection (L{_close_after}).
+    """
+    body = getattr(request, "content", None)
+    if isinstance(body, GitBodyStream) and not body.done:
+        _close_after(request, reactor)
+    elif not request.finished and getattr(request, "channel", None) is not None:
+        request.finish()
+
+
 # -- the resource ------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -422,6 +637,11 @@ class GitGateway(Resource):
                             "git gateway refused {method} {path} from {peer}: {reason}",
                             method=request.method.decode("latin-1"), peer=_peer(request),
                             path=_shown_path(request), reason=refusal.message)
+        body = getattr(request, "content", None)
+        if isinstance(body, GitBodyStream) and not body.done:
+            _plain(request, refusal.status, refusal.code, refusal.message, write=True)
+            _close_after(request, self._reactor)
+            return NOT_DONE_YET
         return _plain(request, refusal.status, refusal.code, refusal.message)
 
     def render(self, request):
@@ -449,8 +669,9 @@ class GitGateway(Resource):
                 return self._refuse(request, GitRefused(
                     413, "too_large", f"capsule: this request is larger than the git gateway"
                     f" takes ({self.limits.max_body} bytes)"), session_id)
-            size = _body_size(request)
-            if size > self.limits.max_body:
+            if isinstance(request.content, GitBodyStream):
+                request.content.limit = self.limits.max_body
+            elif _body_size(request) > self.limits.max_body:
                 return self._refuse(request, GitRefused(
                     413, "too_large", f"capsule: this request is larger than the git gateway"
                     f" takes ({self.limits.max_body} bytes)"), session_id)
@@ -506,7 +727,9 @@ class _Exchange:
         reactor = gateway._reactor
         request.notifyFinish().addErrback(lambda _: self._gone())
         body = None
-        if route.kind == "rpc":
+        if route.kind == "rpc" and isinstance(request.content, GitBodyStream):
+            body = self._body = request.content
+        elif route.kind == "rpc":
             request.content.seek(0)
             body = self._body = FileBodyProducer(request.content, readSize=64 * 1024)
         url = (gateway.upstream + route.upstream_path()).encode("ascii")
@@ -546,8 +769,9 @@ class _Exchange:
                   method=self.route.service, repository=self.route.repository,
                   session_id=self.caller.session_id[:8], reason=message)
         if not self.request.startedWriting:
-            _plain(self.request, status, code, message, finish=True)
+            _plain(self.request, status, code, message, write=True)
             self._end(cancel=True)
+            _finish(self.request, self.gateway._reactor)
         else:
             self._end(cancel=True)
             self.request.loseConnection()
@@ -583,8 +807,8 @@ class _Exchange:
             request.setHeader(b"location", moved)
             request.setHeader(b"content-length", b"0")
             self._log_done(status)
-            request.finish()
             self._end()
+            _finish(request, self.gateway._reactor)
             return
         request.setResponseCode(status)
         for name, values in answer_headers(response.headers):
@@ -598,6 +822,10 @@ class _Exchange:
             return
         if failure.check(CancelledError):
             return
+        refusal = getattr(self._body, "refusal", None)
+        if refusal is not None:
+            self._finish_plain(refusal.status, refusal.code, refusal.message)
+            return
         reason = _reason(failure)
         self.gateway._ratelog.error(
             self.gateway._reactor.seconds(), self.caller.session_id, "upstream",
@@ -608,10 +836,13 @@ class _Exchange:
                            f"capsule could not reach GitHub ({self.gateway.upstream}): {reason}")
 
     def _finish_plain(self, status: int, code: str, message: str) -> None:
+        if self._over:
+            return
         if not self.request.startedWriting:
-            _plain(self.request, status, code, message, finish=not self._over)
+            _plain(self.request, status, code, message, write=True)
         self._log_done(status)
         self._end()
+        _finish(self.request, self.gateway._reactor)
 
     def _log_done(self, status: int) -> None:
         if self.route.kind == "rpc":
@@ -636,8 +867,8 @@ class _Exchange:
         if reason.check(ResponseDone, PotentialDataLoss):
             self._log_done(self._response.code)
             self.request.unregisterProducer()
-            self.request.finish()
             self._end()
+            _finish(self.request, self.gateway._reactor)
             return
         _log.warn("git gateway: the answer to {service} of {repository} for session"
                   " {session_id} broke off: {reason}", service=self.route.service,
@@ -700,7 +931,7 @@ class _Discard(Protocol):
         pass
 
 
-def _plain(request, status: int, code: str, message: str, finish: bool = False) -> bytes:
+def _plain(request, status: int, code: str, message: str, write: bool = False) -> bytes:
     """
     A refusal git prints: a C{text/plain} sentence (as C{remote: ...}), the
     machine code in C{X-Capsule-Error}.
@@ -711,10 +942,8 @@ def _plain(request, status: int, code: str, message: str, finish: bool = False) 
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"x-capsule-error", code.encode("ascii"))
     request.setHeader(b"content-length", str(len(body)).encode())
-    if finish:
-        if request.method != b"HEAD":
-            request.write(body)
-        request.finish()
+    if write and request.method != b"HEAD":
+        request.write(body)
     return body
 
 
@@ -759,7 +988,7 @@ def _reason(failure) -> str:
 
 # -- placeholders ---------------------------------------------------------------------
 
-class SessionPlaceholders:
+class SessionPlaceholders(SessionObserver):
     """
     A random placeholder per session, made when its container is (the
     C{session_environment} hook asks for it), forgotten when it ends (an
