@@ -591,3 +591,17 @@ def test_an_answer_before_the_body_is_in_closes_the_connection_after_it():
     clock.advance(0)
     assert transport.value().startswith(b"HTTP/1.1 200")
     assert transport.disconnecting
+
+
+def test_a_push_still_coming_is_not_a_stall():
+    clock = Clock()
+    site, agent, gateway = gateway_site(Deferred(), streaming=True, clock=clock,
+                                        limits=GitLimits(stall=60.0))
+    transport = send(site, "POST", PUSH, PUSH_HEADERS, b"", close=False)
+    for _ in range(5):
+        clock.advance(30)
+        transport.channel.dataReceived(chunk(b"x" * 10))
+    assert transport.value() == b""
+    clock.advance(61)
+    assert transport.value().startswith(b"HTTP/1.1 504")
+    assert gateway._under_way == {}

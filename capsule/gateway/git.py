@@ -412,11 +412,14 @@ class GitBodyStream:
         self._finished: Deferred | None = None
         self._paused_reading = False
         self._on_done: list[Callable] = []
+        # Told of each piece that comes (the gateway's stall timer).
+        self.on_progress: Callable[[], None] = lambda: None
 
     # -- the request's side (a file, for twisted.web)
 
     def write(self, data: bytes) -> None:
         self.received += len(data)
+        self.on_progress()
         if self._stopped or self.refusal is not None:
             return
         if self.limit is not None and self.received > self.limit:
@@ -729,6 +732,7 @@ class _Exchange:
         body = None
         if route.kind == "rpc" and isinstance(request.content, GitBodyStream):
             body = self._body = request.content
+            body.on_progress = self._touch
         elif route.kind == "rpc":
             request.content.seek(0)
             body = self._body = FileBodyProducer(request.content, readSize=64 * 1024)
