@@ -605,3 +605,17 @@ def test_a_push_still_coming_is_not_a_stall():
     clock.advance(61)
     assert transport.value().startswith(b"HTTP/1.1 504")
     assert gateway._under_way == {}
+
+
+def test_100_continue_only_for_a_push_the_gateway_takes():
+    clock = Clock()
+    site, agent, _ = gateway_site(Deferred(), streaming=True, clock=clock)
+    expecting = {**PUSH_HEADERS, "Expect": "100-continue"}
+    transport = send(site, "POST", PUSH, {**expecting, "X-Capsule-Session": "forged"}, b"",
+                     close=False)
+    clock.advance(0)
+    assert transport.value().startswith(b"HTTP/1.1 403")
+    assert b"100 Continue" not in transport.value()
+    transport = send(site, "POST", PUSH, expecting, b"", close=False)
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert agent.requests[-1][2].getRawHeaders(b"expect") is None

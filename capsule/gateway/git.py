@@ -547,7 +547,15 @@ class GitStreamingRequest(Request):
             return
         self._streamed = True
         self.content = GitBodyStream(self, length)
-        HTTPRequest.requestReceived(self, method, path, getattr(channel, "_version", b"HTTP/1.1"))
+        # "100 Continue" only once the gateway took the request: never after
+        # a refusal it already began to write.
+        expect = self.requestHeaders.getRawHeaders(b"expect")
+        self.requestHeaders.removeHeader(b"expect")
+        version = getattr(channel, "_version", b"HTTP/1.1")
+        HTTPRequest.requestReceived(self, method, path, version)
+        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1" \
+                and not self.startedWriting and not self.finished:
+            channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def requestReceived(self, command, path, version):
         if self._streamed:
