@@ -153,3 +153,37 @@ curl -s -w ' %{{http_code}}' -H "X-Capsule-Session: {placeholder}" "$door{REFS}"
                for _, path, *_ in host.seen)
     assert "git gateway refused GET /git/github.com/owner/private.git/HEAD" in server.log()
     assert server.unhandled_errors() == []
+
+
+def test_a_large_push_and_its_clone_pass_through_without_being_held(git_setup):
+    # 64 MB of incompressible data pushed through the gateway, then cloned
+    # back: capsule's memory grows by far less than that (the pack is never
+    # held whole, in either direction).
+    server, host, token = git_setup
+    session_id = _open(server, "git")
+    before = server.rss_kib()
+    out = _sh(server, session_id, """
+set -e
+cd /workspace
+git clone -q https://github.com/owner/private.git
+cd private
+head -c 64000000 /dev/urandom > large.bin
+git add large.bin
+git -c user.name=dev -c user.email=dev@example.invalid commit -q -m large
+start=$(date +%s%N)
+git push -q origin main 2>&1
+pushed=$(date +%s%N)
+cd /workspace && rm -rf private
+git clone -q https://github.com/owner/private.git again
+cloned=$(date +%s%N)
+cmp -s again/large.bin /dev/null || true
+echo "push_ms=$(( (pushed - start) / 1000000 )) clone_ms=$(( (cloned - pushed) / 1000000 ))"
+stat -c %s again/large.bin
+""", timeout=300)
+    assert out["exit_code"] == 0, out
+    assert out["stdout"].split()[-1] == "64000000"
+    print(" ".join(out["stdout"].split()[-3:-1]))
+    assert host.log_of("owner/private") == ["large", "first"]
+    grown = server.rss_kib() - before
+    print(f"capsule's RSS grew by {grown} KiB")
+    assert grown < 32 * 1024, f"capsule grew by {grown} KiB for a 64 MB push and clone"
