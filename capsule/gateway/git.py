@@ -42,7 +42,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.logger import Logger
@@ -411,7 +411,6 @@ class GitBodyStream:
         self._stopped = False
         self._finished: Deferred | None = None
         self._paused_reading = False
-        self._on_done: list[Callable] = []
         # Told of each piece that comes (the gateway's stall timer).
         self.on_progress: Callable[[], None] = lambda: None
 
@@ -444,15 +443,6 @@ class GitBodyStream:
         self.done = True
         self._resume_reading()
         self._flush()
-        on_done, self._on_done = self._on_done, []
-        for call in on_done:
-            call()
-
-    def when_done(self, call: Callable) -> None:
-        if self.done:
-            call()
-        else:
-            self._on_done.append(call)
 
     def seek(self, *args) -> None:
         pass
