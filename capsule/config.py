@@ -108,6 +108,16 @@ class CapsuleConfig:
     github_upstream: str = "https://github.com"
     github_tokens: str | None = None
     gateway_ca: str | None = None
+    # Who fences the session networks (capsule.engine.firewall): auto,
+    # manage or off.
+    firewall: str = "auto"
+    # Addresses (CIDRs) sessions may reach although link-local, private or
+    # the host's: let through by the firewall and the egress proxy.
+    egress_allow_addresses: tuple[str, ...] = ()
+    # The credential gateway's upstream for Anthropic's API, and the tokens
+    # one user may use through it per UTC day (None: no budget).
+    anthropic_upstream: str = "https://api.anthropic.com"
+    anthropic_budget: int | None = None
 
     tuning: Tuning = Tuning()
     # twistd's own logfile and nodaemon options (where a JSON log goes).

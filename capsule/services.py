@@ -17,7 +17,6 @@ from twisted.internet.defer import (CancelledError, Deferred, DeferredList, mayb
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
-from twisted.web.server import Site
 
 from capsule.auth.checkers import AuthThreadPool
 from capsule.auth.gate import Authenticator
@@ -25,14 +24,18 @@ from capsule.config import CapsuleConfig
 from capsule.core.addresses import overlapping
 from capsule.core.admission import AdmissionControl, AdmissionPolicy
 from capsule.core.memory import MemoryBudget
-from capsule.core.profiles import GITHUB_TOKEN
+from capsule.core.profiles import DEFAULT_PROFILE
 from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
 from capsule.engine.keeper_direct import DirectKeeper
+from capsule.engine.firewall import Firewall
 from capsule.engine.network import SessionNetwork
-from capsule.gateway.door import DoorRoot, SessionDoor, door_url
-from capsule.gateway.git import GitGateway, GitStreamingRequest, GitTokens, \
-    SessionPlaceholders, git_session_environment
+from capsule.gateway.anthropic import AnthropicGateway, GatewayLimits
+from capsule.gateway.credentials import Keys, PlaceholderStore, load_key
+from capsule.gateway.door import SessionDoor, door_url
+from capsule.gateway.git import GitGateway, GitTokens, git_session_environment, session_callers
+from capsule.gateway.site import SessionEnvironment, make_gateway_site
+from capsule.gateway.usage import Usage, UsageCollector
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
 from capsule.ops.recording import SessionRecorder
@@ -167,13 +170,13 @@ class SessionService(Service):
             try:
                 if self.network is not None:
                     await self.network.ensure()
-                    if self._door is not None:
-                        await self._door.listen(self.network.gateways())
-                    problem = self._proxies_hold_sessions()
+                    problem = self.network.refusal or self._proxies_hold_sessions()
                     if problem is not None:
                         if self._refuse is not None:
                             self._refuse(problem)
                         return
+                    if self._door is not None:
+                        await self._door.listen(self.network.gateways())
                 count = await recovery.recover()
             except CapsuleError as e:
                 if not warned:
@@ -512,20 +515,14 @@ def warm_room(memory: MemoryBudget, manager) -> bool:
                                 beside=largest)
 
 
-def session_door(config: CapsuleConfig, network: SessionNetwork, profile) -> str | None:
+def _door_of(port: int, environment: SessionEnvironment, profile) -> str | None:
     """
-    The session door's URL for a session of C{profile}: on the host side of
-    capsule's session network, or on the session's own loopback (the
-    keeper carries it) for a session with no network; C{None} for a
-    network capsule does not listen on.
+    The session door's URL for a session of C{profile} (see
+    L{SessionEnvironment.door_host}), or C{None}: no door, or none it
+    reaches.
     """
-    if profile.spec.network == "none":
-        return door_url("127.0.0.1", config.door_port)
-    if profile.spec.network != network.name:
-        return None
-    gateways = network.gateways()
-    gateways = [g for g in gateways if ":" not in g] or gateways
-    return door_url(gateways[0], config.door_port) if gateways else None
+    host = environment.door_host(profile) if port else None
+    return door_url(host, port) if host is not None else None
 
 
 def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
@@ -565,27 +562,42 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     # The metrics, the owners' file, the recorder and the spectators observe
     # the sessions.
     direct = DirectKeeper(reactor, docker) if config.keeper and tuning.keeper_direct else None
-    # A session's placeholder for the gateway: made with its container,
-    # forgotten when it ends.
-    placeholders = SessionPlaceholders(lambda session_id: manager.sessions.get(session_id))
-    session_environment = []
+    firewall = Firewall(reactor, config.firewall, door_port=config.door_port,
+                        allowed=config.egress_allow_addresses)
+    network = SessionNetwork(docker, reactor, config.spec.network, firewall=firewall)
+    # The credential gateway: placeholders in sessions, the keys kept here.
+    keys = Keys.from_secrets(config.secrets.values)
+    placeholders = PlaceholderStore(
+        lambda: load_key(config.state_dir or default_state_dir(), config.instance),
+        lambda: manager.sessions)
+    usage = Usage(reactor, config.anthropic_budget)
+    metrics.registry.register(UsageCollector(usage))
+    # The session door: on the session networks' gateways, and over the
+    # keeper's channels for sessions without a network (the manager's); the
+    # gateway behind it is made once the manager is.
+    door = None
     if config.door_port:
-        session_environment.append(git_session_environment(
-            lambda profile: session_door(config, network, profile),
-            placeholders.placeholder_for))
+        door = SessionDoor(reactor, config.door_port, factory_of=lambda: gateway_site)
+    # What sessions learn of the door: CAPSULE_DOOR and Anthropic's
+    # settings, and git's (for a profile naming the github credential), the
+    # same placeholder in both.
+    gateway_environment = SessionEnvironment(config.door_port, network, placeholders, keys)
+    git_environment = git_session_environment(
+        lambda profile: _door_of(config.door_port, gateway_environment, profile),
+        placeholders.issue)
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
                              owners=owners,
-                             observers=[o for o in (recorder, spectators, placeholders)
+                             observers=[o for o in (recorder, spectators, placeholders, usage)
                                         if o is not None],
                              memory=memory, direct=direct,
-                             pool_room=lambda: warm_room(memory, manager),
-                             session_environment=session_environment)
+                             pool_room=lambda: warm_room(memory, manager), door=door,
+                             session_environment=[SessionEnvironment(
+                                 config.door_port, network, placeholders, keys)])
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
                   " capsule's environment nor in --secrets-file): its sessions start without"
                   " it", profile=profile, name=name)
-    network = SessionNetwork(docker, reactor, config.spec.network)
     # A request from a session's address never has its proxy headers
     # believed, whatever --trusted-proxy says.
     addresses = ClientAddresses(list(config.trusted_proxies), network.subnets)
@@ -605,11 +617,13 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         manager, docker, reactor, config.www, admission=admission, spectators=spectators,
         watch_backlog=tuning.watch_backlog,
         drain=Drain(manager, reactor), metrics=metrics, authenticator=authenticator,
+        firewall=firewall,
         client_address=addresses,
         # A new session's container is asked for as its WebSocket opens,
         # unless start-at-first-frame.
         start_at_open=not tuning.start_at_first_frame,
         metrics_token=config.metrics_token, admin_token=config.admin_token,
+        admin_usage=usage.describe,
         admin_users=list(config.admin_users),
         # With users, loopback is everyone on the machine: not admin unless said.
         admin_loopback=config.admin_loopback or not config.users,
@@ -634,16 +648,19 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         # No one user (or client) may hold more than a quarter of the
         # Docker threads with its execs and uploads.
         docker_calls_per_caller=max(1, tuning.docker_threads // 4))
-    door = None
-    if config.door_port:
-        door_root = DoorRoot()
-        door_root.putChild(b"git", GitGateway(
-            reactor, placeholders.session_for,
-            GitTokens(config.secrets.values.get(GITHUB_TOKEN), config.github_tokens),
-            upstream=config.github_upstream, ca_file=config.gateway_ca))
-        # git's request bodies (pushes) pass through as they come.
-        door = SessionDoor(reactor, config.door_port,
-                           Site(door_root, requestFactory=GitStreamingRequest))
+    anthropic = AnthropicGateway(
+        reactor, placeholders, keys, manager.sessions, usage,
+        upstream=config.anthropic_upstream,
+        limits=GatewayLimits(per_session=tuning.anthropic_requests_per_session,
+                             body_bytes=tuning.anthropic_body_bytes,
+                             connect_timeout=tuning.anthropic_connect_timeout,
+                             answer_timeout=tuning.anthropic_answer_timeout,
+                             idle_timeout=tuning.anthropic_idle_timeout),
+        profile_of=lambda session: session.settings or manager.profiles[DEFAULT_PROFILE])
+    git = GitGateway(reactor, session_callers(placeholders, manager.sessions),
+                     GitTokens(keys.get("github"), config.github_tokens),
+                     upstream=config.github_upstream, ca_file=config.gateway_ca)
+    gateway_site = make_gateway_site(anthropic, reactor, git=git)
     sessions = SessionService(manager, reactor, site.websocket_factory, admission, docker,
                               network, trusted_proxies=config.trusted_proxies,
                               user_header=config.user_header,

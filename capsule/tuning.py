@@ -203,6 +203,25 @@ class Tuning:
         "Seconds an export's reading of Docker's stream may wait for room in its spool (its"
         " client taking nothing) before the export is cut off; Docker holds the session's"
         " container meanwhile.")
+    anthropic_requests_per_session: int = knob(
+        8, _POSITIVE_INT,
+        "Requests one session may have under way at once through the Anthropic gateway"
+        " (more: 429).")
+    anthropic_body_bytes: int = knob(
+        32 * 1024 * 1024, _POSITIVE_INT,
+        "The largest request body a session may send through the Anthropic gateway (larger:"
+        " 413, answered before the body is read).")
+    anthropic_connect_timeout: float = knob(
+        10.0, _POSITIVE_FLOAT,
+        "Seconds the Anthropic gateway waits to connect to the upstream (past it: 504).")
+    anthropic_answer_timeout: float = knob(
+        600.0, _POSITIVE_FLOAT,
+        "Seconds the upstream may take to begin its answer to a request through the"
+        " Anthropic gateway (past it: 504).")
+    anthropic_idle_timeout: float = knob(
+        300.0, _POSITIVE_FLOAT,
+        "Seconds an answer through the Anthropic gateway may stall between two pieces before"
+        " it is cut off.")
 
     @property
     def coalesce_delay(self) -> float:

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from capsule.core.profiles import Profile, ProfileError, builtin_profiles, load_profiles, \
@@ -23,13 +24,14 @@ from capsule.core.profiles import Profile, ProfileError, builtin_profiles, load_
 from capsule.core.spec import ContainerSpec
 from capsule.gateway.door import DoorRoot
 from capsule.gateway.git import (BODY_HIGH_WATER, GitBodyStream, GitCaller, GitGateway,
-                                 GitLimits, GitRefused, GitStreamingRequest, GitTokens,
-                                 SessionPlaceholders, answer_headers, basic_authorization,
-                                 check_upstream, git_environment, git_session_environment,
-                                 parse_git_request, rewrite_location, upstream_headers)
-from capsule.sessions.observers import ISessionObserver, SessionObservers
+                                 GitLimits, GitRefused, GitTokens,
+                                 answer_headers, basic_authorization, check_upstream,
+                                 git_environment, git_session_environment, parse_git_request,
+                                 rewrite_location, session_callers, upstream_headers)
+from capsule.gateway.credentials import PlaceholderStore
+from capsule.gateway.site import make_gateway_site
+from capsule.sessions.observers import SessionObservers
 from tests.support.httpclient import ask, send
-from zope.interface.verify import verifyObject
 
 TOKEN = "ghp_operatorsecrettoken0123456789"
 GOOD = "good-placeholder"
@@ -180,14 +182,14 @@ def test_the_claude_profile_names_github_and_a_profile_may(tmp_path):
     path.write_text('[profiles.git]\ncredentials = ["github"]\n')
     assert load_profiles(str(path), builtins)["git"].credentials == ("github",)
     path.write_text('[profiles.git]\ncredentials = ["gitlab"]\n')
-    with pytest.raises(ProfileError, match="no credential 'gitlab'"):
+    with pytest.raises(ProfileError, match="unknown credential 'gitlab'"):
         load_profiles(str(path), builtins)
 
 
 def test_the_token_is_read_from_the_environment_or_the_secrets_file(tmp_path):
     shell = Profile(name="shell", spec=ContainerSpec(image="capsule-runtime:latest"))
     profiles = builtin_profiles(shell)
-    secrets = load_secrets(None, profiles, {"GITHUB_TOKEN": TOKEN}, extra=("GITHUB_TOKEN",))
+    secrets = load_secrets(None, profiles, {"GITHUB_TOKEN": TOKEN})
     assert secrets.values["GITHUB_TOKEN"] == TOKEN
     # No profile's container gets it.
     assert all("GITHUB_TOKEN" not in secrets.for_profile(p) for p in profiles.values())
@@ -195,7 +197,7 @@ def test_the_token_is_read_from_the_environment_or_the_secrets_file(tmp_path):
     path = tmp_path / "secrets"
     path.write_text(f"GITHUB_TOKEN={TOKEN}\n")
     path.chmod(0o600)
-    assert load_secrets(str(path), profiles, {}, extra=("GITHUB_TOKEN",)).values[
+    assert load_secrets(str(path), profiles, {}).values[
         "GITHUB_TOKEN"] == TOKEN
 
 
@@ -219,22 +221,23 @@ def test_a_users_own_token_comes_first(tmp_path):
     assert TOKEN not in repr(tokens)
 
 
-def test_placeholders_die_with_their_session():
+def test_placeholders_are_the_credential_gateways_and_die_with_their_session():
     class Session:
         def __init__(self, id, user):
             self.id = id
             self.core = type("Core", (), {"user": user})()
     live = {"s1": Session("s1", "alice")}
-    placeholders = SessionPlaceholders(live.get)
-    # An observer of the sessions: every event, not just their end.
-    verifyObject(ISessionObserver, placeholders)
-    SessionObservers([placeholders]).session_output(live["s1"], b"x")
-    p1 = placeholders.placeholder_for("s1")
-    assert placeholders.placeholder_for("s1") == p1
-    assert placeholders.session_for(p1) == GitCaller("s1", "alice")
-    assert placeholders.session_for("forged") is None
-    placeholders.session_ended(live.pop("s1"))
-    assert placeholders.session_for(p1) is None
+    placeholders = PlaceholderStore(b"k" * 32, lambda: live)
+    callers = session_callers(placeholders, live)
+    p1 = placeholders.issue("s1")
+    assert callers(p1) == GitCaller("s1", "alice")
+    assert callers("forged") is None
+    # The same key gives the same placeholder: one that outlives a restart
+    # of capsule.
+    assert session_callers(PlaceholderStore(b"k" * 32, lambda: live), live)(p1) \
+        == GitCaller("s1", "alice")
+    SessionObservers([placeholders]).session_ended(live.pop("s1"))
+    assert callers(p1) is None
 
 
 # -- the resource, with a fake upstream ------------------------------------------------------
@@ -308,9 +311,11 @@ def gateway_site(answer, *, tokens=lambda user: TOKEN, limits=GitLimits(), clock
     callers = {GOOD: GitCaller("session-1", "alice")}
     gateway = GitGateway(clock or Clock(), callers.get, tokens, upstream="https://upstream.test",
                          limits=limits, agent=agent)
+    if streaming:
+        # The door's gateway site, as services.py makes it.
+        return make_gateway_site(None, clock or Clock(), git=gateway), agent, gateway
     root.putChild(b"git", gateway)
-    return (Site(root, requestFactory=GitStreamingRequest) if streaming else Site(root)), \
-        agent, gateway
+    return Site(root), agent, gateway
 
 
 REFS = "/git/github.com/owner/private.git/info/refs?service=git-upload-pack"
@@ -509,7 +514,7 @@ def test_a_slow_upstream_stops_the_push_being_read():
     site, agent, _ = gateway_site(Deferred(), streaming=True)
     transport = send(site, "POST", PUSH, PUSH_HEADERS, b"", close=False)
     channel = transport.channel
-    body = channel._channel.requests[-1].content
+    body = getattr(channel, "_channel", channel).requests[-1].content
     body.pauseProducing()
     piece = b"x" * 65536
     while transport.producerState == "producing":
@@ -619,3 +624,30 @@ def test_100_continue_only_for_a_push_the_gateway_takes():
     transport = send(site, "POST", PUSH, expecting, b"", close=False)
     assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert agent.requests[-1][2].getRawHeaders(b"expect") is None
+
+
+def test_the_gateway_site_streams_gits_posts_and_limits_the_others():
+    # One site behind the door: a git push streams to the git gateway, while
+    # a body for /anthropic/ is still decided (and refused) before it is read.
+    class Anthropic(Resource):
+        isLeaf = True
+        body_limit = 10
+        seen = []
+
+        def render_POST(self, request):
+            self.seen.append(request.content.read())
+            return b"ok"
+    anthropic = Anthropic()
+    agent = FakeAgent(Deferred())
+    git = GitGateway(Clock(), {GOOD: GitCaller("session-1", "alice")}.get, lambda user: TOKEN,
+                     upstream="https://upstream.test", agent=agent)
+    site = make_gateway_site(anthropic, Clock(), git=git)
+    response = ask(site, "POST", "/anthropic/v1/messages", {}, b"x" * 11)
+    assert response.status == 413 and anthropic.seen == []
+    assert ask(site, "POST", "/anthropic/v1/messages", {}, b"x" * 10).body == b"ok"
+    transport = send(site, "POST", PUSH, PUSH_HEADERS, b"", close=False)
+    # The push reached the upstream before its body is in, each piece
+    # passed on as it comes, past /anthropic/'s limit and the default one.
+    ((_, _, _, passed),) = agent.requests
+    transport.channel.dataReceived(chunk(b"x" * 100_000))
+    assert passed == [b"x" * 100_000] and not transport.disconnecting

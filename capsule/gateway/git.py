@@ -7,7 +7,9 @@ configuration through its environment only (L{git_environment}: no file in
 the container): C{url.<door>/git/github.com/.insteadOf https://github.com/}
 (and C{git@github.com:}), so that git asks capsule's session door instead
 of GitHub, and C{http.<door>/git/.extraHeader} carrying the session's
-placeholder in C{X-Capsule-Session}.  A clone's C{.git/config} keeps the
+placeholder in C{X-Capsule-Session} (the credential gateway's:
+L{capsule.gateway.credentials.PlaceholderStore}, the same one as its
+C{ANTHROPIC_AUTH_TOKEN}).  A clone's C{.git/config} keeps the
 original C{https://github.com/...} URL: git rewrites it on each use, and
 writes nothing of the door or the placeholder into the workspace.
 
@@ -33,7 +35,6 @@ ever logged, answered or put into a container.
 from __future__ import annotations
 
 import base64
-import secrets
 import os
 import re
 import stat
@@ -52,11 +53,11 @@ from twisted.web.http import PotentialDataLoss, Request as HTTPRequest
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from capsule.core.ratelog import RateLimitedLog
-from capsule.sessions.observers import SessionObserver
+from capsule.web.site import LimitedRequest
 
 _log = Logger()
 
@@ -518,12 +519,14 @@ class GitBodyStream:
                 channel.transport.resumeProducing()
 
 
-class GitStreamingRequest(Request):
+class GitStreamingRequest(LimitedRequest):
     """
-    A request of the door's site whose body, for git's C{POST}s under
-    C{/git/}, is not read whole first: the request reaches the gateway as
-    soon as its headers are in, its body passed on as it comes
-    (L{GitBodyStream}).  Any other request is twisted.web's as ever.
+    The gateway site's request (L{capsule.gateway.site.GatewaySite}): for
+    git's C{POST}s under C{/git/}, the body is not read whole first: the
+    request reaches the gateway as soon as its headers are in, its body
+    passed on as it comes (L{GitBodyStream}; the gateway bounds it).  Any
+    other request is a L{LimitedRequest}: its body limited by its path
+    before any of it is read.
     """
 
     _streamed = False
@@ -547,8 +550,15 @@ class GitStreamingRequest(Request):
                 and not self.startedWriting and not self.finished:
             channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def handleContentChunk(self, data):
+        if self._streamed:
+            self.content.write(data)
+            return
+        super().handleContentChunk(data)
+
     def requestReceived(self, command, path, version):
         if self._streamed:
+            self._received()
             self.content.finish()
             return
         super().requestReceived(command, path, version)
@@ -988,42 +998,18 @@ def _reason(failure) -> str:
     return failure.getErrorMessage()
 
 
-# -- placeholders ---------------------------------------------------------------------
-
-class SessionPlaceholders(SessionObserver):
+def session_callers(placeholders, sessions) -> Callable[[str], GitCaller | None]:
     """
-    A random placeholder per session, made when its container is (the
-    C{session_environment} hook asks for it), forgotten when it ends (an
-    observer of the sessions): what the gateway checks a request's against.
-    Never the key.
-
-    @param session: C{session(session_id)}: the live session of that id,
-        or C{None}; its C{core.user} is whose it is.
+    L{GitGateway}'s C{session_for}: whose a placeholder is, by the
+    credential gateway's placeholders
+    (L{capsule.gateway.credentials.PlaceholderStore}: the same one a
+    session's Anthropic settings carry) and the live C{sessions} (by id:
+    the user is its C{core.user}).
     """
-
-    def __init__(self, session: Callable) -> None:
-        self._session = session
-        self._by_placeholder: dict[str, str] = {}
-        self._by_session: dict[str, str] = {}
-
-    def placeholder_for(self, session_id: str) -> str:
-        placeholder = self._by_session.get(session_id)
-        if placeholder is None:
-            placeholder = secrets.token_urlsafe(32)
-            self._by_session[session_id] = placeholder
-            self._by_placeholder[placeholder] = session_id
-        return placeholder
-
-    def session_for(self, placeholder: str) -> GitCaller | None:
-        session_id = self._by_placeholder.get(placeholder)
-        if session_id is None:
-            return None
-        session = self._session(session_id)
+    def session_for(placeholder: str) -> GitCaller | None:
+        session_id = placeholders.session_for(placeholder)
+        session = sessions.get(session_id) if session_id is not None else None
         if session is None:
             return None
         return GitCaller(session_id, getattr(session.core, "user", None))
-
-    def session_ended(self, session) -> None:
-        placeholder = self._by_session.pop(session.id, None)
-        if placeholder is not None:
-            self._by_placeholder.pop(placeholder, None)
+    return session_for

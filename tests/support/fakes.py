@@ -47,6 +47,7 @@ class FakeExecProcess:
         self.tty = tty
         self.program = program
         self.written: list[bytes] = []
+        self.raw_written: list[bytes] = []  # every write, frames and all
         self.resizes: list[tuple[int, int]] = []
         self.paused = False
         self.input_producer = None
@@ -91,6 +92,7 @@ class FakeExecProcess:
             self.program.started(self)
 
     def write(self, data: bytes) -> None:
+        self.raw_written.append(data)
         if self.program is not None and self.connected:
             self.program.received(self, data)
         if not self.keeper:
@@ -171,6 +173,8 @@ class FakeDockerAPI:
         self.security_options = ["name=seccomp,profile=default", "name=userns"]
         # While set, execs connect only at release_exec().
         self.hold_exec = False
+        # The channels a keeper asked for them carries (None: an older keeper).
+        self.keeper_channels: int | None = 32
         self._held_execs: list[tuple[FakeExecProcess, Deferred]] = []
         # While set, listings wait until release_list().
         self.hold_list = False
@@ -421,7 +425,13 @@ class FakeDockerAPI:
             held_from, end = self.keeper_output.get(process.container_id, (0, 0))
             start = min(max(wanted, held_from), end)
             dropped = start - wanted if wanted < held_from else 0
-            process.emit(f"\x1b_capsule-keeper;offset={start};dropped={dropped}\x1b\\".encode())
+            # A keeper asked for channels says how many it carries (None:
+            # an older keeper, which does not).
+            more = (f";channels={self.keeper_channels}"
+                    if "CAPSULE_KEEPER_CHANNELS" in process.env
+                    and self.keeper_channels is not None else "")
+            process.emit(f"\x1b_capsule-keeper;offset={start};dropped={dropped}{more}\x1b\\"
+                         .encode())
         process._start()
 
     def release_exec(self) -> None:

@@ -218,7 +218,11 @@ class CapsuleServer:
             str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=",
             f"--logfile={self.log_path}", "capsule",
             "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-            "--instance", self.instance, "--image", image, *extra,
+            "--instance", self.instance, "--image", image,
+            # The test servers share the engine's capsule network and run
+            # at once: none fences it for all (a test of the firewall
+            # says --firewall manage, on a network of its own).
+            "--firewall", "off", *extra,
         ]
         # A server that hangs can then be made to show every thread's stack.
         self.env = {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
