@@ -591,8 +591,7 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                                         if o is not None],
                              memory=memory, direct=direct,
                              pool_room=lambda: warm_room(memory, manager), door=door,
-                             session_environment=[SessionEnvironment(
-                                 config.door_port, network, placeholders, keys)])
+                             session_environment=[gateway_environment, git_environment])
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"

@@ -651,3 +651,26 @@ def test_the_gateway_site_streams_gits_posts_and_limits_the_others():
     ((_, _, _, passed),) = agent.requests
     transport.channel.dataReceived(chunk(b"x" * 100_000))
     assert passed == [b"x" * 100_000] and not transport.disconnecting
+
+
+def test_the_server_gives_git_and_anthropic_one_placeholder_and_mounts_git(
+        monkeypatch, tmp_path):
+    from twisted.internet.testing import MemoryReactorClock
+    from capsule.services import make_service
+    from capsule.tap import Options
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real")
+    monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
+    options = Options()
+    options.parseOptions(["-l", "tcp:0:interface=127.0.0.1", "--state-dir", str(tmp_path)])
+    service = make_service(options.config, MemoryReactorClock())
+    manager = service.manager
+    anthropic_environment = manager._session_environment[0]
+    monkeypatch.setattr(anthropic_environment._network, "gateways", lambda: ["172.18.0.1"])
+    environment = manager._container_spec("s1", manager.profiles["claude"]).environment
+    placeholder = environment["ANTHROPIC_AUTH_TOKEN"]
+    assert "X-Capsule-Session: " + placeholder in environment.values()
+    assert "url.http://172.18.0.1:3180/git/github.com/.insteadOf" in environment.values()
+    assert TOKEN not in environment.values()
+    # The door's site serves /git/ beside /anthropic/.
+    site = manager._door.factory
+    assert {b"git", b"anthropic"} <= set(site.resource.children)
