@@ -187,3 +187,24 @@ stat -c %s again/large.bin
     grown = server.rss_kib() - before
     print(f"capsule's RSS grew by {grown} KiB")
     assert grown < 32 * 1024, f"capsule grew by {grown} KiB for a 64 MB push and clone"
+
+
+def test_a_session_found_after_a_restart_still_clones(make_server, tmp_path):
+    # The placeholder is the credential gateway's, derived from the key kept
+    # in the state directory: capsule knows it again after a restart.
+    token = f"ghp_{uuid.uuid4().hex}"
+    with GitServer(tmp_path, token) as host:
+        host.create("owner/private")
+        options = ("--pool-size", "0", "--door-port", str(free_port()), "--profiles",
+                   _profiles(tmp_path), "--github-upstream", host.url, "--gateway-ca",
+                   str(host.ca), "--state-dir", str(tmp_path / "state"), "--grace", "120")
+        first = make_server(*options, env={"GITHUB_TOKEN": token})
+        session_id = _open(first, "git")
+        first.stop()
+        second = make_server(*options, instance=first.instance, env={"GITHUB_TOKEN": token})
+        wait_for(lambda: "found 1 session(s) of an earlier run" in second.log(), 30,
+                 "the session found again")
+        out = _sh(second, session_id, "cd /workspace && git clone -q"
+                  " https://github.com/owner/private.git && cat private/README.md", timeout=90)
+        assert out["exit_code"] == 0, out
+        assert "a private repository" in out["stdout"]
