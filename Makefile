@@ -10,6 +10,10 @@ LISTEN ?= tcp:3001:interface=127.0.0.1
 # The server's name (--instance): its containers carry it, and a second
 # `make run` in the same checkout needs its own (and its own LISTEN).
 INSTANCE ?= default
+# The profile the plain URL opens (--default-profile): shell, or claude for
+# Claude Code, whose key comes from ANTHROPIC_API_KEY in make's environment:
+#   ANTHROPIC_API_KEY=sk-ant-... make run DEFAULT_PROFILE=claude
+DEFAULT_PROFILE ?= shell
 ARGS ?=
 # twistd's pid files, one per instance, out of the tree's tracked files.
 RUN_DIR ?= .run
@@ -60,9 +64,10 @@ run: setup
 	  _ $(IMAGE) $(BUILD_LOG) $(AGENT_IMAGE) \
 	  || { echo "capsule: the image build failed; the end of $(BUILD_LOG):"; \
 	       tail -n 25 $(BUILD_LOG); exit 1; }
-	@echo "capsule: starting: twistd -n --pidfile $(RUN_DIR)/$(INSTANCE).pid capsule --instance $(INSTANCE) --listen $(LISTEN) --image $(IMAGE) --agent-image $(AGENT_IMAGE) $(ARGS)"
+	@echo "capsule: starting: twistd -n --pidfile $(RUN_DIR)/$(INSTANCE).pid capsule --instance $(INSTANCE) --listen $(LISTEN) --image $(IMAGE) --agent-image $(AGENT_IMAGE) --default-profile $(DEFAULT_PROFILE) $(ARGS)"
 	@$(BIN)/twistd -n --pidfile $(RUN_DIR)/$(INSTANCE).pid capsule --instance $(INSTANCE) --listen $(LISTEN) \
-	  --image $(IMAGE) --agent-image $(AGENT_IMAGE) $(ARGS) & pid=$$!; \
+	  --image $(IMAGE) --agent-image $(AGENT_IMAGE) --default-profile $(DEFAULT_PROFILE) \
+	  $(ARGS) & pid=$$!; \
 	  trap 'kill -TERM $$pid 2>/dev/null' INT TERM; \
 	  while :; do wait $$pid; status=$$?; kill -0 $$pid 2>/dev/null || break; done; \
 	  case $$status in 0|130|143) exit 0;; *) exit $$status;; esac

@@ -258,7 +258,8 @@ def do_volumes(client: AdminClient, args, out, docker_client=None) -> int:
     for volume in found:
         labels = volume.get("Labels") or {}
         size = sizes.get(volume["Name"])
-        rows.append((labels.get(LABEL_USER, "?"), labels.get(LABEL_PROFILE, "?"),
+        # The one local user of a capsule without users has no name.
+        rows.append((labels.get(LABEL_USER, "?") or "(local)", labels.get(LABEL_PROFILE, "?"),
                      "?" if size is None else f"{size / (1024 * 1024):.1f}MiB",
                      volume["Name"]))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
@@ -295,7 +296,7 @@ def do_remove_volumes(client: AdminClient, args, out, docker_client=None) -> int
             raise AdminError(f"could not remove {name}: {e.explanation or e}") from None
         print(f"removed {name}", file=out)
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {len(found) - kept} agent volume(s) of {args.user} (instance"
+    print(f"{verb} {len(found) - kept} agent volume(s) of {args.user or '(local)'} (instance"
           f" {args.instance})", file=out)
     return 1 if kept else 0
 
@@ -389,7 +390,8 @@ def parser() -> argparse.ArgumentParser:
     volumes.add_argument("--profile", help="only this profile's")
     remove = sub.add_parser("remove-volumes", help="remove a user's agent volumes (through"
                                                    " Docker): their agents forget them")
-    remove.add_argument("--user", required=True, help="whose volumes")
+    remove.add_argument("--user", required=True,
+                        help="whose volumes ('': the local user's, of a capsule without users)")
     remove.add_argument("--instance", default="default", help="[default: default]")
     remove.add_argument("--profile", help="only this profile's [default: every profile's]")
     remove.add_argument("--dry-run", action="store_true", help="say what would be removed")

@@ -118,6 +118,8 @@ class CapsuleConfig:
     # one user may use through it per UTC day (None: no budget).
     anthropic_upstream: str = "https://api.anthropic.com"
     anthropic_budget: int | None = None
+    # The profile a session gets when its client names none.
+    default_profile: str = "shell"
 
     tuning: Tuning = Tuning()
     # twistd's own logfile and nodaemon options (where a JSON log goes).

@@ -453,7 +453,8 @@ def session_config(config: CapsuleConfig) -> SessionConfig:
         pool_max_age=config.tuning.pool_max_age, pool_grow_by=config.tuning.pool_grow_by,
         pool_window=config.tuning.pool_window, max_lifetime=config.max_lifetime,
         idle_timeout=config.idle_timeout, keeper=config.keeper,
-        profiles=dict(config.profiles), secrets=config.secrets)
+        profiles=dict(config.profiles), secrets=config.secrets,
+        default_profile=config.default_profile, local_volumes=not config.users)
 
 
 # The soft limit capsule raises its own to, when the hard one is unlimited.

@@ -19,7 +19,7 @@ from capsule.config import CapsuleConfig
 from capsule.core.admission import parse_network, parse_rate
 from capsule.core.memory import host_capacity
 from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT,
-                                   DEFAULT_MEMORY_REQUEST, Profile,
+                                   DEFAULT_MEMORY_REQUEST, DEFAULT_PROFILE, Profile,
                                    ProfileError, builtin_profiles, load_profiles, load_secrets)
 from capsule.core.spec import ContainerSpec
 from capsule.engine.firewall import MODES as FIREWALL_MODES
@@ -274,6 +274,9 @@ class Options(usage.Options):
          " environment, limits, secrets, agent_volume, repository...); see the README"
          " [default: the built-in shell and claude]."],
         ["agent-image", None, DEFAULT_AGENT_IMAGE, "Docker image of the claude profile."],
+        ["default-profile", None, DEFAULT_PROFILE,
+         "The profile a session gets when its client names none: what the plain URL opens"
+         " (claude: Claude Code); ?profile= still picks another."],
         ["secrets-file", None, None,
          "A file of NAME=value lines (mode 600 or 640) holding the secrets profiles name"
          " [default: the secrets come from capsule's environment]."],
@@ -553,6 +556,7 @@ class Options(usage.Options):
             max_lifetime=self["max-lifetime"], idle_timeout=self["idle-timeout"],
             replay_bytes=self["replay-buffer"], pool_size=self["pool-size"],
             profiles=MappingProxyType(dict(self["profile-table"])), secrets=self["secrets"],
+            default_profile=self["default-profile"],
             max_sessions=self["max-sessions"],
             max_sessions_per_client=self["max-sessions-per-client"],
             max_sessions_per_user=self._max_sessions_per_user(),
@@ -642,6 +646,12 @@ class Options(usage.Options):
             raise usage.UsageError(f"--profiles: {e}" if self["secrets-file"] is None
                                    or not str(e).startswith(self["secrets-file"])
                                    else f"--secrets-file: {e}")
+        if self["default-profile"] not in self["profile-table"]:
+            shown = "".join(c if c.isprintable() else "?" for c in self["default-profile"][:64])
+            raise usage.UsageError(
+                f"--default-profile: no profile {shown!r}: the profiles are"
+                f" {', '.join(sorted(self['profile-table']))}"
+                + ("" if self["profiles"] else " (--profiles FILE adds others)"))
 
 
 def server_spec(config) -> ContainerSpec:

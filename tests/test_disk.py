@@ -125,15 +125,37 @@ def _options(*args):
     return options
 
 
-def test_the_watcher_runs_after_the_cleanup_only_with_disk(monkeypatch):
+def test_the_watcher_runs_after_the_cleanup_only_with_disk(monkeypatch, tmp_path):
     monkeypatch.setenv("CAPSULE_TUNING", "disk-check-interval=5")
     service = makeService(_options("--disk", "2g"), MemoryReactorClock())
     types = [type(c) for c in service]
     assert types[types.index(CleanupService) + 1:] == [DiskWatchService, ListenerService]
     (watcher,) = [c for c in service if isinstance(c, DiskWatchService)]
     assert (watcher.step, watcher._limit) == (5.0, 2 * 1024 ** 3)
+    # The built-in claude profile's volume is weighed; without it, nothing is.
+    assert any(isinstance(c, DiskWatchService)
+               for c in makeService(_options(), MemoryReactorClock()))
+    path = tmp_path / "profiles.toml"
+    path.write_text('[profiles.claude]\nagent_volume_limit = "off"\n')
     assert not any(isinstance(c, DiskWatchService)
-                   for c in makeService(_options(), MemoryReactorClock()))
+                   for c in makeService(_options("--profiles", str(path)), MemoryReactorClock()))
+
+
+def test_nothing_is_read_for_sessions_with_nothing_to_weigh(manager, clock):
+    """
+    Sessions with no disk limit and no agent volume (shells beside the
+    claude profile's volumes, which start the watcher) cost the engine no
+    call.
+    """
+    manager.create(RecordingClient(), 80, 24)
+    calls = []
+    service = DiskWatchService(manager, clock, None, 30.0,
+                               lambda volumes: calls.append(volumes) or succeed(DiskUsage()),
+                               enforced=lambda: False)
+    service.startService()
+    clock.advance(60)
+    service.stopService()
+    assert calls == []
 
 
 @pytest.mark.parametrize("value", ["lots", "0", "-5m"])

@@ -10,6 +10,7 @@ from twisted.logger import formatEvent
 
 from capsule.gateway.door import SessionDoor
 from capsule.sessions.cleanup import CleanupService
+from capsule.sessions.disk import DiskWatchService
 from capsule.core.spec import ContainerSpec
 from capsule.core.errors import DockerUnavailable, SessionNotFound
 from capsule.sessions.manager import SessionManager
@@ -90,7 +91,7 @@ def test_service_tree():
     assert isinstance(service, CapsuleService)
     children = list(service)
     assert [type(c) for c in children] == [DockerService, SessionDoor, SessionService,
-                                           CleanupService, ListenerService]
+                                           CleanupService, DiskWatchService, ListenerService]
     assert [type(c) for c in children[-1]] == [StreamServerEndpointService] * 2
 
 

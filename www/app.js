@@ -31,6 +31,7 @@ const ui = {
   actionButton: $("action"),
   logoutButton: $("logout"),
   user: $("user"),
+  profile: $("profile"),
   shareButton: $("share"),
   shareCount: $("share-count"),
   shareMenu: $("share-menu"),
@@ -87,7 +88,10 @@ if (watching === null) {
     status,
     attention,
     profile: new URLSearchParams(location.search).get("profile"),
-    onAttached: (frame) => leaving.attached(frame),
+    onAttached: (frame) => {
+      leaving.attached(frame);
+      showProfile(frame.profile);
+    },
     // A refused upgrade looks the same as capsule being down; its API tells them apart.
     checkLogin: () => {
       if (hasUsers !== false) checkLogin();
@@ -128,6 +132,15 @@ if (watching === null) {
 // --- a spectator's badge: read-only, and when the link expires ----------------------
 
 let expiryTimer = null;
+// The profile the session runs (capsule's connected frame names it), beside the brand; the
+// tab's title says it too.
+function showProfile(name) {
+  if (typeof name !== "string" || !name) return;
+  ui.profile.textContent = name;
+  ui.profile.hidden = false;
+  document.title = `capsule · ${name}`;
+}
+
 function showExpiry(at) {
   clearInterval(expiryTimer);
   const render = () => {

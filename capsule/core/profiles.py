@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import stat
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -60,9 +61,108 @@ DEFAULT_AGENT_VOLUME_LIMIT = 1024 ** 3
 DEFAULT_MEMORY_REQUEST = "64m"
 DEFAULT_AGENT_MEMORY_REQUEST = "512m"
 
-# Claude Code in /workspace; when it exits, a login shell, so that the
-# session stays useful.
-CLAUDE_COMMAND = ("bash", "-lc", "cd /workspace && claude; exec bash -l")
+# Where the built-in claude profile keeps Claude Code's whole state (its
+# CLAUDE_CONFIG_DIR: settings, logins, history and the .claude.json beside
+# them), on each user's agent volume.
+CLAUDE_CONFIG_DIR = "/home/developer/.claude"
+# A profile's agent_permissions: Claude Code asks before it acts ("ask"), or
+# runs with --dangerously-skip-permissions ("bypass": the container is the
+# sandbox).
+AGENT_PERMISSIONS = ("ask", "bypass")
+
+# Claude Code in /workspace, then a login shell, so that the session stays
+# useful.  Before it: Claude Code's config marked as onboarded with
+# /workspace trusted (keys added only where absent: a user's own settings
+# are never changed; node is the agent image's), and, with no key in the
+# environment and no login kept in its config directory, a few lines in the
+# terminal on how to log in.  CAPSULE_AGENT_PERMISSIONS=bypass (a profile's
+# agent_permissions) runs it with --dangerously-skip-permissions.
+CLAUDE_SCRIPT = r"""
+cd /workspace 2>/dev/null || cd
+config_dir="${CLAUDE_CONFIG_DIR:-$HOME/.claude}"
+config_file="${CLAUDE_CONFIG_DIR:-$HOME}/.claude.json"
+bypass=
+if [ "$CAPSULE_AGENT_PERMISSIONS" = bypass ]; then bypass=1; fi
+unset CAPSULE_AGENT_PERMISSIONS
+if command -v node >/dev/null 2>&1; then
+  mkdir -p "$config_dir" 2>/dev/null
+  node -e SEED "$config_file" "$config_dir/settings.json" "$bypass"
+fi
+if [ -z "$ANTHROPIC_API_KEY$ANTHROPIC_AUTH_TOKEN$CLAUDE_CODE_OAUTH_TOKEN" ] \
+    && [ -z "$CLAUDE_CODE_USE_BEDROCK$CLAUDE_CODE_USE_VERTEX" ] \
+    && ! [ -s "$config_dir/.credentials.json" ] \
+    && ! grep -qs '"primaryApiKey"\|"apiKeyHelper"' "$config_file" "$config_dir/settings.json"
+then
+  # Short lines: a phone's terminal is some 45 columns wide.
+  printf '\ncapsule: no Anthropic key, no login yet.\n'
+  printf 'To log in, type /login in Claude Code\n'
+  # Said only where the config directory is a volume of its own.
+  if grep -qsF " $config_dir " /proc/self/mountinfo; then
+    printf '(the login is kept for your next sessions),\n'
+  fi
+  printf 'or ask the operator to start capsule\n'
+  printf 'with ANTHROPIC_API_KEY set.\n\n'
+fi
+if [ -n "$bypass" ]; then
+  claude --dangerously-skip-permissions "$@"
+else
+  claude "$@"
+fi
+exec bash -l
+"""
+# (SEED: the script below.)
+# Adds what Claude Code asks on a first start to its config (argv: the
+# .claude.json, the settings.json, "1" for bypass): onboarding done and
+# /workspace trusted, and in bypass mode its warning accepted.  Only keys
+# that are absent, in a file that parses (or does not exist yet), written
+# whole by a rename.
+CLAUDE_SEED = r"""
+const fs = require("fs");
+function seed(file, add) {
+  let data = {};
+  try {
+    data = JSON.parse(fs.readFileSync(file, "utf8"));
+  } catch (e) {
+    if (e.code !== "ENOENT") return;
+  }
+  if (data === null || typeof data !== "object" || Array.isArray(data)) return;
+  if (!add(data)) return;
+  const temporary = file + ".capsule-" + process.pid;
+  fs.writeFileSync(temporary, JSON.stringify(data, null, 2) + "\n", { mode: 0o600 });
+  fs.renameSync(temporary, file);
+}
+const [file, settings, bypass] = process.argv.slice(1);
+try {
+  seed(file, (c) => {
+    let changed = false;
+    if (!("hasCompletedOnboarding" in c)) {
+      c.hasCompletedOnboarding = true;
+      changed = true;
+    }
+    if (c.projects === undefined) c.projects = {};
+    const projects = c.projects;
+    if (projects === null || typeof projects !== "object" || Array.isArray(projects)) return changed;
+    if (projects["/workspace"] === undefined) projects["/workspace"] = {};
+    const project = projects["/workspace"];
+    if (project !== null && typeof project === "object" && !("hasTrustDialogAccepted" in project)) {
+      project.hasTrustDialogAccepted = true;
+      changed = true;
+    }
+    return changed;
+  });
+  if (bypass) {
+    seed(settings, (s) => {
+      if ("skipDangerousModePermissionPrompt" in s) return false;
+      s.skipDangerousModePermissionPrompt = true;
+      return true;
+    });
+  }
+} catch (e) {
+  console.error("capsule: could not prepare the settings of Claude Code: " + e.message);
+}
+"""
+CLAUDE_COMMAND = ("bash", "-lc", CLAUDE_SCRIPT.replace("node -e SEED", "node -e " + shlex.quote(
+    CLAUDE_SEED)), "capsule-claude")
 
 # What a profile's name, an environment variable's name and a repository
 # may be.
@@ -73,7 +173,7 @@ MAX_REPOSITORY = 2048
 MAX_PROFILE_PARAMETER = 64
 # Variables capsule sets itself: a profile may not.
 _RESERVED_ENV = frozenset({"CAPSULE_REPOSITORY", "CAPSULE_CLONE_TIMEOUT",
-                           "CAPSULE_AGENT_VOLUME"})
+                           "CAPSULE_AGENT_VOLUME", "CAPSULE_AGENT_PERMISSIONS"})
 
 # The brokered credentials a profile may name, and the variable (of
 # capsule's environment or its secrets file) that holds each one's key.
@@ -127,6 +227,9 @@ class Profile:
     @ivar memory_request: what admission counts one of its sessions at
         until its measured use is more (Docker syntax; never more than its
         memory limit: see L{request}).
+    @ivar agent_permissions: C{"ask"}, or C{"bypass"}: the built-in claude
+        command runs Claude Code with --dangerously-skip-permissions (the
+        container is the sandbox).
     """
 
     name: str
@@ -143,6 +246,7 @@ class Profile:
     pool: int = 0
     description: str = ""
     memory_request: str = DEFAULT_MEMORY_REQUEST
+    agent_permissions: str = "ask"
 
     @property
     def memory(self) -> int:
@@ -169,13 +273,16 @@ class Profile:
 def builtin_profiles(shell: Profile, agent_image: str = DEFAULT_AGENT_IMAGE) -> dict[str, Profile]:
     """
     The built-in profiles: C{shell} as given (the server's options), and
-    C{claude}, which differs from it in image and command and keeps no warm
-    containers.
+    C{claude}, which differs from it in image and command, keeps Claude
+    Code's state (C{CLAUDE_CONFIG_DIR}) on each user's agent volume and keeps
+    no warm containers.
     """
     shell = replace(shell, name=DEFAULT_PROFILE,
                     description=shell.description or "a login shell")
-    claude = replace(shell, name=AGENT_PROFILE, spec=replace(shell.spec, image=agent_image),
-                     command=CLAUDE_COMMAND, pool=0,
+    claude = replace(shell, name=AGENT_PROFILE,
+                     spec=replace(shell.spec, image=agent_image, environment={
+                         **shell.spec.environment, "CLAUDE_CONFIG_DIR": CLAUDE_CONFIG_DIR}),
+                     command=CLAUDE_COMMAND, pool=0, agent_volume=CLAUDE_CONFIG_DIR,
                      memory_request=DEFAULT_AGENT_MEMORY_REQUEST,
                      credentials=("anthropic", "github"),
                      description="Claude Code in /workspace, then a login shell")
@@ -403,6 +510,13 @@ def _disk(value) -> str | None:
     return _size(value)
 
 
+def _permissions(value) -> str:
+    if value not in AGENT_PERMISSIONS:
+        raise ValueError(f"must be {' or '.join(repr(p) for p in AGENT_PERMISSIONS)},"
+                         f" got {value!r}")
+    return value
+
+
 def _volume_limit(value) -> int | None:
     if value == "off":
         return None
@@ -455,6 +569,7 @@ _KEYS = {
     "credentials": _credentials,
     "agent_volume": _agent_volume,
     "agent_volume_limit": _volume_limit,
+    "agent_permissions": _permissions,
     "repository": check_repository,
     "clone_timeout": _number(0, strict=True),
     "pool": _integer(0),
@@ -565,14 +680,18 @@ def load_secrets(path: str | None, profiles: Mapping[str, Profile],
 
 # -- agent volumes ------------------------------------------------------------
 
-def agent_volume_name(instance: str, profile: str, user: str) -> str:
+def agent_volume_name(instance: str, profile: str, user: str | None) -> str:
     """
     The Docker volume of C{user}'s agent state for C{profile}: a name Docker
     accepts, unique per instance, profile and user (the user's name is
-    hashed: any string may be a user's name).
+    hashed: any string may be a user's name).  C{None} is the one local
+    user of a capsule without users: its volume is named C{local} and
+    hashed apart from every user's (a profile's name has no NUL or SOH).
     """
-    digest = hashlib.sha256(f"{instance}\0{profile}\0{user}".encode()).hexdigest()[:24]
-    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", user)[:32]
+    key = f"{instance}\0{profile}\1local" if user is None \
+        else f"{instance}\0{profile}\0{user}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", "local" if user is None else user)[:32]
     safe_instance = re.sub(r"[^A-Za-z0-9_.-]", "_", instance)[:32]
     return f"capsule-{safe_instance}-{profile}-{readable}-{digest}"
 
@@ -616,9 +735,14 @@ def start_command(profile: Profile, repository: str | None,
     environment of the exec that starts it (the profile's, without secrets:
     those are the container's).  With a repository, the argv clones it
     first; with an agent C{volume}, it says so in the terminal when the
-    user cannot write there.
+    user cannot write there.  A profile whose C{agent_permissions} is
+    C{bypass} has C{CAPSULE_AGENT_PERMISSIONS=bypass} for the claude command
+    (and C{IS_SANDBOX=1}, which Claude Code wants of root to bypass).
     """
     environment = dict(profile.spec.environment)
+    if profile.agent_permissions == "bypass":
+        environment["CAPSULE_AGENT_PERMISSIONS"] = "bypass"
+        environment["IS_SANDBOX"] = "1"
     if repository is None and not volume:
         return profile.command, environment
     if repository is not None:

@@ -235,7 +235,8 @@ def encode_output(data: bytes) -> bytes:
 
 def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
                      window: int | None = None, replay: int | None = None,
-                     grace: float | None = None, kept: bool | None = None) -> bytes:
+                     grace: float | None = None, kept: bool | None = None,
+                     profile: str | None = None) -> bytes:
     """
     @param replay: how many of the output bytes that follow were produced
         before this connection (replayed output): a terminal must not answer
@@ -243,8 +244,11 @@ def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
     @param grace: seconds the session lives on once its last client has
         left; C{kept}: whether anything keeps it (and its /workspace) past
         that.  A page says so before its tab is closed.
+    @param profile: the session's profile's name (the page shows it).
     """
     message = {"type": "connected", "session_id": session_id, "resumed": resumed}
+    if profile is not None:
+        message["profile"] = profile
     if offset is not None:
         message["offset"] = offset
     if window is not None:

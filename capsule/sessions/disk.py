@@ -158,6 +158,11 @@ class DiskWatchService(TimerService):
     def _sweep(self) -> None:
         if self._running is not None or not self._manager.sessions:
             return
+        # Sessions with no disk limit and no volume to weigh (a shell beside
+        # the claude profile's volumes) cost the engine nothing.
+        if not any(self._limit_of(s) is not None or self._has_volumes(s)
+                   for s in self._manager.sessions.values()):
+            return
         if self._enforced() and not any(self._has_volumes(s)
                                         for s in self._manager.sessions.values()):
             return

@@ -205,7 +205,7 @@ class SessionManager:
         forgotten, its C{core.message} saying why.
         """
         settings = parse_profile_name(
-            DEFAULT_PROFILE if profile is None else profile, self.profiles)
+            self.config.default_profile if profile is None else profile, self.profiles)
         if repository is not None:
             try:
                 check_repository(repository)
@@ -214,7 +214,7 @@ class SessionManager:
         # A warm session has no user's volume and cloned only its profile's
         # repository.
         pooled = repository in (None, settings.repository) and not (
-            settings.agent_volume and user is not None)
+            settings.agent_volume and self._has_volume(user))
         warm = self.pool.take(settings.name) if pooled else None
         if warm is not None:
             return self._hand_warm(warm, client, cols, rows, user)
@@ -437,7 +437,7 @@ class SessionManager:
         spec = settings.spec
         command, environment = start_command(
             settings, session.repository,
-            volume=bool(settings.agent_volume and session.core.user is not None))
+            volume=bool(settings.agent_volume and self._has_volume(session.core.user)))
         if (self._direct is not None and has_own_address(spec.network)
                 and self._direct.available):
             protocol = session.shell = ShellProtocol(session, True, offset,
@@ -568,6 +568,14 @@ class SessionManager:
 
     # -- containers ----------------------------------------------------
 
+    def _has_volume(self, user: str | None) -> bool:
+        """
+        Whether a session of C{user} gets its profile's agent volume: a
+        user's, or without users (L{SessionConfig.local_volumes}) the one
+        local user's.
+        """
+        return user is not None or self.config.local_volumes
+
     def _spec_of(self, session: Session) -> ContainerSpec:
         """
         The spec of a session's profile (its image, its limits).
@@ -585,16 +593,17 @@ class SessionManager:
         settings = settings or self.profiles[DEFAULT_PROFILE]
         spec = settings.spec
         volumes, volume_labels = (), {}
-        if settings.agent_volume and user is None:
+        if settings.agent_volume and not self._has_volume(user):
             if settings.name not in self._volume_refused:
                 self._volume_refused.add(settings.name)
-                _log.info("sessions of profile {profile} get no agent volume: capsule has no"
-                          " users, and a volume is never shared", profile=settings.name)
+                _log.info("sessions of profile {profile} without a user get no agent volume:"
+                          " a volume is never shared between users", profile=settings.name)
         elif settings.agent_volume:
             volumes = ((agent_volume_name(self.config.instance, settings.name, user),
                         settings.agent_volume),)
-            volume_labels = {**self.labels, LABEL_USER: user, LABEL_PROFILE: settings.name,
-                             LABEL_VOLUME: "agent"}
+            # The local user's volume has an empty user label: no user's name.
+            volume_labels = {**self.labels, LABEL_USER: user or "",
+                             LABEL_PROFILE: settings.name, LABEL_VOLUME: "agent"}
         secret = ({SECRET_LABEL: os.urandom(SECRET_BYTES).hex()}
                   if self._direct is not None and has_own_address(spec.network) else {})
         environment = dict(spec.environment)

@@ -55,6 +55,15 @@ class SessionService:
         self.admission = admission
         self.drain = drain
 
+    @property
+    def default_profile(self) -> str:
+        """
+        The profile's name a session gets when its client names none
+        (--default-profile).
+        """
+        config = getattr(self.manager, "config", None)
+        return getattr(config, "default_profile", DEFAULT_PROFILE)
+
     def profile(self, name: str | None, repository: str | None = None) -> Profile:
         """
         The profile a client names (C{None}: the default), having checked
@@ -63,7 +72,7 @@ class SessionService:
         @raise UnknownProfile: naming the profiles there are.
         @raise BadRepository: for a repository capsule refuses.
         """
-        settings = parse_profile_name(DEFAULT_PROFILE if name is None else name,
+        settings = parse_profile_name(self.default_profile if name is None else name,
                                       self.manager.profiles)
         if repository is not None:
             try:

@@ -76,6 +76,12 @@ class SessionConfig:
     # the fields above.  The values of their secrets.
     profiles: dict | None = None
     secrets: Secrets = Secrets()
+    # The profile a session gets when none is named (--default-profile).
+    default_profile: str = DEFAULT_PROFILE
+    # Whether sessions without a user get the agent volumes of the one local
+    # user (capsule has no users: everyone is that user); else they get none
+    # (a volume is never shared between users).
+    local_volumes: bool = False
 
 
 def shell_profile(config: SessionConfig) -> Profile:

@@ -475,7 +475,9 @@ class ProfilesResource(JsonResource):
 
     def render_GET(self, request):
         profiles = getattr(self.api.manager, "profiles", {})
-        return json_body(request, 200, {"default": DEFAULT_PROFILE, "profiles": [
+        config = getattr(self.api.manager, "config", None)
+        default = getattr(config, "default_profile", DEFAULT_PROFILE)
+        return json_body(request, 200, {"default": default, "profiles": [
             {"name": name, "description": profile.description}
             for name, profile in sorted(profiles.items())]})
 

@@ -454,7 +454,8 @@ class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
             self._manager.metrics.resumed(replay)
         grace, kept = self._manager.after_last_client(session)
         self._send(*self._wire.connected(session.id, resumed, offset, replay,
-                                         self.factory.flow_window, grace, kept))
+                                         self.factory.flow_window, grace, kept,
+                                         getattr(session, "profile", None)))
         drain = self.factory.sessions.drain
         if drain is not None and drain.active:
             self._send(wire.encode_notice(DRAINING, drain.notice()))

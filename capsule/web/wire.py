@@ -103,9 +103,10 @@ class JsonWire:
         return wire.parse_client_message(payload, is_binary, False)
 
     def connected(self, session_id: str, resumed: bool, offset: int, replay: int,
-                  window: int, grace: float, kept: bool) -> tuple[bytes, bool]:
+                  window: int, grace: float, kept: bool,
+                  profile: str | None = None) -> tuple[bytes, bool]:
         return wire.encode_connected(session_id, resumed, replay=replay, grace=grace,
-                                     kept=kept), False
+                                     kept=kept, profile=profile), False
 
     def output(self, chunk: bytes) -> tuple[bytes, bool]:
         return wire.encode_output(chunk), False
@@ -132,9 +133,10 @@ class BinaryWire:
         return wire.parse_client_message(payload, is_binary, True)
 
     def connected(self, session_id: str, resumed: bool, offset: int, replay: int,
-                  window: int, grace: float, kept: bool) -> tuple[bytes, bool]:
+                  window: int, grace: float, kept: bool,
+                  profile: str | None = None) -> tuple[bytes, bool]:
         return wire.encode_connected(session_id, resumed, offset, window, replay, grace,
-                                     kept), False
+                                     kept, profile), False
 
     def output(self, chunk: bytes) -> tuple[bytes, bool]:
         return chunk, True

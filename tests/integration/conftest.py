@@ -2,7 +2,8 @@ import os
 
 import pytest
 
-from .harness import IMAGE, CapsuleServer, docker_client, remove_instance_containers
+from .harness import (IMAGE, CapsuleServer, docker_client, remove_instance_containers,
+                      remove_instance_volumes)
 
 
 def _docker_ready() -> str | None:
@@ -49,6 +50,7 @@ def make_server(tmp_path):
             server.stop()
         finally:
             remove_instance_containers(server.instance)
+            remove_instance_volumes(server.instance)
 
 
 @pytest.fixture

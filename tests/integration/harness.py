@@ -19,6 +19,7 @@ from tests.support.live import (
     instance_containers,
     poll,
     remove_instance_containers,
+    remove_instance_volumes,
     session_container,
     sleep,
     wait_for,
@@ -29,7 +30,8 @@ from tests.support.live import (
 __all__ = [
     "IMAGE", "LABEL_INSTANCE", "ROOT", "BlockingTerminal", "CapsuleServer", "TerminalClient",
     "WSClient", "WaitFailed", "docker_client", "eventually", "free_port",
-    "instance_containers", "poll", "remove_instance_containers", "session_container", "sleep",
+    "instance_containers", "poll", "remove_instance_containers", "remove_instance_volumes",
+    "session_container", "sleep",
     "wait_for", "with_timeout",
 ]
 

@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from .harness import IMAGE, WSClient, docker_client, poll, session_container, wait_for
+from .harness import IMAGE, WSClient, docker_client, poll, session_container, sleep, wait_for
 
 AGENT_IMAGE = os.environ.get("CAPSULE_TEST_AGENT_IMAGE")
 
@@ -180,8 +180,8 @@ async def test_claude_runs_in_a_claude_session(make_server):
     assert container.labels["io.capsule.profile"] == "claude"
     assert container.attrs["Config"]["Image"] == AGENT_IMAGE
 
-    # Claude Code starts; when it exits (here it cannot reach its service,
-    # or it is interrupted) a login shell follows in the same terminal.
+    # Claude Code starts; when it exits (here it is interrupted: Ctrl-C
+    # twice at its prompt) a login shell follows in the same terminal.
     async def claude_runs():
         top = await deferToThread(container.top, ps_args="-eo pid,args")
         return any(p[-1].split()[0].endswith("claude") for p in top["Processes"])
@@ -191,6 +191,8 @@ async def test_claude_runs_in_a_claude_session(make_server):
         try:
             answers.append(await client.run("claude --version; pwd; whoami", timeout=3))
         except AssertionError:
+            client.send_input(b"\x03")
+            await sleep(0.3)
             client.send_input(b"\x03")
             return False
         return True

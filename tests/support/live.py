@@ -188,6 +188,22 @@ def remove_instance_containers(instance: str, api: docker.APIClient | None = Non
     return removed
 
 
+def remove_instance_volumes(instance: str, api: docker.APIClient | None = None) -> int:
+    """
+    Remove every volume of C{instance} (agent volumes: the claude
+    profile's sessions have one, even without users); return how many.
+    """
+    api = api or docker_client().api
+    found = api.volumes(filters={"label": f"io.capsule.instance={instance}"}).get(
+        "Volumes") or []
+    for volume in found:
+        try:
+            api.remove_volume(volume["Name"], force=True)
+        except docker.errors.APIError:
+            pass
+    return len(found)
+
+
 # -- the server -----------------------------------------------------------------------
 
 

@@ -17,7 +17,8 @@ export function notifyTitle(permission, on) {
 // `button`: the notify button; `status`: the status bar; `sessionId()`: the session's id;
 // `active()`: whether the page still cares (not leaving); `focus()`: back to the terminal.
 export function createAttention({ button, status, sessionId, active, focus }) {
-  const baseTitle = document.title;
+  // The title to come back to: the page's own (it names the session's profile once connected).
+  let baseTitle = document.title;
   let waitTimer = null;
   let notification = null;
   let choice = notifyWanted();
@@ -57,6 +58,7 @@ export function createAttention({ button, status, sessionId, active, focus }) {
 
   function attention(reason) {
     if (!document.hidden || !active()) return;
+    if (document.title !== WAITING_TITLE) baseTitle = document.title;
     document.title = WAITING_TITLE;
     if (!notificationsOn()) return;
     try {
@@ -81,7 +83,7 @@ export function createAttention({ button, status, sessionId, active, focus }) {
     if (document.hidden) return;
     clearTimeout(waitTimer);
     waitTimer = null;
-    document.title = baseTitle;
+    if (document.title === WAITING_TITLE) document.title = baseTitle;
     if (notification) {
       notification.close();
       notification = null;
