@@ -102,6 +102,12 @@ class CapsuleConfig:
     # The session door's port (capsule.gateway.door) on the host side of
     # each session network; 0: no door.
     door_port: int = 3180
+    # The git gateway (capsule.gateway.git): where github.com is, a
+    # directory of users' own tokens, the authorities trusted for the
+    # upstreams' certificates (None: the system's).
+    github_upstream: str = "https://github.com"
+    github_tokens: str | None = None
+    gateway_ca: str | None = None
     # Who fences the session networks (capsule.engine.firewall): auto,
     # manage or off.
     firewall: str = "auto"

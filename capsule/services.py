@@ -33,7 +33,8 @@ from capsule.engine.firewall import Firewall
 from capsule.engine.network import SessionNetwork
 from capsule.gateway.anthropic import AnthropicGateway, GatewayLimits
 from capsule.gateway.credentials import Keys, PlaceholderStore, load_key
-from capsule.gateway.door import SessionDoor
+from capsule.gateway.door import SessionDoor, door_url
+from capsule.gateway.git import GitGateway, GitTokens, git_session_environment, session_callers
 from capsule.gateway.site import SessionEnvironment, make_gateway_site
 from capsule.gateway.usage import Usage, UsageCollector
 from capsule.web.preview import PreviewLimits
@@ -518,6 +519,16 @@ def warm_room(memory: MemoryBudget, manager) -> bool:
                                 beside=largest)
 
 
+def _door_of(port: int, environment: SessionEnvironment, profile) -> str | None:
+    """
+    The session door's URL for a session of C{profile} (see
+    L{SessionEnvironment.door_host}), or C{None}: no door, or none it
+    reaches.
+    """
+    host = environment.door_host(profile) if port else None
+    return door_url(host, port) if host is not None else None
+
+
 def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                  ) -> CapsuleService:
     """
@@ -571,14 +582,20 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     door = None
     if config.door_port:
         door = SessionDoor(reactor, config.door_port, factory_of=lambda: gateway_site)
+    # What sessions learn of the door: CAPSULE_DOOR and Anthropic's
+    # settings, and git's (for a profile naming the github credential), the
+    # same placeholder in both.
+    gateway_environment = SessionEnvironment(config.door_port, network, placeholders, keys)
+    git_environment = git_session_environment(
+        lambda profile: _door_of(config.door_port, gateway_environment, profile),
+        placeholders.issue)
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
                              owners=owners,
                              observers=[o for o in (recorder, spectators, placeholders, usage)
                                         if o is not None],
                              memory=memory, direct=direct,
                              pool_room=lambda: warm_room(memory, manager), door=door,
-                             session_environment=[SessionEnvironment(
-                                 config.door_port, network, placeholders, keys)])
+                             session_environment=[gateway_environment, git_environment])
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
@@ -651,7 +668,10 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                              answer_timeout=tuning.anthropic_answer_timeout,
                              idle_timeout=tuning.anthropic_idle_timeout),
         profile_of=lambda session: session.settings or manager.profiles[DEFAULT_PROFILE])
-    gateway_site = make_gateway_site(anthropic, reactor)
+    git = GitGateway(reactor, session_callers(placeholders, manager.sessions),
+                     GitTokens(keys.get("github"), config.github_tokens),
+                     upstream=config.github_upstream, ca_file=config.gateway_ca)
+    gateway_site = make_gateway_site(anthropic, reactor, git=git)
     sessions = SessionService(manager, reactor, site.websocket_factory, admission, docker,
                               network, trusted_proxies=config.trusted_proxies,
                               user_header=config.user_header,

@@ -29,6 +29,7 @@ from capsule.ops.logformat import FORMATS, check_server_options
 from capsule.ops.recording import DEFAULT_MAX_BYTES, check_directory
 from capsule.services import CapsuleService, make_service, protect_from_oom, stop_on_signals
 from capsule.tuning import ENVIRONMENT as TUNING_ENVIRONMENT
+from capsule.gateway.git import check_upstream, tls_policy
 from capsule.tuning import KNOBS, Tuning, TuningError, load_tuning, tune
 from capsule.web.site import default_www
 from capsule.web.static import missing_packages
@@ -169,6 +170,15 @@ class Options(usage.Options):
         ["preview-bytes-per-second", None, None,
          "Bytes per second one preview (a port of a session) may carry each way, all its"
          " connections together [default: no cap].", _positive(int)],
+        ["github-upstream", None, "https://github.com",
+         "Where the git gateway forwards sessions' git requests for https://github.com"
+         " (with GITHUB_TOKEN, from capsule's environment or --secrets-file, put on them)."],
+        ["github-tokens", None, None,
+         "A directory of users' own GitHub tokens: a file per user, named by the user's name"
+         " (mode 600), used by the git gateway instead of GITHUB_TOKEN [default: none]."],
+        ["gateway-ca", None, None,
+         "A PEM file of the authorities the git gateway trusts for its upstream's certificate"
+         " [default: the system's]."],
         ["instance", None, "default",
          "Name of this server. Its containers are labelled with it; at start-up it"
          " removes the leftovers of its own name only."],
@@ -461,6 +471,7 @@ class Options(usage.Options):
         except Exception:
             raise usage.UsageError(f"--memory: not a size: {self['memory']!r} (try 512m or 4g)")
         self._check_memory_request()
+        self._check_gateway()
         if self["memory-reserve"] is not None and self["memory-reserve"] != "off":
             try:
                 if parse_bytes(self["memory-reserve"]) <= 0:
@@ -569,6 +580,8 @@ class Options(usage.Options):
             preview_domain=self._preview_domain(),
             preview_connections_per_session=self["preview-connections-per-session"],
             preview_bytes_per_second=self["preview-bytes-per-second"],
+            github_upstream=self["github-upstream"], github_tokens=self["github-tokens"],
+            gateway_ca=self["gateway-ca"],
             max_lifetime=self["max-lifetime"], idle_timeout=self["idle-timeout"],
             replay_bytes=self["replay-buffer"], pool_size=self["pool-size"],
             profiles=MappingProxyType(dict(self["profile-table"])), secrets=self["secrets"],
@@ -605,6 +618,23 @@ class Options(usage.Options):
             raise usage.UsageError(f"--memory-request {self['memory-request']} is more than"
                                    f" --memory {self['memory']} (a request is at most the"
                                    " limit)")
+
+    def _check_gateway(self) -> None:
+        """
+        --github-upstream is a base URL, --gateway-ca holds a certificate,
+        --github-tokens is a directory.
+        """
+        try:
+            check_upstream(self["github-upstream"])
+        except ValueError as e:
+            raise usage.UsageError(f"--github-upstream: {e}")
+        if self["gateway-ca"] is not None:
+            try:
+                tls_policy(self["gateway-ca"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--gateway-ca: {getattr(e, 'strerror', None) or e}")
+        if self["github-tokens"] is not None and not os.path.isdir(self["github-tokens"]):
+            raise usage.UsageError(f"--github-tokens: {self['github-tokens']} is not a directory")
 
     def _reserve(self) -> int | None:
         value = self["memory-reserve"]

@@ -2,12 +2,15 @@
 The gateway site: what the session door (L{capsule.gateway.door}) hands an
 ordinary HTTP request to.  Its root answers 404 for what it does not serve;
 its children are the credential gateways: C{/anthropic/}
-(L{capsule.gateway.anthropic}), and more added with C{root.putChild}.
+(L{capsule.gateway.anthropic}) and C{/git/} (L{capsule.gateway.git}).
 
 A request's body is decided before any of it is read
 (L{capsule.web.site.LimitedRequest}): a child may say how large its bodies
 may be (a C{body_limit(request, length)} method, else
-L{DEFAULT_BODY_LIMIT}); a larger one is answered 413 at once.
+L{DEFAULT_BODY_LIMIT}); a larger one is answered 413 at once.  git's
+C{POST}s under C{/git/} are the exception: their bodies (a push's pack)
+stream to the git gateway as they come, which bounds them itself
+(L{capsule.gateway.git.GitStreamingRequest}).
 
 Sessions learn where the door is from their environment
 (L{SessionEnvironment}: C{CAPSULE_DOOR}, and for a profile that names the
@@ -26,8 +29,8 @@ from twisted.web.server import Site
 
 from capsule.gateway.anthropic import no_delay
 from capsule.gateway.door import DoorRoot, door_url
+from capsule.gateway.git import GitStreamingRequest
 from capsule.web.bodies import RefusalLog
-from capsule.web.site import LimitedRequest
 
 _log = Logger()
 
@@ -54,7 +57,8 @@ class GatewaySite(Site):
     refuse).
     """
 
-    requestFactory = LimitedRequest
+    # A LimitedRequest, but for git's streamed POSTs.
+    requestFactory = GitStreamingRequest
     protocol = _Channel
     # LimitedRequest asks these.
     bodies = None
@@ -78,15 +82,18 @@ class GatewaySite(Site):
         pass
 
 
-def make_gateway_site(anthropic: Resource | None, reactor=None) -> GatewaySite:
+def make_gateway_site(anthropic: Resource | None, reactor=None, git: Resource | None = None
+                      ) -> GatewaySite:
     """
     The gateway site with its children (C{anthropic}: the Anthropic gateway,
-    if any).
+    C{git}: the git gateway, each if any).
     """
     # Its children are the gateways; any other path is DoorRoot's 404.
     root = DoorRoot()
     if anthropic is not None:
         root.putChild(b"anthropic", anthropic)
+    if git is not None:
+        root.putChild(b"git", git)
     return GatewaySite(root, reactor)
 
 
