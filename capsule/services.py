@@ -447,7 +447,7 @@ def session_config(config: CapsuleConfig) -> SessionConfig:
         pool_max_age=config.tuning.pool_max_age, pool_grow_by=config.tuning.pool_grow_by,
         pool_window=config.tuning.pool_window, max_lifetime=config.max_lifetime,
         idle_timeout=config.idle_timeout, keeper=config.keeper,
-        profiles=dict(config.profiles), secrets=config.secrets)
+        profiles=dict(config.profiles), secrets=config.secrets, door_port=config.door_port)
 
 
 # The soft limit capsule raises its own to, when the hard one is unlimited.
@@ -598,6 +598,7 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
             spool=tuning.export_spool_bytes, spool_budget=tuning.export_spool_budget,
             stall=tuning.export_stall),
         public_url=config.public_url, upload_max_bytes=config.upload_max_bytes,
+        preview_domain=getattr(config, "preview_domain", None),
         access_log=config.access_log,
         spool_max_bytes=config.spool_max_bytes, bodies_per_address=tuning.bodies_per_address,
         answer_write_timeout=tuning.answer_write_timeout,

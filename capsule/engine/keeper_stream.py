@@ -20,8 +20,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from capsule.core.interfaces import IExecProcess
-from capsule.core.keeper import (RELAY_FRAMES, FrameError, FrameReader, PreambleReader,
-                                 check_preamble, encode_input, encode_window, exit_status)
+from capsule.core.keeper import (RELAY_FRAMES, FrameError, FrameReader, ListeningPorts,
+                                 PreambleReader, check_preamble, encode_input, encode_window,
+                                 exit_status, parse_ports)
 from capsule.core.ratelog import RateLimitedLog
 
 _log = Logger()
@@ -59,6 +60,10 @@ class ShellProtocol(ProcessProtocol):
         known), against which its preamble is checked.
     @param heard: called with each piece of output before the lifecycle
         gets it (its observers: recordings).
+    @param ports: called with the L{ListeningPorts} each C{P} frame names
+        (the keeper reads the container's socket table; no Docker call).
+        A frame with ports no keeper sends (port 0, out of order) keeps
+        what is sound and is logged, at a bounded rate.
     """
 
     MALFORMED = "the session's relay sent malformed data"
@@ -71,9 +76,11 @@ class ShellProtocol(ProcessProtocol):
         "What the relay sent is impossible (the sentence says why)."
 
     def __init__(self, session, keeper: bool, wanted: int | None = None,
-                 heard: Callable[[bytes], None] | None = None) -> None:
+                 heard: Callable[[bytes], None] | None = None,
+                 ports: Callable[[ListeningPorts], None] | None = None) -> None:
         self._session = session
         self._heard = heard
+        self._on_ports = ports
         self._frames = FrameReader(RELAY_FRAMES) if keeper else None
         self._preamble = PreambleReader() if keeper else None
         self._wanted = wanted
@@ -128,8 +135,19 @@ class ShellProtocol(ProcessProtocol):
                     self.facts.exit_status = exit_status(payload)
                 except ValueError as e:
                     raise self._Malformed(str(e)) from None
+            elif kind == b"P":
+                self._ports(payload)
         if problem is not None and self._current():
             raise self._Malformed(problem)
+
+    def _ports(self, payload: bytes) -> None:
+        found, problem = parse_ports(payload)
+        if problem is not None:
+            self._errors.error(self._session.core.now(), self._session.id, "ports",
+                               "session {session_id}'s keeper sent {problem}: those ignored",
+                               problem=problem)
+        if self._on_ports is not None:
+            self._on_ports(found)
 
     def _output(self, data: bytes) -> None:
         if not self._preamble.done:

@@ -38,6 +38,7 @@ from capsule.web.login import AuthGate, LoginResource, LogoutResource
 from capsule.ops.logformat import short_ids
 from capsule.ops.metrics import Metrics, MetricsResource
 from capsule.web.openapi import OpenApiResource
+from capsule.web.ports import PortAddresses
 from capsule.sessions.manager import SessionManager
 from capsule.web.static import StaticFiles
 from capsule.web.health import HealthResource
@@ -462,7 +463,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               answer_write_timeout: float = EXEC_WRITE_TIMEOUT,
               docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER, access_log: bool = False,
               connection_limits: ConnectionLimits = ConnectionLimits(),
-              spectators=None,
+              spectators=None, preview_domain: str | None = None,
               **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -502,6 +503,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     @param spectators: the share links and who watches through them
         (L{capsule.sessions.spectators}, an observer of C{manager});
         C{None}: sessions cannot be shared.
+    @param preview_domain: the wildcard domain previews of ports are under
+        (C{--preview-domain}); C{None}: paths on capsule's own site.
     @param access_log: an access line for every request (C{--access-log});
         else only for those L{logged_by_default}.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
@@ -519,10 +522,11 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         metrics = manager.metrics if isinstance(manager.metrics, Metrics) else Metrics()
         metrics.watch(manager)
     sessions = SessionService(manager, admission, drain)
+    port_addresses = PortAddresses(public_url, preview_domain)
     factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
                                    sessions=sessions, authenticator=authenticator,
                                    start_at_open=start_at_open, spectators=spectators,
-                                   **websocket_options)
+                                   port_addresses=port_addresses, **websocket_options)
     root.putChild(b"ws", CountedWebSocketResource(factory))
     root.putChild(b"health", HealthResource(manager, docker, reactor, drain))
     root.putChild(b"metrics", MetricsResource(metrics, metrics_token))
@@ -537,7 +541,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                              exporting=exports.exporting, client_address=client_address,
                              docker_calls=CallGate(docker_calls_per_caller,
                                                    4 * docker_calls_per_caller),
-                             spectators=spectators)
+                             spectators=spectators, port_addresses=port_addresses)
     api.putChild(b"sessions", SessionsResource(session_api))
     api.putChild(b"profiles", ProfilesResource(session_api))
     api.putChild(b"openapi.json", OpenApiResource())

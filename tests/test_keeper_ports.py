@@ -1,0 +1,63 @@
+"""
+capsule-keeper's C{P} frames (docker/keeper/capsule-keeper.c), compiled for
+this machine and run without Docker (tests/keeper_harness.py): the ports in
+the LISTEN state of the socket table it reads (here the machine's own
+network namespace, in a session its container's), sent once after the
+preamble and again whenever they change.  Only the ports the test opens
+itself are asserted on: the machine's others come and go.
+"""
+
+import socket
+
+from capsule.core.keeper import MAX_PORTS
+from tests.keeper_harness import keeper, relay  # noqa: F401 (fixtures)
+
+
+def listening(family=socket.AF_INET, host="127.0.0.1") -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.bind((host, 0))
+    s.listen(1)
+    return s
+
+
+def test_a_port_is_told_as_it_opens_and_as_it_closes(relay):
+    r = relay(["sh", "-c", "read x"])
+    r.preamble()
+    # The first frame after the preamble says the ports as they are.
+    r.until_ports(lambda found: True)
+    assert [kind for kind, _ in r.frames[:2]] == [b"o", b"P"]
+    server = listening()
+    port = server.getsockname()[1]
+    r.until_ports(lambda found: port in found.ports)
+    server.close()
+    found = r.until_ports(lambda found: port not in found.ports)
+    assert list(found.ports) == sorted(set(found.ports))
+
+
+def test_ipv6_and_a_connected_socket(relay):
+    r = relay(["sh", "-c", "read x"])
+    r.preamble()
+    server = listening(socket.AF_INET6, "::1")
+    port = server.getsockname()[1]
+    found = r.until_ports(lambda found: port in found.ports)
+    # A connection to it is not a port of its own that listens.
+    client = socket.create_connection(("::1", port))
+    peer, _ = server.accept()
+    local = client.getsockname()[1]
+    server.close()
+    found = r.until_ports(lambda found: port not in found.ports)
+    assert local not in found.ports
+    client.close()
+    peer.close()
+
+
+def test_past_the_bound_the_frame_counts_what_it_left_out(relay):
+    r = relay(["sh", "-c", "read x"])
+    r.preamble()
+    servers = [listening() for _ in range(MAX_PORTS + 6)]
+    try:
+        found = r.until_ports(lambda found: found.more >= 6)
+        assert len(found.ports) == MAX_PORTS
+    finally:
+        for s in servers:
+            s.close()
