@@ -61,3 +61,19 @@ def test_past_the_bound_the_frame_counts_what_it_left_out(relay):
     finally:
         for s in servers:
             s.close()
+
+
+def test_docker_s_dns_server_is_not_the_session_s(relay):
+    """
+    Docker's embedded DNS server listens in a container's namespace on
+    127.0.0.11, on a port of its choosing.
+    """
+    r = relay(["sh", "-c", "read x"])
+    r.preamble()
+    dns, other = listening(host="127.0.0.11"), listening(host="127.0.0.12")
+    try:
+        found = r.until_ports(lambda found: other.getsockname()[1] in found.ports)
+        assert dns.getsockname()[1] not in found.ports
+    finally:
+        dns.close()
+        other.close()

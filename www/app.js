@@ -9,6 +9,7 @@
 import { createAttention } from "./js/attention.js";
 import { createConnection } from "./js/connection.js";
 import { createLeaving } from "./js/leaving.js";
+import { setupPorts } from "./js/ports.js";
 import { setupShare } from "./js/share.js";
 import { expiryText, watchToken } from "./js/sharing.js";
 import { createStatusBar } from "./js/status.js";
@@ -34,6 +35,7 @@ const ui = {
   shareButton: $("share"),
   shareCount: $("share-count"),
   shareMenu: $("share-menu"),
+  ports: $("ports"),
   watchBadge: $("watch-badge"),
   terminal: $("terminal"),
   banner: $("banner"),
@@ -56,7 +58,10 @@ let connection = null;
 let extras = null;
 
 const status = createStatusBar(ui, {
-  onState: (name) => leaving.state(name),
+  onState: (name) => {
+    leaving.state(name);
+    if (ports && (name === "ended" || name === "expired")) ports.clear();
+  },
   onAgain: () => {
     connection.again();
     term.focus();
@@ -81,18 +86,23 @@ const attention = createAttention({
   focus: () => term.focus(),
 });
 let share = null;
+let ports = null;
 if (watching === null) {
   connection = createConnection({
     term,
     status,
     attention,
     profile: new URLSearchParams(location.search).get("profile"),
-    onAttached: (frame) => leaving.attached(frame),
+    onAttached: (frame) => {
+      leaving.attached(frame);
+      ports.attached(frame.session_id);
+    },
     // A refused upgrade looks the same as capsule being down; its API tells them apart.
     checkLogin: () => {
       if (hasUsers !== false) checkLogin();
     },
     onWatchers: (count) => share && share.setWatchers(count),
+    onPorts: (frame) => ports.update(frame),
   });
   setupTransfer(ui, {
     status,
@@ -102,6 +112,15 @@ if (watching === null) {
     worked: () => leaving.worked(),
   });
   share = setupShare(ui, { sessionId: () => connection.sessionId, status });
+  // The ports that listen in the session, with their previews: a strip above the terminal.
+  ports = setupPorts(ui, {
+    sessionId: () => connection.sessionId,
+    status,
+    relayout: () => {
+      term.fit();
+      connection.resized();
+    },
+  });
 } else {
   connection = createWatch({
     term,

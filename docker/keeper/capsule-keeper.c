@@ -87,8 +87,9 @@
  * PORTS_MS, and sends the attachment a 'P' frame whenever the set of ports
  * in the LISTEN state changed, and once after each attachment's preamble:
  * the ports, ascending, 2 bytes each, at most MAX_PORTS of them (the lowest),
- * after a 2-byte count of those left out.  Its own TCP port (-t) is not
- * among them.  Nobody attached, it reads nothing.
+ * after a 2-byte count of those left out.  Its own TCP port (-t) and Docker's
+ * embedded DNS server (127.0.0.11) are not among them.  Nobody attached, it
+ * reads nothing.
  *
  * Bad or missing arguments: the usage on stderr, exit status 2 (-h: on
  * stdout, 0).  BYTES is 1 to 2^32, OFFSET 0 to 2^64-1, both plain decimal.
@@ -275,16 +276,23 @@ static unsigned own_port(void)
     return ntohs(a.sin_port);
 }
 
+/* Docker's embedded DNS server listens in the container's namespace on
+ * 127.0.0.11 (a port of its choosing, in the table's byte order): not the
+ * session's. */
+#define DOCKER_DNS "0B00007F"
+
 /* Marks the ports in the LISTEN state (0A) of one /proc/net/tcp* table. */
 static void ports_read(const char *path, unsigned skip)
 {
     FILE *f = fopen(path, "re");
     if (!f) return;
-    char line[512];
+    char line[512], addr[40];
     while (fgets(line, sizeof line, f)) {
         unsigned port, state;
-        if (sscanf(line, " %*[0-9]: %*[0-9A-Fa-f]:%x %*[0-9A-Fa-f]:%*x %x", &port, &state) == 2
-            && state == 0x0A && port > 0 && port < 65536 && port != skip)
+        if (sscanf(line, " %*[0-9]: %39[0-9A-Fa-f]:%x %*[0-9A-Fa-f]:%*x %x", addr, &port,
+                   &state) == 3
+            && state == 0x0A && port > 0 && port < 65536 && port != skip
+            && strcmp(addr, DOCKER_DNS))
             ports_on[port >> 3] |= (unsigned char)(1 << (port & 7));
     }
     fclose(f);
