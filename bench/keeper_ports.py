@@ -2,9 +2,12 @@
 What finding a session's ports costs its keeper: capsule-keeper reads the
 container's socket table once a second while an attachment is in place
 (its 'P' frames, see docs/protocol.md).  One container of the session image,
-its keeper attached through a relay exec and otherwise idle (a shell
-waiting at its prompt), and the keeper server's CPU time (utime + stime in
-/proc/PID/stat) over a window, extrapolated to many idle sessions.
+its keeper attached through a relay exec and otherwise idle (a command
+that prints nothing), and the keeper server's time on a CPU
+(/proc/PID/schedstat) over two windows, extrapolated to many sessions:
+the first 25 s after its start, while it reads the table every second
+(as after output), and a window of --seconds after 35 s of silence, when
+it reads it every 10 s.
 
     python bench/keeper_ports.py [--image capsule-runtime:latest] [--seconds 60]
         [--listening 0] [--sessions 200]
@@ -53,10 +56,18 @@ def keeper_pid(init_pid: int) -> int:
     raise SystemExit("the keeper server was not found")
 
 
-def cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime
+def cpu_seconds(pid: int) -> float:
+    """
+    The process's time on a CPU: /proc/PID/schedstat's (nanoseconds) where
+    the kernel keeps it, else utime + stime (in clock ticks).
+    """
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv=None) -> None:
@@ -66,7 +77,6 @@ def main(argv=None) -> None:
     parser.add_argument("--listening", type=int, default=0)
     parser.add_argument("--sessions", type=int, default=200)
     args = parser.parse_args(argv)
-    hz = os.sysconf("SC_CLK_TCK")
     container = docker("run", "-d", "--rm", "--label", LABEL, "--network", "none",
                        "--entrypoint", "sleep", args.image, "3600")
     relay = None
@@ -77,20 +87,22 @@ def main(argv=None) -> None:
                    f" 1..{args.listening}; sleep 3600")
         init_pid = int(docker("inspect", "-f", "{{.State.Pid}}", container))
         # The relay, attached for the whole window (stdin held open).
+        begun = time.monotonic()
         relay = subprocess.Popen(["docker", "exec", "-i", container, "capsule-keeper", "-r",
                                   SOCKET, "--", "sh", "-c", "read x"],
                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         pid = keeper_pid(init_pid)
-        time.sleep(2)  # past its start
-        before, started = cpu_ticks(pid), time.monotonic()
-        time.sleep(args.seconds)
-        used = (cpu_ticks(pid) - before) / hz
-        elapsed = time.monotonic() - started
-        share = used / elapsed
-        print(f"keeper CPU over {elapsed:.0f} s, idle and attached, {args.listening} extra"
-              f" listening ports: {used * 1000:.0f} ms ({share * 100:.3f} % of a core;"
-              f" {used / elapsed * 1000:.2f} ms per 1 s poll, clock tick {1000 / hz:.0f} ms)")
-        print(f"{args.sessions} such sessions: {share * args.sessions * 100:.2f} % of a core")
+        for what, start, window in (("reading every 1 s (output in the last 30 s)", 1, 24),
+                                    ("reading every 10 s (quiet for 30 s)", 35, args.seconds)):
+            time.sleep(max(0.0, start - (time.monotonic() - begun)))
+            before, started = cpu_seconds(pid), time.monotonic()
+            time.sleep(window)
+            used = cpu_seconds(pid) - before
+            elapsed = time.monotonic() - started
+            share = used / elapsed
+            print(f"keeper, {what}, {args.listening} extra listening ports: {used * 1000:.1f} ms"
+                  f" of CPU in {elapsed:.0f} s ({share * 100:.4f} % of a core); {args.sessions}"
+                  f" such sessions: {share * args.sessions * 100:.2f} % of a core")
     finally:
         if relay is not None:
             relay.stdin.close()

@@ -8,9 +8,13 @@ itself are asserted on: the machine's others come and go.
 """
 
 import socket
+import subprocess
+
+import pytest
 
 from capsule.core.keeper import MAX_PORTS
-from tests.keeper_harness import keeper, relay  # noqa: F401 (fixtures)
+from tests.keeper_harness import (  # noqa: F401 (fixtures)
+    CC, CFLAGS, SOURCE, Keeper, Relay, keeper, relay)
 
 
 def listening(family=socket.AF_INET, host="127.0.0.1") -> socket.socket:
@@ -77,3 +81,30 @@ def test_docker_s_dns_server_is_not_the_session_s(relay):
     finally:
         dns.close()
         other.close()
+
+
+def test_without_sock_diag_the_proc_tables_are_read(tmp_path):
+    """
+    A build that reads /proc/net/tcp and /proc/net/tcp6, as the keeper does
+    where the kernel's sock_diag cannot be asked.
+    """
+    if CC is None:
+        pytest.skip("no C compiler to build capsule-keeper")
+    binary = tmp_path / "capsule-keeper-proc"
+    subprocess.run([CC, *CFLAGS, "-O2", "-DPORTS_FROM_PROC", "-o", str(binary), str(SOURCE)],
+                   check=True)
+    (tmp_path / "logs").mkdir()
+    r = Relay(Keeper(binary, False, tmp_path / "logs"), ["sh", "-c", "read x"])
+    try:
+        r.preamble()
+        four, six = listening(), listening(socket.AF_INET6, "::1")
+        dns = listening(host="127.0.0.11")
+        ports = four.getsockname()[1], six.getsockname()[1]
+        found = r.until_ports(lambda found: all(p in found.ports for p in ports))
+        assert dns.getsockname()[1] not in found.ports
+        for s in (four, six, dns):
+            s.close()
+        r.until_ports(lambda found: not any(p in found.ports for p in ports))
+    finally:
+        r.stop()
+        r.kill_server()

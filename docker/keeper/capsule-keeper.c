@@ -81,10 +81,11 @@
  * With -d (start), the invocation only makes sure a server runs (starting it
  * as above), then exits 0 without attaching: capsule then attaches over TCP.
  *
- * Ports: while an attachment is in place, the server reads the container's
- * socket table (/proc/net/tcp and /proc/net/tcp6: the container has its own
- * network namespace, so every socket in them is the session's) every
- * PORTS_MS, and sends the attachment a 'P' frame whenever the set of ports
+ * Ports: while an attachment is in place, the server asks the kernel for the
+ * container's listening TCP sockets (sock_diag over netlink, else
+ * /proc/net/tcp and /proc/net/tcp6: the container has its own network
+ * namespace, so every socket in them is the session's) every PORTS_MS
+ * (PORTS_IDLE_MS while COMMAND has printed nothing for PORTS_QUIET_MS), and sends the attachment a 'P' frame whenever the set of ports
  * in the LISTEN state changed, and once after each attachment's preamble:
  * the ports, ascending, 2 bytes each, at most MAX_PORTS of them (the lowest),
  * after a 2-byte count of those left out.  Its own TCP port (-t) and Docker's
@@ -126,6 +127,9 @@
 #include <sys/prctl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <time.h>
@@ -144,7 +148,9 @@
 #define SECRET 32          /* bytes of a TCP attachment's secret */
 #define PENDING 4          /* TCP connections waiting to prove it at once */
 #define PENDING_MS 5000    /* ... each for at most this long */
-#define PORTS_MS 1000      /* the socket table is read this often (attached) */
+#define PORTS_MS 1000      /* the socket table is read this often (attached), */
+#define PORTS_IDLE_MS 10000  /* ... or this often once COMMAND printed nothing */
+#define PORTS_QUIET_MS 30000 /* ... for this long */
 #define MAX_PORTS 64       /* ports a 'P' frame names at most */
 #ifndef LINGER_MS
 #define LINGER_MS 600000    /* an ended session waits this long for an attach */
@@ -277,11 +283,69 @@ static unsigned own_port(void)
 }
 
 /* Docker's embedded DNS server listens in the container's namespace on
- * 127.0.0.11 (a port of its choosing, in the table's byte order): not the
- * session's. */
-#define DOCKER_DNS "0B00007F"
+ * 127.0.0.11 (a port of its choosing): not the session's.  As the kernel
+ * says it, and as /proc/net/tcp writes it. */
+#define DOCKER_DNS 0x7f00000bU
+#define DOCKER_DNS_HEX "0B00007F"
 
-/* Marks the ports in the LISTEN state (0A) of one /proc/net/tcp* table. */
+static void ports_mark(unsigned port, unsigned skip)
+{
+    if (port > 0 && port < 65536 && port != skip)
+        ports_on[port >> 3] |= (unsigned char)(1 << (port & 7));
+}
+
+/* Marks the TCP ports listening for family (AF_INET, AF_INET6), as the
+ * kernel's sock_diag tells them: it walks only the listening sockets (the
+ * /proc tables walk every connection of the host).  -1: it could not be
+ * asked (no netlink). */
+static int ports_diag(int family, unsigned skip)
+{
+    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0) return -1;
+    struct {
+        struct nlmsghdr nlh;
+        struct inet_diag_req_v2 r;
+    } req;
+    memset(&req, 0, sizeof req);
+    req.nlh.nlmsg_len = sizeof req;
+    req.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    req.nlh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+    req.r.sdiag_family = (unsigned char)family;
+    req.r.sdiag_protocol = IPPROTO_TCP;
+    req.r.idiag_states = 1U << 10;  /* TCP_LISTEN */
+    struct sockaddr_nl nl = {.nl_family = AF_NETLINK};
+    if (sendto(fd, &req, sizeof req, 0, (struct sockaddr *)&nl, sizeof nl) < 0) {
+        close(fd);
+        return -1;
+    }
+    static long buf[4096];  /* aligned for the messages */
+    for (;;) {
+        ssize_t n = recv(fd, buf, sizeof buf, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        int len = (int)n;
+        for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
+            if (h->nlmsg_type == NLMSG_DONE) {
+                close(fd);
+                return 0;
+            }
+            if (h->nlmsg_type == NLMSG_ERROR) goto failed;
+            if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY
+                || h->nlmsg_len < NLMSG_LENGTH(sizeof(struct inet_diag_msg)))
+                continue;
+            struct inet_diag_msg *m = NLMSG_DATA(h);
+            if (m->idiag_state != 10) continue;
+            if (family == AF_INET && m->id.idiag_src[0] == htonl(DOCKER_DNS)) continue;
+            ports_mark(ntohs(m->id.idiag_sport), skip);
+        }
+    }
+failed:
+    close(fd);
+    return -1;
+}
+
+/* The same from one /proc/net/tcp* table (LISTEN is state 0A), where there
+ * is no sock_diag. */
 static void ports_read(const char *path, unsigned skip)
 {
     FILE *f = fopen(path, "re");
@@ -291,9 +355,8 @@ static void ports_read(const char *path, unsigned skip)
         unsigned port, state;
         if (sscanf(line, " %*[0-9]: %39[0-9A-Fa-f]:%x %*[0-9A-Fa-f]:%*x %x", addr, &port,
                    &state) == 3
-            && state == 0x0A && port > 0 && port < 65536 && port != skip
-            && strcmp(addr, DOCKER_DNS))
-            ports_on[port >> 3] |= (unsigned char)(1 << (port & 7));
+            && state == 0x0A && strcmp(addr, DOCKER_DNS_HEX))
+            ports_mark(port, skip);
     }
     fclose(f);
 }
@@ -305,8 +368,16 @@ static void ports_scan(void)
     unsigned n = 0, more = 0;
     memset(ports_on, 0, sizeof ports_on);
     unsigned skip = own_port();
-    ports_read("/proc/net/tcp", skip);
-    ports_read("/proc/net/tcp6", skip);
+#ifdef PORTS_FROM_PROC
+    int from_proc = 1;  /* a build that tests the fallback */
+#else
+    int from_proc = 0;
+#endif
+    if (from_proc || ports_diag(AF_INET, skip) < 0 || ports_diag(AF_INET6, skip) < 0) {
+        memset(ports_on, 0, sizeof ports_on);
+        ports_read("/proc/net/tcp", skip);
+        ports_read("/proc/net/tcp6", skip);
+    }
     for (unsigned byte = 0; byte < sizeof ports_on; byte++) {
         if (!ports_on[byte]) continue;
         for (unsigned bit = 0; bit < 8; bit++) {
@@ -324,12 +395,23 @@ static void ports_scan(void)
 }
 
 /* Reads the table if it is due and someone is attached; returns when it is
- * due next (ms), or -1 while nobody is attached (read at once on an attach). */
+ * due next (ms), or -1 while nobody is attached (read at once on an attach).
+ * It is due PORTS_MS after the last read, or PORTS_IDLE_MS after it while
+ * COMMAND has printed nothing for PORTS_QUIET_MS (a server that starts
+ * mostly says so, or follows a command typed, which is echoed). */
 static long long ports_due(long long now)
 {
+    static u64 seen_end;
+    static long long last_read, active_at;
+    if (rend != seen_end || !active_at) {  /* output, or the server's start */
+        seen_end = rend;
+        active_at = now;
+    }
     if (cur->fd < 0 || !cur->hello) { ports_next = 0; return -1; }
+    if (ports_next) ports_next = last_read + (now - active_at < PORTS_QUIET_MS ? PORTS_MS : PORTS_IDLE_MS);
     if (now >= ports_next) {
         ports_scan();
+        last_read = now;
         ports_next = now + PORTS_MS;
     }
     return ports_next;
