@@ -457,7 +457,8 @@ def session_config(config: CapsuleConfig) -> SessionConfig:
         pool_window=config.tuning.pool_window, max_lifetime=config.max_lifetime,
         idle_timeout=config.idle_timeout, keeper=config.keeper,
         profiles=dict(config.profiles), secrets=config.secrets,
-        default_profile=config.default_profile, local_volumes=not config.users)
+        default_profile=config.default_profile, local_volumes=not config.users,
+        door_port=config.door_port)
 
 
 # The soft limit capsule raises its own to, when the hard one is unlimited.

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from capsule.core.keeper import FrameReader, encode_input, keeper_argv
+from capsule.core.keeper import FrameReader, encode_input, keeper_argv, parse_ports
 
 SOURCE = Path(__file__).resolve().parents[1] / "docker" / "keeper" / "capsule-keeper.c"
 CC = shutil.which("cc") or shutil.which("gcc")
@@ -205,6 +205,7 @@ class Relay:
 
     @ivar output: the payloads of its C{o} frames, preamble included.
     @ivar frames: C{(type, payload length)} of each frame, in order.
+    @ivar ports: what each C{P} frame said (L{capsule.core.keeper.parse_ports}).
     """
 
     def __init__(self, keeper: Keeper, command: list[str], socket: str | None = None,
@@ -228,6 +229,7 @@ class Relay:
         self.reader = FrameReader()
         self.output = bytearray()
         self.frames: list[tuple[bytes, int]] = []
+        self.ports: list = []
         self.status: int | None = None
         self.ended = False
 
@@ -251,6 +253,8 @@ class Relay:
                     self.output += payload
                 elif kind == b"x":
                     self.status = struct.unpack(">I", payload)[0]
+                elif kind == b"P":
+                    self.ports.append(parse_ports(payload))
 
     def until(self, marker: bytes, since: int = 0, timeout: float = 10) -> int:
         """
@@ -267,6 +271,24 @@ class Relay:
                 raise AssertionError(f"no {marker!r} within {timeout} s (status {self.status},"
                                      f" ended {self.ended}); output ends"
                                      f" {bytes(self.output[-200:])!r}")
+            self._read(left)
+
+    def until_ports(self, check, timeout: float = 10):
+        """
+        Read frames until a C{P} frame's L{ListeningPorts} passes C{check};
+        return it.
+        """
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for found, problem in self.ports[seen:]:
+                assert problem is None, problem
+                if check(found):
+                    return found
+            seen = len(self.ports)
+            left = deadline - time.monotonic()
+            if left <= 0 or self.ended:
+                raise AssertionError(f"no such ports within {timeout} s: {self.ports[-3:]}")
             self._read(left)
 
     def preamble(self, timeout: float = 10) -> tuple[int, int, int]:

@@ -911,16 +911,18 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
     assert {p for p in documented if not p.startswith("/api/admin")} - served == {
         "/api/export/{id}", "/api/sessions/{id}", "/api/sessions/{id}/exec",
         "/api/sessions/{id}/workspace", "/api/sessions/{id}/shares",
-        "/api/sessions/{id}/shares/{share_id}", "/api/sessions/{id}/ports/{port}",
-        "/api/sessions/{id}/ports/{port}/shares",
+        "/api/sessions/{id}/shares/{share_id}", "/api/sessions/{id}/ports",
+        "/api/sessions/{id}/ports/{port}", "/api/sessions/{id}/ports/{port}/shares",
         "/api/sessions/{id}/ports/{port}/shares/{share_id}"}
     sessions = root.children[b"api"].children[b"sessions"]
     one = sessions.getChild(b"00000000-0000-4000-8000-000000000000", None)
     from capsule.web.shares import ShareResource, SharesResource
+    from capsule.web.ports import PortsResource
     from capsule.web.preview_api import PortResource, PortShareResource, PortSharesResource
     assert {name: type(one.getChild(name, None))
-            for name in (b"exec", b"workspace", b"shares")} == {
-        b"exec": ExecResource, b"workspace": UploadResource, b"shares": SharesResource}
+            for name in (b"exec", b"workspace", b"shares", b"ports")} == {
+        b"exec": ExecResource, b"workspace": UploadResource, b"shares": SharesResource,
+        b"ports": PortsResource}
     from capsule.web.login import LoginResource, LogoutResource
     for path, cls in [("/login", LoginResource), ("/logout", LogoutResource)]:
         assert {m[len("render_"):] for m in vars(cls) if m.startswith("render_")} == (
@@ -931,6 +933,7 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
                       ("/api/sessions/{id}/workspace", UploadResource),
                       ("/api/sessions/{id}/shares", SharesResource),
                       ("/api/sessions/{id}/shares/{share_id}", ShareResource),
+                      ("/api/sessions/{id}/ports", PortsResource),
                       ("/api/sessions/{id}/ports/{port}", PortResource),
                       ("/api/sessions/{id}/ports/{port}/shares", PortSharesResource),
                       ("/api/sessions/{id}/ports/{port}/shares/{share_id}",

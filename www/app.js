@@ -9,6 +9,7 @@
 import { createAttention } from "./js/attention.js";
 import { createConnection } from "./js/connection.js";
 import { createLeaving } from "./js/leaving.js";
+import { setupPorts } from "./js/ports.js";
 import { setupShare } from "./js/share.js";
 import { expiryText, watchToken } from "./js/sharing.js";
 import { createStatusBar } from "./js/status.js";
@@ -35,6 +36,7 @@ const ui = {
   shareButton: $("share"),
   shareCount: $("share-count"),
   shareMenu: $("share-menu"),
+  ports: $("ports"),
   watchBadge: $("watch-badge"),
   terminal: $("terminal"),
   banner: $("banner"),
@@ -57,7 +59,10 @@ let connection = null;
 let extras = null;
 
 const status = createStatusBar(ui, {
-  onState: (name) => leaving.state(name),
+  onState: (name) => {
+    leaving.state(name);
+    if (ports && (name === "ended" || name === "expired")) ports.clear();
+  },
   onAgain: () => {
     connection.again();
     term.focus();
@@ -82,6 +87,7 @@ const attention = createAttention({
   focus: () => term.focus(),
 });
 let share = null;
+let ports = null;
 if (watching === null) {
   connection = createConnection({
     term,
@@ -91,12 +97,14 @@ if (watching === null) {
     onAttached: (frame) => {
       leaving.attached(frame);
       showProfile(frame.profile);
+      ports.attached(frame.session_id);
     },
     // A refused upgrade looks the same as capsule being down; its API tells them apart.
     checkLogin: () => {
       if (hasUsers !== false) checkLogin();
     },
     onWatchers: (count) => share && share.setWatchers(count),
+    onPorts: (frame) => ports.update(frame),
   });
   setupTransfer(ui, {
     status,
@@ -106,6 +114,15 @@ if (watching === null) {
     worked: () => leaving.worked(),
   });
   share = setupShare(ui, { sessionId: () => connection.sessionId, status });
+  // The ports that listen in the session, with their previews: a strip above the terminal.
+  ports = setupPorts(ui, {
+    sessionId: () => connection.sessionId,
+    status,
+    relayout: () => {
+      term.fit();
+      connection.resized();
+    },
+  });
 } else {
   connection = createWatch({
     term,

@@ -9,7 +9,8 @@ frames verbatim.  capsule speaks that framing itself: a 1-byte type, a
 4-byte big-endian length, the payload.  To the keeper: C{i} input bytes,
 C{w} the terminal size (cols, rows as 2-byte numbers).  From it: C{o} output
 bytes, C{x} the shell's exit status (4 bytes), C{k} replaced by another
-attach.  The first output is a preamble saying at which offset the bytes
+attach, C{P} the TCP ports listening in the container (L{parse_ports}; an
+older keeper sends none).  The first output is a preamble saying at which offset the bytes
 that follow begin::
 
     ESC _ capsule-keeper;offset=S;dropped=D ESC \\
@@ -63,6 +64,18 @@ def has_own_address(network: str | None) -> bool:
     return network not in ("none", "host") and not (network or "").startswith("container:")
 
 
+def own_ports(network: str | None, door_port: int = 0) -> frozenset[int]:
+    """
+    capsule's own ports inside a session's container on C{network}, which
+    are not the session's: the keeper's direct port where the container
+    has an address of its own, else the session door's (C{door_port}, 0:
+    none), which the keeper carries for a session without a network.
+    """
+    if has_own_address(network):
+        return frozenset({DIRECT_PORT})
+    return frozenset({door_port}) if door_port else frozenset()
+
+
 def keeper_start_argv(shell: tuple[str, ...], buffer: int = 1024 * 1024,
                       socket: str = DEFAULT_SOCKET, port: int = DIRECT_PORT,
                       program: str = "capsule-keeper") -> list[str]:
@@ -111,10 +124,14 @@ def encode_window(cols: int, rows: int) -> bytes:
     return b"w" + struct.pack(">IHH", 4, cols, rows)
 
 
+# The most ports a keeper's C{P} frame names (the keeper's MAX_PORTS).
+MAX_PORTS = 64
+
 # What a relay may send capsule: each kind with the sizes its payload may
 # have.  Anything else is malformed: the relay is inside the container, and
 # the session's user controls every byte of it.
-RELAY_FRAMES = {b"o": (0, MAX_FRAME), b"x": (4, 4), b"k": (0, 0)}
+RELAY_FRAMES = {b"o": (0, MAX_FRAME), b"x": (4, 4), b"k": (0, 0),
+                b"P": (2, 2 + 2 * MAX_PORTS)}
 
 # The largest offset capsule believes (the protocol's, JavaScript's safe
 # integers) and the largest exit status a shell has.
@@ -276,3 +293,36 @@ def check_preamble(preamble: Preamble, wanted: int | None) -> str | None:
         return (f"output from offset {offset} with {dropped} bytes dropped, when {wanted}"
                 " was asked for")
     return None
+
+
+@dataclass(frozen=True)
+class ListeningPorts:
+    """
+    The TCP ports listening in a session's container, as its keeper read
+    them: C{ports} ascending (at most L{MAX_PORTS}), C{more} how many more
+    listen that it left out.
+    """
+
+    ports: tuple[int, ...] = ()
+    more: int = 0
+
+
+def parse_ports(payload: bytes) -> tuple[ListeningPorts, str | None]:
+    """
+    A C{P} frame's payload: a 2-byte count of ports left out, then the
+    ports, 2 bytes each (big-endian).  What it holds that no keeper sends
+    (an odd length, port 0, a port twice or out of order) is not believed:
+    the ports that are sound are kept, sorted, and the second value says
+    what was wrong (C{None}: nothing).
+    """
+    if len(payload) < 2 or len(payload) % 2 or len(payload) > 2 + 2 * MAX_PORTS:
+        return ListeningPorts(), f"a ports frame of {len(payload)} bytes"
+    (more,) = struct.unpack_from(">H", payload)
+    listed = struct.unpack_from(f">{(len(payload) - 2) // 2}H", payload, 2)
+    ports = tuple(sorted({port for port in listed if port}))
+    problem = None
+    if 0 in listed:
+        problem = "port 0 among the listening ports"
+    elif list(ports) != list(listed):
+        problem = "listening ports out of order or twice"
+    return ListeningPorts(ports, more), problem

@@ -22,6 +22,7 @@ capsule adds, and clients that do not know them ignore: C{resumed} and
 C{replay} (bytes of earlier output that follow) in C{connected}, and::
 
     {"type": "notice", "code": "...", "message": "..."}
+    {"type": "ports", "ports": [{"port": 3000, "url": "...", "public": false}], "more": 0}
 
 The binary protocol, negotiated with the WebSocket subprotocol
 L{BINARY_SUBPROTOCOL}, carries output as raw binary frames whose byte
@@ -315,3 +316,13 @@ def encode_watchers(count: int) -> bytes:
     How many spectators watch the owner's session now.
     """
     return _encode({"type": "watchers", "count": count})
+
+
+def encode_ports(entries: list[dict], more: int = 0) -> bytes:
+    """
+    (To the owner.)  The TCP ports listening in the session now, each with
+    the address of its preview (C{entries}: C{port}, C{url}, C{public}), and
+    how many more listen than are named; sent when they change and as a
+    client attaches.
+    """
+    return _encode({"type": "ports", "ports": entries, "more": more})

@@ -21,8 +21,9 @@ from zope.interface import implementer
 
 from capsule.core.channels import CHANNEL_FRAMES
 from capsule.core.interfaces import IExecProcess
-from capsule.core.keeper import (RELAY_FRAMES, FrameError, FrameReader, PreambleReader,
-                                 check_preamble, encode_input, encode_window, exit_status)
+from capsule.core.keeper import (RELAY_FRAMES, FrameError, FrameReader, ListeningPorts,
+                                 PreambleReader, check_preamble, encode_input, encode_window,
+                                 exit_status, parse_ports)
 from capsule.core.ratelog import RateLimitedLog
 from capsule.engine.channels import ChannelMux, ChannelOptions
 
@@ -64,6 +65,10 @@ class ShellProtocol(ProcessProtocol):
     @param channels: the keeper was asked for channels
         (L{capsule.engine.channels}); once its preamble says it carries
         them, C{channels} is their L{ChannelMux}, until the stream ends.
+    @param ports: called with the L{ListeningPorts} each C{P} frame names
+        (the keeper reads the container's socket table; no Docker call).
+        A frame with ports no keeper sends (port 0, out of order) keeps
+        what is sound and is logged, at a bounded rate.
     """
 
     MALFORMED = "the session's relay sent malformed data"
@@ -80,9 +85,11 @@ class ShellProtocol(ProcessProtocol):
 
     def __init__(self, session, keeper: bool, wanted: int | None = None,
                  heard: Callable[[bytes], None] | None = None,
-                 channels: ChannelOptions | None = None) -> None:
+                 channels: ChannelOptions | None = None,
+                 ports: Callable[[ListeningPorts], None] | None = None) -> None:
         self._session = session
         self._heard = heard
+        self._on_ports = ports
         self._channel_options = channels if keeper else None
         self.channels: ChannelMux | None = None
         kinds = RELAY_FRAMES if self._channel_options is None else {**RELAY_FRAMES,
@@ -146,8 +153,19 @@ class ShellProtocol(ProcessProtocol):
                     raise self._Malformed(f"a channel frame ({kind.decode()!r}) from a keeper"
                                           " that did not say it carries channels")
                 self.channels.received(kind, payload)
+            elif kind == b"P":
+                self._ports(payload)
         if problem is not None and self._current():
             raise self._Malformed(problem)
+
+    def _ports(self, payload: bytes) -> None:
+        found, problem = parse_ports(payload)
+        if problem is not None:
+            self._errors.error(self._session.core.now(), self._session.id, "ports",
+                               "session {session_id}'s keeper sent {problem}: those ignored",
+                               problem=problem)
+        if self._on_ports is not None:
+            self._on_ports(found)
 
     def _output(self, data: bytes) -> None:
         if not self._preamble.done:

@@ -27,8 +27,8 @@ from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
 from capsule.core.channels import CHANNEL_ENV
-from capsule.core.keeper import (SECRET_BYTES, SECRET_LABEL, has_own_address, keeper_argv,
-                                 parse_secret)
+from capsule.core.keeper import (SECRET_BYTES, SECRET_LABEL, ListeningPorts, has_own_address,
+                                 keeper_argv, own_ports, parse_secret)
 from capsule.core.session_core import ISessionEffects, SessionCore, State
 from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME,
                                    BadRepository, Profile, agent_volume_name, check_repository,
@@ -441,7 +441,8 @@ class SessionManager:
         if (self._direct is not None and has_own_address(spec.network)
                 and self._direct.available):
             protocol = session.shell = ShellProtocol(session, True, offset,
-                                                     partial(self._heard, session))
+                                                     partial(self._heard, session),
+                                                     partial(self._ports_heard, session))
             start = dict(shell=tuple(command), buffer=self.config.replay_bytes,
                          socket=self.config.keeper_socket, user=spec.user,
                          workdir=spec.workdir, env=environment,
@@ -462,7 +463,8 @@ class SessionManager:
             channels, environment = self._channels(session, environment)
         protocol = session.shell = ShellProtocol(session, self.config.keeper, offset,
                                                  partial(self._heard, session),
-                                                 channels=channels)
+                                                 channels=channels,
+                                                 ports=partial(self._ports_heard, session))
         if not self.config.keeper:
             await self._docker.spawn_exec(
                 protocol, session.container_id, list(command), spec.user,
@@ -496,6 +498,27 @@ class SessionManager:
         """
         if not session.pooled:
             self.observers.session_output(session, data)
+
+    def _ports_heard(self, session: Session, found: ListeningPorts) -> None:
+        """
+        C{session}'s keeper said which TCP ports listen in its container:
+        capsule's own left out, a change is told to the observers and to
+        its client (a warm session's only once it is taken).
+        """
+        settings = session.settings or self.profiles[DEFAULT_PROFILE]
+        own = own_ports(settings.spec.network, self.config.door_port)
+        ports = tuple(port for port in found.ports if port not in own)
+        if (session.ports_known and ports == session.listening_ports
+                and found.more == session.ports_more):
+            return
+        session.listening_ports, session.ports_more = ports, found.more
+        session.ports_known = True
+        if session.pooled or session.over:
+            return
+        self.observers.session_ports(session)
+        tell = getattr(session.client, "session_ports", None)
+        if tell is not None:
+            tell(session)
 
     def reattach(self, session: Session, offset: int) -> None:
         d = Deferred.fromCoroutine(self._spawn_shell(session, offset))

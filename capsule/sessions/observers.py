@@ -49,6 +49,12 @@ class ISessionObserver(Interface):
         C{session}'s terminal is C{cols} x C{rows} now.
         """
 
+    def session_ports(session):
+        """
+        The TCP ports listening in C{session}'s container changed (or were
+        said for the first time): C{session.listening_ports}.
+        """
+
     def session_ended(session):
         """
         C{session} is over: C{session.core.exit_code} and C{.message} say how.
@@ -79,6 +85,9 @@ class SessionObserver:
         pass
 
     def session_resized(self, session, cols: int, rows: int) -> None:
+        pass
+
+    def session_ports(self, session) -> None:
         pass
 
     def session_ended(self, session) -> None:
@@ -117,5 +126,6 @@ class SessionObservers:
     session_reconnected = _tell("session_reconnected")
     session_output = _tell("session_output")
     session_resized = _tell("session_resized")
+    session_ports = _tell("session_ports")
     session_ended = _tell("session_ended")
     pool_taken = _tell("pool_taken")

@@ -82,6 +82,9 @@ class SessionConfig:
     # user (capsule has no users: everyone is that user); else they get none
     # (a volume is never shared between users).
     local_volumes: bool = False
+    # The session door's port (capsule.gateway.door; 0: none), which the
+    # keeper of a session without a network carries: not the session's own.
+    door_port: int = 0
 
 
 def shell_profile(config: SessionConfig) -> Profile:
@@ -113,6 +116,12 @@ class Session:
         self.pooled = False
         self.settings: Profile | None = None
         self.repository: str | None = None
+        # The TCP ports listening in its container, ascending, as its keeper
+        # read them (capsule's own left out); whether the keeper said at all
+        # (an older one never does); how many more listen than it named.
+        self.listening_ports: tuple[int, ...] = ()
+        self.ports_known = False
+        self.ports_more = 0
         # Who waits for its shell to run, and for its end.
         self._started: list[Deferred] = []
         self._ended: list[Deferred] = []

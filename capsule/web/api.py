@@ -11,8 +11,9 @@ The session API for programs, under C{/api/sessions}:
     into C{/workspace}, as C{developer}, after checking every entry;
   - C{/api/sessions/{id}/shares}: read-only links to watch the session
     (L{capsule.web.shares});
-  - C{/api/sessions/{id}/ports/{port}}: its preview made public, and links
-    to it (L{capsule.web.preview_api});
+  - C{/api/sessions/{id}/ports}: the ports listening in it, with their
+    preview addresses (L{capsule.web.ports}); C{/ports/{port}}: its preview
+    made public, and links to it (L{capsule.web.preview_api});
   - C{GET /api/profiles}: the profiles a client may name.
 
 Authentication and ownership are the site's (L{capsule.auth.gate}): a session of
@@ -46,8 +47,8 @@ from capsule.web.api_base import (NO_BODY, RETRY_AFTER, ApiError, JsonResource, 
                                    answer_when, integer_field, json_request, only_keys,
                                    text_field, user_of)
 from capsule.web.bodies import BodyRefused
+from capsule.web.ports import PortAddresses, PortsResource
 from capsule.web.shares import SharesResource
-from capsule.web.preview_api import PortsResource
 from capsule.web.exec import (EXEC_MAX_BODY, EXEC_WRITE_TIMEOUT, EXECS_PER_SESSION, ExecResource,
                               OutputBudget)
 from capsule.web.upload import (UPLOAD_MAX_BYTES, UPLOADS_AT_ONCE, UPLOADS_PER_SESSION,
@@ -78,10 +79,13 @@ class SessionApi:
                  upload_max_bytes: int = UPLOAD_MAX_BYTES,
                  answer_timeout: float = EXEC_WRITE_TIMEOUT, exporting=None,
                  docker_calls: CallGate | None = None, client_address=client_address,
-                 spectators=None, previews=None) -> None:
+                 spectators=None, previews=None, port_addresses=None) -> None:
         # The previews of sessions' ports (capsule.web.preview.PreviewRouter),
         # or None: no previews.
         self.previews = previews
+        # Where a session's ports are opened (capsule.web.ports).
+        self.port_addresses = (port_addresses if port_addresses is not None
+                               else PortAddresses(public_url))
         # The share links and their spectators (capsule.sessions.spectators),
         # or None: sessions cannot be shared.
         self.spectators = spectators
@@ -263,9 +267,8 @@ class SessionApi:
         rest = parts[3:]
         if rest in ([], [b""]):
             return CREATE_MAX_BODY
-        if len(rest) == 1 or (len(rest) in (2, 3) and rest[1] == b"shares"):
-            return NO_BODY
-        if len(rest) >= 2 and rest[1] == b"ports":
+        if len(rest) == 1 or (len(rest) in (2, 3) and rest[1] == b"shares") or (
+                len(rest) >= 2 and rest[1] == b"ports"):
             return NO_BODY
         if len(rest) == 2 and rest[1] in (b"exec", b"workspace"):
             limit = EXEC_MAX_BODY if rest[1] == b"exec" else self.upload_max_bytes

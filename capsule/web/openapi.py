@@ -217,6 +217,27 @@ ROUTES: dict[tuple[str, str], dict] = {
             "type": "object", "properties": {"id": {"type": "string"},
                                              "revoked": {"type": "boolean"}}})},
             **_errors(401, 404)}},
+    ("/api/sessions/{id}/ports", "get"): {
+        "summary": "The TCP ports listening in the session now, with their preview addresses;"
+                   " the owner's only (the keeper reads the container's socket table: no"
+                   " Docker call)",
+        "parameters": [_ID],
+        "responses": {"200": {"description": "the ports, ascending", **_json({
+            "type": "object", "properties": {
+                "session": {"type": "string"},
+                "ports": {"type": "array", "items": {"type": "object", "properties": {
+                    "port": {"type": "integer"},
+                    "url": {"type": "string", "description":
+                            "its preview: https://PORT-ID.DOMAIN/ under --preview-domain,"
+                            " else /preview/ID/PORT/ on capsule's site"},
+                    "public": {"type": "boolean", "description":
+                               "whether it is open to anyone (else its owner's only)"}}}},
+                "known": {"type": "boolean", "description":
+                          "false while the session's keeper said nothing of its ports (an"
+                          " image with an older keeper never does)"},
+                "more": {"type": "integer", "description":
+                         "how many more listen than are listed (at most 64 are)"}}})},
+        **_errors(401, 404)}},
     ("/api/sessions/{id}/ports/{port}", "put"): {
         "summary": "Open a port's preview to anyone who has its URL (public: true), or to"
                    " the session's owner only again (false); see docs/previews.md",

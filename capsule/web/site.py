@@ -38,6 +38,7 @@ from capsule.web.login import AuthGate, LoginResource, LogoutResource
 from capsule.ops.logformat import short_ids
 from capsule.ops.metrics import Metrics, MetricsResource
 from capsule.web.openapi import OpenApiResource
+from capsule.web.ports import PortAddresses
 from capsule.sessions.manager import SessionManager
 from capsule.web.static import StaticFiles
 from capsule.web.preview import PreviewLimits, PreviewRouter
@@ -556,10 +557,12 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                              host_policy=host_policy, limits=preview_limits,
                              own_ports=(DIRECT_PORT, *own_ports),
                              no_network=preview_no_network)
+    port_addresses = PortAddresses(public_url, preview_domain,
+                                   is_public=previews.access.is_public)
     factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
                                    sessions=sessions, authenticator=authenticator,
                                    start_at_open=start_at_open, spectators=spectators,
-                                   **websocket_options)
+                                   port_addresses=port_addresses, **websocket_options)
     root.putChild(b"ws", CountedWebSocketResource(factory))
     root.putChild(b"health", HealthResource(manager, docker, reactor, drain,
                                                  firewall))
@@ -575,7 +578,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                              exporting=exports.exporting, client_address=client_address,
                              docker_calls=CallGate(docker_calls_per_caller,
                                                    4 * docker_calls_per_caller),
-                             spectators=spectators, previews=previews)
+                             spectators=spectators, previews=previews,
+                             port_addresses=port_addresses)
     api.putChild(b"sessions", SessionsResource(session_api))
     api.putChild(b"profiles", ProfilesResource(session_api))
     api.putChild(b"openapi.json", OpenApiResource())

@@ -19,6 +19,7 @@ from capsule.auth.gate import AuthRefused
 from capsule.ops.logformat import short_ids
 from capsule.core.coalesce import Coalescer
 from capsule.core.errors import CapsuleError, SessionNotFound
+from capsule.web.headers import is_secure
 from capsule.web.http import client_address
 from capsule.web.watch import CLOSE_QUOTA_EXCEEDED, Watching, _Phase
 from capsule.web.wire import BinaryWire, FlowGate, JsonWire, close_reason, url_size
@@ -101,6 +102,10 @@ class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
         self._backlog: list[bytes] = []
         self._backlog_bytes = 0
         self._told_read_only = False
+        # The Host the client named and whether it came over TLS: where the
+        # addresses of its session's ports are (capsule.web.ports).
+        self._host: str | None = None
+        self._secure = False
 
     @property
     def _manager(self) -> SessionManager:
@@ -116,6 +121,8 @@ class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
             _log.warn("refused a WebSocket: {why} (peer {peer})", why=refused,
                       peer=request.peer)
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, refused)
+        self._host = request.headers.get("host")
+        self._secure = is_secure(self.transport)
         admission = self.factory.sessions.admission
         if admission is not None:
             self._client_address = client_address(request, admission.trusted_proxies)
@@ -459,7 +466,24 @@ class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
         drain = self.factory.sessions.drain
         if drain is not None and drain.active:
             self._send(wire.encode_notice(DRAINING, drain.notice()))
+        if getattr(session, "ports_known", False):
+            self._send_ports(session)
         self.pause_output_producer(session.output_producer())
+
+    def session_ports(self, session) -> None:
+        """
+        (The owner's connection.)  The ports listening in its session changed.
+        """
+        if self._hold(self.session_ports, session):
+            return
+        if self._phase is _Phase.SESSION and self._watch_token is None:
+            self._flush()
+            self._send_ports(session)
+
+    def _send_ports(self, session) -> None:
+        addresses = self.factory.port_addresses
+        self._send(wire.encode_ports(addresses.entries(session, self._secure, self._host),
+                                     session.ports_more))
 
     def session_output(self, data: bytes) -> None:
         if self._hold(self.session_output, data):

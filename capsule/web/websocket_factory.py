@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, succeed
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.service import SessionService
 from capsule.web.headers import HostPolicy, is_secure
+from capsule.web.ports import PortAddresses
 from capsule.web.websocket import CapsuleServerProtocol
 
 
@@ -39,6 +40,8 @@ class CapsuleServerFactory(WebSocketServerFactory):
         (L{capsule.sessions.spectators}); C{None}: nobody may watch.
     @param watch_backlog: bytes of output a spectator that does not keep up
         may have waiting before it is closed.
+    @param port_addresses: where the ports of a session are opened
+        (L{capsule.web.ports.PortAddresses}), for the C{ports} message.
     """
 
     protocol = CapsuleServerProtocol
@@ -54,8 +57,10 @@ class CapsuleServerFactory(WebSocketServerFactory):
                  host_policy: HostPolicy | None = None,
                  sessions: SessionService | None = None, authenticator=None,
                  start_at_open: bool = False, stall_timeout: float = 30.0,
-                 spectators=None, watch_backlog: int = 1024 * 1024) -> None:
+                 spectators=None, watch_backlog: int = 1024 * 1024,
+                 port_addresses: PortAddresses | None = None) -> None:
         super().__init__()
+        self.port_addresses = port_addresses if port_addresses is not None else PortAddresses()
         self.spectators = spectators
         self.watch_backlog = watch_backlog
         # Seconds a client may leave its outgoing buffer full before it is

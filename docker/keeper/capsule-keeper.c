@@ -43,6 +43,8 @@
  *   server -> attach:  'o' output bytes (the preamble is the first)
  *                      'x' STATUS(4): COMMAND ended, everything was sent
  *                      'k': another attach replaced this one
+ *                      'P' MORE(2) PORT(2)...: the TCP ports listening in
+ *                          the container (see "Ports" below)
  *
  * The server fails closed: an attachment that sends anything but 'a' first,
  * or then anything but 'i' of at most MAXMSG bytes and 'w' of exactly 4, is
@@ -104,6 +106,17 @@
  * With -d (start), the invocation only makes sure a server runs (starting it
  * as above), then exits 0 without attaching: capsule then attaches over TCP.
  *
+ * Ports: while an attachment is in place, the server asks the kernel for the
+ * container's listening TCP sockets (sock_diag over netlink, else
+ * /proc/net/tcp and /proc/net/tcp6: the container has its own network
+ * namespace, so every socket in them is the session's) every PORTS_MS
+ * (PORTS_IDLE_MS while COMMAND has printed nothing for PORTS_QUIET_MS), and sends the attachment a 'P' frame whenever the set of ports
+ * in the LISTEN state changed, and once after each attachment's preamble:
+ * the ports, ascending, 2 bytes each, at most MAX_PORTS of them (the lowest),
+ * after a 2-byte count of those left out.  Its own TCP port (-t) and Docker's
+ * embedded DNS server (127.0.0.11) are not among them.  Nobody attached, it
+ * reads nothing.
+ *
  * Bad or missing arguments: the usage on stderr, exit status 2 (-h: on
  * stdout, 0).  BYTES is 1 to 2^32, OFFSET 0 to 2^64-1, both plain decimal.
  *
@@ -140,6 +153,9 @@
 #include <sys/prctl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <time.h>
@@ -158,6 +174,10 @@
 #define SECRET 32          /* bytes of a TCP attachment's secret */
 #define PENDING 4          /* TCP connections waiting to prove it at once */
 #define PENDING_MS 5000    /* ... each for at most this long */
+#define PORTS_MS 1000      /* the socket table is read this often (attached), */
+#define PORTS_IDLE_MS 10000  /* ... or this often once COMMAND printed nothing */
+#define PORTS_QUIET_MS 30000 /* ... for this long */
+#define MAX_PORTS 64       /* ports a 'P' frame names at most */
 #ifndef LINGER_MS
 #define LINGER_MS 600000    /* an ended session waits this long for an attach */
 #endif
@@ -232,6 +252,7 @@ struct conn {
     int ending;       /* nothing more after out: close once it is sent */
     u64 pos;          /* next offset to send */
     long long leave;  /* a replaced one is closed at this time */
+    unsigned ports_sent;  /* the ports_gen it was last sent (0: none yet) */
     size_t olen, ooff, rlen;
     unsigned char out[5 + MAXMSG + 16];
     unsigned char in[5 + MAXMSG];
@@ -268,6 +289,167 @@ static int flooding(void)
         win_start = clock_us;
     }
     return win_sent + prev_sent > FLOOD_BYTES;
+}
+
+/* ---- ports ('P'; see "Ports" at the top) ------------------------------- */
+
+static unsigned char ports_on[65536 / 8];  /* a bit per port: listening */
+static unsigned char ports_payload[2 + 2 * MAX_PORTS];
+static size_t ports_len;   /* of ports_payload */
+static unsigned ports_gen; /* bumped at each change of ports_payload; 0: never read */
+static long long ports_next;  /* when the table is read next (ms) */
+
+/* The server's own TCP port (-t), which is not the session's: 0 if none. */
+static unsigned own_port(void)
+{
+    struct sockaddr_in a;
+    socklen_t n = sizeof a;
+    if (tcp_fd < 0 || getsockname(tcp_fd, (struct sockaddr *)&a, &n) < 0) return 0;
+    return ntohs(a.sin_port);
+}
+
+/* Docker's embedded DNS server listens in the container's namespace on
+ * 127.0.0.11 (a port of its choosing): not the session's.  As the kernel
+ * says it, and as /proc/net/tcp writes it. */
+#define DOCKER_DNS 0x7f00000bU
+#define DOCKER_DNS_HEX "0B00007F"
+
+static void ports_mark(unsigned port, unsigned skip)
+{
+    if (port > 0 && port < 65536 && port != skip)
+        ports_on[port >> 3] |= (unsigned char)(1 << (port & 7));
+}
+
+/* Marks the TCP ports listening for family (AF_INET, AF_INET6), as the
+ * kernel's sock_diag tells them: it walks only the listening sockets (the
+ * /proc tables walk every connection of the host).  -1: it could not be
+ * asked (no netlink). */
+static int ports_diag(int family, unsigned skip)
+{
+    int fd = socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0) return -1;
+    struct {
+        struct nlmsghdr nlh;
+        struct inet_diag_req_v2 r;
+    } req;
+    memset(&req, 0, sizeof req);
+    req.nlh.nlmsg_len = sizeof req;
+    req.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    req.nlh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+    req.r.sdiag_family = (unsigned char)family;
+    req.r.sdiag_protocol = IPPROTO_TCP;
+    req.r.idiag_states = 1U << 10;  /* TCP_LISTEN */
+    struct sockaddr_nl nl = {.nl_family = AF_NETLINK};
+    if (sendto(fd, &req, sizeof req, 0, (struct sockaddr *)&nl, sizeof nl) < 0) {
+        close(fd);
+        return -1;
+    }
+    static long buf[4096];  /* aligned for the messages */
+    for (;;) {
+        ssize_t n = recv(fd, buf, sizeof buf, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        int len = (int)n;
+        for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
+            if (h->nlmsg_type == NLMSG_DONE) {
+                close(fd);
+                return 0;
+            }
+            if (h->nlmsg_type == NLMSG_ERROR) goto failed;
+            if (h->nlmsg_type != SOCK_DIAG_BY_FAMILY
+                || h->nlmsg_len < NLMSG_LENGTH(sizeof(struct inet_diag_msg)))
+                continue;
+            struct inet_diag_msg *m = NLMSG_DATA(h);
+            if (m->idiag_state != 10) continue;
+            if (family == AF_INET && m->id.idiag_src[0] == htonl(DOCKER_DNS)) continue;
+            ports_mark(ntohs(m->id.idiag_sport), skip);
+        }
+    }
+failed:
+    close(fd);
+    return -1;
+}
+
+/* The same from one /proc/net/tcp* table (LISTEN is state 0A), where there
+ * is no sock_diag. */
+static void ports_read(const char *path, unsigned skip)
+{
+    FILE *f = fopen(path, "re");
+    if (!f) return;
+    char line[512], addr[40];
+    while (fgets(line, sizeof line, f)) {
+        unsigned port, state;
+        if (sscanf(line, " %*[0-9]: %39[0-9A-Fa-f]:%x %*[0-9A-Fa-f]:%*x %x", addr, &port,
+                   &state) == 3
+            && state == 0x0A && strcmp(addr, DOCKER_DNS_HEX))
+            ports_mark(port, skip);
+    }
+    fclose(f);
+}
+
+/* Reads the socket table; a new payload if the set changed. */
+static void ports_scan(void)
+{
+    unsigned char pay[sizeof ports_payload];
+    unsigned n = 0, more = 0;
+    memset(ports_on, 0, sizeof ports_on);
+    unsigned skip = own_port();
+#ifdef PORTS_FROM_PROC
+    int from_proc = 1;  /* a build that tests the fallback */
+#else
+    int from_proc = 0;
+#endif
+    if (from_proc || ports_diag(AF_INET, skip) < 0 || ports_diag(AF_INET6, skip) < 0) {
+        memset(ports_on, 0, sizeof ports_on);
+        ports_read("/proc/net/tcp", skip);
+        ports_read("/proc/net/tcp6", skip);
+    }
+    for (unsigned byte = 0; byte < sizeof ports_on; byte++) {
+        if (!ports_on[byte]) continue;
+        for (unsigned bit = 0; bit < 8; bit++) {
+            if (!(ports_on[byte] >> bit & 1)) continue;
+            if (n < MAX_PORTS) put_be(pay + 2 + 2 * n++, byte * 8 + bit, 2);
+            else more++;
+        }
+    }
+    put_be(pay, more, 2);
+    size_t len = 2 + 2 * (size_t)n;
+    if (ports_gen && len == ports_len && !memcmp(pay, ports_payload, len)) return;
+    memcpy(ports_payload, pay, len);
+    ports_len = len;
+    if (!++ports_gen) ports_gen = 1;
+}
+
+/* Reads the table if it is due and someone is attached; returns when it is
+ * due next (ms), or -1 while nobody is attached (read at once on an attach).
+ * It is due PORTS_MS after the last read, or PORTS_IDLE_MS after it while
+ * COMMAND has printed nothing for PORTS_QUIET_MS (a server that starts
+ * mostly says so, or follows a command typed, which is echoed). */
+static long long ports_due(long long now)
+{
+    static u64 seen_end;
+    static long long last_read, active_at;
+    if (rend != seen_end || !active_at) {  /* output, or the server's start */
+        seen_end = rend;
+        active_at = now;
+    }
+    if (cur->fd < 0 || !cur->hello) { ports_next = 0; return -1; }
+    if (ports_next) ports_next = last_read + (now - active_at < PORTS_QUIET_MS ? PORTS_MS : PORTS_IDLE_MS);
+    if (now >= ports_next) {
+        ports_scan();
+        last_read = now;
+        ports_next = now + PORTS_MS;
+    }
+    return ports_next;
+}
+
+/* Queues a 'P' frame for c if it has not had the newest; returns whether. */
+static int ports_fill(struct conn *c)
+{
+    if (c != cur || !ports_gen || c->ports_sent == ports_gen) return 0;
+    c->olen = frame(c->out, 'P', ports_payload, ports_len);
+    c->ports_sent = ports_gen;
+    return 1;
 }
 
 /* Whether c's next output should wait for more. */
@@ -642,6 +824,7 @@ static void conn_close(struct conn *c)
     c->fd = -1;
     c->hello = c->ending = 0;
     c->olen = c->ooff = c->rlen = 0;
+    c->ports_sent = 0;
 }
 
 static void set_size(u64 cols, u64 rows)
@@ -682,6 +865,7 @@ static int fill_shell(struct conn *c)
 static int fill(struct conn *c)
 {
     if (!c->hello) return 0;
+    if (ports_fill(c)) { c->ooff = 0; return 1; }
     int chan = c == cur && chan_on;
     if (chan && (chan_notice(c) || chan_fill(c, chan_turn))) {
         if (c->out[0] == 'D') chan_turn = 0;
@@ -850,6 +1034,7 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
     long long reaped_at = 0, last_out = 0, idle_since = -1;
     for (;;) {
         clock_us = now_us();
+        long long ports_at = ports_due(clock_us / 1000);
         /* output held back by an earlier turn may be due now */
         if (cur->fd >= 0 && cur->hello) pump(cur);
         long long now = clock_us / 1000, wake = -1;
@@ -885,6 +1070,7 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
             wake = idle_since + LINGER_MS;
         for (int i = 0; i < PENDING; i++)
             if (pend[i].fd >= 0 && (wake < 0 || pend[i].until < wake)) wake = pend[i].until;
+        if (ports_at >= 0 && (wake < 0 || ports_at < wake)) wake = ports_at;
         long long timeout_us = wake < 0 ? -1 : wake <= now ? 0
                                : (wake - now > 60000 ? 60000 : wake - now) * 1000;
         if (attached && !cur->olen && cur->pos < rend && pending_since >= 0) {

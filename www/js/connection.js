@@ -48,9 +48,10 @@ function storeSessionId(id) {
 // keeps its own); `checkLogin()`: asks capsule whether the login expired, after a connection
 // that failed; `onAttached(frame)`: capsule's `connected` frame (what becomes of the session
 // once the page is gone: its `grace` and `kept`); `onWatchers(count)`: how many watch the
-// session through read-only links.
+// session through read-only links; `onPorts(frame)`: capsule's `ports` frame (the ports that
+// listen in the session now).
 export function createConnection({ term, status, attention, profile, checkLogin,
-  onAttached = () => {}, onWatchers = () => {} }) {
+  onAttached = () => {}, onWatchers = () => {}, onPorts = () => {} }) {
   let model = initial();
   let sessionId = loadSessionId();
   const offsets = new Offsets();
@@ -287,6 +288,9 @@ export function createConnection({ term, status, attention, profile, checkLogin,
         break;
       case "watchers":
         onWatchers(frame.count);
+        break;
+      case "ports":
+        onPorts(frame);
         break;
     }
   }
