@@ -403,3 +403,23 @@ def test_a_slow_reader_pauses_the_sessions_side(server):
                 break
             got += len(chunk)
     assert got > size and got - size < 1000, got - size
+
+
+def test_a_session_without_a_network_is_previewed_over_its_keepers_channels(make_server, tokens):
+    """
+    A session with no network of its own has no address capsule could
+    connect to: its ports are reached over its keeper's stream (channels).
+    """
+    server = make_server("--tokens", str(tokens), "--grace", "60", "--pool-size", "0",
+                         "--network", "none")
+    session_id = new_session(server)
+    root = f"/preview/{session_id}/3000"
+    status, _, body = call(server, root + "/hello", token=ALICE)
+    assert (status, body) == (200, b"hello from the session\n")
+    status, _, body = call(server, root + "/headers", token=ALICE)
+    assert status == 200 and body.decode().startswith("GET /headers HTTP/1.1\r\n")
+    _ws_echo(f"ws://127.0.0.1:{server.port}{root}/echo", [f"Authorization: Bearer {ALICE}"])
+    status, _, body = call(server, f"/preview/{session_id}/3001/", token=ALICE)
+    assert status == 502 and json.loads(body)["code"] == "nothing_listening", body
+    status, _, body = call(server, root + "/hello", token=BOB)
+    assert status == 404
