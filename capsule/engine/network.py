@@ -32,6 +32,17 @@ NETWORK_OPTIONS = {
 }
 NETWORK_LABELS = {"io.capsule.network": "true"}
 
+# The network of fenced sessions (a profile's egress is "none" or a list of
+# hosts): a Docker --internal bridge, no route out, no traffic between its
+# containers; they reach only the session door on its gateway address (the
+# egress proxy behind it is their one way out).
+FENCED_NETWORK = "capsule-fenced"
+FENCED_BRIDGE = "capsule1"
+FENCED_NETWORK_OPTIONS = {
+    "com.docker.network.bridge.enable_icc": "false",
+    "com.docker.network.bridge.name": FENCED_BRIDGE,
+}
+
 # What a session must not reach: the cloud metadata service, and the
 # private ranges (the host's neighbours, a VPC, the office).
 BLOCKED = (
