@@ -102,6 +102,11 @@ class CapsuleConfig:
     # The session door's port (capsule.gateway.door) on the host side of
     # each session network; 0: no door.
     door_port: int = 3180
+    # What the egress proxy may reach beyond a profile's policy: addresses
+    # it otherwise refuses (--egress-allow-address), and the ports fenced
+    # sessions reach (80, 443 and --egress-port).
+    egress_allow_addresses: tuple = ()
+    egress_ports: tuple[int, ...] = (80, 443)
 
     tuning: Tuning = Tuning()
     # twistd's own logfile and nodaemon options (where a JSON log goes).

@@ -28,8 +28,10 @@ from capsule.core.memory import MemoryBudget
 from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
 from capsule.engine.keeper_direct import DirectKeeper
-from capsule.engine.network import SessionNetwork
+from capsule.engine.network import FENCED_NETWORK, NotFenced, SessionNetwork
 from capsule.gateway.door import DoorRoot, SessionDoor
+from capsule.gateway.egress import DoorFactory, EgressProxy, proxy_environment
+from capsule.sessions.by_address import SessionsByAddress
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
 from capsule.ops.recording import SessionRecorder
@@ -87,8 +89,12 @@ class SessionService(Service):
     def __init__(self, manager: SessionManager, clock, websocket_factory=None,
                  admission: AdmissionControl | None = None, docker=None,
                  network: SessionNetwork | None = None, trusted_proxies=(),
-                 user_header: str | None = None, refuse=None, host=None, door=None) -> None:
+                 user_header: str | None = None, refuse=None, host=None, door=None,
+                 fenced: SessionNetwork | None = None) -> None:
         self.manager = manager
+        # The fenced sessions' network (no route out), when a profile's
+        # egress is not open: made ready after the other one.
+        self.fenced = fenced
         # The session door (capsule.gateway.door), opened on the network's
         # host side once the network is known.
         self._door = door
@@ -166,6 +172,16 @@ class SessionService(Service):
                     await self.network.ensure()
                     if self._door is not None:
                         await self._door.listen(self.network.gateways())
+                if self.fenced is not None:
+                    try:
+                        await self.fenced.ensure()
+                    except NotFenced as e:
+                        if self._refuse is not None:
+                            self._refuse(str(e))
+                        return
+                    if self._door is not None:
+                        await self._door.listen(self.fenced.gateways())
+                if self.network is not None:
                     problem = self._proxies_hold_sessions()
                     if problem is not None:
                         if self._refuse is not None:
@@ -546,20 +562,37 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     # The metrics, the owners' file, the recorder and the spectators observe
     # the sessions.
     direct = DirectKeeper(reactor, docker) if config.keeper and tuning.keeper_direct else None
+    # The egress proxy behind the session door: fenced sessions' one way out.
+    egress = EgressProxy(reactor, allowed=config.egress_allow_addresses,
+                         ports=config.egress_ports, metrics=metrics)
+    network = SessionNetwork(docker, reactor, config.spec.network)
+    fenced = None
+    if any(p.spec.network == FENCED_NETWORK for p in config.profiles.values()):
+        fenced = SessionNetwork(docker, reactor, FENCED_NETWORK)
+
+    def door_host(profile):
+        if profile.spec.network == "none":
+            return "127.0.0.1"
+        on = fenced if profile.spec.network == FENCED_NETWORK else network
+        gateways = [] if on is None else on.gateways()
+        return gateways[0] if gateways else None
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
                              owners=owners,
-                             observers=[o for o in (recorder, spectators) if o is not None],
+                             observers=[o for o in (recorder, spectators, egress)
+                                        if o is not None],
                              memory=memory, direct=direct,
-                             pool_room=lambda: warm_room(memory, manager))
+                             pool_room=lambda: warm_room(memory, manager),
+                             session_environment=[proxy_environment(door_host,
+                                                                    config.door_port)])
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
                   " capsule's environment nor in --secrets-file): its sessions start without"
                   " it", profile=profile, name=name)
-    network = SessionNetwork(docker, reactor, config.spec.network)
     # A request from a session's address never has its proxy headers
     # believed, whatever --trusted-proxy says.
-    addresses = ClientAddresses(list(config.trusted_proxies), network.subnets)
+    addresses = ClientAddresses(list(config.trusted_proxies), lambda: network.subnets() + (
+        fenced.subnets() if fenced is not None else []))
     authenticator = auth_threads = None
     if config.users:
         auth_threads = AuthThreadPool(reactor)
@@ -606,12 +639,18 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         docker_calls_per_caller=max(1, tuning.docker_threads // 4))
     door = None
     if config.door_port:
-        door = SessionDoor(reactor, config.door_port, Site(DoorRoot()))
+        sessions_by_address = SessionsByAddress(
+            manager, docker, reactor, lambda: [n.name for n in (network, fenced)
+                                               if n is not None and n.network is not None])
+        door = SessionDoor(reactor, config.door_port, DoorFactory(
+            egress, Site(DoorRoot()),
+            lambda transport: Deferred.fromCoroutine(
+                sessions_by_address.find(transport.getPeer().host))))
     sessions = SessionService(manager, reactor, site.websocket_factory, admission, docker,
                               network, trusted_proxies=config.trusted_proxies,
                               user_header=config.user_header,
                               refuse=lambda message: refuse_to_start(reactor, message),
-                              host=host, door=door)
+                              host=host, door=door, fenced=fenced)
     listeners = ListenerService(sessions.ready, lambda: sessions.recovered,
                                 config.public_url)
     for description in config.listen:

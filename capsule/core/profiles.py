@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from docker.utils import parse_bytes
 
+from capsule.core.egress import AGENT_EGRESS, ALLOWLIST, OPEN_POLICY, EgressPolicy, parse_egress
 from capsule.core.spec import ContainerSpec
 from capsule.core.errors import CapsuleError
 
@@ -111,6 +112,8 @@ class Profile:
     @ivar memory_request: what admission counts one of its sessions at
         until its measured use is more (Docker syntax; never more than its
         memory limit: see L{request}).
+    @ivar egress: where its sessions may connect to (L{EgressPolicy}); a
+        fenced one's run on capsule's fenced network (L{fence}).
     """
 
     name: str
@@ -126,6 +129,7 @@ class Profile:
     pool: int = 0
     description: str = ""
     memory_request: str = DEFAULT_MEMORY_REQUEST
+    egress: EgressPolicy = OPEN_POLICY
 
     @property
     def memory(self) -> int:
@@ -160,8 +164,19 @@ def builtin_profiles(shell: Profile, agent_image: str = DEFAULT_AGENT_IMAGE) -> 
     claude = replace(shell, name=AGENT_PROFILE, spec=replace(shell.spec, image=agent_image),
                      command=CLAUDE_COMMAND, pool=0,
                      memory_request=DEFAULT_AGENT_MEMORY_REQUEST,
+                     egress=EgressPolicy(ALLOWLIST, AGENT_EGRESS),
                      description="Claude Code in /workspace, then a login shell")
     return {DEFAULT_PROFILE: shell, AGENT_PROFILE: claude}
+
+
+def fence(profiles: Mapping[str, Profile], network: str) -> dict[str, Profile]:
+    """
+    The profiles, those whose egress is not open put on the fenced
+    C{network} (one with no route out), unless they have no network at all.
+    """
+    return {name: replace(p, spec=replace(p.spec, network=network))
+            if p.egress.fenced and p.spec.network != "none" else p
+            for name, p in profiles.items()}
 
 
 # -- the file -----------------------------------------------------------------
@@ -241,6 +256,11 @@ def _profile(where: str, name: str, base: Profile, table: dict) -> Profile:
         if both:
             raise ProfileError(f"{where}: key 'secrets': {sorted(both)[0]} is also in"
                                " environment")
+    egress = fields.get("egress", base.egress)
+    if "network" in spec and spec["network"] != "none" and egress.fenced:
+        raise ProfileError(f"{where}: key 'network': a profile whose egress is not open runs"
+                           f" on capsule's fenced network ({egress.setting()}): leave network"
+                           f" out, or say none")
     if "memory_request" in fields and parse_bytes(fields["memory_request"]) > parse_bytes(
             spec.get("memory", base.spec.memory)):
         raise ProfileError(f"{where}: key 'memory_request': {fields['memory_request']} is more"
@@ -415,6 +435,7 @@ _KEYS = {
     "repository": check_repository,
     "clone_timeout": _number(0, strict=True),
     "pool": _integer(0),
+    "egress": parse_egress,
 }
 # Keys that are the container spec's, by the spec's name for them.
 _SPEC_KEYS = {"image": "image", "environment": "environment", "memory": "memory",

@@ -56,6 +56,13 @@ SUGGESTED = ("169.254.0.0/16", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
 IPTABLES_TIMEOUT = 10.0
 
 
+class NotFenced(Exception):
+    """
+    The fenced sessions' network exists with a route out: capsule cannot
+    start fenced sessions on it (the sentence says what to do).
+    """
+
+
 def bridge_of(network: dict) -> str | None:
     """
     The Linux bridge of a bridge network, or C{None} for another driver.
@@ -206,13 +213,17 @@ class SessionNetwork:
             self.ready = True
             _log.info("sessions have no network (--network none)")
             return
-        if self.name == CAPSULE_NETWORK:
+        fenced = self.name == FENCED_NETWORK
+        if self.name in (CAPSULE_NETWORK, FENCED_NETWORK):
             network, created = await self._docker.ensure_network(
-                self.name, NETWORK_OPTIONS, NETWORK_LABELS)
+                self.name, FENCED_NETWORK_OPTIONS if fenced else NETWORK_OPTIONS,
+                NETWORK_LABELS, internal=fenced)
             if created:
-                _log.info("created the network {name} for the sessions (bridge {bridge},"
-                          " {subnets}, no traffic between sessions)", name=self.name,
-                          bridge=bridge_of(network), subnets=", ".join(network["subnets"]))
+                _log.info("created the network {name} for the {which} (bridge {bridge},"
+                          " {subnets}, no traffic between sessions{route})", name=self.name,
+                          bridge=bridge_of(network), subnets=", ".join(network["subnets"]),
+                          which="fenced sessions" if fenced else "sessions",
+                          route=", no route out" if fenced else "")
         else:
             network = await self._docker.inspect_network(self.name)
             if network is None:
@@ -221,6 +232,13 @@ class SessionNetwork:
                           " cannot start until it exists (docker network create ...)",
                           name=self.name)
                 return
+        if fenced and not network.get("internal"):
+            # Made by someone else, with a route out: fenced sessions would
+            # not be fenced.
+            raise NotFenced(
+                f"the Docker network {self.name} exists but is not internal (it was not"
+                f" created with --internal): fenced sessions would have a route out. Remove"
+                f" it (docker network rm {self.name}) and capsule makes its own")
         self.network = network
         self.ready = True
         bridge = bridge_of(network)
@@ -232,6 +250,10 @@ class SessionNetwork:
         if bridge is None:
             _log.info("sessions run on the {driver} network {name}", driver=network["driver"],
                       name=self.name)
+            return
+        if fenced:
+            # No route out: what it reaches of the host itself is the
+            # INPUT chain's business.
             return
         if network["options"].get("com.docker.network.bridge.enable_icc") != "false":
             _log.warn("the network {name} lets its containers reach each other (it was not"

@@ -68,6 +68,9 @@ class SessionManager:
     @param observers: others told what happens to sessions (recordings).
     @param pool_room: whether the server has room for one more warm session
         beyond a pool's size (see L{WarmPool}); default: always.
+    @param session_environment: callables C{(session_id, profile) -> dict}
+        whose variables are added to each new container's environment (the
+        session door, the egress proxy).
 
     @ivar sessions: the live sessions by id.
     @ivar recovery: finds the sessions of an earlier run (L{Recovery}).
@@ -78,8 +81,10 @@ class SessionManager:
     typed_at = float("-inf")
 
     def __init__(self, docker, clock, config: SessionConfig, *, metrics=None, owners=None,
-                 observers=(), memory=None, direct=None, pool_room=None) -> None:
+                 observers=(), memory=None, direct=None, pool_room=None,
+                 session_environment=()) -> None:
         self._docker = docker
+        self._session_environment = tuple(session_environment)
         # The memory accounting (capsule.core.memory.MemoryBudget): a warm
         # pool refills only while its next session fits.
         self.memory = memory
@@ -562,8 +567,12 @@ class SessionManager:
                              LABEL_VOLUME: "agent"}
         secret = ({SECRET_LABEL: os.urandom(SECRET_BYTES).hex()}
                   if self._direct is not None and has_own_address(spec.network) else {})
+        environment = dict(spec.environment)
+        for hook in self._session_environment:
+            environment.update(hook(session_id, settings))
         return replace(spec, labels={**spec.labels, **self.labels, LABEL_SESSION: session_id,
                                      LABEL_PROFILE: settings.name, **secret},
+                       environment=environment,
                        secrets=self.config.secrets.for_profile(settings), volumes=volumes,
                        volume_labels=volume_labels)
 
