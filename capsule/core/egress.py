@@ -249,9 +249,6 @@ def refused_address(address, allowed: Iterable = (), own: Iterable = ()) -> str 
         why = refused_address(inner, allowed, own)
         if why is not None:
             return why
-    for own_address in own:
-        if address == ipaddress.ip_address(own_address):
-            return "an address of capsule's host"
     for network, what in REFUSED_RANGES:
         if address.version == network.version and address in network:
             return what
@@ -259,6 +256,9 @@ def refused_address(address, allowed: Iterable = (), own: Iterable = ()) -> str 
         return "a local or multicast address"
     if address.version == 4 and address == ipaddress.IPv4Address("255.255.255.255"):
         return "a broadcast address"
+    for own_address in own:
+        if address == ipaddress.ip_address(own_address):
+            return "an address of capsule's host"
     return None
 
 
