@@ -101,7 +101,7 @@ QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
 
 # What --only may select: the measurements whose phase names start so.
 ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors",
-        "pressure", "density")
+        "pressure", "density", "egress")
 
 # The density run's sessions live without a client for its whole length.
 DENSITY_GRACE = 3600.0
@@ -205,6 +205,8 @@ class Bench:
                                  quick if self.args.quick else full)
         if self.selected("pressure"):
             await self.phase("pressure", self.pressure)
+        if self.selected("egress"):
+            await self.phase("egress", self.egress)
         self.load_after = os.getloadavg()
 
     async def pressure(self) -> None:
@@ -223,6 +225,21 @@ class Bench:
         self.results["pressure"] = json.loads(last)
         for line in lines:
             say(line)
+
+    async def egress(self) -> None:
+        """
+        A fetch through the egress proxy against a direct one
+        (``egress.py``, which starts a capsule of its own).
+        """
+        command = [sys.executable, str(Path(__file__).with_name("egress.py")),
+                   "--image", self.image, "--megabytes", "20" if self.args.quick else "100",
+                   "--repeats", str(self.p["repeats"])]
+        done = await deferToThread(subprocess.run, command, capture_output=True, text=True,
+                                   timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"egress.py exited {done.returncode}: {done.stderr[-500:]}")
+        self.results["egress"] = json.loads(done.stdout.strip().splitlines()[-1])
+        say(json.dumps(self.results["egress"]))
 
     async def door(self, script: str, arguments: list[str]) -> None:
         """

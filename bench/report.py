@@ -341,7 +341,7 @@ def report(run: dict) -> str:
                      " engine when the bench started; they compete for the same CPUs.")
     notes += run["notes"]
     text = "\n".join(f"- {n}" for n in notes)
-    if set(r) - {"density", "pressure"} or set(run["failures"]) - {"density", "capsule (density)"}:
+    if set(r) - {"density", "pressure", "egress"} or set(run["failures"]) - {"density", "capsule (density)"}:
         text = table(r, run["failures"], run["p"]) + "\n\n" + text
     for name in ("capsule (density)", "density"):
         if name in run["failures"]:
@@ -365,6 +365,13 @@ def report(run: dict) -> str:
                  f" answering {p['sessions_answering']}/{p['sessions_admitted']}, processes"
                  f" killed by the kernel {p['kernel_oom_kills']}, containers OOMKilled"
                  f" {p['containers_oom_killed']}.")
+    if r.get("egress"):
+        e = r["egress"]
+        text += (f"\n\nEgress proxy (`egress.py`): {e['megabytes']} MB from a local server,"
+                 f" median of {e['repeats']}: direct {e['direct_seconds']} s"
+                 f" ({e['direct_mb_per_s']} MB/s), through the proxy {e['proxied_seconds']} s"
+                 f" ({e['proxied_mb_per_s']} MB/s): {e['proxied_over_direct'] * 100:.0f} % of"
+                 f" direct (target >= 80 %).")
     if r.get("doors"):
         text += ("\n\nWhat a client can make capsule hold through each door, with the caps"
                  " on (each line is the door's script's own JSON: the attack, capsule's"
