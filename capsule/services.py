@@ -637,6 +637,11 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         # No one user (or client) may hold more than a quarter of the
         # Docker threads with its execs and uploads.
         docker_calls_per_caller=max(1, tuning.docker_threads // 4))
+    fenced_profiles = sorted(p.name for p in config.profiles.values() if p.egress.fenced)
+    if fenced_profiles and not config.door_port:
+        _log.warn("--door-port 0: sessions of {profiles} (egress not open) have no way out at"
+                  " all (the egress proxy stands behind the session door)",
+                  profiles=", ".join(fenced_profiles))
     door = None
     if config.door_port:
         sessions_by_address = SessionsByAddress(

@@ -10,7 +10,7 @@ import ipaddress
 from dataclasses import replace
 
 import pytest
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -449,3 +449,39 @@ def test_sessions_are_found_by_their_address():
     Deferred.fromCoroutine(by_address.find("172.30.0.2")).addCallback(found.append)
     clock.advance(1)
     assert found[-1] is None
+
+
+# -- the fenced network --------------------------------------------------------
+
+def test_the_fenced_network_is_made_internal():
+    from capsule.engine.network import FENCED_BRIDGE, FENCED_NETWORK, SessionNetwork
+    docker = FakeDockerAPI()
+    network = SessionNetwork(docker, Clock(), FENCED_NETWORK,
+                             read_rules=lambda: pytest.fail("no firewall check"))
+    Deferred.fromCoroutine(network.ensure())
+    made = docker.networks[FENCED_NETWORK]
+    assert made["internal"] is True
+    assert made["options"]["com.docker.network.bridge.name"] == FENCED_BRIDGE
+    assert made["options"]["com.docker.network.bridge.enable_icc"] == "false"
+    assert network.gateways() == made["gateways"]
+
+
+def test_a_fenced_network_with_a_route_out_is_refused():
+    from capsule.engine.network import FENCED_NETWORK, NotFenced, SessionNetwork
+    docker = FakeDockerAPI()
+    docker.ensure_network(FENCED_NETWORK, {}, {}, internal=False)
+    network = SessionNetwork(docker, Clock(), FENCED_NETWORK)
+    failures = []
+    Deferred.fromCoroutine(network.ensure()).addErrback(failures.append)
+    assert failures[0].check(NotFenced) and "not internal" in str(failures[0].value)
+    assert network.gateways() == []
+
+
+def test_ports_out_of_range_are_bad_targets():
+    _, _, _, upstreams, factory, _ = make_door(profile("open"))
+    for line in (b"CONNECT pypi.org:0 HTTP/1.1", b"CONNECT pypi.org:70000 HTTP/1.1",
+                 b"GET http://pypi.org:0/ HTTP/1.1"):
+        protocol, transport = connect(factory)
+        protocol.dataReceived(line + b"\r\n\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 400"), line
+    assert upstreams.made == []

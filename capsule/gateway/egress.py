@@ -422,14 +422,16 @@ class DoorConnection(Protocol):
                                      400) from None
         if self._kind == "connect":
             host, sep, port = text.rpartition(":")
-            if not sep or not port.isdigit() or not host:
+            if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
                 raise self.proxy._refuse("bad_target", f"capsule: CONNECT needs host:port, got"
                                          f" {text[:100]!r}", 400)
             return host.strip("[]"), int(port), b""
         try:
             parts = urlsplit(text)
-            host, port = parts.hostname, parts.port or 80
+            host, port = parts.hostname, 80 if parts.port is None else parts.port
         except ValueError:
+            host = None
+        if host is not None and not 0 < port < 65536:
             host = None
         if not host or parts.username is not None or parts.password is not None:
             raise self.proxy._refuse("bad_target", f"capsule: not a URL the proxy follows:"
