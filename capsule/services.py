@@ -30,7 +30,7 @@ from capsule.engine.docker import DockerAPI
 from capsule.engine.keeper_direct import DirectKeeper
 from capsule.engine.network import FENCED_NETWORK, NotFenced, SessionNetwork
 from capsule.gateway.door import DoorRoot, SessionDoor
-from capsule.gateway.egress import DoorFactory, EgressProxy, proxy_environment
+from capsule.gateway.egress import DoorFactory, EgressLimits, EgressProxy, proxy_environment
 from capsule.sessions.by_address import SessionsByAddress
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
@@ -564,7 +564,9 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     direct = DirectKeeper(reactor, docker) if config.keeper and tuning.keeper_direct else None
     # The egress proxy behind the session door: fenced sessions' one way out.
     egress = EgressProxy(reactor, allowed=config.egress_allow_addresses,
-                         ports=config.egress_ports, metrics=metrics)
+                         ports=config.egress_ports, metrics=metrics,
+                         limits=EgressLimits(tunnels=tuning.egress_tunnels,
+                                             idle_timeout=tuning.egress_idle_timeout))
     network = SessionNetwork(docker, reactor, config.spec.network)
     fenced = None
     if any(p.spec.network == FENCED_NETWORK for p in config.profiles.values()):
