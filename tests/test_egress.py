@@ -167,6 +167,15 @@ class FakeSession:
     def __init__(self, settings, session_id="s1"):
         self.id = session_id
         self.settings = settings
+        self.client = NoticedClient()
+
+
+class NoticedClient:
+    def __init__(self):
+        self.notices = []
+
+    def session_notice(self, code, message):
+        self.notices.append((code, message))
 
 
 class FakeSite:
@@ -223,6 +232,7 @@ def make_door(settings, names=None, limits=EgressLimits(), session="s1", **optio
     site = FakeSite()
     sessions = {} if session is None else {"s1": FakeSession(settings, session)}
     factory = DoorFactory(proxy, site, lambda transport: sessions.get("s1"))
+    factory.session = sessions.get("s1")
     return clock, proxy, site, upstreams, factory, metrics
 
 
@@ -280,6 +290,12 @@ def test_a_refused_host_is_told_with_the_setting_that_allows_it():
     assert proxy.refusals == {"s1": 1}
     assert metrics.registry.get_sample_value("capsule_egress_refusals_total",
                                              {"reason": "policy"}) == 1
+    # The terminal is told too, at the log's rate (once a minute per kind).
+    [(code, message)] = factory.session.client.notices
+    assert code == "egress_refused" and message.startswith("capsule: egress to example.com")
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n")
+    assert proxy.refusals == {"s1": 2} and len(factory.session.client.notices) == 1
 
 
 def test_none_refuses_everything():

@@ -221,16 +221,27 @@ class EgressProxy(SessionObserver):
                                    f" --egress-allow-address {address})")
         return addresses
 
-    def refused(self, session_id: str, profile: str, error: EgressRefused) -> None:
+    def refused(self, session, error: EgressRefused) -> None:
         """
-        Count and log (at a bounded rate) a refusal.
+        Count and log (at a bounded rate) a refusal; with the log line, the
+        session's client (if one is attached) is told it as a notice,
+        which its terminal shows: a tool's own error ("403 Forbidden")
+        seldom says why.
         """
+        session_id, profile = session.id, session.settings.name
         self.refusals[session_id] = self.refusals.get(session_id, 0) + 1
         if self.metrics is not None:
             self.metrics.egress_refused(error.reason)
-        self._log.warn(self.reactor.seconds(), session_id, "egress-" + error.reason,
-                       "session {session_id} (profile {profile}): {message}",
-                       profile=profile, message=error.message)
+        logged = self._log.warn(self.reactor.seconds(), session_id, "egress-" + error.reason,
+                                "session {session_id} (profile {profile}): {message}",
+                                profile=profile, message=error.message)
+        client = getattr(session, "client", None)
+        if logged and client is not None:
+            try:
+                client.session_notice("egress_refused", error.message)
+            except Exception:
+                _log.failure("telling session {session_id} of a refusal failed",
+                             session_id=session_id[:8])
 
     def session_ended(self, session) -> None:
         """
@@ -471,7 +482,7 @@ class DoorConnection(Protocol):
             addresses = await self.proxy.check(profile, host, port)
         except EgressRefused as e:
             if e.reason not in ("bad_target", "tunnels"):
-                self.proxy.refused(session.id, profile.name, e)
+                self.proxy.refused(session, e)
             self._answer(getattr(e, "status", 403), e.reason, e.message)
             return
         if self._done:

@@ -104,6 +104,8 @@ async def test_a_fenced_session_reaches_its_list_and_nothing_else(make_server, t
     out = await client.run("curl -sS --max-time 20 http://example.com/")
     assert ("capsule: egress to example.com refused: profile web allows only its egress list;"
             " add example.com to egress in the profiles file") in out
+    notice = await client.next("notice")
+    assert notice["code"] == "egress_refused" and "example.com" in notice["message"]
     out = await client.run("curl -sv --max-time 20 https://example.com/ 2>&1 | tr -d '\\r'")
     assert "403" in out and "X-Capsule-Egress: capsule: egress to example.com refused" in out
 
