@@ -200,6 +200,13 @@ class Recording(Protocol):
         self.lost = True
 
 
+class HalfTransport(StringTransport):
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
 class Upstreams:
     """
     Connections the proxy makes: each gets a StringTransport.
@@ -210,7 +217,7 @@ class Upstreams:
 
     def __call__(self, address, port, factory):
         protocol = factory.buildProtocol(None)
-        transport = StringTransport()
+        transport = HalfTransport()
         protocol.makeConnection(transport)
         self.made.append((address, port, protocol, transport))
         return succeed(protocol)
@@ -238,7 +245,7 @@ def make_door(settings, names=None, limits=EgressLimits(), session="s1", **optio
 
 def connect(factory):
     protocol = factory.buildProtocol(None)
-    transport = StringTransport()
+    transport = HalfTransport()
     protocol.makeConnection(transport)
     return protocol, transport
 
@@ -501,3 +508,26 @@ def test_ports_out_of_range_are_bad_targets():
         protocol.dataReceived(line + b"\r\n\r\n")
         assert transport.value().startswith(b"HTTP/1.1 400"), line
     assert upstreams.made == []
+
+
+def test_a_tunnel_carries_a_half_close_either_way():
+    _, _, _, upstreams, factory, _ = make_door(profile(["pypi.org"]))
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n")
+    [(_, _, upstream, upstream_transport)] = upstreams.made
+    # The session shuts its sending side: the upstream hears it, and still answers.
+    protocol.readConnectionLost()
+    assert upstream_transport.write_closed and not upstream_transport.disconnecting
+    upstream.dataReceived(b"answer")
+    assert transport.value().endswith(b"answer") and not transport.disconnecting
+    # Then the upstream ends: both go.
+    upstream.readConnectionLost()
+    assert transport.disconnecting and upstream_transport.disconnecting
+
+
+def test_head_ends_at_its_first_blank_line():
+    _, _, _, upstreams, factory, _ = make_door(profile(["pypi.org"]))
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"CONNECT pypi.org:443 HTTP/1.1\n\nearly\r\n\r\n")
+    [(_, _, _, upstream_transport)] = upstreams.made
+    assert upstream_transport.value() == b"early\r\n\r\n"

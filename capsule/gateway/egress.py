@@ -42,11 +42,12 @@ from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from capsule.core.egress import (DEFAULT_PORTS, OPEN, EgressRefused, normalise_host,
                                  refused_address)
@@ -281,9 +282,18 @@ class DoorFactory(Factory):
         return protocol
 
 
+@implementer(IHalfCloseableProtocol)
 class _Upstream(Protocol):
     def __init__(self, door: "DoorConnection") -> None:
         self.door = door
+
+    def readConnectionLost(self) -> None:
+        # The upstream has said all it will: the session hears the end of
+        # it, and may still send.
+        self.door.upstream_finished()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def connectionMade(self) -> None:
         if ITCPTransport.providedBy(self.transport):
@@ -304,16 +314,31 @@ class _UpstreamFactory(Factory):
         return _Upstream(self.door)
 
 
+def _shut_write(transport) -> None:
+    """
+    Close the sending side of C{transport} (all of it, for one that cannot
+    close half).
+    """
+    shut = getattr(transport, "loseWriteConnection", None)
+    if shut is None:
+        transport.loseConnection()
+    else:
+        shut()
+
+
 _HEAD_END = (b"\r\n\r\n", b"\n\n")
 _HOP_BY_HOP = frozenset((b"connection", b"proxy-connection", b"keep-alive",
                          b"proxy-authorization", b"proxy-authenticate", b"te", b"trailer",
                          b"upgrade"))
 
 
+@implementer(IHalfCloseableProtocol)
 class DoorConnection(Protocol):
     """
     One connection to the door: read its first line, then proxy it or hand
-    it to the site (see the module's text).
+    it to the site (see the module's text).  A tunnel carries a half-close
+    either way (a client that shuts its sending side still reads the
+    answer).
     """
 
     def __init__(self, proxy: EgressProxy, site, identify, addr) -> None:
@@ -334,6 +359,9 @@ class DoorConnection(Protocol):
     # -- reading the head --------------------------------------------------
 
     def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            # A keystroke through a tunnel (ssh over CONNECT) must not wait.
+            self.transport.setTcpNoDelay(True)
         self._timer = self.proxy.reactor.callLater(self.proxy.limits.head_timeout,
                                                    self._head_timed_out)
 
@@ -377,12 +405,12 @@ class DoorConnection(Protocol):
             self._answer(400, "early", "capsule: too many bytes before the connection is up")
             return
         if self._head is None:
-            for marker in _HEAD_END:
-                at = self._buffer.find(marker)
-                if at >= 0:
-                    self._head = self._buffer[:at]
-                    self._buffer = self._buffer[at + len(marker):]
-                    break
+            found = [(at, len(marker)) for marker in _HEAD_END
+                     if (at := self._buffer.find(marker)) >= 0]
+            if found:
+                at, size = min(found)
+                self._head = self._buffer[:at]
+                self._buffer = self._buffer[at + size:]
             else:
                 if len(self._buffer) > self.proxy.limits.header:
                     self._answer(431, "header", "capsule: the request's head is longer than"
@@ -546,6 +574,39 @@ class DoorConnection(Protocol):
     def upstream_data(self, data: bytes) -> None:
         self._active = True
         self.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        if self._next is not None:
+            if IHalfCloseableProtocol.providedBy(self._next):
+                self._next.readConnectionLost()
+            else:
+                self.transport.loseConnection()
+            return
+        if self._upstream is not None:
+            if not self._client_finished:
+                self._client_finished = True
+                if self._upstream_finished:
+                    self._close()
+                else:
+                    _shut_write(self._upstream.transport)
+            return
+        # Before its tunnel: nothing more will come.
+        self._close()
+
+    def writeConnectionLost(self) -> None:
+        if self._next is not None and IHalfCloseableProtocol.providedBy(self._next):
+            self._next.writeConnectionLost()
+
+    _client_finished = False
+    _upstream_finished = False
+
+    def upstream_finished(self) -> None:
+        if self._upstream is not None and not self._upstream_finished:
+            self._upstream_finished = True
+            if self._client_finished:
+                self._close()
+            else:
+                _shut_write(self.transport)
 
     def upstream_lost(self) -> None:
         if self._upstream is not None:
