@@ -455,7 +455,6 @@ def test_sessions_are_found_by_their_address():
     manager = FakeManager([session])
     by_address = SessionsByAddress(manager, docker, clock, lambda: ["capsule-fenced"])
     found = []
-    from twisted.internet.defer import Deferred
     Deferred.fromCoroutine(by_address.find("172.30.0.2")).addCallback(found.append)
     assert found == [session]
     # An unknown address is looked for again, at most every REFRESH_EVERY.
@@ -531,3 +530,23 @@ def test_head_ends_at_its_first_blank_line():
     protocol.dataReceived(b"CONNECT pypi.org:443 HTTP/1.1\n\nearly\r\n\r\n")
     [(_, _, _, upstream_transport)] = upstreams.made
     assert upstream_transport.value() == b"early\r\n\r\n"
+
+
+def test_a_request_then_a_half_close_still_gets_its_answer():
+    _, _, _, _, factory, _ = make_door(profile(["pypi.org"]))
+    protocol, transport = connect(factory)
+    # The connection to the upstream is made later than the half-close.
+    pending = []
+    waiting = Deferred()
+    factory.proxy.connect = lambda address, port, f: (pending.append(f), waiting)[1]
+    protocol.dataReceived(b"GET http://pypi.org/ HTTP/1.0\r\n\r\n")
+    protocol.readConnectionLost()
+    assert not transport.disconnecting
+    upstream = pending[0].buildProtocol(None)
+    upstream_transport = HalfTransport()
+    upstream.makeConnection(upstream_transport)
+    waiting.callback(upstream)
+    assert upstream_transport.value().startswith(b"GET / HTTP/1.0")
+    assert upstream_transport.write_closed
+    upstream.dataReceived(b"HTTP/1.0 200 OK\r\n\r\nok")
+    assert transport.value().endswith(b"ok")

@@ -157,7 +157,7 @@ class EgressProxy(SessionObserver):
         self.own = frozenset(host_addresses() if own is None else own)
         self.metrics = metrics
         self.limits = limits
-        self._connect = connect or self._tcp_connect
+        self.connect = connect or self._tcp_connect
         self._log = RateLimitedLog(_log)
         # Per session id: connections held through the proxy, refusals.
         self.tunnels: dict[str, int] = {}
@@ -168,7 +168,7 @@ class EgressProxy(SessionObserver):
         return endpoint(self.reactor, address, port,
                         timeout=self.limits.connect_timeout).connect(factory)
 
-    def _refuse(self, reason: str, message: str, status: int = 403) -> EgressRefused:
+    def refuse(self, reason: str, message: str, status: int = 403) -> EgressRefused:
         error = EgressRefused(reason, message)
         error.status = status
         return error
@@ -186,18 +186,18 @@ class EgressProxy(SessionObserver):
         try:
             host = normalise_host(host)
         except (TypeError, ValueError):
-            raise self._refuse("bad_host", f"capsule: egress refused: {host[:100]!r} is not a"
+            raise self.refuse("bad_host", f"capsule: egress refused: {host[:100]!r} is not a"
                                f" host name", 400) from None
         if not policy.allows(host):
             if policy.mode == "none":
-                raise self._refuse("policy", f"capsule: egress to {host} refused: profile"
+                raise self.refuse("policy", f"capsule: egress to {host} refused: profile"
                                    f" {name} allows no egress (egress = \"none\"); give it"
                                    f" an egress list naming {host} in the profiles file")
-            raise self._refuse("policy", f"capsule: egress to {host} refused: profile {name}"
+            raise self.refuse("policy", f"capsule: egress to {host} refused: profile {name}"
                                f" allows only its egress list; add {host} to egress in the"
                                f" profiles file ([profiles.{name}] egress = [..., \"{host}\"])")
         if policy.mode != OPEN and port not in self.ports:
-            raise self._refuse("port", f"capsule: egress to {host} port {port} refused: fenced"
+            raise self.refuse("port", f"capsule: egress to {host} port {port} refused: fenced"
                                f" sessions reach ports {', '.join(map(str, sorted(self.ports)))}"
                                f" only (an operator adds one with --egress-port {port})")
         try:
@@ -206,17 +206,17 @@ class EgressProxy(SessionObserver):
             try:
                 addresses = await self._resolve(host, port)
             except Exception as e:
-                raise self._refuse("unresolved", f"capsule: egress to {host} failed: the name"
+                raise self.refuse("unresolved", f"capsule: egress to {host} failed: the name"
                                    f" does not resolve ({str(e)[:100] or type(e).__name__})",
                                    502) from None
             if not addresses:
-                raise self._refuse("unresolved", f"capsule: egress to {host} failed: the name"
+                raise self.refuse("unresolved", f"capsule: egress to {host} failed: the name"
                                    f" does not resolve", 502)
         for address in addresses:
             why = refused_address(address, self.allowed, self.own)
             if why is not None:
                 shown = host if host == address else f"{host} ({address})"
-                raise self._refuse("address", f"capsule: egress to {shown} refused: {address} is"
+                raise self.refuse("address", f"capsule: egress to {shown} refused: {address} is"
                                    f" {why}, never reachable from a session whatever its"
                                    f" profile allows (an operator may allow it with"
                                    f" --egress-allow-address {address})")
@@ -354,7 +354,6 @@ class DoorConnection(Protocol):
         self._active = False
         self._done = False
         self._session_id: str | None = None
-        self._target = ""
 
     # -- reading the head --------------------------------------------------
 
@@ -457,12 +456,12 @@ class DoorConnection(Protocol):
         try:
             text = target.decode("ascii")
         except UnicodeDecodeError:
-            raise self.proxy._refuse("bad_target", "capsule: the request's target is not ASCII",
+            raise self.proxy.refuse("bad_target", "capsule: the request's target is not ASCII",
                                      400) from None
         if self._kind == "connect":
             host, sep, port = text.rpartition(":")
             if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
-                raise self.proxy._refuse("bad_target", f"capsule: CONNECT needs host:port, got"
+                raise self.proxy.refuse("bad_target", f"capsule: CONNECT needs host:port, got"
                                          f" {text[:100]!r}", 400)
             return host.strip("[]"), int(port), b""
         try:
@@ -473,7 +472,7 @@ class DoorConnection(Protocol):
         if host is not None and not 0 < port < 65536:
             host = None
         if not host or parts.username is not None or parts.password is not None:
-            raise self.proxy._refuse("bad_target", f"capsule: not a URL the proxy follows:"
+            raise self.proxy.refuse("bad_target", f"capsule: not a URL the proxy follows:"
                                      f" {text[:100]!r}", 400)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         out = [method + b" " + path.encode("ascii") + b" " + version]
@@ -501,10 +500,9 @@ class DoorConnection(Protocol):
         self._session_id = session.id
         try:
             host, port, first = self._target_of()
-            self._target = f"{host}:{port}"
             held = self.proxy.tunnels.get(session.id, 0)
             if held >= self.proxy.limits.tunnels:
-                raise self.proxy._refuse("tunnels", "capsule: egress refused: this session holds"
+                raise self.proxy.refuse("tunnels", "capsule: egress refused: this session holds"
                                          f" {held} connections through the proxy, the most"
                                          " it may", 429)
             addresses = await self.proxy.check(profile, host, port)
@@ -520,7 +518,7 @@ class DoorConnection(Protocol):
         error = None
         for address in addresses:
             try:
-                upstream = await self.proxy._connect(address, port, _UpstreamFactory(self))
+                upstream = await self.proxy.connect(address, port, _UpstreamFactory(self))
                 break
             except Exception as e:
                 error = e
@@ -539,6 +537,8 @@ class DoorConnection(Protocol):
         early, self._buffer = first + self._buffer, b""
         if early:
             upstream.transport.write(early)
+        if self._client_finished:
+            _shut_write(upstream.transport)
         # Each side reads only while the other takes what it sends (at most
         # Twisted's 64 KiB a read and a buffer of about as much: larger ones
         # measured slower).
@@ -590,7 +590,12 @@ class DoorConnection(Protocol):
                 else:
                     _shut_write(self._upstream.transport)
             return
-        # Before its tunnel: nothing more will come.
+        if self._head is not None and not self._done:
+            # Its request is whole and its tunnel is being made: the
+            # upstream hears the end once it is connected.
+            self._client_finished = True
+            return
+        # A request never finished: nothing more will come.
         self._close()
 
     def writeConnectionLost(self) -> None:
