@@ -41,6 +41,12 @@ measures, in one run:
    create+start+exec, plain exec, the same many at once, and the raw exec
    stream's throughput and echo (read through capsule's own exec-start
    upgrade, ``capsule.engine.exec_process.ExecStreamProtocol``).
+10. keeper channels (``channels.py``): a session's keeper stream carrying a
+   TCP connection against TCP to a container's address, and the terminal's
+   echo during a bulk channel.
+11. the Anthropic credential gateway (``gateway.py``): the time to the first
+   event of a streamed answer through it against the fake upstream alone,
+   and a large streamed answer's throughput both ways.
 
 Each capsule figure is measured in turn with its floor, so that a change in
 the machine's load hits both alike.  ``--capsule-arg`` passes options to every
@@ -101,7 +107,7 @@ QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
 
 # What --only may select: the measurements whose phase names start so.
 ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors",
-        "pressure", "density", "egress")
+        "pressure", "density", "channels", "gateway", "egress")
 
 # The density run's sessions live without a client for its whole length.
 DENSITY_GRACE = 3600.0
@@ -205,6 +211,10 @@ class Bench:
                                  quick if self.args.quick else full)
         if self.selected("pressure"):
             await self.phase("pressure", self.pressure)
+        if self.selected("channels"):
+            await self.phase("channels", self.channels)
+        if self.selected("gateway"):
+            await self.phase("gateway", self.gateway)
         if self.selected("egress"):
             await self.phase("egress", self.egress)
         self.load_after = os.getloadavg()
@@ -240,6 +250,38 @@ class Bench:
             raise RuntimeError(f"egress.py exited {done.returncode}: {done.stderr[-500:]}")
         self.results["egress"] = json.loads(done.stdout.strip().splitlines()[-1])
         say(json.dumps(self.results["egress"]))
+
+    async def channels(self) -> None:
+        """
+        Keeper channels against TCP to a container's address
+        (``channels.py``, in a process of its own): its JSON goes into the
+        report.
+        """
+        command = [sys.executable, str(Path(__file__).with_name("channels.py")),
+                   "--image", self.image, "--megabytes", "20" if self.args.quick else "50",
+                   "--repeats", "2" if self.args.quick else "3"]
+        done = await deferToThread(subprocess.run, command, capture_output=True, text=True,
+                                   timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"channels.py exited {done.returncode}: {done.stderr[-500:]}")
+        self.results["channels"] = json.loads(done.stdout.strip().splitlines()[-1])
+        say(done.stderr.strip())
+    async def gateway(self) -> None:
+        """
+        What the Anthropic credential gateway adds to a streamed answer
+        (``gateway.py``, which starts capsules of its own): its figures go
+        into the report.
+        """
+        command = [sys.executable, str(Path(__file__).with_name("gateway.py")),
+                   "--image", self.image, "--requests", "50" if self.args.quick else "200"]
+        done = await deferToThread(subprocess.run, command, capture_output=True, text=True,
+                                   timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"gateway.py exited {done.returncode}: {done.stderr[-500:]}")
+        *lines, last = done.stdout.strip().splitlines()
+        self.results["gateway"] = json.loads(last)["gateway"]
+        for line in lines:
+            say(line)
 
     async def door(self, script: str, arguments: list[str]) -> None:
         """

@@ -98,10 +98,7 @@ def measure(shares: int, args, workdir: Path) -> dict:
     finally:
         for term in burners:
             term.drop()
-        try:
-            server.stop()
-        finally:
-            server.remove_containers()
+        server.finish()
 
 
 def report(results: dict, args) -> str:

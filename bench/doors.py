@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import socket
 import sys
 import tempfile
@@ -98,11 +97,7 @@ def exec_door(clients: int, write_timeout: float, image: str, users: bool) -> di
             "seconds": round(time.monotonic() - started, 1)})
         return result
     finally:
-        try:
-            server.stop()
-        finally:
-            server.remove_containers()
-            shutil.rmtree(workdir, ignore_errors=True)
+        server.finish(workdir)
 
 
 def spooled_bytes(pid: int) -> int:
@@ -190,11 +185,7 @@ def upload_door(clients: int, image: str, send_mib: int = 96, spool_mib: int = 2
     finally:
         for sock in sockets:
             sock.close()
-        try:
-            server.stop()
-        finally:
-            server.remove_containers()
-            shutil.rmtree(workdir, ignore_errors=True)
+        server.finish(workdir)
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -178,11 +177,7 @@ def pressure(image: str, real_gib: float, each_mib: int, most: int) -> dict:
         })
         return result
     finally:
-        try:
-            server.stop()
-        finally:
-            server.remove_containers()
-            shutil.rmtree(workdir, ignore_errors=True)
+        server.finish(workdir)
 
 
 def main() -> None:

@@ -341,7 +341,8 @@ def report(run: dict) -> str:
                      " engine when the bench started; they compete for the same CPUs.")
     notes += run["notes"]
     text = "\n".join(f"- {n}" for n in notes)
-    if set(r) - {"density", "pressure", "egress"} or set(run["failures"]) - {"density", "capsule (density)"}:
+    if set(r) - {"density", "pressure", "channels", "gateway", "egress"} or \
+            set(run["failures"]) - {"density", "capsule (density)", "gateway"}:
         text = table(r, run["failures"], run["p"]) + "\n\n" + text
     for name in ("capsule (density)", "density"):
         if name in run["failures"]:
@@ -365,6 +366,28 @@ def report(run: dict) -> str:
                  f" answering {p['sessions_answering']}/{p['sessions_admitted']}, processes"
                  f" killed by the kernel {p['kernel_oom_kills']}, containers OOMKilled"
                  f" {p['containers_oom_killed']}.")
+    if r.get("channels"):
+        c = r["channels"]
+        text += (f"\n\nKeeper channels (`channels.py`, {c['megabytes']} MB, medians of"
+                 f" {c['repeats']}): download {c['channel_download_mb_s']} MB/s and echo"
+                 f" {c['channel_echo_mb_s']} MB/s through a session's keeper stream, against"
+                 f" {c['tcp_download_mb_s']} and {c['tcp_echo_mb_s']} MB/s over TCP to a"
+                 f" container's address; the terminal's echo {c['echo_quiet_ms']} ms quiet,"
+                 f" {c['echo_during_bulk_ms']} ms during a bulk channel (which kept"
+                 f" {c['bulk_during_echo_mb_s']} MB/s).")
+    if r.get("gateway"):
+        g = r["gateway"]
+        first, stream = g.get("first_event_ms") or {}, g.get("stream_mib_per_s") or {}
+        if first:
+            text += (f"\n\nThe Anthropic gateway (`gateway.py`): the first event of a streamed"
+                     f" answer over {first['requests']} requests, through the gateway p50"
+                     f" {first['gateway_p50']:.2f} ms, p99 {first['gateway_p99']:.2f} ms; the"
+                     f" fake upstream alone p50 {first['direct_p50']:.2f} ms, p99"
+                     f" {first['direct_p99']:.2f} ms: added p50 {first['added_p50']:.2f} ms"
+                     f" (target <= 2 ms).")
+        if stream:
+            text += (f" A streamed answer of {stream['mib']} MiB: {stream['gateway']:.0f} MiB/s"
+                     f" through the gateway, {stream['direct']:.0f} MiB/s from the fake alone.")
     if r.get("egress"):
         e = r["egress"]
         text += (f"\n\nEgress proxy (`egress.py`): {e['megabytes']} MB from a local server,"

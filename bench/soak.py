@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -90,11 +89,7 @@ def soak(cycles: int, max_seconds: float, pool: int, image: str) -> dict:
         )
         return result
     finally:
-        try:
-            server.stop()
-        finally:
-            server.remove_containers()
-            shutil.rmtree(workdir, ignore_errors=True)
+        server.finish(workdir)
 
 
 def main() -> int:

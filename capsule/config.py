@@ -102,10 +102,18 @@ class CapsuleConfig:
     # The session door's port (capsule.gateway.door) on the host side of
     # each session network; 0: no door.
     door_port: int = 3180
-    # What the egress proxy may reach beyond a profile's policy: addresses
-    # it otherwise refuses (--egress-allow-address), and the ports fenced
-    # sessions reach (80, 443 and --egress-port).
-    egress_allow_addresses: tuple = ()
+    # Who fences the session networks (capsule.engine.firewall): auto,
+    # manage or off.
+    firewall: str = "auto"
+    # Addresses (CIDRs) sessions may reach although link-local, private or
+    # the host's: let through by the firewall and the egress proxy.
+    egress_allow_addresses: tuple[str, ...] = ()
+    # The credential gateway's upstream for Anthropic's API, and the tokens
+    # one user may use through it per UTC day (None: no budget).
+    anthropic_upstream: str = "https://api.anthropic.com"
+    anthropic_budget: int | None = None
+    # The ports fenced sessions reach through the egress proxy (80, 443
+    # and --egress-port).
     egress_ports: tuple[int, ...] = (80, 443)
 
     tuning: Tuning = Tuning()

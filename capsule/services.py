@@ -17,20 +17,25 @@ from twisted.internet.defer import (CancelledError, Deferred, DeferredList, mayb
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
-from twisted.web.server import Site
 
 from capsule.auth.checkers import AuthThreadPool
 from capsule.auth.gate import Authenticator
 from capsule.config import CapsuleConfig
 from capsule.core.addresses import overlapping
-from capsule.core.admission import AdmissionControl, AdmissionPolicy
+from capsule.core.admission import AdmissionControl, AdmissionPolicy, parse_network
 from capsule.core.memory import MemoryBudget
+from capsule.core.profiles import DEFAULT_PROFILE
 from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
 from capsule.engine.keeper_direct import DirectKeeper
+from capsule.engine.firewall import Firewall
 from capsule.engine.network import FENCED_NETWORK, NotFenced, SessionNetwork
-from capsule.gateway.door import DoorRoot, SessionDoor
+from capsule.gateway.anthropic import AnthropicGateway, GatewayLimits
+from capsule.gateway.credentials import Keys, PlaceholderStore, load_key
+from capsule.gateway.door import SessionDoor
 from capsule.gateway.egress import DoorFactory, EgressLimits, EgressProxy, proxy_environment
+from capsule.gateway.site import SessionEnvironment, make_gateway_site
+from capsule.gateway.usage import Usage, UsageCollector
 from capsule.sessions.by_address import SessionsByAddress
 from capsule.ops.logformat import json_observer
 from capsule.ops.metrics import Metrics
@@ -170,6 +175,11 @@ class SessionService(Service):
             try:
                 if self.network is not None:
                     await self.network.ensure()
+                    problem = self.network.refusal or self._proxies_hold_sessions()
+                    if problem is not None:
+                        if self._refuse is not None:
+                            self._refuse(problem)
+                        return
                     if self._door is not None:
                         await self._door.listen(self.network.gateways())
                 if self.fenced is not None:
@@ -179,14 +189,12 @@ class SessionService(Service):
                         if self._refuse is not None:
                             self._refuse(str(e))
                         return
+                    if self.fenced.refusal is not None:
+                        if self._refuse is not None:
+                            self._refuse(self.fenced.refusal)
+                        return
                     if self._door is not None:
                         await self._door.listen(self.fenced.gateways())
-                if self.network is not None:
-                    problem = self._proxies_hold_sessions()
-                    if problem is not None:
-                        if self._refuse is not None:
-                            self._refuse(problem)
-                        return
                 count = await recovery.recover()
             except CapsuleError as e:
                 if not warned:
@@ -562,30 +570,45 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     # The metrics, the owners' file, the recorder and the spectators observe
     # the sessions.
     direct = DirectKeeper(reactor, docker) if config.keeper and tuning.keeper_direct else None
+    firewall = Firewall(reactor, config.firewall, door_port=config.door_port,
+                        allowed=config.egress_allow_addresses)
+    network = SessionNetwork(docker, reactor, config.spec.network, firewall=firewall)
+    # The fenced sessions' network (a profile's egress is not open): no route
+    # out; the firewall fences what it reaches of the host but the door.
+    fenced = None
+    if any(p.spec.network == FENCED_NETWORK for p in config.profiles.values()):
+        fenced = SessionNetwork(docker, reactor, FENCED_NETWORK, firewall=firewall)
     # The egress proxy behind the session door: fenced sessions' one way out.
-    egress = EgressProxy(reactor, allowed=config.egress_allow_addresses,
+    egress = EgressProxy(reactor, allowed=[parse_network(a)
+                                           for a in config.egress_allow_addresses],
                          ports=config.egress_ports, metrics=metrics,
                          limits=EgressLimits(tunnels=tuning.egress_tunnels,
                                              idle_timeout=tuning.egress_idle_timeout))
-    network = SessionNetwork(docker, reactor, config.spec.network)
-    fenced = None
-    if any(p.spec.network == FENCED_NETWORK for p in config.profiles.values()):
-        fenced = SessionNetwork(docker, reactor, FENCED_NETWORK)
-
-    def door_host(profile):
-        if profile.spec.network == "none":
-            return "127.0.0.1"
-        on = fenced if profile.spec.network == FENCED_NETWORK else network
-        gateways = [] if on is None else on.gateways()
-        return gateways[0] if gateways else None
+    # The credential gateway: placeholders in sessions, the keys kept here.
+    keys = Keys.from_secrets(config.secrets.values)
+    placeholders = PlaceholderStore(
+        lambda: load_key(config.state_dir or default_state_dir(), config.instance),
+        lambda: manager.sessions)
+    usage = Usage(reactor, config.anthropic_budget)
+    metrics.registry.register(UsageCollector(usage))
+    # The session door: on the session networks' gateways, and over the
+    # keeper's channels for sessions without a network (the manager's); the
+    # gateway and the egress proxy behind it are made once the manager is.
+    door = None
+    if config.door_port:
+        door = SessionDoor(reactor, config.door_port, factory_of=lambda: door_factory)
+    environment = SessionEnvironment(config.door_port,
+                                     [n for n in (network, fenced) if n is not None],
+                                     placeholders, keys)
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
                              owners=owners,
-                             observers=[o for o in (recorder, spectators, egress)
-                                        if o is not None],
+                             observers=[o for o in (recorder, spectators, placeholders, usage,
+                                                    egress) if o is not None],
                              memory=memory, direct=direct,
-                             pool_room=lambda: warm_room(memory, manager),
-                             session_environment=[proxy_environment(door_host,
-                                                                    config.door_port)])
+                             pool_room=lambda: warm_room(memory, manager), door=door,
+                             session_environment=[
+                                 environment,
+                                 proxy_environment(environment.door_host, config.door_port)])
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
@@ -604,17 +627,20 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
             public_url=config.public_url, run_blocking=auth_threads.run)
     admission = AdmissionControl(manager, reactor, AdmissionPolicy(
         max_sessions=config.max_sessions, max_per_client=config.max_sessions_per_client,
-        rate=config.session_rate, max_per_user=config.max_sessions_per_user),
+        rate=config.session_rate, max_per_user=config.max_sessions_per_user,
+        max_removing=tuning.max_removing),
         trusted_proxies=list(config.trusted_proxies), memory=memory)
     site = make_site(
         manager, docker, reactor, config.www, admission=admission, spectators=spectators,
         watch_backlog=tuning.watch_backlog,
         drain=Drain(manager, reactor), metrics=metrics, authenticator=authenticator,
+        firewall=firewall,
         client_address=addresses,
         # A new session's container is asked for as its WebSocket opens,
         # unless start-at-first-frame.
         start_at_open=not tuning.start_at_first_frame,
         metrics_token=config.metrics_token, admin_token=config.admin_token,
+        admin_usage=usage.describe,
         admin_users=list(config.admin_users),
         # With users, loopback is everyone on the machine: not admin unless said.
         admin_loopback=config.admin_loopback or not config.users,
@@ -644,15 +670,24 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         _log.warn("--door-port 0: sessions of {profiles} (egress not open) have no way out at"
                   " all (the egress proxy stands behind the session door)",
                   profiles=", ".join(fenced_profiles))
-    door = None
-    if config.door_port:
-        sessions_by_address = SessionsByAddress(
-            manager, docker, reactor, lambda: [n.name for n in (network, fenced)
-                                               if n is not None and n.network is not None])
-        door = SessionDoor(reactor, config.door_port, DoorFactory(
-            egress, Site(DoorRoot()),
-            lambda transport: Deferred.fromCoroutine(
-                sessions_by_address.find(transport.getPeer().host))))
+    anthropic = AnthropicGateway(
+        reactor, placeholders, keys, manager.sessions, usage,
+        upstream=config.anthropic_upstream,
+        limits=GatewayLimits(per_session=tuning.anthropic_requests_per_session,
+                             body_bytes=tuning.anthropic_body_bytes,
+                             connect_timeout=tuning.anthropic_connect_timeout,
+                             answer_timeout=tuning.anthropic_answer_timeout,
+                             idle_timeout=tuning.anthropic_idle_timeout),
+        profile_of=lambda session: session.settings or manager.profiles[DEFAULT_PROFILE])
+    gateway_site = make_gateway_site(anthropic, reactor)
+    # Who a connection to the door is: the session whose container has its
+    # source address (a session without a network is known by its keeper's
+    # channel instead: capsule.sessions.manager).
+    sessions_by_address = SessionsByAddress(
+        manager, docker, reactor, lambda: [n.name for n in (network, fenced)
+                                           if n is not None and n.network is not None])
+    door_factory = DoorFactory(egress, gateway_site, lambda transport: Deferred.fromCoroutine(
+        sessions_by_address.find(transport.getPeer().host)))
     sessions = SessionService(manager, reactor, site.websocket_factory, admission, docker,
                               network, trusted_proxies=config.trusted_proxies,
                               user_header=config.user_header,

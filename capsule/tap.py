@@ -23,7 +23,8 @@ from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT,
                                    ProfileError, builtin_profiles, fence, load_profiles,
                                    load_secrets)
 from capsule.core.spec import ContainerSpec
-from capsule.core.egress import DEFAULT_PORTS, parse_allowed_address
+from capsule.core.egress import DEFAULT_PORTS
+from capsule.engine.firewall import MODES as FIREWALL_MODES
 from capsule.engine.network import CAPSULE_NETWORK, FENCED_NETWORK
 from capsule.ops.logformat import FORMATS, check_server_options
 from capsule.ops.recording import DEFAULT_MAX_BYTES, check_directory
@@ -41,6 +42,23 @@ def _port_or_zero(value):
     if not 0 <= number <= 65535:
         raise ValueError(f"must be a port (1-65535) or 0, got {value}")
     return number
+
+
+def _upstream(value):
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query \
+            or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"must be an https URL with a host and nothing else (like"
+                         f" https://api.anthropic.com), got {value!r}")
+    if parts.scheme == "http":
+        try:
+            loopback = ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            loopback = parts.hostname == "localhost"
+        if not loopback:
+            raise ValueError(f"http (not https) only to a loopback address: the key would"
+                             f" cross the network in clear text, got {value!r}")
+    return value.rstrip("/")
 
 
 def _positive(kind):
@@ -134,6 +152,14 @@ class Options(usage.Options):
          "Port of the session door: what sessions reach of capsule from inside (the"
          " credential gateway, the egress proxy), on the host side of each session network"
          " only; 0: no door.", _port_or_zero],
+        ["anthropic-upstream", None, "https://api.anthropic.com",
+         "Where the credential gateway forwards sessions' requests to Anthropic's API, with"
+         " the real ANTHROPIC_API_KEY on them (https, certificate verified; http only to a"
+         " loopback address, for tests).", _upstream],
+        ["anthropic-budget", None, None,
+         "Tokens (input, output and cache, from the answers' usage) one user may use through"
+         " the credential gateway per day (UTC); past it, requests are refused (429)"
+         " [default: no budget].", _positive(int)],
         ["instance", None, "default",
          "Name of this server. Its containers are labelled with it; at start-up it"
          " removes the leftovers of its own name only."],
@@ -222,6 +248,11 @@ class Options(usage.Options):
         ["network", None, CAPSULE_NETWORK,
          "The network of session containers: capsule (its own bridge, created if missing,"
          " no traffic between sessions), none, or the name of an existing Docker network."],
+        ["firewall", None, "auto",
+         "Who fences the session networks (no link-local, private or host address from a"
+         " session): auto (capsule applies iptables rules when it may, else warns with the"
+         " commands), manage (capsule applies them or refuses to start), off (your own"
+         " firewall: capsule checks it and warns)."],
         ["runtime", None, None,
          "The OCI runtime of session containers, e.g. runsc (gVisor) [default: the engine's]."],
         ["log-format", None, "text",
@@ -281,9 +312,9 @@ class Options(usage.Options):
         self["allowed-origin"] = []
         self["allowed-host"] = []
         self["trusted-proxy"] = []
+        self["egress-allow-address"] = []
         self["cap-add"] = []
         self["admin-user"] = []
-        self["egress-allow-address"] = []
         self["egress-port"] = []
 
     def opt_admin_user(self, name: str) -> None:
@@ -322,11 +353,12 @@ class Options(usage.Options):
             raise usage.UsageError(f"--trusted-proxy: not a CIDR: {cidr!r} (try 10.0.0.0/8)")
 
     def opt_egress_allow_address(self, cidr: str) -> None:
-        """An address or CIDR range the egress proxy may connect to although it is private, link-local, loopback or the host's own (refused whatever a profile allows otherwise); repeatable [default: none]"""
+        """An address (CIDR, e.g. 10.0.0.5/32) sessions may reach although it is link-local, private or the host's; repeatable [default: none]"""
         try:
-            self["egress-allow-address"].append(parse_allowed_address(cidr))
-        except ValueError as e:
-            raise usage.UsageError(f"--egress-allow-address: {e} (try 10.1.2.3/32)")
+            self["egress-allow-address"].append(str(parse_network(cidr)))
+        except ValueError:
+            raise usage.UsageError(
+                f"--egress-allow-address: not a CIDR: {cidr!r} (try 10.0.0.5/32)")
 
     def opt_egress_port(self, port: str) -> None:
         """A port fenced sessions may reach through the egress proxy besides 80 and 443; repeatable"""
@@ -472,6 +504,10 @@ class Options(usage.Options):
             raise usage.UsageError("--shell must not be empty")
         if not self["network"].strip():
             raise usage.UsageError("--network must be capsule, none or a network's name")
+        if self["firewall"] not in FIREWALL_MODES:
+            raise usage.UsageError(
+                f"--firewall must be one of {', '.join(FIREWALL_MODES)},"
+                f" not {self['firewall']!r}")
         if self["log-format"] not in FORMATS:
             raise usage.UsageError(
                 f"--log-format must be text or json, not {self['log-format']!r}")
@@ -510,7 +546,10 @@ class Options(usage.Options):
             disk_bytes=None if self["disk"] is None else parse_bytes(self["disk"]),
             instance=self["instance"], shell=tuple(shlex.split(self["shell"])),
             keeper=not self["no-keeper"], grace=self["grace"], door_port=self["door-port"],
+            firewall=self["firewall"],
             egress_allow_addresses=tuple(self["egress-allow-address"]),
+            anthropic_upstream=self["anthropic-upstream"],
+            anthropic_budget=self["anthropic-budget"],
             egress_ports=tuple(sorted(set(DEFAULT_PORTS) | set(self["egress-port"]))),
             max_lifetime=self["max-lifetime"], idle_timeout=self["idle-timeout"],
             replay_bytes=self["replay-buffer"], pool_size=self["pool-size"],

@@ -183,6 +183,11 @@ class Tuning:
         " dockerd and containerd-shim carry; the relay exec stays the way for sessions"
         " without a network and whenever the direct connection fails.")
     docker_threads: int = knob(16, _POSITIVE_INT, "Threads for Docker calls.")
+    max_removing: int = knob(
+        32, _POSITIVE_INT,
+        "Ended sessions' containers the engine may still be removing before new sessions"
+        " are refused (server_full, try again in seconds): a flood of short sessions cannot"
+        " queue unbounded work on the engine, nor a stop that waits for it.")
     export_threads: int = knob(
         4, _POSITIVE_INT,
         "Threads for workspace exports (waiting exports go to the client with the fewest"
@@ -205,6 +210,25 @@ class Tuning:
         "Seconds an export's reading of Docker's stream may wait for room in its spool (its"
         " client taking nothing) before the export is cut off; Docker holds the session's"
         " container meanwhile.")
+    anthropic_requests_per_session: int = knob(
+        8, _POSITIVE_INT,
+        "Requests one session may have under way at once through the Anthropic gateway"
+        " (more: 429).")
+    anthropic_body_bytes: int = knob(
+        32 * 1024 * 1024, _POSITIVE_INT,
+        "The largest request body a session may send through the Anthropic gateway (larger:"
+        " 413, answered before the body is read).")
+    anthropic_connect_timeout: float = knob(
+        10.0, _POSITIVE_FLOAT,
+        "Seconds the Anthropic gateway waits to connect to the upstream (past it: 504).")
+    anthropic_answer_timeout: float = knob(
+        600.0, _POSITIVE_FLOAT,
+        "Seconds the upstream may take to begin its answer to a request through the"
+        " Anthropic gateway (past it: 504).")
+    anthropic_idle_timeout: float = knob(
+        300.0, _POSITIVE_FLOAT,
+        "Seconds an answer through the Anthropic gateway may stall between two pieces before"
+        " it is cut off.")
 
     @property
     def coalesce_delay(self) -> float:

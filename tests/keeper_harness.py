@@ -209,7 +209,8 @@ class Relay:
 
     def __init__(self, keeper: Keeper, command: list[str], socket: str | None = None,
                  offset: int = 0, buffer: int = 1024 * 1024,
-                 options: list[str] | None = None) -> None:
+                 options: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         """
         Run the relay as capsule does (L{keeper_argv}), or with C{options}
         in place of the options capsule gives.
@@ -221,7 +222,8 @@ class Relay:
         argv = keeper_argv(tuple(command), offset, buffer, socket, program=str(keeper.binary))
         if options is not None:
             argv = [str(keeper.binary), *options, socket, "--", *command]
-        self.process = subprocess.Popen(argv, env=keeper.env(), stdin=subprocess.PIPE,
+        self.process = subprocess.Popen(argv, env={**keeper.env(), **(env or {})},
+                                        stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.reader = FrameReader()
         self.output = bytearray()

@@ -671,3 +671,20 @@ def test_an_engine_that_does_not_say_its_memory_means_no_budget():
 
 async def _nothing():
     return None
+
+
+def test_no_new_session_while_the_engine_is_behind_on_removals():
+    # A flood of short sessions: each one ended queues a removal on the
+    # engine.  Past max_removing, new sessions wait for it to catch up
+    # (the fuzz run once left 213 removals queued, and a stop waited for them).
+    manager = Counted()
+    admission = AdmissionControl(manager, Clock(), AdmissionPolicy(max_removing=4, rate=None))
+    manager.removing = 3
+    manager.make(admission, "192.0.2.1")
+    manager.removing = 4
+    with pytest.raises(AdmissionRefused) as refused:
+        manager.make(admission, "192.0.2.2")
+    assert refused.value.code == SERVER_FULL
+    assert "still removing 4 containers of ended sessions" in refused.value.message
+    manager.removing = 0
+    manager.make(admission, "192.0.2.2")

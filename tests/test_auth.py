@@ -546,8 +546,7 @@ def session_service(trusted, user_header="X-Forwarded-User"):
     docker, clock = FakeDockerAPI(), Clock()
     manager = SessionManager(docker, clock, SessionConfig(
         spec=ContainerSpec(image="capsule-runtime:latest"), instance="t", pool_size=1))
-    net = SessionNetwork(docker, clock, "capsule",
-                         read_rules=lambda: succeed((None, "not read in tests")))
+    net = SessionNetwork(docker, clock, "capsule")
     refusals = []
     sessions = SessionService(manager, clock, network=net, user_header=user_header,
                               trusted_proxies=[parse_network(t) for t in trusted],

@@ -17,6 +17,7 @@ from capsule.web.websocket_factory import CapsuleServerFactory
 
 from .in_memory import Link, clock, docker, make_manager  # noqa: F401 (fixtures)
 from .test_pool import CountingDocker
+from tests.support.fakes import RecordingClient
 from .test_websocket import MAX_MESSAGE, WINDOW, outputs
 
 
@@ -156,3 +157,13 @@ def test_a_warm_session_is_taken_as_the_connection_opens_without_a_docker_call(d
     assert outputs(messages) == b"banner\r\n$ "
     assert docker.processes[0].resizes == [WARM_SIZE, WARM_SIZE, (120, 40)]
     assert counting.calls == []
+
+
+def test_removals_in_flight_are_counted_for_admission(docker, clock):
+    manager = manager_of(docker, clock)
+    session = manager.create(RecordingClient(), 80, 24)
+    docker.hold_remove = True
+    manager.end(session, "done")
+    assert manager.removing == 1
+    docker.release_removes()
+    assert manager.removing == 0 and docker.containers == {}

@@ -478,8 +478,7 @@ def test_sessions_are_found_by_their_address():
 def test_the_fenced_network_is_made_internal():
     from capsule.engine.network import FENCED_BRIDGE, FENCED_NETWORK, SessionNetwork
     docker = FakeDockerAPI()
-    network = SessionNetwork(docker, Clock(), FENCED_NETWORK,
-                             read_rules=lambda: pytest.fail("no firewall check"))
+    network = SessionNetwork(docker, Clock(), FENCED_NETWORK)
     Deferred.fromCoroutine(network.ensure())
     made = docker.networks[FENCED_NETWORK]
     assert made["internal"] is True

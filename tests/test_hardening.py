@@ -4,12 +4,9 @@ options, what a L{ContainerSpec} asks of Docker, the capsule network made at
 start, and the check of the host firewall.
 """
 
-import stat
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -17,16 +14,14 @@ from twisted.python import usage
 
 from capsule.core.spec import SUDO_CAPABILITIES, ContainerSpec
 from capsule.engine.docker import READ_ONLY_TMPFS, READ_ONLY_VOLUMES, DockerAPI
-from capsule.engine.network import (CAPSULE_BRIDGE, NETWORK_LABELS, NETWORK_OPTIONS, SessionNetwork,
-                             missing_blocks, read_docker_user, suggested_rules)
+from capsule.engine.firewall import Firewall
+from capsule.engine.network import NETWORK_LABELS, NETWORK_OPTIONS, SessionNetwork
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from capsule.services import SessionService
 from capsule.tap import Options, makeService
 from tests.support.fakes import FakeDockerAPI
 
-ALL_BLOCKED = ["169.254.169.254/32", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
-SUBNETS = ["172.18.0.0/16"]
 
 
 def parse(*args):
@@ -153,95 +148,24 @@ def test_warm_containers_are_made_by_the_same_spec():
 
 # -- the firewall rules --------------------------------------------------------------------
 
+# -- the network at start ------------------------------------------------------------------
+
 DOCKER_ONLY = "-N DOCKER-USER\n-A DOCKER-USER -j RETURN\n"
 
 
-def rules(*lines):
-    return "-N DOCKER-USER\n" + "".join(f"-A DOCKER-USER {line}\n" for line in lines) + \
-        "-A DOCKER-USER -j RETURN\n"
-
-
-def test_no_rules_block_nothing():
-    assert missing_blocks(DOCKER_ONLY, CAPSULE_BRIDGE, SUBNETS) == ALL_BLOCKED
-    assert missing_blocks("", CAPSULE_BRIDGE, SUBNETS) == ALL_BLOCKED
-
-
-def test_the_suggested_rules_block_everything():
-    lines = [r.split("-A DOCKER-USER ", 1)[-1] for r in suggested_rules(CAPSULE_BRIDGE)]
-    # iptables -S prints -I'd rules as -A lines.
-    lines = [r.replace("iptables -I DOCKER-USER ", "") for r in lines]
-    assert missing_blocks(rules(*lines), CAPSULE_BRIDGE, SUBNETS) == []
-
-
-@pytest.mark.parametrize("line", [
-    "-i capsule0 -d 169.254.169.254/32 -j DROP",
-    "-i capsule0 -d 169.254.0.0/16 -j REJECT --reject-with icmp-port-unreachable",
-    "-i capsule+ -d 169.254.0.0/16 -j DROP",
-    "-s 172.18.0.0/16 -d 169.254.169.254/32 -j DROP",
-    "-s 172.16.0.0/12 -d 169.254.169.254/32 -j DROP",
-    "-d 169.254.169.254/32 -j DROP",
-])
-def test_rules_that_block_the_metadata_service(line):
-    assert missing_blocks(rules(line), CAPSULE_BRIDGE, SUBNETS) == ALL_BLOCKED[1:]
-
-
-@pytest.mark.parametrize("line", [
-    "-i docker0 -d 169.254.169.254/32 -j DROP",
-    "-s 172.19.0.0/16 -d 169.254.169.254/32 -j DROP",
-    "-i capsule0 -d 169.254.169.254/32 -j ACCEPT",
-    "-i capsule0 -d 169.254.169.254/32 -p tcp -j DROP",
-    "-i capsule0 -d 169.254.169.254/32 -m conntrack --ctstate NEW -j DROP",
-    "-i capsule0 -d 169.254.169.0/30 -j DROP",
-    "-i capsule0 -j DROP",
-])
-def test_rules_that_do_not_block_it(line):
-    assert missing_blocks(rules(line), CAPSULE_BRIDGE, SUBNETS) == ALL_BLOCKED
-
-
-def test_rules_after_dockers_return_are_never_reached():
-    text = DOCKER_ONLY + "-A DOCKER-USER -i capsule0 -d 10.0.0.0/8 -j DROP\n"
-    assert missing_blocks(text, CAPSULE_BRIDGE, SUBNETS) == ALL_BLOCKED
-    # A conditional return (the DNS resolver let through) ends nothing.
-    text = rules("-i capsule0 -d 10.0.0.2/32 -p udp --dport 53 -j RETURN",
-                 "-i capsule0 -d 10.0.0.0/8 -j DROP")
-    assert missing_blocks(text, CAPSULE_BRIDGE, SUBNETS) == [
-        "169.254.169.254/32", "172.16.0.0/12", "192.168.0.0/16"]
-
-
-def write_iptables(tmp_path, script):
-    path = tmp_path / "iptables"
-    path.write_text("#!/bin/sh\n" + script)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return str(path)
-
-
-@pytest_twisted.ensureDeferred
-async def test_read_docker_user(tmp_path):
-    iptables = write_iptables(tmp_path, 'echo "$1 $2"; echo "-A DOCKER-USER -j RETURN"\n')
-    text, why = await read_docker_user(reactor, iptables)
-    assert (text, why) == ("-S DOCKER-USER\n-A DOCKER-USER -j RETURN\n", "")
-
-
-@pytest_twisted.ensureDeferred
-async def test_read_docker_user_when_it_cannot(tmp_path):
-    iptables = write_iptables(
-        tmp_path, 'echo "iptables v1.8.9 (nf_tables): Could not fetch rule set'
-                  ' generation id: Permission denied (you must be root)" >&2; exit 4\n')
-    text, why = await read_docker_user(reactor, iptables)
-    assert text is None
-    assert why == ("iptables -S DOCKER-USER failed: iptables v1.8.9 (nf_tables): Could not"
-                   " fetch rule set generation id: Permission denied (you must be root)")
-
-
-# -- the network at start ------------------------------------------------------------------
-
-def network(docker, name="capsule", answer=(DOCKER_ONLY, "")):
+def network(docker, name="capsule", answer=(0, DOCKER_ONLY, "")):
+    """
+    The sessions' network, its firewall checked (--firewall off) with an
+    iptables that answers C{answer}; C{net.reads} counts the readings.
+    """
     reads = []
 
-    def read_rules():
-        reads.append(1)
-        return succeed(answer)
-    net = SessionNetwork(docker, Clock(), name, read_rules=read_rules)
+    async def run(argv, stdin=None):
+        reads.append(argv)
+        return answer
+    firewall = Firewall(Clock(), "off", door_port=3180, run=run, nameservers=(),
+                        bridge_here=lambda name: True)
+    net = SessionNetwork(docker, Clock(), name, firewall=firewall)
     net.reads = reads
     return net
 
@@ -255,27 +179,32 @@ async def test_the_capsule_network_is_created_once_and_the_firewall_read_once(lo
     made = docker.networks["capsule"]
     assert (made["options"], made["labels"]) == (NETWORK_OPTIONS, NETWORK_LABELS)
     assert NETWORK_OPTIONS["com.docker.network.bridge.enable_icc"] == "false"
-    assert net.reads == [1]
+    assert net.reads == [["iptables", "-w", "-S"]]
     [warning] = texts(logged, "warn")
     assert warning.startswith(
-        "the host firewall lets sessions on capsule (bridge capsule0) reach 169.254.169.254/32"
-        " (the cloud metadata service), 10.0.0.0/8 (a private range), 172.16.0.0/12 (a private"
-        " range), 192.168.0.0/16 (a private range): no DOCKER-USER rule drops them. Add:"
-        " iptables -I DOCKER-USER -i capsule0 -d 169.254.0.0/16 -j DROP;")
+        "the host firewall lets sessions on capsule (bridge capsule0) reach 169.254.0.0/16"
+        " (link-local: the cloud metadata service), 10.0.0.0/8 (a private range),"
+        " 172.16.0.0/12 (a private range), 192.168.0.0/16 (a private range), 100.64.0.0/10"
+        " (the shared address space (carrier-grade NAT)), the host (its own services)"
+        " (--firewall off: the rules are yours). Add: iptables -w -N CAPSULE-OUT-capsule0")
     assert any("created the network capsule" in t for t in texts(logged, "info"))
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_firewall_with_the_rules_is_not_warned_about(logged):
-    lines = [r.replace("iptables -I DOCKER-USER ", "") for r in suggested_rules(CAPSULE_BRIDGE)]
-    net = network(FakeDockerAPI(), answer=(rules(*lines), ""))
+    fence = Firewall(Clock(), "off", door_port=3180, nameservers=()).make_fence(
+        "capsule0", ["172.18.0.0/16"], ["172.18.0.1"])
+    # As iptables -S prints them: the jumps were inserted before Docker's return.
+    lines = [f"-A {chain} {' '.join(rule)}" for chain, rule in fence.jumps()]
+    lines += [line for line in fence.restore_input().splitlines() if line.startswith("-A")]
+    net = network(FakeDockerAPI(), answer=(0, "\n".join(lines) + "\n" + DOCKER_ONLY, ""))
     await net.ensure()
     assert texts(logged, "warn") == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_firewall_capsule_cannot_read(logged):
-    net = network(FakeDockerAPI(), answer=(None, "iptables is not installed here"))
+    net = network(FakeDockerAPI(), answer=(127, "", "iptables is not installed here"))
     await net.ensure()
     [warning] = texts(logged, "warn")
     assert warning.startswith("could not check the host firewall for the network capsule"

@@ -120,7 +120,8 @@ BAD_ON_SOCKET = {
     "input before the hello": encode_input(b"before\n"),
     "a window before the hello": encode_window(80, 24),
     "a short hello": b"a" + struct.pack(">IQH", 10, 0, 80),
-    "a long hello": b"a" + struct.pack(">IQHHB", 13, 0, 80, 24, 0),
+    # 13 bytes is a hello that asks for channels (capsule.core.channels)
+    "a long hello": b"a" + struct.pack(">IQHHBB", 14, 0, 80, 24, 1, 0),
     "a second hello": hello() + encode_input(b"before\n") + hello(),
     "an oversized frame": hello() + encode_input(b"before\n") + b"i" + struct.pack(">I", 65537),
     "length 2**32-1": hello() + encode_input(b"before\n") + b"i" + struct.pack(">I", 2**32 - 1),

@@ -5,6 +5,7 @@ Docker engine.
 """
 
 import os
+import re
 
 import pytest
 from twisted.internet.task import Clock
@@ -74,7 +75,7 @@ def test_no_file_is_the_builtins():
 def test_a_file_changes_and_adds_profiles(tmp_path):
     path = write(tmp_path, """
 [profiles.claude]
-secrets = ["ANTHROPIC_API_KEY"]
+secrets = ["NPM_TOKEN"]
 agent_volume = "/home/developer/.claude"
 memory = "2g"
 
@@ -101,7 +102,7 @@ command = ["claude", "--help"]
     assert sorted(profiles) == ["claude", "py", "review", "shell"]
     claude = profiles["claude"]
     assert claude.spec.image == "capsule-agent:test" and claude.spec.memory == "2g"
-    assert claude.secrets == ("ANTHROPIC_API_KEY",)
+    assert claude.secrets == ("NPM_TOKEN",)
     assert claude.agent_volume == "/home/developer/.claude"
     assert claude.command == CLAUDE_COMMAND
     py = profiles["py"]
@@ -114,7 +115,7 @@ command = ["claude", "--help"]
     assert py.description == "Python"
     review = profiles["review"]
     assert review.spec.image == "capsule-agent:test" and review.spec.memory == "2g"
-    assert review.secrets == ("ANTHROPIC_API_KEY",)
+    assert review.secrets == ("NPM_TOKEN",)
     assert review.command == ("claude", "--help")
 
 
@@ -189,20 +190,20 @@ def test_repository_checks():
 def test_secrets_from_the_environment_and_the_file(tmp_path):
     profiles = load_profiles(write(tmp_path, """
 [profiles.claude]
-secrets = ["ANTHROPIC_API_KEY", "GH_TOKEN", "MISSING"]
+secrets = ["NPM_TOKEN", "GH_TOKEN", "MISSING"]
 """), builtins())
     path = tmp_path / "secrets"
     path.write_text("# tokens\n\nGH_TOKEN = ghp_file=with=equals\nOTHER=not-named\n")
     os.chmod(path, 0o600)
     secrets = load_secrets(str(path), profiles,
-                           environ={"ANTHROPIC_API_KEY": "sk-env", "GH_TOKEN": "from-env",
+                           environ={"NPM_TOKEN": "sk-env", "GH_TOKEN": "from-env",
                                     "HOME": "/root"})
-    assert secrets.values == {"ANTHROPIC_API_KEY": "sk-env", "GH_TOKEN": " ghp_file=with=equals"}
+    assert secrets.values == {"NPM_TOKEN": "sk-env", "GH_TOKEN": " ghp_file=with=equals"}
     assert secrets.for_profile(profiles["claude"]) == secrets.values
     assert secrets.for_profile(profiles["shell"]) == {}
     assert secrets.missing(profiles) == [("claude", "MISSING")]
     assert "sk-env" not in repr(secrets) and "ghp" not in repr(secrets)
-    assert repr(secrets) == "<Secrets ANTHROPIC_API_KEY, GH_TOKEN>"
+    assert repr(secrets) == "<Secrets GH_TOKEN, NPM_TOKEN>"
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o604, 0o602])
@@ -394,7 +395,7 @@ def _options(*args):
 
 def test_options_make_the_profiles(tmp_path, monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-from-env")
-    path = write(tmp_path, '[profiles.claude]\nsecrets = ["ANTHROPIC_API_KEY"]\n'
+    path = write(tmp_path, '[profiles.claude]\ncredentials = ["anthropic"]\n'
                            '[profiles.py]\ncommand = ["python3"]\n')
     options = _options("--profiles", path, "--agent-image", "agent:2", "--memory", "2g",
                        "--pool-size", "3", "--clone-timeout", "20", "--idle-timeout", "99")
@@ -594,3 +595,58 @@ def test_an_out_of_memory_end_names_the_profiles_limit(docker, tmp_path):
     assert client.events[-1] == ("ended", 137, "the shell was killed (signal 9; most often it"
                                  " ran out of memory under the 3g limit)")
     assert session.status() in ("ending", "ended")
+
+
+# -- brokered credentials ------------------------------------------------------
+
+def test_the_claude_profile_brokers_anthropic_and_github():
+    profiles = builtins()
+    assert profiles["claude"].credentials == ("anthropic", "github")
+    assert profiles["shell"].credentials == ()
+
+
+def test_credentials_are_read_and_inherited(tmp_path):
+    profiles = load_profiles(write(tmp_path, '[profiles.a]\ncredentials = ["anthropic"]\n'
+                                             '[profiles.b]\nextends = "a"\n'
+                                             '[profiles.claude]\ncredentials = []\n'),
+                             builtins())
+    assert profiles["a"].credentials == ("anthropic",)
+    assert profiles["b"].credentials == ("anthropic",)
+    assert profiles["claude"].credentials == ()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[profiles.a]\ncredentials = ["openai"]\n',
+     "profiles.toml: profile 'a': key 'credentials': unknown credential 'openai'"
+     " (known: anthropic, github)"),
+    ('[profiles.a]\ncredentials = "anthropic"\n',
+     "profile 'a': key 'credentials': must be a list of credential names"),
+    ('[profiles.a]\ncredentials = [3]\n',
+     "profile 'a': key 'credentials': unknown credential '(not a name)'"),
+])
+def test_unknown_credentials_are_refused(tmp_path, text, expected):
+    with pytest.raises(ProfileError, match=re.escape(expected)):
+        load_profiles(write(tmp_path, text), builtins())
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[profiles.claude]\nsecrets = ["ANTHROPIC_API_KEY"]\n', "secrets"),
+    ('[profiles.x]\nextends = "claude"\nsecrets = ["ANTHROPIC_API_KEY"]\n', "secrets"),
+    ('[profiles.x]\ncredentials = ["anthropic"]\nenvironment = { ANTHROPIC_API_KEY = "k" }\n',
+     "environment"),
+    ('[profiles.x]\nsecrets = ["ANTHROPIC_AUTH_TOKEN"]\ncredentials = ["anthropic"]\n',
+     "secrets"),
+])
+def test_a_key_in_the_container_beside_the_gateway_is_refused(tmp_path, text, key):
+    with pytest.raises(ProfileError) as caught:
+        load_profiles(write(tmp_path, text), builtins())
+    message = str(caught.value)
+    assert f"key {key!r}" in message and "credentials" in message
+    assert "capsule's gateway" in message
+
+
+def test_the_key_is_read_for_the_gateway_never_given_to_a_container(tmp_path):
+    profiles = builtins()
+    secrets = load_secrets(None, profiles, environ={"ANTHROPIC_API_KEY": "sk-real"})
+    assert secrets.values == {"ANTHROPIC_API_KEY": "sk-real"}
+    assert all(secrets.for_profile(p) == {} for p in profiles.values())

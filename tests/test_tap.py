@@ -297,3 +297,18 @@ def test_the_signal_handler_only_hands_the_stop_to_the_reactor():
     finally:
         for n, h in saved.items():
             signal.signal(n, h)
+
+
+def test_the_anthropic_upstream_and_budget_are_checked():
+    options = parse("--anthropic-upstream", "http://127.0.0.1:9999/", "--anthropic-budget",
+                    "1000")
+    assert options.config.anthropic_upstream == "http://127.0.0.1:9999"
+    assert options.config.anthropic_budget == 1000
+    assert parse().config.anthropic_upstream == "https://api.anthropic.com"
+    assert parse().config.anthropic_budget is None
+    for bad in ("http://api.example.com", "ftp://127.0.0.1", "https://", "https://u:p@h",
+                "https://h/?q=1"):
+        with pytest.raises(usage.UsageError):
+            parse("--anthropic-upstream", bad)
+    with pytest.raises(usage.UsageError):
+        parse("--anthropic-budget", "0")

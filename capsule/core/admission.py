@@ -114,12 +114,15 @@ class AdmissionPolicy:
         /64) may create per C{seconds}, in bursts of up to C{count}; C{None}:
         no limit.
     @ivar max_per_user: sessions at once of one user; C{None}: no limit.
+    @ivar max_removing: ended sessions' containers the engine may still be
+        removing: past it, no new session until it catches up.
     """
 
     max_sessions: int = 32
     max_per_client: int = 8
     rate: tuple[int, float] | None = (10, 60.0)
     max_per_user: int | None = None
+    max_removing: int = 32
 
 
 class AdmissionControl:
@@ -200,6 +203,11 @@ class AdmissionControl:
             raise AdmissionRefused(
                 SERVER_FULL, f"the server is full ({policy.max_sessions} sessions):"
                 " try again later")
+        removing = getattr(self._manager, "removing", 0)
+        if removing >= policy.max_removing:
+            raise AdmissionRefused(
+                SERVER_FULL, f"the server is busy: the engine is still removing {removing}"
+                " containers of ended sessions; try again in a few seconds")
         if self.sessions_of(address) >= policy.max_per_client:
             raise AdmissionRefused(
                 QUOTA_EXCEEDED, f"too many sessions from {address} (at most"

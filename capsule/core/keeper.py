@@ -14,6 +14,9 @@ that follow begin::
 
     ESC _ capsule-keeper;offset=S;dropped=D ESC \\
 
+(with C{;channels=N} after D when the keeper carries channels, which capsule
+asked for: L{capsule.core.channels}).
+
 Pure encoding and parsing; no I/O.
 """
 
@@ -24,7 +27,8 @@ import struct
 from dataclasses import dataclass
 
 PREFIX = b"\x1b_capsule-keeper;"
-_PREAMBLE = re.compile(rb"\x1b_capsule-keeper;offset=(\d+);dropped=(\d+)\x1b\\")
+_PREAMBLE = re.compile(
+    rb"\x1b_capsule-keeper;offset=(\d+);dropped=(\d+)(?:;channels=(\d{1,4}))?\x1b\\")
 _MAX_PREAMBLE = 128
 
 DEFAULT_SOCKET = "/tmp/.capsule-keeper/session.sock"
@@ -204,6 +208,9 @@ def exit_status(payload: bytes) -> int:
 class Preamble:
     offset: int
     dropped: int
+    # How many channels the keeper carries at once (capsule.core.channels);
+    # None: it has none (not asked for, or an older keeper).
+    channels: int | None = None
 
 
 class PreambleReader:
@@ -231,7 +238,8 @@ class PreambleReader:
         if found:
             self.done = True
             rest, self._buffer = self._buffer[found.end():], b""
-            return Preamble(int(found.group(1)), int(found.group(2))), rest
+            channels = None if found.group(3) is None else int(found.group(3))
+            return Preamble(int(found.group(1)), int(found.group(2)), channels), rest
         if len(self._buffer) > _MAX_PREAMBLE or (
                 len(self._buffer) >= len(PREFIX) and b"\x1b\\" in self._buffer):
             return self._give_up()

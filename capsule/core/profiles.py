@@ -20,6 +20,12 @@ come from the server's environment or from C{--secrets-file}, and enter a
 container's environment when it is created (through the Docker API, never a
 command line).  Nothing here logs a value.
 
+Brokered credentials are named by a profile too (C{credentials =
+["anthropic", "github"]}): their keys (L{CREDENTIALS}: which variable holds
+each, read like secrets) never enter a container; its sessions get a
+placeholder and the address of capsule's credential gateway instead
+(L{capsule.gateway}).
+
 Pure: no reactor, no Docker.
 """
 
@@ -70,6 +76,13 @@ MAX_PROFILE_PARAMETER = 64
 _RESERVED_ENV = frozenset({"CAPSULE_REPOSITORY", "CAPSULE_CLONE_TIMEOUT",
                            "CAPSULE_AGENT_VOLUME"})
 
+# The brokered credentials a profile may name, and the variable (of
+# capsule's environment or its secrets file) that holds each one's key.
+CREDENTIALS = {"anthropic": "ANTHROPIC_API_KEY", "github": "GITHUB_TOKEN"}
+# Variables that would hand a container what the gateway keeps out of it, by
+# credential: a profile naming the credential may not set them.
+_CREDENTIAL_VARIABLES = {"anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")}
+
 LABEL_USER = "io.capsule.user"
 LABEL_PROFILE = "io.capsule.profile"
 LABEL_VOLUME = "io.capsule.volume"
@@ -106,6 +119,9 @@ class Profile:
     @ivar agent_volume_limit: the most that volume may hold, in bytes
         (C{None}: no limit); a session whose volume holds more is warned,
         then ended (L{capsule.sessions.disk}).
+    @ivar credentials: the brokered credentials (names among
+        L{CREDENTIALS}) its sessions use through capsule's gateway, never
+        holding the key.
     @ivar repository: an https git URL cloned into /workspace at start.
     @ivar clone_timeout: seconds the clone may take.
     @ivar pool: warm containers kept for this profile.
@@ -124,6 +140,7 @@ class Profile:
     secrets: tuple[str, ...] = ()
     agent_volume: str | None = None
     agent_volume_limit: int | None = DEFAULT_AGENT_VOLUME_LIMIT
+    credentials: tuple[str, ...] = ()
     repository: str | None = None
     clone_timeout: float = DEFAULT_CLONE_TIMEOUT
     pool: int = 0
@@ -165,6 +182,7 @@ def builtin_profiles(shell: Profile, agent_image: str = DEFAULT_AGENT_IMAGE) -> 
                      command=CLAUDE_COMMAND, pool=0,
                      memory_request=DEFAULT_AGENT_MEMORY_REQUEST,
                      egress=EgressPolicy(ALLOWLIST, AGENT_EGRESS),
+                     credentials=("anthropic", "github"),
                      description="Claude Code in /workspace, then a login shell")
     return {DEFAULT_PROFILE: shell, AGENT_PROFILE: claude}
 
@@ -261,6 +279,20 @@ def _profile(where: str, name: str, base: Profile, table: dict) -> Profile:
         raise ProfileError(f"{where}: key 'network': a profile whose egress is not open runs"
                            f" on capsule's fenced network ({egress.setting()}): leave network"
                            f" out, or say none")
+    credentials = fields.get("credentials", base.credentials)
+    secret_names = fields.get("secrets", base.secrets)
+    environment = spec.get("environment", base.spec.environment)
+    for credential in credentials:
+        for variable in _CREDENTIAL_VARIABLES.get(credential, ()):
+            if variable in secret_names or variable in environment:
+                where_set = "secrets" if variable in secret_names else "environment"
+                raise ProfileError(
+                    f"{where}: key {where_set!r}: {variable} would put the {credential} key"
+                    f" in the container, while key 'credentials' names {credential!r}: its"
+                    f" sessions reach {credential} through capsule's gateway, which holds"
+                    f" {CREDENTIALS[credential]} (capsule's environment or --secrets-file);"
+                    f" remove {variable} from {where_set}, or {credential!r} from"
+                    f" credentials")
     if "memory_request" in fields and parse_bytes(fields["memory_request"]) > parse_bytes(
             spec.get("memory", base.spec.memory)):
         raise ProfileError(f"{where}: key 'memory_request': {fields['memory_request']} is more"
@@ -348,6 +380,16 @@ def _secrets(value) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_env_name(v) for v in value))
 
 
+def _credentials(value) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise TypeError('must be a list of credential names (["anthropic", "github"])')
+    for name in value:
+        if name not in CREDENTIALS:
+            shown = name if isinstance(name, str) and len(name) <= 64 else "(not a name)"
+            raise ValueError(f"unknown credential {shown!r} (known: {', '.join(CREDENTIALS)})")
+    return tuple(dict.fromkeys(value))
+
+
 def _agent_volume(value) -> str:
     text = _string(value)
     if not _PATH.match(text) or normpath(text) != text or text.startswith("//"):
@@ -430,6 +472,7 @@ _KEYS = {
     "idle_timeout": _number(0),
     "max_lifetime": _number(0),
     "secrets": _secrets,
+    "credentials": _credentials,
     "agent_volume": _agent_volume,
     "agent_volume_limit": _volume_limit,
     "repository": check_repository,
@@ -501,6 +544,9 @@ def load_secrets(path: str | None, profiles: Mapping[str, Profile],
     """
     environ = os.environ if environ is None else environ
     wanted = {name for p in profiles.values() for name in p.secrets}
+    # The keys of the brokered credentials, for the gateway (never for a
+    # container: for_profile gives only a profile's secrets).
+    wanted |= set(CREDENTIALS.values())
     values = {name: environ[name] for name in wanted if environ.get(name)}
     if path is None:
         return Secrets(values)

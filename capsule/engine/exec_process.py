@@ -91,8 +91,53 @@ def exec_start_request(api_version: str, exec_id: str, tty: bool = True) -> byte
     ).encode("ascii") + body
 
 
+@implementer(IPushProducer)
+class StreamTransport:
+    """
+    What a stream to a shell (a relay exec's, or the direct path's
+    connection to its keeper) does with its transport for the process
+    protocol: writes, input throttled by the transport's own flow, and the
+    process protocol's pauses passed on as the transport's.  Nothing is done
+    once C{_closed}.
+    """
+
+    transport = None
+    _closed = False
+
+    def write(self, data: bytes) -> None:
+        if not self._closed:
+            self.transport.write(data)
+
+    def throttle_input(self, producer) -> None:
+        """
+        Pause C{producer} (the source of what is written here) while the
+        other side of this stream is not taking the bytes in.
+        """
+        if not self._closed and self.transport is not None:
+            if getattr(self.transport, "producer", None) is not None:
+                self.transport.unregisterProducer()
+            self.transport.registerProducer(producer, True)
+
+    def loseConnection(self) -> None:
+        if not self._closed:
+            self.transport.loseConnection()
+
+    # -- IPushProducer -------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        if not self._closed:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self._closed:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+
 @implementer(IExecProcess, IPushProducer)
-class ExecStreamProtocol(Protocol):
+class ExecStreamProtocol(StreamTransport, Protocol):
     """
     Speaks the exec-start upgrade to Docker, then relays the raw stream.
 
@@ -245,29 +290,11 @@ class ExecStreamProtocol(Protocol):
 
     # -- IExecProcess: what the process protocol may do ------------------
 
-    def write(self, data: bytes) -> None:
-        if not self._closed:
-            self.transport.write(data)
-
     def writeToChild(self, childFD: int, data: bytes) -> None:
         self.write(data)
 
     def closeStdin(self) -> None:
         self.loseConnection()
-
-    def throttle_input(self, producer) -> None:
-        """
-        Pause C{producer} (the source of what is written here) while
-        Docker's side of this stream is not taking the bytes in.
-        """
-        if not self._closed and self.transport is not None:
-            if getattr(self.transport, "producer", None) is not None:
-                self.transport.unregisterProducer()
-            self.transport.registerProducer(producer, True)
-
-    def loseConnection(self) -> None:
-        if not self._closed:
-            self.transport.loseConnection()
 
     def resize(self, cols: int, rows: int) -> None:
         self._pending_size = (cols, rows)
@@ -289,16 +316,3 @@ class ExecStreamProtocol(Protocol):
             )
         )
         d.addBoth(lambda _: self._next_resize())
-
-    # -- IPushProducer -------------------------------------------------
-
-    def pauseProducing(self) -> None:
-        if not self._closed:
-            self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        if not self._closed:
-            self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.loseConnection()

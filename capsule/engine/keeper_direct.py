@@ -39,6 +39,7 @@ from capsule.core.interfaces import IExecProcess
 from capsule.core.keeper import (DIRECT_PORT, SECRET_LABEL, encode_hello, encode_secret,
                                  keeper_start_argv)
 from capsule.engine.docker import OneStream
+from capsule.engine.exec_process import StreamTransport
 
 __all__ = ["DirectKeeper", "DirectStream", "KeeperUnreachable", "SECRET_LABEL"]
 
@@ -50,7 +51,7 @@ class KeeperUnreachable(Exception):
 
 
 @implementer(IExecProcess, IPushProducer)
-class DirectStream(Protocol):
+class DirectStream(StreamTransport, Protocol):
     """
     A TCP connection to a session's keeper, presented to a process protocol
     as a relay exec's stream is: the keeper's frames on fd 1, its end as
@@ -108,35 +109,8 @@ class DirectStream(Protocol):
 
     # -- IExecProcess ------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        if not self._closed:
-            self.transport.write(data)
-
     def resize(self, cols: int, rows: int) -> None:
         "Sizes go to the keeper as its frames (L{KeeperProcess<capsule.engine.keeper_stream.KeeperProcess>})."
-
-    def throttle_input(self, producer) -> None:
-        if not self._closed:
-            if getattr(self.transport, "producer", None) is not None:
-                self.transport.unregisterProducer()
-            self.transport.registerProducer(producer, True)
-
-    def loseConnection(self) -> None:
-        if not self._closed:
-            self.transport.loseConnection()
-
-    # -- IPushProducer -----------------------------------------------------
-
-    def pauseProducing(self) -> None:
-        if not self._closed:
-            self.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        if not self._closed:
-            self.transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.loseConnection()
 
 
 # Connections to containers' addresses that did not even complete (no

@@ -19,10 +19,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from capsule.core.channels import CHANNEL_FRAMES
 from capsule.core.interfaces import IExecProcess
 from capsule.core.keeper import (RELAY_FRAMES, FrameError, FrameReader, PreambleReader,
                                  check_preamble, encode_input, encode_window, exit_status)
 from capsule.core.ratelog import RateLimitedLog
+from capsule.engine.channels import ChannelMux, ChannelOptions
 
 _log = Logger()
 
@@ -59,6 +61,9 @@ class ShellProtocol(ProcessProtocol):
         known), against which its preamble is checked.
     @param heard: called with each piece of output before the lifecycle
         gets it (its observers: recordings).
+    @param channels: the keeper was asked for channels
+        (L{capsule.engine.channels}); once its preamble says it carries
+        them, C{channels} is their L{ChannelMux}, until the stream ends.
     """
 
     MALFORMED = "the session's relay sent malformed data"
@@ -70,11 +75,19 @@ class ShellProtocol(ProcessProtocol):
     class _Malformed(Exception):
         "What the relay sent is impossible (the sentence says why)."
 
+    # Whether it was said that the session image's keeper has no channels.
+    _no_channels_said = False
+
     def __init__(self, session, keeper: bool, wanted: int | None = None,
-                 heard: Callable[[bytes], None] | None = None) -> None:
+                 heard: Callable[[bytes], None] | None = None,
+                 channels: ChannelOptions | None = None) -> None:
         self._session = session
         self._heard = heard
-        self._frames = FrameReader(RELAY_FRAMES) if keeper else None
+        self._channel_options = channels if keeper else None
+        self.channels: ChannelMux | None = None
+        kinds = RELAY_FRAMES if self._channel_options is None else {**RELAY_FRAMES,
+                                                                     **CHANNEL_FRAMES}
+        self._frames = FrameReader(kinds) if keeper else None
         self._preamble = PreambleReader() if keeper else None
         self._wanted = wanted
         self.facts = ShellFacts()
@@ -128,6 +141,11 @@ class ShellProtocol(ProcessProtocol):
                     self.facts.exit_status = exit_status(payload)
                 except ValueError as e:
                     raise self._Malformed(str(e)) from None
+            elif kind in CHANNEL_FRAMES:
+                if self.channels is None:
+                    raise self._Malformed(f"a channel frame ({kind.decode()!r}) from a keeper"
+                                          " that did not say it carries channels")
+                self.channels.received(kind, payload)
         if problem is not None and self._current():
             raise self._Malformed(problem)
 
@@ -141,10 +159,35 @@ class ShellProtocol(ProcessProtocol):
             problem = check_preamble(preamble, self._wanted)
             if problem is not None:
                 raise self._Malformed(f"a preamble with {problem}")
+            self._channels_up(preamble.channels)
             self._session.events.stream_started(preamble.offset, preamble.dropped)
             if not data:
                 return
         self._deliver(data)
+
+    def _channels_up(self, count: int | None) -> None:
+        """
+        The keeper said (C{count}) or did not say (C{None}) it carries channels.
+        """
+        if self._channel_options is None:
+            return
+        if count is None:
+            if not ShellProtocol._no_channels_said:
+                ShellProtocol._no_channels_said = True
+                _log.warn("session {session_id}'s keeper carries no channels (a session image"
+                          " older than capsule's): sessions without a network of their own"
+                          " cannot reach the session door, nor be previewed (said once)",
+                          session_id=self._session.id[:8])
+            return
+        if count < 1:
+            raise self._Malformed(f"a preamble with {count} channels")
+        core = self._session.core
+        self.channels = ChannelMux(self._session.id, self.transport.write, count,
+                                   self._channel_options, now=core.now)
+
+    def _close_channels(self, reason: str) -> None:
+        if self.channels is not None:
+            self.channels.close_all(reason)
 
     def _deliver(self, data: bytes) -> None:
         if self._heard is not None:
@@ -158,6 +201,7 @@ class ShellProtocol(ProcessProtocol):
         heard.
         """
         session = self._session
+        self._close_channels("its relay sent malformed data")
         if not self._current():
             return
         session.shell = None
@@ -173,6 +217,7 @@ class ShellProtocol(ProcessProtocol):
         session.events.end(None, self.MALFORMED)
 
     def processEnded(self, reason: Failure) -> None:
+        self._close_channels("it ended")
         if self._current():
             self._session.shell = None
             self.facts.reason = reason

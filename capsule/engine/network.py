@@ -4,21 +4,15 @@ The network sessions run on.
 By default every session joins capsule's own bridge network, C{capsule}
 (its Linux bridge is C{capsule0}), created at start if missing, with
 inter-container traffic disabled: one session cannot reach another.  What
-the bridge may reach beyond the host (the cloud metadata service, private
-networks) is the host firewall's business: the C{DOCKER-USER} chain, which
-Docker leaves to its operator.  At start, capsule reads that chain and warns
-when the rules the README gives are missing.
+the bridge may reach beyond it (the cloud metadata service, private
+networks, the host itself) is fenced by the host's firewall
+(L{capsule.engine.firewall}), once the network is known.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
-import shlex
-import shutil
 
-from twisted.internet.defer import Deferred
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
 _log = Logger()
@@ -43,18 +37,6 @@ FENCED_NETWORK_OPTIONS = {
     "com.docker.network.bridge.name": FENCED_BRIDGE,
 }
 
-# What a session must not reach: the cloud metadata service, and the
-# private ranges (the host's neighbours, a VPC, the office).
-BLOCKED = (
-    ("169.254.169.254/32", "the cloud metadata service"),
-    ("10.0.0.0/8", "a private range"),
-    ("172.16.0.0/12", "a private range"),
-    ("192.168.0.0/16", "a private range"),
-)
-# The rules to add for them (169.254.0.0/16: the whole link-local range).
-SUGGESTED = ("169.254.0.0/16", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
-IPTABLES_TIMEOUT = 10.0
-
 
 class NotFenced(Exception):
     """
@@ -72,114 +54,33 @@ def bridge_of(network: dict) -> str | None:
     return network["options"].get("com.docker.network.bridge.name") or f"br-{network['id'][:12]}"
 
 
-def missing_blocks(rules: str, bridge: str, subnets: list[str]) -> list[str]:
-    """
-    Which of L{BLOCKED} the C{iptables -S DOCKER-USER} output C{rules} does
-    not drop for traffic coming from the bridge C{bridge} (whose subnets are
-    C{subnets}).
-
-    A rule counts if it drops or rejects a destination that covers the
-    blocked one, for traffic from the bridge (C{-i}, C{+} wildcards too),
-    from a source covering one of its subnets, or from anywhere, with no
-    other condition.  Rules after an unconditional C{RETURN} or C{ACCEPT}
-    (Docker's own last rule) are never reached and do not count.
-    """
-    ours = [ipaddress.ip_network(s, strict=False) for s in subnets]
-    covered: list = []
-    for line in rules.splitlines():
-        try:
-            words = shlex.split(line)
-        except ValueError:
-            continue
-        if words[:2] != ["-A", "DOCKER-USER"]:
-            continue
-        found: dict[str, str] = {}
-        other = False
-        at = 2
-        while at < len(words):
-            word = words[at]
-            if word in ("-i", "-s", "-d", "-j", "--reject-with") and at + 1 < len(words):
-                found[word] = words[at + 1]
-                at += 2
-            else:
-                other = True
-                break
-        target = found.get("-j")
-        if (target in ("RETURN", "ACCEPT") and not other
-                and not {"-i", "-s", "-d"} & found.keys()):
-            break
-        if other or target not in ("DROP", "REJECT") or "-d" not in found:
-            continue
-        interface = found.get("-i")
-        if interface is not None and not (
-                interface == bridge
-                or (interface.endswith("+") and bridge.startswith(interface[:-1]))):
-            continue
-        try:
-            destination = ipaddress.ip_network(found["-d"], strict=False)
-            source = ipaddress.ip_network(found["-s"], strict=False) if "-s" in found else None
-        except ValueError:
-            continue
-        if source is not None and not any(
-                n.version == source.version and source.supernet_of(n) for n in ours):
-            continue
-        covered.append(destination)
-    missing = []
-    for blocked, _ in BLOCKED:
-        wanted = ipaddress.ip_network(blocked)
-        if not any(d.version == wanted.version and d.supernet_of(wanted) for d in covered):
-            missing.append(blocked)
-    return missing
-
-
-def suggested_rules(bridge: str) -> list[str]:
-    """
-    The commands that block L{BLOCKED} for the bridge C{bridge}.
-    """
-    return [f"iptables -I DOCKER-USER -i {bridge} -d {d} -j DROP" for d in SUGGESTED]
-
-
-async def read_docker_user(reactor, iptables: str | None = None) -> tuple[str | None, str]:
-    """
-    C{iptables -S DOCKER-USER}: fire with C{(rules, "")}, or C{(None, why)}
-    when they cannot be read (no iptables, not allowed, no such chain).
-    """
-    iptables = iptables or shutil.which("iptables") or shutil.which("iptables", path="/usr/sbin:/sbin")
-    if iptables is None:
-        return None, "iptables is not installed here"
-    d: Deferred = getProcessOutputAndValue(iptables, ("-S", "DOCKER-USER"),
-                                           env=dict(os.environ), reactor=reactor)
-    d.addTimeout(IPTABLES_TIMEOUT, reactor)
-    try:
-        out, err, code = await d
-    except Exception as e:
-        return None, f"iptables -S DOCKER-USER did not answer ({e})"
-    if code != 0:
-        why = err.decode("utf-8", "replace").strip().splitlines()
-        return None, f"iptables -S DOCKER-USER failed: {why[0] if why else f'exit {code}'}"
-    return out.decode("utf-8", "replace"), ""
-
-
 class SessionNetwork:
     """
     The network of the sessions, made ready at start: L{ensure} creates
     capsule's own network if missing, says what is wrong with the one in
-    use, and checks the host's firewall for it once.
+    use, and fences its bridge once.
 
     @param name: C{none}, L{CAPSULE_NETWORK}, or the name of a network the
         operator made.
-    @param read_rules: C{read_rules()} fires with what
-        L{read_docker_user} does (tests replace it).
+    @param firewall: the L{capsule.engine.firewall.Firewall} that fences a
+        bridge network's sessions (none: nothing is fenced nor checked).
     """
 
-    def __init__(self, docker, reactor, name: str = CAPSULE_NETWORK, read_rules=None) -> None:
+    def __init__(self, docker, reactor, name: str = CAPSULE_NETWORK, firewall=None) -> None:
         self._docker = docker
         self._reactor = reactor
         self.name = name
-        self._read_rules = read_rules or (
-            lambda: Deferred.fromCoroutine(read_docker_user(reactor)))
+        self._firewall = firewall
         self.network: dict | None = None
         self.ready = False
+
+    @property
+    def refusal(self) -> str | None:
+        """
+        Why capsule must not start (C{--firewall manage} could not fence the
+        sessions), once L{ensure} has fenced its network.
+        """
+        return None if self._firewall is None else self._firewall.refusal
 
     def subnets(self) -> list:
         """
@@ -251,31 +152,10 @@ class SessionNetwork:
             _log.info("sessions run on the {driver} network {name}", driver=network["driver"],
                       name=self.name)
             return
-        if fenced:
-            # No route out: what it reaches of the host itself is the
-            # INPUT chain's business.
-            return
         if network["options"].get("com.docker.network.bridge.enable_icc") != "false":
             _log.warn("the network {name} lets its containers reach each other (it was not"
                       " created with com.docker.network.bridge.enable_icc=false): one session"
                       " can connect to another's services", name=self.name)
-        await self._check_firewall(bridge, network["subnets"])
-
-    async def _check_firewall(self, bridge: str, subnets: list[str]) -> None:
-        rules, why = await self._read_rules()
-        if rules is None:
-            _log.warn("could not check the host firewall for the network {name} ({why}):"
-                      " make sure DOCKER-USER blocks 169.254.169.254 and the private ranges"
-                      " for bridge {bridge} (see the README, 'Container hardening')",
-                      name=self.name, why=why, bridge=bridge)
-            return
-        missing = missing_blocks(rules, bridge, subnets)
-        if missing:
-            _log.warn("the host firewall lets sessions on {name} (bridge {bridge}) reach"
-                      " {missing}: no DOCKER-USER rule drops them. Add: {commands}",
-                      name=self.name, bridge=bridge, missing=", ".join(
-                          f"{d} ({what})" for d, what in BLOCKED if d in missing),
-                      commands="; ".join(suggested_rules(bridge)))
-        else:
-            _log.info("the host firewall blocks the metadata service and the private ranges"
-                      " for the sessions on {name}", name=self.name)
+        if self._firewall is not None:
+            await self._firewall.fence(self.name, bridge, network["subnets"],
+                                       network.get("gateways", ()))

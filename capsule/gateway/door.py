@@ -59,15 +59,28 @@ class SessionDoor(Service):
     service stops.
 
     @param port: the door's port on every address.
-    @param factory: the protocol factory of a connection from a session.
+    @param factory: the protocol factory of a connection from a session; or
+        C{None} and C{factory_of}, which returns it when first needed (the
+        gateway behind the door is made after the sessions' manager, which
+        hands the door connections from sessions without a network).
     """
 
-    def __init__(self, reactor, port: int, factory) -> None:
+    def __init__(self, reactor, port: int, factory=None, factory_of=None) -> None:
         self._reactor = reactor
         self.port = port
-        self.factory = factory
+        self._factory = factory
+        self._factory_of = factory_of
         self._listening: dict[str, object] = {}
         self._pending: dict[str, Deferred] = {}
+
+    @property
+    def factory(self):
+        """
+        The protocol factory of a connection from a session.
+        """
+        if self._factory is None:
+            self._factory = self._factory_of()
+        return self._factory
 
     def addresses(self) -> list[str]:
         """

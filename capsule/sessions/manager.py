@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
+from capsule.core.channels import CHANNEL_ENV
 from capsule.core.keeper import (SECRET_BYTES, SECRET_LABEL, has_own_address, keeper_argv,
                                  parse_secret)
 from capsule.core.session_core import ISessionEffects, SessionCore, State
@@ -34,6 +35,7 @@ from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, L
                                    parse_profile_name, start_command)
 from capsule.core.replay import ReplayBuffer
 from capsule.core.spec import ContainerSpec
+from capsule.engine.channels import ChannelOptions
 from capsule.engine.keeper_direct import KeeperUnreachable
 from capsule.engine.keeper_stream import ShellProtocol
 from capsule.sessions.engine_watch import EngineWatch
@@ -68,9 +70,11 @@ class SessionManager:
     @param observers: others told what happens to sessions (recordings).
     @param pool_room: whether the server has room for one more warm session
         beyond a pool's size (see L{WarmPool}); default: always.
-    @param session_environment: callables C{(session_id, profile) -> dict}
-        whose variables are added to each new container's environment (the
-        session door, the egress proxy).
+    @param session_environment: callables C{(session_id, profile)} each
+        returning variables for the environment of that session's container
+        (a feature's: the credential gateway's placeholder, git's and the
+        egress proxy's settings), merged in turn over the profile's when the
+        container is made.
 
     @ivar sessions: the live sessions by id.
     @ivar recovery: finds the sessions of an earlier run (L{Recovery}).
@@ -82,8 +86,15 @@ class SessionManager:
 
     def __init__(self, docker, clock, config: SessionConfig, *, metrics=None, owners=None,
                  observers=(), memory=None, direct=None, pool_room=None,
-                 session_environment=()) -> None:
+                 door=None, session_environment=()) -> None:
         self._docker = docker
+        # The session door (capsule.gateway.door: its port and factory), or
+        # None: a session without a network reaches it over its keeper's
+        # channels (capsule.engine.channels).
+        self._door = door
+        # What sessions' environments get besides their profile's: each a
+        # callable (session id, profile) -> dict (the gateway's door URL and
+        # placeholders, the egress proxy's variables).
         self._session_environment = tuple(session_environment)
         # The memory accounting (capsule.core.memory.MemoryBudget): a warm
         # pool refills only while its next session fits.
@@ -446,8 +457,12 @@ class SessionManager:
                     _log.info("session {session_id}'s keeper cannot be reached directly"
                               " ({reason}): its stream goes through a relay exec (said once)",
                               session_id=session.id[:8], reason=str(e))
+        channels = None
+        if self.config.keeper and spec.network == "none":
+            channels, environment = self._channels(session, environment)
         protocol = session.shell = ShellProtocol(session, self.config.keeper, offset,
-                                                 partial(self._heard, session))
+                                                 partial(self._heard, session),
+                                                 channels=channels)
         if not self.config.keeper:
             await self._docker.spawn_exec(
                 protocol, session.container_id, list(command), spec.user,
@@ -458,6 +473,26 @@ class SessionManager:
         await self._docker.spawn_exec(
             protocol, session.container_id, argv, spec.user, spec.workdir,
             environment, None, tty=False)
+
+    def _channels(self, session: Session,
+                  environment: dict[str, str]) -> tuple[ChannelOptions, dict[str, str]]:
+        """
+        The channels a session without a network asks of its keeper: the
+        door's port at 127.0.0.1 in its container (if capsule has a door),
+        and capsule's to ports in it (previews); the keeper's exec is told
+        with its environment (the keeper's own: the shell does not get it).
+        """
+        door = self._door
+        port = door.port if door is not None else 0
+        accept = None
+        if door is not None:
+            # A channel's connection is this session's, whatever its address
+            # (the door's factory knows it so, where it can: the egress proxy).
+            for_session = getattr(door.factory, "for_session", None)
+            accept = (partial(for_session, session) if for_session is not None
+                      else door.factory.buildProtocol)
+        return (ChannelOptions(port, accept),
+                {**environment, CHANNEL_ENV: str(port)})
 
     def _heard(self, session: Session, data: bytes) -> None:
         """
@@ -550,7 +585,8 @@ class SessionManager:
         """
         How the container of session C{session_id}, of profile C{settings}
         (default: C{shell}) for C{user}, is made: its labels, its secrets,
-        the user's agent volume.
+        the features' environment (C{session_environment}), the user's
+        agent volume.
         """
         settings = settings or self.profiles[DEFAULT_PROFILE]
         spec = settings.spec
@@ -568,8 +604,8 @@ class SessionManager:
         secret = ({SECRET_LABEL: os.urandom(SECRET_BYTES).hex()}
                   if self._direct is not None and has_own_address(spec.network) else {})
         environment = dict(spec.environment)
-        for hook in self._session_environment:
-            environment.update(hook(session_id, settings))
+        for more in self._session_environment:
+            environment.update(more(session_id, settings))
         return replace(spec, labels={**spec.labels, **self.labels, LABEL_SESSION: session_id,
                                      LABEL_PROFILE: settings.name, **secret},
                        environment=environment,
@@ -585,6 +621,13 @@ class SessionManager:
             "could not remove container {container} of session {session_id}: {error}",
             container=container_id[:12], session_id=session.id[:8], error=f.getErrorMessage()))
         return d
+
+    @property
+    def removing(self) -> int:
+        """
+        Containers of ended sessions the engine is still removing.
+        """
+        return len(self._removals)
 
     # -- the server's start and stop -------------------------------------
 

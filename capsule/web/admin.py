@@ -8,6 +8,8 @@ drain the server.  What C{python -m capsule.admin} speaks to.
     GET    /api/admin/drain           whether capsule drains
     POST   /api/admin/drain?deadline=S  drain: no new sessions; after S s end the rest
     DELETE /api/admin/drain           take new sessions again
+    GET    /api/admin/usage           what sessions used of Anthropic's API through the
+                                      credential gateway, per user and per live session
 
 Allowed with the admin token (C{Authorization: Bearer}), to a user named by
 C{--admin-user}, and from loopback (a request without forwarding headers,
@@ -128,9 +130,11 @@ class AdminResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, manager, drain: Drain, access: AdminAccess, clock) -> None:
+    def __init__(self, manager, drain: Drain, access: AdminAccess, clock, usage=None) -> None:
         super().__init__()
         self._manager, self._drain, self._access, self._clock = manager, drain, access, clock
+        # usage(): the credential gateway's counts (capsule.gateway.usage), or None.
+        self._usage = usage
 
     def render(self, request):
         def refused(failure):
@@ -162,6 +166,9 @@ class AdminResource(Resource):
         elif len(path) == 2 and path[0] == "sessions":
             if method == b"DELETE":
                 return self._end(path[1], who)
+        elif path == ["usage"] and self._usage is not None:
+            if method in (b"GET", b"HEAD"):
+                return 200, self._usage()
         elif path == ["drain"]:
             if method in (b"GET", b"HEAD"):
                 return 200, self._drain.state()
@@ -174,7 +181,8 @@ class AdminResource(Resource):
                 return 200, self._drain.state()
         else:
             return 404, {"error": "no such admin path", "code": "not_found"}
-        allowed = ("GET, HEAD, DELETE" if path == ["sessions"] else "DELETE" if len(path) == 2
+        allowed = ("GET, HEAD, DELETE" if path == ["sessions"] else "GET, HEAD"
+                   if path == ["usage"] else "DELETE" if len(path) == 2
                    else "GET, HEAD, POST, DELETE")
         request.setHeader(b"allow", allowed.encode("ascii"))
         return 405, {"error": f"{method.decode('ascii', 'replace')[:20]} is not allowed here;"

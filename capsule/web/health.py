@@ -26,7 +26,9 @@ class HealthResource(Resource):
     C{GET /health}: JSON with C{status}, C{docker}, C{image}, C{sessions}
     and C{version}; 503 when Docker does not answer, and while capsule drains
     (C{status} C{draining}, and C{draining} says how: a load balancer then
-    sends no new users).
+    sends no new users).  With a firewall, C{firewall} says whether the
+    session networks are fenced (L{capsule.engine.firewall.Firewall.health}):
+    a C{problem} there is a warning, not a reason to send users elsewhere.
 
     One probe of the engine runs at a time: requests that arrive while it
     runs share its answer, each waiting at most L{HEALTH_TIMEOUT}, so that
@@ -35,10 +37,12 @@ class HealthResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, manager: SessionManager, docker, reactor, drain=None) -> None:
+    def __init__(self, manager: SessionManager, docker, reactor, drain=None,
+                 firewall=None) -> None:
         super().__init__()
         self._manager, self._docker, self._reactor = manager, docker, reactor
         self._drain = drain
+        self._firewall = firewall
         self._waiting: list[Deferred] = []
 
     def render_GET(self, request):
@@ -89,6 +93,8 @@ class HealthResource(Resource):
                      "ready": len(self._manager.pool.ready)},
             "instance": self._manager.config.instance,
         }
+        if self._firewall is not None:
+            body["firewall"] = self._firewall.health()
         if self._drain is not None and self._drain.active:
             body["draining"] = self._drain.state()
         d = self._probe(image)

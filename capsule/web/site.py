@@ -462,7 +462,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               answer_write_timeout: float = EXEC_WRITE_TIMEOUT,
               docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER, access_log: bool = False,
               connection_limits: ConnectionLimits = ConnectionLimits(),
-              spectators=None,
+              spectators=None, firewall=None, admin_usage=None,
               **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -502,6 +502,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     @param spectators: the share links and who watches through them
         (L{capsule.sessions.spectators}, an observer of C{manager});
         C{None}: sessions cannot be shared.
+    @param firewall: what fences the session networks
+        (L{capsule.engine.firewall.Firewall}): C{/health} says its state.
     @param access_log: an access line for every request (C{--access-log});
         else only for those L{logged_by_default}.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
@@ -524,7 +526,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                                    start_at_open=start_at_open, spectators=spectators,
                                    **websocket_options)
     root.putChild(b"ws", CountedWebSocketResource(factory))
-    root.putChild(b"health", HealthResource(manager, docker, reactor, drain))
+    root.putChild(b"health", HealthResource(manager, docker, reactor, drain,
+                                                 firewall))
     root.putChild(b"metrics", MetricsResource(metrics, metrics_token))
     api = ApiResource()
     exports = ExportResource(manager, docker, reactor, limits=export_limits,
@@ -554,7 +557,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         top = AuthGate(root, authenticator, OPEN_PATHS)
         body_limits[b"/login"] = LOGIN_MAX_BODY
     top = AdminMount(top, AdminResource(manager, drain, AdminAccess(
-        admin_token, admin_users, authenticator, admin_loopback), reactor))
+        admin_token, admin_users, authenticator, admin_loopback), reactor,
+        usage=admin_usage))
     return CapsuleSite(GuardResource(top, host_policy), reactor=reactor,
                        logFormatter=access_log_line, body_limits=body_limits,
                        body_rules=[session_api.body_limit], websocket_factory=factory,

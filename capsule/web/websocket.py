@@ -5,8 +5,6 @@ events out, frames.
 
 from __future__ import annotations
 
-import enum
-
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -22,11 +20,10 @@ from capsule.ops.logformat import short_ids
 from capsule.core.coalesce import Coalescer
 from capsule.core.errors import CapsuleError, SessionNotFound
 from capsule.web.http import client_address
+from capsule.web.watch import CLOSE_QUOTA_EXCEEDED, Watching, _Phase
 from capsule.web.wire import BinaryWire, FlowGate, JsonWire, close_reason, url_size
 from capsule.core.interfaces import ISessionClient
 from capsule.core.session_core import InputOverrun
-from capsule.core.shares import ShareRefused
-from capsule.sessions.spectators import TOO_MANY_WATCHERS
 from capsule.core.profiles import UnknownProfile, parse_profile_name
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.service import OpenRequest
@@ -48,35 +45,11 @@ CLOSE_RESTARTING = 4001
 CLOSE_INVALID_SESSION = 4400
 CLOSE_SESSION_NOT_FOUND = 4404
 CLOSE_TAKEN_OVER = 4409
-# Refused a new session: this client has too many, or makes them too fast.
-CLOSE_QUOTA_EXCEEDED = 4429
-# A spectator's watch ended: its link was revoked or expired, or its session
-# ended (or the link never worked).
-CLOSE_WATCH_ENDED = 4410
-# A spectator fell too far behind the session's output.
-CLOSE_TOO_SLOW = 4411
-READ_ONLY = "read_only"
-READ_ONLY_MESSAGE = ("this is a read-only watch link: what you type and your terminal's size"
-                     " are not sent to the session")
 CLOSE_UNAVAILABLE = 4503
 
 
-class _Phase(enum.Enum):
-    """
-    Where a connection is: C{NEW} until the handshake, then C{AWAITING_SIZE}
-    (a new session needs the terminal's size first), C{SESSION} (attached
-    to, or starting, a session), and C{DONE}.
-    """
-
-    NEW = "new"
-    AWAITING_SIZE = "awaiting_size"
-    SESSION = "session"
-    WATCHING = "watching"
-    DONE = "done"
-
-
 @implementer(ISessionClient)
-class CapsuleServerProtocol(WebSocketServerProtocol):
+class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
     """
     One browser connection, in one L{_Phase} at a time.  What goes on the wire is its C{_wire}'s business: the JSON
     or the binary protocol, chosen at the handshake.
@@ -415,98 +388,6 @@ class CapsuleServerProtocol(WebSocketServerProtocol):
                     "bad_ack")
             self._acked = max(self._acked, message.offset)
             self._check_window()
-
-    # -- a spectator: watches through a share link, never types ----------------
-
-    def _start_watching(self) -> None:
-        spectators = self.factory.spectators
-        if spectators is None:
-            self._refuse("capsule has no watch links here", "share_not_found",
-                         CLOSE_WATCH_ENDED)
-            return
-        self._phase = _Phase.WATCHING
-        try:
-            session = spectators.watch(self._watch_token, self)
-        except ShareRefused as e:
-            self._refuse(e.message, e.code, CLOSE_QUOTA_EXCEEDED
-                         if e.code == TOO_MANY_WATCHERS else CLOSE_WATCH_ENDED)
-            return
-        if self._phase is _Phase.WATCHING:
-            self._session = session
-
-    def _handle_watching(self, message) -> None:
-        """
-        A spectator's message: acknowledgements count, input and sizes are
-        never passed on (it is told so once, then they are dropped).
-        """
-        if isinstance(message, wire.Ack):
-            if message.offset > self._sent:
-                raise wire.ProtocolError(
-                    f"ack of offset {message.offset}, beyond the {self._sent} bytes sent",
-                    "bad_ack")
-            self._acked = max(self._acked, message.offset)
-            self._send_backlog()
-        elif isinstance(message, (wire.Input, wire.Resize)) and not self._told_read_only:
-            self._told_read_only = True
-            _log.info("spectator {peer} sent input or a size: dropped (read-only)",
-                      peer=self.peer)
-            self._manager.metrics.error_sent(READ_ONLY)
-            self._send(wire.encode_error(READ_ONLY_MESSAGE, READ_ONLY))
-
-    def watch_started(self, offset: int, replay: int, share, size: tuple[int, int]) -> None:
-        self._sent = self._acked = offset
-        acks = self._wire.acks
-        self._send(wire.encode_watching(
-            offset if acks else None, self.factory.flow_window if acks else None, replay,
-            share.expires_at - self.factory.clock.seconds(), size))
-
-    def watch_resized(self, cols: int, rows: int) -> None:
-        if self._phase is _Phase.WATCHING:
-            self._flush()
-            self._send(wire.encode_size(cols, rows))
-
-    def watch_output(self, data: bytes) -> None:
-        """
-        Output for a spectator: sent while it keeps up; held while its
-        window or its transport is full, up to C{watch_backlog} bytes, past
-        which it is closed.  It never holds the session back.
-        """
-        if self._phase is not _Phase.WATCHING:
-            return
-        if self._backlog or self._watch_blocked():
-            self._backlog.append(data)
-            self._backlog_bytes += len(data)
-            if self._backlog_bytes > self.factory.watch_backlog:
-                message = (f"this page fell more than {self.factory.watch_backlog} bytes"
-                           " behind the session's output: reload it to watch again")
-                _log.info("closed spectator {peer}: {message}", peer=self.peer,
-                          message=message)
-                session, self._session = self._session, None
-                if session is not None:
-                    self.factory.spectators.leave(session, self)
-                self.watch_ended("too_slow", message, CLOSE_TOO_SLOW)
-            return
-        self._coalescer.push(data)
-
-    def _watch_blocked(self) -> bool:
-        if "outgoing" in self._not_reading:
-            return True
-        return self._wire.acks and (
-            self._sent + self._coalescer.pending - self._acked >= self.factory.flow_window)
-
-    def _send_backlog(self) -> None:
-        while self._backlog and not self._watch_blocked() and self._phase is _Phase.WATCHING:
-            data = self._backlog.pop(0)
-            self._backlog_bytes -= len(data)
-            self._coalescer.push(data)
-
-    def watch_ended(self, code: str, message: str, close_code: int = CLOSE_WATCH_ENDED) -> None:
-        self._session = None
-        self._backlog, self._backlog_bytes = [], 0
-        self._flush()
-        self._manager.metrics.error_sent(code)
-        self._send(wire.encode_error(message, code))
-        self._close(close_code, message)
 
     def session_watchers(self, count: int) -> None:
         """

@@ -62,6 +62,31 @@
  * passing on the frames it has, waiting for the server at most a second), 0
  * when the server closes, 255 on errors.
  *
+ * Channels: TCP connections carried over the attachment's stream, asked for
+ * by the environment variable CAPSULE_KEEPER_CHANNELS (a relay then sends
+ * 'a' with a 13th byte, 1, and the preamble says ";channels=N" after
+ * dropped=D, N the most channels open at once; the variable is the keeper's,
+ * never COMMAND's).  Its value, if not 0, is a port: a server it starts also
+ * listens on 127.0.0.1:PORT (the door), and each connection there becomes a
+ * channel of the keeper's.  Every channel frame starts with the channel's
+ * 4-byte id (the keeper's are 1 .. 2^31-1, capsule's have the top bit set):
+ *   capsule -> keeper: 'C' ID PORT(2): connect to 127.0.0.1:PORT (answered
+ *                      with 'A' ID once connected, or 'F')
+ *   keeper -> capsule: 'C' ID PORT(2): a connection came in on the door
+ *   both ways:         'D' ID bytes (at most CHUNK); 'E' ID: no more bytes
+ *                      from this side (the socket's half-close); 'F' ID
+ *                      REASON: the channel is gone (an error, a refusal; no
+ *                      answer); 'G' ID N(4): N more bytes may be sent
+ * A side may have at most CWINDOW bytes sent and not granted back on each
+ * channel: the keeper grants what it wrote to the socket, and reads a socket
+ * only while it may send (so a slow reader on either side stops the other,
+ * and neither holds more than a window).  The shell's output and channel
+ * data take turns on the stream (control frames first), so a bulk channel
+ * delays a keystroke's echo by one CHUNK at most.  At most CHANNELS are open
+ * at once: past that, capsule's 'C' is answered with 'F', and a connection on
+ * the door is closed and counted, capsule being told with an 'F' of channel
+ * 0.  Channels end with their attachment (a new one starts with none).
+ *
  * With -t PORT, a server this invocation starts also listens on TCP PORT
  * (all of the container's addresses), so that capsule can reach it without a
  * relay exec (no dockerd, no containerd-shim on the way).  A TCP attachment
@@ -102,6 +127,7 @@
 #include <pty.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -252,9 +278,366 @@ static int holding(struct conn *c)
     return flooding() && clock_us - pending_since < HOLD_US;
 }
 
+/* ---- channels ------------------------------------------------------------
+ *
+ * TCP connections carried over the attachment's stream (see "Channels" at
+ * the top).  Everything here is apart from the shell's path: the server
+ * calls chan_reset when its attachment changes, chan_frame_ok and
+ * chan_receive for the attachment's channel frames, chan_fill when the
+ * attachment can take a frame, and chan_poll / chan_events around its poll.
+ */
+
+#define CHANNELS 32         /* channels open at once (both directions together) */
+#define CHUNK 16384         /* largest data in one 'D' frame: fair turns with the shell */
+#define CWINDOW 131072      /* bytes a side may send on a channel before the other grants more */
+#define REASON 200          /* longest reason in an 'F' frame */
+#define CHAN_ENV "CAPSULE_KEEPER_CHANNELS"
+
+struct chan {
+    uint32_t id;
+    int fd;              /* the in-container socket; -1 once closed */
+    int connecting;      /* capsule's 'C': the connect is under way */
+    int announce;        /* an accepted connection: 'C' to send */
+    int ack;             /* connected: 'A' to send */
+    int eof_in;          /* the socket's reading side ended: 'E' once up is sent */
+    int eof_sent;
+    int eof_out;         /* capsule's 'E': shut the socket's writing once down is written */
+    int shut;
+    int fail;            /* 'F' with reason to send, then the channel goes */
+    uint16_t port;
+    u64 credit;          /* bytes capsule may still be sent */
+    u64 grant;           /* bytes written to the socket, not yet granted back */
+    size_t ulen, dlen, doff;
+    char reason[REASON];
+    unsigned char up[CHUNK];       /* socket -> capsule: one 'D' frame */
+    unsigned char down[CWINDOW];   /* capsule -> socket: at most a window */
+};
+
+static struct chan *chans[CHANNELS];
+static int chan_on;        /* the current attachment speaks channels */
+static int door_fd = -1;   /* 127.0.0.1:door, whose connections become channels */
+static uint16_t door_port;
+static uint32_t chan_next = 1;   /* the keeper's ids: 1 .. 2^31-1; capsule's have the top bit */
+static int chan_rr, chan_turn;   /* round-robin over channels; whose turn, shell or channels */
+static unsigned refused;         /* door connections refused since the last notice */
+static uint32_t refuse_ids[CHANNELS];  /* capsule's opens refused past the cap: 'F' to send */
+static int nrefuse;
+
+static void chan_free(int i)
+{
+    struct chan *ch = chans[i];
+    if (!ch) return;
+    if (ch->fd >= 0) close(ch->fd);
+    free(ch);
+    chans[i] = NULL;
+}
+
+/* The attachment changed: every channel ends (their sockets close). */
+static void chan_reset(void)
+{
+    for (int i = 0; i < CHANNELS; i++) chan_free(i);
+    chan_on = 0;
+    refused = 0;
+    nrefuse = 0;
+}
+
+static struct chan *chan_find(uint32_t id)
+{
+    for (int i = 0; i < CHANNELS; i++)
+        if (chans[i] && chans[i]->id == id) return chans[i];
+    return NULL;
+}
+
+static struct chan *chan_new(uint32_t id, int fd, uint16_t port)
+{
+    for (int i = 0; i < CHANNELS; i++) {
+        if (chans[i]) continue;
+        struct chan *ch = malloc(sizeof *ch);
+        if (!ch) return NULL;
+        memset(ch, 0, offsetof(struct chan, up));
+        ch->id = id;
+        ch->fd = fd;
+        ch->port = port;
+        ch->credit = CWINDOW;
+        chans[i] = ch;
+        return ch;
+    }
+    return NULL;
+}
+
+/* The channel ends with 'F' and reason (its socket closes now). */
+static void chan_fail(struct chan *ch, const char *fmt, ...)
+{
+    if (ch->fail) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(ch->reason, sizeof ch->reason, fmt, ap);
+    va_end(ap);
+    ch->fail = 1;
+    if (ch->fd >= 0) close(ch->fd);
+    ch->fd = -1;
+}
+
+/* Which channel frames capsule may send, of which sizes. */
+static int chan_frame_ok(unsigned char type, u64 len)
+{
+    switch (type) {
+    case 'C': return len == 6;
+    case 'D': return len >= 4 && len <= 4 + CHUNK;
+    case 'E': return len == 4;
+    case 'F': return len >= 4 && len <= 4 + REASON;
+    case 'G': return len == 8;
+    default: return 0;
+    }
+}
+
+/* Opens capsule's channel id to 127.0.0.1:port (the answer is 'A' or 'F'). */
+static void chan_open(uint32_t id, uint16_t port)
+{
+    struct chan *ch;
+    if (!(id & 0x80000000u)) return;  /* not an id capsule may choose */
+    if ((ch = chan_find(id)) != NULL) {
+        chan_fail(ch, "channel %u opened twice", id);
+        return;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    ch = chan_new(id, fd, port);
+    if (!ch) {
+        if (fd >= 0) close(fd);
+        if (nrefuse < CHANNELS) refuse_ids[nrefuse++] = id;
+        return;
+    }
+    if (fd < 0) { chan_fail(ch, "socket: %s", strerror(errno)); return; }
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
+                            .sin_addr = {htonl(INADDR_LOOPBACK)}};
+    if (port == 0) { chan_fail(ch, "port 0"); return; }
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) ch->ack = 1;
+    else if (errno == EINPROGRESS) ch->connecting = 1;
+    else chan_fail(ch, "connecting to 127.0.0.1:%u: %s", port, strerror(errno));
+}
+
+/* A channel frame from capsule (chan_frame_ok said yes). */
+static void chan_receive(unsigned char type, const unsigned char *d, size_t len)
+{
+    uint32_t id = (uint32_t)get_be(d, 4);
+    if (type == 'C') { chan_open(id, (uint16_t)get_be(d + 4, 2)); return; }
+    struct chan *ch = chan_find(id);
+    if (!ch || ch->fail) return;  /* it ended meanwhile: what was on its way goes */
+    if (type == 'F') {
+        for (int i = 0; i < CHANNELS; i++) if (chans[i] == ch) chan_free(i);
+    } else if (type == 'G') {
+        ch->credit += get_be(d + 4, 4);
+        if (ch->credit > CWINDOW) chan_fail(ch, "granted past the window");
+    } else if (type == 'E') {
+        ch->eof_out = 1;
+        if (ch->dlen == ch->doff && ch->fd >= 0 && !ch->connecting) {
+            shutdown(ch->fd, SHUT_WR);
+            ch->shut = 1;
+        }
+    } else if (type == 'D') {
+        len -= 4;
+        if (ch->eof_out) { chan_fail(ch, "data after its end"); return; }
+        if (ch->doff) {
+            memmove(ch->down, ch->down + ch->doff, ch->dlen - ch->doff);
+            ch->dlen -= ch->doff;
+            ch->doff = 0;
+        }
+        if (len > CWINDOW - ch->dlen) { chan_fail(ch, "more data than the window"); return; }
+        memcpy(ch->down + ch->dlen, d + 4, len);
+        ch->dlen += len;
+    }
+}
+
+/* Queues a channel's frame in c->out: its control frames first (any
+ * channel's), and data ('D') only when data is 1.  Returns whether it did. */
+static int chan_fill(struct conn *c, int data)
+{
+    unsigned char h[4 + REASON + 4];
+    for (int i = 0; i < CHANNELS; i++) {
+        struct chan *ch = chans[i];
+        if (!ch) continue;
+        if (ch->eof_sent && ch->shut && !ch->fail && !ch->ack) {
+            chan_free(i);  /* both ways ended */
+            continue;
+        }
+        put_be(h, ch->id, 4);
+        if (ch->announce) {
+            put_be(h + 4, ch->port, 2);
+            c->olen = frame(c->out, 'C', h, 6);
+            ch->announce = 0;
+        } else if (ch->fail) {
+            size_t n = strlen(ch->reason);
+            memcpy(h + 4, ch->reason, n);
+            c->olen = frame(c->out, 'F', h, 4 + n);
+            chan_free(i);
+        } else if (ch->ack) {
+            c->olen = frame(c->out, 'A', h, 4);
+            ch->ack = 0;
+        } else if (ch->grant >= CWINDOW / 4 || (ch->grant && ch->dlen == ch->doff)) {
+            put_be(h + 4, ch->grant, 4);
+            c->olen = frame(c->out, 'G', h, 8);
+            ch->grant = 0;
+        } else if (ch->eof_in && !ch->eof_sent && !ch->ulen) {
+            c->olen = frame(c->out, 'E', h, 4);
+            ch->eof_sent = 1;
+        } else {
+            continue;
+        }
+        c->ooff = 0;
+        return 1;
+    }
+    for (int k = 0; data && k < CHANNELS; k++) {
+        int i = (chan_rr + k) % CHANNELS;
+        struct chan *ch = chans[i];
+        if (!ch || !ch->ulen) continue;
+        unsigned char *p = c->out;
+        p[0] = 'D';
+        put_be(p + 1, 4 + ch->ulen, 4);
+        put_be(p + 5, ch->id, 4);
+        memcpy(p + 9, ch->up, ch->ulen);
+        c->olen = 9 + ch->ulen;
+        c->ooff = 0;
+        ch->ulen = 0;
+        chan_rr = (i + 1) % CHANNELS;
+        return 1;
+    }
+    return 0;
+}
+
+/* The door's connection: a channel of the keeper's, announced with 'C'.
+ * Past the cap (or with no attachment that speaks channels), it is closed,
+ * and capsule is told how many were with an 'F' of channel 0. */
+static void chan_accept(void)
+{
+    int fd = accept4(door_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return;
+    struct chan *ch = chan_on ? chan_new(chan_next, fd, door_port) : NULL;
+    if (!ch) {
+        close(fd);
+        if (chan_on) refused++;
+        return;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    ch->announce = 1;
+    chan_next = chan_next >= 0x7fffffffu ? 1 : chan_next + 1;
+}
+
+/* A notice of refused connections, if any, as 'F' of channel 0. */
+static int chan_notice(struct conn *c)
+{
+    char text[REASON];
+    unsigned char h[4 + REASON] = {0};
+    if (nrefuse) {
+        put_be(h, refuse_ids[--nrefuse], 4);
+        int k = snprintf(text, sizeof text, "%d channels are open (at most %d)", CHANNELS, CHANNELS);
+        memcpy(h + 4, text, (size_t)k);
+        c->olen = frame(c->out, 'F', h, 4 + (size_t)k);
+        c->ooff = 0;
+        return 1;
+    }
+    if (!refused) return 0;
+    int n = snprintf(text, sizeof text, "refused %u connection(s) on port %u: %d channels are open"
+                     " (at most %d)", refused, door_port, CHANNELS, CHANNELS);
+    memcpy(h + 4, text, (size_t)n);
+    c->olen = frame(c->out, 'F', h, 4 + (size_t)n);
+    c->ooff = 0;
+    refused = 0;
+    return 1;
+}
+
+/* Poll entries for the door and the channels' sockets, at p[0 .. 1 + CHANNELS). */
+static void chan_poll(struct pollfd *p)
+{
+    p[0].fd = door_fd;
+    p[0].events = POLLIN;
+    for (int i = 0; i < CHANNELS; i++) {
+        struct chan *ch = chans[i];
+        short ev = 0;
+        if (ch && ch->fd >= 0 && !ch->fail) {
+            if (ch->connecting) ev = POLLOUT;
+            else {
+                if (!ch->eof_in && !ch->ulen && ch->credit) ev |= POLLIN;
+                if (ch->dlen > ch->doff) ev |= POLLOUT;
+            }
+        }
+        p[1 + i].fd = ev ? ch->fd : -1;
+        p[1 + i].events = ev;
+    }
+}
+
+/* Handles what poll said of the door and the channels' sockets. */
+static void chan_events(struct pollfd *p)
+{
+    for (int i = 0; i < CHANNELS; i++) {
+        struct chan *ch = chans[i];
+        short re = p[1 + i].revents;
+        if (!ch || p[1 + i].fd < 0 || p[1 + i].fd != ch->fd || !re) continue;
+        if (ch->connecting) {
+            int err = 0;
+            socklen_t n = sizeof err;
+            getsockopt(ch->fd, SOL_SOCKET, SO_ERROR, &err, &n);
+            if (err) { chan_fail(ch, "connecting to 127.0.0.1:%u: %s", ch->port, strerror(err)); continue; }
+            ch->connecting = 0;
+            ch->ack = 1;
+            if (ch->eof_out && ch->dlen == ch->doff) { shutdown(ch->fd, SHUT_WR); ch->shut = 1; }
+            continue;
+        }
+        if (p[1 + i].events & POLLIN && re & (POLLIN | POLLHUP | POLLERR)) {
+            size_t want = ch->credit < CHUNK ? (size_t)ch->credit : CHUNK;
+            ssize_t n = read(ch->fd, ch->up, want);
+            if (n > 0) { ch->ulen = (size_t)n; ch->credit -= (u64)n; }
+            else if (n == 0) ch->eof_in = 1;
+            else if (errno != EINTR && errno != EAGAIN) { chan_fail(ch, "reading: %s", strerror(errno)); continue; }
+        }
+        if (p[1 + i].events & POLLOUT && re & (POLLOUT | POLLHUP | POLLERR)) {
+            ssize_t n = send(ch->fd, ch->down + ch->doff, ch->dlen - ch->doff, MSG_NOSIGNAL);
+            if (n > 0) {
+                ch->doff += (size_t)n;
+                ch->grant += (u64)n;
+                if (ch->doff == ch->dlen) ch->doff = ch->dlen = 0;
+                if (!ch->dlen && ch->eof_out && !ch->shut) { shutdown(ch->fd, SHUT_WR); ch->shut = 1; }
+            } else if (n < 0 && errno != EINTR && errno != EAGAIN) {
+                chan_fail(ch, "writing: %s", strerror(errno));
+                continue;
+            }
+        }
+        /* both ways ended: it goes once its 'E' and grants are sent (chan_fill) */
+    }
+    if (door_fd >= 0 && p[0].revents & POLLIN) chan_accept();
+}
+
+/* The door listener on 127.0.0.1:port (-1, and nothing else, if it cannot be had). */
+static int chan_listener(u64 port)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                            .sin_addr = {htonl(INADDR_LOOPBACK)}};
+    int one = 1, l = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (l >= 0) setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) < 0 || listen(l, 16) < 0) {
+        if (l >= 0) close(l);
+        return -1;
+    }
+    door_port = (uint16_t)port;
+    return l;
+}
+
+/* CAPSULE_KEEPER_CHANNELS: unset, no channels; else the door's port (0: none). */
+static int chan_wanted(u64 *port)
+{
+    const char *s = getenv(CHAN_ENV);
+    if (!s) return 0;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    *port = *s && !*end && !errno && v <= 65535 ? v : 0;
+    return 1;
+}
+
 static void conn_close(struct conn *c)
 {
     if (c->fd < 0) return;
+    if (c == cur) chan_reset();
     close(c->fd);
     c->fd = -1;
     c->hello = c->ending = 0;
@@ -267,10 +650,9 @@ static void set_size(u64 cols, u64 rows)
     if (cols && rows && mfd >= 0) ioctl(mfd, TIOCSWINSZ, &ws);
 }
 
-/* Queues the next frame for c; returns whether there was one. */
-static int fill(struct conn *c)
+/* Queues c's next frame of the shell's; returns whether there was one. */
+static int fill_shell(struct conn *c)
 {
-    if (!c->hello) return 0;
     if (c->pos < rend) {
         if (holding(c)) return 0;
         size_t at = c->pos % cap, n = rend - c->pos;
@@ -292,6 +674,24 @@ static int fill(struct conn *c)
     }
     c->ooff = 0;
     return 1;
+}
+
+/* Queues the next frame for c; returns whether there was one.  With
+ * channels, the shell's output and the channels' data take turns (control
+ * frames, small, go first). */
+static int fill(struct conn *c)
+{
+    if (!c->hello) return 0;
+    int chan = c == cur && chan_on;
+    if (chan && (chan_notice(c) || chan_fill(c, chan_turn))) {
+        if (c->out[0] == 'D') chan_turn = 0;
+        return 1;
+    }
+    if (fill_shell(c)) {
+        chan_turn = 1;
+        return 1;
+    }
+    return chan && chan_fill(c, 1);
 }
 
 /* Sends what c has to send until the socket is full. */
@@ -316,8 +716,9 @@ static void pump(struct conn *c)
  * then 'i' and 'w' only. */
 static int frame_ok(int hello, unsigned char type, u64 len)
 {
-    if (!hello) return type == 'a' && len == 12;
-    return (type == 'i' && len <= MAXMSG) || (type == 'w' && len == 4);
+    if (!hello) return type == 'a' && (len == 12 || len == 13);
+    return (type == 'i' && len <= MAXMSG) || (type == 'w' && len == 4)
+           || (chan_on && chan_frame_ok(type, len));
 }
 
 /* Reads and handles what the attachment sent.  A frame it may not send ends
@@ -343,14 +744,18 @@ static void receive(struct conn *c)
         } else if (p[0] == 'a') {
             u64 want = get_be(d, 8), s = want < rstart ? rstart : want;
             if (s > rend) s = rend;
-            char pre[128];
-            int k = snprintf(pre, sizeof pre, "\033_capsule-keeper;offset=%llu;dropped=%llu\033\\",
-                             s, want < rstart ? s - want : 0);
+            chan_on = c == cur && len == 13 && (d[12] & 1);
+            char pre[128], more[32] = "";
+            if (chan_on) snprintf(more, sizeof more, ";channels=%d", CHANNELS);
+            int k = snprintf(pre, sizeof pre, "\033_capsule-keeper;offset=%llu;dropped=%llu%s\033\\",
+                             s, want < rstart ? s - want : 0, more);
             c->olen = frame(c->out, 'o', pre, (size_t)k);
             c->ooff = 0;
             c->pos = s;
             c->hello = 1;
             set_size(get_be(d + 8, 2), get_be(d + 10, 2));
+        } else if (p[0] != 'i' && p[0] != 'w') {
+            chan_receive(p[0], d, len);
         }
     }
     memmove(c->in, c->in + off, c->rlen - off);
@@ -361,6 +766,7 @@ static void receive(struct conn *c)
 static void adopt(int fd, long long now)
 {
     conn_close(old);
+    chan_reset();
     if (cur->fd >= 0) {  /* replace it: it gets 'k' after what it was sent */
         struct conn *t = old;
         old = cur;
@@ -434,6 +840,7 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
     if (pid == 0) {
         signal(SIGPIPE, SIG_DFL);
         signal(SIGHUP, SIG_DFL);
+        unsetenv(CHAN_ENV);  /* the keeper's, not the shell's */
         execvp(cmd[0], cmd);
         fprintf(stderr, "capsule-keeper: %s: %s\n", cmd[0], strerror(errno));
         _exit(127);
@@ -453,12 +860,13 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
         long long quiet = (reaped_at > last_out ? reaped_at : last_out) + QUIET_MS;
         if (quiet > reaped_at + DRAIN_MAX_MS) quiet = reaped_at + DRAIN_MAX_MS;
 
-        struct pollfd p[6 + PENDING] = {{sigfd[0], POLLIN, 0}, {lfd, POLLIN, 0}, {-1, 0, 0}, {-1, 0, 0},
+        struct pollfd p[6 + PENDING + 1 + CHANNELS] = {{sigfd[0], POLLIN, 0}, {lfd, POLLIN, 0}, {-1, 0, 0}, {-1, 0, 0},
                                         {-1, 0, 0}, {tcp_fd, POLLIN, 0}};
         for (int i = 0; i < PENDING; i++) {
             p[6 + i].fd = pend[i].fd;
             p[6 + i].events = POLLIN;
         }
+        chan_poll(p + 6 + PENDING);
         if (mfd >= 0 && (want_pty || inlen)) {
             p[2].fd = mfd;
             p[2].events = (short)((want_pty ? POLLIN : 0) | (inlen ? POLLOUT : 0));
@@ -487,7 +895,7 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
             if (timeout_us < 0 || left < timeout_us) timeout_us = left;
         }
         struct timespec ts = {timeout_us / 1000000, timeout_us % 1000000 * 1000};
-        if (ppoll(p, 6 + PENDING, timeout_us < 0 ? NULL : &ts, NULL) < 0 && errno != EINTR) _exit(1);
+        if (ppoll(p, 6 + PENDING + 1 + CHANNELS, timeout_us < 0 ? NULL : &ts, NULL) < 0 && errno != EINTR) _exit(1);
         clock_us = now_us();
         now = clock_us / 1000;
 
@@ -541,6 +949,7 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
             pump(old);
             if (now >= old->leave) conn_close(old);
         }
+        chan_events(p + 6 + PENDING);
         if (room && p[3].revents & (POLLIN | POLLHUP | POLLERR)) receive(cur);
         pump(cur);
         if (p[1].revents & POLLIN) accept_one(lfd, now);
@@ -591,6 +1000,8 @@ static int start_server(const char *sock, int lk, u64 bytes, char **cmd, u64 por
         return -1;
     setfl(l, 1, 1);
     tcp_fd = port ? tcp_listener(port) : -1;
+    u64 dport = 0;
+    if (chan_wanted(&dport) && dport) door_fd = chan_listener(dport);
     pid_t pid = fork();
     if (pid < 0) return -1;
     if (pid == 0) {
@@ -614,6 +1025,7 @@ static int start_server(const char *sock, int lk, u64 bytes, char **cmd, u64 por
     }
     close(l);
     if (tcp_fd >= 0) close(tcp_fd);
+    if (door_fd >= 0) close(door_fd);
     int st;
     while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {}
     return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
@@ -757,9 +1169,12 @@ _Noreturn static void relay(int fd, u64 offset)
     int big = 1 << 20;
     fcntl(1, F_SETPIPE_SZ, big);
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
-    unsigned char hello[12] = {0};
+    /* Channels, if capsule asks for them: the 'a' frame's 13th byte. */
+    u64 dport;
+    chan_on = chan_wanted(&dport);
+    unsigned char hello[13] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
     put_be(hello, offset, 8);
-    ulen = uok = frame(up, 'a', hello, 12);
+    ulen = uok = frame(up, 'a', hello, chan_on ? 13 : 12);
     for (;;) {
         struct pollfd p[3] = {
             {ulen < sizeof up ? 0 : -1, POLLIN, 0},
@@ -782,8 +1197,9 @@ _Noreturn static void relay(int fd, u64 offset)
                         /* What came before it still goes; it and what follows do not. */
                         send_for(fd, up, uok, 1000);
                         leave(255, "refused a frame on stdin: type 0x%02x ('%c'), %llu bytes;"
-                              " only 'i' of at most %d bytes and 'w' of 4 may come",
-                              type, type > 32 && type < 127 ? type : '?', len, MAXMSG);
+                              " only 'i' of at most %d bytes and 'w' of 4 may come%s",
+                              type, type > 32 && type < 127 ? type : '?', len, MAXMSG,
+                              chan_on ? " (and channel frames of their sizes)" : "");
                     }
                     if (ulen - uok < 5 + len) break;
                     uok += 5 + len;

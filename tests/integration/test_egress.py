@@ -145,3 +145,26 @@ async def test_a_fenced_session_reaches_its_list_and_nothing_else(make_server, t
     assert 'capsule_egress_refusals_total{reason="address"} 4.0' in metrics
     assert 'capsule_egress_refusals_total{reason="port"} 1.0' in metrics
     await client.exit()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fenced_session_without_network_goes_out_through_its_keeper(
+        make_server, tmp_path, upstream):
+    # No network at all: the proxy is 127.0.0.1 in the container, carried
+    # by the keeper's channel to the door, which knows the session by it.
+    door = free_port()
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(f'[profiles.cut]\nimage = "{IMAGE}"\nnetwork = "none"\n'
+                        f'egress = ["{UPSTREAM}"]\n')
+    server = make_server("--pool-size", "0", "--door-port", str(door), "--profiles",
+                         str(profiles), "--egress-allow-address", f"{UPSTREAM}/32",
+                         "--egress-port", str(upstream))
+    client = await WSClient.connect(server.ws_url + "?profile=cut")
+    await client.start()
+    out = await client.run('echo "[$HTTP_PROXY]"')
+    assert out.strip() == f"[http://127.0.0.1:{door}]"
+    out = await client.run(f"curl -sS --max-time 20 http://{UPSTREAM}:{upstream}/")
+    assert out.strip() == "hello from upstream"
+    out = await client.run("curl -sS --max-time 20 http://example.com/")
+    assert "capsule: egress to example.com refused: profile cut allows only its egress" in out
+    await client.exit()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from .test_browser import CHROMIUM, SCREENSHOTS, browser, page_args  # noqa: F401 (fixture)
+from .test_page_bar import shown_whole
 
 # The refusal banner over the terminal (issue 20's page): without it the
 # page shows refusals in the status bar, a line that may cut them off.
@@ -25,19 +26,6 @@ DESKTOP = {"width": 1000, "height": 600}
 PHONE = {"width": 390, "height": 844}
 MEMORY_REFUSAL = (r"^the server is full: the host has \d+ MiB of memory available, under its"
                   r" reserve of 102400000 MiB: try again later$")
-
-
-def shown_whole(page, selector: str) -> bool:
-    """
-    Whether the element is on screen with none of its text cut off.
-    """
-    return page.evaluate("""(s) => {
-        const e = document.querySelector(s);
-        const box = e.getBoundingClientRect();
-        return box.width > 0 && box.top >= 0 && box.left >= 0 && box.bottom <= innerHeight
-            && box.right <= innerWidth && e.scrollWidth <= e.clientWidth
-            && e.scrollHeight <= e.clientHeight;
-    }""", selector)
 
 
 def test_the_memory_refusal_is_shown_whole(make_server, browser):

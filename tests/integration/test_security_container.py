@@ -133,12 +133,14 @@ async def test_the_capsule_network_is_made_without_inter_container_traffic(make_
     assert network["Options"]["com.docker.network.bridge.enable_icc"] == "false"
     assert network["Options"]["com.docker.network.bridge.name"] == "capsule0"
     assert network["Labels"] == {"io.capsule.network": "true"}
-    # This host's DOCKER-USER chain has none of the README's rules: capsule
-    # says which are missing, and what to add.
+    # The test servers leave the firewall to the host (--firewall off), whose
+    # DOCKER-USER chain has none of the rules: capsule says which are
+    # missing, and what to add.
     log = server.log()
     assert "the host firewall lets sessions on capsule (bridge capsule0) reach" in log
-    assert "169.254.169.254/32 (the cloud metadata service)" in log
-    assert "iptables -I DOCKER-USER -i capsule0 -d 169.254.0.0/16 -j DROP" in log
+    assert "169.254.0.0/16 (link-local: the cloud metadata service)" in log
+    assert ("iptables -w -C DOCKER-USER -i capsule0 -m comment --comment capsule -j"
+            " CAPSULE-OUT-capsule0") in log
 
 
 @pytest_twisted.ensureDeferred

@@ -47,6 +47,7 @@ class FakeExecProcess:
         self.tty = tty
         self.program = program
         self.written: list[bytes] = []
+        self.raw_written: list[bytes] = []  # every write, frames and all
         self.resizes: list[tuple[int, int]] = []
         self.paused = False
         self.input_producer = None
@@ -91,6 +92,7 @@ class FakeExecProcess:
             self.program.started(self)
 
     def write(self, data: bytes) -> None:
+        self.raw_written.append(data)
         if self.program is not None and self.connected:
             self.program.received(self, data)
         if not self.keeper:
@@ -171,6 +173,8 @@ class FakeDockerAPI:
         self.security_options = ["name=seccomp,profile=default", "name=userns"]
         # While set, execs connect only at release_exec().
         self.hold_exec = False
+        # The channels a keeper asked for them carries (None: an older keeper).
+        self.keeper_channels: int | None = 32
         self._held_execs: list[tuple[FakeExecProcess, Deferred]] = []
         # While set, listings wait until release_list().
         self.hold_list = False
@@ -322,10 +326,27 @@ class FakeDockerAPI:
         failed = self._check()
         if failed:
             return failed
+        if getattr(self, "hold_remove", False):
+            # An engine slow to remove: the removal waits for release_removes().
+            d = Deferred()
+            self.__dict__.setdefault("_held_removes", []).append((d, container_id))
+            return d
         existed = self.containers.pop(container_id, None) is not None
         if existed:
             self.removed.append(container_id)
         return succeed(existed)
+
+    def release_removes(self):
+        """
+        Let the removals held by C{hold_remove} finish.
+        """
+        self.hold_remove = False
+        held, self._held_removes = getattr(self, "_held_removes", []), []
+        for d, container_id in held:
+            existed = self.containers.pop(container_id, None) is not None
+            if existed:
+                self.removed.append(container_id)
+            d.callback(existed)
 
     def list_containers(self, labels):
         failed = self._check()
@@ -413,7 +434,13 @@ class FakeDockerAPI:
             held_from, end = self.keeper_output.get(process.container_id, (0, 0))
             start = min(max(wanted, held_from), end)
             dropped = start - wanted if wanted < held_from else 0
-            process.emit(f"\x1b_capsule-keeper;offset={start};dropped={dropped}\x1b\\".encode())
+            # A keeper asked for channels says how many it carries (None:
+            # an older keeper, which does not).
+            more = (f";channels={self.keeper_channels}"
+                    if "CAPSULE_KEEPER_CHANNELS" in process.env
+                    and self.keeper_channels is not None else "")
+            process.emit(f"\x1b_capsule-keeper;offset={start};dropped={dropped}{more}\x1b\\"
+                         .encode())
         process._start()
 
     def release_exec(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,7 +218,11 @@ class CapsuleServer:
             str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=",
             f"--logfile={self.log_path}", "capsule",
             "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-            "--instance", self.instance, "--image", image, *extra,
+            "--instance", self.instance, "--image", image,
+            # The test servers share the engine's capsule network and run
+            # at once: none fences it for all (a test of the firewall
+            # says --firewall manage, on a network of its own).
+            "--firewall", "off", *extra,
         ]
         # A server that hangs can then be made to show every thread's stack.
         self.env = {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
@@ -301,6 +306,18 @@ class CapsuleServer:
         Remove every container of its instance; return how many there were.
         """
         return remove_instance_containers(self.instance)
+
+    def finish(self, workdir: Path | None = None) -> None:
+        """
+        Stop it, then remove its instance's containers and C{workdir},
+        whatever the stop did (a benchmark's or a test's last word).
+        """
+        try:
+            self.stop()
+        finally:
+            self.remove_containers()
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
 
     def containers(self) -> list[dict]:
         if self._api is None:
