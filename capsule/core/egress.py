@@ -261,14 +261,3 @@ def refused_address(address, allowed: Iterable = (), own: Iterable = ()) -> str 
             return "an address of capsule's host"
     return None
 
-
-def parse_allowed_address(text: str):
-    """
-    An operator's C{--egress-allow-address}: a CIDR or an address.
-
-    @raise ValueError: saying why not.
-    """
-    try:
-        return ipaddress.ip_network(text.strip(), strict=False)
-    except ValueError:
-        raise ValueError(f"not an address or a CIDR range: {text!r}") from None
