@@ -50,6 +50,8 @@ measures, in one run:
 12. a preview (``preview.py``): a port's throughput each way, small answers
    per second and their latency through capsule's preview, next to a direct
    connection to the container's port, and capsule's memory during 1 GiB.
+13. the egress proxy (``egress.py``): 100 MB from a local server through a
+   fenced session's proxy against a direct fetch.
 
 Each capsule figure is measured in turn with its floor, so that a change in
 the machine's load hits both alike.  ``--capsule-arg`` passes options to every
@@ -110,7 +112,7 @@ QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
 
 # What --only may select: the measurements whose phase names start so.
 ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors",
-        "pressure", "density", "channels", "gateway", "preview")
+        "pressure", "density", "channels", "gateway", "preview", "egress")
 
 # The density run's sessions live without a client for its whole length.
 DENSITY_GRACE = 3600.0
@@ -220,6 +222,8 @@ class Bench:
             await self.phase("gateway", self.gateway)
         if self.selected("preview"):
             await self.phase("preview", self.preview)
+        if self.selected("egress"):
+            await self.phase("egress", self.egress)
         self.load_after = os.getloadavg()
 
     async def pressure(self) -> None:
@@ -253,6 +257,15 @@ class Bench:
             raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr[-500:]}")
         *lines, last = done.stdout.strip().splitlines()
         return lines, json.loads(last), done.stderr.strip()
+
+    async def egress(self) -> None:
+        """
+        A fetch through the egress proxy against a direct one (``egress.py``).
+        """
+        _, self.results["egress"], _ = await self.script(
+            "egress.py", ["--megabytes", "20" if self.args.quick else "100",
+                          "--repeats", str(self.p["repeats"])])
+        say(json.dumps(self.results["egress"]))
 
     async def channels(self) -> None:
         """

@@ -341,7 +341,8 @@ def report(run: dict) -> str:
                      " engine when the bench started; they compete for the same CPUs.")
     notes += run["notes"]
     text = "\n".join(f"- {n}" for n in notes)
-    if set(r) - {"density", "pressure", "channels", "gateway", "preview", "preview_table"} or \
+    if set(r) - {"density", "pressure", "channels", "gateway", "preview", "preview_table",
+                 "egress"} or \
             set(run["failures"]) - {"density", "capsule (density)", "gateway"}:
         text = table(r, run["failures"], run["p"]) + "\n\n" + text
     for name in ("capsule (density)", "density"):
@@ -392,6 +393,13 @@ def report(run: dict) -> str:
         text += ("\n\nA preview (issue 23) next to a direct connection from the host to the"
                  " container's port (`bench/preview.py`; target: 80 % of the direct"
                  " throughput):\n\n" + "\n".join(r["preview_table"]))
+    if r.get("egress"):
+        e = r["egress"]
+        text += (f"\n\nEgress proxy (`egress.py`): {e['megabytes']} MB from a local server,"
+                 f" median of {e['repeats']}: direct {e['direct_seconds']} s"
+                 f" ({e['direct_mb_per_s']} MB/s), through the proxy {e['proxied_seconds']} s"
+                 f" ({e['proxied_mb_per_s']} MB/s): {e['proxied_over_direct'] * 100:.0f} % of"
+                 f" direct (target >= 80 %).")
     if r.get("doors"):
         text += ("\n\nWhat a client can make capsule hold through each door, with the caps"
                  " on (each line is the door's script's own JSON: the attack, capsule's"

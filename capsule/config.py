@@ -125,6 +125,9 @@ class CapsuleConfig:
     preview_domain: str | None = None
     preview_connections_per_session: int = 64
     preview_bytes_per_second: int | None = None
+    # The ports fenced sessions reach through the egress proxy (80, 443
+    # and --egress-port).
+    egress_ports: tuple[int, ...] = (80, 443)
 
     tuning: Tuning = Tuning()
     # twistd's own logfile and nodaemon options (where a JSON log goes).

@@ -22,7 +22,7 @@ from capsule.auth.checkers import AuthThreadPool
 from capsule.auth.gate import Authenticator
 from capsule.config import CapsuleConfig
 from capsule.core.addresses import overlapping
-from capsule.core.admission import AdmissionControl, AdmissionPolicy
+from capsule.core.admission import AdmissionControl, AdmissionPolicy, parse_network
 from capsule.core.memory import MemoryBudget
 from capsule.core.profiles import DEFAULT_PROFILE
 from capsule.core.errors import CapsuleError
@@ -30,13 +30,15 @@ from capsule.engine.docker import DockerAPI
 from capsule.engine.channels import KeeperChannelEndpoint
 from capsule.engine.keeper_direct import DirectKeeper
 from capsule.engine.firewall import Firewall
-from capsule.engine.network import SessionNetwork
+from capsule.engine.network import FENCED_NETWORK, NotFenced, SessionNetwork
 from capsule.gateway.anthropic import AnthropicGateway, GatewayLimits
 from capsule.gateway.credentials import Keys, PlaceholderStore, load_key
 from capsule.gateway.door import SessionDoor, door_url
+from capsule.gateway.egress import DoorFactory, EgressLimits, EgressProxy, proxy_environment
 from capsule.gateway.git import GitGateway, GitTokens, git_session_environment, session_callers
 from capsule.gateway.site import SessionEnvironment, make_gateway_site
 from capsule.gateway.usage import Usage, UsageCollector
+from capsule.sessions.by_address import SessionsByAddress
 from capsule.web.preview import PreviewLimits
 from capsule.core.preview_access import PreviewAccess
 from capsule.ops.logformat import json_observer
@@ -96,8 +98,12 @@ class SessionService(Service):
     def __init__(self, manager: SessionManager, clock, websocket_factory=None,
                  admission: AdmissionControl | None = None, docker=None,
                  network: SessionNetwork | None = None, trusted_proxies=(),
-                 user_header: str | None = None, refuse=None, host=None, door=None) -> None:
+                 user_header: str | None = None, refuse=None, host=None, door=None,
+                 fenced: SessionNetwork | None = None) -> None:
         self.manager = manager
+        # The fenced sessions' network (no route out), when a profile's
+        # egress is not open: made ready after the other one.
+        self.fenced = fenced
         # The session door (capsule.gateway.door), opened on the network's
         # host side once the network is known.
         self._door = door
@@ -180,6 +186,19 @@ class SessionService(Service):
                         return
                     if self._door is not None:
                         await self._door.listen(self.network.gateways())
+                if self.fenced is not None:
+                    try:
+                        await self.fenced.ensure()
+                    except NotFenced as e:
+                        if self._refuse is not None:
+                            self._refuse(str(e))
+                        return
+                    if self.fenced.refusal is not None:
+                        if self._refuse is not None:
+                            self._refuse(self.fenced.refusal)
+                        return
+                    if self._door is not None:
+                        await self._door.listen(self.fenced.gateways())
                 count = await recovery.recover()
             except CapsuleError as e:
                 if not warned:
@@ -570,6 +589,17 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     firewall = Firewall(reactor, config.firewall, door_port=config.door_port,
                         allowed=config.egress_allow_addresses)
     network = SessionNetwork(docker, reactor, config.spec.network, firewall=firewall)
+    # The fenced sessions' network (a profile's egress is not open): no route
+    # out; the firewall fences what it reaches of the host but the door.
+    fenced = None
+    if any(p.spec.network == FENCED_NETWORK for p in config.profiles.values()):
+        fenced = SessionNetwork(docker, reactor, FENCED_NETWORK, firewall=firewall)
+    # The egress proxy behind the session door: fenced sessions' one way out.
+    egress = EgressProxy(reactor, allowed=[parse_network(a)
+                                           for a in config.egress_allow_addresses],
+                         ports=config.egress_ports, metrics=metrics,
+                         limits=EgressLimits(tunnels=tuning.egress_tunnels,
+                                             idle_timeout=tuning.egress_idle_timeout))
     # The credential gateway: placeholders in sessions, the keys kept here.
     keys = Keys.from_secrets(config.secrets.values)
     placeholders = PlaceholderStore(
@@ -579,24 +609,29 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     metrics.registry.register(UsageCollector(usage))
     # The session door: on the session networks' gateways, and over the
     # keeper's channels for sessions without a network (the manager's); the
-    # gateway behind it is made once the manager is.
+    # gateway and the egress proxy behind it are made once the manager is.
     door = None
     if config.door_port:
-        door = SessionDoor(reactor, config.door_port, factory_of=lambda: gateway_site)
+        door = SessionDoor(reactor, config.door_port, factory_of=lambda: door_factory)
     # What sessions learn of the door: CAPSULE_DOOR and Anthropic's
-    # settings, and git's (for a profile naming the github credential), the
-    # same placeholder in both.
-    gateway_environment = SessionEnvironment(config.door_port, network, placeholders, keys)
+    # settings, git's (for a profile naming the github credential), the
+    # same placeholder in both, and a fenced session's proxy.
+    gateway_environment = SessionEnvironment(config.door_port,
+                                             [n for n in (network, fenced) if n is not None],
+                                             placeholders, keys)
     git_environment = git_session_environment(
         lambda profile: _door_of(config.door_port, gateway_environment, profile),
         placeholders.issue)
     manager = SessionManager(docker, reactor, session_config(config), metrics=metrics,
                              owners=owners,
-                             observers=[o for o in (recorder, spectators, placeholders, usage)
-                                        if o is not None],
+                             observers=[o for o in (recorder, spectators, placeholders, usage,
+                                                    egress) if o is not None],
                              memory=memory, direct=direct,
                              pool_room=lambda: warm_room(memory, manager), door=door,
-                             session_environment=[gateway_environment, git_environment])
+                             session_environment=[
+                                 gateway_environment, git_environment,
+                                 proxy_environment(gateway_environment.door_host,
+                                                   config.door_port)])
     metrics.watch(manager)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
@@ -604,7 +639,8 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                   " it", profile=profile, name=name)
     # A request from a session's address never has its proxy headers
     # believed, whatever --trusted-proxy says.
-    addresses = ClientAddresses(list(config.trusted_proxies), network.subnets)
+    addresses = ClientAddresses(list(config.trusted_proxies), lambda: network.subnets() + (
+        fenced.subnets() if fenced is not None else []))
     authenticator = auth_threads = None
     if config.users:
         auth_threads = AuthThreadPool(reactor)
@@ -660,6 +696,11 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         # No one user (or client) may hold more than a quarter of the
         # Docker threads with its execs and uploads.
         docker_calls_per_caller=max(1, tuning.docker_threads // 4))
+    fenced_profiles = sorted(p.name for p in config.profiles.values() if p.egress.fenced)
+    if fenced_profiles and not config.door_port:
+        _log.warn("--door-port 0: sessions of {profiles} (egress not open) have no way out at"
+                  " all (the egress proxy stands behind the session door)",
+                  profiles=", ".join(fenced_profiles))
     anthropic = AnthropicGateway(
         reactor, placeholders, keys, manager.sessions, usage,
         upstream=config.anthropic_upstream,
@@ -673,11 +714,19 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                      GitTokens(keys.get("github"), config.github_tokens),
                      upstream=config.github_upstream, ca_file=config.gateway_ca)
     gateway_site = make_gateway_site(anthropic, reactor, git=git)
+    # Who a connection to the door is: the session whose container has its
+    # source address (a session without a network is known by its keeper's
+    # channel instead: capsule.sessions.manager).
+    sessions_by_address = SessionsByAddress(
+        manager, docker, reactor, lambda: [n.name for n in (network, fenced)
+                                           if n is not None and n.network is not None])
+    door_factory = DoorFactory(egress, gateway_site, lambda transport: Deferred.fromCoroutine(
+        sessions_by_address.find(transport.getPeer().host)))
     sessions = SessionService(manager, reactor, site.websocket_factory, admission, docker,
                               network, trusted_proxies=config.trusted_proxies,
                               user_header=config.user_header,
                               refuse=lambda message: refuse_to_start(reactor, message),
-                              host=host, door=door)
+                              host=host, door=door, fenced=fenced)
     listeners = ListenerService(sessions.ready, lambda: sessions.recovered,
                                 config.public_url)
     for description in config.listen:

@@ -21,10 +21,12 @@ from capsule.core.admission import parse_network, parse_rate
 from capsule.core.memory import host_capacity
 from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT,
                                    DEFAULT_MEMORY_REQUEST, DEFAULT_PROFILE, Profile,
-                                   ProfileError, builtin_profiles, load_profiles, load_secrets)
+                                   ProfileError, builtin_profiles, fence, load_profiles,
+                                   load_secrets)
 from capsule.core.spec import ContainerSpec
+from capsule.core.egress import DEFAULT_PORTS
 from capsule.engine.firewall import MODES as FIREWALL_MODES
-from capsule.engine.network import CAPSULE_NETWORK
+from capsule.engine.network import CAPSULE_NETWORK, FENCED_NETWORK
 from capsule.ops.logformat import FORMATS, check_server_options
 from capsule.ops.recording import DEFAULT_MAX_BYTES, check_directory
 from capsule.services import CapsuleService, make_service, protect_from_oom, stop_on_signals
@@ -337,6 +339,7 @@ class Options(usage.Options):
         self["egress-allow-address"] = []
         self["cap-add"] = []
         self["admin-user"] = []
+        self["egress-port"] = []
 
     def opt_admin_user(self, name: str) -> None:
         """A user (of --auth, --tokens or --user-header) who may use the admin API; repeatable"""
@@ -380,6 +383,16 @@ class Options(usage.Options):
         except ValueError:
             raise usage.UsageError(
                 f"--egress-allow-address: not a CIDR: {cidr!r} (try 10.0.0.5/32)")
+
+    def opt_egress_port(self, port: str) -> None:
+        """A port fenced sessions may reach through the egress proxy besides 80 and 443; repeatable"""
+        try:
+            number = int(port)
+            if not 1 <= number <= 65535:
+                raise ValueError
+        except ValueError:
+            raise usage.UsageError(f"--egress-port: not a port (1-65535): {port!r}")
+        self["egress-port"].append(number)
 
     def _check_users(self) -> None:
         """
@@ -582,6 +595,7 @@ class Options(usage.Options):
             preview_bytes_per_second=self["preview-bytes-per-second"],
             github_upstream=self["github-upstream"], github_tokens=self["github-tokens"],
             gateway_ca=self["gateway-ca"],
+            egress_ports=tuple(sorted(set(DEFAULT_PORTS) | set(self["egress-port"]))),
             max_lifetime=self["max-lifetime"], idle_timeout=self["idle-timeout"],
             replay_bytes=self["replay-buffer"], pool_size=self["pool-size"],
             profiles=MappingProxyType(dict(self["profile-table"])), secrets=self["secrets"],
@@ -668,8 +682,8 @@ class Options(usage.Options):
                         clone_timeout=self["clone-timeout"], pool=self["pool-size"],
                         memory_request=self["memory-request"])
         try:
-            self["profile-table"] = load_profiles(
-                self["profiles"], builtin_profiles(shell, self["agent-image"]))
+            self["profile-table"] = fence(load_profiles(
+                self["profiles"], builtin_profiles(shell, self["agent-image"])), FENCED_NETWORK)
             self["secrets"] = load_secrets(self["secrets-file"], self["profile-table"])
         except ProfileError as e:
             raise usage.UsageError(f"--profiles: {e}" if self["secrets-file"] is None

@@ -142,6 +142,13 @@ class Tuning:
         30.0, _POSITIVE_FLOAT,
         "Seconds an exec's answer waits for a client that reads none of it (its connection"
         " takes nothing in) before the answer is dropped and the connection closed.")
+    egress_tunnels: int = knob(
+        128, _POSITIVE_INT,
+        "Connections one session may hold through the egress proxy at once (past them: 429).")
+    egress_idle_timeout: float = knob(
+        600.0, _POSITIVE_FLOAT,
+        "Seconds a connection through the egress proxy may pass with no byte either way"
+        " before it is closed.")
     http_header_timeout: float = knob(
         10.0, _POSITIVE_FLOAT,
         "Seconds a request has to send its headers, from its first byte (from the"

@@ -665,12 +665,14 @@ def test_the_server_gives_git_and_anthropic_one_placeholder_and_mounts_git(
     service = make_service(options.config, MemoryReactorClock())
     manager = service.manager
     anthropic_environment = manager._session_environment[0]
-    monkeypatch.setattr(anthropic_environment._network, "gateways", lambda: ["172.18.0.1"])
+    # The claude profile is fenced: its door is its network's gateway.
+    for network in anthropic_environment._networks:
+        monkeypatch.setattr(network, "gateways", lambda: ["172.18.0.1"])
     environment = manager._container_spec("s1", manager.profiles["claude"]).environment
     placeholder = environment["ANTHROPIC_AUTH_TOKEN"]
     assert "X-Capsule-Session: " + placeholder in environment.values()
     assert "url.http://172.18.0.1:3180/git/github.com/.insteadOf" in environment.values()
     assert TOKEN not in environment.values()
     # The door's site serves /git/ beside /anthropic/.
-    site = manager._door.factory
+    site = manager._door.factory.site
     assert {b"git", b"anthropic"} <= set(site.resource.children)

@@ -63,7 +63,7 @@ def test_text_format_parses_with_every_family():
         "capsule_websocket_errors", "capsule_websocket_closes", "capsule_refusals",
         "capsule_docker_call_seconds", "capsule_docker_call_failures", "capsule_pool_misses",
         "capsule_exports_started", "capsule_exports_finished", "capsule_exports_failed",
-        "capsule_exports_stalled"}
+        "capsule_exports_stalled", "capsule_egress_refusals"}
     # Every reason shows from the start, at 0.
     for reason in END_REASONS:
         assert value(metrics, "capsule_sessions_ended_total", reason=reason) == 0

@@ -570,7 +570,8 @@ def test_admin_keeps_a_volume_in_use_and_says_so():
 def test_the_example_file_loads():
     path = os.path.join(os.path.dirname(__file__), "..", "docker", "profiles.example.toml")
     profiles = load_profiles(path, builtins())
-    assert sorted(profiles) == ["claude", "offline", "review", "shell"]
+    assert sorted(profiles) == ["claude", "offline", "python", "review", "shell"]
+    assert profiles["python"].egress.hosts == ("pypi.org", "files.pythonhosted.org")
     assert profiles["review"].repository == "https://github.com/example/capsule.git"
     assert profiles["review"].agent_volume == "/home/developer/.claude"
     assert profiles["offline"].spec.network == "none"

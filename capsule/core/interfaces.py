@@ -63,10 +63,17 @@ class IDockerAPI(Interface):
         C{gateways}), or C{None} if there is none.
         """
 
-    def ensure_network(name, options, labels):
+    def network_addresses(name):
+        """
+        Fire with the addresses of the containers on the network C{name}
+        (C{{address: container id}}; empty if there is no such network).
+        """
+
+    def ensure_network(name, options, labels, internal=False):
         """
         Make sure a bridge network C{name} exists, creating it with the
-        driver C{options} and C{labels} if it does not; fire with
+        driver C{options} and C{labels} (and with no route out if
+        C{internal}) if it does not; fire with
         C{(network, created)}: the network as L{inspect_network} describes
         it, and whether this call created it.  A network of that name made
         by someone else is used as it is.

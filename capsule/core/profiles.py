@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 
 from docker.utils import parse_bytes
 
+from capsule.core.egress import AGENT_EGRESS, ALLOWLIST, OPEN_POLICY, EgressPolicy, parse_egress
 from capsule.core.spec import ContainerSpec
 from capsule.core.errors import CapsuleError
 
@@ -230,6 +231,8 @@ class Profile:
     @ivar agent_permissions: C{"ask"}, or C{"bypass"}: the built-in claude
         command runs Claude Code with --dangerously-skip-permissions (the
         container is the sandbox).
+    @ivar egress: where its sessions may connect to (L{EgressPolicy}); a
+        fenced one's run on capsule's fenced network (L{fence}).
     """
 
     name: str
@@ -247,6 +250,7 @@ class Profile:
     description: str = ""
     memory_request: str = DEFAULT_MEMORY_REQUEST
     agent_permissions: str = "ask"
+    egress: EgressPolicy = OPEN_POLICY
 
     @property
     def memory(self) -> int:
@@ -284,9 +288,20 @@ def builtin_profiles(shell: Profile, agent_image: str = DEFAULT_AGENT_IMAGE) -> 
                          **shell.spec.environment, "CLAUDE_CONFIG_DIR": CLAUDE_CONFIG_DIR}),
                      command=CLAUDE_COMMAND, pool=0, agent_volume=CLAUDE_CONFIG_DIR,
                      memory_request=DEFAULT_AGENT_MEMORY_REQUEST,
+                     egress=EgressPolicy(ALLOWLIST, AGENT_EGRESS),
                      credentials=("anthropic", "github"),
                      description="Claude Code in /workspace, then a login shell")
     return {DEFAULT_PROFILE: shell, AGENT_PROFILE: claude}
+
+
+def fence(profiles: Mapping[str, Profile], network: str) -> dict[str, Profile]:
+    """
+    The profiles, those whose egress is not open put on the fenced
+    C{network} (one with no route out), unless they have no network at all.
+    """
+    return {name: replace(p, spec=replace(p.spec, network=network))
+            if p.egress.fenced and p.spec.network != "none" else p
+            for name, p in profiles.items()}
 
 
 # -- the file -----------------------------------------------------------------
@@ -366,6 +381,11 @@ def _profile(where: str, name: str, base: Profile, table: dict) -> Profile:
         if both:
             raise ProfileError(f"{where}: key 'secrets': {sorted(both)[0]} is also in"
                                " environment")
+    egress = fields.get("egress", base.egress)
+    if "network" in spec and spec["network"] != "none" and egress.fenced:
+        raise ProfileError(f"{where}: key 'network': a profile whose egress is not open runs"
+                           f" on capsule's fenced network ({egress.setting()}): leave network"
+                           f" out, or say none")
     credentials = fields.get("credentials", base.credentials)
     secret_names = fields.get("secrets", base.secrets)
     environment = spec.get("environment", base.spec.environment)
@@ -573,6 +593,7 @@ _KEYS = {
     "repository": check_repository,
     "clone_timeout": _number(0, strict=True),
     "pool": _integer(0),
+    "egress": parse_egress,
 }
 # Keys that are the container spec's, by the spec's name for them.
 _SPEC_KEYS = {"image": "image", "environment": "environment", "memory": "memory",

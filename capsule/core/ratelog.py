@@ -33,6 +33,9 @@ class RateLimitedLog:
     def error(self, now: float, session_id: str, kind: str, format: str, **fields) -> bool:
         return self._emit(self._log.error, now, session_id, kind, format, fields)
 
+    def warn(self, now: float, session_id: str, kind: str, format: str, **fields) -> bool:
+        return self._emit(self._log.warn, now, session_id, kind, format, fields)
+
     def failure(self, now: float, session_id: str, kind: str, format: str, **fields) -> bool:
         """
         As L{Logger.failure}, inside an C{except} block.

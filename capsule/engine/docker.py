@@ -349,8 +349,27 @@ class DockerAPI:
                 return None
         return self._call(_thd)
 
+    def network_addresses(self, name: str) -> Deferred:
+        """
+        The addresses of the containers on the network C{name}: fires with
+        C{{address: container id}} (empty when there is no such network).
+        """
+        def _thd(client):
+            try:
+                found = client.inspect_network(name)
+            except docker.errors.NotFound:
+                return {}
+            addresses = {}
+            for container_id, endpoint in (found.get("Containers") or {}).items():
+                for key in ("IPv4Address", "IPv6Address"):
+                    address = (endpoint.get(key) or "").split("/")[0]
+                    if address:
+                        addresses[address] = container_id
+            return addresses
+        return self._call(_thd)
+
     def ensure_network(self, name: str, options: dict[str, str],
-                       labels: dict[str, str]) -> Deferred:
+                       labels: dict[str, str], internal: bool = False) -> Deferred:
         def _thd(client):
             try:
                 return _network(client.inspect_network(name)), False
@@ -358,7 +377,8 @@ class DockerAPI:
                 pass
             try:
                 client.create_network(name, driver="bridge", options=dict(options),
-                                      labels=dict(labels), check_duplicate=True)
+                                      labels=dict(labels), check_duplicate=True,
+                                      internal=internal)
             except docker.errors.APIError as e:
                 # Another capsule made it first: use theirs.
                 if e.status_code != 409:
@@ -615,6 +635,7 @@ def _network(found: dict) -> dict:
         "id": found["Id"],
         "name": found["Name"],
         "driver": found.get("Driver"),
+        "internal": bool(found.get("Internal")),
         "options": dict(found.get("Options") or {}),
         "labels": dict(found.get("Labels") or {}),
         "subnets": [c["Subnet"] for c in ipam if c.get("Subnet")],

@@ -26,6 +26,25 @@ NETWORK_OPTIONS = {
 }
 NETWORK_LABELS = {"io.capsule.network": "true"}
 
+# The network of fenced sessions (a profile's egress is "none" or a list of
+# hosts): a Docker --internal bridge, no route out, no traffic between its
+# containers; they reach only the session door on its gateway address (the
+# egress proxy behind it is their one way out).
+FENCED_NETWORK = "capsule-fenced"
+FENCED_BRIDGE = "capsule1"
+FENCED_NETWORK_OPTIONS = {
+    "com.docker.network.bridge.enable_icc": "false",
+    "com.docker.network.bridge.name": FENCED_BRIDGE,
+}
+
+
+class NotFenced(Exception):
+    """
+    The fenced sessions' network exists with a route out: capsule cannot
+    start fenced sessions on it (the sentence says what to do).
+    """
+
+
 def bridge_of(network: dict) -> str | None:
     """
     The Linux bridge of a bridge network, or C{None} for another driver.
@@ -95,13 +114,17 @@ class SessionNetwork:
             self.ready = True
             _log.info("sessions have no network (--network none)")
             return
-        if self.name == CAPSULE_NETWORK:
+        fenced = self.name == FENCED_NETWORK
+        if self.name in (CAPSULE_NETWORK, FENCED_NETWORK):
             network, created = await self._docker.ensure_network(
-                self.name, NETWORK_OPTIONS, NETWORK_LABELS)
+                self.name, FENCED_NETWORK_OPTIONS if fenced else NETWORK_OPTIONS,
+                NETWORK_LABELS, internal=fenced)
             if created:
-                _log.info("created the network {name} for the sessions (bridge {bridge},"
-                          " {subnets}, no traffic between sessions)", name=self.name,
-                          bridge=bridge_of(network), subnets=", ".join(network["subnets"]))
+                _log.info("created the network {name} for the {which} (bridge {bridge},"
+                          " {subnets}, no traffic between sessions{route})", name=self.name,
+                          bridge=bridge_of(network), subnets=", ".join(network["subnets"]),
+                          which="fenced sessions" if fenced else "sessions",
+                          route=", no route out" if fenced else "")
         else:
             network = await self._docker.inspect_network(self.name)
             if network is None:
@@ -110,6 +133,13 @@ class SessionNetwork:
                           " cannot start until it exists (docker network create ...)",
                           name=self.name)
                 return
+        if fenced and not network.get("internal"):
+            # Made by someone else, with a route out: fenced sessions would
+            # not be fenced.
+            raise NotFenced(
+                f"the Docker network {self.name} exists but is not internal (it was not"
+                f" created with --internal): fenced sessions would have a route out. Remove"
+                f" it (docker network rm {self.name}) and capsule makes its own")
         self.network = network
         self.ready = True
         bridge = bridge_of(network)

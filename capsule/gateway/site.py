@@ -104,8 +104,9 @@ class SessionEnvironment:
     C{session_environment}.
 
     @param port: the door's port (0: no door, nothing is said).
-    @param network: the sessions' network (L{capsule.engine.network.SessionNetwork}):
-        the door's address for its sessions is its gateway's.
+    @param network: the sessions' network (L{capsule.engine.network.SessionNetwork}),
+        or a list of them (capsule's and the fenced one): the door's address
+        for a network's sessions is its gateway's.
     @param store: the placeholders (L{capsule.gateway.credentials.PlaceholderStore}).
     @param keys: the real keys: without the Anthropic key, a session gets no
         Anthropic settings (its own login, if any, is left alone).
@@ -113,7 +114,8 @@ class SessionEnvironment:
 
     def __init__(self, port: int, network, store, keys) -> None:
         self._port = port
-        self._network = network
+        self._networks = [n for n in (network if isinstance(network, (list, tuple))
+                                      else [network]) if n is not None]
         self._store = store
         self._keys = keys
         self._unreached: set[str] = set()
@@ -127,10 +129,10 @@ class SessionEnvironment:
         network = profile.spec.network
         if network == "none":
             return LOOPBACK_DOOR
-        if self._network is None or network != self._network.name:
+        on = next((n for n in self._networks if n.name == network), None)
+        if on is None:
             return None
-        found = sorted(self._network.gateways(),
-                       key=lambda a: ipaddress.ip_address(a).version)
+        found = sorted(on.gateways(), key=lambda a: ipaddress.ip_address(a).version)
         return found[0] if found else None
 
     def __call__(self, session_id: str, profile) -> dict[str, str]:

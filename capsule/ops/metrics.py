@@ -189,6 +189,11 @@ class Metrics(SessionObserver):
             "capsule_exports_stalled",
             "Workspace exports cut off because Docker's stream waited too long for room in"
             " their spool (their client took nothing while it was full).", registry=registry)
+        self.egress_refusals = Counter(
+            "capsule_egress_refusals",
+            "Connections the egress proxy refused, by reason (policy: the host is not in"
+            " the profile's egress; address: a private, link-local, loopback or host"
+            " address; port; unresolved).", ["reason"], registry=registry)
         # Every reason and kind shows from the start, at 0.
         for reason in END_REASONS:
             self.ended.labels(reason)
@@ -244,6 +249,9 @@ class Metrics(SessionObserver):
 
     def refused(self, code: str) -> None:
         self.refusals.labels(str(code)[:40]).inc()
+
+    def egress_refused(self, reason: str) -> None:
+        self.egress_refusals.labels(str(reason)[:40]).inc()
 
     def pool_taken(self, pool, found) -> None:
         if found is None and pool.size > 0:

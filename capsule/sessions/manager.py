@@ -486,7 +486,13 @@ class SessionManager:
         """
         door = self._door
         port = door.port if door is not None else 0
-        accept = door.factory.buildProtocol if door is not None else None
+        accept = None
+        if door is not None:
+            # A channel's connection is this session's, whatever its address
+            # (the door's factory knows it so, where it can: the egress proxy).
+            for_session = getattr(door.factory, "for_session", None)
+            accept = (partial(for_session, session) if for_session is not None
+                      else door.factory.buildProtocol)
         return (ChannelOptions(port, accept),
                 {**environment, CHANNEL_ENV: str(port)})
 

@@ -62,9 +62,15 @@ def fenced(request, tmp_path):
                                      **ipv6)
     servers = []
 
+    # The claude profile is fenced (its egress is a list): on capsule's
+    # shared fenced network, which this test must not fence with its own
+    # door's port. Open here, nothing but the test's network is fenced.
+    profiles = tmp_path / "open-profiles.toml"
+    profiles.write_text('[profiles.claude]\negress = "open"\n')
+
     def start(*options):
         server = CapsuleServer(tmp_path, "--network", name, "--firewall", "manage",
-                               "--pool-size", "0", *options)
+                               "--pool-size", "0", "--profiles", str(profiles), *options)
         servers.append(server)
         return server.start()
 

@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 
+from capsule.engine.network import FENCED_NETWORK
 from tests.support.fake_anthropic import FakeAnthropic
 
 from .harness import docker_client, free_port, session_container, wait_for
@@ -29,6 +30,11 @@ AGENT_IMAGE = os.environ.get("CAPSULE_TEST_AGENT_IMAGE")
 needs_agent = pytest.mark.skipif(
     not AGENT_IMAGE and not os.environ.get("CAPSULE_REQUIRE_DOCKER"),
     reason="set CAPSULE_TEST_AGENT_IMAGE to the agent image (make image)")
+
+
+# The claude profile's sessions are fenced (its egress is a list): they run
+# on capsule's fenced network, and reach the door at its gateway.
+CLAUDE_NETWORK = FENCED_NETWORK
 
 
 def _gateway_ip(network: str = "capsule") -> str:
@@ -79,7 +85,7 @@ def test_claude_code_uses_the_gateway_and_never_holds_the_key(gateway):
     session_id = _create(server)
     environment = _sh(server, session_id, "env")["stdout"]
     told = dict(line.split("=", 1) for line in environment.splitlines() if "=" in line)
-    door = f"http://{_gateway_ip()}:{door_port}"
+    door = f"http://{_gateway_ip(CLAUDE_NETWORK)}:{door_port}"
     assert told["CAPSULE_DOOR"] == door
     assert told["ANTHROPIC_BASE_URL"] == f"{door}/anthropic"
     placeholder = told["ANTHROPIC_AUTH_TOKEN"]
@@ -137,7 +143,7 @@ def test_forged_and_ended_placeholders_are_refused(gateway):
     assert json.loads(body)["error"]["type"] == "authentication_error"
     # The session's own placeholder works; once it ended, it does not.
     placeholder = _sh(server, session_id, "printf %s \"$ANTHROPIC_AUTH_TOKEN\"")["stdout"]
-    door = f"http://{_gateway_ip()}:{door_port}"
+    door = f"http://{_gateway_ip(CLAUDE_NETWORK)}:{door_port}"
     connection, response = _door_request(door, placeholder, {"model": "m", "max_tokens": 5})
     assert response.status == 200 and text in json.loads(response.read())["content"][0]["text"]
     connection.close()
@@ -157,7 +163,7 @@ def test_an_answer_arrives_in_pieces(gateway):
     session_id = _create(server)
     placeholder = _sh(server, session_id, "printf %s \"$ANTHROPIC_AUTH_TOKEN\"")["stdout"]
     fake.gate = threading.Event()
-    door = f"http://{_gateway_ip()}:{door_port}"
+    door = f"http://{_gateway_ip(CLAUDE_NETWORK)}:{door_port}"
     connection, response = _door_request(
         door, placeholder, {"model": "m", "max_tokens": 5, "stream": True})
     try:

@@ -184,6 +184,8 @@ class FakeDockerAPI:
         self.keeper_output: dict[str, tuple[int, int]] = {}
         # Networks by name, as inspect_network describes them.
         self.networks: dict[str, dict] = {}
+        # Containers' addresses by network, as network_addresses tells them.
+        self.addresses: dict[str, dict[str, str]] = {}
         # What run_command runs, by argv, and what it ran.
         self.commands: dict[tuple[str, ...], object] = {}
         self.commands_run: list[dict] = []
@@ -261,7 +263,13 @@ class FakeDockerAPI:
         network = self.networks.get(name)
         return succeed(None if network is None else dict(network))
 
-    def ensure_network(self, name, options, labels):
+    def network_addresses(self, name):
+        failed = self._check()
+        if failed:
+            return failed
+        return succeed(dict(self.addresses.get(name, {})))
+
+    def ensure_network(self, name, options, labels, internal=False):
         failed = self._check()
         if failed:
             return failed
@@ -270,6 +278,7 @@ class FakeDockerAPI:
         number = len(self.networks) + 20
         self.networks[name] = {
             "id": f"network{len(self.networks) + 1:04d}", "name": name, "driver": "bridge",
+            "internal": internal,
             "options": dict(options), "labels": dict(labels),
             "subnets": [f"172.{number}.0.0/16"], "gateways": [f"172.{number}.0.1"],
         }

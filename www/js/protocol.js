@@ -24,6 +24,9 @@ const NOTICES = {
   disk_limit: { line: true },
   // capsule is draining: this session goes on (until a deadline the message gives).
   draining: { line: true },
+  // The egress proxy refused a connection: the server's sentence names the host and the
+  // profile setting that allows it.
+  egress_refused: { line: true },
 };
 
 // /ws under the page's address (`href`), with the session to resume from `offset` (null: the

@@ -51,6 +51,8 @@ test("notices: the known ones say their own sentence", () => {
     { text: "90% of the disk", line: true, engine: undefined });
   assert.deepEqual(describeNotice("draining", "capsule stops at 12:00"),
     { text: "capsule stops at 12:00", line: true, engine: undefined });
+  assert.deepEqual(describeNotice("egress_refused", "capsule: egress to example.com refused"),
+                   { text: "capsule: egress to example.com refused", line: true, engine: undefined });
   assert.deepEqual(describeNotice("new_thing", "news"), { text: "news", line: false, engine: undefined });
   assert.equal(describeNotice("new_thing").text, "new_thing");
   assert.equal(describeNotice().text, "notice");
