@@ -251,3 +251,15 @@ def test_a_refused_connection_does_not_pause_the_direct_path(docker, clock, netw
     for _ in range(4):
         manager.create(RecordingClient(), 80, 24)
     assert len(network.addresses) == 4
+
+
+def test_the_ports_a_keeper_names_over_tcp_reach_the_session(docker, clock, network):
+    # The direct path's stream is the relay's for what the keeper says: its
+    # P frames name the session's listening ports (once, a merge passed the
+    # ports callback where the channels' options go, and they were lost).
+    start_ok(docker)
+    manager = make_manager(docker, clock, network)
+    session = manager.create(RecordingClient(), 100, 30)
+    stream, _ = network.streams[0]
+    stream.dataReceived(frame(b"o", PREAMBLE) + frame(b"P", struct.pack(">HHH", 0, 3000, 8080)))
+    assert session.listening_ports == (3000, 8080) and session.ports_known

@@ -84,7 +84,7 @@ class ShellProtocol(ProcessProtocol):
     _no_channels_said = False
 
     def __init__(self, session, keeper: bool, wanted: int | None = None,
-                 heard: Callable[[bytes], None] | None = None,
+                 heard: Callable[[bytes], None] | None = None, *,
                  channels: ChannelOptions | None = None,
                  ports: Callable[[ListeningPorts], None] | None = None) -> None:
         self._session = session

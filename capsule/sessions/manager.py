@@ -442,7 +442,7 @@ class SessionManager:
                 and self._direct.available):
             protocol = session.shell = ShellProtocol(session, True, offset,
                                                      partial(self._heard, session),
-                                                     partial(self._ports_heard, session))
+                                                     ports=partial(self._ports_heard, session))
             start = dict(shell=tuple(command), buffer=self.config.replay_bytes,
                          socket=self.config.keeper_socket, user=spec.user,
                          workdir=spec.workdir, env=environment,
