@@ -664,6 +664,9 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         start_at_open=not tuning.start_at_first_frame,
         metrics_token=config.metrics_token, admin_token=config.admin_token,
         admin_usage=usage.describe,
+        # Each session's egress refusals, counted by the proxy.
+        admin_session_facts=lambda session_id: {
+            "egress_refusals": egress.refusals.get(session_id, 0)},
         admin_users=list(config.admin_users),
         # With users, loopback is everyone on the machine: not admin unless said.
         admin_loopback=config.admin_loopback or not config.users,

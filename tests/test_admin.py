@@ -71,6 +71,18 @@ def test_list_says_owner_state_container_client_and_bytes(admin):
         "bytes_out": 5}]}
 
 
+def test_the_list_says_what_other_parts_count_of_a_session(tmp_path):
+    # The egress proxy's refusals per session (capsule.gateway.egress).
+    (tmp_path / "index.html").write_text("<html></html>")
+    counts = {}
+    admin = Admin(tmp_path, admin_session_facts=lambda session_id: {
+        "egress_refusals": counts.get(session_id, 0)})
+    session, _ = admin.session()
+    counts[session.id] = 3
+    _, body = admin.request("/api/admin/sessions")
+    assert body["sessions"][0]["egress_refusals"] == 3
+
+
 def test_end_one_by_prefix_tells_its_client(admin):
     session, client = admin.session()
     other, other_client = admin.session()

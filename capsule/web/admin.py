@@ -35,16 +35,17 @@ from capsule.web.http import answer_json, header, peer_address
 _log = Logger()
 
 
-def describe(session, now: float) -> dict:
+def describe(session, now: float, facts=None) -> dict:
     """
-    What the admin API says of a session.
+    What the admin API says of a session (and C{facts(session id)}: what
+    other parts count of it, e.g. its egress refusals).
     """
     core = session.core
     return {"id": session.id, "owner": core.user, "state": session.status(),
             "created": core.created_at, "age": round(now - core.created_at, 1),
             "idle": round(now - core.active_at, 1),
             "container": core.container_id, "client_attached": session.client is not None,
-            "bytes_out": core.replay.end}
+            "bytes_out": core.replay.end, **(facts(session.id) if facts is not None else {})}
 
 
 class AdminRefused(Exception):
@@ -130,11 +131,15 @@ class AdminResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, manager, drain: Drain, access: AdminAccess, clock, usage=None) -> None:
+    def __init__(self, manager, drain: Drain, access: AdminAccess, clock, usage=None,
+                 session_facts=None) -> None:
         super().__init__()
         self._manager, self._drain, self._access, self._clock = manager, drain, access, clock
         # usage(): the credential gateway's counts (capsule.gateway.usage), or None.
         self._usage = usage
+        # session_facts(session id): more of what a session's listing says
+        # (its egress refusals), or None.
+        self._session_facts = session_facts
 
     def render(self, request):
         def refused(failure):
@@ -192,7 +197,7 @@ class AdminResource(Resource):
         now = self._clock.seconds()
         sessions = sorted(self._manager.sessions.values(), key=lambda s: s.core.created_at)
         return {"instance": self._manager.config.instance, "draining": self._drain.active,
-                "sessions": [describe(s, now) for s in sessions]}
+                "sessions": [describe(s, now, self._session_facts) for s in sessions]}
 
     def _end(self, wanted: str, who: str) -> tuple[int, dict]:
         wanted = wanted.lower()

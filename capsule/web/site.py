@@ -479,7 +479,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               answer_write_timeout: float = EXEC_WRITE_TIMEOUT,
               docker_calls_per_caller: int = DOCKER_CALLS_PER_CALLER, access_log: bool = False,
               connection_limits: ConnectionLimits = ConnectionLimits(),
-              spectators=None, firewall=None, admin_usage=None,
+              spectators=None, firewall=None, admin_usage=None, admin_session_facts=None,
               preview_domain: str | None = None,
               preview_limits: PreviewLimits = PreviewLimits(), preview_access=None,
               own_ports=(), preview_no_network=None,
@@ -597,7 +597,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         body_limits[b"/login"] = LOGIN_MAX_BODY
     top = AdminMount(top, AdminResource(manager, drain, AdminAccess(
         admin_token, admin_users, authenticator, admin_loopback), reactor,
-        usage=admin_usage))
+        usage=admin_usage, session_facts=admin_session_facts))
     return CapsuleSite(GuardResource(top, host_policy), reactor=reactor,
                        logFormatter=access_log_line, body_limits=body_limits,
                        body_rules=[session_api.body_limit], websocket_factory=factory,
