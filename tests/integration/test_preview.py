@@ -49,8 +49,9 @@ def api(server, path, method="GET", body=None, token=ALICE):
     return status, json.loads(payload) if payload else None
 
 
-def new_session(server, token=ALICE, port=3000) -> str:
-    status, body = api(server, "/api/sessions", "POST", {}, token)
+def new_session(server, token=ALICE, port=3000, profile=None) -> str:
+    status, body = api(server, "/api/sessions", "POST",
+                       {} if profile is None else {"profile": profile}, token)
     assert status == 201, body
     session_id = body["id"]
     script = ("cat > /tmp/preview_server.pl && (setsid perl /tmp/preview_server.pl"
@@ -423,3 +424,19 @@ def test_a_session_without_a_network_is_previewed_over_its_keepers_channels(make
     assert status == 502 and json.loads(body)["code"] == "nothing_listening", body
     status, _, body = call(server, root + "/hello", token=BOB)
     assert status == 404
+
+
+def test_a_fenced_session_is_previewed(make_server, tokens, tmp_path):
+    """
+    A session whose egress is fenced (capsule's internal network, no route
+    out) is still reached from capsule's side for its previews.
+    """
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('[profiles.fenced]\negress = ["pypi.org"]\n')
+    server = make_server("--tokens", str(tokens), "--grace", "60", "--pool-size", "0",
+                         "--profiles", str(profiles))
+    session_id = new_session(server, profile="fenced")
+    status, body = api(server, f"/api/sessions/{session_id}")
+    assert status == 200 and body["profile"] == "fenced", body
+    status, _, body = call(server, f"/preview/{session_id}/3000/hello", token=ALICE)
+    assert (status, body) == (200, b"hello from the session\n")
