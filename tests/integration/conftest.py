@@ -1,6 +1,9 @@
 import os
+import subprocess
 
 import pytest
+
+from capsule.engine.firewall import chain_names, find_tool, removal_commands
 
 from .harness import (IMAGE, CapsuleServer, docker_client, remove_instance_containers,
                       remove_instance_volumes)
@@ -56,3 +59,38 @@ def make_server(tmp_path):
 @pytest.fixture
 def server(make_server):
     return make_server("--grace", "30", tuning={"cleanup-interval": 0.5})
+
+
+def _fenced_bridges() -> set[tuple[int, str]]:
+    """
+    The bridges capsule's firewall rules are on now, by address family
+    (none where iptables cannot be read: not root, not installed).
+    """
+    found = set()
+    for family, name in ((4, "iptables"), (6, "ip6tables")):
+        tool = find_tool(name)
+        if tool is None:
+            continue
+        done = subprocess.run([tool, "-w", "-S"], capture_output=True, text=True)
+        if done.returncode != 0:
+            continue
+        prefix = f"-N {chain_names('')[1]}"
+        found |= {(family, line[len(prefix):].strip()) for line in done.stdout.splitlines()
+                  if line.startswith(prefix)}
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_firewall_left_behind():
+    """
+    capsule leaves its firewall rules in place when it stops (recovered
+    sessions stay fenced), and a capsule started as a user would (make run,
+    an installed twistd) applies them for the shared session bridges with
+    its own door port: a test takes away the rules its capsules left, so
+    that the next test's sessions reach what that test serves them.
+    """
+    before = _fenced_bridges()
+    yield
+    for family, bridge in _fenced_bridges() - before:
+        for command in removal_commands(bridge, family):
+            subprocess.run(command, capture_output=True)
