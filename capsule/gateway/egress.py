@@ -28,7 +28,12 @@ A refusal is answered 403 with a sentence naming the host and the profile
 setting that would allow it (in the body and in the C{X-Capsule-Egress}
 header, which C{curl -v} shows for a refused CONNECT), logged at a bounded
 rate, and counted per session and in C{/metrics}.  Bytes flow both ways
-with backpressure (each side's transport is the other's producer); a
+with backpressure (each side's transport is the other's producer); once
+the heads are through (the CONNECT's 200, a plain request's head sent on)
+and both ends are TCP sockets, they move between the two in the kernel
+(L{capsule.web.splice.Splicer}: splice(2), never copied through capsule),
+with the same backpressure, half-closes and limits; a connection the
+keeper carries (a session with no network) is copied the ordinary way.  A
 tunnel idle for L{EgressLimits.idle_timeout} seconds is closed; a session
 holds at most L{EgressLimits.tunnels} connections through the proxy.
 """
@@ -54,6 +59,7 @@ from capsule.core.egress import (DEFAULT_PORTS, OPEN, EgressRefused, normalise_h
 from capsule.core.ratelog import RateLimitedLog
 from capsule.gateway.door import door_url
 from capsule.sessions.observers import SessionObserver
+from capsule.web.splice import Splicer, can_splice
 
 _log = Logger()
 
@@ -354,6 +360,9 @@ class DoorConnection(Protocol):
         self._active = False
         self._done = False
         self._session_id: str | None = None
+        # Both ways, once spliced (empty while copied through capsule).
+        self.splicers: list[Splicer] = []
+        self._moved = 0
 
     # -- reading the head --------------------------------------------------
 
@@ -544,6 +553,13 @@ class DoorConnection(Protocol):
         # measured slower).
         upstream.transport.registerProducer(self.transport, True)
         self.transport.registerProducer(upstream.transport, True)
+        if can_splice(self.transport) and can_splice(upstream.transport):
+            # From now on, what either side sends goes on as it is (the
+            # answer of a plain request too: it is passed back unread), so
+            # the kernel moves it; what Twisted still holds (the 200, the
+            # request's head, early bytes) goes first.
+            self.splicers = [Splicer(self.transport, upstream.transport),
+                             Splicer(upstream.transport, self.transport)]
         self.transport.resumeProducing()
         self._idle = self.proxy.reactor.callLater(self.proxy.limits.idle_timeout, self._idle_check)
 
@@ -552,8 +568,9 @@ class DoorConnection(Protocol):
 
     def _idle_check(self) -> None:
         self._idle = None
-        if self._active:
-            self._active = False
+        moved = sum(splicer.moved for splicer in self.splicers)
+        if self._active or moved != self._moved:
+            self._active, self._moved = False, moved
             self._idle = self.proxy.reactor.callLater(self.proxy.limits.idle_timeout,
                                                       self._idle_check)
             return
@@ -634,6 +651,8 @@ class DoorConnection(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        for splicer in self.splicers:
+            splicer.close()
         if self._counted:
             self._counted = False
             left = self.proxy.tunnels.get(self._session_id, 1) - 1

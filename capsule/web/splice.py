@@ -1,6 +1,7 @@
 """
 Bytes between two connections (a preview's client and the port in its
-session): each side's reading paused while the other cannot take more or a
+session; a session's connection through the egress proxy and its
+upstream): each side's reading paused while the other cannot take more or a
 rate is spent (L{Valve}, L{Bucket}), and, between two TCP sockets, moved in
 the kernel (L{Splicer}: splice(2) through a pipe) rather than copied
 through capsule.
@@ -89,6 +90,9 @@ class Splicer:
     while C{dst} cannot take more, C{src} is not read (the back-pressure of
     the splice). Bytes of Twisted's own still queued for C{dst} (a head)
     go first: until they are out, C{src} is read the ordinary way.
+
+    @ivar moved: the bytes spliced so far (a spliced connection's protocol
+        never sees them: this is how its owner tells it is busy).
     """
 
     def __init__(self, src, dst) -> None:
@@ -99,6 +103,7 @@ class Splicer:
         except OSError:
             pass
         self.pending = 0
+        self.moved = 0
         self.closed = False
         self._read, self._write = src.doRead, dst.doWrite
         src.doRead, dst.doWrite = self.doRead, self.doWrite
@@ -120,6 +125,7 @@ class Splicer:
         if n == 0:
             return main.CONNECTION_DONE
         self.pending += n
+        self.moved += n
         self._flush()
         return None
 
