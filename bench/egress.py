@@ -8,11 +8,13 @@ rules, left on the shared C{capsule} bridge by a capsule with
 C{--firewall auto}, would refuse the direct fetch) and C{fenced} (egress =
 [the server's address], on capsule-fenced, no route out).  The server
 listens on the bench network's gateway address (the host side of its
-bridge), which the operator allows (--egress-allow-address, --egress-port).  Both sessions run curl (by C{docker exec}, into
-/dev/null): the open one straight to the server, the fenced one through the
-proxy (its HTTP_PROXY), as a plain request and through a CONNECT tunnel
-(curl --proxytunnel).  The runs alternate; the medians are compared.
-Prints one JSON object.
+bridge), which the operator allows (--egress-allow-address, --egress-port).
+Both sessions run curl (by C{docker exec}, into /dev/null): the open one
+straight to the server, the fenced one through the proxy (its HTTP_PROXY),
+as a plain request and through a CONNECT tunnel (curl --proxytunnel).  The
+runs alternate; the medians are compared, and capsule's CPU seconds per
+fetch through the proxy (from /proc, 10 ms ticks) are shown.  Prints one
+JSON object.
 
     .venv/bin/python bench/egress.py [--megabytes 100] [--repeats 5]
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -85,6 +88,15 @@ def fetch(container, url: str, *options: str) -> float:
     return float(seconds), int(size)
 
 
+def cpu(pid: int) -> float:
+    """
+    The CPU seconds process C{pid} has used (user and system).
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--image", default="capsule-runtime:latest")
@@ -117,6 +129,8 @@ def main(argv=None) -> None:
         fenced_container = client.containers.get(create(server, "fenced"))
         url = f"http://{gateway}:{port}/file"
         direct, proxied, tunnelled = [], [], []
+        # capsule's CPU seconds per fetch through the proxy, each way of it.
+        proxied_cpu, tunnelled_cpu = [], []
         fetch(open_container, url)
         fetch(fenced_container, url)
         fetch(fenced_container, url, "--proxytunnel")
@@ -124,10 +138,14 @@ def main(argv=None) -> None:
             seconds, got = fetch(open_container, url)
             assert got == size, got
             direct.append(seconds)
+            before = cpu(server.pid)
             seconds, got = fetch(fenced_container, url)
+            proxied_cpu.append(cpu(server.pid) - before)
             assert got == size, got
             proxied.append(seconds)
+            before = cpu(server.pid)
             seconds, got = fetch(fenced_container, url, "--proxytunnel")
+            tunnelled_cpu.append(cpu(server.pid) - before)
             assert got == size, got
             tunnelled.append(seconds)
         d, p = statistics.median(direct), statistics.median(proxied)
@@ -140,7 +158,10 @@ def main(argv=None) -> None:
             "proxied_mb_per_s": round(size / p / 1e6, 1),
             "proxied_over_direct": round(d / p, 3),
             "tunnelled_seconds": round(t, 3), "tunnelled_mb_per_s": round(size / t / 1e6, 1),
-            "tunnelled_over_direct": round(d / t, 3)}), flush=True)
+            "tunnelled_over_direct": round(d / t, 3),
+            "capsule_cpu_seconds_proxied": round(statistics.median(proxied_cpu), 3),
+            "capsule_cpu_seconds_tunnelled": round(statistics.median(tunnelled_cpu), 3)}),
+            flush=True)
     finally:
         server.stop()
         remove_instance_containers(server.instance)
