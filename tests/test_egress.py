@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from capsule.core.egress import (AGENT_EGRESS, ALLOWLIST, NONE, OPEN, EgressPolicy,
@@ -670,6 +671,39 @@ async def test_a_tunnel_between_tcp_sockets_is_spliced_half_closes_and_all(kind)
         assert sum(s.moved for s in door.splicers) <= len(payload) + len(answer)
         assert all(s.closed for s in door.splicers) and proxy.tunnels == {}
     finally:
+        for port_ in listening:
+            await port_.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_pipe_a_tunnel_between_tcp_sockets_is_copied(monkeypatch):
+    import os
+
+    def no_pipe(flags):
+        raise OSError(24, "Too many open files")
+    monkeypatch.setattr(os, "pipe2", no_pipe)
+    answer = b"a" * 300_000
+    reactor, _, proxy, port, upstreams, doors, listening = await spliced_door(answer)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = Far(first=f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", listening[1].getHost().port).connect(
+            Factory.forProtocol(lambda: client))
+        while not client.received or not upstreams:
+            await within(_turn(reactor))
+        client.transport.write(b"through")
+        client.transport.loseWriteConnection()
+        assert await within(upstreams[0].finished) == b"through"
+        got = await within(client.ended)
+        assert got == b"HTTP/1.1 200 Connection established\r\n\r\n" + answer
+        assert doors[0].splicers == []
+        # Said once (both ways failed: one line, at the log's rate).
+        said = [formatEvent(e) for e in events if "copied, not spliced" in formatEvent(e)]
+        assert said == ["egress: a tunnel of session s1 is copied, not spliced:"
+                        " [Errno 24] Too many open files"]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
         for port_ in listening:
             await port_.stopListening()
 

@@ -558,8 +558,17 @@ class DoorConnection(Protocol):
             # answer of a plain request too: it is passed back unread), so
             # the kernel moves it; what Twisted still holds (the 200, the
             # request's head, early bytes) goes first.
-            self.splicers = [Splicer(self.transport, upstream.transport),
-                             Splicer(upstream.transport, self.transport)]
+            for src, dst in ((self.transport, upstream.transport),
+                             (upstream.transport, self.transport)):
+                try:
+                    self.splicers.append(Splicer(src, dst))
+                except OSError as e:
+                    # No pipe to be had (out of descriptors): this way is
+                    # copied through capsule, as without the splice.
+                    self.proxy._log.warn(self.proxy.reactor.seconds(), session.id,
+                                         "egress-splice", "egress: a tunnel of session"
+                                         " {session_id} is copied, not spliced: {error}",
+                                         error=str(e)[:100])
         self.transport.resumeProducing()
         self._idle = self.proxy.reactor.callLater(self.proxy.limits.idle_timeout, self._idle_check)
 
