@@ -102,9 +102,12 @@ def main(argv=None) -> None:
     parser.add_argument("--image", default="capsule-runtime:latest")
     parser.add_argument("--megabytes", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--door-port", type=int, default=0,
+                        help="the session door's port (default: a free one; 3180 where"
+                             " capsule's fence rules on capsule-fenced admit only that)")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="capsule-bench-egress-"))
-    door = free_port()
+    door = args.door_port or free_port()
     size = args.megabytes * 1_000_000
     tag = uuid.uuid4().hex[:6]
     network = docker_client().networks.create(

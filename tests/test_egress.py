@@ -31,7 +31,6 @@ from capsule.gateway.egress import (DoorFactory, EgressLimits, EgressProxy, host
                                     proxy_environment)
 from capsule.ops.metrics import Metrics
 from capsule.sessions.by_address import SessionsByAddress
-from capsule.web.splice import SPLICE_BUFFER
 from tests.support.fakes import FakeDockerAPI
 
 SPEC = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
@@ -755,7 +754,7 @@ async def test_a_spliced_tunnel_reads_no_more_than_its_reader_takes():
             moved = door.splicers[1].moved
             for _ in range(10):
                 await within(_turn(reactor))
-        assert 0 < moved < size and door.splicers[1].pending <= SPLICE_BUFFER
+        assert 0 < moved < size and door.splicers[1].pending <= EgressLimits().splice
         assert len(upstreams[0].transport.dataBuffer) + upstreams[0].transport._tempDataLen > 0
         # It reads again: all of it arrives.
         client.transport.resumeProducing()

@@ -91,15 +91,17 @@ class Splicer:
     the splice). Bytes of Twisted's own still queued for C{dst} (a head)
     go first: until they are out, C{src} is read the ordinary way.
 
+    @param size: the most bytes read at once, and held unwritten (the
+        pipe's size, where the kernel allows it).
     @ivar moved: the bytes spliced so far (a spliced connection's protocol
         never sees them: this is how its owner tells it is busy).
     """
 
-    def __init__(self, src, dst) -> None:
-        self.src, self.dst = src, dst
+    def __init__(self, src, dst, size: int = SPLICE_BUFFER) -> None:
+        self.src, self.dst, self.size = src, dst, size
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fcntl.fcntl(self.w, _F_SETPIPE_SZ, SPLICE_BUFFER)
+            fcntl.fcntl(self.w, _F_SETPIPE_SZ, size)
         except OSError:
             pass
         self.pending = 0
@@ -116,7 +118,7 @@ class Splicer:
         if self.closed or self._queued():
             return self._read()
         try:
-            n = os.splice(self.src.fileno(), self.w, SPLICE_BUFFER,
+            n = os.splice(self.src.fileno(), self.w, self.size,
                           flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
         except BlockingIOError:
             return None
