@@ -556,9 +556,9 @@ class DoorConnection(Protocol):
             upstream.transport.write(early)
         if self._client_finished:
             _shut_write(upstream.transport)
-        # Each side reads only while the other takes what it sends (at most
-        # Twisted's 64 KiB a read and a buffer of about as much: larger ones
-        # measured slower).
+        # Each side reads only while the other takes what it sends (copied:
+        # at most Twisted's 64 KiB a read and a buffer of about as much,
+        # larger ones measured slower; spliced: the Splicer's pipe).
         upstream.transport.registerProducer(self.transport, True)
         self.transport.registerProducer(upstream.transport, True)
         if can_splice(self.transport) and can_splice(upstream.transport):
