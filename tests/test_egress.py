@@ -1,7 +1,9 @@
 """
 Egress policies (capsule.core.egress) and the egress proxy behind the
 session door (capsule.gateway.egress): names and wildcards, the addresses
-never reached, the first-line switch, refusals and their counts.
+never reached, the first-line switch, refusals and their counts, and
+tunnels between two TCP sockets spliced in the kernel (real sockets on
+loopback).
 """
 
 from __future__ import annotations
@@ -10,10 +12,15 @@ import ipaddress
 from dataclasses import replace
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
+from zope.interface import implementer
 
 from capsule.core.egress import (AGENT_EGRESS, ALLOWLIST, NONE, OPEN, EgressPolicy,
                                  normalise_host, parse_egress, refused_address)
@@ -277,6 +284,8 @@ def test_connect_to_an_allowed_host_is_a_tunnel():
     assert transport.value().endswith(b"answer")
     # Backpressure: each side's transport produces for the other.
     assert upstream_transport.producer is transport and transport.producer is upstream_transport
+    # Not both TCP sockets: copied through capsule, not spliced.
+    assert protocol.splicers == []
     assert proxy.tunnels == {"s1": 1}
     upstream.connectionLost(None)
     assert transport.disconnecting
@@ -414,6 +423,7 @@ def test_a_session_without_network_is_identified_by_its_session():
     protocol.makeConnection(transport)
     protocol.dataReceived(b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 200") and len(upstreams.made) == 1
+    assert protocol.splicers == []
 
 
 def test_fenced_sessions_environment_points_at_the_door():
@@ -549,3 +559,219 @@ def test_a_request_then_a_half_close_still_gets_its_answer():
     assert upstream_transport.write_closed
     upstream.dataReceived(b"HTTP/1.0 200 OK\r\n\r\nok")
     assert transport.value().endswith(b"ok")
+
+
+# -- spliced: both ends TCP sockets ----------------------------------------------
+
+@implementer(IHalfCloseableProtocol)
+class Far(Protocol):
+    """
+    An upstream (or a session's client): keeps what it receives; answers
+    C{answer} once the other side has shut its sending side.
+    """
+
+    def __init__(self, answer=b"", first=b""):
+        self.answer, self.first = answer, first
+        self.received = bytearray()
+        self.finished = Deferred()
+        self.ended = Deferred()
+
+    def connectionMade(self):
+        if self.first:
+            self.transport.write(self.first)
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def readConnectionLost(self):
+        self.finished.callback(self.received)
+        if self.answer:
+            self.transport.write(self.answer)
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason=None):
+        if not self.finished.called:
+            self.finished.callback(self.received)
+        self.ended.callback(self.received)
+
+
+async def spliced_door(answer: bytes, limits=EgressLimits()):
+    """
+    A door and an upstream on loopback, with real sockets (the reactor's),
+    the door's timers on a clock.
+    """
+    from twisted.internet import reactor
+    upstreams = []
+
+    def far():
+        upstreams.append(Far(answer))
+        return upstreams[-1]
+    listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(far))
+    port = listening.getHost().port
+    clock = Clock()
+    proxy = EgressProxy(
+        clock, allowed=[ipaddress.ip_network("127.0.0.1/32")], ports=[port], own=[],
+        limits=limits,
+        connect=lambda address, port, factory: TCP4ClientEndpoint(
+            reactor, address, port).connect(factory))
+    session = FakeSession(profile(["127.0.0.1"]))
+    doors = []
+    factory = DoorFactory(proxy, FakeSite(), lambda transport: session)
+    build = factory.buildProtocol
+    factory.buildProtocol = lambda addr: doors.append(build(addr)) or doors[-1]
+    door = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    return reactor, clock, proxy, port, upstreams, doors, (listening, door)
+
+
+async def within(d, seconds=20):
+    from twisted.internet import reactor
+    return await d.addTimeout(seconds, reactor)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("kind", ["connect", "http"])
+async def test_a_tunnel_between_tcp_sockets_is_spliced_half_closes_and_all(kind):
+    answer = bytes(range(256)) * 8192  # 2 MiB
+    reactor, _, proxy, port, upstreams, doors, listening = await spliced_door(answer)
+    try:
+        payload = b"\x16\x03\x01" + bytes(range(251)) * 4096
+        head = (f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n" if kind == "connect" else
+                f"POST http://127.0.0.1:{port}/up HTTP/1.1\r\nHost: x\r\n\r\n").encode()
+        client = Far(first=head)
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", listening[1].getHost().port).connect(
+            Factory.forProtocol(lambda: client))
+        if kind == "connect":
+            while b"\r\n\r\n" not in client.received:
+                await within(_turn(reactor))
+            assert client.received == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        while not upstreams:
+            await within(_turn(reactor))
+        # The session sends, then shuts its sending side: the upstream hears
+        # all of it and the end, then answers, and both ends close.
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
+        received = await within(upstreams[0].finished)
+        if kind == "http":
+            head_sent, _, received = received.partition(b"\r\n\r\n")
+            assert head_sent.startswith(b"POST /up HTTP/1.1\r\n")
+            assert b"Connection: close" in head_sent
+        assert received == payload
+        got = await within(client.ended)
+        if kind == "connect":
+            got = got.partition(b"\r\n\r\n")[2]
+        assert got == answer
+        [door] = doors
+        # The bytes went through the kernel, both ways, not through capsule.
+        assert [s.moved > 0 for s in door.splicers] == [True, True]
+        assert sum(s.moved for s in door.splicers) <= len(payload) + len(answer)
+        assert all(s.closed for s in door.splicers) and proxy.tunnels == {}
+    finally:
+        for port_ in listening:
+            await port_.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_pipe_a_tunnel_between_tcp_sockets_is_copied(monkeypatch):
+    import os
+
+    def no_pipe(flags):
+        raise OSError(24, "Too many open files")
+    monkeypatch.setattr(os, "pipe2", no_pipe)
+    answer = b"a" * 300_000
+    reactor, _, proxy, port, upstreams, doors, listening = await spliced_door(answer)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = Far(first=f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", listening[1].getHost().port).connect(
+            Factory.forProtocol(lambda: client))
+        while not client.received or not upstreams:
+            await within(_turn(reactor))
+        client.transport.write(b"through")
+        client.transport.loseWriteConnection()
+        assert await within(upstreams[0].finished) == b"through"
+        got = await within(client.ended)
+        assert got == b"HTTP/1.1 200 Connection established\r\n\r\n" + answer
+        assert doors[0].splicers == []
+        # Said once (both ways failed: one line, at the log's rate).
+        said = [formatEvent(e) for e in events if "copied, not spliced" in formatEvent(e)]
+        assert said == ["egress: a tunnel of session s1 is copied, not spliced:"
+                        " [Errno 24] Too many open files"]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        for port_ in listening:
+            await port_.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spliced_tunnel_idle_for_its_limit_is_closed():
+    reactor, clock, proxy, port, upstreams, doors, listening = await spliced_door(
+        b"", limits=EgressLimits(idle_timeout=60))
+    try:
+        client = Far(first=f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", listening[1].getHost().port).connect(
+            Factory.forProtocol(lambda: client))
+        while not client.received or not upstreams:
+            await within(_turn(reactor))
+        [door] = doors
+        assert len(door.splicers) == 2
+        # Busy through the splice (capsule never sees the bytes): kept.
+        client.transport.write(b"busy")
+        while upstreams[0].received != b"busy":
+            await within(_turn(reactor))
+        clock.advance(60)
+        assert proxy.tunnels == {"s1": 1} and not door.transport.disconnecting
+        # Then idle for as long: closed.
+        clock.advance(60)
+        await within(client.ended)
+        assert proxy.tunnels == {}
+    finally:
+        for port_ in listening:
+            await port_.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spliced_tunnel_reads_no_more_than_its_reader_takes():
+    size = 32 * 1024 * 1024
+    reactor, _, proxy, port, upstreams, doors, listening = await spliced_door(b"")
+    try:
+        client = Far(first=f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", listening[1].getHost().port).connect(
+            Factory.forProtocol(lambda: client))
+        while not client.received or not upstreams:
+            await within(_turn(reactor))
+        [door] = doors
+        # The session reads nothing: the upstream's bytes stop at what the
+        # kernel's buffers and one pipe hold, and capsule stops reading.
+        client.transport.pauseProducing()
+        upstreams[0].transport.write(b"x" * size)
+        moved = -1
+        while door.splicers[1].moved != moved:
+            moved = door.splicers[1].moved
+            for _ in range(10):
+                await within(_turn(reactor))
+        assert 0 < moved < size and door.splicers[1].pending <= EgressLimits().splice
+        assert len(upstreams[0].transport.dataBuffer) + upstreams[0].transport._tempDataLen > 0
+        # It reads again: all of it arrives.
+        client.transport.resumeProducing()
+        while len(client.received) < len(b"HTTP/1.1 200 Connection established\r\n\r\n") + size:
+            await within(_turn(reactor))
+        assert door.splicers[1].moved == size
+        client.transport.loseConnection()
+        await within(client.ended)
+        while proxy.tunnels:
+            await within(_turn(reactor))
+        assert all(s.closed for s in door.splicers)
+    finally:
+        for port_ in listening:
+            await port_.stopListening()
+
+
+def _turn(reactor):
+    d = Deferred()
+    reactor.callLater(0.01, d.callback, None)
+    return d

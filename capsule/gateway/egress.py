@@ -28,7 +28,12 @@ A refusal is answered 403 with a sentence naming the host and the profile
 setting that would allow it (in the body and in the C{X-Capsule-Egress}
 header, which C{curl -v} shows for a refused CONNECT), logged at a bounded
 rate, and counted per session and in C{/metrics}.  Bytes flow both ways
-with backpressure (each side's transport is the other's producer); a
+with backpressure (each side's transport is the other's producer); once
+the heads are through (the CONNECT's 200, a plain request's head sent on)
+and both ends are TCP sockets, they move between the two in the kernel
+(L{capsule.web.splice.Splicer}: splice(2), never copied through capsule),
+with the same backpressure, half-closes and limits; a connection the
+keeper carries (a session with no network) is copied the ordinary way.  A
 tunnel idle for L{EgressLimits.idle_timeout} seconds is closed; a session
 holds at most L{EgressLimits.tunnels} connections through the proxy.
 """
@@ -54,6 +59,7 @@ from capsule.core.egress import (DEFAULT_PORTS, OPEN, EgressRefused, normalise_h
 from capsule.core.ratelog import RateLimitedLog
 from capsule.gateway.door import door_url
 from capsule.sessions.observers import SessionObserver
+from capsule.web.splice import SPLICE_BUFFER, Splicer, can_splice
 
 _log = Logger()
 
@@ -68,6 +74,13 @@ class EgressLimits:
     @ivar idle_timeout: seconds a tunnel may pass with no byte either way.
     @ivar tunnels: connections through the proxy one session may hold.
     @ivar early: bytes a client may send before its tunnel is up.
+    @ivar splice: bytes one way of a spliced tunnel reads at once and holds
+        in capsule while its reader takes no more (its pipe, in the
+        kernel): a session's L{tunnels}, both ways, hold at most
+        C{2 * tunnels * splice} (256 MiB by default; the copied path about
+        an eighth of that).  256 KiB measured slower on this host's loaded
+        cores (a median of 71 % of a direct fetch against 80 %) and used
+        more CPU.
     """
 
     first_line: int = 8192
@@ -77,6 +90,7 @@ class EgressLimits:
     idle_timeout: float = 600.0
     tunnels: int = 128
     early: int = 256 * 1024
+    splice: int = SPLICE_BUFFER
 
 
 def host_addresses() -> set[str]:
@@ -354,6 +368,9 @@ class DoorConnection(Protocol):
         self._active = False
         self._done = False
         self._session_id: str | None = None
+        # Both ways, once spliced (empty while copied through capsule).
+        self.splicers: list[Splicer] = []
+        self._moved = 0
 
     # -- reading the head --------------------------------------------------
 
@@ -539,11 +556,27 @@ class DoorConnection(Protocol):
             upstream.transport.write(early)
         if self._client_finished:
             _shut_write(upstream.transport)
-        # Each side reads only while the other takes what it sends (at most
-        # Twisted's 64 KiB a read and a buffer of about as much: larger ones
-        # measured slower).
+        # Each side reads only while the other takes what it sends (copied:
+        # at most Twisted's 64 KiB a read and a buffer of about as much,
+        # larger ones measured slower; spliced: the Splicer's pipe).
         upstream.transport.registerProducer(self.transport, True)
         self.transport.registerProducer(upstream.transport, True)
+        if can_splice(self.transport) and can_splice(upstream.transport):
+            # From now on, what either side sends goes on as it is (the
+            # answer of a plain request too: it is passed back unread), so
+            # the kernel moves it; what Twisted still holds (the 200, the
+            # request's head, early bytes) goes first.
+            for src, dst in ((self.transport, upstream.transport),
+                             (upstream.transport, self.transport)):
+                try:
+                    self.splicers.append(Splicer(src, dst, self.proxy.limits.splice))
+                except OSError as e:
+                    # No pipe to be had (out of descriptors): this way is
+                    # copied through capsule, as without the splice.
+                    self.proxy._log.warn(self.proxy.reactor.seconds(), session.id,
+                                         "egress-splice", "egress: a tunnel of session"
+                                         " {session_id} is copied, not spliced: {error}",
+                                         error=str(e)[:100])
         self.transport.resumeProducing()
         self._idle = self.proxy.reactor.callLater(self.proxy.limits.idle_timeout, self._idle_check)
 
@@ -552,8 +585,9 @@ class DoorConnection(Protocol):
 
     def _idle_check(self) -> None:
         self._idle = None
-        if self._active:
-            self._active = False
+        moved = sum(splicer.moved for splicer in self.splicers)
+        if self._active or moved != self._moved:
+            self._active, self._moved = False, moved
             self._idle = self.proxy.reactor.callLater(self.proxy.limits.idle_timeout,
                                                       self._idle_check)
             return
@@ -634,6 +668,8 @@ class DoorConnection(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._idle = None
+        for splicer in self.splicers:
+            splicer.close()
         if self._counted:
             self._counted = False
             left = self.proxy.tunnels.get(self._session_id, 1) - 1

@@ -1,6 +1,7 @@
 """
 Bytes between two connections (a preview's client and the port in its
-session): each side's reading paused while the other cannot take more or a
+session; a session's connection through the egress proxy and its
+upstream): each side's reading paused while the other cannot take more or a
 rate is spent (L{Valve}, L{Bucket}), and, between two TCP sockets, moved in
 the kernel (L{Splicer}: splice(2) through a pipe) rather than copied
 through capsule.
@@ -89,16 +90,22 @@ class Splicer:
     while C{dst} cannot take more, C{src} is not read (the back-pressure of
     the splice). Bytes of Twisted's own still queued for C{dst} (a head)
     go first: until they are out, C{src} is read the ordinary way.
+
+    @param size: the most bytes read at once, and held unwritten (the
+        pipe's size, where the kernel allows it).
+    @ivar moved: the bytes spliced so far (a spliced connection's protocol
+        never sees them: this is how its owner tells it is busy).
     """
 
-    def __init__(self, src, dst) -> None:
-        self.src, self.dst = src, dst
+    def __init__(self, src, dst, size: int = SPLICE_BUFFER) -> None:
+        self.src, self.dst, self.size = src, dst, size
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fcntl.fcntl(self.w, _F_SETPIPE_SZ, SPLICE_BUFFER)
+            fcntl.fcntl(self.w, _F_SETPIPE_SZ, size)
         except OSError:
             pass
         self.pending = 0
+        self.moved = 0
         self.closed = False
         self._read, self._write = src.doRead, dst.doWrite
         src.doRead, dst.doWrite = self.doRead, self.doWrite
@@ -111,7 +118,7 @@ class Splicer:
         if self.closed or self._queued():
             return self._read()
         try:
-            n = os.splice(self.src.fileno(), self.w, SPLICE_BUFFER,
+            n = os.splice(self.src.fileno(), self.w, self.size,
                           flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
         except BlockingIOError:
             return None
@@ -120,6 +127,7 @@ class Splicer:
         if n == 0:
             return main.CONNECTION_DONE
         self.pending += n
+        self.moved += n
         self._flush()
         return None
 
