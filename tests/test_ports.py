@@ -251,3 +251,31 @@ def test_without_a_public_url_the_request_s_host_is_used():
     assert addresses.base(False, "box:3001") == "http://box:3001"
     assert addresses.base(True, "box") == "https://box"
     assert addresses.base(False, None) == ""
+
+
+def test_a_session_without_ports_says_nothing_of_them(docker, clock):
+    # A connection starts knowing of no port: a keeper's first word that
+    # nothing listens is not sent (clients older than ports never hear of
+    # them unless a port opens), a port that closes again is.
+    manager = make_manager(docker, clock)
+    factory = CapsuleServerFactory(manager, clock,
+                                   port_addresses=PortAddresses("https://capsule.example"))
+    link = Link(clock, factory, binary=True)
+    link.send({"type": "resize", "cols": 80, "rows": 24})
+    [session] = manager.sessions.values()
+    link.new()
+    protocol = docker.processes[0].process_protocol
+    protocol.childDataReceived(1, ports_frame())
+    link.flush()
+    assert session.ports_known and link.new() == []
+    protocol.childDataReceived(1, ports_frame(3000))
+    protocol.childDataReceived(1, ports_frame())
+    link.flush()
+    assert [m["ports"] for m in link.new() if isinstance(m, dict)] == [
+        [{"port": 3000, "url": f"https://capsule.example/preview/{session.id}/3000/",
+          "public": False}], []]
+    link.close()
+    again = Link(clock, factory, f"session_id={session.id}", binary=True)
+    clock.advance(0)
+    again.flush()
+    assert [m.get("type") for m in again.new() if isinstance(m, dict)] == ["connected"]

@@ -276,6 +276,10 @@ class DoorFactory(Factory):
         C{None}.
     """
 
+    # One line per session connection would drown the log: the door's
+    # listening is said by capsule.gateway.door.
+    noisy = False
+
     def __init__(self, proxy: EgressProxy, site, identify) -> None:
         self.proxy = proxy
         self.site = site

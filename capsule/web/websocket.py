@@ -106,6 +106,8 @@ class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
         # addresses of its session's ports are (capsule.web.ports).
         self._host: str | None = None
         self._secure = False
+        # The ports this connection was last told of, and how many more.
+        self._ports_told: tuple[list, int] = ([], 0)
 
     @property
     def _manager(self) -> SessionManager:
@@ -481,9 +483,19 @@ class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
             self._send_ports(session)
 
     def _send_ports(self, session) -> None:
+        """
+        Send the session's ports when they differ from what this connection
+        was last told: a connection starts knowing of none, so a session
+        with none says nothing (clients of the protocol before ports never
+        hear of them unless a port opens).
+        """
         addresses = self.factory.port_addresses
-        self._send(wire.encode_ports(addresses.entries(session, self._secure, self._host),
-                                     session.ports_more))
+        entries = addresses.entries(session, self._secure, self._host)
+        told = (entries, session.ports_more)
+        if told == self._ports_told:
+            return
+        self._ports_told = told
+        self._send(wire.encode_ports(entries, session.ports_more))
 
     def session_output(self, data: bytes) -> None:
         if self._hold(self.session_output, data):

@@ -8,6 +8,7 @@ C{CAPSULE_SCREENSHOTS}: where the screenshots go.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -16,6 +17,8 @@ from .test_browser import (  # noqa: F401 (fixtures)
     CHROMIUM, browser, new_page, open_session, page_args, shot, type_line, wait_screen,
     wait_text)
 from .test_ports import SERVE_3000
+from tests.support.httpclient import request
+from tests.support.live import wait_for
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")
 
@@ -46,14 +49,21 @@ def test_the_page_shows_a_port_as_it_opens_and_drops_it_as_it_closes(server, bro
     link = owner.get_attribute("#ports .ports-row a", "href")
     assert link == f"{server.url}/preview/{session_id}/3000/"
     assert owner.get_attribute("#ports .ports-row a", "rel") == "noopener noreferrer"
-    # capsule's API has no route to share a port here: no share button.
-    assert owner.locator("#ports button", has_text="share").count() == 0
+    # "share" makes a link to the preview (no login needed), which the API lists.
+    share = owner.locator("#ports button", has_text="share")
+    assert share.count() == 1
+    share.click()
+    shares = f"{server.url}/api/sessions/{session_id}/ports/3000/shares"
+    wait_for(lambda: len(json.loads(request(shares)[2])["shares"]) == 1, 15,
+             "the share link to be made")
     # It takes its own room: the terminal starts below it.
     assert box(owner, "#ports")["bottom"] <= box(owner, "#terminal")["top"]
-    # Keyboard: the link, then "copy link", then the ×.
+    # Keyboard: the link, then "copy link", "share", then the ×.
     owner.focus("#ports .ports-row a")
     owner.keyboard.press("Tab")
     assert owner.evaluate("document.activeElement.textContent") == "copy link"
+    owner.keyboard.press("Tab")
+    assert owner.evaluate("document.activeElement.textContent") == "share"
     owner.keyboard.press("Tab")
     assert owner.evaluate("document.activeElement.getAttribute('aria-label')") == (
         "Hide the open ports")
