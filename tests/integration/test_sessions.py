@@ -75,7 +75,7 @@ async def test_reconnect_keeps_shell_state(server):
     replay = connected.pop("replay")
     assert connected.pop("grace") > 0
     assert connected == {"type": "connected", "session_id": session_id, "resumed": True,
-                         "kept": False}
+                         "kept": False, "profile": "shell"}
     again.send({"type": "resize", "cols": 80, "rows": 24})
     out = await again.run("echo $CAPSULE_T $PWD; jobs")
     # What the dropped connection had not been sent (the prompt that followed
