@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import struct
 
-import pytest
 from twisted.internet.error import (ConnectError, ConnectionDone, ConnectionLost,
                                     ConnectionRefusedError)
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from capsule.core.channels import (CAPSULE_BIT, CHANNEL_ENV, CHANNEL_FRAMES, CHUNK, MAX_REASON,
@@ -132,14 +130,6 @@ class Producer:
 
     def stopProducing(self) -> None:
         self.state = "stopped"
-
-
-@pytest.fixture
-def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def factory_of(kind=Recorder):

@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python import usage
 
 from capsule.core.spec import ContainerSpec
@@ -33,14 +33,6 @@ from tests.support.httpclient import ask
 TAG = ["-m", "comment", "--comment", "capsule"]
 SUBNETS = ["172.18.0.0/16"]
 ALL_BLOCKED = [b for b, _ in BLOCKED[4]] + ["the host"]
-
-
-@pytest.fixture
-def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def texts(events, level=None):

@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python import usage
 
 from capsule.core.spec import SUDO_CAPABILITIES, ContainerSpec
@@ -23,19 +23,10 @@ from capsule.tap import Options, makeService
 from tests.support.fakes import FakeDockerAPI
 
 
-
 def parse(*args):
     options = Options()
     options.parseOptions(list(args))
     return options
-
-
-@pytest.fixture
-def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def texts(events, level=None):

@@ -8,7 +8,6 @@ import uuid
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from capsule.core.spec import ContainerSpec
 from capsule.core.keeper import MAX_FRAME
@@ -33,14 +32,6 @@ def clock():
 def manager(docker, clock):
     spec = ContainerSpec(image="capsule-runtime:latest", memory="1g", cpus=1, pids=64)
     return SessionManager(docker, clock, SessionConfig(spec=spec, instance="t", grace=60))
-
-
-@pytest.fixture
-def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def lines(events, session_id):

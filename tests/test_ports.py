@@ -11,7 +11,6 @@ from __future__ import annotations
 import struct
 
 import pytest
-from twisted.logger import globalLogPublisher
 
 from capsule.core.keeper import (MAX_PORTS, RELAY_FRAMES, FrameError, FrameReader,
                                  ListeningPorts, own_ports, parse_ports)
@@ -107,14 +106,6 @@ class PortsObserver(SessionObserver):
 class PortsClient(RecordingClient):
     def session_ports(self, session) -> None:
         self.events.append(("ports", session.listening_ports))
-
-
-@pytest.fixture
-def logged():
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def test_the_session_holds_its_ports_and_tells_once_per_change(docker, clock):
