@@ -8,6 +8,7 @@ manager, with the session door's factory), where the endpoint can be used.
 
 from __future__ import annotations
 
+import io
 import resource
 import uuid
 
@@ -30,9 +31,14 @@ from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from tests.support.fakes import RecordingClient
 
-from .harness import IMAGE, WSClient, poll, remove_instance_containers, sleep, with_timeout
+from .harness import (IMAGE, WSClient, docker_client, poll, remove_instance_containers, sleep,
+                      with_timeout)
 
-OLD_IMAGE = "capsule-runtime:latest"
+# A keeper as those before channels were: the session image's own source,
+# built again without them, in an image of the test's own.
+OLD_KEEPER = ("FROM {image}\nUSER root\nRUN gcc -O2 -DCAPSULE_KEEPER_NO_CHANNELS"
+              " -o /usr/local/bin/capsule-keeper /usr/local/src/capsule-keeper.c -lutil\n"
+              "USER developer\n")
 ECHO_PORT = 7000
 # A forking echo server on 127.0.0.1:PORT (the session image has perl).
 ECHO = ("perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalAddr=>\"127.0.0.1:{port}\","
@@ -266,9 +272,23 @@ async def test_fifty_megabytes_with_memory_bounded_and_the_terminal_heard(sessio
     await with_timeout(protocol.ended, 10)
 
 
+@pytest.fixture
+def old_image():
+    api = docker_client().api
+    tag = f"capsule-test-old-keeper:{uuid.uuid4().hex[:8]}"
+    for _ in api.build(fileobj=io.BytesIO(OLD_KEEPER.format(image=IMAGE).encode()), tag=tag,
+                       rm=True, forcerm=True, labels={"io.capsule.test": "old-keeper"},
+                       decode=True):
+        pass
+    try:
+        yield tag
+    finally:
+        api.remove_image(tag, force=True)
+
+
 @pytest_twisted.ensureDeferred
-async def test_an_older_keeper_has_no_channels_and_works(sessions):
-    manager, session, client = await sessions(OLD_IMAGE)
+async def test_an_older_keeper_has_no_channels_and_works(sessions, old_image):
+    manager, session, client = await sessions(old_image)
     assert session.shell.channels is None
     out = await run(manager, session, client,
                     "curl -s -m 5 http://127.0.0.1:3180/; echo r''c=$?.", "rc=")
