@@ -277,7 +277,10 @@ docker build "${no_cache[@]}" --force-rm \
   "$agent_context" \
   || die "building $agent_image failed (above); it needs the npm registry and Debian's mirror from inside docker build. To go on without the agent image: make AGENT_IMAGE=none, or none as this script's second argument"
 say "built $agent_image in $((SECONDS - t0)) s ($(image_size "$agent_image"))"
-if [ -n "$previous_id" ] && [ "$previous_id" != "$(docker image inspect --format '{{.Id}}' "$agent_image")" ]; then
+# The image this build replaced, once nothing names it any more: another
+# tag of the same image (a second checkout's, a test's) keeps it.
+if [ -n "$previous_id" ] && [ "$previous_id" != "$(docker image inspect --format '{{.Id}}' "$agent_image")" ] \
+    && [ "$(docker image inspect --format '{{len .RepoTags}}' "$previous_id" 2>/dev/null)" = 0 ]; then
   docker rmi "$previous_id" >/dev/null 2>&1 || true
 fi
 # The builder stage stays as untagged images (the layer cache of the next

@@ -43,6 +43,9 @@ def answer(state, argv):
         (name,) = rest
         image = images.get(name) or next(
             (i for i in images.values() if i["Id"] == name), None)
+        if image is None and name in state.get("dangling", []):
+            # An image whose tag went to a newer build: no tag names it.
+            image = {"Id": name, "Labels": {}, "Size": 1048576}
         if image is None:
             print(f"Error: No such image: {name}", file=sys.stderr)
             return 1
@@ -52,6 +55,8 @@ def answer(state, argv):
             print(image["Id"])
         elif fmt == "{{.Size}}":
             print(image["Size"])
+        elif fmt == "{{len .RepoTags}}":
+            print(sum(1 for i in images.values() if i["Id"] == image["Id"]))
         elif m := re.fullmatch(r'\{\{ index \.Config\.Labels "([^"]+)" \}\}', fmt):
             print(image["Labels"].get(m.group(1), ""))
         else:
@@ -72,6 +77,9 @@ def answer(state, argv):
         if state.get("fail_build"):
             print("fake docker: the build failed", file=sys.stderr)
             return 1
+        if tag in images and not any(i["Id"] == images[tag]["Id"]
+                                     for name, i in images.items() if name != tag):
+            state.setdefault("dangling", []).append(images[tag]["Id"])
         images[tag] = {"Id": f"sha256:{uuid.uuid4().hex}", "Labels": labels, "Size": 1048576}
         return 0
     if argv[:2] == ["image", "ls"]:

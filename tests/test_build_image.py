@@ -105,6 +105,19 @@ def test_a_changed_agent_directory_rebuilds_the_agent_image_alone(docker, tmp_pa
     assert ["rmi", "sha256:agent"] in state["calls"]
 
 
+def test_the_image_replaced_stays_while_another_tag_names_it(docker):
+    # Another checkout's tag of the same image (capsule-agent:latest built
+    # from the same layers as capsule-agent:test): rebuilding this one must
+    # not take that one away (a rebuild once removed it by its id).
+    images = up_to_date()
+    images[AGENT]["Labels"]["io.capsule.dockerfile-sha"] = "0" * 64
+    images["capsule-agent:latest"] = dict(images[AGENT])
+    status, err, state = docker(images, RUNTIME, AGENT)
+    assert status == 0, err
+    assert builds(state) and not [call for call in state["calls"] if call[0] == "rmi"]
+    assert state["images"]["capsule-agent:latest"]["Id"] == "sha256:agent"
+
+
 def test_another_session_image_rebuilds_the_agent_image(docker):
     images = up_to_date()
     images[AGENT]["Labels"]["io.capsule.runtime-id"] = "sha256:older-runtime"
