@@ -35,7 +35,8 @@ from capsule.gateway.anthropic import AnthropicGateway, GatewayLimits
 from capsule.gateway.credentials import Keys, PlaceholderStore, load_key
 from capsule.gateway.door import SessionDoor, door_url
 from capsule.gateway.egress import DoorFactory, EgressLimits, EgressProxy, proxy_environment
-from capsule.gateway.git import GitGateway, GitTokens, git_session_environment, session_callers
+from capsule.gateway.git import GitGateway, session_callers
+from capsule.gateway.git_rules import GitTokens, git_session_environment
 from capsule.gateway.site import SessionEnvironment, make_gateway_site
 from capsule.gateway.usage import Usage, UsageCollector
 from capsule.sessions.by_address import SessionsByAddress

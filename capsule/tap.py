@@ -31,7 +31,7 @@ from capsule.ops.logformat import FORMATS, check_server_options
 from capsule.ops.recording import DEFAULT_MAX_BYTES, check_directory
 from capsule.services import CapsuleService, make_service, protect_from_oom, stop_on_signals
 from capsule.tuning import ENVIRONMENT as TUNING_ENVIRONMENT
-from capsule.gateway.git import check_upstream, tls_policy
+from capsule.gateway.git_rules import check_upstream, tls_policy
 from capsule.tuning import KNOBS, Tuning, TuningError, load_tuning, tune
 from capsule.web.site import default_www
 from capsule.web.static import missing_packages

@@ -23,11 +23,12 @@ from capsule.core.profiles import Profile, ProfileError, builtin_profiles, load_
     load_secrets
 from capsule.core.spec import ContainerSpec
 from capsule.gateway.door import DoorRoot
-from capsule.gateway.git import (BODY_HIGH_WATER, GitBodyStream, GitCaller, GitGateway,
-                                 GitLimits, GitRefused, GitTokens,
-                                 answer_headers, basic_authorization, check_upstream,
-                                 git_environment, git_session_environment, parse_git_request,
-                                 rewrite_location, session_callers, upstream_headers)
+from capsule.gateway.git import GitCaller, GitGateway, session_callers
+from capsule.gateway.git_rules import (GitLimits, GitRefused, GitTokens, answer_headers,
+                                       basic_authorization, check_upstream, git_environment,
+                                       git_session_environment, parse_git_request,
+                                       rewrite_location, upstream_headers)
+from capsule.gateway.git_stream import BODY_HIGH_WATER, GitBodyStream
 from capsule.gateway.credentials import PlaceholderStore
 from capsule.gateway.site import make_gateway_site
 from capsule.sessions.observers import SessionObservers

@@ -10,7 +10,7 @@ may be (a C{body_limit(request, length)} method, else
 L{DEFAULT_BODY_LIMIT}); a larger one is answered 413 at once.  git's
 C{POST}s under C{/git/} are the exception: their bodies (a push's pack)
 stream to the git gateway as they come, which bounds them itself
-(L{capsule.gateway.git.GitStreamingRequest}).
+(L{capsule.gateway.git_stream.GitStreamingRequest}).
 
 Sessions learn where the door is from their environment
 (L{SessionEnvironment}: C{CAPSULE_DOOR}, and for a profile that names the
@@ -29,7 +29,7 @@ from twisted.web.server import Site
 
 from capsule.gateway.anthropic import no_delay
 from capsule.gateway.door import DoorRoot, door_url
-from capsule.gateway.git import GitStreamingRequest
+from capsule.gateway.git_stream import GitStreamingRequest
 from capsule.web.bodies import RefusalLog
 
 _log = Logger()
