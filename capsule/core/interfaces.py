@@ -153,6 +153,80 @@ class IDockerAPI(Interface):
         """
 
 
+    # -- kept sessions, forks and snapshots (docs/keeping.md) ----------------
+
+    def stop_container(container_id, timeout=10):
+        """
+        Stop a container, keeping its file system (its writable layer and
+        its volumes): SIGTERM, then SIGKILL after C{timeout} seconds.  Fire
+        with C{True} if it existed (stopping a stopped container is not an
+        error).
+        """
+
+    def start_container(container_id):
+        """
+        Start a stopped container again (its command runs anew; nothing of
+        its processes survived the stop); fire once it runs.  Fail with
+        L{capsule.core.errors.ContainerGone} if it no longer exists.
+        """
+
+    def kept_containers(labels):
+        """
+        Fire with a list of dicts, one per container carrying all of
+        C{labels} that is not running: C{id}, C{name}, C{labels},
+        C{state} (Docker's: C{exited}, C{created}, ...), C{created} and
+        C{finished} (Unix times; C{finished} 0.0 if never stopped), and
+        C{size}: its writable layer's bytes (C{None} when the engine did
+        not say).
+        """
+
+    def put_file(container_id, path, data, mode=0o600, uid=1000, gid=1000):
+        """
+        Write C{data} (bytes) as the file C{path} (absolute) of a container,
+        running or stopped, creating its directory; fire when written.
+        Fail with L{capsule.core.errors.ContainerGone} if it is gone.
+        """
+
+    def read_file(container_id, path, max_bytes):
+        """
+        Fire with the bytes of the file C{path} of a container, running or
+        stopped (at most its last C{max_bytes}), or C{None} if it has no
+        such file.  Fail with L{capsule.core.errors.ContainerGone} if it
+        is gone.
+        """
+
+    def container_cpu(container_id):
+        """
+        Fire with the CPU time, in seconds, that the container's processes
+        used since it started (a counter that only grows while it runs),
+        or C{None} when the engine cannot say.  Cheap: read from the
+        container's cgroup where capsule shares the engine's host.
+        """
+
+    def snapshot_container(container_id, repository, tag, labels):
+        """
+        Copy a container's file system (running or stopped): its writable
+        layer as the image C{repository:tag} carrying C{labels}, and each of
+        its anonymous volumes as a new volume carrying C{labels}.  Fire with
+        a L{capsule.core.kept.Snapshot} describing both (the image, and the
+        volumes by their mount point), from which
+        L{create_session_container} makes a container whose spec names the
+        image and mounts those volumes.
+        """
+
+    def list_snapshots(labels):
+        """
+        Fire with the L{capsule.core.kept.Snapshot}s whose image carries all
+        of C{labels}.
+        """
+
+    def remove_snapshot(snapshot):
+        """
+        Remove a L{capsule.core.kept.Snapshot}'s image and volumes; fire
+        with C{True} if the image existed.
+        """
+
+
 class IExecProcess(Interface):
     """
     A process started with L{IDockerAPI.spawn_exec}: the transport its
