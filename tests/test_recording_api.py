@@ -338,3 +338,48 @@ def test_connected_says_what_was_printed_while_no_client_was_attached(tmp_path):
                                                                 "recorded": True}))
     assert frame["away"] == {"since": left, "printed": 7, "recorded": True}
     assert "away" not in json.loads(encode_connected(session.id, True))
+    assert server.site.websocket_factory.recording is True
+    assert Server(tmp_path / "plain", record=False).site.websocket_factory.recording is False
+
+
+def test_a_kept_sessions_recording_is_its_owners(tmp_path):
+    """
+    A session put away (no longer live, kept: capsule.sessions.keeping) is
+    played back for its owner, and is another user's 404.
+    """
+    server = Server(tmp_path, users=True)
+    kept_id = "2" * 8 + SID[8:]
+    write_cast(str(tmp_path / "rec"), T0, [[1.0, "o", "from before"]], sid=kept_id)
+
+    class Keeping:
+        def find(self, session_id, user):
+            return object() if (session_id, user) == (kept_id, "alice") else None
+
+    server.manager.keeping = Keeping()
+    status, _, body = server.request(f"/api/sessions/{kept_id}/recording", token=ALICE)
+    assert status == 200 and b"from before" in body
+    status, _, body = server.request(f"/api/sessions/{kept_id}/recording", token=BOB)
+    assert (status, json.loads(body)["code"]) == (404, "session_not_found")
+
+
+def test_a_cut_playback_is_logged(tmp_path, monkeypatch):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from capsule.web import recording
+    monkeypatch.setattr(recording, "PLAYBACK_MAX_BYTES", 200)
+    server = Server(tmp_path)
+    session = server.create()
+    for _ in range(10):
+        server.docker.processes[0].emit(b"y" * 50)
+        server.reactor.advance(1)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        status, _, body = server.request(f"/api/sessions/{session.id}/recording")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert status == 200 and b"cut here" in body
+    said = [formatEvent(e) for e in events if e.get("log_namespace") == "capsule.web.recording"]
+    assert said == [f"the playback of session {session.id[:8]} was cut at 200 bytes (events"
+                    " kept: 1)"]
+

@@ -201,7 +201,7 @@ def test_a_closing_transport_stopping_its_producer_does_not_stop_the_shell(conne
     assert process.connected and not process.paused
 
 
-def test_reconnect_with_session_id_replays_what_was_missed(connect, manager, docker):
+def test_reconnect_with_session_id_replays_what_was_missed(connect, manager, docker, clock):
     first = connect()
     session_id = start(first)
     process = docker.processes[0]
@@ -209,12 +209,14 @@ def test_reconnect_with_session_id_replays_what_was_missed(connect, manager, doc
     first.flush()
     assert outputs(first.new()) == b"one "
     first.close()
+    left = clock.seconds()
+    clock.advance(12.5)
     process.emit(b"two ")
 
     second = connect(f"session_id={session_id}")
     messages = second.new()
     # What it printed while no client was attached (not recorded here: no --record).
-    assert messages[0].pop("away") == {"since": manager._clock.seconds(), "printed": 4,
+    assert messages[0].pop("away") == {"since": left, "seconds": 12.5, "printed": 4,
                                        "recorded": False}
     assert messages[0] == {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
                            "session_id": session_id, "resumed": True,
@@ -246,7 +248,7 @@ def test_reconnect_with_an_offset_resumes_exactly_there(connect, manager, docker
         {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
          "session_id": session_id, "resumed": True, "offset": 6,
          "window": WINDOW, "replay": 6,
-         "away": {"since": ANY, "printed": 1, "recorded": False}},
+         "away": {"since": ANY, "seconds": 0.0, "printed": 1, "recorded": False}},
         b"world!"]
     process.emit(b"?")
     second.flush()
@@ -271,7 +273,7 @@ def test_reconnect_without_an_offset_resumes_after_what_was_sent(connect, docker
         {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
          "session_id": session_id, "resumed": True, "offset": 11,
          "window": WINDOW, "replay": 1,
-         "away": {"since": ANY, "printed": 1, "recorded": False}},
+         "away": {"since": ANY, "seconds": 0.0, "printed": 1, "recorded": False}},
         b"!"]
 
 
@@ -292,7 +294,7 @@ def test_output_still_gathered_when_the_client_left_is_replayed(connect, docker)
         {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
          "session_id": session_id, "resumed": True, "offset": 16 * 1024,
          "window": WINDOW, "replay": 100,
-         "away": {"since": ANY, "printed": 100, "recorded": False}},
+         "away": {"since": ANY, "seconds": 0.0, "printed": 100, "recorded": False}},
         b"b" * 100]
 
 

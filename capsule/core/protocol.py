@@ -246,9 +246,10 @@ def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
         left; C{kept}: whether anything keeps it (and its /workspace) past
         that.  A page says so before its tab is closed.
     @param profile: the session's profile's name (the page shows it).
-    @param away: C{{"since": unix time, "printed": bytes, "recorded": bool}}
-        when the session printed while no client was attached: since its
-        last client left, how much, and whether capsule records it (the
+    @param away: C{{"since": unix time, "seconds": N, "printed": bytes,
+        "recorded": bool}} when the session printed while no client was
+        attached: since when its last client left (and for how long, by
+        capsule's clock), how much, and whether capsule records it (the
         page then offers to play it back).
     """
     message = {"type": "connected", "session_id": session_id, "resumed": resumed}

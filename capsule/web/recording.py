@@ -103,6 +103,10 @@ class RecordingResource(JsonResource):
         request.notifyFinish().addErrback(gone.append)
 
         def read(playback):
+            if playback.cut:
+                _log.info("the playback of session {short} was cut at {limit} bytes (events"
+                          " kept: {events})", short=self.session_id[:8],
+                          limit=PLAYBACK_MAX_BYTES, events=playback.events)
             if gone:
                 return
             request.setResponseCode(200)

@@ -482,7 +482,9 @@ class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
         if away is None:
             return None
         since, printed = away
-        return {"since": round(since, 3), "printed": printed,
+        # How long, by capsule's clock: the page's may differ from it.
+        seconds = max(0.0, self.factory.clock.seconds() - since)
+        return {"since": round(since, 3), "seconds": round(seconds, 1), "printed": printed,
                 "recorded": self.factory.recording}
 
     def session_ports(self, session) -> None:

@@ -48,13 +48,15 @@ def print_while_away(page, tag: str, lines: int = 4) -> None:
                     " done")
     page.wait_for_timeout(300)
     page.context.close()
-    time.sleep(1.5 + 0.7 * lines + 1.5)
+    # Away long enough to be offered a playback (js/away.js, MIN_AWAY_SECONDS), and until the
+    # command is done.
+    time.sleep(max(1.5 + 0.7 * lines + 1.5, 11))
 
 
 def play(page, tag: str, lines: int = 4) -> None:
     # Offered, not played.
     page.wait_for_selector("#away:not([hidden])", timeout=10000)
-    wait_text(page, "#away .away-text", r"While you were away \(\d+ s\), this session printed")
+    wait_text(page, "#away .away-text", r"While you were away \(1\d s\), this session printed")
     assert page.locator(".away-overlay").count() == 0
     # The live terminal already has it all (the session's replay).
     wait_screen(page, f"{tag}_{lines * 11}")
@@ -128,8 +130,13 @@ def test_a_dismissed_offer_goes_and_a_page_that_stayed_is_offered_nothing(server
                                                                           new_page):
     owner = new_page()
     session_id = open_session(owner, server.url)
-    type_line(owner, "echo STAYED_$((2*4))")
+    # A reload while the session prints: away for a moment, which the terminal's replay
+    # shows; no playback offered.
+    type_line(owner, "sleep 0.3; echo STAYED_$((2*4))")
+    owner.reload()
+    owner.wait_for_selector('#status[data-state="connected"]', timeout=20000)
     wait_screen(owner, "STAYED_8")
+    owner.wait_for_timeout(1000)
     assert owner.is_hidden("#away")
     print_while_away(owner, "GONE", lines=1)
     page = reopen(browser, server.url, session_id)

@@ -11,15 +11,23 @@ export const IDLE_TIME_LIMIT = 1.5;
 // Below this width (CSS pixels) the player's font is small (a phone).
 const NARROW = 600;
 
-// What `connected` says of the time away: { since (Unix seconds), printed (bytes) } when the
-// session printed while no client was attached and capsule recorded it, else null.
+// Away for less than this (a reload, a network blip: the terminal's replay shows it all), no
+// playback is offered.
+export const MIN_AWAY_SECONDS = 10;
+
+// What `connected` says of the time away: { since (Unix seconds), seconds (how long, by
+// capsule's clock), printed (bytes) } when the session printed while no client was attached
+// for MIN_AWAY_SECONDS or more, and capsule recorded it; else null.
 export function awayOffer(frame) {
   const away = frame && frame.away;
   if (!away || typeof away !== "object" || away.recorded !== true) return null;
-  const { since, printed } = away;
+  const { since, seconds, printed } = away;
   if (typeof since !== "number" || !Number.isFinite(since) || since <= 0) return null;
+  if (typeof seconds !== "number" || !Number.isFinite(seconds) || seconds < MIN_AWAY_SECONDS) {
+    return null;
+  }
   if (!Number.isInteger(printed) || printed <= 0) return null;
-  return { since, printed };
+  return { since, seconds, printed };
 }
 
 // "40 s", "12 min", "3 h 5 min", "2 days".
@@ -46,9 +54,9 @@ export function sizeText(bytes) {
   return `${value < 10 ? value.toFixed(1) : Math.round(value)} ${units[unit]}`;
 }
 
-// The offer's sentence, at `nowMs` (the page's clock).
-export function offerText(offer, nowMs) {
-  const away = awayDuration(nowMs / 1000 - offer.since);
+// The offer's sentence.
+export function offerText(offer) {
+  const away = awayDuration(offer.seconds);
   return `While you were away (${away}), this session printed ${sizeText(offer.printed)}.`;
 }
 

@@ -80,7 +80,7 @@ export function setupAway({ sessionId, focus, doc = document }) {
       hideOffer();
       return;
     }
-    text.textContent = offerText(offer, Date.now());
+    text.textContent = offerText(offer);
     box.hidden = false;
   }
 

@@ -2,21 +2,27 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  DEFAULT_SPEED, SPEEDS, awayDuration, awayOffer, failureText, nextSpeed, offerText,
+  DEFAULT_SPEED, MIN_AWAY_SECONDS, SPEEDS, awayDuration, awayOffer, failureText, nextSpeed, offerText,
   playbackTitle, playerOptions, recordingPath, sizeText,
 } from "../js/away.js";
 
 const SINCE = 1_790_000_000.5;
 
-test("the offer comes from `connected`'s away, only when it was recorded and printed", () => {
-  assert.deepEqual(awayOffer({ away: { since: SINCE, printed: 300, recorded: true } }),
-    { since: SINCE, printed: 300 });
-  assert.equal(awayOffer({ away: { since: SINCE, printed: 300, recorded: false } }), null);
-  assert.equal(awayOffer({ away: { since: SINCE, printed: 0, recorded: true } }), null);
-  assert.equal(awayOffer({ away: { since: SINCE, printed: 1.5, recorded: true } }), null);
-  assert.equal(awayOffer({ away: { since: "x", printed: 3, recorded: true } }), null);
-  assert.equal(awayOffer({ away: { since: -1, printed: 3, recorded: true } }), null);
-  assert.equal(awayOffer({ away: { since: Infinity, printed: 3, recorded: true } }), null);
+test("the offer comes from `connected`'s away, only when recorded, printed and long enough", () => {
+  const away = { since: SINCE, seconds: 30, printed: 300, recorded: true };
+  assert.deepEqual(awayOffer({ away }), { since: SINCE, seconds: 30, printed: 300 });
+  assert.equal(MIN_AWAY_SECONDS, 10);
+  assert.deepEqual(awayOffer({ away: { ...away, seconds: 10 } }),
+    { since: SINCE, seconds: 10, printed: 300 });
+  assert.equal(awayOffer({ away: { ...away, seconds: 9.9 } }), null);
+  assert.equal(awayOffer({ away: { ...away, seconds: undefined } }), null);
+  assert.equal(awayOffer({ away: { ...away, seconds: NaN } }), null);
+  assert.equal(awayOffer({ away: { ...away, recorded: false } }), null);
+  assert.equal(awayOffer({ away: { ...away, printed: 0 } }), null);
+  assert.equal(awayOffer({ away: { ...away, printed: 1.5 } }), null);
+  assert.equal(awayOffer({ away: { ...away, since: "x" } }), null);
+  assert.equal(awayOffer({ away: { ...away, since: -1 } }), null);
+  assert.equal(awayOffer({ away: { ...away, since: Infinity } }), null);
   assert.equal(awayOffer({ away: null }), null);
   assert.equal(awayOffer({}), null);
   assert.equal(awayOffer(null), null);
@@ -33,7 +39,7 @@ test("how long, and how much, in words", () => {
   assert.equal(sizeText(512), "512 bytes");
   assert.equal(sizeText(3500), "3.4 KB");
   assert.equal(sizeText(12 * 1024 * 1024), "12 MB");
-  assert.equal(offerText({ since: SINCE, printed: 3500 }, (SINCE + 125) * 1000),
+  assert.equal(offerText({ since: SINCE, seconds: 125, printed: 3500 }),
     "While you were away (2 min), this session printed 3.4 KB.");
   assert.equal(playbackTitle({ since: SINCE, printed: 600 }, "14:02"),
     "What happened since 14:02 · 600 bytes");
