@@ -367,17 +367,12 @@ class KeptContainers:
             snapshots = []
             for image in found:
                 image_labels = image.get("Labels") or {}
-                try:
-                    volumes = json.loads(image_labels.get(LABEL_SNAPSHOT_VOLUMES) or "{}")
-                except ValueError:
-                    volumes = {}
-                if not isinstance(volumes, dict):
-                    volumes = {}
+                volumes = _snapshot_volumes(image_labels)
                 for tag in image.get("RepoTags") or []:
                     if tag == "<none>:<none>":
                         continue
                     snapshots.append(Snapshot(
-                        image=tag, volumes={str(k): str(v) for k, v in volumes.items()},
+                        image=tag, volumes=volumes,
                         labels={k: v for k, v in image_labels.items()
                                 if k != LABEL_SNAPSHOT_VOLUMES
                                 and not (k == SECRET_LABEL and not v)},
@@ -389,6 +384,58 @@ class KeptContainers:
     def remove_snapshot(self, snapshot: Snapshot) -> Deferred:
         return self._call(lambda client: _thd_remove_snapshot(
             client, snapshot.image, snapshot.volumes))
+
+    def prune_snapshots(self, labels: dict[str, str]) -> Deferred:
+        def _thd(client):
+            wanted = _label_filter(labels)
+            removed = 0
+            for image in client.images(filters={**wanted, "dangling": True}):
+                try:
+                    client.remove_image(image["Id"])
+                    removed += 1
+                except docker.errors.NotFound:
+                    pass
+                except docker.errors.APIError as e:
+                    if e.status_code != 409:        # a container uses it
+                        raise DockerError(f"Docker could not remove a snapshot's image:"
+                                          f" {_short(e)}") from None
+            # Read after the images went: a snapshot made meanwhile names
+            # its volumes before they exist.
+            named = set()
+            for image in client.images(filters=wanted):
+                named.update(_snapshot_volumes(image.get("Labels") or {}).values())
+            copies = client.volumes(filters={
+                "label": [*wanted["label"], f"{LABEL_VOLUME}={COPY}"], "dangling": True})
+            for volume in copies.get("Volumes") or []:
+                if volume["Name"] in named:
+                    continue
+                try:
+                    client.remove_volume(volume["Name"])
+                    removed += 1
+                except docker.errors.NotFound:
+                    pass
+                except docker.errors.APIError as e:
+                    if e.status_code != 409:        # mounted since it was listed
+                        raise DockerError(f"Docker could not remove a snapshot's volume:"
+                                          f" {_short(e)}") from None
+            if removed:
+                _log.info("removed {count} images and volumes of removed snapshots' forks",
+                          count=removed)
+            return removed
+        return self._call(_thd)
+
+
+def _snapshot_volumes(labels: dict) -> dict[str, str]:
+    """
+    The volumes a snapshot's image names (its label), by mount point.
+    """
+    try:
+        volumes = json.loads(labels.get(LABEL_SNAPSHOT_VOLUMES) or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(volumes, dict):
+        return {}
+    return {str(k): str(v) for k, v in volumes.items()}
 
 
 def _thd_remove_snapshot(client, image: str, volumes: dict[str, str]) -> bool:

@@ -485,6 +485,20 @@ class FakeDockerAPI:
                 self.volumes.pop(name, None)
         return succeed(existed)
 
+    def prune_snapshots(self, labels):
+        failed = self._check()
+        if failed:
+            return failed
+        used = {m.name for c in self.containers.values() for m in _mounts(c)}
+        named = {name for s in self.snapshots.values() for name in s.volumes.values()}
+        pruned = [name for name, volume in self.volumes.items()
+                  if name not in used and name not in named
+                  and all(volume["labels"].get(k) == v for k, v in labels.items())]
+        for name in pruned:
+            del self.volumes[name]
+        # An untagged image a removed fork used: the fake keeps none.
+        return succeed(len(pruned))
+
     def set_cpu_shares(self, container_id, shares):
         failed = self._check()
         if failed:
