@@ -315,7 +315,11 @@ class KeptContainers:
                 self._thd_copy_volume(client, info["Image"], source, volumes[destination],
                                       {**labels, LABEL_VOLUME: COPY})
         except BaseException:
-            _thd_remove_snapshot(client, image, volumes)
+            try:
+                _thd_remove_snapshot(client, image, volumes)
+            except Exception as e:
+                _log.warn("could not remove the failed snapshot {image}: {error}",
+                          image=image, error=_short(e))
             raise
         found = client.inspect_image(committed["Id"])
         return Snapshot(image=image, volumes=volumes, labels=labels,
@@ -344,6 +348,8 @@ class KeptContainers:
                 entrypoint=[], user="0:0", name=f"capsule-copy-{uuid.uuid4().hex}",
                 labels={**labels, LABEL_VOLUME: COPY}, host_config=host_config,
                 network_disabled=True, detach=True)
+        except docker.errors.ImageNotFound:
+            raise
         except docker.errors.APIError as e:
             raise DockerError(f"Docker could not copy a volume: {_short(e)}") from None
         try:
@@ -385,7 +391,23 @@ class KeptContainers:
         return self._call(lambda client: _thd_remove_snapshot(
             client, snapshot.image, snapshot.volumes))
 
-    def prune_snapshots(self, labels: dict[str, str]) -> Deferred:
+    def copy_snapshot_volumes(self, snapshot: Snapshot, labels: dict[str, str]) -> Deferred:
+        def _thd(client):
+            copies = {mount: secrets.token_hex(32) for mount in snapshot.volumes}
+            try:
+                for mount, source in snapshot.volumes.items():
+                    self._thd_copy_volume(client, snapshot.image, source, copies[mount],
+                                          {**labels, LABEL_VOLUME: COPY})
+            except docker.errors.ImageNotFound:
+                _thd_remove_volumes(client, copies.values())
+                raise DockerError(f"the snapshot {snapshot.image} is gone") from None
+            except BaseException:
+                _thd_remove_volumes(client, copies.values())
+                raise
+            return copies
+        return self._call(_thd)
+
+    def prune_snapshots(self, labels: dict[str, str], grace: float = 600.0) -> Deferred:
         def _thd(client):
             wanted = _label_filter(labels)
             removed = 0
@@ -406,8 +428,10 @@ class KeptContainers:
                 named.update(_snapshot_volumes(image.get("Labels") or {}).values())
             copies = client.volumes(filters={
                 "label": [*wanted["label"], f"{LABEL_VOLUME}={COPY}"], "dangling": True})
+            now = time.time()
             for volume in copies.get("Volumes") or []:
-                if volume["Name"] in named:
+                # A copy just made waits for the container that mounts it.
+                if volume["Name"] in named or now - docker_time(volume.get("CreatedAt")) < grace:
                     continue
                 try:
                     client.remove_volume(volume["Name"])
@@ -477,6 +501,14 @@ def _thd_own_size(client, size, parent: str | None) -> int | None:
     except docker.errors.NotFound:
         return None
     return max(0, size - below) if isinstance(below, int) else None
+
+
+def _thd_remove_volumes(client, names) -> None:
+    for name in names:
+        try:
+            client.remove_volume(name)
+        except docker.errors.DockerException:
+            pass
 
 
 def _thd_exists(client, container_id: str) -> None:
