@@ -61,6 +61,10 @@ LABEL_SNAPSHOT = "io.capsule.snapshot"
 LABEL_SNAPSHOT_VOLUMES = "io.capsule.snapshot.volumes"
 LABEL_VOLUME = "io.capsule.volume"
 COPY = "copy"
+# A copier's label (its value: the instance's): not the instance's own
+# labels, so that no listing of the instance's sessions sees it.
+LABEL_COPIER = "io.capsule.copier"
+LABEL_INSTANCE = "io.capsule.instance"
 # A volume Docker named itself: a container's anonymous volume.
 ANONYMOUS_VOLUME = re.compile(r"[0-9a-f]{64}")
 CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
@@ -346,7 +350,8 @@ class KeptContainers:
             copier = client.create_container(
                 image, command=["cp", "-a", "--", f"{COPIER_MOUNT_FROM}/.", COPIER_MOUNT_TO],
                 entrypoint=[], user="0:0", name=f"capsule-copy-{uuid.uuid4().hex}",
-                labels={**labels, LABEL_VOLUME: COPY}, host_config=host_config,
+                labels={LABEL_COPIER: labels.get(LABEL_INSTANCE, "")},
+                host_config=host_config,
                 network_disabled=True, detach=True)
         except docker.errors.ImageNotFound:
             raise
@@ -411,6 +416,17 @@ class KeptContainers:
         def _thd(client):
             wanted = _label_filter(labels)
             removed = 0
+            # Copiers a stopped capsule left (they hold the copies they filled).
+            now = time.time()
+            for copier in client.containers(all=True, filters={"label": [
+                    f"{LABEL_COPIER}={labels.get(LABEL_INSTANCE, '')}"]}):
+                if copier.get("State") in _LIVE_STATES or now - (copier.get("Created") or 0) < grace:
+                    continue
+                try:
+                    client.remove_container(copier["Id"], force=True, v=True)
+                    removed += 1
+                except docker.errors.DockerException:
+                    pass
             for image in client.images(filters={**wanted, "dangling": True}):
                 try:
                     client.remove_image(image["Id"])
@@ -428,7 +444,6 @@ class KeptContainers:
                 named.update(_snapshot_volumes(image.get("Labels") or {}).values())
             copies = client.volumes(filters={
                 "label": [*wanted["label"], f"{LABEL_VOLUME}={COPY}"], "dangling": True})
-            now = time.time()
             for volume in copies.get("Volumes") or []:
                 # A copy just made waits for the container that mounts it.
                 if volume["Name"] in named or now - docker_time(volume.get("CreatedAt")) < grace:
