@@ -177,6 +177,9 @@ class KeptContainers:
                     break
                 kind = found["mode"]
                 if kind & _GO_SYMLINK:
+                    _log.warn("refused to write {path} in container {container}: {part} is a"
+                              " symbolic link", path=path, container=container_id[:12],
+                              part=part)
                     raise DockerError(f"refused to write {path} in the container: {part} is a"
                                       " symbolic link")
                 if part != path and not kind & _GO_DIR:
@@ -220,7 +223,11 @@ class KeptContainers:
             _thd_exists(client, container_id)
             for part in _parts(path):
                 found = _thd_stat(client, container_id, part)
-                if found is None or found["mode"] & _GO_SYMLINK:
+                if found is None:
+                    return None
+                if found["mode"] & _GO_SYMLINK:
+                    _log.info("{path} of container {container} not read: {part} is a symbolic"
+                              " link", path=path, container=container_id[:12], part=part)
                     return None
                 if part != path and not found["mode"] & _GO_DIR:
                     return None
@@ -316,8 +323,12 @@ class KeptContainers:
             raise DockerError(f"Docker could not copy the container's files: {_short(e)}") from None
         try:
             for destination, source in anonymous:
-                self._thd_copy_volume(client, info["Image"], source, volumes[destination],
-                                      {**labels, LABEL_VOLUME: COPY})
+                try:
+                    self._thd_copy_volume(client, info["Image"], source, volumes[destination],
+                                          {**labels, LABEL_VOLUME: COPY})
+                except docker.errors.ImageNotFound:
+                    raise DockerError("the container's image, which copies its volumes, is"
+                                      " gone") from None
         except BaseException:
             try:
                 _thd_remove_snapshot(client, image, volumes)
@@ -337,6 +348,11 @@ class KeptContainers:
         (owners, modes, times, links as they are), by a throwaway container
         of C{image} (which has C{cp}).
         """
+        try:
+            client.inspect_volume(source)
+        except docker.errors.NotFound:
+            # Mounting it would make it anew, empty: no copy at all.
+            raise DockerError(f"the volume {source} to copy is gone") from None
         client.create_volume(target, labels=labels)
         host_config = client.create_host_config(
             mounts=[docker.types.Mount(COPIER_MOUNT_FROM, source, type="volume",

@@ -289,3 +289,27 @@ async def test_container_cpu_without_the_cgroup(real):
     assert isinstance(before, float) and after > before + 0.1
     await api.stop_container(container_id, timeout=1)
     assert await api.container_cpu(container_id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_copies_of_a_snapshot_whose_volume_is_gone(real):
+    """
+    Mounting a missing volume makes it anew, empty: the copy is refused
+    rather than empty, and leaves nothing behind.
+    """
+    api, spec = real
+    container_id = await _create(api, replace(spec, read_only_root=True))
+    snapshot = await api.snapshot_container(container_id, "capsule-snapshot",
+                                            f"contract-{uuid.uuid4().hex[:12]}",
+                                            {**spec.labels, "io.capsule.snapshot": "gone"})
+    client = docker_client().api
+    lost = snapshot.volumes["/workspace"]
+    await deferToThread(client.remove_volume, lost)
+    with pytest.raises(DockerError):
+        await api.copy_snapshot_volumes(snapshot, spec.labels)
+    ours = await deferToThread(client.volumes, filters={
+        "label": f"{LABEL_INSTANCE}={spec.labels[LABEL_INSTANCE]}"})
+    assert sorted(v["Name"] for v in ours["Volumes"] or []) == sorted(
+        set(snapshot.volumes.values()) - {lost})
+    with pytest.raises(docker.errors.NotFound):
+        await deferToThread(client.inspect_volume, lost)
