@@ -48,6 +48,7 @@ from capsule.ops.recording import SessionRecorder
 from capsule.core.shares import ShareStore
 from capsule.sessions.spectators import Spectators
 from capsule.sessions.cleanup import CleanupService
+from capsule.sessions.idle import IdlePolicy, IdleService
 from capsule.sessions.disk import DiskWatchService, scan_held
 from capsule.sessions.owners import OwnerFile, default_state_dir
 from capsule.sessions.drain import Drain
@@ -751,6 +752,10 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     sessions.setServiceParent(service)
     CleanupService(manager, reactor, tuning.cleanup_interval,
                    tuning.orphan_sweep).setServiceParent(service)
+    if config.idle_timeout or any(p.idle_timeout for p in config.profiles.values()):
+        IdleService(manager, reactor, tuning.cleanup_interval, docker,
+                    IdlePolicy(tuning.idle_cpu_interval,
+                               tuning.idle_cpu_threshold)).setServiceParent(service)
     if config.disk_bytes is not None or any(
             p.spec.disk or (p.agent_volume and p.agent_volume_limit is not None)
             for p in config.profiles.values()):
