@@ -750,12 +750,12 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         # Before the sessions: it stops after them.
         door.setServiceParent(service)
     sessions.setServiceParent(service)
-    CleanupService(manager, reactor, tuning.cleanup_interval,
-                   tuning.orphan_sweep).setServiceParent(service)
     if config.idle_timeout or any(p.idle_timeout for p in config.profiles.values()):
         IdleService(manager, reactor, tuning.cleanup_interval, docker,
                     IdlePolicy(tuning.idle_cpu_interval,
                                tuning.idle_cpu_threshold)).setServiceParent(service)
+    CleanupService(manager, reactor, tuning.cleanup_interval,
+                   tuning.orphan_sweep).setServiceParent(service)
     if config.disk_bytes is not None or any(
             p.spec.disk or (p.agent_volume and p.agent_volume_limit is not None)
             for p in config.profiles.values()):

@@ -23,20 +23,20 @@ DAY = 86400.0
 
 class CpuDocker(FakeDockerAPI):
     """
-    The fake engine, whose containers' CPU counters a test moves.
+    The fake engine (whose containers' CPU counters a test sets), counting
+    the readings.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.cpu: dict[str, float] = {}
         self.cpu_reads: list[str] = []
-        self.cpu_known = True
 
     def container_cpu(self, container_id):
         self.cpu_reads.append(container_id)
-        if not self.cpu_known:
-            return succeed(None)
-        return succeed(self.cpu.get(container_id, 0.0))
+        return super().container_cpu(container_id)
+
+    def add_cpu(self, container_id: str, seconds: float) -> None:
+        self.set_cpu(container_id, (self.cpu.get(container_id) or 0.0) + seconds)
 
 
 class NoticeClient(RecordingClient):
@@ -234,7 +234,7 @@ def test_cpu_use_keeps_a_silent_session_alive(docker, clock):
     session = manager.create(client, 80, 24)
 
     def think():
-        docker.cpu[session.container_id] = docker.cpu.get(session.container_id, 0) + 0.5
+        docker.add_cpu(session.container_id, 0.5)
 
     # Half a CPU, nothing printed, nothing typed, for an hour.
     assert run(clock, service, 3600, each=think) == []
@@ -251,7 +251,7 @@ def test_a_little_cpu_below_the_threshold_is_still_idle(docker, clock):
     session = manager.create(NoticeClient(), 80, 24)
 
     def keeper():
-        docker.cpu[session.container_id] = docker.cpu.get(session.container_id, 0) + 0.001
+        docker.add_cpu(session.container_id, 0.001)
 
     assert run(clock, service, 60, each=keeper) == [session]
 
@@ -286,16 +286,16 @@ def test_no_limit_at_all_reads_nothing(docker, clock):
 
 
 def test_an_engine_that_cannot_say_leaves_input_and_output(docker, clock):
-    docker.cpu_known = False
     manager, service = make(docker, clock, idle_timeout=60)
     session = manager.create(NoticeClient(), 80, 24)
+    docker.set_cpu(session.container_id, None)
     assert run(clock, service, 60) == [session]
 
 
 def test_a_session_whose_cpu_cannot_be_read_is_not_idled(docker, clock, logged):
     manager, service = make(docker, clock, idle_timeout=60)
     session = manager.create(NoticeClient(), 80, 24)
-    docker.container_cpu = lambda container_id: fail(RuntimeError("stats broke"))
+    docker.container_cpu = lambda container_id: fail(RuntimeError("stats broke"))  # noqa
     assert run(clock, service, 599) == []
     assert session.id in manager.sessions
     warnings = [e for e in logged if "reading the CPU use" in e.get("log_format", "")]
@@ -334,3 +334,20 @@ def test_a_session_waiting_for_the_engine_is_left_alone(docker, clock):
     # (Past the grace period it ends for that reason.)
     assert run(clock, service, 55, step=5) == []
     assert session.id in manager.sessions and docker.cpu_reads == []
+
+
+def _service(*args, tuning=""):
+    from twisted.internet.testing import MemoryReactorClock
+
+    from capsule.tap import Options, makeService
+    options = Options()
+    options.parseOptions(["-l", "tcp:0:interface=127.0.0.1", *args])
+    return makeService(options, MemoryReactorClock())
+
+
+def test_the_idle_service_runs_where_a_limit_is_set(monkeypatch):
+    monkeypatch.setenv("CAPSULE_TUNING", "idle-cpu-interval=10,idle-cpu-threshold=0.05")
+    (service,) = [c for c in _service() if isinstance(c, IdleService)]
+    assert (service.policy.sample_every, service.policy.threshold) == (10.0, 0.05)
+    assert service.policy.interval(DAY) == 10.0
+    assert not [c for c in _service("--idle-timeout", "0") if isinstance(c, IdleService)]
