@@ -351,3 +351,21 @@ def test_the_idle_service_runs_where_a_limit_is_set(monkeypatch):
     assert (service.policy.sample_every, service.policy.threshold) == (10.0, 0.05)
     assert service.policy.interval(DAY) == 10.0
     assert not [c for c in _service("--idle-timeout", "0") if isinstance(c, IdleService)]
+
+
+def test_policy_cpu_use_after_a_late_baseline_counts_from_the_use():
+    policy = IdlePolicy(sample_every=30, threshold=0.02)
+    policy.step("a", 60, 0, 15)
+    policy.failed("a", 15)
+    assert policy.step("a", 60, 0, 30) == SAMPLE
+    policy.sampled("a", 30, 1.0)        # the baseline, 15 s late
+    assert policy.step("a", 60, 0, 45) == SAMPLE
+    assert policy.sampled("a", 45, 5.0) is True
+    for now in (60, 75, 90):
+        assert policy.step("a", 60, 0, now) == SAMPLE
+        policy.sampled("a", now, 5.0)
+    # Watched since its use at 45: idle at 105, not later.
+    assert policy.step("a", 60, 0, 104) == NOTHING
+    assert policy.step("a", 60, 0, 105) == SAMPLE
+    policy.sampled("a", 105, 5.0)
+    assert policy.step("a", 60, 0, 105) == IS_IDLE

@@ -115,11 +115,13 @@ class IdlePolicy:
                 watch.asked_at = now
             return self._sample(watch)
         quiet_since = max(active_at, watch.busy_at if watch.busy_at is not None else active_at)
-        # Its CPU is watched from its first reading (what it used before is
-        # not seen); readings that failed or a counter that went back put
-        # that start later, and its limit later by as much.
-        late = max(0.0, (watch.baseline_at or 0.0) - (watch.asked_at or 0.0))
-        due = quiet_since + limit + late
+        # Its CPU is watched from its first reading: what it used in the
+        # interval before is not seen.  Readings that failed, or a counter
+        # that went back (a new baseline), leave more unseen: its limit
+        # then counts from the baseline, less that first interval.
+        watched_from = max(quiet_since, watch.baseline_at or quiet_since)
+        unseen = (watch.asked_at or active_at) - active_at
+        due = max(quiet_since + limit, watched_from + limit - unseen)
         if now >= due:
             if watch.blind or watch.sampled_at >= due:
                 watch.done = True
