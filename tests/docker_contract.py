@@ -466,6 +466,16 @@ class DockerContract:
         await api.start_container(container_id)
         assert await api.read_file(container_id, SCREEN_PATH, 1024) == b"saved while stopped"
 
+    @pytest.mark.parametrize("path", ["relative/file", "/workspace/../etc/passwd",
+                                      "/workspace//file", "/", "/workspace/\0file"])
+    @pytest_twisted.ensureDeferred
+    async def test_file_paths_are_absolute_and_normal(self, api, spec, path):
+        container_id = await self.create(api, spec)
+        with pytest.raises(ValueError):
+            await api.put_file(container_id, path, b"x")
+        with pytest.raises(ValueError):
+            await api.read_file(container_id, path, 10)
+
     @pytest_twisted.ensureDeferred
     async def test_files_of_a_removed_container(self, api, spec):
         container_id = await self.create(api, spec)
@@ -565,6 +575,31 @@ class DockerContract:
         await api.put_file(source, "/home/developer/.profile-extra", b"the source's")
         assert await api.read_file(source, "/workspace/notes.txt", 100) == b"in the volume"
         assert await api.read_file(fork, "/home/developer/.profile-extra", 100) == b"at home"
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_snapshot_of_a_fork_copies_the_copies(self, api, spec):
+        private = replace(spec, read_only_root=True)
+        source = await self.create(api, private, "source")
+        await api.put_file(source, "/workspace/notes.txt", b"first")
+        first = await api.snapshot_container(source, SNAPSHOT_REPOSITORY,
+                                             f"contract-{uuid.uuid4().hex[:12]}",
+                                             self.snapshot_labels(spec, "first"))
+        fork = await self.create(api, replace(private, image=first.image, volumes=tuple(
+            (name, mount) for mount, name in first.volumes.items())), "fork")
+        second = await api.snapshot_container(fork, SNAPSHOT_REPOSITORY,
+                                              f"contract-{uuid.uuid4().hex[:12]}",
+                                              self.snapshot_labels(spec, "second"))
+        assert sorted(second.volumes) == sorted(first.volumes)
+        assert not set(second.volumes.values()) & set(first.volumes.values())
+        again = await self.create(api, replace(private, image=second.image, volumes=tuple(
+            (name, mount) for mount, name in second.volumes.items())), "again")
+        await api.put_file(again, "/workspace/notes.txt", b"third")
+        assert await api.read_file(fork, "/workspace/notes.txt", 100) == b"first"
+        # The first snapshot's image tag goes; what the fork uses stays.
+        assert await api.remove_snapshot(first) is True
+        assert await api.read_file(fork, "/workspace/notes.txt", 100) == b"first"
+        await api.put_file(fork, "/workspace/more.txt", b"still the fork's")
+        assert await api.read_file(fork, "/workspace/more.txt", 100) == b"still the fork's"
 
     @pytest_twisted.ensureDeferred
     async def test_remove_snapshot_removes_its_image_and_volumes(self, api, spec):
