@@ -13,6 +13,7 @@ from capsule.core.profiles import builtin_profiles, load_profiles
 from capsule.core.spec import ContainerSpec
 from capsule.sessions.idle import (
     IS_IDLE, NOTHING, SAMPLE, IdlePolicy, IdleService, duration, idle_message)
+from capsule.sessions.keeping import KeepingConfig
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig, shell_profile
 from tests.support.fakes import FakeDockerAPI, RecordingClient
@@ -196,17 +197,28 @@ def test_a_truly_idle_session_ends_at_its_limit_without_retention(docker, clock)
 
 
 def test_a_truly_idle_session_is_put_away_where_retention_is_on(docker, clock):
-    keeping = FakeKeeping(retention=7 * DAY)
-    manager, service = make(docker, clock, idle_timeout=60, keeping=keeping)
+    manager = SessionManager(docker, clock, SessionConfig(spec=SPEC, instance="t",
+                                                          idle_timeout=60),
+                             keeping=KeepingConfig(retention=7 * DAY))
+    service = IdleService(manager, clock, 1.0, docker, IdlePolicy())
     client = NoticeClient()
     session = manager.create(client, 80, 24)
-    assert run(clock, service, 60) == [session]
-    assert keeping.put == [(session, IDLE)]
-    code, message = client.events[-1][1:]
-    assert code == "idle"
-    assert message.startswith("the session was idle (no input, no output and no CPU use) for"
-                              " 60 s (--idle-timeout): it was put away, and is kept until ")
-    assert session.container_id not in docker.removed
+    container_id = session.container_id
+    assert run(clock, service, 59) == []
+    assert run(clock, service, 1) == [session]
+    notice = [e for e in client.events if e[0] == "notice"][-1]
+    assert notice == ("notice", "idle", (
+        "the session was idle (no input, no output and no CPU use) for 60 s (--idle-timeout):"
+        " it was put away, and is kept until 08 Jan 1970 00:01 UTC; resume it to go on"))
+    # Kept: its container stopped, not removed; the session no longer live.
+    assert docker.containers[container_id]["state"] != "running"
+    assert container_id not in docker.removed
+    assert session.id not in manager.sessions
+    (kept,) = manager.keeping.kept(None)
+    assert (kept.id, kept.reason) == (session.id, IDLE)
+    assert client.events[-1][0] == "ended"
+    # Nothing more to do about it.
+    assert run(clock, service, 600, step=10) == []
 
 
 def test_output_keeps_a_session_alive_and_costs_no_reading(docker, clock):

@@ -266,9 +266,8 @@ class IdleService(TimerService):
         self._warned_at: float | None = None
 
     def _keeping_of(self):
-        if self._keeping is not None:
-            return self._keeping
-        return getattr(self._manager, "keeping", None)
+        # The manager's (capsule.sessions.keeping), unless a test gave one.
+        return self._keeping if self._keeping is not None else self._manager.keeping
 
     def check(self) -> list:
         """
@@ -360,14 +359,13 @@ class IdleService(TimerService):
 
     def _outcome(self, session, limit: float, where: str) -> None:
         keeping = self._keeping_of()
-        settings = getattr(session, "settings", None)
+        settings = session.settings or self._manager.profiles[DEFAULT_PROFILE]
         retention = 0.0
-        if keeping is not None:
-            try:
-                retention = keeping.retention_of(settings)
-            except Exception:
-                _log.failure("the retention of session {session_id} is not known; it ends",
-                             session_id=session.id[:8])
+        try:
+            retention = keeping.retention_of(settings)
+        except Exception:
+            _log.failure("the retention of session {session_id} is not known; it ends",
+                         session_id=session.id[:8])
         if retention > 0:
             self._put_away(session, keeping, limit, where, retention)
         else:
