@@ -63,6 +63,8 @@ async def test_printing_or_computing_is_not_idle_and_silence_ends_at_the_limit(m
     assert "idle (no input, no output and no CPU use)" in ended["message"], ended
     assert _running(server, ticker_id)
     await ticker.close()
+    # The engine's CPU readings worked throughout.
+    assert "reading the CPU use" not in server.log()
 
 
 @pytest_twisted.ensureDeferred
@@ -83,3 +85,6 @@ async def test_an_idle_session_is_put_away_where_retention_is_on(make_server):
     found = [c for c in server.containers()
              if c["Labels"].get("io.capsule.session") == session_id]
     assert api.inspect_container(found[0]["Id"])["State"]["Running"] is False
+    ended = await client.exited
+    assert "put away" in ended["message"], ended
+    assert "putting session" in server.log() and "reading the CPU use" not in server.log()
