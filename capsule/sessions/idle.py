@@ -12,8 +12,9 @@ C{idle-cpu-interval} seconds), and then once each interval, so that a busy
 session costs nothing.  The first reading is a baseline: CPU use in the
 interval before it is not seen.  Where the engine cannot say
 (C{container_cpu} fires C{None}) a session is judged on its input and output
-alone, as before; a reading that fails is tried again at the next interval
-(the session is not idled on a guess).
+alone, as before; a reading that fails is tried again one interval later,
+and the session is not idled before readings cover its limit (never on a
+guess).
 
 What happens to an idle session: where its profile's retention is more than
 0 it is put away (L{capsule.sessions.keeping}: its container stopped, its
@@ -26,7 +27,6 @@ with a clock); L{IdleService} runs it on the reactor and acts.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from twisted.application.internet import TimerService
@@ -34,6 +34,7 @@ from twisted.logger import Logger
 
 from capsule.core.kept import IDLE
 from capsule.core.profiles import DEFAULT_PROFILE
+from capsule.sessions.keeping import when
 
 _log = Logger()
 
@@ -230,13 +231,6 @@ def duration(seconds: float) -> str:
     return f"{round(seconds / 3600, 1):g} hours"
 
 
-def day(when: float) -> str:
-    """
-    A moment as a person reads it, in UTC: "14 Dec 2026 09:30 UTC".
-    """
-    return time.strftime("%d %b %Y %H:%M UTC", time.gmtime(when))
-
-
 def idle_message(limit: float, where: str, kept_until: float | None) -> str:
     """
     The sentence an idle session's client is told: put away (kept until
@@ -246,7 +240,7 @@ def idle_message(limit: float, where: str, kept_until: float | None) -> str:
             f" {duration(limit)} ({where})")
     if kept_until is None:
         return f"{what}: it ended"
-    return f"{what}: it was put away, and is kept until {day(kept_until)}; resume it to go on"
+    return f"{what}: it was put away, and is kept until {when(kept_until)}; resume it to go on"
 
 
 class IdleService(TimerService):
