@@ -670,6 +670,7 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         trusted_proxies=list(config.trusted_proxies), memory=memory)
     site = make_site(
         manager, docker, reactor, config.www, admission=admission, spectators=spectators,
+        recorder=recorder,
         watch_backlog=tuning.watch_backlog,
         drain=Drain(manager, reactor), metrics=metrics, authenticator=authenticator,
         firewall=firewall,

@@ -912,6 +912,7 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
         "/api/export/{id}", "/api/sessions/{id}", "/api/sessions/{id}/exec",
         "/api/sessions/{id}/workspace", "/api/sessions/{id}/shares",
         "/api/sessions/{id}/shares/{share_id}", "/api/sessions/{id}/ports",
+        "/api/sessions/{id}/recording",
         "/api/sessions/{id}/ports/{port}", "/api/sessions/{id}/ports/{port}/shares",
         "/api/sessions/{id}/ports/{port}/shares/{share_id}"}
     sessions = root.children[b"api"].children[b"sessions"]
@@ -919,10 +920,11 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
     from capsule.web.shares import ShareResource, SharesResource
     from capsule.web.ports import PortsResource
     from capsule.web.preview_api import PortResource, PortShareResource, PortSharesResource
+    from capsule.web.recording import RecordingResource
     assert {name: type(one.getChild(name, None))
-            for name in (b"exec", b"workspace", b"shares", b"ports")} == {
+            for name in (b"exec", b"workspace", b"shares", b"ports", b"recording")} == {
         b"exec": ExecResource, b"workspace": UploadResource, b"shares": SharesResource,
-        b"ports": PortsResource}
+        b"ports": PortsResource, b"recording": RecordingResource}
     from capsule.web.login import LoginResource, LogoutResource
     for path, cls in [("/login", LoginResource), ("/logout", LogoutResource)]:
         assert {m[len("render_"):] for m in vars(cls) if m.startswith("render_")} == (
@@ -934,6 +936,7 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
                       ("/api/sessions/{id}/shares", SharesResource),
                       ("/api/sessions/{id}/shares/{share_id}", ShareResource),
                       ("/api/sessions/{id}/ports", PortsResource),
+                      ("/api/sessions/{id}/recording", RecordingResource),
                       ("/api/sessions/{id}/ports/{port}", PortResource),
                       ("/api/sessions/{id}/ports/{port}/shares", PortSharesResource),
                       ("/api/sessions/{id}/ports/{port}/shares/{share_id}",

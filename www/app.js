@@ -7,6 +7,7 @@
 // drawn); index.html preloads them and the modules.
 
 import { createAttention } from "./js/attention.js";
+import { setupAway } from "./js/awayplayer.js";
 import { createConnection } from "./js/connection.js";
 import { createLeaving } from "./js/leaving.js";
 import { setupPorts } from "./js/ports.js";
@@ -88,6 +89,7 @@ const attention = createAttention({
 });
 let share = null;
 let ports = null;
+let away = null;
 if (watching === null) {
   connection = createConnection({
     term,
@@ -98,6 +100,7 @@ if (watching === null) {
       leaving.attached(frame);
       showProfile(frame.profile);
       ports.attached(frame.session_id);
+      away.attached(frame);
     },
     // A refused upgrade looks the same as capsule being down; its API tells them apart.
     checkLogin: () => {
@@ -114,6 +117,8 @@ if (watching === null) {
     worked: () => leaving.worked(),
   });
   share = setupShare(ui, { sessionId: () => connection.sessionId, status });
+  // What the session printed while no page was attached, played back on request.
+  away = setupAway({ sessionId: () => connection.sessionId, focus: () => term.focus() });
   // The ports that listen in the session, with their previews: a strip above the terminal.
   ports = setupPorts(ui, {
     sessionId: () => connection.sessionId,

@@ -237,7 +237,7 @@ def encode_output(data: bytes) -> bytes:
 def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
                      window: int | None = None, replay: int | None = None,
                      grace: float | None = None, kept: bool | None = None,
-                     profile: str | None = None) -> bytes:
+                     profile: str | None = None, away: dict | None = None) -> bytes:
     """
     @param replay: how many of the output bytes that follow were produced
         before this connection (replayed output): a terminal must not answer
@@ -246,6 +246,11 @@ def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
         left; C{kept}: whether anything keeps it (and its /workspace) past
         that.  A page says so before its tab is closed.
     @param profile: the session's profile's name (the page shows it).
+    @param away: C{{"since": unix time, "seconds": N, "printed": bytes,
+        "recorded": bool}} when the session printed while no client was
+        attached: since when its last client left (and for how long, by
+        capsule's clock), how much, and whether capsule records it (the
+        page then offers to play it back).
     """
     message = {"type": "connected", "session_id": session_id, "resumed": resumed}
     if profile is not None:
@@ -260,6 +265,8 @@ def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
         message["grace"] = grace
     if kept is not None:
         message["kept"] = kept
+    if away is not None:
+        message["away"] = away
     return _encode(message)
 
 
