@@ -35,6 +35,7 @@ class State(str, enum.Enum):
     RESUMING = "resuming"
     INTERRUPTED = "interrupted"
     REATTACHING = "reattaching"
+    KEEPING = "keeping"
     ENDING = "ending"
     ENDED = "ended"
 
@@ -48,8 +49,8 @@ class State(str, enum.Enum):
 
     @property
     def over(self) -> bool:
-        "It ended, or is ending: nobody may use it any more."
-        return self in (State.ENDING, State.ENDED)
+        "It ended, is ending, or is being put away: nobody may use it any more."
+        return self in (State.KEEPING, State.ENDING, State.ENDED)
 
     @property
     def waiting(self) -> bool:
@@ -103,6 +104,12 @@ class ISessionEffects(Interface):
     def forget(session):
         """
         The session is over: no client can find it any more.
+        """
+
+    def keep(session):
+        """
+        Put the session away instead of removing it: save its screen, stop
+        its container (kept, not removed), then feed C{kept}.
         """
 
     def went_live(session, resumed):
@@ -355,3 +362,13 @@ class SessionEvents(Protocol):
 
     def removed(self) -> None:
         "Its container is removed."
+
+    def keep(self, message: str) -> bool:
+        """
+        Put the session away: its client hears C{message}, nobody finds it
+        live any more, and its container is stopped and kept, not removed;
+        return whether it is being put away (not one starting or over).
+        """
+
+    def kept(self) -> None:
+        "Its container is stopped and kept."

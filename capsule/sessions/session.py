@@ -122,6 +122,14 @@ class Session:
         self.listening_ports: tuple[int, ...] = ()
         self.ports_known = False
         self.ports_more = 0
+        # A resumed kept session: when it was put away (the connected
+        # frame's resumed_from); C{None}: it was not.
+        self.resumed_from: float | None = None
+        # The snapshot it is made from (capsule.sessions.keeping: a fork),
+        # and the volumes it owns, copies of that snapshot's, by mount point:
+        # removed with its container.
+        self.snapshot = None
+        self.own_volumes: dict[str, str] = {}
         # Who waits for its shell to run, and for its end.
         self._started: list[Deferred] = []
         self._ended: list[Deferred] = []
