@@ -47,11 +47,12 @@ function storeSessionId(id) {
 // attention.js; `profile`: what a new session asks for (/?profile=claude; a resumed session
 // keeps its own); `checkLogin()`: asks capsule whether the login expired, after a connection
 // that failed; `onAttached(frame)`: capsule's `connected` frame (what becomes of the session
-// once the page is gone: its `grace` and `kept`); `onWatchers(count)`: how many watch the
-// session through read-only links; `onPorts(frame)`: capsule's `ports` frame (the ports that
-// listen in the session now).
+// once the page is gone: its `on_close`); `onWatchers(count)`: how many watch the session
+// through read-only links; `onPorts(frame)`: capsule's `ports` frame (the ports that listen in
+// the session now); `onKept(id, message)`: the session is put away (kept), and the page offers
+// to resume it.
 export function createConnection({ term, status, attention, profile, checkLogin,
-  onAttached = () => {}, onWatchers = () => {}, onPorts = () => {} }) {
+  onAttached = () => {}, onWatchers = () => {}, onPorts = () => {}, onKept = () => {} }) {
   let model = initial();
   let sessionId = loadSessionId();
   const offsets = new Offsets();
@@ -69,13 +70,17 @@ export function createConnection({ term, status, attention, profile, checkLogin,
   let silenceTimer = null;
   let retryTimer = null;
   let ackTimer = null;
+  let resuming = false; // the sockets opened ask to resume the kept session (&resume=1)
 
   // --- the machine -----------------------------------------------------------
 
   function feed(type, details) {
     const result = step(model, { type, now: Date.now(), ...details });
     model = result.model;
+    // Asking to resume lasts until the session is attached, or the page stops trying.
+    if (model.state !== "connecting" && model.state !== "reconnecting") resuming = false;
     for (const effect of result.effects) perform(effect);
+    if (model.state === "kept" && type === "kept") onKept(sessionId, lastError);
   }
 
   function perform(effect) {
@@ -88,6 +93,7 @@ export function createConnection({ term, status, attention, profile, checkLogin,
         term.notice(effect.text);
         break;
       case "open":
+        if (effect.resume) resuming = true;
         open();
         break;
       case "wait":
@@ -107,6 +113,11 @@ export function createConnection({ term, status, attention, profile, checkLogin,
         break;
       case "clear":
         term.clear();
+        break;
+      case "restart":
+        // A resumed session's output starts again at 0, with its old screen.
+        term.clear();
+        offsets.forget();
         break;
       case "drop":
         drop();
@@ -149,7 +160,8 @@ export function createConnection({ term, status, attention, profile, checkLogin,
   // exactly what was missed; after a reload (0) the recent screen again. The server only
   // reads the offset with the binary protocol.
   function url() {
-    return socketUrl(location.href, { sessionId, offset: offsets.resumeFrom(), profile });
+    return socketUrl(location.href, { sessionId, offset: offsets.resumeFrom(), profile,
+      resume: resuming });
   }
 
   // What a new socket starts from.
@@ -304,7 +316,8 @@ export function createConnection({ term, status, attention, profile, checkLogin,
     endReplay();
     replayLeft = Number.isSafeInteger(frame.replay) && frame.replay >= 0 ? frame.replay : 0;
     onAttached(frame);
-    feed("connected", { resumed: Boolean(frame.resumed), blank: term.blank });
+    feed("connected", { resumed: Boolean(frame.resumed), blank: term.blank,
+      resumedFrom: typeof frame.resumed_from === "number" ? frame.resumed_from : null });
     startKeepalive();
   }
 
