@@ -186,6 +186,7 @@ function openSessions() {
     sessionsList = import("./js/sessions.js").then(({ setupSessions }) => setupSessions(ui, {
       sessionId: () => connection.sessionId,
       resumeCurrent: () => connection.again(),
+      closing: () => leaving.closing,
     }));
   }
   sessionsList.then((list) => list.toggle()).catch((e) => {

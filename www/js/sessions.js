@@ -36,15 +36,17 @@ function api(path, method = "GET") {
 
 // `ui`: { sessionsButton, sessionsMenu }; `sessionId()`: this page's session (null: none);
 // `resumeCurrent()`: resume this page's own kept session through its socket; `go(url)`: to
-// another session's page; `confirm(text)`: asks before what cannot be undone.
+// another session's page; `confirm(text)`: asks before what cannot be undone; `closing()`:
+// what closing this tab does (js/leaving.js), said here too (a phone's bar has no room for it).
 export function setupSessions(ui, { sessionId, resumeCurrent, go = (url) => location.assign(url),
-  confirm = (text) => window.confirm(text) }) {
+  confirm = (text) => window.confirm(text), closing = () => null }) {
   let refreshTimer = null;
   let busy = false;
   let sessions = new Map(); // id -> the session as the API described it
 
   const list = element("ul", { id: "sessions-list", className: "sessions-list" });
   const error = element("p", { id: "sessions-error", className: "sessions-error", role: "alert" });
+  const leaving = element("p", { className: "sessions-leaving" });
   const close = element("button", { type: "button", className: "icon sessions-close",
     textContent: "×", title: "Close", ariaLabel: "Close the sessions list" });
   ui.sessionsMenu.append(
@@ -53,7 +55,7 @@ export function setupSessions(ui, { sessionId, resumeCurrent, go = (url) => loca
     element("p", { className: "sessions-about", textContent: "A session put away keeps its " +
       "files (nothing runs in it) until the date shown: resume it, export its /workspace, " +
       "fork it into a new session, or delete it." }),
-    error, list);
+    leaving, error, list);
 
   function say(message) {
     error.textContent = message || "";
@@ -61,6 +63,9 @@ export function setupSessions(ui, { sessionId, resumeCurrent, go = (url) => loca
 
   function render(body) {
     const now = Date.now() / 1000;
+    const tab = closing();
+    leaving.textContent = tab ? `${tab.short}.` : "";
+    leaving.dataset.outcome = tab ? tab.outcome : "";
     const current = sessionId();
     sessions = new Map((body.sessions || []).filter((s) => s && s.id).map((s) => [s.id, s]));
     const rows = sessionRows(body, current, now);
