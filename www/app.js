@@ -110,6 +110,7 @@ if (watching === null) {
     onWatchers: (count) => share && share.setWatchers(count),
     onPorts: (frame) => ports.update(frame),
     onKept: describeKept,
+    findKept,
   });
   setupTransfer(ui, {
     status,
@@ -196,19 +197,25 @@ function openSessions() {
 }
 if (watching === null) ui.sessionsButton.addEventListener("click", openSessions);
 
-// The page opened on a kept session: the server's sentence says when it was put away and
-// until when it is kept; the API says it in the page's time zone, with why.
-function describeKept(id, message) {
-  if (!id) return;
-  fetch(`api/sessions/${encodeURIComponent(id)}`, {
+// The page opened on a kept session (or whose session was put away): capsule's sentence says
+// when it was put away and until when it is kept; the API says it in the page's time zone,
+// with why.
+function findKept(id) {
+  return fetch(`api/sessions/${encodeURIComponent(id)}`, {
     credentials: "same-origin",
     cache: "no-store",
     headers: { Accept: "application/json" },
-  }).then((response) => (response.ok ? response.json() : null)).then((kept) => {
-    if (kept && kept.state === "kept" && status.state === "kept") {
-      status.explain(keptText(kept, message, Date.now() / 1000));
-    }
-  }).catch(() => {});
+  }).then((response) => (response.ok ? response.json() : null))
+    .then((session) => (session && session.state === "kept" ? session : null));
+}
+
+function describeKept(id, details) {
+  if (!id) return;
+  const show = (kept) => {
+    if (status.state === "kept") status.explain(keptText(kept, details.message, Date.now() / 1000));
+  };
+  show(details);
+  findKept(id).then((kept) => kept && show(kept)).catch(() => {});
 }
 
 // --- users: the login and logging out ---------------------------------------------

@@ -309,28 +309,32 @@ def test_put_away_listed_and_resumed_for_real(make_server, browser, new_page):
     wait_text(page, "#leave-note", r"^Closing this tab keeps your work until ")
     type_line(page, "echo kept-file > /workspace/f; echo BEFORE_$((6*7))")
     wait_screen(page, "BEFORE_42")
-    # Put away from the list: the page is then on a kept session, and offers Resume.
+    # Put away from the list: this tab is then on a kept session, and offers Resume.
     page.click("#sessions")
     row = page.locator(f'.sessions-row[data-id="{session_id}"]')
     row.locator('button[data-action="put-away"]').click(timeout=10000)
     page.wait_for_selector('#status[data-state="kept"]', timeout=30000)
     page.wait_for_selector("#banner", state="visible")
-    wait_text(page, "#banner-message", "put away")
-    if page.is_hidden("#sessions-menu"):
-        page.click("#sessions")
+    wait_text(page, "#banner-message", r"This session was put away today \d\d:\d\d \(put away by"
+              r" its owner\)\. It is kept until ")
     page.wait_for_selector(f'.sessions-row[data-id="{session_id}"][data-state="kept"]',
                            timeout=20000)
     shot(page, "real-kept-list-desktop")
-    page.keyboard.press("Escape")
-    page.click("#banner-action")
-    page.wait_for_selector('#status[data-state="connected"]', timeout=60000)
+    # Opened again (a bookmark, another tab): the same offer; nothing resumes by itself.
+    other = new_page()
+    other.goto(f"{server.url}/?session_id={session_id}")
+    other.wait_for_selector('#status[data-state="kept"]', timeout=20000)
+    wait_text(other, "#banner-message", r"put away today")
+    shot(other, "real-kept-offer-desktop")
+    other.click("#banner-action")
+    other.wait_for_selector('#status[data-state="connected"]', timeout=60000)
     # The old screen, marked as history, then a new shell's prompt; the files are there.
-    wait_screen(page, r"BEFORE_42[\s\S]*resumed[\s\S]*developer@capsule", timeout=30000)
-    type_line(page, "cat /workspace/f; echo AFTER_$((7*7))")
-    wait_screen(page, r"kept-file[\s\S]*AFTER_49")
-    assert page.get_attribute("#session", "title") == session_id
-    shot(page, "real-resumed-desktop")
-    assert page.errors == []
+    wait_screen(other, r"BEFORE_42[\s\S]*resumed[\s\S]*developer@capsule", timeout=30000)
+    type_line(other, "cat /workspace/f; echo AFTER_$((7*7))")
+    wait_screen(other, r"kept-file[\s\S]*AFTER_49")
+    assert other.get_attribute("#session", "title") == session_id
+    shot(other, "real-resumed-desktop")
+    assert page.errors == [] and other.errors == []
 
 
 @needs_keeping

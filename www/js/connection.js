@@ -4,7 +4,7 @@
 // happens when a socket ends is decided by the state machine (machine.js); this module feeds
 // it inputs and carries out its effects.
 
-import { closeInput, initial, step } from "./machine.js";
+import { SESSION_KEPT, closeInput, initial, step } from "./machine.js";
 import {
   ACK_DELAY_MS, BINARY_PROTOCOL, Offsets, bytePieces, decodeBase64, describeNotice,
   encodeFrame, inputPieces, parseFrame, socketUrl, splitReplay,
@@ -49,10 +49,12 @@ function storeSessionId(id) {
 // that failed; `onAttached(frame)`: capsule's `connected` frame (what becomes of the session
 // once the page is gone: its `on_close`); `onWatchers(count)`: how many watch the session
 // through read-only links; `onPorts(frame)`: capsule's `ports` frame (the ports that listen in
-// the session now); `onKept(id, message)`: the session is put away (kept), and the page offers
-// to resume it.
+// the session now); `onKept(id, details)`: the session is put away (kept), and the page offers
+// to resume it (`details`: { message, kept_at, kept_until } as capsule said them);
+// `findKept(id)`: resolves to the session as the API describes it if it is kept, else null.
 export function createConnection({ term, status, attention, profile, checkLogin,
-  onAttached = () => {}, onWatchers = () => {}, onPorts = () => {}, onKept = () => {} }) {
+  onAttached = () => {}, onWatchers = () => {}, onPorts = () => {}, onKept = () => {},
+  findKept = () => Promise.resolve(null) }) {
   let model = initial();
   let sessionId = loadSessionId();
   const offsets = new Offsets();
@@ -62,6 +64,8 @@ export function createConnection({ term, status, attention, profile, checkLogin,
   let link = 0; // counts sockets, so xterm callbacks for an old socket's output are ignored
   let binary = false; // whether the current socket speaks the binary protocol
   let exitCode = null; // from the `exit` frame that precedes a 1000 close
+  let exitMessage = ""; // and its message
+  let keptFrame = null; // the `error` frame that said the session is kept
   let lastError = ""; // message of the latest `error` frame
   let lastErrorCode = ""; // and its code
   let sentSize = ""; // "COLSxROWS" last sent on this socket
@@ -80,7 +84,11 @@ export function createConnection({ term, status, attention, profile, checkLogin,
     // Asking to resume lasts until the session is attached, or the page stops trying.
     if (model.state !== "connecting" && model.state !== "reconnecting") resuming = false;
     for (const effect of result.effects) perform(effect);
-    if (model.state === "kept" && type === "kept") onKept(sessionId, lastError);
+    if (model.state === "kept" && type === "kept") {
+      const frame = keptFrame || {};
+      onKept(sessionId, { message: details.message, kept_at: frame.kept_at,
+        kept_until: frame.kept_until });
+    }
   }
 
   function perform(effect) {
@@ -169,6 +177,8 @@ export function createConnection({ term, status, attention, profile, checkLogin,
     clearTimeout(retryTimer);
     retryTimer = null;
     exitCode = null;
+    exitMessage = "";
+    keptFrame = null;
     lastError = "";
     lastErrorCode = "";
     sentSize = "";
@@ -288,10 +298,12 @@ export function createConnection({ term, status, attention, profile, checkLogin,
       case "error":
         lastError = frame.message || frame.code || "error";
         lastErrorCode = typeof frame.code === "string" ? frame.code : "";
-        status.error(lastError);
+        if (lastErrorCode === SESSION_KEPT) keptFrame = frame;
+        else status.error(lastError);
         break;
       case "exit":
         exitCode = frame.exit_code;
+        exitMessage = typeof frame.message === "string" ? frame.message : "";
         break;
       case "dropped":
         if (binary) onDropped(frame.bytes, frame.offset);
@@ -328,7 +340,22 @@ export function createConnection({ term, status, attention, profile, checkLogin,
     stopKeepalive();
     stopAcks();
     endReplay();
-    feed(closeInput(code, lastErrorCode), { exitCode, message: lastError });
+    const input = closeInput(code, lastErrorCode);
+    // A session that ended without its shell's exit code may have been put away (by its owner
+    // elsewhere, by the idle limit): kept, it is offered to be resumed, not forgotten.
+    if (input === "shellEnded" && (exitCode === null || exitCode === undefined) && sessionId) {
+      const id = sessionId;
+      const message = exitMessage;
+      findKept(id).catch(() => null).then((kept) => {
+        if (socket !== null || id !== sessionId || model.state !== "connected") return;
+        if (kept) {
+          keptFrame = kept;
+          feed("kept", { message });
+        } else feed(input, { exitCode, message: lastError });
+      });
+      return;
+    }
+    feed(input, { exitCode, message: lastError });
   }
 
   // --- keepalive ------------------------------------------------------------------
