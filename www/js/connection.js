@@ -13,6 +13,7 @@ import {
 const STORAGE_KEY = "capsule.session_id";
 const PING_INTERVAL_MS = 20000;
 const SILENCE_LIMIT_MS = 45000;
+const PROBE_TIMEOUT_MS = 10000;
 
 // --- session id: ?session_id= in the URL, else this tab's sessionStorage ---
 
@@ -50,11 +51,9 @@ function storeSessionId(id) {
 // once the page is gone: its `on_close`); `onWatchers(count)`: how many watch the session
 // through read-only links; `onPorts(frame)`: capsule's `ports` frame (the ports that listen in
 // the session now); `onKept(id, details)`: the session is put away (kept), and the page offers
-// to resume it (`details`: { message, kept_at, kept_until } as capsule said them);
-// `findKept(id)`: resolves to the session as the API describes it if it is kept, else null.
+// to resume it (`details`: { message, kept_at, kept_until } as capsule said them).
 export function createConnection({ term, status, attention, profile, checkLogin,
-  onAttached = () => {}, onWatchers = () => {}, onPorts = () => {}, onKept = () => {},
-  findKept = () => Promise.resolve(null) }) {
+  onAttached = () => {}, onWatchers = () => {}, onPorts = () => {}, onKept = () => {} }) {
   let model = initial();
   let sessionId = loadSessionId();
   const offsets = new Offsets();
@@ -346,16 +345,51 @@ export function createConnection({ term, status, attention, profile, checkLogin,
     if (input === "shellEnded" && (exitCode === null || exitCode === undefined) && sessionId) {
       const id = sessionId;
       const message = exitMessage;
-      findKept(id).catch(() => null).then((kept) => {
+      probeKept(id).then((kept) => {
         if (socket !== null || id !== sessionId || model.state !== "connected") return;
         if (kept) {
           keptFrame = kept;
-          feed("kept", { message });
+          feed("kept", { message: message || kept.message || "" });
         } else feed(input, { exitCode, message: lastError });
       });
       return;
     }
     feed(input, { exitCode, message: lastError });
+  }
+
+  // Whether session `id` is kept, asked of capsule with a socket of its own, which it closes:
+  // resolves to its `session_kept` error frame, or null (gone, or capsule did not say). capsule
+  // says `session_kept` to a client of a session being put away too, before the session is
+  // listed as kept.
+  function probeKept(id) {
+    return new Promise((resolve) => {
+      let kept = null;
+      let done = false;
+      let ws;
+      const finish = () => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        if (ws) {
+          ws.onmessage = ws.onclose = null;
+          ws.close();
+        }
+        resolve(kept);
+      };
+      const timer = setTimeout(finish, PROBE_TIMEOUT_MS);
+      try {
+        ws = new WebSocket(socketUrl(location.href, { sessionId: id }));
+      } catch (e) {
+        finish();
+        return;
+      }
+      ws.onmessage = (event) => {
+        const frame = typeof event.data === "string" ? parseFrame(event.data) : null;
+        if (frame && frame.type === "error" && frame.code === SESSION_KEPT) kept = frame;
+        if (frame && (frame.type === "error" || frame.type === "connected")) finish();
+      };
+      ws.onclose = finish;
+    });
   }
 
   // --- keepalive ------------------------------------------------------------------
