@@ -110,6 +110,7 @@ if (watching === null) {
     onWatchers: (count) => share && share.setWatchers(count),
     onPorts: (frame) => ports.update(frame),
     onKept: describeKept,
+    findKept,
   });
   setupTransfer(ui, {
     status,

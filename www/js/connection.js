@@ -13,7 +13,8 @@ import {
 const STORAGE_KEY = "capsule.session_id";
 const PING_INTERVAL_MS = 20000;
 const SILENCE_LIMIT_MS = 45000;
-const PROBE_TIMEOUT_MS = 10000;
+// After a session ended without an exit code: when the API is asked again whether it is kept.
+const KEPT_CHECKS_MS = [500, 1000, 2000, 4000];
 
 // --- session id: ?session_id= in the URL, else this tab's sessionStorage ---
 
@@ -51,9 +52,11 @@ function storeSessionId(id) {
 // once the page is gone: its `on_close`); `onWatchers(count)`: how many watch the session
 // through read-only links; `onPorts(frame)`: capsule's `ports` frame (the ports that listen in
 // the session now); `onKept(id, details)`: the session is put away (kept), and the page offers
-// to resume it (`details`: { message, kept_at, kept_until } as capsule said them).
+// to resume it (`details`: { message, kept_at, kept_until } as capsule said them);
+// `findKept(id)`: resolves to the session as the API describes it if it is kept, else null.
 export function createConnection({ term, status, attention, profile, checkLogin,
-  onAttached = () => {}, onWatchers = () => {}, onPorts = () => {}, onKept = () => {} }) {
+  onAttached = () => {}, onWatchers = () => {}, onPorts = () => {}, onKept = () => {},
+  findKept = () => Promise.resolve(null) }) {
   let model = initial();
   let sessionId = loadSessionId();
   const offsets = new Offsets();
@@ -340,56 +343,34 @@ export function createConnection({ term, status, attention, profile, checkLogin,
     stopAcks();
     endReplay();
     const input = closeInput(code, lastErrorCode);
-    // A session that ended without its shell's exit code may have been put away (by its owner
-    // elsewhere, by the idle limit): kept, it is offered to be resumed, not forgotten.
-    if (input === "shellEnded" && (exitCode === null || exitCode === undefined) && sessionId) {
-      const id = sessionId;
-      const message = exitMessage;
-      probeKept(id).then((kept) => {
-        if (socket !== null || id !== sessionId || model.state !== "connected") return;
-        if (kept) {
-          keptFrame = kept;
-          feed("kept", { message: message || kept.message || "" });
-        } else feed(input, { exitCode, message: lastError });
-      });
-      return;
-    }
+    const id = sessionId;
+    const message = exitMessage;
     feed(input, { exitCode, message: lastError });
+    // A session that ended without its shell's exit code may have been put away (by its owner
+    // elsewhere, by the idle limit): kept, it is offered to be resumed rather than forgotten.
+    if (model.state === "ended" && (exitCode === null || exitCode === undefined) && id) {
+      watchKept(id, message);
+    }
   }
 
-  // Whether session `id` is kept, asked of capsule with a socket of its own, which it closes:
-  // resolves to its `session_kept` error frame, or null (gone, or capsule did not say). capsule
-  // says `session_kept` to a client of a session being put away too, before the session is
-  // listed as kept.
-  function probeKept(id) {
-    return new Promise((resolve) => {
-      let kept = null;
-      let done = false;
-      let ws;
-      const finish = () => {
-        if (done) return;
-        done = true;
-        clearTimeout(timer);
-        if (ws) {
-          ws.onmessage = ws.onclose = null;
-          ws.close();
+  // Whether session `id`, which ended without an exit code, was put away: asked of the API a few
+  // times (a session being put away is listed as kept once its container has stopped). Kept,
+  // the page offers to resume it.
+  function watchKept(id, message) {
+    let attempt = 0;
+    const ask = () => {
+      if (model.state !== "ended" || id !== sessionId) return;
+      findKept(id).catch(() => null).then((kept) => {
+        if (model.state !== "ended" || id !== sessionId) return;
+        if (kept) {
+          keptFrame = kept;
+          feed("kept", { message: message || "" });
+        } else if (attempt < KEPT_CHECKS_MS.length) {
+          setTimeout(ask, KEPT_CHECKS_MS[attempt++]);
         }
-        resolve(kept);
-      };
-      const timer = setTimeout(finish, PROBE_TIMEOUT_MS);
-      try {
-        ws = new WebSocket(socketUrl(location.href, { sessionId: id }));
-      } catch (e) {
-        finish();
-        return;
-      }
-      ws.onmessage = (event) => {
-        const frame = typeof event.data === "string" ? parseFrame(event.data) : null;
-        if (frame && frame.type === "error" && frame.code === SESSION_KEPT) kept = frame;
-        if (frame && (frame.type === "error" || frame.type === "connected")) finish();
-      };
-      ws.onclose = finish;
-    });
+      });
+    };
+    ask();
   }
 
   // --- keepalive ------------------------------------------------------------------

@@ -177,7 +177,8 @@ const HANDLERS = {
   },
 
   kept(model, input) {
-    if (!LINKED.has(model.state)) return null;
+    // From "ended" too: a session that ended without an exit code turned out to be kept.
+    if (!LINKED.has(model.state) && model.state !== "ended") return null;
     // Not resumed by itself: a kept session is started again when its owner asks (Resume).
     return {
       model: { state: "kept", attempt: model.attempt, outage: null },

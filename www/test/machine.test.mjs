@@ -133,7 +133,11 @@ const TABLE = {
     loginExpired: [model("login", 2), TO_LOGIN],
     loggedOut: [model("login", 2), LOGGED_OUT],
   },
-  ended: unlinked("ended", [FORGET, { type: "clear" }]),
+  ended: {
+    ...unlinked("ended", [FORGET, { type: "clear" }]),
+    // Ended without an exit code, then found kept (put away elsewhere): Resume is offered.
+    kept: [model("kept", 0), KEPT],
+  },
   expired: unlinked("expired", [FORGET, { type: "clear" }]),
   taken: unlinked("taken", []),
   failed: unlinked("failed", []),
