@@ -97,10 +97,13 @@ const HANDLERS = {
     const effects = [];
     // Said in the terminal only when it is blank (a reload): a line in the middle of what it
     // shows would break the shell's prompt or a full-screen program's screen.
-    if (input.resumed && input.blank) effects.push({ type: "notice", text: "reconnected" });
-    // A kept session started again: its old screen is replayed above a marker, as history.
-    const news = input.resumedFrom !== null && input.resumedFrom !== undefined
-      ? "resumed: the screen above is from before it was put away"
+    // A kept session started again: its old screen is replayed above a marker, as history
+    // (the marker says it: no "reconnected" over it).
+    const restarted = input.resumedFrom !== null && input.resumedFrom !== undefined;
+    if (input.resumed && input.blank && !restarted) {
+      effects.push({ type: "notice", text: "reconnected" });
+    }
+    const news = restarted ? "resumed: the screen above is from before it was put away"
       : input.resumed ? "resumed session" : "new session";
     effects.push(show("connected", news));
     return { model: { state: "connected", attempt: 0, outage: null }, effects };

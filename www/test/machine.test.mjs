@@ -278,7 +278,7 @@ test("close codes, and the error that came before the close", () => {
 });
 
 test("a resumed kept session says so; its resume is asked for only once the owner asks", () => {
-  const resumed = feed(initial(), "connected", { resumed: false, blank: true, resumedFrom: NOW - 3600 });
+  const resumed = feed(initial(), "connected", { resumed: true, blank: true, resumedFrom: NOW - 3600 });
   assert.deepEqual(resumed.effects,
     [show("connected", "resumed: the screen above is from before it was put away")]);
   // The page opened on a kept session does nothing by itself.
