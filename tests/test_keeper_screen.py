@@ -152,13 +152,13 @@ def test_an_attach_from_an_offset_before_the_stop_gets_exactly_what_it_lacked(re
 
 def test_a_file_without_a_header_is_all_screen_from_offset_0(relay, screen):
     screen.parent.mkdir(parents=True)
-    screen.write_bytes(b"\x1b_capsule-screen;end=99999999999999999\x1b\\old")
+    screen.write_bytes(b"\x1b_capsule-screen;start=99999999999999999\x1b\\old")
     r = start(relay, screen, command=QUIET)
     offset, dropped, _ = after_preamble(r)
     assert (offset, dropped) == (0, 0)
     r.until(b"\x1b[0m\r\n")
     out = bytes(r.output[r.preamble()[2]:])
-    assert out.startswith(b"\x1b_capsule-screen;end=99999999999999999\x1b\\old\x18")
+    assert out.startswith(b"\x1b_capsule-screen;start=99999999999999999\x1b\\old\x18")
 
 
 def test_an_end_past_the_largest_believed_is_no_header(relay, screen):
@@ -167,7 +167,7 @@ def test_an_end_past_the_largest_believed_is_no_header(relay, screen):
     assert after_preamble(start(relay, screen, command=QUIET))[:2] == (SCREEN_MAX_END - 1,
                                                                          SCREEN_MAX_END - 1)
     other = screen.with_name("other")
-    other.write_bytes(b"\x1b_capsule-screen;end=%d\x1b\\x" % (SCREEN_MAX_END + 1))
+    other.write_bytes(b"\x1b_capsule-screen;start=%d\x1b\\x" % (SCREEN_MAX_END + 1))
     assert after_preamble(start(relay, other, command=QUIET))[:2] == (0, 0)
 
 
@@ -254,17 +254,18 @@ def test_a_device_is_neither_read_nor_replaced(relay, screen):
 
 def test_a_huge_file_loads_only_its_end(relay, screen):
     screen.parent.mkdir(parents=True)
+    header = b"\x1b_capsule-screen;start=0\x1b\\"
     with open(screen, "wb") as f:  # sparse: 64 GiB of nothing, then the screen's end
-        f.write(b"\x1b_capsule-screen;end=7\x1b\\")
+        f.write(header)
         f.seek(64 << 30)
         f.write(b"the end")
-    assert screen.stat().st_size > 64 << 30
+    body = screen.stat().st_size - len(header)
+    assert body == (64 << 30) + 7 - len(header)
     r = start(relay, screen, command=QUIET, buffer=4096)
     offset, dropped, _ = after_preamble(r)
-    # The header's end is less than the bytes loaded: they end at their own
-    # count, and the marker pushes the oldest out.
+    # The ring holds the newest 4096 bytes, then the marker pushes the oldest out.
     kept = 4096 - MARKER_BYTES
-    assert (offset, dropped) == (MARKER_BYTES, MARKER_BYTES)
+    assert (offset, dropped) == (body - kept, body - kept)
     r.until(b"\x1b[0m\r\n")
     out = bytes(r.output[r.preamble()[2]:])
     assert out[:kept] == b"\0" * (kept - 7) + b"the end" and MARKER.fullmatch(out[kept:])
@@ -295,6 +296,55 @@ def test_output_is_saved_while_the_session_runs(relay, screen):
     assert data == b"start:unset.\r\ngot:one.\r\n" and end == len(data)
     # Nothing else is left in the directory.
     assert [p.name for p in screen.parent.iterdir()] == ["screen"]
+
+
+# Answers each line; "big" prints 20000 bytes at once.
+BIG = ["sh", "-c", "stty -echo; echo start.; while read line; do case $line in"
+                   " big) head -c 20000 /dev/zero | tr '\\0' x; echo;; *) echo got:$line.;;"
+                   " esac; done"]
+
+
+def test_saves_append_to_the_file_the_keeper_left(relay, screen):
+    """
+    The output since the last save is added to the file; a file that is
+    not the one the keeper left (replaced, written to) is written anew:
+    either way it holds what the keeper holds.
+    """
+    r = start(relay, screen, command=BIG)
+    r.until(b"start.\r\n")
+    saved(screen, b"start.")
+    inode = screen.stat().st_ino
+    r.send(b"one\n")
+    assert saved(screen, b"got:one.") == (b"start.\r\ngot:one.\r\n", 18)
+    assert screen.stat().st_ino == inode  # appended, not replaced
+    # Replaced (as capsule's own save does): written anew.
+    screen.write_bytes(encode_screen(b"capsule's", 9))
+    r.send(b"two\n")
+    data, end = saved(screen, b"got:two.")
+    assert (data, end) == (b"start.\r\ngot:one.\r\ngot:two.\r\n", 28)
+    # Written to by the session: written anew.
+    with open(screen, "ab") as f:
+        f.write(b"junk")
+    r.send(b"three\n")
+    data, end = saved(screen, b"got:three.")
+    assert b"junk" not in data and end == 40
+
+
+def test_more_than_the_ring_since_the_last_save_writes_the_file_anew(relay, screen):
+    r = start(relay, screen, command=BIG, buffer=4096)
+    r.until(b"start.\r\n")
+    saved(screen, b"start.")
+    since = 0
+    for _ in range(3):
+        r.send(b"big\nafter\n")
+        since = r.until(b"got:after.\r\n", since)
+    r.send(b"end\n")
+    r.until(b"got:end.\r\n")
+    data, end = saved(screen, b"got:end.")
+    whole = bytes(r.output[r.preamble()[2]:])
+    assert end == len(whole) and data == whole[-len(data):]
+    assert 4096 <= len(data) <= 2 * 4096 + 64
+    assert screen.stat().st_size <= 64 + 2 * 4096
 
 
 def test_a_saved_screen_is_saved_again_with_its_marker(relay, screen):

@@ -85,21 +85,22 @@ def test_without_the_keeper_the_shell_is_not_told():
 
 def test_a_screen_file_round_trips():
     content = encode_screen(b"$ ls\r\nfile\r\n$ ", 1000)
-    assert content == b"\x1b_capsule-screen;end=1000\x1b\\$ ls\r\nfile\r\n$ "
+    assert content == b"\x1b_capsule-screen;start=986\x1b\\$ ls\r\nfile\r\n$ "
     assert parse_screen(content) == (b"$ ls\r\nfile\r\n$ ", 1000)
 
 
-TOO_FAR = b"\x1b_capsule-screen;end=%d\x1b\\ab" % (SCREEN_MAX_END + 1)
+TOO_FAR = b"\x1b_capsule-screen;start=%d\x1b\\ab" % (SCREEN_MAX_END + 1)
 
 
 @pytest.mark.parametrize("content", [
     b"plain bytes",
     TOO_FAR,  # past the largest end a keeper believes
-    b"\x1b_capsule-screen;end=\x1b\\ab",
-    b"\x1b_capsule-screen;end=12",
-    b"\x1b_capsule-screen;end=12345678901234567\x1b\\ab",  # 17 digits
-    b"\x1b_capsule-screen;end=-1\x1b\\ab",
-    b" \x1b_capsule-screen;end=9\x1b\\ab",
+    b"\x1b_capsule-screen;start=\x1b\\ab",
+    b"\x1b_capsule-screen;start=12",
+    b"\x1b_capsule-screen;start=12345678901234567\x1b\\ab",  # 17 digits
+    b"\x1b_capsule-screen;start=-1\x1b\\ab",
+    b" \x1b_capsule-screen;start=9\x1b\\ab",
+    b"\x1b_capsule-screen;end=9\x1b\\ab",
 ])
 def test_a_screen_file_without_a_right_header_is_all_screen(content):
     """
@@ -108,8 +109,9 @@ def test_a_screen_file_without_a_right_header_is_all_screen(content):
     assert parse_screen(content) == (content, len(content))
 
 
-def test_an_end_before_the_bytes_own_length_is_their_length():
-    assert parse_screen(b"\x1b_capsule-screen;end=2\x1b\\abcd") == (b"abcd", 4)
+def test_the_header_gives_the_offset_of_the_first_byte():
+    assert parse_screen(b"\x1b_capsule-screen;start=2\x1b\\abcd") == (b"abcd", 6)
+    assert parse_screen(b"\x1b_capsule-screen;start=7\x1b\\") == (b"", 7)
 
 
 def test_encode_screen_refuses_what_no_keeper_believes():

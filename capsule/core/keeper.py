@@ -54,11 +54,11 @@ def keeper_argv(shell: tuple[str, ...], offset: int = 0, buffer: int = 1024 * 10
 # environment (the keeper's own: the shell does not get it; an older keeper
 # ignores it) saves its ring to that file while it runs, and a keeper that
 # starts where the file is shows it as the start of its output, followed by
-# a dim "resumed" line.  The file: SCREEN_HEADER with the offset that
-# follows its last byte, then the bytes.
+# a dim "resumed" line.  The file: a header with the offset of its first
+# byte after the header, then the bytes (the newest last).
 SCREEN_ENV = "CAPSULE_KEEPER_SCREEN"
-_SCREEN_HEADER = re.compile(rb"\x1b_capsule-screen;end=(\d{1,16})\x1b\\")
-# The largest end offset a keeper believes in a screen file.
+_SCREEN_HEADER = re.compile(rb"\x1b_capsule-screen;start=(\d{1,16})\x1b\\")
+# The largest offset a keeper believes in a screen file.
 SCREEN_MAX_END = 2**52
 
 
@@ -78,21 +78,21 @@ def encode_screen(data: bytes, end: int) -> bytes:
     """
     if not len(data) <= end <= SCREEN_MAX_END:
         raise ValueError(f"a screen of {len(data)} bytes ending at offset {end}")
-    return b"\x1b_capsule-screen;end=%d\x1b\\" % end + data
+    return b"\x1b_capsule-screen;start=%d\x1b\\" % (end - len(data)) + data
 
 
 def parse_screen(content: bytes) -> tuple[bytes, int]:
     """
     The bytes of a screen file and the offset that follows them, as a keeper
     reads it (without a header, or with one not exactly right, the file is
-    all screen, ending at its length).
+    all screen, from offset 0).
     """
     found = _SCREEN_HEADER.match(content)
-    end = int(found.group(1)) if found else 0
-    data = content[found.end():] if found and end <= SCREEN_MAX_END else content
-    if data is content:
-        end = 0
-    return data, max(end, len(data))
+    if found and int(found.group(1)) <= SCREEN_MAX_END:
+        data = content[found.end():]
+        if len(data) <= SCREEN_MAX_END:
+            return data, int(found.group(1)) + len(data)
+    return content, len(content)
 
 
 # The direct path (see docker/keeper/capsule-keeper.c, -t): where a session

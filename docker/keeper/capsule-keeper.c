@@ -122,36 +122,42 @@
  * keeper's, never COMMAND's, and a keeper before this one ignores it) keeps
  * its ring in the file PATH, so that a session whose container is stopped
  * and started again shows what it had on its screen.
- *   - Saving: while COMMAND has printed since the last save, the ring (the
- *     bytes held, [first offset held, end)) is written to PATH, at most once
- *     every SAVE_MS, and at once on SIGHUP, on SIGTERM (then the server ends
- *     as before) and when the server ends: into a new file beside it, then
- *     renamed over it (PATH's directory is made, 0700, if missing; the file
- *     is 0600; where PATH is anything but a regular file, a symbolic link
- *     included, nothing is saved: the keeper replaces only its own kind of
- *     file).  No output, no save and no wakeup.  The file starts with
- *       ESC _ capsule-screen;end=E ESC \
- *     E being the offset that follows its last byte (capsule writes the same
- *     when it saves a session's screen itself: capsule/core/keeper.py).
+ *   - Saving: while COMMAND has printed since the last save, what the ring
+ *     holds is saved to PATH, at most once every SAVE_MS, and at once on
+ *     SIGHUP, on SIGTERM (then the server ends as before) and when the
+ *     server ends.  The file is
+ *       ESC _ capsule-screen;start=S ESC \  then bytes, the newest last
+ *     S being the offset of the first byte after the header.  A save adds
+ *     the output since the last one to the file the keeper left, while it is
+ *     that file (same inode and size) and holds at most twice BYTES; else
+ *     (the first save, a file replaced or written to by anyone else, more
+ *     output than the ring holds since the last save) the ring is written
+ *     to a new file beside PATH, renamed over it.  So a session that prints
+ *     costs the disk about what it prints.  PATH's directory is made (0700)
+ *     if missing, the file is 0600; where PATH is anything but a regular
+ *     file, a symbolic link included, nothing is saved (the keeper replaces
+ *     only its own kind of file).  No output, no save and no wakeup.
+ *     capsule writes the same format when it saves a session's screen
+ *     itself (capsule/core/keeper.py).
  *   - Loading: a server that starts finds PATH (a regular file; opened
  *     without following a symbolic link, never blocking; anything else, or
- *     an empty file, is as no file) and loads its last BYTES bytes after
- *     the header into the ring as the first output, at offsets that end at
- *     E (without a valid header, 0 .. the bytes loaded), then a marker on
- *     a line of its own:
+ *     an empty file, is as no file) and loads its last BYTES bytes into the
+ *     ring as the first output, at the offsets they had (without a valid
+ *     header, from 0), then a marker on a line of its own:
  *       CAN, normal screen buffer, soft reset, mouse and bracketed paste off,
  *       CR LF, dim "── resumed YYYY-MM-DD HH:MM UTC: the screen above is from
  *       before the session was put away ──", attributes reset, CR LF
  *     and COMMAND's output follows at the next offsets.  Offsets thus go on
  *     from where the saved screen ended: a client (capsule) that had the
- *     output up to OFFSET <= E before the stop asks for OFFSET and gets
- *     exactly the bytes it lacked, the marker and the new output; one that
- *     asks for less than the first byte loaded gets it all (the preamble's
- *     dropped says how much came before it).  Every byte of the file is
- *     the session's (its processes can write it): at most the header's
- *     SCREEN_HEAD bytes and BYTES more are read whatever its size, E is at
- *     most SCREEN_MAX_END and at least the bytes loaded, and what was loaded
- *     goes to the client as output, never interpreted by the keeper.
+ *     output up to OFFSET before the stop asks for OFFSET and gets exactly
+ *     the bytes it lacked, the marker and the new output; one that asks for
+ *     less than the first byte loaded gets it all (the preamble's dropped
+ *     says how much came before it).  Every byte of the file is the
+ *     session's (its processes can write it): at most SCREEN_HEAD bytes of
+ *     header and BYTES more are read whatever its size, S and the bytes
+ *     after the header are each at most SCREEN_MAX_END (else the header is
+ *     not believed), and what was loaded goes to the client as output,
+ *     never interpreted by the keeper.
  *
  * Bad or missing arguments: the usage on stderr, exit status 2 (-h: on
  * stdout, 0).  BYTES is 1 to 2^32, OFFSET 0 to 2^64-1, both plain decimal.
@@ -222,7 +228,7 @@
 #endif
 #define SCREEN_ENV "CAPSULE_KEEPER_SCREEN"
 #define SCREEN_HEAD 64      /* the most a screen file's header may be */
-#define SCREEN_MAX_END (1ULL << 52)  /* the largest end offset a screen file may give */
+#define SCREEN_MAX_END (1ULL << 52)  /* the largest offset a screen file may give */
 
 typedef unsigned long long u64;
 
@@ -350,19 +356,21 @@ static void make_dirs(const char *file)
     }
 }
 
-/* The end offset a screen file's header gives, and the header's length in
- * *len; 0 with *len 0 if it has none (or one that is not exactly right). */
+/* The offset of a screen file's first byte after its header, and the
+ * header's length in *len; 0 with *len 0 if it has none (or one that is
+ * not exactly right). */
 static u64 screen_header(const unsigned char *h, size_t n, size_t *len)
 {
-    static const char tag[] = "\033_capsule-screen;end=";
+    static const char tag[] = "\033_capsule-screen;start=";
     size_t t = sizeof tag - 1, i = t;
-    u64 end = 0;
+    u64 start = 0;
     *len = 0;
     if (n < t || memcmp(h, tag, t)) return 0;
-    while (i < n && i - t < 16 && h[i] >= '0' && h[i] <= '9') end = end * 10 + (u64)(h[i++] - '0');
-    if (i == t || i + 2 > n || h[i] != '\033' || h[i + 1] != '\\' || end > SCREEN_MAX_END) return 0;
+    while (i < n && i - t < 16 && h[i] >= '0' && h[i] <= '9') start = start * 10 + (u64)(h[i++] - '0');
+    if (i == t || i + 2 > n || h[i] != '\033' || h[i + 1] != '\\' || start > SCREEN_MAX_END)
+        return 0;
     *len = i + 2;
-    return end;
+    return start;
 }
 
 /* At the server's start: the saved screen, if there is one, becomes the
@@ -380,10 +388,10 @@ static int screen_load(void)
         return 0;
     }
     size_t hlen;
-    u64 size = (u64)st.st_size, end = screen_header(head, (size_t)h, &hlen);
-    u64 n = size > hlen ? size - hlen : 0;
-    if (n > cap) n = cap;
-    if (hlen == 0 || end < n) end = n;
+    u64 size = (u64)st.st_size, start = screen_header(head, (size_t)h, &hlen);
+    u64 body = size > hlen ? size - hlen : 0, n = body < cap ? body : cap;
+    /* The bytes loaded end at start + body (no header: at n, from 0). */
+    u64 end = hlen && body <= SCREEN_MAX_END ? start + body : n;
     rstart = rend = end - n;
     static unsigned char chunk[65536];
     u64 got = 0;
@@ -426,9 +434,48 @@ static int write_file(int fd, const unsigned char *p, size_t n)
     return 0;
 }
 
-/* Writes the ring to the screen file: a new file beside it, renamed over
- * it.  Whatever comes of it, what is in the ring now counts as saved (a
- * full disk is tried again at the next output, not in a loop). */
+/* Writes the ring's offsets [from, rend) to fd; from is held. */
+static int write_ring(int fd, u64 from)
+{
+    size_t at = from % cap, n = rend - from, first = n < cap - at ? n : cap - at;
+    return write_file(fd, ring + at, first) < 0 || write_file(fd, ring, n - first) < 0 ? -1 : 0;
+}
+
+/* The file as the keeper last left it: its inode and size, and the offset
+ * that follows its last byte (file_size 0: none known). */
+static ino_t file_ino;
+static dev_t file_dev;
+static u64 file_size, file_end;
+
+/* Writes the screen file anew: a new file beside it, renamed over it. */
+static void screen_rewrite(void)
+{
+    char tmp[4096 + 32], head[SCREEN_HEAD];
+    snprintf(tmp, sizeof tmp, "%s.%ld.tmp", screen_path, (long)getpid());
+    make_dirs(screen_path);
+    unlink(tmp);  /* a leftover, or anything put there: ours is made anew */
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
+    if (fd < 0) return;
+    int hn = snprintf(head, sizeof head, "\033_capsule-screen;start=%llu\033\\", rstart);
+    struct stat st;
+    int bad = write_file(fd, (const unsigned char *)head, (size_t)hn) < 0
+              || write_ring(fd, rstart) < 0 || fstat(fd, &st) < 0;
+    if (close(fd) < 0 || bad || rename(tmp, screen_path) < 0) {
+        unlink(tmp);
+        return;
+    }
+    file_ino = st.st_ino;
+    file_dev = st.st_dev;
+    file_size = (u64)hn + (rend - rstart);
+    file_end = rend;
+}
+
+/* Saves the ring.  The output since the last save is appended to the file
+ * the keeper left, if it is still that one (its inode and size) and holds
+ * at most twice the ring; else the file is written anew.  So a session
+ * that prints costs the disk about what it prints, not the ring each time.
+ * Whatever comes of it, what is in the ring now counts as saved (a full
+ * disk is tried again at the next output, not in a loop). */
 static void screen_save(long long now)
 {
     saved_end = rend;
@@ -436,19 +483,21 @@ static void screen_save(long long now)
     struct stat st;
     if (lstat(screen_path, &st) == 0 && !S_ISREG(st.st_mode))
         return;  /* a link, a directory, a device...: not the keeper's to replace */
-    char tmp[4096 + 32];
-    snprintf(tmp, sizeof tmp, "%s.%ld.tmp", screen_path, (long)getpid());
-    make_dirs(screen_path);
-    unlink(tmp);  /* a leftover, or anything put there: ours is made anew */
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
-    if (fd < 0) return;
-    char head[SCREEN_HEAD];
-    int hn = snprintf(head, sizeof head, "\033_capsule-screen;end=%llu\033\\", rend);
-    size_t at = rstart % cap, n = rend - rstart, first = n < cap - at ? n : cap - at;
-    int bad = write_file(fd, (const unsigned char *)head, (size_t)hn) < 0
-              || write_file(fd, ring + at, first) < 0
-              || write_file(fd, ring, n - first) < 0;
-    if (close(fd) < 0 || bad || rename(tmp, screen_path) < 0) unlink(tmp);
+    if (file_size && file_end >= rstart && file_end <= rend
+        && file_size + (rend - file_end) <= SCREEN_HEAD + 2 * cap) {
+        int fd = open(screen_path, O_WRONLY | O_APPEND | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        if (fd >= 0) {
+            int ours = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_ino == file_ino
+                       && st.st_dev == file_dev && (u64)st.st_size == file_size;
+            int ok = ours && write_ring(fd, file_end) == 0;
+            if (close(fd) == 0 && ok) {
+                file_size += rend - file_end;
+                file_end = rend;
+                return;
+            }
+        }
+    }
+    screen_rewrite();
 }
 
 /* Whether the ring has output the screen file does not. */
