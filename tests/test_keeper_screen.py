@@ -29,14 +29,17 @@ SHELL = ["sh", "-c", "stty -echo; echo start:${CAPSULE_KEEPER_SCREEN-unset}.;"
 QUIET = ["sh", "-c", "stty -echo; while read line; do echo got:$line.; done"]
 
 MARKER = re.compile(
-    rb"\x18\x1b\[\?1047l\x1b\[!p\x1b\[\?1000l\x1b\[\?1002l\x1b\[\?1003l\x1b\[\?1006l\x1b\[\?2004l"
+    rb"\0*\x18\x1b\[\?1047l\x1b\[!p\x1b\[\?1000l\x1b\[\?1002l\x1b\[\?1003l\x1b\[\?1006l\x1b\[\?2004l"
     rb"\r\n\x1b\[0m\x1b\[2m\xe2\x94\x80\xe2\x94\x80 resumed \d{4}-\d\d-\d\d \d\d:\d\d UTC: the"
     rb" screen above is from before the session was put away \xe2\x94\x80\xe2\x94\x80"
     rb"\x1b\[0m\r\n")
-MARKER_BYTES = len(b"\x18\x1b[?1047l\x1b[!p\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l"
+MARKER_TEXT = len(b"\x18\x1b[?1047l\x1b[!p\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l"
                    b"\x1b[?2004l\r\n\x1b[0m\x1b[2m") + len(
     "── resumed 2026-12-07 08:40 UTC: the screen above is from before the session was put"
     " away ──".encode()) + len(b"\x1b[0m\r\n")
+# NULs first (see "Loading" in the keeper): an eighth of the ring, at most 16 KiB.
+MARKER_BYTES = 16384 + MARKER_TEXT  # a ring of 1 MiB
+SMALL_MARKER = 512 + MARKER_TEXT     # of 4096 bytes
 
 
 @pytest.fixture
@@ -134,7 +137,7 @@ def test_an_attach_from_an_offset_before_the_stop_gets_exactly_what_it_lacked(re
     offset, dropped, _ = after_preamble(first)
     assert (offset, dropped) == (997, 0)
     first.until(b"start:unset.\r\n")
-    assert bytes(first.output[first.preamble()[2]:]).startswith(b"789\x18")
+    assert bytes(first.output[first.preamble()[2]:]).startswith(b"789\0\0")
     first.send(b"new\n")
     first.until(b"got:new.\r\n")
     new = b"start:unset.\r\ngot:new.\r\n"
@@ -150,6 +153,23 @@ def test_an_attach_from_an_offset_before_the_stop_gets_exactly_what_it_lacked(re
     assert after_preamble(third)[:2] == (1000 + MARKER_BYTES + len(new), 0)
 
 
+def test_a_client_that_had_more_than_the_file_still_gets_the_whole_marker(relay, screen):
+    """
+    The file is saved at most 2 s after the output, so a stop nobody saw
+    coming (a reboot) may leave it behind what a client had: within the
+    NULs before the marker, such a client gets NULs (a terminal ignores
+    them), then all of the marker.
+    """
+    screen.parent.mkdir(parents=True)
+    screen.write_bytes(encode_screen(b"0123456789", 1000))
+    r = start(relay, screen, offset=1000 + 700)
+    assert after_preamble(r)[:2] == (1700, 0)
+    r.until(b"start:unset.\r\n")
+    out = bytes(r.output[r.preamble()[2]:])
+    assert out.startswith(b"\0" * (16384 - 700) + b"\x18")
+    assert MARKER.fullmatch(out[:-len(b"start:unset.\r\n")])
+
+
 def test_a_file_without_a_header_is_all_screen_from_offset_0(relay, screen):
     screen.parent.mkdir(parents=True)
     screen.write_bytes(b"\x1b_capsule-screen;start=99999999999999999\x1b\\old")
@@ -158,7 +178,7 @@ def test_a_file_without_a_header_is_all_screen_from_offset_0(relay, screen):
     assert (offset, dropped) == (0, 0)
     r.until(b"\x1b[0m\r\n")
     out = bytes(r.output[r.preamble()[2]:])
-    assert out.startswith(b"\x1b_capsule-screen;start=99999999999999999\x1b\\old\x18")
+    assert out.startswith(b"\x1b_capsule-screen;start=99999999999999999\x1b\\old\0")
 
 
 def test_an_end_past_the_largest_believed_is_no_header(relay, screen):
@@ -178,7 +198,7 @@ def test_only_the_newest_buffer_bytes_are_loaded(relay, screen):
     r = start(relay, screen, command=QUIET, buffer=4096)
     offset, dropped, _ = after_preamble(r)
     # The ring holds 4096 bytes: the marker and the newest of the screen.
-    kept = 4096 - MARKER_BYTES
+    kept = 4096 - SMALL_MARKER
     assert (offset, dropped) == (20000 - kept, 20000 - kept)
     r.until(b"\x1b[0m\r\n")
     out = bytes(r.output[r.preamble()[2]:])
@@ -264,7 +284,7 @@ def test_a_huge_file_loads_only_its_end(relay, screen):
     r = start(relay, screen, command=QUIET, buffer=4096)
     offset, dropped, _ = after_preamble(r)
     # The ring holds the newest 4096 bytes, then the marker pushes the oldest out.
-    kept = 4096 - MARKER_BYTES
+    kept = 4096 - SMALL_MARKER
     assert (offset, dropped) == (body - kept, body - kept)
     r.until(b"\x1b[0m\r\n")
     out = bytes(r.output[r.preamble()[2]:])
@@ -353,7 +373,7 @@ def test_a_saved_screen_is_saved_again_with_its_marker(relay, screen):
     r = start(relay, screen)
     r.until(b"start:unset.\r\n")
     data, end = saved(screen, b"start:unset.")
-    assert data.startswith(b"before\x18") and MARKER.search(data)
+    assert data.startswith(b"before\0") and MARKER.search(data)
     assert end == 100 + MARKER_BYTES + len(b"start:unset.\r\n")
 
 

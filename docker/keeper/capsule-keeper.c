@@ -143,7 +143,10 @@
  *     without following a symbolic link, never blocking; anything else, or
  *     an empty file, is as no file) and loads its last BYTES bytes into the
  *     ring as the first output, at the offsets they had (without a valid
- *     header, from 0), then a marker on a line of its own:
+ *     header, from 0), then SCREEN_PAD NULs (at most BYTES/8; a terminal
+ *     ignores them: a client that had up to that much more than the file,
+ *     saved at most SAVE_MS before an unforeseen stop, lands in them and
+ *     still gets the whole marker), then a marker on a line of its own:
  *       CAN, normal screen buffer, soft reset, mouse and bracketed paste off,
  *       CR LF, dim "── resumed YYYY-MM-DD HH:MM UTC: the screen above is from
  *       before the session was put away ──", attributes reset, CR LF
@@ -228,6 +231,7 @@
 #endif
 #define SCREEN_ENV "CAPSULE_KEEPER_SCREEN"
 #define SCREEN_HEAD 64      /* the most a screen file's header may be */
+#define SCREEN_PAD 16384    /* NULs before the marker (at most an eighth of the ring) */
 #define SCREEN_MAX_END (1ULL << 52)  /* the largest offset a screen file may give */
 
 typedef unsigned long long u64;
@@ -405,6 +409,12 @@ static int screen_load(void)
     }
     close(fd);
     if (!got) return 0;
+    /* The file may be older than what a client had (saved at most SAVE_MS
+     * before an unforeseen stop): a client whose offset is past its end by
+     * up to SCREEN_PAD lands in NULs, which a terminal ignores, and gets
+     * the whole marker. */
+    memset(chunk, 0, sizeof chunk);
+    ring_put(chunk, cap / 8 < SCREEN_PAD ? (size_t)(cap / 8) : SCREEN_PAD);
     char when[32], mark[320];
     time_t t = time(NULL);
     struct tm tm;
