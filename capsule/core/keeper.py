@@ -85,7 +85,8 @@ def parse_screen(content: bytes) -> tuple[bytes, int]:
     """
     The bytes of a screen file and the offset that follows them, as a keeper
     reads it (without a header, or with one not exactly right, the file is
-    all screen, from offset 0).
+    all screen, from offset 0).  A keeper loads the newest of them, at most
+    its ring's size (and, without a header, at offsets from 0).
     """
     found = _SCREEN_HEADER.match(content)
     if found and int(found.group(1)) <= SCREEN_MAX_END:
