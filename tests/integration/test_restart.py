@@ -154,11 +154,14 @@ async def test_input_typed_while_a_session_resumes_reaches_the_shell_once(make_s
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_restarted_shell_is_a_notice_and_offsets_stay_exact(make_server):
+async def test_a_restarted_container_shows_its_screen_marked_and_offsets_stay_exact(make_server):
     """
     The container restarted while capsule was down, so its shell started
-    again from nothing: the client hears a notice (not output) and its
-    offsets start again, exactly, from what the new shell printed.
+    again from nothing; its keeper had saved the screen
+    (CAPSULE_KEEPER_SCREEN), and the new one shows it first, then a dim
+    "resumed" line, then the new shell, at offsets that go on from the old
+    ones: the client, coming back from where it was, gets the line and the
+    new shell, and offsets stay exact after that.
     """
     first = make_server("--pool-size", "0", "--grace", "60")
     client = await WSClient.connect(first.ws_url, binary=True)
@@ -171,18 +174,18 @@ async def test_a_restarted_shell_is_a_notice_and_offsets_stay_exact(make_server)
     second = make_server("--pool-size", "0", "--grace", "60", instance=first.instance)
     again = await WSClient.connect(second.ws_url, session_id, binary=True, offset=offset)
     connected = await again.next("connected")
-    assert connected["offset"] == 0 and connected["resumed"] is True
-    notice = await again.next("notice")
-    assert notice["code"] == "shell_restarted"
+    assert connected["offset"] == offset and connected["resumed"] is True
+    await again.until(rb"\x1b\[2m\xe2\x94\x80\xe2\x94\x80 resumed [^\r]* the screen above is"
+                      rb" from before the session was put away")
     # Its keeper, which listened over TCP, went with the restart: capsule
     # fell back to a relay exec, which started a keeper again.
     assert "cannot be reached directly" in second.log()
     await again.run("echo after")
-    # Nothing but the new shell's bytes was counted: a resume from the
-    # offset the client reached gets exactly what came after it.
-    assert b"[capsule:" not in again.output
+    assert b"[capsule:" not in again.output and b"before" not in again.output
     reached = again.received
-    assert reached == len(again.output)
+    # The output kept (since the run) starts at this offset of the session's.
+    kept_from = offset + again.out.start
+    assert reached == kept_from + len(again.output)
     again.type("stty -echo; sleep 1; echo LATER-$((1+1))\r")
     await sleep(0.3)
     again.drop()
@@ -190,7 +193,7 @@ async def test_a_restarted_shell_is_a_notice_and_offsets_stay_exact(make_server)
     last = await WSClient.connect(second.ws_url, session_id, binary=True, offset=reached)
     assert (await last.next("connected"))["offset"] == reached
     await last.until("LATER-2")
-    whole = again.output[:reached] + last.output
+    whole = again.output[:reached - kept_from] + last.output
     assert whole.count(b"echo LATER-$((1+1))") == 1, "a gap or a duplicate at the resume"
-    assert len(whole) == last.received
+    assert kept_from + len(whole) == last.received
     await last.close()
