@@ -22,6 +22,7 @@ from twisted.internet import reactor, task
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.threads import deferToThread
 
+from capsule.core.keeper import RELAY_FRAMES, FrameReader, encode_input, keeper_argv
 from capsule.core.errors import ContainerGone, DockerUnavailable
 from capsule.core.spec import ContainerSpec
 from capsule.engine.kubernetes import (LABELS_ANNOTATION, KubernetesAPI, Unsupported,
@@ -437,3 +438,61 @@ def test_pod_manifest_and_helpers():
     assert exit_code({"status": "Failure", "reason": "NonZeroExitCode", "details": {
         "causes": [{"reason": "ExitCode", "message": "7"}]}}) == 7
     assert exit_code({"status": "Failure", "reason": "InternalError"}) is None
+
+
+class KeeperReader(ExecRecorder):
+    """
+    A relay exec's output as the keeper's frames: the terminal's bytes (its
+    preamble first) gathered from its C{o} frames, as C{output[1]}.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reader = FrameReader(RELAY_FRAMES)
+        self.terminal = b""
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            for kind, payload in self.reader.feed(data):
+                if kind == b"o":
+                    self.terminal += payload
+            self.output[1] = b""
+            data = self.terminal
+        super().childDataReceived(fd, data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_keeper_runs_in_a_pod_and_keeps_its_output_across_relays(standin, namespace):
+    """
+    capsule's keeper, started by a relay exec through the pods/exec stream,
+    holds the shell and its output: a second relay (as another capsule
+    replica would make) gets the replay and types on.
+    """
+    instance = f"contract-{uuid.uuid4().hex[:10]}"
+    api = _kube_api(standin.url, namespace)
+    try:
+        pod = await api.create_session_container("s", ContainerSpec(
+            image=IMAGE, memory="256m", cpus=0.5,
+            labels={"io.capsule.managed": "true", LABEL_INSTANCE: instance}))
+        shell = ("sh", "-c", "echo first-line; while read x; do echo \"got $x\"; done")
+        first = KeeperReader()
+        process = await api.spawn_exec(first, pod, keeper_argv(shell), "developer",
+                                       "/workspace", {"TERM": "xterm"}, None, tty=False)
+        await first.wait_for(b"first-line")
+        assert first.terminal.startswith(b"\x1b_capsule-keeper;offset=0;")
+        process.write(encode_input(b"one\n"))
+        await first.wait_for(b"got one")
+        process.loseConnection()
+        await first.wait_ended()
+        second = KeeperReader()
+        process = await api.spawn_exec(second, pod, keeper_argv(shell), "developer",
+                                       "/workspace", {"TERM": "xterm"}, None, tty=False)
+        await second.wait_for(b"got one")
+        assert b"first-line" in second.terminal
+        process.write(encode_input(b"two\n"))
+        await second.wait_for(b"got two")
+        process.loseConnection()
+        await second.wait_ended()
+    finally:
+        api.stop()
+        remove_instance_containers(instance)
