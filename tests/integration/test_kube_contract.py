@@ -25,8 +25,7 @@ from twisted.internet.threads import deferToThread
 from capsule.core.keeper import RELAY_FRAMES, FrameReader, encode_input, keeper_argv
 from capsule.core.errors import ContainerGone, DockerUnavailable
 from capsule.core.spec import ContainerSpec
-from capsule.engine.kubernetes import (LABELS_ANNOTATION, KubernetesAPI, Unsupported,
-                                       docker_bytes, exec_argv, exit_code, pod_manifest)
+from capsule.engine.kubernetes import LABELS_ANNOTATION, KubernetesAPI, Unsupported
 
 pytest.register_assert_rewrite("tests.docker_contract")
 from ..docker_contract import (DEADLINE, LABEL_INSTANCE, SCRIPT, SCRIPT_COMMAND,  # noqa: E402
@@ -418,26 +417,6 @@ async def test_standin_network_policies(standin, namespace):
     assert (await _request(standin.url, "DELETE", f"{base}/sessions"))[0] == 200
     assert (await _get(standin.url, f"{base}/sessions"))[0] == 404
 
-
-def test_pod_manifest_and_helpers():
-    spec = ContainerSpec(image="i", memory="1g", cpus=1.5, cpu_shares=512, disk="2g",
-                         runtime="gvisor", labels={"io.capsule.user": "x y"})
-    pod = pod_manifest("capsule-x", spec)
-    assert pod["spec"]["runtimeClassName"] == "gvisor"
-    resources = pod["spec"]["containers"][0]["resources"]
-    assert resources["limits"] == {"memory": str(2**30), "cpu": "1500m",
-                                   "ephemeral-storage": str(2 * 2**30)}
-    assert resources["requests"]["cpu"] == "500m"
-    assert pod["metadata"]["labels"] == {}
-    with pytest.raises(Unsupported):
-        pod_manifest("capsule-x", replace(spec, allow_sudo=True))
-    assert docker_bytes("512m") == 512 * 2**20 and docker_bytes("100") == 100
-    assert exec_argv(["a"], "", {}) == ["a"]
-    assert exec_argv(["a"], "/w", {"K": "v"})[-3:] == ["env", "K=v", "a"]
-    assert exit_code({"status": "Success"}) == 0
-    assert exit_code({"status": "Failure", "reason": "NonZeroExitCode", "details": {
-        "causes": [{"reason": "ExitCode", "message": "7"}]}}) == 7
-    assert exit_code({"status": "Failure", "reason": "InternalError"}) is None
 
 
 class KeeperReader(ExecRecorder):
