@@ -475,3 +475,59 @@ async def test_the_keeper_runs_in_a_pod_and_keeps_its_output_across_relays(stand
     finally:
         api.stop()
         remove_instance_containers(instance)
+
+
+@pytest.mark.parametrize("subprotocol", ["v4.channel.k8s.io", "v5.channel.k8s.io"])
+@pytest_twisted.ensureDeferred
+async def test_standin_exec_framing(standin, namespace, subprotocol):
+    """
+    The exec stream as a client of the API reads it: the subprotocol
+    chosen, an empty message on stdout first, output on 1 and 2, the end
+    as a Status on 3; with v5, stdin's end on 255.
+    """
+    import websocket
+    base = f"/api/v1/namespaces/{namespace}/pods"
+    name = f"x-{uuid.uuid4().hex[:8]}"
+    await _request(standin.url, "POST", base, _pod(name))
+    try:
+        for _ in range(100):
+            status, body = await _get(standin.url, f"{base}/{name}")
+            if json.loads(body)["status"]["phase"] == "Running":
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        script = "read x; echo out $x; echo err >&2; exit 3"
+        url = (standin.url.replace("http", "ws") + f"{base}/{name}/exec?command=sh&command=-c"
+               f"&command={script.replace(' ', '+').replace(';', '%3B').replace('>&', '%3E%26')}"
+               "&stdin=true&stdout=true&stderr=true")
+
+        def _thd():
+            ws = websocket.create_connection(url, subprotocols=[subprotocol], timeout=20)
+            chosen = ws.getsubprotocol()
+            ws.send_binary(b"\x00" + (b"in" if subprotocol.startswith("v5") else b"in\n"))
+            if subprotocol.startswith("v5"):
+                ws.send_binary(b"\xff\x00")
+            messages = []
+            while True:
+                try:
+                    message = ws.recv()
+                except websocket.WebSocketConnectionClosedException:
+                    break
+                if not message:
+                    break
+                messages.append(message)
+            ws.close()
+            return chosen, messages
+        chosen, messages = await deferToThread(_thd)
+        assert chosen == subprotocol
+        assert messages[0] == b"\x01"
+        output = {1: b"", 2: b""}
+        for m in messages[1:-1]:
+            output[m[0]] += m[1:]
+        # v5: the input's end reached read, without a newline.
+        assert output == {1: b"out in\n", 2: b"err\n"}
+        end = json.loads(messages[-1][1:])
+        assert messages[-1][0] == 3 and end["reason"] == "NonZeroExitCode"
+        assert end["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
+    finally:
+        await _request(standin.url, "DELETE", f"{base}/{name}", {"gracePeriodSeconds": 0})
+        remove_instance_containers(f"standin-{name}")
