@@ -550,6 +550,39 @@ class KubernetesAPI:
             for ip in (pod.get("status") or {}).get("podIPs") or [] if ip.get("ip")})
         return d
 
+    def ensure_session_policy(self, name: str, sessions: dict[str, str],
+                              capsule: dict[str, str],
+                              capsule_namespace: str | None = None) -> Deferred:
+        """
+        Make sure the NetworkPolicy C{name} exists: the pods carrying the
+        labels C{sessions} take connections only from the pods carrying
+        C{capsule} (in C{capsule_namespace}, by default the sessions'), so
+        never from each other; fire with C{(policy, created)}.  A policy of
+        that name made by someone else is used as it is.  (Egress is the
+        egress policy's business, not this one's.)
+        """
+        source = {"podSelector": {"matchLabels": dict(capsule)}}
+        if capsule_namespace and capsule_namespace != self.namespace:
+            source["namespaceSelector"] = {"matchLabels": {
+                "kubernetes.io/metadata.name": capsule_namespace}}
+        policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                  "metadata": {"name": name, "labels": {
+                      k: v for k, v in sessions.items() if label_value_valid(v)}},
+                  "spec": {"podSelector": {"matchLabels": dict(sessions)},
+                           "policyTypes": ["Ingress"], "ingress": [{"from": [source]}]}}
+
+        def _thd():
+            try:
+                return self._thd_request("NetworkingV1Api", "create_namespaced_network_policy",
+                                         self.namespace, policy), True
+            except ApiException as e:
+                if e.status != 409:
+                    raise DockerError(f"Kubernetes could not create the network policy {name}:"
+                                      f" {_status(e)}") from None
+            return self._thd_request("NetworkingV1Api", "read_namespaced_network_policy",
+                                     name, self.namespace), False
+        return self._call(_thd)
+
     def set_cpu_shares(self, container_id, shares):
         return _unsupported("changing a running pod's CPU weight")
 
