@@ -10,8 +10,9 @@ from dataclasses import replace
 import pytest
 
 from capsule.core.spec import ContainerSpec
+from capsule.engine.kube_exec import exit_code
 from capsule.engine.kubernetes import (LABELS_ANNOTATION, Unsupported, capsule_labels,
-                                       docker_bytes, exec_argv, exit_code, pod_manifest,
+                                       docker_bytes, exec_argv, pod_manifest,
                                        pod_state, volume_claim_name)
 
 
