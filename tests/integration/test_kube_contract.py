@@ -610,3 +610,32 @@ async def test_the_session_network_policy(standin, namespace):
         assert created is False and again["metadata"]["uid"] == policy["metadata"]["uid"]
     finally:
         api.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_evicted_pod_is_a_state_with_its_reason(standin, namespace):
+    """
+    A pod the node evicts ends its execs, and its state says why.
+    """
+    instance = f"contract-{uuid.uuid4().hex[:10]}"
+    api = _kube_api(standin.url, namespace)
+    try:
+        pod = await api.create_session_container("s", ContainerSpec(
+            image=IMAGE, memory="256m", cpus=0.5,
+            labels={"io.capsule.managed": "true", LABEL_INSTANCE: instance}))
+        recorder = ExecRecorder()
+        await api.spawn_exec(recorder, pod, ["sh", "-c", "printf ready; exec sleep 100"],
+                             "developer", "/workspace", {}, None, tty=False)
+        await recorder.wait_for(b"ready")
+        await standin.evict(namespace, pod)
+        await recorder.wait_ended()
+        assert recorder.reason.check(ProcessTerminated)
+        state = await api.container_state(pod)
+        assert (state["Running"], state["Reason"], state["Phase"]) == (False, "Evicted", "Failed")
+        assert "low on resource: memory" in state["Error"]
+        assert [c["state"] for c in await api.list_containers({LABEL_INSTANCE: instance})] == [
+            "exited"]
+        assert await api.keeper_address(pod) == (None, None)
+    finally:
+        api.stop()
+        remove_instance_containers(instance)

@@ -87,7 +87,9 @@ What it does not
     RBAC: the rights a Role gives are not checked here).
   - Scheduling, nodes, resource quotas, limit ranges, admission webhooks,
     pod security admission (the C{securityContext} is applied, not
-    judged), evictions, restarts (C{restartPolicy} is taken as C{Never}),
+    judged), evictions of its own (L{KubeStandin.evict} makes one: the
+    container killed, the pod C{Failed} with reason C{Evicted} and a
+    message, kept), restarts (C{restartPolicy} is taken as C{Never}),
     readiness and liveness probes, init and sidecar containers (only the
     first container of a pod runs), image pulls (an image must be on the
     local engine), C{imagePullPolicy}, C{valueFrom} in C{env}, C{envFrom},
@@ -461,6 +463,7 @@ class KubeStandin:
         self._containers: dict[str, str] = {}  # pod uid -> container id
         self._starting: dict[str, Deferred] = {}
         self._volumes: set[str] = set()
+        self._evicted: dict[str, str] = {}  # pod uid -> the eviction's message
         self._poll = task.LoopingCall(self._refresh_watched)
         self._poll.clock = reactor
         self.exec_engine = DockerAPI(reactor, threads=4, export_threads=1, timeout=60)
@@ -505,6 +508,19 @@ class KubeStandin:
         from an older resourceVersion is then told 410 Expired.
         """
         self.store.compact()
+
+    async def evict(self, namespace: str, pod: str,
+                    message: str = "The node was low on resource: memory.") -> None:
+        """
+        Evict a pod as a kubelet under pressure does: its container killed,
+        the pod C{Failed} with reason C{Evicted} and C{message}, kept.
+        """
+        obj = self.store.get("Pod", namespace, pod)
+        self._evicted[obj["metadata"]["uid"]] = message
+        container_id = self._containers.get(obj["metadata"]["uid"])
+        if container_id is not None:
+            await self._thread(self.docker.kill, container_id)
+        await self._refresh([obj])
 
     def container_of(self, namespace: str, pod: str) -> str | None:
         """
@@ -883,6 +899,11 @@ class KubeStandin:
                     "finishedAt": docker_time(state.get("FinishedAt")),
                     "containerID": f"docker://{info['Id']}"}}
                 status["phase"] = "Succeeded" if code == 0 else "Failed"
+        evicted = self._evicted.get(pod["metadata"]["uid"])
+        if evicted is not None:
+            status.update(phase="Failed", reason="Evicted", message=evicted)
+            status.pop("podIP", None)
+            status.pop("podIPs", None)
         ready = "True" if status["phase"] == "Running" else "False"
         status["conditions"] = [
             {"type": "PodScheduled", "status": "True"},
