@@ -58,6 +58,9 @@ setup(
         "bcrypt>=4",
         "autobahn>=24.4",
         "docker>=7.1",
+        # --engine kubernetes: the official client for the API server's REST calls
+        # (its models and configuration: kubeconfig, in-cluster service account).
+        "kubernetes>=30",
         "pyOpenSSL>=24",
         "zope.interface>=6",
         # /metrics: the Prometheus text format.

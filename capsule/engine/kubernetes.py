@@ -1,0 +1,959 @@
+"""
+The Kubernetes engine behind L{IDockerAPI}: a session is a pod.
+
+The REST calls go through the official Kubernetes client on a dedicated,
+bounded L{ThreadPool} (as L{capsule.engine.docker} does with docker-py),
+with an explicit timeout; they ask for the API's JSON as it is
+(C{_preload_content=False}), so what capsule reads is what the API
+reference describes.  Execs are streamed by the reactor: the pods/exec
+WebSocket (subprotocol C{v5.channel.k8s.io}, else C{v4.channel.k8s.io}) is
+opened by an Autobahn client (L{capsule.engine.kube_exec}), not by the
+client library's blocking stream, and adapted to L{IExecProcess} (input on
+channel 0, output on 1 and 2, the exec's end as a C{Status} on 3, resizes on
+4, and with v5 the end of the input as a close of channel 0 on 255).
+
+A session's pod is made from its L{ContainerSpec}: image, command,
+environment, CPU and memory request and limit, the hardening capsule gives
+its Docker containers as a security context (uid L{RUN_AS_USER}, non-root,
+every capability dropped, no privilege escalation, the runtime's default
+seccomp profile, a read-only root as an option), an optional RuntimeClass
+(C{spec.runtime}: gVisor, Kata), and capsule's labels (instance, session,
+user, profile...).  Named volumes are PersistentVolumeClaims.
+
+What Docker can do and a cluster cannot, this engine refuses with
+L{Unsupported} (a L{DockerError}) rather than pretend: networks (the
+cluster's own; sessions are kept apart by a NetworkPolicy instead), layer
+sizes, CPU weights of a running pod, stopped containers and snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import uuid
+from datetime import datetime
+from typing import Callable
+from urllib.parse import urlencode, urlsplit
+
+import kubernetes.client
+import urllib3.exceptions
+import urllib3.util
+from kubernetes.client.exceptions import ApiException
+from twisted.internet import ssl, task
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from capsule.core.counting import Uncounted
+from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
+from capsule.core.interfaces import IDockerAPI
+from capsule.core.keeper import SECRET_LABEL, parse_secret
+from capsule.core.spec import ContainerSpec
+from capsule.engine.command import OutputCollector
+from capsule.engine.kube_exec import ExecClientFactory, ExecStream
+
+_log = Logger()
+
+# The uid (and gid) session pods run as: the session image's user.
+RUN_AS_USER = 1000
+# The one container of a session's pod.
+CONTAINER = "session"
+# All of capsule's labels, exactly, as JSON: label values are limited (63
+# characters of [A-Za-z0-9._-]); annotations are not.
+LABELS_ANNOTATION = "io.capsule.labels"
+# Waiting reasons of a container whose image cannot be had.
+IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
+# Waiting reasons that do not pass by themselves.
+STUCK = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+         "CrashLoopBackOff"}
+HEALTH_THREADS = 2
+# Where a read-only root's writable places are (as capsule.engine.docker).
+READ_ONLY_VOLUMES = ("/workspace", "/home/developer")
+READ_ONLY_TMPFS = {"/tmp": "512Mi", "/run": "16Mi"}
+
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?\Z")
+_DOCKER_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([bkmgt]?)b?\Z", re.IGNORECASE)
+
+
+class Unsupported(DockerError):
+    """
+    What Docker does and a Kubernetes cluster cannot.
+    """
+
+
+def pod_name() -> str:
+    """
+    A new session pod's name: random, unrelated to its session's id.
+    """
+    return f"capsule-{uuid.uuid4().hex}"
+
+
+def docker_bytes(size: str) -> int:
+    """
+    A Docker size (C{"4g"}, C{"512m"}, C{"100000"}: powers of 1024) in bytes.
+    """
+    m = _DOCKER_SIZE.match(str(size).strip())
+    if not m:
+        raise ValueError(f"not a size: {size!r}")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower()))
+
+
+def label_value_valid(value: str) -> bool:
+    return isinstance(value, str) and len(value) <= 63 and bool(_LABEL_VALUE.match(value))
+
+
+def volume_claim_name(volume: str) -> str:
+    """
+    The PersistentVolumeClaim of a named volume: a DNS-1123 name.
+    """
+    name = re.sub(r"[^a-z0-9-]+", "-", volume.lower()).strip("-")[:200] or "volume"
+    return name if name[0].isalnum() else f"v{name}"
+
+
+def pod_manifest(name: str, spec: ContainerSpec, run_as: int = RUN_AS_USER,
+                 memory_request: float = 1.0) -> dict:
+    """
+    The pod of a session made from C{spec}.
+
+    @param memory_request: the memory request as a share of the limit.
+
+    @raise Unsupported: for what a pod cannot be given (passwordless sudo).
+    """
+    if spec.allow_sudo:
+        raise Unsupported("passwordless sudo (--allow-sudo) needs a set-uid program and"
+                          " privilege escalation, which session pods never get")
+    labels = {k: v for k, v in spec.labels.items() if label_value_valid(v)}
+    memory = docker_bytes(spec.memory)
+    limits = {"memory": str(memory), "cpu": f"{int(round(spec.cpus * 1000))}m"}
+    # The kubelet gives a container CPU shares of request * 1024: the
+    # inverse of that is the request of capsule's weight.
+    requests = {"memory": str(int(memory * memory_request)),
+                "cpu": f"{max(1, int(spec.cpu_shares * 1000 / 1024))}m"}
+    if spec.disk is not None:
+        limits["ephemeral-storage"] = str(docker_bytes(spec.disk))
+    security = {
+        "runAsUser": run_as, "runAsGroup": run_as, "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False, "privileged": False,
+        "capabilities": {"drop": ["ALL"], **({"add": list(spec.cap_add)} if spec.cap_add
+                                             else {})},
+        "seccompProfile": {"type": "RuntimeDefault"},
+        "readOnlyRootFilesystem": bool(spec.read_only_root),
+    }
+    volumes, mounts = [], []
+    for volume, target in spec.volumes:
+        key = f"v{len(volumes)}"
+        volumes.append({"name": key, "persistentVolumeClaim": {
+            "claimName": volume_claim_name(volume)}})
+        mounts.append({"name": key, "mountPath": target})
+    if spec.read_only_root:
+        for target in READ_ONLY_VOLUMES:
+            key = f"v{len(volumes)}"
+            volumes.append({"name": key, "emptyDir": {}})
+            mounts.append({"name": key, "mountPath": target})
+        for target, size in READ_ONLY_TMPFS.items():
+            key = f"v{len(volumes)}"
+            volumes.append({"name": key, "emptyDir": {"medium": "Memory", "sizeLimit": size}})
+            mounts.append({"name": key, "mountPath": target})
+    environment = {**spec.environment, **spec.secrets}
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": labels,
+                     "annotations": {LABELS_ANNOTATION: json.dumps(spec.labels, sort_keys=True)}},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            # A PID 1 that reaps zombies (the pause container), as Docker's
+            # --init gives capsule's containers.
+            "shareProcessNamespace": True,
+            "hostname": spec.hostname,
+            "terminationGracePeriodSeconds": 10,
+            "securityContext": {"runAsUser": run_as, "runAsGroup": run_as, "fsGroup": run_as,
+                                "runAsNonRoot": True,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": CONTAINER, "image": spec.image, "command": list(spec.command),
+                "workingDir": spec.workdir,
+                "env": [{"name": k, "value": v} for k, v in environment.items()],
+                "resources": {"limits": limits, "requests": requests},
+                "securityContext": security,
+                "volumeMounts": mounts,
+            }],
+            "volumes": volumes,
+        },
+    }
+    if spec.runtime:
+        pod["spec"]["runtimeClassName"] = spec.runtime
+    return pod
+
+
+def capsule_labels(pod: dict) -> dict[str, str]:
+    """
+    capsule's labels of a pod, exactly as its spec gave them.
+    """
+    metadata = pod.get("metadata") or {}
+    try:
+        kept = json.loads((metadata.get("annotations") or {}).get(LABELS_ANNOTATION) or "{}")
+    except ValueError:
+        kept = {}
+    labels = dict(metadata.get("labels") or {})
+    if isinstance(kept, dict):
+        labels.update({str(k): str(v) for k, v in kept.items()})
+    return labels
+
+
+def _container_status(pod: dict) -> dict:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return next((s for s in statuses if s.get("name") == CONTAINER), statuses[0] if statuses
+                else {})
+
+
+def pod_state(pod: dict) -> dict:
+    """
+    A pod as Docker's C{State} of its container: C{Status}, C{Running},
+    C{OOMKilled}, C{ExitCode}..., and the cluster's C{Reason} (C{Evicted},
+    C{OOMKilled}, C{ErrImagePull}...).
+    """
+    status = pod.get("status") or {}
+    state = _container_status(pod).get("state") or {}
+    phase = status.get("phase")
+    terminated, waiting = state.get("terminated"), state.get("waiting")
+    running = "running" in state and phase == "Running"
+    answer = {"Status": "running" if running else "exited" if terminated or phase in (
+                  "Succeeded", "Failed") else "created",
+              "Running": running, "Paused": False, "Restarting": False,
+              "OOMKilled": bool(terminated and terminated.get("reason") == "OOMKilled"),
+              "Dead": False, "Pid": 0,
+              "ExitCode": int(terminated.get("exitCode", 0)) if terminated else 0,
+              "Error": (terminated or waiting or {}).get("message") or status.get("message")
+              or "",
+              "StartedAt": (state.get("running") or terminated or {}).get("startedAt") or "",
+              "FinishedAt": (terminated or {}).get("finishedAt") or "",
+              "Reason": status.get("reason") or (terminated or waiting or {}).get("reason")
+              or "",
+              "Phase": phase}
+    if "deletionTimestamp" in (pod.get("metadata") or {}):
+        answer["Status"] = "removing"
+    return answer
+
+
+def exec_argv(argv, workdir: str | None, env: dict[str, str]) -> list[str]:
+    """
+    C{argv} run in C{workdir} with C{env} added: pods/exec has neither, so
+    a shell sets them and then becomes the program.
+    """
+    argv = list(argv)
+    if not workdir and not env:
+        return argv
+    program = ["env", *[f"{k}={v}" for k, v in env.items()], *argv] if env else argv
+    return ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", workdir or ".", *program]
+
+
+@implementer(IDockerAPI)
+class KubernetesAPI:
+    """
+    @param configuration: a C{kubernetes.client.Configuration} (from
+        L{kube_configuration}: a kubeconfig, or the pod's service account).
+    @param namespace: where session pods, their claims and policies are.
+    @param threads: the size of the pool for REST calls.
+    @param export_threads: the size of the pool that feeds exports.
+    @param timeout: the timeout of each call, in seconds.
+    @param start_timeout: how long a pod may take to run (image pulls).
+    @param exec_users: the users an exec may ask for: a pod's execs run as
+        its user (L{RUN_AS_USER}), whatever their name.
+    @param memory_request: a pod's memory request as a share of its limit.
+    @param storage_class: the storage class of volume claims (C{None}: the
+        cluster's default).
+    """
+
+    def __init__(self, reactor, configuration, namespace: str = "capsule",
+                 threads: int = 16, export_threads: int = 4, timeout: float = 60.0,
+                 start_timeout: float = 300.0, metrics=None,
+                 exec_users=("developer", str(RUN_AS_USER)), memory_request: float = 1.0,
+                 volume_size: str = "10Gi", storage_class: str | None = None) -> None:
+        self._reactor = reactor
+        self.metrics = metrics if metrics is not None else Uncounted()
+        self.namespace = namespace
+        self._configuration = configuration
+        self._timeout = timeout
+        self._start_timeout = start_timeout
+        self._exec_users = {"", None, *exec_users}
+        self._memory_request = memory_request
+        self._volume_size = volume_size
+        self._storage_class = storage_class
+        self.host = configuration.host
+        configuration.connection_pool_maxsize = threads + export_threads + HEALTH_THREADS
+        # A call fails at once when the server cannot be reached: the
+        # caller decides whether to try again.
+        configuration.retries = False
+        self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="capsule-kube")
+        self._export_pool = ThreadPool(minthreads=0, maxthreads=export_threads,
+                                       name="capsule-kube-export")
+        self._health_pool = ThreadPool(minthreads=0, maxthreads=HEALTH_THREADS,
+                                       name="capsule-kube-health")
+        self._client_lock = threading.Lock()
+        self._client = None
+
+    def start(self) -> None:
+        self._pool.start()
+        self._export_pool.start()
+        self._health_pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+        self._export_pool.stop()
+        self._health_pool.stop()
+
+    # -- the thread side ---------------------------------------------------
+
+    def _thd_client(self):
+        with self._client_lock:
+            if self._client is None:
+                self._client = kubernetes.client.ApiClient(self._configuration)
+            return self._client
+
+    def _thd_request(self, api: str, method: str, *args, **kwargs):
+        """
+        C{api}'s C{method} (C{"CoreV1Api"}, C{"read_namespaced_pod"}); fire
+        with the answer's JSON.
+        """
+        client = self._thd_client()
+        call = getattr(getattr(kubernetes.client, api)(client), method)
+        try:
+            response = call(*args, _preload_content=False, _request_timeout=self._timeout,
+                            **kwargs)
+        except urllib3.exceptions.HTTPError as e:
+            raise self._unavailable(e) from None
+        except ApiException as e:
+            if e.status in (0, None):
+                raise self._unavailable(e) from None
+            raise
+        try:
+            data = response.data
+        finally:
+            response.release_conn()
+        return json.loads(data) if data else {}
+
+    def _unavailable(self, error: Exception) -> DockerUnavailable:
+        return DockerUnavailable(
+            f"cannot reach the Kubernetes API server at {self.host} ({_short(error)}):"
+            " is the cluster up, and may capsule's kubeconfig or service account reach it?")
+
+    def _call(self, function: Callable, *args) -> Deferred:
+        return self.metrics.docker_call(deferToThreadPool(
+            self._reactor, self._pool, function, *args))
+
+    def _core(self, method: str, *args, **kwargs) -> Deferred:
+        return self._call(lambda: self._thd_request("CoreV1Api", method, *args, **kwargs))
+
+    # -- IDockerAPI ----------------------------------------------------
+
+    def ping(self) -> Deferred:
+        def _thd():
+            found = self._thd_request("VersionApi", "get_code")
+            return {"Version": found.get("gitVersion"), "ApiVersion": "{}.{}".format(
+                found.get("major"), found.get("minor")), "Os": "linux",
+                "Platform": {"Name": "Kubernetes"}, "Kubernetes": found}
+        return self.metrics.docker_call(deferToThreadPool(self._reactor, self._health_pool,
+                                                          _thd))
+
+    def info(self) -> Deferred:
+        def _thd():
+            found = self._thd_request("VersionApi", "get_code")
+            # Pods live on when capsule or the API server restart: what
+            # Docker calls live restore.
+            return {"ServerVersion": found.get("gitVersion"), "LiveRestoreEnabled": True,
+                    "Name": self.host, "Namespace": self.namespace, "SecurityOptions": [],
+                    "OperatingSystem": "Kubernetes"}
+        return self._call(_thd)
+
+    def image_exists(self, image: str) -> Deferred:
+        # A cluster has no image store to ask: its nodes pull an image when
+        # a pod needs it.  A missing one fails the pod's start (ImageMissing).
+        return self.metrics.docker_call(deferToThreadPool(
+            self._reactor, self._health_pool, self._thd_request, "VersionApi", "get_code"
+        )).addCallback(lambda _: True)
+
+    def container_sizes(self, labels):
+        return _unsupported("the writable layer's size of a pod (the kubelet enforces a pod's"
+                            " ephemeral-storage limit instead)")
+
+    def disk_usage(self, labels, volumes=False):
+        return _unsupported("the disk use of pods (the kubelet enforces a pod's"
+                            " ephemeral-storage limit instead)")
+
+    def create_session_container(self, session_id: str, spec: ContainerSpec) -> Deferred:
+        return Deferred.fromCoroutine(self._create(spec))
+
+    async def _create(self, spec: ContainerSpec) -> str:
+        name = pod_name()
+        manifest = pod_manifest(name, spec, memory_request=self._memory_request)
+        for volume, _ in spec.volumes:
+            await self._ensure_claim(volume_claim_name(volume), spec.volume_labels)
+        try:
+            created = await self._core("create_namespaced_pod", self.namespace, manifest)
+        except ApiException as e:
+            raise DockerError(f"Kubernetes could not create the session's pod: {_status(e)}"
+                              ) from None
+        try:
+            await self._running(name, created["metadata"]["resourceVersion"])
+        except BaseException:
+            try:
+                await self._delete_pod(name)
+            except DockerError:
+                pass
+            raise
+        return name
+
+    async def _ensure_claim(self, name: str, labels: dict[str, str]) -> None:
+        claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                 "metadata": {"name": name,
+                              "labels": {k: v for k, v in labels.items()
+                                         if label_value_valid(v)},
+                              "annotations": {LABELS_ANNOTATION: json.dumps(labels,
+                                                                            sort_keys=True)}},
+                 "spec": {"accessModes": ["ReadWriteOnce"],
+                          "resources": {"requests": {"storage": self._volume_size}}}}
+        if self._storage_class:
+            claim["spec"]["storageClassName"] = self._storage_class
+        try:
+            await self._core("create_namespaced_persistent_volume_claim", self.namespace, claim)
+        except ApiException as e:
+            if e.status != 409:
+                raise DockerError(f"Kubernetes could not create the volume claim {name}:"
+                                  f" {_status(e)}") from None
+
+    async def _running(self, name: str, version: str) -> None:
+        """
+        Wait until the pod C{name} runs (or ran), watching it from
+        C{version}; fail with L{ImageMissing} or L{DockerError} when it
+        cannot start.
+        """
+        deadline = self._reactor.seconds() + self._start_timeout
+        while True:
+            left = deadline - self._reactor.seconds()
+            if left <= 0:
+                raise DockerError(f"the session's pod did not start within"
+                                  f" {self._start_timeout:.0f} seconds")
+            pod, version = await self._call(self._thd_watch_start, name, version, left)
+            if pod is None:
+                raise ContainerGone("the session's pod was deleted while it started")
+            if _started(pod):
+                return
+
+    def _thd_watch_start(self, name: str, version: str | None, left: float):
+        """
+        Watch the pod until it has started or cannot (or C{left} seconds
+        pass); return it (C{None}: deleted) and the last resourceVersion.
+        """
+        if version is None:
+            try:
+                pod = self._thd_request("CoreV1Api", "read_namespaced_pod", name,
+                                        self.namespace)
+            except ApiException as e:
+                if e.status == 404:
+                    return None, None
+                raise
+            version = pod["metadata"]["resourceVersion"]
+            if _started(pod) or _failed(pod):
+                return pod, version
+        client = self._thd_client()
+        try:
+            response = kubernetes.client.CoreV1Api(client).list_namespaced_pod(
+                self.namespace, field_selector=f"metadata.name={name}", watch=True,
+                resource_version=version, timeout_seconds=max(1, int(min(left, 60))),
+                allow_watch_bookmarks=True, _preload_content=False,
+                _request_timeout=(self._timeout, min(left, 60) + self._timeout))
+        except urllib3.exceptions.HTTPError as e:
+            raise self._unavailable(e) from None
+        pod = None
+        try:
+            for line in _lines(response):
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        # Too old: start again from what is there now.
+                        return self._thd_watch_start(name, None, left)
+                    raise DockerError(f"watching the session's pod failed: {obj.get('message')}")
+                if kind == "BOOKMARK":
+                    version = obj["metadata"]["resourceVersion"]
+                    continue
+                version = obj["metadata"]["resourceVersion"]
+                if kind == "DELETED":
+                    return None, version
+                pod = obj
+                if _started(pod):
+                    return pod, version
+                _failed(pod)
+        except urllib3.exceptions.HTTPError as e:
+            raise self._unavailable(e) from None
+        finally:
+            response.release_conn()
+        return pod or {}, version
+
+    async def _delete_pod(self, name: str) -> bool:
+        try:
+            await self._call(lambda: self._thd_request(
+                "CoreV1Api", "delete_namespaced_pod", name, self.namespace,
+                grace_period_seconds=0, propagation_policy="Background"))
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise DockerError(f"Kubernetes could not delete the pod {name}: {_status(e)}"
+                              ) from None
+        return True
+
+    def inspect_network(self, name):
+        return _unsupported("Docker networks (a cluster's network is its own: session pods"
+                            " are kept apart by a NetworkPolicy)")
+
+    def ensure_network(self, name, options, labels, internal=False):
+        return self.inspect_network(name)
+
+    def network_addresses(self, name: str) -> Deferred:
+        """
+        The addresses of the pods of the namespace (C{name} is Docker's and
+        has no meaning here): C{{address: pod name}}.
+        """
+        d = self._core("list_namespaced_pod", self.namespace)
+        d.addCallback(lambda found: {
+            ip["ip"]: pod["metadata"]["name"] for pod in found.get("items") or []
+            for ip in (pod.get("status") or {}).get("podIPs") or [] if ip.get("ip")})
+        return d
+
+    def ensure_session_policy(self, name: str, sessions: dict[str, str],
+                              capsule: dict[str, str],
+                              capsule_namespace: str | None = None) -> Deferred:
+        """
+        Make sure the NetworkPolicy C{name} exists: the pods carrying the
+        labels C{sessions} take connections only from the pods carrying
+        C{capsule} (in C{capsule_namespace}, by default the sessions'), so
+        never from each other; fire with C{(policy, created)}.  A policy of
+        that name made by someone else is used as it is.  (Egress is the
+        egress policy's business, not this one's.)
+        """
+        source = {"podSelector": {"matchLabels": dict(capsule)}}
+        if capsule_namespace and capsule_namespace != self.namespace:
+            source["namespaceSelector"] = {"matchLabels": {
+                "kubernetes.io/metadata.name": capsule_namespace}}
+        policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                  "metadata": {"name": name, "labels": {
+                      k: v for k, v in sessions.items() if label_value_valid(v)}},
+                  "spec": {"podSelector": {"matchLabels": dict(sessions)},
+                           "policyTypes": ["Ingress"], "ingress": [{"from": [source]}]}}
+
+        def _thd():
+            try:
+                return self._thd_request("NetworkingV1Api", "create_namespaced_network_policy",
+                                         self.namespace, policy), True
+            except ApiException as e:
+                if e.status != 409:
+                    raise DockerError(f"Kubernetes could not create the network policy {name}:"
+                                      f" {_status(e)}") from None
+            return self._thd_request("NetworkingV1Api", "read_namespaced_network_policy",
+                                     name, self.namespace), False
+        return self._call(_thd)
+
+    def set_cpu_shares(self, container_id, shares):
+        return _unsupported("changing a running pod's CPU weight")
+
+    def remove_container(self, container_id: str) -> Deferred:
+        async def remove():
+            if not await self._delete_pod(container_id):
+                return False
+            # Deleting is asynchronous: the pod is gone once its containers
+            # are (the API then answers 404).
+            deadline = self._reactor.seconds() + self._timeout
+            delay = 0.05
+            while self._reactor.seconds() < deadline:
+                if await self._get_pod(container_id) is None:
+                    return True
+                await task.deferLater(self._reactor, delay, lambda: None)
+                delay = min(delay * 2, 1.0)
+            _log.warn("the pod {name} was still there {timeout} s after its deletion",
+                      name=container_id, timeout=self._timeout)
+            return True
+        return Deferred.fromCoroutine(remove())
+
+    async def _get_pod(self, name: str) -> dict | None:
+        try:
+            return await self._core("read_namespaced_pod", name, self.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise DockerError(f"Kubernetes could not read the pod {name}: {_status(e)}"
+                              ) from None
+
+    def list_containers(self, labels: dict[str, str]) -> Deferred:
+        d = self._list_pods(labels)
+        d.addCallback(lambda pods: [
+            {"id": pod["metadata"]["name"], "name": pod["metadata"]["name"],
+             "labels": capsule_labels(pod), "state": pod_state(pod)["Status"]}
+            for pod in pods])
+        return d
+
+    def _list_pods(self, labels: dict[str, str]) -> Deferred:
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items())
+                            if label_value_valid(v))
+        d = self._core("list_namespaced_pod", self.namespace, label_selector=selector)
+
+        def matching(found):
+            # Values no label can hold are checked in capsule's annotation.
+            return [pod for pod in found.get("items") or []
+                    if all(capsule_labels(pod).get(k) == v for k, v in labels.items())]
+        d.addCallback(matching)
+        return d
+
+    def container_state(self, container_id: str) -> Deferred:
+        d = Deferred.fromCoroutine(self._get_pod(container_id))
+        d.addCallback(lambda pod: None if pod is None else pod_state(pod))
+        return d
+
+    def keeper_address(self, container_id: str) -> Deferred:
+        async def address():
+            pod = await self._get_pod(container_id)
+            if pod is None:
+                raise ContainerGone("the session's pod no longer exists")
+            return ((pod.get("status") or {}).get("podIP") or None,
+                    parse_secret(capsule_labels(pod).get(SECRET_LABEL)))
+        return Deferred.fromCoroutine(address())
+
+    # -- execs -------------------------------------------------------------
+
+    def spawn_exec(self, process_protocol, container_id: str, argv, user: str,
+                   workdir: str, env: dict[str, str], size: tuple[int, int] | None,
+                   tty: bool = True) -> Deferred:
+        return Deferred.fromCoroutine(self._spawn_exec(
+            process_protocol, container_id, argv, user, workdir, env, size, tty))
+
+    async def _spawn_exec(self, process_protocol, container_id, argv, user, workdir, env,
+                          size, tty):
+        if user not in self._exec_users:
+            raise Unsupported(f"an exec as {user!r}: a pod's execs run as its user")
+        query = [("command", a) for a in exec_argv(argv, workdir, env)] + [
+            ("container", CONTAINER), ("stdin", "true"), ("stdout", "true"),
+            ("stderr", "false" if tty else "true"), ("tty", "true" if tty else "false")]
+        path = (f"/api/v1/namespaces/{self.namespace}/pods/{container_id}/exec?"
+                + urlencode(query))
+        headers = await self._call(self._thd_headers)
+        stream = ExecStream(self._reactor, container_id, process_protocol, tty)
+        factory = ExecClientFactory(stream, self._ws_url(path), headers)
+        try:
+            await self._endpoint().connect(factory)
+        except Exception as e:
+            raise self._unavailable(e) from None
+        stream.upgraded.addTimeout(self._timeout, self._reactor)
+        await stream.upgraded
+        if tty and size is not None:
+            stream.resize(*size)
+        return stream
+
+    def _thd_headers(self) -> dict[str, str]:
+        configuration = self._configuration
+        hook = getattr(configuration, "refresh_api_key_hook", None)
+        if hook is not None:
+            hook(configuration)
+        headers = {"User-Agent": "capsule"}
+        token = configuration.get_api_key_with_prefix("authorization")
+        if token:
+            headers["Authorization"] = token
+        elif configuration.username or configuration.password:
+            headers.update(urllib3.util.make_headers(
+                basic_auth=f"{configuration.username}:{configuration.password}"))
+        return headers
+
+    def _ws_url(self, path: str) -> str:
+        url = urlsplit(self.host)
+        scheme = "wss" if url.scheme == "https" else "ws"
+        return f"{scheme}://{url.netloc}{url.path.rstrip('/')}{path}"
+
+    def _endpoint(self):
+        url = urlsplit(self.host)
+        https = url.scheme == "https"
+        endpoint = HostnameEndpoint(self._reactor, url.hostname,
+                                    url.port or (443 if https else 80), timeout=self._timeout)
+        if not https:
+            return endpoint
+        configuration = self._configuration
+        client_certificate = None
+        if configuration.cert_file and configuration.key_file:
+            with open(configuration.cert_file, "rb") as c, open(configuration.key_file,
+                                                                  "rb") as k:
+                client_certificate = ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
+        if not configuration.verify_ssl:
+            options = ssl.CertificateOptions(
+                verify=False, **({"privateKey": client_certificate.privateKey.original,
+                                  "certificate": client_certificate.original}
+                                 if client_certificate else {}))
+        else:
+            trust = None
+            if configuration.ssl_ca_cert:
+                with open(configuration.ssl_ca_cert, "rb") as f:
+                    trust = ssl.Certificate.loadPEM(f.read())
+            options = ssl.optionsForClientTLS(
+                getattr(configuration, "tls_server_name", None) or url.hostname,
+                trustRoot=trust, clientCertificate=client_certificate)
+        return wrapClientTLS(options, endpoint)
+
+    def run_command(self, container_id: str, argv, user: str, workdir: str,
+                    env: dict[str, str], stdin=b"", max_output: int = 1024 * 1024,
+                    timeout: float | None = None) -> Deferred:
+        return Deferred.fromCoroutine(self._run_command(
+            container_id, argv, user, workdir, env, stdin, max_output, timeout))
+
+    async def _run_command(self, container_id, argv, user, workdir, env, stdin, max_output,
+                           timeout):
+        collector = OutputCollector(max_output)
+        stream = await self.spawn_exec(collector, container_id, argv, user, workdir, env,
+                                       None, tty=False)
+        timer = None
+
+        def cut() -> None:
+            collector.cut = True
+            stream.abort()
+
+        if timeout is not None:
+            timer = self._reactor.callLater(timeout, cut)
+        failed = None
+        try:
+            if callable(stdin):
+                await stdin(stream)
+            elif stdin:
+                stream.write(stdin)
+            stream.close_input()
+        except Exception:
+            failed = Failure()
+            stream.abort()
+        try:
+            result = await collector.done
+        finally:
+            if timer is not None and timer.active():
+                timer.cancel()
+        if failed is not None:
+            failed.raiseException()
+        return result
+
+    def export_workspace(self, container_id: str, path: str,
+                         write: Callable[[bytes], None]) -> Deferred:
+        """
+        C{path} as a tar archive, made by C{tar} in the pod (as C{kubectl
+        cp} does): each chunk of its output is given to C{write} on an
+        export thread, and the stream is paused meanwhile.
+        """
+        return Deferred.fromCoroutine(self._export(container_id, path, write))
+
+    async def _export(self, container_id, path, write):
+        parent, _, name = path.rstrip("/").rpartition("/")
+        exporter = _Exporter(self._reactor, self._export_pool, write)
+        try:
+            stream = await self.spawn_exec(
+                exporter, container_id, ["tar", "-C", parent or "/", "-cf", "-", name or "."],
+                "", "", {}, None, tty=False)
+        except ContainerGone:
+            raise ContainerGone(f"{path} cannot be exported: the session's pod is gone"
+                                ) from None
+        stream.close_input()
+        code = await exporter.done
+        if code != 0:
+            raise DockerError(f"exporting {path} failed (tar exited with {code}):"
+                              f" {exporter.errors[:300].decode('utf-8', 'replace')}")
+
+    # -- kept sessions: what pods cannot do ----------------------------------
+
+    def stop_container(self, container_id, timeout=10):
+        return _unsupported("stopping a pod and starting it again (a kept session on"
+                            " Kubernetes is its volume claim, its pod deleted)")
+
+    def start_container(self, container_id):
+        return self.stop_container(container_id)
+
+    def kept_containers(self, labels: dict[str, str]) -> Deferred:
+        d = self._list_pods(labels)
+        d.addCallback(lambda pods: [
+            {"id": pod["metadata"]["name"], "name": pod["metadata"]["name"],
+             "labels": capsule_labels(pod), "state": pod_state(pod)["Status"],
+             "created": _unix(pod["metadata"].get("creationTimestamp")),
+             "finished": _unix(pod_state(pod)["FinishedAt"]), "size": None}
+            for pod in pods if not pod_state(pod)["Running"]])
+        return d
+
+    def put_file(self, container_id: str, path: str, data: bytes, mode: int = 0o600,
+                 uid: int = 1000, gid: int = 1000) -> Deferred:
+        async def put():
+            if (uid, gid) != (RUN_AS_USER, RUN_AS_USER):
+                raise Unsupported(f"a file owned by {uid}:{gid}: a pod's execs run as"
+                                  f" {RUN_AS_USER}")
+            result = await self.run_command(
+                container_id, ["sh", "-c", 'mkdir -p "$(dirname "$0")" && cat > "$0.part"'
+                               ' && chmod "$1" "$0.part" && mv -f "$0.part" "$0"',
+                               path, f"{mode:o}"], "", "", {}, data)
+            if result.exit_code != 0:
+                raise DockerError(f"could not write {path} in the pod:"
+                                  f" {result.stderr[:300].decode('utf-8', 'replace')}")
+        return Deferred.fromCoroutine(put())
+
+    def read_file(self, container_id: str, path: str, max_bytes: int) -> Deferred:
+        async def read():
+            result = await self.run_command(
+                container_id, ["sh", "-c", 'test -f "$0" || exit 66; exec tail -c "$1" "$0"',
+                               path, str(int(max_bytes))], "", "", {}, b"",
+                max_output=max_bytes)
+            if result.exit_code == 66:
+                return None
+            if result.exit_code != 0:
+                raise DockerError(f"could not read {path} in the pod:"
+                                  f" {result.stderr[:300].decode('utf-8', 'replace')}")
+            return result.stdout
+        return Deferred.fromCoroutine(read())
+
+    def container_cpu(self, container_id):
+        # The metrics API (metrics.k8s.io) is not always there, and is a
+        # sample, not a counter: not asked.
+        d = Deferred()
+        d.callback(None)
+        return d
+
+    def snapshot_container(self, container_id, repository, tag, labels):
+        return _unsupported("snapshots of a pod's file system (a cluster has no commit)")
+
+    def list_snapshots(self, labels):
+        return self.snapshot_container(None, None, None, labels)
+
+    def remove_snapshot(self, snapshot):
+        return self.snapshot_container(None, None, None, {})
+
+
+def _started(pod: dict) -> bool:
+    """
+    Whether the pod's container runs or ran (it started: as Docker's start).
+    """
+    state = _container_status(pod).get("state") or {}
+    return "running" in state or "terminated" in state or (pod.get("status") or {}).get(
+        "phase") in ("Running", "Succeeded", "Failed")
+
+
+def _failed(pod: dict) -> None:
+    """
+    Raise if the pod's container cannot start.
+    """
+    waiting = (_container_status(pod).get("state") or {}).get("waiting") or {}
+    reason, message = waiting.get("reason"), waiting.get("message") or ""
+    image = ((pod.get("spec") or {}).get("containers") or [{}])[0].get("image")
+    if reason in IMAGE_ERRORS:
+        raise ImageMissing(f"the session image {image} cannot be had by the cluster ({reason}:"
+                           f" {message[:200]}): push it to a registry its nodes pull from, or"
+                           " name one that exists")
+    if reason in STUCK:
+        raise DockerError(f"the session's pod cannot start ({reason}: {message[:300]})")
+
+
+def _lines(response):
+    buffer = b""
+    for chunk in response.stream(4096, decode_content=True):
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if line.strip():
+                yield line
+    if buffer.strip():
+        yield buffer
+
+
+def _unix(text: str | None) -> float:
+    if not text:
+        return 0.0
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _unsupported(what: str) -> Deferred:
+    d = Deferred()
+    d.errback(Unsupported(f"the Kubernetes engine cannot do this: {what}"))
+    return d
+
+
+def _status(error: ApiException) -> str:
+    try:
+        message = json.loads(error.body).get("message")
+    except (TypeError, ValueError, AttributeError):
+        message = None
+    return _short(Exception(f"{error.status} {message or error.reason}"))
+
+
+def _short(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class _Exporter(OutputCollector):
+    """
+    An export's process protocol: stdout to C{write} on the export pool,
+    one chunk at a time (the stream paused meanwhile); stderr kept.
+    """
+
+    def __init__(self, reactor, pool, write) -> None:
+        super().__init__(0)
+        self._reactor, self._pool, self._write = reactor, pool, write
+        self._queue = Deferred()
+        self._queue.callback(None)
+        self.errors = b""
+        self.failure: Failure | None = None
+        self.done = Deferred()
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == 2:
+            self.errors = (self.errors + data)[:4096]
+            return
+        if fd != 1 or self.failure is not None:
+            return
+        self.transport.pauseProducing()
+
+        def write(_):
+            return deferToThreadPool(self._reactor, self._pool, self._write, data)
+
+        def written(result):
+            if isinstance(result, Failure):
+                self.failure = result
+                self.transport.abort()
+            else:
+                self.transport.resumeProducing()
+        self._queue.addCallback(write)
+        self._queue.addBoth(written)
+
+    def processEnded(self, reason: Failure) -> None:
+        code = getattr(reason.value, "exitCode", None)
+
+        def finish(_):
+            if self.failure is not None:
+                self.done.errback(self.failure)
+            else:
+                self.done.callback(code)
+        self._queue.addCallback(finish)
+
+
+def kube_configuration(kubeconfig: str | None = None, context: str | None = None):
+    """
+    The client's configuration: from C{kubeconfig} (C{None}: C{$KUBECONFIG}
+    or C{~/.kube/config}), or, inside a pod with no kubeconfig, from its
+    service account.
+    """
+    import os
+
+    import kubernetes.config
+
+    configuration = kubernetes.client.Configuration()
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST") and not (
+            os.environ.get("KUBECONFIG")):
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    else:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, context=context,
+                                           client_configuration=configuration)
+    return configuration
