@@ -337,14 +337,15 @@ class Keeping:
                                 " retention is 0): closing it removes it"))
         if session.container_id is None:
             return fail(NotKept("the session is still starting: it cannot be put away yet"))
+        if not session.state.keepable:
+            return fail(NotKept("the session is starting or over: it cannot be put away"))
+        return self._keep(session, reason, retention)
+
+    def _keep(self, session, reason: str, retention: float) -> Deferred:
         d = Deferred()
         self._waiting.setdefault(session.id, []).append(d)
         self._reasons.setdefault(session.id, reason)
-        until = self._clock.seconds() + retention
-        if not session.events.keep(kept_message(reason, until)):
-            self._waiting.pop(session.id, None)
-            self._reasons.pop(session.id, None)
-            return fail(NotKept("the session is starting or over: it cannot be put away"))
+        session.events.keep(kept_message(reason, self._clock.seconds() + retention))
         return d
 
     def store(self, session) -> Deferred:
@@ -509,11 +510,14 @@ class Keeping:
         host or the engine restarted): put it away (reason C{stopped}) where
         its profile keeps sessions; return whether it did.
         """
-        if self.retention_of(self._settings(session)) <= 0 or session.container_id is None:
+        retention = self.retention_of(self._settings(session))
+        if retention <= 0 or session.container_id is None or not session.ran:
             return False
         _log.info("session {session_id}: {message}; it is kept",
                   session_id=session.id[:8], message=message)
-        d = self.put_away(session, STOPPED)
+        # (Its state is not asked: this may run within the transition of
+        # its closed stream, which is keepable; the input runs after it.)
+        d = self._keep(session, STOPPED, retention)
         d.addErrback(lambda f: _log.info("session {session_id} could not be kept: {error}",
                                          session_id=session.id[:8],
                                          error=f.getErrorMessage()))

@@ -191,7 +191,10 @@ class SessionManager:
         A session of an earlier run, found in its container (see
         L{Recovery}): registered, its lifecycle not yet told.
         """
-        return self._new_session(session_id, WARM_SIZE, container_id=container_id, user=user)
+        session = self._new_session(session_id, WARM_SIZE, container_id=container_id,
+                                    user=user)
+        session.ran = True
+        return session
 
     # -- what clients ask for --------------------------------------------
 
@@ -607,6 +610,7 @@ class SessionManager:
 
     def went_live(self, session: Session, resumed: bool) -> None:
         core = session.core
+        session.ran = True
         pool = self.pool.holder(session)
         if pool is not None:
             pool.went_live(session)
