@@ -132,6 +132,16 @@ class ExecRecorder(ProcessProtocol):
         return d
 
 
+def _from_snapshot(spec, snapshot):
+    """
+    C{spec} made from C{snapshot}: its image, its volumes (any the engine
+    has to make carry the spec's labels, so that they are removed after
+    the test).
+    """
+    return replace(spec, image=snapshot.image, volume_labels=dict(spec.labels), volumes=tuple(
+        (name, mount) for mount, name in snapshot.volumes.items()))
+
+
 def _labelled(spec, role: str):
     return replace(spec, labels={**spec.labels, LABEL_ROLE: role})
 
@@ -466,6 +476,16 @@ class DockerContract:
         await api.start_container(container_id)
         assert await api.read_file(container_id, SCREEN_PATH, 1024) == b"saved while stopped"
 
+    @pytest.mark.parametrize("path", ["relative/file", "/workspace/../etc/passwd",
+                                      "/workspace//file", "/", "/workspace/\0file"])
+    @pytest_twisted.ensureDeferred
+    async def test_file_paths_are_absolute_and_normal(self, api, spec, path):
+        container_id = await self.create(api, spec)
+        with pytest.raises(ValueError):
+            await api.put_file(container_id, path, b"x")
+        with pytest.raises(ValueError):
+            await api.read_file(container_id, path, 10)
+
     @pytest_twisted.ensureDeferred
     async def test_files_of_a_removed_container(self, api, spec):
         container_id = await self.create(api, spec)
@@ -550,8 +570,7 @@ class DockerContract:
                                                 self.snapshot_labels(spec, "volumes"))
         assert sorted(snapshot.volumes) == ["/home/developer", "/workspace"]
         assert len(set(snapshot.volumes.values())) == 2
-        forked = replace(private, image=snapshot.image, volumes=tuple(
-            (name, mount) for mount, name in snapshot.volumes.items()))
+        forked = _from_snapshot(private, snapshot)
         fork = await self.create(api, forked, "fork")
         usage = await api.disk_usage({LABEL_INSTANCE: spec.labels[LABEL_INSTANCE],
                                       LABEL_ROLE: "fork"})
@@ -567,6 +586,29 @@ class DockerContract:
         assert await api.read_file(fork, "/home/developer/.profile-extra", 100) == b"at home"
 
     @pytest_twisted.ensureDeferred
+    async def test_a_snapshot_of_a_fork_copies_the_copies(self, api, spec):
+        private = replace(spec, read_only_root=True)
+        source = await self.create(api, private, "source")
+        await api.put_file(source, "/workspace/notes.txt", b"first")
+        first = await api.snapshot_container(source, SNAPSHOT_REPOSITORY,
+                                             f"contract-{uuid.uuid4().hex[:12]}",
+                                             self.snapshot_labels(spec, "first"))
+        fork = await self.create(api, _from_snapshot(private, first), "fork")
+        second = await api.snapshot_container(fork, SNAPSHOT_REPOSITORY,
+                                              f"contract-{uuid.uuid4().hex[:12]}",
+                                              self.snapshot_labels(spec, "second"))
+        assert sorted(second.volumes) == sorted(first.volumes)
+        assert not set(second.volumes.values()) & set(first.volumes.values())
+        again = await self.create(api, _from_snapshot(private, second), "again")
+        await api.put_file(again, "/workspace/notes.txt", b"third")
+        assert await api.read_file(fork, "/workspace/notes.txt", 100) == b"first"
+        # The first snapshot's image tag goes; what the fork uses stays.
+        assert await api.remove_snapshot(first) is True
+        assert await api.read_file(fork, "/workspace/notes.txt", 100) == b"first"
+        await api.put_file(fork, "/workspace/more.txt", b"still the fork's")
+        assert await api.read_file(fork, "/workspace/more.txt", 100) == b"still the fork's"
+
+    @pytest_twisted.ensureDeferred
     async def test_remove_snapshot_removes_its_image_and_volumes(self, api, spec):
         private = replace(spec, read_only_root=True)
         source = await self.create(api, private, "source")
@@ -577,8 +619,7 @@ class DockerContract:
         assert await api.remove_snapshot(snapshot) is True
         assert await api.image_exists(snapshot.image) is False
         assert await api.list_snapshots({LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}) == []
-        forked = replace(private, image=spec.image, volumes=tuple(
-            (name, mount) for mount, name in snapshot.volumes.items()))
+        forked = replace(_from_snapshot(private, snapshot), image=spec.image)
         # Its volumes are gone: a container naming them gets new, empty ones.
         fork = await self.create(api, forked, "fork")
         assert await api.read_file(fork, "/workspace/notes.txt", 100) is None
@@ -586,6 +627,34 @@ class DockerContract:
         assert await api.remove_snapshot(snapshot) is False
         # The source is as it was.
         assert await api.read_file(source, "/workspace/notes.txt", 100) == b"kept"
+
+    @pytest_twisted.ensureDeferred
+    async def test_prune_removes_what_a_removed_fork_leaves(self, api, spec):
+        private = replace(spec, read_only_root=True)
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        source = await self.create(api, private, "source")
+        await api.put_file(source, "/workspace/notes.txt", b"kept")
+        named = await api.snapshot_container(source, SNAPSHOT_REPOSITORY,
+                                             f"contract-{uuid.uuid4().hex[:12]}",
+                                             self.snapshot_labels(spec, "named"))
+        # A fork: a snapshot for the new container, untagged once it exists.
+        passing = await api.snapshot_container(source, SNAPSHOT_REPOSITORY,
+                                               f"contract-{uuid.uuid4().hex[:12]}",
+                                               self.snapshot_labels(spec, "fork"))
+        fork = await self.create(api, _from_snapshot(private, passing), "fork")
+        await api.remove_snapshot(passing)
+        assert await api.prune_snapshots(instance) == 0
+        assert await api.read_file(fork, "/workspace/notes.txt", 100) == b"kept"
+        await api.remove_container(fork)
+        # The fork's volumes and image go; the named snapshot stays whole.
+        assert await api.prune_snapshots(instance) >= 2
+        assert await api.prune_snapshots(instance) == 0
+        assert [s.image for s in await api.list_snapshots(instance)] == [named.image]
+        again = await self.create(api, _from_snapshot(private, named), "again")
+        assert await api.read_file(again, "/workspace/notes.txt", 100) == b"kept"
+        gone = await self.create(api, replace(_from_snapshot(private, passing),
+                                              image=spec.image), "gone")
+        assert await api.read_file(gone, "/workspace/notes.txt", 100) is None
 
     @pytest_twisted.ensureDeferred
     async def test_snapshot_of_a_removed_container(self, api, spec):
@@ -618,9 +687,11 @@ class DockerContract:
         lambda api, spec: api.snapshot_container("0" * 64, SNAPSHOT_REPOSITORY, "t", {}),
         lambda api, spec: api.list_snapshots(spec.labels),
         lambda api, spec: api.remove_snapshot(Snapshot(f"{SNAPSHOT_REPOSITORY}:t", {}, {}, 0.0)),
+        lambda api, spec: api.prune_snapshots(spec.labels),
     ], ids=["ping", "info", "image_exists", "create", "remove", "list", "state", "spawn_exec",
             "export", "run_command", "inspect_network", "ensure_network", "stop", "start",
-            "kept", "put_file", "read_file", "snapshot", "list_snapshots", "remove_snapshot"])
+            "kept", "put_file", "read_file", "snapshot", "list_snapshots", "remove_snapshot",
+            "prune_snapshots"])
     @pytest_twisted.ensureDeferred
     async def test_an_unreachable_engine(self, unreachable_api, spec, call):
         d = call(unreachable_api, spec)

@@ -223,7 +223,19 @@ class IDockerAPI(Interface):
     def remove_snapshot(snapshot):
         """
         Remove a L{capsule.core.kept.Snapshot}'s image and volumes; fire
-        with C{True} if the image existed.
+        with C{True} if the image existed.  What a container made from it
+        uses stays (its layers, and the volumes it mounts, which are that
+        container's now): L{prune_snapshots} removes them once it is gone.
+        """
+
+    def prune_snapshots(labels):
+        """
+        Remove what containers made from removed snapshots leave once they
+        are removed (the engine removes only a container's anonymous
+        volumes): untagged snapshot images carrying all of C{labels} that
+        no container uses, and snapshot volume copies carrying them that no
+        container mounts and no snapshot names.  Fire with how many images
+        and volumes were removed.
         """
 
 

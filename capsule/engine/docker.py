@@ -39,6 +39,7 @@ from zope.interface import implementer
 from capsule.engine.command import OutputCollector
 from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
 from capsule.engine.exec_process import ExecStreamProtocol, exec_start_request
+from capsule.engine.snapshots import KeptContainers
 from capsule.core.interfaces import IDockerAPI
 from capsule.core.keeper import SECRET_LABEL, parse_secret
 from capsule.core.spec import ContainerSpec
@@ -118,7 +119,7 @@ class OneStream(Factory):
 
 
 @implementer(IDockerAPI)
-class DockerAPI:
+class DockerAPI(KeptContainers):
     """
     @param host: the Docker host URL (default: C{$DOCKER_HOST}, else the
         local unix socket).

@@ -3,8 +3,10 @@ The Docker contract (tests/docker_contract.py), against the real engine
 through L{DockerAPI}.
 """
 
+import os
 import threading
 import uuid
+from dataclasses import replace
 
 import docker.errors
 import pytest
@@ -12,8 +14,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
+from capsule.core.errors import DockerError
+from capsule.core.keeper import SECRET_LABEL
 from capsule.core.spec import ContainerSpec
 
+from capsule.engine import snapshots
 from capsule.engine.docker import DockerAPI
 
 # The suite lives outside a test module: let pytest explain its failures.
@@ -126,3 +131,135 @@ async def test_health_calls_do_not_queue_behind_busy_workers():
         await busy
         await queued
         api.stop()
+
+
+# -- what only the real engine shows of kept sessions' calls --------------------
+
+
+@pytest.fixture
+def real(request):
+    """
+    A started DockerAPI and a spec of an instance of the test's own; every
+    container, image and volume of it is removed afterwards.
+    """
+    instance = f"contract-{uuid.uuid4().hex[:10]}"
+    spec = ContainerSpec(image=IMAGE, memory="256m", cpus=0.5, pids=64, network="none",
+                         labels={"io.capsule.managed": "true", LABEL_INSTANCE: instance})
+    api = DockerAPI(reactor, threads=4, export_threads=1, timeout=30)
+    api.start()
+    yield api, spec
+    api.stop()
+    remove_instance_containers(instance)
+    remove_instance_images(instance)
+    remove_instance_volumes(instance)
+
+
+async def _create(api, spec) -> str:
+    return await api.create_session_container(str(uuid.uuid4()), spec)
+
+
+async def _run(api, container_id, *argv) -> bytes:
+    result = await api.run_command(container_id, list(argv), "developer", "/", {})
+    assert result.exit_code == 0, result.stderr
+    return result.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_put_file_is_the_users_with_its_mode(real):
+    api, spec = real
+    container_id = await _create(api, spec)
+    await api.put_file(container_id, "/home/developer/.cache/capsule/screen", b"x", mode=0o640)
+    said = await _run(api, container_id, "stat", "-c", "%u %g %a %F",
+                      "/home/developer/.cache", "/home/developer/.cache/capsule",
+                      "/home/developer/.cache/capsule/screen")
+    assert said.decode().splitlines() == ["1000 1000 700 directory", "1000 1000 700 directory",
+                                          "1000 1000 640 regular file"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_file_of_what_is_no_regular_file_or_too_big(real, monkeypatch):
+    api, spec = real
+    container_id = await _create(api, spec)
+    await _run(api, container_id, "sh", "-c", "mkfifo /workspace/pipe && mkdir /workspace/dir"
+               " && head -c 3000 /dev/zero > /workspace/big")
+    assert await api.read_file(container_id, "/workspace/pipe", 10) is None
+    assert await api.read_file(container_id, "/workspace/dir", 10) is None
+    assert await api.read_file(container_id, "/workspace/big", 10) == b"\0" * 10
+    monkeypatch.setattr(snapshots, "READ_SCAN_LIMIT", 2000)
+    assert await api.read_file(container_id, "/workspace/big", 10) is None
+    with pytest.raises(DockerError):
+        await api.put_file(container_id, "/workspace/dir", b"x")
+    with pytest.raises(DockerError):
+        await api.put_file(container_id, "/workspace/big/under", b"x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_symlink_is_not_followed_out_of_the_container(real):
+    """
+    The engine resolves a link inside the container's root: a link to the
+    host's files reaches the container's own at most, and capsule does not
+    follow it at all.
+    """
+    api, spec = real
+    container_id = await _create(api, spec)
+    await _run(api, container_id, "ln", "-s", "/proc/1/root/etc/hostname", "/workspace/host")
+    await _run(api, container_id, "ln", "-s", "../../../../../../etc", "/workspace/up")
+    assert await api.read_file(container_id, "/workspace/host", 100) is None
+    assert await api.read_file(container_id, "/workspace/up/hostname", 100) is None
+    with pytest.raises(DockerError):
+        await api.put_file(container_id, "/workspace/up/capsule-test", b"x")
+    assert not os.path.exists("/etc/capsule-test")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_snapshot_keeps_secrets_out_of_its_image(real):
+    api, spec = real
+    secret = uuid.uuid4().hex
+    made = replace(spec, secrets={"CONTRACT_SECRET": secret},
+                   labels={**spec.labels, SECRET_LABEL: "ab" * 16})
+    container_id = await _create(api, made)
+    snapshot = await api.snapshot_container(container_id, "capsule-snapshot",
+                                            f"contract-{uuid.uuid4().hex[:12]}",
+                                            {**spec.labels, "io.capsule.snapshot": "s"})
+    config = (await deferToThread(docker_client().api.inspect_image, snapshot.image))["Config"]
+    assert "CONTRACT_SECRET=" in config["Env"]
+    assert not any(secret in e for e in config["Env"])
+    assert config["Labels"][SECRET_LABEL] == ""
+    assert SECRET_LABEL not in snapshot.labels
+    # Its own layer is small: the image's size less the session image's.
+    assert snapshot.size is not None and snapshot.size < 50 * 1024 * 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_snapshot_leaves_no_copier_and_labels_its_copies(real):
+    api, spec = real
+    container_id = await _create(api, replace(spec, read_only_root=True))
+    labels = {**spec.labels, "io.capsule.snapshot": "labelled"}
+    snapshot = await api.snapshot_container(container_id, "capsule-snapshot",
+                                            f"contract-{uuid.uuid4().hex[:12]}", labels)
+    client = docker_client().api
+    left = await deferToThread(client.containers, all=True, filters={
+        "label": f"{LABEL_INSTANCE}={spec.labels[LABEL_INSTANCE]}"})
+    assert [c["Id"] for c in left] == [container_id]
+    for name in snapshot.volumes.values():
+        volume = await deferToThread(client.inspect_volume, name)
+        assert {k: volume["Labels"].get(k) for k in labels} == labels
+        assert volume["Labels"]["io.capsule.volume"] == "copy"
+
+
+@pytest_twisted.ensureDeferred
+async def test_container_cpu_without_the_cgroup(real):
+    """
+    Where capsule cannot read the container's cgroup (another host, or a
+    container of its own), the engine's one-shot stats tell.
+    """
+    api, spec = real
+    api._cgroup_path = "/nonexistent/{id}/cpuacct.usage"
+    container_id = await _create(api, spec)
+    before = await api.container_cpu(container_id)
+    await deferToThread(_thd_exec, container_id, [
+        "sh", "-c", 'end=$(($(date +%s) + 3)); while [ "$(date +%s)" -lt "$end" ]; do :; done'])
+    after = await api.container_cpu(container_id)
+    assert isinstance(before, float) and after > before + 0.1
+    await api.stop_container(container_id, timeout=1)
+    assert await api.container_cpu(container_id) is None

@@ -386,8 +386,8 @@ class FakeDockerAPI:
         container = self.containers.get(container_id)
         if container is None:
             return fail(ContainerGone("the session's container no longer exists"))
-        if not path.startswith("/"):
-            return fail(ValueError(f"not an absolute path: {path!r}"))
+        if not _normal_path(path):
+            return fail(ValueError(f"not a normal absolute path of a file: {path!r}"))
         if _through_link(container, path):
             return fail(DockerError(
                 f"refused to write {path} in the container: it is, or is under, a symbolic link"))
@@ -399,6 +399,8 @@ class FakeDockerAPI:
         failed = self._check()
         if failed:
             return failed
+        if not _normal_path(path):
+            return fail(ValueError(f"not a normal absolute path of a file: {path!r}"))
         container = self.containers.get(container_id)
         if container is None:
             return fail(ContainerGone("the session's container no longer exists"))
@@ -445,8 +447,10 @@ class FakeDockerAPI:
         image = f"{repository}:{tag}"
         volumes = {}
         for mount in _mounts(container):
-            if mount.name.startswith(container_id):     # anonymous
-                name = uuid.uuid4().hex * 2
+            # Anonymous: the container's own, or a snapshot's copy (named
+            # as the engine names anonymous volumes).
+            if mount.name.startswith(container_id) or mount.name in self.volumes:
+                name = uuid.uuid4().hex + uuid.uuid4().hex
                 self.volumes[name] = {"labels": dict(labels)}
                 volumes[mount.destination] = name
         files = dict(container.get("files", {}))
@@ -473,9 +477,27 @@ class FakeDockerAPI:
         existed = self.snapshots.pop(snapshot.image, None) is not None
         self.snapshot_files.pop(snapshot.image, None)
         self.images.discard(snapshot.image)
+        # As with the engine: a volume a container uses stays (it is that
+        # container's now).
+        used = {m.name for c in self.containers.values() for m in _mounts(c)}
         for name in snapshot.volumes.values():
-            self.volumes.pop(name, None)
+            if name not in used:
+                self.volumes.pop(name, None)
         return succeed(existed)
+
+    def prune_snapshots(self, labels):
+        failed = self._check()
+        if failed:
+            return failed
+        used = {m.name for c in self.containers.values() for m in _mounts(c)}
+        named = {name for s in self.snapshots.values() for name in s.volumes.values()}
+        pruned = [name for name, volume in self.volumes.items()
+                  if name not in used and name not in named
+                  and all(volume["labels"].get(k) == v for k, v in labels.items())]
+        for name in pruned:
+            del self.volumes[name]
+        # An untagged image a removed fork used: the fake keeps none.
+        return succeed(len(pruned))
 
     def set_cpu_shares(self, container_id, shares):
         failed = self._check()
@@ -681,6 +703,11 @@ class FakeDockerAPI:
         except Exception:
             return fail()
         return succeed(None)
+
+
+def _normal_path(path) -> bool:
+    return (isinstance(path, str) and path.startswith("/") and "\0" not in path
+            and posixpath.normpath(path) == path and path != "/")
 
 
 def _through_link(container: dict, path: str) -> bool:
