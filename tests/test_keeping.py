@@ -483,3 +483,39 @@ def test_the_retention_option(tmp_path):
     assert retention == 12 * 3600
     assert options["max-kept-per-user"] == 3
     assert options["max-kept-bytes-per-user"] == 1024 ** 3
+
+
+# -- warm sessions ----------------------------------------------------------------------------------
+
+def warm_manager(docker, clock, tmp_path):
+    spec = ContainerSpec(image="capsule-runtime:latest")
+    config = SessionConfig(spec=spec, instance="t", grace=60, pool_size=1)
+    return SessionManager(docker, clock, config,
+                          keeping=KeepingConfig(retention=DAY, state_dir=str(tmp_path)))
+
+
+def test_a_warm_session_taken_then_stopped_by_a_reboot_is_kept(docker, clock, tmp_path):
+    manager = warm_manager(docker, clock, tmp_path)
+    manager.pool.start()
+    session = manager.create(RecordingClient(), 80, 24)
+    assert session.warm
+    # The host restarts: capsule and the container stop together.
+    docker.containers[session.container_id].update(state="exited", finished=clock.seconds())
+    again = warm_manager(docker, clock, tmp_path)
+    result(Deferred.fromCoroutine(again.recovery.recover()))
+    assert [k.id for k in again.keeping.kept(None)] == [session.id]
+
+
+def test_a_warm_session_nobody_took_is_never_kept(docker, clock, tmp_path):
+    manager = warm_manager(docker, clock, tmp_path)
+    manager.pool.start()
+    [warm] = docker.containers
+    # capsule is killed; its warm container runs on, and is found as a session.
+    again = warm_manager(docker, clock, tmp_path)
+    result(Deferred.fromCoroutine(again.recovery.recover()))
+    [found] = again.sessions.values()
+    assert found.container_id == warm and found.untaken
+    clock.advance(60)
+    expire_due(again, clock)
+    assert warm in docker.removed
+    assert again.keeping.kept(None) == []

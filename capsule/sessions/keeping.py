@@ -180,6 +180,12 @@ class KeptRecords:
     def get(self, session_id: str) -> dict | None:
         return self._records.get(session_id)
 
+    def taken(self, session_id: str, user: str | None) -> None:
+        """
+        A warm session was taken: a live one's record (no reason yet).
+        """
+        self._write({**self._records, session_id: {"user": user, "reason": None}})
+
     def put(self, session_id: str, user: str | None, reason: str, kept_at: float) -> None:
         self._write({**self._records, session_id: {"user": user, "reason": reason,
                                                    "kept_at": kept_at}})
@@ -320,6 +326,29 @@ class Keeping:
         (disk, never memory).
         """
         return sum(k.size or 0 for k in self._kept.values() if user is None or k.user == user)
+
+    # -- warm sessions ------------------------------------------------------------
+
+    def taken(self, session) -> None:
+        """
+        A warm session was taken: recorded, so that, stopped, it is a kept
+        session (its container's label says it was warm).
+        """
+        self._records.taken(session.id, session.core.user)
+
+    def untaken(self, session_id: str, labels: dict) -> bool:
+        """
+        Whether a container of an earlier run is a warm one nobody took.
+        """
+        return labels.get(LABEL_WARM) == "true" and self._records.get(session_id) is None
+
+    def forgotten(self, session) -> None:
+        """
+        (The manager's.)  A live session is gone: its record goes unless it
+        is being put away.
+        """
+        if session.id not in self._reasons and session.id not in self._kept:
+            self._records.drop(session.id)
 
     # -- putting away --------------------------------------------------------------
 
@@ -472,7 +501,7 @@ class Keeping:
                     or session_id in self._kept):
                 continue
             record = self._records.get(session_id)
-            if record is None and labels.get(LABEL_WARM) == "true":
+            if self.untaken(session_id, labels):
                 continue    # a warm container nobody took: a leftover
             profile = labels.get(LABEL_PROFILE) or DEFAULT_PROFILE
             settings = manager.profiles.get(profile) or manager.profiles[DEFAULT_PROFILE]
@@ -480,6 +509,7 @@ class Keeping:
             if retention <= 0:
                 continue    # a leftover: its profile keeps nothing
             if record is not None:
+                # (A taken warm session's record has no reason yet.)
                 user, reason = record.get("user"), record.get("reason") or STOPPED
                 kept_at = record.get("kept_at")
             else:
@@ -496,9 +526,10 @@ class Keeping:
                 size=container.get("size"), command=_command(settings),
                 name=container.get("name") or "",
                 extra={"volumes": own_volumes(labels)})
-            if record is None:
+            if record is None or record.get("reason") is None:
                 self._records.put(session_id, user, STOPPED, float(kept_at))
-        self._records.keep_only(self._kept)
+        # The records of the kept sessions, and of the live ones found.
+        self._records.keep_only(set(self._kept) | set(manager.sessions))
         self._sizes_at = now
         if self._kept:
             _log.info("found {count} kept session(s)", count=len(self._kept))
@@ -511,7 +542,8 @@ class Keeping:
         its profile keeps sessions; return whether it did.
         """
         retention = self.retention_of(self._settings(session))
-        if retention <= 0 or session.container_id is None or not session.ran:
+        if (retention <= 0 or session.container_id is None or not session.ran
+                or session.untaken):
             return False
         _log.info("session {session_id}: {message}; it is kept",
                   session_id=session.id[:8], message=message)
@@ -599,11 +631,11 @@ class Keeping:
     async def _remove_volumes(self, volumes: dict[str, str]) -> None:
         """
         Remove the volumes a session made from a snapshot owned (its copies
-        of the snapshot's; its image's tag went when it was made).
+        of the snapshot's; its image's tag went when it was made), and its
+        untagged image: what no container or snapshot uses any more.
         """
         if volumes:
-            await self._docker.remove_snapshot(Snapshot(image="", volumes=dict(volumes),
-                                                        labels={}, created=0.0))
+            await self._docker.prune_snapshots(self._manager.labels)
 
     def _forget(self, kept: KeptSession) -> None:
         self._kept.pop(kept.id, None)

@@ -272,6 +272,9 @@ class SessionManager:
         now = self._clock.seconds()
         waited = now - core.created_at
         core.user, core.warm = user, True
+        # Its container says it was warm: stopped, it is a kept session only
+        # if recorded as taken.
+        self.keeping.taken(session)
         # Its lifetime and idleness count from now: it is this client's now.
         core.created_at = core.active_at = now
         self.sessions[session.id] = session
@@ -394,7 +397,7 @@ class SessionManager:
         End a session whose grace period is over, or put it away where its
         profile keeps sessions (L{Keeping}); return whether it ended.
         """
-        if (session.state.waiting and session.container_id is not None
+        if (session.state.waiting and session.container_id is not None and not session.untaken
                 and self.keeping.retention_of(session.settings or self.profiles[DEFAULT_PROFILE])
                 > 0):
             d = self.keeping.put_away(session, GRACE)
@@ -592,6 +595,7 @@ class SessionManager:
 
     def forget(self, session: Session) -> None:
         session.went_away()
+        self.keeping.forgotten(session)
         pool = self.pool.holder(session)
         if pool is not None:
             # A warm session, never taken: the pool says what became of it.
@@ -711,11 +715,9 @@ class SessionManager:
             return succeed(None)
         d = self._docker.remove_container(container_id)
         if session.own_volumes:
-            # Copies of a snapshot's volumes (a fork's): named, they outlive
-            # the container unless removed with it.
-            volumes = dict(session.own_volumes)
-            d.addCallback(lambda _: self._docker.remove_snapshot(Snapshot(
-                image="", volumes=volumes, labels={}, created=0.0)))
+            # Copies of a snapshot's volumes (a fork's): the engine removes
+            # only anonymous ones with a container; these go now.
+            d.addCallback(lambda _: self._docker.prune_snapshots(self.labels))
         d.addErrback(lambda f: _log.error(
             "could not remove container {container} of session {session_id}: {error}",
             container=container_id[:12], session_id=session.id[:8], error=f.getErrorMessage()))

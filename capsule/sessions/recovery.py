@@ -104,6 +104,7 @@ class Recovery:
                 session = manager.recovered_session(session_id, container["id"], user)
                 self.assign_profile(session, container["labels"].get(LABEL_PROFILE))
                 session.own_volumes = own_volumes(container["labels"])
+                session.untaken = manager.keeping.untaken(session_id, container["labels"])
                 session.events.recover()
                 recovered.append(session_id)
         # The stopped ones are kept sessions (their owners are read before
