@@ -68,7 +68,7 @@ def test_list_says_owner_state_container_client_and_bytes(admin):
     assert body == {"instance": "admin-test", "draining": False, "sessions": [{
         "id": session.id, "owner": None, "state": "running", "created": 0.0, "age": 7.0,
         "idle": 7.0, "container": session.container_id, "client_attached": True,
-        "bytes_out": 5}]}
+        "bytes_out": 5}], "kept": []}
 
 
 def test_the_list_says_what_other_parts_count_of_a_session(tmp_path):
