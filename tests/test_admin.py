@@ -293,6 +293,16 @@ def test_format_sessions():
         "1 session of instance default (draining)"]
 
 
+def test_format_sessions_lists_the_kept_ones_after_the_live_ones():
+    text = format_sessions({"instance": "default", "draining": False, "sessions": [], "kept": [{
+        "id": "6f9619ff-8b86-4011-b42d-00c04fc964ff", "owner": "ann", "state": "kept",
+        "age": 7200, "container": "0123456789abcdef", "kept_at": 1.0}]})
+    assert text.splitlines() == [
+        "SESSION   OWNER  STATE  AGE    IDLE  CONTAINER     CLIENT  BYTES OUT",
+        "6f9619ff  ann    kept   2h00m  -     0123456789ab  -       -",
+        "0 sessions and 1 kept of instance default"]
+
+
 def test_end_needs_an_id_or_all():
     out, err = io.StringIO(), io.StringIO()
     assert main(["--url", "http://127.0.0.1:9", "end"], out, err) == 1
