@@ -324,6 +324,25 @@ def test_another_users_snapshot_is_a_404_like_a_missing_one(authed):
     assert [c[0] for c in authed.keeping.calls] == ["snapshot"]
 
 
+def test_engine_work_counts_among_the_callers_docker_calls(api):
+    from twisted.internet.defer import Deferred
+    held = []
+
+    def listing(user):
+        held.append(Deferred())
+        return held[-1]
+    api.keeping.snapshots = listing
+    gate = api.site.session_api.docker_calls
+    waiting = [api.send("/api/snapshots") for _ in range(gate.limit + gate.waiting)]
+    status, headers, body = api.request("/api/snapshots")
+    assert (status, body["code"], headers["retry-after"]) == (429, "too_many_docker_calls",
+                                                              "5")
+    while held:
+        held.pop(0).callback([])
+    for transport in waiting:
+        assert answered(transport, "GET", "listing", clock=api.reactor).status == 200
+
+
 # -- bodies, methods -----------------------------------------------------------------
 
 def test_bodies_of_the_keepings_routes_are_bounded(api):

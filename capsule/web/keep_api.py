@@ -169,6 +169,18 @@ class KeepApi:
 
     # -- limits ------------------------------------------------------------
 
+    async def engine(self, request, call, *args):
+        """
+        C{call(*args)} (engine work: a listing, a removal, a stop) in a
+        place among the caller's Docker calls (429 C{too_many_docker_calls}
+        past them, as for execs and uploads).
+        """
+        slot = await self.api.enter_docker(request)
+        try:
+            return await maybeDeferred(call, *args)
+        finally:
+            slot.release()
+
     def keeping_on(self):
         if self.keeping is None:
             raise ApiError(409, "capsule keeps no sessions here", NOT_KEPT)
@@ -257,7 +269,7 @@ class KeepApi:
         keeping = self.keeping_on()
         release = self.claim(kept.id, "being deleted")
         try:
-            await maybeDeferred(keeping.delete, kept.id, user_of(request))
+            await self.engine(request, keeping.delete, kept.id, user_of(request))
         finally:
             release()
         _log.info("kept session {short}{who} deleted through the API", short=kept.id[:8],
@@ -283,7 +295,7 @@ class KeepApi:
                                 " it is worth keeping", NOT_KEPT)
         release = self.claim(session.id, "being put away")
         try:
-            kept = await maybeDeferred(keeping.put_away, session, PUT_AWAY)
+            kept = await self.engine(request, keeping.put_away, session, PUT_AWAY)
         finally:
             release()
         return 200, self.describe_kept(kept)
@@ -334,7 +346,7 @@ class KeepApi:
 
     async def snapshots(self, request) -> tuple[int, dict]:
         found = ([] if self.keeping is None
-                 else await maybeDeferred(self.keeping.snapshots, user_of(request)))
+                 else await self.engine(request, self.keeping.snapshots, user_of(request)))
         found = sorted(found, key=lambda s: s.created)
         return 200, {"user": user_of(request),
                      "snapshots": [self.describe_snapshot(s) for s in found]}
@@ -369,7 +381,7 @@ class KeepApi:
 
     async def named(self, request, name: str) -> Snapshot:
         found = ([] if self.keeping is None
-                 else await maybeDeferred(self.keeping.snapshots, user_of(request)))
+                 else await self.engine(request, self.keeping.snapshots, user_of(request)))
         for snapshot in found:
             if snapshot.name == name:
                 return snapshot
@@ -377,7 +389,7 @@ class KeepApi:
 
     async def delete_snapshot(self, request, name: str) -> tuple[int, dict]:
         await self.named(request, name)
-        await maybeDeferred(self.keeping.delete_snapshot, name, user_of(request))
+        await self.engine(request, self.keeping.delete_snapshot, name, user_of(request))
         _log.info("snapshot {name} deleted through the API", name=name, user=user_of(request))
         return 200, {"name": name, "deleted": True}
 
