@@ -204,3 +204,17 @@ def test_without_a_keeping_the_connected_frame_is_as_before(clock, manager):
     missing = connect(clock, factory, f"session_id={KEPT_ID}&resume=1")
     [error] = missing.new()
     assert error["code"] == "session_not_found" and missing.client.closed[1] == 4404
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_session_being_put_away_as_a_client_attaches_is_session_kept_and_4404(
+        clock, factory, manager, binary):
+    # What the lifecycle tells a client that attaches to a session being put away.
+    first = connect(clock, factory, binary=binary)
+    first.send({"type": "resize", "cols": 80, "rows": 24})
+    first.new()
+    first.server.session_failed("the session is being put away", "session_kept")
+    first.flush()
+    assert first.new() == [{"type": "error", "code": "session_kept",
+                            "message": "the session is being put away"}]
+    assert first.client.closed[1] == 4404

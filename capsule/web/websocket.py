@@ -20,6 +20,7 @@ from capsule.ops.logformat import short_ids
 from capsule.core.coalesce import Coalescer
 from capsule.core.errors import CapsuleError, SessionNotFound
 from capsule.web.headers import is_secure
+from capsule.core.kept import SESSION_KEPT
 from capsule.web.keep_ws import KeptSessions
 from capsule.web.http import client_address
 from capsule.web.watch import CLOSE_QUOTA_EXCEEDED, Watching, _Phase
@@ -527,7 +528,7 @@ class CapsuleServerProtocol(KeptSessions, Watching, WebSocketServerProtocol):
         self._let_go()
         self._manager.metrics.error_sent(code)
         self._send(wire.encode_error(message, code))
-        self._close(CLOSE_SESSION_NOT_FOUND if code == "session_not_found"
+        self._close(CLOSE_SESSION_NOT_FOUND if code in ("session_not_found", SESSION_KEPT)
                     else CLOSE_UNAVAILABLE, message)
 
     def session_ended(self, exit_code: int | None, message: str) -> None:
