@@ -16,7 +16,15 @@ A backend is a subclass of L{DockerContract} providing these fixtures:
   - C{kill_container}: C{kill_container(container_id)} kills a container as
     C{docker kill} does (a Deferred);
   - C{network_name}: the name of a network no one has, removed afterwards
-    if a test made it.
+    if a test made it;
+  - C{make_symlink}: C{make_symlink(container_id, path, target)} makes
+    C{path} a symbolic link to C{target} in a running container, as its
+    user could (a Deferred);
+  - C{burn_cpu}: C{burn_cpu(container_id)} makes the container's processes
+    use CPU for a second or so (a Deferred firing once they did).
+
+Images and volumes a test makes (snapshots) carry the spec's labels: the
+backend removes them afterwards too.
 
 The scripts run in execs are in L{SCRIPT} and L{SCRIPT_TTY}; a fake backend
 has to emulate them.
@@ -38,11 +46,14 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from zope.interface.verify import verifyObject
 
-from capsule.core.errors import ContainerGone, DockerUnavailable, ImageMissing
+from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
 from capsule.core.interfaces import IDockerAPI, IExecProcess
+from capsule.core.kept import SCREEN_PATH, Snapshot
 
 LABEL_INSTANCE = "io.capsule.instance"
 LABEL_ROLE = "io.capsule.contract"
+LABEL_SNAPSHOT = "io.capsule.snapshot"
+SNAPSHOT_REPOSITORY = "capsule-snapshot"
 # Generous: the real engine is shared with other tests on a small machine.
 DEADLINE = 30.0
 
@@ -381,6 +392,210 @@ class DockerContract:
         assert again == network
         assert await api.inspect_network(network_name) == network
 
+    # -- kept sessions, forks and snapshots ----------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_stop_keeps_the_files_and_start_runs_again(self, api, spec, put_file):
+        container_id = await self.create(api, spec, "kept")
+        await put_file(container_id, "/workspace/notes.txt", b"before the stop")
+        assert await api.stop_container(container_id, timeout=1) is True
+        state = await api.container_state(container_id)
+        assert state["Running"] is False
+        with pytest.raises(ContainerGone):
+            await self.spawn(api, container_id, SCRIPT)
+        # Stopping a stopped container is no error.
+        assert await api.stop_container(container_id, timeout=1) is True
+        assert await api.read_file(container_id, "/workspace/notes.txt", 1024) == (
+            b"before the stop")
+        await api.start_container(container_id)
+        assert (await api.container_state(container_id))["Running"] is True
+        recorder, process = await self.spawn(api, container_id, SCRIPT)
+        await recorder.wait_for(b"ready")
+        process.write(b"again\n")
+        await recorder.wait_ended()
+        assert recorder.output[1] == b"readygot again"
+        assert await api.read_file(container_id, "/workspace/notes.txt", 1024) == (
+            b"before the stop")
+
+    @pytest_twisted.ensureDeferred
+    async def test_stop_and_start_of_a_removed_container(self, api, spec):
+        container_id = await self.create(api, spec)
+        await api.remove_container(container_id)
+        assert await api.stop_container(container_id, timeout=1) is False
+        with pytest.raises(ContainerGone):
+            await api.start_container(container_id)
+
+    @pytest_twisted.ensureDeferred
+    async def test_kept_containers_are_the_stopped_ones_with_their_sizes(
+            self, api, spec, put_file):
+        running = await self.create(api, spec, "kept")
+        stopped = await self.create(api, spec, "kept")
+        other = await self.create(api, spec, "other")
+        await put_file(stopped, "/workspace/notes.txt", b"x" * 5000)
+        await api.stop_container(stopped, timeout=1)
+        await api.stop_container(other, timeout=1)
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        kept = await api.kept_containers({**instance, LABEL_ROLE: "kept"})
+        assert [c["id"] for c in kept] == [stopped]
+        found = kept[0]
+        assert found["state"] == "exited"
+        assert found["labels"][LABEL_ROLE] == "kept"
+        assert re.fullmatch(r"capsule-[0-9a-f]{32}", found["name"])
+        assert 0 < found["created"] <= found["finished"]
+        assert found["size"] is None or found["size"] >= 5000
+        assert sorted(c["id"] for c in await api.kept_containers(instance)) == sorted(
+            [stopped, other])
+        await api.start_container(stopped)
+        assert await api.kept_containers({**instance, LABEL_ROLE: "kept"}) == []
+        assert running not in [c["id"] for c in await api.kept_containers(instance)]
+
+    @pytest_twisted.ensureDeferred
+    async def test_put_file_and_read_file_running_and_stopped(self, api, spec):
+        container_id = await self.create(api, spec)
+        # Its directories are made.
+        await api.put_file(container_id, SCREEN_PATH, b"the screen\r\n")
+        assert await api.read_file(container_id, SCREEN_PATH, 1024) == b"the screen\r\n"
+        # At most the last max_bytes.
+        assert await api.read_file(container_id, SCREEN_PATH, 6) == b"reen\r\n"
+        assert await api.read_file(container_id, "/workspace/none", 1024) is None
+        await api.stop_container(container_id, timeout=1)
+        await api.put_file(container_id, SCREEN_PATH, b"saved while stopped")
+        await api.put_file(container_id, "/workspace/a/b/c.txt", b"deep")
+        assert await api.read_file(container_id, SCREEN_PATH, 1024) == b"saved while stopped"
+        assert await api.read_file(container_id, "/workspace/a/b/c.txt", 10) == b"deep"
+        await api.start_container(container_id)
+        assert await api.read_file(container_id, SCREEN_PATH, 1024) == b"saved while stopped"
+
+    @pytest_twisted.ensureDeferred
+    async def test_files_of_a_removed_container(self, api, spec):
+        container_id = await self.create(api, spec)
+        await api.remove_container(container_id)
+        with pytest.raises(ContainerGone):
+            await api.put_file(container_id, SCREEN_PATH, b"x")
+        with pytest.raises(ContainerGone):
+            await api.read_file(container_id, SCREEN_PATH, 10)
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_symlink_in_the_container_is_never_followed(
+            self, api, spec, make_symlink):
+        """
+        The container's user can make any path a link to anywhere: reading
+        gives nothing (as if there were no file), writing is refused, and
+        nothing is read or written where the link points.
+        """
+        container_id = await self.create(api, spec)
+        await make_symlink(container_id, "/workspace/screen", "/etc/passwd")
+        assert await api.read_file(container_id, "/workspace/screen", 4096) is None
+        await make_symlink(container_id, "/workspace/dir", "/etc")
+        assert await api.read_file(container_id, "/workspace/dir/passwd", 4096) is None
+        await api.stop_container(container_id, timeout=1)
+        with pytest.raises(DockerError):
+            await api.put_file(container_id, "/workspace/screen", b"root::0:0::/:/bin/sh\n")
+        with pytest.raises(DockerError):
+            await api.put_file(container_id, "/workspace/dir/passwd", b"root::0:0::/:/bin/sh\n")
+        passwd = await api.read_file(container_id, "/etc/passwd", 1 << 20)
+        assert passwd is None or b"root::0:0" not in passwd
+        assert await api.read_file(container_id, "/etc/screen", 10) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_container_cpu_grows_while_it_works(self, api, spec, burn_cpu):
+        container_id = await self.create(api, spec)
+        before = await api.container_cpu(container_id)
+        assert isinstance(before, float) and before >= 0.0
+        await burn_cpu(container_id)
+        after = await api.container_cpu(container_id)
+        assert after > before + 0.1
+        await api.remove_container(container_id)
+        assert await api.container_cpu(container_id) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_container_cpu_of_an_unreachable_engine_is_unknown(self, unreachable_api):
+        assert await unreachable_api.container_cpu("0" * 64) is None
+
+    def snapshot_labels(self, spec, name: str) -> dict:
+        return {**spec.labels, LABEL_SNAPSHOT: name}
+
+    @pytest_twisted.ensureDeferred
+    async def test_snapshot_of_the_writable_layer(self, api, spec, put_file):
+        source = await self.create(api, spec, "source")
+        await put_file(source, "/workspace/notes.txt", b"in the layer")
+        tag = f"contract-{uuid.uuid4().hex[:12]}"
+        labels = self.snapshot_labels(spec, "layer")
+        snapshot = await api.snapshot_container(source, SNAPSHOT_REPOSITORY, tag, labels)
+        assert isinstance(snapshot, Snapshot)
+        assert snapshot.image == f"{SNAPSHOT_REPOSITORY}:{tag}"
+        assert snapshot.volumes == {} and snapshot.name == "layer"
+        assert {k: snapshot.labels.get(k) for k in labels} == labels
+        assert snapshot.created > 0
+        assert await api.image_exists(snapshot.image) is True
+        fork = await self.create(api, replace(spec, image=snapshot.image), "fork")
+        assert await api.read_file(fork, "/workspace/notes.txt", 100) == b"in the layer"
+        await api.put_file(fork, "/workspace/notes.txt", b"changed in the fork")
+        assert await api.read_file(source, "/workspace/notes.txt", 100) == b"in the layer"
+        listed = await api.list_snapshots({LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]})
+        assert [s.image for s in listed] == [snapshot.image]
+        assert listed[0].name == "layer"
+        assert await api.list_snapshots({**labels, LABEL_SNAPSHOT: "other"}) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_snapshot_copies_the_anonymous_volumes(self, api, spec):
+        private = replace(spec, read_only_root=True)
+        source = await self.create(api, private, "source")
+        await api.put_file(source, "/workspace/notes.txt", b"in the volume")
+        await api.put_file(source, "/home/developer/.profile-extra", b"at home")
+        # Snapshots of a stopped container too.
+        await api.stop_container(source, timeout=1)
+        tag = f"contract-{uuid.uuid4().hex[:12]}"
+        snapshot = await api.snapshot_container(source, SNAPSHOT_REPOSITORY, tag,
+                                                self.snapshot_labels(spec, "volumes"))
+        assert sorted(snapshot.volumes) == ["/home/developer", "/workspace"]
+        assert len(set(snapshot.volumes.values())) == 2
+        forked = replace(private, image=snapshot.image, volumes=tuple(
+            (name, mount) for mount, name in snapshot.volumes.items()))
+        fork = await self.create(api, forked, "fork")
+        usage = await api.disk_usage({LABEL_INSTANCE: spec.labels[LABEL_INSTANCE],
+                                      LABEL_ROLE: "fork"})
+        assert sorted((m.destination, m.name) for m in usage.mounts[fork]) == sorted(
+            snapshot.volumes.items())
+        assert await api.read_file(fork, "/workspace/notes.txt", 100) == b"in the volume"
+        assert await api.read_file(fork, "/home/developer/.profile-extra", 100) == b"at home"
+        # The copies are the fork's own.
+        await api.put_file(fork, "/workspace/notes.txt", b"the fork's")
+        await api.start_container(source)
+        await api.put_file(source, "/home/developer/.profile-extra", b"the source's")
+        assert await api.read_file(source, "/workspace/notes.txt", 100) == b"in the volume"
+        assert await api.read_file(fork, "/home/developer/.profile-extra", 100) == b"at home"
+
+    @pytest_twisted.ensureDeferred
+    async def test_remove_snapshot_removes_its_image_and_volumes(self, api, spec):
+        private = replace(spec, read_only_root=True)
+        source = await self.create(api, private, "source")
+        await api.put_file(source, "/workspace/notes.txt", b"kept")
+        tag = f"contract-{uuid.uuid4().hex[:12]}"
+        snapshot = await api.snapshot_container(source, SNAPSHOT_REPOSITORY, tag,
+                                                self.snapshot_labels(spec, "removed"))
+        assert await api.remove_snapshot(snapshot) is True
+        assert await api.image_exists(snapshot.image) is False
+        assert await api.list_snapshots({LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}) == []
+        forked = replace(private, image=spec.image, volumes=tuple(
+            (name, mount) for mount, name in snapshot.volumes.items()))
+        # Its volumes are gone: a container naming them gets new, empty ones.
+        fork = await self.create(api, forked, "fork")
+        assert await api.read_file(fork, "/workspace/notes.txt", 100) is None
+        await api.remove_container(fork)
+        assert await api.remove_snapshot(snapshot) is False
+        # The source is as it was.
+        assert await api.read_file(source, "/workspace/notes.txt", 100) == b"kept"
+
+    @pytest_twisted.ensureDeferred
+    async def test_snapshot_of_a_removed_container(self, api, spec):
+        container_id = await self.create(api, spec)
+        await api.remove_container(container_id)
+        with pytest.raises(ContainerGone):
+            await api.snapshot_container(container_id, SNAPSHOT_REPOSITORY,
+                                         f"contract-{uuid.uuid4().hex[:12]}",
+                                         self.snapshot_labels(spec, "gone"))
+
     @pytest.mark.parametrize("call", [
         lambda api, spec: api.ping(),
         lambda api, spec: api.info(),
@@ -395,8 +610,17 @@ class DockerContract:
         lambda api, spec: api.run_command("0" * 64, SCRIPT_COMMAND, "developer", "/tmp", {}),
         lambda api, spec: api.inspect_network("capsule"),
         lambda api, spec: api.ensure_network("capsule", {}, {}),
+        lambda api, spec: api.stop_container("0" * 64),
+        lambda api, spec: api.start_container("0" * 64),
+        lambda api, spec: api.kept_containers(spec.labels),
+        lambda api, spec: api.put_file("0" * 64, SCREEN_PATH, b"x"),
+        lambda api, spec: api.read_file("0" * 64, SCREEN_PATH, 10),
+        lambda api, spec: api.snapshot_container("0" * 64, SNAPSHOT_REPOSITORY, "t", {}),
+        lambda api, spec: api.list_snapshots(spec.labels),
+        lambda api, spec: api.remove_snapshot(Snapshot(f"{SNAPSHOT_REPOSITORY}:t", {}, {}, 0.0)),
     ], ids=["ping", "info", "image_exists", "create", "remove", "list", "state", "spawn_exec",
-            "export", "run_command", "inspect_network", "ensure_network"])
+            "export", "run_command", "inspect_network", "ensure_network", "stop", "start",
+            "kept", "put_file", "read_file", "snapshot", "list_snapshots", "remove_snapshot"])
     @pytest_twisted.ensureDeferred
     async def test_an_unreachable_engine(self, unreachable_api, spec, call):
         d = call(unreachable_api, spec)

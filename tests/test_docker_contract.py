@@ -95,3 +95,18 @@ class TestFakeDocker(DockerContract):
             api.add_file(container_id, path, data)
             return succeed(None)
         return put
+
+    @pytest.fixture
+    def make_symlink(self, api):
+        def link(container_id, path, target):
+            api.add_symlink(container_id, path, target)
+            return succeed(None)
+        return link
+
+    @pytest.fixture
+    def burn_cpu(self, api):
+        def burn(container_id):
+            before = api.cpu.get(container_id) or 0.0
+            api.set_cpu(container_id, before + 1.0)
+            return succeed(None)
+        return burn

@@ -19,6 +19,7 @@ from capsule.engine.docker import DockerAPI
 # The suite lives outside a test module: let pytest explain its failures.
 pytest.register_assert_rewrite("tests.docker_contract")
 from ..docker_contract import LABEL_INSTANCE, DockerContract
+from ..support.live import remove_instance_images, remove_instance_volumes
 from .harness import IMAGE, docker_client, remove_instance_containers
 
 
@@ -30,6 +31,9 @@ class TestRealDocker(DockerContract):
         yield ContainerSpec(image=IMAGE, memory="256m", cpus=0.5, pids=64, network="none",
                             labels={"io.capsule.managed": "true", LABEL_INSTANCE: instance})
         remove_instance_containers(instance)
+        # Snapshots' images and volumes carry the spec's labels.
+        remove_instance_images(instance)
+        remove_instance_volumes(instance)
 
     @pytest.fixture
     def api(self, spec):
@@ -66,6 +70,25 @@ class TestRealDocker(DockerContract):
         def put(container_id, path, data):
             return deferToThread(_thd_write_file, container_id, path, data)
         return put
+
+    @pytest.fixture
+    def make_symlink(self):
+        def link(container_id, path, target):
+            return deferToThread(_thd_exec, container_id, ["ln", "-sfn", target, path])
+        return link
+
+    @pytest.fixture
+    def burn_cpu(self):
+        def burn(container_id):
+            # Half a CPU (the spec's) for 3 seconds: 1.5 s of CPU time.
+            return deferToThread(_thd_exec, container_id, [
+                "sh", "-c", 'end=$(($(date +%s) + 3)); while [ "$(date +%s)" -lt "$end" ]; do :; done'])
+        return burn
+
+
+def _thd_exec(container_id: str, argv: list[str]) -> None:
+    result = docker_client().containers.get(container_id).exec_run(argv, user="developer")
+    assert result.exit_code == 0, result.output
 
 
 def _thd_write_file(container_id: str, path: str, data: bytes) -> None:

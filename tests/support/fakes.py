@@ -9,6 +9,7 @@ import io
 import posixpath
 import struct
 import tarfile
+import time
 import uuid
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -20,8 +21,9 @@ from zope.interface import implementer
 from capsule.engine.command import OutputCollector
 from capsule.core.diskuse import DiskUsage, Mount
 from capsule.engine.docker import READ_ONLY_VOLUMES
-from capsule.core.errors import ContainerGone, DockerUnavailable, ImageMissing
+from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
 from capsule.core.interfaces import IDockerAPI, IExecProcess, ISessionClient
+from capsule.core.kept import Snapshot
 from capsule.core.keeper import SECRET_LABEL, FrameReader, parse_secret
 
 
@@ -193,6 +195,16 @@ class FakeDockerAPI:
         # (whether volumes' sizes were).
         self.volume_sizes: dict[str, int] = {}
         self.disk_usage_calls: list[bool] = []
+        # Snapshots by image (repository:tag), each with the files it
+        # copied; volumes (the snapshots' copies) by name, with their labels.
+        self.snapshots: dict[str, Snapshot] = {}
+        self.snapshot_files: dict[str, dict[str, bytes]] = {}
+        self.volumes: dict[str, dict] = {}
+        # The CPU seconds container_cpu tells, by container (a running
+        # container nobody set has used 0.0; None: the engine cannot say).
+        self.cpu: dict[str, float | None] = {}
+        # What was called, in order: ("stop", id), ("start", id), ...
+        self.keep_calls: list[tuple] = []
         self._next = 0
 
     def _check(self):
@@ -248,7 +260,9 @@ class FakeDockerAPI:
         self.containers[container_id] = {
             "id": container_id, "name": f"capsule-{uuid.uuid4().hex}",
             "labels": dict(spec.labels), "state": "running", "spec": spec,
-            "files": {},
+            # A snapshot's image brings the files it copied.
+            "files": dict(self.snapshot_files.get(spec.image, {})),
+            "created": time.time(), "finished": 0.0,
         }
         if self.hold_create:
             d = Deferred()
@@ -292,7 +306,8 @@ class FakeDockerAPI:
     def add_container(self, container_id: str, labels: dict) -> None:
         self.containers[container_id] = {"id": container_id, "name": container_id,
                                          "labels": dict(labels), "state": "running",
-                                         "files": {}}
+                                         "files": {}, "created": time.time(),
+                                         "finished": 0.0}
 
     def add_file(self, container_id: str, path: str, data: bytes) -> None:
         """
@@ -307,10 +322,160 @@ class FakeDockerAPI:
         with 137.
         """
         container = self.containers[container_id]
-        container.update(state="exited", exit_code=137, oom=oom)
+        container.update(state="exited", exit_code=137, oom=oom, finished=time.time())
         for process in self.processes:
             if process.exec_id == f"exec-{container_id}":
                 process.end(137)
+
+    # -- kept sessions, forks and snapshots ----------------------------------
+
+    def stop_container(self, container_id, timeout=10):
+        """
+        As C{docker stop}: the container stays, exited, with its files;
+        its execs end as its processes are killed.
+        """
+        failed = self._check()
+        if failed:
+            return failed
+        self.keep_calls.append(("stop", container_id))
+        container = self.containers.get(container_id)
+        if container is None:
+            return succeed(False)
+        if container["state"] == "running":
+            container.update(state="exited", exit_code=143, finished=time.time())
+            for process in self.processes:
+                if process.exec_id == f"exec-{container_id}":
+                    process.end(137)
+        return succeed(True)
+
+    def start_container(self, container_id):
+        """
+        As C{docker start}: running again, its files as they were; its CPU
+        counter starts anew (a new cgroup).
+        """
+        failed = self._check()
+        if failed:
+            return failed
+        self.keep_calls.append(("start", container_id))
+        container = self.containers.get(container_id)
+        if container is None:
+            return fail(ContainerGone("the session's container no longer exists"))
+        if container["state"] != "running":
+            container.update(state="running", exit_code=0, oom=False)
+            self.cpu.pop(container_id, None)
+        return succeed(None)
+
+    def kept_containers(self, labels):
+        failed = self._check()
+        if failed:
+            return failed
+        return succeed([
+            {"id": c["id"], "name": c["name"], "labels": dict(c["labels"]),
+             "state": c["state"], "created": c.get("created", 0.0),
+             "finished": c.get("finished", 0.0),
+             "size": c.get("size_rw", sum(len(data) for data in c.get("files", {}).values()))}
+            for c in self.containers.values()
+            if c["state"] != "running"
+            and all(c["labels"].get(k) == v for k, v in labels.items())
+        ])
+
+    def put_file(self, container_id, path, data, mode=0o600, uid=1000, gid=1000):
+        failed = self._check()
+        if failed:
+            return failed
+        container = self.containers.get(container_id)
+        if container is None:
+            return fail(ContainerGone("the session's container no longer exists"))
+        if not path.startswith("/"):
+            return fail(ValueError(f"not an absolute path: {path!r}"))
+        if _through_link(container, path):
+            return fail(DockerError(
+                f"refused to write {path} in the container: it is, or is under, a symbolic link"))
+        container.setdefault("files", {})[path] = bytes(data)
+        container.setdefault("modes", {})[path] = (mode, uid, gid)
+        return succeed(None)
+
+    def read_file(self, container_id, path, max_bytes):
+        failed = self._check()
+        if failed:
+            return failed
+        container = self.containers.get(container_id)
+        if container is None:
+            return fail(ContainerGone("the session's container no longer exists"))
+        data = container.get("files", {}).get(path)
+        if data is None or _through_link(container, path):
+            return succeed(None)
+        return succeed(data[-max_bytes:] if max_bytes else b"")
+
+    def add_symlink(self, container_id: str, path: str, target: str) -> None:
+        """
+        Make C{path} a symbolic link to C{target} in a container, as a
+        program in it could: capsule's file calls never follow it.
+        """
+        self.containers[container_id].setdefault("links", {})[path] = target
+
+    def set_cpu(self, container_id: str, seconds: float | None) -> None:
+        """
+        The container's processes used C{seconds} of CPU so far (C{None}:
+        the engine cannot say).
+        """
+        self.cpu[container_id] = seconds
+
+    def container_cpu(self, container_id):
+        if not self.reachable:
+            return succeed(None)
+        container = self.containers.get(container_id)
+        if container is None or container["state"] != "running":
+            return succeed(None)
+        return succeed(self.cpu.get(container_id, 0.0))
+
+    def snapshot_container(self, container_id, repository, tag, labels):
+        """
+        The container's files become the image's (each anonymous volume's
+        copy is a new volume named in the snapshot); later changes to
+        either are the other's no more.
+        """
+        failed = self._check()
+        if failed:
+            return failed
+        self.keep_calls.append(("snapshot", container_id, f"{repository}:{tag}"))
+        container = self.containers.get(container_id)
+        if container is None:
+            return fail(ContainerGone("the session's container no longer exists"))
+        image = f"{repository}:{tag}"
+        volumes = {}
+        for mount in _mounts(container):
+            if mount.name.startswith(container_id):     # anonymous
+                name = uuid.uuid4().hex * 2
+                self.volumes[name] = {"labels": dict(labels)}
+                volumes[mount.destination] = name
+        files = dict(container.get("files", {}))
+        snapshot = Snapshot(image=image, volumes=volumes, labels=dict(labels),
+                            created=time.time(),
+                            size=sum(len(data) for data in files.values()))
+        self.images.add(image)
+        self.snapshots[image] = snapshot
+        self.snapshot_files[image] = files
+        return succeed(snapshot)
+
+    def list_snapshots(self, labels):
+        failed = self._check()
+        if failed:
+            return failed
+        return succeed([s for s in self.snapshots.values()
+                        if all(s.labels.get(k) == v for k, v in labels.items())])
+
+    def remove_snapshot(self, snapshot):
+        failed = self._check()
+        if failed:
+            return failed
+        self.keep_calls.append(("remove_snapshot", snapshot.image))
+        existed = self.snapshots.pop(snapshot.image, None) is not None
+        self.snapshot_files.pop(snapshot.image, None)
+        self.images.discard(snapshot.image)
+        for name in snapshot.volumes.values():
+            self.volumes.pop(name, None)
+        return succeed(existed)
 
     def set_cpu_shares(self, container_id, shares):
         failed = self._check()
@@ -518,6 +683,19 @@ class FakeDockerAPI:
         return succeed(None)
 
 
+def _through_link(container: dict, path: str) -> bool:
+    """
+    Whether C{path}, or a directory it is in, is a symbolic link in the
+    container (see L{FakeDockerAPI.add_symlink}).
+    """
+    links = container.get("links", {})
+    while path not in ("/", ""):
+        if path in links:
+            return True
+        path = posixpath.dirname(path)
+    return False
+
+
 def _mounts(container: dict) -> tuple[Mount, ...]:
     """
     The volumes a fake container mounts: its spec's named ones, and a
@@ -526,7 +704,11 @@ def _mounts(container: dict) -> tuple[Mount, ...]:
     spec = container.get("spec")
     if spec is None:
         return ()
-    anonymous = READ_ONLY_VOLUMES if spec.read_only_root else ()
+    # As with the engine, a named volume at one of those places replaces
+    # the anonymous one.
+    named = {target for _, target in spec.volumes}
+    anonymous = [target for target in (READ_ONLY_VOLUMES if spec.read_only_root else ())
+                 if target not in named]
     return (tuple(Mount(name, target) for name, target in spec.volumes)
             + tuple(Mount(f"{container['id']}-{target.strip('/').replace('/', '-')}", target)
                     for target in anonymous))

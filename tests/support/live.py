@@ -188,6 +188,22 @@ def remove_instance_containers(instance: str, api: docker.APIClient | None = Non
     return removed
 
 
+def remove_instance_images(instance: str, api: docker.APIClient | None = None) -> int:
+    """
+    Remove every image of C{instance} (snapshots: their labels carry it);
+    return how many.
+    """
+    api = api or docker_client().api
+    found = api.images(filters={"label": f"{LABEL_INSTANCE}={instance}"})
+    for image in found:
+        for tag in image.get("RepoTags") or [image["Id"]]:
+            try:
+                api.remove_image(tag, force=True)
+            except docker.errors.NotFound:
+                pass
+    return len(found)
+
+
 def remove_instance_volumes(instance: str, api: docker.APIClient | None = None) -> int:
     """
     Remove every volume of C{instance} (agent volumes: the claude
