@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.clients import BlockingTerminal, SessionEnded
 from tests.support.httpclient import request
+from tests.support.live import remove_instance_images
 
 from .harness import docker_client
 from .test_api import ALICE, BOB, call, create, sh
@@ -31,14 +32,7 @@ def _container_of(server, session_id: str):
 
 
 def _remove_snapshots(server) -> None:
-    client = docker_client()
-    for image in client.images.list(filters={
-            "label": f"io.capsule.instance={server.instance}"}):
-        for tag in image.tags:
-            try:
-                client.images.remove(tag, force=True)
-            except Exception:
-                pass
+    remove_instance_images(server.instance)
 
 
 @pytest.fixture
