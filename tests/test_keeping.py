@@ -138,10 +138,15 @@ def test_a_profile_with_retention_0_is_removed_as_before(docker, clock, tmp_path
     assert manager.keeping.kept(None) == []
 
 
-def test_the_server_default_keeps_nothing_without_a_keeping_config(docker, clock):
+def test_a_manager_without_a_keeping_config_keeps_nothing(docker, clock):
     spec = ContainerSpec(image="capsule-runtime:latest")
     manager = SessionManager(docker, clock, SessionConfig(spec=spec, instance="t", grace=60))
-    assert manager.keeping.retention_of(manager.profiles["shell"]) == 0
+    assert manager.keeping is None
+    session, client = running(manager, docker)
+    manager.detach(session, client)
+    clock.advance(60)
+    expire_due(manager, clock)
+    assert session.container_id in docker.removed
 
 
 def test_a_starting_session_cannot_be_put_away(manager, docker):

@@ -101,11 +101,6 @@ class KeepingConfig:
     state_dir: str | None = None
 
 
-# Nothing is kept: sessions are removed as they end (a manager made without
-# a keeping config).
-NOT_KEPT = KeepingConfig(retention=0.0)
-
-
 def when(seconds: float) -> str:
     """
     A time as people read it in a message: C{14 Dec 2026 10:05 UTC}.
