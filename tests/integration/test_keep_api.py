@@ -19,7 +19,7 @@ from tests.support.clients import BlockingTerminal, SessionEnded
 from tests.support.httpclient import request
 from tests.support.live import remove_instance_images
 
-from .harness import docker_client
+from .harness import docker_client, remove_instance_containers
 from .test_api import ALICE, BOB, call, create, sh
 
 
@@ -32,6 +32,9 @@ def _container_of(server, session_id: str):
 
 
 def _remove_snapshots(server) -> None:
+    # The containers first: an image a container uses cannot be removed.
+    server.stop()
+    remove_instance_containers(server.instance)
     remove_instance_images(server.instance)
 
 
