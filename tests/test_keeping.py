@@ -524,3 +524,25 @@ def test_a_warm_session_nobody_took_is_never_kept(docker, clock, tmp_path):
     expire_due(again, clock)
     assert warm in docker.removed
     assert again.keeping.kept(None) == []
+
+
+# -- admission ---------------------------------------------------------------------------------------
+
+def test_admission_never_counts_a_kept_session(manager, docker, clock):
+    """
+    A kept session holds no memory and no live session's place: a user at
+    their limit who puts a session away may open another.
+    """
+    from capsule.core.admission import AdmissionControl, AdmissionPolicy, AdmissionRefused
+    from capsule.core.memory import MemoryBudget
+    memory = MemoryBudget(256 * 1024 ** 2, budget=1024 ** 3)
+    admission = AdmissionControl(manager, clock, AdmissionPolicy(
+        max_sessions=1, max_per_user=1, rate=None), memory=memory)
+    session, _ = running(manager, docker, user="alice")
+    with pytest.raises(AdmissionRefused):
+        admission.admit("127.0.0.1", "alice")
+    before = admission.committed_memory()
+    result(manager.keeping.put_away(session))
+    assert admission.committed_memory() < before
+    admission.admit("127.0.0.1", "alice")
+    assert manager.keeping.disk_bytes("alice") == len(b"$ ls\r\nnotes.txt\r\n$ ")
