@@ -29,7 +29,8 @@ from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable, 
 from capsule.core.kept import GRACE, Snapshot
 from capsule.core.channels import CHANNEL_ENV
 from capsule.core.keeper import (SECRET_BYTES, SECRET_LABEL, ListeningPorts, has_own_address,
-                                 keeper_argv, own_ports, parse_secret)
+                                 keeper_argv, keeper_environment, own_ports, parse_secret)
+from capsule.core.kept import SCREEN_PATH
 from capsule.core.session_core import ISessionEffects, SessionCore, State
 from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME,
                                    BadRepository, Profile, agent_volume_name, check_repository,
@@ -474,6 +475,9 @@ class SessionManager:
         command, environment = start_command(
             settings, session.repository,
             volume=bool(settings.agent_volume and self._has_volume(session.core.user)))
+        # The exec that starts the keeper tells it where to keep the screen
+        # (its own variable: the shell does not get it).
+        shell_environment, environment = environment, keeper_environment(environment, SCREEN_PATH)
         if (self._direct is not None and has_own_address(spec.network)
                 and self._direct.available):
             protocol = session.shell = ShellProtocol(session, True, offset,
@@ -504,7 +508,7 @@ class SessionManager:
         if not self.config.keeper:
             await self._docker.spawn_exec(
                 protocol, session.container_id, list(command), spec.user,
-                spec.workdir, environment, None)
+                spec.workdir, shell_environment, None)
             return
         argv = keeper_argv(command, offset, self.config.replay_bytes,
                            self.config.keeper_socket)
