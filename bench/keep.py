@@ -129,6 +129,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-keep-"))
     extra = ["--read-only-root"] if args.read_only_root else []
     server = CapsuleServer(work, "--pool-size", "0", "--grace", "600", "--retention", "1d",
+                           "--session-rate", "1000/1", "--max-sessions-per-client", "64",
+                           "--memory-budget", "off",
                            "--max-kept-bytes-per-user", "100g", "--state-dir",
                            str(work / "state"), *extra, image=args.image,
                            tuning={"cleanup-interval": 1})
