@@ -551,3 +551,39 @@ def test_admission_never_counts_a_kept_session(manager, docker, clock):
     assert admission.committed_memory() < before
     admission.admit("127.0.0.1", "alice")
     assert manager.keeping.disk_bytes("alice") > 0
+
+
+def test_a_session_being_put_away_is_listed_and_waited_for(manager, docker, monkeypatch):
+    """
+    Between the keep and the stop's end, the session is found as kept
+    (not missing); a resume or a delete asked meanwhile waits for the put
+    away, then does its work.
+    """
+    stopping = []
+    monkeypatch.setattr(docker, "stop_container",
+                        lambda container_id, timeout=10: stopping.append(Deferred())
+                        or stopping[-1])
+    session, _ = running(manager, docker)
+    away = manager.keeping.put_away(session)
+    [pending] = manager.keeping.kept(None)
+    assert pending.id == session.id and manager.keeping.find(session.id, None) is pending
+    assert manager.keeping.holds(session.id)
+    resumed = manager.keeping.resume(session.id, None)
+    assert not resumed.called and not away.called
+    stopping[0].callback(True)
+    assert result(away).id == session.id
+    assert result(resumed).id == session.id and session.id in manager.sessions
+
+
+def test_a_delete_while_being_put_away_waits(manager, docker, monkeypatch):
+    stopping = []
+    monkeypatch.setattr(docker, "stop_container",
+                        lambda container_id, timeout=10: stopping.append(Deferred())
+                        or stopping[-1])
+    session, _ = running(manager, docker)
+    manager.keeping.put_away(session)
+    deleted = manager.keeping.delete(session.id, None)
+    assert not deleted.called
+    stopping[0].callback(True)
+    result(deleted)
+    assert session.container_id in docker.removed and manager.keeping.kept(None) == []

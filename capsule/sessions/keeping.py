@@ -247,6 +247,10 @@ class Keeping:
         self._reasons: dict[str, str] = {}
         self._waiting: dict[str, list[Deferred]] = {}
         self._storing: set[str] = set()
+        # Those being put away, listed and found as kept already (a resume
+        # or a delete waits for the put away: C{_stores}).
+        self._pending: dict[str, KeptSession] = {}
+        self._stores: dict[str, Deferred] = {}
         # Kept sessions being resumed or deleted: by id, what waits for it.
         self._busy: dict[str, Deferred] = {}
         self._sizes_at = float("-inf")
@@ -287,21 +291,25 @@ class Keeping:
         C{user}'s kept sessions, oldest put away first (C{None}: those of
         nobody, which is everyone's where capsule has no users).
         """
-        return sorted((k for k in self._kept.values() if k.user == user),
+        return sorted((k for k in self._everyone() if k.user == user),
                       key=lambda k: k.kept_at)
+
+    def _everyone(self) -> list[KeptSession]:
+        return [*self._kept.values(),
+                *(k for i, k in self._pending.items() if i not in self._kept)]
 
     def kept_all(self) -> list[KeptSession]:
         """
         Every kept session (the admin API's).
         """
-        return sorted(self._kept.values(), key=lambda k: k.kept_at)
+        return sorted(self._everyone(), key=lambda k: k.kept_at)
 
     def find(self, session_id: str, user: str | None) -> KeptSession | None:
         """
         The kept session C{session_id} if C{user} may use it: another
         user's is, to that user, one that does not exist.
         """
-        kept = self._kept.get(session_id)
+        kept = self._kept.get(session_id) or self._pending.get(session_id)
         if kept is None or kept.user != user:
             return None
         return kept
@@ -379,10 +387,14 @@ class Keeping:
         container, record it as kept; then feed its lifecycle C{kept}.
         """
         self._storing.add(session.id)
+        stored = self._stores[session.id] = Deferred()
         d = Deferred.fromCoroutine(self._store(session))
 
         def done(result):
             self._storing.discard(session.id)
+            self._pending.pop(session.id, None)
+            del self._stores[session.id]
+            stored.callback(None)
             return result
         return d.addBoth(done)
 
@@ -395,6 +407,11 @@ class Keeping:
         screen, _ = core.replay.since(max(core.replay.start,
                                           core.replay.end - SCREEN_MAX_BYTES))
         screen = screen[-SCREEN_MAX_BYTES:]
+        kept = self._pending[session.id] = KeptSession(
+            id=session.id, container_id=container_id, user=core.user, profile=session.profile,
+            created=core.created_at, kept_at=self._clock.seconds(),
+            retention=self.retention_of(settings), reason=reason, command=_command(settings),
+            extra={"volumes": dict(getattr(session, "own_volumes", {}) or {})})
         try:
             if screen:
                 try:
@@ -424,14 +441,8 @@ class Keeping:
                        " away: {error}; it is stopped again later",
                        session_id=session.id[:8], error=_error(e))
             self._unstopped.add(session.id)
-        now = self._clock.seconds()
-        kept = KeptSession(
-            id=session.id, container_id=container_id, user=core.user, profile=session.profile,
-            created=core.created_at, kept_at=now, retention=self.retention_of(settings),
-            reason=reason, command=_command(settings),
-            extra={"volumes": dict(getattr(session, "own_volumes", {}) or {})})
         self._kept[session.id] = kept
-        self._records.put(session.id, core.user, reason, now)
+        self._records.put(session.id, core.user, reason, kept.kept_at)
         _log.info("session {session_id}{who} put away ({why}); kept until {until}",
                   session_id=session.id[:8], why=REASONS.get(reason, reason),
                   until=when(kept.expires_at), who=f" of {core.user}" if core.user else "",
@@ -465,7 +476,8 @@ class Keeping:
         """
         config = self.config
         while True:
-            mine = self.kept(user)
+            # (One being put away meanwhile is not counted until it is kept.)
+            mine = [k for k in self.kept(user) if k.id in self._kept]
             older = [k for k in mine if k is not newest]
             if not older:
                 return
@@ -567,6 +579,8 @@ class Keeping:
 
     async def _resume(self, session_id: str, user: str | None):
         manager = self._manager
+        if session_id in self._stores and self.find(session_id, user) is not None:
+            await _wait(self._stores[session_id])      # being put away: once it is
         live = manager.find(session_id, user)
         if live is not None:
             return live         # resumed already
@@ -609,12 +623,17 @@ class Keeping:
         Remove a kept session: its container and its volumes.  Fail with
         L{SessionNotFound}.
         """
-        kept = self.find(session_id, user)
-        if kept is None or session_id in self._busy:
-            return fail(SessionNotFound(f"session {session_id} does not exist"))
+        return Deferred.fromCoroutine(self._delete(session_id, user))
+
+    async def _delete(self, session_id: str, user: str | None) -> None:
+        if session_id in self._stores and self.find(session_id, user) is not None:
+            await _wait(self._stores[session_id])      # being put away: once it is
+        kept = self._kept.get(session_id)
+        if kept is None or kept.user != user or session_id in self._busy:
+            raise SessionNotFound(f"session {session_id} does not exist")
         _log.info("deleting kept session {session_id}{who}", session_id=session_id[:8],
                   who=f" of {user}" if user else "", user=user)
-        return Deferred.fromCoroutine(self._remove(kept))
+        await self._remove(kept)
 
     async def _remove(self, kept: KeptSession) -> None:
         done = Deferred()
