@@ -267,7 +267,7 @@ def test_a_warm_container_is_labelled(docker, clock, tmp_path):
 
 # -- its container stopped under it ------------------------------------------------------------
 
-def test_a_container_stopped_under_its_session_is_kept(manager, docker):
+def test_a_container_stopped_under_its_session_is_kept(manager, docker, clock):
     session, client = running(manager, docker)
     docker.containers[session.container_id].update(state="exited", exit_code=143)
     docker.processes[-1].exit(None)
@@ -275,8 +275,10 @@ def test_a_container_stopped_under_its_session_is_kept(manager, docker):
     assert (kept.id, kept.reason) == (session.id, STOPPED)
     kind, _, message = client.events[-1]
     assert kind == "ended"
-    assert message.startswith("the session's container stopped (the host or the Docker"
-                              " engine restarted): the session is kept")
+    assert message == kept_message(STOPPED, clock.seconds() + 7 * DAY,
+                                   "the session's container stopped (exit code 143)")
+    assert message.startswith("the session's container stopped (exit code 143): the session"
+                              " is kept; its files are kept until ")
     assert "resume it" in message
     assert session.container_id not in docker.removed
 
@@ -291,7 +293,9 @@ def test_a_container_stopped_while_the_engine_was_away_is_kept(manager, docker, 
     clock.advance(5)
     [kept] = manager.keeping.kept(None)
     assert kept.reason == STOPPED
-    assert "kept until" in client.events[-1][2]
+    assert client.events[-1][2].startswith(
+        "the session's container stopped while the Docker engine was away (exit code 255):"
+        " the session is kept; its files are kept until ")
 
 
 # -- resume, delete ------------------------------------------------------------------------------

@@ -109,17 +109,21 @@ def when(seconds: float) -> str:
     return time.strftime("%d %b %Y %H:%M UTC", time.gmtime(seconds))
 
 
-def kept_message(reason: str, until: float) -> str:
+def kept_message(reason: str, until: float, why: str | None = None) -> str:
     """
     What the client of a session being put away is told (its
-    C{session_ended} message).
+    C{session_ended} message); C{why}: what happened to it, where more is
+    known than the reason (its container stopped: how).
     """
-    why = {
-        PUT_AWAY: "the session was put away",
-        GRACE: "the session was put away: its last tab closed and the grace period ended",
-        STOPPED: ("the session's container stopped (the host or the Docker engine"
-                  " restarted): the session is kept"),
-    }.get(reason, f"the session was put away ({REASONS.get(reason, reason)})")
+    if why is not None:
+        why = f"{why}: the session is kept"
+    else:
+        why = {
+            PUT_AWAY: "the session was put away",
+            GRACE: "the session was put away: its last tab closed and the grace period ended",
+            STOPPED: ("the session's container stopped (the host or the Docker engine"
+                      " restarted): the session is kept"),
+        }.get(reason, f"the session was put away ({REASONS.get(reason, reason)})")
     return (f"{why}; its files are kept until {when(until)}: resume it to go on"
             " (a new shell, the same files)")
 
@@ -374,11 +378,12 @@ class Keeping:
             return fail(NotKept("the session is starting or over: it cannot be put away"))
         return self._keep(session, reason, retention)
 
-    def _keep(self, session, reason: str, retention: float) -> Deferred:
+    def _keep(self, session, reason: str, retention: float, why: str | None = None
+              ) -> Deferred:
         d = Deferred()
         self._waiting.setdefault(session.id, []).append(d)
         self._reasons.setdefault(session.id, reason)
-        session.events.keep(kept_message(reason, self._clock.seconds() + retention))
+        session.events.keep(kept_message(reason, self._clock.seconds() + retention, why))
         return d
 
     def store(self, session) -> Deferred:
@@ -560,7 +565,7 @@ class Keeping:
                   session_id=session.id[:8], message=message)
         # (Its state is not asked: this may run within the transition of
         # its closed stream, which is keepable; the input runs after it.)
-        d = self._keep(session, STOPPED, retention)
+        d = self._keep(session, STOPPED, retention, message)
         d.addErrback(lambda f: _log.info("session {session_id} could not be kept: {error}",
                                          session_id=session.id[:8],
                                          error=f.getErrorMessage()))
