@@ -591,3 +591,11 @@ def test_a_delete_while_being_put_away_waits(manager, docker, monkeypatch):
     stopping[0].callback(True)
     result(deleted)
     assert session.container_id in docker.removed and manager.keeping.kept(None) == []
+
+
+def test_no_records_file_is_made_for_nothing(docker, clock, tmp_path):
+    manager = make_manager(docker, clock, str(tmp_path))
+    result(Deferred.fromCoroutine(manager.recovery.recover()))
+    assert not (tmp_path / "kept-t.json").exists()
+    put_away(manager, docker)
+    assert (tmp_path / "kept-t.json").exists()

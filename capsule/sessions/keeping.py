@@ -199,8 +199,9 @@ class KeptRecords:
         self._write({k: v for k, v in self._records.items() if k in ids})
 
     def _write(self, records: dict[str, dict]) -> None:
-        if records == self._records and (self.path is None or self.path.exists()):
-            return
+        if records == self._records and (self.path is None or self.path.exists()
+                                         or not records):
+            return     # (no file is made to say there is nothing)
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
