@@ -146,3 +146,37 @@ async def test_a_fork_of_a_running_session_has_its_files_and_is_its_own(make_ser
     assert status in (200, 204)
     await eventually(lambda: not any(_volume_exists(name) for name in copies), timeout=30)
     assert _container(source, server.instance)["State"]["Running"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_kept_sessions_owner_is_known_after_a_restart(make_server, tmp_path, cleanup):
+    """
+    With users, a session put away at the end of its grace period is its
+    owner's after a restart of capsule, and nobody else's.
+    """
+    from .test_api import ALICE, BOB
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
+    state = str(tmp_path / "state")
+    options = ("--tokens", str(tokens), "--state-dir", state, "--pool-size", "0")
+    first = make_server("--grace", "1", *options, tuning={"cleanup-interval": 0.2})
+    cleanup(first)
+    session_id = (await deferToThread(create, first, ALICE))["id"]
+    await deferToThread(sh, first, session_id, "echo mine > /workspace/m", token=ALICE)
+    await eventually(lambda: "put away" in first.log(), timeout=30)
+    await deferToThread(first.stop)
+    second = make_server("--grace", "30", *options, instance=first.instance)
+    cleanup(second)
+    await eventually(lambda: "found 1 kept session(s)" in second.log())
+    status, mine = await deferToThread(call, second, "/api/sessions", token=ALICE)
+    assert [(s["id"], s["state"]) for s in mine["sessions"]] == [(session_id, "kept")]
+    status, theirs = await deferToThread(call, second, "/api/sessions", token=BOB)
+    assert theirs["sessions"] == []
+    status, body = await deferToThread(call, second, f"/api/sessions/{session_id}/resume",
+                                       "POST", token=BOB)
+    assert (status, body["code"]) == (404, "session_not_found")
+    status, body = await deferToThread(call, second, f"/api/sessions/{session_id}/resume",
+                                       "POST", token=ALICE)
+    assert status == 200, body
+    out = await deferToThread(sh, second, session_id, "cat /workspace/m", token=ALICE)
+    assert out["stdout"] == "mine\n"
