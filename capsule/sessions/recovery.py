@@ -209,7 +209,8 @@ class Recovery:
         if enabled is False:
             _log.warn(
                 "the Docker engine runs without live-restore: restarting or upgrading dockerd"
-                " stops every container, and so ends every session. Turn it on with"
+                " stops every container, and so every session's processes (their files are"
+                " kept where --retention is on: docs/keeping.md). Turn it on with"
                 " {{\"live-restore\": true}} in /etc/docker/daemon.json, then"
                 " `sudo systemctl reload docker` (no container is stopped by that).")
         return enabled
