@@ -599,3 +599,19 @@ def test_no_records_file_is_made_for_nothing(docker, clock, tmp_path):
     assert not (tmp_path / "kept-t.json").exists()
     put_away(manager, docker)
     assert (tmp_path / "kept-t.json").exists()
+
+
+def test_snapshot_refusals_are_logged_at_a_bounded_rate(docker, clock, tmp_path):
+    from twisted.logger import globalLogPublisher
+    lines = []
+    globalLogPublisher.addObserver(lines.append)
+    try:
+        manager = make_manager(docker, clock, str(tmp_path), max_snapshots=0)
+        session, _ = running(manager, docker)
+        for _ in range(5):
+            with pytest.raises(KeptLimit):
+                result(manager.keeping.snapshot(session.id, None, "s"))
+    finally:
+        globalLogPublisher.removeObserver(lines.append)
+    refused = [e for e in lines if "snapshot refused" in e.get("log_format", "")]
+    assert len(refused) == 1

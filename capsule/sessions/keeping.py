@@ -33,6 +33,7 @@ from capsule.core.kept import (GRACE, KEPT_LIMIT, PUT_AWAY, REASONS, SCREEN_MAX_
                                SCREEN_PATH, SNAPSHOT_NOT_FOUND, STOPPED, KeptSession, Snapshot,
                                check_snapshot_name, closing_outcome)
 from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER
+from capsule.core.ratelog import RateLimitedLog
 
 _log = Logger()
 
@@ -259,6 +260,8 @@ class Keeping:
         # Kept sessions being resumed or deleted: by id, what waits for it.
         self._busy: dict[str, Deferred] = {}
         self._sizes_at = float("-inf")
+        # Refusals a client can repeat at will: logged at a bounded rate.
+        self._refusals = RateLimitedLog(_log)
         # Kept sessions whose container could not be stopped (the engine
         # failed): the sweep tries again.
         self._unstopped: set[str] = set()
@@ -797,8 +800,11 @@ class Keeping:
             raise SnapshotExists(f"there is a snapshot named {name} already: delete it, or"
                                  " choose another name")
         if len(mine) >= self.config.max_snapshots:
-            _log.info("snapshot refused{who}: {count} snapshots, the most allowed",
-                      who=f" to {owner}" if owner else "", count=len(mine), user=owner)
+            self._refusals.warn(self._clock.seconds(), owner or "", KEPT_LIMIT,
+                                "snapshot refused{who}: {count} snapshots, the most allowed"
+                                " (--max-snapshots-per-user)",
+                                who=f" to {owner}" if owner else "", count=len(mine),
+                                user=owner)
             raise KeptLimit(f"you keep {len(mine)} snapshots, the most allowed"
                             f" ({self.config.max_snapshots}): delete one first")
         tag = f"{self._manager.config.instance}-{user_hash(owner)}-{name}"
