@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from capsule.core.errors import CapsuleError, ContainerGone, SessionNotFound
