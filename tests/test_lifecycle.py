@@ -420,8 +420,6 @@ RETURNS = {
     **{(s, "expire"): s in (_D, _RC) for s in STATUS if s != "New"},
     **{(s, "let_go"): s in (_A, _D, _RC, _RS, _RSA, _I, _IA, _R, _RA)
        for s in STATUS if s != "New"},
-    **{(s, "keep"): s in (_A, _D, _RC, _RS, _RSA, _I, _IA, _R, _RA)
-       for s in STATUS if s != "New"},
 }
 
 
@@ -1202,7 +1200,8 @@ def test_keep_forgets_the_session_and_keeps_its_container(reach):
     """
     rig = reach()
     stream, client = rig.core.stream, rig.core.client
-    assert rig.lc.keep(KEPT_MESSAGE) is True
+    assert rig.core.owner is rig.owner and rig.lc.status().keepable
+    rig.lc.keep(KEPT_MESSAGE)
     assert rig.state == "Keeping" and rig.lc.status() == "keeping"
     assert rig.effects.calls == [("forget", rig.owner), ("keep", rig.owner)]
     assert rig.core.client is None and rig.core.stream is None
@@ -1217,7 +1216,8 @@ def test_keep_forgets_the_session_and_keeps_its_container(reach):
 def test_keep_leaves_a_session_without_a_shell_or_over_alone(reach):
     rig = reach()
     before = rig.snapshot()
-    assert rig.lc.keep(KEPT_MESSAGE) is False
+    assert not rig.lc.status().keepable
+    rig.lc.keep(KEPT_MESSAGE)
     assert rig.snapshot() == before and rig.quiet()
 
 

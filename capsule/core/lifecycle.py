@@ -561,7 +561,7 @@ _KEEPABLE = (Attached, Detached, Recovered, Resuming, ResumingAlone, Interrupted
 
 for _state in _KEEPABLE:
     @_state.upon(SessionEvents.keep).to(Keeping)
-    def _put_away(session: SessionEvents, core: SessionCore, message: str) -> bool:
+    def _put_away(session: SessionEvents, core: SessionCore, message: str) -> None:
         """
         Its client hears why (that it is kept, and can be resumed), nobody
         finds it live any more, its stream is closed (the shell lives on
@@ -576,12 +576,11 @@ for _state in _KEEPABLE:
         if client is not None:
             client.session_ended(None, message)
         core.effects.keep(core.owner)
-        return True
 
 for _state in (Starting, StartingOrphaned, Preparing, PreparingAlone, Keeping, Ending, Ended):
     # Nothing to keep yet (its container is being made: it ends as today),
     # or nothing any more.
-    _state.upon(SessionEvents.keep).loop().returns(False)
+    _state.upon(SessionEvents.keep).loop().returns(None)
 
 
 @Keeping.upon(SessionEvents.kept).to(Ended)

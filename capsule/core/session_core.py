@@ -58,6 +58,12 @@ class State(str, enum.Enum):
         return self in (State.DETACHED, State.RECOVERED)
 
     @property
+    def keepable(self) -> bool:
+        "Its shell ran and it is not over: it can be put away."
+        return self in (State.RUNNING, State.DETACHED, State.RECOVERED, State.RESUMING,
+                        State.INTERRUPTED, State.REATTACHING)
+
+    @property
     def settled(self) -> bool:
         "Its shell runs, or waits to be resumed: nothing is under way."
         return self in (State.RUNNING, State.DETACHED, State.RECOVERED)
@@ -363,11 +369,11 @@ class SessionEvents(Protocol):
     def removed(self) -> None:
         "Its container is removed."
 
-    def keep(self, message: str) -> bool:
+    def keep(self, message: str) -> None:
         """
         Put the session away: its client hears C{message}, nobody finds it
-        live any more, and its container is stopped and kept, not removed;
-        return whether it is being put away (not one starting or over).
+        live any more, and its container is stopped and kept, not removed
+        (one starting or over is left as it is: see L{State.keepable}).
         """
 
     def kept(self) -> None:

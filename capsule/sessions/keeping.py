@@ -24,14 +24,16 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from capsule.core.errors import CapsuleError, ContainerGone, SessionNotFound
+from capsule.core.keeper import encode_screen
 from capsule.core.kept import (GRACE, KEPT_LIMIT, PUT_AWAY, REASONS, SCREEN_MAX_BYTES,
                                SCREEN_PATH, SNAPSHOT_NOT_FOUND, STOPPED, KeptSession, Snapshot,
                                check_snapshot_name, closing_outcome)
 from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER
+from capsule.core.ratelog import RateLimitedLog
 
 _log = Logger()
 
@@ -101,11 +103,6 @@ class KeepingConfig:
     state_dir: str | None = None
 
 
-# Nothing is kept: sessions are removed as they end (a manager made without
-# a keeping config).
-NOT_KEPT = KeepingConfig(retention=0.0)
-
-
 def when(seconds: float) -> str:
     """
     A time as people read it in a message: C{14 Dec 2026 10:05 UTC}.
@@ -113,17 +110,21 @@ def when(seconds: float) -> str:
     return time.strftime("%d %b %Y %H:%M UTC", time.gmtime(seconds))
 
 
-def kept_message(reason: str, until: float) -> str:
+def kept_message(reason: str, until: float, why: str | None = None) -> str:
     """
     What the client of a session being put away is told (its
-    C{session_ended} message).
+    C{session_ended} message); C{why}: what happened to it, where more is
+    known than the reason (its container stopped: how).
     """
-    why = {
-        PUT_AWAY: "the session was put away",
-        GRACE: "the session was put away: its last tab closed and the grace period ended",
-        STOPPED: ("the session's container stopped (the host or the Docker engine"
-                  " restarted): the session is kept"),
-    }.get(reason, f"the session was put away ({REASONS.get(reason, reason)})")
+    if why is not None:
+        why = f"{why}: the session is kept"
+    else:
+        why = {
+            PUT_AWAY: "the session was put away",
+            GRACE: "the session was put away: its last tab closed and the grace period ended",
+            STOPPED: ("the session's container stopped (the host or the Docker engine"
+                      " restarted): the session is kept"),
+        }.get(reason, f"the session was put away ({REASONS.get(reason, reason)})")
     return (f"{why}; its files are kept until {when(until)}: resume it to go on"
             " (a new shell, the same files)")
 
@@ -180,6 +181,12 @@ class KeptRecords:
     def get(self, session_id: str) -> dict | None:
         return self._records.get(session_id)
 
+    def taken(self, session_id: str, user: str | None) -> None:
+        """
+        A warm session was taken: a live one's record (no reason yet).
+        """
+        self._write({**self._records, session_id: {"user": user, "reason": None}})
+
     def put(self, session_id: str, user: str | None, reason: str, kept_at: float) -> None:
         self._write({**self._records, session_id: {"user": user, "reason": reason,
                                                    "kept_at": kept_at}})
@@ -193,8 +200,9 @@ class KeptRecords:
         self._write({k: v for k, v in self._records.items() if k in ids})
 
     def _write(self, records: dict[str, dict]) -> None:
-        if records == self._records and (self.path is None or self.path.exists()):
-            return
+        if records == self._records and (self.path is None or self.path.exists()
+                                         or not records):
+            return     # (no file is made to say there is nothing)
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -245,9 +253,15 @@ class Keeping:
         self._reasons: dict[str, str] = {}
         self._waiting: dict[str, list[Deferred]] = {}
         self._storing: set[str] = set()
+        # Those being put away, listed and found as kept already (a resume
+        # or a delete waits for the put away: C{_stores}).
+        self._pending: dict[str, KeptSession] = {}
+        self._stores: dict[str, Deferred] = {}
         # Kept sessions being resumed or deleted: by id, what waits for it.
         self._busy: dict[str, Deferred] = {}
         self._sizes_at = float("-inf")
+        # Refusals a client can repeat at will: logged at a bounded rate.
+        self._refusals = RateLimitedLog(_log)
         # Kept sessions whose container could not be stopped (the engine
         # failed): the sweep tries again.
         self._unstopped: set[str] = set()
@@ -285,21 +299,25 @@ class Keeping:
         C{user}'s kept sessions, oldest put away first (C{None}: those of
         nobody, which is everyone's where capsule has no users).
         """
-        return sorted((k for k in self._kept.values() if k.user == user),
+        return sorted((k for k in self._everyone() if k.user == user),
                       key=lambda k: k.kept_at)
+
+    def _everyone(self) -> list[KeptSession]:
+        return [*self._kept.values(),
+                *(k for i, k in self._pending.items() if i not in self._kept)]
 
     def kept_all(self) -> list[KeptSession]:
         """
         Every kept session (the admin API's).
         """
-        return sorted(self._kept.values(), key=lambda k: k.kept_at)
+        return sorted(self._everyone(), key=lambda k: k.kept_at)
 
     def find(self, session_id: str, user: str | None) -> KeptSession | None:
         """
         The kept session C{session_id} if C{user} may use it: another
         user's is, to that user, one that does not exist.
         """
-        kept = self._kept.get(session_id)
+        kept = self._kept.get(session_id) or self._pending.get(session_id)
         if kept is None or kept.user != user:
             return None
         return kept
@@ -321,6 +339,29 @@ class Keeping:
         """
         return sum(k.size or 0 for k in self._kept.values() if user is None or k.user == user)
 
+    # -- warm sessions ------------------------------------------------------------
+
+    def taken(self, session) -> None:
+        """
+        A warm session was taken: recorded, so that, stopped, it is a kept
+        session (its container's label says it was warm).
+        """
+        self._records.taken(session.id, session.core.user)
+
+    def untaken(self, session_id: str, labels: dict) -> bool:
+        """
+        Whether a container of an earlier run is a warm one nobody took.
+        """
+        return labels.get(LABEL_WARM) == "true" and self._records.get(session_id) is None
+
+    def forgotten(self, session) -> None:
+        """
+        (The manager's.)  A live session is gone: its record goes unless it
+        is being put away.
+        """
+        if session.id not in self._reasons and session.id not in self._kept:
+            self._records.drop(session.id)
+
     # -- putting away --------------------------------------------------------------
 
     def put_away(self, session, reason: str = PUT_AWAY) -> Deferred:
@@ -337,14 +378,16 @@ class Keeping:
                                 " retention is 0): closing it removes it"))
         if session.container_id is None:
             return fail(NotKept("the session is still starting: it cannot be put away yet"))
+        if not session.state.keepable:
+            return fail(NotKept("the session is starting or over: it cannot be put away"))
+        return self._keep(session, reason, retention)
+
+    def _keep(self, session, reason: str, retention: float, why: str | None = None
+              ) -> Deferred:
         d = Deferred()
         self._waiting.setdefault(session.id, []).append(d)
         self._reasons.setdefault(session.id, reason)
-        until = self._clock.seconds() + retention
-        if not session.events.keep(kept_message(reason, until)):
-            self._waiting.pop(session.id, None)
-            self._reasons.pop(session.id, None)
-            return fail(NotKept("the session is starting or over: it cannot be put away"))
+        session.events.keep(kept_message(reason, self._clock.seconds() + retention, why))
         return d
 
     def store(self, session) -> Deferred:
@@ -353,10 +396,14 @@ class Keeping:
         container, record it as kept; then feed its lifecycle C{kept}.
         """
         self._storing.add(session.id)
+        stored = self._stores[session.id] = Deferred()
         d = Deferred.fromCoroutine(self._store(session))
 
         def done(result):
             self._storing.discard(session.id)
+            self._pending.pop(session.id, None)
+            del self._stores[session.id]
+            stored.callback(None)
             return result
         return d.addBoth(done)
 
@@ -368,11 +415,19 @@ class Keeping:
         settings = self._settings(session)
         screen, _ = core.replay.since(max(core.replay.start,
                                           core.replay.end - SCREEN_MAX_BYTES))
+        screen = screen[-SCREEN_MAX_BYTES:]
+        kept = self._pending[session.id] = KeptSession(
+            id=session.id, container_id=container_id, user=core.user, profile=session.profile,
+            created=core.created_at, kept_at=self._clock.seconds(),
+            retention=self.retention_of(settings), reason=reason, command=_command(settings),
+            extra={"volumes": dict(getattr(session, "own_volumes", {}) or {})})
         try:
             if screen:
                 try:
+                    # As the keeper writes it (docs/protocol.md): the keeper
+                    # started at the resume shows it at the offsets it had.
                     await self._docker.put_file(container_id, SCREEN_PATH,
-                                                screen[-SCREEN_MAX_BYTES:],
+                                                encode_screen(screen, core.replay.end),
                                                 uid=SESSION_UID, gid=SESSION_GID)
                 except ContainerGone:
                     raise
@@ -395,14 +450,8 @@ class Keeping:
                        " away: {error}; it is stopped again later",
                        session_id=session.id[:8], error=_error(e))
             self._unstopped.add(session.id)
-        now = self._clock.seconds()
-        kept = KeptSession(
-            id=session.id, container_id=container_id, user=core.user, profile=session.profile,
-            created=core.created_at, kept_at=now, retention=self.retention_of(settings),
-            reason=reason, command=_command(settings),
-            extra={"volumes": dict(getattr(session, "own_volumes", {}) or {})})
         self._kept[session.id] = kept
-        self._records.put(session.id, core.user, reason, now)
+        self._records.put(session.id, core.user, reason, kept.kept_at)
         _log.info("session {session_id}{who} put away ({why}); kept until {until}",
                   session_id=session.id[:8], why=REASONS.get(reason, reason),
                   until=when(kept.expires_at), who=f" of {core.user}" if core.user else "",
@@ -436,7 +485,8 @@ class Keeping:
         """
         config = self.config
         while True:
-            mine = self.kept(user)
+            # (One being put away meanwhile is not counted until it is kept.)
+            mine = [k for k in self.kept(user) if k.id in self._kept]
             older = [k for k in mine if k is not newest]
             if not older:
                 return
@@ -471,7 +521,7 @@ class Keeping:
                     or session_id in self._kept):
                 continue
             record = self._records.get(session_id)
-            if record is None and labels.get(LABEL_WARM) == "true":
+            if self.untaken(session_id, labels):
                 continue    # a warm container nobody took: a leftover
             profile = labels.get(LABEL_PROFILE) or DEFAULT_PROFILE
             settings = manager.profiles.get(profile) or manager.profiles[DEFAULT_PROFILE]
@@ -479,6 +529,7 @@ class Keeping:
             if retention <= 0:
                 continue    # a leftover: its profile keeps nothing
             if record is not None:
+                # (A taken warm session's record has no reason yet.)
                 user, reason = record.get("user"), record.get("reason") or STOPPED
                 kept_at = record.get("kept_at")
             else:
@@ -495,9 +546,10 @@ class Keeping:
                 size=container.get("size"), command=_command(settings),
                 name=container.get("name") or "",
                 extra={"volumes": own_volumes(labels)})
-            if record is None:
+            if record is None or record.get("reason") is None:
                 self._records.put(session_id, user, STOPPED, float(kept_at))
-        self._records.keep_only(self._kept)
+        # The records of the kept sessions, and of the live ones found.
+        self._records.keep_only(set(self._kept) | set(manager.sessions))
         self._sizes_at = now
         if self._kept:
             _log.info("found {count} kept session(s)", count=len(self._kept))
@@ -509,11 +561,15 @@ class Keeping:
         host or the engine restarted): put it away (reason C{stopped}) where
         its profile keeps sessions; return whether it did.
         """
-        if self.retention_of(self._settings(session)) <= 0 or session.container_id is None:
+        retention = self.retention_of(self._settings(session))
+        if (retention <= 0 or session.container_id is None or not session.ran
+                or session.untaken):
             return False
         _log.info("session {session_id}: {message}; it is kept",
                   session_id=session.id[:8], message=message)
-        d = self.put_away(session, STOPPED)
+        # (Its state is not asked: this may run within the transition of
+        # its closed stream, which is keepable; the input runs after it.)
+        d = self._keep(session, STOPPED, retention, message)
         d.addErrback(lambda f: _log.info("session {session_id} could not be kept: {error}",
                                          session_id=session.id[:8],
                                          error=f.getErrorMessage()))
@@ -532,6 +588,8 @@ class Keeping:
 
     async def _resume(self, session_id: str, user: str | None):
         manager = self._manager
+        if session_id in self._stores and self.find(session_id, user) is not None:
+            await _wait(self._stores[session_id])      # being put away: once it is
         live = manager.find(session_id, user)
         if live is not None:
             return live         # resumed already
@@ -574,12 +632,17 @@ class Keeping:
         Remove a kept session: its container and its volumes.  Fail with
         L{SessionNotFound}.
         """
-        kept = self.find(session_id, user)
-        if kept is None or session_id in self._busy:
-            return fail(SessionNotFound(f"session {session_id} does not exist"))
+        return Deferred.fromCoroutine(self._delete(session_id, user))
+
+    async def _delete(self, session_id: str, user: str | None) -> None:
+        if session_id in self._stores and self.find(session_id, user) is not None:
+            await _wait(self._stores[session_id])      # being put away: once it is
+        kept = self._kept.get(session_id)
+        if kept is None or kept.user != user or session_id in self._busy:
+            raise SessionNotFound(f"session {session_id} does not exist")
         _log.info("deleting kept session {session_id}{who}", session_id=session_id[:8],
                   who=f" of {user}" if user else "", user=user)
-        return Deferred.fromCoroutine(self._remove(kept))
+        await self._remove(kept)
 
     async def _remove(self, kept: KeptSession) -> None:
         done = Deferred()
@@ -595,11 +658,11 @@ class Keeping:
     async def _remove_volumes(self, volumes: dict[str, str]) -> None:
         """
         Remove the volumes a session made from a snapshot owned (its copies
-        of the snapshot's; its image's tag went when it was made).
+        of the snapshot's; its image's tag went when it was made), and its
+        untagged image: what no container or snapshot uses any more.
         """
         if volumes:
-            await self._docker.remove_snapshot(Snapshot(image="", volumes=dict(volumes),
-                                                        labels={}, created=0.0))
+            await self._docker.prune_snapshots(self._manager.labels)
 
     def _forget(self, kept: KeptSession) -> None:
         self._kept.pop(kept.id, None)
@@ -737,8 +800,11 @@ class Keeping:
             raise SnapshotExists(f"there is a snapshot named {name} already: delete it, or"
                                  " choose another name")
         if len(mine) >= self.config.max_snapshots:
-            _log.info("snapshot refused{who}: {count} snapshots, the most allowed",
-                      who=f" to {owner}" if owner else "", count=len(mine), user=owner)
+            self._refusals.warn(self._clock.seconds(), owner or "", KEPT_LIMIT,
+                                "snapshot refused{who}: {count} snapshots, the most allowed"
+                                " (--max-snapshots-per-user)",
+                                who=f" to {owner}" if owner else "", count=len(mine),
+                                user=owner)
             raise KeptLimit(f"you keep {len(mine)} snapshots, the most allowed"
                             f" ({self.config.max_snapshots}): delete one first")
         tag = f"{self._manager.config.instance}-{user_hash(owner)}-{name}"

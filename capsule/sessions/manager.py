@@ -42,8 +42,7 @@ from capsule.engine.keeper_direct import KeeperUnreachable
 from capsule.engine.keeper_stream import ShellProtocol
 from capsule.sessions.engine_watch import EngineWatch
 from capsule.sessions.fair_share import FairShare
-from capsule.sessions.keeping import (LABEL_OWN_VOLUMES, LABEL_WARM, NOT_KEPT, Keeping,
-                                      own_volumes_label)
+from capsule.sessions.keeping import LABEL_OWN_VOLUMES, LABEL_WARM, Keeping, own_volumes_label
 from capsule.core.counting import Uncounted
 from capsule.sessions.observers import SessionObservers
 from capsule.sessions.pool import WarmPool, WarmPools
@@ -75,7 +74,8 @@ class SessionManager:
     @param pool_room: whether the server has room for one more warm session
         beyond a pool's size (see L{WarmPool}); default: always.
     @param keeping: how sessions are kept (L{capsule.sessions.keeping.KeepingConfig});
-        default: none is (retention 0: sessions are removed as they end).
+        C{None} (the default): never (C{keeping} is C{None}; sessions are
+        removed as they end).
     @param session_environment: callables C{(session_id, profile)} each
         returning variables for the environment of that session's container
         (a feature's: the credential gateway's placeholder, git's and the
@@ -85,7 +85,7 @@ class SessionManager:
     @ivar sessions: the live sessions by id.
     @ivar recovery: finds the sessions of an earlier run (L{Recovery}).
     @ivar keeping: the kept sessions, and putting away, resuming, forking
-        (L{Keeping}).
+        (L{Keeping}); C{None}: sessions are never kept.
     """
 
     # When a client last sent input to any session (the warm pools refill
@@ -117,11 +117,12 @@ class SessionManager:
         self.metrics = metrics if metrics is not None else Uncounted()
         self.observers = SessionObservers([self.metrics, owners, *observers])
         self.recovery = Recovery(self, docker, owners)
-        self.keeping = Keeping(self, docker, clock,
-                               keeping if keeping is not None else NOT_KEPT, owners)
+        self.keeping = (Keeping(self, docker, clock, keeping, owners) if keeping is not None
+                        else None)
         self.fair_share = FairShare(docker, self.sessions, config.spec.cpu_shares)
         self.engine_watch = EngineWatch(docker, clock, self._spec_of, config.keeper,
-                                        config.grace, stopped=self.keeping.stopped)
+                                        config.grace,
+                                        stopped=self.keeping and self.keeping.stopped)
         # Container removals under way, and containers being made (created
         # and started: one ended meanwhile is removed once its id is known),
         # which a stopping server waits for.
@@ -192,7 +193,10 @@ class SessionManager:
         A session of an earlier run, found in its container (see
         L{Recovery}): registered, its lifecycle not yet told.
         """
-        return self._new_session(session_id, WARM_SIZE, container_id=container_id, user=user)
+        session = self._new_session(session_id, WARM_SIZE, container_id=container_id,
+                                    user=user)
+        session.ran = True
+        return session
 
     # -- what clients ask for --------------------------------------------
 
@@ -270,6 +274,10 @@ class SessionManager:
         now = self._clock.seconds()
         waited = now - core.created_at
         core.user, core.warm = user, True
+        # Its container says it was warm: stopped, it is a kept session only
+        # if recorded as taken.
+        if self.keeping is not None:
+            self.keeping.taken(session)
         # Its lifetime and idleness count from now: it is this client's now.
         core.created_at = core.active_at = now
         self.sessions[session.id] = session
@@ -392,7 +400,8 @@ class SessionManager:
         End a session whose grace period is over, or put it away where its
         profile keeps sessions (L{Keeping}); return whether it ended.
         """
-        if (session.state.waiting and session.container_id is not None
+        if (self.keeping is not None and session.state.waiting
+                and session.container_id is not None and not session.untaken
                 and self.keeping.retention_of(session.settings or self.profiles[DEFAULT_PROFILE])
                 > 0):
             d = self.keeping.put_away(session, GRACE)
@@ -593,6 +602,8 @@ class SessionManager:
 
     def forget(self, session: Session) -> None:
         session.went_away()
+        if self.keeping is not None:
+            self.keeping.forgotten(session)
         pool = self.pool.holder(session)
         if pool is not None:
             # A warm session, never taken: the pool says what became of it.
@@ -611,6 +622,7 @@ class SessionManager:
 
     def went_live(self, session: Session, resumed: bool) -> None:
         core = session.core
+        session.ran = True
         pool = self.pool.holder(session)
         if pool is not None:
             pool.went_live(session)
@@ -711,11 +723,9 @@ class SessionManager:
             return succeed(None)
         d = self._docker.remove_container(container_id)
         if session.own_volumes:
-            # Copies of a snapshot's volumes (a fork's): named, they outlive
-            # the container unless removed with it.
-            volumes = dict(session.own_volumes)
-            d.addCallback(lambda _: self._docker.remove_snapshot(Snapshot(
-                image="", volumes=volumes, labels={}, created=0.0)))
+            # Copies of a snapshot's volumes (a fork's): the engine removes
+            # only anonymous ones with a container; these go now.
+            d.addCallback(lambda _: self._docker.prune_snapshots(self.labels))
         d.addErrback(lambda f: _log.error(
             "could not remove container {container} of session {session_id}: {error}",
             container=container_id[:12], session_id=session.id[:8], error=f.getErrorMessage()))

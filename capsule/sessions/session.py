@@ -122,6 +122,12 @@ class Session:
         self.listening_ports: tuple[int, ...] = ()
         self.ports_known = False
         self.ports_more = 0
+        # Whether its shell ran (in this run of capsule, or in an earlier
+        # one): only then is there anything to keep.
+        self.ran = False
+        # A warm container of an earlier run that nobody took: nobody's work,
+        # never kept.
+        self.untaken = False
         # A resumed kept session: when it was put away (the connected
         # frame's resumed_from); C{None}: it was not.
         self.resumed_from: float | None = None
