@@ -15,7 +15,7 @@ from capsule.core.kept import GRACE, PUT_AWAY, SCREEN_PATH, STOPPED, KeptSession
 from capsule.core.profiles import LABEL_PROFILE, Profile, ProfileError, load_profiles
 from capsule.core.spec import ContainerSpec
 from capsule.sessions.cleanup import CleanupService, expire_due
-from capsule.sessions.keeping import (LABEL_OWN_VOLUMES, LABEL_WARM, SNAPSHOT_REPOSITORY,
+from capsule.sessions.keeping import (LABEL_OWN_VOLUMES, PRUNE_AGAIN, LABEL_WARM, SNAPSHOT_REPOSITORY,
                                       KeepingConfig, KeptLimit, NotKept, SnapshotExists,
                                       SnapshotNotFound, kept_message)
 from capsule.sessions.manager import SessionManager
@@ -379,7 +379,7 @@ def test_a_profiles_retention_wins(docker, clock, tmp_path):
 
 # -- forks -------------------------------------------------------------------------------------------
 
-def test_a_fork_has_the_same_files_and_is_independent(manager, docker):
+def test_a_fork_has_the_same_files_and_is_independent(manager, docker, clock):
     session, _ = running(manager, docker, user="alice")
     docker.add_file(session.container_id, "/workspace/notes.txt", b"draft 1")
     new_id = result(manager.keeping.fork(session.id, "alice"))
@@ -398,8 +398,14 @@ def test_a_fork_has_the_same_files_and_is_independent(manager, docker):
     docker.add_file(fork.container_id, "/workspace/notes.txt", b"draft 2")
     assert docker.containers[session.container_id]["files"]["/workspace/notes.txt"] == \
         b"draft 1"
-    # Ended, it takes its volumes with it.
+    # Ended, it takes its volumes with it: at once where the engine finds
+    # them old enough, else at the sweep after the engine's grace.
     manager.end(fork, "done")
+    assert set(mounted.values()) <= set(docker.volumes)
+    for name in mounted.values():
+        docker.volumes[name]["created"] -= 601
+    clock.advance(PRUNE_AGAIN)
+    result(manager.keeping.sweep())
     assert not set(mounted.values()) & set(docker.volumes)
 
 
@@ -426,6 +432,8 @@ def test_a_kept_fork_takes_its_volumes_when_swept(manager, docker, clock):
     volumes = set(fork.own_volumes.values())
     assert volumes and volumes <= set(docker.volumes)
     result(manager.keeping.put_away(fork))
+    for name in volumes:  # (the fake engine's volumes age by the wall clock)
+        docker.volumes[name]["created"] -= 7 * DAY
     result(manager.keeping.sweep(clock.seconds() + 7 * DAY))
     assert fork.container_id in docker.removed
     assert not volumes & set(docker.volumes)

@@ -54,6 +54,10 @@ SESSION_UID = SESSION_GID = 1000
 DEFAULT_RETENTION = 7 * 86400.0
 # How often the sizes of kept sessions are asked of the engine (by the sweep).
 SIZE_REFRESH = 300.0
+# Seconds after a session's own copies of snapshot volumes were let go that
+# they are pruned once more: the engine leaves a copy younger than its
+# grace (600 s, a copy another fork may be about to mount) to a later prune.
+PRUNE_AGAIN = 660.0
 
 
 class NotKept(CapsuleError):
@@ -260,6 +264,7 @@ class Keeping:
         # Kept sessions being resumed or deleted: by id, what waits for it.
         self._busy: dict[str, Deferred] = {}
         self._sizes_at = float("-inf")
+        self._prune_at: float | None = None
         # Refusals a client can repeat at will: logged at a bounded rate.
         self._refusals = RateLimitedLog(_log)
         # Kept sessions whose container could not be stopped (the engine
@@ -662,7 +667,17 @@ class Keeping:
         untagged image: what no container or snapshot uses any more.
         """
         if volumes:
-            await self._docker.prune_snapshots(self._manager.labels)
+            await self.release_volumes()
+
+    def release_volumes(self) -> Deferred:
+        """
+        A session that owned copies of a snapshot's volumes (a fork, or a
+        session from a named snapshot) was removed: prune what no container
+        or snapshot uses now, and once more L{PRUNE_AGAIN} seconds later (in
+        L{sweep}), for the copies the engine found too fresh to remove.
+        """
+        self._prune_at = self._clock.seconds() + PRUNE_AGAIN
+        return self._docker.prune_snapshots(self._manager.labels)
 
     def _forget(self, kept: KeptSession) -> None:
         self._kept.pop(kept.id, None)
@@ -699,6 +714,13 @@ class Keeping:
                     await self._docker.stop_container(kept.container_id)
                 except Exception:
                     self._unstopped.add(session_id)
+        if self._prune_at is not None and now >= self._prune_at:
+            self._prune_at = None
+            try:
+                await self._docker.prune_snapshots(self._manager.labels)
+            except Exception as e:
+                _log.warn("could not remove the volumes removed forks left: {error}",
+                          error=_error(e))
         if self._kept and now - self._sizes_at >= SIZE_REFRESH:
             self._sizes_at = now
             await self._refresh_sizes()

@@ -725,7 +725,8 @@ class SessionManager:
         if session.own_volumes:
             # Copies of a snapshot's volumes (a fork's): the engine removes
             # only anonymous ones with a container; these go now.
-            d.addCallback(lambda _: self._docker.prune_snapshots(self.labels))
+            d.addCallback(lambda _: self.keeping.release_volumes() if self.keeping is not None
+                          else self._docker.prune_snapshots(self.labels))
         d.addErrback(lambda f: _log.error(
             "could not remove container {container} of session {session_id}: {error}",
             container=container_id[:12], session_id=session.id[:8], error=f.getErrorMessage()))
