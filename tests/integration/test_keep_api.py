@@ -17,9 +17,8 @@ import pytest
 
 from tests.support.clients import BlockingTerminal, SessionEnded
 from tests.support.httpclient import request
-from tests.support.live import remove_instance_images
 
-from .harness import docker_client
+from .harness import docker_client, remove_instance_containers
 from .test_api import ALICE, BOB, call, create, sh
 
 
@@ -32,7 +31,21 @@ def _container_of(server, session_id: str):
 
 
 def _remove_snapshots(server) -> None:
-    remove_instance_images(server.instance)
+    """
+    Stop C{server}, remove its containers, then its snapshot images, tagged
+    or not (a fork's image is untagged once its container exists).
+    """
+    import docker
+    server.stop()
+    remove_instance_containers(server.instance)
+    api = docker_client().api
+    for image in api.images(filters={"label": f"io.capsule.instance={server.instance}"}):
+        names = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
+        for name in names or [image["Id"]]:
+            try:
+                api.remove_image(name, force=True)
+            except docker.errors.NotFound:
+                pass
 
 
 @pytest.fixture
