@@ -173,3 +173,47 @@ def test_another_users_kept_session_and_snapshot_are_404(make_server, tmp_path):
     assert call(server, "/api/snapshots/s", "DELETE", token=BOB)[0] == 404
     assert [s["state"] for s in call(server, "/api/sessions", token=ALICE)[1][
         "sessions"]] == ["kept"]
+
+
+def test_the_keepings_answers_match_the_openapi_document(keeping):
+    """
+    Each answer's status is documented for its route, and its JSON body
+    validates against the documented schema.
+    """
+    jsonschema = pytest.importorskip("jsonschema")
+    from capsule.web.openapi import document
+    server = keeping
+    doc = document()
+    seen = []
+
+    def check(template, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        status, _, payload = request(server.url + path, method,
+                                     {"Content-Type": "application/json"} if data else {},
+                                     data, timeout=120)
+        answer = doc["paths"][template][method.lower()]["responses"].get(str(status))
+        assert answer is not None, (method, template, status, payload[:200])
+        schema = {**answer["content"]["application/json"]["schema"],
+                  "components": doc["components"]}
+        jsonschema.validate(json.loads(payload), schema, cls=jsonschema.Draft202012Validator)
+        seen.append(status)
+        return json.loads(payload)
+
+    session_id = create(server)["id"]
+    check("/api/sessions/{id}/put-away", "POST", f"/api/sessions/{session_id}/put-away")
+    check("/api/sessions", "GET", "/api/sessions")
+    check("/api/sessions/{id}", "GET", f"/api/sessions/{session_id}")
+    check("/api/snapshots", "POST", "/api/snapshots", {"session": session_id, "name": "doc"})
+    check("/api/snapshots", "POST", "/api/snapshots", {"session": session_id, "name": "doc"})
+    check("/api/snapshots", "POST", "/api/snapshots", {"session": session_id, "name": "No"})
+    check("/api/snapshots", "GET", "/api/snapshots")
+    check("/api/snapshots/{name}/sessions", "POST", "/api/snapshots/doc/sessions")
+    check("/api/snapshots/{name}", "DELETE", "/api/snapshots/doc")
+    check("/api/snapshots/{name}", "DELETE", "/api/snapshots/doc")
+    check("/api/sessions/{id}/fork", "POST", f"/api/sessions/{session_id}/fork")
+    check("/api/sessions/{id}/resume", "POST", f"/api/sessions/{session_id}/resume")
+    check("/api/sessions/{id}/resume", "POST", f"/api/sessions/{MISSING}/resume")
+    assert seen == [200, 200, 200, 201, 409, 400, 200, 201, 200, 404, 201, 200, 404]
+
+
+MISSING = "00000000-0000-4000-8000-000000000000"
