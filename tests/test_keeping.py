@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from capsule.core.errors import SessionNotFound
+from capsule.core.keeper import encode_screen, parse_screen
 from capsule.core.kept import GRACE, PUT_AWAY, SCREEN_PATH, STOPPED, KeptSession
 from capsule.core.profiles import LABEL_PROFILE, Profile, ProfileError, load_profiles
 from capsule.core.spec import ContainerSpec
@@ -91,7 +92,9 @@ def test_an_expired_session_is_put_away_not_removed(manager, docker, clock):
     container = docker.containers[session.container_id]
     assert container["state"] == "exited"
     assert session.container_id not in docker.removed
-    assert container["files"][SCREEN_PATH] == b"$ ls\r\nnotes.txt\r\n$ "
+    # As the keeper writes it: the newest output, and the offset it starts at.
+    assert parse_screen(container["files"][SCREEN_PATH]) == (
+        b"$ ls\r\nnotes.txt\r\n$ ", session.replay.end)
     assert container["modes"][SCREEN_PATH][1:] == (1000, 1000)
     [kept] = manager.keeping.kept(None)
     assert (kept.id, kept.reason, kept.retention) == (session.id, GRACE, 7 * DAY)
@@ -103,7 +106,9 @@ def test_the_screen_saved_is_the_last_of_the_output(docker, clock, tmp_path, mon
     monkeypatch.setattr("capsule.sessions.keeping.SCREEN_MAX_BYTES", 10)
     manager = make_manager(docker, clock, str(tmp_path))
     session, _, _ = put_away(manager, docker, output=b"0123456789abcdef")
-    assert docker.containers[session.container_id]["files"][SCREEN_PATH] == b"6789abcdef"
+    saved = docker.containers[session.container_id]["files"][SCREEN_PATH]
+    assert saved == b"\x1b_capsule-screen;start=6\x1b\\6789abcdef"
+    assert parse_screen(saved) == (b"6789abcdef", 16)
 
 
 def test_putting_away_tells_the_client_it_is_kept_until_when(manager, docker, clock):
@@ -138,10 +143,15 @@ def test_a_profile_with_retention_0_is_removed_as_before(docker, clock, tmp_path
     assert manager.keeping.kept(None) == []
 
 
-def test_the_server_default_keeps_nothing_without_a_keeping_config(docker, clock):
+def test_a_manager_without_a_keeping_config_keeps_nothing(docker, clock):
     spec = ContainerSpec(image="capsule-runtime:latest")
     manager = SessionManager(docker, clock, SessionConfig(spec=spec, instance="t", grace=60))
-    assert manager.keeping.retention_of(manager.profiles["shell"]) == 0
+    assert manager.keeping is None
+    session, client = running(manager, docker)
+    manager.detach(session, client)
+    clock.advance(60)
+    expire_due(manager, clock)
+    assert session.container_id in docker.removed
 
 
 def test_a_starting_session_cannot_be_put_away(manager, docker):
@@ -185,7 +195,7 @@ def test_the_oldest_kept_sessions_go_past_the_users_limits(docker, clock, tmp_pa
 def test_the_oldest_go_past_the_users_bytes(docker, clock, tmp_path):
     manager = make_manager(docker, clock, str(tmp_path), max_kept_bytes=100)
     first, _, kept = put_away(manager, docker, output=b"x" * 80)
-    assert kept.size == 80
+    assert kept.size == len(encode_screen(b"x" * 80, 80))     # the screen saved
     clock.advance(1)
     second, _, _ = put_away(manager, docker, output=b"y" * 80)
     assert [k.id for k in manager.keeping.kept(None)] == [second.id]
@@ -519,3 +529,25 @@ def test_a_warm_session_nobody_took_is_never_kept(docker, clock, tmp_path):
     expire_due(again, clock)
     assert warm in docker.removed
     assert again.keeping.kept(None) == []
+
+
+# -- admission ---------------------------------------------------------------------------------------
+
+def test_admission_never_counts_a_kept_session(manager, docker, clock):
+    """
+    A kept session holds no memory and no live session's place: a user at
+    their limit who puts a session away may open another.
+    """
+    from capsule.core.admission import AdmissionControl, AdmissionPolicy, AdmissionRefused
+    from capsule.core.memory import MemoryBudget
+    memory = MemoryBudget(256 * 1024 ** 2, budget=1024 ** 3)
+    admission = AdmissionControl(manager, clock, AdmissionPolicy(
+        max_sessions=1, max_per_user=1, rate=None), memory=memory)
+    session, _ = running(manager, docker, user="alice")
+    with pytest.raises(AdmissionRefused):
+        admission.admit("127.0.0.1", "alice")
+    before = admission.committed_memory()
+    result(manager.keeping.put_away(session))
+    assert admission.committed_memory() < before
+    admission.admit("127.0.0.1", "alice")
+    assert manager.keeping.disk_bytes("alice") > 0

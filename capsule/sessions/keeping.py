@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from capsule.core.errors import CapsuleError, ContainerGone, SessionNotFound
+from capsule.core.keeper import encode_screen
 from capsule.core.kept import (GRACE, KEPT_LIMIT, PUT_AWAY, REASONS, SCREEN_MAX_BYTES,
                                SCREEN_PATH, SNAPSHOT_NOT_FOUND, STOPPED, KeptSession, Snapshot,
                                check_snapshot_name, closing_outcome)
@@ -99,11 +100,6 @@ class KeepingConfig:
     max_kept_bytes: int = 20 * 1024 ** 3
     max_snapshots: int = 20
     state_dir: str | None = None
-
-
-# Nothing is kept: sessions are removed as they end (a manager made without
-# a keeping config).
-NOT_KEPT = KeepingConfig(retention=0.0)
 
 
 def when(seconds: float) -> str:
@@ -406,11 +402,14 @@ class Keeping:
         settings = self._settings(session)
         screen, _ = core.replay.since(max(core.replay.start,
                                           core.replay.end - SCREEN_MAX_BYTES))
+        screen = screen[-SCREEN_MAX_BYTES:]
         try:
             if screen:
                 try:
+                    # As the keeper writes it (docs/protocol.md): the keeper
+                    # started at the resume shows it at the offsets it had.
                     await self._docker.put_file(container_id, SCREEN_PATH,
-                                                screen[-SCREEN_MAX_BYTES:],
+                                                encode_screen(screen, core.replay.end),
                                                 uid=SESSION_UID, gid=SESSION_GID)
                 except ContainerGone:
                     raise

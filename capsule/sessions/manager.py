@@ -29,7 +29,8 @@ from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable, 
 from capsule.core.kept import GRACE, Snapshot
 from capsule.core.channels import CHANNEL_ENV
 from capsule.core.keeper import (SECRET_BYTES, SECRET_LABEL, ListeningPorts, has_own_address,
-                                 keeper_argv, own_ports, parse_secret)
+                                 keeper_argv, keeper_environment, own_ports, parse_secret)
+from capsule.core.kept import SCREEN_PATH
 from capsule.core.session_core import ISessionEffects, SessionCore, State
 from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME,
                                    BadRepository, Profile, agent_volume_name, check_repository,
@@ -41,8 +42,7 @@ from capsule.engine.keeper_direct import KeeperUnreachable
 from capsule.engine.keeper_stream import ShellProtocol
 from capsule.sessions.engine_watch import EngineWatch
 from capsule.sessions.fair_share import FairShare
-from capsule.sessions.keeping import (LABEL_OWN_VOLUMES, LABEL_WARM, NOT_KEPT, Keeping,
-                                      own_volumes_label)
+from capsule.sessions.keeping import LABEL_OWN_VOLUMES, LABEL_WARM, Keeping, own_volumes_label
 from capsule.core.counting import Uncounted
 from capsule.sessions.observers import SessionObservers
 from capsule.sessions.pool import WarmPool, WarmPools
@@ -74,7 +74,8 @@ class SessionManager:
     @param pool_room: whether the server has room for one more warm session
         beyond a pool's size (see L{WarmPool}); default: always.
     @param keeping: how sessions are kept (L{capsule.sessions.keeping.KeepingConfig});
-        default: none is (retention 0: sessions are removed as they end).
+        C{None} (the default): never (C{keeping} is C{None}; sessions are
+        removed as they end).
     @param session_environment: callables C{(session_id, profile)} each
         returning variables for the environment of that session's container
         (a feature's: the credential gateway's placeholder, git's and the
@@ -84,7 +85,7 @@ class SessionManager:
     @ivar sessions: the live sessions by id.
     @ivar recovery: finds the sessions of an earlier run (L{Recovery}).
     @ivar keeping: the kept sessions, and putting away, resuming, forking
-        (L{Keeping}).
+        (L{Keeping}); C{None}: sessions are never kept.
     """
 
     # When a client last sent input to any session (the warm pools refill
@@ -116,11 +117,12 @@ class SessionManager:
         self.metrics = metrics if metrics is not None else Uncounted()
         self.observers = SessionObservers([self.metrics, owners, *observers])
         self.recovery = Recovery(self, docker, owners)
-        self.keeping = Keeping(self, docker, clock,
-                               keeping if keeping is not None else NOT_KEPT, owners)
+        self.keeping = (Keeping(self, docker, clock, keeping, owners) if keeping is not None
+                        else None)
         self.fair_share = FairShare(docker, self.sessions, config.spec.cpu_shares)
         self.engine_watch = EngineWatch(docker, clock, self._spec_of, config.keeper,
-                                        config.grace, stopped=self.keeping.stopped)
+                                        config.grace,
+                                        stopped=self.keeping and self.keeping.stopped)
         # Container removals under way, and containers being made (created
         # and started: one ended meanwhile is removed once its id is known),
         # which a stopping server waits for.
@@ -274,7 +276,8 @@ class SessionManager:
         core.user, core.warm = user, True
         # Its container says it was warm: stopped, it is a kept session only
         # if recorded as taken.
-        self.keeping.taken(session)
+        if self.keeping is not None:
+            self.keeping.taken(session)
         # Its lifetime and idleness count from now: it is this client's now.
         core.created_at = core.active_at = now
         self.sessions[session.id] = session
@@ -397,7 +400,8 @@ class SessionManager:
         End a session whose grace period is over, or put it away where its
         profile keeps sessions (L{Keeping}); return whether it ended.
         """
-        if (session.state.waiting and session.container_id is not None and not session.untaken
+        if (self.keeping is not None and session.state.waiting
+                and session.container_id is not None and not session.untaken
                 and self.keeping.retention_of(session.settings or self.profiles[DEFAULT_PROFILE])
                 > 0):
             d = self.keeping.put_away(session, GRACE)
@@ -471,6 +475,9 @@ class SessionManager:
         command, environment = start_command(
             settings, session.repository,
             volume=bool(settings.agent_volume and self._has_volume(session.core.user)))
+        # The exec that starts the keeper tells it where to keep the screen
+        # (its own variable: the shell does not get it).
+        shell_environment, environment = environment, keeper_environment(environment, SCREEN_PATH)
         if (self._direct is not None and has_own_address(spec.network)
                 and self._direct.available):
             protocol = session.shell = ShellProtocol(session, True, offset,
@@ -501,7 +508,7 @@ class SessionManager:
         if not self.config.keeper:
             await self._docker.spawn_exec(
                 protocol, session.container_id, list(command), spec.user,
-                spec.workdir, environment, None)
+                spec.workdir, shell_environment, None)
             return
         argv = keeper_argv(command, offset, self.config.replay_bytes,
                            self.config.keeper_socket)
@@ -595,7 +602,8 @@ class SessionManager:
 
     def forget(self, session: Session) -> None:
         session.went_away()
-        self.keeping.forgotten(session)
+        if self.keeping is not None:
+            self.keeping.forgotten(session)
         pool = self.pool.holder(session)
         if pool is not None:
             # A warm session, never taken: the pool says what became of it.

@@ -104,12 +104,14 @@ class Recovery:
                 session = manager.recovered_session(session_id, container["id"], user)
                 self.assign_profile(session, container["labels"].get(LABEL_PROFILE))
                 session.own_volumes = own_volumes(container["labels"])
-                session.untaken = manager.keeping.untaken(session_id, container["labels"])
+                session.untaken = (manager.keeping is not None and manager.keeping.untaken(
+                    session_id, container["labels"]))
                 session.events.recover()
                 recovered.append(session_id)
         # The stopped ones are kept sessions (their owners are read before
         # the owners' file forgets them).
-        await manager.keeping.load()
+        if manager.keeping is not None:
+            await manager.keeping.load()
         if self._owners is not None:
             # Only the owners of sessions found again are kept.
             self._owners.save(manager.sessions)
@@ -150,7 +152,8 @@ class Recovery:
         owners = manager.sessions.keys() | manager.pool.pending
         stale = [c for c in found if c["id"] not in live
                  and c["labels"].get(LABEL_SESSION) not in owners
-                 and not manager.keeping.holds(c["labels"].get(LABEL_SESSION))]
+                 and not (manager.keeping is not None
+                          and manager.keeping.holds(c["labels"].get(LABEL_SESSION)))]
         for container in stale:
             await self._docker.remove_container(container["id"])
         if stale:
