@@ -43,7 +43,7 @@ def test_the_container_is_asked_for_as_the_connection_opens(docker, clock):
     assert link.new() == []
     docker.release_create()
     link.flush()
-    assert link.new() == [{"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+    assert link.new() == [{"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
                            "session_id": session.id, "resumed": False,
                            "replay": 0}]
     [process] = docker.processes
@@ -63,7 +63,7 @@ def test_what_the_session_says_before_the_first_frame_waits_for_it(docker, clock
     clock.advance(0.01)
     link.flush()
     messages = link.new()
-    assert messages[0] == {"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+    assert messages[0] == {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
                            "session_id": session.id, "resumed": False,
                            "replay": 0}
     assert outputs(messages) == b"banner\r\n$ "
@@ -151,7 +151,7 @@ def test_a_warm_session_is_taken_as_the_connection_opens_without_a_docker_call(d
     clock.advance(0.01)
     link.flush()
     messages = link.new()
-    assert messages[0] == {"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+    assert messages[0] == {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
                            "session_id": warm.id, "resumed": False,
                            "replay": 10}
     assert outputs(messages) == b"banner\r\n$ "

@@ -195,14 +195,14 @@ def test_a_new_session_is_told_what_closing_its_tab_does(clock, factory, keeping
     assert keeping_off["on_close"] == {"outcome": "removed", "after": 60}
 
 
-def test_where_nothing_is_kept_the_connected_frame_says_removed(clock, manager):
-    # The manager's own keeping, of a capsule without --retention: nothing kept.
+def test_without_a_keeping_the_connected_frame_is_as_before(clock, manager):
+    # A manager made without a keeping (capsule keeps nothing).
+    assert manager.keeping is None
     factory = CapsuleServerFactory(manager, clock, sessions=SessionService(manager))
     link = connect(clock, factory)
     link.send({"type": "resize", "cols": 80, "rows": 24})
     [connected] = link.new()
-    assert connected["on_close"] == {"outcome": "removed", "after": 60}
-    assert "resumed_from" not in connected
+    assert "on_close" not in connected and "resumed_from" not in connected
     missing = connect(clock, factory, f"session_id={KEPT_ID}&resume=1")
     [error] = missing.new()
     assert error["code"] == "session_not_found" and missing.client.closed[1] == 4404

@@ -68,7 +68,7 @@ def test_a_new_json_session_starts_at_the_first_resize(connect, manager, docker)
 
     link.send({"type": "resize", "cols": 100, "rows": 30})
     [session] = manager.sessions.values()
-    assert link.new() == [{"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+    assert link.new() == [{"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
                            "session_id": session.id, "resumed": False,
                            "replay": 0}]
     assert session.status() == "running" and session.client is link.server
@@ -108,7 +108,7 @@ def test_a_new_binary_session_says_offset_and_window(connect, manager, docker):
 
     link.send({"type": "resize", "cols": 80, "rows": 24})
     [session] = manager.sessions.values()
-    assert link.new() == [{"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+    assert link.new() == [{"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
                            "session_id": session.id, "resumed": False,
                            "offset": 0, "window": WINDOW, "replay": 0}]
     [process] = docker.processes
@@ -212,7 +212,7 @@ def test_reconnect_with_session_id_replays_what_was_missed(connect, manager, doc
 
     second = connect(f"session_id={session_id}")
     messages = second.new()
-    assert messages[0] == {"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+    assert messages[0] == {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
                            "session_id": session_id, "resumed": True,
                            "replay": 4}
     assert outputs(messages[1:]) == b"two " and len(messages) == 2
@@ -239,7 +239,7 @@ def test_reconnect_with_an_offset_resumes_exactly_there(connect, manager, docker
     # The client had drawn only "hello " when it went.
     second = connect(f"session_id={session_id}&offset=6", binary=True)
     assert second.new() == [
-        {"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+        {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
          "session_id": session_id, "resumed": True, "offset": 6,
          "window": WINDOW, "replay": 6},
         b"world!"]
@@ -263,7 +263,7 @@ def test_reconnect_without_an_offset_resumes_after_what_was_sent(connect, docker
     process.emit(b"!")
     second = connect(f"session_id={session_id}", binary=True)
     assert second.new() == [
-        {"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+        {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
          "session_id": session_id, "resumed": True, "offset": 11,
          "window": WINDOW, "replay": 1},
         b"!"]
@@ -283,7 +283,7 @@ def test_output_still_gathered_when_the_client_left_is_replayed(connect, docker)
     first.close()
     second = connect(f"session_id={session_id}", binary=True)
     assert second.new() == [
-        {"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+        {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
          "session_id": session_id, "resumed": True, "offset": 16 * 1024,
          "window": WINDOW, "replay": 100},
         b"b" * 100]
@@ -299,7 +299,7 @@ def test_a_new_connection_takes_the_session_over(connect, manager, docker):
     assert first.new() == [{"type": "error", "code": "taken_over",
                             "message": "this session was opened in another window"}]
     assert first.client.closed == (True, 4409, "this session was opened in another window")
-    assert second.new() == [{"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+    assert second.new() == [{"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
                              "session_id": session_id, "resumed": True,
                              "replay": 0}]
     session = manager.sessions[session_id]
@@ -329,7 +329,7 @@ def test_a_takeover_resumes_an_exec_the_old_connection_paused(connect, docker, h
     first.flush()
     assert first.client.closed[1] == 4409
     # The new client has been sent nothing it has not acknowledged.
-    assert second.new() == [{"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+    assert second.new() == [{"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
                              "session_id": session_id, "resumed": True,
                              "offset": WINDOW if held_by == "window" else 0,
                              "window": WINDOW, "replay": 0}]
@@ -547,7 +547,7 @@ def test_a_notice_is_a_text_frame_outside_the_offsets(connect, manager, docker, 
     link.close()
     again = connect(f"session_id={session_id}&offset=3", binary=True)
     assert again.new() == [
-        {"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+        {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
          "session_id": session_id, "resumed": True, "offset": 3,
          "window": WINDOW, "replay": 3},
         b"def"]

@@ -20,7 +20,7 @@ from .test_websocket import (  # noqa: F401 (fixtures)
 def test_a_new_session_starts_at_the_urls_size_without_a_resize(connect, manager, docker):
     link = connect("cols=100&rows=30", binary=True)
     [session] = manager.sessions.values()
-    assert link.new() == [{"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+    assert link.new() == [{"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
                            "session_id": session.id, "resumed": False,
                            "offset": 0, "window": WINDOW, "replay": 0}]
     [process] = docker.processes
@@ -40,7 +40,7 @@ def test_a_new_session_starts_at_the_urls_size_without_a_resize(connect, manager
 def test_a_json_client_gets_it_too(connect, manager, docker):
     link = connect("cols=2&rows=1")
     [session] = manager.sessions.values()
-    assert link.new() == [{"type": "connected", "grace": 60, "kept": False, "on_close": {"outcome": "removed", "after": 60}, "profile": "shell",
+    assert link.new() == [{"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
                            "session_id": session.id, "resumed": False,
                            "replay": 0}]
     assert docker.processes[0].resizes == [(2, 1)]
