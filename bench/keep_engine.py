@@ -90,7 +90,8 @@ def _cleanup(reactor, instance):
         for c in client.containers(all=True, filters=wanted):
             client.remove_container(c["Id"], force=True, v=True)
         for image in client.images(filters=wanted):
-            for tag in image.get("RepoTags") or [image["Id"]]:
+            tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
+            for tag in tags or [image["Id"]]:
                 client.remove_image(tag, force=True)
         for volume in client.volumes(filters=wanted).get("Volumes") or []:
             client.remove_volume(volume["Name"], force=True)

@@ -48,6 +48,7 @@ from capsule.ops.recording import SessionRecorder
 from capsule.core.shares import ShareStore
 from capsule.sessions.spectators import Spectators
 from capsule.sessions.cleanup import CleanupService
+from capsule.sessions.idle import IdlePolicy, IdleService
 from capsule.sessions.disk import DiskWatchService, scan_held
 from capsule.sessions.owners import OwnerFile, default_state_dir
 from capsule.sessions.drain import Drain
@@ -669,6 +670,7 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         trusted_proxies=list(config.trusted_proxies), memory=memory)
     site = make_site(
         manager, docker, reactor, config.www, admission=admission, spectators=spectators,
+        recorder=recorder,
         watch_backlog=tuning.watch_backlog,
         drain=Drain(manager, reactor), metrics=metrics, authenticator=authenticator,
         firewall=firewall,
@@ -762,6 +764,10 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         # Before the sessions: it stops after them.
         door.setServiceParent(service)
     sessions.setServiceParent(service)
+    if config.idle_timeout or any(p.idle_timeout for p in config.profiles.values()):
+        IdleService(manager, reactor, tuning.cleanup_interval, docker,
+                    IdlePolicy(tuning.idle_cpu_interval,
+                               tuning.idle_cpu_threshold)).setServiceParent(service)
     CleanupService(manager, reactor, tuning.cleanup_interval,
                    tuning.orphan_sweep).setServiceParent(service)
     if config.disk_bytes is not None or any(

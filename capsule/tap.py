@@ -212,8 +212,10 @@ class Options(usage.Options):
          "Seconds after which a session ends however busy it is (0: no limit).",
          _non_negative_float],
         ["idle-timeout", None, 86400.0,
-         "Seconds without input and without output after which a session ends, client"
-         " attached or not (0: no limit).", _non_negative_float],
+         "Seconds without input, without output and without CPU use after which a session"
+         " is idle, client attached or not: it is put away where its retention is more than"
+         " 0, else it ends (0: no limit; a profile's idle_timeout wins).",
+         _non_negative_float],
         ["pool-size", None, 2,
          "Started containers kept ready for new sessions (0 disables the warm pool).",
          _non_negative_int],

@@ -89,6 +89,15 @@ class Tuning:
         30.0, _POSITIVE_FLOAT,
         "Seconds between sweeps for containers of this server that no session owns (their"
         " removal failed while the engine was away).")
+    idle_cpu_interval: float = knob(
+        30.0, _POSITIVE_FLOAT,
+        "Most seconds between two readings of the CPU use of a session that is without"
+        " input and output (a quarter of its idle limit where that is shorter); a session"
+        " that types or prints is not read at all.")
+    idle_cpu_threshold: float = knob(
+        0.02, _NON_NEGATIVE_FLOAT,
+        "CPU, as a fraction of one CPU, a session's container may use between two readings"
+        " and still be idle (an idle shell and its keeper use far less).")
     host_memory_interval: float = knob(
         5.0, _POSITIVE_FLOAT,
         "Seconds between readings of the host's available memory and the sessions' memory"

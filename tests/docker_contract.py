@@ -643,18 +643,46 @@ class DockerContract:
                                                self.snapshot_labels(spec, "fork"))
         fork = await self.create(api, _from_snapshot(private, passing), "fork")
         await api.remove_snapshot(passing)
-        assert await api.prune_snapshots(instance) == 0
+        assert await api.prune_snapshots(instance, grace=0) == 0
         assert await api.read_file(fork, "/workspace/notes.txt", 100) == b"kept"
         await api.remove_container(fork)
         # The fork's volumes and image go; the named snapshot stays whole.
-        assert await api.prune_snapshots(instance) >= 2
-        assert await api.prune_snapshots(instance) == 0
+        assert await api.prune_snapshots(instance, grace=0) >= 2
+        assert await api.prune_snapshots(instance, grace=0) == 0
         assert [s.image for s in await api.list_snapshots(instance)] == [named.image]
         again = await self.create(api, _from_snapshot(private, named), "again")
         assert await api.read_file(again, "/workspace/notes.txt", 100) == b"kept"
         gone = await self.create(api, replace(_from_snapshot(private, passing),
                                               image=spec.image), "gone")
         assert await api.read_file(gone, "/workspace/notes.txt", 100) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_sessions_from_a_named_snapshot_leave_it_as_it_was(self, api, spec):
+        private = replace(spec, read_only_root=True)
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        source = await self.create(api, private, "source")
+        await api.put_file(source, "/workspace/notes.txt", b"as taken")
+        named = await api.snapshot_container(source, SNAPSHOT_REPOSITORY,
+                                             f"contract-{uuid.uuid4().hex[:12]}",
+                                             self.snapshot_labels(spec, "named"))
+        copies = await api.copy_snapshot_volumes(named, instance)
+        assert sorted(copies) == sorted(named.volumes)
+        assert not set(copies.values()) & set(named.volumes.values())
+        # Copies just made wait for the container that mounts them.
+        await api.prune_snapshots(instance)
+        first = await self.create(api, replace(_from_snapshot(private, named), volumes=tuple(
+            (name, mount) for mount, name in copies.items())), "first")
+        assert await api.read_file(first, "/workspace/notes.txt", 100) == b"as taken"
+        await api.put_file(first, "/workspace/notes.txt", b"changed")
+        again = await api.copy_snapshot_volumes(named, instance)
+        second = await self.create(api, replace(_from_snapshot(private, named), volumes=tuple(
+            (name, mount) for mount, name in again.items())), "second")
+        assert await api.read_file(second, "/workspace/notes.txt", 100) == b"as taken"
+        await api.remove_container(first)
+        assert await api.prune_snapshots(instance, grace=0) == len(copies)
+        await api.remove_snapshot(named)
+        with pytest.raises(DockerError):
+            await api.copy_snapshot_volumes(named, instance)
 
     @pytest_twisted.ensureDeferred
     async def test_snapshot_of_a_removed_container(self, api, spec):
@@ -688,10 +716,12 @@ class DockerContract:
         lambda api, spec: api.list_snapshots(spec.labels),
         lambda api, spec: api.remove_snapshot(Snapshot(f"{SNAPSHOT_REPOSITORY}:t", {}, {}, 0.0)),
         lambda api, spec: api.prune_snapshots(spec.labels),
+        lambda api, spec: api.copy_snapshot_volumes(
+            Snapshot(f"{SNAPSHOT_REPOSITORY}:t", {"/workspace": "0" * 64}, {}, 0.0), {}),
     ], ids=["ping", "info", "image_exists", "create", "remove", "list", "state", "spawn_exec",
             "export", "run_command", "inspect_network", "ensure_network", "stop", "start",
             "kept", "put_file", "read_file", "snapshot", "list_snapshots", "remove_snapshot",
-            "prune_snapshots"])
+            "prune_snapshots", "copy_snapshot_volumes"])
     @pytest_twisted.ensureDeferred
     async def test_an_unreachable_engine(self, unreachable_api, spec, call):
         d = call(unreachable_api, spec)

@@ -912,6 +912,7 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
         "/api/export/{id}", "/api/sessions/{id}", "/api/sessions/{id}/exec",
         "/api/sessions/{id}/workspace", "/api/sessions/{id}/shares",
         "/api/sessions/{id}/shares/{share_id}", "/api/sessions/{id}/ports",
+        "/api/sessions/{id}/recording",
         "/api/sessions/{id}/ports/{port}", "/api/sessions/{id}/ports/{port}/shares",
         "/api/sessions/{id}/ports/{port}/shares/{share_id}", "/api/sessions/{id}/put-away",
         "/api/sessions/{id}/resume", "/api/sessions/{id}/fork", "/api/snapshots/{name}",
@@ -924,12 +925,13 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
     from capsule.web.keep_api import (ForkResource, PutAwayResource, ResumeResource,
                                       SnapshotResource, SnapshotSessionsResource,
                                       SnapshotsResource)
+    from capsule.web.recording import RecordingResource
     assert {name: type(one.getChild(name, None))
-            for name in (b"exec", b"workspace", b"shares", b"ports", b"put-away", b"resume",
-                         b"fork")} == {
+            for name in (b"exec", b"workspace", b"shares", b"ports", b"recording", b"put-away",
+                         b"resume", b"fork")} == {
         b"exec": ExecResource, b"workspace": UploadResource, b"shares": SharesResource,
-        b"ports": PortsResource, b"put-away": PutAwayResource, b"resume": ResumeResource,
-        b"fork": ForkResource}
+        b"ports": PortsResource, b"recording": RecordingResource, b"put-away": PutAwayResource,
+        b"resume": ResumeResource, b"fork": ForkResource}
     snapshots = root.children[b"api"].children[b"snapshots"]
     named = snapshots.getChild(b"v1", None)
     assert (type(snapshots), type(named), type(named.getChild(b"sessions", None))) == (
@@ -945,6 +947,7 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
                       ("/api/sessions/{id}/shares", SharesResource),
                       ("/api/sessions/{id}/shares/{share_id}", ShareResource),
                       ("/api/sessions/{id}/ports", PortsResource),
+                      ("/api/sessions/{id}/recording", RecordingResource),
                       ("/api/sessions/{id}/ports/{port}", PortResource),
                       ("/api/sessions/{id}/ports/{port}/shares", PortSharesResource),
                       ("/api/sessions/{id}/ports/{port}/shares/{share_id}",

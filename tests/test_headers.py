@@ -253,7 +253,7 @@ def test_every_answer_has_the_headers(www):
         # (the page reads a failed export's message through a hidden frame).
         export = path.startswith(b"/api/export/")
         assert f"frame-ancestors '{'self' if export else 'none'}'" in csp
-        assert "script-src 'self';" in csp
+        assert "script-src 'self' 'wasm-unsafe-eval';" in csp
         assert "connect-src 'self' ws://127.0.0.1:3001;" in csp
         assert headers["x-content-type-options"] == "nosniff"
         assert headers["referrer-policy"] == "no-referrer"

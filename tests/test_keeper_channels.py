@@ -300,8 +300,12 @@ def test_the_shell_is_heard_during_a_bulk_channel(chan_relay):
         r.send(b"echo\n")
         while b"got:echo." not in r.output:
             r.data_until(channel, 1)
-        # a few frames of the channel came in the meantime, not all of it
-        assert len(r.frames) - frames_before < 64
+        # The answer came while the channel's data kept coming: the flood
+        # never ends, so a keeper that served the channel first would never
+        # have answered.  (How many of the channel's frames came meanwhile
+        # depends on how busy the machine is: not counted.)
+        assert thread.is_alive()
+        assert len(r.frames) > frames_before
     finally:
         stop.set()
         peer.close()

@@ -429,34 +429,25 @@ def test_options_refuse_a_world_readable_secrets_file(tmp_path):
 
 # -- per-profile limits ----------------------------------------------------------------
 
-def test_a_profiles_idle_and_lifetime_limits_are_its_own(docker, tmp_path):
+def test_a_profiles_lifetime_limit_is_its_own(docker, tmp_path):
+    # (Its idle limit: tests/test_idle.py.)
     from capsule.sessions.cleanup import end_overdue
     profiles = load_profiles(write(tmp_path, """
-[profiles.short]
-idle_timeout = 30
 [profiles.brief]
 max_lifetime = 50
-idle_timeout = 0
 """), builtins())
     clock = Clock()
     manager = SessionManager(docker, clock, SessionConfig(
-        spec=SPEC, instance="t", grace=60, idle_timeout=600, profiles=profiles))
-    clients = {name: RecordingClient() for name in ("shell", "short", "brief")}
+        spec=SPEC, instance="t", grace=60, profiles=profiles))
+    clients = {name: RecordingClient() for name in ("shell", "brief")}
     sessions = {name: manager.create(client, 80, 24, profile=name)
                 for name, client in clients.items()}
-    clock.advance(31)
-    assert end_overdue(manager, clock) == [sessions["short"]]
-    assert clients["short"].events[-1] == (
-        "ended", None, "the session was idle (no input and no output) for 30 s"
-                       " (the idle_timeout of profile short)")
-    clock.advance(20)
+    clock.advance(50)
     assert end_overdue(manager, clock) == [sessions["brief"]]
     assert clients["brief"].events[-1][2] == (
         "the session reached its maximum lifetime (50 s, the max_lifetime of profile brief)")
-    clock.advance(600)
-    assert end_overdue(manager, clock) == [sessions["shell"]]
-    assert clients["shell"].events[-1][2] == (
-        "the session was idle (no input and no output) for 600 s (--idle-timeout)")
+    clock.advance(3600)
+    assert end_overdue(manager, clock) == [], "the shell profile has no lifetime limit"
 
 
 def test_a_session_with_an_agent_volume_checks_it_can_write_there(docker, tmp_path):

@@ -55,7 +55,8 @@ def test_format(tmp_path):
     assert name == f"{SID}-20260921T141320Z.cast"
     assert head == {"version": 2, "width": 100, "height": 30, "timestamp": 1790000000,
                     "env": {"TERM": "xterm-256color"}}
-    assert events == [[0.0, "o", "$ "], [1.5, "o", "ls\r\n"]]
+    # Seconds since the header's timestamp (the whole second it began in).
+    assert events == [[0.25, "o", "$ "], [1.75, "o", "ls\r\n"]]
     mode = os.stat(tmp_path / "rec" / name).st_mode
     assert stat.S_IMODE(mode) == 0o600
     assert stat.S_IMODE(os.stat(tmp_path / "rec").st_mode) == 0o700
@@ -92,7 +93,7 @@ def test_resize(tmp_path):
     recorder.session_ended(session)
     _, head, events = read_cast(tmp_path)
     assert (head["width"], head["height"]) == (90, 25)
-    assert events == [[0.0, "o", "a"], [2.0, "r", "120x40"]]
+    assert events == [[0.25, "o", "a"], [2.25, "r", "120x40"]]
 
 
 def test_utf8_across_chunks(tmp_path):
@@ -110,7 +111,7 @@ def test_utf8_across_chunks(tmp_path):
     recorder.session_output(session, euro[:2])
     recorder.session_ended(session)
     _, _, events = read_cast(tmp_path)
-    assert events == [[0.0, "o", "a"], [0.0, "o", "€b\ufffd"], [0.0, "o", "\ufffd"]]
+    assert events == [[0.25, "o", "a"], [0.25, "o", "€b\ufffd"], [0.25, "o", "\ufffd"]]
 
 
 def test_cut_at_max_bytes(tmp_path):
@@ -150,7 +151,7 @@ def test_sessions_apart_and_stop(tmp_path):
     assert [n[:36] for n in names] == ["a" * 36, "b" * 36]
     for name, text in zip(names, "12"):
         with open(tmp_path / "rec" / name, encoding="utf-8") as f:
-            assert json.loads(f.read().splitlines()[1]) == [0.0, "o", text]
+            assert json.loads(f.read().splitlines()[1]) == [0.25, "o", text]
 
 
 def test_write_failure_stops_recording(tmp_path):
@@ -303,5 +304,5 @@ def test_output_after_stop_is_not_recorded(tmp_path):
     recorder.session_ended(session)
     clock.advance(FLUSH_DELAY)
     _, _, events = read_cast(tmp_path)
-    assert events == [[0.0, "o", "before"]]
+    assert events == [[0.25, "o", "before"]]
     assert clock.getDelayedCalls() == []

@@ -536,28 +536,12 @@ def test_max_lifetime_ends_a_busy_attached_session(docker, clock):
     assert session.container_id in docker.removed
 
 
-def test_idle_timeout_counts_input_and_output_client_or_not(docker, clock):
-    from capsule.sessions.cleanup import end_overdue, overdue_sessions
-    manager = limited_manager(docker, clock, idle_timeout=60)
-    client = RecordingClient()
-    session = manager.create(client, 80, 24)
-    clock.advance(50)
-    manager.write(session, b"x")
-    clock.advance(50)
-    docker.processes[0].emit(b"y")
-    clock.advance(59)
-    assert overdue_sessions([session], clock.seconds(), 0, 60) == []
-    clock.advance(1)
-    assert end_overdue(manager, clock) == [session]
-    assert "idle" in client.events[-1][2]
-
-
 def test_limits_leave_a_session_waiting_for_the_engine_alone(docker, clock):
     from capsule.sessions.cleanup import overdue_sessions
-    manager = limited_manager(docker, clock, max_lifetime=10, idle_timeout=10)
+    manager = limited_manager(docker, clock, max_lifetime=10)
     session = engine_goes_away(manager, docker, RecordingClient())
     clock.advance(30)
-    assert overdue_sessions([session], clock.seconds(), 10, 10) == []
+    assert overdue_sessions([session], clock.seconds(), 10) == []
 
 
 # -- per-user CPU weight -------------------------------------------------------------------

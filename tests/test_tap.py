@@ -11,6 +11,7 @@ from twisted.logger import formatEvent
 from capsule.gateway.door import SessionDoor
 from capsule.sessions.cleanup import CleanupService
 from capsule.sessions.disk import DiskWatchService
+from capsule.sessions.idle import IdleService
 from capsule.core.spec import ContainerSpec
 from capsule.core.errors import DockerUnavailable, SessionNotFound
 from capsule.sessions.manager import SessionManager
@@ -82,8 +83,9 @@ def test_door_port_checked():
 
 def test_service_tree():
     """
-    The tree says the order: the session door, pools, sessions, cleanup,
-    then the listeners (which therefore close first on stop).
+    The tree says the order: the session door, pools, sessions, the idle
+    watch, cleanup, then the listeners (which therefore close first on
+    stop).
     """
     reactor = MemoryReactorClock()
     service = makeService(parse("--insecure-no-auth", "-l", "tcp:0",
@@ -91,7 +93,8 @@ def test_service_tree():
     assert isinstance(service, CapsuleService)
     children = list(service)
     assert [type(c) for c in children] == [DockerService, SessionDoor, SessionService,
-                                           CleanupService, DiskWatchService, ListenerService]
+                                           IdleService, CleanupService, DiskWatchService,
+                                           ListenerService]
     assert [type(c) for c in children[-1]] == [StreamServerEndpointService] * 2
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from unittest.mock import ANY
 
 import pytest
 from twisted.test import iosim
@@ -200,7 +201,7 @@ def test_a_closing_transport_stopping_its_producer_does_not_stop_the_shell(conne
     assert process.connected and not process.paused
 
 
-def test_reconnect_with_session_id_replays_what_was_missed(connect, manager, docker):
+def test_reconnect_with_session_id_replays_what_was_missed(connect, manager, docker, clock):
     first = connect()
     session_id = start(first)
     process = docker.processes[0]
@@ -208,10 +209,15 @@ def test_reconnect_with_session_id_replays_what_was_missed(connect, manager, doc
     first.flush()
     assert outputs(first.new()) == b"one "
     first.close()
+    left = clock.seconds()
+    clock.advance(12.5)
     process.emit(b"two ")
 
     second = connect(f"session_id={session_id}")
     messages = second.new()
+    # What it printed while no client was attached (not recorded here: no --record).
+    assert messages[0].pop("away") == {"since": left, "seconds": 12.5, "printed": 4,
+                                       "recorded": False}
     assert messages[0] == {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
                            "session_id": session_id, "resumed": True,
                            "replay": 4}
@@ -241,7 +247,8 @@ def test_reconnect_with_an_offset_resumes_exactly_there(connect, manager, docker
     assert second.new() == [
         {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
          "session_id": session_id, "resumed": True, "offset": 6,
-         "window": WINDOW, "replay": 6},
+         "window": WINDOW, "replay": 6,
+         "away": {"since": ANY, "seconds": 0.0, "printed": 1, "recorded": False}},
         b"world!"]
     process.emit(b"?")
     second.flush()
@@ -265,7 +272,8 @@ def test_reconnect_without_an_offset_resumes_after_what_was_sent(connect, docker
     assert second.new() == [
         {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
          "session_id": session_id, "resumed": True, "offset": 11,
-         "window": WINDOW, "replay": 1},
+         "window": WINDOW, "replay": 1,
+         "away": {"since": ANY, "seconds": 0.0, "printed": 1, "recorded": False}},
         b"!"]
 
 
@@ -285,7 +293,8 @@ def test_output_still_gathered_when_the_client_left_is_replayed(connect, docker)
     assert second.new() == [
         {"type": "connected", "grace": 60, "kept": False, "profile": "shell", "profile": "shell",
          "session_id": session_id, "resumed": True, "offset": 16 * 1024,
-         "window": WINDOW, "replay": 100},
+         "window": WINDOW, "replay": 100,
+         "away": {"since": ANY, "seconds": 0.0, "printed": 100, "recorded": False}},
         b"b" * 100]
 
 

@@ -7,7 +7,9 @@
 // drawn); index.html preloads them and the modules.
 
 import { createAttention } from "./js/attention.js";
+import { setupAway } from "./js/awayplayer.js";
 import { createConnection } from "./js/connection.js";
+import { keptText } from "./js/keeping.js";
 import { createLeaving } from "./js/leaving.js";
 import { setupPorts } from "./js/ports.js";
 import { setupShare } from "./js/share.js";
@@ -36,6 +38,9 @@ const ui = {
   shareButton: $("share"),
   shareCount: $("share-count"),
   shareMenu: $("share-menu"),
+  sessionsButton: $("sessions"),
+  sessionsMenu: $("sessions-menu"),
+  leaveNote: $("leave-note"),
   ports: $("ports"),
   watchBadge: $("watch-badge"),
   terminal: $("terminal"),
@@ -68,7 +73,7 @@ const status = createStatusBar(ui, {
     term.focus();
   },
 });
-const leaving = createLeaving({ status });
+const leaving = createLeaving({ status, note: ui.leaveNote });
 const term = createTerminal(ui.terminal, {
   onInput: (data) => {
     connection.input(extras ? extras.input(data) : data);
@@ -88,6 +93,7 @@ const attention = createAttention({
 });
 let share = null;
 let ports = null;
+let away = null;
 if (watching === null) {
   connection = createConnection({
     term,
@@ -98,6 +104,7 @@ if (watching === null) {
       leaving.attached(frame);
       showProfile(frame.profile);
       ports.attached(frame.session_id);
+      away.attached(frame);
     },
     // A refused upgrade looks the same as capsule being down; its API tells them apart.
     checkLogin: () => {
@@ -105,6 +112,8 @@ if (watching === null) {
     },
     onWatchers: (count) => share && share.setWatchers(count),
     onPorts: (frame) => ports.update(frame),
+    onKept: describeKept,
+    findKept,
   });
   setupTransfer(ui, {
     status,
@@ -114,6 +123,8 @@ if (watching === null) {
     worked: () => leaving.worked(),
   });
   share = setupShare(ui, { sessionId: () => connection.sessionId, status });
+  // What the session printed while no page was attached, played back on request.
+  away = setupAway({ sessionId: () => connection.sessionId, focus: () => term.focus() });
   // The ports that listen in the session, with their previews: a strip above the terminal.
   ports = setupPorts(ui, {
     sessionId: () => connection.sessionId,
@@ -137,7 +148,8 @@ if (watching === null) {
     },
   });
   // What the owner's page offers is not a spectator's to use.
-  for (const button of [ui.uploadButton, ui.exportButton, ui.notifyButton, ui.shareButton]) {
+  for (const button of [ui.uploadButton, ui.exportButton, ui.notifyButton, ui.shareButton,
+    ui.sessionsButton]) {
     button.hidden = true;
   }
   document.body.classList.add("watching");
@@ -169,6 +181,46 @@ function showExpiry(at) {
     " type, and the link stops working when it expires or its owner revokes it.";
   render();
   expiryTimer = setInterval(render, 1000);
+}
+
+// --- kept sessions: the Sessions list, and the page opened on a kept session -----------
+
+// The Sessions list (js/sessions.js), loaded when its button is first used.
+let sessionsList = null;
+function openSessions() {
+  if (!sessionsList) {
+    sessionsList = import("./js/sessions.js").then(({ setupSessions }) => setupSessions(ui, {
+      sessionId: () => connection.sessionId,
+      resumeCurrent: () => connection.again(),
+      closing: () => leaving.closing,
+    }));
+  }
+  sessionsList.then((list) => list.toggle()).catch((e) => {
+    sessionsList = null;
+    status.error(`the sessions list did not load: ${e.message}`);
+  });
+}
+if (watching === null) ui.sessionsButton.addEventListener("click", openSessions);
+
+// The page opened on a kept session (or whose session was put away): capsule's sentence says
+// when it was put away and until when it is kept; the API says it in the page's time zone,
+// with why.
+function findKept(id) {
+  return fetch(`api/sessions/${encodeURIComponent(id)}`, {
+    credentials: "same-origin",
+    cache: "no-store",
+    headers: { Accept: "application/json" },
+  }).then((response) => (response.ok ? response.json() : null))
+    .then((session) => (session && session.state === "kept" ? session : null));
+}
+
+function describeKept(id, details) {
+  if (!id) return;
+  const show = (kept) => {
+    if (status.state === "kept") status.explain(keptText(kept, details.message, Date.now() / 1000));
+  };
+  show(details);
+  findKept(id).then((kept) => kept && show(kept)).catch(() => {});
 }
 
 // --- users: the login and logging out ---------------------------------------------

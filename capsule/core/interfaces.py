@@ -228,14 +228,24 @@ class IDockerAPI(Interface):
         container's now): L{prune_snapshots} removes them once it is gone.
         """
 
-    def prune_snapshots(labels):
+    def copy_snapshot_volumes(snapshot, labels):
+        """
+        Fire with new copies of a L{capsule.core.kept.Snapshot}'s volumes,
+        by mount point, carrying C{labels}: what a container made from a
+        snapshot that stays (a named one) mounts, so that the snapshot's own
+        volumes never change.  (A fork's passing snapshot needs none: its
+        volumes become the new container's.)
+        """
+
+    def prune_snapshots(labels, grace=600.0):
         """
         Remove what containers made from removed snapshots leave once they
         are removed (the engine removes only a container's anonymous
         volumes): untagged snapshot images carrying all of C{labels} that
-        no container uses, and snapshot volume copies carrying them that no
-        container mounts and no snapshot names.  Fire with how many images
-        and volumes were removed.
+        no container uses, and snapshot volume copies carrying them, made
+        more than C{grace} seconds ago, that no container mounts and no
+        snapshot names.  Fire with how many images and volumes were
+        removed.
         """
 
 

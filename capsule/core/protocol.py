@@ -240,7 +240,7 @@ def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
                      window: int | None = None, replay: int | None = None,
                      grace: float | None = None, kept: bool | None = None,
                      profile: str | None = None, on_close: dict | None = None,
-                     resumed_from: float | None = None) -> bytes:
+                     resumed_from: float | None = None, away: dict | None = None) -> bytes:
     """
     @param replay: how many of the output bytes that follow were produced
         before this connection (replayed output): a terminal must not answer
@@ -255,6 +255,11 @@ def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
     @param resumed_from: when the session, kept, was put away, if it was
         resumed since (a Unix time): its shell is new, and what its
         terminal shows first is the screen it had then.
+    @param away: C{{"since": unix time, "seconds": N, "printed": bytes,
+        "recorded": bool}} when the session printed while no client was
+        attached: since when its last client left (and for how long, by
+        capsule's clock), how much, and whether capsule records it (the
+        page then offers to play it back).
     """
     message = {"type": "connected", "session_id": session_id, "resumed": resumed}
     if profile is not None:
@@ -273,6 +278,8 @@ def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
         message["on_close"] = on_close
     if resumed_from is not None:
         message["resumed_from"] = resumed_from
+    if away is not None:
+        message["away"] = away
     return _encode(message)
 
 

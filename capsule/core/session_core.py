@@ -189,6 +189,10 @@ class SessionCore:
     @ivar left_at: when the last client left (C{None} while one is attached).
     @ivar want: the offset the client that is waiting for a reattach asked
         for (C{None}: what was handed).
+    @ivar away_since, away_offset: when the last client left and the offset
+        it had been handed then (C{None}: no client has left yet); kept
+        while the next one attaches, whose C{connected} says what was
+        printed meanwhile (L{away}).
     """
 
     id: str
@@ -221,6 +225,8 @@ class SessionCore:
     user: str | None = None
     # The CPU weight its container has now (see SessionManager._share_cpu).
     cpu_shares: int | None = None
+    away_since: float | None = None
+    away_offset: int = 0
 
     def __post_init__(self) -> None:
         self.input = InputGate(self)
@@ -284,6 +290,18 @@ class SessionCore:
         # Not clamped to what is held: bytes that never went out and are gone
         # by the next attach are reported to it as dropped.
         self.handed -= unsent
+        self.away_since, self.away_offset = self.left_at, max(0, self.handed)
+
+    def away(self) -> tuple[float, int] | None:
+        """
+        Since when no client was attached, and how many bytes the session
+        printed since then that no client was handed; C{None} when it
+        printed none (or no client ever left).
+        """
+        if self.away_since is None:
+            return None
+        printed = self.replay.end - self.away_offset
+        return (self.away_since, printed) if printed > 0 else None
 
 
 class SessionEvents(Protocol):

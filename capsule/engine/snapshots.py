@@ -61,6 +61,10 @@ LABEL_SNAPSHOT = "io.capsule.snapshot"
 LABEL_SNAPSHOT_VOLUMES = "io.capsule.snapshot.volumes"
 LABEL_VOLUME = "io.capsule.volume"
 COPY = "copy"
+# A copier's label (its value: the instance's): not the instance's own
+# labels, so that no listing of the instance's sessions sees it.
+LABEL_COPIER = "io.capsule.copier"
+LABEL_INSTANCE = "io.capsule.instance"
 # A volume Docker named itself: a container's anonymous volume.
 ANONYMOUS_VOLUME = re.compile(r"[0-9a-f]{64}")
 CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
@@ -173,6 +177,9 @@ class KeptContainers:
                     break
                 kind = found["mode"]
                 if kind & _GO_SYMLINK:
+                    _log.warn("refused to write {path} in container {container}: {part} is a"
+                              " symbolic link", path=path, container=container_id[:12],
+                              part=part)
                     raise DockerError(f"refused to write {path} in the container: {part} is a"
                                       " symbolic link")
                 if part != path and not kind & _GO_DIR:
@@ -216,7 +223,11 @@ class KeptContainers:
             _thd_exists(client, container_id)
             for part in _parts(path):
                 found = _thd_stat(client, container_id, part)
-                if found is None or found["mode"] & _GO_SYMLINK:
+                if found is None:
+                    return None
+                if found["mode"] & _GO_SYMLINK:
+                    _log.info("{path} of container {container} not read: {part} is a symbolic"
+                              " link", path=path, container=container_id[:12], part=part)
                     return None
                 if part != path and not found["mode"] & _GO_DIR:
                     return None
@@ -312,10 +323,18 @@ class KeptContainers:
             raise DockerError(f"Docker could not copy the container's files: {_short(e)}") from None
         try:
             for destination, source in anonymous:
-                self._thd_copy_volume(client, info["Image"], source, volumes[destination],
-                                      {**labels, LABEL_VOLUME: COPY})
+                try:
+                    self._thd_copy_volume(client, info["Image"], source, volumes[destination],
+                                          {**labels, LABEL_VOLUME: COPY})
+                except docker.errors.ImageNotFound:
+                    raise DockerError("the container's image, which copies its volumes, is"
+                                      " gone") from None
         except BaseException:
-            _thd_remove_snapshot(client, image, volumes)
+            try:
+                _thd_remove_snapshot(client, image, volumes)
+            except Exception as e:
+                _log.warn("could not remove the failed snapshot {image}: {error}",
+                          image=image, error=_short(e))
             raise
         found = client.inspect_image(committed["Id"])
         return Snapshot(image=image, volumes=volumes, labels=labels,
@@ -329,6 +348,11 @@ class KeptContainers:
         (owners, modes, times, links as they are), by a throwaway container
         of C{image} (which has C{cp}).
         """
+        try:
+            client.inspect_volume(source)
+        except docker.errors.NotFound:
+            # Mounting it would make it anew, empty: no copy at all.
+            raise DockerError(f"the volume {source} to copy is gone") from None
         client.create_volume(target, labels=labels)
         host_config = client.create_host_config(
             mounts=[docker.types.Mount(COPIER_MOUNT_FROM, source, type="volume",
@@ -342,8 +366,11 @@ class KeptContainers:
             copier = client.create_container(
                 image, command=["cp", "-a", "--", f"{COPIER_MOUNT_FROM}/.", COPIER_MOUNT_TO],
                 entrypoint=[], user="0:0", name=f"capsule-copy-{uuid.uuid4().hex}",
-                labels={**labels, LABEL_VOLUME: COPY}, host_config=host_config,
+                labels={LABEL_COPIER: labels.get(LABEL_INSTANCE, "")},
+                host_config=host_config,
                 network_disabled=True, detach=True)
+        except docker.errors.ImageNotFound:
+            raise
         except docker.errors.APIError as e:
             raise DockerError(f"Docker could not copy a volume: {_short(e)}") from None
         try:
@@ -385,10 +412,37 @@ class KeptContainers:
         return self._call(lambda client: _thd_remove_snapshot(
             client, snapshot.image, snapshot.volumes))
 
-    def prune_snapshots(self, labels: dict[str, str]) -> Deferred:
+    def copy_snapshot_volumes(self, snapshot: Snapshot, labels: dict[str, str]) -> Deferred:
+        def _thd(client):
+            copies = {mount: secrets.token_hex(32) for mount in snapshot.volumes}
+            try:
+                for mount, source in snapshot.volumes.items():
+                    self._thd_copy_volume(client, snapshot.image, source, copies[mount],
+                                          {**labels, LABEL_VOLUME: COPY})
+            except docker.errors.ImageNotFound:
+                _thd_remove_volumes(client, copies.values())
+                raise DockerError(f"the snapshot {snapshot.image} is gone") from None
+            except BaseException:
+                _thd_remove_volumes(client, copies.values())
+                raise
+            return copies
+        return self._call(_thd)
+
+    def prune_snapshots(self, labels: dict[str, str], grace: float = 600.0) -> Deferred:
         def _thd(client):
             wanted = _label_filter(labels)
             removed = 0
+            # Copiers a stopped capsule left (they hold the copies they filled).
+            now = time.time()
+            for copier in client.containers(all=True, filters={"label": [
+                    f"{LABEL_COPIER}={labels.get(LABEL_INSTANCE, '')}"]}):
+                if copier.get("State") in _LIVE_STATES or now - (copier.get("Created") or 0) < grace:
+                    continue
+                try:
+                    client.remove_container(copier["Id"], force=True, v=True)
+                    removed += 1
+                except docker.errors.DockerException:
+                    pass
             for image in client.images(filters={**wanted, "dangling": True}):
                 try:
                     client.remove_image(image["Id"])
@@ -407,7 +461,8 @@ class KeptContainers:
             copies = client.volumes(filters={
                 "label": [*wanted["label"], f"{LABEL_VOLUME}={COPY}"], "dangling": True})
             for volume in copies.get("Volumes") or []:
-                if volume["Name"] in named:
+                # A copy just made waits for the container that mounts it.
+                if volume["Name"] in named or now - docker_time(volume.get("CreatedAt")) < grace:
                     continue
                 try:
                     client.remove_volume(volume["Name"])
@@ -477,6 +532,14 @@ def _thd_own_size(client, size, parent: str | None) -> int | None:
     except docker.errors.NotFound:
         return None
     return max(0, size - below) if isinstance(below, int) else None
+
+
+def _thd_remove_volumes(client, names) -> None:
+    for name in names:
+        try:
+            client.remove_volume(name)
+        except docker.errors.DockerException:
+            pass
 
 
 def _thd_exists(client, container_id: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,11 +36,14 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from capsule.ops.logformat import short_ids
+from capsule.ops.playback import DEFAULT_MAX_BYTES as PLAYBACK_MAX_BYTES, playback
 from capsule.sessions.observers import SessionObserver
 
 _log = Logger()
 
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+# Playbacks being read at once (each reads files on the recorder's thread).
+PLAYBACKS_AT_ONCE = 2
 FLUSH_DELAY = 0.5
 FLUSH_SIZE = 64 * 1024
 TERM = "xterm-256color"
@@ -104,6 +108,10 @@ def _write(path: str, data: bytes, create: bool) -> None:
         os.close(fd)
 
 
+class RecorderBusy(Exception):
+    "A playback cannot be read now; its message says why."
+
+
 @dataclass(eq=False)
 class _Recording:
     """
@@ -143,6 +151,7 @@ class SessionRecorder(Service, SessionObserver):
         self._writes: set[Deferred] = set()
         self._pool: ThreadPool | None = None
         self._run = run_in_thread
+        self._reading = 0
 
     # -- the service ---------------------------------------------------
 
@@ -183,6 +192,42 @@ class SessionRecorder(Service, SessionObserver):
 
         return d.addBoth(stop)
 
+    # -- playback ---------------------------------------------------------
+
+    @property
+    def reading(self) -> int:
+        "Playbacks being read now."
+        return self._reading
+
+    def playback(self, session_id: str, since: float,
+                 max_bytes: int = PLAYBACK_MAX_BYTES) -> Deferred:
+        """
+        C{session_id}'s recording since the Unix time C{since}
+        (L{capsule.ops.playback.playback}), read on the recorder's thread
+        after what the session has waiting is written: a Deferred that
+        fires with a L{capsule.ops.playback.Playback}, or fails with
+        L{capsule.ops.playback.NotRecorded}.
+
+        @raise RecorderBusy: L{PLAYBACKS_AT_ONCE} are being read, or the
+            recorder is not running.
+        """
+        if self._run is None or not self.running:
+            raise RecorderBusy("capsule is stopping: recordings cannot be read now")
+        if self._reading >= PLAYBACKS_AT_ONCE:
+            raise RecorderBusy(f"capsule reads {PLAYBACKS_AT_ONCE} recordings already:"
+                               " try again shortly")
+        recording = self._recordings.get(session_id)
+        if recording is not None:
+            self._flush(recording)
+        self._reading += 1
+        d = self._run(playback, self.directory, session_id, since, max_bytes)
+
+        def done(result):
+            self._reading -= 1
+            return result
+
+        return d.addBoth(done)
+
     # -- what the session manager tells (ISessionObserver) ----------------
 
     def session_output(self, session, data: bytes) -> None:
@@ -218,7 +263,10 @@ class SessionRecorder(Service, SessionObserver):
     # -- within ----------------------------------------------------------
 
     def _begin(self, session) -> _Recording:
-        now = self._clock.seconds()
+        # The header's timestamp is a whole second: events' times count
+        # from it, so that it plus an event's time is when it happened
+        # (playback reads them so).
+        now = math.floor(self._clock.seconds())
         cols, rows = session.core.size
         recording = _Recording(os.path.join(self.directory, file_name(session.id, now)), now,
                                session.id)

@@ -31,50 +31,42 @@ def expired_sessions(sessions: Iterable[Session], now: float, grace: float) -> l
     ]
 
 
-def overdue_sessions(sessions: Iterable[Session], now: float, max_lifetime: float,
-                     idle_timeout: float) -> list[tuple[Session, str]]:
+def overdue_sessions(sessions: Iterable[Session], now: float,
+                     max_lifetime: float) -> list[tuple[Session, str]]:
     """
-    The sessions past C{max_lifetime} seconds of age, or without input or
-    output for C{idle_timeout} seconds (client attached or not), each with
-    the sentence its client is told; 0 turns a limit off.  A session of a
-    profile other than the default has that profile's limits instead.  A
-    session that is starting or waiting for the engine is left alone.
+    The sessions past C{max_lifetime} seconds of age (client attached or
+    not, busy or not), each with the sentence its client is told; 0 turns
+    the limit off.  A session of a profile other than the default has that
+    profile's limit instead.  A session that is starting or waiting for the
+    engine is left alone.  (Idle sessions: L{capsule.sessions.idle}.)
     """
     due = []
     for s in sessions:
         if not s.state.settled:
             continue
-        lifetime, idle = max_lifetime, idle_timeout
-        lifetime_name, idle_name = "--max-lifetime", "--idle-timeout"
+        lifetime, lifetime_name = max_lifetime, "--max-lifetime"
         settings = getattr(s, "settings", None)
-        if settings is not None and settings.name != DEFAULT_PROFILE or (
-                settings is not None and (settings.max_lifetime, settings.idle_timeout)
-                != (max_lifetime, idle_timeout)):
-            lifetime, idle = settings.max_lifetime, settings.idle_timeout
+        if settings is not None and (settings.name != DEFAULT_PROFILE
+                                     or settings.max_lifetime != max_lifetime):
+            lifetime = settings.max_lifetime
             lifetime_name = f"the max_lifetime of profile {settings.name}"
-            idle_name = f"the idle_timeout of profile {settings.name}"
         if lifetime and now - s.core.created_at >= lifetime:
             due.append((s, f"the session reached its maximum lifetime ({lifetime:g} s,"
                             f" {lifetime_name})"))
-        elif idle and now - s.core.active_at >= idle:
-            due.append((s, f"the session was idle (no input and no output) for"
-                           f" {idle:g} s ({idle_name})"))
     return due
 
 
 def end_overdue(manager: SessionManager, clock) -> list[Session]:
     """
-    End every session past its lifetime or idle limit; like L{expire_due},
-    never raises.
+    End every session past its lifetime; like L{expire_due}, never raises.
     """
     config = manager.config
     profiles = getattr(manager, "profiles", {}).values()
-    if not (config.max_lifetime or config.idle_timeout
-            or any(p.max_lifetime or p.idle_timeout for p in profiles)):
+    if not (config.max_lifetime or any(p.max_lifetime for p in profiles)):
         return []
     try:
         due = overdue_sessions(list(manager.sessions.values()), clock.seconds(),
-                               config.max_lifetime, config.idle_timeout)
+                               config.max_lifetime)
     except Exception:
         _log.failure("could not work out which sessions are over their limits")
         return []

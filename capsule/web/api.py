@@ -17,6 +17,8 @@ The session API for programs, under C{/api/sessions}:
   - C{/api/sessions/{id}/put-away}, C{resume}, C{fork}: kept sessions
     (L{capsule.web.keep_api}, which also serves C{/api/snapshots}); a kept
     session is listed, read and deleted as a live one is;
+  - C{GET /api/sessions/{id}/recording?since=T}: what it printed since
+    then, as asciicast v2 (L{capsule.web.recording});
   - C{GET /api/profiles}: the profiles a client may name.
 
 Authentication and ownership are the site's (L{capsule.auth.gate}): a session of
@@ -51,6 +53,7 @@ from capsule.web.api_base import (NO_BODY, RETRY_AFTER, ApiError, JsonResource, 
                                    text_field, user_of)
 from capsule.web.bodies import BodyRefused
 from capsule.web.ports import PortAddresses, PortsResource
+from capsule.web.recording import RecordingResource
 from capsule.web.shares import SharesResource
 from capsule.web.keep_api import KeepApi, session_child
 from capsule.web.exec import (EXEC_MAX_BODY, EXEC_WRITE_TIMEOUT, EXECS_PER_SESSION, ExecResource,
@@ -83,7 +86,10 @@ class SessionApi:
                  upload_max_bytes: int = UPLOAD_MAX_BYTES,
                  answer_timeout: float = EXEC_WRITE_TIMEOUT, exporting=None,
                  docker_calls: CallGate | None = None, client_address=client_address,
-                 spectators=None, previews=None, port_addresses=None, keeping=None) -> None:
+                 spectators=None, previews=None, port_addresses=None,
+                 recorder=None, keeping=None) -> None:
+        # The sessions' recorder (capsule.ops.recording, --record), or None.
+        self.recorder = recorder
         # The previews of sessions' ports (capsule.web.preview.PreviewRouter),
         # or None: no previews.
         self.previews = previews
@@ -463,6 +469,8 @@ class SessionResource(JsonResource):
             return SharesResource(self.api, self.session_id)
         if name == b"ports":
             return PortsResource(self.api, self.session_id)
+        if name == b"recording":
+            return RecordingResource(self.api, self.session_id)
         if name == b"":
             return self
         return session_child(self.api.keep, name, self.session_id) or NotFound()

@@ -37,8 +37,12 @@ HSTS = b"max-age=31536000"
 
 # The page loads its scripts and styles from its own origin; xterm.js
 # styles its rows with style elements and attributes, hence
-# 'unsafe-inline' for styles (never for scripts).
-_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';"
+# 'unsafe-inline' for styles (never for scripts).  'wasm-unsafe-eval' lets
+# those scripts compile WebAssembly (asciinema-player's terminal, for "while
+# you were away"): it allows no eval() or new Function() of JavaScript, and
+# no script from anywhere else.
+_CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval';"
+        " style-src 'self' 'unsafe-inline';"
         " img-src 'self' data:; font-src 'self'; connect-src 'self'{websocket};"
         " object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 

@@ -326,6 +326,20 @@ ROUTES: dict[tuple[str, str], dict] = {
                 "more": {"type": "integer", "description":
                          "how many more listen than are listed (at most 64 are)"}}})},
         **_errors(401, 404)}},
+    ("/api/sessions/{id}/recording", "get"): {
+        "summary": "What the session printed since a moment, as asciicast v2 (with --record):"
+                   " the screen that was left, a \"you left here\" marker, then every event"
+                   " since, its times rebased to begin at 0; cut with a marker past 8 MiB;"
+                   " the owner's only (see docs/page.md, \"While you were away\")",
+        "parameters": [_ID, {"name": "since", "in": "query", "required": False,
+                             "schema": {"type": "number", "minimum": 0},
+                             "description": "a Unix time in seconds (the connected frame's"
+                                            " away.since); none: the whole recording"}],
+        "responses": {"200": {"description": "the recording since then", "content": {
+            "application/x-asciicast": {"schema": {"type": "string"}}}},
+            "404": {"description": "no such session, another user's (session_not_found), or"
+                                   " nothing of it recorded (not_recorded)", **_json(_ERROR)},
+            **_errors(400, 401, 429)}},
     ("/api/sessions/{id}/ports/{port}", "put"): {
         "summary": "Open a port's preview to anyone who has its URL (public: true), or to"
                    " the session's owner only again (false); see docs/previews.md",

@@ -483,7 +483,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               spectators=None, firewall=None, admin_usage=None, admin_session_facts=None,
               preview_domain: str | None = None,
               preview_limits: PreviewLimits = PreviewLimits(), preview_access=None,
-              own_ports=(), preview_no_network=None, keeping=None,
+              own_ports=(), preview_no_network=None, keeping=None, recorder=None,
               **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -537,6 +537,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     @param keeping: the kept sessions and snapshots
         (L{capsule.sessions.keeping.Keeping}; by default the manager's, if it
         has one; C{None}: sessions are never kept).
+    @param recorder: the sessions' recorder (L{capsule.ops.recording},
+        C{--record}), or C{None}: sessions are not recorded, and cannot be
+        played back.
     @param access_log: an access line for every request (C{--access-log});
         else only for those L{logged_by_default}.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
@@ -568,7 +571,8 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     factory = CapsuleServerFactory(manager, reactor, host_policy=host_policy,
                                    sessions=sessions, authenticator=authenticator,
                                    start_at_open=start_at_open, spectators=spectators,
-                                   port_addresses=port_addresses, **websocket_options)
+                                   port_addresses=port_addresses,
+                                   recording=recorder is not None, **websocket_options)
     root.putChild(b"ws", CountedWebSocketResource(factory))
     root.putChild(b"health", HealthResource(manager, docker, reactor, drain,
                                                  firewall))
@@ -585,7 +589,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                              docker_calls=CallGate(docker_calls_per_caller,
                                                    4 * docker_calls_per_caller),
                              spectators=spectators, previews=previews,
-                             port_addresses=port_addresses)
+                             port_addresses=port_addresses, recorder=recorder)
     api.putChild(b"sessions", SessionsResource(session_api))
     api.putChild(b"profiles", ProfilesResource(session_api))
     api.putChild(b"snapshots", SnapshotsResource(session_api.keep))

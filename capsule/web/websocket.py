@@ -473,6 +473,7 @@ class CapsuleServerProtocol(KeptSessions, Watching, WebSocketServerProtocol):
         self._send(*self._wire.connected(session.id, resumed, offset, replay,
                                          self.factory.flow_window, grace, kept,
                                          getattr(session, "profile", None),
+                                         away=self._away(session),
                                          **self._keep_fields(session)))
         self._tell_resumed()
         drain = self.factory.sessions.drain
@@ -481,6 +482,20 @@ class CapsuleServerProtocol(KeptSessions, Watching, WebSocketServerProtocol):
         if getattr(session, "ports_known", False):
             self._send_ports(session)
         self.pause_output_producer(session.output_producer())
+
+    def _away(self, session) -> dict | None:
+        """
+        What C{session} printed while no client was attached (the
+        C{connected} frame's C{away}), or C{None}.
+        """
+        away = session.core.away()
+        if away is None:
+            return None
+        since, printed = away
+        # How long, by capsule's clock: the page's may differ from it.
+        seconds = max(0.0, self.factory.clock.seconds() - since)
+        return {"since": round(since, 3), "seconds": round(seconds, 1), "printed": printed,
+                "recorded": self.factory.recording}
 
     def session_ports(self, session) -> None:
         """

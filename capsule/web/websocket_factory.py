@@ -58,8 +58,12 @@ class CapsuleServerFactory(WebSocketServerFactory):
                  sessions: SessionService | None = None, authenticator=None,
                  start_at_open: bool = False, stall_timeout: float = 30.0,
                  spectators=None, watch_backlog: int = 1024 * 1024,
-                 port_addresses: PortAddresses | None = None) -> None:
+                 port_addresses: PortAddresses | None = None,
+                 recording: bool = False) -> None:
         super().__init__()
+        # Whether sessions' output is recorded (--record): a page that comes
+        # back to a session that printed meanwhile may then play it.
+        self.recording = recording
         self.port_addresses = port_addresses if port_addresses is not None else PortAddresses()
         self.spectators = spectators
         self.watch_backlog = watch_backlog

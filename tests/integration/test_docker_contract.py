@@ -36,6 +36,7 @@ class TestRealDocker(DockerContract):
         yield ContainerSpec(image=IMAGE, memory="256m", cpus=0.5, pids=64, network="none",
                             labels={"io.capsule.managed": "true", LABEL_INSTANCE: instance})
         remove_instance_containers(instance)
+        _remove_copiers(instance)
         # Snapshots' images and volumes carry the spec's labels.
         remove_instance_images(instance)
         remove_instance_volumes(instance)
@@ -150,8 +151,30 @@ def real(request):
     yield api, spec
     api.stop()
     remove_instance_containers(instance)
+    _remove_copiers(instance)
     remove_instance_images(instance)
     remove_instance_volumes(instance)
+
+
+def _remove_copiers(instance: str) -> None:
+    client = docker_client().api
+    for c in client.containers(all=True, filters={
+            "label": f"{snapshots.LABEL_COPIER}={instance}"}):
+        client.remove_container(c["Id"], force=True, v=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_prune_removes_a_copier_a_stopped_capsule_left(real):
+    api, spec = real
+    instance = spec.labels[LABEL_INSTANCE]
+    client = docker_client().api
+    left = await deferToThread(client.create_container, IMAGE, ["true"],
+                               labels={snapshots.LABEL_COPIER: instance})
+    assert await api.prune_snapshots(spec.labels) == 0
+    assert await api.prune_snapshots(spec.labels, grace=0) == 1
+    assert await deferToThread(client.containers, all=True, filters={
+        "label": f"{snapshots.LABEL_COPIER}={instance}"}) == []
+    del left
 
 
 async def _create(api, spec) -> str:
@@ -241,6 +264,9 @@ async def test_a_snapshot_leaves_no_copier_and_labels_its_copies(real):
     left = await deferToThread(client.containers, all=True, filters={
         "label": f"{LABEL_INSTANCE}={spec.labels[LABEL_INSTANCE]}"})
     assert [c["Id"] for c in left] == [container_id]
+    copiers = await deferToThread(client.containers, all=True, filters={
+        "label": f"{snapshots.LABEL_COPIER}={spec.labels[LABEL_INSTANCE]}"})
+    assert copiers == []
     for name in snapshot.volumes.values():
         volume = await deferToThread(client.inspect_volume, name)
         assert {k: volume["Labels"].get(k) for k in labels} == labels
@@ -263,3 +289,27 @@ async def test_container_cpu_without_the_cgroup(real):
     assert isinstance(before, float) and after > before + 0.1
     await api.stop_container(container_id, timeout=1)
     assert await api.container_cpu(container_id) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_copies_of_a_snapshot_whose_volume_is_gone(real):
+    """
+    Mounting a missing volume makes it anew, empty: the copy is refused
+    rather than empty, and leaves nothing behind.
+    """
+    api, spec = real
+    container_id = await _create(api, replace(spec, read_only_root=True))
+    snapshot = await api.snapshot_container(container_id, "capsule-snapshot",
+                                            f"contract-{uuid.uuid4().hex[:12]}",
+                                            {**spec.labels, "io.capsule.snapshot": "gone"})
+    client = docker_client().api
+    lost = snapshot.volumes["/workspace"]
+    await deferToThread(client.remove_volume, lost)
+    with pytest.raises(DockerError):
+        await api.copy_snapshot_volumes(snapshot, spec.labels)
+    ours = await deferToThread(client.volumes, filters={
+        "label": f"{LABEL_INSTANCE}={spec.labels[LABEL_INSTANCE]}"})
+    assert sorted(v["Name"] for v in ours["Volumes"] or []) == sorted(
+        set(snapshot.volumes.values()) - {lost})
+    with pytest.raises(docker.errors.NotFound):
+        await deferToThread(client.inspect_volume, lost)

@@ -24,6 +24,7 @@ from .test_browser import (  # noqa: F401 (fixtures)
     wait_text,
 )
 from .test_page_auth import htpasswd, log_in  # noqa: F401 (fixtures)
+from .test_page_keep import no_retention
 from .test_security_auth import PASSWORDS, http
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")
@@ -185,7 +186,7 @@ def test_closing_the_tab_says_what_is_lost(make_server, browser):
     the grace period, closing the tab asks first (a beforeunload handler),
     and the page itself says how long the grace period is and what is lost.
     """
-    server = make_server(*page_args("--grace", "45"))
+    server = make_server(*page_args("--grace", "45", *no_retention()))
     dialogs = []
 
     def on_dialog(dialog):
@@ -209,9 +210,9 @@ def test_closing_the_tab_says_what_is_lost(make_server, browser):
     wait_screen(page, r"developer@capsule")
     type_line(page, "echo work > /workspace/notes")
     page.wait_for_function(
-        "() => document.getElementById('status-message').textContent"
-        " === 'closing this tab ends the session 45 s later'", timeout=10000)
-    assert "Export first" in page.get_attribute("#status-message", "title")
+        "() => document.getElementById('leave-note').textContent"
+        " === 'Closing this tab removes this session and its files 45 s later'", timeout=10000)
+    assert "Export first" in page.get_attribute("#leave-note", "title")
     shot(page, "closing-bar-desktop-1x")
     page.on("dialog", on_dialog)
     page.close(run_before_unload=True)
@@ -224,7 +225,7 @@ def test_closing_the_tab_says_what_is_lost(make_server, browser):
     page.wait_for_selector("#banner", state="visible", timeout=5000)
     assert page.inner_text("#banner-title") == "Leaving this page?"
     assert page.inner_text("#banner-message") == (
-        "Closing this tab ends this session 45 s later (capsule's grace period), and its"
+        "Closing this tab removes this session 45 s later (capsule's grace period), and its"
         " /workspace is lost with it: Export first what you want to keep.")
     shot(page, "closing-asked-desktop-1x")
     page.click("#banner-action")

@@ -36,9 +36,35 @@ def spectator_page(browser, url: str, **context):
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.errors = errors
+    # What the page and its WebSockets did, told when a wait fails.
+    trail = []
+    page.trail = trail
+    page.on("console", lambda m: trail.append(f"console {m.type}: {m.text[:300]}"))
+
+    def socket(ws):
+        trail.append(f"websocket {ws.url[:120]}")
+        ws.on("framereceived", lambda payload: trail.append(
+            f"  frame: {payload[:200]!r}") if isinstance(payload, str) else None)
+        ws.on("socketerror", lambda error: trail.append(f"  socket error: {error}"))
+        ws.on("close", lambda _: trail.append("  closed"))
+    page.on("websocket", socket)
     page.goto(url)
-    page.wait_for_selector('#status[data-state="connected"]', timeout=20000)
+    wait_connected(page)
     return page
+
+
+def wait_connected(page, timeout: float = 20000) -> None:
+    """
+    Wait for the spectator's page to be connected; if it is not, fail with
+    what the page shows and what its WebSockets and console said.
+    """
+    try:
+        page.wait_for_selector('#status[data-state="connected"]', timeout=timeout)
+    except Exception:
+        state = page.get_attribute("#status", "data-state")
+        message = page.text_content("#status-message")
+        pytest.fail(f"the spectator's page is not connected: state {state!r}, bar {message!r},"
+                    f" page errors {page.errors}; what happened:\n" + "\n".join(page.trail))
 
 
 def test_a_spectator_watches_without_typing_and_is_told_of_the_revocation(server, browser,
@@ -64,8 +90,9 @@ def test_a_spectator_watches_without_typing_and_is_told_of_the_revocation(server
     wait_screen(watcher, "LIVE_9")
     shot(watcher, "spectator-desktop")
     # A reload watches again, from the replay.
+    watcher.trail.append("-- reload --")
     watcher.reload()
-    watcher.wait_for_selector('#status[data-state="connected"]', timeout=20000)
+    wait_connected(watcher)
     wait_screen(watcher, "LIVE_9")
     # Typing in the spectator's page does nothing to the session.
     watcher.click(".xterm-screen")

@@ -451,7 +451,7 @@ class FakeDockerAPI:
             # as the engine names anonymous volumes).
             if mount.name.startswith(container_id) or mount.name in self.volumes:
                 name = uuid.uuid4().hex + uuid.uuid4().hex
-                self.volumes[name] = {"labels": dict(labels)}
+                self.volumes[name] = {"labels": dict(labels), "created": time.time()}
                 volumes[mount.destination] = name
         files = dict(container.get("files", {}))
         snapshot = Snapshot(image=image, volumes=volumes, labels=dict(labels),
@@ -485,14 +485,28 @@ class FakeDockerAPI:
                 self.volumes.pop(name, None)
         return succeed(existed)
 
-    def prune_snapshots(self, labels):
+    def copy_snapshot_volumes(self, snapshot, labels):
+        failed = self._check()
+        if failed:
+            return failed
+        if snapshot.image not in self.snapshots:
+            return fail(DockerError(f"the snapshot {snapshot.image} is gone"))
+        copies = {}
+        for mount in snapshot.volumes:
+            copies[mount] = uuid.uuid4().hex + uuid.uuid4().hex
+            self.volumes[copies[mount]] = {"labels": dict(labels), "created": time.time()}
+        return succeed(copies)
+
+    def prune_snapshots(self, labels, grace=600.0):
         failed = self._check()
         if failed:
             return failed
         used = {m.name for c in self.containers.values() for m in _mounts(c)}
         named = {name for s in self.snapshots.values() for name in s.volumes.values()}
+        now = time.time()
         pruned = [name for name, volume in self.volumes.items()
                   if name not in used and name not in named
+                  and now - volume["created"] >= grace
                   and all(volume["labels"].get(k) == v for k, v in labels.items())]
         for name in pruned:
             del self.volumes[name]

@@ -63,6 +63,18 @@ export function bannerFor({ state, message = "", code = "", blank = false }) {
       action: null,
     };
   }
+  // A kept session: what it is, and Resume (never by itself: its owner may want it put away).
+  if (state === "kept") {
+    return {
+      title: "This session is put away",
+      message,
+      hint: "Its files are kept; nothing runs in it. Resume starts it again: the same files, a"
+        + " new shell, and its last screen shown above it as history. Sessions lists it with"
+        + " your others (export, fork, delete).",
+      retry: false,
+      action: "Resume",
+    };
+  }
   if (state === "failed") {
     return {
       title: known ? `${known.title}: the page stopped trying` : "the page stopped trying",

@@ -4,7 +4,7 @@
 // happens when a socket ends is decided by the state machine (machine.js); this module feeds
 // it inputs and carries out its effects.
 
-import { closeInput, initial, step } from "./machine.js";
+import { SESSION_KEPT, closeInput, initial, step } from "./machine.js";
 import {
   ACK_DELAY_MS, BINARY_PROTOCOL, Offsets, bytePieces, decodeBase64, describeNotice,
   encodeFrame, inputPieces, parseFrame, socketUrl, splitReplay,
@@ -13,6 +13,8 @@ import {
 const STORAGE_KEY = "capsule.session_id";
 const PING_INTERVAL_MS = 20000;
 const SILENCE_LIMIT_MS = 45000;
+// After a session ended without an exit code: when the API is asked again whether it is kept.
+const KEPT_CHECKS_MS = [500, 1000, 2000, 4000];
 
 // --- session id: ?session_id= in the URL, else this tab's sessionStorage ---
 
@@ -47,11 +49,14 @@ function storeSessionId(id) {
 // attention.js; `profile`: what a new session asks for (/?profile=claude; a resumed session
 // keeps its own); `checkLogin()`: asks capsule whether the login expired, after a connection
 // that failed; `onAttached(frame)`: capsule's `connected` frame (what becomes of the session
-// once the page is gone: its `grace` and `kept`); `onWatchers(count)`: how many watch the
-// session through read-only links; `onPorts(frame)`: capsule's `ports` frame (the ports that
-// listen in the session now).
+// once the page is gone: its `on_close`); `onWatchers(count)`: how many watch the session
+// through read-only links; `onPorts(frame)`: capsule's `ports` frame (the ports that listen in
+// the session now); `onKept(id, details)`: the session is put away (kept), and the page offers
+// to resume it (`details`: { message, kept_at, kept_until } as capsule said them);
+// `findKept(id)`: resolves to the session as the API describes it if it is kept, else null.
 export function createConnection({ term, status, attention, profile, checkLogin,
-  onAttached = () => {}, onWatchers = () => {}, onPorts = () => {} }) {
+  onAttached = () => {}, onWatchers = () => {}, onPorts = () => {}, onKept = () => {},
+  findKept = () => Promise.resolve(null) }) {
   let model = initial();
   let sessionId = loadSessionId();
   const offsets = new Offsets();
@@ -61,6 +66,8 @@ export function createConnection({ term, status, attention, profile, checkLogin,
   let link = 0; // counts sockets, so xterm callbacks for an old socket's output are ignored
   let binary = false; // whether the current socket speaks the binary protocol
   let exitCode = null; // from the `exit` frame that precedes a 1000 close
+  let exitMessage = ""; // and its message
+  let keptFrame = null; // the `error` frame that said the session is kept
   let lastError = ""; // message of the latest `error` frame
   let lastErrorCode = ""; // and its code
   let sentSize = ""; // "COLSxROWS" last sent on this socket
@@ -69,13 +76,21 @@ export function createConnection({ term, status, attention, profile, checkLogin,
   let silenceTimer = null;
   let retryTimer = null;
   let ackTimer = null;
+  let resuming = false; // the sockets opened ask to resume the kept session (&resume=1)
 
   // --- the machine -----------------------------------------------------------
 
   function feed(type, details) {
     const result = step(model, { type, now: Date.now(), ...details });
     model = result.model;
+    // Asking to resume lasts until the session is attached, or the page stops trying.
+    if (model.state !== "connecting" && model.state !== "reconnecting") resuming = false;
     for (const effect of result.effects) perform(effect);
+    if (model.state === "kept" && type === "kept") {
+      const frame = keptFrame || {};
+      onKept(sessionId, { message: details.message, kept_at: frame.kept_at,
+        kept_until: frame.kept_until });
+    }
   }
 
   function perform(effect) {
@@ -88,6 +103,7 @@ export function createConnection({ term, status, attention, profile, checkLogin,
         term.notice(effect.text);
         break;
       case "open":
+        if (effect.resume) resuming = true;
         open();
         break;
       case "wait":
@@ -107,6 +123,11 @@ export function createConnection({ term, status, attention, profile, checkLogin,
         break;
       case "clear":
         term.clear();
+        break;
+      case "restart":
+        // A resumed session's output starts again at 0, with its old screen.
+        term.clear();
+        offsets.forget();
         break;
       case "drop":
         drop();
@@ -149,7 +170,8 @@ export function createConnection({ term, status, attention, profile, checkLogin,
   // exactly what was missed; after a reload (0) the recent screen again. The server only
   // reads the offset with the binary protocol.
   function url() {
-    return socketUrl(location.href, { sessionId, offset: offsets.resumeFrom(), profile });
+    return socketUrl(location.href, { sessionId, offset: offsets.resumeFrom(), profile,
+      resume: resuming });
   }
 
   // What a new socket starts from.
@@ -157,6 +179,8 @@ export function createConnection({ term, status, attention, profile, checkLogin,
     clearTimeout(retryTimer);
     retryTimer = null;
     exitCode = null;
+    exitMessage = "";
+    keptFrame = null;
     lastError = "";
     lastErrorCode = "";
     sentSize = "";
@@ -276,10 +300,12 @@ export function createConnection({ term, status, attention, profile, checkLogin,
       case "error":
         lastError = frame.message || frame.code || "error";
         lastErrorCode = typeof frame.code === "string" ? frame.code : "";
-        status.error(lastError);
+        if (lastErrorCode === SESSION_KEPT) keptFrame = frame;
+        else status.error(lastError);
         break;
       case "exit":
         exitCode = frame.exit_code;
+        exitMessage = typeof frame.message === "string" ? frame.message : "";
         break;
       case "dropped":
         if (binary) onDropped(frame.bytes, frame.offset);
@@ -304,7 +330,8 @@ export function createConnection({ term, status, attention, profile, checkLogin,
     endReplay();
     replayLeft = Number.isSafeInteger(frame.replay) && frame.replay >= 0 ? frame.replay : 0;
     onAttached(frame);
-    feed("connected", { resumed: Boolean(frame.resumed), blank: term.blank });
+    feed("connected", { resumed: Boolean(frame.resumed), blank: term.blank,
+      resumedFrom: typeof frame.resumed_from === "number" ? frame.resumed_from : null });
     startKeepalive();
   }
 
@@ -315,7 +342,35 @@ export function createConnection({ term, status, attention, profile, checkLogin,
     stopKeepalive();
     stopAcks();
     endReplay();
-    feed(closeInput(code, lastErrorCode), { exitCode, message: lastError });
+    const input = closeInput(code, lastErrorCode);
+    const id = sessionId;
+    const message = exitMessage;
+    feed(input, { exitCode, message: lastError });
+    // A session that ended without its shell's exit code may have been put away (by its owner
+    // elsewhere, by the idle limit): kept, it is offered to be resumed rather than forgotten.
+    if (model.state === "ended" && (exitCode === null || exitCode === undefined) && id) {
+      watchKept(id, message);
+    }
+  }
+
+  // Whether session `id`, which ended without an exit code, was put away: asked of the API a few
+  // times (a session being put away is listed as kept once its container has stopped). Kept,
+  // the page offers to resume it.
+  function watchKept(id, message) {
+    let attempt = 0;
+    const ask = () => {
+      if (model.state !== "ended" || id !== sessionId) return;
+      findKept(id).catch(() => null).then((kept) => {
+        if (model.state !== "ended" || id !== sessionId) return;
+        if (kept) {
+          keptFrame = kept;
+          feed("kept", { message: message || "" });
+        } else if (attempt < KEPT_CHECKS_MS.length) {
+          setTimeout(ask, KEPT_CHECKS_MS[attempt++]);
+        }
+      });
+    };
+    ask();
   }
 
   // --- keepalive ------------------------------------------------------------------

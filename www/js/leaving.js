@@ -1,60 +1,49 @@
-// Closing the tab: while this page is attached to a session that holds the person's work
-// (they typed in it or uploaded to it, or it was resumed) and nothing keeps the session past
-// its grace period, closing the tab ends it that long after, and its /workspace goes with it.
-// The page then asks the browser to confirm before leaving (the browser shows its own
-// generic text), and says the truth itself: in the status bar, and in the banner when the
-// browser asks. What becomes of the session is what capsule said in `connected` (its `grace`
-// and `kept`), so that a session kept longer says so.
+// Closing the tab: capsule's `connected` frame says what becomes of the session once its last
+// tab has closed (its `on_close`: kept until a date, or removed with its files some seconds
+// later; from an older capsule, its `grace` and `kept`). The bar says it, always, in
+// `#leave-note` (the longer sentence in its title). While this page holds a session with the
+// person's work in it (typed in, uploaded to, or resumed) that closing the tab would remove,
+// the page asks the browser to confirm before leaving (the browser shows its own generic
+// text), and says the truth itself in the banner when the browser asks. A session that is
+// kept is not asked about: nothing is lost.
 
-// "45 s", "5 min", "1 h", "90 min".
-export function formatSeconds(seconds) {
-  const s = Math.round(seconds);
-  if (s < 120) return `${s} s`;
-  if (s % 3600 === 0) return `${s / 3600} h`;
-  if (s % 60 === 0) return `${s / 60} min`;
-  return `${s} s`;
-}
+import { closingText, formatSeconds } from "./keeping.js";
 
-// What closing the tab would do to a session of which capsule said `grace` and `kept`: null
-// when nothing is lost (it is kept) or capsule did not say, else { short, long }.
-export function leavingText({ grace, kept }) {
-  if (kept !== false || typeof grace !== "number" || !Number.isFinite(grace) || grace < 0) {
-    return null;
-  }
-  const after = formatSeconds(grace);
-  return {
-    short: `closing this tab ends the session ${after} later`,
-    long: `Closing this tab ends this session ${after} later (capsule's grace period), and its `
-      + "/workspace is lost with it: Export first what you want to keep.",
-  };
-}
+export { formatSeconds };
 
 // The states in which the session lives and this page speaks for it.
 const ATTACHED = new Set(["connected", "reconnecting"]);
 
-// `status`: the status bar (status.js). `target`: where beforeunload is listened for.
-export function createLeaving({ status, target = window }) {
-  let lifetime = null; // { grace, kept } of the attached session
+// `status`: the status bar (status.js); `note`: the bar's #leave-note element (null: none);
+// `target`: where beforeunload is listened for; `now()`: the time in seconds.
+export function createLeaving({ status, note = null, target = window,
+  now = () => Date.now() / 1000 }) {
+  let closing = null; // closingText of the attached session
   let work = false; // whether the session holds the person's work
   let attached = false;
   let asking = false; // whether the beforeunload handler is registered
 
   function onBeforeUnload(event) {
-    const text = leavingText(lifetime);
-    if (text) status.say("Leaving this page?", text.long);
+    if (closing) status.say("Leaving this page?", closing.long);
     event.preventDefault();
     event.returnValue = ""; // older browsers want it set
   }
 
   function update() {
-    const text = attached && work && lifetime ? leavingText(lifetime) : null;
-    const ask = text !== null;
+    const shown = attached && closing !== null;
+    const ask = shown && work && closing.lost;
     if (ask !== asking) {
       asking = ask;
       if (ask) target.addEventListener("beforeunload", onBeforeUnload);
       else target.removeEventListener("beforeunload", onBeforeUnload);
     }
-    status.idle(text ? text.short : "", text ? text.long : "");
+    if (note) {
+      note.textContent = shown ? closing.short : "";
+      note.title = shown ? closing.long : "";
+      note.hidden = !shown;
+      if (shown) note.dataset.outcome = closing.outcome;
+      else delete note.dataset.outcome;
+    }
   }
 
   return {
@@ -62,11 +51,15 @@ export function createLeaving({ status, target = window }) {
     get asking() {
       return asking;
     },
-    // capsule's `connected` frame: { grace, kept, resumed }.
+    // What closing the tab does now (closingText), or null.
+    get closing() {
+      return attached ? closing : null;
+    },
+    // capsule's `connected` frame: { on_close, grace, kept, resumed, resumed_from }.
     attached(frame) {
-      lifetime = { grace: frame.grace, kept: frame.kept };
+      closing = closingText(frame, now());
       // A resumed session was used before this page saw it.
-      if (frame.resumed) work = true;
+      if (frame.resumed || frame.resumed_from !== undefined) work = true;
       update();
     },
     // The person typed in the session or uploaded to it.
@@ -81,7 +74,7 @@ export function createLeaving({ status, target = window }) {
       if (!attached && name !== "connecting") {
         // The session ended, or is another's now: nothing of it is this page's to lose.
         work = false;
-        lifetime = null;
+        closing = null;
       }
       update();
     },

@@ -21,11 +21,12 @@ export const STATES = Object.freeze([
   "taken", // another tab or window took the session over
   "failed", // reconnecting gave up
   "refused", // the server refused what this page asked for: asking again is no use
+  "kept", // the session is put away (its container stopped, its files kept): Resume offered
   "login", // the page is leaving (for the login page, or logged out): nothing matters any more
 ]);
 
 export const INPUTS = Object.freeze([
-  "connected", // the server's `connected` frame: { resumed, blank }
+  "connected", // the server's `connected` frame: { resumed, blank, resumedFrom }
   "shellEnded", // closed 1000: { exitCode }
   "expired", // closed 4400
   "unknown", // closed 4404: the session is not known (yet, right after a restart)
@@ -35,6 +36,7 @@ export const INPUTS = Object.freeze([
   "restarting", // closed 1001 or 4001: capsule restarts, the session lives on
   "lost", // closed otherwise (1006, anything unexpected)
   "refused", // closed after an `error` whose code is a refusal: { message }
+  "kept", // closed after an `error` with code `session_kept`: { message }
   "silent", // no frame for the silence limit while connected
   "retryDue", // the wait before the next attempt is over
   "again", // the user's button: "New session", "Reconnect here", "Reconnect", "Try now"
@@ -45,9 +47,13 @@ export const INPUTS = Object.freeze([
 // `error` codes after which the page does not try again: the message says what to change.
 export const REFUSALS = new Set(["unknown_profile"]);
 
+// The `error` code of a session that is put away: the page offers to resume it.
+export const SESSION_KEPT = "session_kept";
+
 // The input that a socket's close code (and the code of the last `error` frame) means.
 export function closeInput(code, errorCode) {
   if (REFUSALS.has(errorCode)) return "refused";
+  if (errorCode === SESSION_KEPT) return "kept";
   switch (code) {
     case 1000: return "shellEnded";
     case 4400: return "expired";
@@ -91,8 +97,15 @@ const HANDLERS = {
     const effects = [];
     // Said in the terminal only when it is blank (a reload): a line in the middle of what it
     // shows would break the shell's prompt or a full-screen program's screen.
-    if (input.resumed && input.blank) effects.push({ type: "notice", text: "reconnected" });
-    effects.push(show("connected", input.resumed ? "resumed session" : "new session"));
+    // A kept session started again: its old screen is replayed above a marker, as history
+    // (the marker says it: no "reconnected" over it).
+    const restarted = input.resumedFrom !== null && input.resumedFrom !== undefined;
+    if (input.resumed && input.blank && !restarted) {
+      effects.push({ type: "notice", text: "reconnected" });
+    }
+    const news = restarted ? "resumed: the screen above is from before it was put away"
+      : input.resumed ? "resumed session" : "new session";
+    effects.push(show("connected", news));
     return { model: { state: "connected", attempt: 0, outage: null }, effects };
   },
 
@@ -166,6 +179,16 @@ const HANDLERS = {
     };
   },
 
+  kept(model, input) {
+    // From "ended" too: a session that ended without an exit code turned out to be kept.
+    if (!LINKED.has(model.state) && model.state !== "ended") return null;
+    // Not resumed by itself: a kept session is started again when its owner asks (Resume).
+    return {
+      model: { state: "kept", attempt: model.attempt, outage: null },
+      effects: [show("kept", input.message || "this session is put away")],
+    };
+  },
+
   silent(model, input) {
     if (model.state !== "connected") return null;
     // The connection is dead without the browser noticing: drop it and start again.
@@ -181,6 +204,15 @@ const HANDLERS = {
   again(model) {
     // "Try now": the next attempt at once, not after the wait.
     if (model.state === "reconnecting") return { model, effects: [{ type: "open" }] };
+    // "Resume": the kept session started again (a new shell; its old screen replayed, marked
+    // as history, from the start: nothing of the page's terminal is kept).
+    if (model.state === "kept") {
+      return {
+        model: initial(),
+        effects: [{ type: "restart" }, show("connecting", "resuming the session"),
+          { type: "open", resume: true }],
+      };
+    }
     const effects = [];
     if (model.state === "ended" || model.state === "expired") {
       effects.push({ type: "forget" }, { type: "clear" });

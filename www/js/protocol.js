@@ -27,18 +27,22 @@ const NOTICES = {
   // The egress proxy refused a connection: the server's sentence names the host and the
   // profile setting that allows it.
   egress_refused: { line: true },
+  // A kept session started again: its old screen above is history (the keeper marks it).
+  resumed: {},
 };
 
 // /ws under the page's address (`href`), with the session to resume from `offset` (null: the
-// server decides) or the profile of a new one. index.html's bootstrap builds the first one
-// the same way.
-export function socketUrl(href, { sessionId = null, offset = null, profile = null } = {}) {
+// server decides) or the profile of a new one; `resume`: start the session again if it is
+// kept (put away). index.html's bootstrap builds the first one the same way.
+export function socketUrl(href, { sessionId = null, offset = null, profile = null,
+  resume = false } = {}) {
   const url = new URL("ws", href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
   const params = new URLSearchParams();
   if (sessionId) {
     params.set("session_id", sessionId);
     if (offset !== null) params.set("offset", String(offset));
+    if (resume) params.set("resume", "1");
   } else if (profile) {
     params.set("profile", profile);
   }

@@ -19,6 +19,7 @@ export const DISPLAY = Object.freeze({
   taken: { label: "disconnected", action: "Reconnect here" },
   failed: { label: "error", action: "Reconnect" },
   refused: { label: "error" },
+  kept: { label: "put away", action: "Resume" },
   login: { label: "logged out" },
 });
 
@@ -36,6 +37,7 @@ function disconnectedReason(state) {
     case "connecting": return "the page is not connected to the session yet";
     case "reconnecting": return "the page is disconnected from the session (reconnecting)";
     case "taken": return "another tab or window has the session";
+    case "kept": return "the session is put away: resume it first (or export it from Sessions)";
     case "login": return "the page is logged out";
     default: return "the page is not connected to a session";
   }
@@ -197,6 +199,12 @@ export function createStatusBar(ui, { onState = () => {}, onAgain = () => {} } =
     // closing the tab would do, said when the browser asks whether to leave).
     say(title, message, hint = "") {
       banner = { title, message, hint, retry: false, action: "OK", dismiss: true };
+      renderBanner();
+    },
+    // A longer sentence for the banner shown now (a kept session's dates, once known).
+    explain(message) {
+      if (banner === null || banner.dismiss) return;
+      banner = { ...banner, message };
       renderBanner();
     },
     // Who is logged in (null: capsule has no users).

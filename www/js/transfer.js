@@ -197,28 +197,8 @@ export function setupTransfer(ui, { status, sessionId, checkLogin, focus, worked
     focus();
   });
 
-  // The archive downloads through a hidden frame, so the browser streams it to disk however
-  // large it is. A download leaves the frame empty; a document in it is the server's error.
   function startExport(id) {
-    const frame = document.createElement("iframe");
-    frame.hidden = true;
-    frame.tabIndex = -1;
-    frame.title = "workspace export";
-    frame.setAttribute("aria-hidden", "true");
-    frame.addEventListener("load", () => {
-      let text;
-      try {
-        const doc = frame.contentDocument;
-        if (doc && doc.URL === "about:blank") return;
-        text = doc ? (doc.querySelector("pre") || doc.body || doc.documentElement).textContent : null;
-      } catch (e) {
-        text = null; // the browser's own error page: capsule did not answer
-      }
-      frame.remove();
-      status.error(exportError(text));
-    });
-    frame.src = "api/export/" + encodeURIComponent(id);
-    document.body.appendChild(frame);
+    downloadInFrame(`api/export/${encodeURIComponent(id)}`, (message) => status.error(message));
   }
 
   ui.exportButton.addEventListener("click", () => {
@@ -227,4 +207,30 @@ export function setupTransfer(ui, { status, sessionId, checkLogin, focus, worked
     startExport(id);
     focus();
   });
+}
+
+// A download through a hidden frame, so that the browser streams it to disk however large it
+// is: a download leaves the frame empty; a document in it is the server's error, told to
+// `onError(message)`.
+export function downloadInFrame(url, onError, doc = document) {
+  const frame = doc.createElement("iframe");
+  frame.hidden = true;
+  frame.tabIndex = -1;
+  frame.title = "workspace export";
+  frame.setAttribute("aria-hidden", "true");
+  frame.addEventListener("load", () => {
+    let text;
+    try {
+      const inner = frame.contentDocument;
+      if (inner && inner.URL === "about:blank") return;
+      text = inner ? (inner.querySelector("pre") || inner.body || inner.documentElement).textContent
+        : null;
+    } catch (e) {
+      text = null; // the browser's own error page: capsule did not answer
+    }
+    frame.remove();
+    onError(exportError(text));
+  });
+  frame.src = url;
+  doc.body.appendChild(frame);
 }

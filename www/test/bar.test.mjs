@@ -5,7 +5,8 @@ import { test } from "node:test";
 
 import { REFUSALS, bannerFor } from "../js/banner.js";
 import { REFUSALS as FINAL } from "../js/machine.js";
-import { createLeaving, formatSeconds, leavingText } from "../js/leaving.js";
+import { closingText } from "../js/keeping.js";
+import { createLeaving, formatSeconds } from "../js/leaving.js";
 
 const FULL = "the server is full (its memory is promised to other sessions): try again later";
 
@@ -58,17 +59,26 @@ test("the grace period in words", () => {
 });
 
 test("what closing the tab does comes from what capsule said", () => {
-  assert.deepEqual(leavingText({ grace: 60, kept: false }), {
-    short: "closing this tab ends the session 60 s later",
-    long: "Closing this tab ends this session 60 s later (capsule's grace period), and its "
+  // From a capsule that says `on_close`: see keeping.test.mjs; from an older one, its grace.
+  const NOW = new Date(2026, 11, 7, 9, 0).getTime() / 1000;
+  assert.deepEqual(closingText({ grace: 60, kept: false }, NOW), {
+    outcome: "removed",
+    short: "Closing this tab removes this session and its files 60 s later",
+    long: "Closing this tab removes this session 60 s later (capsule's grace period), and its "
       + "/workspace is lost with it: Export first what you want to keep.",
+    lost: true,
   });
-  assert.match(leavingText({ grace: 300, kept: false }).short, /5 min later/);
-  // Kept past the grace period, or not said (an older capsule): nothing to warn of.
-  assert.equal(leavingText({ grace: 60, kept: true }), null);
-  assert.equal(leavingText({ grace: undefined, kept: undefined }), null);
-  assert.equal(leavingText({ grace: "60", kept: false }), null);
+  assert.match(closingText({ grace: 300, kept: false }, NOW).short, /5 min later/);
+  // Kept past the grace period without saying until when, or not said: nothing to tell.
+  assert.equal(closingText({ grace: 60, kept: true }, NOW), null);
+  assert.equal(closingText({ grace: undefined, kept: undefined }, NOW), null);
+  assert.equal(closingText({ grace: "60", kept: false }, NOW), null);
 });
+
+// A #leave-note element's stand-in.
+function note() {
+  return { textContent: "", title: "", hidden: true, dataset: {} };
+}
 
 function fakes() {
   const listeners = new Set();
@@ -77,22 +87,27 @@ function fakes() {
     removeEventListener: (type, f) => listeners.delete(f),
   };
   const said = [];
-  const status = { idle: (text, title) => said.push(["idle", text, title]),
-    say: (title, text) => said.push(["say", title, text]) };
-  return { listeners, target, said, status };
+  const status = { say: (title, text) => said.push(["say", title, text]) };
+  return { listeners, target, said, status, note: note() };
 }
 
-test("the page asks before closing only while attached to a session with work in it", () => {
-  const { listeners, target, said, status } = fakes();
-  const leaving = createLeaving({ status, target });
+const NOW = new Date(2026, 11, 7, 9, 0).getTime() / 1000;
+const UNTIL = new Date(2026, 11, 14, 9, 1).getTime() / 1000;
+const now = () => NOW;
+
+test("the page asks before closing only while attached to a session with work it would lose", () => {
+  const { listeners, target, said, status, note } = fakes();
+  const leaving = createLeaving({ status, note, target, now });
   leaving.state("connected");
-  leaving.attached({ grace: 60, kept: false, resumed: false });
+  leaving.attached({ grace: 60, kept: false, on_close: { outcome: "removed", after: 60 } });
   assert.equal(listeners.size, 0, "a new session with nothing in it");
-  assert.deepEqual(said.at(-1), ["idle", "", ""]);
+  // The bar says it all the same.
+  assert.equal(note.hidden, false);
+  assert.equal(note.textContent, "Closing this tab removes this session and its files 60 s later");
+  assert.equal(note.dataset.outcome, "removed");
   leaving.worked();
   assert.equal(listeners.size, 1);
   assert.equal(leaving.asking, true);
-  assert.equal(said.at(-1)[1], "closing this tab ends the session 60 s later");
   // Asked: the browser's generic question, and the truth in the page.
   const event = { prevented: false, preventDefault() { this.prevented = true; } };
   [...listeners][0](event);
@@ -102,17 +117,40 @@ test("the page asks before closing only while attached to a session with work in
   // Still at risk while the page reconnects; not once the session ended.
   leaving.state("reconnecting");
   assert.equal(listeners.size, 1);
+  assert.equal(note.hidden, false);
   leaving.state("ended");
   assert.equal(listeners.size, 0);
-  assert.deepEqual(said.at(-1), ["idle", "", ""]);
+  assert.equal(note.hidden, true);
+  assert.equal(note.textContent, "");
+});
+
+test("a kept session is told, never asked about", () => {
+  const { listeners, target, status, note } = fakes();
+  const leaving = createLeaving({ status, note, target, now });
+  leaving.state("connected");
+  leaving.attached({ grace: 60, kept: true,
+    on_close: { outcome: "kept", after: 60, until: UNTIL } });
+  leaving.worked();
+  assert.equal(listeners.size, 0);
+  assert.equal(leaving.asking, false);
+  assert.equal(note.textContent, "Closing this tab keeps your work until Mon 14 Dec");
+  assert.match(note.title, /60 s later it is put away .* until Mon 14 Dec 09:01/);
+  assert.equal(note.dataset.outcome, "kept");
+  assert.equal(leaving.closing.outcome, "kept");
 });
 
 test("a resumed session counts as work; a kept one is not warned of", () => {
-  const { listeners, target, status } = fakes();
-  const leaving = createLeaving({ status, target });
+  const { listeners, target, status, note } = fakes();
+  const leaving = createLeaving({ status, note, target, now });
   leaving.attached({ grace: 30, kept: false, resumed: true });
   leaving.state("connected");
   assert.equal(listeners.size, 1);
   leaving.attached({ grace: 30, kept: true, resumed: true });
   assert.equal(listeners.size, 0);
+  // A kept session started again (resumed_from) holds work too.
+  const second = fakes();
+  const again = createLeaving({ status: second.status, note: second.note, target: second.target, now });
+  again.state("connected");
+  again.attached({ on_close: { outcome: "removed", after: 60 }, resumed_from: NOW - 60 });
+  assert.equal(second.listeners.size, 1);
 });

@@ -26,6 +26,7 @@ const MODELS = {
   taken: { state: "taken", attempt: 0, outage: null },
   failed: { state: "failed", attempt: 5, outage: null },
   refused: { state: "refused", attempt: 0, outage: null },
+  kept: { state: "kept", attempt: 0, outage: null },
   login: { state: "login", attempt: 0, outage: null },
 };
 
@@ -35,6 +36,7 @@ const DETAILS = {
   shellEnded: { exitCode: 3 },
   unavailable: { message: "capsule is full" },
   refused: { message: "no such profile: x" },
+  kept: { message: "this session was put away on 7 Dec and is kept until 14 Dec: resume it" },
   loggedOut: { url: "login" },
 };
 
@@ -58,6 +60,7 @@ const EXPIRE = [FORGET, notice("session expired"), show("expired", "session expi
 const TAKEN = [show("taken", "session taken over by another tab or window")];
 const TO_LOGIN = [DROP, show("login", "login expired: going to the login page"), { type: "toLogin" }];
 const LOGGED_OUT = [FORGET, { type: "go", url: "login" }];
+const KEPT = [show("kept", DETAILS.kept.message)];
 
 // From connecting or connected (a socket, no outage yet).
 function linked(attempt) {
@@ -73,6 +76,7 @@ function linked(attempt) {
     restarting: [model("reconnecting", 1, fresh({ restarting: true })),
       [show("reconnecting", "capsule is restarting"), wait(500)]],
     refused: [model("refused", attempt), [show("refused", "no such profile: x")]],
+    kept: [model("kept", attempt), KEPT],
     retryDue: SAME,
     again: SAME,
     loginExpired: [model("login", attempt), TO_LOGIN],
@@ -120,6 +124,8 @@ const TABLE = {
     lost: [model("reconnecting", 3, outage()),
       [CHECK_LOGIN, show("reconnecting", "connection lost"), wait(2000)]],
     refused: [model("refused", 2), [show("refused", "no such profile: x")]],
+    // Put away while the page was away (another tab, the idle limit): offered, not resumed.
+    kept: [model("kept", 2), KEPT],
     silent: SAME,
     retryDue: [MODELS.reconnecting, [OPEN]],
     // "Try now".
@@ -127,11 +133,22 @@ const TABLE = {
     loginExpired: [model("login", 2), TO_LOGIN],
     loggedOut: [model("login", 2), LOGGED_OUT],
   },
-  ended: unlinked("ended", [FORGET, { type: "clear" }]),
+  ended: {
+    ...unlinked("ended", [FORGET, { type: "clear" }]),
+    // Ended without an exit code, then found kept (put away elsewhere): Resume is offered.
+    kept: [model("kept", 0), KEPT],
+  },
   expired: unlinked("expired", [FORGET, { type: "clear" }]),
   taken: unlinked("taken", []),
   failed: unlinked("failed", []),
   refused: unlinked("refused", null),
+  // Resume: the terminal starts afresh (the old screen comes back from the session, marked),
+  // and the socket asks for the session to be started again.
+  kept: {
+    ...unlinked("kept", null),
+    again: [initial(), [{ type: "restart" }, show("connecting", "resuming the session"),
+      { type: "open", resume: true }]],
+  },
   login: Object.fromEntries(INPUTS.map((input) => [input, SAME])),
 };
 
@@ -255,4 +272,17 @@ test("close codes, and the error that came before the close", () => {
   assert.equal(closeInput(1000, "unknown_profile"), "refused");
   assert.equal(closeInput(1006, "unknown_profile"), "refused");
   assert.equal(closeInput(4503, "server_full"), "unavailable");
+  // A kept session: whatever the close, the page offers to resume it.
+  assert.equal(closeInput(4404, "session_kept"), "kept");
+  assert.equal(closeInput(4400, "session_kept"), "kept");
+});
+
+test("a resumed kept session says so; its resume is asked for only once the owner asks", () => {
+  const resumed = feed(initial(), "connected", { resumed: true, blank: true, resumedFrom: NOW - 3600 });
+  assert.deepEqual(resumed.effects,
+    [show("connected", "resumed: the screen above is from before it was put away")]);
+  // The page opened on a kept session does nothing by itself.
+  const kept = feed(initial(), "kept");
+  assert.deepEqual(kept.effects.filter((e) => e.type === "open"), []);
+  assert.equal(feed(kept.model, "retryDue").effects.length, 0);
 });
