@@ -2,9 +2,9 @@
 The API and the WebSocket of kept sessions against the real keeping
 (capsule.sessions.keeping, the manager's) over the in-memory engine: what
 the web asks of the keeping is what it does.  A page attached to a session
-put away hears session_kept and 4404 (it offers to resume), not that the
-shell exited; put away, listed, refused on reconnect, resumed with
-resumed_from, forked, snapshotted, deleted.
+put away hears why (an exit without an exit code) and finds it kept through
+the API; put away, listed, refused on reconnect, resumed with resumed_from,
+forked, snapshotted, deleted.
 """
 
 from __future__ import annotations
@@ -76,15 +76,17 @@ def attached(web, binary=False):
 
 
 @pytest.mark.parametrize("binary", [False, True])
-def test_a_page_attached_to_a_session_put_away_hears_session_kept_and_4404(web, binary):
+def test_a_page_attached_to_a_session_put_away_hears_why_then_finds_it_kept(web, binary):
     link, session_id = attached(web, binary)
     status, body = web.request(f"/api/sessions/{session_id}/put-away", "POST")
     assert (status, body["state"], body["reason"]) == (200, "kept", "put_away")
     link.flush()
-    [error] = [m for m in link.new() if isinstance(m, dict)]
-    assert error["type"] == "error" and error["code"] == "session_kept"
-    assert "kept until" in error["message"]
-    assert link.client.closed[1] == 4404
+    [end] = [m for m in link.new() if isinstance(m, dict)]
+    # An exit without an exit code: the page asks the API, which lists it kept.
+    assert end["type"] == "exit" and end["exit_code"] is None
+    assert "kept until" in end["message"]
+    assert link.client.closed[1] == 1000
+    assert web.request(f"/api/sessions/{session_id}")[1]["state"] == "kept"
 
 
 def test_put_away_list_reconnect_resume_over_the_real_keeping(web):

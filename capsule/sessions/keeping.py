@@ -315,14 +315,6 @@ class Keeping:
                                            or session_id in self._storing
                                            or session_id in self._busy)
 
-    def putting_away(self, session_id: str) -> bool:
-        """
-        Whether session C{session_id} is being put away now: as its client
-        is let go, it is told that the session is kept, not that it ended
-        (capsule.web.keep_ws).
-        """
-        return session_id in self._reasons or session_id in self._storing
-
     def disk_bytes(self, user: str | None = None) -> int:
         """
         The bytes the kept sessions hold (their writable layers, as last

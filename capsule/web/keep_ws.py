@@ -141,21 +141,6 @@ class KeptSessions:
             raise wire.ProtocolError("the session is being resumed: type once it is connected",
                                      RESUMING)
 
-    def _put_away_under(self, session, message: str) -> bool:
-        """
-        (From C{session_ended}.)  If C{session} is let go because it is being
-        put away, tell the client as a reconnect to a kept session is told
-        (C{session_kept}, then 4404: the page offers to resume it), not as
-        a shell that exited; return whether it was.
-        """
-        keeping = self._keeping
-        if session is None or keeping is None or not keeping.putting_away(session.id):
-            return False
-        self._manager.metrics.error_sent(SESSION_KEPT)
-        self._send(wire.encode_error(message, SESSION_KEPT))
-        self._close(self.CLOSE_SESSION_NOT_FOUND, message)
-        return True
-
     def _keep_fields(self, session) -> dict:
         """
         What a C{connected} frame says of keeping: C{on_close}, and

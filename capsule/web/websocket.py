@@ -547,10 +547,7 @@ class CapsuleServerProtocol(KeptSessions, Watching, WebSocketServerProtocol):
                     else CLOSE_UNAVAILABLE, message)
 
     def session_ended(self, exit_code: int | None, message: str) -> None:
-        session = self._session
         self._let_go()
-        if self._put_away_under(session, message):
-            return
         self._send(wire.encode_exit(exit_code, message))
         self._close(1000, message)
 

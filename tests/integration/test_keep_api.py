@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import tarfile
 
 import pytest
@@ -93,9 +94,12 @@ def test_put_away_list_reconnect_resume_through_the_api_and_the_websocket(keepin
     notice = resumed.next("notice", timeout=20)
     assert notice["code"] == "resumed"
     resumed.send({"type": "resize", "cols": 100, "rows": 30})
-    # The old screen comes first, as history; then a new shell.
+    # The old screen comes first, as history, marked; then a new shell.
+    resumed._read_until(
+        lambda frame: True if re.search(rb"wrote-42[\s\S]*resumed", resumed.output) else None,
+        30, "the old screen, then the marker")
     resumed.run("cat /workspace/notes.txt; echo again-$((40+2))", "again-42")
-    assert b"wrote-42" in resumed.output or b"before-42" in resumed.output
+    assert b"before-42" in resumed.output
     assert call(server, f"/api/sessions/{session_id}")[1]["state"] == "running"
     resumed.exit()
 

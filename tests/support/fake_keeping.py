@@ -53,9 +53,6 @@ class FakeKeeping:
     def on_close(self, session) -> dict:
         return closing_outcome(self.retention, self.manager.config.grace, self.clock.seconds())
 
-    def putting_away(self, session_id) -> bool:
-        return False
-
     def kept(self, user):
         return sorted((k for k in self.kept_sessions.values() if k.user == user),
                       key=lambda k: k.kept_at)
