@@ -196,6 +196,8 @@ def test_a_new_session_is_told_what_closing_its_tab_does(clock, factory, keeping
 
 
 def test_without_a_keeping_the_connected_frame_is_as_before(clock, manager):
+    # A manager made without a keeping (capsule keeps nothing).
+    assert manager.keeping is None
     factory = CapsuleServerFactory(manager, clock, sessions=SessionService(manager))
     link = connect(clock, factory)
     link.send({"type": "resize", "cols": 80, "rows": 24})

@@ -5,6 +5,8 @@ import pytest
 
 from capsule.engine.firewall import chain_names, find_tool, removal_commands
 
+from tests.support.live import remove_instance_images
+
 from .harness import (IMAGE, CapsuleServer, docker_client, remove_instance_containers,
                       remove_instance_volumes)
 
@@ -54,6 +56,8 @@ def make_server(tmp_path):
         finally:
             remove_instance_containers(server.instance)
             remove_instance_volumes(server.instance)
+            # Snapshots and forks' images (kept sessions), once no container uses them.
+            remove_instance_images(server.instance)
 
 
 @pytest.fixture

@@ -11,15 +11,15 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import tarfile
 
 import pytest
 
 from tests.support.clients import BlockingTerminal, SessionEnded
 from tests.support.httpclient import request
-from tests.support.live import remove_instance_images
 
-from .harness import docker_client, remove_instance_containers
+from .harness import docker_client
 from .test_api import ALICE, BOB, call, create, sh
 
 
@@ -31,18 +31,10 @@ def _container_of(server, session_id: str):
     return container
 
 
-def _remove_snapshots(server) -> None:
-    # The containers first: an image a container uses cannot be removed.
-    server.stop()
-    remove_instance_containers(server.instance)
-    remove_instance_images(server.instance)
-
-
 @pytest.fixture
 def keeping(make_server):
-    server = make_server("--grace", "30", tuning={"cleanup-interval": 0.5})
-    yield server
-    _remove_snapshots(server)
+    # Its snapshots' images go with it (make_server removes them).
+    return make_server("--grace", "30", tuning={"cleanup-interval": 0.5})
 
 
 def _kept_error(server, session_id: str, binary: bool = False) -> tuple[dict, int]:
@@ -102,9 +94,12 @@ def test_put_away_list_reconnect_resume_through_the_api_and_the_websocket(keepin
     notice = resumed.next("notice", timeout=20)
     assert notice["code"] == "resumed"
     resumed.send({"type": "resize", "cols": 100, "rows": 30})
-    # The old screen comes first, as history; then a new shell.
+    # The old screen comes first, as history, marked; then a new shell.
+    resumed._read_until(
+        lambda frame: True if re.search(rb"wrote-42[\s\S]*resumed", resumed.output) else None,
+        30, "the old screen, then the marker")
     resumed.run("cat /workspace/notes.txt; echo again-$((40+2))", "again-42")
-    assert b"wrote-42" in resumed.output or b"before-42" in resumed.output
+    assert b"before-42" in resumed.output
     assert call(server, f"/api/sessions/{session_id}")[1]["state"] == "running"
     resumed.exit()
 
@@ -167,21 +162,62 @@ def test_another_users_kept_session_and_snapshot_are_404(make_server, tmp_path):
     tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
     server = make_server("--tokens", str(tokens), "--state-dir", str(tmp_path / "state"),
                          "--grace", "30")
-    try:
-        session_id = create(server, ALICE)["id"]
-        assert call(server, f"/api/sessions/{session_id}/put-away", "POST", token=ALICE)[0] == 200
-        assert call(server, "/api/snapshots", "POST", {"session": session_id, "name": "s"},
-                    token=ALICE)[0] == 201
-        for method, path in [("GET", ""), ("DELETE", ""), ("POST", "/resume"),
-                             ("POST", "/fork")]:
-            status, body = call(server, f"/api/sessions/{session_id}{path}", method,
-                                token=BOB)
-            assert (status, body["code"]) == (404, "session_not_found"), (method, path)
-        assert call(server, f"/api/export/{session_id}", token=BOB)[0] == 404
-        assert call(server, "/api/sessions", token=BOB)[1]["sessions"] == []
-        assert call(server, "/api/snapshots", token=BOB)[1]["snapshots"] == []
-        assert call(server, "/api/snapshots/s", "DELETE", token=BOB)[0] == 404
-        assert [s["state"] for s in call(server, "/api/sessions", token=ALICE)[1][
-            "sessions"]] == ["kept"]
-    finally:
-        _remove_snapshots(server)
+    session_id = create(server, ALICE)["id"]
+    assert call(server, f"/api/sessions/{session_id}/put-away", "POST", token=ALICE)[0] == 200
+    assert call(server, "/api/snapshots", "POST", {"session": session_id, "name": "s"},
+                token=ALICE)[0] == 201
+    for method, path in [("GET", ""), ("DELETE", ""), ("POST", "/resume"),
+                         ("POST", "/fork")]:
+        status, body = call(server, f"/api/sessions/{session_id}{path}", method,
+                            token=BOB)
+        assert (status, body["code"]) == (404, "session_not_found"), (method, path)
+    assert call(server, f"/api/export/{session_id}", token=BOB)[0] == 404
+    assert call(server, "/api/sessions", token=BOB)[1]["sessions"] == []
+    assert call(server, "/api/snapshots", token=BOB)[1]["snapshots"] == []
+    assert call(server, "/api/snapshots/s", "DELETE", token=BOB)[0] == 404
+    assert [s["state"] for s in call(server, "/api/sessions", token=ALICE)[1][
+        "sessions"]] == ["kept"]
+
+
+def test_the_keepings_answers_match_the_openapi_document(keeping):
+    """
+    Each answer's status is documented for its route, and its JSON body
+    validates against the documented schema.
+    """
+    jsonschema = pytest.importorskip("jsonschema")
+    from capsule.web.openapi import document
+    server = keeping
+    doc = document()
+    seen = []
+
+    def check(template, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        status, _, payload = request(server.url + path, method,
+                                     {"Content-Type": "application/json"} if data else {},
+                                     data, timeout=120)
+        answer = doc["paths"][template][method.lower()]["responses"].get(str(status))
+        assert answer is not None, (method, template, status, payload[:200])
+        schema = {**answer["content"]["application/json"]["schema"],
+                  "components": doc["components"]}
+        jsonschema.validate(json.loads(payload), schema, cls=jsonschema.Draft202012Validator)
+        seen.append(status)
+        return json.loads(payload)
+
+    session_id = create(server)["id"]
+    check("/api/sessions/{id}/put-away", "POST", f"/api/sessions/{session_id}/put-away")
+    check("/api/sessions", "GET", "/api/sessions")
+    check("/api/sessions/{id}", "GET", f"/api/sessions/{session_id}")
+    check("/api/snapshots", "POST", "/api/snapshots", {"session": session_id, "name": "doc"})
+    check("/api/snapshots", "POST", "/api/snapshots", {"session": session_id, "name": "doc"})
+    check("/api/snapshots", "POST", "/api/snapshots", {"session": session_id, "name": "No"})
+    check("/api/snapshots", "GET", "/api/snapshots")
+    check("/api/snapshots/{name}/sessions", "POST", "/api/snapshots/doc/sessions")
+    check("/api/snapshots/{name}", "DELETE", "/api/snapshots/doc")
+    check("/api/snapshots/{name}", "DELETE", "/api/snapshots/doc")
+    check("/api/sessions/{id}/fork", "POST", f"/api/sessions/{session_id}/fork")
+    check("/api/sessions/{id}/resume", "POST", f"/api/sessions/{session_id}/resume")
+    check("/api/sessions/{id}/resume", "POST", f"/api/sessions/{MISSING}/resume")
+    assert seen == [200, 200, 200, 201, 409, 400, 200, 201, 200, 404, 201, 200, 404]
+
+
+MISSING = "00000000-0000-4000-8000-000000000000"
