@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 
 from capsule.core.errors import SessionNotFound
 from capsule.core.keeper import encode_screen, parse_screen
-from capsule.core.kept import GRACE, PUT_AWAY, SCREEN_PATH, STOPPED, KeptSession
+from capsule.core.kept import GRACE, PUT_AWAY, STOPPED, KeptSession, screen_path
 from capsule.core.profiles import LABEL_PROFILE, Profile, ProfileError, load_profiles
 from capsule.core.spec import ContainerSpec
 from capsule.sessions.cleanup import CleanupService, expire_due
@@ -93,9 +93,9 @@ def test_an_expired_session_is_put_away_not_removed(manager, docker, clock):
     assert container["state"] == "exited"
     assert session.container_id not in docker.removed
     # As the keeper writes it: the newest output, and the offset it starts at.
-    assert parse_screen(container["files"][SCREEN_PATH]) == (
+    assert parse_screen(container["files"][screen_path(session.id)]) == (
         b"$ ls\r\nnotes.txt\r\n$ ", session.replay.end)
-    assert container["modes"][SCREEN_PATH][1:] == (1000, 1000)
+    assert container["modes"][screen_path(session.id)][1:] == (1000, 1000)
     [kept] = manager.keeping.kept(None)
     assert (kept.id, kept.reason, kept.retention) == (session.id, GRACE, 7 * DAY)
     assert kept.kept_at == clock.seconds()
@@ -106,7 +106,7 @@ def test_the_screen_saved_is_the_last_of_the_output(docker, clock, tmp_path, mon
     monkeypatch.setattr("capsule.sessions.keeping.SCREEN_MAX_BYTES", 10)
     manager = make_manager(docker, clock, str(tmp_path))
     session, _, _ = put_away(manager, docker, output=b"0123456789abcdef")
-    saved = docker.containers[session.container_id]["files"][SCREEN_PATH]
+    saved = docker.containers[session.container_id]["files"][screen_path(session.id)]
     assert saved == b"\x1b_capsule-screen;start=6\x1b\\6789abcdef"
     assert parse_screen(saved) == (b"6789abcdef", 16)
 

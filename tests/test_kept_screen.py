@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 
 from capsule.core.keeper import (SCREEN_ENV, SCREEN_MAX_END, encode_screen, keeper_argv,
                                  keeper_start_argv, parse_screen)
-from capsule.core.kept import SCREEN_PATH
+from capsule.core.kept import screen_path
 from capsule.core.spec import ContainerSpec
 from capsule.engine.keeper_direct import DirectKeeper
 from capsule.sessions.manager import SessionManager
@@ -30,11 +30,14 @@ def test_the_relay_exec_tells_the_keeper_where_the_screen_is():
     docker = FakeDockerAPI()
     manager = SessionManager(docker, Clock(), SessionConfig(spec=SPEC, instance="t", grace=60,
                                                             replay_bytes=16))
-    manager.create(RecordingClient(), 80, 24)
+    session = manager.create(RecordingClient(), 80, 24)
     [process] = docker.processes
     assert process.argv == tuple(keeper_argv(("bash", "-l"), 0, 16))
-    assert process.env[SCREEN_ENV] == SCREEN_PATH
-    assert SCREEN_PATH not in process.argv
+    # The session's own file: a fork (a copy under a new id) or another
+    # session of a user whose home is a shared volume has another.
+    assert process.env[SCREEN_ENV] == screen_path(session.id)
+    assert session.id in screen_path(session.id)
+    assert screen_path(session.id) not in process.argv
 
 
 def test_the_exec_resuming_a_recovered_session_tells_it_too():
@@ -51,7 +54,7 @@ def test_the_exec_resuming_a_recovered_session_tells_it_too():
     manager.reconnect(SID, RecordingClient(), offset=300)
     [process] = docker.processes
     assert process.argv[:6] == ("capsule-keeper", "-r", "-b", str(1024 * 1024), "-o", "300")
-    assert process.env[SCREEN_ENV] == SCREEN_PATH
+    assert process.env[SCREEN_ENV] == screen_path(SID)
 
 
 def test_the_direct_start_exec_tells_the_keeper_where_the_screen_is():
@@ -63,10 +66,10 @@ def test_the_direct_start_exec_tells_the_keeper_where_the_screen_is():
     manager = SessionManager(docker, clock, SessionConfig(spec=SPEC, instance="t", grace=60,
                                                           replay_bytes=1024),
                              direct=DirectKeeper(clock, docker, connect=network.connect))
-    manager.create(RecordingClient(), 80, 24)
+    session = manager.create(RecordingClient(), 80, 24)
     [run] = docker.commands_run
     assert run["argv"] == tuple(keeper_start_argv(("bash", "-l"), 1024))
-    assert run["env"][SCREEN_ENV] == SCREEN_PATH
+    assert run["env"][SCREEN_ENV] == screen_path(session.id)
 
 
 def test_without_the_keeper_the_shell_is_not_told():

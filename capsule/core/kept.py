@@ -29,9 +29,24 @@ REASONS = {
 }
 
 # Where, in a kept session's container, the screen it had is saved (the
-# keeper's replay buffer), and the most of it that is kept.
-SCREEN_PATH = "/home/developer/.cache/capsule/screen"
+# keeper's replay buffer), and the most of it that is kept.  The file is
+# named after its session: a profile may mount a volume of its user's over
+# /home/developer, shared by that user's sessions, and a fork (a copy of the
+# file system, under a new id) must not show its source's screen as its own.
+SCREEN_DIRECTORY = "/home/developer/.cache/capsule"
 SCREEN_MAX_BYTES = 1024 * 1024
+
+
+def screen_path(session_id: str) -> str:
+    """
+    The file, in its container, where session C{session_id}'s screen is
+    kept across a stop.
+    """
+    return f"{SCREEN_DIRECTORY}/screen-{session_id}"
+
+
+# The screen file of a session whose id is not known (tests, tools).
+SCREEN_PATH = f"{SCREEN_DIRECTORY}/screen"
 
 # Error codes of the WebSocket and the API.
 SESSION_KEPT = "session_kept"          # the session is kept: resume it to use it

@@ -30,8 +30,8 @@ from twisted.logger import Logger
 from capsule.core.errors import CapsuleError, ContainerGone, SessionNotFound
 from capsule.core.keeper import encode_screen
 from capsule.core.kept import (GRACE, KEPT_LIMIT, PUT_AWAY, REASONS, SCREEN_MAX_BYTES,
-                               SCREEN_PATH, SNAPSHOT_NOT_FOUND, STOPPED, KeptSession, Snapshot,
-                               check_snapshot_name, closing_outcome)
+                               SNAPSHOT_NOT_FOUND, STOPPED, KeptSession, Snapshot,
+                               check_snapshot_name, closing_outcome, screen_path)
 from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER
 from capsule.core.ratelog import RateLimitedLog
 
@@ -372,7 +372,7 @@ class Keeping:
     def put_away(self, session, reason: str = PUT_AWAY) -> Deferred:
         """
         Put a live session away: its client is told, its screen saved in its
-        container (L{SCREEN_PATH}), its container stopped and kept.  Fire
+        container (L{capsule.core.kept.screen_path}), its container stopped and kept.  Fire
         with its L{KeptSession}; fail with L{NotKept} if its profile keeps
         nothing (retention 0) or it is starting or over.
         """
@@ -431,7 +431,7 @@ class Keeping:
                 try:
                     # As the keeper writes it (docs/protocol.md): the keeper
                     # started at the resume shows it at the offsets it had.
-                    await self._docker.put_file(container_id, SCREEN_PATH,
+                    await self._docker.put_file(container_id, screen_path(session.id),
                                                 encode_screen(screen, core.replay.end),
                                                 uid=SESSION_UID, gid=SESSION_GID)
                 except ContainerGone:

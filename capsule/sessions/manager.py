@@ -30,7 +30,7 @@ from capsule.core.kept import GRACE, Snapshot
 from capsule.core.channels import CHANNEL_ENV
 from capsule.core.keeper import (SECRET_BYTES, SECRET_LABEL, ListeningPorts, has_own_address,
                                  keeper_argv, keeper_environment, own_ports, parse_secret)
-from capsule.core.kept import SCREEN_PATH
+from capsule.core.kept import screen_path
 from capsule.core.session_core import ISessionEffects, SessionCore, State
 from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME,
                                    BadRepository, Profile, agent_volume_name, check_repository,
@@ -477,7 +477,8 @@ class SessionManager:
             volume=bool(settings.agent_volume and self._has_volume(session.core.user)))
         # The exec that starts the keeper tells it where to keep the screen
         # (its own variable: the shell does not get it).
-        shell_environment, environment = environment, keeper_environment(environment, SCREEN_PATH)
+        shell_environment, environment = environment, keeper_environment(environment,
+                                                                   screen_path(session.id))
         if (self._direct is not None and has_own_address(spec.network)
                 and self._direct.available):
             protocol = session.shell = ShellProtocol(session, True, offset,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from capsule.core.kept import SCREEN_PATH
+from capsule.core.kept import screen_path
 
 from .harness import docker_client, session_container
 from .test_browser import (browser, new_page, on_port, open_session, page_args,  # noqa: F401
@@ -28,7 +28,7 @@ def test_an_open_page_shows_the_resumed_line_under_what_it_had(make_server, new_
     wait_screen(page, r"before-42")
     # The keeper saves it at most 2 s after it was printed.
     deadline = time.monotonic() + 20
-    while b"before-42\r\n" not in (read_file(session_id, SCREEN_PATH) or b""):
+    while b"before-42\r\n" not in (read_file(session_id, screen_path(session_id)) or b""):
         assert time.monotonic() < deadline, "the screen was not saved"
         time.sleep(0.2)
     first.stop()

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -249,6 +250,13 @@ class CapsuleServer:
         self.label = label or self.instance
         self.log_path = Path(workdir) / f"capsule-{self.label}-{self.port}.log"
         self.out_path = self.log_path.with_suffix(".out")
+        state: list[str] = []
+        if "--state-dir" not in extra:
+            # The instance's own, kept across its restarts: never the host's
+            # /var/lib/capsule.
+            directory = Path(tempfile.gettempdir()) / "capsule-test-state" / self.instance
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            state = ["--state-dir", str(directory)]
         self.args = [
             str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=",
             f"--logfile={self.log_path}", "capsule",
@@ -257,7 +265,7 @@ class CapsuleServer:
             # The test servers share the engine's capsule network and run
             # at once: none fences it for all (a test of the firewall
             # says --firewall manage, on a network of its own).
-            "--firewall", "off", *extra,
+            "--firewall", "off", *state, *extra,
         ]
         # A server that hangs can then be made to show every thread's stack.
         self.env = {**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})}
