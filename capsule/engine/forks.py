@@ -165,26 +165,33 @@ class Forks:
             for mount in anonymous:
                 copies[mount["Destination"]] = client.create_volume(
                     secrets.token_hex(32), labels=labels)
-            forked = replace(spec, volumes=spec.volumes + tuple(
-                (volume["Name"], destination) for destination, volume in copies.items()))
-            new_id = self._thd_create_container(client, session_id, forked)
-            new = client.inspect_container(new_id)
-            paused = False
+            paused = None
             state = source.get("State") or {}
             if state.get("Running") and not state.get("Paused"):
                 client.pause(source["Id"])
-                paused = True
+                paused = time.monotonic()
+            copying = time.monotonic()
             try:
-                copy_tree(_upper(source), _upper(new), root)
+                # The volumes first: the engine fills an empty volume from
+                # the image when a container that mounts it is made (what
+                # the source deleted there would come back).
                 for mount in anonymous:
                     target = copies[mount["Destination"]]
                     if _on_host(client, mount, target):
                         copy_tree(mount["Source"], target["Mountpoint"], root)
                     else:
                         self._thd_fill_volume(client, source, mount["Name"], target["Name"])
+                forked = replace(spec, volumes=spec.volumes + tuple(
+                    (volume["Name"], destination) for destination, volume in copies.items()))
+                new_id = self._thd_create_container(client, session_id, forked)
+                copy_tree(_upper(source), _upper(client.inspect_container(new_id)), root)
             finally:
-                if paused:
+                copied = time.monotonic()
+                if paused is not None:
                     _thd_unpause(client, source["Id"])
+                    _log.info("container {container} was paused {seconds:.2f} s while its"
+                              " files were copied ({copy:.2f} s)", container=source["Id"][:12],
+                              seconds=time.monotonic() - paused, copy=copied - copying)
         except BaseException:
             if new_id is not None:
                 try:

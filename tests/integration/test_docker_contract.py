@@ -431,3 +431,20 @@ async def test_a_fork_that_fails_both_ways_leaves_nothing(real, monkeypatch):
     assert (await deferToThread(client.volumes, filters=_instance_filter(spec)))["Volumes"] in (
         None, [])
     assert await deferToThread(client.images, filters=_instance_filter(spec)) == []
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["on-host", "by-snapshot"])
+@pytest_twisted.ensureDeferred
+async def test_a_file_deleted_from_a_volume_stays_deleted_in_the_fork(real, fast):
+    """
+    The engine fills a new, empty volume from the image when a container
+    that mounts it is made: a fork's copies are filled first.
+    """
+    api, spec = real
+    private = replace(spec, read_only_root=True)
+    source = await _create(api, private)
+    assert await api.read_file(source, "/home/developer/.bashrc", 10) is not None
+    await _run(api, source, "rm", "/home/developer/.bashrc")
+    fork = await api.fork_container(source, str(uuid.uuid4()), private, fast=fast)
+    assert await api.read_file(fork, "/home/developer/.bashrc", 10) is None
+    assert await api.read_file(fork, "/home/developer/.profile", 10) is not None
