@@ -52,6 +52,9 @@ measures, in one run:
    connection to the container's port, and capsule's memory during 1 GiB.
 13. the egress proxy (``egress.py``): 100 MB from a local server through a
    fenced session's proxy against a direct fetch.
+14. kept sessions (``keep.py``): put away and resume to a command's answer
+   for a shell session and one with 1 GB in /workspace, their forks, and the
+   disk a kept session uses, next to a cold start.
 
 Each capsule figure is measured in turn with its floor, so that a change in
 the machine's load hits both alike.  ``--capsule-arg`` passes options to every
@@ -112,7 +115,7 @@ QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
 
 # What --only may select: the measurements whose phase names start so.
 ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors",
-        "pressure", "density", "channels", "gateway", "preview", "egress")
+        "pressure", "density", "channels", "gateway", "preview", "egress", "keep")
 
 # The density run's sessions live without a client for its whole length.
 DENSITY_GRACE = 3600.0
@@ -224,6 +227,8 @@ class Bench:
             await self.phase("preview", self.preview)
         if self.selected("egress"):
             await self.phase("egress", self.egress)
+        if self.selected("keep"):
+            await self.phase("keep", self.keep)
         self.load_after = os.getloadavg()
 
     async def pressure(self) -> None:
@@ -296,6 +301,19 @@ class Bench:
             "preview.py", ["--quick"] if self.args.quick else [])
         self.results["preview"] = found["preview"]
         self.results["preview_table"] = lines
+        for line in lines:
+            say(line)
+
+    async def keep(self) -> None:
+        """
+        Kept sessions (``keep.py``): put away, resume and fork times, and a
+        kept session's disk, next to a cold start; its table is printed and
+        goes into the report.
+        """
+        lines, found, _ = await self.script(
+            "keep.py", ["--quick"] if self.args.quick else [])
+        self.results["keep"] = found["keep"]
+        self.results["keep_table"] = lines
         for line in lines:
             say(line)
 

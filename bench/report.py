@@ -342,7 +342,7 @@ def report(run: dict) -> str:
     notes += run["notes"]
     text = "\n".join(f"- {n}" for n in notes)
     if set(r) - {"density", "pressure", "channels", "gateway", "preview", "preview_table",
-                 "egress"} or \
+                 "egress", "keep", "keep_table"} or \
             set(run["failures"]) - {"density", "capsule (density)", "gateway"}:
         text = table(r, run["failures"], run["p"]) + "\n\n" + text
     for name in ("capsule (density)", "density"):
@@ -389,6 +389,9 @@ def report(run: dict) -> str:
         if stream:
             text += (f" A streamed answer of {stream['mib']} MiB: {stream['gateway']:.0f} MiB/s"
                      f" through the gateway, {stream['direct']:.0f} MiB/s from the fake alone.")
+    if r.get("keep_table"):
+        text += ("\n\nKept sessions (issue 24, `bench/keep.py`; targets: resume within 2x a"
+                 " cold start, a fork of 1 GB under 5 s):\n\n" + "\n".join(r["keep_table"]))
     if r.get("preview_table"):
         text += ("\n\nA preview (issue 23) next to a direct connection from the host to the"
                  " container's port (`bench/preview.py`; target: 80 % of the direct"

@@ -108,11 +108,17 @@ def format_sessions(answer: dict) -> str:
         rows.append((s["id"][:8], s.get("owner") or "-", s["state"], _duration(s["age"]),
                      _duration(s["idle"]), (s.get("container") or "-")[:12],
                      "attached" if s["client_attached"] else "-", str(s["bytes_out"])))
+    kept = answer.get("kept", [])
+    for k in kept:
+        # A kept session: its container stopped, its files kept (docs/keeping.md).
+        rows.append((k["id"][:8], k.get("owner") or "-", "kept", _duration(k["age"]), "-",
+                     (k.get("container") or "-")[:12], "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
              for row in rows]
-    count = len(rows) - 1
-    lines.append(f"{count} session{'' if count == 1 else 's'} of instance"
+    count = len(rows) - 1 - len(kept)
+    lines.append(f"{count} session{'' if count == 1 else 's'}"
+                 + (f" and {len(kept)} kept" if kept else "") + f" of instance"
                  f" {answer.get('instance')}" + (" (draining)" if answer.get("draining") else ""))
     return "\n".join(lines)
 

@@ -128,6 +128,13 @@ class CapsuleConfig:
     # The ports fenced sessions reach through the egress proxy (80, 443
     # and --egress-port).
     egress_ports: tuple[int, ...] = (80, 443)
+    # Kept sessions (capsule.sessions.keeping, docs/keeping.md): seconds a
+    # session of a profile without its own retention is kept once put away
+    # (0: removed, as before), and what one user may keep.
+    retention: float = 7 * 86400.0
+    max_kept_per_user: int = 20
+    max_kept_bytes_per_user: int = 20 * 1024 ** 3
+    max_snapshots_per_user: int = 20
 
     tuning: Tuning = Tuning()
     # twistd's own logfile and nodaemon options (where a JSON log goes).

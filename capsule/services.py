@@ -52,6 +52,7 @@ from capsule.sessions.disk import DiskWatchService, scan_held
 from capsule.sessions.owners import OwnerFile, default_state_dir
 from capsule.sessions.drain import Drain
 from capsule.sessions.host_memory import HostMemory
+from capsule.sessions.keeping import KeepingConfig
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.session import SessionConfig
 from capsule.web.connections import (ConnectionLimits, connection_budget,
@@ -481,6 +482,17 @@ def session_config(config: CapsuleConfig) -> SessionConfig:
         door_port=config.door_port)
 
 
+def keeping_config(config: CapsuleConfig) -> KeepingConfig:
+    """
+    How sessions are kept (capsule.sessions.keeping): the options', the
+    records beside the owners' file.
+    """
+    return KeepingConfig(retention=config.retention, max_kept=config.max_kept_per_user,
+                         max_kept_bytes=config.max_kept_bytes_per_user,
+                         max_snapshots=config.max_snapshots_per_user,
+                         state_dir=config.state_dir or default_state_dir())
+
+
 # The soft limit capsule raises its own to, when the hard one is unlimited.
 DESCRIPTORS_WANTED = 65536
 
@@ -629,6 +641,7 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                                                     egress) if o is not None],
                              memory=memory, direct=direct,
                              pool_room=lambda: warm_room(memory, manager), door=door,
+                             keeping=keeping_config(config),
                              session_environment=[
                                  gateway_environment, git_environment,
                                  proxy_environment(gateway_environment.door_host,

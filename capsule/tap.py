@@ -19,7 +19,7 @@ from twisted.python import usage
 from capsule.config import CapsuleConfig
 from capsule.core.admission import parse_network, parse_rate
 from capsule.core.memory import host_capacity
-from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT,
+from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT, parse_duration,
                                    DEFAULT_MEMORY_REQUEST, DEFAULT_PROFILE, Profile,
                                    ProfileError, builtin_profiles, fence, load_profiles,
                                    load_secrets)
@@ -86,6 +86,13 @@ def _non_negative_int(value):
     return number
 
 
+def _retention(value):
+    try:
+        return _non_negative_float(value)
+    except ValueError:
+        return parse_duration(value)
+
+
 def _per_user_limit(value):
     if value.strip().lower() == "off":
         return "off"
@@ -149,6 +156,19 @@ class Options(usage.Options):
         ["grace", None, 60.0,
          "Seconds a session (and its container) is kept after its last client left.",
          _positive(float)],
+        ["retention", None, 7 * 86400.0,
+         "How long a session is kept once put away or once its grace period ended: its"
+         " container stopped, its files kept, resumable (seconds, or 12h, 7d, 2w; a"
+         " profile's retention wins; 0: removed, as before; see docs/keeping.md).",
+         _retention],
+        ["max-kept-per-user", None, 20,
+         "Kept sessions one user may have; putting one more away removes their oldest.",
+         _positive(int)],
+        ["max-kept-bytes-per-user", None, 20 * 1024 ** 3,
+         "Bytes one user's kept sessions may hold (Docker syntax: 20g); past it their"
+         " oldest are removed.", _positive(parse_bytes)],
+        ["max-snapshots-per-user", None, 20,
+         "Named snapshots one user may keep (more: kept_limit, 409).", _non_negative_int],
         ["www", None, None, "Directory of the web page [default: the installed one]."],
         ["door-port", None, 3180,
          "Port of the session door: what sessions reach of capsule from inside (the"
@@ -618,7 +638,10 @@ class Options(usage.Options):
             access_log=bool(self["access-log"]),
             server_options=None if parent is None else MappingProxyType(
                 {k: parent.get(k) for k in ("logfile", "nodaemon")}),
-            record=self["record"], record_max_bytes=self["record-max-bytes"], tuning=tuning)
+            record=self["record"], record_max_bytes=self["record-max-bytes"],
+            retention=self["retention"], max_kept_per_user=self["max-kept-per-user"],
+            max_kept_bytes_per_user=self["max-kept-bytes-per-user"],
+            max_snapshots_per_user=self["max-snapshots-per-user"], tuning=tuning)
 
     def _check_memory_request(self) -> None:
         try:

@@ -68,7 +68,7 @@ def test_list_says_owner_state_container_client_and_bytes(admin):
     assert body == {"instance": "admin-test", "draining": False, "sessions": [{
         "id": session.id, "owner": None, "state": "running", "created": 0.0, "age": 7.0,
         "idle": 7.0, "container": session.container_id, "client_attached": True,
-        "bytes_out": 5}]}
+        "bytes_out": 5}], "kept": []}
 
 
 def test_the_list_says_what_other_parts_count_of_a_session(tmp_path):
@@ -291,6 +291,16 @@ def test_format_sessions():
         "SESSION   OWNER  STATE    AGE    IDLE   CONTAINER     CLIENT    BYTES OUT",
         "4afc562d  ann    running  1h02m  1m01s  30d776e553bc  attached  363",
         "1 session of instance default (draining)"]
+
+
+def test_format_sessions_lists_the_kept_ones_after_the_live_ones():
+    text = format_sessions({"instance": "default", "draining": False, "sessions": [], "kept": [{
+        "id": "6f9619ff-8b86-4011-b42d-00c04fc964ff", "owner": "ann", "state": "kept",
+        "age": 7200, "container": "0123456789abcdef", "kept_at": 1.0}]})
+    assert text.splitlines() == [
+        "SESSION   OWNER  STATE  AGE    IDLE  CONTAINER     CLIENT  BYTES OUT",
+        "6f9619ff  ann    kept   2h00m  -     0123456789ab  -       -",
+        "0 sessions and 1 kept of instance default"]
 
 
 def test_end_needs_an_id_or_all():

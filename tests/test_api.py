@@ -905,7 +905,7 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
     served |= {f"/api/{name.decode()}" for name in root.children[b"api"].children}
     prefixes = {"/" + "/".join(p.split("/")[1:3]) if p.startswith("/api/") else p
                 for p in documented}
-    assert served - {"/api/export", "/api/sessions"} <= set(documented)
+    assert served - {"/api/export", "/api/sessions", "/api/snapshots"} <= set(documented)
     assert served <= prefixes | set(documented)
     # The admin API is mounted beside the tree (capsule.web.admin).
     assert {p for p in documented if not p.startswith("/api/admin")} - served == {
@@ -913,16 +913,27 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
         "/api/sessions/{id}/workspace", "/api/sessions/{id}/shares",
         "/api/sessions/{id}/shares/{share_id}", "/api/sessions/{id}/ports",
         "/api/sessions/{id}/ports/{port}", "/api/sessions/{id}/ports/{port}/shares",
-        "/api/sessions/{id}/ports/{port}/shares/{share_id}"}
+        "/api/sessions/{id}/ports/{port}/shares/{share_id}", "/api/sessions/{id}/put-away",
+        "/api/sessions/{id}/resume", "/api/sessions/{id}/fork", "/api/snapshots/{name}",
+        "/api/snapshots/{name}/sessions"}
     sessions = root.children[b"api"].children[b"sessions"]
     one = sessions.getChild(b"00000000-0000-4000-8000-000000000000", None)
     from capsule.web.shares import ShareResource, SharesResource
     from capsule.web.ports import PortsResource
     from capsule.web.preview_api import PortResource, PortShareResource, PortSharesResource
+    from capsule.web.keep_api import (ForkResource, PutAwayResource, ResumeResource,
+                                      SnapshotResource, SnapshotSessionsResource,
+                                      SnapshotsResource)
     assert {name: type(one.getChild(name, None))
-            for name in (b"exec", b"workspace", b"shares", b"ports")} == {
+            for name in (b"exec", b"workspace", b"shares", b"ports", b"put-away", b"resume",
+                         b"fork")} == {
         b"exec": ExecResource, b"workspace": UploadResource, b"shares": SharesResource,
-        b"ports": PortsResource}
+        b"ports": PortsResource, b"put-away": PutAwayResource, b"resume": ResumeResource,
+        b"fork": ForkResource}
+    snapshots = root.children[b"api"].children[b"snapshots"]
+    named = snapshots.getChild(b"v1", None)
+    assert (type(snapshots), type(named), type(named.getChild(b"sessions", None))) == (
+        SnapshotsResource, SnapshotResource, SnapshotSessionsResource)
     from capsule.web.login import LoginResource, LogoutResource
     for path, cls in [("/login", LoginResource), ("/logout", LogoutResource)]:
         assert {m[len("render_"):] for m in vars(cls) if m.startswith("render_")} == (
@@ -937,7 +948,13 @@ def test_every_route_of_the_resource_tree_is_documented_and_no_other(authed):
                       ("/api/sessions/{id}/ports/{port}", PortResource),
                       ("/api/sessions/{id}/ports/{port}/shares", PortSharesResource),
                       ("/api/sessions/{id}/ports/{port}/shares/{share_id}",
-                       PortShareResource)]:
+                       PortShareResource),
+                      ("/api/sessions/{id}/put-away", PutAwayResource),
+                      ("/api/sessions/{id}/resume", ResumeResource),
+                      ("/api/sessions/{id}/fork", ForkResource),
+                      ("/api/snapshots", SnapshotsResource),
+                      ("/api/snapshots/{name}", SnapshotResource),
+                      ("/api/snapshots/{name}/sessions", SnapshotSessionsResource)]:
         assert {m.decode() for m in cls.methods} == documented[path], path
 
 

@@ -65,6 +65,9 @@ class RecordingEffects:
     def forget(self, session):
         self.calls.append(("forget", session))
 
+    def keep(self, session):
+        self.calls.append(("keep", session))
+
     def went_live(self, session, resumed):
         self.calls.append(("went_live", session, resumed))
 
@@ -274,6 +277,15 @@ def reattaching_alone(**kw) -> Rig:
     return rig.settled("ReattachingAlone")
 
 
+KEPT_MESSAGE = "the session was put away; its files are kept until 14 Dec 2026 10:05 UTC"
+
+
+def keeping(**kw) -> Rig:
+    rig = attached(**kw)
+    rig.lc.keep(KEPT_MESSAGE)
+    return rig.settled("Keeping")
+
+
 def ending(**kw) -> Rig:
     rig = attached(**kw)
     rig.lc.end(0, "the shell exited with code 0")
@@ -291,7 +303,8 @@ REACH = {"New": new, "Starting": starting, "StartingOrphaned": starting_orphaned
          "Attached": attached, "Detached": detached, "Recovered": recovered,
          "Resuming": resuming, "ResumingAlone": resuming_alone, "Interrupted": interrupted,
          "InterruptedAlone": interrupted_alone, "Reattaching": reattaching,
-         "ReattachingAlone": reattaching_alone, "Ending": ending, "Ended": ended}
+         "ReattachingAlone": reattaching_alone, "Keeping": keeping, "Ending": ending,
+         "Ended": ended}
 
 
 # -- the table: every state and every input ----------------------------------------------
@@ -301,11 +314,12 @@ STATUS = {"New": "new", "Starting": "starting", "StartingOrphaned": "starting",
           "Attached": "running", "Detached": "detached", "Recovered": "recovered",
           "Resuming": "resuming", "ResumingAlone": "resuming", "Interrupted": "interrupted",
           "InterruptedAlone": "interrupted", "Reattaching": "reattaching",
-          "ReattachingAlone": "reattaching", "Ending": "ending", "Ended": "ended"}
+          "ReattachingAlone": "reattaching", "Keeping": "keeping", "Ending": "ending",
+          "Ended": "ended"}
 
 INPUTS = {"status", "start", "recover", "prepare", "stream_up", "stream_started", "stream_failed",
           "stream_closed", "engine_lost", "engine_back", "output", "attach", "detach",
-          "write", "resize", "end", "expire", "let_go", "removed", "take"}
+          "write", "resize", "end", "expire", "let_go", "removed", "take", "keep", "kept"}
 
 
 def _row(state: str, **targets: str) -> dict[str, str]:
@@ -319,53 +333,56 @@ def _row(state: str, **targets: str) -> dict[str, str]:
 _S, _SO, _A, _D = "Starting", "StartingOrphaned", "Attached", "Detached"
 _RC, _RS, _I, _IA = "Recovered", "Resuming", "Interrupted", "InterruptedAlone"
 _R, _RA, _EG, _ED = "Reattaching", "ReattachingAlone", "Ending", "Ended"
-_RSA = "ResumingAlone"
+_RSA, _KP = "ResumingAlone", "Keeping"
 _P, _PA = "Preparing", "PreparingAlone"
 
 TRANSITIONS = {
     "New": _row("New", start=_S, recover=_RC, prepare=_PA),
     _P: _row(_P, stream_up=_P, stream_started=_A, stream_failed=_ED, stream_closed=_P,
              engine_lost=_ED, engine_back=_P, output=_P, attach=_P, detach=_PA, write=_P,
-             resize=_P, end=_ED, expire=_P, let_go=_ED),
+             resize=_P, end=_ED, expire=_P, let_go=_ED, keep=_P),
     _PA: _row(_PA, stream_up=_PA, stream_started=_D, stream_failed=_ED, stream_closed=_PA,
               engine_lost=_ED, engine_back=_PA, output=_PA, attach=_P, detach=_PA, write=_PA,
-              resize=_PA, end=_ED, expire=_PA, let_go=_ED),
+              resize=_PA, end=_ED, expire=_PA, let_go=_ED, keep=_PA),
     _S: _row(_S, stream_up=_S, stream_started=_A, stream_failed=_ED, stream_closed=_S,
              engine_lost=_ED, engine_back=_S, output=_S, attach=_S, detach=_SO, write=_S,
-             resize=_S, end=_ED, expire=_S, let_go=_ED),
+             resize=_S, end=_ED, expire=_S, let_go=_ED, keep=_S),
     _SO: _row(_SO, stream_up=_SO, stream_started=_EG, stream_failed=_ED, stream_closed=_SO,
               engine_lost=_ED, engine_back=_SO, output=_SO, attach=_S, detach=_SO, write=_SO,
-              resize=_SO, end=_ED, expire=_SO, let_go=_ED),
+              resize=_SO, end=_ED, expire=_SO, let_go=_ED, keep=_SO),
     _A: _row(_A, stream_started=_A, stream_failed=_A, stream_closed=_I, engine_lost=_A,
              engine_back=_A, output=_A, attach=_A, detach=_D, write=_A, resize=_A, end=_EG,
-             expire=_A, let_go=_ED),
+             expire=_A, let_go=_ED, keep=_KP),
     _D: _row(_D, take=_A, stream_started=_D, stream_failed=_D, stream_closed=_IA, engine_lost=_D,
              engine_back=_D, output=_D, attach=_A, detach=_D, write=_D, resize=_D, end=_EG,
-             expire=_EG, let_go=_ED),
+             expire=_EG, let_go=_ED, keep=_KP),
     _RC: _row(_RC, stream_failed=_RC, stream_closed=_RC, engine_lost=_RC, engine_back=_RC,
               attach=_RS, detach=_RC, write=_RC, resize=_RC, end=_EG, expire=_EG,
-              let_go=_ED),
+              let_go=_ED, keep=_KP),
     _RS: _row(_RS, stream_up=_RS, stream_started=_A, stream_failed=_RS, stream_closed=_RC,
               engine_lost=_RC, engine_back=_RS, output=_RS, attach=_RS, detach=_RSA,
-              write=_RS, resize=_RS, end=_EG, expire=_RS, let_go=_ED),
+              write=_RS, resize=_RS, end=_EG, expire=_RS, let_go=_ED, keep=_KP),
     _RSA: _row(_RSA, stream_up=_RSA, stream_started=_D, stream_failed=_RSA,
                stream_closed=_RC, engine_lost=_RC, engine_back=_RSA, output=_RSA,
                attach=_RS, detach=_RSA, write=_RSA, resize=_RSA, end=_EG, expire=_RSA,
-               let_go=_ED),
+               let_go=_ED, keep=_KP),
     _I: _row(_I, stream_failed=_I, stream_closed=_I, engine_lost=_I, engine_back=_R,
              output=_I, attach=_I, detach=_IA, write=_I, resize=_I, end=_EG, expire=_I,
-             let_go=_ED),
+             let_go=_ED, keep=_KP),
     _IA: _row(_IA, stream_failed=_IA, stream_closed=_IA, engine_lost=_IA, engine_back=_RA,
               output=_IA, attach=_I, detach=_IA, write=_IA, resize=_IA, end=_EG, expire=_IA,
-              let_go=_ED),
+              let_go=_ED, keep=_KP),
     _R: _row(_R, stream_up=_R, stream_started=_A, stream_failed=_R, stream_closed=_I,
              engine_lost=_I, engine_back=_R, output=_R, attach=_R, detach=_RA, write=_R,
-             resize=_R, end=_EG, expire=_R, let_go=_ED),
+             resize=_R, end=_EG, expire=_R, let_go=_ED, keep=_KP),
     _RA: _row(_RA, stream_up=_RA, stream_started=_D, stream_failed=_RA, stream_closed=_IA,
               engine_lost=_IA, engine_back=_RA, output=_RA, attach=_R, detach=_RA,
-              write=_RA, resize=_RA, end=_EG, expire=_RA, let_go=_ED),
+              write=_RA, resize=_RA, end=_EG, expire=_RA, let_go=_ED, keep=_KP),
+    _KP: _row(_KP, **{i: _KP for i in INPUTS - {"status", "start", "recover", "prepare",
+                                                 "removed", "take", "kept"}},
+              removed=_ED, kept=_ED),
     _EG: _row(_EG, **{i: _EG for i in INPUTS - {"status", "start", "recover", "prepare",
-                                                 "removed", "take"}},
+                                                 "removed", "take", "kept"}},
               removed=_ED),
     _ED: _row(_ED, **{i: _ED for i in INPUTS - {"status", "start", "recover", "prepare",
                                                  "take"}}),
@@ -390,6 +407,9 @@ IMPOSSIBLE = {
     # No stream, so none can start or say anything.
     **{(s, "stream_started"): "no stream" for s in (_RC, _I, _IA)},
     (_RC, "output"): "no stream (a resume that failed closed it, and it reads no more)",
+    # The manager feeds kept only after the lifecycle asked it to keep.
+    **{(s, "kept"): "no keeping was asked for"
+       for s in (_S, _SO, _P, _PA, _A, _D, _RC, _RS, _RSA, _I, _IA, _R, _RA, _EG)},
     # The pool hands out only a session it holds detached (WarmPool.fit).
     **{(s, "take"): "only a warm session, detached, is taken" for s in STATUS if s != _D},
 }
@@ -421,6 +441,7 @@ def feed(rig: Rig, name: str):
         "resize": lambda: (100, 30),
         "end": lambda: (0, "the shell exited with code 0"),
         "let_go": lambda: ("capsule is restarting: reconnect to resume",),
+        "keep": lambda: (KEPT_MESSAGE,),
     }.get(name, lambda: ())()
     return getattr(rig.lc, name)(*args)
 
@@ -485,10 +506,9 @@ def test_impossible_inputs_raise(state, name):
 
 
 NOOPS = {
-    _S: ("engine_back", "expire"),
-    _SO: ("engine_back", "detach", "write", "expire"),
-    _P: ("engine_back", "expire"),
-    _PA: ("engine_back", "detach", "write", "expire"),
+    _SO: ("engine_back", "detach", "write", "expire", "keep"),
+    _P: ("engine_back", "expire", "keep"),
+    _PA: ("engine_back", "detach", "write", "expire", "keep"),
     _A: ("engine_lost", "engine_back", "stream_started", "stream_failed", "expire"),
     _D: ("detach", "write", "engine_lost", "engine_back", "stream_started", "stream_failed"),
     _RC: ("detach", "write", "engine_lost", "engine_back", "stream_failed", "stream_closed"),
@@ -497,10 +517,13 @@ NOOPS = {
     _IA: ("detach", "write", "stream_failed", "stream_closed", "expire"),
     _R: ("engine_back", "stream_failed", "expire"),
     _RA: ("detach", "write", "engine_back", "stream_failed", "expire"),
+    _S: ("engine_back", "expire", "keep"),
+    _KP: ("stream_started", "stream_failed", "stream_closed", "engine_lost", "engine_back",
+          "end", "detach", "write", "output", "expire", "let_go", "keep"),
     _EG: ("stream_started", "stream_failed", "stream_closed", "engine_lost", "engine_back",
-          "end", "detach", "write", "output", "expire", "let_go"),
+          "end", "detach", "write", "output", "expire", "let_go", "keep"),
     _ED: ("stream_started", "stream_failed", "stream_closed", "engine_lost", "engine_back",
-          "end", "detach", "write", "output", "expire", "let_go", "removed"),
+          "end", "detach", "write", "output", "expire", "let_go", "removed", "keep", "kept"),
 }
 NOOP_PAIRS = sorted((s, i) for s, names in NOOPS.items() for i in names)
 
@@ -1160,6 +1183,75 @@ def test_a_late_client_after_let_go_is_refused():
     rig.lc.let_go("capsule is restarting")
     late = rig.attach()
     assert late.events == [("failed", "the session has ended", "session_not_found")]
+
+
+# -- Keeping: put away, its container stopped and kept ----------------------------------------
+
+KEEPABLE = [attached, detached, recovered, resuming, resuming_alone, interrupted,
+            interrupted_alone, reattaching, reattaching_alone]
+
+
+@pytest.mark.parametrize("reach", KEEPABLE, ids=[r.__name__ for r in KEEPABLE])
+def test_keep_forgets_the_session_and_keeps_its_container(reach):
+    """
+    Put away: the attached client hears why (that it is kept), nobody finds
+    it live any more, its stream is closed, and its container is kept,
+    never removed.
+    """
+    rig = reach()
+    stream, client = rig.core.stream, rig.core.client
+    assert rig.core.owner is rig.owner and rig.lc.status().keepable
+    rig.lc.keep(KEPT_MESSAGE)
+    assert rig.state == "Keeping" and rig.lc.status() == "keeping"
+    assert rig.effects.calls == [("forget", rig.owner), ("keep", rig.owner)]
+    assert rig.core.client is None and rig.core.stream is None
+    assert rig.core.message == KEPT_MESSAGE
+    assert (client.events if client else []) == (
+        [("ended", None, KEPT_MESSAGE)] if client else [])
+    assert (stream.calls if stream else []) == ([("lose",)] if stream else [])
+
+
+@pytest.mark.parametrize("reach", [starting, starting_orphaned, preparing, preparing_alone,
+                                   ending, ended])
+def test_keep_leaves_a_session_without_a_shell_or_over_alone(reach):
+    rig = reach()
+    before = rig.snapshot()
+    assert not rig.lc.status().keepable
+    rig.lc.keep(KEPT_MESSAGE)
+    assert rig.snapshot() == before and rig.quiet()
+
+
+def test_keeping_kept_ends_without_a_removal():
+    rig = keeping()
+    rig.lc.kept()
+    assert rig.state == "Ended"
+    assert rig.quiet()
+
+
+def test_keeping_removed_ends():
+    """
+    Its container went while it was being put away: it is over all the same.
+    """
+    rig = keeping()
+    rig.lc.removed()
+    assert rig.state == "Ended"
+    assert rig.quiet()
+
+
+def test_a_client_while_keeping_hears_the_session_is_kept():
+    rig = keeping()
+    late = rig.attach(5)
+    assert late.events == [("failed", KEPT_MESSAGE, "session_kept")]
+    assert rig.core.client is None and rig.state == "Keeping"
+    assert rig.effects.calls == []
+
+
+def test_a_late_stream_while_keeping_is_closed():
+    rig = keeping()
+    stream = RecordingStream()
+    rig.lc.stream_up(stream)
+    assert stream.calls == [("lose",)]
+    assert rig.core.stream is None and rig.state == "Keeping"
 
 
 # -- input typed while there is no stream ------------------------------------------------------

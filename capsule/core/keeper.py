@@ -18,6 +18,10 @@ that follow begin::
 (with C{;channels=N} after D when the keeper carries channels, which capsule
 asked for: L{capsule.core.channels}).
 
+Every exec that may start a keeper tells it, in its environment
+(L{keeper_environment}), where to keep the session's screen across a stop
+of its container (L{SCREEN_ENV}, L{encode_screen}).
+
 Pure encoding and parsing; no I/O.
 """
 
@@ -43,6 +47,52 @@ def keeper_argv(shell: tuple[str, ...], offset: int = 0, buffer: int = 1024 * 10
                 socket: str = DEFAULT_SOCKET, program: str = "capsule-keeper") -> list[str]:
     return [program, "-r", "-b", str(max(buffer, 4096)), "-o", str(offset), socket, "--",
             *shell]
+
+
+# The screen across a stop (see docker/keeper/capsule-keeper.c, "The screen
+# across a stop"): a keeper started with SCREEN_ENV=path in its exec's
+# environment (the keeper's own: the shell does not get it; an older keeper
+# ignores it) saves its ring to that file while it runs, and a keeper that
+# starts where the file is shows it as the start of its output, followed by
+# a dim "resumed" line.  The file: a header with the offset of its first
+# byte after the header, then the bytes (the newest last).
+SCREEN_ENV = "CAPSULE_KEEPER_SCREEN"
+_SCREEN_HEADER = re.compile(rb"\x1b_capsule-screen;start=(\d{1,16})\x1b\\")
+# The largest offset a keeper believes in a screen file.
+SCREEN_MAX_END = 2**52
+
+
+def keeper_environment(environment: dict[str, str], screen: str | None) -> dict[str, str]:
+    """
+    The environment of an exec that may start a session's keeper: the
+    shell's, and where the keeper keeps the screen (C{screen}; C{None}: it
+    keeps none).
+    """
+    return environment if screen is None else {**environment, SCREEN_ENV: screen}
+
+
+def encode_screen(data: bytes, end: int) -> bytes:
+    """
+    A screen file as the keeper writes and reads it: C{data} the newest
+    output of a session, C{end} the offset that follows its last byte.
+    """
+    if not len(data) <= end <= SCREEN_MAX_END:
+        raise ValueError(f"a screen of {len(data)} bytes ending at offset {end}")
+    return b"\x1b_capsule-screen;start=%d\x1b\\" % (end - len(data)) + data
+
+
+def parse_screen(content: bytes) -> tuple[bytes, int]:
+    """
+    The bytes of a screen file and the offset that follows them, as a keeper
+    reads it (without a header, or with one not exactly right, the file is
+    all screen, from offset 0).
+    """
+    found = _SCREEN_HEADER.match(content)
+    if found and int(found.group(1)) <= SCREEN_MAX_END:
+        data = content[found.end():]
+        if len(data) <= SCREEN_MAX_END:
+            return data, int(found.group(1)) + len(data)
+    return content, len(content)
 
 
 # The direct path (see docker/keeper/capsule-keeper.c, -t): where a session

@@ -22,6 +22,8 @@ whether a client is attached)::
     Interrupted(Alone) --engine_lost--> itself, waiting for the engine
                        --engine_back--> Reattaching(Alone) --stream_started--> Attached/Detached
     any live state --end--> Ending --removed--> Ended;  Detached/Recovered --expire--> Ending
+    any running state --keep--> Keeping --kept--> Ended   (put away: the container is stopped
+                                                          and kept, not removed)
     any kept state --let_go (capsule stops; the shell lives on)--> Ended
 
 Input typed while there is no stream (starting, resuming, interrupted,
@@ -60,6 +62,7 @@ Interrupted = builder.state("Interrupted")
 InterruptedAlone = builder.state("InterruptedAlone")
 Reattaching = builder.state("Reattaching")
 ReattachingAlone = builder.state("ReattachingAlone")
+Keeping = builder.state("Keeping")
 Ending = builder.state("Ending")
 Ended = builder.state("Ended")
 
@@ -72,7 +75,7 @@ _NAMES = {New: State.NEW, Starting: State.STARTING, StartingOrphaned: State.STAR
           ResumingAlone: State.RESUMING,
           Interrupted: State.INTERRUPTED, InterruptedAlone: State.INTERRUPTED,
           Reattaching: State.REATTACHING, ReattachingAlone: State.REATTACHING,
-          Ending: State.ENDING, Ended: State.ENDED}
+          Keeping: State.KEEPING, Ending: State.ENDING, Ended: State.ENDED}
 for _state, _name in _NAMES.items():
     _state.upon(SessionEvents.status).loop().returns(_name)
 
@@ -295,7 +298,7 @@ def _resize(session: SessionEvents, core: SessionCore, cols: int, rows: int) -> 
     core.stream.resize(cols, rows)
 
 
-for _state in (Recovered, Interrupted, InterruptedAlone, Ending, Ended):
+for _state in (Recovered, Interrupted, InterruptedAlone, Keeping, Ending, Ended):
     @_state.upon(SessionEvents.resize).loop()
     def _remember_size(session: SessionEvents, core: SessionCore, cols: int, rows: int) -> None:
         # Applied when the next stream comes up.
@@ -551,17 +554,63 @@ def _removed(session: SessionEvents, core: SessionCore) -> None:
     pass
 
 
+# -- put away: stopped and kept, not removed (capsule.sessions.keeping) ----------------
+
+_KEEPABLE = (Attached, Detached, Recovered, Resuming, ResumingAlone, Interrupted,
+             InterruptedAlone, Reattaching, ReattachingAlone)
+
+for _state in _KEEPABLE:
+    @_state.upon(SessionEvents.keep).to(Keeping)
+    def _put_away(session: SessionEvents, core: SessionCore, message: str) -> None:
+        """
+        Its client hears why (that it is kept, and can be resumed), nobody
+        finds it live any more, its stream is closed (the shell lives on
+        until its container stops) and its container is stopped and kept.
+        """
+        core.message = message
+        client, core.client = core.client, None
+        core.effects.forget(core.owner)
+        if core.stream is not None:
+            core.stream.loseConnection()
+            core.stream = None
+        if client is not None:
+            client.session_ended(None, message)
+        core.effects.keep(core.owner)
+
+for _state in (Starting, StartingOrphaned, Preparing, PreparingAlone, Keeping, Ending, Ended):
+    # Nothing to keep yet (its container is being made: it ends as today),
+    # or nothing any more.
+    _state.upon(SessionEvents.keep).loop().returns(None)
+
+
+@Keeping.upon(SessionEvents.kept).to(Ended)
+def _kept(session: SessionEvents, core: SessionCore) -> None:
+    pass
+
+
+@Keeping.upon(SessionEvents.attach).loop()
+def _being_kept(session: SessionEvents, core: SessionCore, client: object,
+                offset: int | None) -> None:
+    client.session_failed(core.message or "the session is being put away", "session_kept")
+
+
+# Its container went while it was being put away: it is over all the same.
+Keeping.upon(SessionEvents.removed).to(Ended)(_kept)
+Ended.upon(SessionEvents.kept).loop().returns(None)
+
+
 # Late news for a session that is over: a stream that comes up is closed; the
 # rest changes nothing.
-for _state in (Ending, Ended):
+for _state in (Keeping, Ending, Ended):
     @_state.upon(SessionEvents.stream_up).loop()
     def _late_stream(session: SessionEvents, core: SessionCore, stream: object) -> None:
         stream.loseConnection()
 
-    @_state.upon(SessionEvents.attach).loop()
-    def _too_late(session: SessionEvents, core: SessionCore, client: object,
-                  offset: int | None) -> None:
-        client.session_failed(core.message or "the session has ended", "session_not_found")
+    if _state is not Keeping:
+        @_state.upon(SessionEvents.attach).loop()
+        def _too_late(session: SessionEvents, core: SessionCore, client: object,
+                      offset: int | None) -> None:
+            client.session_failed(core.message or "the session has ended", "session_not_found")
 
     for _input in (SessionEvents.stream_started, SessionEvents.stream_failed,
                    SessionEvents.stream_closed, SessionEvents.engine_lost,

@@ -212,6 +212,9 @@ class Profile:
     @ivar idle_timeout: seconds without input and output after which a
         session ends (0: never).
     @ivar max_lifetime: seconds after which a session ends (0: never).
+    @ivar retention: seconds a session of it is kept (stopped, its files
+        kept: docs/keeping.md) once put away, or once its grace period ended
+        (0: it is removed then); C{None}: the server's --retention.
     @ivar secrets: names of environment variables whose values come from the
         server's environment or its secrets file.
     @ivar agent_volume: where a per-user named volume is mounted (C{None}:
@@ -240,6 +243,7 @@ class Profile:
     command: tuple[str, ...] = ("bash", "-l")
     idle_timeout: float = 0.0
     max_lifetime: float = 0.0
+    retention: float | None = None
     secrets: tuple[str, ...] = ()
     agent_volume: str | None = None
     agent_volume_limit: int | None = DEFAULT_AGENT_VOLUME_LIMIT
@@ -426,6 +430,26 @@ def _number(minimum: float, strict: bool = False):
     return convert
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")
+
+
+def parse_duration(value) -> float:
+    """
+    Seconds, from a number of seconds (at least 0) or a string of a number
+    and a unit (C{"90s"}, C{"30m"}, C{"12h"}, C{"7d"}, C{"2w"}).
+
+    @raise ValueError, TypeError: saying what it must be.
+    """
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(f"not a duration: {value[:40]!r} (seconds, or a number and a unit"
+                             " of s, m, h, d, w: 7d)")
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return _number(0)(value)
+
+
 def _integer(minimum: int):
     def convert(value) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -585,6 +609,7 @@ _KEYS = {
     "network": _network,
     "idle_timeout": _number(0),
     "max_lifetime": _number(0),
+    "retention": parse_duration,
     "secrets": _secrets,
     "credentials": _credentials,
     "agent_volume": _agent_volume,

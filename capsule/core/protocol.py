@@ -18,8 +18,10 @@ server -> client::
     {"type": "pong"}
     {"type": "exit", "exit_code": N, "message": "..."}
 
-capsule adds, and clients that do not know them ignore: C{resumed} and
-C{replay} (bytes of earlier output that follow) in C{connected}, and::
+capsule adds, and clients that do not know them ignore: C{resumed},
+C{replay} (bytes of earlier output that follow), C{on_close} (what closing
+the last tab does to the session's work) and C{resumed_from} (when a kept
+session that was resumed had been put away) in C{connected}, and::
 
     {"type": "notice", "code": "...", "message": "..."}
     {"type": "ports", "ports": [{"port": 3000, "url": "...", "public": false}], "more": 0}
@@ -237,7 +239,8 @@ def encode_output(data: bytes) -> bytes:
 def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
                      window: int | None = None, replay: int | None = None,
                      grace: float | None = None, kept: bool | None = None,
-                     profile: str | None = None) -> bytes:
+                     profile: str | None = None, on_close: dict | None = None,
+                     resumed_from: float | None = None) -> bytes:
     """
     @param replay: how many of the output bytes that follow were produced
         before this connection (replayed output): a terminal must not answer
@@ -246,6 +249,12 @@ def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
         left; C{kept}: whether anything keeps it (and its /workspace) past
         that.  A page says so before its tab is closed.
     @param profile: the session's profile's name (the page shows it).
+    @param on_close: what closing the session's last tab does to its work
+        (L{capsule.core.kept.closing_outcome}): C{{"outcome": "kept",
+        "after": S, "until": T}} or C{{"outcome": "removed", "after": S}}.
+    @param resumed_from: when the session, kept, was put away, if it was
+        resumed since (a Unix time): its shell is new, and what its
+        terminal shows first is the screen it had then.
     """
     message = {"type": "connected", "session_id": session_id, "resumed": resumed}
     if profile is not None:
@@ -260,6 +269,10 @@ def encode_connected(session_id: str, resumed: bool, offset: int | None = None,
         message["grace"] = grace
     if kept is not None:
         message["kept"] = kept
+    if on_close is not None:
+        message["on_close"] = on_close
+    if resumed_from is not None:
+        message["resumed_from"] = resumed_from
     return _encode(message)
 
 
@@ -275,8 +288,12 @@ def encode_dropped(count: int, offset: int) -> bytes:
     return _encode({"type": "dropped", "bytes": count, "offset": offset})
 
 
-def encode_error(message: str, code: str = "error") -> bytes:
-    return _encode({"type": "error", "message": message, "code": code})
+def encode_error(message: str, code: str = "error", **extra) -> bytes:
+    """
+    An error frame; C{extra} fields say more of it to a client that knows
+    its code (C{session_kept}: C{kept_at} and C{kept_until}).
+    """
+    return _encode({"type": "error", "message": message, "code": code, **extra})
 
 
 def encode_pong() -> bytes:

@@ -35,6 +35,7 @@ class State(str, enum.Enum):
     RESUMING = "resuming"
     INTERRUPTED = "interrupted"
     REATTACHING = "reattaching"
+    KEEPING = "keeping"
     ENDING = "ending"
     ENDED = "ended"
 
@@ -48,13 +49,19 @@ class State(str, enum.Enum):
 
     @property
     def over(self) -> bool:
-        "It ended, or is ending: nobody may use it any more."
-        return self in (State.ENDING, State.ENDED)
+        "It ended, is ending, or is being put away: nobody may use it any more."
+        return self in (State.KEEPING, State.ENDING, State.ENDED)
 
     @property
     def waiting(self) -> bool:
         "Its shell runs (or ran, before capsule restarted) and no client is attached."
         return self in (State.DETACHED, State.RECOVERED)
+
+    @property
+    def keepable(self) -> bool:
+        "Its shell ran and it is not over: it can be put away."
+        return self in (State.RUNNING, State.DETACHED, State.RECOVERED, State.RESUMING,
+                        State.INTERRUPTED, State.REATTACHING)
 
     @property
     def settled(self) -> bool:
@@ -103,6 +110,12 @@ class ISessionEffects(Interface):
     def forget(session):
         """
         The session is over: no client can find it any more.
+        """
+
+    def keep(session):
+        """
+        Put the session away instead of removing it: save its screen, stop
+        its container (kept, not removed), then feed C{kept}.
         """
 
     def went_live(session, resumed):
@@ -337,3 +350,13 @@ class SessionEvents(Protocol):
 
     def removed(self) -> None:
         "Its container is removed."
+
+    def keep(self, message: str) -> None:
+        """
+        Put the session away: its client hears C{message}, nobody finds it
+        live any more, and its container is stopped and kept, not removed
+        (one starting or over is left as it is: see L{State.keepable}).
+        """
+
+    def kept(self) -> None:
+        "Its container is stopped and kept."

@@ -114,7 +114,9 @@ def expire_due(manager: SessionManager, clock) -> list[Session]:
 
 class CleanupService(TimerService):
     """
-    Every C{interval} seconds, expire the sessions that are due; every
+    Every C{interval} seconds, expire the sessions that are due (put away,
+    where their profile keeps sessions) and remove the kept sessions past
+    their retention (L{capsule.sessions.keeping.Keeping.sweep}); every
     C{orphan_interval} seconds, also remove containers of this server that
     nothing owns any more (their removal failed while Docker was away).
     """
@@ -131,6 +133,9 @@ class CleanupService(TimerService):
         expire_due(self._manager, self.clock)
         end_overdue(self._manager, self.clock)
         now = self.clock.seconds()
+        keeping = getattr(self._manager, "keeping", None)
+        if keeping is not None:
+            keeping.sweep(now)
         if self._next_orphan_sweep is None:
             self._next_orphan_sweep = now + self._orphan_interval
         elif now >= self._next_orphan_sweep:

@@ -33,10 +33,17 @@ class EngineWatch:
     @param keeper: whether shells run under the keeper (which reports their
         exit status).
     @param grace: how long a session waits for an engine that went away.
+    @param stopped: called with a session and a sentence when its
+        container stopped under it (not its shell's own exit: the host or
+        the engine restarted, or it was stopped); returns whether it put
+        the session away (L{capsule.sessions.keeping.Keeping.stopped}),
+        else the session ends.
     """
 
-    def __init__(self, docker, clock, spec_of, keeper: bool, grace: float) -> None:
+    def __init__(self, docker, clock, spec_of, keeper: bool, grace: float,
+                 stopped=None) -> None:
         self._docker = docker
+        self._stopped = stopped or (lambda session, message: False)
         self._clock = clock
         self._spec_of = spec_of
         self._keeper = keeper
@@ -54,7 +61,7 @@ class EngineWatch:
         code = 0 if reason is None or reason.check(ProcessDone) else getattr(
             reason.value, "exitCode", None)
         stderr = facts.stderr.decode("utf-8", "replace").strip()
-        away = None
+        away = stopped = None
         if self._keeper and facts.exit_status is not None:
             code = facts.exit_status
         elif self._keeper and "capsule-keeper" in stderr and (
@@ -65,7 +72,7 @@ class EngineWatch:
         elif self._keeper or code is None:
             # The stream ended without the shell's status: find out why.
             code = None
-            message, away = await self._why_gone(session)
+            message, away, stopped = await self._why_gone(session)
             if stderr and not away:
                 message = f"{message}: {stderr.splitlines()[-1]}"
         if code == 137:
@@ -73,6 +80,8 @@ class EngineWatch:
                        f" under the {self._spec_of(session).memory} limit)")
         elif code is not None:
             message = f"the shell exited with code {code}"
+        if stopped and self._stopped(session, message):
+            return
         if away:
             _log.warn("session {session_id} lost its shell's stream: {message}; waiting"
                       " up to {grace:g} s for the engine", session_id=session.id[:8],
@@ -81,30 +90,32 @@ class EngineWatch:
         else:
             session.events.end(code, message)
 
-    async def _why_gone(self, session) -> tuple[str, bool]:
+    async def _why_gone(self, session) -> tuple[str, bool, bool]:
         """
-        Why a session's stream closed: a sentence, and whether the cause is
-        that the engine cannot be reached (the container may well run on).
+        Why a session's stream closed: a sentence, whether the cause is
+        that the engine cannot be reached (the container may well run on),
+        and whether its container stopped (and is still there).
         """
         # A container being killed may still say it runs for a moment.
         for attempt in range(6):
             try:
                 state = await self._docker.container_state(session.container_id)
             except DockerUnavailable as e:
-                return f"the connection to the shell was lost ({e.message})", True
+                return f"the connection to the shell was lost ({e.message})", True, False
             except CapsuleError as e:
-                return f"the connection to the shell was lost ({e.message})", False
+                return f"the connection to the shell was lost ({e.message})", False, False
             if state is None or not state.get("Running") or attempt == 5:
                 break
             await deferLater(self._clock, 0.2, lambda: None)
         if state is None:
-            return "the session's container was removed", False
+            return "the session's container was removed", False, False
         if state.get("OOMKilled"):
             return ("the session's container ran out of memory (limit "
-                    f"{self._spec_of(session).memory}) and was stopped"), False
+                    f"{self._spec_of(session).memory}) and was stopped"), False, True
         if not state.get("Running"):
-            return f"the session's container stopped (exit code {state.get('ExitCode')})", False
-        return "the connection to the shell was lost", False
+            return (f"the session's container stopped (exit code {state.get('ExitCode')})",
+                    False, True)
+        return "the connection to the shell was lost", False, False
 
     # -- the engine went away ----------------------------------------------
 
@@ -134,8 +145,10 @@ class EngineWatch:
                 session.events.end(None, "the session's container is gone: it was removed"
                                          " while the Docker engine was away")
             elif not state.get("Running"):
-                session.events.end(None, "the session's container stopped while the Docker"
-                                         f" engine was away (exit code {state.get('ExitCode')})")
+                message = ("the session's container stopped while the Docker engine was away"
+                           f" (exit code {state.get('ExitCode')})")
+                if not self._stopped(session, message):
+                    session.events.end(None, message)
             else:
                 _log.info("the engine answers again: attaching to session {session_id}",
                           session_id=session.id[:8])

@@ -26,9 +26,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
+from capsule.core.kept import GRACE, Snapshot
 from capsule.core.channels import CHANNEL_ENV
 from capsule.core.keeper import (SECRET_BYTES, SECRET_LABEL, ListeningPorts, has_own_address,
-                                 keeper_argv, own_ports, parse_secret)
+                                 keeper_argv, keeper_environment, own_ports, parse_secret)
+from capsule.core.kept import SCREEN_PATH
 from capsule.core.session_core import ISessionEffects, SessionCore, State
 from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME,
                                    BadRepository, Profile, agent_volume_name, check_repository,
@@ -40,6 +42,7 @@ from capsule.engine.keeper_direct import KeeperUnreachable
 from capsule.engine.keeper_stream import ShellProtocol
 from capsule.sessions.engine_watch import EngineWatch
 from capsule.sessions.fair_share import FairShare
+from capsule.sessions.keeping import LABEL_OWN_VOLUMES, LABEL_WARM, Keeping, own_volumes_label
 from capsule.core.counting import Uncounted
 from capsule.sessions.observers import SessionObservers
 from capsule.sessions.pool import WarmPool, WarmPools
@@ -70,6 +73,9 @@ class SessionManager:
     @param observers: others told what happens to sessions (recordings).
     @param pool_room: whether the server has room for one more warm session
         beyond a pool's size (see L{WarmPool}); default: always.
+    @param keeping: how sessions are kept (L{capsule.sessions.keeping.KeepingConfig});
+        C{None} (the default): never (C{keeping} is C{None}; sessions are
+        removed as they end).
     @param session_environment: callables C{(session_id, profile)} each
         returning variables for the environment of that session's container
         (a feature's: the credential gateway's placeholder, git's and the
@@ -78,6 +84,8 @@ class SessionManager:
 
     @ivar sessions: the live sessions by id.
     @ivar recovery: finds the sessions of an earlier run (L{Recovery}).
+    @ivar keeping: the kept sessions, and putting away, resuming, forking
+        (L{Keeping}); C{None}: sessions are never kept.
     """
 
     # When a client last sent input to any session (the warm pools refill
@@ -86,7 +94,7 @@ class SessionManager:
 
     def __init__(self, docker, clock, config: SessionConfig, *, metrics=None, owners=None,
                  observers=(), memory=None, direct=None, pool_room=None,
-                 door=None, session_environment=()) -> None:
+                 door=None, session_environment=(), keeping=None) -> None:
         self._docker = docker
         # The session door (capsule.gateway.door: its port and factory), or
         # None: a session without a network reaches it over its keeper's
@@ -109,9 +117,12 @@ class SessionManager:
         self.metrics = metrics if metrics is not None else Uncounted()
         self.observers = SessionObservers([self.metrics, owners, *observers])
         self.recovery = Recovery(self, docker, owners)
+        self.keeping = (Keeping(self, docker, clock, keeping, owners) if keeping is not None
+                        else None)
         self.fair_share = FairShare(docker, self.sessions, config.spec.cpu_shares)
         self.engine_watch = EngineWatch(docker, clock, self._spec_of, config.keeper,
-                                        config.grace)
+                                        config.grace,
+                                        stopped=self.keeping and self.keeping.stopped)
         # Container removals under way, and containers being made (created
         # and started: one ended meanwhile is removed once its id is known),
         # which a stopping server waits for.
@@ -182,12 +193,16 @@ class SessionManager:
         A session of an earlier run, found in its container (see
         L{Recovery}): registered, its lifecycle not yet told.
         """
-        return self._new_session(session_id, WARM_SIZE, container_id=container_id, user=user)
+        session = self._new_session(session_id, WARM_SIZE, container_id=container_id,
+                                    user=user)
+        session.ran = True
+        return session
 
     # -- what clients ask for --------------------------------------------
 
     def create(self, client, cols: int, rows: int, user: str | None = None,
-               profile: str | None = None, repository: str | None = None) -> Session:
+               profile: str | None = None, repository: str | None = None,
+               snapshot: Snapshot | None = None) -> Session:
         """
         Start a new session for C{client} (acting for C{user}), which is told
         through C{session_started} or C{session_failed}.
@@ -197,6 +212,10 @@ class SessionManager:
             start (default: its profile's, if any).
         @raise UnknownProfile: naming the profiles there are (nothing made).
         @raise BadRepository: for a repository capsule refuses.
+        @param snapshot: a snapshot (L{capsule.core.kept.Snapshot}) whose
+            image the container is made of and whose volumes it mounts and
+            owns (a fork, L{Keeping}); its profile's repository is not
+            cloned again.
 
         Without a client (C{client} is C{None}), the session is made all the
         same and, once its shell runs, kept for the grace period like one
@@ -213,7 +232,7 @@ class SessionManager:
                 raise BadRepository(f"repository: {e}") from None
         # A warm session has no user's volume and cloned only its profile's
         # repository.
-        pooled = repository in (None, settings.repository) and not (
+        pooled = snapshot is None and repository in (None, settings.repository) and not (
             settings.agent_volume and self._has_volume(user))
         warm = self.pool.take(settings.name) if pooled else None
         if warm is not None:
@@ -221,6 +240,9 @@ class SessionManager:
         session = self._new_session(str(uuid.uuid4()), (cols, rows), client=client, user=user)
         session.profile, session.settings = settings.name, settings
         session.repository = repository or settings.repository
+        if snapshot is not None:
+            session.repository = None
+            session.snapshot, session.own_volumes = snapshot, dict(snapshot.volumes)
         if client is None:
             session.events.prepare()
         else:
@@ -252,6 +274,10 @@ class SessionManager:
         now = self._clock.seconds()
         waited = now - core.created_at
         core.user, core.warm = user, True
+        # Its container says it was warm: stopped, it is a kept session only
+        # if recorded as taken.
+        if self.keeping is not None:
+            self.keeping.taken(session)
         # Its lifetime and idleness count from now: it is this client's now.
         core.created_at = core.active_at = now
         self.sessions[session.id] = session
@@ -371,8 +397,18 @@ class SessionManager:
 
     def expire(self, session: Session) -> bool:
         """
-        End a session whose grace period is over; return whether it ended.
+        End a session whose grace period is over, or put it away where its
+        profile keeps sessions (L{Keeping}); return whether it ended.
         """
+        if (self.keeping is not None and session.state.waiting
+                and session.container_id is not None and not session.untaken
+                and self.keeping.retention_of(session.settings or self.profiles[DEFAULT_PROFILE])
+                > 0):
+            d = self.keeping.put_away(session, GRACE)
+            d.addErrback(lambda f: _log.info("session {session_id} could not be put away:"
+                                             " {error}", session_id=session.id[:8],
+                                             error=f.getErrorMessage()))
+            return session.over
         expired = session.events.expire()
         if expired:
             _log.info("session {session_id}{who} expired after {grace:g} s without a client",
@@ -392,7 +428,8 @@ class SessionManager:
 
     async def _make(self, session: Session) -> None:
         core = session.core
-        spec = self._container_spec(session.id, session.settings, core.user)
+        spec = self._container_spec(session.id, session.settings, core.user,
+                                    warm=session.pooled, snapshot=session.snapshot)
         creating = self._docker.create_session_container(session.id, spec)
         self._creating.add(creating)
 
@@ -438,6 +475,9 @@ class SessionManager:
         command, environment = start_command(
             settings, session.repository,
             volume=bool(settings.agent_volume and self._has_volume(session.core.user)))
+        # The exec that starts the keeper tells it where to keep the screen
+        # (its own variable: the shell does not get it).
+        shell_environment, environment = environment, keeper_environment(environment, SCREEN_PATH)
         if (self._direct is not None and has_own_address(spec.network)
                 and self._direct.available):
             protocol = session.shell = ShellProtocol(session, True, offset,
@@ -468,7 +508,7 @@ class SessionManager:
         if not self.config.keeper:
             await self._docker.spawn_exec(
                 protocol, session.container_id, list(command), spec.user,
-                spec.workdir, environment, None)
+                spec.workdir, shell_environment, None)
             return
         argv = keeper_argv(command, offset, self.config.replay_bytes,
                            self.config.keeper_socket)
@@ -555,8 +595,15 @@ class SessionManager:
             session.events.removed()
         d.addBoth(done)
 
+    def keep(self, session: Session) -> None:
+        d = self.keeping.store(session)
+        self._removals.add(d)
+        d.addBoth(lambda _: self._removals.discard(d))
+
     def forget(self, session: Session) -> None:
         session.went_away()
+        if self.keeping is not None:
+            self.keeping.forgotten(session)
         pool = self.pool.holder(session)
         if pool is not None:
             # A warm session, never taken: the pool says what became of it.
@@ -575,6 +622,7 @@ class SessionManager:
 
     def went_live(self, session: Session, resumed: bool) -> None:
         core = session.core
+        session.ran = True
         pool = self.pool.holder(session)
         if pool is not None:
             pool.went_live(session)
@@ -612,12 +660,15 @@ class SessionManager:
         return (session.settings or self.profiles[DEFAULT_PROFILE]).spec
 
     def _container_spec(self, session_id: str, settings: Profile | None = None,
-                        user: str | None = None) -> ContainerSpec:
+                        user: str | None = None, warm: bool = False,
+                        snapshot: Snapshot | None = None) -> ContainerSpec:
         """
         How the container of session C{session_id}, of profile C{settings}
         (default: C{shell}) for C{user}, is made: its labels, its secrets,
         the features' environment (C{session_environment}), the user's
-        agent volume.
+        agent volume; a warm one's is labelled so (stopped, it is a
+        leftover, not a kept session); one made from C{snapshot} has its
+        image and mounts its volumes, which it owns (a label says which).
         """
         settings = settings or self.profiles[DEFAULT_PROFILE]
         spec = settings.spec
@@ -638,17 +689,43 @@ class SessionManager:
         environment = dict(spec.environment)
         for more in self._session_environment:
             environment.update(more(session_id, settings))
-        return replace(spec, labels={**spec.labels, **self.labels, LABEL_SESSION: session_id,
-                                     LABEL_PROFILE: settings.name, **secret},
-                       environment=environment,
+        labels = {**spec.labels, **self.labels, LABEL_SESSION: session_id,
+                  LABEL_PROFILE: settings.name, **secret}
+        if warm:
+            labels[LABEL_WARM] = "true"
+        image = spec.image
+        if snapshot is not None:
+            image = snapshot.image
+            taken = {target for _, target in volumes}
+            volumes = volumes + tuple((name, mount) for mount, name in
+                                      sorted(snapshot.volumes.items()) if mount not in taken)
+            if snapshot.volumes:
+                labels[LABEL_OWN_VOLUMES] = own_volumes_label(snapshot.volumes)
+        return replace(spec, image=image, labels=labels, environment=environment,
                        secrets=self.config.secrets.for_profile(settings), volumes=volumes,
                        volume_labels=volume_labels)
+
+    def snapshot_holder_spec(self, holder_id: str, snapshot: Snapshot,
+                             profile: str) -> ContainerSpec:
+        """
+        A container that mounts a named snapshot's volumes, to be copied
+        from (L{Keeping.start_snapshot}): a session's spec without secrets,
+        never given to anyone.
+        """
+        settings = self.profiles.get(profile) or self.profiles[DEFAULT_PROFILE]
+        spec = self._container_spec(holder_id, settings, None, snapshot=snapshot)
+        labels = {k: v for k, v in spec.labels.items() if k != LABEL_OWN_VOLUMES}
+        return replace(spec, labels=labels, secrets={}, environment={})
 
     def _remove_container(self, session: Session) -> Deferred:
         container_id = session.container_id
         if container_id is None:
             return succeed(None)
         d = self._docker.remove_container(container_id)
+        if session.own_volumes:
+            # Copies of a snapshot's volumes (a fork's): the engine removes
+            # only anonymous ones with a container; these go now.
+            d.addCallback(lambda _: self._docker.prune_snapshots(self.labels))
         d.addErrback(lambda f: _log.error(
             "could not remove container {container} of session {session_id}: {error}",
             container=container_id[:12], session_id=session.id[:8], error=f.getErrorMessage()))

@@ -1,7 +1,9 @@
 """
 What a server finds when it starts: the sessions of its earlier run whose
 containers still run (with the keeper, so do their shells), kept for their
-clients; everything else of this server's is a leftover and goes.  And the
+clients; the kept sessions, whose containers are stopped
+(L{capsule.sessions.keeping}); everything else of this server's is a
+leftover and goes.  And the
 engine's settings and images that would make sessions fail later, said once
 at start.
 """
@@ -15,6 +17,7 @@ from twisted.logger import Logger
 
 from capsule.core.errors import CapsuleError
 from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE
+from capsule.sessions.keeping import own_volumes
 
 _log = Logger()
 
@@ -85,8 +88,10 @@ class Recovery:
     async def recover(self) -> int:
         """
         Find the sessions of an earlier run whose containers still run and
-        keep them for the grace period, waiting for their clients; remove
-        every other container of this server.  Return how many were found.
+        keep them for the grace period, waiting for their clients, and the
+        kept sessions (stopped containers, L{Keeping.load}); remove every
+        other container of this server.  Return how many running ones were
+        found.
         """
         manager = self._manager
         found = await self._docker.list_containers(manager.labels)
@@ -97,9 +102,16 @@ class Recovery:
                     and session_id not in manager.sessions and _is_uuid(session_id)):
                 user = self._owners.get(session_id) if self._owners is not None else None
                 session = manager.recovered_session(session_id, container["id"], user)
-                self._profile(session, container["labels"].get(LABEL_PROFILE))
+                self.assign_profile(session, container["labels"].get(LABEL_PROFILE))
+                session.own_volumes = own_volumes(container["labels"])
+                session.untaken = (manager.keeping is not None and manager.keeping.untaken(
+                    session_id, container["labels"]))
                 session.events.recover()
                 recovered.append(session_id)
+        # The stopped ones are kept sessions (their owners are read before
+        # the owners' file forgets them).
+        if manager.keeping is not None:
+            await manager.keeping.load()
         if self._owners is not None:
             # Only the owners of sessions found again are kept.
             self._owners.save(manager.sessions)
@@ -112,7 +124,7 @@ class Recovery:
         self.pending = False
         return len(recovered)
 
-    def _profile(self, session, name: str | None) -> None:
+    def assign_profile(self, session, name: str | None) -> None:
         """
         A session of an earlier run keeps its profile (its container's
         label); one whose profile is no longer configured gets the default
@@ -139,7 +151,9 @@ class Recovery:
         live = {s.container_id for s in manager.sessions.values()} | manager.pool.container_ids
         owners = manager.sessions.keys() | manager.pool.pending
         stale = [c for c in found if c["id"] not in live
-                 and c["labels"].get(LABEL_SESSION) not in owners]
+                 and c["labels"].get(LABEL_SESSION) not in owners
+                 and not (manager.keeping is not None
+                          and manager.keeping.holds(c["labels"].get(LABEL_SESSION)))]
         for container in stale:
             await self._docker.remove_container(container["id"])
         if stale:
@@ -195,7 +209,8 @@ class Recovery:
         if enabled is False:
             _log.warn(
                 "the Docker engine runs without live-restore: restarting or upgrading dockerd"
-                " stops every container, and so ends every session. Turn it on with"
+                " stops every container, and so every session's processes (their files are"
+                " kept where --retention is on: docs/keeping.md). Turn it on with"
                 " {{\"live-restore\": true}} in /etc/docker/daemon.json, then"
                 " `sudo systemctl reload docker` (no container is stopped by that).")
         return enabled

@@ -122,6 +122,20 @@ class Session:
         self.listening_ports: tuple[int, ...] = ()
         self.ports_known = False
         self.ports_more = 0
+        # Whether its shell ran (in this run of capsule, or in an earlier
+        # one): only then is there anything to keep.
+        self.ran = False
+        # A warm container of an earlier run that nobody took: nobody's work,
+        # never kept.
+        self.untaken = False
+        # A resumed kept session: when it was put away (the connected
+        # frame's resumed_from); C{None}: it was not.
+        self.resumed_from: float | None = None
+        # The snapshot it is made from (capsule.sessions.keeping: a fork),
+        # and the volumes it owns, copies of that snapshot's, by mount point:
+        # removed with its container.
+        self.snapshot = None
+        self.own_volumes: dict[str, str] = {}
         # Who waits for its shell to run, and for its end.
         self._started: list[Deferred] = []
         self._ended: list[Deferred] = []

@@ -2,7 +2,7 @@
 The admin API under C{/api/admin/}: list the sessions, end one or all, and
 drain the server.  What C{python -m capsule.admin} speaks to.
 
-    GET    /api/admin/sessions        the live sessions
+    GET    /api/admin/sessions        the live sessions, and the kept ones (under "kept")
     DELETE /api/admin/sessions/ID     end one (ID: the id or a unique prefix)
     DELETE /api/admin/sessions        end every session
     GET    /api/admin/drain           whether capsule drains
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hmac
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
@@ -132,8 +132,10 @@ class AdminResource(Resource):
     isLeaf = True
 
     def __init__(self, manager, drain: Drain, access: AdminAccess, clock, usage=None,
-                 session_facts=None) -> None:
+                 session_facts=None, keeping=None) -> None:
         super().__init__()
+        # The kept sessions (capsule.sessions.keeping), or None: none.
+        self._keeping = keeping
         self._manager, self._drain, self._access, self._clock = manager, drain, access, clock
         # usage(): the credential gateway's counts (capsule.gateway.usage), or None.
         self._usage = usage
@@ -163,7 +165,7 @@ class AdminResource(Resource):
         method = request.method
         if path == ["sessions"]:
             if method in (b"GET", b"HEAD"):
-                return 200, self._list()
+                return self._list()
             if method == b"DELETE":
                 count = end_all(self._manager, ENDED_BY_ADMIN)
                 _log.info("admin ({who}) ended every session: {count}", who=who, count=count)
@@ -193,11 +195,20 @@ class AdminResource(Resource):
         return 405, {"error": f"{method.decode('ascii', 'replace')[:20]} is not allowed here;"
                               f" use {allowed}", "code": "method_not_allowed"}
 
-    def _list(self) -> dict:
+    def _list(self) -> Deferred:
         now = self._clock.seconds()
         sessions = sorted(self._manager.sessions.values(), key=lambda s: s.core.created_at)
-        return {"instance": self._manager.config.instance, "draining": self._drain.active,
-                "sessions": [describe(s, now, self._session_facts) for s in sessions]}
+        listing = {"instance": self._manager.config.instance, "draining": self._drain.active,
+                   "sessions": [describe(s, now, self._session_facts) for s in sessions],
+                   "kept": []}
+        if self._keeping is None:
+            return succeed((200, listing))
+
+        def kept(found):
+            listing["kept"] = [{**k.describe(now), "owner": k.user, "container": k.container_id}
+                               for k in sorted(found, key=lambda k: k.kept_at)]
+            return 200, listing
+        return maybeDeferred(self._keeping.kept_all).addCallback(kept)
 
     def _end(self, wanted: str, who: str) -> tuple[int, dict]:
         wanted = wanted.lower()

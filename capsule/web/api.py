@@ -14,6 +14,9 @@ The session API for programs, under C{/api/sessions}:
   - C{/api/sessions/{id}/ports}: the ports listening in it, with their
     preview addresses (L{capsule.web.ports}); C{/ports/{port}}: its preview
     made public, and links to it (L{capsule.web.preview_api});
+  - C{/api/sessions/{id}/put-away}, C{resume}, C{fork}: kept sessions
+    (L{capsule.web.keep_api}, which also serves C{/api/snapshots}); a kept
+    session is listed, read and deleted as a live one is;
   - C{GET /api/profiles}: the profiles a client may name.
 
 Authentication and ownership are the site's (L{capsule.auth.gate}): a session of
@@ -49,6 +52,7 @@ from capsule.web.api_base import (NO_BODY, RETRY_AFTER, ApiError, JsonResource, 
 from capsule.web.bodies import BodyRefused
 from capsule.web.ports import PortAddresses, PortsResource
 from capsule.web.shares import SharesResource
+from capsule.web.keep_api import KeepApi, session_child
 from capsule.web.exec import (EXEC_MAX_BODY, EXEC_WRITE_TIMEOUT, EXECS_PER_SESSION, ExecResource,
                               OutputBudget)
 from capsule.web.upload import (UPLOAD_MAX_BYTES, UPLOADS_AT_ONCE, UPLOADS_PER_SESSION,
@@ -79,7 +83,7 @@ class SessionApi:
                  upload_max_bytes: int = UPLOAD_MAX_BYTES,
                  answer_timeout: float = EXEC_WRITE_TIMEOUT, exporting=None,
                  docker_calls: CallGate | None = None, client_address=client_address,
-                 spectators=None, previews=None, port_addresses=None) -> None:
+                 spectators=None, previews=None, port_addresses=None, keeping=None) -> None:
         # The previews of sessions' ports (capsule.web.preview.PreviewRouter),
         # or None: no previews.
         self.previews = previews
@@ -114,6 +118,8 @@ class SessionApi:
         self._jobs: set[Deferred] = set()
         self.stopping = False
         self._pool: ThreadPool | None = None
+        # Kept sessions and snapshots (capsule.web.keep_api).
+        self.keep = KeepApi(self, keeping if keeping is not None else sessions.keeping)
 
     @property
     def output_reserved(self) -> int:
@@ -386,8 +392,7 @@ class SessionsResource(JsonResource):
     def render_GET(self, request):
         user = user_of(request)
         sessions = sorted(self.api.manager.of_user(user), key=lambda s: s.core.created_at)
-        return json_body(request, 200, {"user": user, "sessions": [
-            self.api.describe(s) for s in sessions]})
+        return self.api.keep.listing(request, [self.api.describe(s) for s in sessions])
 
     def render_POST(self, request):
         api = self.api
@@ -439,7 +444,8 @@ class SessionsResource(JsonResource):
 
 class SessionResource(JsonResource):
     """
-    C{/api/sessions/{id}}: its state (GET), its end (DELETE).
+    C{/api/sessions/{id}}: its state (GET), its end (DELETE); a kept
+    session's too (L{capsule.web.keep_api}).
     """
 
     methods = (b"GET", b"DELETE")
@@ -459,14 +465,21 @@ class SessionResource(JsonResource):
             return PortsResource(self.api, self.session_id)
         if name == b"":
             return self
-        return NotFound()
+        return session_child(self.api.keep, name, self.session_id) or NotFound()
 
     def render_GET(self, request):
-        session = self.api.find(request, self.session_id)
+        session = self.api.manager.find(self.session_id, user_of(request))
+        if session is None or session.over:
+            keep = self.api.keep
+            return keep.answer(request, keep.get(request, self.session_id), "a kept session")
         return json_body(request, 200, self.api.describe(session))
 
     def render_DELETE(self, request):
-        session = self.api.find(request, self.session_id)
+        session = self.api.manager.find(self.session_id, user_of(request))
+        if session is None or session.over:
+            keep = self.api.keep
+            return keep.answer(request, keep.delete(request, self.session_id),
+                               "deleting a kept session")
         user = user_of(request)
         _log.info("session {short}{who} ended through the API", short=session.id[:8],
                   who=f" by {user}" if user else "", user=user)

@@ -30,7 +30,7 @@ import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -213,8 +213,12 @@ class ExportResource(Resource):
 
     def __init__(self, manager: SessionManager, docker, reactor, path: str = "/workspace",
                  limits: ExportLimits = ExportLimits(), client_address=peer_address,
-                 spool_directory: str | None = None) -> None:
+                 spool_directory: str | None = None, keeping=None) -> None:
         super().__init__()
+        # The kept sessions (capsule.sessions.keeping), whose workspaces
+        # export as a live session's do: Docker reads a stopped container's
+        # files.  None: only live sessions.
+        self._keeping = keeping
         self._manager, self._docker, self._reactor, self._path = manager, docker, reactor, path
         self.limits = limits
         self.queue = ExportQueue(limits.workers, limits.per_client)
@@ -247,12 +251,21 @@ class ExportResource(Resource):
         except ProtocolError as e:
             return Refusal(404, e.message, e.code)
         # Another user's session is, to this one, a session that does not exist.
-        session = self._manager.find(session_id, getattr(request, "capsule_user", None))
+        user = getattr(request, "capsule_user", None)
+        session = self._manager.find(session_id, user)
         if session is None or session.over:
+            if self._keeping is not None:
+                return KeptExportResource(session_id, user, self)
             return Refusal(404, f"no live session {session_id}", "session_not_found")
         if session.container_id is None:
             return Refusal(409, f"session {session_id} is still starting", "starting")
         return WorkspaceExportResource(session.id, session.container_id, self)
+
+    def kept(self, session_id: str, user) -> Deferred:
+        """
+        Fire with C{user}'s kept session C{session_id}, or C{None}.
+        """
+        return maybeDeferred(self._keeping.find, session_id, user)
 
     def render(self, request):
         return json_error(request, 404, "GET /api/export/{session_id}", "not_found")
@@ -556,3 +569,49 @@ class WorkspaceExportResource(Resource):
         d.addErrback(lambda f: _log.failure("export bookkeeping failed", f))
         stream.ended.addCallback(ended)
         stream.ended.addErrback(lambda f: _log.failure("export bookkeeping failed", f))
+
+
+class KeptExportResource(Resource):
+    """
+    C{/api/export/{id}} of a session that is not live: its workspace if it
+    is one of the caller's kept sessions (its container is stopped, and
+    Docker reads its files all the same), else a 404.
+    """
+
+    isLeaf = True
+
+    def __init__(self, session_id: str, user, exports: ExportResource) -> None:
+        super().__init__()
+        self._session_id, self._user, self._exports = session_id, user, exports
+
+    def render(self, request):
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return json_error(request, 405, f"{request.method.decode('latin-1')[:20]} is not"
+                              " allowed here; use GET", "method_not_allowed")
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def found(kept):
+            if gone:
+                return
+            if kept is None:
+                request.write(json_error(request, 404, f"no live or kept session"
+                                         f" {self._session_id}", "session_not_found"))
+                request.finish()
+                return
+            body = WorkspaceExportResource(kept.id, kept.container_id,
+                                           self._exports).render_GET(request)
+            if body is not NOT_DONE_YET:
+                request.write(body)
+                request.finish()
+
+        def failed(failure):
+            _log.failure("finding kept session {session_id} failed", failure,
+                         session_id=self._session_id[:8])
+            if not gone:
+                request.write(json_error(request, 503, "capsule could not look for the kept"
+                                         " session: try again shortly", "docker_unavailable"))
+                request.finish()
+        self._exports.kept(self._session_id, self._user).addCallbacks(found, failed)
+        return NOT_DONE_YET

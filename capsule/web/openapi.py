@@ -13,6 +13,7 @@ import json
 from capsule import __version__
 from capsule.web.api import CREATE_MAX_BODY
 from capsule.web.api_base import JsonResource
+from capsule.web.keep_api import COPIES_AT_ONCE, COPIES_PER_CALLER, KEEP_MAX_BODY
 from capsule.web.exec import (ENCODINGS, EXEC_MAX_BODY, EXEC_MAX_OUTPUT, EXEC_MAX_TIMEOUT,
                               EXEC_OUTPUT, EXEC_TIMEOUT, EXECS_PER_SESSION)
 
@@ -65,6 +66,19 @@ _BUSY_CONTAINER = _busy_container()
 
 
 _SESSION = {"$ref": "#/components/schemas/Session"}
+_SNAPSHOT = {"$ref": "#/components/schemas/Snapshot"}
+_NAME = {"name": "name", "in": "path", "required": True,
+         "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_.-]{0,62}$"},
+         "description": "a snapshot's name"}
+_STARTED = {"description": "not started in time (it goes on starting)", **_json(_ERROR)}
+_COPY_LIMITS = {
+    "429": {"description": f"the caller has {COPIES_PER_CALLER} copy of a session's files"
+                           " under way (a fork or a snapshot; code copy_in_progress), or"
+                           " over an admission quota (Retry-After says when to try again)",
+            **_json(_ERROR)},
+    "503": {"description": f"capsule copies {COPIES_AT_ONCE} sessions' files already (code"
+                           " copies_busy), or is full, draining, or without its engine",
+            **_json(_ERROR)}}
 _SHARE = {"type": "object", "properties": {
     "id": {"type": "string", "description": "the link's handle, to revoke it"},
     "created_at": {"type": "number"}, "expires_at": {"type": "number"},
@@ -95,6 +109,10 @@ ROUTES: dict[tuple[str, str], dict] = {
              "description": "resume this session"},
             {"name": "offset", "in": "query", "schema": {"type": "integer"}},
             {"name": "profile", "in": "query", "schema": {"type": "string"}},
+            {"name": "resume", "in": "query", "schema": {"type": "string", "enum": ["1"]},
+             "description": "with session_id of a kept session: resume it and attach (without"
+                            " it, a kept session is an error frame session_kept, then close"
+                            " 4404)"},
             {"name": "watch", "in": "query", "schema": {"type": "string"},
              "description": "a share link's token: watch its session, read-only, without a"
                             " login"}],
@@ -148,8 +166,9 @@ ROUTES: dict[tuple[str, str], dict] = {
                         "name": {"type": "string"}, "description": {"type": "string"}}}}}})},
             **_errors(401)}},
     ("/api/sessions", "get"): {
-        "summary": "The caller's live sessions",
-        "responses": {"200": {"description": "the sessions, oldest first", **_json({
+        "summary": "The caller's sessions: live ones (oldest first), then kept ones (state"
+                   " kept, oldest put away first)",
+        "responses": {"200": {"description": "the sessions", **_json({
             "type": "object", "properties": {
                 "user": {"type": ["string", "null"]},
                 "sessions": {"type": "array", "items": _SESSION}}})},
@@ -172,16 +191,85 @@ ROUTES: dict[tuple[str, str], dict] = {
                       "504": {"description": "not started in time (it goes on starting)",
                               **_json(_ERROR)}}},
     ("/api/sessions/{id}", "get"): {
-        "summary": "One session of the caller", "parameters": [_ID],
+        "summary": "One session of the caller, live or kept", "parameters": [_ID],
         "responses": {"200": {"description": "the session", **_json(_SESSION)},
                       **_errors(401, 404)}},
     ("/api/sessions/{id}", "delete"): {
-        "summary": "End a session (its container is removed; an attached client is told)",
+        "summary": "End a session (its container is removed; an attached client is told);"
+                   " a kept one is deleted (its container and volumes removed)",
         "parameters": [_ID],
         "responses": {"200": {"description": "ending", **_json({
             "type": "object", "properties": {"id": {"type": "string"},
-                                             "ended": {"type": "boolean"}}})},
+                                             "ended": {"type": "boolean"},
+                                             "deleted": {"type": "boolean", "description":
+                                                         "a kept session's"}}})},
+            "409": {"description": "the kept session is being resumed or copied (code"
+                                   " busy), or its workspace exported", **_json(_ERROR)},
             **_errors(401, 404)}},
+    ("/api/sessions/{id}/put-away", "post"): {
+        "summary": "Put a live session away: its screen saved, its container stopped (memory"
+                   " and CPU freed), its files kept for its profile's retention; a kept"
+                   " session answers as it is (docs/keeping.md)",
+        "parameters": [_ID],
+        "responses": {"200": {"description": "the kept session", **_json(_SESSION)},
+                      "409": {"description": "its profile keeps nothing (code not_kept), it"
+                                             " is still starting (starting), another change"
+                                             " of it is under way (busy)", **_json(_ERROR)},
+                      **_errors(401, 404, 413)}},
+    ("/api/sessions/{id}/resume", "post"): {
+        "summary": "Resume a kept session: same id, a new shell, its files and its last"
+                   " screen; passes admission as a new session; answers once it runs (a live"
+                   " session answers as it is)",
+        "parameters": [_ID],
+        "responses": {"200": {"description": "the session runs", **_json(_SESSION)},
+                      "409": {"description": "another change of it is under way (busy), or"
+                                             " its workspace is being exported",
+                              **_json(_ERROR)},
+                      **_errors(401, 404, 413, 429, 503), "504": _STARTED}},
+    ("/api/sessions/{id}/fork", "post"): {
+        "summary": "A new session (new id, same profile) from a copy of a live or kept"
+                   " session's files; passes admission; answers once it runs, detached",
+        "parameters": [_ID],
+        "responses": {"201": {"description": "the new session runs", **_json(_SESSION)},
+                      "409": {"description": "the session is still starting, or another"
+                                             " change of it is under way (busy)",
+                              **_json(_ERROR)},
+                      **_errors(401, 404, 413), **_COPY_LIMITS, "504": _STARTED}},
+    ("/api/snapshots", "get"): {
+        "summary": "The caller's named snapshots, oldest first",
+        "responses": {"200": {"description": "the snapshots", **_json({
+            "type": "object", "properties": {
+                "user": {"type": ["string", "null"]},
+                "snapshots": {"type": "array", "items": _SNAPSHOT}}})},
+            **_errors(401)}},
+    ("/api/snapshots", "post"): {
+        "summary": "Name a copy of a live or kept session's files (its writable layer and"
+                   " volumes); it lives until deleted",
+        "requestBody": {"required": True, **_json({
+            "type": "object", "additionalProperties": False, "required": ["session", "name"],
+            "description": f"at most {KEEP_MAX_BODY} bytes",
+            "properties": {"session": {"type": "string", "format": "uuid"},
+                           "name": {"type": "string",
+                                    "pattern": "^[a-z0-9][a-z0-9_.-]{0,62}$"}}})},
+        "responses": {"201": {"description": "the snapshot", **_json(_SNAPSHOT)},
+                      "409": {"description": "a snapshot of that name exists (code"
+                                             " snapshot_exists), the caller keeps as many"
+                                             " as allowed (kept_limit), or the session is"
+                                             " busy", **_json(_ERROR)},
+                      **_errors(400, 401, 404, 413, 415), **_COPY_LIMITS}},
+    ("/api/snapshots/{name}", "delete"): {
+        "summary": "Delete a snapshot (its image and volumes; sessions made from it keep"
+                   " theirs)",
+        "parameters": [_NAME],
+        "responses": {"200": {"description": "deleted", **_json({
+            "type": "object", "properties": {"name": {"type": "string"},
+                                             "deleted": {"type": "boolean"}}})},
+            **_errors(401, 404)}},
+    ("/api/snapshots/{name}/sessions", "post"): {
+        "summary": "A new session from a snapshot; passes admission; answers once it runs",
+        "parameters": [_NAME],
+        "responses": {"201": {"description": "the new session runs", **_json(_SESSION)},
+                      **_errors(401, 404, 413), **_COPY_LIMITS, "504": _STARTED}},
     ("/api/sessions/{id}/shares", "get"): {
         "summary": "The session's live read-only share links (never their tokens), each with"
                    " how many watch through it; the owner's only",
@@ -347,7 +435,8 @@ ROUTES: dict[tuple[str, str], dict] = {
                                    " entry)", **_json(_ERROR)},
             **_errors(401, 404, 413, 415, 422, 429, 503), **_BUSY_CONTAINER}},
     ("/api/export/{id}", "get"): {
-        "summary": "The session's /workspace as a .tar.gz (entries under workspace/)",
+        "summary": "The session's /workspace as a .tar.gz (entries under workspace/); a kept"
+                   " session's too (Docker reads its stopped container's files)",
         "parameters": [_ID],
         "responses": {"200": {"description": "the archive", "content": {
             "application/gzip": {"schema": {"type": "string", "format": "binary"}}}},
@@ -357,7 +446,8 @@ ROUTES: dict[tuple[str, str], dict] = {
                                    " exports' spool is full (code exports_busy, Retry-After)",
                     **_json(_ERROR)}}},
     ("/api/admin/sessions", "get"): {
-        "summary": "Every session (admin)", "security": [{"adminToken": []}],
+        "summary": "Every session (admin): live ones under sessions, kept ones under kept",
+        "security": [{"adminToken": []}],
         "responses": {"200": {"description": "the sessions", **_json({"type": "object"})},
                       **_errors(401, 403)}},
     ("/api/admin/sessions", "delete"): {
@@ -425,11 +515,28 @@ def document() -> dict:
                            "description": "the session still starting (504)"}}},
                 "Session": {"type": "object", "properties": {
                     "id": {"type": "string", "format": "uuid"},
-                    "status": {"type": "string"}, "state": {"type": "string"},
+                    "status": {"type": "string"},
+                    "state": {"type": "string", "description":
+                              "running, detached, ... for a live session; kept"},
                     "created": {"type": "number"}, "client_attached": {"type": "boolean"},
                     "profile": {"type": "string"},
                     "url": {"type": "string", "description": "the page that opens it"},
-                    "user": {"type": ["string", "null"]}}}}},
+                    "user": {"type": ["string", "null"]},
+                    "kept_at": {"type": "number", "description": "(kept) when it was put"
+                                                                " away"},
+                    "kept_until": {"type": "number", "description": "(kept) when it is"
+                                                                   " removed"},
+                    "age": {"type": "number", "description": "(kept) seconds since created"},
+                    "size": {"type": ["integer", "null"],
+                             "description": "(kept) bytes of its writable layer"},
+                    "command": {"type": "string", "description": "(kept) what it ran"},
+                    "reason": {"type": "string", "enum": ["put_away", "grace", "idle",
+                                                          "stopped"]},
+                    "reason_text": {"type": "string"}}},
+                "Snapshot": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "created": {"type": "number"},
+                    "size": {"type": ["integer", "null"]},
+                    "profile": {"type": ["string", "null"]}}}}},
     }
 
 

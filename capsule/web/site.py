@@ -29,6 +29,7 @@ from capsule.web.connections import (Connection, ConnectionLimits, Connections, 
 from capsule.web.api import (DOCKER_CALLS_PER_CALLER, ApiResource, ProfilesResource, SessionApi,
                              SessionsResource)
 from capsule.web.exec import EXEC_WRITE_TIMEOUT
+from capsule.web.keep_api import SnapshotsResource, body_limit as keep_body_limit
 from capsule.web.upload import UPLOAD_MAX_BYTES
 from capsule.auth.gate import Authenticator
 from capsule.web.export import ExportLimits, ExportResource
@@ -482,7 +483,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
               spectators=None, firewall=None, admin_usage=None, admin_session_facts=None,
               preview_domain: str | None = None,
               preview_limits: PreviewLimits = PreviewLimits(), preview_access=None,
-              own_ports=(), preview_no_network=None,
+              own_ports=(), preview_no_network=None, keeping=None,
               **websocket_options) -> CapsuleSite:
     """
     @param export_limits: how many exports run, and what one may cost.
@@ -533,6 +534,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         have no preview, besides the keeper's.
     @param preview_no_network: how a session without a network's ports are
         reached (L{PreviewRouter}'s C{no_network}), or C{None}.
+    @param keeping: the kept sessions and snapshots
+        (L{capsule.sessions.keeping.Keeping}; by default the manager's, if it
+        has one; C{None}: sessions are never kept).
     @param access_log: an access line for every request (C{--access-log});
         else only for those L{logged_by_default}.
     @param websocket_options: passed on to L{CapsuleServerFactory}.
@@ -549,7 +553,9 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         # that counts nothing gets metrics of the site's alone.
         metrics = manager.metrics if isinstance(manager.metrics, Metrics) else Metrics()
         metrics.watch(manager)
-    sessions = SessionService(manager, admission, drain)
+    if keeping is None:
+        keeping = getattr(manager, "keeping", None)
+    sessions = SessionService(manager, admission, drain, keeping)
     previews = PreviewRouter(reactor, manager, docker,
                              preview_access or PreviewAccess(reactor),
                              authenticator=authenticator, client_address=client_address,
@@ -569,7 +575,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
     root.putChild(b"metrics", MetricsResource(metrics, metrics_token))
     api = ApiResource()
     exports = ExportResource(manager, docker, reactor, limits=export_limits,
-                             client_address=client_address)
+                             client_address=client_address, keeping=keeping)
     api.putChild(b"export", exports)
     session_api = SessionApi(manager, docker, reactor, sessions, authenticator=authenticator,
                              public_url=public_url,
@@ -582,6 +588,7 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
                              port_addresses=port_addresses)
     api.putChild(b"sessions", SessionsResource(session_api))
     api.putChild(b"profiles", ProfilesResource(session_api))
+    api.putChild(b"snapshots", SnapshotsResource(session_api.keep))
     api.putChild(b"openapi.json", OpenApiResource())
     root.putChild(b"api", api)
     if spectators is not None:
@@ -597,10 +604,11 @@ def make_site(manager: SessionManager, docker, reactor, www: str, *,
         body_limits[b"/login"] = LOGIN_MAX_BODY
     top = AdminMount(top, AdminResource(manager, drain, AdminAccess(
         admin_token, admin_users, authenticator, admin_loopback), reactor,
-        usage=admin_usage, session_facts=admin_session_facts))
+        usage=admin_usage, session_facts=admin_session_facts, keeping=keeping))
     return CapsuleSite(GuardResource(top, host_policy), reactor=reactor,
                        logFormatter=access_log_line, body_limits=body_limits,
-                       body_rules=[session_api.body_limit], websocket_factory=factory,
+                       body_rules=[session_api.body_limit, keep_body_limit],
+                       websocket_factory=factory,
                        exports=exports, session_api=session_api, drain=drain,
                        metrics=metrics, client_address=client_address,
                        bodies=BodyBudget(default_spool(upload_max_bytes)

@@ -20,6 +20,8 @@ from capsule.ops.logformat import short_ids
 from capsule.core.coalesce import Coalescer
 from capsule.core.errors import CapsuleError, SessionNotFound
 from capsule.web.headers import is_secure
+from capsule.core.kept import SESSION_KEPT
+from capsule.web.keep_ws import KeptSessions
 from capsule.web.http import client_address
 from capsule.web.watch import CLOSE_QUOTA_EXCEEDED, Watching, _Phase
 from capsule.web.wire import BinaryWire, FlowGate, JsonWire, close_reason, url_size
@@ -50,11 +52,14 @@ CLOSE_UNAVAILABLE = 4503
 
 
 @implementer(ISessionClient)
-class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
+class CapsuleServerProtocol(KeptSessions, Watching, WebSocketServerProtocol):
     """
     One browser connection, in one L{_Phase} at a time.  What goes on the wire is its C{_wire}'s business: the JSON
-    or the binary protocol, chosen at the handshake.
+    or the binary protocol, chosen at the handshake.  Kept sessions: L{KeptSessions}.
     """
+
+    CLOSE_SESSION_NOT_FOUND = CLOSE_SESSION_NOT_FOUND
+    CLOSE_UNAVAILABLE = CLOSE_UNAVAILABLE
 
     def __init__(self) -> None:
         super().__init__()
@@ -145,6 +150,7 @@ class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
         self._requested_offset = values[0] if values else None
         values = request.params.get("profile")
         self._requested_profile = values[0] if values else None
+        self._wants_resume(request)
         # The terminal's size, if the URL gives it: then no resize need come
         # before the session's first output (checked once the connection is open).
         self._requested_size = (request.params.get("cols", [None])[0],
@@ -231,7 +237,7 @@ class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
         except wire.ProtocolError as e:
             self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
         except SessionNotFound as e:
-            self._refuse(e.message, e.code, CLOSE_SESSION_NOT_FOUND)
+            self._not_live(session_id, size, e)
         except CapsuleError as e:
             self._refuse(e.message, e.code, CLOSE_UNAVAILABLE)
 
@@ -374,6 +380,8 @@ class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
             self._send(wire.encode_pong())
         elif self._watch_token is not None:
             self._handle_watching(message)
+        elif self._resuming:
+            self._while_resuming(message)
         elif isinstance(message, wire.Resize):
             if self._phase is _Phase.AWAITING_SIZE:
                 # Made now at this size, unless it was made as the connection opened.
@@ -464,7 +472,9 @@ class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
         grace, kept = self._manager.after_last_client(session)
         self._send(*self._wire.connected(session.id, resumed, offset, replay,
                                          self.factory.flow_window, grace, kept,
-                                         getattr(session, "profile", None)))
+                                         getattr(session, "profile", None),
+                                         **self._keep_fields(session)))
+        self._tell_resumed()
         drain = self.factory.sessions.drain
         if drain is not None and drain.active:
             self._send(wire.encode_notice(DRAINING, drain.notice()))
@@ -518,7 +528,7 @@ class CapsuleServerProtocol(Watching, WebSocketServerProtocol):
         self._let_go()
         self._manager.metrics.error_sent(code)
         self._send(wire.encode_error(message, code))
-        self._close(CLOSE_SESSION_NOT_FOUND if code == "session_not_found"
+        self._close(CLOSE_SESSION_NOT_FOUND if code in ("session_not_found", SESSION_KEPT)
                     else CLOSE_UNAVAILABLE, message)
 
     def session_ended(self, exit_code: int | None, message: str) -> None:

@@ -104,9 +104,9 @@ class JsonWire:
 
     def connected(self, session_id: str, resumed: bool, offset: int, replay: int,
                   window: int, grace: float, kept: bool,
-                  profile: str | None = None) -> tuple[bytes, bool]:
+                  profile: str | None = None, **more) -> tuple[bytes, bool]:
         return wire.encode_connected(session_id, resumed, replay=replay, grace=grace,
-                                     kept=kept, profile=profile), False
+                                     kept=kept, profile=profile, **more), False
 
     def output(self, chunk: bytes) -> tuple[bytes, bool]:
         return wire.encode_output(chunk), False
@@ -134,9 +134,9 @@ class BinaryWire:
 
     def connected(self, session_id: str, resumed: bool, offset: int, replay: int,
                   window: int, grace: float, kept: bool,
-                  profile: str | None = None) -> tuple[bytes, bool]:
+                  profile: str | None = None, **more) -> tuple[bytes, bool]:
         return wire.encode_connected(session_id, resumed, offset, window, replay, grace,
-                                     kept, profile), False
+                                     kept, profile, **more), False
 
     def output(self, chunk: bytes) -> tuple[bytes, bool]:
         return chunk, True

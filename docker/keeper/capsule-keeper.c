@@ -117,6 +117,48 @@
  * embedded DNS server (127.0.0.11) are not among them.  Nobody attached, it
  * reads nothing.
  *
+ * The screen across a stop: a server started with the environment variable
+ * CAPSULE_KEEPER_SCREEN=PATH (an absolute path; the variable is the
+ * keeper's, never COMMAND's, and a keeper before this one ignores it) keeps
+ * its ring in the file PATH, so that a session whose container is stopped
+ * and started again shows what it had on its screen.
+ *   - Saving: while COMMAND has printed since the last save, what the ring
+ *     holds is saved to PATH, at most once every SAVE_MS, and at once on
+ *     SIGHUP, on SIGTERM (then the server ends as before) and when the
+ *     server ends.  The file is
+ *       ESC _ capsule-screen;start=S ESC \  then bytes, the newest last
+ *     S being the offset of the first byte after the header.  A save adds
+ *     the output since the last one to the file the keeper left, while it is
+ *     that file (same inode and size) and holds at most twice BYTES; else
+ *     (the first save, a file replaced or written to by anyone else, more
+ *     output than the ring holds since the last save) the ring is written
+ *     to a new file beside PATH, renamed over it.  So a session that prints
+ *     costs the disk about what it prints.  PATH's directory is made (0700)
+ *     if missing, the file is 0600; where PATH is anything but a regular
+ *     file, a symbolic link included, nothing is saved (the keeper replaces
+ *     only its own kind of file).  No output, no save and no wakeup.
+ *     capsule writes the same format when it saves a session's screen
+ *     itself (capsule/core/keeper.py).
+ *   - Loading: a server that starts finds PATH (a regular file; opened
+ *     without following a symbolic link, never blocking; anything else, or
+ *     an empty file, is as no file) and loads its last BYTES bytes into the
+ *     ring as the first output, at the offsets they had (without a valid
+ *     header, from 0), then a marker on a line of its own:
+ *       CAN, normal screen buffer, soft reset, mouse and bracketed paste off,
+ *       CR LF, dim "── resumed YYYY-MM-DD HH:MM UTC: the screen above is from
+ *       before the session was put away ──", attributes reset, CR LF
+ *     and COMMAND's output follows at the next offsets.  Offsets thus go on
+ *     from where the saved screen ended: a client (capsule) that had the
+ *     output up to OFFSET before the stop asks for OFFSET and gets exactly
+ *     the bytes it lacked, the marker and the new output; one that asks for
+ *     less than the first byte loaded gets it all (the preamble's dropped
+ *     says how much came before it).  Every byte of the file is the
+ *     session's (its processes can write it): at most SCREEN_HEAD bytes of
+ *     header and BYTES more are read whatever its size, S and the bytes
+ *     after the header are each at most SCREEN_MAX_END (else the header is
+ *     not believed), and what was loaded goes to the client as output,
+ *     never interpreted by the keeper.
+ *
  * Bad or missing arguments: the usage on stderr, exit status 2 (-h: on
  * stdout, 0).  BYTES is 1 to 2^32, OFFSET 0 to 2^64-1, both plain decimal.
  *
@@ -181,6 +223,12 @@
 #ifndef LINGER_MS
 #define LINGER_MS 600000    /* an ended session waits this long for an attach */
 #endif
+#ifndef SAVE_MS
+#define SAVE_MS 2000        /* the screen is saved at most this often (see the top) */
+#endif
+#define SCREEN_ENV "CAPSULE_KEEPER_SCREEN"
+#define SCREEN_HEAD 64      /* the most a screen file's header may be */
+#define SCREEN_MAX_END (1ULL << 52)  /* the largest offset a screen file may give */
 
 typedef unsigned long long u64;
 
@@ -275,6 +323,198 @@ struct pending {
     unsigned char in[5 + SECRET];
 };
 static struct pending pend[PENDING];
+
+/* ---- the screen across a stop (see "The screen across a stop" at the top) - */
+
+static const char *screen_path;  /* CAPSULE_KEEPER_SCREEN, or NULL: none */
+static u64 saved_end;            /* rend when the ring was last saved */
+static long long saved_at = -SAVE_MS;  /* when (ms) */
+
+/* Appends n bytes to the ring, as output: the oldest go past cap. */
+static void ring_put(const unsigned char *d, size_t n)
+{
+    while (n) {
+        size_t at = rend % cap, k = cap - at;
+        if (k > n) k = n;
+        memcpy(ring + at, d, k);
+        rend += k;
+        d += k;
+        n -= k;
+    }
+    if (rend - rstart > cap) rstart = rend - cap;
+}
+
+/* Makes the directories of path's parents that are missing (0700). */
+static void make_dirs(const char *file)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s", file);
+    for (char *s = strchr(path + 1, '/'); s; s = strchr(s + 1, '/')) {
+        *s = 0;
+        mkdir(path, 0700);
+        *s = '/';
+    }
+}
+
+/* The offset of a screen file's first byte after its header, and the
+ * header's length in *len; 0 with *len 0 if it has none (or one that is
+ * not exactly right). */
+static u64 screen_header(const unsigned char *h, size_t n, size_t *len)
+{
+    static const char tag[] = "\033_capsule-screen;start=";
+    size_t t = sizeof tag - 1, i = t;
+    u64 start = 0;
+    *len = 0;
+    if (n < t || memcmp(h, tag, t)) return 0;
+    while (i < n && i - t < 16 && h[i] >= '0' && h[i] <= '9') start = start * 10 + (u64)(h[i++] - '0');
+    if (i == t || i + 2 > n || h[i] != '\033' || h[i + 1] != '\\' || start > SCREEN_MAX_END)
+        return 0;
+    *len = i + 2;
+    return start;
+}
+
+/* At the server's start: the saved screen, if there is one, becomes the
+ * ring's first output, then the marker.  Returns whether it did. */
+static int screen_load(void)
+{
+    int fd = open(screen_path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    struct stat st;
+    unsigned char head[SCREEN_HEAD];
+    ssize_t h;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_size <= 0
+        || (h = pread(fd, head, sizeof head, 0)) <= 0) {
+        close(fd);
+        return 0;
+    }
+    size_t hlen;
+    u64 size = (u64)st.st_size, start = screen_header(head, (size_t)h, &hlen);
+    u64 body = size > hlen ? size - hlen : 0, n = body < cap ? body : cap;
+    /* The bytes loaded end at start + body (no header: at n, from 0). */
+    u64 end = hlen && body <= SCREEN_MAX_END ? start + body : n;
+    rstart = rend = end - n;
+    static unsigned char chunk[65536];
+    u64 got = 0;
+    while (got < n) {
+        size_t want = n - got < sizeof chunk ? (size_t)(n - got) : sizeof chunk;
+        ssize_t k = pread(fd, chunk, want, (off_t)(size - n + got));
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) break;  /* it shrank meanwhile: what came is loaded */
+        ring_put(chunk, (size_t)k);
+        got += (u64)k;
+    }
+    close(fd);
+    if (!got) return 0;
+    char when[32], mark[320];
+    time_t t = time(NULL);
+    struct tm tm;
+    if (!gmtime_r(&t, &tm) || !strftime(when, sizeof when, "%Y-%m-%d %H:%M UTC", &tm))
+        strcpy(when, "(time unknown)");
+    /* CAN ends an escape sequence the saved screen may have been cut in;
+     * the normal screen buffer, a soft reset, and no mouse reports or
+     * bracketed paste: the new shell starts on a terminal as a shell
+     * expects it, whatever ran before.  Then the line, dim. */
+    int k = snprintf(mark, sizeof mark,
+                     "\030\033[?1047l\033[!p\033[?1000l\033[?1002l\033[?1003l\033[?1006l"
+                     "\033[?2004l\r\n\033[0m\033[2m\342\224\200\342\224\200 resumed %s: the"
+                     " screen above is from before the session was put away"
+                     " \342\224\200\342\224\200\033[0m\r\n", when);
+    ring_put((const unsigned char *)mark, (size_t)k);
+    return 1;
+}
+
+static int write_file(int fd, const unsigned char *p, size_t n)
+{
+    while (n) {
+        ssize_t k = write(fd, p, n);
+        if (k > 0) { p += k; n -= (size_t)k; continue; }
+        if (k < 0 && errno == EINTR) continue;
+        return -1;
+    }
+    return 0;
+}
+
+/* Writes the ring's offsets [from, rend) to fd; from is held. */
+static int write_ring(int fd, u64 from)
+{
+    size_t at = from % cap, n = rend - from, first = n < cap - at ? n : cap - at;
+    return write_file(fd, ring + at, first) < 0 || write_file(fd, ring, n - first) < 0 ? -1 : 0;
+}
+
+/* The file as the keeper last left it: its inode and size, and the offset
+ * that follows its last byte (file_size 0: none known). */
+static ino_t file_ino;
+static dev_t file_dev;
+static u64 file_size, file_end;
+
+/* Writes the screen file anew: a new file beside it, renamed over it. */
+static void screen_rewrite(void)
+{
+    char tmp[4096 + 32], head[SCREEN_HEAD];
+    snprintf(tmp, sizeof tmp, "%s.%ld.tmp", screen_path, (long)getpid());
+    make_dirs(screen_path);
+    unlink(tmp);  /* a leftover, or anything put there: ours is made anew */
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
+    if (fd < 0) return;
+    int hn = snprintf(head, sizeof head, "\033_capsule-screen;start=%llu\033\\", rstart);
+    struct stat st;
+    int bad = write_file(fd, (const unsigned char *)head, (size_t)hn) < 0
+              || write_ring(fd, rstart) < 0 || fstat(fd, &st) < 0;
+    if (close(fd) < 0 || bad || rename(tmp, screen_path) < 0) {
+        unlink(tmp);
+        return;
+    }
+    file_ino = st.st_ino;
+    file_dev = st.st_dev;
+    file_size = (u64)hn + (rend - rstart);
+    file_end = rend;
+}
+
+/* Saves the ring.  The output since the last save is appended to the file
+ * the keeper left, if it is still that one (its inode and size) and holds
+ * at most twice the ring; else the file is written anew.  So a session
+ * that prints costs the disk about what it prints, not the ring each time.
+ * Whatever comes of it, what is in the ring now counts as saved (a full
+ * disk is tried again at the next output, not in a loop). */
+static void screen_save(long long now)
+{
+    saved_end = rend;
+    saved_at = now;
+    struct stat st;
+    if (lstat(screen_path, &st) == 0 && !S_ISREG(st.st_mode))
+        return;  /* a link, a directory, a device...: not the keeper's to replace */
+    if (file_size && file_end >= rstart && file_end <= rend
+        && file_size + (rend - file_end) <= SCREEN_HEAD + 2 * cap) {
+        int fd = open(screen_path, O_WRONLY | O_APPEND | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        if (fd >= 0) {
+            int ours = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_ino == file_ino
+                       && st.st_dev == file_dev && (u64)st.st_size == file_size;
+            int ok = ours && write_ring(fd, file_end) == 0;
+            if (close(fd) == 0 && ok) {
+                file_size += rend - file_end;
+                file_end = rend;
+                return;
+            }
+        }
+    }
+    screen_rewrite();
+}
+
+/* Whether the ring has output the screen file does not. */
+static int screen_dirty(void)
+{
+    return screen_path && rend != saved_end;
+}
+
+/* CAPSULE_KEEPER_SCREEN, if it is an absolute path of a sane length. */
+static const char *screen_wanted(void)
+{
+#ifdef CAPSULE_KEEPER_NO_SCREEN
+    return NULL;  /* a keeper as those before this: the variable means nothing */
+#endif
+    const char *s = getenv(SCREEN_ENV);
+    return s && s[0] == '/' && strlen(s) < 4000 ? s : NULL;
+}
 
 /* Flood batching for the current attachment (see the top): the bytes sent
  * in this WINDOW_US and the one before, and since when output has waited. */
@@ -1031,6 +1271,7 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
         signal(SIGPIPE, SIG_DFL);
         signal(SIGHUP, SIG_DFL);
         unsetenv(CHAN_ENV);  /* the keeper's, not the shell's */
+        unsetenv(SCREEN_ENV);
         execvp(cmd[0], cmd);
         fprintf(stderr, "capsule-keeper: %s: %s\n", cmd[0], strerror(errno));
         _exit(127);
@@ -1077,6 +1318,7 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
         for (int i = 0; i < PENDING; i++)
             if (pend[i].fd >= 0 && (wake < 0 || pend[i].until < wake)) wake = pend[i].until;
         if (ports_at >= 0 && (wake < 0 || ports_at < wake)) wake = ports_at;
+        if (screen_dirty() && (wake < 0 || saved_at + SAVE_MS < wake)) wake = saved_at + SAVE_MS;
         long long timeout_us = wake < 0 ? -1 : wake <= now ? 0
                                : (wake - now > 60000 ? 60000 : wake - now) * 1000;
         if (attached && !cur->olen && cur->pos < rend && pending_since >= 0) {
@@ -1092,8 +1334,20 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
         now = clock_us / 1000;
 
         char sigs[64];
-        int st, signalled = 0;
-        while (read(sigfd[0], sigs, sizeof sigs) > 0) signalled = 1;
+        int st, signalled = 0, term = 0, hup = 0;
+        for (ssize_t n; (n = read(sigfd[0], sigs, sizeof sigs)) > 0;) {
+            signalled = 1;
+            for (ssize_t i = 0; i < n; i++) {
+                term |= sigs[i] == SIGTERM;
+                hup |= sigs[i] == SIGHUP;
+            }
+        }
+        if (term) {  /* the screen first; then it ends as it did before it saved one */
+            if (screen_dirty()) screen_save(now);
+            signal(SIGTERM, SIG_DFL);
+            raise(SIGTERM);
+            _exit(128 + SIGTERM);
+        }
         if (signalled && !reaped && waitpid(pid, &st, WNOHANG) == pid) {
             reaped = 1;
             reaped_at = now;
@@ -1151,11 +1405,13 @@ _Noreturn static void serve(int lfd, const char *sock, ino_t ino, char **cmd, st
             if (pend[i].fd >= 0 && now >= pend[i].until) pending_close(&pend[i]);
         }
         if (tcp_fd >= 0 && p[5].revents & POLLIN) accept_tcp(now);
+        if (screen_dirty() && (hup || now >= saved_at + SAVE_MS)) screen_save(now);
 
         if (!done || cur->fd >= 0 || old->fd >= 0) idle_since = -1;
         else if (idle_since < 0) idle_since = now;
         else if (now - idle_since >= LINGER_MS) break;
     }
+    if (screen_dirty()) screen_save(now_us() / 1000);
     struct stat sb;
     if (stat(sock, &sb) == 0 && sb.st_ino == ino) unlink(sock);
     _exit(0);
@@ -1213,6 +1469,13 @@ static int start_server(const char *sock, int lk, u64 bytes, char **cmd, u64 por
         signal(SIGPIPE, SIG_IGN);
         signal(SIGHUP, SIG_IGN);
         catch(SIGCHLD, on_signal);
+        if ((screen_path = screen_wanted()) != NULL) {
+            /* what was saved is never output the file lacks: only new
+             * output (or the marker) makes the ring worth saving */
+            saved_end = screen_load() ? ~0ULL : rend;
+            catch(SIGHUP, on_signal);   /* save now */
+            catch(SIGTERM, on_signal);  /* save, then end */
+        }
         serve(l, sock, sb.st_ino, cmd, &ws);
     }
     close(l);
@@ -1536,12 +1799,7 @@ int main(int argc, char **argv)
     if (starting) errno = ENOENT;
     if (fd < 0 && (errno == ENOENT || errno == ECONNREFUSED)) {
         char path[4096];
-        snprintf(path, sizeof path, "%s", sock);
-        for (char *s = strchr(path + 1, '/'); s; s = strchr(s + 1, '/')) {
-            *s = 0;
-            mkdir(path, 0700);  /* SOCKET's directory, if missing */
-            *s = '/';
-        }
+        make_dirs(sock);  /* SOCKET's directory, if missing */
         snprintf(path, sizeof path, "%s.lock", sock);
         int lk = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
         if (lk < 0) leave(255, "%s: %s", path, strerror(errno));

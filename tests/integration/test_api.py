@@ -276,9 +276,13 @@ def test_with_users_another_users_session_is_a_404(make_server, tmp_path):
 
 def test_every_documented_route_answers(server):
     first, second = create(server)["id"], create(server)["id"]
-    bodies = {"/api/sessions/{id}/exec": {"argv": ["true"]}, "/api/sessions": {}}
-    # Those that end things go last, in this order.
-    last = [("/api/admin/drain", "post"), ("/api/admin/drain", "delete"),
+    bodies = {"/api/sessions/{id}/exec": {"argv": ["true"]}, "/api/sessions": {},
+              "/api/snapshots": {"session": first, "name": "every-route"}}
+    # Those that end things go last, in this order: a snapshot is made
+    # before it is started and deleted; the session is put away, resumed.
+    last = [("/api/snapshots/{name}/sessions", "post"), ("/api/snapshots/{name}", "delete"),
+            ("/api/sessions/{id}/put-away", "post"), ("/api/sessions/{id}/resume", "post"),
+            ("/api/admin/drain", "post"), ("/api/admin/drain", "delete"),
             ("/api/sessions/{id}", "delete"), ("/api/admin/sessions/{id}", "delete"),
             ("/api/admin/sessions", "delete")]
     # /login and /logout are there only with users: see the next test.
@@ -291,7 +295,8 @@ def test_every_documented_route_answers(server):
     for path, method in order:
         session_id = second if path.startswith("/api/admin/sessions/") else first
         url = path.replace("{id}", session_id).replace("{port}", "3000").replace(
-            "{share_id}", preview_share if "/ports/" in path else share_id)
+            "{share_id}", preview_share if "/ports/" in path else share_id).replace(
+            "{name}", "every-route")
         body = bodies.get(path)
         if path.endswith("/workspace"):
             body = tar_of([("doc.txt", "file", b"x", 0o644)])

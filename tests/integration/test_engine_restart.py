@@ -3,6 +3,8 @@ A real restart of a Docker engine with live-restore: the test starts an
 engine of its own (its own containerd, data root and socket, so the engine
 the other tests use is never touched), loads the session image into it,
 runs capsule against it, and restarts that engine under a running session.
+Without live-restore, the restart stops the session's container: the
+session is kept (docs/keeping.md), and resumable.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ class PrivateEngine:
     be restarted while containerd, and so the containers, run on.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, live_restore: bool = True) -> None:
         self.root = root
+        self.live_restore = live_restore
         # A bridge of its own: an engine started with --bridge none removes
         # the host's docker0, which the engine the other tests use needs.
         self.bridge = f"cpst{os.getpid() % 100000}"
@@ -78,7 +81,8 @@ class PrivateEngine:
             [dockerd, "--data-root", str(self.root / "data"), "--exec-root",
              str(self.root / "exec"), "--pidfile", str(self.root / "dockerd.pid"),
              "-H", self.host, "--containerd", str(self.containerd_socket),
-             "--live-restore", "--bridge", self.bridge, "--iptables=false", "--ip-masq=false"],
+             *(["--live-restore"] if self.live_restore else []),
+             "--bridge", self.bridge, "--iptables=false", "--ip-masq=false"],
             stdout=open(self.root / "dockerd.log", "ab"), stderr=subprocess.STDOUT)
 
         def answers():
@@ -114,16 +118,25 @@ class PrivateEngine:
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
 
-@pytest.fixture
-def engine():
+def _private_engine(live_restore: bool):
     root = Path(f"/tmp/capsule-engine-{os.getpid()}-{time.monotonic_ns()}")
-    private = PrivateEngine(root)
+    private = PrivateEngine(root, live_restore=live_restore)
     try:
         private.start()
         private.load(IMAGE)
         yield private
     finally:
         private.stop()
+
+
+@pytest.fixture
+def engine():
+    yield from _private_engine(True)
+
+
+@pytest.fixture
+def engine_without_live_restore():
+    yield from _private_engine(False)
 
 
 def _numbers(output: bytes) -> list[int]:
@@ -150,3 +163,35 @@ async def test_a_session_survives_a_dockerd_restart_with_live_restore(make_serve
     assert client.received == len(client.output)
     assert not client.errors
     await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dockerd_restart_without_live_restore_keeps_the_session(
+        make_server, engine_without_live_restore, tmp_path):
+    """
+    The restart stops the session's container (its processes are lost):
+    the session is kept, not an error; its client is told so; resumed
+    (same id), its files are there and a new shell runs.
+    """
+    engine = engine_without_live_restore
+    server = make_server("--pool-size", "0", "--grace", "60", "--network", "none",
+                         "--retention", "1d", "--state-dir", str(tmp_path / "state"),
+                         env={"DOCKER_HOST": engine.host})
+    client = await WSClient.connect(server.ws_url, binary=True)
+    session_id = await client.start()
+    await client.run("echo kept-$((6*7)) > /workspace/notes.txt; sleep 600 &")
+    await deferToThread(engine.stop_dockerd)
+    assert (await client.next("notice", timeout=30))["code"] == "engine_away"
+    await deferToThread(engine.start_dockerd)
+    exit = await client.exited
+    assert exit["code"] is None
+    assert "is kept" in exit["message"] and "kept until" in exit["message"], exit
+    assert "resume it" in exit["message"]
+    assert f"session {session_id[:8]}" in server.log() and "put away" in server.log()
+    again = await WSClient.connect(server.ws_url, f"{session_id}&resume=1", binary=True)
+    connected = await again.next("connected", timeout=60)
+    assert connected["session_id"] == session_id and connected["resumed_from"] > 0
+    out = await again.run("cat /workspace/notes.txt; jobs | wc -l")
+    # The files are there; the processes are not (a new shell).
+    assert "kept-42" in out and "\n0" in out.replace("\r", "")
+    await again.close()

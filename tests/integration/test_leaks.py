@@ -71,7 +71,7 @@ async def test_the_log_prints_no_full_session_id(make_server, tmp_path):
     """
     records = tmp_path / "records"
     server = make_server("--pool-size", "1", "--grace", "1", "--record", str(records),
-                         tuning={"cleanup-interval": 0.5})
+                         "--retention", "0", tuning={"cleanup-interval": 0.5})
     # Recordings cannot be written: the directory is a file now.
     shutil.rmtree(records)
     records.write_text("not a directory")
@@ -138,7 +138,7 @@ async def test_the_log_prints_no_full_session_id(make_server, tmp_path):
     ids.append(await left.start())
     await deferToThread(server.stop, signal.SIGKILL)
     await deferToThread(lambda: docker_client().api.stop(session_container(ids[-1]), timeout=1))
-    second = make_server("--pool-size", "0", instance=server.instance)
+    second = make_server("--pool-size", "0", "--retention", "0", instance=server.instance)
     await eventually(lambda: "leftover container" in second.log())
     await sleep(0.5)
     assert "cannot write the recording" in server.log()

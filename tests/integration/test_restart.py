@@ -84,8 +84,9 @@ async def test_recovered_sessions_expire_and_stopped_leftovers_go(make_server):
     stopped = await deferToThread(lambda: docker_client().api.create_container(
         "capsule-runtime:latest", command=["true"],
         labels={"io.capsule.managed": "true", "io.capsule.instance": first.instance}))
-    second = make_server("--pool-size", "0", "--grace", "2", tuning={"cleanup-interval": 0.2},
-                         instance=first.instance)
+    # (Where sessions are kept, they are put away instead: tests/integration/test_keep.py.)
+    second = make_server("--pool-size", "0", "--grace", "2", "--retention", "0",
+                         tuning={"cleanup-interval": 0.2}, instance=first.instance)
     await eventually(lambda: "leftover" in second.log())
     assert stopped["Id"] not in {c["Id"] for c in instance_containers(first.instance)}
     await eventually(lambda: instance_containers(first.instance) == [], timeout=20)

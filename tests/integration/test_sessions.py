@@ -148,7 +148,8 @@ async def test_exit_ends_the_session_and_removes_its_container(server):
 
 @pytest_twisted.ensureDeferred
 async def test_expiry_removes_the_container(make_server):
-    server = make_server("--grace", "1", tuning={"cleanup-interval": 0.2})
+    # (Where sessions are kept, they are put away instead: tests/integration/test_keep.py.)
+    server = make_server("--grace", "1", "--retention", "0", tuning={"cleanup-interval": 0.2})
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
     await client.close()

@@ -196,6 +196,8 @@ def remove_instance_images(instance: str, api: docker.APIClient | None = None) -
     api = api or docker_client().api
     found = api.images(filters={"label": f"{LABEL_INSTANCE}={instance}"})
     for image in found:
+        # An untagged one (a fork's, once its tag went) is listed as
+        # <none>:<none>, which is no reference: by its id.
         tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
         for tag in tags or [image["Id"]]:
             try:
