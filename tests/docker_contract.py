@@ -750,6 +750,11 @@ class DockerContract:
         usage = await api.disk_usage(instance)
         assert sorted(m.destination for m in usage.mounts[fork]) == [
             "/home/developer", "/workspace"]
+        # The fork's container names the copies it owns.
+        listed = await api.list_containers({**instance, LABEL_ROLE: "fork"})
+        assert listed[0]["labels"]["io.capsule.own-volumes"] == ",".join(
+            f"{m.destination}={m.name}" for m in sorted(usage.mounts[fork],
+                                                       key=lambda m: m.destination))
         assert not {m.name for m in usage.mounts[fork]} & {m.name for m in usage.mounts[source]}
         assert await api.read_file(fork, "/workspace/notes.txt", 100) == b"in the volume"
         assert await api.read_file(fork, "/home/developer/.profile-extra", 100) == b"at home"

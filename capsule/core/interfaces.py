@@ -244,8 +244,10 @@ class IDockerAPI(Interface):
         copy of the container C{container_id}'s (running or stopped): its
         writable layer and each of its anonymous volumes (as new volumes
         carrying C{spec}'s labels and C{io.capsule.volume=copy}, which
-        L{prune_snapshots} removes once the new container is gone); the
-        named volumes C{spec} mounts are shared, not copied.  Writes to
+        L{prune_snapshots} removes once the new container is gone, and
+        which the new container's label C{io.capsule.own-volumes} names:
+        C{MOUNT=NAME,...}); the named volumes C{spec} mounts are shared,
+        not copied.  Writes to
         either later are the other's no more.  Fire with the new
         container's id.  Fail with L{capsule.core.errors.ContainerGone} if
         the source is gone; nothing is left behind by a failure.

@@ -65,6 +65,9 @@ _log = Logger()
 # tells it from a named one.
 SNAPSHOT_REPOSITORY = "capsule-snapshot"
 LABEL_FORK = "io.capsule.fork"
+# The label of a fork's container naming the volume copies it owns:
+# "MOUNT=NAME,..." (capsule.sessions.keeping reads it).
+LABEL_OWN_VOLUMES = "io.capsule.own-volumes"
 # The copy program and its options: everything kept, links not followed,
 # blocks shared where the file system can (btrfs, xfs).
 COPY_COMMAND = ("cp", "-a", "--reflink=auto", "--")
@@ -181,8 +184,8 @@ class Forks:
                         copy_tree(mount["Source"], target["Mountpoint"], root)
                     else:
                         self._thd_fill_volume(client, source, mount["Name"], target["Name"])
-                forked = replace(spec, volumes=spec.volumes + tuple(
-                    (volume["Name"], destination) for destination, volume in copies.items()))
+                forked = _owning(spec, {destination: volume["Name"]
+                                        for destination, volume in copies.items()})
                 new_id = self._thd_create_container(client, session_id, forked)
                 copy_tree(_upper(source), _upper(client.inspect_container(new_id)), root)
             finally:
@@ -226,8 +229,7 @@ class Forks:
         snapshot = self._thd_snapshot(client, container_id, SNAPSHOT_REPOSITORY, tag, labels)
         mounted = {target for _, target in spec.volumes}
         used = {mount: name for mount, name in snapshot.volumes.items() if mount not in mounted}
-        forked = replace(spec, image=snapshot.image, volumes=spec.volumes + tuple(
-            (name, mount) for mount, name in used.items()))
+        forked = replace(_owning(spec, used), image=snapshot.image)
         try:
             new_id = self._thd_create_session_container(client, session_id, forked)
         except BaseException:
@@ -245,6 +247,25 @@ class Forks:
             _log.warn("could not remove the fork's snapshot {image}: {error}",
                       image=snapshot.image, error=e)
         return new_id
+
+
+def _owning(spec: ContainerSpec, copies: dict[str, str]) -> ContainerSpec:
+    """
+    C{spec} mounting the volume C{copies} (mount point -> name) too, and
+    labelled with them.
+    """
+    labels = {k: v for k, v in spec.labels.items() if k != LABEL_OWN_VOLUMES}
+    if copies:
+        labels[LABEL_OWN_VOLUMES] = own_volumes_label(copies)
+    return replace(spec, labels=labels, volumes=spec.volumes + tuple(
+        (name, mount) for mount, name in sorted(copies.items())))
+
+
+def own_volumes_label(volumes: dict[str, str]) -> str:
+    """
+    L{LABEL_OWN_VOLUMES}'s value for C{volumes} (mount point -> name).
+    """
+    return ",".join(f"{mount}={name}" for mount, name in sorted(volumes.items()))
 
 
 def copy_tree(source: str, target: str, root: str) -> None:

@@ -495,10 +495,14 @@ class FakeDockerAPI:
                 copies.append((name, mount.destination))
         self._next += 1
         new_id = f"container{self._next:04d}"
+        labels = {k: v for k, v in spec.labels.items() if k != "io.capsule.own-volumes"}
+        if copies:
+            labels["io.capsule.own-volumes"] = ",".join(
+                f"{mount}={name}" for name, mount in sorted(copies, key=lambda c: c[1]))
         self.containers[new_id] = {
             "id": new_id, "name": f"capsule-{uuid.uuid4().hex}",
-            "labels": dict(spec.labels), "state": "running",
-            "spec": replace(spec, volumes=spec.volumes + tuple(copies)),
+            "labels": labels, "state": "running",
+            "spec": replace(spec, labels=labels, volumes=spec.volumes + tuple(copies)),
             "files": dict(source.get("files", {})),
             "links": dict(source.get("links", {})),
             "modes": dict(source.get("modes", {})),
