@@ -787,6 +787,20 @@ class DockerContract:
 
     @pytest.mark.parametrize("fast", [True, False], ids=["on-host", "by-snapshot"])
     @pytest_twisted.ensureDeferred
+    async def test_a_fork_is_of_the_sources_image(self, api, spec, fast):
+        """
+        Whatever image the spec names (even one that is not there): the
+        source's files lie on the source's image.
+        """
+        source = await self.create(api, spec, "source")
+        await api.put_file(source, "/workspace/notes.txt", b"mine")
+        other = replace(_labelled(spec, "fork"), image="capsule-contract-no-such-image:missing")
+        fork = await api.fork_container(source, str(uuid.uuid4()), other, fast=fast)
+        assert await api.read_file(fork, "/workspace/notes.txt", 100) == b"mine"
+        assert (await api.container_state(fork))["Running"] is True
+
+    @pytest.mark.parametrize("fast", [True, False], ids=["on-host", "by-snapshot"])
+    @pytest_twisted.ensureDeferred
     async def test_a_fork_of_a_removed_container(self, api, spec, fast):
         container_id = await self.create(api, replace(spec, read_only_root=True))
         await api.remove_container(container_id)

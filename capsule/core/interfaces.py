@@ -252,11 +252,12 @@ class IDockerAPI(Interface):
         container's id.  Fail with L{capsule.core.errors.ContainerGone} if
         the source is gone; nothing is left behind by a failure.
 
+        The new container's image is the source's (its layer lies on it),
+        whatever C{spec} names; the rest of C{spec} is the new container's.
         The engine copies the files on its host where it can (a local
-        overlay2 engine, capsule root, C{spec}'s image the source's); else,
-        or with C{fast} false, by a snapshot (L{snapshot_container}) whose
-        image's tag is removed once the container exists.  The result is
-        the same.
+        overlay2 engine, capsule root); else, or with C{fast} false, by a
+        snapshot (L{snapshot_container}) whose image's tag is removed once
+        the container exists.  The result is the same.
         """
 
     def prune_snapshots(labels, grace=600.0):

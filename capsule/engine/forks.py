@@ -9,9 +9,9 @@ Docker thread pool.
 Two ways, the same result:
 
   - I{on the host}, where capsule runs as root beside a local engine (a
-    unix socket) whose storage driver is overlay2, and the new container's
-    image is the source's very image: the new container is created (not
-    started), the source's writable layer (its overlay upper directory) is
+    unix socket) whose storage driver is overlay2: the new container is
+    created (not started) from the source's very image (by its id, as the
+    snapshot's image would lie on it, whatever the spec names), the source's writable layer (its overlay upper directory) is
     copied into the new one's with C{cp -a --reflink=auto} (owners, modes,
     times, extended attributes, among them overlay's marks of a directory
     that replaces the image's, the character devices 0/0 that mark a file
@@ -24,7 +24,7 @@ Two ways, the same result:
     themselves and not through a link, under the engine's data root as the
     engine tells it; anything else is refused.
   - I{by a snapshot} everywhere else (another host's engine, capsule not
-    root, another storage driver, another image) and whenever the first
+    root, another storage driver) and whenever the first
     way fails (what it made is removed first): a C{docker commit} of the
     source and copies of its volumes
     (L{capsule.engine.snapshots.KeptContainers.snapshot_container}), a
@@ -136,12 +136,8 @@ class Forks:
         driver, _ = self._thd_fork_engine(client)
         if driver != "overlay2" or (source.get("GraphDriver") or {}).get("Name") != "overlay2":
             return f"the storage driver is {driver}, not overlay2"
-        try:
-            image = client.inspect_image(spec.image)
-        except docker.errors.ImageNotFound:
-            return "the new container's image is missing"
-        if image.get("Id") != source.get("Image"):
-            return "the new container's image is not the source's"
+        if not source.get("Image"):
+            return "the source's image is not known"
         return None
 
     def _thd_fork_engine(self, client) -> tuple[str, str]:
@@ -162,6 +158,9 @@ class Forks:
                      and ANONYMOUS_VOLUME.fullmatch(m.get("Name") or "")
                      and m.get("Destination") not in mounted]
         labels = {**spec.labels, LABEL_VOLUME: COPY}
+        # The source's very image (by its id), whatever C{spec} names: the
+        # copied layer lies on it (as a snapshot's image would).
+        spec = replace(spec, image=source["Image"])
         copies: dict[str, dict] = {}        # destination -> the new volume
         new_id = None
         try:
