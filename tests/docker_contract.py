@@ -811,6 +811,14 @@ class DockerContract:
         assert await api.list_snapshots(instance) == []
 
     @pytest_twisted.ensureDeferred
+    async def test_unpause_of_a_container_that_is_not_paused(self, api, spec):
+        container_id = await self.create(api, spec)
+        assert await api.unpause_container(container_id) is False
+        assert (await api.container_state(container_id))["Running"] is True
+        await api.remove_container(container_id)
+        assert await api.unpause_container(container_id) is False
+
+    @pytest_twisted.ensureDeferred
     async def test_snapshot_of_a_removed_container(self, api, spec):
         container_id = await self.create(api, spec)
         await api.remove_container(container_id)
@@ -845,10 +853,11 @@ class DockerContract:
         lambda api, spec: api.copy_snapshot_volumes(
             Snapshot(f"{SNAPSHOT_REPOSITORY}:t", {"/workspace": "0" * 64}, {}, 0.0), {}),
         lambda api, spec: api.fork_container("0" * 64, str(uuid.uuid4()), spec),
+        lambda api, spec: api.unpause_container("0" * 64),
     ], ids=["ping", "info", "image_exists", "create", "remove", "list", "state", "spawn_exec",
             "export", "run_command", "inspect_network", "ensure_network", "stop", "start",
             "kept", "put_file", "read_file", "snapshot", "list_snapshots", "remove_snapshot",
-            "prune_snapshots", "copy_snapshot_volumes", "fork"])
+            "prune_snapshots", "copy_snapshot_volumes", "fork", "unpause"])
     @pytest_twisted.ensureDeferred
     async def test_an_unreachable_engine(self, unreachable_api, spec, call):
         d = call(unreachable_api, spec)

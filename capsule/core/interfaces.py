@@ -260,6 +260,13 @@ class IDockerAPI(Interface):
         the container exists.  The result is the same.
         """
 
+    def unpause_container(container_id):
+        """
+        Thaw a paused container (capsule pauses one only while a fork's
+        files are copied on the host: a capsule that stopped meanwhile can
+        have left it so); fire with C{True} if it was paused.
+        """
+
     def prune_snapshots(labels, grace=600.0):
         """
         Remove what containers made from removed snapshots leave once they

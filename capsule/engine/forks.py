@@ -123,6 +123,22 @@ class Forks:
                   seconds=time.monotonic() - started)
         return new
 
+    def unpause_container(self, container_id: str) -> Deferred:
+        def _thd(client):
+            try:
+                paused = client.inspect_container(container_id)["State"].get("Paused")
+            except docker.errors.NotFound:
+                return False
+            if paused:
+                try:
+                    client.unpause(container_id)
+                except docker.errors.APIError as e:
+                    if e.status_code != 409:        # thawed meanwhile
+                        raise DockerError(f"Docker could not unpause the container:"
+                                          f" {_short(e)}") from None
+            return bool(paused)
+        return self._call(_thd)
+
     # -- which way ---------------------------------------------------------
 
     def _thd_why_not_on_host(self, client, source: dict, spec: ContainerSpec) -> str | None:

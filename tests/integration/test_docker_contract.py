@@ -448,3 +448,14 @@ async def test_a_file_deleted_from_a_volume_stays_deleted_in_the_fork(real, fast
     fork = await api.fork_container(source, str(uuid.uuid4()), private, fast=fast)
     assert await api.read_file(fork, "/home/developer/.bashrc", 10) is None
     assert await api.read_file(fork, "/home/developer/.profile", 10) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_unpause_thaws_a_paused_container(real):
+    api, spec = real
+    container_id = await _create(api, spec)
+    await deferToThread(docker_client().api.pause, container_id)
+    assert await api.unpause_container(container_id) is True
+    state = (await deferToThread(docker_client().api.inspect_container, container_id))["State"]
+    assert state["Running"] is True and state["Paused"] is False
+    assert await api.unpause_container(container_id) is False

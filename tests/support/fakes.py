@@ -510,6 +510,16 @@ class FakeDockerAPI:
         }
         return succeed(new_id)
 
+    def unpause_container(self, container_id):
+        failed = self._check()
+        if failed:
+            return failed
+        container = self.containers.get(container_id)
+        if container is None or container["state"] != "paused":
+            return succeed(False)
+        container["state"] = "running"
+        return succeed(True)
+
     def list_snapshots(self, labels):
         failed = self._check()
         if failed:
