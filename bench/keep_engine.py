@@ -15,6 +15,13 @@ For N MiB of fresh files in /workspace, it measures:
     and the volume copied by a throwaway container running C{cp -a}), then
     a container made from the snapshot, mounting the copies, and started;
 
+and, for each layout, C{fork_container} of the same source: C{host} (the
+copy on the host: C{cp -a} of the overlay upper directory and of the
+volume, the source paused meanwhile; what a fork takes where capsule runs
+as root beside a local overlay2 engine) and C{by_snapshot} (its fallback:
+a snapshot as above, a container from it, the image's tag removed), each
+from the call to a running fork.
+
 The floor is the machine's own copy of the same files (C{cp -a} on the
 file system that holds /var/lib/docker), measured apart: see
 docs/keeping.md.
@@ -46,7 +53,8 @@ FILL = ('cd /workspace && i=0; while [ "$i" -lt "$0" ]; do'
         ' head -c 1048576 /dev/urandom > "f$i"; i=$((i + 1)); done')
 
 
-async def measure(reactor, megabytes: int = 1024, image: str = "capsule-runtime:latest") -> dict:
+async def measure(reactor, megabytes: int = 1024, image: str = "capsule-runtime:latest",
+                  layouts: tuple[str, ...] = ("layer", "volume")) -> dict:
     """
     Fire with the figures, in seconds, of one run (see the module's text).
     """
@@ -58,6 +66,8 @@ async def measure(reactor, megabytes: int = 1024, image: str = "capsule-runtime:
     figures: dict = {"megabytes": megabytes}
     try:
         for layout, made in (("layer", spec), ("volume", replace(spec, read_only_root=True))):
+            if layout not in layouts:
+                continue
             source = await api.create_session_container(str(uuid.uuid4()), made)
             filled = await api.run_command(source, ["sh", "-c", FILL, str(megabytes)],
                                            "developer", "/", {}, timeout=600)
@@ -75,6 +85,15 @@ async def measure(reactor, megabytes: int = 1024, image: str = "capsule-runtime:
                                "fork": round(time.monotonic() - started, 2)}
             first = await api.read_file(fork, "/workspace/f0", 16)
             assert first is not None and len(first) == 16
+            await api.remove_container(fork)
+            for way, fast in (("by_snapshot", False), ("host", True)):
+                await _sync(reactor)
+                started = time.monotonic()
+                fork = await api.fork_container(source, str(uuid.uuid4()), made, fast=fast)
+                figures[layout][f"fork_{way}"] = round(time.monotonic() - started, 2)
+                first = await api.read_file(fork, f"/workspace/f{megabytes - 1}", 16)
+                assert first is not None and len(first) == 16
+                await api.remove_container(fork)
     finally:
         await defer.maybeDeferred(_cleanup, reactor, instance)
         api.stop()
@@ -107,10 +126,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=1024)
     parser.add_argument("--image", default="capsule-runtime:latest")
+    parser.add_argument("--log", action="store_true", help="capsule's log lines to stderr")
+    parser.add_argument("--only", choices=("layer", "volume"), help="one layout only")
     args = parser.parse_args()
 
+    if args.log:
+        from twisted.logger import globalLogBeginner, textFileLogObserver
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+
     def run(reactor):
-        d = defer.ensureDeferred(measure(reactor, args.mb, args.image))
+        d = defer.ensureDeferred(measure(reactor, args.mb, args.image,
+                                        (args.only,) if args.only else ("layer", "volume")))
         d.addCallback(lambda figures: print(json.dumps(figures, indent=2)))
         return d
     task.react(run)

@@ -21,7 +21,12 @@ A backend is a subclass of L{DockerContract} providing these fixtures:
     C{path} a symbolic link to C{target} in a running container, as its
     user could (a Deferred);
   - C{burn_cpu}: C{burn_cpu(container_id)} makes the container's processes
-    use CPU for a second or so (a Deferred firing once they did).
+    use CPU for a second or so (a Deferred firing once they did);
+  - C{shape_files}: C{shape_files(container_id)} changes a running
+    container's files as L{FORK_SHAPE} says (a Deferred);
+  - C{file_tree}: C{file_tree(container_id)} fires with a description of
+    each of L{FORK_PATHS} in a running container, by path ("absent" for
+    none), equal for equal files (type, mode, owner, links, content).
 
 Images and volumes a test makes (snapshots) carry the spec's labels: the
 backend removes them afterwards too.
@@ -64,6 +69,17 @@ SCRIPT_SLEEP = ("sh", "-c", "printf ready; exec sleep 1000")
 SCRIPT_TTY = ("sh", "-c", 'printf ready; read line; printf "got %s" "$line"; exit 0')
 # Copies its input to its output, complains and exits 3: run to completion.
 SCRIPT_COMMAND = ("sh", "-c", "cat; printf oops >&2; exit 3")
+
+# What shape_files does, as root then as the container's user: a file of
+# the image deleted, a directory of the image replaced by a new one, a
+# file made by root, a file with a mode of its own, a hard link to it, a
+# symbolic link, a directory with a mode of its own.
+FORK_SHAPE_ROOT = ("rm /etc/issue && rm -r /etc/skel && mkdir /etc/skel"
+                   " && echo new > /etc/skel/only && echo root > /rootfile")
+FORK_SHAPE = ("echo a > /workspace/a && chmod 640 /workspace/a && ln /workspace/a /workspace/b"
+              " && ln -s /etc/passwd /workspace/link && mkdir -m 751 /workspace/d")
+FORK_PATHS = ("/etc/issue", "/etc/skel", "/etc/skel/only", "/etc/skel/.bashrc", "/rootfile",
+              "/workspace/a", "/workspace/b", "/workspace/link", "/workspace/d")
 
 
 class ExecRecorder(ProcessProtocol):
@@ -684,6 +700,124 @@ class DockerContract:
         with pytest.raises(DockerError):
             await api.copy_snapshot_volumes(named, instance)
 
+    # -- forks ---------------------------------------------------------------
+
+    @pytest.mark.parametrize("fast", [True, False], ids=["on-host", "by-snapshot"])
+    @pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+    @pytest_twisted.ensureDeferred
+    async def test_a_fork_has_the_sources_files(self, api, spec, shape_files, file_tree,
+                                                fast, running):
+        """
+        The writable layer comes whole: a file of the image deleted stays
+        deleted, a directory of the image replaced stays replaced, links
+        stay links, hard links one file, modes and owners as they were; from
+        a running or a stopped source, either way the engine copies.
+        """
+        source = await self.create(api, spec, "source")
+        await shape_files(source)
+        tree = await file_tree(source)
+        assert tree["/etc/issue"] == "absent" and tree["/etc/skel/.bashrc"] == "absent"
+        assert tree["/etc/skel/only"] != "absent" and tree["/workspace/link"] != "absent"
+        if not running:
+            await api.stop_container(source, timeout=1)
+        fork = await api.fork_container(source, str(uuid.uuid4()), _labelled(spec, "fork"),
+                                        fast=fast)
+        assert await file_tree(fork) == tree
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        listed = await api.list_containers({**instance, LABEL_ROLE: "fork"})
+        assert [(c["id"], c["state"]) for c in listed] == [(fork, "running")]
+        assert (await api.container_state(source))["Running"] is running
+        # Each its own from now on.
+        await api.put_file(fork, "/workspace/a", b"the fork's")
+        await api.put_file(source, "/workspace/more", b"the source's")
+        assert await api.read_file(source, "/workspace/a", 100) == b"a\n"
+        assert await api.read_file(fork, "/workspace/more", 100) is None
+        # Nothing else is left: no other container, no snapshot.
+        assert sorted(c["id"] for c in await api.list_containers(instance)) == sorted(
+            [source, fork])
+        assert await api.list_snapshots(instance) == []
+
+    @pytest.mark.parametrize("fast", [True, False], ids=["on-host", "by-snapshot"])
+    @pytest_twisted.ensureDeferred
+    async def test_a_fork_copies_the_anonymous_volumes(self, api, spec, fast):
+        private = replace(spec, read_only_root=True)
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        source = await self.create(api, private, "source")
+        await api.put_file(source, "/workspace/notes.txt", b"in the volume")
+        await api.put_file(source, "/home/developer/.profile-extra", b"at home")
+        fork = await api.fork_container(source, str(uuid.uuid4()), _labelled(private, "fork"),
+                                        fast=fast)
+        usage = await api.disk_usage(instance)
+        assert sorted(m.destination for m in usage.mounts[fork]) == [
+            "/home/developer", "/workspace"]
+        # The fork's container names the copies it owns.
+        listed = await api.list_containers({**instance, LABEL_ROLE: "fork"})
+        assert listed[0]["labels"]["io.capsule.own-volumes"] == ",".join(
+            f"{m.destination}={m.name}" for m in sorted(usage.mounts[fork],
+                                                       key=lambda m: m.destination))
+        assert not {m.name for m in usage.mounts[fork]} & {m.name for m in usage.mounts[source]}
+        assert await api.read_file(fork, "/workspace/notes.txt", 100) == b"in the volume"
+        assert await api.read_file(fork, "/home/developer/.profile-extra", 100) == b"at home"
+        await api.put_file(fork, "/workspace/notes.txt", b"the fork's")
+        await api.put_file(source, "/home/developer/.profile-extra", b"the source's")
+        assert await api.read_file(source, "/workspace/notes.txt", 100) == b"in the volume"
+        assert await api.read_file(fork, "/home/developer/.profile-extra", 100) == b"at home"
+        # A fork of the fork copies its copies.
+        again = await api.fork_container(fork, str(uuid.uuid4()), _labelled(private, "again"),
+                                         fast=fast)
+        assert await api.read_file(again, "/workspace/notes.txt", 100) == b"the fork's"
+        # The copies outlive the fork, until pruned.
+        assert await api.prune_snapshots(instance, grace=0) == 0
+        await api.remove_container(again)
+        await api.remove_container(fork)
+        assert await api.prune_snapshots(instance, grace=0) >= 4
+        assert await api.read_file(source, "/workspace/notes.txt", 100) == b"in the volume"
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_fork_shares_the_named_volumes_its_spec_mounts(self, api, spec):
+        shared = f"capsule-contract-{uuid.uuid4().hex[:12]}"
+        named = replace(spec, volumes=((shared, "/home/developer/.agent"),),
+                        volume_labels=dict(spec.labels))
+        source = await self.create(api, named, "source")
+        await api.put_file(source, "/home/developer/.agent/state", b"shared")
+        fork = await api.fork_container(source, str(uuid.uuid4()), _labelled(named, "fork"))
+        usage = await api.disk_usage({LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]})
+        assert [m.name for m in usage.mounts[fork]] == [shared]
+        assert await api.read_file(fork, "/home/developer/.agent/state", 100) == b"shared"
+
+    @pytest.mark.parametrize("fast", [True, False], ids=["on-host", "by-snapshot"])
+    @pytest_twisted.ensureDeferred
+    async def test_a_fork_is_of_the_sources_image(self, api, spec, fast):
+        """
+        Whatever image the spec names (even one that is not there): the
+        source's files lie on the source's image.
+        """
+        source = await self.create(api, spec, "source")
+        await api.put_file(source, "/workspace/notes.txt", b"mine")
+        other = replace(_labelled(spec, "fork"), image="capsule-contract-no-such-image:missing")
+        fork = await api.fork_container(source, str(uuid.uuid4()), other, fast=fast)
+        assert await api.read_file(fork, "/workspace/notes.txt", 100) == b"mine"
+        assert (await api.container_state(fork))["Running"] is True
+
+    @pytest.mark.parametrize("fast", [True, False], ids=["on-host", "by-snapshot"])
+    @pytest_twisted.ensureDeferred
+    async def test_a_fork_of_a_removed_container(self, api, spec, fast):
+        container_id = await self.create(api, replace(spec, read_only_root=True))
+        await api.remove_container(container_id)
+        with pytest.raises(ContainerGone):
+            await api.fork_container(container_id, str(uuid.uuid4()), spec, fast=fast)
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        assert await api.list_containers(instance) == []
+        assert await api.list_snapshots(instance) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_unpause_of_a_container_that_is_not_paused(self, api, spec):
+        container_id = await self.create(api, spec)
+        assert await api.unpause_container(container_id) is False
+        assert (await api.container_state(container_id))["Running"] is True
+        await api.remove_container(container_id)
+        assert await api.unpause_container(container_id) is False
+
     @pytest_twisted.ensureDeferred
     async def test_snapshot_of_a_removed_container(self, api, spec):
         container_id = await self.create(api, spec)
@@ -718,10 +852,12 @@ class DockerContract:
         lambda api, spec: api.prune_snapshots(spec.labels),
         lambda api, spec: api.copy_snapshot_volumes(
             Snapshot(f"{SNAPSHOT_REPOSITORY}:t", {"/workspace": "0" * 64}, {}, 0.0), {}),
+        lambda api, spec: api.fork_container("0" * 64, str(uuid.uuid4()), spec),
+        lambda api, spec: api.unpause_container("0" * 64),
     ], ids=["ping", "info", "image_exists", "create", "remove", "list", "state", "spawn_exec",
             "export", "run_command", "inspect_network", "ensure_network", "stop", "start",
             "kept", "put_file", "read_file", "snapshot", "list_snapshots", "remove_snapshot",
-            "prune_snapshots", "copy_snapshot_volumes"])
+            "prune_snapshots", "copy_snapshot_volumes", "fork", "unpause"])
     @pytest_twisted.ensureDeferred
     async def test_an_unreachable_engine(self, unreachable_api, spec, call):
         d = call(unreachable_api, spec)

@@ -12,8 +12,8 @@ from tests.support.fakes import FakeDockerAPI
 
 # The suite lives outside a test module: let pytest explain its failures.
 pytest.register_assert_rewrite("tests.docker_contract")
-from .docker_contract import (LABEL_INSTANCE, SCRIPT, SCRIPT_COMMAND, SCRIPT_SLEEP, SCRIPT_TTY,
-                              DockerContract)
+from .docker_contract import (FORK_PATHS, LABEL_INSTANCE, SCRIPT, SCRIPT_COMMAND, SCRIPT_SLEEP,
+                              SCRIPT_TTY, DockerContract)
 
 
 class ScriptProgram:
@@ -110,3 +110,40 @@ class TestFakeDocker(DockerContract):
             api.set_cpu(container_id, before + 1.0)
             return succeed(None)
         return burn
+
+    @pytest.fixture
+    def shape_files(self, api):
+        def shape(container_id):
+            container = api.containers[container_id]
+            files = container.setdefault("files", {})
+            modes = container.setdefault("modes", {})
+            for path, data, mode, owner in (("/etc/skel/only", b"new\n", 0o644, 0),
+                                            ("/rootfile", b"root\n", 0o644, 0),
+                                            ("/workspace/a", b"a\n", 0o640, 1000),
+                                            ("/workspace/b", b"a\n", 0o640, 1000)):
+                files[path] = data
+                modes[path] = (mode, owner, owner)
+            modes["/etc/skel"] = (0o755, 0, 0)
+            modes["/workspace/d"] = (0o751, 1000, 1000)
+            api.add_symlink(container_id, "/workspace/link", "/etc/passwd")
+            return succeed(None)
+        return shape
+
+    @pytest.fixture
+    def file_tree(self, api):
+        def tree(container_id):
+            container = api.containers[container_id]
+            files, modes = container.get("files", {}), container.get("modes", {})
+            links = container.get("links", {})
+            described = {}
+            for path in FORK_PATHS:
+                if path in links:
+                    described[path] = f"link {links[path]}"
+                elif path in files:
+                    described[path] = f"file {modes.get(path)} {files[path]!r}"
+                elif path in modes:
+                    described[path] = f"directory {modes[path]}"
+                else:
+                    described[path] = "absent"
+            return succeed(described)
+        return tree

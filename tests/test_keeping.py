@@ -17,7 +17,7 @@ from capsule.core.spec import ContainerSpec
 from capsule.sessions.cleanup import CleanupService, expire_due
 from capsule.sessions.keeping import (LABEL_OWN_VOLUMES, PRUNE_AGAIN, LABEL_WARM, SNAPSHOT_REPOSITORY,
                                       KeepingConfig, KeptLimit, NotKept, SnapshotExists,
-                                      SnapshotNotFound, kept_message)
+                                      SnapshotNotFound, kept_message, own_volumes)
 from capsule.sessions.manager import SessionManager
 from capsule.sessions.owners import OwnerFile
 from capsule.sessions.session import LABEL_INSTANCE, LABEL_MANAGED, LABEL_SESSION, SessionConfig
@@ -388,13 +388,12 @@ def test_a_fork_has_the_same_files_and_is_independent(manager, docker, clock):
     assert fork.state.value == "detached" and fork.profile == session.profile
     container = docker.containers[fork.container_id]
     assert container["files"]["/workspace/notes.txt"] == b"draft 1"
-    assert container["spec"].image.startswith(SNAPSHOT_REPOSITORY + ":t-fork-")
+    # The engine copied the files (IDockerAPI.fork_container).
+    assert ("fork", session.container_id, "host") in docker.keep_calls
     # Its copies of the volumes are its own, and say so.
     mounted = dict((target, name) for name, target in container["spec"].volumes)
     assert mounted and set(mounted) <= {"/workspace", "/home/developer"}
-    assert container["labels"][LABEL_OWN_VOLUMES]
-    # The temporary image's tag went once the container existed.
-    assert ("remove_snapshot", container["spec"].image) in docker.keep_calls
+    assert own_volumes(container["labels"]) == mounted == fork.own_volumes
     docker.add_file(fork.container_id, "/workspace/notes.txt", b"draft 2")
     assert docker.containers[session.container_id]["files"]["/workspace/notes.txt"] == \
         b"draft 1"

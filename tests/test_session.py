@@ -268,6 +268,21 @@ def test_recover_finds_running_sessions_and_removes_the_rest(docker, clock):
     assert "other" in docker.containers
 
 
+def test_recover_thaws_a_container_an_earlier_run_left_paused(docker, clock):
+    """
+    A fork's copy on the host pauses its source: a capsule that stopped
+    meanwhile left it paused.  It is thawed and found again, not removed
+    as a leftover.
+    """
+    labels = {"io.capsule.managed": "true", LABEL_INSTANCE: "t"}
+    docker.add_container("paused", {**labels, LABEL_SESSION: SID})
+    docker.containers["paused"]["state"] = "paused"
+    manager = recovered_manager(docker, clock)
+    assert "paused" not in docker.removed
+    assert docker.containers["paused"]["state"] == "running"
+    assert manager.sessions[SID].status() == "recovered"
+
+
 def test_reconnect_to_a_recovered_session_resumes_at_the_offset(docker, clock):
     docker.add_container("alive", {"io.capsule.managed": "true", LABEL_INSTANCE: "t",
                                    LABEL_SESSION: SID})

@@ -237,6 +237,36 @@ class IDockerAPI(Interface):
         volumes become the new container's.)
         """
 
+    def fork_container(container_id, session_id, spec, fast=True):
+        """
+        Create and start a container for session C{session_id} from the
+        L{capsule.core.spec.ContainerSpec} C{spec} whose file system is a
+        copy of the container C{container_id}'s (running or stopped): its
+        writable layer and each of its anonymous volumes (as new volumes
+        carrying C{spec}'s labels and C{io.capsule.volume=copy}, which
+        L{prune_snapshots} removes once the new container is gone, and
+        which the new container's label C{io.capsule.own-volumes} names:
+        C{MOUNT=NAME,...}); the named volumes C{spec} mounts are shared,
+        not copied.  Writes to
+        either later are the other's no more.  Fire with the new
+        container's id.  Fail with L{capsule.core.errors.ContainerGone} if
+        the source is gone; nothing is left behind by a failure.
+
+        The new container's image is the source's (its layer lies on it),
+        whatever C{spec} names; the rest of C{spec} is the new container's.
+        The engine copies the files on its host where it can (a local
+        overlay2 engine, capsule root); else, or with C{fast} false, by a
+        snapshot (L{snapshot_container}) whose image's tag is removed once
+        the container exists.  The result is the same.
+        """
+
+    def unpause_container(container_id):
+        """
+        Thaw a paused container (capsule pauses one only while a fork's
+        files are copied on the host: a capsule that stopped meanwhile can
+        have left it so); fire with C{True} if it was paused.
+        """
+
     def prune_snapshots(labels, grace=600.0):
         """
         Remove what containers made from removed snapshots leave once they

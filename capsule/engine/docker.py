@@ -39,6 +39,7 @@ from zope.interface import implementer
 from capsule.engine.command import OutputCollector
 from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
 from capsule.engine.exec_process import ExecStreamProtocol, exec_start_request
+from capsule.engine.forks import Forks
 from capsule.engine.snapshots import KeptContainers
 from capsule.core.interfaces import IDockerAPI
 from capsule.core.keeper import SECRET_LABEL, parse_secret
@@ -119,7 +120,7 @@ class OneStream(Factory):
 
 
 @implementer(IDockerAPI)
-class DockerAPI(KeptContainers):
+class DockerAPI(KeptContainers, Forks):
     """
     @param host: the Docker host URL (default: C{$DOCKER_HOST}, else the
         local unix socket).
@@ -264,6 +265,14 @@ class DockerAPI(KeptContainers):
 
     def _thd_create_session_container(self, client, session_id: str,
                                       spec: ContainerSpec) -> str:
+        container_id = self._thd_create_container(client, session_id, spec)
+        self._thd_start_new(client, container_id)
+        return container_id
+
+    def _thd_create_container(self, client, session_id: str, spec: ContainerSpec) -> str:
+        """
+        Create (not start) a session's container; fire with its id.
+        """
         quota = spec.disk is not None and self.storage_quota is not False
         try:
             container = self._thd_create(client, session_id, spec, quota)
@@ -286,7 +295,14 @@ class DockerAPI(KeptContainers):
         else:
             if quota:
                 self.storage_quota = True
-        container_id = container["Id"]
+        return container["Id"]
+
+    @staticmethod
+    def _thd_start_new(client, container_id: str) -> None:
+        """
+        Start a container just made; remove it (and its anonymous volumes)
+        if it does not start.
+        """
         try:
             client.start(container_id)
         except Exception as e:
@@ -295,7 +311,6 @@ class DockerAPI(KeptContainers):
             except docker.errors.DockerException:
                 pass
             raise DockerError(f"Docker could not start the session container: {_short(e)}") from None
-        return container_id
 
     @staticmethod
     def _thd_create(client, session_id: str, spec: ContainerSpec, quota: bool) -> dict:

@@ -64,6 +64,9 @@ COPY = "copy"
 # A copier's label (its value: the instance's): not the instance's own
 # labels, so that no listing of the instance's sessions sees it.
 LABEL_COPIER = "io.capsule.copier"
+# Seconds a copier that is not running is left alone by a prune: another
+# capsule call may have just made it.
+COPIER_GRACE = 600.0
 LABEL_INSTANCE = "io.capsule.instance"
 # A volume Docker named itself: a container's anonymous volume.
 ANONYMOUS_VOLUME = re.compile(r"[0-9a-f]{64}")
@@ -436,7 +439,10 @@ class KeptContainers:
             now = time.time()
             for copier in client.containers(all=True, filters={"label": [
                     f"{LABEL_COPIER}={labels.get(LABEL_INSTANCE, '')}"]}):
-                if copier.get("State") in _LIVE_STATES or now - (copier.get("Created") or 0) < grace:
+                # (However small C{grace}: a copier is only just made, or
+                # still copying, for a while.)
+                if (copier.get("State") in _LIVE_STATES
+                        or now - (copier.get("Created") or 0) < max(grace, COPIER_GRACE)):
                     continue
                 try:
                     client.remove_container(copier["Id"], force=True, v=True)

@@ -34,6 +34,7 @@ from capsule.core.kept import (GRACE, KEPT_LIMIT, PUT_AWAY, REASONS, SCREEN_MAX_
                                check_snapshot_name, closing_outcome, screen_path)
 from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER
 from capsule.core.ratelog import RateLimitedLog
+from capsule.engine import forks
 
 _log = Logger()
 
@@ -41,9 +42,9 @@ LABEL_SESSION = "io.capsule.session"
 # A warm container (made for a pool, never taken yet): stopped, it is
 # nobody's session and goes as a leftover.
 LABEL_WARM = "io.capsule.warm"
-# The volumes a session made from a snapshot mounts (copies of the
-# snapshot's, its own: removed with it): "MOUNT=NAME" joined by ",".
-LABEL_OWN_VOLUMES = "io.capsule.own-volumes"
+# The volumes a session made from a snapshot, or forked, mounts (copies,
+# its own: removed with it): "MOUNT=NAME" joined by ",".
+LABEL_OWN_VOLUMES = forks.LABEL_OWN_VOLUMES
 LABEL_SNAPSHOT = "io.capsule.snapshot"
 # The image repository of snapshots and forks.
 SNAPSHOT_REPOSITORY = "capsule-snapshot"
@@ -654,19 +655,23 @@ class Keeping:
         self._busy[kept.id] = done
         try:
             await self._docker.remove_container(kept.container_id)
-            await self._remove_volumes(kept.extra.get("volumes") or {})
+            await self._remove_volumes(kept.id, kept.extra.get("volumes") or {})
             self._forget(kept)
         finally:
             del self._busy[kept.id]
             done.callback(None)
 
-    async def _remove_volumes(self, volumes: dict[str, str]) -> None:
+    async def _remove_volumes(self, session_id: str, volumes: dict[str, str]) -> None:
         """
-        Remove the volumes a session made from a snapshot owned (its copies
-        of the snapshot's; its image's tag went when it was made), and its
-        untagged image: what no container or snapshot uses any more.
+        Remove the volumes a session made from a snapshot, or forked, owned
+        (its copies, labelled with it; a snapshot's image's tag went when it
+        was made), and its untagged image: what no container or snapshot
+        uses any more, however new.
         """
         if volumes:
+            await self._docker.prune_snapshots(
+                {**self._manager.labels, LABEL_SESSION: session_id}, grace=0)
+            # A session from a named snapshot's copies (not labelled with it).
             await self.release_volumes()
 
     def release_volumes(self) -> Deferred:
@@ -765,11 +770,12 @@ class Keeping:
 
     async def _fork(self, session_id: str, user: str | None) -> str:
         container_id, profile, owner = self._source(session_id, user)
-        tag = f"{self._manager.config.instance}-fork-{uuid.uuid4().hex[:16]}"
-        snapshot = await self._docker.snapshot_container(
-            container_id, SNAPSHOT_REPOSITORY, tag,
-            self._snapshot_labels(owner, profile, **{"io.capsule.fork": "true"}))
-        new = await self._session_from(snapshot, owner, profile)
+        # The engine copies the source's files into the new session's
+        # container (IDockerAPI.fork_container).
+        session = self._manager.create(None, 80, 24, user=owner, profile=profile,
+                                       fork_of=container_id)
+        await session.started()
+        new = session.id
         _log.info("session {session_id}{who} forked into {new}", session_id=session_id[:8],
                   new=new[:8], who=f" of {owner}" if owner else "", user=owner)
         return new

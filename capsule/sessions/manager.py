@@ -42,7 +42,8 @@ from capsule.engine.keeper_direct import KeeperUnreachable
 from capsule.engine.keeper_stream import ShellProtocol
 from capsule.sessions.engine_watch import EngineWatch
 from capsule.sessions.fair_share import FairShare
-from capsule.sessions.keeping import LABEL_OWN_VOLUMES, LABEL_WARM, Keeping, own_volumes_label
+from capsule.sessions.keeping import (LABEL_OWN_VOLUMES, LABEL_WARM, Keeping, own_volumes,
+                                     own_volumes_label)
 from capsule.core.counting import Uncounted
 from capsule.sessions.observers import SessionObservers
 from capsule.sessions.pool import WarmPool, WarmPools
@@ -202,7 +203,7 @@ class SessionManager:
 
     def create(self, client, cols: int, rows: int, user: str | None = None,
                profile: str | None = None, repository: str | None = None,
-               snapshot: Snapshot | None = None) -> Session:
+               snapshot: Snapshot | None = None, fork_of: str | None = None) -> Session:
         """
         Start a new session for C{client} (acting for C{user}), which is told
         through C{session_started} or C{session_failed}.
@@ -214,8 +215,10 @@ class SessionManager:
         @raise BadRepository: for a repository capsule refuses.
         @param snapshot: a snapshot (L{capsule.core.kept.Snapshot}) whose
             image the container is made of and whose volumes it mounts and
-            owns (a fork, L{Keeping}); its profile's repository is not
-            cloned again.
+            owns (L{Keeping}); its profile's repository is not cloned again.
+        @param fork_of: a container whose files the container's are a copy
+            of (L{IDockerAPI.fork_container}: a fork, L{Keeping}); its
+            profile's repository is not cloned again.
 
         Without a client (C{client} is C{None}), the session is made all the
         same and, once its shell runs, kept for the grace period like one
@@ -232,7 +235,7 @@ class SessionManager:
                 raise BadRepository(f"repository: {e}") from None
         # A warm session has no user's volume and cloned only its profile's
         # repository.
-        pooled = snapshot is None and repository in (None, settings.repository) and not (
+        pooled = snapshot is None and fork_of is None and repository in (None, settings.repository) and not (
             settings.agent_volume and self._has_volume(user))
         warm = self.pool.take(settings.name) if pooled else None
         if warm is not None:
@@ -243,6 +246,8 @@ class SessionManager:
         if snapshot is not None:
             session.repository = None
             session.snapshot, session.own_volumes = snapshot, dict(snapshot.volumes)
+        if fork_of is not None:
+            session.repository, session.fork_of = None, fork_of
         if client is None:
             session.events.prepare()
         else:
@@ -430,7 +435,10 @@ class SessionManager:
         core = session.core
         spec = self._container_spec(session.id, session.settings, core.user,
                                     warm=session.pooled, snapshot=session.snapshot)
-        creating = self._docker.create_session_container(session.id, spec)
+        if session.fork_of is not None:
+            creating = Deferred.fromCoroutine(self._fork(session, spec))
+        else:
+            creating = self._docker.create_session_container(session.id, spec)
         self._creating.add(creating)
 
         def created(result):
@@ -654,6 +662,23 @@ class SessionManager:
         """
         return user is not None or self.config.local_volumes
 
+    async def _fork(self, session: Session, spec: ContainerSpec) -> str:
+        """
+        A fork's container, and the volume copies it owns (its label says).
+        """
+        container_id = await self._docker.fork_container(session.fork_of, session.id, spec)
+        try:
+            found = await self._docker.list_containers({**self.labels,
+                                                        LABEL_SESSION: session.id})
+        except DockerError as e:
+            _log.warn("the volumes of fork {session_id} are not known: {error}",
+                      session_id=session.id[:8], error=e.message)
+        else:
+            for container in found:
+                if container["id"] == container_id:
+                    session.own_volumes = own_volumes(container["labels"])
+        return container_id
+
     def _spec_of(self, session: Session) -> ContainerSpec:
         """
         The spec of a session's profile (its image, its limits).
@@ -725,7 +750,11 @@ class SessionManager:
         d = self._docker.remove_container(container_id)
         if session.own_volumes:
             # Copies of a snapshot's volumes (a fork's): the engine removes
-            # only anonymous ones with a container; these go now.
+            # only anonymous ones with a container; these (labelled with the
+            # session) go now, however new.
+            d.addCallback(lambda _: self._docker.prune_snapshots(
+                {**self.labels, LABEL_SESSION: session.id}, grace=0))
+            # A session from a named snapshot's copies (not labelled with it).
             d.addCallback(lambda _: self.keeping.release_volumes() if self.keeping is not None
                           else self._docker.prune_snapshots(self.labels))
         d.addErrback(lambda f: _log.error(

@@ -15,7 +15,7 @@ import uuid
 
 from twisted.logger import Logger
 
-from capsule.core.errors import CapsuleError
+from capsule.core.errors import CapsuleError, DockerError
 from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE
 from capsule.sessions.keeping import own_volumes
 
@@ -95,6 +95,18 @@ class Recovery:
         """
         manager = self._manager
         found = await self._docker.list_containers(manager.labels)
+        for container in found:
+            if container["state"] == "paused":
+                # Paused by a fork's copy on the host when an earlier run
+                # stopped: thawed, it is what it was.
+                try:
+                    if await self._docker.unpause_container(container["id"]):
+                        _log.warn("container {container} was left paused by an earlier run"
+                                  " (a fork's copy): thawed", container=container["id"][:12])
+                        container["state"] = "running"
+                except DockerError as e:
+                    _log.error("container {container} is paused and could not be thawed:"
+                               " {error}", container=container["id"][:12], error=e.message)
         recovered = []
         for container in found:
             session_id = container["labels"].get(LABEL_SESSION)

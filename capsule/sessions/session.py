@@ -136,6 +136,8 @@ class Session:
         # removed with its container.
         self.snapshot = None
         self.own_volumes: dict[str, str] = {}
+        # The container it is a fork of (its files are copied from it).
+        self.fork_of: str | None = None
         # Who waits for its shell to run, and for its end.
         self._started: list[Deferred] = []
         self._ended: list[Deferred] = []

@@ -23,7 +23,8 @@ from capsule.engine.docker import DockerAPI
 
 # The suite lives outside a test module: let pytest explain its failures.
 pytest.register_assert_rewrite("tests.docker_contract")
-from ..docker_contract import LABEL_INSTANCE, DockerContract
+from ..docker_contract import (FORK_PATHS, FORK_SHAPE, FORK_SHAPE_ROOT, LABEL_INSTANCE,
+                               DockerContract)
 from ..support.live import remove_instance_images, remove_instance_volumes
 from .harness import IMAGE, docker_client, remove_instance_containers
 
@@ -91,9 +92,52 @@ class TestRealDocker(DockerContract):
                 "sh", "-c", 'end=$(($(date +%s) + 3)); while [ "$(date +%s)" -lt "$end" ]; do :; done'])
         return burn
 
+    @pytest.fixture
+    def shape_files(self):
+        def shape(container_id):
+            def _thd():
+                _thd_exec(container_id, ["sh", "-c", FORK_SHAPE_ROOT], user="root")
+                _thd_exec(container_id, ["sh", "-c", FORK_SHAPE])
+            return deferToThread(_thd)
+        return shape
 
-def _thd_exec(container_id: str, argv: list[str]) -> None:
-    result = docker_client().containers.get(container_id).exec_run(argv, user="developer")
+    @pytest.fixture
+    def file_tree(self):
+        def tree(container_id):
+            return deferToThread(_thd_file_tree, container_id)
+        return tree
+
+
+# One line per path: its type, mode, owner, links, inode, and its content's
+# digest or its link's target.
+_DESCRIBE = """for p; do
+  if [ -e "$p" ] || [ -L "$p" ]; then
+    printf '%s|%s|' "$p" "$(stat -c '%F %a %u:%g %h %i' "$p")"
+    if [ -L "$p" ]; then readlink "$p"; elif [ -f "$p" ]; then md5sum < "$p"; else echo; fi
+  else printf '%s|absent|\n' "$p"; fi
+done"""
+
+
+def _thd_file_tree(container_id: str) -> dict[str, str]:
+    result = docker_client().containers.get(container_id).exec_run(
+        ["sh", "-c", _DESCRIBE, "describe", *FORK_PATHS], user="developer")
+    assert result.exit_code == 0, result.output
+    described, inodes = {}, {}
+    for line in result.output.decode().splitlines():
+        path, kind, rest = line.split("|", 2)
+        if kind != "absent":
+            # Inodes differ from one container to another: which paths
+            # share one is what is compared.
+            *head, inode = kind.split(" ")
+            kind = " ".join(head + [str(inodes.setdefault(inode, len(inodes)))])
+            described[path] = f"{kind} {rest}"
+        else:
+            described[path] = "absent"
+    return described
+
+
+def _thd_exec(container_id: str, argv: list[str], user: str = "developer") -> None:
+    result = docker_client().containers.get(container_id).exec_run(argv, user=user)
     assert result.exit_code == 0, result.output
 
 
@@ -313,3 +357,105 @@ async def test_copies_of_a_snapshot_whose_volume_is_gone(real):
         set(snapshot.volumes.values()) - {lost})
     with pytest.raises(docker.errors.NotFound):
         await deferToThread(client.inspect_volume, lost)
+
+
+# -- forks: which way, and what a failure leaves -------------------------------
+
+
+def _instance_filter(spec) -> dict:
+    return {"label": f"{LABEL_INSTANCE}={spec.labels[LABEL_INSTANCE]}"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fork_is_copied_on_the_host_where_it_can_be(real):
+    """
+    Root beside a local overlay2 engine, the same image: no image is
+    made, the fork runs the source's very image, and the running source
+    is not left paused.
+    """
+    api, spec = real
+    client = docker_client().api
+    source = await _create(api, spec)
+    await _run(api, source, "sh", "-c", "echo here > /workspace/notes")
+    fork = await api.fork_container(source, str(uuid.uuid4()), spec)
+    assert await _run(api, fork, "cat", "/workspace/notes") == b"here\n"
+    assert await deferToThread(client.images, filters=_instance_filter(spec)) == []
+    found = await deferToThread(client.inspect_container, fork)
+    assert found["Image"] == (await deferToThread(client.inspect_container, source))["Image"]
+    state = (await deferToThread(client.inspect_container, source))["State"]
+    assert state["Running"] is True and state["Paused"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fork_whose_copy_fails_is_made_by_a_snapshot(real, monkeypatch):
+    """
+    What the copy on the host made is removed; the snapshot's way gives
+    the same files, and leaves only the fork and the volume copies it
+    mounts.
+    """
+    api, spec = real
+    from capsule.engine import forks
+    monkeypatch.setattr(forks, "COPY_COMMAND", ("false",))
+    client = docker_client().api
+    private = replace(spec, read_only_root=True)
+    source = await _create(api, private)
+    await api.put_file(source, "/workspace/notes", b"in the volume")
+    fork = await api.fork_container(source, str(uuid.uuid4()), private)
+    assert await api.read_file(fork, "/workspace/notes", 100) == b"in the volume"
+    left = await deferToThread(client.containers, all=True, filters=_instance_filter(spec))
+    assert sorted(c["Id"] for c in left) == sorted([source, fork])
+    mounted = {m["Name"] for m in (await deferToThread(client.inspect_container, fork))["Mounts"]}
+    volumes = await deferToThread(client.volumes, filters=_instance_filter(spec))
+    assert {v["Name"] for v in volumes["Volumes"] or []} == mounted
+    # The snapshot's image is the fork's, untagged.
+    images = await deferToThread(client.images, filters=_instance_filter(spec))
+    assert [i.get("RepoTags") or [] for i in images] in ([[]], [["<none>:<none>"]])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fork_that_fails_both_ways_leaves_nothing(real, monkeypatch):
+    api, spec = real
+    from capsule.engine import forks
+
+    def refuse(*args, **kwargs):
+        raise DockerError("Docker could not copy the container's files: refused")
+    monkeypatch.setattr(forks, "COPY_COMMAND", ("false",))
+    monkeypatch.setattr(DockerAPI, "_thd_snapshot", refuse)
+    client = docker_client().api
+    private = replace(spec, read_only_root=True)
+    source = await _create(api, private)
+    with pytest.raises(DockerError):
+        await api.fork_container(source, str(uuid.uuid4()), private)
+    left = await deferToThread(client.containers, all=True, filters=_instance_filter(spec))
+    assert [c["Id"] for c in left] == [source]
+    assert (await deferToThread(client.volumes, filters=_instance_filter(spec)))["Volumes"] in (
+        None, [])
+    assert await deferToThread(client.images, filters=_instance_filter(spec)) == []
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["on-host", "by-snapshot"])
+@pytest_twisted.ensureDeferred
+async def test_a_file_deleted_from_a_volume_stays_deleted_in_the_fork(real, fast):
+    """
+    The engine fills a new, empty volume from the image when a container
+    that mounts it is made: a fork's copies are filled first.
+    """
+    api, spec = real
+    private = replace(spec, read_only_root=True)
+    source = await _create(api, private)
+    assert await api.read_file(source, "/home/developer/.bashrc", 10) is not None
+    await _run(api, source, "rm", "/home/developer/.bashrc")
+    fork = await api.fork_container(source, str(uuid.uuid4()), private, fast=fast)
+    assert await api.read_file(fork, "/home/developer/.bashrc", 10) is None
+    assert await api.read_file(fork, "/home/developer/.profile", 10) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_unpause_thaws_a_paused_container(real):
+    api, spec = real
+    container_id = await _create(api, spec)
+    await deferToThread(docker_client().api.pause, container_id)
+    assert await api.unpause_container(container_id) is True
+    state = (await deferToThread(docker_client().api.inspect_container, container_id))["State"]
+    assert state["Running"] is True and state["Paused"] is False
+    assert await api.unpause_container(container_id) is False

@@ -135,6 +135,8 @@ async def test_a_fork_of_a_running_session_has_its_files_and_is_its_own(make_ser
     assert fork["id"] != source
     out = (await deferToThread(sh, server, fork["id"], "cat /workspace/f ~/h"))["stdout"]
     assert out == "one\nhome\n"
+    # Root beside a local overlay2 engine: the engine copied the files.
+    assert "on the host in" in server.log()
     await deferToThread(sh, server, fork["id"], "echo two > /workspace/f")
     await deferToThread(sh, server, source, "echo three > ~/h")
     assert (await deferToThread(sh, server, source, "cat /workspace/f"))["stdout"] == "one\n"

@@ -11,6 +11,7 @@ import struct
 import tarfile
 import time
 import uuid
+from dataclasses import replace
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -461,6 +462,63 @@ class FakeDockerAPI:
         self.snapshots[image] = snapshot
         self.snapshot_files[image] = files
         return succeed(snapshot)
+
+    def fork_container(self, container_id, session_id, spec, fast=True):
+        """
+        As the engine: a new running container whose files (and links and
+        modes) are a copy of the source's, and whose anonymous volumes are
+        new copies carrying the spec's labels; the spec's named volumes are
+        shared.  Either way the engine's result is the same, and the fake
+        makes it so: C{fast} is recorded only.
+        """
+        failed = self._check()
+        if failed:
+            return failed
+        self.keep_calls.append(("fork", container_id, "host" if fast else "snapshot"))
+        source = self.containers.get(container_id)
+        if source is None:
+            return fail(ContainerGone("the session's container no longer exists"))
+        if source.get("spec") is not None:
+            # The engine's image is the source's either way (the same
+            # image, or the snapshot of it); the fake never removes one a
+            # container uses.
+            spec = replace(spec, image=source["spec"].image)
+        mounted = {target for _, target in spec.volumes}
+        copies = []
+        for mount in _mounts(source):
+            if mount.destination in mounted:
+                continue
+            if mount.name.startswith(container_id) or mount.name in self.volumes:
+                name = uuid.uuid4().hex + uuid.uuid4().hex
+                self.volumes[name] = {"labels": {**spec.labels, "io.capsule.volume": "copy"},
+                                      "created": time.time()}
+                copies.append((name, mount.destination))
+        self._next += 1
+        new_id = f"container{self._next:04d}"
+        labels = {k: v for k, v in spec.labels.items() if k != "io.capsule.own-volumes"}
+        if copies:
+            labels["io.capsule.own-volumes"] = ",".join(
+                f"{mount}={name}" for name, mount in sorted(copies, key=lambda c: c[1]))
+        self.containers[new_id] = {
+            "id": new_id, "name": f"capsule-{uuid.uuid4().hex}",
+            "labels": labels, "state": "running",
+            "spec": replace(spec, labels=labels, volumes=spec.volumes + tuple(copies)),
+            "files": dict(source.get("files", {})),
+            "links": dict(source.get("links", {})),
+            "modes": dict(source.get("modes", {})),
+            "created": time.time(), "finished": 0.0,
+        }
+        return succeed(new_id)
+
+    def unpause_container(self, container_id):
+        failed = self._check()
+        if failed:
+            return failed
+        container = self.containers.get(container_id)
+        if container is None or container["state"] != "paused":
+            return succeed(False)
+        container["state"] = "running"
+        return succeed(True)
 
     def list_snapshots(self, labels):
         failed = self._check()
