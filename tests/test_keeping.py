@@ -379,7 +379,7 @@ def test_a_profiles_retention_wins(docker, clock, tmp_path):
 
 # -- forks -------------------------------------------------------------------------------------------
 
-def test_a_fork_has_the_same_files_and_is_independent(manager, docker, clock):
+def test_a_fork_has_the_same_files_and_is_independent(manager, docker):
     session, _ = running(manager, docker, user="alice")
     docker.add_file(session.container_id, "/workspace/notes.txt", b"draft 1")
     new_id = result(manager.keeping.fork(session.id, "alice"))
@@ -397,14 +397,8 @@ def test_a_fork_has_the_same_files_and_is_independent(manager, docker, clock):
     docker.add_file(fork.container_id, "/workspace/notes.txt", b"draft 2")
     assert docker.containers[session.container_id]["files"]["/workspace/notes.txt"] == \
         b"draft 1"
-    # Ended, it takes its volumes with it: at once where the engine finds
-    # them old enough, else at the sweep after the engine's grace.
+    # Ended, it takes its volumes (labelled with it) with it at once.
     manager.end(fork, "done")
-    assert set(mounted.values()) <= set(docker.volumes)
-    for name in mounted.values():
-        docker.volumes[name]["created"] -= 601
-    clock.advance(PRUNE_AGAIN)
-    result(manager.keeping.sweep())
     assert not set(mounted.values()) & set(docker.volumes)
 
 
@@ -461,6 +455,29 @@ def test_snapshots_are_named_listed_started_and_deleted(manager, docker):
         result(manager.keeping.delete_snapshot("before-refactor", "bob"))
     result(manager.keeping.delete_snapshot("before-refactor", "alice"))
     assert result(manager.keeping.snapshots("alice")) == []
+
+
+def test_copies_too_new_for_the_engine_go_at_the_sweep_after_its_grace(manager, docker,
+                                                                          clock):
+    """
+    A session from a named snapshot mounts copies of its volumes: when it
+    is removed, the engine's prune leaves copies younger than its grace (one
+    another fork may be about to mount); the sweep prunes again later.
+    """
+    session, _ = running(manager, docker, user="alice")
+    result(manager.keeping.snapshot(session.id, "alice", "base"))
+    new = manager.sessions[result(manager.keeping.start_snapshot("base", "alice"))]
+    copies = set(new.own_volumes.values())
+    assert copies and copies <= set(docker.volumes)
+    manager.end(new, "done")
+    assert copies <= set(docker.volumes)
+    for name in copies:  # (the fake engine's volumes age by the wall clock)
+        docker.volumes[name]["created"] -= 601
+    result(manager.keeping.sweep())
+    assert copies <= set(docker.volumes)        # not yet: not due
+    clock.advance(PRUNE_AGAIN)
+    result(manager.keeping.sweep())
+    assert not copies & set(docker.volumes)
 
 
 def test_snapshot_names_and_limits_are_checked(docker, clock, tmp_path):
