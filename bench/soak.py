@@ -35,7 +35,9 @@ from tests.support.live import CapsuleServer, wait_for
 
 def soak(cycles: int, max_seconds: float, pool: int, image: str) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="capsule-soak-"))
-    server = CapsuleServer(workdir, "--grace", "1",
+    # Retention 0: an expired session's container is removed, as the soak
+    # counts (kept sessions, stopped on purpose, are tests/test_keep*.py's).
+    server = CapsuleServer(workdir, "--grace", "1", "--retention", "0",
                            "--pool-size", str(pool), "--memory", "512m", "--cpus", "1",
                            # one client opening sessions in a loop, on purpose
                            "--session-rate", "1000/1", "--max-sessions-per-client", "256",

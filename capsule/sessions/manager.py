@@ -374,11 +374,13 @@ class SessionManager:
         """
         What becomes of C{session} once its last client has left: the
         seconds it lives on (the grace period), and whether anything keeps
-        it past them (nothing does yet: it ends, and its container with its
-        /workspace goes).  Its client is told, so that a page can say so
-        before its tab is closed.
+        it past them (its profile's retention: it is then kept, its
+        /workspace with it; else it ends, and its container goes).  Its
+        client is told, so that a page can say so before its tab is closed.
         """
-        return self.config.grace, False
+        settings = session.settings or self.profiles[DEFAULT_PROFILE]
+        kept = self.keeping is not None and self.keeping.retention_of(settings) > 0
+        return self.config.grace, kept
 
     def visited(self, session: Session) -> None:
         """

@@ -110,7 +110,8 @@ def test_drain_refuses_new_sessions_keeps_the_others_until_the_deadline(server):
     wait_for(lambda: len(instance_containers(server.instance)) == server.pool_size, 30,
              "the session's container removed")
     assert json.loads(admin(server, "list", "--json").stdout) == {
-        "instance": server.instance, "draining": True, "sessions": []}
+        "instance": server.instance, "draining": True, "sessions": [],
+        "kept": []}
 
 
 def test_cleanup_refused_while_running_then_removes_after_kill_9(make_server):

@@ -274,7 +274,10 @@ def test_with_users_another_users_session_is_a_404(make_server, tmp_path):
     assert execute(server, session_id, ALICE, argv=["ls", "-A"])["stdout"] == ""
 
 
-def test_every_documented_route_answers(server):
+def test_every_documented_route_answers(make_server, tmp_path):
+    # Recorded: a session's recording is one of the routes.
+    server = make_server("--grace", "30", "--record", str(tmp_path / "casts"),
+                         tuning={"cleanup-interval": 0.5})
     first, second = create(server)["id"], create(server)["id"]
     bodies = {"/api/sessions/{id}/exec": {"argv": ["true"]}, "/api/sessions": {},
               "/api/snapshots": {"session": first, "name": "every-route"}}

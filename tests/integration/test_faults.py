@@ -22,6 +22,27 @@ async def test_killed_container_ends_the_session_with_a_reason(server):
     await client.run("true")
     await deferToThread(lambda: docker_client().api.kill(session_container(session_id)))
     ended = await client.next("exit")
+    assert ended["exit_code"] is None
+    # Processes are lost, files are not: the session is kept (docs/keeping.md).
+    assert ended["message"].startswith(
+        "the session's container stopped (exit code 137): the session is kept; its files are"
+        " kept until ")
+    assert (await client.closed)[0] == 1000
+    status, _, body = await deferToThread(server.get, f"/api/sessions/{session_id}")
+    assert status == 200 and json.loads(body)["state"] == "kept"
+    [container] = [c for c in instance_containers(server.instance)
+                   if c["Labels"].get("io.capsule.session") == session_id]
+    assert container["State"] == "exited"
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_container_without_retention_is_removed(make_server):
+    server = make_server("--retention", "0")
+    client = await WSClient.connect(server.ws_url)
+    session_id = await client.start()
+    await client.run("true")
+    await deferToThread(lambda: docker_client().api.kill(session_container(session_id)))
+    ended = await client.next("exit")
     assert ended == {"type": "exit", "exit_code": None,
                      "message": "the session's container stopped (exit code 137)"}
     assert (await client.closed)[0] == 1000

@@ -74,8 +74,10 @@ async def test_reconnect_keeps_shell_state(server):
     connected = await again.next("connected")
     replay = connected.pop("replay")
     assert connected.pop("grace") > 0
+    # Kept past the grace period (the default retention), and said so.
+    assert connected.pop("on_close")["outcome"] == "kept"
     assert connected == {"type": "connected", "session_id": session_id, "resumed": True,
-                         "kept": False, "profile": "shell"}
+                         "kept": True, "profile": "shell"}
     again.send({"type": "resize", "cols": 80, "rows": 24})
     out = await again.run("echo $CAPSULE_T $PWD; jobs")
     # What the dropped connection had not been sent (the prompt that followed
