@@ -99,9 +99,49 @@ def stty_size(page, tag: str) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
+def trace(page):
+    """
+    Keep what C{page}'s console and WebSockets say (C{page.trail}), for
+    L{wait_connected} to tell when the page does not connect.
+    """
+    if getattr(page, "trail", None) is not None:
+        return page
+    trail = page.trail = []
+    if getattr(page, "errors", None) is None:
+        page.errors = []
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.on("console", lambda m: trail.append(f"console {m.type}: {m.text[:300]}"))
+
+    def socket(ws):
+        trail.append(f"websocket {ws.url[:160]}")
+        ws.on("framereceived", lambda payload: trail.append(
+            f"  frame: {payload[:200]!r}") if isinstance(payload, str) else None)
+        ws.on("socketerror", lambda error: trail.append(f"  socket error: {error}"))
+        ws.on("close", lambda _: trail.append("  closed"))
+    page.on("websocket", socket)
+    return page
+
+
+def wait_connected(page, timeout: float = 20000) -> None:
+    """
+    Wait for the page's terminal to be connected; if it is not, fail with
+    what the page shows, and what its console and WebSockets said (where
+    L{trace} was on).
+    """
+    try:
+        page.wait_for_selector('#status[data-state="connected"]', timeout=timeout)
+    except Exception:
+        state = page.get_attribute("#status", "data-state")
+        bar = page.text_content("#status")
+        pytest.fail(f"the page is not connected: state {state!r}, bar {bar!r}, page errors"
+                    f" {getattr(page, 'errors', None)}; what happened:\n"
+                    + "\n".join(getattr(page, "trail", None) or ["(not traced)"]))
+
+
 def open_session(page, url: str) -> str:
+    trace(page)
     page.goto(url + "/")
-    page.wait_for_selector('#status[data-state="connected"]', timeout=20000)
+    wait_connected(page)
     wait_screen(page, r"developer@capsule")
     return page.get_attribute("#session", "title")
 

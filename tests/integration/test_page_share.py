@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from .test_browser import (  # noqa: F401 (fixtures)
-    CHROMIUM, browser, new_page, open_session, page_args, screen, shot, type_line,
-    wait_screen, wait_text)
+    CHROMIUM, browser, new_page, open_session, page_args, screen, shot, trace, type_line,
+    wait_connected, wait_screen, wait_text)
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")
 
@@ -32,39 +32,10 @@ def make_link(owner) -> str:
 
 def spectator_page(browser, url: str, **context):
     options = {"viewport": {"width": 1000, "height": 600}, **context}
-    page = browser.new_context(**options).new_page()
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.errors = errors
-    # What the page and its WebSockets did, told when a wait fails.
-    trail = []
-    page.trail = trail
-    page.on("console", lambda m: trail.append(f"console {m.type}: {m.text[:300]}"))
-
-    def socket(ws):
-        trail.append(f"websocket {ws.url[:120]}")
-        ws.on("framereceived", lambda payload: trail.append(
-            f"  frame: {payload[:200]!r}") if isinstance(payload, str) else None)
-        ws.on("socketerror", lambda error: trail.append(f"  socket error: {error}"))
-        ws.on("close", lambda _: trail.append("  closed"))
-    page.on("websocket", socket)
+    page = trace(browser.new_context(**options).new_page())
     page.goto(url)
     wait_connected(page)
     return page
-
-
-def wait_connected(page, timeout: float = 20000) -> None:
-    """
-    Wait for the spectator's page to be connected; if it is not, fail with
-    what the page shows and what its WebSockets and console said.
-    """
-    try:
-        page.wait_for_selector('#status[data-state="connected"]', timeout=timeout)
-    except Exception:
-        state = page.get_attribute("#status", "data-state")
-        message = page.text_content("#status-message")
-        pytest.fail(f"the spectator's page is not connected: state {state!r}, bar {message!r},"
-                    f" page errors {page.errors}; what happened:\n" + "\n".join(page.trail))
 
 
 def test_a_spectator_watches_without_typing_and_is_told_of_the_revocation(server, browser,
