@@ -24,6 +24,7 @@ from capsule.core.errors import CapsuleError, SessionNotFound
 from capsule.core.kept import KEPT_LIMIT, SNAPSHOT_NOT_FOUND, Snapshot, check_snapshot_name
 from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER
 from capsule.core.ratelog import RateLimitedLog
+from capsule.core.spec import ContainerSpec
 
 _log = Logger()
 
@@ -73,6 +74,32 @@ def own_volumes(labels: dict) -> dict[str, str]:
 
 def own_volumes_label(volumes: dict[str, str]) -> str:
     return ",".join(f"{mount}={name}" for mount, name in sorted(volumes.items()))
+
+
+def from_snapshot(spec: ContainerSpec, snapshot: Snapshot) -> ContainerSpec:
+    """
+    A session's container C{spec} made from C{snapshot} instead: of its
+    image, mounting its volumes (but where the spec mounts a volume of its
+    own), which the container owns (a label says which).
+    """
+    taken = {target for _, target in spec.volumes}
+    volumes = spec.volumes + tuple((name, mount) for mount, name in
+                                   sorted(snapshot.volumes.items()) if mount not in taken)
+    labels = spec.labels
+    if snapshot.volumes:
+        labels = {**labels, LABEL_OWN_VOLUMES: own_volumes_label(snapshot.volumes)}
+    return replace(spec, image=snapshot.image, labels=labels, volumes=volumes)
+
+
+def holder_spec(spec: ContainerSpec) -> ContainerSpec:
+    """
+    A container that mounts a named snapshot's volumes, to be copied from
+    (L{Forks.start_snapshot}), from a session's C{spec} made from it
+    (L{from_snapshot}): without secrets, never given to anyone, owning
+    nothing.
+    """
+    labels = {k: v for k, v in spec.labels.items() if k != LABEL_OWN_VOLUMES}
+    return replace(spec, labels=labels, secrets={}, environment={})
 
 
 class Forks:

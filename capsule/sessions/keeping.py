@@ -272,6 +272,21 @@ class Keeping:
             return fail(NotKept("the session is starting or over: it cannot be put away"))
         return self._keep(session, reason, retention)
 
+    def grace_ended(self, session) -> bool:
+        """
+        (The manager's.)  The grace period of C{session}, waiting for a
+        client, ended: put it away where its profile keeps sessions (and it
+        ran, and is no untaken warm one); return whether it is.
+        """
+        if (not session.state.waiting or session.container_id is None or session.untaken
+                or self.retention_of(self._settings(session)) <= 0):
+            return False
+        d = self.put_away(session, GRACE)
+        d.addErrback(lambda f: _log.info("session {session_id} could not be put away:"
+                                         " {error}", session_id=session.id[:8],
+                                         error=f.getErrorMessage()))
+        return True
+
     def _keep(self, session, reason: str, retention: float, why: str | None = None
               ) -> Deferred:
         d = Deferred()
