@@ -114,7 +114,7 @@ class SessionManager:
         self.observers = SessionObservers([self.metrics, owners, *observers])
         # Starting sessions' shells in their containers (and attaching again).
         self.shells = ShellStarter(
-            docker, config, settings=lambda s: s.settings or self.profiles[DEFAULT_PROFILE],
+            docker, lambda: self.config, settings=lambda s: s.settings or self.profiles[DEFAULT_PROFILE],
             has_volume=self._has_volume, direct=self._direct, door=door,
             observers=self.observers)
         self.recovery = Recovery(self, docker, owners)

@@ -30,6 +30,7 @@ class ShellStarter:
     """
     Starts sessions' shells (L{spawn}).
 
+    @param config: the manager's configuration, as it is when asked.
     @param settings: a session's profile (its own, else the default).
     @param has_volume: whether a user's sessions get an agent volume.
     @param direct: the direct path to keepers, or C{None}: relay execs only.
@@ -37,17 +38,21 @@ class ShellStarter:
     @param observers: told a session's output and its listening ports.
     """
 
-    def __init__(self, docker, config: SessionConfig, *,
+    def __init__(self, docker, config: Callable[[], SessionConfig], *,
                  settings: Callable[[Session], Profile],
                  has_volume: Callable[[str | None], bool], direct, door, observers) -> None:
         self._docker = docker
-        self.config = config
+        self._config = config
         self._settings = settings
         self._has_volume = has_volume
         self._direct = direct
         self._door = door
         self.observers = observers
         self._direct_failed_logged = False
+
+    @property
+    def config(self) -> SessionConfig:
+        return self._config()
 
     async def spawn(self, session: Session, offset: int,
                     secret: bytes | None = None) -> None:
