@@ -1,7 +1,7 @@
 """
-The pure parts of capsule.engine.snapshots: Docker's times, the cgroup's
-CPU counters, the paths capsule reads and writes, a file's last bytes from
-an archive.  The calls themselves are in the Docker contract
+The pure parts of capsule.engine.snapshots and capsule.engine.container_files:
+Docker's times, the cgroup's CPU counters, the paths capsule reads and
+writes, a file's last bytes from an archive.  The calls themselves are in the Docker contract
 (tests/docker_contract.py).
 """
 
@@ -11,8 +11,11 @@ import tarfile
 import pytest
 
 from capsule.engine import snapshots
-from capsule.engine.snapshots import (KeptContainers, _absolute, _Chunks, _last_bytes, _parts,
-                                      _snapshot_volumes, docker_time)
+from capsule.engine.container_files import Chunks as _Chunks
+from capsule.engine.container_files import absolute_path as _absolute
+from capsule.engine.container_files import last_bytes as _last_bytes
+from capsule.engine.container_files import path_parts as _parts
+from capsule.engine.snapshots import KeptContainers, _snapshot_volumes, docker_time
 
 ID = "a" * 64
 

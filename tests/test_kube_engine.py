@@ -1,7 +1,7 @@
 """
-The Kubernetes engine's pure parts (capsule/engine/kubernetes.py): the pod
-made of a ContainerSpec, what a pod's status says as Docker's State, the
-exec stream's Status.  The engine against an API server is
+The Kubernetes engine's pure parts (capsule/engine/kube_pods.py,
+kube_execs.py, kube_exec.py): the pod made of a ContainerSpec, what a pod's
+status says as Docker's State, an exec's command, the exec stream's Status.  The engine against an API server is
 tests/integration/test_kube_contract.py.
 """
 
@@ -11,9 +11,10 @@ import pytest
 
 from capsule.core.spec import ContainerSpec
 from capsule.engine.kube_exec import exit_code
-from capsule.engine.kubernetes import (LABELS_ANNOTATION, Unsupported, capsule_labels,
-                                       docker_bytes, exec_argv, pod_manifest,
-                                       pod_state, volume_claim_name)
+from capsule.engine.kube_pods import (LABELS_ANNOTATION, Unsupported, capsule_labels,
+                                      docker_bytes, pod_manifest, pod_state,
+                                      volume_claim_name)
+from capsule.engine.kube_execs import exec_argv
 
 
 def test_pod_manifest_and_helpers():

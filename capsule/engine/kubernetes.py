@@ -18,7 +18,9 @@ its Docker containers as a security context (uid L{RUN_AS_USER}, non-root,
 every capability dropped, no privilege escalation, the runtime's default
 seccomp profile, a read-only root as an option), an optional RuntimeClass
 (C{spec.runtime}: gVisor, Kata), and capsule's labels (instance, session,
-user, profile...).  Named volumes are PersistentVolumeClaims.
+user, profile...).  Named volumes are PersistentVolumeClaims.  The manifest,
+and what a pod read back says, are L{capsule.engine.kube_pods}'s; the execs
+L{capsule.engine.kube_execs}'s (L{PodExecs}, a base of L{KubernetesAPI}).
 
 What Docker can do and a cluster cannot, this engine refuses with
 L{Unsupported} (a L{DockerError}) rather than pretend: networks (the
@@ -29,233 +31,39 @@ sizes, CPU weights of a running pod, stopped containers and snapshots.
 from __future__ import annotations
 
 import json
-import re
 import threading
-import uuid
 from datetime import datetime
 from typing import Callable
-from urllib.parse import urlencode, urlsplit
 
 import kubernetes.client
 import urllib3.exceptions
-import urllib3.util
 from kubernetes.client.exceptions import ApiException
-from twisted.internet import ssl, task
+from twisted.internet import task
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from capsule.core.counting import Uncounted
-from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable, ImageMissing
+from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable
 from capsule.core.interfaces import IDockerAPI
 from capsule.core.keeper import SECRET_LABEL, parse_secret
 from capsule.core.spec import ContainerSpec
-from capsule.engine.command import OutputCollector
-from capsule.engine.kube_exec import ExecClientFactory, ExecStream
+# (The pods' and the execs' names are this module's too, as they were.)
+from capsule.engine.kube_execs import PodExecs, exec_argv  # noqa: F401
+from capsule.engine.kube_pods import (CONTAINER, LABELS_ANNOTATION, RUN_AS_USER,  # noqa: F401
+                                      Unsupported, capsule_labels, docker_bytes,
+                                      label_value_valid, pod_failed, pod_manifest, pod_name,
+                                      pod_started, pod_state, volume_claim_name)
 
 _log = Logger()
 
-# The uid (and gid) session pods run as: the session image's user.
-RUN_AS_USER = 1000
-# The one container of a session's pod.
-CONTAINER = "session"
-# All of capsule's labels, exactly, as JSON: label values are limited (63
-# characters of [A-Za-z0-9._-]); annotations are not.
-LABELS_ANNOTATION = "io.capsule.labels"
-# Waiting reasons of a container whose image cannot be had.
-IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
-# Waiting reasons that do not pass by themselves.
-STUCK = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError",
-         "CrashLoopBackOff"}
 HEALTH_THREADS = 2
-# Where a read-only root's writable places are (as capsule.engine.docker).
-READ_ONLY_VOLUMES = ("/workspace", "/home/developer")
-READ_ONLY_TMPFS = {"/tmp": "512Mi", "/run": "16Mi"}
-
-_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?\Z")
-_DOCKER_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([bkmgt]?)b?\Z", re.IGNORECASE)
-
-
-class Unsupported(DockerError):
-    """
-    What Docker does and a Kubernetes cluster cannot.
-    """
-
-
-def pod_name() -> str:
-    """
-    A new session pod's name: random, unrelated to its session's id.
-    """
-    return f"capsule-{uuid.uuid4().hex}"
-
-
-def docker_bytes(size: str) -> int:
-    """
-    A Docker size (C{"4g"}, C{"512m"}, C{"100000"}: powers of 1024) in bytes.
-    """
-    m = _DOCKER_SIZE.match(str(size).strip())
-    if not m:
-        raise ValueError(f"not a size: {size!r}")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower()))
-
-
-def label_value_valid(value: str) -> bool:
-    return isinstance(value, str) and len(value) <= 63 and bool(_LABEL_VALUE.match(value))
-
-
-def volume_claim_name(volume: str) -> str:
-    """
-    The PersistentVolumeClaim of a named volume: a DNS-1123 name.
-    """
-    name = re.sub(r"[^a-z0-9-]+", "-", volume.lower()).strip("-")[:200] or "volume"
-    return name if name[0].isalnum() else f"v{name}"
-
-
-def pod_manifest(name: str, spec: ContainerSpec, run_as: int = RUN_AS_USER,
-                 memory_request: float = 1.0) -> dict:
-    """
-    The pod of a session made from C{spec}.
-
-    @param memory_request: the memory request as a share of the limit.
-
-    @raise Unsupported: for what a pod cannot be given (passwordless sudo).
-    """
-    if spec.allow_sudo:
-        raise Unsupported("passwordless sudo (--allow-sudo) needs a set-uid program and"
-                          " privilege escalation, which session pods never get")
-    labels = {k: v for k, v in spec.labels.items() if label_value_valid(v)}
-    memory = docker_bytes(spec.memory)
-    limits = {"memory": str(memory), "cpu": f"{int(round(spec.cpus * 1000))}m"}
-    # The kubelet gives a container CPU shares of request * 1024: the
-    # inverse of that is the request of capsule's weight.
-    requests = {"memory": str(int(memory * memory_request)),
-                "cpu": f"{max(1, int(spec.cpu_shares * 1000 / 1024))}m"}
-    if spec.disk is not None:
-        limits["ephemeral-storage"] = str(docker_bytes(spec.disk))
-    security = {
-        "runAsUser": run_as, "runAsGroup": run_as, "runAsNonRoot": True,
-        "allowPrivilegeEscalation": False, "privileged": False,
-        "capabilities": {"drop": ["ALL"], **({"add": list(spec.cap_add)} if spec.cap_add
-                                             else {})},
-        "seccompProfile": {"type": "RuntimeDefault"},
-        "readOnlyRootFilesystem": bool(spec.read_only_root),
-    }
-    volumes, mounts = [], []
-    for volume, target in spec.volumes:
-        key = f"v{len(volumes)}"
-        volumes.append({"name": key, "persistentVolumeClaim": {
-            "claimName": volume_claim_name(volume)}})
-        mounts.append({"name": key, "mountPath": target})
-    if spec.read_only_root:
-        for target in READ_ONLY_VOLUMES:
-            key = f"v{len(volumes)}"
-            volumes.append({"name": key, "emptyDir": {}})
-            mounts.append({"name": key, "mountPath": target})
-        for target, size in READ_ONLY_TMPFS.items():
-            key = f"v{len(volumes)}"
-            volumes.append({"name": key, "emptyDir": {"medium": "Memory", "sizeLimit": size}})
-            mounts.append({"name": key, "mountPath": target})
-    environment = {**spec.environment, **spec.secrets}
-    pod = {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "labels": labels,
-                     "annotations": {LABELS_ANNOTATION: json.dumps(spec.labels, sort_keys=True)}},
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "enableServiceLinks": False,
-            # A PID 1 that reaps zombies (the pause container), as Docker's
-            # --init gives capsule's containers.
-            "shareProcessNamespace": True,
-            "hostname": spec.hostname,
-            "terminationGracePeriodSeconds": 10,
-            "securityContext": {"runAsUser": run_as, "runAsGroup": run_as, "fsGroup": run_as,
-                                "runAsNonRoot": True,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{
-                "name": CONTAINER, "image": spec.image, "command": list(spec.command),
-                "workingDir": spec.workdir,
-                "env": [{"name": k, "value": v} for k, v in environment.items()],
-                "resources": {"limits": limits, "requests": requests},
-                "securityContext": security,
-                "volumeMounts": mounts,
-            }],
-            "volumes": volumes,
-        },
-    }
-    if spec.runtime:
-        pod["spec"]["runtimeClassName"] = spec.runtime
-    return pod
-
-
-def capsule_labels(pod: dict) -> dict[str, str]:
-    """
-    capsule's labels of a pod, exactly as its spec gave them.
-    """
-    metadata = pod.get("metadata") or {}
-    try:
-        kept = json.loads((metadata.get("annotations") or {}).get(LABELS_ANNOTATION) or "{}")
-    except ValueError:
-        kept = {}
-    labels = dict(metadata.get("labels") or {})
-    if isinstance(kept, dict):
-        labels.update({str(k): str(v) for k, v in kept.items()})
-    return labels
-
-
-def _container_status(pod: dict) -> dict:
-    statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    return next((s for s in statuses if s.get("name") == CONTAINER), statuses[0] if statuses
-                else {})
-
-
-def pod_state(pod: dict) -> dict:
-    """
-    A pod as Docker's C{State} of its container: C{Status}, C{Running},
-    C{OOMKilled}, C{ExitCode}..., and the cluster's C{Reason} (C{Evicted},
-    C{OOMKilled}, C{ErrImagePull}...).
-    """
-    status = pod.get("status") or {}
-    state = _container_status(pod).get("state") or {}
-    phase = status.get("phase")
-    terminated, waiting = state.get("terminated"), state.get("waiting")
-    running = "running" in state and phase == "Running"
-    answer = {"Status": "running" if running else "exited" if terminated or phase in (
-                  "Succeeded", "Failed") else "created",
-              "Running": running, "Paused": False, "Restarting": False,
-              "OOMKilled": bool(terminated and terminated.get("reason") == "OOMKilled"),
-              "Dead": False, "Pid": 0,
-              "ExitCode": int(terminated.get("exitCode", 0)) if terminated else 0,
-              "Error": (terminated or waiting or {}).get("message") or status.get("message")
-              or "",
-              "StartedAt": (state.get("running") or terminated or {}).get("startedAt") or "",
-              "FinishedAt": (terminated or {}).get("finishedAt") or "",
-              "Reason": status.get("reason") or (terminated or waiting or {}).get("reason")
-              or "",
-              "Phase": phase}
-    if "deletionTimestamp" in (pod.get("metadata") or {}):
-        answer["Status"] = "removing"
-    return answer
-
-
-def exec_argv(argv, workdir: str | None, env: dict[str, str]) -> list[str]:
-    """
-    C{argv} run in C{workdir} with C{env} added: pods/exec has neither, so
-    a shell sets them and then becomes the program.
-    """
-    argv = list(argv)
-    if not workdir and not env:
-        return argv
-    program = ["env", *[f"{k}={v}" for k, v in env.items()], *argv] if env else argv
-    return ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", workdir or ".", *program]
 
 
 @implementer(IDockerAPI)
-class KubernetesAPI:
+class KubernetesAPI(PodExecs):
     """
     @param configuration: a C{kubernetes.client.Configuration} (from
         L{kube_configuration}: a kubeconfig, or the pod's service account).
@@ -443,7 +251,7 @@ class KubernetesAPI:
             pod, version = await self._call(self._thd_watch_start, name, version, left)
             if pod is None:
                 raise ContainerGone("the session's pod was deleted while it started")
-            if _started(pod):
+            if pod_started(pod):
                 return
 
     def _thd_watch_start(self, name: str, version: str | None, left: float):
@@ -460,7 +268,7 @@ class KubernetesAPI:
                     return None, None
                 raise
             version = pod["metadata"]["resourceVersion"]
-            if _started(pod) or _failed(pod):
+            if pod_started(pod) or pod_failed(pod):
                 return pod, version
         client = self._thd_client()
         try:
@@ -488,9 +296,9 @@ class KubernetesAPI:
                 if kind == "DELETED":
                     return None, version
                 pod = obj
-                if _started(pod):
+                if pod_started(pod):
                     return pod, version
-                _failed(pod)
+                pod_failed(pod)
         except urllib3.exceptions.HTTPError as e:
             raise self._unavailable(e) from None
         finally:
@@ -624,146 +432,6 @@ class KubernetesAPI:
                     parse_secret(capsule_labels(pod).get(SECRET_LABEL)))
         return Deferred.fromCoroutine(address())
 
-    # -- execs -------------------------------------------------------------
-
-    def spawn_exec(self, process_protocol, container_id: str, argv, user: str,
-                   workdir: str, env: dict[str, str], size: tuple[int, int] | None,
-                   tty: bool = True) -> Deferred:
-        return Deferred.fromCoroutine(self._spawn_exec(
-            process_protocol, container_id, argv, user, workdir, env, size, tty))
-
-    async def _spawn_exec(self, process_protocol, container_id, argv, user, workdir, env,
-                          size, tty):
-        if user not in self._exec_users:
-            raise Unsupported(f"an exec as {user!r}: a pod's execs run as its user")
-        query = [("command", a) for a in exec_argv(argv, workdir, env)] + [
-            ("container", CONTAINER), ("stdin", "true"), ("stdout", "true"),
-            ("stderr", "false" if tty else "true"), ("tty", "true" if tty else "false")]
-        path = (f"/api/v1/namespaces/{self.namespace}/pods/{container_id}/exec?"
-                + urlencode(query))
-        headers = await self._call(self._thd_headers)
-        stream = ExecStream(self._reactor, container_id, process_protocol, tty)
-        factory = ExecClientFactory(stream, self._ws_url(path), headers)
-        try:
-            await self._endpoint().connect(factory)
-        except Exception as e:
-            raise self._unavailable(e) from None
-        stream.upgraded.addTimeout(self._timeout, self._reactor)
-        await stream.upgraded
-        if tty and size is not None:
-            stream.resize(*size)
-        return stream
-
-    def _thd_headers(self) -> dict[str, str]:
-        configuration = self._configuration
-        hook = getattr(configuration, "refresh_api_key_hook", None)
-        if hook is not None:
-            hook(configuration)
-        headers = {"User-Agent": "capsule"}
-        token = configuration.get_api_key_with_prefix("authorization")
-        if token:
-            headers["Authorization"] = token
-        elif configuration.username or configuration.password:
-            headers.update(urllib3.util.make_headers(
-                basic_auth=f"{configuration.username}:{configuration.password}"))
-        return headers
-
-    def _ws_url(self, path: str) -> str:
-        url = urlsplit(self.host)
-        scheme = "wss" if url.scheme == "https" else "ws"
-        return f"{scheme}://{url.netloc}{url.path.rstrip('/')}{path}"
-
-    def _endpoint(self):
-        url = urlsplit(self.host)
-        https = url.scheme == "https"
-        endpoint = HostnameEndpoint(self._reactor, url.hostname,
-                                    url.port or (443 if https else 80), timeout=self._timeout)
-        if not https:
-            return endpoint
-        configuration = self._configuration
-        client_certificate = None
-        if configuration.cert_file and configuration.key_file:
-            with open(configuration.cert_file, "rb") as c, open(configuration.key_file,
-                                                                  "rb") as k:
-                client_certificate = ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
-        if not configuration.verify_ssl:
-            options = ssl.CertificateOptions(
-                verify=False, **({"privateKey": client_certificate.privateKey.original,
-                                  "certificate": client_certificate.original}
-                                 if client_certificate else {}))
-        else:
-            trust = None
-            if configuration.ssl_ca_cert:
-                with open(configuration.ssl_ca_cert, "rb") as f:
-                    trust = ssl.Certificate.loadPEM(f.read())
-            options = ssl.optionsForClientTLS(
-                getattr(configuration, "tls_server_name", None) or url.hostname,
-                trustRoot=trust, clientCertificate=client_certificate)
-        return wrapClientTLS(options, endpoint)
-
-    def run_command(self, container_id: str, argv, user: str, workdir: str,
-                    env: dict[str, str], stdin=b"", max_output: int = 1024 * 1024,
-                    timeout: float | None = None) -> Deferred:
-        return Deferred.fromCoroutine(self._run_command(
-            container_id, argv, user, workdir, env, stdin, max_output, timeout))
-
-    async def _run_command(self, container_id, argv, user, workdir, env, stdin, max_output,
-                           timeout):
-        collector = OutputCollector(max_output)
-        stream = await self.spawn_exec(collector, container_id, argv, user, workdir, env,
-                                       None, tty=False)
-        timer = None
-
-        def cut() -> None:
-            collector.cut = True
-            stream.abort()
-
-        if timeout is not None:
-            timer = self._reactor.callLater(timeout, cut)
-        failed = None
-        try:
-            if callable(stdin):
-                await stdin(stream)
-            elif stdin:
-                stream.write(stdin)
-            stream.close_input()
-        except Exception:
-            failed = Failure()
-            stream.abort()
-        try:
-            result = await collector.done
-        finally:
-            if timer is not None and timer.active():
-                timer.cancel()
-        if failed is not None:
-            failed.raiseException()
-        return result
-
-    def export_workspace(self, container_id: str, path: str,
-                         write: Callable[[bytes], None]) -> Deferred:
-        """
-        C{path} as a tar archive, made by C{tar} in the pod (as C{kubectl
-        cp} does): each chunk of its output is given to C{write} on an
-        export thread, and the stream is paused meanwhile.
-        """
-        return Deferred.fromCoroutine(self._export(container_id, path, write))
-
-    async def _export(self, container_id, path, write):
-        parent, _, name = path.rstrip("/").rpartition("/")
-        exporter = _Exporter(self._reactor, self._export_pool, write)
-        try:
-            stream = await self.spawn_exec(
-                exporter, container_id, ["tar", "-C", parent or "/", "-cf", "-", name or "."],
-                "", "", {}, None, tty=False)
-        except ContainerGone:
-            raise ContainerGone(f"{path} cannot be exported: the session's pod is gone"
-                                ) from None
-        stream.close_input()
-        code = await exporter.done
-        if code != 0:
-            raise DockerError(f"exporting {path} failed (tar exited with {code}):"
-                              f" {exporter.errors[:300].decode('utf-8', 'replace')}")
-
     # -- kept sessions: what pods cannot do ----------------------------------
 
     def stop_container(self, container_id, timeout=10):
@@ -829,30 +497,6 @@ class KubernetesAPI:
         return self.snapshot_container(None, None, None, {})
 
 
-def _started(pod: dict) -> bool:
-    """
-    Whether the pod's container runs or ran (it started: as Docker's start).
-    """
-    state = _container_status(pod).get("state") or {}
-    return "running" in state or "terminated" in state or (pod.get("status") or {}).get(
-        "phase") in ("Running", "Succeeded", "Failed")
-
-
-def _failed(pod: dict) -> None:
-    """
-    Raise if the pod's container cannot start.
-    """
-    waiting = (_container_status(pod).get("state") or {}).get("waiting") or {}
-    reason, message = waiting.get("reason"), waiting.get("message") or ""
-    image = ((pod.get("spec") or {}).get("containers") or [{}])[0].get("image")
-    if reason in IMAGE_ERRORS:
-        raise ImageMissing(f"the session image {image} cannot be had by the cluster ({reason}:"
-                           f" {message[:200]}): push it to a registry its nodes pull from, or"
-                           " name one that exists")
-    if reason in STUCK:
-        raise DockerError(f"the session's pod cannot start ({reason}: {message[:300]})")
-
-
 def _lines(response):
     buffer = b""
     for chunk in response.stream(4096, decode_content=True):
@@ -891,52 +535,6 @@ def _status(error: ApiException) -> str:
 def _short(error: Exception) -> str:
     text = str(error) or type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-class _Exporter(OutputCollector):
-    """
-    An export's process protocol: stdout to C{write} on the export pool,
-    one chunk at a time (the stream paused meanwhile); stderr kept.
-    """
-
-    def __init__(self, reactor, pool, write) -> None:
-        super().__init__(0)
-        self._reactor, self._pool, self._write = reactor, pool, write
-        self._queue = Deferred()
-        self._queue.callback(None)
-        self.errors = b""
-        self.failure: Failure | None = None
-        self.done = Deferred()
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        if fd == 2:
-            self.errors = (self.errors + data)[:4096]
-            return
-        if fd != 1 or self.failure is not None:
-            return
-        self.transport.pauseProducing()
-
-        def write(_):
-            return deferToThreadPool(self._reactor, self._pool, self._write, data)
-
-        def written(result):
-            if isinstance(result, Failure):
-                self.failure = result
-                self.transport.abort()
-            else:
-                self.transport.resumeProducing()
-        self._queue.addCallback(write)
-        self._queue.addBoth(written)
-
-    def processEnded(self, reason: Failure) -> None:
-        code = getattr(reason.value, "exitCode", None)
-
-        def finish(_):
-            if self.failure is not None:
-                self.done.errback(self.failure)
-            else:
-                self.done.callback(code)
-        self._queue.addCallback(finish)
 
 
 def kube_configuration(kubeconfig: str | None = None, context: str | None = None):

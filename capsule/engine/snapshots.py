@@ -28,12 +28,12 @@ and a link is refused (writing) or taken for no file (reading).  A program
 in a running container could swap a directory for a link between that look
 and the copy; what it could reach that way is its own container's files,
 under the name asked for: write to a stopped container where that matters
-(a kept session's screen is written after its container stopped).
+(a kept session's screen is written after its container stopped).  The
+paths, the stat and the archive's bytes are L{capsule.engine.container_files}'s.
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import posixpath
@@ -53,6 +53,14 @@ from twisted.logger import Logger
 from capsule.core.errors import ContainerGone, DockerError
 from capsule.core.keeper import SECRET_LABEL
 from capsule.core.kept import Snapshot
+# (Imported under the names the calls below have always used.)
+from capsule.engine.container_files import (DIRECTORY_MODE, READ_SCAN_LIMIT,
+                                           Chunks as _Chunks, GO_DIR as _GO_DIR,
+                                           GO_SYMLINK as _GO_SYMLINK, GO_TYPE as _GO_TYPE,
+                                           absolute_path as _absolute,
+                                           last_bytes as _last_bytes,
+                                           path_parts as _parts, thd_exists as _thd_exists,
+                                           thd_stat as _thd_stat)
 
 _log = Logger()
 
@@ -80,15 +88,6 @@ COPIER_PIDS = 32
 COPIER_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID"]
 COPIER_MOUNT_FROM = "/capsule-copy-from"
 COPIER_MOUNT_TO = "/capsule-copy-to"
-# The most of a file read_file reads through (it keeps the last max_bytes):
-# a bigger file is taken for none.
-READ_SCAN_LIMIT = 64 * 1024 * 1024
-# Directories put_file makes: the container's user's own.
-DIRECTORY_MODE = 0o700
-# The Go FileMode bits of the archive API's path stat.
-_GO_DIR = 1 << 31
-_GO_SYMLINK = 1 << 27
-_GO_TYPE = (1 << 31) | (1 << 27) | (1 << 26) | (1 << 25) | (1 << 24) | (1 << 21) | (1 << 19)
 # Docker's states of a container that is (or is about to be) running.
 _LIVE_STATES = ("running", "paused", "restarting")
 
@@ -548,73 +547,6 @@ def _thd_remove_volumes(client, names) -> None:
             pass
 
 
-def _thd_exists(client, container_id: str) -> None:
-    try:
-        client.inspect_container(container_id)
-    except docker.errors.NotFound:
-        raise ContainerGone("the session's container no longer exists") from None
-
-
-def _thd_stat(client, container_id: str, path: str) -> dict | None:
-    """
-    The archive API's stat of C{path} in the container (its last part not
-    followed), or C{None} if there is no such path.
-    """
-    response = client.head(client._url("/containers/{0}/archive", container_id),
-                           params={"path": path}, timeout=client.timeout)
-    if response.status_code == 404:
-        return None
-    client._raise_for_status(response)
-    header = response.headers.get("X-Docker-Container-Path-Stat") or ""
-    try:
-        found = json.loads(base64.b64decode(header))
-        found["mode"] = int(found["mode"])
-    except (ValueError, KeyError, TypeError):
-        raise DockerError(f"Docker's answer about {path} could not be read") from None
-    return found
-
-
-class _Chunks:
-    """
-    A stream's chunks as a file that tarfile reads.
-    """
-
-    def __init__(self, chunks) -> None:
-        self._chunks = iter(chunks)
-        self._left = b""
-
-    def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._left) < size:
-            chunk = next(self._chunks, b"")
-            if not chunk:
-                break
-            self._left += chunk
-        if size < 0:
-            size = len(self._left)
-        data, self._left = self._left[:size], self._left[size:]
-        return data
-
-
-def _last_bytes(raw, max_bytes: int) -> bytes | None:
-    """
-    The last C{max_bytes} of the one regular file of the tar stream C{raw}.
-    """
-    with tarfile.open(fileobj=raw, mode="r|") as tar:
-        entry = tar.next()
-        if entry is None or not entry.isreg() or entry.size > READ_SCAN_LIMIT:
-            return None
-        f = tar.extractfile(entry)
-        kept = bytearray()
-        while True:
-            chunk = f.read(256 * 1024)
-            if not chunk:
-                break
-            kept += chunk
-            if len(kept) > max_bytes:
-                del kept[:len(kept) - max_bytes]
-        return bytes(kept) if max_bytes > 0 else b""
-
-
 def _cgroup_seconds(pattern: str, text: str) -> float | None:
     if pattern.endswith("cpu.stat"):
         for line in text.splitlines():
@@ -655,21 +587,6 @@ def _image_config(client, info: dict) -> dict:
 
 def _label_filter(labels: dict[str, str]) -> dict:
     return {"label": [f"{k}={v}" for k, v in labels.items()]}
-
-
-def _absolute(path: str) -> str:
-    if (not isinstance(path, str) or not path.startswith("/") or "\0" in path
-            or posixpath.normpath(path) != path or path == "/"):
-        raise ValueError(f"not a normal absolute path of a file: {path!r}")
-    return path
-
-
-def _parts(path: str) -> list[str]:
-    """
-    C{/a/b/c} -> C{["/a", "/a/b", "/a/b/c"]}.
-    """
-    names = path.strip("/").split("/")
-    return ["/" + "/".join(names[: at + 1]) for at in range(len(names))]
 
 
 def docker_time(text) -> float:

@@ -15,26 +15,25 @@ small JSON file beside the owners' (L{KeptRecords}).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 import time
 import uuid
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from capsule.core.errors import CapsuleError, ContainerGone, SessionNotFound
 from capsule.core.keeper import encode_screen
-from capsule.core.kept import (GRACE, KEPT_LIMIT, PUT_AWAY, REASONS, SCREEN_MAX_BYTES,
-                               SNAPSHOT_NOT_FOUND, STOPPED, KeptSession, Snapshot,
-                               check_snapshot_name, closing_outcome, screen_path)
-from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER
-from capsule.core.ratelog import RateLimitedLog
-from capsule.engine import forks
+from capsule.core.kept import (GRACE, PUT_AWAY, REASONS, SCREEN_MAX_BYTES, STOPPED,
+                               KeptSession, closing_outcome, screen_path)
+from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE
+# (Forks and snapshots, and the records' file, have modules of their own;
+# their names are also this module's, as they were before.)
+from capsule.sessions.forks import (LABEL_OWN_VOLUMES, LABEL_SNAPSHOT,  # noqa: F401
+                                    SNAPSHOT_REPOSITORY, Forks, KeptLimit, SnapshotExists,
+                                    SnapshotNotFound, own_volumes, own_volumes_label,
+                                    user_hash)
+from capsule.sessions.kept_records import KeptRecords
 
 _log = Logger()
 
@@ -42,12 +41,6 @@ LABEL_SESSION = "io.capsule.session"
 # A warm container (made for a pool, never taken yet): stopped, it is
 # nobody's session and goes as a leftover.
 LABEL_WARM = "io.capsule.warm"
-# The volumes a session made from a snapshot, or forked, mounts (copies,
-# its own: removed with it): "MOUNT=NAME" joined by ",".
-LABEL_OWN_VOLUMES = forks.LABEL_OWN_VOLUMES
-LABEL_SNAPSHOT = "io.capsule.snapshot"
-# The image repository of snapshots and forks.
-SNAPSHOT_REPOSITORY = "capsule-snapshot"
 
 # The uid and gid of the session image's user, who owns the saved screen.
 SESSION_UID = SESSION_GID = 1000
@@ -68,22 +61,6 @@ class NotKept(CapsuleError):
     """
 
     code = "not_kept"
-
-
-class KeptLimit(CapsuleError):
-    """
-    A user keeps as many snapshots as allowed.
-    """
-
-    code = KEPT_LIMIT
-
-
-class SnapshotNotFound(CapsuleError):
-    code = SNAPSHOT_NOT_FOUND
-
-
-class SnapshotExists(CapsuleError):
-    code = "snapshot_exists"
 
 
 @dataclass(frozen=True)
@@ -134,99 +111,6 @@ def kept_message(reason: str, until: float, why: str | None = None) -> str:
             " (a new shell, the same files)")
 
 
-def user_hash(user: str | None) -> str:
-    """
-    A user's part of a snapshot's image tag: short, and no name in it.
-    """
-    return hashlib.sha256((user or "").encode("utf-8")).hexdigest()[:12]
-
-
-def own_volumes(labels: dict) -> dict[str, str]:
-    """
-    The volumes (mount point -> name) a container made from a snapshot
-    owns, from its labels.
-    """
-    volumes = {}
-    for part in (labels.get(LABEL_OWN_VOLUMES) or "").split(","):
-        mount, sep, name = part.partition("=")
-        if sep and mount.startswith("/") and name:
-            volumes[mount] = name
-    return volumes
-
-
-def own_volumes_label(volumes: dict[str, str]) -> str:
-    return ",".join(f"{mount}={name}" for mount, name in sorted(volumes.items()))
-
-
-class KeptRecords:
-    """
-    What the engine does not carry of kept sessions: C{{session_id: {"user",
-    "reason", "kept_at"}}} in C{DIRECTORY/kept-INSTANCE.json}, written
-    atomically; C{directory} C{None}: in memory only.
-    """
-
-    def __init__(self, directory: str | None, instance: str) -> None:
-        self.path = None if directory is None else Path(directory) / f"kept-{instance}.json"
-        self._records: dict[str, dict] = {}
-        if self.path is None:
-            return
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            data = {}
-        except (OSError, ValueError) as e:
-            _log.error("cannot read the records of kept sessions from {path}: {error}; kept"
-                       " sessions found at start belong to nobody", path=str(self.path),
-                       error=e)
-            data = {}
-        if isinstance(data, dict):
-            self._records = {k: v for k, v in data.items()
-                             if isinstance(k, str) and isinstance(v, dict)}
-
-    def get(self, session_id: str) -> dict | None:
-        return self._records.get(session_id)
-
-    def taken(self, session_id: str, user: str | None) -> None:
-        """
-        A warm session was taken: a live one's record (no reason yet).
-        """
-        self._write({**self._records, session_id: {"user": user, "reason": None}})
-
-    def put(self, session_id: str, user: str | None, reason: str, kept_at: float) -> None:
-        self._write({**self._records, session_id: {"user": user, "reason": reason,
-                                                   "kept_at": kept_at}})
-
-    def drop(self, session_id: str) -> None:
-        if session_id in self._records:
-            self._write({k: v for k, v in self._records.items() if k != session_id})
-
-    def keep_only(self, session_ids) -> None:
-        ids = set(session_ids)
-        self._write({k: v for k, v in self._records.items() if k in ids})
-
-    def _write(self, records: dict[str, dict]) -> None:
-        if records == self._records and (self.path is None or self.path.exists()
-                                         or not records):
-            return     # (no file is made to say there is nothing)
-        if self.path is not None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".kept-")
-                try:
-                    with os.fdopen(fd, "w", encoding="utf-8") as f:
-                        json.dump(records, f)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(temporary, self.path)
-                except BaseException:
-                    os.unlink(temporary)
-                    raise
-            except OSError as e:
-                _log.error("cannot write the records of kept sessions to {path}: {error}",
-                           path=str(self.path), error=e)
-        self._records = records
-
-
 def _is_uuid(value) -> bool:
     try:
         return str(uuid.UUID(value)) == value
@@ -266,11 +150,11 @@ class Keeping:
         self._busy: dict[str, Deferred] = {}
         self._sizes_at = float("-inf")
         self._prune_at: float | None = None
-        # Refusals a client can repeat at will: logged at a bounded rate.
-        self._refusals = RateLimitedLog(_log)
         # Kept sessions whose container could not be stopped (the engine
         # failed): the sweep tries again.
         self._unstopped: set[str] = set()
+        # Forking and snapshotting sessions, running or kept here.
+        self.forks = Forks(manager, docker, clock, self)
 
     # -- what is kept ------------------------------------------------------------
 
@@ -387,6 +271,21 @@ class Keeping:
         if not session.state.keepable:
             return fail(NotKept("the session is starting or over: it cannot be put away"))
         return self._keep(session, reason, retention)
+
+    def grace_ended(self, session) -> bool:
+        """
+        (The manager's.)  The grace period of C{session}, waiting for a
+        client, ended: put it away where its profile keeps sessions (and it
+        ran, and is no untaken warm one); return whether it is.
+        """
+        if (not session.state.waiting or session.container_id is None or session.untaken
+                or self.retention_of(self._settings(session)) <= 0):
+            return False
+        d = self.put_away(session, GRACE)
+        d.addErrback(lambda f: _log.info("session {session_id} could not be put away:"
+                                         " {error}", session_id=session.id[:8],
+                                         error=f.getErrorMessage()))
+        return True
 
     def _keep(self, session, reason: str, retention: float, why: str | None = None
               ) -> Deferred:
@@ -741,155 +640,37 @@ class Keeping:
         for kept in self._kept.values():
             if kept.container_id in sizes:
                 kept.size = sizes[kept.container_id]
-
-    # -- forks and snapshots ---------------------------------------------------------------
-
-    def _source(self, session_id: str, user: str | None):
-        """
-        The container id and profile of a running or kept session of
-        C{user}; raise L{SessionNotFound}.
-        """
-        live = self._manager.find(session_id, user)
-        if live is not None and live.ready:
-            return live.container_id, live.profile, live.core.user
-        kept = self.find(session_id, user)
-        if kept is not None:
-            return kept.container_id, kept.profile, kept.user
-        raise SessionNotFound(f"session {session_id} does not exist")
-
-    def _snapshot_labels(self, user: str | None, profile: str, **more) -> dict[str, str]:
-        return {**self._manager.labels, LABEL_USER: user or "", LABEL_PROFILE: profile, **more}
+    # -- forks and snapshots (L{Forks}'s) ----------------------------------------------------
 
     def fork(self, session_id: str, user: str | None) -> Deferred:
         """
-        A new session (new id, same user and profile) from a copy of a
-        running or kept session's file system, waiting for its client like
-        one made by the API; fire with its id.
+        L{Forks.fork}: fire with the new session's id.
         """
-        return Deferred.fromCoroutine(self._fork(session_id, user))
-
-    async def _fork(self, session_id: str, user: str | None) -> str:
-        container_id, profile, owner = self._source(session_id, user)
-        # The engine copies the source's files into the new session's
-        # container (IDockerAPI.fork_container).
-        session = self._manager.create(None, 80, 24, user=owner, profile=profile,
-                                       fork_of=container_id)
-        await session.started()
-        new = session.id
-        _log.info("session {session_id}{who} forked into {new}", session_id=session_id[:8],
-                  new=new[:8], who=f" of {owner}" if owner else "", user=owner)
-        return new
-
-    async def _session_from(self, snapshot: Snapshot, user: str | None, profile: str) -> str:
-        """
-        A new session from a temporary snapshot, which it owns: its volumes
-        become the session's, its image's tag goes once the container
-        exists (its layers stay while used).
-        """
-        manager = self._manager
-        try:
-            session = manager.create(None, 80, 24, user=user, profile=profile,
-                                     snapshot=snapshot)
-            await session.started()
-        except BaseException:
-            await self._docker.remove_snapshot(snapshot)
-            raise
-        try:
-            await self._docker.remove_snapshot(replace(snapshot, volumes={}))
-        except Exception as e:
-            _log.warn("could not remove the temporary image {image}: {error}",
-                      image=snapshot.image, error=_error(e))
-        return session.id
-
-    def snapshots(self, user: str | None) -> Deferred:
-        """
-        C{user}'s named snapshots, oldest first.
-        """
-        d = self._docker.list_snapshots(self._snapshot_labels_of(user))
-        return d.addCallback(lambda found: sorted(
-            (s for s in found if s.name), key=lambda s: s.created))
-
-    def _snapshot_labels_of(self, user: str | None) -> dict[str, str]:
-        return {**self._manager.labels, LABEL_USER: user or ""}
+        return self.forks.fork(session_id, user)
 
     def snapshot(self, session_id: str, user: str | None, name: str) -> Deferred:
         """
-        A named copy of a running or kept session's file system.  Fail with
-        C{ValueError} for a bad name, L{SnapshotExists}, L{KeptLimit} past
-        --max-snapshots-per-user, L{SessionNotFound}.
+        L{Forks.snapshot}: fire with the L{Snapshot}.
         """
-        return Deferred.fromCoroutine(self._snapshot(session_id, user, name))
+        return self.forks.snapshot(session_id, user, name)
 
-    async def _snapshot(self, session_id: str, user: str | None, name: str) -> Snapshot:
-        check_snapshot_name(name)
-        container_id, profile, owner = self._source(session_id, user)
-        mine = await self.snapshots(owner)
-        if any(s.name == name for s in mine):
-            raise SnapshotExists(f"there is a snapshot named {name} already: delete it, or"
-                                 " choose another name")
-        if len(mine) >= self.config.max_snapshots:
-            self._refusals.warn(self._clock.seconds(), owner or "", KEPT_LIMIT,
-                                "snapshot refused{who}: {count} snapshots, the most allowed"
-                                " (--max-snapshots-per-user)",
-                                who=f" to {owner}" if owner else "", count=len(mine),
-                                user=owner)
-            raise KeptLimit(f"you keep {len(mine)} snapshots, the most allowed"
-                            f" ({self.config.max_snapshots}): delete one first")
-        tag = f"{self._manager.config.instance}-{user_hash(owner)}-{name}"
-        snapshot = await self._docker.snapshot_container(
-            container_id, SNAPSHOT_REPOSITORY, tag,
-            self._snapshot_labels(owner, profile, **{LABEL_SNAPSHOT: name}))
-        _log.info("session {session_id}{who} saved as snapshot {name}",
-                  session_id=session_id[:8], name=name, who=f" of {owner}" if owner else "",
-                  user=owner)
-        return snapshot
-
-    async def _named(self, name: str, user: str | None) -> Snapshot:
-        for snapshot in await self.snapshots(user):
-            if snapshot.name == name:
-                return snapshot
-        raise SnapshotNotFound(f"there is no snapshot named {name}")
+    def snapshots(self, user: str | None) -> Deferred:
+        """
+        L{Forks.snapshots}: C{user}'s named snapshots, oldest first.
+        """
+        return self.forks.snapshots(user)
 
     def delete_snapshot(self, name: str, user: str | None) -> Deferred:
         """
-        Remove a named snapshot (its image and volumes); fail with
-        L{SnapshotNotFound}.
+        L{Forks.delete_snapshot}.
         """
-        async def delete():
-            snapshot = await self._named(name, user)
-            await self._docker.remove_snapshot(snapshot)
-            _log.info("snapshot {name}{who} deleted", name=name,
-                      who=f" of {user}" if user else "", user=user)
-        return Deferred.fromCoroutine(delete())
+        return self.forks.delete_snapshot(name, user)
 
     def start_snapshot(self, name: str, user: str | None) -> Deferred:
         """
-        A new session from a named snapshot (the snapshot stays as it is:
-        the session gets copies of its volumes); fire with its id.
+        L{Forks.start_snapshot}: fire with the new session's id.
         """
-        return Deferred.fromCoroutine(self._start_snapshot(name, user))
-
-    async def _start_snapshot(self, name: str, user: str | None) -> str:
-        snapshot = await self._named(name, user)
-        profile = snapshot.labels.get(LABEL_PROFILE) or DEFAULT_PROFILE
-        if profile not in self._manager.profiles:
-            profile = DEFAULT_PROFILE
-        # A container that mounts the snapshot's volumes, never started: its
-        # copy is the new session's (the snapshot's own volumes stay its).
-        holder_id = str(uuid.uuid4())
-        spec = self._manager.snapshot_holder_spec(holder_id, snapshot, profile)
-        holder = await self._docker.create_session_container(holder_id, spec)
-        try:
-            copy = await self._docker.snapshot_container(
-                holder, SNAPSHOT_REPOSITORY,
-                f"{self._manager.config.instance}-fork-{uuid.uuid4().hex[:16]}",
-                self._snapshot_labels(user, profile, **{"io.capsule.fork": "true"}))
-        finally:
-            await self._docker.remove_container(holder)
-        new = await self._session_from(copy, user, profile)
-        _log.info("session {new}{who} started from snapshot {name}", new=new[:8], name=name,
-                  who=f" of {user}" if user else "", user=user)
-        return new
+        return self.forks.start_snapshot(name, user)
 
 
 def _command(settings) -> str:

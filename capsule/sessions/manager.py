@@ -5,7 +5,8 @@ expires them, and does the work their lifecycles ask for
 with the clock it is given.
 
 Its other jobs have modules of their own: the shell's stream
-(L{capsule.engine.keeper_stream}), why a stream closed and waiting out the
+(L{capsule.engine.keeper_stream}) and starting it
+(L{capsule.sessions.shell_start}), why a stream closed and waiting out the
 engine (L{capsule.sessions.engine_watch}), CPU fair share
 (L{capsule.sessions.fair_share}), recovery after a restart
 (L{capsule.sessions.recovery}); opening a session for a client is
@@ -26,28 +27,23 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable, SessionNotFound
-from capsule.core.kept import GRACE, Snapshot
-from capsule.core.channels import CHANNEL_ENV
-from capsule.core.keeper import (SECRET_BYTES, SECRET_LABEL, ListeningPorts, has_own_address,
-                                 keeper_argv, keeper_environment, own_ports, parse_secret)
-from capsule.core.kept import screen_path
+from capsule.core.kept import Snapshot
+from capsule.core.keeper import SECRET_BYTES, SECRET_LABEL, has_own_address, parse_secret
 from capsule.core.session_core import ISessionEffects, SessionCore, State
 from capsule.core.profiles import (DEFAULT_PROFILE, LABEL_PROFILE, LABEL_USER, LABEL_VOLUME,
                                    BadRepository, Profile, agent_volume_name, check_repository,
-                                   parse_profile_name, start_command)
+                                   parse_profile_name)
 from capsule.core.replay import ReplayBuffer
 from capsule.core.spec import ContainerSpec
-from capsule.engine.channels import ChannelOptions
-from capsule.engine.keeper_direct import KeeperUnreachable
-from capsule.engine.keeper_stream import ShellProtocol
 from capsule.sessions.engine_watch import EngineWatch
 from capsule.sessions.fair_share import FairShare
-from capsule.sessions.keeping import (LABEL_OWN_VOLUMES, LABEL_WARM, Keeping, own_volumes,
-                                     own_volumes_label)
+from capsule.sessions.forks import from_snapshot, holder_spec
+from capsule.sessions.keeping import LABEL_WARM, Keeping
 from capsule.core.counting import Uncounted
 from capsule.sessions.observers import SessionObservers
 from capsule.sessions.pool import WarmPool, WarmPools
 from capsule.sessions.recovery import Recovery
+from capsule.sessions.shell_start import ShellStarter
 from capsule.sessions.session import (LABEL_INSTANCE, LABEL_MANAGED, LABEL_SESSION, WARM_SIZE,
                                       Session, SessionConfig, shell_profile)
 
@@ -111,12 +107,16 @@ class SessionManager:
         # The direct path to keepers (capsule.engine.keeper_direct), or None:
         # relay execs only.
         self._direct = direct if config.keeper else None
-        self._direct_failed_logged = False
         self._clock = clock
         self.config = config
         self.sessions: dict[str, Session] = {}
         self.metrics = metrics if metrics is not None else Uncounted()
         self.observers = SessionObservers([self.metrics, owners, *observers])
+        # Starting sessions' shells in their containers (and attaching again).
+        self.shells = ShellStarter(
+            docker, lambda: self.config, settings=lambda s: s.settings or self.profiles[DEFAULT_PROFILE],
+            has_volume=self._has_volume, direct=self._direct, door=door,
+            observers=self.observers)
         self.recovery = Recovery(self, docker, owners)
         self.keeping = (Keeping(self, docker, clock, keeping, owners) if keeping is not None
                         else None)
@@ -407,14 +407,7 @@ class SessionManager:
         End a session whose grace period is over, or put it away where its
         profile keeps sessions (L{Keeping}); return whether it ended.
         """
-        if (self.keeping is not None and session.state.waiting
-                and session.container_id is not None and not session.untaken
-                and self.keeping.retention_of(session.settings or self.profiles[DEFAULT_PROFILE])
-                > 0):
-            d = self.keeping.put_away(session, GRACE)
-            d.addErrback(lambda f: _log.info("session {session_id} could not be put away:"
-                                             " {error}", session_id=session.id[:8],
-                                             error=f.getErrorMessage()))
+        if self.keeping is not None and self.keeping.grace_ended(session):
             return session.over
         expired = session.events.expire()
         if expired:
@@ -438,7 +431,7 @@ class SessionManager:
         spec = self._container_spec(session.id, session.settings, core.user,
                                     warm=session.pooled, snapshot=session.snapshot)
         if session.fork_of is not None:
-            creating = Deferred.fromCoroutine(self._fork(session, spec))
+            creating = Deferred.fromCoroutine(self.keeping.forks.make_container(session, spec))
         else:
             creating = self._docker.create_session_container(session.id, spec)
         self._creating.add(creating)
@@ -458,7 +451,7 @@ class SessionManager:
             self._removals.add(d)
             d.addBoth(lambda _: self._removals.discard(d))
             return
-        await self._spawn_shell(session, 0, secret=parse_secret(spec.labels.get(SECRET_LABEL)))
+        await self.shells.spawn(session, 0, secret=parse_secret(spec.labels.get(SECRET_LABEL)))
 
     def _make_failed(self, failure: Failure, session: Session) -> None:
         self.pool.refill()
@@ -471,114 +464,8 @@ class SessionManager:
                          session_id=session.id[:8])
         session.events.stream_failed(message, code)
 
-    async def _spawn_shell(self, session: Session, offset: int,
-                           secret: bytes | None = None) -> None:
-        """
-        Start (or, under the keeper, attach to) the session's shell: its
-        protocol feeds the lifecycle.  Under the keeper, over the direct
-        path where the container has one (C{secret}: a new container's,
-        whose keeper is started first), else (or when that fails) through a
-        relay exec.
-        """
-        settings = session.settings or self.profiles[DEFAULT_PROFILE]
-        spec = settings.spec
-        command, environment = start_command(
-            settings, session.repository,
-            volume=bool(settings.agent_volume and self._has_volume(session.core.user)))
-        # The exec that starts the keeper tells it where to keep the screen
-        # (its own variable: the shell does not get it).
-        shell_environment, environment = environment, keeper_environment(environment,
-                                                                   screen_path(session.id))
-        if (self._direct is not None and has_own_address(spec.network)
-                and self._direct.available):
-            protocol = session.shell = ShellProtocol(session, True, offset,
-                                                     partial(self._heard, session),
-                                                     ports=partial(self._ports_heard, session))
-            start = dict(shell=tuple(command), buffer=self.config.replay_bytes,
-                         socket=self.config.keeper_socket, user=spec.user,
-                         workdir=spec.workdir, env=environment,
-                         secret=secret) if secret is not None else None
-            try:
-                await self._direct.attach(protocol, session.container_id, offset, start)
-                return
-            except KeeperUnreachable as e:
-                if session.shell is not protocol:
-                    return  # let go meanwhile
-                if not self._direct_failed_logged:
-                    self._direct_failed_logged = True
-                    _log.info("session {session_id}'s keeper cannot be reached directly"
-                              " ({reason}): its stream goes through a relay exec (said once)",
-                              session_id=session.id[:8], reason=str(e))
-        channels = None
-        if self.config.keeper and spec.network == "none":
-            channels, environment = self._channels(session, environment)
-        protocol = session.shell = ShellProtocol(session, self.config.keeper, offset,
-                                                 partial(self._heard, session),
-                                                 channels=channels,
-                                                 ports=partial(self._ports_heard, session))
-        if not self.config.keeper:
-            await self._docker.spawn_exec(
-                protocol, session.container_id, list(command), spec.user,
-                spec.workdir, shell_environment, None)
-            return
-        argv = keeper_argv(command, offset, self.config.replay_bytes,
-                           self.config.keeper_socket)
-        await self._docker.spawn_exec(
-            protocol, session.container_id, argv, spec.user, spec.workdir,
-            environment, None, tty=False)
-
-    def _channels(self, session: Session,
-                  environment: dict[str, str]) -> tuple[ChannelOptions, dict[str, str]]:
-        """
-        The channels a session without a network asks of its keeper: the
-        door's port at 127.0.0.1 in its container (if capsule has a door),
-        and capsule's to ports in it (previews); the keeper's exec is told
-        with its environment (the keeper's own: the shell does not get it).
-        """
-        door = self._door
-        port = door.port if door is not None else 0
-        accept = None
-        if door is not None:
-            # A channel's connection is this session's, whatever its address
-            # (the door's factory knows it so, where it can: the egress proxy).
-            for_session = getattr(door.factory, "for_session", None)
-            accept = (partial(for_session, session) if for_session is not None
-                      else door.factory.buildProtocol)
-        return (ChannelOptions(port, accept),
-                {**environment, CHANNEL_ENV: str(port)})
-
-    def _heard(self, session: Session, data: bytes) -> None:
-        """
-        Output of C{session}'s shell, before its lifecycle gets it: someone's
-        session's (not a warm one's, whose output is told when it is taken)
-        is told to the observers.
-        """
-        if not session.pooled:
-            self.observers.session_output(session, data)
-
-    def _ports_heard(self, session: Session, found: ListeningPorts) -> None:
-        """
-        C{session}'s keeper said which TCP ports listen in its container:
-        capsule's own left out, a change is told to the observers and to
-        its client (a warm session's only once it is taken).
-        """
-        settings = session.settings or self.profiles[DEFAULT_PROFILE]
-        own = own_ports(settings.spec.network, self.config.door_port)
-        ports = tuple(port for port in found.ports if port not in own)
-        if (session.ports_known and ports == session.listening_ports
-                and found.more == session.ports_more):
-            return
-        session.listening_ports, session.ports_more = ports, found.more
-        session.ports_known = True
-        if session.pooled or session.over:
-            return
-        self.observers.session_ports(session)
-        tell = getattr(session.client, "session_ports", None)
-        if tell is not None:
-            tell(session)
-
     def reattach(self, session: Session, offset: int) -> None:
-        d = Deferred.fromCoroutine(self._spawn_shell(session, offset))
+        d = Deferred.fromCoroutine(self.shells.spawn(session, offset))
         d.addErrback(self._reattach_failed, session)
 
     def _reattach_failed(self, failure: Failure, session: Session) -> None:
@@ -664,22 +551,6 @@ class SessionManager:
         """
         return user is not None or self.config.local_volumes
 
-    async def _fork(self, session: Session, spec: ContainerSpec) -> str:
-        """
-        A fork's container, and the volume copies it owns (its label says).
-        """
-        container_id = await self._docker.fork_container(session.fork_of, session.id, spec)
-        try:
-            found = await self._docker.list_containers({**self.labels,
-                                                        LABEL_SESSION: session.id})
-        except DockerError as e:
-            _log.warn("the volumes of fork {session_id} are not known: {error}",
-                      session_id=session.id[:8], error=e.message)
-        else:
-            for container in found:
-                if container["id"] == container_id:
-                    session.own_volumes = own_volumes(container["labels"])
-        return container_id
 
     def _spec_of(self, session: Session) -> ContainerSpec:
         """
@@ -721,29 +592,20 @@ class SessionManager:
                   LABEL_PROFILE: settings.name, **secret}
         if warm:
             labels[LABEL_WARM] = "true"
-        image = spec.image
-        if snapshot is not None:
-            image = snapshot.image
-            taken = {target for _, target in volumes}
-            volumes = volumes + tuple((name, mount) for mount, name in
-                                      sorted(snapshot.volumes.items()) if mount not in taken)
-            if snapshot.volumes:
-                labels[LABEL_OWN_VOLUMES] = own_volumes_label(snapshot.volumes)
-        return replace(spec, image=image, labels=labels, environment=environment,
+        spec = replace(spec, labels=labels, environment=environment,
                        secrets=self.config.secrets.for_profile(settings), volumes=volumes,
                        volume_labels=volume_labels)
+        return spec if snapshot is None else from_snapshot(spec, snapshot)
 
     def snapshot_holder_spec(self, holder_id: str, snapshot: Snapshot,
                              profile: str) -> ContainerSpec:
         """
         A container that mounts a named snapshot's volumes, to be copied
-        from (L{Keeping.start_snapshot}): a session's spec without secrets,
+        from (L{capsule.sessions.forks.Forks.start_snapshot}): a session's spec without secrets,
         never given to anyone.
         """
         settings = self.profiles.get(profile) or self.profiles[DEFAULT_PROFILE]
-        spec = self._container_spec(holder_id, settings, None, snapshot=snapshot)
-        labels = {k: v for k, v in spec.labels.items() if k != LABEL_OWN_VOLUMES}
-        return replace(spec, labels=labels, secrets={}, environment={})
+        return holder_spec(self._container_spec(holder_id, settings, None, snapshot=snapshot))
 
     def _remove_container(self, session: Session) -> Deferred:
         container_id = session.container_id
