@@ -129,6 +129,18 @@ def test_a_shell_that_exits_on_its_own_is_removed_not_kept(manager, docker):
     assert manager.keeping.kept(None) == []
 
 
+def test_a_sessions_shell_is_told_how_long_its_files_are_kept(manager, docker, clock,
+                                                                 tmp_path):
+    session, _ = running(manager, docker)
+    spec = docker.containers[session.container_id]["spec"]
+    assert spec.environment["CAPSULE_KEPT_FOR"] == "7 days"
+    spec = ContainerSpec(image="capsule-runtime:latest")
+    profiles = {"shell": Profile(name="shell", spec=spec, retention=0.0)}
+    other = make_manager(docker, clock, str(tmp_path / "other"), profiles=profiles)
+    session, _ = running(other, docker)
+    assert "CAPSULE_KEPT_FOR" not in docker.containers[session.container_id]["spec"].environment
+
+
 def test_a_profile_with_retention_0_is_removed_as_before(docker, clock, tmp_path):
     spec = ContainerSpec(image="capsule-runtime:latest")
     profiles = {"shell": Profile(name="shell", spec=spec, retention=0.0)}

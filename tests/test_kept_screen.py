@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 
 from capsule.core.keeper import (SCREEN_ENV, SCREEN_MAX_END, encode_screen, keeper_argv,
                                  keeper_start_argv, parse_screen)
-from capsule.core.kept import screen_path
+from capsule.core.kept import duration_text, screen_path
 from capsule.core.spec import ContainerSpec
 from capsule.engine.keeper_direct import DirectKeeper
 from capsule.sessions.manager import SessionManager
@@ -122,3 +122,11 @@ def test_encode_screen_refuses_what_no_keeper_believes():
         encode_screen(b"abc", 2)
     with pytest.raises(ValueError):
         encode_screen(b"", SCREEN_MAX_END + 1)
+
+
+@pytest.mark.parametrize("seconds, said", [
+    (7 * 86400, "7 days"), (86400, "1 day"), (36 * 3600, "1 day"), (12 * 3600, "12 hours"),
+    (3600, "1 hour"), (5400, "1 hour"), (120, "2 minutes"), (90, "90 seconds"), (1, "1 second"),
+])
+def test_a_retention_as_people_say_it(seconds, said):
+    assert duration_text(seconds) == said

@@ -129,6 +129,23 @@ class KeptSession:
         }
 
 
+# What a session's shell is told of its retention (the image's banner says
+# it): "7 days", "12 hours"; absent where its sessions are not kept.
+KEPT_FOR_ENV = "CAPSULE_KEPT_FOR"
+
+
+def duration_text(seconds: float) -> str:
+    """
+    A retention as people say it: C{7 days}, C{1 day}, C{12 hours},
+    C{90 minutes}, C{45 seconds} (rounded down to the unit).
+    """
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 120), ("second", 1)):
+        if seconds >= size or unit == "second":
+            count = int(seconds // (60 if unit == "minute" else size))
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    raise AssertionError("unreachable")
+
+
 def closing_outcome(retention: float, grace: float, now: float) -> dict:
     """
     What happens to a session's work when its last tab closes, told to the

@@ -24,8 +24,9 @@ from twisted.logger import Logger
 
 from capsule.core.errors import CapsuleError, ContainerGone, SessionNotFound
 from capsule.core.keeper import encode_screen
-from capsule.core.kept import (GRACE, PUT_AWAY, REASONS, SCREEN_MAX_BYTES, STOPPED,
-                               KeptSession, closing_outcome, screen_path)
+from capsule.core.kept import (GRACE, KEPT_FOR_ENV, PUT_AWAY, REASONS, SCREEN_MAX_BYTES,
+                               STOPPED, KeptSession, closing_outcome, duration_text,
+                               screen_path)
 from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE
 # (Forks and snapshots, and the records' file, have modules of their own;
 # their names are also this module's, as they were before.)
@@ -165,6 +166,15 @@ class Keeping:
         """
         retention = getattr(settings, "retention", None)
         return self.config.retention if retention is None else float(retention)
+
+    def environment(self, settings) -> dict[str, str]:
+        """
+        What a session of profile C{settings} is told of its retention, in
+        its environment (the image's banner says it): C{CAPSULE_KEPT_FOR},
+        where its sessions are kept.
+        """
+        retention = self.retention_of(settings)
+        return {KEPT_FOR_ENV: duration_text(retention)} if retention > 0 else {}
 
     def _settings(self, session):
         return session.settings or self._manager.profiles[DEFAULT_PROFILE]

@@ -588,6 +588,8 @@ class SessionManager:
         environment = dict(spec.environment)
         for more in self._session_environment:
             environment.update(more(session_id, settings))
+        if self.keeping is not None:
+            environment.update(self.keeping.environment(settings))
         labels = {**spec.labels, **self.labels, LABEL_SESSION: session_id,
                   LABEL_PROFILE: settings.name, **secret}
         if warm:

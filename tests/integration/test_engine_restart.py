@@ -179,7 +179,7 @@ async def test_a_dockerd_restart_without_live_restore_keeps_the_session(
                          env={"DOCKER_HOST": engine.host})
     client = await WSClient.connect(server.ws_url, binary=True)
     session_id = await client.start()
-    await client.run("echo kept-$((6*7)) > /workspace/notes.txt; sleep 600 &")
+    await client.run("echo kept-$((6*7)) > /workspace/notes.txt; (sleep 600 &)")
     await deferToThread(engine.stop_dockerd)
     assert (await client.next("notice", timeout=30))["code"] == "engine_away"
     await deferToThread(engine.start_dockerd)
