@@ -174,6 +174,10 @@ def test_the_page_opened_on_a_kept_session_offers_resume(server, browser, size):
     page.wait_for_timeout(1500)
     assert page.get_attribute("#status", "data-state") == "kept"
     assert all("resume=1" not in url for url in page.fake.sockets)
+    # The bar's Resume is on the screen, a phone's too.
+    box = page.locator("#action").bounding_box()
+    assert page.inner_text("#action") == "Resume"
+    assert box is not None and box["x"] + box["width"] <= page.viewport_size["width"]
     shot(page, f"kept-offer-{size}")
 
     page.click("#banner-action")
