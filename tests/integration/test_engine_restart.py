@@ -184,10 +184,10 @@ async def test_a_dockerd_restart_without_live_restore_keeps_the_session(
     assert (await client.next("notice", timeout=30))["code"] == "engine_away"
     await deferToThread(engine.start_dockerd)
     exit = await client.exited
-    assert exit["code"] is None
+    assert exit["exit_code"] is None
     assert "is kept" in exit["message"] and "kept until" in exit["message"], exit
     assert "resume it" in exit["message"]
-    assert f"session {session_id[:8]}" in server.log() and "put away" in server.log()
+    assert f"session {session_id[:8]}" in server.log() and "it is kept" in server.log()
     again = await WSClient.connect(server.ws_url, f"{session_id}&resume=1", binary=True)
     connected = await again.next("connected", timeout=60)
     assert connected["session_id"] == session_id and connected["resumed_from"] > 0
