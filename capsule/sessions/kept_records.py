@@ -7,11 +7,11 @@ small JSON state file beside the owners', written atomically.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from twisted.logger import Logger
+
+from capsule.sessions.owners import write_json
 
 _log = Logger()
 
@@ -68,17 +68,7 @@ class KeptRecords:
             return     # (no file is made to say there is nothing)
         if self.path is not None:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".kept-")
-                try:
-                    with os.fdopen(fd, "w", encoding="utf-8") as f:
-                        json.dump(records, f)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(temporary, self.path)
-                except BaseException:
-                    os.unlink(temporary)
-                    raise
+                write_json(self.path, records)
             except OSError as e:
                 _log.error("cannot write the records of kept sessions to {path}: {error}",
                            path=str(self.path), error=e)

@@ -33,6 +33,25 @@ def default_state_dir() -> str:
     return os.path.join(base, "capsule")
 
 
+
+def write_json(path: Path, value) -> None:
+    """
+    Write C{value} as JSON to C{path} (a state file) whole or not at all:
+    a temporary file beside it, synced, then renamed over it; its folder is
+    made (0700) if missing.  Raise C{OSError}.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(value, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
 class OwnerFile(SessionObserver):
     """
     The owners of one capsule instance's sessions, in
@@ -79,17 +98,7 @@ class OwnerFile(SessionObserver):
         if owners == self._owners and self.path.exists():
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".owners-")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(owners, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temporary, self.path)
-            except BaseException:
-                os.unlink(temporary)
-                raise
+            write_json(self.path, owners)
         except OSError as e:
             _log.error("cannot write the sessions' owners to {path}: {error}",
                        path=str(self.path), error=e)
