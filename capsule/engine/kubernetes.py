@@ -25,21 +25,25 @@ L{capsule.engine.kube_execs}'s (L{PodExecs}, a base of L{KubernetesAPI}).
 What Docker can do and a cluster cannot, this engine refuses with
 L{Unsupported} (a L{DockerError}) rather than pretend: networks (the
 cluster's own; sessions are kept apart by a NetworkPolicy instead), layer
-sizes, CPU weights of a running pod, stopped containers and snapshots.
+sizes, CPU weights of a running pod.  So does it, for now, what issue 25
+designs for Kubernetes: kept sessions (stop and start: a pod deleted, its
+volume claim kept), snapshots and forks (VolumeSnapshots); no pod is ever a
+kept session.  A kept session's files are a pod's, read and written by an
+exec (C{put_file}, C{read_file}: paths as Docker's, no symbolic link
+followed); a pod's CPU time is not known (C{container_cpu} fires C{None}).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from datetime import datetime
 from typing import Callable
 
 import kubernetes.client
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -50,6 +54,7 @@ from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable
 from capsule.core.interfaces import IDockerAPI
 from capsule.core.keeper import SECRET_LABEL, parse_secret
 from capsule.core.spec import ContainerSpec
+from capsule.engine.container_files import absolute_path, path_parts
 # (The pods' and the execs' names are this module's too, as they were.)
 from capsule.engine.kube_execs import PodExecs, exec_argv  # noqa: F401
 from capsule.engine.kube_pods import (CONTAINER, LABELS_ANNOTATION, RUN_AS_USER,  # noqa: F401
@@ -60,6 +65,24 @@ from capsule.engine.kube_pods import (CONTAINER, LABELS_ANNOTATION, RUN_AS_USER,
 _log = Logger()
 
 HEALTH_THREADS = 2
+# Said of what issue 25 designs for Kubernetes (kept sessions, snapshots,
+# forks) and this engine refuses until then.
+NOT_YET = "not yet (issue 25): "
+
+# put_file and read_file in a pod, by an exec: C{$1} the mode (put) or the
+# most bytes (read), then every prefix of the path (C{/a}, C{/a/b}, ...),
+# none of which may be a symbolic link.  (The exec runs as the pod's user:
+# a link made between the check and the use reaches only what that user
+# reaches anyway.)
+LINK_EXIT = 65
+NO_FILE_EXIT = 66
+PUT_SCRIPT = (
+    'm=$1; shift; for p; do [ -L "$p" ] && exit 65; done; [ -d "$p" ] && exit 65;'
+    ' d=$(dirname "$p") && mkdir -p "$d" && t=$(mktemp "$d/.capsule-put.XXXXXX") || exit 1;'
+    ' if cat > "$t" && chmod "$m" "$t" && mv -f "$t" "$p"; then exit 0; fi; rm -f "$t"; exit 1')
+READ_SCRIPT = (
+    'n=$1; shift; for p; do [ -L "$p" ] && exit 66; done;'
+    ' [ -f "$p" ] || exit 66; exec tail -c "$n" "$p"')
 
 
 @implementer(IDockerAPI)
@@ -432,47 +455,71 @@ class KubernetesAPI(PodExecs):
                     parse_secret(capsule_labels(pod).get(SECRET_LABEL)))
         return Deferred.fromCoroutine(address())
 
-    # -- kept sessions: what pods cannot do ----------------------------------
+    # -- kept sessions ---------------------------------------------------------
+    #
+    # What has a meaning for a pod today: its files, by an exec (put_file,
+    # read_file), and "not paused" (a pod never is).  A kept session on
+    # Kubernetes (its pod deleted, its volume claim kept, a pod made anew on
+    # resume) and snapshots and forks (VolumeSnapshots of its claims) are
+    # issue 25's design: until then they are refused with Unsupported, and
+    # no pod is ever a kept session.
 
     def stop_container(self, container_id, timeout=10):
-        return _unsupported("stopping a pod and starting it again (a kept session on"
-                            " Kubernetes is its volume claim, its pod deleted)")
+        return _unsupported(NOT_YET + "stopping a pod and starting it again (a kept session on"
+                            " Kubernetes will be its volume claim, its pod deleted)")
 
     def start_container(self, container_id):
         return self.stop_container(container_id)
 
     def kept_containers(self, labels: dict[str, str]) -> Deferred:
-        d = self._list_pods(labels)
-        d.addCallback(lambda pods: [
-            {"id": pod["metadata"]["name"], "name": pod["metadata"]["name"],
-             "labels": capsule_labels(pod), "state": pod_state(pod)["Status"],
-             "created": _unix(pod["metadata"].get("creationTimestamp")),
-             "finished": _unix(pod_state(pod)["FinishedAt"]), "size": None}
-            for pod in pods if not pod_state(pod)["Running"]])
-        return d
+        # No pod is kept: this engine never stops one (stop_container), and
+        # a pod whose container ended can neither run again nor be read
+        # (its files are reached only through an exec), so it is a leftover
+        # to remove, not a session to resume.
+        return succeed([])
 
     def put_file(self, container_id: str, path: str, data: bytes, mode: int = 0o600,
                  uid: int = 1000, gid: int = 1000) -> Deferred:
+        """
+        Write the file by an exec (as the pod's user: what it writes, the
+        pod's user could); a symbolic link on the path is refused, as the
+        Docker engine refuses it, not followed.
+        """
+        try:
+            parts = path_parts(absolute_path(path))
+        except ValueError:
+            return fail()
+
         async def put():
             if (uid, gid) != (RUN_AS_USER, RUN_AS_USER):
                 raise Unsupported(f"a file owned by {uid}:{gid}: a pod's execs run as"
                                   f" {RUN_AS_USER}")
             result = await self.run_command(
-                container_id, ["sh", "-c", 'mkdir -p "$(dirname "$0")" && cat > "$0.part"'
-                               ' && chmod "$1" "$0.part" && mv -f "$0.part" "$0"',
-                               path, f"{mode:o}"], "", "", {}, data)
+                container_id, ["sh", "-c", PUT_SCRIPT, "put", f"{mode:o}", *parts],
+                "", "", {}, bytes(data))
+            if result.exit_code == LINK_EXIT:
+                raise DockerError(f"could not write {path} in the pod: a symbolic link or a"
+                                  " directory is in the way")
             if result.exit_code != 0:
                 raise DockerError(f"could not write {path} in the pod:"
                                   f" {result.stderr[:300].decode('utf-8', 'replace')}")
         return Deferred.fromCoroutine(put())
 
     def read_file(self, container_id: str, path: str, max_bytes: int) -> Deferred:
+        """
+        Read the file by an exec; a path through a symbolic link is taken
+        for no file, as the Docker engine takes it.
+        """
+        try:
+            parts = path_parts(absolute_path(path))
+        except ValueError:
+            return fail()
+
         async def read():
             result = await self.run_command(
-                container_id, ["sh", "-c", 'test -f "$0" || exit 66; exec tail -c "$1" "$0"',
-                               path, str(int(max_bytes))], "", "", {}, b"",
-                max_output=max_bytes)
-            if result.exit_code == 66:
+                container_id, ["sh", "-c", READ_SCRIPT, "read", str(max(0, int(max_bytes))),
+                               *parts], "", "", {}, b"", max_output=max_bytes)
+            if result.exit_code == NO_FILE_EXIT:
                 return None
             if result.exit_code != 0:
                 raise DockerError(f"could not read {path} in the pod:"
@@ -482,19 +529,37 @@ class KubernetesAPI(PodExecs):
 
     def container_cpu(self, container_id):
         # The metrics API (metrics.k8s.io) is not always there, and is a
-        # sample, not a counter: not asked.
-        d = Deferred()
-        d.callback(None)
+        # sample, not a counter: not asked.  (Idleness then goes by output
+        # and input alone.)
+        return succeed(None)
+
+    def unpause_container(self, container_id: str) -> Deferred:
+        # A pod cannot be paused (the API has no pause, and this engine
+        # makes no forks, whose copy is what pauses a Docker container):
+        # never was.  The pod is read so that an unreachable cluster says so.
+        d = Deferred.fromCoroutine(self._get_pod(container_id))
+        d.addCallback(lambda _: False)
         return d
 
     def snapshot_container(self, container_id, repository, tag, labels):
-        return _unsupported("snapshots of a pod's file system (a cluster has no commit)")
+        return _unsupported(NOT_YET + "snapshots of a pod's files (a cluster has no commit;"
+                            " they will be VolumeSnapshots of its volume claims)")
 
     def list_snapshots(self, labels):
         return self.snapshot_container(None, None, None, labels)
 
     def remove_snapshot(self, snapshot):
         return self.snapshot_container(None, None, None, {})
+
+    def copy_snapshot_volumes(self, snapshot, labels):
+        return self.snapshot_container(None, None, None, labels)
+
+    def prune_snapshots(self, labels, grace=600.0):
+        return self.snapshot_container(None, None, None, labels)
+
+    def fork_container(self, container_id, session_id, spec, fast=True):
+        return _unsupported(NOT_YET + "forks of a pod (a new pod on VolumeSnapshots of its"
+                            " volume claims)")
 
 
 def _lines(response):
@@ -507,15 +572,6 @@ def _lines(response):
                 yield line
     if buffer.strip():
         yield buffer
-
-
-def _unix(text: str | None) -> float:
-    if not text:
-        return 0.0
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0
 
 
 def _unsupported(what: str) -> Deferred:
