@@ -422,7 +422,9 @@ class _SpooledExport:
         """
         if self.gone or self.ended.called:
             return
-        self._break(status, f"export failed: {message}", "export_failed")
+        # A container gone (404) is a session gone, for whoever asked.
+        self._break(status, f"export failed: {message}",
+                    "session_not_found" if status == 404 else "export_failed")
 
     def _break(self, status: int, message: str, code: str) -> None:
         """
