@@ -55,6 +55,9 @@ measures, in one run:
 14. kept sessions (``keep.py``): put away and resume to a command's answer
    for a shell session and one with 1 GB in /workspace, their forks, and the
    disk a kept session uses, next to a cold start.
+15. the Kubernetes engine (``kube.py``): warm and cold connect and keystroke
+   echo through ``--engine kubernetes`` on the tests' stand-in API server,
+   next to Docker's.
 
 Each capsule figure is measured in turn with its floor, so that a change in
 the machine's load hits both alike.  ``--capsule-arg`` passes options to every
@@ -115,7 +118,7 @@ QUICK = dict(sessions=3, keystrokes=100, throughput_bytes=20_000_000, repeats=2,
 
 # What --only may select: the measurements whose phase names start so.
 ONLY = ("connect", "echo", "refill", "throughput", "concurrent", "flood", "browser", "doors",
-        "pressure", "density", "channels", "gateway", "preview", "egress", "keep")
+        "pressure", "density", "channels", "gateway", "preview", "egress", "keep", "kube")
 
 # The density run's sessions live without a client for its whole length.
 DENSITY_GRACE = 3600.0
@@ -229,6 +232,8 @@ class Bench:
             await self.phase("egress", self.egress)
         if self.selected("keep"):
             await self.phase("keep", self.keep)
+        if self.selected("kube"):
+            await self.phase("kube", self.kube)
         self.load_after = os.getloadavg()
 
     async def pressure(self) -> None:
@@ -316,6 +321,30 @@ class Bench:
         self.results["keep_table"] = lines
         for line in lines:
             say(line)
+
+    async def kube(self) -> None:
+        """
+        The Kubernetes engine on the stand-in next to Docker (``kube.py``):
+        its table is printed and goes into the report.
+        """
+        command = [sys.executable, str(Path(__file__).with_name("kube.py")),
+                   "--image", self.image, *(["--quick"] if self.args.quick else [])]
+        done = await deferToThread(subprocess.run, command, capture_output=True, text=True,
+                                   timeout=900)
+        # An engine that failed is in its table (and its exit code): the
+        # others' figures are kept.
+        *lines, last = done.stdout.strip().splitlines() or [""]
+        if last.startswith("{"):
+            self.results["kube"] = json.loads(last)["kube"]
+            self.results["kube_table"] = lines
+            for line in lines:
+                say(line)
+        if done.returncode != 0:
+            failed = [f"{key}: {engine['failed']}" for key, engine in
+                      (self.results.get("kube") or {}).get("engines", {}).items()
+                      if engine.get("failed")]
+            raise RuntimeError(f"kube.py exited {done.returncode}: "
+                               + ("; ".join(failed) or done.stderr[-500:]))
 
     async def door(self, script: str, arguments: list[str]) -> None:
         """

@@ -342,8 +342,8 @@ def report(run: dict) -> str:
     notes += run["notes"]
     text = "\n".join(f"- {n}" for n in notes)
     if set(r) - {"density", "pressure", "channels", "gateway", "preview", "preview_table",
-                 "egress", "keep", "keep_table"} or \
-            set(run["failures"]) - {"density", "capsule (density)", "gateway"}:
+                 "egress", "keep", "keep_table", "kube", "kube_table"} or \
+            set(run["failures"]) - {"density", "capsule (density)", "gateway", "kube"}:
         text = table(r, run["failures"], run["p"]) + "\n\n" + text
     for name in ("capsule (density)", "density"):
         if name in run["failures"]:
@@ -392,6 +392,13 @@ def report(run: dict) -> str:
     if r.get("keep_table"):
         text += ("\n\nKept sessions (issue 24, `bench/keep.py`; targets: resume within 2x a"
                  " cold start, a fork of 1 GB under 5 s):\n\n" + "\n".join(r["keep_table"]))
+    if "kube" in run["failures"]:
+        text += f"\n\nThe Kubernetes engine (`bench/kube.py`) FAILED: {run['failures']['kube'][:300]}"
+    if r.get("kube_table"):
+        text += ("\n\nThe Kubernetes engine (issue 25) on the tests' stand-in API server, pods"
+                 " as containers on the same Docker engine, next to Docker (`bench/kube.py`;"
+                 " medians and percentiles, the ratio of each median to Docker's):\n\n"
+                 + "\n".join(r["kube_table"]))
     if r.get("preview_table"):
         text += ("\n\nA preview (issue 23) next to a direct connection from the host to the"
                  " container's port (`bench/preview.py`; target: 80 % of the direct"
