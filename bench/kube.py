@@ -13,12 +13,14 @@ are containers on the same Docker engine).  For each:
   10 ms apart), binary protocol, on a blocking client (websocket-client), as
   ``bench.py``'s echo table.
 
-The stand-in runs twice: its pods on the Docker network ``bridge``, so that
-capsule reaches each keeper at its pod's address (``podIP``), as on a real
-cluster; and on no network, so that capsule reaches the keepers through
-pods/exec (the API server's exec WebSocket and the stand-in's ``docker
-exec`` behind it).  Each figure is measured in turn on every engine, so that
-a change in the machine's load hits all alike.  What the stand-in adds is
+With ``--engine kubernetes`` capsule reaches each session's keeper through
+pods/exec (the API server's exec WebSocket, and the stand-in's ``docker
+exec`` behind it), as its sessions have no address of their own (as with
+``--network none``); on Docker it reaches them over TCP at the container's
+address.  So Docker is measured twice: as it runs by default, and with its
+keepers reached through relay execs (the tuning knob ``keeper-direct=false``),
+the path the Kubernetes engine's compares with.  Each figure is measured in
+turn on every engine, so that a change in the machine's load hits all alike.  What the stand-in adds is
 its HTTP calls, watch and exec relay: a real cluster adds its scheduler,
 kubelet and network instead (a cold start there is seconds, mostly the
 kubelet's).
@@ -62,11 +64,16 @@ QUICK = dict(sessions=3, keystrokes=100)
 # Seconds of calm before each connect, once the capsule settled.
 QUIET = 0.2
 
-# (key, the table's name, the stand-in's pod network or None for Docker).
+# (key, the table's name, the stand-in's pod network or None for Docker,
+# capsule's tuning knobs).  With --engine kubernetes capsule reaches every
+# keeper through pods/exec (its sessions behave as --network none's, which
+# have no address of their own); Docker's capsule reaches them over TCP at
+# the container's address, and, with keeper-direct=false, through relay
+# execs as the Kubernetes engine does.
 ENGINES = (
-    ("docker", "Docker", None),
-    ("kube", "Kubernetes (stand-in), keeper at the pod's address", "bridge"),
-    ("kube_exec", "Kubernetes (stand-in), keeper through pods/exec", "none"),
+    ("docker", "Docker", None, {}),
+    ("docker_relay", "Docker, keeper through relay execs", None, {"keeper-direct": "false"}),
+    ("kube", "Kubernetes (stand-in), keeper through pods/exec", "none", {}),
 )
 
 
@@ -118,9 +125,9 @@ class Engine:
     One engine's capsules (warm and cold) and figures.
     """
 
-    def __init__(self, key: str, name: str, network: str | None, work: Path, run_id: str,
-                 image: str) -> None:
-        self.key, self.name, self.network = key, name, network
+    def __init__(self, key: str, name: str, network: str | None, tuning: dict, work: Path,
+                 run_id: str, image: str) -> None:
+        self.key, self.name, self.network, self.tuning = key, name, network, tuning
         self.work, self.image = work, image
         self.instance = f"bench-kube-{run_id}-{key.replace('_', '-')}"
         self.standin: Standin | None = None
@@ -142,8 +149,11 @@ class Engine:
             self.work, "--memory", MEMORY, "--cpus", f"{CPUS:g}", "--pids", str(PIDS),
             "--max-sessions", "100", "--max-sessions-per-client", "100",
             "--session-rate", "1000/1", "--memory-budget", "off", "--pool-size", str(pool),
+            # Its capsules run at once: no session door (unused here) for
+            # one to take the port of another's.
+            "--door-port", "0",
             *self.options(), image=self.image, instance=self.instance,
-            label=f"{self.key}-{label}", own_session=True)
+            label=f"{self.key}-{label}", own_session=True, tuning=self.tuning)
         self.servers.append(server)
         say(f"starting capsule ({self.name}, {label}): {' '.join(server.args[4:])}")
         server.start(timeout=60)
@@ -346,7 +356,7 @@ def main(argv=None) -> None:
                              f" {QUICK['keystrokes']} keystrokes")
     parser.add_argument("--sessions", type=int, help="connects measured per kind and engine")
     parser.add_argument("--keystrokes", type=int, help="keystrokes per engine")
-    parser.add_argument("--engine", action="append", choices=[k for k, _, _ in ENGINES],
+    parser.add_argument("--engine", action="append", choices=[e[0] for e in ENGINES],
                         help="measure only these engines (repeatable; docker is always"
                              " measured, as the reference)")
     args = parser.parse_args(argv)
@@ -358,12 +368,13 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, terminate)
     work = Path(tempfile.mkdtemp(prefix="bench-kube-"))
     run_id = uuid.uuid4().hex[:8]
-    chosen = set(args.engine or [k for k, _, _ in ENGINES]) | {"docker"}
-    engines = [Engine(key, name, network, work, run_id, args.image)
-               for key, name, network in ENGINES if key in chosen]
+    chosen = set(args.engine or [e[0] for e in ENGINES]) | {"docker"}
+    engines = [Engine(*engine, work, run_id, args.image)
+               for engine in ENGINES if engine[0] in chosen]
     say(f"kube bench: {args.sessions} connects of each kind, {args.keystrokes} keystrokes;"
         f" logs in {work}")
     failed = None
+    load_before = os.getloadavg()[0]
     try:
         run(args, engines)
     except Exception as e:
@@ -382,7 +393,11 @@ def main(argv=None) -> None:
         say(f"logs kept in {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
-    for line in table(engines):
+    lines = table(engines) + [
+        "", f"{args.sessions} connects of each kind and {args.keystrokes} keystrokes per"
+        f" engine; load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f}"
+        f" after, on {os.cpu_count()} CPUs."]
+    for line in lines:
         print(line)
     print(json.dumps({"kube": {
         "engines": {e.key: {"name": e.name, "failed": e.failed, **e.figures} for e in engines},
