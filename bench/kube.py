@@ -343,7 +343,7 @@ def run(args, engines: list[Engine]) -> None:
 
 
 def terminate(signum, frame):
-    raise SystemExit(128 + signum)
+    raise KeyboardInterrupt  # the same clean-up as Ctrl-C's
 
 
 def main(argv=None) -> None:
@@ -373,18 +373,25 @@ def main(argv=None) -> None:
                for engine in ENGINES if engine[0] in chosen]
     say(f"kube bench: {args.sessions} connects of each kind, {args.keystrokes} keystrokes;"
         f" logs in {work}")
-    failed = None
+    failed, exit_code = None, 0
     load_before = os.getloadavg()[0]
     try:
         run(args, engines)
+    except KeyboardInterrupt:
+        say("interrupted: cleaning up")
+        exit_code = 130
     except Exception as e:
         failed = str(e) or type(e).__name__
         say(f"FAILED: {failed}")
     finally:
+        # A second Ctrl-C must not cut the clean-up short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for engine in engines:
             engine.cleanup()
+    if exit_code:
+        say(f"logs kept in {work}")
+        sys.exit(exit_code)
     problems = [line for e in engines for line in e.problems()]
     for line in problems[:10]:
         say(f"capsule log: {line[:300]}")
