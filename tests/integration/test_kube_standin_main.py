@@ -18,7 +18,9 @@ from urllib.request import Request, urlopen
 import pytest
 
 from capsule.engine.kubernetes import kube_configuration
+from tests.support.clients import BlockingTerminal
 from tests.support.kube_standin import STANDIN_LABEL
+from tests.support.live import CapsuleServer, instance_containers, remove_instance_containers
 
 from .harness import IMAGE, docker_client
 
@@ -92,6 +94,33 @@ def test_serves_writes_kubeconfig_and_removes_pods_on_sigterm(standin):
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0, process.stderr.read()
     assert api.containers(all=True, filters={"label": label}) == []
+
+
+def test_a_capsule_in_another_process_runs_its_sessions_there(standin, tmp_path):
+    """
+    C{twistd capsule --engine kubernetes} given the runner's kubeconfig:
+    a session's pod runs on the stand-in, and its shell answers.
+    """
+    process, url, kubeconfig = standin
+    instance = f"test-standin-main-{uuid.uuid4().hex[:8]}"
+    server = CapsuleServer(tmp_path, "--engine", "kubernetes", "--kubeconfig", str(kubeconfig),
+                           "--kube-namespace", "bench", "--pool-size", "0", "--door-port", "0",
+                           image=IMAGE, instance=instance)
+    try:
+        server.start(timeout=60)
+        terminal = BlockingTerminal(server.ws_url, binary=True)
+        terminal.start(80, 24, timeout=60)
+        terminal.run("echo $((6*7))__RDY", "42__RDY", timeout=60)
+        names = [c["Labels"].get("io.kubernetes.pod.name") for c in instance_containers(instance)]
+        assert len(names) == 1 and names[0], names
+        status, pod = call(f"{url}/api/v1/namespaces/bench/pods/{names[0]}")
+        assert status == 200 and pod["status"]["phase"] == "Running"
+        terminal.exit()
+    finally:
+        server.stop()
+        remove_instance_containers(instance)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
 
 
 @pytest.mark.parametrize("args, message", [
