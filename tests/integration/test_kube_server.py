@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 
 from tests.support.kube_live import KubeCluster
 
-from .harness import IMAGE, WSClient, eventually, free_port, sleep
+from .harness import IMAGE, WSClient, eventually, free_port, poll, sleep
 from .test_api import call, tar_of
 
 
@@ -255,3 +255,50 @@ async def test_a_forbidden_namespace_is_said_and_asked_again(cluster):
     cluster.standin.forbidden.discard(cluster.namespace)
     await eventually(lambda: len(cluster.pods()) == 1, timeout=30,
                      what="the warm pool to fill once capsule may")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_door_and_previews_go_over_the_keepers_channels(cluster):
+    """
+    A pod has no Docker network: as with --network none, the session door
+    answers on the pod's loopback, and a preview reaches the pod's port,
+    both over the keeper's channels.
+    """
+    from .test_preview import SERVER_SCRIPT
+    server = await cluster.start(cluster.server("--pool-size", "0"))
+    client = await WSClient.connect(server.ws_url, binary=True)
+    session_id = await client.start()
+    out = await client.run("curl -s http://127.0.0.1:3180/anything; echo", timeout=30)
+    assert "the session door serves" in out, out
+    status, body = await api(server, f"/api/sessions/{session_id}/exec", "POST", {
+        "argv": ["sh", "-c", "cat > /tmp/p.pl && (setsid perl /tmp/p.pl 3000 >/dev/null 2>&1"
+                             " </dev/null &)"], "stdin": SERVER_SCRIPT})
+    assert status == 200 and body["exit_code"] == 0, body
+
+    async def answered():
+        status, body = await api(server, f"/preview/{session_id}/3000/hello", raw=True)
+        return status == 200 and body
+    assert await poll(answered, 20, "the preview to answer") == b"hello from the session\n"
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_replicas_share_the_namespace_and_one_may_be_killed(cluster):
+    """
+    The fixture's replicas: one instance and namespace, each its own
+    --replica; one ended with SIGKILL leaves the other serving.
+    """
+    first = await cluster.start(cluster.server("--pool-size", "0", replica="alpha"))
+    second = await cluster.start(cluster.server("--pool-size", "0", replica="beta"))
+    assert "(replica alpha)" in first.log() and "(replica beta)" in second.log()
+    assert first.instance == second.instance == cluster.instance
+    client = await WSClient.connect(first.ws_url)
+    session_id = await client.start()
+    assert cluster.session_pod(session_id) is not None
+    cluster.kill(first)
+    assert first.process.returncode == -9
+    await client.closed
+    other = await WSClient.connect(second.ws_url)
+    await other.start()
+    assert "survivor" in await other.run("echo sur$((1))vivor | tr -d 1")
+    await other.exit()
