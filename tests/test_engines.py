@@ -209,3 +209,39 @@ def test_a_closed_stream_of_a_pod_taken_away_ends_the_session_with_why(states, m
     assert session.events.ended == [(None, message)]
     # Not a stopped container to keep: the pod is gone or going.
     assert stopped == []
+
+
+def test_an_engine_that_cannot_weigh_sessions_is_said_once_and_not_asked_again():
+    from types import SimpleNamespace
+
+    from twisted.internet.defer import fail
+    from twisted.logger import globalLogPublisher
+
+    from capsule.engine.kube_pods import Unsupported
+    from capsule.sessions.fair_share import FairShare
+
+    calls = []
+
+    class Engine:
+        def set_cpu_shares(self, container_id, shares):
+            calls.append((container_id, shares))
+            return fail(Unsupported("the Kubernetes engine cannot do this: changing a running"
+                                    " pod's CPU weight"))
+
+    def session(n):
+        return SimpleNamespace(id=f"{n}" * 8, container_id=f"pod-{n}",
+                               core=SimpleNamespace(user="alice", cpu_shares=None))
+    sessions = {"1": session(1), "2": session(2)}
+    said = []
+    globalLogPublisher.addObserver(said.append)
+    try:
+        share = FairShare(Engine(), sessions, 256)
+        share.share("alice")
+        sessions["3"] = session(3)
+        share.share("alice")
+    finally:
+        globalLogPublisher.removeObserver(said.append)
+    assert share.unsupported is True
+    assert calls == [("pod-1", 128)]
+    lines = [e for e in said if "not weighted" in e.get("log_format", "")]
+    assert len(lines) == 1 and lines[0]["log_level"].name == "info"
