@@ -245,3 +245,13 @@ def test_an_engine_that_cannot_weigh_sessions_is_said_once_and_not_asked_again()
     assert calls == [("pod-1", 128)]
     lines = [e for e in said if "not weighted" in e.get("log_format", "")]
     assert len(lines) == 1 and lines[0]["log_level"].name == "info"
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("the session's pod was evicted: The node was low on resource: memory.", "killed"),
+    ("the Kubernetes API server did not come back within 60 s", "engine"),
+    ("the session's pod was deleted", "other"),
+])
+def test_a_pods_end_is_counted_by_its_reason(message, reason):
+    from capsule.ops.metrics import end_reason
+    assert end_reason(None, message) == reason
