@@ -119,10 +119,10 @@ class EngineWatch:
         if (message := gone_message(state, self._unit)) is not None:
             return message, False, False
         if state.get("OOMKilled"):
-            return ("the session's container ran out of memory (limit "
+            return (f"the session's {self._unit} ran out of memory (limit "
                     f"{self._spec_of(session).memory}) and was stopped"), False, True
         if not state.get("Running"):
-            return (f"the session's container stopped (exit code {state.get('ExitCode')})",
+            return (f"the session's {self._unit} stopped (exit code {state.get('ExitCode')})",
                     False, True)
         return "the connection to the shell was lost", False, False
 
