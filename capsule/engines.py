@@ -127,6 +127,10 @@ def check_engine_options(options, network_default: str) -> None:
         if options[name] not in allowed:
             raise usage.UsageError(f"--{name} {options[name]} cannot be honoured with --engine"
                                    f" kubernetes: {why}")
+    if options["allow-sudo"]:
+        raise usage.UsageError("--allow-sudo cannot be honoured with --engine kubernetes:"
+                               " passwordless sudo needs a set-uid program and privilege"
+                               " escalation, which session pods never get")
     # The pods have no Docker network: the door and previews over the
     # keeper's channels, as --network none does.
     options["network"] = "none"

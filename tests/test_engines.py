@@ -109,6 +109,8 @@ def test_a_kubeconfig_that_cannot_be_read_is_an_engine_that_does_not_answer(tmp_
      "--network my-net is Docker's: with --engine kubernetes"),
     (["--engine", "kubernetes", "--firewall", "manage"],
      "--firewall manage cannot be honoured with --engine kubernetes"),
+    (["--engine", "kubernetes", "--allow-sudo"],
+     "--allow-sudo cannot be honoured with --engine kubernetes: passwordless sudo"),
 ])
 def test_bad_engine_options_are_refused_with_what_to_do(args, words):
     with pytest.raises(usage.UsageError) as refused:
