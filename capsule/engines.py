@@ -127,6 +127,11 @@ def check_engine_options(options, network_default: str) -> None:
         if options[name] not in allowed:
             raise usage.UsageError(f"--{name} {options[name]} cannot be honoured with --engine"
                                    f" kubernetes: {why}")
+    if options["memory-reserve"] not in (None, "off"):
+        raise usage.UsageError(
+            f"--memory-reserve {options['memory-reserve']} cannot be honoured with --engine"
+            " kubernetes: the pods' memory is their nodes', which capsule does not read (the"
+            " cluster's ResourceQuota and the kubelet's eviction thresholds guard it)")
     if options["allow-sudo"]:
         raise usage.UsageError("--allow-sudo cannot be honoured with --engine kubernetes:"
                                " passwordless sudo needs a set-uid program and privilege"

@@ -109,6 +109,8 @@ def test_a_kubeconfig_that_cannot_be_read_is_an_engine_that_does_not_answer(tmp_
      "--network my-net is Docker's: with --engine kubernetes"),
     (["--engine", "kubernetes", "--firewall", "manage"],
      "--firewall manage cannot be honoured with --engine kubernetes"),
+    (["--engine", "kubernetes", "--memory-reserve", "2g"],
+     "--memory-reserve 2g cannot be honoured with --engine kubernetes"),
     (["--engine", "kubernetes", "--allow-sudo"],
      "--allow-sudo cannot be honoured with --engine kubernetes: passwordless sudo"),
 ])
@@ -122,7 +124,8 @@ def test_docker_only_options_that_mean_nothing_to_a_pod_are_accepted():
     # --network none is what pods get anyway; --firewall off: none used;
     # capabilities and runtimes are the pod's (securityContext, RuntimeClass).
     config = parse("--engine", "kubernetes", "--network", "none", "--firewall", "off",
-                   "--cap-add", "NET_BIND_SERVICE", "--runtime", "gvisor").config
+                   "--cap-add", "NET_BIND_SERVICE", "--runtime", "gvisor",
+                   "--memory-reserve", "off").config
     assert (config.spec.cap_add, config.spec.runtime) == (("NET_BIND_SERVICE",), "gvisor")
 
 
