@@ -804,7 +804,9 @@ def makeService(options: Options, reactor=None) -> CapsuleService:
         # After twistd's own handlers are installed (reactor.run installs
         # them before it runs these).
         reactor.callWhenRunning(stop_on_signals, reactor)
-        protect_from_oom()
+        if not options.config.kubernetes:
+            # (A cluster's sessions never share this host's memory.)
+            protect_from_oom()
     if options.knob_options:
         _log.warn("{options}: tuning knobs now, not options (see docs/tuning.md); say"
                   " {environment}=\"{pairs}\"", environment=TUNING_ENVIRONMENT,

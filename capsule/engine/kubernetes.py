@@ -200,6 +200,8 @@ class KubernetesAPI(PodExecs):
         except ApiException as e:
             if e.status in (0, None):
                 raise self._unavailable(e) from None
+            if e.status == 401 or (e.status == 403 and _rbac_denied(e)):
+                raise self._refused(e) from None
             raise
         try:
             data = response.data
@@ -211,6 +213,18 @@ class KubernetesAPI(PodExecs):
         return DockerUnavailable(
             f"cannot reach the Kubernetes API server at {self.host} ({_short(error)}):"
             " is the cluster up, and may capsule's kubeconfig or service account reach it?")
+
+    def _refused(self, error: ApiException) -> DockerUnavailable:
+        """
+        The API server refuses capsule (401: who it is; 403: what it may
+        do): said as an engine that cannot be reached (asked again), since
+        no session can be served until its rights are given.
+        """
+        return DockerUnavailable(
+            f"the Kubernetes API server at {self.host} refuses capsule ({_status(error)}):"
+            f" may its kubeconfig or service account use pods, pods/exec and"
+            f" persistentvolumeclaims in the namespace {self.namespace}? (its Role:"
+            " docs/kubernetes.md)")
 
     def _call(self, function: Callable, *args) -> Deferred:
         return self.metrics.docker_call(deferToThreadPool(
@@ -625,6 +639,16 @@ def _status(error: ApiException) -> str:
     except (TypeError, ValueError, AttributeError):
         message = None
     return _short(Exception(f"{error.status} {message or error.reason}"))
+
+
+def _rbac_denied(error: ApiException) -> bool:
+    """
+    Whether a 403 is the authorizer's (RBAC: C{User "..." cannot list
+    resource "pods"...}), not an admission's refusal of one object (a quota
+    exceeded, an unknown RuntimeClass).
+    """
+    message = _status(error)
+    return 'User "' in message and " cannot " in message
 
 
 def _short(error: Exception) -> str:

@@ -25,7 +25,8 @@ What it reproduces
     live ones; none given or C{0}: synthetic C{ADDED} events for what
     exists), one JSON C{WatchEvent} a line, ended after C{timeoutSeconds};
     C{DELETE} (200 with the pod; C{gracePeriodSeconds} from the query or
-    the C{DeleteOptions} body, 0 removes at once, otherwise the pod is
+    the C{DeleteOptions} body, 0 removes at once (a read while its
+    container is removed finds its C{deletionTimestamp}), otherwise the pod is
     kept with a C{deletionTimestamp} while its container is stopped with
     that grace, then removed with a C{DELETED} event; C{preconditions} on
     C{uid}/C{resourceVersion}, 409 C{Conflict} when they do not hold).
@@ -84,7 +85,10 @@ What it does not
 ================
 
   - Authentication and authorization: every request is allowed (no
-    RBAC: the rights a Role gives are not checked here).
+    RBAC: the rights a Role gives are not checked here), but in the
+    namespaces of L{KubeStandin.forbidden}, where every request gets the
+    403 C{Forbidden} Status RBAC gives a service account without a Role
+    there (C{... is forbidden: User "..." cannot list resource "pods" ...}).
   - Scheduling, nodes, resource quotas, limit ranges, admission webhooks,
     pod security admission (the C{securityContext} is applied, not
     judged), evictions of its own (L{KubeStandin.evict} makes one: the
@@ -464,6 +468,9 @@ class KubeStandin:
         self._starting: dict[str, Deferred] = {}
         self._volumes: set[str] = set()
         self._evicted: dict[str, str] = {}  # pod uid -> the eviction's message
+        # Namespaces where every request is refused, as RBAC refuses a
+        # service account without a Role there (403 Forbidden).
+        self.forbidden: set[str] = set()
         self._poll = task.LoopingCall(self._refresh_watched)
         self._poll.clock = reactor
         self.exec_engine = DockerAPI(reactor, threads=4, export_threads=1, timeout=60)
@@ -548,6 +555,18 @@ class KubeStandin:
                            {})
         kind, list_kind, api_version = KINDS[(m.group("group"), m.group("plural"))]
         ns, name, sub, plural = m.group("ns"), m.group("name"), m.group("sub"), m.group("plural")
+        if ns in self.forbidden:
+            verb = ("create" if sub == "exec" or method == "POST" else "delete"
+                    if method == "DELETE" else "watch" if one("watch") in ("1", "true")
+                    else "get" if name else "list")
+            resource = f"{plural}/{sub}" if sub else plural
+            # api/v1 is the core group, named "".
+            group = m.group("group").split("/")[1] if m.group("group").startswith("apis/") else ""
+            raise ApiError(403, "Forbidden", (
+                f'{resource}{f" {name!r}" if name else ""} is forbidden: User'
+                f' "system:serviceaccount:capsule:capsule" cannot {verb} resource'
+                f' "{resource}" in API group "{group}" in the namespace'
+                f' "{ns}"').replace("'", '"'), {"kind": plural, "name": name or ""})
         if sub is not None:
             if kind == "Pod" and sub == "exec" and method in ("GET", "POST"):
                 return await self.exec(request, ns, name, args)
@@ -952,6 +971,12 @@ class KubeStandin:
             d.addBoth(lambda _: self._forget_pod(pod))
             return answer
         if container_id is not None:
+            # The API server forgets a pod deleted with no grace at once (its
+            # kubelet kills the container after): a read while the container
+            # is removed here finds it being deleted, not as it was (and no
+            # watch is told of that as a change).
+            pod["metadata"].setdefault("deletionTimestamp", now_rfc3339())
+            pod["metadata"]["deletionGracePeriodSeconds"] = 0
             await self._thread(self._thd_remove, container_id)
         return self._forget_pod(pod)
 
