@@ -118,6 +118,9 @@ class SessionManager:
             has_volume=self._has_volume, direct=self._direct, door=door,
             observers=self.observers)
         self.recovery = Recovery(self, docker, owners)
+        # The other replicas on a cluster (capsule.sessions.replicas), or
+        # None: this server is the only one.
+        self.replicas = None
         self.keeping = (Keeping(self, docker, clock, keeping, owners) if keeping is not None
                         else None)
         self.fair_share = FairShare(docker, self.sessions, config.spec.cpu_shares)
@@ -405,8 +408,12 @@ class SessionManager:
     def expire(self, session: Session) -> bool:
         """
         End a session whose grace period is over, or put it away where its
-        profile keeps sessions (L{Keeping}); return whether it ended.
+        profile keeps sessions (L{Keeping}); return whether it ended.  (With
+        replicas, once its holder is known to be this replica: see
+        L{capsule.sessions.replicas.Replicas.may_expire}.)
         """
+        if self.replicas is not None and not self.replicas.may_expire(session):
+            return False
         if self.keeping is not None and self.keeping.grace_ended(session):
             return session.over
         expired = session.events.expire()
