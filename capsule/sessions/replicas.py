@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import uuid
 
+from twisted.application.service import Service
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -322,3 +323,21 @@ class Replicas(SessionObserver):
         # Its container is the other replica's: never removed from here.
         session.core.container_id = None
         self._manager.end(session, f"the session is served by another replica ({holder})")
+
+
+class ReplicaService(Service):
+    """
+    Renews this replica's liveness while capsule runs (L{Replicas.start}),
+    and says it is gone as capsule stops (L{Replicas.stop}).
+    """
+
+    def __init__(self, replicas: Replicas) -> None:
+        self.replicas = replicas
+
+    def startService(self) -> None:
+        super().startService()
+        self.replicas.start()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self.replicas.stop()
