@@ -620,6 +620,13 @@ class SessionManager:
         container_id = session.container_id
         if container_id is None:
             return succeed(None)
+        if self.replicas is not None:
+            # Never a container another live replica serves now.
+            return self.replicas.unless_elsewhere(
+                session, lambda: self._remove_own_container(session, container_id))
+        return self._remove_own_container(session, container_id)
+
+    def _remove_own_container(self, session: Session, container_id: str) -> Deferred:
         d = self._docker.remove_container(container_id)
         if session.own_volumes:
             # Copies of a snapshot's volumes (a fork's): the engine removes

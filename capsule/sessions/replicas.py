@@ -314,6 +314,36 @@ class Replicas(SessionObserver):
         d.addCallbacks(known, failed)
         return False
 
+    def unless_elsewhere(self, session, action) -> Deferred:
+        """
+        Call C{action} (which returns a Deferred) unless C{session}'s
+        container is held by another replica now (it took the session
+        over): then leave the container alone.  Fire with C{action}'s
+        result, or C{None}.
+        """
+        container_id = session.container_id
+
+        async def check():
+            try:
+                holder = await self._docker.container_holder(container_id)
+            except ContainerGone:
+                holder = None
+            except CapsuleError as e:
+                # Not known: leaving a container is the safe way (the
+                # orphan sweep of its holder, or of whoever adopts it,
+                # removes it).
+                _log.warn("could not ask who holds session {session_id}'s container, so it"
+                          " is left alone: {message}", session_id=session.id[:8],
+                          message=e.message)
+                return None
+            if holder is not None and holder != self.replica:
+                _log.info("session {session_id} ended here; its container is left to replica"
+                          " {holder}, which serves it now", session_id=session.id[:8],
+                          holder=holder)
+                return None
+            return await action()
+        return Deferred.fromCoroutine(check())
+
     def let_go(self, session, holder: str) -> None:
         """
         Forget C{session} here: replica C{holder} serves it now.

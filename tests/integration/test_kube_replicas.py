@@ -24,6 +24,7 @@ from capsule.engine.kubernetes import KubernetesAPI
 from tests.support.kube_live import KubeCluster
 
 from .harness import IMAGE, WSClient, eventually, sleep
+from .test_api import ALICE, BOB
 
 LEASE_TUNING = {"replica_lease": 3.0, "replica_renew": 1.0, "orphan_sweep": 1.0,
                 "cleanup_interval": 0.5}
@@ -103,6 +104,10 @@ async def test_a_session_reconnected_through_another_replica_replays_exactly(clu
     again = await replayed_exactly(b, session_id, before, offset)
     assert holder(cluster, session_id) == "rb"
     assert "line-two" in await again.run("echo line-$((1))two | tr -d 1")
+    # A, which lost its shell to B, left the pod alone.
+    await eventually(lambda: "ended here; its container is left to replica rb" in a.log(),
+                     what="A to leave the pod to B")
+    assert "line-three" in await again.run("echo line-$((1))three | tr -d 1")
     assert f"session {session_id[:8]} taken over from replica ra" in b.log()
     await again.close()
     assert no_problems(a) == [] and no_problems(b) == []
@@ -111,22 +116,31 @@ async def test_a_session_reconnected_through_another_replica_replays_exactly(clu
 @pytest_twisted.ensureDeferred
 async def test_another_users_session_is_not_found_through_another_replica(cluster):
     tokens = cluster.workdir / "tokens"
-    tokens.write_text("alice-token-0123456789abcdef alice\nbob-token-0123456789abcdef00 bob\n")
+    tokens.write_text(f"alice:{ALICE}\nbob:{BOB}\n")
     a = await cluster.start(cluster.server("--pool-size", "0", "--tokens", str(tokens),
                                            replica="ra"))
     b = await cluster.start(cluster.server("--pool-size", "0", "--tokens", str(tokens),
                                            replica="rb"))
-    alice = await WSClient.connect(a.ws_url + "?token=alice-token-0123456789abcdef")
+    alice = await WSClient.connect(a.ws_url, headers={"Authorization": f"Bearer {ALICE}"})
     session_id = await alice.start()
     await alice.run("true")
     await eventually(lambda: '"alice"' in (cluster.session_pod(session_id)["metadata"].get(
         "annotations") or {}).get("capsule.io/owner", ""), what="the pod to say its owner")
     alice.drop()
     await alice.closed
-    bob = await WSClient.connect(b.ws_url + "?token=bob-token-0123456789abcdef00", session_id)
+    bob = await WSClient.connect(b.ws_url, session_id,
+                                 headers={"Authorization": f"Bearer {BOB}"})
     await bob.closed
     assert bob.close_code == 4404, (bob.close_code, bob.errors)
+    assert [e["code"] for e in bob.errors] == ["session_not_found"]
     assert holder(cluster, session_id) == "ra"
+    # Its owner, through the other replica, gets it.
+    again = await WSClient.connect(b.ws_url, session_id,
+                                   headers={"Authorization": f"Bearer {ALICE}"})
+    await again.next("connected")
+    assert "mine" in await again.run("echo mi$((1))ne | tr -d 1")
+    assert holder(cluster, session_id) == "rb"
+    await again.close()
 
 
 @pytest_twisted.ensureDeferred
