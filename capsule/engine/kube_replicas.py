@@ -23,12 +23,12 @@ from datetime import datetime, timezone
 from kubernetes.client.exceptions import ApiException
 from twisted.internet.defer import Deferred
 
+from capsule.core.admission import CLUSTER_FULL
 from capsule.core.errors import ContainerGone, DockerError
 
 # The replica holding a pod (a session's or a warm one).
 REPLICA_ANNOTATION = "capsule.io/replica"
 LEASE_PREFIX = "capsule-replica-"
-CLUSTER_FULL = "cluster_full"
 # Tries of a claim whose pod changed between its read and its patch (its
 # status, say) while its holder stayed the one expected.
 CLAIM_TRIES = 5

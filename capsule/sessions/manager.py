@@ -463,6 +463,7 @@ class SessionManager:
     def _make_failed(self, failure: Failure, session: Session) -> None:
         self.pool.refill()
         message, code = _message(failure)
+        session.failed_code = code
         if failure.check(CapsuleError):
             _log.error("session {session_id} failed to start: {message}",
                        session_id=session.id[:8], message=message)

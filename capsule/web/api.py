@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 
-from capsule.core.admission import QUOTA_EXCEEDED, AdmissionRefused
+from capsule.core.admission import CLUSTER_FULL, QUOTA_EXCEEDED, AdmissionRefused
 from capsule.core.errors import CapsuleError
 from capsule.web.http import client_address, json_body
 from capsule.core.profiles import DEFAULT_PROFILE, UnknownProfile
@@ -444,6 +444,10 @@ class SessionsResource(JsonResource):
                                      f" {CREATE_TIMEOUT:g} s; it goes on starting",
                                 "start_timeout", id=session.id)
             failure.trap(SessionEnded)
+            if session.failed_code == CLUSTER_FULL:
+                # The cluster has no room (its quota): a refusal, as
+                # admission's for want of room.
+                return ApiError(503, failure.value.message, CLUSTER_FULL)
             return ApiError(503, failure.value.message, "start_failed")
         return d.addCallbacks(started, failed)
 
