@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 
 from capsule.core.errors import ContainerGone, DockerError
 from capsule.core.spec import ContainerSpec
@@ -24,7 +25,7 @@ from capsule.engine.kubernetes import KubernetesAPI
 from tests.support.kube_live import KubeCluster
 
 from .harness import IMAGE, WSClient, eventually, sleep
-from .test_api import ALICE, BOB
+from .test_api import ALICE, BOB, call
 
 LEASE_TUNING = {"replica_lease": 3.0, "replica_renew": 1.0, "orphan_sweep": 1.0,
                 "cleanup_interval": 0.5}
@@ -193,6 +194,37 @@ async def test_a_full_quota_refuses_the_next_session_clearly(cluster):
     assert "exceeded quota: sessions" in server.log()
     assert "some-output" in await first.run("echo some-$((1))output | tr -d 1")
     await first.close()
+
+
+async def api(server, path, method="GET", body=None, **kwargs):
+    return await deferToThread(call, server, path, method, body, **kwargs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_api_reaches_a_session_through_another_replica(cluster):
+    a = await cluster.start(cluster.server("--pool-size", "0", replica="ra"))
+    b = await cluster.start(cluster.server("--pool-size", "0", replica="rb"))
+    status, session = await api(a, "/api/sessions", "POST", {})
+    assert status == 201, session
+    session_id = session["id"]
+    await eventually(lambda: "capsule.io/owner" in (cluster.session_pod(session_id)[
+        "metadata"].get("annotations") or {}), what="the pod to say its owner")
+    status, body = await api(b, f"/api/sessions/{session_id}/exec", "POST",
+                             {"argv": ["sh", "-c", "echo via-$((1))b | tr -d 1"], "stdin": ""})
+    assert status == 200, body
+    assert body["stdout"] == "via-b\n"
+    assert holder(cluster, session_id) == "rb"
+    status, body = await api(b, f"/api/sessions/{session_id}")
+    assert status == 200 and body["id"] == session_id
+    missing = "7f9619ff-8b86-4011-b42d-00c04fc964ff"
+    status, body = await api(b, f"/api/sessions/{missing}/exec", "POST",
+                             {"argv": ["true"], "stdin": ""})
+    assert (status, body["code"]) == (404, "session_not_found")
+    # A full quota: the next session is refused, as admission refuses.
+    await quota(cluster, "sessions", pods="1")
+    status, body = await api(a, "/api/sessions", "POST", {})
+    assert (status, body["code"]) == (503, "cluster_full"), body
+    assert "exceeded quota: sessions" in body["error"]
 
 
 # -- the engine's replica calls on the stand-in ---------------------------------
