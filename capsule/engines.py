@@ -10,7 +10,9 @@ network (they behave as with C{--network none}: the session door and the
 previews over the keeper's channels), the host firewall is not used, the
 engine's host memory is not read (the pods run on the cluster's nodes), and
 the disk watch does not run (the kubelet enforces a pod's ephemeral-storage
-limit, C{--disk}).
+limit, C{--disk}).  Options that would then mean nothing, or what a pod
+never gets, are refused: C{--network NAME}, C{--firewall manage},
+C{--memory-reserve}, C{--allow-sudo}.
 """
 
 from __future__ import annotations
@@ -79,9 +81,9 @@ def check_engine_options(options, network_default: str) -> None:
     """
     Check C{options}' engine options (twistd's L{usage.Options}); resolve
     C{--replica}.  With C{--engine kubernetes}, C{--network} must be left
-    as it is (or C{none}: pods have no Docker network) and C{--firewall
-    manage} is refused; with C{--engine docker}, the C{--kube-*} options
-    are refused.
+    as it is (or C{none}: pods have no Docker network), and C{--firewall
+    manage}, C{--memory-reserve} and C{--allow-sudo} are refused; with
+    C{--engine docker}, the C{--kube-*} options are refused.
 
     @param network_default: C{--network}'s default.
     @raise usage.UsageError: what is wrong, and what to say instead.
@@ -127,6 +129,15 @@ def check_engine_options(options, network_default: str) -> None:
         if options[name] not in allowed:
             raise usage.UsageError(f"--{name} {options[name]} cannot be honoured with --engine"
                                    f" kubernetes: {why}")
+    if options["memory-reserve"] not in (None, "off"):
+        raise usage.UsageError(
+            f"--memory-reserve {options['memory-reserve']} cannot be honoured with --engine"
+            " kubernetes: the pods' memory is their nodes', which capsule does not read (the"
+            " cluster's ResourceQuota and the kubelet's eviction thresholds guard it)")
+    if options["allow-sudo"]:
+        raise usage.UsageError("--allow-sudo cannot be honoured with --engine kubernetes:"
+                               " passwordless sudo needs a set-uid program and privilege"
+                               " escalation, which session pods never get")
     # The pods have no Docker network: the door and previews over the
     # keeper's channels, as --network none does.
     options["network"] = "none"

@@ -109,6 +109,10 @@ def test_a_kubeconfig_that_cannot_be_read_is_an_engine_that_does_not_answer(tmp_
      "--network my-net is Docker's: with --engine kubernetes"),
     (["--engine", "kubernetes", "--firewall", "manage"],
      "--firewall manage cannot be honoured with --engine kubernetes"),
+    (["--engine", "kubernetes", "--memory-reserve", "2g"],
+     "--memory-reserve 2g cannot be honoured with --engine kubernetes"),
+    (["--engine", "kubernetes", "--allow-sudo"],
+     "--allow-sudo cannot be honoured with --engine kubernetes: passwordless sudo"),
 ])
 def test_bad_engine_options_are_refused_with_what_to_do(args, words):
     with pytest.raises(usage.UsageError) as refused:
@@ -120,7 +124,8 @@ def test_docker_only_options_that_mean_nothing_to_a_pod_are_accepted():
     # --network none is what pods get anyway; --firewall off: none used;
     # capabilities and runtimes are the pod's (securityContext, RuntimeClass).
     config = parse("--engine", "kubernetes", "--network", "none", "--firewall", "off",
-                   "--cap-add", "NET_BIND_SERVICE", "--runtime", "gvisor").config
+                   "--cap-add", "NET_BIND_SERVICE", "--runtime", "gvisor",
+                   "--memory-reserve", "off").config
     assert (config.spec.cap_add, config.spec.runtime) == (("NET_BIND_SERVICE",), "gvisor")
 
 
@@ -245,3 +250,13 @@ def test_an_engine_that_cannot_weigh_sessions_is_said_once_and_not_asked_again()
     assert calls == [("pod-1", 128)]
     lines = [e for e in said if "not weighted" in e.get("log_format", "")]
     assert len(lines) == 1 and lines[0]["log_level"].name == "info"
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("the session's pod was evicted: The node was low on resource: memory.", "killed"),
+    ("the Kubernetes API server did not come back within 60 s", "engine"),
+    ("the session's pod was deleted", "other"),
+])
+def test_a_pods_end_is_counted_by_its_reason(message, reason):
+    from capsule.ops.metrics import end_reason
+    assert end_reason(None, message) == reason

@@ -119,10 +119,10 @@ class EngineWatch:
         if (message := gone_message(state, self._unit)) is not None:
             return message, False, False
         if state.get("OOMKilled"):
-            return ("the session's container ran out of memory (limit "
+            return (f"the session's {self._unit} ran out of memory (limit "
                     f"{self._spec_of(session).memory}) and was stopped"), False, True
         if not state.get("Running"):
-            return (f"the session's container stopped (exit code {state.get('ExitCode')})",
+            return (f"the session's {self._unit} stopped (exit code {state.get('ExitCode')})",
                     False, True)
         return "the connection to the shell was lost", False, False
 
@@ -141,7 +141,7 @@ class EngineWatch:
                 state = await self._docker.container_state(session.container_id)
             except CapsuleError:
                 if self._clock.seconds() >= deadline:
-                    session.events.end(None, "the Docker engine did not come back within"
+                    session.events.end(None, f"{self._engine} did not come back within"
                                              f" {self._grace:g} s")
                     return
                 await deferLater(self._clock, delay, lambda: None)
@@ -156,7 +156,7 @@ class EngineWatch:
             elif (message := gone_message(state, self._unit)) is not None:
                 session.events.end(None, message)
             elif not state.get("Running"):
-                message = ("the session's container stopped while the Docker engine was away"
+                message = (f"the session's {self._unit} stopped while {self._engine} was away"
                            f" (exit code {state.get('ExitCode')})")
                 if not self._stopped(session, message):
                     session.events.end(None, message)

@@ -11,7 +11,6 @@ to capsule, waits on its log) is made on a thread.
 
 import gzip
 import io
-import json
 import re
 import tarfile
 
@@ -149,6 +148,9 @@ async def test_the_warm_pool_makes_pods_ahead_and_a_session_takes_one(cluster):
         await sleep(0.2)
     status, _, metrics = await deferToThread(server.get, "/metrics")
     assert status == 200
+    # The session found a warm one: no miss counted, one ready again.
+    assert re.search(rb"^capsule_pool_misses_total 0\.0$", metrics, re.M), metrics[-2000:]
+    assert re.search(rb"^capsule_pool_ready 1\.0$", metrics, re.M), metrics[-2000:]
     await client.exit()
 
 
@@ -248,9 +250,10 @@ async def test_a_kubeconfig_that_cannot_be_read_is_said_and_read_again(cluster, 
 async def test_a_forbidden_namespace_is_said_and_asked_again(cluster):
     cluster.standin.forbidden.add(cluster.namespace)
     server = await cluster.start(cluster.server("--pool-size", "1"))
-    error = await _refused_then(server, "refuses capsule (403")
+    await _refused_then(server, "refuses capsule (403")
     log = server.log()
-    assert f'cannot list resource "pods" in API group "" in the namespace' in log
+    assert ('cannot list resource "pods" in API group "" in the namespace'
+            f' "{cluster.namespace}"') in log
     assert "docs/kubernetes.md" in log
     cluster.standin.forbidden.discard(cluster.namespace)
     await eventually(lambda: len(cluster.pods()) == 1, timeout=30,

@@ -25,7 +25,8 @@ What it reproduces
     live ones; none given or C{0}: synthetic C{ADDED} events for what
     exists), one JSON C{WatchEvent} a line, ended after C{timeoutSeconds};
     C{DELETE} (200 with the pod; C{gracePeriodSeconds} from the query or
-    the C{DeleteOptions} body, 0 removes at once, otherwise the pod is
+    the C{DeleteOptions} body, 0 removes at once (a read while its
+    container is removed finds its C{deletionTimestamp}), otherwise the pod is
     kept with a C{deletionTimestamp} while its container is stopped with
     that grace, then removed with a C{DELETED} event; C{preconditions} on
     C{uid}/C{resourceVersion}, 409 C{Conflict} when they do not hold).
@@ -1056,6 +1057,12 @@ class KubeStandin:
             d.addBoth(lambda _: self._forget_pod(pod))
             return answer
         if container_id is not None:
+            # The API server forgets a pod deleted with no grace at once (its
+            # kubelet kills the container after): a read while the container
+            # is removed here finds it being deleted, not as it was (and no
+            # watch is told of that as a change).
+            pod["metadata"].setdefault("deletionTimestamp", now_rfc3339())
+            pod["metadata"]["deletionGracePeriodSeconds"] = 0
             await self._thread(self._thd_remove, container_id)
         return self._forget_pod(pod)
 
