@@ -31,6 +31,12 @@ volume claim kept), snapshots and forks (VolumeSnapshots); no pod is ever a
 kept session.  A kept session's files are a pod's, read and written by an
 exec (C{put_file}, C{read_file}: paths as Docker's, no symbolic link
 followed); a pod's CPU time is not known (C{container_cpu} fires C{None}).
+
+Replicas of capsule on one cluster (L{capsule.engine.kube_replicas}, a base
+of L{KubernetesAPI}): a Lease per replica, the replica holding a pod in its
+annotation C{capsule.io/replica} (set at the pod's creation to L{replica}),
+claims by a merge PATCH on the pod's C{resourceVersion}; a pod refused by a
+ResourceQuota is L{ClusterFull}.
 """
 
 from __future__ import annotations
