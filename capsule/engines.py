@@ -156,8 +156,11 @@ def make_engine(config, reactor, metrics):
         return DockerAPI(reactor, threads=tuning.docker_threads,
                          export_threads=tuning.export_threads, metrics=metrics)
     from capsule.engine.kubernetes import KubernetesAPI, kube_configuration
-    return KubernetesAPI(
+    engine = KubernetesAPI(
         reactor, lambda: kube_configuration(config.kubeconfig, config.kube_context),
         namespace=config.kube_namespace, threads=tuning.docker_threads,
         export_threads=tuning.export_threads, metrics=metrics,
         volume_size=config.kube_volume_size, storage_class=config.kube_storage_class)
+    # Its pods say they are this replica's (capsule.sessions.replicas).
+    engine.replica = config.replica
+    return engine

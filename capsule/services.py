@@ -49,6 +49,7 @@ from capsule.ops.recording import SessionRecorder
 from capsule.core.shares import ShareStore
 from capsule.sessions.spectators import Spectators
 from capsule.sessions.cleanup import CleanupService
+from capsule.sessions.replicas import Replicas, ReplicaService
 from capsule.sessions.idle import IdlePolicy, IdleService
 from capsule.sessions.disk import DiskWatchService, scan_held
 from capsule.sessions.owners import OwnerFile, default_state_dir
@@ -652,6 +653,13 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                                  proxy_environment(gateway_environment.door_host,
                                                    config.door_port)])
     metrics.watch(manager)
+    replicas = None
+    if kubernetes:
+        # Replicas share the cluster: any one serves any session.
+        replicas = manager.replicas = Replicas(manager, docker, reactor, config.replica,
+                                               lease=tuning.replica_lease,
+                                               renew=tuning.replica_renew)
+        manager.observers.add(replicas)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
                   " capsule's environment nor in --secrets-file): its sessions start without"
@@ -760,6 +768,10 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         log_observer=(json_observer(config.server_options)
                       if config.log_format == "json" else None))
     DockerService(docker).setServiceParent(service)
+    if replicas is not None:
+        # After the engine, before the sessions: says this replica lives
+        # before it looks for its sessions, and stops saying so last.
+        ReplicaService(replicas).setServiceParent(service)
     if recorder is not None:
         # Before the sessions: it stops after them, and writes what they said.
         recorder.setServiceParent(service)

@@ -89,6 +89,13 @@ class Tuning:
         30.0, _POSITIVE_FLOAT,
         "Seconds between sweeps for containers of this server that no session owns (their"
         " removal failed while the engine was away).")
+    replica_lease: float = knob(
+        15.0, _POSITIVE_FLOAT,
+        "Seconds a replica's Lease holds once renewed (--engine kubernetes): a replica silent"
+        " for longer is gone, and its sessions are adopted by the others.")
+    replica_renew: float = knob(
+        5.0, _POSITIVE_FLOAT,
+        "Seconds between two renewals of a replica's Lease (--engine kubernetes).")
     idle_cpu_interval: float = knob(
         30.0, _POSITIVE_FLOAT,
         "Most seconds between two readings of the CPU use of a session that is without"

@@ -248,6 +248,26 @@ class DockerContract:
         assert await api.set_cpu_shares(container_id, 100) is False
 
     @pytest_twisted.ensureDeferred
+    async def test_replica_calls(self, api, spec):
+        """
+        A single host is one server: a replica's liveness is nothing, and
+        it holds every container.  A cluster says which replicas live and
+        which holds each container.  Either way, this replica may claim a
+        container no replica holds, and holds it then.
+        """
+        replica = f"contract-{uuid.uuid4().hex[:8]}"
+        await api.renew_replica(replica, 60)
+        live = await api.live_replicas()
+        assert live == set() or replica in live
+        container_id = await self.create(api, spec)
+        assert await api.container_holder(container_id) in (None, getattr(api, "replica", None))
+        assert await api.claim_container(container_id, replica,
+                                         await api.container_holder(container_id)) is True
+        assert await api.container_holder(container_id) in (None, replica)
+        assert await api.drop_replica(replica) in (True, False)
+        await api.remove_container(container_id)
+
+    @pytest_twisted.ensureDeferred
     async def test_create_with_a_missing_image(self, api, spec):
         missing = replace(spec, image="capsule-contract-no-such-image:missing")
         with pytest.raises(ImageMissing):

@@ -23,6 +23,8 @@ from capsule.core.profiles import DEFAULT_PROFILE
 
 QUOTA_EXCEEDED = "quota_exceeded"
 SERVER_FULL = "server_full"
+# The cluster's ResourceQuota refused a session's pod (--engine kubernetes).
+CLUSTER_FULL = "cluster_full"
 
 
 

@@ -94,7 +94,9 @@ class IDockerAPI(Interface):
     def list_containers(labels):
         """
         Fire with a list of C{{"id", "name", "labels", "state"}} dicts of
-        every container (running or not) that carries all of C{labels}.
+        every container (running or not) that carries all of C{labels}
+        (on a cluster also C{"replica"}, its holder, see
+        L{container_holder}, and C{"annotations"}).
         """
 
     def container_state(container_id):
@@ -265,6 +267,45 @@ class IDockerAPI(Interface):
         Thaw a paused container (capsule pauses one only while a fork's
         files are copied on the host: a capsule that stopped meanwhile can
         have left it so); fire with C{True} if it was paused.
+        """
+
+    def renew_replica(replica, seconds):
+        """
+        Say that the capsule replica C{replica} lives for C{seconds} more
+        (on a cluster: make or renew its Lease); fire with C{None}.  A
+        single host has one server and no replicas: it does nothing.
+        """
+
+    def drop_replica(replica):
+        """
+        Say that the replica C{replica} is gone (it stops cleanly): what it
+        held is an orphan at once.  Fire with whether it had said it lived
+        (a single host: C{False}).
+        """
+
+    def live_replicas():
+        """
+        Fire with the set of the names of the replicas that live now (whose
+        liveness has not lapsed).  A single host: an empty set.
+        """
+
+    def container_holder(container_id):
+        """
+        Fire with the name of the replica that holds the container (C{None}:
+        none says); fail with L{capsule.core.errors.ContainerGone} if it is
+        gone.  A single host: C{None}, whatever the container.  (A container
+        listed by L{list_containers} may say it too, as C{"replica"}.)
+        """
+
+    def claim_container(container_id, replica, holder=None, annotations=None):
+        """
+        Take the container for the replica C{replica} if its holder is still
+        C{holder}, with C{annotations} (what the container says of itself
+        besides its labels, e.g. whose session it holds); fire with C{True} if C{replica} holds it now, C{False} if
+        another replica took it first (of replicas that try at once, one
+        wins); fail with L{capsule.core.errors.ContainerGone} if it is
+        gone.  A single host holds everything: C{True}, whatever the
+        container.
         """
 
     def prune_snapshots(labels, grace=600.0):

@@ -31,6 +31,12 @@ volume claim kept), snapshots and forks (VolumeSnapshots); no pod is ever a
 kept session.  A kept session's files are a pod's, read and written by an
 exec (C{put_file}, C{read_file}: paths as Docker's, no symbolic link
 followed); a pod's CPU time is not known (C{container_cpu} fires C{None}).
+
+Replicas of capsule on one cluster (L{capsule.engine.kube_replicas}, a base
+of L{KubernetesAPI}): a Lease per replica, the replica holding a pod in its
+annotation C{capsule.io/replica} (set at the pod's creation to L{replica}),
+claims by a merge PATCH on the pod's C{resourceVersion}; a pod refused by a
+ResourceQuota is L{ClusterFull}.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from capsule.core.spec import ContainerSpec
 from capsule.engine.container_files import absolute_path, path_parts
 # (The pods' and the execs' names are this module's too, as they were.)
 from capsule.engine.kube_execs import PodExecs, exec_argv  # noqa: F401
+from capsule.engine.kube_replicas import ClusterFull, PodReplicas, holder_of, quota_refusal
 from capsule.engine.kube_pods import (CONTAINER, LABELS_ANNOTATION, RUN_AS_USER,  # noqa: F401
                                       Unsupported, capsule_labels, docker_bytes,
                                       label_value_valid, pod_failed, pod_manifest, pod_name,
@@ -86,7 +93,7 @@ READ_SCRIPT = (
 
 
 @implementer(IDockerAPI)
-class KubernetesAPI(PodExecs):
+class KubernetesAPI(PodExecs, PodReplicas):
     """
     @param configuration: a C{kubernetes.client.Configuration} (from
         L{kube_configuration}: a kubeconfig, or the pod's service account).
@@ -276,12 +283,20 @@ class KubernetesAPI(PodExecs):
 
     async def _create(self, spec: ContainerSpec) -> str:
         name = pod_name()
-        manifest = pod_manifest(name, spec, memory_request=self._memory_request)
+        manifest = self.annotate_replica(
+            pod_manifest(name, spec, memory_request=self._memory_request))
         for volume, _ in spec.volumes:
             await self._ensure_claim(volume_claim_name(volume), spec.volume_labels)
         try:
             created = await self._core("create_namespaced_pod", self.namespace, manifest)
         except ApiException as e:
+            refusal = quota_refusal(e)
+            if refusal is not None:
+                _log.warn("the cluster has no room for a session's pod: {refusal}",
+                          refusal=refusal)
+                raise ClusterFull(
+                    "the cluster has no room for another session now (its quota is used up:"
+                    f" {refusal}): try again later, or end a session") from None
             raise DockerError(f"Kubernetes could not create the session's pod: {_status(e)}"
                               ) from None
         try:
@@ -478,7 +493,9 @@ class KubernetesAPI(PodExecs):
         d = self._list_pods(labels)
         d.addCallback(lambda pods: [
             {"id": pod["metadata"]["name"], "name": pod["metadata"]["name"],
-             "labels": capsule_labels(pod), "state": pod_state(pod)["Status"]}
+             "labels": capsule_labels(pod), "state": pod_state(pod)["Status"],
+             "replica": holder_of(pod),
+             "annotations": dict(pod["metadata"].get("annotations") or {})}
             for pod in pods])
         return d
 

@@ -118,6 +118,9 @@ class SessionManager:
             has_volume=self._has_volume, direct=self._direct, door=door,
             observers=self.observers)
         self.recovery = Recovery(self, docker, owners)
+        # The other replicas on a cluster (capsule.sessions.replicas), or
+        # None: this server is the only one.
+        self.replicas = None
         self.keeping = (Keeping(self, docker, clock, keeping, owners) if keeping is not None
                         else None)
         self.fair_share = FairShare(docker, self.sessions, config.spec.cpu_shares)
@@ -405,8 +408,12 @@ class SessionManager:
     def expire(self, session: Session) -> bool:
         """
         End a session whose grace period is over, or put it away where its
-        profile keeps sessions (L{Keeping}); return whether it ended.
+        profile keeps sessions (L{Keeping}); return whether it ended.  (With
+        replicas, once its holder is known to be this replica: see
+        L{capsule.sessions.replicas.Replicas.may_expire}.)
         """
+        if self.replicas is not None and not self.replicas.may_expire(session):
+            return False
         if self.keeping is not None and self.keeping.grace_ended(session):
             return session.over
         expired = session.events.expire()
@@ -456,6 +463,7 @@ class SessionManager:
     def _make_failed(self, failure: Failure, session: Session) -> None:
         self.pool.refill()
         message, code = _message(failure)
+        session.failed_code = code
         if failure.check(CapsuleError):
             _log.error("session {session_id} failed to start: {message}",
                        session_id=session.id[:8], message=message)
@@ -613,6 +621,13 @@ class SessionManager:
         container_id = session.container_id
         if container_id is None:
             return succeed(None)
+        if self.replicas is not None:
+            # Never a container another live replica serves now.
+            return self.replicas.unless_elsewhere(
+                session, lambda: self._remove_own_container(session, container_id))
+        return self._remove_own_container(session, container_id)
+
+    def _remove_own_container(self, session: Session, container_id: str) -> Deferred:
         d = self._docker.remove_container(container_id)
         if session.own_volumes:
             # Copies of a snapshot's volumes (a fork's): the engine removes

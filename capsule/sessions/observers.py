@@ -121,6 +121,12 @@ class SessionObservers:
     def __iter__(self):
         return iter(self._observers)
 
+    def add(self, observer) -> None:
+        """
+        Tell C{observer} too from now on.
+        """
+        self._observers.append(observer)
+
     session_opened = _tell("session_opened")
     session_started = _tell("session_started")
     session_reconnected = _tell("session_reconnected")

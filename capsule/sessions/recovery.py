@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from capsule.core.errors import CapsuleError, DockerError
 from capsule.core.profiles import DEFAULT_PROFILE, LABEL_PROFILE
 from capsule.sessions.keeping import own_volumes
+from capsule.sessions.replicas import UNKNOWN, owner_of
 
 _log = Logger()
 
@@ -95,6 +96,9 @@ class Recovery:
         """
         manager = self._manager
         found = await self._docker.list_containers(manager.labels)
+        if manager.replicas is not None:
+            # Another live replica's sessions are its own.
+            found = await manager.replicas.sift(found)
         for container in found:
             if container["state"] == "paused":
                 # Paused by a fork's copy on the host when an earlier run
@@ -113,6 +117,12 @@ class Recovery:
             if (manager.config.keeper and container["state"] == "running" and session_id
                     and session_id not in manager.sessions and _is_uuid(session_id)):
                 user = self._owners.get(session_id) if self._owners is not None else None
+                if manager.replicas is not None:
+                    # On a cluster, the container says whose session it is.
+                    owner = owner_of(container)
+                    if owner is UNKNOWN:
+                        continue
+                    user = owner
                 session = manager.recovered_session(session_id, container["id"], user)
                 self.assign_profile(session, container["labels"].get(LABEL_PROFILE))
                 session.own_volumes = own_volumes(container["labels"])
@@ -160,6 +170,11 @@ class Recovery:
         """
         manager = self._manager
         found = await self._docker.list_containers(manager.labels)
+        if manager.replicas is not None:
+            # Another live replica's containers are its own; a lapsed one's
+            # sessions are adopted here, as an earlier run's.
+            found = await manager.replicas.sift(found)
+            await manager.replicas.adopt_orphans(found)
         live = {s.container_id for s in manager.sessions.values()} | manager.pool.container_ids
         owners = manager.sessions.keys() | manager.pool.pending
         stale = [c for c in found if c["id"] not in live

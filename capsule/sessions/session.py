@@ -138,6 +138,9 @@ class Session:
         self.own_volumes: dict[str, str] = {}
         # The container it is a fork of (its files are copied from it).
         self.fork_of: str | None = None
+        # Why its container could not be made (an error's code, e.g.
+        # cluster_full: the cluster's quota is used up), or None.
+        self.failed_code: str | None = None
         # Who waits for its shell to run, and for its end.
         self._started: list[Deferred] = []
         self._ended: list[Deferred] = []

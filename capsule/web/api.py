@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 
-from capsule.core.admission import QUOTA_EXCEEDED, AdmissionRefused
+from capsule.core.admission import CLUSTER_FULL, QUOTA_EXCEEDED, AdmissionRefused
 from capsule.core.errors import CapsuleError
 from capsule.web.http import client_address, json_body
 from capsule.core.profiles import DEFAULT_PROFILE, UnknownProfile
@@ -54,6 +54,7 @@ from capsule.web.api_base import (NO_BODY, RETRY_AFTER, ApiError, JsonResource, 
 from capsule.web.bodies import BodyRefused
 from capsule.web.ports import PortAddresses, PortsResource
 from capsule.web.recording import RecordingResource
+from capsule.web.replica_api import adopting
 from capsule.web.shares import SharesResource
 from capsule.web.keep_api import KeepApi, session_child
 from capsule.web.exec import (EXEC_MAX_BODY, EXEC_WRITE_TIMEOUT, EXECS_PER_SESSION, ExecResource,
@@ -315,6 +316,13 @@ class SessionApi:
                     if e.status == 401 else None) from None
             request.capsule_authenticated = user
         request.capsule_user = user
+        replicas = self.manager.replicas
+        if replicas is not None and session_id not in self.manager.sessions:
+            # Another replica's session is taken over first (on a cluster).
+            try:
+                await replicas.adopt(session_id, user)
+            except CapsuleError as e:
+                raise BodyRefused(503, e.message, e.code) from None
         try:
             session = self.running(request, session_id)
             if what == b"exec":
@@ -393,7 +401,8 @@ class SessionsResource(JsonResource):
             session_id = parse_session_id(name.decode("utf-8", "replace"))
         except ProtocolError:
             return NotFound()
-        return SessionResource(self.api, session_id)
+        # Another replica's session is taken over first (on a cluster).
+        return adopting(self.api, session_id, lambda: SessionResource(self.api, session_id))
 
     def render_GET(self, request):
         user = user_of(request)
@@ -444,6 +453,10 @@ class SessionsResource(JsonResource):
                                      f" {CREATE_TIMEOUT:g} s; it goes on starting",
                                 "start_timeout", id=session.id)
             failure.trap(SessionEnded)
+            if session.failed_code == CLUSTER_FULL:
+                # The cluster has no room (its quota): a refusal, as
+                # admission's for want of room.
+                return ApiError(503, failure.value.message, CLUSTER_FULL)
             return ApiError(503, failure.value.message, "start_failed")
         return d.addCallbacks(started, failed)
 

@@ -22,6 +22,7 @@ from capsule.core.errors import CapsuleError, SessionNotFound
 from capsule.web.headers import is_secure
 from capsule.core.kept import SESSION_KEPT
 from capsule.web.keep_ws import KeptSessions
+from capsule.web.replica_ws import ReplicaSessions
 from capsule.web.http import client_address
 from capsule.web.watch import CLOSE_QUOTA_EXCEEDED, Watching, _Phase
 from capsule.web.wire import BinaryWire, FlowGate, JsonWire, close_reason, url_size
@@ -52,7 +53,7 @@ CLOSE_UNAVAILABLE = 4503
 
 
 @implementer(ISessionClient)
-class CapsuleServerProtocol(KeptSessions, Watching, WebSocketServerProtocol):
+class CapsuleServerProtocol(ReplicaSessions, KeptSessions, Watching, WebSocketServerProtocol):
     """
     One browser connection, in one L{_Phase} at a time.  What goes on the wire is its C{_wire}'s business: the JSON
     or the binary protocol, chosen at the handshake.  Kept sessions: L{KeptSessions}.
@@ -60,6 +61,7 @@ class CapsuleServerProtocol(KeptSessions, Watching, WebSocketServerProtocol):
 
     CLOSE_SESSION_NOT_FOUND = CLOSE_SESSION_NOT_FOUND
     CLOSE_UNAVAILABLE = CLOSE_UNAVAILABLE
+    CLOSE_INVALID_SESSION = CLOSE_INVALID_SESSION
 
     def __init__(self) -> None:
         super().__init__()

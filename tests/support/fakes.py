@@ -510,6 +510,23 @@ class FakeDockerAPI:
         }
         return succeed(new_id)
 
+    # Replicas: one host is one server (as Docker's).
+
+    def renew_replica(self, replica, seconds):
+        return self._check() or succeed(None)
+
+    def drop_replica(self, replica):
+        return self._check() or succeed(False)
+
+    def live_replicas(self):
+        return self._check() or succeed(set())
+
+    def container_holder(self, container_id):
+        return self._check() or succeed(None)
+
+    def claim_container(self, container_id, replica, holder=None, annotations=None):
+        return self._check() or succeed(True)
+
     def unpause_container(self, container_id):
         failed = self._check()
         if failed:

@@ -80,6 +80,28 @@ What it reproduces
     channel closed, the stdin's end passed to the process); an empty
     message on the lowest writable channel once the streams are set up; a
     real C{docker exec} in the pod's container, with or without a TTY.
+  - Updates (L{tests.support.kube_standin_coord}): C{PUT} of a whole
+    object (its C{spec}, labels and annotations; what the server owns
+    kept) and C{PATCH} as C{application/merge-patch+json} or
+    C{application/strategic-merge-patch+json} (both as an RFC 7386 merge,
+    which is what a strategic merge does to labels and annotations); a
+    C{metadata.resourceVersion} in the body is a precondition: 409
+    C{Conflict} ("the object has been modified; please apply your changes
+    to the latest version and try again") when it is not the object's;
+    the change is a C{MODIFIED} watch event.  A pod's spec cannot change
+    (422 C{Invalid}); its status is not taken from a patch.
+  - C{coordination.k8s.io/v1} Leases: create, get, list, C{PUT}, delete
+    (the spec is stored as it is given: C{holderIdentity}, C{renewTime},
+    C{leaseDurationSeconds}...).
+  - ResourceQuotas: create, get, list (C{status.hard} and C{status.used}
+    computed at each read), delete; enforced when a pod is created for
+    C{pods}, C{limits.memory}, C{requests.memory} (or C{memory}),
+    C{limits.cpu}, C{requests.cpu} (or C{cpu}), counting the pods not
+    C{Succeeded} or C{Failed}, a request not given being its limit: 403
+    C{Forbidden} with the API server's messages (C{pods "NAME" is
+    forbidden: exceeded quota: QUOTA, requested: ..., used: ..., limited:
+    ...}, and C{failed quota: QUOTA: must specify ...} for a pod that does
+    not say a limited resource).
 
 What it does not
 ================
@@ -89,7 +111,8 @@ What it does not
     namespaces of L{KubeStandin.forbidden}, where every request gets the
     403 C{Forbidden} Status RBAC gives a service account without a Role
     there (C{... is forbidden: User "..." cannot list resource "pods" ...}).
-  - Scheduling, nodes, resource quotas, limit ranges, admission webhooks,
+  - Scheduling, nodes, quotas of anything but the five pod resources
+    above (no scopes, no object counts), limit ranges, admission webhooks,
     pod security admission (the C{securityContext} is applied, not
     judged), evictions of its own (L{KubeStandin.evict} makes one: the
     container killed, the pod C{Failed} with reason C{Evicted} and a
@@ -100,7 +123,8 @@ What it does not
     Secrets and ConfigMaps, a per-pod process limit, C{ephemeral-storage}
     limits (accepted, not enforced), C{resources.requests.memory}.
   - Namespaces are not objects: every namespace exists.
-  - Updates: no C{PUT}, C{PATCH} or subresources other than exec (no
+  - Updates: no JSON patch (C{application/json-patch+json}: 415), no
+    update of a pod's spec, no subresources other than exec (no
     C{status}, C{log}, C{attach}, C{portforward}, C{resize}); no
     C{deletecollection}; no C{resourceVersionMatch}, pagination
     (C{limit}/C{continue}), C{allowWatchBookmarks} (accepted, no
@@ -140,6 +164,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from capsule.engine.docker import DockerAPI
+from tests.support import kube_standin_coord as coord
 
 _log = Logger()
 
@@ -437,9 +462,12 @@ KINDS = {
         "PersistentVolumeClaim", "PersistentVolumeClaimList", "v1"),
     ("apis/networking.k8s.io/v1", "networkpolicies"): (
         "NetworkPolicy", "NetworkPolicyList", "networking.k8s.io/v1"),
+    ("api/v1", "resourcequotas"): ("ResourceQuota", "ResourceQuotaList", "v1"),
+    ("apis/coordination.k8s.io/v1", "leases"): (
+        "Lease", "LeaseList", "coordination.k8s.io/v1"),
 }
 _PATH = re.compile(
-    r"/(?P<group>api/v1|apis/networking\.k8s\.io/v1)/namespaces/(?P<ns>[^/]+)/"
+    r"/(?P<group>api/v1|apis/networking\.k8s\.io/v1|apis/coordination\.k8s\.io/v1)/namespaces/(?P<ns>[^/]+)/"
     r"(?P<plural>[a-z]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[a-z]+))?)?/?\Z")
 
 
@@ -580,9 +608,10 @@ class KubeStandin:
                     await self.watch(request, kind, ns, labels, fields,
                                      one("resourceVersion"), one("timeoutSeconds"))
                     return None
-                if kind == "Pod":
+                if kind in ("Pod", "ResourceQuota"):
                     await self._refresh(self.store.items("Pod", ns))
-                items = [o for o in self.store.items(kind, ns)
+                items = [self._quota_status(o) if kind == "ResourceQuota" else o
+                         for o in self.store.items(kind, ns)
                          if label_selected(o["metadata"].get("labels") or {}, labels)
                          and field_selected(o, fields)]
                 return 200, {"kind": list_kind, "apiVersion": api_version,
@@ -599,7 +628,14 @@ class KubeStandin:
                 raise not_found(plural, name)
             if kind == "Pod":
                 await self._refresh([obj])
+            if kind == "ResourceQuota":
+                await self._refresh(self.store.items("Pod", ns))
+                return 200, self._quota_status(obj)
             return 200, obj
+        if method in ("PUT", "PATCH"):
+            if obj is None:
+                raise not_found(plural, name)
+            return 200, self.update(kind, plural, m.group("group"), obj, request, method)
         if method == "DELETE":
             if obj is None:
                 raise not_found(plural, name)
@@ -656,6 +692,20 @@ class KubeStandin:
             raise ApiError(403, "Forbidden", f'pods "{name}" is forbidden: pod rejected:'
                            f' RuntimeClass "{spec["runtimeClassName"]}" not found',
                            {"name": name, "kind": "pods"})
+        if kind == "Pod":
+            await self._refresh(self.store.items("Pod", ns))
+            try:
+                coord.admit(name, body, self.store.items("ResourceQuota", ns),
+                            self.store.items("Pod", ns), quantity)
+            except coord.Refusal as e:
+                raise ApiError(e.code, e.reason, e.message, e.details) from None
+        elif kind == "ResourceQuota":
+            for resource, value in (spec.get("hard") or {}).items():
+                try:
+                    quantity(value)
+                except ValueError as e:
+                    raise invalid(kind, name, [(f"spec.hard[{resource}]", str(value), str(e))]
+                                  ) from None
         metadata.update(name=name, namespace=ns, uid=str(uuid.uuid4()),
                         creationTimestamp=now_rfc3339())
         metadata.setdefault("labels", {})
@@ -931,6 +981,42 @@ class KubeStandin:
             {"type": "Ready", "status": ready}]
         status["containerStatuses"] = [container]
         return status
+
+    # -- update ------------------------------------------------------------
+
+    def update(self, kind: str, plural: str, group: str, obj: dict, request,
+               method: str) -> dict:
+        """
+        A C{PUT} (the whole object) or a merge C{PATCH}, the body's
+        C{metadata.resourceVersion} a precondition (409 C{Conflict}); the
+        change is sent to watchers as a C{MODIFIED} event.
+        """
+        body = _json_body(request)
+        content_type = (request.getHeader(b"content-type") or b"").decode("ascii", "replace")
+        try:
+            if method == "PUT":
+                if not isinstance(body, dict):
+                    raise coord.Refusal(400, "BadRequest",
+                                        "the body of the request was in an unknown format", {})
+                changed = coord.replaced(obj, body, plural, group)
+            else:
+                changed = coord.patched(obj, body, content_type, plural, group)
+        except coord.Refusal as e:
+            raise ApiError(e.code, e.reason, e.message, e.details) from None
+        causes = validate_metadata(kind, changed["metadata"], obj["metadata"]["name"])
+        if causes:
+            raise invalid(kind, obj["metadata"]["name"], causes)
+        if kind == "Pod":
+            # The stored pod is the one the kubelet's side updates.
+            obj["metadata"] = changed["metadata"]
+            changed = obj
+        return self.store.put(kind, changed, "MODIFIED")
+
+    def _quota_status(self, quota: dict) -> dict:
+        answer = json.loads(json.dumps(quota))
+        answer["status"] = coord.quota_status(
+            quota, self.store.items("Pod", quota["metadata"]["namespace"]), quantity)
+        return answer
 
     # -- delete ------------------------------------------------------------
 
