@@ -12,8 +12,9 @@ from capsule.engine.firewall import BLOCKED
 from capsule.engine.kube_pods import pod_manifest
 from capsule.engine.kube_policies import (CAPSULE_POD_LABELS, EGRESS_LABEL, FENCED,
                                           FENCED_POLICY, INGRESS_POLICY, OPEN_POLICY, RIGHTS,
-                                          blocked_ranges, fenced, network_policies,
-                                          own_namespace, pod_labels, role_rules)
+                                          blocked_ranges, fenced, kubernetes_spec,
+                                          network_policies, own_namespace, pod_labels,
+                                          role_rules)
 from capsule.engine.network import CAPSULE_NETWORK, FENCED_NETWORK
 
 
@@ -126,20 +127,33 @@ def test_the_refused_ranges_are_the_host_firewalls_and_loopback():
 @pytest.mark.parametrize("network, expected", [
     (FENCED_NETWORK, True), ("none", True), (CAPSULE_NETWORK, False), (None, False),
     ("an-operators-network", False)])
-def test_which_sessions_are_fenced(network, expected):
+def test_which_profiles_are_fenced(network, expected):
     assert fenced(network) is expected
-    assert pod_labels(network) == ({EGRESS_LABEL: FENCED} if expected else {})
+    spec = kubernetes_spec(ContainerSpec(image="i", labels=dict(SESSION), network=network))
+    # No Docker network on Kubernetes; the label says what the network said.
+    assert spec.network == "none"
+    assert spec.labels == (FENCED_SESSION if expected else SESSION)
 
 
 def test_a_fenced_sessions_pod_carries_the_label():
-    spec = ContainerSpec(image="i", labels=dict(SESSION), network=FENCED_NETWORK)
-    pod = pod_manifest("capsule-x", spec)
-    assert pod["metadata"]["labels"] == FENCED_SESSION
     policies = _by_name(network_policies("capsule-sessions", "capsule"))
-    assert _selects(policies[FENCED_POLICY]["spec"]["podSelector"], pod["metadata"]["labels"])
-    opened = pod_manifest("capsule-y", ContainerSpec(image="i", labels=dict(SESSION)))
-    assert opened["metadata"]["labels"] == SESSION
-    assert _selects(policies[OPEN_POLICY]["spec"]["podSelector"], opened["metadata"]["labels"])
+    for spec in (kubernetes_spec(ContainerSpec(image="i", labels=dict(SESSION),
+                                               network=FENCED_NETWORK)),
+                 # A spec still on the fenced network (not made for Kubernetes).
+                 ContainerSpec(image="i", labels=dict(SESSION), network=FENCED_NETWORK)):
+        pod = pod_manifest("capsule-x", spec)
+        assert pod["metadata"]["labels"] == FENCED_SESSION
+        assert _selects(policies[FENCED_POLICY]["spec"]["podSelector"],
+                        pod["metadata"]["labels"])
+        assert not _selects(policies[OPEN_POLICY]["spec"]["podSelector"],
+                            pod["metadata"]["labels"])
+    for spec in (kubernetes_spec(ContainerSpec(image="i", labels=dict(SESSION))),
+                 ContainerSpec(image="i", labels=dict(SESSION), network="none")):
+        opened = pod_manifest("capsule-y", spec)
+        assert opened["metadata"]["labels"] == SESSION
+        assert pod_labels(spec) == {}
+        assert _selects(policies[OPEN_POLICY]["spec"]["podSelector"],
+                        opened["metadata"]["labels"])
 
 
 def test_own_namespace(tmp_path):

@@ -85,7 +85,7 @@ def pod_manifest(name: str, spec: ContainerSpec, run_as: int = RUN_AS_USER,
                           " privilege escalation, which session pods never get")
     labels = {k: v for k, v in spec.labels.items() if label_value_valid(v)}
     # What the session namespace's NetworkPolicies select it by (fenced).
-    labels.update(pod_labels(spec.network))
+    labels.update(pod_labels(spec))
     memory = docker_bytes(spec.memory)
     limits = {"memory": str(memory), "cpu": f"{int(round(spec.cpus * 1000))}m"}
     # The kubelet gives a container CPU shares of request * 1024: the

@@ -23,7 +23,7 @@ from twisted.internet.threads import deferToThread
 
 from capsule.core.spec import ContainerSpec
 from capsule.engine.kube_policies import (EGRESS_LABEL, FENCED, INGRESS_POLICY,
-                                          network_policies)
+                                          kubernetes_spec, network_policies)
 from capsule.engine.kubernetes import KubernetesAPI
 from capsule.engine.network import FENCED_NETWORK
 
@@ -122,9 +122,10 @@ async def test_a_fenced_pod_carries_the_fenced_label(api, namespace):
     spec = ContainerSpec(image=IMAGE, memory="256m", cpus=0.5,
                          labels={"io.capsule.managed": "true", LABEL_INSTANCE: instance})
     try:
+        # As the server gives profiles' specs to the engine.
         fenced = await api.create_session_container(
-            "f", replace(spec, network=FENCED_NETWORK))
-        opened = await api.create_session_container("o", spec)
+            "f", kubernetes_spec(replace(spec, network=FENCED_NETWORK)))
+        opened = await api.create_session_container("o", kubernetes_spec(spec))
         found = {c["id"]: c["labels"] for c in await api.list_containers(
             {LABEL_INSTANCE: instance})}
         assert found[fenced][EGRESS_LABEL] == FENCED
