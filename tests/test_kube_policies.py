@@ -171,3 +171,62 @@ def test_role_rules_are_the_rights():
     # Never a wildcard, never more than the session namespace's objects.
     for rule in rules:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+
+
+class _Engine:
+    """
+    An engine whose ensure_network_policies fails C{failures} times (the
+    API server away), then answers.
+    """
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, []
+
+    def ensure_network_policies(self, capsule_namespace=None):
+        from twisted.internet.defer import fail, succeed
+
+        from capsule.core.errors import DockerUnavailable
+        self.calls.append(capsule_namespace)
+        if len(self.calls) <= self.failures:
+            return fail(DockerUnavailable("cannot reach the Kubernetes API server"))
+        return succeed([(p, True) for p in network_policies("capsule-sessions",
+                                                            capsule_namespace)])
+
+
+def test_the_policies_are_ensured_at_start_until_they_are():
+    from twisted.internet.task import Clock
+
+    from capsule.engine.kube_startup import NetworkPoliciesAtStart
+
+    clock, engine = Clock(), _Engine(failures=2)
+    service = NetworkPoliciesAtStart(engine, clock, "capsule", retry=30)
+    service.startService()
+    assert engine.calls == ["capsule"] and not service.done.called
+    clock.advance(30)
+    assert len(engine.calls) == 2 and not service.done.called
+    clock.advance(30)
+    assert len(engine.calls) == 3
+    answers = []
+    service.done.addCallback(answers.append)
+    assert [p["metadata"]["name"] for p, _ in answers[0]] == [INGRESS_POLICY, FENCED_POLICY,
+                                                               OPEN_POLICY]
+    clock.advance(300)
+    assert len(engine.calls) == 3
+    service.stopService()
+
+
+def test_stopped_before_the_api_server_answered():
+    from twisted.internet.task import Clock
+
+    from capsule.engine.kube_startup import NetworkPoliciesAtStart
+
+    clock, engine = Clock(), _Engine(failures=100)
+    service = NetworkPoliciesAtStart(engine, clock, retry=30)
+    service.startService()
+    service.stopService()
+    answers = []
+    service.done.addCallback(answers.append)
+    assert answers == [None]
+    clock.advance(300)
+    assert engine.calls == [None]
+    assert not clock.getDelayedCalls()

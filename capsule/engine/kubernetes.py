@@ -387,8 +387,13 @@ class KubernetesAPI(PodExecs):
                     if e.status != 409:
                         raise DockerError(f"Kubernetes could not create the network policy"
                                           f" {name}: {_status(e)}") from None
-                found = self._thd_request("NetworkingV1Api", "read_namespaced_network_policy",
-                                          name, self.namespace)
+                try:
+                    found = self._thd_request("NetworkingV1Api",
+                                              "read_namespaced_network_policy", name,
+                                              self.namespace)
+                except ApiException as e:
+                    raise DockerError(f"Kubernetes could not read the network policy {name}:"
+                                      f" {_status(e)}") from None
                 if found.get("spec") != policy["spec"]:
                     _log.warn("the network policy {name} in {namespace} is not capsule's: it"
                               " is used as it is", name=name, namespace=self.namespace)

@@ -134,3 +134,27 @@ async def test_a_fenced_pod_carries_the_fenced_label(api, namespace):
         assert [c["id"] for c in selected] == [fenced]
     finally:
         remove_instance_containers(instance)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_policies_are_ensured_when_capsule_starts(api, standin, namespace):
+    """
+    The service capsule runs at start on Kubernetes leaves the policies
+    there, as built.
+    """
+    from capsule.engine.kube_startup import NetworkPoliciesAtStart
+
+    service = NetworkPoliciesAtStart(api, reactor, "capsule")
+    service.startService()
+    try:
+        answers = await service.done
+    finally:
+        service.stopService()
+    assert [p["metadata"]["name"] for p, _ in answers] == [
+        p["metadata"]["name"] for p in network_policies(namespace, "capsule")]
+    status, listed = await _request(standin.url, "GET", _policies_path(namespace))
+    assert status == 200
+    assert sorted((p["metadata"]["name"], json.dumps(p["spec"], sort_keys=True))
+                  for p in listed["items"]) == sorted(
+        (p["metadata"]["name"], json.dumps(p["spec"], sort_keys=True))
+        for p in network_policies(namespace, "capsule"))
