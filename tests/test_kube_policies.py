@@ -7,12 +7,15 @@ import ipaddress
 
 import pytest
 
+from capsule.core.egress import ALLOWLIST, NONE, EgressPolicy
+from capsule.core.egress import OPEN_POLICY as OPEN_EGRESS
+from capsule.core.profiles import Profile
 from capsule.core.spec import ContainerSpec
 from capsule.engine.firewall import BLOCKED
 from capsule.engine.kube_pods import pod_manifest
 from capsule.engine.kube_policies import (CAPSULE_POD_LABELS, EGRESS_LABEL, FENCED,
                                           FENCED_POLICY, INGRESS_POLICY, OPEN_POLICY, RIGHTS,
-                                          blocked_ranges, fenced, kubernetes_spec,
+                                          blocked_ranges, kubernetes_profile,
                                           network_policies, own_namespace, pod_labels,
                                           role_rules)
 from capsule.engine.network import CAPSULE_NETWORK, FENCED_NETWORK
@@ -124,21 +127,28 @@ def test_the_refused_ranges_are_the_host_firewalls_and_loopback():
         assert not any(ip in ipaddress.ip_network(r) for r in blocked_ranges(ip.version))
 
 
-@pytest.mark.parametrize("network, expected", [
-    (FENCED_NETWORK, True), ("none", True), (CAPSULE_NETWORK, False), (None, False),
-    ("an-operators-network", False)])
-def test_which_profiles_are_fenced(network, expected):
-    assert fenced(network) is expected
-    spec = kubernetes_spec(ContainerSpec(image="i", labels=dict(SESSION), network=network))
-    # No Docker network on Kubernetes; the label says what the network said.
+@pytest.mark.parametrize("egress, expected", [
+    (OPEN_EGRESS, False), (EgressPolicy(NONE), True),
+    (EgressPolicy(ALLOWLIST, ("pypi.org",)), True)])
+@pytest.mark.parametrize("network", [CAPSULE_NETWORK, FENCED_NETWORK, "none", None])
+def test_a_profile_on_kubernetes(egress, expected, network):
+    """
+    Its egress decides whether its pods are fenced; its network, Docker's,
+    is none (as every profile's is on Kubernetes).
+    """
+    profile = Profile(name="p", spec=ContainerSpec(image="i", labels=dict(SESSION),
+                                                   network=network), egress=egress)
+    spec = kubernetes_profile(profile).spec
     assert spec.network == "none"
     assert spec.labels == (FENCED_SESSION if expected else SESSION)
+    assert kubernetes_profile(profile).egress == egress
 
 
 def test_a_fenced_sessions_pod_carries_the_label():
     policies = _by_name(network_policies("capsule-sessions", "capsule"))
-    for spec in (kubernetes_spec(ContainerSpec(image="i", labels=dict(SESSION),
-                                               network=FENCED_NETWORK)),
+    fenced = Profile(name="p", spec=ContainerSpec(image="i", labels=dict(SESSION)),
+                     egress=EgressPolicy(NONE))
+    for spec in (kubernetes_profile(fenced).spec,
                  # A spec still on the fenced network (not made for Kubernetes).
                  ContainerSpec(image="i", labels=dict(SESSION), network=FENCED_NETWORK)):
         pod = pod_manifest("capsule-x", spec)
@@ -147,13 +157,14 @@ def test_a_fenced_sessions_pod_carries_the_label():
                         pod["metadata"]["labels"])
         assert not _selects(policies[OPEN_POLICY]["spec"]["podSelector"],
                             pod["metadata"]["labels"])
-    for spec in (kubernetes_spec(ContainerSpec(image="i", labels=dict(SESSION))),
+    opened = Profile(name="o", spec=ContainerSpec(image="i", labels=dict(SESSION)))
+    for spec in (kubernetes_profile(opened).spec,
                  ContainerSpec(image="i", labels=dict(SESSION), network="none")):
-        opened = pod_manifest("capsule-y", spec)
-        assert opened["metadata"]["labels"] == SESSION
+        pod = pod_manifest("capsule-y", spec)
+        assert pod["metadata"]["labels"] == SESSION
         assert pod_labels(spec) == {}
         assert _selects(policies[OPEN_POLICY]["spec"]["podSelector"],
-                        opened["metadata"]["labels"])
+                        pod["metadata"]["labels"])
 
 
 def test_own_namespace(tmp_path):

@@ -14,7 +14,7 @@ capsule's own (should capsule run there too):
     pods (L{CAPSULE_POD_LABELS}, in capsule's namespace): never from
     another session, nor from anything else in the cluster.
   - L{FENCED_POLICY}: a pod labelled C{io.capsule.egress: fenced} (a
-    profile whose egress is not open: L{kubernetes_spec}) sends nothing;
+    profile whose egress is not open: L{kubernetes_profile}) sends nothing;
     its one way out is capsule's door, over its keeper's channel.
   - L{OPEN_POLICY}: the other pods reach the internet, IPv4 and IPv6, but
     not the ranges the Docker engine's host firewall refuses
@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from capsule.core.profiles import Profile
 from capsule.core.spec import ContainerSpec
 from capsule.engine.firewall import BLOCKED
 from capsule.engine.network import FENCED_NETWORK
@@ -72,32 +73,23 @@ RIGHTS: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
-def fenced(network: str | None) -> bool:
+def kubernetes_profile(profile: Profile) -> Profile:
     """
-    Whether a profile whose sessions' Docker network is C{network} is
-    fenced: one whose egress is not open runs on capsule's fenced network
-    (L{capsule.core.profiles.fence}); one with no network at all reaches
-    nothing either.
-    """
-    return network in (FENCED_NETWORK, "none")
-
-
-def kubernetes_spec(spec: ContainerSpec) -> ContainerSpec:
-    """
-    A profile's C{spec} as the Kubernetes engine runs it: no Docker network
+    A profile as the Kubernetes engine runs its sessions: no Docker network
     (C{"none"}: the door and previews over the keeper's channels), and,
-    when it was fenced (L{fenced}), the label the fenced policy selects
-    (the network no longer says it).
+    when its egress is not open, the label the fenced policy selects.  (On
+    Kubernetes the profile's egress decides: C{network} is Docker's.)
     """
-    labels = {**spec.labels, EGRESS_LABEL: FENCED} if fenced(spec.network) else spec.labels
-    return replace(spec, network="none", labels=labels)
+    spec = profile.spec
+    labels = {**spec.labels, EGRESS_LABEL: FENCED} if profile.egress.fenced else spec.labels
+    return replace(profile, spec=replace(spec, network="none", labels=labels))
 
 
 def pod_labels(spec: ContainerSpec) -> dict[str, str]:
     """
     The labels a session pod gets for the policies besides its spec's: the
-    fenced one for a spec still on the fenced network (one not made by
-    L{kubernetes_spec}).
+    fenced one for a spec still on capsule's fenced network (a profile not
+    made by L{kubernetes_profile}).
     """
     return {EGRESS_LABEL: FENCED} if spec.network == FENCED_NETWORK else {}
 

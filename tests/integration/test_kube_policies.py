@@ -13,7 +13,6 @@ plugin enforces them is not verified (see docs/kubernetes.md).
 
 import json
 import uuid
-from dataclasses import replace
 
 import kubernetes.client
 import pytest
@@ -21,11 +20,12 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
+from capsule.core.egress import NONE, EgressPolicy
+from capsule.core.profiles import Profile
 from capsule.core.spec import ContainerSpec
 from capsule.engine.kube_policies import (EGRESS_LABEL, FENCED, INGRESS_POLICY,
-                                          kubernetes_spec, network_policies)
+                                          kubernetes_profile, network_policies)
 from capsule.engine.kubernetes import KubernetesAPI
-from capsule.engine.network import FENCED_NETWORK
 
 from ..support.kube_standin import KubeStandin
 from .harness import IMAGE, docker_client, remove_instance_containers
@@ -123,9 +123,10 @@ async def test_a_fenced_pod_carries_the_fenced_label(api, namespace):
                          labels={"io.capsule.managed": "true", LABEL_INSTANCE: instance})
     try:
         # As the server gives profiles' specs to the engine.
-        fenced = await api.create_session_container(
-            "f", kubernetes_spec(replace(spec, network=FENCED_NETWORK)))
-        opened = await api.create_session_container("o", kubernetes_spec(spec))
+        fenced = await api.create_session_container("f", kubernetes_profile(Profile(
+            name="f", spec=spec, egress=EgressPolicy(NONE))).spec)
+        opened = await api.create_session_container(
+            "o", kubernetes_profile(Profile(name="o", spec=spec)).spec)
         found = {c["id"]: c["labels"] for c in await api.list_containers(
             {LABEL_INSTANCE: instance})}
         assert found[fenced][EGRESS_LABEL] == FENCED
