@@ -70,6 +70,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6", "playwright>=1.40",
                  "websockets>=13", "websocket-client>=1.6",
-                 "pytest-timeout>=2", "openapi-spec-validator>=0.7"],
+                 "pytest-timeout>=2", "openapi-spec-validator>=0.7",
+                 # deploy/kubernetes/ checked offline: the Kubernetes JSON schemas, bundled.
+                 "kubernetes-validate>=1.30"],
     },
 )

@@ -30,6 +30,7 @@ from capsule.engine.docker import DockerAPI
 from capsule.engines import make_engine
 from capsule.engine.channels import KeeperChannelEndpoint
 from capsule.engine.keeper_direct import DirectKeeper
+from capsule.engine.kube_startup import NetworkPoliciesAtStart
 from capsule.engine.firewall import Firewall
 from capsule.engine.network import FENCED_NETWORK, NotFenced, SessionNetwork
 from capsule.gateway.anthropic import AnthropicGateway, GatewayLimits
@@ -768,6 +769,9 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
         log_observer=(json_observer(config.server_options)
                       if config.log_format == "json" else None))
     DockerService(docker).setServiceParent(service)
+    if kubernetes:
+        # The session namespace's NetworkPolicies, asked for until made.
+        NetworkPoliciesAtStart(docker, reactor).setServiceParent(service)
     if replicas is not None:
         # After the engine, before the sessions: says this replica lives
         # before it looks for its sessions, and stops saying so last.

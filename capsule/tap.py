@@ -28,6 +28,7 @@ from capsule.core.spec import ContainerSpec
 from capsule.core.egress import DEFAULT_PORTS
 from capsule.engine.firewall import MODES as FIREWALL_MODES
 from capsule.engines import ENGINE_OPTIONS, check_engine_options
+from capsule.engine.kube_policies import kubernetes_profile
 from capsule.engine.network import CAPSULE_NETWORK, FENCED_NETWORK
 from capsule.ops.logformat import FORMATS, check_server_options
 from capsule.ops.recording import DEFAULT_MAX_BYTES, check_directory
@@ -724,8 +725,7 @@ class Options(usage.Options):
                 # Pods have no Docker network: every profile's sessions
                 # reach the door over their keeper's channels.
                 self["profile-table"] = {
-                    name: replace(p, spec=replace(p.spec, network="none"))
-                    for name, p in self["profile-table"].items()}
+                    name: kubernetes_profile(p) for name, p in self["profile-table"].items()}
             self["secrets"] = load_secrets(self["secrets-file"], self["profile-table"])
         except ProfileError as e:
             raise usage.UsageError(f"--profiles: {e}" if self["secrets-file"] is None

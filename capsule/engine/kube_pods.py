@@ -14,6 +14,7 @@ import uuid
 
 from capsule.core.errors import DockerError, ImageMissing
 from capsule.core.spec import ContainerSpec
+from capsule.engine.kube_policies import pod_labels
 
 # The uid (and gid) session pods run as: the session image's user.
 RUN_AS_USER = 1000
@@ -83,6 +84,8 @@ def pod_manifest(name: str, spec: ContainerSpec, run_as: int = RUN_AS_USER,
         raise Unsupported("passwordless sudo (--allow-sudo) needs a set-uid program and"
                           " privilege escalation, which session pods never get")
     labels = {k: v for k, v in spec.labels.items() if label_value_valid(v)}
+    # What the session namespace's NetworkPolicies select it by (fenced).
+    labels.update(pod_labels(spec))
     memory = docker_bytes(spec.memory)
     limits = {"memory": str(memory), "cpu": f"{int(round(spec.cpus * 1000))}m"}
     # The kubelet gives a container CPU shares of request * 1024: the

@@ -68,6 +68,7 @@ from capsule.engine.kube_pods import (CONTAINER, LABELS_ANNOTATION, RUN_AS_USER,
                                       Unsupported, capsule_labels, docker_bytes,
                                       label_value_valid, pod_failed, pod_manifest, pod_name,
                                       pod_started, pod_state, volume_claim_name)
+from capsule.engine.kube_policies import network_policies, own_namespace
 
 _log = Logger()
 
@@ -426,37 +427,46 @@ class KubernetesAPI(PodExecs, PodReplicas):
             for ip in (pod.get("status") or {}).get("podIPs") or [] if ip.get("ip")})
         return d
 
-    def ensure_session_policy(self, name: str, sessions: dict[str, str],
-                              capsule: dict[str, str],
-                              capsule_namespace: str | None = None) -> Deferred:
+    def ensure_network_policies(self, capsule_namespace: str | None = None) -> Deferred:
         """
-        Make sure the NetworkPolicy C{name} exists: the pods carrying the
-        labels C{sessions} take connections only from the pods carrying
-        C{capsule} (in C{capsule_namespace}, by default the sessions'), so
-        never from each other; fire with C{(policy, created)}.  A policy of
-        that name made by someone else is used as it is.  (Egress is the
-        egress policy's business, not this one's.)
+        Make sure the session namespace's NetworkPolicies exist
+        (L{capsule.engine.kube_policies.network_policies}: session pods
+        take connections from capsule's pods only, fenced ones send
+        nothing, open ones reach the internet but no private range); fire
+        with C{[(policy, created)]}.  A policy of that name already there
+        (applied with C{deploy/kubernetes/}, or by an operator) is used as
+        it is, with a warning when it says something else.
+
+        @param capsule_namespace: where capsule's pods are (C{None}: its
+            own pod's, L{own_namespace}).
         """
-        source = {"podSelector": {"matchLabels": dict(capsule)}}
-        if capsule_namespace and capsule_namespace != self.namespace:
-            source["namespaceSelector"] = {"matchLabels": {
-                "kubernetes.io/metadata.name": capsule_namespace}}
-        policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                  "metadata": {"name": name, "labels": {
-                      k: v for k, v in sessions.items() if label_value_valid(v)}},
-                  "spec": {"podSelector": {"matchLabels": dict(sessions)},
-                           "policyTypes": ["Ingress"], "ingress": [{"from": [source]}]}}
+        wanted = network_policies(self.namespace, capsule_namespace or own_namespace())
 
         def _thd():
-            try:
-                return self._thd_request("NetworkingV1Api", "create_namespaced_network_policy",
-                                         self.namespace, policy), True
-            except ApiException as e:
-                if e.status != 409:
-                    raise DockerError(f"Kubernetes could not create the network policy {name}:"
+            answers = []
+            for policy in wanted:
+                name = policy["metadata"]["name"]
+                try:
+                    answers.append((self._thd_request(
+                        "NetworkingV1Api", "create_namespaced_network_policy", self.namespace,
+                        policy), True))
+                    continue
+                except ApiException as e:
+                    if e.status != 409:
+                        raise DockerError(f"Kubernetes could not create the network policy"
+                                          f" {name}: {_status(e)}") from None
+                try:
+                    found = self._thd_request("NetworkingV1Api",
+                                              "read_namespaced_network_policy", name,
+                                              self.namespace)
+                except ApiException as e:
+                    raise DockerError(f"Kubernetes could not read the network policy {name}:"
                                       f" {_status(e)}") from None
-            return self._thd_request("NetworkingV1Api", "read_namespaced_network_policy",
-                                     name, self.namespace), False
+                if found.get("spec") != policy["spec"]:
+                    _log.warn("the network policy {name} in {namespace} is not capsule's: it"
+                              " is used as it is", name=name, namespace=self.namespace)
+                answers.append((found, False))
+            return answers
         return self._call(_thd)
 
     def set_cpu_shares(self, container_id, shares):

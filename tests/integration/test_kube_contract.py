@@ -767,31 +767,6 @@ async def test_standin_exec_framing(standin, namespace, subprotocol):
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_session_network_policy(standin, namespace):
-    """
-    Session pods take connections from capsule's pods only (stored and
-    listed by the stand-in, which does not enforce it).
-    """
-    api = _kube_api(standin.url, namespace)
-    try:
-        sessions = {"io.capsule.managed": "true", LABEL_INSTANCE: "policy"}
-        policy, created = await api.ensure_session_policy(
-            "capsule-sessions", sessions, {"app.kubernetes.io/name": "capsule"}, "capsule")
-        assert created is True
-        assert policy["spec"] == {
-            "podSelector": {"matchLabels": sessions}, "policyTypes": ["Ingress"],
-            "ingress": [{"from": [{
-                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "capsule"}},
-                "namespaceSelector": {"matchLabels": {
-                    "kubernetes.io/metadata.name": "capsule"}}}]}]}
-        again, created = await api.ensure_session_policy(
-            "capsule-sessions", sessions, {"app.kubernetes.io/name": "capsule"})
-        assert created is False and again["metadata"]["uid"] == policy["metadata"]["uid"]
-    finally:
-        api.stop()
-
-
-@pytest_twisted.ensureDeferred
 async def test_an_evicted_pod_is_a_state_with_its_reason(standin, namespace):
     """
     A pod the node evicts ends its execs, and its state says why.
