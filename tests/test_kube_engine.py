@@ -98,7 +98,7 @@ def test_the_kubernetes_engine_is_not_an_option_yet():
         Options().parseOptions(["--engine", "kubernetes"])
     assert "kube" not in Options().getUsage(width=200).lower()
     root = pathlib.Path(__file__).resolve().parent.parent / "capsule"
-    engine = {"kubernetes.py", "kube_pods.py", "kube_execs.py", "kube_exec.py"}
+    engine = {"kubernetes.py", "kube_pods.py", "kube_execs.py", "kube_exec.py", "kube_keep.py"}
     users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
                    if p.name not in engine and ("kubernetes" in p.read_text()
                                                 or "kube_" in p.read_text()))

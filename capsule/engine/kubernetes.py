@@ -25,12 +25,15 @@ L{capsule.engine.kube_execs}'s (L{PodExecs}, a base of L{KubernetesAPI}).
 What Docker can do and a cluster cannot, this engine refuses with
 L{Unsupported} (a L{DockerError}) rather than pretend: networks (the
 cluster's own; sessions are kept apart by a NetworkPolicy instead), layer
-sizes, CPU weights of a running pod.  So does it, for now, what issue 25
-designs for Kubernetes: kept sessions (stop and start: a pod deleted, its
-volume claim kept), snapshots and forks (VolumeSnapshots); no pod is ever a
-kept session.  A kept session's files are a pod's, read and written by an
-exec (C{put_file}, C{read_file}: paths as Docker's, no symbolic link
-followed); a pod's CPU time is not known (C{container_cpu} fires C{None}).
+sizes, CPU weights of a running pod; and, for now, snapshots and forks
+(they would be VolumeSnapshots).  Kept sessions are
+L{capsule.engine.kube_keep}'s (L{KeptPods}, a base of L{KubernetesAPI}):
+every session pod has a volume claim of its own holding C{/workspace} and
+the saved screen; a kept session is that claim, its pod deleted and made
+again on resume.  A pod's files are read and written by an exec
+(C{put_file}, C{read_file}: paths as Docker's, no symbolic link followed),
+a kept session's in a short-lived pod mounting its claim; a pod's CPU time
+is not known (C{container_cpu} fires C{None}).
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ from typing import Callable
 import kubernetes.client
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
-from twisted.internet import task
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -57,6 +59,7 @@ from capsule.core.spec import ContainerSpec
 from capsule.engine.container_files import absolute_path, path_parts
 # (The pods' and the execs' names are this module's too, as they were.)
 from capsule.engine.kube_execs import PodExecs, exec_argv  # noqa: F401
+from capsule.engine.kube_keep import KeptPods
 from capsule.engine.kube_pods import (CONTAINER, LABELS_ANNOTATION, RUN_AS_USER,  # noqa: F401
                                       Unsupported, capsule_labels, docker_bytes,
                                       label_value_valid, pod_failed, pod_manifest, pod_name,
@@ -65,8 +68,8 @@ from capsule.engine.kube_pods import (CONTAINER, LABELS_ANNOTATION, RUN_AS_USER,
 _log = Logger()
 
 HEALTH_THREADS = 2
-# Said of what issue 25 designs for Kubernetes (kept sessions, snapshots,
-# forks) and this engine refuses until then.
+# Said of what issue 25 designs for Kubernetes (snapshots, forks) and this
+# engine refuses until then.
 NOT_YET = "not yet (issue 25): "
 
 # put_file and read_file in a pod, by an exec: C{$1} the mode (put) or the
@@ -86,7 +89,7 @@ READ_SCRIPT = (
 
 
 @implementer(IDockerAPI)
-class KubernetesAPI(PodExecs):
+class KubernetesAPI(KeptPods, PodExecs):
     """
     @param configuration: a C{kubernetes.client.Configuration} (from
         L{kube_configuration}: a kubeconfig, or the pod's service account).
@@ -226,16 +229,19 @@ class KubernetesAPI(PodExecs):
         manifest = pod_manifest(name, spec, memory_request=self._memory_request)
         for volume, _ in spec.volumes:
             await self._ensure_claim(volume_claim_name(volume), spec.volume_labels)
+        manifest = await self._make_session_claim(name, manifest)
         try:
-            created = await self._core("create_namespaced_pod", self.namespace, manifest)
-        except ApiException as e:
-            raise DockerError(f"Kubernetes could not create the session's pod: {_status(e)}"
-                              ) from None
-        try:
+            try:
+                created = await self._core("create_namespaced_pod", self.namespace, manifest)
+            except ApiException as e:
+                raise DockerError(f"Kubernetes could not create the session's pod:"
+                                  f" {_status(e)}") from None
             await self._running(name, created["metadata"]["resourceVersion"])
         except BaseException:
             try:
                 await self._delete_pod(name)
+                await self._gone(name, self._timeout)
+                await self._delete_claim(name)
             except DockerError:
                 pass
             raise
@@ -328,11 +334,11 @@ class KubernetesAPI(PodExecs):
             response.release_conn()
         return pod or {}, version
 
-    async def _delete_pod(self, name: str) -> bool:
+    async def _delete_pod(self, name: str, grace: int = 0) -> bool:
         try:
             await self._call(lambda: self._thd_request(
                 "CoreV1Api", "delete_namespaced_pod", name, self.namespace,
-                grace_period_seconds=0, propagation_policy="Background"))
+                grace_period_seconds=grace, propagation_policy="Background"))
         except ApiException as e:
             if e.status == 404:
                 return False
@@ -395,21 +401,17 @@ class KubernetesAPI(PodExecs):
         return _unsupported("changing a running pod's CPU weight")
 
     def remove_container(self, container_id: str) -> Deferred:
+        """
+        Remove the session's pod and its claim (a kept session's too); fire
+        with whether either existed.
+        """
         async def remove():
-            if not await self._delete_pod(container_id):
-                return False
-            # Deleting is asynchronous: the pod is gone once its containers
-            # are (the API then answers 404).
-            deadline = self._reactor.seconds() + self._timeout
-            delay = 0.05
-            while self._reactor.seconds() < deadline:
-                if await self._get_pod(container_id) is None:
-                    return True
-                await task.deferLater(self._reactor, delay, lambda: None)
-                delay = min(delay * 2, 1.0)
-            _log.warn("the pod {name} was still there {timeout} s after its deletion",
-                      name=container_id, timeout=self._timeout)
-            return True
+            existed = await self._delete_pod(container_id)
+            if existed:
+                # Deleting is asynchronous: the pod is gone once its
+                # containers are (the API then answers 404).
+                await self._gone(container_id, self._timeout)
+            return await self._delete_claim(container_id) or existed
         return Deferred.fromCoroutine(remove())
 
     async def _get_pod(self, name: str) -> dict | None:
@@ -422,12 +424,16 @@ class KubernetesAPI(PodExecs):
                               ) from None
 
     def list_containers(self, labels: dict[str, str]) -> Deferred:
-        d = self._list_pods(labels)
-        d.addCallback(lambda pods: [
-            {"id": pod["metadata"]["name"], "name": pod["metadata"]["name"],
-             "labels": capsule_labels(pod), "state": pod_state(pod)["Status"]}
-            for pod in pods])
-        return d
+        """
+        The pods carrying C{labels}, and the kept sessions (claims whose pod
+        is gone) as stopped containers.
+        """
+        async def listed():
+            pods = await self._list_pods(labels)
+            return [{"id": pod["metadata"]["name"], "name": pod["metadata"]["name"],
+                     "labels": capsule_labels(pod), "state": pod_state(pod)["Status"]}
+                    for pod in pods] + await self._kept_listed(labels, pods)
+        return Deferred.fromCoroutine(listed())
 
     def _list_pods(self, labels: dict[str, str]) -> Deferred:
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items())
@@ -442,9 +448,12 @@ class KubernetesAPI(PodExecs):
         return d
 
     def container_state(self, container_id: str) -> Deferred:
-        d = Deferred.fromCoroutine(self._get_pod(container_id))
-        d.addCallback(lambda pod: None if pod is None else pod_state(pod))
-        return d
+        async def state():
+            pod = await self._get_pod(container_id)
+            if pod is None:
+                return await self._kept_state(container_id)
+            return pod_state(pod)
+        return Deferred.fromCoroutine(state())
 
     def keeper_address(self, container_id: str) -> Deferred:
         async def address():
@@ -455,28 +464,10 @@ class KubernetesAPI(PodExecs):
                     parse_secret(capsule_labels(pod).get(SECRET_LABEL)))
         return Deferred.fromCoroutine(address())
 
-    # -- kept sessions ---------------------------------------------------------
+    # -- files -------------------------------------------------------------------
     #
-    # What has a meaning for a pod today: its files, by an exec (put_file,
-    # read_file), and "not paused" (a pod never is).  A kept session on
-    # Kubernetes (its pod deleted, its volume claim kept, a pod made anew on
-    # resume) and snapshots and forks (VolumeSnapshots of its claims) are
-    # issue 25's design: until then they are refused with Unsupported, and
-    # no pod is ever a kept session.
-
-    def stop_container(self, container_id, timeout=10):
-        return _unsupported(NOT_YET + "stopping a pod and starting it again (a kept session on"
-                            " Kubernetes will be its volume claim, its pod deleted)")
-
-    def start_container(self, container_id):
-        return self.stop_container(container_id)
-
-    def kept_containers(self, labels: dict[str, str]) -> Deferred:
-        # No pod is kept: this engine never stops one (stop_container), and
-        # a pod whose container ended can neither run again nor be read
-        # (its files are reached only through an exec), so it is a leftover
-        # to remove, not a session to resume.
-        return succeed([])
+    # A pod's, by an exec; a kept session's (its pod gone) in a short-lived
+    # pod mounting its claim (KeptPods._in_files).
 
     def put_file(self, container_id: str, path: str, data: bytes, mode: int = 0o600,
                  uid: int = 1000, gid: int = 1000) -> Deferred:
@@ -494,9 +485,9 @@ class KubernetesAPI(PodExecs):
             if (uid, gid) != (RUN_AS_USER, RUN_AS_USER):
                 raise Unsupported(f"a file owned by {uid}:{gid}: a pod's execs run as"
                                   f" {RUN_AS_USER}")
-            result = await self.run_command(
-                container_id, ["sh", "-c", PUT_SCRIPT, "put", f"{mode:o}", *parts],
-                "", "", {}, bytes(data))
+            result = await self._in_files(container_id, lambda pod: self.run_command(
+                pod, ["sh", "-c", PUT_SCRIPT, "put", f"{mode:o}", *parts],
+                "", "", {}, bytes(data)))
             if result.exit_code == LINK_EXIT:
                 raise DockerError(f"could not write {path} in the pod: a symbolic link or a"
                                   " directory is in the way")
@@ -516,9 +507,9 @@ class KubernetesAPI(PodExecs):
             return fail()
 
         async def read():
-            result = await self.run_command(
-                container_id, ["sh", "-c", READ_SCRIPT, "read", str(max(0, int(max_bytes))),
-                               *parts], "", "", {}, b"", max_output=max_bytes)
+            result = await self._in_files(container_id, lambda pod: self.run_command(
+                pod, ["sh", "-c", READ_SCRIPT, "read", str(max(0, int(max_bytes))), *parts],
+                "", "", {}, b"", max_output=max_bytes))
             if result.exit_code == NO_FILE_EXIT:
                 return None
             if result.exit_code != 0:

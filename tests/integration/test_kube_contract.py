@@ -1,5 +1,5 @@
 """
-The engine contract (tests/docker_contract.py), against the Kubernetes
+The engine contract (tests/engine_contract.py), against the Kubernetes
 engine (L{capsule.engine.kubernetes}) on the stand-in API server
 (tests/support/kube_standin.py), whose pods are real containers on the
 local Docker engine; and what the Kubernetes engine and the stand-in do of
@@ -30,18 +30,15 @@ from capsule.core.kept import SCREEN_PATH, Snapshot
 from capsule.core.spec import ContainerSpec
 from capsule.engine.kubernetes import LABELS_ANNOTATION, KubernetesAPI, Unsupported
 
-pytest.register_assert_rewrite("tests.docker_contract")
-from ..docker_contract import (DEADLINE, LABEL_INSTANCE, SCRIPT, SCRIPT_COMMAND,  # noqa: E402
-                               DockerContract, ExecRecorder)
+pytest.register_assert_rewrite("tests.engine_contract")
+from ..engine_contract import (DEADLINE, LABEL_INSTANCE, SCRIPT, SCRIPT_COMMAND,  # noqa: E402
+                               EngineContract, ExecRecorder)
 from ..support.kube_standin import KubeStandin  # noqa: E402
 from .harness import IMAGE, docker_client, remove_instance_containers  # noqa: E402
 
 DOCKER_ONLY = "Docker's alone: "
 # What issue 25 designs for Kubernetes, refused with Unsupported until then
 # (test_not_yet_calls_are_refused).
-NOT_STOPPED = ("not yet (issue 25): a pod is not stopped and started again (a kept session"
-               " will be its volume claim, its pod deleted); stop_container and"
-               " start_container are Unsupported")
 NO_SNAPSHOTS = ("not yet (issue 25): a pod's files are not snapshotted (a cluster has no"
                 " commit: VolumeSnapshots of its claims); the snapshot calls are Unsupported")
 NO_FORKS = ("not yet (issue 25): a pod is not forked (a new pod on VolumeSnapshots of its"
@@ -88,7 +85,7 @@ def _kube_api(url: str, namespace: str, timeout: float = 30):
     return api
 
 
-class TestKubernetesOnStandin(DockerContract):
+class TestKubernetesOnStandin(EngineContract):
     @pytest.fixture
     def spec(self):
         instance = f"contract-{uuid.uuid4().hex[:10]}"
@@ -166,29 +163,7 @@ class TestKubernetesOnStandin(DockerContract):
     def test_ensure_network_creates_it_once(self):
         pass
 
-    # -- kept sessions, snapshots and forks: not yet (issue 25) -------------
-
-    @pytest.mark.skip(reason=NOT_STOPPED)
-    def test_stop_keeps_the_files_and_start_runs_again(self):
-        pass
-
-    @pytest.mark.skip(reason=NOT_STOPPED)
-    def test_stop_and_start_of_a_removed_container(self):
-        pass
-
-    @pytest.mark.skip(reason=NOT_STOPPED + " (test_an_ended_pod_is_not_kept)")
-    def test_kept_containers_are_the_stopped_ones_with_their_sizes(self):
-        pass
-
-    @pytest.mark.skip(reason=NOT_STOPPED + "; a running pod's files:"
-                      " test_files_in_and_out_of_a_running_pod")
-    def test_put_file_and_read_file_running_and_stopped(self):
-        pass
-
-    @pytest.mark.skip(reason=NOT_STOPPED + "; in a running pod:"
-                      " test_a_symlink_in_a_running_pod_is_never_followed")
-    def test_a_symlink_in_the_container_is_never_followed(self):
-        pass
+    # -- snapshots and forks: not yet (issue 25) --------------------------------
 
     @pytest.mark.skip(reason="a pod's CPU time is not known: the metrics API (metrics.k8s.io)"
                       " is optional and gives a sample, not a counter, so container_cpu fires"
@@ -244,29 +219,6 @@ class TestKubernetesOnStandin(DockerContract):
     def test_a_fork_of_a_removed_container(self):
         pass
 
-    @pytest_twisted.ensureDeferred
-    async def test_a_killed_container(self, api, spec, kill_container):
-        """
-        As Docker's, but a pod whose container ended cannot be exported
-        from: a cluster reaches a pod's files only through an exec.
-        """
-        container_id = await self.create(api, spec)
-        recorder, _ = await self.spawn(api, container_id, SCRIPT)
-        await recorder.wait_for(b"ready")
-        await kill_container(container_id)
-        await recorder.wait_ended()
-        assert recorder.reason.check(ProcessTerminated)
-        assert recorder.reason.value.exitCode == 137
-        state = await api.container_state(container_id)
-        assert (state["Running"], state["OOMKilled"], state["ExitCode"]) == (False, False, 137)
-        assert state["Phase"] == "Failed"
-        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
-        assert [c["state"] for c in await api.list_containers(instance)] == ["exited"]
-        with pytest.raises(ContainerGone):
-            await self.spawn(api, container_id, SCRIPT)
-        with pytest.raises(ContainerGone):
-            await api.export_workspace(container_id, "/workspace", lambda chunk: None)
-
     @pytest.mark.parametrize("call", [
         lambda api, spec: api.ping(),
         lambda api, spec: api.info(),
@@ -279,17 +231,20 @@ class TestKubernetesOnStandin(DockerContract):
                                          "/workspace", {}, None, tty=False),
         lambda api, spec: api.export_workspace("0" * 64, "/workspace", lambda chunk: None),
         lambda api, spec: api.run_command("0" * 64, SCRIPT_COMMAND, "developer", "/tmp", {}),
+        lambda api, spec: api.stop_container("0" * 64),
+        lambda api, spec: api.start_container("0" * 64),
+        lambda api, spec: api.kept_containers(spec.labels),
         lambda api, spec: api.put_file("0" * 64, SCREEN_PATH, b"x"),
         lambda api, spec: api.read_file("0" * 64, SCREEN_PATH, 10),
         lambda api, spec: api.unpause_container("0" * 64),
     ], ids=["ping", "info", "image_exists", "create", "remove", "list", "state", "spawn_exec",
-            "export", "run_command", "put_file", "read_file", "unpause"])
+            "export", "run_command", "stop", "start", "kept", "put_file", "read_file",
+            "unpause"])
     @pytest_twisted.ensureDeferred
     async def test_an_unreachable_engine(self, unreachable_api, spec, call):
         # inspect_network and ensure_network are Docker's alone, and the
-        # calls of kept sessions, snapshots and forks not yet made
-        # (kept_containers: none): refused whether or not the cluster is
-        # reachable.
+        # calls of snapshots and forks not yet made: refused whether or not
+        # the cluster is reachable.
         d = call(unreachable_api, spec)
         d.addTimeout(DEADLINE, reactor)
         with pytest.raises(DockerUnavailable):
@@ -309,13 +264,13 @@ class TestKubernetesOnStandin(DockerContract):
     @pytest_twisted.ensureDeferred
     async def test_not_yet_calls_are_refused(self, api, spec):
         """
-        Kept sessions, snapshots and forks, until issue 25 designs them for
-        Kubernetes: refused, saying so, and the pod runs on untouched.
+        Snapshots and forks (VolumeSnapshots of a session's claim, which the
+        stand-in does not have): refused, saying so, and the pod runs on
+        untouched.
         """
         pod = await self.create(api, spec)
         snapshot = Snapshot("capsule-snapshot:t", {"/workspace": "v"}, {}, 0.0)
-        for d in (api.stop_container(pod), api.start_container(pod),
-                  api.snapshot_container(pod, "capsule-snapshot", "t", {}),
+        for d in (api.snapshot_container(pod, "capsule-snapshot", "t", {}),
                   api.list_snapshots(spec.labels), api.remove_snapshot(snapshot),
                   api.copy_snapshot_volumes(snapshot, spec.labels),
                   api.prune_snapshots(spec.labels, grace=0),
@@ -327,24 +282,130 @@ class TestKubernetesOnStandin(DockerContract):
         instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
         assert [c["id"] for c in await api.list_containers(instance)] == [pod]
 
+    # -- kept sessions: the pod deleted, its claim kept ---------------------------
+
+    async def _stopped(self, api, pod):
+        for _ in range(100):
+            if (await api.container_state(pod))["Running"] is False:
+                return
+            await task.deferLater(reactor, 0.1, lambda: None)
+        raise AssertionError(f"{pod} still runs")
+
     @pytest_twisted.ensureDeferred
-    async def test_an_ended_pod_is_not_kept(self, api, spec, kill_container):
+    async def test_an_ended_pod_is_kept_by_its_claim(self, api, spec, kill_container,
+                                                     put_file):
         """
-        A pod whose container ended can neither run again nor be read: a
-        leftover to remove, never a kept session to resume.
+        A pod whose container ended (killed, evicted) cannot run again, but
+        its claim holds the session's files: it is kept, as Docker keeps a
+        stopped container, and its resume makes the pod anew.
         """
         running = await self.create(api, spec)
         ended = await self.create(api, spec)
+        await put_file(ended, "/workspace/notes.txt", b"before the end")
         await kill_container(ended)
+        await self._stopped(api, ended)
         instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
-        for _ in range(100):
-            if (await api.container_state(ended))["Running"] is False:
-                break
-            await task.deferLater(reactor, 0.1, lambda: None)
         assert sorted(c["state"] for c in await api.list_containers(instance)) == [
             "exited", "running"]
-        assert await api.kept_containers(instance) == []
+        kept = await api.kept_containers(instance)
+        assert [(c["id"], c["state"], c["record"]) for c in kept] == [(ended, "exited", {})]
+        assert kept[0]["finished"] >= kept[0]["created"] > 0
         assert await api.unpause_container(running) is False
+        await api.start_container(ended)
+        assert (await api.container_state(ended))["Running"] is True
+        assert await api.read_file(ended, "/workspace/notes.txt", 100) == b"before the end"
+        assert await api.kept_containers(instance) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_kept_session_is_its_claim(self, api, spec):
+        """
+        What is kept: /workspace and the saved screen, on the session's own
+        claim, which carries what lists it and makes its pod again (the
+        manifest, capsule's labels, when, and capsule's record: whose, why);
+        what is not: files elsewhere, the pod's own.
+        """
+        labelled = replace(spec, labels={**spec.labels, "io.capsule.user": "ann@example.org",
+                                         "io.capsule.profile": "shell"})
+        pod = await self.create(api, labelled, "kept")
+        screen = "/home/developer/.cache/capsule/screen-" + "a" * 8
+        await api.put_file(pod, "/workspace/notes.txt", b"in the workspace")
+        await api.put_file(pod, screen, b"the screen")
+        await api.put_file(pod, "/home/developer/elsewhere", b"the pod's own")
+        claim = await api._get_claim(pod)
+        assert claim["metadata"]["name"] == pod
+        assert claim["metadata"]["labels"]["io.capsule.claim"] == "session"
+        assert claim["metadata"]["labels"][LABEL_INSTANCE] == spec.labels[LABEL_INSTANCE]
+        manifest = json.loads(claim["metadata"]["annotations"]["io.capsule.pod"])
+        mounts = {m["mountPath"]: m.get("subPath")
+                  for m in manifest["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts == {"/workspace": "workspace",
+                          "/home/developer/.cache/capsule": "screen"}
+        assert await api.stop_container(pod, timeout=1) is True
+        await api.note_kept(pod, {"user": "ann@example.org", "reason": "put_away",
+                                  "kept_at": 1.5})
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        kept = await api.kept_containers({**instance, "io.capsule.user": "ann@example.org"})
+        assert [c["id"] for c in kept] == [pod]
+        assert kept[0]["labels"] == {**labelled.labels, "io.capsule.contract": "kept"}
+        assert kept[0]["record"] == {"user": "ann@example.org", "reason": "put_away",
+                                     "kept_at": 1.5}
+        assert kept[0]["size"] is None
+        assert [(c["id"], c["state"]) for c in await api.list_containers(instance)] == [
+            (pod, "exited")]
+        state = await api.container_state(pod)
+        assert (state["Running"], state["Reason"]) == (False, "Kept")
+        await api.start_container(pod)
+        assert await api.read_file(pod, "/workspace/notes.txt", 100) == b"in the workspace"
+        assert await api.read_file(pod, screen, 100) == b"the screen"
+        assert await api.read_file(pod, "/home/developer/elsewhere", 100) is None
+        # Resumed: the record goes with the kept state.
+        claim = await api._get_claim(pod)
+        assert "io.capsule.kept-record" not in claim["metadata"]["annotations"]
+        assert await api.kept_containers(instance) == []
+        # Removed: the claim with the pod, kept or not.
+        await api.stop_container(pod, timeout=1)
+        assert await api.remove_container(pod) is True
+        assert await api._get_claim(pod) is None
+        assert await api.container_state(pod) is None
+        assert await api.remove_container(pod) is False
+        assert await api.list_containers(instance) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_export_of_a_kept_session(self, api, spec):
+        """
+        A kept session's workspace exports from its claim (a short-lived pod
+        mounts it, and goes).
+        """
+        pod = await self.create(api, spec, "kept")
+        await api.put_file(pod, "/workspace/notes.txt", b"exported while kept")
+        await api.stop_container(pod, timeout=1)
+        chunks: list[bytes] = []
+        await api.export_workspace(pod, "/workspace", chunks.append)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+            notes = tar.getmember("workspace/notes.txt")
+            assert tar.extractfile(notes).read() == b"exported while kept"
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        assert [(c["id"], c["state"]) for c in await api.list_containers(instance)] == [
+            (pod, "exited")]
+        await api.remove_container(pod)
+        with pytest.raises(ContainerGone):
+            await api.export_workspace(pod, "/workspace", chunks.append)
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_pod_without_its_claim_is_not_kept(self, api, spec, standin, namespace):
+        """
+        A pod whose claim someone deleted cannot be kept: stopping it is
+        refused (it runs on), and a pod gone with its claim is gone.
+        """
+        pod = await self.create(api, spec)
+        await _request(standin.url, "DELETE",
+                       f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{pod}")
+        with pytest.raises(Unsupported):
+            await api.stop_container(pod, timeout=1)
+        assert (await api.container_state(pod))["Running"] is True
+        await api.remove_container(pod)
+        with pytest.raises(ContainerGone):
+            await api.start_container(pod)
 
     @pytest_twisted.ensureDeferred
     async def test_container_cpu_of_a_pod_is_unknown(self, api, spec):

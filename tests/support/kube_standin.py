@@ -66,7 +66,11 @@ What it reproduces
     volumes (C{medium: Memory} as a tmpfs of C{sizeLimit}) and
     C{persistentVolumeClaim} volumes (a Docker volume per claim, given to
     the pod's C{fsGroup} as the kubelet does: group-owned, group-writable,
-    set-gid).  The
+    set-gid), mounted whole or by C{subPath} (a directory of the volume,
+    made where missing as the kubelet makes it, with the owner and mode of
+    the volume's root; bound from the volume's directory on the engine's
+    host; an absolute C{subPath} or one with C{..} fails the pod with
+    C{CreateContainerConfigError}).  The
     container carries the pod's labels (so the tests' clean-up by label
     finds it) and the kubelet's C{io.kubernetes.pod.*} labels.
   - pods/exec over WebSocket (C{GET} or C{POST} with C{command},
@@ -79,6 +83,13 @@ What it reproduces
     channel closed, the stdin's end passed to the process); an empty
     message on the lowest writable channel once the streams are set up; a
     real C{docker exec} in the pod's container, with or without a TTY.
+
+  - PersistentVolumeClaims: C{POST}, C{GET} one and the list by
+    C{labelSelector} (as pods), C{DELETE}, and C{PATCH} of a claim's
+    C{metadata.labels} and C{metadata.annotations} by a JSON merge patch
+    (C{application/merge-patch+json}; a C{metadata.resourceVersion} in it
+    is a precondition: 409 C{Conflict}), answered with the claim and sent
+    to watchers as C{MODIFIED}.
 
 What it does not
 ================
@@ -96,7 +107,8 @@ What it does not
     Secrets and ConfigMaps, a per-pod process limit, C{ephemeral-storage}
     limits (accepted, not enforced), C{resources.requests.memory}.
   - Namespaces are not objects: every namespace exists.
-  - Updates: no C{PUT}, C{PATCH} or subresources other than exec (no
+  - Updates: no C{PUT}, no C{PATCH} but a claim's metadata above (no
+    strategic merge or JSON patch: 415), no subresources other than exec (no
     C{status}, C{log}, C{attach}, C{portforward}, C{resize}); no
     C{deletecollection}; no C{resourceVersionMatch}, pagination
     (C{limit}/C{continue}), C{allowWatchBookmarks} (accepted, no
@@ -107,7 +119,8 @@ What it does not
     class); their Docker volume is made when a pod first mounts them and
     removed with the claim; a claim in use is kept with a
     C{deletionTimestamp} (the C{pvc-protection} finalizer) until no pod
-    uses it.  Sizes are not enforced.
+    uses it.  Sizes and access modes are not enforced (a C{ReadWriteOnce}
+    claim mounts in any number of pods, as on a single node).
   - NetworkPolicies are stored, validated by name and listed, not enforced:
     pods join one Docker network (C{network}, C{none} by default).
 """
@@ -463,6 +476,7 @@ class KubeStandin:
         self._containers: dict[str, str] = {}  # pod uid -> container id
         self._starting: dict[str, Deferred] = {}
         self._volumes: set[str] = set()
+        self._subpaths: set[tuple[str, str]] = set()
         self._evicted: dict[str, str] = {}  # pod uid -> the eviction's message
         self._poll = task.LoopingCall(self._refresh_watched)
         self._poll.clock = reactor
@@ -599,8 +613,48 @@ class KubeStandin:
                         f' meta: {obj["metadata"][key]}'),
                         {"name": name, "kind": plural})
             return 200, await self.delete(kind, obj, None if grace is None else int(grace))
+        if method == "PATCH" and kind == "PersistentVolumeClaim":
+            if obj is None:
+                raise not_found(plural, name)
+            return 200, self.patch_claim(obj, request)
         raise ApiError(405, "MethodNotAllowed",
                        "the server does not allow this method on the requested resource")
+
+    # -- patch -------------------------------------------------------------
+
+    def patch_claim(self, obj: dict, request) -> dict:
+        """
+        A JSON merge patch (C{application/merge-patch+json}) of a claim's
+        labels and annotations; a C{resourceVersion} in the patch is a
+        precondition (409 C{Conflict} when it does not hold).
+        """
+        kind, name = "PersistentVolumeClaim", obj["metadata"]["name"]
+        content_type = (request.getHeader("content-type") or "").split(";")[0].strip()
+        if content_type != "application/merge-patch+json":
+            raise ApiError(415, "UnsupportedMediaType",
+                           f'the body of the request was in an unknown format - accepted'
+                           f' media types include: application/merge-patch+json (the'
+                           f' stand-in\'s only), not "{content_type}"')
+        patch = _json_body(request)
+        metadata = patch.get("metadata") if isinstance(patch, dict) else None
+        if not isinstance(patch, dict) or set(patch) - {"metadata"} or not isinstance(
+                metadata, dict) or set(metadata) - {"labels", "annotations",
+                                                    "resourceVersion"}:
+            raise bad_request("the stand-in patches a claim's metadata.labels and"
+                              " metadata.annotations only")
+        version = metadata.get("resourceVersion")
+        if version is not None and version != obj["metadata"]["resourceVersion"]:
+            raise ApiError(409, "Conflict", (
+                f'Operation cannot be fulfilled on persistentvolumeclaims "{name}": the object'
+                ' has been modified; please apply your changes to the latest version and try'
+                ' again'), {"name": name, "kind": "persistentvolumeclaims"})
+        changed = merge_patch(obj["metadata"], {k: v for k, v in metadata.items()
+                                                if k != "resourceVersion"})
+        causes = validate_metadata(kind, changed, name)
+        if causes:
+            raise invalid(kind, name, causes)
+        obj["metadata"] = changed
+        return self.store.put(kind, obj, "MODIFIED")
 
     # -- create ------------------------------------------------------------
 
@@ -763,10 +817,22 @@ class KubeStandin:
                     return None, {"reason": "ContainerCreating", "message": (
                         f'persistentvolumeclaim "{claim}" not found')}
                 volume_name = self._volume_name(found)
+                sub = mount.get("subPath") or ""
+                if sub and not _subpath_valid(sub):
+                    return None, {"reason": "CreateContainerConfigError", "message": (
+                        f"failed to prepare subPath for volumeMount \"{mount['name']}\" of"
+                        f" container \"{c['name']}\"")}
                 self._thd_claim_volume(volume_name, found, c["image"],
-                                       pod_sc.get("fsGroup"))
-                mounts.append(docker.types.Mount(mount["mountPath"], volume_name,
-                                                 type="volume", read_only=read_only))
+                                       pod_sc.get("fsGroup"), sub)
+                if sub:
+                    # The volume's directory, bound (the engine's API has no
+                    # subpath of a volume before 1.45).
+                    source = self.docker.inspect_volume(volume_name)["Mountpoint"]
+                    mounts.append(docker.types.Mount(mount["mountPath"], f"{source}/{sub}",
+                                                     type="bind", read_only=read_only))
+                else:
+                    mounts.append(docker.types.Mount(mount["mountPath"], volume_name,
+                                                     type="volume", read_only=read_only))
         runtime = self.runtime_classes.get(spec.get("runtimeClassName") or "") or None
         labels = {**(metadata.get("labels") or {}), STANDIN_LABEL: self.id,
                   "io.kubernetes.pod.name": metadata["name"],
@@ -794,20 +860,28 @@ class KubeStandin:
         self.docker.start(created["Id"])
         return created["Id"], None
 
-    def _thd_claim_volume(self, name: str, claim: dict, image: str, fs_group) -> None:
+    def _thd_claim_volume(self, name: str, claim: dict, image: str, fs_group,
+                          sub: str = "") -> None:
         """
         Make the Docker volume of a claim, the first time a pod mounts it;
         with an C{fsGroup}, give it to that group as the kubelet does
         (group-owned, group-writable, set-gid), with a throwaway container.
+        A C{subPath} not there yet is made as the kubelet makes it: a
+        directory with the owner and mode of the volume's root.
         """
-        if name in self._volumes:
-            return
-        self.docker.create_volume(name, labels={**(claim["metadata"].get("labels") or {}),
-                                                STANDIN_LABEL: self.id})
-        if fs_group is not None:
+        script = []
+        if name not in self._volumes:
+            self.docker.create_volume(name, labels={**(claim["metadata"].get("labels") or {}),
+                                                    STANDIN_LABEL: self.id})
+            if fs_group is not None:
+                script.append('chgrp -R "$1" /v && chmod -R g+rwX /v && chmod g+s /v')
+        if sub and (name, sub) not in self._subpaths:
+            script.append('mkdir -p "/v/$2" && chown --reference=/v "/v/$2"'
+                          ' && chmod --reference=/v "/v/$2"')
+        if script:
             helper = self.docker.create_container(
-                image, entrypoint=["sh", "-c", 'chgrp -R "$1" /v && chmod -R g+rwX /v'
-                                   ' && chmod g+s /v', "sh", str(int(fs_group))],
+                image, entrypoint=["sh", "-c", " && ".join(script), "sh",
+                                   str(int(fs_group or 0)), sub],
                 user="0", labels={STANDIN_LABEL: self.id},
                 host_config=self.docker.create_host_config(
                     binds={name: {"bind": "/v", "mode": "rw"}}, network_mode="none"))
@@ -817,6 +891,8 @@ class KubeStandin:
             finally:
                 self.docker.remove_container(helper["Id"], force=True)
         self._volumes.add(name)
+        if sub:
+            self._subpaths.add((name, sub))
 
     def _volume_name(self, claim: dict) -> str:
         return f"kube-{self.id}-{claim['metadata']['namespace']}-{claim['metadata']['name']}"
@@ -931,6 +1007,7 @@ class KubeStandin:
 
     def _thd_remove_volume(self, name: str) -> None:
         self._volumes.discard(name)
+        self._subpaths = {(v, sub) for v, sub in self._subpaths if v != name}
         try:
             self.docker.remove_volume(name, force=True)
         except docker.errors.NotFound:
@@ -1170,6 +1247,28 @@ class _ExecRelay(ProcessProtocol):
 
     def processEnded(self, reason) -> None:
         self.server.send_status(getattr(reason.value, "exitCode", None))
+
+
+def _subpath_valid(sub: str) -> bool:
+    """
+    A C{subPath} the API server accepts: relative, without C{..}.
+    """
+    return not sub.startswith("/") and ".." not in sub.split("/")
+
+
+def merge_patch(target, patch):
+    """
+    C{target} with the JSON merge patch C{patch} applied (RFC 7386).
+    """
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
 
 
 def _qos(spec: dict) -> str:
