@@ -28,8 +28,9 @@ read them, as who may read pods may.
 A kept session's files are read and written (C{put_file}, C{read_file}, the
 workspace's export) by a short-lived pod of the session's image mounting
 the claim (C{sleep}, labelled C{io.capsule.files-of: POD}, removed at
-once); with a ReadWriteOnce claim it must run on the node that has it
-mounted, or, once the session's pod is gone, on any.  A pod whose container
+once, or with the session if it was left); with a ReadWriteOnce claim
+it must run on the node that has it mounted, or, once the session's pod is
+gone, on any.  A pod whose container
 ended (a node that evicted it, a kill) with its claim is kept too, as
 Docker keeps a stopped container: its resume deletes it and makes it anew.
 
@@ -76,6 +77,9 @@ CLAIM_VOLUME = "kept"
 FILES_RESOURCES = {"limits": {"memory": str(256 * 2**20), "cpu": "500m"},
                    "requests": {"memory": str(64 * 2**20), "cpu": "50m"}}
 MERGE_PATCH = "application/merge-patch+json"
+# How long a files pod lives at most (a capsule that stopped while it worked
+# cannot remove it).
+FILES_SECONDS = 3600
 
 
 def session_claim_name(pod: str) -> str:
@@ -138,18 +142,18 @@ def files_manifest(name: str, pod: dict) -> dict:
     """
     A short-lived pod C{name} of the kept pod C{pod}'s image that mounts
     its volumes where it did and sleeps: its files are read and written
-    there by execs.  It carries capsule's instance labels (a leftover of it
-    goes as any) but no session's.
+    there by execs.  It carries none of capsule's labels (no listing of
+    sessions sees it, and no sweep of leftovers removes it while it works),
+    only L{FILES_LABEL}: the kept session's removal removes it if it was
+    left; it ends by itself within L{FILES_SECONDS} seconds anyway.
     """
     files = copy.deepcopy(pod)
-    labels = {k: v for k, v in (pod["metadata"].get("labels") or {}).items()
-              if k in ("io.capsule.managed", "io.capsule.instance")}
-    files["metadata"] = {"name": name, "labels": {
-        **labels, FILES_LABEL: pod["metadata"]["name"]}}
+    files["metadata"] = {"name": name, "labels": {FILES_LABEL: pod["metadata"]["name"]}}
     spec = files["spec"]
     spec.pop("hostname", None)
+    spec["activeDeadlineSeconds"] = FILES_SECONDS
     container = spec["containers"][0]
-    container.update(command=["sleep", "3600"], env=[], resources=FILES_RESOURCES)
+    container.update(command=["sleep", str(FILES_SECONDS)], env=[], resources=FILES_RESOURCES)
     container.pop("args", None)
     return files
 
@@ -209,6 +213,16 @@ class KeptPods:
             raise DockerError(f"Kubernetes could not create the session's volume claim:"
                               f" {_status(e)}") from None
         return pod
+
+    async def _remove_files_pods(self, name: str) -> None:
+        """
+        Remove what files pods of the session C{name} were left (by a
+        capsule that stopped while one worked).
+        """
+        found = await self._core("list_namespaced_pod", self.namespace,
+                                 label_selector=f"{FILES_LABEL}={name}")
+        for pod in found.get("items") or []:
+            await self._delete_pod(pod["metadata"]["name"])
 
     async def _get_claim(self, name: str) -> dict | None:
         try:
@@ -368,17 +382,24 @@ class KeptPods:
     async def _kept_state(self, name: str) -> dict | None:
         """
         (L{container_state}'s, for a pod that is not there.)  A kept
-        session's State: a stopped container's; C{None} if it has no claim.
+        session's State: a stopped container's, C{Reason} C{Kept}; or, where
+        capsule did not delete the pod (the cluster or someone else did: a
+        node lost, an eviction's pod removed), C{Deleted}, saying so, as a
+        container killed (exit code 137): its files are kept all the same.
+        C{None} if it has no claim.
         """
         claim = await self._get_claim(name)
         if claim is None:
             return None
         at = _annotation(claim, KEPT_ANNOTATION).get("at")
+        kept = isinstance(at, (int, float))
         return {"Status": "exited", "Running": False, "Paused": False, "Restarting": False,
-                "OOMKilled": False, "Dead": False, "Pid": 0, "ExitCode": 0, "Error": "",
+                "OOMKilled": False, "Dead": False, "Pid": 0, "ExitCode": 0 if kept else 137,
+                "Error": "" if kept else ("the session's pod was deleted, not by capsule; its"
+                                          " volume claim is kept"),
                 "StartedAt": "", "FinishedAt": datetime.fromtimestamp(
-                    at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(
-                    at, (int, float)) else "", "Reason": "Kept", "Phase": None}
+                    at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if kept else "",
+                "Reason": "Kept" if kept else "Deleted", "Phase": None}
 
     # -- a kept session's files ---------------------------------------------
 

@@ -411,7 +411,10 @@ class KubernetesAPI(KeptPods, PodExecs):
                 # Deleting is asynchronous: the pod is gone once its
                 # containers are (the API then answers 404).
                 await self._gone(container_id, self._timeout)
-            return await self._delete_claim(container_id) or existed
+            if await self._delete_claim(container_id):
+                await self._remove_files_pods(container_id)
+                return True
+            return existed
         return Deferred.fromCoroutine(remove())
 
     async def _get_pod(self, name: str) -> dict | None:

@@ -6,6 +6,30 @@ local Docker engine; and what the Kubernetes engine and the stand-in do of
 their own.
 
 Where a contract case is Docker's alone it is skipped, with the reason.
+
+Against a real cluster (TestKubernetesOnCluster), whenever
+CAPSULE_TEST_KUBECONFIG is set.  With kind (https://kind.sigs.k8s.io)::
+
+    kind create cluster --name capsule-test
+    kind load docker-image capsule-runtime:main --name capsule-test
+    kind get kubeconfig --name capsule-test > /tmp/capsule-kind.yaml
+    CAPSULE_TEST_KUBECONFIG=/tmp/capsule-kind.yaml CAPSULE_TEST_IMAGE=capsule-runtime:main \
+        .venv/bin/python -m pytest tests/integration/test_kube_contract.py -k OnCluster \
+        --timeout 900
+    kind delete cluster --name capsule-test
+
+With k3s (https://k3s.io; as root, or with sudo)::
+
+    curl -sfL https://get.k3s.io | sh -
+    docker save capsule-runtime:main | k3s ctr images import -
+    cp /etc/rancher/k3s/k3s.yaml /tmp/capsule-k3s.yaml
+    CAPSULE_TEST_KUBECONFIG=/tmp/capsule-k3s.yaml CAPSULE_TEST_IMAGE=capsule-runtime:main \
+        .venv/bin/python -m pytest tests/integration/test_kube_contract.py -k OnCluster \
+        --timeout 900
+
+Each run makes a namespace of its own (capsule-test-XXXXXXXX) and deletes
+it, or uses CAPSULE_TEST_KUBE_NAMESPACE (which must exist) and removes
+what it made there.
 """
 
 import io
@@ -13,6 +37,7 @@ import json
 import os
 import socket
 import tarfile
+import time
 import uuid
 from dataclasses import replace
 
@@ -392,14 +417,13 @@ class TestKubernetesOnStandin(EngineContract):
             await api.export_workspace(pod, "/workspace", chunks.append)
 
     @pytest_twisted.ensureDeferred
-    async def test_a_pod_without_its_claim_is_not_kept(self, api, spec, standin, namespace):
+    async def test_a_pod_without_its_claim_is_not_kept(self, api, spec):
         """
         A pod whose claim someone deleted cannot be kept: stopping it is
         refused (it runs on), and a pod gone with its claim is gone.
         """
         pod = await self.create(api, spec)
-        await _request(standin.url, "DELETE",
-                       f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{pod}")
+        assert await api._delete_claim(pod) is True
         with pytest.raises(Unsupported):
             await api.stop_container(pod, timeout=1)
         assert (await api.container_state(pod))["Running"] is True
@@ -524,6 +548,14 @@ class TestKubernetesOnStandin(EngineContract):
         assert status == 200
         await recorder.wait_ended()
         assert recorder.reason.value.exitCode != 0
+        # Its claim holds its files: a session stopped under it, kept where
+        # its profile keeps sessions.
+        state = await api.container_state(pod)
+        assert (state["Running"], state["Reason"], state["ExitCode"]) == (False, "Deleted", 137)
+        assert "not by capsule" in state["Error"]
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        assert [c["id"] for c in await api.kept_containers(instance)] == [pod]
+        assert await api.remove_container(pod) is True
         assert await api.container_state(pod) is None
 
     @pytest_twisted.ensureDeferred
@@ -546,25 +578,58 @@ class TestKubernetesOnStandin(EngineContract):
 
 CLUSTER = os.environ.get("CAPSULE_TEST_KUBECONFIG")
 STANDIN_ONLY = "looks at the pods' containers through the stand-in and Docker"
+NOT_KILLED = ("a pod's container cannot be killed from outside but by its node (the stand-in"
+              " kills its Docker container)")
 
 
 @pytest.mark.skipif(not CLUSTER, reason="CAPSULE_TEST_KUBECONFIG is not set")
 class TestKubernetesOnCluster(TestKubernetesOnStandin):
     """
-    The same contract against a real cluster (kind, k3s...):
-    CAPSULE_TEST_KUBECONFIG names its kubeconfig, CAPSULE_TEST_KUBE_NAMESPACE
-    a namespace that exists (default capsule-test), and the session image
-    (CAPSULE_TEST_IMAGE) must be where its nodes find it (`kind load
-    docker-image`, `k3s ctr images import`).  Not run on capsule's CI
-    machines, which have no cluster.
+    The same contract against a real cluster (kind, k3s...), whenever
+    CAPSULE_TEST_KUBECONFIG names its kubeconfig: in the namespace
+    CAPSULE_TEST_KUBE_NAMESPACE (which must exist), else in one made for
+    the run and deleted after it (the kubeconfig's user may then create
+    namespaces).  The session image (CAPSULE_TEST_IMAGE) must be where the
+    nodes find it; the namespace needs a default storage class (kind's and
+    k3s's local-path is one).  Cases that reach into the stand-in or the
+    Docker engine under it (killing a pod's container, putting files by
+    docker exec, reading what a container is) are skipped, saying so.
+    Not run on capsule's CI machines, which have no cluster.  See this
+    module's docstring for the command lines.
     """
 
-    @pytest.fixture
-    def api(self, spec):
+    @pytest.fixture(scope="class")
+    def cluster_namespace(self):
+        given = os.environ.get("CAPSULE_TEST_KUBE_NAMESPACE")
+        if given:
+            yield given
+            return
         from capsule.engine.kubernetes import kube_configuration
-        api = KubernetesAPI(reactor, kube_configuration(CLUSTER),
-                            namespace=os.environ.get("CAPSULE_TEST_KUBE_NAMESPACE",
-                                                     "capsule-test"),
+        client = kubernetes.client.ApiClient(kube_configuration(CLUSTER))
+        core = kubernetes.client.CoreV1Api(client)
+        name = f"capsule-test-{uuid.uuid4().hex[:8]}"
+        core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+            "name": name, "labels": {"io.capsule.test": "engine-contract"}}})
+        try:
+            # Pods are refused until the namespace's default service
+            # account is made (by the controller manager, at once).
+            for _ in range(300):
+                try:
+                    core.read_namespaced_service_account("default", name)
+                    break
+                except kubernetes.client.exceptions.ApiException as e:
+                    if e.status != 404:
+                        raise
+                    time.sleep(0.1)
+            yield name
+        finally:
+            core.delete_namespace(name)
+            client.close()
+
+    @pytest.fixture
+    def api(self, spec, cluster_namespace):
+        from capsule.engine.kubernetes import kube_configuration
+        api = KubernetesAPI(reactor, kube_configuration(CLUSTER), namespace=cluster_namespace,
                             threads=4, export_threads=1, timeout=60, start_timeout=300)
         api.start()
         yield api
@@ -580,12 +645,12 @@ class TestKubernetesOnCluster(TestKubernetesOnStandin):
             return api.put_file(pod, path, data)
         return put
 
-    @pytest.mark.skip(reason="a pod's container cannot be killed from outside but by its node")
+    @pytest.mark.skip(reason=NOT_KILLED)
     def test_a_killed_container(self):
         pass
 
-    @pytest.mark.skip(reason="a pod's container cannot be killed from outside but by its node")
-    def test_an_ended_pod_is_not_kept(self):
+    @pytest.mark.skip(reason=NOT_KILLED)
+    def test_an_ended_pod_is_kept_by_its_claim(self):
         pass
 
     @pytest.mark.skip(reason=STANDIN_ONLY)
@@ -879,3 +944,91 @@ async def test_an_evicted_pod_is_a_state_with_its_reason(standin, namespace):
     finally:
         api.stop()
         remove_instance_containers(instance)
+
+
+@pytest_twisted.ensureDeferred
+async def test_standin_claims_by_label_and_their_merge_patch(standin, namespace):
+    """
+    Claims listed by label, and patched (their metadata) as the API server
+    patches them with a JSON merge patch: a null removes, a stale
+    resourceVersion is a 409 Conflict, another patch type a 415.
+    """
+    base = f"/api/v1/namespaces/{namespace}/persistentvolumeclaims"
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+             "metadata": {"name": "c", "labels": {"app": "kept"},
+                          "annotations": {"a": "1", "b": "2"}},
+             "spec": {"accessModes": ["ReadWriteOnce"],
+                      "resources": {"requests": {"storage": "1Gi"}}}}
+    assert (await _request(standin.url, "POST", base, claim))[0] == 201
+    try:
+        status, body = await _get(standin.url, f"{base}?labelSelector=app%3Dkept")
+        [found] = json.loads(body)["items"]
+        merge = {"Content-Type": "application/merge-patch+json"}
+        status, body = await _request(standin.url, "PATCH", f"{base}/c", {"metadata": {
+            "annotations": {"a": None, "c": "3"}}}, merge)
+        patched = json.loads(body)
+        assert status == 200 and patched["metadata"]["annotations"] == {"b": "2", "c": "3"}
+        assert patched["spec"] == found["spec"]
+        status, body = await _request(standin.url, "PATCH", f"{base}/c", {"metadata": {
+            "resourceVersion": found["metadata"]["resourceVersion"], "labels": {"x": "y"}}},
+            merge)
+        assert status == 409 and json.loads(body)["reason"] == "Conflict"
+        status, body = await _request(standin.url, "PATCH", f"{base}/c", [
+            {"op": "add", "path": "/metadata/labels/x", "value": "y"}],
+            {"Content-Type": "application/json-patch+json"})
+        assert status == 415 and json.loads(body)["reason"] == "UnsupportedMediaType"
+        status, body = await _request(standin.url, "PATCH", f"{base}/none", {}, merge)
+        assert status == 404
+    finally:
+        await _request(standin.url, "DELETE", f"{base}/c")
+
+
+@pytest_twisted.ensureDeferred
+async def test_standin_subpath_mounts(standin, namespace):
+    """
+    A claim mounted by subPath: a directory of it, made where missing with
+    the owner and mode of the volume's root (its fsGroup's); an absolute
+    subPath or one with '..' fails the pod.
+    """
+    claims = f"/api/v1/namespaces/{namespace}/persistentvolumeclaims"
+    pods = f"/api/v1/namespaces/{namespace}/pods"
+    name = f"s-{uuid.uuid4().hex[:8]}"
+    await _request(standin.url, "POST", claims, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"],
+                 "resources": {"requests": {"storage": "1Gi"}}}})
+
+    def pod(pod_name, sub):
+        body = _pod(pod_name)
+        body["spec"]["securityContext"] = {"runAsUser": 1000, "runAsGroup": 1000,
+                                           "fsGroup": 1000}
+        body["spec"]["containers"][0]["volumeMounts"] = [
+            {"name": "v", "mountPath": "/data", "subPath": sub}]
+        body["spec"]["volumes"] = [{"name": "v", "persistentVolumeClaim": {"claimName": name}}]
+        return body
+
+    async def phase_and_reason(pod_name):
+        for _ in range(100):
+            found = json.loads((await _get(standin.url, f"{pods}/{pod_name}"))[1])
+            waiting = ((found["status"].get("containerStatuses") or [{}])[0].get("state")
+                       or {}).get("waiting") or {}
+            if found["status"]["phase"] == "Running" or waiting.get("reason"):
+                return found["status"]["phase"], waiting.get("reason")
+            await task.deferLater(reactor, 0.1, lambda: None)
+        raise AssertionError("the pod did not start")
+
+    try:
+        await _request(standin.url, "POST", pods, pod(f"{name}-a", "deep/sub"))
+        assert await phase_and_reason(f"{name}-a") == ("Running", None)
+        container = standin.container_of(namespace, f"{name}-a")
+        result = await deferToThread(docker_client().containers.get(container).exec_run, [
+            "sh", "-c", "touch /data/f && stat -c '%g %A' /data"], user="1000")
+        assert result.exit_code == 0, result.output
+        assert result.output.split()[0] == b"1000" and result.output.split()[1][5] == ord("w")
+        await _request(standin.url, "POST", pods, pod(f"{name}-b", "../up"))
+        assert await phase_and_reason(f"{name}-b") == ("Pending", "CreateContainerConfigError")
+    finally:
+        for p in ("a", "b"):
+            await _request(standin.url, "DELETE", f"{pods}/{name}-{p}", {"gracePeriodSeconds": 0})
+            remove_instance_containers(f"standin-{name}-{p}")
+        await _request(standin.url, "DELETE", f"{claims}/{name}")
