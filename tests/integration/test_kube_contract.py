@@ -582,6 +582,39 @@ NOT_KILLED = ("a pod's container cannot be killed from outside but by its node (
               " kills its Docker container)")
 
 
+@pytest.fixture(scope="module")
+def cluster_namespace():
+    """
+    The real cluster's namespace: CAPSULE_TEST_KUBE_NAMESPACE, else one
+    made for the run and deleted after it.
+    """
+    given = os.environ.get("CAPSULE_TEST_KUBE_NAMESPACE")
+    if given:
+        yield given
+        return
+    from capsule.engine.kubernetes import kube_configuration
+    client = kubernetes.client.ApiClient(kube_configuration(CLUSTER))
+    core = kubernetes.client.CoreV1Api(client)
+    name = f"capsule-test-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": name, "labels": {"io.capsule.test": "engine-contract"}}})
+    try:
+        # Pods are refused until the namespace's default service
+        # account is made (by the controller manager, at once).
+        for _ in range(300):
+            try:
+                core.read_namespaced_service_account("default", name)
+                break
+            except kubernetes.client.exceptions.ApiException as e:
+                if e.status != 404:
+                    raise
+                time.sleep(0.1)
+        yield name
+    finally:
+        core.delete_namespace(name)
+        client.close()
+
+
 @pytest.mark.skipif(not CLUSTER, reason="CAPSULE_TEST_KUBECONFIG is not set")
 class TestKubernetesOnCluster(TestKubernetesOnStandin):
     """
@@ -597,34 +630,6 @@ class TestKubernetesOnCluster(TestKubernetesOnStandin):
     Not run on capsule's CI machines, which have no cluster.  See this
     module's docstring for the command lines.
     """
-
-    @pytest.fixture(scope="class")
-    def cluster_namespace(self):
-        given = os.environ.get("CAPSULE_TEST_KUBE_NAMESPACE")
-        if given:
-            yield given
-            return
-        from capsule.engine.kubernetes import kube_configuration
-        client = kubernetes.client.ApiClient(kube_configuration(CLUSTER))
-        core = kubernetes.client.CoreV1Api(client)
-        name = f"capsule-test-{uuid.uuid4().hex[:8]}"
-        core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {
-            "name": name, "labels": {"io.capsule.test": "engine-contract"}}})
-        try:
-            # Pods are refused until the namespace's default service
-            # account is made (by the controller manager, at once).
-            for _ in range(300):
-                try:
-                    core.read_namespaced_service_account("default", name)
-                    break
-                except kubernetes.client.exceptions.ApiException as e:
-                    if e.status != 404:
-                        raise
-                    time.sleep(0.1)
-            yield name
-        finally:
-            core.delete_namespace(name)
-            client.close()
 
     @pytest.fixture
     def api(self, spec, cluster_namespace):
