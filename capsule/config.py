@@ -136,6 +136,18 @@ class CapsuleConfig:
     max_kept_bytes_per_user: int = 20 * 1024 ** 3
     max_snapshots_per_user: int = 20
 
+    # The engine (capsule.engines): docker or kubernetes, and the latter's
+    # namespace, kubeconfig (None: the service account, else $KUBECONFIG or
+    # ~/.kube/config), context, claims' storage class and size; this
+    # replica's name.
+    engine: str = "docker"
+    kube_namespace: str = "capsule-sessions"
+    kubeconfig: str | None = None
+    kube_context: str | None = None
+    kube_storage_class: str | None = None
+    kube_volume_size: str = "10Gi"
+    replica: str = "capsule"
+
     tuning: Tuning = Tuning()
     # twistd's own logfile and nodaemon options (where a JSON log goes).
     server_options: Mapping | None = None
@@ -146,3 +158,10 @@ class CapsuleConfig:
         Whether capsule has users (--auth, --tokens or --user-header).
         """
         return any(v is not None for v in (self.auth, self.tokens, self.user_header))
+
+    @property
+    def kubernetes(self) -> bool:
+        """
+        Whether sessions are pods (--engine kubernetes).
+        """
+        return self.engine == "kubernetes"

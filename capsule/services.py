@@ -27,6 +27,7 @@ from capsule.core.memory import MemoryBudget
 from capsule.core.profiles import DEFAULT_PROFILE
 from capsule.core.errors import CapsuleError
 from capsule.engine.docker import DockerAPI
+from capsule.engines import make_engine
 from capsule.engine.channels import KeeperChannelEndpoint
 from capsule.engine.keeper_direct import DirectKeeper
 from capsule.engine.firewall import Firewall
@@ -577,8 +578,9 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     if descriptors is None:
         descriptors = descriptor_limit()
     metrics = Metrics()
-    docker = DockerAPI(reactor, threads=tuning.docker_threads,
-                       export_threads=tuning.export_threads, metrics=metrics)
+    # Docker's containers, or a cluster's pods (capsule.engines).
+    docker = make_engine(config, reactor, metrics)
+    kubernetes = config.kubernetes
     owners = recorder = None
     if config.users:
         owners = OwnerFile(config.state_dir or default_state_dir(), config.instance)
@@ -590,9 +592,11 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                             tuning.watchers_per_session)
     # What the engine's host has, read when it is this host; the sessions'
     # memory is counted against the budget and the reserve.
-    host = HostMemory(reactor, lambda: [s.container_id for s in manager.sessions.values()
-                                        if s.container_id is not None],
-                      interval=tuning.host_memory_interval, reserve=lambda: memory.reserve)
+    # (A cluster's pods run on its nodes, never this host: not read.)
+    host = None if kubernetes else HostMemory(
+        reactor, lambda: [s.container_id for s in manager.sessions.values()
+                          if s.container_id is not None],
+        interval=tuning.host_memory_interval, reserve=lambda: memory.reserve)
     memory = MemoryBudget(config.memory_request, budget=config.memory_budget,
                           reserve=config.memory_reserve, reading=host,
                           budget_from_host=config.memory_budget_from_engine,
@@ -741,8 +745,9 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                                            if n is not None and n.network is not None])
     door_factory = DoorFactory(egress, gateway_site, lambda transport: Deferred.fromCoroutine(
         sessions_by_address.find(transport.getPeer().host)))
-    sessions = SessionService(manager, reactor, site.websocket_factory, admission, docker,
-                              network, trusted_proxies=config.trusted_proxies,
+    sessions = SessionService(manager, reactor, site.websocket_factory, admission,
+                              # (A cluster says no memory of its own.)
+                              None if kubernetes else docker, network, trusted_proxies=config.trusted_proxies,
                               user_header=config.user_header,
                               refuse=lambda message: refuse_to_start(reactor, message),
                               host=host, door=door, fenced=fenced)
@@ -770,9 +775,13 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                                tuning.idle_cpu_threshold)).setServiceParent(service)
     CleanupService(manager, reactor, tuning.cleanup_interval,
                    tuning.orphan_sweep).setServiceParent(service)
-    if config.disk_bytes is not None or any(
-            p.spec.disk or (p.agent_volume and p.agent_volume_limit is not None)
-            for p in config.profiles.values()):
+    disk_limits = config.disk_bytes is not None or any(
+        p.spec.disk or (p.agent_volume and p.agent_volume_limit is not None)
+        for p in config.profiles.values())
+    if disk_limits and kubernetes:
+        _log.info("the pods' disk limits are the kubelet's to enforce (their ephemeral-storage"
+                  " limit): capsule does not watch their disk use")
+    elif disk_limits:
         DiskWatchService(
             manager, reactor, config.disk_bytes, tuning.disk_check_interval,
             lambda volumes: docker.disk_usage(manager.labels, volumes),
@@ -783,9 +792,13 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
     listeners.setServiceParent(service)
     spec = config.spec
     _log.info("capsule will run sessions in {image} (memory {memory}, {cpus:g} CPUs,"
-              " {pids} processes), grace {grace:g} s, Docker at {host}",
+              " {pids} processes), grace {grace:g} s, {engine}",
               image=spec.image, memory=spec.memory, cpus=spec.cpus, pids=spec.pids,
-              grace=config.grace, host=docker.host)
+              grace=config.grace,
+              engine=(f"as pods in the namespace {config.kube_namespace} of"
+                      f" {config.kubeconfig or 'the default kubeconfig or service account'}"
+                      f" (replica {config.replica})" if kubernetes
+                      else f"Docker at {docker.host}"))
     if authenticator is None and not config.insecure_no_auth:
         _log.info("capsule has no users (no --auth, --tokens or --user-header): it listens"
                   " on loopback only, and anyone who can reach that port gets a terminal")

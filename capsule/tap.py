@@ -8,6 +8,7 @@ import ipaddress
 import os
 import re
 import shlex
+from dataclasses import replace
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ from capsule.core.profiles import (DEFAULT_AGENT_IMAGE, DEFAULT_CLONE_TIMEOUT, p
 from capsule.core.spec import ContainerSpec
 from capsule.core.egress import DEFAULT_PORTS
 from capsule.engine.firewall import MODES as FIREWALL_MODES
+from capsule.engines import ENGINE_OPTIONS, check_engine_options
 from capsule.engine.network import CAPSULE_NETWORK, FENCED_NETWORK
 from capsule.ops.logformat import FORMATS, check_server_options
 from capsule.ops.recording import DEFAULT_MAX_BYTES, check_directory
@@ -291,6 +293,7 @@ class Options(usage.Options):
         ["network", None, CAPSULE_NETWORK,
          "The network of session containers: capsule (its own bridge, created if missing,"
          " no traffic between sessions), none, or the name of an existing Docker network."],
+        *ENGINE_OPTIONS,
         ["firewall", None, "auto",
          "Who fences the session networks (no link-local, private or host address from a"
          " session): auto (capsule applies iptables rules when it may, else warns with the"
@@ -551,6 +554,7 @@ class Options(usage.Options):
             raise usage.UsageError("--shell must not be empty")
         if not self["network"].strip():
             raise usage.UsageError("--network must be capsule, none or a network's name")
+        check_engine_options(self, CAPSULE_NETWORK)
         if self["firewall"] not in FIREWALL_MODES:
             raise usage.UsageError(
                 f"--firewall must be one of {', '.join(FIREWALL_MODES)},"
@@ -608,7 +612,11 @@ class Options(usage.Options):
             disk_bytes=None if self["disk"] is None else parse_bytes(self["disk"]),
             instance=self["instance"], shell=tuple(shlex.split(self["shell"])),
             keeper=not self["no-keeper"], grace=self["grace"], door_port=self["door-port"],
-            firewall=self["firewall"],
+            firewall="off" if self["engine"] == "kubernetes" else self["firewall"],
+            engine=self["engine"], kube_namespace=self["kube-namespace"],
+            kubeconfig=self["kubeconfig"], kube_context=self["kube-context"],
+            kube_storage_class=self["kube-storage-class"],
+            kube_volume_size=self["kube-volume-size"], replica=self["replica"],
             egress_allow_addresses=tuple(self["egress-allow-address"]),
             anthropic_upstream=self["anthropic-upstream"],
             anthropic_budget=self["anthropic-budget"],
@@ -628,10 +636,13 @@ class Options(usage.Options):
             session_rate=self["session-rate"],
             max_connections_per_client=self["max-connections-per-client"],
             memory_budget=None if budget in (None, "off") else parse_bytes(budget),
-            memory_budget_from_engine=budget is None,
+            # A cluster's memory is its nodes' (and its ResourceQuota's
+            # business): no budget unless given.
+            memory_budget_from_engine=budget is None and self["engine"] == "docker",
             memory_request=parse_bytes(self["memory-request"]),
             memory_reserve=self._reserve(),
-            memory_reserve_from_engine=self["memory-reserve"] is None,
+            memory_reserve_from_engine=(self["memory-reserve"] is None
+                                        and self["engine"] == "docker"),
             exports_per_client=self["exports-per-client"],
             export_max_bytes=self["export-max-bytes"], export_timeout=self["export-timeout"],
             upload_max_bytes=self["upload-max-bytes"],
@@ -709,6 +720,12 @@ class Options(usage.Options):
         try:
             self["profile-table"] = fence(load_profiles(
                 self["profiles"], builtin_profiles(shell, self["agent-image"])), FENCED_NETWORK)
+            if self["engine"] == "kubernetes":
+                # Pods have no Docker network: every profile's sessions
+                # reach the door over their keeper's channels.
+                self["profile-table"] = {
+                    name: replace(p, spec=replace(p.spec, network="none"))
+                    for name, p in self["profile-table"].items()}
             self["secrets"] = load_secrets(self["secrets-file"], self["profile-table"])
         except ProfileError as e:
             raise usage.UsageError(f"--profiles: {e}" if self["secrets-file"] is None
@@ -787,7 +804,9 @@ def makeService(options: Options, reactor=None) -> CapsuleService:
         # After twistd's own handlers are installed (reactor.run installs
         # them before it runs these).
         reactor.callWhenRunning(stop_on_signals, reactor)
-        protect_from_oom()
+        if not options.config.kubernetes:
+            # (A cluster's sessions never share this host's memory.)
+            protect_from_oom()
     if options.knob_options:
         _log.warn("{options}: tuning knobs now, not options (see docs/tuning.md); say"
                   " {environment}=\"{pairs}\"", environment=TUNING_ENVIRONMENT,

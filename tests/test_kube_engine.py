@@ -83,29 +83,6 @@ def test_pod_state(status, state):
     assert {k: found[k] for k in state} == state
 
 
-def test_the_kubernetes_engine_is_not_an_option_yet():
-    """
-    Groundwork for issue 25: nothing but the engine's own modules and their
-    tests reach it, and no option chooses it (kept sessions, snapshots and
-    forks are not there yet: they are refused with Unsupported).
-    """
-    import pathlib
-
-    from twisted.python import usage
-
-    from capsule.tap import Options
-
-    with pytest.raises(usage.UsageError):
-        Options().parseOptions(["--engine", "kubernetes"])
-    assert "kube" not in Options().getUsage(width=200).lower()
-    root = pathlib.Path(__file__).resolve().parent.parent / "capsule"
-    engine = {"kubernetes.py", "kube_pods.py", "kube_execs.py", "kube_exec.py", "kube_keep.py"}
-    users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
-                   if p.name not in engine and ("kubernetes" in p.read_text()
-                                                or "kube_" in p.read_text()))
-    assert users == []
-
-
 def test_a_session_claim_holds_the_workspace_and_the_screen():
     from capsule.core.kept import SCREEN_DIRECTORY
     from capsule.engine.kube_keep import (CLAIM_LABEL, FILES_LABEL, POD_ANNOTATION,

@@ -152,6 +152,24 @@ class ExecStream:
                 transport.unregisterProducer()
             transport.registerProducer(producer, True)
 
+    # An IConsumer of the process's input (an upload's archive): the
+    # producer is paused while the WebSocket's connection cannot take more.
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.throttle_input(producer)
+
+    def unregisterProducer(self) -> None:
+        transport = self._transport()
+        if transport is not None and getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+
+    @property
+    def disconnected(self) -> bool:
+        """
+        Whether the stream closed (no input reaches the process any more).
+        """
+        return self._closed or self._detached
+
     def close_input(self) -> None:
         """
         The end of the process's input (v5: channel 0 closed; v4 cannot say

@@ -73,7 +73,7 @@ class PodExecs:
         return stream
 
     def _thd_headers(self) -> dict[str, str]:
-        configuration = self._configuration
+        configuration = self._thd_configuration()
         hook = getattr(configuration, "refresh_api_key_hook", None)
         if hook is not None:
             hook(configuration)

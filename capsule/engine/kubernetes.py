@@ -105,6 +105,10 @@ class KubernetesAPI(KeptPods, PodExecs):
         cluster's default).
     """
 
+    # What a session runs in, as its end is told ("the session's pod was
+    # deleted").
+    session_unit = "pod"
+
     def __init__(self, reactor, configuration, namespace: str = "capsule",
                  threads: int = 16, export_threads: int = 4, timeout: float = 60.0,
                  start_timeout: float = 300.0, metrics=None,
@@ -113,18 +117,22 @@ class KubernetesAPI(KeptPods, PodExecs):
         self._reactor = reactor
         self.metrics = metrics if metrics is not None else Uncounted()
         self.namespace = namespace
-        self._configuration = configuration
         self._timeout = timeout
         self._start_timeout = start_timeout
         self._exec_users = {"", None, *exec_users}
         self._memory_request = memory_request
         self._volume_size = volume_size
         self._storage_class = storage_class
-        self.host = configuration.host
-        configuration.connection_pool_maxsize = threads + export_threads + HEALTH_THREADS
-        # A call fails at once when the server cannot be reached: the
-        # caller decides whether to try again.
-        configuration.retries = False
+        self._connections = threads + export_threads + HEALTH_THREADS
+        # A configuration may be given as what reads it (a kubeconfig):
+        # read at the first call, and again at each while it cannot be.
+        self._configuration = None
+        self._load_configuration = None
+        self.host = "the cluster of capsule's kubeconfig"
+        if callable(configuration):
+            self._load_configuration = configuration
+        else:
+            self._configured(configuration)
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="capsule-kube")
         self._export_pool = ThreadPool(minthreads=0, maxthreads=export_threads,
                                        name="capsule-kube-export")
@@ -143,12 +151,41 @@ class KubernetesAPI(KeptPods, PodExecs):
         self._export_pool.stop()
         self._health_pool.stop()
 
+    def _configured(self, configuration) -> None:
+        self.host = configuration.host
+        configuration.connection_pool_maxsize = self._connections
+        # A call fails at once when the server cannot be reached: the
+        # caller decides whether to try again.
+        configuration.retries = False
+        self._configuration = configuration
+
     # -- the thread side ---------------------------------------------------
 
+    def _thd_configuration(self):
+        """
+        The client's configuration, read first if it was given as what
+        reads it.
+
+        @raise DockerUnavailable: it cannot be read (no kubeconfig, a bad
+            one, no such context): said as an engine that cannot be reached.
+        """
+        with self._client_lock:
+            if self._configuration is None:
+                try:
+                    configuration = self._load_configuration()
+                except Exception as e:
+                    raise DockerUnavailable(
+                        f"cannot read the Kubernetes configuration ({_short(e)}): give"
+                        " --kubeconfig FILE (and --kube-context NAME), or run capsule in a"
+                        " pod with a service account") from None
+                self._configured(configuration)
+            return self._configuration
+
     def _thd_client(self):
+        configuration = self._thd_configuration()
         with self._client_lock:
             if self._client is None:
-                self._client = kubernetes.client.ApiClient(self._configuration)
+                self._client = kubernetes.client.ApiClient(configuration)
             return self._client
 
     def _thd_request(self, api: str, method: str, *args, **kwargs):
@@ -166,6 +203,8 @@ class KubernetesAPI(KeptPods, PodExecs):
         except ApiException as e:
             if e.status in (0, None):
                 raise self._unavailable(e) from None
+            if e.status == 401 or (e.status == 403 and _rbac_denied(e)):
+                raise self._refused(e) from None
             raise
         try:
             data = response.data
@@ -177,6 +216,18 @@ class KubernetesAPI(KeptPods, PodExecs):
         return DockerUnavailable(
             f"cannot reach the Kubernetes API server at {self.host} ({_short(error)}):"
             " is the cluster up, and may capsule's kubeconfig or service account reach it?")
+
+    def _refused(self, error: ApiException) -> DockerUnavailable:
+        """
+        The API server refuses capsule (401: who it is; 403: what it may
+        do): said as an engine that cannot be reached (asked again), since
+        no session can be served until its rights are given.
+        """
+        return DockerUnavailable(
+            f"the Kubernetes API server at {self.host} refuses capsule ({_status(error)}):"
+            f" may its kubeconfig or service account use pods, pods/exec and"
+            f" persistentvolumeclaims in the namespace {self.namespace}? (its Role:"
+            " docs/kubernetes.md)")
 
     def _call(self, function: Callable, *args) -> Deferred:
         return self.metrics.docker_call(deferToThreadPool(
@@ -201,8 +252,10 @@ class KubernetesAPI(KeptPods, PodExecs):
             found = self._thd_request("VersionApi", "get_code")
             # Pods live on when capsule or the API server restart: what
             # Docker calls live restore.
+            # No SecurityOptions: the pods' uids are the nodes' business,
+            # not this host's accounts'.
             return {"ServerVersion": found.get("gitVersion"), "LiveRestoreEnabled": True,
-                    "Name": self.host, "Namespace": self.namespace, "SecurityOptions": [],
+                    "Name": self.host, "Namespace": self.namespace,
                     "OperatingSystem": "Kubernetes"}
         return self._call(_thd)
 
@@ -580,6 +633,16 @@ def _status(error: ApiException) -> str:
     except (TypeError, ValueError, AttributeError):
         message = None
     return _short(Exception(f"{error.status} {message or error.reason}"))
+
+
+def _rbac_denied(error: ApiException) -> bool:
+    """
+    Whether a 403 is the authorizer's (RBAC: C{User "..." cannot list
+    resource "pods"...}), not an admission's refusal of one object (a quota
+    exceeded, an unknown RuntimeClass).
+    """
+    message = _status(error)
+    return 'User "' in message and " cannot " in message
 
 
 def _short(error: Exception) -> str:

@@ -65,13 +65,14 @@ def end_reason(exit_code: int | None, message: str | None) -> str:
         return "malformed"
     if "shut down" in text or "restarting" in text:
         return "shutdown"
-    if exit_code == 137 or "killed" in text or "out of memory" in text:
+    # (A pod the cluster evicted was killed for the node's sake.)
+    if exit_code == 137 or "killed" in text or "out of memory" in text or "evicted" in text:
         return "killed"
     if "limit" in text or "maximum lifetime" in text or "was idle" in text:
         return "limit"
     if exit_code is not None:
         return "exited"
-    if "engine" in text:
+    if "engine" in text or "kubernetes api server" in text:
         return "engine"
     return "other"
 

@@ -48,6 +48,12 @@ class EngineWatch:
         self._spec_of = spec_of
         self._keeper = keeper
         self._grace = grace
+        # What a session runs in: a container, or (Kubernetes) a pod,
+        # which is deleted rather than removed.
+        self._unit = getattr(docker, "session_unit", "container")
+        self._removed = "deleted" if self._unit == "pod" else "removed"
+        self._engine = ("the Kubernetes API server" if self._unit == "pod"
+                        else "the Docker engine")
 
     # -- a stream closed ---------------------------------------------------
 
@@ -104,11 +110,14 @@ class EngineWatch:
                 return f"the connection to the shell was lost ({e.message})", True, False
             except CapsuleError as e:
                 return f"the connection to the shell was lost ({e.message})", False, False
-            if state is None or not state.get("Running") or attempt == 5:
+            if (state is None or not state.get("Running") or attempt == 5
+                    or gone_message(state, self._unit) is not None):
                 break
             await deferLater(self._clock, 0.2, lambda: None)
         if state is None:
-            return "the session's container was removed", False, False
+            return f"the session's {self._unit} was {self._removed}", False, False
+        if (message := gone_message(state, self._unit)) is not None:
+            return message, False, False
         if state.get("OOMKilled"):
             return ("the session's container ran out of memory (limit "
                     f"{self._spec_of(session).memory}) and was stopped"), False, True
@@ -132,7 +141,7 @@ class EngineWatch:
                 state = await self._docker.container_state(session.container_id)
             except CapsuleError:
                 if self._clock.seconds() >= deadline:
-                    session.events.end(None, "the Docker engine did not come back within"
+                    session.events.end(None, f"{self._engine} did not come back within"
                                              f" {self._grace:g} s")
                     return
                 await deferLater(self._clock, delay, lambda: None)
@@ -142,10 +151,12 @@ class EngineWatch:
                     return
                 continue
             if state is None:
-                session.events.end(None, "the session's container is gone: it was removed"
-                                         " while the Docker engine was away")
+                session.events.end(None, f"the session's {self._unit} is gone: it was"
+                                         f" {self._removed} while {self._engine} was away")
+            elif (message := gone_message(state, self._unit)) is not None:
+                session.events.end(None, message)
             elif not state.get("Running"):
-                message = ("the session's container stopped while the Docker engine was away"
+                message = (f"the session's {self._unit} stopped while {self._engine} was away"
                            f" (exit code {state.get('ExitCode')})")
                 if not self._stopped(session, message):
                     session.events.end(None, message)
@@ -154,3 +165,18 @@ class EngineWatch:
                           session_id=session.id[:8])
                 session.events.engine_back()
             return
+
+
+def gone_message(state: dict, unit: str = "container") -> str | None:
+    """
+    What ended a session whose engine says C{state} of its container,
+    when the engine took it away: evicted by the cluster (C{Reason}
+    C{Evicted}, its message in C{Error}), or being deleted (C{Status}
+    C{removing}: a pod's deletionTimestamp, a node lost).  C{None}: neither.
+    """
+    if state.get("Reason") == "Evicted":
+        why = (state.get("Error") or "").strip()
+        return f"the session's {unit} was evicted" + (f": {why}" if why else "")
+    if state.get("Status") == "removing":
+        return f"the session's {unit} was {'deleted' if unit == 'pod' else 'removed'}"
+    return None

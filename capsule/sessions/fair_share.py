@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
+from capsule.engine.kube_pods import Unsupported
+
 _log = Logger()
 
 # Docker's smallest weight.
@@ -25,6 +27,9 @@ class FairShare:
         self._docker = docker
         self._sessions = sessions
         self.base = base
+        # The engine cannot weigh a running session (a pod's CPU request is
+        # fixed): said once, not asked again.
+        self.unsupported = False
 
     def shares_of(self, user: str | None) -> int:
         """
@@ -41,15 +46,25 @@ class FairShare:
         Give each live session of C{user} its share of the user's weight
         (a session that has it already costs no Docker call).
         """
-        if user is None:
+        if user is None or self.unsupported:
             return
         shares = self.shares_of(user)
         for session in list(self._sessions.values()):
+            if self.unsupported:
+                return
             if (session.core.user != user or session.container_id is None
                     or session.core.cpu_shares == shares):
                 continue
             session.core.cpu_shares = shares
             d = self._docker.set_cpu_shares(session.container_id, shares)
-            d.addErrback(lambda f, sid=session.id: _log.warn(
-                "could not set the CPU weight of session {session_id}: {error}",
-                session_id=sid[:8], error=f.getErrorMessage()))
+            d.addErrback(self._failed, session.id)
+
+    def _failed(self, failure, session_id: str) -> None:
+        if failure.check(Unsupported):
+            if not self.unsupported:
+                self.unsupported = True
+                _log.info("users' sessions are not weighted against each other for the CPU:"
+                          " {error}", error=failure.getErrorMessage())
+            return
+        _log.warn("could not set the CPU weight of session {session_id}: {error}",
+                  session_id=session_id[:8], error=failure.getErrorMessage())

@@ -95,7 +95,10 @@ What it does not
 ================
 
   - Authentication and authorization: every request is allowed (no
-    RBAC: the rights a Role gives are not checked here).
+    RBAC: the rights a Role gives are not checked here), but in the
+    namespaces of L{KubeStandin.forbidden}, where every request gets the
+    403 C{Forbidden} Status RBAC gives a service account without a Role
+    there (C{... is forbidden: User "..." cannot list resource "pods" ...}).
   - Scheduling, nodes, resource quotas, limit ranges, admission webhooks,
     pod security admission (the C{securityContext} is applied, not
     judged), evictions of its own (L{KubeStandin.evict} makes one: the
@@ -478,6 +481,9 @@ class KubeStandin:
         self._volumes: set[str] = set()
         self._subpaths: set[tuple[str, str]] = set()
         self._evicted: dict[str, str] = {}  # pod uid -> the eviction's message
+        # Namespaces where every request is refused, as RBAC refuses a
+        # service account without a Role there (403 Forbidden).
+        self.forbidden: set[str] = set()
         self._poll = task.LoopingCall(self._refresh_watched)
         self._poll.clock = reactor
         self.exec_engine = DockerAPI(reactor, threads=4, export_threads=1, timeout=60)
@@ -562,6 +568,18 @@ class KubeStandin:
                            {})
         kind, list_kind, api_version = KINDS[(m.group("group"), m.group("plural"))]
         ns, name, sub, plural = m.group("ns"), m.group("name"), m.group("sub"), m.group("plural")
+        if ns in self.forbidden:
+            verb = ("create" if sub == "exec" or method == "POST" else "delete"
+                    if method == "DELETE" else "watch" if one("watch") in ("1", "true")
+                    else "get" if name else "list")
+            resource = f"{plural}/{sub}" if sub else plural
+            # api/v1 is the core group, named "".
+            group = m.group("group").split("/")[1] if m.group("group").startswith("apis/") else ""
+            raise ApiError(403, "Forbidden", (
+                f'{resource}{f" {name!r}" if name else ""} is forbidden: User'
+                f' "system:serviceaccount:capsule:capsule" cannot {verb} resource'
+                f' "{resource}" in API group "{group}" in the namespace'
+                f' "{ns}"').replace("'", '"'), {"kind": plural, "name": name or ""})
         if sub is not None:
             if kind == "Pod" and sub == "exec" and method in ("GET", "POST"):
                 return await self.exec(request, ns, name, args)
