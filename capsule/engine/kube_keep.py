@@ -50,13 +50,14 @@ from datetime import datetime, timezone
 
 from kubernetes.client.exceptions import ApiException
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from capsule.core.errors import ContainerGone, DockerError
 from capsule.core.kept import SCREEN_DIRECTORY
-from capsule.engine.kube_pods import (LABELS_ANNOTATION, Unsupported, capsule_labels,
-                                      label_value_valid, pod_state)
+from capsule.engine.container_files import absolute_path, path_parts
+from capsule.engine.kube_pods import (LABELS_ANNOTATION, RUN_AS_USER, Unsupported,
+                                      capsule_labels, label_value_valid, pod_state)
 
 _log = Logger()
 
@@ -77,6 +78,22 @@ CLAIM_VOLUME = "kept"
 FILES_RESOURCES = {"limits": {"memory": str(256 * 2**20), "cpu": "500m"},
                    "requests": {"memory": str(64 * 2**20), "cpu": "50m"}}
 MERGE_PATCH = "application/merge-patch+json"
+
+# put_file and read_file in a pod, by an exec: C{$1} the mode (put) or the
+# most bytes (read), then every prefix of the path (C{/a}, C{/a/b}, ...),
+# none of which may be a symbolic link.  (The exec runs as the pod's user:
+# a link made between the check and the use reaches only what that user
+# reaches anyway.)
+LINK_EXIT = 65
+NO_FILE_EXIT = 66
+PUT_SCRIPT = (
+    'm=$1; shift; for p; do [ -L "$p" ] && exit 65; done; [ -d "$p" ] && exit 65;'
+    ' d=$(dirname "$p") && mkdir -p "$d" && t=$(mktemp "$d/.capsule-put.XXXXXX") || exit 1;'
+    ' if cat > "$t" && chmod "$m" "$t" && mv -f "$t" "$p"; then exit 0; fi; rm -f "$t"; exit 1')
+READ_SCRIPT = (
+    'n=$1; shift; for p; do [ -L "$p" ] && exit 66; done;'
+    ' [ -f "$p" ] || exit 66; exec tail -c "$n" "$p"')
+
 # How long a files pod lives at most (a capsule that stopped while it worked
 # cannot remove it).
 FILES_SECONDS = 3600
@@ -191,7 +208,8 @@ def _ended(pod: dict) -> bool:
 class KeptPods:
     """
     The kept-session calls of L{capsule.engine.kubernetes.KubernetesAPI}
-    (a base of it, before L{capsule.engine.kube_execs.PodExecs}): needs its
+    (a base of it, before L{capsule.engine.kube_execs.PodExecs}), a pod's
+    files (C{put_file}, C{read_file}) among them: needs its
     C{_core}, C{_call}, C{_thd_request}, C{_get_pod}, C{_list_pods},
     C{_running}, C{_delete_pod}, C{_gone}, C{namespace} and C{_reactor}.
     """
@@ -435,6 +453,57 @@ class KeptPods:
             except DockerError as e:
                 _log.warn("could not remove the pod {name} that read a kept session's"
                           " files: {error}", name=files, error=str(e))
+
+    # -- files: a pod's, by an exec; a kept session's in a files pod ------------
+
+    def put_file(self, container_id: str, path: str, data: bytes, mode: int = 0o600,
+                 uid: int = 1000, gid: int = 1000) -> Deferred:
+        """
+        Write the file by an exec (as the pod's user: what it writes, the
+        pod's user could); a symbolic link on the path is refused, as the
+        Docker engine refuses it, not followed.
+        """
+        try:
+            parts = path_parts(absolute_path(path))
+        except ValueError:
+            return fail()
+
+        async def put():
+            if (uid, gid) != (RUN_AS_USER, RUN_AS_USER):
+                raise Unsupported(f"a file owned by {uid}:{gid}: a pod's execs run as"
+                                  f" {RUN_AS_USER}")
+            result = await self._in_files(container_id, lambda pod: self.run_command(
+                pod, ["sh", "-c", PUT_SCRIPT, "put", f"{mode:o}", *parts],
+                "", "", {}, bytes(data)))
+            if result.exit_code == LINK_EXIT:
+                raise DockerError(f"could not write {path} in the pod: a symbolic link or a"
+                                  " directory is in the way")
+            if result.exit_code != 0:
+                raise DockerError(f"could not write {path} in the pod:"
+                                  f" {result.stderr[:300].decode('utf-8', 'replace')}")
+        return Deferred.fromCoroutine(put())
+
+    def read_file(self, container_id: str, path: str, max_bytes: int) -> Deferred:
+        """
+        Read the file by an exec; a path through a symbolic link is taken
+        for no file, as the Docker engine takes it.
+        """
+        try:
+            parts = path_parts(absolute_path(path))
+        except ValueError:
+            return fail()
+
+        async def read():
+            result = await self._in_files(container_id, lambda pod: self.run_command(
+                pod, ["sh", "-c", READ_SCRIPT, "read", str(max(0, int(max_bytes))), *parts],
+                "", "", {}, b"", max_output=max_bytes))
+            if result.exit_code == NO_FILE_EXIT:
+                return None
+            if result.exit_code != 0:
+                raise DockerError(f"could not read {path} in the pod:"
+                                  f" {result.stderr[:300].decode('utf-8', 'replace')}")
+            return result.stdout
+        return Deferred.fromCoroutine(read())
 
     def export_workspace(self, container_id: str, path: str, write) -> Deferred:
         """

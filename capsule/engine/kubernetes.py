@@ -45,7 +45,7 @@ from typing import Callable
 import kubernetes.client
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -56,10 +56,11 @@ from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable
 from capsule.core.interfaces import IDockerAPI
 from capsule.core.keeper import SECRET_LABEL, parse_secret
 from capsule.core.spec import ContainerSpec
-from capsule.engine.container_files import absolute_path, path_parts
 # (The pods' and the execs' names are this module's too, as they were.)
 from capsule.engine.kube_execs import PodExecs, exec_argv  # noqa: F401
-from capsule.engine.kube_keep import KeptPods
+# (put_file's and read_file's scripts are this module's too, as they were.)
+from capsule.engine.kube_keep import (LINK_EXIT, NO_FILE_EXIT, PUT_SCRIPT,  # noqa: F401
+                                      READ_SCRIPT, KeptPods)
 from capsule.engine.kube_pods import (CONTAINER, LABELS_ANNOTATION, RUN_AS_USER,  # noqa: F401
                                       Unsupported, capsule_labels, docker_bytes,
                                       label_value_valid, pod_failed, pod_manifest, pod_name,
@@ -72,20 +73,6 @@ HEALTH_THREADS = 2
 # engine refuses until then.
 NOT_YET = "not yet (issue 25): "
 
-# put_file and read_file in a pod, by an exec: C{$1} the mode (put) or the
-# most bytes (read), then every prefix of the path (C{/a}, C{/a/b}, ...),
-# none of which may be a symbolic link.  (The exec runs as the pod's user:
-# a link made between the check and the use reaches only what that user
-# reaches anyway.)
-LINK_EXIT = 65
-NO_FILE_EXIT = 66
-PUT_SCRIPT = (
-    'm=$1; shift; for p; do [ -L "$p" ] && exit 65; done; [ -d "$p" ] && exit 65;'
-    ' d=$(dirname "$p") && mkdir -p "$d" && t=$(mktemp "$d/.capsule-put.XXXXXX") || exit 1;'
-    ' if cat > "$t" && chmod "$m" "$t" && mv -f "$t" "$p"; then exit 0; fi; rm -f "$t"; exit 1')
-READ_SCRIPT = (
-    'n=$1; shift; for p; do [ -L "$p" ] && exit 66; done;'
-    ' [ -f "$p" ] || exit 66; exec tail -c "$n" "$p"')
 
 
 @implementer(IDockerAPI)
@@ -519,60 +506,6 @@ class KubernetesAPI(KeptPods, PodExecs):
             return ((pod.get("status") or {}).get("podIP") or None,
                     parse_secret(capsule_labels(pod).get(SECRET_LABEL)))
         return Deferred.fromCoroutine(address())
-
-    # -- files -------------------------------------------------------------------
-    #
-    # A pod's, by an exec; a kept session's (its pod gone) in a short-lived
-    # pod mounting its claim (KeptPods._in_files).
-
-    def put_file(self, container_id: str, path: str, data: bytes, mode: int = 0o600,
-                 uid: int = 1000, gid: int = 1000) -> Deferred:
-        """
-        Write the file by an exec (as the pod's user: what it writes, the
-        pod's user could); a symbolic link on the path is refused, as the
-        Docker engine refuses it, not followed.
-        """
-        try:
-            parts = path_parts(absolute_path(path))
-        except ValueError:
-            return fail()
-
-        async def put():
-            if (uid, gid) != (RUN_AS_USER, RUN_AS_USER):
-                raise Unsupported(f"a file owned by {uid}:{gid}: a pod's execs run as"
-                                  f" {RUN_AS_USER}")
-            result = await self._in_files(container_id, lambda pod: self.run_command(
-                pod, ["sh", "-c", PUT_SCRIPT, "put", f"{mode:o}", *parts],
-                "", "", {}, bytes(data)))
-            if result.exit_code == LINK_EXIT:
-                raise DockerError(f"could not write {path} in the pod: a symbolic link or a"
-                                  " directory is in the way")
-            if result.exit_code != 0:
-                raise DockerError(f"could not write {path} in the pod:"
-                                  f" {result.stderr[:300].decode('utf-8', 'replace')}")
-        return Deferred.fromCoroutine(put())
-
-    def read_file(self, container_id: str, path: str, max_bytes: int) -> Deferred:
-        """
-        Read the file by an exec; a path through a symbolic link is taken
-        for no file, as the Docker engine takes it.
-        """
-        try:
-            parts = path_parts(absolute_path(path))
-        except ValueError:
-            return fail()
-
-        async def read():
-            result = await self._in_files(container_id, lambda pod: self.run_command(
-                pod, ["sh", "-c", READ_SCRIPT, "read", str(max(0, int(max_bytes))), *parts],
-                "", "", {}, b"", max_output=max_bytes))
-            if result.exit_code == NO_FILE_EXIT:
-                return None
-            if result.exit_code != 0:
-                raise DockerError(f"could not read {path} in the pod:"
-                                  f" {result.stderr[:300].decode('utf-8', 'replace')}")
-            return result.stdout
-        return Deferred.fromCoroutine(read())
 
     def container_cpu(self, container_id):
         # The metrics API (metrics.k8s.io) is not always there, and is a
