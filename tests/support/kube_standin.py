@@ -25,7 +25,8 @@ What it reproduces
     live ones; none given or C{0}: synthetic C{ADDED} events for what
     exists), one JSON C{WatchEvent} a line, ended after C{timeoutSeconds};
     C{DELETE} (200 with the pod; C{gracePeriodSeconds} from the query or
-    the C{DeleteOptions} body, 0 removes at once, otherwise the pod is
+    the C{DeleteOptions} body, 0 removes at once (the object first, then
+    its container, as a force deletion does), otherwise the pod is
     kept with a C{deletionTimestamp} while its container is stopped with
     that grace, then removed with a C{DELETED} event; C{preconditions} on
     C{uid}/C{resourceVersion}, 409 C{Conflict} when they do not hold).
@@ -1046,9 +1047,12 @@ class KubeStandin:
             d = self._thread(self._thd_remove, container_id, grace)
             d.addBoth(lambda _: self._forget_pod(pod))
             return answer
+        # At once (a force deletion): the object goes first, then the
+        # kubelet kills what ran, as the API server and the kubelet do.
+        answer = self._forget_pod(pod)
         if container_id is not None:
             await self._thread(self._thd_remove, container_id)
-        return self._forget_pod(pod)
+        return answer
 
     def _forget_pod(self, pod: dict) -> dict:
         uid = pod["metadata"]["uid"]
