@@ -29,8 +29,8 @@ A kept session's files are read and written (C{put_file}, C{read_file}, the
 workspace's export) by a short-lived pod of the session's image mounting
 the claim (C{sleep}, labelled C{io.capsule.files-of: POD}, removed at
 once, or with the session if it was left); with a ReadWriteOnce claim
-it must run on the node that has it mounted, or, once the session's pod is
-gone, on any.  A pod whose container
+it must run on the node that has it mounted: that of the session's pod
+where it ended but is still there (C{nodeName}), else any.  A pod whose container
 ended (a node that evicted it, a kill) with its claim is kept too, as
 Docker keeps a stopped container: its resume deletes it and makes it anew.
 
@@ -437,9 +437,15 @@ class KeptPods:
             if not manifest.get("spec"):
                 raise
         files = f"{name}-files-{uuid.uuid4().hex[:6]}"
+        body = files_manifest(files, manifest)
+        ended = await self._get_pod(name)
+        node = ((ended or {}).get("spec") or {}).get("nodeName")
+        if node:
+            # A ReadWriteOnce claim may still be attached to the node of
+            # the session's ended pod: the files pod goes there.
+            body["spec"]["nodeName"] = node
         try:
-            created = await self._core("create_namespaced_pod", self.namespace,
-                                       files_manifest(files, manifest))
+            created = await self._core("create_namespaced_pod", self.namespace, body)
         except ApiException as e:
             raise DockerError(f"Kubernetes could not make a pod to reach the kept session's"
                               f" files: {_status(e)}") from None

@@ -318,7 +318,7 @@ class TestKubernetesOnStandin(EngineContract):
 
     @pytest_twisted.ensureDeferred
     async def test_an_ended_pod_is_kept_by_its_claim(self, api, spec, kill_container,
-                                                     put_file):
+                                                     put_file, standin):
         """
         A pod whose container ended (killed, evicted) cannot run again, but
         its claim holds the session's files: it is kept, as Docker keeps a
@@ -336,6 +336,11 @@ class TestKubernetesOnStandin(EngineContract):
         assert [(c["id"], c["state"], c["record"]) for c in kept] == [(ended, "exited", {})]
         assert kept[0]["finished"] >= kept[0]["created"] > 0
         assert await api.unpause_container(running) is False
+        # Its files are read on its node (a files pod there), while it ended.
+        assert await api.read_file(ended, "/workspace/notes.txt", 100) == b"before the end"
+        files = [p for p in standin.store.history if p[1] == "Pod" and p[2] == "ADDED"
+                 and p[3]["metadata"].get("labels", {}).get("io.capsule.files-of") == ended]
+        assert [p[3]["spec"]["nodeName"] for p in files] == ["standin-node"]
         await api.start_container(ended)
         assert (await api.container_state(ended))["Running"] is True
         assert await api.read_file(ended, "/workspace/notes.txt", 100) == b"before the end"

@@ -100,9 +100,10 @@ What it does not
     namespaces of L{KubeStandin.forbidden}, where every request gets the
     403 C{Forbidden} Status RBAC gives a service account without a Role
     there (C{... is forbidden: User "..." cannot list resource "pods" ...}).
-  - Scheduling, nodes, resource quotas, limit ranges, admission webhooks,
-    pod security admission (the C{securityContext} is applied, not
-    judged), evictions of its own (L{KubeStandin.evict} makes one: the
+  - Scheduling and nodes (every pod is bound at once to one node,
+    C{spec.nodeName} L{NODE}, or the one it names), resource quotas,
+    limit ranges, admission webhooks, pod security admission (the
+    C{securityContext} is applied, not judged), evictions of its own (L{KubeStandin.evict} makes one: the
     container killed, the pod C{Failed} with reason C{Evicted} and a
     message, kept), restarts (C{restartPolicy} is taken as C{Never}),
     readiness and liveness probes, init and sidecar containers (only the
@@ -161,6 +162,8 @@ POLL = 0.5
 # How many changes are kept for watches that start from a resourceVersion.
 HISTORY = 1000
 STANDIN_LABEL = "io.capsule.kube-standin"
+# The one node: every pod is bound to it (spec.nodeName).
+NODE = "standin-node"
 EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 STDIN, STDOUT, STDERR, ERROR, RESIZE, CLOSE = 0, 1, 2, 3, 4, 255
 
@@ -715,6 +718,8 @@ class KubeStandin:
         metadata.setdefault("labels", {})
         obj = {"kind": kind, "apiVersion": api_version, "metadata": metadata, "spec": spec}
         if kind == "Pod":
+            # Scheduled at once, on the one node there is.
+            spec.setdefault("nodeName", NODE)
             spec.setdefault("restartPolicy", "Always")
             spec.setdefault("terminationGracePeriodSeconds", 30)
             obj["status"] = {"phase": "Pending", "qosClass": _qos(spec)}
