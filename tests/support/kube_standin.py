@@ -846,8 +846,11 @@ class KubeStandin:
                     return None, {"reason": "CreateContainerConfigError", "message": (
                         f"failed to prepare subPath for volumeMount \"{mount['name']}\" of"
                         f" container \"{c['name']}\"")}
+                # (Every subPath of the claim this pod mounts, at once.)
                 self._thd_claim_volume(volume_name, found, c["image"],
-                                       pod_sc.get("fsGroup"), sub)
+                                       pod_sc.get("fsGroup"), *[
+                                           m.get("subPath") for m in c.get("volumeMounts") or []
+                                           if m["name"] == mount["name"] and m.get("subPath")])
                 if sub:
                     # The volume's directory, bound (the engine's API has no
                     # subpath of a volume before 1.45).
@@ -885,7 +888,7 @@ class KubeStandin:
         return created["Id"], None
 
     def _thd_claim_volume(self, name: str, claim: dict, image: str, fs_group,
-                          sub: str = "") -> None:
+                          *subs: str) -> None:
         """
         Make the Docker volume of a claim, the first time a pod mounts it;
         with an C{fsGroup}, give it to that group as the kubelet does
@@ -899,13 +902,14 @@ class KubeStandin:
                                                     STANDIN_LABEL: self.id})
             if fs_group is not None:
                 script.append('chgrp -R "$1" /v && chmod -R g+rwX /v && chmod g+s /v')
-        if sub and (name, sub) not in self._subpaths:
-            script.append('mkdir -p "/v/$2" && chown --reference=/v "/v/$2"'
-                          ' && chmod --reference=/v "/v/$2"')
+        missing = [sub for sub in subs if (name, sub) not in self._subpaths]
+        if missing:
+            script.append('shift; for s; do mkdir -p "/v/$s" && chown --reference=/v "/v/$s"'
+                          ' && chmod --reference=/v "/v/$s" || exit 1; done')
         if script:
             helper = self.docker.create_container(
                 image, entrypoint=["sh", "-c", " && ".join(script), "sh",
-                                   str(int(fs_group or 0)), sub],
+                                   str(int(fs_group or 0)), *missing],
                 user="0", labels={STANDIN_LABEL: self.id},
                 host_config=self.docker.create_host_config(
                     binds={name: {"bind": "/v", "mode": "rw"}}, network_mode="none"))
@@ -915,8 +919,7 @@ class KubeStandin:
             finally:
                 self.docker.remove_container(helper["Id"], force=True)
         self._volumes.add(name)
-        if sub:
-            self._subpaths.add((name, sub))
+        self._subpaths.update((name, sub) for sub in subs)
 
     def _volume_name(self, claim: dict) -> str:
         return f"kube-{self.id}-{claim['metadata']['namespace']}-{claim['metadata']['name']}"
