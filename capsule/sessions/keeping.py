@@ -10,7 +10,11 @@ forked; snapshots are named copies of a session's file system.
 Kept sessions are found from the engine alone (the stopped containers of
 this instance), so that they outlive a restart of capsule; what the engine
 does not carry (why a session was put away, and whose it is) is kept in a
-small JSON file beside the owners' (L{KeptRecords}).
+small JSON file beside the owners' (L{KeptRecords}).  An engine that can
+keep it with the session (C{note_kept}: the Kubernetes engine, on the
+session's volume claim) is given it too, and its record is read where the
+file has none: another server of the same sessions (a replica) finds them
+whole.
 """
 
 from __future__ import annotations
