@@ -294,9 +294,9 @@ class KeptPods:
 
     def stop_container(self, container_id: str, timeout: float = 10) -> Deferred:
         """
-        Keep the session: when goes on its claim, its pod is deleted
-        (SIGTERM, SIGKILL after C{timeout} seconds) and gone once this
-        fires.  C{True} if it existed (a kept one: stopped already).
+        Keep the session: when it was kept goes on its claim, its pod is
+        deleted (SIGTERM, SIGKILL after C{timeout} seconds) and gone once
+        this fires.  C{True} if it existed (a kept one: stopped already).
         """
         return Deferred.fromCoroutine(self._stop(container_id, timeout))
 
