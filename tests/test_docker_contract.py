@@ -1,5 +1,5 @@
 """
-The Docker contract (tests/docker_contract.py), against the fake engine.
+The engine contract (tests/engine_contract.py), against the fake engine.
 """
 
 import uuid
@@ -11,9 +11,9 @@ from capsule.core.spec import ContainerSpec
 from tests.support.fakes import FakeDockerAPI
 
 # The suite lives outside a test module: let pytest explain its failures.
-pytest.register_assert_rewrite("tests.docker_contract")
-from .docker_contract import (FORK_PATHS, LABEL_INSTANCE, SCRIPT, SCRIPT_COMMAND, SCRIPT_SLEEP,
-                              SCRIPT_TTY, DockerContract)
+pytest.register_assert_rewrite("tests.engine_contract")
+from .engine_contract import (FORK_PATHS, LABEL_INSTANCE, SCRIPT, SCRIPT_COMMAND, SCRIPT_SLEEP,
+                              SCRIPT_TTY, EngineContract)
 
 
 class ScriptProgram:
@@ -56,7 +56,7 @@ class SleepProgram:
         pass
 
 
-class TestFakeDocker(DockerContract):
+class TestFakeDocker(EngineContract):
     @pytest.fixture
     def api(self):
         api = FakeDockerAPI()

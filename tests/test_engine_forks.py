@@ -1,7 +1,7 @@
 """
 capsule.engine.forks without the engine: which way a fork is copied, and
 the copy on the host (its guards, and what it keeps).  The calls
-themselves are in the Docker contract (tests/docker_contract.py).
+themselves are in the Docker contract (tests/engine_contract.py).
 """
 
 import os

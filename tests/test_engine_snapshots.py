@@ -2,7 +2,7 @@
 The pure parts of capsule.engine.snapshots and capsule.engine.container_files:
 Docker's times, the cgroup's CPU counters, the paths capsule reads and
 writes, a file's last bytes from an archive.  The calls themselves are in the Docker contract
-(tests/docker_contract.py).
+(tests/engine_contract.py).
 """
 
 import io

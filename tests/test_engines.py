@@ -149,6 +149,10 @@ def test_the_replica_defaults_to_a_dns_label():
      "the session's pod was evicted: The node was low on resource: memory."),
     ({"Running": False, "Reason": "Evicted", "Error": ""}, "the session's pod was evicted"),
     ({"Running": True, "Status": "removing"}, "the session's pod was deleted"),
+    # Gone, not by capsule, its volume claim left (capsule.engine.kube_keep).
+    ({"Running": False, "Status": "exited", "Reason": "Deleted"},
+     "the session's pod was deleted"),
+    ({"Running": False, "Status": "exited", "Reason": "Kept"}, None),
     ({"Running": True, "Status": "running"}, None),
     ({"Running": False, "Status": "exited", "Reason": "Error"}, None),
 ])

@@ -651,3 +651,59 @@ def test_snapshot_refusals_are_logged_at_a_bounded_rate(docker, clock, tmp_path)
         globalLogPublisher.removeObserver(lines.append)
     refused = [e for e in lines if "snapshot refused" in e.get("log_format", "")]
     assert len(refused) == 1
+
+
+class RecordingEngine(FakeDockerAPI):
+    """
+    An engine that keeps capsule's record with a kept session (as the
+    Kubernetes engine does on its claim): C{note_kept}, and C{record} in
+    what C{kept_containers} lists.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: dict[str, dict] = {}
+
+    def note_kept(self, container_id, record):
+        self.records[container_id] = dict(record)
+        return Deferred.fromCoroutine(_nothing())
+
+    def kept_containers(self, labels):
+        d = super().kept_containers(labels)
+        d.addCallback(lambda found: [{**c, "record": self.records.get(c["id"], {})}
+                                     for c in found])
+        return d
+
+
+async def _nothing():
+    return None
+
+
+def test_a_kept_session_is_found_from_the_engines_record_alone(clock, tmp_path):
+    """
+    Another server on the same engine, with no state file of its own (a
+    replica): whose the session is, why and when it was kept come from the
+    engine.
+    """
+    docker = RecordingEngine()
+    first = make_manager(docker, clock, str(tmp_path / "first"))
+    session, _, kept = put_away(first, docker, user="alice")
+    assert docker.records[session.container_id] == {
+        "user": "alice", "reason": PUT_AWAY, "kept_at": kept.kept_at}
+    other = make_manager(docker, clock, None)
+    result(Deferred.fromCoroutine(other.recovery.recover()))
+    [found] = other.keeping.kept("alice")
+    assert (found.id, found.user, found.reason, found.kept_at) == (
+        session.id, "alice", PUT_AWAY, kept.kept_at)
+    assert session.container_id not in docker.removed
+
+
+def test_an_engine_record_that_is_not_whole_is_not_used(clock, tmp_path):
+    docker = RecordingEngine()
+    docker.add_container("c1", {**LABELS, LABEL_SESSION: SID, LABEL_PROFILE: "shell"})
+    docker.containers["c1"].update(state="exited", finished=clock.seconds() - 10)
+    docker.records["c1"] = {"user": "mallory"}
+    manager = make_manager(docker, clock, str(tmp_path))
+    result(Deferred.fromCoroutine(manager.recovery.recover()))
+    [kept] = manager.keeping.kept(None)
+    assert (kept.id, kept.reason) == (SID, STOPPED)

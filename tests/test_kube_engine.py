@@ -5,6 +5,7 @@ status says as Docker's State, an exec's command, the exec stream's Status.  The
 tests/integration/test_kube_contract.py.
 """
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -80,3 +81,42 @@ def test_read_only_root_and_volumes():
 def test_pod_state(status, state):
     found = pod_state({"metadata": {}, "status": status})
     assert {k: found[k] for k in state} == state
+
+
+def test_a_session_claim_holds_the_workspace_and_the_screen():
+    from capsule.core.kept import SCREEN_DIRECTORY
+    from capsule.engine.kube_keep import (CLAIM_LABEL, FILES_LABEL, POD_ANNOTATION,
+                                          claim_manifest, files_manifest, rfc3339_seconds,
+                                          with_session_claim)
+
+    spec = ContainerSpec(image="i", read_only_root=True, hostname="h",
+                         labels={"io.capsule.instance": "t", "io.capsule.user": "a@b"})
+    pod = with_session_claim(pod_manifest("capsule-x", spec), "capsule-x")
+    container = pod["spec"]["containers"][0]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    # The read-only root's emptyDir at /workspace is the claim's now.
+    for path, sub in (("/workspace", "workspace"), (SCREEN_DIRECTORY, "screen")):
+        assert mounts[path]["subPath"] == sub
+        assert volumes[mounts[path]["name"]]["persistentVolumeClaim"] == {
+            "claimName": "capsule-x"}
+    assert len([v for v in volumes.values() if "persistentVolumeClaim" in v]) == 1
+    assert "emptyDir" in volumes[mounts["/home/developer"]["name"]]
+    # A named volume at /workspace stays the spec's.
+    own = with_session_claim(pod_manifest("capsule-y", replace(
+        spec, read_only_root=False, volumes=(("shared", "/workspace"),))), "capsule-y")
+    mounts = {m["mountPath"]: m for m in own["spec"]["containers"][0]["volumeMounts"]}
+    assert "subPath" not in mounts["/workspace"] and mounts[SCREEN_DIRECTORY]["subPath"]
+    claim = claim_manifest("capsule-x", pod, "1Gi", "fast")
+    assert claim["metadata"]["labels"] == {"io.capsule.instance": "t", CLAIM_LABEL: "session"}
+    assert json.loads(claim["metadata"]["annotations"][LABELS_ANNOTATION]) == spec.labels
+    assert json.loads(claim["metadata"]["annotations"][POD_ANNOTATION]) == pod
+    assert claim["spec"]["storageClassName"] == "fast"
+    files = files_manifest("capsule-x-files-1", pod)
+    assert files["metadata"] == {"name": "capsule-x-files-1",
+                                 "labels": {FILES_LABEL: "capsule-x"}}
+    assert files["spec"]["containers"][0]["command"][0] == "sleep"
+    assert files["spec"]["containers"][0]["env"] == []
+    assert files["spec"]["volumes"] == pod["spec"]["volumes"]
+    assert rfc3339_seconds("1970-01-01T00:01:00Z") == 60.0
+    assert rfc3339_seconds(None) == rfc3339_seconds("garbage") == 0.0

@@ -10,7 +10,7 @@ class IDockerAPI(Interface):
     The Docker engine, as Deferreds.  Every method returns a Deferred and
     never blocks the reactor.  Failures are L{capsule.core.errors.DockerError}s:
     every method fails with L{capsule.core.errors.DockerUnavailable} when the
-    engine cannot be reached.  C{tests/docker_contract.py} is the executable
+    engine cannot be reached.  C{tests/engine_contract.py} is the executable
     form of this description; it runs against the fake and the real engine.
     """
 

@@ -25,12 +25,15 @@ L{capsule.engine.kube_execs}'s (L{PodExecs}, a base of L{KubernetesAPI}).
 What Docker can do and a cluster cannot, this engine refuses with
 L{Unsupported} (a L{DockerError}) rather than pretend: networks (the
 cluster's own; sessions are kept apart by a NetworkPolicy instead), layer
-sizes, CPU weights of a running pod.  So does it, for now, what issue 25
-designs for Kubernetes: kept sessions (stop and start: a pod deleted, its
-volume claim kept), snapshots and forks (VolumeSnapshots); no pod is ever a
-kept session.  A kept session's files are a pod's, read and written by an
-exec (C{put_file}, C{read_file}: paths as Docker's, no symbolic link
-followed); a pod's CPU time is not known (C{container_cpu} fires C{None}).
+sizes, CPU weights of a running pod; and, for now, snapshots and forks
+(they would be VolumeSnapshots).  Kept sessions are
+L{capsule.engine.kube_keep}'s (L{KeptPods}, a base of L{KubernetesAPI}):
+every session pod has a volume claim of its own holding C{/workspace} and
+the saved screen; a kept session is that claim, its pod deleted and made
+again on resume.  A pod's files are read and written by an exec
+(C{put_file}, C{read_file}: paths as Docker's, no symbolic link followed),
+a kept session's in a short-lived pod mounting its claim; a pod's CPU time
+is not known (C{container_cpu} fires C{None}).
 
 Replicas of capsule on one cluster (L{capsule.engine.kube_replicas}, a base
 of L{KubernetesAPI}): a Lease per replica, the replica holding a pod in its
@@ -48,8 +51,7 @@ from typing import Callable
 import kubernetes.client
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
-from twisted.internet import task
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -60,10 +62,12 @@ from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable
 from capsule.core.interfaces import IDockerAPI
 from capsule.core.keeper import SECRET_LABEL, parse_secret
 from capsule.core.spec import ContainerSpec
-from capsule.engine.container_files import absolute_path, path_parts
 # (The pods' and the execs' names are this module's too, as they were.)
 from capsule.engine.kube_execs import PodExecs, exec_argv  # noqa: F401
 from capsule.engine.kube_replicas import ClusterFull, PodReplicas, holder_of, quota_refusal
+# (put_file's and read_file's scripts are this module's too, as they were.)
+from capsule.engine.kube_keep import (LINK_EXIT, NO_FILE_EXIT, PUT_SCRIPT,  # noqa: F401
+                                      READ_SCRIPT, KeptPods)
 from capsule.engine.kube_pods import (CONTAINER, LABELS_ANNOTATION, RUN_AS_USER,  # noqa: F401
                                       Unsupported, capsule_labels, docker_bytes,
                                       label_value_valid, pod_failed, pod_manifest, pod_name,
@@ -73,28 +77,14 @@ from capsule.engine.kube_policies import network_policies, own_namespace
 _log = Logger()
 
 HEALTH_THREADS = 2
-# Said of what issue 25 designs for Kubernetes (kept sessions, snapshots,
-# forks) and this engine refuses until then.
+# Said of what issue 25 designs for Kubernetes (snapshots, forks) and this
+# engine refuses until then.
 NOT_YET = "not yet (issue 25): "
 
-# put_file and read_file in a pod, by an exec: C{$1} the mode (put) or the
-# most bytes (read), then every prefix of the path (C{/a}, C{/a/b}, ...),
-# none of which may be a symbolic link.  (The exec runs as the pod's user:
-# a link made between the check and the use reaches only what that user
-# reaches anyway.)
-LINK_EXIT = 65
-NO_FILE_EXIT = 66
-PUT_SCRIPT = (
-    'm=$1; shift; for p; do [ -L "$p" ] && exit 65; done; [ -d "$p" ] && exit 65;'
-    ' d=$(dirname "$p") && mkdir -p "$d" && t=$(mktemp "$d/.capsule-put.XXXXXX") || exit 1;'
-    ' if cat > "$t" && chmod "$m" "$t" && mv -f "$t" "$p"; then exit 0; fi; rm -f "$t"; exit 1')
-READ_SCRIPT = (
-    'n=$1; shift; for p; do [ -L "$p" ] && exit 66; done;'
-    ' [ -f "$p" ] || exit 66; exec tail -c "$n" "$p"')
 
 
 @implementer(IDockerAPI)
-class KubernetesAPI(PodExecs, PodReplicas):
+class KubernetesAPI(KeptPods, PodExecs, PodReplicas):
     """
     @param configuration: a C{kubernetes.client.Configuration} (from
         L{kube_configuration}: a kubeconfig, or the pod's service account).
@@ -288,23 +278,26 @@ class KubernetesAPI(PodExecs, PodReplicas):
             pod_manifest(name, spec, memory_request=self._memory_request))
         for volume, _ in spec.volumes:
             await self._ensure_claim(volume_claim_name(volume), spec.volume_labels)
+        manifest = await self._make_session_claim(name, manifest)
         try:
-            created = await self._core("create_namespaced_pod", self.namespace, manifest)
-        except ApiException as e:
-            refusal = quota_refusal(e)
-            if refusal is not None:
-                _log.warn("the cluster has no room for a session's pod: {refusal}",
-                          refusal=refusal)
-                raise ClusterFull(
-                    "the cluster has no room for another session now (its quota is used up:"
-                    f" {refusal}): try again later, or end a session") from None
-            raise DockerError(f"Kubernetes could not create the session's pod: {_status(e)}"
-                              ) from None
-        try:
+            try:
+                created = await self._core("create_namespaced_pod", self.namespace, manifest)
+            except ApiException as e:
+                refusal = quota_refusal(e)
+                if refusal is not None:
+                    _log.warn("the cluster has no room for a session's pod: {refusal}",
+                              refusal=refusal)
+                    raise ClusterFull(
+                        "the cluster has no room for another session now (its quota is used"
+                        f" up: {refusal}): try again later, or end a session") from None
+                raise DockerError(f"Kubernetes could not create the session's pod:"
+                                  f" {_status(e)}") from None
             await self._running(name, created["metadata"]["resourceVersion"])
         except BaseException:
             try:
                 await self._delete_pod(name)
+                await self._gone(name, self._timeout)
+                await self._delete_claim(name)
             except DockerError:
                 pass
             raise
@@ -397,11 +390,11 @@ class KubernetesAPI(PodExecs, PodReplicas):
             response.release_conn()
         return pod or {}, version
 
-    async def _delete_pod(self, name: str) -> bool:
+    async def _delete_pod(self, name: str, grace: int = 0) -> bool:
         try:
             await self._call(lambda: self._thd_request(
                 "CoreV1Api", "delete_namespaced_pod", name, self.namespace,
-                grace_period_seconds=0, propagation_policy="Background"))
+                grace_period_seconds=grace, propagation_policy="Background"))
         except ApiException as e:
             if e.status == 404:
                 return False
@@ -473,21 +466,20 @@ class KubernetesAPI(PodExecs, PodReplicas):
         return _unsupported("changing a running pod's CPU weight")
 
     def remove_container(self, container_id: str) -> Deferred:
+        """
+        Remove the session's pod and its claim (a kept session's too); fire
+        with whether either existed.
+        """
         async def remove():
-            if not await self._delete_pod(container_id):
-                return False
-            # Deleting is asynchronous: the pod is gone once its containers
-            # are (the API then answers 404).
-            deadline = self._reactor.seconds() + self._timeout
-            delay = 0.05
-            while self._reactor.seconds() < deadline:
-                if await self._get_pod(container_id) is None:
-                    return True
-                await task.deferLater(self._reactor, delay, lambda: None)
-                delay = min(delay * 2, 1.0)
-            _log.warn("the pod {name} was still there {timeout} s after its deletion",
-                      name=container_id, timeout=self._timeout)
-            return True
+            existed = await self._delete_pod(container_id)
+            if existed:
+                # Deleting is asynchronous: the pod is gone once its
+                # containers are (the API then answers 404).
+                await self._gone(container_id, self._timeout)
+            if await self._delete_claim(container_id):
+                await self._remove_files_pods(container_id)
+                return True
+            return existed
         return Deferred.fromCoroutine(remove())
 
     async def _get_pod(self, name: str) -> dict | None:
@@ -500,14 +492,18 @@ class KubernetesAPI(PodExecs, PodReplicas):
                               ) from None
 
     def list_containers(self, labels: dict[str, str]) -> Deferred:
-        d = self._list_pods(labels)
-        d.addCallback(lambda pods: [
-            {"id": pod["metadata"]["name"], "name": pod["metadata"]["name"],
-             "labels": capsule_labels(pod), "state": pod_state(pod)["Status"],
-             "replica": holder_of(pod),
-             "annotations": dict(pod["metadata"].get("annotations") or {})}
-            for pod in pods])
-        return d
+        """
+        The pods carrying C{labels}, and the kept sessions (claims whose pod
+        is gone) as stopped containers.
+        """
+        async def listed():
+            pods = await self._list_pods(labels)
+            return [{"id": pod["metadata"]["name"], "name": pod["metadata"]["name"],
+                     "labels": capsule_labels(pod), "state": pod_state(pod)["Status"],
+                     "replica": holder_of(pod),
+                     "annotations": dict(pod["metadata"].get("annotations") or {})}
+                    for pod in pods] + await self._kept_listed(labels, pods)
+        return Deferred.fromCoroutine(listed())
 
     def _list_pods(self, labels: dict[str, str]) -> Deferred:
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items())
@@ -522,9 +518,12 @@ class KubernetesAPI(PodExecs, PodReplicas):
         return d
 
     def container_state(self, container_id: str) -> Deferred:
-        d = Deferred.fromCoroutine(self._get_pod(container_id))
-        d.addCallback(lambda pod: None if pod is None else pod_state(pod))
-        return d
+        async def state():
+            pod = await self._get_pod(container_id)
+            if pod is None:
+                return await self._kept_state(container_id)
+            return pod_state(pod)
+        return Deferred.fromCoroutine(state())
 
     def keeper_address(self, container_id: str) -> Deferred:
         async def address():
@@ -534,78 +533,6 @@ class KubernetesAPI(PodExecs, PodReplicas):
             return ((pod.get("status") or {}).get("podIP") or None,
                     parse_secret(capsule_labels(pod).get(SECRET_LABEL)))
         return Deferred.fromCoroutine(address())
-
-    # -- kept sessions ---------------------------------------------------------
-    #
-    # What has a meaning for a pod today: its files, by an exec (put_file,
-    # read_file), and "not paused" (a pod never is).  A kept session on
-    # Kubernetes (its pod deleted, its volume claim kept, a pod made anew on
-    # resume) and snapshots and forks (VolumeSnapshots of its claims) are
-    # issue 25's design: until then they are refused with Unsupported, and
-    # no pod is ever a kept session.
-
-    def stop_container(self, container_id, timeout=10):
-        return _unsupported(NOT_YET + "stopping a pod and starting it again (a kept session on"
-                            " Kubernetes will be its volume claim, its pod deleted)")
-
-    def start_container(self, container_id):
-        return self.stop_container(container_id)
-
-    def kept_containers(self, labels: dict[str, str]) -> Deferred:
-        # No pod is kept: this engine never stops one (stop_container), and
-        # a pod whose container ended can neither run again nor be read
-        # (its files are reached only through an exec), so it is a leftover
-        # to remove, not a session to resume.
-        return succeed([])
-
-    def put_file(self, container_id: str, path: str, data: bytes, mode: int = 0o600,
-                 uid: int = 1000, gid: int = 1000) -> Deferred:
-        """
-        Write the file by an exec (as the pod's user: what it writes, the
-        pod's user could); a symbolic link on the path is refused, as the
-        Docker engine refuses it, not followed.
-        """
-        try:
-            parts = path_parts(absolute_path(path))
-        except ValueError:
-            return fail()
-
-        async def put():
-            if (uid, gid) != (RUN_AS_USER, RUN_AS_USER):
-                raise Unsupported(f"a file owned by {uid}:{gid}: a pod's execs run as"
-                                  f" {RUN_AS_USER}")
-            result = await self.run_command(
-                container_id, ["sh", "-c", PUT_SCRIPT, "put", f"{mode:o}", *parts],
-                "", "", {}, bytes(data))
-            if result.exit_code == LINK_EXIT:
-                raise DockerError(f"could not write {path} in the pod: a symbolic link or a"
-                                  " directory is in the way")
-            if result.exit_code != 0:
-                raise DockerError(f"could not write {path} in the pod:"
-                                  f" {result.stderr[:300].decode('utf-8', 'replace')}")
-        return Deferred.fromCoroutine(put())
-
-    def read_file(self, container_id: str, path: str, max_bytes: int) -> Deferred:
-        """
-        Read the file by an exec; a path through a symbolic link is taken
-        for no file, as the Docker engine takes it.
-        """
-        try:
-            parts = path_parts(absolute_path(path))
-        except ValueError:
-            return fail()
-
-        async def read():
-            result = await self.run_command(
-                container_id, ["sh", "-c", READ_SCRIPT, "read", str(max(0, int(max_bytes))),
-                               *parts], "", "", {}, b"", max_output=max_bytes)
-            if result.exit_code == NO_FILE_EXIT:
-                return None
-            if result.exit_code != 0:
-                raise DockerError(f"could not read {path} in the pod:"
-                                  f" {result.stderr[:300].decode('utf-8', 'replace')}")
-            return result.stdout
-        return Deferred.fromCoroutine(read())
 
     def container_cpu(self, container_id):
         # The metrics API (metrics.k8s.io) is not always there, and is a

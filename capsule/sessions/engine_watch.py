@@ -172,11 +172,13 @@ def gone_message(state: dict, unit: str = "container") -> str | None:
     What ended a session whose engine says C{state} of its container,
     when the engine took it away: evicted by the cluster (C{Reason}
     C{Evicted}, its message in C{Error}), or being deleted (C{Status}
-    C{removing}: a pod's deletionTimestamp, a node lost).  C{None}: neither.
+    C{removing}: a pod's deletionTimestamp, a node lost) or deleted (a pod
+    gone, not by capsule, whose volume claim is left: C{Reason}
+    C{Deleted}).  C{None}: neither.
     """
     if state.get("Reason") == "Evicted":
         why = (state.get("Error") or "").strip()
         return f"the session's {unit} was evicted" + (f": {why}" if why else "")
-    if state.get("Status") == "removing":
+    if state.get("Status") == "removing" or state.get("Reason") == "Deleted":
         return f"the session's {unit} was {'deleted' if unit == 'pod' else 'removed'}"
     return None

@@ -10,7 +10,11 @@ forked; snapshots are named copies of a session's file system.
 Kept sessions are found from the engine alone (the stopped containers of
 this instance), so that they outlive a restart of capsule; what the engine
 does not carry (why a session was put away, and whose it is) is kept in a
-small JSON file beside the owners' (L{KeptRecords}).
+small JSON file beside the owners' (L{KeptRecords}).  An engine that can
+keep it with the session (C{note_kept}: the Kubernetes engine, on the
+session's volume claim) is given it too, and its record is read where the
+file has none: another server of the same sessions (a replica) finds them
+whole.
 """
 
 from __future__ import annotations
@@ -367,6 +371,7 @@ class Keeping:
             self._unstopped.add(session.id)
         self._kept[session.id] = kept
         self._records.put(session.id, core.user, reason, kept.kept_at)
+        await self._note(kept)
         _log.info("session {session_id}{who} put away ({why}); kept until {until}",
                   session_id=session.id[:8], why=REASONS.get(reason, reason),
                   until=when(kept.expires_at), who=f" of {core.user}" if core.user else "",
@@ -376,6 +381,23 @@ class Keeping:
         await self._enforce_limits(core.user, kept)
         for d in waiting:
             d.callback(kept)
+
+    async def _note(self, kept: KeptSession) -> None:
+        """
+        Where the engine keeps a record with a kept session (C{note_kept}:
+        one whose sessions any of several servers may find), give it whose
+        it is and why it was kept, which L{load} reads back where this
+        server's state file has no record of it.
+        """
+        note = getattr(self._docker, "note_kept", None)
+        if note is None or kept.id in self._unstopped:
+            return
+        try:
+            await note(kept.container_id, {"user": kept.user, "reason": kept.reason,
+                                           "kept_at": kept.kept_at})
+        except Exception as e:
+            _log.warn("could not record why session {session_id} was kept with it: {error}",
+                      session_id=kept.id[:8], error=_error(e))
 
     async def _measure(self, kept: KeptSession) -> None:
         """
@@ -435,8 +457,10 @@ class Keeping:
             if (not _is_uuid(session_id) or session_id in manager.sessions
                     or session_id in self._kept):
                 continue
-            record = self._records.get(session_id)
-            if self.untaken(session_id, labels):
+            # This server's record, else the engine's (kept with the session
+            # where the engine keeps one: note_kept).
+            record = self._records.get(session_id) or _engine_record(container)
+            if labels.get(LABEL_WARM) == "true" and record is None:
                 continue    # a warm container nobody took: a leftover
             profile = labels.get(LABEL_PROFILE) or DEFAULT_PROFILE
             settings = manager.profiles.get(profile) or manager.profiles[DEFAULT_PROFILE]
@@ -681,6 +705,17 @@ class Keeping:
         L{Forks.start_snapshot}: fire with the new session's id.
         """
         return self.forks.start_snapshot(name, user)
+
+
+def _engine_record(container: dict) -> dict | None:
+    """
+    The record the engine keeps with a kept session (C{user}, C{reason},
+    C{kept_at}), if it keeps one and it is whole.
+    """
+    record = container.get("record")
+    if not isinstance(record, dict) or not isinstance(record.get("reason"), str):
+        return None
+    return record
 
 
 def _command(settings) -> str:

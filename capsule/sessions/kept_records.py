@@ -1,7 +1,9 @@
 """
 The records of kept sessions (L{capsule.sessions.keeping}): what the engine
 does not carry of them (why a session was put away, and whose it is), in a
-small JSON state file beside the owners', written atomically.
+small JSON state file beside the owners', written atomically.  (Where the
+engine keeps a record with the session too, L{capsule.sessions.keeping}
+reads it when this file has none.)
 """
 
 from __future__ import annotations

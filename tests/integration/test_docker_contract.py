@@ -1,5 +1,5 @@
 """
-The Docker contract (tests/docker_contract.py), against the real engine
+The engine contract (tests/engine_contract.py), against the real engine
 through L{DockerAPI}.
 """
 
@@ -22,14 +22,14 @@ from capsule.engine import snapshots
 from capsule.engine.docker import DockerAPI
 
 # The suite lives outside a test module: let pytest explain its failures.
-pytest.register_assert_rewrite("tests.docker_contract")
-from ..docker_contract import (FORK_PATHS, FORK_SHAPE, FORK_SHAPE_ROOT, LABEL_INSTANCE,
-                               DockerContract)
+pytest.register_assert_rewrite("tests.engine_contract")
+from ..engine_contract import (FORK_PATHS, FORK_SHAPE, FORK_SHAPE_ROOT, LABEL_INSTANCE,
+                               EngineContract)
 from ..support.live import remove_instance_images, remove_instance_volumes
 from .harness import IMAGE, docker_client, remove_instance_containers
 
 
-class TestRealDocker(DockerContract):
+class TestRealDocker(EngineContract):
     @pytest.fixture
     def spec(self):
         instance = f"contract-{uuid.uuid4().hex[:10]}"

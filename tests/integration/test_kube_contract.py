@@ -1,11 +1,35 @@
 """
-The engine contract (tests/docker_contract.py), against the Kubernetes
+The engine contract (tests/engine_contract.py), against the Kubernetes
 engine (L{capsule.engine.kubernetes}) on the stand-in API server
 (tests/support/kube_standin.py), whose pods are real containers on the
 local Docker engine; and what the Kubernetes engine and the stand-in do of
 their own.
 
 Where a contract case is Docker's alone it is skipped, with the reason.
+
+Against a real cluster (TestKubernetesOnCluster), whenever
+CAPSULE_TEST_KUBECONFIG is set.  With kind (https://kind.sigs.k8s.io)::
+
+    kind create cluster --name capsule-test
+    kind load docker-image capsule-runtime:main --name capsule-test
+    kind get kubeconfig --name capsule-test > /tmp/capsule-kind.yaml
+    CAPSULE_TEST_KUBECONFIG=/tmp/capsule-kind.yaml CAPSULE_TEST_IMAGE=capsule-runtime:main \
+        .venv/bin/python -m pytest tests/integration/test_kube_contract.py -k OnCluster \
+        --timeout 900
+    kind delete cluster --name capsule-test
+
+With k3s (https://k3s.io; as root, or with sudo)::
+
+    curl -sfL https://get.k3s.io | sh -
+    docker save capsule-runtime:main | k3s ctr images import -
+    cp /etc/rancher/k3s/k3s.yaml /tmp/capsule-k3s.yaml
+    CAPSULE_TEST_KUBECONFIG=/tmp/capsule-k3s.yaml CAPSULE_TEST_IMAGE=capsule-runtime:main \
+        .venv/bin/python -m pytest tests/integration/test_kube_contract.py -k OnCluster \
+        --timeout 900
+
+Each run makes a namespace of its own (capsule-test-XXXXXXXX) and deletes
+it, or uses CAPSULE_TEST_KUBE_NAMESPACE (which must exist) and removes
+what it made there.
 """
 
 import io
@@ -13,6 +37,7 @@ import json
 import os
 import socket
 import tarfile
+import time
 import uuid
 from dataclasses import replace
 
@@ -30,18 +55,15 @@ from capsule.core.kept import SCREEN_PATH, Snapshot
 from capsule.core.spec import ContainerSpec
 from capsule.engine.kubernetes import LABELS_ANNOTATION, KubernetesAPI, Unsupported
 
-pytest.register_assert_rewrite("tests.docker_contract")
-from ..docker_contract import (DEADLINE, LABEL_INSTANCE, SCRIPT, SCRIPT_COMMAND,  # noqa: E402
-                               DockerContract, ExecRecorder)
+pytest.register_assert_rewrite("tests.engine_contract")
+from ..engine_contract import (DEADLINE, LABEL_INSTANCE, SCRIPT, SCRIPT_COMMAND,  # noqa: E402
+                               EngineContract, ExecRecorder)
 from ..support.kube_standin import KubeStandin  # noqa: E402
 from .harness import IMAGE, docker_client, remove_instance_containers  # noqa: E402
 
 DOCKER_ONLY = "Docker's alone: "
 # What issue 25 designs for Kubernetes, refused with Unsupported until then
 # (test_not_yet_calls_are_refused).
-NOT_STOPPED = ("not yet (issue 25): a pod is not stopped and started again (a kept session"
-               " will be its volume claim, its pod deleted); stop_container and"
-               " start_container are Unsupported")
 NO_SNAPSHOTS = ("not yet (issue 25): a pod's files are not snapshotted (a cluster has no"
                 " commit: VolumeSnapshots of its claims); the snapshot calls are Unsupported")
 NO_FORKS = ("not yet (issue 25): a pod is not forked (a new pod on VolumeSnapshots of its"
@@ -88,7 +110,7 @@ def _kube_api(url: str, namespace: str, timeout: float = 30):
     return api
 
 
-class TestKubernetesOnStandin(DockerContract):
+class TestKubernetesOnStandin(EngineContract):
     @pytest.fixture
     def spec(self):
         instance = f"contract-{uuid.uuid4().hex[:10]}"
@@ -166,29 +188,7 @@ class TestKubernetesOnStandin(DockerContract):
     def test_ensure_network_creates_it_once(self):
         pass
 
-    # -- kept sessions, snapshots and forks: not yet (issue 25) -------------
-
-    @pytest.mark.skip(reason=NOT_STOPPED)
-    def test_stop_keeps_the_files_and_start_runs_again(self):
-        pass
-
-    @pytest.mark.skip(reason=NOT_STOPPED)
-    def test_stop_and_start_of_a_removed_container(self):
-        pass
-
-    @pytest.mark.skip(reason=NOT_STOPPED + " (test_an_ended_pod_is_not_kept)")
-    def test_kept_containers_are_the_stopped_ones_with_their_sizes(self):
-        pass
-
-    @pytest.mark.skip(reason=NOT_STOPPED + "; a running pod's files:"
-                      " test_files_in_and_out_of_a_running_pod")
-    def test_put_file_and_read_file_running_and_stopped(self):
-        pass
-
-    @pytest.mark.skip(reason=NOT_STOPPED + "; in a running pod:"
-                      " test_a_symlink_in_a_running_pod_is_never_followed")
-    def test_a_symlink_in_the_container_is_never_followed(self):
-        pass
+    # -- snapshots and forks: not yet (issue 25) --------------------------------
 
     @pytest.mark.skip(reason="a pod's CPU time is not known: the metrics API (metrics.k8s.io)"
                       " is optional and gives a sample, not a counter, so container_cpu fires"
@@ -244,29 +244,6 @@ class TestKubernetesOnStandin(DockerContract):
     def test_a_fork_of_a_removed_container(self):
         pass
 
-    @pytest_twisted.ensureDeferred
-    async def test_a_killed_container(self, api, spec, kill_container):
-        """
-        As Docker's, but a pod whose container ended cannot be exported
-        from: a cluster reaches a pod's files only through an exec.
-        """
-        container_id = await self.create(api, spec)
-        recorder, _ = await self.spawn(api, container_id, SCRIPT)
-        await recorder.wait_for(b"ready")
-        await kill_container(container_id)
-        await recorder.wait_ended()
-        assert recorder.reason.check(ProcessTerminated)
-        assert recorder.reason.value.exitCode == 137
-        state = await api.container_state(container_id)
-        assert (state["Running"], state["OOMKilled"], state["ExitCode"]) == (False, False, 137)
-        assert state["Phase"] == "Failed"
-        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
-        assert [c["state"] for c in await api.list_containers(instance)] == ["exited"]
-        with pytest.raises(ContainerGone):
-            await self.spawn(api, container_id, SCRIPT)
-        with pytest.raises(ContainerGone):
-            await api.export_workspace(container_id, "/workspace", lambda chunk: None)
-
     @pytest.mark.parametrize("call", [
         lambda api, spec: api.ping(),
         lambda api, spec: api.info(),
@@ -279,17 +256,20 @@ class TestKubernetesOnStandin(DockerContract):
                                          "/workspace", {}, None, tty=False),
         lambda api, spec: api.export_workspace("0" * 64, "/workspace", lambda chunk: None),
         lambda api, spec: api.run_command("0" * 64, SCRIPT_COMMAND, "developer", "/tmp", {}),
+        lambda api, spec: api.stop_container("0" * 64),
+        lambda api, spec: api.start_container("0" * 64),
+        lambda api, spec: api.kept_containers(spec.labels),
         lambda api, spec: api.put_file("0" * 64, SCREEN_PATH, b"x"),
         lambda api, spec: api.read_file("0" * 64, SCREEN_PATH, 10),
         lambda api, spec: api.unpause_container("0" * 64),
     ], ids=["ping", "info", "image_exists", "create", "remove", "list", "state", "spawn_exec",
-            "export", "run_command", "put_file", "read_file", "unpause"])
+            "export", "run_command", "stop", "start", "kept", "put_file", "read_file",
+            "unpause"])
     @pytest_twisted.ensureDeferred
     async def test_an_unreachable_engine(self, unreachable_api, spec, call):
         # inspect_network and ensure_network are Docker's alone, and the
-        # calls of kept sessions, snapshots and forks not yet made
-        # (kept_containers: none): refused whether or not the cluster is
-        # reachable.
+        # calls of snapshots and forks not yet made: refused whether or not
+        # the cluster is reachable.
         d = call(unreachable_api, spec)
         d.addTimeout(DEADLINE, reactor)
         with pytest.raises(DockerUnavailable):
@@ -309,13 +289,13 @@ class TestKubernetesOnStandin(DockerContract):
     @pytest_twisted.ensureDeferred
     async def test_not_yet_calls_are_refused(self, api, spec):
         """
-        Kept sessions, snapshots and forks, until issue 25 designs them for
-        Kubernetes: refused, saying so, and the pod runs on untouched.
+        Snapshots and forks (VolumeSnapshots of a session's claim, which the
+        stand-in does not have): refused, saying so, and the pod runs on
+        untouched.
         """
         pod = await self.create(api, spec)
         snapshot = Snapshot("capsule-snapshot:t", {"/workspace": "v"}, {}, 0.0)
-        for d in (api.stop_container(pod), api.start_container(pod),
-                  api.snapshot_container(pod, "capsule-snapshot", "t", {}),
+        for d in (api.snapshot_container(pod, "capsule-snapshot", "t", {}),
                   api.list_snapshots(spec.labels), api.remove_snapshot(snapshot),
                   api.copy_snapshot_volumes(snapshot, spec.labels),
                   api.prune_snapshots(spec.labels, grace=0),
@@ -327,24 +307,134 @@ class TestKubernetesOnStandin(DockerContract):
         instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
         assert [c["id"] for c in await api.list_containers(instance)] == [pod]
 
+    # -- kept sessions: the pod deleted, its claim kept ---------------------------
+
+    async def _stopped(self, api, pod):
+        for _ in range(100):
+            if (await api.container_state(pod))["Running"] is False:
+                return
+            await task.deferLater(reactor, 0.1, lambda: None)
+        raise AssertionError(f"{pod} still runs")
+
     @pytest_twisted.ensureDeferred
-    async def test_an_ended_pod_is_not_kept(self, api, spec, kill_container):
+    async def test_an_ended_pod_is_kept_by_its_claim(self, api, spec, kill_container,
+                                                     put_file, standin):
         """
-        A pod whose container ended can neither run again nor be read: a
-        leftover to remove, never a kept session to resume.
+        A pod whose container ended (killed, evicted) cannot run again, but
+        its claim holds the session's files: it is kept, as Docker keeps a
+        stopped container, and its resume makes the pod anew.
         """
         running = await self.create(api, spec)
         ended = await self.create(api, spec)
+        await put_file(ended, "/workspace/notes.txt", b"before the end")
         await kill_container(ended)
+        await self._stopped(api, ended)
         instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
-        for _ in range(100):
-            if (await api.container_state(ended))["Running"] is False:
-                break
-            await task.deferLater(reactor, 0.1, lambda: None)
         assert sorted(c["state"] for c in await api.list_containers(instance)) == [
             "exited", "running"]
-        assert await api.kept_containers(instance) == []
+        kept = await api.kept_containers(instance)
+        assert [(c["id"], c["state"], c["record"]) for c in kept] == [(ended, "exited", {})]
+        assert kept[0]["finished"] >= kept[0]["created"] > 0
         assert await api.unpause_container(running) is False
+        # Its files are read on its node (a files pod there), while it ended.
+        assert await api.read_file(ended, "/workspace/notes.txt", 100) == b"before the end"
+        files = [p for p in standin.store.history if p[1] == "Pod" and p[2] == "ADDED"
+                 and p[3]["metadata"].get("labels", {}).get("io.capsule.files-of") == ended]
+        assert [p[3]["spec"]["nodeName"] for p in files] == ["standin-node"]
+        await api.start_container(ended)
+        assert (await api.container_state(ended))["Running"] is True
+        assert await api.read_file(ended, "/workspace/notes.txt", 100) == b"before the end"
+        assert await api.kept_containers(instance) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_kept_session_is_its_claim(self, api, spec):
+        """
+        What is kept: /workspace and the saved screen, on the session's own
+        claim, which carries what lists it and makes its pod again (the
+        manifest, capsule's labels, when, and capsule's record: whose, why);
+        what is not: files elsewhere, the pod's own.
+        """
+        labelled = replace(spec, labels={**spec.labels, "io.capsule.user": "ann@example.org",
+                                         "io.capsule.profile": "shell"})
+        pod = await self.create(api, labelled, "kept")
+        screen = "/home/developer/.cache/capsule/screen-" + "a" * 8
+        await api.put_file(pod, "/workspace/notes.txt", b"in the workspace")
+        await api.put_file(pod, screen, b"the screen")
+        await api.put_file(pod, "/home/developer/elsewhere", b"the pod's own")
+        claim = await api._get_claim(pod)
+        assert claim["metadata"]["name"] == pod
+        assert claim["metadata"]["labels"]["io.capsule.claim"] == "session"
+        assert claim["metadata"]["labels"][LABEL_INSTANCE] == spec.labels[LABEL_INSTANCE]
+        manifest = json.loads(claim["metadata"]["annotations"]["io.capsule.pod"])
+        mounts = {m["mountPath"]: m.get("subPath")
+                  for m in manifest["spec"]["containers"][0]["volumeMounts"]}
+        assert mounts == {"/workspace": "workspace",
+                          "/home/developer/.cache/capsule": "screen"}
+        assert await api.stop_container(pod, timeout=1) is True
+        await api.note_kept(pod, {"user": "ann@example.org", "reason": "put_away",
+                                  "kept_at": 1.5})
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        kept = await api.kept_containers({**instance, "io.capsule.user": "ann@example.org"})
+        assert [c["id"] for c in kept] == [pod]
+        assert kept[0]["labels"] == {**labelled.labels, "io.capsule.contract": "kept"}
+        assert kept[0]["record"] == {"user": "ann@example.org", "reason": "put_away",
+                                     "kept_at": 1.5}
+        assert kept[0]["size"] is None
+        assert [(c["id"], c["state"]) for c in await api.list_containers(instance)] == [
+            (pod, "exited")]
+        state = await api.container_state(pod)
+        assert (state["Running"], state["Reason"]) == (False, "Kept")
+        await api.start_container(pod)
+        assert await api.read_file(pod, "/workspace/notes.txt", 100) == b"in the workspace"
+        assert await api.read_file(pod, screen, 100) == b"the screen"
+        assert await api.read_file(pod, "/home/developer/elsewhere", 100) is None
+        # Resumed: the record goes with the kept state.
+        claim = await api._get_claim(pod)
+        assert "io.capsule.kept-record" not in claim["metadata"]["annotations"]
+        assert await api.kept_containers(instance) == []
+        # Removed: the claim with the pod, kept or not.
+        await api.stop_container(pod, timeout=1)
+        assert await api.remove_container(pod) is True
+        assert await api._get_claim(pod) is None
+        assert await api.container_state(pod) is None
+        assert await api.remove_container(pod) is False
+        assert await api.list_containers(instance) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_export_of_a_kept_session(self, api, spec):
+        """
+        A kept session's workspace exports from its claim (a short-lived pod
+        mounts it, and goes).
+        """
+        pod = await self.create(api, spec, "kept")
+        await api.put_file(pod, "/workspace/notes.txt", b"exported while kept")
+        await api.stop_container(pod, timeout=1)
+        chunks: list[bytes] = []
+        await api.export_workspace(pod, "/workspace", chunks.append)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+            notes = tar.getmember("workspace/notes.txt")
+            assert tar.extractfile(notes).read() == b"exported while kept"
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        assert [(c["id"], c["state"]) for c in await api.list_containers(instance)] == [
+            (pod, "exited")]
+        await api.remove_container(pod)
+        with pytest.raises(ContainerGone):
+            await api.export_workspace(pod, "/workspace", chunks.append)
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_pod_without_its_claim_is_not_kept(self, api, spec):
+        """
+        A pod whose claim someone deleted cannot be kept: stopping it is
+        refused (it runs on), and a pod gone with its claim is gone.
+        """
+        pod = await self.create(api, spec)
+        assert await api._delete_claim(pod) is True
+        with pytest.raises(Unsupported):
+            await api.stop_container(pod, timeout=1)
+        assert (await api.container_state(pod))["Running"] is True
+        await api.remove_container(pod)
+        with pytest.raises(ContainerGone):
+            await api.start_container(pod)
 
     @pytest_twisted.ensureDeferred
     async def test_container_cpu_of_a_pod_is_unknown(self, api, spec):
@@ -463,6 +553,14 @@ class TestKubernetesOnStandin(DockerContract):
         assert status == 200
         await recorder.wait_ended()
         assert recorder.reason.value.exitCode != 0
+        # Its claim holds its files: a session stopped under it, kept where
+        # its profile keeps sessions.
+        state = await api.container_state(pod)
+        assert (state["Running"], state["Reason"], state["ExitCode"]) == (False, "Deleted", 137)
+        assert "not by capsule" in state["Error"]
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        assert [c["id"] for c in await api.kept_containers(instance)] == [pod]
+        assert await api.remove_container(pod) is True
         assert await api.container_state(pod) is None
 
     @pytest_twisted.ensureDeferred
@@ -485,25 +583,63 @@ class TestKubernetesOnStandin(DockerContract):
 
 CLUSTER = os.environ.get("CAPSULE_TEST_KUBECONFIG")
 STANDIN_ONLY = "looks at the pods' containers through the stand-in and Docker"
+NOT_KILLED = ("a pod's container cannot be killed from outside but by its node (the stand-in"
+              " kills its Docker container)")
+
+
+@pytest.fixture(scope="module")
+def cluster_namespace():
+    """
+    The real cluster's namespace: CAPSULE_TEST_KUBE_NAMESPACE, else one
+    made for the run and deleted after it.
+    """
+    given = os.environ.get("CAPSULE_TEST_KUBE_NAMESPACE")
+    if given:
+        yield given
+        return
+    from capsule.engine.kubernetes import kube_configuration
+    client = kubernetes.client.ApiClient(kube_configuration(CLUSTER))
+    core = kubernetes.client.CoreV1Api(client)
+    name = f"capsule-test-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": name, "labels": {"io.capsule.test": "engine-contract"}}})
+    try:
+        # Pods are refused until the namespace's default service
+        # account is made (by the controller manager, at once).
+        for _ in range(300):
+            try:
+                core.read_namespaced_service_account("default", name)
+                break
+            except kubernetes.client.exceptions.ApiException as e:
+                if e.status != 404:
+                    raise
+                time.sleep(0.1)
+        yield name
+    finally:
+        core.delete_namespace(name)
+        client.close()
 
 
 @pytest.mark.skipif(not CLUSTER, reason="CAPSULE_TEST_KUBECONFIG is not set")
 class TestKubernetesOnCluster(TestKubernetesOnStandin):
     """
-    The same contract against a real cluster (kind, k3s...):
-    CAPSULE_TEST_KUBECONFIG names its kubeconfig, CAPSULE_TEST_KUBE_NAMESPACE
-    a namespace that exists (default capsule-test), and the session image
-    (CAPSULE_TEST_IMAGE) must be where its nodes find it (`kind load
-    docker-image`, `k3s ctr images import`).  Not run on capsule's CI
-    machines, which have no cluster.
+    The same contract against a real cluster (kind, k3s...), whenever
+    CAPSULE_TEST_KUBECONFIG names its kubeconfig: in the namespace
+    CAPSULE_TEST_KUBE_NAMESPACE (which must exist), else in one made for
+    the run and deleted after it (the kubeconfig's user may then create
+    namespaces).  The session image (CAPSULE_TEST_IMAGE) must be where the
+    nodes find it; the namespace needs a default storage class (kind's and
+    k3s's local-path is one).  Cases that reach into the stand-in or the
+    Docker engine under it (killing a pod's container, putting files by
+    docker exec, reading what a container is) are skipped, saying so.
+    Not run on capsule's CI machines, which have no cluster.  See this
+    module's docstring for the command lines.
     """
 
     @pytest.fixture
-    def api(self, spec):
+    def api(self, spec, cluster_namespace):
         from capsule.engine.kubernetes import kube_configuration
-        api = KubernetesAPI(reactor, kube_configuration(CLUSTER),
-                            namespace=os.environ.get("CAPSULE_TEST_KUBE_NAMESPACE",
-                                                     "capsule-test"),
+        api = KubernetesAPI(reactor, kube_configuration(CLUSTER), namespace=cluster_namespace,
                             threads=4, export_threads=1, timeout=60, start_timeout=300)
         api.start()
         yield api
@@ -519,12 +655,12 @@ class TestKubernetesOnCluster(TestKubernetesOnStandin):
             return api.put_file(pod, path, data)
         return put
 
-    @pytest.mark.skip(reason="a pod's container cannot be killed from outside but by its node")
+    @pytest.mark.skip(reason=NOT_KILLED)
     def test_a_killed_container(self):
         pass
 
-    @pytest.mark.skip(reason="a pod's container cannot be killed from outside but by its node")
-    def test_an_ended_pod_is_not_kept(self):
+    @pytest.mark.skip(reason=NOT_KILLED)
+    def test_an_ended_pod_is_kept_by_its_claim(self):
         pass
 
     @pytest.mark.skip(reason=STANDIN_ONLY)
@@ -793,3 +929,91 @@ async def test_an_evicted_pod_is_a_state_with_its_reason(standin, namespace):
     finally:
         api.stop()
         remove_instance_containers(instance)
+
+
+@pytest_twisted.ensureDeferred
+async def test_standin_claims_by_label_and_their_merge_patch(standin, namespace):
+    """
+    Claims listed by label, and patched (their metadata) as the API server
+    patches them with a JSON merge patch: a null removes, a stale
+    resourceVersion is a 409 Conflict, another patch type a 415.
+    """
+    base = f"/api/v1/namespaces/{namespace}/persistentvolumeclaims"
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+             "metadata": {"name": "c", "labels": {"app": "kept"},
+                          "annotations": {"a": "1", "b": "2"}},
+             "spec": {"accessModes": ["ReadWriteOnce"],
+                      "resources": {"requests": {"storage": "1Gi"}}}}
+    assert (await _request(standin.url, "POST", base, claim))[0] == 201
+    try:
+        status, body = await _get(standin.url, f"{base}?labelSelector=app%3Dkept")
+        [found] = json.loads(body)["items"]
+        merge = {"Content-Type": "application/merge-patch+json"}
+        status, body = await _request(standin.url, "PATCH", f"{base}/c", {"metadata": {
+            "annotations": {"a": None, "c": "3"}}}, merge)
+        patched = json.loads(body)
+        assert status == 200 and patched["metadata"]["annotations"] == {"b": "2", "c": "3"}
+        assert patched["spec"] == found["spec"]
+        status, body = await _request(standin.url, "PATCH", f"{base}/c", {"metadata": {
+            "resourceVersion": found["metadata"]["resourceVersion"], "labels": {"x": "y"}}},
+            merge)
+        assert status == 409 and json.loads(body)["reason"] == "Conflict"
+        status, body = await _request(standin.url, "PATCH", f"{base}/c", [
+            {"op": "add", "path": "/metadata/labels/x", "value": "y"}],
+            {"Content-Type": "application/json-patch+json"})
+        assert status == 415 and json.loads(body)["reason"] == "UnsupportedMediaType"
+        status, body = await _request(standin.url, "PATCH", f"{base}/none", {}, merge)
+        assert status == 404
+    finally:
+        await _request(standin.url, "DELETE", f"{base}/c")
+
+
+@pytest_twisted.ensureDeferred
+async def test_standin_subpath_mounts(standin, namespace):
+    """
+    A claim mounted by subPath: a directory of it, made where missing with
+    the owner and mode of the volume's root (its fsGroup's); an absolute
+    subPath or one with '..' fails the pod.
+    """
+    claims = f"/api/v1/namespaces/{namespace}/persistentvolumeclaims"
+    pods = f"/api/v1/namespaces/{namespace}/pods"
+    name = f"s-{uuid.uuid4().hex[:8]}"
+    await _request(standin.url, "POST", claims, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"],
+                 "resources": {"requests": {"storage": "1Gi"}}}})
+
+    def pod(pod_name, sub):
+        body = _pod(pod_name)
+        body["spec"]["securityContext"] = {"runAsUser": 1000, "runAsGroup": 1000,
+                                           "fsGroup": 1000}
+        body["spec"]["containers"][0]["volumeMounts"] = [
+            {"name": "v", "mountPath": "/data", "subPath": sub}]
+        body["spec"]["volumes"] = [{"name": "v", "persistentVolumeClaim": {"claimName": name}}]
+        return body
+
+    async def phase_and_reason(pod_name):
+        for _ in range(100):
+            found = json.loads((await _get(standin.url, f"{pods}/{pod_name}"))[1])
+            waiting = ((found["status"].get("containerStatuses") or [{}])[0].get("state")
+                       or {}).get("waiting") or {}
+            if found["status"]["phase"] == "Running" or waiting.get("reason"):
+                return found["status"]["phase"], waiting.get("reason")
+            await task.deferLater(reactor, 0.1, lambda: None)
+        raise AssertionError("the pod did not start")
+
+    try:
+        await _request(standin.url, "POST", pods, pod(f"{name}-a", "deep/sub"))
+        assert await phase_and_reason(f"{name}-a") == ("Running", None)
+        container = standin.container_of(namespace, f"{name}-a")
+        result = await deferToThread(docker_client().containers.get(container).exec_run, [
+            "sh", "-c", "touch /data/f && stat -c '%g %A' /data"], user="1000")
+        assert result.exit_code == 0, result.output
+        assert result.output.split()[0] == b"1000" and result.output.split()[1][5] == ord("w")
+        await _request(standin.url, "POST", pods, pod(f"{name}-b", "../up"))
+        assert await phase_and_reason(f"{name}-b") == ("Pending", "CreateContainerConfigError")
+    finally:
+        for p in ("a", "b"):
+            await _request(standin.url, "DELETE", f"{pods}/{name}-{p}", {"gracePeriodSeconds": 0})
+            remove_instance_containers(f"standin-{name}-{p}")
+        await _request(standin.url, "DELETE", f"{claims}/{name}")

@@ -25,8 +25,8 @@ What it reproduces
     live ones; none given or C{0}: synthetic C{ADDED} events for what
     exists), one JSON C{WatchEvent} a line, ended after C{timeoutSeconds};
     C{DELETE} (200 with the pod; C{gracePeriodSeconds} from the query or
-    the C{DeleteOptions} body, 0 removes at once (a read while its
-    container is removed finds its C{deletionTimestamp}), otherwise the pod is
+    the C{DeleteOptions} body, 0 removes at once (the object first, then
+    its container, as a force deletion does), otherwise the pod is
     kept with a C{deletionTimestamp} while its container is stopped with
     that grace, then removed with a C{DELETED} event; C{preconditions} on
     C{uid}/C{resourceVersion}, 409 C{Conflict} when they do not hold).
@@ -67,7 +67,11 @@ What it reproduces
     volumes (C{medium: Memory} as a tmpfs of C{sizeLimit}) and
     C{persistentVolumeClaim} volumes (a Docker volume per claim, given to
     the pod's C{fsGroup} as the kubelet does: group-owned, group-writable,
-    set-gid).  The
+    set-gid), mounted whole or by C{subPath} (a directory of the volume,
+    made where missing as the kubelet makes it, with the owner and mode of
+    the volume's root; bound from the volume's directory on the engine's
+    host; an absolute C{subPath} or one with C{..} fails the pod with
+    C{CreateContainerConfigError}).  The
     container carries the pod's labels (so the tests' clean-up by label
     finds it) and the kubelet's C{io.kubernetes.pod.*} labels.
   - pods/exec over WebSocket (C{GET} or C{POST} with C{command},
@@ -103,6 +107,11 @@ What it reproduces
     ...}, and C{failed quota: QUOTA: must specify ...} for a pod that does
     not say a limited resource).
 
+  - PersistentVolumeClaims: C{POST}, C{GET} one and the list by
+    C{labelSelector} (as pods), C{DELETE}, and C{PATCH} as the updates
+    above (a claim's labels and annotations by a merge patch, its
+    C{resourceVersion} a precondition).
+
 What it does not
 ================
 
@@ -111,10 +120,11 @@ What it does not
     namespaces of L{KubeStandin.forbidden}, where every request gets the
     403 C{Forbidden} Status RBAC gives a service account without a Role
     there (C{... is forbidden: User "..." cannot list resource "pods" ...}).
-  - Scheduling, nodes, quotas of anything but the five pod resources
-    above (no scopes, no object counts), limit ranges, admission webhooks,
-    pod security admission (the C{securityContext} is applied, not
-    judged), evictions of its own (L{KubeStandin.evict} makes one: the
+  - Scheduling and nodes (every pod is bound at once to one node,
+    C{spec.nodeName} L{NODE}, or the one it names), quotas of anything but
+    the five pod resources above (no scopes, no object counts), limit
+    ranges, admission webhooks, pod security admission (the
+    C{securityContext} is applied, not judged), evictions of its own (L{KubeStandin.evict} makes one: the
     container killed, the pod C{Failed} with reason C{Evicted} and a
     message, kept), restarts (C{restartPolicy} is taken as C{Never}),
     readiness and liveness probes, init and sidecar containers (only the
@@ -135,7 +145,8 @@ What it does not
     class); their Docker volume is made when a pod first mounts them and
     removed with the claim; a claim in use is kept with a
     C{deletionTimestamp} (the C{pvc-protection} finalizer) until no pod
-    uses it.  Sizes are not enforced.
+    uses it.  Sizes and access modes are not enforced (a C{ReadWriteOnce}
+    claim mounts in any number of pods, as on a single node).
   - NetworkPolicies are stored, validated by name and listed, not enforced:
     pods join one Docker network (C{network}, C{none} by default).
 """
@@ -173,6 +184,8 @@ POLL = 0.5
 # How many changes are kept for watches that start from a resourceVersion.
 HISTORY = 1000
 STANDIN_LABEL = "io.capsule.kube-standin"
+# The one node: every pod is bound to it (spec.nodeName).
+NODE = "standin-node"
 EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 STDIN, STDOUT, STDERR, ERROR, RESIZE, CLOSE = 0, 1, 2, 3, 4, 255
 
@@ -495,6 +508,7 @@ class KubeStandin:
         self._containers: dict[str, str] = {}  # pod uid -> container id
         self._starting: dict[str, Deferred] = {}
         self._volumes: set[str] = set()
+        self._subpaths: set[tuple[str, str]] = set()
         self._evicted: dict[str, str] = {}  # pod uid -> the eviction's message
         # Namespaces where every request is refused, as RBAC refuses a
         # service account without a Role there (403 Forbidden).
@@ -711,6 +725,8 @@ class KubeStandin:
         metadata.setdefault("labels", {})
         obj = {"kind": kind, "apiVersion": api_version, "metadata": metadata, "spec": spec}
         if kind == "Pod":
+            # Scheduled at once, on the one node there is.
+            spec.setdefault("nodeName", NODE)
             spec.setdefault("restartPolicy", "Always")
             spec.setdefault("terminationGracePeriodSeconds", 30)
             obj["status"] = {"phase": "Pending", "qosClass": _qos(spec)}
@@ -832,10 +848,25 @@ class KubeStandin:
                     return None, {"reason": "ContainerCreating", "message": (
                         f'persistentvolumeclaim "{claim}" not found')}
                 volume_name = self._volume_name(found)
+                sub = mount.get("subPath") or ""
+                if sub and not _subpath_valid(sub):
+                    return None, {"reason": "CreateContainerConfigError", "message": (
+                        f"failed to prepare subPath for volumeMount \"{mount['name']}\" of"
+                        f" container \"{c['name']}\"")}
+                # (Every subPath of the claim this pod mounts, at once.)
                 self._thd_claim_volume(volume_name, found, c["image"],
-                                       pod_sc.get("fsGroup"))
-                mounts.append(docker.types.Mount(mount["mountPath"], volume_name,
-                                                 type="volume", read_only=read_only))
+                                       pod_sc.get("fsGroup"), *[
+                                           m.get("subPath") for m in c.get("volumeMounts") or []
+                                           if m["name"] == mount["name"] and m.get("subPath")])
+                if sub:
+                    # The volume's directory, bound (the engine's API has no
+                    # subpath of a volume before 1.45).
+                    source = self.docker.inspect_volume(volume_name)["Mountpoint"]
+                    mounts.append(docker.types.Mount(mount["mountPath"], f"{source}/{sub}",
+                                                     type="bind", read_only=read_only))
+                else:
+                    mounts.append(docker.types.Mount(mount["mountPath"], volume_name,
+                                                     type="volume", read_only=read_only))
         runtime = self.runtime_classes.get(spec.get("runtimeClassName") or "") or None
         labels = {**(metadata.get("labels") or {}), STANDIN_LABEL: self.id,
                   "io.kubernetes.pod.name": metadata["name"],
@@ -863,20 +894,29 @@ class KubeStandin:
         self.docker.start(created["Id"])
         return created["Id"], None
 
-    def _thd_claim_volume(self, name: str, claim: dict, image: str, fs_group) -> None:
+    def _thd_claim_volume(self, name: str, claim: dict, image: str, fs_group,
+                          *subs: str) -> None:
         """
         Make the Docker volume of a claim, the first time a pod mounts it;
         with an C{fsGroup}, give it to that group as the kubelet does
         (group-owned, group-writable, set-gid), with a throwaway container.
+        A C{subPath} not there yet is made as the kubelet makes it: a
+        directory with the owner and mode of the volume's root.
         """
-        if name in self._volumes:
-            return
-        self.docker.create_volume(name, labels={**(claim["metadata"].get("labels") or {}),
-                                                STANDIN_LABEL: self.id})
-        if fs_group is not None:
+        script = []
+        if name not in self._volumes:
+            self.docker.create_volume(name, labels={**(claim["metadata"].get("labels") or {}),
+                                                    STANDIN_LABEL: self.id})
+            if fs_group is not None:
+                script.append('chgrp -R "$1" /v && chmod -R g+rwX /v && chmod g+s /v')
+        missing = [sub for sub in subs if (name, sub) not in self._subpaths]
+        if missing:
+            script.append('shift; for s; do mkdir -p "/v/$s" && chown --reference=/v "/v/$s"'
+                          ' && chmod --reference=/v "/v/$s" || exit 1; done')
+        if script:
             helper = self.docker.create_container(
-                image, entrypoint=["sh", "-c", 'chgrp -R "$1" /v && chmod -R g+rwX /v'
-                                   ' && chmod g+s /v', "sh", str(int(fs_group))],
+                image, entrypoint=["sh", "-c", " && ".join(script), "sh",
+                                   str(int(fs_group or 0)), *missing],
                 user="0", labels={STANDIN_LABEL: self.id},
                 host_config=self.docker.create_host_config(
                     binds={name: {"bind": "/v", "mode": "rw"}}, network_mode="none"))
@@ -886,6 +926,7 @@ class KubeStandin:
             finally:
                 self.docker.remove_container(helper["Id"], force=True)
         self._volumes.add(name)
+        self._subpaths.update((name, sub) for sub in subs)
 
     def _volume_name(self, claim: dict) -> str:
         return f"kube-{self.id}-{claim['metadata']['namespace']}-{claim['metadata']['name']}"
@@ -1036,6 +1077,7 @@ class KubeStandin:
 
     def _thd_remove_volume(self, name: str) -> None:
         self._volumes.discard(name)
+        self._subpaths = {(v, sub) for v, sub in self._subpaths if v != name}
         try:
             self.docker.remove_volume(name, force=True)
         except docker.errors.NotFound:
@@ -1056,6 +1098,9 @@ class KubeStandin:
             d = self._thread(self._thd_remove, container_id, grace)
             d.addBoth(lambda _: self._forget_pod(pod))
             return answer
+        # At once (a force deletion): the object goes first, then the
+        # kubelet kills what ran, as the API server and the kubelet do.
+        answer = self._forget_pod(pod)
         if container_id is not None:
             # The API server forgets a pod deleted with no grace at once (its
             # kubelet kills the container after): a read while the container
@@ -1064,7 +1109,7 @@ class KubeStandin:
             pod["metadata"].setdefault("deletionTimestamp", now_rfc3339())
             pod["metadata"]["deletionGracePeriodSeconds"] = 0
             await self._thread(self._thd_remove, container_id)
-        return self._forget_pod(pod)
+        return answer
 
     def _forget_pod(self, pod: dict) -> dict:
         uid = pod["metadata"]["uid"]
@@ -1281,6 +1326,13 @@ class _ExecRelay(ProcessProtocol):
 
     def processEnded(self, reason) -> None:
         self.server.send_status(getattr(reason.value, "exitCode", None))
+
+
+def _subpath_valid(sub: str) -> bool:
+    """
+    A C{subPath} the API server accepts: relative, without C{..}.
+    """
+    return not sub.startswith("/") and ".." not in sub.split("/")
 
 
 def _qos(spec: dict) -> str:

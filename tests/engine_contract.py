@@ -1,10 +1,14 @@
 """
-What capsule relies on from the Docker engine, as one suite of tests of
-L{IDockerAPI}: it runs against the fake (tests/test_docker_contract.py) and
-against the real engine (tests/integration/test_docker_contract.py), so that
-the fake cannot show behaviour the engine never does.
+What capsule relies on from an engine, as one suite of tests of
+L{IDockerAPI} for every engine: it runs against the fake
+(tests/test_docker_contract.py), the real Docker engine
+(tests/integration/test_docker_contract.py), and the Kubernetes engine on
+the tests' stand-in API server and, when C{CAPSULE_TEST_KUBECONFIG} is set,
+on a real cluster (tests/integration/test_kube_contract.py), so that no
+engine, and not the fake, shows behaviour the others never do.  A case that
+is one engine's alone is skipped on the others, saying why.
 
-A backend is a subclass of L{DockerContract} providing these fixtures:
+A backend is a subclass of L{EngineContract} providing these fixtures:
 
   - C{api}: a started L{IDockerAPI} talking to a reachable engine;
   - C{unreachable_api}: one whose engine cannot be reached;
@@ -162,7 +166,7 @@ def _labelled(spec, role: str):
     return replace(spec, labels={**spec.labels, LABEL_ROLE: role})
 
 
-class DockerContract:
+class EngineContract:
     """
     The behaviour of L{IDockerAPI} that capsule relies on.
     """
