@@ -66,10 +66,11 @@ SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/names
 # GET ("get"); API servers with AuthorizePodWebsocketUpgradeCreatePermission
 # (beta, on by default, since 1.35) ask "create" of it as well.
 RIGHTS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("", "pods"): ("create", "delete", "get", "list", "watch"),
+    ("", "pods"): ("create", "delete", "get", "list", "patch", "watch"),
     ("", "pods/exec"): ("create", "get"),
-    ("", "persistentvolumeclaims"): ("create",),
+    ("", "persistentvolumeclaims"): ("create", "delete", "get", "list", "patch"),
     ("networking.k8s.io", "networkpolicies"): ("create", "get"),
+    ("coordination.k8s.io", "leases"): ("create", "delete", "get", "list", "update"),
 }
 
 
