@@ -196,6 +196,16 @@ def test_an_ended_session_whose_container_another_took_leaves_it(docker, clock):
     assert container not in docker.removed
 
 
+def test_a_session_its_owner_ends_goes_wherever_it_is_served(docker, clock):
+    manager = make_manager(docker, clock)
+    session = manager.create(RecordingClient(), 80, 24)
+    container = session.container_id
+    docker.holders[container] = "rb"
+    session.core.owner_ended = True
+    manager.end(session, "the session was ended through the API")
+    assert container in docker.removed
+
+
 def test_recovery_skips_live_replicas_and_adopts_lapsed_ones(docker, clock):
     other = "7f9619ff-8b86-4011-b42d-00c04fc964ff"
     docker.add_container("live", {**LABELS, LABEL_SESSION: SID})

@@ -214,6 +214,9 @@ class SessionCore:
     pending: list[bytes] = field(default_factory=list)
     exit_code: int | None = None
     message: str | None = None
+    # Ended by its owner's request: its container goes, whichever replica
+    # (capsule.sessions.replicas) serves it now.
+    owner_ended: bool = False
     # The last input or output, for --idle-timeout.
     active_at: float = 0.0
     # What the world knows this session as (its effects and clients get it).

@@ -331,7 +331,8 @@ class KeptPods:
             return      # runs (or starts) already
         if claim is None:
             raise ContainerGone("the session's pod and volume claim no longer exist")
-        manifest = _annotation(claim, POD_ANNOTATION)
+        # The new pod is held by the replica that resumes it.
+        manifest = self.annotate_replica(_annotation(claim, POD_ANNOTATION))
         if not manifest.get("spec"):
             raise DockerError(f"the volume claim {name} does not say what its pod was"
                               f" ({POD_ANNOTATION}): it cannot be resumed")

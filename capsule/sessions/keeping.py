@@ -558,6 +558,10 @@ class Keeping:
             session.events.recover()
             if self._owners is not None and kept.user is not None:
                 self._owners.session_opened(session)
+            if manager.replicas is not None:
+                # Its new pod says whose it is and that this replica holds
+                # it, as a new session's does.
+                manager.replicas.session_started(session, False, 0.0)
             _log.info("session {session_id}{who} resumed (kept since {since})",
                       session_id=session_id[:8], since=when(kept.kept_at),
                       who=f" of {kept.user}" if kept.user else "", user=kept.user)

@@ -318,8 +318,8 @@ class Replicas(SessionObserver):
         """
         Call C{action} (which returns a Deferred) unless C{session}'s
         container is held by another replica now (it took the session
-        over): then leave the container alone.  Fire with C{action}'s
-        result, or C{None}.
+        over): then leave the container alone, unless its owner asked for
+        its end here.  Fire with C{action}'s result, or C{None}.
         """
         container_id = session.container_id
 
@@ -336,6 +336,13 @@ class Replicas(SessionObserver):
                           " is left alone: {message}", session_id=session.id[:8],
                           message=e.message)
                 return None
+            if session.core.owner_ended:
+                # Its owner asked for its end: wherever it is served.
+                if holder is not None and holder != self.replica:
+                    _log.info("session {session_id} ended by its owner here: its container"
+                              " goes, though replica {holder} served it",
+                              session_id=session.id[:8], holder=holder)
+                return await action()
             if holder is not None and holder != self.replica:
                 _log.info("session {session_id} ended here; its container is left to replica"
                           " {holder}, which serves it now", session_id=session.id[:8],

@@ -504,6 +504,7 @@ class SessionResource(JsonResource):
         user = user_of(request)
         _log.info("session {short}{who} ended through the API", short=session.id[:8],
                   who=f" by {user}" if user else "", user=user)
+        session.core.owner_ended = True
         self.api.manager.end(session, "the session was ended through the API")
         return json_body(request, 200, {"id": session.id, "ended": True})
 

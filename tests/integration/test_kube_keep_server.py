@@ -115,7 +115,26 @@ async def test_a_kept_session_is_its_claim_and_another_replica_resumes_it(cluste
     await again.close()
     out = await deferToThread(sh, second, session_id, "cat /workspace/p/notes", token=ALICE)
     assert out["stdout"] == "kept-42\n"
-    # Deleted: the claim goes with it.
+    # The resumed pod says it is the resuming replica's and alice's, so a
+    # third replica serves it to her (and to no one else) and the first,
+    # back, does not take it for a leftover of its own.
+    annotations = cluster.session_pod(session_id)["metadata"]["annotations"]
+    assert annotations["capsule.io/replica"] == "r1"
+    await eventually(lambda: "capsule.io/owner" in (
+        cluster.session_pod(session_id)["metadata"]["annotations"]),
+        what="the resumed pod to say whose it is")
+    assert json.loads(cluster.session_pod(session_id)["metadata"]["annotations"][
+        "capsule.io/owner"]) == {"user": "alice"}
+    third = await cluster.start(cluster.server(*options, replica="r0"))
+    status, body = await api(third, f"/api/sessions/{session_id}", token=BOB)
+    assert (status, body["code"]) == (404, "session_not_found")
+    out = await deferToThread(sh, third, session_id, "cat /workspace/p/notes", token=ALICE)
+    assert out["stdout"] == "kept-42\n"
+    assert cluster.session_pod(session_id)["metadata"]["annotations"][
+        "capsule.io/replica"] == "r0"
+    await cluster.stop(third)
+    # Deleted by its owner through a replica that no longer serves it (the
+    # third took it over): the claim goes with it all the same.
     status, body = await api(second, f"/api/sessions/{session_id}", "DELETE", token=ALICE)
     assert status == 200, body
     await eventually(lambda: claim_of(cluster, session_id) is None,
