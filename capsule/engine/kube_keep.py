@@ -21,9 +21,10 @@ the claim: the files under C{/workspace} and the saved screen, and the
 named volumes (agent claims) its profile mounts, which are shared claims of
 their own.  Everything else the session wrote (files elsewhere in its home,
 packages installed in its root, C{/tmp}) was the pod's and is lost when the
-session is put away.  Secrets in its environment are in the stored manifest,
-as they are in the pod's spec: who may read claims in the namespace may
-read them, as who may read pods may.
+session is put away.  Its secrets are not in the stored manifest (nor in the
+pod's spec): the manifest refers to the session's Secret
+(L{capsule.engine.kube_secrets}), which is kept with the claim, for the
+resumed pod, and removed with it.
 
 A kept session's files are read and written (C{put_file}, C{read_file}, the
 workspace's export) by a short-lived pod of the session's image mounting
