@@ -161,6 +161,10 @@ def test_secrets_are_references_to_the_sessions_secret():
         "io.capsule.instance": "t", "io.capsule.user": "a@b"}
     assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == (
         spec.secrets)
+    assert "ownerReferences" not in secret["metadata"]
+    owned = secret_manifest(pod, spec.secrets, {"metadata": {"name": "capsule-x", "uid": "u"}})
+    assert owned["metadata"]["ownerReferences"] == [{
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "capsule-x", "uid": "u"}]
     # No secrets: no reference.
     assert pod_manifest("capsule-y", replace(spec, secrets={}))["spec"]["containers"][0][
         "env"] == [{"name": "PLAIN", "value": "seen"}, {"name": "TOKEN", "value": "overridden"}]

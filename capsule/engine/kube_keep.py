@@ -217,21 +217,22 @@ class KeptPods:
 
     # -- the claim, with the pod ------------------------------------------------
 
-    async def _make_session_claim(self, name: str, manifest: dict) -> dict:
+    async def _make_session_claim(self, name: str, manifest: dict) -> tuple[dict, dict]:
         """
         Make the session's claim for the pod C{manifest} (before the pod);
-        return the manifest that mounts it.
+        return the manifest that mounts it, and the claim as the API made
+        it (its C{uid}: what owns the session's Secret).
         """
         pod = with_session_claim(manifest, session_claim_name(name))
         claim = claim_manifest(session_claim_name(name), pod, self._volume_size,
                                self._storage_class)
         try:
-            await self._core("create_namespaced_persistent_volume_claim", self.namespace,
-                             claim)
+            made = await self._core("create_namespaced_persistent_volume_claim",
+                                    self.namespace, claim)
         except ApiException as e:
             raise DockerError(f"Kubernetes could not create the session's volume claim:"
                               f" {_status(e)}") from None
-        return pod
+        return pod, made
 
     async def _remove_files_pods(self, name: str) -> None:
         """

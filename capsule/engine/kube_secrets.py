@@ -11,7 +11,9 @@ labelled like it, made before the pod, which takes each variable from it by
 C{env[].valueFrom.secretKeyRef} (the kubelet reads the Secret as it makes
 the pod's container).  The Secret goes with the session: when its pod is
 removed (C{remove_container}) or could not be made; a kept session's stays
-with its claim (the resumed pod needs it) and is removed with it.
+with its claim (the resumed pod needs it) and is removed with it.  It is
+owned by the claim (C{ownerReferences}): whoever deletes the claim, the
+cluster's garbage collector deletes the Secret.
 
 capsule makes and deletes these Secrets and never reads one: its Role
 grants C{create} and C{delete} on secrets, not C{get} or C{list}.
@@ -27,20 +29,30 @@ from kubernetes.client.exceptions import ApiException
 from capsule.core.errors import DockerError
 from capsule.engine.kube_pods import LABELS_ANNOTATION, secret_name
 
-def secret_manifest(pod: dict, secrets: dict[str, str]) -> dict:
+def secret_manifest(pod: dict, secrets: dict[str, str], claim: dict | None = None) -> dict:
     """
     The session's Secret for the pod manifest C{pod}: named after it,
-    labelled like it, holding C{secrets}.
+    labelled like it, holding C{secrets}; owned by the session's C{claim}
+    (as the API made it) when given, so that the cluster's garbage
+    collector deletes it with the claim.
     """
     metadata = pod["metadata"]
     annotations = metadata.get("annotations") or {}
-    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {"name": secret_name(metadata["name"]),
-                         "labels": dict(metadata.get("labels") or {}),
-                         "annotations": {k: v for k, v in annotations.items()
-                                         if k == LABELS_ANNOTATION}},
-            "data": {k: base64.b64encode(v.encode("utf-8")).decode("ascii")
-                     for k, v in secrets.items()}}
+    secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+              "metadata": {"name": secret_name(metadata["name"]),
+                           "labels": dict(metadata.get("labels") or {}),
+                           "annotations": {k: v for k, v in annotations.items()
+                                           if k == LABELS_ANNOTATION}},
+              "data": {k: base64.b64encode(v.encode("utf-8")).decode("ascii")
+                       for k, v in secrets.items()}}
+    owner = (claim or {}).get("metadata") or {}
+    if owner.get("uid"):
+        # (No blockOwnerDeletion: that would need a right on the claim's
+        # finalizers.)
+        secret["metadata"]["ownerReferences"] = [{
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": owner["name"],
+            "uid": owner["uid"]}]
+    return secret
 
 
 class PodSecrets:
@@ -49,16 +61,17 @@ class PodSecrets:
     (a base of it): needs its C{_core} and C{namespace}.
     """
 
-    async def _make_secret(self, pod: dict, secrets: dict[str, str]) -> None:
+    async def _make_secret(self, pod: dict, secrets: dict[str, str],
+                           claim: dict | None = None) -> None:
         """
-        Make the Secret of the pod manifest C{pod} (before the pod), if it
-        has C{secrets}.
+        Make the Secret of the pod manifest C{pod} (before the pod), owned
+        by the session's C{claim}, if it has C{secrets}.
         """
         if not secrets:
             return
         try:
             await self._core("create_namespaced_secret", self.namespace,
-                             secret_manifest(pod, secrets))
+                             secret_manifest(pod, secrets, claim))
         except ApiException as e:
             raise DockerError(f"Kubernetes could not create the session's secret:"
                               f" {_status(e)}") from None

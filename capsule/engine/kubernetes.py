@@ -281,11 +281,13 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas, PodSecrets):
             pod_manifest(name, spec, memory_request=self._memory_request))
         for volume, _ in spec.volumes:
             await self._ensure_claim(volume_claim_name(volume), spec.volume_labels)
-        manifest = await self._make_session_claim(name, manifest)
+        manifest, claim = await self._make_session_claim(name, manifest)
         try:
-            # (After the claim: a Secret left by a capsule that stopped
-            # here goes with the claim, which is found as a kept session.)
-            await self._make_secret(manifest, spec.secrets)
+            # (After the claim, and owned by it: a Secret left by a capsule
+            # that stopped here goes with the claim, which is found as a kept
+            # session; the cluster's garbage collector deletes it with the
+            # claim, whoever deletes that.)
+            await self._make_secret(manifest, spec.secrets, claim)
             try:
                 created = await self._core("create_namespaced_pod", self.namespace, manifest)
             except ApiException as e:

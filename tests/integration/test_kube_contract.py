@@ -466,7 +466,11 @@ class TestKubernetesOnStandin(EngineContract):
         read = await api._get_pod(pod)
         assert made["metadata"]["labels"] == read["metadata"]["labels"]
         assert value not in json.dumps(read)
-        assert value not in json.dumps(await api._get_claim(pod))
+        claim = await api._get_claim(pod)
+        assert value not in json.dumps(claim)
+        # Owned by the claim: the cluster deletes it with the claim.
+        assert [(o["kind"], o["name"], o["uid"]) for o in made["metadata"][
+            "ownerReferences"]] == [("PersistentVolumeClaim", pod, claim["metadata"]["uid"])]
         assert await api.stop_container(pod, timeout=1) is True
         assert [s["metadata"]["name"] for s in await self._secrets(api, spec)] == [
             f"{pod}-env"]

@@ -148,6 +148,8 @@ What it does not
     it), a per-pod process limit, C{ephemeral-storage}
     limits (accepted, not enforced), C{resources.requests.memory}.
   - Namespaces are not objects: every namespace exists.
+  - No garbage collector: C{ownerReferences} are stored, and an object
+    whose owner is deleted stays.
   - Updates: no JSON patch (C{application/json-patch+json}: 415), no
     update of a pod's spec, no subresources other than exec (no
     C{status}, C{log}, C{attach}, C{portforward}, C{resize}); no
