@@ -62,7 +62,6 @@ from zope.interface import implementer
 from capsule.core.counting import Uncounted
 from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable
 from capsule.core.interfaces import IDockerAPI
-from capsule.core.keeper import SECRET_LABEL, parse_secret
 from capsule.core.spec import ContainerSpec
 # (The pods' and the execs' names are this module's too, as they were.)
 from capsule.engine.kube_execs import PodExecs, exec_argv  # noqa: F401
@@ -537,12 +536,16 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas, PodSecrets):
         return Deferred.fromCoroutine(state())
 
     def keeper_address(self, container_id: str) -> Deferred:
+        """
+        The pod's address, and no keeper's secret: a pod never carries one
+        (L{pod_manifest} drops it; sessions here have no network of their
+        own, so capsule gives none and reaches keepers by the exec stream).
+        """
         async def address():
             pod = await self._get_pod(container_id)
             if pod is None:
                 raise ContainerGone("the session's pod no longer exists")
-            return ((pod.get("status") or {}).get("podIP") or None,
-                    parse_secret(capsule_labels(pod).get(SECRET_LABEL)))
+            return (pod.get("status") or {}).get("podIP") or None, None
         return Deferred.fromCoroutine(address())
 
     def container_cpu(self, container_id):
