@@ -195,6 +195,7 @@ def test_the_network_policies_are_the_engines(rendered):
 
 # The client's method names' kinds, as RBAC's resources.
 RESOURCES = {"pod": ("", "pods"), "persistent_volume_claim": ("", "persistentvolumeclaims"),
+             "secret": ("", "secrets"),
              "network_policy": ("networking.k8s.io", "networkpolicies"),
              "lease": ("coordination.k8s.io", "leases"),
              "resource_quota": ("", "resourcequotas"), "event": ("", "events")}

@@ -120,3 +120,94 @@ def test_a_session_claim_holds_the_workspace_and_the_screen():
     assert files["spec"]["volumes"] == pod["spec"]["volumes"]
     assert rfc3339_seconds("1970-01-01T00:01:00Z") == 60.0
     assert rfc3339_seconds(None) == rfc3339_seconds("garbage") == 0.0
+
+
+def test_secrets_are_references_to_the_sessions_secret():
+    """
+    A spec's secrets are in no pod manifest nor in its claim's copy: the pod
+    takes each from the session's Secret (named after the pod, labelled like
+    it), which alone holds the values.
+    """
+    import base64
+
+    from capsule.core.keeper import SECRET_LABEL
+    from capsule.engine.kube_keep import POD_ANNOTATION, claim_manifest, with_session_claim
+    from capsule.engine.kube_secrets import secret_manifest, secret_name
+
+    value = "sk-the-value-1234"
+    spec = ContainerSpec(image="i", environment={"PLAIN": "seen", "TOKEN": "overridden"},
+                         secrets={"TOKEN": value, "OTHER_KEY": "two"},
+                         labels={"io.capsule.instance": "t", "io.capsule.user": "a@b",
+                                 SECRET_LABEL: "ab" * 32})
+    pod = with_session_claim(pod_manifest("capsule-x", spec), "capsule-x")
+    env = pod["spec"]["containers"][0]["env"]
+    assert env == [
+        {"name": "PLAIN", "value": "seen"},
+        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "capsule-x-env",
+                                                         "key": "TOKEN"}}},
+        {"name": "OTHER_KEY", "valueFrom": {"secretKeyRef": {"name": "capsule-x-env",
+                                                             "key": "OTHER_KEY"}}}]
+    claim = claim_manifest("capsule-x", pod, "1Gi", None)
+    for text in (json.dumps(pod), json.dumps(claim)):
+        assert value not in text and "two" not in text
+        # Nor the keeper's secret (never given on Kubernetes): dropped.
+        assert "ab" * 32 not in text
+    assert json.loads(claim["metadata"]["annotations"][POD_ANNOTATION]) == pod
+    assert SECRET_LABEL not in capsule_labels(pod)
+    secret = secret_manifest(pod, spec.secrets)
+    assert secret["metadata"]["name"] == secret_name("capsule-x") == "capsule-x-env"
+    assert secret["metadata"]["labels"] == pod["metadata"]["labels"]
+    assert json.loads(secret["metadata"]["annotations"][LABELS_ANNOTATION]) == {
+        "io.capsule.instance": "t", "io.capsule.user": "a@b"}
+    assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == (
+        spec.secrets)
+    assert "ownerReferences" not in secret["metadata"]
+    owned = secret_manifest(pod, spec.secrets, {"metadata": {"name": "capsule-x", "uid": "u"}})
+    assert owned["metadata"]["ownerReferences"] == [{
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "capsule-x", "uid": "u"}]
+    # No secrets: no reference.
+    assert pod_manifest("capsule-y", replace(spec, secrets={}))["spec"]["containers"][0][
+        "env"] == [{"name": "PLAIN", "value": "seen"}, {"name": "TOKEN", "value": "overridden"}]
+
+
+def test_a_secret_name_no_secret_key_can_be_is_refused():
+    spec = ContainerSpec(image="i", secrets={"A B": "v"})
+    with pytest.raises(Unsupported, match="cannot be a Kubernetes Secret's key: 'A B'"):
+        pod_manifest("capsule-x", spec)
+
+
+def test_standin_secrets_as_the_api_server_stores_and_the_kubelet_reads_them():
+    import base64
+
+    from tests.support.kube_standin_coord import Refusal
+    from tests.support.kube_standin_secrets import resolved_env, stored_secret
+
+    stored, causes = stored_secret("s", {"metadata": {"name": "s"},
+                                         "data": {"A": base64.b64encode(b"1").decode()},
+                                         "stringData": {"B": "two", "A": "one"}})
+    assert causes == [] and stored["type"] == "Opaque" and "stringData" not in stored
+    assert {k: base64.b64decode(v) for k, v in stored["data"].items()} == {
+        "A": b"one", "B": b"two"}
+    _, causes = stored_secret("s", {"stringData": {"not ok": "x"}})
+    assert causes[0][0] == "data[not ok]" and "valid config key" in causes[0][2]
+    _, causes = stored_secret("s", {"stringData": {"big": "x" * (2**20 + 1)}})
+    assert causes[0][2] == "Too long: must have at most 1048576 bytes"
+    for bad in ("abc", "a$==", 3):
+        with pytest.raises(Refusal) as e:
+            stored_secret("s", {"data": {"A": bad}})
+        assert e.value.code == 400 and "cannot be handled as a Secret" in e.value.message
+    secrets = {("ns", "s"): stored}
+    get = lambda ns, name: secrets.get((ns, name))  # noqa: E731
+    ref = lambda name, key, **more: {"name": "V", "valueFrom": {"secretKeyRef": {  # noqa: E731
+        "name": name, "key": key, **more}}}
+    assert resolved_env([{"name": "P", "value": "p"}, ref("s", "B")], "ns", get) == (
+        {"P": "p", "V": "two"}, None)
+    assert resolved_env([ref("none", "B")], "ns", get) == ({}, {
+        "reason": "CreateContainerConfigError", "message": 'secret "none" not found'})
+    assert resolved_env([ref("s", "C")], "ns", get) == ({}, {
+        "reason": "CreateContainerConfigError",
+        "message": "couldn't find key C in Secret ns/s"})
+    assert resolved_env([ref("none", "B", optional=True), ref("s", "C", optional=True)],
+                        "ns", get) == ({}, None)
+    env, waiting = resolved_env([{"name": "X", "valueFrom": {"fieldRef": {}}}], "ns", get)
+    assert waiting["reason"] == "CreateContainerConfigError"

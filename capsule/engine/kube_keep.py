@@ -21,9 +21,10 @@ the claim: the files under C{/workspace} and the saved screen, and the
 named volumes (agent claims) its profile mounts, which are shared claims of
 their own.  Everything else the session wrote (files elsewhere in its home,
 packages installed in its root, C{/tmp}) was the pod's and is lost when the
-session is put away.  Secrets in its environment are in the stored manifest,
-as they are in the pod's spec: who may read claims in the namespace may
-read them, as who may read pods may.
+session is put away.  Its secrets are not in the stored manifest (nor in the
+pod's spec): the manifest refers to the session's Secret
+(L{capsule.engine.kube_secrets}), which is kept with the claim, for the
+resumed pod, and removed with it.
 
 A kept session's files are read and written (C{put_file}, C{read_file}, the
 workspace's export) by a short-lived pod of the session's image mounting
@@ -216,21 +217,22 @@ class KeptPods:
 
     # -- the claim, with the pod ------------------------------------------------
 
-    async def _make_session_claim(self, name: str, manifest: dict) -> dict:
+    async def _make_session_claim(self, name: str, manifest: dict) -> tuple[dict, dict]:
         """
         Make the session's claim for the pod C{manifest} (before the pod);
-        return the manifest that mounts it.
+        return the manifest that mounts it, and the claim as the API made
+        it (its C{uid}: what owns the session's Secret).
         """
         pod = with_session_claim(manifest, session_claim_name(name))
         claim = claim_manifest(session_claim_name(name), pod, self._volume_size,
                                self._storage_class)
         try:
-            await self._core("create_namespaced_persistent_volume_claim", self.namespace,
-                             claim)
+            made = await self._core("create_namespaced_persistent_volume_claim",
+                                    self.namespace, claim)
         except ApiException as e:
             raise DockerError(f"Kubernetes could not create the session's volume claim:"
                               f" {_status(e)}") from None
-        return pod
+        return pod, made
 
     async def _remove_files_pods(self, name: str) -> None:
         """

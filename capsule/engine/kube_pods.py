@@ -2,7 +2,8 @@
 The pods of the Kubernetes engine (L{capsule.engine.kubernetes}), as data:
 a session's pod manifest made from its L{ContainerSpec} (security context,
 resources, volumes as PersistentVolumeClaims, capsule's labels kept whole in
-an annotation), and what a pod read from the API says (its labels, Docker's
+an annotation, the secrets by reference to the session's Secret:
+L{capsule.engine.kube_secrets}), and what a pod read from the API says (its labels, Docker's
 C{State} of its container, whether it started or cannot).  Pure: no I/O.
 """
 
@@ -13,6 +14,7 @@ import re
 import uuid
 
 from capsule.core.errors import DockerError, ImageMissing
+from capsule.core.keeper import SECRET_LABEL
 from capsule.core.spec import ContainerSpec
 from capsule.engine.kube_policies import pod_labels
 
@@ -49,6 +51,34 @@ def pod_name() -> str:
     return f"capsule-{uuid.uuid4().hex}"
 
 
+# What a Secret's key may be (the API server's "valid config key").
+_KEY = re.compile(r"[-._a-zA-Z0-9]+\Z")
+
+
+def secret_name(pod: str) -> str:
+    """
+    The Secret of the session whose pod is C{pod}.
+    """
+    return f"{pod}-env"
+
+
+def secret_refs(pod: str, secrets: dict[str, str]) -> list[dict]:
+    """
+    The pod's C{env} entries taking each of C{secrets} (variable -> value)
+    from the session's Secret: names only, no value.
+
+    @raise ValueError: a variable that cannot be a Secret's key.
+    """
+    refs = []
+    for variable in secrets:
+        if not isinstance(variable, str) or not _KEY.match(variable):
+            raise ValueError(f"a secret's variable name that cannot be a Kubernetes Secret's"
+                             f" key: {str(variable)[:64]!r}")
+        refs.append({"name": variable, "valueFrom": {"secretKeyRef": {
+            "name": secret_name(pod), "key": variable}}})
+    return refs
+
+
 def docker_bytes(size: str) -> int:
     """
     A Docker size (C{"4g"}, C{"512m"}, C{"100000"}: powers of 1024) in bytes.
@@ -83,7 +113,12 @@ def pod_manifest(name: str, spec: ContainerSpec, run_as: int = RUN_AS_USER,
     if spec.allow_sudo:
         raise Unsupported("passwordless sudo (--allow-sudo) needs a set-uid program and"
                           " privilege escalation, which session pods never get")
-    labels = {k: v for k, v in spec.labels.items() if label_value_valid(v)}
+    # The keeper's secret (for its direct port) is never a pod's: sessions
+    # on Kubernetes have no Docker network (as --network none), so capsule
+    # never reaches a keeper directly there and gives none; one given is
+    # dropped rather than written where who may read pods reads it.
+    kept = {k: v for k, v in spec.labels.items() if k != SECRET_LABEL}
+    labels = {k: v for k, v in kept.items() if label_value_valid(v)}
     # What the session namespace's NetworkPolicies select it by (fenced).
     labels.update(pod_labels(spec))
     memory = docker_bytes(spec.memory)
@@ -117,11 +152,17 @@ def pod_manifest(name: str, spec: ContainerSpec, run_as: int = RUN_AS_USER,
             key = f"v{len(volumes)}"
             volumes.append({"name": key, "emptyDir": {"medium": "Memory", "sizeLimit": size}})
             mounts.append({"name": key, "mountPath": target})
-    environment = {**spec.environment, **spec.secrets}
+    try:
+        secrets = secret_refs(name, spec.secrets)
+    except ValueError as e:
+        raise Unsupported(str(e)) from None
+    # Secrets by reference to the session's Secret, never by value.
+    env = [{"name": k, "value": v} for k, v in spec.environment.items()
+           if k not in spec.secrets] + secrets
     pod = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": labels,
-                     "annotations": {LABELS_ANNOTATION: json.dumps(spec.labels, sort_keys=True)}},
+                     "annotations": {LABELS_ANNOTATION: json.dumps(kept, sort_keys=True)}},
         "spec": {
             "restartPolicy": "Never",
             "automountServiceAccountToken": False,
@@ -137,7 +178,7 @@ def pod_manifest(name: str, spec: ContainerSpec, run_as: int = RUN_AS_USER,
             "containers": [{
                 "name": CONTAINER, "image": spec.image, "command": list(spec.command),
                 "workingDir": spec.workdir,
-                "env": [{"name": k, "value": v} for k, v in environment.items()],
+                "env": env,
                 "resources": {"limits": limits, "requests": requests},
                 "securityContext": security,
                 "volumeMounts": mounts,

@@ -69,6 +69,9 @@ RIGHTS: dict[tuple[str, str], tuple[str, ...]] = {
     ("", "pods"): ("create", "delete", "get", "list", "patch", "watch"),
     ("", "pods/exec"): ("create", "get"),
     ("", "persistentvolumeclaims"): ("create", "delete", "get", "list", "patch"),
+    # A session's Secret (capsule.engine.kube_secrets): made and deleted,
+    # never read.
+    ("", "secrets"): ("create", "delete"),
     ("networking.k8s.io", "networkpolicies"): ("create", "get"),
     ("coordination.k8s.io", "leases"): ("create", "delete", "get", "list", "update"),
 }

@@ -18,7 +18,9 @@ its Docker containers as a security context (uid L{RUN_AS_USER}, non-root,
 every capability dropped, no privilege escalation, the runtime's default
 seccomp profile, a read-only root as an option), an optional RuntimeClass
 (C{spec.runtime}: gVisor, Kata), and capsule's labels (instance, session,
-user, profile...).  Named volumes are PersistentVolumeClaims.  The manifest,
+user, profile...).  Named volumes are PersistentVolumeClaims.  Its secrets
+(C{spec.secrets}) are a Secret of its own, which the pod refers to
+(L{capsule.engine.kube_secrets}): never values in a pod or a claim.  The manifest,
 and what a pod read back says, are L{capsule.engine.kube_pods}'s; the execs
 L{capsule.engine.kube_execs}'s (L{PodExecs}, a base of L{KubernetesAPI}).
 
@@ -60,7 +62,6 @@ from zope.interface import implementer
 from capsule.core.counting import Uncounted
 from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable
 from capsule.core.interfaces import IDockerAPI
-from capsule.core.keeper import SECRET_LABEL, parse_secret
 from capsule.core.spec import ContainerSpec
 # (The pods' and the execs' names are this module's too, as they were.)
 from capsule.engine.kube_execs import PodExecs, exec_argv  # noqa: F401
@@ -73,6 +74,7 @@ from capsule.engine.kube_pods import (CONTAINER, LABELS_ANNOTATION, RUN_AS_USER,
                                       label_value_valid, pod_failed, pod_manifest, pod_name,
                                       pod_started, pod_state, volume_claim_name)
 from capsule.engine.kube_policies import network_policies, own_namespace
+from capsule.engine.kube_secrets import PodSecrets
 
 _log = Logger()
 
@@ -84,7 +86,7 @@ NOT_YET = "not yet (issue 25): "
 
 
 @implementer(IDockerAPI)
-class KubernetesAPI(KeptPods, PodExecs, PodReplicas):
+class KubernetesAPI(KeptPods, PodExecs, PodReplicas, PodSecrets):
     """
     @param configuration: a C{kubernetes.client.Configuration} (from
         L{kube_configuration}: a kubeconfig, or the pod's service account).
@@ -220,8 +222,8 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas):
         """
         return DockerUnavailable(
             f"the Kubernetes API server at {self.host} refuses capsule ({_status(error)}):"
-            f" may its kubeconfig or service account use pods, pods/exec and"
-            f" persistentvolumeclaims in the namespace {self.namespace}? (its Role:"
+            f" may its kubeconfig or service account use pods, pods/exec,"
+            f" persistentvolumeclaims and secrets in the namespace {self.namespace}? (its Role:"
             " docs/kubernetes.md)")
 
     def _call(self, function: Callable, *args) -> Deferred:
@@ -278,8 +280,13 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas):
             pod_manifest(name, spec, memory_request=self._memory_request))
         for volume, _ in spec.volumes:
             await self._ensure_claim(volume_claim_name(volume), spec.volume_labels)
-        manifest = await self._make_session_claim(name, manifest)
+        manifest, claim = await self._make_session_claim(name, manifest)
         try:
+            # (After the claim, and owned by it: a Secret left by a capsule
+            # that stopped here goes with the claim, which is found as a kept
+            # session; the cluster's garbage collector deletes it with the
+            # claim, whoever deletes that.)
+            await self._make_secret(manifest, spec.secrets, claim)
             try:
                 created = await self._core("create_namespaced_pod", self.namespace, manifest)
             except ApiException as e:
@@ -298,6 +305,7 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas):
                 await self._delete_pod(name)
                 await self._gone(name, self._timeout)
                 await self._delete_claim(name)
+                await self._delete_secret(name)
             except DockerError:
                 pass
             raise
@@ -467,8 +475,8 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas):
 
     def remove_container(self, container_id: str) -> Deferred:
         """
-        Remove the session's pod and its claim (a kept session's too); fire
-        with whether either existed.
+        Remove the session's pod, its claim (a kept session's too) and its
+        Secret; fire with whether the pod or the claim existed.
         """
         async def remove():
             existed = await self._delete_pod(container_id)
@@ -478,7 +486,9 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas):
                 await self._gone(container_id, self._timeout)
             if await self._delete_claim(container_id):
                 await self._remove_files_pods(container_id)
+                await self._delete_secret(container_id)
                 return True
+            await self._delete_secret(container_id)
             return existed
         return Deferred.fromCoroutine(remove())
 
@@ -526,12 +536,16 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas):
         return Deferred.fromCoroutine(state())
 
     def keeper_address(self, container_id: str) -> Deferred:
+        """
+        The pod's address, and no keeper's secret: a pod never carries one
+        (L{pod_manifest} drops it; sessions here have no network of their
+        own, so capsule gives none and reaches keepers by the exec stream).
+        """
         async def address():
             pod = await self._get_pod(container_id)
             if pod is None:
                 raise ContainerGone("the session's pod no longer exists")
-            return ((pod.get("status") or {}).get("podIP") or None,
-                    parse_secret(capsule_labels(pod).get(SECRET_LABEL)))
+            return (pod.get("status") or {}).get("podIP") or None, None
         return Deferred.fromCoroutine(address())
 
     def container_cpu(self, container_id):

@@ -436,6 +436,83 @@ class TestKubernetesOnStandin(EngineContract):
         with pytest.raises(ContainerGone):
             await api.start_container(pod)
 
+    # -- secrets: a Secret of the session's own, never values in its pod ------------
+
+    async def _secrets(self, api, spec) -> list[dict]:
+        found = await api._core("list_namespaced_secret", api.namespace,
+                                label_selector=f"{LABEL_INSTANCE}={spec.labels[LABEL_INSTANCE]}")
+        return found.get("items") or []
+
+    async def _environment(self, api, pod) -> bytes:
+        result = await api.run_command(pod, ["sh", "-c", 'printf %s "$CAPSULE_TOKEN"'],
+                                       "developer", "/workspace", {})
+        assert result.exit_code == 0, result.stderr
+        return result.stdout
+
+    @pytest_twisted.ensureDeferred
+    async def test_secrets_reach_the_session_not_its_pod(self, api, spec):
+        """
+        A spec's secrets are in the session's environment, from a Secret of
+        its own (named after the pod, labelled like it): not in the pod nor
+        in its claim's copy of it.  Kept, the Secret stays with the claim
+        and the resumed pod has them; removed, it goes.
+        """
+        value = f"the secret {uuid.uuid4().hex}"
+        secret = replace(spec, secrets={"CAPSULE_TOKEN": value})
+        pod = await self.create(api, secret)
+        assert await self._environment(api, pod) == value.encode()
+        [made] = await self._secrets(api, spec)
+        assert made["metadata"]["name"] == f"{pod}-env"
+        read = await api._get_pod(pod)
+        assert made["metadata"]["labels"] == read["metadata"]["labels"]
+        assert value not in json.dumps(read)
+        claim = await api._get_claim(pod)
+        assert value not in json.dumps(claim)
+        # Owned by the claim: the cluster deletes it with the claim.
+        assert [(o["kind"], o["name"], o["uid"]) for o in made["metadata"][
+            "ownerReferences"]] == [("PersistentVolumeClaim", pod, claim["metadata"]["uid"])]
+        assert await api.stop_container(pod, timeout=1) is True
+        assert [s["metadata"]["name"] for s in await self._secrets(api, spec)] == [
+            f"{pod}-env"]
+        await api.start_container(pod)
+        assert await self._environment(api, pod) == value.encode()
+        assert await api.remove_container(pod) is True
+        assert await self._secrets(api, spec) == []
+        # A kept session removed: its Secret with its claim.
+        kept = await self.create(api, secret)
+        await api.stop_container(kept, timeout=1)
+        assert await api.remove_container(kept) is True
+        assert await self._secrets(api, spec) == []
+        # No secrets, no Secret.
+        plain = await self.create(api, spec)
+        assert await self._secrets(api, spec) == []
+        assert await self._environment(api, plain) == b""
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_pod_that_cannot_be_made_leaves_no_secret(self, api, spec):
+        missing = replace(spec, image="capsule-contract-no-such-image:missing",
+                          secrets={"CAPSULE_TOKEN": "x"})
+        with pytest.raises(DockerError):
+            await self.create(api, missing)
+        assert await self._secrets(api, spec) == []
+        instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
+        assert await api.list_containers(instance) == []
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_kept_session_whose_secret_is_gone_does_not_resume(self, api, spec):
+        """
+        The resumed pod needs its Secret: deleted (by someone else), the pod
+        cannot be made and resuming says why.
+        """
+        pod = await self.create(api, replace(spec, secrets={"CAPSULE_TOKEN": "x"}))
+        await api.stop_container(pod, timeout=1)
+        assert await api._delete_secret(pod) is True
+        with pytest.raises(DockerError) as refused:
+            await api.start_container(pod)
+        assert "CreateContainerConfigError" in str(refused.value)
+        assert f'secret "{pod}-env" not found' in str(refused.value)
+        assert await api.remove_container(pod) is True
+
     @pytest_twisted.ensureDeferred
     async def test_container_cpu_of_a_pod_is_unknown(self, api, spec):
         pod = await self.create(api, spec)
@@ -1017,3 +1094,76 @@ async def test_standin_subpath_mounts(standin, namespace):
             await _request(standin.url, "DELETE", f"{pods}/{name}-{p}", {"gracePeriodSeconds": 0})
             remove_instance_containers(f"standin-{name}-{p}")
         await _request(standin.url, "DELETE", f"{claims}/{name}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_standin_secrets(standin, namespace):
+    """
+    Secrets as the API server keeps them (stringData merged into data, a
+    key or data it refuses), listed by label, and a pod's env taken from
+    one by secretKeyRef when its container is made; a missing one leaves
+    the pod Pending with the kubelet's reason and message.
+    """
+    import base64
+
+    base = f"/api/v1/namespaces/{namespace}/secrets"
+    pods = f"/api/v1/namespaces/{namespace}/pods"
+    secret = {"apiVersion": "v1", "kind": "Secret",
+              "metadata": {"name": "s", "labels": {"app": "secret"}},
+              "data": {"A": base64.b64encode(b"from data").decode()},
+              "stringData": {"B": "from stringData"}}
+    status, body = await _request(standin.url, "POST", base, secret)
+    made = json.loads(body)
+    assert status == 201 and made["type"] == "Opaque" and "stringData" not in made
+    assert {k: base64.b64decode(v) for k, v in made["data"].items()} == {
+        "A": b"from data", "B": b"from stringData"}
+    env_pod = _pod(f"e-{uuid.uuid4().hex[:8]}")
+    stuck = _pod(f"m-{uuid.uuid4().hex[:8]}")
+    try:
+        assert (await _request(standin.url, "POST", base, secret))[0] == 409
+        status, body = await _request(standin.url, "POST", base, {
+            "metadata": {"name": "bad"}, "data": {"A": "not base64!"}})
+        assert status == 400 and "illegal base64 data" in json.loads(body)["message"]
+        status, body = await _request(standin.url, "POST", base, {
+            "metadata": {"name": "bad"}, "stringData": {"not a key": "x"}})
+        assert status == 422 and json.loads(body)["details"]["causes"][0]["field"] == (
+            "data[not a key]")
+        status, body = await _get(standin.url, f"{base}?labelSelector=app%3Dsecret")
+        assert [s["metadata"]["name"] for s in json.loads(body)["items"]] == ["s"]
+        status, body = await _get(standin.url, f"{base}/s")
+        assert status == 200 and json.loads(body)["data"] == made["data"]
+        container = env_pod["spec"]["containers"][0]
+        # (The name the engine's execs ask for.)
+        container["name"] = "session"
+        container["env"] = [
+            {"name": "PLAIN", "value": "p"},
+            {"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "s", "key": "B"}}},
+            {"name": "OPTIONAL", "valueFrom": {"secretKeyRef": {
+                "name": "none", "key": "B", "optional": True}}}]
+        await _request(standin.url, "POST", pods, env_pod)
+        stuck["spec"]["containers"][0]["env"] = [
+            {"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "C"}}}]
+        await _request(standin.url, "POST", pods, stuck)
+        api = _kube_api(standin.url, namespace)
+        try:
+            name = env_pod["metadata"]["name"]
+            await api._running(name, None)
+            result = await api.run_command(name, ["sh", "-c", 'echo "$PLAIN,$FROM_SECRET,'
+                                                  '${OPTIONAL-unset}"'], "", "", {})
+            assert result.stdout == b"p,from stringData,unset\n"
+            with pytest.raises(DockerError, match="CreateContainerConfigError: couldn't find"
+                               f" key C in Secret {namespace}/s"):
+                await api._running(stuck["metadata"]["name"], None)
+            pod = await api._get_pod(stuck["metadata"]["name"])
+            assert pod["status"]["phase"] == "Pending"
+        finally:
+            api.stop()
+        assert (await _request(standin.url, "DELETE", f"{base}/s"))[0] == 200
+        assert (await _get(standin.url, f"{base}/s"))[0] == 404
+        assert (await _request(standin.url, "DELETE", f"{base}/s"))[0] == 404
+    finally:
+        await _request(standin.url, "DELETE", f"{base}/s")
+        for pod in (env_pod, stuck):
+            await _request(standin.url, "DELETE", f"{pods}/{pod['metadata']['name']}",
+                           {"gracePeriodSeconds": 0})
+            remove_instance_containers(pod["metadata"]["labels"][LABEL_INSTANCE])

@@ -75,6 +75,40 @@ async def test_a_session_is_a_pod_with_capsules_labels(cluster):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_profiles_secret_is_in_the_session_and_in_no_pod(cluster, tmp_path):
+    """
+    A profile's secret reaches the session's shell from the session's own
+    Secret; the pod (and its claim's copy of it) names it, never holds it;
+    the Secret goes with the session.
+    """
+    import base64
+    import json
+    import uuid
+
+    value = f"podsecret-{uuid.uuid4().hex}"
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(f'[profiles.agent]\nimage = "{IMAGE}"\nsecrets = ["POD_TOKEN"]\n')
+    server = await cluster.start(cluster.server(
+        "--pool-size", "0", "--profiles", str(profiles), env={"POD_TOKEN": value}))
+    client = await WSClient.connect(server.ws_url + "?profile=agent")
+    session_id = await client.start()
+    assert f"[{value}]" in await client.run('echo "[$POD_TOKEN]"')
+    pod = cluster.session_pod(session_id)
+    name = pod["metadata"]["name"]
+    store = cluster.standin.store
+    claim = store.get("PersistentVolumeClaim", cluster.namespace, name)
+    assert value not in json.dumps(pod) and value not in json.dumps(claim)
+    secret = store.get("Secret", cluster.namespace, f"{name}-env")
+    assert secret["metadata"]["labels"]["io.capsule.session"] == session_id
+    assert value.encode() in [base64.b64decode(v) for v in secret["data"].values()]
+    await client.exit()
+    await eventually(lambda: store.get("Secret", cluster.namespace, f"{name}-env") is None,
+                     what="the session's Secret to be deleted")
+    assert value not in server.log()
+    assert no_problems(server) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_reconnect_replays_exactly(cluster):
     server = await cluster.start(cluster.server("--pool-size", "0"))
     client = await WSClient.connect(server.ws_url, binary=True)

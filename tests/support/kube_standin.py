@@ -5,7 +5,7 @@ with every pod run as a real container on the local Docker engine.
 
 No API server can be installed on the machines that run capsule's tests, so
 the engine's contract and end-to-end tests run against this.  It follows
-the Kubernetes API reference (core/v1 Pod, PersistentVolumeClaim, Status,
+the Kubernetes API reference (core/v1 Pod, PersistentVolumeClaim, Secret, Status,
 WatchEvent; networking.k8s.io/v1 NetworkPolicy; the pods/exec streaming
 protocol of C{k8s.io/apimachinery/pkg/util/remotecommand}) for what it
 does, and says here what it does not.
@@ -53,7 +53,12 @@ What it reproduces
     are sent to watchers as C{MODIFIED} events (Docker is polled every
     L{POLL} seconds while someone watches).
   - The pod spec as the kubelet applies it to a Docker container:
-    C{command}/C{args} (entrypoint and command), C{env} values,
+    C{command}/C{args} (entrypoint and command), C{env} values and
+    C{valueFrom.secretKeyRef} (resolved from the stored Secret as the
+    container is made; a missing Secret or key, unless C{optional: true},
+    leaves the pod C{Pending}, waiting with C{CreateContainerConfigError}
+    and the kubelet's message: C{secret "NAME" not found}, C{couldn't find
+    key KEY in Secret NAMESPACE/NAME}),
     C{workingDir}, C{hostname}, C{securityContext} (pod and container:
     C{runAsUser}, C{runAsGroup}, C{runAsNonRoot}, C{capabilities}
     C{drop}/C{add}, C{allowPrivilegeEscalation: false} as
@@ -107,6 +112,13 @@ What it reproduces
     ...}, and C{failed quota: QUOTA: must specify ...} for a pod that does
     not say a limited resource).
 
+  - core/v1 Secrets: C{POST} (C{data} as base64, C{stringData} merged
+    into it and not stored, C{type} C{Opaque} by default; 400 C{BadRequest}
+    for C{data} that is not base64, 422 C{Invalid} for a key that is not a
+    config key or more than 1 MiB of data), C{GET} one and the list by
+    C{labelSelector} (as pods), C{DELETE}; 404 and 409 C{AlreadyExists}
+    as for pods.
+
   - PersistentVolumeClaims: C{POST}, C{GET} one and the list by
     C{labelSelector} (as pods), C{DELETE}, and C{PATCH} as the updates
     above (a claim's labels and annotations by a merge patch, its
@@ -129,10 +141,15 @@ What it does not
     message, kept), restarts (C{restartPolicy} is taken as C{Never}),
     readiness and liveness probes, init and sidecar containers (only the
     first container of a pod runs), image pulls (an image must be on the
-    local engine), C{imagePullPolicy}, C{valueFrom} in C{env}, C{envFrom},
-    Secrets and ConfigMaps, a per-pod process limit, C{ephemeral-storage}
+    local engine), C{imagePullPolicy}, C{valueFrom} in C{env} other than
+    C{secretKeyRef} (a pod with one waits with C{CreateContainerConfigError}),
+    C{envFrom}, Secrets as volumes, ConfigMaps, a retry of a container the
+    kubelet could not make (a Secret made after its pod does not start
+    it), a per-pod process limit, C{ephemeral-storage}
     limits (accepted, not enforced), C{resources.requests.memory}.
   - Namespaces are not objects: every namespace exists.
+  - No garbage collector: C{ownerReferences} are stored, and an object
+    whose owner is deleted stays.
   - Updates: no JSON patch (C{application/json-patch+json}: 415), no
     update of a pod's spec, no subresources other than exec (no
     C{status}, C{log}, C{attach}, C{portforward}, C{resize}); no
@@ -176,6 +193,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from capsule.engine.docker import DockerAPI
 from tests.support import kube_standin_coord as coord
+from tests.support import kube_standin_secrets as secrets
 
 _log = Logger()
 
@@ -476,6 +494,7 @@ KINDS = {
     ("apis/networking.k8s.io/v1", "networkpolicies"): (
         "NetworkPolicy", "NetworkPolicyList", "networking.k8s.io/v1"),
     ("api/v1", "resourcequotas"): ("ResourceQuota", "ResourceQuotaList", "v1"),
+    ("api/v1", "secrets"): ("Secret", "SecretList", "v1"),
     ("apis/coordination.k8s.io/v1", "leases"): (
         "Lease", "LeaseList", "coordination.k8s.io/v1"),
 }
@@ -696,6 +715,12 @@ class KubeStandin:
             causes += self._validate_pod(spec)
         elif kind == "NetworkPolicy" and not isinstance(spec.get("podSelector"), dict):
             causes.append(("spec.podSelector", "", "Required value"))
+        if kind == "Secret":
+            try:
+                body, more = secrets.stored_secret(name, body)
+            except coord.Refusal as e:
+                raise ApiError(e.code, e.reason, e.message, e.details) from None
+            causes += more
         if causes:
             raise invalid(kind, name, causes)
         if self.store.get(kind, ns, name) is not None:
@@ -724,6 +749,10 @@ class KubeStandin:
                         creationTimestamp=now_rfc3339())
         metadata.setdefault("labels", {})
         obj = {"kind": kind, "apiVersion": api_version, "metadata": metadata, "spec": spec}
+        if kind == "Secret":
+            # A Secret has no spec: its type and data.
+            obj = {"kind": kind, "apiVersion": api_version, "metadata": metadata,
+                   "type": body["type"], "data": body["data"]}
         if kind == "Pod":
             # Scheduled at once, on the one node there is.
             spec.setdefault("nodeName", NODE)
@@ -882,7 +911,13 @@ class KubeStandin:
             security_opt=security_opt or None, read_only=bool(sc.get("readOnlyRootFilesystem")),
             tmpfs=tmpfs or None, mounts=mounts or None, network_mode=self.network,
             runtime=runtime)
-        env = {e["name"]: e.get("value", "") for e in c.get("env") or [] if "name" in e}
+        # (As the kubelet: a missing Secret or key fails the container's
+        # making; the pod stays Pending.)
+        env, waiting = secrets.resolved_env(
+            c.get("env") or [], metadata["namespace"],
+            lambda namespace, name: self.store.get("Secret", namespace, name))
+        if waiting is not None:
+            return None, waiting
         created = self.docker.create_container(
             c["image"], entrypoint=c.get("command"), command=c.get("args"),
             name=f"k8s_{c['name']}_{metadata['name']}_{metadata['namespace']}"
