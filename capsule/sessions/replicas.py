@@ -351,15 +351,49 @@ class Replicas(SessionObserver):
             return await action()
         return Deferred.fromCoroutine(check())
 
+    def replaced(self, session, otherwise) -> Deferred:
+        """
+        C{session}'s keeper said that another attach replaced this
+        replica's, and its stream closed
+        (L{capsule.engine.keeper_stream.ShellFacts.replaced}).  When
+        another replica holds its container now, that replica took the
+        session over: it is let go here (L{let_go}: its client hears so as
+        from another tab, its container is left alone).  Otherwise (held
+        here or by nobody, gone, or who holds it cannot be asked) call
+        C{otherwise}, which finds out why the stream closed as for any
+        other stream.
+        """
+        container_id = session.container_id
+
+        async def check():
+            try:
+                holder = await self._docker.container_holder(container_id)
+            except CapsuleError:
+                # (Gone: the diagnosis says so; the API away: so does it.)
+                holder = None
+            if self._manager.sessions.get(session.id) is not session:
+                # Over meanwhile (every way there forgets it).
+                return
+            if holder is not None and holder != self.replica:
+                self.let_go(session, holder)
+                return
+            otherwise()
+        d = Deferred.fromCoroutine(check())
+        d.addErrback(lambda f: _log.failure("letting session {session_id} go to another"
+                                            " replica failed", f, session_id=session.id[:8]))
+        return d
+
     def let_go(self, session, holder: str) -> None:
         """
-        Forget C{session} here: replica C{holder} serves it now.
+        Forget C{session} here: replica C{holder} serves it now.  Its
+        client, if one is attached here, is told the session was taken over
+        (as by another tab: it may take it back); its container is the
+        other replica's, never touched from here.
         """
         _log.info("session {session_id} is served by replica {holder} now: forgotten here",
                   session_id=session.id[:8], holder=holder)
-        # Its container is the other replica's: never removed from here.
-        session.core.container_id = None
-        self._manager.end(session, f"the session is served by another replica ({holder})")
+        session.events.moved(f"the session is served by another capsule replica ({holder})"
+                             " now")
 
 
 class ReplicaService(Service):
