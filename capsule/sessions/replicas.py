@@ -11,7 +11,12 @@ container by label, checks that it is the asker's (another user's session
 is, to the asker, one that does not exist), takes it over
 (L{IDockerAPI.claim_container}: of replicas that try at once, one wins) and
 attaches the client as to a session of its own earlier run, with exact
-replay from the client's offset (the keeper holds the output).
+replay from the client's offset (the keeper holds the output).  The
+replica that served it hears from the keeper that its attach was replaced
+(L{Replicas.replaced}) and, once the pod says another replica holds it,
+lets it go (L{Replicas.let_go}): a client attached there is told the
+session was taken over, as by another tab, and the session is forgotten
+there, its container left alone.
 
 A replica never removes, expires or keeps a container another live
 replica holds: at the end of a session's grace period it asks again who
