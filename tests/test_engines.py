@@ -201,23 +201,28 @@ class _Facts:
     exit_status = None
 
 
-@pytest.mark.parametrize("states, message", [
-    ([None], "the session's pod was deleted"),
-    ([{"Running": True, "Status": "removing"}], "the session's pod was deleted"),
+@pytest.mark.parametrize("states, message, keepable", [
+    # Pod and claim gone: nothing to keep.
+    ([None], "the session's pod was deleted", False),
+    # Its claim stays: offered to be kept, as a stopped container is.
+    ([{"Running": True, "Status": "removing"}], "the session's pod was deleted", True),
+    ([{"Running": False, "Status": "exited", "Reason": "Deleted"}],
+     "the session's pod was deleted", True),
     ([{"Running": False, "Status": "exited", "Reason": "Evicted",
        "Error": "The node had condition: [DiskPressure]."}],
-     "the session's pod was evicted: The node had condition: [DiskPressure]."),
+     "the session's pod was evicted: The node had condition: [DiskPressure].", True),
 ])
-def test_a_closed_stream_of_a_pod_taken_away_ends_the_session_with_why(states, message):
+def test_a_closed_stream_of_a_pod_taken_away_ends_the_session_with_why(states, message,
+                                                                      keepable):
     from capsule.sessions.engine_watch import EngineWatch
     stopped = []
     watch = EngineWatch(_GoneEngine(states), Clock(), lambda s: None, keeper=True, grace=10,
                         stopped=lambda session, why: stopped.append(why) or False)
     session = _Session()
     watch.diagnose(session, _Facts())
+    # (The keeping here declines: the session ends, with why.)
     assert session.events.ended == [(None, message)]
-    # Not a stopped container to keep: the pod is gone or going.
-    assert stopped == []
+    assert stopped == ([message] if keepable else [])
 
 
 def test_an_engine_that_cannot_weigh_sessions_is_said_once_and_not_asked_again():

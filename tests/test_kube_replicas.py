@@ -40,6 +40,7 @@ class ClusterEngine(FakeDockerAPI):
         super().__init__()
         self.holders: dict[str, str] = {}
         self.annotations: dict[str, dict] = {}
+        self.claim_labels: dict[str, dict] = {}
         self.live: set[str] = set()
         # Claims another replica wins first: container -> that replica.
         self.beaten: dict[str, str] = {}
@@ -72,7 +73,8 @@ class ClusterEngine(FakeDockerAPI):
             return d
         return succeed(self.holders.get(container_id))
 
-    def claim_container(self, container_id, replica, holder=None, annotations=None):
+    def claim_container(self, container_id, replica, holder=None, annotations=None,
+                        labels=None):
         if container_id in self.beaten:
             self.holders[container_id] = self.beaten.pop(container_id)
         current = self.holders.get(container_id)
@@ -80,6 +82,7 @@ class ClusterEngine(FakeDockerAPI):
             return succeed(False)
         self.holders[container_id] = replica
         self.annotations.setdefault(container_id, {}).update(annotations or {})
+        self.claim_labels.setdefault(container_id, {}).update(labels or {})
         return succeed(True)
 
 
@@ -162,6 +165,7 @@ def test_a_started_session_says_its_owner_and_holder(docker, clock):
     session = manager.create(RecordingClient(), 80, 24, user="alice")
     assert docker.holders[session.container_id] == "ra"
     assert owner_of({"annotations": docker.annotations[session.container_id]}) == "alice"
+    assert docker.claim_labels[session.container_id] == {"io.capsule.user": "alice"}
 
 
 def test_at_grace_end_a_session_another_replica_took_is_forgotten_not_removed(docker, clock):

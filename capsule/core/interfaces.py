@@ -297,11 +297,13 @@ class IDockerAPI(Interface):
         listed by L{list_containers} may say it too, as C{"replica"}.)
         """
 
-    def claim_container(container_id, replica, holder=None, annotations=None):
+    def claim_container(container_id, replica, holder=None, annotations=None, labels=None):
         """
         Take the container for the replica C{replica} if its holder is still
         C{holder}, with C{annotations} (what the container says of itself
-        besides its labels, e.g. whose session it holds); fire with C{True} if C{replica} holds it now, C{False} if
+        besides its labels, e.g. whose session it holds) and C{labels}
+        added (those the engine can hold: a user's name that is not a
+        Kubernetes label value stays in the annotations only); fire with C{True} if C{replica} holds it now, C{False} if
         another replica took it first (of replicas that try at once, one
         wins); fail with L{capsule.core.errors.ContainerGone} if it is
         gone.  A single host holds everything: C{True}, whatever the

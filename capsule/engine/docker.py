@@ -442,7 +442,8 @@ class DockerAPI(KeptContainers, Forks):
         return succeed(None)
 
     def claim_container(self, container_id: str, replica: str, holder: str | None = None,
-                        annotations: dict[str, str] | None = None) -> Deferred:
+                        annotations: dict[str, str] | None = None,
+                        labels: dict[str, str] | None = None) -> Deferred:
         return succeed(True)
 
     def list_containers(self, labels: dict[str, str]) -> Deferred:

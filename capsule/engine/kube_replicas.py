@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred
 
 from capsule.core.admission import CLUSTER_FULL
 from capsule.core.errors import ContainerGone, DockerError
+from capsule.engine.kube_pods import label_value_valid
 
 # The replica holding a pod (a session's or a warm one).
 REPLICA_ANNOTATION = "capsule.io/replica"
@@ -226,15 +227,19 @@ class PodReplicas:
 
     def claim_container(self, container_id: str, replica: str,
                         holder: str | None = None,
-                        annotations: dict[str, str] | None = None) -> Deferred:
+                        annotations: dict[str, str] | None = None,
+                        labels: dict[str, str] | None = None) -> Deferred:
         """
         Take the pod C{container_id} for C{replica} if its holder is still
-        C{holder}, writing C{annotations} with it: fire with C{True} if
+        C{holder}, writing C{annotations} with it, and those of C{labels}
+        whose values a label can hold: fire with C{True} if
         C{replica} holds it now, C{False} if another replica does (it took
         it first: 409 Conflict on the pod's C{resourceVersion}, then another
         holder read); fail with L{capsule.core.errors.ContainerGone} if the
         pod is gone.
         """
+        wanted = {k: v for k, v in (labels or {}).items() if label_value_valid(v)}
+
         def _thd():
             for _ in range(CLAIM_TRIES):
                 try:
@@ -246,14 +251,18 @@ class PodReplicas:
                     raise _failed(f"read the pod {container_id}", e) from None
                 current = holder_of(pod)
                 present = (pod["metadata"].get("annotations") or {})
+                labelled = (pod["metadata"].get("labels") or {})
                 if current == replica and all(present.get(k) == v for k, v in (
-                        annotations or {}).items()):
+                        annotations or {}).items()) and all(
+                        labelled.get(k) == v for k, v in wanted.items()):
                     return True
                 if current not in (holder, replica):
                     return False
                 patch = {"metadata": {"resourceVersion": pod["metadata"]["resourceVersion"],
                                       "annotations": {**(annotations or {}),
                                                       REPLICA_ANNOTATION: replica}}}
+                if wanted:
+                    patch["metadata"]["labels"] = wanted
                 try:
                     self._thd_request("CoreV1Api", "patch_namespaced_pod", container_id,
                                       self.namespace, patch,

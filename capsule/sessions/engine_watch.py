@@ -117,7 +117,9 @@ class EngineWatch:
         if state is None:
             return f"the session's {self._unit} was {self._removed}", False, False
         if (message := gone_message(state, self._unit)) is not None:
-            return message, False, False
+            # A pod evicted or deleted under its session leaves the
+            # session's volume claim: keepable, as a stopped container is.
+            return message, False, self._unit == "pod"
         if state.get("OOMKilled"):
             return (f"the session's {self._unit} ran out of memory (limit "
                     f"{self._spec_of(session).memory}) and was stopped"), False, True
@@ -154,7 +156,8 @@ class EngineWatch:
                 session.events.end(None, f"the session's {self._unit} is gone: it was"
                                          f" {self._removed} while {self._engine} was away")
             elif (message := gone_message(state, self._unit)) is not None:
-                session.events.end(None, message)
+                if self._unit != "pod" or not self._stopped(session, message):
+                    session.events.end(None, message)
             elif not state.get("Running"):
                 message = (f"the session's {self._unit} stopped while {self._engine} was away"
                            f" (exit code {state.get('ExitCode')})")

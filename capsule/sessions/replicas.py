@@ -41,7 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from capsule.core.errors import CapsuleError, ContainerGone, DockerUnavailable
-from capsule.core.profiles import LABEL_PROFILE
+from capsule.core.profiles import LABEL_PROFILE, LABEL_USER
 from capsule.sessions.keeping import LABEL_WARM, own_volumes
 from capsule.sessions.observers import SessionObserver
 from capsule.sessions.session import LABEL_SESSION
@@ -274,8 +274,9 @@ class Replicas(SessionObserver):
         if container_id is None:
             return
         owner = json.dumps({"user": session.core.user})
-        d = self._docker.claim_container(container_id, self.replica, self.replica,
-                                         annotations={OWNER_ANNOTATION: owner})
+        d = self._docker.claim_container(
+            container_id, self.replica, self.replica, annotations={OWNER_ANNOTATION: owner},
+            labels={LABEL_USER: session.core.user} if session.core.user else None)
         d.addErrback(lambda f: _log.warn(
             "could not mark session {session_id}'s container as its user's: {e}",
             session_id=session.id[:8], e=f.getErrorMessage()))

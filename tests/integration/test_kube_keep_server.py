@@ -125,6 +125,7 @@ async def test_a_kept_session_is_its_claim_and_another_replica_resumes_it(cluste
         what="the resumed pod to say whose it is")
     assert json.loads(cluster.session_pod(session_id)["metadata"]["annotations"][
         "capsule.io/owner"]) == {"user": "alice"}
+    assert cluster.session_pod(session_id)["metadata"]["labels"]["io.capsule.user"] == "alice"
     third = await cluster.start(cluster.server(*options, replica="r0"))
     status, body = await api(third, f"/api/sessions/{session_id}", token=BOB)
     assert (status, body["code"]) == (404, "session_not_found")

@@ -353,3 +353,27 @@ async def test_a_quota_refuses_a_pod_as_the_api_server_does(cluster):
         assert status["used"] == {"limits.memory": "768Mi", "requests.cpu": "250m"}
     finally:
         api.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_restarted_under_a_new_name_loses_nothing(cluster):
+    """
+    A Deployment's rolling restart: the only replica stops (SIGTERM: its
+    sessions go on in their pods, its Lease is deleted) and a new one with
+    another pod name starts; it finds the sessions at start, and a client
+    reconnecting gets exact replay.
+    """
+    a = await cluster.start(cluster.server("--pool-size", "0", replica="ra",
+                                           tuning=LEASE_TUNING))
+    session_id, before, offset = await typed_then_dropped(a, cluster)
+    pod = cluster.session_pod(session_id)["metadata"]["name"]
+    await cluster.stop(a)
+    assert cluster.session_pod(session_id)["metadata"]["name"] == pod
+    b = await cluster.start(cluster.server("--pool-size", "0", replica="rb",
+                                           tuning=LEASE_TUNING))
+    assert "(1 session recovered)" in b.log() and "whose lease lapsed" in b.log(), b.log()
+    again = await replayed_exactly(b, session_id, before, offset)
+    assert holder(cluster, session_id) == "rb"
+    assert cluster.session_pod(session_id)["metadata"]["name"] == pod
+    await again.close()
+    assert no_problems(b) == []

@@ -155,6 +155,10 @@ async def test_the_warm_pool_makes_pods_ahead_and_a_session_takes_one(cluster):
 
 
 async def _ended_by(cluster, server, take_away):
+    """
+    A session whose pod C{take_away} takes away, with C{--retention 0}:
+    ended, its pod gone; (the exit frame, capsule's log line of its end).
+    """
     client = await WSClient.connect(server.ws_url)
     session_id = await client.start()
     await client.run("true")
@@ -169,9 +173,67 @@ async def _ended_by(cluster, server, take_away):
     return ended, line
 
 
+async def _kept_after(cluster, server, take_away):
+    """
+    A session whose pod C{take_away} takes away, where sessions are kept:
+    its client hears why and that it is kept; it is listed kept, and
+    resumes with its workspace under the same pod name.  Return the exit
+    frame.
+    """
+    client = await WSClient.connect(server.ws_url)
+    session_id = await client.start()
+    await client.run("echo kept-$((6*7)) > /workspace/notes")
+    pod = cluster.session_pod(session_id)["metadata"]["name"]
+    await take_away(pod)
+    told = await client.next("exit", timeout=60)
+    assert "is kept" in told["message"], told
+    await eventually(lambda: cluster.session_pod(session_id) is None,
+                     what="the kept session's pod to be deleted")
+    status, listed = await api(server, "/api/sessions")
+    assert status == 200, listed
+    assert [(s["id"], s["state"]) for s in listed["sessions"]] == [(session_id, "kept")]
+    again = await WSClient.connect(server.ws_url, f"{session_id}&resume=1")
+    again.send({"type": "resize", "cols": 80, "rows": 24})
+    connected = await again.next("connected", timeout=60)
+    assert connected["session_id"] == session_id
+    assert cluster.session_pod(session_id)["metadata"]["name"] == pod
+    assert "kept-42" in await again.run("cat /workspace/notes")
+    await again.exit()
+    return told
+
+
 @pytest_twisted.ensureDeferred
-async def test_a_pod_deleted_from_under_a_session_ends_it_with_that_reason(cluster):
+async def test_a_pod_deleted_from_under_a_session_keeps_it_with_that_reason(cluster):
     server = await cluster.start(cluster.server("--pool-size", "0"))
+    told = await _kept_after(cluster, server, lambda pod: cluster.delete_pod(pod, grace=1))
+    assert told["message"].startswith("the session's pod was deleted"), told
+    assert no_problems(server) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pod_deleted_at_once_keeps_its_session(cluster):
+    server = await cluster.start(cluster.server("--pool-size", "0"))
+    told = await _kept_after(cluster, server, lambda pod: cluster.delete_pod(pod, grace=0))
+    assert told["message"].startswith("the session's pod was deleted"), told
+    assert no_problems(server) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_evicted_pod_keeps_its_session_with_the_eviction(cluster):
+    server = await cluster.start(cluster.server("--pool-size", "0"))
+    told = await _kept_after(
+        cluster, server, lambda pod: cluster.evict(pod, "The node was low on resource:"
+                                                        " memory."))
+    assert told["message"].startswith("the session's pod was evicted: The node was low on"
+                                      " resource: memory."), told
+    assert any("was evicted: The node was low on resource: memory." in line
+               and "it is kept" in line for line in server.log().splitlines())
+    assert no_problems(server) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_retention_a_pod_deleted_ends_its_session_with_that_reason(cluster):
+    server = await cluster.start(cluster.server("--pool-size", "0", "--retention", "0"))
     ended, lines = await _ended_by(cluster, server,
                                    lambda pod: cluster.delete_pod(pod, grace=1))
     assert "the session's pod was deleted" in ended["message"], ended
@@ -180,17 +242,8 @@ async def test_a_pod_deleted_from_under_a_session_ends_it_with_that_reason(clust
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_pod_deleted_at_once_ends_its_session_with_that_reason(cluster):
-    server = await cluster.start(cluster.server("--pool-size", "0"))
-    ended, lines = await _ended_by(cluster, server,
-                                   lambda pod: cluster.delete_pod(pod, grace=0))
-    assert "the session's pod was deleted" in ended["message"], ended
-    assert no_problems(server) == []
-
-
-@pytest_twisted.ensureDeferred
-async def test_an_evicted_pod_ends_its_session_with_the_eviction(cluster):
-    server = await cluster.start(cluster.server("--pool-size", "0"))
+async def test_without_retention_an_evicted_pod_ends_its_session_with_the_eviction(cluster):
+    server = await cluster.start(cluster.server("--pool-size", "0", "--retention", "0"))
     ended, lines = await _ended_by(
         cluster, server, lambda pod: cluster.evict(pod, "The node was low on resource:"
                                                         " memory."))
@@ -198,6 +251,10 @@ async def test_an_evicted_pod_ends_its_session_with_the_eviction(cluster):
                                 " resource: memory."), ended
     assert any("was evicted: The node was low on resource: memory." in line
                for line in lines), lines
+    await eventually(lambda: not [c for c in cluster.standin.store.items(
+        "PersistentVolumeClaim", cluster.namespace)
+        if (c["metadata"].get("labels") or {}).get("io.capsule.session")],
+        what="the session's claim to be deleted")
     assert no_problems(server) == []
 
 

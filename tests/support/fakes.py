@@ -524,7 +524,8 @@ class FakeDockerAPI:
     def container_holder(self, container_id):
         return self._check() or succeed(None)
 
-    def claim_container(self, container_id, replica, holder=None, annotations=None):
+    def claim_container(self, container_id, replica, holder=None, annotations=None,
+                        labels=None):
         return self._check() or succeed(True)
 
     def unpause_container(self, container_id):
