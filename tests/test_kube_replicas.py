@@ -6,11 +6,13 @@ stand-in's updates and quotas (L{tests.support.kube_standin_coord}).
 """
 
 import json
+import struct
 
 import pytest
 from kubernetes.client.exceptions import ApiException
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent
 
 from capsule.core.errors import ContainerGone, DockerError, DockerUnavailable
 from capsule.core.spec import ContainerSpec
@@ -208,6 +210,151 @@ def test_a_session_its_owner_ends_goes_wherever_it_is_served(docker, clock):
     session.core.owner_ended = True
     manager.end(session, "the session was ended through the API")
     assert container in docker.removed
+
+
+# -- a session another replica took over while it was served here ----------------------
+
+def replaced(process) -> None:
+    """
+    As the keeper does to an attach another one replaced: a C{k} frame,
+    then the end of its stream.
+    """
+    process.process_protocol.childDataReceived(1, b"k" + struct.pack(">I", 0))
+    process.end(0)
+
+
+def settle(clock) -> None:
+    "Let the diagnosis of a closed stream ask about its container until it knows."
+    for _ in range(10):
+        clock.advance(0.2)
+
+
+def problems(logged) -> list[str]:
+    return [formatEvent(e) for e in logged
+            if e.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)]
+
+
+def two_replicas(docker, clock):
+    """
+    Replicas ra and rb on one cluster, and a session of alice's started
+    through ra with its client attached and some output; ra, rb, the
+    session, ra's client and ra's shell's exec.
+    """
+    a, b = make_manager(docker, clock, "ra"), make_manager(docker, clock, "rb")
+    docker.live = {"ra", "rb"}
+    first = RecordingClient()
+    session = a.create(first, 80, 24, user="alice")
+    shell = docker.processes[-1]
+    shell.emit(b"hello")
+    docker.keeper_output[session.container_id] = (0, 5)
+    return a, b, session, first, shell
+
+
+def take_over(b, docker, session_id, user, offset=None):
+    """
+    A client attaches to C{session_id} through replica C{b}, as the
+    WebSocket does (L{capsule.web.replica_ws}); it and its exec.
+    """
+    assert adopt(b, session_id, user) is True
+    client = RecordingClient()
+    b.reconnect(session_id, client, offset, user=user)
+    return client, docker.processes[-1]
+
+
+def test_a_client_whose_session_another_replica_took_over_hears_a_takeover(docker, clock,
+                                                                             logged):
+    a, b, session, first, shell = two_replicas(docker, clock)
+    container = session.container_id
+    second, b_shell = take_over(b, docker, session.id, "alice")
+    assert docker.holders[container] == "rb"
+    replaced(shell)
+    # As from another tab: a takeover, not an end.
+    assert first.events[-1] == ("taken_over",)
+    assert not any(e[0] in ("ended", "failed") for e in first.events)
+    # Forgotten here, its pod left alone.
+    assert session.id not in a.sessions and session.over
+    assert container in docker.containers and docker.removed == []
+    assert docker.holders[container] == "rb"
+    assert problems(logged) == []
+    assert any("is served by replica rb now: forgotten here" in formatEvent(e)
+               for e in logged)
+    # It goes on through rb.
+    b_shell.emit(b"hello")
+    assert second.output == b"hello"
+    assert b.sessions[session.id].status() == "running"
+
+
+def test_the_first_client_takes_it_back_through_its_replica_with_exact_replay(docker,
+                                                                                clock):
+    a, b, session, first, shell = two_replicas(docker, clock)
+    container = session.container_id
+    second, b_shell = take_over(b, docker, session.id, "alice")
+    b_shell.emit(b"hello")
+    replaced(shell)
+    b_shell.emit(b" world")
+    docker.keeper_output[container] = (0, 11)
+    assert first.offset == 5
+    again, a_shell = take_over(a, docker, session.id, "alice", offset=first.offset)
+    assert docker.holders[container] == "ra"
+    # The keeper is asked for what the client lacks, from its offset.
+    assert a_shell.argv[a_shell.argv.index("-o") + 1] == "5"
+    a_shell.emit(b" world")
+    assert again.events[0] == ("started", session.id, True) and again.output == b" world"
+    assert first.output + again.output == b"hello world"
+    # rb, replaced in turn, lets its client go the same way.
+    replaced(b_shell)
+    assert second.events[-1] == ("taken_over",)
+    assert session.id not in b.sessions and a.sessions[session.id].status() == "running"
+    assert docker.removed == []
+
+
+def test_a_session_left_without_a_client_is_forgotten_quietly(docker, clock, logged):
+    a, b, session, first, shell = two_replicas(docker, clock)
+    a.detach(session, first)
+    heard = list(first.events)
+    take_over(b, docker, session.id, "alice")
+    replaced(shell)
+    assert first.events == heard
+    assert session.id not in a.sessions and docker.removed == []
+    assert problems(logged) == []
+    # Its grace period ends with nothing left to do here.
+    clock.advance(61)
+    expire_due(a, clock)
+    assert docker.removed == [] and session.container_id in docker.containers
+
+
+def test_a_replaced_stream_of_a_session_still_held_here_is_diagnosed_as_before(docker,
+                                                                              clock):
+    a, b, session, first, shell = two_replicas(docker, clock)
+    # Another attach, not another replica's (the pod still says ra).
+    replaced(shell)
+    settle(clock)
+    assert first.events[-1][0] == "ended"
+    assert "the connection to the shell was lost" in first.events[-1][2]
+
+
+def test_a_holder_that_cannot_be_asked_is_diagnosed_as_before(docker, clock):
+    a, b, session, first, shell = two_replicas(docker, clock)
+    take_over(b, docker, session.id, "alice")
+
+    def unknown(container_id):
+        d = Deferred()
+        d.errback(DockerError("forbidden"))
+        return d
+    docker.container_holder = unknown
+    replaced(shell)
+    settle(clock)
+    assert first.events[-1][0] == "ended"
+
+
+def test_on_one_server_a_replaced_stream_ends_as_before(docker, clock):
+    spec = ContainerSpec(image="capsule-runtime:latest")
+    manager = SessionManager(docker, clock, SessionConfig(spec=spec, instance="t", grace=60))
+    client = RecordingClient()
+    session = manager.create(client, 80, 24)
+    replaced(docker.processes[-1])
+    settle(clock)
+    assert client.events[-1][0] == "ended" and session.container_id in docker.removed
 
 
 def test_recovery_skips_live_replicas_and_adopts_lapsed_ones(docker, clock):

@@ -36,6 +36,7 @@ class ShellFacts:
 
 
 FACTS = ShellFacts()
+MOVED = "the session is served by another capsule replica (rb) now"
 
 
 @implementer(ISessionEffects)
@@ -319,7 +320,8 @@ STATUS = {"New": "new", "Starting": "starting", "StartingOrphaned": "starting",
 
 INPUTS = {"status", "start", "recover", "prepare", "stream_up", "stream_started", "stream_failed",
           "stream_closed", "engine_lost", "engine_back", "output", "attach", "detach",
-          "write", "resize", "end", "expire", "let_go", "removed", "take", "keep", "kept"}
+          "write", "resize", "end", "expire", "let_go", "removed", "take", "keep", "kept",
+          "moved"}
 
 
 def _row(state: str, **targets: str) -> dict[str, str]:
@@ -352,32 +354,34 @@ TRANSITIONS = {
               resize=_SO, end=_ED, expire=_SO, let_go=_ED, keep=_SO),
     _A: _row(_A, stream_started=_A, stream_failed=_A, stream_closed=_I, engine_lost=_A,
              engine_back=_A, output=_A, attach=_A, detach=_D, write=_A, resize=_A, end=_EG,
-             expire=_A, let_go=_ED, keep=_KP),
+             expire=_A, let_go=_ED, moved=_ED, keep=_KP),
     _D: _row(_D, take=_A, stream_started=_D, stream_failed=_D, stream_closed=_IA, engine_lost=_D,
              engine_back=_D, output=_D, attach=_A, detach=_D, write=_D, resize=_D, end=_EG,
-             expire=_EG, let_go=_ED, keep=_KP),
+             expire=_EG, let_go=_ED, moved=_ED, keep=_KP),
     _RC: _row(_RC, stream_failed=_RC, stream_closed=_RC, engine_lost=_RC, engine_back=_RC,
               attach=_RS, detach=_RC, write=_RC, resize=_RC, end=_EG, expire=_EG,
-              let_go=_ED, keep=_KP),
+              let_go=_ED, moved=_ED, keep=_KP),
     _RS: _row(_RS, stream_up=_RS, stream_started=_A, stream_failed=_RS, stream_closed=_RC,
               engine_lost=_RC, engine_back=_RS, output=_RS, attach=_RS, detach=_RSA,
-              write=_RS, resize=_RS, end=_EG, expire=_RS, let_go=_ED, keep=_KP),
+              write=_RS, resize=_RS, end=_EG, expire=_RS, let_go=_ED, moved=_ED,
+              keep=_KP),
     _RSA: _row(_RSA, stream_up=_RSA, stream_started=_D, stream_failed=_RSA,
                stream_closed=_RC, engine_lost=_RC, engine_back=_RSA, output=_RSA,
                attach=_RS, detach=_RSA, write=_RSA, resize=_RSA, end=_EG, expire=_RSA,
-               let_go=_ED, keep=_KP),
+               let_go=_ED, moved=_ED, keep=_KP),
     _I: _row(_I, stream_failed=_I, stream_closed=_I, engine_lost=_I, engine_back=_R,
              output=_I, attach=_I, detach=_IA, write=_I, resize=_I, end=_EG, expire=_I,
-             let_go=_ED, keep=_KP),
+             let_go=_ED, moved=_ED, keep=_KP),
     _IA: _row(_IA, stream_failed=_IA, stream_closed=_IA, engine_lost=_IA, engine_back=_RA,
               output=_IA, attach=_I, detach=_IA, write=_IA, resize=_IA, end=_EG, expire=_IA,
-              let_go=_ED, keep=_KP),
+              let_go=_ED, moved=_ED, keep=_KP),
     _R: _row(_R, stream_up=_R, stream_started=_A, stream_failed=_R, stream_closed=_I,
              engine_lost=_I, engine_back=_R, output=_R, attach=_R, detach=_RA, write=_R,
-             resize=_R, end=_EG, expire=_R, let_go=_ED, keep=_KP),
+             resize=_R, end=_EG, expire=_R, let_go=_ED, moved=_ED, keep=_KP),
     _RA: _row(_RA, stream_up=_RA, stream_started=_D, stream_failed=_RA, stream_closed=_IA,
               engine_lost=_IA, engine_back=_RA, output=_RA, attach=_R, detach=_RA,
-              write=_RA, resize=_RA, end=_EG, expire=_RA, let_go=_ED, keep=_KP),
+              write=_RA, resize=_RA, end=_EG, expire=_RA, let_go=_ED, moved=_ED,
+              keep=_KP),
     _KP: _row(_KP, **{i: _KP for i in INPUTS - {"status", "start", "recover", "prepare",
                                                  "removed", "take", "kept"}},
               removed=_ED, kept=_ED),
@@ -410,6 +414,10 @@ IMPOSSIBLE = {
     # The manager feeds kept only after the lifecycle asked it to keep.
     **{(s, "kept"): "no keeping was asked for"
        for s in (_S, _SO, _P, _PA, _A, _D, _RC, _RS, _RSA, _I, _IA, _R, _RA, _EG)},
+    # A starting session's container does not say whose it is yet: no
+    # other replica takes it over (capsule.sessions.replicas).
+    **{(s, "moved"): "no other replica takes a session over before it runs"
+       for s in (_S, _SO, _P, _PA)},
     # The pool hands out only a session it holds detached (WarmPool.fit).
     **{(s, "take"): "only a warm session, detached, is taken" for s in STATUS if s != _D},
 }
@@ -441,6 +449,7 @@ def feed(rig: Rig, name: str):
         "resize": lambda: (100, 30),
         "end": lambda: (0, "the shell exited with code 0"),
         "let_go": lambda: ("capsule is restarting: reconnect to resume",),
+        "moved": lambda: (MOVED,),
         "keep": lambda: (KEPT_MESSAGE,),
     }.get(name, lambda: ())()
     return getattr(rig.lc, name)(*args)
@@ -519,11 +528,12 @@ NOOPS = {
     _RA: ("detach", "write", "engine_back", "stream_failed", "expire"),
     _S: ("engine_back", "expire", "keep"),
     _KP: ("stream_started", "stream_failed", "stream_closed", "engine_lost", "engine_back",
-          "end", "detach", "write", "output", "expire", "let_go", "keep"),
+          "end", "detach", "write", "output", "expire", "let_go", "keep", "moved"),
     _EG: ("stream_started", "stream_failed", "stream_closed", "engine_lost", "engine_back",
-          "end", "detach", "write", "output", "expire", "let_go", "keep"),
+          "end", "detach", "write", "output", "expire", "let_go", "keep", "moved"),
     _ED: ("stream_started", "stream_failed", "stream_closed", "engine_lost", "engine_back",
-          "end", "detach", "write", "output", "expire", "let_go", "removed", "keep", "kept"),
+          "end", "detach", "write", "output", "expire", "let_go", "removed", "keep", "kept",
+          "moved"),
 }
 NOOP_PAIRS = sorted((s, i) for s, names in NOOPS.items() for i in names)
 
@@ -1487,6 +1497,41 @@ def test_let_go_closes_a_stream_being_brought_up(reach):
     assert rig.state == "Ended"
     assert stream.calls == [("resize", 80, 24), ("lose",)]
     assert rig.effects.calls == []
+
+
+MOVED_FROM = [attached, detached, recovered, resuming, resuming_alone, interrupted,
+              interrupted_alone, reattaching, reattaching_alone]
+
+
+@pytest.mark.parametrize("reach", MOVED_FROM, ids=[r.__name__ for r in MOVED_FROM])
+def test_a_session_another_replica_took_is_forgotten_and_its_client_taken_over(reach):
+    """
+    Another replica serves it now: an attached client hears a takeover (as
+    from another tab), not an end; the session is forgotten, its stream
+    closed, and its container never removed.
+    """
+    rig = reach()
+    stream = rig.core.stream
+    attached_client = rig.core.client
+    heard = list(attached_client.events) if attached_client else None
+    assert rig.lc.moved(MOVED) is None
+    assert rig.state == "Ended" and rig.lc.status() == "ended"
+    assert rig.core.client is None and rig.core.message == MOVED
+    assert rig.core.exit_code is None
+    assert rig.effects.calls == [("forget", rig.owner)]
+    if attached_client is not None:
+        assert attached_client.events == heard + [("taken_over",)]
+    if stream is not None:
+        assert stream.calls[-1] == ("lose",) and rig.core.stream is None
+
+
+@pytest.mark.parametrize("reach", [resuming, reattaching_alone])
+def test_moved_closes_a_stream_being_brought_up(reach):
+    rig = reach()
+    stream = rig.stream_up()
+    rig.lc.moved(MOVED)
+    assert stream.calls == [("resize", 80, 24), ("lose",)]
+    assert rig.effects.calls == [("forget", rig.owner)]
 
 
 EXPIRE = [r for r in REACH if r != "New"]

@@ -25,6 +25,7 @@ whether a client is attached)::
     any running state --keep--> Keeping --kept--> Ended   (put away: the container is stopped
                                                           and kept, not removed)
     any kept state --let_go (capsule stops; the shell lives on)--> Ended
+    any kept state --moved (another replica serves it now; its container is left)--> Ended
 
 Input typed while there is no stream (starting, resuming, interrupted,
 reattaching) is held, bounded, and written to the shell once, in order, by
@@ -542,6 +543,28 @@ for _state in (Attached, Detached, Recovered, Resuming, ResumingAlone, Interrupt
         return True
 
 
+for _state in (Attached, Detached, Recovered, Resuming, ResumingAlone, Interrupted,
+               InterruptedAlone, Reattaching, ReattachingAlone):
+    @_state.upon(SessionEvents.moved).to(Ended)
+    def _moved(session: SessionEvents, core: SessionCore, message: str) -> None:
+        """
+        Another replica took the session's shell over and serves it now:
+        its client hears so as from another tab (not an end: the session
+        goes on there), nobody here finds it any more, and its container,
+        now the other replica's, is not touched.
+        """
+        client, core.client = core.client, None
+        core.effects.forget(core.owner)
+        # (Said after it is forgotten: the session did not end, and is not
+        # logged as ended; those who wait for its end hear this.)
+        core.message = message
+        if core.stream is not None:
+            core.stream.loseConnection()
+            core.stream = None
+        if client is not None:
+            client.session_taken_over()
+
+
 for _state in (Starting, StartingOrphaned, Preparing, PreparingAlone):
     @_state.upon(SessionEvents.let_go).to(Ended)
     def _stop_starting(session: SessionEvents, core: SessionCore, message: str) -> bool:
@@ -619,6 +642,7 @@ for _state in (Keeping, Ending, Ended):
         _state.upon(_input).loop().returns(None)
     _state.upon(SessionEvents.expire).loop().returns(False)
     _state.upon(SessionEvents.let_go).loop().returns(False)
+    _state.upon(SessionEvents.moved).loop().returns(None)
 
 Ended.upon(SessionEvents.removed).loop().returns(None)
 

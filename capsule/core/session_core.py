@@ -369,6 +369,15 @@ class SessionEvents(Protocol):
     def let_go(self, message: str) -> bool:
         "capsule stops; return whether the session lives on in its container."
 
+    def moved(self, message: str) -> None:
+        """
+        Another capsule replica serves the session now (it took the shell
+        over, L{capsule.sessions.replicas}): its client hears that it was
+        taken over, as by another tab; nobody finds it here any more, its
+        stream is closed, and its container is left alone.  C{message}
+        says where it went.
+        """
+
     def removed(self) -> None:
         "Its container is removed."
 

@@ -34,12 +34,16 @@ _log = Logger()
 class ShellFacts:
     """
     What a shell's stream said before it closed: the exit status the keeper
-    reported, the end of its stderr, and the reason the stream gave.
+    reported, the end of its stderr, the reason the stream gave, and
+    whether the keeper said that another attach replaced this one (its
+    C{k} frame: with replicas, most often another replica that took the
+    session over).
     """
 
     exit_status: int | None = None
     stderr: bytes = b""
     reason: Failure | None = None
+    replaced: bool = False
 
 
 class ShellProtocol(ProcessProtocol):
@@ -155,6 +159,9 @@ class ShellProtocol(ProcessProtocol):
                 self.channels.received(kind, payload)
             elif kind == b"P":
                 self._ports(payload)
+            elif kind == b"k":
+                # The keeper closes this attach once it has sent this.
+                self.facts.replaced = True
         if problem is not None and self._current():
             raise self._Malformed(problem)
 

@@ -487,6 +487,11 @@ class SessionManager:
         session.events.engine_lost(message)
 
     def diagnose(self, session: Session, facts) -> None:
+        if self.replicas is not None and getattr(facts, "replaced", False):
+            # Another attach took the shell: on a cluster, most often
+            # another replica that took the session over.
+            self.replicas.replaced(session, lambda: self.engine_watch.diagnose(session, facts))
+            return
         self.engine_watch.diagnose(session, facts)
 
     def await_engine(self, session: Session) -> None:

@@ -11,7 +11,12 @@ container by label, checks that it is the asker's (another user's session
 is, to the asker, one that does not exist), takes it over
 (L{IDockerAPI.claim_container}: of replicas that try at once, one wins) and
 attaches the client as to a session of its own earlier run, with exact
-replay from the client's offset (the keeper holds the output).
+replay from the client's offset (the keeper holds the output).  The
+replica that served it hears from the keeper that its attach was replaced
+(L{Replicas.replaced}) and, once the pod says another replica holds it,
+lets it go (L{Replicas.let_go}): a client attached there is told the
+session was taken over, as by another tab, and the session is forgotten
+there, its container left alone.
 
 A replica never removes, expires or keeps a container another live
 replica holds: at the end of a session's grace period it asks again who
@@ -352,15 +357,49 @@ class Replicas(SessionObserver):
             return await action()
         return Deferred.fromCoroutine(check())
 
+    def replaced(self, session, otherwise) -> Deferred:
+        """
+        C{session}'s keeper said that another attach replaced this
+        replica's, and its stream closed
+        (L{capsule.engine.keeper_stream.ShellFacts.replaced}).  When
+        another replica holds its container now, that replica took the
+        session over: it is let go here (L{let_go}: its client hears so as
+        from another tab, its container is left alone).  Otherwise (held
+        here or by nobody, gone, or who holds it cannot be asked) call
+        C{otherwise}, which finds out why the stream closed as for any
+        other stream.
+        """
+        container_id = session.container_id
+
+        async def check():
+            try:
+                holder = await self._docker.container_holder(container_id)
+            except CapsuleError:
+                # (Gone: the diagnosis says so; the API away: so does it.)
+                holder = None
+            if self._manager.sessions.get(session.id) is not session:
+                # Over meanwhile (every way there forgets it).
+                return
+            if holder is not None and holder != self.replica:
+                self.let_go(session, holder)
+                return
+            otherwise()
+        d = Deferred.fromCoroutine(check())
+        d.addErrback(lambda f: _log.failure("letting session {session_id} go to another"
+                                            " replica failed", f, session_id=session.id[:8]))
+        return d
+
     def let_go(self, session, holder: str) -> None:
         """
-        Forget C{session} here: replica C{holder} serves it now.
+        Forget C{session} here: replica C{holder} serves it now.  Its
+        client, if one is attached here, is told the session was taken over
+        (as by another tab: it may take it back); its container is the
+        other replica's, never touched from here.
         """
         _log.info("session {session_id} is served by replica {holder} now: forgotten here",
                   session_id=session.id[:8], holder=holder)
-        # Its container is the other replica's: never removed from here.
-        session.core.container_id = None
-        self._manager.end(session, f"the session is served by another replica ({holder})")
+        session.events.moved(f"the session is served by another capsule replica ({holder})"
+                             " now")
 
 
 class ReplicaService(Service):

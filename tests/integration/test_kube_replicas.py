@@ -106,12 +106,60 @@ async def test_a_session_reconnected_through_another_replica_replays_exactly(clu
     assert holder(cluster, session_id) == "rb"
     assert "line-two" in await again.run("echo line-$((1))two | tr -d 1")
     # A, which lost its shell to B, left the pod alone.
-    await eventually(lambda: "ended here; its container is left to replica rb" in a.log(),
-                     what="A to leave the pod to B")
+    await eventually(lambda: f"session {session_id[:8]} is served by replica rb now:"
+                             " forgotten here" in a.log(), what="A to leave the session to B")
     assert "line-three" in await again.run("echo line-$((1))three | tr -d 1")
     assert f"session {session_id[:8]} taken over from replica ra" in b.log()
     await again.close()
     assert no_problems(a) == [] and no_problems(b) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tab_whose_session_another_replica_took_hears_a_takeover_and_takes_it_back(
+        cluster):
+    a = await cluster.start(cluster.server("--pool-size", "0", replica="ra"))
+    b = await cluster.start(cluster.server("--pool-size", "0", replica="rb"))
+    first = await WSClient.connect(a.ws_url, binary=True)
+    session_id = await first.start()
+    await first.run("true")
+    await eventually(lambda: holder(cluster, session_id) == "ra",
+                     what="the pod to say which replica holds it")
+    pod = cluster.session_pod(session_id)["metadata"]["name"]
+    first.type("for i in $(seq 1 3000); do echo line$i; done; echo MID$((1))DLE\r")
+    await first.until(r"line300\r\n")
+    # A second tab attaches through the other replica, while the first is attached.
+    second = await WSClient.connect(b.ws_url, session_id, binary=True)
+    await second.next("connected")
+    await first.closed
+    # The first hears what a tab another tab displaced hears: not an end.
+    assert first.close_code == 4409, (first.close_code, first.errors)
+    assert [e["code"] for e in first.errors] == ["taken_over"]
+    assert not [m for m in first.all_messages if isinstance(m, dict) and m.get("type") == "exit"]
+    assert holder(cluster, session_id) == "rb"
+    await eventually(lambda: f"session {session_id[:8]} is served by replica rb now:"
+                             " forgotten here" in a.log(), what="A to forget the session")
+    # The session goes on through B.
+    await second.until(r"MID1DLE\r\n.*\$ ")
+    second.type("for i in $(seq 3001 6000); do echo line$i; done; echo DO$((1))NE\r")
+    await second.until(r"line6000\r\nDO1NE")
+    # The first tab takes it back through its replica, from its offset: what
+    # it had, and what it is sent now, are every line once.
+    again = await WSClient.connect(a.ws_url, session_id, binary=True, offset=first.received)
+    connected = await again.next("connected")
+    assert connected["resumed"] and connected["offset"] == first.received
+    await again.until(r"line6000\r\nDO1NE")
+    numbers = [int(n) for n in re.findall(rb"line(\d+)\r\n", first.output + again.output)]
+    assert numbers == list(range(1, 6001)), "duplicates or gaps"
+    assert holder(cluster, session_id) == "ra"
+    await second.closed
+    assert second.close_code == 4409 and [e["code"] for e in second.errors] == ["taken_over"]
+    assert cluster.session_pod(session_id)["metadata"]["name"] == pod
+    assert "back-here" in await again.run("echo back-$((1))here | tr -d 1")
+    await again.close()
+    for server in (a, b):
+        said = [line for line in server.log().splitlines() if session_id[:8] in line]
+        assert not [line for line in said if " ended: " in line], said
+        assert no_problems(server) == []
 
 
 @pytest_twisted.ensureDeferred
