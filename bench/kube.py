@@ -1,5 +1,5 @@
 """
-The Kubernetes engine (issue 25) next to Docker's, through a real capsule:
+The Kubernetes engine next to Docker's, through a real capsule:
 ``twistd capsule`` on the local Docker engine, and ``twistd capsule --engine
 kubernetes`` on the tests' stand-in API server
 (``tests/support/kube_standin_main.py``, a process of its own, whose pods

@@ -395,7 +395,7 @@ def report(run: dict) -> str:
     if "kube" in run["failures"]:
         text += f"\n\nThe Kubernetes engine (`bench/kube.py`) FAILED: {run['failures']['kube'][:300]}"
     if r.get("kube_table"):
-        text += ("\n\nThe Kubernetes engine (issue 25) on the tests' stand-in API server, pods"
+        text += ("\n\nThe Kubernetes engine on the tests' stand-in API server, pods"
                  " as containers on the same Docker engine, next to Docker (`bench/kube.py`;"
                  " medians and percentiles, the ratio of each median to Docker's):\n\n"
                  + "\n".join(r["kube_table"]))

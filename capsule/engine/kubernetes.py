@@ -79,9 +79,9 @@ from capsule.engine.kube_secrets import PodSecrets
 _log = Logger()
 
 HEALTH_THREADS = 2
-# Said of what issue 25 designs for Kubernetes (snapshots, forks) and this
-# engine refuses until then.
-NOT_YET = "not yet (issue 25): "
+# Said of what a cluster could do with VolumeSnapshots (snapshots, forks)
+# and this engine does not do yet.
+NOT_YET = "not yet on Kubernetes: "
 
 
 

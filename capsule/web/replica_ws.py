@@ -45,12 +45,7 @@ class ReplicaSessions:
         if not found:
             super()._not_live(session_id, size, not_found)
             return
-        offset = None
-        if self._wire.acks and self._requested_offset is not None:
-            offset = wire.parse_offset(self._requested_offset)
-        self._session = self._manager.reconnect(session_id, self, offset, user=self._user)
-        if size is not None and self._session is not None and self._phase is _Phase.SESSION:
-            self._manager.resize(self._session, *size)
+        self._reconnect(session_id, size)
 
     def _adopt_failed(self, failure) -> None:
         failure.trap(CapsuleError, wire.ProtocolError)

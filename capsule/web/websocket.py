@@ -230,18 +230,26 @@ class CapsuleServerProtocol(ReplicaSessions, KeptSessions, Watching, WebSocketSe
         self._phase = _Phase.SESSION
         try:
             session_id = wire.parse_session_id(self._requested_session)
-            offset = None
-            if self._wire.acks and self._requested_offset is not None:
-                offset = wire.parse_offset(self._requested_offset)
-            self._session = self._manager.reconnect(session_id, self, offset, user=self._user)
-            if size is not None and self._session is not None and self._phase is _Phase.SESSION:
-                self._manager.resize(self._session, *size)
+            self._reconnect(session_id, size)
         except wire.ProtocolError as e:
             self._refuse(e.message, e.code, CLOSE_INVALID_SESSION)
         except SessionNotFound as e:
             self._not_live(session_id, size, e)
         except CapsuleError as e:
             self._refuse(e.message, e.code, CLOSE_UNAVAILABLE)
+
+    def _reconnect(self, session_id: str, size) -> None:
+        """
+        Attach to the live session C{session_id} from the offset the client
+        asked for, and give it the client's C{size} if known; raise
+        L{SessionNotFound}, or L{wire.ProtocolError} for a bad offset.
+        """
+        offset = None
+        if self._wire.acks and self._requested_offset is not None:
+            offset = wire.parse_offset(self._requested_offset)
+        self._session = self._manager.reconnect(session_id, self, offset, user=self._user)
+        if size is not None and self._session is not None and self._phase is _Phase.SESSION:
+            self._manager.resize(self._session, *size)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # Any exception escaping here would drop the connection: every

@@ -98,3 +98,50 @@ def no_firewall_left_behind():
     for family, bridge in _fenced_bridges() - before:
         for command in removal_commands(bridge, family):
             subprocess.run(command, capture_output=True)
+
+
+# -- the Kubernetes engine's tests: the stand-in API server ---------------------------
+
+
+@pytest.fixture(scope="module")
+def standin():
+    """
+    A stand-in Kubernetes API server (L{tests.support.kube_standin}) on
+    127.0.0.1, its pods containers on the local engine; C{url} is where it
+    answers.  Its containers are removed at the module's end.
+    """
+    from twisted.internet import reactor
+
+    from tests.support.kube_standin import KubeStandin
+    server = KubeStandin(reactor, docker_client().api)
+    server.start()
+    port = reactor.listenTCP(0, server.site, interface="127.0.0.1")
+    server.url = f"http://127.0.0.1:{port.getHost().port}"
+    yield server
+    port.stopListening()
+    server._poll.stop()
+    server._thd_remove_all()
+    server.exec_engine.stop()
+    server._pool.stop()
+
+
+def _kube_server(workdir, *args, image, instance, tuning, env, label):
+    # The integration tests' server (small limits, admission off), for the
+    # stand-in.
+    return CapsuleServer(workdir, *args, instance=instance, tuning=tuning, env=env)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """
+    A stand-in API server with real C{twistd capsule --engine kubernetes}
+    servers on it (L{tests.support.kube_live.KubeCluster}): every server,
+    pod, claim and volume it made is gone at the end, pass or fail.
+    """
+    import pytest_twisted
+    from twisted.internet.defer import Deferred
+
+    from tests.support.kube_live import KubeCluster
+    made = KubeCluster(tmp_path, image=IMAGE, server_factory=_kube_server)
+    yield made
+    pytest_twisted.blockon(Deferred.fromCoroutine(made.close()))

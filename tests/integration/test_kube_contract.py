@@ -58,30 +58,15 @@ from capsule.engine.kubernetes import LABELS_ANNOTATION, KubernetesAPI, Unsuppor
 pytest.register_assert_rewrite("tests.engine_contract")
 from ..engine_contract import (DEADLINE, LABEL_INSTANCE, SCRIPT, SCRIPT_COMMAND,  # noqa: E402
                                EngineContract, ExecRecorder)
-from ..support.kube_standin import KubeStandin  # noqa: E402
 from .harness import IMAGE, docker_client, remove_instance_containers  # noqa: E402
 
 DOCKER_ONLY = "Docker's alone: "
-# What issue 25 designs for Kubernetes, refused with Unsupported until then
+# What a cluster would do with VolumeSnapshots, refused with Unsupported for now
 # (test_not_yet_calls_are_refused).
-NO_SNAPSHOTS = ("not yet (issue 25): a pod's files are not snapshotted (a cluster has no"
+NO_SNAPSHOTS = ("not yet on Kubernetes: a pod's files are not snapshotted (a cluster has no"
                 " commit: VolumeSnapshots of its claims); the snapshot calls are Unsupported")
-NO_FORKS = ("not yet (issue 25): a pod is not forked (a new pod on VolumeSnapshots of its"
+NO_FORKS = ("not yet on Kubernetes: a pod is not forked (a new pod on VolumeSnapshots of its"
             " claims); fork_container is Unsupported")
-
-
-@pytest.fixture(scope="module")
-def standin():
-    server = KubeStandin(reactor, docker_client().api)
-    server.start()
-    port = reactor.listenTCP(0, server.site, interface="127.0.0.1")
-    server.url = f"http://127.0.0.1:{port.getHost().port}"
-    yield server
-    port.stopListening()
-    server._poll.stop()
-    server._thd_remove_all()
-    server.exec_engine.stop()
-    server._pool.stop()
 
 
 def configuration(host: str):
@@ -184,11 +169,11 @@ class TestKubernetesOnStandin(EngineContract):
         pass
 
     @pytest.mark.skip(reason=DOCKER_ONLY + "bridge networks; a cluster's network is its own"
-                      " (sessions are kept apart by a NetworkPolicy: issue 25)")
+                      " (sessions are kept apart by NetworkPolicies)")
     def test_ensure_network_creates_it_once(self):
         pass
 
-    # -- snapshots and forks: not yet (issue 25) --------------------------------
+    # -- snapshots and forks: not yet on Kubernetes -------------------------------
 
     @pytest.mark.skip(reason="a pod's CPU time is not known: the metrics API (metrics.k8s.io)"
                       " is optional and gives a sample, not a counter, so container_cpu fires"
@@ -302,7 +287,7 @@ class TestKubernetesOnStandin(EngineContract):
                   api.fork_container(pod, str(uuid.uuid4()), spec)):
             with pytest.raises(Unsupported) as refused:
                 await d
-            assert "not yet (issue 25)" in str(refused.value)
+            assert "not yet on Kubernetes" in str(refused.value)
         assert (await api.container_state(pod))["Running"] is True
         instance = {LABEL_INSTANCE: spec.labels[LABEL_INSTANCE]}
         assert [c["id"] for c in await api.list_containers(instance)] == [pod]

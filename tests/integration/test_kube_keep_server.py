@@ -17,30 +17,14 @@ import io
 import json
 import tarfile
 
-import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
-from tests.support.kube_live import KubeCluster
 
-from .harness import IMAGE, WSClient, eventually
+from .harness import WSClient, eventually
 from .test_api import ALICE, BOB, call, create, sh
 
 ALICE_AUTH = {"Authorization": f"Bearer {ALICE}"}
-
-
-def _factory(workdir, *args, image, instance, tuning, env, label):
-    # The integration tests' server: small limits, admission off.
-    from .harness import CapsuleServer
-    return CapsuleServer(workdir, *args, instance=instance, tuning=tuning, env=env)
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    cluster = KubeCluster(tmp_path, image=IMAGE, server_factory=_factory)
-    yield cluster
-    pytest_twisted.blockon(Deferred.fromCoroutine(cluster.close()))
 
 
 async def api(server, path, method="GET", body=None, **kwargs):

@@ -27,24 +27,9 @@ from capsule.engine.kube_policies import (EGRESS_LABEL, FENCED, INGRESS_POLICY,
                                           kubernetes_profile, network_policies)
 from capsule.engine.kubernetes import KubernetesAPI
 
-from ..support.kube_standin import KubeStandin
-from .harness import IMAGE, docker_client, remove_instance_containers
+from .harness import IMAGE, remove_instance_containers
 
 LABEL_INSTANCE = "io.capsule.instance"
-
-
-@pytest.fixture(scope="module")
-def standin():
-    server = KubeStandin(reactor, docker_client().api)
-    server.start()
-    port = reactor.listenTCP(0, server.site, interface="127.0.0.1")
-    server.url = f"http://127.0.0.1:{port.getHost().port}"
-    yield server
-    port.stopListening()
-    server._poll.stop()
-    server._thd_remove_all()
-    server.exec_engine.stop()
-    server._pool.stop()
 
 
 @pytest.fixture

@@ -15,32 +15,18 @@ import kubernetes.client
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from capsule.core.errors import ContainerGone, DockerError
 from capsule.core.spec import ContainerSpec
 from capsule.engine.kube_replicas import REPLICA_ANNOTATION, ClusterFull
 from capsule.engine.kubernetes import KubernetesAPI
-from tests.support.kube_live import KubeCluster
 
 from .harness import IMAGE, WSClient, eventually, sleep
 from .test_api import ALICE, BOB, call
 
 LEASE_TUNING = {"replica_lease": 3.0, "replica_renew": 1.0, "orphan_sweep": 1.0,
                 "cleanup_interval": 0.5}
-
-
-def _factory(workdir, *args, image, instance, tuning, env, label):
-    from .harness import CapsuleServer
-    return CapsuleServer(workdir, *args, instance=instance, tuning=tuning, env=env)
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    cluster = KubeCluster(tmp_path, image=IMAGE, server_factory=_factory)
-    yield cluster
-    pytest_twisted.blockon(Deferred.fromCoroutine(cluster.close()))
 
 
 def engine_of(cluster, replica=None) -> KubernetesAPI:

@@ -14,28 +14,12 @@ import io
 import re
 import tarfile
 
-import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
-from tests.support.kube_live import KubeCluster
 
 from .harness import IMAGE, WSClient, eventually, free_port, poll, sleep
 from .test_api import call, tar_of
-
-
-def _factory(workdir, *args, image, instance, tuning, env, label):
-    # The integration tests' server: small limits, admission off.
-    from .harness import CapsuleServer
-    return CapsuleServer(workdir, *args, instance=instance, tuning=tuning, env=env)
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    cluster = KubeCluster(tmp_path, image=IMAGE, server_factory=_factory)
-    yield cluster
-    pytest_twisted.blockon(Deferred.fromCoroutine(cluster.close()))
 
 
 async def api(server, path, method="GET", body=None, **kwargs):
