@@ -57,7 +57,7 @@ from twisted.logger import Logger
 from capsule.core.errors import ContainerGone, DockerError
 from capsule.core.kept import SCREEN_DIRECTORY
 from capsule.engine.container_files import absolute_path, path_parts
-from capsule.engine.kube_pods import (LABELS_ANNOTATION, RUN_AS_USER, Unsupported,
+from capsule.engine.kube_pods import (LABELS_ANNOTATION, RUN_AS_USER, Unsupported, api_status,
                                       capsule_labels, label_value_valid, pod_state)
 
 _log = Logger()
@@ -231,7 +231,7 @@ class KeptPods:
                                     self.namespace, claim)
         except ApiException as e:
             raise DockerError(f"Kubernetes could not create the session's volume claim:"
-                              f" {_status(e)}") from None
+                              f" {api_status(e)}") from None
         return pod, made
 
     async def _remove_files_pods(self, name: str) -> None:
@@ -252,7 +252,7 @@ class KeptPods:
             if e.status == 404:
                 return None
             raise DockerError(f"Kubernetes could not read the volume claim {name}:"
-                              f" {_status(e)}") from None
+                              f" {api_status(e)}") from None
         if _deleting(claim) or (claim["metadata"].get("labels") or {}).get(
                 CLAIM_LABEL) != SESSION_CLAIM:
             return None
@@ -266,7 +266,7 @@ class KeptPods:
             if e.status == 404:
                 return False
             raise DockerError(f"Kubernetes could not delete the volume claim {name}:"
-                              f" {_status(e)}") from None
+                              f" {api_status(e)}") from None
         return True
 
     async def _annotate_claim(self, name: str, annotations: dict) -> None:
@@ -282,7 +282,7 @@ class KeptPods:
             if e.status == 404:
                 raise ContainerGone(f"the session's volume claim {name} is gone") from None
             raise DockerError(f"Kubernetes could not annotate the volume claim {name}:"
-                              f" {_status(e)}") from None
+                              f" {api_status(e)}") from None
 
     async def _list_claims(self, labels: dict[str, str]) -> list[dict]:
         selector = ",".join([f"{CLAIM_LABEL}={SESSION_CLAIM}"] + [
@@ -346,7 +346,7 @@ class KeptPods:
             created = await self._core("create_namespaced_pod", self.namespace, manifest)
         except ApiException as e:
             raise DockerError(f"Kubernetes could not make the session's pod again:"
-                              f" {_status(e)}") from None
+                              f" {api_status(e)}") from None
         await self._running(name, created["metadata"]["resourceVersion"])
         await self._annotate_claim(name, {KEPT_ANNOTATION: None, RECORD_ANNOTATION: None})
 
@@ -451,7 +451,7 @@ class KeptPods:
             created = await self._core("create_namespaced_pod", self.namespace, body)
         except ApiException as e:
             raise DockerError(f"Kubernetes could not make a pod to reach the kept session's"
-                              f" files: {_status(e)}") from None
+                              f" files: {api_status(e)}") from None
         try:
             await self._running(files, created["metadata"]["resourceVersion"])
             return await work(files)
@@ -546,11 +546,3 @@ def _claim_labels(claim: dict) -> dict[str, str]:
     labels.pop(CLAIM_LABEL, None)
     return labels
 
-
-def _status(error: ApiException) -> str:
-    try:
-        message = json.loads(error.body).get("message")
-    except (TypeError, ValueError, AttributeError):
-        message = None
-    text = f"{error.status} {message or error.reason}"
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -263,3 +263,17 @@ def pod_failed(pod: dict) -> None:
                            " name one that exists")
     if reason in STUCK:
         raise DockerError(f"the session's pod cannot start ({reason}: {message[:300]})")
+
+
+def api_status(error) -> str:
+    """
+    What the API server said of a refused call (a C{kubernetes.client}
+    C{ApiException}): its status and the Status object's message, at most
+    300 characters.
+    """
+    try:
+        message = json.loads(error.body).get("message")
+    except (TypeError, ValueError, AttributeError):
+        message = None
+    text = f"{error.status} {message or error.reason}"
+    return text if len(text) <= 300 else text[:297] + "..."

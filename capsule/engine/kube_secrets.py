@@ -27,7 +27,7 @@ import json
 from kubernetes.client.exceptions import ApiException
 
 from capsule.core.errors import DockerError
-from capsule.engine.kube_pods import LABELS_ANNOTATION, secret_name
+from capsule.engine.kube_pods import LABELS_ANNOTATION, api_status, secret_name
 
 def secret_manifest(pod: dict, secrets: dict[str, str], claim: dict | None = None) -> dict:
     """
@@ -74,7 +74,7 @@ class PodSecrets:
                              secret_manifest(pod, secrets, claim))
         except ApiException as e:
             raise DockerError(f"Kubernetes could not create the session's secret:"
-                              f" {_status(e)}") from None
+                              f" {api_status(e)}") from None
 
     async def _delete_secret(self, pod: str) -> bool:
         """
@@ -87,14 +87,6 @@ class PodSecrets:
             if e.status == 404:
                 return False
             raise DockerError(f"Kubernetes could not delete the secret {secret_name(pod)}:"
-                              f" {_status(e)}") from None
+                              f" {api_status(e)}") from None
         return True
 
-
-def _status(error: ApiException) -> str:
-    try:
-        message = json.loads(error.body).get("message")
-    except (TypeError, ValueError, AttributeError):
-        message = None
-    text = f"{error.status} {message or error.reason}"
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -70,6 +70,7 @@ from capsule.engine.kube_replicas import ClusterFull, PodReplicas, holder_of, qu
 from capsule.engine.kube_keep import (LINK_EXIT, NO_FILE_EXIT, PUT_SCRIPT,  # noqa: F401
                                       READ_SCRIPT, KeptPods)
 from capsule.engine.kube_pods import (CONTAINER, LABELS_ANNOTATION, RUN_AS_USER,  # noqa: F401
+                                      api_status,
                                       Unsupported, capsule_labels, docker_bytes,
                                       label_value_valid, pod_failed, pod_manifest, pod_name,
                                       pod_started, pod_state, volume_claim_name)
@@ -221,7 +222,7 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas, PodSecrets):
         no session can be served until its rights are given.
         """
         return DockerUnavailable(
-            f"the Kubernetes API server at {self.host} refuses capsule ({_status(error)}):"
+            f"the Kubernetes API server at {self.host} refuses capsule ({api_status(error)}):"
             f" may its kubeconfig or service account use pods, pods/exec,"
             f" persistentvolumeclaims and secrets in the namespace {self.namespace}? (its Role:"
             " docs/kubernetes.md)")
@@ -298,7 +299,7 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas, PodSecrets):
                         "the cluster has no room for another session now (its quota is used"
                         f" up: {refusal}): try again later, or end a session") from None
                 raise DockerError(f"Kubernetes could not create the session's pod:"
-                                  f" {_status(e)}") from None
+                                  f" {api_status(e)}") from None
             await self._running(name, created["metadata"]["resourceVersion"])
         except BaseException:
             try:
@@ -327,7 +328,7 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas, PodSecrets):
         except ApiException as e:
             if e.status != 409:
                 raise DockerError(f"Kubernetes could not create the volume claim {name}:"
-                                  f" {_status(e)}") from None
+                                  f" {api_status(e)}") from None
 
     async def _running(self, name: str, version: str) -> None:
         """
@@ -406,7 +407,7 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas, PodSecrets):
         except ApiException as e:
             if e.status == 404:
                 return False
-            raise DockerError(f"Kubernetes could not delete the pod {name}: {_status(e)}"
+            raise DockerError(f"Kubernetes could not delete the pod {name}: {api_status(e)}"
                               ) from None
         return True
 
@@ -455,14 +456,14 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas, PodSecrets):
                 except ApiException as e:
                     if e.status != 409:
                         raise DockerError(f"Kubernetes could not create the network policy"
-                                          f" {name}: {_status(e)}") from None
+                                          f" {name}: {api_status(e)}") from None
                 try:
                     found = self._thd_request("NetworkingV1Api",
                                               "read_namespaced_network_policy", name,
                                               self.namespace)
                 except ApiException as e:
                     raise DockerError(f"Kubernetes could not read the network policy {name}:"
-                                      f" {_status(e)}") from None
+                                      f" {api_status(e)}") from None
                 if found.get("spec") != policy["spec"]:
                     _log.warn("the network policy {name} in {namespace} is not capsule's: it"
                               " is used as it is", name=name, namespace=self.namespace)
@@ -498,7 +499,7 @@ class KubernetesAPI(KeptPods, PodExecs, PodReplicas, PodSecrets):
         except ApiException as e:
             if e.status == 404:
                 return None
-            raise DockerError(f"Kubernetes could not read the pod {name}: {_status(e)}"
+            raise DockerError(f"Kubernetes could not read the pod {name}: {api_status(e)}"
                               ) from None
 
     def list_containers(self, labels: dict[str, str]) -> Deferred:
@@ -601,13 +602,6 @@ def _unsupported(what: str) -> Deferred:
     return d
 
 
-def _status(error: ApiException) -> str:
-    try:
-        message = json.loads(error.body).get("message")
-    except (TypeError, ValueError, AttributeError):
-        message = None
-    return _short(Exception(f"{error.status} {message or error.reason}"))
-
 
 def _rbac_denied(error: ApiException) -> bool:
     """
@@ -615,7 +609,7 @@ def _rbac_denied(error: ApiException) -> bool:
     resource "pods"...}), not an admission's refusal of one object (a quota
     exceeded, an unknown RuntimeClass).
     """
-    message = _status(error)
+    message = api_status(error)
     return 'User "' in message and " cannot " in message
 
 
