@@ -34,7 +34,8 @@ from capsule.engine.kube_startup import NetworkPoliciesAtStart
 from capsule.engine.firewall import Firewall
 from capsule.engine.network import FENCED_NETWORK, NotFenced, SessionNetwork
 from capsule.gateway.anthropic import AnthropicGateway, GatewayLimits
-from capsule.gateway.credentials import Keys, PlaceholderStore, load_key
+from capsule.gateway.credentials import (KEY_ENV as GATEWAY_KEY_ENV, Keys, PlaceholderStore,
+                                         load_key)
 from capsule.gateway.door import SessionDoor, door_url
 from capsule.gateway.egress import DoorFactory, EgressLimits, EgressProxy, proxy_environment
 from capsule.gateway.git import GitGateway, session_callers
@@ -661,6 +662,12 @@ def make_service(config: CapsuleConfig, reactor, descriptors: int | None = None
                                                lease=tuning.replica_lease,
                                                renew=tuning.replica_renew)
         manager.observers.add(replicas)
+        if not os.environ.get(GATEWAY_KEY_ENV) and any(
+                p.credentials for p in config.profiles.values()):
+            _log.warn("{env} is not set: this replica's credential gateway key is its own, so"
+                      " a session another replica started or served cannot use the gateway"
+                      " here (give every replica the same key from a Secret:"
+                      " docs/kubernetes.md)", env=GATEWAY_KEY_ENV)
     for profile, name in config.secrets.missing(config.profiles):
         _log.warn("profile {profile} names the secret {name}, which has no value (neither in"
                   " capsule's environment nor in --secrets-file): its sessions start without"

@@ -34,6 +34,7 @@ from capsule.ops.logformat import FORMATS, check_server_options
 from capsule.ops.recording import DEFAULT_MAX_BYTES, check_directory
 from capsule.services import CapsuleService, make_service, protect_from_oom, stop_on_signals
 from capsule.tuning import ENVIRONMENT as TUNING_ENVIRONMENT
+from capsule.gateway.credentials import KEY_ENV as GATEWAY_KEY_ENV, parse_key
 from capsule.gateway.git_rules import check_upstream, tls_policy
 from capsule.tuning import KNOBS, Tuning, TuningError, load_tuning, tune
 from capsule.web.site import default_www
@@ -556,6 +557,11 @@ class Options(usage.Options):
         if not self["network"].strip():
             raise usage.UsageError("--network must be capsule, none or a network's name")
         check_engine_options(self, CAPSULE_NETWORK)
+        if os.environ.get(GATEWAY_KEY_ENV):
+            try:
+                parse_key(os.environ[GATEWAY_KEY_ENV])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
         if self["firewall"] not in FIREWALL_MODES:
             raise usage.UsageError(
                 f"--firewall must be one of {', '.join(FIREWALL_MODES)},"

@@ -8,11 +8,13 @@ import os
 import stat
 from types import SimpleNamespace
 
+import pytest
+
 from capsule.gateway.credentials import Keys, PlaceholderStore, load_key
 
 
-def store(live):
-    return PlaceholderStore(b"k" * 32, lambda: live)
+def store(live, key=b"k" * 32):
+    return PlaceholderStore(key, lambda: live)
 
 
 def test_a_placeholder_names_its_live_session_only():
@@ -86,3 +88,32 @@ def test_keys_are_never_shown():
     assert keys.get("anthropic") == "sk-real" and "anthropic" in keys
     assert "github" not in keys and keys.get("github") is None
     assert "sk-real" not in repr(keys) and repr(keys) == "<Keys anthropic>"
+
+
+def test_a_key_in_the_environment_is_every_replicas(tmp_path):
+    """
+    Replicas on a cluster each have a state directory of their own: the
+    key they share comes from CAPSULE_GATEWAY_KEY, so a session's
+    placeholder is known to whichever replica serves it.
+    """
+    environ = {"CAPSULE_GATEWAY_KEY": "ab" * 32}
+    first = load_key(str(tmp_path / "a"), "main", environ)
+    assert first == bytes.fromhex("ab" * 32)
+    assert load_key(str(tmp_path / "b"), "main", environ) == first
+    assert not (tmp_path / "a").exists()
+    # Two replicas' stores: one placeholder for the session.
+    assert store({"s1": 1}, first).issue("s1") == store({"s1": 1}, first).issue("s1")
+    assert store({"s1": 1}, first).issue("s1") != store({"s1": 1}).issue("s1")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("not hex", "must be hex digits"),
+    ("ab" * 16, "holds 16 bytes: it needs 32"),
+])
+def test_a_bad_key_in_the_environment_is_refused_at_start(text, words, monkeypatch):
+    from twisted.python import usage
+
+    from capsule.tap import Options
+    monkeypatch.setenv("CAPSULE_GATEWAY_KEY", text)
+    with pytest.raises(usage.UsageError, match=words):
+        Options().parseOptions([])

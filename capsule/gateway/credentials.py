@@ -18,7 +18,8 @@ The store's API, for every gateway that checks placeholders::
 A placeholder is C{HMAC-SHA256(key, session id)}, so the same session gets
 the same placeholder again after capsule restarts (its container, found again
 by recovery, keeps its environment) as long as the key is kept
-(L{load_key}: a file in capsule's state directory).  It is never the key
+(L{load_key}: a file in capsule's state directory, or C{CAPSULE_GATEWAY_KEY}
+in capsule's environment, which replicas on a cluster share).  It is never the key
 and says nothing of it.  A placeholder answers only while its session lives
 (C{live(session_id)}); once the session ends it is forgotten and refused.
 Checks compare in constant time.
@@ -46,16 +47,38 @@ PREFIX = "capsule-"
 # not one (and is not hashed).
 MAX_PLACEHOLDER = 128
 KEY_BYTES = 32
+# The key given in capsule's environment (hex, KEY_BYTES bytes or more):
+# replicas of one capsule share it, as they share its sessions.
+KEY_ENV = "CAPSULE_GATEWAY_KEY"
 
 
-def load_key(directory: str | None, instance: str) -> bytes:
+def parse_key(text: str) -> bytes:
     """
-    The placeholders' key, kept in C{DIRECTORY/gateway-key-INSTANCE} (made
-    on first use, mode 600) so that sessions found again after a restart keep
-    their placeholders.  Without a directory, or when it cannot be read or
-    written, a key for this run only (logged: sessions of an earlier run
-    then lose the gateway).
+    The key C{text} (C{CAPSULE_GATEWAY_KEY}) gives: hex digits of at least
+    L{KEY_BYTES} bytes.  Raise C{ValueError} saying what is wrong.
     """
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        raise ValueError(f"{KEY_ENV} must be hex digits (e.g. openssl rand -hex"
+                         f" {KEY_BYTES})") from None
+    if len(key) < KEY_BYTES:
+        raise ValueError(f"{KEY_ENV} holds {len(key)} bytes: it needs {KEY_BYTES} or more"
+                         f" (openssl rand -hex {KEY_BYTES})")
+    return key[:KEY_BYTES]
+
+
+def load_key(directory: str | None, instance: str, environ=os.environ) -> bytes:
+    """
+    The placeholders' key: C{CAPSULE_GATEWAY_KEY} where C{environ} has it
+    (checked at start, L{parse_key}), else kept in
+    C{DIRECTORY/gateway-key-INSTANCE} (made on first use, mode 600) so that
+    sessions found again after a restart keep their placeholders.  Without a
+    directory, or when it cannot be read or written, a key for this run only
+    (logged: sessions of an earlier run then lose the gateway).
+    """
+    if environ.get(KEY_ENV):
+        return parse_key(environ[KEY_ENV])
     if directory is not None:
         path = Path(directory) / f"gateway-key-{instance}"
         try:
