@@ -315,3 +315,33 @@ def test_a_bootstrap_that_cannot_measure_leaves_the_connection_to_app_js(
     page.keyboard.type("k")
     until(page, lambda: server.inputs() == [b"k"], "the key press")
     assert page.errors == []
+
+
+def test_a_page_whose_files_did_not_load_loads_again_on_its_session(make_server, new_page):
+    """
+    A module of the page that did not load (as when the browser's network
+    changes under it: Chromium ends the requests in flight, net::
+    ERR_NETWORK_CHANGED) would leave the page connecting forever: the
+    bootstrap loads the page again, once, on the session its socket had,
+    so no second session is made.
+    """
+    server = make_server(*page_args("--grace", "30"))
+    page = new_page()
+    documents = []
+
+    def route(route):
+        request = route.request
+        if request.resource_type == "document":
+            documents.append(request.url)
+        if request.url.endswith("/js/status.js") and len(documents) == 1:
+            route.abort("internetdisconnected")
+        else:
+            route.continue_()
+    page.route("**/*", route)
+    session_id = open_session(page, server.url)
+    assert len(documents) == 2, documents
+    type_line(page, "echo again-$((6*7))")
+    wait_screen(page, r"again-42")
+    status, _, body = server.get("/api/sessions")
+    assert status == 200
+    assert [s["id"] for s in json.loads(body)["sessions"]] == [session_id]
