@@ -211,3 +211,33 @@ def test_standin_secrets_as_the_api_server_stores_and_the_kubelet_reads_them():
                         "ns", get) == ({}, None)
     env, waiting = resolved_env([{"name": "X", "valueFrom": {"fieldRef": {}}}], "ns", get)
     assert waiting["reason"] == "CreateContainerConfigError"
+
+
+def test_the_exec_streams_tls_is_read_once_per_configuration(tmp_path):
+    """
+    Over https, an exec's TLS options (the authority's file read) are made
+    once, not at each exec on the reactor thread; a new configuration
+    (a kubeconfig read again) makes them anew.
+    """
+    import shutil
+
+    import kubernetes.client
+    import twisted.test
+    from twisted.internet.testing import MemoryReactorClock
+
+    from capsule.engine.kubernetes import KubernetesAPI
+
+    authority = tmp_path / "ca.pem"
+    shutil.copy(twisted.test.__path__[0] + "/server.pem", authority)
+    configuration = kubernetes.client.Configuration()
+    configuration.host = "https://cluster.example:6443"
+    configuration.ssl_ca_cert = str(authority)
+    api = KubernetesAPI(MemoryReactorClock(), configuration)
+    first = api._tls_options("cluster.example")
+    authority.unlink()
+    assert api._tls_options("cluster.example") is first
+    api._endpoint()
+    again = kubernetes.client.Configuration()
+    again.host = configuration.host
+    api._configured(again)
+    assert api._tls_options("cluster.example") is not first

@@ -98,7 +98,18 @@ class PodExecs:
                                     url.port or (443 if https else 80), timeout=self._timeout)
         if not https:
             return endpoint
+        return wrapClientTLS(self._tls_options(url.hostname), endpoint)
+
+    def _tls_options(self, hostname: str):
+        """
+        The exec streams' TLS options, made once per configuration: their
+        files (client certificate, key, authority) are read then, not at
+        each exec on the reactor thread.
+        """
         configuration = self._configuration
+        cached = getattr(self, "_tls_cache", None)
+        if cached is not None and cached[0] is configuration:
+            return cached[1]
         client_certificate = None
         if configuration.cert_file and configuration.key_file:
             with open(configuration.cert_file, "rb") as c, open(configuration.key_file,
@@ -115,9 +126,10 @@ class PodExecs:
                 with open(configuration.ssl_ca_cert, "rb") as f:
                     trust = ssl.Certificate.loadPEM(f.read())
             options = ssl.optionsForClientTLS(
-                getattr(configuration, "tls_server_name", None) or url.hostname,
+                getattr(configuration, "tls_server_name", None) or hostname,
                 trustRoot=trust, clientCertificate=client_certificate)
-        return wrapClientTLS(options, endpoint)
+        self._tls_cache = (configuration, options)
+        return options
 
     def run_command(self, container_id: str, argv, user: str, workdir: str,
                     env: dict[str, str], stdin=b"", max_output: int = 1024 * 1024,
